@@ -1,0 +1,162 @@
+//! The broker's HTTP wire types, shared by the broker, the node daemon and
+//! the CLI. Binary values (DER) travel as standard base64 strings.
+//!
+//! Routes (see ARCHITECTURE.md):
+//! - public HTTPS:  `GET /v1/bundle`, `GET /v1/bundle.pem`,
+//!   `POST /v1/node/attest` (join token, no client certificate)
+//! - node mTLS:     `POST /v1/node/renew`, `GET /v1/node/sync`,
+//!   `POST /v1/node/sign-x509`, `POST /v1/node/sign-jwt`
+//! - admin (Unix socket, peer uid checked): `POST /v1/admin/join-tokens`,
+//!   `GET|POST /v1/admin/entries`, `GET|DELETE /v1/admin/entries/{id}`
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::entry::{Entry, EntryId};
+use crate::secret::Secret;
+use crate::spiffe_id::SpiffeId;
+
+/// Base64 (standard alphabet) serde helpers for DER blobs.
+pub mod b64 {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(v))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        STANDARD
+            .decode(s.as_bytes())
+            .map_err(|e| serde::de::Error::custom(format!("invalid base64: {e}")))
+    }
+
+    /// The same for a list of blobs.
+    pub mod list {
+        use super::*;
+        pub fn serialize<S: Serializer>(v: &[Vec<u8>], s: S) -> Result<S::Ok, S::Error> {
+            s.collect_seq(v.iter().map(|b| STANDARD.encode(b)))
+        }
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<u8>>, D::Error> {
+            let v = Vec::<String>::deserialize(d)?;
+            v.iter()
+                .map(|s| {
+                    STANDARD
+                        .decode(s.as_bytes())
+                        .map_err(|e| serde::de::Error::custom(format!("invalid base64: {e}")))
+                })
+                .collect()
+        }
+    }
+}
+
+/// Every error answer of the broker: a stable code, a readable message and,
+/// when one field of the request was at fault, its name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub code: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.message, self.code)
+    }
+}
+
+/// `POST /v1/admin/join-tokens`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinTokenRequest {
+    pub ttl_secs: u64,
+    /// Pin the SPIFFE ID the attesting node will get; else the broker picks
+    /// `spiffe://<td>/baton/node/<random>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JoinTokenResponse {
+    pub token: Secret,
+    pub expires_at: u64,
+    pub node_id: SpiffeId,
+}
+
+/// `POST /v1/node/attest`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttestRequest {
+    pub join_token: Secret,
+    #[serde(with = "b64")]
+    pub csr_der: Vec<u8>,
+}
+
+/// `POST /v1/node/renew`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewRequest {
+    #[serde(with = "b64")]
+    pub csr_der: Vec<u8>,
+}
+
+/// A signed X509-SVID: the leaf first, then any intermediates (never the root).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SignedSvid {
+    pub spiffe_id: SpiffeId,
+    #[serde(with = "b64::list")]
+    pub cert_chain_der: Vec<Vec<u8>>,
+    pub expires_at: u64,
+}
+
+/// `GET /v1/node/sync`: what a node needs to serve its workloads.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SyncResponse {
+    pub entries: Vec<Entry>,
+    /// The SPIFFE bundle JSON of the broker's trust domain.
+    pub bundle: serde_json::Value,
+}
+
+/// One CSR to sign for one entry the node is entitled to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignX509Item {
+    pub entry_id: EntryId,
+    #[serde(with = "b64")]
+    pub csr_der: Vec<u8>,
+}
+
+/// `POST /v1/node/sign-x509`: signs a batch in one round trip.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignX509Request {
+    pub items: Vec<SignX509Item>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SignX509Response {
+    pub svids: Vec<SignedSvid>,
+}
+
+/// `POST /v1/node/sign-jwt`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignJwtRequest {
+    pub entry_id: EntryId,
+    pub audience: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SignJwtResponse {
+    pub token: Secret,
+    pub expires_at: u64,
+}
+
+/// `GET /v1/admin/entries`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EntryList {
+    pub entries: Vec<Entry>,
+}
