@@ -1,0 +1,354 @@
+//! What the node serves: its registration entries, one X509-SVID per entry,
+//! the trust bundle, and JWT-SVIDs minted on demand.
+//!
+//! The cache is published as immutable [`Snapshot`]s through a
+//! `tokio::sync::watch` channel: the sync loop builds a new snapshot and
+//! swaps it in, and every open Workload API stream wakes up and recomputes
+//! its caller's view. Decisions about time (when to rotate) take `now` as an
+//! argument so tests control the clock.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::sync::Arc;
+
+use baton_core::selector::entry_matches;
+use baton_core::{Entry, EntryId, Secret, TrustDomain};
+
+use crate::attest::AttestedWorkload;
+
+/// Default share of an SVID's lifetime after which it is replaced.
+pub const DEFAULT_ROTATE_FRACTION: f64 = 0.5;
+
+/// A PKCS#8 private key. `Debug` never prints it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct KeyDer(Vec<u8>);
+
+impl KeyDer {
+    pub fn new(pkcs8: Vec<u8>) -> Self {
+        Self(pkcs8)
+    }
+
+    /// The key bytes. Only the Workload API response should need them.
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for KeyDer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KeyDer(\"...\")")
+    }
+}
+
+/// One workload X509-SVID with its key, and the entry it was issued for (so
+/// that a changed entry is noticed and re-signed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CachedSvid {
+    pub entry: Entry,
+    /// Leaf first, then intermediates.
+    pub chain_der: Vec<Vec<u8>>,
+    pub key: KeyDer,
+    /// Unix seconds.
+    pub not_before: u64,
+    /// Unix seconds.
+    pub not_after: u64,
+}
+
+impl CachedSvid {
+    /// When this SVID should be replaced: `not_before + fraction * lifetime`.
+    pub fn rotate_at(&self, fraction: f64) -> u64 {
+        let lifetime = self.not_after.saturating_sub(self.not_before);
+        let fraction = fraction.clamp(0.0, 1.0);
+        // Rounds down: rotating a second early is harmless, late is not.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let offset = (lifetime as f64 * fraction) as u64;
+        self.not_before.saturating_add(offset)
+    }
+
+    /// The leaf and intermediates concatenated, as the Workload API sends them.
+    pub fn chain_concat(&self) -> Vec<u8> {
+        self.chain_der.concat()
+    }
+}
+
+/// The trust bundle of the node's trust domain, pre-encoded the ways the
+/// Workload API needs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BundleView {
+    pub trust_domain: TrustDomain,
+    /// DER CA certificates concatenated.
+    pub x509_der: Vec<u8>,
+    /// JWKS JSON (`{"keys": [...]}`) with a `kid` on every JWT key.
+    pub jwks_json: Vec<u8>,
+    /// The SPIFFE bundle JSON as the broker sent it; kept to validate JWTs
+    /// and to notice changes.
+    pub spiffe_json: serde_json::Value,
+}
+
+/// An immutable view of everything the node serves.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    entries: Vec<Entry>,
+    svids: BTreeMap<EntryId, Arc<CachedSvid>>,
+    bundle: Option<Arc<BundleView>>,
+}
+
+impl Snapshot {
+    /// A snapshot with these entries and bundle and no SVIDs yet.
+    pub fn new(mut entries: Vec<Entry>, bundle: Option<BundleView>) -> Self {
+        // Sorted so that "the default SVID first" is stable across syncs.
+        entries.sort_by(|a, b| (&a.spiffe_id, &a.id).cmp(&(&b.spiffe_id, &b.id)));
+        Self {
+            entries,
+            svids: BTreeMap::new(),
+            bundle: bundle.map(Arc::new),
+        }
+    }
+
+    /// Adds (or replaces) the SVID of its entry.
+    pub fn with_svid(mut self, svid: CachedSvid) -> Self {
+        self.svids.insert(svid.entry.id.clone(), Arc::new(svid));
+        self
+    }
+
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    pub fn svid(&self, id: &EntryId) -> Option<&Arc<CachedSvid>> {
+        self.svids.get(id)
+    }
+
+    pub fn svids(&self) -> impl Iterator<Item = &Arc<CachedSvid>> {
+        self.svids.values()
+    }
+
+    pub fn bundle(&self) -> Option<&Arc<BundleView>> {
+        self.bundle.as_ref()
+    }
+
+    /// Entries whose selectors all hold for the caller, default first.
+    pub fn entries_for<'a>(&'a self, who: &'a AttestedWorkload) -> impl Iterator<Item = &'a Entry> {
+        self.entries
+            .iter()
+            .filter(move |e| entry_matches(&e.selectors, who.selectors()))
+    }
+
+    /// The caller's entries that have an SVID ready, default first.
+    pub fn svids_for<'a>(
+        &'a self,
+        who: &'a AttestedWorkload,
+    ) -> impl Iterator<Item = &'a Arc<CachedSvid>> {
+        self.entries_for(who).filter_map(|e| self.svids.get(&e.id))
+    }
+
+    /// The earliest moment some SVID in this snapshot is due for rotation.
+    pub fn next_rotation(&self, fraction: f64) -> Option<u64> {
+        self.svids.values().map(|s| s.rotate_at(fraction)).min()
+    }
+}
+
+/// The entries of `entries` whose SVID is missing, was issued for a
+/// different version of the entry, or is due for rotation at `now`.
+pub fn entries_to_sign<'a>(
+    entries: &'a [Entry],
+    current: &Snapshot,
+    now: u64,
+    fraction: f64,
+) -> Vec<&'a Entry> {
+    entries
+        .iter()
+        .filter(|e| match current.svid(&e.id) {
+            None => true,
+            Some(s) => s.entry != **e || now >= s.rotate_at(fraction) || now >= s.not_after,
+        })
+        .collect()
+}
+
+/// Builds the next snapshot: the new entries and bundle, the SVIDs of
+/// `current` that still belong to a live, unchanged entry, then `fresh`.
+/// SVIDs of deleted entries are dropped here.
+pub fn next_snapshot(
+    current: &Snapshot,
+    entries: Vec<Entry>,
+    bundle: Option<BundleView>,
+    fresh: Vec<CachedSvid>,
+) -> Snapshot {
+    let mut next = Snapshot::new(entries, bundle);
+    let live: HashMap<&EntryId, &Entry> = next.entries.iter().map(|e| (&e.id, e)).collect();
+    let kept: Vec<Arc<CachedSvid>> = current
+        .svids
+        .values()
+        .filter(|s| live.get(&s.entry.id).is_some_and(|e| **e == s.entry))
+        .cloned()
+        .collect();
+    for s in kept {
+        next.svids.insert(s.entry.id.clone(), s);
+    }
+    for s in fresh {
+        if live.contains_key(&s.entry.id) {
+            next.svids.insert(s.entry.id.clone(), Arc::new(s));
+        }
+    }
+    next
+}
+
+/// A minted JWT-SVID, kept until half its life has passed.
+#[derive(Debug, Clone)]
+pub struct CachedJwt {
+    pub token: Secret,
+    pub issued_at: u64,
+    pub expires_at: u64,
+}
+
+impl CachedJwt {
+    fn fresh_at(&self, now: u64) -> bool {
+        let half = self.expires_at.saturating_sub(self.issued_at) / 2;
+        now < self.issued_at.saturating_add(half)
+    }
+}
+
+/// JWT-SVIDs keyed by entry and audience set (order and duplicates of the
+/// requested audience do not matter).
+#[derive(Debug, Default)]
+pub struct JwtCache {
+    tokens: HashMap<(EntryId, BTreeSet<String>), CachedJwt>,
+}
+
+impl JwtCache {
+    pub fn key(entry: &EntryId, audience: &[String]) -> (EntryId, BTreeSet<String>) {
+        (entry.clone(), audience.iter().cloned().collect())
+    }
+
+    pub fn get(&self, entry: &EntryId, audience: &[String], now: u64) -> Option<Secret> {
+        self.tokens
+            .get(&Self::key(entry, audience))
+            .filter(|t| t.fresh_at(now))
+            .map(|t| t.token.clone())
+    }
+
+    /// Stores a token and forgets every stale one, which bounds the map by
+    /// the number of live (entry, audience) pairs in use.
+    pub fn insert(&mut self, entry: &EntryId, audience: &[String], jwt: CachedJwt, now: u64) {
+        self.tokens.retain(|_, t| t.fresh_at(now));
+        self.tokens.insert(Self::key(entry, audience), jwt);
+    }
+
+    /// Drops tokens of entries that no longer exist.
+    pub fn retain_entries(&mut self, live: &BTreeSet<EntryId>) {
+        self.tokens.retain(|(id, _), _| live.contains(id));
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use baton_core::{Selector, SpiffeId};
+
+    pub(crate) fn entry(path: &str, uid: u32) -> Entry {
+        Entry {
+            id: EntryId::random(),
+            spiffe_id: SpiffeId::parse(&format!("spiffe://example.org/{path}")).unwrap(),
+            parent_id: SpiffeId::parse("spiffe://example.org/baton/node/n1").unwrap(),
+            selectors: vec![Selector::uid(uid)],
+            x509_ttl_secs: 100,
+            jwt_ttl_secs: 100,
+            dns_names: vec![],
+        }
+    }
+
+    pub(crate) fn svid(entry: &Entry, not_before: u64, not_after: u64, tag: u8) -> CachedSvid {
+        CachedSvid {
+            entry: entry.clone(),
+            chain_der: vec![vec![tag; 4], vec![9; 2]],
+            key: KeyDer::new(vec![tag; 8]),
+            not_before,
+            not_after,
+        }
+    }
+
+    #[test]
+    fn rotation_at_fraction_of_life() {
+        let e = entry("a", 1);
+        let s = svid(&e, 1000, 1100, 1);
+        assert_eq!(s.rotate_at(0.5), 1050);
+        assert_eq!(s.rotate_at(0.8), 1080);
+        assert_eq!(s.rotate_at(7.0), 1100);
+        let snap = Snapshot::new(vec![e.clone()], None).with_svid(s);
+        assert!(entries_to_sign(snap.entries(), &snap, 1049, 0.5).is_empty());
+        assert_eq!(entries_to_sign(snap.entries(), &snap, 1050, 0.5), vec![&e]);
+        assert_eq!(snap.next_rotation(0.5), Some(1050));
+    }
+
+    #[test]
+    fn missing_and_changed_entries_are_signed() {
+        let a = entry("a", 1);
+        let b = entry("b", 1);
+        let snap = Snapshot::new(vec![a.clone()], None).with_svid(svid(&a, 0, 100, 1));
+        let mut a2 = a.clone();
+        a2.dns_names = vec!["a.internal".into()];
+        let wanted = vec![a2.clone(), b.clone()];
+        assert_eq!(entries_to_sign(&wanted, &snap, 1, 0.5), vec![&a2, &b]);
+    }
+
+    #[test]
+    fn next_snapshot_drops_deleted_and_stale() {
+        let a = entry("a", 1);
+        let b = entry("b", 1);
+        let snap = Snapshot::new(vec![a.clone(), b.clone()], None)
+            .with_svid(svid(&a, 0, 100, 1))
+            .with_svid(svid(&b, 0, 100, 2));
+        // b is deleted; a is kept as is.
+        let next = next_snapshot(&snap, vec![a.clone()], None, vec![]);
+        assert!(next.svid(&a.id).is_some());
+        assert!(next.svid(&b.id).is_none());
+        // A fresh SVID replaces the old one.
+        let next = next_snapshot(&snap, vec![a.clone()], None, vec![svid(&a, 50, 150, 3)]);
+        assert_eq!(next.svid(&a.id).unwrap().not_before, 50);
+        // A fresh SVID for an entry deleted meanwhile is not kept.
+        let next = next_snapshot(&snap, vec![], None, vec![svid(&a, 50, 150, 3)]);
+        assert!(next.svids().next().is_none());
+    }
+
+    #[test]
+    fn caller_view_follows_selectors() {
+        let a = entry("a", 1);
+        let b = entry("b", 2);
+        let snap = Snapshot::new(vec![b.clone(), a.clone()], None).with_svid(svid(&a, 0, 10, 1));
+        let who = AttestedWorkload::for_test(vec![Selector::uid(1), Selector::gid(5)]);
+        let ids: Vec<_> = snap.entries_for(&who).map(|e| e.id.clone()).collect();
+        assert_eq!(ids, vec![a.id.clone()]);
+        assert_eq!(snap.svids_for(&who).count(), 1);
+        let nobody = AttestedWorkload::for_test(vec![Selector::uid(3)]);
+        assert_eq!(snap.entries_for(&nobody).count(), 0);
+    }
+
+    #[test]
+    fn jwt_cache_by_audience_set_until_half_life() {
+        let id = EntryId::random();
+        let mut c = JwtCache::default();
+        let aud = vec!["b".to_owned(), "a".to_owned()];
+        c.insert(
+            &id,
+            &aud,
+            CachedJwt {
+                token: Secret::new("t1"),
+                issued_at: 100,
+                expires_at: 200,
+            },
+            100,
+        );
+        let same = vec!["a".to_owned(), "b".to_owned(), "a".to_owned()];
+        assert_eq!(c.get(&id, &same, 149).unwrap().expose(), "t1");
+        assert!(c.get(&id, &same, 150).is_none());
+        assert!(c.get(&id, &["a".to_owned()], 120).is_none());
+        c.retain_entries(&BTreeSet::new());
+        assert!(c.get(&id, &same, 120).is_none());
+    }
+
+    #[test]
+    fn key_debug_is_redacted() {
+        let k = KeyDer::new(vec![0x42; 4]);
+        assert!(!format!("{k:?}").contains("66"));
+    }
+}
