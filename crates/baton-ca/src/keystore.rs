@@ -1,0 +1,99 @@
+//! Files under the CA's key directory. Keys are PKCS#8 DER with mode 0600,
+//! certificates DER. Every write goes to a fresh temporary name, is synced,
+//! then renamed over the target, so a crash leaves either the old file or
+//! the new one, never half a key.
+
+use std::fs::{self, DirBuilder, OpenOptions};
+use std::io::{self, Write as _};
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+
+use crate::CaError;
+
+const KEY_MODE: u32 = 0o600;
+const CERT_MODE: u32 = 0o644;
+const DIR_MODE: u32 = 0o700;
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CaError + '_ {
+    move |source| CaError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Creates the key directory (0700) if it does not exist yet.
+pub(crate) fn ensure_dir(dir: &Path) -> Result<(), CaError> {
+    DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(dir)
+        .map_err(io_err(dir))
+}
+
+/// Reads a private key file, refusing one that group or others can access:
+/// a key that leaked once must be replaced, not silently reused.
+pub(crate) fn read_key(path: &Path) -> Result<Option<Vec<u8>>, CaError> {
+    let meta = match fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(CaError::InsecureKeyFile {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    fs::read(path).map(Some).map_err(io_err(path))
+}
+
+pub(crate) fn read_public(path: &Path) -> Result<Option<Vec<u8>>, CaError> {
+    match fs::read(path) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err(path)(e)),
+    }
+}
+
+pub(crate) fn write_key(path: &Path, bytes: &[u8]) -> Result<(), CaError> {
+    write_atomic(path, bytes, KEY_MODE)
+}
+
+pub(crate) fn write_public(path: &Path, bytes: &[u8]) -> Result<(), CaError> {
+    write_atomic(path, bytes, CERT_MODE)
+}
+
+fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CaError> {
+    let tmp = temp_name(path)?;
+    let result = (|| {
+        // create_new: never follow or reuse something already at the temp name.
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent() {
+            // Persist the rename itself; failure here is not worth losing the key over.
+            let _ = fs::File::open(dir).and_then(|d| d.sync_all());
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map_err(io_err(path))
+}
+
+fn temp_name(path: &Path) -> Result<PathBuf, CaError> {
+    let mut rnd = [0u8; 8];
+    aws_lc_rs::rand::fill(&mut rnd).map_err(|_| CaError::Crypto("random temp name"))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(path.with_file_name(format!(".{name}.{}.tmp", hex::encode(rnd))))
+}
