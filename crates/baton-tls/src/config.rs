@@ -55,7 +55,9 @@ pub fn server_config(
 ///
 /// Resumption is off for the same reason as on the server. ALPN is set to
 /// `h2`, `http/1.1`: reqwest's `tls_backend_preconfigured` uses the config
-/// as given and picks HTTP/2 only if ALPN negotiates it.
+/// as given and picks HTTP/2 only if ALPN negotiates it. A caller that
+/// forces reqwest to HTTP/1 (`http1_only`) must also set `alpn_protocols`
+/// to `http/1.1` alone, or the server will pick `h2` and the two disagree.
 pub fn client_config(
     identity: ClientIdentity,
     bundles: BundleStore,

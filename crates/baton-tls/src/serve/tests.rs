@@ -299,3 +299,36 @@ fn empty_chain_is_refused() {
         Err(TlsError::EmptyChain)
     ));
 }
+
+#[tokio::test]
+async fn server_never_resumes_a_session() {
+    // A client that would resume if the server let it: every handshake must
+    // still be full, so the client verifier (and revocation) always runs.
+    let ca = TestCa::new("example.org");
+    let server = start_for(&ca, ca.bundles(), ClientAuth::Required).await;
+    let leaf = ca.leaf("/agent");
+    let policy = PeerPolicy::Exact(vec![SERVER_ID.parse().unwrap()]);
+    let mut config = client_config(leaf.client_identity(), ca.bundles(), policy).unwrap();
+    config.resumption = rustls::client::Resumption::in_memory_sessions(16);
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    for _ in 0..3 {
+        let tcp = TcpStream::connect(server.addr).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("ignored.invalid").unwrap();
+        let mut tls = connector.connect(name, tcp).await.unwrap();
+        tls.write_all(b"GET /whoami HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = String::new();
+        tls.read_to_string(&mut response).await.unwrap();
+        assert!(
+            response.ends_with("spiffe://example.org/agent"),
+            "{response}"
+        );
+        assert_eq!(
+            tls.get_ref().1.handshake_kind(),
+            Some(rustls::HandshakeKind::Full)
+        );
+    }
+    server.stop().await;
+}
