@@ -724,3 +724,55 @@ fn issuance_throughput() {
     let per_sec = f64::from(n) / start.elapsed().as_secs_f64();
     eprintln!("JWT-SVID signing: {per_sec:.0}/s on one core");
 }
+
+/// The `spiffe` crate (what Rust workloads use) accepts what we emit.
+mod spiffe_interop {
+    use super::*;
+
+    #[test]
+    fn x509_svid_and_key_parse_as_spiffe_svid() {
+        let ca = mem_ca(DEFAULT_CA_TTL);
+        let key = WorkloadKey::generate().unwrap();
+        let wid = id("/agent/a1");
+        let svid = ca
+            .sign_x509_svid(
+                &key.csr_der(&wid).unwrap(),
+                &wid,
+                Duration::from_secs(600),
+                &[],
+                now(),
+            )
+            .unwrap();
+        let parsed =
+            spiffe::X509Svid::parse_from_der(&svid.cert_chain_der.concat(), key.pkcs8_der())
+                .unwrap();
+        assert_eq!(parsed.spiffe_id().to_string(), wid.as_str());
+
+        let td = spiffe::TrustDomain::new("example.org").unwrap();
+        spiffe::X509Bundle::parse_from_der(td, &ca.bundle().x509_authorities_concat_der()).unwrap();
+    }
+
+    #[test]
+    fn jwt_svid_validates_with_spiffe_against_our_jwks() {
+        let ca = mem_ca(DEFAULT_CA_TTL);
+        // The spiffe crate reads the wall clock, so sign at the wall clock.
+        let wall = SystemTime::now();
+        let (tok, _) = ca
+            .sign_jwt_svid(
+                &id("/agent/a1"),
+                &["svc".to_owned()],
+                Duration::from_secs(300),
+                wall,
+            )
+            .unwrap();
+        let td = spiffe::TrustDomain::new("example.org").unwrap();
+        let bundle = spiffe::JwtBundle::from_jwt_authorities(td, &ca.bundle().jwks_json()).unwrap();
+        let mut set = spiffe::JwtBundleSet::new();
+        set.add_bundle(bundle);
+        let svid = spiffe::JwtSvid::parse_and_validate(tok.expose(), &set, &["svc"]).unwrap();
+        assert_eq!(
+            svid.spiffe_id().to_string(),
+            "spiffe://example.org/agent/a1"
+        );
+    }
+}
