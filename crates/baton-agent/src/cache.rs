@@ -166,20 +166,21 @@ pub fn entries_to_sign<'a>(
 }
 
 /// Builds the next snapshot: the new entries and bundle, the SVIDs of
-/// `current` that still belong to a live, unchanged entry, then `fresh`.
-/// SVIDs of deleted entries are dropped here.
+/// `current` that still belong to a live, unchanged entry and have not
+/// expired at `now`, then `fresh`. SVIDs of deleted entries are dropped here.
 pub fn next_snapshot(
     current: &Snapshot,
     entries: Vec<Entry>,
     bundle: Option<BundleView>,
     fresh: Vec<CachedSvid>,
+    now: u64,
 ) -> Snapshot {
     let mut next = Snapshot::new(entries, bundle);
     let live: HashMap<&EntryId, &Entry> = next.entries.iter().map(|e| (&e.id, e)).collect();
     let kept: Vec<Arc<CachedSvid>> = current
         .svids
         .values()
-        .filter(|s| live.get(&s.entry.id).is_some_and(|e| **e == s.entry))
+        .filter(|s| now < s.not_after && live.get(&s.entry.id).is_some_and(|e| **e == s.entry))
         .cloned()
         .collect();
     for s in kept {
@@ -299,14 +300,17 @@ pub(crate) mod tests {
             .with_svid(svid(&a, 0, 100, 1))
             .with_svid(svid(&b, 0, 100, 2));
         // b is deleted; a is kept as is.
-        let next = next_snapshot(&snap, vec![a.clone()], None, vec![]);
+        let next = next_snapshot(&snap, vec![a.clone()], None, vec![], 10);
         assert!(next.svid(&a.id).is_some());
         assert!(next.svid(&b.id).is_none());
+        // An expired SVID is not served even if its entry lives on.
+        let next = next_snapshot(&snap, vec![a.clone()], None, vec![], 100);
+        assert!(next.svid(&a.id).is_none());
         // A fresh SVID replaces the old one.
-        let next = next_snapshot(&snap, vec![a.clone()], None, vec![svid(&a, 50, 150, 3)]);
+        let next = next_snapshot(&snap, vec![a.clone()], None, vec![svid(&a, 50, 150, 3)], 10);
         assert_eq!(next.svid(&a.id).unwrap().not_before, 50);
         // A fresh SVID for an entry deleted meanwhile is not kept.
-        let next = next_snapshot(&snap, vec![], None, vec![svid(&a, 50, 150, 3)]);
+        let next = next_snapshot(&snap, vec![], None, vec![svid(&a, 50, 150, 3)], 10);
         assert!(next.svids().next().is_none());
     }
 

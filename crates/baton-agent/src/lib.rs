@@ -1,4 +1,359 @@
-//! The node daemon (`baton agent`).
+//! The node daemon (`baton agent`): Baton's per-node half.
+//!
+//! Place in the flow: the agent attests its node to the broker once with a
+//! join token ([`node`]), then authenticates with its own agent SVID over
+//! mTLS ([`client`]) and renews it before expiry. It syncs the registration
+//! entries whose parent is its node and keeps one X509-SVID per entry
+//! ([`sync`], [`cache`]), generating each workload key itself and sending
+//! only CSRs. Workloads on the node reach it over a Unix socket speaking the
+//! SPIFFE Workload API ([`workload`]); each call is attested from the
+//! kernel's peer credential ([`attest`]) before anything is issued.
+//!
+//! [`run`] is the whole daemon; the `baton` binary only builds an
+//! [`AgentConfig`] and waits for a signal.
+
 pub mod attest;
 pub mod cache;
+pub mod client;
+pub mod jwt;
+pub mod node;
+pub mod sync;
 pub mod workload;
+
+use std::future::Future;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use baton_core::{Secret, SpiffeId, TrustDomain};
+use baton_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
+use tokio::net::UnixListener;
+use tokio::sync::{oneshot, watch};
+use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::attest::Attestor;
+use crate::cache::{DEFAULT_ROTATE_FRACTION, Snapshot};
+use crate::client::{BrokerClient, ClientError};
+use crate::jwt::BrokerJwt;
+use crate::node::{NodeError, NodeStore};
+use crate::sync::{SyncSettings, Syncer};
+use crate::workload::WorkloadService;
+
+/// Default pause between two syncs with the broker.
+pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_secs(5);
+/// Default mode of the Workload API socket. Anyone on the node may connect
+/// because access is decided per call by attesting the caller (uid, gid,
+/// executable), not by the socket's file mode.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o666;
+
+/// Everything the daemon needs to start.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Where the node SVID, its key and the last bundle are kept.
+    pub data_dir: PathBuf,
+    /// The Workload API socket.
+    pub socket_path: PathBuf,
+    /// Like `https://broker.example:8443`.
+    pub broker_url: String,
+    /// The broker's SPIFFE ID, checked in place of a hostname;
+    /// see [`AgentConfig::default_broker_id`].
+    pub broker_id: SpiffeId,
+    pub trust_domain: TrustDomain,
+    /// PEM of the broker's CA for the very first connection. Required
+    /// unless the data directory already holds a bundle from an earlier run.
+    pub bootstrap_bundle_pem: Option<String>,
+    /// Needed only when the node has no valid stored identity.
+    pub join_token: Option<Secret>,
+    pub sync_interval: Duration,
+    /// Share of an SVID's lifetime after which it is replaced (0 < f <= 1).
+    pub rotate_fraction: f64,
+    /// File mode of the socket; see [`DEFAULT_SOCKET_MODE`].
+    pub socket_mode: u32,
+}
+
+impl AgentConfig {
+    /// A configuration with the defaults for everything optional.
+    pub fn new(
+        data_dir: PathBuf,
+        socket_path: PathBuf,
+        broker_url: String,
+        trust_domain: TrustDomain,
+    ) -> Result<Self, AgentError> {
+        Ok(Self {
+            data_dir,
+            socket_path,
+            broker_url,
+            broker_id: Self::default_broker_id(&trust_domain)?,
+            trust_domain,
+            bootstrap_bundle_pem: None,
+            join_token: None,
+            sync_interval: DEFAULT_SYNC_INTERVAL,
+            rotate_fraction: DEFAULT_ROTATE_FRACTION,
+            socket_mode: DEFAULT_SOCKET_MODE,
+        })
+    }
+
+    /// `spiffe://<td>/baton/broker`.
+    pub fn default_broker_id(td: &TrustDomain) -> Result<SpiffeId, AgentError> {
+        td.id("/baton/broker")
+            .map_err(|e| AgentError::Config(format!("broker id: {e}")))
+    }
+
+    fn validate(&self) -> Result<(), AgentError> {
+        if !(self.rotate_fraction > 0.0 && self.rotate_fraction <= 1.0) {
+            return Err(AgentError::Config(format!(
+                "rotate_fraction must be in (0, 1], got {}",
+                self.rotate_fraction
+            )));
+        }
+        if self.sync_interval.is_zero() {
+            return Err(AgentError::Config("sync_interval must be positive".into()));
+        }
+        if !self.broker_id.is_member_of(&self.trust_domain) {
+            return Err(AgentError::Config(format!(
+                "broker id {} is not in trust domain {}",
+                self.broker_id, self.trust_domain
+            )));
+        }
+        if self.socket_mode > 0o777 {
+            return Err(AgentError::Config(format!(
+                "socket_mode {:o} is not a permission mode",
+                self.socket_mode
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Sent once the socket is being served.
+#[derive(Debug, Clone)]
+pub struct AgentReady {
+    pub node_id: SpiffeId,
+    pub socket_path: PathBuf,
+}
+
+/// Why the daemon could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("invalid agent configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("cannot {action} the Workload API socket {path}: {source}")]
+    Socket {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("refusing to replace {path}: it exists and is not a socket")]
+    NotASocket { path: PathBuf },
+    #[error("the Workload API server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// Runs the node daemon until `shutdown` completes.
+///
+/// Loads or obtains the node identity, syncs once (a failure is logged,
+/// not fatal, when the identity came from disk), binds the socket (removing
+/// a stale one), reports readiness on `ready`, and serves the Workload API.
+/// On shutdown the background loops stop, open streams end with
+/// `Unavailable`, and the socket file is removed.
+pub async fn run(
+    config: AgentConfig,
+    ready: Option<oneshot::Sender<AgentReady>>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), AgentError> {
+    config.validate()?;
+    baton_tls::install_crypto_provider();
+    baton_ca::init();
+
+    let store = NodeStore::open(&config.data_dir)?;
+    let bundles = baton_tls::BundleStore::new();
+    bundles.set(
+        config.trust_domain.clone(),
+        node::initial_authorities(
+            &store,
+            &config.trust_domain,
+            config.bootstrap_bundle_pem.as_deref(),
+        )?,
+    );
+    let client = Arc::new(BrokerClient::new(
+        &config.broker_url,
+        baton_tls::ClientIdentity::none(),
+        bundles,
+        config.broker_id.clone(),
+    )?);
+    let node_svid = node::establish(
+        &store,
+        &client,
+        &config.trust_domain,
+        config.join_token.as_ref(),
+        node::unix_now(),
+    )
+    .await?;
+    let node_id = node_svid.spiffe_id.clone();
+
+    let (cache_tx, cache_rx) = watch::channel(Arc::new(Snapshot::default()));
+    let mut syncer = Syncer::new(
+        Arc::clone(&client),
+        store.clone(),
+        SyncSettings {
+            trust_domain: config.trust_domain.clone(),
+            sync_interval: config.sync_interval,
+            rotate_fraction: config.rotate_fraction,
+        },
+        cache_tx,
+    );
+    // One round before serving, so that workloads starting with the agent
+    // find their SVIDs at once; the loop retries if the broker is down.
+    if let Err(e) = syncer.sync_once(node::unix_now()).await {
+        tracing::warn!(error = %e, "first sync with the broker failed; will retry");
+    }
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let sync_task = tokio::spawn(syncer.run(stop_rx.clone()));
+    let renew_task = tokio::spawn(node::renew_loop(
+        store,
+        Arc::clone(&client),
+        node_svid,
+        config.rotate_fraction,
+        stop_rx,
+    ));
+
+    let served = serve(
+        &config,
+        &node_id,
+        cache_rx,
+        Arc::new(BrokerJwt::new(client)),
+        ready,
+        async move {
+            shutdown.await;
+            tracing::info!("shutting down the node daemon");
+            // Stopping the syncer drops the cache sender, which ends the
+            // open Workload API streams so graceful shutdown can finish.
+            let _ = stop_tx.send(true);
+        },
+    )
+    .await;
+    sync_task.abort();
+    renew_task.abort();
+    let _ = std::fs::remove_file(&config.socket_path);
+    served
+}
+
+async fn serve(
+    config: &AgentConfig,
+    node_id: &SpiffeId,
+    cache: watch::Receiver<Arc<Snapshot>>,
+    jwt: Arc<BrokerJwt>,
+    ready: Option<oneshot::Sender<AgentReady>>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), AgentError> {
+    let listener = bind_socket(&config.socket_path, config.socket_mode)?;
+    let service = WorkloadService::new(cache, Arc::new(Attestor::new()), jwt);
+    tracing::info!(
+        socket = %config.socket_path.display(),
+        node = %node_id,
+        "serving the SPIFFE Workload API"
+    );
+    if let Some(ready) = ready {
+        let _ = ready.send(AgentReady {
+            node_id: node_id.clone(),
+            socket_path: config.socket_path.clone(),
+        });
+    }
+    tonic::transport::Server::builder()
+        .add_service(SpiffeWorkloadApiServer::new(service))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}
+
+/// Binds the socket, replacing a stale socket file (never another kind of
+/// file), and sets its mode.
+fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener, AgentError> {
+    let err = |action, source| AgentError::Socket {
+        action,
+        path: path.to_owned(),
+        source,
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            std::fs::remove_file(path).map_err(|e| err("remove the stale", e))?;
+        }
+        Ok(_) => {
+            return Err(AgentError::NotASocket {
+                path: path.to_owned(),
+            });
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err("inspect", e)),
+    }
+    if let Some(parent) = path.parent()
+        && !parent.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(parent).map_err(|e| err("create the directory of", e))?;
+    }
+    let listener = UnixListener::bind(path).map_err(|e| err("bind", e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| err("set the mode of", e))?;
+    Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_defaults_and_validation() {
+        let td = TrustDomain::new("example.org").unwrap();
+        let mut c =
+            AgentConfig::new("d".into(), "s".into(), "https://localhost:1".into(), td).unwrap();
+        assert_eq!(c.broker_id.as_str(), "spiffe://example.org/baton/broker");
+        assert!(c.validate().is_ok());
+        c.rotate_fraction = 0.0;
+        assert!(matches!(c.validate(), Err(AgentError::Config(_))));
+        c.rotate_fraction = 0.5;
+        c.broker_id = SpiffeId::parse("spiffe://other.org/baton/broker").unwrap();
+        assert!(matches!(c.validate(), Err(AgentError::Config(_))));
+    }
+
+    #[tokio::test]
+    async fn socket_replaces_stale_socket_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub").join("agent.sock");
+        let first = bind_socket(&path, 0o666).unwrap();
+        drop(first);
+        // The file of the dropped listener is stale: it is replaced.
+        let _second = bind_socket(&path, 0o660).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o660);
+
+        let file = dir.path().join("precious");
+        std::fs::write(&file, b"data").unwrap();
+        assert!(matches!(
+            bind_socket(&file, 0o666),
+            Err(AgentError::NotASocket { .. })
+        ));
+        assert_eq!(std::fs::read(&file).unwrap(), b"data");
+    }
+
+    #[tokio::test]
+    async fn first_start_without_token_or_bundle_is_explained() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("example.org").unwrap();
+        let config = AgentConfig::new(
+            dir.path().join("data"),
+            dir.path().join("agent.sock"),
+            "https://127.0.0.1:1".into(),
+            td,
+        )
+        .unwrap();
+        let err = run(config, None, std::future::pending()).await.unwrap_err();
+        assert!(err.to_string().contains("--bootstrap-bundle"), "{err}");
+    }
+}

@@ -1,0 +1,208 @@
+//! The sync loop: keeps the cache in step with the broker.
+//!
+//! Every `sync_interval`, and also exactly when the next workload SVID is
+//! due for rotation, it fetches `/v1/node/sync`, signs every missing,
+//! changed or ageing SVID in one batched `sign-x509` call (with keys it
+//! generates here, so private keys never leave the node), drops SVIDs of
+//! deleted entries and publishes a new snapshot if anything changed. When
+//! the broker is unreachable the last snapshot keeps being served and the
+//! loop retries with a capped backoff.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use baton_ca::{TrustBundle, WorkloadKey};
+use baton_core::api::SignX509Item;
+use baton_core::{Entry, TrustDomain};
+use tokio::sync::watch;
+
+use crate::cache::{BundleView, CachedSvid, KeyDer, Snapshot, entries_to_sign, next_snapshot};
+use crate::client::{BrokerClient, ClientError};
+use crate::node::{NodeStore, backoff, unix_now, unix_secs, until};
+
+/// Largest batch the broker signs in one call.
+const SIGN_BATCH: usize = 1000;
+/// Longest pause between retries while the broker is unreachable.
+const RETRY_CAP: Duration = Duration::from_secs(30);
+/// Shortest pause between two syncs, so that an SVID whose rotation point
+/// is already behind us (very short TTLs) cannot make the loop spin.
+const MIN_WAIT: Duration = Duration::from_secs(1);
+
+/// Why one sync round failed. The loop logs it and retries.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Broker(#[from] ClientError),
+    #[error("the broker's trust bundle is unusable: {0}")]
+    Bundle(#[source] baton_ca::CaError),
+    #[error("cannot make a workload key or CSR: {0}")]
+    Key(#[source] baton_ca::CaError),
+    #[error("the broker's SVID for entry {entry} is unusable: {reason}")]
+    BadSvid { entry: String, reason: String },
+}
+
+/// Settings of the sync loop.
+#[derive(Debug, Clone)]
+pub struct SyncSettings {
+    pub trust_domain: TrustDomain,
+    pub sync_interval: Duration,
+    pub rotate_fraction: f64,
+}
+
+/// Owns the sending side of the cache.
+#[derive(Debug)]
+pub struct Syncer {
+    client: Arc<BrokerClient>,
+    store: NodeStore,
+    settings: SyncSettings,
+    tx: watch::Sender<Arc<Snapshot>>,
+    last_bundle: Option<serde_json::Value>,
+}
+
+impl Syncer {
+    pub fn new(
+        client: Arc<BrokerClient>,
+        store: NodeStore,
+        settings: SyncSettings,
+        tx: watch::Sender<Arc<Snapshot>>,
+    ) -> Self {
+        Self {
+            client,
+            store,
+            settings,
+            tx,
+            last_bundle: None,
+        }
+    }
+
+    /// One round: sync, sign what needs signing, publish.
+    pub async fn sync_once(&mut self, now: u64) -> Result<(), SyncError> {
+        let td = self.settings.trust_domain.clone();
+        let resp = self.client.sync().await?;
+        let bundle = TrustBundle::from_spiffe_json(&td, &resp.bundle).map_err(SyncError::Bundle)?;
+        if self.last_bundle.as_ref() != Some(&resp.bundle) {
+            // The broker's CA may have rotated: trust the new anchors for
+            // our own TLS too, and remember them across restarts.
+            if !bundle.x509_authorities.is_empty() {
+                self.client
+                    .bundles()
+                    .set(td.clone(), bundle.x509_authorities.clone());
+            }
+            if let Err(e) = self.store.save_bundle(&resp.bundle) {
+                tracing::warn!(error = %e, "cannot store the trust bundle");
+            }
+            tracing::info!(sequence = bundle.sequence, "trust bundle updated");
+            self.last_bundle = Some(resp.bundle.clone());
+        }
+        let view = BundleView {
+            trust_domain: td,
+            x509_der: bundle.x509_authorities_concat_der(),
+            jwks_json: bundle.jwks_json(),
+            spiffe_json: resp.bundle,
+        };
+
+        let current = Arc::clone(&self.tx.borrow());
+        let to_sign: Vec<Entry> =
+            entries_to_sign(&resp.entries, &current, now, self.settings.rotate_fraction)
+                .into_iter()
+                .cloned()
+                .collect();
+        let (fresh, failure) = if to_sign.is_empty() {
+            (Vec::new(), None)
+        } else {
+            match self.sign(&to_sign).await {
+                Ok(fresh) => (fresh, None),
+                // Entries and bundle are still worth publishing.
+                Err(e) => (Vec::new(), Some(e)),
+            }
+        };
+        let signed = fresh.len();
+        let next = next_snapshot(&current, resp.entries, Some(view), fresh, now);
+        if next != *current {
+            tracing::debug!(
+                entries = next.entries().len(),
+                signed,
+                "publishing a new cache snapshot"
+            );
+            self.tx.send_replace(Arc::new(next));
+        }
+        failure.map_or(Ok(()), Err)
+    }
+
+    async fn sign(&self, entries: &[Entry]) -> Result<Vec<CachedSvid>, SyncError> {
+        let mut fresh = Vec::with_capacity(entries.len());
+        for chunk in entries.chunks(SIGN_BATCH) {
+            let mut keys = Vec::with_capacity(chunk.len());
+            let mut items = Vec::with_capacity(chunk.len());
+            for e in chunk {
+                let key = WorkloadKey::generate().map_err(SyncError::Key)?;
+                let csr_der = key.csr_der(&e.spiffe_id).map_err(SyncError::Key)?;
+                items.push(SignX509Item {
+                    entry_id: e.id.clone(),
+                    csr_der,
+                });
+                keys.push(key);
+            }
+            let signed = self.client.sign_x509(items).await?;
+            for ((entry, key), svid) in chunk.iter().zip(keys).zip(signed) {
+                let bad = |reason: String| SyncError::BadSvid {
+                    entry: entry.id.to_string(),
+                    reason,
+                };
+                let info =
+                    baton_ca::leaf_info(&svid.cert_chain_der).map_err(|e| bad(e.to_string()))?;
+                if info.spiffe_id != entry.spiffe_id || svid.spiffe_id != entry.spiffe_id {
+                    return Err(bad(format!(
+                        "it names {} instead of {}",
+                        info.spiffe_id, entry.spiffe_id
+                    )));
+                }
+                tracing::info!(entry = %entry.id, spiffe_id = %entry.spiffe_id, serial = %info.serial_hex, "workload SVID issued");
+                fresh.push(CachedSvid {
+                    entry: entry.clone(),
+                    chain_der: svid.cert_chain_der,
+                    key: KeyDer::new(key.pkcs8_der().to_vec()),
+                    not_before: unix_secs(info.not_before),
+                    not_after: unix_secs(info.not_after),
+                });
+            }
+        }
+        Ok(fresh)
+    }
+
+    /// Runs until `stop` changes or its sender is dropped. Dropping the
+    /// syncer then closes the cache channel, which ends open streams.
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let mut failures: u32 = 0;
+        loop {
+            let wait = match self.sync_once(unix_now()).await {
+                Ok(()) => {
+                    if failures > 0 {
+                        tracing::info!("sync with the broker recovered");
+                    }
+                    failures = 0;
+                    let mut wait = self.settings.sync_interval;
+                    if let Some(at) = self
+                        .tx
+                        .borrow()
+                        .next_rotation(self.settings.rotate_fraction)
+                    {
+                        wait = wait.min(until(at, SystemTime::now()));
+                    }
+                    wait.max(MIN_WAIT)
+                }
+                Err(e) => {
+                    let wait = backoff(failures, RETRY_CAP);
+                    failures = failures.saturating_add(1);
+                    tracing::warn!(error = %e, retry_in = ?wait, "sync with the broker failed; serving from cache");
+                    wait
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = stop.changed() => return,
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+}
