@@ -1,0 +1,369 @@
+//! The broker's HTTP routes (warp filters). The listeners themselves live in
+//! `baton-tls`: the node listener is HTTPS with optional mTLS and puts the
+//! verified peer into `PeerIdentity`; the admin listener is a Unix socket
+//! that puts the caller's credentials into `UnixPeer`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use baton_core::NewEntry;
+use baton_core::api::{
+    ApiError, AttestRequest, EntryList, JoinTokenRequest, RenewRequest, SignJwtRequest,
+    SignX509Request,
+};
+use baton_tls::{PeerIdentity, UnixPeer};
+use bytes::Bytes;
+use http::StatusCode;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use warp::reply::Response;
+use warp::{Filter, Reply};
+
+use crate::service::{AuthenticatedNode, Broker, BrokerError};
+
+/// Largest request body we read.
+const MAX_BODY: u64 = 4 * 1024 * 1024;
+
+fn error_reply(status: StatusCode, code: &str, message: String, field: Option<&str>) -> Response {
+    let body = ApiError {
+        code: code.to_owned(),
+        message,
+        field: field.map(str::to_owned),
+    };
+    warp::reply::with_status(warp::reply::json(&body), status).into_response()
+}
+
+impl BrokerError {
+    fn into_response(self) -> Response {
+        let message = self.to_string();
+        match self {
+            BrokerError::BadRequest { field, .. } => {
+                error_reply(StatusCode::BAD_REQUEST, "invalid_argument", message, field)
+            }
+            BrokerError::Unauthenticated(_) => {
+                error_reply(StatusCode::UNAUTHORIZED, "unauthenticated", message, None)
+            }
+            BrokerError::Forbidden { code, .. } => {
+                error_reply(StatusCode::FORBIDDEN, code, message, None)
+            }
+            BrokerError::NotFound(_) => {
+                error_reply(StatusCode::NOT_FOUND, "not_found", message, None)
+            }
+            BrokerError::Conflict(_) => {
+                error_reply(StatusCode::CONFLICT, "conflict", message, None)
+            }
+            BrokerError::Store(_) | BrokerError::Ca(_) | BrokerError::Hook(_) => {
+                tracing::error!(error = %message, "internal error");
+                error_reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    message,
+                    None,
+                )
+            }
+        }
+    }
+}
+
+fn respond<T: Serialize>(result: Result<T, BrokerError>) -> Result<Response, Infallible> {
+    Ok(match result {
+        Ok(v) => warp::reply::json(&v).into_response(),
+        Err(e) => e.into_response(),
+    })
+}
+
+fn parse_body<T: DeserializeOwned>(body: &Bytes) -> Result<T, BrokerError> {
+    serde_json::from_slice(body).map_err(|e| BrokerError::BadRequest {
+        field: None,
+        message: format!("request body is not valid JSON for this route: {e}"),
+    })
+}
+
+fn with_broker(
+    broker: Arc<Broker>,
+) -> impl Filter<Extract = (Arc<Broker>,), Error = Infallible> + Clone {
+    warp::any().map(move || broker.clone())
+}
+
+fn json_body() -> impl Filter<Extract = (Bytes,), Error = warp::Rejection> + Clone {
+    warp::body::content_length_limit(MAX_BODY).and(warp::body::bytes())
+}
+
+fn peer() -> impl Filter<Extract = (Option<PeerIdentity>,), Error = Infallible> + Clone {
+    warp::ext::optional::<PeerIdentity>()
+}
+
+fn node_auth(
+    broker: &Broker,
+    peer: Option<PeerIdentity>,
+) -> Result<AuthenticatedNode, BrokerError> {
+    broker.authenticate_node(peer.as_ref().and_then(|p| p.0.as_ref()))
+}
+
+/// Routes served on the broker's HTTPS port.
+pub fn node_routes(
+    broker: Arc<Broker>,
+) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static {
+    let b = || with_broker(broker.clone());
+
+    let bundle = warp::path!("v1" / "bundle")
+        .and(warp::get())
+        .and(b())
+        .and_then(|broker: Arc<Broker>| async move {
+            respond::<serde_json::Value>(Ok(broker.ca().bundle().to_spiffe_json()))
+        });
+    let bundle_pem = warp::path!("v1" / "bundle.pem")
+        .and(warp::get())
+        .and(b())
+        .map(|broker: Arc<Broker>| {
+            warp::reply::with_header(
+                broker.ca().bundle().to_pem(),
+                "content-type",
+                "application/x-pem-file",
+            )
+            .into_response()
+        });
+    let attest = warp::path!("v1" / "node" / "attest")
+        .and(warp::post())
+        .and(b())
+        .and(json_body())
+        .and_then(|broker: Arc<Broker>, body: Bytes| async move {
+            respond(
+                parse_body::<AttestRequest>(&body)
+                    .and_then(|req| broker.attest(&req, SystemTime::now())),
+            )
+        });
+    let renew = warp::path!("v1" / "node" / "renew")
+        .and(warp::post())
+        .and(b())
+        .and(peer())
+        .and(json_body())
+        .and_then(
+            |broker: Arc<Broker>, peer: Option<PeerIdentity>, body: Bytes| async move {
+                respond(node_auth(&broker, peer).and_then(|node| {
+                    let req = parse_body::<RenewRequest>(&body)?;
+                    broker.renew(&node, &req.csr_der, SystemTime::now())
+                }))
+            },
+        );
+    let sync = warp::path!("v1" / "node" / "sync")
+        .and(warp::get())
+        .and(b())
+        .and(peer())
+        .and_then(
+            |broker: Arc<Broker>, peer: Option<PeerIdentity>| async move {
+                respond(node_auth(&broker, peer).and_then(|node| broker.sync(&node)))
+            },
+        );
+    let sign_x509 = warp::path!("v1" / "node" / "sign-x509")
+        .and(warp::post())
+        .and(b())
+        .and(peer())
+        .and(json_body())
+        .and_then(
+            |broker: Arc<Broker>, peer: Option<PeerIdentity>, body: Bytes| async move {
+                respond(node_auth(&broker, peer).and_then(|node| {
+                    let req = parse_body::<SignX509Request>(&body)?;
+                    broker.sign_x509(&node, &req, SystemTime::now())
+                }))
+            },
+        );
+    let sign_jwt = warp::path!("v1" / "node" / "sign-jwt")
+        .and(warp::post())
+        .and(b())
+        .and(peer())
+        .and(json_body())
+        .and_then(
+            |broker: Arc<Broker>, peer: Option<PeerIdentity>, body: Bytes| async move {
+                respond(node_auth(&broker, peer).and_then(|node| {
+                    let req = parse_body::<SignJwtRequest>(&body)?;
+                    broker.sign_jwt(&node, &req, SystemTime::now())
+                }))
+            },
+        );
+    let health = warp::path!("healthz")
+        .and(warp::get())
+        .map(|| warp::reply::json(&serde_json::json!({"status": "ok"})).into_response());
+
+    bundle
+        .or(bundle_pem)
+        .unify()
+        .or(attest)
+        .unify()
+        .or(renew)
+        .unify()
+        .or(sync)
+        .unify()
+        .or(sign_x509)
+        .unify()
+        .or(sign_jwt)
+        .unify()
+        .or(health)
+        .unify()
+        .recover(recover)
+        .unify()
+}
+
+/// Who may use the admin socket: peer uids allowed in addition to the
+/// socket file's own permissions.
+#[derive(Debug, Clone)]
+pub struct AdminAccess {
+    pub allowed_uids: Vec<u32>,
+}
+
+fn admin_check(access: &AdminAccess, peer: Option<UnixPeer>) -> Result<(), BrokerError> {
+    match peer {
+        Some(p) if access.allowed_uids.contains(&p.uid) => Ok(()),
+        Some(p) => Err(BrokerError::Forbidden {
+            code: "not_admin",
+            message: format!(
+                "uid {} may not use the admin API; run the CLI as the broker's user (allowed uids: {:?})",
+                p.uid, access.allowed_uids
+            ),
+        }),
+        None => Err(BrokerError::Unauthenticated(
+            "admin API caller could not be identified".into(),
+        )),
+    }
+}
+
+/// Routes served on the admin Unix socket.
+pub fn admin_routes(
+    broker: Arc<Broker>,
+    access: AdminAccess,
+) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static {
+    let access = Arc::new(access);
+    // Every admin route is behind the uid check.
+    let guard = warp::ext::optional::<UnixPeer>()
+        .and(warp::any().map(move || access.clone()))
+        .and_then(
+            |peer: Option<UnixPeer>, access: Arc<AdminAccess>| async move {
+                match admin_check(&access, peer) {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(warp::reject::custom(Denied(e.to_string()))),
+                }
+            },
+        )
+        .untuple_one();
+    let b = || with_broker(broker.clone());
+
+    let tokens = warp::path!("v1" / "admin" / "join-tokens")
+        .and(warp::post())
+        .and(b())
+        .and(json_body())
+        .and_then(|broker: Arc<Broker>, body: Bytes| async move {
+            respond(
+                parse_body::<JoinTokenRequest>(&body)
+                    .and_then(|req| broker.generate_join_token(&req, SystemTime::now())),
+            )
+        });
+    let create = warp::path!("v1" / "admin" / "entries")
+        .and(warp::post())
+        .and(b())
+        .and(json_body())
+        .and_then(|broker: Arc<Broker>, body: Bytes| async move {
+            respond(parse_body::<NewEntry>(&body).and_then(|new| broker.create_entry(&new)))
+        });
+    let list = warp::path!("v1" / "admin" / "entries")
+        .and(warp::get())
+        .and(b())
+        .and_then(|broker: Arc<Broker>| async move {
+            respond(broker.list_entries().map(|entries| EntryList { entries }))
+        });
+    let show = warp::path!("v1" / "admin" / "entries" / String)
+        .and(warp::get())
+        .and(b())
+        .and_then(|id: String, broker: Arc<Broker>| async move { respond(broker.get_entry(&id)) });
+    let delete = warp::path!("v1" / "admin" / "entries" / String)
+        .and(warp::delete())
+        .and(b())
+        .and_then(|id: String, broker: Arc<Broker>| async move {
+            respond(
+                broker
+                    .delete_entry(&id)
+                    .map(|()| serde_json::json!({ "deleted": id })),
+            )
+        });
+    let bundle = warp::path!("v1" / "admin" / "bundle")
+        .and(warp::get())
+        .and(b())
+        .and_then(|broker: Arc<Broker>| async move {
+            let bundle = broker.ca().bundle();
+            respond::<serde_json::Value>(Ok(serde_json::json!({
+                "trust_domain": broker.trust_domain(),
+                "spiffe": bundle.to_spiffe_json(),
+                "pem": bundle.to_pem(),
+            })))
+        });
+
+    guard
+        .and(
+            tokens
+                .or(create)
+                .unify()
+                .or(list)
+                .unify()
+                .or(show)
+                .unify()
+                .or(delete)
+                .unify()
+                .or(bundle)
+                .unify(),
+        )
+        .recover(recover)
+        .unify()
+}
+
+#[derive(Debug)]
+struct Denied(String);
+impl warp::reject::Reject for Denied {}
+
+async fn recover(rejection: warp::Rejection) -> Result<Response, Infallible> {
+    if let Some(Denied(msg)) = rejection.find::<Denied>() {
+        return Ok(error_reply(
+            StatusCode::FORBIDDEN,
+            "not_admin",
+            msg.clone(),
+            None,
+        ));
+    }
+    if rejection.is_not_found() {
+        return Ok(error_reply(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such route".into(),
+            None,
+        ));
+    }
+    if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
+        return Ok(error_reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "this route does not accept that method".into(),
+            None,
+        ));
+    }
+    if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
+        return Ok(error_reply(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("request body is larger than {MAX_BODY} bytes"),
+            None,
+        ));
+    }
+    if rejection.find::<warp::reject::LengthRequired>().is_some() {
+        return Ok(error_reply(
+            StatusCode::LENGTH_REQUIRED,
+            "length_required",
+            "request body needs a content-length".into(),
+            None,
+        ));
+    }
+    Ok(error_reply(
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+        format!("{rejection:?}"),
+        None,
+    ))
+}

@@ -1,0 +1,537 @@
+//! The broker's decisions, independent of HTTP: who may attest, what a node
+//! may have signed, what entries exist. Every function takes `now`.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use baton_ca::Ca;
+use baton_core::api::{
+    AttestRequest, JoinTokenRequest, JoinTokenResponse, SignJwtRequest, SignJwtResponse,
+    SignX509Request, SignX509Response, SignedSvid, SyncResponse,
+};
+use baton_core::{Entry, EntryId, NewEntry, Secret, SpiffeId, TrustDomain};
+
+use crate::store::{Datastore, JoinTokenRefusal, NodeRecord, StoreError};
+
+/// Longest a join token may live.
+pub const MAX_JOIN_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Most CSRs one sign-x509 call may carry.
+pub const MAX_SIGN_BATCH: usize = 1000;
+
+/// Every way a broker request can fail; each maps to one HTTP status and a
+/// stable code in [`crate::http`].
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("{message}")]
+    BadRequest {
+        field: Option<&'static str>,
+        message: String,
+    },
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{message}")]
+    Forbidden { code: &'static str, message: String },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("signing failed: {0}")]
+    Ca(#[from] baton_ca::CaError),
+    #[error("issuance refused because it could not be recorded: {0}")]
+    Hook(String),
+}
+
+impl BrokerError {
+    fn bad(field: &'static str, message: impl Into<String>) -> Self {
+        Self::BadRequest {
+            field: Some(field),
+            message: message.into(),
+        }
+    }
+}
+
+/// What was issued, handed to the [`IssuanceHook`] before the credential
+/// leaves the broker.
+#[derive(Debug, Clone)]
+pub struct IssuedCredential {
+    pub kind: CredentialKind,
+    pub spiffe_id: SpiffeId,
+    /// Node that asked for it (None for the node's own SVID at attestation).
+    pub via_node: Option<SpiffeId>,
+    /// SVID serial or JWT id.
+    pub id: String,
+    pub expires_at: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialKind {
+    AgentX509Svid,
+    WorkloadX509Svid,
+    WorkloadJwtSvid,
+}
+
+/// The seam where the revocation service registers every credential. If it
+/// fails, the credential is not handed out (fail closed).
+pub trait IssuanceHook: Send + Sync + std::fmt::Debug {
+    fn issued(&self, credential: &IssuedCredential) -> Result<(), String>;
+}
+
+/// The default hook: a debug log line per credential.
+#[derive(Debug, Default)]
+pub struct LogIssuance;
+
+impl IssuanceHook for LogIssuance {
+    fn issued(&self, c: &IssuedCredential) -> Result<(), String> {
+        tracing::debug!(kind = ?c.kind, spiffe_id = %c.spiffe_id, id = %c.id, expires_at = c.expires_at, "issued");
+        Ok(())
+    }
+}
+
+/// Tunables of the broker's issuance.
+#[derive(Debug, Clone)]
+pub struct IssuancePolicy {
+    pub agent_svid_ttl: Duration,
+}
+
+impl Default for IssuancePolicy {
+    fn default() -> Self {
+        Self {
+            agent_svid_ttl: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// A node whose mTLS certificate was verified by the listener and which is
+/// attested and not banned here. Only [`Broker::authenticate_node`] builds it.
+#[derive(Debug, Clone)]
+pub struct AuthenticatedNode {
+    id: SpiffeId,
+}
+
+impl AuthenticatedNode {
+    pub fn id(&self) -> &SpiffeId {
+        &self.id
+    }
+}
+
+/// The broker's state and decisions.
+#[derive(Debug)]
+pub struct Broker {
+    ca: Arc<Ca>,
+    store: Arc<dyn Datastore>,
+    hook: Arc<dyn IssuanceHook>,
+    policy: IssuancePolicy,
+}
+
+pub(crate) fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn token_digest(token: &str) -> String {
+    hex::encode(aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        token.as_bytes(),
+    ))
+}
+
+fn random_hex(bytes: usize) -> Result<String, BrokerError> {
+    let mut buf = vec![0u8; bytes];
+    aws_lc_rs::rand::fill(&mut buf)
+        .map_err(|_| BrokerError::Hook("system random generator failed".into()))?;
+    Ok(hex::encode(buf))
+}
+
+impl Broker {
+    pub fn new(
+        ca: Arc<Ca>,
+        store: Arc<dyn Datastore>,
+        hook: Arc<dyn IssuanceHook>,
+        policy: IssuancePolicy,
+    ) -> Self {
+        Self {
+            ca,
+            store,
+            hook,
+            policy,
+        }
+    }
+
+    pub fn trust_domain(&self) -> &TrustDomain {
+        self.ca.trust_domain()
+    }
+
+    pub fn ca(&self) -> &Ca {
+        &self.ca
+    }
+
+    pub fn store(&self) -> &dyn Datastore {
+        self.store.as_ref()
+    }
+
+    /// The SPIFFE ID the broker's own listener presents.
+    pub fn broker_id(&self) -> Result<SpiffeId, BrokerError> {
+        self.trust_domain()
+            .id("/baton/broker")
+            .map_err(|e| BrokerError::bad("trust_domain", e.to_string()))
+    }
+
+    fn record(&self, c: IssuedCredential) -> Result<(), BrokerError> {
+        self.hook.issued(&c).map_err(BrokerError::Hook)
+    }
+
+    // ---- admin ----
+
+    pub fn generate_join_token(
+        &self,
+        req: &JoinTokenRequest,
+        now: SystemTime,
+    ) -> Result<JoinTokenResponse, BrokerError> {
+        let ttl = Duration::from_secs(req.ttl_secs);
+        if ttl.is_zero() || ttl > MAX_JOIN_TOKEN_TTL {
+            return Err(BrokerError::bad(
+                "ttl_secs",
+                format!(
+                    "join token TTL must be between 1 and {} seconds, got {}",
+                    MAX_JOIN_TOKEN_TTL.as_secs(),
+                    req.ttl_secs
+                ),
+            ));
+        }
+        let node_id = match &req.node_id {
+            Some(raw) => {
+                let id = SpiffeId::parse(raw)
+                    .map_err(|e| BrokerError::bad("node_id", format!("node_id: {e}")))?;
+                if id.trust_domain() != self.trust_domain() {
+                    return Err(BrokerError::bad(
+                        "node_id",
+                        format!(
+                            "node_id {id} is not in this broker's trust domain {}",
+                            self.trust_domain()
+                        ),
+                    ));
+                }
+                if id.is_trust_domain_id() || id == self.broker_id()? {
+                    return Err(BrokerError::bad(
+                        "node_id",
+                        format!("node_id {id} is reserved"),
+                    ));
+                }
+                id
+            }
+            None => self
+                .trust_domain()
+                .id(&format!("/baton/node/{}", random_hex(8)?))
+                .map_err(|e| BrokerError::bad("node_id", e.to_string()))?,
+        };
+        let token = random_hex(32)?;
+        let expires_at = unix(now) + ttl.as_secs();
+        self.store
+            .insert_join_token(&token_digest(&token), &node_id, expires_at)?;
+        tracing::info!(node_id = %node_id, expires_at, "join token generated");
+        Ok(JoinTokenResponse {
+            token: Secret::new(token),
+            expires_at,
+            node_id,
+        })
+    }
+
+    pub fn create_entry(&self, new: &NewEntry) -> Result<Entry, BrokerError> {
+        let entry = new.validate().map_err(|e| {
+            let field = match &e {
+                baton_core::EntryError::SpiffeId { field, .. } => Some(*field),
+                baton_core::EntryError::TrustDomainIdForWorkload => Some("spiffe_id"),
+                baton_core::EntryError::TrustDomainMismatch { .. } => Some("parent_id"),
+                baton_core::EntryError::NoSelectors | baton_core::EntryError::Selector(_) => {
+                    Some("selectors")
+                }
+                baton_core::EntryError::Ttl { field, .. } => Some(*field),
+                baton_core::EntryError::DnsName { .. } => Some("dns_names"),
+                baton_core::EntryError::BadId { .. } => Some("id"),
+            };
+            BrokerError::BadRequest {
+                field,
+                message: e.to_string(),
+            }
+        })?;
+        if entry.spiffe_id.trust_domain() != self.trust_domain() {
+            return Err(BrokerError::bad(
+                "spiffe_id",
+                format!(
+                    "spiffe_id {} is not in this broker's trust domain {}",
+                    entry.spiffe_id,
+                    self.trust_domain()
+                ),
+            ));
+        }
+        match self.store.create_entry(&entry) {
+            Ok(()) => {}
+            Err(StoreError::DuplicateEntry(id)) => {
+                return Err(BrokerError::Conflict(format!(
+                    "an entry with the same spiffe_id, parent_id and selectors already exists: {id}"
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        }
+        tracing::info!(id = %entry.id, spiffe_id = %entry.spiffe_id, parent_id = %entry.parent_id, "entry created");
+        Ok(entry)
+    }
+
+    pub fn get_entry(&self, raw_id: &str) -> Result<Entry, BrokerError> {
+        let id = EntryId::parse(raw_id).map_err(|e| BrokerError::bad("id", e.to_string()))?;
+        self.store
+            .get_entry(&id)?
+            .ok_or_else(|| BrokerError::NotFound(format!("no entry with id {id}")))
+    }
+
+    pub fn delete_entry(&self, raw_id: &str) -> Result<(), BrokerError> {
+        let id = EntryId::parse(raw_id).map_err(|e| BrokerError::bad("id", e.to_string()))?;
+        if self.store.delete_entry(&id)? {
+            tracing::info!(id = %id, "entry deleted");
+            Ok(())
+        } else {
+            Err(BrokerError::NotFound(format!("no entry with id {id}")))
+        }
+    }
+
+    pub fn list_entries(&self) -> Result<Vec<Entry>, BrokerError> {
+        Ok(self.store.list_entries()?)
+    }
+
+    // ---- nodes ----
+
+    /// Attests a node by join token and issues its agent SVID.
+    pub fn attest(&self, req: &AttestRequest, now: SystemTime) -> Result<SignedSvid, BrokerError> {
+        let token = req.join_token.expose();
+        if token.is_empty() {
+            return Err(BrokerError::bad("join_token", "join_token is empty"));
+        }
+        // Look first, sign, then burn: a bad CSR must not cost the operator
+        // a token, and two racing attestations cannot both win the burn.
+        let digest = token_digest(token);
+        let refused = |refusal: JoinTokenRefusal| {
+            tracing::warn!(%refusal, "node attestation refused");
+            BrokerError::Unauthenticated(format!(
+                "node attestation refused: {refusal}; generate a new one with `baton token generate`"
+            ))
+        };
+        let node_id = self
+            .store
+            .check_join_token(&digest, unix(now))?
+            .map_err(refused)?;
+        if let Some(n) = self.store.get_node(&node_id)?
+            && n.banned
+        {
+            return Err(BrokerError::Forbidden {
+                code: "node_banned",
+                message: format!("node {node_id} is banned"),
+            });
+        }
+        // Sign before burning: a bad CSR must not cost the operator a token.
+        let issued = self
+            .ca
+            .sign_x509_svid(&req.csr_der, &node_id, self.policy.agent_svid_ttl, &[], now)
+            .map_err(csr_error)?;
+        let burned = self
+            .store
+            .consume_join_token(&digest, unix(now))?
+            .map_err(refused)?;
+        if burned != node_id {
+            return Err(BrokerError::Conflict(
+                "join token changed during attestation".into(),
+            ));
+        }
+        let svid = self.finish_agent_svid(&node_id, issued, now)?;
+        tracing::info!(node_id = %node_id, "node attested by join token");
+        Ok(svid)
+    }
+
+    fn issue_agent_svid(
+        &self,
+        node_id: &SpiffeId,
+        csr: &[u8],
+        now: SystemTime,
+    ) -> Result<SignedSvid, BrokerError> {
+        let issued = self
+            .ca
+            .sign_x509_svid(csr, node_id, self.policy.agent_svid_ttl, &[], now)
+            .map_err(csr_error)?;
+        self.finish_agent_svid(node_id, issued, now)
+    }
+
+    fn finish_agent_svid(
+        &self,
+        node_id: &SpiffeId,
+        issued: baton_ca::IssuedSvid,
+        now: SystemTime,
+    ) -> Result<SignedSvid, BrokerError> {
+        let expires_at = unix(issued.not_after);
+        self.record(IssuedCredential {
+            kind: CredentialKind::AgentX509Svid,
+            spiffe_id: node_id.clone(),
+            via_node: None,
+            id: issued.serial_hex.clone(),
+            expires_at,
+        })?;
+        self.store.upsert_node(&NodeRecord {
+            spiffe_id: node_id.clone(),
+            serial_hex: issued.serial_hex,
+            svid_not_after: expires_at,
+            attested_at: unix(now),
+            banned: false,
+        })?;
+        Ok(SignedSvid {
+            spiffe_id: node_id.clone(),
+            cert_chain_der: issued.cert_chain_der,
+            expires_at,
+        })
+    }
+
+    /// Turns the listener's verified peer into an attested node, or refuses.
+    pub fn authenticate_node(
+        &self,
+        peer: Option<&SpiffeId>,
+    ) -> Result<AuthenticatedNode, BrokerError> {
+        let Some(peer) = peer else {
+            return Err(BrokerError::Unauthenticated(
+                "this route needs a client certificate: connect with the node's agent SVID".into(),
+            ));
+        };
+        match self.store.get_node(peer)? {
+            Some(n) if n.banned => Err(BrokerError::Forbidden {
+                code: "node_banned",
+                message: format!("node {peer} is banned"),
+            }),
+            Some(_) => Ok(AuthenticatedNode { id: peer.clone() }),
+            None => Err(BrokerError::Forbidden {
+                code: "not_a_node",
+                message: format!("{peer} is not an attested node"),
+            }),
+        }
+    }
+
+    pub fn renew(
+        &self,
+        node: &AuthenticatedNode,
+        csr: &[u8],
+        now: SystemTime,
+    ) -> Result<SignedSvid, BrokerError> {
+        self.issue_agent_svid(&node.id, csr, now)
+    }
+
+    pub fn sync(&self, node: &AuthenticatedNode) -> Result<SyncResponse, BrokerError> {
+        Ok(SyncResponse {
+            entries: self.store.list_entries_by_parent(&node.id)?,
+            bundle: self.ca.bundle().to_spiffe_json(),
+        })
+    }
+
+    fn entitled_entry(&self, node: &AuthenticatedNode, id: &EntryId) -> Result<Entry, BrokerError> {
+        match self.store.get_entry(id)? {
+            Some(e) if e.parent_id == node.id => Ok(e),
+            Some(e) => Err(BrokerError::Forbidden {
+                code: "not_entitled",
+                message: format!(
+                    "node {} is not entitled to entry {id} ({}): its parent is {}",
+                    node.id, e.spiffe_id, e.parent_id
+                ),
+            }),
+            None => Err(BrokerError::Forbidden {
+                code: "not_entitled",
+                message: format!(
+                    "node {} is not entitled to entry {id}: no such entry",
+                    node.id
+                ),
+            }),
+        }
+    }
+
+    /// Signs a batch of workload CSRs. All-or-nothing: one unentitled or bad
+    /// item refuses the whole batch, so a node cannot probe by partial answers.
+    pub fn sign_x509(
+        &self,
+        node: &AuthenticatedNode,
+        req: &SignX509Request,
+        now: SystemTime,
+    ) -> Result<SignX509Response, BrokerError> {
+        if req.items.len() > MAX_SIGN_BATCH {
+            return Err(BrokerError::bad(
+                "items",
+                format!(
+                    "at most {MAX_SIGN_BATCH} CSRs per call, got {}",
+                    req.items.len()
+                ),
+            ));
+        }
+        let entries = req
+            .items
+            .iter()
+            .map(|item| self.entitled_entry(node, &item.entry_id))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut svids = Vec::with_capacity(entries.len());
+        for (item, entry) in req.items.iter().zip(&entries) {
+            let issued = self
+                .ca
+                .sign_x509_svid(
+                    &item.csr_der,
+                    &entry.spiffe_id,
+                    Duration::from_secs(entry.x509_ttl_secs),
+                    &entry.dns_names,
+                    now,
+                )
+                .map_err(csr_error)?;
+            let expires_at = unix(issued.not_after);
+            self.record(IssuedCredential {
+                kind: CredentialKind::WorkloadX509Svid,
+                spiffe_id: entry.spiffe_id.clone(),
+                via_node: Some(node.id.clone()),
+                id: issued.serial_hex,
+                expires_at,
+            })?;
+            svids.push(SignedSvid {
+                spiffe_id: entry.spiffe_id.clone(),
+                cert_chain_der: issued.cert_chain_der,
+                expires_at,
+            });
+        }
+        Ok(SignX509Response { svids })
+    }
+
+    pub fn sign_jwt(
+        &self,
+        node: &AuthenticatedNode,
+        req: &SignJwtRequest,
+        now: SystemTime,
+    ) -> Result<SignJwtResponse, BrokerError> {
+        if req.audience.is_empty() || req.audience.iter().any(String::is_empty) {
+            return Err(BrokerError::bad(
+                "audience",
+                "audience must list at least one non-empty value",
+            ));
+        }
+        let entry = self.entitled_entry(node, &req.entry_id)?;
+        let (token, exp) = self.ca.sign_jwt_svid(
+            &entry.spiffe_id,
+            &req.audience,
+            Duration::from_secs(entry.jwt_ttl_secs),
+            now,
+        )?;
+        let expires_at = unix(exp);
+        self.record(IssuedCredential {
+            kind: CredentialKind::WorkloadJwtSvid,
+            spiffe_id: entry.spiffe_id.clone(),
+            via_node: Some(node.id.clone()),
+            id: token_digest(token.expose()),
+            expires_at,
+        })?;
+        Ok(SignJwtResponse { token, expires_at })
+    }
+}
+
+fn csr_error(e: baton_ca::CaError) -> BrokerError {
+    BrokerError::BadRequest {
+        field: Some("csr_der"),
+        message: format!("cannot sign this CSR: {e}"),
+    }
+}

@@ -1,0 +1,511 @@
+//! The broker's durable state behind one trait: registration entries, join
+//! tokens (stored only as SHA-256 digests) and attested nodes.
+//!
+//! SQLite is the embedded default (a file in the data dir, or `:memory:`
+//! for tests). A PostgreSQL backend for several brokers sharing state is a
+//! later addition behind the same trait.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use baton_core::{Entry, EntryId, Selector, SpiffeId};
+use rusqlite::{Connection, OptionalExtension, params};
+
+/// Why the datastore refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("datastore I/O failed: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("datastore holds a corrupt row in {table}: {detail}")]
+    Corrupt { table: &'static str, detail: String },
+    #[error("an entry with the same SPIFFE ID, parent and selectors already exists: {0}")]
+    DuplicateEntry(EntryId),
+    #[error("datastore schema version {found} is newer than this broker understands ({known})")]
+    SchemaTooNew { found: i64, known: i64 },
+    #[error("datastore lock poisoned by an earlier failure")]
+    Poisoned,
+}
+
+/// Why a join token cannot be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum JoinTokenRefusal {
+    #[error("join token is unknown")]
+    Unknown,
+    #[error("join token has expired")]
+    Expired,
+    #[error("join token was already used")]
+    AlreadyUsed,
+}
+
+/// An attested node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRecord {
+    pub spiffe_id: SpiffeId,
+    /// Serial of the newest agent SVID issued to it.
+    pub serial_hex: String,
+    pub svid_not_after: u64,
+    pub attested_at: u64,
+    pub banned: bool,
+}
+
+/// The broker's persistent state. Implementations must be safe to call
+/// from many tasks; every method is one atomic step.
+pub trait Datastore: Send + Sync + std::fmt::Debug {
+    fn create_entry(&self, entry: &Entry) -> Result<(), StoreError>;
+    fn get_entry(&self, id: &EntryId) -> Result<Option<Entry>, StoreError>;
+    fn list_entries(&self) -> Result<Vec<Entry>, StoreError>;
+    fn list_entries_by_parent(&self, parent: &SpiffeId) -> Result<Vec<Entry>, StoreError>;
+    /// True when an entry was deleted.
+    fn delete_entry(&self, id: &EntryId) -> Result<bool, StoreError>;
+
+    fn insert_join_token(
+        &self,
+        digest_hex: &str,
+        node_id: &SpiffeId,
+        expires_at: u64,
+    ) -> Result<(), StoreError>;
+    /// Whether the token could be used now, without using it.
+    fn check_join_token(
+        &self,
+        digest_hex: &str,
+        now: u64,
+    ) -> Result<Result<SpiffeId, JoinTokenRefusal>, StoreError>;
+    /// Marks the token used and returns the node ID it was minted for;
+    /// refuses unknown, expired and used tokens. Atomic: two racing
+    /// attestations with one token cannot both succeed.
+    fn consume_join_token(
+        &self,
+        digest_hex: &str,
+        now: u64,
+    ) -> Result<Result<SpiffeId, JoinTokenRefusal>, StoreError>;
+
+    fn upsert_node(&self, node: &NodeRecord) -> Result<(), StoreError>;
+    fn get_node(&self, id: &SpiffeId) -> Result<Option<NodeRecord>, StoreError>;
+    fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
+}
+
+/// Ordered schema migrations; the index + 1 is the schema version.
+const MIGRATIONS: &[&str] = &[
+    // 1: entries, join tokens, nodes
+    "CREATE TABLE entries (
+        id TEXT PRIMARY KEY,
+        spiffe_id TEXT NOT NULL,
+        parent_id TEXT NOT NULL,
+        selectors TEXT NOT NULL,
+        x509_ttl_secs INTEGER NOT NULL,
+        jwt_ttl_secs INTEGER NOT NULL,
+        dns_names TEXT NOT NULL,
+        UNIQUE (spiffe_id, parent_id, selectors)
+     );
+     CREATE INDEX entries_by_parent ON entries(parent_id);
+     CREATE TABLE join_tokens (
+        digest TEXT PRIMARY KEY,
+        node_id TEXT NOT NULL,
+        expires_at INTEGER NOT NULL,
+        used_at INTEGER
+     );
+     CREATE TABLE nodes (
+        spiffe_id TEXT PRIMARY KEY,
+        serial TEXT NOT NULL,
+        svid_not_after INTEGER NOT NULL,
+        attested_at INTEGER NOT NULL,
+        banned INTEGER NOT NULL DEFAULT 0
+     );",
+];
+
+const ENTRY_COLUMNS: &str =
+    "id, spiffe_id, parent_id, selectors, x509_ttl_secs, jwt_ttl_secs, dns_names";
+
+/// SQLite implementation of [`Datastore`].
+#[derive(Debug)]
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file and migrates it.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        Self::migrate(conn)
+    }
+
+    /// A private in-memory database (tests, throwaway runs).
+    pub fn in_memory() -> Result<Self, StoreError> {
+        Self::migrate(Connection::open_in_memory()?)
+    }
+
+    fn migrate(mut conn: Connection) -> Result<Self, StoreError> {
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);",
+        )?;
+        let current: i64 = conn
+            .query_row("SELECT MAX(version) FROM schema_version", [], |r| {
+                r.get::<_, Option<i64>>(0)
+            })?
+            .unwrap_or(0);
+        let known = MIGRATIONS.len() as i64;
+        if current > known {
+            return Err(StoreError::SchemaTooNew {
+                found: current,
+                known,
+            });
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+            let tx = conn.transaction()?;
+            tx.execute_batch(sql)?;
+            tx.execute(
+                "INSERT INTO schema_version (version) VALUES (?1)",
+                params![i as i64 + 1],
+            )?;
+            tx.commit()?;
+        }
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut guard = self.conn.lock().map_err(|_| StoreError::Poisoned)?;
+        f(&mut guard)
+    }
+
+    fn nodes_where(&self, id: Option<&SpiffeId>) -> Result<Vec<NodeRecord>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT spiffe_id, serial, svid_not_after, attested_at, banned FROM nodes
+                 WHERE ?1 IS NULL OR spiffe_id = ?1 ORDER BY spiffe_id",
+            )?;
+            let rows = stmt.query_map(params![id.map(SpiffeId::as_str)], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, bool>(4)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (spiffe_id, serial_hex, not_after, attested_at, banned) = row?;
+                out.push(NodeRecord {
+                    spiffe_id: SpiffeId::parse(&spiffe_id).map_err(|e| corrupt("nodes", e))?,
+                    serial_hex,
+                    svid_not_after: u64::try_from(not_after).unwrap_or(0),
+                    attested_at: u64::try_from(attested_at).unwrap_or(0),
+                    banned,
+                });
+            }
+            Ok(out)
+        })
+    }
+}
+
+fn corrupt(table: &'static str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt {
+        table,
+        detail: e.to_string(),
+    }
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn selectors_text(selectors: &[Selector]) -> String {
+    // Entries keep selectors sorted and deduplicated, so the text is canonical
+    // and the UNIQUE constraint catches duplicates.
+    selectors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+type EntryRow = (String, String, String, String, i64, i64, String);
+
+fn entry_from_row(row: EntryRow) -> Result<Entry, StoreError> {
+    let (id, spiffe_id, parent_id, selectors, x509_ttl, jwt_ttl, dns) = row;
+    let c = |e: &dyn std::fmt::Display| corrupt("entries", e);
+    Ok(Entry {
+        id: EntryId::parse(&id).map_err(|e| c(&e))?,
+        spiffe_id: SpiffeId::parse(&spiffe_id).map_err(|e| c(&e))?,
+        parent_id: SpiffeId::parse(&parent_id).map_err(|e| c(&e))?,
+        selectors: selectors
+            .split('\n')
+            .map(Selector::parse)
+            .collect::<Result<_, _>>()
+            .map_err(|e| c(&e))?,
+        x509_ttl_secs: u64::try_from(x509_ttl).map_err(|e| c(&e))?,
+        jwt_ttl_secs: u64::try_from(jwt_ttl).map_err(|e| c(&e))?,
+        dns_names: serde_json::from_str(&dns).map_err(|e| c(&e))?,
+    })
+}
+
+fn query_entries(
+    c: &Connection,
+    where_clause: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<Entry>, StoreError> {
+    let mut stmt = c.prepare_cached(&format!(
+        "SELECT {ENTRY_COLUMNS} FROM entries {where_clause} ORDER BY spiffe_id, id"
+    ))?;
+    let rows = stmt.query_map(params, |r| {
+        Ok((
+            r.get(0)?,
+            r.get(1)?,
+            r.get(2)?,
+            r.get(3)?,
+            r.get(4)?,
+            r.get(5)?,
+            r.get(6)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        out.push(entry_from_row(row?)?);
+    }
+    Ok(out)
+}
+
+fn token_state(
+    c: &Connection,
+    digest_hex: &str,
+    now: u64,
+) -> Result<Result<SpiffeId, JoinTokenRefusal>, StoreError> {
+    let row: Option<(String, i64, Option<i64>)> = c
+        .query_row(
+            "SELECT node_id, expires_at, used_at FROM join_tokens WHERE digest = ?1",
+            params![digest_hex],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    let Some((node_id, expires_at, used_at)) = row else {
+        return Ok(Err(JoinTokenRefusal::Unknown));
+    };
+    if used_at.is_some() {
+        return Ok(Err(JoinTokenRefusal::AlreadyUsed));
+    }
+    if to_i64(now) >= expires_at {
+        return Ok(Err(JoinTokenRefusal::Expired));
+    }
+    Ok(Ok(
+        SpiffeId::parse(&node_id).map_err(|e| corrupt("join_tokens", e))?
+    ))
+}
+
+impl Datastore for SqliteStore {
+    fn create_entry(&self, e: &Entry) -> Result<(), StoreError> {
+        self.with(|c| {
+            let selectors = selectors_text(&e.selectors);
+            let tx = c.transaction()?;
+            let existing: Option<String> = tx
+                .query_row(
+                    "SELECT id FROM entries WHERE spiffe_id = ?1 AND parent_id = ?2 AND selectors = ?3",
+                    params![e.spiffe_id.as_str(), e.parent_id.as_str(), selectors],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(id) = existing {
+                let id = EntryId::parse(&id).map_err(|err| corrupt("entries", err))?;
+                return Err(StoreError::DuplicateEntry(id));
+            }
+            let dns = serde_json::to_string(&e.dns_names).map_err(|err| corrupt("entries", err))?;
+            tx.execute(
+                &format!(
+                    "INSERT INTO entries ({ENTRY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+                ),
+                params![
+                    e.id.as_str(),
+                    e.spiffe_id.as_str(),
+                    e.parent_id.as_str(),
+                    selectors,
+                    to_i64(e.x509_ttl_secs),
+                    to_i64(e.jwt_ttl_secs),
+                    dns
+                ],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn get_entry(&self, id: &EntryId) -> Result<Option<Entry>, StoreError> {
+        self.with(|c| Ok(query_entries(c, "WHERE id = ?1", params![id.as_str()])?.pop()))
+    }
+
+    fn list_entries(&self) -> Result<Vec<Entry>, StoreError> {
+        self.with(|c| query_entries(c, "", []))
+    }
+
+    fn list_entries_by_parent(&self, parent: &SpiffeId) -> Result<Vec<Entry>, StoreError> {
+        self.with(|c| query_entries(c, "WHERE parent_id = ?1", params![parent.as_str()]))
+    }
+
+    fn delete_entry(&self, id: &EntryId) -> Result<bool, StoreError> {
+        self.with(|c| Ok(c.execute("DELETE FROM entries WHERE id = ?1", params![id.as_str()])? > 0))
+    }
+
+    fn insert_join_token(
+        &self,
+        digest_hex: &str,
+        node_id: &SpiffeId,
+        expires_at: u64,
+    ) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO join_tokens (digest, node_id, expires_at) VALUES (?1, ?2, ?3)",
+                params![digest_hex, node_id.as_str(), to_i64(expires_at)],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn check_join_token(
+        &self,
+        digest_hex: &str,
+        now: u64,
+    ) -> Result<Result<SpiffeId, JoinTokenRefusal>, StoreError> {
+        self.with(|c| token_state(c, digest_hex, now))
+    }
+
+    fn consume_join_token(
+        &self,
+        digest_hex: &str,
+        now: u64,
+    ) -> Result<Result<SpiffeId, JoinTokenRefusal>, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let node_id = match token_state(&tx, digest_hex, now)? {
+                Ok(id) => id,
+                Err(refusal) => return Ok(Err(refusal)),
+            };
+            tx.execute(
+                "UPDATE join_tokens SET used_at = ?2 WHERE digest = ?1",
+                params![digest_hex, to_i64(now)],
+            )?;
+            tx.commit()?;
+            Ok(Ok(node_id))
+        })
+    }
+
+    fn upsert_node(&self, n: &NodeRecord) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO nodes (spiffe_id, serial, svid_not_after, attested_at, banned)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(spiffe_id) DO UPDATE SET serial = ?2, svid_not_after = ?3,
+                    attested_at = ?4, banned = ?5",
+                params![
+                    n.spiffe_id.as_str(),
+                    n.serial_hex,
+                    to_i64(n.svid_not_after),
+                    to_i64(n.attested_at),
+                    n.banned
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn get_node(&self, id: &SpiffeId) -> Result<Option<NodeRecord>, StoreError> {
+        Ok(self.nodes_where(Some(id))?.into_iter().next())
+    }
+
+    fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        self.nodes_where(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use baton_core::NewEntry;
+
+    fn entry(uid: u32) -> Entry {
+        NewEntry {
+            spiffe_id: "spiffe://example.org/web".into(),
+            parent_id: "spiffe://example.org/baton/node/n1".into(),
+            selectors: vec![format!("unix:uid:{uid}"), "unix:gid:5".into()],
+            x509_ttl_secs: 60,
+            jwt_ttl_secs: 30,
+            dns_names: vec!["web.local".into()],
+        }
+        .validate()
+        .unwrap()
+    }
+
+    #[test]
+    fn entries_round_trip_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("baton.db");
+        let e = entry(1000);
+        {
+            let s = SqliteStore::open(&path).unwrap();
+            s.create_entry(&e).unwrap();
+            assert!(
+                matches!(s.create_entry(&entry(1000)), Err(StoreError::DuplicateEntry(id)) if id == e.id)
+            );
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.get_entry(&e.id).unwrap(), Some(e.clone()));
+        assert_eq!(
+            s.list_entries_by_parent(&e.parent_id).unwrap(),
+            vec![e.clone()]
+        );
+        let other = SpiffeId::parse("spiffe://example.org/baton/node/n2").unwrap();
+        assert!(s.list_entries_by_parent(&other).unwrap().is_empty());
+        assert!(s.delete_entry(&e.id).unwrap());
+        assert!(!s.delete_entry(&e.id).unwrap());
+        assert!(s.list_entries().unwrap().is_empty());
+    }
+
+    #[test]
+    fn join_tokens_are_single_use_and_expire() {
+        let s = SqliteStore::in_memory().unwrap();
+        let node = SpiffeId::parse("spiffe://example.org/baton/node/n1").unwrap();
+        s.insert_join_token("aa", &node, 100).unwrap();
+        s.insert_join_token("bb", &node, 100).unwrap();
+        assert_eq!(
+            s.consume_join_token("zz", 10).unwrap(),
+            Err(JoinTokenRefusal::Unknown)
+        );
+        assert_eq!(
+            s.consume_join_token("bb", 100).unwrap(),
+            Err(JoinTokenRefusal::Expired)
+        );
+        assert_eq!(s.check_join_token("aa", 10).unwrap(), Ok(node.clone()));
+        assert_eq!(s.consume_join_token("aa", 10).unwrap(), Ok(node.clone()));
+        assert_eq!(
+            s.consume_join_token("aa", 11).unwrap(),
+            Err(JoinTokenRefusal::AlreadyUsed)
+        );
+        assert_eq!(
+            s.check_join_token("aa", 11).unwrap(),
+            Err(JoinTokenRefusal::AlreadyUsed)
+        );
+    }
+
+    #[test]
+    fn nodes_upsert() {
+        let s = SqliteStore::in_memory().unwrap();
+        let id = SpiffeId::parse("spiffe://example.org/baton/node/n1").unwrap();
+        let mut n = NodeRecord {
+            spiffe_id: id.clone(),
+            serial_hex: "01".into(),
+            svid_not_after: 5,
+            attested_at: 1,
+            banned: false,
+        };
+        s.upsert_node(&n).unwrap();
+        n.serial_hex = "02".into();
+        s.upsert_node(&n).unwrap();
+        assert_eq!(s.get_node(&id).unwrap(), Some(n));
+        assert_eq!(s.list_nodes().unwrap().len(), 1);
+    }
+}
