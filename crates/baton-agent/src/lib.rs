@@ -20,6 +20,9 @@ pub mod node;
 pub mod sync;
 pub mod workload;
 
+#[cfg(test)]
+mod e2e_tests;
+
 use std::future::Future;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};

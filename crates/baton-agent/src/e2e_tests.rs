@@ -1,0 +1,267 @@
+//! The daemon against a real in-process broker: join-token attestation,
+//! sync, batched signing, the Workload API over its socket, JWT-SVIDs, and
+//! a restart that reuses the stored node identity.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use baton_core::api::JoinTokenResponse;
+use baton_core::{Entry, TrustDomain};
+use baton_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+use baton_proto::workload::{
+    JwtsvidRequest, ValidateJwtsvidRequest, X509BundlesRequest, X509svidRequest,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
+use tonic::Request;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::workload::SECURITY_HEADER;
+use crate::{AgentConfig, AgentReady, run};
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// A one-shot HTTP/1.1 request over the broker's admin Unix socket.
+async fn admin(socket: &Path, method: &str, route: &str, body: &serde_json::Value) -> Vec<u8> {
+    let mut s = tokio::net::UnixStream::connect(socket).await.unwrap();
+    let body = serde_json::to_vec(body).unwrap();
+    let head = format!(
+        "{method} {route} HTTP/1.1\r\nHost: admin\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&body).await.unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.unwrap();
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&raw[..split]).to_lowercase();
+    let mut body = raw[split + 4..].to_vec();
+    assert!(
+        head.starts_with("http/1.1 2"),
+        "{head}\n{}",
+        String::from_utf8_lossy(&body)
+    );
+    if head.contains("transfer-encoding: chunked") {
+        let mut out = Vec::new();
+        let mut rest = &body[..];
+        loop {
+            let eol = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+            let len = usize::from_str_radix(std::str::from_utf8(&rest[..eol]).unwrap().trim(), 16)
+                .unwrap();
+            if len == 0 {
+                break;
+            }
+            out.extend_from_slice(&rest[eol + 2..eol + 2 + len]);
+            rest = &rest[eol + 2 + len + 2..];
+        }
+        body = out;
+    }
+    body
+}
+
+fn my_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").unwrap().uid()
+}
+
+async fn workload_client(socket: &Path) -> SpiffeWorkloadApiClient<Channel> {
+    let channel = Endpoint::from_shared(format!("unix:{}", socket.display()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    SpiffeWorkloadApiClient::new(channel)
+}
+
+fn with_header<T>(msg: T) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut()
+        .insert(SECURITY_HEADER, "true".parse().unwrap());
+    r
+}
+
+struct RunningAgent {
+    ready: AgentReady,
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), crate::AgentError>>,
+}
+
+async fn start_agent(config: AgentConfig) -> RunningAgent {
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let (stop, stop_rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(run(config, Some(ready_tx), async move {
+        let _ = stop_rx.await;
+    }));
+    let ready = match tokio::time::timeout(DEADLINE, ready_rx).await {
+        Ok(Ok(r)) => r,
+        _ => panic!("agent not ready: {:?}", task.await),
+    };
+    RunningAgent { ready, stop, task }
+}
+
+impl RunningAgent {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        tokio::time::timeout(DEADLINE, self.task)
+            .await
+            .expect("agent did not stop")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_serves_svids_from_a_real_broker_and_survives_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let td = TrustDomain::new("example.org").unwrap();
+    let admin_sock = dir.path().join("admin.sock");
+    let mut bcfg = baton_broker::BrokerConfig::new(td.clone(), None, admin_sock.clone());
+    bcfg.listen = "127.0.0.1:0".parse().unwrap();
+    let (btx, brx) = oneshot::channel();
+    let (bstop, bstop_rx) = oneshot::channel::<()>();
+    let broker = tokio::spawn(baton_broker::run(
+        bcfg,
+        Arc::new(baton_broker::LogIssuance),
+        Some(btx),
+        async move {
+            let _ = bstop_rx.await;
+        },
+    ));
+    let bready = tokio::time::timeout(DEADLINE, brx).await.unwrap().unwrap();
+
+    let token: JoinTokenResponse = serde_json::from_slice(
+        &admin(
+            &admin_sock,
+            "POST",
+            "/v1/admin/join-tokens",
+            &serde_json::json!({"ttl_secs": 600, "node_id": "spiffe://example.org/baton/node/n1"}),
+        )
+        .await,
+    )
+    .unwrap();
+    let entry: Entry = serde_json::from_slice(
+        &admin(
+            &admin_sock,
+            "POST",
+            "/v1/admin/entries",
+            &serde_json::json!({
+                "spiffe_id": "spiffe://example.org/workload/me",
+                "parent_id": token.node_id.as_str(),
+                "selectors": [format!("unix:uid:{}", my_uid())],
+                "x509_ttl_secs": 600,
+            }),
+        )
+        .await,
+    )
+    .unwrap();
+
+    let mut config = AgentConfig::new(
+        dir.path().join("agent-data"),
+        dir.path().join("agent.sock"),
+        format!("https://{}", bready.addr),
+        td.clone(),
+    )
+    .unwrap();
+    config.bootstrap_bundle_pem = Some(bready.bundle_pem.clone());
+    config.join_token = Some(token.token.clone());
+    config.sync_interval = Duration::from_secs(1);
+
+    let agent = start_agent(config.clone()).await;
+    assert_eq!(agent.ready.node_id, token.node_id);
+    let mut client = workload_client(&agent.ready.socket_path).await;
+
+    let mut stream = client
+        .fetch_x509svid(with_header(X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let msg = tokio::time::timeout(DEADLINE, stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(msg.svids.len(), 1);
+    let svid = &msg.svids[0];
+    assert_eq!(svid.spiffe_id, entry.spiffe_id.as_str());
+    baton_ca::WorkloadKey::from_pkcs8(&svid.x509_svid_key).unwrap();
+    let bundle = baton_ca::TrustBundle::from_pem(&td, &bready.bundle_pem).unwrap();
+    assert_eq!(svid.bundle, bundle.x509_authorities_concat_der());
+    // The key is in the leaf: the SVID was issued for the key we hold.
+    let key = baton_ca::WorkloadKey::from_pkcs8(&svid.x509_svid_key).unwrap();
+    let point = key.public_key_raw();
+    assert!(svid.x509_svid.windows(point.len()).any(|w| w == point));
+
+    let bundles = client
+        .fetch_x509_bundles(with_header(X509BundlesRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .message()
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        bundles.bundles["spiffe://example.org"],
+        bundle.x509_authorities_concat_der()
+    );
+
+    let jwt = client
+        .fetch_jwtsvid(with_header(JwtsvidRequest {
+            audience: vec!["svc".into()],
+            spiffe_id: String::new(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(jwt.svids.len(), 1);
+    let validated = client
+        .validate_jwtsvid(with_header(ValidateJwtsvidRequest {
+            audience: "svc".into(),
+            svid: jwt.svids[0].svid.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(validated.spiffe_id, entry.spiffe_id.as_str());
+    let err = client
+        .validate_jwtsvid(with_header(ValidateJwtsvidRequest {
+            audience: "other".into(),
+            svid: jwt.svids[0].svid.clone(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+
+    // Graceful stop ends the open stream, then a restart needs no token.
+    agent.stop().await;
+    let end = tokio::time::timeout(DEADLINE, stream.message())
+        .await
+        .unwrap();
+    assert!(matches!(end, Ok(None) | Err(_)), "{end:?}");
+    assert!(!config.socket_path.exists());
+    config.join_token = None;
+    config.bootstrap_bundle_pem = None;
+    let agent = start_agent(config).await;
+    assert_eq!(agent.ready.node_id, token.node_id);
+    let mut client = workload_client(&agent.ready.socket_path).await;
+    let mut stream = client
+        .fetch_x509svid(with_header(X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let msg = tokio::time::timeout(DEADLINE, stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(msg.svids[0].spiffe_id, entry.spiffe_id.as_str());
+    agent.stop().await;
+
+    let _ = bstop.send(());
+    tokio::time::timeout(DEADLINE, broker)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
