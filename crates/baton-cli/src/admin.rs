@@ -1,0 +1,216 @@
+//! Operator verbs: talk to the broker's admin API over its Unix socket.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use baton_core::api::{ApiError, EntryList, JoinTokenRequest, JoinTokenResponse};
+use baton_core::{Entry, NewEntry};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::cli::{
+    BundleCmd, BundleFormat, EXIT_REFUSED, EXIT_UNREACHABLE, EntryCmd, OutputFormat, TokenCmd, exit,
+};
+use crate::output;
+
+/// A client for the admin socket.
+#[derive(Debug, Clone)]
+pub struct AdminClient {
+    http: reqwest::Client,
+    socket: PathBuf,
+}
+
+impl AdminClient {
+    pub fn new(socket: &Path) -> Result<Self> {
+        let http = reqwest::Client::builder()
+            .unix_socket(socket)
+            .build()
+            .map_err(|e| {
+                exit(
+                    EXIT_UNREACHABLE,
+                    format!("cannot build the admin client: {e}"),
+                )
+            })?;
+        Ok(Self {
+            http,
+            socket: socket.to_owned(),
+        })
+    }
+
+    fn url(path: &str) -> String {
+        // The host is ignored on a Unix socket.
+        format!("http://baton-admin{path}")
+    }
+
+    async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T> {
+        let resp = req.send().await.map_err(|e| {
+            exit(
+                EXIT_UNREACHABLE,
+                format!(
+                    "cannot reach the broker's admin socket {}: {e}. Is the broker running (`baton dev` or `baton broker`)? Set --admin-socket or BATON_ADMIN_SOCKET to its socket.",
+                    self.socket.display()
+                ),
+            )
+        })?;
+        let status = resp.status();
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| exit(EXIT_UNREACHABLE, format!("broker answer cut short: {e}")))?;
+        if status.is_success() {
+            return serde_json::from_slice(&body)
+                .map_err(|e| exit(EXIT_REFUSED, format!("unexpected broker answer: {e}")));
+        }
+        let message = match serde_json::from_slice::<ApiError>(&body) {
+            Ok(err) => match err.field {
+                Some(field) => format!("{} (field `{field}`)", err.message),
+                None => err.message,
+            },
+            Err(_) => format!("broker answered {status}"),
+        };
+        Err(exit(EXIT_REFUSED, message))
+    }
+
+    pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
+        self.send(self.http.post(Self::url(path)).json(body)).await
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.send(self.http.get(Self::url(path))).await
+    }
+
+    pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.send(self.http.delete(Self::url(path))).await
+    }
+
+    pub async fn join_token(&self, req: &JoinTokenRequest) -> Result<JoinTokenResponse> {
+        self.post("/v1/admin/join-tokens", req).await
+    }
+
+    pub async fn create_entry(&self, new: &NewEntry) -> Result<Entry> {
+        self.post("/v1/admin/entries", new).await
+    }
+}
+
+pub async fn token(cmd: TokenCmd) -> Result<()> {
+    match cmd {
+        TokenCmd::Generate {
+            ttl,
+            node_id,
+            admin,
+        } => {
+            let client = AdminClient::new(&admin.admin_socket)?;
+            let resp = client
+                .join_token(&JoinTokenRequest {
+                    ttl_secs: ttl.as_secs().max(1),
+                    node_id,
+                })
+                .await?;
+            match admin.output {
+                OutputFormat::Json => output::json(&serde_json::json!({
+                    "token": resp.token.expose(),
+                    "expires_at": resp.expires_at,
+                    "node_id": resp.node_id,
+                })),
+                OutputFormat::Table => {
+                    output::line(&format!("token:      {}", resp.token.expose()));
+                    output::line(&format!("node id:    {}", resp.node_id));
+                    output::line(&format!("expires at: {} (unix)", resp.expires_at));
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn check_local(new: &NewEntry) -> Result<()> {
+    // Validate before sending so the operator hears about a bad flag even
+    // when the broker is down; the broker validates again.
+    new.validate()
+        .map(|_| ())
+        .map_err(|e| exit(EXIT_REFUSED, format!("invalid entry: {e}")))
+}
+
+fn print_entries(format: OutputFormat, entries: &[Entry]) {
+    match format {
+        OutputFormat::Json => output::json(&EntryList {
+            entries: entries.to_vec(),
+        }),
+        OutputFormat::Table => output::entry_table(entries),
+    }
+}
+
+pub async fn entry(cmd: EntryCmd) -> Result<()> {
+    match cmd {
+        EntryCmd::Create {
+            spiffe_id,
+            parent_id,
+            selectors,
+            x509_ttl,
+            jwt_ttl,
+            dns_names,
+            admin,
+        } => {
+            let new = NewEntry {
+                spiffe_id,
+                parent_id,
+                selectors,
+                x509_ttl_secs: x509_ttl.as_secs(),
+                jwt_ttl_secs: jwt_ttl.as_secs(),
+                dns_names,
+            };
+            check_local(&new)?;
+            let entry = AdminClient::new(&admin.admin_socket)?
+                .create_entry(&new)
+                .await?;
+            print_entries(admin.output, &[entry]);
+            Ok(())
+        }
+        EntryCmd::Show { id, admin } => {
+            let entry: Entry = AdminClient::new(&admin.admin_socket)?
+                .get(&format!("/v1/admin/entries/{}", path_segment(&id)?))
+                .await?;
+            print_entries(admin.output, &[entry]);
+            Ok(())
+        }
+        EntryCmd::List { admin } => {
+            let list: EntryList = AdminClient::new(&admin.admin_socket)?
+                .get("/v1/admin/entries")
+                .await?;
+            print_entries(admin.output, &list.entries);
+            Ok(())
+        }
+        EntryCmd::Delete { id, admin } => {
+            let _: serde_json::Value = AdminClient::new(&admin.admin_socket)?
+                .delete(&format!("/v1/admin/entries/{}", path_segment(&id)?))
+                .await?;
+            match admin.output {
+                OutputFormat::Json => output::json(&serde_json::json!({ "deleted": id })),
+                OutputFormat::Table => output::line(&format!("deleted entry {id}")),
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Entry ids are UUIDs; anything else is refused before it reaches a URL.
+fn path_segment(id: &str) -> Result<String> {
+    baton_core::EntryId::parse(id)
+        .map(|id| id.to_string())
+        .map_err(|e| exit(EXIT_REFUSED, e.to_string()))
+}
+
+pub async fn bundle(cmd: BundleCmd) -> Result<()> {
+    match cmd {
+        BundleCmd::Show { format, admin } => {
+            let answer: serde_json::Value = AdminClient::new(&admin.admin_socket)?
+                .get("/v1/admin/bundle")
+                .await?;
+            match format {
+                BundleFormat::Spiffe => output::json(&answer["spiffe"]),
+                BundleFormat::Pem => output::raw(answer["pem"].as_str().unwrap_or_default()),
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! Long-running roles: `baton broker`, `baton agent` and `baton dev`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use baton_agent::{AgentConfig, AgentReady};
+use baton_broker::{BrokerConfig, BrokerReady, LogIssuance};
+use baton_core::api::JoinTokenRequest;
+use baton_core::{NewEntry, Secret, SpiffeId, TrustDomain};
+use tokio::sync::{oneshot, watch};
+
+use crate::admin::AdminClient;
+use crate::cli::{AgentArgs, BrokerArgs, DevArgs, EXIT_REFUSED, exit};
+use crate::output;
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn terminate_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}
+
+fn trust_domain(s: &str) -> Result<TrustDomain> {
+    TrustDomain::new(s).map_err(|e| exit(EXIT_REFUSED, format!("--trust-domain: {e}")))
+}
+
+fn write_ready_file(path: &Path, contents: &str) -> Result<()> {
+    // Write then rename, so a reader polling for the file never sees half of it.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+pub async fn broker(args: BrokerArgs) -> Result<()> {
+    let td = trust_domain(&args.trust_domain)?;
+    let admin_socket = args
+        .admin_socket
+        .clone()
+        .unwrap_or_else(|| args.data_dir.join("admin.sock"));
+    let mut cfg = BrokerConfig::new(td, Some(args.data_dir.clone()), admin_socket);
+    cfg.listen = args.listen;
+    cfg.admin_uids = args.admin_uids.clone();
+    cfg.ca_ttl = args.ca_ttl;
+    cfg.agent_svid_ttl = args.agent_svid_ttl;
+    cfg.max_svid_ttl = args.max_svid_ttl;
+    let (tx, rx) = oneshot::channel::<BrokerReady>();
+    let ready_file = args.ready_file.clone();
+    let announcer = tokio::spawn(async move {
+        if let Ok(ready) = rx.await
+            && let Some(path) = ready_file
+            && let Err(e) = write_ready_file(&path, &ready.addr.to_string())
+        {
+            tracing::error!(error = %e, "cannot write ready file");
+        }
+    });
+    baton_broker::run(cfg, Arc::new(LogIssuance), Some(tx), terminate_signal())
+        .await
+        .context("broker failed")?;
+    announcer.abort();
+    Ok(())
+}
+
+fn parse_mode(s: &str) -> Result<u32> {
+    u32::from_str_radix(s, 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| {
+            exit(
+                EXIT_REFUSED,
+                format!("--socket-mode: {s:?} is not an octal file mode like 666"),
+            )
+        })
+}
+
+fn agent_config(args: &AgentArgs) -> Result<AgentConfig> {
+    let td = trust_domain(&args.trust_domain)?;
+    let bootstrap_bundle_pem = match &args.trust_bundle {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("--trust-bundle: cannot read {}", p.display()))?,
+        ),
+        None => None,
+    };
+    if !(0.05..=0.95).contains(&args.rotate_fraction) {
+        return Err(exit(
+            EXIT_REFUSED,
+            format!(
+                "--rotate-fraction must be between 0.05 and 0.95, got {}",
+                args.rotate_fraction
+            ),
+        ));
+    }
+    let broker_id = td
+        .id("/baton/broker")
+        .map_err(|e| exit(EXIT_REFUSED, e.to_string()))?;
+    Ok(AgentConfig {
+        data_dir: args.data_dir.clone(),
+        socket_path: args.socket.clone(),
+        broker_url: args.broker_url.clone(),
+        broker_id,
+        trust_domain: td,
+        bootstrap_bundle_pem,
+        join_token: args.join_token.clone().map(Secret::new),
+        sync_interval: args.sync_interval,
+        rotate_fraction: args.rotate_fraction,
+        socket_mode: parse_mode(&args.socket_mode)?,
+    })
+}
+
+pub async fn agent(args: AgentArgs) -> Result<()> {
+    let cfg = agent_config(&args)?;
+    let (tx, rx) = oneshot::channel::<AgentReady>();
+    let ready_file = args.ready_file.clone();
+    let announcer = tokio::spawn(async move {
+        if let Ok(ready) = rx.await
+            && let Some(path) = ready_file
+            && let Err(e) = write_ready_file(&path, ready.node_id.as_str())
+        {
+            tracing::error!(error = %e, "cannot write ready file");
+        }
+    });
+    baton_agent::run(cfg, Some(tx), terminate_signal())
+        .await
+        .context("agent failed")?;
+    announcer.abort();
+    Ok(())
+}
+
+/// Broker and agent in one process, on a local data dir.
+pub async fn dev(args: DevArgs) -> Result<()> {
+    let td = trust_domain(&args.trust_domain)?;
+    let dir = absolute(&args.data_dir)?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let admin_socket = dir.join("admin.sock");
+    let agent_socket = dir.join("agent.sock");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+
+    let mut cfg = BrokerConfig::new(td.clone(), Some(dir.join("broker")), admin_socket.clone());
+    cfg.listen = args.listen;
+    let (btx, brx) = oneshot::channel::<BrokerReady>();
+    let broker_fut = baton_broker::run(
+        cfg,
+        Arc::new(LogIssuance),
+        Some(btx),
+        stopped(stop_rx.clone()),
+    );
+    let broker = tokio::spawn(async move { broker_fut.await.map_err(anyhow::Error::new) });
+    let ready = match brx.await {
+        Ok(r) => r,
+        Err(_) => {
+            return match broker.await {
+                Ok(Err(e)) => Err(e.context("broker failed to start")),
+                _ => Err(anyhow::anyhow!("broker stopped before it was ready")),
+            };
+        }
+    };
+
+    // The dev node gets a fixed SPIFFE ID so dev entries survive restarts.
+    let node_id: SpiffeId = td
+        .id("/baton/node/dev")
+        .map_err(|e| exit(EXIT_REFUSED, e.to_string()))?;
+    let admin = AdminClient::new(&admin_socket)?;
+    let token = admin
+        .join_token(&JoinTokenRequest {
+            ttl_secs: 600,
+            node_id: Some(node_id.to_string()),
+        })
+        .await?;
+    let uid = baton_broker::own_uid().unwrap_or(0);
+    let workload_id = td
+        .id("/dev/workload")
+        .map_err(|e| exit(EXIT_REFUSED, e.to_string()))?;
+    let created = admin
+        .create_entry(&NewEntry {
+            spiffe_id: workload_id.to_string(),
+            parent_id: node_id.to_string(),
+            selectors: vec![format!("unix:uid:{uid}")],
+            x509_ttl_secs: args.x509_ttl.as_secs().max(1),
+            jwt_ttl_secs: 300,
+            dns_names: vec![],
+        })
+        .await;
+    if let Err(e) = &created
+        && !e.to_string().contains("already exists")
+    {
+        return Err(created
+            .err()
+            .unwrap_or_else(|| anyhow::anyhow!("entry create failed")));
+    }
+
+    let agent_cfg = AgentConfig {
+        data_dir: dir.join("agent"),
+        socket_path: agent_socket.clone(),
+        broker_url: format!("https://{}", ready.addr),
+        broker_id: td
+            .id("/baton/broker")
+            .map_err(|e| exit(EXIT_REFUSED, e.to_string()))?,
+        trust_domain: td.clone(),
+        bootstrap_bundle_pem: Some(ready.bundle_pem.clone()),
+        join_token: Some(token.token),
+        sync_interval: std::time::Duration::from_secs(2),
+        rotate_fraction: 0.5,
+        socket_mode: 0o666,
+    };
+    let (atx, arx) = oneshot::channel::<AgentReady>();
+    let agent_fut = baton_agent::run(agent_cfg, Some(atx), stopped(stop_rx));
+    let agent = tokio::spawn(async move { agent_fut.await.map_err(anyhow::Error::new) });
+    let agent_ready = match arx.await {
+        Ok(r) => r,
+        Err(_) => {
+            let _ = stop_tx.send(true);
+            return match agent.await {
+                Ok(Err(e)) => Err(e.context("agent failed to start")),
+                _ => Err(anyhow::anyhow!("agent stopped before it was ready")),
+            };
+        }
+    };
+
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "baton".into());
+    output::line("Baton dev is running (Ctrl-C to stop).");
+    output::line(&format!("  trust domain:        {td}"));
+    output::line(&format!("  broker:              https://{}", ready.addr));
+    output::line(&format!(
+        "  admin socket:        {}",
+        admin_socket.display()
+    ));
+    output::line(&format!(
+        "  Workload API socket: {}",
+        agent_ready.socket_path.display()
+    ));
+    output::line(&format!("  node SPIFFE ID:      {}", agent_ready.node_id));
+    output::line(&format!("  your uid {uid} gets:    {workload_id}"));
+    output::line("");
+    output::line("Fetch an SVID from another terminal:");
+    output::line(&format!(
+        "  SPIFFE_ENDPOINT_SOCKET=unix://{} {exe} svid fetch",
+        agent_ready.socket_path.display()
+    ));
+
+    let (mut broker, mut agent) = (broker, agent);
+    let early = tokio::select! {
+        () = terminate_signal() => None,
+        r = &mut broker => Some(("broker", r)),
+        r = &mut agent => Some(("agent", r)),
+    };
+    let _ = stop_tx.send(true);
+    if let Some((name, r)) = early {
+        return match r {
+            Ok(Ok(())) => Err(anyhow::anyhow!("{name} stopped unexpectedly")),
+            Ok(Err(e)) => Err(e.context(format!("{name} failed"))),
+            Err(e) => Err(anyhow::anyhow!("{name} task failed: {e}")),
+        };
+    }
+    for (name, r) in [("broker", broker.await), ("agent", agent.await)] {
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e.context(format!("{name} failed"))),
+            Err(e) => return Err(anyhow::anyhow!("{name} task failed: {e}")),
+        }
+    }
+    Ok(())
+}
+
+fn absolute(p: &Path) -> Result<PathBuf> {
+    if p.is_absolute() {
+        return Ok(p.to_owned());
+    }
+    Ok(std::env::current_dir()
+        .context("reading the current directory")?
+        .join(p))
+}

@@ -1,0 +1,266 @@
+//! Starts real `baton` processes in a temp dir and talks to them the way an
+//! operator and a workload would.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const TD: &str = "example.org";
+
+pub fn baton() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_baton"))
+}
+
+/// Polls `f` until it returns Some, or panics with `what` at the deadline.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+pub async fn wait_for_async<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A child process killed when dropped.
+#[derive(Debug)]
+pub struct Proc {
+    pub child: Child,
+    pub name: &'static str,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &'static str, mut cmd: Command, log: PathBuf) -> Self {
+        let out = std::fs::File::create(&log).unwrap();
+        let child = cmd
+            .env("BATON_LOG", "info,baton_agent=debug,baton_broker=debug")
+            .stdout(Stdio::null())
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        Self { child, name, log }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let status = wait_for("process exit", Duration::from_secs(20), || {
+            self.child.try_wait().ok().flatten()
+        });
+        assert!(
+            status.success(),
+            "{} exited with {status}: {}",
+            self.name,
+            self.log_text()
+        );
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A broker + one agent in a temp dir.
+#[derive(Debug)]
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub broker: Option<Proc>,
+    pub agent: Option<Proc>,
+    pub broker_addr: String,
+    pub node_id: String,
+}
+
+pub struct Options {
+    pub agent_svid_ttl: &'static str,
+    pub start_agent: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            agent_svid_ttl: "1h",
+            start_agent: true,
+        }
+    }
+}
+
+impl Cluster {
+    pub fn start(opts: Options) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("baton-e2e")
+            .tempdir()
+            .unwrap();
+        let mut c = Cluster {
+            dir,
+            broker: None,
+            agent: None,
+            broker_addr: String::new(),
+            node_id: String::new(),
+        };
+        c.start_broker("127.0.0.1:0", opts.agent_svid_ttl);
+        if opts.start_agent {
+            let token = c.join_token(None);
+            c.start_agent(&token);
+        }
+        c
+    }
+
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    pub fn admin_socket(&self) -> PathBuf {
+        self.path("admin.sock")
+    }
+
+    pub fn agent_socket(&self) -> PathBuf {
+        self.path("agent.sock")
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("unix:{}", self.agent_socket().display())
+    }
+
+    pub fn start_broker(&mut self, listen: &str, agent_svid_ttl: &str) {
+        let ready = self.path("broker.addr");
+        let _ = std::fs::remove_file(&ready);
+        let mut cmd = baton();
+        cmd.args([
+            "broker",
+            "--trust-domain",
+            TD,
+            "--listen",
+            listen,
+            "--agent-svid-ttl",
+            agent_svid_ttl,
+        ])
+        .arg("--data-dir")
+        .arg(self.path("broker"))
+        .arg("--admin-socket")
+        .arg(self.admin_socket())
+        .arg("--ready-file")
+        .arg(&ready);
+        let mut p = Proc::spawn("broker", cmd, self.path("broker.log"));
+        self.broker_addr = wait_for("broker ready file", Duration::from_secs(30), || {
+            assert!(p.is_running(), "broker exited: {}", p.log_text());
+            std::fs::read_to_string(&ready).ok()
+        });
+        self.broker = Some(p);
+    }
+
+    /// Runs `baton <args>` against this cluster's admin socket.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        baton()
+            .args(args)
+            .env("BATON_ADMIN_SOCKET", self.admin_socket())
+            .output()
+            .unwrap()
+    }
+
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "baton {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        serde_json::from_str(&self.cli_ok(&all)).unwrap()
+    }
+
+    /// A fresh join token, optionally pinned to a node ID.
+    pub fn join_token(&self, node_id: Option<&str>) -> String {
+        let mut args = vec!["token", "generate"];
+        if let Some(id) = node_id {
+            args.extend(["--node-id", id]);
+        }
+        let v = self.cli_json(&args);
+        v["token"].as_str().unwrap().to_owned()
+    }
+
+    pub fn agent_command(&self, data_dir: &Path, socket: &Path, token: Option<&str>) -> Command {
+        let mut cmd = baton();
+        cmd.args(["agent", "--trust-domain", TD, "--sync-interval", "200ms"])
+            .arg("--broker-url")
+            .arg(format!("https://{}", self.broker_addr))
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--socket")
+            .arg(socket)
+            .arg("--trust-bundle")
+            .arg(self.path("broker/bundle.pem"));
+        if let Some(t) = token {
+            cmd.arg("--join-token").arg(t);
+        }
+        cmd
+    }
+
+    pub fn start_agent(&mut self, token: &str) {
+        let ready = self.path("agent.ready");
+        let mut cmd = self.agent_command(&self.path("agent"), &self.agent_socket(), Some(token));
+        cmd.arg("--ready-file").arg(&ready);
+        let mut p = Proc::spawn("agent", cmd, self.path("agent.log"));
+        self.node_id = wait_for("agent ready file", Duration::from_secs(30), || {
+            assert!(p.is_running(), "agent exited: {}", p.log_text());
+            std::fs::read_to_string(&ready).ok()
+        });
+        self.agent = Some(p);
+    }
+
+    /// Registers an entry for this test process's uid under the agent.
+    pub fn register(&self, path: &str, extra: &[&str]) -> serde_json::Value {
+        let id = format!("spiffe://{TD}{path}");
+        let sel = format!("unix:uid:{}", own_uid());
+        let mut args = vec![
+            "entry",
+            "create",
+            "--spiffe-id",
+            &id,
+            "--parent-id",
+            &self.node_id,
+            "--selector",
+            &sel,
+        ];
+        args.extend(extra);
+        self.cli_json(&args)["entries"][0].clone()
+    }
+}
+
+pub fn own_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").unwrap().uid()
+}

@@ -1,0 +1,11 @@
+//! Cross-process end-to-end tests: real `baton broker` and `baton agent`
+//! processes, real sockets, and the third-party `spiffe` crate as the
+//! workload. One test binary, so the suite shares one build.
+
+// Test-only crate: failing loudly is the point.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod harness;
+mod identity;
+mod refusals;
+mod restart;

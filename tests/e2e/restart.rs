@@ -1,0 +1,51 @@
+//! The broker restarts: entries and the CA survive, and the agent carries on
+//! without a new join token.
+
+use std::time::Duration;
+
+use crate::harness::{Cluster, Options, TD, wait_for_async};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restart_keeps_entries_ca_and_agents() {
+    let mut c = Cluster::start(Options::default());
+    c.register("/before-restart", &[]);
+    let bundle_before = std::fs::read(c.path("broker/bundle.pem")).unwrap();
+    let entries_before = c.cli_json(&["entry", "list"]);
+
+    let addr = c.broker_addr.clone();
+    c.broker.as_mut().unwrap().stop();
+    c.broker = None;
+    c.start_broker(&addr, "1h");
+
+    assert_eq!(
+        std::fs::read(c.path("broker/bundle.pem")).unwrap(),
+        bundle_before,
+        "same CA"
+    );
+    assert_eq!(
+        c.cli_json(&["entry", "list"]),
+        entries_before,
+        "entries survived"
+    );
+
+    // A new entry registered after the restart reaches the workload: the
+    // agent reconnected with its own SVID (its join token is long spent).
+    let id = format!("spiffe://{TD}/after-restart");
+    c.register("/after-restart", &[]);
+    let client = spiffe::WorkloadApiClient::connect_to(c.endpoint())
+        .await
+        .unwrap();
+    wait_for_async(
+        "SVID for the post-restart entry",
+        Duration::from_secs(30),
+        || async {
+            let svids = client.fetch_all_x509_svids().await.ok()?;
+            svids
+                .iter()
+                .any(|s| s.spiffe_id().to_string() == id)
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(c.agent.as_mut().unwrap().is_running());
+}
