@@ -233,13 +233,45 @@ async fn agent_serves_svids_from_a_real_broker_and_survives_restart() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
 
-    // Graceful stop ends the open stream, then a restart needs no token.
+    // The unmodified `spiffe` crate speaks to the agent.
+    let endpoint = format!("unix:{}", agent.ready.socket_path.display());
+    let spiffe_client = spiffe::WorkloadApiClient::connect_to(&endpoint)
+        .await
+        .unwrap();
+    let x509 = spiffe_client.fetch_x509_svid().await.unwrap();
+    assert_eq!(x509.spiffe_id().to_string(), entry.spiffe_id.as_str());
+    let spiffe_td = spiffe::TrustDomain::new("example.org").unwrap();
+    let x509_bundles = spiffe_client.fetch_x509_bundles().await.unwrap();
+    assert!(x509_bundles.get(&spiffe_td).is_some());
+    let jwt_bundles = spiffe_client.fetch_jwt_bundles().await.unwrap();
+    assert!(jwt_bundles.get(&spiffe_td).is_some());
+    let jwt_svid = spiffe_client.fetch_jwt_svid(["svc"], None).await.unwrap();
+    let checked = spiffe_client
+        .validate_jwt_token("svc", jwt_svid.token())
+        .await
+        .unwrap();
+    assert_eq!(checked.spiffe_id().to_string(), entry.spiffe_id.as_str());
+    let source = tokio::time::timeout(
+        DEADLINE,
+        spiffe::X509Source::builder().endpoint(&endpoint).build(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        source.svid().unwrap().spiffe_id().to_string(),
+        entry.spiffe_id.as_str()
+    );
+
+    // Graceful stop ends the open streams (ours and the source's), then a
+    // restart needs no token.
     agent.stop().await;
     let end = tokio::time::timeout(DEADLINE, stream.message())
         .await
         .unwrap();
     assert!(matches!(end, Ok(None) | Err(_)), "{end:?}");
     assert!(!config.socket_path.exists());
+    drop(source);
     config.join_token = None;
     config.bootstrap_bundle_pem = None;
     let agent = start_agent(config).await;
@@ -258,6 +290,93 @@ async fn agent_serves_svids_from_a_real_broker_and_survives_restart() {
     assert_eq!(msg.svids[0].spiffe_id, entry.spiffe_id.as_str());
     agent.stop().await;
 
+    let _ = bstop.send(());
+    tokio::time::timeout(DEADLINE, broker)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_wakes_the_loop_before_the_sync_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let td = TrustDomain::new("example.org").unwrap();
+    let admin_sock = dir.path().join("admin.sock");
+    let mut bcfg = baton_broker::BrokerConfig::new(td.clone(), None, admin_sock.clone());
+    bcfg.listen = "127.0.0.1:0".parse().unwrap();
+    let (btx, brx) = oneshot::channel();
+    let (bstop, bstop_rx) = oneshot::channel::<()>();
+    let broker = tokio::spawn(baton_broker::run(
+        bcfg,
+        Arc::new(baton_broker::LogIssuance),
+        Some(btx),
+        async move {
+            let _ = bstop_rx.await;
+        },
+    ));
+    let bready = tokio::time::timeout(DEADLINE, brx).await.unwrap().unwrap();
+    let token: JoinTokenResponse = serde_json::from_slice(
+        &admin(
+            &admin_sock,
+            "POST",
+            "/v1/admin/join-tokens",
+            &serde_json::json!({"ttl_secs": 600}),
+        )
+        .await,
+    )
+    .unwrap();
+    // The CA back-dates by 10 s: a 30 s TTL is a 40 s lifetime, and with a
+    // rotate fraction of 0.3 the SVID is due about 2 s after issuance.
+    admin(
+        &admin_sock,
+        "POST",
+        "/v1/admin/entries",
+        &serde_json::json!({
+            "spiffe_id": "spiffe://example.org/workload/short",
+            "parent_id": token.node_id.as_str(),
+            "selectors": [format!("unix:uid:{}", my_uid())],
+            "x509_ttl_secs": 30,
+        }),
+    )
+    .await;
+
+    let mut config = AgentConfig::new(
+        dir.path().join("agent-data"),
+        dir.path().join("agent.sock"),
+        format!("https://{}", bready.addr),
+        td,
+    )
+    .unwrap();
+    config.bootstrap_bundle_pem = Some(bready.bundle_pem);
+    config.join_token = Some(token.token);
+    // Far longer than the test: only the rotation wake-up can explain a
+    // second SVID.
+    config.sync_interval = Duration::from_secs(600);
+    config.rotate_fraction = 0.3;
+    let agent = start_agent(config).await;
+
+    let mut client = workload_client(&agent.ready.socket_path).await;
+    let mut stream = client
+        .fetch_x509svid(with_header(X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(DEADLINE, stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let second = tokio::time::timeout(DEADLINE, stream.message())
+        .await
+        .expect("no rotation within the deadline")
+        .unwrap()
+        .unwrap();
+    assert_eq!(second.svids[0].spiffe_id, first.svids[0].spiffe_id);
+    assert_ne!(second.svids[0].x509_svid, first.svids[0].x509_svid);
+    assert_ne!(second.svids[0].x509_svid_key, first.svids[0].x509_svid_key);
+
+    agent.stop().await;
     let _ = bstop.send(());
     tokio::time::timeout(DEADLINE, broker)
         .await
