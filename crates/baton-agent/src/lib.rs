@@ -49,6 +49,8 @@ pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_secs(5);
 /// because access is decided per call by attesting the caller (uid, gid,
 /// executable), not by the socket's file mode.
 pub const DEFAULT_SOCKET_MODE: u32 = 0o666;
+/// How long start-up waits for the first sync before serving anyway.
+const FIRST_SYNC_LIMIT: Duration = Duration::from_secs(5);
 
 /// Everything the daemon needs to start.
 #[derive(Debug, Clone)]
@@ -212,9 +214,13 @@ pub async fn run(
         cache_tx,
     );
     // One round before serving, so that workloads starting with the agent
-    // find their SVIDs at once; the loop retries if the broker is down.
-    if let Err(e) = syncer.sync_once(node::unix_now()).await {
-        tracing::warn!(error = %e, "first sync with the broker failed; will retry");
+    // find their SVIDs at once; the loop retries if the broker is down. It
+    // is bounded so a black-holed broker does not keep the socket closed.
+    // Cancelling it is harmless: the snapshot is only published at its end.
+    match tokio::time::timeout(FIRST_SYNC_LIMIT, syncer.sync_once(node::unix_now())).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "first sync with the broker failed; will retry"),
+        Err(_) => tracing::warn!("first sync with the broker timed out; will retry"),
     }
 
     let (stop_tx, stop_rx) = watch::channel(false);
