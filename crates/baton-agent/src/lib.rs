@@ -363,6 +363,6 @@ mod tests {
         )
         .unwrap();
         let err = run(config, None, std::future::pending()).await.unwrap_err();
-        assert!(err.to_string().contains("--bootstrap-bundle"), "{err}");
+        assert!(err.to_string().contains("--trust-bundle"), "{err}");
     }
 }

@@ -33,7 +33,7 @@ pub enum NodeError {
     #[error("this node has no stored identity; pass --join-token")]
     NoIdentity,
     #[error(
-        "no trust anchor for the broker: pass --bootstrap-bundle (the broker CA's PEM) on first start"
+        "no trust anchor for the broker: pass --trust-bundle (the broker CA's PEM) on first start"
     )]
     NoBootstrapBundle,
     #[error("cannot {action} {path}: {source}")]
