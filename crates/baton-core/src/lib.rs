@@ -5,12 +5,19 @@
 //! selector never travels inward.
 
 pub mod api;
+pub mod delegation;
 pub mod entry;
+pub mod scope;
 pub mod secret;
 pub mod selector;
 pub mod spiffe_id;
 
+pub use delegation::{
+    Actor, Confirmation, DelegationClaims, DelegationError, ParentRef, Purpose, RiskTier,
+    TaskClaims, TaskId,
+};
 pub use entry::{Entry, EntryError, EntryId, NewEntry};
+pub use scope::{Permission, Scope, ScopeError};
 pub use secret::Secret;
 pub use selector::{Selector, SelectorError, SelectorKind};
 pub use spiffe_id::{SpiffeId, SpiffeIdError, TrustDomain};
