@@ -160,3 +160,111 @@ pub struct SignJwtResponse {
 pub struct EntryList {
     pub entries: Vec<Entry>,
 }
+
+// ---- delegation (tasks, hops, redeeming) ----
+
+use crate::delegation::{Purpose, RiskTier, TaskId};
+use crate::scope::Scope;
+
+/// `POST /v1/tasks` (HTTPS) or `POST /v1/admin/tasks` (admin socket):
+/// start a task for the human identified by `id_token`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartTaskRequest {
+    /// An OIDC ID token of the initiating user from a configured issuer.
+    pub id_token: Secret,
+    pub root_agent: SpiffeId,
+    pub purpose: Purpose,
+    pub scope: Scope,
+    pub risk_ceiling: RiskTier,
+    pub ttl_secs: u64,
+    pub max_depth: u32,
+    /// Audience of the root agent's first token.
+    pub audience: Vec<String>,
+}
+
+/// A single-use, short-lived grant bound to one target SPIFFE ID.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HandoffGrant {
+    /// Opaque; whoever holds it and is attested as `target` may redeem it once.
+    pub grant: Secret,
+    pub task_id: TaskId,
+    pub target: SpiffeId,
+    pub expires_at: u64,
+}
+
+/// Answer to a task start: the task and the root agent's grant.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StartTaskResponse {
+    pub task_id: TaskId,
+    pub expires_at: u64,
+    pub grant: HandoffGrant,
+}
+
+/// `POST /v1/delegate` over mTLS with the holder's task SVID: hand part of
+/// the task to `target`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DelegateRequest {
+    /// The holder's own delegation token (bound to its mTLS certificate).
+    pub token: Secret,
+    pub target: SpiffeId,
+    pub scope: Scope,
+    pub purpose: Purpose,
+    pub audience: Vec<String>,
+    pub justification: String,
+    /// Optional lifetime; never beyond the holder's own expiry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
+}
+
+/// `POST /v1/node/redeem` (node mTLS): the node daemon redeems a grant for
+/// an attested workload with a fresh key's CSR.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedeemRequest {
+    pub grant: Secret,
+    /// The SPIFFE ID the node attested the caller as (one of its entries).
+    pub spiffe_id: SpiffeId,
+    #[serde(with = "b64")]
+    pub csr_der: Vec<u8>,
+}
+
+/// A task credential: a task X509-SVID and the delegation token bound to it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskCredential {
+    pub task_id: TaskId,
+    pub spiffe_id: SpiffeId,
+    #[serde(with = "b64::list")]
+    pub cert_chain_der: Vec<Vec<u8>>,
+    pub token: Secret,
+    pub expires_at: u64,
+}
+
+/// A tool server's report of one call, `POST /v1/audit/tool-calls` (mTLS
+/// with the tool server's SVID). `report_id` makes retries idempotent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolCallReport {
+    pub report_id: String,
+    pub task_id: TaskId,
+    /// `jti` of the delegation token presented.
+    pub token_jti: String,
+    pub agent: SpiffeId,
+    pub tool: String,
+    pub resource: String,
+    pub risk: RiskTier,
+    pub scope_used: Vec<String>,
+    /// Hex SHA-256 of the call's input and output.
+    pub input_digest: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_digest: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub justification: Option<String>,
+    /// `allow` or `deny`.
+    pub decision: String,
+    pub policy_ids: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub at: u64,
+}
