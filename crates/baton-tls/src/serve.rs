@@ -33,6 +33,12 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerIdentity(pub Option<SpiffeId>);
 
+/// The DER of the verified mTLS peer's leaf certificate, next to
+/// [`PeerIdentity`] when the client sent one; verifiers of certificate-bound
+/// tokens (RFC 8705) hash it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerCertificate(pub Vec<u8>);
+
 /// The TCP address of the peer, in every request's extensions on an HTTPS
 /// listener (warp's own `addr::remote()` only works with `warp::serve`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,6 +114,7 @@ where
                 _ = stopping.wait_for(|stop| *stop) => return,
             };
             let leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
+            let leaf_der = leaf.map(|c| PeerCertificate(c.as_ref().to_vec()));
             let peer = match leaf.map(spiffe_id_of_verified_leaf).transpose() {
                 Ok(id) => PeerIdentity(id),
                 Err(err) => {
@@ -119,6 +126,9 @@ where
             tracing::debug!(peer = %addr, spiffe_id = ?peer.0, "TLS connection accepted");
             let insert = move |ext: &mut Extensions| {
                 ext.insert(peer.clone());
+                if let Some(der) = &leaf_der {
+                    ext.insert(der.clone());
+                }
                 ext.insert(RemoteAddr(addr));
             };
             serve_connection(TokioIo::new(tls), filter, insert, watcher).await;
