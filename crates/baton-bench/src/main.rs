@@ -1,0 +1,54 @@
+//! `baton-bench`: the benchmarks behind BENCHMARKS.md.
+//!
+//! Every figure is printed next to a limit or a peer measured in the same
+//! run (see PERFORMANCE.md): broker issuance against the raw P-256 sign
+//! rate and the CSR-verify+sign rate of `baton_ca::Ca`, and against cfssl
+//! (driven by `bench/issuance.sh`); Workload API latency against its target.
+//! Results go to stdout as readable lines, then one JSON line.
+
+// A benchmark's output is its product: printing to stdout is the point.
+#![allow(clippy::print_stdout)]
+
+mod cfssl;
+mod cluster;
+mod issuance;
+mod limits;
+mod stats;
+mod workload;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "baton-bench", about = "Baton benchmarks (run in release mode)")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// X509-SVID issuance at an in-process broker over its mTLS API, with
+    /// this machine's signing limits measured in the same run.
+    Issuance(issuance::Args),
+    /// Drives cfssl's `/api/v1/cfssl/sign` with pre-generated P-256 CSRs.
+    Cfssl(cfssl::Args),
+    /// Workload API FetchX509SVID latency and concurrent streams on an
+    /// in-process node daemon.
+    Workload(workload::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    baton_tls::install_crypto_provider();
+    baton_ca::init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        match cli.cmd {
+            Cmd::Issuance(a) => issuance::run(a).await,
+            Cmd::Cfssl(a) => cfssl::run(a).await,
+            Cmd::Workload(a) => workload::run(a).await,
+        }
+    })
+}
