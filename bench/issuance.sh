@@ -66,6 +66,7 @@ JSON
     done
     cd "$repo"
     if [ -n "$up" ]; then
+        echo "loadavg before cfssl: $(cat /proc/loadavg 2>/dev/null || echo n/a)"
         out="$("$bench" cfssl --url "http://127.0.0.1:$port" --seconds "$secs" \
             --concurrency "$conc" --server-pid "$cfssl_pid")"
         echo "$out"
@@ -83,6 +84,8 @@ else
 fi
 
 # --- Baton ------------------------------------------------------------------
+# The machine may be shared: a busy neighbour skews one side of the ratio.
+echo "loadavg before Baton: $(cat /proc/loadavg 2>/dev/null || echo n/a)"
 out="$("$bench" issuance --seconds "$secs" --concurrency "$conc" --batch "$batch")"
 echo "$out"
 rates="$(echo "$out" | tail -1 | grep -o '"certs_per_s":[0-9.eE+-]*' | cut -d: -f2)"
