@@ -1,0 +1,732 @@
+//! Cedar policy for Baton: one decision for every delegation hop (asked by
+//! the broker) and for every tool call (asked by the tool server, through
+//! `baton-verify`).
+//!
+//! # Place in the flow
+//!
+//! The broker loads a policy directory once at start-up with
+//! [`Engine::load_dir`] and refuses to start on any [`PolicyError`]: the
+//! schema must parse, every policy must parse and validate against it in
+//! strict mode, and the schema must still describe the requests Baton sends.
+//! After that an [`Engine`] is immutable, `Send + Sync`, and shared in an
+//! `Arc`; each question costs a few microseconds (the schema, policies,
+//! action hierarchy and [`cedar_policy::Authorizer`] are built once).
+//!
+//! # The model
+//!
+//! - **Principal** `Agent::"<spiffe id>"` with attributes `spiffe_id`,
+//!   `trust_domain` (`"example.org"`), `path` (`"/agents/researcher"`),
+//!   `chain: Set<String>` (every SPIFFE ID in the delegation chain, the agent
+//!   itself included: Cedar has no loops, so the chain is flattened here) and
+//!   `initiator` (the human's OIDC subject).
+//! - **Tool call** ([`Engine::authorize_call`]): action `Action::"<tool>"`
+//!   (`crm.search`), each tool declared in the schema as a member of exactly
+//!   one tier group (`Action::"read-tier"`, `"write-tier"`, `"delete-tier"`,
+//!   `"purchase-tier"`, `"export-tier"`), so policies say
+//!   `action in Action::"read-tier"`. Resource `Resource::"<resource>"`
+//!   (`"dataset:crm"`) with attribute `kind` (`"dataset"`, the part before
+//!   the first `:`). Context: `purpose`, `scope: Set<String>`, `risk`
+//!   (`"read"`), `risk_level` (read=0, write=1, delete=2, purchase=3,
+//!   export=4), `depth` (0 for the root agent, +1 per hop), and two answers
+//!   Cedar cannot compute because scopes have wildcards: `tool_in_scope`
+//!   (the scope grants `tool:<tool>:<risk>`) and `resource_in_scope` (it
+//!   grants `<resource>:<risk>`, e.g. `dataset:crm:read`).
+//! - **Hop** ([`Engine::authorize_hop`]): action `Action::"delegate"`,
+//!   principal the delegating agent, resource `Agent::"<target>"` (whose
+//!   `chain` is the chain it would hold: itself, then the delegator's).
+//!   Context: `purpose`, `scope` (requested), `depth` (of the new hop),
+//!   `risk_ceiling`, `risk_ceiling_level`, and `scope_max_level`: the highest
+//!   level named by a requested permission's action (`*` and words that are
+//!   not tiers count as 4).
+//!
+//! Default deny; a `forbid` beats any `permit`. A call whose risk tier is not
+//! the tool's tier in the schema, a tool the schema does not declare, and any
+//! evaluation error all deny (fail closed). Policies carry `@id("...")`
+//! annotations, which is what [`Decision::policy_ids`] reports; a policy
+//! without one is named `<file>#policy<N>`. `deploy/policies/README.md`
+//! documents the example policy set and which policies decide the reference
+//! flow.
+
+mod error;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+
+use baton_core::{Permission, Purpose, RiskTier, Scope, SpiffeId};
+use cedar_policy::{
+    Authorizer, Context, Effect, Entities, Entity, EntityId, EntityTypeName, EntityUid, PolicyId,
+    PolicySet, Request, Response, RestrictedExpression, Schema, ValidationMode, Validator,
+};
+use serde::Serialize;
+
+pub use error::{Location, PolicyError, SourceError};
+
+/// The schema's file name in a policy directory.
+pub const SCHEMA_FILE: &str = "schema.cedarschema";
+/// The extension of policy files in a policy directory.
+pub const POLICY_EXTENSION: &str = "cedar";
+/// The action of a delegation hop.
+pub const DELEGATE_ACTION: &str = "delegate";
+
+const AGENT_TYPE: &str = "Agent";
+const RESOURCE_TYPE: &str = "Resource";
+
+/// Every tier, in increasing order, with its level and its action group.
+const TIERS: [(RiskTier, i64, &str); 5] = [
+    (RiskTier::Read, 0, "read-tier"),
+    (RiskTier::Write, 1, "write-tier"),
+    (RiskTier::Delete, 2, "delete-tier"),
+    (RiskTier::Purchase, 3, "purchase-tier"),
+    (RiskTier::Export, 4, "export-tier"),
+];
+/// The level of a permission whose action is `*` or not a tier.
+const MAX_LEVEL: i64 = 4;
+
+/// The numeric level of a tier, as policies see it in `risk_level`.
+pub fn risk_level(tier: RiskTier) -> i64 {
+    TIERS
+        .iter()
+        .find(|(t, _, _)| *t == tier)
+        .map_or(MAX_LEVEL, |(_, level, _)| *level)
+}
+
+/// The action group a tier's tools belong to (`"read-tier"`).
+pub fn tier_group(tier: RiskTier) -> &'static str {
+    TIERS
+        .iter()
+        .find(|(t, _, _)| *t == tier)
+        .map_or("export-tier", |(_, _, group)| group)
+}
+
+/// A delegation hop the broker asks about: `from` hands `scope` to `to`.
+#[derive(Debug, Clone, Copy)]
+pub struct HopRequest<'a> {
+    pub from: &'a SpiffeId,
+    pub to: &'a SpiffeId,
+    /// The delegator's chain: current holder (`from`) first, root agent last.
+    pub chain: &'a [SpiffeId],
+    pub initiator: &'a str,
+    pub purpose: &'a Purpose,
+    /// The scope requested for `to`.
+    pub scope: &'a Scope,
+    /// The depth of the new hop (the root agent is 0, its first hop 1).
+    pub depth: u32,
+    pub risk_ceiling: RiskTier,
+}
+
+/// A tool call a tool server asks about.
+#[derive(Debug, Clone, Copy)]
+pub struct CallRequest<'a> {
+    pub agent: &'a SpiffeId,
+    /// Current holder (`agent`) first, root agent last.
+    pub chain: &'a [SpiffeId],
+    pub initiator: &'a str,
+    /// The tool, an action declared in the schema, e.g. `crm.search`.
+    pub tool: &'a str,
+    /// What it acts on, e.g. `dataset:crm`.
+    pub resource: &'a str,
+    pub purpose: &'a Purpose,
+    /// The scope of the agent's delegation token.
+    pub scope: &'a Scope,
+    /// The tool's risk tier; must be the tier the schema puts it in.
+    pub risk: RiskTier,
+    pub depth: u32,
+}
+
+/// The answer to one question.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Decision {
+    pub allowed: bool,
+    /// The policies that determined it, sorted: the permits that allowed it;
+    /// or the forbids that denied it and the policies whose evaluation
+    /// failed (empty for a default deny).
+    pub policy_ids: Vec<String>,
+    /// Evaluation errors; any error denies (fail closed).
+    pub errors: Vec<String>,
+}
+
+impl Decision {
+    fn refused(error: String) -> Self {
+        Self {
+            allowed: false,
+            policy_ids: Vec::new(),
+            errors: vec![error],
+        }
+    }
+}
+
+/// A tool the schema declares.
+#[derive(Debug, Clone)]
+struct Tool {
+    uid: EntityUid,
+    tier: RiskTier,
+}
+
+/// A validated schema and policy set, ready to answer hops and calls.
+pub struct Engine {
+    policies: PolicySet,
+    authorizer: Authorizer,
+    /// The schema's action entities (tools and their tier groups), so that
+    /// `action in Action::"read-tier"` holds.
+    actions: Entities,
+    tools: BTreeMap<String, Tool>,
+    delegate: EntityUid,
+    agent_type: EntityTypeName,
+    resource_type: EntityTypeName,
+}
+
+impl fmt::Debug for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Engine")
+            .field("policies", &self.policy_ids())
+            .field("tools", &self.tools())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// Loads `<dir>/schema.cedarschema` (Cedar schema syntax) and every
+    /// `<dir>/*.cedar`, and validates the policies against the schema in
+    /// strict mode. Errors name `<dir>/<file>:<line>:<column>`.
+    pub fn load_dir(dir: &Path) -> Result<Engine, PolicyError> {
+        let read = |path: &Path| {
+            std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+                path: path.to_owned(),
+                source,
+            })
+        };
+        let schema_path = dir.join(SCHEMA_FILE);
+        let schema = read(&schema_path)?;
+        let listing = std::fs::read_dir(dir).map_err(|source| PolicyError::Read {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let mut paths = Vec::new();
+        for entry in listing {
+            let entry = entry.map_err(|source| PolicyError::Read {
+                path: dir.to_owned(),
+                source,
+            })?;
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == POLICY_EXTENSION) && path.is_file() {
+                paths.push(path);
+            }
+        }
+        paths.sort();
+        if paths.is_empty() {
+            return Err(PolicyError::NoPolicies {
+                what: format!("{} (no *.{POLICY_EXTENSION} file)", dir.display()),
+            });
+        }
+        let mut policies = Vec::with_capacity(paths.len());
+        for path in paths {
+            let src = read(&path)?;
+            policies.push((path.display().to_string(), src));
+        }
+        Self::build(&schema_path.display().to_string(), &schema, &policies)
+    }
+
+    /// Builds an engine from sources in memory: `policies` are (file name,
+    /// source) pairs, the names used in errors and in fallback policy ids.
+    /// The schema is reported as `schema.cedarschema`.
+    pub fn from_sources(
+        schema: &str,
+        policies: &[(String, String)],
+    ) -> Result<Engine, PolicyError> {
+        Self::build(SCHEMA_FILE, schema, policies)
+    }
+
+    fn build(
+        schema_file: &str,
+        schema_src: &str,
+        files: &[(String, String)],
+    ) -> Result<Engine, PolicyError> {
+        let (schema, _warnings) = Schema::from_cedarschema_str(schema_src)
+            .map_err(|e| PolicyError::Schema(error::source_errors(&e, schema_file, schema_src)))?;
+
+        // Parse every file before reporting, so one run shows every typo.
+        let mut policies = PolicySet::new();
+        let mut origin: HashMap<String, usize> = HashMap::new();
+        let mut parse_errors = Vec::new();
+        for (index, (file, src)) in files.iter().enumerate() {
+            let set = match PolicySet::from_str(src) {
+                Ok(set) => set,
+                Err(e) => {
+                    parse_errors.extend(error::source_errors(&e, file, src));
+                    continue;
+                }
+            };
+            if let Some(template) = set.templates().next() {
+                return Err(PolicyError::Template {
+                    file: file.clone(),
+                    id: template.id().to_string(),
+                });
+            }
+            let mut in_file: Vec<_> = set.policies().collect();
+            // Cedar numbers a file's policies policy0, policy1, ... in order.
+            in_file.sort_by_key(|p| {
+                AsRef::<str>::as_ref(p.id())
+                    .trim_start_matches("policy")
+                    .parse::<usize>()
+                    .unwrap_or(usize::MAX)
+            });
+            for policy in in_file {
+                let id = match policy.annotation("id") {
+                    Some(id) => id.to_owned(),
+                    None => format!("{file}#{}", policy.id()),
+                };
+                if let Some(&first) = origin.get(&id) {
+                    return Err(PolicyError::DuplicateId {
+                        id,
+                        first: files.get(first).map(|f| f.0.clone()).unwrap_or_default(),
+                        second: file.clone(),
+                    });
+                }
+                policies
+                    .add(policy.new_id(PolicyId::new(&id)))
+                    .map_err(|_| PolicyError::DuplicateId {
+                        id: id.clone(),
+                        first: file.clone(),
+                        second: file.clone(),
+                    })?;
+                origin.insert(id, index);
+            }
+        }
+        if !parse_errors.is_empty() {
+            return Err(PolicyError::Parse(parse_errors));
+        }
+        if policies.is_empty() {
+            return Err(PolicyError::NoPolicies {
+                what: "the policy files".to_owned(),
+            });
+        }
+
+        let validation = Validator::new(schema.clone()).validate(&policies, ValidationMode::Strict);
+        let mut invalid: Vec<SourceError> = validation
+            .validation_errors()
+            .flat_map(|e| {
+                let (file, src) = origin
+                    .get(AsRef::<str>::as_ref(e.policy_id()))
+                    .and_then(|&i| files.get(i))
+                    .map_or(("<policies>", ""), |(f, s)| (f.as_str(), s.as_str()));
+                let mut errors = error::source_errors(e, file, src);
+                errors.truncate(1);
+                errors
+            })
+            .collect();
+        if !invalid.is_empty() {
+            // Cedar reports one error per action a policy may apply to; keep
+            // one per position, chosen deterministically.
+            invalid.sort_by(|a, b| {
+                (&a.file, a.location, &a.message).cmp(&(&b.file, b.location, &b.message))
+            });
+            invalid.dedup_by(|a, b| a.file == b.file && a.location == b.location);
+            return Err(PolicyError::Validation(invalid));
+        }
+
+        Self::fit_model(schema_file, &schema, policies)
+    }
+
+    /// Checks that the schema describes the requests Baton sends, and
+    /// indexes its tools by name and tier.
+    fn fit_model(
+        schema_file: &str,
+        schema: &Schema,
+        policies: PolicySet,
+    ) -> Result<Engine, PolicyError> {
+        let model = |message: String| PolicyError::Model {
+            file: schema_file.to_owned(),
+            message,
+        };
+        let agent_type = EntityTypeName::from_str(AGENT_TYPE)
+            .map_err(|e| model(format!("entity type {AGENT_TYPE}: {e}")))?;
+        let resource_type = EntityTypeName::from_str(RESOURCE_TYPE)
+            .map_err(|e| model(format!("entity type {RESOURCE_TYPE}: {e}")))?;
+        let action_type = EntityTypeName::from_str("Action")
+            .map_err(|e| model(format!("entity type Action: {e}")))?;
+        let actions = schema
+            .action_entities()
+            .map_err(|e| model(format!("its actions do not form a hierarchy: {e}")))?;
+        let groups: HashSet<String> = schema
+            .action_groups()
+            .map(|uid| uid.id().unescaped().to_owned())
+            .collect();
+
+        let mut engine = Engine {
+            policies,
+            authorizer: Authorizer::new(),
+            actions,
+            tools: BTreeMap::new(),
+            delegate: action_uid(&action_type, DELEGATE_ACTION),
+            agent_type,
+            resource_type,
+        };
+
+        // A probe of each request shape, validated against the schema once
+        // here so that evaluation can skip schema checks.
+        let probe_agent = SpiffeId::parse("spiffe://example.org/agents/probe")
+            .map_err(|e| model(format!("probe identity: {e}")))?;
+        let probe_scope =
+            Scope::parse(&["tool:probe:read"]).map_err(|e| model(format!("probe scope: {e}")))?;
+        let probe_purpose =
+            Purpose::from_str("probe").map_err(|e| model(format!("probe purpose: {e}")))?;
+        let chain = [probe_agent.clone()];
+
+        if !schema
+            .actions()
+            .any(|uid| uid.id().unescaped() == DELEGATE_ACTION)
+        {
+            return Err(model(format!(
+                "the schema declares no `{DELEGATE_ACTION}` action, so no hop could be allowed"
+            )));
+        }
+        let mut tools = BTreeMap::new();
+        for uid in schema.actions() {
+            let name = uid.id().unescaped();
+            if groups.contains(name) {
+                continue;
+            }
+            if name == DELEGATE_ACTION {
+                let hop = HopRequest {
+                    from: &probe_agent,
+                    to: &probe_agent,
+                    chain: &chain,
+                    initiator: "probe",
+                    purpose: &probe_purpose,
+                    scope: &probe_scope,
+                    depth: 1,
+                    risk_ceiling: RiskTier::Read,
+                };
+                let (entities, context) = engine.hop_parts(&hop).map_err(model)?;
+                check_shape(schema, uid, &entities, &engine.agent(&probe_agent), context)
+                    .map_err(|e| model(format!("action `{name}`: {e}")))?;
+                continue;
+            }
+            let tiers: Vec<RiskTier> = TIERS
+                .iter()
+                .filter(|(_, _, group)| {
+                    engine
+                        .actions
+                        .is_ancestor_of(&action_uid(&action_type, group), uid)
+                })
+                .map(|(tier, _, _)| *tier)
+                .collect();
+            let [tier] = tiers.as_slice() else {
+                return Err(model(format!(
+                    "tool `{name}` must be in exactly one tier group (read-tier, write-tier, \
+                     delete-tier, purchase-tier, export-tier); it is in {}",
+                    tiers.len()
+                )));
+            };
+            let call = CallRequest {
+                agent: &probe_agent,
+                chain: &chain,
+                initiator: "probe",
+                tool: name,
+                resource: "dataset:probe",
+                purpose: &probe_purpose,
+                scope: &probe_scope,
+                risk: *tier,
+                depth: 0,
+            };
+            let (entities, context) = engine.call_parts(&call).map_err(model)?;
+            check_shape(
+                schema,
+                uid,
+                &entities,
+                &engine.resource("dataset:probe"),
+                context,
+            )
+            .map_err(|e| model(format!("tool `{name}`: {e}")))?;
+            tools.insert(
+                name.to_owned(),
+                Tool {
+                    uid: uid.clone(),
+                    tier: *tier,
+                },
+            );
+        }
+        engine.tools = tools;
+        Ok(engine)
+    }
+
+    /// Decides a delegation hop: may `from` hand `scope` to `to`?
+    pub fn authorize_hop(&self, req: &HopRequest<'_>) -> Decision {
+        let (entities, context) = match self.hop_parts(req) {
+            Ok(parts) => parts,
+            Err(e) => return Decision::refused(e),
+        };
+        self.decide(
+            self.agent(req.from),
+            self.delegate.clone(),
+            self.agent(req.to),
+            context,
+            entities,
+        )
+    }
+
+    /// Decides a tool call: may `agent` run `tool` on `resource` now?
+    pub fn authorize_call(&self, req: &CallRequest<'_>) -> Decision {
+        let Some(tool) = self.tools.get(req.tool) else {
+            return Decision::refused(format!(
+                "tool `{}` is not declared in the policy schema",
+                req.tool
+            ));
+        };
+        if tool.tier != req.risk {
+            return Decision::refused(format!(
+                "tool `{}` is {} in the policy schema, but the call says {}",
+                req.tool,
+                tier_group(tool.tier),
+                req.risk
+            ));
+        }
+        let (entities, context) = match self.call_parts(req) {
+            Ok(parts) => parts,
+            Err(e) => return Decision::refused(e),
+        };
+        self.decide(
+            self.agent(req.agent),
+            tool.uid.clone(),
+            self.resource(req.resource),
+            context,
+            entities,
+        )
+    }
+
+    /// Names of the tools (actions other than `delegate` and the tier groups)
+    /// the schema declares, sorted.
+    pub fn tools(&self) -> Vec<String> {
+        self.tools.keys().cloned().collect()
+    }
+
+    /// The tier the schema puts `tool` in, if it declares it.
+    pub fn tool_tier(&self, tool: &str) -> Option<RiskTier> {
+        self.tools.get(tool).map(|t| t.tier)
+    }
+
+    /// The ids of every loaded policy, sorted.
+    pub fn policy_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .policies
+            .policies()
+            .map(|p| p.id().to_string())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    fn decide(
+        &self,
+        principal: EntityUid,
+        action: EntityUid,
+        resource: EntityUid,
+        context: Context,
+        entities: Vec<Entity>,
+    ) -> Decision {
+        // INVARIANT: the request shapes were validated against the schema at
+        // load time (`fit_model`), so no schema is needed here.
+        let request = match Request::new(principal, action, resource, context, None) {
+            Ok(r) => r,
+            Err(e) => return Decision::refused(format!("request: {e}")),
+        };
+        let entities = match self.actions.clone().add_entities(entities, None) {
+            Ok(e) => e,
+            Err(e) => return Decision::refused(format!("entities: {e}")),
+        };
+        let response = self
+            .authorizer
+            .is_authorized(&request, &self.policies, &entities);
+        self.decision(&response)
+    }
+
+    fn decision(&self, response: &Response) -> Decision {
+        let diagnostics = response.diagnostics();
+        let errors: Vec<String> = diagnostics.errors().map(ToString::to_string).collect();
+        let allowed = response.decision() == cedar_policy::Decision::Allow && errors.is_empty();
+        let mut policy_ids: Vec<String> = diagnostics
+            .reason()
+            .filter(|id| {
+                // A denial is determined by forbids (and errors), never by a
+                // permit that was outweighed.
+                allowed
+                    || self
+                        .policies
+                        .policy(id)
+                        .is_some_and(|p| p.effect() == Effect::Forbid)
+            })
+            .map(ToString::to_string)
+            .collect();
+        if !allowed {
+            policy_ids.extend(diagnostics.errors().map(|e| match e {
+                cedar_policy::AuthorizationError::PolicyEvaluationError(e) => {
+                    e.policy_id().to_string()
+                }
+            }));
+        }
+        policy_ids.sort();
+        policy_ids.dedup();
+        Decision {
+            allowed,
+            policy_ids,
+            errors,
+        }
+    }
+
+    fn agent(&self, id: &SpiffeId) -> EntityUid {
+        EntityUid::from_type_name_and_id(self.agent_type.clone(), EntityId::new(id.as_str()))
+    }
+
+    fn resource(&self, resource: &str) -> EntityUid {
+        EntityUid::from_type_name_and_id(self.resource_type.clone(), EntityId::new(resource))
+    }
+
+    /// The `Agent` entity for `id` holding `chain` (which should include `id`).
+    fn agent_entity<'c>(
+        &self,
+        id: &SpiffeId,
+        chain: impl IntoIterator<Item = &'c SpiffeId>,
+        initiator: &str,
+    ) -> Result<Entity, String> {
+        let chain = RestrictedExpression::new_set(
+            chain
+                .into_iter()
+                .map(|c| RestrictedExpression::new_string(c.as_str().to_owned())),
+        );
+        let attrs = HashMap::from([
+            ("spiffe_id".to_owned(), string(id.as_str())),
+            (
+                "trust_domain".to_owned(),
+                string(id.trust_domain().as_str()),
+            ),
+            ("path".to_owned(), string(id.path())),
+            ("chain".to_owned(), chain),
+            ("initiator".to_owned(), string(initiator)),
+        ]);
+        Entity::new(self.agent(id), attrs, HashSet::new()).map_err(|e| format!("agent {id}: {e}"))
+    }
+
+    fn hop_parts(&self, req: &HopRequest<'_>) -> Result<(Vec<Entity>, Context), String> {
+        let from = self.agent_entity(
+            req.from,
+            std::iter::once(req.from).chain(req.chain),
+            req.initiator,
+        )?;
+        let mut entities = vec![from];
+        if req.to != req.from {
+            entities.push(self.agent_entity(
+                req.to,
+                [req.to, req.from].into_iter().chain(req.chain),
+                req.initiator,
+            )?);
+        }
+        let scope_max_level = req
+            .scope
+            .permissions()
+            .map(|p| RiskTier::from_str(p.action()).map_or(MAX_LEVEL, risk_level))
+            .max()
+            .unwrap_or(MAX_LEVEL);
+        let context = Context::from_pairs([
+            ("purpose".to_owned(), string(req.purpose.as_str())),
+            ("scope".to_owned(), scope_set(req.scope)),
+            (
+                "depth".to_owned(),
+                RestrictedExpression::new_long(req.depth.into()),
+            ),
+            ("risk_ceiling".to_owned(), string(req.risk_ceiling.as_str())),
+            (
+                "risk_ceiling_level".to_owned(),
+                RestrictedExpression::new_long(risk_level(req.risk_ceiling)),
+            ),
+            (
+                "scope_max_level".to_owned(),
+                RestrictedExpression::new_long(scope_max_level),
+            ),
+        ])
+        .map_err(|e| format!("context: {e}"))?;
+        Ok((entities, context))
+    }
+
+    fn call_parts(&self, req: &CallRequest<'_>) -> Result<(Vec<Entity>, Context), String> {
+        let agent = self.agent_entity(
+            req.agent,
+            std::iter::once(req.agent).chain(req.chain),
+            req.initiator,
+        )?;
+        let kind = req
+            .resource
+            .split_once(':')
+            .map_or(req.resource, |(kind, _)| kind);
+        let resource = Entity::new(
+            self.resource(req.resource),
+            HashMap::from([("kind".to_owned(), string(kind))]),
+            HashSet::new(),
+        )
+        .map_err(|e| format!("resource {:?}: {e}", req.resource))?;
+        let grants =
+            |permission: String| Permission::parse(&permission).is_ok_and(|p| req.scope.allows(&p));
+        let risk = req.risk.as_str();
+        let context = Context::from_pairs([
+            ("purpose".to_owned(), string(req.purpose.as_str())),
+            ("scope".to_owned(), scope_set(req.scope)),
+            ("risk".to_owned(), string(risk)),
+            (
+                "risk_level".to_owned(),
+                RestrictedExpression::new_long(risk_level(req.risk)),
+            ),
+            (
+                "depth".to_owned(),
+                RestrictedExpression::new_long(req.depth.into()),
+            ),
+            (
+                "tool_in_scope".to_owned(),
+                RestrictedExpression::new_bool(grants(format!("tool:{}:{risk}", req.tool))),
+            ),
+            (
+                "resource_in_scope".to_owned(),
+                RestrictedExpression::new_bool(grants(format!("{}:{risk}", req.resource))),
+            ),
+        ])
+        .map_err(|e| format!("context: {e}"))?;
+        Ok((vec![agent, resource], context))
+    }
+}
+
+fn action_uid(action_type: &EntityTypeName, name: &str) -> EntityUid {
+    EntityUid::from_type_name_and_id(action_type.clone(), EntityId::new(name))
+}
+
+fn string(s: &str) -> RestrictedExpression {
+    RestrictedExpression::new_string(s.to_owned())
+}
+
+fn scope_set(scope: &Scope) -> RestrictedExpression {
+    RestrictedExpression::new_set(scope.permissions().map(|p| string(&p.to_string())))
+}
+
+/// Validates one request shape (entities and context) against the schema.
+fn check_shape(
+    schema: &Schema,
+    action: &EntityUid,
+    entities: &[Entity],
+    resource: &EntityUid,
+    context: Context,
+) -> Result<(), String> {
+    let principal = entities
+        .first()
+        .map(Entity::uid)
+        .ok_or_else(|| "no principal".to_owned())?;
+    Request::new(
+        principal,
+        action.clone(),
+        resource.clone(),
+        context,
+        Some(schema),
+    )
+    .map_err(|e| format!("Baton's request does not fit the schema: {e}"))?;
+    Entities::from_entities(entities.iter().cloned(), Some(schema))
+        .map_err(|e| format!("Baton's entities do not fit the schema: {e}"))?;
+    Ok(())
+}
