@@ -1,0 +1,50 @@
+//! Baton's tamper-evident audit log of delegation chains.
+//!
+//! Place in the flow: the broker calls [`AuditLog::append`] on every task
+//! start, hop granted or refused, redeem, tool-call report, purpose change and
+//! task end, *before* the credential or answer leaves it; an append error
+//! refuses the issuance (fail closed, like Vault's audit devices). The
+//! returned [`Receipt`] goes back to the caller, who can check it offline
+//! with [`verify_receipt`] and the log's public key. `baton audit verify`
+//! runs [`AuditLog::verify_file`]; `baton audit trace TASK` runs
+//! [`AuditLog::events_for_task`] then [`trace()`].
+//!
+//! Construction (RFC 9162 §2.1):
+//! - each event is encoded canonically ([`event`] module docs), with the
+//!   sensitive values (initiator, justification) replaced by HMAC-SHA256
+//!   under the log's key; their clear text sits in a separate display column
+//!   outside the tree that [`AuditLog::redact_clear_text`] can wipe;
+//! - leaf hash `SHA-256(0x00 || encoding)`, interior
+//!   `SHA-256(0x01 || left || right)`, split at the largest power of two
+//!   below `n`;
+//! - every append writes the event and a [`SignedCheckpoint`] of the new size
+//!   (ECDSA P-256 over `"baton-audit-checkpoint\n{size}\n{root_hex}\n{at}\n"`)
+//!   in one SQLite transaction;
+//! - [`AuditLog::verify`] recomputes every leaf, checks the indexes and every
+//!   checkpoint, and names the first bad index ([`TamperError`]).
+//!
+//! What it cannot see alone: deleting the newest events *together with*
+//! their checkpoints leaves a shorter log that is consistent. Holders of
+//! receipts (or a published checkpoint) detect it: check a kept checkpoint
+//! against the log with [`AuditLog::consistency_proof`] and
+//! [`verify_consistency`].
+
+pub mod error;
+pub mod event;
+pub mod keys;
+mod log;
+pub mod merkle;
+pub mod proof;
+pub mod trace;
+
+pub use error::{AuditError, ProofError, TamperError, TamperReason};
+pub use event::{AuditEvent, AuditRecord, CanonicalEvent, EventKind, decode_canonical};
+pub use keys::{AuditKeys, read_public_key};
+pub use log::{AuditLog, Durability, VerifyReport};
+pub use proof::{
+    Receipt, ReceiptLeaf, SignedCheckpoint, checkpoint_message, verify_consistency, verify_receipt,
+};
+pub use trace::{AgentNode, TaskEvent, Trace, TraceItem, trace};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,839 @@
+//! The SQLite-backed log.
+//!
+//! Tables:
+//! - `leaves(idx, task_id, event, leaf_hash, clear_text)`: `event` is the
+//!   canonical encoding (the only thing the tree covers), `leaf_hash` its
+//!   RFC 9162 leaf hash, `task_id` a lookup copy checked by `verify`,
+//!   `clear_text` the wipeable display JSON of the sensitive fields;
+//! - `checkpoints(size, root_hash, at, signature)`: one signed checkpoint per
+//!   append, written in the same transaction as its event;
+//! - `meta(key, value)`: schema version, the checkpoint public key and a
+//!   fingerprint of the HMAC key, so a log cannot be reopened with other keys.
+//!
+//! Every complete subtree hash is kept in memory ([`Tree`]), rebuilt at open
+//! from the stored events (each leaf hash is recomputed), so receipts and
+//! proofs never read the database.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use baton_core::TaskId;
+use rusqlite::{Connection, OpenFlags, OptionalExtension as _, TransactionBehavior, params};
+
+use crate::error::{AuditError, TamperError, TamperReason};
+use crate::event::{AuditEvent, AuditRecord, ClearText, canonical_bytes, decode_canonical};
+use crate::keys::AuditKeys;
+use crate::merkle::{self, Hash, Tree};
+use crate::proof::{Receipt, SignedCheckpoint, checkpoint_message, hex_all};
+
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS leaves (
+    idx        INTEGER PRIMARY KEY,
+    task_id    TEXT NOT NULL,
+    event      BLOB NOT NULL,
+    leaf_hash  BLOB NOT NULL,
+    clear_text TEXT
+);
+CREATE INDEX IF NOT EXISTS leaves_by_task ON leaves (task_id, idx);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    size      INTEGER PRIMARY KEY,
+    root_hash TEXT NOT NULL,
+    at        INTEGER NOT NULL,
+    signature TEXT NOT NULL
+);
+";
+
+/// How hard each append is pushed to disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// WAL with `synchronous=NORMAL`: a committed append survives a crash of
+    /// the process; a power loss or OS crash may drop the last few appends
+    /// (the log stays consistent: an event and its checkpoint go together).
+    #[default]
+    Process,
+    /// WAL with `synchronous=FULL`: every append is fsynced before its
+    /// receipt is returned (survives power loss; much slower).
+    PowerLoss,
+}
+
+/// What `verify` checked.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct VerifyReport {
+    /// Number of events.
+    pub size: u64,
+    /// Lowercase hex root of all events.
+    pub root: String,
+    /// Number of signed checkpoints checked (root and signature).
+    pub checkpoints: u64,
+}
+
+struct Inner {
+    conn: Connection,
+    tree: Tree,
+    last_at: u64,
+    /// Set when the stored state can no longer be trusted to match memory.
+    poisoned: Option<String>,
+}
+
+/// The audit log. Appends are serialized by an internal lock; the value is
+/// `Send + Sync` and meant to be shared (`Arc<AuditLog>`).
+pub struct AuditLog {
+    inner: Mutex<Inner>,
+    keys: AuditKeys,
+    path: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("path", &self.path)
+            .field("keys", &self.keys)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AuditLog {
+    /// Opens (or creates) the log at `path` with [`Durability::Process`].
+    /// Refuses a log written with other keys, and one whose stored events do
+    /// not match its last signed checkpoint (`AuditError::Tampered`).
+    pub fn open(path: &Path, keys: AuditKeys) -> Result<Self, AuditError> {
+        Self::open_with(path, keys, Durability::default())
+    }
+
+    /// [`Self::open`] with an explicit durability.
+    pub fn open_with(
+        path: &Path,
+        keys: AuditKeys,
+        durability: Durability,
+    ) -> Result<Self, AuditError> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(
+            None,
+            "synchronous",
+            match durability {
+                Durability::Process => "NORMAL",
+                Durability::PowerLoss => "FULL",
+            },
+        )?;
+        Self::init(conn, keys, Some(path.to_path_buf()))
+    }
+
+    /// A log in memory (tests, `baton dev` without a data dir).
+    pub fn in_memory(keys: AuditKeys) -> Result<Self, AuditError> {
+        Self::init(Connection::open_in_memory()?, keys, None)
+    }
+
+    fn init(conn: Connection, keys: AuditKeys, path: Option<PathBuf>) -> Result<Self, AuditError> {
+        {
+            let tx = conn.unchecked_transaction()?;
+            tx.execute_batch(SCHEMA)?;
+            let public = hex::encode(keys.public_key());
+            let key_id = keys.hmac_key_id();
+            let mut put = tx.prepare("INSERT OR IGNORE INTO meta (key, value) VALUES (?1, ?2)")?;
+            put.execute(params!["schema_version", SCHEMA_VERSION.to_string()])?;
+            put.execute(params!["checkpoint_public_key", public])?;
+            put.execute(params!["hmac_key_id", key_id])?;
+            drop(put);
+            check_schema(&tx)?;
+            if meta(&tx, "checkpoint_public_key")?.as_deref() != Some(public.as_str()) {
+                return Err(AuditError::KeyMismatch {
+                    which: "checkpoint signing",
+                });
+            }
+            if meta(&tx, "hmac_key_id")?.as_deref() != Some(key_id.as_str()) {
+                return Err(AuditError::KeyMismatch { which: "HMAC" });
+            }
+            tx.commit()?;
+        }
+        let scan = {
+            let tx = conn.unchecked_transaction()?;
+            let quick = scan(&tx, keys.public_key(), None, ScanMode::LastCheckpoint);
+            let scan = match quick {
+                Ok(s) => s,
+                // Name the first bad index precisely before refusing.
+                Err(e) => {
+                    return Err(scan(&tx, keys.public_key(), None, ScanMode::Full)
+                        .err()
+                        .unwrap_or(e)
+                        .into());
+                }
+            };
+            tx.commit()?;
+            scan
+        };
+        Ok(Self {
+            inner: Mutex::new(Inner {
+                conn,
+                tree: scan.tree,
+                last_at: scan.last_at,
+                poisoned: None,
+            }),
+            keys,
+            path,
+        })
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, Inner>, AuditError> {
+        self.inner
+            .lock()
+            .map_err(|_| AuditError::Poisoned("a thread panicked while appending".into()))
+    }
+
+    /// The checkpoint verification key (uncompressed P-256 point).
+    pub fn public_key(&self) -> &[u8] {
+        self.keys.public_key()
+    }
+
+    /// Hex HMAC of `value` under the log's key: how to look up events by a
+    /// sensitive value (an initiator) without storing it.
+    pub fn hmac(&self, value: &str) -> String {
+        self.keys.hmac_hex(value)
+    }
+
+    /// The canonical bytes `append` would store for `event`.
+    pub fn canonical_bytes(&self, event: &AuditEvent) -> Result<Vec<u8>, AuditError> {
+        canonical_bytes(event, &self.keys)
+    }
+
+    /// Number of events.
+    pub fn size(&self) -> Result<u64, AuditError> {
+        Ok(self.lock()?.tree.size())
+    }
+
+    /// Appends one event in its own transaction together with a signed
+    /// checkpoint of the new size, and returns the receipt. Any failure is an
+    /// error (nothing is half-written); the caller must refuse what it was
+    /// recording. The checkpoint's `at` is `event.at`, raised to the previous
+    /// checkpoint's if earlier, so checkpoint times never go backwards.
+    pub fn append(&self, event: &AuditEvent) -> Result<Receipt, AuditError> {
+        let bytes = canonical_bytes(event, &self.keys)?;
+        let clear = match ClearText::of(event) {
+            Some(c) => {
+                Some(serde_json::to_string(&c).map_err(|e| AuditError::Encode(e.to_string()))?)
+            }
+            None => None,
+        };
+        let leaf = merkle::leaf_hash(&bytes);
+        let mut guard = self.lock()?;
+        let inner = &mut *guard;
+        if let Some(why) = &inner.poisoned {
+            return Err(AuditError::Poisoned(why.clone()));
+        }
+        let index = inner.tree.size();
+        let size = index + 1;
+        let at = event.at.max(inner.last_at);
+        inner.tree.push(leaf);
+        let prepared = (|| {
+            let root = inner
+                .tree
+                .root(size)
+                .ok_or_else(|| AuditError::Range("root of the new size".into()))?;
+            let proof = inner
+                .tree
+                .inclusion_proof(index, size)
+                .ok_or_else(|| AuditError::Range("inclusion proof of the new leaf".into()))?;
+            let root_hex = hex::encode(root);
+            let signature = B64.encode(self.keys.sign(&checkpoint_message(size, &root_hex, at))?);
+            Ok::<_, AuditError>(Receipt {
+                index,
+                leaf_hash: hex::encode(leaf),
+                checkpoint: SignedCheckpoint {
+                    size,
+                    root_hash: root_hex,
+                    at,
+                    signature,
+                },
+                inclusion_proof: hex_all(&proof),
+            })
+        })();
+        let receipt = match prepared {
+            Ok(r) => r,
+            Err(e) => {
+                inner.tree.truncate(index);
+                return Err(e);
+            }
+        };
+        match write_append(
+            &mut inner.conn,
+            event,
+            &bytes,
+            &leaf,
+            clear.as_deref(),
+            &receipt,
+        ) {
+            Ok(()) => {
+                inner.last_at = at;
+                Ok(receipt)
+            }
+            Err(e) => {
+                inner.tree.truncate(index);
+                if matches!(e, WriteError::Commit(_) | WriteError::StateChanged(_)) {
+                    inner.poisoned = Some(e.to_string());
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// The stored signed checkpoint of `size`, if any.
+    pub fn checkpoint(&self, size: u64) -> Result<Option<SignedCheckpoint>, AuditError> {
+        let inner = self.lock()?;
+        let size = to_i64(size)?;
+        Ok(inner
+            .conn
+            .prepare_cached(
+                "SELECT size, root_hash, at, signature FROM checkpoints WHERE size = ?1",
+            )?
+            .query_row([size], checkpoint_row)
+            .optional()?)
+    }
+
+    /// The newest signed checkpoint (`None` for an empty log).
+    pub fn latest_checkpoint(&self) -> Result<Option<SignedCheckpoint>, AuditError> {
+        let inner = self.lock()?;
+        Ok(inner
+            .conn
+            .prepare_cached(
+                "SELECT size, root_hash, at, signature FROM checkpoints ORDER BY size DESC LIMIT 1",
+            )?
+            .query_row([], checkpoint_row)
+            .optional()?)
+    }
+
+    /// A fresh receipt for event `index` against the newest checkpoint.
+    pub fn receipt(&self, index: u64) -> Result<Receipt, AuditError> {
+        let checkpoint = self
+            .latest_checkpoint()?
+            .ok_or_else(|| AuditError::Range("the log is empty".into()))?;
+        let inner = self.lock()?;
+        let leaf = inner
+            .tree
+            .leaf(index)
+            .ok_or_else(|| AuditError::Range(format!("no event #{index}")))?;
+        let proof = inner
+            .tree
+            .inclusion_proof(index, checkpoint.size)
+            .ok_or_else(|| {
+                AuditError::Range(format!(
+                    "event #{index} is not covered by checkpoint {}",
+                    checkpoint.size
+                ))
+            })?;
+        Ok(Receipt {
+            index,
+            leaf_hash: hex::encode(leaf),
+            checkpoint,
+            inclusion_proof: hex_all(&proof),
+        })
+    }
+
+    /// Inclusion path of event `index` in the tree of the first `size` events.
+    pub fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<String>, AuditError> {
+        let inner = self.lock()?;
+        inner
+            .tree
+            .inclusion_proof(index, size)
+            .map(|p| hex_all(&p))
+            .ok_or_else(|| {
+                AuditError::Range(format!(
+                    "no inclusion proof for #{index} in size {size} (log size {})",
+                    inner.tree.size()
+                ))
+            })
+    }
+
+    /// RFC 9162 §2.1.4.1 consistency proof from `old_size` to `new_size`
+    /// (lowercase hex hashes); empty when `old_size` is 0 or equals `new_size`.
+    pub fn consistency_proof(
+        &self,
+        old_size: u64,
+        new_size: u64,
+    ) -> Result<Vec<String>, AuditError> {
+        let inner = self.lock()?;
+        inner
+            .tree
+            .consistency_proof(old_size, new_size)
+            .map(|p| hex_all(&p))
+            .ok_or_else(|| {
+                AuditError::Range(format!(
+                    "no consistency proof from size {old_size} to {new_size} (log size {})",
+                    inner.tree.size()
+                ))
+            })
+    }
+
+    /// The stored canonical bytes of event `index`, checked against the tree.
+    pub fn event_bytes(&self, index: u64) -> Result<Vec<u8>, AuditError> {
+        let inner = self.lock()?;
+        let bytes: Vec<u8> = inner
+            .conn
+            .prepare_cached("SELECT event FROM leaves WHERE idx = ?1")?
+            .query_row([to_i64(index)?], |r| {
+                r.get_ref(0)?
+                    .as_bytes()
+                    .map(<[u8]>::to_vec)
+                    .map_err(Into::into)
+            })
+            .optional()?
+            .ok_or_else(|| AuditError::Range(format!("no event #{index}")))?;
+        if inner.tree.leaf(index) != Some(merkle::leaf_hash(&bytes)) {
+            return Err(TamperError::at(index, TamperReason::LeafHashMismatch).into());
+        }
+        Ok(bytes)
+    }
+
+    /// Every event of `task`, in log order, with the clear text still held.
+    /// Each event is checked against the in-memory tree (and its clear text
+    /// against its HMAC) before it is returned.
+    pub fn events_for_task(&self, task: &TaskId) -> Result<Vec<AuditRecord>, AuditError> {
+        let inner = self.lock()?;
+        let mut stmt = inner.conn.prepare_cached(
+            "SELECT idx, event, clear_text FROM leaves WHERE task_id = ?1 ORDER BY idx",
+        )?;
+        let mut rows = stmt.query([task.as_str()])?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            let idx = u64::try_from(row.get::<_, i64>(0)?)
+                .map_err(|_| AuditError::Range("negative index".into()))?;
+            let bytes = row.get_ref(1)?.as_bytes().map_err(rusqlite::Error::from)?;
+            let clear: Option<String> = row.get(2)?;
+            if inner.tree.leaf(idx) != Some(merkle::leaf_hash(bytes)) {
+                return Err(TamperError::at(idx, TamperReason::LeafHashMismatch).into());
+            }
+            let ev = decode_canonical(bytes)
+                .map_err(|reason| AuditError::Decode { index: idx, reason })?;
+            if &ev.task_id != task {
+                return Err(TamperError::at(idx, TamperReason::TaskColumnMismatch).into());
+            }
+            let clear = check_clear_text(idx, &ev, clear.as_deref(), Some(&self.keys))?;
+            out.push(AuditRecord::from_parts(idx, ev, clear));
+        }
+        Ok(out)
+    }
+
+    /// Wipes the clear-text display copies of sensitive values, for one task
+    /// or (with `None`) for the whole log. The tree is unaffected: it covers
+    /// only the HMACs. Returns how many events were wiped.
+    pub fn redact_clear_text(&self, task: Option<&TaskId>) -> Result<u64, AuditError> {
+        let inner = self.lock()?;
+        let n = match task {
+            Some(t) => inner.conn.execute(
+                "UPDATE leaves SET clear_text = NULL WHERE task_id = ?1 AND clear_text IS NOT NULL",
+                [t.as_str()],
+            )?,
+            None => inner.conn.execute(
+                "UPDATE leaves SET clear_text = NULL WHERE clear_text IS NOT NULL",
+                [],
+            )?,
+        };
+        Ok(n as u64)
+    }
+
+    /// Recomputes every leaf hash from the stored event bytes, checks the
+    /// indexes are contiguous from 0, and checks the rebuilt tree against
+    /// every stored checkpoint (root and signature), and each clear-text copy
+    /// against its HMAC. Reads a consistent snapshot; for a file-backed log
+    /// it uses its own connection, so appends are not blocked.
+    pub fn verify(&self) -> Result<VerifyReport, TamperError> {
+        let storage =
+            |e: rusqlite::Error| TamperError::general(TamperReason::Storage(e.to_string()));
+        match &self.path {
+            Some(p) => {
+                let conn = open_read_only(p).map_err(storage)?;
+                verify_conn(&conn, self.keys.public_key(), Some(&self.keys))
+            }
+            None => {
+                let inner = self.inner.lock().map_err(|_| {
+                    TamperError::general(TamperReason::Storage("lock poisoned".into()))
+                })?;
+                verify_conn(&inner.conn, self.keys.public_key(), Some(&self.keys))
+            }
+        }
+    }
+
+    /// [`Self::verify`] for a log file, with only the checkpoint public key
+    /// (no HMAC key: clear-text copies are not checked). Opens read-only.
+    pub fn verify_file(path: &Path, public_key: &[u8]) -> Result<VerifyReport, TamperError> {
+        let conn = open_read_only(path)
+            .map_err(|e| TamperError::general(TamperReason::Storage(e.to_string())))?;
+        verify_conn(&conn, public_key, None)
+    }
+}
+
+fn open_read_only(path: &Path) -> Result<Connection, rusqlite::Error> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+fn verify_conn(
+    conn: &Connection,
+    public_key: &[u8],
+    keys: Option<&AuditKeys>,
+) -> Result<VerifyReport, TamperError> {
+    let storage = |e: rusqlite::Error| TamperError::general(TamperReason::Storage(e.to_string()));
+    let tx = conn.unchecked_transaction().map_err(storage)?;
+    let found: Option<i64> = tx
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'schema_version'",
+            [],
+            |r| r.get::<_, String>(0),
+        )
+        .optional()
+        .map_err(storage)?
+        .and_then(|v| v.parse().ok());
+    if found != Some(SCHEMA_VERSION) {
+        return Err(TamperError::general(TamperReason::Storage(format!(
+            "not an audit log of schema version {SCHEMA_VERSION} (found {found:?})"
+        ))));
+    }
+    let s = scan(&tx, public_key, keys, ScanMode::Full)?;
+    let size = s.tree.size();
+    let root = s.tree.root(size).map(hex::encode).unwrap_or_default();
+    Ok(VerifyReport {
+        size,
+        root,
+        checkpoints: s.checkpoints,
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ScanMode {
+    /// Leaves, then only the newest checkpoint (open).
+    LastCheckpoint,
+    /// Leaves and every checkpoint (verify).
+    Full,
+}
+
+/// A checkpoint row: its size column and the row, or why it is unreadable.
+type CpRow = (i64, Result<SignedCheckpoint, String>);
+
+struct Scan {
+    tree: Tree,
+    last_at: u64,
+    checkpoints: u64,
+}
+
+/// One pass over the leaves in index order, checking checkpoints as the
+/// tree reaches their sizes, so the first fault found is the earliest.
+fn scan(
+    conn: &Connection,
+    public_key: &[u8],
+    keys: Option<&AuditKeys>,
+    mode: ScanMode,
+) -> Result<Scan, TamperError> {
+    let storage = |e: rusqlite::Error| TamperError::general(TamperReason::Storage(e.to_string()));
+    let mut leaves = conn
+        .prepare("SELECT idx, task_id, event, leaf_hash, clear_text FROM leaves ORDER BY idx")
+        .map_err(storage)?;
+    let mut cps = conn
+        .prepare(match mode {
+            ScanMode::Full => {
+                "SELECT size, root_hash, at, signature FROM checkpoints ORDER BY size"
+            }
+            ScanMode::LastCheckpoint => {
+                "SELECT size, root_hash, at, signature FROM checkpoints ORDER BY size DESC LIMIT 1"
+            }
+        })
+        .map_err(storage)?;
+    let mut cp_rows = cps.query([]).map_err(storage)?;
+    let mut next_cp = || -> Result<Option<CpRow>, TamperError> {
+        let Some(row) = cp_rows.next().map_err(storage)? else {
+            return Ok(None);
+        };
+        let size: i64 = row.get(0).map_err(storage)?;
+        Ok(Some((size, checkpoint_row(row).map_err(|e| e.to_string()))))
+    };
+
+    let mut tree = Tree::new();
+    let mut pending = next_cp()?;
+    let mut last_good: u64 = 0;
+    let mut last_cp: Option<SignedCheckpoint> = None;
+    let mut checked = 0u64;
+
+    let mut check_cp = |tree: &Tree,
+                        size: i64,
+                        cp: Result<SignedCheckpoint, String>,
+                        last_good: &mut u64|
+     -> Result<SignedCheckpoint, TamperError> {
+        let usize_ = u64::try_from(size).unwrap_or(0);
+        let malformed = |detail: String| {
+            TamperError::general(TamperReason::CheckpointMalformed {
+                checkpoint_size: usize_,
+                detail,
+            })
+        };
+        let cp = cp.map_err(malformed)?;
+        if size < 1 {
+            return Err(malformed("size below 1".into()));
+        }
+        let root = match cp.verify(public_key) {
+            Ok(r) => r,
+            Err(crate::ProofError::BadSignature) => {
+                return Err(TamperError::general(TamperReason::CheckpointSignature {
+                    checkpoint_size: cp.size,
+                }));
+            }
+            Err(e) => return Err(malformed(e.to_string())),
+        };
+        if tree.root(cp.size) != Some(root) {
+            return Err(TamperError::at(
+                *last_good,
+                TamperReason::RootMismatch {
+                    checkpoint_size: cp.size,
+                },
+            ));
+        }
+        *last_good = cp.size;
+        checked += 1;
+        Ok(cp)
+    };
+
+    let mut rows = leaves.query([]).map_err(storage)?;
+    let mut expected: u64 = 0;
+    while let Some(row) = rows.next().map_err(storage)? {
+        let idx: i64 = row.get(0).map_err(storage)?;
+        if u64::try_from(idx).ok() != Some(expected) {
+            return Err(TamperError::at(
+                expected,
+                TamperReason::IndexGap {
+                    expected,
+                    found: u64::try_from(idx).unwrap_or(u64::MAX),
+                },
+            ));
+        }
+        let malformed = |d: String| TamperError::at(expected, TamperReason::Malformed(d));
+        let task: String = row.get(1).map_err(|e| malformed(e.to_string()))?;
+        let bytes = row
+            .get_ref(2)
+            .and_then(|v| v.as_bytes().map_err(Into::into))
+            .map_err(|e| malformed(e.to_string()))?;
+        let stored = row
+            .get_ref(3)
+            .and_then(|v| v.as_bytes().map_err(Into::into))
+            .map_err(|e| malformed(e.to_string()))?;
+        let h = merkle::leaf_hash(bytes);
+        if stored != h.as_slice() {
+            return Err(TamperError::at(expected, TamperReason::LeafHashMismatch));
+        }
+        let ev = decode_canonical(bytes).map_err(malformed)?;
+        if ev.task_id.as_str() != task {
+            return Err(TamperError::at(expected, TamperReason::TaskColumnMismatch));
+        }
+        if let Some(keys) = keys {
+            let clear: Option<String> = row.get(4).map_err(|e| malformed(e.to_string()))?;
+            check_clear_text(expected, &ev, clear.as_deref(), Some(keys)).map_err(|e| match e {
+                AuditError::Tampered(t) => t,
+                other => malformed(other.to_string()),
+            })?;
+        }
+        tree.push(h);
+        expected += 1;
+        if mode == ScanMode::Full {
+            while let Some((size, _)) = &pending {
+                if u64::try_from(*size).unwrap_or(0) > tree.size() {
+                    break;
+                }
+                if let Some((size, cp)) = pending.take() {
+                    last_cp = Some(check_cp(&tree, size, cp, &mut last_good)?);
+                }
+                pending = next_cp()?;
+            }
+        }
+    }
+    let log_size = tree.size();
+    // Checkpoints not yet reached: in Full mode those beyond the log; in
+    // LastCheckpoint mode the single newest one.
+    while let Some((size, cp)) = pending.take() {
+        let cp_size = u64::try_from(size).unwrap_or(0);
+        if cp_size > log_size {
+            return Err(TamperError::at(
+                log_size,
+                TamperReason::CheckpointBeyondLog {
+                    checkpoint_size: cp_size,
+                    log_size,
+                },
+            ));
+        }
+        last_cp = Some(check_cp(&tree, size, cp, &mut last_good)?);
+        pending = next_cp()?;
+    }
+    match &last_cp {
+        None if log_size > 0 => {
+            return Err(TamperError::at(0, TamperReason::NoCheckpoint));
+        }
+        Some(cp) if cp.size < log_size => {
+            return Err(TamperError::at(
+                cp.size,
+                TamperReason::UnsignedTail {
+                    last_checkpoint_size: cp.size,
+                    log_size,
+                },
+            ));
+        }
+        _ => {}
+    }
+    Ok(Scan {
+        tree,
+        last_at: last_cp.map_or(0, |c| c.at),
+        checkpoints: checked,
+    })
+}
+
+fn check_clear_text(
+    index: u64,
+    ev: &crate::event::CanonicalEvent,
+    clear: Option<&str>,
+    keys: Option<&AuditKeys>,
+) -> Result<ClearText, AuditError> {
+    let Some(text) = clear else {
+        return Ok(ClearText::default());
+    };
+    let clear: ClearText = serde_json::from_str(text).map_err(|e| AuditError::Decode {
+        index,
+        reason: format!("clear-text column: {e}"),
+    })?;
+    if let Some(keys) = keys {
+        let pairs = [
+            ("initiator", &clear.initiator, &ev.initiator_hmac),
+            (
+                "justification",
+                &clear.justification,
+                &ev.justification_hmac,
+            ),
+        ];
+        for (field, value, mac) in pairs {
+            let ok = match (value, mac) {
+                (None, _) => true,
+                (Some(v), Some(m)) => &keys.hmac_hex(v) == m,
+                (Some(_), None) => false,
+            };
+            if !ok {
+                return Err(
+                    TamperError::at(index, TamperReason::ClearTextMismatch { field }).into(),
+                );
+            }
+        }
+    }
+    Ok(clear)
+}
+
+#[derive(Debug, thiserror::Error)]
+enum WriteError {
+    #[error(transparent)]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("commit failed: {0}")]
+    Commit(rusqlite::Error),
+    #[error("{0}")]
+    StateChanged(String),
+}
+
+impl From<WriteError> for AuditError {
+    fn from(e: WriteError) -> Self {
+        match e {
+            WriteError::Sqlite(e) | WriteError::Commit(e) => AuditError::Sqlite(e),
+            WriteError::StateChanged(s) => AuditError::ConcurrentWriter(s),
+        }
+    }
+}
+
+fn write_append(
+    conn: &mut Connection,
+    event: &AuditEvent,
+    bytes: &[u8],
+    leaf: &Hash,
+    clear: Option<&str>,
+    receipt: &Receipt,
+) -> Result<(), WriteError> {
+    let idx = i64::try_from(receipt.index)
+        .map_err(|_| WriteError::StateChanged("index overflow".into()))?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    {
+        // INVARIANT: the database ends exactly where memory does; otherwise
+        // another writer (or an editor) changed it since we opened it.
+        let last_idx: Option<i64> = tx
+            .prepare_cached("SELECT max(idx) FROM leaves")?
+            .query_row([], |r| r.get(0))?;
+        let last_cp: Option<i64> = tx
+            .prepare_cached("SELECT max(size) FROM checkpoints")?
+            .query_row([], |r| r.get(0))?;
+        let want_idx = if idx == 0 { None } else { Some(idx - 1) };
+        let want_cp = if idx == 0 { None } else { Some(idx) };
+        if last_idx != want_idx || last_cp != want_cp {
+            return Err(WriteError::StateChanged(format!(
+                "expected {idx} events and checkpoints on disk, found last index {last_idx:?} and last checkpoint {last_cp:?}"
+            )));
+        }
+        tx.prepare_cached(
+            "INSERT INTO leaves (idx, task_id, event, leaf_hash, clear_text) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?
+        .execute(params![idx, event.task_id.as_str(), bytes, &leaf[..], clear])?;
+        let cp = &receipt.checkpoint;
+        tx.prepare_cached(
+            "INSERT INTO checkpoints (size, root_hash, at, signature) VALUES (?1, ?2, ?3, ?4)",
+        )?
+        .execute(params![
+            idx + 1,
+            cp.root_hash,
+            i64::try_from(cp.at).unwrap_or(i64::MAX),
+            cp.signature
+        ])?;
+    }
+    tx.commit().map_err(WriteError::Commit)
+}
+
+fn checkpoint_row(row: &rusqlite::Row<'_>) -> Result<SignedCheckpoint, rusqlite::Error> {
+    let size: i64 = row.get(0)?;
+    let at: i64 = row.get(2)?;
+    let conv = |v: i64, col: usize| {
+        u64::try_from(v).map_err(|_| rusqlite::Error::IntegralValueOutOfRange(col, v))
+    };
+    Ok(SignedCheckpoint {
+        size: conv(size, 0)?,
+        root_hash: row.get(1)?,
+        at: conv(at, 2)?,
+        signature: row.get(3)?,
+    })
+}
+
+fn meta(conn: &Connection, key: &str) -> Result<Option<String>, rusqlite::Error> {
+    conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+        .optional()
+}
+
+fn check_schema(conn: &Connection) -> Result<(), AuditError> {
+    let found = meta(conn, "schema_version")?
+        .and_then(|v| v.parse::<i64>().ok())
+        .unwrap_or(-1);
+    if found != SCHEMA_VERSION {
+        return Err(AuditError::Schema {
+            found,
+            expected: SCHEMA_VERSION,
+        });
+    }
+    Ok(())
+}
+
+fn to_i64(v: u64) -> Result<i64, AuditError> {
+    i64::try_from(v).map_err(|_| AuditError::Range(format!("{v} is out of range")))
+}
+
+#[allow(dead_code)]
+fn _assert_send_sync() {
+    fn is<T: Send + Sync>() {}
+    is::<AuditLog>();
+}

@@ -1,0 +1,719 @@
+//! Tests of the log as the broker and the CLI use it: appends and receipts,
+//! tampering with a real SQLite file, redaction, traces.
+
+use std::path::Path;
+use std::str::FromStr;
+
+use baton_core::{Purpose, RiskTier, Scope, SpiffeId, TaskId};
+use rusqlite::Connection;
+
+use crate::*;
+
+const INITIATOR: &str = "alice@example.com";
+const JUSTIFICATION: &str = "customer 4411 asked about invoice 93";
+
+fn id(path: &str) -> SpiffeId {
+    SpiffeId::parse(&format!("spiffe://example.org{path}")).unwrap()
+}
+
+fn task(n: u8) -> TaskId {
+    TaskId::from_random([n; 16])
+}
+
+fn scope(items: &[&str]) -> Scope {
+    Scope::parse(items).unwrap()
+}
+
+/// A small task: start, a granted hop, its redeem, two tool calls, a refused
+/// hop, a purpose change and the end.
+fn task_events(t: &TaskId, at: u64) -> Vec<AuditEvent> {
+    let purpose = Purpose::from_str("support.case-research").unwrap();
+    let mut start = AuditEvent::new(EventKind::TaskStarted, at, t.clone());
+    start.actor = Some(id("/agents/planner"));
+    start.initiator = Some(INITIATOR.into());
+    start.purpose = Some(purpose.clone());
+    start.scope = Some(scope(&["tool:crm.search:read", "dataset:crm:read"]));
+    start.depth = Some(0);
+    start.token_jti = Some("jti-root".into());
+
+    let mut hop = AuditEvent::new(EventKind::HopGranted, at + 1, t.clone());
+    hop.actor = Some(id("/agents/planner"));
+    hop.target = Some(id("/agents/researcher"));
+    hop.parent_jti = Some("jti-root".into());
+    hop.purpose = Some(purpose.clone());
+    hop.scope = Some(scope(&["tool:crm.search:read"]));
+    hop.depth = Some(1);
+    hop.decision = Some("granted".into());
+    hop.justification = Some(JUSTIFICATION.into());
+    hop.policy_ids = vec!["hop-default".into()];
+
+    let mut redeem = AuditEvent::new(EventKind::Redeemed, at + 2, t.clone());
+    redeem.actor = Some(id("/agents/researcher"));
+    redeem.token_jti = Some("jti-r1".into());
+    redeem.parent_jti = Some("jti-root".into());
+
+    let mut call = AuditEvent::new(EventKind::ToolCall, at + 3, t.clone());
+    call.actor = Some(id("/agents/researcher"));
+    call.target = Some(id("/tools/crm"));
+    call.token_jti = Some("jti-r1".into());
+    call.tool = Some("crm.search".into());
+    call.resource = Some("dataset:crm".into());
+    call.risk = Some(RiskTier::Read);
+    call.decision = Some("allow".into());
+    call.policy_ids = vec!["crm-read".into(), "purpose-match".into()];
+    call.input_digest = Some("ab".repeat(32));
+    call.output_digest = Some("cd".repeat(32));
+
+    let mut denied = call.clone();
+    denied.at = at + 4;
+    denied.tool = Some("crm.export".into());
+    denied.risk = Some(RiskTier::Export);
+    denied.decision = Some("deny".into());
+    denied.reason = Some("export not in scope".into());
+    denied.policy_ids = vec!["forbid-export".into()];
+    denied.output_digest = None;
+
+    let mut refused = AuditEvent::new(EventKind::HopRefused, at + 5, t.clone());
+    refused.actor = Some(id("/agents/researcher"));
+    refused.target = Some(id("/agents/mailer"));
+    refused.parent_jti = Some("jti-r1".into());
+    refused.scope = Some(scope(&["tool:mail.send:write"]));
+    refused.depth = Some(2);
+    refused.decision = Some("refused".into());
+    refused.reason = Some("scope widens: tool:mail.send:write".into());
+
+    let mut change = AuditEvent::new(EventKind::PurposeChanged, at + 6, t.clone());
+    change.actor = Some(id("/agents/planner"));
+    change.purpose = Some(Purpose::from_str("support.billing").unwrap());
+
+    let mut end = AuditEvent::new(EventKind::TaskEnded, at + 7, t.clone());
+    end.actor = Some(id("/agents/planner"));
+    end.reason = Some("completed".into());
+
+    vec![start, hop, redeem, call, denied, refused, change, end]
+}
+
+fn filled_file(dir: &Path, n_tasks: u8) -> (std::path::PathBuf, Vec<u8>, Vec<Receipt>) {
+    let path = dir.join("audit.db");
+    let keys = AuditKeys::load_or_create(&dir.join("keys")).unwrap();
+    let pk = keys.public_key().to_vec();
+    let log = AuditLog::open(&path, keys).unwrap();
+    let mut receipts = Vec::new();
+    for t in 0..n_tasks {
+        for e in task_events(&task(t), 1_700_000_000 + u64::from(t) * 10) {
+            receipts.push(log.append(&e).unwrap());
+        }
+    }
+    drop(log);
+    (path, pk, receipts)
+}
+
+fn reopen(dir: &Path, path: &Path) -> Result<AuditLog, AuditError> {
+    AuditLog::open(path, AuditKeys::load_or_create(&dir.join("keys")).unwrap())
+}
+
+/// Asserts both `verify_file` and `open` reject the file, naming `index`.
+fn assert_tampered(dir: &Path, path: &Path, pk: &[u8], index: Option<u64>) -> TamperReason {
+    let e = AuditLog::verify_file(path, pk).unwrap_err();
+    assert_eq!(e.first_bad_index, index, "{e}");
+    match reopen(dir, path) {
+        Err(AuditError::Tampered(t)) => assert_eq!(t, e, "open and verify disagree"),
+        other => panic!("open should refuse a tampered log, got {other:?}"),
+    }
+    e.reason
+}
+
+#[test]
+fn receipts_verify_offline_with_only_the_public_key() {
+    let keys = AuditKeys::generate().unwrap();
+    let spki = keys.public_key_spki_der();
+    let log = AuditLog::in_memory(keys).unwrap();
+    let pk = log.public_key().to_vec();
+    let mut receipts = Vec::new();
+    for e in task_events(&task(1), 100) {
+        let bytes = log.canonical_bytes(&e).unwrap();
+        let r = log.append(&e).unwrap();
+        // Round-trip through JSON as the broker's API would.
+        let r: Receipt = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        verify_receipt(&r, ReceiptLeaf::Canonical(&bytes), &pk).unwrap();
+        verify_receipt(&r, ReceiptLeaf::Canonical(&bytes), &spki).unwrap();
+        assert_eq!(log.event_bytes(r.index).unwrap(), bytes);
+        // Another event's bytes, another key, a changed index all fail.
+        assert_eq!(
+            verify_receipt(&r, ReceiptLeaf::Canonical(b"{}"), &pk),
+            Err(ProofError::LeafMismatch)
+        );
+        let other = AuditKeys::generate().unwrap();
+        assert_eq!(
+            verify_receipt(&r, ReceiptLeaf::Canonical(&bytes), other.public_key()),
+            Err(ProofError::BadSignature)
+        );
+        if r.index > 0 {
+            let mut moved = r.clone();
+            moved.index -= 1;
+            assert!(verify_receipt(&moved, ReceiptLeaf::Canonical(&bytes), &pk).is_err());
+        }
+        receipts.push(r);
+    }
+    // Old receipts' checkpoints are consistent with every later one.
+    for old in &receipts {
+        for new in &receipts {
+            if new.checkpoint.size < old.checkpoint.size {
+                continue;
+            }
+            let proof = log
+                .consistency_proof(old.checkpoint.size, new.checkpoint.size)
+                .unwrap();
+            verify_consistency(&old.checkpoint, &new.checkpoint, &proof, &pk).unwrap();
+        }
+    }
+    // A fresh receipt against the newest checkpoint verifies too.
+    let latest = log.latest_checkpoint().unwrap().unwrap();
+    for i in 0..log.size().unwrap() {
+        let r = log.receipt(i).unwrap();
+        assert_eq!(r.checkpoint, latest);
+        let h = proof::parse_hash(&r.leaf_hash, "leaf").unwrap();
+        verify_receipt(&r, ReceiptLeaf::Hash(&h), &pk).unwrap();
+    }
+    let report = log.verify().unwrap();
+    assert_eq!(report.size, 8);
+    assert_eq!(report.root, latest.root_hash);
+    assert_eq!(report.checkpoints, 8);
+}
+
+#[test]
+fn checkpoint_signature_is_over_the_documented_message() {
+    use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1, UnparsedPublicKey};
+    use base64::Engine as _;
+    let log = AuditLog::in_memory(AuditKeys::generate().unwrap()).unwrap();
+    let r = log.append(&task_events(&task(2), 5)[0]).unwrap();
+    let cp = &r.checkpoint;
+    let msg = format!("baton-audit-checkpoint\n1\n{}\n5\n", cp.root_hash);
+    let sig = base64::engine::general_purpose::STANDARD
+        .decode(&cp.signature)
+        .unwrap();
+    UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, log.public_key())
+        .verify(msg.as_bytes(), &sig)
+        .unwrap();
+    // A one-leaf tree's root is the leaf hash.
+    assert_eq!(cp.root_hash, r.leaf_hash);
+    assert!(r.inclusion_proof.is_empty());
+}
+
+#[test]
+fn checkpoint_times_never_go_backwards() {
+    let log = AuditLog::in_memory(AuditKeys::generate().unwrap()).unwrap();
+    let t = task(3);
+    let a = log
+        .append(&AuditEvent::new(EventKind::ToolCall, 50, t.clone()))
+        .unwrap();
+    let b = log
+        .append(&AuditEvent::new(EventKind::ToolCall, 40, t))
+        .unwrap();
+    assert_eq!(a.checkpoint.at, 50);
+    assert_eq!(b.checkpoint.at, 50);
+}
+
+#[test]
+fn canonical_encoding_is_sorted_compact_and_hmacs_sensitive_values() {
+    let keys = AuditKeys::generate().unwrap();
+    for e in task_events(&task(4), 7) {
+        let bytes = event::canonical_bytes(&e, &keys).unwrap();
+        let text = std::str::from_utf8(&bytes).unwrap();
+        assert!(
+            !text.contains(INITIATOR) && !text.contains(JUSTIFICATION),
+            "{text}"
+        );
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        // Compact: re-serializing the parsed value gives the same bytes.
+        assert_eq!(serde_json::to_vec(&v).unwrap(), bytes);
+        let obj = v.as_object().unwrap();
+        let keys_in_order: Vec<&str> = {
+            // Key order as written, from the raw text.
+            let mut found: Vec<(usize, &str)> = obj
+                .keys()
+                .map(|k| (text.find(&format!("\"{k}\":")).unwrap(), k.as_str()))
+                .collect();
+            found.sort();
+            found.into_iter().map(|(_, k)| k).collect()
+        };
+        let mut sorted = keys_in_order.clone();
+        sorted.sort();
+        assert_eq!(keys_in_order, sorted);
+        assert!(obj.values().all(|v| !v.is_null()));
+        if let Some(mac) = obj.get("initiator_hmac") {
+            assert_eq!(mac.as_str().unwrap(), keys.hmac_hex(INITIATOR));
+        }
+        let decoded = decode_canonical(&bytes).unwrap();
+        assert_eq!(decoded.kind, e.kind);
+        assert_eq!(decoded.scope, e.scope);
+        // Non-canonical spellings of the same event are refused.
+        let pretty = serde_json::to_vec_pretty(&v).unwrap();
+        assert!(decode_canonical(&pretty).is_err());
+    }
+}
+
+#[test]
+fn hmac_columns_never_hold_clear_text_and_redaction_keeps_the_tree() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, pk, _) = filled_file(dir.path(), 2);
+    let raw = Connection::open(&path).unwrap();
+    let mut stmt = raw.prepare("SELECT event, clear_text FROM leaves").unwrap();
+    let rows: Vec<(Vec<u8>, Option<String>)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let mut clear_seen = false;
+    for (event, clear) in &rows {
+        let text = String::from_utf8(event.clone()).unwrap();
+        assert!(!text.contains(INITIATOR) && !text.contains(JUSTIFICATION));
+        clear_seen |= clear.as_deref().is_some_and(|c| c.contains(INITIATOR));
+    }
+    assert!(clear_seen, "clear text is kept for display until redacted");
+    drop(stmt);
+    drop(raw);
+
+    let log = reopen(dir.path(), &path).unwrap();
+    let recs = log.events_for_task(&task(0)).unwrap();
+    assert_eq!(recs[0].event.initiator.as_deref(), Some(INITIATOR));
+    assert_eq!(recs[1].event.justification.as_deref(), Some(JUSTIFICATION));
+    assert_eq!(recs[0].initiator_hmac, Some(log.hmac(INITIATOR)));
+
+    assert_eq!(log.redact_clear_text(Some(&task(0))).unwrap(), 2);
+    let recs = log.events_for_task(&task(0)).unwrap();
+    assert_eq!(recs[0].event.initiator, None);
+    assert_eq!(recs[1].event.justification, None);
+    assert_eq!(recs[0].initiator_hmac, Some(log.hmac(INITIATOR)));
+    // The other task keeps its clear text; then wipe everything.
+    assert!(
+        log.events_for_task(&task(1)).unwrap()[0]
+            .event
+            .initiator
+            .is_some()
+    );
+    assert_eq!(log.redact_clear_text(None).unwrap(), 2);
+    log.verify().unwrap();
+    drop(log);
+    AuditLog::verify_file(&path, &pk).unwrap();
+    let raw = Connection::open(&path).unwrap();
+    let n: i64 = raw
+        .query_row(
+            "SELECT count(*) FROM leaves WHERE clear_text IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(n, 0);
+}
+
+#[test]
+fn altered_clear_text_is_detected() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _, _) = filled_file(dir.path(), 1);
+    Connection::open(&path)
+        .unwrap()
+        .execute(
+            "UPDATE leaves SET clear_text = '{\"initiator\":\"mallory\"}' WHERE idx = 0",
+            [],
+        )
+        .unwrap();
+    let log = reopen(dir.path(), &path).unwrap();
+    let e = log.verify().unwrap_err();
+    assert_eq!(e.first_bad_index, Some(0));
+    assert_eq!(
+        e.reason,
+        TamperReason::ClearTextMismatch { field: "initiator" }
+    );
+    assert!(matches!(
+        log.events_for_task(&task(0)),
+        Err(AuditError::Tampered(_))
+    ));
+}
+
+#[test]
+fn untouched_file_verifies_and_reopens() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, pk, receipts) = filled_file(dir.path(), 3);
+    let report = AuditLog::verify_file(&path, &pk).unwrap();
+    assert_eq!(report.size, 24);
+    assert_eq!(report.root, receipts[23].checkpoint.root_hash);
+    let log = reopen(dir.path(), &path).unwrap();
+    assert_eq!(log.size().unwrap(), 24);
+    let r = log.append(&task_events(&task(9), 1)[0]).unwrap();
+    assert_eq!(r.index, 24);
+    let proof = log.consistency_proof(24, 25).unwrap();
+    verify_consistency(&receipts[23].checkpoint, &r.checkpoint, &proof, &pk).unwrap();
+}
+
+#[test]
+fn flipped_byte_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, pk, _) = filled_file(dir.path(), 2);
+    let raw = Connection::open(&path).unwrap();
+    let mut ev: Vec<u8> = raw
+        .query_row("SELECT event FROM leaves WHERE idx = 11", [], |r| r.get(0))
+        .unwrap();
+    // Flip one byte inside the `at` value: still valid JSON, different event.
+    let pos = ev.windows(5).position(|w| w == b"\"at\":").unwrap() + 6;
+    ev[pos] ^= 0x01;
+    raw.execute("UPDATE leaves SET event = ?1 WHERE idx = 11", [&ev])
+        .unwrap();
+    drop(raw);
+    assert_eq!(
+        assert_tampered(dir.path(), &path, &pk, Some(11)),
+        TamperReason::LeafHashMismatch
+    );
+
+    // Also rewriting the stored leaf hash does not help: the signed
+    // checkpoint of size 12 no longer matches.
+    let raw = Connection::open(&path).unwrap();
+    let h = merkle::leaf_hash(&ev);
+    raw.execute("UPDATE leaves SET leaf_hash = ?1 WHERE idx = 11", [&h[..]])
+        .unwrap();
+    drop(raw);
+    assert_eq!(
+        assert_tampered(dir.path(), &path, &pk, Some(11)),
+        TamperReason::RootMismatch {
+            checkpoint_size: 12
+        }
+    );
+}
+
+#[test]
+fn deleted_event_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, pk, _) = filled_file(dir.path(), 2);
+    let raw = Connection::open(&path).unwrap();
+    raw.execute("DELETE FROM leaves WHERE idx = 5", []).unwrap();
+    drop(raw);
+    assert_eq!(
+        assert_tampered(dir.path(), &path, &pk, Some(5)),
+        TamperReason::IndexGap {
+            expected: 5,
+            found: 6
+        }
+    );
+    // Renumbering the rest to close the gap shifts every later event.
+    let raw = Connection::open(&path).unwrap();
+    for i in 6..16 {
+        raw.execute("UPDATE leaves SET idx = ?1 WHERE idx = ?2", [i - 1, i])
+            .unwrap();
+    }
+    drop(raw);
+    assert_eq!(
+        assert_tampered(dir.path(), &path, &pk, Some(5)),
+        TamperReason::RootMismatch { checkpoint_size: 6 }
+    );
+}
+
+#[test]
+fn deleted_newest_event_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, pk, _) = filled_file(dir.path(), 1);
+    let raw = Connection::open(&path).unwrap();
+    raw.execute("DELETE FROM leaves WHERE idx = 7", []).unwrap();
+    drop(raw);
+    assert_eq!(
+        assert_tampered(dir.path(), &path, &pk, Some(7)),
+        TamperReason::CheckpointBeyondLog {
+            checkpoint_size: 8,
+            log_size: 7
+        }
+    );
+}
+
+#[test]
+fn reordered_events_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, pk, _) = filled_file(dir.path(), 2);
+    let raw = Connection::open(&path).unwrap();
+    // Swap whole rows 9 and 10 (events with their own leaf hashes).
+    raw.execute_batch(
+        "UPDATE leaves SET idx = -1 WHERE idx = 9;
+         UPDATE leaves SET idx = 9 WHERE idx = 10;
+         UPDATE leaves SET idx = 10 WHERE idx = -1;",
+    )
+    .unwrap();
+    drop(raw);
+    assert_eq!(
+        assert_tampered(dir.path(), &path, &pk, Some(9)),
+        TamperReason::RootMismatch {
+            checkpoint_size: 10
+        }
+    );
+}
+
+#[test]
+fn forged_or_altered_checkpoints_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, pk, _) = filled_file(dir.path(), 1);
+    let raw = Connection::open(&path).unwrap();
+    // Altered `at` of a middle checkpoint: the signature no longer covers it.
+    raw.execute("UPDATE checkpoints SET at = at + 1 WHERE size = 3", [])
+        .unwrap();
+    drop(raw);
+    let e = AuditLog::verify_file(&path, &pk).unwrap_err();
+    assert_eq!(e.first_bad_index, None);
+    assert_eq!(
+        e.reason,
+        TamperReason::CheckpointSignature { checkpoint_size: 3 }
+    );
+    // `open` checks only the newest checkpoint, which is intact.
+    reopen(dir.path(), &path).unwrap();
+
+    // A checkpoint re-signed with another key, over the true root.
+    let raw = Connection::open(&path).unwrap();
+    raw.execute("UPDATE checkpoints SET at = at - 1 WHERE size = 3", [])
+        .unwrap();
+    let (root, at): (String, i64) = raw
+        .query_row(
+            "SELECT root_hash, at FROM checkpoints WHERE size = 8",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    let mallory = AuditKeys::generate().unwrap();
+    let sig = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(
+            mallory
+                .sign(&checkpoint_message(8, &root, at as u64))
+                .unwrap(),
+        )
+    };
+    raw.execute(
+        "UPDATE checkpoints SET signature = ?1 WHERE size = 8",
+        [&sig],
+    )
+    .unwrap();
+    drop(raw);
+    assert_eq!(
+        assert_tampered(dir.path(), &path, &pk, None),
+        TamperReason::CheckpointSignature { checkpoint_size: 8 }
+    );
+    // Verified with the forger's key, the events still betray nothing, but
+    // every other checkpoint fails: the first is named.
+    let e = AuditLog::verify_file(&path, mallory.public_key()).unwrap_err();
+    assert_eq!(
+        e.reason,
+        TamperReason::CheckpointSignature { checkpoint_size: 1 }
+    );
+}
+
+#[test]
+fn inserted_unsigned_event_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, pk, _) = filled_file(dir.path(), 1);
+    let keys = AuditKeys::load_or_create(&dir.path().join("keys")).unwrap();
+    let e = &task_events(&task(0), 9)[3];
+    let bytes = event::canonical_bytes(e, &keys).unwrap();
+    let h = merkle::leaf_hash(&bytes);
+    Connection::open(&path)
+        .unwrap()
+        .execute(
+            "INSERT INTO leaves (idx, task_id, event, leaf_hash) VALUES (8, ?1, ?2, ?3)",
+            rusqlite::params![task(0).as_str(), bytes, &h[..]],
+        )
+        .unwrap();
+    assert_eq!(
+        assert_tampered(dir.path(), &path, &pk, Some(8)),
+        TamperReason::UnsignedTail {
+            last_checkpoint_size: 8,
+            log_size: 9
+        }
+    );
+}
+
+#[test]
+fn moved_task_column_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, pk, _) = filled_file(dir.path(), 2);
+    Connection::open(&path)
+        .unwrap()
+        .execute(
+            "UPDATE leaves SET task_id = ?1 WHERE idx = 3",
+            [task(1).as_str()],
+        )
+        .unwrap();
+    assert_eq!(
+        assert_tampered(dir.path(), &path, &pk, Some(3)),
+        TamperReason::TaskColumnMismatch
+    );
+}
+
+#[test]
+fn reopening_with_other_keys_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _, _) = filled_file(dir.path(), 1);
+    let e = AuditLog::open(&path, AuditKeys::generate().unwrap()).unwrap_err();
+    assert!(matches!(e, AuditError::KeyMismatch { .. }), "{e}");
+}
+
+#[test]
+fn a_concurrent_writer_poisons_appends() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _, _) = filled_file(dir.path(), 1);
+    let log = reopen(dir.path(), &path).unwrap();
+    log.append(&task_events(&task(5), 1)[0]).unwrap();
+    Connection::open(&path)
+        .unwrap()
+        .execute("DELETE FROM checkpoints WHERE size = 9", [])
+        .unwrap();
+    let e = log.append(&task_events(&task(5), 1)[1]).unwrap_err();
+    assert!(matches!(e, AuditError::ConcurrentWriter(_)), "{e}");
+    let e = log.append(&task_events(&task(5), 1)[1]).unwrap_err();
+    assert!(matches!(e, AuditError::Poisoned(_)), "{e}");
+    // The in-memory tree was rolled back: proofs still match the 9 events.
+    assert_eq!(log.size().unwrap(), 9);
+}
+
+#[test]
+fn sqlite_failure_is_an_error_not_a_silent_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _, _) = filled_file(dir.path(), 1);
+    let log = reopen(dir.path(), &path).unwrap();
+    // Another connection holds the write lock past the busy timeout.
+    let blocker = Connection::open(&path).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let started = std::time::Instant::now();
+    let e = log.append(&task_events(&task(6), 1)[0]).unwrap_err();
+    assert!(matches!(e, AuditError::Sqlite(_)), "{e}");
+    assert!(started.elapsed().as_secs() >= 4);
+    blocker.execute_batch("ROLLBACK").unwrap();
+    // Not poisoned: the next append goes through at the same index.
+    let r = log.append(&task_events(&task(6), 1)[0]).unwrap();
+    assert_eq!(r.index, 8);
+    log.verify().unwrap();
+}
+
+#[test]
+fn trace_of_a_small_task_renders_the_expected_tree() {
+    let log = AuditLog::in_memory(AuditKeys::generate().unwrap()).unwrap();
+    // Interleave another task to check only this one is drawn.
+    let mut other = task_events(&task(8), 1);
+    for (e, o) in task_events(&task(7), 1_700_000_000)
+        .into_iter()
+        .zip(other.drain(..))
+    {
+        log.append(&e).unwrap();
+        log.append(&o).unwrap();
+    }
+    let recs = log.events_for_task(&task(7)).unwrap();
+    assert_eq!(recs.len(), 8);
+    let text = trace(&recs).render_text();
+    let t = task(7);
+    let expected = format!(
+        "task {t}, purpose support.case-research, scope [dataset:crm:read, tool:crm.search:read], started at 1700000000
+├─ initiator alice@example.com
+├─ spiffe://example.org/agents/planner (root agent)
+│  └─ hop → spiffe://example.org/agents/researcher: granted, depth 1, scope [tool:crm.search:read], purpose support.case-research, justification \"customer 4411 asked about invoice 93\", policies [hop-default] #2
+│     ├─ redeemed token jti-r1 #4
+│     ├─ tool crm.search on dataset:crm (read): allow, policies [crm-read, purpose-match] #6
+│     ├─ tool crm.export on dataset:crm (export): deny (export not in scope), policies [forbid-export] #8
+│     └─ hop → spiffe://example.org/agents/mailer: REFUSED (scope widens: tool:mail.send:write), depth 2, scope [tool:mail.send:write] #10
+├─ purpose changed → support.billing, by spiffe://example.org/agents/planner #12
+└─ task ended, by spiffe://example.org/agents/planner, reason completed #14
+"
+    );
+    assert_eq!(text, expected, "\n{text}");
+
+    // JSON for `--json`.
+    let json = serde_json::to_value(trace(&recs)).unwrap();
+    assert_eq!(json["initiator"], INITIATOR);
+    let hop = &json["root"]["items"][0];
+    assert_eq!(hop["type"], "hop");
+    assert_eq!(
+        hop["delegate"]["agent"],
+        "spiffe://example.org/agents/researcher"
+    );
+    assert_eq!(hop["delegate"]["items"][1]["tool"], "crm.search");
+
+    // After redaction the tree shows HMAC prefixes instead.
+    log.redact_clear_text(None).unwrap();
+    let text = trace(&log.events_for_task(&task(7)).unwrap()).render_text();
+    assert!(!text.contains(INITIATOR) && !text.contains(JUSTIFICATION));
+    assert!(text.contains("initiator [redacted, hmac "), "{text}");
+    assert!(text.contains("justification [redacted, hmac "), "{text}");
+}
+
+#[test]
+fn debug_output_hides_sensitive_values() {
+    let e = &task_events(&task(1), 1)[1];
+    let dbg = format!("{e:?}");
+    assert!(!dbg.contains(JUSTIFICATION));
+    let log = AuditLog::in_memory(AuditKeys::generate().unwrap()).unwrap();
+    assert!(!format!("{log:?}").is_empty());
+}
+
+#[test]
+fn tool_call_report_becomes_an_event() {
+    let report = baton_core::api::ToolCallReport {
+        report_id: "r1".into(),
+        task_id: task(1),
+        token_jti: "jti-r1".into(),
+        agent: id("/agents/researcher"),
+        tool: "crm.search".into(),
+        resource: "dataset:crm".into(),
+        risk: RiskTier::Read,
+        scope_used: vec!["tool:crm.search:read".into()],
+        input_digest: "00".repeat(32),
+        output_digest: None,
+        justification: Some(JUSTIFICATION.into()),
+        decision: "allow".into(),
+        policy_ids: vec!["p".into()],
+        reason: None,
+        at: 77,
+    };
+    let e = AuditEvent::from_tool_call(&report, Some(id("/tools/crm")));
+    assert_eq!(e.kind, EventKind::ToolCall);
+    assert_eq!(e.actor, Some(id("/agents/researcher")));
+    assert_eq!(e.scope, Some(scope(&["tool:crm.search:read"])));
+    let log = AuditLog::in_memory(AuditKeys::generate().unwrap()).unwrap();
+    log.append(&e).unwrap();
+}
+
+/// Append throughput with receipts, and verify time. Run with
+/// `cargo test -p baton-audit --release -- --ignored --nocapture bench_`.
+#[test]
+#[ignore]
+fn bench_append_and_verify() {
+    let n: u64 = std::env::var("BATON_AUDIT_BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let dir = tempfile::tempdir().unwrap();
+    let keys = AuditKeys::load_or_create(&dir.path().join("keys")).unwrap();
+    let pk = keys.public_key().to_vec();
+    let path = dir.path().join("audit.db");
+    let log = AuditLog::open(&path, keys).unwrap();
+    let events: Vec<AuditEvent> = (0..64u8).flat_map(|t| task_events(&task(t), 1)).collect();
+    let start = std::time::Instant::now();
+    for i in 0..n {
+        log.append(&events[(i % events.len() as u64) as usize])
+            .unwrap();
+    }
+    let append = start.elapsed();
+    drop(log);
+    let start = std::time::Instant::now();
+    let report = AuditLog::verify_file(&path, &pk).unwrap();
+    let verify = start.elapsed();
+    assert_eq!(report.size, n);
+    let start = std::time::Instant::now();
+    let log = reopen(dir.path(), &path).unwrap();
+    let open = start.elapsed();
+    let start = std::time::Instant::now();
+    for i in 0..n.min(10_000) {
+        log.receipt(i).unwrap();
+    }
+    let receipts = start.elapsed();
+    eprintln!(
+        "baton-audit bench: n={n} append+receipt {:.0}/s ({:.1} µs each); verify_file {:.2} s ({:.0} events/s); open {:.2} s; receipt() {:.1} µs",
+        n as f64 / append.as_secs_f64(),
+        append.as_secs_f64() * 1e6 / n as f64,
+        verify.as_secs_f64(),
+        n as f64 / verify.as_secs_f64(),
+        open.as_secs_f64(),
+        receipts.as_secs_f64() * 1e6 / n.min(10_000) as f64,
+    );
+}

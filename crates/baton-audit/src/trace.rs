@@ -1,0 +1,568 @@
+//! `baton audit trace TASK`: a task's events drawn as its delegation tree.
+//!
+//! The initiator and the root agent come from `TaskStarted`; each hop is
+//! placed under the agent that asked for it (found by the parent token's
+//! `jti` when recorded, else by the acting SPIFFE ID), and a granted hop's
+//! target becomes a node under it that collects its own redeems, tool calls
+//! and hops. Purpose changes and the task's end are task-wide.
+
+use baton_core::{Purpose, RiskTier, Scope, SpiffeId, TaskId};
+use serde::Serialize;
+
+use crate::event::{AuditRecord, EventKind};
+
+/// A task's delegation tree.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Trace {
+    pub task_id: Option<TaskId>,
+    pub started_at: Option<u64>,
+    /// The initiator in clear, unless redacted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub initiator: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub initiator_hmac: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub purpose: Option<Purpose>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scope: Option<Scope>,
+    /// The agent the task was started for, with everything under it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub root: Option<AgentNode>,
+    /// Agents whose events could not be tied to the root's tree.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unattached: Vec<AgentNode>,
+    /// Purpose changes and the task's end, in log order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub task_events: Vec<TaskEvent>,
+}
+
+/// One agent in the tree and what it did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AgentNode {
+    pub agent: Option<SpiffeId>,
+    /// The delegation tokens it held (from `TaskStarted` and `Redeemed`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub token_jtis: Vec<String>,
+    pub items: Vec<TraceItem>,
+}
+
+/// Something an agent did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum TraceItem {
+    Hop {
+        index: u64,
+        at: u64,
+        target: Option<SpiffeId>,
+        granted: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        decision: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        scope: Option<Scope>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        purpose: Option<Purpose>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        depth: Option<u32>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        justification: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        justification_hmac: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        policy_ids: Vec<String>,
+        /// The target's own subtree, for a granted hop.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        delegate: Option<AgentNode>,
+    },
+    Redeemed {
+        index: u64,
+        at: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        token_jti: Option<String>,
+    },
+    ToolCall {
+        index: u64,
+        at: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tool: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        resource: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        risk: Option<RiskTier>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        server: Option<SpiffeId>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        decision: Option<String>,
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        policy_ids: Vec<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        justification: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        input_digest: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        output_digest: Option<String>,
+    },
+}
+
+/// A task-wide event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum TaskEvent {
+    PurposeChanged {
+        index: u64,
+        at: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        actor: Option<SpiffeId>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        purpose: Option<Purpose>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    Ended {
+        index: u64,
+        at: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        actor: Option<SpiffeId>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+}
+
+/// An agent node under construction; hop children are arena indexes.
+struct NodeB {
+    agent: Option<SpiffeId>,
+    jtis: Vec<String>,
+    items: Vec<(TraceItem, Option<usize>)>,
+}
+
+/// Builds the tree of one task's records (as `events_for_task` returns them).
+pub fn trace(records: &[AuditRecord]) -> Trace {
+    let mut records: Vec<&AuditRecord> = records.iter().collect();
+    records.sort_by_key(|r| r.index);
+    let mut t = Trace::default();
+    let mut nodes: Vec<NodeB> = Vec::new();
+    let mut root: Option<usize> = None;
+    let mut tops: Vec<usize> = Vec::new();
+
+    let new_node = |nodes: &mut Vec<NodeB>, agent: Option<SpiffeId>| {
+        nodes.push(NodeB {
+            agent,
+            jtis: Vec::new(),
+            items: Vec::new(),
+        });
+        nodes.len() - 1
+    };
+    // The node an event belongs to: by token id, else by acting agent,
+    // else the root for an event without actor, else a new unattached node.
+    let owner = |nodes: &mut Vec<NodeB>,
+                 tops: &mut Vec<usize>,
+                 root: Option<usize>,
+                 actor: Option<&SpiffeId>,
+                 jti: Option<&String>| {
+        if let Some(j) = jti
+            && let Some(i) = nodes.iter().rposition(|n| n.jtis.contains(j))
+        {
+            return i;
+        }
+        if let Some(a) = actor {
+            if let Some(i) = nodes.iter().rposition(|n| n.agent.as_ref() == Some(a)) {
+                return i;
+            }
+        } else if let Some(r) = root {
+            return r;
+        }
+        let i = new_node(nodes, actor.cloned());
+        tops.push(i);
+        i
+    };
+
+    for r in records {
+        let e = &r.event;
+        if t.task_id.is_none() {
+            t.task_id = Some(e.task_id.clone());
+        }
+        match e.kind {
+            EventKind::TaskStarted => {
+                if t.started_at.is_none() {
+                    t.started_at = Some(e.at);
+                    t.initiator = e.initiator.clone();
+                    t.initiator_hmac = r.initiator_hmac.clone();
+                    t.purpose = e.purpose.clone();
+                    t.scope = e.scope.clone();
+                }
+                let i = match root {
+                    Some(i) => i,
+                    None => {
+                        let i = new_node(&mut nodes, e.actor.clone());
+                        root = Some(i);
+                        i
+                    }
+                };
+                if let (Some(node), Some(j)) = (nodes.get_mut(i), &e.token_jti) {
+                    node.jtis.push(j.clone());
+                }
+            }
+            EventKind::HopGranted | EventKind::HopRefused => {
+                let granted = e.kind == EventKind::HopGranted;
+                let parent = owner(
+                    &mut nodes,
+                    &mut tops,
+                    root,
+                    e.actor.as_ref(),
+                    e.parent_jti.as_ref(),
+                );
+                let child = if granted {
+                    let c = new_node(&mut nodes, e.target.clone());
+                    if let (Some(node), Some(j)) = (nodes.get_mut(c), &e.token_jti) {
+                        node.jtis.push(j.clone());
+                    }
+                    Some(c)
+                } else {
+                    None
+                };
+                let item = TraceItem::Hop {
+                    index: r.index,
+                    at: e.at,
+                    target: e.target.clone(),
+                    granted,
+                    decision: e.decision.clone(),
+                    scope: e.scope.clone(),
+                    purpose: e.purpose.clone(),
+                    depth: e.depth,
+                    justification: e.justification.clone(),
+                    justification_hmac: r.justification_hmac.clone(),
+                    reason: e.reason.clone(),
+                    policy_ids: e.policy_ids.clone(),
+                    delegate: None,
+                };
+                if let Some(node) = nodes.get_mut(parent) {
+                    node.items.push((item, child));
+                }
+            }
+            EventKind::Redeemed => {
+                // The redeemer is the hop's target: find it by agent first.
+                let i = match e
+                    .actor
+                    .as_ref()
+                    .and_then(|a| nodes.iter().rposition(|n| n.agent.as_ref() == Some(a)))
+                {
+                    Some(i) => i,
+                    None => owner(
+                        &mut nodes,
+                        &mut tops,
+                        root,
+                        e.actor.as_ref(),
+                        e.parent_jti.as_ref(),
+                    ),
+                };
+                if let Some(node) = nodes.get_mut(i) {
+                    if let Some(j) = &e.token_jti {
+                        node.jtis.push(j.clone());
+                    }
+                    node.items.push((
+                        TraceItem::Redeemed {
+                            index: r.index,
+                            at: e.at,
+                            token_jti: e.token_jti.clone(),
+                        },
+                        None,
+                    ));
+                }
+            }
+            EventKind::ToolCall => {
+                let i = owner(
+                    &mut nodes,
+                    &mut tops,
+                    root,
+                    e.actor.as_ref(),
+                    e.token_jti.as_ref(),
+                );
+                if let Some(node) = nodes.get_mut(i) {
+                    node.items.push((
+                        TraceItem::ToolCall {
+                            index: r.index,
+                            at: e.at,
+                            tool: e.tool.clone(),
+                            resource: e.resource.clone(),
+                            risk: e.risk,
+                            server: e.target.clone(),
+                            decision: e.decision.clone(),
+                            policy_ids: e.policy_ids.clone(),
+                            reason: e.reason.clone(),
+                            justification: e.justification.clone(),
+                            input_digest: e.input_digest.clone(),
+                            output_digest: e.output_digest.clone(),
+                        },
+                        None,
+                    ));
+                }
+            }
+            EventKind::PurposeChanged => t.task_events.push(TaskEvent::PurposeChanged {
+                index: r.index,
+                at: e.at,
+                actor: e.actor.clone(),
+                purpose: e.purpose.clone(),
+                reason: e.reason.clone(),
+            }),
+            EventKind::TaskEnded => t.task_events.push(TaskEvent::Ended {
+                index: r.index,
+                at: e.at,
+                actor: e.actor.clone(),
+                reason: e.reason.clone(),
+            }),
+        }
+    }
+
+    let mut slots: Vec<Option<NodeB>> = nodes.into_iter().map(Some).collect();
+    t.root = root.and_then(|i| assemble(&mut slots, i));
+    t.unattached = tops
+        .into_iter()
+        .filter_map(|i| assemble(&mut slots, i))
+        .collect();
+    t
+}
+
+/// Moves node `i` and its delegates out of the arena into a tree. Children
+/// are always created after their parent, so this terminates.
+fn assemble(slots: &mut [Option<NodeB>], i: usize) -> Option<AgentNode> {
+    let node = slots.get_mut(i)?.take()?;
+    let items = node
+        .items
+        .into_iter()
+        .map(|(mut item, child)| {
+            if let (TraceItem::Hop { delegate, .. }, Some(c)) = (&mut item, child) {
+                *delegate = assemble(slots, c);
+            }
+            item
+        })
+        .collect();
+    Some(AgentNode {
+        agent: node.agent,
+        token_jtis: node.jtis,
+        items,
+    })
+}
+
+/// A line of the text tree and the lines under it.
+struct Line {
+    text: String,
+    children: Vec<Line>,
+}
+
+fn opt<T: std::fmt::Display>(label: &str, v: &Option<T>) -> String {
+    v.as_ref()
+        .map(|v| format!(", {label} {v}"))
+        .unwrap_or_default()
+}
+
+fn scope_text(s: &Option<Scope>) -> String {
+    s.as_ref()
+        .map(|s| format!(", scope [{}]", s.to_strings().join(", ")))
+        .unwrap_or_default()
+}
+
+fn sensitive(label: &str, clear: &Option<String>, mac: &Option<String>) -> String {
+    match (clear, mac) {
+        (Some(c), _) => format!(", {label} {c:?}"),
+        (None, Some(m)) => format!(", {label} [redacted, hmac {}…]", m.get(..12).unwrap_or(m)),
+        (None, None) => String::new(),
+    }
+}
+
+fn agent_name(a: &Option<SpiffeId>) -> String {
+    a.as_ref()
+        .map_or_else(|| "(unknown agent)".to_owned(), |a| a.to_string())
+}
+
+fn items_lines(items: &[TraceItem]) -> Vec<Line> {
+    items.iter().map(item_line).collect()
+}
+
+fn item_line(item: &TraceItem) -> Line {
+    match item {
+        TraceItem::Hop {
+            index,
+            target,
+            granted,
+            scope,
+            purpose,
+            depth,
+            justification,
+            justification_hmac,
+            reason,
+            policy_ids,
+            delegate,
+            ..
+        } => {
+            let mut text = format!("hop → {}: ", agent_name(target));
+            if *granted {
+                text.push_str("granted");
+            } else {
+                text.push_str("REFUSED");
+                if let Some(r) = reason {
+                    text.push_str(&format!(" ({r})"));
+                }
+            }
+            text.push_str(&opt("depth", depth));
+            text.push_str(&scope_text(scope));
+            text.push_str(&opt("purpose", purpose));
+            text.push_str(&sensitive(
+                "justification",
+                justification,
+                justification_hmac,
+            ));
+            if !policy_ids.is_empty() {
+                text.push_str(&format!(", policies [{}]", policy_ids.join(", ")));
+            }
+            if *granted && let Some(r) = reason {
+                text.push_str(&format!(", reason {r}"));
+            }
+            text.push_str(&format!(" #{index}"));
+            Line {
+                text,
+                children: delegate
+                    .as_ref()
+                    .map(|d| items_lines(&d.items))
+                    .unwrap_or_default(),
+            }
+        }
+        TraceItem::Redeemed {
+            index, token_jti, ..
+        } => Line {
+            text: format!(
+                "redeemed{} #{index}",
+                token_jti
+                    .as_ref()
+                    .map(|j| format!(" token {j}"))
+                    .unwrap_or_default()
+            ),
+            children: Vec::new(),
+        },
+        TraceItem::ToolCall {
+            index,
+            tool,
+            resource,
+            risk,
+            decision,
+            policy_ids,
+            reason,
+            justification,
+            ..
+        } => {
+            let mut text = format!("tool {}", tool.as_deref().unwrap_or("?"));
+            if let Some(r) = resource {
+                text.push_str(&format!(" on {r}"));
+            }
+            if let Some(r) = risk {
+                text.push_str(&format!(" ({r})"));
+            }
+            text.push_str(&format!(": {}", decision.as_deref().unwrap_or("?")));
+            if let Some(r) = reason {
+                text.push_str(&format!(" ({r})"));
+            }
+            if !policy_ids.is_empty() {
+                text.push_str(&format!(", policies [{}]", policy_ids.join(", ")));
+            }
+            text.push_str(&sensitive("justification", justification, &None));
+            text.push_str(&format!(" #{index}"));
+            Line {
+                text,
+                children: Vec::new(),
+            }
+        }
+    }
+}
+
+impl Trace {
+    /// The tree as indented text (`├─`, `└─`), one event per line, each
+    /// ending with its log index (`#n`).
+    pub fn render_text(&self) -> String {
+        let mut head = format!(
+            "task {}",
+            self.task_id
+                .as_ref()
+                .map_or_else(|| "(no events)".to_owned(), ToString::to_string)
+        );
+        head.push_str(&opt("purpose", &self.purpose));
+        head.push_str(&scope_text(&self.scope));
+        head.push_str(&opt("started at", &self.started_at));
+        let mut children = Vec::new();
+        if self.initiator.is_some() || self.initiator_hmac.is_some() {
+            let who = match (&self.initiator, &self.initiator_hmac) {
+                (Some(c), _) => c.clone(),
+                (None, Some(m)) => format!("[redacted, hmac {}…]", m.get(..12).unwrap_or(m)),
+                (None, None) => String::new(),
+            };
+            children.push(Line {
+                text: format!("initiator {who}"),
+                children: Vec::new(),
+            });
+        }
+        if let Some(root) = &self.root {
+            children.push(Line {
+                text: format!("{} (root agent)", agent_name(&root.agent)),
+                children: items_lines(&root.items),
+            });
+        }
+        for n in &self.unattached {
+            children.push(Line {
+                text: format!(
+                    "{} (not reached through a recorded hop)",
+                    agent_name(&n.agent)
+                ),
+                children: items_lines(&n.items),
+            });
+        }
+        for e in &self.task_events {
+            let text = match e {
+                TaskEvent::PurposeChanged {
+                    index,
+                    actor,
+                    purpose,
+                    reason,
+                    ..
+                } => format!(
+                    "purpose changed → {}{}{} #{index}",
+                    purpose
+                        .as_ref()
+                        .map_or_else(|| "?".to_owned(), ToString::to_string),
+                    opt("by", actor),
+                    opt("reason", reason)
+                ),
+                TaskEvent::Ended {
+                    index,
+                    actor,
+                    reason,
+                    ..
+                } => format!(
+                    "task ended{}{} #{index}",
+                    opt("by", actor),
+                    opt("reason", reason)
+                ),
+            };
+            children.push(Line {
+                text,
+                children: Vec::new(),
+            });
+        }
+        let mut out = head;
+        out.push('\n');
+        render_children(&children, "", &mut out);
+        out
+    }
+}
+
+fn render_children(lines: &[Line], prefix: &str, out: &mut String) {
+    for (i, line) in lines.iter().enumerate() {
+        let last = i + 1 == lines.len();
+        out.push_str(prefix);
+        out.push_str(if last { "└─ " } else { "├─ " });
+        out.push_str(&line.text);
+        out.push('\n');
+        let next = format!("{prefix}{}", if last { "   " } else { "│  " });
+        render_children(&line.children, &next, out);
+    }
+}
