@@ -251,7 +251,7 @@ impl Ca {
             .ok_or(CaError::Crypto("no active X.509 authority"))
     }
 
-    fn active_jwt(&self) -> Result<&JwtSigningKey, CaError> {
+    pub(crate) fn active_jwt(&self) -> Result<&JwtSigningKey, CaError> {
         self.jwt_keys
             .get(self.active_jwt)
             .ok_or(CaError::Crypto("no active JWT key"))

@@ -219,7 +219,7 @@ fn numeric_date(v: &Value) -> Option<SystemTime> {
 /// encodings.
 pub(crate) struct JwtSigningKey {
     kid: String,
-    key_pair: EcdsaKeyPair,
+    pub(crate) key_pair: EcdsaKeyPair,
     public_key: Vec<u8>,
     header_b64: String,
 }

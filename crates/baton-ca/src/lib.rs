@@ -14,6 +14,7 @@
 
 mod bundle;
 mod ca;
+pub mod delegation;
 mod error;
 pub mod jwt;
 mod keystore;
@@ -26,6 +27,7 @@ pub use ca::{
     BACKDATE, BROKER_ID_PATH, Ca, CaConfig, DEFAULT_CA_TTL, DEFAULT_MAX_SVID_TTL, IssuedSvid,
     PrivateKeyBytes,
 };
+pub use delegation::{DELEGATION_TOKEN_TYP, cert_thumbprint, token_hash};
 pub use error::CaError;
 pub use workload::WorkloadKey;
 pub use x509::{LeafInfo, leaf_info};

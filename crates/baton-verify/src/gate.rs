@@ -1,0 +1,303 @@
+//! Per-call authorization: the token's scope, the task's risk ceiling and
+//! the policy engine, then an audit report. The only way to get the
+//! [`VerifiedCall`] a tool handler needs is [`ToolGate::authorize`].
+
+use std::fmt;
+use std::sync::Arc;
+
+use aws_lc_rs::digest::{SHA256, digest};
+use baton_core::api::ToolCallReport;
+use baton_core::{Permission, Purpose, RiskTier, Scope, SpiffeId, TaskId};
+
+use crate::error::{CallDenied, ReportError};
+use crate::report::Reporter;
+use crate::token::VerifiedDelegation;
+
+/// One tool as the gate sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolSpec {
+    /// e.g. `crm.search`.
+    pub name: String,
+    pub tier: RiskTier,
+    /// What the tool touches, e.g. `dataset:crm` (passed to the policy).
+    pub resource: String,
+    /// The permission the token's scope must grant, e.g. `tool:crm.search:read`.
+    pub requires: Permission,
+}
+
+/// What the policy engine decides on. Mirrors `baton_policy::CallRequest`
+/// so this crate does not depend on the engine.
+#[derive(Debug, Clone, Copy)]
+pub struct CallContext<'a> {
+    pub agent: &'a SpiffeId,
+    /// Current actor first, root agent last.
+    pub chain: &'a [SpiffeId],
+    /// The human who started the task.
+    pub initiator: &'a str,
+    pub tool: &'a str,
+    pub resource: &'a str,
+    pub purpose: &'a Purpose,
+    pub scope: &'a Scope,
+    pub risk: RiskTier,
+    pub depth: u32,
+}
+
+/// The policy engine's answer. Mirrors `baton_policy::Decision`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PolicyDecision {
+    pub allowed: bool,
+    /// The policies that determined the decision.
+    pub policy_ids: Vec<String>,
+    /// Evaluation errors; any error makes the gate deny (fail closed), even
+    /// with `allowed == true`.
+    pub errors: Vec<String>,
+}
+
+/// A policy engine, e.g. Cedar through `baton_policy::Engine` (the adapter
+/// is a one-line `impl` mapping [`CallContext`] to its `CallRequest`).
+pub trait CallPolicy: Send + Sync {
+    fn decide(&self, req: &CallContext<'_>) -> PolicyDecision;
+}
+
+impl<F> CallPolicy for F
+where
+    F: Fn(&CallContext<'_>) -> PolicyDecision + Send + Sync,
+{
+    fn decide(&self, req: &CallContext<'_>) -> PolicyDecision {
+        self(req)
+    }
+}
+
+/// Decides tool calls and reports them.
+///
+/// Every call, whatever its tier, is checked against the token's scope,
+/// the task's risk ceiling and the policy (policies are cheap; nothing is
+/// cached). Reporting depends on the tier:
+///
+/// - **sensitive tiers** (write, delete, purchase, export): an `allow`
+///   record is appended durably to the spool *before* `authorize` returns,
+///   with the input digest, scope used, policy ids and justification; if it
+///   cannot be written the call is denied (`AuditUnavailable`: no record, no
+///   call). [`VerifiedCall::finish`] appends a second record with the output
+///   digest, whose `reason` is `completes <first report_id>`.
+/// - **read tier**: one record only, written when the call finishes (or
+///   when the `VerifiedCall` is dropped unfinished, then without an output
+///   digest), without the justification; a spool failure is logged and
+///   does not fail the call. So a read call that crashes the process
+///   before finishing may go unreported.
+/// - **denials**, any tier: a `deny` record with the reason code and
+///   message (a spool failure is logged; the call is denied anyway).
+pub struct ToolGate {
+    policy: Arc<dyn CallPolicy>,
+    reporter: Option<Reporter>,
+}
+
+impl fmt::Debug for ToolGate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ToolGate")
+            .field("reporter", &self.reporter)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ToolGate {
+    /// `reporter: None` reports nothing (tests, or a tool server whose
+    /// calls are audited elsewhere).
+    pub fn new(policy: Arc<dyn CallPolicy>, reporter: Option<Reporter>) -> Self {
+        Self { policy, reporter }
+    }
+
+    /// Authorizes `tool` with `input` for the holder of `d` at unix time `now`.
+    pub fn authorize(
+        &self,
+        d: &VerifiedDelegation,
+        tool: &ToolSpec,
+        input: &[u8],
+        now: u64,
+    ) -> Result<VerifiedCall, CallDenied> {
+        let mut report = ToolCallReport {
+            report_id: new_report_id(),
+            task_id: d.task_id().clone(),
+            token_jti: d.jti().to_owned(),
+            agent: d.agent().clone(),
+            tool: tool.name.clone(),
+            resource: tool.resource.clone(),
+            risk: tool.tier,
+            scope_used: vec![tool.requires.to_string()],
+            input_digest: hex_sha256(input),
+            output_digest: None,
+            justification: d.justification().map(str::to_owned),
+            decision: "allow".to_owned(),
+            policy_ids: Vec::new(),
+            reason: None,
+            at: now,
+        };
+        let decision = self.decide(d, tool, now);
+        if let Ok(ids) = &decision {
+            report.policy_ids.clone_from(ids);
+        }
+        if let Err(denied) = decision {
+            if let CallDenied::PolicyDenied { policy_ids } = &denied {
+                report.policy_ids.clone_from(policy_ids);
+            }
+            report.decision = "deny".to_owned();
+            report.reason = Some(format!("{}: {denied}", denied.code()));
+            if let Some(r) = &self.reporter
+                && let Err(e) = r.submit(report)
+            {
+                tracing::warn!(error = %e, "could not spool the report of a denied call");
+            }
+            return Err(denied);
+        }
+        let sensitive = tool.tier.is_sensitive();
+        if sensitive {
+            if let Some(r) = &self.reporter {
+                r.submit(report.clone())
+                    .map_err(|e| CallDenied::AuditUnavailable(e.to_string()))?;
+            }
+        } else {
+            // Read tier: reported once, at finish; no justification.
+            report.justification = None;
+        }
+        Ok(VerifiedCall {
+            report,
+            reporter: self.reporter.clone(),
+            sensitive,
+            done: false,
+        })
+    }
+
+    /// The decision without reporting; `Ok` holds the policy ids.
+    fn decide(
+        &self,
+        d: &VerifiedDelegation,
+        tool: &ToolSpec,
+        now: u64,
+    ) -> Result<Vec<String>, CallDenied> {
+        if now >= d.expires_at() {
+            return Err(CallDenied::Expired {
+                exp: d.expires_at(),
+                now,
+            });
+        }
+        if !d.scope().allows(&tool.requires) {
+            return Err(CallDenied::OutOfScope {
+                required: tool.requires.clone(),
+            });
+        }
+        if tool.tier > d.risk_ceiling() {
+            return Err(CallDenied::OverCeiling {
+                tier: tool.tier,
+                ceiling: d.risk_ceiling(),
+            });
+        }
+        let ctx = CallContext {
+            agent: d.agent(),
+            chain: d.chain(),
+            initiator: d.initiator(),
+            tool: &tool.name,
+            resource: &tool.resource,
+            purpose: d.purpose(),
+            scope: d.scope(),
+            risk: tool.tier,
+            depth: d.depth(),
+        };
+        let decision = self.policy.decide(&ctx);
+        if !decision.errors.is_empty() {
+            return Err(CallDenied::PolicyError {
+                errors: decision.errors,
+            });
+        }
+        if !decision.allowed {
+            return Err(CallDenied::PolicyDenied {
+                policy_ids: decision.policy_ids,
+            });
+        }
+        Ok(decision.policy_ids)
+    }
+}
+
+/// An authorized tool call. Only [`ToolGate::authorize`] builds one; a tool
+/// handler takes it as a parameter so that an unchecked call cannot compile.
+#[must_use = "run the tool, then call finish(output) to report its output"]
+pub struct VerifiedCall {
+    report: ToolCallReport,
+    reporter: Option<Reporter>,
+    sensitive: bool,
+    done: bool,
+}
+
+impl VerifiedCall {
+    pub fn task_id(&self) -> &TaskId {
+        &self.report.task_id
+    }
+    /// The agent (mTLS peer) making the call.
+    pub fn agent(&self) -> &SpiffeId {
+        &self.report.agent
+    }
+    pub fn tool(&self) -> &str {
+        &self.report.tool
+    }
+    pub fn risk(&self) -> RiskTier {
+        self.report.risk
+    }
+    /// The policies that allowed the call.
+    pub fn policy_ids(&self) -> &[String] {
+        &self.report.policy_ids
+    }
+    /// The id of this call's (first) audit record.
+    pub fn report_id(&self) -> &str {
+        &self.report.report_id
+    }
+
+    /// Reports the digest of the tool's output. For a sensitive call this
+    /// is a second record; for a read call, the only one.
+    pub fn finish(mut self, output: &[u8]) -> Result<(), ReportError> {
+        self.done = true;
+        let Some(reporter) = self.reporter.take() else {
+            return Ok(());
+        };
+        let mut report = self.report.clone();
+        report.output_digest = Some(hex_sha256(output));
+        if self.sensitive {
+            report.reason = Some(format!("completes {}", self.report.report_id));
+            report.report_id = new_report_id();
+        }
+        reporter.submit(report)
+    }
+}
+
+impl Drop for VerifiedCall {
+    fn drop(&mut self) {
+        // A read call dropped without finish still leaves its one record.
+        if self.done || self.sensitive {
+            return;
+        }
+        if let Some(r) = self.reporter.take() {
+            let mut report = self.report.clone();
+            report.reason = Some("finished without output".to_owned());
+            if let Err(e) = r.submit(report) {
+                tracing::warn!(error = %e, "could not spool the report of a read call");
+            }
+        }
+    }
+}
+
+impl fmt::Debug for VerifiedCall {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VerifiedCall")
+            .field("task", &self.report.task_id)
+            .field("agent", &self.report.agent)
+            .field("tool", &self.report.tool)
+            .field("report_id", &self.report.report_id)
+            .finish_non_exhaustive()
+    }
+}
+
+fn new_report_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+fn hex_sha256(bytes: &[u8]) -> String {
+    hex::encode(digest(&SHA256, bytes))
+}

@@ -1,0 +1,333 @@
+//! The tool gate: scope, risk ceiling, policy, and what gets reported.
+
+use std::sync::{Arc, Mutex};
+
+use baton_core::{Permission, RiskTier};
+use baton_verify::{
+    CallContext, CallDenied, CallPolicy, PolicyDecision, Reporter, TokenVerifier, ToolGate,
+    ToolSpec, VerifiedDelegation,
+};
+
+use crate::common::*;
+
+fn tool(name: &str, tier: RiskTier, requires: &str) -> ToolSpec {
+    ToolSpec {
+        name: name.into(),
+        tier,
+        resource: "dataset:crm".into(),
+        requires: Permission::parse(requires).unwrap(),
+    }
+}
+
+fn delegation(f: &Fixture) -> VerifiedDelegation {
+    TokenVerifier::new(f.bundles.clone(), AUDIENCE.into())
+        .verify(&f.token(), &f.peer(), NOW)
+        .unwrap()
+}
+
+/// What the policy was asked: tool, chain, depth, tier, initiator.
+type Seen = (String, Vec<String>, u32, RiskTier, String);
+
+/// Allows everything except `crm.export`, and records what it was asked.
+#[derive(Default)]
+struct TestPolicy {
+    seen: Mutex<Vec<Seen>>,
+    broken: bool,
+}
+
+impl CallPolicy for TestPolicy {
+    fn decide(&self, req: &CallContext<'_>) -> PolicyDecision {
+        self.seen.lock().unwrap().push((
+            req.tool.to_owned(),
+            req.chain.iter().map(|s| s.to_string()).collect(),
+            req.depth,
+            req.risk,
+            req.initiator.to_owned(),
+        ));
+        if self.broken {
+            return PolicyDecision {
+                allowed: true,
+                policy_ids: vec![],
+                errors: vec!["entity attribute missing".into()],
+            };
+        }
+        if req.tool == "crm.forbidden" {
+            PolicyDecision {
+                allowed: false,
+                policy_ids: vec!["forbid-crm-forbidden".into()],
+                errors: vec![],
+            }
+        } else {
+            PolicyDecision {
+                allowed: true,
+                policy_ids: vec!["permit-crm".into()],
+                errors: vec![],
+            }
+        }
+    }
+}
+
+fn gate_with_spool(policy: Arc<dyn CallPolicy>) -> (ToolGate, Reporter, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let reporter = Reporter::open(dir.path(), TestSender::new(false)).unwrap();
+    (ToolGate::new(policy, Some(reporter.clone())), reporter, dir)
+}
+
+#[test]
+fn allows_the_good_call_and_reports_it_in_full() {
+    let f = Fixture::new();
+    let policy = Arc::new(TestPolicy::default());
+    let (gate, reporter, _dir) = gate_with_spool(policy.clone());
+    let d = delegation(&f);
+    let spec = tool("crm.update", RiskTier::Write, "tool:crm.update:write");
+    let call = gate.authorize(&d, &spec, b"{\"id\":42}", NOW).unwrap();
+    assert_eq!(call.task_id(), &f.task);
+    assert_eq!(call.agent(), &f.summarizer);
+    assert_eq!(call.policy_ids(), &["permit-crm".to_owned()]);
+    // The policy saw the whole chain, current actor first.
+    let seen = policy.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(
+        seen[0].1,
+        vec![
+            f.summarizer.to_string(),
+            f.researcher.to_string(),
+            f.planner.to_string()
+        ]
+    );
+    assert_eq!((seen[0].2, seen[0].3), (2, RiskTier::Write));
+    assert_eq!(seen[0].4, "alice@example.com");
+
+    // Sensitive: spooled before the tool runs.
+    let spooled = reporter.pending_reports();
+    assert_eq!(spooled.len(), 1);
+    let r = &spooled[0];
+    assert_eq!(r.report_id, call.report_id());
+    assert_eq!(r.decision, "allow");
+    assert_eq!(r.token_jti, "jti-hop2");
+    assert_eq!(r.scope_used, vec!["tool:crm.update:write".to_owned()]);
+    assert_eq!(r.input_digest, hex_sha256(b"{\"id\":42}"));
+    assert_eq!(r.justification.as_deref(), Some("summarize the case notes"));
+    assert!(r.output_digest.is_none());
+
+    let first_id = call.report_id().to_owned();
+    call.finish(b"ok").unwrap();
+    let spooled = reporter.pending_reports();
+    assert_eq!(spooled.len(), 2);
+    assert_eq!(
+        spooled[1].output_digest.as_deref(),
+        Some(hex_sha256(b"ok").as_str())
+    );
+    assert_eq!(
+        spooled[1].reason.as_deref(),
+        Some(format!("completes {first_id}").as_str())
+    );
+    assert_ne!(spooled[1].report_id, first_id);
+}
+
+fn hex_sha256(b: &[u8]) -> String {
+    hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, b))
+}
+
+#[test]
+fn read_tier_reports_once_at_finish_or_drop() {
+    let f = Fixture::new();
+    let (gate, reporter, _dir) = gate_with_spool(Arc::new(TestPolicy::default()));
+    let d = delegation(&f);
+    let spec = tool("crm.search", RiskTier::Read, "tool:crm.search:read");
+    let call = gate.authorize(&d, &spec, b"q", NOW).unwrap();
+    assert_eq!(reporter.pending(), 0, "read tier: nothing before finish");
+    call.finish(b"results").unwrap();
+    let r = reporter.pending_reports();
+    assert_eq!(r.len(), 1);
+    assert_eq!(
+        r[0].output_digest.as_deref(),
+        Some(hex_sha256(b"results").as_str())
+    );
+    assert!(r[0].justification.is_none());
+    // Dropped without finish: still one record, without output.
+    drop(gate.authorize(&d, &spec, b"q2", NOW).unwrap());
+    let r = reporter.pending_reports();
+    assert_eq!(r.len(), 2);
+    assert!(r[1].output_digest.is_none());
+    assert_eq!(r[1].reason.as_deref(), Some("finished without output"));
+}
+
+#[test]
+fn denies_out_of_scope_over_ceiling_and_policy_denied_and_reports_denials() {
+    let f = Fixture::new();
+    let (gate, reporter, _dir) = gate_with_spool(Arc::new(TestPolicy::default()));
+    let d = delegation(&f);
+
+    let err = gate
+        .authorize(
+            &d,
+            &tool("hr.payroll", RiskTier::Read, "tool:hr.payroll:read"),
+            b"",
+            NOW,
+        )
+        .unwrap_err();
+    assert_eq!(
+        err,
+        CallDenied::OutOfScope {
+            required: Permission::parse("tool:hr.payroll:read").unwrap()
+        }
+    );
+
+    // Delete is above the task's ceiling (write), even though a scope
+    // covering it would be needed too: the ceiling is checked on its own.
+    let mut c = f.claims();
+    let wide = scope(&[
+        "tool:crm.search:read",
+        "tool:crm.update:write",
+        "tool:crm.update:delete",
+    ]);
+    c.act.act.as_mut().unwrap().scope = scope(&["tool:crm.*:*"]);
+    c.scope = wide.clone();
+    c.act.scope = wide;
+    let d2 = TokenVerifier::new(f.bundles.clone(), AUDIENCE.into())
+        .verify(&f.sign(&c), &f.peer(), NOW)
+        .unwrap();
+    let err = gate
+        .authorize(
+            &d2,
+            &tool("crm.update", RiskTier::Delete, "tool:crm.update:delete"),
+            b"",
+            NOW,
+        )
+        .unwrap_err();
+    assert_eq!(
+        err,
+        CallDenied::OverCeiling {
+            tier: RiskTier::Delete,
+            ceiling: RiskTier::Write
+        }
+    );
+
+    let mut c = f.claims();
+    let s = scope(&["tool:crm.forbidden:read"]);
+    c.scope = s.clone();
+    c.act.scope = s;
+    let d3 = TokenVerifier::new(f.bundles.clone(), AUDIENCE.into())
+        .verify(&f.sign(&c), &f.peer(), NOW)
+        .unwrap();
+    let err = gate
+        .authorize(
+            &d3,
+            &tool("crm.forbidden", RiskTier::Read, "tool:crm.forbidden:read"),
+            b"",
+            NOW,
+        )
+        .unwrap_err();
+    assert_eq!(
+        err,
+        CallDenied::PolicyDenied {
+            policy_ids: vec!["forbid-crm-forbidden".into()]
+        }
+    );
+
+    // Past the token's expiry, the witness no longer authorizes anything.
+    let err = gate
+        .authorize(
+            &d,
+            &tool("crm.search", RiskTier::Read, "tool:crm.search:read"),
+            b"",
+            NOW + 300,
+        )
+        .unwrap_err();
+    assert!(matches!(err, CallDenied::Expired { .. }));
+
+    let reports = reporter.pending_reports();
+    assert_eq!(reports.len(), 4);
+    assert!(reports.iter().all(|r| r.decision == "deny"));
+    let reasons: Vec<&str> = reports
+        .iter()
+        .map(|r| r.reason.as_deref().unwrap())
+        .collect();
+    assert!(reasons[0].starts_with("out_of_scope"));
+    assert!(reasons[1].starts_with("over_ceiling"));
+    assert!(reasons[2].starts_with("policy_denied"));
+    assert_eq!(
+        reports[2].policy_ids,
+        vec!["forbid-crm-forbidden".to_owned()]
+    );
+    assert!(reasons[3].starts_with("expired"));
+}
+
+#[test]
+fn policy_errors_fail_closed() {
+    let f = Fixture::new();
+    let policy = Arc::new(TestPolicy {
+        broken: true,
+        ..TestPolicy::default()
+    });
+    let gate = ToolGate::new(policy, None);
+    let d = delegation(&f);
+    let err = gate
+        .authorize(
+            &d,
+            &tool("crm.search", RiskTier::Read, "tool:crm.search:read"),
+            b"",
+            NOW,
+        )
+        .unwrap_err();
+    assert!(matches!(err, CallDenied::PolicyError { .. }));
+    // A closure is a policy too.
+    let deny_all = |_: &CallContext<'_>| PolicyDecision::default();
+    let gate = ToolGate::new(Arc::new(deny_all), None);
+    assert!(matches!(
+        gate.authorize(
+            &d,
+            &tool("crm.search", RiskTier::Read, "tool:crm.search:read"),
+            b"",
+            NOW
+        ),
+        Err(CallDenied::PolicyDenied { .. })
+    ));
+}
+
+#[test]
+fn sensitive_call_is_denied_when_the_spool_cannot_record_it() {
+    let f = Fixture::new();
+    let dir = tempfile::tempdir().unwrap();
+    let reporter = Reporter::open(dir.path(), TestSender::new(true)).unwrap();
+    let gate = ToolGate::new(Arc::new(TestPolicy::default()), Some(reporter.clone()));
+    let d = delegation(&f);
+    // The spool file is replaced by something it cannot be rewritten over.
+    let spool = dir.path().join("tool-calls.jsonl");
+    std::fs::remove_file(&spool).unwrap();
+    std::fs::create_dir(&spool).unwrap();
+    let err = gate
+        .authorize(
+            &d,
+            &tool("crm.update", RiskTier::Write, "tool:crm.update:write"),
+            b"",
+            NOW,
+        )
+        .unwrap_err();
+    assert!(matches!(err, CallDenied::AuditUnavailable(_)), "{err:?}");
+    // A read call goes ahead (its record is best effort).
+    let call = gate
+        .authorize(
+            &d,
+            &tool("crm.search", RiskTier::Read, "tool:crm.search:read"),
+            b"",
+            NOW,
+        )
+        .unwrap();
+    assert!(call.finish(b"").is_err());
+    assert_eq!(reporter.pending(), 0);
+    // Once the spool is writable again, records are durable again.
+    std::fs::remove_dir(&spool).unwrap();
+    gate.authorize(
+        &d,
+        &tool("crm.update", RiskTier::Write, "tool:crm.update:write"),
+        b"",
+        NOW,
+    )
+    .unwrap()
+    .finish(b"")
+    .unwrap();
+    assert_eq!(reporter.pending(), 2);
+    assert_eq!(std::fs::read_to_string(&spool).unwrap().lines().count(), 2);
+}
