@@ -11,8 +11,8 @@ use std::sync::{PoisonError, RwLock};
 use std::time::Duration;
 
 use baton_core::api::{
-    ApiError, AttestRequest, RenewRequest, SignJwtRequest, SignJwtResponse, SignX509Item,
-    SignX509Request, SignX509Response, SignedSvid, SyncResponse,
+    ApiError, AttestRequest, RedeemRequest, RenewRequest, SignJwtRequest, SignJwtResponse,
+    SignX509Item, SignX509Request, SignX509Response, SignedSvid, SyncResponse, TaskCredential,
 };
 use baton_core::{EntryId, Secret, SpiffeId};
 use baton_tls::{BundleStore, ClientIdentity, PeerPolicy, TlsError};
@@ -166,6 +166,14 @@ impl BrokerClient {
             audience: audience.to_vec(),
         };
         self.post("/v1/node/sign-jwt", &body).await
+    }
+
+    /// `POST /v1/node/redeem` (mTLS): redeems a handoff grant for a workload
+    /// this node attested, with the CSR of a key generated for it. The
+    /// grant is single-use: a call that fails after reaching the broker may
+    /// still have spent it.
+    pub async fn redeem(&self, req: &RedeemRequest) -> Result<TaskCredential, ClientError> {
+        self.post("/v1/node/redeem", req).await
     }
 
     fn http(&self) -> reqwest::Client {

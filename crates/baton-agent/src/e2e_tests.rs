@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use baton_core::api::JoinTokenResponse;
 use baton_core::{Entry, TrustDomain};
+use baton_proto::delegation::RedeemGrantRequest;
+use baton_proto::delegation::delegation_client::DelegationClient;
 use baton_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use baton_proto::workload::{
     JwtsvidRequest, ValidateJwtsvidRequest, X509BundlesRequest, X509svidRequest,
@@ -128,7 +130,10 @@ async fn agent_serves_svids_from_a_real_broker_and_survives_restart() {
             let _ = bstop_rx.await;
         },
     ));
-    let bready = tokio::time::timeout(DEADLINE, brx).await.unwrap().unwrap();
+    let bready = match tokio::time::timeout(DEADLINE, brx).await {
+        Ok(Ok(r)) => r,
+        _ => panic!("broker not ready: {:?}", broker.await),
+    };
 
     let token: JoinTokenResponse = serde_json::from_slice(
         &admin(
@@ -233,6 +238,42 @@ async fn agent_serves_svids_from_a_real_broker_and_survives_restart() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
 
+    // The Delegation service shares the socket, the header rule and the
+    // attestation; a bogus grant reaches the broker over the node's mTLS
+    // and comes back as a refusal, not as an outage.
+    let mut delegation = DelegationClient::new(
+        Endpoint::from_shared(format!("unix:{}", agent.ready.socket_path.display()))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    let err = delegation
+        .redeem(Request::new(RedeemGrantRequest {
+            grant: "bogus".into(),
+            spiffe_id: String::new(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert_eq!(err.message(), "security header missing from request");
+    let err = delegation
+        .redeem(with_header(RedeemGrantRequest {
+            grant: "bogus".into(),
+            spiffe_id: entry.spiffe_id.to_string(),
+        }))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err.code(),
+            tonic::Code::InvalidArgument
+                | tonic::Code::PermissionDenied
+                | tonic::Code::FailedPrecondition
+        ),
+        "{err:?}"
+    );
+
     // The unmodified `spiffe` crate speaks to the agent.
     let endpoint = format!("unix:{}", agent.ready.socket_path.display());
     let spiffe_client = spiffe::WorkloadApiClient::connect_to(&endpoint)
@@ -315,7 +356,10 @@ async fn rotation_wakes_the_loop_before_the_sync_interval() {
             let _ = bstop_rx.await;
         },
     ));
-    let bready = tokio::time::timeout(DEADLINE, brx).await.unwrap().unwrap();
+    let bready = match tokio::time::timeout(DEADLINE, brx).await {
+        Ok(Ok(r)) => r,
+        _ => panic!("broker not ready: {:?}", broker.await),
+    };
     let token: JoinTokenResponse = serde_json::from_slice(
         &admin(
             &admin_sock,

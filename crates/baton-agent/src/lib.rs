@@ -7,7 +7,10 @@
 //! ([`sync`], [`cache`]), generating each workload key itself and sending
 //! only CSRs. Workloads on the node reach it over a Unix socket speaking the
 //! SPIFFE Workload API ([`workload`]); each call is attested from the
-//! kernel's peer credential ([`attest`]) before anything is issued.
+//! kernel's peer credential ([`attest`]) before anything is issued. The same
+//! socket and server also carry Baton's `Delegation` service
+//! ([`delegation`]), through which an attested agent redeems a handoff
+//! grant for a task credential.
 //!
 //! [`run`] is the whole daemon; the `baton` binary only builds an
 //! [`AgentConfig`] and waits for a signal.
@@ -15,6 +18,7 @@
 pub mod attest;
 pub mod cache;
 pub mod client;
+pub mod delegation;
 pub mod jwt;
 pub mod node;
 pub mod sync;
@@ -30,6 +34,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use baton_core::{Secret, SpiffeId, TrustDomain};
+use baton_proto::delegation::delegation_server::DelegationServer;
 use baton_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 use tokio::net::UnixListener;
 use tokio::sync::{oneshot, watch};
@@ -38,6 +43,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use crate::attest::Attestor;
 use crate::cache::{DEFAULT_ROTATE_FRACTION, Snapshot};
 use crate::client::{BrokerClient, ClientError};
+use crate::delegation::DelegationService;
 use crate::jwt::BrokerJwt;
 use crate::node::{NodeError, NodeStore};
 use crate::sync::{SyncSettings, Syncer};
@@ -164,7 +170,8 @@ pub enum AgentError {
 ///
 /// Loads or obtains the node identity, syncs once (a failure is logged,
 /// not fatal, when the identity came from disk), binds the socket (removing
-/// a stale one), reports readiness on `ready`, and serves the Workload API.
+/// a stale one), reports readiness on `ready`, and serves the Workload API
+/// and the `Delegation` service on it.
 /// On shutdown the background loops stop, open streams end with
 /// `Unavailable`, and the socket file is removed.
 pub async fn run(
@@ -233,20 +240,13 @@ pub async fn run(
         stop_rx,
     ));
 
-    let served = serve(
-        &config,
-        &node_id,
-        cache_rx,
-        Arc::new(BrokerJwt::new(client)),
-        ready,
-        async move {
-            shutdown.await;
-            tracing::info!("shutting down the node daemon");
-            // Stopping the syncer drops the cache sender, which ends the
-            // open Workload API streams so graceful shutdown can finish.
-            let _ = stop_tx.send(true);
-        },
-    )
+    let served = serve(&config, &node_id, cache_rx, client, ready, async move {
+        shutdown.await;
+        tracing::info!("shutting down the node daemon");
+        // Stopping the syncer drops the cache sender, which ends the
+        // open Workload API streams so graceful shutdown can finish.
+        let _ = stop_tx.send(true);
+    })
     .await;
     sync_task.abort();
     renew_task.abort();
@@ -258,16 +258,24 @@ async fn serve(
     config: &AgentConfig,
     node_id: &SpiffeId,
     cache: watch::Receiver<Arc<Snapshot>>,
-    jwt: Arc<BrokerJwt>,
+    client: Arc<BrokerClient>,
     ready: Option<oneshot::Sender<AgentReady>>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), AgentError> {
     let listener = bind_socket(&config.socket_path, config.socket_mode)?;
-    let service = WorkloadService::new(cache, Arc::new(Attestor::new()), jwt);
+    // One attestor for both services, so they share its digest cache.
+    let attestor = Arc::new(Attestor::new());
+    let delegation = DelegationService::new(
+        cache.clone(),
+        Arc::clone(&attestor),
+        Arc::clone(&client),
+        client.bundles().clone(),
+    );
+    let workload = WorkloadService::new(cache, attestor, Arc::new(BrokerJwt::new(client)));
     tracing::info!(
         socket = %config.socket_path.display(),
         node = %node_id,
-        "serving the SPIFFE Workload API"
+        "serving the SPIFFE Workload API and the Delegation service"
     );
     if let Some(ready) = ready {
         let _ = ready.send(AgentReady {
@@ -276,7 +284,8 @@ async fn serve(
         });
     }
     tonic::transport::Server::builder()
-        .add_service(SpiffeWorkloadApiServer::new(service))
+        .add_service(SpiffeWorkloadApiServer::new(workload))
+        .add_service(DelegationServer::new(delegation))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await?;
     Ok(())

@@ -83,31 +83,7 @@ impl<J> WorkloadService<J> {
     }
 
     async fn attest<T>(&self, request: &Request<T>) -> Result<AttestedWorkload, Status> {
-        check_security_header(request)?;
-        let cred = request
-            .extensions()
-            .get::<UdsConnectInfo>()
-            .and_then(|info| info.peer_cred)
-            .ok_or_else(|| {
-                Status::permission_denied(
-                    "the caller's credentials are unavailable; call over the node's Unix socket",
-                )
-            })?;
-        let attestor = Arc::clone(&self.attestor);
-        let (uid, gid, pid) = (cred.uid(), cred.gid(), cred.pid());
-        match tokio::task::spawn_blocking(move || attestor.attest(uid, gid, pid)).await {
-            Ok(Ok(who)) => Ok(who),
-            Ok(Err(e)) => {
-                tracing::warn!(uid, ?pid, error = %e, "workload attestation failed");
-                Err(Status::permission_denied(format!(
-                    "workload attestation failed: {e}"
-                )))
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "workload attestation task failed");
-                Err(Status::internal("workload attestation failed"))
-            }
-        }
+        attest_caller(&self.attestor, request).await
     }
 
     /// The caller must be entitled to something at the start of a stream;
@@ -120,7 +96,41 @@ impl<J> WorkloadService<J> {
     }
 }
 
-fn check_security_header<T>(request: &Request<T>) -> Result<(), Status> {
+/// Checks the security header, then attests the caller from the socket's
+/// peer credential. Every service on the node socket starts with this, so
+/// they all refuse the same requests with the same errors.
+pub(crate) async fn attest_caller<T>(
+    attestor: &Arc<Attestor>,
+    request: &Request<T>,
+) -> Result<AttestedWorkload, Status> {
+    check_security_header(request)?;
+    let cred = request
+        .extensions()
+        .get::<UdsConnectInfo>()
+        .and_then(|info| info.peer_cred)
+        .ok_or_else(|| {
+            Status::permission_denied(
+                "the caller's credentials are unavailable; call over the node's Unix socket",
+            )
+        })?;
+    let attestor = Arc::clone(attestor);
+    let (uid, gid, pid) = (cred.uid(), cred.gid(), cred.pid());
+    match tokio::task::spawn_blocking(move || attestor.attest(uid, gid, pid)).await {
+        Ok(Ok(who)) => Ok(who),
+        Ok(Err(e)) => {
+            tracing::warn!(uid, ?pid, error = %e, "workload attestation failed");
+            Err(Status::permission_denied(format!(
+                "workload attestation failed: {e}"
+            )))
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "workload attestation task failed");
+            Err(Status::internal("workload attestation failed"))
+        }
+    }
+}
+
+pub(crate) fn check_security_header<T>(request: &Request<T>) -> Result<(), Status> {
     let mut values = request.metadata().get_all(SECURITY_HEADER).iter();
     match (values.next(), values.next()) {
         (Some(v), None) if v.as_bytes() == b"true" => Ok(()),
