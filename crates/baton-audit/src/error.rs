@@ -3,18 +3,20 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// Why an audit operation failed. Every append failure is one of these: the
-/// broker refuses the issuance it was recording (fail closed).
-#[derive(Debug, thiserror::Error)]
+/// broker refuses the issuance it was recording (fail closed). `Clone`, so
+/// that every append of a failed group commit gets the same error.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum AuditError {
     #[error("audit database error: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Sqlite(#[source] Arc<rusqlite::Error>),
     #[error("audit key file {path}: {source}")]
     KeyIo {
         path: PathBuf,
         #[source]
-        source: std::io::Error,
+        source: Arc<std::io::Error>,
     },
     #[error("audit key file {path} is invalid: {reason}")]
     KeyInvalid { path: PathBuf, reason: String },
@@ -44,6 +46,12 @@ pub enum AuditError {
     Encode(String),
     #[error("{0}")]
     Range(String),
+}
+
+impl From<rusqlite::Error> for AuditError {
+    fn from(e: rusqlite::Error) -> Self {
+        AuditError::Sqlite(Arc::new(e))
+    }
 }
 
 /// Why an offline proof or checkpoint check failed.

@@ -15,6 +15,7 @@ use std::fs;
 use std::io::Write as _;
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use aws_lc_rs::hmac;
 use aws_lc_rs::rand::{SecureRandom as _, SystemRandom};
@@ -84,7 +85,10 @@ impl AuditKeys {
         let signing_path = dir.join(SIGNING_FILE);
         let io = |path: &Path| {
             let path = path.to_path_buf();
-            move |source| AuditError::KeyIo { path, source }
+            move |source| AuditError::KeyIo {
+                path,
+                source: Arc::new(source),
+            }
         };
         match (hmac_path.exists(), signing_path.exists()) {
             (false, false) => {
@@ -152,7 +156,7 @@ impl AuditKeys {
 
     /// Hex HMAC-SHA256 of `value` under the log's key.
     pub fn hmac_hex(&self, value: &str) -> String {
-        hex::encode(hmac::sign(&self.hmac, value.as_bytes()).as_ref())
+        crate::proof::to_hex(hmac::sign(&self.hmac, value.as_bytes()).as_ref())
     }
 
     /// A fingerprint of the HMAC key (HMAC of a fixed label), stored in the
@@ -177,13 +181,16 @@ impl AuditKeys {
 /// access to the secret keys.
 pub fn read_public_key(dir: &Path) -> Result<Vec<u8>, AuditError> {
     let path = dir.join(PUBLIC_FILE);
-    fs::read(&path).map_err(|source| AuditError::KeyIo { path, source })
+    fs::read(&path).map_err(|source| AuditError::KeyIo {
+        path,
+        source: Arc::new(source),
+    })
 }
 
 fn read_secret(path: &Path) -> Result<Vec<u8>, AuditError> {
     let meta = fs::metadata(path).map_err(|source| AuditError::KeyIo {
         path: path.to_path_buf(),
-        source,
+        source: Arc::new(source),
     })?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
@@ -194,14 +201,17 @@ fn read_secret(path: &Path) -> Result<Vec<u8>, AuditError> {
     }
     fs::read(path).map_err(|source| AuditError::KeyIo {
         path: path.to_path_buf(),
-        source,
+        source: Arc::new(source),
     })
 }
 
 fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), AuditError> {
     let err = |p: &Path| {
         let p: PathBuf = p.to_path_buf();
-        move |source| AuditError::KeyIo { path: p, source }
+        move |source| AuditError::KeyIo {
+            path: p,
+            source: Arc::new(source),
+        }
     };
     let file_name = path
         .file_name()

@@ -14,8 +14,10 @@
 //! from the stored events (each leaf hash is recomputed), so receipts and
 //! proofs never read the database.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -27,7 +29,7 @@ use crate::error::{AuditError, TamperError, TamperReason};
 use crate::event::{AuditEvent, AuditRecord, ClearText, canonical_bytes, decode_canonical};
 use crate::keys::AuditKeys;
 use crate::merkle::{self, Hash, Tree};
-use crate::proof::{Receipt, SignedCheckpoint, checkpoint_message, hex_all};
+use crate::proof::{Receipt, SignedCheckpoint, checkpoint_message, hex_all, to_hex};
 
 const SCHEMA_VERSION: i64 = 1;
 
@@ -76,6 +78,55 @@ pub struct VerifyReport {
     pub checkpoints: u64,
 }
 
+/// An event encoded and hashed, outside any lock.
+struct Prepared {
+    task_id: String,
+    at: u64,
+    bytes: Vec<u8>,
+    leaf: Hash,
+    clear: Option<String>,
+}
+
+/// The group-commit queue: events waiting for a leader, results waiting for
+/// their threads.
+#[derive(Default)]
+struct Queue {
+    next_ticket: u64,
+    pending: Vec<(u64, Prepared)>,
+    leading: bool,
+    done: HashMap<u64, Result<Receipt, AuditError>>,
+}
+
+/// Releases leadership if the leader unwinds, failing its batch, so that no
+/// appender waits forever.
+struct LeaderGuard<'a> {
+    log: &'a AuditLog,
+    tickets: Vec<u64>,
+    armed: bool,
+}
+
+impl Drop for LeaderGuard<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let mut q = match self.log.queue.lock() {
+            Ok(q) => q,
+            Err(p) => p.into_inner(),
+        };
+        q.leading = false;
+        for t in &self.tickets {
+            q.done.insert(
+                *t,
+                Err(AuditError::Poisoned(
+                    "the thread writing this append panicked".into(),
+                )),
+            );
+        }
+        self.log.queue_cv.notify_all();
+    }
+}
+
 struct Inner {
     conn: Connection,
     tree: Tree,
@@ -88,6 +139,9 @@ struct Inner {
 /// `Send + Sync` and meant to be shared (`Arc<AuditLog>`).
 pub struct AuditLog {
     inner: Mutex<Inner>,
+    queue: Mutex<Queue>,
+    queue_cv: Condvar,
+    transactions: AtomicU64,
     keys: AuditKeys,
     path: Option<PathBuf>,
 }
@@ -118,6 +172,8 @@ impl AuditLog {
         let conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
+        // Fewer, larger WAL checkpoints (each one fsyncs): ~40 MB of WAL.
+        conn.pragma_update(None, "wal_autocheckpoint", 10_000)?;
         conn.pragma_update(
             None,
             "synchronous",
@@ -179,6 +235,9 @@ impl AuditLog {
                 last_at: scan.last_at,
                 poisoned: None,
             }),
+            queue: Mutex::new(Queue::default()),
+            queue_cv: Condvar::new(),
+            transactions: AtomicU64::new(0),
             keys,
             path,
         })
@@ -206,17 +265,85 @@ impl AuditLog {
         canonical_bytes(event, &self.keys)
     }
 
+    /// SQLite write transactions attempted since open: fewer than the
+    /// appends when concurrent appends were group-committed.
+    pub fn transactions(&self) -> u64 {
+        self.transactions.load(Ordering::Relaxed)
+    }
+
     /// Number of events.
     pub fn size(&self) -> Result<u64, AuditError> {
         Ok(self.lock()?.tree.size())
     }
 
-    /// Appends one event in its own transaction together with a signed
-    /// checkpoint of the new size, and returns the receipt. Any failure is an
-    /// error (nothing is half-written); the caller must refuse what it was
-    /// recording. The checkpoint's `at` is `event.at`, raised to the previous
+    /// Appends one event and returns its receipt, after the event and a
+    /// signed checkpoint of the new size are committed. Any failure is an
+    /// error and nothing of the event is stored: the caller must refuse what
+    /// it was recording.
+    ///
+    /// Concurrent appends are group-committed: while one thread writes a
+    /// transaction, the events arriving meanwhile queue up and the next of
+    /// their threads writes them all in one transaction (each still gets its
+    /// own checkpoint and receipt; a failed transaction fails all of them).
+    ///
+    /// The checkpoint's `at` is `event.at`, raised to the previous
     /// checkpoint's if earlier, so checkpoint times never go backwards.
     pub fn append(&self, event: &AuditEvent) -> Result<Receipt, AuditError> {
+        let prepared = self.prepare(event)?;
+        let lost = || AuditError::Poisoned("a thread panicked while appending".into());
+        let mut q = self.queue.lock().map_err(|_| lost())?;
+        let ticket = q.next_ticket;
+        q.next_ticket += 1;
+        q.pending.push((ticket, prepared));
+        loop {
+            if let Some(result) = q.done.remove(&ticket) {
+                return result;
+            }
+            if !q.leading {
+                q.leading = true;
+                let batch = std::mem::take(&mut q.pending);
+                drop(q);
+                let tickets: Vec<u64> = batch.iter().map(|(t, _)| *t).collect();
+                let mut guard = LeaderGuard {
+                    log: self,
+                    tickets,
+                    armed: true,
+                };
+                let jobs: Vec<Prepared> = batch.into_iter().map(|(_, p)| p).collect();
+                let result = self.commit_batch(&jobs);
+                guard.armed = false;
+                q = self.queue.lock().map_err(|_| lost())?;
+                q.leading = false;
+                match result {
+                    Ok(receipts) => {
+                        for (t, r) in guard.tickets.iter().zip(receipts) {
+                            q.done.insert(*t, Ok(r));
+                        }
+                    }
+                    Err(e) => {
+                        for t in &guard.tickets {
+                            q.done.insert(*t, Err(e.clone()));
+                        }
+                    }
+                }
+                self.queue_cv.notify_all();
+                continue;
+            }
+            q = self.queue_cv.wait(q).map_err(|_| lost())?;
+        }
+    }
+
+    /// Appends several events in one transaction, all or nothing; one
+    /// checkpoint and receipt per event.
+    pub fn append_batch(&self, events: &[AuditEvent]) -> Result<Vec<Receipt>, AuditError> {
+        let jobs = events
+            .iter()
+            .map(|e| self.prepare(e))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.commit_batch(&jobs)
+    }
+
+    fn prepare(&self, event: &AuditEvent) -> Result<Prepared, AuditError> {
         let bytes = canonical_bytes(event, &self.keys)?;
         let clear = match ClearText::of(event) {
             Some(c) => {
@@ -225,65 +352,79 @@ impl AuditLog {
             None => None,
         };
         let leaf = merkle::leaf_hash(&bytes);
+        Ok(Prepared {
+            task_id: event.task_id.as_str().to_owned(),
+            at: event.at,
+            bytes,
+            leaf,
+            clear,
+        })
+    }
+
+    /// Signs and writes `jobs` in one transaction. On any failure the tree is
+    /// rolled back to where it was and nothing is stored.
+    fn commit_batch(&self, jobs: &[Prepared]) -> Result<Vec<Receipt>, AuditError> {
         let mut guard = self.lock()?;
         let inner = &mut *guard;
         if let Some(why) = &inner.poisoned {
             return Err(AuditError::Poisoned(why.clone()));
         }
-        let index = inner.tree.size();
-        let size = index + 1;
-        let at = event.at.max(inner.last_at);
-        inner.tree.push(leaf);
-        let prepared = (|| {
-            let root = inner
-                .tree
-                .root(size)
-                .ok_or_else(|| AuditError::Range("root of the new size".into()))?;
-            let proof = inner
-                .tree
-                .inclusion_proof(index, size)
-                .ok_or_else(|| AuditError::Range("inclusion proof of the new leaf".into()))?;
-            let root_hex = hex::encode(root);
-            let signature = B64.encode(self.keys.sign(&checkpoint_message(size, &root_hex, at))?);
-            Ok::<_, AuditError>(Receipt {
-                index,
-                leaf_hash: hex::encode(leaf),
-                checkpoint: SignedCheckpoint {
-                    size,
-                    root_hash: root_hex,
-                    at,
-                    signature,
-                },
-                inclusion_proof: hex_all(&proof),
-            })
-        })();
-        let receipt = match prepared {
-            Ok(r) => r,
-            Err(e) => {
-                inner.tree.truncate(index);
-                return Err(e);
+        let start = inner.tree.size();
+        let mut last_at = inner.last_at;
+        let mut receipts = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let index = inner.tree.size();
+            inner.tree.push(job.leaf);
+            last_at = job.at.max(last_at);
+            match self.receipt_for_new(&inner.tree, index, last_at) {
+                Ok(r) => receipts.push(r),
+                Err(e) => {
+                    inner.tree.truncate(start);
+                    return Err(e);
+                }
             }
-        };
-        match write_append(
-            &mut inner.conn,
-            event,
-            &bytes,
-            &leaf,
-            clear.as_deref(),
-            &receipt,
-        ) {
+        }
+        self.transactions.fetch_add(1, Ordering::Relaxed);
+        match write_batch(&mut inner.conn, start, jobs, &receipts) {
             Ok(()) => {
-                inner.last_at = at;
-                Ok(receipt)
+                inner.last_at = last_at;
+                Ok(receipts)
             }
             Err(e) => {
-                inner.tree.truncate(index);
+                inner.tree.truncate(start);
                 if matches!(e, WriteError::Commit(_) | WriteError::StateChanged(_)) {
                     inner.poisoned = Some(e.to_string());
                 }
                 Err(e.into())
             }
         }
+    }
+
+    /// The receipt of the newest leaf `index`, with a fresh signed checkpoint.
+    fn receipt_for_new(&self, tree: &Tree, index: u64, at: u64) -> Result<Receipt, AuditError> {
+        let size = index + 1;
+        let root = tree
+            .root(size)
+            .ok_or_else(|| AuditError::Range("root of the new size".into()))?;
+        let proof = tree
+            .inclusion_proof(index, size)
+            .ok_or_else(|| AuditError::Range("inclusion proof of the new leaf".into()))?;
+        let leaf = tree
+            .leaf(index)
+            .ok_or_else(|| AuditError::Range("the new leaf".into()))?;
+        let root_hash = to_hex(&root);
+        let signature = B64.encode(self.keys.sign(&checkpoint_message(size, &root_hash, at))?);
+        Ok(Receipt {
+            index,
+            leaf_hash: to_hex(&leaf),
+            checkpoint: SignedCheckpoint {
+                size,
+                root_hash,
+                at,
+                signature,
+            },
+            inclusion_proof: hex_all(&proof),
+        })
     }
 
     /// The stored signed checkpoint of `size`, if any.
@@ -332,7 +473,7 @@ impl AuditLog {
             })?;
         Ok(Receipt {
             index,
-            leaf_hash: hex::encode(leaf),
+            leaf_hash: to_hex(&leaf),
             checkpoint,
             inclusion_proof: hex_all(&proof),
         })
@@ -528,15 +669,119 @@ struct Scan {
     checkpoints: u64,
 }
 
-/// One pass over the leaves in index order, checking checkpoints as the
-/// tree reaches their sizes, so the first fault found is the earliest.
+/// A checkpoint signature to check off the scanning thread.
+struct SigJob {
+    size: u64,
+    msg: Vec<u8>,
+    sig: Vec<u8>,
+}
+
+/// Where a fault sits in scan order: leaf `i` is checked at `(i, 0)`, the
+/// checkpoint of size `s` at `(s - 1, 1)`, end-of-log checks at the end.
+fn fault_position(e: &TamperError) -> (u64, u8) {
+    match &e.reason {
+        TamperReason::RootMismatch { checkpoint_size }
+        | TamperReason::CheckpointSignature { checkpoint_size }
+        | TamperReason::CheckpointMalformed {
+            checkpoint_size, ..
+        } => (checkpoint_size.saturating_sub(1), 1),
+        TamperReason::CheckpointBeyondLog { .. }
+        | TamperReason::UnsignedTail { .. }
+        | TamperReason::NoCheckpoint => (u64::MAX, 2),
+        TamperReason::Storage(_) => (0, 0),
+        _ => (e.first_bad_index.unwrap_or(0), 0),
+    }
+}
+
+/// Checks the leaves and checkpoints (see [`scan_with`]); in `Full` mode the
+/// checkpoint signatures are verified by worker threads while the scan goes
+/// on, and the earliest fault in scan order is reported.
 fn scan(
     conn: &Connection,
     public_key: &[u8],
     keys: Option<&AuditKeys>,
     mode: ScanMode,
 ) -> Result<Scan, TamperError> {
+    if mode == ScanMode::LastCheckpoint {
+        return scan_with(conn, public_key, keys, mode, None);
+    }
+    let point = crate::proof::public_point(public_key).map_err(|e| {
+        TamperError::general(TamperReason::Storage(format!("verification key: {e}")))
+    })?;
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get().clamp(1, 4));
+    std::thread::scope(|s| {
+        let (tx, rx) = mpsc::sync_channel::<Vec<SigJob>>(workers * 4);
+        let rx = Arc::new(Mutex::new(rx));
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                let rx = Arc::clone(&rx);
+                s.spawn(move || {
+                    let mut first_bad: Option<u64> = None;
+                    loop {
+                        let batch = match rx.lock() {
+                            Ok(r) => r.recv(),
+                            Err(_) => break,
+                        };
+                        let Ok(batch) = batch else { break };
+                        for job in batch {
+                            if crate::proof::verify_signature(point, &job.msg, &job.sig).is_err() {
+                                first_bad = Some(first_bad.map_or(job.size, |b| b.min(job.size)));
+                            }
+                        }
+                    }
+                    first_bad
+                })
+            })
+            .collect();
+        let mut batch = Vec::new();
+        let result = scan_with(conn, public_key, keys, mode, Some((&tx, &mut batch)));
+        // Signatures queued before an early return are still checked, so
+        // the earliest fault wins.
+        if !batch.is_empty() {
+            let _ = tx.send(batch);
+        }
+        drop(tx);
+        let mut bad_sig: Option<u64> = None;
+        for h in handles {
+            match h.join() {
+                Ok(Some(size)) => bad_sig = Some(bad_sig.map_or(size, |b| b.min(size))),
+                Ok(None) => {}
+                Err(_) => {
+                    return Err(TamperError::general(TamperReason::Storage(
+                        "a signature-checking thread failed".into(),
+                    )));
+                }
+            }
+        }
+        let Some(size) = bad_sig else {
+            return result;
+        };
+        let sig_fault = TamperError::general(TamperReason::CheckpointSignature {
+            checkpoint_size: size,
+        });
+        match result {
+            Err(e) if fault_position(&e) <= fault_position(&sig_fault) => Err(e),
+            _ => Err(sig_fault),
+        }
+    })
+}
+
+/// One pass over the leaves in index order, checking checkpoints as the
+/// tree reaches their sizes, so the first fault found is the earliest. With
+/// `sigs`, signatures of checkpoints whose root matches are sent there
+/// instead of being checked here.
+fn scan_with(
+    conn: &Connection,
+    public_key: &[u8],
+    keys: Option<&AuditKeys>,
+    mode: ScanMode,
+    mut sigs: Option<(&mpsc::SyncSender<Vec<SigJob>>, &mut Vec<SigJob>)>,
+) -> Result<Scan, TamperError> {
+    const SIG_BATCH: usize = 512;
     let storage = |e: rusqlite::Error| TamperError::general(TamperReason::Storage(e.to_string()));
+    let point = crate::proof::public_point(public_key).map_err(|e| {
+        TamperError::general(TamperReason::Storage(format!("verification key: {e}")))
+    })?;
     let mut leaves = conn
         .prepare("SELECT idx, task_id, event, leaf_hash, clear_text FROM leaves ORDER BY idx")
         .map_err(storage)?;
@@ -564,16 +809,22 @@ fn scan(
     let mut last_good: u64 = 0;
     let mut last_cp: Option<SignedCheckpoint> = None;
     let mut checked = 0u64;
+    let lost_workers = || {
+        TamperError::general(TamperReason::Storage(
+            "the signature-checking threads stopped".into(),
+        ))
+    };
 
     let mut check_cp = |tree: &Tree,
                         size: i64,
                         cp: Result<SignedCheckpoint, String>,
-                        last_good: &mut u64|
+                        last_good: &mut u64,
+                        sigs: &mut Option<(&mpsc::SyncSender<Vec<SigJob>>, &mut Vec<SigJob>)>|
      -> Result<SignedCheckpoint, TamperError> {
-        let usize_ = u64::try_from(size).unwrap_or(0);
+        let size_u = u64::try_from(size).unwrap_or(0);
         let malformed = |detail: String| {
             TamperError::general(TamperReason::CheckpointMalformed {
-                checkpoint_size: usize_,
+                checkpoint_size: size_u,
                 detail,
             })
         };
@@ -581,22 +832,40 @@ fn scan(
         if size < 1 {
             return Err(malformed("size below 1".into()));
         }
-        let root = match cp.verify(public_key) {
-            Ok(r) => r,
-            Err(crate::ProofError::BadSignature) => {
-                return Err(TamperError::general(TamperReason::CheckpointSignature {
-                    checkpoint_size: cp.size,
-                }));
-            }
-            Err(e) => return Err(malformed(e.to_string())),
-        };
+        let (root, msg, sig) = cp.parts().map_err(|e| malformed(e.to_string()))?;
+        let bad_sig = TamperError::general(TamperReason::CheckpointSignature {
+            checkpoint_size: cp.size,
+        });
         if tree.root(cp.size) != Some(root) {
+            // A root that differs from the events: a forged checkpoint if its
+            // signature fails, else altered events.
+            if crate::proof::verify_signature(point, &msg, &sig).is_err() {
+                return Err(bad_sig);
+            }
             return Err(TamperError::at(
                 *last_good,
                 TamperReason::RootMismatch {
                     checkpoint_size: cp.size,
                 },
             ));
+        }
+        match sigs {
+            Some((tx, batch)) => {
+                batch.push(SigJob {
+                    size: cp.size,
+                    msg,
+                    sig,
+                });
+                if batch.len() >= SIG_BATCH {
+                    tx.send(std::mem::take(*batch))
+                        .map_err(|_| lost_workers())?;
+                }
+            }
+            None => {
+                if crate::proof::verify_signature(point, &msg, &sig).is_err() {
+                    return Err(bad_sig);
+                }
+            }
         }
         *last_good = cp.size;
         checked += 1;
@@ -649,7 +918,7 @@ fn scan(
                     break;
                 }
                 if let Some((size, cp)) = pending.take() {
-                    last_cp = Some(check_cp(&tree, size, cp, &mut last_good)?);
+                    last_cp = Some(check_cp(&tree, size, cp, &mut last_good, &mut sigs)?);
                 }
                 pending = next_cp()?;
             }
@@ -669,7 +938,7 @@ fn scan(
                 },
             ));
         }
-        last_cp = Some(check_cp(&tree, size, cp, &mut last_good)?);
+        last_cp = Some(check_cp(&tree, size, cp, &mut last_good, &mut sigs)?);
         pending = next_cp()?;
     }
     match &last_cp {
@@ -745,22 +1014,20 @@ enum WriteError {
 impl From<WriteError> for AuditError {
     fn from(e: WriteError) -> Self {
         match e {
-            WriteError::Sqlite(e) | WriteError::Commit(e) => AuditError::Sqlite(e),
+            WriteError::Sqlite(e) | WriteError::Commit(e) => AuditError::from(e),
             WriteError::StateChanged(s) => AuditError::ConcurrentWriter(s),
         }
     }
 }
 
-fn write_append(
+fn write_batch(
     conn: &mut Connection,
-    event: &AuditEvent,
-    bytes: &[u8],
-    leaf: &Hash,
-    clear: Option<&str>,
-    receipt: &Receipt,
+    start: u64,
+    jobs: &[Prepared],
+    receipts: &[Receipt],
 ) -> Result<(), WriteError> {
-    let idx = i64::try_from(receipt.index)
-        .map_err(|_| WriteError::StateChanged("index overflow".into()))?;
+    let overflow = || WriteError::StateChanged("index overflow".into());
+    let start = i64::try_from(start).map_err(|_| overflow())?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     {
         // INVARIANT: the database ends exactly where memory does; otherwise
@@ -771,27 +1038,36 @@ fn write_append(
         let last_cp: Option<i64> = tx
             .prepare_cached("SELECT max(size) FROM checkpoints")?
             .query_row([], |r| r.get(0))?;
-        let want_idx = if idx == 0 { None } else { Some(idx - 1) };
-        let want_cp = if idx == 0 { None } else { Some(idx) };
+        let want_idx = if start == 0 { None } else { Some(start - 1) };
+        let want_cp = if start == 0 { None } else { Some(start) };
         if last_idx != want_idx || last_cp != want_cp {
             return Err(WriteError::StateChanged(format!(
-                "expected {idx} events and checkpoints on disk, found last index {last_idx:?} and last checkpoint {last_cp:?}"
+                "expected {start} events and checkpoints on disk, found last index {last_idx:?} and last checkpoint {last_cp:?}"
             )));
         }
-        tx.prepare_cached(
+        let mut leaves = tx.prepare_cached(
             "INSERT INTO leaves (idx, task_id, event, leaf_hash, clear_text) VALUES (?1, ?2, ?3, ?4, ?5)",
-        )?
-        .execute(params![idx, event.task_id.as_str(), bytes, &leaf[..], clear])?;
-        let cp = &receipt.checkpoint;
-        tx.prepare_cached(
+        )?;
+        let mut cps = tx.prepare_cached(
             "INSERT INTO checkpoints (size, root_hash, at, signature) VALUES (?1, ?2, ?3, ?4)",
-        )?
-        .execute(params![
-            idx + 1,
-            cp.root_hash,
-            i64::try_from(cp.at).unwrap_or(i64::MAX),
-            cp.signature
-        ])?;
+        )?;
+        for (job, receipt) in jobs.iter().zip(receipts) {
+            let idx = i64::try_from(receipt.index).map_err(|_| overflow())?;
+            leaves.execute(params![
+                idx,
+                job.task_id,
+                job.bytes,
+                &job.leaf[..],
+                job.clear
+            ])?;
+            let cp = &receipt.checkpoint;
+            cps.execute(params![
+                idx + 1,
+                cp.root_hash,
+                i64::try_from(cp.at).map_err(|_| overflow())?,
+                cp.signature
+            ])?;
+        }
     }
     tx.commit().map_err(WriteError::Commit)
 }

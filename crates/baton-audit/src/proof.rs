@@ -42,27 +42,36 @@ pub fn checkpoint_message(size: u64, root_hex: &str, at: u64) -> Vec<u8> {
 impl SignedCheckpoint {
     /// Checks the signature under `public_key` and returns the decoded root.
     pub fn verify(&self, public_key: &[u8]) -> Result<Hash, ProofError> {
+        let (root, msg, sig) = self.parts()?;
+        verify_signature(public_point(public_key)?, &msg, &sig)?;
+        Ok(root)
+    }
+
+    /// The decoded root, the signed message and the raw signature.
+    pub(crate) fn parts(&self) -> Result<(Hash, Vec<u8>, Vec<u8>), ProofError> {
         let root = parse_hash(&self.root_hash, "checkpoint root")?;
-        let canonical_hex = hex::encode(root);
-        let sig = B64
-            .decode(self.signature.as_bytes())
-            .map_err(|_| ProofError::BadSignatureEncoding)?;
-        let point = public_point(public_key)?;
-        UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, point)
-            .verify(
-                &checkpoint_message(self.size, &canonical_hex, self.at),
-                &sig,
-            )
-            .map_err(|_| ProofError::BadSignature)?;
-        // Only lowercase hex is canonical: an uppercase variant would verify
-        // against the lowercased message yet not be the bytes that were signed.
-        if canonical_hex != self.root_hash {
+        // Only lowercase hex is canonical: the signed message spells it so.
+        if self.root_hash.bytes().any(|b| b.is_ascii_uppercase()) {
             return Err(ProofError::BadHash {
                 what: "checkpoint root (not lowercase)".into(),
             });
         }
-        Ok(root)
+        let sig = B64
+            .decode(self.signature.as_bytes())
+            .map_err(|_| ProofError::BadSignatureEncoding)?;
+        Ok((
+            root,
+            checkpoint_message(self.size, &self.root_hash, self.at),
+            sig,
+        ))
     }
+}
+
+/// ECDSA P-256 SHA-256 (ASN.1 DER signature) check against an uncompressed point.
+pub(crate) fn verify_signature(point: &[u8], msg: &[u8], sig: &[u8]) -> Result<(), ProofError> {
+    UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, point)
+        .verify(msg, sig)
+        .map_err(|_| ProofError::BadSignature)
 }
 
 /// Proof that one event is in the log: its index and leaf hash, a signed
@@ -144,7 +153,7 @@ fn parse_hashes(v: &[String]) -> Result<Vec<Hash>, ProofError> {
 }
 
 /// The uncompressed point inside either accepted public key form.
-fn public_point(public_key: &[u8]) -> Result<&[u8], ProofError> {
+pub(crate) fn public_point(public_key: &[u8]) -> Result<&[u8], ProofError> {
     let point = match public_key.strip_prefix(&P256_SPKI_PREFIX[..]) {
         Some(p) => p,
         None => public_key,
@@ -157,5 +166,27 @@ fn public_point(public_key: &[u8]) -> Result<&[u8], ProofError> {
 }
 
 pub(crate) fn hex_all(v: &[Hash]) -> Vec<String> {
-    v.iter().map(hex::encode).collect()
+    v.iter().map(|h| to_hex(h)).collect()
+}
+
+/// Lowercase hex (the `hex` crate's encoder goes char by char; this is on
+/// the append path several times per event).
+pub(crate) fn to_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = Vec::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)]);
+        out.push(DIGITS[usize::from(b & 0x0f)]);
+    }
+    // Only ASCII digits were pushed.
+    String::from_utf8(out).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn to_hex_matches_the_hex_crate() {
+        let bytes: Vec<u8> = (0..=255).collect();
+        assert_eq!(super::to_hex(&bytes), hex::encode(&bytes));
+    }
 }

@@ -502,6 +502,27 @@ fn forged_or_altered_checkpoints_are_refused() {
 }
 
 #[test]
+fn the_earliest_of_several_faults_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, pk, _) = filled_file(dir.path(), 2);
+    let raw = Connection::open(&path).unwrap();
+    raw.execute("UPDATE checkpoints SET at = at + 1 WHERE size = 3", [])
+        .unwrap();
+    raw.execute("UPDATE leaves SET leaf_hash = x'00' WHERE idx = 11", [])
+        .unwrap();
+    let e = AuditLog::verify_file(&path, &pk).unwrap_err();
+    assert_eq!(
+        e.reason,
+        TamperReason::CheckpointSignature { checkpoint_size: 3 }
+    );
+    raw.execute("UPDATE leaves SET leaf_hash = x'00' WHERE idx = 1", [])
+        .unwrap();
+    let e = AuditLog::verify_file(&path, &pk).unwrap_err();
+    assert_eq!(e.first_bad_index, Some(1));
+    assert_eq!(e.reason, TamperReason::LeafHashMismatch);
+}
+
+#[test]
 fn inserted_unsigned_event_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let (path, pk, _) = filled_file(dir.path(), 1);
@@ -673,8 +694,86 @@ fn tool_call_report_becomes_an_event() {
     log.append(&e).unwrap();
 }
 
-/// Append throughput with receipts, and verify time. Run with
-/// `cargo test -p baton-audit --release -- --ignored --nocapture bench_`.
+#[test]
+fn concurrent_appends_are_group_committed_with_one_checkpoint_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = AuditKeys::load_or_create(&dir.path().join("keys")).unwrap();
+    let pk = keys.public_key().to_vec();
+    let path = dir.path().join("audit.db");
+    let log = AuditLog::open(&path, keys).unwrap();
+    let receipts: Vec<(Vec<u8>, Receipt)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..6u8)
+            .map(|t| {
+                let log = &log;
+                s.spawn(move || {
+                    let mut out = Vec::new();
+                    for round in 0..5 {
+                        for e in task_events(&task(t), 1000 * round) {
+                            let bytes = log.canonical_bytes(&e).unwrap();
+                            out.push((bytes, log.append(&e).unwrap()));
+                        }
+                    }
+                    out
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    assert_eq!(receipts.len(), 240);
+    let mut indexes: Vec<u64> = receipts.iter().map(|(_, r)| r.index).collect();
+    indexes.sort();
+    assert_eq!(indexes, (0..240).collect::<Vec<_>>());
+    for (bytes, r) in &receipts {
+        assert_eq!(r.checkpoint.size, r.index + 1);
+        verify_receipt(r, ReceiptLeaf::Canonical(bytes), &pk).unwrap();
+    }
+    let report = log.verify().unwrap();
+    assert_eq!((report.size, report.checkpoints), (240, 240));
+    drop(log);
+    AuditLog::verify_file(&path, &pk).unwrap();
+}
+
+#[test]
+fn append_batch_is_all_or_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, pk, _) = filled_file(dir.path(), 1);
+    let log = reopen(dir.path(), &path).unwrap();
+    let events = task_events(&task(3), 10);
+    let receipts = log.append_batch(&events).unwrap();
+    assert_eq!(receipts.len(), 8);
+    for (e, r) in events.iter().zip(&receipts) {
+        let bytes = log.canonical_bytes(e).unwrap();
+        verify_receipt(r, ReceiptLeaf::Canonical(&bytes), &pk).unwrap();
+    }
+    assert_eq!(receipts[7].checkpoint.size, 16);
+    // A failing batch stores nothing and leaves memory as it was.
+    let blocker = Connection::open(&path).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    assert!(log.append_batch(&events).is_err());
+    blocker.execute_batch("ROLLBACK").unwrap();
+    assert_eq!(log.size().unwrap(), 16);
+    assert_eq!(log.verify().unwrap().size, 16);
+}
+
+/// This process's user + system CPU time, from /proc (Linux), in seconds.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are 14 and 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+/// Append throughput with receipts, and verify time, each next to limits
+/// measured in the same run (one P-256 signature; one minimal SQLite
+/// transaction). The machine is shared: CPU seconds per event are the
+/// steadier figure. Run with
+/// `BATON_AUDIT_BENCH_N=100000 BATON_AUDIT_BENCH_THREADS=4 cargo test -p baton-audit --release -- --ignored --nocapture bench_`.
 #[test]
 #[ignore]
 fn bench_append_and_verify() {
@@ -682,38 +781,86 @@ fn bench_append_and_verify() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100_000);
+    let threads: u64 = std::env::var("BATON_AUDIT_BENCH_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
     let dir = tempfile::tempdir().unwrap();
+
+    // Limit 1: ECDSA P-256 signatures per second on one core.
+    let keys = AuditKeys::generate().unwrap();
+    let k = 20_000;
+    let start = std::time::Instant::now();
+    for i in 0..k {
+        keys.sign(&checkpoint_message(i, "00", i)).unwrap();
+    }
+    let sign_rate = k as f64 / start.elapsed().as_secs_f64();
+    // Limit 2: minimal SQLite WAL transactions (one small insert) per second.
+    let raw = Connection::open(dir.path().join("raw.db")).unwrap();
+    raw.pragma_update(None, "journal_mode", "WAL").unwrap();
+    raw.pragma_update(None, "synchronous", "NORMAL").unwrap();
+    raw.execute_batch("CREATE TABLE t (i INTEGER PRIMARY KEY, v BLOB)")
+        .unwrap();
+    let start = std::time::Instant::now();
+    for i in 0..k {
+        raw.execute_batch("BEGIN IMMEDIATE").unwrap();
+        raw.execute("INSERT INTO t VALUES (?1, x'00')", [i as i64])
+            .unwrap();
+        raw.execute_batch("COMMIT").unwrap();
+    }
+    let txn_rate = k as f64 / start.elapsed().as_secs_f64();
+    drop(raw);
+
     let keys = AuditKeys::load_or_create(&dir.path().join("keys")).unwrap();
     let pk = keys.public_key().to_vec();
     let path = dir.path().join("audit.db");
     let log = AuditLog::open(&path, keys).unwrap();
     let events: Vec<AuditEvent> = (0..64u8).flat_map(|t| task_events(&task(t), 1)).collect();
+    let cpu0 = cpu_seconds();
     let start = std::time::Instant::now();
-    for i in 0..n {
-        log.append(&events[(i % events.len() as u64) as usize])
-            .unwrap();
-    }
-    let append = start.elapsed();
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let (log, events) = (&log, &events);
+            s.spawn(move || {
+                for i in (t..n).step_by(threads as usize) {
+                    log.append(&events[(i % events.len() as u64) as usize])
+                        .unwrap();
+                }
+            });
+        }
+    });
+    let append = start.elapsed().as_secs_f64();
+    let append_cpu = cpu_seconds() - cpu0;
+    let txns = log.transactions();
     drop(log);
+    let cpu0 = cpu_seconds();
     let start = std::time::Instant::now();
     let report = AuditLog::verify_file(&path, &pk).unwrap();
-    let verify = start.elapsed();
+    let verify = start.elapsed().as_secs_f64();
+    let verify_cpu = cpu_seconds() - cpu0;
     assert_eq!(report.size, n);
     let start = std::time::Instant::now();
     let log = reopen(dir.path(), &path).unwrap();
-    let open = start.elapsed();
+    let open = start.elapsed().as_secs_f64();
+    let m = n.min(10_000);
     let start = std::time::Instant::now();
-    for i in 0..n.min(10_000) {
+    for i in 0..m {
         log.receipt(i).unwrap();
     }
-    let receipts = start.elapsed();
+    let receipts = start.elapsed().as_secs_f64();
+    let rate = n as f64 / append;
     eprintln!(
-        "baton-audit bench: n={n} append+receipt {:.0}/s ({:.1} µs each); verify_file {:.2} s ({:.0} events/s); open {:.2} s; receipt() {:.1} µs",
-        n as f64 / append.as_secs_f64(),
-        append.as_secs_f64() * 1e6 / n as f64,
-        verify.as_secs_f64(),
-        n as f64 / verify.as_secs_f64(),
-        open.as_secs_f64(),
-        receipts.as_secs_f64() * 1e6 / n.min(10_000) as f64,
+        "baton-audit bench (nproc {}): n={n} threads={threads}\n\
+         limits: P-256 sign {sign_rate:.0}/s, minimal SQLite txn {txn_rate:.0}/s\n\
+         append+receipt {rate:.0}/s wall ({:.2}x sign limit, {:.2}x txn limit), {:.1} CPU-µs each ({:.0}/CPU-s), {:.1} events per transaction\n\
+         verify_file {verify:.2} s wall, {:.1} CPU-µs per event; open {open:.2} s; receipt() {:.1} µs",
+        std::thread::available_parallelism().map_or(0, |p| p.get()),
+        rate / sign_rate,
+        rate / txn_rate,
+        append_cpu * 1e6 / n as f64,
+        n as f64 / append_cpu,
+        n as f64 / txns as f64,
+        verify_cpu * 1e6 / n as f64,
+        receipts * 1e6 / m as f64,
     );
 }
