@@ -68,6 +68,32 @@ where
     }
 }
 
+/// Cedar, through `baton-policy` (feature `cedar`, on by default). The
+/// engine refuses a tool its schema does not declare, or declares with
+/// another tier than the [`ToolSpec`]'s, with an error: the gate then
+/// denies (`PolicyError`).
+#[cfg(feature = "cedar")]
+impl CallPolicy for baton_policy::Engine {
+    fn decide(&self, req: &CallContext<'_>) -> PolicyDecision {
+        let d = self.authorize_call(&baton_policy::CallRequest {
+            agent: req.agent,
+            chain: req.chain,
+            initiator: req.initiator,
+            tool: req.tool,
+            resource: req.resource,
+            purpose: req.purpose,
+            scope: req.scope,
+            risk: req.risk,
+            depth: req.depth,
+        });
+        PolicyDecision {
+            allowed: d.allowed,
+            policy_ids: d.policy_ids,
+            errors: d.errors,
+        }
+    }
+}
+
 /// Decides tool calls and reports them.
 ///
 /// Every call, whatever its tier, is checked against the token's scope,

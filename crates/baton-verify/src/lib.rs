@@ -45,6 +45,7 @@ mod cache;
 mod error;
 mod gate;
 mod report;
+mod strict;
 mod tls;
 mod token;
 

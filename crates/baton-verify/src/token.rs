@@ -14,12 +14,12 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use baton_ca::{BROKER_ID_PATH, DELEGATION_TOKEN_TYP};
 use baton_core::{DelegationClaims, Purpose, RiskTier, Scope, SpiffeId, TaskId, TrustDomain};
-use serde::Deserialize as _;
 use serde_json::{Map, Value};
 
 use crate::bundles::{JwtBundles, JwtKey};
 use crate::cache::{Key, TokenCache};
 use crate::error::{PeerError, TokenError};
+use crate::strict;
 
 /// Longest token accepted; longer input is refused before any decoding.
 pub const MAX_TOKEN_LEN: usize = 16 * 1024;
@@ -312,7 +312,7 @@ impl TokenVerifier {
             }
             None => {
                 self.misses.fetch_add(1, Ordering::Relaxed);
-                let v = Arc::new(self.verify_fresh(token, now)?);
+                let v = Arc::new(self.verify_fresh(token, &key, now)?);
                 self.cache.insert(key, v.clone(), v.claims.exp, now);
                 v
             }
@@ -356,24 +356,23 @@ impl TokenVerifier {
         Ok(())
     }
 
-    fn verify_fresh(&self, token: &str, now: u64) -> Result<Verified, TokenError> {
+    fn verify_fresh(&self, token: &str, hash: &Key, now: u64) -> Result<Verified, TokenError> {
         let mut parts = token.split('.');
         let (Some(header_b64), Some(payload_b64), Some(sig_b64), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
         else {
             return Err(TokenError::Malformed("expected three dot-separated parts"));
         };
-        let header = decode_object(header_b64, "header")?;
+        let header = decode_header(header_b64)?;
         let kid = check_header(&header)?;
 
-        let payload = decode_object(payload_b64, "payload")?;
-        let iss = payload
-            .get("iss")
-            .and_then(Value::as_str)
-            .ok_or_else(|| TokenError::InvalidClaims("missing string claim \"iss\"".into()))?;
-        let trust_domain = match SpiffeId::parse(iss) {
+        let payload = URL_SAFE_NO_PAD
+            .decode(payload_b64)
+            .map_err(|_| TokenError::Malformed("payload is not unpadded base64url"))?;
+        let iss = strict::issuer(&payload)?;
+        let trust_domain = match SpiffeId::parse(&iss) {
             Ok(id) if id.path() == BROKER_ID_PATH => id.trust_domain().clone(),
-            _ => return Err(TokenError::BadIssuer(iss.to_owned())),
+            _ => return Err(TokenError::BadIssuer(iss)),
         };
         let key = match self.bundles.key(&trust_domain, kid) {
             None => return Err(TokenError::NoBundle(trust_domain)),
@@ -396,14 +395,7 @@ impl TokenVerifier {
             return Err(TokenError::BadSignature);
         }
 
-        let payload = Value::Object(payload);
-        let claims = DelegationClaims::deserialize(&payload)
-            .map_err(|e| TokenError::InvalidClaims(e.to_string()))?;
-        let canonical =
-            serde_json::to_value(&claims).map_err(|e| TokenError::InvalidClaims(e.to_string()))?;
-        if let Some(path) = unknown_member(&payload, &canonical, "") {
-            return Err(TokenError::UnknownClaim(path));
-        }
+        let claims = strict::claims(&payload)?;
         if claims.jti.is_empty() {
             return Err(TokenError::InvalidClaims("\"jti\" is empty".into()));
         }
@@ -428,7 +420,8 @@ impl TokenVerifier {
             chain,
             trust_domain,
             key,
-            token_hash: baton_ca::token_hash(token),
+            // Same digest as `baton_ca::token_hash`, already computed for the cache.
+            token_hash: URL_SAFE_NO_PAD.encode(hash),
             claims,
         })
     }
@@ -485,46 +478,13 @@ fn check_header(header: &Map<String, Value>) -> Result<&str, TokenError> {
     Ok(kid)
 }
 
-fn decode_object(part: &str, what: &'static str) -> Result<Map<String, Value>, TokenError> {
-    let header = what == "header";
-    let bytes = URL_SAFE_NO_PAD.decode(part).map_err(|_| {
-        TokenError::Malformed(if header {
-            "header is not unpadded base64url"
-        } else {
-            "payload is not unpadded base64url"
-        })
-    })?;
+fn decode_header(part: &str) -> Result<Map<String, Value>, TokenError> {
+    let bytes = URL_SAFE_NO_PAD
+        .decode(part)
+        .map_err(|_| TokenError::Malformed("header is not unpadded base64url"))?;
     match serde_json::from_slice(&bytes) {
         Ok(Value::Object(m)) => Ok(m),
-        _ => Err(TokenError::Malformed(if header {
-            "header is not a JSON object"
-        } else {
-            "payload is not a JSON object"
-        })),
-    }
-}
-
-/// The path of the first member of `original` that the typed claims do not
-/// carry (an unknown claim, or an explicit `null` for an optional one).
-fn unknown_member(original: &Value, canonical: &Value, path: &str) -> Option<String> {
-    match (original, canonical) {
-        (Value::Object(o), Value::Object(c)) => o.iter().find_map(|(k, v)| {
-            let here = if path.is_empty() {
-                k.clone()
-            } else {
-                format!("{path}.{k}")
-            };
-            match c.get(k) {
-                None => Some(here),
-                Some(cv) => unknown_member(v, cv, &here),
-            }
-        }),
-        (Value::Array(o), Value::Array(c)) => o
-            .iter()
-            .zip(c)
-            .enumerate()
-            .find_map(|(i, (v, cv))| unknown_member(v, cv, &format!("{path}[{i}]"))),
-        _ => None,
+        _ => Err(TokenError::Malformed("header is not a JSON object")),
     }
 }
 

@@ -331,3 +331,62 @@ fn sensitive_call_is_denied_when_the_spool_cannot_record_it() {
     assert_eq!(reporter.pending(), 2);
     assert_eq!(std::fs::read_to_string(&spool).unwrap().lines().count(), 2);
 }
+
+#[cfg(feature = "cedar")]
+#[test]
+fn cedar_engine_decides_through_the_gate() {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy/policies");
+    let engine = baton_policy::Engine::load_dir(&dir).unwrap();
+    let gate = ToolGate::new(Arc::new(engine), None);
+
+    // The researcher holds a one-hop token (planner → researcher).
+    let f = Fixture::new();
+    let mut c = f.claims();
+    let hop1 = *c.act.act.take().unwrap();
+    c.act = hop1;
+    c.jti = c.act.jti.clone();
+    c.exp = c.act.exp;
+    c.scope = c.act.scope.clone();
+    c.depth = 1;
+    c.parent.as_mut().unwrap().jti = "jti-root".into();
+    c.cnf.x5t_s256 = baton_ca::cert_thumbprint(f.researcher_svid.leaf());
+    let d = TokenVerifier::new(f.bundles.clone(), AUDIENCE.into())
+        .verify(&f.sign(&c), &f.researcher_svid.peer(), NOW)
+        .unwrap();
+
+    let call = gate
+        .authorize(
+            &d,
+            &tool("crm.search", RiskTier::Read, "tool:crm.search:read"),
+            b"q",
+            NOW,
+        )
+        .unwrap();
+    assert_eq!(call.policy_ids(), &["research.read-tools".to_owned()]);
+    call.finish(b"").unwrap();
+
+    // In scope and under the ceiling, but research agents only read.
+    let err = gate
+        .authorize(
+            &d,
+            &tool("crm.update", RiskTier::Write, "tool:crm.update:write"),
+            b"",
+            NOW,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(&err, CallDenied::PolicyDenied { policy_ids } if policy_ids.iter().any(|p| p == "research.read-only")),
+        "{err:?}"
+    );
+
+    // A tool the schema does not know: the engine errs, the gate denies.
+    let err = gate
+        .authorize(
+            &d,
+            &tool("crm.mystery", RiskTier::Read, "tool:crm.search:read"),
+            b"",
+            NOW,
+        )
+        .unwrap_err();
+    assert!(matches!(err, CallDenied::PolicyError { .. }), "{err:?}");
+}
