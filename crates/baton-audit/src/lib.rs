@@ -40,7 +40,7 @@ pub mod trace;
 pub use error::{AuditError, ProofError, TamperError, TamperReason};
 pub use event::{AuditEvent, AuditRecord, CanonicalEvent, EventKind, decode_canonical};
 pub use keys::{AuditKeys, read_public_key};
-pub use log::{AuditLog, Durability, VerifyReport};
+pub use log::{AuditLog, Durability, SignatureCheck, VerifyReport};
 pub use proof::{
     Receipt, ReceiptLeaf, SignedCheckpoint, checkpoint_message, verify_consistency, verify_receipt,
 };

@@ -80,6 +80,11 @@ pub enum TraceItem {
         at: u64,
         #[serde(skip_serializing_if = "Option::is_none")]
         token_jti: Option<String>,
+        /// `granted`, or `refused` with its reason.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        decision: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
     },
     ToolCall {
         index: u64,
@@ -267,6 +272,8 @@ pub fn trace(records: &[AuditRecord]) -> Trace {
                             index: r.index,
                             at: e.at,
                             token_jti: e.token_jti.clone(),
+                            decision: e.decision.clone(),
+                            reason: e.reason.clone(),
                         },
                         None,
                     ));
@@ -430,15 +437,22 @@ fn item_line(item: &TraceItem) -> Line {
             }
         }
         TraceItem::Redeemed {
-            index, token_jti, ..
+            index,
+            token_jti,
+            decision,
+            reason,
+            ..
         } => Line {
-            text: format!(
-                "redeemed{} #{index}",
-                token_jti
-                    .as_ref()
-                    .map(|j| format!(" token {j}"))
-                    .unwrap_or_default()
-            ),
+            text: match (decision.as_deref(), reason) {
+                (Some("refused"), Some(r)) => format!("redeem refused ({r}) #{index}"),
+                _ => format!(
+                    "redeemed{} #{index}",
+                    token_jti
+                        .as_ref()
+                        .map(|j| format!(" token {j}"))
+                        .unwrap_or_default()
+                ),
+            },
             children: Vec::new(),
         },
         TraceItem::ToolCall {
