@@ -399,7 +399,8 @@ impl Reporter {
     /// Delivers in the background: flushes whenever a record is submitted;
     /// after a failure, retries with [`Backoff`] from [`MIN_BACKOFF`] up to
     /// [`MAX_BACKOFF`] (submissions do not cut a backoff short). Aborting
-    /// the returned task loses nothing: the spool is on disk.
+    /// the returned task loses nothing: the spool is on disk. Call it once,
+    /// from within a Tokio runtime.
     pub fn spawn(&self) -> tokio::task::JoinHandle<()> {
         let this = self.clone();
         tokio::spawn(async move {
