@@ -28,6 +28,8 @@ pub enum AuditError {
         "audit key directory {dir} has only one of the two key files ({present}); refusing to create the other"
     )]
     KeyPartial { dir: PathBuf, present: String },
+    #[error("audit key material is invalid: {0}")]
+    KeyMaterial(String),
     #[error("audit signing failed")]
     Signing,
     #[error("this audit log was written with a different {which} key")]

@@ -165,6 +165,8 @@ impl AuditEvent {
 
     /// The `ToolCall` event for a tool server's report. `tool_server` is the
     /// reporting server's SPIFFE ID (from its mTLS peer certificate).
+    /// `scope` is `scope_used` when that parses as a scope; an empty or
+    /// malformed list leaves it `None` (validate reports at the edge).
     pub fn from_tool_call(report: &ToolCallReport, tool_server: Option<SpiffeId>) -> Self {
         let mut e = Self::new(EventKind::ToolCall, report.at, report.task_id.clone());
         e.actor = Some(report.agent.clone());

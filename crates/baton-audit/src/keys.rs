@@ -62,13 +62,13 @@ impl AuditKeys {
         rng.fill(&mut hmac_key).map_err(|_| AuditError::Signing)?;
         let doc = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng)
             .map_err(|_| AuditError::Signing)?;
-        Self::from_parts(hmac_key, doc.as_ref()).map_err(|_| AuditError::Signing)
+        Self::from_parts(hmac_key, doc.as_ref())
     }
 
     /// Builds keys from an HMAC key and a P-256 PKCS#8 document.
-    pub fn from_parts(hmac_key: [u8; 32], pkcs8: &[u8]) -> Result<Self, String> {
+    pub fn from_parts(hmac_key: [u8; 32], pkcs8: &[u8]) -> Result<Self, AuditError> {
         let signing = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8)
-            .map_err(|e| format!("not a P-256 PKCS#8 key: {e}"))?;
+            .map_err(|e| AuditError::KeyMaterial(format!("not a P-256 PKCS#8 key: {e}")))?;
         Ok(Self {
             hmac_key,
             hmac: hmac::Key::new(hmac::HMAC_SHA256, &hmac_key),
@@ -121,12 +121,11 @@ impl AuditKeys {
                         reason: "expected 64 hex digits (a 32-byte key)".into(),
                     }
                 })?;
-                let keys = Self::from_parts(hmac_key, &pkcs8).map_err(|reason| {
-                    AuditError::KeyInvalid {
+                let keys =
+                    Self::from_parts(hmac_key, &pkcs8).map_err(|e| AuditError::KeyInvalid {
                         path: signing_path.clone(),
-                        reason,
-                    }
-                })?;
+                        reason: e.to_string(),
+                    })?;
                 let public_path = dir.join(PUBLIC_FILE);
                 if !public_path.exists() {
                     write_atomic(&public_path, &keys.public_key_spki_der(), PUBLIC_MODE)?;

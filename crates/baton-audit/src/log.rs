@@ -681,18 +681,25 @@ fn verify_conn(
 ) -> Result<VerifyReport, TamperError> {
     let storage = |e: rusqlite::Error| TamperError::general(TamperReason::Storage(e.to_string()));
     let tx = conn.unchecked_transaction().map_err(storage)?;
-    let found: Option<i64> = tx
+    let found = tx
         .query_row(
             "SELECT value FROM meta WHERE key = 'schema_version'",
             [],
             |r| r.get::<_, String>(0),
         )
-        .optional()
-        .map_err(storage)?
-        .and_then(|v| v.parse().ok());
-    if found != Some(SCHEMA_VERSION) {
+        .optional();
+    let version = match &found {
+        Ok(Some(v)) => v.parse::<i64>().ok(),
+        _ => None,
+    };
+    if version != Some(SCHEMA_VERSION) {
+        let detail = match found {
+            Ok(Some(v)) => format!("schema version {v}"),
+            Ok(None) => "no schema version".to_owned(),
+            Err(e) => e.to_string(),
+        };
         return Err(TamperError::general(TamperReason::Storage(format!(
-            "not an audit log of schema version {SCHEMA_VERSION} (found {found:?})"
+            "not an audit log of schema version {SCHEMA_VERSION} ({detail})"
         ))));
     }
     let s = scan(&tx, public_key, keys, ScanMode::Full(sigs))?;

@@ -876,3 +876,69 @@ fn bench_append_and_verify() {
         receipts * 1e6 / m as f64,
     );
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+    /// Any strings (quotes, backslashes, controls, non-ASCII) encode to
+    /// canonical bytes that decode back to the same fields, and the stored
+    /// event's receipt verifies.
+    #[test]
+    fn canonical_encoding_round_trips_any_text(
+        tool in ".{0,40}",
+        reason in proptest::option::of(".{0,40}"),
+        policy in proptest::collection::vec(".{0,12}", 0..4),
+        initiator in ".{0,30}",
+        at in proptest::prelude::any::<u64>(),
+    ) {
+        let keys = AuditKeys::generate().unwrap();
+        let mut e = AuditEvent::new(EventKind::ToolCall, at, task(1));
+        e.tool = Some(tool.clone());
+        e.reason = reason.clone();
+        e.policy_ids = policy.clone();
+        e.initiator = Some(initiator.clone());
+        let bytes = event::canonical_bytes(&e, &keys).unwrap();
+        let d = decode_canonical(&bytes).unwrap();
+        proptest::prop_assert_eq!(d.tool, Some(tool));
+        proptest::prop_assert_eq!(d.reason, reason);
+        proptest::prop_assert_eq!(d.policy_ids, policy);
+        proptest::prop_assert_eq!(d.at, at);
+        proptest::prop_assert_eq!(d.initiator_hmac, Some(keys.hmac_hex(&initiator)));
+    }
+}
+
+#[test]
+fn power_loss_durability_opens_and_appends() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.db");
+    let log =
+        AuditLog::open_with(&path, AuditKeys::generate().unwrap(), Durability::PowerLoss).unwrap();
+    log.append(&task_events(&task(1), 1)[0]).unwrap();
+    assert_eq!(log.verify().unwrap().size, 1);
+}
+
+#[test]
+fn odd_inputs_give_readable_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = AuditLog::in_memory(AuditKeys::generate().unwrap()).unwrap();
+    assert!(log.events_for_task(&task(1)).unwrap().is_empty());
+    assert_eq!(log.redact_clear_text(Some(&task(1))).unwrap(), 0);
+    assert!(matches!(log.receipt(0), Err(AuditError::Range(_))));
+    assert!(log.consistency_proof(2, 1).is_err());
+    assert_eq!(log.consistency_proof(0, 0).unwrap(), Vec::<String>::new());
+    let e = AuditLog::verify_file(&dir.path().join("missing.db"), log.public_key()).unwrap_err();
+    assert!(matches!(e.reason, TamperReason::Storage(_)), "{e}");
+    let other = dir.path().join("other.db");
+    Connection::open(&other)
+        .unwrap()
+        .execute_batch("CREATE TABLE x (y)")
+        .unwrap();
+    let e = AuditLog::verify_file(&other, log.public_key()).unwrap_err();
+    assert!(e.to_string().contains("not an audit log"), "{e}");
+    let e = AuditLog::verify_file(&other, b"not a key").unwrap_err();
+    assert!(matches!(e.reason, TamperReason::Storage(_)), "{e}");
+    // An empty log verifies, with the root of the empty tree.
+    let r = log.verify().unwrap();
+    assert_eq!(r.size, 0);
+    assert_eq!(r.root, hex::encode(merkle::empty_root()));
+}
