@@ -148,6 +148,17 @@ pub enum TamperReason {
     NoCheckpoint,
     /// The database could not be read.
     Storage(String),
+    /// A checkpoint kept outside the log is larger than the log: its newest
+    /// events were deleted (with their checkpoints).
+    Truncated { kept_size: u64, log_size: u64 },
+    /// The log's root at a kept checkpoint's size differs from it: the log
+    /// was rewritten and re-signed.
+    ForkedFromKept { kept_size: u64 },
+    /// A checkpoint given to check the log against does not verify itself.
+    KeptCheckpointInvalid {
+        checkpoint_size: u64,
+        detail: String,
+    },
 }
 
 impl fmt::Display for TamperReason {
@@ -197,6 +208,24 @@ impl fmt::Display for TamperReason {
             ),
             TamperReason::NoCheckpoint => f.write_str("events stored but no checkpoint"),
             TamperReason::Storage(d) => write!(f, "cannot read the log: {d}"),
+            TamperReason::Truncated {
+                kept_size,
+                log_size,
+            } => write!(
+                f,
+                "the log holds {log_size} events but a kept checkpoint covers {kept_size} (newest events deleted)"
+            ),
+            TamperReason::ForkedFromKept { kept_size } => write!(
+                f,
+                "the log's root at size {kept_size} differs from the kept checkpoint (log rewritten)"
+            ),
+            TamperReason::KeptCheckpointInvalid {
+                checkpoint_size,
+                detail,
+            } => write!(
+                f,
+                "kept checkpoint of size {checkpoint_size} is invalid: {detail}"
+            ),
         }
     }
 }

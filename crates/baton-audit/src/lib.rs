@@ -24,10 +24,10 @@
 //!   checkpoint, and names the first bad index ([`TamperError`]).
 //!
 //! What it cannot see alone: deleting the newest events *together with*
-//! their checkpoints leaves a shorter log that is consistent. Holders of
-//! receipts (or a published checkpoint) detect it: check a kept checkpoint
-//! against the log with [`AuditLog::consistency_proof`] and
-//! [`verify_consistency`].
+//! their checkpoints leaves a shorter log that is consistent. A checkpoint
+//! kept outside the log (from a receipt, or published) catches it: pass it in
+//! [`VerifyOptions::kept`], or check it with [`AuditLog::consistency_proof`]
+//! and [`verify_consistency`].
 
 pub mod error;
 pub mod event;
@@ -40,7 +40,7 @@ pub mod trace;
 pub use error::{AuditError, ProofError, TamperError, TamperReason};
 pub use event::{AuditEvent, AuditRecord, CanonicalEvent, EventKind, decode_canonical};
 pub use keys::{AuditKeys, read_public_key};
-pub use log::{AuditLog, Durability, SignatureCheck, VerifyReport};
+pub use log::{AuditLog, Durability, SignatureCheck, VerifyOptions, VerifyReport};
 pub use proof::{
     Receipt, ReceiptLeaf, SignedCheckpoint, checkpoint_message, verify_consistency, verify_receipt,
 };

@@ -625,23 +625,24 @@ impl AuditLog {
     /// against its HMAC. Reads a consistent snapshot; for a file-backed log
     /// it uses its own connection, so appends are not blocked.
     pub fn verify(&self) -> Result<VerifyReport, TamperError> {
-        self.verify_with(SignatureCheck::Every)
+        self.verify_with(&VerifyOptions::default())
     }
 
-    /// [`Self::verify`], choosing how many checkpoint signatures to check.
-    pub fn verify_with(&self, sigs: SignatureCheck) -> Result<VerifyReport, TamperError> {
+    /// [`Self::verify`] with options: how many signatures to check, and
+    /// checkpoints kept outside the log that it must extend.
+    pub fn verify_with(&self, opts: &VerifyOptions) -> Result<VerifyReport, TamperError> {
         let storage =
             |e: rusqlite::Error| TamperError::general(TamperReason::Storage(e.to_string()));
         match &self.path {
             Some(p) => {
                 let conn = open_read_only(p).map_err(storage)?;
-                verify_conn(&conn, self.keys.public_key(), Some(&self.keys), sigs)
+                verify_conn(&conn, self.keys.public_key(), Some(&self.keys), opts)
             }
             None => {
                 let inner = self.inner.lock().map_err(|_| {
                     TamperError::general(TamperReason::Storage("lock poisoned".into()))
                 })?;
-                verify_conn(&inner.conn, self.keys.public_key(), Some(&self.keys), sigs)
+                verify_conn(&inner.conn, self.keys.public_key(), Some(&self.keys), opts)
             }
         }
     }
@@ -649,18 +650,18 @@ impl AuditLog {
     /// [`Self::verify`] for a log file, with only the checkpoint public key
     /// (no HMAC key: clear-text copies are not checked). Opens read-only.
     pub fn verify_file(path: &Path, public_key: &[u8]) -> Result<VerifyReport, TamperError> {
-        Self::verify_file_with(path, public_key, SignatureCheck::Every)
+        Self::verify_file_with(path, public_key, &VerifyOptions::default())
     }
 
-    /// [`Self::verify_file`], choosing how many checkpoint signatures to check.
+    /// [`Self::verify_file`] with options (see [`VerifyOptions`]).
     pub fn verify_file_with(
         path: &Path,
         public_key: &[u8],
-        sigs: SignatureCheck,
+        opts: &VerifyOptions,
     ) -> Result<VerifyReport, TamperError> {
         let conn = open_read_only(path)
             .map_err(|e| TamperError::general(TamperReason::Storage(e.to_string())))?;
-        verify_conn(&conn, public_key, None, sigs)
+        verify_conn(&conn, public_key, None, opts)
     }
 }
 
@@ -677,8 +678,9 @@ fn verify_conn(
     conn: &Connection,
     public_key: &[u8],
     keys: Option<&AuditKeys>,
-    sigs: SignatureCheck,
+    opts: &VerifyOptions,
 ) -> Result<VerifyReport, TamperError> {
+    let sigs = opts.signatures;
     let storage = |e: rusqlite::Error| TamperError::general(TamperReason::Storage(e.to_string()));
     let tx = conn.unchecked_transaction().map_err(storage)?;
     let found = tx
@@ -704,6 +706,28 @@ fn verify_conn(
     }
     let s = scan(&tx, public_key, keys, ScanMode::Full(sigs))?;
     let size = s.tree.size();
+    for kept in &opts.kept {
+        let root = kept.verify(public_key).map_err(|e| {
+            TamperError::general(TamperReason::KeptCheckpointInvalid {
+                checkpoint_size: kept.size,
+                detail: e.to_string(),
+            })
+        })?;
+        if kept.size > size {
+            return Err(TamperError::at(
+                size,
+                TamperReason::Truncated {
+                    kept_size: kept.size,
+                    log_size: size,
+                },
+            ));
+        }
+        if s.tree.root(kept.size) != Some(root) {
+            return Err(TamperError::general(TamperReason::ForkedFromKept {
+                kept_size: kept.size,
+            }));
+        }
+    }
     let root = s.tree.root(size).map(hex::encode).unwrap_or_default();
     Ok(VerifyReport {
         size,
@@ -722,6 +746,16 @@ enum ScanMode {
     LastCheckpoint,
     /// Leaves and every checkpoint's root; signatures as asked (verify).
     Full(SignatureCheck),
+}
+
+/// What `verify_with` and `verify_file_with` check beyond the log itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VerifyOptions {
+    pub signatures: SignatureCheck,
+    /// Checkpoints held outside the log (from receipts, or published). The
+    /// log must extend each: this is what catches the newest events being
+    /// deleted together with their checkpoints.
+    pub kept: Vec<SignedCheckpoint>,
 }
 
 /// How many checkpoint signatures `verify` checks. Either way every stored

@@ -108,6 +108,13 @@ fn filled_file(dir: &Path, n_tasks: u8) -> (std::path::PathBuf, Vec<u8>, Vec<Rec
     (path, pk, receipts)
 }
 
+fn fast_opts() -> VerifyOptions {
+    VerifyOptions {
+        signatures: SignatureCheck::Newest,
+        kept: Vec::new(),
+    }
+}
+
 fn reopen(dir: &Path, path: &Path) -> Result<AuditLog, AuditError> {
     AuditLog::open(path, AuditKeys::load_or_create(&dir.join("keys")).unwrap())
 }
@@ -116,7 +123,7 @@ fn reopen(dir: &Path, path: &Path) -> Result<AuditLog, AuditError> {
 fn assert_tampered(dir: &Path, path: &Path, pk: &[u8], index: Option<u64>) -> TamperReason {
     let e = AuditLog::verify_file(path, pk).unwrap_err();
     assert_eq!(e.first_bad_index, index, "{e}");
-    let fast = AuditLog::verify_file_with(path, pk, SignatureCheck::Newest).unwrap_err();
+    let fast = AuditLog::verify_file_with(path, pk, &fast_opts()).unwrap_err();
     assert_eq!(fast, e, "fast verification disagrees");
     match reopen(dir, path) {
         Err(AuditError::Tampered(t)) => assert_eq!(t, e, "open and verify disagree"),
@@ -426,6 +433,72 @@ fn deleted_newest_event_is_named() {
 }
 
 #[test]
+fn truncation_is_caught_by_a_kept_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, pk, receipts) = filled_file(dir.path(), 2);
+    let kept = |i: usize| VerifyOptions {
+        signatures: SignatureCheck::Every,
+        kept: vec![receipts[i].checkpoint.clone()],
+    };
+    AuditLog::verify_file_with(&path, &pk, &kept(15)).unwrap();
+    // Delete the three newest events with their checkpoints: the log alone
+    // still verifies, a receipt held outside does not.
+    Connection::open(&path)
+        .unwrap()
+        .execute_batch(
+            "DELETE FROM leaves WHERE idx >= 13; DELETE FROM checkpoints WHERE size > 13;",
+        )
+        .unwrap();
+    AuditLog::verify_file(&path, &pk).unwrap();
+    AuditLog::verify_file_with(&path, &pk, &kept(12)).unwrap();
+    let e = AuditLog::verify_file_with(&path, &pk, &kept(15)).unwrap_err();
+    assert_eq!(e.first_bad_index, Some(13));
+    assert_eq!(
+        e.reason,
+        TamperReason::Truncated {
+            kept_size: 16,
+            log_size: 13
+        }
+    );
+    // A kept checkpoint from another log (another key) is refused as such.
+    let other = AuditLog::in_memory(AuditKeys::generate().unwrap()).unwrap();
+    let foreign = other.append(&task_events(&task(1), 1)[0]).unwrap();
+    let e = AuditLog::verify_file_with(
+        &path,
+        &pk,
+        &VerifyOptions {
+            signatures: SignatureCheck::Newest,
+            kept: vec![foreign.checkpoint],
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(e.reason, TamperReason::KeptCheckpointInvalid { .. }),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_rewritten_and_resigned_log_is_caught_by_a_kept_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, pk, receipts) = filled_file(dir.path(), 1);
+    // Whoever holds the signing key rebuilds the log with one event changed.
+    std::fs::remove_file(&path).unwrap();
+    let log = reopen(dir.path(), &path).unwrap();
+    let mut events = task_events(&task(0), 1_700_000_000);
+    events[3].decision = Some("deny".into());
+    log.append_batch(&events).unwrap();
+    drop(log);
+    AuditLog::verify_file(&path, &pk).unwrap();
+    let opts = VerifyOptions {
+        signatures: SignatureCheck::Every,
+        kept: vec![receipts[5].checkpoint.clone()],
+    };
+    let e = AuditLog::verify_file_with(&path, &pk, &opts).unwrap_err();
+    assert_eq!(e.reason, TamperReason::ForkedFromKept { kept_size: 6 });
+}
+
+#[test]
 fn reordered_events_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let (path, pk, _) = filled_file(dir.path(), 2);
@@ -464,7 +537,7 @@ fn forged_or_altered_checkpoints_are_refused() {
     // `open` checks only the newest checkpoint, which is intact; so does
     // the fast verification, which still checks every root.
     reopen(dir.path(), &path).unwrap();
-    let r = AuditLog::verify_file_with(&path, &pk, SignatureCheck::Newest).unwrap();
+    let r = AuditLog::verify_file_with(&path, &pk, &fast_opts()).unwrap();
     assert_eq!((r.checkpoints, r.signatures), (8, 1));
 
     // A checkpoint re-signed with another key, over the true root.
@@ -846,7 +919,7 @@ fn bench_append_and_verify() {
     assert_eq!(report.size, n);
     let cpu0 = cpu_seconds();
     let start = std::time::Instant::now();
-    AuditLog::verify_file_with(&path, &pk, SignatureCheck::Newest).unwrap();
+    AuditLog::verify_file_with(&path, &pk, &fast_opts()).unwrap();
     let verify_fast = start.elapsed().as_secs_f64();
     let verify_fast_cpu = cpu_seconds() - cpu0;
     let start = std::time::Instant::now();
