@@ -305,17 +305,23 @@ pub fn canonical_bytes(event: &AuditEvent, keys: &AuditKeys) -> Result<Vec<u8>, 
 
 /// Decodes canonical bytes and checks they are exactly canonical (re-encoding
 /// gives the same bytes), so one event has one encoding.
-pub fn decode_canonical(bytes: &[u8]) -> Result<CanonicalEvent, String> {
-    let ev: CanonicalEvent = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+pub fn decode_canonical(bytes: &[u8]) -> Result<CanonicalEvent, CanonicalError> {
+    let err = |e: serde_json::Error| CanonicalError(e.to_string());
+    let ev: CanonicalEvent = serde_json::from_slice(bytes).map_err(err)?;
     if ev.v != CANONICAL_VERSION {
-        return Err(format!("unknown encoding version {}", ev.v));
+        return Err(CanonicalError(format!("unknown encoding version {}", ev.v)));
     }
-    let again = serde_json::to_vec(&ev).map_err(|e| e.to_string())?;
+    let again = serde_json::to_vec(&ev).map_err(err)?;
     if again != bytes {
-        return Err("bytes are not in canonical form".into());
+        return Err(CanonicalError("bytes are not in canonical form".into()));
     }
     Ok(ev)
 }
+
+/// Why bytes are not a canonical event encoding.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a canonical audit event: {0}")]
+pub struct CanonicalError(pub String);
 
 /// The clear-text display copy of the sensitive fields (outside the tree).
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]

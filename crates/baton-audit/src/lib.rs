@@ -38,7 +38,9 @@ pub mod proof;
 pub mod trace;
 
 pub use error::{AuditError, ProofError, TamperError, TamperReason};
-pub use event::{AuditEvent, AuditRecord, CanonicalEvent, EventKind, decode_canonical};
+pub use event::{
+    AuditEvent, AuditRecord, CanonicalError, CanonicalEvent, EventKind, decode_canonical,
+};
 pub use keys::{AuditKeys, read_public_key};
 pub use log::{AuditLog, Durability, SignatureCheck, VerifyOptions, VerifyReport};
 pub use proof::{

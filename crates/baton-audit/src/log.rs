@@ -579,8 +579,10 @@ impl AuditLog {
             if inner.tree.leaf(idx) != Some(merkle::leaf_hash(bytes)) {
                 return Err(TamperError::at(idx, TamperReason::LeafHashMismatch).into());
             }
-            let ev = decode_canonical(bytes)
-                .map_err(|reason| AuditError::Decode { index: idx, reason })?;
+            let ev = decode_canonical(bytes).map_err(|e| AuditError::Decode {
+                index: idx,
+                reason: e.0,
+            })?;
             if &ev.task_id != task {
                 return Err(TamperError::at(idx, TamperReason::TaskColumnMismatch).into());
             }
@@ -1018,7 +1020,7 @@ fn scan_with(
         if stored != h.as_slice() {
             return Err(TamperError::at(expected, TamperReason::LeafHashMismatch));
         }
-        let ev = decode_canonical(bytes).map_err(malformed)?;
+        let ev = decode_canonical(bytes).map_err(|e| malformed(e.0))?;
         if ev.task_id.as_str() != task {
             return Err(TamperError::at(expected, TamperReason::TaskColumnMismatch));
         }
