@@ -162,6 +162,7 @@ impl Cluster {
             listen,
             "--agent-svid-ttl",
             agent_svid_ttl,
+            "--dev-issuer",
         ])
         .arg("--data-dir")
         .arg(self.path("broker"))

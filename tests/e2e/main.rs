@@ -5,7 +5,10 @@
 // Test-only crate: failing loudly is the point.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod audit;
 mod broker;
+mod delegation;
+mod fanout;
 mod harness;
 mod identity;
 mod refusals;

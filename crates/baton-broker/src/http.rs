@@ -66,14 +66,16 @@ impl BrokerError {
     }
 }
 
-fn respond<T: Serialize>(result: Result<T, BrokerError>) -> Result<Response, Infallible> {
+pub(crate) fn respond<T: Serialize>(
+    result: Result<T, BrokerError>,
+) -> Result<Response, Infallible> {
     Ok(match result {
         Ok(v) => warp::reply::json(&v).into_response(),
         Err(e) => e.into_response(),
     })
 }
 
-fn parse_body<T: DeserializeOwned>(body: &Bytes) -> Result<T, BrokerError> {
+pub(crate) fn parse_body<T: DeserializeOwned>(body: &Bytes) -> Result<T, BrokerError> {
     serde_json::from_slice(body).map_err(|e| BrokerError::BadRequest {
         field: None,
         message: format!("request body is not valid JSON for this route: {e}"),
@@ -86,7 +88,7 @@ fn with_broker(
     warp::any().map(move || broker.clone())
 }
 
-fn json_body() -> impl Filter<Extract = (Bytes,), Error = warp::Rejection> + Clone {
+pub(crate) fn json_body() -> impl Filter<Extract = (Bytes,), Error = warp::Rejection> + Clone {
     warp::body::content_length_limit(MAX_BODY).and(warp::body::bytes())
 }
 
@@ -104,6 +106,7 @@ fn node_auth(
 /// Routes served on the broker's HTTPS port.
 pub fn node_routes(
     broker: Arc<Broker>,
+    delegation: Arc<crate::delegation::Delegation>,
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static {
     let b = || with_broker(broker.clone());
 
@@ -201,6 +204,11 @@ pub fn node_routes(
         .unify()
         .or(health)
         .unify()
+        .or(crate::http_delegation::node_routes(
+            broker.clone(),
+            delegation,
+        ))
+        .unify()
         .recover(recover)
         .unify()
 }
@@ -231,6 +239,7 @@ fn admin_check(access: &AdminAccess, peer: Option<UnixPeer>) -> Result<(), Broke
 /// Routes served on the admin Unix socket.
 pub fn admin_routes(
     broker: Arc<Broker>,
+    delegation: Arc<crate::delegation::Delegation>,
     access: AdminAccess,
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static {
     let access = Arc::new(access);
@@ -309,6 +318,8 @@ pub fn admin_routes(
                 .or(delete)
                 .unify()
                 .or(bundle)
+                .unify()
+                .or(crate::http_delegation::admin_routes(delegation))
                 .unify(),
         )
         .recover(recover)

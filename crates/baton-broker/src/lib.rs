@@ -10,9 +10,13 @@
 //! - [`http`]: the warp routes for the node port and the admin socket;
 //! - [`store`]: the durable state behind the [`store::Datastore`] trait.
 
+pub mod delegation;
 pub mod http;
+pub mod http_delegation;
+pub mod oidc;
 pub mod service;
 pub mod store;
+pub mod tasks;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -28,6 +32,56 @@ use tokio::sync::oneshot;
 
 pub use service::{Broker, BrokerError, IssuanceHook, IssuancePolicy, LogIssuance};
 use store::{Datastore, SqliteStore};
+
+/// The example Cedar schema and policies of `deploy/policies`, built in so
+/// a broker started without `--policies` (dev, tests) has a policy set.
+pub const EXAMPLE_POLICIES: &[(&str, &str)] = &[
+    (
+        "deploy/policies/schema.cedarschema",
+        include_str!("../../../deploy/policies/schema.cedarschema"),
+    ),
+    (
+        "deploy/policies/delegation.cedar",
+        include_str!("../../../deploy/policies/delegation.cedar"),
+    ),
+    (
+        "deploy/policies/exports.cedar",
+        include_str!("../../../deploy/policies/exports.cedar"),
+    ),
+    (
+        "deploy/policies/research.cedar",
+        include_str!("../../../deploy/policies/research.cedar"),
+    ),
+    (
+        "deploy/policies/scope.cedar",
+        include_str!("../../../deploy/policies/scope.cedar"),
+    ),
+    (
+        "deploy/policies/writes.cedar",
+        include_str!("../../../deploy/policies/writes.cedar"),
+    ),
+];
+
+/// The shipped purpose catalogue (`deploy/purposes.txt`).
+pub const DEFAULT_PURPOSES: &str = include_str!("../../../deploy/purposes.txt");
+
+/// Parses a purpose catalogue: one purpose per line, `#` comments.
+pub fn parse_purposes(
+    text: &str,
+) -> Result<std::collections::BTreeSet<baton_core::Purpose>, String> {
+    let mut out = std::collections::BTreeSet::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        out.insert(
+            line.parse()
+                .map_err(|e| format!("purpose catalogue line {}: {e}", n + 1))?,
+        );
+    }
+    Ok(out)
+}
 
 /// Everything the broker needs to start.
 #[derive(Debug, Clone)]
@@ -45,6 +99,17 @@ pub struct BrokerConfig {
     pub max_svid_ttl: Duration,
     /// Extra DNS names on the broker's serving certificate.
     pub serving_dns_names: Vec<String>,
+    /// Cedar schema + policies; `None` uses the embedded example set given
+    /// in `embedded_policies`.
+    pub policy_dir: Option<PathBuf>,
+    /// (file name, source) of the policies used when `policy_dir` is None.
+    pub embedded_policies: Vec<(String, String)>,
+    /// Trusted OIDC issuers for initiating identities.
+    pub oidc_issuers: Vec<oidc::OidcIssuer>,
+    /// Run a local dev OIDC issuer (never in production).
+    pub dev_issuer: bool,
+    /// Bounds and the purpose catalogue for tasks and hops.
+    pub delegation: delegation::DelegationSettings,
 }
 
 impl BrokerConfig {
@@ -64,6 +129,17 @@ impl BrokerConfig {
             agent_svid_ttl: Duration::from_secs(3600),
             max_svid_ttl: Duration::from_secs(24 * 3600),
             serving_dns_names: vec!["localhost".into()],
+            policy_dir: None,
+            embedded_policies: EXAMPLE_POLICIES
+                .iter()
+                .map(|(n, s)| ((*n).to_owned(), (*s).to_owned()))
+                .collect(),
+            oidc_issuers: Vec::new(),
+            dev_issuer: false,
+            delegation: delegation::DelegationSettings {
+                purposes: parse_purposes(DEFAULT_PURPOSES).unwrap_or_default(),
+                ..delegation::DelegationSettings::default()
+            },
         }
     }
 }
@@ -89,6 +165,12 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error("policies: {0}")]
+    Policy(#[from] baton_policy::PolicyError),
+    #[error("audit log: {0}")]
+    Audit(#[from] baton_audit::AuditError),
+    #[error("OIDC: {0}")]
+    Oidc(#[from] oidc::OidcError),
     #[error("{0}")]
     Internal(String),
 }
@@ -128,18 +210,45 @@ pub async fn run(
     baton_tls::install_crypto_provider();
     baton_ca::init();
     let now = SystemTime::now();
-    let (key_dir, store): (Option<PathBuf>, Arc<dyn Datastore>) = match &cfg.data_dir {
+    // Policies first: a bad policy stops start-up with its file and line.
+    let policy = Arc::new(match &cfg.policy_dir {
+        Some(dir) => baton_policy::Engine::load_dir(dir)?,
+        None => {
+            let (schema, policies): (Vec<_>, Vec<_>) = cfg
+                .embedded_policies
+                .iter()
+                .cloned()
+                .partition(|(name, _)| name.ends_with(".cedarschema"));
+            let schema = schema
+                .into_iter()
+                .next()
+                .map(|(_, s)| s)
+                .unwrap_or_default();
+            baton_policy::Engine::from_sources(&schema, &policies)?
+        }
+    });
+    let (key_dir, sqlite, audit) = match &cfg.data_dir {
         Some(dir) => {
             prepare_dir(dir)?;
             let ca_dir = dir.join("ca");
             prepare_dir(&ca_dir)?;
+            let audit_dir = dir.join("audit");
+            prepare_dir(&audit_dir)?;
+            let keys = baton_audit::AuditKeys::load_or_create(&audit_dir)?;
+            let audit = baton_audit::AuditLog::open(&dir.join("audit.db"), keys)?;
             (
                 Some(ca_dir),
                 Arc::new(SqliteStore::open(&dir.join("broker.db"))?),
+                audit,
             )
         }
-        None => (None, Arc::new(SqliteStore::in_memory()?)),
+        None => (
+            None,
+            Arc::new(SqliteStore::in_memory()?),
+            baton_audit::AuditLog::in_memory(baton_audit::AuditKeys::generate()?)?,
+        ),
     };
+    let store: Arc<dyn Datastore> = sqlite.clone();
     let ca = Ca::load_or_create(
         CaConfig {
             trust_domain: cfg.trust_domain.clone(),
@@ -160,6 +269,26 @@ pub async fn run(
     ));
     let bundle = ca.bundle();
     let bundle_pem = bundle.to_pem();
+
+    let dev_issuer = if cfg.dev_issuer {
+        Some(oidc::DevIssuer::generate()?)
+    } else {
+        None
+    };
+    let mut issuers = cfg.oidc_issuers.clone();
+    if let Some(dev) = &dev_issuer {
+        issuers.push(dev.issuer()?);
+    }
+    let delegation = Arc::new(delegation::Delegation::new(
+        broker.clone(),
+        sqlite,
+        oidc::OidcVerifier::new(issuers),
+        dev_issuer,
+        policy,
+        Arc::new(audit),
+        baton_verify::TokenVerifier::for_broker(baton_verify::JwtBundles::new([bundle.clone()])),
+        cfg.delegation.clone(),
+    ));
     if let Some(dir) = &cfg.data_dir {
         std::fs::write(dir.join("bundle.pem"), &bundle_pem).map_err(|source| {
             StartError::DataDir {
@@ -261,12 +390,12 @@ pub async fn run(
     let node = baton_tls::serve_https(
         listener,
         tls,
-        http::node_routes(broker.clone()),
+        http::node_routes(broker.clone(), delegation.clone()),
         stopped(stop_rx.clone()),
     );
     let admin = baton_tls::serve_unix(
         admin_listener,
-        http::admin_routes(broker, http::AdminAccess { allowed_uids }),
+        http::admin_routes(broker, delegation, http::AdminAccess { allowed_uids }),
         stopped(stop_rx),
     );
     let node = tokio::spawn(node);

@@ -70,6 +70,8 @@ pub enum CredentialKind {
     AgentX509Svid,
     WorkloadX509Svid,
     WorkloadJwtSvid,
+    /// A task X509-SVID minted at a redeem (its token shares its lifetime).
+    TaskX509Svid,
 }
 
 /// The seam where the revocation service registers every credential. If it
@@ -177,7 +179,7 @@ impl Broker {
             .map_err(|e| BrokerError::bad("trust_domain", e.to_string()))
     }
 
-    fn record(&self, c: IssuedCredential) -> Result<(), BrokerError> {
+    pub(crate) fn record(&self, c: IssuedCredential) -> Result<(), BrokerError> {
         self.hook.issued(&c).map_err(BrokerError::Hook)
     }
 

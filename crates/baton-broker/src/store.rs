@@ -111,6 +111,30 @@ const MIGRATIONS: &[&str] = &[
         attested_at INTEGER NOT NULL,
         banned INTEGER NOT NULL DEFAULT 0
      );",
+    // 2: tasks, handoff grants, delegation tokens
+    "CREATE TABLE tasks (
+        id TEXT PRIMARY KEY,
+        record TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+     );
+     CREATE TABLE grants (
+        digest TEXT PRIMARY KEY,
+        task_id TEXT NOT NULL,
+        record TEXT NOT NULL,
+        expires_at INTEGER NOT NULL,
+        used_at INTEGER
+     );
+     CREATE INDEX grants_by_task ON grants(task_id);
+     CREATE TABLE tokens (
+        jti TEXT PRIMARY KEY,
+        task_id TEXT NOT NULL,
+        record TEXT NOT NULL
+     );
+     CREATE INDEX tokens_by_task ON tokens(task_id);
+     CREATE TABLE tool_reports (
+        report_id TEXT PRIMARY KEY,
+        audit_index INTEGER NOT NULL
+     );",
 ];
 
 const ENTRY_COLUMNS: &str =
@@ -167,7 +191,7 @@ impl SqliteStore {
         })
     }
 
-    fn with<T>(
+    pub(crate) fn with<T>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
-use crate::{admin, daemons, workload};
+use crate::{admin, creds, daemons, example, tasks, workload};
 
 /// Exit codes scripts can rely on.
 pub const EXIT_FAILURE: u8 = 1;
@@ -15,6 +15,8 @@ pub const EXIT_FAILURE: u8 = 1;
 pub const EXIT_REFUSED: u8 = 2;
 /// The broker or agent could not be reached.
 pub const EXIT_UNREACHABLE: u8 = 3;
+/// A verification failed (e.g. the audit log is tampered).
+pub const EXIT_VERIFY_FAILED: u8 = 4;
 pub const EXIT_INTERNAL: u8 = 70;
 
 /// An error carrying the process exit code.
@@ -91,6 +93,20 @@ pub enum Command {
     /// Fetch and inspect SVIDs through a node daemon's Workload API.
     #[command(subcommand)]
     Svid(SvidCmd),
+    /// Tasks: start one for a user, inspect, end, change its purpose.
+    #[command(subcommand)]
+    Task(TaskCmd),
+    /// The tamper-evident audit log: verify it, trace a task.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+    /// Redeem a handoff grant into a task credential through the node daemon.
+    #[command(subcommand)]
+    Grant(GrantCmd),
+    /// Hand part of a task to another agent (a hop), with your task credential.
+    Delegate(DelegateArgs),
+    /// The example of the README: a tool server, a tool client and a queue worker.
+    #[command(subcommand)]
+    Example(ExampleCmd),
     /// Print shell completions.
     Completions {
         #[arg(value_enum)]
@@ -140,6 +156,24 @@ pub struct BrokerArgs {
     /// Write the broker's address to this file once listening (for scripts and tests).
     #[arg(long)]
     pub ready_file: Option<PathBuf>,
+    /// Directory of Cedar policies (schema.cedarschema + *.cedar). Default: the example set.
+    #[arg(long)]
+    pub policies: Option<PathBuf>,
+    /// Purpose catalogue, one per line. Default: deploy/purposes.txt as shipped.
+    #[arg(long)]
+    pub purposes_file: Option<PathBuf>,
+    /// Trusted OIDC issuer for initiating identities (with --oidc-jwks and --oidc-audience).
+    #[arg(long, requires_all = ["oidc_jwks", "oidc_audience"])]
+    pub oidc_issuer: Option<String>,
+    /// JWKS file of --oidc-issuer.
+    #[arg(long)]
+    pub oidc_jwks: Option<PathBuf>,
+    /// Audience ID tokens must carry.
+    #[arg(long)]
+    pub oidc_audience: Option<String>,
+    /// Also run the local dev OIDC issuer (tokens via `baton task start --user`). Never in production.
+    #[arg(long)]
+    pub dev_issuer: bool,
 }
 
 #[derive(Debug, Args)]
@@ -289,6 +323,206 @@ pub enum SvidCmd {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum TaskCmd {
+    /// Start a task; prints the task id and the root agent's handoff grant.
+    Start {
+        /// The initiating user's OIDC ID token.
+        #[arg(long, env = "BATON_ID_TOKEN", conflicts_with = "user")]
+        id_token: Option<String>,
+        /// With `baton dev`'s local issuer: mint an ID token for this user.
+        #[arg(long)]
+        user: Option<String>,
+        /// The agent that receives the task first.
+        #[arg(long)]
+        root_agent: String,
+        /// A purpose from the broker's catalogue, e.g. support.case-research.
+        #[arg(long)]
+        purpose: String,
+        /// A permission, e.g. tool:crm.search:read (repeatable).
+        #[arg(long = "scope", required = true)]
+        scope: Vec<String>,
+        /// read, write, delete, purchase or export.
+        #[arg(long, default_value = "read")]
+        risk_ceiling: String,
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        #[arg(long, default_value_t = 3)]
+        max_depth: u32,
+        /// Audience of the root agent's token (the tools it will call; repeatable).
+        #[arg(long = "audience", required = true)]
+        audience: Vec<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Show one task.
+    Show {
+        id: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// List tasks.
+    List {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// End a task: no more hops or redeems.
+    End {
+        id: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Change a task's purpose: outstanding grants become unusable.
+    SetPurpose {
+        id: String,
+        purpose: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCmd {
+    /// Prove the log untampered (exit 4 and the first bad index if not).
+    Verify {
+        /// Verify a log file offline (e.g. a copy, or while the broker is
+        /// stopped) instead of asking the broker: the broker's audit.db.
+        #[arg(long, requires = "keys_dir")]
+        db: Option<PathBuf>,
+        /// The broker's audit key directory (only the public key is read).
+        #[arg(long)]
+        keys_dir: Option<PathBuf>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// An inclusion receipt for one event, verifiable offline.
+    Receipt {
+        index: u64,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Print a task's chain as a tree: initiator, hops, tool calls.
+    Trace {
+        task: String,
+        /// Emit JSON instead of the tree.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GrantCmd {
+    /// Redeem a grant through the node daemon; writes the task credential to a directory.
+    Redeem {
+        #[command(flatten)]
+        socket: SocketArgs,
+        /// The grant (or BATON_GRANT).
+        #[arg(long, env = "BATON_GRANT")]
+        grant: String,
+        /// Which of your identities redeems it, when you have several.
+        #[arg(long)]
+        spiffe_id: Option<String>,
+        /// Directory for svid.pem, key.pem (0600), bundle.pem, token (0600), task.json.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct DelegateArgs {
+    /// Your task credential directory (from `baton grant redeem`).
+    #[arg(long)]
+    pub credential: PathBuf,
+    /// The broker's HTTPS URL.
+    #[arg(long, env = "BATON_BROKER_URL")]
+    pub broker_url: String,
+    /// The agent receiving the hop.
+    #[arg(long)]
+    pub target: String,
+    /// A permission handed on (repeatable); must be a subset of yours.
+    #[arg(long = "scope", required = true)]
+    pub scope: Vec<String>,
+    /// Defaults to the task's purpose in your token.
+    #[arg(long)]
+    pub purpose: Option<String>,
+    #[arg(long = "audience", required = true)]
+    pub audience: Vec<String>,
+    #[arg(long)]
+    pub justification: String,
+    #[arg(long, short = 'o', value_enum, default_value_t)]
+    pub output: OutputFormat,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ExampleCmd {
+    /// An example tool server (CRM search/update/export) guarded by baton-verify.
+    ToolServer {
+        #[command(flatten)]
+        socket: SocketArgs,
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        /// The broker's HTTPS URL, for tool-call reports.
+        #[arg(long, env = "BATON_BROKER_URL")]
+        broker_url: String,
+        /// The audience this server accepts tokens for.
+        #[arg(long, default_value = "crm")]
+        audience: String,
+        /// Cedar policies (schema + *.cedar); default: the embedded example set.
+        #[arg(long)]
+        policies: Option<PathBuf>,
+        /// Spool for tool-call reports not yet delivered to the broker.
+        #[arg(long)]
+        spool: PathBuf,
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+    },
+    /// Call a tool on the example tool server with a task credential.
+    Call {
+        #[arg(long)]
+        credential: PathBuf,
+        /// e.g. https://127.0.0.1:9443
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        tool: String,
+        #[arg(long, default_value = "{}")]
+        input: String,
+        #[arg(long)]
+        justification: Option<String>,
+    },
+    /// Put a grant on a Redis Stream (async fan-out).
+    Enqueue {
+        #[arg(long)]
+        redis: String,
+        #[arg(long, default_value = "baton:work")]
+        stream: String,
+        #[arg(long, env = "BATON_GRANT")]
+        grant: String,
+        #[arg(long)]
+        tool: String,
+    },
+    /// Take one grant from a Redis Stream, redeem it, call the tool it names.
+    Worker {
+        #[arg(long)]
+        redis: String,
+        #[arg(long, default_value = "baton:work")]
+        stream: String,
+        #[command(flatten)]
+        socket: SocketArgs,
+        #[arg(long)]
+        spiffe_id: Option<String>,
+        #[arg(long)]
+        url: String,
+        /// Where to keep the redeemed credential.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        wait: Duration,
+    },
+}
+
 pub async fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Dev(args) => daemons::dev(args).await,
@@ -298,6 +532,11 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
         Command::Entry(cmd) => admin::entry(cmd).await,
         Command::Bundle(cmd) => admin::bundle(cmd).await,
         Command::Svid(cmd) => workload::svid(cmd).await,
+        Command::Task(cmd) => tasks::task(cmd).await,
+        Command::Audit(cmd) => tasks::audit(cmd).await,
+        Command::Grant(cmd) => creds::grant(cmd).await,
+        Command::Delegate(args) => creds::delegate(args).await,
+        Command::Example(cmd) => example::run(cmd).await,
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "baton", &mut std::io::stdout());
             Ok(())

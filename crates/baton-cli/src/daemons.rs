@@ -54,6 +54,22 @@ pub async fn broker(args: BrokerArgs) -> Result<()> {
     cfg.ca_ttl = args.ca_ttl;
     cfg.agent_svid_ttl = args.agent_svid_ttl;
     cfg.max_svid_ttl = args.max_svid_ttl;
+    delegation_config(
+        &mut cfg,
+        args.policies.clone(),
+        args.purposes_file.as_deref(),
+    )?;
+    cfg.dev_issuer = args.dev_issuer;
+    if let (Some(iss), Some(jwks), Some(aud)) =
+        (&args.oidc_issuer, &args.oidc_jwks, &args.oidc_audience)
+    {
+        let text = std::fs::read_to_string(jwks)
+            .with_context(|| format!("--oidc-jwks: cannot read {}", jwks.display()))?;
+        cfg.oidc_issuers.push(
+            baton_broker::oidc::OidcIssuer::from_jwks(iss, aud, &text)
+                .map_err(|e| exit(EXIT_REFUSED, format!("--oidc-jwks: {e}")))?,
+        );
+    }
     let (tx, rx) = oneshot::channel::<BrokerReady>();
     let ready_file = args.ready_file.clone();
     let announcer = tokio::spawn(async move {
@@ -68,6 +84,22 @@ pub async fn broker(args: BrokerArgs) -> Result<()> {
         .await
         .context("broker failed")?;
     announcer.abort();
+    Ok(())
+}
+
+/// Policies (a directory, or the built-in example set) and the purpose catalogue.
+fn delegation_config(
+    cfg: &mut BrokerConfig,
+    policies: Option<PathBuf>,
+    purposes_file: Option<&Path>,
+) -> Result<()> {
+    cfg.policy_dir = policies;
+    if let Some(p) = purposes_file {
+        let text = std::fs::read_to_string(p)
+            .with_context(|| format!("--purposes-file: cannot read {}", p.display()))?;
+        cfg.delegation.purposes = baton_broker::parse_purposes(&text)
+            .map_err(|e| exit(EXIT_REFUSED, format!("--purposes-file: {e}")))?;
+    }
     Ok(())
 }
 
@@ -152,6 +184,8 @@ pub async fn dev(args: DevArgs) -> Result<()> {
 
     let mut cfg = BrokerConfig::new(td.clone(), Some(dir.join("broker")), admin_socket.clone());
     cfg.listen = args.listen;
+    delegation_config(&mut cfg, None, None)?;
+    cfg.dev_issuer = true;
     let (btx, brx) = oneshot::channel::<BrokerReady>();
     let broker_fut = baton_broker::run(
         cfg,
@@ -170,6 +204,8 @@ pub async fn dev(args: DevArgs) -> Result<()> {
         }
     };
 
+    // Scripts (examples/) find the broker here.
+    write_ready_file(&dir.join("broker.addr"), &ready.addr.to_string())?;
     // The dev node gets a fixed SPIFFE ID so dev entries survive restarts.
     let node_id: SpiffeId = td
         .id("/baton/node/dev")

@@ -5,8 +5,11 @@
 
 mod admin;
 mod cli;
+mod creds;
 mod daemons;
+mod example;
 mod output;
+mod tasks;
 mod workload;
 
 use std::process::ExitCode;

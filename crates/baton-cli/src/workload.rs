@@ -39,7 +39,7 @@ async fn connect(socket: &str) -> Result<WorkloadApiClient> {
     })
 }
 
-fn pem(label: &str, der: &[u8]) -> String {
+pub fn pem(label: &str, der: &[u8]) -> String {
     let b64 = base64::engine::general_purpose::STANDARD.encode(der);
     let mut out = format!("-----BEGIN {label}-----\n");
     for chunk in b64.as_bytes().chunks(64) {
@@ -50,7 +50,7 @@ fn pem(label: &str, der: &[u8]) -> String {
     out
 }
 
-fn write_file(path: &Path, contents: &str, mode: u32) -> Result<()> {
+pub fn write_file(path: &Path, contents: &str, mode: u32) -> Result<()> {
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)

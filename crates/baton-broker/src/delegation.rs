@@ -1,0 +1,713 @@
+//! The delegation exchange: tasks, hops, grants and task credentials.
+//!
+//! Every hop is a new trust decision. The holder proves possession of its
+//! task credential over mTLS (its task SVID) and presents its delegation
+//! token; the broker verifies both, checks that the requested scope is a
+//! subset of the holder's, that the purpose is the task's, that depth and
+//! lifetime stay within bounds, asks Cedar, writes the decision to the audit
+//! log (refusals too), and only then stores a single-use grant bound to the
+//! target. The target redeems it through its own node daemon, which attested
+//! it; the broker mints a fresh certificate and a token bound to it.
+//! Nothing is forwarded: each hop has its own credential.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use baton_audit::{AuditEvent, AuditLog, EventKind, Receipt};
+
+use baton_core::api::{
+    DelegateRequest, HandoffGrant, RedeemRequest, StartTaskRequest, StartTaskResponse,
+    TaskCredential, ToolCallReport,
+};
+use baton_core::{
+    Actor, Confirmation, DelegationClaims, ParentRef, Purpose, Secret, SpiffeId, TaskClaims, TaskId,
+};
+use baton_policy::{Engine, HopRequest};
+use baton_verify::{PeerCert, TokenVerifier, VerifiedDelegation};
+
+use crate::oidc::{DevIssuer, OidcVerifier};
+use crate::service::{AuthenticatedNode, Broker, BrokerError, CredentialKind, IssuedCredential};
+use crate::tasks::{GrantRecord, GrantRefusal, TaskRecord, TaskStore, TokenRecord};
+
+/// Bounds on what tasks and hops may ask for.
+#[derive(Debug, Clone)]
+pub struct DelegationSettings {
+    pub max_task_ttl: Duration,
+    pub max_depth: u32,
+    /// How long a grant may wait to be redeemed (a queue may sit between).
+    pub grant_ttl: Duration,
+    /// Default lifetime of a minted token when the hop asks for none.
+    pub token_ttl: Duration,
+    /// The declared purpose catalogue.
+    pub purposes: BTreeSet<Purpose>,
+}
+
+impl Default for DelegationSettings {
+    fn default() -> Self {
+        Self {
+            max_task_ttl: Duration::from_secs(24 * 3600),
+            max_depth: 8,
+            grant_ttl: Duration::from_secs(300),
+            token_ttl: Duration::from_secs(900),
+            purposes: BTreeSet::new(),
+        }
+    }
+}
+
+/// The broker's delegation service.
+#[derive(Debug)]
+pub struct Delegation {
+    broker: Arc<Broker>,
+    tasks: Arc<dyn TaskStore>,
+    oidc: OidcVerifier,
+    dev_issuer: Option<DevIssuer>,
+    policy: Arc<Engine>,
+    audit: Arc<AuditLog>,
+    tokens: TokenVerifier,
+    settings: DelegationSettings,
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn random_hex(n: usize) -> Result<String, BrokerError> {
+    let mut buf = vec![0u8; n];
+    aws_lc_rs::rand::fill(&mut buf)
+        .map_err(|_| BrokerError::Hook("system random generator failed".into()))?;
+    Ok(hex::encode(buf))
+}
+
+fn digest(secret: &str) -> String {
+    hex::encode(aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        secret.as_bytes(),
+    ))
+}
+
+fn refuse(code: &'static str, message: impl Into<String>) -> BrokerError {
+    BrokerError::Forbidden {
+        code,
+        message: message.into(),
+    }
+}
+
+fn bad(field: &'static str, message: impl Into<String>) -> BrokerError {
+    BrokerError::BadRequest {
+        field: Some(field),
+        message: message.into(),
+    }
+}
+
+fn audit_failed(e: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Hook(format!("audit log unavailable, refusing: {e}"))
+}
+
+impl Delegation {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        broker: Arc<Broker>,
+        tasks: Arc<dyn TaskStore>,
+        oidc: OidcVerifier,
+        dev_issuer: Option<DevIssuer>,
+        policy: Arc<Engine>,
+        audit: Arc<AuditLog>,
+        tokens: TokenVerifier,
+        settings: DelegationSettings,
+    ) -> Self {
+        Self {
+            broker,
+            tasks,
+            oidc,
+            dev_issuer,
+            policy,
+            audit,
+            tokens,
+            settings,
+        }
+    }
+
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
+    }
+
+    pub fn dev_issuer(&self) -> Option<&DevIssuer> {
+        self.dev_issuer.as_ref()
+    }
+
+    fn event(&self, kind: EventKind, task: &TaskId, now: u64) -> AuditEvent {
+        AuditEvent::new(kind, now, task.clone())
+    }
+
+    fn append(&self, event: &AuditEvent) -> Result<Receipt, BrokerError> {
+        self.audit.append(event).map_err(audit_failed)
+    }
+
+    fn task(&self, id: &TaskId) -> Result<TaskRecord, BrokerError> {
+        self.tasks
+            .get_task(id)?
+            .ok_or_else(|| BrokerError::NotFound(format!("no task with id {id}")))
+    }
+
+    pub fn get_task(&self, raw: &str) -> Result<TaskRecord, BrokerError> {
+        let id: TaskId = raw.parse().map_err(|e| bad("task_id", format!("{e}")))?;
+        self.task(&id)
+    }
+
+    pub fn list_tasks(&self) -> Result<Vec<TaskRecord>, BrokerError> {
+        Ok(self.tasks.list_tasks()?)
+    }
+
+    fn new_grant(&self, g: GrantRecord) -> Result<HandoffGrant, BrokerError> {
+        let secret = format!("bg_{}", random_hex(32)?);
+        self.tasks.insert_grant(&digest(&secret), &g)?;
+        Ok(HandoffGrant {
+            grant: Secret::new(secret),
+            task_id: g.task_id,
+            target: g.target,
+            expires_at: g.expires_at,
+        })
+    }
+
+    /// Starts a task for the human whose ID token is presented.
+    pub fn start_task(
+        &self,
+        req: &StartTaskRequest,
+        now: SystemTime,
+    ) -> Result<StartTaskResponse, BrokerError> {
+        let now = unix(now);
+        let initiator = self.oidc.verify(req.id_token.expose(), now).map_err(|e| {
+            BrokerError::Unauthenticated(format!("initiating identity refused: {e}"))
+        })?;
+        let td = self.broker.trust_domain();
+        if !req.root_agent.is_member_of(td) || req.root_agent.is_trust_domain_id() {
+            return Err(bad(
+                "root_agent",
+                format!(
+                    "root_agent {} is not a workload of trust domain {td}",
+                    req.root_agent
+                ),
+            ));
+        }
+        if !self.settings.purposes.contains(&req.purpose) {
+            return Err(bad(
+                "purpose",
+                format!(
+                    "purpose {} is not in the declared catalogue ({})",
+                    req.purpose,
+                    self.settings
+                        .purposes
+                        .iter()
+                        .map(Purpose::as_str)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+        let max_ttl = self.settings.max_task_ttl.as_secs();
+        if req.ttl_secs == 0 || req.ttl_secs > max_ttl {
+            return Err(bad("ttl_secs", format!("ttl_secs must be 1..={max_ttl}")));
+        }
+        if req.max_depth > self.settings.max_depth {
+            return Err(bad(
+                "max_depth",
+                format!("max_depth must be at most {}", self.settings.max_depth),
+            ));
+        }
+        if req.audience.is_empty() {
+            return Err(bad("audience", "audience must list at least one value"));
+        }
+        let id = TaskId::from_random(random_bytes()?);
+        let task = TaskRecord {
+            id: id.clone(),
+            initiator: initiator.sub.clone(),
+            initiator_iss: initiator.iss.clone(),
+            root_agent: req.root_agent.clone(),
+            purpose: req.purpose.clone(),
+            scope: req.scope.clone(),
+            risk_ceiling: req.risk_ceiling,
+            max_depth: req.max_depth,
+            created_at: now,
+            expires_at: now + req.ttl_secs,
+            ended_at: None,
+            purpose_epoch: 0,
+        };
+        let mut ev = self.event(EventKind::TaskStarted, &id, now);
+        ev.initiator = Some(initiator.sub.clone());
+        // The root agent is the first actor of the task's tree.
+        ev.actor = Some(req.root_agent.clone());
+        ev.target = Some(req.root_agent.clone());
+        ev.purpose = Some(req.purpose.clone());
+        ev.scope = Some(req.scope.clone());
+        ev.risk = Some(req.risk_ceiling);
+        ev.depth = Some(0);
+        // Fail closed: nothing is stored or granted unless the start is logged.
+        self.append(&ev)?;
+        self.tasks.insert_task(&task)?;
+        let grant = self.new_grant(GrantRecord {
+            task_id: id.clone(),
+            target: req.root_agent.clone(),
+            scope: req.scope.clone(),
+            purpose: req.purpose.clone(),
+            purpose_epoch: 0,
+            audience: req.audience.clone(),
+            depth: 0,
+            parent: None,
+            parent_act: None,
+            justification: None,
+            exp_cap: task.expires_at,
+            expires_at: (now + self.settings.grant_ttl.as_secs()).min(task.expires_at),
+            created_by: None,
+        })?;
+        tracing::info!(task = %id, root_agent = %req.root_agent, purpose = %req.purpose, "task started");
+        Ok(StartTaskResponse {
+            task_id: id,
+            expires_at: task.expires_at,
+            grant,
+        })
+    }
+
+    /// A hop: the holder of `token`, connected with `peer`, hands part of
+    /// its task to `req.target`.
+    pub fn delegate(
+        &self,
+        peer: &PeerCert,
+        req: &DelegateRequest,
+        now: SystemTime,
+    ) -> Result<HandoffGrant, BrokerError> {
+        let now = unix(now);
+        let held = self
+            .tokens
+            .verify(req.token.expose(), peer, now)
+            .map_err(|e| refuse("token_refused", format!("delegation token refused: {e}")))?;
+        let claims = held.claims();
+        // The broker minted every valid token and recorded it: a token it
+        // has no record of, or recorded under another task, is refused
+        // (chain splicing across tasks cannot pass this).
+        match self.tasks.get_token(&claims.jti)? {
+            Some(t) if t.task_id == claims.task.id && t.spiffe_id == *peer.spiffe_id() => {}
+            _ => {
+                return Err(refuse(
+                    "token_unknown",
+                    format!(
+                        "token {} is not one this broker minted for task {}",
+                        claims.jti, claims.task.id
+                    ),
+                ));
+            }
+        }
+        let task = self.task(&claims.task.id)?;
+        let new_depth = claims.depth + 1;
+        let mut ev = self.event(EventKind::HopRefused, &task.id, now);
+        ev.actor = Some(peer.spiffe_id().clone());
+        ev.target = Some(req.target.clone());
+        ev.purpose = Some(req.purpose.clone());
+        ev.scope = Some(req.scope.clone());
+        ev.depth = Some(new_depth);
+        ev.parent_jti = Some(claims.jti.clone());
+        ev.justification = Some(req.justification.clone());
+
+        let refusal = self.hop_refusal(&task, &held, req, new_depth, now);
+        let refusal = match refusal {
+            Some(r) => Some(r),
+            None => {
+                let chain = held.chain();
+                let decision = self.policy.authorize_hop(&HopRequest {
+                    from: peer.spiffe_id(),
+                    to: &req.target,
+                    chain,
+                    initiator: &task.initiator,
+                    purpose: &req.purpose,
+                    scope: &req.scope,
+                    depth: new_depth,
+                    risk_ceiling: task.risk_ceiling,
+                });
+                ev.policy_ids = decision.policy_ids.clone();
+                if decision.allowed {
+                    None
+                } else {
+                    Some((
+                        "policy_denied",
+                        format!(
+                            "policy denied the hop (policies: {}){}",
+                            if decision.policy_ids.is_empty() {
+                                "none permit it".to_owned()
+                            } else {
+                                decision.policy_ids.join(", ")
+                            },
+                            if decision.errors.is_empty() {
+                                String::new()
+                            } else {
+                                format!("; errors: {}", decision.errors.join("; "))
+                            }
+                        ),
+                    ))
+                }
+            }
+        };
+        if let Some((code, reason)) = refusal {
+            ev.decision = Some("refused".into());
+            ev.reason = Some(format!("{code}: {reason}"));
+            self.append(&ev)?;
+            tracing::warn!(task = %task.id, from = %peer.spiffe_id(), to = %req.target, %code, %reason, "hop refused");
+            return Err(refuse(code, reason));
+        }
+        ev.kind = EventKind::HopGranted;
+        ev.decision = Some("granted".into());
+        self.append(&ev)?;
+        let exp_cap = claims.exp.min(task.expires_at);
+        let grant = self.new_grant(GrantRecord {
+            task_id: task.id.clone(),
+            target: req.target.clone(),
+            scope: req.scope.clone(),
+            purpose: req.purpose.clone(),
+            purpose_epoch: task.purpose_epoch,
+            audience: req.audience.clone(),
+            depth: new_depth,
+            parent: Some(ParentRef {
+                jti: claims.jti.clone(),
+                hash: baton_ca::delegation::token_hash(req.token.expose()),
+            }),
+            parent_act: Some(claims.act.clone()),
+            justification: Some(req.justification.clone()),
+            exp_cap: match req.ttl_secs {
+                Some(ttl) => exp_cap.min(now + ttl),
+                None => exp_cap,
+            },
+            expires_at: (now + self.settings.grant_ttl.as_secs()).min(exp_cap),
+            created_by: Some(peer.spiffe_id().clone()),
+        })?;
+        tracing::info!(task = %task.id, from = %peer.spiffe_id(), to = %req.target, depth = new_depth, "hop granted");
+        Ok(grant)
+    }
+
+    fn hop_refusal(
+        &self,
+        task: &TaskRecord,
+        held: &VerifiedDelegation,
+        req: &DelegateRequest,
+        new_depth: u32,
+        now: u64,
+    ) -> Option<(&'static str, String)> {
+        let claims = held.claims();
+        if let Some(why) = task.unusable(now) {
+            return Some(("task_ended", why.to_owned()));
+        }
+        if req.purpose != claims.task.purpose || req.purpose != task.purpose {
+            return Some((
+                "purpose_changed",
+                format!(
+                    "a hop must keep the task's purpose {} (token: {}); asked for {}",
+                    task.purpose, claims.task.purpose, req.purpose
+                ),
+            ));
+        }
+        if !req.scope.is_subset_of(&claims.scope) {
+            let extra: Vec<String> = req
+                .scope
+                .not_covered_by(&claims.scope)
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            return Some((
+                "scope_widened",
+                format!(
+                    "requested scope is not a subset of the holder's: {} not held",
+                    extra.join(", ")
+                ),
+            ));
+        }
+        if new_depth > task.max_depth {
+            return Some((
+                "depth_exceeded",
+                format!(
+                    "hop would reach depth {new_depth}; the task allows {}",
+                    task.max_depth
+                ),
+            ));
+        }
+        if let Some(ttl) = req.ttl_secs
+            && now + ttl > claims.exp
+        {
+            return Some((
+                "outlives_parent",
+                format!(
+                    "requested lifetime ends at {}, after the holder's token ({})",
+                    now + ttl,
+                    claims.exp
+                ),
+            ));
+        }
+        if req.audience.is_empty() {
+            return Some((
+                "invalid_argument",
+                "audience must list at least one value".into(),
+            ));
+        }
+        if req.justification.trim().is_empty() {
+            return Some(("invalid_argument", "justification is required".into()));
+        }
+        if !req.target.is_member_of(self.broker.trust_domain()) {
+            return Some((
+                "wrong_trust_domain",
+                format!(
+                    "target {} is outside trust domain {}",
+                    req.target,
+                    self.broker.trust_domain()
+                ),
+            ));
+        }
+        None
+    }
+
+    /// Redeems a grant for a workload that `node` attested as `req.spiffe_id`.
+    pub fn redeem(
+        &self,
+        node: &AuthenticatedNode,
+        req: &RedeemRequest,
+        now: SystemTime,
+    ) -> Result<TaskCredential, BrokerError> {
+        let now_s = unix(now);
+        // The node may speak only for workloads it serves.
+        let entitled = self
+            .broker
+            .store()
+            .list_entries_by_parent(node.id())?
+            .iter()
+            .any(|e| e.spiffe_id == req.spiffe_id);
+        if !entitled {
+            return Err(refuse(
+                "not_entitled",
+                format!("node {} does not serve {}", node.id(), req.spiffe_id),
+            ));
+        }
+        let d = digest(req.grant.expose());
+        // Look before burning: a redeem by the wrong workload must not
+        // destroy the grant for the right one.
+        let Some((grant, _used)) = self.tasks.get_grant(&d)? else {
+            return Err(refuse("grant_unknown", "grant is unknown"));
+        };
+        let mut ev = self.event(EventKind::Redeemed, &grant.task_id, now_s);
+        ev.actor = Some(req.spiffe_id.clone());
+        ev.target = Some(grant.target.clone());
+        ev.depth = Some(grant.depth);
+        ev.scope = Some(grant.scope.clone());
+        ev.purpose = Some(grant.purpose.clone());
+        let task = self.task(&grant.task_id)?;
+        let refusal = if grant.target != req.spiffe_id {
+            Some((
+                "wrong_target",
+                format!(
+                    "grant is bound to {}, not to {}",
+                    grant.target, req.spiffe_id
+                ),
+            ))
+        } else if let Some(why) = task.unusable(now_s) {
+            Some(("task_ended", why.to_owned()))
+        } else if grant.purpose_epoch != task.purpose_epoch {
+            Some((
+                "purpose_changed",
+                "the task's purpose changed after this grant was issued".to_owned(),
+            ))
+        } else {
+            match self.tasks.consume_grant(&d, now_s)? {
+                Ok(_) => None,
+                Err(GrantRefusal::Used) => {
+                    Some(("grant_used", "grant was already redeemed".into()))
+                }
+                Err(GrantRefusal::Expired) => Some(("grant_expired", "grant has expired".into())),
+                Err(GrantRefusal::Unknown) => Some(("grant_unknown", "grant is unknown".into())),
+            }
+        };
+        if let Some((code, reason)) = refusal {
+            ev.decision = Some("refused".into());
+            ev.reason = Some(format!("{code}: {reason}"));
+            self.append(&ev)?;
+            tracing::warn!(task = %task.id, spiffe_id = %req.spiffe_id, %code, %reason, "redeem refused");
+            return Err(refuse(code, reason));
+        }
+
+        let exp = grant.exp_cap.min(task.expires_at);
+        if exp <= now_s {
+            return Err(refuse(
+                "grant_expired",
+                "the task credential would already be expired",
+            ));
+        }
+        let issued = self
+            .broker
+            .ca()
+            .sign_x509_svid(
+                &req.csr_der,
+                &req.spiffe_id,
+                Duration::from_secs(exp - now_s),
+                &[],
+                now,
+            )
+            .map_err(|e| bad("csr_der", format!("cannot sign this CSR: {e}")))?;
+        let leaf = issued
+            .cert_chain_der
+            .first()
+            .ok_or_else(|| BrokerError::Hook("CA returned an empty chain".into()))?;
+        let exp = exp.min(unix(issued.not_after));
+        let jti = random_hex(16)?;
+        let act = Actor {
+            sub: req.spiffe_id.clone(),
+            jti: jti.clone(),
+            scope: grant.scope.clone(),
+            exp,
+            act: grant.parent_act.clone().map(Box::new),
+        };
+        let claims = DelegationClaims {
+            iss: self.broker.broker_id()?.to_string(),
+            sub: task.initiator.clone(),
+            aud: grant.audience.clone(),
+            exp,
+            iat: now_s,
+            jti: jti.clone(),
+            act,
+            task: TaskClaims {
+                id: task.id.clone(),
+                purpose: task.purpose.clone(),
+                risk_ceiling: task.risk_ceiling,
+                max_depth: task.max_depth,
+                initiator_iss: task.initiator_iss.clone(),
+            },
+            scope: grant.scope.clone(),
+            depth: grant.depth,
+            parent: grant.parent.clone(),
+            justification: grant.justification.clone(),
+            cnf: Confirmation {
+                x5t_s256: baton_ca::delegation::cert_thumbprint(leaf),
+            },
+        };
+        let token = self.broker.ca().sign_delegation_token(&claims)?;
+        ev.decision = Some("granted".into());
+        ev.token_jti = Some(jti.clone());
+        ev.parent_jti = grant.parent.as_ref().map(|p| p.jti.clone());
+        self.append(&ev)?;
+        self.broker.record(IssuedCredential {
+            kind: CredentialKind::TaskX509Svid,
+            spiffe_id: req.spiffe_id.clone(),
+            via_node: Some(node.id().clone()),
+            id: issued.serial_hex.clone(),
+            expires_at: exp,
+        })?;
+        self.tasks.insert_token(&TokenRecord {
+            jti: jti.clone(),
+            task_id: task.id.clone(),
+            spiffe_id: req.spiffe_id.clone(),
+            depth: grant.depth,
+            parent_jti: grant.parent.as_ref().map(|p| p.jti.clone()),
+            exp,
+            cert_thumbprint: claims.cnf.x5t_s256.clone(),
+            cert_serial: issued.serial_hex.clone(),
+        })?;
+        tracing::info!(task = %task.id, spiffe_id = %req.spiffe_id, depth = grant.depth, "grant redeemed");
+        Ok(TaskCredential {
+            task_id: task.id,
+            spiffe_id: req.spiffe_id.clone(),
+            cert_chain_der: issued.cert_chain_der,
+            token,
+            expires_at: exp,
+        })
+    }
+
+    pub fn end_task(&self, raw: &str, now: SystemTime) -> Result<TaskRecord, BrokerError> {
+        let now = unix(now);
+        let mut task = self.get_task(raw)?;
+        if task.ended_at.is_some() {
+            return Err(BrokerError::Conflict(format!(
+                "task {} has already ended",
+                task.id
+            )));
+        }
+        let ev = self.event(EventKind::TaskEnded, &task.id, now);
+        self.append(&ev)?;
+        task.ended_at = Some(now);
+        self.tasks.update_task(&task)?;
+        tracing::info!(task = %task.id, "task ended");
+        Ok(task)
+    }
+
+    pub fn set_purpose(
+        &self,
+        raw: &str,
+        purpose: &Purpose,
+        now: SystemTime,
+    ) -> Result<TaskRecord, BrokerError> {
+        let now = unix(now);
+        let mut task = self.get_task(raw)?;
+        if let Some(why) = task.unusable(now) {
+            return Err(BrokerError::Conflict(format!("task {}: {why}", task.id)));
+        }
+        if !self.settings.purposes.contains(purpose) {
+            return Err(bad(
+                "purpose",
+                format!("purpose {purpose} is not in the declared catalogue"),
+            ));
+        }
+        let mut ev = self.event(EventKind::PurposeChanged, &task.id, now);
+        ev.purpose = Some(purpose.clone());
+        ev.reason = Some(format!("was {}", task.purpose));
+        self.append(&ev)?;
+        task.purpose = purpose.clone();
+        task.purpose_epoch += 1;
+        self.tasks.update_task(&task)?;
+        tracing::info!(task = %task.id, purpose = %purpose, "task purpose changed");
+        Ok(task)
+    }
+
+    /// Records a tool server's report of a call. Reports are idempotent by
+    /// `report_id`: a retried report is acknowledged, not logged twice.
+    pub fn record_tool_call(
+        &self,
+        reporter: &SpiffeId,
+        r: &ToolCallReport,
+        _now: SystemTime,
+    ) -> Result<serde_json::Value, BrokerError> {
+        if !reporter.is_member_of(self.broker.trust_domain()) {
+            return Err(refuse(
+                "not_entitled",
+                "reporter is outside the trust domain",
+            ));
+        }
+        let _ = self.task(&r.task_id)?;
+        if let Some(index) = self.tasks.report_seen(&r.report_id)? {
+            return Ok(
+                serde_json::json!({ "report_id": r.report_id, "index": index, "duplicate": true }),
+            );
+        }
+        let ev = AuditEvent::from_tool_call(r, Some(reporter.clone()));
+        let receipt = self.append(&ev)?;
+        self.tasks.record_report(&r.report_id, receipt.index)?;
+        Ok(
+            serde_json::json!({ "report_id": r.report_id, "index": receipt.index, "receipt": receipt }),
+        )
+    }
+
+    /// The task's chain as a tree (text and JSON).
+    pub fn trace(&self, raw: &str) -> Result<serde_json::Value, BrokerError> {
+        let id: TaskId = raw.parse().map_err(|e| bad("task_id", format!("{e}")))?;
+        let _ = self.task(&id)?;
+        let events = self.audit.events_for_task(&id).map_err(audit_failed)?;
+        let trace = baton_audit::trace(&events);
+        Ok(serde_json::json!({ "text": trace.render_text(), "trace": trace }))
+    }
+
+    /// The checkpoint verification key, for verifying receipts offline.
+    pub fn audit_public_key(&self) -> serde_json::Value {
+        use base64::Engine;
+        serde_json::json!({
+            "public_key": base64::engine::general_purpose::STANDARD.encode(self.audit.public_key()),
+        })
+    }
+}
+
+fn random_bytes() -> Result<[u8; 16], BrokerError> {
+    let mut b = [0u8; 16];
+    aws_lc_rs::rand::fill(&mut b)
+        .map_err(|_| BrokerError::Hook("system random generator failed".into()))?;
+    Ok(b)
+}

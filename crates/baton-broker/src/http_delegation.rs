@@ -1,0 +1,263 @@
+//! HTTP routes of the delegation exchange and the audit log.
+//!
+//! On the HTTPS port: `POST /v1/tasks` (authenticated by the initiator's ID
+//! token), `POST /v1/delegate` (mTLS with the holder's task SVID + its
+//! token), `POST /v1/node/redeem` (node mTLS), `POST /v1/audit/tool-calls`
+//! (mTLS with a tool server's SVID). On the admin socket: task management,
+//! audit verify/trace, and the dev issuer's ID tokens.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use baton_core::api::{DelegateRequest, RedeemRequest, StartTaskRequest, ToolCallReport};
+use baton_tls::{PeerCertificate, PeerIdentity};
+use baton_verify::PeerCert;
+use bytes::Bytes;
+use serde::Deserialize;
+use warp::Filter;
+use warp::reply::Response;
+
+use crate::delegation::Delegation;
+use crate::http::{json_body, parse_body, respond};
+use crate::service::{Broker, BrokerError};
+
+fn with<T: Clone + Send + Sync + 'static>(
+    v: T,
+) -> impl Filter<Extract = (T,), Error = Infallible> + Clone {
+    warp::any().map(move || v.clone())
+}
+
+fn peer_cert(
+    id: Option<PeerIdentity>,
+    cert: Option<PeerCertificate>,
+) -> Result<PeerCert, BrokerError> {
+    match (id.and_then(|p| p.0), cert) {
+        (Some(_), Some(PeerCertificate(leaf_der))) => PeerCert::from_verified_leaf(leaf_der)
+            .map_err(|e| BrokerError::Unauthenticated(format!("peer certificate: {e}"))),
+        _ => Err(BrokerError::Unauthenticated(
+            "this route needs mTLS with your task SVID".into(),
+        )),
+    }
+}
+
+/// Delegation routes on the HTTPS port.
+pub fn node_routes(
+    broker: Arc<Broker>,
+    d: Arc<Delegation>,
+) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone + Send + Sync + 'static {
+    let start = warp::path!("v1" / "tasks")
+        .and(warp::post())
+        .and(with(d.clone()))
+        .and(json_body())
+        .and_then(|d: Arc<Delegation>, body: Bytes| async move {
+            respond(
+                parse_body::<StartTaskRequest>(&body)
+                    .and_then(|req| d.start_task(&req, SystemTime::now())),
+            )
+        });
+    let delegate = warp::path!("v1" / "delegate")
+        .and(warp::post())
+        .and(with(d.clone()))
+        .and(warp::ext::optional::<PeerIdentity>())
+        .and(warp::ext::optional::<PeerCertificate>())
+        .and(json_body())
+        .and_then(
+            |d: Arc<Delegation>,
+             id: Option<PeerIdentity>,
+             cert: Option<PeerCertificate>,
+             body: Bytes| async move {
+                respond(peer_cert(id, cert).and_then(|peer| {
+                    let req = parse_body::<DelegateRequest>(&body)?;
+                    d.delegate(&peer, &req, SystemTime::now())
+                }))
+            },
+        );
+    let redeem = warp::path!("v1" / "node" / "redeem")
+        .and(warp::post())
+        .and(with(broker))
+        .and(with(d.clone()))
+        .and(warp::ext::optional::<PeerIdentity>())
+        .and(json_body())
+        .and_then(
+            |broker: Arc<Broker>, d: Arc<Delegation>, id: Option<PeerIdentity>, body: Bytes| async move {
+                respond(
+                    broker
+                        .authenticate_node(id.as_ref().and_then(|p| p.0.as_ref()))
+                        .and_then(|node| {
+                            let req = parse_body::<RedeemRequest>(&body)?;
+                            d.redeem(&node, &req, SystemTime::now())
+                        }),
+                )
+            },
+        );
+    let report = warp::path!("v1" / "audit" / "tool-calls")
+        .and(warp::post())
+        .and(with(d))
+        .and(warp::ext::optional::<PeerIdentity>())
+        .and(json_body())
+        .and_then(
+            |d: Arc<Delegation>, id: Option<PeerIdentity>, body: Bytes| async move {
+                respond((|| {
+                    let reporter = id.and_then(|p| p.0).ok_or_else(|| {
+                        BrokerError::Unauthenticated(
+                            "tool-call reports need mTLS with the tool server's SVID".into(),
+                        )
+                    })?;
+                    let batch = parse_reports(&body)?;
+                    let mut receipts = Vec::with_capacity(batch.len());
+                    for r in &batch {
+                        receipts.push(d.record_tool_call(&reporter, r, SystemTime::now())?);
+                    }
+                    Ok(serde_json::json!({ "receipts": receipts }))
+                })())
+            },
+        );
+    start
+        .or(delegate)
+        .unify()
+        .or(redeem)
+        .unify()
+        .or(report)
+        .unify()
+}
+
+/// One report or `{"reports": [...]}`.
+fn parse_reports(body: &Bytes) -> Result<Vec<ToolCallReport>, BrokerError> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Batch {
+        reports: Vec<ToolCallReport>,
+    }
+    if let Ok(b) = serde_json::from_slice::<Batch>(body) {
+        return Ok(b.reports);
+    }
+    parse_body::<ToolCallReport>(body).map(|r| vec![r])
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PurposeBody {
+    purpose: baton_core::Purpose,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DevTokenBody {
+    user: String,
+    #[serde(default = "default_dev_ttl")]
+    ttl_secs: u64,
+}
+
+fn default_dev_ttl() -> u64 {
+    600
+}
+
+/// Delegation and audit routes on the admin socket (behind its uid check).
+pub fn admin_routes(
+    d: Arc<Delegation>,
+) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone + Send + Sync + 'static {
+    let start = warp::path!("v1" / "admin" / "tasks")
+        .and(warp::post())
+        .and(with(d.clone()))
+        .and(json_body())
+        .and_then(|d: Arc<Delegation>, body: Bytes| async move {
+            respond(
+                parse_body::<StartTaskRequest>(&body)
+                    .and_then(|req| d.start_task(&req, SystemTime::now())),
+            )
+        });
+    let list = warp::path!("v1" / "admin" / "tasks")
+        .and(warp::get())
+        .and(with(d.clone()))
+        .and_then(|d: Arc<Delegation>| async move {
+            respond(
+                d.list_tasks()
+                    .map(|tasks| serde_json::json!({ "tasks": tasks })),
+            )
+        });
+    let show = warp::path!("v1" / "admin" / "tasks" / String)
+        .and(warp::get())
+        .and(with(d.clone()))
+        .and_then(|id: String, d: Arc<Delegation>| async move { respond(d.get_task(&id)) });
+    let end = warp::path!("v1" / "admin" / "tasks" / String / "end")
+        .and(warp::post())
+        .and(with(d.clone()))
+        .and_then(|id: String, d: Arc<Delegation>| async move {
+            respond(d.end_task(&id, SystemTime::now()))
+        });
+    let purpose = warp::path!("v1" / "admin" / "tasks" / String / "purpose")
+        .and(warp::post())
+        .and(with(d.clone()))
+        .and(json_body())
+        .and_then(|id: String, d: Arc<Delegation>, body: Bytes| async move {
+            respond(
+                parse_body::<PurposeBody>(&body)
+                    .and_then(|b| d.set_purpose(&id, &b.purpose, SystemTime::now())),
+            )
+        });
+    let verify = warp::path!("v1" / "admin" / "audit" / "verify")
+        .and(warp::get())
+        .and(with(d.clone()))
+        .and_then(|d: Arc<Delegation>| async move {
+            respond(match d.audit().verify() {
+                Ok(report) => Ok(serde_json::json!({ "ok": true, "report": report })),
+                Err(e) => Ok(serde_json::json!({ "ok": false, "error": e.to_string(), "first_bad_index": e.first_bad_index })),
+            })
+        });
+    let trace = warp::path!("v1" / "admin" / "audit" / "trace" / String)
+        .and(warp::get())
+        .and(with(d.clone()))
+        .and_then(|id: String, d: Arc<Delegation>| async move { respond(d.trace(&id)) });
+    let receipt = warp::path!("v1" / "admin" / "audit" / "receipt" / u64)
+        .and(warp::get())
+        .and(with(d.clone()))
+        .and_then(|index: u64, d: Arc<Delegation>| async move {
+            respond(
+                d.audit()
+                    .receipt(index)
+                    .map_err(|e| BrokerError::NotFound(e.to_string())),
+            )
+        });
+    let key = warp::path!("v1" / "admin" / "audit" / "public-key")
+        .and(warp::get())
+        .and(with(d.clone()))
+        .and_then(|d: Arc<Delegation>| async move {
+            respond::<serde_json::Value>(Ok(d.audit_public_key()))
+        });
+    let dev_token = warp::path!("v1" / "admin" / "dev" / "id-token")
+        .and(warp::post())
+        .and(with(d))
+        .and(json_body())
+        .and_then(|d: Arc<Delegation>, body: Bytes| async move {
+            respond(parse_body::<DevTokenBody>(&body).and_then(|b| {
+                let issuer = d.dev_issuer().ok_or_else(|| BrokerError::Forbidden {
+                    code: "no_dev_issuer",
+                    message: "this broker has no dev OIDC issuer (only `baton dev` and `--dev-issuer` do)".into(),
+                })?;
+                let token = issuer
+                    .mint(&b.user, b.ttl_secs, crate::oidc::unix_now())
+                    .map_err(|e| BrokerError::BadRequest { field: Some("user"), message: e.to_string() })?;
+                Ok(serde_json::json!({ "id_token": token }))
+            }))
+        });
+    start
+        .or(list)
+        .unify()
+        .or(show)
+        .unify()
+        .or(end)
+        .unify()
+        .or(purpose)
+        .unify()
+        .or(verify)
+        .unify()
+        .or(trace)
+        .unify()
+        .or(key)
+        .unify()
+        .or(receipt)
+        .unify()
+        .or(dev_token)
+        .unify()
+}

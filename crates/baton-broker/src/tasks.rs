@@ -1,0 +1,352 @@
+//! Durable records of the delegation model: tasks, handoff grants (stored
+//! by digest, never in clear) and the delegation tokens minted from them.
+//! Each record is one JSON column so the schema can grow without
+//! migrations of every field; the columns the broker queries by are
+//! separate.
+
+use baton_core::{Actor, ParentRef, Purpose, RiskTier, Scope, SpiffeId, TaskId};
+use rusqlite::{OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+
+use crate::store::{SqliteStore, StoreError};
+
+/// A task as the broker keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub id: TaskId,
+    /// The initiating identity (OIDC `sub`) and its issuer.
+    pub initiator: String,
+    pub initiator_iss: String,
+    pub root_agent: SpiffeId,
+    pub purpose: Purpose,
+    pub scope: Scope,
+    pub risk_ceiling: RiskTier,
+    pub max_depth: u32,
+    pub created_at: u64,
+    pub expires_at: u64,
+    #[serde(default)]
+    pub ended_at: Option<u64>,
+    /// Bumped on every purpose change: grants and tokens of an older epoch
+    /// are refused.
+    #[serde(default)]
+    pub purpose_epoch: u32,
+}
+
+impl TaskRecord {
+    /// Why the task cannot be used at `now`, if it cannot.
+    pub fn unusable(&self, now: u64) -> Option<&'static str> {
+        if self.ended_at.is_some() {
+            Some("task has ended")
+        } else if now >= self.expires_at {
+            Some("task has expired")
+        } else {
+            None
+        }
+    }
+}
+
+/// A single-use handoff grant, bound to one target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantRecord {
+    pub task_id: TaskId,
+    pub target: SpiffeId,
+    pub scope: Scope,
+    pub purpose: Purpose,
+    pub purpose_epoch: u32,
+    pub audience: Vec<String>,
+    /// Depth of the token the grant redeems into.
+    pub depth: u32,
+    /// The delegating holder's token, absent for the root agent's grant.
+    pub parent: Option<ParentRef>,
+    /// The delegating holder's actor chain, nested under the new actor.
+    pub parent_act: Option<Actor>,
+    pub justification: Option<String>,
+    /// The minted token may not outlive this.
+    pub exp_cap: u64,
+    /// The grant must be redeemed before this.
+    pub expires_at: u64,
+    pub created_by: Option<SpiffeId>,
+}
+
+/// A minted delegation token, kept for tracing and (later) revocation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub jti: String,
+    pub task_id: TaskId,
+    pub spiffe_id: SpiffeId,
+    pub depth: u32,
+    pub parent_jti: Option<String>,
+    pub exp: u64,
+    pub cert_thumbprint: String,
+    pub cert_serial: String,
+}
+
+/// Why a grant cannot be redeemed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum GrantRefusal {
+    #[error("grant is unknown")]
+    Unknown,
+    #[error("grant was already redeemed")]
+    Used,
+    #[error("grant has expired")]
+    Expired,
+}
+
+fn enc<T: Serialize>(table: &'static str, v: &T) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(|e| StoreError::Corrupt {
+        table,
+        detail: e.to_string(),
+    })
+}
+
+fn dec<T: for<'de> Deserialize<'de>>(table: &'static str, s: &str) -> Result<T, StoreError> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt {
+        table,
+        detail: e.to_string(),
+    })
+}
+
+fn i(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Task storage. Implemented by the SQLite store; a later PostgreSQL store
+/// implements it too.
+pub trait TaskStore: Send + Sync + std::fmt::Debug {
+    fn insert_task(&self, t: &TaskRecord) -> Result<(), StoreError>;
+    fn get_task(&self, id: &TaskId) -> Result<Option<TaskRecord>, StoreError>;
+    fn list_tasks(&self) -> Result<Vec<TaskRecord>, StoreError>;
+    fn update_task(&self, t: &TaskRecord) -> Result<(), StoreError>;
+    fn insert_grant(&self, digest: &str, g: &GrantRecord) -> Result<(), StoreError>;
+    fn get_grant(&self, digest: &str) -> Result<Option<(GrantRecord, Option<u64>)>, StoreError>;
+    /// Marks the grant used, atomically: of two racing redeems one wins.
+    fn consume_grant(
+        &self,
+        digest: &str,
+        now: u64,
+    ) -> Result<Result<GrantRecord, GrantRefusal>, StoreError>;
+    fn insert_token(&self, t: &TokenRecord) -> Result<(), StoreError>;
+    fn tokens_for_task(&self, task: &TaskId) -> Result<Vec<TokenRecord>, StoreError>;
+    fn get_token(&self, jti: &str) -> Result<Option<TokenRecord>, StoreError>;
+    /// The audit index of an already recorded tool-call report.
+    fn report_seen(&self, report_id: &str) -> Result<Option<u64>, StoreError>;
+    fn record_report(&self, report_id: &str, index: u64) -> Result<(), StoreError>;
+}
+
+impl TaskStore for SqliteStore {
+    fn insert_task(&self, t: &TaskRecord) -> Result<(), StoreError> {
+        let record = enc("tasks", t)?;
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO tasks (id, record, created_at) VALUES (?1, ?2, ?3)",
+                params![t.id.as_str(), record, i(t.created_at)],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn get_task(&self, id: &TaskId) -> Result<Option<TaskRecord>, StoreError> {
+        let row: Option<String> = self.with(|c| {
+            Ok(c.query_row(
+                "SELECT record FROM tasks WHERE id = ?1",
+                params![id.as_str()],
+                |r| r.get(0),
+            )
+            .optional()?)
+        })?;
+        row.map(|s| dec("tasks", &s)).transpose()
+    }
+
+    fn list_tasks(&self) -> Result<Vec<TaskRecord>, StoreError> {
+        let rows: Vec<String> = self.with(|c| {
+            let mut stmt = c.prepare_cached("SELECT record FROM tasks ORDER BY created_at, id")?;
+            let rows = stmt.query_map([], |r| r.get(0))?;
+            Ok(rows.collect::<Result<Vec<String>, _>>()?)
+        })?;
+        rows.iter().map(|s| dec("tasks", s)).collect()
+    }
+
+    fn update_task(&self, t: &TaskRecord) -> Result<(), StoreError> {
+        let record = enc("tasks", t)?;
+        self.with(|c| {
+            c.execute(
+                "UPDATE tasks SET record = ?2 WHERE id = ?1",
+                params![t.id.as_str(), record],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn insert_grant(&self, digest: &str, g: &GrantRecord) -> Result<(), StoreError> {
+        let record = enc("grants", g)?;
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO grants (digest, task_id, record, expires_at) VALUES (?1, ?2, ?3, ?4)",
+                params![digest, g.task_id.as_str(), record, i(g.expires_at)],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn get_grant(&self, digest: &str) -> Result<Option<(GrantRecord, Option<u64>)>, StoreError> {
+        let row: Option<(String, Option<i64>)> = self.with(|c| {
+            Ok(c.query_row(
+                "SELECT record, used_at FROM grants WHERE digest = ?1",
+                params![digest],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?)
+        })?;
+        row.map(|(s, used)| Ok((dec("grants", &s)?, used.map(|u| u.max(0) as u64))))
+            .transpose()
+    }
+
+    fn consume_grant(
+        &self,
+        digest: &str,
+        now: u64,
+    ) -> Result<Result<GrantRecord, GrantRefusal>, StoreError> {
+        let row = self.with(|c| {
+            let tx = c.transaction()?;
+            let row: Option<(String, i64, Option<i64>)> = tx
+                .query_row(
+                    "SELECT record, expires_at, used_at FROM grants WHERE digest = ?1",
+                    params![digest],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()?;
+            let Some((record, expires_at, used_at)) = row else {
+                return Ok(Err(GrantRefusal::Unknown));
+            };
+            if used_at.is_some() {
+                return Ok(Err(GrantRefusal::Used));
+            }
+            if i(now) >= expires_at {
+                return Ok(Err(GrantRefusal::Expired));
+            }
+            tx.execute(
+                "UPDATE grants SET used_at = ?2 WHERE digest = ?1",
+                params![digest, i(now)],
+            )?;
+            tx.commit()?;
+            Ok(Ok(record))
+        })?;
+        match row {
+            Ok(record) => Ok(Ok(dec("grants", &record)?)),
+            Err(refusal) => Ok(Err(refusal)),
+        }
+    }
+
+    fn insert_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
+        let record = enc("tokens", t)?;
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO tokens (jti, task_id, record) VALUES (?1, ?2, ?3)",
+                params![t.jti, t.task_id.as_str(), record],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn get_token(&self, jti: &str) -> Result<Option<TokenRecord>, StoreError> {
+        let row: Option<String> = self.with(|c| {
+            Ok(c.query_row(
+                "SELECT record FROM tokens WHERE jti = ?1",
+                params![jti],
+                |r| r.get(0),
+            )
+            .optional()?)
+        })?;
+        row.map(|s| dec("tokens", &s)).transpose()
+    }
+
+    fn report_seen(&self, report_id: &str) -> Result<Option<u64>, StoreError> {
+        self.with(|c| {
+            let idx: Option<i64> = c
+                .query_row(
+                    "SELECT audit_index FROM tool_reports WHERE report_id = ?1",
+                    params![report_id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            Ok(idx.map(|i| i.max(0) as u64))
+        })
+    }
+
+    fn record_report(&self, report_id: &str, index: u64) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT OR IGNORE INTO tool_reports (report_id, audit_index) VALUES (?1, ?2)",
+                params![report_id, i(index)],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn tokens_for_task(&self, task: &TaskId) -> Result<Vec<TokenRecord>, StoreError> {
+        let rows: Vec<String> = self.with(|c| {
+            let mut stmt =
+                c.prepare_cached("SELECT record FROM tokens WHERE task_id = ?1 ORDER BY rowid")?;
+            let rows = stmt.query_map(params![task.as_str()], |r| r.get(0))?;
+            Ok(rows.collect::<Result<Vec<String>, _>>()?)
+        })?;
+        rows.iter().map(|s| dec("tokens", s)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task() -> TaskRecord {
+        TaskRecord {
+            id: TaskId::from_random([1; 16]),
+            initiator: "alice".into(),
+            initiator_iss: "https://idp".into(),
+            root_agent: SpiffeId::parse("spiffe://example.org/agents/planner").unwrap(),
+            purpose: "support.case-research".parse().unwrap(),
+            scope: Scope::parse(&["tool:crm.search:read"]).unwrap(),
+            risk_ceiling: RiskTier::Write,
+            max_depth: 3,
+            created_at: 10,
+            expires_at: 100,
+            ended_at: None,
+            purpose_epoch: 0,
+        }
+    }
+
+    #[test]
+    fn tasks_and_grants() {
+        let s = SqliteStore::in_memory().unwrap();
+        let t = task();
+        s.insert_task(&t).unwrap();
+        assert_eq!(s.get_task(&t.id).unwrap(), Some(t.clone()));
+        let g = GrantRecord {
+            task_id: t.id.clone(),
+            target: t.root_agent.clone(),
+            scope: t.scope.clone(),
+            purpose: t.purpose.clone(),
+            purpose_epoch: 0,
+            audience: vec!["crm".into()],
+            depth: 0,
+            parent: None,
+            parent_act: None,
+            justification: None,
+            exp_cap: 100,
+            expires_at: 50,
+            created_by: None,
+        };
+        s.insert_grant("d1", &g).unwrap();
+        assert_eq!(
+            s.consume_grant("zz", 1).unwrap(),
+            Err(GrantRefusal::Unknown)
+        );
+        assert_eq!(
+            s.consume_grant("d1", 50).unwrap(),
+            Err(GrantRefusal::Expired)
+        );
+        assert_eq!(s.consume_grant("d1", 10).unwrap(), Ok(g.clone()));
+        assert_eq!(s.consume_grant("d1", 11).unwrap(), Err(GrantRefusal::Used));
+        assert_eq!(s.get_grant("d1").unwrap().unwrap().1, Some(10));
+    }
+}

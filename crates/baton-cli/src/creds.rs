@@ -1,0 +1,276 @@
+//! Task credentials on the agent side: `baton grant redeem` (through the node
+//! daemon's delegation service) and `baton delegate` (a hop, over mTLS with
+//! the task SVID). A credential lives in a directory:
+//! `svid.pem` (chain), `key.pem` (PKCS#8, 0600), `bundle.pem`, `token`
+//! (0600) and `task.json`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use baton_core::api::{DelegateRequest, HandoffGrant};
+use baton_core::{Purpose, Scope, Secret, SpiffeId, TrustDomain};
+use baton_proto::delegation::RedeemGrantRequest;
+use baton_proto::delegation::delegation_client::DelegationClient;
+use baton_tls::{BundleStore, ClientIdentity, PeerPolicy};
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use tonic::transport::Endpoint;
+
+use crate::cli::{DelegateArgs, EXIT_REFUSED, EXIT_UNREACHABLE, GrantCmd, OutputFormat, exit};
+use crate::output;
+use crate::workload::{pem, write_file};
+
+/// A task credential loaded from its directory.
+pub struct Credential {
+    pub chain: Vec<Vec<u8>>,
+    pub key: Vec<u8>,
+    pub bundle: Vec<Vec<u8>>,
+    pub token: Secret,
+    pub task: serde_json::Value,
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credential")
+            .field("task", &self.task)
+            .finish_non_exhaustive()
+    }
+}
+
+fn pem_certs(bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
+    CertificateDer::pem_slice_iter(bytes)
+        .map(|c| {
+            c.map(|c| c.to_vec())
+                .map_err(|e| anyhow::anyhow!("bad PEM: {e}"))
+        })
+        .collect()
+}
+
+impl Credential {
+    pub fn load(dir: &Path) -> Result<Self> {
+        let read = |name: &str| {
+            std::fs::read(dir.join(name)).with_context(|| {
+                format!(
+                    "reading {} (a credential directory from `baton grant redeem`)",
+                    dir.join(name).display()
+                )
+            })
+        };
+        let key_pem = read("key.pem")?;
+        let key = rustls_pki_types::PrivatePkcs8KeyDer::from_pem_slice(&key_pem)
+            .map_err(|e| anyhow::anyhow!("key.pem: {e}"))?
+            .secret_pkcs8_der()
+            .to_vec();
+        Ok(Self {
+            chain: pem_certs(&read("svid.pem")?)?,
+            key,
+            bundle: pem_certs(&read("bundle.pem")?)?,
+            token: Secret::new(String::from_utf8_lossy(&read("token")?).trim().to_owned()),
+            task: serde_json::from_slice(&read("task.json")?).context("task.json")?,
+        })
+    }
+
+    pub fn spiffe_id(&self) -> Result<SpiffeId> {
+        SpiffeId::parse(self.task["spiffe_id"].as_str().unwrap_or_default())
+            .map_err(|e| anyhow::anyhow!("task.json spiffe_id: {e}"))
+    }
+
+    /// A reqwest client presenting this credential's certificate and
+    /// trusting `expected` peers of its trust domain.
+    pub fn client(&self, expected: PeerPolicy) -> Result<reqwest::Client> {
+        let td = self.spiffe_id()?.trust_domain().clone();
+        let bundles = BundleStore::new();
+        bundles.set(td, self.bundle.clone());
+        let identity = ClientIdentity::new(self.chain.clone(), &self.key)
+            .map_err(|e| anyhow::anyhow!("credential key/cert: {e}"))?;
+        let tls = baton_tls::client_config(identity, bundles, expected)
+            .map_err(|e| anyhow::anyhow!("TLS config: {e}"))?;
+        reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .build()
+            .map_err(|e| anyhow::anyhow!("HTTP client: {e}"))
+    }
+}
+
+/// Splits concatenated DER certificates.
+fn split_der(mut bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        let (rest, _) = x509_parser::parse_x509_certificate(bytes)
+            .map_err(|e| anyhow::anyhow!("bad certificate from the node daemon: {e}"))?;
+        let used = bytes.len() - rest.len();
+        out.push(bytes[..used].to_vec());
+        bytes = rest;
+    }
+    Ok(out)
+}
+
+pub fn socket_path(socket: &str) -> PathBuf {
+    let s = socket
+        .strip_prefix("unix://")
+        .or_else(|| socket.strip_prefix("unix:"))
+        .unwrap_or(socket);
+    PathBuf::from(s)
+}
+
+/// Redeems `grant` through the node daemon and writes the credential to `out`.
+pub async fn redeem(
+    socket: &str,
+    grant: &str,
+    spiffe_id: Option<&str>,
+    out: &Path,
+) -> Result<Credential> {
+    let path = socket_path(socket);
+    let channel = Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }))
+        .await
+        .map_err(|e| {
+            exit(
+                EXIT_UNREACHABLE,
+                format!("cannot reach the node daemon at {socket}: {e}"),
+            )
+        })?;
+    let mut client = DelegationClient::new(channel);
+    let mut req = tonic::Request::new(RedeemGrantRequest {
+        grant: grant.to_owned(),
+        spiffe_id: spiffe_id.unwrap_or_default().to_owned(),
+    });
+    req.metadata_mut().insert(
+        "workload.spiffe.io",
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
+    let resp = client
+        .redeem(req)
+        .await
+        .map_err(|s| exit(EXIT_REFUSED, format!("redeem refused: {}", s.message())))?
+        .into_inner();
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let chain = split_der(&resp.x509_svid)?;
+    let bundle = split_der(&resp.bundle)?;
+    let chain_pem: String = chain.iter().map(|c| pem("CERTIFICATE", c)).collect();
+    let bundle_pem: String = bundle.iter().map(|c| pem("CERTIFICATE", c)).collect();
+    write_file(&out.join("svid.pem"), &chain_pem, 0o644)?;
+    write_file(
+        &out.join("key.pem"),
+        &pem("PRIVATE KEY", &resp.x509_svid_key),
+        0o600,
+    )?;
+    write_file(&out.join("bundle.pem"), &bundle_pem, 0o644)?;
+    write_file(&out.join("token"), &resp.token, 0o600)?;
+    let task = serde_json::json!({
+        "task_id": resp.task_id,
+        "spiffe_id": resp.spiffe_id,
+        "expires_at": resp.expires_at,
+    });
+    write_file(&out.join("task.json"), &task.to_string(), 0o644)?;
+    Ok(Credential {
+        chain,
+        key: resp.x509_svid_key,
+        bundle,
+        token: Secret::new(resp.token),
+        task,
+    })
+}
+
+pub async fn grant(cmd: GrantCmd) -> Result<()> {
+    match cmd {
+        GrantCmd::Redeem {
+            socket,
+            grant,
+            spiffe_id,
+            out,
+        } => {
+            let cred = redeem(&socket.socket, &grant, spiffe_id.as_deref(), &out).await?;
+            output::line(&format!(
+                "redeemed: {} for task {} (credential in {})",
+                cred.task["spiffe_id"].as_str().unwrap_or("-"),
+                cred.task["task_id"].as_str().unwrap_or("-"),
+                out.display()
+            ));
+            Ok(())
+        }
+    }
+}
+
+fn token_claims(token: &str) -> Result<serde_json::Value> {
+    use base64::Engine;
+    let payload = token
+        .split('.')
+        .nth(1)
+        .ok_or_else(|| anyhow::anyhow!("token is not a JWT"))?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .context("token payload")?;
+    serde_json::from_slice(&bytes).context("token claims")
+}
+
+pub async fn delegate(args: DelegateArgs) -> Result<()> {
+    let cred = Credential::load(&args.credential)?;
+    let claims = token_claims(cred.token.expose())?;
+    let purpose: Purpose = match &args.purpose {
+        Some(p) => p
+            .parse()
+            .map_err(|e| exit(EXIT_REFUSED, format!("--purpose: {e}")))?,
+        None => serde_json::from_value(claims["task"]["purpose"].clone())
+            .context("purpose in the token")?,
+    };
+    let scope =
+        Scope::parse(&args.scope).map_err(|e| exit(EXIT_REFUSED, format!("--scope: {e}")))?;
+    let target =
+        SpiffeId::parse(&args.target).map_err(|e| exit(EXIT_REFUSED, format!("--target: {e}")))?;
+    let td: &TrustDomain = target.trust_domain();
+    let broker_id = td
+        .id("/baton/broker")
+        .map_err(|e| exit(EXIT_REFUSED, e.to_string()))?;
+    let http = cred.client(PeerPolicy::Exact(vec![broker_id]))?;
+    let resp = http
+        .post(format!(
+            "{}/v1/delegate",
+            args.broker_url.trim_end_matches('/')
+        ))
+        .json(&DelegateRequest {
+            token: cred.token.clone(),
+            target,
+            scope,
+            purpose,
+            audience: args.audience.clone(),
+            justification: args.justification.clone(),
+            ttl_secs: None,
+        })
+        .send()
+        .await
+        .map_err(|e| exit(EXIT_UNREACHABLE, format!("cannot reach the broker: {e}")))?;
+    let status = resp.status();
+    let body: serde_json::Value = resp.json().await.unwrap_or_default();
+    if !status.is_success() {
+        return Err(exit(
+            EXIT_REFUSED,
+            format!(
+                "hop refused ({}): {}",
+                body["code"].as_str().unwrap_or("?"),
+                body["message"].as_str().unwrap_or("no reason given")
+            ),
+        ));
+    }
+    let grant: HandoffGrant = serde_json::from_value(body).context("broker answer")?;
+    match args.output {
+        OutputFormat::Json => output::json(&serde_json::json!({
+            "grant": grant.grant.expose(),
+            "task_id": grant.task_id,
+            "target": grant.target,
+            "expires_at": grant.expires_at,
+        })),
+        OutputFormat::Table => {
+            output::line(&format!("Grant:   {}", grant.grant.expose()));
+            output::line(&format!("Target:  {}", grant.target));
+            output::line(&format!("Task:    {}", grant.task_id));
+        }
+    }
+    Ok(())
+}

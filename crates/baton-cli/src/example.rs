@@ -1,0 +1,595 @@
+//! The README's example, as `baton example ...` verbs: a CRM tool server
+//! guarded by `baton-verify` (mTLS peer, delegation token, Cedar, audit
+//! report), a client that calls it with a task credential, and a Redis
+//! Stream hand-off for the asynchronous fan-out case.
+
+use std::convert::Infallible;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use baton_core::{Permission, RiskTier, TrustDomain};
+use baton_tls::{BundleStore, ClientAuth, PeerCertificate, PeerPolicy, ServerIdentity};
+use baton_verify::{JwtBundles, PeerCert, TokenVerifier, ToolGate, ToolSpec};
+use bytes::Bytes;
+use warp::Filter;
+use warp::http::StatusCode;
+use warp::reply::Response;
+
+use crate::cli::{EXIT_REFUSED, EXIT_UNREACHABLE, ExampleCmd, exit};
+use crate::creds::{Credential, redeem, socket_path};
+use crate::output;
+
+/// Loads policies from a directory, or the embedded example set.
+pub fn load_policies(dir: Option<&Path>) -> Result<baton_policy::Engine> {
+    match dir {
+        Some(d) => baton_policy::Engine::load_dir(d).map_err(|e| exit(EXIT_REFUSED, e.to_string())),
+        None => {
+            let schema = baton_broker::EXAMPLE_POLICIES
+                .iter()
+                .find(|(n, _)| n.ends_with(".cedarschema"))
+                .map(|(_, s)| (*s).to_owned())
+                .unwrap_or_default();
+            let policies: Vec<(String, String)> = baton_broker::EXAMPLE_POLICIES
+                .iter()
+                .filter(|(n, _)| n.ends_with(".cedar"))
+                .map(|(n, s)| ((*n).to_owned(), (*s).to_owned()))
+                .collect();
+            baton_policy::Engine::from_sources(&schema, &policies)
+                .map_err(|e| exit(EXIT_REFUSED, e.to_string()))
+        }
+    }
+}
+
+/// The example tools: a CRM with search (read), update (write) and export.
+fn tools() -> Result<Vec<ToolSpec>> {
+    let p = |s: &str| Permission::parse(s).map_err(|e| anyhow::anyhow!("{e}"));
+    Ok(vec![
+        ToolSpec {
+            name: "crm.search".into(),
+            tier: RiskTier::Read,
+            resource: "dataset:crm".into(),
+            requires: p("tool:crm.search:read")?,
+        },
+        ToolSpec {
+            name: "crm.update".into(),
+            tier: RiskTier::Write,
+            resource: "dataset:crm".into(),
+            requires: p("tool:crm.update:write")?,
+        },
+        ToolSpec {
+            name: "crm.export".into(),
+            tier: RiskTier::Export,
+            resource: "dataset:customer-pii".into(),
+            requires: p("tool:crm.export:export")?,
+        },
+    ])
+}
+
+/// What the fake CRM answers.
+fn run_tool(name: &str, input: &[u8]) -> serde_json::Value {
+    let input: serde_json::Value = serde_json::from_slice(input).unwrap_or_default();
+    match name {
+        "crm.search" => serde_json::json!({
+            "results": [
+                {"account": "Acme Corp", "open_cases": 2},
+                {"account": "Globex", "open_cases": 0},
+            ],
+            "query": input.get("q"),
+        }),
+        "crm.update" => serde_json::json!({ "updated": input.get("case") }),
+        _ => serde_json::json!({ "exported": 0 }),
+    }
+}
+
+fn json_reply(status: StatusCode, v: &serde_json::Value) -> Response {
+    warp::reply::with_status(warp::reply::json(v), status).into_response()
+}
+
+use warp::Reply;
+
+struct ToolServer {
+    verifier: TokenVerifier,
+    gate: ToolGate,
+    tools: Vec<ToolSpec>,
+    reporter: baton_verify::Reporter,
+}
+
+/// The claims of a token that failed verification, read without trusting
+/// them, so the refusal can be reported under the task it claims.
+fn unverified_claims(token: &str) -> Option<serde_json::Value> {
+    use base64::Engine;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+impl ToolServer {
+    fn handle(
+        &self,
+        name: &str,
+        auth: Option<String>,
+        cert: Option<PeerCertificate>,
+        body: &Bytes,
+    ) -> Response {
+        let now = baton_broker::oidc::unix_now();
+        let Some(PeerCertificate(leaf)) = cert else {
+            return json_reply(
+                StatusCode::UNAUTHORIZED,
+                &serde_json::json!({"error": "mTLS client certificate required"}),
+            );
+        };
+        let peer = match PeerCert::from_verified_leaf(leaf) {
+            Ok(p) => p,
+            Err(e) => {
+                return json_reply(
+                    StatusCode::UNAUTHORIZED,
+                    &serde_json::json!({"error": e.to_string()}),
+                );
+            }
+        };
+        let Some(token) = auth.as_deref().and_then(|a| a.strip_prefix("Bearer ")) else {
+            return json_reply(
+                StatusCode::UNAUTHORIZED,
+                &serde_json::json!({"error": "delegation token required (Authorization: Bearer ...)"}),
+            );
+        };
+        let delegation = match self.verifier.verify(token, &peer, now) {
+            Ok(d) => d,
+            Err(e) => {
+                self.report_refused_token(token, &peer, name, body, now, &e);
+                return json_reply(
+                    StatusCode::UNAUTHORIZED,
+                    &serde_json::json!({"error": e.to_string(), "code": e.code()}),
+                );
+            }
+        };
+        let Some(tool) = self.tools.iter().find(|t| t.name == name) else {
+            return json_reply(
+                StatusCode::NOT_FOUND,
+                &serde_json::json!({"error": format!("no tool {name}")}),
+            );
+        };
+        match self.gate.authorize(&delegation, tool, body, now) {
+            Ok(call) => {
+                let output = run_tool(name, body);
+                let bytes = serde_json::to_vec(&output).unwrap_or_default();
+                // No record, no answer: the call's report must be spooled.
+                match call.finish(&bytes) {
+                    Ok(_) => json_reply(StatusCode::OK, &output),
+                    Err(e) => json_reply(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &serde_json::json!({"error": format!("cannot record the call: {e}")}),
+                    ),
+                }
+            }
+            Err(denied) => json_reply(
+                StatusCode::FORBIDDEN,
+                &serde_json::json!({"error": denied.to_string(), "code": denied.code()}),
+            ),
+        }
+    }
+}
+
+impl ToolServer {
+    /// Reports a refused token under the task it claims (the broker checks
+    /// the task exists); the reason says the claims were not trusted.
+    fn report_refused_token(
+        &self,
+        token: &str,
+        peer: &PeerCert,
+        tool: &str,
+        input: &[u8],
+        now: u64,
+        err: &baton_verify::TokenError,
+    ) {
+        let Some(claims) = unverified_claims(token) else {
+            tracing::warn!(peer = %peer.spiffe_id(), reason = err.code(), "unparseable token refused");
+            return;
+        };
+        let Ok(task_id) =
+            serde_json::from_value::<baton_core::TaskId>(claims["task"]["id"].clone())
+        else {
+            return;
+        };
+        let spec = self.tools.iter().find(|t| t.name == tool);
+        let report = baton_core::api::ToolCallReport {
+            report_id: uuid::Uuid::new_v4().to_string(),
+            task_id,
+            token_jti: claims["jti"].as_str().unwrap_or_default().to_owned(),
+            agent: peer.spiffe_id().clone(),
+            tool: tool.to_owned(),
+            resource: spec.map(|t| t.resource.clone()).unwrap_or_default(),
+            risk: spec.map_or(RiskTier::Read, |t| t.tier),
+            scope_used: Vec::new(),
+            input_digest: hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, input)),
+            output_digest: None,
+            justification: None,
+            decision: "deny".into(),
+            policy_ids: Vec::new(),
+            reason: Some(format!(
+                "token refused ({}): {err}; claims not trusted",
+                err.code()
+            )),
+            at: now,
+        };
+        if let Err(e) = self.reporter.submit(report) {
+            tracing::error!(error = %e, "cannot spool the refusal report");
+        }
+    }
+}
+
+async fn terminate_signal() {
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+async fn tool_server(
+    socket: &str,
+    listen: std::net::SocketAddr,
+    broker_url: &str,
+    audience: &str,
+    policies: Option<&Path>,
+    spool: &Path,
+    ready_file: Option<&Path>,
+) -> Result<()> {
+    // The tool server's own identity comes from the Workload API like any workload's.
+    let endpoint = format!("unix:{}", socket_path(socket).display());
+    let source = spiffe::X509Source::builder()
+        .endpoint(&endpoint)
+        .build()
+        .await
+        .map_err(|e| {
+            exit(
+                EXIT_UNREACHABLE,
+                format!("cannot get an SVID from {endpoint}: {e}"),
+            )
+        })?;
+    let svid = source.svid().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let td = TrustDomain::new(
+        svid.spiffe_id()
+            .trust_domain()
+            .to_string()
+            .trim_start_matches("spiffe://"),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let chain: Vec<Vec<u8>> = svid
+        .cert_chain()
+        .iter()
+        .map(|c| c.as_bytes().to_vec())
+        .collect();
+    let key = svid.private_key().as_bytes().to_vec();
+    let authorities: Vec<Vec<u8>> = source
+        .bundle_set()
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .iter()
+        .flat_map(|(_, b)| {
+            b.authorities()
+                .iter()
+                .map(|c| c.as_bytes().to_vec())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let bundles = BundleStore::new();
+    bundles.set(td.clone(), authorities);
+
+    // The broker's JWT keys, fetched over TLS anchored in the X.509 bundle.
+    let broker_id = td.id("/baton/broker").map_err(|e| anyhow::anyhow!("{e}"))?;
+    let identity =
+        baton_tls::ClientIdentity::new(chain.clone(), &key).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let tls = baton_tls::client_config(
+        identity,
+        bundles.clone(),
+        PeerPolicy::Exact(vec![broker_id.clone()]),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let http = reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .build()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let bundle_json: serde_json::Value = http
+        .get(format!("{}/v1/bundle", broker_url.trim_end_matches('/')))
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .map_err(|e| {
+            exit(
+                EXIT_UNREACHABLE,
+                format!("cannot fetch the broker's bundle: {e}"),
+            )
+        })?
+        .json()
+        .await
+        .context("bundle JSON")?;
+    let trust = baton_ca::TrustBundle::from_spiffe_json(&td, &bundle_json)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let verifier = TokenVerifier::new(JwtBundles::new([trust]), audience.to_owned());
+
+    let engine = load_policies(policies)?;
+    let sender = baton_verify::HttpSender::new(
+        broker_url,
+        baton_tls::ClientIdentity::new(chain.clone(), &key).map_err(|e| anyhow::anyhow!("{e}"))?,
+        bundles.clone(),
+        broker_id,
+    )
+    .map_err(|e| anyhow::anyhow!("tool-call reporter: {e}"))?;
+    let reporter = baton_verify::Reporter::open(spool, Arc::new(sender))
+        .map_err(|e| anyhow::anyhow!("tool-call reporter: {e}"))?;
+    let _delivery = reporter.spawn();
+    let engine = Arc::new(engine);
+    let policy = move |c: &baton_verify::CallContext<'_>| {
+        let d = engine.authorize_call(&baton_policy::CallRequest {
+            agent: c.agent,
+            chain: c.chain,
+            initiator: c.initiator,
+            tool: c.tool,
+            resource: c.resource,
+            purpose: c.purpose,
+            scope: c.scope,
+            risk: c.risk,
+            depth: c.depth,
+        });
+        baton_verify::PolicyDecision {
+            allowed: d.allowed,
+            policy_ids: d.policy_ids,
+            errors: d.errors,
+        }
+    };
+    let gate = ToolGate::new(Arc::new(policy), Some(reporter.clone()));
+    let server = Arc::new(ToolServer {
+        verifier,
+        gate,
+        tools: tools()?,
+        reporter,
+    });
+
+    let identity = ServerIdentity::new(chain, &key).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let config = baton_tls::server_config(
+        identity,
+        bundles,
+        PeerPolicy::AnyInTrustDomains(vec![td]),
+        ClientAuth::Required,
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let routes = warp::path!("tools" / String)
+        .and(warp::post())
+        .and(warp::header::optional::<String>("authorization"))
+        .and(warp::ext::optional::<PeerCertificate>())
+        .and(warp::body::content_length_limit(1 << 20))
+        .and(warp::body::bytes())
+        .and(warp::any().map(move || server.clone()))
+        .map(
+            |name: String,
+             auth: Option<String>,
+             cert: Option<PeerCertificate>,
+             body: Bytes,
+             server: Arc<ToolServer>| { server.handle(&name, auth, cert, &body) },
+        )
+        .recover(|_r: warp::Rejection| async move {
+            Ok::<_, Infallible>(json_reply(
+                StatusCode::NOT_FOUND,
+                &serde_json::json!({"error": "no such route"}),
+            ))
+        })
+        .unify();
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "example tool server listening");
+    if let Some(path) = ready_file {
+        std::fs::write(path.with_extension("tmp"), addr.to_string())?;
+        std::fs::rename(path.with_extension("tmp"), path)?;
+    }
+    output::line(&format!("example tool server on https://{addr}"));
+    baton_tls::serve_https(listener, config, routes, terminate_signal())
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    source.shutdown().await;
+    Ok(())
+}
+
+/// An error with its causes (reqwest hides the TLS reason in its sources).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out
+}
+
+/// Calls `tool` at `url` with the credential; returns the JSON answer.
+pub async fn call(
+    cred: &Credential,
+    url: &str,
+    tool: &str,
+    input: &str,
+) -> Result<serde_json::Value> {
+    let td = cred.spiffe_id()?.trust_domain().clone();
+    let http = cred.client(PeerPolicy::AnyInTrustDomains(vec![td]))?;
+    let resp = http
+        .post(format!("{}/tools/{tool}", url.trim_end_matches('/')))
+        .header("authorization", format!("Bearer {}", cred.token.expose()))
+        .body(input.to_owned())
+        .send()
+        .await
+        .map_err(|e| {
+            exit(
+                EXIT_UNREACHABLE,
+                format!("cannot reach the tool server: {}", error_chain(&e)),
+            )
+        })?;
+    let status = resp.status();
+    let body: serde_json::Value = resp.json().await.unwrap_or_default();
+    if status.is_success() {
+        Ok(body)
+    } else {
+        Err(exit(
+            EXIT_REFUSED,
+            format!(
+                "{tool} refused ({}): {}",
+                body["code"].as_str().unwrap_or(status.as_str()),
+                body["error"].as_str().unwrap_or("no reason given")
+            ),
+        ))
+    }
+}
+
+pub async fn run(cmd: ExampleCmd) -> Result<()> {
+    match cmd {
+        ExampleCmd::ToolServer {
+            socket,
+            listen,
+            broker_url,
+            audience,
+            policies,
+            spool,
+            ready_file,
+        } => {
+            tool_server(
+                &socket.socket,
+                listen,
+                &broker_url,
+                &audience,
+                policies.as_deref(),
+                &spool,
+                ready_file.as_deref(),
+            )
+            .await
+        }
+        ExampleCmd::Call {
+            credential,
+            url,
+            tool,
+            input,
+            justification: _,
+        } => {
+            let cred = Credential::load(&credential)?;
+            let out = call(&cred, &url, &tool, &input).await?;
+            output::json(&out);
+            Ok(())
+        }
+        ExampleCmd::Enqueue {
+            redis,
+            stream,
+            grant,
+            tool,
+        } => {
+            let client = redis::Client::open(redis.as_str()).context("--redis URL")?;
+            let mut conn = client
+                .get_multiplexed_async_connection()
+                .await
+                .map_err(|e| exit(EXIT_UNREACHABLE, format!("cannot reach Redis: {e}")))?;
+            let id: String = redis::cmd("XADD")
+                .arg(&stream)
+                .arg("*")
+                .arg("grant")
+                .arg(&grant)
+                .arg("tool")
+                .arg(&tool)
+                .query_async(&mut conn)
+                .await
+                .context("XADD")?;
+            output::line(&id);
+            Ok(())
+        }
+        ExampleCmd::Worker {
+            redis,
+            stream,
+            socket,
+            spiffe_id,
+            url,
+            out,
+            wait,
+        } => {
+            let client = redis::Client::open(redis.as_str()).context("--redis URL")?;
+            let mut conn = client
+                .get_multiplexed_async_connection()
+                .await
+                .map_err(|e| exit(EXIT_UNREACHABLE, format!("cannot reach Redis: {e}")))?;
+            let reply: redis::Value = redis::cmd("XREAD")
+                .arg("COUNT")
+                .arg(1)
+                .arg("BLOCK")
+                .arg(wait.as_millis() as u64)
+                .arg("STREAMS")
+                .arg(&stream)
+                .arg("0")
+                .query_async(&mut conn)
+                .await
+                .context("XREAD")?;
+            let (msg_id, fields) = first_entry(&reply).ok_or_else(|| {
+                exit(
+                    EXIT_REFUSED,
+                    format!("no work on stream {stream} within {wait:?}"),
+                )
+            })?;
+            let grant = fields
+                .iter()
+                .find(|(k, _)| k == "grant")
+                .map(|(_, v)| v.clone())
+                .ok_or_else(|| exit(EXIT_REFUSED, "stream entry has no grant"))?;
+            let tool = fields
+                .iter()
+                .find(|(k, _)| k == "tool")
+                .map(|(_, v)| v.clone())
+                .unwrap_or_else(|| "crm.search".into());
+            let _: i64 = redis::cmd("XDEL")
+                .arg(&stream)
+                .arg(&msg_id)
+                .query_async(&mut conn)
+                .await
+                .context("XDEL")?;
+            let cred = redeem(&socket.socket, &grant, spiffe_id.as_deref(), &out).await?;
+            let result = call(&cred, &url, &tool, r#"{"q":"from the queue"}"#).await?;
+            output::json(&serde_json::json!({
+                "task_id": cred.task["task_id"],
+                "spiffe_id": cred.task["spiffe_id"],
+                "tool": tool,
+                "result": result,
+            }));
+            Ok(())
+        }
+    }
+}
+
+/// The first entry of an XREAD reply: its id and field/value pairs.
+fn first_entry(v: &redis::Value) -> Option<(String, Vec<(String, String)>)> {
+    use redis::Value;
+    let s = |v: &Value| match v {
+        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    };
+    // [[stream, [[id, [k, v, ...]]]]] (RESP2) or a map (RESP3).
+    let streams = match v {
+        Value::Array(a) => a.clone(),
+        Value::Map(m) => m
+            .iter()
+            .map(|(k, v)| Value::Array(vec![k.clone(), v.clone()]))
+            .collect(),
+        _ => return None,
+    };
+    let Value::Array(stream) = streams.first()? else {
+        return None;
+    };
+    let Value::Array(entries) = stream.get(1)? else {
+        return None;
+    };
+    let Value::Array(entry) = entries.first()? else {
+        return None;
+    };
+    let id = s(entry.first()?)?;
+    let Value::Array(kv) = entry.get(1)? else {
+        return None;
+    };
+    let pairs = kv
+        .chunks(2)
+        .filter_map(|c| Some((s(c.first()?)?, s(c.get(1)?)?)))
+        .collect();
+    Some((id, pairs))
+}

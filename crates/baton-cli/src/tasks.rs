@@ -1,0 +1,246 @@
+//! `baton task ...` and `baton audit ...`: operator verbs over the admin socket.
+
+use anyhow::Result;
+use baton_core::api::{StartTaskRequest, StartTaskResponse};
+use baton_core::{Purpose, RiskTier, Scope, Secret, SpiffeId};
+
+use crate::admin::AdminClient;
+use crate::cli::{AuditCmd, EXIT_REFUSED, EXIT_VERIFY_FAILED, OutputFormat, TaskCmd, exit};
+use crate::output;
+
+fn refused(field: &str, e: impl std::fmt::Display) -> anyhow::Error {
+    exit(EXIT_REFUSED, format!("--{field}: {e}"))
+}
+
+fn print_task(format: OutputFormat, task: &serde_json::Value) {
+    match format {
+        OutputFormat::Json => output::json(task),
+        OutputFormat::Table => {
+            let s = |k: &str| task[k].as_str().unwrap_or("-").to_owned();
+            output::line(&format!("Task:         {}", s("id")));
+            output::line(&format!(
+                "Initiator:    {} ({})",
+                s("initiator"),
+                s("initiator_iss")
+            ));
+            output::line(&format!("Root agent:   {}", s("root_agent")));
+            output::line(&format!("Purpose:      {}", s("purpose")));
+            output::line(&format!("Scope:        {}", task["scope"]));
+            output::line(&format!("Risk ceiling: {}", s("risk_ceiling")));
+            output::line(&format!("Max depth:    {}", task["max_depth"]));
+            output::line(&format!("Expires at:   {} (unix)", task["expires_at"]));
+            match task["ended_at"].as_u64() {
+                Some(t) => output::line(&format!("Ended at:     {t} (unix)")),
+                None => output::line("Status:       active"),
+            }
+        }
+    }
+}
+
+pub async fn task(cmd: TaskCmd) -> Result<()> {
+    match cmd {
+        TaskCmd::Start {
+            id_token,
+            user,
+            root_agent,
+            purpose,
+            scope,
+            risk_ceiling,
+            ttl,
+            max_depth,
+            audience,
+            admin,
+        } => {
+            let client = AdminClient::new(&admin.admin_socket)?;
+            let root_agent = SpiffeId::parse(&root_agent).map_err(|e| refused("root-agent", e))?;
+            let purpose: Purpose = purpose.parse().map_err(|e| refused("purpose", e))?;
+            let scope = Scope::parse(&scope).map_err(|e| refused("scope", e))?;
+            let risk_ceiling: RiskTier = risk_ceiling
+                .parse()
+                .map_err(|e| refused("risk-ceiling", e))?;
+            let id_token = match (id_token, user) {
+                (Some(t), _) => t,
+                (None, Some(user)) => {
+                    let v: serde_json::Value = client
+                        .post(
+                            "/v1/admin/dev/id-token",
+                            &serde_json::json!({ "user": user }),
+                        )
+                        .await?;
+                    v["id_token"].as_str().unwrap_or_default().to_owned()
+                }
+                (None, None) => {
+                    return Err(exit(
+                        EXIT_REFUSED,
+                        "pass --id-token (the user's OIDC ID token) or, with `baton dev`, --user NAME",
+                    ));
+                }
+            };
+            let resp: StartTaskResponse = client
+                .post(
+                    "/v1/admin/tasks",
+                    &StartTaskRequest {
+                        id_token: Secret::new(id_token),
+                        root_agent,
+                        purpose,
+                        scope,
+                        risk_ceiling,
+                        ttl_secs: ttl.as_secs(),
+                        max_depth,
+                        audience,
+                    },
+                )
+                .await?;
+            match admin.output {
+                OutputFormat::Json => output::json(&serde_json::json!({
+                    "task_id": resp.task_id,
+                    "expires_at": resp.expires_at,
+                    "grant": resp.grant.grant.expose(),
+                    "target": resp.grant.target,
+                    "grant_expires_at": resp.grant.expires_at,
+                })),
+                OutputFormat::Table => {
+                    output::line(&format!("Task:        {}", resp.task_id));
+                    output::line(&format!("Root agent:  {}", resp.grant.target));
+                    output::line(&format!("Grant:       {}", resp.grant.grant.expose()));
+                    output::line(&format!(
+                        "Grant until: {} (unix; single use)",
+                        resp.grant.expires_at
+                    ));
+                }
+            }
+            Ok(())
+        }
+        TaskCmd::Show { id, admin } => {
+            let v: serde_json::Value = AdminClient::new(&admin.admin_socket)?
+                .get(&format!("/v1/admin/tasks/{}", task_segment(&id)?))
+                .await?;
+            print_task(admin.output, &v);
+            Ok(())
+        }
+        TaskCmd::List { admin } => {
+            let v: serde_json::Value = AdminClient::new(&admin.admin_socket)?
+                .get("/v1/admin/tasks")
+                .await?;
+            match admin.output {
+                OutputFormat::Json => output::json(&v),
+                OutputFormat::Table => {
+                    let tasks = v["tasks"].as_array().cloned().unwrap_or_default();
+                    if tasks.is_empty() {
+                        output::line("no tasks");
+                    }
+                    for t in tasks {
+                        output::line(&format!(
+                            "{}  {}  {}  {}",
+                            t["id"].as_str().unwrap_or("-"),
+                            t["purpose"].as_str().unwrap_or("-"),
+                            if t["ended_at"].is_null() {
+                                "active"
+                            } else {
+                                "ended"
+                            },
+                            t["root_agent"].as_str().unwrap_or("-"),
+                        ));
+                    }
+                }
+            }
+            Ok(())
+        }
+        TaskCmd::End { id, admin } => {
+            let v: serde_json::Value = AdminClient::new(&admin.admin_socket)?
+                .post(
+                    &format!("/v1/admin/tasks/{}/end", task_segment(&id)?),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            print_task(admin.output, &v);
+            Ok(())
+        }
+        TaskCmd::SetPurpose { id, purpose, admin } => {
+            let purpose: Purpose = purpose.parse().map_err(|e| refused("purpose", e))?;
+            let v: serde_json::Value = AdminClient::new(&admin.admin_socket)?
+                .post(
+                    &format!("/v1/admin/tasks/{}/purpose", task_segment(&id)?),
+                    &serde_json::json!({ "purpose": purpose }),
+                )
+                .await?;
+            print_task(admin.output, &v);
+            Ok(())
+        }
+    }
+}
+
+fn task_segment(id: &str) -> Result<String> {
+    id.parse::<baton_core::TaskId>()
+        .map(|t| t.to_string())
+        .map_err(|e| exit(EXIT_REFUSED, e.to_string()))
+}
+
+pub async fn audit(cmd: AuditCmd) -> Result<()> {
+    match cmd {
+        AuditCmd::Receipt { index, admin } => {
+            let v: serde_json::Value = AdminClient::new(&admin.admin_socket)?
+                .get(&format!("/v1/admin/audit/receipt/{index}"))
+                .await?;
+            output::json(&v);
+            Ok(())
+        }
+        AuditCmd::Verify {
+            db,
+            keys_dir,
+            admin,
+        } => {
+            let v: serde_json::Value = match (db, keys_dir) {
+                (Some(db), Some(keys)) => {
+                    let key = baton_audit::read_public_key(&keys)
+                        .map_err(|e| exit(EXIT_REFUSED, format!("--keys-dir: {e}")))?;
+                    match baton_audit::AuditLog::verify_file(&db, &key) {
+                        Ok(report) => serde_json::json!({ "ok": true, "report": report }),
+                        Err(e) => serde_json::json!({
+                            "ok": false,
+                            "error": e.to_string(),
+                            "first_bad_index": e.first_bad_index,
+                        }),
+                    }
+                }
+                _ => {
+                    AdminClient::new(&admin.admin_socket)?
+                        .get("/v1/admin/audit/verify")
+                        .await?
+                }
+            };
+            let ok = v["ok"].as_bool().unwrap_or(false);
+            match admin.output {
+                OutputFormat::Json => output::json(&v),
+                OutputFormat::Table if ok => output::line(&format!(
+                    "audit log verified: {} events, root {}",
+                    v["report"]["size"], v["report"]["root"]
+                )),
+                OutputFormat::Table => {}
+            }
+            if ok {
+                Ok(())
+            } else {
+                Err(exit(
+                    EXIT_VERIFY_FAILED,
+                    format!(
+                        "audit log verification FAILED at index {}: {}",
+                        v["first_bad_index"],
+                        v["error"].as_str().unwrap_or("unknown error")
+                    ),
+                ))
+            }
+        }
+        AuditCmd::Trace { task, json, admin } => {
+            let v: serde_json::Value = AdminClient::new(&admin.admin_socket)?
+                .get(&format!("/v1/admin/audit/trace/{}", task_segment(&task)?))
+                .await?;
+            if json {
+                output::json(&v["trace"]);
+            } else {
+                output::raw(v["text"].as_str().unwrap_or_default());
+            }
+            Ok(())
+        }
+    }
+}
