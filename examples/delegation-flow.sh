@@ -24,6 +24,20 @@ trap 'kill $TOOL_PID 2>/dev/null || true; rm -rf "$WORK"' EXIT
 
 say() { printf '\n== %s\n' "$*"; }
 
+# Redeems a grant, retrying while the node daemon has not yet synced a new
+# entry (it refuses locally, before the broker sees the grant).
+redeem() {
+  for _ in $(seq 1 50); do
+    if "$BATON" grant redeem --grant "$1" --spiffe-id "$2" --out "$3" 2>"$WORK/redeem.err"; then
+      return 0
+    fi
+    grep -q "no identity issued" "$WORK/redeem.err" || { cat "$WORK/redeem.err" >&2; return 1; }
+    sleep 0.2
+  done
+  cat "$WORK/redeem.err" >&2
+  return 1
+}
+
 say "register the agents and the tool server (ignored if they exist)"
 for id in /tools/crm /agents/planner /agents/researcher; do
   "$BATON" entry create --spiffe-id "spiffe://example.org$id" --parent-id "$NODE" \
@@ -46,14 +60,14 @@ TASK=$(sed -n 's/.*"task_id": "\(.*\)".*/\1/p' "$WORK/task.json")
 GRANT=$(sed -n 's/.*"grant": "\(.*\)".*/\1/p' "$WORK/task.json")
 
 say "the planner redeems its grant through the node daemon"
-"$BATON" grant redeem --grant "$GRANT" --spiffe-id "$PLANNER" --out "$WORK/planner"
+redeem "$GRANT" "$PLANNER" "$WORK/planner"
 
 say "the planner hands search-only to the researcher"
 "$BATON" delegate --credential "$WORK/planner" --target "$RESEARCHER" \
   --scope tool:crm.search:read --scope dataset:crm:read --audience crm \
   --justification "look up the customer's open cases" -o json | tee "$WORK/hop.json"
 HOP=$(sed -n 's/.*"grant": "\(.*\)".*/\1/p' "$WORK/hop.json")
-"$BATON" grant redeem --grant "$HOP" --spiffe-id "$RESEARCHER" --out "$WORK/researcher"
+redeem "$HOP" "$RESEARCHER" "$WORK/researcher"
 
 say "the researcher searches the CRM (allowed)"
 "$BATON" example call --credential "$WORK/researcher" --url "$TOOL_URL" --tool crm.search --input '{"q":"acme"}'

@@ -291,3 +291,45 @@ fn admin_post(c: &Cluster, path: &str, body: &str) -> serde_json::Value {
         resp.json().await.unwrap()
     })
 }
+
+#[test]
+fn a_bad_policy_stops_broker_start_with_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/policies");
+    for f in std::fs::read_dir(shipped).unwrap() {
+        let f = f.unwrap().path();
+        if f.extension()
+            .is_some_and(|e| e == "cedar" || e == "cedarschema")
+        {
+            std::fs::copy(&f, policies.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    std::fs::write(
+        policies.join("broken.cedar"),
+        "// a typo on line 3\n@id(\"typo\")\npermit (principal, action, resource) when { context.purpos == \"x\" };\n",
+    )
+    .unwrap();
+    let out = crate::harness::baton()
+        .args([
+            "broker",
+            "--trust-domain",
+            "example.org",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path().join("broker"))
+        .arg("--policies")
+        .arg(&policies)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "broker started with a bad policy");
+    assert!(
+        err.contains("broken.cedar:3:"),
+        "error names file and line: {err}"
+    );
+    assert!(!dir.path().join("broker/admin.sock").exists());
+}
