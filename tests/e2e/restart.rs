@@ -49,3 +49,26 @@ async fn broker_restart_keeps_entries_ca_and_agents() {
     .await;
     assert!(c.agent.as_mut().unwrap().is_running());
 }
+
+#[test]
+fn agent_renews_its_own_svid_before_expiry() {
+    let c = Cluster::start(Options {
+        agent_svid_ttl: "6s",
+        ..Options::default()
+    });
+    let path = c.path("agent/agent-svid.pem");
+    let first = std::fs::read(&path).unwrap();
+    // Renewed over mTLS with the current SVID, well before it expires,
+    // without a join token (the one it had is spent).
+    let renewed = crate::harness::wait_for("agent SVID renewal", Duration::from_secs(30), || {
+        std::fs::read(&path).ok().filter(|now| *now != first)
+    });
+    assert_ne!(renewed, first);
+    let log = c.broker.as_ref().unwrap().log_text();
+    let issued = log.matches("AgentX509Svid").count();
+    // Attestation + one renewal (maybe two): not a renewal loop.
+    assert!(
+        (2..=3).contains(&issued),
+        "{issued} agent SVIDs issued: {log}"
+    );
+}

@@ -54,15 +54,26 @@ pub struct CachedSvid {
     pub not_after: u64,
 }
 
+/// `fraction` of the way from issuance to expiry. The broker's CA
+/// back-dates NotBefore (clock skew), so issuance is NotBefore plus that
+/// margin: counting from NotBefore itself would make a short-lived SVID due
+/// for rotation the moment it arrives, and rotate it in a loop.
+pub fn rotation_point(not_before: u64, not_after: u64, fraction: f64) -> u64 {
+    let issued = not_before
+        .saturating_add(baton_ca::BACKDATE.as_secs())
+        .min(not_after);
+    let lifetime = not_after.saturating_sub(issued);
+    // Rounds down: rotating a second early is harmless, late is not.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let offset = (lifetime as f64 * fraction.clamp(0.0, 1.0)) as u64;
+    issued.saturating_add(offset)
+}
+
 impl CachedSvid {
-    /// When this SVID should be replaced: `not_before + fraction * lifetime`.
+    /// When this SVID should be replaced: `fraction` of the way from its
+    /// issuance to its expiry.
     pub fn rotate_at(&self, fraction: f64) -> u64 {
-        let lifetime = self.not_after.saturating_sub(self.not_before);
-        let fraction = fraction.clamp(0.0, 1.0);
-        // Rounds down: rotating a second early is harmless, late is not.
-        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-        let offset = (lifetime as f64 * fraction) as u64;
-        self.not_before.saturating_add(offset)
+        rotation_point(self.not_before, self.not_after, fraction)
     }
 
     /// The leaf and intermediates concatenated, as the Workload API sends them.
@@ -272,13 +283,18 @@ pub(crate) mod tests {
     fn rotation_at_fraction_of_life() {
         let e = entry("a", 1);
         let s = svid(&e, 1000, 1100, 1);
-        assert_eq!(s.rotate_at(0.5), 1050);
-        assert_eq!(s.rotate_at(0.8), 1080);
+        // Issued 10 s after the back-dated NotBefore: 90 s of real life.
+        assert_eq!(s.rotate_at(0.5), 1055);
+        assert_eq!(s.rotate_at(0.8), 1082);
         assert_eq!(s.rotate_at(7.0), 1100);
         let snap = Snapshot::new(vec![e.clone()], None).with_svid(s);
-        assert!(entries_to_sign(snap.entries(), &snap, 1049, 0.5).is_empty());
-        assert_eq!(entries_to_sign(snap.entries(), &snap, 1050, 0.5), vec![&e]);
-        assert_eq!(snap.next_rotation(0.5), Some(1050));
+        assert!(entries_to_sign(snap.entries(), &snap, 1054, 0.5).is_empty());
+        assert_eq!(entries_to_sign(snap.entries(), &snap, 1055, 0.5), vec![&e]);
+        assert_eq!(snap.next_rotation(0.5), Some(1055));
+        // A 6 s SVID issued at t=2000 (NotBefore back-dated to 1990) is due
+        // at 2003, not the moment it arrives.
+        let short = svid(&e, 1990, 2006, 2);
+        assert_eq!(short.rotate_at(0.5), 2003);
     }
 
     #[test]

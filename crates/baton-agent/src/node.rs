@@ -88,10 +88,7 @@ impl NodeSvid {
 
     /// When to renew: after `fraction` of the lifetime.
     pub fn renew_at(&self, fraction: f64) -> u64 {
-        let lifetime = self.not_after.saturating_sub(self.not_before);
-        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-        let offset = (lifetime as f64 * fraction.clamp(0.0, 1.0)) as u64;
-        self.not_before.saturating_add(offset)
+        crate::cache::rotation_point(self.not_before, self.not_after, fraction)
     }
 }
 
@@ -454,7 +451,8 @@ mod tests {
             not_before: 100,
             not_after: 200,
         };
-        assert_eq!(s.renew_at(0.5), 150);
+        // NotBefore is back-dated 10 s: renewal is half of the real 90 s.
+        assert_eq!(s.renew_at(0.5), 155);
         assert_eq!(backoff(0, Duration::from_secs(60)), Duration::from_secs(1));
         assert_eq!(backoff(3, Duration::from_secs(60)), Duration::from_secs(8));
         assert_eq!(
