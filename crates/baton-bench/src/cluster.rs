@@ -28,10 +28,20 @@ pub struct Broker {
 
 impl Broker {
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(TRUST_DOMAIN, |_, _| {}).await
+    }
+
+    /// A broker for `trust_domain`, its config adjusted by `configure`
+    /// (given the config and the broker's temp dir) before it starts.
+    pub async fn start_with(
+        trust_domain: &str,
+        configure: impl FnOnce(&mut BrokerConfig, &Path),
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
-        let td = TrustDomain::new(TRUST_DOMAIN)?;
+        let td = TrustDomain::new(trust_domain)?;
         let mut cfg = BrokerConfig::new(td, None, dir.path().join("admin.sock"));
         cfg.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        configure(&mut cfg, dir.path());
         let (ready_tx, ready_rx) = oneshot::channel();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let task = tokio::spawn(baton_broker::run(
@@ -68,7 +78,7 @@ impl Broker {
         format!("https://{}", self.ready.addr)
     }
 
-    async fn admin_post<Req: Serialize, Resp: DeserializeOwned>(
+    pub async fn admin_post<Req: Serialize, Resp: DeserializeOwned>(
         &self,
         path: &str,
         body: &Req,
@@ -106,7 +116,7 @@ impl Broker {
         selector: &str,
     ) -> anyhow::Result<Entry> {
         let new = NewEntry {
-            spiffe_id: format!("spiffe://{TRUST_DOMAIN}{path}"),
+            spiffe_id: format!("spiffe://{}{path}", self.trust_domain()),
             parent_id: parent.to_string(),
             selectors: vec![selector.to_owned()],
             x509_ttl_secs: 3600,

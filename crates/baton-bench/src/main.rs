@@ -3,7 +3,8 @@
 //! Every figure is printed next to a limit or a peer measured in the same
 //! run (see PERFORMANCE.md): broker issuance against the raw P-256 sign
 //! rate and the CSR-verify+sign rate of `baton_ca::Ca`, and against cfssl
-//! (driven by `bench/issuance.sh`); Workload API latency against its target.
+//! (driven by `bench/issuance.sh`); Workload API latency against its target;
+//! the delegation path against its targets and the raw ES256/P-256 rates.
 //! Results go to stdout as readable lines, then one JSON line.
 
 // A benchmark's output is its product: printing to stdout is the point.
@@ -11,6 +12,7 @@
 
 mod cfssl;
 mod cluster;
+mod delegation;
 mod issuance;
 mod limits;
 mod stats;
@@ -35,6 +37,10 @@ enum Cmd {
     /// Workload API FetchX509SVID latency and concurrent streams on an
     /// in-process node daemon.
     Workload(workload::Args),
+    /// The delegation path: one hop (delegate + redeem) on loopback, token
+    /// verification at a tool server, Cedar per call, audit appends and
+    /// verification, each next to a same-run limit or its target.
+    Delegation(delegation::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -49,6 +55,7 @@ fn main() -> anyhow::Result<()> {
             Cmd::Issuance(a) => issuance::run(a).await,
             Cmd::Cfssl(a) => cfssl::run(a).await,
             Cmd::Workload(a) => workload::run(a).await,
+            Cmd::Delegation(a) => delegation::run(a).await,
         }
     })
 }
