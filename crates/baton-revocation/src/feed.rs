@@ -1,0 +1,475 @@
+//! The verifier side: a local revoked set fed by the revocation stream, and
+//! the publisher-side heartbeat that proves the feed is alive.
+//!
+//! The follower reads `p:revocations` with `XREAD BLOCK` from the last id it
+//! saw, so a reconnect resumes where it stopped (a Stream, unlike pub/sub,
+//! keeps entries while the reader is away). It does a full resync — one
+//! `MULTI` reading the epoch, the stream's newest id and the
+//! `p:revoked-index` sorted set from `now` on — at start, when the epoch
+//! changed (Redis lost its data and was re-seeded), when `XINFO STREAM`
+//! says entries after its last id were trimmed (`max-deleted-entry-id`), or
+//! when the stream vanished. While the epoch is missing it trusts nothing:
+//! the status is stale until the service re-seeds.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
+
+use baton_core::TaskId;
+use baton_verify::RevocationCheck;
+use redis::Value;
+use redis::aio::MultiplexedConnection;
+use tokio::task::JoinHandle;
+
+use crate::redis_store::{is_connection_error, open_client, parse_scored, value_str};
+use crate::{RedisStore, RevocationError, system_now};
+
+/// How a [`RevocationFeed`] behaves.
+#[derive(Debug, Clone)]
+pub struct FeedOptions {
+    /// With no stream entry (revocation or heartbeat) for this long, the
+    /// feed is stale. Keep it a few times the publisher's heartbeat period.
+    pub stale_after: Duration,
+    /// How long one `XREAD BLOCK` waits; also how often the follower checks
+    /// the epoch and trimming while the stream is quiet, and prunes.
+    pub heartbeat_every: Duration,
+    /// Answer from the last known set when stale instead of refusing
+    /// everything. Only for read-only tiers that accept serving a revoked
+    /// credential for as long as the feed is down; off by default.
+    pub allow_stale: bool,
+    /// Unix seconds; the system clock by default (tests may pass another).
+    pub clock: fn() -> u64,
+}
+
+impl Default for FeedOptions {
+    fn default() -> Self {
+        Self {
+            stale_after: Duration::from_secs(30),
+            heartbeat_every: Duration::from_secs(5),
+            allow_stale: false,
+            clock: system_now,
+        }
+    }
+}
+
+/// Freshness of the local revoked set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FeedStatus {
+    Fresh,
+    /// No trustworthy news since `since` (unix seconds: the last entry or
+    /// resync, or the start of the feed).
+    Stale {
+        since: u64,
+    },
+}
+
+#[derive(Debug)]
+struct State {
+    /// id -> expiry
+    revoked: HashMap<String, u64>,
+    /// A resync against a present epoch has happened and still holds.
+    synced: bool,
+    last_seen: u64,
+    epoch: Option<String>,
+    resyncs: u64,
+}
+
+#[derive(Debug)]
+struct Shared {
+    state: RwLock<State>,
+    stale_after: u64,
+    allow_stale: bool,
+    clock: fn() -> u64,
+}
+
+impl Shared {
+    fn read(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+    fn write(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[derive(Debug)]
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A running follower. Clones share it; the task stops with the last clone.
+#[derive(Debug, Clone)]
+pub struct FeedHandle {
+    shared: Arc<Shared>,
+    _task: Arc<AbortOnDrop>,
+}
+
+/// Starts followers.
+#[derive(Debug)]
+pub struct RevocationFeed;
+
+impl RevocationFeed {
+    /// Spawns the follower on the current tokio runtime. It connects in
+    /// the background; until its first resync the status is stale.
+    pub fn spawn(
+        url: &str,
+        prefix: &str,
+        options: FeedOptions,
+    ) -> Result<FeedHandle, RevocationError> {
+        let client = open_client(url)?;
+        let now = (options.clock)();
+        let shared = Arc::new(Shared {
+            state: RwLock::new(State {
+                revoked: HashMap::new(),
+                synced: false,
+                last_seen: now,
+                epoch: None,
+                resyncs: 0,
+            }),
+            stale_after: options.stale_after.as_secs(),
+            allow_stale: options.allow_stale,
+            clock: options.clock,
+        });
+        let follower = Follower {
+            client,
+            prefix: prefix.to_owned(),
+            block: options.heartbeat_every.max(Duration::from_millis(100)),
+            shared: shared.clone(),
+            last_id: None,
+        };
+        let task = tokio::spawn(follower.run());
+        Ok(FeedHandle {
+            shared,
+            _task: Arc::new(AbortOnDrop(task)),
+        })
+    }
+}
+
+impl FeedHandle {
+    pub fn status(&self, now: u64) -> FeedStatus {
+        let s = self.shared.read();
+        if !s.synced || now.saturating_sub(s.last_seen) > self.shared.stale_after {
+            FeedStatus::Stale { since: s.last_seen }
+        } else {
+            FeedStatus::Fresh
+        }
+    }
+
+    /// Whether `id` is in the local revoked set at `now` (ignores freshness).
+    pub fn contains(&self, id: &str, now: u64) -> bool {
+        self.shared.read().revoked.get(id).is_some_and(|e| *e > now)
+    }
+
+    /// Size of the local set (expired entries are pruned lazily).
+    pub fn len(&self) -> usize {
+        self.shared.read().revoked.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// How many full resyncs the follower has done.
+    pub fn resyncs(&self) -> u64 {
+        self.shared.read().resyncs
+    }
+
+    /// The epoch the follower trusts, if any.
+    pub fn epoch(&self) -> Option<String> {
+        self.shared.read().epoch.clone()
+    }
+}
+
+/// Revoked, or unknown because the feed is stale (unless `allow_stale`):
+/// fail closed.
+impl RevocationCheck for FeedHandle {
+    fn is_revoked(&self, jti: &str, _task: &TaskId) -> bool {
+        let now = (self.shared.clock)();
+        if self.contains(jti, now) {
+            return true;
+        }
+        !self.shared.allow_stale && self.status(now) != FeedStatus::Fresh
+    }
+}
+
+struct Follower {
+    client: redis::Client,
+    prefix: String,
+    block: Duration,
+    shared: Arc<Shared>,
+    /// `None`: resync before reading.
+    last_id: Option<String>,
+}
+
+fn parse_id(id: &str) -> (u64, u64) {
+    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
+}
+
+impl Follower {
+    fn key(&self, rest: &str) -> String {
+        format!("{}:{rest}", self.prefix)
+    }
+
+    async fn run(mut self) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let cfg = redis::AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(Duration::from_secs(2)))
+                .set_response_timeout(Some(self.block + Duration::from_secs(5)));
+            match self
+                .client
+                .get_multiplexed_async_connection_with_config(&cfg)
+                .await
+            {
+                Ok(mut conn) => {
+                    backoff = Duration::from_millis(100);
+                    let _: Result<Value, _> = redis::cmd("CLIENT")
+                        .arg("SETNAME")
+                        .arg("baton-revocation-feed")
+                        .query_async(&mut conn)
+                        .await;
+                    if let Err(e) = self.follow(&mut conn).await {
+                        tracing::warn!(error = %e, "revocation feed: connection lost, reconnecting");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "revocation feed: cannot connect");
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// Reads until the connection fails.
+    async fn follow(&mut self, conn: &mut MultiplexedConnection) -> Result<(), redis::RedisError> {
+        loop {
+            let now = (self.shared.clock)();
+            self.prune(now);
+            let epoch: Option<String> = redis::cmd("GET")
+                .arg(self.key("epoch"))
+                .query_async(conn)
+                .await?;
+            let Some(epoch) = epoch else {
+                // Redis lost its data and nobody re-seeded yet: trust nothing.
+                {
+                    let mut s = self.shared.write();
+                    if s.synced {
+                        tracing::warn!(
+                            "revocation feed: epoch gone (Redis lost its data); stale until re-seeded"
+                        );
+                    }
+                    s.synced = false;
+                    s.epoch = None;
+                }
+                self.last_id = None;
+                tokio::time::sleep(self.block).await;
+                continue;
+            };
+            let same_epoch = self.shared.read().epoch.as_deref() == Some(epoch.as_str());
+            if !same_epoch || self.last_id.is_none() || self.gap(conn).await? {
+                self.resync(conn).await?;
+                continue;
+            }
+            let last = self.last_id.clone().unwrap_or_else(|| "0-0".into());
+            let reply: Value = redis::cmd("XREAD")
+                .arg("COUNT")
+                .arg(1000)
+                .arg("BLOCK")
+                .arg(self.block.as_millis() as u64)
+                .arg("STREAMS")
+                .arg(self.key("revocations"))
+                .arg(&last)
+                .query_async(conn)
+                .await?;
+            self.apply(&reply, &epoch);
+        }
+    }
+
+    /// Whether entries after our last id were trimmed, or the stream is gone.
+    async fn gap(&self, conn: &mut MultiplexedConnection) -> Result<bool, redis::RedisError> {
+        let Some(last) = self.last_id.as_deref() else {
+            return Ok(true);
+        };
+        let stream = self.key("revocations");
+        let exists: i64 = redis::cmd("EXISTS").arg(&stream).query_async(conn).await?;
+        if exists == 0 {
+            return Ok(last != "0-0");
+        }
+        let info: Value = redis::cmd("XINFO")
+            .arg("STREAM")
+            .arg(&stream)
+            .query_async(conn)
+            .await?;
+        let max_deleted = field(&info, "max-deleted-entry-id");
+        Ok(max_deleted.is_some_and(|d| parse_id(&d) > parse_id(last)))
+    }
+
+    async fn resync(&mut self, conn: &mut MultiplexedConnection) -> Result<(), redis::RedisError> {
+        let now = (self.shared.clock)();
+        let (epoch, top, index): (Option<String>, Value, Value) = redis::pipe()
+            .atomic()
+            .cmd("GET")
+            .arg(self.key("epoch"))
+            .cmd("XREVRANGE")
+            .arg(self.key("revocations"))
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .cmd("ZRANGEBYSCORE")
+            .arg(self.key("revoked-index"))
+            .arg(format!("({now}"))
+            .arg("+inf")
+            .arg("WITHSCORES")
+            .query_async(conn)
+            .await?;
+        let Some(epoch) = epoch else {
+            // Gone between the check and the read; the loop handles it.
+            return Ok(());
+        };
+        let last_id = match &top {
+            Value::Array(entries) => entries
+                .first()
+                .and_then(|e| match e {
+                    Value::Array(parts) => parts.first().and_then(value_str),
+                    _ => None,
+                })
+                .unwrap_or_else(|| "0-0".into()),
+            _ => "0-0".into(),
+        };
+        let entries = match parse_scored(&index) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, "revocation feed: bad index reply");
+                return Ok(());
+            }
+        };
+        let mut s = self.shared.write();
+        s.revoked = entries.into_iter().collect();
+        s.synced = true;
+        s.last_seen = now;
+        s.epoch = Some(epoch);
+        s.resyncs += 1;
+        tracing::info!(revoked = s.revoked.len(), from = %last_id, "revocation feed: resynced");
+        drop(s);
+        self.last_id = Some(last_id);
+        Ok(())
+    }
+
+    fn apply(&mut self, reply: &Value, epoch: &str) {
+        let entries = stream_entries(reply);
+        if entries.is_empty() {
+            return;
+        }
+        let now = (self.shared.clock)();
+        let mut s = self.shared.write();
+        for (id, fields) in entries {
+            let get = |k: &str| fields.iter().find(|(f, _)| f == k).map(|(_, v)| v.as_str());
+            match get("t") {
+                Some("revoke") => {
+                    for line in get("r").unwrap_or_default().split('\n') {
+                        if let Some((exp, rid)) = line.split_once(' ')
+                            && let Ok(exp) = exp.parse::<u64>()
+                            && exp > now
+                        {
+                            s.revoked.insert(rid.to_owned(), exp);
+                        }
+                    }
+                }
+                Some("seed") if get("epoch") != Some(epoch) => {
+                    // A different epoch was seeded: reload everything.
+                    self.last_id = None;
+                    s.last_seen = now;
+                    return;
+                }
+                _ => {}
+            }
+            s.last_seen = now;
+            self.last_id = Some(id);
+        }
+    }
+
+    fn prune(&self, now: u64) {
+        let mut s = self.shared.write();
+        s.revoked.retain(|_, e| *e > now);
+    }
+}
+
+/// A field of a flat (RESP2) or map (RESP3) reply.
+fn field(v: &Value, name: &str) -> Option<String> {
+    match v {
+        Value::Array(items) => items
+            .chunks(2)
+            .find(|c| c.first().and_then(value_str).as_deref() == Some(name))
+            .and_then(|c| c.get(1))
+            .and_then(value_str),
+        Value::Map(m) => m
+            .iter()
+            .find(|(k, _)| value_str(k).as_deref() == Some(name))
+            .and_then(|(_, v)| value_str(v)),
+        _ => None,
+    }
+}
+
+/// Entries of an `XREAD` reply for one stream: (id, field/value pairs).
+fn stream_entries(v: &Value) -> Vec<(String, Vec<(String, String)>)> {
+    let streams: Vec<Value> = match v {
+        Value::Array(a) => a.clone(),
+        Value::Map(m) => m
+            .iter()
+            .map(|(k, v)| Value::Array(vec![k.clone(), v.clone()]))
+            .collect(),
+        _ => return Vec::new(),
+    };
+    let mut out = Vec::new();
+    for s in &streams {
+        let Value::Array(parts) = s else { continue };
+        let Some(Value::Array(entries)) = parts.get(1) else {
+            continue;
+        };
+        for e in entries {
+            let Value::Array(e) = e else { continue };
+            let (Some(id), Some(Value::Array(kv))) = (e.first().and_then(value_str), e.get(1))
+            else {
+                continue;
+            };
+            let pairs = kv
+                .chunks(2)
+                .filter_map(|c| Some((value_str(c.first()?)?, value_str(c.get(1)?)?)))
+                .collect();
+            out.push((id, pairs));
+        }
+    }
+    out
+}
+
+/// Publisher side: appends a heartbeat to the stream every period so
+/// followers can tell a quiet feed from a dead one. Stops when dropped.
+#[derive(Debug)]
+pub struct Heartbeat {
+    _task: AbortOnDrop,
+}
+
+impl Heartbeat {
+    pub fn spawn(store: RedisStore, every: Duration) -> Self {
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if let Err(e) = store.heartbeat(system_now()).await {
+                    let conn = matches!(&e, RevocationError::Redis(r) if is_connection_error(r));
+                    tracing::warn!(error = %e, connection = conn, "revocation heartbeat failed");
+                }
+            }
+        });
+        Self {
+            _task: AbortOnDrop(task),
+        }
+    }
+}

@@ -1,0 +1,296 @@
+//! The revocation service's store: every issued credential is registered
+//! with its expiry, and revoking a credential, a task, a subtree, an agent or
+//! a node marks every credential it covers as revoked until it would have
+//! expired anyway. Verifiers follow the revocations through
+//! [`RevocationFeed`] and answer [`baton_verify::RevocationCheck`] from memory.
+//!
+//! Place in the flow: the broker calls [`RevocationStore::register`] for each
+//! SVID serial, token `jti`, handoff grant and secret lease it issues (a
+//! credential whose registration failed must not be handed out), operators
+//! and task endings call [`RevocationStore::revoke`], and tool servers hold a
+//! [`FeedHandle`].
+//!
+//! Two backends behind one trait: [`MemoryStore`] (the embedded default of
+//! `baton dev`, with a tokio broadcast for in-process followers) and
+//! [`RedisStore`]. Both share the semantics below; the integration tests run
+//! the same checks against both.
+//!
+//! # Semantics
+//!
+//! - `register` refuses an expired record, an id that is already revoked, a
+//!   record whose `parent` is revoked and a record of a revoked task, so
+//!   nothing can be minted under something already dead (atomic with
+//!   `revoke`: no window in between).
+//! - `revoke` resolves its target to credential ids, then closes the set
+//!   over `parent` links (anything minted from a revoked credential is
+//!   revoked too, whatever the target), marks them all in one atomic step
+//!   and returns them. A target that resolves to no live credential is
+//!   [`RevocationError::Unknown`] and changes nothing. Revoking again is
+//!   idempotent and returns the ids again.
+//! - A revoked id is remembered until its credential's own expiry; after that
+//!   the credential is dead anyway and the entry disappears by itself.
+//! - Both stores must be seeded ([`RevocationStore::seed`], even with an
+//!   empty list) before `register`/`revoke` work on Redis: an unseeded Redis
+//!   is one that lost its data, and issuing against it would forget
+//!   revocations. [`MemoryStore`] is born seeded.
+//!
+//! # Redis key layout (prefix `p`)
+//!
+//! | key | type | content | expiry |
+//! |---|---|---|---|
+//! | `p:cred:{id}` | hash | `k` kind, `t` task, `a` agent, `n` node, `p` parent, `e` expiry (absent fields omitted) | `EXPIREAT` expiry |
+//! | `p:task:{task}`, `p:agent:{spiffe}`, `p:node:{spiffe}`, `p:children:{id}` | set of ids | index | pushed out to the max expiry of its members |
+//! | `p:revoked:{id}` | string, the kind | deny entry | `EXPIREAT` the credential's expiry |
+//! | `p:revoked-task:{task}` | string | task tombstone: refuses new registrations | max expiry of the task's credentials |
+//! | `p:revoked-index` | sorted set id -> expiry | what a follower loads on a full resync (`ZRANGE BYSCORE now +inf`) | members pruned on each revoke/seed |
+//! | `p:revocations` | stream | `t=revoke`, `r="exp id\nexp id…"`, `why`; `t=hb`; `t=seed`, `epoch` | trimmed with `MINID ~` to [`STREAM_RETENTION_SECS`] (1 h) on every `XADD` |
+//! | `p:epoch` | string | random, set by the first `seed` | none: if it is gone, Redis lost its data |
+//!
+//! `register` is one `EVALSHA` round trip (the script does `HSET` +
+//! `EXPIREAT` for the record and `SADD` + `EXPIRETIME`/`EXPIREAT` per index
+//! set: 11 server-side commands for a record with task, agent, node and
+//! parent). `revoke` is one `EVALSHA` that resolves, marks (`SET … EXAT`,
+//! `ZADD`) and `XADD`s one stream entry, so it is atomic. Ids must be
+//! non-empty, at most [`MAX_ID_LEN`] bytes, without whitespace or control
+//! characters (the stream entry separates ids with spaces and newlines).
+//!
+//! Measured memory (Redis 7.0, jemalloc, `MEMORY USAGE` of the record, its
+//! share of the index sets; run `cargo test -p baton-revocation --release --
+//! --ignored bench --nocapture`): about 300 bytes of keys per live token
+//! registered with task, agent, node and parent (record hash ~100–130 B,
+//! index set entries ~40–60 B each), and ~70 B per revoked id (deny key +
+//! index member). See the crate README section in the report of the bench.
+//!
+//! # Requirements and limits of the Redis backend
+//!
+//! - Redis 7.0 or newer (`EXPIRETIME`, `SET … EXAT`, `XADD … MINID`,
+//!   `XINFO STREAM` `max-deleted-entry-id`).
+//! - URLs: `redis://[user:pass@]host:port/db` and `unix://`. ACL users work
+//!   through the URL. `rediss://` (TLS) needs a TLS feature of the `redis`
+//!   crate (`tokio-rustls-comp`) that this workspace does not enable yet:
+//!   [`RedisStore::connect`] refuses such URLs with a clear error rather
+//!   than silently connecting in clear text.
+//! - Cluster: not supported. The scripts compute key names at run time
+//!   (not declared in `KEYS`), which Redis Cluster forbids across slots; a
+//!   prefix written as a hash tag (`{baton}`) puts every key in one slot,
+//!   but the `redis` crate's cluster client is not enabled here and this
+//!   has not been tested. Sentinel: the crate has a `sentinel` feature, not
+//!   enabled here; point the URL at the current primary instead.
+//! - Redis must be the fast path, not the record: a Redis without
+//!   persistence forgets everything on restart. [`RevocationStore::health`]
+//!   reports it (the epoch is gone), followers treat it as stale (fail
+//!   closed) and the service must [`RevocationStore::seed`] again from its
+//!   durable log.
+
+mod feed;
+mod memory;
+mod redis_store;
+
+use std::fmt;
+
+use async_trait::async_trait;
+use baton_core::{SpiffeId, TaskId};
+
+pub use feed::{FeedHandle, FeedOptions, FeedStatus, Heartbeat, RevocationFeed};
+pub use memory::MemoryStore;
+pub use redis_store::RedisStore;
+
+/// Longest credential id accepted.
+pub const MAX_ID_LEN: usize = 512;
+/// How long revocation and heartbeat entries stay in the stream. A follower
+/// that was away longer than this does a full resync.
+pub const STREAM_RETENTION_SECS: u64 = 3600;
+
+/// What kind of credential an id names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CredKind {
+    /// An X509-SVID, by serial number (hex).
+    X509Svid,
+    /// A delegation token, by `jti`.
+    Token,
+    /// A handoff grant, by digest.
+    Grant,
+    /// A JIT secret lease, by lease id.
+    SecretLease,
+}
+
+impl CredKind {
+    /// The short code stored in Redis.
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::X509Svid => "x509",
+            Self::Token => "token",
+            Self::Grant => "grant",
+            Self::SecretLease => "lease",
+        }
+    }
+
+    /// Parses [`CredKind::code`].
+    pub fn from_code(code: &str) -> Option<Self> {
+        match code {
+            "x509" => Some(Self::X509Svid),
+            "token" => Some(Self::Token),
+            "grant" => Some(Self::Grant),
+            "lease" => Some(Self::SecretLease),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for CredKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.code())
+    }
+}
+
+/// One issued credential, as the broker registers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialRecord {
+    /// Serial hex, token `jti`, grant digest or lease id.
+    pub id: String,
+    pub kind: CredKind,
+    pub task: Option<TaskId>,
+    pub agent: Option<SpiffeId>,
+    /// The node daemon it was issued through.
+    pub node: Option<SpiffeId>,
+    /// The credential it was minted from (a child token's parent `jti`).
+    pub parent: Option<String>,
+    /// Unix seconds; the credential is dead at `now >= expires_at`.
+    pub expires_at: u64,
+}
+
+/// A credential a revocation covered.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Revoked {
+    pub id: String,
+    pub kind: CredKind,
+    pub expires_at: u64,
+}
+
+/// What to revoke.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// One credential (and what was minted from it).
+    Credential(String),
+    /// Every credential of the task.
+    Task(TaskId),
+    /// A credential and everything minted from it, transitively.
+    Subtree(String),
+    /// Every credential of that agent across all tasks.
+    Agent(SpiffeId),
+    /// Every credential issued through that node.
+    Node(SpiffeId),
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Credential(id) => write!(f, "credential {id}"),
+            Self::Task(t) => write!(f, "task {}", t.as_str()),
+            Self::Subtree(id) => write!(f, "subtree of {id}"),
+            Self::Agent(a) => write!(f, "agent {a}"),
+            Self::Node(n) => write!(f, "node {n}"),
+        }
+    }
+}
+
+/// What [`RevocationStore::health`] reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    /// The store's epoch; empty when there is none.
+    pub epoch: String,
+    /// The store has no epoch: it lost its data (or was never seeded) and
+    /// must be [`RevocationStore::seed`]ed before it is trusted.
+    pub empty_since_seed: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RevocationError {
+    #[error("nothing to revoke: {target} matches no live registered credential")]
+    Unknown { target: String },
+    #[error("credential {id} expired at {expires_at} (now {now}): not registered")]
+    Expired {
+        id: String,
+        expires_at: u64,
+        now: u64,
+    },
+    #[error("credential {id} is already revoked")]
+    AlreadyRevoked { id: String },
+    #[error("credential {id} was minted from {parent}, which is revoked")]
+    ParentRevoked { id: String, parent: String },
+    #[error("credential {id} belongs to task {task}, which is revoked")]
+    TaskRevoked { id: String, task: String },
+    #[error("invalid credential id {id:?}: {why}")]
+    InvalidId { id: String, why: &'static str },
+    #[error(
+        "the store has no epoch: it lost its data or was never seeded; seed it from the durable log first"
+    )]
+    NotSeeded,
+    #[error("unsupported Redis URL: {0}")]
+    Url(String),
+    #[error("Redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("unexpected Redis reply: {0}")]
+    Protocol(String),
+}
+
+/// The store that kills credentials.
+#[async_trait]
+pub trait RevocationStore: Send + Sync + fmt::Debug {
+    /// Remembers `rec` until it expires. Refuses an expired record and
+    /// anything under a revoked parent or task.
+    async fn register(&self, rec: &CredentialRecord, now: u64) -> Result<(), RevocationError>;
+    /// Revokes what `target` covers, atomically; returns it.
+    async fn revoke(
+        &self,
+        target: &Target,
+        reason: &str,
+        now: u64,
+    ) -> Result<Vec<Revoked>, RevocationError>;
+    /// Whether `id` is revoked and not yet expired.
+    async fn is_revoked(&self, id: &str, now: u64) -> Result<bool, RevocationError>;
+    /// Restores revoked ids (from the durable log) after the store lost its
+    /// data; sets the epoch if there is none. Expired entries are skipped.
+    async fn seed(&self, revoked: &[Revoked], now: u64) -> Result<(), RevocationError>;
+    async fn health(&self) -> Result<Health, RevocationError>;
+}
+
+pub(crate) fn validate_id(id: &str) -> Result<(), RevocationError> {
+    let why = if id.is_empty() {
+        "empty"
+    } else if id.len() > MAX_ID_LEN {
+        "too long"
+    } else if id.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        "contains whitespace or control characters"
+    } else {
+        return Ok(());
+    };
+    Err(RevocationError::InvalidId {
+        id: id.chars().take(64).collect(),
+        why,
+    })
+}
+
+pub(crate) fn validate_record(rec: &CredentialRecord, now: u64) -> Result<(), RevocationError> {
+    validate_id(&rec.id)?;
+    if let Some(p) = &rec.parent {
+        validate_id(p)?;
+    }
+    if rec.expires_at <= now {
+        return Err(RevocationError::Expired {
+            id: rec.id.clone(),
+            expires_at: rec.expires_at,
+            now,
+        });
+    }
+    Ok(())
+}
+
+/// Unix seconds from the system clock, for the background tasks that have
+/// no caller to pass time in.
+pub fn system_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
