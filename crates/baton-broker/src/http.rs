@@ -103,6 +103,42 @@ fn node_auth(
     broker.authenticate_node(peer.as_ref().and_then(|p| p.0.as_ref()))
 }
 
+/// `POST /v1/node/<route>`: an attested node (mTLS) sends a JSON `Req`.
+fn node_post<Req, Resp, F>(
+    broker: Arc<Broker>,
+    route: &'static str,
+    handle: F,
+) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone + Send + Sync + 'static
+where
+    Req: DeserializeOwned + Send + 'static,
+    Resp: Serialize + Send + 'static,
+    F: Fn(&Broker, &AuthenticatedNode, Req, SystemTime) -> Result<Resp, BrokerError>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+{
+    warp::path("v1")
+        .and(warp::path("node"))
+        .and(warp::path(route))
+        .and(warp::path::end())
+        .and(warp::post())
+        .and(with_broker(broker))
+        .and(peer())
+        .and(json_body())
+        .and_then(
+            move |broker: Arc<Broker>, peer: Option<PeerIdentity>, body: Bytes| {
+                let handle = handle.clone();
+                async move {
+                    respond(node_auth(&broker, peer).and_then(|node| {
+                        let req = parse_body::<Req>(&body)?;
+                        handle(&broker, &node, req, SystemTime::now())
+                    }))
+                }
+            },
+        )
+}
+
 /// Routes served on the broker's HTTPS port.
 pub fn node_routes(
     broker: Arc<Broker>,
@@ -137,19 +173,11 @@ pub fn node_routes(
                     .and_then(|req| broker.attest(&req, SystemTime::now())),
             )
         });
-    let renew = warp::path!("v1" / "node" / "renew")
-        .and(warp::post())
-        .and(b())
-        .and(peer())
-        .and(json_body())
-        .and_then(
-            |broker: Arc<Broker>, peer: Option<PeerIdentity>, body: Bytes| async move {
-                respond(node_auth(&broker, peer).and_then(|node| {
-                    let req = parse_body::<RenewRequest>(&body)?;
-                    broker.renew(&node, &req.csr_der, SystemTime::now())
-                }))
-            },
-        );
+    let renew = node_post(
+        broker.clone(),
+        "renew",
+        |b, node, req: RenewRequest, now| b.renew(node, &req.csr_der, now),
+    );
     let sync = warp::path!("v1" / "node" / "sync")
         .and(warp::get())
         .and(b())
@@ -159,32 +187,16 @@ pub fn node_routes(
                 respond(node_auth(&broker, peer).and_then(|node| broker.sync(&node)))
             },
         );
-    let sign_x509 = warp::path!("v1" / "node" / "sign-x509")
-        .and(warp::post())
-        .and(b())
-        .and(peer())
-        .and(json_body())
-        .and_then(
-            |broker: Arc<Broker>, peer: Option<PeerIdentity>, body: Bytes| async move {
-                respond(node_auth(&broker, peer).and_then(|node| {
-                    let req = parse_body::<SignX509Request>(&body)?;
-                    broker.sign_x509(&node, &req, SystemTime::now())
-                }))
-            },
-        );
-    let sign_jwt = warp::path!("v1" / "node" / "sign-jwt")
-        .and(warp::post())
-        .and(b())
-        .and(peer())
-        .and(json_body())
-        .and_then(
-            |broker: Arc<Broker>, peer: Option<PeerIdentity>, body: Bytes| async move {
-                respond(node_auth(&broker, peer).and_then(|node| {
-                    let req = parse_body::<SignJwtRequest>(&body)?;
-                    broker.sign_jwt(&node, &req, SystemTime::now())
-                }))
-            },
-        );
+    let sign_x509 = node_post(
+        broker.clone(),
+        "sign-x509",
+        |b, node, req: SignX509Request, now| b.sign_x509(node, &req, now),
+    );
+    let sign_jwt = node_post(
+        broker.clone(),
+        "sign-jwt",
+        |b, node, req: SignJwtRequest, now| b.sign_jwt(node, &req, now),
+    );
     let health = warp::path!("healthz")
         .and(warp::get())
         .map(|| warp::reply::json(&serde_json::json!({"status": "ok"})).into_response());
