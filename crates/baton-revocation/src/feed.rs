@@ -6,9 +6,9 @@
 //! keeps entries while the reader is away). It does a full resync — one
 //! `MULTI` reading the epoch, the stream's newest id and the
 //! `p:revoked-index` sorted set from `now` on — at start, when the epoch
-//! changed (Redis lost its data and was re-seeded), when `XINFO STREAM`
-//! says entries after its last id were trimmed (`max-deleted-entry-id`), or
-//! when the stream vanished. While the epoch is missing it trusts nothing:
+//! changed (Redis lost its data and was re-seeded), when its last entry was
+//! trimmed away and newer ones exist (it may have missed some), or when the
+//! stream vanished. While the epoch is missing it trusts nothing:
 //! the status is stale until the service re-seeds.
 
 use std::collections::HashMap;
@@ -290,12 +290,27 @@ impl Follower {
         }
     }
 
-    /// Whether entries after our last id were trimmed, or the stream is gone.
+    /// Whether entries after our last id may have been trimmed, or the
+    /// stream is gone. Trimming removes from the front, so while our last
+    /// entry is still there nothing after it is missing; once it is gone we
+    /// resync unless nothing was added after it. (`max-deleted-entry-id`
+    /// does not help: Redis 7.0 updates it on `XDEL`, not on trimming.)
     async fn gap(&self, conn: &mut MultiplexedConnection) -> Result<bool, redis::RedisError> {
         let Some(last) = self.last_id.as_deref() else {
             return Ok(true);
         };
         let stream = self.key("revocations");
+        if last != "0-0" {
+            let own: Value = redis::cmd("XRANGE")
+                .arg(&stream)
+                .arg(last)
+                .arg(last)
+                .query_async(conn)
+                .await?;
+            if matches!(&own, Value::Array(a) if !a.is_empty()) {
+                return Ok(false);
+            }
+        }
         let exists: i64 = redis::cmd("EXISTS").arg(&stream).query_async(conn).await?;
         if exists == 0 {
             return Ok(last != "0-0");
@@ -305,8 +320,16 @@ impl Follower {
             .arg(&stream)
             .query_async(conn)
             .await?;
-        let max_deleted = field(&info, "max-deleted-entry-id");
-        Ok(max_deleted.is_some_and(|d| parse_id(&d) > parse_id(last)))
+        if last == "0-0" {
+            let num = |k| {
+                field(&info, k)
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            return Ok(num("entries-added") > num("length"));
+        }
+        let newest = field(&info, "last-generated-id").unwrap_or_default();
+        Ok(parse_id(&newest) > parse_id(last))
     }
 
     async fn resync(&mut self, conn: &mut MultiplexedConnection) -> Result<(), redis::RedisError> {

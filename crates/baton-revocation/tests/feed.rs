@@ -1,0 +1,217 @@
+//! The verifier-side follower against a real redis-server: delivery,
+//! resume after a killed connection, resync after trimming, staleness.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::Duration;
+
+use baton_revocation::{
+    FeedHandle, FeedOptions, FeedStatus, Heartbeat, RedisStore, RevocationFeed, RevocationStore,
+    Target, system_now,
+};
+use baton_verify::RevocationCheck;
+use common::{RedisServer, eventually, rec, task};
+
+fn opts() -> FeedOptions {
+    FeedOptions {
+        stale_after: Duration::from_secs(2),
+        heartbeat_every: Duration::from_millis(200),
+        ..FeedOptions::default()
+    }
+}
+
+async fn setup() -> (RedisServer, RedisStore, FeedHandle) {
+    let srv = RedisServer::start();
+    let store = RedisStore::connect(&srv.url(), "bt").await.unwrap();
+    store.seed(&[], system_now()).await.unwrap();
+    let feed = RevocationFeed::spawn(&srv.url(), "bt", opts()).unwrap();
+    eventually("first resync", 10, || {
+        feed.status(system_now()) == FeedStatus::Fresh
+    })
+    .await;
+    (srv, store, feed)
+}
+
+async fn kill_feed_connection(store: &RedisStore) {
+    let list = store.raw(redis::cmd("CLIENT").arg("LIST")).await.unwrap();
+    let text = match list {
+        redis::Value::BulkString(b) => String::from_utf8(b).unwrap(),
+        redis::Value::VerbatimString { text, .. } => text,
+        other => panic!("{other:?}"),
+    };
+    let line = text
+        .lines()
+        .find(|l| l.contains("name=baton-revocation-feed"))
+        .expect("feed connection listed");
+    let id = line
+        .split(' ')
+        .find_map(|f| f.strip_prefix("id="))
+        .unwrap()
+        .to_owned();
+    store
+        .raw(redis::cmd("CLIENT").arg("KILL").arg("ID").arg(id))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn follower_sees_revocations_and_resumes_after_kill() {
+    let (_srv, store, feed) = setup().await;
+    let now = system_now();
+    let t = task(1);
+    for (id, parent) in [("a", None), ("b", Some("a")), ("c", Some("b")), ("x", None)] {
+        store
+            .register(&rec(id, Some(t.clone()), "agent/a", parent, now + 600), now)
+            .await
+            .unwrap();
+    }
+    assert!(!RevocationCheck::is_revoked(&feed, "a", &t));
+    store
+        .revoke(&Target::Subtree("a".into()), "test", now)
+        .await
+        .unwrap();
+    eventually("a, b, c revoked locally", 10, || {
+        ["a", "b", "c"]
+            .iter()
+            .all(|id| feed.contains(id, system_now()))
+    })
+    .await;
+    assert!(RevocationCheck::is_revoked(&feed, "c", &t));
+    assert!(!RevocationCheck::is_revoked(&feed, "x", &t));
+    let resyncs = feed.resyncs();
+
+    kill_feed_connection(&store).await;
+    // Revoked while the follower is (probably) reconnecting: the stream keeps it.
+    store
+        .revoke(&Target::Credential("x".into()), "test", now)
+        .await
+        .unwrap();
+    eventually("x after reconnect", 10, || feed.contains("x", system_now())).await;
+    assert_eq!(
+        feed.resyncs(),
+        resyncs,
+        "resumed from its last id, no full resync"
+    );
+}
+
+async fn acl(store: &RedisStore, args: &[&str]) {
+    store.raw(redis::cmd("ACL").arg(args)).await.unwrap();
+}
+
+#[tokio::test]
+async fn follower_resyncs_after_the_stream_was_trimmed() {
+    let srv = RedisServer::start();
+    let store = RedisStore::connect(&srv.url(), "bt").await.unwrap();
+    store.seed(&[], system_now()).await.unwrap();
+    // The follower logs in as its own ACL user, so the test can keep it out
+    // while the store goes on.
+    acl(
+        &store,
+        &["SETUSER", "feeder", "on", ">s3cret", "~*", "+@all"],
+    )
+    .await;
+    let url = format!("redis://feeder:s3cret@127.0.0.1:{}/", srv.port);
+    let feed = RevocationFeed::spawn(&url, "bt", opts()).unwrap();
+    eventually("first resync", 10, || {
+        feed.status(system_now()) == FeedStatus::Fresh
+    })
+    .await;
+    let now = system_now();
+    store
+        .register(&rec("p1", Some(task(1)), "agent/a", None, now + 600), now)
+        .await
+        .unwrap();
+    store
+        .register(&rec("p2", Some(task(2)), "agent/a", None, now + 600), now)
+        .await
+        .unwrap();
+    store.heartbeat(now).await.unwrap();
+    eventually("follower at the heartbeat", 10, || {
+        feed.status(system_now()) == FeedStatus::Fresh
+    })
+    .await;
+    let resyncs = feed.resyncs();
+
+    acl(&store, &["SETUSER", "feeder", "off"]).await;
+    store
+        .raw(redis::cmd("CLIENT").arg("KILL").arg("USER").arg("feeder"))
+        .await
+        .unwrap();
+    // While it is away a revocation happens and the stream is trimmed past
+    // it (an outage longer than the retention window).
+    store
+        .revoke(&Target::Credential("p1".into()), "test", now)
+        .await
+        .unwrap();
+    store
+        .raw(
+            redis::cmd("XTRIM")
+                .arg("bt:revocations")
+                .arg("MAXLEN")
+                .arg(0),
+        )
+        .await
+        .unwrap();
+    store.heartbeat(now).await.unwrap();
+    assert!(!feed.contains("p1", system_now()));
+    acl(&store, &["SETUSER", "feeder", "on"]).await;
+
+    eventually("p1 known after a resync", 10, || {
+        feed.contains("p1", system_now())
+    })
+    .await;
+    assert_eq!(feed.resyncs(), resyncs + 1);
+    assert!(!feed.contains("p2", system_now()));
+}
+
+#[tokio::test]
+async fn stale_when_redis_dies_fresh_after_it_returns_and_is_reseeded() {
+    let (mut srv, store, feed) = setup().await;
+    let _hb = Heartbeat::spawn(store.clone(), Duration::from_millis(200));
+    let now = system_now();
+    store
+        .register(&rec("r1", Some(task(1)), "agent/a", None, now + 600), now)
+        .await
+        .unwrap();
+    let revoked = store
+        .revoke(&Target::Credential("r1".into()), "test", now)
+        .await
+        .unwrap();
+    eventually("r1 revoked", 10, || feed.contains("r1", system_now())).await;
+    let t = task(1);
+    assert!(!RevocationCheck::is_revoked(&feed, "innocent", &t));
+
+    srv.stop();
+    eventually("stale without heartbeats", 10, || {
+        matches!(feed.status(system_now()), FeedStatus::Stale { .. })
+    })
+    .await;
+    // Fail closed: everything is revoked while stale.
+    assert!(RevocationCheck::is_revoked(&feed, "innocent", &t));
+    let lenient = FeedOptions {
+        allow_stale: true,
+        ..opts()
+    };
+    let read_only = RevocationFeed::spawn(&srv.url(), "bt", lenient).unwrap();
+    assert!(!RevocationCheck::is_revoked(&read_only, "innocent", &t));
+
+    // Back, but empty (no persistence): still stale until re-seeded, even
+    // though heartbeats flow again.
+    srv.restart();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(store.health().await.unwrap().empty_since_seed);
+    assert!(matches!(
+        feed.status(system_now()),
+        FeedStatus::Stale { .. }
+    ));
+    assert!(RevocationCheck::is_revoked(&feed, "innocent", &t));
+
+    store.seed(&revoked, system_now()).await.unwrap();
+    eventually("fresh after re-seed", 10, || {
+        feed.status(system_now()) == FeedStatus::Fresh
+    })
+    .await;
+    assert!(feed.contains("r1", system_now()));
+    assert!(!RevocationCheck::is_revoked(&feed, "innocent", &t));
+}
