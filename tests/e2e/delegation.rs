@@ -26,7 +26,29 @@ pub struct World {
 
 impl World {
     pub fn start() -> Self {
-        let c = Cluster::start(Options::default());
+        Self::start_with(None)
+    }
+
+    /// With a Redis URL, the broker keeps revocations there and the tool
+    /// server follows its feed (stale after 2 s).
+    pub fn start_with(redis: Option<&str>) -> Self {
+        let mut opts = Options::default();
+        let mut tool_args: Vec<String> = Vec::new();
+        if let Some(url) = redis {
+            opts.broker_args = vec![];
+            tool_args = vec![
+                "--redis".into(),
+                url.into(),
+                "--stale-after".into(),
+                "2s".into(),
+            ];
+        }
+        let c = Cluster::start_with_broker_args(
+            opts,
+            redis
+                .map(|u| vec!["--redis".to_owned(), u.to_owned()])
+                .unwrap_or_default(),
+        );
         // The tool server's entry first, so it is the default SVID of a
         // process of this uid (the agent answers in entry order).
         c.register("/tools/crm", &[]);
@@ -35,6 +57,7 @@ impl World {
         let ready = c.path("tool.addr");
         let mut cmd = baton();
         cmd.args(["example", "tool-server", "--audience", "crm"])
+            .args(&tool_args)
             .arg("--socket")
             .arg(c.agent_socket())
             .arg("--broker-url")

@@ -97,11 +97,14 @@ pub struct Cluster {
     pub agent: Option<Proc>,
     pub broker_addr: String,
     pub node_id: String,
+    broker_args: Vec<String>,
 }
 
 pub struct Options {
     pub agent_svid_ttl: &'static str,
     pub start_agent: bool,
+    /// Extra arguments for `baton broker` (e.g. `--redis URL`).
+    pub broker_args: Vec<String>,
 }
 
 impl Default for Options {
@@ -109,11 +112,93 @@ impl Default for Options {
         Self {
             agent_svid_ttl: "1h",
             start_agent: true,
+            broker_args: Vec::new(),
         }
     }
 }
 
+/// A throwaway redis-server on a free port, keeping nothing on disk.
+#[derive(Debug)]
+pub struct Redis {
+    pub proc: Proc,
+    pub port: u16,
+    pub url: String,
+    dir: tempfile::TempDir,
+}
+
+impl Redis {
+    pub fn start() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("baton-redis")
+            .tempdir()
+            .unwrap();
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let proc = Self::spawn(dir.path(), port);
+        Redis {
+            proc,
+            port,
+            url: format!("redis://127.0.0.1:{port}"),
+            dir,
+        }
+    }
+
+    fn spawn(dir: &Path, port: u16) -> Proc {
+        let mut cmd = Command::new("redis-server");
+        cmd.args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .arg("--dir")
+        .arg(dir);
+        let p = Proc::spawn("redis", cmd, dir.join("redis.log"));
+        wait_for("redis-server up", Duration::from_secs(20), || {
+            Self::cli_at(port, &["ping"]).contains("PONG").then_some(())
+        });
+        p
+    }
+
+    fn cli_at(port: u16, args: &[&str]) -> String {
+        Command::new("redis-cli")
+            .args(["-p", &port.to_string()])
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+
+    pub fn cli(&self, args: &[&str]) -> String {
+        Self::cli_at(self.port, args)
+    }
+
+    /// Stops the server (its data is gone: nothing is kept on disk).
+    pub fn stop(&mut self) {
+        let _ = self.proc.child.kill();
+        let _ = self.proc.child.wait();
+    }
+
+    /// Starts an empty server again on the same port.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.proc = Self::spawn(self.dir.path(), self.port);
+    }
+}
+
 impl Cluster {
+    /// `start` with extra `baton broker` arguments after the subcommand.
+    pub fn start_with_broker_args(mut opts: Options, args: Vec<String>) -> Self {
+        opts.broker_args = args;
+        Self::start(opts)
+    }
+
     pub fn start(opts: Options) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("baton-e2e")
@@ -125,7 +210,9 @@ impl Cluster {
             agent: None,
             broker_addr: String::new(),
             node_id: String::new(),
+            broker_args: Vec::new(),
         };
+        c.broker_args = opts.broker_args.clone();
         c.start_broker("127.0.0.1:0", opts.agent_svid_ttl);
         if opts.start_agent {
             let token = c.join_token(None);
@@ -164,6 +251,7 @@ impl Cluster {
             agent_svid_ttl,
             "--dev-issuer",
         ])
+        .args(&self.broker_args)
         .arg("--data-dir")
         .arg(self.path("broker"))
         .arg("--admin-socket")

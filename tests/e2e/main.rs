@@ -13,3 +13,4 @@ mod harness;
 mod identity;
 mod refusals;
 mod restart;
+mod revocation;

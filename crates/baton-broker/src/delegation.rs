@@ -26,7 +26,10 @@ use baton_core::{
 use baton_policy::{Engine, HopRequest};
 use baton_verify::{PeerCert, TokenVerifier, VerifiedDelegation};
 
+use baton_revocation::{CredKind, CredentialRecord};
+
 use crate::oidc::{DevIssuer, OidcVerifier};
+use crate::revocation::Revoker;
 use crate::service::{AuthenticatedNode, Broker, BrokerError, CredentialKind, IssuedCredential};
 use crate::tasks::{GrantRecord, GrantRefusal, TaskRecord, TaskStore, TokenRecord};
 
@@ -66,6 +69,7 @@ pub struct Delegation {
     audit: Arc<AuditLog>,
     tokens: TokenVerifier,
     settings: DelegationSettings,
+    revoker: Arc<Revoker>,
 }
 
 fn unix(t: SystemTime) -> u64 {
@@ -115,6 +119,7 @@ impl Delegation {
         audit: Arc<AuditLog>,
         tokens: TokenVerifier,
         settings: DelegationSettings,
+        revoker: Arc<Revoker>,
     ) -> Self {
         Self {
             broker,
@@ -125,6 +130,7 @@ impl Delegation {
             audit,
             tokens,
             settings,
+            revoker,
         }
     }
 
@@ -462,12 +468,15 @@ impl Delegation {
     }
 
     /// Redeems a grant for a workload that `node` attested as `req.spiffe_id`.
+    ///
+    /// Returns the credential and what must be registered with the
+    /// revocation store before it is handed out.
     pub fn redeem(
         &self,
         node: &AuthenticatedNode,
         req: &RedeemRequest,
         now: SystemTime,
-    ) -> Result<TaskCredential, BrokerError> {
+    ) -> Result<(TaskCredential, Vec<CredentialRecord>), BrokerError> {
         let now_s = unix(now);
         // The node may speak only for workloads it serves.
         let entitled = self
@@ -605,13 +614,84 @@ impl Delegation {
             cert_serial: issued.serial_hex.clone(),
         })?;
         tracing::info!(task = %task.id, spiffe_id = %req.spiffe_id, depth = grant.depth, "grant redeemed");
-        Ok(TaskCredential {
-            task_id: task.id,
-            spiffe_id: req.spiffe_id.clone(),
-            cert_chain_der: issued.cert_chain_der,
-            token,
-            expires_at: exp,
+        let parent_jti = grant.parent.as_ref().map(|p| p.jti.clone());
+        let records = vec![
+            CredentialRecord {
+                id: jti.clone(),
+                kind: CredKind::Token,
+                task: Some(task.id.clone()),
+                agent: Some(req.spiffe_id.clone()),
+                node: Some(node.id().clone()),
+                parent: parent_jti,
+                expires_at: exp,
+            },
+            // The certificate hangs under its token: revoking the token's
+            // subtree revokes the certificate too.
+            CredentialRecord {
+                id: issued.serial_hex.clone(),
+                kind: CredKind::X509Svid,
+                task: Some(task.id.clone()),
+                agent: Some(req.spiffe_id.clone()),
+                node: Some(node.id().clone()),
+                parent: Some(jti.clone()),
+                expires_at: exp,
+            },
+        ];
+        Ok((
+            TaskCredential {
+                task_id: task.id,
+                spiffe_id: req.spiffe_id.clone(),
+                cert_chain_der: issued.cert_chain_der,
+                token,
+                expires_at: exp,
+            },
+            records,
+        ))
+    }
+
+    /// A fresh grant for the task's root agent, e.g. after a purpose change
+    /// revoked every credential of the task.
+    pub fn regrant(
+        &self,
+        raw: &str,
+        audience: Vec<String>,
+        now: SystemTime,
+    ) -> Result<HandoffGrant, BrokerError> {
+        let now = unix(now);
+        let task = self.get_task(raw)?;
+        if let Some(why) = task.unusable(now) {
+            return Err(BrokerError::Conflict(format!("task {}: {why}", task.id)));
+        }
+        if audience.is_empty() {
+            return Err(bad("audience", "audience must list at least one value"));
+        }
+        self.new_grant(GrantRecord {
+            task_id: task.id.clone(),
+            target: task.root_agent.clone(),
+            scope: task.scope.clone(),
+            purpose: task.purpose.clone(),
+            purpose_epoch: task.purpose_epoch,
+            audience,
+            depth: 0,
+            parent: None,
+            parent_act: None,
+            justification: None,
+            exp_cap: task.expires_at,
+            expires_at: (now + self.settings.grant_ttl.as_secs()).min(task.expires_at),
+            created_by: None,
         })
+    }
+
+    pub fn trust_domain(&self) -> &baton_core::TrustDomain {
+        self.broker.trust_domain()
+    }
+
+    pub fn revoker(&self) -> &Arc<Revoker> {
+        &self.revoker
+    }
+
+    pub fn task_store(&self) -> &dyn TaskStore {
+        self.tasks.as_ref()
     }
 
     pub fn end_task(&self, raw: &str, now: SystemTime) -> Result<TaskRecord, BrokerError> {

@@ -81,14 +81,22 @@ pub fn node_routes(
         .and(json_body())
         .and_then(
             |broker: Arc<Broker>, d: Arc<Delegation>, id: Option<PeerIdentity>, body: Bytes| async move {
-                respond(
-                    broker
-                        .authenticate_node(id.as_ref().and_then(|p| p.0.as_ref()))
-                        .and_then(|node| {
-                            let req = parse_body::<RedeemRequest>(&body)?;
-                            d.redeem(&node, &req, SystemTime::now())
-                        }),
-                )
+                let minted = broker
+                    .authenticate_node(id.as_ref().and_then(|p| p.0.as_ref()))
+                    .and_then(|node| {
+                        let req = parse_body::<RedeemRequest>(&body)?;
+                        d.redeem(&node, &req, SystemTime::now())
+                    });
+                // Registered with the revocation store before it leaves.
+                let result = match minted {
+                    Ok((cred, records)) => d
+                        .revoker()
+                        .register(&records, crate::oidc::unix_now())
+                        .await
+                        .map(|()| cred),
+                    Err(e) => Err(e),
+                };
+                respond(result)
             },
         );
     let report = warp::path!("v1" / "audit" / "tool-calls")
@@ -143,6 +151,43 @@ struct PurposeBody {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RegrantBody {
+    audience: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeBody {
+    target: crate::revocation::RevokeTarget,
+    #[serde(default = "default_reason")]
+    reason: String,
+}
+
+fn default_reason() -> String {
+    "revoked by an operator".into()
+}
+
+/// Revokes every credential of a task that just ended or changed purpose;
+/// a task with nothing issued yet revokes nothing.
+async fn revoke_task(
+    d: &Delegation,
+    task: &crate::tasks::TaskRecord,
+    reason: &str,
+) -> Result<usize, BrokerError> {
+    let target = baton_revocation::Target::Task(task.id.clone());
+    match d
+        .revoker()
+        .revoke(&target, d.task_store(), reason, crate::oidc::unix_now())
+        .await
+    {
+        Ok(v) => Ok(v.len()),
+        Err(BrokerError::NotFound(_)) => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct DevTokenBody {
     user: String,
     #[serde(default = "default_dev_ttl")]
@@ -184,17 +229,71 @@ pub fn admin_routes(
         .and(warp::post())
         .and(with(d.clone()))
         .and_then(|id: String, d: Arc<Delegation>| async move {
-            respond(d.end_task(&id, SystemTime::now()))
+            let result = match d.end_task(&id, SystemTime::now()) {
+                Ok(task) => revoke_task(&d, &task, "task ended")
+                    .await
+                    .map(|n| serde_json::json!({ "task": task, "revoked": n })),
+                Err(e) => Err(e),
+            };
+            respond(result)
+        });
+    let regrant = warp::path!("v1" / "admin" / "tasks" / String / "grant")
+        .and(warp::post())
+        .and(with(d.clone()))
+        .and(json_body())
+        .and_then(|id: String, d: Arc<Delegation>, body: Bytes| async move {
+            respond(
+                parse_body::<RegrantBody>(&body)
+                    .and_then(|b| d.regrant(&id, b.audience, SystemTime::now())),
+            )
+        });
+    let revoke = warp::path!("v1" / "admin" / "revoke")
+        .and(warp::post())
+        .and(with(d.clone()))
+        .and(json_body())
+        .and_then(|d: Arc<Delegation>, body: Bytes| async move {
+            let result = async {
+                let req = parse_body::<RevokeBody>(&body)?;
+                let target = d
+                    .revoker()
+                    .parse_target(&req.target, d.trust_domain())?;
+                if let baton_revocation::Target::Task(t) = &target {
+                    // A task of this broker, or a clear not-found.
+                    let _ = d.get_task(t.as_str())?;
+                }
+                let revoked = d
+                    .revoker()
+                    .revoke(&target, d.task_store(), &req.reason, crate::oidc::unix_now())
+                    .await?;
+                Ok(serde_json::json!({
+                    "target": target.to_string(),
+                    "revoked": revoked.iter().map(|r| serde_json::json!({"id": r.id, "kind": r.kind.code(), "expires_at": r.expires_at})).collect::<Vec<_>>(),
+                }))
+            }
+            .await;
+            respond(result)
         });
     let purpose = warp::path!("v1" / "admin" / "tasks" / String / "purpose")
         .and(warp::post())
         .and(with(d.clone()))
         .and(json_body())
         .and_then(|id: String, d: Arc<Delegation>, body: Bytes| async move {
-            respond(
-                parse_body::<PurposeBody>(&body)
-                    .and_then(|b| d.set_purpose(&id, &b.purpose, SystemTime::now())),
-            )
+            let result = match parse_body::<PurposeBody>(&body)
+                .and_then(|b| d.set_purpose(&id, &b.purpose, SystemTime::now()))
+            {
+                Ok(task) => d
+                    .revoker()
+                    .revoke_issued(
+                        &task.id,
+                        d.task_store(),
+                        "task purpose changed",
+                        crate::oidc::unix_now(),
+                    )
+                    .await
+                    .map(|v| serde_json::json!({ "task": task, "revoked": v.len() })),
+                Err(e) => Err(e),
+            };
+            respond(result)
         });
     let verify = warp::path!("v1" / "admin" / "audit" / "verify")
         .and(warp::get())
@@ -249,6 +348,10 @@ pub fn admin_routes(
         .or(end)
         .unify()
         .or(purpose)
+        .unify()
+        .or(regrant)
+        .unify()
+        .or(revoke)
         .unify()
         .or(verify)
         .unify()

@@ -14,6 +14,7 @@ pub mod delegation;
 pub mod http;
 pub mod http_delegation;
 pub mod oidc;
+pub mod revocation;
 pub mod service;
 pub mod store;
 pub mod tasks;
@@ -110,6 +111,16 @@ pub struct BrokerConfig {
     pub dev_issuer: bool,
     /// Bounds and the purpose catalogue for tasks and hops.
     pub delegation: delegation::DelegationSettings,
+    /// Where revocations live: in memory (embedded default) or in Redis,
+    /// shared with other brokers and followed by verifiers.
+    pub revocation: RevocationBackend,
+}
+
+/// The revocation store backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RevocationBackend {
+    Memory,
+    Redis { url: String, prefix: String },
 }
 
 impl BrokerConfig {
@@ -140,6 +151,7 @@ impl BrokerConfig {
                 purposes: parse_purposes(DEFAULT_PURPOSES).unwrap_or_default(),
                 ..delegation::DelegationSettings::default()
             },
+            revocation: RevocationBackend::Memory,
         }
     }
 }
@@ -171,6 +183,8 @@ pub enum StartError {
     Audit(#[from] baton_audit::AuditError),
     #[error("OIDC: {0}")]
     Oidc(#[from] oidc::OidcError),
+    #[error("revocation store: {0}")]
+    Revocation(#[from] baton_revocation::RevocationError),
     #[error("{0}")]
     Internal(String),
 }
@@ -279,6 +293,22 @@ pub async fn run(
     if let Some(dev) = &dev_issuer {
         issuers.push(dev.issuer()?);
     }
+    let (store, heartbeat): (Arc<dyn baton_revocation::RevocationStore>, _) = match &cfg.revocation
+    {
+        RevocationBackend::Memory => (Arc::new(baton_revocation::MemoryStore::new()), None),
+        RevocationBackend::Redis { url, prefix } => {
+            let store = baton_revocation::RedisStore::connect(url, prefix).await?;
+            let hb = baton_revocation::Heartbeat::spawn(store.clone(), Duration::from_secs(1));
+            (Arc::new(store), Some(hb))
+        }
+    };
+    let revoker = Arc::new(revocation::Revoker::new(store, sqlite.clone()));
+    // A store that lost its data is re-seeded before anything trusts it.
+    revoker
+        .reseed_if_needed(oidc::unix_now())
+        .await
+        .map_err(|e| StartError::Internal(e.to_string()))?;
+    let reseeder = revoker.spawn_reseeder(Duration::from_secs(2));
     let delegation = Arc::new(delegation::Delegation::new(
         broker.clone(),
         sqlite,
@@ -286,8 +316,10 @@ pub async fn run(
         dev_issuer,
         policy,
         Arc::new(audit),
-        baton_verify::TokenVerifier::for_broker(baton_verify::JwtBundles::new([bundle.clone()])),
+        baton_verify::TokenVerifier::for_broker(baton_verify::JwtBundles::new([bundle.clone()]))
+            .with_revocation(Arc::new(revocation::DurableCheck(revoker.clone()))),
         cfg.delegation.clone(),
+        revoker,
     ));
     if let Some(dir) = &cfg.data_dir {
         std::fs::write(dir.join("bundle.pem"), &bundle_pem).map_err(|source| {
@@ -404,6 +436,8 @@ pub async fn run(
     let _ = stop_tx.send(true);
     let (n, a) = (node.await, admin.await);
     renewer.abort();
+    reseeder.abort();
+    drop(heartbeat);
     let _ = std::fs::remove_file(&cfg.admin_socket);
     for r in [n, a] {
         match r {

@@ -135,6 +135,15 @@ const MIGRATIONS: &[&str] = &[
         report_id TEXT PRIMARY KEY,
         audit_index INTEGER NOT NULL
      );",
+    // 3: durable revocations (the store is re-seeded from here)
+    "CREATE TABLE revocations (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        expires_at INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        at INTEGER NOT NULL
+     );
+     CREATE INDEX revocations_by_expiry ON revocations(expires_at);",
 ];
 
 const ENTRY_COLUMNS: &str =

@@ -104,6 +104,9 @@ pub enum Command {
     Grant(GrantCmd),
     /// Hand part of a task to another agent (a hop), with your task credential.
     Delegate(DelegateArgs),
+    /// Revoke credentials: one, a subtree, a task, an agent (kill switch) or a node.
+    #[command(subcommand)]
+    Revoke(RevokeCmd),
     /// The example of the README: a tool server, a tool client and a queue worker.
     #[command(subcommand)]
     Example(ExampleCmd),
@@ -174,6 +177,13 @@ pub struct BrokerArgs {
     /// Also run the local dev OIDC issuer (tokens via `baton task start --user`). Never in production.
     #[arg(long)]
     pub dev_issuer: bool,
+    /// Revocation store in Redis (redis://, rediss:// for TLS, user:password@ for ACLs),
+    /// shared with other brokers and followed by verifiers. Default: in memory.
+    #[arg(long, env = "BATON_REDIS_URL")]
+    pub redis: Option<String>,
+    /// Key prefix in Redis.
+    #[arg(long, default_value = "baton")]
+    pub redis_prefix: String,
 }
 
 #[derive(Debug, Args)]
@@ -372,12 +382,64 @@ pub enum TaskCmd {
         #[command(flatten)]
         admin: AdminArgs,
     },
-    /// Change a task's purpose: outstanding grants become unusable.
+    /// A fresh grant for the task's root agent (e.g. after a purpose change).
+    Grant {
+        id: String,
+        #[arg(long = "audience", required = true)]
+        audience: Vec<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Change a task's purpose: every credential of the task is revoked;
+    /// the agents need new grants (`baton task grant`).
     SetPurpose {
         id: String,
         purpose: String,
         #[command(flatten)]
         admin: AdminArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct RevokeArgs {
+    /// Why (recorded with the revocation).
+    #[arg(long, default_value = "revoked by an operator")]
+    pub reason: String,
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RevokeCmd {
+    /// One credential (certificate serial or token jti) and what was minted from it.
+    Credential {
+        id: String,
+        #[command(flatten)]
+        args: RevokeArgs,
+    },
+    /// A token and every token and certificate minted from it, transitively.
+    Subtree {
+        id: String,
+        #[command(flatten)]
+        args: RevokeArgs,
+    },
+    /// Every credential of a task.
+    Task {
+        id: String,
+        #[command(flatten)]
+        args: RevokeArgs,
+    },
+    /// Every credential of an agent across all its tasks (kill switch).
+    Agent {
+        spiffe_id: String,
+        #[command(flatten)]
+        args: RevokeArgs,
+    },
+    /// Every credential issued through a node.
+    Node {
+        spiffe_id: String,
+        #[command(flatten)]
+        args: RevokeArgs,
     },
 }
 
@@ -475,6 +537,14 @@ pub enum ExampleCmd {
         /// Spool for tool-call reports not yet delivered to the broker.
         #[arg(long)]
         spool: PathBuf,
+        /// Follow the revocation feed in this Redis (no network call per request).
+        #[arg(long, env = "BATON_REDIS_URL")]
+        redis: Option<String>,
+        #[arg(long, default_value = "baton")]
+        redis_prefix: String,
+        /// Deny every call once the feed has been silent this long.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        stale_after: Duration,
         #[arg(long)]
         ready_file: Option<PathBuf>,
     },
@@ -536,6 +606,7 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
         Command::Audit(cmd) => tasks::audit(cmd).await,
         Command::Grant(cmd) => creds::grant(cmd).await,
         Command::Delegate(args) => creds::delegate(args).await,
+        Command::Revoke(target) => tasks::revoke(target).await,
         Command::Example(cmd) => example::run(cmd).await,
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "baton", &mut std::io::stdout());

@@ -60,6 +60,12 @@ pub async fn broker(args: BrokerArgs) -> Result<()> {
         args.purposes_file.as_deref(),
     )?;
     cfg.dev_issuer = args.dev_issuer;
+    if let Some(url) = &args.redis {
+        cfg.revocation = baton_broker::RevocationBackend::Redis {
+            url: url.clone(),
+            prefix: args.redis_prefix.clone(),
+        };
+    }
     if let (Some(iss), Some(jwks), Some(aud)) =
         (&args.oidc_issuer, &args.oidc_jwks, &args.oidc_audience)
     {

@@ -225,6 +225,14 @@ async fn terminate_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
+/// Where the tool server learns of revocations.
+struct FeedConfig<'a> {
+    redis: Option<&'a str>,
+    prefix: &'a str,
+    stale_after: std::time::Duration,
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn tool_server(
     socket: &str,
     listen: std::net::SocketAddr,
@@ -233,6 +241,7 @@ async fn tool_server(
     policies: Option<&Path>,
     spool: &Path,
     ready_file: Option<&Path>,
+    feed: FeedConfig<'_>,
 ) -> Result<()> {
     // The tool server's own identity comes from the Workload API like any workload's.
     let endpoint = format!("unix:{}", socket_path(socket).display());
@@ -304,7 +313,28 @@ async fn tool_server(
         .context("bundle JSON")?;
     let trust = baton_ca::TrustBundle::from_spiffe_json(&td, &bundle_json)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let verifier = TokenVerifier::new(JwtBundles::new([trust]), audience.to_owned());
+    let mut verifier = TokenVerifier::new(JwtBundles::new([trust]), audience.to_owned());
+    // Revocations arrive on the feed and are checked in memory; a silent
+    // feed denies every call (fail closed).
+    let _feed = match feed.redis {
+        Some(url) => {
+            let handle = baton_revocation::RevocationFeed::spawn(
+                url,
+                feed.prefix,
+                baton_revocation::FeedOptions {
+                    stale_after: feed.stale_after,
+                    ..baton_revocation::FeedOptions::default()
+                },
+            )
+            .map_err(|e| exit(EXIT_REFUSED, format!("--redis: {e}")))?;
+            verifier = verifier.with_revocation(Arc::new(handle.clone()));
+            Some(handle)
+        }
+        None => {
+            tracing::warn!("no --redis: this tool server does not follow revocations");
+            None
+        }
+    };
 
     let engine = load_policies(policies)?;
     let sender = baton_verify::HttpSender::new(
@@ -449,6 +479,9 @@ pub async fn run(cmd: ExampleCmd) -> Result<()> {
             policies,
             spool,
             ready_file,
+            redis,
+            redis_prefix,
+            stale_after,
         } => {
             tool_server(
                 &socket.socket,
@@ -458,6 +491,11 @@ pub async fn run(cmd: ExampleCmd) -> Result<()> {
                 policies.as_deref(),
                 &spool,
                 ready_file.as_deref(),
+                FeedConfig {
+                    redis: redis.as_deref(),
+                    prefix: &redis_prefix,
+                    stale_after,
+                },
             )
             .await
         }

@@ -5,7 +5,9 @@ use baton_core::api::{StartTaskRequest, StartTaskResponse};
 use baton_core::{Purpose, RiskTier, Scope, Secret, SpiffeId};
 
 use crate::admin::AdminClient;
-use crate::cli::{AuditCmd, EXIT_REFUSED, EXIT_VERIFY_FAILED, OutputFormat, TaskCmd, exit};
+use crate::cli::{
+    AuditCmd, EXIT_REFUSED, EXIT_VERIFY_FAILED, OutputFormat, RevokeCmd, TaskCmd, exit,
+};
 use crate::output;
 
 fn refused(field: &str, e: impl std::fmt::Display) -> anyhow::Error {
@@ -153,7 +155,33 @@ pub async fn task(cmd: TaskCmd) -> Result<()> {
                     &serde_json::json!({}),
                 )
                 .await?;
-            print_task(admin.output, &v);
+            match admin.output {
+                OutputFormat::Json => output::json(&v),
+                OutputFormat::Table => {
+                    print_task(admin.output, &v["task"]);
+                    output::line(&format!("Revoked:      {} credential(s)", v["revoked"]));
+                }
+            }
+            Ok(())
+        }
+        TaskCmd::Grant {
+            id,
+            audience,
+            admin,
+        } => {
+            let v: serde_json::Value = AdminClient::new(&admin.admin_socket)?
+                .post(
+                    &format!("/v1/admin/tasks/{}/grant", task_segment(&id)?),
+                    &serde_json::json!({ "audience": audience }),
+                )
+                .await?;
+            match admin.output {
+                OutputFormat::Json => output::json(&v),
+                OutputFormat::Table => {
+                    output::line(&format!("Grant:   {}", v["grant"].as_str().unwrap_or("-")));
+                    output::line(&format!("Target:  {}", v["target"].as_str().unwrap_or("-")));
+                }
+            }
             Ok(())
         }
         TaskCmd::SetPurpose { id, purpose, admin } => {
@@ -164,10 +192,38 @@ pub async fn task(cmd: TaskCmd) -> Result<()> {
                     &serde_json::json!({ "purpose": purpose }),
                 )
                 .await?;
-            print_task(admin.output, &v);
+            print_task(admin.output, &v["task"]);
             Ok(())
         }
     }
+}
+
+pub async fn revoke(cmd: RevokeCmd) -> Result<()> {
+    let (target, args) = match cmd {
+        RevokeCmd::Credential { id, args } => (serde_json::json!({ "credential": id }), args),
+        RevokeCmd::Subtree { id, args } => (serde_json::json!({ "subtree": id }), args),
+        RevokeCmd::Task { id, args } => (serde_json::json!({ "task": id }), args),
+        RevokeCmd::Agent { spiffe_id, args } => (serde_json::json!({ "agent": spiffe_id }), args),
+        RevokeCmd::Node { spiffe_id, args } => (serde_json::json!({ "node": spiffe_id }), args),
+    };
+    let (reason, admin) = (args.reason, args.admin);
+    let v: serde_json::Value = AdminClient::new(&admin.admin_socket)?
+        .post(
+            "/v1/admin/revoke",
+            &serde_json::json!({ "target": target, "reason": reason }),
+        )
+        .await?;
+    match admin.output {
+        OutputFormat::Json => output::json(&v),
+        OutputFormat::Table => {
+            let n = v["revoked"].as_array().map_or(0, Vec::len);
+            output::line(&format!(
+                "revoked {n} credential(s) for {}",
+                v["target"].as_str().unwrap_or("-")
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn task_segment(id: &str) -> Result<String> {

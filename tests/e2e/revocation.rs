@@ -1,0 +1,225 @@
+//! Revocation through a real redis-server: ending a task, changing its
+//! purpose and the agent kill switch reach the tool server's feed and stop
+//! the credentials; FLUSHALL and a Redis restart bring nothing back; with
+//! Redis down the broker refuses issuance and the verifier fails closed,
+//! then both recover by themselves.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::delegation::{PLANNER, RESEARCHER, World};
+use crate::harness::{Redis, wait_for};
+
+const READ: &[&str] = &["tool:crm.search:read", "dataset:crm:read"];
+
+/// A task whose planner handed search to the researcher; returns (task, planner, researcher).
+fn chain(w: &World, tag: &str) -> (String, PathBuf, PathBuf) {
+    let (task, grant) = w.start_task(READ, "2", "10m", "read");
+    let planner = w.redeem(&grant, PLANNER, &format!("{tag}-planner"));
+    let hop = w.delegate(&planner, RESEARCHER, READ, &[]);
+    assert!(
+        hop.status.success(),
+        "{}",
+        String::from_utf8_lossy(&hop.stderr)
+    );
+    let g: serde_json::Value = serde_json::from_slice(&hop.stdout).unwrap();
+    let researcher = w.redeem(
+        g["grant"].as_str().unwrap(),
+        RESEARCHER,
+        &format!("{tag}-researcher"),
+    );
+    (task, planner, researcher)
+}
+
+fn works(w: &World, cred: &Path) -> bool {
+    let out = w.call(cred, "crm.search");
+    if !out.status.success() {
+        eprintln!(
+            "call refused: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    out.status.success()
+}
+
+fn refused_with(w: &World, cred: &Path, what: &str) -> bool {
+    let out = w.call(cred, "crm.search");
+    !out.status.success() && String::from_utf8_lossy(&out.stderr).contains(what)
+}
+
+#[test]
+fn task_end_purpose_change_and_kill_switch() {
+    let redis = Redis::start();
+    let w = World::start_with(Some(&redis.url));
+
+    // Task end: the researcher's credential (and the planner's) die at the
+    // verifier; another task's credentials keep working.
+    let (t1, p1, r1) = chain(&w, "t1");
+    let (_t2, _p2, r2) = chain(&w, "t2");
+    // The tool server trusts its feed once it has synced.
+    wait_for(
+        "a fresh feed at the tool server",
+        Duration::from_secs(20),
+        || works(&w, &r1).then_some(()),
+    );
+    assert!(works(&w, &r2));
+    let ended = w.json(&["task", "end", &t1, "-o", "json"]);
+    assert!(ended["revoked"].as_u64().unwrap() >= 4, "{ended}");
+    wait_for(
+        "task end reaches the verifier",
+        Duration::from_secs(10),
+        || refused_with(&w, &r1, "revoked").then_some(()),
+    );
+    assert!(
+        works(&w, &r2),
+        "another task's credential must keep working"
+    );
+    let out = w.delegate(&p1, RESEARCHER, READ, &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "the ended task's planner cannot hop"
+    );
+
+    // Purpose change: old credentials rejected; new grants work again.
+    let (t3, p3, r3) = chain(&w, "t3");
+    w.ok(&["task", "set-purpose", &t3, "support.case-update"]);
+    wait_for(
+        "purpose change reaches the verifier",
+        Duration::from_secs(10),
+        || refused_with(&w, &r3, "revoked").then_some(()),
+    );
+    let hop = w.delegate(&p3, RESEARCHER, READ, &[]);
+    assert_eq!(hop.status.code(), Some(2), "old credentials cannot hop");
+    let g = w.json(&["task", "grant", &t3, "--audience", "crm", "-o", "json"]);
+    let p3b = w.redeem(g["grant"].as_str().unwrap(), PLANNER, "t3-planner-again");
+    let hop = w.delegate(
+        &p3b,
+        RESEARCHER,
+        READ,
+        &["--purpose", "support.case-update"],
+    );
+    assert!(
+        hop.status.success(),
+        "{}",
+        String::from_utf8_lossy(&hop.stderr)
+    );
+    let g: serde_json::Value = serde_json::from_slice(&hop.stdout).unwrap();
+    let r3b = w.redeem(
+        g["grant"].as_str().unwrap(),
+        RESEARCHER,
+        "t3-researcher-again",
+    );
+    assert!(
+        works(&w, &r3b),
+        "the same agents work again after new grants"
+    );
+
+    // Kill switch: the researcher, across three tasks.
+    let rs: Vec<PathBuf> = (0..3).map(|i| chain(&w, &format!("k{i}")).2).collect();
+    for r in &rs {
+        assert!(works(&w, r));
+    }
+    let v = w.json(&[
+        "revoke",
+        "agent",
+        RESEARCHER,
+        "--reason",
+        "rogue agent",
+        "-o",
+        "json",
+    ]);
+    assert!(v["revoked"].as_array().unwrap().len() >= 6, "{v}");
+    for r in &rs {
+        wait_for(
+            "kill switch reaches the verifier",
+            Duration::from_secs(10),
+            || refused_with(&w, r, "revoked").then_some(()),
+        );
+    }
+
+    // Bad input: clear errors, nothing changed.
+    for (args, want) in [
+        (
+            vec!["revoke", "credential", "no-such-id"],
+            "nothing to revoke",
+        ),
+        (
+            vec!["revoke", "credential", "bad id!"],
+            "not a credential id",
+        ),
+        (vec!["revoke", "task", "task-xyz"], "task"),
+        (
+            vec!["revoke", "agent", "spiffe://other.org/agents/x"],
+            "another trust domain",
+        ),
+    ] {
+        let err = w.refused(&args);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn flushall_and_restart_bring_nothing_back_and_redis_down_fails_closed() {
+    let mut redis = Redis::start();
+    let w = World::start_with(Some(&redis.url));
+    let (t1, _p1, r1) = chain(&w, "a");
+    let (_t2, _p2, r2) = chain(&w, "b");
+    w.ok(&["task", "end", &t1]);
+    wait_for(
+        "revocation at the verifier",
+        Duration::from_secs(10),
+        || refused_with(&w, &r1, "revoked").then_some(()),
+    );
+
+    // FLUSHALL: the broker re-seeds from its durable log; the revoked
+    // credential never works again, the live one recovers.
+    assert!(redis.cli(&["FLUSHALL"]).contains("OK"));
+    wait_for(
+        "live credential works after re-seed",
+        Duration::from_secs(20),
+        || works(&w, &r2).then_some(()),
+    );
+    assert!(
+        !works(&w, &r1),
+        "a revoked credential came back after FLUSHALL"
+    );
+
+    // Redis down: the broker refuses issuance with a clear error; the
+    // verifier denies once the feed is stale.
+    redis.stop();
+    let (task, grant) = w.start_task(READ, "2", "10m", "read");
+    let _ = task;
+    let out = w.run(&[
+        "grant",
+        "redeem",
+        "--grant",
+        &grant,
+        "--spiffe-id",
+        PLANNER,
+        "--out",
+        w.c.path("while-down").to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("revocation service unavailable"),
+        "{err}"
+    );
+    wait_for(
+        "verifier fails closed on a stale feed",
+        Duration::from_secs(15),
+        || (!works(&w, &r2)).then_some(()),
+    );
+
+    // Redis back, empty: everything recovers by itself; nothing revoked returns.
+    redis.restart();
+    wait_for(
+        "recovery after Redis returns",
+        Duration::from_secs(30),
+        || works(&w, &r2).then_some(()),
+    );
+    assert!(
+        !works(&w, &r1),
+        "a revoked credential came back after a Redis restart"
+    );
+}
