@@ -14,3 +14,4 @@ mod identity;
 mod refusals;
 mod restart;
 mod revocation;
+mod tls_resumption;
