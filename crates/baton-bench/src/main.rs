@@ -15,6 +15,7 @@ mod cluster;
 mod delegation;
 mod issuance;
 mod limits;
+mod revocation;
 mod stats;
 mod workload;
 
@@ -41,6 +42,13 @@ enum Cmd {
     /// verification at a tool server, Cedar per call, audit appends and
     /// verification, each next to a same-run limit or its target.
     Delegation(delegation::Args),
+    /// Revocation on a private redis-server: propagation to followers
+    /// (in-process and separate processes) against a same-run PING, cascade
+    /// of a 10,000-credential task tree, memory and commands per credential.
+    Revocation(revocation::Args),
+    /// Internal: one feed follower for `revocation`, driven over stdin/stdout.
+    #[command(hide = true)]
+    RevocationFollower(revocation::FollowerArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -56,6 +64,8 @@ fn main() -> anyhow::Result<()> {
             Cmd::Cfssl(a) => cfssl::run(a).await,
             Cmd::Workload(a) => workload::run(a).await,
             Cmd::Delegation(a) => delegation::run(a).await,
+            Cmd::Revocation(a) => revocation::run(a).await,
+            Cmd::RevocationFollower(a) => revocation::follower(a).await,
         }
     })
 }
