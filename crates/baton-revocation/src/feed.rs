@@ -183,6 +183,13 @@ impl FeedHandle {
     }
 }
 
+/// Fresh when the follower heard from Redis within `stale_after`.
+impl baton_verify::RevocationFreshness for FeedHandle {
+    fn is_fresh(&self, now: u64) -> bool {
+        self.status(now) == FeedStatus::Fresh
+    }
+}
+
 /// Revoked, or unknown because the feed is stale (unless `allow_stale`):
 /// fail closed.
 impl RevocationCheck for FeedHandle {

@@ -148,6 +148,8 @@ pub enum CallDenied {
     PolicyError { errors: Vec<String> },
     #[error("the call could not be recorded in the audit spool, so it is denied: {0}")]
     AuditUnavailable(String),
+    #[error("the revocation feed is stale, so {tier}-tier calls are denied until it recovers")]
+    RevocationStale { tier: RiskTier },
 }
 
 impl CallDenied {
@@ -156,6 +158,7 @@ impl CallDenied {
         match self {
             CallDenied::Expired { .. } => "expired",
             CallDenied::OutOfScope { .. } => "out_of_scope",
+            CallDenied::RevocationStale { .. } => "revocation_stale",
             CallDenied::OverCeiling { .. } => "over_ceiling",
             CallDenied::PolicyDenied { .. } => "policy_denied",
             CallDenied::PolicyError { .. } => "policy_error",

@@ -116,6 +116,18 @@ impl CallPolicy for baton_policy::Engine {
 pub struct ToolGate {
     policy: Arc<dyn CallPolicy>,
     reporter: Option<Reporter>,
+    freshness: Option<Freshness>,
+}
+
+/// Whether the local revocation set is current (e.g. a revocation feed that
+/// heard from its source recently).
+pub trait RevocationFreshness: Send + Sync {
+    fn is_fresh(&self, now: u64) -> bool;
+}
+
+struct Freshness {
+    source: Arc<dyn RevocationFreshness>,
+    read_allows_stale: bool,
 }
 
 impl fmt::Debug for ToolGate {
@@ -130,7 +142,26 @@ impl ToolGate {
     /// `reporter: None` reports nothing (tests, or a tool server whose
     /// calls are audited elsewhere).
     pub fn new(policy: Arc<dyn CallPolicy>, reporter: Option<Reporter>) -> Self {
-        Self { policy, reporter }
+        Self {
+            policy,
+            reporter,
+            freshness: None,
+        }
+    }
+
+    /// Denies calls while the revocation set is stale: always for the
+    /// sensitive tiers (write, delete, purchase, export), and for read-only
+    /// tools unless `read_allows_stale`.
+    pub fn with_revocation_freshness(
+        mut self,
+        source: Arc<dyn RevocationFreshness>,
+        read_allows_stale: bool,
+    ) -> Self {
+        self.freshness = Some(Freshness {
+            source,
+            read_allows_stale,
+        });
+        self
     }
 
     /// Authorizes `tool` with `input` for the holder of `d` at unix time `now`.
@@ -205,6 +236,12 @@ impl ToolGate {
                 exp: d.expires_at(),
                 now,
             });
+        }
+        if let Some(f) = &self.freshness
+            && (tool.tier.is_sensitive() || !f.read_allows_stale)
+            && !f.source.is_fresh(now)
+        {
+            return Err(CallDenied::RevocationStale { tier: tool.tier });
         }
         if !d.scope().allows(&tool.requires) {
             return Err(CallDenied::OutOfScope {

@@ -51,7 +51,9 @@ mod token;
 
 pub use bundles::JwtBundles;
 pub use error::{CallDenied, PeerError, ReportError, SendError, TokenError};
-pub use gate::{CallContext, CallPolicy, PolicyDecision, ToolGate, ToolSpec, VerifiedCall};
+pub use gate::{
+    CallContext, CallPolicy, PolicyDecision, RevocationFreshness, ToolGate, ToolSpec, VerifiedCall,
+};
 pub use report::{
     Backoff, HttpSender, MAX_BACKOFF, MAX_BATCH, MIN_BACKOFF, ReportBatch, ReportSender, Reporter,
     SendFuture, TOOL_CALLS_PATH,

@@ -390,3 +390,49 @@ fn cedar_engine_decides_through_the_gate() {
         .unwrap_err();
     assert!(matches!(err, CallDenied::PolicyError { .. }), "{err:?}");
 }
+
+/// A revocation source whose freshness the test sets.
+struct Feed(std::sync::atomic::AtomicBool);
+
+impl baton_verify::RevocationFreshness for Feed {
+    fn is_fresh(&self, _now: u64) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[test]
+fn a_stale_revocation_feed_denies_sensitive_tiers_and_read_as_configured() {
+    let f = Fixture::new();
+    let d = delegation(&f);
+    let feed = Arc::new(Feed(std::sync::atomic::AtomicBool::new(false)));
+    let write = tool("crm.update", RiskTier::Write, "tool:crm.update:write");
+    let read = tool("crm.search", RiskTier::Read, "tool:crm.search:read");
+
+    // Read-only tools allowed while stale; writes never.
+    let lenient = ToolGate::new(Arc::new(TestPolicy::default()), None)
+        .with_revocation_freshness(feed.clone(), true);
+    assert!(lenient.authorize(&d, &read, b"", NOW).is_ok());
+    let err = lenient.authorize(&d, &write, b"", NOW).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CallDenied::RevocationStale {
+                tier: RiskTier::Write
+            }
+        ),
+        "{err}"
+    );
+
+    // The strict default denies every tier while stale.
+    let strict = ToolGate::new(Arc::new(TestPolicy::default()), None)
+        .with_revocation_freshness(feed.clone(), false);
+    assert!(matches!(
+        strict.authorize(&d, &read, b"", NOW),
+        Err(CallDenied::RevocationStale { .. })
+    ));
+
+    // Fresh again: both pass.
+    feed.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(strict.authorize(&d, &read, b"", NOW).is_ok());
+    assert!(strict.authorize(&d, &write, b"", NOW).is_ok());
+}
