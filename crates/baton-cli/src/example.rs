@@ -230,6 +230,8 @@ struct FeedConfig<'a> {
     redis: Option<&'a str>,
     prefix: &'a str,
     stale_after: std::time::Duration,
+    /// Read-only tools keep working while the feed is stale.
+    read_allows_stale: bool,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -314,15 +316,17 @@ async fn tool_server(
     let trust = baton_ca::TrustBundle::from_spiffe_json(&td, &bundle_json)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut verifier = TokenVerifier::new(JwtBundles::new([trust]), audience.to_owned());
-    // Revocations arrive on the feed and are checked in memory; a silent
-    // feed denies every call (fail closed).
-    let _feed = match feed.redis {
+    // Revocations arrive on the feed and are checked in memory. Staleness
+    // is judged per call by the gate (sensitive tiers always fail closed),
+    // so the token check itself only looks at actual revocations.
+    let feed_handle = match feed.redis {
         Some(url) => {
             let handle = baton_revocation::RevocationFeed::spawn(
                 url,
                 feed.prefix,
                 baton_revocation::FeedOptions {
                     stale_after: feed.stale_after,
+                    allow_stale: true,
                     ..baton_revocation::FeedOptions::default()
                 },
             )
@@ -366,7 +370,10 @@ async fn tool_server(
             errors: d.errors,
         }
     };
-    let gate = ToolGate::new(Arc::new(policy), Some(reporter.clone()));
+    let mut gate = ToolGate::new(Arc::new(policy), Some(reporter.clone()));
+    if let Some(handle) = &feed_handle {
+        gate = gate.with_revocation_freshness(Arc::new(handle.clone()), feed.read_allows_stale);
+    }
     let server = Arc::new(ToolServer {
         verifier,
         gate,
@@ -495,6 +502,7 @@ pub async fn run(cmd: ExampleCmd) -> Result<()> {
                     redis: redis.as_deref(),
                     prefix: &redis_prefix,
                     stale_after,
+                    read_allows_stale: false,
                 },
             )
             .await
