@@ -4,7 +4,9 @@
 //! run (see PERFORMANCE.md): broker issuance against the raw P-256 sign
 //! rate and the CSR-verify+sign rate of `baton_ca::Ca`, and against cfssl
 //! (driven by `bench/issuance.sh`); Workload API latency against its target;
-//! the delegation path against its targets and the raw ES256/P-256 rates.
+//! the delegation path against its targets and the raw ES256/P-256 rates;
+//! revocation on a private redis-server against its targets and a same-run
+//! PING.
 //! Results go to stdout as readable lines, then one JSON line.
 
 // A benchmark's output is its product: printing to stdout is the point.
