@@ -14,4 +14,5 @@ mod identity;
 mod refusals;
 mod restart;
 mod revocation;
+mod secrets;
 mod tls_resumption;

@@ -283,26 +283,8 @@ impl Delegation {
         now: SystemTime,
     ) -> Result<HandoffGrant, BrokerError> {
         let now = unix(now);
-        let held = self
-            .tokens
-            .verify(req.token.expose(), peer, now)
-            .map_err(|e| refuse("token_refused", format!("delegation token refused: {e}")))?;
+        let held = self.verify_holder(peer, &req.token, now)?;
         let claims = held.claims();
-        // The broker minted every valid token and recorded it: a token it
-        // has no record of, or recorded under another task, is refused
-        // (chain splicing across tasks cannot pass this).
-        match self.tasks.get_token(&claims.jti)? {
-            Some(t) if t.task_id == claims.task.id && t.spiffe_id == *peer.spiffe_id() => {}
-            _ => {
-                return Err(refuse(
-                    "token_unknown",
-                    format!(
-                        "token {} is not one this broker minted for task {}",
-                        claims.jti, claims.task.id
-                    ),
-                ));
-            }
-        }
         let task = self.task(&claims.task.id)?;
         let new_depth = claims.depth + 1;
         let mut ev = self.event(EventKind::HopRefused, &task.id, now);
@@ -386,6 +368,45 @@ impl Delegation {
         })?;
         tracing::info!(task = %task.id, from = %peer.spiffe_id(), to = %req.target, depth = new_depth, "hop granted");
         Ok(grant)
+    }
+
+    /// Verifies the token a holder presents over mTLS with `peer`: signature,
+    /// binding to the peer's certificate, the broker's durable revocation
+    /// check, and the broker's own record of having minted it for this task
+    /// and this holder. Shared by hops and secret leases.
+    pub fn verify_holder(
+        &self,
+        peer: &PeerCert,
+        token: &Secret,
+        now: u64,
+    ) -> Result<VerifiedDelegation, BrokerError> {
+        let held = self
+            .tokens
+            .verify(token.expose(), peer, now)
+            .map_err(|e| refuse("token_refused", format!("delegation token refused: {e}")))?;
+        let claims = held.claims();
+        // The broker minted every valid token and recorded it: a token it
+        // has no record of, or recorded under another task, is refused
+        // (chain splicing across tasks cannot pass this).
+        match self.tasks.get_token(&claims.jti)? {
+            Some(t) if t.task_id == claims.task.id && t.spiffe_id == *peer.spiffe_id() => {}
+            _ => {
+                return Err(refuse(
+                    "token_unknown",
+                    format!(
+                        "token {} is not one this broker minted for task {}",
+                        claims.jti, claims.task.id
+                    ),
+                ));
+            }
+        }
+        Ok(held)
+    }
+
+    /// Appends an event to the audit log; an error means it was not logged
+    /// (callers refuse what they were about to do).
+    pub fn append_event(&self, event: &AuditEvent) -> Result<Receipt, BrokerError> {
+        self.append(event)
     }
 
     fn hop_refusal(

@@ -28,7 +28,7 @@ fn with<T: Clone + Send + Sync + 'static>(
     warp::any().map(move || v.clone())
 }
 
-fn peer_cert(
+pub(crate) fn peer_cert(
     id: Option<PeerIdentity>,
     cert: Option<PeerCertificate>,
 ) -> Result<PeerCert, BrokerError> {

@@ -15,6 +15,7 @@ pub mod http;
 pub mod http_delegation;
 pub mod oidc;
 pub mod revocation;
+pub mod secrets;
 pub mod service;
 pub mod store;
 pub mod tasks;
@@ -30,6 +31,7 @@ use baton_ca::{Ca, CaConfig};
 use baton_core::TrustDomain;
 use baton_tls::{BundleStore, ClientAuth, PeerPolicy, ServerIdentity};
 use tokio::sync::oneshot;
+use warp::Filter as _;
 
 pub use service::{Broker, BrokerError, IssuanceHook, IssuancePolicy, LogIssuance};
 use store::{Datastore, SqliteStore};
@@ -114,6 +116,8 @@ pub struct BrokerConfig {
     /// Where revocations live: in memory (embedded default) or in Redis,
     /// shared with other brokers and followed by verifiers.
     pub revocation: RevocationBackend,
+    /// JIT secret engines (the API-key engine is always on).
+    pub secret_engines: secrets::SecretEngineSettings,
 }
 
 /// The revocation store backend.
@@ -152,6 +156,7 @@ impl BrokerConfig {
                 ..delegation::DelegationSettings::default()
             },
             revocation: RevocationBackend::Memory,
+            secret_engines: secrets::SecretEngineSettings::default(),
         }
     }
 }
@@ -185,6 +190,8 @@ pub enum StartError {
     Oidc(#[from] oidc::OidcError),
     #[error("revocation store: {0}")]
     Revocation(#[from] baton_revocation::RevocationError),
+    #[error("secret engines: {0}")]
+    Secrets(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -309,6 +316,20 @@ pub async fn run(
         .await
         .map_err(|e| StartError::Internal(e.to_string()))?;
     let reseeder = revoker.spawn_reseeder(Duration::from_secs(2));
+    // Secret leases die with the credentials they hang under: every
+    // revocation from here on kills them in their engines, and leases
+    // revoked while a previous run could not kill them are killed now.
+    let secrets = Arc::new(
+        secrets::Secrets::build(&cfg.secret_engines, cfg.data_dir.as_deref())
+            .await
+            .map_err(StartError::Secrets)?,
+    );
+    revoker.set_secrets(secrets.clone());
+    let revoked_before = revoker
+        .live_revocations(oidc::unix_now())
+        .map_err(|e| StartError::Internal(e.to_string()))?;
+    secrets.revoke_leases(&revoked_before).await;
+    let sweeper = secrets.spawn_sweeper(cfg.secret_engines.sweep_interval);
     let delegation = Arc::new(delegation::Delegation::new(
         broker.clone(),
         sqlite,
@@ -422,7 +443,9 @@ pub async fn run(
     let node = baton_tls::serve_https(
         listener,
         tls,
-        http::node_routes(broker.clone(), delegation.clone()),
+        secrets::routes(secrets, delegation.clone())
+            .or(http::node_routes(broker.clone(), delegation.clone()))
+            .unify(),
         stopped(stop_rx.clone()),
     );
     let admin = baton_tls::serve_unix(
@@ -437,6 +460,7 @@ pub async fn run(
     let (n, a) = (node.await, admin.await);
     renewer.abort();
     reseeder.abort();
+    sweeper.abort();
     drop(heartbeat);
     let _ = std::fs::remove_file(&cfg.admin_socket);
     for r in [n, a] {

@@ -32,6 +32,8 @@ pub enum RevokeTarget {
 pub struct Revoker {
     store: Arc<dyn RevocationStore>,
     durable: Arc<SqliteStore>,
+    /// The secret engines whose leases die with the credentials revoked here.
+    secrets: std::sync::OnceLock<Arc<crate::secrets::Secrets>>,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> BrokerError {
@@ -42,7 +44,25 @@ fn unavailable(e: impl std::fmt::Display) -> BrokerError {
 
 impl Revoker {
     pub fn new(store: Arc<dyn RevocationStore>, durable: Arc<SqliteStore>) -> Self {
-        Self { store, durable }
+        Self {
+            store,
+            durable,
+            secrets: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// From now on, every revocation also kills the secret leases it covers
+    /// in their engines. Set once; a second call is ignored.
+    pub fn set_secrets(&self, secrets: Arc<crate::secrets::Secrets>) {
+        let _ = self.secrets.set(secrets);
+    }
+
+    /// Kills the secret leases among `revoked` in their engines (those that
+    /// fail are retried by the sweeper).
+    async fn reap_leases(&self, revoked: &[Revoked]) {
+        if let Some(secrets) = self.secrets.get() {
+            secrets.revoke_leases(revoked).await;
+        }
     }
 
     /// Registers credentials before they leave the broker.
@@ -169,6 +189,7 @@ impl Revoker {
         // Whatever the store did not know yet becomes revoked there too.
         self.store.seed(&all, now).await.map_err(unavailable)?;
         tracing::info!(%target, count = all.len(), reason, "revoked");
+        self.reap_leases(&all).await;
         Ok(all)
     }
 
@@ -218,6 +239,7 @@ impl Revoker {
         self.record(&all, reason, now)?;
         self.store.seed(&all, now).await.map_err(unavailable)?;
         tracing::info!(task = %task, count = all.len(), reason, "revoked the task's credentials");
+        self.reap_leases(&all).await;
         Ok(all)
     }
 

@@ -78,7 +78,7 @@ pub enum Command {
     /// Run a broker and a node daemon in one process on embedded stores (start here).
     Dev(DevArgs),
     /// Run the broker (CA, attestation, registration, signing API).
-    Broker(BrokerArgs),
+    Broker(Box<BrokerArgs>),
     /// Run the node daemon serving the SPIFFE Workload API on a Unix socket.
     Agent(AgentArgs),
     /// Join tokens for node attestation.
@@ -107,6 +107,9 @@ pub enum Command {
     /// Revoke credentials: one, a subtree, a task, an agent (kill switch) or a node.
     #[command(subcommand)]
     Revoke(RevokeCmd),
+    /// Just-in-time secrets for your task (a database login, an API key) that die with it.
+    #[command(subcommand)]
+    Secret(SecretCmd),
     /// The example of the README: a tool server, a tool client and a queue worker.
     #[command(subcommand)]
     Example(ExampleCmd),
@@ -184,6 +187,69 @@ pub struct BrokerArgs {
     /// Key prefix in Redis.
     #[arg(long, default_value = "baton")]
     pub redis_prefix: String,
+    /// PostgreSQL secret engine: admin connection string (libpq key/value or URL;
+    /// the role needs CREATEROLE and pg_signal_backend). With --pg-database.
+    #[arg(
+        long,
+        env = "BATON_PG_ADMIN_URL",
+        requires = "pg_database",
+        hide_env_values = true
+    )]
+    pub pg_admin_url: Option<String>,
+    /// The database leased logins are for (engine name: postgres.<db>).
+    #[arg(long, requires = "pg_admin_url")]
+    pub pg_database: Option<String>,
+    /// SQL run for each lease, with a {role} placeholder (repeatable), e.g.
+    /// "GRANT SELECT ON public.customers TO {role}".
+    #[arg(long = "pg-grant", requires = "pg_admin_url")]
+    pub pg_grants: Vec<String>,
+    /// Permission a task scope must hold for a login. Default: dataset:<db>:read.
+    #[arg(long, requires = "pg_admin_url")]
+    pub pg_permission: Option<String>,
+    /// Host (or socket directory) agents connect to. Default: the admin connection's.
+    #[arg(long, requires = "pg_admin_url")]
+    pub pg_host: Option<String>,
+    /// Port agents connect to (with --pg-host). Default: the admin connection's.
+    #[arg(long, requires_all = ["pg_admin_url", "pg_host"])]
+    pub pg_port: Option<u16>,
+    /// Permission a task scope must hold for an API key (the API-key engine is always on).
+    #[arg(long, default_value = "secret:apikey:issue")]
+    pub apikey_permission: String,
+    /// How often leases past their expiry are reaped in every secret engine.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub secret_sweep_interval: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecretCmd {
+    /// Lease a secret for your task from a broker engine (`postgres.<db>`, `apikey`).
+    Lease {
+        /// Your task credential directory (from `baton grant redeem`).
+        #[arg(long)]
+        credential: PathBuf,
+        /// The broker's HTTPS URL.
+        #[arg(long, env = "BATON_BROKER_URL")]
+        broker_url: String,
+        /// The engine's name, e.g. postgres.crm or apikey.
+        #[arg(long)]
+        engine: String,
+        #[arg(long, short = 'o', value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+    /// Ask the broker whether an API key is live (as a tool server would).
+    Introspect {
+        /// A credential directory whose SVID is of the trust domain.
+        #[arg(long)]
+        credential: PathBuf,
+        /// The broker's HTTPS URL.
+        #[arg(long, env = "BATON_BROKER_URL")]
+        broker_url: String,
+        /// The presented key (bk_...).
+        #[arg(long, env = "BATON_API_KEY", hide_env_values = true)]
+        key: String,
+        #[arg(long, short = 'o', value_enum, default_value_t)]
+        output: OutputFormat,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -596,7 +662,7 @@ pub enum ExampleCmd {
 pub async fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Dev(args) => daemons::dev(args).await,
-        Command::Broker(args) => daemons::broker(args).await,
+        Command::Broker(args) => daemons::broker(*args).await,
         Command::Agent(args) => daemons::agent(args).await,
         Command::Token(cmd) => admin::token(cmd).await,
         Command::Entry(cmd) => admin::entry(cmd).await,
@@ -607,6 +673,7 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
         Command::Grant(cmd) => creds::grant(cmd).await,
         Command::Delegate(args) => creds::delegate(args).await,
         Command::Revoke(target) => tasks::revoke(target).await,
+        Command::Secret(cmd) => creds::secret(cmd).await,
         Command::Example(cmd) => example::run(cmd).await,
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "baton", &mut std::io::stdout());

@@ -17,7 +17,9 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use tonic::transport::Endpoint;
 
-use crate::cli::{DelegateArgs, EXIT_REFUSED, EXIT_UNREACHABLE, GrantCmd, OutputFormat, exit};
+use crate::cli::{
+    DelegateArgs, EXIT_REFUSED, EXIT_UNREACHABLE, GrantCmd, OutputFormat, SecretCmd, exit,
+};
 use crate::output;
 use crate::workload::{pem, write_file};
 
@@ -270,6 +272,100 @@ pub async fn delegate(args: DelegateArgs) -> Result<()> {
             output::line(&format!("Grant:   {}", grant.grant.expose()));
             output::line(&format!("Target:  {}", grant.target));
             output::line(&format!("Task:    {}", grant.task_id));
+        }
+    }
+    Ok(())
+}
+
+/// `baton secret lease|introspect`: mTLS with a task credential to the broker.
+pub async fn secret(cmd: SecretCmd) -> Result<()> {
+    let (credential, broker_url, path, body, format) = match &cmd {
+        SecretCmd::Lease {
+            credential,
+            broker_url,
+            engine,
+            output,
+        } => {
+            let cred = Credential::load(credential)?;
+            let body = serde_json::json!({ "token": cred.token.expose(), "engine": engine });
+            (cred, broker_url, "lease", body, *output)
+        }
+        SecretCmd::Introspect {
+            credential,
+            broker_url,
+            key,
+            output,
+        } => (
+            Credential::load(credential)?,
+            broker_url,
+            "introspect",
+            serde_json::json!({ "key": key }),
+            *output,
+        ),
+    };
+    let td = credential.spiffe_id()?.trust_domain().clone();
+    let broker_id = td
+        .id("/baton/broker")
+        .map_err(|e| exit(EXIT_REFUSED, e.to_string()))?;
+    let http = credential.client(PeerPolicy::Exact(vec![broker_id]))?;
+    let resp = http
+        .post(format!(
+            "{}/v1/secrets/{path}",
+            broker_url.trim_end_matches('/')
+        ))
+        .json(&body)
+        .send()
+        .await
+        .map_err(|e| exit(EXIT_UNREACHABLE, format!("cannot reach the broker: {e}")))?;
+    let status = resp.status();
+    let body: serde_json::Value = resp.json().await.unwrap_or_default();
+    if !status.is_success() {
+        return Err(exit(
+            EXIT_REFUSED,
+            format!(
+                "secret {path} refused ({}): {}",
+                body["code"].as_str().unwrap_or("?"),
+                body["message"].as_str().unwrap_or("no reason given")
+            ),
+        ));
+    }
+    match format {
+        OutputFormat::Json => output::json(&body),
+        OutputFormat::Table => {
+            let s = |v: &serde_json::Value| match v {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Null => "-".to_owned(),
+                other => other.to_string(),
+            };
+            if path == "lease" {
+                output::line(&format!("Lease:    {}", s(&body["lease_id"])));
+                output::line(&format!("Engine:   {}", s(&body["engine"])));
+                output::line(&format!("Expires:  {}", s(&body["expires_at"])));
+                let m = &body["material"];
+                if m.get("key").is_some() {
+                    output::line(&format!("Key:      {}", s(&m["key"])));
+                } else {
+                    output::line(&format!(
+                        "Connect:  host={} port={} dbname={} user={} password={}",
+                        s(&m["host"]),
+                        s(&m["port"]),
+                        s(&m["dbname"]),
+                        s(&m["username"]),
+                        s(&m["password"])
+                    ));
+                }
+            } else {
+                output::line(&format!("Active:   {}", s(&body["active"])));
+                for (label, field) in [
+                    ("Task:     ", "task_id"),
+                    ("Agent:    ", "agent"),
+                    ("Expires:  ", "expires_at"),
+                ] {
+                    if body.get(field).is_some() {
+                        output::line(&format!("{label}{}", s(&body[field])));
+                    }
+                }
+            }
         }
     }
     Ok(())

@@ -66,6 +66,21 @@ pub async fn broker(args: BrokerArgs) -> Result<()> {
             prefix: args.redis_prefix.clone(),
         };
     }
+    cfg.secret_engines = baton_broker::secrets::SecretEngineSettings {
+        postgres: match (&args.pg_admin_url, &args.pg_database) {
+            (Some(url), Some(db)) => Some(baton_broker::secrets::PostgresSettings {
+                admin_url: Secret::new(url.clone()),
+                database: db.clone(),
+                grants: args.pg_grants.clone(),
+                permission: args.pg_permission.clone(),
+                host: args.pg_host.clone(),
+                port: args.pg_port,
+            }),
+            _ => None,
+        },
+        apikey_permission: args.apikey_permission.clone(),
+        sweep_interval: args.secret_sweep_interval,
+    };
     if let (Some(iss), Some(jwks), Some(aud)) =
         (&args.oidc_issuer, &args.oidc_jwks, &args.oidc_audience)
     {

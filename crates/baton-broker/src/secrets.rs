@@ -1,0 +1,488 @@
+//! Just-in-time secrets per task, served by the broker and killed with the task.
+//!
+//! Place in the flow: an agent holding a task credential asks for a lease
+//! (`POST /v1/secrets/lease`, mTLS with its task SVID, body
+//! `{ "token", "engine" }`). The token is verified exactly as for a hop
+//! ([`Delegation::verify_holder`]), the task must be usable and the token's
+//! scope must hold the engine's [`SecretEngine::required`] permission (else
+//! 403 `missing_permission`). The lease lasts until the token's expiry; it is
+//! registered with the revocation store (kind `SecretLease`, parent = the
+//! token's `jti`) and written to the audit log (a `tool_call` event with tool
+//! `secret.lease` and resource = the engine name) before it is returned:
+//! fail closed, a lease that could not be registered or logged is revoked
+//! again at once.
+//!
+//! Reaping: every revocation the broker performs kills the leases it covers
+//! in their engines ([`Secrets::revoke_leases`]); a periodic sweep calls every
+//! engine's [`SecretEngine::sweep`] so leases whose time ran out die even if
+//! no notification came, and retries kills that failed.
+//!
+//! Tool servers that cannot do mTLS with agents check API keys through
+//! `POST /v1/secrets/introspect` (mTLS with any SVID of the trust domain).
+
+use std::collections::BTreeSet;
+use std::convert::Infallible;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use baton_audit::{AuditEvent, EventKind};
+use baton_core::{Permission, Secret};
+use baton_revocation::{CredKind, CredentialRecord, Revoked};
+use baton_secrets::{
+    ApiKeyEngine, LeaseRequest, PgTemplate, PostgresEngine, SecretEngine, SecretError,
+    SecretMaterial,
+};
+use baton_tls::{PeerCertificate, PeerIdentity};
+use baton_verify::PeerCert;
+use bytes::Bytes;
+use serde::Deserialize;
+use warp::Filter;
+use warp::reply::Response;
+
+use crate::delegation::Delegation;
+use crate::http::{json_body, parse_body, respond};
+use crate::service::BrokerError;
+
+/// The name of the always-on API-key engine.
+pub const APIKEY_ENGINE: &str = "apikey";
+/// The audit `tool` of a lease event.
+pub const LEASE_TOOL: &str = "secret.lease";
+
+/// A PostgreSQL engine to run (`baton broker --pg-*`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct PostgresSettings {
+    /// Admin connection string (libpq key/value or URL); may hold a password.
+    pub admin_url: Secret,
+    pub database: String,
+    /// SQL run per lease, each with a `{role}` placeholder.
+    pub grants: Vec<String>,
+    /// Permission a task scope must hold; default `dataset:<database>:read`.
+    pub permission: Option<String>,
+    /// What agents connect to, when not the admin connection's host/port.
+    pub host: Option<String>,
+    pub port: Option<u16>,
+}
+
+impl std::fmt::Debug for PostgresSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresSettings")
+            .field("database", &self.database)
+            .field("grants", &self.grants)
+            .field("permission", &self.permission)
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Which secret engines the broker runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretEngineSettings {
+    pub postgres: Option<PostgresSettings>,
+    /// Permission required for an API key (the API-key engine is always on).
+    pub apikey_permission: String,
+    /// How often every engine is swept for leases past their expiry.
+    pub sweep_interval: Duration,
+}
+
+impl Default for SecretEngineSettings {
+    fn default() -> Self {
+        Self {
+            postgres: None,
+            apikey_permission: "secret:apikey:issue".into(),
+            sweep_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The broker's secret engines.
+#[derive(Debug)]
+pub struct Secrets {
+    engines: Vec<Arc<dyn SecretEngine>>,
+    apikey: Arc<ApiKeyEngine>,
+    /// Leases revoked in the store whose kill in the engine failed; retried
+    /// by every sweep.
+    pending: Mutex<BTreeSet<String>>,
+}
+
+fn config_error(field: &str, e: impl std::fmt::Display) -> String {
+    format!("{field}: {e}")
+}
+
+impl Secrets {
+    /// Starts the configured engines. The API-key engine keeps its keys in
+    /// `<data_dir>/apikeys.db`, or in memory without a data dir.
+    pub async fn build(
+        settings: &SecretEngineSettings,
+        data_dir: Option<&Path>,
+    ) -> Result<Self, String> {
+        if settings.sweep_interval.is_zero() {
+            return Err("sweep_interval: must be more than zero".into());
+        }
+        let apikey_perm = Permission::parse(&settings.apikey_permission)
+            .map_err(|e| config_error("apikey_permission", e))?;
+        let apikey = match data_dir {
+            Some(dir) => ApiKeyEngine::open(dir.join("apikeys.db"), APIKEY_ENGINE, apikey_perm),
+            None => ApiKeyEngine::in_memory(APIKEY_ENGINE, apikey_perm),
+        }
+        .map_err(|e| config_error("apikey engine", e))?;
+        let apikey = Arc::new(apikey);
+        let mut engines: Vec<Arc<dyn SecretEngine>> = vec![apikey.clone()];
+        if let Some(pg) = &settings.postgres {
+            let raw = pg
+                .permission
+                .clone()
+                .unwrap_or_else(|| format!("dataset:{}:read", pg.database));
+            let required = Permission::parse(&raw).map_err(|e| config_error("pg_permission", e))?;
+            let mut engine = PostgresEngine::new(
+                pg.admin_url.expose(),
+                PgTemplate {
+                    database: pg.database.clone(),
+                    grants: pg.grants.clone(),
+                    role_prefix: "baton_".into(),
+                },
+                required,
+            )
+            .await
+            .map_err(|e| config_error("postgres engine", e))?;
+            if pg.host.is_some() || pg.port.is_some() {
+                let host = match &pg.host {
+                    Some(h) => h.clone(),
+                    None => {
+                        return Err(
+                            "pg_host: required when pg_port is given (what agents connect to)"
+                                .into(),
+                        );
+                    }
+                };
+                engine = engine.with_endpoint(host, pg.port.unwrap_or(5432));
+            }
+            if engines.iter().any(|e| e.name() == engine.name()) {
+                return Err(format!(
+                    "secret engine name {} is used twice",
+                    engine.name()
+                ));
+            }
+            engines.push(Arc::new(engine));
+        }
+        Ok(Self {
+            engines,
+            apikey,
+            pending: Mutex::new(BTreeSet::new()),
+        })
+    }
+
+    pub fn engine(&self, name: &str) -> Option<&Arc<dyn SecretEngine>> {
+        self.engines.iter().find(|e| e.name() == name)
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        self.engines.iter().map(|e| e.name()).collect()
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        // A poisoned set is still a set of ids.
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Kills one lease in whichever engine issued it. `Ok(false)` when no
+    /// engine knows it (e.g. an in-memory API key from before a restart).
+    async fn revoke_one(&self, id: &str) -> Result<bool, String> {
+        let mut errors = Vec::new();
+        for engine in &self.engines {
+            match engine.revoke(id).await {
+                Ok(()) => return Ok(true),
+                Err(SecretError::UnknownLease(_)) => {}
+                Err(e) => errors.push(format!("{}: {e}", engine.name())),
+            }
+        }
+        if errors.is_empty() {
+            Ok(false)
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+
+    /// Kills the leases among `revoked` in their engines. Failures are
+    /// logged and retried by the next sweep.
+    pub async fn revoke_leases(&self, revoked: &[Revoked]) {
+        for r in revoked.iter().filter(|r| r.kind == CredKind::SecretLease) {
+            match self.revoke_one(&r.id).await {
+                Ok(true) => {
+                    self.pending().remove(&r.id);
+                    tracing::info!(lease = %r.id, "secret lease killed with its credentials");
+                }
+                Ok(false) => {
+                    self.pending().remove(&r.id);
+                    tracing::warn!(lease = %r.id, "revoked lease is unknown to every engine");
+                }
+                Err(e) => {
+                    self.pending().insert(r.id.clone());
+                    tracing::error!(lease = %r.id, error = %e, "cannot kill a revoked secret lease; the sweep retries");
+                }
+            }
+        }
+    }
+
+    /// Reaps every lease past its expiry in every engine, and retries the
+    /// kills that failed.
+    pub async fn sweep(&self, now: u64) {
+        for engine in &self.engines {
+            match engine.sweep(now).await {
+                Ok(reaped) if !reaped.is_empty() => {
+                    tracing::info!(engine = engine.name(), count = reaped.len(), leases = ?reaped, "expired secret leases reaped");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(engine = engine.name(), error = %e, "secret sweep failed; retrying next time");
+                }
+            }
+        }
+        let retry: Vec<Revoked> = self
+            .pending()
+            .iter()
+            .map(|id| Revoked {
+                id: id.clone(),
+                kind: CredKind::SecretLease,
+                expires_at: 0,
+            })
+            .collect();
+        if !retry.is_empty() {
+            self.revoke_leases(&retry).await;
+        }
+    }
+
+    /// Sweeps every `every` until aborted.
+    pub fn spawn_sweeper(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                this.sweep(baton_revocation::system_now()).await;
+            }
+        })
+    }
+
+    /// Issues a lease for the holder of a task credential; see the module docs.
+    pub async fn lease(
+        &self,
+        d: &Delegation,
+        peer: &PeerCert,
+        req: &LeaseBody,
+        now: u64,
+    ) -> Result<serde_json::Value, BrokerError> {
+        let held = d.verify_holder(peer, &req.token, now)?;
+        let claims = held.claims();
+        let task = d.get_task(claims.task.id.as_str())?;
+        if let Some(why) = task.unusable(now) {
+            return Err(BrokerError::Forbidden {
+                code: "task_ended",
+                message: why.to_owned(),
+            });
+        }
+        let engine = self
+            .engine(&req.engine)
+            .ok_or_else(|| BrokerError::BadRequest {
+                field: Some("engine"),
+                message: format!(
+                    "engine: no secret engine named {:?} (this broker has: {})",
+                    req.engine,
+                    self.names().join(", ")
+                ),
+            })?;
+        let mut ev = AuditEvent::new(EventKind::ToolCall, now, task.id.clone());
+        ev.actor = Some(peer.spiffe_id().clone());
+        ev.token_jti = Some(claims.jti.clone());
+        ev.tool = Some(LEASE_TOOL.into());
+        ev.resource = Some(engine.name().to_owned());
+        ev.scope = Some(claims.scope.clone());
+        ev.purpose = Some(task.purpose.clone());
+        ev.depth = Some(claims.depth);
+        let required = engine.required();
+        if !claims.scope.allows(required) {
+            let message = format!(
+                "the token's scope lacks permission {required}, required by secret engine {}",
+                engine.name()
+            );
+            ev.decision = Some("deny".into());
+            ev.reason = Some(format!("missing_permission: {message}"));
+            d.append_event(&ev)?;
+            tracing::warn!(task = %task.id, agent = %peer.spiffe_id(), engine = engine.name(), %required, "secret lease refused");
+            return Err(BrokerError::Forbidden {
+                code: "missing_permission",
+                message,
+            });
+        }
+        let expires_at = claims.exp.min(task.expires_at);
+        let lease = engine
+            .issue(
+                &LeaseRequest {
+                    task: task.id.clone(),
+                    agent: peer.spiffe_id().clone(),
+                    scope: claims.scope.clone(),
+                    expires_at,
+                },
+                now,
+            )
+            .await
+            .map_err(|e| match e {
+                SecretError::MissingPermission { required, .. } => BrokerError::Forbidden {
+                    code: "missing_permission",
+                    message: format!(
+                        "the token's scope lacks permission {required}, required by secret engine {}",
+                        req.engine
+                    ),
+                },
+                SecretError::AlreadyExpired { .. } => BrokerError::Forbidden {
+                    code: "token_expired",
+                    message: e.to_string(),
+                },
+                other => BrokerError::Hook(format!(
+                    "secret engine {} failed: {other}",
+                    req.engine
+                )),
+            })?;
+        // Registered and logged before it leaves; otherwise killed again.
+        let record = CredentialRecord {
+            id: lease.id.clone(),
+            kind: CredKind::SecretLease,
+            task: Some(task.id.clone()),
+            agent: Some(peer.spiffe_id().clone()),
+            node: None,
+            parent: Some(claims.jti.clone()),
+            expires_at: lease.expires_at,
+        };
+        ev.decision = Some("allow".into());
+        ev.reason = Some(format!("lease {} until {}", lease.id, lease.expires_at));
+        let kept = match d.revoker().register(&[record], now).await {
+            Ok(()) => d.append_event(&ev).map(|_| ()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = kept {
+            if let Err(kill) = engine.revoke(&lease.id).await {
+                self.pending().insert(lease.id.clone());
+                tracing::error!(lease = %lease.id, error = %kill, "cannot kill an unregistered lease; the sweep retries");
+            }
+            return Err(e);
+        }
+        tracing::info!(task = %task.id, agent = %peer.spiffe_id(), engine = engine.name(), lease = %lease.id, expires_at = lease.expires_at, "secret lease issued");
+        let material = match &lease.secret {
+            SecretMaterial::Postgres {
+                host,
+                port,
+                dbname,
+                username,
+                password,
+            } => serde_json::json!({
+                "host": host,
+                "port": port,
+                "dbname": dbname,
+                "username": username,
+                "password": password.expose(),
+            }),
+            SecretMaterial::ApiKey { key } => serde_json::json!({ "key": key.expose() }),
+        };
+        Ok(serde_json::json!({
+            "lease_id": lease.id,
+            "engine": lease.engine,
+            "task_id": lease.task,
+            "agent": lease.agent,
+            "expires_at": lease.expires_at,
+            "material": material,
+        }))
+    }
+
+    /// What the API-key engine knows about `key`.
+    pub fn introspect(&self, key: &str, now: u64) -> Result<serde_json::Value, BrokerError> {
+        let i = self
+            .apikey
+            .introspect(key, now)
+            .map_err(|e| BrokerError::Hook(format!("API-key store unavailable: {e}")))?;
+        if !i.active {
+            return Ok(serde_json::json!({ "active": false }));
+        }
+        Ok(serde_json::json!({
+            "active": true,
+            "task_id": i.task,
+            "agent": i.agent,
+            "scope": i.scope,
+            "expires_at": i.expires_at,
+        }))
+    }
+}
+
+/// The body of `POST /v1/secrets/lease`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseBody {
+    pub token: Secret,
+    pub engine: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IntrospectBody {
+    key: Secret,
+}
+
+fn with<T: Clone + Send + Sync + 'static>(
+    v: T,
+) -> impl Filter<Extract = (T,), Error = Infallible> + Clone {
+    warp::any().map(move || v.clone())
+}
+
+/// `POST /v1/secrets/lease` and `POST /v1/secrets/introspect` on the HTTPS port.
+pub fn routes(
+    secrets: Arc<Secrets>,
+    d: Arc<Delegation>,
+) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone + Send + Sync + 'static {
+    let lease = warp::path!("v1" / "secrets" / "lease")
+        .and(warp::post())
+        .and(with(secrets.clone()))
+        .and(with(d.clone()))
+        .and(warp::ext::optional::<PeerIdentity>())
+        .and(warp::ext::optional::<PeerCertificate>())
+        .and(json_body())
+        .and_then(
+            |s: Arc<Secrets>,
+             d: Arc<Delegation>,
+             id: Option<PeerIdentity>,
+             cert: Option<PeerCertificate>,
+             body: Bytes| async move {
+                let result = async {
+                    let peer = crate::http_delegation::peer_cert(id, cert)?;
+                    let req = parse_body::<LeaseBody>(&body)?;
+                    s.lease(&d, &peer, &req, crate::oidc::unix_now()).await
+                }
+                .await;
+                respond(result)
+            },
+        );
+    let introspect = warp::path!("v1" / "secrets" / "introspect")
+        .and(warp::post())
+        .and(with(secrets))
+        .and(with(d))
+        .and(warp::ext::optional::<PeerIdentity>())
+        .and(json_body())
+        .and_then(
+            |s: Arc<Secrets>, d: Arc<Delegation>, id: Option<PeerIdentity>, body: Bytes| async move {
+                respond((|| {
+                    let caller = id.and_then(|p| p.0).ok_or_else(|| {
+                        BrokerError::Unauthenticated(
+                            "introspection needs mTLS with an SVID of this trust domain".into(),
+                        )
+                    })?;
+                    if !caller.is_member_of(d.trust_domain()) {
+                        return Err(BrokerError::Forbidden {
+                            code: "not_entitled",
+                            message: format!("{caller} is outside the trust domain"),
+                        });
+                    }
+                    let req = parse_body::<IntrospectBody>(&body)?;
+                    s.introspect(req.key.expose(), crate::oidc::unix_now())
+                })())
+            },
+        );
+    lease.or(introspect).unify()
+}

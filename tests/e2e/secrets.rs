@@ -1,0 +1,513 @@
+//! JIT secrets per task through the broker: a PostgreSQL login leased to a
+//! task's agent reads only what its template grants, dies (sessions
+//! included) when the task ends, and is reaped at expiry by the sweep with
+//! no notification; a task without the permission gets nothing; API keys
+//! are introspected live, then inactive after task end.
+//!
+//! The PostgreSQL cluster is private to the test: `initdb` into a temporary
+//! directory, listening only on a Unix socket inside it (never the machine's
+//! own server). Binaries come from `BATON_TEST_PG_BINDIR`, `pg_config
+//! --bindir` or `/usr/lib/postgresql/<version>/bin`; without them the test
+//! FAILS. Run as root, the cluster runs as the `postgres` system user
+//! through `setpriv`, since PostgreSQL refuses to run as root.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio_postgres::{Client, NoTls};
+
+use crate::delegation::{PLANNER, World};
+use crate::harness::{Cluster, Options, Proc, baton, wait_for};
+
+const CLUSTER_USER: &str = "postgres";
+
+fn pg_bindir() -> PathBuf {
+    let has_bins = |d: &Path| d.join("initdb").is_file() && d.join("postgres").is_file();
+    if let Ok(d) = std::env::var("BATON_TEST_PG_BINDIR") {
+        let d = PathBuf::from(d);
+        assert!(
+            has_bins(&d),
+            "BATON_TEST_PG_BINDIR={} has no initdb/postgres",
+            d.display()
+        );
+        return d;
+    }
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output()
+        && out.status.success()
+    {
+        let d = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if has_bins(&d) {
+            return d;
+        }
+    }
+    let mut candidates: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let v = e.file_name().to_str()?.parse::<u32>().ok()?;
+            Some((v, e.path().join("bin")))
+        })
+        .filter(|(_, d)| has_bins(d))
+        .collect();
+    candidates.sort();
+    match candidates.pop() {
+        Some((_, d)) => d,
+        None => panic!(
+            "PostgreSQL server binaries (initdb, postgres) not found: install PostgreSQL \
+             (e.g. `apt-get install postgresql`) or set BATON_TEST_PG_BINDIR. \
+             These tests do not skip."
+        ),
+    }
+}
+
+fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// A private cluster; stopped (then killed) on drop.
+struct Pg {
+    dir: tempfile::TempDir,
+    bindir: PathBuf,
+    as_root: bool,
+    child: Child,
+    port: u16,
+}
+
+impl Pg {
+    fn command(bindir: &Path, as_root: bool, prog: &str) -> Command {
+        if as_root {
+            let mut c = Command::new("setpriv");
+            c.args([
+                "--reuid",
+                CLUSTER_USER,
+                "--regid",
+                CLUSTER_USER,
+                "--init-groups",
+            ])
+            .arg(bindir.join(prog));
+            c
+        } else {
+            Command::new(bindir.join(prog))
+        }
+    }
+
+    async fn start() -> Pg {
+        let bindir = pg_bindir();
+        let as_root = running_as_root();
+        let dir = tempfile::Builder::new()
+            .prefix("baton-pg")
+            .tempdir()
+            .unwrap();
+        let data = dir.path().join("data");
+        let sock = dir.path().join("sock");
+        std::fs::create_dir(&sock).unwrap();
+        if as_root {
+            let st = Command::new("chown")
+                .args(["-R", CLUSTER_USER])
+                .arg(dir.path())
+                .status()
+                .unwrap();
+            assert!(st.success(), "chown of the test cluster directory failed");
+        }
+        let out = Self::command(&bindir, as_root, "initdb")
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "initdb failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // The admin stays on trust; every other role must present its password.
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all postgres trust\nlocal all all scram-sha-256\n",
+        )
+        .unwrap();
+        // Unix socket only, inside our private directory.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let log = std::fs::File::create(dir.path().join("postgres.log")).unwrap();
+        let child = Self::command(&bindir, as_root, "postgres")
+            .arg("-D")
+            .arg(&data)
+            .arg("-k")
+            .arg(&sock)
+            .arg("-p")
+            .arg(port.to_string())
+            .args(["-c", "listen_addresses=", "-c", "fsync=off"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut pg = Pg {
+            dir,
+            bindir,
+            as_root,
+            child,
+            port,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if connect(&pg.admin_conn("postgres")).await.is_ok() {
+                break;
+            }
+            if let Ok(Some(status)) = pg.child.try_wait() {
+                panic!("postgres exited ({status}): {}", pg.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "postgres did not accept connections within 60s: {}",
+                pg.log()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        pg
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
+    }
+
+    fn sock(&self) -> String {
+        self.dir.path().join("sock").to_string_lossy().into_owned()
+    }
+
+    fn admin_conn(&self, db: &str) -> String {
+        format!(
+            "host={} port={} user=postgres dbname={db}",
+            self.sock(),
+            self.port
+        )
+    }
+
+    async fn admin(&self, db: &str) -> Client {
+        connect(&self.admin_conn(db)).await.unwrap()
+    }
+}
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        let _ = Self::command(&self.bindir, self.as_root, "pg_ctl")
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-m", "immediate", "-w", "-t", "10", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn connect(conn: &str) -> Result<Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(conn, NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// The World of the delegation tests, with extra `baton broker` arguments.
+fn world_with_broker_args(args: Vec<String>) -> World {
+    let c = Cluster::start_with_broker_args(Options::default(), args);
+    c.register("/tools/crm", &[]);
+    c.register("/agents/planner", &[]);
+    c.register("/agents/researcher", &[]);
+    let ready = c.path("tool.addr");
+    let mut cmd = baton();
+    cmd.args(["example", "tool-server", "--audience", "crm"])
+        .arg("--socket")
+        .arg(c.agent_socket())
+        .arg("--broker-url")
+        .arg(format!("https://{}", c.broker_addr))
+        .arg("--spool")
+        .arg(c.path("tool-spool"))
+        .arg("--ready-file")
+        .arg(&ready);
+    let mut tool = Proc::spawn("tool-server", cmd, c.path("tool.log"));
+    let addr = wait_for("tool server ready", Duration::from_secs(60), || {
+        assert!(tool.is_running(), "tool server exited: {}", tool.log_text());
+        std::fs::read_to_string(&ready).ok()
+    });
+    World {
+        c,
+        _tool: tool,
+        tool_url: format!("https://{addr}"),
+    }
+}
+
+/// A task with `scope` whose root agent (the planner) redeemed its grant.
+fn task_with(w: &World, scope: &[&str], ttl: &str, tag: &str) -> (String, PathBuf) {
+    let (task, grant) = w.start_task(scope, "1", ttl, "read");
+    let cred = w.redeem(&grant, PLANNER, tag);
+    (task, cred)
+}
+
+fn lease(w: &World, cred: &Path, engine: &str) -> serde_json::Value {
+    w.json(&[
+        "secret",
+        "lease",
+        "--credential",
+        cred.to_str().unwrap(),
+        "--engine",
+        engine,
+        "-o",
+        "json",
+    ])
+}
+
+fn login_conn(lease: &serde_json::Value) -> String {
+    let m = &lease["material"];
+    format!(
+        "host={} port={} dbname={} user={} password={}",
+        m["host"].as_str().unwrap(),
+        m["port"].as_u64().unwrap(),
+        m["dbname"].as_str().unwrap(),
+        m["username"].as_str().unwrap(),
+        m["password"].as_str().unwrap()
+    )
+}
+
+async fn role_exists(admin: &Client, role: &str) -> bool {
+    admin
+        .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&role])
+        .await
+        .unwrap()
+        .is_some()
+}
+
+async fn leased_roles(admin: &Client) -> i64 {
+    admin
+        .query_one(
+            "SELECT count(*) FROM pg_roles WHERE rolname LIKE 'baton\\_%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+fn is_permission_denied(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE)
+}
+
+async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_lease_is_scoped_and_dies_with_the_task_or_at_expiry() {
+    let pg = Pg::start().await;
+    pg.admin("postgres")
+        .await
+        .batch_execute("CREATE DATABASE crm")
+        .await
+        .unwrap();
+    pg.admin("crm")
+        .await
+        .batch_execute(
+            "CREATE TABLE customers (id int PRIMARY KEY, name text);
+             INSERT INTO customers VALUES (1, 'Ada'), (2, 'Grace');
+             CREATE TABLE payroll (id int, salary int);
+             INSERT INTO payroll VALUES (1, 100);",
+        )
+        .await
+        .unwrap();
+    let admin = pg.admin("crm").await;
+    let w = world_with_broker_args(vec![
+        "--pg-admin-url".into(),
+        pg.admin_conn("postgres"),
+        "--pg-database".into(),
+        "crm".into(),
+        "--pg-grant".into(),
+        "GRANT SELECT ON public.customers TO {role}".into(),
+        "--pg-host".into(),
+        pg.sock(),
+        "--pg-port".into(),
+        pg.port.to_string(),
+        "--secret-sweep-interval".into(),
+        "1s".into(),
+    ]);
+
+    // Without the permission: refused, naming it, and no role is created.
+    let before = leased_roles(&admin).await;
+    let (_t0, nope) = task_with(&w, &["tool:crm.search:read"], "10m", "nope");
+    let err = w.refused(&[
+        "secret",
+        "lease",
+        "--credential",
+        nope.to_str().unwrap(),
+        "--engine",
+        "postgres.crm",
+    ]);
+    assert!(err.contains("missing_permission"), "{err}");
+    assert!(err.contains("dataset:crm:read"), "{err}");
+    assert_eq!(leased_roles(&admin).await, before, "no role for a refusal");
+    // An unknown engine is refused, naming the field.
+    let err = w.refused(&[
+        "secret",
+        "lease",
+        "--credential",
+        nope.to_str().unwrap(),
+        "--engine",
+        "postgres.nope",
+    ]);
+    assert!(err.contains("engine"), "{err}");
+
+    // With it: a login that reads the granted table only.
+    let (task, cred) = task_with(&w, &["dataset:crm:read"], "10m", "reader");
+    let l = lease(&w, &cred, "postgres.crm");
+    assert_eq!(l["engine"], "postgres.crm");
+    assert!(l["lease_id"].as_str().unwrap().starts_with("lease-"));
+    let token_exp = crate::delegation::claims(&cred)["exp"].as_u64().unwrap();
+    assert_eq!(l["expires_at"].as_u64().unwrap(), token_exp, "{l}");
+    let role = l["material"]["username"].as_str().unwrap().to_owned();
+    let session = connect(&login_conn(&l)).await.expect("leased login works");
+    let rows = session
+        .query("SELECT name FROM customers ORDER BY id", &[])
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 2);
+    let e = session
+        .query("SELECT * FROM payroll", &[])
+        .await
+        .unwrap_err();
+    assert!(is_permission_denied(&e), "{e:?}");
+    let e = session
+        .execute("INSERT INTO customers VALUES (3, 'Eve')", &[])
+        .await
+        .unwrap_err();
+    assert!(is_permission_denied(&e), "{e:?}");
+
+    // The lease is in the audit trace, under the planner.
+    let trace = w.json(&["audit", "trace", &task, "--json"]).to_string();
+    assert!(
+        trace.contains("secret.lease") && trace.contains("postgres.crm"),
+        "{trace}"
+    );
+
+    // Task end: no new login, and the open session is terminated.
+    w.ok(&["task", "end", &task]);
+    let conn = login_conn(&l);
+    wait_until("new logins refused", Duration::from_secs(15), || {
+        let conn = conn.clone();
+        async move { connect(&conn).await.is_err() }
+    })
+    .await;
+    wait_until(
+        "the open session terminated",
+        Duration::from_secs(15),
+        || {
+            let s = &session;
+            async move { s.simple_query("SELECT 1").await.is_err() }
+        },
+    )
+    .await;
+    wait_until("the role dropped", Duration::from_secs(15), || {
+        let (a, r) = (&admin, role.clone());
+        async move { !role_exists(a, &r).await }
+    })
+    .await;
+
+    // Expiry with no revocation: the sweep reaps it.
+    let (_t2, short) = task_with(&w, &["dataset:crm:read"], "4s", "short");
+    let l2 = lease(&w, &short, "postgres.crm");
+    let role2 = l2["material"]["username"].as_str().unwrap().to_owned();
+    assert!(role_exists(&admin, &role2).await);
+    connect(&login_conn(&l2))
+        .await
+        .expect("short lease logs in");
+    wait_until(
+        "the expired lease reaped by the sweep",
+        Duration::from_secs(30),
+        || {
+            let (a, r) = (&admin, role2.clone());
+            async move { !role_exists(a, &r).await }
+        },
+    )
+    .await;
+    assert!(connect(&login_conn(&l2)).await.is_err());
+    let log = w.c.broker.as_ref().unwrap().log_text();
+    assert!(log.contains("expired secret leases reaped"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_key_is_introspected_live_then_inactive_after_task_end() {
+    let w = world_with_broker_args(vec!["--secret-sweep-interval".into(), "1s".into()]);
+    // A tool server's identity for introspection: another task's credential.
+    let (_t, tool) = task_with(&w, &["tool:crm.search:read"], "10m", "tool-id");
+    let (task, cred) = task_with(&w, &["secret:apikey:issue"], "10m", "keyholder");
+    let l = lease(&w, &cred, "apikey");
+    let key = l["material"]["key"].as_str().unwrap().to_owned();
+    assert!(key.starts_with("bk_"), "{l}");
+    let introspect = |key: &str| {
+        w.json(&[
+            "secret",
+            "introspect",
+            "--credential",
+            tool.to_str().unwrap(),
+            "--key",
+            key,
+            "-o",
+            "json",
+        ])
+    };
+    let live = introspect(&key);
+    assert_eq!(live["active"], true, "{live}");
+    assert_eq!(live["task_id"], task.as_str());
+    assert_eq!(live["agent"], PLANNER);
+    assert_eq!(introspect("bk_not-a-key")["active"], false);
+
+    // Without the permission: refused.
+    let err = w.refused(&[
+        "secret",
+        "lease",
+        "--credential",
+        tool.to_str().unwrap(),
+        "--engine",
+        "apikey",
+    ]);
+    assert!(
+        err.contains("missing_permission") && err.contains("secret:apikey:issue"),
+        "{err}"
+    );
+
+    w.ok(&["task", "end", &task]);
+    let dead = introspect(&key);
+    assert_eq!(dead["active"], false, "{dead}");
+    assert!(dead.get("task_id").is_none(), "{dead}");
+}
