@@ -223,3 +223,35 @@ fn flushall_and_restart_bring_nothing_back_and_redis_down_fails_closed() {
         "a revoked credential came back after a Redis restart"
     );
 }
+
+#[test]
+fn the_revocation_service_keeps_the_feed_alive_on_its_own() {
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = crate::harness::baton();
+    cmd.args([
+        "revocation",
+        "--redis",
+        &redis.url,
+        "--heartbeat",
+        "200ms",
+        "--check-every",
+        "200ms",
+    ]);
+    let _svc = crate::harness::Proc::spawn("revocation", cmd, dir.path().join("revocation.log"));
+    // Heartbeats appear on the stream with no broker running.
+    wait_for(
+        "heartbeats from `baton revocation`",
+        Duration::from_secs(20),
+        || {
+            let n: u64 = redis
+                .cli(&["XLEN", "baton:revocations"])
+                .trim()
+                .parse()
+                .unwrap_or(0);
+            (n >= 3).then_some(())
+        },
+    );
+    let last = redis.cli(&["XREVRANGE", "baton:revocations", "+", "-", "COUNT", "1"]);
+    assert!(last.contains("hb"), "{last}");
+}

@@ -79,6 +79,9 @@ pub enum Command {
     Dev(DevArgs),
     /// Run the broker (CA, attestation, registration, signing API).
     Broker(Box<BrokerArgs>),
+    /// Run the revocation service beside a shared Redis: heartbeats on the
+    /// feed (so verifiers can tell silence from calm) and store health.
+    Revocation(RevocationArgs),
     /// Run the node daemon serving the SPIFFE Workload API on a Unix socket.
     Agent(AgentArgs),
     /// Join tokens for node attestation.
@@ -250,6 +253,21 @@ pub enum SecretCmd {
         #[arg(long, short = 'o', value_enum, default_value_t)]
         output: OutputFormat,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct RevocationArgs {
+    /// The Redis that brokers write revocations to and verifiers follow.
+    #[arg(long, env = "BATON_REDIS_URL")]
+    pub redis: String,
+    #[arg(long, default_value = "baton")]
+    pub redis_prefix: String,
+    /// How often to publish a heartbeat on the feed.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub heartbeat: Duration,
+    /// How often to check that Redis still holds its data.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub check_every: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -664,6 +682,7 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
         Command::Dev(args) => daemons::dev(args).await,
         Command::Broker(args) => daemons::broker(*args).await,
         Command::Agent(args) => daemons::agent(args).await,
+        Command::Revocation(args) => daemons::revocation(args).await,
         Command::Token(cmd) => admin::token(cmd).await,
         Command::Entry(cmd) => admin::entry(cmd).await,
         Command::Bundle(cmd) => admin::bundle(cmd).await,

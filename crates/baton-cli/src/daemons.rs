@@ -124,6 +124,49 @@ fn delegation_config(
     Ok(())
 }
 
+/// `baton revocation`: the service several brokers and many verifiers
+/// share through one Redis. Brokers register and revoke directly (they own
+/// the durable log and re-seed Redis from it); this process keeps the feed's
+/// heartbeat going independently of any broker and reports the store's
+/// health, warning when Redis lost its data and waits for a broker to
+/// re-seed it.
+pub async fn revocation(args: crate::cli::RevocationArgs) -> Result<()> {
+    use baton_revocation::RevocationStore;
+    let store = baton_revocation::RedisStore::connect(&args.redis, &args.redis_prefix)
+        .await
+        .map_err(|e| exit(crate::cli::EXIT_UNREACHABLE, format!("--redis: {e}")))?;
+    let _heartbeat = baton_revocation::Heartbeat::spawn(store.clone(), args.heartbeat);
+    tracing::info!(prefix = %args.redis_prefix, heartbeat = ?args.heartbeat, "revocation service running");
+    let mut lost = false;
+    let watch = async {
+        loop {
+            match store.health().await {
+                Ok(h) if h.empty_since_seed => {
+                    if !lost {
+                        tracing::warn!(
+                            "Redis lost its revocation data; verifiers stay fail-closed until a broker re-seeds it"
+                        );
+                    }
+                    lost = true;
+                }
+                Ok(h) => {
+                    if lost {
+                        tracing::info!(epoch = %h.epoch, "revocation store re-seeded");
+                    }
+                    lost = false;
+                }
+                Err(e) => tracing::warn!(error = %e, "revocation store unreachable"),
+            }
+            tokio::time::sleep(args.check_every).await;
+        }
+    };
+    tokio::select! {
+        () = terminate_signal() => {}
+        () = watch => {}
+    }
+    Ok(())
+}
+
 fn parse_mode(s: &str) -> Result<u32> {
     u32::from_str_radix(s, 8)
         .ok()
