@@ -25,6 +25,8 @@ use baton_core::{Permission, Scope, Secret, SpiffeId, TaskId};
 
 mod apikey;
 mod postgres;
+#[cfg(feature = "test-support")]
+pub mod testing;
 
 pub use apikey::{ApiKeyEngine, Introspection};
 pub use postgres::{PgTemplate, PostgresEngine};
