@@ -32,23 +32,22 @@ impl World {
     /// With a Redis URL, the broker keeps revocations there and the tool
     /// server follows its feed (stale after 2 s).
     pub fn start_with(redis: Option<&str>) -> Self {
-        let mut opts = Options::default();
+        Self::start_with_args(redis, Vec::new())
+    }
+
+    /// `start_with`, plus extra `baton broker` arguments.
+    pub fn start_with_args(redis: Option<&str>, mut broker_args: Vec<String>) -> Self {
         let mut tool_args: Vec<String> = Vec::new();
         if let Some(url) = redis {
-            opts.broker_args = vec![];
             tool_args = vec![
                 "--redis".into(),
                 url.into(),
                 "--stale-after".into(),
                 "2s".into(),
             ];
+            broker_args.extend(["--redis".to_owned(), url.to_owned()]);
         }
-        let c = Cluster::start_with_broker_args(
-            opts,
-            redis
-                .map(|u| vec!["--redis".to_owned(), u.to_owned()])
-                .unwrap_or_default(),
-        );
+        let c = Cluster::start_with_broker_args(Options::default(), broker_args);
         // The tool server's entry first, so it is the default SVID of a
         // process of this uid (the agent answers in entry order).
         c.register("/tools/crm", &[]);

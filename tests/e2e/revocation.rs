@@ -149,6 +149,11 @@ fn task_end_purpose_change_and_kill_switch() {
             "not a credential id",
         ),
         (vec!["revoke", "task", "task-xyz"], "task"),
+        // A well-formed task id this broker never issued (another tenant's).
+        (
+            vec!["revoke", "task", "task-0123456789abcdef0123456789abcdef"],
+            "no task with id",
+        ),
         (
             vec!["revoke", "agent", "spiffe://other.org/agents/x"],
             "another trust domain",

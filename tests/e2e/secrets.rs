@@ -17,37 +17,12 @@ use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
 use crate::delegation::{PLANNER, World};
-use crate::harness::{Cluster, Options, Proc, baton, wait_for};
 
 use baton_secrets::testing::{Pg, connect};
 
 /// The World of the delegation tests, with extra `baton broker` arguments.
 fn world_with_broker_args(args: Vec<String>) -> World {
-    let c = Cluster::start_with_broker_args(Options::default(), args);
-    c.register("/tools/crm", &[]);
-    c.register("/agents/planner", &[]);
-    c.register("/agents/researcher", &[]);
-    let ready = c.path("tool.addr");
-    let mut cmd = baton();
-    cmd.args(["example", "tool-server", "--audience", "crm"])
-        .arg("--socket")
-        .arg(c.agent_socket())
-        .arg("--broker-url")
-        .arg(format!("https://{}", c.broker_addr))
-        .arg("--spool")
-        .arg(c.path("tool-spool"))
-        .arg("--ready-file")
-        .arg(&ready);
-    let mut tool = Proc::spawn("tool-server", cmd, c.path("tool.log"));
-    let addr = wait_for("tool server ready", Duration::from_secs(60), || {
-        assert!(tool.is_running(), "tool server exited: {}", tool.log_text());
-        std::fs::read_to_string(&ready).ok()
-    });
-    World {
-        c,
-        _tool: tool,
-        tool_url: format!("https://{addr}"),
-    }
+    World::start_with_args(None, args)
 }
 
 /// A task with `scope` whose root agent (the planner) redeemed its grant.
