@@ -81,6 +81,28 @@ fn task_end_purpose_change_and_kill_switch() {
         "the ended task's planner cannot hop"
     );
 
+    // Revoking a holder's subtree kills the grants it handed out but that
+    // were not redeemed yet.
+    let (_t4, p4, _r4) = chain(&w, "t4");
+    let hop = w.delegate(&p4, RESEARCHER, READ, &[]);
+    let pending: serde_json::Value = serde_json::from_slice(&hop.stdout).unwrap();
+    let jti = crate::delegation::claims(&p4)["jti"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    w.ok(&["revoke", "subtree", &jti]);
+    let err = w.refused(&[
+        "grant",
+        "redeem",
+        "--grant",
+        pending["grant"].as_str().unwrap(),
+        "--spiffe-id",
+        RESEARCHER,
+        "--out",
+        w.c.path("t4-late").to_str().unwrap(),
+    ]);
+    assert!(err.contains("revoked"), "{err}");
+
     // Purpose change: old credentials rejected; new grants work again.
     let (t3, p3, r3) = chain(&w, "t3");
     w.ok(&["task", "set-purpose", &t3, "support.case-update"]);
@@ -180,6 +202,13 @@ fn flushall_and_restart_bring_nothing_back_and_redis_down_fails_closed() {
     // FLUSHALL: the broker re-seeds from its durable log; the revoked
     // credential never works again, the live one recovers.
     assert!(redis.cli(&["FLUSHALL"]).contains("OK"));
+    wait_for("the broker re-seeds Redis", Duration::from_secs(20), || {
+        redis
+            .cli(&["EXISTS", "baton:epoch"])
+            .trim()
+            .eq("1")
+            .then_some(())
+    });
     wait_for(
         "live credential works after re-seed",
         Duration::from_secs(20),
@@ -192,9 +221,25 @@ fn flushall_and_restart_bring_nothing_back_and_redis_down_fails_closed() {
 
     // Redis down: the broker refuses issuance with a clear error; the
     // verifier denies once the feed is stale.
+    let (_t3, grant) = w.start_task(READ, "2", "10m", "read");
     redis.stop();
-    let (task, grant) = w.start_task(READ, "2", "10m", "read");
-    let _ = task;
+    // A new task cannot even start: its grant cannot be registered.
+    let err = w.refused(&[
+        "task",
+        "start",
+        "--user",
+        "alice@example.com",
+        "--root-agent",
+        PLANNER,
+        "--purpose",
+        "support.case-research",
+        "--scope",
+        "tool:crm.search:read",
+        "--audience",
+        "crm",
+    ]);
+    assert!(err.contains("revocation service unavailable"), "{err}");
+    // Nor is a task credential issued for a grant made before the outage.
     let out = w.run(&[
         "grant",
         "redeem",

@@ -176,6 +176,25 @@ impl Delegation {
         })
     }
 
+    /// The revocation-store record of a grant: under its task, minted from
+    /// the holder's token (so revoking the holder's subtree kills it).
+    pub fn grant_credential(&self, grant: &HandoffGrant) -> Result<CredentialRecord, BrokerError> {
+        let d = digest(grant.grant.expose());
+        let (g, _) = self
+            .tasks
+            .get_grant(&d)?
+            .ok_or_else(|| BrokerError::Hook("a grant just stored is missing".into()))?;
+        Ok(CredentialRecord {
+            id: d,
+            kind: CredKind::Grant,
+            task: Some(g.task_id),
+            agent: Some(g.target),
+            node: None,
+            parent: g.parent.map(|p| p.jti),
+            expires_at: g.expires_at,
+        })
+    }
+
     /// Starts a task for the human whose ID token is presented.
     pub fn start_task(
         &self,
@@ -518,6 +537,16 @@ impl Delegation {
         let Some((grant, _used)) = self.tasks.get_grant(&d)? else {
             return Err(refuse("grant_unknown", "grant is unknown"));
         };
+        // Fail closed: an unreadable revocation table counts as revoked.
+        if self.revoker.durably_revoked(&d, now_s).unwrap_or(true) {
+            let mut ev = self.event(EventKind::Redeemed, &grant.task_id, now_s);
+            ev.actor = Some(req.spiffe_id.clone());
+            ev.target = Some(grant.target.clone());
+            ev.decision = Some("refused".into());
+            ev.reason = Some("grant_revoked: the grant was revoked".into());
+            self.append(&ev)?;
+            return Err(refuse("grant_revoked", "the grant was revoked"));
+        }
         let mut ev = self.event(EventKind::Redeemed, &grant.task_id, now_s);
         ev.actor = Some(req.spiffe_id.clone());
         ev.target = Some(grant.target.clone());

@@ -51,10 +51,9 @@ pub fn node_routes(
         .and(with(d.clone()))
         .and(json_body())
         .and_then(|d: Arc<Delegation>, body: Bytes| async move {
-            respond(
-                parse_body::<StartTaskRequest>(&body)
-                    .and_then(|req| d.start_task(&req, SystemTime::now())),
-            )
+            let started = parse_body::<StartTaskRequest>(&body)
+                .and_then(|req| d.start_task(&req, SystemTime::now()));
+            respond(register_start(&d, started).await)
         });
     let delegate = warp::path!("v1" / "delegate")
         .and(warp::post())
@@ -67,10 +66,11 @@ pub fn node_routes(
              id: Option<PeerIdentity>,
              cert: Option<PeerCertificate>,
              body: Bytes| async move {
-                respond(peer_cert(id, cert).and_then(|peer| {
+                let granted = peer_cert(id, cert).and_then(|peer| {
                     let req = parse_body::<DelegateRequest>(&body)?;
                     d.delegate(&peer, &req, SystemTime::now())
-                }))
+                });
+                respond(register_grant(&d, granted).await)
             },
         );
     let redeem = warp::path!("v1" / "node" / "redeem")
@@ -128,6 +128,28 @@ pub fn node_routes(
         .unify()
         .or(report)
         .unify()
+}
+
+/// Registers a new grant with the revocation store before it is handed out.
+async fn register_grant(
+    d: &Delegation,
+    granted: Result<baton_core::api::HandoffGrant, BrokerError>,
+) -> Result<baton_core::api::HandoffGrant, BrokerError> {
+    let grant = granted?;
+    let rec = d.grant_credential(&grant)?;
+    d.revoker()
+        .register(&[rec], crate::oidc::unix_now())
+        .await?;
+    Ok(grant)
+}
+
+async fn register_start(
+    d: &Delegation,
+    started: Result<baton_core::api::StartTaskResponse, BrokerError>,
+) -> Result<baton_core::api::StartTaskResponse, BrokerError> {
+    let mut resp = started?;
+    resp.grant = register_grant(d, Ok(resp.grant)).await?;
+    Ok(resp)
 }
 
 /// One report or `{"reports": [...]}`.
@@ -207,10 +229,9 @@ pub fn admin_routes(
         .and(with(d.clone()))
         .and(json_body())
         .and_then(|d: Arc<Delegation>, body: Bytes| async move {
-            respond(
-                parse_body::<StartTaskRequest>(&body)
-                    .and_then(|req| d.start_task(&req, SystemTime::now())),
-            )
+            let started = parse_body::<StartTaskRequest>(&body)
+                .and_then(|req| d.start_task(&req, SystemTime::now()));
+            respond(register_start(&d, started).await)
         });
     let list = warp::path!("v1" / "admin" / "tasks")
         .and(warp::get())
@@ -242,10 +263,9 @@ pub fn admin_routes(
         .and(with(d.clone()))
         .and(json_body())
         .and_then(|id: String, d: Arc<Delegation>, body: Bytes| async move {
-            respond(
-                parse_body::<RegrantBody>(&body)
-                    .and_then(|b| d.regrant(&id, b.audience, SystemTime::now())),
-            )
+            let granted = parse_body::<RegrantBody>(&body)
+                .and_then(|b| d.regrant(&id, b.audience, SystemTime::now()));
+            respond(register_grant(&d, granted).await)
         });
     let revoke = warp::path!("v1" / "admin" / "revoke")
         .and(warp::post())
