@@ -91,9 +91,9 @@ pub struct BundleView {
     pub x509_der: Vec<u8>,
     /// JWKS JSON (`{"keys": [...]}`) with a `kid` on every JWT key.
     pub jwks_json: Vec<u8>,
-    /// The SPIFFE bundle JSON as the broker sent it; kept to validate JWTs
-    /// and to notice changes.
-    pub spiffe_json: serde_json::Value,
+    /// The parsed bundle, parsed once per sync: JWT-SVIDs are validated
+    /// against it without re-reading JSON per call.
+    pub trust: std::sync::Arc<baton_ca::TrustBundle>,
 }
 
 /// An immutable view of everything the node serves.

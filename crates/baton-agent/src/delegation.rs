@@ -431,7 +431,7 @@ mod tests {
             trust_domain: td(),
             x509_der: trust.x509_authorities_concat_der(),
             jwks_json: trust.jwks_json(),
-            spiffe_json: serde_json::json!({"keys": []}),
+            trust: Arc::new(trust.clone()),
         };
         let (_tx, rx) = watch::channel(Arc::new(Snapshot::new(
             entries,

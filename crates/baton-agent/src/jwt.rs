@@ -5,7 +5,6 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, UNIX_EPOCH};
 
-use baton_ca::TrustBundle;
 use baton_core::{Entry, Secret};
 use tonic::Status;
 
@@ -82,12 +81,10 @@ impl JwtAuthority for BrokerJwt {
         bundle: &BundleView,
         now: u64,
     ) -> Result<JwtClaims, String> {
-        let bundle = TrustBundle::from_spiffe_json(&bundle.trust_domain, &bundle.spiffe_json)
-            .map_err(|e| format!("the node's trust bundle is unusable: {e}"))?;
         let v = baton_ca::jwt::validate_jwt_svid(
             token,
             audience,
-            &[bundle],
+            std::slice::from_ref(bundle.trust.as_ref()),
             UNIX_EPOCH + Duration::from_secs(now),
         )
         .map_err(|e| e.to_string())?;

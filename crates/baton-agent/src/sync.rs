@@ -98,7 +98,7 @@ impl Syncer {
             trust_domain: td,
             x509_der: bundle.x509_authorities_concat_der(),
             jwks_json: bundle.jwks_json(),
-            spiffe_json: resp.bundle,
+            trust: std::sync::Arc::new(bundle),
         };
 
         let current = Arc::clone(&self.tx.borrow());

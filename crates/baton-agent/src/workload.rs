@@ -497,7 +497,13 @@ mod tests {
             trust_domain: TrustDomain::new("example.org").unwrap(),
             x509_der: vec![tag; 3],
             jwks_json: format!(r#"{{"keys":[],"tag":{tag}}}"#).into_bytes(),
-            spiffe_json: serde_json::json!({"keys": []}),
+            trust: std::sync::Arc::new(baton_ca::TrustBundle {
+                trust_domain: TrustDomain::new("example.org").unwrap(),
+                x509_authorities: vec![],
+                jwt_authorities: vec![],
+                sequence: u64::from(tag),
+                refresh_hint_secs: 0,
+            }),
         }
     }
 

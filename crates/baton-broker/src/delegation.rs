@@ -12,7 +12,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use baton_audit::{AuditEvent, AuditLog, EventKind, Receipt};
 
@@ -30,7 +30,10 @@ use baton_revocation::{CredKind, CredentialRecord};
 
 use crate::oidc::{DevIssuer, OidcVerifier};
 use crate::revocation::Revoker;
-use crate::service::{AuthenticatedNode, Broker, BrokerError, CredentialKind, IssuedCredential};
+use crate::service::{
+    AuthenticatedNode, Broker, BrokerError, CredentialKind, IssuedCredential, random_bytes,
+    random_hex, token_digest, unix,
+};
 use crate::tasks::{GrantRecord, GrantRefusal, TaskRecord, TaskStore, TokenRecord};
 
 /// Bounds on what tasks and hops may ask for.
@@ -70,24 +73,6 @@ pub struct Delegation {
     tokens: TokenVerifier,
     settings: DelegationSettings,
     revoker: Arc<Revoker>,
-}
-
-fn unix(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
-fn random_hex(n: usize) -> Result<String, BrokerError> {
-    let mut buf = vec![0u8; n];
-    aws_lc_rs::rand::fill(&mut buf)
-        .map_err(|_| BrokerError::Hook("system random generator failed".into()))?;
-    Ok(hex::encode(buf))
-}
-
-fn digest(secret: &str) -> String {
-    hex::encode(aws_lc_rs::digest::digest(
-        &aws_lc_rs::digest::SHA256,
-        secret.as_bytes(),
-    ))
 }
 
 fn refuse(code: &'static str, message: impl Into<String>) -> BrokerError {
@@ -166,8 +151,8 @@ impl Delegation {
     }
 
     fn new_grant(&self, g: GrantRecord) -> Result<HandoffGrant, BrokerError> {
-        let secret = format!("bg_{}", random_hex(32)?);
-        self.tasks.insert_grant(&digest(&secret), &g)?;
+        let secret = format!("bg_{}", random_hex::<32>()?);
+        self.tasks.insert_grant(&token_digest(&secret), &g)?;
         Ok(HandoffGrant {
             grant: Secret::new(secret),
             task_id: g.task_id,
@@ -179,7 +164,7 @@ impl Delegation {
     /// The revocation-store record of a grant: under its task, minted from
     /// the holder's token (so revoking the holder's subtree kills it).
     pub fn grant_credential(&self, grant: &HandoffGrant) -> Result<CredentialRecord, BrokerError> {
-        let d = digest(grant.grant.expose());
+        let d = token_digest(grant.grant.expose());
         let (g, _) = self
             .tasks
             .get_grant(&d)?
@@ -243,7 +228,7 @@ impl Delegation {
         if req.audience.is_empty() {
             return Err(bad("audience", "audience must list at least one value"));
         }
-        let id = TaskId::from_random(random_bytes()?);
+        let id = TaskId::from_random(random_bytes::<16>()?);
         let task = TaskRecord {
             id: id.clone(),
             initiator: initiator.sub.clone(),
@@ -531,7 +516,7 @@ impl Delegation {
                 format!("node {} does not serve {}", node.id(), req.spiffe_id),
             ));
         }
-        let d = digest(req.grant.expose());
+        let d = token_digest(req.grant.expose());
         // Look before burning: a redeem by the wrong workload must not
         // destroy the grant for the right one.
         let Some((grant, _used)) = self.tasks.get_grant(&d)? else {
@@ -610,7 +595,7 @@ impl Delegation {
             .first()
             .ok_or_else(|| BrokerError::Hook("CA returned an empty chain".into()))?;
         let exp = exp.min(unix(issued.not_after));
-        let jti = random_hex(16)?;
+        let jti = random_hex::<16>()?;
         let act = Actor {
             sub: req.spiffe_id.clone(),
             jti: jti.clone(),
@@ -833,11 +818,4 @@ impl Delegation {
             "public_key": base64::engine::general_purpose::STANDARD.encode(self.audit.public_key()),
         })
     }
-}
-
-fn random_bytes() -> Result<[u8; 16], BrokerError> {
-    let mut b = [0u8; 16];
-    aws_lc_rs::rand::fill(&mut b)
-        .map_err(|_| BrokerError::Hook("system random generator failed".into()))?;
-    Ok(b)
 }

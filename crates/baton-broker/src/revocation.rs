@@ -13,7 +13,7 @@ use baton_revocation::{CredKind, CredentialRecord, RevocationStore, Revoked, Tar
 use rusqlite::{OptionalExtension, params};
 
 use crate::service::BrokerError;
-use crate::store::{SqliteStore, StoreError};
+use crate::store::{SqliteStore, StoreError, to_i64};
 use crate::tasks::TaskStore;
 
 /// What an operator asks to revoke (the admin API's body).
@@ -326,10 +326,6 @@ impl Revoker {
             }
         })
     }
-}
-
-fn to_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 /// The broker's own revocation check for tokens presented at a hop: its

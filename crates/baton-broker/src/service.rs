@@ -131,18 +131,23 @@ pub(crate) fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-fn token_digest(token: &str) -> String {
+/// Hex SHA-256 of a secret (join tokens, grants): what is stored instead of it.
+pub(crate) fn token_digest(token: &str) -> String {
     hex::encode(aws_lc_rs::digest::digest(
         &aws_lc_rs::digest::SHA256,
         token.as_bytes(),
     ))
 }
 
-fn random_hex(bytes: usize) -> Result<String, BrokerError> {
-    let mut buf = vec![0u8; bytes];
+pub(crate) fn random_bytes<const N: usize>() -> Result<[u8; N], BrokerError> {
+    let mut buf = [0u8; N];
     aws_lc_rs::rand::fill(&mut buf)
         .map_err(|_| BrokerError::Hook("system random generator failed".into()))?;
-    Ok(hex::encode(buf))
+    Ok(buf)
+}
+
+pub(crate) fn random_hex<const N: usize>() -> Result<String, BrokerError> {
+    Ok(hex::encode(random_bytes::<N>()?))
 }
 
 impl Broker {
@@ -224,10 +229,10 @@ impl Broker {
             }
             None => self
                 .trust_domain()
-                .id(&format!("/baton/node/{}", random_hex(8)?))
+                .id(&format!("/baton/node/{}", random_hex::<8>()?))
                 .map_err(|e| BrokerError::bad("node_id", e.to_string()))?,
         };
-        let token = random_hex(32)?;
+        let token = random_hex::<32>()?;
         let expires_at = unix(now) + ttl.as_secs();
         self.store
             .insert_join_token(&token_digest(&token), &node_id, expires_at)?;

@@ -246,7 +246,8 @@ fn corrupt(table: &'static str, e: impl std::fmt::Display) -> StoreError {
     }
 }
 
-fn to_i64(v: u64) -> i64 {
+/// SQLite integers are signed; times past i64 saturate.
+pub(crate) fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 

@@ -8,7 +8,7 @@ use baton_core::{Actor, ParentRef, Purpose, RiskTier, Scope, SpiffeId, TaskId};
 use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
-use crate::store::{SqliteStore, StoreError};
+use crate::store::{SqliteStore, StoreError, to_i64};
 
 /// A task as the broker keeps it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,10 +106,6 @@ fn dec<T: for<'de> Deserialize<'de>>(table: &'static str, s: &str) -> Result<T, 
     })
 }
 
-fn i(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
 /// Task storage. Implemented by the SQLite store; a later PostgreSQL store
 /// implements it too.
 pub trait TaskStore: Send + Sync + std::fmt::Debug {
@@ -139,7 +135,7 @@ impl TaskStore for SqliteStore {
         self.with(|c| {
             c.execute(
                 "INSERT INTO tasks (id, record, created_at) VALUES (?1, ?2, ?3)",
-                params![t.id.as_str(), record, i(t.created_at)],
+                params![t.id.as_str(), record, to_i64(t.created_at)],
             )?;
             Ok(())
         })
@@ -182,7 +178,7 @@ impl TaskStore for SqliteStore {
         self.with(|c| {
             c.execute(
                 "INSERT INTO grants (digest, task_id, record, expires_at) VALUES (?1, ?2, ?3, ?4)",
-                params![digest, g.task_id.as_str(), record, i(g.expires_at)],
+                params![digest, g.task_id.as_str(), record, to_i64(g.expires_at)],
             )?;
             Ok(())
         })
@@ -221,12 +217,12 @@ impl TaskStore for SqliteStore {
             if used_at.is_some() {
                 return Ok(Err(GrantRefusal::Used));
             }
-            if i(now) >= expires_at {
+            if to_i64(now) >= expires_at {
                 return Ok(Err(GrantRefusal::Expired));
             }
             tx.execute(
                 "UPDATE grants SET used_at = ?2 WHERE digest = ?1",
-                params![digest, i(now)],
+                params![digest, to_i64(now)],
             )?;
             tx.commit()?;
             Ok(Ok(record))
@@ -277,7 +273,7 @@ impl TaskStore for SqliteStore {
         self.with(|c| {
             c.execute(
                 "INSERT OR IGNORE INTO tool_reports (report_id, audit_index) VALUES (?1, ?2)",
-                params![report_id, i(index)],
+                params![report_id, to_i64(index)],
             )?;
             Ok(())
         })
