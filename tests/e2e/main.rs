@@ -14,5 +14,6 @@ mod identity;
 mod refusals;
 mod restart;
 mod revocation;
+mod rotation;
 mod secrets;
 mod tls_resumption;

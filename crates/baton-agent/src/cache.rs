@@ -52,7 +52,13 @@ pub struct CachedSvid {
     pub not_before: u64,
     /// Unix seconds.
     pub not_after: u64,
+    /// The X.509 authority that signed it (the leaf's authorityKeyIdentifier).
+    pub authority_id: Option<String>,
 }
+
+/// Ids of the broker's tainted authorities, shared by the sync loop (which
+/// learns them), the renewal loop and the JWT-SVID cache.
+pub type Tainted = Arc<Vec<String>>;
 
 /// `fraction` of the way from issuance to expiry. The broker's CA
 /// back-dates NotBefore (clock skew), so issuance is NotBefore plus that
@@ -166,12 +172,18 @@ pub fn entries_to_sign<'a>(
     current: &Snapshot,
     now: u64,
     fraction: f64,
+    tainted: &[String],
 ) -> Vec<&'a Entry> {
     entries
         .iter()
         .filter(|e| match current.svid(&e.id) {
             None => true,
-            Some(s) => s.entry != **e || now >= s.rotate_at(fraction) || now >= s.not_after,
+            Some(s) => {
+                s.entry != **e
+                    || now >= s.rotate_at(fraction)
+                    || now >= s.not_after
+                    || s.authority_id.as_ref().is_some_and(|a| tainted.contains(a))
+            }
         })
         .collect()
 }
@@ -211,6 +223,8 @@ pub struct CachedJwt {
     pub token: Secret,
     pub issued_at: u64,
     pub expires_at: u64,
+    /// The signing key's id, from the token header.
+    pub kid: Option<String>,
 }
 
 impl CachedJwt {
@@ -232,10 +246,18 @@ impl JwtCache {
         (entry.clone(), audience.iter().cloned().collect())
     }
 
-    pub fn get(&self, entry: &EntryId, audience: &[String], now: u64) -> Option<Secret> {
+    /// A cached token that is fresh and not signed by a tainted key.
+    pub fn get(
+        &self,
+        entry: &EntryId,
+        audience: &[String],
+        now: u64,
+        tainted: &[String],
+    ) -> Option<Secret> {
         self.tokens
             .get(&Self::key(entry, audience))
             .filter(|t| t.fresh_at(now))
+            .filter(|t| t.kid.as_ref().is_none_or(|k| !tainted.contains(k)))
             .map(|t| t.token.clone())
     }
 
@@ -276,6 +298,7 @@ pub(crate) mod tests {
             key: KeyDer::new(vec![tag; 8]),
             not_before,
             not_after,
+            authority_id: None,
         }
     }
 
@@ -288,8 +311,20 @@ pub(crate) mod tests {
         assert_eq!(s.rotate_at(0.8), 1082);
         assert_eq!(s.rotate_at(7.0), 1100);
         let snap = Snapshot::new(vec![e.clone()], None).with_svid(s);
-        assert!(entries_to_sign(snap.entries(), &snap, 1054, 0.5).is_empty());
-        assert_eq!(entries_to_sign(snap.entries(), &snap, 1055, 0.5), vec![&e]);
+        assert!(entries_to_sign(snap.entries(), &snap, 1054, 0.5, &[]).is_empty());
+        assert_eq!(
+            entries_to_sign(snap.entries(), &snap, 1055, 0.5, &[]),
+            vec![&e]
+        );
+        // An SVID of a tainted authority is re-signed at once.
+        let mut tainted_svid = svid(&e, 1000, 1100, 1);
+        tainted_svid.authority_id = Some("aa".into());
+        let snap2 = Snapshot::new(vec![e.clone()], None).with_svid(tainted_svid);
+        assert!(entries_to_sign(snap2.entries(), &snap2, 1001, 0.5, &["bb".into()]).is_empty());
+        assert_eq!(
+            entries_to_sign(snap2.entries(), &snap2, 1001, 0.5, &["aa".into()]),
+            vec![&e]
+        );
         assert_eq!(snap.next_rotation(0.5), Some(1055));
         // A 6 s SVID issued at t=2000 (NotBefore back-dated to 1990) is due
         // at 2003, not the moment it arrives.
@@ -305,7 +340,7 @@ pub(crate) mod tests {
         let mut a2 = a.clone();
         a2.dns_names = vec!["a.internal".into()];
         let wanted = vec![a2.clone(), b.clone()];
-        assert_eq!(entries_to_sign(&wanted, &snap, 1, 0.5), vec![&a2, &b]);
+        assert_eq!(entries_to_sign(&wanted, &snap, 1, 0.5, &[]), vec![&a2, &b]);
     }
 
     #[test]
@@ -355,15 +390,18 @@ pub(crate) mod tests {
                 token: Secret::new("t1"),
                 issued_at: 100,
                 expires_at: 200,
+                kid: Some("k1".into()),
             },
             100,
         );
         let same = vec!["a".to_owned(), "b".to_owned(), "a".to_owned()];
-        assert_eq!(c.get(&id, &same, 149).unwrap().expose(), "t1");
-        assert!(c.get(&id, &same, 150).is_none());
-        assert!(c.get(&id, &["a".to_owned()], 120).is_none());
+        assert_eq!(c.get(&id, &same, 149, &[]).unwrap().expose(), "t1");
+        // A token whose key was tainted is not served again.
+        assert!(c.get(&id, &same, 149, &["k1".into()]).is_none());
+        assert!(c.get(&id, &same, 150, &[]).is_none());
+        assert!(c.get(&id, &["a".to_owned()], 120, &[]).is_none());
         c.retain_entries(&BTreeSet::new());
-        assert!(c.get(&id, &same, 120).is_none());
+        assert!(c.get(&id, &same, 120, &[]).is_none());
     }
 
     #[test]

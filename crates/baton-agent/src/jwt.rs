@@ -17,13 +17,20 @@ use crate::workload::{JwtAuthority, JwtClaims};
 pub struct BrokerJwt {
     client: Arc<BrokerClient>,
     cache: Mutex<JwtCache>,
+    tainted: tokio::sync::watch::Receiver<crate::cache::Tainted>,
 }
 
 impl BrokerJwt {
-    pub fn new(client: Arc<BrokerClient>) -> Self {
+    /// Mints through `client`; cached tokens signed by a key in `tainted`
+    /// are not served again.
+    pub fn new(
+        client: Arc<BrokerClient>,
+        tainted: tokio::sync::watch::Receiver<crate::cache::Tainted>,
+    ) -> Self {
         Self {
             client,
             cache: Mutex::new(JwtCache::default()),
+            tainted,
         }
     }
 
@@ -31,6 +38,17 @@ impl BrokerJwt {
         // The cache holds no invariant a panic could break half-way.
         self.cache.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// The `kid` of a compact JWS's header.
+fn header_kid(token: &str) -> Option<String> {
+    use base64::Engine as _;
+    let header = token.split('.').next()?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header)
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    v.get("kid")?.as_str().map(str::to_owned)
 }
 
 fn to_status(e: &ClientError) -> Status {
@@ -50,7 +68,8 @@ impl JwtAuthority for BrokerJwt {
         audience: &[String],
         now: u64,
     ) -> Result<Secret, Status> {
-        if let Some(token) = self.cache().get(&entry.id, audience, now) {
+        let tainted = Arc::clone(&self.tainted.borrow());
+        if let Some(token) = self.cache().get(&entry.id, audience, now, &tainted) {
             return Ok(token);
         }
         let resp = self
@@ -68,6 +87,7 @@ impl JwtAuthority for BrokerJwt {
                 token: resp.token.clone(),
                 issued_at: now,
                 expires_at: resp.expires_at,
+                kid: header_kid(resp.token.expose()),
             },
             now,
         );

@@ -210,6 +210,7 @@ pub async fn run(
     let node_id = node_svid.spiffe_id.clone();
 
     let (cache_tx, cache_rx) = watch::channel(Arc::new(Snapshot::default()));
+    let (tainted_tx, tainted_rx) = watch::channel(Arc::new(Vec::new()));
     let mut syncer = Syncer::new(
         Arc::clone(&client),
         store.clone(),
@@ -219,6 +220,7 @@ pub async fn run(
             rotate_fraction: config.rotate_fraction,
         },
         cache_tx,
+        tainted_tx,
     );
     // One round before serving, so that workloads starting with the agent
     // find their SVIDs at once; the loop retries if the broker is down. It
@@ -237,16 +239,24 @@ pub async fn run(
         Arc::clone(&client),
         node_svid,
         config.rotate_fraction,
+        tainted_rx.clone(),
         stop_rx,
     ));
 
-    let served = serve(&config, &node_id, cache_rx, client, ready, async move {
-        shutdown.await;
-        tracing::info!("shutting down the node daemon");
-        // Stopping the syncer drops the cache sender, which ends the
-        // open Workload API streams so graceful shutdown can finish.
-        let _ = stop_tx.send(true);
-    })
+    let served = serve(
+        &config,
+        &node_id,
+        (cache_rx, tainted_rx),
+        client,
+        ready,
+        async move {
+            shutdown.await;
+            tracing::info!("shutting down the node daemon");
+            // Stopping the syncer drops the cache sender, which ends the
+            // open Workload API streams so graceful shutdown can finish.
+            let _ = stop_tx.send(true);
+        },
+    )
     .await;
     sync_task.abort();
     renew_task.abort();
@@ -257,7 +267,10 @@ pub async fn run(
 async fn serve(
     config: &AgentConfig,
     node_id: &SpiffeId,
-    cache: watch::Receiver<Arc<Snapshot>>,
+    (cache, tainted): (
+        watch::Receiver<Arc<Snapshot>>,
+        watch::Receiver<cache::Tainted>,
+    ),
     client: Arc<BrokerClient>,
     ready: Option<oneshot::Sender<AgentReady>>,
     shutdown: impl Future<Output = ()> + Send,
@@ -271,7 +284,7 @@ async fn serve(
         Arc::clone(&client),
         client.bundles().clone(),
     );
-    let workload = WorkloadService::new(cache, attestor, Arc::new(BrokerJwt::new(client)));
+    let workload = WorkloadService::new(cache, attestor, Arc::new(BrokerJwt::new(client, tainted)));
     tracing::info!(
         socket = %config.socket_path.display(),
         node = %node_id,

@@ -374,18 +374,36 @@ pub async fn renew_loop(
     client: std::sync::Arc<BrokerClient>,
     mut svid: NodeSvid,
     fraction: f64,
+    mut tainted: tokio::sync::watch::Receiver<crate::cache::Tainted>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut failures: u32 = 0;
+    let mut follow_taints = true;
     loop {
-        let wait = if failures == 0 {
-            until(svid.renew_at(fraction), SystemTime::now())
-        } else {
+        let signer = svid
+            .chain_der
+            .first()
+            .and_then(|leaf| baton_ca::Ca::signer_of(leaf));
+        let is_tainted = signer
+            .as_ref()
+            .is_some_and(|s| tainted.borrow().contains(s));
+        let wait = if failures > 0 {
             backoff(failures - 1, RENEW_RETRY_CAP)
+        } else if is_tainted {
+            tracing::warn!(node = %svid.spiffe_id, "the node SVID's authority is tainted: renewing now");
+            Duration::ZERO
+        } else {
+            until(svid.renew_at(fraction), SystemTime::now())
         };
         tokio::select! {
             biased;
             _ = stop.changed() => return,
+            r = tainted.changed(), if follow_taints => {
+                // Re-evaluate with the new taint list (a closed channel
+                // only means nobody will report taints any more).
+                follow_taints = r.is_ok();
+                continue;
+            }
             () = tokio::time::sleep(wait) => {}
         }
         match renew(&store, &client, &svid).await {

@@ -16,7 +16,9 @@ use baton_core::api::SignX509Item;
 use baton_core::{Entry, TrustDomain};
 use tokio::sync::watch;
 
-use crate::cache::{BundleView, CachedSvid, KeyDer, Snapshot, entries_to_sign, next_snapshot};
+use crate::cache::{
+    BundleView, CachedSvid, KeyDer, Snapshot, Tainted, entries_to_sign, next_snapshot,
+};
 use crate::client::{BrokerClient, ClientError};
 use crate::node::{NodeStore, backoff, unix_now, unix_secs, until};
 
@@ -57,6 +59,7 @@ pub struct Syncer {
     settings: SyncSettings,
     tx: watch::Sender<Arc<Snapshot>>,
     last_bundle: Option<serde_json::Value>,
+    tainted: watch::Sender<Tainted>,
 }
 
 impl Syncer {
@@ -65,6 +68,7 @@ impl Syncer {
         store: NodeStore,
         settings: SyncSettings,
         tx: watch::Sender<Arc<Snapshot>>,
+        tainted: watch::Sender<Tainted>,
     ) -> Self {
         Self {
             client,
@@ -72,6 +76,7 @@ impl Syncer {
             settings,
             tx,
             last_bundle: None,
+            tainted,
         }
     }
 
@@ -101,12 +106,23 @@ impl Syncer {
             trust: std::sync::Arc::new(bundle),
         };
 
+        if **self.tainted.borrow() != resp.tainted {
+            if !resp.tainted.is_empty() {
+                tracing::warn!(authorities = ?resp.tainted, "the broker tainted authorities: re-issuing what they signed");
+            }
+            self.tainted.send_replace(Arc::new(resp.tainted.clone()));
+        }
         let current = Arc::clone(&self.tx.borrow());
-        let to_sign: Vec<Entry> =
-            entries_to_sign(&resp.entries, &current, now, self.settings.rotate_fraction)
-                .into_iter()
-                .cloned()
-                .collect();
+        let to_sign: Vec<Entry> = entries_to_sign(
+            &resp.entries,
+            &current,
+            now,
+            self.settings.rotate_fraction,
+            &resp.tainted,
+        )
+        .into_iter()
+        .cloned()
+        .collect();
         let (fresh, failure) = if to_sign.is_empty() {
             (Vec::new(), None)
         } else {
@@ -164,6 +180,7 @@ impl Syncer {
                     key: KeyDer::new(key.pkcs8_der().to_vec()),
                     not_before: unix_secs(info.not_before),
                     not_after: unix_secs(info.not_after),
+                    authority_id: info.authority_id,
                 });
             }
         }

@@ -595,6 +595,12 @@ impl Delegation {
             .first()
             .ok_or_else(|| BrokerError::Hook("CA returned an empty chain".into()))?;
         let exp = exp.min(unix(issued.not_after));
+        self.broker.rotation().issued(
+            crate::rotation::SlotKind::Task,
+            &issued.serial_hex,
+            &issued.authority_id,
+            exp,
+        );
         let jti = random_hex::<16>()?;
         let act = Actor {
             sub: req.spiffe_id.clone(),

@@ -184,7 +184,9 @@ pub fn node_routes(
         .and(peer())
         .and_then(
             |broker: Arc<Broker>, peer: Option<PeerIdentity>| async move {
-                respond(node_auth(&broker, peer).and_then(|node| broker.sync(&node)))
+                respond(
+                    node_auth(&broker, peer).and_then(|node| broker.sync(&node, SystemTime::now())),
+                )
             },
         );
     let sign_x509 = node_post(
@@ -330,6 +332,8 @@ pub fn admin_routes(
                 .or(delete)
                 .unify()
                 .or(bundle)
+                .unify()
+                .or(crate::rotation::admin_routes(broker.clone()))
                 .unify()
                 .or(crate::http_delegation::admin_routes(delegation))
                 .unify(),

@@ -15,6 +15,7 @@ pub mod http;
 pub mod http_delegation;
 pub mod oidc;
 pub mod revocation;
+pub mod rotation;
 pub mod secrets;
 pub mod service;
 pub mod store;
@@ -118,6 +119,14 @@ pub struct BrokerConfig {
     pub revocation: RevocationBackend,
     /// JIT secret engines (the API-key engine is always on).
     pub secret_engines: secrets::SecretEngineSettings,
+    /// The automatic CA rotation schedule; `None` rotates only on the
+    /// operator's command (expired authorities still leave the bundle).
+    pub rotation: Option<baton_ca::RotationSchedule>,
+    /// How often the schedule is checked.
+    pub rotation_check_every: Duration,
+    /// Run as an intermediate under an existing PKI: (CA certificate chain
+    /// PEM, signing CA key PEM).
+    pub upstream: Option<(PathBuf, PathBuf)>,
 }
 
 /// The revocation store backend.
@@ -157,6 +166,9 @@ impl BrokerConfig {
             },
             revocation: RevocationBackend::Memory,
             secret_engines: secrets::SecretEngineSettings::default(),
+            rotation: Some(baton_ca::RotationSchedule::default()),
+            rotation_check_every: Duration::from_secs(10),
+            upstream: None,
         }
     }
 }
@@ -270,12 +282,30 @@ pub async fn run(
         ),
     };
     let store: Arc<dyn Datastore> = sqlite.clone();
+    let upstream = match &cfg.upstream {
+        Some((cert, key)) => Some(Arc::new(baton_ca::UpstreamAuthority::from_pem_files(
+            cert, key,
+        )?)),
+        None => None,
+    };
+    if let Some(s) = &cfg.rotation {
+        s.validate().map_err(StartError::Internal)?;
+        let lead = cfg.ca_ttl.mul_f64(1.0 - s.activate_at);
+        if cfg.max_svid_ttl > lead {
+            tracing::warn!(
+                max_svid_ttl = ?cfg.max_svid_ttl,
+                ?lead,
+                "SVIDs issued late in an authority's life are cut short at its expiry: keep max SVID TTL below (1 - activate fraction) x CA TTL"
+            );
+        }
+    }
     let ca = Ca::load_or_create(
         CaConfig {
             trust_domain: cfg.trust_domain.clone(),
             ca_ttl: cfg.ca_ttl,
             key_dir,
             max_svid_ttl: cfg.max_svid_ttl,
+            upstream,
         },
         now,
     )?;
@@ -330,6 +360,7 @@ pub async fn run(
         .map_err(|e| StartError::Internal(e.to_string()))?;
     secrets.revoke_leases(&revoked_before).await;
     let sweeper = secrets.spawn_sweeper(cfg.secret_engines.sweep_interval);
+    let jwt_bundles = baton_verify::JwtBundles::new([bundle.clone()]);
     let delegation = Arc::new(delegation::Delegation::new(
         broker.clone(),
         sqlite,
@@ -337,17 +368,16 @@ pub async fn run(
         dev_issuer,
         policy,
         Arc::new(audit),
-        baton_verify::TokenVerifier::for_broker(baton_verify::JwtBundles::new([bundle.clone()]))
+        baton_verify::TokenVerifier::for_broker(jwt_bundles.clone())
             .with_revocation(Arc::new(revocation::DurableCheck(revoker.clone()))),
         cfg.delegation.clone(),
         revoker,
     ));
-    if let Some(dir) = &cfg.data_dir {
-        std::fs::write(dir.join("bundle.pem"), &bundle_pem).map_err(|source| {
-            StartError::DataDir {
-                path: dir.join("bundle.pem"),
-                source,
-            }
+    let bundle_file = cfg.data_dir.as_ref().map(|d| d.join("bundle.pem"));
+    if let Some(path) = &bundle_file {
+        std::fs::write(path, &bundle_pem).map_err(|source| StartError::DataDir {
+            path: path.clone(),
+            source,
         })?;
     }
 
@@ -356,9 +386,23 @@ pub async fn run(
     // the TLS layer; routes then require an attested node.
     let bundles = BundleStore::new();
     bundles.set(cfg.trust_domain.clone(), bundle.x509_authorities.clone());
+    let listener_bundles = bundles.clone();
     let serving_ttl = cfg.agent_svid_ttl;
     let (chain, key) = ca.broker_serving_identity(&cfg.serving_dns_names, serving_ttl, now)?;
-    let identity = ServerIdentity::new(chain, key.expose())?;
+    let identity = ServerIdentity::new(chain.clone(), key.expose())?;
+    if let (Some(by), Ok(info)) = (
+        chain.first().and_then(|leaf| Ca::signer_of(leaf)),
+        baton_ca::leaf_info(&chain),
+    ) {
+        broker.rotation().issued(
+            rotation::SlotKind::Broker,
+            "serving",
+            &by,
+            info.not_after
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        );
+    }
     let tls = baton_tls::server_config(
         identity.clone(),
         bundles,
@@ -419,23 +463,98 @@ pub async fn run(
     let stopped = move |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    // Keep the serving certificate fresh: renew at half-life.
-    let renew_ca = ca.clone();
+    // Keep the serving certificate fresh (renew at half-life), and follow
+    // every change of the CA's keys: the new bundle goes into the node
+    // listener, the delegation verifier and bundle.pem; the serving
+    // certificate is re-issued once its signer is no longer the active,
+    // untainted authority.
+    let watch_broker = broker.clone();
     let dns = cfg.serving_dns_names.clone();
+    let td = cfg.trust_domain.clone();
+    let mut changes = broker.rotation().subscribe();
     let mut renew_stop = stop_rx.clone();
+    let mut serving_chain = chain;
     let renewer = tokio::spawn(async move {
+        let mut renew_at = tokio::time::Instant::now() + serving_ttl / 2;
         loop {
+            let mut due = false;
             tokio::select! {
-                () = tokio::time::sleep(serving_ttl / 2) => {}
+                () = tokio::time::sleep_until(renew_at) => due = true,
+                r = changes.changed() => if r.is_err() { return },
                 _ = renew_stop.wait_for(|s| *s) => return,
             }
-            match renew_ca.broker_serving_identity(&dns, serving_ttl, SystemTime::now()) {
+            let ca = watch_broker.ca();
+            let bundle = ca.bundle();
+            listener_bundles.set(td.clone(), bundle.x509_authorities.clone());
+            jwt_bundles.set(&bundle);
+            if let Some(path) = &bundle_file
+                && let Err(e) = std::fs::write(path, bundle.to_pem())
+            {
+                tracing::warn!(error = %e, path = %path.display(), "cannot rewrite bundle.pem");
+            }
+            let signer = serving_chain.first().and_then(|leaf| Ca::signer_of(leaf));
+            let tainted = ca.tainted_ids();
+            let stale = signer.as_deref() != Some(ca.active_x509_id().as_str())
+                || signer.as_ref().is_some_and(|s| tainted.contains(s));
+            if !(due || stale) {
+                continue;
+            }
+            let now = SystemTime::now();
+            match ca.broker_serving_identity(&dns, serving_ttl, now) {
                 Ok((chain, key)) => {
-                    if let Err(e) = identity.replace(chain, key.expose()) {
-                        tracing::error!(error = %e, "cannot install renewed serving certificate");
+                    if let Some(leaf) = chain.first()
+                        && let (Some(by), Ok(info)) =
+                            (Ca::signer_of(leaf), baton_ca::leaf_info(&chain))
+                    {
+                        watch_broker.rotation().issued(
+                            rotation::SlotKind::Broker,
+                            "serving",
+                            &by,
+                            info.not_after
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .map_or(0, |d| d.as_secs()),
+                        );
+                    }
+                    match identity.replace(chain.clone(), key.expose()) {
+                        Ok(()) => {
+                            serving_chain = chain;
+                            renew_at = tokio::time::Instant::now() + serving_ttl / 2;
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot install renewed serving certificate");
+                        }
                     }
                 }
                 Err(e) => tracing::error!(error = %e, "cannot renew serving certificate"),
+            }
+        }
+    });
+    // The rotation schedule (or, without one, only the pruning of
+    // authorities whose signatures have all expired).
+    let sched_broker = broker.clone();
+    let schedule = cfg.rotation;
+    let check_every = cfg.rotation_check_every;
+    let scheduler = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(check_every).await;
+            let now = SystemTime::now();
+            let result = match &schedule {
+                Some(s) => sched_broker.ca_scheduled_step(s, now).map(|_| ()),
+                None => sched_broker
+                    .ca()
+                    .prune(now)
+                    .map(|events| {
+                        if !events.is_empty() {
+                            sched_broker.rotation().notify();
+                        }
+                    })
+                    .map_err(BrokerError::from),
+            };
+            if let Err(e) = result {
+                tracing::error!(error = %e, "CA rotation step failed");
+            }
+            if let Err(e) = sched_broker.ca().checkpoint() {
+                tracing::warn!(error = %e, "cannot persist the CA journal");
             }
         }
     });
@@ -459,6 +578,7 @@ pub async fn run(
     let _ = stop_tx.send(true);
     let (n, a) = (node.await, admin.await);
     renewer.abort();
+    scheduler.abort();
     reseeder.abort();
     sweeper.abort();
     drop(heartbeat);

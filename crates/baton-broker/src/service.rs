@@ -125,6 +125,7 @@ pub struct Broker {
     store: Arc<dyn Datastore>,
     hook: Arc<dyn IssuanceHook>,
     policy: IssuancePolicy,
+    rotation: crate::rotation::RotationState,
 }
 
 pub(crate) fn unix(t: SystemTime) -> u64 {
@@ -162,7 +163,13 @@ impl Broker {
             store,
             hook,
             policy,
+            rotation: crate::rotation::RotationState::default(),
         }
+    }
+
+    /// What rotation tracks: node syncs, who holds SVIDs of which authority.
+    pub fn rotation(&self) -> &crate::rotation::RotationState {
+        &self.rotation
     }
 
     pub fn trust_domain(&self) -> &TrustDomain {
@@ -374,6 +381,12 @@ impl Broker {
         now: SystemTime,
     ) -> Result<SignedSvid, BrokerError> {
         let expires_at = unix(issued.not_after);
+        self.rotation.issued(
+            crate::rotation::SlotKind::Agent,
+            node_id.as_str(),
+            &issued.authority_id,
+            expires_at,
+        );
         self.record(IssuedCredential {
             kind: CredentialKind::AgentX509Svid,
             spiffe_id: node_id.clone(),
@@ -427,11 +440,18 @@ impl Broker {
         self.issue_agent_svid(&node.id, csr, now)
     }
 
-    pub fn sync(&self, node: &AuthenticatedNode) -> Result<SyncResponse, BrokerError> {
-        Ok(SyncResponse {
+    pub fn sync(
+        &self,
+        node: &AuthenticatedNode,
+        now: SystemTime,
+    ) -> Result<SyncResponse, BrokerError> {
+        let resp = SyncResponse {
             entries: self.store.list_entries_by_parent(&node.id)?,
             bundle: self.ca.bundle().to_spiffe_json(),
-        })
+            tainted: self.ca.tainted_ids(),
+        };
+        self.rotation.synced(&node.id, unix(now));
+        Ok(resp)
     }
 
     fn entitled_entry(&self, node: &AuthenticatedNode, id: &EntryId) -> Result<Entry, BrokerError> {
@@ -489,6 +509,12 @@ impl Broker {
                 )
                 .map_err(csr_error)?;
             let expires_at = unix(issued.not_after);
+            self.rotation.issued(
+                crate::rotation::SlotKind::Workload,
+                &format!("{}:{}", node.id, item.entry_id),
+                &issued.authority_id,
+                expires_at,
+            );
             self.record(IssuedCredential {
                 kind: CredentialKind::WorkloadX509Svid,
                 spiffe_id: entry.spiffe_id.clone(),

@@ -200,21 +200,7 @@ impl TrustBundle {
     /// `CERTIFICATE`); used to bootstrap an agent's trust in the broker.
     /// The result has no JWT authorities and sequence 0.
     pub fn from_pem(td: &TrustDomain, pem: &str) -> Result<TrustBundle, CaError> {
-        let mut x509_authorities = Vec::new();
-        for (i, block) in x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes()).enumerate() {
-            let block = block.map_err(|e| CaError::Pem(format!("block #{i}: {e}")))?;
-            if block.label != "CERTIFICATE" {
-                return Err(CaError::Pem(format!(
-                    "block #{i} is {:?}, expected CERTIFICATE",
-                    block.label
-                )));
-            }
-            parse_cert(&block.contents).map_err(|e| CaError::Pem(format!("block #{i}: {e}")))?;
-            x509_authorities.push(block.contents);
-        }
-        if x509_authorities.is_empty() {
-            return Err(CaError::Pem("no CERTIFICATE block found".into()));
-        }
+        let x509_authorities = pem_certificates(pem).map_err(CaError::Pem)?;
         Ok(TrustBundle {
             trust_domain: td.clone(),
             x509_authorities,
@@ -223,6 +209,27 @@ impl TrustBundle {
             refresh_hint_secs: 0,
         })
     }
+}
+
+/// Every `CERTIFICATE` block of `pem`, in order, each checked to parse;
+/// at least one. The error names the block.
+pub(crate) fn pem_certificates(pem: &str) -> Result<Vec<Vec<u8>>, String> {
+    let mut out = Vec::new();
+    for (i, block) in x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes()).enumerate() {
+        let block = block.map_err(|e| format!("PEM block #{i}: {e}"))?;
+        if block.label != "CERTIFICATE" {
+            return Err(format!(
+                "PEM block #{i} is {:?}, expected CERTIFICATE",
+                block.label
+            ));
+        }
+        parse_cert(&block.contents).map_err(|e| format!("PEM block #{i}: {e}"))?;
+        out.push(block.contents);
+    }
+    if out.is_empty() {
+        return Err("no CERTIFICATE block found".into());
+    }
+    Ok(out)
 }
 
 fn optional_u64(obj: &Map<String, Value>, field: &str) -> Result<u64, CaError> {

@@ -1,33 +1,43 @@
-//! The broker's certificate authority: one self-signed X.509 root per trust
-//! domain that signs X509-SVIDs, and one ES256 key that signs JWT-SVIDs.
+//! The broker's certificate authority: X.509 authorities that sign
+//! X509-SVIDs and ES256 keys that sign JWT-SVIDs and delegation tokens,
+//! each kind rotating through the [journal](crate::journal) (prepared →
+//! active → old, taint, revoke).
 //!
-//! Authorities and JWT keys are held in lists with an active index so that
-//! rotation (prepared → active → old) can be added without changing the
-//! issuing paths; today each list has exactly one element.
+//! Issuance reads one immutable snapshot of the journal (no lock); a
+//! rotation step builds the next snapshot under a mutex, persists it, then
+//! swaps it in.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use arc_swap::ArcSwap;
 use baton_core::{Secret, SpiffeId, TrustDomain};
 use rcgen::string::Ia5String;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PublicKeyData, SanType,
+    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose,
+    PublicKeyData, SanType,
 };
-use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use serde_json::json;
 
 use crate::CaError;
+use crate::authority::{
+    UpstreamAuthority, X509Key, authority_key_id, new_p256_key, p256_key_from_pkcs8,
+};
 use crate::bundle::TrustBundle;
+use crate::journal::{
+    self, AuthorityKind, AuthorityState, AuthorityStatus, Journal, Slot, jwt_key_path,
+    x509_cert_path, x509_key_path,
+};
 use crate::jwt::JwtSigningKey;
 use crate::keystore;
-use crate::time_util::{floor_secs, from_unix_i64, to_offset, unix_secs};
+use crate::time_util::{floor_secs, unix_secs};
 use crate::workload::WorkloadKey;
-use crate::x509::{parse_cert, random_serial, uri_sans, valid_dns_name, verify_csr};
+use crate::x509::{parse_cert, random_serial, valid_dns_name, verify_csr};
 
-/// Default lifetime of the X.509 authority.
+/// Default lifetime of an X.509 authority or JWT key.
 pub const DEFAULT_CA_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Default cap on any SVID's lifetime.
 pub const DEFAULT_MAX_SVID_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -37,21 +47,23 @@ pub const BACKDATE: Duration = Duration::from_secs(10);
 /// Path of the broker's own SPIFFE ID inside its trust domain.
 pub const BROKER_ID_PATH: &str = "/baton/broker";
 
-const X509_KEY_FILE: &str = "x509-authority.key";
-const X509_CERT_FILE: &str = "x509-authority.der";
-const JWT_KEY_FILE: &str = "jwt-authority.key";
+const LEGACY_X509_KEY_FILE: &str = "x509-authority.key";
+const LEGACY_X509_CERT_FILE: &str = "x509-authority.der";
+const LEGACY_JWT_KEY_FILE: &str = "jwt-authority.key";
 
 /// How to build the CA.
 #[derive(Debug, Clone)]
 pub struct CaConfig {
     pub trust_domain: TrustDomain,
-    /// Lifetime of a newly created X.509 authority.
+    /// Lifetime of a newly created X.509 authority or JWT key.
     pub ca_ttl: Duration,
     /// Where keys persist; `None` keeps them in memory only (dev: every
     /// restart makes a new trust bundle).
     pub key_dir: Option<PathBuf>,
     /// Upper bound on any SVID lifetime, whatever a caller asks for.
     pub max_svid_ttl: Duration,
+    /// Run as an intermediate under this PKI instead of a self-signed root.
+    pub upstream: Option<Arc<UpstreamAuthority>>,
 }
 
 impl CaConfig {
@@ -62,8 +74,63 @@ impl CaConfig {
             ca_ttl: DEFAULT_CA_TTL,
             key_dir: None,
             max_svid_ttl: DEFAULT_MAX_SVID_TTL,
+            upstream: None,
         }
     }
+}
+
+/// When the automatic schedule prepares and activates the next authority,
+/// as fractions of the active one's lifetime (SPIRE's defaults: 1/2, 5/6).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RotationSchedule {
+    pub prepare_at: f64,
+    pub activate_at: f64,
+}
+
+impl Default for RotationSchedule {
+    fn default() -> Self {
+        Self {
+            prepare_at: 0.5,
+            activate_at: 5.0 / 6.0,
+        }
+    }
+}
+
+impl RotationSchedule {
+    /// Checks `0 < prepare_at < activate_at < 1`.
+    pub fn validate(&self) -> Result<(), String> {
+        let ok =
+            self.prepare_at > 0.0 && self.prepare_at < self.activate_at && self.activate_at < 1.0;
+        if ok {
+            Ok(())
+        } else {
+            Err(format!(
+                "rotation schedule needs 0 < prepare ({}) < activate ({}) < 1",
+                self.prepare_at, self.activate_at
+            ))
+        }
+    }
+}
+
+/// What a rotation step did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RotationAction {
+    Prepared,
+    Activated,
+    /// The previous active authority became old.
+    Deactivated,
+    Tainted,
+    Revoked,
+    /// An old authority whose signatures all expired left the bundle.
+    Pruned,
+}
+
+/// One change of the journal, for logs and the admin API.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RotationEvent {
+    pub action: RotationAction,
+    pub authority: AuthorityStatus,
 }
 
 /// A private key in PKCS#8 DER that must not reach a log.
@@ -93,85 +160,26 @@ impl fmt::Debug for PrivateKeyBytes {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IssuedSvid {
     pub spiffe_id: SpiffeId,
-    /// Leaf first. For a self-signed root the chain is just the leaf.
+    /// Leaf first, then any intermediates up to (not including) the root.
     pub cert_chain_der: Vec<Vec<u8>>,
     /// Lowercase hex without leading zero bytes, as [`crate::leaf_info`] reports it.
     pub serial_hex: String,
     pub not_after: SystemTime,
-}
-
-/// One X.509 signing authority, parsed once at load so issuance never
-/// re-reads the CA certificate.
-struct X509Authority {
-    cert_der: Vec<u8>,
-    issuer: Issuer<'static, KeyPair>,
-    not_after: SystemTime,
-}
-
-impl fmt::Debug for X509Authority {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("X509Authority")
-            .field("not_after", &unix_secs(self.not_after))
-            .finish_non_exhaustive()
-    }
-}
-
-impl X509Authority {
-    /// Self-signs a new root certificate for `key`.
-    fn create(
-        td: &TrustDomain,
-        ca_ttl: Duration,
-        key: KeyPair,
-        now: SystemTime,
-    ) -> Result<Self, CaError> {
-        let (serial, serial_hex) = random_serial()?;
-        let mut params = CertificateParams::default();
-        params.not_before = to_offset(now.checked_sub(BACKDATE).unwrap_or(UNIX_EPOCH))?;
-        params.not_after = to_offset(
-            now.checked_add(ca_ttl)
-                .ok_or(CaError::TimeOutOfRange(now))?,
-        )?;
-        params.serial_number = Some(serial);
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::OrganizationName, "SPIFFE");
-        // Distinct subjects per authority keep path building unambiguous once
-        // rotation puts two roots in one bundle.
-        let short: String = serial_hex.chars().take(16).collect();
-        dn.push(DnType::CommonName, format!("Baton CA {short}"));
-        params.distinguished_name = dn;
-        // Path length 0: this root signs leaves only.
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        params.subject_alt_names = vec![SanType::URI(Ia5String::try_from(td.id_string())?)];
-        let cert = params.self_signed(&key)?;
-        Self::from_parts(cert.der().to_vec(), key)
-    }
-
-    fn from_parts(cert_der: Vec<u8>, key: KeyPair) -> Result<Self, CaError> {
-        let not_after = {
-            let cert = parse_cert(&cert_der)?;
-            from_unix_i64(cert.validity().not_after.timestamp())
-        };
-        let issuer = Issuer::from_ca_cert_der(&CertificateDer::from(cert_der.as_slice()), key)?;
-        Ok(Self {
-            cert_der,
-            issuer,
-            not_after,
-        })
-    }
+    /// The id of the X.509 authority that signed it.
+    pub authority_id: String,
 }
 
 /// The certificate authority. `Send + Sync`; issuance takes `&self`.
 pub struct Ca {
     trust_domain: TrustDomain,
     max_svid_ttl: Duration,
-    // INVARIANT: `active_x509 < x509_authorities.len()` and
-    // `active_jwt < jwt_keys.len()`; only `load_or_create` builds a Ca.
-    x509_authorities: Vec<X509Authority>,
-    active_x509: usize,
-    jwt_keys: Vec<JwtSigningKey>,
-    active_jwt: usize,
-    sequence: u64,
+    ca_ttl: Duration,
+    key_dir: Option<PathBuf>,
+    upstream: Option<Arc<UpstreamAuthority>>,
+    // INVARIANT: every snapshot has exactly one active authority of each
+    // kind; only `load_or_create` and `mutate` store snapshots.
+    journal: ArcSwap<Journal>,
+    write: Mutex<()>,
     refresh_hint_secs: u64,
 }
 
@@ -180,81 +188,397 @@ impl fmt::Debug for Ca {
         f.debug_struct("Ca")
             .field("trust_domain", &self.trust_domain)
             .field("max_svid_ttl", &self.max_svid_ttl)
-            .field("x509_authorities", &self.x509_authorities)
-            .field("active_x509", &self.active_x509)
-            .field("jwt_keys", &self.jwt_keys)
-            .field("active_jwt", &self.active_jwt)
-            .field("sequence", &self.sequence)
-            .finish()
+            .field("authorities", &self.journal.load().statuses())
+            .field("upstream", &self.upstream.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+fn status_for(
+    id: String,
+    kind: AuthorityKind,
+    state: AuthorityState,
+    created_at: u64,
+    not_after: u64,
+    upstream: bool,
+    now: u64,
+) -> AuthorityStatus {
+    AuthorityStatus {
+        id,
+        kind,
+        state,
+        tainted: false,
+        created_at,
+        not_after,
+        activated_at: (state == AuthorityState::Active).then_some(now),
+        deactivated_at: None,
+        signed_until: 0,
+        upstream,
     }
 }
 
 impl Ca {
-    /// Loads the CA from `cfg.key_dir`, or creates and persists it.
+    /// Loads the CA from `cfg.key_dir` (its journal and keys), or creates
+    /// and persists it.
     ///
-    /// Files: `x509-authority.key` and `jwt-authority.key` (PKCS#8 DER, mode
-    /// 0600; a key file that group or others can access is refused) and
-    /// `x509-authority.der`. An expired authority is replaced by a new key
-    /// and certificate. The key is the source of truth: if the certificate
-    /// is missing or belongs to another key (a crash between the two
-    /// renames of a replacement), a new certificate is self-signed for it.
-    /// A persisted authority of another trust domain is an error.
+    /// Key files are PKCS#8 DER with mode 0600 (one that group or others
+    /// can access is refused). A journal that names a missing or
+    /// mismatched key, or an authority of another trust domain, is an
+    /// error. An active authority or key that expired while the broker was
+    /// down is replaced at once. A key directory written by an earlier
+    /// version (one authority, no journal) is imported as the active one.
     pub fn load_or_create(cfg: CaConfig, now: SystemTime) -> Result<Ca, CaError> {
         if cfg.ca_ttl < Duration::from_secs(1) || cfg.max_svid_ttl < Duration::from_secs(1) {
             return Err(CaError::ZeroTtl);
         }
-        let td = &cfg.trust_domain;
-        let (authority, jwt_key) = match &cfg.key_dir {
-            None => (
-                X509Authority::create(td, cfg.ca_ttl, new_p256_key()?, now)?,
-                JwtSigningKey::from_pkcs8(&JwtSigningKey::generate_pkcs8()?)?,
-            ),
-            Some(dir) => {
-                keystore::ensure_dir(dir)?;
-                (
-                    load_x509_authority(dir, td, cfg.ca_ttl, now)?,
-                    load_jwt_key(dir)?,
-                )
-            }
-        };
-        Ok(Ca {
+        let ca = Ca {
             trust_domain: cfg.trust_domain,
             max_svid_ttl: cfg.max_svid_ttl,
-            x509_authorities: vec![authority],
-            active_x509: 0,
-            jwt_keys: vec![jwt_key],
-            active_jwt: 0,
-            // Seconds at load: increases across restarts (which is when the
-            // content can change today) without persisting a counter.
-            sequence: unix_secs(now),
-            refresh_hint_secs: (cfg.ca_ttl.as_secs() / 10).clamp(60, 300),
-        })
+            ca_ttl: cfg.ca_ttl,
+            key_dir: cfg.key_dir,
+            upstream: cfg.upstream,
+            journal: ArcSwap::from_pointee(Journal {
+                x509: Vec::new(),
+                jwt: Vec::new(),
+                revoked: Vec::new(),
+                sequence: unix_secs(now),
+            }),
+            write: Mutex::new(()),
+            refresh_hint_secs: (cfg.ca_ttl.as_secs() / 10).clamp(1, 300),
+        };
+        let loaded = match &ca.key_dir {
+            None => None,
+            Some(dir) => {
+                keystore::ensure_dir(dir)?;
+                match journal::read(dir)? {
+                    Some(j) => Some(ca.load_journal(dir, j)?),
+                    None => ca.import_legacy(dir, now)?,
+                }
+            }
+        };
+        if let Some(mut j) = loaded {
+            // What was signed after the journal was last written is not in
+            // it: assume the active authorities signed until the longest
+            // SVID lifetime from now.
+            let t = unix_secs(now);
+            let horizon = t.saturating_add(ca.max_svid_ttl.as_secs());
+            for s in &mut j.x509 {
+                if s.status.state == AuthorityState::Active {
+                    s.signed(horizon.min(s.status.not_after));
+                }
+            }
+            for s in &mut j.jwt {
+                if s.status.state == AuthorityState::Active {
+                    s.signed(horizon.min(s.status.not_after));
+                }
+            }
+            ca.journal.store(Arc::new(j));
+        }
+        // A fresh CA, or one whose active authority expired meanwhile.
+        ca.mutate(|j| {
+            let t = unix_secs(now);
+            if j.active_x509().is_none_or(|a| a.status.not_after <= t) {
+                ca.replace_active(j, AuthorityKind::X509, now)?;
+            }
+            if j.active_jwt().is_none_or(|a| a.status.not_after <= t) {
+                ca.replace_active(j, AuthorityKind::Jwt, now)?;
+            }
+            Ok(())
+        })?;
+        ca.prune(now)?;
+        Ok(ca)
+    }
+
+    fn load_journal(&self, dir: &Path, l: journal::LoadedJournal) -> Result<Journal, CaError> {
+        let mut j = Journal {
+            x509: Vec::new(),
+            jwt: Vec::new(),
+            revoked: Vec::new(),
+            sequence: l.sequence,
+        };
+        for status in l.authorities {
+            match (status.state, status.kind) {
+                (AuthorityState::Revoked, _) => j.revoked.push(status),
+                (_, AuthorityKind::X509) => {
+                    let key_path = x509_key_path(dir, &status.id);
+                    let cert_path = x509_cert_path(dir, &status.id);
+                    let missing = |path: &Path| CaError::CorruptStore {
+                        path: path.to_owned(),
+                        reason: format!(
+                            "the journal lists X.509 authority {} but this file is missing",
+                            status.id
+                        ),
+                    };
+                    let key_der =
+                        keystore::read_key(&key_path)?.ok_or_else(|| missing(&key_path))?;
+                    let cert_der =
+                        keystore::read_public(&cert_path)?.ok_or_else(|| missing(&cert_path))?;
+                    let key = p256_key_from_pkcs8(&key_der, &key_path)?;
+                    let x = X509Key::from_parts(cert_der, key, self.upstream.as_deref()).map_err(
+                        |e| CaError::CorruptStore {
+                            path: cert_path.clone(),
+                            reason: e.to_string(),
+                        },
+                    )?;
+                    x.check_trust_domain(&self.trust_domain, &cert_path)?;
+                    if x.id != status.id {
+                        return Err(CaError::CorruptStore {
+                            path: cert_path,
+                            reason: format!("holds authority {}, not {}", x.id, status.id),
+                        });
+                    }
+                    j.x509.push(Slot::new(x, status));
+                }
+                (_, AuthorityKind::Jwt) => {
+                    let path = jwt_key_path(dir, &status.id);
+                    let der = keystore::read_key(&path)?.ok_or_else(|| CaError::CorruptStore {
+                        path: path.clone(),
+                        reason: format!(
+                            "the journal lists JWT key {} but this file is missing",
+                            status.id
+                        ),
+                    })?;
+                    let k = JwtSigningKey::from_pkcs8(&der).map_err(|e| CaError::CorruptStore {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    })?;
+                    if k.kid() != status.id {
+                        return Err(CaError::CorruptStore {
+                            path,
+                            reason: format!("holds key {}, not {}", k.kid(), status.id),
+                        });
+                    }
+                    j.jwt.push(Slot::new(k, status));
+                }
+            }
+        }
+        Ok(j)
+    }
+
+    /// Imports the single authority and JWT key an earlier version kept
+    /// (`x509-authority.{key,der}`, `jwt-authority.key`) as the active ones.
+    fn import_legacy(&self, dir: &Path, now: SystemTime) -> Result<Option<Journal>, CaError> {
+        let t = unix_secs(now);
+        let mut j = Journal {
+            x509: Vec::new(),
+            jwt: Vec::new(),
+            revoked: Vec::new(),
+            sequence: t,
+        };
+        let key_path = dir.join(LEGACY_X509_KEY_FILE);
+        let cert_path = dir.join(LEGACY_X509_CERT_FILE);
+        if let (Some(key_der), Some(cert_der)) = (
+            keystore::read_key(&key_path)?,
+            keystore::read_public(&cert_path)?,
+        ) {
+            let key = p256_key_from_pkcs8(&key_der, &key_path)?;
+            let x = X509Key::from_parts(cert_der, key, None)?;
+            x.check_trust_domain(&self.trust_domain, &cert_path)?;
+            if unix_secs(x.not_after) > t {
+                let status = status_for(
+                    x.id.clone(),
+                    AuthorityKind::X509,
+                    AuthorityState::Active,
+                    unix_secs(x.not_before),
+                    unix_secs(x.not_after),
+                    false,
+                    t,
+                );
+                keystore::write_key(&x509_key_path(dir, &x.id), &key_der)?;
+                keystore::write_public(&x509_cert_path(dir, &x.id), &x.cert_der)?;
+                j.x509.push(Slot::new(x, status));
+            }
+        }
+        let jwt_path = dir.join(LEGACY_JWT_KEY_FILE);
+        if let Some(der) = keystore::read_key(&jwt_path)? {
+            let k = JwtSigningKey::from_pkcs8(&der)?;
+            let status = status_for(
+                k.kid().to_owned(),
+                AuthorityKind::Jwt,
+                AuthorityState::Active,
+                t,
+                unix_secs(now + self.ca_ttl),
+                false,
+                t,
+            );
+            keystore::write_key(&jwt_key_path(dir, k.kid()), &der)?;
+            j.jwt.push(Slot::new(k, status));
+        }
+        if j.x509.is_empty() && j.jwt.is_empty() {
+            return Ok(None);
+        }
+        j.save(dir)?;
+        for f in [
+            LEGACY_X509_KEY_FILE,
+            LEGACY_X509_CERT_FILE,
+            LEGACY_JWT_KEY_FILE,
+        ] {
+            keystore::remove(&dir.join(f))?;
+        }
+        Ok(Some(j))
+    }
+
+    /// Runs `f` on a copy of the journal, persists the result and makes it
+    /// current. Rotation steps are serialized; issuance is not blocked.
+    fn mutate<T>(&self, f: impl FnOnce(&mut Journal) -> Result<T, CaError>) -> Result<T, CaError> {
+        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let mut j = Journal::clone(&self.journal.load());
+        let out = f(&mut j)?;
+        if let Some(dir) = &self.key_dir {
+            j.save(dir)?;
+        }
+        self.journal.store(Arc::new(j));
+        Ok(out)
+    }
+
+    /// Makes a new key of `kind` in state `state` and adds it to `j`.
+    fn create_key(
+        &self,
+        j: &mut Journal,
+        kind: AuthorityKind,
+        state: AuthorityState,
+        now: SystemTime,
+    ) -> Result<AuthorityStatus, CaError> {
+        let t = unix_secs(now);
+        let status = match kind {
+            AuthorityKind::X509 => {
+                let key = new_p256_key()?;
+                let key_der = key.serialized_der().to_vec();
+                let x = X509Key::create(
+                    &self.trust_domain,
+                    self.ca_ttl,
+                    key,
+                    self.upstream.as_deref(),
+                    now,
+                )?;
+                if let Some(dir) = &self.key_dir {
+                    keystore::write_key(&x509_key_path(dir, &x.id), &key_der)?;
+                    keystore::write_public(&x509_cert_path(dir, &x.id), &x.cert_der)?;
+                }
+                let status = status_for(
+                    x.id.clone(),
+                    kind,
+                    state,
+                    t,
+                    unix_secs(x.not_after),
+                    x.upstream_root.is_some(),
+                    t,
+                );
+                j.x509.push(Slot::new(x, status.clone()));
+                status
+            }
+            AuthorityKind::Jwt => {
+                let der = JwtSigningKey::generate_pkcs8()?;
+                let k = JwtSigningKey::from_pkcs8(&der)?;
+                if let Some(dir) = &self.key_dir {
+                    keystore::write_key(&jwt_key_path(dir, k.kid()), &der)?;
+                }
+                let status = status_for(
+                    k.kid().to_owned(),
+                    kind,
+                    state,
+                    t,
+                    unix_secs(now + self.ca_ttl),
+                    false,
+                    t,
+                );
+                j.jwt.push(Slot::new(k, status.clone()));
+                status
+            }
+        };
+        j.sequence += 1;
+        Ok(status)
+    }
+
+    /// Replaces a missing or expired active authority at once (start-up
+    /// after a long outage): the old one, if any, becomes old.
+    fn replace_active(
+        &self,
+        j: &mut Journal,
+        kind: AuthorityKind,
+        now: SystemTime,
+    ) -> Result<(), CaError> {
+        let t = unix_secs(now);
+        for s in statuses_mut(j, kind) {
+            if s.state == AuthorityState::Active {
+                s.state = AuthorityState::Old;
+                s.deactivated_at = Some(t);
+            }
+        }
+        let status = self.create_key(j, kind, AuthorityState::Active, now)?;
+        tracing::info!(kind = %kind, id = %status.id, "new active authority");
+        Ok(())
     }
 
     pub fn trust_domain(&self) -> &TrustDomain {
         &self.trust_domain
     }
 
+    /// Upper bound on any SVID lifetime.
+    pub fn max_svid_ttl(&self) -> Duration {
+        self.max_svid_ttl
+    }
+
     /// When the active X.509 authority expires; no SVID outlives it.
     pub fn authority_not_after(&self) -> SystemTime {
-        self.active_x509().map_or(UNIX_EPOCH, |a| a.not_after)
+        self.journal
+            .load()
+            .active_x509()
+            .map_or(UNIX_EPOCH, |a| a.key.not_after)
     }
 
     /// The key id that new JWT-SVIDs carry.
-    pub fn jwt_key_id(&self) -> &str {
-        self.active_jwt().map_or("", JwtSigningKey::kid)
+    pub fn jwt_key_id(&self) -> String {
+        self.journal
+            .load()
+            .active_jwt()
+            .map_or_else(String::new, |k| k.status.id.clone())
     }
 
-    fn active_x509(&self) -> Result<&X509Authority, CaError> {
-        self.x509_authorities
-            .get(self.active_x509)
-            .ok_or(CaError::Crypto("no active X.509 authority"))
+    /// The id of the X.509 authority that signs new SVIDs.
+    pub fn active_x509_id(&self) -> String {
+        self.journal
+            .load()
+            .active_x509()
+            .map_or_else(String::new, |k| k.status.id.clone())
     }
 
-    pub(crate) fn active_jwt(&self) -> Result<&JwtSigningKey, CaError> {
-        self.jwt_keys
-            .get(self.active_jwt)
-            .ok_or(CaError::Crypto("no active JWT key"))
+    /// Whether this CA runs under an upstream PKI.
+    pub fn has_upstream(&self) -> bool {
+        self.upstream.is_some()
+    }
+
+    /// Every authority and its state: X.509 first, then JWT, then revoked.
+    pub fn authorities(&self) -> Vec<AuthorityStatus> {
+        self.journal.load().statuses()
+    }
+
+    /// Ids of the tainted authorities (X.509 ids and JWT kids) still in
+    /// the bundle: agents re-issue what they signed.
+    pub fn tainted_ids(&self) -> Vec<String> {
+        self.journal
+            .load()
+            .statuses()
+            .into_iter()
+            .filter(|s| s.tainted && s.state != AuthorityState::Revoked)
+            .map(|s| s.id)
+            .collect()
+    }
+
+    /// The bundle's sequence number: it changes whenever the bundle does.
+    pub fn sequence(&self) -> u64 {
+        self.journal.load().sequence
+    }
+
+    pub(crate) fn with_active_jwt<T>(
+        &self,
+        exp: u64,
+        f: impl FnOnce(&JwtSigningKey) -> Result<T, CaError>,
+    ) -> Result<T, CaError> {
+        let j = self.journal.load();
+        let slot = j.active_jwt().ok_or(CaError::Crypto("no active JWT key"))?;
+        slot.signed(exp);
+        f(&slot.key)
     }
 
     fn check_subject(&self, id: &SpiffeId) -> Result<(), CaError> {
@@ -305,7 +629,11 @@ impl Ca {
         if ttl < Duration::from_secs(1) {
             return Err(CaError::ZeroTtl);
         }
-        let authority = self.active_x509()?;
+        let journal = self.journal.load();
+        let slot = journal
+            .active_x509()
+            .ok_or(CaError::Crypto("no active X.509 authority"))?;
+        let authority = &slot.key;
         let mut not_after = authority.not_after;
         for cap in [ttl, self.max_svid_ttl] {
             if let Some(t) = now.checked_add(cap) {
@@ -330,8 +658,9 @@ impl Ca {
 
         let (serial, serial_hex) = random_serial()?;
         let mut params = CertificateParams::default();
-        params.not_before = to_offset(now.checked_sub(BACKDATE).unwrap_or(UNIX_EPOCH))?;
-        params.not_after = to_offset(not_after)?;
+        params.not_before =
+            crate::time_util::to_offset(now.checked_sub(BACKDATE).unwrap_or(UNIX_EPOCH))?;
+        params.not_after = crate::time_util::to_offset(not_after)?;
         params.serial_number = Some(serial);
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "SPIFFE");
@@ -345,19 +674,28 @@ impl Ca {
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         params.use_authority_key_identifier_extension = true;
+        slot.signed(unix_secs(not_after));
         let cert = params.signed_by(subject_key, &authority.issuer)?;
+        let mut chain = Vec::with_capacity(2 + authority.chain_tail.len());
+        chain.push(cert.der().to_vec());
+        if authority.upstream_root.is_some() {
+            chain.push(authority.cert_der.clone());
+            chain.extend(authority.chain_tail.iter().cloned());
+        }
         Ok(IssuedSvid {
             spiffe_id: spiffe_id.clone(),
-            cert_chain_der: vec![cert.der().to_vec()],
+            cert_chain_der: chain,
             serial_hex,
             not_after,
+            authority_id: slot.status.id.clone(),
         })
     }
 
     /// Signs an ES256 JWT-SVID: header `alg`, `kid` (the active key's id),
     /// `typ: JWT`; claims `sub`, `aud` (array, at least one non-empty
-    /// entry), `exp = now + min(ttl, max_svid_ttl)` in whole seconds,
-    /// `iat`, and `jti` (128 random bits, hex). Returns the token and `exp`.
+    /// entry), `exp = now + min(ttl, max_svid_ttl)` in whole seconds (and
+    /// never past the key's own expiry), `iat`, and `jti` (128 random
+    /// bits, hex). Returns the token and `exp`.
     pub fn sign_jwt_svid(
         &self,
         spiffe_id: &SpiffeId,
@@ -374,7 +712,17 @@ impl Ca {
             return Err(CaError::ZeroTtl);
         }
         let iat = unix_secs(now);
-        let exp = iat.saturating_add(ttl.as_secs());
+        let key_not_after = self
+            .journal
+            .load()
+            .active_jwt()
+            .map_or(0, |k| k.status.not_after);
+        let exp = iat.saturating_add(ttl.as_secs()).min(key_not_after);
+        if exp <= iat {
+            return Err(CaError::AuthorityExpired {
+                not_after: UNIX_EPOCH + Duration::from_secs(key_not_after),
+            });
+        }
         let mut jti = [0u8; 16];
         aws_lc_rs::rand::fill(&mut jti).map_err(|_| CaError::Crypto("random jti"))?;
         let claims = json!({
@@ -384,21 +732,27 @@ impl Ca {
             "iat": iat,
             "jti": hex::encode(jti),
         });
-        let token = self.active_jwt()?.sign(&claims)?;
+        let token = self.with_active_jwt(exp, |k| k.sign(&claims))?;
         Ok((Secret::new(token), UNIX_EPOCH + Duration::from_secs(exp)))
     }
 
-    /// The current trust bundle: every X.509 authority and JWT key.
+    /// The current trust bundle: the trust anchor of every prepared,
+    /// active and old X.509 authority (an upstream root once for all its
+    /// intermediates) and every such JWT key.
     pub fn bundle(&self) -> TrustBundle {
+        let j = self.journal.load();
+        let mut x509_authorities: Vec<Vec<u8>> = Vec::new();
+        for s in &j.x509 {
+            let anchor = s.key.trust_anchor();
+            if !x509_authorities.iter().any(|a| a == anchor) {
+                x509_authorities.push(anchor.to_vec());
+            }
+        }
         TrustBundle {
             trust_domain: self.trust_domain.clone(),
-            x509_authorities: self
-                .x509_authorities
-                .iter()
-                .map(|a| a.cert_der.clone())
-                .collect(),
-            jwt_authorities: self.jwt_keys.iter().map(JwtSigningKey::authority).collect(),
-            sequence: self.sequence,
+            x509_authorities,
+            jwt_authorities: j.jwt.iter().map(|k| k.key.authority()).collect(),
+            sequence: j.sequence,
             refresh_hint_secs: self.refresh_hint_secs,
         }
     }
@@ -427,90 +781,340 @@ impl Ca {
             PrivateKeyBytes::new(key.pkcs8_der().to_vec()),
         ))
     }
-}
 
-fn new_p256_key() -> Result<KeyPair, CaError> {
-    Ok(KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?)
-}
+    // ---- rotation ----
 
-fn load_x509_authority(
-    dir: &Path,
-    td: &TrustDomain,
-    ca_ttl: Duration,
-    now: SystemTime,
-) -> Result<X509Authority, CaError> {
-    let key_path = dir.join(X509_KEY_FILE);
-    let cert_path = dir.join(X509_CERT_FILE);
-    let create_all = || -> Result<X509Authority, CaError> {
-        let key = new_p256_key()?;
-        // Key first: if we crash before the certificate lands, the next
-        // start sees a mismatched certificate and re-signs for this key.
-        keystore::write_key(&key_path, key.serialized_der())?;
-        let authority = X509Authority::create(td, ca_ttl, key, now)?;
-        keystore::write_public(&cert_path, &authority.cert_der)?;
-        Ok(authority)
-    };
-    let Some(key_der) = keystore::read_key(&key_path)? else {
-        return create_all();
-    };
-    let key = KeyPair::from_pkcs8_der_and_sign_algo(
-        &PrivatePkcs8KeyDer::from(key_der.as_slice()),
-        &PKCS_ECDSA_P256_SHA256,
-    )
-    .map_err(|e| CaError::CorruptStore {
-        path: key_path.clone(),
-        reason: format!("not a P-256 PKCS#8 key: {e}"),
-    })?;
-    let recertify = |key: KeyPair| -> Result<X509Authority, CaError> {
-        let authority = X509Authority::create(td, ca_ttl, key, now)?;
-        keystore::write_public(&cert_path, &authority.cert_der)?;
-        Ok(authority)
-    };
-    let Some(cert_der) = keystore::read_public(&cert_path)? else {
-        return recertify(key);
-    };
-    let (matches_key, not_after) = {
-        let cert = parse_cert(&cert_der).map_err(|e| CaError::CorruptStore {
-            path: cert_path.clone(),
-            reason: e.to_string(),
+    fn find(&self, j: &Journal, id: &str) -> Result<AuthorityStatus, CaError> {
+        j.statuses()
+            .into_iter()
+            .find(|s| s.id == id)
+            .ok_or_else(|| CaError::UnknownAuthority { id: id.to_owned() })
+    }
+
+    /// Prepares a new authority of each of `kinds`: published in the
+    /// bundle at once, signing nothing until activated. Refused while one
+    /// of that kind is already prepared.
+    pub fn prepare(
+        &self,
+        kinds: &[AuthorityKind],
+        now: SystemTime,
+    ) -> Result<Vec<RotationEvent>, CaError> {
+        self.mutate(|j| {
+            for &kind in kinds {
+                if let Some(p) = statuses(j, kind).find(|s| s.state == AuthorityState::Prepared) {
+                    return Err(CaError::RotationRefused(format!(
+                        "{kind} authority {} is already prepared; activate it (`baton ca activate {}`) or revoke it before preparing another",
+                        p.id, p.id
+                    )));
+                }
+            }
+            let mut events = Vec::new();
+            for &kind in kinds {
+                let authority = self.create_key(j, kind, AuthorityState::Prepared, now)?;
+                events.push(RotationEvent {
+                    action: RotationAction::Prepared,
+                    authority,
+                });
+            }
+            Ok(events)
+        })
+    }
+
+    /// Activates the prepared authority `id` (or, with `None`, every
+    /// prepared one): it signs from now on and the previous active one
+    /// becomes old.
+    pub fn activate(
+        &self,
+        id: Option<&str>,
+        now: SystemTime,
+    ) -> Result<Vec<RotationEvent>, CaError> {
+        self.mutate(|j| {
+            let targets: Vec<AuthorityStatus> = match id {
+                Some(id) => {
+                    let s = self.find(j, id)?;
+                    if s.state != AuthorityState::Prepared {
+                        return Err(CaError::RotationRefused(format!(
+                            "{} authority {id} is {}; only a prepared authority can be activated (prepare one with `baton ca prepare`)",
+                            s.kind, s.state
+                        )));
+                    }
+                    vec![s]
+                }
+                None => {
+                    let all: Vec<_> = j
+                        .statuses()
+                        .into_iter()
+                        .filter(|s| s.state == AuthorityState::Prepared)
+                        .collect();
+                    if all.is_empty() {
+                        return Err(CaError::RotationRefused(
+                            "nothing is prepared: run `baton ca prepare` first and let the bundle reach every agent".into(),
+                        ));
+                    }
+                    all
+                }
+            };
+            let t = unix_secs(now);
+            let mut events = Vec::new();
+            for target in targets {
+                if target.not_after <= t {
+                    return Err(CaError::RotationRefused(format!(
+                        "{} authority {} has expired; revoke it and prepare a new one",
+                        target.kind, target.id
+                    )));
+                }
+                for s in statuses_mut(j, target.kind) {
+                    if s.state == AuthorityState::Active {
+                        s.state = AuthorityState::Old;
+                        s.deactivated_at = Some(t);
+                        events.push(RotationEvent {
+                            action: RotationAction::Deactivated,
+                            authority: s.clone(),
+                        });
+                    } else if s.id == target.id {
+                        s.state = AuthorityState::Active;
+                        s.activated_at = Some(t);
+                        events.push(RotationEvent {
+                            action: RotationAction::Activated,
+                            authority: s.clone(),
+                        });
+                    }
+                }
+            }
+            j.sequence += 1;
+            Ok(events)
+        })
+    }
+
+    /// Taints the old authority `id`: everything it signed must be
+    /// re-issued promptly (agents see the taint on their next sync).
+    pub fn taint(&self, id: &str, _now: SystemTime) -> Result<RotationEvent, CaError> {
+        self.mutate(|j| {
+            let s = self.find(j, id)?;
+            let refuse = |why: String| Err(CaError::RotationRefused(why));
+            match s.state {
+                AuthorityState::Old if s.tainted => {
+                    return refuse(format!("{} authority {id} is already tainted", s.kind));
+                }
+                AuthorityState::Old => {}
+                AuthorityState::Active => {
+                    return refuse(format!(
+                        "{} authority {id} is the active one: prepare and activate a new authority first (`baton ca prepare`, `baton ca activate`), then taint {id}",
+                        s.kind
+                    ));
+                }
+                AuthorityState::Prepared => {
+                    return refuse(format!(
+                        "{} authority {id} is only prepared and has signed nothing; revoke it instead",
+                        s.kind
+                    ));
+                }
+                AuthorityState::Revoked => {
+                    return refuse(format!("{} authority {id} is already revoked", s.kind));
+                }
+            }
+            let mut out = None;
+            for st in statuses_mut(j, s.kind) {
+                if st.id == id {
+                    st.tainted = true;
+                    out = Some(st.clone());
+                }
+            }
+            let authority = out.ok_or_else(|| CaError::UnknownAuthority { id: id.to_owned() })?;
+            Ok(RotationEvent {
+                action: RotationAction::Tainted,
+                authority,
+            })
+        })
+    }
+
+    /// Revokes authority `id`: it leaves the bundle, so whatever it signed
+    /// is rejected everywhere, and its key is deleted. Only a tainted old
+    /// authority (whose SVIDs were re-issued) or a prepared one may be
+    /// revoked; an authority under an upstream CA cannot be (its SVIDs
+    /// chain to the upstream root, which stays trusted).
+    pub fn revoke(&self, id: &str, now: SystemTime) -> Result<RotationEvent, CaError> {
+        let event = self.mutate(|j| {
+            let s = self.find(j, id)?;
+            let refuse = |why: String| Err(CaError::RotationRefused(why));
+            match s.state {
+                AuthorityState::Active => {
+                    return refuse(format!(
+                        "{} authority {id} is the active one; revoking it would stop all issuance. Prepare and activate a new one, taint {id}, then revoke it",
+                        s.kind
+                    ));
+                }
+                AuthorityState::Old if !s.tainted => {
+                    return refuse(format!(
+                        "{} authority {id} is not tainted: what it signed would fail at once. Taint it first (`baton ca taint {id}`) and let agents re-issue",
+                        s.kind
+                    ));
+                }
+                AuthorityState::Revoked => {
+                    return refuse(format!("{} authority {id} is already revoked", s.kind));
+                }
+                AuthorityState::Old | AuthorityState::Prepared => {}
+            }
+            if s.upstream {
+                return refuse(format!(
+                    "X.509 authority {id} is an intermediate of the upstream CA: its SVIDs chain to the upstream root, which stays in the bundle, so removing it here would not reject them. Revoke it in the upstream PKI"
+                ));
+            }
+            let mut status = s;
+            status.state = AuthorityState::Revoked;
+            status.deactivated_at.get_or_insert(unix_secs(now));
+            match status.kind {
+                AuthorityKind::X509 => j.x509.retain(|x| x.status.id != id),
+                AuthorityKind::Jwt => j.jwt.retain(|x| x.status.id != id),
+            }
+            j.revoked.push(status.clone());
+            j.sequence += 1;
+            Ok(RotationEvent {
+                action: RotationAction::Revoked,
+                authority: status,
+            })
         })?;
-        let uris = uri_sans(&cert)?;
-        if !uris.contains(&td.id_string().as_str()) {
-            return Err(CaError::TrustDomainMismatch {
-                path: cert_path.clone(),
-                expected: td.clone(),
-                found: if uris.is_empty() {
-                    "(no URI SAN)".to_owned()
-                } else {
-                    uris.join(", ")
-                },
-            });
+        self.remove_key_files(&event.authority)?;
+        Ok(event)
+    }
+
+    fn remove_key_files(&self, s: &AuthorityStatus) -> Result<(), CaError> {
+        let Some(dir) = &self.key_dir else {
+            return Ok(());
+        };
+        match s.kind {
+            AuthorityKind::X509 => {
+                keystore::remove(&x509_key_path(dir, &s.id))?;
+                keystore::remove(&x509_cert_path(dir, &s.id))
+            }
+            AuthorityKind::Jwt => keystore::remove(&jwt_key_path(dir, &s.id)),
         }
-        (
-            cert.public_key().subject_public_key.data.as_ref() == key.public_key_raw(),
-            from_unix_i64(cert.validity().not_after.timestamp()),
-        )
-    };
-    if now >= not_after {
-        return create_all();
     }
-    if !matches_key {
-        return recertify(key);
+
+    /// Persists the journal if issuance has raised a watermark since it was
+    /// last written (call it periodically; a restart otherwise only knows
+    /// the watermarks of the last rotation step).
+    pub fn checkpoint(&self) -> Result<(), CaError> {
+        let j = self.journal.load();
+        let stale = j.x509.iter().any(|s| s.current() != s.status)
+            || j.jwt.iter().any(|s| s.current() != s.status);
+        drop(j);
+        if !stale || self.key_dir.is_none() {
+            return Ok(());
+        }
+        self.mutate(|j| {
+            for s in &mut j.x509 {
+                s.status = s.current();
+            }
+            for s in &mut j.jwt {
+                s.status = s.current();
+            }
+            Ok(())
+        })
     }
-    X509Authority::from_parts(cert_der, key)
+
+    /// Drops old authorities whose signatures have all expired (they leave
+    /// the bundle) and forgets revoked ones past their own expiry.
+    pub fn prune(&self, now: SystemTime) -> Result<Vec<RotationEvent>, CaError> {
+        let t = unix_secs(now);
+        let due = |s: &AuthorityStatus| s.state == AuthorityState::Old && s.retained_until() <= t;
+        let current = self.journal.load();
+        let any =
+            current.statuses().iter().any(due) || current.revoked.iter().any(|r| r.not_after <= t);
+        if !any {
+            return Ok(Vec::new());
+        }
+        let events = self.mutate(|j| {
+            let mut events = Vec::new();
+            for s in j.statuses() {
+                if due(&s) {
+                    events.push(RotationEvent {
+                        action: RotationAction::Pruned,
+                        authority: s,
+                    });
+                }
+            }
+            j.x509.retain(|x| !due(&x.current()));
+            j.jwt.retain(|x| !due(&x.current()));
+            j.revoked.retain(|r| r.not_after > t);
+            if !events.is_empty() {
+                j.sequence += 1;
+            }
+            Ok(events)
+        })?;
+        for e in &events {
+            self.remove_key_files(&e.authority)?;
+        }
+        Ok(events)
+    }
+
+    /// One step of the automatic schedule at `now`: prunes, prepares the
+    /// next authority of each kind once the active one is `prepare_at`
+    /// through its life, and activates it at `activate_at` if
+    /// `propagated(prepared_at)` says every agent has the bundle that
+    /// carries it (or, regardless, once the active one is halfway from
+    /// `activate_at` to its expiry).
+    pub fn scheduled_step(
+        &self,
+        schedule: &RotationSchedule,
+        propagated: &dyn Fn(u64) -> bool,
+        now: SystemTime,
+    ) -> Result<Vec<RotationEvent>, CaError> {
+        let t = unix_secs(now);
+        let mut events = self.prune(now)?;
+        for kind in [AuthorityKind::X509, AuthorityKind::Jwt] {
+            let j = self.journal.load();
+            let Some(active) = statuses(&j, kind).find(|s| s.state == AuthorityState::Active)
+            else {
+                continue;
+            };
+            let life = active.not_after.saturating_sub(active.created_at).max(1);
+            #[allow(clippy::cast_precision_loss)]
+            let frac = t.saturating_sub(active.created_at) as f64 / life as f64;
+            let prepared = statuses(&j, kind)
+                .find(|s| s.state == AuthorityState::Prepared)
+                .cloned();
+            drop(j);
+            match prepared {
+                None if frac >= schedule.prepare_at => {
+                    events.extend(self.prepare(&[kind], now)?);
+                }
+                Some(p) if frac >= schedule.activate_at => {
+                    let overdue = frac >= (schedule.activate_at + 1.0) / 2.0;
+                    if propagated(p.created_at) || overdue {
+                        if overdue {
+                            tracing::warn!(kind = %kind, id = %p.id, "activating although not every agent has synced the bundle that carries it: the active authority is close to expiry");
+                        }
+                        events.extend(self.activate(Some(&p.id), now)?);
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(events)
+    }
+
+    /// The id of the X.509 authority that signed `leaf_der` (its
+    /// authorityKeyIdentifier), if it has one.
+    pub fn signer_of(leaf_der: &[u8]) -> Option<String> {
+        let cert = parse_cert(leaf_der).ok()?;
+        authority_key_id(&cert)
+    }
 }
 
-fn load_jwt_key(dir: &Path) -> Result<JwtSigningKey, CaError> {
-    let path = dir.join(JWT_KEY_FILE);
-    match keystore::read_key(&path)? {
-        Some(der) => JwtSigningKey::from_pkcs8(&der).map_err(|e| CaError::CorruptStore {
-            path,
-            reason: e.to_string(),
-        }),
-        None => {
-            let der = JwtSigningKey::generate_pkcs8()?;
-            keystore::write_key(&path, &der)?;
-            JwtSigningKey::from_pkcs8(&der)
-        }
+fn statuses(j: &Journal, kind: AuthorityKind) -> Box<dyn Iterator<Item = &AuthorityStatus> + '_> {
+    match kind {
+        AuthorityKind::X509 => Box::new(j.x509.iter().map(|s| &s.status)),
+        AuthorityKind::Jwt => Box::new(j.jwt.iter().map(|s| &s.status)),
+    }
+}
+
+fn statuses_mut(
+    j: &mut Journal,
+    kind: AuthorityKind,
+) -> Box<dyn Iterator<Item = &mut AuthorityStatus> + '_> {
+    match kind {
+        AuthorityKind::X509 => Box::new(j.x509.iter_mut().map(|s| &mut s.status)),
+        AuthorityKind::Jwt => Box::new(j.jwt.iter_mut().map(|s| &mut s.status)),
     }
 }

@@ -35,20 +35,22 @@ impl Ca {
         if claims.exp <= claims.iat {
             return Err(CaError::ZeroTtl);
         }
-        let key = self.active_jwt()?;
-        let header = json!({"alg": "ES256", "kid": key.kid(), "typ": DELEGATION_TOKEN_TYP});
         let payload = serde_json::to_vec(claims)
             .map_err(|_| CaError::Crypto("encode delegation token claims"))?;
-        let mut token = String::with_capacity(1024);
-        URL_SAFE_NO_PAD.encode_string(header.to_string(), &mut token);
-        token.push('.');
-        URL_SAFE_NO_PAD.encode_string(payload, &mut token);
-        let sig = key
-            .key_pair
-            .sign(&aws_lc_rs::rand::SystemRandom::new(), token.as_bytes())
-            .map_err(|_| CaError::Crypto("sign delegation token"))?;
-        token.push('.');
-        URL_SAFE_NO_PAD.encode_string(sig.as_ref(), &mut token);
+        let token = self.with_active_jwt(claims.exp, |key| {
+            let header = json!({"alg": "ES256", "kid": key.kid(), "typ": DELEGATION_TOKEN_TYP});
+            let mut token = String::with_capacity(1024);
+            URL_SAFE_NO_PAD.encode_string(header.to_string(), &mut token);
+            token.push('.');
+            URL_SAFE_NO_PAD.encode_string(&payload, &mut token);
+            let sig = key
+                .key_pair
+                .sign(&aws_lc_rs::rand::SystemRandom::new(), token.as_bytes())
+                .map_err(|_| CaError::Crypto("sign delegation token"))?;
+            token.push('.');
+            URL_SAFE_NO_PAD.encode_string(sig.as_ref(), &mut token);
+            Ok(token)
+        })?;
         Ok(Secret::new(token))
     }
 }

@@ -85,4 +85,10 @@ pub enum CaError {
     BadSpiffeId(#[from] SpiffeIdError),
     #[error("PEM input: {0}")]
     Pem(String),
+    #[error("no authority with id {id}; `baton ca show` lists them")]
+    UnknownAuthority { id: String },
+    #[error("refused: {0}")]
+    RotationRefused(String),
+    #[error("upstream CA: {0}")]
+    Upstream(String),
 }

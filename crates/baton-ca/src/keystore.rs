@@ -48,6 +48,38 @@ pub(crate) fn read_key(path: &Path) -> Result<Option<Vec<u8>>, CaError> {
     fs::read(path).map(Some).map_err(io_err(path))
 }
 
+/// Reads a PEM `PRIVATE KEY` (PKCS#8) file with the same permission rule
+/// as [`read_key`]; returns the DER.
+pub(crate) fn read_key_pem(path: &Path) -> Result<Vec<u8>, CaError> {
+    let bytes = read_key(path)?.ok_or_else(|| CaError::Io {
+        path: path.to_path_buf(),
+        source: io::Error::from(io::ErrorKind::NotFound),
+    })?;
+    for block in x509_parser::pem::Pem::iter_from_buffer(&bytes) {
+        let block = block.map_err(|e| CaError::CorruptStore {
+            path: path.to_path_buf(),
+            reason: format!("not PEM: {e}"),
+        })?;
+        if block.label == "PRIVATE KEY" {
+            return Ok(block.contents);
+        }
+    }
+    Err(CaError::CorruptStore {
+        path: path.to_path_buf(),
+        reason: "no PKCS#8 `PRIVATE KEY` block (convert with `openssl pkcs8 -topk8 -nocrypt`)"
+            .into(),
+    })
+}
+
+/// Removes a file; a missing file is not an error.
+pub(crate) fn remove(path: &Path) -> Result<(), CaError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err(path)(e)),
+    }
+}
+
 pub(crate) fn read_public(path: &Path) -> Result<Option<Vec<u8>>, CaError> {
     match fs::read(path) {
         Ok(b) => Ok(Some(b)),

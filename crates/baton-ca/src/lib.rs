@@ -12,23 +12,27 @@
 //!
 //! Call [`init`] once at process start-up, before any JWT work.
 
+mod authority;
 mod bundle;
 mod ca;
 pub mod delegation;
 mod error;
+mod journal;
 pub mod jwt;
 mod keystore;
 mod time_util;
 mod workload;
 mod x509;
 
+pub use authority::UpstreamAuthority;
 pub use bundle::{JwtAuthority, TrustBundle};
 pub use ca::{
     BACKDATE, BROKER_ID_PATH, Ca, CaConfig, DEFAULT_CA_TTL, DEFAULT_MAX_SVID_TTL, IssuedSvid,
-    PrivateKeyBytes,
+    PrivateKeyBytes, RotationAction, RotationEvent, RotationSchedule,
 };
 pub use delegation::{DELEGATION_TOKEN_TYP, cert_thumbprint, token_hash};
 pub use error::CaError;
+pub use journal::{AuthorityKind, AuthorityState, AuthorityStatus};
 pub use workload::WorkloadKey;
 pub use x509::{LeafInfo, leaf_info};
 
@@ -43,5 +47,7 @@ pub fn init() {
     let _already_installed = jsonwebtoken::crypto::aws_lc::DEFAULT_PROVIDER.install_default();
 }
 
+#[cfg(test)]
+mod rotation_tests;
 #[cfg(test)]
 mod tests;

@@ -276,9 +276,15 @@ fn persistence_reloads_the_same_authority_with_private_key_files() {
     assert_eq!(a.bundle().jwt_authorities, b.bundle().jwt_authorities);
     assert_eq!(a.jwt_key_id(), b.jwt_key_id());
     let dir = tmp.path().join("ca");
-    for f in ["x509-authority.key", "jwt-authority.key"] {
-        let mode = std::fs::metadata(dir.join(f)).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600, "{f}");
+    let keys: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "key"))
+        .collect();
+    assert_eq!(keys.len(), 2, "one X.509 and one JWT key: {keys:?}");
+    for f in keys {
+        let mode = std::fs::metadata(&f).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{f:?}");
     }
     let dir_mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
     assert_eq!(dir_mode, 0o700);
@@ -304,7 +310,14 @@ fn readable_key_file_is_refused() {
     init();
     let tmp = tempfile::tempdir().unwrap();
     Ca::load_or_create(disk_cfg(tmp.path()), now()).unwrap();
-    let key = tmp.path().join("ca").join("x509-authority.key");
+    let key = std::fs::read_dir(tmp.path().join("ca"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            name.starts_with("x509-") && name.ends_with(".key")
+        })
+        .unwrap();
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
     let err = Ca::load_or_create(disk_cfg(tmp.path()), now()).unwrap_err();
     assert!(
@@ -325,31 +338,65 @@ fn expired_persisted_authority_is_replaced() {
     let b = Ca::load_or_create(cfg.clone(), later).unwrap();
     assert_ne!(a.bundle().x509_authorities, b.bundle().x509_authorities);
     assert!(b.authority_not_after() > later);
-    // JWT key is unaffected.
-    assert_eq!(a.jwt_key_id(), b.jwt_key_id());
+    // The JWT key has the same lifetime and was replaced too.
+    assert_ne!(a.jwt_key_id(), b.jwt_key_id());
     // And the replacement is what the next start loads.
     let c = Ca::load_or_create(cfg, later).unwrap();
     assert_eq!(b.bundle().x509_authorities, c.bundle().x509_authorities);
 }
 
 #[test]
-fn cert_not_matching_key_is_recertified() {
+fn cert_not_matching_its_key_is_a_clear_error() {
     init();
     let tmp = tempfile::tempdir().unwrap();
     let a = Ca::load_or_create(disk_cfg(tmp.path()), now()).unwrap();
-    // Simulate a crash between the key rename and the certificate rename.
+    let id = a.active_x509_id();
     let other = mem_ca(DEFAULT_CA_TTL);
     std::fs::write(
-        tmp.path().join("ca").join("x509-authority.der"),
+        tmp.path().join("ca").join(format!("x509-{id}.der")),
         &other.bundle().x509_authorities[0],
     )
     .unwrap();
-    let b = Ca::load_or_create(disk_cfg(tmp.path()), now()).unwrap();
-    let pk = |ca: &Ca| {
-        let der = ca.bundle().x509_authorities[0].clone();
-        parse_cert(&der).unwrap().public_key().raw.to_vec()
+    let err = Ca::load_or_create(disk_cfg(tmp.path()), now()).unwrap_err();
+    assert!(matches!(err, CaError::CorruptStore { .. }), "{err:?}");
+    assert!(err.to_string().contains("does not belong"), "{err}");
+}
+
+#[test]
+fn legacy_key_directory_is_imported_as_the_active_authority() {
+    init();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ca");
+    std::fs::create_dir_all(&dir).unwrap();
+    // What an earlier version wrote: one root, one JWT key, no journal.
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    params.not_before = time::OffsetDateTime::from_unix_timestamp(1_699_990_000).unwrap();
+    params.not_after = time::OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        rcgen::string::Ia5String::try_from("spiffe://example.org").unwrap(),
+    )];
+    let cert = params.self_signed(&key).unwrap();
+    let write600 = |name: &str, bytes: &[u8]| {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
     };
-    assert_eq!(pk(&a), pk(&b));
+    write600("x509-authority.key", key.serialized_der());
+    write600("x509-authority.der", cert.der());
+    let jwt = aws_lc_rs::signature::EcdsaKeyPair::generate_pkcs8(
+        &aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+        &aws_lc_rs::rand::SystemRandom::new(),
+    )
+    .unwrap();
+    write600("jwt-authority.key", jwt.as_ref());
+    let ca = Ca::load_or_create(disk_cfg(tmp.path()), now()).unwrap();
+    assert_eq!(ca.bundle().x509_authorities, vec![cert.der().to_vec()]);
+    assert!(!dir.join("x509-authority.key").exists());
+    // And the journal is what the next start reads.
+    let again = Ca::load_or_create(disk_cfg(tmp.path()), now()).unwrap();
+    assert_eq!(again.bundle(), ca.bundle());
 }
 
 #[test]
@@ -754,9 +801,9 @@ mod spiffe_interop {
 
     #[test]
     fn jwt_svid_validates_with_spiffe_against_our_jwks() {
-        let ca = mem_ca(DEFAULT_CA_TTL);
         // The spiffe crate reads the wall clock, so sign at the wall clock.
         let wall = SystemTime::now();
+        let ca = Ca::load_or_create(CaConfig::new(td()), wall).unwrap();
         let (tok, _) = ca
             .sign_jwt_svid(
                 &id("/agent/a1"),

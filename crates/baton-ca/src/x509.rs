@@ -116,6 +116,8 @@ pub struct LeafInfo {
     pub not_after: SystemTime,
     /// Lowercase hex, without leading zero bytes.
     pub serial_hex: String,
+    /// The signing authority's id (the leaf's authorityKeyIdentifier, hex).
+    pub authority_id: Option<String>,
 }
 
 /// Parses a DER certificate chain (leaf first) and reads the leaf's SPIFFE
@@ -135,6 +137,7 @@ pub fn leaf_info(chain: &[Vec<u8>]) -> Result<LeafInfo, CaError> {
         not_before: from_unix_i64(validity.not_before.timestamp()),
         not_after: from_unix_i64(validity.not_after.timestamp()),
         serial_hex: hex::encode(trim_leading_zeros(cert.raw_serial())),
+        authority_id: crate::authority::authority_key_id(&cert),
     })
 }
 

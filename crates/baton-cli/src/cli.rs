@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
-use crate::{admin, creds, daemons, example, tasks, workload};
+use crate::{admin, ca, creds, daemons, example, tasks, workload};
 
 /// Exit codes scripts can rely on.
 pub const EXIT_FAILURE: u8 = 1;
@@ -52,7 +52,7 @@ pub struct Cli {
     pub command: Command,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum, Default)]
+#[derive(Debug, Clone, Copy, ValueEnum, Default, PartialEq, Eq)]
 pub enum OutputFormat {
     #[default]
     Table,
@@ -93,6 +93,9 @@ pub enum Command {
     /// The trust bundle.
     #[command(subcommand)]
     Bundle(BundleCmd),
+    /// The CA's signing authorities: show, prepare, activate, taint, revoke.
+    #[command(subcommand)]
+    Ca(ca::CaCmd),
     /// Fetch and inspect SVIDs through a node daemon's Workload API.
     #[command(subcommand)]
     Svid(SvidCmd),
@@ -138,6 +141,67 @@ pub struct DevArgs {
     pub x509_ttl: Duration,
 }
 
+/// How the CA rotates, and the PKI it may run under.
+#[derive(Debug, Args)]
+pub struct RotationArgs {
+    /// `auto`: prepare and activate the next authority on schedule;
+    /// `manual`: only on `baton ca prepare|activate` (expired old
+    /// authorities still leave the bundle).
+    #[arg(long, value_enum, default_value_t = RotationMode::Auto)]
+    pub rotation: RotationMode,
+    /// Fraction of the active authority's life at which the next one is prepared.
+    #[arg(long, default_value_t = 0.5)]
+    pub prepare_at: f64,
+    /// Fraction of the active authority's life at which the prepared one is
+    /// activated (once every agent has synced the bundle that carries it).
+    #[arg(long, default_value_t = 5.0 / 6.0)]
+    pub activate_at: f64,
+    /// How often the schedule is checked.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub rotation_check: Duration,
+    /// Run as an intermediate under an existing PKI: PEM file with the
+    /// upstream signing CA certificate first and the chain up to its root.
+    /// The bundle then carries that root. With --upstream-ca-key.
+    #[arg(long, requires = "upstream_ca_key")]
+    pub upstream_ca_cert: Option<PathBuf>,
+    /// PKCS#8 PEM key of the upstream signing CA (mode 0600).
+    #[arg(long, requires = "upstream_ca_cert")]
+    pub upstream_ca_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum RotationMode {
+    Auto,
+    Manual,
+}
+
+impl RotationArgs {
+    /// Applies these settings to a broker configuration.
+    pub fn apply(&self, cfg: &mut baton_broker::BrokerConfig) -> Result<()> {
+        cfg.rotation = match self.rotation {
+            RotationMode::Manual => None,
+            RotationMode::Auto => {
+                let s = baton_ca::RotationSchedule {
+                    prepare_at: self.prepare_at,
+                    activate_at: self.activate_at,
+                };
+                s.validate()
+                    .map_err(|e| exit(EXIT_REFUSED, format!("--prepare-at/--activate-at: {e}")))?;
+                Some(s)
+            }
+        };
+        if self.rotation_check.is_zero() {
+            return Err(exit(EXIT_REFUSED, "--rotation-check must be positive"));
+        }
+        cfg.rotation_check_every = self.rotation_check;
+        cfg.upstream = self
+            .upstream_ca_cert
+            .clone()
+            .zip(self.upstream_ca_key.clone());
+        Ok(())
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct BrokerArgs {
     #[arg(long, env = "BATON_TRUST_DOMAIN")]
@@ -162,6 +226,8 @@ pub struct BrokerArgs {
     /// Upper bound on any workload SVID lifetime.
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     pub max_svid_ttl: Duration,
+    #[command(flatten)]
+    pub rotation: RotationArgs,
     /// Write the broker's address to this file once listening (for scripts and tests).
     #[arg(long)]
     pub ready_file: Option<PathBuf>,
@@ -394,6 +460,9 @@ pub enum SvidCmd {
     Fetch {
         #[command(flatten)]
         socket: SocketArgs,
+        /// Pick the SVID with this SPIFFE ID (default: the first one).
+        #[arg(long)]
+        spiffe_id: Option<String>,
         /// Also write svid.pem, key.pem and bundle.pem into this directory.
         #[arg(long)]
         write: Option<PathBuf>,
@@ -675,6 +744,40 @@ pub enum ExampleCmd {
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         wait: Duration,
     },
+    /// An mTLS echo server whose identity and trust follow the Workload API
+    /// live (watch a CA rotation with it and `echo-client`).
+    EchoServer {
+        #[command(flatten)]
+        socket: SocketArgs,
+        /// Use the SVID with this SPIFFE ID (default: the first one).
+        #[arg(long)]
+        spiffe_id: Option<String>,
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        /// Write the listening address here once ready.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+    },
+    /// Call an echo server over a fresh mTLS connection every --interval,
+    /// counting successes and failures, until SIGTERM.
+    EchoClient {
+        #[command(flatten)]
+        socket: SocketArgs,
+        /// Use the SVID with this SPIFFE ID (default: the first one).
+        #[arg(long)]
+        spiffe_id: Option<String>,
+        /// The echo server's address (host:port).
+        #[arg(long)]
+        server: String,
+        /// The SPIFFE ID the server must present.
+        #[arg(long)]
+        server_id: String,
+        #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
+        interval: Duration,
+        /// Keep {"ok":N,"failed":M,"last_error":...} up to date in this file.
+        #[arg(long)]
+        stats_file: Option<PathBuf>,
+    },
 }
 
 pub async fn dispatch(cli: Cli) -> Result<()> {
@@ -686,6 +789,7 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
         Command::Token(cmd) => admin::token(cmd).await,
         Command::Entry(cmd) => admin::entry(cmd).await,
         Command::Bundle(cmd) => admin::bundle(cmd).await,
+        Command::Ca(cmd) => ca::ca(cmd).await,
         Command::Svid(cmd) => workload::svid(cmd).await,
         Command::Task(cmd) => tasks::task(cmd).await,
         Command::Audit(cmd) => tasks::audit(cmd).await,

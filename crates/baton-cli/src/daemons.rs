@@ -15,7 +15,7 @@ use crate::cli::{AgentArgs, BrokerArgs, DevArgs, EXIT_REFUSED, exit};
 use crate::output;
 
 /// Resolves on Ctrl-C or SIGTERM.
-async fn terminate_signal() {
+pub(crate) async fn terminate_signal() {
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut s) => {
@@ -34,7 +34,7 @@ fn trust_domain(s: &str) -> Result<TrustDomain> {
     TrustDomain::new(s).map_err(|e| exit(EXIT_REFUSED, format!("--trust-domain: {e}")))
 }
 
-fn write_ready_file(path: &Path, contents: &str) -> Result<()> {
+pub(crate) fn write_ready_file(path: &Path, contents: &str) -> Result<()> {
     // Write then rename, so a reader polling for the file never sees half of it.
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, contents).with_context(|| format!("writing {}", tmp.display()))?;
@@ -54,6 +54,7 @@ pub async fn broker(args: BrokerArgs) -> Result<()> {
     cfg.ca_ttl = args.ca_ttl;
     cfg.agent_svid_ttl = args.agent_svid_ttl;
     cfg.max_svid_ttl = args.max_svid_ttl;
+    args.rotation.apply(&mut cfg)?;
     delegation_config(
         &mut cfg,
         args.policies.clone(),

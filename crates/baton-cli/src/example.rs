@@ -600,6 +600,38 @@ pub async fn run(cmd: ExampleCmd) -> Result<()> {
             }));
             Ok(())
         }
+        ExampleCmd::EchoServer {
+            socket,
+            spiffe_id,
+            listen,
+            ready_file,
+        } => {
+            crate::mesh::echo_server(
+                &socket.socket,
+                spiffe_id.as_deref(),
+                listen,
+                ready_file.as_deref(),
+            )
+            .await
+        }
+        ExampleCmd::EchoClient {
+            socket,
+            spiffe_id,
+            server,
+            server_id,
+            interval,
+            stats_file,
+        } => {
+            crate::mesh::echo_client(
+                &socket.socket,
+                spiffe_id.as_deref(),
+                &server,
+                &server_id,
+                interval,
+                stats_file,
+            )
+            .await
+        }
     }
 }
 

@@ -4,10 +4,12 @@
 //! lives in its own module.
 
 mod admin;
+mod ca;
 mod cli;
 mod creds;
 mod daemons;
 mod example;
+mod mesh;
 mod output;
 mod tasks;
 mod workload;

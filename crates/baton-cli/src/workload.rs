@@ -66,6 +66,7 @@ pub async fn svid(cmd: SvidCmd) -> Result<()> {
     match cmd {
         SvidCmd::Fetch {
             socket,
+            spiffe_id,
             write,
             output: format,
         } => {
@@ -74,9 +75,23 @@ pub async fn svid(cmd: SvidCmd) -> Result<()> {
                 .fetch_x509_context()
                 .await
                 .map_err(|e| exit(EXIT_REFUSED, format!("Workload API refused: {e}")))?;
-            let svid = ctx
-                .default_svid()
-                .ok_or_else(|| exit(EXIT_REFUSED, "the Workload API returned no SVID"))?;
+            let svid = match &spiffe_id {
+                None => ctx
+                    .default_svid()
+                    .ok_or_else(|| exit(EXIT_REFUSED, "the Workload API returned no SVID"))?,
+                Some(want) => ctx
+                    .svids()
+                    .iter()
+                    .find(|s| s.spiffe_id().to_string() == *want)
+                    .ok_or_else(|| {
+                        exit(
+                            EXIT_REFUSED,
+                            format!(
+                                "no SVID for {want} among those this process is entitled to; `baton entry list` shows the registrations"
+                            ),
+                        )
+                    })?,
+            };
             let leaf = x509_parser::parse_x509_certificate(svid.leaf().as_bytes())
                 .map_err(|e| exit(EXIT_REFUSED, format!("unparseable SVID: {e}")))?
                 .1;

@@ -118,6 +118,10 @@ pub struct SyncResponse {
     pub entries: Vec<Entry>,
     /// The SPIFFE bundle JSON of the broker's trust domain.
     pub bundle: serde_json::Value,
+    /// Tainted authorities (X.509 subject key ids, JWT kids): whatever
+    /// they signed must be re-issued now.
+    #[serde(default)]
+    pub tainted: Vec<String>,
 }
 
 /// One CSR to sign for one entry the node is entitled to.
