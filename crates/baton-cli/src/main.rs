@@ -9,6 +9,7 @@ mod creds;
 mod daemons;
 mod example;
 mod output;
+mod redis_args;
 mod tasks;
 mod workload;
 
