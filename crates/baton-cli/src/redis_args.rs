@@ -224,7 +224,7 @@ mod tests {
         assert!(e.contains("--redis-cluster") && e.contains("empty"), "{e}");
         let e = error(&["--redis-cluster", "redis://a:1,rediss://b:2"]);
         assert!(e.contains("--redis-cluster") && e.contains("mixes"), "{e}");
-        let e = error(&["--redis-cluster", "unix:///tmp/r.sock"]);
+        let e = error(&["--redis-cluster", "unix:///run/redis/redis.sock"]);
         assert!(e.contains("--redis-cluster") && e.contains("unix"), "{e}");
     }
 
