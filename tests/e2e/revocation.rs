@@ -204,7 +204,7 @@ fn flushall_and_restart_bring_nothing_back_and_redis_down_fails_closed() {
     assert!(redis.cli(&["FLUSHALL"]).contains("OK"));
     wait_for("the broker re-seeds Redis", Duration::from_secs(20), || {
         redis
-            .cli(&["EXISTS", "baton:epoch"])
+            .cli(&["EXISTS", "{baton}:epoch"])
             .trim()
             .eq("1")
             .then_some(())
@@ -295,13 +295,13 @@ fn the_revocation_service_keeps_the_feed_alive_on_its_own() {
         Duration::from_secs(20),
         || {
             let n: u64 = redis
-                .cli(&["XLEN", "baton:revocations"])
+                .cli(&["XLEN", "{baton}:revocations"])
                 .trim()
                 .parse()
                 .unwrap_or(0);
             (n >= 3).then_some(())
         },
     );
-    let last = redis.cli(&["XREVRANGE", "baton:revocations", "+", "-", "COUNT", "1"]);
+    let last = redis.cli(&["XREVRANGE", "{baton}:revocations", "+", "-", "COUNT", "1"]);
     assert!(last.contains("hb"), "{last}");
 }

@@ -534,8 +534,8 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let cmds_per_reg = cmds as f64 / n as f64;
     let trips_per_reg = scripts as f64 / n as f64;
     let bytes_per_cred = (mem1 - mem0) as f64 / n as f64;
-    let rec_token = memory_usage(&s, &format!("{PREFIX}:cred:at05000")).await?;
-    let rec_x509 = memory_usage(&s, &format!("{PREFIX}:cred:ax00000")).await?;
+    let rec_token = memory_usage(&s, &format!("{{{PREFIX}}}:cred:at05000")).await?;
+    let rec_x509 = memory_usage(&s, &format!("{{{PREFIX}}}:cred:ax00000")).await?;
     let reg_us = micros(reg_time) / n as f64;
     println!(
         "registration: {n} sequential in {:.0} ms ({reg_us:.1} µs each = {:.2}× a PING round trip)",

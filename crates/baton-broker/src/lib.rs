@@ -133,7 +133,9 @@ pub struct BrokerConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RevocationBackend {
     Memory,
-    Redis { url: String, prefix: String },
+    /// Where and how to reach Redis (one server, Cluster or Sentinel; TLS;
+    /// ACL credentials) and the key prefix.
+    Redis(baton_revocation::RedisConfig),
 }
 
 impl BrokerConfig {
@@ -333,8 +335,8 @@ pub async fn run(
     let (store, heartbeat): (Arc<dyn baton_revocation::RevocationStore>, _) = match &cfg.revocation
     {
         RevocationBackend::Memory => (Arc::new(baton_revocation::MemoryStore::new()), None),
-        RevocationBackend::Redis { url, prefix } => {
-            let store = baton_revocation::RedisStore::connect(url, prefix).await?;
+        RevocationBackend::Redis(redis) => {
+            let store = baton_revocation::RedisStore::open(redis).await?;
             let hb = baton_revocation::Heartbeat::spawn(store.clone(), Duration::from_secs(1));
             (Arc::new(store), Some(hb))
         }

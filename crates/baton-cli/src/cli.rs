@@ -249,13 +249,10 @@ pub struct BrokerArgs {
     /// Also run the local dev OIDC issuer (tokens via `baton task start --user`). Never in production.
     #[arg(long)]
     pub dev_issuer: bool,
-    /// Revocation store in Redis (redis://, rediss:// for TLS, user:password@ for ACLs),
-    /// shared with other brokers and followed by verifiers. Default: in memory.
-    #[arg(long, env = "BATON_REDIS_URL")]
-    pub redis: Option<String>,
-    /// Key prefix in Redis.
-    #[arg(long, default_value = "baton")]
-    pub redis_prefix: String,
+    // Revocation store in Redis, shared with other brokers and followed by
+    // verifiers. Default: in memory.
+    #[command(flatten)]
+    pub redis: crate::redis_args::RedisArgs,
     /// PostgreSQL secret engine: admin connection string (libpq key/value or URL;
     /// the role needs CREATEROLE and pg_signal_backend). With --pg-database.
     #[arg(
@@ -323,11 +320,9 @@ pub enum SecretCmd {
 
 #[derive(Debug, Args)]
 pub struct RevocationArgs {
-    /// The Redis that brokers write revocations to and verifiers follow.
-    #[arg(long, env = "BATON_REDIS_URL")]
-    pub redis: String,
-    #[arg(long, default_value = "baton")]
-    pub redis_prefix: String,
+    // The Redis that brokers write revocations to and verifiers follow.
+    #[command(flatten)]
+    pub redis: crate::redis_args::RedisArgs,
     /// How often to publish a heartbeat on the feed.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub heartbeat: Duration,
@@ -690,11 +685,9 @@ pub enum ExampleCmd {
         /// Spool for tool-call reports not yet delivered to the broker.
         #[arg(long)]
         spool: PathBuf,
-        /// Follow the revocation feed in this Redis (no network call per request).
-        #[arg(long, env = "BATON_REDIS_URL")]
-        redis: Option<String>,
-        #[arg(long, default_value = "baton")]
-        redis_prefix: String,
+        // Follow the revocation feed in this Redis (no network call per request).
+        #[command(flatten)]
+        redis: Box<crate::redis_args::RedisArgs>,
         /// Deny every call once the feed has been silent this long.
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         stale_after: Duration,

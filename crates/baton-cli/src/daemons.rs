@@ -61,11 +61,8 @@ pub async fn broker(args: BrokerArgs) -> Result<()> {
         args.purposes_file.as_deref(),
     )?;
     cfg.dev_issuer = args.dev_issuer;
-    if let Some(url) = &args.redis {
-        cfg.revocation = baton_broker::RevocationBackend::Redis {
-            url: url.clone(),
-            prefix: args.redis_prefix.clone(),
-        };
+    if let Some(redis) = args.redis.config()? {
+        cfg.revocation = baton_broker::RevocationBackend::Redis(redis);
     }
     cfg.secret_engines = baton_broker::secrets::SecretEngineSettings {
         postgres: match (&args.pg_admin_url, &args.pg_database) {
@@ -133,11 +130,12 @@ fn delegation_config(
 /// re-seed it.
 pub async fn revocation(args: crate::cli::RevocationArgs) -> Result<()> {
     use baton_revocation::RevocationStore;
-    let store = baton_revocation::RedisStore::connect(&args.redis, &args.redis_prefix)
+    let redis = args.redis.required()?;
+    let store = baton_revocation::RedisStore::open(&redis)
         .await
-        .map_err(|e| exit(crate::cli::EXIT_UNREACHABLE, format!("--redis: {e}")))?;
+        .map_err(|e| exit(crate::cli::EXIT_UNREACHABLE, e.to_string()))?;
     let _heartbeat = baton_revocation::Heartbeat::spawn(store.clone(), args.heartbeat);
-    tracing::info!(prefix = %args.redis_prefix, heartbeat = ?args.heartbeat, "revocation service running");
+    tracing::info!(redis = %redis, heartbeat = ?args.heartbeat, "revocation service running");
     let mut lost = false;
     let watch = async {
         loop {

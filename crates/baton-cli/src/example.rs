@@ -227,8 +227,7 @@ async fn terminate_signal() {
 
 /// Where the tool server learns of revocations.
 struct FeedConfig<'a> {
-    redis: Option<&'a str>,
-    prefix: &'a str,
+    redis: Option<&'a baton_revocation::RedisConfig>,
     stale_after: std::time::Duration,
     /// Read-only tools keep working while the feed is stale.
     read_allows_stale: bool,
@@ -320,17 +319,16 @@ async fn tool_server(
     // is judged per call by the gate (sensitive tiers always fail closed),
     // so the token check itself only looks at actual revocations.
     let feed_handle = match feed.redis {
-        Some(url) => {
-            let handle = baton_revocation::RevocationFeed::spawn(
-                url,
-                feed.prefix,
+        Some(redis) => {
+            let handle = baton_revocation::RevocationFeed::spawn_with(
+                redis,
                 baton_revocation::FeedOptions {
                     stale_after: feed.stale_after,
                     allow_stale: true,
                     ..baton_revocation::FeedOptions::default()
                 },
             )
-            .map_err(|e| exit(EXIT_REFUSED, format!("--redis: {e}")))?;
+            .map_err(|e| exit(EXIT_REFUSED, e.to_string()))?;
             verifier = verifier.with_revocation(Arc::new(handle.clone()));
             Some(handle)
         }
@@ -487,9 +485,9 @@ pub async fn run(cmd: ExampleCmd) -> Result<()> {
             spool,
             ready_file,
             redis,
-            redis_prefix,
             stale_after,
         } => {
+            let redis = redis.config()?;
             tool_server(
                 &socket.socket,
                 listen,
@@ -499,8 +497,7 @@ pub async fn run(cmd: ExampleCmd) -> Result<()> {
                 &spool,
                 ready_file.as_deref(),
                 FeedConfig {
-                    redis: redis.as_deref(),
-                    prefix: &redis_prefix,
+                    redis: redis.as_ref(),
                     stale_after,
                     read_allows_stale: false,
                 },

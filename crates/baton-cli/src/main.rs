@@ -11,6 +11,7 @@ mod daemons;
 mod example;
 mod mesh;
 mod output;
+mod redis_args;
 mod tasks;
 mod workload;
 

@@ -1,11 +1,11 @@
 //! The verifier side: a local revoked set fed by the revocation stream, and
 //! the publisher-side heartbeat that proves the feed is alive.
 //!
-//! The follower reads `p:revocations` with `XREAD BLOCK` from the last id it
-//! saw, so a reconnect resumes where it stopped (a Stream, unlike pub/sub,
+//! The follower reads `{p}:revocations` with `XREAD BLOCK` from the last id
+//! it saw, so a reconnect resumes where it stopped (a Stream, unlike pub/sub,
 //! keeps entries while the reader is away). It does a full resync — one
 //! `MULTI` reading the epoch, the stream's newest id and the
-//! `p:revoked-index` sorted set from `now` on — at start, when the epoch
+//! `{p}:revoked-index` sorted set from `now` on — at start, when the epoch
 //! changed (Redis lost its data and was re-seeded), when its last entry was
 //! trimmed away and newer ones exist (it may have missed some), or when the
 //! stream vanished. While the epoch is missing it trusts nothing:
@@ -18,11 +18,11 @@ use std::time::Duration;
 use baton_core::TaskId;
 use baton_verify::RevocationCheck;
 use redis::Value;
-use redis::aio::MultiplexedConnection;
 use tokio::task::JoinHandle;
 
-use crate::redis_store::{is_connection_error, open_client, parse_scored, value_str};
-use crate::{RedisStore, RevocationError, system_now};
+use crate::redis_config::{Conn, Connector};
+use crate::redis_store::{is_connection_error, parse_scored, value_str};
+use crate::{RedisConfig, RedisStore, RevocationError, system_now};
 
 /// How a [`RevocationFeed`] behaves.
 #[derive(Debug, Clone)]
@@ -112,14 +112,25 @@ pub struct FeedHandle {
 pub struct RevocationFeed;
 
 impl RevocationFeed {
-    /// Spawns the follower on the current tokio runtime. It connects in
-    /// the background; until its first resync the status is stale.
+    /// Spawns a follower of the standalone Redis at `url` (see
+    /// [`RevocationFeed::spawn_with`]).
     pub fn spawn(
         url: &str,
         prefix: &str,
         options: FeedOptions,
     ) -> Result<FeedHandle, RevocationError> {
-        let client = open_client(url)?;
+        Self::spawn_with(&RedisConfig::standalone(url, prefix), options)
+    }
+
+    /// Spawns the follower on the current tokio runtime, in any mode of
+    /// `config`. Settings and TLS files are checked here; the connection
+    /// is made in the background, and until its first resync the status
+    /// is stale.
+    pub fn spawn_with(
+        config: &RedisConfig,
+        options: FeedOptions,
+    ) -> Result<FeedHandle, RevocationError> {
+        let connector = config.connector()?;
         let now = (options.clock)();
         let shared = Arc::new(Shared {
             state: RwLock::new(State {
@@ -134,8 +145,8 @@ impl RevocationFeed {
             clock: options.clock,
         });
         let follower = Follower {
-            client,
-            prefix: prefix.to_owned(),
+            connector,
+            base: config.key_base(),
             block: options.heartbeat_every.max(Duration::from_millis(100)),
             shared: shared.clone(),
             last_id: None,
@@ -203,8 +214,9 @@ impl RevocationCheck for FeedHandle {
 }
 
 struct Follower {
-    client: redis::Client,
-    prefix: String,
+    connector: Connector,
+    /// `{prefix}`
+    base: String,
     block: Duration,
     shared: Arc<Shared>,
     /// `None`: resync before reading.
@@ -218,18 +230,15 @@ fn parse_id(id: &str) -> (u64, u64) {
 
 impl Follower {
     fn key(&self, rest: &str) -> String {
-        format!("{}:{rest}", self.prefix)
+        format!("{}:{rest}", self.base)
     }
 
     async fn run(mut self) {
         let mut backoff = Duration::from_millis(100);
         loop {
-            let cfg = redis::AsyncConnectionConfig::new()
-                .set_connection_timeout(Some(Duration::from_secs(2)))
-                .set_response_timeout(Some(self.block + Duration::from_secs(5)));
             match self
-                .client
-                .get_multiplexed_async_connection_with_config(&cfg)
+                .connector
+                .connect(Duration::from_secs(2), self.block + Duration::from_secs(5))
                 .await
             {
                 Ok(mut conn) => {
@@ -253,7 +262,7 @@ impl Follower {
     }
 
     /// Reads until the connection fails.
-    async fn follow(&mut self, conn: &mut MultiplexedConnection) -> Result<(), redis::RedisError> {
+    async fn follow(&mut self, conn: &mut Conn) -> Result<(), redis::RedisError> {
         loop {
             let now = (self.shared.clock)();
             self.prune(now);
@@ -302,7 +311,7 @@ impl Follower {
     /// entry is still there nothing after it is missing; once it is gone we
     /// resync unless nothing was added after it. (`max-deleted-entry-id`
     /// does not help: Redis 7.0 updates it on `XDEL`, not on trimming.)
-    async fn gap(&self, conn: &mut MultiplexedConnection) -> Result<bool, redis::RedisError> {
+    async fn gap(&self, conn: &mut Conn) -> Result<bool, redis::RedisError> {
         let Some(last) = self.last_id.as_deref() else {
             return Ok(true);
         };
@@ -339,7 +348,7 @@ impl Follower {
         Ok(parse_id(&newest) > parse_id(last))
     }
 
-    async fn resync(&mut self, conn: &mut MultiplexedConnection) -> Result<(), redis::RedisError> {
+    async fn resync(&mut self, conn: &mut Conn) -> Result<(), redis::RedisError> {
         let now = (self.shared.clock)();
         let (epoch, top, index): (Option<String>, Value, Value) = redis::pipe()
             .atomic()

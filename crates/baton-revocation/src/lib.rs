@@ -36,15 +36,25 @@
 //!
 //! # Redis key layout (prefix `p`)
 //!
+//! Every key starts with the hash tag `{p}` (braces included, e.g.
+//! `{baton}:epoch`), so that on a Redis Cluster they all hash to one slot
+//! and each script's keys live on one node. The scripts declare
+//! `{p}:epoch` as their one key (that routes them) and compute the others
+//! from `{p}`; the feed's stream reads and the heartbeat's `XADD` name
+//! `{p}:revocations`, in the same slot. The layout is the same in every
+//! mode. (Before Cluster support the keys were `p:…` without braces; a
+//! store written that way is simply unseeded under the new names, and the
+//! brokers re-seed it from their durable logs.)
+//!
 //! | key | type | content | expiry |
 //! |---|---|---|---|
-//! | `p:cred:{id}` | hash | `k` kind, `t` task, `a` agent, `n` node, `p` parent, `e` expiry (absent fields omitted) | `EXPIREAT` expiry |
-//! | `p:task:{task}`, `p:agent:{spiffe}`, `p:node:{spiffe}`, `p:children:{id}` | set of ids | index | pushed out to the max expiry of its members |
-//! | `p:revoked:{id}` | string, the kind | deny entry | `EXPIREAT` the credential's expiry |
-//! | `p:revoked-task:{task}` | string | task tombstone: refuses new registrations | max expiry of the task's credentials |
-//! | `p:revoked-index` | sorted set id -> expiry | what a follower loads on a full resync (`ZRANGE BYSCORE now +inf`) | members pruned on each revoke/seed |
-//! | `p:revocations` | stream | `t=revoke`, `r="exp id\nexp id…"`, `why`; `t=hb`; `t=seed`, `epoch` | trimmed with `MINID ~` to [`STREAM_RETENTION_SECS`] (1 h) on every `XADD` |
-//! | `p:epoch` | string | random, set by the first `seed` | none: if it is gone, Redis lost its data |
+//! | `{p}:cred:<id>` | hash | `k` kind, `t` task, `a` agent, `n` node, `p` parent, `e` expiry (absent fields omitted) | `EXPIREAT` expiry |
+//! | `{p}:task:<task>`, `{p}:agent:<spiffe>`, `{p}:node:<spiffe>`, `{p}:children:<id>` | set of ids | index | pushed out to the max expiry of its members |
+//! | `{p}:revoked:<id>` | string, the kind | deny entry | `EXPIREAT` the credential's expiry |
+//! | `{p}:revoked-task:<task>` | string | task tombstone: refuses new registrations | max expiry of the task's credentials |
+//! | `{p}:revoked-index` | sorted set id -> expiry | what a follower loads on a full resync (`ZRANGE BYSCORE now +inf`) | members pruned on each revoke/seed |
+//! | `{p}:revocations` | stream | `t=revoke`, `r="exp id\nexp id…"`, `why`; `t=hb`; `t=seed`, `epoch` | trimmed with `MINID ~` to [`STREAM_RETENTION_SECS`] (1 h) on every `XADD` |
+//! | `{p}:epoch` | string | random, set by the first `seed` | none: if it is gone, Redis lost its data |
 //!
 //! `register` is one `EVALSHA` round trip (the script does `HSET` +
 //! `EXPIREAT` for the record and `SADD` + `EXPIRETIME`/`EXPIREAT` per index
@@ -69,17 +79,31 @@
 //!
 //! - Redis 7.0 or newer (`EXPIRETIME`; `SET … EXAT` and `XADD … MINID`
 //!   need 6.2).
-//! - URLs: `redis://[user:pass@]host:port/db` and `unix://`. ACL users work
-//!   through the URL. `rediss://` (TLS) needs a TLS feature of the `redis`
-//!   crate (`tokio-rustls-comp`) that this workspace does not enable yet:
-//!   [`RedisStore::connect`] refuses such URLs with a clear error rather
-//!   than silently connecting in clear text.
-//! - Cluster: not supported. The scripts compute key names at run time
-//!   (not declared in `KEYS`), which Redis Cluster forbids across slots; a
-//!   prefix written as a hash tag (`{baton}`) puts every key in one slot,
-//!   but the `redis` crate's cluster client is not enabled here and this
-//!   has not been tested. Sentinel: the crate has a `sentinel` feature, not
-//!   enabled here; point the URL at the current primary instead.
+//! - Connection ([`RedisConfig`], the `--redis*` flags of `baton`):
+//!   - one server: `redis://[user:pass@]host:port/db`, `unix://path`, or
+//!     `rediss://…` for TLS (rustls, the process's crypto provider). The
+//!     server certificate must chain to the `--redis-ca` PEM file, or,
+//!     without it, to the system trust store (read by
+//!     `rustls-native-certs`: the OS store, or `SSL_CERT_FILE` /
+//!     `SSL_CERT_DIR` when set). A client certificate and key make it
+//!     mutual TLS. The host in the URL must match the certificate (IP
+//!     addresses as IP SANs).
+//!   - ACL users through the URL or `username`/`password` (which override
+//!     the URL's; the CLI reads the password from a file). Passwords
+//!     never appear in `Debug`, `Display`, logs or errors.
+//!   - Redis Cluster ([`RedisMode::Cluster`]): a few seed nodes, the rest
+//!     discovered; all keys in the `{p}` slot (above), so one node serves
+//!     the whole store and its feed: Cluster buys availability
+//!     (failover to a replica), not write scaling.
+//!   - Sentinel ([`RedisMode::Sentinel`]): the sentinels are asked for the
+//!     primary on every (re)connection; after a failover the store
+//!     reconnects on the first connection error or `READONLY` reply and
+//!     the feed on the first connection error. Credentials in the sentinel
+//!     URLs are the sentinels'; the primary gets `username`/`password`, or
+//!     the sentinels' when those are not given. `rediss://` sentinel URLs
+//!     mean TLS to the sentinels and to the primary, with the same files.
+//!   - Not covered by tests here: Cluster or Sentinel over TLS (the same
+//!     `redis` crate code paths as standalone TLS), and an actual failover.
 //! - Redis must be the fast path, not the record: a Redis without
 //!   persistence forgets everything on restart. [`RevocationStore::health`]
 //!   reports it (the epoch is gone), followers treat it as stale (fail
@@ -88,6 +112,7 @@
 
 mod feed;
 mod memory;
+mod redis_config;
 mod redis_store;
 
 use std::fmt;
@@ -97,7 +122,10 @@ use baton_core::{SpiffeId, TaskId};
 
 pub use feed::{FeedHandle, FeedOptions, FeedStatus, Heartbeat, RevocationFeed};
 pub use memory::MemoryStore;
-pub use redis_store::RedisStore;
+pub use redis_config::{
+    MAX_PREFIX_LEN, RedisConfig, RedisMode, RedisPassword, RedisTls, validate_prefix,
+};
+pub use redis_store::{RedisStore, redact_url};
 
 /// Longest credential id accepted.
 pub const MAX_ID_LEN: usize = 512;
@@ -230,8 +258,18 @@ pub enum RevocationError {
         "the store has no epoch: it lost its data or was never seeded; seed it from the durable log first"
     )]
     NotSeeded,
-    #[error("unsupported Redis URL: {0}")]
-    Url(String),
+    /// A Redis connection setting is wrong; `option` is the `baton` flag
+    /// it comes from.
+    #[error("{option}: {why}")]
+    Config { option: &'static str, why: String },
+    /// The first connection failed (wrong address, TLS or credentials).
+    #[error("cannot connect to Redis ({target}): {source}")]
+    Connect {
+        /// The topology, without passwords.
+        target: String,
+        #[source]
+        source: redis::RedisError,
+    },
     #[error("Redis: {0}")]
     Redis(#[from] redis::RedisError),
     #[error("unexpected Redis reply: {0}")]

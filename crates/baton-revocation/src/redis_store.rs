@@ -1,5 +1,6 @@
 //! The Redis backend: TTL keys, atomic Lua scripts and the revocation
-//! stream. The key layout is in the crate docs.
+//! stream. The key layout is in the crate docs; connection settings are in
+//! [`crate::RedisConfig`].
 
 use std::fmt;
 use std::sync::Arc;
@@ -8,10 +9,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use aws_lc_rs::digest::{SHA1_FOR_LEGACY_USE_ONLY, digest};
 use redis::Value;
-use redis::aio::MultiplexedConnection;
 
+use crate::redis_config::{Conn, Connector};
 use crate::{
-    CredKind, CredentialRecord, Health, RevocationError, RevocationStore, Revoked,
+    CredKind, CredentialRecord, Health, RedisConfig, RevocationError, RevocationStore, Revoked,
     STREAM_RETENTION_SECS, Target, validate_id, validate_record,
 };
 
@@ -129,10 +130,13 @@ pub struct RedisStore {
 }
 
 struct Inner {
-    client: redis::Client,
+    connector: Connector,
     prefix: String,
-    redacted_url: String,
-    conn: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    /// `{prefix}`: the hash tag every key starts with.
+    base: String,
+    /// The topology without passwords, for logs and `Debug`.
+    target: String,
+    conn: tokio::sync::Mutex<Option<Conn>>,
     register: Lua,
     revoke: Lua,
     seed: Lua,
@@ -141,29 +145,18 @@ struct Inner {
 impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisStore")
-            .field("url", &self.inner.redacted_url)
+            .field("target", &self.inner.target)
             .field("prefix", &self.inner.prefix)
             .finish_non_exhaustive()
     }
 }
 
 /// The URL without its password, for logs and `Debug`.
-pub(crate) fn redact_url(url: &str) -> String {
+pub fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(s), Some(at)) if at > s => format!("{}://...@{}", &url[..s], &url[at + 1..]),
         _ => url.to_owned(),
     }
-}
-
-pub(crate) fn open_client(url: &str) -> Result<redis::Client, RevocationError> {
-    let scheme = url.split("://").next().unwrap_or_default();
-    if scheme == "rediss" || scheme == "valkeys" {
-        return Err(RevocationError::Url(format!(
-            "{}: TLS needs the redis crate's `tokio-rustls-comp` feature, which this build does not enable",
-            redact_url(url)
-        )));
-    }
-    redis::Client::open(url).map_err(|e| RevocationError::Url(format!("{}: {e}", redact_url(url))))
 }
 
 /// Whether the connection should be dropped and re-established.
@@ -171,16 +164,30 @@ pub(crate) fn is_connection_error(e: &redis::RedisError) -> bool {
     e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.is_unrecoverable_error()
 }
 
+/// Whether to retry on a fresh connection: a connection error, or a write
+/// that reached a replica (after a Sentinel failover the old primary's
+/// connection answers `READONLY`; a new connection asks the sentinels).
+fn should_reconnect(e: &redis::RedisError) -> bool {
+    is_connection_error(e) || e.code() == Some("READONLY")
+}
+
 impl RedisStore {
     /// Connects (eagerly, so a wrong URL or password fails here) to a
-    /// standalone Redis ≥ 7.0. Keys are `prefix:…`.
+    /// standalone Redis ≥ 7.0 at `url`. Keys are `{prefix}:…`.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, RevocationError> {
-        let client = open_client(url)?;
+        Self::open(&RedisConfig::standalone(url, prefix)).await
+    }
+
+    /// Connects (eagerly: a wrong address, certificate or password fails
+    /// here, as [`RevocationError::Connect`]) in any mode of `config`.
+    pub async fn open(config: &RedisConfig) -> Result<Self, RevocationError> {
+        let connector = config.connector()?;
         let store = Self {
             inner: Arc::new(Inner {
-                client,
-                prefix: prefix.to_owned(),
-                redacted_url: redact_url(url),
+                connector,
+                prefix: config.prefix.clone(),
+                base: config.key_base(),
+                target: config.mode.describe(),
                 conn: tokio::sync::Mutex::new(None),
                 register: Lua::new(REGISTER_LUA),
                 revoke: Lua::new(REVOKE_LUA),
@@ -195,20 +202,21 @@ impl RedisStore {
         &self.inner.prefix
     }
 
-    async fn conn(&self) -> Result<MultiplexedConnection, RevocationError> {
+    async fn conn(&self) -> Result<Conn, RevocationError> {
         let mut g = self.inner.conn.lock().await;
         if let Some(c) = g.as_ref() {
             return Ok(c.clone());
         }
-        let cfg = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            // A 10,000-credential cascade is one script call.
-            .set_response_timeout(Some(Duration::from_secs(30)));
         let c = self
             .inner
-            .client
-            .get_multiplexed_async_connection_with_config(&cfg)
-            .await?;
+            .connector
+            // A 10,000-credential cascade is one script call.
+            .connect(Duration::from_secs(5), Duration::from_secs(30))
+            .await
+            .map_err(|source| RevocationError::Connect {
+                target: self.inner.target.clone(),
+                source,
+            })?;
         *g = Some(c.clone());
         Ok(c)
     }
@@ -225,7 +233,7 @@ impl RedisStore {
             let mut c = self.conn().await?;
             match cmd.query_async::<Value>(&mut c).await {
                 Ok(v) => return Ok(v),
-                Err(e) if is_connection_error(&e) => {
+                Err(e) if should_reconnect(&e) => {
                     self.reset().await;
                     last = Some(e);
                 }
@@ -238,21 +246,26 @@ impl RedisStore {
         ))
     }
 
+    /// Runs a script. Its one declared key, `{prefix}:epoch`, routes the
+    /// call to the node of the prefix's slot on a Cluster; the keys it
+    /// computes from `ARGV[1]` (`{prefix}`) all hash to that slot too.
     async fn eval(&self, lua: &Lua, args: &[String]) -> Result<Value, RevocationError> {
+        let epoch = self.key("epoch");
         let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(&lua.sha).arg(0).arg(args);
+        cmd.arg(&lua.sha).arg(1).arg(&epoch).arg(args);
         match self.query(&cmd).await {
             Err(RevocationError::Redis(e)) if e.code() == Some("NOSCRIPT") => {
                 let mut cmd = redis::cmd("EVAL");
-                cmd.arg(lua.src).arg(0).arg(args);
+                cmd.arg(lua.src).arg(1).arg(&epoch).arg(args);
                 self.query(&cmd).await
             }
             other => other,
         }
     }
 
-    fn key(&self, rest: &str) -> String {
-        format!("{}:{rest}", self.inner.prefix)
+    /// A key name: `{prefix}:rest`.
+    pub fn key(&self, rest: &str) -> String {
+        format!("{}:{rest}", self.inner.base)
     }
 
     /// Name of the revocation stream.
@@ -369,7 +382,7 @@ impl RevocationStore for RedisStore {
     async fn register(&self, rec: &CredentialRecord, now: u64) -> Result<(), RevocationError> {
         validate_record(rec, now)?;
         let args = [
-            self.inner.prefix.clone(),
+            self.inner.base.clone(),
             rec.id.clone(),
             rec.kind.code().to_owned(),
             rec.task
@@ -425,7 +438,7 @@ impl RevocationStore for RedisStore {
             Target::Node(n) => ("node", n.as_str().to_owned()),
         };
         let args = [
-            self.inner.prefix.clone(),
+            self.inner.base.clone(),
             ttype.to_owned(),
             tval,
             reason.to_owned(),
@@ -490,7 +503,7 @@ impl RevocationStore for RedisStore {
         let last = chunks.len().saturating_sub(1);
         for (i, chunk) in chunks.into_iter().enumerate() {
             let mut args = vec![
-                self.inner.prefix.clone(),
+                self.inner.base.clone(),
                 now.to_string(),
                 min_id(now),
                 new_epoch.clone(),

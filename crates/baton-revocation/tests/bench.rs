@@ -68,14 +68,14 @@ async fn bench_cascade_memory_commands() {
     let cmd1 = stats(&s.raw(redis::cmd("INFO").arg("stats")).await.unwrap());
     let mem1 = used(&s.raw(redis::cmd("INFO").arg("memory")).await.unwrap());
     let rec_bytes = int(&s
-        .raw(redis::cmd("MEMORY").arg("USAGE").arg("bt:cred:tok05000"))
+        .raw(redis::cmd("MEMORY").arg("USAGE").arg("{bt}:cred:tok05000"))
         .await
         .unwrap());
     let kids_bytes = int(&s
         .raw(
             redis::cmd("MEMORY")
                 .arg("USAGE")
-                .arg("bt:children:tok00100"),
+                .arg("{bt}:children:tok00100"),
         )
         .await
         .unwrap());
@@ -88,7 +88,11 @@ async fn bench_cascade_memory_commands() {
     assert_eq!(out.len(), n);
     let mem2 = used(&s.raw(redis::cmd("INFO").arg("memory")).await.unwrap());
     let deny_bytes = int(&s
-        .raw(redis::cmd("MEMORY").arg("USAGE").arg("bt:revoked:tok05000"))
+        .raw(
+            redis::cmd("MEMORY")
+                .arg("USAGE")
+                .arg("{bt}:revoked:tok05000"),
+        )
         .await
         .unwrap());
     // Redis counts the commands a script runs, plus the EVALSHA itself and

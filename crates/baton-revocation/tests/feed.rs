@@ -147,7 +147,7 @@ async fn follower_resyncs_after_the_stream_was_trimmed() {
     store
         .raw(
             redis::cmd("XTRIM")
-                .arg("bt:revocations")
+                .arg("{bt}:revocations")
                 .arg("MAXLEN")
                 .arg(0),
         )
