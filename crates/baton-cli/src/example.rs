@@ -8,8 +8,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use baton_core::{Permission, RiskTier, TrustDomain};
-use baton_tls::{BundleStore, ClientAuth, PeerCertificate, PeerPolicy, ServerIdentity};
+use baton_core::{Permission, RiskTier};
+use baton_tls::{ClientAuth, PeerCertificate, PeerPolicy};
 use baton_verify::{JwtBundles, PeerCert, TokenVerifier, ToolGate, ToolSpec};
 use bytes::Bytes;
 use warp::Filter;
@@ -17,7 +17,7 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 
 use crate::cli::{EXIT_REFUSED, EXIT_UNREACHABLE, ExampleCmd, exit};
-use crate::creds::{Credential, redeem, socket_path};
+use crate::creds::{Credential, redeem};
 use crate::output;
 
 /// Loads policies from a directory, or the embedded example set.
@@ -244,52 +244,17 @@ async fn tool_server(
     ready_file: Option<&Path>,
     feed: FeedConfig<'_>,
 ) -> Result<()> {
-    // The tool server's own identity comes from the Workload API like any workload's.
-    let endpoint = format!("unix:{}", socket_path(socket).display());
-    let source = spiffe::X509Source::builder()
-        .endpoint(&endpoint)
-        .build()
-        .await
-        .map_err(|e| {
-            exit(
-                EXIT_UNREACHABLE,
-                format!("cannot get an SVID from {endpoint}: {e}"),
-            )
-        })?;
-    let svid = source.svid().map_err(|e| anyhow::anyhow!("{e}"))?;
-    let td = TrustDomain::new(
-        svid.spiffe_id()
-            .trust_domain()
-            .to_string()
-            .trim_start_matches("spiffe://"),
-    )
-    .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let chain: Vec<Vec<u8>> = svid
-        .cert_chain()
-        .iter()
-        .map(|c| c.as_bytes().to_vec())
-        .collect();
-    let key = svid.private_key().as_bytes().to_vec();
-    let authorities: Vec<Vec<u8>> = source
-        .bundle_set()
-        .map_err(|e| anyhow::anyhow!("{e}"))?
-        .iter()
-        .flat_map(|(_, b)| {
-            b.authorities()
-                .iter()
-                .map(|c| c.as_bytes().to_vec())
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    let bundles = BundleStore::new();
-    bundles.set(td.clone(), authorities);
+    // The tool server's own identity and trust come from the Workload API
+    // like any workload's, and follow it: rotated SVIDs and bundle changes
+    // (a prepared or revoked authority) apply without a restart.
+    let live = crate::mesh::LiveTls::follow(socket, None).await?;
+    let td = live.trust_domain.clone();
+    let bundles = live.bundles.clone();
 
     // The broker's JWT keys, fetched over TLS anchored in the X.509 bundle.
     let broker_id = td.id("/baton/broker").map_err(|e| anyhow::anyhow!("{e}"))?;
-    let identity =
-        baton_tls::ClientIdentity::new(chain.clone(), &key).map_err(|e| anyhow::anyhow!("{e}"))?;
     let tls = baton_tls::client_config(
-        identity,
+        live.client.clone(),
         bundles.clone(),
         PeerPolicy::Exact(vec![broker_id.clone()]),
     )
@@ -314,7 +279,10 @@ async fn tool_server(
         .context("bundle JSON")?;
     let trust = baton_ca::TrustBundle::from_spiffe_json(&td, &bundle_json)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut verifier = TokenVerifier::new(JwtBundles::new([trust]), audience.to_owned());
+    let jwt_bundles = JwtBundles::new([trust]);
+    // JWT key rotations reach the verifier through the Workload API.
+    crate::mesh::follow_jwt_bundles(socket, td.clone(), jwt_bundles.clone());
+    let mut verifier = TokenVerifier::new(jwt_bundles, audience.to_owned());
     // Revocations arrive on the feed and are checked in memory. Staleness
     // is judged per call by the gate (sensitive tiers always fail closed),
     // so the token check itself only looks at actual revocations.
@@ -339,13 +307,9 @@ async fn tool_server(
     };
 
     let engine = load_policies(policies)?;
-    let sender = baton_verify::HttpSender::new(
-        broker_url,
-        baton_tls::ClientIdentity::new(chain.clone(), &key).map_err(|e| anyhow::anyhow!("{e}"))?,
-        bundles.clone(),
-        broker_id,
-    )
-    .map_err(|e| anyhow::anyhow!("tool-call reporter: {e}"))?;
+    let sender =
+        baton_verify::HttpSender::new(broker_url, live.client.clone(), bundles.clone(), broker_id)
+            .map_err(|e| anyhow::anyhow!("tool-call reporter: {e}"))?;
     let reporter = baton_verify::Reporter::open(spool, Arc::new(sender))
         .map_err(|e| anyhow::anyhow!("tool-call reporter: {e}"))?;
     let _delivery = reporter.spawn();
@@ -379,7 +343,7 @@ async fn tool_server(
         reporter,
     });
 
-    let identity = ServerIdentity::new(chain, &key).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let identity = live.server.clone();
     let config = baton_tls::server_config(
         identity,
         bundles,
@@ -421,7 +385,7 @@ async fn tool_server(
     baton_tls::serve_https(listener, config, routes, terminate_signal())
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    source.shutdown().await;
+    live.shutdown().await;
     Ok(())
 }
 

@@ -133,6 +133,11 @@ impl LiveTls {
         Ok(live)
     }
 
+    /// Stops following the Workload API.
+    pub async fn shutdown(&self) {
+        self.source.shutdown().await;
+    }
+
     fn apply(&self) -> Result<()> {
         let Material {
             id,
@@ -159,6 +164,68 @@ impl LiveTls {
         tracing::debug!("TLS material updated from the Workload API");
         Ok(())
     }
+}
+
+/// Keeps `target` in step with the Workload API's JWT bundle of `td`
+/// (FetchJWTBundles stream), reconnecting with a capped backoff.
+pub fn follow_jwt_bundles(socket: &str, td: TrustDomain, target: baton_verify::JwtBundles) {
+    let endpoint = format!("unix:{}", socket_path(socket).display());
+    tokio::spawn(async move {
+        let mut failures: u32 = 0;
+        loop {
+            if let Err(e) = stream_jwt_bundles(&endpoint, &td, &target).await {
+                tracing::warn!(error = %e, "JWT bundle stream from the Workload API ended; reconnecting");
+            }
+            failures = failures.saturating_add(1);
+            let wait = Duration::from_millis(200u64 << failures.min(6));
+            tokio::time::sleep(wait).await;
+        }
+    });
+}
+
+async fn stream_jwt_bundles(
+    endpoint: &str,
+    td: &TrustDomain,
+    target: &baton_verify::JwtBundles,
+) -> Result<()> {
+    use futures::StreamExt as _;
+    let client = spiffe::WorkloadApiClient::connect_to(endpoint)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut stream = client
+        .stream_jwt_bundles()
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let sp_td = spiffe::TrustDomain::new(td.as_str()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    while let Some(set) = stream.next().await {
+        let set = set.map_err(|e| anyhow::anyhow!("{e}"))?;
+        let Some(bundle) = set.get(&sp_td) else {
+            continue;
+        };
+        let mut keys = Vec::new();
+        for a in bundle.jwt_authorities() {
+            let mut jwk: serde_json::Value = serde_json::from_slice(a.jwk_json())?;
+            if let Some(obj) = jwk.as_object_mut() {
+                obj.entry("use").or_insert_with(|| "jwt-svid".into());
+                obj.entry("kid").or_insert_with(|| a.key_id().into());
+            }
+            keys.push(jwk);
+        }
+        let doc = serde_json::json!({ "keys": keys });
+        match baton_ca::TrustBundle::from_spiffe_json(td, &doc) {
+            Ok(b) => {
+                target.set(&b);
+                tracing::debug!(
+                    keys = b.jwt_authorities.len(),
+                    "JWT bundle updated from the Workload API"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "unusable JWT bundle from the Workload API; keeping the previous one")
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `baton example echo-server`.
