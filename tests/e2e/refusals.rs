@@ -24,7 +24,7 @@ async fn raw_channel(c: &Cluster) -> Channel {
         .unwrap()
 }
 
-async fn fetch_status(c: &Cluster, header: bool) -> tonic::Status {
+pub async fn fetch_status(c: &Cluster, header: bool) -> tonic::Status {
     let mut client = SpiffeWorkloadApiClient::new(raw_channel(c).await);
     let mut req = tonic::Request::new(X509svidRequest {});
     if header {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
-use crate::{admin, creds, daemons, example, tasks, workload};
+use crate::{admin, creds, daemons, example, nodes, tasks, workload};
 
 /// Exit codes scripts can rely on.
 pub const EXIT_FAILURE: u8 = 1;
@@ -110,6 +110,9 @@ pub enum Command {
     /// Revoke credentials: one, a subtree, a task, an agent (kill switch) or a node.
     #[command(subcommand)]
     Revoke(RevokeCmd),
+    /// Attested nodes: list, show, evict (must re-attest), ban (never again).
+    #[command(subcommand)]
+    Node(NodeCmd),
     /// Just-in-time secrets for your task (a database login, an API key) that die with it.
     #[command(subcommand)]
     Secret(SecretCmd),
@@ -528,6 +531,51 @@ pub enum RevokeCmd {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum NodeCmd {
+    /// Every node the broker knows: attested or banned.
+    List {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// One node: attestation time, agent SVID serial and expiry, ban, entries under it.
+    Show {
+        /// The node's SPIFFE ID, e.g. spiffe://example.org/baton/node/n1 (see `baton node list`).
+        node_id: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Forget the node's attestation and revoke everything issued through it
+    /// (its agent SVID, its workloads' SVIDs, task credentials). It must
+    /// attest again with a new join token.
+    Evict {
+        /// The node's SPIFFE ID, e.g. spiffe://example.org/baton/node/n1.
+        node_id: String,
+        /// Why (recorded with the revocation).
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Evict the node and refuse every later attestation of its ID.
+    Ban {
+        /// The node's SPIFFE ID, e.g. spiffe://example.org/baton/node/n1.
+        node_id: String,
+        /// Why (recorded with the revocation).
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Lift a ban; the node must then attest again with a new join token.
+    Unban {
+        /// The banned node's SPIFFE ID.
+        node_id: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum AuditCmd {
     /// Prove the log untampered (exit 4 and the first bad index if not).
     Verify {
@@ -692,6 +740,7 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
         Command::Grant(cmd) => creds::grant(cmd).await,
         Command::Delegate(args) => creds::delegate(args).await,
         Command::Revoke(target) => tasks::revoke(target).await,
+        Command::Node(cmd) => nodes::node(cmd).await,
         Command::Secret(cmd) => creds::secret(cmd).await,
         Command::Example(cmd) => example::run(cmd).await,
         Command::Completions { shell } => {

@@ -8,6 +8,7 @@ mod cli;
 mod creds;
 mod daemons;
 mod example;
+mod nodes;
 mod output;
 mod tasks;
 mod workload;
