@@ -14,7 +14,7 @@ use baton_agent::node::{NodeStore, unix_now};
 
 use crate::delegation::{PLANNER, RESEARCHER, World};
 use crate::harness::{Cluster, Options, Proc, Redis, TD, wait_for, wait_for_async};
-use crate::refusals::fetch_status;
+use crate::refusals::raw_channel;
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
@@ -54,12 +54,23 @@ async fn wait_for_serial(c: &Cluster, not: Option<&str>) -> String {
 
 /// Polls until the Workload API refuses this process with PermissionDenied.
 async fn wait_for_denied(c: &Cluster) {
+    use baton_proto::workload::X509svidRequest;
+    use baton_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
     wait_for_async(
         "PermissionDenied from the Workload API",
         Duration::from_secs(20),
         || async {
-            let s = fetch_status(c, true).await;
-            (s.code() == tonic::Code::PermissionDenied).then_some(())
+            let mut client = SpiffeWorkloadApiClient::new(raw_channel(c).await);
+            let mut req = tonic::Request::new(X509svidRequest {});
+            req.metadata_mut()
+                .insert("workload.spiffe.io", "true".parse().unwrap());
+            let status = match client.fetch_x509svid(req).await {
+                Ok(mut stream) => stream.get_mut().message().await.err(),
+                Err(s) => Some(s),
+            }?;
+            (status.code() == tonic::Code::PermissionDenied
+                && status.message().contains("no identity issued"))
+            .then_some(())
         },
     )
     .await;
@@ -240,18 +251,28 @@ fn eviction_reaches_a_tool_server_following_the_redis_feed() {
         "read",
     );
     let planner = w.redeem(&grant, PLANNER, "evict-planner");
+    let hop = w.delegate(
+        &planner,
+        RESEARCHER,
+        &["tool:crm.search:read", "dataset:crm:read"],
+        &[],
+    );
+    assert!(hop.status.success(), "{}", stderr(&hop));
+    let g: serde_json::Value = serde_json::from_slice(&hop.stdout).unwrap();
+    let researcher = w.redeem(g["grant"].as_str().unwrap(), RESEARCHER, "evict-researcher");
     wait_for(
         "a fresh feed at the tool server",
         Duration::from_secs(20),
         || {
-            w.call(&planner, "crm.search")
-                .status
-                .success()
-                .then_some(())
+            let out = w.call(&researcher, "crm.search");
+            if !out.status.success() {
+                eprintln!("call refused: {}", stderr(&out).trim());
+            }
+            out.status.success().then_some(())
         },
     );
     let task_serial = {
-        let pem = std::fs::read_to_string(planner.join("svid.pem")).unwrap();
+        let pem = std::fs::read_to_string(researcher.join("svid.pem")).unwrap();
         let b64: String = pem
             .lines()
             .skip_while(|l| !l.starts_with("-----BEGIN"))
@@ -281,7 +302,7 @@ fn eviction_reaches_a_tool_server_following_the_redis_feed() {
         "the eviction reaches the tool server",
         Duration::from_secs(10),
         || {
-            let out = w.call(&planner, "crm.search");
+            let out = w.call(&researcher, "crm.search");
             (!out.status.success() && stderr(&out).contains("revoked")).then_some(())
         },
     );

@@ -11,7 +11,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::harness::{Cluster, Options, Proc, TD, wait_for, wait_for_async};
 
-async fn raw_channel(c: &Cluster) -> Channel {
+pub async fn raw_channel(c: &Cluster) -> Channel {
     let path = c.agent_socket();
     Endpoint::from_static("http://localhost")
         .connect_with_connector(tower::service_fn(move |_| {
@@ -24,7 +24,7 @@ async fn raw_channel(c: &Cluster) -> Channel {
         .unwrap()
 }
 
-pub async fn fetch_status(c: &Cluster, header: bool) -> tonic::Status {
+async fn fetch_status(c: &Cluster, header: bool) -> tonic::Status {
     let mut client = SpiffeWorkloadApiClient::new(raw_channel(c).await);
     let mut req = tonic::Request::new(X509svidRequest {});
     if header {
