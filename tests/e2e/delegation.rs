@@ -215,7 +215,7 @@ pub fn claims(cred: &Path) -> serde_json::Value {
     serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap()
 }
 
-fn grant_of(out: &Output) -> String {
+pub fn grant_of(out: &Output) -> String {
     assert!(
         out.status.success(),
         "{}",

@@ -320,6 +320,7 @@ impl Cluster {
 
     pub fn start_agent(&mut self, token: &str) {
         let ready = self.path("agent.ready");
+        let _ = std::fs::remove_file(&ready);
         let mut cmd = self.agent_command(&self.path("agent"), &self.agent_socket(), Some(token));
         cmd.arg("--ready-file").arg(&ready);
         let mut p = Proc::spawn("agent", cmd, self.path("agent.log"));

@@ -11,6 +11,7 @@ mod delegation;
 mod fanout;
 mod harness;
 mod identity;
+mod nodes;
 mod refusals;
 mod restart;
 mod revocation;

@@ -11,7 +11,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::harness::{Cluster, Options, Proc, TD, wait_for, wait_for_async};
 
-async fn raw_channel(c: &Cluster) -> Channel {
+pub async fn raw_channel(c: &Cluster) -> Channel {
     let path = c.agent_socket();
     Endpoint::from_static("http://localhost")
         .connect_with_connector(tower::service_fn(move |_| {

@@ -556,3 +556,106 @@ fn bad_operator_input_is_refused_and_changes_nothing() {
         }
     }
 }
+
+#[test]
+fn task_credentials_are_renewed_under_the_new_authority_after_a_taint() {
+    use crate::delegation::{PLANNER, RESEARCHER, World, claims, grant_of};
+    let w = World::start_with_args(None, vec!["--rotation".into(), "manual".into()]);
+    let read = ["tool:crm.search:read", "dataset:crm:read"];
+    let (_task, grant) = w.start_task(&read, "2", "10m", "write");
+    let planner = w.redeem(&grant, PLANNER, "planner");
+    let hop = w.delegate(&planner, RESEARCHER, &read, &[]);
+    let cred = w.redeem(&grant_of(&hop), RESEARCHER, "researcher");
+    let before = claims(&cred);
+    let ok = w.call(&cred, "crm.search");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let stale = w.c.path("planner-old");
+    std::fs::create_dir_all(&stale).unwrap();
+    for f in ["svid.pem", "key.pem", "token", "task.json"] {
+        std::fs::copy(cred.join(f), stale.join(f)).unwrap();
+    }
+
+    let show = ca_show(&w.c);
+    let old_x509 = id_of(&show, "x509", "active");
+    let old_jwt = id_of(&show, "jwt", "active");
+    w.c.cli_ok(&["ca", "prepare"]);
+    wait_propagated(&w.c);
+    w.c.cli_ok(&["ca", "activate"]);
+    w.c.cli_ok(&["ca", "taint", &old_x509]);
+    w.c.cli_ok(&["ca", "taint", &old_jwt]);
+    let pending = |c: &Cluster| {
+        let s = ca_show(c);
+        s["authorities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["id"] == old_x509.as_str())
+            .map(|a| a["pending"]["tasks"].as_u64().unwrap_or(0))
+            .unwrap_or(0)
+    };
+    assert_eq!(pending(&w.c), 2, "both task credentials wait for renewal");
+
+    // The holder renews through its node daemon: same token identity and
+    // expiry, a certificate from the new authority, a token from the new key.
+    let out = w.run(&[
+        "grant",
+        "renew",
+        "--socket",
+        w.c.agent_socket().to_str().unwrap(),
+        "--credential",
+        cred.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = claims(&cred);
+    assert_eq!(after["jti"], before["jti"]);
+    assert_eq!(after["exp"], before["exp"]);
+    assert_eq!(after["scope"], before["scope"]);
+    assert_ne!(after["cnf"], before["cnf"]);
+    let pem = std::fs::read(cred.join("svid.pem")).unwrap();
+    let leaf = CertificateDer::pem_slice_iter(&pem)
+        .next()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        baton_ca::Ca::signer_of(&leaf).unwrap(),
+        id_of(&ca_show(&w.c), "x509", "active")
+    );
+    let token = std::fs::read_to_string(cred.join("token")).unwrap();
+    let kid = jsonwebtoken::decode_header(token.trim())
+        .unwrap()
+        .kid
+        .unwrap();
+    assert_ne!(kid, old_jwt);
+    assert_eq!(pending(&w.c), 1, "only the planner's is left");
+    let ok = w.call(&cred, "crm.search");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+
+    // Revoke the old keys: the renewed credential keeps working, the copy
+    // kept from before is refused (its certificate's authority is gone).
+    w.c.cli_ok(&["ca", "revoke", &old_x509]);
+    w.c.cli_ok(&["ca", "revoke", &old_jwt]);
+    std::fs::copy(cred.join("bundle.pem"), stale.join("bundle.pem")).unwrap();
+    wait_for(
+        "the tool server to refuse the old credential",
+        Duration::from_secs(20),
+        || (!w.call(&stale, "crm.search").status.success()).then_some(()),
+    );
+    let ok = w.call(&cred, "crm.search");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+}

@@ -64,6 +64,50 @@ impl ClientError {
     }
 }
 
+/// Why the broker no longer serves this node: every credential issued
+/// through it is revoked and it must not serve identities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeRefusal {
+    /// Evicted (or never attested): attest again with a new join token.
+    NotAttested,
+    /// Its agent SVID is revoked: attest again with a new join token.
+    SvidRevoked,
+    /// Banned: only an operator can lift it.
+    Banned,
+}
+
+impl NodeRefusal {
+    /// What the operator should do, for logs and errors.
+    pub fn advice(self) -> &'static str {
+        match self {
+            NodeRefusal::NotAttested | NodeRefusal::SvidRevoked => {
+                "this node was evicted (or its agent SVID revoked): it serves no identities until it attests again; generate a join token with `baton token generate --node-id <this node's id>` and restart the agent with --join-token"
+            }
+            NodeRefusal::Banned => {
+                "this node is banned: it serves no identities and cannot attest again; contact the operator of the broker (`baton node unban` lifts a ban)"
+            }
+        }
+    }
+}
+
+impl ClientError {
+    /// Whether the broker refused this node itself (evicted, banned, agent
+    /// SVID revoked), as opposed to one request.
+    pub fn node_refusal(&self) -> Option<NodeRefusal> {
+        match self {
+            ClientError::Refused {
+                status: 403, error, ..
+            } => match error.code.as_str() {
+                "not_a_node" => Some(NodeRefusal::NotAttested),
+                "agent_svid_revoked" => Some(NodeRefusal::SvidRevoked),
+                "node_banned" => Some(NodeRefusal::Banned),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+}
+
 /// A client for the broker's node routes.
 #[derive(Debug)]
 pub struct BrokerClient {
@@ -174,6 +218,15 @@ impl BrokerClient {
     /// still have spent it.
     pub async fn redeem(&self, req: &RedeemRequest) -> Result<TaskCredential, ClientError> {
         self.post("/v1/node/redeem", req).await
+    }
+
+    /// `POST /v1/node/renew-task` (mTLS): a task credential re-issued
+    /// under the CA's active keys.
+    pub async fn renew_task(
+        &self,
+        req: &baton_core::api::RenewTaskRequest,
+    ) -> Result<TaskCredential, ClientError> {
+        self.post("/v1/node/renew-task", req).await
     }
 
     fn http(&self) -> reqwest::Client {

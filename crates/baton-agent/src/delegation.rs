@@ -27,10 +27,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use baton_ca::WorkloadKey;
-use baton_core::api::{ApiError, RedeemRequest, TaskCredential};
+use baton_core::api::{ApiError, RedeemRequest, RenewTaskRequest, TaskCredential};
 use baton_core::{Secret, SpiffeId};
 use baton_proto::delegation::delegation_server::Delegation;
-use baton_proto::delegation::{RedeemGrantRequest, RedeemGrantResponse};
+use baton_proto::delegation::{
+    RedeemGrantRequest, RedeemGrantResponse, RenewTaskCredentialRequest,
+};
 use baton_tls::{BundleStore, CertificateDer, PeerPolicy, UnixTime};
 use tokio::sync::watch;
 use tonic::{Code, Request, Response, Status};
@@ -53,11 +55,21 @@ pub trait GrantRedeemer: Send + Sync + 'static {
         &self,
         req: &RedeemRequest,
     ) -> impl Future<Output = Result<TaskCredential, ClientError>> + Send;
+
+    /// Re-issues a held task credential under the CA's active keys.
+    fn renew(
+        &self,
+        req: &RenewTaskRequest,
+    ) -> impl Future<Output = Result<TaskCredential, ClientError>> + Send;
 }
 
 impl GrantRedeemer for BrokerClient {
     async fn redeem(&self, req: &RedeemRequest) -> Result<TaskCredential, ClientError> {
         BrokerClient::redeem(self, req).await
+    }
+
+    async fn renew(&self, req: &RenewTaskRequest) -> Result<TaskCredential, ClientError> {
+        BrokerClient::renew_task(self, req).await
     }
 }
 
@@ -311,6 +323,66 @@ impl<R: GrantRedeemer> Delegation for DelegationService<R> {
             expires_at: i64::try_from(cred.expires_at).unwrap_or(i64::MAX),
         }))
     }
+
+    async fn renew(
+        &self,
+        request: Request<RenewTaskCredentialRequest>,
+    ) -> Result<Response<RedeemGrantResponse>, Status> {
+        let who = attest_caller(&self.attestor, &request).await?;
+        let RenewTaskCredentialRequest {
+            token,
+            x509_svid_leaf,
+            spiffe_id,
+        } = request.into_inner();
+        let spiffe_id = {
+            let snapshot = Arc::clone(&self.cache.borrow());
+            choose_identity(&snapshot, &who, &spiffe_id)?
+        };
+        if token.is_empty() || token.len() > 16 * 1024 {
+            return Err(Status::invalid_argument(
+                "token: empty or longer than 16 KiB",
+            ));
+        }
+        if x509_svid_leaf.is_empty() {
+            return Err(Status::invalid_argument("x509_svid_leaf is empty"));
+        }
+        let key = WorkloadKey::generate()
+            .map_err(|e| Status::internal(format!("cannot generate a key: {e}")))?;
+        let csr_der = key
+            .csr_der(&spiffe_id)
+            .map_err(|e| Status::internal(format!("cannot make a CSR: {e}")))?;
+        let req = RenewTaskRequest {
+            token: Secret::new(token),
+            spiffe_id: spiffe_id.clone(),
+            leaf_der: x509_svid_leaf,
+            csr_der,
+        };
+        let cred = self.broker.renew(&req).await.map_err(|e| {
+            tracing::warn!(spiffe_id = %spiffe_id, error = %e, "task credential renewal failed");
+            redeem_status(&e)
+        })?;
+        if let Err(reason) = check_credential(&cred, &spiffe_id, &key, &self.bundles, unix_now()) {
+            return Err(Status::internal(format!(
+                "the broker's renewed task credential is unusable: {reason}"
+            )));
+        }
+        tracing::info!(task = %cred.task_id, spiffe_id = %spiffe_id, "task credential renewed");
+        let bundle = self
+            .cache
+            .borrow()
+            .bundle()
+            .map(|b| b.x509_der.clone())
+            .unwrap_or_default();
+        Ok(Response::new(RedeemGrantResponse {
+            task_id: cred.task_id.as_str().to_owned(),
+            spiffe_id: cred.spiffe_id.to_string(),
+            x509_svid: cred.cert_chain_der.concat(),
+            x509_svid_key: key.pkcs8_der().to_vec(),
+            bundle,
+            token: cred.token.expose().to_owned(),
+            expires_at: i64::try_from(cred.expires_at).unwrap_or(i64::MAX),
+        }))
+    }
 }
 
 #[cfg(test)]
@@ -363,6 +435,13 @@ mod tests {
         async fn redeem(&self, req: &RedeemRequest) -> Result<TaskCredential, ClientError> {
             self.calls.lock().unwrap().push(req.clone());
             (self.answer.lock().unwrap())(req, &self.ca)
+        }
+
+        async fn renew(&self, _req: &RenewTaskRequest) -> Result<TaskCredential, ClientError> {
+            Err(ClientError::BadAnswer {
+                route: "/v1/node/renew-task",
+                reason: "not exercised by these tests (see the end-to-end tests)".into(),
+            })
         }
     }
 

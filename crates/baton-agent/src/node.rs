@@ -304,15 +304,19 @@ pub async fn establish(
     join_token: Option<&Secret>,
     now: u64,
 ) -> Result<NodeSvid, NodeError> {
-    let svid = match store.load_svid(now)? {
+    let stored = match store.load_svid(now)? {
         Some(svid) if svid.spiffe_id.is_member_of(td) => {
-            tracing::info!(node = %svid.spiffe_id, "reusing the stored node identity");
-            svid
+            stored_still_valid(client, svid, join_token.is_some()).await?
         }
-        stored => {
-            if let Some(s) = stored {
-                tracing::warn!(node = %s.spiffe_id, trust_domain = %td, "the stored node identity is for another trust domain");
-            }
+        Some(s) => {
+            tracing::warn!(node = %s.spiffe_id, trust_domain = %td, "the stored node identity is for another trust domain");
+            None
+        }
+        None => None,
+    };
+    let svid = match stored {
+        Some(svid) => svid,
+        None => {
             let token = join_token.ok_or(NodeError::NoIdentity)?;
             let key = WorkloadKey::generate().map_err(NodeError::Key)?;
             // The broker picks the node's ID and ignores the CSR's SAN; the
@@ -329,6 +333,36 @@ pub async fn establish(
     };
     install(client, &svid)?;
     Ok(svid)
+}
+
+/// Decides whether to keep the stored SVID. Without a join token it is
+/// kept (a broker that is down or refuses it is reported by the sync loop).
+/// With one, the broker is asked first: if it refuses the node (evicted,
+/// agent SVID revoked), the token wins and the node attests again; a token
+/// left in a service's command line is not spent while the stored SVID
+/// still works.
+async fn stored_still_valid(
+    client: &BrokerClient,
+    svid: NodeSvid,
+    have_token: bool,
+) -> Result<Option<NodeSvid>, NodeError> {
+    if !have_token {
+        tracing::info!(node = %svid.spiffe_id, "reusing the stored node identity");
+        return Ok(Some(svid));
+    }
+    install(client, &svid)?;
+    match client.sync().await {
+        Err(e) if e.node_refusal().is_some() => {
+            tracing::warn!(node = %svid.spiffe_id, error = %e, "the broker refuses the stored node identity; attesting with the join token");
+            client.identity().clear();
+            client.reconnect().map_err(NodeError::Attest)?;
+            Ok(None)
+        }
+        Ok(_) | Err(_) => {
+            tracing::info!(node = %svid.spiffe_id, "reusing the stored node identity; the join token is not used");
+            Ok(Some(svid))
+        }
+    }
 }
 
 fn install(client: &BrokerClient, svid: &NodeSvid) -> Result<(), NodeError> {
@@ -414,7 +448,11 @@ pub async fn renew_loop(
             }
             Err(e) => {
                 failures = failures.saturating_add(1);
-                if unix_now() >= svid.not_after {
+                if let NodeError::Renew(c) = &e
+                    && let Some(refusal) = c.node_refusal()
+                {
+                    tracing::error!(node = %svid.spiffe_id, error = %e, "{}", refusal.advice());
+                } else if unix_now() >= svid.not_after {
                     tracing::error!(node = %svid.spiffe_id, error = %e, "the node SVID has expired and cannot be renewed; restart the agent with a new --join-token");
                 } else {
                     tracing::warn!(node = %svid.spiffe_id, error = %e, "node SVID renewal failed; will retry");

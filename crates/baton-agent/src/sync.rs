@@ -6,7 +6,10 @@
 //! generates here, so private keys never leave the node), drops SVIDs of
 //! deleted entries and publishes a new snapshot if anything changed. When
 //! the broker is unreachable the last snapshot keeps being served and the
-//! loop retries with a capped backoff.
+//! loop retries with a capped backoff. When the broker refuses the node
+//! itself (evicted, banned, its agent SVID revoked), nothing is served any
+//! more: the snapshot is emptied and the loop keeps retrying, logging what
+//! the operator must do.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -80,8 +83,22 @@ impl Syncer {
         }
     }
 
-    /// One round: sync, sign what needs signing, publish.
+    /// One round: sync, sign what needs signing, publish. When the broker
+    /// refuses the node itself (evicted, banned, agent SVID revoked), every
+    /// identity is dropped at once: an empty snapshot, so every workload
+    /// gets `PermissionDenied`.
     pub async fn sync_once(&mut self, now: u64) -> Result<(), SyncError> {
+        let result = self.sync_round(now).await;
+        let refused = matches!(&result, Err(SyncError::Broker(e)) if e.node_refusal().is_some());
+        let serving = !self.tx.borrow().entries().is_empty();
+        if refused && serving {
+            tracing::error!("the broker refused this node; dropping every workload identity");
+            self.tx.send_replace(Arc::new(Snapshot::default()));
+        }
+        result
+    }
+
+    async fn sync_round(&mut self, now: u64) -> Result<(), SyncError> {
         let td = self.settings.trust_domain.clone();
         let resp = self.client.sync().await?;
         let bundle = TrustBundle::from_spiffe_json(&td, &resp.bundle).map_err(SyncError::Bundle)?;
@@ -211,7 +228,18 @@ impl Syncer {
                 Err(e) => {
                     let wait = backoff(failures, RETRY_CAP);
                     failures = failures.saturating_add(1);
-                    tracing::warn!(error = %e, retry_in = ?wait, "sync with the broker failed; serving from cache");
+                    let refusal = match &e {
+                        SyncError::Broker(c) => c.node_refusal(),
+                        _ => None,
+                    };
+                    match refusal {
+                        Some(r) => {
+                            tracing::error!(error = %e, retry_in = ?wait, "{}", r.advice());
+                        }
+                        None => {
+                            tracing::warn!(error = %e, retry_in = ?wait, "sync with the broker failed; serving from cache");
+                        }
+                    }
                     wait
                 }
             };

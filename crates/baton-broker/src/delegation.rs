@@ -17,8 +17,8 @@ use std::time::{Duration, SystemTime};
 use baton_audit::{AuditEvent, AuditLog, EventKind, Receipt};
 
 use baton_core::api::{
-    DelegateRequest, HandoffGrant, RedeemRequest, StartTaskRequest, StartTaskResponse,
-    TaskCredential, ToolCallReport,
+    DelegateRequest, HandoffGrant, RedeemRequest, RenewTaskRequest, StartTaskRequest,
+    StartTaskResponse, TaskCredential, ToolCallReport,
 };
 use baton_core::{
     Actor, Confirmation, DelegationClaims, ParentRef, Purpose, Secret, SpiffeId, TaskClaims, TaskId,
@@ -678,6 +678,134 @@ impl Delegation {
                 expires_at: exp,
             },
         ];
+        Ok((
+            TaskCredential {
+                task_id: task.id,
+                spiffe_id: req.spiffe_id.clone(),
+                cert_chain_der: issued.cert_chain_der,
+                token,
+                expires_at: exp,
+            },
+            records,
+        ))
+    }
+
+    /// Re-issues a task credential under the CA's active keys (after a
+    /// taint): the holder's token is verified (signature, binding to the
+    /// presented certificate, revocation, the broker's own record), the node
+    /// must serve the holder's SPIFFE ID, and the task must still run. The
+    /// new token carries the same claims, `jti` and expiry (so every
+    /// revocation and delegation that names it covers the new credential);
+    /// only `iat` and the certificate binding change. The new certificate
+    /// hangs under the token in the revocation store.
+    pub fn renew(
+        &self,
+        node: &AuthenticatedNode,
+        req: &RenewTaskRequest,
+        now: SystemTime,
+    ) -> Result<(TaskCredential, Vec<CredentialRecord>), BrokerError> {
+        let now_s = unix(now);
+        let peer = PeerCert::from_verified_leaf(req.leaf_der.clone())
+            .map_err(|e| bad("leaf_der", format!("leaf_der: {e}")))?;
+        if peer.spiffe_id() != &req.spiffe_id {
+            return Err(refuse(
+                "wrong_holder",
+                format!(
+                    "the certificate names {}, the caller is {}",
+                    peer.spiffe_id(),
+                    req.spiffe_id
+                ),
+            ));
+        }
+        let held = self.verify_holder(&peer, &req.token, now_s)?;
+        let served = self
+            .broker
+            .store()
+            .list_entries_by_parent(node.id())?
+            .iter()
+            .any(|e| e.spiffe_id == req.spiffe_id);
+        if !served {
+            return Err(BrokerError::Forbidden {
+                code: "not_entitled",
+                message: format!(
+                    "node {} serves no entry for {}; renew through the holder's own node",
+                    node.id(),
+                    req.spiffe_id
+                ),
+            });
+        }
+        let task = self.task(held.task_id())?;
+        if let Some(why) = task.unusable(now_s) {
+            return Err(refuse("task_ended", why.to_owned()));
+        }
+        let mut claims = held.claims().clone();
+        if claims.exp <= now_s {
+            return Err(refuse("token_expired", "the task credential has expired"));
+        }
+        let issued = self
+            .broker
+            .ca()
+            .sign_x509_svid(
+                &req.csr_der,
+                &req.spiffe_id,
+                Duration::from_secs(claims.exp - now_s),
+                &[],
+                now,
+            )
+            .map_err(|e| bad("csr_der", format!("cannot sign this CSR: {e}")))?;
+        let leaf = issued
+            .cert_chain_der
+            .first()
+            .ok_or_else(|| BrokerError::Hook("CA returned an empty chain".into()))?;
+        // Never longer than before; shorter only if the authority ends first.
+        let exp = claims.exp.min(unix(issued.not_after));
+        claims.exp = exp;
+        claims.act.exp = exp;
+        claims.iat = now_s;
+        claims.cnf = Confirmation {
+            x5t_s256: baton_ca::delegation::cert_thumbprint(leaf),
+        };
+        let token = self.broker.ca().sign_delegation_token(&claims)?;
+        let mut ev = self.event(EventKind::Redeemed, &task.id, now_s);
+        ev.actor = Some(req.spiffe_id.clone());
+        ev.target = Some(req.spiffe_id.clone());
+        ev.depth = Some(claims.depth);
+        ev.scope = Some(claims.scope.clone());
+        ev.purpose = Some(claims.task.purpose.clone());
+        ev.decision = Some("granted".into());
+        ev.reason = Some(format!(
+            "renewed: the same token re-issued under the active CA authority {}",
+            issued.authority_id
+        ));
+        ev.token_jti = Some(claims.jti.clone());
+        ev.parent_jti = claims.parent.as_ref().map(|p| p.jti.clone());
+        self.append(&ev)?;
+        self.broker.record(IssuedCredential {
+            kind: CredentialKind::TaskX509Svid,
+            spiffe_id: req.spiffe_id.clone(),
+            via_node: Some(node.id().clone()),
+            id: issued.serial_hex.clone(),
+            expires_at: exp,
+        })?;
+        self.broker
+            .rotation()
+            .forget(crate::rotation::SlotKind::Task, peer.serial_hex());
+        self.broker.rotation().issued(
+            crate::rotation::SlotKind::Task,
+            &issued.serial_hex,
+            &issued.authority_id,
+            exp,
+        );
+        tracing::info!(task = %task.id, spiffe_id = %req.spiffe_id, jti = %claims.jti, "task credential renewed");
+        let records = vec![CredentialRecord {
+            id: issued.serial_hex.clone(),
+            kind: CredKind::X509Svid,
+            task: Some(task.id.clone()),
+            agent: Some(req.spiffe_id.clone()),
+            node: Some(node.id().clone()),
+            parent: Some(claims.jti.clone()),
+            expires_at: exp,
+        }];
         Ok((
             TaskCredential {
                 task_id: task.id,

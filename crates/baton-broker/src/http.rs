@@ -12,7 +12,7 @@ use baton_core::api::{
     ApiError, AttestRequest, EntryList, JoinTokenRequest, RenewRequest, SignJwtRequest,
     SignX509Request,
 };
-use baton_tls::{PeerIdentity, UnixPeer};
+use baton_tls::{PeerCertificate, PeerIdentity, UnixPeer};
 use bytes::Bytes;
 use http::StatusCode;
 use serde::Serialize;
@@ -20,7 +20,8 @@ use serde::de::DeserializeOwned;
 use warp::reply::Response;
 use warp::{Filter, Reply};
 
-use crate::service::{AuthenticatedNode, Broker, BrokerError};
+use crate::revocation::Revoker;
+use crate::service::{AuthenticatedNode, Broker, BrokerError, Issued};
 
 /// Largest request body we read.
 const MAX_BODY: u64 = 4 * 1024 * 1024;
@@ -96,23 +97,70 @@ fn peer() -> impl Filter<Extract = (Option<PeerIdentity>,), Error = Infallible> 
     warp::ext::optional::<PeerIdentity>()
 }
 
-fn node_auth(
-    broker: &Broker,
-    peer: Option<PeerIdentity>,
-) -> Result<AuthenticatedNode, BrokerError> {
-    broker.authenticate_node(peer.as_ref().and_then(|p| p.0.as_ref()))
+fn peer_leaf() -> impl Filter<Extract = (Option<PeerCertificate>,), Error = Infallible> + Clone {
+    warp::ext::optional::<PeerCertificate>()
 }
 
-/// `POST /v1/node/<route>`: an attested node (mTLS) sends a JSON `Req`.
-fn node_post<Req, Resp, F>(
+/// The node behind a request: attested, not banned, and presenting an
+/// agent SVID that is not revoked (the broker's durable table; a read
+/// error refuses).
+pub(crate) fn node_auth(
+    broker: &Broker,
+    revoker: &Revoker,
+    peer: Option<PeerIdentity>,
+    leaf: Option<PeerCertificate>,
+) -> Result<AuthenticatedNode, BrokerError> {
+    let now = crate::oidc::unix_now();
+    broker.authenticate_node_svid(
+        peer.as_ref().and_then(|p| p.0.as_ref()),
+        leaf.as_ref().map(|c| c.0.as_slice()),
+        |serial| revoker.durably_revoked(serial, now),
+    )
+}
+
+/// Registers what was issued with the revocation store (fail closed), then
+/// lets `finish` hand it out. `finish` re-checks the node, so an eviction
+/// racing this request either revoked the registered records or refuses
+/// here.
+pub(crate) async fn issue<X, T>(
+    broker: &Broker,
+    revoker: &Revoker,
+    node: &AuthenticatedNode,
+    issued: Result<Issued<X>, BrokerError>,
+    finish: impl FnOnce(&Broker, &AuthenticatedNode, X) -> Result<T, BrokerError>,
+) -> Result<T, BrokerError> {
+    let issued = issued?;
+    revoker
+        .register(&issued.records, crate::oidc::unix_now())
+        .await?;
+    finish(broker, node, issued.value)
+}
+
+/// Hands out a workload credential if its node is still attested.
+fn still_attested<T>(broker: &Broker, node: &AuthenticatedNode, v: T) -> Result<T, BrokerError> {
+    broker.authenticate_node(Some(node.id()))?;
+    Ok(v)
+}
+
+/// `POST /v1/node/<route>`: an attested node (mTLS) sends a JSON `Req`;
+/// `handle` signs, the records are registered, `finish` hands out.
+fn node_post<Req, X, Resp, F, G>(
     broker: Arc<Broker>,
+    revoker: Arc<Revoker>,
     route: &'static str,
     handle: F,
+    finish: G,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone + Send + Sync + 'static
 where
     Req: DeserializeOwned + Send + 'static,
+    X: Send + 'static,
     Resp: Serialize + Send + 'static,
-    F: Fn(&Broker, &AuthenticatedNode, Req, SystemTime) -> Result<Resp, BrokerError>
+    F: Fn(&Broker, &AuthenticatedNode, Req, SystemTime) -> Result<Issued<X>, BrokerError>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    G: Fn(&Broker, &AuthenticatedNode, X) -> Result<Resp, BrokerError>
         + Clone
         + Send
         + Sync
@@ -124,16 +172,27 @@ where
         .and(warp::path::end())
         .and(warp::post())
         .and(with_broker(broker))
+        .and(warp::any().map(move || revoker.clone()))
         .and(peer())
+        .and(peer_leaf())
         .and(json_body())
         .and_then(
-            move |broker: Arc<Broker>, peer: Option<PeerIdentity>, body: Bytes| {
-                let handle = handle.clone();
+            move |broker: Arc<Broker>,
+                  revoker: Arc<Revoker>,
+                  peer: Option<PeerIdentity>,
+                  leaf: Option<PeerCertificate>,
+                  body: Bytes| {
+                let (handle, finish) = (handle.clone(), finish.clone());
                 async move {
-                    respond(node_auth(&broker, peer).and_then(|node| {
-                        let req = parse_body::<Req>(&body)?;
-                        handle(&broker, &node, req, SystemTime::now())
-                    }))
+                    let result = match node_auth(&broker, &revoker, peer, leaf) {
+                        Ok(node) => {
+                            let issued = parse_body::<Req>(&body)
+                                .and_then(|req| handle(&broker, &node, req, SystemTime::now()));
+                            issue(&broker, &revoker, &node, issued, finish).await
+                        }
+                        Err(e) => Err(e),
+                    };
+                    respond(result)
                 }
             },
         )
@@ -145,6 +204,14 @@ pub fn node_routes(
     delegation: Arc<crate::delegation::Delegation>,
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static {
     let b = || with_broker(broker.clone());
+    let revoker = delegation.revoker().clone();
+    let r = {
+        let revoker = revoker.clone();
+        move || {
+            let revoker = revoker.clone();
+            warp::any().map(move || revoker.clone())
+        }
+    };
 
     let bundle = warp::path!("v1" / "bundle")
         .and(warp::get())
@@ -166,38 +233,67 @@ pub fn node_routes(
     let attest = warp::path!("v1" / "node" / "attest")
         .and(warp::post())
         .and(b())
+        .and(r())
         .and(json_body())
-        .and_then(|broker: Arc<Broker>, body: Bytes| async move {
-            respond(
-                parse_body::<AttestRequest>(&body)
-                    .and_then(|req| broker.attest(&req, SystemTime::now())),
-            )
-        });
+        .and_then(
+            |broker: Arc<Broker>, revoker: Arc<Revoker>, body: Bytes| async move {
+                let result = async {
+                    let pending = parse_body::<AttestRequest>(&body)
+                        .and_then(|req| broker.attest(&req, SystemTime::now()))?;
+                    // Registered before the token is burned and the SVID
+                    // leaves: a store that is down costs no token.
+                    revoker
+                        .register(&[pending.record()], crate::oidc::unix_now())
+                        .await?;
+                    broker.finish_agent_svid(pending)
+                }
+                .await;
+                respond(result)
+            },
+        );
     let renew = node_post(
         broker.clone(),
+        revoker.clone(),
         "renew",
-        |b, node, req: RenewRequest, now| b.renew(node, &req.csr_der, now),
+        |b, node, req: RenewRequest, now| {
+            let pending = b.renew(node, &req.csr_der, now)?;
+            Ok(Issued {
+                records: vec![pending.record()],
+                value: pending,
+            })
+        },
+        |b, _node, pending| b.finish_agent_svid(pending),
     );
     let sync = warp::path!("v1" / "node" / "sync")
         .and(warp::get())
         .and(b())
+        .and(r())
         .and(peer())
+        .and(peer_leaf())
         .and_then(
-            |broker: Arc<Broker>, peer: Option<PeerIdentity>| async move {
+            |broker: Arc<Broker>,
+             revoker: Arc<Revoker>,
+             peer: Option<PeerIdentity>,
+             leaf: Option<PeerCertificate>| async move {
                 respond(
-                    node_auth(&broker, peer).and_then(|node| broker.sync(&node, SystemTime::now())),
+                    node_auth(&broker, &revoker, peer, leaf)
+                        .and_then(|node| broker.sync(&node, SystemTime::now())),
                 )
             },
         );
     let sign_x509 = node_post(
         broker.clone(),
+        revoker.clone(),
         "sign-x509",
         |b, node, req: SignX509Request, now| b.sign_x509(node, &req, now),
+        still_attested,
     );
     let sign_jwt = node_post(
         broker.clone(),
+        revoker.clone(),
         "sign-jwt",
         |b, node, req: SignJwtRequest, now| b.sign_jwt(node, &req, now),
+        still_attested,
     );
     let health = warp::path!("healthz")
         .and(warp::get())
@@ -334,6 +430,11 @@ pub fn admin_routes(
                 .or(bundle)
                 .unify()
                 .or(crate::rotation::admin_routes(broker.clone()))
+                .unify()
+                .or(crate::http_nodes::admin_routes(
+                    broker.clone(),
+                    delegation.clone(),
+                ))
                 .unify()
                 .or(crate::http_delegation::admin_routes(delegation))
                 .unify(),

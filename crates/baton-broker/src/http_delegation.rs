@@ -10,7 +10,9 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use baton_core::api::{DelegateRequest, RedeemRequest, StartTaskRequest, ToolCallReport};
+use baton_core::api::{
+    DelegateRequest, RedeemRequest, RenewTaskRequest, StartTaskRequest, ToolCallReport,
+};
 use baton_tls::{PeerCertificate, PeerIdentity};
 use baton_verify::PeerCert;
 use bytes::Bytes;
@@ -75,25 +77,59 @@ pub fn node_routes(
         );
     let redeem = warp::path!("v1" / "node" / "redeem")
         .and(warp::post())
+        .and(with(broker.clone()))
+        .and(with(d.clone()))
+        .and(warp::ext::optional::<PeerIdentity>())
+        .and(warp::ext::optional::<PeerCertificate>())
+        .and(json_body())
+        .and_then(
+            |broker: Arc<Broker>,
+             d: Arc<Delegation>,
+             id: Option<PeerIdentity>,
+             leaf: Option<PeerCertificate>,
+             body: Bytes| async move {
+                let result = match crate::http::node_auth(&broker, d.revoker(), id, leaf) {
+                    Ok(node) => {
+                        let minted = parse_body::<RedeemRequest>(&body)
+                            .and_then(|req| d.redeem(&node, &req, SystemTime::now()))
+                            .map(|(value, records)| crate::service::Issued { value, records });
+                        // Registered with the revocation store before it
+                        // leaves, and only if the node is still attested.
+                        crate::http::issue(&broker, d.revoker(), &node, minted, |b, node, cred| {
+                            b.authenticate_node(Some(node.id())).map(|_| cred)
+                        })
+                        .await
+                    }
+                    Err(e) => Err(e),
+                };
+                respond(result)
+            },
+        );
+    let renew = warp::path!("v1" / "node" / "renew-task")
+        .and(warp::post())
         .and(with(broker))
         .and(with(d.clone()))
         .and(warp::ext::optional::<PeerIdentity>())
+        .and(warp::ext::optional::<PeerCertificate>())
         .and(json_body())
         .and_then(
-            |broker: Arc<Broker>, d: Arc<Delegation>, id: Option<PeerIdentity>, body: Bytes| async move {
-                let minted = broker
-                    .authenticate_node(id.as_ref().and_then(|p| p.0.as_ref()))
-                    .and_then(|node| {
-                        let req = parse_body::<RedeemRequest>(&body)?;
-                        d.redeem(&node, &req, SystemTime::now())
-                    });
-                // Registered with the revocation store before it leaves.
-                let result = match minted {
-                    Ok((cred, records)) => d
-                        .revoker()
-                        .register(&records, crate::oidc::unix_now())
+            |broker: Arc<Broker>,
+             d: Arc<Delegation>,
+             id: Option<PeerIdentity>,
+             leaf: Option<PeerCertificate>,
+             body: Bytes| async move {
+                let result = match crate::http::node_auth(&broker, d.revoker(), id, leaf) {
+                    Ok(node) => {
+                        let minted = parse_body::<RenewTaskRequest>(&body)
+                            .and_then(|req| d.renew(&node, &req, SystemTime::now()))
+                            .map(|(value, records)| crate::service::Issued { value, records });
+                        // Registered with the revocation store before it
+                        // leaves, and only if the node is still attested.
+                        crate::http::issue(&broker, d.revoker(), &node, minted, |b, node, cred| {
+                            b.authenticate_node(Some(node.id())).map(|_| cred)
+                        })
                         .await
-                        .map(|()| cred),
+                    }
                     Err(e) => Err(e),
                 };
                 respond(result)
@@ -125,6 +161,8 @@ pub fn node_routes(
         .or(delegate)
         .unify()
         .or(redeem)
+        .unify()
+        .or(renew)
         .unify()
         .or(report)
         .unify()

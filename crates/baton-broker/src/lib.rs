@@ -13,6 +13,8 @@
 pub mod delegation;
 pub mod http;
 pub mod http_delegation;
+pub mod http_nodes;
+pub mod nodes;
 pub mod oidc;
 pub mod revocation;
 pub mod rotation;

@@ -1,5 +1,6 @@
-//! The broker's side of revocation: every task credential is registered in
-//! the revocation store before it is handed out (fail closed: no store, no
+//! The broker's side of revocation: every credential (agent and workload
+//! SVIDs, task credentials, grants, secret leases) is registered in the
+//! revocation store before it is handed out (fail closed: no store, no
 //! credential); task end, purpose change and explicit revokes mark
 //! credentials revoked in the store (which publishes them to verifiers) and
 //! in the broker's durable table, from which a store that lost its data
@@ -71,17 +72,20 @@ impl Revoker {
         records: &[CredentialRecord],
         now: u64,
     ) -> Result<(), BrokerError> {
-        for r in records {
-            self.store.register(r, now).await.map_err(|e| match e {
+        if records.is_empty() {
+            return Ok(());
+        }
+        self.store
+            .register_many(records, now)
+            .await
+            .map_err(|e| match e {
                 baton_revocation::RevocationError::ParentRevoked { .. }
                 | baton_revocation::RevocationError::TaskRevoked { .. } => BrokerError::Forbidden {
                     code: "revoked",
                     message: e.to_string(),
                 },
                 other => unavailable(other),
-            })?;
-        }
-        Ok(())
+            })
     }
 
     /// Parses an operator's target, refusing malformed ids with the field at fault.

@@ -83,6 +83,12 @@ impl RotationState {
         );
     }
 
+    /// Forgets `slot` (its SVID was replaced under another slot).
+    pub fn forget(&self, kind: SlotKind, slot: &str) {
+        let mut m = self.ledger.lock().unwrap_or_else(|p| p.into_inner());
+        m.remove(&format!("{}:{slot}", kind.prefix()));
+    }
+
     /// Live SVIDs signed by `authority`, per holder kind; forgets expired ones.
     pub fn pending(&self, authority: &str, now: u64) -> PendingReissue {
         let mut m = self.ledger.lock().unwrap_or_else(|p| p.into_inner());

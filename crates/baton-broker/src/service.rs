@@ -10,6 +10,7 @@ use baton_core::api::{
     SignX509Request, SignX509Response, SignedSvid, SyncResponse,
 };
 use baton_core::{Entry, EntryId, NewEntry, Secret, SpiffeId, TrustDomain};
+use baton_revocation::{CredKind, CredentialRecord};
 
 use crate::store::{Datastore, JoinTokenRefusal, NodeRecord, StoreError};
 
@@ -63,6 +64,74 @@ pub struct IssuedCredential {
     /// SVID serial or JWT id.
     pub id: String,
     pub expires_at: u64,
+}
+
+impl IssuedCredential {
+    /// What the revocation store keeps for it: indexed by its SPIFFE ID
+    /// (so `revoke agent` reaches it) and by the node it was issued
+    /// through (the node itself for an agent SVID), expiring with it.
+    pub fn revocation_record(&self) -> CredentialRecord {
+        CredentialRecord {
+            id: self.id.clone(),
+            kind: match self.kind {
+                CredentialKind::WorkloadJwtSvid => CredKind::JwtSvid,
+                CredentialKind::AgentX509Svid
+                | CredentialKind::WorkloadX509Svid
+                | CredentialKind::TaskX509Svid => CredKind::X509Svid,
+            },
+            task: None,
+            agent: Some(self.spiffe_id.clone()),
+            node: Some(
+                self.via_node
+                    .clone()
+                    .unwrap_or_else(|| self.spiffe_id.clone()),
+            ),
+            parent: None,
+            expires_at: self.expires_at,
+        }
+    }
+}
+
+/// A credential signed by the broker, with the records the revocation
+/// store must accept before it is handed out (the HTTP layer registers
+/// them; a failed registration refuses the request: fail closed).
+#[derive(Debug)]
+pub struct Issued<T> {
+    pub value: T,
+    pub records: Vec<CredentialRecord>,
+}
+
+/// An agent SVID signed but not handed out yet: register
+/// [`PendingAgentSvid::record`], then [`Broker::finish_agent_svid`], which
+/// burns the join token (attestation) and records the node.
+#[derive(Debug)]
+pub struct PendingAgentSvid {
+    node_id: SpiffeId,
+    issued: baton_ca::IssuedSvid,
+    /// The join token's digest at attestation; `None` at renewal.
+    token_digest: Option<String>,
+    now: SystemTime,
+}
+
+impl PendingAgentSvid {
+    pub fn node_id(&self) -> &SpiffeId {
+        &self.node_id
+    }
+
+    fn credential(&self) -> IssuedCredential {
+        IssuedCredential {
+            kind: CredentialKind::AgentX509Svid,
+            spiffe_id: self.node_id.clone(),
+            via_node: None,
+            id: self.issued.serial_hex.clone(),
+            expires_at: unix(self.issued.not_after),
+        }
+    }
+
+    /// The revocation record of the agent SVID.
+    pub fn record(&self) -> CredentialRecord {
+        self.credential().revocation_record()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -232,6 +301,7 @@ impl Broker {
                         format!("node_id {id} is reserved"),
                     ));
                 }
+                self.refuse_banned(&id)?;
                 id
             }
             None => self
@@ -315,95 +385,97 @@ impl Broker {
 
     // ---- nodes ----
 
-    /// Attests a node by join token and issues its agent SVID.
-    pub fn attest(&self, req: &AttestRequest, now: SystemTime) -> Result<SignedSvid, BrokerError> {
+    /// Attests a node by join token: checks the token (without using it)
+    /// and signs its agent SVID. Nothing is stored until
+    /// [`Broker::finish_agent_svid`].
+    pub fn attest(
+        &self,
+        req: &AttestRequest,
+        now: SystemTime,
+    ) -> Result<PendingAgentSvid, BrokerError> {
         let token = req.join_token.expose();
         if token.is_empty() {
             return Err(BrokerError::bad("join_token", "join_token is empty"));
         }
-        // Look first, sign, then burn: a bad CSR must not cost the operator
-        // a token, and two racing attestations cannot both win the burn.
+        // Look first, sign, register, then burn: a bad CSR or a revocation
+        // store that is down must not cost the operator a token, and two
+        // racing attestations cannot both win the burn.
         let digest = token_digest(token);
-        let refused = |refusal: JoinTokenRefusal| {
-            tracing::warn!(%refusal, "node attestation refused");
-            BrokerError::Unauthenticated(format!(
-                "node attestation refused: {refusal}; generate a new one with `baton token generate`"
-            ))
-        };
         let node_id = self
             .store
             .check_join_token(&digest, unix(now))?
-            .map_err(refused)?;
-        if let Some(n) = self.store.get_node(&node_id)?
-            && n.banned
-        {
-            return Err(BrokerError::Forbidden {
-                code: "node_banned",
-                message: format!("node {node_id} is banned"),
-            });
-        }
-        // Sign before burning: a bad CSR must not cost the operator a token.
+            .map_err(join_token_refused)?;
+        self.refuse_banned(&node_id)?;
         let issued = self
             .ca
             .sign_x509_svid(&req.csr_der, &node_id, self.policy.agent_svid_ttl, &[], now)
             .map_err(csr_error)?;
-        let burned = self
-            .store
-            .consume_join_token(&digest, unix(now))?
-            .map_err(refused)?;
-        if burned != node_id {
-            return Err(BrokerError::Conflict(
-                "join token changed during attestation".into(),
-            ));
+        Ok(PendingAgentSvid {
+            node_id,
+            issued,
+            token_digest: Some(digest),
+            now,
+        })
+    }
+
+    fn refuse_banned(&self, node_id: &SpiffeId) -> Result<(), BrokerError> {
+        if let Some(n) = self.store.get_node(node_id)?
+            && n.banned
+        {
+            tracing::warn!(node_id = %node_id, "attestation of a banned node refused");
+            return Err(banned(node_id));
         }
-        let svid = self.finish_agent_svid(&node_id, issued, now)?;
-        tracing::info!(node_id = %node_id, "node attested by join token");
-        Ok(svid)
+        Ok(())
     }
 
-    fn issue_agent_svid(
-        &self,
-        node_id: &SpiffeId,
-        csr: &[u8],
-        now: SystemTime,
-    ) -> Result<SignedSvid, BrokerError> {
-        let issued = self
-            .ca
-            .sign_x509_svid(csr, node_id, self.policy.agent_svid_ttl, &[], now)
-            .map_err(csr_error)?;
-        self.finish_agent_svid(node_id, issued, now)
-    }
-
-    fn finish_agent_svid(
-        &self,
-        node_id: &SpiffeId,
-        issued: baton_ca::IssuedSvid,
-        now: SystemTime,
-    ) -> Result<SignedSvid, BrokerError> {
-        let expires_at = unix(issued.not_after);
+    /// Hands out an agent SVID whose record the revocation store accepted:
+    /// burns the join token (attestation) or checks the node is still
+    /// attested and not banned (renewal), then records the node.
+    pub fn finish_agent_svid(&self, p: PendingAgentSvid) -> Result<SignedSvid, BrokerError> {
+        let credential = p.credential();
+        let expires_at = credential.expires_at;
+        let now = unix(p.now);
+        self.record(credential)?;
         self.rotation.issued(
             crate::rotation::SlotKind::Agent,
-            node_id.as_str(),
-            &issued.authority_id,
+            p.node_id.as_str(),
+            &p.issued.authority_id,
             expires_at,
         );
-        self.record(IssuedCredential {
-            kind: CredentialKind::AgentX509Svid,
-            spiffe_id: node_id.clone(),
-            via_node: None,
-            id: issued.serial_hex.clone(),
-            expires_at,
-        })?;
-        self.store.upsert_node(&NodeRecord {
-            spiffe_id: node_id.clone(),
-            serial_hex: issued.serial_hex,
-            svid_not_after: expires_at,
-            attested_at: unix(now),
-            banned: false,
-        })?;
+        if let Some(digest) = &p.token_digest {
+            let burned = self
+                .store
+                .consume_join_token(digest, now)?
+                .map_err(join_token_refused)?;
+            if burned != p.node_id {
+                return Err(BrokerError::Conflict(
+                    "join token changed during attestation".into(),
+                ));
+            }
+            self.store.upsert_node(&NodeRecord {
+                spiffe_id: p.node_id.clone(),
+                serial_hex: p.issued.serial_hex,
+                svid_not_after: expires_at,
+                attested_at: now,
+                banned: false,
+            })?;
+            // A ban that raced this attestation wins (the upsert never
+            // clears the flag).
+            self.refuse_banned(&p.node_id)?;
+            tracing::info!(node_id = %p.node_id, "node attested by join token");
+        } else {
+            // Only an attested, unbanned node's record is updated: an
+            // eviction or ban since the request was authenticated wins.
+            if !self
+                .store
+                .update_node_svid(&p.node_id, &p.issued.serial_hex, expires_at)?
+            {
+                return Err(not_a_node(&p.node_id));
+            }
+        }
         Ok(SignedSvid {
-            spiffe_id: node_id.clone(),
-            cert_chain_der: issued.cert_chain_der,
+            spiffe_id: p.node_id,
+            cert_chain_der: p.issued.cert_chain_der,
             expires_at,
         })
     }
@@ -419,25 +491,62 @@ impl Broker {
             ));
         };
         match self.store.get_node(peer)? {
-            Some(n) if n.banned => Err(BrokerError::Forbidden {
-                code: "node_banned",
-                message: format!("node {peer} is banned"),
-            }),
+            Some(n) if n.banned => Err(banned(peer)),
             Some(_) => Ok(AuthenticatedNode { id: peer.clone() }),
-            None => Err(BrokerError::Forbidden {
-                code: "not_a_node",
-                message: format!("{peer} is not an attested node"),
-            }),
+            None => Err(not_a_node(peer)),
         }
     }
 
+    /// [`Broker::authenticate_node`], plus: the certificate the node
+    /// presented is not revoked (`revoked` answers for its serial; an
+    /// unreadable certificate is refused). After an eviction and a new
+    /// attestation, the node's old agent SVID stays refused.
+    pub fn authenticate_node_svid(
+        &self,
+        peer: Option<&SpiffeId>,
+        leaf_der: Option<&[u8]>,
+        revoked: impl FnOnce(&str) -> Result<bool, StoreError>,
+    ) -> Result<AuthenticatedNode, BrokerError> {
+        let node = self.authenticate_node(peer)?;
+        let serial = leaf_der
+            .and_then(|der| baton_ca::leaf_info(&[der.to_vec()]).ok())
+            .map(|info| info.serial_hex)
+            .ok_or_else(|| {
+                BrokerError::Unauthenticated(
+                    "this route needs a client certificate: connect with the node's agent SVID"
+                        .into(),
+                )
+            })?;
+        if revoked(&serial)? {
+            return Err(BrokerError::Forbidden {
+                code: "agent_svid_revoked",
+                message: format!(
+                    "the agent SVID (serial {serial}) of node {} is revoked; the node must attest again with a new join token",
+                    node.id
+                ),
+            });
+        }
+        Ok(node)
+    }
+
+    /// Signs a renewed agent SVID; hand it out with
+    /// [`Broker::finish_agent_svid`] once its record is registered.
     pub fn renew(
         &self,
         node: &AuthenticatedNode,
         csr: &[u8],
         now: SystemTime,
-    ) -> Result<SignedSvid, BrokerError> {
-        self.issue_agent_svid(&node.id, csr, now)
+    ) -> Result<PendingAgentSvid, BrokerError> {
+        let issued = self
+            .ca
+            .sign_x509_svid(csr, &node.id, self.policy.agent_svid_ttl, &[], now)
+            .map_err(csr_error)?;
+        Ok(PendingAgentSvid {
+            node_id: node.id.clone(),
+            issued,
+            token_digest: None,
+            now,
+        })
     }
 
     pub fn sync(
@@ -481,7 +590,7 @@ impl Broker {
         node: &AuthenticatedNode,
         req: &SignX509Request,
         now: SystemTime,
-    ) -> Result<SignX509Response, BrokerError> {
+    ) -> Result<Issued<SignX509Response>, BrokerError> {
         if req.items.len() > MAX_SIGN_BATCH {
             return Err(BrokerError::bad(
                 "items",
@@ -497,6 +606,7 @@ impl Broker {
             .map(|item| self.entitled_entry(node, &item.entry_id))
             .collect::<Result<Vec<_>, _>>()?;
         let mut svids = Vec::with_capacity(entries.len());
+        let mut records = Vec::with_capacity(entries.len());
         for (item, entry) in req.items.iter().zip(&entries) {
             let issued = self
                 .ca
@@ -515,20 +625,25 @@ impl Broker {
                 &issued.authority_id,
                 expires_at,
             );
-            self.record(IssuedCredential {
+            let credential = IssuedCredential {
                 kind: CredentialKind::WorkloadX509Svid,
                 spiffe_id: entry.spiffe_id.clone(),
                 via_node: Some(node.id.clone()),
                 id: issued.serial_hex,
                 expires_at,
-            })?;
+            };
+            records.push(credential.revocation_record());
+            self.record(credential)?;
             svids.push(SignedSvid {
                 spiffe_id: entry.spiffe_id.clone(),
                 cert_chain_der: issued.cert_chain_der,
                 expires_at,
             });
         }
-        Ok(SignX509Response { svids })
+        Ok(Issued {
+            value: SignX509Response { svids },
+            records,
+        })
     }
 
     pub fn sign_jwt(
@@ -536,7 +651,7 @@ impl Broker {
         node: &AuthenticatedNode,
         req: &SignJwtRequest,
         now: SystemTime,
-    ) -> Result<SignJwtResponse, BrokerError> {
+    ) -> Result<Issued<SignJwtResponse>, BrokerError> {
         if req.audience.is_empty() || req.audience.iter().any(String::is_empty) {
             return Err(BrokerError::bad(
                 "audience",
@@ -551,14 +666,44 @@ impl Broker {
             now,
         )?;
         let expires_at = unix(exp);
-        self.record(IssuedCredential {
+        let credential = IssuedCredential {
             kind: CredentialKind::WorkloadJwtSvid,
             spiffe_id: entry.spiffe_id.clone(),
             via_node: Some(node.id.clone()),
             id: token_digest(token.expose()),
             expires_at,
-        })?;
-        Ok(SignJwtResponse { token, expires_at })
+        };
+        let records = vec![credential.revocation_record()];
+        self.record(credential)?;
+        Ok(Issued {
+            value: SignJwtResponse { token, expires_at },
+            records,
+        })
+    }
+}
+
+fn join_token_refused(refusal: JoinTokenRefusal) -> BrokerError {
+    tracing::warn!(%refusal, "node attestation refused");
+    BrokerError::Unauthenticated(format!(
+        "node attestation refused: {refusal}; generate a new one with `baton token generate`"
+    ))
+}
+
+pub(crate) fn banned(node_id: &SpiffeId) -> BrokerError {
+    BrokerError::Forbidden {
+        code: "node_banned",
+        message: format!(
+            "node {node_id} is banned: it cannot attest or get credentials; an operator can lift the ban with `baton node unban {node_id}`"
+        ),
+    }
+}
+
+pub(crate) fn not_a_node(node_id: &SpiffeId) -> BrokerError {
+    BrokerError::Forbidden {
+        code: "not_a_node",
+        message: format!(
+            "{node_id} is not an attested node (never attested, or evicted); attest it again with a new join token (`baton token generate --node-id {node_id}`, then start the agent with --join-token)"
+        ),
     }
 }
 

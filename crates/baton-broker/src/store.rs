@@ -79,9 +79,24 @@ pub trait Datastore: Send + Sync + std::fmt::Debug {
         now: u64,
     ) -> Result<Result<SpiffeId, JoinTokenRefusal>, StoreError>;
 
+    /// Inserts or replaces a node's record; never clears `banned` (a ban
+    /// racing an attestation wins).
     fn upsert_node(&self, node: &NodeRecord) -> Result<(), StoreError>;
     fn get_node(&self, id: &SpiffeId) -> Result<Option<NodeRecord>, StoreError>;
     fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
+    /// Records a renewed agent SVID, only for an attested, unbanned node.
+    /// False when there is no such node (evicted or banned meanwhile).
+    fn update_node_svid(
+        &self,
+        id: &SpiffeId,
+        serial_hex: &str,
+        svid_not_after: u64,
+    ) -> Result<bool, StoreError>;
+    /// Forgets a node's attestation (it must attest again). False when
+    /// there was none.
+    fn delete_node(&self, id: &SpiffeId) -> Result<bool, StoreError>;
+    /// Sets or lifts a node's ban. False when the node has no record.
+    fn set_node_banned(&self, id: &SpiffeId, banned: bool) -> Result<bool, StoreError>;
 }
 
 /// Ordered schema migrations; the index + 1 is the schema version.
@@ -434,7 +449,7 @@ impl Datastore for SqliteStore {
                 "INSERT INTO nodes (spiffe_id, serial, svid_not_after, attested_at, banned)
                  VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT(spiffe_id) DO UPDATE SET serial = ?2, svid_not_after = ?3,
-                    attested_at = ?4, banned = ?5",
+                    attested_at = ?4, banned = banned OR ?5",
                 params![
                     n.spiffe_id.as_str(),
                     n.serial_hex,
@@ -453,6 +468,41 @@ impl Datastore for SqliteStore {
 
     fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
         self.nodes_where(None)
+    }
+
+    fn update_node_svid(
+        &self,
+        id: &SpiffeId,
+        serial_hex: &str,
+        svid_not_after: u64,
+    ) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let n = c.execute(
+                "UPDATE nodes SET serial = ?2, svid_not_after = ?3 WHERE spiffe_id = ?1 AND banned = 0",
+                params![id.as_str(), serial_hex, to_i64(svid_not_after)],
+            )?;
+            Ok(n == 1)
+        })
+    }
+
+    fn delete_node(&self, id: &SpiffeId) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let n = c.execute(
+                "DELETE FROM nodes WHERE spiffe_id = ?1",
+                params![id.as_str()],
+            )?;
+            Ok(n == 1)
+        })
+    }
+
+    fn set_node_banned(&self, id: &SpiffeId, banned: bool) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let n = c.execute(
+                "UPDATE nodes SET banned = ?2 WHERE spiffe_id = ?1",
+                params![id.as_str(), banned],
+            )?;
+            Ok(n == 1)
+        })
     }
 }
 
@@ -539,7 +589,22 @@ mod tests {
         s.upsert_node(&n).unwrap();
         n.serial_hex = "02".into();
         s.upsert_node(&n).unwrap();
-        assert_eq!(s.get_node(&id).unwrap(), Some(n));
+        assert_eq!(s.get_node(&id).unwrap(), Some(n.clone()));
         assert_eq!(s.list_nodes().unwrap().len(), 1);
+
+        // Renewal updates only an attested, unbanned node.
+        assert!(s.update_node_svid(&id, "03", 9).unwrap());
+        assert_eq!(s.get_node(&id).unwrap().unwrap().serial_hex, "03");
+        assert!(s.set_node_banned(&id, true).unwrap());
+        assert!(!s.update_node_svid(&id, "04", 9).unwrap());
+        // An upsert (a racing attestation) never lifts a ban.
+        s.upsert_node(&n).unwrap();
+        assert!(s.get_node(&id).unwrap().unwrap().banned);
+        assert!(s.set_node_banned(&id, false).unwrap());
+        assert!(s.delete_node(&id).unwrap());
+        assert!(!s.delete_node(&id).unwrap());
+        assert_eq!(s.get_node(&id).unwrap(), None);
+        assert!(!s.update_node_svid(&id, "05", 9).unwrap());
+        assert!(!s.set_node_banned(&id, true).unwrap());
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
-use crate::{admin, ca, creds, daemons, example, tasks, workload};
+use crate::{admin, ca, creds, daemons, example, nodes, tasks, workload};
 
 /// Exit codes scripts can rely on.
 pub const EXIT_FAILURE: u8 = 1;
@@ -113,6 +113,9 @@ pub enum Command {
     /// Revoke credentials: one, a subtree, a task, an agent (kill switch) or a node.
     #[command(subcommand)]
     Revoke(RevokeCmd),
+    /// Attested nodes: list, show, evict (must re-attest), ban (never again).
+    #[command(subcommand)]
+    Node(NodeCmd),
     /// Just-in-time secrets for your task (a database login, an API key) that die with it.
     #[command(subcommand)]
     Secret(SecretCmd),
@@ -592,6 +595,51 @@ pub enum RevokeCmd {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum NodeCmd {
+    /// Every node the broker knows: attested or banned.
+    List {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// One node: attestation time, agent SVID serial and expiry, ban, entries under it.
+    Show {
+        /// The node's SPIFFE ID, e.g. spiffe://example.org/baton/node/n1 (see `baton node list`).
+        node_id: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Forget the node's attestation and revoke everything issued through it
+    /// (its agent SVID, its workloads' SVIDs, task credentials). It must
+    /// attest again with a new join token.
+    Evict {
+        /// The node's SPIFFE ID, e.g. spiffe://example.org/baton/node/n1.
+        node_id: String,
+        /// Why (recorded with the revocation).
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Evict the node and refuse every later attestation of its ID.
+    Ban {
+        /// The node's SPIFFE ID, e.g. spiffe://example.org/baton/node/n1.
+        node_id: String,
+        /// Why (recorded with the revocation).
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Lift a ban; the node must then attest again with a new join token.
+    Unban {
+        /// The banned node's SPIFFE ID.
+        node_id: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum AuditCmd {
     /// Prove the log untampered (exit 4 and the first bad index if not).
     Verify {
@@ -637,6 +685,18 @@ pub enum GrantCmd {
         /// Directory for svid.pem, key.pem (0600), bundle.pem, token (0600), task.json.
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Re-issue the task credential in a directory under the CA's active keys
+    /// (after `baton ca taint`): same claims and expiry, new key and certificate.
+    Renew {
+        #[command(flatten)]
+        socket: SocketArgs,
+        /// The credential directory to renew in place.
+        #[arg(long)]
+        credential: PathBuf,
+        /// Which of your identities holds it, when you have several.
+        #[arg(long)]
+        spiffe_id: Option<String>,
     },
 }
 
@@ -789,6 +849,7 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
         Command::Grant(cmd) => creds::grant(cmd).await,
         Command::Delegate(args) => creds::delegate(args).await,
         Command::Revoke(target) => tasks::revoke(target).await,
+        Command::Node(cmd) => nodes::node(cmd).await,
         Command::Secret(cmd) => creds::secret(cmd).await,
         Command::Example(cmd) => example::run(cmd).await,
         Command::Completions { shell } => {

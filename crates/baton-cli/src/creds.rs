@@ -9,8 +9,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use baton_core::api::{DelegateRequest, HandoffGrant};
 use baton_core::{Purpose, Scope, Secret, SpiffeId, TrustDomain};
-use baton_proto::delegation::RedeemGrantRequest;
 use baton_proto::delegation::delegation_client::DelegationClient;
+use baton_proto::delegation::{
+    RedeemGrantRequest, RedeemGrantResponse, RenewTaskCredentialRequest,
+};
 use baton_tls::{BundleStore, ClientIdentity, PeerPolicy};
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::CertificateDer;
@@ -123,6 +125,25 @@ pub async fn redeem(
     spiffe_id: Option<&str>,
     out: &Path,
 ) -> Result<Credential> {
+    let mut client = delegation_client(socket).await?;
+    let mut req = tonic::Request::new(RedeemGrantRequest {
+        grant: grant.to_owned(),
+        spiffe_id: spiffe_id.unwrap_or_default().to_owned(),
+    });
+    req.metadata_mut().insert(
+        "workload.spiffe.io",
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
+    let resp = client
+        .redeem(req)
+        .await
+        .map_err(|s| exit(EXIT_REFUSED, format!("redeem refused: {}", s.message())))?
+        .into_inner();
+    write_credential(resp, out)
+}
+
+/// The node daemon's delegation service on `socket`.
+async fn delegation_client(socket: &str) -> Result<DelegationClient<tonic::transport::Channel>> {
     let path = socket_path(socket);
     let channel = Endpoint::from_static("http://localhost")
         .connect_with_connector(tower::service_fn(move |_| {
@@ -138,20 +159,42 @@ pub async fn redeem(
                 format!("cannot reach the node daemon at {socket}: {e}"),
             )
         })?;
-    let mut client = DelegationClient::new(channel);
-    let mut req = tonic::Request::new(RedeemGrantRequest {
-        grant: grant.to_owned(),
-        spiffe_id: spiffe_id.unwrap_or_default().to_owned(),
+    Ok(DelegationClient::new(channel))
+}
+
+/// Re-issues the task credential in `dir` under the CA's active keys
+/// (after a taint), through the node daemon; rewrites `dir`.
+pub async fn renew(socket: &str, dir: &Path, spiffe_id: Option<&str>) -> Result<Credential> {
+    let old = Credential::load(dir)?;
+    let leaf = old.chain.first().cloned().ok_or_else(|| {
+        exit(
+            EXIT_REFUSED,
+            format!("{}: svid.pem is empty", dir.display()),
+        )
+    })?;
+    let mut client = delegation_client(socket).await?;
+    let mut req = tonic::Request::new(RenewTaskCredentialRequest {
+        token: old.token.expose().to_owned(),
+        x509_svid_leaf: leaf,
+        // Default: the identity the credential was issued to.
+        spiffe_id: spiffe_id
+            .map(str::to_owned)
+            .or_else(|| old.task["spiffe_id"].as_str().map(str::to_owned))
+            .unwrap_or_default(),
     });
     req.metadata_mut().insert(
         "workload.spiffe.io",
         tonic::metadata::MetadataValue::from_static("true"),
     );
     let resp = client
-        .redeem(req)
+        .renew(req)
         .await
-        .map_err(|s| exit(EXIT_REFUSED, format!("redeem refused: {}", s.message())))?
+        .map_err(|s| exit(EXIT_REFUSED, format!("renewal refused: {}", s.message())))?
         .into_inner();
+    write_credential(resp, dir)
+}
+
+fn write_credential(resp: RedeemGrantResponse, out: &Path) -> Result<Credential> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let chain = split_der(&resp.x509_svid)?;
     let bundle = split_der(&resp.bundle)?;
@@ -182,6 +225,20 @@ pub async fn redeem(
 
 pub async fn grant(cmd: GrantCmd) -> Result<()> {
     match cmd {
+        GrantCmd::Renew {
+            socket,
+            credential,
+            spiffe_id,
+        } => {
+            let cred = renew(&socket.socket, &credential, spiffe_id.as_deref()).await?;
+            output::line(&format!(
+                "renewed: {} for task {} under the active CA authority (credential in {})",
+                cred.task["spiffe_id"].as_str().unwrap_or("-"),
+                cred.task["task_id"].as_str().unwrap_or("-"),
+                credential.display()
+            ));
+            Ok(())
+        }
         GrantCmd::Redeem {
             socket,
             grant,

@@ -334,7 +334,9 @@ async fn tool_server(
     };
     let mut gate = ToolGate::new(Arc::new(policy), Some(reporter.clone()));
     if let Some(handle) = &feed_handle {
-        gate = gate.with_revocation_freshness(Arc::new(handle.clone()), feed.read_allows_stale);
+        gate = gate
+            .with_revocation_freshness(Arc::new(handle.clone()), feed.read_allows_stale)
+            .with_revocation(Arc::new(handle.clone()));
     }
     let server = Arc::new(ToolServer {
         verifier,

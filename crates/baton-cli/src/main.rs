@@ -10,6 +10,7 @@ mod creds;
 mod daemons;
 mod example;
 mod mesh;
+mod nodes;
 mod output;
 mod redis_args;
 mod tasks;

@@ -234,6 +234,23 @@ pub struct RedeemRequest {
     pub csr_der: Vec<u8>,
 }
 
+/// `POST /v1/node/renew-task`: a node asks, for an attested workload, that
+/// the task credential it holds be re-issued under the CA's active keys
+/// (after a taint): same claims and expiry, a new certificate for a fresh
+/// key, the token re-signed and bound to it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewTaskRequest {
+    pub token: Secret,
+    /// The SPIFFE ID the node attested the caller as (the token's actor).
+    pub spiffe_id: SpiffeId,
+    /// The leaf of the certificate the token is bound to.
+    #[serde(with = "b64")]
+    pub leaf_der: Vec<u8>,
+    #[serde(with = "b64")]
+    pub csr_der: Vec<u8>,
+}
+
 /// A task credential: a task X509-SVID and the delegation token bound to it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TaskCredential {

@@ -127,6 +127,9 @@ pub use redis_config::{
 };
 pub use redis_store::{RedisStore, redact_url};
 
+/// Most records one Redis script call of
+/// [`RevocationStore::register_many`] carries.
+pub const REGISTER_CHUNK: usize = 500;
 /// Longest credential id accepted.
 pub const MAX_ID_LEN: usize = 512;
 /// How long revocation and heartbeat entries stay in the stream. A follower
@@ -144,6 +147,8 @@ pub enum CredKind {
     Grant,
     /// A JIT secret lease, by lease id.
     SecretLease,
+    /// A workload JWT-SVID, by the SHA-256 (hex) of the token.
+    JwtSvid,
 }
 
 impl CredKind {
@@ -154,6 +159,7 @@ impl CredKind {
             Self::Token => "token",
             Self::Grant => "grant",
             Self::SecretLease => "lease",
+            Self::JwtSvid => "jwtsvid",
         }
     }
 
@@ -164,6 +170,7 @@ impl CredKind {
             "token" => Some(Self::Token),
             "grant" => Some(Self::Grant),
             "lease" => Some(Self::SecretLease),
+            "jwtsvid" => Some(Self::JwtSvid),
             _ => None,
         }
     }
@@ -282,6 +289,22 @@ pub trait RevocationStore: Send + Sync + fmt::Debug {
     /// Remembers `rec` until it expires. Refuses an expired record and
     /// anything under a revoked parent or task.
     async fn register(&self, rec: &CredentialRecord, now: u64) -> Result<(), RevocationError>;
+    /// Registers a batch (a node's up to 1000 workload SVIDs of one sync)
+    /// with the same checks as [`register`](Self::register). Both backends
+    /// check the whole batch before writing any of it, so a refusal
+    /// registers nothing (Redis: per chunk of [`REGISTER_CHUNK`]; records
+    /// of an earlier chunk name credentials that are then never handed out
+    /// and simply expire). The default registers one by one.
+    async fn register_many(
+        &self,
+        recs: &[CredentialRecord],
+        now: u64,
+    ) -> Result<(), RevocationError> {
+        for r in recs {
+            self.register(r, now).await?;
+        }
+        Ok(())
+    }
     /// Revokes what `target` covers, atomically; returns it.
     async fn revoke(
         &self,

@@ -53,6 +53,62 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// Whether `rec` may be registered: not revoked itself, nor its parent
+    /// or task.
+    fn check(&self, rec: &CredentialRecord) -> Result<(), RevocationError> {
+        if self.revoked.contains_key(&rec.id) {
+            return Err(RevocationError::AlreadyRevoked { id: rec.id.clone() });
+        }
+        if let Some(p) = &rec.parent
+            && self.revoked.contains_key(p)
+        {
+            return Err(RevocationError::ParentRevoked {
+                id: rec.id.clone(),
+                parent: p.clone(),
+            });
+        }
+        if let Some(t) = &rec.task
+            && self.revoked_tasks.contains_key(t.as_str())
+        {
+            return Err(RevocationError::TaskRevoked {
+                id: rec.id.clone(),
+                task: t.as_str().to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    fn insert(&mut self, rec: &CredentialRecord) {
+        let id = rec.id.clone();
+        if let Some(t) = &rec.task {
+            self.by_task
+                .entry(t.as_str().to_owned())
+                .or_default()
+                .insert(id.clone());
+        }
+        if let Some(a) = &rec.agent {
+            self.by_agent
+                .entry(a.as_str().to_owned())
+                .or_default()
+                .insert(id.clone());
+        }
+        if let Some(n) = &rec.node {
+            self.by_node
+                .entry(n.as_str().to_owned())
+                .or_default()
+                .insert(id.clone());
+        }
+        if let Some(p) = &rec.parent {
+            self.children
+                .entry(p.clone())
+                .or_default()
+                .insert(id.clone());
+        }
+        self.creds.insert(id, rec.clone());
+    }
+}
+
 /// In-memory [`RevocationStore`]; cheap to clone (shared state).
 #[derive(Debug, Clone)]
 pub struct MemoryStore {
@@ -107,51 +163,25 @@ impl MemoryStore {
 #[async_trait]
 impl RevocationStore for MemoryStore {
     async fn register(&self, rec: &CredentialRecord, now: u64) -> Result<(), RevocationError> {
-        validate_record(rec, now)?;
+        self.register_many(std::slice::from_ref(rec), now).await
+    }
+
+    async fn register_many(
+        &self,
+        recs: &[CredentialRecord],
+        now: u64,
+    ) -> Result<(), RevocationError> {
+        for rec in recs {
+            validate_record(rec, now)?;
+        }
         let mut g = self.lock();
         g.prune(now);
-        if g.revoked.contains_key(&rec.id) {
-            return Err(RevocationError::AlreadyRevoked { id: rec.id.clone() });
+        for rec in recs {
+            g.check(rec)?;
         }
-        if let Some(p) = &rec.parent
-            && g.revoked.contains_key(p)
-        {
-            return Err(RevocationError::ParentRevoked {
-                id: rec.id.clone(),
-                parent: p.clone(),
-            });
+        for rec in recs {
+            g.insert(rec);
         }
-        if let Some(t) = &rec.task
-            && g.revoked_tasks.contains_key(t.as_str())
-        {
-            return Err(RevocationError::TaskRevoked {
-                id: rec.id.clone(),
-                task: t.as_str().to_owned(),
-            });
-        }
-        let id = rec.id.clone();
-        if let Some(t) = &rec.task {
-            g.by_task
-                .entry(t.as_str().to_owned())
-                .or_default()
-                .insert(id.clone());
-        }
-        if let Some(a) = &rec.agent {
-            g.by_agent
-                .entry(a.as_str().to_owned())
-                .or_default()
-                .insert(id.clone());
-        }
-        if let Some(n) = &rec.node {
-            g.by_node
-                .entry(n.as_str().to_owned())
-                .or_default()
-                .insert(id.clone());
-        }
-        if let Some(p) = &rec.parent {
-            g.children.entry(p.clone()).or_default().insert(id.clone());
-        }
-        g.creds.insert(id, rec.clone());
         Ok(())
     }
 

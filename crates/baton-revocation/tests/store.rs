@@ -194,11 +194,77 @@ async fn unknown_changes_nothing<S: RevocationStore>(s: &S) {
     assert_eq!(r1, r2);
 }
 
+/// A node's batch of workload SVIDs: registered in one call, all reached by
+/// revoking the node or the agent, and a batch with one refused record
+/// registers nothing of its chunk.
+async fn batch_register<S: RevocationStore>(s: &S) {
+    let now = system_now();
+    let batch: Vec<_> = (0..1200)
+        .map(|i| {
+            let mut r = rec(
+                &format!("wl{i:04}"),
+                None,
+                &format!("wl/{}", i % 3),
+                None,
+                now + 100 + (i % 7),
+            );
+            r.kind = CredKind::X509Svid;
+            r.node = Some(spiffe("node/batch"));
+            r
+        })
+        .collect();
+    s.register_many(&batch, now).await.unwrap();
+    let r = s
+        .revoke(&Target::Agent(spiffe("wl/1")), "one workload", now)
+        .await
+        .unwrap();
+    assert_eq!(r.len(), 400);
+    let r = s
+        .revoke(&Target::Node(spiffe("node/batch")), "evicted", now)
+        .await
+        .unwrap();
+    assert_eq!(r.len(), 1200);
+    assert!(s.is_revoked("wl0000", now).await.unwrap());
+    assert!(s.is_revoked("wl1199", now).await.unwrap());
+    let w = r.iter().find(|r| r.id == "wl0006").unwrap();
+    assert_eq!((w.kind, w.expires_at), (CredKind::X509Svid, now + 106));
+
+    // One revoked id refuses its chunk: nothing of it is registered.
+    let mut fresh: Vec<_> = (0..3)
+        .map(|i| {
+            let mut r = rec(&format!("nb{i}"), None, "wl/x", None, now + 50);
+            r.node = Some(spiffe("node/batch2"));
+            r
+        })
+        .collect();
+    fresh.push(batch[0].clone());
+    let e = s.register_many(&fresh, now).await.unwrap_err();
+    assert!(
+        matches!(&e, RevocationError::AlreadyRevoked { id } if id == "wl0000"),
+        "{e:?}"
+    );
+    let e = s
+        .revoke(&Target::Node(spiffe("node/batch2")), "x", now)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, RevocationError::Unknown { .. }), "{e:?}");
+    // A JWT-SVID digest round-trips its kind.
+    let mut jwt = rec("jwtdigest01", None, "wl/j", None, now + 30);
+    jwt.kind = CredKind::JwtSvid;
+    s.register_many(&[jwt], now).await.unwrap();
+    let r = s
+        .revoke(&Target::Agent(spiffe("wl/j")), "x", now)
+        .await
+        .unwrap();
+    assert_eq!(r[0].kind, CredKind::JwtSvid);
+}
+
 async fn all_semantics<S: RevocationStore>(s: &S) {
     assert!(!s.health().await.unwrap().empty_since_seed);
     subtree_and_task(s).await;
     agent_and_node(s).await;
     unknown_changes_nothing(s).await;
+    batch_register(s).await;
 }
 
 #[tokio::test]

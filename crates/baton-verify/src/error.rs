@@ -150,6 +150,8 @@ pub enum CallDenied {
     AuditUnavailable(String),
     #[error("the revocation feed is stale, so {tier}-tier calls are denied until it recovers")]
     RevocationStale { tier: RiskTier },
+    #[error("the caller's certificate (serial {serial:?}) is revoked")]
+    PeerRevoked { serial: String },
 }
 
 impl CallDenied {
@@ -163,6 +165,7 @@ impl CallDenied {
             CallDenied::PolicyDenied { .. } => "policy_denied",
             CallDenied::PolicyError { .. } => "policy_error",
             CallDenied::AuditUnavailable(_) => "audit_unavailable",
+            CallDenied::PeerRevoked { .. } => "peer_revoked",
         }
     }
 }

@@ -11,7 +11,7 @@ use baton_core::{Permission, Purpose, RiskTier, Scope, SpiffeId, TaskId};
 
 use crate::error::{CallDenied, ReportError};
 use crate::report::Reporter;
-use crate::token::VerifiedDelegation;
+use crate::token::{RevocationCheck, VerifiedDelegation};
 
 /// One tool as the gate sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,6 +117,7 @@ pub struct ToolGate {
     policy: Arc<dyn CallPolicy>,
     reporter: Option<Reporter>,
     freshness: Option<Freshness>,
+    revocation: Option<Arc<dyn RevocationCheck>>,
 }
 
 /// Whether the local revocation set is current (e.g. a revocation feed that
@@ -146,7 +147,18 @@ impl ToolGate {
             policy,
             reporter,
             freshness: None,
+            revocation: None,
         }
+    }
+
+    /// Denies calls whose mTLS peer certificate is revoked: `check` is
+    /// asked for the certificate's serial (lowercase hex, the id the broker
+    /// registers X509-SVIDs under) on every call. A workload or task SVID
+    /// revoked on its own (its node evicted, `baton revoke credential
+    /// <serial>`) is refused even while the token riding on it is not.
+    pub fn with_revocation(mut self, check: Arc<dyn RevocationCheck>) -> Self {
+        self.revocation = Some(check);
+        self
     }
 
     /// Denies calls while the revocation set is stale: always for the
@@ -242,6 +254,15 @@ impl ToolGate {
             && !f.source.is_fresh(now)
         {
             return Err(CallDenied::RevocationStale { tier: tool.tier });
+        }
+        if let Some(r) = &self.revocation {
+            let serial = d.peer_serial();
+            // Fail closed: a peer without a readable serial is refused.
+            if serial.is_empty() || r.is_revoked(serial, d.task_id()) {
+                return Err(CallDenied::PeerRevoked {
+                    serial: serial.to_owned(),
+                });
+            }
         }
         if !d.scope().allows(&tool.requires) {
             return Err(CallDenied::OutOfScope {

@@ -46,12 +46,12 @@ impl PeerCert {
     /// For warp routes behind `baton_tls::serve_https`: the verified
     /// [`PeerIdentity`] and [`PeerCertificate`] that the accept loop put in
     /// the request's extensions from the same handshake. Costs one SHA-256
-    /// of the leaf (the certificate is not parsed again).
+    /// of the leaf and one parse for its serial.
     pub fn from_extensions(
         identity: &PeerIdentity,
         cert: &PeerCertificate,
     ) -> Result<Self, PeerError> {
         let spiffe_id = identity.0.clone().ok_or(PeerError::NoCertificate)?;
-        Ok(Self::from_parts(spiffe_id, cert.0.clone()))
+        Self::from_parts(spiffe_id, cert.0.clone())
     }
 }

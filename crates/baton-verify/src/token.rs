@@ -63,6 +63,7 @@ pub struct PeerCert {
     spiffe_id: SpiffeId,
     leaf_der: Vec<u8>,
     thumbprint: String,
+    serial_hex: String,
 }
 
 impl PeerCert {
@@ -71,16 +72,25 @@ impl PeerCert {
     pub fn from_verified_leaf(leaf_der: Vec<u8>) -> Result<Self, PeerError> {
         let info = baton_ca::leaf_info(std::slice::from_ref(&leaf_der))
             .map_err(|e| PeerError::NotAnSvid(e.to_string()))?;
-        Ok(Self::from_parts(info.spiffe_id, leaf_der))
+        Ok(Self {
+            spiffe_id: info.spiffe_id,
+            thumbprint: baton_ca::cert_thumbprint(&leaf_der),
+            serial_hex: info.serial_hex,
+            leaf_der,
+        })
     }
 
-    /// `spiffe_id` must be the one the TLS verifier read from `leaf_der`.
-    pub(crate) fn from_parts(spiffe_id: SpiffeId, leaf_der: Vec<u8>) -> Self {
-        Self {
+    /// `spiffe_id` must be the one the TLS verifier read from `leaf_der`;
+    /// the leaf is parsed for its serial only.
+    pub(crate) fn from_parts(spiffe_id: SpiffeId, leaf_der: Vec<u8>) -> Result<Self, PeerError> {
+        let info = baton_ca::leaf_info(std::slice::from_ref(&leaf_der))
+            .map_err(|e| PeerError::NotAnSvid(e.to_string()))?;
+        Ok(Self {
             spiffe_id,
             thumbprint: baton_ca::cert_thumbprint(&leaf_der),
+            serial_hex: info.serial_hex,
             leaf_der,
-        }
+        })
     }
 
     pub fn spiffe_id(&self) -> &SpiffeId {
@@ -94,6 +104,12 @@ impl PeerCert {
     /// base64url SHA-256 of the leaf (RFC 8705 `x5t#S256`).
     pub fn thumbprint(&self) -> &str {
         &self.thumbprint
+    }
+
+    /// The leaf's serial: lowercase hex without leading zero bytes, the
+    /// id under which the broker registered it for revocation.
+    pub fn serial_hex(&self) -> &str {
+        &self.serial_hex
     }
 }
 
@@ -125,9 +141,15 @@ struct Verified {
 /// are checked for that call.
 pub struct VerifiedDelegation {
     inner: Arc<Verified>,
+    /// Serial of the mTLS peer's certificate the token was verified for.
+    peer_serial: String,
 }
 
 impl VerifiedDelegation {
+    /// Serial (hex) of the peer certificate this call arrived with.
+    pub fn peer_serial(&self) -> &str {
+        &self.peer_serial
+    }
     /// The token's claims, as signed.
     pub fn claims(&self) -> &DelegationClaims {
         &self.inner.claims
@@ -318,7 +340,10 @@ impl TokenVerifier {
             }
         };
         self.check_per_call(&verified, peer, now)?;
-        Ok(VerifiedDelegation { inner: verified })
+        Ok(VerifiedDelegation {
+            inner: verified,
+            peer_serial: peer.serial_hex.clone(),
+        })
     }
 
     fn check_per_call(&self, v: &Verified, peer: &PeerCert, now: u64) -> Result<(), TokenError> {

@@ -436,3 +436,42 @@ fn a_stale_revocation_feed_denies_sensitive_tiers_and_read_as_configured() {
     assert!(strict.authorize(&d, &read, b"", NOW).is_ok());
     assert!(strict.authorize(&d, &write, b"", NOW).is_ok());
 }
+
+/// Revoked ids, as a revocation feed would hold them.
+struct Revoked(Mutex<Vec<String>>);
+
+impl baton_verify::RevocationCheck for Revoked {
+    fn is_revoked(&self, id: &str, _task: &baton_core::TaskId) -> bool {
+        self.0.lock().unwrap().iter().any(|r| r == id)
+    }
+}
+
+#[test]
+fn a_revoked_peer_certificate_is_refused_at_the_gate() {
+    let f = Fixture::new();
+    let peer = f.peer();
+    let serial = peer.serial_hex().to_owned();
+    assert!(!serial.is_empty());
+    assert!(
+        serial
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+        "{serial}"
+    );
+    let d = TokenVerifier::new(f.bundles.clone(), AUDIENCE.into())
+        .verify(&f.token(), &peer, NOW)
+        .unwrap();
+    assert_eq!(d.peer_serial(), serial);
+    let read = tool("crm.search", RiskTier::Read, "tool:crm.search:read");
+    let revoked = Arc::new(Revoked(Mutex::new(vec!["0abc".into()])));
+    let gate =
+        ToolGate::new(Arc::new(TestPolicy::default()), None).with_revocation(revoked.clone());
+    // Another serial is revoked: the call goes through.
+    assert!(gate.authorize(&d, &read, b"", NOW).is_ok());
+    // The peer's own certificate is revoked (its node was evicted): refused,
+    // though the token itself is not revoked.
+    revoked.0.lock().unwrap().push(serial.clone());
+    let err = gate.authorize(&d, &read, b"", NOW).unwrap_err();
+    assert_eq!(err, CallDenied::PeerRevoked { serial });
+    assert_eq!(err.code(), "peer_revoked");
+}

@@ -1,0 +1,160 @@
+//! Node administration routes on the admin socket (behind its uid check):
+//!
+//! - `GET /v1/admin/nodes`: every node with a record;
+//! - `GET /v1/admin/node?id=<spiffe-id>`: one node;
+//! - `POST /v1/admin/nodes/{evict,ban,unban}` with `{"node_id", "reason"?}`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use warp::Filter;
+use warp::reply::Response;
+
+use crate::delegation::Delegation;
+use crate::http::{json_body, parse_body, respond};
+use crate::nodes::{Removal, remove_node};
+use crate::service::{Broker, BrokerError};
+
+fn with<T: Clone + Send + Sync + 'static>(
+    v: T,
+) -> impl Filter<Extract = (T,), Error = Infallible> + Clone {
+    warp::any().map(move || v.clone())
+}
+
+struct NodeQuery {
+    id: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeBody {
+    node_id: String,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// The node routes of the admin socket.
+pub fn admin_routes(
+    broker: Arc<Broker>,
+    d: Arc<Delegation>,
+) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone + Send + Sync + 'static {
+    let list = warp::path!("v1" / "admin" / "nodes")
+        .and(warp::get())
+        .and(with(broker.clone()))
+        .and_then(|broker: Arc<Broker>| async move {
+            respond(
+                broker
+                    .list_node_views()
+                    .map(|nodes| serde_json::json!({ "nodes": nodes })),
+            )
+        });
+    let show = warp::path!("v1" / "admin" / "node")
+        .and(warp::get())
+        .and(with(broker.clone()))
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+        .and_then(|broker: Arc<Broker>, query: String| async move {
+            respond(parse_query(&query).and_then(|q| broker.node_view(&q.id)))
+        });
+    let action = warp::path!("v1" / "admin" / "nodes" / String)
+        .and(warp::post())
+        .and(with(broker))
+        .and(with(d))
+        .and(json_body())
+        .and_then(
+            |verb: String, broker: Arc<Broker>, d: Arc<Delegation>, body: Bytes| async move {
+                let result = async {
+                    let req = parse_body::<NodeBody>(&body)?;
+                    let how = match verb.as_str() {
+                        "evict" => Removal::Evict,
+                        "ban" => Removal::Ban,
+                        "unban" => return broker.unban_node(&req.node_id),
+                        other => {
+                            return Err(BrokerError::NotFound(format!(
+                                "no node action {other:?}: use evict, ban or unban"
+                            )));
+                        }
+                    };
+                    let reason = req.reason.unwrap_or_else(|| match how {
+                        Removal::Evict => "node evicted by an operator".into(),
+                        Removal::Ban => "node banned by an operator".into(),
+                    });
+                    remove_node(
+                        &broker,
+                        d.revoker(),
+                        d.task_store(),
+                        &req.node_id,
+                        how,
+                        &reason,
+                        crate::oidc::unix_now(),
+                    )
+                    .await
+                }
+                .await;
+                respond(result)
+            },
+        );
+    list.or(show).unify().or(action).unify()
+}
+
+/// `id=<percent-encoded SPIFFE ID>`.
+fn parse_query(raw: &str) -> Result<NodeQuery, BrokerError> {
+    let mut id = None;
+    for pair in raw.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if k != "id" {
+            return Err(BrokerError::BadRequest {
+                field: Some("id"),
+                message: format!("unknown query parameter {k:?}; use ?id=<node SPIFFE ID>"),
+            });
+        }
+        id = Some(percent_decode(v).ok_or_else(|| BrokerError::BadRequest {
+            field: Some("id"),
+            message: "the id query parameter is not valid percent-encoded UTF-8".into(),
+        })?);
+    }
+    id.map(|id| NodeQuery { id })
+        .ok_or_else(|| BrokerError::BadRequest {
+            field: Some("id"),
+            message: "missing ?id=<node SPIFFE ID>".into(),
+        })
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        match b {
+            b'%' => {
+                let hex = s.get(i + 1..i + 3)?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            _ => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_is_decoded_and_checked() {
+        let q = parse_query("id=spiffe%3A%2F%2Fexample.org%2Fbaton%2Fnode%2Fn1").unwrap();
+        assert_eq!(q.id, "spiffe://example.org/baton/node/n1");
+        assert!(parse_query("").is_err());
+        assert!(parse_query("x=1").is_err());
+        assert!(parse_query("id=%zz").is_err());
+    }
+}

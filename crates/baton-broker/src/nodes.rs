@@ -1,0 +1,204 @@
+//! Node administration: list, show, evict, ban, unban.
+//!
+//! Evicting a node forgets its attestation (it must attest again with a new
+//! join token) and revokes, through the revocation store, everything issued
+//! through it: its agent SVIDs, its workloads' X509- and JWT-SVIDs and the
+//! task credentials redeemed through it. Banning does the same and also
+//! refuses every later attestation of that node ID. Both fail closed and
+//! change nothing when the revocation store cannot take the revocation.
+//!
+//! Order of an eviction: the node's record goes first (from then on every
+//! request of the node is refused), then the revocation. An issuance that
+//! raced it registered its records before re-checking the node (see
+//! `http::issue`), so it is either covered by the revocation or refused.
+
+use baton_core::SpiffeId;
+use baton_revocation::Target;
+use serde::{Deserialize, Serialize};
+
+use crate::revocation::Revoker;
+use crate::service::{Broker, BrokerError};
+use crate::store::NodeRecord;
+use crate::tasks::TaskStore;
+
+/// A node as operators see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeView {
+    pub spiffe_id: SpiffeId,
+    /// Unix seconds of its last attestation by join token.
+    pub attested_at: u64,
+    /// Serial (hex) of the newest agent SVID issued to it.
+    pub agent_svid_serial: String,
+    /// Unix seconds.
+    pub agent_svid_expires_at: u64,
+    pub banned: bool,
+    /// Registration entries whose parent is this node.
+    pub entries: usize,
+}
+
+/// The answer to evict, ban and unban.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeAction {
+    pub node: SpiffeId,
+    /// `evicted`, `banned` or `unbanned`.
+    pub action: String,
+    /// How many credentials the revocation covered.
+    pub revoked: usize,
+}
+
+fn unknown(id: &SpiffeId) -> BrokerError {
+    BrokerError::NotFound(format!(
+        "no attested node {id}; `baton node list` shows the nodes this broker knows"
+    ))
+}
+
+impl Broker {
+    /// Parses an operator's node ID: a SPIFFE ID of this trust domain.
+    pub fn parse_node_id(&self, raw: &str) -> Result<SpiffeId, BrokerError> {
+        let bad = |message: String| BrokerError::BadRequest {
+            field: Some("node_id"),
+            message,
+        };
+        let id = SpiffeId::parse(raw).map_err(|e| {
+            bad(format!(
+                "node_id {raw:?} is not a SPIFFE ID ({e}); node IDs look like spiffe://{}/baton/node/<name>",
+                self.trust_domain()
+            ))
+        })?;
+        if !id.is_member_of(self.trust_domain()) {
+            return Err(bad(format!(
+                "node_id {id} is not in this broker's trust domain {}",
+                self.trust_domain()
+            )));
+        }
+        Ok(id)
+    }
+
+    fn view(&self, n: NodeRecord) -> Result<NodeView, BrokerError> {
+        let entries = self.store().list_entries_by_parent(&n.spiffe_id)?.len();
+        Ok(NodeView {
+            spiffe_id: n.spiffe_id,
+            attested_at: n.attested_at,
+            agent_svid_serial: n.serial_hex,
+            agent_svid_expires_at: n.svid_not_after,
+            banned: n.banned,
+            entries,
+        })
+    }
+
+    /// Every node with a record: attested or banned.
+    pub fn list_node_views(&self) -> Result<Vec<NodeView>, BrokerError> {
+        self.store()
+            .list_nodes()?
+            .into_iter()
+            .map(|n| self.view(n))
+            .collect()
+    }
+
+    pub fn node_view(&self, raw: &str) -> Result<NodeView, BrokerError> {
+        let id = self.parse_node_id(raw)?;
+        let n = self.store().get_node(&id)?.ok_or_else(|| unknown(&id))?;
+        self.view(n)
+    }
+
+    /// Lifts a ban. The node's credentials were revoked by the ban, so it
+    /// is not attested afterwards: it must attest again with a new token.
+    pub fn unban_node(&self, raw: &str) -> Result<NodeAction, BrokerError> {
+        let id = self.parse_node_id(raw)?;
+        let n = self.store().get_node(&id)?.ok_or_else(|| unknown(&id))?;
+        if !n.banned {
+            return Err(BrokerError::Conflict(format!(
+                "node {id} is not banned; nothing to lift"
+            )));
+        }
+        if !self.store().delete_node(&id)? {
+            return Err(unknown(&id));
+        }
+        tracing::warn!(node = %id, "node unbanned; it must attest again with a new join token");
+        Ok(NodeAction {
+            node: id,
+            action: "unbanned".into(),
+            revoked: 0,
+        })
+    }
+}
+
+/// What an operator does to a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    Evict,
+    Ban,
+}
+
+/// Evicts or bans a node: its record goes (evict) or is marked banned
+/// (ban), then everything issued through it is revoked. If the revocation
+/// fails (store down), the record is restored and the error says nothing
+/// changed.
+pub async fn remove_node(
+    broker: &Broker,
+    revoker: &Revoker,
+    tasks: &dyn TaskStore,
+    raw: &str,
+    how: Removal,
+    reason: &str,
+    now: u64,
+) -> Result<NodeAction, BrokerError> {
+    let id = broker.parse_node_id(raw)?;
+    let store = broker.store();
+    let before = store.get_node(&id)?.ok_or_else(|| unknown(&id))?;
+    let (verb, changed) = match how {
+        Removal::Evict => {
+            if before.banned {
+                return Err(BrokerError::Conflict(format!(
+                    "node {id} is banned, which already cut it off; `baton node unban {id}` lifts the ban if it should attest again"
+                )));
+            }
+            ("evicted", store.delete_node(&id)?)
+        }
+        Removal::Ban => {
+            if before.banned {
+                return Err(BrokerError::Conflict(format!(
+                    "node {id} is already banned"
+                )));
+            }
+            ("banned", store.set_node_banned(&id, true)?)
+        }
+    };
+    if !changed {
+        return Err(unknown(&id));
+    }
+    let revoked = match revoker
+        .revoke(&Target::Node(id.clone()), tasks, reason, now)
+        .await
+    {
+        Ok(v) => v.len(),
+        // Nothing live was issued through it (or a memory store restarted).
+        Err(BrokerError::NotFound(_)) => 0,
+        Err(e) => {
+            let restored = match how {
+                Removal::Evict => store.upsert_node(&before),
+                Removal::Ban => store.set_node_banned(&id, false).map(|_| ()),
+            };
+            if let Err(r) = restored {
+                tracing::error!(node = %id, error = %r, "could not restore the node after a failed revocation");
+                return Err(BrokerError::Hook(format!(
+                    "node {id}: the revocation failed ({e}) and the node record could not be restored ({r}); retry `baton node {}` when the revocation store is back",
+                    if how == Removal::Evict {
+                        "evict"
+                    } else {
+                        "ban"
+                    }
+                )));
+            }
+            return Err(BrokerError::Hook(format!(
+                "node {id} was not {verb} (nothing changed): {e}; retry when the revocation store is back"
+            )));
+        }
+    };
+    tracing::warn!(node = %id, action = verb, revoked, reason, "node {verb}");
+    Ok(NodeAction {
+        node: id,
+        action: verb.into(),
+        revoked,
+    })
+}
