@@ -1,19 +1,26 @@
 //! An in-process broker (in-memory stores, loopback port, admin socket in a
-//! temp dir) and the admin and node calls the benchmarks need.
+//! temp dir) and the admin and node calls the benchmarks need; an
+//! in-process node daemon under it, and Workload API clients.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
+use baton_agent::{AgentConfig, AgentReady};
 use baton_broker::{BrokerConfig, BrokerReady, LogIssuance};
 use baton_ca::{TrustBundle, WorkloadKey};
 use baton_core::api::{JoinTokenRequest, JoinTokenResponse, SignedSvid};
 use baton_core::{Entry, NewEntry, SpiffeId, TrustDomain};
+use baton_proto::workload::X509svidRequest;
 use baton_tls::{BundleStore, ClientIdentity, PeerPolicy};
+use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::{Channel, Endpoint};
 
 pub const TRUST_DOMAIN: &str = "bench.test";
 
@@ -87,6 +94,21 @@ impl Broker {
             .admin
             .post(format!("http://baton-admin{path}"))
             .json(body)
+            .send()
+            .await
+            .with_context(|| format!("admin {path}"))?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        if !status.is_success() {
+            bail!("admin {path}: HTTP {status}: {text}");
+        }
+        Ok(serde_json::from_str(&text)?)
+    }
+
+    pub async fn admin_get<Resp: DeserializeOwned>(&self, path: &str) -> anyhow::Result<Resp> {
+        let resp = self
+            .admin
+            .get(format!("http://baton-admin{path}"))
             .send()
             .await
             .with_context(|| format!("admin {path}"))?;
@@ -172,6 +194,104 @@ impl Broker {
         let identity = ClientIdentity::new(svid.cert_chain_der, key.pkcs8_der())?;
         Ok((svid.spiffe_id, identity))
     }
+}
+
+/// An in-process node daemon attested with a join token; dropping it
+/// stops it (`stop` also waits for it).
+#[derive(Debug)]
+pub struct Agent {
+    pub ready: AgentReady,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Result<(), baton_agent::AgentError>>,
+}
+
+impl Agent {
+    /// Starts a daemon for the node of `token` against `broker`, serving
+    /// the Workload API on `socket` and syncing every `sync_interval`.
+    pub async fn start(
+        broker: &Broker,
+        token: &JoinTokenResponse,
+        socket: PathBuf,
+        sync_interval: Duration,
+    ) -> anyhow::Result<Self> {
+        let mut cfg = AgentConfig::new(
+            broker.dir.path().join("agent"),
+            socket,
+            broker.url(),
+            broker.trust_domain().clone(),
+        )?;
+        cfg.bootstrap_bundle_pem = Some(broker.ready.bundle_pem.clone());
+        cfg.join_token = Some(token.token.clone());
+        cfg.sync_interval = sync_interval;
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let (stop, stop_rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(baton_agent::run(cfg, Some(ready_tx), async move {
+            let _ = stop_rx.await;
+        }));
+        let ready = match ready_rx.await {
+            Ok(r) => r,
+            Err(_) => match task.await {
+                Ok(Err(e)) => bail!("agent failed to start: {e}"),
+                _ => bail!("agent stopped before it was ready"),
+            },
+        };
+        Ok(Self { ready, stop, task })
+    }
+
+    /// Stops the daemon and waits until it has.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+/// A gRPC channel to the Workload API on a Unix socket.
+pub async fn connect_uds(path: PathBuf) -> anyhow::Result<Channel> {
+    Ok(Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }))
+        .await?)
+}
+
+/// A FetchX509SVID request with the Workload API's security header.
+pub fn x509_request() -> tonic::Request<X509svidRequest> {
+    let mut req = tonic::Request::new(X509svidRequest {});
+    req.metadata_mut().insert(
+        "workload.spiffe.io",
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
+    req
+}
+
+/// Splits concatenated DER certificates (as the Workload API sends chains
+/// and bundles) into one `Vec` per certificate.
+pub fn split_der(mut der: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
+    let mut out = Vec::new();
+    while !der.is_empty() {
+        let (len, rest) = match der {
+            [0x30, n, rest @ ..] if *n < 0x80 => (usize::from(*n), rest),
+            [0x30, n, rest @ ..] if (0x81..=0x84).contains(n) => {
+                let k = usize::from(n - 0x80);
+                let Some(bytes) = rest.get(..k) else {
+                    bail!("truncated DER length");
+                };
+                let len = bytes.iter().fold(0usize, |a, b| (a << 8) | usize::from(*b));
+                (len, &rest[k..])
+            }
+            _ => bail!("not a DER SEQUENCE"),
+        };
+        let header = der.len() - rest.len();
+        let Some(cert) = der.get(..header + len) else {
+            bail!("truncated DER certificate");
+        };
+        out.push(cert.to_vec());
+        der = &der[header + len..];
+    }
+    Ok(out)
 }
 
 /// `n` P-256 CSRs, each from a fresh key (the node daemon's cost).

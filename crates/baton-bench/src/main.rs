@@ -6,7 +6,8 @@
 //! (driven by `bench/issuance.sh`); Workload API latency against its target;
 //! the delegation path against its targets and the raw ES256/P-256 rates;
 //! revocation on a private redis-server against its targets and a same-run
-//! PING.
+//! PING; a CA rotation (taint to re-issued at 1,000 workloads) against the
+//! daemon's sync interval, with mTLS handshakes counted throughout.
 //! Results go to stdout as readable lines, then one JSON line.
 
 // A benchmark's output is its product: printing to stdout is the point.
@@ -18,6 +19,7 @@ mod delegation;
 mod issuance;
 mod limits;
 mod revocation;
+mod rotation;
 mod stats;
 mod workload;
 
@@ -48,6 +50,13 @@ enum Cmd {
     /// (in-process and separate processes) against a same-run PING, cascade
     /// of a 10,000-credential task tree, memory and commands per credential.
     Revocation(revocation::Args),
+    /// An X.509 CA rotation on an in-process broker and node daemon with N
+    /// workloads: time from `ca taint` to the last re-issued SVID at the
+    /// workloads, and failed mTLS handshakes under load throughout.
+    Rotation(rotation::Args),
+    /// Internal: one workload process for `rotation`.
+    #[command(hide = true)]
+    RotationWorkload(rotation::WorkloadArgs),
     /// Internal: one feed follower for `revocation`, driven over stdin/stdout.
     #[command(hide = true)]
     RevocationFollower(revocation::FollowerArgs),
@@ -57,9 +66,16 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     baton_tls::install_crypto_provider();
     baton_ca::init();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = if matches!(cli.cmd, Cmd::RotationWorkload(_)) {
+        // One of a thousand workload processes: one thread each.
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+    };
     rt.block_on(async {
         match cli.cmd {
             Cmd::Issuance(a) => issuance::run(a).await,
@@ -67,6 +83,8 @@ fn main() -> anyhow::Result<()> {
             Cmd::Workload(a) => workload::run(a).await,
             Cmd::Delegation(a) => delegation::run(a).await,
             Cmd::Revocation(a) => revocation::run(a).await,
+            Cmd::Rotation(a) => rotation::run(a).await,
+            Cmd::RotationWorkload(a) => rotation::workload_process(a).await,
             Cmd::RevocationFollower(a) => revocation::follower(a).await,
         }
     })

@@ -8,18 +8,13 @@
 //! the first message of every one, and reports the process RSS. The RSS
 //! covers broker, daemon and clients together: an upper bound for the daemon.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use baton_agent::AgentConfig;
-use baton_proto::workload::X509svidRequest;
 use baton_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
-use hyper_util::rt::TokioIo;
 use serde_json::json;
-use tokio::sync::oneshot;
 use tonic::Streaming;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::cluster::{self, Broker};
 use crate::stats::{self, micros, percentile};
@@ -39,27 +34,12 @@ pub struct Args {
 
 type Client = SpiffeWorkloadApiClient<Channel>;
 
-async fn connect(path: PathBuf) -> anyhow::Result<Channel> {
-    Ok(Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        }))
-        .await?)
-}
-
 /// Opens a FetchX509SVID stream and awaits its first message; returns the
 /// time that took and the open stream.
 async fn first_response(
     client: &mut Client,
 ) -> anyhow::Result<(Duration, Streaming<baton_proto::workload::X509svidResponse>)> {
-    let mut req = tonic::Request::new(X509svidRequest {});
-    req.metadata_mut().insert(
-        "workload.spiffe.io",
-        tonic::metadata::MetadataValue::from_static("true"),
-    );
+    let req = cluster::x509_request();
     let start = Instant::now();
     let mut stream = client.fetch_x509svid(req).await?.into_inner();
     let msg = stream
@@ -132,32 +112,19 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         )
         .await?;
 
-    let agent_dir = broker.dir.path().join("agent");
     let socket = broker.dir.path().join("agent.sock");
-    let mut cfg = AgentConfig::new(
-        agent_dir,
+    let agent = cluster::Agent::start(
+        &broker,
+        &token,
         socket.clone(),
-        broker.url(),
-        broker.trust_domain().clone(),
-    )?;
-    cfg.bootstrap_bundle_pem = Some(broker.ready.bundle_pem.clone());
-    cfg.join_token = Some(token.token.clone());
-    let (ready_tx, ready_rx) = oneshot::channel();
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let agent = tokio::spawn(baton_agent::run(cfg, Some(ready_tx), async move {
-        let _ = stop_rx.await;
-    }));
-    let ready = match ready_rx.await {
-        Ok(r) => r,
-        Err(_) => match agent.await {
-            Ok(Err(e)) => bail!("agent failed to start: {e}"),
-            _ => bail!("agent stopped before it was ready"),
-        },
-    };
+        baton_agent::DEFAULT_SYNC_INTERVAL,
+    )
+    .await?;
+    let ready = &agent.ready;
 
     // The daemon syncs once before it serves, so the SVID is normally
     // cached already; if that first sync was slow, retry briefly.
-    let channel = connect(ready.socket_path.clone()).await?;
+    let channel = cluster::connect_uds(ready.socket_path.clone()).await?;
     let mut client = Client::new(channel.clone());
     let mut attempts = 0;
     loop {
@@ -179,7 +146,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let mut fresh = Vec::with_capacity(fresh_n);
     for _ in 0..fresh_n {
         let start = Instant::now();
-        let mut c = Client::new(connect(socket.clone()).await?);
+        let mut c = Client::new(cluster::connect_uds(socket.clone()).await?);
         first_response(&mut c).await?;
         fresh.push(start.elapsed());
     }
@@ -191,7 +158,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let opens = (0..a.streams).map(|_| {
         let socket = socket.clone();
         async move {
-            let mut c = Client::new(connect(socket).await?);
+            let mut c = Client::new(cluster::connect_uds(socket).await?);
             let (_, stream) = first_response(&mut c).await?;
             Ok::<_, anyhow::Error>((c, stream))
         }
@@ -263,7 +230,6 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
             "rss_bytes_per_stream_upper_bound": per_stream,
         })
     );
-    let _ = stop_tx.send(());
-    let _ = agent.await;
+    agent.stop().await;
     Ok(())
 }
