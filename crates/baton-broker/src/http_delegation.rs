@@ -43,6 +43,74 @@ pub(crate) fn peer_cert(
     }
 }
 
+/// `POST /v1/node/<route>`: an attested node (mTLS, agent SVID) asks for a
+/// task credential on behalf of a workload; what `mint` returns is
+/// registered with the revocation store before it leaves, and only if the
+/// node is still attested.
+fn node_mint<Req, F>(
+    route: &'static str,
+    broker: Arc<Broker>,
+    d: Arc<Delegation>,
+    mint: F,
+) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone + Send + Sync + 'static
+where
+    Req: serde::de::DeserializeOwned + Send + 'static,
+    F: Fn(
+            &Delegation,
+            &crate::service::AuthenticatedNode,
+            Req,
+            SystemTime,
+        ) -> Result<
+            (
+                baton_core::api::TaskCredential,
+                Vec<baton_revocation::CredentialRecord>,
+            ),
+            BrokerError,
+        > + Clone
+        + Send
+        + Sync
+        + 'static,
+{
+    warp::path("v1")
+        .and(warp::path("node"))
+        .and(warp::path(route))
+        .and(warp::path::end())
+        .and(warp::post())
+        .and(with(broker))
+        .and(with(d))
+        .and(warp::ext::optional::<PeerIdentity>())
+        .and(warp::ext::optional::<PeerCertificate>())
+        .and(json_body())
+        .and_then(
+            move |broker: Arc<Broker>,
+                  d: Arc<Delegation>,
+                  id: Option<PeerIdentity>,
+                  leaf: Option<PeerCertificate>,
+                  body: Bytes| {
+                let mint = mint.clone();
+                async move {
+                    let result = match crate::http::node_auth(&broker, d.revoker(), id, leaf) {
+                        Ok(node) => {
+                            let minted = parse_body::<Req>(&body)
+                                .and_then(|req| mint(&d, &node, req, SystemTime::now()))
+                                .map(|(value, records)| crate::service::Issued { value, records });
+                            crate::http::issue(
+                                &broker,
+                                d.revoker(),
+                                &node,
+                                minted,
+                                |b, node, cred| b.authenticate_node(Some(node.id())).map(|_| cred),
+                            )
+                            .await
+                        }
+                        Err(e) => Err(e),
+                    };
+                    respond(result)
+                }
+            },
+        )
+}
+
 /// Delegation routes on the HTTPS port.
 pub fn node_routes(
     broker: Arc<Broker>,
@@ -75,66 +143,18 @@ pub fn node_routes(
                 respond(register_grant(&d, granted).await)
             },
         );
-    let redeem = warp::path!("v1" / "node" / "redeem")
-        .and(warp::post())
-        .and(with(broker.clone()))
-        .and(with(d.clone()))
-        .and(warp::ext::optional::<PeerIdentity>())
-        .and(warp::ext::optional::<PeerCertificate>())
-        .and(json_body())
-        .and_then(
-            |broker: Arc<Broker>,
-             d: Arc<Delegation>,
-             id: Option<PeerIdentity>,
-             leaf: Option<PeerCertificate>,
-             body: Bytes| async move {
-                let result = match crate::http::node_auth(&broker, d.revoker(), id, leaf) {
-                    Ok(node) => {
-                        let minted = parse_body::<RedeemRequest>(&body)
-                            .and_then(|req| d.redeem(&node, &req, SystemTime::now()))
-                            .map(|(value, records)| crate::service::Issued { value, records });
-                        // Registered with the revocation store before it
-                        // leaves, and only if the node is still attested.
-                        crate::http::issue(&broker, d.revoker(), &node, minted, |b, node, cred| {
-                            b.authenticate_node(Some(node.id())).map(|_| cred)
-                        })
-                        .await
-                    }
-                    Err(e) => Err(e),
-                };
-                respond(result)
-            },
-        );
-    let renew = warp::path!("v1" / "node" / "renew-task")
-        .and(warp::post())
-        .and(with(broker))
-        .and(with(d.clone()))
-        .and(warp::ext::optional::<PeerIdentity>())
-        .and(warp::ext::optional::<PeerCertificate>())
-        .and(json_body())
-        .and_then(
-            |broker: Arc<Broker>,
-             d: Arc<Delegation>,
-             id: Option<PeerIdentity>,
-             leaf: Option<PeerCertificate>,
-             body: Bytes| async move {
-                let result = match crate::http::node_auth(&broker, d.revoker(), id, leaf) {
-                    Ok(node) => {
-                        let minted = parse_body::<RenewTaskRequest>(&body)
-                            .and_then(|req| d.renew(&node, &req, SystemTime::now()))
-                            .map(|(value, records)| crate::service::Issued { value, records });
-                        // Registered with the revocation store before it
-                        // leaves, and only if the node is still attested.
-                        crate::http::issue(&broker, d.revoker(), &node, minted, |b, node, cred| {
-                            b.authenticate_node(Some(node.id())).map(|_| cred)
-                        })
-                        .await
-                    }
-                    Err(e) => Err(e),
-                };
-                respond(result)
-            },
-        );
+    let redeem = node_mint(
+        "redeem",
+        broker.clone(),
+        d.clone(),
+        |d, node, req: RedeemRequest, now| d.redeem(node, &req, now),
+    );
+    let renew = node_mint(
+        "renew-task",
+        broker,
+        d.clone(),
+        |d, node, req: RenewTaskRequest, now| d.renew(node, &req, now),
+    );
     let report = warp::path!("v1" / "audit" / "tool-calls")
         .and(warp::post())
         .and(with(d))
