@@ -390,7 +390,7 @@ pub fn admin_routes(
 + Send
 + Sync
 + 'static {
-    use crate::http::{json_body, parse_body, respond};
+    use crate::http::respond;
     use std::sync::Arc;
     use warp::Filter as _;
     let b = move || {
@@ -403,46 +403,18 @@ pub fn admin_routes(
         .and_then(
             |broker: Arc<Broker>| async move { respond(broker.ca_status(SystemTime::now())) },
         );
-    let prepare = warp::path!("v1" / "admin" / "ca" / "prepare")
-        .and(warp::post())
-        .and(b())
-        .and(json_body())
-        .and_then(|broker: Arc<Broker>, body: bytes::Bytes| async move {
-            respond(
-                parse_body::<PrepareRequest>(&body)
-                    .and_then(|req| broker.ca_prepare(&req, SystemTime::now())),
-            )
-        });
-    let activate = warp::path!("v1" / "admin" / "ca" / "activate")
-        .and(warp::post())
-        .and(b())
-        .and(json_body())
-        .and_then(|broker: Arc<Broker>, body: bytes::Bytes| async move {
-            respond(
-                parse_body::<ActivateRequest>(&body)
-                    .and_then(|req| broker.ca_activate(&req, SystemTime::now())),
-            )
-        });
-    let taint = warp::path!("v1" / "admin" / "ca" / "taint")
-        .and(warp::post())
-        .and(b())
-        .and(json_body())
-        .and_then(|broker: Arc<Broker>, body: bytes::Bytes| async move {
-            respond(
-                parse_body::<AuthorityRequest>(&body)
-                    .and_then(|req| broker.ca_taint(&req.id, SystemTime::now())),
-            )
-        });
-    let revoke = warp::path!("v1" / "admin" / "ca" / "revoke")
-        .and(warp::post())
-        .and(b())
-        .and(json_body())
-        .and_then(|broker: Arc<Broker>, body: bytes::Bytes| async move {
-            respond(
-                parse_body::<AuthorityRequest>(&body)
-                    .and_then(|req| broker.ca_revoke(&req.id, SystemTime::now())),
-            )
-        });
+    let prepare = post_route(b(), "prepare", |broker, req: PrepareRequest, now| {
+        broker.ca_prepare(&req, now)
+    });
+    let activate = post_route(b(), "activate", |broker, req: ActivateRequest, now| {
+        broker.ca_activate(&req, now)
+    });
+    let taint = post_route(b(), "taint", |broker, req: AuthorityRequest, now| {
+        broker.ca_taint(&req.id, now)
+    });
+    let revoke = post_route(b(), "revoke", |broker, req: AuthorityRequest, now| {
+        broker.ca_revoke(&req.id, now)
+    });
     show.or(prepare)
         .unify()
         .or(activate)
@@ -451,4 +423,47 @@ pub fn admin_routes(
         .unify()
         .or(revoke)
         .unify()
+}
+
+/// `POST /v1/admin/ca/<step>`: a JSON `Req` handed to `step`.
+fn post_route<Req, F>(
+    broker: impl warp::Filter<Extract = (std::sync::Arc<Broker>,), Error = std::convert::Infallible>
+    + Clone
+    + Send
+    + Sync
+    + 'static,
+    step: &'static str,
+    handle: F,
+) -> impl warp::Filter<Extract = (warp::reply::Response,), Error = warp::Rejection>
++ Clone
++ Send
++ Sync
++ 'static
+where
+    Req: serde::de::DeserializeOwned + Send + 'static,
+    F: Fn(&Broker, Req, SystemTime) -> Result<RotationReply, BrokerError>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+{
+    use crate::http::{json_body, parse_body, respond};
+    use warp::Filter as _;
+    warp::path("v1")
+        .and(warp::path("admin"))
+        .and(warp::path("ca"))
+        .and(warp::path(step))
+        .and(warp::path::end())
+        .and(warp::post())
+        .and(broker)
+        .and(json_body())
+        .and_then(move |broker: std::sync::Arc<Broker>, body: bytes::Bytes| {
+            let handle = handle.clone();
+            async move {
+                respond(
+                    parse_body::<Req>(&body)
+                        .and_then(|req| handle(&broker, req, SystemTime::now())),
+                )
+            }
+        })
 }
