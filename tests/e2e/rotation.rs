@@ -6,13 +6,12 @@
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::process::CommandExt as _;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use baton_tls::{BundleStore, PeerPolicy};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls_pki_types::{CertificateDer, ServerName};
 use serde_json::Value;
 
 use crate::harness::{Cluster, Options, Proc, TD, baton, wait_for};
@@ -141,33 +140,7 @@ fn wait_propagated(c: &Cluster) {
     );
 }
 
-/// An mTLS client presenting the credential written by `baton svid fetch --write`.
-fn old_credential_client(dir: &Path, trust: &Path) -> Arc<rustls::ClientConfig> {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join("svid.pem"))
-        .unwrap()
-        .map(|c| c.unwrap())
-        .collect();
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from_pem_file(dir.join("key.pem")).unwrap());
-    let bundle: Vec<Vec<u8>> = CertificateDer::pem_file_iter(trust)
-        .unwrap()
-        .map(|c| c.unwrap().to_vec())
-        .collect();
-    let store = BundleStore::new();
-    let td = baton_core::TrustDomain::new(TD).unwrap();
-    store.set(td.clone(), bundle);
-    let verifier = Arc::new(baton_tls::SpiffeServerVerifier::new(
-        store,
-        PeerPolicy::AnyInTrustDomains(vec![td]),
-    ));
-    let cfg = rustls::ClientConfig::builder_with_provider(baton_tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_client_auth_cert(chain, key)
-        .unwrap();
-    Arc::new(cfg)
-}
+use crate::tls_resumption::mtls_client as old_credential_client;
 
 /// Whether a server at `addr` accepts the client certificate of `cfg` (TLS
 /// 1.3 reports a refused client certificate on the first read).

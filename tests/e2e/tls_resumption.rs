@@ -16,14 +16,20 @@ use crate::delegation::{PLANNER, World};
 use crate::harness::{Redis, wait_for};
 
 /// A client that WANTS to resume (rustls keeps sessions in memory by default),
-/// presenting the credential in `dir`.
+/// presenting the credential in `dir` and trusting the bundle in `dir`.
 fn resuming_client(dir: &std::path::Path) -> Arc<rustls::ClientConfig> {
+    mtls_client(dir, &dir.join("bundle.pem"))
+}
+
+/// An mTLS client presenting `dir`'s svid.pem/key.pem (as written by
+/// `baton svid fetch --write` or `baton grant redeem`), trusting `trust`.
+pub fn mtls_client(dir: &std::path::Path, trust: &std::path::Path) -> Arc<rustls::ClientConfig> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join("svid.pem"))
         .unwrap()
         .map(|c| c.unwrap())
         .collect();
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from_pem_file(dir.join("key.pem")).unwrap());
-    let bundle: Vec<Vec<u8>> = CertificateDer::pem_file_iter(dir.join("bundle.pem"))
+    let bundle: Vec<Vec<u8>> = CertificateDer::pem_file_iter(trust)
         .unwrap()
         .map(|c| c.unwrap().to_vec())
         .collect();
