@@ -45,7 +45,8 @@ for id in /tools/crm /agents/planner /agents/researcher; do
 done
 
 say "start the example CRM tool server"
-"$BATON" example tool-server --audience crm --spool "$WORK/spool" \
+"$BATON" example tool-server --audience crm --spiffe-id spiffe://example.org/tools/crm \
+  --spool "$WORK/spool" \
   --ready-file "$WORK/tool.addr" >"$WORK/tool.log" 2>&1 &
 TOOL_PID=$!
 for _ in $(seq 1 100); do [ -s "$WORK/tool.addr" ] && break; sleep 0.1; done

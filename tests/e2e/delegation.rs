@@ -47,6 +47,8 @@ impl World {
             ];
             broker_args.extend(["--redis".to_owned(), url.to_owned()]);
         }
+        // The example tool server reports the calls of tokens for `crm`.
+        broker_args.extend(["--tool-server".to_owned(), format!("crm={TOOL}")]);
         let c = Cluster::start_with_broker_args(Options::default(), broker_args);
         // The tool server's entry first, so it is the default SVID of a
         // process of this uid (the agent answers in entry order).
@@ -55,16 +57,23 @@ impl World {
         c.register("/agents/researcher", &[]);
         let ready = c.path("tool.addr");
         let mut cmd = baton();
-        cmd.args(["example", "tool-server", "--audience", "crm"])
-            .args(&tool_args)
-            .arg("--socket")
-            .arg(c.agent_socket())
-            .arg("--broker-url")
-            .arg(format!("https://{}", c.broker_addr))
-            .arg("--spool")
-            .arg(c.path("tool-spool"))
-            .arg("--ready-file")
-            .arg(&ready);
+        cmd.args([
+            "example",
+            "tool-server",
+            "--audience",
+            "crm",
+            "--spiffe-id",
+            TOOL,
+        ])
+        .args(&tool_args)
+        .arg("--socket")
+        .arg(c.agent_socket())
+        .arg("--broker-url")
+        .arg(format!("https://{}", c.broker_addr))
+        .arg("--spool")
+        .arg(c.path("tool-spool"))
+        .arg("--ready-file")
+        .arg(&ready);
         let mut tool = Proc::spawn("tool-server", cmd, c.path("tool.log"));
         let addr = wait_for("tool server ready", Duration::from_secs(60), || {
             assert!(tool.is_running(), "tool server exited: {}", tool.log_text());
@@ -147,6 +156,39 @@ impl World {
             "-o",
             "json",
         ];
+        for s in scope {
+            args.extend(["--scope", s]);
+        }
+        let v = self.json(&args);
+        (
+            v["task_id"].as_str().unwrap().to_owned(),
+            v["grant"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    /// A task for the planner with `scope`, whose tokens name `audience`.
+    pub fn start_task_for(&self, scope: &[&str], audience: &[&str]) -> (String, String) {
+        let mut args = vec![
+            "task",
+            "start",
+            "--user",
+            "alice@example.com",
+            "--root-agent",
+            PLANNER,
+            "--purpose",
+            "support.case-research",
+            "--risk-ceiling",
+            "write",
+            "--ttl",
+            "10m",
+            "--max-depth",
+            "2",
+            "-o",
+            "json",
+        ];
+        for a in audience {
+            args.extend(["--audience", a]);
+        }
         for s in scope {
             args.extend(["--scope", s]);
         }
@@ -521,11 +563,14 @@ fn token_attacks_at_the_tool_server() {
     std::fs::copy(planner.join("key.pem"), mixed.join("key.pem")).unwrap();
     let err = call_err(&w, &mixed, "crm.search");
     assert!(err.contains("certificate_mismatch"), "{err}");
-    // A token for another audience.
+    // A token for another audience: a task started for `crm` and `billing`,
+    // handed on for `billing` only, is refused by the `crm` tool server.
+    let (_t, g) = w.start_task_for(FULL, &["crm", "billing"]);
+    let both = w.redeem(&g, PLANNER, "both-aud");
     let billing_only = w.run(&[
         "delegate",
         "--credential",
-        planner.to_str().unwrap(),
+        both.to_str().unwrap(),
         "--target",
         RESEARCHER,
         "--audience",

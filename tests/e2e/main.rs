@@ -9,6 +9,7 @@ mod audit;
 mod broker;
 mod delegation;
 mod fanout;
+mod hardening;
 mod harness;
 mod identity;
 mod nodes;

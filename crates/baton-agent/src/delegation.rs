@@ -333,6 +333,8 @@ impl<R: GrantRedeemer> Delegation for DelegationService<R> {
             token,
             x509_svid_leaf,
             spiffe_id,
+            proof,
+            proof_iat,
         } = request.into_inner();
         let spiffe_id = {
             let snapshot = Arc::clone(&self.cache.borrow());
@@ -346,6 +348,13 @@ impl<R: GrantRedeemer> Delegation for DelegationService<R> {
         if x509_svid_leaf.is_empty() {
             return Err(Status::invalid_argument("x509_svid_leaf is empty"));
         }
+        if proof.is_empty() {
+            return Err(Status::invalid_argument(
+                "proof is empty: sign the renewal statement with the task credential's key",
+            ));
+        }
+        let proof_iat = u64::try_from(proof_iat)
+            .map_err(|_| Status::invalid_argument("proof_iat must not be negative"))?;
         let key = WorkloadKey::generate()
             .map_err(|e| Status::internal(format!("cannot generate a key: {e}")))?;
         let csr_der = key
@@ -356,6 +365,8 @@ impl<R: GrantRedeemer> Delegation for DelegationService<R> {
             spiffe_id: spiffe_id.clone(),
             leaf_der: x509_svid_leaf,
             csr_der,
+            proof,
+            proof_iat,
         };
         let cred = self.broker.renew(&req).await.map_err(|e| {
             tracing::warn!(spiffe_id = %spiffe_id, error = %e, "task credential renewal failed");

@@ -10,7 +10,7 @@
 //! it; the broker mints a fresh certificate and a token bound to it.
 //! Nothing is forwarded: each hop has its own credential.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -36,6 +36,18 @@ use crate::service::{
 };
 use crate::tasks::{GrantRecord, GrantRefusal, TaskRecord, TaskStore, TokenRecord};
 
+/// How far a renewal proof's `iat` may be from the broker's clock.
+pub const RENEW_PROOF_WINDOW_SECS: u64 = 120;
+
+/// A task credential on its way out: what to register with the revocation
+/// store before it leaves, and what it replaces (revoked first).
+#[derive(Debug)]
+pub struct Minted {
+    pub credential: TaskCredential,
+    pub records: Vec<CredentialRecord>,
+    pub superseded: Vec<baton_revocation::Revoked>,
+}
+
 /// Bounds on what tasks and hops may ask for.
 #[derive(Debug, Clone)]
 pub struct DelegationSettings {
@@ -47,6 +59,10 @@ pub struct DelegationSettings {
     pub token_ttl: Duration,
     /// The declared purpose catalogue.
     pub purposes: BTreeSet<Purpose>,
+    /// Which SPIFFE IDs serve each audience: only they may report calls
+    /// made with a token for that audience. An audience that is itself a
+    /// SPIFFE ID is served by that ID.
+    pub tool_servers: BTreeMap<String, Vec<SpiffeId>>,
 }
 
 impl Default for DelegationSettings {
@@ -57,6 +73,7 @@ impl Default for DelegationSettings {
             grant_ttl: Duration::from_secs(300),
             token_ttl: Duration::from_secs(900),
             purposes: BTreeSet::new(),
+            tool_servers: BTreeMap::new(),
         }
     }
 }
@@ -191,11 +208,12 @@ impl Delegation {
             BrokerError::Unauthenticated(format!("initiating identity refused: {e}"))
         })?;
         let td = self.broker.trust_domain();
-        if !req.root_agent.is_member_of(td) || req.root_agent.is_trust_domain_id() {
+        if !req.root_agent.is_member_of(td) || crate::service::is_infrastructure_id(&req.root_agent)
+        {
             return Err(bad(
                 "root_agent",
                 format!(
-                    "root_agent {} is not a workload of trust domain {td}",
+                    "root_agent {} is not a workload of trust domain {td} (the trust domain's ID and /baton/... are reserved)",
                     req.root_agent
                 ),
             ));
@@ -225,9 +243,13 @@ impl Delegation {
                 format!("max_depth must be at most {}", self.settings.max_depth),
             ));
         }
-        if req.audience.is_empty() {
-            return Err(bad("audience", "audience must list at least one value"));
+        if req.audience.is_empty() || req.audience.iter().any(|a| a.trim().is_empty()) {
+            return Err(bad(
+                "audience",
+                "audience must list at least one non-empty value",
+            ));
         }
+        self.broker.refuse_blocked(&req.root_agent, now)?;
         let id = TaskId::from_random(random_bytes::<16>()?);
         let task = TaskRecord {
             id: id.clone(),
@@ -239,7 +261,7 @@ impl Delegation {
             risk_ceiling: req.risk_ceiling,
             max_depth: req.max_depth,
             created_at: now,
-            expires_at: now + req.ttl_secs,
+            expires_at: now.saturating_add(req.ttl_secs),
             ended_at: None,
             purpose_epoch: 0,
         };
@@ -287,7 +309,13 @@ impl Delegation {
         now: SystemTime,
     ) -> Result<HandoffGrant, BrokerError> {
         let now = unix(now);
-        let held = self.verify_holder(peer, &req.token, now)?;
+        let held = match self.verify_holder(peer, &req.token, now) {
+            Ok(h) => h,
+            Err(e) => {
+                self.log_refused_holder(peer, req, &e, now);
+                return Err(e);
+            }
+        };
         let claims = held.claims();
         let task = self.task(&claims.task.id)?;
         let new_depth = claims.depth + 1;
@@ -364,7 +392,7 @@ impl Delegation {
             parent_act: Some(claims.act.clone()),
             justification: Some(req.justification.clone()),
             exp_cap: match req.ttl_secs {
-                Some(ttl) => exp_cap.min(now + ttl),
+                Some(ttl) => exp_cap.min(now.saturating_add(ttl)),
                 None => exp_cap,
             },
             expires_at: (now + self.settings.grant_ttl.as_secs()).min(exp_cap),
@@ -404,7 +432,94 @@ impl Delegation {
                 ));
             }
         }
+        // The certificate itself may have been revoked (`baton revoke
+        // credential <serial>`), apart from its token. Fail closed.
+        if self
+            .revoker
+            .durably_revoked(peer.serial_hex(), now)
+            .unwrap_or(true)
+        {
+            return Err(refuse(
+                "certificate_revoked",
+                format!(
+                    "the task certificate (serial {}) presented with token {} is revoked",
+                    peer.serial_hex(),
+                    claims.jti
+                ),
+            ));
+        }
+        self.check_chain_records(claims)?;
+        self.broker.refuse_blocked(peer.spiffe_id(), now)?;
         Ok(held)
+    }
+
+    /// Every link of the token's `act` chain must be a token this broker
+    /// minted in this task, for that actor, at that depth, from the next
+    /// link: a chain spliced from another task's (or invented) links is
+    /// refused even when the outermost link is genuine.
+    fn check_chain_records(&self, claims: &DelegationClaims) -> Result<(), BrokerError> {
+        let chain = claims.act.chain();
+        for (i, actor) in chain.iter().enumerate() {
+            let delegator = chain.get(i + 1).map(|a| a.jti.as_str());
+            let depth = usize::try_from(claims.depth)
+                .ok()
+                .and_then(|d| d.checked_sub(i));
+            let ok = match self.tasks.get_token(&actor.jti)? {
+                Some(t) => {
+                    t.task_id == claims.task.id
+                        && t.spiffe_id == actor.sub
+                        && t.parent_jti.as_deref() == delegator
+                        && usize::try_from(t.depth).ok() == depth
+                }
+                None => false,
+            };
+            if !ok {
+                return Err(refuse(
+                    "chain_unknown",
+                    format!(
+                        "link {i} of the token's actor chain ({} holding {}) is not a token this broker minted in task {} from {}",
+                        actor.sub,
+                        actor.jti,
+                        claims.task.id,
+                        delegator.unwrap_or("the task's start")
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// A hop refused because the holder's token or certificate was: logged
+    /// under the task the token claims, when the broker knows that task
+    /// (the claims are unverified, and the event says so).
+    fn log_refused_holder(
+        &self,
+        peer: &PeerCert,
+        req: &DelegateRequest,
+        e: &BrokerError,
+        now: u64,
+    ) {
+        let claimed = unverified_task(req.token.expose());
+        let Some(task) = claimed.and_then(|t| self.tasks.get_task(&t).ok().flatten()) else {
+            tracing::warn!(from = %peer.spiffe_id(), to = %req.target, error = %e, "hop refused: holder's token refused (no known task)");
+            return;
+        };
+        let mut ev = self.event(EventKind::HopRefused, &task.id, now);
+        ev.actor = Some(peer.spiffe_id().clone());
+        ev.target = Some(req.target.clone());
+        ev.purpose = Some(req.purpose.clone());
+        ev.scope = Some(req.scope.clone());
+        ev.justification = Some(req.justification.clone());
+        ev.decision = Some("refused".into());
+        ev.reason = Some(format!(
+            "{}: {} (the token's claims are not trusted)",
+            e.code(),
+            e
+        ));
+        if let Err(err) = self.append(&ev) {
+            tracing::error!(task = %task.id, error = %err, "cannot log a refused hop");
+        }
+        tracing::warn!(task = %task.id, from = %peer.spiffe_id(), to = %req.target, error = %e, "hop refused: holder's token refused");
     }
 
     /// Appends an event to the audit log; an error means it was not logged
@@ -434,6 +549,28 @@ impl Delegation {
                 ),
             ));
         }
+        if req.audience.is_empty() || req.audience.iter().any(|a| a.trim().is_empty()) {
+            return Some((
+                "invalid_argument",
+                "audience must list at least one non-empty value".into(),
+            ));
+        }
+        let widened: Vec<&str> = req
+            .audience
+            .iter()
+            .filter(|a| !claims.aud.contains(a))
+            .map(String::as_str)
+            .collect();
+        if !widened.is_empty() {
+            return Some((
+                "audience_widened",
+                format!(
+                    "requested audience is not a subset of the holder's ({}): {} not held",
+                    claims.aud.join(", "),
+                    widened.join(", ")
+                ),
+            ));
+        }
         if !req.scope.is_subset_of(&claims.scope) {
             let extra: Vec<String> = req
                 .scope
@@ -458,23 +595,28 @@ impl Delegation {
                 ),
             ));
         }
-        if let Some(ttl) = req.ttl_secs
-            && now + ttl > claims.exp
-        {
-            return Some((
-                "outlives_parent",
-                format!(
-                    "requested lifetime ends at {}, after the holder's token ({})",
-                    now + ttl,
-                    claims.exp
-                ),
-            ));
-        }
-        if req.audience.is_empty() {
-            return Some((
-                "invalid_argument",
-                "audience must list at least one value".into(),
-            ));
+        if let Some(ttl) = req.ttl_secs {
+            match now.checked_add(ttl) {
+                _ if ttl == 0 => {
+                    return Some(("invalid_argument", "ttl_secs must be at least 1".into()));
+                }
+                None => {
+                    return Some((
+                        "invalid_argument",
+                        format!("ttl_secs {ttl} is out of range"),
+                    ));
+                }
+                Some(end) if end > claims.exp => {
+                    return Some((
+                        "outlives_parent",
+                        format!(
+                            "requested lifetime ends at {end}, after the holder's token ({})",
+                            claims.exp
+                        ),
+                    ));
+                }
+                Some(_) => {}
+            }
         }
         if req.justification.trim().is_empty() {
             return Some(("invalid_argument", "justification is required".into()));
@@ -489,6 +631,18 @@ impl Delegation {
                 ),
             ));
         }
+        if crate::service::is_infrastructure_id(&req.target) {
+            return Some((
+                "reserved_id",
+                format!(
+                    "target {} is reserved for the trust domain, the broker and the nodes; hops go to workloads",
+                    req.target
+                ),
+            ));
+        }
+        if let Err(e) = self.broker.refuse_blocked(&req.target, now) {
+            return Some(("agent_blocked", e.to_string()));
+        }
         None
     }
 
@@ -501,7 +655,7 @@ impl Delegation {
         node: &AuthenticatedNode,
         req: &RedeemRequest,
         now: SystemTime,
-    ) -> Result<(TaskCredential, Vec<CredentialRecord>), BrokerError> {
+    ) -> Result<Minted, BrokerError> {
         let now_s = unix(now);
         // The node may speak only for workloads it serves.
         let entitled = self
@@ -547,6 +701,8 @@ impl Delegation {
                     grant.target, req.spiffe_id
                 ),
             ))
+        } else if let Err(e) = self.broker.refuse_blocked(&req.spiffe_id, now_s) {
+            Some(("agent_blocked", e.to_string()))
         } else if let Some(why) = task.unusable(now_s) {
             Some(("task_ended", why.to_owned()))
         } else if grant.purpose_epoch != task.purpose_epoch {
@@ -607,6 +763,7 @@ impl Delegation {
             jti: jti.clone(),
             scope: grant.scope.clone(),
             exp,
+            aud: grant.audience.clone(),
             act: grant.parent_act.clone().map(Box::new),
         };
         let claims = DelegationClaims {
@@ -653,6 +810,7 @@ impl Delegation {
             exp,
             cert_thumbprint: claims.cnf.x5t_s256.clone(),
             cert_serial: issued.serial_hex.clone(),
+            aud: grant.audience.clone(),
         })?;
         tracing::info!(task = %task.id, spiffe_id = %req.spiffe_id, depth = grant.depth, "grant redeemed");
         let parent_jti = grant.parent.as_ref().map(|p| p.jti.clone());
@@ -678,8 +836,8 @@ impl Delegation {
                 expires_at: exp,
             },
         ];
-        Ok((
-            TaskCredential {
+        Ok(Minted {
+            credential: TaskCredential {
                 task_id: task.id,
                 spiffe_id: req.spiffe_id.clone(),
                 cert_chain_der: issued.cert_chain_der,
@@ -687,23 +845,27 @@ impl Delegation {
                 expires_at: exp,
             },
             records,
-        ))
+            superseded: Vec::new(),
+        })
     }
 
     /// Re-issues a task credential under the CA's active keys (after a
-    /// taint): the holder's token is verified (signature, binding to the
-    /// presented certificate, revocation, the broker's own record), the node
-    /// must serve the holder's SPIFFE ID, and the task must still run. The
-    /// new token carries the same claims, `jti` and expiry (so every
-    /// revocation and delegation that names it covers the new credential);
-    /// only `iat` and the certificate binding change. The new certificate
-    /// hangs under the token in the revocation store.
+    /// taint). The holder must prove it has the current credential:
+    /// the presented leaf chains to an authority the broker still trusts,
+    /// is not revoked, is the one the token is bound to, and `proof` is a
+    /// fresh signature by the leaf's private key over the token's digest
+    /// (`baton_ca::possession`). The token's claims are re-checked against
+    /// the broker's records (chain, task alive, same purpose), the node
+    /// must serve the holder's SPIFFE ID, and the renewal is audited,
+    /// refusals included. The new token keeps the claims, `jti` and expiry
+    /// (never longer); the old certificate is returned to be revoked before
+    /// the new one leaves.
     pub fn renew(
         &self,
         node: &AuthenticatedNode,
         req: &RenewTaskRequest,
         now: SystemTime,
-    ) -> Result<(TaskCredential, Vec<CredentialRecord>), BrokerError> {
+    ) -> Result<Minted, BrokerError> {
         let now_s = unix(now);
         let peer = PeerCert::from_verified_leaf(req.leaf_der.clone())
             .map_err(|e| bad("leaf_der", format!("leaf_der: {e}")))?;
@@ -717,7 +879,6 @@ impl Delegation {
                 ),
             ));
         }
-        let held = self.verify_holder(&peer, &req.token, now_s)?;
         let served = self
             .broker
             .store()
@@ -734,14 +895,21 @@ impl Delegation {
                 ),
             });
         }
+        let held = self.verify_holder(&peer, &req.token, now_s)?;
         let task = self.task(held.task_id())?;
-        if let Some(why) = task.unusable(now_s) {
-            return Err(refuse("task_ended", why.to_owned()));
+        let mut ev = self.event(EventKind::Redeemed, &task.id, now_s);
+        ev.actor = Some(req.spiffe_id.clone());
+        ev.target = Some(req.spiffe_id.clone());
+        ev.token_jti = Some(held.jti().to_owned());
+        let refusal = self.renew_refusal(&task, &held, &peer, req, now, now_s);
+        if let Some((code, reason)) = refusal {
+            ev.decision = Some("refused".into());
+            ev.reason = Some(format!("renewal {code}: {reason}"));
+            self.append(&ev)?;
+            tracing::warn!(task = %task.id, spiffe_id = %req.spiffe_id, %code, %reason, "renewal refused");
+            return Err(refuse(code, reason));
         }
         let mut claims = held.claims().clone();
-        if claims.exp <= now_s {
-            return Err(refuse("token_expired", "the task credential has expired"));
-        }
         let issued = self
             .broker
             .ca()
@@ -766,18 +934,15 @@ impl Delegation {
             x5t_s256: baton_ca::delegation::cert_thumbprint(leaf),
         };
         let token = self.broker.ca().sign_delegation_token(&claims)?;
-        let mut ev = self.event(EventKind::Redeemed, &task.id, now_s);
-        ev.actor = Some(req.spiffe_id.clone());
-        ev.target = Some(req.spiffe_id.clone());
         ev.depth = Some(claims.depth);
         ev.scope = Some(claims.scope.clone());
         ev.purpose = Some(claims.task.purpose.clone());
         ev.decision = Some("granted".into());
         ev.reason = Some(format!(
-            "renewed: the same token re-issued under the active CA authority {}",
-            issued.authority_id
+            "renewed: the same token re-issued under the active CA authority {}; certificate {} revoked",
+            issued.authority_id,
+            peer.serial_hex()
         ));
-        ev.token_jti = Some(claims.jti.clone());
         ev.parent_jti = claims.parent.as_ref().map(|p| p.jti.clone());
         self.append(&ev)?;
         self.broker.record(IssuedCredential {
@@ -787,6 +952,12 @@ impl Delegation {
             id: issued.serial_hex.clone(),
             expires_at: exp,
         })?;
+        if let Some(mut record) = self.tasks.get_token(&claims.jti)? {
+            record.cert_serial = issued.serial_hex.clone();
+            record.cert_thumbprint = claims.cnf.x5t_s256.clone();
+            record.exp = exp;
+            self.tasks.update_token(&record)?;
+        }
         self.broker
             .rotation()
             .forget(crate::rotation::SlotKind::Task, peer.serial_hex());
@@ -806,8 +977,8 @@ impl Delegation {
             parent: Some(claims.jti.clone()),
             expires_at: exp,
         }];
-        Ok((
-            TaskCredential {
+        Ok(Minted {
+            credential: TaskCredential {
                 task_id: task.id,
                 spiffe_id: req.spiffe_id.clone(),
                 cert_chain_der: issued.cert_chain_der,
@@ -815,7 +986,94 @@ impl Delegation {
                 expires_at: exp,
             },
             records,
-        ))
+            superseded: vec![baton_revocation::Revoked {
+                id: peer.serial_hex().to_owned(),
+                kind: CredKind::X509Svid,
+                expires_at: held.expires_at(),
+            }],
+        })
+    }
+
+    /// Why a renewal is refused, once the token verified.
+    fn renew_refusal(
+        &self,
+        task: &TaskRecord,
+        held: &VerifiedDelegation,
+        peer: &PeerCert,
+        req: &RenewTaskRequest,
+        now: SystemTime,
+        now_s: u64,
+    ) -> Option<(&'static str, String)> {
+        if let Some(why) = task.unusable(now_s) {
+            return Some(("task_ended", why.to_owned()));
+        }
+        if held.purpose() != &task.purpose {
+            return Some((
+                "purpose_changed",
+                format!(
+                    "the token's purpose {} is no longer the task's ({})",
+                    held.purpose(),
+                    task.purpose
+                ),
+            ));
+        }
+        if held.expires_at() <= now_s {
+            return Some(("token_expired", "the task credential has expired".into()));
+        }
+        if req.proof_iat.abs_diff(now_s) > RENEW_PROOF_WINDOW_SECS {
+            return Some((
+                "proof_stale",
+                format!(
+                    "proof_iat {} is more than {RENEW_PROOF_WINDOW_SECS} s from the broker's clock ({now_s})",
+                    req.proof_iat
+                ),
+            ));
+        }
+        if let Err(e) = baton_ca::possession::verify_renew_proof(
+            peer.leaf_der(),
+            req.token.expose(),
+            req.proof_iat,
+            &req.proof,
+        ) {
+            return Some((
+                "proof_invalid",
+                format!("no proof of possession of the certificate's key: {e}"),
+            ));
+        }
+        // The leaf must still chain to an authority this broker trusts: a
+        // certificate under a revoked authority is not renewed.
+        if let Err(e) = self.verify_leaf_chain(peer.leaf_der(), now) {
+            return Some((
+                "certificate_untrusted",
+                format!("the presented certificate does not verify: {e}"),
+            ));
+        }
+        None
+    }
+
+    /// The leaf's bytes are pinned by the token's `cnf` (the broker signed
+    /// both), so it is genuine; what remains is whether the authority that
+    /// signed it is still trusted.
+    fn verify_leaf_chain(&self, leaf: &[u8], now: SystemTime) -> Result<(), String> {
+        let signer = baton_ca::Ca::signer_of(leaf)
+            .ok_or_else(|| "it names no signing authority".to_owned())?;
+        let now = unix(now);
+        match self
+            .broker
+            .ca()
+            .authorities()
+            .into_iter()
+            .find(|a| a.kind == baton_ca::AuthorityKind::X509 && a.id == signer)
+        {
+            None => Err(format!(
+                "its authority {signer} is no longer in the trust bundle"
+            )),
+            Some(a) if a.state == baton_ca::AuthorityState::Revoked => {
+                Err(format!("its authority {signer} was revoked"))
+            }
+            Some(a) if a.not_after <= now => Err(format!("its authority {signer} has expired")),
+            Some(_) => Ok(()),
+        }
     }
 
     /// A fresh grant for the task's root agent, e.g. after a purpose change
@@ -853,6 +1111,49 @@ impl Delegation {
 
     pub fn trust_domain(&self) -> &baton_core::TrustDomain {
         self.broker.trust_domain()
+    }
+
+    /// Blocks an agent from new credentials (`baton revoke agent`), until
+    /// `until` or until lifted; audited under no task, so logged only.
+    pub fn block_agent(
+        &self,
+        id: &SpiffeId,
+        until: Option<u64>,
+        reason: &str,
+        now: u64,
+    ) -> Result<crate::store::AgentBlock, BrokerError> {
+        if let Some(u) = until
+            && u <= now
+        {
+            return Err(bad(
+                "until",
+                format!("until ({u}) must be in the future (now {now})"),
+            ));
+        }
+        let block = crate::store::AgentBlock {
+            spiffe_id: id.clone(),
+            until,
+            reason: reason.to_owned(),
+            at: now,
+        };
+        self.broker.store().block_agent(&block)?;
+        tracing::warn!(agent = %id, ?until, reason, "agent blocked from new credentials");
+        Ok(block)
+    }
+
+    /// Every block in force.
+    pub fn agent_blocks(&self, now: u64) -> Result<Vec<crate::store::AgentBlock>, BrokerError> {
+        Ok(self.broker.store().agent_blocks(now)?)
+    }
+
+    /// Lifts a block; not found when there was none.
+    pub fn unblock_agent(&self, id: &SpiffeId) -> Result<(), BrokerError> {
+        if self.broker.store().unblock_agent(id)? {
+            tracing::info!(agent = %id, "agent unblocked");
+            Ok(())
+        } else {
+            Err(BrokerError::NotFound(format!("agent {id} is not blocked")))
+        }
     }
 
     pub fn revoker(&self) -> &Arc<Revoker> {
@@ -910,16 +1211,33 @@ impl Delegation {
 
     /// Records a tool server's report of a call. Reports are idempotent by
     /// `report_id`: a retried report is acknowledged, not logged twice.
+    ///
+    /// Only a tool server of the token's audience may report a call made
+    /// with it (`DelegationSettings::tool_servers`, or an audience that is
+    /// the reporter's SPIFFE ID); the token must be one this broker minted,
+    /// in the report's task, held by the reported agent (a `deny` report
+    /// may name another peer: a token presented by the wrong holder). The
+    /// broker's clock stamps the event.
     pub fn record_tool_call(
         &self,
         reporter: &SpiffeId,
         r: &ToolCallReport,
-        _now: SystemTime,
+        now: SystemTime,
     ) -> Result<serde_json::Value, BrokerError> {
+        let now = unix(now);
         if !reporter.is_member_of(self.broker.trust_domain()) {
             return Err(refuse(
                 "not_entitled",
                 "reporter is outside the trust domain",
+            ));
+        }
+        if r.decision != "allow" && r.decision != "deny" {
+            return Err(bad(
+                "decision",
+                format!(
+                    "decision must be \"allow\" or \"deny\", got {:?}",
+                    r.decision
+                ),
             ));
         }
         let _ = self.task(&r.task_id)?;
@@ -928,12 +1246,69 @@ impl Delegation {
                 serde_json::json!({ "report_id": r.report_id, "index": index, "duplicate": true }),
             );
         }
-        let ev = AuditEvent::from_tool_call(r, Some(reporter.clone()));
+        let Some(token) = self.tasks.get_token(&r.token_jti)? else {
+            return Err(refuse(
+                "report_refused",
+                format!(
+                    "report {} names token {}, which this broker never minted",
+                    r.report_id, r.token_jti
+                ),
+            ));
+        };
+        if token.task_id != r.task_id {
+            return Err(refuse(
+                "report_refused",
+                format!(
+                    "report {} names task {}, but token {} belongs to task {}",
+                    r.report_id, r.task_id, r.token_jti, token.task_id
+                ),
+            ));
+        }
+        if !self.serves_audience(reporter, &token.aud) {
+            return Err(refuse(
+                "not_entitled",
+                format!(
+                    "{reporter} is not a tool server of token {}'s audience ({}); only those may report its calls",
+                    r.token_jti,
+                    token.aud.join(", ")
+                ),
+            ));
+        }
+        let mut ev = AuditEvent::from_tool_call(r, Some(reporter.clone()));
+        if token.spiffe_id != r.agent {
+            if r.decision == "allow" {
+                return Err(refuse(
+                    "report_refused",
+                    format!(
+                        "report {} names agent {}, but token {} is held by {}",
+                        r.report_id, r.agent, r.token_jti, token.spiffe_id
+                    ),
+                ));
+            }
+            ev.reason = Some(format!(
+                "{}; presented by {}, not the token's holder {}",
+                r.reason.as_deref().unwrap_or("denied"),
+                r.agent,
+                token.spiffe_id
+            ));
+        }
+        ev.at = now;
         let receipt = self.append(&ev)?;
         self.tasks.record_report(&r.report_id, receipt.index)?;
         Ok(
             serde_json::json!({ "report_id": r.report_id, "index": receipt.index, "receipt": receipt }),
         )
+    }
+
+    fn serves_audience(&self, reporter: &SpiffeId, aud: &[String]) -> bool {
+        aud.iter().any(|a| {
+            a == reporter.as_str()
+                || self
+                    .settings
+                    .tool_servers
+                    .get(a)
+                    .is_some_and(|ids| ids.contains(reporter))
+        })
     }
 
     /// The task's chain as a tree (text and JSON).
@@ -952,4 +1327,16 @@ impl Delegation {
             "public_key": base64::engine::general_purpose::STANDARD.encode(self.audit.public_key()),
         })
     }
+}
+
+/// The task a token claims, read without verifying anything (for logging
+/// a refusal under the task it names).
+fn unverified_task(token: &str) -> Option<TaskId> {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    v.get("task")?.get("id")?.as_str()?.parse().ok()
 }

@@ -60,13 +60,8 @@ where
             &crate::service::AuthenticatedNode,
             Req,
             SystemTime,
-        ) -> Result<
-            (
-                baton_core::api::TaskCredential,
-                Vec<baton_revocation::CredentialRecord>,
-            ),
-            BrokerError,
-        > + Clone
+        ) -> Result<crate::delegation::Minted, BrokerError>
+        + Clone
         + Send
         + Sync
         + 'static,
@@ -91,9 +86,21 @@ where
                 async move {
                     let result = match crate::http::node_auth(&broker, d.revoker(), id, leaf) {
                         Ok(node) => {
-                            let minted = parse_body::<Req>(&body)
+                            let minted = match parse_body::<Req>(&body)
                                 .and_then(|req| mint(&d, &node, req, SystemTime::now()))
-                                .map(|(value, records)| crate::service::Issued { value, records });
+                            {
+                                // What the new credential replaces is revoked
+                                // before it leaves (fail closed).
+                                Ok(m) => d
+                                    .revoker()
+                                    .supersede(&m.superseded, "renewed", crate::oidc::unix_now())
+                                    .await
+                                    .map(|()| crate::service::Issued {
+                                        value: m.credential,
+                                        records: m.records,
+                                    }),
+                                Err(e) => Err(e),
+                            };
                             crate::http::issue(
                                 &broker,
                                 d.revoker(),
@@ -168,10 +175,28 @@ pub fn node_routes(
                             "tool-call reports need mTLS with the tool server's SVID".into(),
                         )
                     })?;
-                    let batch = parse_reports(&body)?;
+                    let (batch, single) = parse_reports(&body)?;
                     let mut receipts = Vec::with_capacity(batch.len());
                     for r in &batch {
-                        receipts.push(d.record_tool_call(&reporter, r, SystemTime::now())?);
+                        match d.record_tool_call(&reporter, r, SystemTime::now()) {
+                            Ok(v) => receipts.push(v),
+                            // In a batch, a report that can never be
+                            // accepted is answered on its own (and gets no
+                            // receipt), so it cannot block the others; an
+                            // unavailable log fails the batch (retried).
+                            Err(
+                                e @ (BrokerError::Forbidden { .. }
+                                | BrokerError::NotFound(_)
+                                | BrokerError::BadRequest { .. }),
+                            ) if !single => {
+                                tracing::warn!(reporter = %reporter, report = %r.report_id, error = %e, "tool-call report refused");
+                                receipts.push(serde_json::json!({
+                                    "report_id": r.report_id,
+                                    "refused": { "code": e.code(), "message": e.to_string() },
+                                }));
+                            }
+                            Err(e) => return Err(e),
+                        }
                     }
                     Ok(serde_json::json!({ "receipts": receipts }))
                 })())
@@ -210,17 +235,29 @@ async fn register_start(
     Ok(resp)
 }
 
-/// One report or `{"reports": [...]}`.
-fn parse_reports(body: &Bytes) -> Result<Vec<ToolCallReport>, BrokerError> {
+/// Most reports one request may carry.
+const MAX_REPORT_BATCH: usize = 1000;
+
+/// One report or `{"reports": [...]}`; true for a single report.
+fn parse_reports(body: &Bytes) -> Result<(Vec<ToolCallReport>, bool), BrokerError> {
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Batch {
         reports: Vec<ToolCallReport>,
     }
     if let Ok(b) = serde_json::from_slice::<Batch>(body) {
-        return Ok(b.reports);
+        if b.reports.len() > MAX_REPORT_BATCH {
+            return Err(BrokerError::BadRequest {
+                field: Some("reports"),
+                message: format!(
+                    "at most {MAX_REPORT_BATCH} reports per request, got {}",
+                    b.reports.len()
+                ),
+            });
+        }
+        return Ok((b.reports, false));
     }
-    parse_body::<ToolCallReport>(body).map(|r| vec![r])
+    parse_body::<ToolCallReport>(body).map(|r| (vec![r], true))
 }
 
 #[derive(Deserialize)]
@@ -241,6 +278,16 @@ struct RevokeBody {
     target: crate::revocation::RevokeTarget,
     #[serde(default = "default_reason")]
     reason: String,
+    /// For an agent: block new credentials until this unix time (default:
+    /// until `baton revoke unblock`).
+    #[serde(default)]
+    until: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UnblockBody {
+    agent: String,
 }
 
 fn default_reason() -> String {
@@ -339,17 +386,63 @@ pub fn admin_routes(
                     // A task of this broker, or a clear not-found.
                     let _ = d.get_task(t.as_str())?;
                 }
-                let revoked = d
+                let now = crate::oidc::unix_now();
+                // An agent is blocked first: nothing new reaches it while its
+                // existing credentials are being revoked, and an agent with
+                // nothing live is still blocked.
+                let block = match &target {
+                    baton_revocation::Target::Agent(id) => {
+                        Some(d.block_agent(id, req.until, &req.reason, now)?)
+                    }
+                    _ if req.until.is_some() => {
+                        return Err(BrokerError::BadRequest {
+                            field: Some("until"),
+                            message: "until applies to an agent only".into(),
+                        });
+                    }
+                    _ => None,
+                };
+                let revoked = match d
                     .revoker()
-                    .revoke(&target, d.task_store(), &req.reason, crate::oidc::unix_now())
-                    .await?;
+                    .revoke(&target, d.task_store(), &req.reason, now)
+                    .await
+                {
+                    Ok(v) => v,
+                    Err(BrokerError::NotFound(_)) if block.is_some() => Vec::new(),
+                    Err(e) => return Err(e),
+                };
                 Ok(serde_json::json!({
                     "target": target.to_string(),
                     "revoked": revoked.iter().map(|r| serde_json::json!({"id": r.id, "kind": r.kind.code(), "expires_at": r.expires_at})).collect::<Vec<_>>(),
+                    "blocked": block,
                 }))
             }
             .await;
             respond(result)
+        });
+    let unblock = warp::path!("v1" / "admin" / "agents" / "unblock")
+        .and(warp::post())
+        .and(with(d.clone()))
+        .and(json_body())
+        .and_then(|d: Arc<Delegation>, body: Bytes| async move {
+            respond(parse_body::<UnblockBody>(&body).and_then(|b| {
+                let id =
+                    baton_core::SpiffeId::parse(&b.agent).map_err(|e| BrokerError::BadRequest {
+                        field: Some("agent"),
+                        message: format!("agent: {e}"),
+                    })?;
+                d.unblock_agent(&id)?;
+                Ok(serde_json::json!({ "unblocked": id }))
+            }))
+        });
+    let blocks = warp::path!("v1" / "admin" / "agents" / "blocked")
+        .and(warp::get())
+        .and(with(d.clone()))
+        .and_then(|d: Arc<Delegation>| async move {
+            respond(
+                d.agent_blocks(crate::oidc::unix_now())
+                    .map(|b| serde_json::json!({ "blocked": b })),
+            )
         });
     let purpose = warp::path!("v1" / "admin" / "tasks" / String / "purpose")
         .and(warp::post())
@@ -430,6 +523,10 @@ pub fn admin_routes(
         .or(regrant)
         .unify()
         .or(revoke)
+        .unify()
+        .or(unblock)
+        .unify()
+        .or(blocks)
         .unify()
         .or(verify)
         .unify()

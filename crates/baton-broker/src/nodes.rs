@@ -145,23 +145,33 @@ pub async fn remove_node(
 ) -> Result<NodeAction, BrokerError> {
     let id = broker.parse_node_id(raw)?;
     let store = broker.store();
-    let before = store.get_node(&id)?.ok_or_else(|| unknown(&id))?;
-    let (verb, changed) = match how {
-        Removal::Evict => {
-            if before.banned {
-                return Err(BrokerError::Conflict(format!(
-                    "node {id} is banned, which already cut it off; `baton node unban {id}` lifts the ban if it should attest again"
-                )));
-            }
-            ("evicted", store.delete_node(&id)?)
+    let before = store.get_node(&id)?;
+    let (verb, changed) = match (how, &before) {
+        (Removal::Evict, None) => return Err(unknown(&id)),
+        (Removal::Evict, Some(b)) if b.banned => {
+            return Err(BrokerError::Conflict(format!(
+                "node {id} is banned, which already cut it off; `baton node unban {id}` lifts the ban if it should attest again"
+            )));
         }
-        Removal::Ban => {
-            if before.banned {
-                return Err(BrokerError::Conflict(format!(
-                    "node {id} is already banned"
-                )));
-            }
-            ("banned", store.set_node_banned(&id, true)?)
+        (Removal::Evict, Some(_)) => ("evicted", store.delete_node(&id)?),
+        (Removal::Ban, Some(b)) if b.banned => {
+            return Err(BrokerError::Conflict(format!(
+                "node {id} is already banned"
+            )));
+        }
+        (Removal::Ban, Some(_)) => ("banned", store.set_node_banned(&id, true)?),
+        // A node never attested (or evicted) is banned pre-emptively: a
+        // banned record with no agent SVID, so no join token gets it in.
+        (Removal::Ban, None) => {
+            store.upsert_node(&NodeRecord {
+                spiffe_id: id.clone(),
+                serial_hex: String::new(),
+                prev_serial_hex: None,
+                svid_not_after: 0,
+                attested_at: 0,
+                banned: true,
+            })?;
+            ("banned", true)
         }
     };
     if !changed {
@@ -175,9 +185,10 @@ pub async fn remove_node(
         // Nothing live was issued through it (or a memory store restarted).
         Err(BrokerError::NotFound(_)) => 0,
         Err(e) => {
-            let restored = match how {
-                Removal::Evict => store.upsert_node(&before),
-                Removal::Ban => store.set_node_banned(&id, false).map(|_| ()),
+            let restored = match (how, &before) {
+                (Removal::Evict, Some(b)) => store.upsert_node(b),
+                (Removal::Ban, Some(_)) => store.set_node_banned(&id, false).map(|_| ()),
+                (_, None) => store.delete_node(&id).map(|_| ()),
             };
             if let Err(r) = restored {
                 tracing::error!(node = %id, error = %r, "could not restore the node after a failed revocation");

@@ -247,6 +247,23 @@ impl Revoker {
         Ok(all)
     }
 
+    /// Revokes credentials a new one replaces (a renewed task
+    /// certificate's predecessor): durably, then in the store, so
+    /// verifiers refuse the old one before the new one is handed out.
+    pub async fn supersede(
+        &self,
+        old: &[Revoked],
+        reason: &str,
+        now: u64,
+    ) -> Result<(), BrokerError> {
+        if old.is_empty() {
+            return Ok(());
+        }
+        self.record(old, reason, now)?;
+        self.store.seed(old, now).await.map_err(unavailable)?;
+        Ok(())
+    }
+
     fn record(&self, revoked: &[Revoked], reason: &str, now: u64) -> Result<(), BrokerError> {
         self.durable.with(|c| {
             let tx = c.transaction()?;

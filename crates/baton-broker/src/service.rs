@@ -14,6 +14,37 @@ use baton_revocation::{CredKind, CredentialRecord};
 
 use crate::store::{Datastore, JoinTokenRefusal, NodeRecord, StoreError};
 
+/// The path prefix of Baton's own identities (the broker and the nodes):
+/// no entry, hop target or task root may live under it.
+pub const RESERVED_PREFIX: &str = "/baton";
+/// Where node IDs live.
+pub const NODE_PREFIX: &str = "/baton/node/";
+
+/// Whether `id` is the trust domain's own ID or one of Baton's
+/// infrastructure identities (`/baton`, `/baton/...`), which only the
+/// broker itself issues.
+pub fn is_infrastructure_id(id: &SpiffeId) -> bool {
+    let path = id.path();
+    id.is_trust_domain_id()
+        || path == RESERVED_PREFIX
+        || path
+            .strip_prefix(RESERVED_PREFIX)
+            .is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// Why a blocked agent gets nothing new.
+pub fn blocked_message(b: &crate::store::AgentBlock) -> String {
+    format!(
+        "agent {} is blocked from new credentials ({}){}; `baton revoke unblock {}` lifts it",
+        b.spiffe_id,
+        b.reason,
+        b.until
+            .map(|u| format!(" until unix time {u}"))
+            .unwrap_or_default(),
+        b.spiffe_id
+    )
+}
+
 /// Longest a join token may live.
 pub const MAX_JOIN_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Most CSRs one sign-x509 call may carry.
@@ -49,6 +80,18 @@ impl BrokerError {
         Self::BadRequest {
             field: Some(field),
             message: message.into(),
+        }
+    }
+
+    /// The stable code callers see for this error.
+    pub fn code(&self) -> &'static str {
+        match self {
+            BrokerError::BadRequest { .. } => "invalid_argument",
+            BrokerError::Unauthenticated(_) => "unauthenticated",
+            BrokerError::Forbidden { code, .. } => code,
+            BrokerError::NotFound(_) => "not_found",
+            BrokerError::Conflict(_) => "conflict",
+            BrokerError::Store(_) | BrokerError::Ca(_) | BrokerError::Hook(_) => "unavailable",
         }
     }
 }
@@ -295,6 +338,15 @@ impl Broker {
                         ),
                     ));
                 }
+                if !id.path().starts_with(NODE_PREFIX) || id.path().len() == NODE_PREFIX.len() {
+                    return Err(BrokerError::bad(
+                        "node_id",
+                        format!(
+                            "node_id {id} must be of the form spiffe://{}{NODE_PREFIX}<name>",
+                            self.trust_domain()
+                        ),
+                    ));
+                }
                 if id.is_trust_domain_id() || id == self.broker_id()? {
                     return Err(BrokerError::bad(
                         "node_id",
@@ -346,6 +398,15 @@ impl Broker {
                     "spiffe_id {} is not in this broker's trust domain {}",
                     entry.spiffe_id,
                     self.trust_domain()
+                ),
+            ));
+        }
+        if is_infrastructure_id(&entry.spiffe_id) {
+            return Err(BrokerError::bad(
+                "spiffe_id",
+                format!(
+                    "spiffe_id {} is reserved: {RESERVED_PREFIX}/ names the broker and the nodes, never a workload",
+                    entry.spiffe_id
                 ),
             ));
         }
@@ -455,6 +516,7 @@ impl Broker {
             self.store.upsert_node(&NodeRecord {
                 spiffe_id: p.node_id.clone(),
                 serial_hex: p.issued.serial_hex,
+                prev_serial_hex: None,
                 svid_not_after: expires_at,
                 attested_at: now,
                 banned: false,
@@ -507,7 +569,16 @@ impl Broker {
         leaf_der: Option<&[u8]>,
         revoked: impl FnOnce(&str) -> Result<bool, StoreError>,
     ) -> Result<AuthenticatedNode, BrokerError> {
-        let node = self.authenticate_node(peer)?;
+        let Some(peer) = peer else {
+            return Err(BrokerError::Unauthenticated(
+                "this route needs a client certificate: connect with the node's agent SVID".into(),
+            ));
+        };
+        let record = match self.store.get_node(peer)? {
+            Some(n) if n.banned => return Err(banned(peer)),
+            Some(n) => n,
+            None => return Err(not_a_node(peer)),
+        };
         let serial = leaf_der
             .and_then(|der| baton_ca::leaf_info(&[der.to_vec()]).ok())
             .map(|info| info.serial_hex)
@@ -521,12 +592,22 @@ impl Broker {
             return Err(BrokerError::Forbidden {
                 code: "agent_svid_revoked",
                 message: format!(
-                    "the agent SVID (serial {serial}) of node {} is revoked; the node must attest again with a new join token",
-                    node.id
+                    "the agent SVID (serial {serial}) of node {peer} is revoked; the node must attest again with a new join token"
                 ),
             });
         }
-        Ok(node)
+        // A node is its current agent SVID (or the one it just renewed),
+        // not any certificate that carries its name: a replaced SVID, or
+        // one from before an eviction and a new attestation, is refused.
+        if serial != record.serial_hex && record.prev_serial_hex.as_deref() != Some(&serial) {
+            return Err(BrokerError::Forbidden {
+                code: "agent_svid_superseded",
+                message: format!(
+                    "the agent SVID (serial {serial}) is not node {peer}'s current one; use the newest agent SVID or attest again with a new join token"
+                ),
+            });
+        }
+        Ok(AuthenticatedNode { id: peer.clone() })
     }
 
     /// Signs a renewed agent SVID; hand it out with
@@ -554,8 +635,13 @@ impl Broker {
         node: &AuthenticatedNode,
         now: SystemTime,
     ) -> Result<SyncResponse, BrokerError> {
+        // A blocked agent's entries are withheld: the node daemon drops
+        // their SVIDs and stops serving them on the Workload API.
+        let blocked = self.store.agent_blocks(unix(now))?;
+        let mut entries = self.store.list_entries_by_parent(&node.id)?;
+        entries.retain(|e| !blocked.iter().any(|b| b.spiffe_id == e.spiffe_id));
         let resp = SyncResponse {
-            entries: self.store.list_entries_by_parent(&node.id)?,
+            entries,
             bundle: self.ca.bundle().to_spiffe_json(),
             tainted: self.ca.tainted_ids(),
         };
@@ -563,9 +649,28 @@ impl Broker {
         Ok(resp)
     }
 
-    fn entitled_entry(&self, node: &AuthenticatedNode, id: &EntryId) -> Result<Entry, BrokerError> {
+    /// Refuses new credentials for an agent an operator blocked.
+    pub fn refuse_blocked(&self, id: &SpiffeId, now: u64) -> Result<(), BrokerError> {
+        match self.store.agent_block(id, now)? {
+            None => Ok(()),
+            Some(b) => Err(BrokerError::Forbidden {
+                code: "agent_blocked",
+                message: blocked_message(&b),
+            }),
+        }
+    }
+
+    fn entitled_entry(
+        &self,
+        node: &AuthenticatedNode,
+        id: &EntryId,
+        now: u64,
+    ) -> Result<Entry, BrokerError> {
         match self.store.get_entry(id)? {
-            Some(e) if e.parent_id == node.id => Ok(e),
+            Some(e) if e.parent_id == node.id => {
+                self.refuse_blocked(&e.spiffe_id, now)?;
+                Ok(e)
+            }
             Some(e) => Err(BrokerError::Forbidden {
                 code: "not_entitled",
                 message: format!(
@@ -603,7 +708,7 @@ impl Broker {
         let entries = req
             .items
             .iter()
-            .map(|item| self.entitled_entry(node, &item.entry_id))
+            .map(|item| self.entitled_entry(node, &item.entry_id, unix(now)))
             .collect::<Result<Vec<_>, _>>()?;
         let mut svids = Vec::with_capacity(entries.len());
         let mut records = Vec::with_capacity(entries.len());
@@ -658,7 +763,7 @@ impl Broker {
                 "audience must list at least one non-empty value",
             ));
         }
-        let entry = self.entitled_entry(node, &req.entry_id)?;
+        let entry = self.entitled_entry(node, &req.entry_id, unix(now))?;
         let (token, exp) = self.ca.sign_jwt_svid(
             &entry.spiffe_id,
             &req.audience,

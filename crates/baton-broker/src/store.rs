@@ -43,6 +43,9 @@ pub struct NodeRecord {
     pub spiffe_id: SpiffeId,
     /// Serial of the newest agent SVID issued to it.
     pub serial_hex: String,
+    /// Serial of the agent SVID it renewed last (accepted while the node
+    /// switches over); `None` after an attestation.
+    pub prev_serial_hex: Option<String>,
     pub svid_not_after: u64,
     pub attested_at: u64,
     pub banned: bool,
@@ -97,6 +100,26 @@ pub trait Datastore: Send + Sync + std::fmt::Debug {
     fn delete_node(&self, id: &SpiffeId) -> Result<bool, StoreError>;
     /// Sets or lifts a node's ban. False when the node has no record.
     fn set_node_banned(&self, id: &SpiffeId, banned: bool) -> Result<bool, StoreError>;
+
+    /// Blocks `id` from new credentials (hops to it, redeems, secrets,
+    /// workload SVIDs) until `until` (unix seconds) or until lifted.
+    fn block_agent(&self, block: &AgentBlock) -> Result<(), StoreError>;
+    /// Lifts a block. False when there was none.
+    fn unblock_agent(&self, id: &SpiffeId) -> Result<bool, StoreError>;
+    /// The block on `id` in force at `now`, if any.
+    fn agent_block(&self, id: &SpiffeId, now: u64) -> Result<Option<AgentBlock>, StoreError>;
+    /// Every block in force at `now`.
+    fn agent_blocks(&self, now: u64) -> Result<Vec<AgentBlock>, StoreError>;
+}
+
+/// An agent an operator cut off from new credentials (`baton revoke agent`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AgentBlock {
+    pub spiffe_id: SpiffeId,
+    /// Unix seconds when the block lapses; `None` until lifted.
+    pub until: Option<u64>,
+    pub reason: String,
+    pub at: u64,
 }
 
 /// Ordered schema migrations; the index + 1 is the schema version.
@@ -159,6 +182,16 @@ const MIGRATIONS: &[&str] = &[
         at INTEGER NOT NULL
      );
      CREATE INDEX revocations_by_expiry ON revocations(expires_at);",
+    // 4: agents blocked from new credentials (`baton revoke agent`), and the
+    // node's previous agent SVID (only the current one and its immediate
+    // predecessor authenticate a node)
+    "CREATE TABLE agent_blocks (
+        spiffe_id TEXT PRIMARY KEY,
+        until INTEGER,
+        reason TEXT NOT NULL,
+        at INTEGER NOT NULL
+     );
+     ALTER TABLE nodes ADD COLUMN prev_serial TEXT;",
 ];
 
 const ENTRY_COLUMNS: &str =
@@ -226,7 +259,7 @@ impl SqliteStore {
     fn nodes_where(&self, id: Option<&SpiffeId>) -> Result<Vec<NodeRecord>, StoreError> {
         self.with(|c| {
             let mut stmt = c.prepare_cached(
-                "SELECT spiffe_id, serial, svid_not_after, attested_at, banned FROM nodes
+                "SELECT spiffe_id, serial, svid_not_after, attested_at, banned, prev_serial FROM nodes
                  WHERE ?1 IS NULL OR spiffe_id = ?1 ORDER BY spiffe_id",
             )?;
             let rows = stmt.query_map(params![id.map(SpiffeId::as_str)], |r| {
@@ -236,14 +269,16 @@ impl SqliteStore {
                     r.get::<_, i64>(2)?,
                     r.get::<_, i64>(3)?,
                     r.get::<_, bool>(4)?,
+                    r.get::<_, Option<String>>(5)?,
                 ))
             })?;
             let mut out = Vec::new();
             for row in rows {
-                let (spiffe_id, serial_hex, not_after, attested_at, banned) = row?;
+                let (spiffe_id, serial_hex, not_after, attested_at, banned, prev_serial_hex) = row?;
                 out.push(NodeRecord {
                     spiffe_id: SpiffeId::parse(&spiffe_id).map_err(|e| corrupt("nodes", e))?,
                     serial_hex,
+                    prev_serial_hex,
                     svid_not_after: u64::try_from(not_after).unwrap_or(0),
                     attested_at: u64::try_from(attested_at).unwrap_or(0),
                     banned,
@@ -446,10 +481,10 @@ impl Datastore for SqliteStore {
     fn upsert_node(&self, n: &NodeRecord) -> Result<(), StoreError> {
         self.with(|c| {
             c.execute(
-                "INSERT INTO nodes (spiffe_id, serial, svid_not_after, attested_at, banned)
-                 VALUES (?1, ?2, ?3, ?4, ?5)
+                "INSERT INTO nodes (spiffe_id, serial, svid_not_after, attested_at, banned, prev_serial)
+                 VALUES (?1, ?2, ?3, ?4, ?5, NULL)
                  ON CONFLICT(spiffe_id) DO UPDATE SET serial = ?2, svid_not_after = ?3,
-                    attested_at = ?4, banned = banned OR ?5",
+                    attested_at = ?4, banned = banned OR ?5, prev_serial = NULL",
                 params![
                     n.spiffe_id.as_str(),
                     n.serial_hex,
@@ -478,7 +513,8 @@ impl Datastore for SqliteStore {
     ) -> Result<bool, StoreError> {
         self.with(|c| {
             let n = c.execute(
-                "UPDATE nodes SET serial = ?2, svid_not_after = ?3 WHERE spiffe_id = ?1 AND banned = 0",
+                "UPDATE nodes SET prev_serial = serial, serial = ?2, svid_not_after = ?3
+                 WHERE spiffe_id = ?1 AND banned = 0",
                 params![id.as_str(), serial_hex, to_i64(svid_not_after)],
             )?;
             Ok(n == 1)
@@ -502,6 +538,72 @@ impl Datastore for SqliteStore {
                 params![id.as_str(), banned],
             )?;
             Ok(n == 1)
+        })
+    }
+
+    fn block_agent(&self, b: &AgentBlock) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO agent_blocks (spiffe_id, until, reason, at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(spiffe_id) DO UPDATE SET until = ?2, reason = ?3, at = ?4",
+                params![
+                    b.spiffe_id.as_str(),
+                    b.until.map(to_i64),
+                    b.reason,
+                    to_i64(b.at)
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn unblock_agent(&self, id: &SpiffeId) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let n = c.execute(
+                "DELETE FROM agent_blocks WHERE spiffe_id = ?1",
+                params![id.as_str()],
+            )?;
+            Ok(n == 1)
+        })
+    }
+
+    fn agent_block(&self, id: &SpiffeId, now: u64) -> Result<Option<AgentBlock>, StoreError> {
+        Ok(self.blocks_where(Some(id), now)?.into_iter().next())
+    }
+
+    fn agent_blocks(&self, now: u64) -> Result<Vec<AgentBlock>, StoreError> {
+        self.blocks_where(None, now)
+    }
+}
+
+impl SqliteStore {
+    fn blocks_where(&self, id: Option<&SpiffeId>, now: u64) -> Result<Vec<AgentBlock>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT spiffe_id, until, reason, at FROM agent_blocks
+                 WHERE (?1 IS NULL OR spiffe_id = ?1) AND (until IS NULL OR until > ?2)
+                 ORDER BY spiffe_id",
+            )?;
+            let rows = stmt.query_map(params![id.map(SpiffeId::as_str), to_i64(now)], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, Option<i64>>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (spiffe_id, until, reason, at) = row?;
+                out.push(AgentBlock {
+                    spiffe_id: SpiffeId::parse(&spiffe_id)
+                        .map_err(|e| corrupt("agent_blocks", e))?,
+                    until: until.map(|u| u64::try_from(u).unwrap_or(0)),
+                    reason,
+                    at: u64::try_from(at).unwrap_or(0),
+                });
+            }
+            Ok(out)
         })
     }
 }
@@ -582,6 +684,7 @@ mod tests {
         let mut n = NodeRecord {
             spiffe_id: id.clone(),
             serial_hex: "01".into(),
+            prev_serial_hex: None,
             svid_not_after: 5,
             attested_at: 1,
             banned: false,

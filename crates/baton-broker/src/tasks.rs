@@ -79,6 +79,9 @@ pub struct TokenRecord {
     pub exp: u64,
     pub cert_thumbprint: String,
     pub cert_serial: String,
+    /// The audiences the token was minted for (who may report its calls).
+    #[serde(default)]
+    pub aud: Vec<String>,
 }
 
 /// Why a grant cannot be redeemed.
@@ -122,6 +125,8 @@ pub trait TaskStore: Send + Sync + std::fmt::Debug {
         now: u64,
     ) -> Result<Result<GrantRecord, GrantRefusal>, StoreError>;
     fn insert_token(&self, t: &TokenRecord) -> Result<(), StoreError>;
+    /// Replaces a token's record (a renewal binds it to a new certificate).
+    fn update_token(&self, t: &TokenRecord) -> Result<(), StoreError>;
     fn tokens_for_task(&self, task: &TaskId) -> Result<Vec<TokenRecord>, StoreError>;
     fn get_token(&self, jti: &str) -> Result<Option<TokenRecord>, StoreError>;
     /// The audit index of an already recorded tool-call report.
@@ -239,6 +244,17 @@ impl TaskStore for SqliteStore {
             c.execute(
                 "INSERT INTO tokens (jti, task_id, record) VALUES (?1, ?2, ?3)",
                 params![t.jti, t.task_id.as_str(), record],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn update_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
+        let record = enc("tokens", t)?;
+        self.with(|c| {
+            c.execute(
+                "UPDATE tokens SET record = ?2 WHERE jti = ?1",
+                params![t.jti, record],
             )?;
             Ok(())
         })

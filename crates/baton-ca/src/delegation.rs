@@ -47,8 +47,10 @@ impl Ca {
                 .key_pair
                 .sign(&aws_lc_rs::rand::SystemRandom::new(), token.as_bytes())
                 .map_err(|_| CaError::Crypto("sign delegation token"))?;
+            let mut sig = sig.as_ref().to_vec();
+            crate::ecdsa::to_low_s(&mut sig);
             token.push('.');
-            URL_SAFE_NO_PAD.encode_string(sig.as_ref(), &mut token);
+            URL_SAFE_NO_PAD.encode_string(&sig, &mut token);
             Ok(token)
         })?;
         Ok(Secret::new(token))
@@ -94,6 +96,7 @@ mod tests {
                 jti: "j1".into(),
                 scope: scope.clone(),
                 exp: now + 300,
+                aud: vec!["crm-tool".into()],
                 act: None,
             },
             task: TaskClaims {

@@ -31,6 +31,10 @@ use crate::{CaError, init};
 pub enum JwtError {
     #[error("token is not a well-formed compact JWS: {0}")]
     Malformed(&'static str),
+    #[error(
+        "token signature is not in canonical low-S form (a re-encoded copy of another signature)"
+    )]
+    NonCanonicalSignature,
     #[error("token uses alg \"none\" (unsigned); JWT-SVIDs must be signed")]
     AlgNone,
     #[error("token uses symmetric alg {0:?}; JWT-SVIDs are signed with a public-key algorithm")]
@@ -139,7 +143,16 @@ pub fn validate_jwt_svid(
     let message = token.as_bytes().get(..message_len).unwrap_or_default();
     let key = DecodingKey::from_ec_der(&authority.public_key);
     match jsonwebtoken::crypto::verify(sig_b64, message, &key, Algorithm::ES256) {
-        Ok(true) => {}
+        Ok(true) => {
+            // One token, one encoding: the high-S twin of a valid signature
+            // is refused, so a revocation keyed by the token's digest holds.
+            let raw = URL_SAFE_NO_PAD
+                .decode(sig_b64)
+                .map_err(|_| JwtError::Malformed("signature is not base64url"))?;
+            if !crate::ecdsa::is_low_s(&raw) {
+                return Err(JwtError::NonCanonicalSignature);
+            }
+        }
         Ok(false) => return Err(JwtError::BadSignature),
         Err(e) => {
             return Err(match e.kind() {
@@ -280,8 +293,10 @@ impl JwtSigningKey {
             .key_pair
             .sign(&aws_lc_rs::rand::SystemRandom::new(), token.as_bytes())
             .map_err(|_| CaError::Crypto("sign JWT-SVID"))?;
+        let mut sig = sig.as_ref().to_vec();
+        crate::ecdsa::to_low_s(&mut sig);
         token.push('.');
-        URL_SAFE_NO_PAD.encode_string(sig.as_ref(), &mut token);
+        URL_SAFE_NO_PAD.encode_string(&sig, &mut token);
         Ok(token)
     }
 }

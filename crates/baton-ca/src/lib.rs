@@ -16,10 +16,12 @@ mod authority;
 mod bundle;
 mod ca;
 pub mod delegation;
+mod ecdsa;
 mod error;
 mod journal;
 pub mod jwt;
 mod keystore;
+pub mod possession;
 mod time_util;
 mod workload;
 mod x509;
@@ -31,6 +33,7 @@ pub use ca::{
     PrivateKeyBytes, RotationAction, RotationEvent, RotationSchedule,
 };
 pub use delegation::{DELEGATION_TOKEN_TYP, cert_thumbprint, token_hash};
+pub use ecdsa::is_low_s;
 pub use error::CaError;
 pub use journal::{AuthorityKind, AuthorityState, AuthorityStatus};
 pub use workload::WorkloadKey;

@@ -240,6 +240,11 @@ pub struct BrokerArgs {
     /// Purpose catalogue, one per line. Default: deploy/purposes.txt as shipped.
     #[arg(long)]
     pub purposes_file: Option<PathBuf>,
+    /// A tool server of an audience, as AUDIENCE=SPIFFE_ID (repeatable): only
+    /// it may report calls made with tokens for that audience. An audience
+    /// that is itself a SPIFFE ID needs no entry.
+    #[arg(long = "tool-server", value_name = "AUDIENCE=SPIFFE_ID")]
+    pub tool_servers: Vec<String>,
     /// Trusted OIDC issuer for initiating identities (with --oidc-jwks and --oidc-audience).
     #[arg(long, requires_all = ["oidc_jwks", "oidc_audience"])]
     pub oidc_issuer: Option<String>,
@@ -580,11 +585,23 @@ pub enum RevokeCmd {
         #[command(flatten)]
         args: RevokeArgs,
     },
-    /// Every credential of an agent across all its tasks (kill switch).
+    /// Every credential of an agent across all its tasks (kill switch), and
+    /// blocks it from new ones (hops to it, redeems, secrets, SVIDs) until
+    /// `--until` passes or `baton revoke unblock` lifts it.
     Agent {
         spiffe_id: String,
+        /// Lift the block by itself after this long (e.g. 1h). Default: never.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        until: Option<Duration>,
         #[command(flatten)]
         args: RevokeArgs,
+    },
+    /// Lifts the block `baton revoke agent` put on an agent (its revoked
+    /// credentials stay revoked).
+    Unblock {
+        spiffe_id: String,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
     /// Every credential issued through a node.
     Node {
@@ -739,6 +756,12 @@ pub enum ExampleCmd {
         /// The audience this server accepts tokens for.
         #[arg(long, default_value = "crm")]
         audience: String,
+        /// Which of this process's SVIDs the server uses (default: the
+        /// first the Workload API returns). The broker accepts its reports
+        /// only if it serves the token's audience (`baton broker
+        /// --tool-server AUDIENCE=SPIFFE_ID`).
+        #[arg(long)]
+        spiffe_id: Option<String>,
         /// Cedar policies (schema + *.cedar); default: the embedded example set.
         #[arg(long)]
         policies: Option<PathBuf>,

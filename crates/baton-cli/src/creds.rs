@@ -172,10 +172,22 @@ pub async fn renew(socket: &str, dir: &Path, spiffe_id: Option<&str>) -> Result<
             format!("{}: svid.pem is empty", dir.display()),
         )
     })?;
+    let proof_iat = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let proof = baton_ca::possession::sign_renew_proof(&old.key, old.token.expose(), proof_iat)
+        .map_err(|e| {
+            exit(
+                EXIT_REFUSED,
+                format!("{}: key.pem cannot sign: {e}", dir.display()),
+            )
+        })?;
     let mut client = delegation_client(socket).await?;
     let mut req = tonic::Request::new(RenewTaskCredentialRequest {
         token: old.token.expose().to_owned(),
         x509_svid_leaf: leaf,
+        proof,
+        proof_iat: i64::try_from(proof_iat).unwrap_or(i64::MAX),
         // Default: the identity the credential was issued to.
         spiffe_id: spiffe_id
             .map(str::to_owned)

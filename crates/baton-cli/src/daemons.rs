@@ -59,6 +59,7 @@ pub async fn broker(args: BrokerArgs) -> Result<()> {
         &mut cfg,
         args.policies.clone(),
         args.purposes_file.as_deref(),
+        &args.tool_servers,
     )?;
     cfg.dev_issuer = args.dev_issuer;
     if let Some(redis) = args.redis.config()? {
@@ -111,8 +112,30 @@ fn delegation_config(
     cfg: &mut BrokerConfig,
     policies: Option<PathBuf>,
     purposes_file: Option<&Path>,
+    tool_servers: &[String],
 ) -> Result<()> {
     cfg.policy_dir = policies;
+    for raw in tool_servers {
+        let (aud, id) = raw.split_once('=').ok_or_else(|| {
+            exit(
+                EXIT_REFUSED,
+                format!("--tool-server {raw:?}: expected AUDIENCE=SPIFFE_ID"),
+            )
+        })?;
+        let id = baton_core::SpiffeId::parse(id)
+            .map_err(|e| exit(EXIT_REFUSED, format!("--tool-server {raw:?}: {e}")))?;
+        if aud.trim().is_empty() {
+            return Err(exit(
+                EXIT_REFUSED,
+                format!("--tool-server {raw:?}: the audience is empty"),
+            ));
+        }
+        cfg.delegation
+            .tool_servers
+            .entry(aud.to_owned())
+            .or_default()
+            .push(id);
+    }
     if let Some(p) = purposes_file {
         let text = std::fs::read_to_string(p)
             .with_context(|| format!("--purposes-file: cannot read {}", p.display()))?;
@@ -247,7 +270,14 @@ pub async fn dev(args: DevArgs) -> Result<()> {
 
     let mut cfg = BrokerConfig::new(td.clone(), Some(dir.join("broker")), admin_socket.clone());
     cfg.listen = args.listen;
-    delegation_config(&mut cfg, None, None)?;
+    // The example CRM tool server (`baton example tool-server --audience
+    // crm`, as spiffe://<td>/tools/crm) reports the calls of tokens for `crm`.
+    delegation_config(
+        &mut cfg,
+        None,
+        None,
+        &[format!("crm=spiffe://{td}/tools/crm")],
+    )?;
     cfg.dev_issuer = true;
     let (btx, brx) = oneshot::channel::<BrokerReady>();
     let broker_fut = baton_broker::run(

@@ -236,6 +236,7 @@ struct FeedConfig<'a> {
 #[allow(clippy::too_many_arguments)]
 async fn tool_server(
     socket: &str,
+    spiffe_id: Option<&str>,
     listen: std::net::SocketAddr,
     broker_url: &str,
     audience: &str,
@@ -247,7 +248,7 @@ async fn tool_server(
     // The tool server's own identity and trust come from the Workload API
     // like any workload's, and follow it: rotated SVIDs and bundle changes
     // (a prepared or revoked authority) apply without a restart.
-    let live = crate::mesh::LiveTls::follow(socket, None).await?;
+    let live = crate::mesh::LiveTls::follow(socket, spiffe_id).await?;
     let td = live.trust_domain.clone();
     let bundles = live.bundles.clone();
 
@@ -447,6 +448,7 @@ pub async fn run(cmd: ExampleCmd) -> Result<()> {
             listen,
             broker_url,
             audience,
+            spiffe_id,
             policies,
             spool,
             ready_file,
@@ -456,6 +458,7 @@ pub async fn run(cmd: ExampleCmd) -> Result<()> {
             let redis = redis.config()?;
             tool_server(
                 &socket.socket,
+                spiffe_id.as_deref(),
                 listen,
                 &broker_url,
                 &audience,

@@ -199,27 +199,61 @@ pub async fn task(cmd: TaskCmd) -> Result<()> {
 }
 
 pub async fn revoke(cmd: RevokeCmd) -> Result<()> {
+    let mut until = None;
     let (target, args) = match cmd {
         RevokeCmd::Credential { id, args } => (serde_json::json!({ "credential": id }), args),
         RevokeCmd::Subtree { id, args } => (serde_json::json!({ "subtree": id }), args),
         RevokeCmd::Task { id, args } => (serde_json::json!({ "task": id }), args),
-        RevokeCmd::Agent { spiffe_id, args } => (serde_json::json!({ "agent": spiffe_id }), args),
+        RevokeCmd::Agent {
+            spiffe_id,
+            until: lapse,
+            args,
+        } => {
+            until = lapse.map(|d| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |n| n.as_secs())
+                    .saturating_add(d.as_secs())
+            });
+            (serde_json::json!({ "agent": spiffe_id }), args)
+        }
         RevokeCmd::Node { spiffe_id, args } => (serde_json::json!({ "node": spiffe_id }), args),
+        RevokeCmd::Unblock { spiffe_id, admin } => {
+            let v: serde_json::Value = AdminClient::new(&admin.admin_socket)?
+                .post(
+                    "/v1/admin/agents/unblock",
+                    &serde_json::json!({ "agent": spiffe_id }),
+                )
+                .await?;
+            match admin.output {
+                OutputFormat::Json => output::json(&v),
+                OutputFormat::Table => output::line(&format!(
+                    "unblocked {spiffe_id}: it may get new credentials again"
+                )),
+            }
+            return Ok(());
+        }
     };
     let (reason, admin) = (args.reason, args.admin);
+    let mut body = serde_json::json!({ "target": target, "reason": reason });
+    if let Some(u) = until {
+        body["until"] = serde_json::json!(u);
+    }
     let v: serde_json::Value = AdminClient::new(&admin.admin_socket)?
-        .post(
-            "/v1/admin/revoke",
-            &serde_json::json!({ "target": target, "reason": reason }),
-        )
+        .post("/v1/admin/revoke", &body)
         .await?;
     match admin.output {
         OutputFormat::Json => output::json(&v),
         OutputFormat::Table => {
             let n = v["revoked"].as_array().map_or(0, Vec::len);
             output::line(&format!(
-                "revoked {n} credential(s) for {}",
-                v["target"].as_str().unwrap_or("-")
+                "revoked {n} credential(s) for {}{}",
+                v["target"].as_str().unwrap_or("-"),
+                if v["blocked"].is_object() {
+                    "; blocked from new credentials (`baton revoke unblock` lifts it)"
+                } else {
+                    ""
+                }
             ));
         }
     }

@@ -249,6 +249,12 @@ pub struct RenewTaskRequest {
     pub leaf_der: Vec<u8>,
     #[serde(with = "b64")]
     pub csr_der: Vec<u8>,
+    /// The holder's signature, with the leaf's private key, over the
+    /// renewal statement (`baton_ca::possession`).
+    #[serde(with = "b64")]
+    pub proof: Vec<u8>,
+    /// When the proof was made (unix seconds).
+    pub proof_iat: u64,
 }
 
 /// A task credential: a task X509-SVID and the delegation token bound to it.

@@ -185,6 +185,9 @@ pub struct Actor {
     pub scope: Scope,
     /// When this actor's token expired (unix seconds).
     pub exp: u64,
+    /// The audiences (tool servers) this actor's token was valid for: an
+    /// actor's audience is a subset of its delegator's, like its scope.
+    pub aud: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub act: Option<Box<Actor>>,
 }
@@ -239,7 +242,7 @@ pub struct DelegationClaims {
     pub exp: u64,
     pub iat: u64,
     pub jti: String,
-    /// Current actor outermost; its `scope`, `exp` and `jti` equal the token's own.
+    /// Current actor outermost; its `scope`, `exp`, `jti` and `aud` equal the token's own.
     pub act: Actor,
     pub task: TaskClaims,
     /// The scope this token grants (equals `act.scope`).
@@ -278,6 +281,7 @@ mod tests {
             jti: "a".into(),
             scope: scope.clone(),
             exp: 10,
+            aud: vec!["crm".into()],
             act: None,
         };
         let cur = Actor {
@@ -285,6 +289,7 @@ mod tests {
             jti: "b".into(),
             scope,
             exp: 9,
+            aud: vec!["crm".into()],
             act: Some(Box::new(root)),
         };
         let chain: Vec<_> = cur.chain().iter().map(|a| a.sub.as_str()).collect();

@@ -77,6 +77,18 @@ pub enum TokenError {
         actor: SpiffeId,
         widened: Vec<String>,
     },
+    #[error(
+        "actor {actor} may present its token to {}, which its delegator's token did not name",
+        widened.join(", ")
+    )]
+    AudienceWidened {
+        actor: SpiffeId,
+        widened: Vec<String>,
+    },
+    #[error(
+        "token signature is not in canonical low-S form (a re-encoded copy of another signature)"
+    )]
+    NonCanonicalSignature,
     #[error("token at depth {depth} names no parent token")]
     ParentMissing { depth: u32 },
     #[error("root token (depth 0) names a parent token")]
@@ -116,6 +128,8 @@ impl TokenError {
             TokenError::ActorClaimMismatch { .. } => "actor_claim_mismatch",
             TokenError::ExpiryWidened { .. } => "expiry_widened",
             TokenError::ScopeWidened { .. } => "scope_widened",
+            TokenError::AudienceWidened { .. } => "audience_widened",
+            TokenError::NonCanonicalSignature => "non_canonical_signature",
             TokenError::ParentMissing { .. } => "parent_missing",
             TokenError::UnexpectedParent => "unexpected_parent",
             TokenError::ParentMismatch { .. } => "parent_mismatch",

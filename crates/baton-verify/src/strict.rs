@@ -37,6 +37,7 @@ struct StrictActor {
     jti: String,
     scope: Scope,
     exp: u64,
+    aud: Vec<String>,
     #[serde(default)]
     act: Option<Box<StrictActor>>,
 }
@@ -72,6 +73,7 @@ impl From<StrictActor> for Actor {
             jti: a.jti,
             scope: a.scope,
             exp: a.exp,
+            aud: a.aud,
             act: a.act.map(|inner| Box::new(Actor::from(*inner))),
         }
     }
@@ -154,11 +156,13 @@ mod tests {
                 jti: "j".into(),
                 scope: scope.clone(),
                 exp: 10,
+                aud: vec!["a".into()],
                 act: Some(Box::new(Actor {
                     sub: SpiffeId::parse("spiffe://td/a").unwrap(),
                     jti: "i".into(),
                     scope: scope.clone(),
                     exp: 10,
+                    aud: vec!["a".into()],
                     act: None,
                 })),
             },

@@ -419,6 +419,12 @@ impl TokenVerifier {
         if sig.len() != 64 || key.key.verify_sig(message, &sig).is_err() {
             return Err(TokenError::BadSignature);
         }
+        // ECDSA signatures are malleable: (r, n - s) verifies too. Only the
+        // low-S form the broker emits is accepted, so one token has exactly
+        // one encoding and nothing keyed by its bytes can be bypassed.
+        if !baton_ca::is_low_s(&sig) {
+            return Err(TokenError::NonCanonicalSignature);
+        }
 
         let claims = strict::claims(&payload)?;
         if claims.jti.is_empty() {
@@ -537,6 +543,9 @@ fn check_chain(c: &DelegationClaims) -> Result<(), TokenError> {
     if top.scope != c.scope {
         return Err(TokenError::ActorClaimMismatch { field: "scope" });
     }
+    if top.aud != c.aud {
+        return Err(TokenError::ActorClaimMismatch { field: "aud" });
+    }
     for pair in chain.windows(2) {
         let [outer, inner] = pair else { continue };
         if outer.exp > inner.exp {
@@ -544,6 +553,18 @@ fn check_chain(c: &DelegationClaims) -> Result<(), TokenError> {
                 actor: outer.sub.clone(),
                 exp: outer.exp,
                 delegator_exp: inner.exp,
+            });
+        }
+        let widened: Vec<String> = outer
+            .aud
+            .iter()
+            .filter(|a| !inner.aud.contains(a))
+            .cloned()
+            .collect();
+        if !widened.is_empty() {
+            return Err(TokenError::AudienceWidened {
+                actor: outer.sub.clone(),
+                widened,
             });
         }
         if !outer.scope.is_subset_of(&inner.scope) {

@@ -97,7 +97,31 @@ impl TestKey {
             .pair
             .sign(&aws_lc_rs::rand::SystemRandom::new(), message.as_bytes())
             .unwrap();
-        format!("{message}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref()))
+        // Canonical low-S, as the broker signs (verifiers refuse the twin).
+        let mut sig = sig.as_ref().to_vec();
+        if !baton_ca::is_low_s(&sig) {
+            negate_s(&mut sig);
+        }
+        format!("{message}.{}", URL_SAFE_NO_PAD.encode(&sig))
+    }
+}
+
+/// `s := n - s` for a P-256 `r || s` signature: the other valid signature.
+pub fn negate_s(sig: &mut [u8]) {
+    const N: [u8; 32] = [
+        0xff, 0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0xbc, 0xe6, 0xfa, 0xad, 0xa7, 0x17, 0x9e, 0x84, 0xf3, 0xb9, 0xca, 0xc2, 0xfc, 0x63,
+        0x25, 0x51,
+    ];
+    let s = &mut sig[32..];
+    let mut borrow = 0i16;
+    for (out, n) in s.iter_mut().rev().zip(N.iter().rev()) {
+        let mut v = i16::from(*n) - i16::from(*out) - borrow;
+        borrow = i16::from(v < 0);
+        if v < 0 {
+            v += 256;
+        }
+        *out = v as u8;
     }
 }
 
@@ -154,6 +178,7 @@ impl Fixture {
             jti: "jti-root".into(),
             scope: scope(&["tool:crm.*:*", "dataset:crm:read"]),
             exp: self.now + 900,
+            aud: vec![AUDIENCE.into(), "other-tool".into(), "third-tool".into()],
             act: None,
         };
         let hop1 = Actor {
@@ -161,6 +186,7 @@ impl Fixture {
             jti: "jti-hop1".into(),
             scope: scope(&["tool:crm.*:read", "tool:crm.update:write"]),
             exp: self.now + 600,
+            aud: vec![AUDIENCE.into(), "other-tool".into()],
             act: Some(Box::new(root)),
         };
         let leaf_scope = scope(&["tool:crm.search:read", "tool:crm.update:write"]);
@@ -169,6 +195,7 @@ impl Fixture {
             jti: "jti-hop2".into(),
             scope: leaf_scope.clone(),
             exp: self.now + 300,
+            aud: vec![AUDIENCE.into(), "other-tool".into()],
             act: Some(Box::new(hop1)),
         };
         DelegationClaims {

@@ -5,6 +5,8 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use aws_lc_rs::hmac;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use baton_ca::{Ca, CaConfig};
 use baton_core::{Actor, DelegationClaims, RiskTier, TaskId};
 use baton_verify::{RevocationCheck, TokenError, TokenVerifier};
@@ -71,6 +73,7 @@ fn valid_two_hop_chain_verifies() {
     c.jti = root.jti.clone();
     c.exp = root.exp;
     c.scope = root.scope.clone();
+    c.aud = root.aud.clone();
     c.depth = 0;
     c.parent = None;
     let d = v.verify(&f.sign(&c), &f.peer(), NOW).unwrap();
@@ -82,6 +85,9 @@ fn broker_variant_skips_only_the_audience() {
     let f = Fixture::new();
     let mut c = f.claims();
     c.aud = vec!["somewhere-else".into()];
+    c.act.aud = c.aud.clone();
+    hop1(&mut c).aud = c.aud.clone();
+    hop1(&mut c).act.as_mut().unwrap().aud = c.aud.clone();
     let token = f.sign(&c);
     assert!(matches!(
         verifier(&f).verify(&token, &f.peer(), NOW),
@@ -329,13 +335,83 @@ fn expired_is_refused_without_leeway() {
 
 #[test]
 fn wrong_audience_is_refused() {
-    let err = verify_edited(|c| c.aud = vec!["hr-tool".into()]).unwrap_err();
+    let err = verify_edited(|c| {
+        c.aud = vec!["hr-tool".into()];
+        c.act.aud = c.aud.clone();
+    })
+    .unwrap_err();
     assert_eq!(
         err,
         TokenError::AudienceMismatch {
             expected: AUDIENCE.into(),
             found: vec!["hr-tool".into()]
         }
+    );
+}
+
+#[test]
+fn audience_must_match_the_current_actor() {
+    // The token's `aud` and its current actor's must be the same list.
+    let err = verify_edited(|c| c.aud.push("payments".into())).unwrap_err();
+    assert_eq!(err, TokenError::ActorClaimMismatch { field: "aud" });
+}
+
+#[test]
+fn widened_audience_inside_the_chain_is_refused() {
+    // The researcher (hop 1) names a tool server the planner's token never
+    // named; every later link inherits it.
+    let err = verify_edited(|c| {
+        hop1(c).aud.push("payments".into());
+        c.aud.push("payments".into());
+        c.act.aud.push("payments".into());
+    })
+    .unwrap_err();
+    assert_eq!(
+        err,
+        TokenError::AudienceWidened {
+            actor: id("spiffe://example.org/agents/researcher"),
+            widened: vec!["payments".into()]
+        }
+    );
+    // The current link wider than its delegator.
+    let err = verify_edited(|c| {
+        c.aud.push("third-tool".into());
+        c.act.aud.push("third-tool".into());
+    })
+    .unwrap_err();
+    assert!(
+        matches!(err, TokenError::AudienceWidened { ref widened, .. } if widened == &["third-tool".to_owned()]),
+        "{err:?}"
+    );
+    // Control: a narrower audience at the last hop verifies.
+    verify_edited(|c| {
+        c.aud.retain(|a| a == AUDIENCE);
+        c.act.aud = c.aud.clone();
+    })
+    .unwrap();
+}
+
+#[test]
+fn high_s_twin_of_a_valid_signature_is_refused() {
+    let f = Fixture::new();
+    let token = f.token();
+    // Control: the token as signed verifies.
+    verifier(&f).verify(&token, &f.peer(), NOW).unwrap();
+    let parts: Vec<&str> = token.split('.').collect();
+    let (h, p) = (parts[0], parts[1]);
+    let mut raw = URL_SAFE_NO_PAD.decode(parts[2]).unwrap();
+    assert!(
+        baton_ca::is_low_s(&raw),
+        "the signer emits low-S signatures"
+    );
+    negate_s(&mut raw);
+    let twin = format!("{h}.{p}.{}", URL_SAFE_NO_PAD.encode(&raw));
+    // The twin is a valid ECDSA signature of the same message...
+    assert_ne!(twin, token);
+    // ...but not in canonical form, so it is refused.
+    assert_eq!(
+        verifier(&f).verify(&twin, &f.peer(), NOW).unwrap_err(),
+        TokenError::NonCanonicalSignature
     );
 }
 
@@ -473,6 +549,7 @@ fn parent_rules() {
         c.jti = c.act.jti.clone();
         c.exp = c.act.exp;
         c.scope = c.act.scope.clone();
+        c.aud = c.act.aud.clone();
         c.depth = 0;
     })
     .unwrap_err();

@@ -1,0 +1,883 @@
+//! Trust hardening: each attack from the outside, against the real
+//! binaries, with the specific refusal it must get, next to the untampered
+//! control that succeeds. Grouped by class: hops (audience, lifetime,
+//! reserved targets, spliced chains), TLS (revoked task certificates),
+//! grants and renewal (proof of possession), tokens (signature
+//! malleability), audit (forged tool-call reports), reserved identities,
+//! and the agent kill switch.
+
+use std::path::Path;
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use baton_core::{SpiffeId, TrustDomain};
+use baton_proto::delegation::RenewTaskCredentialRequest;
+use baton_proto::delegation::delegation_client::DelegationClient;
+use baton_tls::{BundleStore, CertificateDer, ClientIdentity, PeerPolicy};
+use rustls::pki_types::PrivatePkcs8KeyDer;
+use rustls::pki_types::pem::PemObject;
+
+use crate::delegation::{PLANNER, RESEARCHER, TOOL, World, claims, grant_of};
+use crate::harness::{TD, wait_for};
+use crate::refusals::raw_channel;
+
+const FULL: &[&str] = &[
+    "tool:crm.search:read",
+    "tool:crm.update:write",
+    "dataset:crm:read",
+];
+const NARROW: &[&str] = &["tool:crm.search:read", "dataset:crm:read"];
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// An HTTPS client presenting the task credential in `dir` to the broker.
+fn cred_client(w: &World, dir: &Path) -> reqwest::Client {
+    baton_tls::install_crypto_provider();
+    let chain = CertificateDer::pem_file_iter(dir.join("svid.pem"))
+        .unwrap()
+        .map(|c| c.unwrap().to_vec())
+        .collect();
+    let key = PrivatePkcs8KeyDer::from_pem_file(dir.join("key.pem")).unwrap();
+    let identity = ClientIdentity::new(chain, key.secret_pkcs8_der()).unwrap();
+    let td = TrustDomain::new(TD).unwrap();
+    let bundles = BundleStore::new();
+    let anchors = CertificateDer::pem_file_iter(w.c.path("broker/bundle.pem"))
+        .unwrap()
+        .map(|c| c.unwrap().to_vec())
+        .collect();
+    bundles.set(td.clone(), anchors);
+    let broker = td.id("/baton/broker").unwrap();
+    let tls = baton_tls::client_config(identity, bundles, PeerPolicy::Exact(vec![broker])).unwrap();
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .build()
+        .unwrap()
+}
+
+/// POSTs `body` to the broker with the credential in `dir`.
+fn post(w: &World, dir: &Path, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = cred_client(w, dir);
+    rt.block_on(async {
+        let resp = client
+            .post(format!("{}{path}", w.broker_url()))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(serde_json::Value::Null))
+    })
+}
+
+fn token_of(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("token"))
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+fn delegate_body(dir: &Path, audience: &[&str], ttl: Option<u64>) -> serde_json::Value {
+    let mut body = serde_json::json!({
+        "token": token_of(dir),
+        "target": RESEARCHER,
+        "scope": NARROW,
+        "purpose": "support.case-research",
+        "audience": audience,
+        "justification": "look up the customer's open cases",
+    });
+    if let Some(t) = ttl {
+        body["ttl_secs"] = serde_json::json!(t);
+    }
+    body
+}
+
+fn trace(w: &World, task: &str) -> String {
+    w.json(&["audit", "trace", task, "--json"]).to_string()
+}
+
+/// Copies a credential directory so a test can tamper with the copy.
+fn copy_cred(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for f in ["svid.pem", "key.pem", "bundle.pem", "token", "task.json"] {
+        std::fs::copy(from.join(f), to.join(f)).unwrap();
+    }
+}
+
+/// The serial (lowercase hex, no leading zero bytes) of the task
+/// certificate in `dir`.
+fn serial_of(dir: &Path) -> String {
+    let leaf = CertificateDer::pem_file_iter(dir.join("svid.pem"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    baton_ca::leaf_info(&[leaf.to_vec()]).unwrap().serial_hex
+}
+
+/// `s := n - s` for a P-256 `r || s` signature: the other valid signature
+/// of the same message under the same key.
+fn negate_s(sig: &mut [u8]) {
+    const N: [u8; 32] = [
+        0xff, 0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0xbc, 0xe6, 0xfa, 0xad, 0xa7, 0x17, 0x9e, 0x84, 0xf3, 0xb9, 0xca, 0xc2, 0xfc, 0x63,
+        0x25, 0x51,
+    ];
+    let s = &mut sig[32..];
+    let mut borrow = 0i16;
+    for (out, n) in s.iter_mut().rev().zip(N.iter().rev()) {
+        let mut v = i16::from(*n) - i16::from(*out) - borrow;
+        borrow = i16::from(v < 0);
+        if v < 0 {
+            v += 256;
+        }
+        *out = v as u8;
+    }
+}
+
+/// The same JWS with the high-S twin of its signature.
+fn high_s_twin(token: &str) -> String {
+    let parts: Vec<&str> = token.split('.').collect();
+    let mut sig = URL_SAFE_NO_PAD.decode(parts[2]).unwrap();
+    assert!(baton_ca::is_low_s(&sig), "Baton signs low-S only");
+    negate_s(&mut sig);
+    format!("{}.{}.{}", parts[0], parts[1], URL_SAFE_NO_PAD.encode(sig))
+}
+
+// ---------------------------------------------------------------- hops
+
+#[test]
+fn hops_cannot_widen_the_audience_overflow_a_lifetime_or_target_reserved_ids() {
+    let w = World::start();
+    let (task, grant) = w.start_task(FULL, "2", "10m", "write");
+    let planner = w.redeem(&grant, PLANNER, "planner");
+
+    // Audience widening: the planner holds aud ["crm"] and asks for payments.
+    let out = w.run(&[
+        "delegate",
+        "--credential",
+        planner.to_str().unwrap(),
+        "--target",
+        RESEARCHER,
+        "--audience",
+        "payments",
+        "--justification",
+        "pay the invoice",
+        "--scope",
+        "tool:crm.search:read",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("audience_widened") && err.contains("payments not held"),
+        "{err}"
+    );
+    // Mixed: one held, one not.
+    let (status, body) = post(
+        &w,
+        &planner,
+        "/v1/delegate",
+        &delegate_body(&planner, &["crm", "payments"], None),
+    );
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["code"], "audience_widened", "{body}");
+
+    // Lifetime overflow: now + u64::MAX must not wrap into a valid grant.
+    let (status, body) = post(
+        &w,
+        &planner,
+        "/v1/delegate",
+        &delegate_body(&planner, &["crm"], Some(u64::MAX)),
+    );
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["code"], "invalid_argument", "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("out of range"),
+        "{body}"
+    );
+    // A lifetime beyond the holder's is refused as such.
+    let (status, body) = post(
+        &w,
+        &planner,
+        "/v1/delegate",
+        &delegate_body(&planner, &["crm"], Some(100 * 24 * 3600)),
+    );
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["code"], "outlives_parent", "{body}");
+
+    // Reserved targets: the trust domain, the broker, a node.
+    for target in [
+        format!("spiffe://{TD}"),
+        format!("spiffe://{TD}/baton/broker"),
+        format!("spiffe://{TD}/baton/node/dev"),
+    ] {
+        let mut body = delegate_body(&planner, &["crm"], None);
+        body["target"] = serde_json::json!(target);
+        let (status, resp) = post(&w, &planner, "/v1/delegate", &body);
+        assert_eq!(status, 403, "{target}: {resp}");
+        assert_eq!(resp["code"], "reserved_id", "{target}: {resp}");
+    }
+
+    // Control: the same hop, narrower audience and a short lifetime, works,
+    // and the redeemed token carries the audience at every link.
+    let (status, body) = post(
+        &w,
+        &planner,
+        "/v1/delegate",
+        &delegate_body(&planner, &["crm"], Some(60)),
+    );
+    assert_eq!(status, 200, "{body}");
+    let researcher = w.redeem(body["grant"].as_str().unwrap(), RESEARCHER, "researcher");
+    let rc = claims(&researcher);
+    assert_eq!(rc["aud"], serde_json::json!(["crm"]));
+    assert_eq!(rc["act"]["aud"], serde_json::json!(["crm"]));
+    assert_eq!(rc["act"]["act"]["aud"], serde_json::json!(["crm"]));
+    let ok = w.call(&researcher, "crm.search");
+    assert!(ok.status.success(), "{}", stderr(&ok));
+
+    // Every refusal above is in the audit log.
+    let t = trace(&w, &task);
+    for code in [
+        "audience_widened",
+        "invalid_argument",
+        "outlives_parent",
+        "reserved_id",
+    ] {
+        assert!(t.contains(code), "trace lacks {code}: {t}");
+    }
+}
+
+#[test]
+fn a_chain_spliced_inside_a_genuinely_signed_token_is_refused_at_the_broker() {
+    let w = World::start();
+    let (_task, grant) = w.start_task(FULL, "2", "10m", "write");
+    let planner = w.redeem(&grant, PLANNER, "planner");
+    let researcher = w.redeem(
+        &grant_of(&w.delegate(&planner, RESEARCHER, NARROW, &[])),
+        RESEARCHER,
+        "researcher",
+    );
+    // Another task's planner token, to splice in as the inner link.
+    let (_task2, grant2) = w.start_task(FULL, "2", "10m", "write");
+    let planner2 = w.redeem(&grant2, PLANNER, "planner2");
+
+    // The attacker holds the broker's signing key (a copy of its key
+    // directory, as a compromised backup would give), so the token's
+    // signature is valid: only the broker's records can catch the splice.
+    let keys = w.c.path("stolen-ca");
+    std::fs::create_dir_all(&keys).unwrap();
+    for e in std::fs::read_dir(w.c.path("broker/ca")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), keys.join(e.file_name())).unwrap();
+    }
+    let mut cfg = baton_ca::CaConfig::new(TrustDomain::new(TD).unwrap());
+    cfg.key_dir = Some(keys);
+    let stolen = baton_ca::Ca::load_or_create(cfg, std::time::SystemTime::now()).unwrap();
+
+    let genuine: baton_core::DelegationClaims =
+        serde_json::from_value(claims(&researcher)).unwrap();
+    let p2: baton_core::DelegationClaims = serde_json::from_value(claims(&planner2)).unwrap();
+    let delegate_with = |name: &str, c: &baton_core::DelegationClaims| {
+        let spliced = stolen.sign_delegation_token(c).unwrap();
+        let dir = w.c.path(name);
+        copy_cred(&researcher, &dir);
+        std::fs::write(dir.join("token"), spliced.expose()).unwrap();
+        let mut body = delegate_body(&dir, &["crm"], None);
+        body["target"] = serde_json::json!(TOOL);
+        body["scope"] = serde_json::json!(["tool:crm.search:read"]);
+        post(&w, &dir, "/v1/delegate", &body)
+    };
+    // The outer link is genuine; the inner one names another actor under
+    // the genuine jti (the verifier's offline checks all pass).
+    let mut c = genuine.clone();
+    c.act.act.as_mut().unwrap().sub = SpiffeId::parse(TOOL).unwrap();
+    let (status, resp) = delegate_with("spliced-inner", &c);
+    assert_eq!(status, 403, "{resp}");
+    assert_eq!(resp["code"], "chain_unknown", "{resp}");
+    assert!(
+        resp["message"].as_str().unwrap().contains("link 1"),
+        "{resp}"
+    );
+    // Another task's planner link spliced in (the parent re-pointed too).
+    let mut c = genuine.clone();
+    c.act.act = Some(Box::new(p2.act.clone()));
+    c.parent.as_mut().unwrap().jti = p2.jti.clone();
+    let (status, resp) = delegate_with("spliced-task", &c);
+    assert_eq!(status, 403, "{resp}");
+    assert_eq!(resp["code"], "chain_unknown", "{resp}");
+
+    // Control: the genuine researcher token delegates.
+    let mut body = delegate_body(&researcher, &["crm"], None);
+    body["target"] = serde_json::json!(TOOL);
+    body["scope"] = serde_json::json!(["tool:crm.search:read"]);
+    let (status, resp) = post(&w, &researcher, "/v1/delegate", &body);
+    assert_eq!(status, 200, "{resp}");
+}
+
+// ----------------------------------------------------------------- TLS
+
+#[test]
+fn a_revoked_task_certificate_gets_nothing_more_from_the_broker() {
+    let w = World::start();
+    let (task, grant) = w.start_task(
+        &["tool:crm.search:read", "secret:apikey:issue"],
+        "2",
+        "10m",
+        "write",
+    );
+    let planner = w.redeem(&grant, PLANNER, "planner");
+    // Control: the credential delegates and leases.
+    let ok = w.delegate(&planner, RESEARCHER, &["tool:crm.search:read"], &[]);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    w.json(&[
+        "secret",
+        "lease",
+        "--credential",
+        planner.to_str().unwrap(),
+        "--engine",
+        "apikey",
+        "-o",
+        "json",
+    ]);
+
+    // Revoke the certificate only (not its token).
+    let serial = serial_of(&planner);
+    let revoked = w.json(&["revoke", "credential", &serial, "-o", "json"]);
+    assert!(revoked.to_string().contains(&serial), "{revoked}");
+
+    let out = w.delegate(&planner, RESEARCHER, &["tool:crm.search:read"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains("certificate_revoked") && err.contains(&serial),
+        "{err}"
+    );
+    let out = w.run(&[
+        "secret",
+        "lease",
+        "--credential",
+        planner.to_str().unwrap(),
+        "--engine",
+        "apikey",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("certificate_revoked"),
+        "{}",
+        stderr(&out)
+    );
+    // The refused hop is audited under the task its token names.
+    let t = trace(&w, &task);
+    assert!(t.contains("certificate_revoked"), "{t}");
+}
+
+// ------------------------------------------------------- grants / renew
+
+fn renew_request(
+    dir: &Path,
+    proof: Vec<u8>,
+    proof_iat: i64,
+) -> tonic::Request<RenewTaskCredentialRequest> {
+    let leaf = CertificateDer::pem_file_iter(dir.join("svid.pem"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .to_vec();
+    let mut req = tonic::Request::new(RenewTaskCredentialRequest {
+        token: token_of(dir),
+        x509_svid_leaf: leaf,
+        spiffe_id: PLANNER.into(),
+        proof,
+        proof_iat,
+    });
+    req.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
+    req
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewal_needs_the_current_key_and_revokes_the_old_certificate() {
+    let w = World::start();
+    let (task, grant) = w.start_task(FULL, "2", "10m", "write");
+    let planner = w.redeem(&grant, PLANNER, "planner");
+    let token = token_of(&planner);
+    let mut client = DelegationClient::new(raw_channel(&w.c).await);
+
+    // A leaked token and the public leaf, without the key: no proof.
+    let s = client
+        .renew(renew_request(&planner, Vec::new(), 0))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+    assert!(s.message().contains("proof"), "{s:?}");
+    // A proof signed by another key (the attacker's own).
+    let other = baton_ca::WorkloadKey::generate().unwrap();
+    let iat = now_secs();
+    let forged = baton_ca::possession::sign_renew_proof(other.pkcs8_der(), &token, iat).unwrap();
+    let s = client
+        .renew(renew_request(&planner, forged, iat as i64))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s:?}");
+    assert!(s.message().contains("proof_invalid"), "{s:?}");
+    // A genuine proof, but stale (replayed much later).
+    let key = PrivatePkcs8KeyDer::from_pem_file(planner.join("key.pem")).unwrap();
+    let old_iat = now_secs() - 3600;
+    let stale =
+        baton_ca::possession::sign_renew_proof(key.secret_pkcs8_der(), &token, old_iat).unwrap();
+    let s = client
+        .renew(renew_request(&planner, stale, old_iat as i64))
+        .await
+        .unwrap_err();
+    assert!(s.message().contains("proof_stale"), "{s:?}");
+    // A genuine proof for another token does not carry over.
+    let iat = now_secs();
+    let elsewhere =
+        baton_ca::possession::sign_renew_proof(key.secret_pkcs8_der(), "other-token", iat).unwrap();
+    let s = client
+        .renew(renew_request(&planner, elsewhere, iat as i64))
+        .await
+        .unwrap_err();
+    assert!(s.message().contains("proof_invalid"), "{s:?}");
+
+    // Control: the holder renews with its key (`baton grant renew`).
+    let before = claims(&planner);
+    let old = w.c.path("planner-old");
+    copy_cred(&planner, &old);
+    let out = w.run(&["grant", "renew", "--credential", planner.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let after = claims(&planner);
+    assert_eq!(after["jti"], before["jti"]);
+    assert!(after["exp"].as_u64() <= before["exp"].as_u64());
+    assert_ne!(serial_of(&planner), serial_of(&old));
+    // The renewed credential works; the old certificate is revoked.
+    let ok = w.delegate(&planner, RESEARCHER, NARROW, &[]);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    let out = w.delegate(&old, RESEARCHER, NARROW, &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("certificate_revoked"),
+        "{}",
+        stderr(&out)
+    );
+    // Renewing from the old credential (its key and token) is refused too.
+    let out = w.run(&["grant", "renew", "--credential", old.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("certificate_revoked"),
+        "{}",
+        stderr(&out)
+    );
+    // Refused and granted renewals are audited.
+    let t = trace(&w, &task);
+    assert!(t.contains("renewal proof_invalid"), "{t}");
+    assert!(t.contains("renewed:"), "{t}");
+}
+
+// -------------------------------------------------------------- tokens
+
+#[test]
+fn the_high_s_twin_of_a_signature_is_refused_everywhere() {
+    let w = World::start();
+    let (_task, grant) = w.start_task(FULL, "2", "10m", "write");
+    let planner = w.redeem(&grant, PLANNER, "planner");
+    let researcher = w.redeem(
+        &grant_of(&w.delegate(&planner, RESEARCHER, NARROW, &[])),
+        RESEARCHER,
+        "researcher",
+    );
+    // Control: the token as minted is accepted by the tool server.
+    let ok = w.call(&researcher, "crm.search");
+    assert!(ok.status.success(), "{}", stderr(&ok));
+
+    let twin_dir = w.c.path("twin");
+    copy_cred(&researcher, &twin_dir);
+    std::fs::write(twin_dir.join("token"), high_s_twin(&token_of(&researcher))).unwrap();
+    let out = w.call(&twin_dir, "crm.search");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("non_canonical_signature"),
+        "{}",
+        stderr(&out)
+    );
+    // At the broker too.
+    let mut body = delegate_body(&twin_dir, &["crm"], None);
+    body["target"] = serde_json::json!(PLANNER);
+    body["scope"] = serde_json::json!(["tool:crm.search:read"]);
+    let (status, resp) = post(&w, &twin_dir, "/v1/delegate", &body);
+    assert_eq!(status, 403, "{resp}");
+    assert!(
+        resp["message"].as_str().unwrap().contains("low-S"),
+        "{resp}"
+    );
+
+    // JWT-SVIDs: the twin of a valid one fails validation.
+    let jwt = w.ok(&["svid", "fetch-jwt", "--audience", "crm-tool"]);
+    let jwt = jwt.trim();
+    w.ok(&["svid", "validate-jwt", "--audience", "crm-tool", jwt]);
+    let out = w.run(&[
+        "svid",
+        "validate-jwt",
+        "--audience",
+        "crm-tool",
+        &high_s_twin(jwt),
+    ]);
+    assert!(!out.status.success(), "high-S JWT-SVID accepted");
+    assert!(stderr(&out).contains("low-S"), "{}", stderr(&out));
+}
+
+// --------------------------------------------------------------- audit
+
+fn report(task: &str, jti: &str, agent: &str, decision: &str) -> serde_json::Value {
+    serde_json::json!({
+        "report_id": format!("forged-{}", uuid_like()),
+        "task_id": task,
+        "token_jti": jti,
+        "agent": agent,
+        "tool": "crm.export",
+        "resource": "customers",
+        "risk": "read",
+        "scope_used": ["tool:crm.search:read"],
+        "input_digest": "00",
+        "decision": decision,
+        "policy_ids": ["forged-policy"],
+        "at": 1,
+    })
+}
+
+fn uuid_like() -> String {
+    hex::encode(baton_ca::WorkloadKey::generate().unwrap().public_key_raw())[2..34].to_owned()
+}
+
+#[test]
+fn tool_call_reports_only_from_the_tokens_tool_servers() {
+    let w = World::start();
+    let (task, grant) = w.start_task(FULL, "2", "10m", "write");
+    let planner = w.redeem(&grant, PLANNER, "planner");
+    let researcher = w.redeem(
+        &grant_of(&w.delegate(&planner, RESEARCHER, NARROW, &[])),
+        RESEARCHER,
+        "researcher",
+    );
+    let rjti = claims(&researcher)["jti"].as_str().unwrap().to_owned();
+
+    // A workload of the trust domain that is not a tool server of `crm`
+    // (the researcher itself, with its task SVID) forges a report.
+    let (status, body) = post(
+        &w,
+        &researcher,
+        "/v1/audit/tool-calls",
+        &report(&task, &rjti, RESEARCHER, "allow"),
+    );
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["code"], "not_entitled", "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("audience"),
+        "{body}"
+    );
+    // A batch gets per-report refusals and no receipt.
+    let (status, body) = post(
+        &w,
+        &researcher,
+        "/v1/audit/tool-calls",
+        &serde_json::json!({ "reports": [report(&task, &rjti, RESEARCHER, "allow")] }),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["receipts"][0]["refused"]["code"], "not_entitled");
+    assert!(body["receipts"][0]["receipt"].is_null(), "{body}");
+
+    // The tool server itself (its workload SVID, fetched as this uid may)
+    // is entitled, but the report must agree with the broker's records.
+    let tool = w.c.path("tool-svid");
+    w.ok(&[
+        "svid",
+        "fetch",
+        "--spiffe-id",
+        TOOL,
+        "--write",
+        tool.to_str().unwrap(),
+    ]);
+    let (_other_task, g2) = w.start_task(FULL, "2", "10m", "write");
+    let p2 = w.redeem(&g2, PLANNER, "planner2");
+    let p2jti = claims(&p2)["jti"].as_str().unwrap().to_owned();
+    for (what, r) in [
+        (
+            "unknown token",
+            report(&task, "no-such-jti", RESEARCHER, "allow"),
+        ),
+        (
+            "another task's token",
+            report(&task, &p2jti, PLANNER, "allow"),
+        ),
+        (
+            "not the token's holder",
+            report(&task, &rjti, PLANNER, "allow"),
+        ),
+    ] {
+        let (status, body) = post(&w, &tool, "/v1/audit/tool-calls", &r);
+        assert_eq!(status, 403, "{what}: {body}");
+        assert_eq!(body["code"], "report_refused", "{what}: {body}");
+    }
+    // Control: a report that agrees is recorded, with the broker's time
+    // (the reporter claimed unix time 1).
+    let before = now_secs();
+    let (status, body) = post(
+        &w,
+        &tool,
+        "/v1/audit/tool-calls",
+        &report(&task, &rjti, RESEARCHER, "allow"),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(body["receipts"][0]["receipt"].is_object(), "{body}");
+    let events = w.json(&["audit", "trace", &task, "--json"]);
+    let ev = find_obj(&events, &|o| {
+        o.get("tool").and_then(|t| t.as_str()) == Some("crm.export")
+    })
+    .expect("the accepted report in the trace");
+    let at = ev["at"].as_u64().unwrap_or_default();
+    assert!(
+        at >= before.saturating_sub(5),
+        "event time {at}, now {before}: {ev}"
+    );
+}
+
+/// The first object in `v` (depth first) that `pred` accepts.
+fn find_obj(
+    v: &serde_json::Value,
+    pred: &dyn Fn(&serde_json::Map<String, serde_json::Value>) -> bool,
+) -> Option<serde_json::Value> {
+    match v {
+        serde_json::Value::Object(m) if pred(m) => Some(v.clone()),
+        serde_json::Value::Object(m) => m.values().find_map(|x| find_obj(x, pred)),
+        serde_json::Value::Array(a) => a.iter().find_map(|x| find_obj(x, pred)),
+        _ => None,
+    }
+}
+
+// ---------------------------------------------------- reserved identities
+
+#[test]
+fn infrastructure_identities_are_reserved() {
+    let w = World::start();
+    let node = format!("spiffe://{TD}/baton/node/dev");
+    for id in [
+        format!("spiffe://{TD}/baton/node/evil"),
+        format!("spiffe://{TD}/baton/broker"),
+        format!("spiffe://{TD}/baton"),
+    ] {
+        let out = w.run(&[
+            "entry",
+            "create",
+            "--spiffe-id",
+            &id,
+            "--parent-id",
+            &node,
+            "--selector",
+            "unix:uid:0",
+        ]);
+        assert_eq!(out.status.code(), Some(2), "{id}");
+        assert!(stderr(&out).contains("reserved"), "{id}: {}", stderr(&out));
+    }
+    // A join token for a name outside the node namespace.
+    let out = w.run(&[
+        "token",
+        "generate",
+        "--node-id",
+        &format!("spiffe://{TD}/agents/planner"),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("/baton/node/"), "{}", stderr(&out));
+    // A task rooted at the broker or a node.
+    for root in [format!("spiffe://{TD}/baton/broker"), node.clone()] {
+        let out = w.run(&[
+            "task",
+            "start",
+            "--user",
+            "alice@example.com",
+            "--root-agent",
+            &root,
+            "--purpose",
+            "support.case-research",
+            "--risk-ceiling",
+            "read",
+            "--ttl",
+            "10m",
+            "--max-depth",
+            "1",
+            "--audience",
+            "crm",
+            "--scope",
+            "tool:crm.search:read",
+        ]);
+        assert_eq!(out.status.code(), Some(2), "{root}");
+        assert!(
+            stderr(&out).contains("reserved"),
+            "{root}: {}",
+            stderr(&out)
+        );
+    }
+    // Controls.
+    w.ok(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        &format!("spiffe://{TD}/agents/fine"),
+        "--parent-id",
+        &node,
+        "--selector",
+        "unix:uid:0",
+    ]);
+    w.ok(&[
+        "token",
+        "generate",
+        "--node-id",
+        &format!("spiffe://{TD}/baton/node/n2"),
+    ]);
+
+    // A node that never attested can be banned ahead of time: no join
+    // token is minted for it until the ban is lifted.
+    let never = format!("spiffe://{TD}/baton/node/never");
+    let v = w.json(&["node", "ban", &never, "-o", "json"]);
+    assert_eq!(v["action"], "banned", "{v}");
+    let out = w.run(&["token", "generate", "--node-id", &never]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("banned"), "{}", stderr(&out));
+    w.ok(&["node", "unban", &never]);
+    w.ok(&["token", "generate", "--node-id", &never]);
+}
+
+// ------------------------------------------------------- kill switch
+
+#[test]
+fn a_revoked_agent_gets_no_new_credentials_until_unblocked() {
+    let w = World::start();
+    let (task, grant) = w.start_task(FULL, "2", "10m", "write");
+    let planner = w.redeem(&grant, PLANNER, "planner");
+    // A grant handed out before the kill switch.
+    let pending = grant_of(&w.delegate(&planner, RESEARCHER, NARROW, &[]));
+    // Control: the node daemon serves the researcher's X509-SVID.
+    w.ok(&["svid", "fetch", "--spiffe-id", RESEARCHER]);
+
+    let v = w.json(&[
+        "revoke",
+        "agent",
+        RESEARCHER,
+        "--reason",
+        "compromised",
+        "-o",
+        "json",
+    ]);
+    assert_eq!(v["blocked"]["spiffe_id"], RESEARCHER, "{v}");
+
+    // No hop to it, no redeem of the pending grant.
+    let out = w.delegate(&planner, RESEARCHER, NARROW, &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("agent_blocked"), "{}", stderr(&out));
+    let out = w.run(&[
+        "grant",
+        "redeem",
+        "--grant",
+        &pending,
+        "--spiffe-id",
+        RESEARCHER,
+        "--out",
+        w.c.path("blocked").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains("agent_blocked") || err.contains("revoked") || err.contains("no identity"),
+        "{err}"
+    );
+    // The node daemon stops serving the agent's X509-SVID.
+    wait_for(
+        "the blocked agent's SVID to leave the Workload API",
+        Duration::from_secs(60),
+        || {
+            (!w.run(&["svid", "fetch", "--spiffe-id", RESEARCHER])
+                .status
+                .success())
+            .then_some(())
+        },
+    );
+    // Others still get theirs (control).
+    w.ok(&["svid", "fetch", "--spiffe-id", PLANNER]);
+    // A task rooted at it cannot start.
+    let out = w.run(&[
+        "task",
+        "start",
+        "--user",
+        "alice@example.com",
+        "--root-agent",
+        RESEARCHER,
+        "--purpose",
+        "support.case-research",
+        "--risk-ceiling",
+        "read",
+        "--ttl",
+        "10m",
+        "--max-depth",
+        "1",
+        "--audience",
+        "crm",
+        "--scope",
+        "tool:crm.search:read",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("agent_blocked") || stderr(&out).contains("blocked"));
+    // Other agents are unaffected (control).
+    let ok = w.delegate(&planner, TOOL, &["tool:crm.search:read"], &[]);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+
+    // Lifted: hops to it work again.
+    w.ok(&["revoke", "unblock", RESEARCHER]);
+    let out = w.run(&["revoke", "unblock", RESEARCHER]);
+    assert_eq!(out.status.code(), Some(2), "second unblock is a not-found");
+    let again = w.delegate(&planner, RESEARCHER, NARROW, &[]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    wait_for(
+        "the unblocked agent's redeem",
+        Duration::from_secs(60),
+        || {
+            let out = w.run(&[
+                "grant",
+                "redeem",
+                "--grant",
+                &grant_of(&w.delegate(&planner, RESEARCHER, NARROW, &[])),
+                "--spiffe-id",
+                RESEARCHER,
+                "--out",
+                w.c.path("unblocked").to_str().unwrap(),
+            ]);
+            out.status.success().then_some(())
+        },
+    );
+    let t = trace(&w, &task);
+    assert!(t.contains("agent_blocked"), "{t}");
+
+    // --until: the block lapses by itself.
+    let v = w.json(&["revoke", "agent", RESEARCHER, "--until", "3s", "-o", "json"]);
+    assert!(v["blocked"]["until"].is_u64(), "{v}");
+    let out = w.delegate(&planner, RESEARCHER, NARROW, &[]);
+    assert!(stderr(&out).contains("agent_blocked"), "{}", stderr(&out));
+    wait_for("the block to lapse", Duration::from_secs(60), || {
+        w.delegate(&planner, RESEARCHER, NARROW, &[])
+            .status
+            .success()
+            .then_some(())
+    });
+}
