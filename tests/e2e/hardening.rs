@@ -881,3 +881,54 @@ fn a_revoked_agent_gets_no_new_credentials_until_unblocked() {
             .then_some(())
     });
 }
+
+// ------------------------------------------- revocation without Redis
+
+#[test]
+fn without_redis_the_tool_server_follows_the_brokers_own_feed() {
+    // No --redis anywhere: the default set-up of `baton dev` and the example.
+    let w = World::start();
+    let (task, grant) = w.start_task(FULL, "2", "10m", "write");
+    let planner = w.redeem(&grant, PLANNER, "planner");
+    let researcher = w.redeem(
+        &grant_of(&w.delegate(&planner, RESEARCHER, NARROW, &[])),
+        RESEARCHER,
+        "researcher",
+    );
+    let other = w.redeem(
+        &grant_of(&w.delegate(&planner, RESEARCHER, NARROW, &[])),
+        RESEARCHER,
+        "researcher-2",
+    );
+    // Controls: both credentials are accepted.
+    for dir in [&researcher, &other] {
+        let ok = w.call(dir, "crm.search");
+        assert!(ok.status.success(), "{}", stderr(&ok));
+    }
+    // One task certificate revoked on its own.
+    let serial = serial_of(&researcher);
+    w.ok(&["revoke", "credential", &serial]);
+    let err = wait_for(
+        "the revoked certificate refused by the tool server",
+        Duration::from_secs(30),
+        || {
+            let out = w.call(&researcher, "crm.search");
+            (!out.status.success()).then(|| stderr(&out))
+        },
+    );
+    assert!(err.contains("revoked"), "{err}");
+    // The other credential of the task still works.
+    let ok = w.call(&other, "crm.search");
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    // Task end reaches the tool server too.
+    w.ok(&["task", "end", &task]);
+    let err = wait_for(
+        "the ended task's credential refused by the tool server",
+        Duration::from_secs(30),
+        || {
+            let out = w.call(&other, "crm.search");
+            (!out.status.success()).then(|| stderr(&out))
+        },
+    );
+    assert!(err.contains("revoked"), "{err}");
+}

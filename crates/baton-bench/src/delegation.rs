@@ -312,7 +312,10 @@ struct VerifyFigures {
 }
 
 fn verify_bench(m: &Minted, rounds: usize) -> anyhow::Result<VerifyFigures> {
-    let v = TokenVerifier::new(JwtBundles::new([m.bundle.clone()]), AUDIENCE.into());
+    let v = TokenVerifier::dangerous_without_revocation(
+        JwtBundles::new([m.bundle.clone()]),
+        AUDIENCE.into(),
+    );
     let now = stats::unix_now();
     let presented: Vec<(&str, PeerCert)> = m
         .tokens

@@ -164,7 +164,7 @@ pub fn node_routes(
     );
     let report = warp::path!("v1" / "audit" / "tool-calls")
         .and(warp::post())
-        .and(with(d))
+        .and(with(d.clone()))
         .and(warp::ext::optional::<PeerIdentity>())
         .and(json_body())
         .and_then(
@@ -202,7 +202,34 @@ pub fn node_routes(
                 })())
             },
         );
+    // The revocation feed for verifiers without Redis: any SVID of the
+    // trust domain may follow it (it names only revoked ids and expiries).
+    let feed = warp::path!("v1" / "revocations" / "feed")
+        .and(warp::get())
+        .and(with(d.clone()))
+        .and(warp::ext::optional::<PeerIdentity>())
+        .and(warp::query::<FeedQuery>())
+        .and_then(
+            |d: Arc<Delegation>, id: Option<PeerIdentity>, q: FeedQuery| async move {
+                let result = match id.and_then(|p| p.0) {
+                    Some(peer) if peer.is_member_of(d.trust_domain()) => {
+                        let wait = std::time::Duration::from_millis(
+                            q.wait_ms.unwrap_or(0).min(MAX_FEED_WAIT_MS),
+                        );
+                        d.revoker()
+                            .feed(q.after.unwrap_or(0), wait, crate::oidc::unix_now())
+                            .await
+                    }
+                    _ => Err(BrokerError::Unauthenticated(
+                        "the revocation feed needs mTLS with an SVID of this trust domain".into(),
+                    )),
+                };
+                respond(result)
+            },
+        );
     start
+        .or(feed)
+        .unify()
         .or(delegate)
         .unify()
         .or(redeem)
@@ -211,6 +238,16 @@ pub fn node_routes(
         .unify()
         .or(report)
         .unify()
+}
+
+/// Longest a feed long-poll is held.
+const MAX_FEED_WAIT_MS: u64 = 25_000;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FeedQuery {
+    after: Option<u64>,
+    wait_ms: Option<u64>,
 }
 
 /// Registers a new grant with the revocation store before it is handed out.

@@ -372,8 +372,10 @@ pub async fn run(
         dev_issuer,
         policy,
         Arc::new(audit),
-        baton_verify::TokenVerifier::for_broker(jwt_bundles.clone())
-            .with_revocation(Arc::new(revocation::DurableCheck(revoker.clone()))),
+        baton_verify::TokenVerifier::for_broker(
+            jwt_bundles.clone(),
+            Arc::new(revocation::DurableCheck(revoker.clone())),
+        ),
         cfg.delegation.clone(),
         revoker,
     ));

@@ -35,7 +35,31 @@ pub struct Revoker {
     durable: Arc<SqliteStore>,
     /// The secret engines whose leases die with the credentials revoked here.
     secrets: std::sync::OnceLock<Arc<crate::secrets::Secrets>>,
+    /// Woken on every new durable revocation (feed long-polls wait on it).
+    changed: tokio::sync::Notify,
 }
+
+/// One step of the broker's own revocation feed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FeedPage {
+    /// Names this log; a follower that saw another epoch starts over.
+    pub epoch: String,
+    /// The newest sequence number in this page (or the follower's `after`).
+    pub seq: u64,
+    /// Revoked ids with their expiry (unix seconds).
+    pub entries: Vec<FeedEntry>,
+    /// True when more entries wait beyond this page.
+    pub more: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FeedEntry {
+    pub id: String,
+    pub expires_at: u64,
+}
+
+/// Most entries one feed page carries.
+pub const FEED_PAGE: usize = 10_000;
 
 fn unavailable(e: impl std::fmt::Display) -> BrokerError {
     BrokerError::Hook(format!(
@@ -49,7 +73,80 @@ impl Revoker {
             store,
             durable,
             secrets: std::sync::OnceLock::new(),
+            changed: tokio::sync::Notify::new(),
         }
+    }
+
+    /// The feed after `after` (0: from the start): revocations still in
+    /// force, in order, at most [`FEED_PAGE`]. Waits up to `wait` for a new
+    /// one when there is none yet.
+    pub async fn feed(
+        &self,
+        after: u64,
+        wait: Duration,
+        now: u64,
+    ) -> Result<FeedPage, BrokerError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            // Register interest before reading, so a revocation between the
+            // read and the wait is not missed.
+            let notified = self.changed.notified();
+            let page = self.feed_page(after, now)?;
+            if !page.entries.is_empty() || tokio::time::Instant::now() >= deadline {
+                return Ok(page);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.feed_page(after, now);
+            }
+        }
+    }
+
+    fn feed_page(&self, after: u64, now: u64) -> Result<FeedPage, BrokerError> {
+        Ok(self.durable.with(|c| {
+            let epoch: String =
+                c.query_row("SELECT epoch FROM feed_meta LIMIT 1", [], |r| r.get(0))?;
+            let mut stmt = c.prepare_cached(
+                "SELECT seq, id, expires_at FROM revocation_log
+                 WHERE seq > ?1 AND expires_at > ?2 ORDER BY seq LIMIT ?3",
+            )?;
+            let rows = stmt.query_map(
+                params![to_i64(after), to_i64(now), FEED_PAGE as i64 + 1],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
+                },
+            )?;
+            let mut entries = Vec::new();
+            let mut seq = after;
+            let mut more = false;
+            for row in rows {
+                let (s, id, exp) = row?;
+                if entries.len() == FEED_PAGE {
+                    more = true;
+                    break;
+                }
+                seq = u64::try_from(s).unwrap_or(seq);
+                entries.push(FeedEntry {
+                    id,
+                    expires_at: u64::try_from(exp).unwrap_or(0),
+                });
+            }
+            if entries.is_empty() {
+                // Nothing newer in force: the follower may skip to the end.
+                let last: Option<i64> =
+                    c.query_row("SELECT MAX(seq) FROM revocation_log", [], |r| r.get(0))?;
+                seq = seq.max(last.map_or(0, |l| u64::try_from(l).unwrap_or(0)));
+            }
+            Ok(FeedPage {
+                epoch,
+                seq,
+                entries,
+                more,
+            })
+        })?)
     }
 
     /// From now on, every revocation also kills the secret leases it covers
@@ -268,14 +365,21 @@ impl Revoker {
         self.durable.with(|c| {
             let tx = c.transaction()?;
             for r in revoked {
-                tx.execute(
+                let added = tx.execute(
                     "INSERT OR IGNORE INTO revocations (id, kind, expires_at, reason, at) VALUES (?1, ?2, ?3, ?4, ?5)",
                     params![r.id, r.kind.code(), to_i64(r.expires_at), reason, to_i64(now)],
                 )?;
+                if added == 1 {
+                    tx.execute(
+                        "INSERT INTO revocation_log (id, expires_at) VALUES (?1, ?2)",
+                        params![r.id, to_i64(r.expires_at)],
+                    )?;
+                }
             }
             tx.commit()?;
             Ok(())
         })?;
+        self.changed.notify_waiters();
         Ok(())
     }
 

@@ -192,6 +192,16 @@ const MIGRATIONS: &[&str] = &[
         at INTEGER NOT NULL
      );
      ALTER TABLE nodes ADD COLUMN prev_serial TEXT;",
+    // 5: the revocation feed verifiers follow without Redis: every new
+    // revocation in order (AUTOINCREMENT never reuses a sequence number),
+    // and the epoch that names this log (a different one means resync)
+    "CREATE TABLE revocation_log (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL,
+        expires_at INTEGER NOT NULL
+     );
+     CREATE TABLE feed_meta (epoch TEXT NOT NULL);
+     INSERT INTO feed_meta (epoch) VALUES (lower(hex(randomblob(16))));",
 ];
 
 const ENTRY_COLUMNS: &str =

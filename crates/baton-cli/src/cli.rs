@@ -774,6 +774,11 @@ pub enum ExampleCmd {
         /// Deny every call once the feed has been silent this long.
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         stale_after: Duration,
+        /// Follow no revocation feed: revoked credentials keep working until
+        /// they expire. Without --redis the server follows the broker's own
+        /// feed; this turns that off. Never in production.
+        #[arg(long)]
+        dangerously_skip_revocation: bool,
         #[arg(long)]
         ready_file: Option<PathBuf>,
     },

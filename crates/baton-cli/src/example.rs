@@ -231,6 +231,8 @@ struct FeedConfig<'a> {
     stale_after: std::time::Duration,
     /// Read-only tools keep working while the feed is stale.
     read_allows_stale: bool,
+    /// Follow no revocations at all (explicit opt-out).
+    dangerously_skip_revocation: bool,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -283,12 +285,12 @@ async fn tool_server(
     let jwt_bundles = JwtBundles::new([trust]);
     // JWT key rotations reach the verifier through the Workload API.
     crate::mesh::follow_jwt_bundles(socket, td.clone(), jwt_bundles.clone());
-    let mut verifier = TokenVerifier::new(jwt_bundles, audience.to_owned());
-    // Revocations arrive on the feed and are checked in memory. Staleness
-    // is judged per call by the gate (sensitive tiers always fail closed),
-    // so the token check itself only looks at actual revocations.
-    let feed_handle = match feed.redis {
-        Some(redis) => {
+    // Revocations arrive on a feed and are checked in memory: Redis's when
+    // configured, else the broker's own (`GET /v1/revocations/feed`).
+    // Staleness is judged per call by the gate (sensitive tiers always fail
+    // closed), so the token check itself only looks at actual revocations.
+    let (verifier, freshness, serials): Following = match (feed.redis, feed.dangerously_skip_revocation) {
+        (Some(redis), _) => {
             let handle = baton_revocation::RevocationFeed::spawn_with(
                 redis,
                 baton_revocation::FeedOptions {
@@ -298,12 +300,44 @@ async fn tool_server(
                 },
             )
             .map_err(|e| exit(EXIT_REFUSED, e.to_string()))?;
-            verifier = verifier.with_revocation(Arc::new(handle.clone()));
-            Some(handle)
+            (
+                TokenVerifier::new(jwt_bundles, audience.to_owned(), Arc::new(handle.clone())),
+                Some(Arc::new(handle.clone())),
+                Some(Arc::new(handle)),
+            )
         }
-        None => {
-            tracing::warn!("no --redis: this tool server does not follow revocations");
-            None
+        (None, false) => {
+            let handle = baton_verify::BrokerFeed::spawn(
+                broker_url,
+                live.client.clone(),
+                bundles.clone(),
+                broker_id.clone(),
+                feed.stale_after,
+            )
+            .map_err(|e| exit(EXIT_REFUSED, format!("revocation feed: {e}")))?;
+            if !handle.wait_fresh(std::time::Duration::from_secs(10)).await {
+                tracing::warn!(
+                    "the broker's revocation feed has not answered yet; calls are denied until it does"
+                );
+            }
+            // The token check answers from the set alone; staleness is the
+            // gate's call (per tier).
+            let tokens = Arc::new(StaleTolerant(handle.clone()));
+            (
+                TokenVerifier::new(jwt_bundles, audience.to_owned(), tokens),
+                Some(Arc::new(handle.clone())),
+                Some(Arc::new(handle)),
+            )
+        }
+        (None, true) => {
+            tracing::warn!(
+                "--dangerously-skip-revocation: this tool server accepts revoked credentials until they expire"
+            );
+            (
+                TokenVerifier::dangerous_without_revocation(jwt_bundles, audience.to_owned()),
+                None,
+                None,
+            )
         }
     };
 
@@ -334,10 +368,11 @@ async fn tool_server(
         }
     };
     let mut gate = ToolGate::new(Arc::new(policy), Some(reporter.clone()));
-    if let Some(handle) = &feed_handle {
-        gate = gate
-            .with_revocation_freshness(Arc::new(handle.clone()), feed.read_allows_stale)
-            .with_revocation(Arc::new(handle.clone()));
+    if let Some(f) = freshness {
+        gate = gate.with_revocation_freshness(f, feed.read_allows_stale);
+    }
+    if let Some(check) = serials {
+        gate = gate.with_revocation(check);
     }
     let server = Arc::new(ToolServer {
         verifier,
@@ -454,6 +489,7 @@ pub async fn run(cmd: ExampleCmd) -> Result<()> {
             ready_file,
             redis,
             stale_after,
+            dangerously_skip_revocation,
         } => {
             let redis = redis.config()?;
             tool_server(
@@ -469,6 +505,7 @@ pub async fn run(cmd: ExampleCmd) -> Result<()> {
                     redis: redis.as_ref(),
                     stale_after,
                     read_allows_stale: false,
+                    dangerously_skip_revocation,
                 },
             )
             .await
@@ -636,4 +673,25 @@ fn first_entry(v: &redis::Value) -> Option<(String, Vec<(String, String)>)> {
         .filter_map(|c| Some((s(c.first()?)?, s(c.get(1)?)?)))
         .collect();
     Some((id, pairs))
+}
+
+/// The token verifier, the freshness the gate judges per tier, and the
+/// check of peer certificate serials.
+type Following = (
+    TokenVerifier,
+    Option<Arc<dyn baton_verify::RevocationFreshness>>,
+    Option<Arc<dyn baton_verify::RevocationCheck>>,
+);
+
+/// The broker feed's set, without its staleness: the gate decides per tier
+/// what a stale feed means, and the token check looks only at revocations.
+struct StaleTolerant(baton_verify::BrokerFeed);
+
+impl baton_verify::RevocationCheck for StaleTolerant {
+    fn is_revoked(&self, id: &str, _task: &baton_core::TaskId) -> bool {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.0.contains(id, now)
+    }
 }

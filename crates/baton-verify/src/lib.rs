@@ -43,6 +43,7 @@
 mod bundles;
 mod cache;
 mod error;
+mod feed;
 mod gate;
 mod report;
 mod strict;
@@ -51,6 +52,7 @@ mod token;
 
 pub use bundles::JwtBundles;
 pub use error::{CallDenied, PeerError, ReportError, SendError, TokenError};
+pub use feed::{BrokerFeed, FEED_PATH};
 pub use gate::{
     CallContext, CallPolicy, PolicyDecision, RevocationFreshness, ToolGate, ToolSpec, VerifiedCall,
 };

@@ -39,8 +39,9 @@ pub trait RevocationCheck: Send + Sync {
     fn is_revoked(&self, jti: &str, task: &TaskId) -> bool;
 }
 
-/// The default: nothing is revoked (tokens die by expiry only). Replace it
-/// with the revocation feed with [`TokenVerifier::with_revocation`].
+/// Nothing is revoked (tokens die by expiry only). Only reachable through
+/// [`TokenVerifier::dangerous_without_revocation`]: a verifier that ignores
+/// revocations must say so where it is built.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct NoRevocation;
 
@@ -247,31 +248,49 @@ impl fmt::Debug for TokenVerifier {
 }
 
 impl TokenVerifier {
-    /// A tool server's verifier: tokens must name `audience` in `aud`.
-    pub fn new(bundles: JwtBundles, audience: String) -> Self {
-        Self::build(bundles, Some(audience))
+    /// A tool server's verifier: tokens must name `audience` in `aud`, and
+    /// no `jti` of their chain may be revoked according to `revocation`
+    /// (the broker's feed, [`crate::BrokerFeed`], or Redis's).
+    pub fn new(
+        bundles: JwtBundles,
+        audience: String,
+        revocation: Arc<dyn RevocationCheck>,
+    ) -> Self {
+        Self::build(bundles, Some(audience), revocation)
+    }
+
+    /// A verifier that never learns of revocations: a revoked token stays
+    /// valid until it expires. For tests and offline tools only; the name
+    /// is meant to stand out in review.
+    pub fn dangerous_without_revocation(bundles: JwtBundles, audience: String) -> Self {
+        Self::build(bundles, Some(audience), Arc::new(NoRevocation))
     }
 
     /// The broker's verifier for a holder presenting its own token at a hop
     /// (`POST /v1/delegate`): every check except the audience, which names
     /// the tool servers the token is for, not the broker.
-    pub fn for_broker(bundles: JwtBundles) -> Self {
-        Self::build(bundles, None)
+    pub fn for_broker(bundles: JwtBundles, revocation: Arc<dyn RevocationCheck>) -> Self {
+        Self::build(bundles, None, revocation)
     }
 
-    fn build(bundles: JwtBundles, audience: Option<String>) -> Self {
+    fn build(
+        bundles: JwtBundles,
+        audience: Option<String>,
+        revocation: Arc<dyn RevocationCheck>,
+    ) -> Self {
         baton_ca::init();
         Self {
             bundles,
             audience,
-            revocation: Arc::new(NoRevocation),
+            revocation,
             cache: TokenCache::new(DEFAULT_CACHE_CAPACITY),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
         }
     }
 
-    /// Consults `check` on every verification.
+    /// Consults `check` on every verification (replacing the one given at
+    /// construction).
     pub fn with_revocation(mut self, check: Arc<dyn RevocationCheck>) -> Self {
         self.revocation = check;
         self

@@ -20,7 +20,7 @@ fn tool(name: &str, tier: RiskTier, requires: &str) -> ToolSpec {
 }
 
 fn delegation(f: &Fixture) -> VerifiedDelegation {
-    TokenVerifier::new(f.bundles.clone(), AUDIENCE.into())
+    TokenVerifier::dangerous_without_revocation(f.bundles.clone(), AUDIENCE.into())
         .verify(&f.token(), &f.peer(), NOW)
         .unwrap()
 }
@@ -185,7 +185,7 @@ fn denies_out_of_scope_over_ceiling_and_policy_denied_and_reports_denials() {
     c.act.act.as_mut().unwrap().scope = scope(&["tool:crm.*:*"]);
     c.scope = wide.clone();
     c.act.scope = wide;
-    let d2 = TokenVerifier::new(f.bundles.clone(), AUDIENCE.into())
+    let d2 = TokenVerifier::dangerous_without_revocation(f.bundles.clone(), AUDIENCE.into())
         .verify(&f.sign(&c), &f.peer(), NOW)
         .unwrap();
     let err = gate
@@ -208,7 +208,7 @@ fn denies_out_of_scope_over_ceiling_and_policy_denied_and_reports_denials() {
     let s = scope(&["tool:crm.forbidden:read"]);
     c.scope = s.clone();
     c.act.scope = s;
-    let d3 = TokenVerifier::new(f.bundles.clone(), AUDIENCE.into())
+    let d3 = TokenVerifier::dangerous_without_revocation(f.bundles.clone(), AUDIENCE.into())
         .verify(&f.sign(&c), &f.peer(), NOW)
         .unwrap();
     let err = gate
@@ -350,7 +350,7 @@ fn cedar_engine_decides_through_the_gate() {
     c.depth = 1;
     c.parent.as_mut().unwrap().jti = "jti-root".into();
     c.cnf.x5t_s256 = baton_ca::cert_thumbprint(f.researcher_svid.leaf());
-    let d = TokenVerifier::new(f.bundles.clone(), AUDIENCE.into())
+    let d = TokenVerifier::dangerous_without_revocation(f.bundles.clone(), AUDIENCE.into())
         .verify(&f.sign(&c), &f.researcher_svid.peer(), NOW)
         .unwrap();
 
@@ -458,7 +458,7 @@ fn a_revoked_peer_certificate_is_refused_at_the_gate() {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
         "{serial}"
     );
-    let d = TokenVerifier::new(f.bundles.clone(), AUDIENCE.into())
+    let d = TokenVerifier::dangerous_without_revocation(f.bundles.clone(), AUDIENCE.into())
         .verify(&f.token(), &peer, NOW)
         .unwrap();
     assert_eq!(d.peer_serial(), serial);

@@ -15,7 +15,7 @@ use serde_json::json;
 use crate::common::*;
 
 fn verifier(f: &Fixture) -> TokenVerifier {
-    TokenVerifier::new(f.bundles.clone(), AUDIENCE.into())
+    TokenVerifier::dangerous_without_revocation(f.bundles.clone(), AUDIENCE.into())
 }
 
 /// Signs claims changed by `edit` with the fixture's CA and verifies them
@@ -93,7 +93,7 @@ fn broker_variant_skips_only_the_audience() {
         verifier(&f).verify(&token, &f.peer(), NOW),
         Err(TokenError::AudienceMismatch { .. })
     ));
-    let broker = TokenVerifier::for_broker(f.bundles.clone());
+    let broker = TokenVerifier::for_broker(f.bundles.clone(), Arc::new(baton_verify::NoRevocation));
     broker.verify(&token, &f.peer(), NOW).unwrap();
     // Every other check still applies.
     assert_eq!(

@@ -1,0 +1,253 @@
+//! Following the broker's own revocation feed (`GET /v1/revocations/feed`),
+//! for verifiers of a broker without Redis (`baton dev`, a single broker).
+//!
+//! The follower long-polls the broker over mTLS with the verifier's SVID
+//! and keeps the revoked ids in memory, so every check is a local lookup.
+//! A different epoch (another broker database) starts over from the
+//! beginning. When the broker has not answered within `stale_after`, the
+//! set is stale and [`RevocationCheck::is_revoked`] answers `true` for
+//! everything: fail closed.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use baton_core::{SpiffeId, TaskId};
+use baton_tls::{BundleStore, ClientIdentity, PeerPolicy};
+use serde::Deserialize;
+use tokio::task::JoinHandle;
+
+use crate::error::ReportError;
+use crate::gate::RevocationFreshness;
+use crate::token::RevocationCheck;
+
+/// The feed's path on the broker.
+pub const FEED_PATH: &str = "/v1/revocations/feed";
+
+#[derive(Debug, Deserialize)]
+struct Page {
+    epoch: String,
+    seq: u64,
+    entries: Vec<Entry>,
+    more: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct Entry {
+    id: String,
+    expires_at: u64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    revoked: HashMap<String, u64>,
+    epoch: Option<String>,
+    seq: u64,
+    /// Unix seconds of the last answer from the broker.
+    last_ok: Option<u64>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    state: RwLock<State>,
+    stale_after: u64,
+}
+
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A running follower of the broker's feed; clones share it, and the
+/// background task stops with the last clone.
+#[derive(Clone)]
+pub struct BrokerFeed {
+    shared: Arc<Shared>,
+    _task: Arc<AbortOnDrop>,
+}
+
+impl fmt::Debug for BrokerFeed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = self.read();
+        f.debug_struct("BrokerFeed")
+            .field("epoch", &s.epoch)
+            .field("seq", &s.seq)
+            .field("revoked", &s.revoked.len())
+            .finish()
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl BrokerFeed {
+    /// Follows the feed of the broker at `broker_url` (which must present
+    /// `broker_id`), authenticating with `identity`. Must be called inside
+    /// a tokio runtime. Stale (refusing everything) until the first answer.
+    pub fn spawn(
+        broker_url: &str,
+        identity: ClientIdentity,
+        bundles: BundleStore,
+        broker_id: SpiffeId,
+        stale_after: Duration,
+    ) -> Result<Self, ReportError> {
+        let base = broker_url.trim_end_matches('/');
+        if !base.starts_with("https://") {
+            return Err(ReportError::BrokerUrl(broker_url.to_owned()));
+        }
+        let tls = baton_tls::client_config(identity, bundles, PeerPolicy::Exact(vec![broker_id]))?;
+        // Poll at least twice per staleness window.
+        let wait = (stale_after / 2).clamp(Duration::from_millis(200), Duration::from_secs(10));
+        let client = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .timeout(wait + Duration::from_secs(10))
+            .no_proxy()
+            .build()
+            .map_err(|e| ReportError::Client(e.to_string()))?;
+        let shared = Arc::new(Shared {
+            state: RwLock::new(State::default()),
+            stale_after: stale_after.as_secs().max(1),
+        });
+        let task = tokio::spawn(follow(
+            client,
+            format!("{base}{FEED_PATH}"),
+            wait,
+            shared.clone(),
+        ));
+        Ok(Self {
+            shared,
+            _task: Arc::new(AbortOnDrop(task)),
+        })
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.shared.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether `id` is revoked (and not yet expired) in the local set.
+    pub fn contains(&self, id: &str, now: u64) -> bool {
+        self.read().revoked.get(id).is_some_and(|exp| *exp > now)
+    }
+
+    /// Whether the broker answered within the staleness window.
+    pub fn is_fresh_at(&self, now: u64) -> bool {
+        self.read()
+            .last_ok
+            .is_some_and(|t| now.saturating_sub(t) <= self.shared.stale_after)
+    }
+
+    /// Waits (up to `timeout`) for the first complete answer of the
+    /// broker; true when the feed is fresh.
+    pub async fn wait_fresh(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.is_fresh_at(now()) {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Number of revoked ids held.
+    pub fn len(&self) -> usize {
+        self.read().revoked.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+async fn follow(client: reqwest::Client, url: String, wait: Duration, shared: Arc<Shared>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let (after, synced) = {
+            let s = shared.state.read().unwrap_or_else(|e| e.into_inner());
+            (s.seq, s.last_ok.is_some())
+        };
+        // The first page (and any resync) is answered at once; after that
+        // the broker holds the request until something is revoked.
+        let wait_ms = if synced { wait.as_millis() } else { 0 };
+        let result = client
+            .get(format!("{url}?after={after}&wait_ms={wait_ms}"))
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status);
+        let page = match result {
+            Ok(resp) => resp.json::<Page>().await,
+            Err(e) => Err(e),
+        };
+        match page {
+            Ok(page) => {
+                backoff = Duration::from_millis(100);
+                let more = apply(&shared, page);
+                if more {
+                    continue;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "revocation feed: broker unreachable");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// Applies one page; true when the follower should ask again at once.
+fn apply(shared: &Shared, page: Page) -> bool {
+    let mut s = shared.state.write().unwrap_or_else(|e| e.into_inner());
+    let t = now();
+    if s.epoch.as_deref() != Some(page.epoch.as_str()) {
+        if s.epoch.is_some() {
+            tracing::warn!(epoch = %page.epoch, "revocation feed: new epoch, starting over");
+        }
+        let fresh_start = s.epoch.is_none() && s.seq == 0;
+        s.revoked.clear();
+        s.epoch = Some(page.epoch);
+        s.seq = 0;
+        if !fresh_start {
+            // Entries of another log: re-read this one from the start
+            // before trusting it.
+            s.last_ok = None;
+            return true;
+        }
+    }
+    for e in page.entries {
+        if e.expires_at > t {
+            s.revoked.insert(e.id, e.expires_at);
+        }
+    }
+    s.revoked.retain(|_, exp| *exp > t);
+    s.seq = page.seq;
+    if page.more {
+        // Not caught up yet: not fresh until the last page is in.
+        return true;
+    }
+    s.last_ok = Some(t);
+    false
+}
+
+impl RevocationCheck for BrokerFeed {
+    /// Revoked, or unknown because the feed is stale: fail closed.
+    fn is_revoked(&self, id: &str, _task: &TaskId) -> bool {
+        let t = now();
+        self.contains(id, t) || !self.is_fresh_at(t)
+    }
+}
+
+impl RevocationFreshness for BrokerFeed {
+    fn is_fresh(&self, now: u64) -> bool {
+        self.is_fresh_at(now)
+    }
+}
