@@ -110,6 +110,10 @@ impl TamperError {
     }
     fn describe(&self) -> String {
         match self.first_bad_index {
+            // The reason names the events itself.
+            Some(_) if matches!(self.reason, TamperReason::Truncated { .. }) => {
+                self.reason.to_string()
+            }
             Some(i) => format!("event #{i}: {}", self.reason),
             None => self.reason.to_string(),
         }
@@ -223,11 +227,18 @@ impl fmt::Display for TamperReason {
                 witness,
                 witnessed_size,
                 log_size,
-            } => write!(
-                f,
-                "log truncated: witnessed {witnessed_size} events, log has {log_size} (events #{log_size}..#{}, covered by {witness}, were deleted together with their checkpoints)",
-                witnessed_size.saturating_sub(1)
-            ),
+            } => {
+                let last = witnessed_size.saturating_sub(1);
+                let gone = if last == *log_size {
+                    format!("event #{last}, covered by {witness}, was")
+                } else {
+                    format!("events #{log_size}..#{last}, covered by {witness}, were")
+                };
+                write!(
+                    f,
+                    "log truncated: witnessed {witnessed_size} events, log has {log_size} ({gone} deleted together with their checkpoints)"
+                )
+            }
             TamperReason::Forked {
                 witness,
                 witnessed_size,
