@@ -241,6 +241,18 @@ fn a_log_cut_short_is_caught_by_the_head_file_witnesses_and_receipts() {
         serde_json::from_str(&std::fs::read_to_string(&moving).unwrap()).unwrap();
     assert_eq!(moved["checkpoint"]["size"].as_u64(), Some(size));
 
+    // The broker's head file is a witness too, but only it writes there.
+    let head = w.c.path("broker/audit.db.head");
+    w.ok(&["audit", "verify", "--since", head.to_str().unwrap()]);
+    let out = w.run(&[
+        "audit",
+        "verify",
+        "--since",
+        head.to_str().unwrap(),
+        "--update",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+
     // Offline, with the broker stopped: still good.
     w.c.broker.as_mut().unwrap().stop();
     let db = w.c.path("broker/audit.db");

@@ -178,6 +178,15 @@ fn read_witness(path: &Path) -> Result<Witness> {
     baton_audit::read_witness(path).map_err(|e| exit(EXIT_REFUSED, format!("--since: {e}")))
 }
 
+/// Whether `path` holds one JSON witness (not a broker's head file, which
+/// `read_witness` also reads but only the broker writes).
+fn is_witness_file(path: &Path) -> bool {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<Witness>(&t).ok())
+        .is_some()
+}
+
 /// Checks that `witness` names this log's key and is signed by it.
 fn check_witness(witness: &Witness, path: &Path, key: &[u8]) -> Result<()> {
     witness.verify(key).map(|_| ()).map_err(|e| {
@@ -239,6 +248,15 @@ async fn verify(
     let mut key = None;
     if let Some(path) = &since {
         let witness = read_witness(path)?;
+        if update && !is_witness_file(path) {
+            return Err(exit(
+                EXIT_REFUSED,
+                format!(
+                    "--update: {} is not a witness file written by `baton audit checkpoint` (a broker's head file?); refusing to replace it",
+                    path.display()
+                ),
+            ));
+        }
         let k = source.public_key().await?;
         check_witness(&witness, path, &k)?;
         kept.push(Kept::new(
