@@ -48,6 +48,8 @@ pub enum AuditError {
     Encode(String),
     #[error("{0}")]
     Range(String),
+    #[error("tree head file {path}: {reason}")]
+    HeadFile { path: PathBuf, reason: String },
 }
 
 impl From<rusqlite::Error> for AuditError {
@@ -108,6 +110,10 @@ impl TamperError {
     }
     fn describe(&self) -> String {
         match self.first_bad_index {
+            // The reason names the events itself.
+            Some(_) if matches!(self.reason, TamperReason::Truncated { .. }) => {
+                self.reason.to_string()
+            }
             Some(i) => format!("event #{i}: {}", self.reason),
             None => self.reason.to_string(),
         }
@@ -148,17 +154,26 @@ pub enum TamperReason {
     NoCheckpoint,
     /// The database could not be read.
     Storage(String),
-    /// A checkpoint kept outside the log is larger than the log: its newest
-    /// events were deleted (with their checkpoints).
-    Truncated { kept_size: u64, log_size: u64 },
-    /// The log's root at a kept checkpoint's size differs from it: the log
-    /// was rewritten and re-signed.
-    ForkedFromKept { kept_size: u64 },
-    /// A checkpoint given to check the log against does not verify itself.
-    KeptCheckpointInvalid {
-        checkpoint_size: u64,
+    /// A checkpoint kept outside the log (a witness file, the head file, a
+    /// receipt) covers more events than the log holds: its newest events
+    /// were deleted together with their checkpoints.
+    Truncated {
+        witness: String,
+        witnessed_size: u64,
+        log_size: u64,
+    },
+    /// The log's first `witnessed_size` events do not have the root a kept
+    /// checkpoint signed: the log was rewritten (and re-signed) since.
+    Forked {
+        witness: String,
+        witnessed_size: u64,
         detail: String,
     },
+    /// A checkpoint given to check the log against does not verify itself
+    /// (another log's key, bad signature, bad format).
+    WitnessInvalid { witness: String, detail: String },
+    /// The log says it has a head file, and there is none.
+    HeadFileMissing { path: String },
 }
 
 impl fmt::Display for TamperReason {
@@ -209,22 +224,39 @@ impl fmt::Display for TamperReason {
             TamperReason::NoCheckpoint => f.write_str("events stored but no checkpoint"),
             TamperReason::Storage(d) => write!(f, "cannot read the log: {d}"),
             TamperReason::Truncated {
-                kept_size,
+                witness,
+                witnessed_size,
                 log_size,
-            } => write!(
-                f,
-                "the log holds {log_size} events but a kept checkpoint covers {kept_size} (newest events deleted)"
-            ),
-            TamperReason::ForkedFromKept { kept_size } => write!(
-                f,
-                "the log's root at size {kept_size} differs from the kept checkpoint (log rewritten)"
-            ),
-            TamperReason::KeptCheckpointInvalid {
-                checkpoint_size,
+            } => {
+                let last = witnessed_size.saturating_sub(1);
+                let gone = if last == *log_size {
+                    format!("event #{last}, covered by {witness}, was")
+                } else {
+                    format!("events #{log_size}..#{last}, covered by {witness}, were")
+                };
+                write!(
+                    f,
+                    "log truncated: witnessed {witnessed_size} events, log has {log_size} ({gone} deleted together with their checkpoints)"
+                )
+            }
+            TamperReason::Forked {
+                witness,
+                witnessed_size,
                 detail,
             } => write!(
                 f,
-                "kept checkpoint of size {checkpoint_size} is invalid: {detail}"
+                "log forked/rewritten at or before event #{}: the log's first {witnessed_size} events are not the ones {witness} signed ({detail})",
+                witnessed_size.saturating_sub(1)
+            ),
+            TamperReason::WitnessInvalid { witness, detail } => {
+                write!(
+                    f,
+                    "{witness} is not a valid tree head of this log: {detail}"
+                )
+            }
+            TamperReason::HeadFileMissing { path } => write!(
+                f,
+                "the head file {path} is missing, but this log has written one (deleted along with the newest events?)"
             ),
         }
     }

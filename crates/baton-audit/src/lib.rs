@@ -24,10 +24,12 @@
 //!   checkpoint, and names the first bad index ([`TamperError`]).
 //!
 //! What it cannot see alone: deleting the newest events *together with*
-//! their checkpoints leaves a shorter log that is consistent. A checkpoint
-//! kept outside the log (from a receipt, or published) catches it: pass it in
-//! [`VerifyOptions::kept`], or check it with [`AuditLog::consistency_proof`]
-//! and [`verify_consistency`].
+//! their checkpoints leaves a shorter log that is consistent. Tree heads
+//! kept outside the log catch it ([`witness`]): the log's own head file
+//! beside the database, checked at open and by every verify, and witness
+//! files an operator keeps elsewhere (`baton audit verify --since FILE`), or
+//! a receipt's checkpoint: pass them in [`VerifyOptions::kept`], or check a
+//! log you cannot read with [`check_extends`] and a consistency proof.
 
 pub mod error;
 pub mod event;
@@ -36,17 +38,21 @@ mod log;
 pub mod merkle;
 pub mod proof;
 pub mod trace;
+pub mod witness;
 
 pub use error::{AuditError, ProofError, TamperError, TamperReason};
 pub use event::{
     AuditEvent, AuditRecord, CanonicalError, CanonicalEvent, EventKind, decode_canonical,
 };
 pub use keys::{AuditKeys, read_public_key};
-pub use log::{AuditLog, Durability, SignatureCheck, VerifyOptions, VerifyReport};
+pub use log::{
+    AuditLog, Durability, HeadPolicy, LogOptions, SignatureCheck, VerifyOptions, VerifyReport,
+};
 pub use proof::{
     Receipt, ReceiptLeaf, SignedCheckpoint, checkpoint_message, verify_consistency, verify_receipt,
 };
 pub use trace::{AgentNode, TaskEvent, Trace, TraceItem, trace};
+pub use witness::{Kept, Witness, check_extends, head_path, read_witness, write_witness};
 
 #[cfg(test)]
 mod tests;

@@ -8,7 +8,14 @@
 //! - `checkpoints(size, root_hash, at, signature)`: one signed checkpoint per
 //!   append, written in the same transaction as its event;
 //! - `meta(key, value)`: schema version, the checkpoint public key and a
-//!   fingerprint of the HMAC key, so a log cannot be reopened with other keys.
+//!   fingerprint of the HMAC key, so a log cannot be reopened with other keys;
+//!   `head_file = 1` once the log has a head file.
+//!
+//! A file-backed log also keeps its newest signed checkpoint in a head file
+//! beside the database ([`crate::witness`]): written after every committed
+//! transaction and before its receipts are returned, and checked at open
+//! and by `verify`, so that deleting the newest events together with their
+//! checkpoints is caught.
 //!
 //! Every complete subtree hash is kept in memory ([`Tree`]), rebuilt at open
 //! from the stored events (each leaf hash is recomputed), so receipts and
@@ -32,6 +39,7 @@ use crate::event::{AuditEvent, AuditRecord, ClearText, canonical_bytes, decode_c
 use crate::keys::AuditKeys;
 use crate::merkle::{self, Hash, Tree};
 use crate::proof::{Receipt, SignedCheckpoint, checkpoint_message, hex_all, to_hex};
+use crate::witness::{HeadFile, HeadState, Kept, check_consistency, head_path, read_head};
 
 const SCHEMA_VERSION: i64 = 1;
 
@@ -68,6 +76,27 @@ pub enum Durability {
     PowerLoss,
 }
 
+/// What to do at open when the log does not extend its head file (its
+/// newest events were deleted, or it was rewritten, or the file is gone).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum HeadPolicy {
+    /// Refuse to open (`AuditError::Tampered`).
+    #[default]
+    Enforce,
+    /// Open anyway: the old head file is kept beside as
+    /// `<head>.rejected-<unix time>`, a new one names the log as it is, and
+    /// [`AuditLog::accepted_loss`] says what was accepted. Only for a loss
+    /// an operator has looked at (a database restored from a backup).
+    DangerouslyAcceptLoss,
+}
+
+/// How to open a file-backed log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LogOptions {
+    pub durability: Durability,
+    pub head: HeadPolicy,
+}
+
 /// What `verify` checked.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct VerifyReport {
@@ -79,6 +108,11 @@ pub struct VerifyReport {
     pub checkpoints: u64,
     /// Number of checkpoint signatures checked.
     pub signatures: u64,
+    /// The newest signed checkpoint (`None` for an empty log): what a
+    /// witness keeps.
+    pub head: Option<SignedCheckpoint>,
+    /// The checkpoints kept outside the log that it was checked to extend.
+    pub witnessed: Vec<String>,
 }
 
 /// An event encoded and hashed, outside any lock.
@@ -138,6 +172,8 @@ struct Inner {
     last_at: u64,
     /// Set when the stored state can no longer be trusted to match memory.
     poisoned: Option<String>,
+    /// The head file of a file-backed log.
+    head: Option<HeadFile>,
 }
 
 /// The audit log. Appends are serialized by an internal lock; the value is
@@ -149,6 +185,7 @@ pub struct AuditLog {
     transactions: AtomicU64,
     keys: AuditKeys,
     path: Option<PathBuf>,
+    accepted_loss: Option<TamperError>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -174,6 +211,25 @@ impl AuditLog {
         keys: AuditKeys,
         durability: Durability,
     ) -> Result<Self, AuditError> {
+        Self::open_with_options(
+            path,
+            keys,
+            LogOptions {
+                durability,
+                ..LogOptions::default()
+            },
+        )
+    }
+
+    /// [`Self::open`] with explicit options. The log must extend its head
+    /// file ([`crate::witness::head_path`]) unless `options.head` says to
+    /// accept a loss.
+    pub fn open_with_options(
+        path: &Path,
+        keys: AuditKeys,
+        options: LogOptions,
+    ) -> Result<Self, AuditError> {
+        let durability = options.durability;
         let conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -187,7 +243,7 @@ impl AuditLog {
                 Durability::PowerLoss => "FULL",
             },
         )?;
-        Self::init(conn, keys, Some(path.to_path_buf()))
+        Self::init(conn, keys, Some((path.to_path_buf(), options)))
     }
 
     /// A log in memory (tests, `baton dev` without a data dir).
@@ -195,7 +251,11 @@ impl AuditLog {
         Self::init(Connection::open_in_memory()?, keys, None)
     }
 
-    fn init(conn: Connection, keys: AuditKeys, path: Option<PathBuf>) -> Result<Self, AuditError> {
+    fn init(
+        conn: Connection,
+        keys: AuditKeys,
+        file: Option<(PathBuf, LogOptions)>,
+    ) -> Result<Self, AuditError> {
         {
             let tx = conn.unchecked_transaction()?;
             tx.execute_batch(SCHEMA)?;
@@ -217,6 +277,10 @@ impl AuditLog {
             }
             tx.commit()?;
         }
+        // Read before the scan: a head is never newer than the rows it names.
+        let head_state = file
+            .as_ref()
+            .map(|(p, _)| read_head(&head_path(p), keys.public_key()));
         let scan = {
             let tx = conn.unchecked_transaction()?;
             let quick = scan(&tx, keys.public_key(), None, ScanMode::LastCheckpoint);
@@ -238,6 +302,13 @@ impl AuditLog {
             tx.commit()?;
             scan
         };
+        let (head, accepted_loss) = match (&file, head_state) {
+            (Some((path, options)), Some(state)) => {
+                let (head, loss) = attach_head(&conn, &keys, &scan, path, *options, state)?;
+                (Some(head), loss)
+            }
+            _ => (None, None),
+        };
         Ok(Self {
             inner: Mutex::new(Inner {
                 conn,
@@ -245,13 +316,26 @@ impl AuditLog {
                 by_task: scan.by_task,
                 last_at: scan.last_at,
                 poisoned: None,
+                head,
             }),
             queue: Mutex::new(Queue::default()),
             queue_cv: Condvar::new(),
             transactions: AtomicU64::new(0),
             keys,
-            path,
+            path: file.map(|(p, _)| p),
+            accepted_loss,
         })
+    }
+
+    /// With [`HeadPolicy::DangerouslyAcceptLoss`]: what was wrong with the
+    /// log against its head file when it was opened anyway.
+    pub fn accepted_loss(&self) -> Option<&TamperError> {
+        self.accepted_loss.as_ref()
+    }
+
+    /// The head file of a file-backed log.
+    pub fn head_file(&self) -> Option<PathBuf> {
+        self.path.as_deref().map(head_path)
     }
 
     fn lock(&self) -> Result<MutexGuard<'_, Inner>, AuditError> {
@@ -406,6 +490,17 @@ impl AuditLog {
                             inner.by_task.insert(job.task_id.clone(), vec![r.index]);
                         }
                     }
+                }
+                // INVARIANT: no receipt leaves before the head file names
+                // its checkpoint, so deleting an acknowledged event is
+                // caught. The events are committed already: if the head
+                // cannot be written they stay, but their requests are
+                // refused and so is every later append.
+                if let (Some(head), Some(last)) = (inner.head.as_mut(), receipts.last())
+                    && let Err(e) = head.write(&last.checkpoint)
+                {
+                    inner.poisoned = Some(e.to_string());
+                    return Err(e);
                 }
                 Ok(receipts)
             }
@@ -631,20 +726,24 @@ impl AuditLog {
     }
 
     /// [`Self::verify`] with options: how many signatures to check, and
-    /// checkpoints kept outside the log that it must extend.
+    /// checkpoints kept outside the log that it must extend. A file-backed
+    /// log must also extend its head file.
     pub fn verify_with(&self, opts: &VerifyOptions) -> Result<VerifyReport, TamperError> {
         let storage =
             |e: rusqlite::Error| TamperError::general(TamperReason::Storage(e.to_string()));
+        let pk = self.keys.public_key();
         match &self.path {
             Some(p) => {
+                // The head first: it never names more than the snapshot holds.
+                let head = HeadCheck::read(p, pk);
                 let conn = open_read_only(p).map_err(storage)?;
-                verify_conn(&conn, self.keys.public_key(), Some(&self.keys), opts)
+                verify_conn(&conn, pk, Some(&self.keys), opts, Some(head))
             }
             None => {
                 let inner = self.inner.lock().map_err(|_| {
                     TamperError::general(TamperReason::Storage("lock poisoned".into()))
                 })?;
-                verify_conn(&inner.conn, self.keys.public_key(), Some(&self.keys), opts)
+                verify_conn(&inner.conn, pk, Some(&self.keys), opts, None)
             }
         }
     }
@@ -655,16 +754,126 @@ impl AuditLog {
         Self::verify_file_with(path, public_key, &VerifyOptions::default())
     }
 
-    /// [`Self::verify_file`] with options (see [`VerifyOptions`]).
+    /// [`Self::verify_file`] with options (see [`VerifyOptions`]). The log
+    /// must also extend its head file, if it has one (and must have one if
+    /// it says so).
     pub fn verify_file_with(
         path: &Path,
         public_key: &[u8],
         opts: &VerifyOptions,
     ) -> Result<VerifyReport, TamperError> {
+        let head = HeadCheck::read(path, public_key);
         let conn = open_read_only(path)
             .map_err(|e| TamperError::general(TamperReason::Storage(e.to_string())))?;
-        verify_conn(&conn, public_key, None, opts)
+        verify_conn(&conn, public_key, None, opts, Some(head))
     }
+}
+
+/// The head file of a log as `verify` found it.
+struct HeadCheck {
+    path: PathBuf,
+    state: Result<HeadState, TamperError>,
+}
+
+impl HeadCheck {
+    fn read(db: &Path, public_key: &[u8]) -> Self {
+        let path = head_path(db);
+        let state = read_head(&path, public_key);
+        Self { path, state }
+    }
+
+    fn name(path: &Path) -> String {
+        format!("the head file {}", path.display())
+    }
+}
+
+/// Checks that the log in `tree` extends `kept`: its signature, the size,
+/// and the consistency proof from its size to the tree's.
+fn check_kept(tree: &Tree, kept: &Kept, public_key: &[u8]) -> Result<(), TamperError> {
+    let kept_root = kept.checkpoint.verify(public_key).map_err(|e| {
+        TamperError::general(TamperReason::WitnessInvalid {
+            witness: kept.source.clone(),
+            detail: format!("its checkpoint of size {}: {e}", kept.checkpoint.size),
+        })
+    })?;
+    let size = tree.size();
+    let root = tree.root(size).unwrap_or_else(merkle::empty_root);
+    let proof = tree
+        .consistency_proof(kept.checkpoint.size, size)
+        .unwrap_or_default();
+    check_consistency(kept, &kept_root, size, &root, &proof)
+}
+
+/// At open: checks the log against its head file, then (re)writes the head
+/// file with the log's newest checkpoint.
+fn attach_head(
+    conn: &Connection,
+    keys: &AuditKeys,
+    scan: &Scan,
+    db: &Path,
+    options: LogOptions,
+    state: Result<HeadState, TamperError>,
+) -> Result<(HeadFile, Option<TamperError>), AuditError> {
+    let path = head_path(db);
+    let has_head = meta(conn, "head_file")?.as_deref() == Some("1");
+    let mut newest_slot = None;
+    let problem = match state {
+        Err(e) => Some(e),
+        Ok(HeadState::Missing) if has_head => {
+            Some(TamperError::general(TamperReason::HeadFileMissing {
+                path: path.display().to_string(),
+            }))
+        }
+        Ok(HeadState::Missing | HeadState::Present { newest: None }) => None,
+        Ok(HeadState::Present {
+            newest: Some((slot, cp)),
+        }) => {
+            newest_slot = Some(slot);
+            check_kept(
+                &scan.tree,
+                &Kept::new(HeadCheck::name(&path), cp),
+                keys.public_key(),
+            )
+            .err()
+        }
+    };
+    if let Some(problem) = &problem {
+        if options.head == HeadPolicy::Enforce {
+            return Err(problem.clone().into());
+        }
+        if path.exists() {
+            let secs = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let mut name = path.file_name().map(|n| n.to_owned()).unwrap_or_default();
+            name.push(format!(".rejected-{secs}"));
+            std::fs::rename(&path, path.with_file_name(name)).map_err(|e| {
+                AuditError::HeadFile {
+                    path: path.clone(),
+                    reason: format!("cannot set the rejected head file aside: {e}"),
+                }
+            })?;
+        }
+        newest_slot = None;
+    }
+    let mut head = HeadFile::open(
+        &path,
+        keys.public_key(),
+        newest_slot,
+        options.durability == Durability::PowerLoss,
+    )?;
+    if let Some(cp) = &scan.last_cp {
+        head.write(cp)?;
+    }
+    // INVARIANT: the flag is set only once the file exists, so a crash in
+    // between never makes a good log look like it lost its head file.
+    if !has_head {
+        conn.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('head_file', '1')",
+            [],
+        )?;
+    }
+    Ok((head, problem))
 }
 
 fn open_read_only(path: &Path) -> Result<Connection, rusqlite::Error> {
@@ -681,6 +890,7 @@ fn verify_conn(
     public_key: &[u8],
     keys: Option<&AuditKeys>,
     opts: &VerifyOptions,
+    head: Option<HeadCheck>,
 ) -> Result<VerifyReport, TamperError> {
     let sigs = opts.signatures;
     let storage = |e: rusqlite::Error| TamperError::general(TamperReason::Storage(e.to_string()));
@@ -708,27 +918,24 @@ fn verify_conn(
     }
     let s = scan(&tx, public_key, keys, ScanMode::Full(sigs))?;
     let size = s.tree.size();
-    for kept in &opts.kept {
-        let root = kept.verify(public_key).map_err(|e| {
-            TamperError::general(TamperReason::KeptCheckpointInvalid {
-                checkpoint_size: kept.size,
-                detail: e.to_string(),
-            })
-        })?;
-        if kept.size > size {
-            return Err(TamperError::at(
-                size,
-                TamperReason::Truncated {
-                    kept_size: kept.size,
-                    log_size: size,
-                },
-            ));
+    let mut kept: Vec<Kept> = opts.kept.clone();
+    if let Some(HeadCheck { path, state }) = head {
+        match state? {
+            HeadState::Missing => {
+                if meta(&tx, "head_file").map_err(storage)?.as_deref() == Some("1") {
+                    return Err(TamperError::general(TamperReason::HeadFileMissing {
+                        path: path.display().to_string(),
+                    }));
+                }
+            }
+            HeadState::Present { newest: None } => {}
+            HeadState::Present {
+                newest: Some((_, cp)),
+            } => kept.push(Kept::new(HeadCheck::name(&path), cp)),
         }
-        if s.tree.root(kept.size) != Some(root) {
-            return Err(TamperError::general(TamperReason::ForkedFromKept {
-                kept_size: kept.size,
-            }));
-        }
+    }
+    for k in &kept {
+        check_kept(&s.tree, k, public_key)?;
     }
     let root = s.tree.root(size).map(hex::encode).unwrap_or_default();
     Ok(VerifyReport {
@@ -739,6 +946,8 @@ fn verify_conn(
             SignatureCheck::Every => s.checkpoints,
             SignatureCheck::Newest => s.checkpoints.min(1),
         },
+        head: s.last_cp,
+        witnessed: kept.into_iter().map(|k| k.source).collect(),
     })
 }
 
@@ -754,10 +963,11 @@ enum ScanMode {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VerifyOptions {
     pub signatures: SignatureCheck,
-    /// Checkpoints held outside the log (from receipts, or published). The
-    /// log must extend each: this is what catches the newest events being
-    /// deleted together with their checkpoints.
-    pub kept: Vec<SignedCheckpoint>,
+    /// Checkpoints held outside the log (witness files, receipts). The log
+    /// must extend each: this is what catches the newest events being
+    /// deleted together with their checkpoints, and the log rebuilt and
+    /// re-signed. (A file-backed log's own head file is always checked.)
+    pub kept: Vec<Kept>,
 }
 
 /// How many checkpoint signatures `verify` checks. Either way every stored
@@ -784,6 +994,8 @@ struct Scan {
     by_task: HashMap<String, Vec<u64>>,
     last_at: u64,
     checkpoints: u64,
+    /// The newest checkpoint, checked against the tree and signature.
+    last_cp: Option<SignedCheckpoint>,
 }
 
 /// A checkpoint signature to check off the scanning thread.
@@ -1094,8 +1306,9 @@ fn scan_with(
     Ok(Scan {
         tree,
         by_task,
-        last_at: last_cp.map_or(0, |c| c.at),
+        last_at: last_cp.as_ref().map_or(0, |c| c.at),
         checkpoints: checked,
+        last_cp,
     })
 }
 

@@ -432,70 +432,382 @@ fn deleted_newest_event_is_named() {
     );
 }
 
+/// Deletes the events from `from` on, with their checkpoints: what is left
+/// is a shorter log that is consistent in itself.
+fn cut(path: &Path, from: u64) {
+    Connection::open(path)
+        .unwrap()
+        .execute_batch(&format!(
+            "DELETE FROM leaves WHERE idx >= {from}; DELETE FROM checkpoints WHERE size > {from};"
+        ))
+        .unwrap();
+}
+
+/// Also deletes the head file and the log's note that it has one: the
+/// attacker who knows about the head file.
+fn cut_with_head(path: &Path, from: u64) {
+    cut(path, from);
+    std::fs::remove_file(head_path(path)).unwrap();
+    Connection::open(path)
+        .unwrap()
+        .execute("DELETE FROM meta WHERE key = 'head_file'", [])
+        .unwrap();
+}
+
+fn witness_opts(source: &str, cp: &SignedCheckpoint) -> VerifyOptions {
+    VerifyOptions {
+        signatures: SignatureCheck::Every,
+        kept: vec![Kept::new(source, cp.clone())],
+    }
+}
+
 #[test]
-fn truncation_is_caught_by_a_kept_checkpoint() {
+fn untampered_log_extends_its_head_file_and_witnesses() {
     let dir = tempfile::tempdir().unwrap();
     let (path, pk, receipts) = filled_file(dir.path(), 2);
-    let kept = |i: usize| VerifyOptions {
-        signatures: SignatureCheck::Every,
-        kept: vec![receipts[i].checkpoint.clone()],
-    };
-    AuditLog::verify_file_with(&path, &pk, &kept(15)).unwrap();
-    // Delete the three newest events with their checkpoints: the log alone
-    // still verifies, a receipt held outside does not.
-    Connection::open(&path)
-        .unwrap()
-        .execute_batch(
-            "DELETE FROM leaves WHERE idx >= 13; DELETE FROM checkpoints WHERE size > 13;",
-        )
-        .unwrap();
-    AuditLog::verify_file(&path, &pk).unwrap();
-    AuditLog::verify_file_with(&path, &pk, &kept(12)).unwrap();
-    let e = AuditLog::verify_file_with(&path, &pk, &kept(15)).unwrap_err();
-    assert_eq!(e.first_bad_index, Some(13));
-    assert_eq!(
-        e.reason,
-        TamperReason::Truncated {
-            kept_size: 16,
-            log_size: 13
-        }
-    );
-    // A kept checkpoint from another log (another key) is refused as such.
-    let other = AuditLog::in_memory(AuditKeys::generate().unwrap()).unwrap();
-    let foreign = other.append(&task_events(&task(1), 1)[0]).unwrap();
-    let e = AuditLog::verify_file_with(
+    assert!(head_path(&path).exists());
+    let report = AuditLog::verify_file_with(
         &path,
         &pk,
-        &VerifyOptions {
-            signatures: SignatureCheck::Newest,
-            kept: vec![foreign.checkpoint],
+        &witness_opts("witness", &receipts[9].checkpoint),
+    )
+    .unwrap();
+    assert_eq!(report.size, 16);
+    assert_eq!(report.head.as_ref(), Some(&receipts[15].checkpoint));
+    assert_eq!(report.witnessed.len(), 2, "{:?}", report.witnessed);
+    assert!(report.witnessed[1].contains("head file"));
+    // Reopened, appended to, still extends both.
+    let log = reopen(dir.path(), &path).unwrap();
+    assert!(log.accepted_loss().is_none());
+    log.append(&task_events(&task(7), 5)[0]).unwrap();
+    log.verify_with(&witness_opts("witness", &receipts[15].checkpoint))
+        .unwrap();
+    drop(log);
+    // A witness of the whole log passes too, and so does the remote form
+    // of the check: a consistency proof between two signed heads.
+    let log = reopen(dir.path(), &path).unwrap();
+    let current = log.latest_checkpoint().unwrap().unwrap();
+    for old in [&receipts[0].checkpoint, &receipts[15].checkpoint, &current] {
+        let proof = log.consistency_proof(old.size, current.size).unwrap();
+        check_extends(&Kept::new("w", old.clone()), &current, &proof, &pk).unwrap();
+    }
+}
+
+#[test]
+fn truncation_is_caught_by_the_head_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, pk, _) = filled_file(dir.path(), 2);
+    cut(&path, 13);
+    let e = AuditLog::verify_file(&path, &pk).unwrap_err();
+    assert_eq!(e.first_bad_index, Some(13));
+    let TamperReason::Truncated {
+        witness,
+        witnessed_size: 16,
+        log_size: 13,
+    } = &e.reason
+    else {
+        panic!("expected a truncation, got {e}");
+    };
+    assert!(witness.contains("head file"), "{witness}");
+    assert!(
+        e.to_string()
+            .contains("log truncated: witnessed 16 events, log has 13"),
+        "{e}"
+    );
+    // The broker refuses to append onto it...
+    match reopen(dir.path(), &path) {
+        Err(AuditError::Tampered(t)) => assert_eq!(t, e),
+        other => panic!("open should refuse a truncated log, got {other:?}"),
+    }
+    // ...unless told, loudly, to accept the loss: the old head is set aside.
+    let keys = AuditKeys::load_or_create(&dir.path().join("keys")).unwrap();
+    let log = AuditLog::open_with_options(
+        &path,
+        keys,
+        LogOptions {
+            head: HeadPolicy::DangerouslyAcceptLoss,
+            ..LogOptions::default()
         },
     )
-    .unwrap_err();
+    .unwrap();
+    assert_eq!(log.accepted_loss(), Some(&e));
+    let r = log.append(&task_events(&task(9), 5)[0]).unwrap();
+    assert_eq!(r.index, 13);
+    drop(log);
+    AuditLog::verify_file(&path, &pk).unwrap();
+    reopen(dir.path(), &path).unwrap();
+    let rejected: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("audit.db.head.rejected-"))
+        .collect();
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+}
+
+#[test]
+fn a_deleted_head_file_is_caught() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, pk, _) = filled_file(dir.path(), 1);
+    std::fs::remove_file(head_path(&path)).unwrap();
+    let e = AuditLog::verify_file(&path, &pk).unwrap_err();
     assert!(
-        matches!(e.reason, TamperReason::KeptCheckpointInvalid { .. }),
+        matches!(e.reason, TamperReason::HeadFileMissing { .. }),
+        "{e}"
+    );
+    match reopen(dir.path(), &path) {
+        Err(AuditError::Tampered(t)) => assert_eq!(t, e),
+        other => panic!("open should refuse, got {other:?}"),
+    }
+    // A head file of another log (another key) is refused as such.
+    let other = tempfile::tempdir().unwrap();
+    let (other_path, _, _) = filled_file(other.path(), 1);
+    std::fs::copy(head_path(&other_path), head_path(&path)).unwrap();
+    let e = AuditLog::verify_file(&path, &pk).unwrap_err();
+    assert!(
+        matches!(e.reason, TamperReason::WitnessInvalid { .. }),
         "{e}"
     );
 }
 
 #[test]
-fn a_rewritten_and_resigned_log_is_caught_by_a_kept_checkpoint() {
+fn a_torn_head_slot_falls_back_to_the_other() {
     let dir = tempfile::tempdir().unwrap();
     let (path, pk, receipts) = filled_file(dir.path(), 1);
-    // Whoever holds the signing key rebuilds the log with one event changed.
-    std::fs::remove_file(&path).unwrap();
+    let head = head_path(&path);
+    let bytes = std::fs::read(&head).unwrap();
+    assert_eq!(bytes.len(), 1024);
+    // Garble the slot holding size 8: the other one (size 7) still counts.
+    let newest = read_witness(&head).unwrap();
+    assert_eq!(newest.checkpoint, receipts[7].checkpoint);
+    let slot = (0..2)
+        .find(|i| {
+            let s = std::str::from_utf8(&bytes[i * 512..(i + 1) * 512]).unwrap();
+            serde_json::from_str::<Witness>(s.trim())
+                .unwrap()
+                .checkpoint
+                .size
+                == 8
+        })
+        .unwrap();
+    let mut torn = bytes.clone();
+    torn[slot * 512 + 40] ^= 0x20;
+    std::fs::write(&head, &torn).unwrap();
+    AuditLog::verify_file(&path, &pk).unwrap();
+    cut(&path, 6);
+    let e = AuditLog::verify_file(&path, &pk).unwrap_err();
+    assert!(
+        matches!(
+            e.reason,
+            TamperReason::Truncated {
+                witnessed_size: 7,
+                log_size: 6,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // Both slots garbled: not a head file any more.
+    std::fs::write(&head, vec![b'x'; 1024]).unwrap();
+    let e = AuditLog::verify_file(&path, &pk).unwrap_err();
+    assert!(
+        matches!(e.reason, TamperReason::WitnessInvalid { .. }),
+        "{e}"
+    );
+}
+
+#[test]
+fn truncation_is_caught_by_a_witness_file_when_the_head_file_goes_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, pk, receipts) = filled_file(dir.path(), 2);
+    let witness_file = dir.path().join("witness.json");
+    write_witness(
+        &witness_file,
+        &Witness::new(&pk, receipts[15].checkpoint.clone()).unwrap(),
+    )
+    .unwrap();
+    let witness = read_witness(&witness_file).unwrap();
+    assert_eq!(witness.verify(&pk).unwrap().len(), 32);
+    cut_with_head(&path, 13);
+    // The log alone, head file and all, still verifies: this is the gap.
+    AuditLog::verify_file(&path, &pk).unwrap();
+    // An older witness still passes; the newest does not.
+    AuditLog::verify_file_with(&path, &pk, &witness_opts("old", &receipts[12].checkpoint)).unwrap();
+    let e = AuditLog::verify_file_with(
+        &path,
+        &pk,
+        &witness_opts("witness.json", &witness.checkpoint),
+    )
+    .unwrap_err();
+    assert_eq!(e.first_bad_index, Some(13));
+    assert_eq!(
+        e.reason,
+        TamperReason::Truncated {
+            witness: "witness.json".into(),
+            witnessed_size: 16,
+            log_size: 13
+        }
+    );
+    // The same verdict from signed heads alone (a witness that cannot read
+    // the log): the log's newest head is smaller than the witnessed one.
     let log = reopen(dir.path(), &path).unwrap();
+    let current = log.latest_checkpoint().unwrap().unwrap();
+    let e = check_extends(
+        &Kept::new("witness.json", witness.checkpoint.clone()),
+        &current,
+        &[],
+        &pk,
+    )
+    .unwrap_err();
+    assert!(matches!(e.reason, TamperReason::Truncated { .. }), "{e}");
+    // A witness of another log (another key) is refused as such.
+    let other = AuditLog::in_memory(AuditKeys::generate().unwrap()).unwrap();
+    let foreign = other.append(&task_events(&task(1), 1)[0]).unwrap();
+    let w = Witness::new(other.public_key(), foreign.checkpoint.clone()).unwrap();
+    assert!(
+        w.verify(&pk)
+            .unwrap_err()
+            .contains("another checkpoint key")
+    );
+    let e = AuditLog::verify_file_with(&path, &pk, &witness_opts("foreign", &foreign.checkpoint))
+        .unwrap_err();
+    assert!(
+        matches!(e.reason, TamperReason::WitnessInvalid { .. }),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_receipt_shows_whether_its_event_is_still_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, pk, receipts) = filled_file(dir.path(), 2);
+    // A receipt fetched later proves event #4 against a later head.
+    let log = reopen(dir.path(), &path).unwrap();
+    let later = log.receipt(4).unwrap();
+    drop(log);
+    let kept =
+        |r: &Receipt| witness_opts(&format!("the receipt of event #{}", r.index), &r.checkpoint);
+    AuditLog::verify_file_with(&path, &pk, &kept(&receipts[4])).unwrap();
+    AuditLog::verify_file_with(&path, &pk, &kept(&later)).unwrap();
+    cut_with_head(&path, 4);
+    let e = AuditLog::verify_file_with(&path, &pk, &kept(&receipts[4])).unwrap_err();
+    assert_eq!(
+        e.reason,
+        TamperReason::Truncated {
+            witness: "the receipt of event #4".into(),
+            witnessed_size: 5,
+            log_size: 4
+        }
+    );
+    let e = AuditLog::verify_file_with(&path, &pk, &kept(&later)).unwrap_err();
+    assert!(
+        matches!(
+            e.reason,
+            TamperReason::Truncated {
+                witnessed_size: 16,
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_rewritten_and_resigned_log_is_caught() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, pk, receipts) = filled_file(dir.path(), 1);
+    let head_before = std::fs::read(head_path(&path)).unwrap();
+    // Whoever holds the signing key rebuilds the log elsewhere with one old
+    // event changed (every checkpoint recomputed and signed with the same
+    // key) and puts it in place of the real one.
+    let forged_dir = tempfile::tempdir().unwrap();
+    let forged = forged_dir.path().join("audit.db");
+    let log = AuditLog::open(
+        &forged,
+        AuditKeys::load_or_create(&dir.path().join("keys")).unwrap(),
+    )
+    .unwrap();
     let mut events = task_events(&task(0), 1_700_000_000);
     events[3].decision = Some("deny".into());
     log.append_batch(&events).unwrap();
     drop(log);
-    AuditLog::verify_file(&path, &pk).unwrap();
-    let opts = VerifyOptions {
-        signatures: SignatureCheck::Every,
-        kept: vec![receipts[5].checkpoint.clone()],
+    std::fs::copy(&forged, &path).unwrap();
+    // Its own checkpoints all verify, but not against the head file left
+    // in place...
+    let e = AuditLog::verify_file(&path, &pk).unwrap_err();
+    let TamperReason::Forked {
+        witness,
+        witnessed_size: 8,
+        ..
+    } = &e.reason
+    else {
+        panic!("expected a fork, got {e}");
     };
-    let e = AuditLog::verify_file_with(&path, &pk, &opts).unwrap_err();
-    assert_eq!(e.reason, TamperReason::ForkedFromKept { kept_size: 6 });
+    assert!(witness.contains("head file"), "{witness}");
+    assert!(e.to_string().contains("log forked/rewritten"), "{e}");
+    assert!(matches!(reopen(dir.path(), &path), Err(AuditError::Tampered(t)) if t == e));
+    // ...and with the forged head file too, not against a witness kept
+    // elsewhere. Events before the change are still consistent.
+    std::fs::copy(head_path(&forged), head_path(&path)).unwrap();
+    assert_ne!(std::fs::read(head_path(&path)).unwrap(), head_before);
+    AuditLog::verify_file(&path, &pk).unwrap();
+    AuditLog::verify_file_with(&path, &pk, &witness_opts("w", &receipts[2].checkpoint)).unwrap();
+    let e = AuditLog::verify_file_with(&path, &pk, &witness_opts("w", &receipts[5].checkpoint))
+        .unwrap_err();
+    assert_eq!(e.first_bad_index, None);
+    assert!(
+        matches!(
+            e.reason,
+            TamperReason::Forked {
+                witnessed_size: 6,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let log = reopen(dir.path(), &path).unwrap();
+    let current = log.latest_checkpoint().unwrap().unwrap();
+    let proof = log.consistency_proof(6, current.size).unwrap();
+    let e = check_extends(
+        &Kept::new("w", receipts[5].checkpoint.clone()),
+        &current,
+        &proof,
+        &pk,
+    )
+    .unwrap_err();
+    assert!(matches!(e.reason, TamperReason::Forked { .. }), "{e}");
+}
+
+#[test]
+fn witness_files_are_replaced_atomically_and_symlinks_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, pk, receipts) = filled_file(dir.path(), 1);
+    let file = dir.path().join("w.json");
+    for r in &receipts[..3] {
+        write_witness(&file, &Witness::new(&pk, r.checkpoint.clone()).unwrap()).unwrap();
+    }
+    assert_eq!(
+        read_witness(&file).unwrap().checkpoint,
+        receipts[2].checkpoint
+    );
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(names.iter().all(|n| !n.ends_with(".tmp")), "{names:?}");
+    let link = dir.path().join("link.json");
+    std::os::unix::fs::symlink(&file, &link).unwrap();
+    let e = write_witness(
+        &link,
+        &Witness::new(&pk, receipts[3].checkpoint.clone()).unwrap(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("symbolic link"), "{e}");
+    assert_eq!(
+        read_witness(&file).unwrap().checkpoint,
+        receipts[2].checkpoint
+    );
+    std::fs::write(&file, "{}").unwrap();
+    assert!(read_witness(&file).is_err());
 }
 
 #[test]

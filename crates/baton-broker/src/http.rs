@@ -436,6 +436,8 @@ pub fn admin_routes(
                     delegation.clone(),
                 ))
                 .unify()
+                .or(crate::http_audit::admin_routes(delegation.clone()))
+                .unify()
                 .or(crate::http_delegation::admin_routes(delegation))
                 .unify(),
         )

@@ -12,6 +12,7 @@
 
 pub mod delegation;
 pub mod http;
+pub mod http_audit;
 pub mod http_delegation;
 pub mod http_nodes;
 pub mod nodes;
@@ -129,6 +130,10 @@ pub struct BrokerConfig {
     /// Run as an intermediate under an existing PKI: (CA certificate chain
     /// PEM, signing CA key PEM).
     pub upstream: Option<(PathBuf, PathBuf)>,
+    /// Whether to start on an audit log that does not extend its head file
+    /// (newest events deleted, log rewritten, head file gone). Refused by
+    /// default.
+    pub audit_head: baton_audit::HeadPolicy,
 }
 
 /// The revocation store backend.
@@ -173,6 +178,7 @@ impl BrokerConfig {
             rotation: Some(baton_ca::RotationSchedule::default()),
             rotation_check_every: Duration::from_secs(10),
             upstream: None,
+            audit_head: baton_audit::HeadPolicy::Enforce,
         }
     }
 }
@@ -202,6 +208,13 @@ pub enum StartError {
     Policy(#[from] baton_policy::PolicyError),
     #[error("audit log: {0}")]
     Audit(#[from] baton_audit::AuditError),
+    #[error(
+        "audit log {path} does not extend its head file, refusing to append to it: {reason}. If this loss is known and accepted (e.g. the database was restored from a backup), start once with --dangerously-accept-audit-log-loss; the old head file is then kept beside it"
+    )]
+    AuditHead {
+        path: PathBuf,
+        reason: baton_audit::TamperError,
+    },
     #[error("OIDC: {0}")]
     Oidc(#[from] oidc::OidcError),
     #[error("revocation store: {0}")]
@@ -235,6 +248,45 @@ fn prepare_dir(path: &Path) -> Result<(), StartError> {
 /// The uid this process runs as, read from procfs (no libc, no unsafe).
 pub fn own_uid() -> Option<u32> {
     std::fs::metadata("/proc/self").ok().map(|m| m.uid())
+}
+
+/// Opens the audit log, refusing one that was cut short or rewritten
+/// unless `head` accepts it, which is then logged as an error.
+fn open_audit(
+    path: &Path,
+    keys: baton_audit::AuditKeys,
+    head: baton_audit::HeadPolicy,
+) -> Result<baton_audit::AuditLog, StartError> {
+    use baton_audit::{AuditError, TamperReason};
+    let options = baton_audit::LogOptions {
+        head,
+        ..baton_audit::LogOptions::default()
+    };
+    let log =
+        baton_audit::AuditLog::open_with_options(path, keys, options).map_err(|e| match e {
+            AuditError::Tampered(t)
+                if matches!(
+                    t.reason,
+                    TamperReason::Truncated { .. }
+                        | TamperReason::Forked { .. }
+                        | TamperReason::WitnessInvalid { .. }
+                        | TamperReason::HeadFileMissing { .. }
+                ) =>
+            {
+                StartError::AuditHead {
+                    path: path.to_owned(),
+                    reason: t,
+                }
+            }
+            other => other.into(),
+        })?;
+    if let Some(loss) = log.accepted_loss() {
+        tracing::error!(
+            audit_log = %path.display(),
+            "AUDIT LOG LOSS ACCEPTED by --dangerously-accept-audit-log-loss: {loss}; the old head file was set aside and the log is now witnessed as it is"
+        );
+    }
+    Ok(log)
 }
 
 /// Runs the broker until `shutdown` resolves.
@@ -272,7 +324,7 @@ pub async fn run(
             let audit_dir = dir.join("audit");
             prepare_dir(&audit_dir)?;
             let keys = baton_audit::AuditKeys::load_or_create(&audit_dir)?;
-            let audit = baton_audit::AuditLog::open(&dir.join("audit.db"), keys)?;
+            let audit = open_audit(&dir.join("audit.db"), keys, cfg.audit_head)?;
             (
                 Some(ca_dir),
                 Arc::new(SqliteStore::open(&dir.join("broker.db"))?),

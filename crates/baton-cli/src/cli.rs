@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
-use crate::{admin, ca, creds, daemons, example, nodes, tasks, workload};
+use crate::{admin, audit, ca, creds, daemons, example, nodes, tasks, workload};
 
 /// Exit codes scripts can rely on.
 pub const EXIT_FAILURE: u8 = 1;
@@ -102,7 +102,7 @@ pub enum Command {
     /// Tasks: start one for a user, inspect, end, change its purpose.
     #[command(subcommand)]
     Task(TaskCmd),
-    /// The tamper-evident audit log: verify it, trace a task.
+    /// The tamper-evident audit log: verify it (against witnessed tree heads), witness it, check receipts, trace a task.
     #[command(subcommand)]
     Audit(AuditCmd),
     /// Redeem a handoff grant into a task credential through the node daemon.
@@ -257,6 +257,13 @@ pub struct BrokerArgs {
     /// Also run the local dev OIDC issuer (tokens via `baton task start --user`). Never in production.
     #[arg(long)]
     pub dev_issuer: bool,
+    /// Start even though the audit log does not extend its head file (its
+    /// newest events were deleted, it was rewritten, or the head file is
+    /// gone). Only for a loss you have looked into, e.g. audit.db restored
+    /// from a backup: the old head file is kept beside it, and the loss is
+    /// logged as an error.
+    #[arg(long)]
+    pub dangerously_accept_audit_log_loss: bool,
     // Revocation store in Redis, shared with other brokers and followed by
     // verifiers. Default: in memory.
     #[command(flatten)]
@@ -656,17 +663,61 @@ pub enum NodeCmd {
     },
 }
 
+/// Read an audit log file directly instead of asking the broker.
+#[derive(Debug, Args)]
+pub struct OfflineLogArgs {
+    /// Verify a log file offline (e.g. a copy, or while the broker is
+    /// stopped) instead of asking the broker: the broker's audit.db (its
+    /// head file, audit.db.head, is checked too when it is beside it).
+    #[arg(long, requires = "keys_dir")]
+    pub db: Option<PathBuf>,
+    /// The broker's audit key directory (only the public key is read).
+    #[arg(long, requires = "db")]
+    pub keys_dir: Option<PathBuf>,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum AuditCmd {
-    /// Prove the log untampered (exit 4 and the first bad index if not).
+    /// Prove the log untampered (exit 4 and the first bad index if not):
+    /// every event and checkpoint, and that it extends the broker's head
+    /// file and, with --since, a witness file kept elsewhere.
     Verify {
-        /// Verify a log file offline (e.g. a copy, or while the broker is
-        /// stopped) instead of asking the broker: the broker's audit.db.
-        #[arg(long, requires = "keys_dir")]
-        db: Option<PathBuf>,
-        /// The broker's audit key directory (only the public key is read).
-        #[arg(long)]
-        keys_dir: Option<PathBuf>,
+        #[command(flatten)]
+        log: OfflineLogArgs,
+        /// A witness file (`baton audit checkpoint --out FILE`): the log must
+        /// still hold the events it witnessed ("log truncated") and be
+        /// consistent with its signed tree head ("log forked/rewritten").
+        /// Checked here, with the key the witness names, not by the broker.
+        #[arg(long, value_name = "FILE")]
+        since: Option<PathBuf>,
+        /// After a successful check, move the witness file forward to the
+        /// log's newest tree head (for a cron job that keeps it current).
+        #[arg(long, requires = "since")]
+        update: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Witness the log's newest signed tree head (size, root, signature,
+    /// key): to stdout, or to a new file for `verify --since`.
+    Checkpoint {
+        /// Write it to this file (refused if it exists: move an existing
+        /// witness forward with `baton audit verify --since FILE --update`).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        log: OfflineLogArgs,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Check that the event a receipt proves is still in the log: the
+    /// receipt itself (leaf, inclusion path, signature), then that the log
+    /// extends the receipt's checkpoint (exit 4 if it was cut below it or
+    /// rewritten).
+    VerifyReceipt {
+        /// The receipt, as JSON (what `baton audit receipt` prints).
+        file: PathBuf,
+        #[command(flatten)]
+        log: OfflineLogArgs,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -873,7 +924,7 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
         Command::Ca(cmd) => ca::ca(cmd).await,
         Command::Svid(cmd) => workload::svid(cmd).await,
         Command::Task(cmd) => tasks::task(cmd).await,
-        Command::Audit(cmd) => tasks::audit(cmd).await,
+        Command::Audit(cmd) => audit::audit(cmd).await,
         Command::Grant(cmd) => creds::grant(cmd).await,
         Command::Delegate(args) => creds::delegate(args).await,
         Command::Revoke(target) => tasks::revoke(target).await,

@@ -62,6 +62,9 @@ pub async fn broker(args: BrokerArgs) -> Result<()> {
         &args.tool_servers,
     )?;
     cfg.dev_issuer = args.dev_issuer;
+    if args.dangerously_accept_audit_log_loss {
+        cfg.audit_head = baton_audit::HeadPolicy::DangerouslyAcceptLoss;
+    }
     if let Some(redis) = args.redis.config()? {
         cfg.revocation = baton_broker::RevocationBackend::Redis(redis);
     }

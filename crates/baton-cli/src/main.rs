@@ -4,6 +4,7 @@
 //! lives in its own module.
 
 mod admin;
+mod audit;
 mod ca;
 mod cli;
 mod creds;

@@ -1,13 +1,11 @@
-//! `baton task ...` and `baton audit ...`: operator verbs over the admin socket.
+//! `baton task ...` and `baton revoke ...`: operator verbs over the admin socket.
 
 use anyhow::Result;
 use baton_core::api::{StartTaskRequest, StartTaskResponse};
 use baton_core::{Purpose, RiskTier, Scope, Secret, SpiffeId};
 
 use crate::admin::AdminClient;
-use crate::cli::{
-    AuditCmd, EXIT_REFUSED, EXIT_VERIFY_FAILED, OutputFormat, RevokeCmd, TaskCmd, exit,
-};
+use crate::cli::{EXIT_REFUSED, OutputFormat, RevokeCmd, TaskCmd, exit};
 use crate::output;
 
 fn refused(field: &str, e: impl std::fmt::Display) -> anyhow::Error {
@@ -260,77 +258,8 @@ pub async fn revoke(cmd: RevokeCmd) -> Result<()> {
     Ok(())
 }
 
-fn task_segment(id: &str) -> Result<String> {
+pub(crate) fn task_segment(id: &str) -> Result<String> {
     id.parse::<baton_core::TaskId>()
         .map(|t| t.to_string())
         .map_err(|e| exit(EXIT_REFUSED, e.to_string()))
-}
-
-pub async fn audit(cmd: AuditCmd) -> Result<()> {
-    match cmd {
-        AuditCmd::Receipt { index, admin } => {
-            let v: serde_json::Value = AdminClient::new(&admin.admin_socket)?
-                .get(&format!("/v1/admin/audit/receipt/{index}"))
-                .await?;
-            output::json(&v);
-            Ok(())
-        }
-        AuditCmd::Verify {
-            db,
-            keys_dir,
-            admin,
-        } => {
-            let v: serde_json::Value = match (db, keys_dir) {
-                (Some(db), Some(keys)) => {
-                    let key = baton_audit::read_public_key(&keys)
-                        .map_err(|e| exit(EXIT_REFUSED, format!("--keys-dir: {e}")))?;
-                    match baton_audit::AuditLog::verify_file(&db, &key) {
-                        Ok(report) => serde_json::json!({ "ok": true, "report": report }),
-                        Err(e) => serde_json::json!({
-                            "ok": false,
-                            "error": e.to_string(),
-                            "first_bad_index": e.first_bad_index,
-                        }),
-                    }
-                }
-                _ => {
-                    AdminClient::new(&admin.admin_socket)?
-                        .get("/v1/admin/audit/verify")
-                        .await?
-                }
-            };
-            let ok = v["ok"].as_bool().unwrap_or(false);
-            match admin.output {
-                OutputFormat::Json => output::json(&v),
-                OutputFormat::Table if ok => output::line(&format!(
-                    "audit log verified: {} events, root {}",
-                    v["report"]["size"], v["report"]["root"]
-                )),
-                OutputFormat::Table => {}
-            }
-            if ok {
-                Ok(())
-            } else {
-                Err(exit(
-                    EXIT_VERIFY_FAILED,
-                    format!(
-                        "audit log verification FAILED at index {}: {}",
-                        v["first_bad_index"],
-                        v["error"].as_str().unwrap_or("unknown error")
-                    ),
-                ))
-            }
-        }
-        AuditCmd::Trace { task, json, admin } => {
-            let v: serde_json::Value = AdminClient::new(&admin.admin_socket)?
-                .get(&format!("/v1/admin/audit/trace/{}", task_segment(&task)?))
-                .await?;
-            if json {
-                output::json(&v["trace"]);
-            } else {
-                output::raw(v["text"].as_str().unwrap_or_default());
-            }
-            Ok(())
-        }
-    }
 }
