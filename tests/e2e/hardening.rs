@@ -932,3 +932,98 @@ fn without_redis_the_tool_server_follows_the_brokers_own_feed() {
     );
     assert!(err.contains("revoked"), "{err}");
 }
+
+// ------------------------------------------------------ task lifecycle
+
+fn admin_post(w: &World, path: &str, body: &serde_json::Value) -> serde_json::Value {
+    baton_tls::install_crypto_provider();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        reqwest::Client::builder()
+            .unix_socket(w.c.admin_socket())
+            .build()
+            .unwrap()
+            .post(format!("http://admin{path}"))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    })
+}
+
+fn start_with_id_token(w: &World, token: &str) -> std::process::Output {
+    w.run(&[
+        "task",
+        "start",
+        "--id-token",
+        token,
+        "--root-agent",
+        PLANNER,
+        "--purpose",
+        "support.case-research",
+        "--risk-ceiling",
+        "read",
+        "--ttl",
+        "10m",
+        "--max-depth",
+        "1",
+        "--audience",
+        "crm",
+        "--scope",
+        "tool:crm.search:read",
+        "-o",
+        "json",
+    ])
+}
+
+#[test]
+fn an_id_token_starts_one_task_and_task_end_is_idempotent() {
+    let w = World::start();
+    let v = admin_post(
+        &w,
+        "/v1/admin/dev/id-token",
+        &serde_json::json!({ "user": "alice@example.com" }),
+    );
+    let token = v["id_token"].as_str().unwrap().to_owned();
+    // Control: the first use starts a task.
+    let first = start_with_id_token(&w, &token);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let task: serde_json::Value = serde_json::from_slice(&first.stdout).unwrap();
+    let task = task["task_id"].as_str().unwrap().to_owned();
+    // A captured copy cannot start a second one, nor can a re-encoding of
+    // its signature.
+    let again = start_with_id_token(&w, &token);
+    assert_eq!(again.status.code(), Some(2));
+    assert!(stderr(&again).contains("single use"), "{}", stderr(&again));
+    let twin = high_s_twin_any(&token);
+    let again = start_with_id_token(&w, &twin);
+    assert_eq!(again.status.code(), Some(2));
+    // A fresh token for the same user works (control).
+    let v = admin_post(
+        &w,
+        "/v1/admin/dev/id-token",
+        &serde_json::json!({ "user": "alice@example.com" }),
+    );
+    let fresh = start_with_id_token(&w, v["id_token"].as_str().unwrap());
+    assert!(fresh.status.success(), "{}", stderr(&fresh));
+
+    // Ending twice: the second call succeeds and re-drives the revocation.
+    let v = w.json(&["task", "end", &task, "-o", "json"]);
+    assert_eq!(v["already_ended"], false, "{v}");
+    let v = w.json(&["task", "end", &task, "-o", "json"]);
+    assert_eq!(v["already_ended"], true, "{v}");
+}
+
+/// The other valid ES256 signature of a JWS (whichever form it had).
+fn high_s_twin_any(token: &str) -> String {
+    let parts: Vec<&str> = token.split('.').collect();
+    let mut sig = URL_SAFE_NO_PAD.decode(parts[2]).unwrap();
+    negate_s(&mut sig);
+    format!("{}.{}.{}", parts[0], parts[1], URL_SAFE_NO_PAD.encode(sig))
+}

@@ -250,6 +250,15 @@ impl Delegation {
             ));
         }
         self.broker.refuse_blocked(&req.root_agent, now)?;
+        // An ID token starts one task: a captured token cannot start another.
+        if !self
+            .tasks
+            .use_id_token(&initiator.replay_key, initiator.exp, now)?
+        {
+            return Err(BrokerError::Unauthenticated(
+                "initiating identity refused: this ID token already started a task (ID tokens are single use)".into(),
+            ));
+        }
         let id = TaskId::from_random(random_bytes::<16>()?);
         let task = TaskRecord {
             id: id.clone(),
@@ -1164,21 +1173,21 @@ impl Delegation {
         self.tasks.as_ref()
     }
 
-    pub fn end_task(&self, raw: &str, now: SystemTime) -> Result<TaskRecord, BrokerError> {
+    /// Ends a task. Idempotent: ending an ended task returns it again
+    /// (`true`), so the caller re-drives the revocation of its credentials
+    /// (a first attempt may have failed half-way).
+    pub fn end_task(&self, raw: &str, now: SystemTime) -> Result<(TaskRecord, bool), BrokerError> {
         let now = unix(now);
         let mut task = self.get_task(raw)?;
         if task.ended_at.is_some() {
-            return Err(BrokerError::Conflict(format!(
-                "task {} has already ended",
-                task.id
-            )));
+            return Ok((task, true));
         }
         let ev = self.event(EventKind::TaskEnded, &task.id, now);
         self.append(&ev)?;
         task.ended_at = Some(now);
         self.tasks.update_task(&task)?;
         tracing::info!(task = %task.id, "task ended");
-        Ok(task)
+        Ok((task, false))
     }
 
     pub fn set_purpose(

@@ -392,10 +392,12 @@ pub fn admin_routes(
         .and(warp::post())
         .and(with(d.clone()))
         .and_then(|id: String, d: Arc<Delegation>| async move {
+            // Re-driven on every call: a retry after a failed revocation
+            // completes it.
             let result = match d.end_task(&id, SystemTime::now()) {
-                Ok(task) => revoke_task(&d, &task, "task ended")
-                    .await
-                    .map(|n| serde_json::json!({ "task": task, "revoked": n })),
+                Ok((task, already)) => revoke_task(&d, &task, "task ended").await.map(
+                    |n| serde_json::json!({ "task": task, "revoked": n, "already_ended": already }),
+                ),
                 Err(e) => Err(e),
             };
             respond(result)

@@ -36,6 +36,12 @@ pub enum OidcError {
 pub struct Initiator {
     pub sub: String,
     pub iss: String,
+    /// When the ID token expires (unix seconds).
+    pub exp: u64,
+    /// base64url SHA-256 of the token's signed part (header and payload):
+    /// the same for every re-encoding of its signature, so a replay of
+    /// the token is recognised whatever its signature bytes.
+    pub replay_key: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -136,9 +142,15 @@ impl OidcVerifier {
         if claims.sub.is_empty() {
             return Err(OidcError::Invalid("empty sub".into()));
         }
+        let signed = token.rsplit_once('.').map_or(token, |(signed, _)| signed);
         Ok(Initiator {
             sub: claims.sub,
             iss: claims.iss,
+            exp: claims.exp,
+            replay_key: URL_SAFE_NO_PAD.encode(aws_lc_rs::digest::digest(
+                &aws_lc_rs::digest::SHA256,
+                signed.as_bytes(),
+            )),
         })
     }
 }
@@ -169,6 +181,8 @@ struct DevClaims<'a> {
     aud: &'a str,
     iat: u64,
     exp: u64,
+    /// Random: two tokens minted in the same second differ.
+    jti: String,
 }
 
 impl DevIssuer {
@@ -209,7 +223,9 @@ impl DevIssuer {
             sub: user,
             aud: DEV_AUDIENCE,
             iat: now,
-            exp: now + ttl_secs,
+            exp: now.saturating_add(ttl_secs),
+            jti: crate::service::random_hex::<16>()
+                .map_err(|e| OidcError::Invalid(format!("no randomness for jti: {e}")))?,
         };
         jsonwebtoken::encode(&header, &claims, &self.key)
             .map_err(|e| OidcError::Invalid(e.to_string()))

@@ -202,6 +202,11 @@ const MIGRATIONS: &[&str] = &[
      );
      CREATE TABLE feed_meta (epoch TEXT NOT NULL);
      INSERT INTO feed_meta (epoch) VALUES (lower(hex(randomblob(16))));",
+    // 6: ID tokens that started a task (single use within their lifetime)
+    "CREATE TABLE used_id_tokens (
+        digest TEXT PRIMARY KEY,
+        expires_at INTEGER NOT NULL
+     );",
 ];
 
 const ENTRY_COLUMNS: &str =

@@ -129,6 +129,9 @@ pub trait TaskStore: Send + Sync + std::fmt::Debug {
     fn update_token(&self, t: &TokenRecord) -> Result<(), StoreError>;
     fn tokens_for_task(&self, task: &TaskId) -> Result<Vec<TokenRecord>, StoreError>;
     fn get_token(&self, jti: &str) -> Result<Option<TokenRecord>, StoreError>;
+    /// Records that an ID token (by its replay key) started a task; false
+    /// when it already did (a replay). Forgets tokens expired at `now`.
+    fn use_id_token(&self, key: &str, expires_at: u64, now: u64) -> Result<bool, StoreError>;
     /// The audit index of an already recorded tool-call report.
     fn report_seen(&self, report_id: &str) -> Result<Option<u64>, StoreError>;
     fn record_report(&self, report_id: &str, index: u64) -> Result<(), StoreError>;
@@ -246,6 +249,22 @@ impl TaskStore for SqliteStore {
                 params![t.jti, t.task_id.as_str(), record],
             )?;
             Ok(())
+        })
+    }
+
+    fn use_id_token(&self, key: &str, expires_at: u64, now: u64) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "DELETE FROM used_id_tokens WHERE expires_at <= ?1",
+                params![to_i64(now)],
+            )?;
+            let n = tx.execute(
+                "INSERT OR IGNORE INTO used_id_tokens (digest, expires_at) VALUES (?1, ?2)",
+                params![key, to_i64(expires_at)],
+            )?;
+            tx.commit()?;
+            Ok(n == 1)
         })
     }
 

@@ -289,7 +289,10 @@ async fn tool_server(
     // configured, else the broker's own (`GET /v1/revocations/feed`).
     // Staleness is judged per call by the gate (sensitive tiers always fail
     // closed), so the token check itself only looks at actual revocations.
-    let (verifier, freshness, serials): Following = match (feed.redis, feed.dangerously_skip_revocation) {
+    let (verifier, freshness, serials): Following = match (
+        feed.redis,
+        feed.dangerously_skip_revocation,
+    ) {
         (Some(redis), _) => {
             let handle = baton_revocation::RevocationFeed::spawn_with(
                 redis,
