@@ -546,7 +546,7 @@ pub fn admin_routes(
                 })?;
                 let token = issuer
                     .mint(&b.user, b.ttl_secs, crate::oidc::unix_now())
-                    .map_err(|e| BrokerError::BadRequest { field: Some("user"), message: e.to_string() })?;
+                    .map_err(|e| BrokerError::BadRequest { field: None, message: e.to_string() })?;
                 Ok(serde_json::json!({ "id_token": token }))
             }))
         });

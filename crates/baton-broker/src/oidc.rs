@@ -218,12 +218,17 @@ impl DevIssuer {
         baton_ca::init();
         let mut header = Header::new(Algorithm::ES256);
         header.kid = Some(DEV_KID.into());
+        let exp = now.checked_add(ttl_secs).ok_or_else(|| {
+            OidcError::Invalid(format!(
+                "ttl_secs {ttl_secs} is too large: the token would expire past the end of time"
+            ))
+        })?;
         let claims = DevClaims {
             iss: DEV_ISSUER,
             sub: user,
             aud: DEV_AUDIENCE,
             iat: now,
-            exp: now.saturating_add(ttl_secs),
+            exp,
             jti: crate::service::random_hex::<16>()
                 .map_err(|e| OidcError::Invalid(format!("no randomness for jti: {e}")))?,
         };
@@ -259,6 +264,11 @@ mod tests {
         assert!(matches!(
             v.verify("x.y.z", 1000),
             Err(OidcError::Malformed(_))
+        ));
+        // Regression (found by the fuzz tests): a huge TTL overflowed `now + ttl`.
+        assert!(matches!(
+            dev.mint("alice", u64::MAX, 1000),
+            Err(OidcError::Invalid(m)) if m.contains("ttl_secs")
         ));
         let none = OidcVerifier::default();
         assert!(matches!(
