@@ -176,8 +176,13 @@ fn sign(header: &Value, payload: &[u8]) -> String {
 
 fn check(token: &str) {
     let f = fx();
-    let tool = TokenVerifier::new(f.bundles.clone(), AUDIENCE.into()).with_cache_capacity(4);
-    let broker = TokenVerifier::for_broker(f.bundles.clone()).with_cache_capacity(4);
+    let tool = TokenVerifier::dangerous_without_revocation(f.bundles.clone(), AUDIENCE.into())
+        .with_cache_capacity(4);
+    let broker = TokenVerifier::for_broker(
+        f.bundles.clone(),
+        std::sync::Arc::new(baton_verify::NoRevocation),
+    )
+    .with_cache_capacity(4);
     for now in [NOW, 0, u64::MAX] {
         for v in [&tool, &broker] {
             // Twice: the second call goes through the cache.
@@ -196,7 +201,7 @@ fn check(token: &str) {
 #[test]
 fn fuzz_seed_token_verifies() {
     let f = fx();
-    let tool = TokenVerifier::new(f.bundles.clone(), AUDIENCE.into());
+    let tool = TokenVerifier::dangerous_without_revocation(f.bundles.clone(), AUDIENCE.into());
     tool.verify(&f.token, &f.peer, NOW).unwrap();
     let own = sign(&header(), f.claims.to_string().as_bytes());
     tool.verify(&own, &f.peer, NOW).unwrap();
@@ -275,7 +280,7 @@ proptest! {
     ) {
         if let Ok(p) = PeerCert::from_verified_leaf(der.clone()) {
             prop_assert_eq!(p.leaf_der(), &der[..]);
-            let _ = TokenVerifier::new(fx().bundles.clone(), AUDIENCE.into())
+            let _ = TokenVerifier::dangerous_without_revocation(fx().bundles.clone(), AUDIENCE.into())
                 .verify(&fx().token, &p, NOW);
         }
     }
