@@ -9,6 +9,7 @@ mod audit;
 mod broker;
 mod delegation;
 mod fanout;
+mod grpc_core;
 mod harness;
 mod identity;
 mod nodes;
