@@ -17,5 +17,6 @@ mod refusals;
 mod restart;
 mod revocation;
 mod rotation;
+mod secret_files;
 mod secrets;
 mod tls_resumption;
