@@ -238,7 +238,30 @@ fn flushall_and_restart_bring_nothing_back_and_redis_down_fails_closed() {
         "--audience",
         "crm",
     ]);
-    assert!(err.contains("revocation service unavailable"), "{err}");
+    // The caller learns that nothing was issued and a correlation id for
+    // the broker's log, not the store's internal error.
+    assert!(
+        err.contains("unavailable") && err.contains("correlation id"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("redis") && !err.contains("127.0.0.1"),
+        "{err}"
+    );
+    // The broker's log has the detail under that id.
+    let id = err
+        .split("correlation id ")
+        .nth(1)
+        .and_then(|rest| rest.split(|ch: char| !ch.is_ascii_hexdigit()).next())
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(id.len(), 16, "{err}");
+    let log = w.c.broker.as_ref().unwrap().log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains(&id) && l.contains("revocation service unavailable")),
+        "broker log lacks {id}: {log}"
+    );
     // Nor is a task credential issued for a grant made before the outage.
     let out = w.run(&[
         "grant",
@@ -252,7 +275,7 @@ fn flushall_and_restart_bring_nothing_back_and_redis_down_fails_closed() {
     ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success() && err.contains("revocation service unavailable"),
+        !out.status.success() && err.contains("unavailable") && err.contains("correlation id"),
         "{err}"
     );
     wait_for(

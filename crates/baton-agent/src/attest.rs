@@ -51,7 +51,7 @@ pub enum StatParseError {
     NoCommEnd,
     #[error("field 22 (starttime) is missing")]
     MissingStartTime,
-    #[error("field 22 (starttime) is not a number: {0:?}")]
+    #[error("field 22 (starttime) is not a number: \"{}\"", .0.escape_debug())]
     BadStartTime(String),
 }
 

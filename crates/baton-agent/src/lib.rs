@@ -16,6 +16,7 @@
 //! [`AgentConfig`] and waits for a signal.
 
 pub mod attest;
+pub mod authority;
 pub mod cache;
 pub mod client;
 pub mod delegation;
@@ -38,6 +39,7 @@ use baton_proto::delegation::delegation_server::DelegationServer;
 use baton_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 use tokio::net::UnixListener;
 use tokio::sync::{oneshot, watch};
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::attest::Attestor;
@@ -299,7 +301,13 @@ async fn serve(
     tonic::transport::Server::builder()
         .add_service(SpiffeWorkloadApiServer::new(workload))
         .add_service(DelegationServer::new(delegation))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            // Standard gRPC clients send an `:authority` the HTTP/2 server
+            // would refuse; see `authority`.
+            UnixListenerStream::new(listener)
+                .map(|conn| conn.map(authority::AuthorityNormalizing::new)),
+            shutdown,
+        )
         .await?;
     Ok(())
 }

@@ -69,10 +69,11 @@ pub enum Durability {
     /// WAL with `synchronous=NORMAL`: a committed append survives a crash of
     /// the process; a power loss or OS crash may drop the last few appends
     /// (the log stays consistent: an event and its checkpoint go together).
-    #[default]
     Process,
     /// WAL with `synchronous=FULL`: every append is fsynced before its
-    /// receipt is returned (survives power loss; much slower).
+    /// receipt is returned (survives power loss; slower). The default: an
+    /// acknowledged event must not disappear.
+    #[default]
     PowerLoss,
 }
 
@@ -198,7 +199,7 @@ impl std::fmt::Debug for AuditLog {
 }
 
 impl AuditLog {
-    /// Opens (or creates) the log at `path` with [`Durability::Process`].
+    /// Opens (or creates) the log at `path` with [`Durability::PowerLoss`].
     /// Refuses a log written with other keys, and one whose stored events do
     /// not match its last signed checkpoint (`AuditError::Tampered`).
     pub fn open(path: &Path, keys: AuditKeys) -> Result<Self, AuditError> {

@@ -35,35 +35,93 @@ fn error_reply(status: StatusCode, code: &str, message: String, field: Option<&s
     warp::reply::with_status(warp::reply::json(&body), status).into_response()
 }
 
+/// What a caller is told about a failure inside the broker: no internal
+/// detail (database, CA, revocation or audit store errors may name files,
+/// hosts or internals), only a random correlation id that the broker's log
+/// line carries together with the detail.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+struct InternalError {
+    code: &'static str,
+    message: String,
+    correlation_id: String,
+}
+
+impl InternalError {
+    /// Logs `detail` under a new correlation id and returns the answer.
+    fn log(code: &'static str, summary: &str, detail: &str) -> Self {
+        let correlation_id = correlation_id();
+        tracing::error!(%correlation_id, code, error = %detail, "{summary}");
+        Self {
+            code,
+            message: format!("{summary}; correlation id {correlation_id}"),
+            correlation_id,
+        }
+    }
+}
+
+/// 16 random hex digits (from the system's random source; a clock and a
+/// counter only if that fails, since it only joins a reply to a log line).
+fn correlation_id() -> String {
+    let mut bytes = [0u8; 8];
+    if aws_lc_rs::rand::fill(&mut bytes).is_err() {
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or_default();
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        bytes = (nanos ^ n.rotate_left(48)).to_be_bytes();
+    }
+    hex::encode(bytes)
+}
+
 impl BrokerError {
-    fn into_response(self) -> Response {
+    /// The HTTP answer: the status and the JSON body. Refusals explain
+    /// themselves; failures inside the broker ([`BrokerError::Store`],
+    /// [`BrokerError::Ca`], [`BrokerError::Hook`]) are logged with a
+    /// correlation id that is all the caller gets.
+    fn reply_parts(self) -> (StatusCode, serde_json::Value) {
         let message = self.to_string();
+        let refusal = |status, code: &str, field: Option<&str>| {
+            let body = ApiError {
+                code: code.to_owned(),
+                message: message.clone(),
+                field: field.map(str::to_owned),
+            };
+            (status, serde_json::to_value(body).unwrap_or_default())
+        };
+        let internal =
+            |status, body: InternalError| (status, serde_json::to_value(body).unwrap_or_default());
         match self {
             BrokerError::BadRequest { field, .. } => {
-                error_reply(StatusCode::BAD_REQUEST, "invalid_argument", message, field)
+                refusal(StatusCode::BAD_REQUEST, "invalid_argument", field)
             }
             BrokerError::Unauthenticated(_) => {
-                error_reply(StatusCode::UNAUTHORIZED, "unauthenticated", message, None)
+                refusal(StatusCode::UNAUTHORIZED, "unauthenticated", None)
             }
-            BrokerError::Forbidden { code, .. } => {
-                error_reply(StatusCode::FORBIDDEN, code, message, None)
-            }
-            BrokerError::NotFound(_) => {
-                error_reply(StatusCode::NOT_FOUND, "not_found", message, None)
-            }
-            BrokerError::Conflict(_) => {
-                error_reply(StatusCode::CONFLICT, "conflict", message, None)
-            }
-            BrokerError::Store(_) | BrokerError::Ca(_) | BrokerError::Hook(_) => {
-                tracing::error!(error = %message, "internal error");
-                error_reply(
-                    StatusCode::SERVICE_UNAVAILABLE,
+            BrokerError::Forbidden { code, .. } => refusal(StatusCode::FORBIDDEN, code, None),
+            BrokerError::NotFound(_) => refusal(StatusCode::NOT_FOUND, "not_found", None),
+            BrokerError::Conflict(_) => refusal(StatusCode::CONFLICT, "conflict", None),
+            BrokerError::Store(_) | BrokerError::Ca(_) => internal(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                InternalError::log("internal", "internal error", &message),
+            ),
+            // A store the broker must write to before issuing (revocation,
+            // audit, secrets) is down: worth retrying later.
+            BrokerError::Hook(_) => internal(
+                StatusCode::SERVICE_UNAVAILABLE,
+                InternalError::log(
                     "unavailable",
-                    message,
-                    None,
-                )
-            }
+                    "a service the broker must record this request in is unavailable, so nothing was issued; try again later",
+                    &message,
+                ),
+            ),
         }
+    }
+
+    fn into_response(self) -> Response {
+        let (status, body) = self.reply_parts();
+        warp::reply::with_status(warp::reply::json(&body), status).into_response()
     }
 }
 
@@ -335,9 +393,10 @@ fn admin_check(access: &AdminAccess, peer: Option<UnixPeer>) -> Result<(), Broke
         Some(p) if access.allowed_uids.contains(&p.uid) => Ok(()),
         Some(p) => Err(BrokerError::Forbidden {
             code: "not_admin",
+            // Which uids are allowed is not the caller's business.
             message: format!(
-                "uid {} may not use the admin API; run the CLI as the broker's user (allowed uids: {:?})",
-                p.uid, access.allowed_uids
+                "uid {} may not use the admin API; run the CLI as the broker's user or root, or ask its operator to allow this uid (`baton broker --admin-uid`)",
+                p.uid
             ),
         }),
         None => Err(BrokerError::Unauthenticated(
@@ -490,10 +549,136 @@ async fn recover(rejection: warp::Rejection) -> Result<Response, Infallible> {
             None,
         ));
     }
+    // Warp's own description is Rust debug output: logged, not sent.
+    tracing::debug!(?rejection, "request rejected");
     Ok(error_reply(
         StatusCode::BAD_REQUEST,
         "bad_request",
-        format!("{rejection:?}"),
+        "the request is malformed for this route (method, headers or body)".into(),
         None,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn internal_detail() -> BrokerError {
+        BrokerError::Store(crate::store::StoreError::Corrupt {
+            table: "join_tokens",
+            detail: "secret internal detail at /var/lib/baton/baton.db".into(),
+        })
+    }
+
+    #[test]
+    fn internal_errors_answer_only_a_correlation_id() {
+        let (status, body) = internal_detail().reply_parts();
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(body["code"], "internal");
+        let id = body["correlation_id"].as_str().unwrap();
+        assert_eq!(id.len(), 16);
+        assert!(id.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(
+            body["message"],
+            format!("internal error; correlation id {id}")
+        );
+        let text = body.to_string();
+        assert!(!text.contains("secret internal detail"), "{text}");
+        assert!(!text.contains("join_tokens"), "{text}");
+        // Every failure gets its own id.
+        let (_, again) = internal_detail().reply_parts();
+        assert_ne!(again["correlation_id"], body["correlation_id"]);
+
+        let (status, body) =
+            BrokerError::Hook("revocation service unavailable (redis://10.0.0.1: refused)".into())
+                .reply_parts();
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["code"], "unavailable");
+        let text = body.to_string();
+        assert!(
+            !text.contains("redis") && !text.contains("10.0.0.1"),
+            "{text}"
+        );
+        assert!(text.contains("correlation id"), "{text}");
+        // Still an ApiError to existing clients.
+        let parsed: ApiError = serde_json::from_value(body).unwrap();
+        assert_eq!(parsed.code, "unavailable");
+    }
+
+    #[test]
+    fn refusals_keep_their_code_message_and_field() {
+        let (status, body) = BrokerError::BadRequest {
+            field: Some("node_id"),
+            message: "node_id is not a SPIFFE ID".into(),
+        }
+        .reply_parts();
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["code"], "invalid_argument");
+        assert_eq!(body["field"], "node_id");
+        assert_eq!(body["message"], "node_id is not a SPIFFE ID");
+        assert!(body.get("correlation_id").is_none());
+
+        let (status, body) = BrokerError::Forbidden {
+            code: "not_a_node",
+            message: "no".into(),
+        }
+        .reply_parts();
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert_eq!(body["code"], "not_a_node");
+        for (err, want) in [
+            (
+                BrokerError::Unauthenticated("x".into()),
+                StatusCode::UNAUTHORIZED,
+            ),
+            (BrokerError::NotFound("x".into()), StatusCode::NOT_FOUND),
+            (BrokerError::Conflict("x".into()), StatusCode::CONFLICT),
+        ] {
+            assert_eq!(err.reply_parts().0, want);
+        }
+    }
+
+    #[test]
+    fn admin_refusal_does_not_list_the_admin_uids() {
+        let access = AdminAccess {
+            allowed_uids: vec![0, 4242, 31337],
+        };
+        let err = admin_check(
+            &access,
+            Some(UnixPeer {
+                uid: 1000,
+                gid: 1000,
+                pid: None,
+            }),
+        )
+        .unwrap_err();
+        let (status, body) = err.reply_parts();
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert_eq!(body["code"], "not_admin");
+        let message = body["message"].as_str().unwrap();
+        assert!(message.contains("uid 1000"), "{message}");
+        assert!(
+            !message.contains("4242") && !message.contains("31337"),
+            "{message}"
+        );
+        // Control: an allowed uid passes.
+        assert!(
+            admin_check(
+                &access,
+                Some(UnixPeer {
+                    uid: 4242,
+                    gid: 1,
+                    pid: None,
+                }),
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn not_a_node_advice_never_suggests_a_node_token_for_the_caller() {
+        let id = baton_core::SpiffeId::parse("spiffe://example.org/agents/planner").unwrap();
+        let message = crate::service::not_a_node(&id).to_string();
+        assert!(!message.contains("--node-id"), "{message}");
+        assert!(!message.contains("token generate"), "{message}");
+    }
 }

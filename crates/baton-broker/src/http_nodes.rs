@@ -72,7 +72,8 @@ pub fn admin_routes(
                         "unban" => return broker.unban_node(&req.node_id),
                         other => {
                             return Err(BrokerError::NotFound(format!(
-                                "no node action {other:?}: use evict, ban or unban"
+                                "no node action \"{}\": use evict, ban or unban",
+                                other.escape_debug()
                             )));
                         }
                     };
@@ -106,7 +107,10 @@ fn parse_query(raw: &str) -> Result<NodeQuery, BrokerError> {
         if k != "id" {
             return Err(BrokerError::BadRequest {
                 field: Some("id"),
-                message: format!("unknown query parameter {k:?}; use ?id=<node SPIFFE ID>"),
+                message: format!(
+                    "unknown query parameter \"{}\"; use ?id=<node SPIFFE ID>",
+                    k.escape_debug()
+                ),
             });
         }
         id = Some(percent_decode(v).ok_or_else(|| BrokerError::BadRequest {

@@ -61,7 +61,8 @@ impl Broker {
         };
         let id = SpiffeId::parse(raw).map_err(|e| {
             bad(format!(
-                "node_id {raw:?} is not a SPIFFE ID ({e}); node IDs look like spiffe://{}/baton/node/<name>",
+                "node_id \"{}\" is not a SPIFFE ID ({e}); node IDs look like spiffe://{}/baton/node/<name>",
+                raw.escape_debug(),
                 self.trust_domain()
             ))
         })?;

@@ -15,17 +15,17 @@ use serde::{Deserialize, Serialize};
 pub enum OidcError {
     #[error("id_token is not a JWT: {0}")]
     Malformed(String),
-    #[error("id_token issuer {0:?} is not a configured OIDC issuer")]
+    #[error("id_token issuer \"{}\" is not a configured OIDC issuer", .0.escape_debug())]
     UnknownIssuer(String),
-    #[error("id_token key id {0:?} is not in the issuer's JWKS")]
+    #[error("id_token key id \"{}\" is not in the issuer's JWKS", .0.escape_debug())]
     UnknownKey(String),
-    #[error("id_token uses algorithm {0:?}; only RS256 and ES256 are accepted")]
+    #[error("id_token uses algorithm {0}; only RS256 and ES256 are accepted")]
     Algorithm(String),
     #[error("id_token signature or claims are invalid: {0}")]
     Invalid(String),
     #[error("id_token has expired")]
     Expired,
-    #[error("id_token audience does not include {0:?}")]
+    #[error("id_token audience does not include \"{}\"", .0.escape_debug())]
     Audience(String),
     #[error("cannot load the issuer's JWKS: {0}")]
     Jwks(String),
@@ -100,7 +100,12 @@ impl OidcVerifier {
         let header =
             jsonwebtoken::decode_header(token).map_err(|e| OidcError::Malformed(e.to_string()))?;
         if !matches!(header.alg, Algorithm::RS256 | Algorithm::ES256) {
-            return Err(OidcError::Algorithm(format!("{:?}", header.alg)));
+            // The algorithm's registered name (`HS256`...), as it is serialised.
+            let name = serde_json::to_value(header.alg)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_else(|| "unknown".to_owned());
+            return Err(OidcError::Algorithm(name));
         }
         // Read the issuer before verifying, only to pick the right JWKS.
         let payload = token

@@ -219,7 +219,8 @@ fn check_id(id: &str) -> Result<(), BrokerError> {
         Err(BrokerError::BadRequest {
             field: Some("id"),
             message: format!(
-                "id {id:?} is not an authority id (hex subject key id or JWT kid); `baton ca show` lists them"
+                "id \"{}\" is not an authority id (hex subject key id or JWT kid); `baton ca show` lists them",
+                id.escape_debug()
             ),
         })
     }

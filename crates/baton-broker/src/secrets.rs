@@ -286,8 +286,8 @@ impl Secrets {
             .ok_or_else(|| BrokerError::BadRequest {
                 field: Some("engine"),
                 message: format!(
-                    "engine: no secret engine named {:?} (this broker has: {})",
-                    req.engine,
+                    "engine: no secret engine named \"{}\" (this broker has: {})",
+                    req.engine.escape_debug(),
                     self.names().join(", ")
                 ),
             })?;

@@ -807,7 +807,7 @@ pub(crate) fn not_a_node(node_id: &SpiffeId) -> BrokerError {
     BrokerError::Forbidden {
         code: "not_a_node",
         message: format!(
-            "{node_id} is not an attested node (never attested, or evicted); attest it again with a new join token (`baton token generate --node-id {node_id}`, then start the agent with --join-token)"
+            "{node_id} is not an attested node: only a node daemon's agent SVID may call the node routes (a workload or task credential never can); a node that was evicted must attest again with a new join token from its operator"
         ),
     }
 }

@@ -223,7 +223,10 @@ impl SqliteStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // FULL: every commit is fsynced before it returns. With WAL,
+        // NORMAL may lose the last commits on a power cut or OS crash,
+        // which could bring back a join token or grant already used.
+        conn.pragma_update(None, "synchronous", "FULL")?;
         Self::migrate(conn)
     }
 
@@ -627,6 +630,22 @@ impl SqliteStore {
 mod tests {
     use super::*;
     use baton_core::NewEntry;
+
+    #[test]
+    fn file_store_is_fsynced_on_every_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("baton.db")).unwrap();
+        let conn = store.conn.lock().unwrap();
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        // 2 is FULL (0 OFF, 1 NORMAL, 3 EXTRA).
+        let sync: i64 = conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(sync, 2, "PRAGMA synchronous must be FULL");
+    }
 
     fn entry(uid: u32) -> Entry {
         NewEntry {

@@ -65,6 +65,7 @@ pub struct AdminArgs {
     #[arg(
         long,
         env = "BATON_ADMIN_SOCKET",
+        hide_env_values = true,
         default_value = ".baton-dev/admin.sock"
     )]
     pub admin_socket: PathBuf,
@@ -207,7 +208,7 @@ impl RotationArgs {
 
 #[derive(Debug, Args)]
 pub struct BrokerArgs {
-    #[arg(long, env = "BATON_TRUST_DOMAIN")]
+    #[arg(long, env = "BATON_TRUST_DOMAIN", hide_env_values = true)]
     pub trust_domain: String,
     /// Directory for the CA keys (0600), the SQLite datastore and bundle.pem.
     #[arg(long)]
@@ -309,7 +310,7 @@ pub enum SecretCmd {
         #[arg(long)]
         credential: PathBuf,
         /// The broker's HTTPS URL.
-        #[arg(long, env = "BATON_BROKER_URL")]
+        #[arg(long, env = "BATON_BROKER_URL", hide_env_values = true)]
         broker_url: String,
         /// The engine's name, e.g. postgres.crm or apikey.
         #[arg(long)]
@@ -323,11 +324,20 @@ pub enum SecretCmd {
         #[arg(long)]
         credential: PathBuf,
         /// The broker's HTTPS URL.
-        #[arg(long, env = "BATON_BROKER_URL")]
+        #[arg(long, env = "BATON_BROKER_URL", hide_env_values = true)]
         broker_url: String,
-        /// The presented key (bk_...).
-        #[arg(long, env = "BATON_API_KEY", hide_env_values = true)]
-        key: String,
+        /// The presented key (bk_...), or `-` to read it from standard input.
+        #[arg(
+            long,
+            env = "BATON_API_KEY",
+            hide_env_values = true,
+            required_unless_present = "key_file",
+            conflicts_with = "key_file"
+        )]
+        key: Option<String>,
+        /// File holding the key (`-`: standard input).
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
         #[arg(long, short = 'o', value_enum, default_value_t)]
         output: OutputFormat,
     },
@@ -348,7 +358,7 @@ pub struct RevocationArgs {
 
 #[derive(Debug, Args)]
 pub struct AgentArgs {
-    #[arg(long, env = "BATON_TRUST_DOMAIN")]
+    #[arg(long, env = "BATON_TRUST_DOMAIN", hide_env_values = true)]
     pub trust_domain: String,
     /// The broker's HTTPS URL, e.g. https://127.0.0.1:8443
     #[arg(long)]
@@ -363,8 +373,18 @@ pub struct AgentArgs {
     #[arg(long)]
     pub trust_bundle: Option<PathBuf>,
     /// Single-use join token (from `baton token generate`); only needed until the node has an identity.
-    #[arg(long, env = "BATON_JOIN_TOKEN")]
+    /// `-` reads it from standard input. Prefer --join-token-file, standard input or the
+    /// variable: an argument is visible to every user of the machine.
+    #[arg(
+        long,
+        env = "BATON_JOIN_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "join_token_file"
+    )]
     pub join_token: Option<String>,
+    /// File holding the join token (`-`: standard input).
+    #[arg(long, value_name = "FILE")]
+    pub join_token_file: Option<PathBuf>,
     /// How often to sync entries and the bundle from the broker.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub sync_interval: Duration,
@@ -459,6 +479,7 @@ pub struct SocketArgs {
     #[arg(
         long,
         env = "SPIFFE_ENDPOINT_SOCKET",
+        hide_env_values = true,
         default_value = ".baton-dev/agent.sock"
     )]
     pub socket: String,
@@ -492,6 +513,7 @@ pub enum SvidCmd {
         socket: SocketArgs,
         #[arg(long)]
         audience: String,
+        /// The JWT-SVID, or `-` to read it from standard input.
         token: String,
     },
 }
@@ -500,9 +522,17 @@ pub enum SvidCmd {
 pub enum TaskCmd {
     /// Start a task; prints the task id and the root agent's handoff grant.
     Start {
-        /// The initiating user's OIDC ID token.
-        #[arg(long, env = "BATON_ID_TOKEN", conflicts_with = "user")]
+        /// The initiating user's OIDC ID token; `-` reads it from standard input.
+        #[arg(
+            long,
+            env = "BATON_ID_TOKEN",
+            hide_env_values = true,
+            conflicts_with_all = ["user", "id_token_file"]
+        )]
         id_token: Option<String>,
+        /// File holding the ID token (`-`: standard input).
+        #[arg(long, value_name = "FILE", conflicts_with = "user")]
+        id_token_file: Option<PathBuf>,
         /// With `baton dev`'s local issuer: mint an ID token for this user.
         #[arg(long)]
         user: Option<String>,
@@ -744,9 +774,20 @@ pub enum GrantCmd {
     Redeem {
         #[command(flatten)]
         socket: SocketArgs,
-        /// The grant (or BATON_GRANT).
-        #[arg(long, env = "BATON_GRANT")]
-        grant: String,
+        /// The grant, or `-` to read it from standard input (or BATON_GRANT).
+        /// Prefer --grant-file, standard input or the variable: an argument is
+        /// visible to every user of the machine.
+        #[arg(
+            long,
+            env = "BATON_GRANT",
+            hide_env_values = true,
+            required_unless_present = "grant_file",
+            conflicts_with = "grant_file"
+        )]
+        grant: Option<String>,
+        /// File holding the grant (`-`: standard input).
+        #[arg(long, value_name = "FILE")]
+        grant_file: Option<PathBuf>,
         /// Which of your identities redeems it, when you have several.
         #[arg(long)]
         spiffe_id: Option<String>,
@@ -774,7 +815,7 @@ pub struct DelegateArgs {
     #[arg(long)]
     pub credential: PathBuf,
     /// The broker's HTTPS URL.
-    #[arg(long, env = "BATON_BROKER_URL")]
+    #[arg(long, env = "BATON_BROKER_URL", hide_env_values = true)]
     pub broker_url: String,
     /// The agent receiving the hop.
     #[arg(long)]
@@ -802,7 +843,7 @@ pub enum ExampleCmd {
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: SocketAddr,
         /// The broker's HTTPS URL, for tool-call reports.
-        #[arg(long, env = "BATON_BROKER_URL")]
+        #[arg(long, env = "BATON_BROKER_URL", hide_env_values = true)]
         broker_url: String,
         /// The audience this server accepts tokens for.
         #[arg(long, default_value = "crm")]
@@ -853,8 +894,18 @@ pub enum ExampleCmd {
         redis: String,
         #[arg(long, default_value = "baton:work")]
         stream: String,
-        #[arg(long, env = "BATON_GRANT")]
-        grant: String,
+        /// The grant, or `-` to read it from standard input (or BATON_GRANT).
+        #[arg(
+            long,
+            env = "BATON_GRANT",
+            hide_env_values = true,
+            required_unless_present = "grant_file",
+            conflicts_with = "grant_file"
+        )]
+        grant: Option<String>,
+        /// File holding the grant (`-`: standard input).
+        #[arg(long, value_name = "FILE")]
+        grant_file: Option<PathBuf>,
         #[arg(long)]
         tool: String,
     },
@@ -944,5 +995,24 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    /// `--help` must never print a secret taken from the environment, so
+    /// every argument read from a variable hides its value.
+    #[test]
+    fn help_never_shows_environment_values() {
+        fn walk(cmd: &clap::Command, path: &str, bad: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                if arg.get_env().is_some() && !arg.is_hide_env_values_set() {
+                    bad.push(format!("{path} --{}", arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), bad);
+            }
+        }
+        let mut bad = Vec::new();
+        walk(&Cli::command(), "baton", &mut bad);
+        assert!(bad.is_empty(), "env values shown in --help: {bad:?}");
     }
 }

@@ -23,7 +23,51 @@ use crate::cli::{
     DelegateArgs, EXIT_REFUSED, EXIT_UNREACHABLE, GrantCmd, OutputFormat, SecretCmd, exit,
 };
 use crate::output;
-use crate::workload::{pem, write_file};
+use crate::workload::{check_target, create_private_dir, pem, write_file};
+
+/// A secret given as an argument or its environment variable (`value`;
+/// `-` means standard input) or in a file (`file`; `-` is standard input
+/// too). Surrounding whitespace, such as a trailing newline, is dropped;
+/// an empty secret is refused. `flag` names the option in messages.
+pub fn secret_input(
+    value: Option<&str>,
+    file: Option<&Path>,
+    flag: &str,
+) -> Result<Option<Secret>> {
+    let (raw, from) = match (value, file) {
+        (_, Some(path)) if path == Path::new("-") => {
+            (read_stdin(flag)?, "standard input".to_owned())
+        }
+        (_, Some(path)) => (
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading --{flag}-file {}", path.display()))?,
+            path.display().to_string(),
+        ),
+        (Some("-"), None) => (read_stdin(flag)?, "standard input".to_owned()),
+        (Some(v), None) => (v.to_owned(), format!("--{flag}")),
+        (None, None) => return Ok(None),
+    };
+    let secret = raw.trim();
+    if secret.is_empty() {
+        return Err(exit(
+            EXIT_REFUSED,
+            format!("--{flag}: the value from {from} is empty"),
+        ));
+    }
+    Ok(Some(Secret::new(secret.to_owned())))
+}
+
+fn read_stdin(flag: &str) -> Result<String> {
+    use std::io::Read;
+    let mut s = String::new();
+    std::io::stdin()
+        .read_to_string(&mut s)
+        .with_context(|| format!("reading --{flag} from standard input"))?;
+    Ok(s)
+}
+
+/// The files of a credential directory.
+const CREDENTIAL_FILES: [&str; 5] = ["svid.pem", "key.pem", "bundle.pem", "token", "task.json"];
 
 /// A task credential loaded from its directory.
 pub struct Credential {
@@ -207,25 +251,28 @@ pub async fn renew(socket: &str, dir: &Path, spiffe_id: Option<&str>) -> Result<
 }
 
 fn write_credential(resp: RedeemGrantResponse, out: &Path) -> Result<Credential> {
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    create_private_dir(out)?;
+    for name in CREDENTIAL_FILES {
+        check_target(&out.join(name))?;
+    }
     let chain = split_der(&resp.x509_svid)?;
     let bundle = split_der(&resp.bundle)?;
     let chain_pem: String = chain.iter().map(|c| pem("CERTIFICATE", c)).collect();
     let bundle_pem: String = bundle.iter().map(|c| pem("CERTIFICATE", c)).collect();
-    write_file(&out.join("svid.pem"), &chain_pem, 0o644)?;
+    write_file(&out.join("svid.pem"), chain_pem.as_bytes(), 0o644)?;
     write_file(
         &out.join("key.pem"),
-        &pem("PRIVATE KEY", &resp.x509_svid_key),
+        pem("PRIVATE KEY", &resp.x509_svid_key).as_bytes(),
         0o600,
     )?;
-    write_file(&out.join("bundle.pem"), &bundle_pem, 0o644)?;
-    write_file(&out.join("token"), &resp.token, 0o600)?;
+    write_file(&out.join("bundle.pem"), bundle_pem.as_bytes(), 0o644)?;
+    write_file(&out.join("token"), resp.token.as_bytes(), 0o600)?;
     let task = serde_json::json!({
         "task_id": resp.task_id,
         "spiffe_id": resp.spiffe_id,
         "expires_at": resp.expires_at,
     });
-    write_file(&out.join("task.json"), &task.to_string(), 0o644)?;
+    write_file(&out.join("task.json"), task.to_string().as_bytes(), 0o644)?;
     Ok(Credential {
         chain,
         key: resp.x509_svid_key,
@@ -254,10 +301,18 @@ pub async fn grant(cmd: GrantCmd) -> Result<()> {
         GrantCmd::Redeem {
             socket,
             grant,
+            grant_file,
             spiffe_id,
             out,
         } => {
-            let cred = redeem(&socket.socket, &grant, spiffe_id.as_deref(), &out).await?;
+            let grant = secret_input(grant.as_deref(), grant_file.as_deref(), "grant")?
+                .ok_or_else(|| {
+                    exit(
+                        EXIT_REFUSED,
+                        "pass --grant-file FILE, --grant - (standard input) or BATON_GRANT",
+                    )
+                })?;
+            let cred = redeem(&socket.socket, grant.expose(), spiffe_id.as_deref(), &out).await?;
             output::line(&format!(
                 "redeemed: {} for task {} (credential in {})",
                 cred.task["spiffe_id"].as_str().unwrap_or("-"),
@@ -363,14 +418,24 @@ pub async fn secret(cmd: SecretCmd) -> Result<()> {
             credential,
             broker_url,
             key,
+            key_file,
             output,
-        } => (
-            Credential::load(credential)?,
-            broker_url,
-            "introspect",
-            serde_json::json!({ "key": key }),
-            *output,
-        ),
+        } => {
+            let key =
+                secret_input(key.as_deref(), key_file.as_deref(), "key")?.ok_or_else(|| {
+                    exit(
+                        EXIT_REFUSED,
+                        "pass --key-file FILE, --key - (standard input) or BATON_API_KEY",
+                    )
+                })?;
+            (
+                Credential::load(credential)?,
+                broker_url,
+                "introspect",
+                serde_json::json!({ "key": key.expose() }),
+                *output,
+            )
+        }
     };
     let td = credential.spiffe_id()?.trust_domain().clone();
     let broker_id = td

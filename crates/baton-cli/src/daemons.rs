@@ -232,7 +232,11 @@ fn agent_config(args: &AgentArgs) -> Result<AgentConfig> {
         broker_id,
         trust_domain: td,
         bootstrap_bundle_pem,
-        join_token: args.join_token.clone().map(Secret::new),
+        join_token: crate::creds::secret_input(
+            args.join_token.as_deref(),
+            args.join_token_file.as_deref(),
+            "join-token",
+        )?,
         sync_interval: args.sync_interval,
         rotate_fraction: args.rotate_fraction,
         socket_mode: parse_mode(&args.socket_mode)?,

@@ -529,8 +529,17 @@ pub async fn run(cmd: ExampleCmd) -> Result<()> {
             redis,
             stream,
             grant,
+            grant_file,
             tool,
         } => {
+            let grant =
+                crate::creds::secret_input(grant.as_deref(), grant_file.as_deref(), "grant")?
+                    .ok_or_else(|| {
+                        exit(
+                            EXIT_REFUSED,
+                            "pass --grant-file FILE, --grant - (standard input) or BATON_GRANT",
+                        )
+                    })?;
             let client = redis::Client::open(redis.as_str()).context("--redis URL")?;
             let mut conn = client
                 .get_multiplexed_async_connection()
@@ -540,7 +549,7 @@ pub async fn run(cmd: ExampleCmd) -> Result<()> {
                 .arg(&stream)
                 .arg("*")
                 .arg("grant")
-                .arg(&grant)
+                .arg(grant.expose())
                 .arg("tool")
                 .arg(&tool)
                 .query_async(&mut conn)

@@ -41,6 +41,7 @@ pub async fn task(cmd: TaskCmd) -> Result<()> {
     match cmd {
         TaskCmd::Start {
             id_token,
+            id_token_file,
             user,
             root_agent,
             purpose,
@@ -58,8 +59,13 @@ pub async fn task(cmd: TaskCmd) -> Result<()> {
             let risk_ceiling: RiskTier = risk_ceiling
                 .parse()
                 .map_err(|e| refused("risk-ceiling", e))?;
-            let id_token = match (id_token, user) {
-                (Some(t), _) => t,
+            let given = crate::creds::secret_input(
+                id_token.as_deref(),
+                id_token_file.as_deref(),
+                "id-token",
+            )?;
+            let id_token = match (given, user) {
+                (Some(t), _) => t.expose().to_owned(),
                 (None, Some(user)) => {
                     let v: serde_json::Value = client
                         .post(
@@ -72,7 +78,7 @@ pub async fn task(cmd: TaskCmd) -> Result<()> {
                 (None, None) => {
                     return Err(exit(
                         EXIT_REFUSED,
-                        "pass --id-token (the user's OIDC ID token) or, with `baton dev`, --user NAME",
+                        "pass --id-token-file FILE or --id-token - (the user's OIDC ID token, from a file or standard input) or, with `baton dev`, --user NAME",
                     ));
                 }
             };
