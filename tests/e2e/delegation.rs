@@ -448,7 +448,7 @@ fn hop_attacks_are_refused_with_reasons_and_audited() {
 }
 
 /// Copies a credential directory so a test can tamper with the copy.
-fn copy_cred(from: &Path, to: &Path) {
+pub fn copy_cred(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for f in ["svid.pem", "key.pem", "bundle.pem", "token", "task.json"] {
         std::fs::copy(from.join(f), to.join(f)).unwrap();

@@ -18,7 +18,7 @@ use baton_tls::{BundleStore, CertificateDer, ClientIdentity, PeerPolicy};
 use rustls::pki_types::PrivatePkcs8KeyDer;
 use rustls::pki_types::pem::PemObject;
 
-use crate::delegation::{PLANNER, RESEARCHER, TOOL, World, claims, grant_of};
+use crate::delegation::{PLANNER, RESEARCHER, TOOL, World, claims, copy_cred, grant_of};
 use crate::harness::{TD, wait_for};
 use crate::refusals::raw_channel;
 
@@ -100,14 +100,6 @@ fn delegate_body(dir: &Path, audience: &[&str], ttl: Option<u64>) -> serde_json:
 
 fn trace(w: &World, task: &str) -> String {
     w.json(&["audit", "trace", task, "--json"]).to_string()
-}
-
-/// Copies a credential directory so a test can tamper with the copy.
-fn copy_cred(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for f in ["svid.pem", "key.pem", "bundle.pem", "token", "task.json"] {
-        std::fs::copy(from.join(f), to.join(f)).unwrap();
-    }
 }
 
 /// The serial (lowercase hex, no leading zero bytes) of the task
@@ -670,6 +662,30 @@ fn find_obj(
 
 // ---------------------------------------------------- reserved identities
 
+/// `baton task start` for alice with a minimal task rooted at `root`.
+fn start_rooted_at(w: &World, root: &str) -> std::process::Output {
+    w.run(&[
+        "task",
+        "start",
+        "--user",
+        "alice@example.com",
+        "--root-agent",
+        root,
+        "--purpose",
+        "support.case-research",
+        "--risk-ceiling",
+        "read",
+        "--ttl",
+        "10m",
+        "--max-depth",
+        "1",
+        "--audience",
+        "crm",
+        "--scope",
+        "tool:crm.search:read",
+    ])
+}
+
 #[test]
 fn infrastructure_identities_are_reserved() {
     let w = World::start();
@@ -703,26 +719,7 @@ fn infrastructure_identities_are_reserved() {
     assert!(stderr(&out).contains("/baton/node/"), "{}", stderr(&out));
     // A task rooted at the broker or a node.
     for root in [format!("spiffe://{TD}/baton/broker"), node.clone()] {
-        let out = w.run(&[
-            "task",
-            "start",
-            "--user",
-            "alice@example.com",
-            "--root-agent",
-            &root,
-            "--purpose",
-            "support.case-research",
-            "--risk-ceiling",
-            "read",
-            "--ttl",
-            "10m",
-            "--max-depth",
-            "1",
-            "--audience",
-            "crm",
-            "--scope",
-            "tool:crm.search:read",
-        ]);
+        let out = start_rooted_at(&w, &root);
         assert_eq!(out.status.code(), Some(2), "{root}");
         assert!(
             stderr(&out).contains("reserved"),
@@ -817,26 +814,7 @@ fn a_revoked_agent_gets_no_new_credentials_until_unblocked() {
     // Others still get theirs (control).
     w.ok(&["svid", "fetch", "--spiffe-id", PLANNER]);
     // A task rooted at it cannot start.
-    let out = w.run(&[
-        "task",
-        "start",
-        "--user",
-        "alice@example.com",
-        "--root-agent",
-        RESEARCHER,
-        "--purpose",
-        "support.case-research",
-        "--risk-ceiling",
-        "read",
-        "--ttl",
-        "10m",
-        "--max-depth",
-        "1",
-        "--audience",
-        "crm",
-        "--scope",
-        "tool:crm.search:read",
-    ]);
+    let out = start_rooted_at(&w, RESEARCHER);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("agent_blocked") || stderr(&out).contains("blocked"));
     // Other agents are unaffected (control).
