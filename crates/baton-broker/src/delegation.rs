@@ -1244,8 +1244,8 @@ impl Delegation {
             return Err(bad(
                 "decision",
                 format!(
-                    "decision must be \"allow\" or \"deny\", got {:?}",
-                    r.decision
+                    "decision must be \"allow\" or \"deny\", got \"{}\"",
+                    r.decision.escape_default()
                 ),
             ));
         }

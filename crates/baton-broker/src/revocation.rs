@@ -219,7 +219,8 @@ impl Revoker {
                 Err(bad(
                     field,
                     format!(
-                        "{field}: {raw:?} is not a credential id (serial hex, token jti or lease id)"
+                        "{field}: \"{}\" is not a credential id (serial hex, token jti or lease id)",
+                        raw.escape_default()
                     ),
                 ))
             }
