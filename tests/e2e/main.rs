@@ -8,6 +8,7 @@
 mod audit;
 mod broker;
 mod delegation;
+mod durable_revocation;
 mod fanout;
 mod grpc_core;
 mod hardening;

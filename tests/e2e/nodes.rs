@@ -286,17 +286,15 @@ fn eviction_reaches_a_tool_server_following_the_redis_feed() {
                 .unwrap(),
         )
     };
-    // Every workload SVID the agent holds is registered under the node.
-    let members = redis.cli(&["SMEMBERS", &format!("{{baton}}:node:{node}")]);
-    assert!(members.contains(&task_serial), "{members}");
-    let registered = members.lines().filter(|l| !l.is_empty()).count();
-    assert!(
-        registered >= 5,
-        "agent SVID, 3 workload SVIDs, task creds: {members}"
-    );
+    // Redis holds no live credential (the datastore is the registry).
+    let live = redis.cli(&["KEYS", "{baton}:node:*"]);
+    assert!(live.trim().is_empty(), "{live}");
 
     let v = w.json(&["node", "evict", &node, "-o", "json"]);
-    assert!(v["revoked"].as_u64().unwrap() >= registered as u64, "{v}");
+    // The agent SVID, the workload SVIDs and the task credentials.
+    let revoked = v["revoked"].as_u64().unwrap();
+    assert!(revoked >= 5, "{v}");
+    assert_eq!(v["propagation"]["complete"], true, "{v}");
     // The task credential redeemed through the node dies at the verifier.
     wait_for(
         "the eviction reaches the tool server",
@@ -306,12 +304,16 @@ fn eviction_reaches_a_tool_server_following_the_redis_feed() {
             (!out.status.success() && stderr(&out).contains("revoked")).then_some(())
         },
     );
-    // Every id registered under the node is now in the revoked set the
-    // feed serves (workload SVID serials included).
-    for id in members.lines().filter(|l| !l.is_empty()) {
-        let hit = redis.cli(&["EXISTS", &format!("{{baton}}:revoked:{id}")]);
-        assert_eq!(hit.trim(), "1", "{id} not revoked");
-    }
+    // Everything the eviction covered is in the deny set the feed serves
+    // (the task certificate's serial included).
+    let hit = redis.cli(&["EXISTS", &format!("{{baton}}:revoked:{task_serial}")]);
+    assert_eq!(hit.trim(), "1", "{task_serial} not revoked");
+    let denied: u64 = redis
+        .cli(&["ZCARD", "{baton}:revoked-index"])
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(denied >= revoked, "{denied} < {revoked}");
     // The planner cannot hop either.
     let hop = w.delegate(&planner, RESEARCHER, &["dataset:crm:read"], &[]);
     assert_eq!(hop.status.code(), Some(2), "{}", stderr(&hop));
@@ -369,4 +371,46 @@ fn bad_operator_input_is_refused_clearly_and_changes_nothing() {
         open(&c.admin_socket(), 0o600);
     }
     assert_eq!(c.cli_json(&["node", "list"]), before);
+}
+
+/// The agent SVIDs a node held before a broker restart are in the
+/// datastore's credential registry: evicting the node after the restart
+/// revokes them, and the pre-restart SVID stays refused after the node
+/// attests again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eviction_after_a_broker_restart_revokes_the_agent_svids_issued_before_it() {
+    let mut c = Cluster::start(Options::default());
+    let node = c.node_id.clone();
+    c.register("/agents/restarted", &[]);
+    let first = wait_for_serial(&c, None).await;
+    let old_identity = copy_agent_identity(&c, "pre-restart-agent");
+    sync_with(&c, &old_identity).await.unwrap();
+
+    let addr = c.broker_addr.clone();
+    c.broker.as_mut().unwrap().stop();
+    c.start_broker(&addr, "1h");
+    // The untampered control: the node's current SVID still syncs.
+    wait_for_async(
+        "sync after the restart",
+        Duration::from_secs(30),
+        || async { sync_with(&c, &old_identity).await.ok() },
+    )
+    .await;
+
+    let evicted = c.cli_json(&["node", "evict", &node, "--reason", "stolen disk"]);
+    // The agent SVID and the workload SVID issued before the restart.
+    assert!(evicted["revoked"].as_u64().unwrap() >= 2, "{evicted}");
+    wait_for_denied(&c).await;
+
+    c.agent.as_mut().unwrap().stop();
+    let token = c.join_token(Some(&node));
+    c.start_agent(&token);
+    let second = wait_for_serial(&c, Some(&first)).await;
+    assert_ne!(first, second);
+    assert_eq!(
+        refusal_code(sync_with(&c, &old_identity).await),
+        "agent_svid_revoked"
+    );
+    let fresh = copy_agent_identity(&c, "post-restart-agent");
+    sync_with(&c, &fresh).await.unwrap();
 }

@@ -99,7 +99,7 @@ impl ClientError {
                 status: 403, error, ..
             } => match error.code.as_str() {
                 "not_a_node" => Some(NodeRefusal::NotAttested),
-                "agent_svid_revoked" => Some(NodeRefusal::SvidRevoked),
+                "agent_svid_revoked" | "agent_svid_superseded" => Some(NodeRefusal::SvidRevoked),
                 "node_banned" => Some(NodeRefusal::Banned),
                 _ => None,
             },

@@ -34,7 +34,7 @@ use crate::service::{
     AuthenticatedNode, Broker, BrokerError, CredentialKind, IssuedCredential, random_bytes,
     random_hex, token_digest, unix,
 };
-use crate::tasks::{GrantRecord, GrantRefusal, TaskRecord, TaskStore, TokenRecord};
+use crate::tasks::{GrantRecord, GrantRefusal, RedeemRefusal, TaskRecord, TaskStore, TokenRecord};
 
 /// How far a renewal proof's `iat` may be from the broker's clock.
 pub const RENEW_PROOF_WINDOW_SECS: u64 = 120;
@@ -682,7 +682,7 @@ impl Delegation {
         let d = token_digest(req.grant.expose());
         // Look before burning: a redeem by the wrong workload must not
         // destroy the grant for the right one.
-        let Some((grant, _used)) = self.tasks.get_grant(&d)? else {
+        let Some((grant, used)) = self.tasks.get_grant(&d)? else {
             return Err(refuse("grant_unknown", "grant is unknown"));
         };
         // Fail closed: an unreadable revocation table counts as revoked.
@@ -719,15 +719,12 @@ impl Delegation {
                 "purpose_changed",
                 "the task's purpose changed after this grant was issued".to_owned(),
             ))
+        } else if used.is_some() {
+            Some(("grant_used", "grant was already redeemed".into()))
+        } else if now_s >= grant.expires_at {
+            Some(("grant_expired", "grant has expired".into()))
         } else {
-            match self.tasks.consume_grant(&d, now_s)? {
-                Ok(_) => None,
-                Err(GrantRefusal::Used) => {
-                    Some(("grant_used", "grant was already redeemed".into()))
-                }
-                Err(GrantRefusal::Expired) => Some(("grant_expired", "grant has expired".into())),
-                Err(GrantRefusal::Unknown) => Some(("grant_unknown", "grant is unknown".into())),
-            }
+            None
         };
         if let Some((code, reason)) = refusal {
             ev.decision = Some("refused".into());
@@ -799,29 +796,6 @@ impl Delegation {
             },
         };
         let token = self.broker.ca().sign_delegation_token(&claims)?;
-        ev.decision = Some("granted".into());
-        ev.token_jti = Some(jti.clone());
-        ev.parent_jti = grant.parent.as_ref().map(|p| p.jti.clone());
-        self.append(&ev)?;
-        self.broker.record(IssuedCredential {
-            kind: CredentialKind::TaskX509Svid,
-            spiffe_id: req.spiffe_id.clone(),
-            via_node: Some(node.id().clone()),
-            id: issued.serial_hex.clone(),
-            expires_at: exp,
-        })?;
-        self.tasks.insert_token(&TokenRecord {
-            jti: jti.clone(),
-            task_id: task.id.clone(),
-            spiffe_id: req.spiffe_id.clone(),
-            depth: grant.depth,
-            parent_jti: grant.parent.as_ref().map(|p| p.jti.clone()),
-            exp,
-            cert_thumbprint: claims.cnf.x5t_s256.clone(),
-            cert_serial: issued.serial_hex.clone(),
-            aud: grant.audience.clone(),
-        })?;
-        tracing::info!(task = %task.id, spiffe_id = %req.spiffe_id, depth = grant.depth, "grant redeemed");
         let parent_jti = grant.parent.as_ref().map(|p| p.jti.clone());
         let records = vec![
             CredentialRecord {
@@ -830,7 +804,7 @@ impl Delegation {
                 task: Some(task.id.clone()),
                 agent: Some(req.spiffe_id.clone()),
                 node: Some(node.id().clone()),
-                parent: parent_jti,
+                parent: parent_jti.clone(),
                 expires_at: exp,
             },
             // The certificate hangs under its token: revoking the token's
@@ -845,6 +819,70 @@ impl Delegation {
                 expires_at: exp,
             },
         ];
+        let token_record = TokenRecord {
+            jti: jti.clone(),
+            task_id: task.id.clone(),
+            spiffe_id: req.spiffe_id.clone(),
+            depth: grant.depth,
+            parent_jti: parent_jti.clone(),
+            exp,
+            cert_thumbprint: claims.cnf.x5t_s256.clone(),
+            cert_serial: issued.serial_hex.clone(),
+            aud: grant.audience.clone(),
+        };
+        // One transaction: the grant is consumed, the token recorded and
+        // the credentials registered together, or none of it (a store
+        // failure leaves the grant redeemable).
+        let refusal = match self.tasks.redeem_grant(&d, now_s, &token_record, &records) {
+            Ok(Ok(())) => None,
+            Ok(Err(RedeemRefusal::Grant(GrantRefusal::Used))) => {
+                Some(("grant_used", "grant was already redeemed".to_owned()))
+            }
+            Ok(Err(RedeemRefusal::Grant(GrantRefusal::Expired))) => {
+                Some(("grant_expired", "grant has expired".to_owned()))
+            }
+            Ok(Err(RedeemRefusal::Grant(GrantRefusal::Unknown))) => {
+                Some(("grant_unknown", "grant is unknown".to_owned()))
+            }
+            Ok(Err(RedeemRefusal::Revoked(why))) => Some(("revoked", why)),
+            Err(e) => {
+                ev.decision = Some("refused".into());
+                ev.reason = Some(
+                    "store_unavailable: the credential could not be recorded; the grant stays redeemable"
+                        .into(),
+                );
+                if let Err(a) = self.append(&ev) {
+                    tracing::error!(error = %a, "audit append failed after a store failure");
+                }
+                return Err(BrokerError::Store(e));
+            }
+        };
+        if let Some((code, reason)) = refusal {
+            ev.decision = Some("refused".into());
+            ev.reason = Some(format!("{code}: {reason}"));
+            self.append(&ev)?;
+            return Err(refuse(code, reason));
+        }
+        ev.decision = Some("granted".into());
+        ev.token_jti = Some(jti.clone());
+        ev.parent_jti = parent_jti;
+        if let Err(e) = self.append(&ev) {
+            // Not delivered without its audit record: undo the redeem.
+            if let Err(undo) = self.tasks.release_grant(&d, &records, now_s) {
+                tracing::error!(error = %undo, "could not release a grant after an audit failure");
+            }
+            return Err(e);
+        }
+        self.broker.record(IssuedCredential {
+            kind: CredentialKind::TaskX509Svid,
+            spiffe_id: req.spiffe_id.clone(),
+            via_node: Some(node.id().clone()),
+            id: issued.serial_hex.clone(),
+            expires_at: exp,
+        })?;
+        tracing::info!(task = %task.id, spiffe_id = %req.spiffe_id, depth = grant.depth, "grant redeemed");
+        // Registered in the transaction above.
+        let records = Vec::new();
         Ok(Minted {
             credential: TaskCredential {
                 task_id: task.id,

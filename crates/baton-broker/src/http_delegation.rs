@@ -331,6 +331,14 @@ fn default_reason() -> String {
     "revoked by an operator".into()
 }
 
+/// How long an operator's revocation waits for the relay before it answers
+/// "recorded; propagating".
+const PROPAGATION_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+async fn propagation(d: &Delegation) -> Result<crate::revocation::Propagation, BrokerError> {
+    d.revoker().propagation(PROPAGATION_WAIT).await
+}
+
 /// Revokes every credential of a task that just ended or changed purpose;
 /// a task with nothing issued yet revokes nothing.
 async fn revoke_task(
@@ -395,9 +403,12 @@ pub fn admin_routes(
             // Re-driven on every call: a retry after a failed revocation
             // completes it.
             let result = match d.end_task(&id, SystemTime::now()) {
-                Ok((task, already)) => revoke_task(&d, &task, "task ended").await.map(
-                    |n| serde_json::json!({ "task": task, "revoked": n, "already_ended": already }),
-                ),
+                Ok((task, already)) => match revoke_task(&d, &task, "task ended").await {
+                    Ok(n) => propagation(&d).await.map(|p| {
+                        serde_json::json!({ "task": task, "revoked": n, "already_ended": already, "propagation": p })
+                    }),
+                    Err(e) => Err(e),
+                },
                 Err(e) => Err(e),
             };
             respond(result)
@@ -450,10 +461,12 @@ pub fn admin_routes(
                     Err(BrokerError::NotFound(_)) if block.is_some() => Vec::new(),
                     Err(e) => return Err(e),
                 };
+                let propagation = propagation(&d).await?;
                 Ok(serde_json::json!({
                     "target": target.to_string(),
                     "revoked": revoked.iter().map(|r| serde_json::json!({"id": r.id, "kind": r.kind.code(), "expires_at": r.expires_at})).collect::<Vec<_>>(),
                     "blocked": block,
+                    "propagation": propagation,
                 }))
             }
             .await;
@@ -491,7 +504,7 @@ pub fn admin_routes(
             let result = match parse_body::<PurposeBody>(&body)
                 .and_then(|b| d.set_purpose(&id, &b.purpose, SystemTime::now()))
             {
-                Ok(task) => d
+                Ok(task) => match d
                     .revoker()
                     .revoke_issued(
                         &task.id,
@@ -500,7 +513,12 @@ pub fn admin_routes(
                         crate::oidc::unix_now(),
                     )
                     .await
-                    .map(|v| serde_json::json!({ "task": task, "revoked": v.len() })),
+                {
+                    Ok(v) => propagation(&d).await.map(|p| {
+                        serde_json::json!({ "task": task, "revoked": v.len(), "propagation": p })
+                    }),
+                    Err(e) => Err(e),
+                },
                 Err(e) => Err(e),
             };
             respond(result)

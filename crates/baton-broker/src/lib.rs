@@ -396,12 +396,13 @@ pub async fn run(
         }
     };
     let revoker = Arc::new(revocation::Revoker::new(store, sqlite.clone()));
-    // A store that lost its data is re-seeded before anything trusts it.
-    revoker
-        .reseed_if_needed(oidc::unix_now())
-        .await
-        .map_err(|e| StartError::Internal(e.to_string()))?;
-    let reseeder = revoker.spawn_reseeder(Duration::from_secs(2));
+    // The relay publishes the datastore's revocations to the store (and
+    // re-seeds a store that lost its data) before and while anything trusts
+    // it; a store that is down now is caught up when it returns.
+    if let Err(e) = revoker.relay_once(oidc::unix_now()).await {
+        tracing::warn!(error = %e, "revocation store not caught up at start; the relay keeps trying");
+    }
+    let reseeder = revoker.spawn_relay();
     // Secret leases die with the credentials they hang under: every
     // revocation from here on kills them in their engines, and leases
     // revoked while a previous run could not kill them are killed now.

@@ -44,6 +44,9 @@ pub struct NodeAction {
     pub action: String,
     /// How many credentials the revocation covered.
     pub revoked: usize,
+    /// Whether the revocation store has it yet (absent for `unbanned`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub propagation: Option<crate::revocation::Propagation>,
 }
 
 fn unknown(id: &SpiffeId) -> BrokerError {
@@ -120,6 +123,7 @@ impl Broker {
             node: id,
             action: "unbanned".into(),
             revoked: 0,
+            propagation: None,
         })
     }
 }
@@ -208,9 +212,14 @@ pub async fn remove_node(
         }
     };
     tracing::warn!(node = %id, action = verb, revoked, reason, "node {verb}");
+    let propagation = revoker
+        .propagation(std::time::Duration::from_secs(2))
+        .await
+        .ok();
     Ok(NodeAction {
         node: id,
         action: verb.into(),
         revoked,
+        propagation,
     })
 }

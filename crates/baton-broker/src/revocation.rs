@@ -1,17 +1,28 @@
-//! The broker's side of revocation: every credential (agent and workload
-//! SVIDs, task credentials, grants, secret leases) is registered in the
-//! revocation store before it is handed out (fail closed: no store, no
-//! credential); task end, purpose change and explicit revokes mark
-//! credentials revoked in the store (which publishes them to verifiers) and
-//! in the broker's durable table, from which a store that lost its data
-//! (Redis restarted empty, FLUSHALL) is re-seeded.
+//! The broker's side of revocation. The datastore is the source of truth:
+//! every credential the broker hands out (agent and workload SVIDs, task
+//! credentials, grants, secret leases) is registered in its `credentials`
+//! table first (fail closed: no record, no credential), and a revocation,
+//! a task end or a purpose change computes its cascade there (task,
+//! subtree over parent links, agent, node) and commits the revoked ids in
+//! one transaction together with their entries in `revocation_log`, which
+//! is both the feed verifiers follow without Redis and the **outbox** the
+//! relay publishes to the revocation store (Redis deny set and stream).
+//!
+//! The relay retries until the store acknowledges; the store remembers
+//! how far it got (`published`), so a store that lost writes (failover to
+//! a replica that missed them) is caught up from its own mark, and a store
+//! that lost everything (no epoch: FLUSHALL, restart without persistence)
+//! is re-seeded whole before its epoch returns and verifiers trust it
+//! again. Redis thus holds only what verifiers must refuse, never the live
+//! credentials, and nothing revoked is lost because Redis was down,
+//! read-only, flushed or replaced.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use baton_core::{SpiffeId, TaskId};
 use baton_revocation::{CredKind, CredentialRecord, RevocationStore, Revoked, Target};
-use rusqlite::{OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::service::BrokerError;
 use crate::store::{SqliteStore, StoreError, to_i64};
@@ -35,8 +46,22 @@ pub struct Revoker {
     durable: Arc<SqliteStore>,
     /// The secret engines whose leases die with the credentials revoked here.
     secrets: std::sync::OnceLock<Arc<crate::secrets::Secrets>>,
-    /// Woken on every new durable revocation (feed long-polls wait on it).
+    /// Woken on every new durable revocation (feed long-polls and the
+    /// relay wait on it).
     changed: tokio::sync::Notify,
+    /// The highest `revocation_log` sequence the store acknowledged.
+    published: tokio::sync::watch::Sender<u64>,
+    /// Why the relay is behind, while it is.
+    relay_error: std::sync::Mutex<Option<String>>,
+}
+
+/// Whether a revocation has reached the revocation store yet.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Propagation {
+    /// True once the store acknowledged every revocation recorded so far.
+    pub complete: bool,
+    /// What the operator is told.
+    pub message: String,
 }
 
 /// One step of the broker's own revocation feed.
@@ -60,11 +85,188 @@ pub struct FeedEntry {
 
 /// Most entries one feed page carries.
 pub const FEED_PAGE: usize = 10_000;
+/// Most outbox entries one relay step publishes.
+const RELAY_PAGE: usize = 5_000;
+/// How often the relay checks the store even when nothing new was
+/// revoked (this bounds how long a flushed Redis stays empty).
+const RELAY_TICK: Duration = Duration::from_millis(500);
+/// Registry rows are kept this long past their expiry.
+const PRUNE_GRACE_SECS: u64 = 300;
+
+/// Why the relay could not publish (it retries).
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("revocation store: {0}")]
+    Store(#[from] baton_revocation::RevocationError),
+    #[error(transparent)]
+    Datastore(#[from] StoreError),
+}
 
 fn unavailable(e: impl std::fmt::Display) -> BrokerError {
     BrokerError::Hook(format!(
         "revocation service unavailable ({e}); credentials are not issued while it is down"
     ))
+}
+
+/// Registers `records` in the credential registry inside `tx`. Refuses
+/// (writing nothing) an expired record, an id already revoked, a record
+/// whose parent is revoked and a record of a revoked task: nothing can be
+/// minted under something already dead, with no window in between since
+/// revocations commit in the same database.
+pub(crate) fn register_tx(
+    tx: &Connection,
+    records: &[CredentialRecord],
+    now: u64,
+) -> Result<Result<(), String>, rusqlite::Error> {
+    let mut revoked =
+        tx.prepare_cached("SELECT 1 FROM revocations WHERE id = ?1 AND expires_at > ?2")?;
+    let mut task_dead = tx.prepare_cached("SELECT 1 FROM revoked_tasks WHERE task = ?1")?;
+    for r in records {
+        if r.expires_at <= now {
+            return Ok(Err(format!(
+                "credential {} would already be expired (at {}, now {now})",
+                r.id, r.expires_at
+            )));
+        }
+        if revoked.exists(params![r.id, to_i64(now)])? {
+            return Ok(Err(format!("credential {} is already revoked", r.id)));
+        }
+        if let Some(p) = &r.parent
+            && revoked.exists(params![p, to_i64(now)])?
+        {
+            return Ok(Err(format!(
+                "credential {} was minted from {p}, which is revoked",
+                r.id
+            )));
+        }
+        if let Some(t) = &r.task
+            && task_dead.exists(params![t.as_str()])?
+        {
+            return Ok(Err(format!(
+                "credential {} belongs to task {}, whose credentials were revoked",
+                r.id,
+                t.as_str()
+            )));
+        }
+    }
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO credentials (id, kind, task, agent, node, parent, expires_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+         ON CONFLICT(id) DO UPDATE SET expires_at = MAX(expires_at, excluded.expires_at)",
+    )?;
+    for r in records {
+        insert.execute(params![
+            r.id,
+            r.kind.code(),
+            r.task.as_ref().map(TaskId::as_str),
+            r.agent.as_ref().map(SpiffeId::as_str),
+            r.node.as_ref().map(SpiffeId::as_str),
+            r.parent,
+            to_i64(r.expires_at),
+        ])?;
+    }
+    Ok(Ok(()))
+}
+
+/// Marks `revoked` in the durable table and appends the newly revoked ones
+/// to `revocation_log` (the feed and the relay's outbox), inside `tx`.
+/// Returns how many were new.
+pub(crate) fn mark_tx(
+    tx: &Connection,
+    revoked: &[Revoked],
+    reason: &str,
+    now: u64,
+) -> Result<usize, rusqlite::Error> {
+    let mut new = 0;
+    let mut mark = tx.prepare_cached(
+        "INSERT OR IGNORE INTO revocations (id, kind, expires_at, reason, at) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    let mut log = tx.prepare_cached(
+        "INSERT INTO revocation_log (id, expires_at, kind, reason) VALUES (?1, ?2, ?3, ?4)",
+    )?;
+    for r in revoked {
+        if r.expires_at <= now {
+            continue;
+        }
+        let added = mark.execute(params![
+            r.id,
+            r.kind.code(),
+            to_i64(r.expires_at),
+            reason,
+            to_i64(now)
+        ])?;
+        if added == 1 {
+            log.execute(params![r.id, to_i64(r.expires_at), r.kind.code(), reason])?;
+            new += 1;
+        }
+    }
+    Ok(new)
+}
+
+/// The live credentials `target` covers in the registry, closed over
+/// parent links (anything minted from a covered credential is covered).
+pub(crate) fn resolve_tx(
+    tx: &Connection,
+    target: &Target,
+    now: u64,
+) -> Result<Vec<Revoked>, rusqlite::Error> {
+    let (column, value) = match target {
+        Target::Credential(id) | Target::Subtree(id) => ("id", id.clone()),
+        Target::Task(t) => ("task", t.as_str().to_owned()),
+        Target::Agent(a) => ("agent", a.as_str().to_owned()),
+        Target::Node(n) => ("node", n.as_str().to_owned()),
+    };
+    // `column` is one of the fixed names above, never input.
+    let sql = format!(
+        "WITH RECURSIVE sub(id) AS (
+            SELECT id FROM credentials WHERE {column} = ?1
+            UNION
+            SELECT c.id FROM credentials c JOIN sub s ON c.parent = s.id
+         )
+         SELECT c.id, c.kind, c.expires_at FROM credentials c JOIN sub s ON c.id = s.id
+         WHERE c.expires_at > ?2"
+    );
+    let mut stmt = tx.prepare_cached(&sql)?;
+    let rows = stmt.query_map(params![value, to_i64(now)], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, i64>(2)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, kind, exp) = row?;
+        out.push(Revoked {
+            id,
+            kind: CredKind::from_code(&kind).unwrap_or(CredKind::Token),
+            expires_at: u64::try_from(exp).unwrap_or(0),
+        });
+    }
+    Ok(out)
+}
+
+fn push_unique(all: &mut Vec<Revoked>, r: Revoked) {
+    if !all.iter().any(|x| x.id == r.id) {
+        all.push(r);
+    }
+}
+
+/// A token and its certificate as the task store knows them (credentials
+/// minted before the registry existed are found this way too).
+fn token_pair(t: &crate::tasks::TokenRecord) -> [Revoked; 2] {
+    [
+        Revoked {
+            id: t.jti.clone(),
+            kind: CredKind::Token,
+            expires_at: t.exp,
+        },
+        Revoked {
+            id: t.cert_serial.clone(),
+            kind: CredKind::X509Svid,
+            expires_at: t.exp,
+        },
+    ]
 }
 
 impl Revoker {
@@ -74,6 +276,8 @@ impl Revoker {
             durable,
             secrets: std::sync::OnceLock::new(),
             changed: tokio::sync::Notify::new(),
+            published: tokio::sync::watch::channel(0).0,
+            relay_error: std::sync::Mutex::new(None),
         }
     }
 
@@ -163,7 +367,7 @@ impl Revoker {
         }
     }
 
-    /// Registers credentials before they leave the broker.
+    /// Registers credentials in the registry before they leave the broker.
     pub async fn register(
         &self,
         records: &[CredentialRecord],
@@ -172,17 +376,21 @@ impl Revoker {
         if records.is_empty() {
             return Ok(());
         }
-        self.store
-            .register_many(records, now)
-            .await
-            .map_err(|e| match e {
-                baton_revocation::RevocationError::ParentRevoked { .. }
-                | baton_revocation::RevocationError::TaskRevoked { .. } => BrokerError::Forbidden {
-                    code: "revoked",
-                    message: e.to_string(),
-                },
-                other => unavailable(other),
+        let refused = self
+            .durable
+            .with(|c| {
+                let tx = c.transaction()?;
+                let r = register_tx(&tx, records, now)?;
+                if r.is_ok() {
+                    tx.commit()?;
+                }
+                Ok(r)
             })
+            .map_err(unavailable)?;
+        refused.map_err(|message| BrokerError::Forbidden {
+            code: "revoked",
+            message,
+        })
     }
 
     /// Parses an operator's target, refusing malformed ids with the field at fault.
@@ -237,10 +445,14 @@ impl Revoker {
         })
     }
 
-    /// Revokes `target`: in the store (which tells the verifiers) and in the
-    /// durable table. For a task, the broker's own record of its tokens and
-    /// certificates is revoked too, so a store that lost track of them
-    /// cannot let one survive.
+    /// Revokes `target`: computes what it covers from the registry (and,
+    /// for a task, from the task store's tokens), commits it with its
+    /// outbox entries in one transaction, and wakes the relay. A task's
+    /// revocation also refuses every later registration in that task.
+    /// Succeeds once the datastore has it, whether or not the store has it
+    /// yet (see [`Revoker::propagation`]). Idempotent: revoking again
+    /// returns the same ids. A target with no live credential is
+    /// `NotFound`.
     pub async fn revoke(
         &self,
         target: &Target,
@@ -252,44 +464,58 @@ impl Revoker {
         if let Target::Task(task) = target {
             for t in tasks.tokens_for_task(task)? {
                 if t.exp > now {
-                    known.push(Revoked {
-                        id: t.jti.clone(),
-                        kind: CredKind::Token,
-                        expires_at: t.exp,
-                    });
-                    known.push(Revoked {
-                        id: t.cert_serial.clone(),
-                        kind: CredKind::X509Svid,
-                        expires_at: t.exp,
-                    });
+                    for r in token_pair(&t) {
+                        push_unique(&mut known, r);
+                    }
                 }
             }
         }
-        let from_store = match self.store.revoke(target, reason, now).await {
-            Ok(v) => v,
-            Err(baton_revocation::RevocationError::Unknown { .. }) if !known.is_empty() => {
-                Vec::new()
+        let all = self.durable.with(|c| {
+            let tx = c.transaction()?;
+            let mut all = resolve_tx(&tx, target, now)?;
+            for k in known {
+                push_unique(&mut all, k);
             }
-            Err(baton_revocation::RevocationError::Unknown { target }) => {
-                return Err(BrokerError::NotFound(format!(
-                    "nothing to revoke: {target} matches no live credential"
-                )));
+            if let Target::Task(task) = target {
+                tx.execute(
+                    "INSERT OR IGNORE INTO revoked_tasks (task, at) VALUES (?1, ?2)",
+                    params![task.as_str(), to_i64(now)],
+                )?;
             }
-            Err(e) => {
-                // Keep what we know durably; the store is re-seeded from it.
-                self.record(&known, reason, now)?;
-                return Err(unavailable(e));
+            if all.is_empty()
+                && let Target::Credential(id) | Target::Subtree(id) = target
+            {
+                // Already revoked and gone from nowhere: idempotent.
+                let row: Option<(String, i64)> = tx
+                    .query_row(
+                        "SELECT kind, expires_at FROM revocations WHERE id = ?1 AND expires_at > ?2",
+                        params![id, to_i64(now)],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()?;
+                if let Some((kind, exp)) = row {
+                    all.push(Revoked {
+                        id: id.clone(),
+                        kind: CredKind::from_code(&kind).unwrap_or(CredKind::Token),
+                        expires_at: u64::try_from(exp).unwrap_or(0),
+                    });
+                }
             }
-        };
-        let mut all = from_store;
-        for k in known {
-            if !all.iter().any(|r| r.id == k.id) {
-                all.push(k);
-            }
+            mark_tx(&tx, &all, reason, now)?;
+            tx.commit()?;
+            Ok(all)
+        })?;
+        self.changed.notify_waiters();
+        if all.is_empty() && !matches!(target, Target::Task(_)) {
+            return Err(BrokerError::NotFound(format!(
+                "nothing to revoke: {target} matches no live credential"
+            )));
         }
-        self.record(&all, reason, now)?;
-        // Whatever the store did not know yet becomes revoked there too.
-        self.store.seed(&all, now).await.map_err(unavailable)?;
+        if all.is_empty() {
+            return Err(BrokerError::NotFound(format!(
+                "nothing to revoke: {target} has no live credential"
+            )));
+        }
         tracing::info!(%target, count = all.len(), reason, "revoked");
         self.reap_leases(&all).await;
         Ok(all)
@@ -304,50 +530,35 @@ impl Revoker {
         reason: &str,
         now: u64,
     ) -> Result<Vec<Revoked>, BrokerError> {
-        let mut all: Vec<Revoked> = Vec::new();
-        for t in tasks.tokens_for_task(task)? {
-            if t.exp <= now {
-                continue;
-            }
-            match self
-                .store
-                .revoke(&Target::Credential(t.jti.clone()), reason, now)
-                .await
-            {
-                Ok(v) => all.extend(v),
-                Err(
-                    baton_revocation::RevocationError::Unknown { .. }
-                    | baton_revocation::RevocationError::AlreadyRevoked { .. },
-                ) => {}
-                Err(e) => return Err(unavailable(e)),
-            }
-            for r in [
-                Revoked {
-                    id: t.jti.clone(),
-                    kind: CredKind::Token,
-                    expires_at: t.exp,
-                },
-                Revoked {
-                    id: t.cert_serial.clone(),
-                    kind: CredKind::X509Svid,
-                    expires_at: t.exp,
-                },
-            ] {
-                if !all.iter().any(|x| x.id == r.id) {
-                    all.push(r);
+        let tokens: Vec<_> = tasks
+            .tokens_for_task(task)?
+            .into_iter()
+            .filter(|t| t.exp > now)
+            .collect();
+        let all = self.durable.with(|c| {
+            let tx = c.transaction()?;
+            let mut all = Vec::new();
+            for t in &tokens {
+                for r in resolve_tx(&tx, &Target::Credential(t.jti.clone()), now)? {
+                    push_unique(&mut all, r);
+                }
+                for r in token_pair(t) {
+                    push_unique(&mut all, r);
                 }
             }
-        }
-        self.record(&all, reason, now)?;
-        self.store.seed(&all, now).await.map_err(unavailable)?;
+            mark_tx(&tx, &all, reason, now)?;
+            tx.commit()?;
+            Ok(all)
+        })?;
+        self.changed.notify_waiters();
         tracing::info!(task = %task, count = all.len(), reason, "revoked the task's credentials");
         self.reap_leases(&all).await;
         Ok(all)
     }
 
     /// Revokes credentials a new one replaces (a renewed task
-    /// certificate's predecessor): durably, then in the store, so
-    /// verifiers refuse the old one before the new one is handed out.
+    /// certificate's predecessor), durably, before the new one is handed
+    /// out.
     pub async fn supersede(
         &self,
         old: &[Revoked],
@@ -357,31 +568,212 @@ impl Revoker {
         if old.is_empty() {
             return Ok(());
         }
-        self.record(old, reason, now)?;
-        self.store.seed(old, now).await.map_err(unavailable)?;
-        Ok(())
-    }
-
-    fn record(&self, revoked: &[Revoked], reason: &str, now: u64) -> Result<(), BrokerError> {
         self.durable.with(|c| {
             let tx = c.transaction()?;
-            for r in revoked {
-                let added = tx.execute(
-                    "INSERT OR IGNORE INTO revocations (id, kind, expires_at, reason, at) VALUES (?1, ?2, ?3, ?4, ?5)",
-                    params![r.id, r.kind.code(), to_i64(r.expires_at), reason, to_i64(now)],
-                )?;
-                if added == 1 {
-                    tx.execute(
-                        "INSERT INTO revocation_log (id, expires_at) VALUES (?1, ?2)",
-                        params![r.id, to_i64(r.expires_at)],
-                    )?;
-                }
-            }
+            mark_tx(&tx, old, reason, now)?;
             tx.commit()?;
             Ok(())
         })?;
         self.changed.notify_waiters();
         Ok(())
+    }
+
+    /// Waits up to `wait` for the relay to publish everything recorded so
+    /// far, and says where propagation stands.
+    pub async fn propagation(&self, wait: Duration) -> Result<Propagation, BrokerError> {
+        let target = self.last_seq()?;
+        let mut rx = self.published.subscribe();
+        let reached = tokio::time::timeout(wait, rx.wait_for(|p| *p >= target))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if reached {
+            return Ok(Propagation {
+                complete: true,
+                message: "recorded and propagated to the revocation store".into(),
+            });
+        }
+        let why = self
+            .relay_error
+            .lock()
+            .ok()
+            .and_then(|e| e.clone())
+            .unwrap_or_else(|| "the relay is catching up".into());
+        Ok(Propagation {
+            complete: false,
+            message: format!(
+                "recorded; propagating to the revocation store ({why}); verifiers following the broker's own feed already have it, the relay retries until the store acknowledges"
+            ),
+        })
+    }
+
+    fn last_seq(&self) -> Result<u64, StoreError> {
+        self.durable.with(|c| {
+            let last: Option<i64> =
+                c.query_row("SELECT MAX(seq) FROM revocation_log", [], |r| r.get(0))?;
+            Ok(last.map_or(0, |l| u64::try_from(l).unwrap_or(0)))
+        })
+    }
+
+    fn log_name(&self) -> Result<String, StoreError> {
+        self.durable
+            .with(|c| Ok(c.query_row("SELECT epoch FROM feed_meta LIMIT 1", [], |r| r.get(0))?))
+    }
+
+    /// The outbox entries after `after`, in order: (seq, entry, reason),
+    /// and the log's last sequence, read together (no commit in between).
+    #[allow(clippy::type_complexity)]
+    fn outbox_after(&self, after: u64) -> Result<(Vec<(u64, Revoked, String)>, u64), StoreError> {
+        self.durable.with(|c| {
+            let last: Option<i64> =
+                c.query_row("SELECT MAX(seq) FROM revocation_log", [], |r| r.get(0))?;
+            let last = last.map_or(0, |l| u64::try_from(l).unwrap_or(0));
+            let mut stmt = c.prepare_cached(
+                "SELECT seq, id, kind, expires_at, reason FROM revocation_log
+                 WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![to_i64(after), RELAY_PAGE as i64], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, String>(4)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (seq, id, kind, exp, reason) = row?;
+                out.push((
+                    u64::try_from(seq).unwrap_or(0),
+                    Revoked {
+                        id,
+                        kind: CredKind::from_code(&kind).unwrap_or(CredKind::Token),
+                        expires_at: u64::try_from(exp).unwrap_or(0),
+                    },
+                    reason,
+                ));
+            }
+            Ok((out, last))
+        })
+    }
+
+    /// One pass of the relay: re-seeds a store that lost its data, then
+    /// publishes the outbox from the store's own mark up to the end.
+    /// Returns the sequence the store now holds.
+    pub async fn relay_once(&self, now: u64) -> Result<u64, RelayError> {
+        let log = self.log_name()?;
+        let health = self.store.health().await?;
+        if health.empty_since_seed {
+            // Everything in force first, the epoch last (the store's seed
+            // does that), then the mark: followers trust the store only
+            // once it holds the whole deny set.
+            let upto = self.last_seq()?;
+            let live = self.live_revocations(now)?;
+            self.store.seed(&live, now).await?;
+            self.store
+                .publish(&[], "re-seeded", &log, upto, now)
+                .await?;
+            tracing::warn!(
+                count = live.len(),
+                "revocation store had lost its data; re-seeded from the datastore"
+            );
+        }
+        let mut acked = self.store.published(&log).await?;
+        loop {
+            let (page, end) = self.outbox_after(acked)?;
+            let Some(last) = page.last().map(|(seq, _, _)| *seq) else {
+                if end > acked {
+                    // What lay between was pruned (expired): move the mark.
+                    self.store.publish(&[], "", &log, end, now).await?;
+                    acked = end;
+                }
+                break;
+            };
+            // One store call per run of entries with the same reason.
+            let mut i = 0;
+            while i < page.len() {
+                let reason = page[i].2.clone();
+                let mut j = i;
+                let mut batch = Vec::new();
+                while j < page.len() && page[j].2 == reason {
+                    batch.push(page[j].1.clone());
+                    j += 1;
+                }
+                let upto = page[j - 1].0;
+                self.store.publish(&batch, &reason, &log, upto, now).await?;
+                i = j;
+            }
+            acked = last;
+            self.published.send_replace(acked);
+        }
+        self.published.send_replace(acked);
+        Ok(acked)
+    }
+
+    /// Runs the relay until aborted: after every new revocation and every
+    /// [`RELAY_TICK`], with a bounded backoff while the store fails.
+    /// Prunes expired registry rows now and then.
+    pub fn spawn_relay(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(50);
+            let mut last_prune = 0u64;
+            loop {
+                let notified = this.changed.notified();
+                let now = baton_revocation::system_now();
+                match this.relay_once(now).await {
+                    Ok(_) => {
+                        backoff = Duration::from_millis(50);
+                        if let Ok(mut e) = this.relay_error.lock()
+                            && let Some(was) = e.take()
+                        {
+                            tracing::info!(was = %was, "revocation relay caught up");
+                        }
+                        if now >= last_prune + 60 {
+                            last_prune = now;
+                            if let Err(e) = this.prune(now) {
+                                tracing::warn!(error = %e, "pruning expired credentials failed");
+                            }
+                        }
+                        let _ = tokio::time::timeout(RELAY_TICK, notified).await;
+                    }
+                    Err(e) => {
+                        let msg = e.to_string();
+                        if let Ok(mut slot) = this.relay_error.lock() {
+                            if slot.as_deref() != Some(msg.as_str()) {
+                                tracing::warn!(error = %msg, "revocation relay behind; retrying");
+                            }
+                            *slot = Some(msg);
+                        }
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                    }
+                }
+            }
+        })
+    }
+
+    /// Forgets registry rows and revocations past their expiry (plus a
+    /// grace), and task tombstones older than a day past that.
+    pub fn prune(&self, now: u64) -> Result<(), StoreError> {
+        let cutoff = to_i64(now.saturating_sub(PRUNE_GRACE_SECS));
+        self.durable.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "DELETE FROM credentials WHERE expires_at <= ?1",
+                params![cutoff],
+            )?;
+            tx.execute(
+                "DELETE FROM revocations WHERE expires_at <= ?1",
+                params![cutoff],
+            )?;
+            tx.execute(
+                "DELETE FROM revocation_log WHERE expires_at <= ?1",
+                params![cutoff],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
     }
 
     /// Whether the durable table holds `id` as revoked (the broker's own
@@ -422,34 +814,6 @@ impl Revoker {
                 });
             }
             Ok(out)
-        })
-    }
-
-    /// Re-seeds the store when it has lost its data. Returns whether it did.
-    pub async fn reseed_if_needed(&self, now: u64) -> Result<bool, BrokerError> {
-        let health = self.store.health().await.map_err(unavailable)?;
-        if !health.empty_since_seed {
-            return Ok(false);
-        }
-        let live = self.live_revocations(now)?;
-        self.store.seed(&live, now).await.map_err(unavailable)?;
-        tracing::warn!(
-            count = live.len(),
-            "revocation store had lost its data; re-seeded from the durable log"
-        );
-        Ok(true)
-    }
-
-    /// Checks the store every `every` and re-seeds it when needed.
-    pub fn spawn_reseeder(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
-        let this = self.clone();
-        tokio::spawn(async move {
-            loop {
-                if let Err(e) = this.reseed_if_needed(baton_revocation::system_now()).await {
-                    tracing::warn!(error = %e, "revocation store check failed");
-                }
-                tokio::time::sleep(every).await;
-            }
         })
     }
 }

@@ -207,6 +207,31 @@ const MIGRATIONS: &[&str] = &[
         digest TEXT PRIMARY KEY,
         expires_at INTEGER NOT NULL
      );",
+    // 7: the datastore is the source of truth for every credential the
+    // broker hands out (revocation cascades are computed here, not in
+    // Redis); tasks whose credentials were revoked refuse new ones; the
+    // revocation log doubles as the outbox the relay publishes to Redis.
+    "CREATE TABLE credentials (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        task TEXT,
+        agent TEXT,
+        node TEXT,
+        parent TEXT,
+        expires_at INTEGER NOT NULL
+     );
+     CREATE INDEX credentials_by_task ON credentials(task) WHERE task IS NOT NULL;
+     CREATE INDEX credentials_by_agent ON credentials(agent) WHERE agent IS NOT NULL;
+     CREATE INDEX credentials_by_node ON credentials(node) WHERE node IS NOT NULL;
+     CREATE INDEX credentials_by_parent ON credentials(parent) WHERE parent IS NOT NULL;
+     CREATE INDEX credentials_by_expiry ON credentials(expires_at);
+     CREATE TABLE revoked_tasks (
+        task TEXT PRIMARY KEY,
+        at INTEGER NOT NULL
+     );
+     ALTER TABLE revocation_log ADD COLUMN kind TEXT NOT NULL DEFAULT 'token';
+     ALTER TABLE revocation_log ADD COLUMN reason TEXT NOT NULL DEFAULT '';
+     CREATE INDEX revocation_log_by_expiry ON revocation_log(expires_at);",
 ];
 
 const ENTRY_COLUMNS: &str =
@@ -270,8 +295,19 @@ impl SqliteStore {
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let mut guard = self.conn.lock().map_err(|_| StoreError::Poisoned)?;
-        f(&mut guard)
+        // SQLite blocks (fsync on every commit): on a multi-threaded
+        // runtime the worker hands its other tasks to another thread while
+        // it waits, so a slow disk does not stall unrelated requests.
+        let run = || {
+            let mut guard = self.conn.lock().map_err(|_| StoreError::Poisoned)?;
+            f(&mut guard)
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(run)
+            }
+            _ => run(),
+        }
     }
 
     fn nodes_where(&self, id: Option<&SpiffeId>) -> Result<Vec<NodeRecord>, StoreError> {

@@ -84,6 +84,15 @@ pub struct TokenRecord {
     pub aud: Vec<String>,
 }
 
+/// Why a redeem's transaction refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RedeemRefusal {
+    #[error("{0}")]
+    Grant(GrantRefusal),
+    #[error("{0}")]
+    Revoked(String),
+}
+
 /// Why a grant cannot be redeemed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum GrantRefusal {
@@ -125,6 +134,27 @@ pub trait TaskStore: Send + Sync + std::fmt::Debug {
         now: u64,
     ) -> Result<Result<GrantRecord, GrantRefusal>, StoreError>;
     fn insert_token(&self, t: &TokenRecord) -> Result<(), StoreError>;
+    /// A redeem's one atomic step: consumes the grant, records the token
+    /// and registers `creds` (the token and its certificate) in the
+    /// credential registry, or does none of it. Refused (nothing written)
+    /// when the grant is used, expired or unknown, or when a credential,
+    /// its parent or its task is revoked.
+    fn redeem_grant(
+        &self,
+        digest: &str,
+        now: u64,
+        token: &TokenRecord,
+        creds: &[baton_revocation::CredentialRecord],
+    ) -> Result<Result<(), RedeemRefusal>, StoreError>;
+    /// Undoes [`redeem_grant`](Self::redeem_grant) when the credential
+    /// could not be delivered with its audit record: the grant becomes
+    /// redeemable again and the credentials are revoked (they never left).
+    fn release_grant(
+        &self,
+        digest: &str,
+        creds: &[baton_revocation::CredentialRecord],
+        now: u64,
+    ) -> Result<(), StoreError>;
     /// Replaces a token's record (a renewal binds it to a new certificate).
     fn update_token(&self, t: &TokenRecord) -> Result<(), StoreError>;
     fn tokens_for_task(&self, task: &TaskId) -> Result<Vec<TokenRecord>, StoreError>;
@@ -248,6 +278,74 @@ impl TaskStore for SqliteStore {
                 "INSERT INTO tokens (jti, task_id, record) VALUES (?1, ?2, ?3)",
                 params![t.jti, t.task_id.as_str(), record],
             )?;
+            Ok(())
+        })
+    }
+
+    fn redeem_grant(
+        &self,
+        digest: &str,
+        now: u64,
+        token: &TokenRecord,
+        creds: &[baton_revocation::CredentialRecord],
+    ) -> Result<Result<(), RedeemRefusal>, StoreError> {
+        let record = enc("tokens", token)?;
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let row: Option<(i64, Option<i64>)> = tx
+                .query_row(
+                    "SELECT expires_at, used_at FROM grants WHERE digest = ?1",
+                    params![digest],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            let refusal = match row {
+                None => Some(GrantRefusal::Unknown),
+                Some((_, Some(_))) => Some(GrantRefusal::Used),
+                Some((exp, None)) if to_i64(now) >= exp => Some(GrantRefusal::Expired),
+                Some(_) => None,
+            };
+            if let Some(r) = refusal {
+                return Ok(Err(RedeemRefusal::Grant(r)));
+            }
+            if let Err(why) = crate::revocation::register_tx(&tx, creds, now)? {
+                return Ok(Err(RedeemRefusal::Revoked(why)));
+            }
+            tx.execute(
+                "UPDATE grants SET used_at = ?2 WHERE digest = ?1",
+                params![digest, to_i64(now)],
+            )?;
+            tx.execute(
+                "INSERT INTO tokens (jti, task_id, record) VALUES (?1, ?2, ?3)",
+                params![token.jti, token.task_id.as_str(), record],
+            )?;
+            tx.commit()?;
+            Ok(Ok(()))
+        })
+    }
+
+    fn release_grant(
+        &self,
+        digest: &str,
+        creds: &[baton_revocation::CredentialRecord],
+        now: u64,
+    ) -> Result<(), StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "UPDATE grants SET used_at = NULL WHERE digest = ?1",
+                params![digest],
+            )?;
+            let dead: Vec<baton_revocation::Revoked> = creds
+                .iter()
+                .map(|r| baton_revocation::Revoked {
+                    id: r.id.clone(),
+                    kind: r.kind,
+                    expires_at: r.expires_at,
+                })
+                .collect();
+            crate::revocation::mark_tx(&tx, &dead, "not delivered: audit log unavailable", now)?;
+            tx.commit()?;
             Ok(())
         })
     }

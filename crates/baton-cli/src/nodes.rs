@@ -78,6 +78,9 @@ async fn act(verb: &str, raw: &str, reason: Option<String>, admin: &AdminArgs) -
                 "{} {}: {} credential(s) revoked",
                 done.action, done.node, done.revoked
             ));
+            if let Some(p) = &done.propagation {
+                output::line(&format!("Propagation: {}", p.message));
+            }
             match done.action.as_str() {
                 "evicted" => output::line(
                     "It must attest again: `baton token generate --node-id <id>`, then restart its agent with --join-token.",

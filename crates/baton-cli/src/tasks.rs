@@ -164,6 +164,7 @@ pub async fn task(cmd: TaskCmd) -> Result<()> {
                 OutputFormat::Table => {
                     print_task(admin.output, &v["task"]);
                     output::line(&format!("Revoked:      {} credential(s)", v["revoked"]));
+                    propagation_line(&v["propagation"]);
                 }
             }
             Ok(())
@@ -197,8 +198,19 @@ pub async fn task(cmd: TaskCmd) -> Result<()> {
                 )
                 .await?;
             print_task(admin.output, &v["task"]);
+            if admin.output == OutputFormat::Table {
+                propagation_line(&v["propagation"]);
+            }
             Ok(())
         }
+    }
+}
+
+/// Tells the operator whether verifiers following Redis have the
+/// revocation yet ("recorded; propagating" while the relay is behind).
+pub(crate) fn propagation_line(p: &serde_json::Value) {
+    if let Some(message) = p["message"].as_str() {
+        output::line(&format!("Propagation:  {message}"));
     }
 }
 
@@ -259,6 +271,7 @@ pub async fn revoke(cmd: RevokeCmd) -> Result<()> {
                     ""
                 }
             ));
+            propagation_line(&v["propagation"]);
         }
     }
     Ok(())

@@ -263,6 +263,10 @@ impl Follower {
 
     /// Reads until the connection fails.
     async fn follow(&mut self, conn: &mut Conn) -> Result<(), redis::RedisError> {
+        // While the epoch is missing, poll fast at first (a broker re-seeds
+        // within moments) and back off up to the block time: no fixed
+        // sleep keeps live credentials refused longer than the re-seed.
+        let mut missing = Duration::from_millis(25);
         loop {
             let now = (self.shared.clock)();
             self.prune(now);
@@ -283,9 +287,11 @@ impl Follower {
                     s.epoch = None;
                 }
                 self.last_id = None;
-                tokio::time::sleep(self.block).await;
+                tokio::time::sleep(missing).await;
+                missing = (missing * 2).min(self.block.min(Duration::from_secs(1)));
                 continue;
             };
+            missing = Duration::from_millis(25);
             let same_epoch = self.shared.read().epoch.as_deref() == Some(epoch.as_str());
             if !same_epoch || self.last_id.is_none() || self.gap(conn).await? {
                 self.resync(conn).await?;

@@ -318,6 +318,37 @@ pub trait RevocationStore: Send + Sync + fmt::Debug {
     /// data; sets the epoch if there is none. Expired entries are skipped.
     async fn seed(&self, revoked: &[Revoked], now: u64) -> Result<(), RevocationError>;
     async fn health(&self) -> Result<Health, RevocationError>;
+    /// Publishes revocations a broker committed to its durable log (the
+    /// outbox): marks them revoked, streams them to followers in one entry
+    /// and records that the store holds log `log` up to sequence `upto`,
+    /// all in one atomic step. Idempotent; expired entries are skipped.
+    /// Refused with [`RevocationError::NotSeeded`] by a store that lost its
+    /// data (it must be seeded whole first).
+    async fn publish(
+        &self,
+        batch: &[Revoked],
+        reason: &str,
+        log: &str,
+        upto: u64,
+        now: u64,
+    ) -> Result<(), RevocationError>;
+    /// The highest sequence of log `log` this store acknowledged; 0 when
+    /// it holds none (a new, flushed or failed-over store).
+    async fn published(&self, log: &str) -> Result<u64, RevocationError>;
+}
+
+/// Longest name of a durable log [`RevocationStore::publish`] accepts.
+pub const MAX_LOG_NAME: usize = 64;
+
+pub(crate) fn validate_log(log: &str) -> Result<(), RevocationError> {
+    if log.is_empty() || log.len() > MAX_LOG_NAME || !log.bytes().all(|b| b.is_ascii_alphanumeric())
+    {
+        return Err(RevocationError::InvalidId {
+            id: log.chars().take(64).collect(),
+            why: "a log name is 1 to 64 ASCII letters and digits",
+        });
+    }
+    Ok(())
 }
 
 pub(crate) fn validate_id(id: &str) -> Result<(), RevocationError> {

@@ -11,7 +11,7 @@ use tokio::sync::broadcast;
 
 use crate::{
     CredKind, CredentialRecord, Health, RevocationError, RevocationStore, Revoked, Target,
-    system_now, validate_id, validate_record,
+    system_now, validate_id, validate_log, validate_record,
 };
 
 /// Capacity of the broadcast channel; a follower that lags further gets
@@ -30,6 +30,8 @@ struct Inner {
     revoked: HashMap<String, (CredKind, u64)>,
     /// task -> expiry of the tombstone
     revoked_tasks: HashMap<String, u64>,
+    /// durable log name -> highest sequence published
+    published: HashMap<String, u64>,
 }
 
 impl Inner {
@@ -291,6 +293,41 @@ impl RevocationStore for MemoryStore {
             epoch: self.epoch.clone(),
             empty_since_seed: false,
         })
+    }
+
+    async fn publish(
+        &self,
+        batch: &[Revoked],
+        _reason: &str,
+        log: &str,
+        upto: u64,
+        now: u64,
+    ) -> Result<(), RevocationError> {
+        validate_log(log)?;
+        for r in batch {
+            validate_id(&r.id)?;
+        }
+        let mut g = self.lock();
+        let live: Vec<Revoked> = batch
+            .iter()
+            .filter(|r| r.expires_at > now)
+            .cloned()
+            .collect();
+        for r in &live {
+            g.revoked.insert(r.id.clone(), (r.kind, r.expires_at));
+        }
+        let seen = g.published.entry(log.to_owned()).or_insert(0);
+        *seen = (*seen).max(upto);
+        drop(g);
+        if !live.is_empty() {
+            let _ = self.tx.send(live);
+        }
+        Ok(())
+    }
+
+    async fn published(&self, log: &str) -> Result<u64, RevocationError> {
+        validate_log(log)?;
+        Ok(self.lock().published.get(log).copied().unwrap_or(0))
     }
 }
 

@@ -13,7 +13,7 @@ use redis::Value;
 use crate::redis_config::{Conn, Connector};
 use crate::{
     CredKind, CredentialRecord, Health, RedisConfig, RevocationError, RevocationStore, Revoked,
-    STREAM_RETENTION_SECS, Target, validate_id, validate_record,
+    STREAM_RETENTION_SECS, Target, validate_id, validate_log, validate_record,
 };
 
 /// Seed entries per script call; only the last call sets the epoch, so a
@@ -107,6 +107,36 @@ redis.call('XADD', p .. ':revocations', 'MINID', '~', minid, '*', 't', 'seed', '
 return epoch
 "#;
 
+const PUBLISH_LUA: &str = r#"
+local p, log, upto, reason, now, minid =
+  ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5]), ARGV[6]
+if redis.call('EXISTS', p .. ':epoch') == 0 then return {'notseeded'} end
+local idx = p .. ':revoked-index'
+local lines, z = {}, {}
+for j = 7, #ARGV, 3 do
+  local id, kind, exp = ARGV[j], ARGV[j + 1], ARGV[j + 2]
+  if tonumber(exp) > now then
+    redis.call('SET', p .. ':revoked:' .. id, kind, 'EXAT', exp)
+    z[#z + 1] = exp
+    z[#z + 1] = id
+    if #z >= 1000 then redis.call('ZADD', idx, unpack(z)) z = {} end
+    lines[#lines + 1] = exp .. ' ' .. id
+  end
+end
+if #z > 0 then redis.call('ZADD', idx, unpack(z)) end
+if #lines > 0 then
+  redis.call('XADD', p .. ':revocations', 'MINID', '~', minid, '*',
+    't', 'revoke', 'r', table.concat(lines, '\n'), 'why', reason)
+end
+local k = p .. ':outbox:' .. log
+local cur = tonumber(redis.call('GET', k) or '0')
+if upto > cur then redis.call('SET', k, tostring(upto)) end
+return {'ok'}
+"#;
+
+/// Most entries one publish script call carries.
+const PUBLISH_CHUNK: usize = 1000;
+
 #[derive(Debug)]
 struct Lua {
     src: &'static str,
@@ -140,6 +170,7 @@ struct Inner {
     register: Lua,
     revoke: Lua,
     seed: Lua,
+    publish: Lua,
 }
 
 impl fmt::Debug for RedisStore {
@@ -192,6 +223,7 @@ impl RedisStore {
                 register: Lua::new(REGISTER_LUA),
                 revoke: Lua::new(REVOKE_LUA),
                 seed: Lua::new(SEED_LUA),
+                publish: Lua::new(PUBLISH_LUA),
             }),
         };
         store.conn().await?;
@@ -638,6 +670,64 @@ return {'ok'}
             self.eval(&self.inner.seed, &args).await?;
         }
         Ok(())
+    }
+
+    async fn publish(
+        &self,
+        batch: &[Revoked],
+        reason: &str,
+        log: &str,
+        upto: u64,
+        now: u64,
+    ) -> Result<(), RevocationError> {
+        validate_log(log)?;
+        for r in batch {
+            validate_id(&r.id)?;
+        }
+        let chunks: Vec<&[Revoked]> = if batch.is_empty() {
+            vec![&[]]
+        } else {
+            batch.chunks(PUBLISH_CHUNK).collect()
+        };
+        let last = chunks.len().saturating_sub(1);
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            // Only the last chunk moves the log's mark: a failure half-way
+            // leaves the mark where it was, and the retry publishes again.
+            let mark = if i == last { upto } else { 0 };
+            let mut args = vec![
+                self.inner.base.clone(),
+                log.to_owned(),
+                mark.to_string(),
+                reason.to_owned(),
+                now.to_string(),
+                min_id(now),
+            ];
+            for r in chunk {
+                args.push(r.id.clone());
+                args.push(r.kind.code().to_owned());
+                args.push(r.expires_at.to_string());
+            }
+            let v = self.eval(&self.inner.publish, &args).await?;
+            match status(&v)?.0.as_str() {
+                "ok" => {}
+                "notseeded" => return Err(RevocationError::NotSeeded),
+                other => {
+                    return Err(RevocationError::Protocol(format!(
+                        "publish script: {other}"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn published(&self, log: &str) -> Result<u64, RevocationError> {
+        validate_log(log)?;
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(self.key(&format!("outbox:{log}")));
+        Ok(value_str(&self.query(&cmd).await?)
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(0))
     }
 
     async fn health(&self) -> Result<Health, RevocationError> {

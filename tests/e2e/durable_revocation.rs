@@ -1,0 +1,261 @@
+//! The datastore is the source of truth for revocation; Redis is a
+//! rebuildable deny set and feed. Each test breaks Redis the way an
+//! operator meets it (FLUSHALL, killed, read-only) and checks, at a tool
+//! server following the Redis feed, that nothing revoked is accepted
+//! afterwards and nothing unrevoked stays refused once Redis is back.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::delegation::{PLANNER, RESEARCHER, World, claims};
+use crate::harness::{Redis, wait_for};
+
+const READ: &[&str] = &["tool:crm.search:read", "dataset:crm:read"];
+
+/// A task whose planner handed search to the researcher; returns (task, planner, researcher).
+fn chain(w: &World, tag: &str) -> (String, PathBuf, PathBuf) {
+    let (task, grant) = w.start_task(READ, "2", "10m", "read");
+    let planner = w.redeem(&grant, PLANNER, &format!("{tag}-planner"));
+    let hop = w.delegate(&planner, RESEARCHER, READ, &[]);
+    assert!(
+        hop.status.success(),
+        "{}",
+        String::from_utf8_lossy(&hop.stderr)
+    );
+    let g: serde_json::Value = serde_json::from_slice(&hop.stdout).unwrap();
+    let researcher = w.redeem(
+        g["grant"].as_str().unwrap(),
+        RESEARCHER,
+        &format!("{tag}-researcher"),
+    );
+    (task, planner, researcher)
+}
+
+fn works(w: &World, cred: &Path) -> bool {
+    let out = w.call(cred, "crm.search");
+    if !out.status.success() {
+        eprintln!(
+            "call refused: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    out.status.success()
+}
+
+fn refused_revoked(w: &World, cred: &Path) -> bool {
+    let out = w.call(cred, "crm.search");
+    !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("revoked")
+}
+
+/// N of "revoked N credential(s)".
+fn count(out: &str) -> usize {
+    out.split("revoked ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {out}"))
+}
+
+/// The call got past the revocation check (refused later by the example
+/// policy, which lets only researchers search, or allowed).
+fn passes_revocation(w: &World, cred: &Path) -> bool {
+    let out = w.call(cred, "crm.search");
+    let err = String::from_utf8_lossy(&out.stderr);
+    out.status.success() || (err.contains("policy_denied") && !err.contains("revoked"))
+}
+
+fn jti(cred: &Path) -> String {
+    claims(cred)["jti"].as_str().unwrap().to_owned()
+}
+
+/// Waits until `cred` works at the tool server (its feed is fresh).
+fn until_works(w: &World, cred: &Path, what: &str) {
+    wait_for(what, Duration::from_secs(30), || {
+        works(w, cred).then_some(())
+    });
+}
+
+/// Waits until `cred` is refused as revoked at the tool server.
+fn until_revoked(w: &World, cred: &Path, what: &str) {
+    wait_for(what, Duration::from_secs(30), || {
+        refused_revoked(w, cred).then_some(())
+    });
+}
+
+#[test]
+fn after_flushall_revocations_reach_credentials_issued_before_it() {
+    let redis = Redis::start();
+    let w = World::start_with(Some(&redis.url));
+    let (_ta, pa, ra) = chain(&w, "a");
+    let (_tb, pb, rb) = chain(&w, "b");
+    let (_tc, pc, rc) = chain(&w, "c");
+    until_works(&w, &rc, "the tool server's feed is fresh");
+
+    assert!(redis.cli(&["FLUSHALL"]).contains("OK"));
+    // The relay re-seeds Redis from the datastore; live credentials work
+    // again without anyone touching them.
+    until_works(&w, &ra, "re-seed after FLUSHALL");
+    // Redis holds no live credential at all: only the epoch, the feed and
+    // the relay's mark.
+    let keys = redis.cli(&["KEYS", "*cred*"]);
+    assert!(keys.trim().is_empty(), "live credentials in Redis: {keys}");
+
+    // A credential issued before the flush: revoked by its jti.
+    let out = w.ok(&["revoke", "credential", &jti(&ra), "--reason", "leaked"]);
+    // The researcher's token and its certificate.
+    assert_eq!(count(&out), 2, "{out}");
+    until_revoked(&w, &ra, "credential revocation after FLUSHALL");
+    assert!(
+        works(&w, &rb) && works(&w, &rc),
+        "revoking one researcher hit another"
+    );
+    assert!(
+        passes_revocation(&w, &pa),
+        "revoking the researcher hit its planner"
+    );
+
+    // A subtree issued before the flush: the planner and its researcher.
+    let out = w.ok(&["revoke", "subtree", &jti(&pb), "--reason", "compromised"]);
+    // Both tokens, both certificates and the grant between them.
+    assert_eq!(count(&out), 5, "{out}");
+    until_revoked(&w, &pb, "subtree root");
+    until_revoked(&w, &rb, "subtree child");
+
+    // An agent: every credential of the researcher, across tasks.
+    let v = w.json(&["revoke", "agent", RESEARCHER, "-o", "json"]);
+    assert_eq!(v["propagation"]["complete"], true, "{v}");
+    until_revoked(&w, &rc, "agent revocation after FLUSHALL");
+    // The untampered control: the third planner was never revoked (the
+    // example policy lets only researchers search, so its call passes the
+    // revocation check and stops at the policy).
+    assert!(
+        passes_revocation(&w, &pc),
+        "an unrevoked credential is refused"
+    );
+
+    // Revoking again is idempotent: the same ids, no error.
+    let again = w.ok(&["revoke", "credential", &jti(&ra)]);
+    assert_eq!(count(&again), 2, "{again}");
+}
+
+#[test]
+fn task_end_while_redis_is_down_reaches_verifiers_when_it_returns() {
+    let mut redis = Redis::start();
+    let w = World::start_with(Some(&redis.url));
+    let (t1, _p1, r1) = chain(&w, "t1");
+    let (_t2, p2, r2) = chain(&w, "t2");
+    until_works(&w, &r2, "the tool server's feed is fresh");
+
+    redis.stop();
+    // The datastore has it: the command succeeds and says propagation is
+    // behind; a retry is idempotent.
+    let out = w.ok(&["task", "end", &t1]);
+    assert!(out.contains("recorded; propagating"), "{out}");
+    let again = w.ok(&["task", "end", &t1]);
+    assert!(again.contains("recorded; propagating"), "{again}");
+    // A hop and its redeem during the outage: recorded in the datastore,
+    // delivered, audited as granted (the grant is not burnt for nothing).
+    let hop = w.delegate(&p2, RESEARCHER, READ, &[]);
+    assert!(
+        hop.status.success(),
+        "{}",
+        String::from_utf8_lossy(&hop.stderr)
+    );
+    let g: serde_json::Value = serde_json::from_slice(&hop.stdout).unwrap();
+    let r3 = w.redeem(
+        g["grant"].as_str().unwrap(),
+        RESEARCHER,
+        "outage-researcher",
+    );
+    // Verifiers following a dead Redis fail closed.
+    wait_for(
+        "the verifier fails closed while Redis is down",
+        Duration::from_secs(20),
+        || (!works(&w, &r2)).then_some(()),
+    );
+
+    // Redis back, empty: the relay re-seeds it with everything the
+    // datastore revoked, including the task ended during the outage.
+    redis.restart();
+    until_works(&w, &r2, "an unrevoked credential after Redis returns");
+    until_works(&w, &r3, "the credential redeemed during the outage");
+    assert!(
+        refused_revoked(&w, &r1),
+        "a task ended while Redis was down is still accepted"
+    );
+    let task2 = claims(&r3)["task"]["id"].as_str().unwrap().to_owned();
+    let text = w.json(&["audit", "trace", &task2, "--json"]).to_string();
+    assert!(
+        text.contains(&jti(&r3)),
+        "the outage redeem is not audited: {text}"
+    );
+    let status = w.json(&["task", "end", &t1, "-o", "json"]);
+    assert_eq!(status["propagation"]["complete"], true, "{status}");
+}
+
+#[test]
+fn task_end_while_redis_is_read_only_reaches_verifiers_when_it_is_writable() {
+    let redis = Redis::start();
+    let w = World::start_with(Some(&redis.url));
+    let (t1, _p1, r1) = chain(&w, "t1");
+    let (_t2, _p2, r2) = chain(&w, "t2");
+    until_works(&w, &r2, "the tool server's feed is fresh");
+
+    // A replica of a server that does not exist: every write is refused
+    // with READONLY, reads still answer.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_port = dead.local_addr().unwrap().port().to_string();
+    drop(dead);
+    assert!(
+        redis
+            .cli(&["REPLICAOF", "127.0.0.1", &dead_port])
+            .contains("OK")
+    );
+    let out = w.ok(&["task", "end", &t1]);
+    assert!(out.contains("recorded; propagating"), "{out}");
+    assert!(
+        !out.contains("issuance refused"),
+        "a misleading message: {out}"
+    );
+
+    assert!(redis.cli(&["REPLICAOF", "NO", "ONE"]).contains("OK"));
+    until_revoked(&w, &r1, "the task ended while Redis was read-only");
+    until_works(&w, &r2, "an unrevoked credential once Redis is writable");
+    let status = w.json(&["task", "end", &t1, "-o", "json"]);
+    assert_eq!(status["propagation"]["complete"], true, "{status}");
+}
+
+#[test]
+fn a_failed_over_redis_that_missed_writes_is_caught_up_from_its_own_mark() {
+    let redis = Redis::start();
+    let w = World::start_with(Some(&redis.url));
+    let (t1, _p1, r1) = chain(&w, "t1");
+    let (_t2, _p2, r2) = chain(&w, "t2");
+    until_works(&w, &r2, "the tool server's feed is fresh");
+    w.ok(&["task", "end", &t1]);
+    until_revoked(&w, &r1, "task end");
+    let log = redis.cli(&["KEYS", "{baton}:outbox:*"]).trim().to_owned();
+    assert!(log.starts_with("{baton}:outbox:"), "no relay mark: {log}");
+    assert!(redis.cli(&["GET", &log]).trim().parse::<u64>().unwrap() >= 4);
+    // What a replica that missed the last writes looks like: the deny
+    // entries and the mark of the last publication are gone, the epoch
+    // is still there.
+    let denied = redis.cli(&["KEYS", "{baton}:revoked:*"]);
+    for key in denied.lines().filter(|l| !l.trim().is_empty()) {
+        redis.cli(&["DEL", key.trim()]);
+    }
+    redis.cli(&["DEL", "{baton}:revoked-index"]);
+    redis.cli(&["SET", &log, "0"]);
+    // The relay sees the store's mark behind the datastore and publishes
+    // again; the next revocation is not needed to heal it.
+    wait_for("the relay republishes", Duration::from_secs(20), || {
+        let n: u64 = redis
+            .cli(&["ZCARD", "{baton}:revoked-index"])
+            .trim()
+            .parse()
+            .unwrap_or(0);
+        (n >= 4).then_some(())
+    });
+    assert!(refused_revoked(&w, &r1));
+    assert!(works(&w, &r2));
+}
