@@ -94,9 +94,16 @@ async fn admin_post(c: &Cluster, path: &str, body: Value) -> (u16, Value) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwt_key_rotation_runbook_fails_no_fetch_and_validate_and_revoke_waits_for_expiry() {
     baton_tls::install_crypto_provider();
+    // No pruning pass during the test: K1 would leave the bundle by itself
+    // the moment its last token expired, racing the operator's revoke.
     let c = Cluster::start_with_broker_args(
         Options::default(),
-        vec!["--rotation".into(), "manual".into()],
+        vec![
+            "--rotation".into(),
+            "manual".into(),
+            "--rotation-check".into(),
+            "1h".into(),
+        ],
     );
     // Short-lived tokens keep the wait for their expiry short.
     c.register("/svc/jwt-loop", &["--jwt-ttl", "20s"]);

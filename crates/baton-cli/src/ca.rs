@@ -271,7 +271,11 @@ async fn wait_for_reissue(client: &AdminClient, id: &str, timeout: Duration) -> 
             .and_then(|a| a.pending.map(|p| (a, p)))
         else {
             // Pruned or revoked meanwhile: nothing of it is left.
-            progress(tty, "re-issuance complete: the authority is gone", true);
+            progress(
+                tty,
+                "re-issuance complete: the authority is gone (revoked, or pruned once everything it signed expired)",
+                true,
+            );
             return Ok(());
         };
         let elapsed = start.elapsed().as_secs_f64();
