@@ -429,7 +429,7 @@ impl Broker {
 
     /// What still waits for re-issuance (and, for a JWT key, for expiry)
     /// under tainted authority `status`.
-    fn pending(
+    fn reissue_pending(
         &self,
         status: &AuthorityStatus,
         now: SystemTime,
@@ -479,7 +479,7 @@ impl Broker {
         let mut authorities = Vec::new();
         for status in self.ca().authorities() {
             let pending = if status.tainted && status.state != AuthorityState::Revoked {
-                Some(self.pending(&status, now)?)
+                Some(self.reissue_pending(&status, now)?)
             } else {
                 None
             };
