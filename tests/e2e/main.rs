@@ -14,6 +14,7 @@ mod grpc_core;
 mod hardening;
 mod harness;
 mod identity;
+mod jwt_rotation;
 mod nodes;
 mod refusals;
 mod restart;

@@ -109,7 +109,7 @@ async fn sync_with(c: &Cluster, dir: &Path) -> Result<(), ClientError> {
         )
         .unwrap(),
     );
-    client.sync().await.map(|_| ())
+    client.sync(None).await.map(|_| ())
 }
 
 fn refusal_code(r: Result<(), ClientError>) -> String {

@@ -367,7 +367,13 @@ async fn jwt_tokens_verify_until_their_key_is_revoked() {
     client.validate_jwt_token("aud", &new_token).await.unwrap();
     client.validate_jwt_token("aud", &old_token).await.unwrap();
 
-    c.cli_ok(&["ca", "revoke", &old_kid]);
+    // The old token is still live, so a plain revoke is refused (the
+    // runbook's wait is `jwt_rotation.rs`); --force revokes anyway.
+    let out = c.cli(&["ca", "revoke", &old_kid]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("still live"), "{err}");
+    c.cli_ok(&["ca", "revoke", &old_kid, "--force"]);
     crate::harness::wait_for_async(
         "the old token to be refused",
         Duration::from_secs(30),
@@ -615,10 +621,26 @@ fn task_credentials_are_renewed_under_the_new_authority_after_a_taint() {
         String::from_utf8_lossy(&ok.stderr)
     );
 
+    // The planner's token (not renewed) is still signed by the old JWT key,
+    // so revoking that key is refused; the researcher's renewed token no
+    // longer counts against it. `ca show` says the same.
+    let jwt_pending = ca_show(&w.c)["authorities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["id"] == old_jwt.as_str())
+        .unwrap()["pending"]
+        .clone();
+    assert_eq!(jwt_pending["delegation_tokens"], 1, "{jwt_pending}");
+    let out = w.c.cli(&["ca", "revoke", &old_jwt]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("1 delegation token(s)"), "{err}");
+
     // Revoke the old keys: the renewed credential keeps working, the copy
     // kept from before is refused (its certificate's authority is gone).
     w.c.cli_ok(&["ca", "revoke", &old_x509]);
-    w.c.cli_ok(&["ca", "revoke", &old_jwt]);
+    w.c.cli_ok(&["ca", "revoke", &old_jwt, "--force"]);
     std::fs::copy(cred.join("bundle.pem"), stale.join("bundle.pem")).unwrap();
     wait_for(
         "the tool server to refuse the old credential",

@@ -234,11 +234,46 @@ impl CachedJwt {
     }
 }
 
+/// The keys a served JWT-SVID may be signed by, as of the last sync: in
+/// the node's bundle and not tainted.
+#[derive(Debug, Clone, Default)]
+pub struct UsableKeys {
+    pub tainted: Tainted,
+    /// `None` before the first sync: only the taints apply.
+    pub bundle: Option<Arc<BundleView>>,
+}
+
+impl UsableKeys {
+    /// Whether a token signed by `kid` may be served. A token without a
+    /// `kid` is not: the broker always names its key.
+    pub fn allow(&self, kid: Option<&str>) -> bool {
+        let Some(kid) = kid else {
+            return false;
+        };
+        !self.tainted.iter().any(|t| t == kid)
+            && self
+                .bundle
+                .as_ref()
+                .is_none_or(|b| b.trust.jwt_authorities.iter().any(|a| a.kid == kid))
+    }
+
+    fn same_as(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.tainted, &other.tainted)
+            && match (&self.bundle, &other.bundle) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            }
+    }
+}
+
 /// JWT-SVIDs keyed by entry and audience set (order and duplicates of the
 /// requested audience do not matter).
 #[derive(Debug, Default)]
 pub struct JwtCache {
     tokens: HashMap<(EntryId, BTreeSet<String>), CachedJwt>,
+    /// The keys the cache was last swept against.
+    swept: UsableKeys,
 }
 
 impl JwtCache {
@@ -246,18 +281,32 @@ impl JwtCache {
         (entry.clone(), audience.iter().cloned().collect())
     }
 
-    /// A cached token that is fresh and not signed by a tainted key.
+    /// A cached token that is fresh and signed by a key in `keys`. When the
+    /// keys changed since the last call (a sync applied a taint or a new
+    /// bundle), every token of a key no longer usable is dropped first.
     pub fn get(
-        &self,
+        &mut self,
         entry: &EntryId,
         audience: &[String],
         now: u64,
-        tainted: &[String],
+        keys: &UsableKeys,
     ) -> Option<Secret> {
+        if !self.swept.same_as(keys) {
+            let before = self.tokens.len();
+            self.tokens.retain(|_, t| keys.allow(t.kid.as_deref()));
+            let dropped = before - self.tokens.len();
+            if dropped > 0 {
+                tracing::info!(
+                    dropped,
+                    "dropped cached JWT-SVIDs of tainted or removed keys; they are minted again"
+                );
+            }
+            self.swept = keys.clone();
+        }
         self.tokens
             .get(&Self::key(entry, audience))
             .filter(|t| t.fresh_at(now))
-            .filter(|t| t.kid.as_ref().is_none_or(|k| !tainted.contains(k)))
+            .filter(|t| keys.allow(t.kid.as_deref()))
             .map(|t| t.token.clone())
     }
 
@@ -271,6 +320,15 @@ impl JwtCache {
     /// Drops tokens of entries that no longer exist.
     pub fn retain_entries(&mut self, live: &BTreeSet<EntryId>) {
         self.tokens.retain(|(id, _), _| live.contains(id));
+    }
+
+    /// How many tokens are cached.
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
     }
 }
 
@@ -395,13 +453,82 @@ pub(crate) mod tests {
             100,
         );
         let same = vec!["a".to_owned(), "b".to_owned(), "a".to_owned()];
-        assert_eq!(c.get(&id, &same, 149, &[]).unwrap().expose(), "t1");
-        // A token whose key was tainted is not served again.
-        assert!(c.get(&id, &same, 149, &["k1".into()]).is_none());
-        assert!(c.get(&id, &same, 150, &[]).is_none());
-        assert!(c.get(&id, &["a".to_owned()], 120, &[]).is_none());
+        let none = UsableKeys::default();
+        assert_eq!(c.get(&id, &same, 149, &none).unwrap().expose(), "t1");
+        assert!(c.get(&id, &same, 150, &none).is_none());
+        assert!(c.get(&id, &["a".to_owned()], 120, &none).is_none());
         c.retain_entries(&BTreeSet::new());
-        assert!(c.get(&id, &same, 120, &[]).is_none());
+        assert!(c.get(&id, &same, 120, &none).is_none());
+    }
+
+    fn jwt(kid: &str) -> CachedJwt {
+        CachedJwt {
+            token: Secret::new(format!("t-{kid}")),
+            issued_at: 100,
+            expires_at: 200,
+            kid: Some(kid.into()),
+        }
+    }
+
+    fn bundle_with(kids: &[&str]) -> Arc<BundleView> {
+        let td = TrustDomain::new("example.org").unwrap();
+        let trust = baton_ca::TrustBundle {
+            trust_domain: td.clone(),
+            x509_authorities: vec![],
+            jwt_authorities: kids
+                .iter()
+                .map(|k| baton_ca::JwtAuthority {
+                    kid: (*k).into(),
+                    public_key: vec![4; 65],
+                })
+                .collect(),
+            sequence: 1,
+            refresh_hint_secs: 1,
+        };
+        Arc::new(BundleView {
+            trust_domain: td,
+            x509_der: vec![],
+            jwks_json: vec![],
+            trust: Arc::new(trust),
+        })
+    }
+
+    #[test]
+    fn jwt_cache_drops_tokens_of_a_tainted_key_at_once() {
+        let a = EntryId::random();
+        let b = EntryId::random();
+        let aud = vec!["x".to_owned()];
+        let mut c = JwtCache::default();
+        c.insert(&a, &aud, jwt("k1"), 100);
+        c.insert(&b, &aud, jwt("k2"), 100);
+        let before = UsableKeys {
+            tainted: Arc::new(vec![]),
+            bundle: Some(bundle_with(&["k1", "k2"])),
+        };
+        assert!(c.get(&a, &aud, 110, &before).is_some());
+        // A sync applies the taint of k1: its token is gone from the cache
+        // (not merely hidden), k2's stays.
+        let tainted = UsableKeys {
+            tainted: Arc::new(vec!["k1".into()]),
+            bundle: before.bundle.clone(),
+        };
+        assert!(c.get(&a, &aud, 110, &tainted).is_none());
+        assert_eq!(c.len(), 1);
+        assert!(c.get(&b, &aud, 110, &tainted).is_some());
+        // Once k1 is revoked it is no longer tainted, but no longer in the
+        // bundle either: a token of it is never served again.
+        c.insert(&a, &aud, jwt("k1"), 110);
+        let revoked = UsableKeys {
+            tainted: Arc::new(vec![]),
+            bundle: Some(bundle_with(&["k2"])),
+        };
+        assert!(c.get(&a, &aud, 111, &revoked).is_none());
+        assert_eq!(c.len(), 1);
+        // A token that names no key is not served from the cache.
+        let mut anon = jwt("k2");
+        anon.kid = None;
+        c.insert(&a, &aud, anon, 111);
+        assert!(c.get(&a, &aud, 112, &revoked).is_none());
     }
 
     #[test]

@@ -174,10 +174,16 @@ impl BrokerClient {
     }
 
     /// `GET /v1/node/sync` (mTLS): this node's entries and the bundle.
-    pub async fn sync(&self) -> Result<SyncResponse, ClientError> {
+    /// `applied` is the sequence of the bundle (and taints) this node has
+    /// applied, reported so the broker knows who has seen a taint.
+    pub async fn sync(&self, applied: Option<u64>) -> Result<SyncResponse, ClientError> {
         let route = "/v1/node/sync";
         let http = self.http();
-        let resp = http.get(self.url(route)).send().await;
+        let mut req = http.get(self.url(route));
+        if let Some(seq) = applied {
+            req = req.header(baton_core::api::SYNC_APPLIED_HEADER, seq);
+        }
+        let resp = req.send().await;
         self.finish(route, resp).await
     }
 

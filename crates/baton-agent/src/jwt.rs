@@ -8,7 +8,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use baton_core::{Entry, Secret};
 use tonic::Status;
 
-use crate::cache::{BundleView, CachedJwt, JwtCache};
+use crate::cache::{BundleView, CachedJwt, JwtCache, Snapshot, UsableKeys};
 use crate::client::{BrokerClient, ClientError};
 use crate::workload::{JwtAuthority, JwtClaims};
 
@@ -18,19 +18,22 @@ pub struct BrokerJwt {
     client: Arc<BrokerClient>,
     cache: Mutex<JwtCache>,
     tainted: tokio::sync::watch::Receiver<crate::cache::Tainted>,
+    snapshot: tokio::sync::watch::Receiver<Arc<Snapshot>>,
 }
 
 impl BrokerJwt {
-    /// Mints through `client`; cached tokens signed by a key in `tainted`
-    /// are not served again.
+    /// Mints through `client`. A cached token is served only while its key
+    /// is in the bundle of `snapshot` and not in `tainted`.
     pub fn new(
         client: Arc<BrokerClient>,
         tainted: tokio::sync::watch::Receiver<crate::cache::Tainted>,
+        snapshot: tokio::sync::watch::Receiver<Arc<Snapshot>>,
     ) -> Self {
         Self {
             client,
             cache: Mutex::new(JwtCache::default()),
             tainted,
+            snapshot,
         }
     }
 
@@ -38,17 +41,15 @@ impl BrokerJwt {
         // The cache holds no invariant a panic could break half-way.
         self.cache.lock().unwrap_or_else(PoisonError::into_inner)
     }
-}
 
-/// The `kid` of a compact JWS's header.
-fn header_kid(token: &str) -> Option<String> {
-    use base64::Engine as _;
-    let header = token.split('.').next()?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(header)
-        .ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    v.get("kid")?.as_str().map(str::to_owned)
+    /// Which keys may sign a served token right now: the current taints
+    /// and the bundle's JWT keys, as the last sync applied them.
+    fn keys(&self) -> UsableKeys {
+        UsableKeys {
+            tainted: Arc::clone(&self.tainted.borrow()),
+            bundle: self.snapshot.borrow().bundle().cloned(),
+        }
+    }
 }
 
 fn to_status(e: &ClientError) -> Status {
@@ -68,8 +69,8 @@ impl JwtAuthority for BrokerJwt {
         audience: &[String],
         now: u64,
     ) -> Result<Secret, Status> {
-        let tainted = Arc::clone(&self.tainted.borrow());
-        if let Some(token) = self.cache().get(&entry.id, audience, now, &tainted) {
+        let keys = self.keys();
+        if let Some(token) = self.cache().get(&entry.id, audience, now, &keys) {
             return Ok(token);
         }
         let resp = self
@@ -87,7 +88,7 @@ impl JwtAuthority for BrokerJwt {
                 token: resp.token.clone(),
                 issued_at: now,
                 expires_at: resp.expires_at,
-                kid: header_kid(resp.token.expose()),
+                kid: baton_ca::jwt::header_kid(resp.token.expose()),
             },
             now,
         );

@@ -286,7 +286,8 @@ async fn serve(
         Arc::clone(&client),
         client.bundles().clone(),
     );
-    let workload = WorkloadService::new(cache, attestor, Arc::new(BrokerJwt::new(client, tainted)));
+    let jwt = BrokerJwt::new(client, tainted, cache.clone());
+    let workload = WorkloadService::new(cache, attestor, Arc::new(jwt));
     tracing::info!(
         socket = %config.socket_path.display(),
         node = %node_id,

@@ -351,7 +351,7 @@ async fn stored_still_valid(
         return Ok(Some(svid));
     }
     install(client, &svid)?;
-    match client.sync().await {
+    match client.sync(None).await {
         Err(e) if e.node_refusal().is_some() => {
             tracing::warn!(node = %svid.spiffe_id, error = %e, "the broker refuses the stored node identity; attesting with the join token");
             client.identity().clear();

@@ -63,6 +63,9 @@ pub struct Syncer {
     tx: watch::Sender<Arc<Snapshot>>,
     last_bundle: Option<serde_json::Value>,
     tainted: watch::Sender<Tainted>,
+    /// The sequence of the last bundle whose taints this node applied and
+    /// whose snapshot it published; sent with the next sync.
+    applied: Option<u64>,
 }
 
 impl Syncer {
@@ -80,6 +83,7 @@ impl Syncer {
             tx,
             last_bundle: None,
             tainted,
+            applied: None,
         }
     }
 
@@ -100,7 +104,7 @@ impl Syncer {
 
     async fn sync_round(&mut self, now: u64) -> Result<(), SyncError> {
         let td = self.settings.trust_domain.clone();
-        let resp = self.client.sync().await?;
+        let resp = self.client.sync(self.applied).await?;
         let bundle = TrustBundle::from_spiffe_json(&td, &resp.bundle).map_err(SyncError::Bundle)?;
         if self.last_bundle.as_ref() != Some(&resp.bundle) {
             // The broker's CA may have rotated: trust the new anchors for
@@ -150,6 +154,7 @@ impl Syncer {
             }
         };
         let signed = fresh.len();
+        let sequence = view.trust.sequence;
         let next = next_snapshot(&current, resp.entries, Some(view), fresh, now);
         if next != *current {
             tracing::debug!(
@@ -159,6 +164,9 @@ impl Syncer {
             );
             self.tx.send_replace(Arc::new(next));
         }
+        // The taints and the bundle of this answer are in force: no JWT-SVID
+        // of a tainted or removed key is served from here on.
+        self.applied = Some(sequence);
         failure.map_or(Ok(()), Err)
     }
 

@@ -328,14 +328,18 @@ pub fn node_routes(
         .and(r())
         .and(peer())
         .and(peer_leaf())
+        .and(warp::header::optional::<u64>(
+            baton_core::api::SYNC_APPLIED_HEADER,
+        ))
         .and_then(
             |broker: Arc<Broker>,
              revoker: Arc<Revoker>,
              peer: Option<PeerIdentity>,
-             leaf: Option<PeerCertificate>| async move {
+             leaf: Option<PeerCertificate>,
+             applied: Option<u64>| async move {
                 respond(
                     node_auth(&broker, &revoker, peer, leaf)
-                        .and_then(|node| broker.sync(&node, SystemTime::now())),
+                        .and_then(|node| broker.sync(&node, applied, SystemTime::now())),
                 )
             },
         );

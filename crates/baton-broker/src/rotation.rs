@@ -7,29 +7,54 @@
 //!   relying party ever sees an SVID from an authority it does not trust);
 //! - which live SVIDs each authority signed, per slot (a node's agent SVID,
 //!   a node's SVID for one entry, the broker's serving certificate, a task
-//!   credential), so a taint can report what still waits for re-issuance.
+//!   credential), so a taint can report what still waits for re-issuance;
+//! - which JWT-SVIDs each JWT key signed for each node, and which bundle
+//!   sequence each node reported it has applied, so a JWT key's taint can
+//!   report which agents may still serve cached tokens of that key (an
+//!   agent that applied the taint never serves them again). What a JWT key
+//!   signed that is still live anywhere (JWT-SVIDs handed to workloads,
+//!   delegation tokens) is counted by the CA ([`baton_ca::KeyUsage`]), which
+//!   refuses to revoke the key before it all expired.
 //!
+//! All of this is in memory: after a restart the CA's persisted watermark
+//! stands in for what a JWT key signed before (see `baton_ca::KeyUsage`),
+//! and agents that have not reported applying the taint count as lagging.
 //! Every change bumps a watch channel; `run` reacts by swapping the bundle
 //! into the listeners and verifiers and re-issuing the serving certificate.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
-use baton_ca::{AuthorityKind, AuthorityState, AuthorityStatus, RotationEvent};
+use baton_ca::{AuthorityKind, AuthorityState, AuthorityStatus, RotationAction, RotationEvent};
 use baton_core::SpiffeId;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::service::{Broker, BrokerError, unix};
 
+/// A node's latest sync.
+#[derive(Debug, Clone, Copy)]
+struct NodeSync {
+    /// Unix seconds.
+    at: u64,
+    /// The bundle sequence the node said it had applied (taints included)
+    /// before this sync; `None` from agents that do not report it.
+    applied: Option<u64>,
+}
+
+/// kid → node → expiry second → JWT-SVIDs minted for that node.
+type JwtServed = HashMap<String, HashMap<SpiffeId, BTreeMap<u64, u64>>>;
+
 /// What the broker tracks for rotation.
 #[derive(Debug)]
 pub struct RotationState {
-    /// Node → unix seconds of its last sync.
-    node_syncs: Mutex<HashMap<SpiffeId, u64>>,
+    node_syncs: Mutex<HashMap<SpiffeId, NodeSync>>,
     /// Slot → (authority id, expiry) of the latest SVID issued for it.
     ledger: Mutex<HashMap<String, (String, u64)>>,
+    jwt_served: Mutex<JwtServed>,
+    /// JWT kid → the bundle sequence that first carried its taint.
+    taint_sequence: Mutex<HashMap<String, u64>>,
     changed: watch::Sender<u64>,
 }
 
@@ -38,9 +63,16 @@ impl Default for RotationState {
         Self {
             node_syncs: Mutex::new(HashMap::new()),
             ledger: Mutex::new(HashMap::new()),
+            jwt_served: Mutex::new(HashMap::new()),
+            taint_sequence: Mutex::new(HashMap::new()),
             changed: watch::Sender::new(0),
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // These maps hold no invariant a panic could break half-way.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Which kind of holder a ledger slot belongs to.
@@ -64,19 +96,102 @@ impl SlotKind {
 }
 
 impl RotationState {
-    pub fn synced(&self, node: &SpiffeId, now: u64) {
-        let mut m = self.node_syncs.lock().unwrap_or_else(|p| p.into_inner());
-        m.insert(node.clone(), now);
+    /// Records a sync of `node` at `now`; `applied` is the bundle sequence
+    /// the node reported having applied (from its previous sync).
+    pub fn synced(&self, node: &SpiffeId, now: u64, applied: Option<u64>) {
+        let mut m = lock(&self.node_syncs);
+        let prev = m.get(node).and_then(|s| s.applied);
+        m.insert(
+            node.clone(),
+            NodeSync {
+                at: now,
+                // A sequence only moves forward; a restarted agent reports
+                // none until its first sync is applied (and has lost every
+                // cached token with its memory).
+                applied: applied.max(prev),
+            },
+        );
     }
 
     fn last_sync(&self, node: &SpiffeId) -> Option<u64> {
-        let m = self.node_syncs.lock().unwrap_or_else(|p| p.into_inner());
-        m.get(node).copied()
+        lock(&self.node_syncs).get(node).map(|s| s.at)
+    }
+
+    fn applied(&self, node: &SpiffeId) -> Option<u64> {
+        lock(&self.node_syncs).get(node).and_then(|s| s.applied)
+    }
+
+    /// Records that `node` was handed a JWT-SVID signed by `kid`, live until `exp`.
+    pub fn jwt_issued(&self, node: &SpiffeId, kid: &str, exp: u64, now: u64) {
+        let mut m = lock(&self.jwt_served);
+        let per_node = match m.get_mut(kid) {
+            Some(n) => n,
+            None => m.entry(kid.to_owned()).or_default(),
+        };
+        let per_exp = match per_node.get_mut(node) {
+            Some(e) => e,
+            None => per_node.entry(node.clone()).or_default(),
+        };
+        // Bounded by one entry per second of the longest JWT-SVID lifetime.
+        while let Some(e) = per_exp.first_entry()
+            && *e.key() <= now
+        {
+            e.remove();
+        }
+        *per_exp.entry(exp).or_insert(0) += 1;
+    }
+
+    /// Records the bundle sequence that carries the taint of `kid`.
+    pub fn jwt_tainted(&self, kid: &str, sequence: u64) {
+        lock(&self.taint_sequence).insert(kid.to_owned(), sequence);
+    }
+
+    /// Forgets what was tracked for JWT key `kid` (revoked or pruned).
+    pub fn forget_jwt_key(&self, kid: &str) {
+        lock(&self.jwt_served).remove(kid);
+        lock(&self.taint_sequence).remove(kid);
+    }
+
+    /// The bundle sequence an agent must have applied to have seen the
+    /// taint of `kid`; after a restart (unknown) the current one.
+    fn taint_sequence(&self, kid: &str, current: u64) -> u64 {
+        lock(&self.taint_sequence)
+            .get(kid)
+            .copied()
+            .unwrap_or(current)
+    }
+
+    /// Unexpired JWT-SVIDs signed by `kid` held by nodes that have not
+    /// applied sequence `needed`: (tokens, nodes).
+    fn jwt_unsynced(&self, kid: &str, needed: u64, now: u64) -> (usize, usize) {
+        let served: Vec<(SpiffeId, u64)> = {
+            let m = lock(&self.jwt_served);
+            let Some(per_node) = m.get(kid) else {
+                return (0, 0);
+            };
+            per_node
+                .iter()
+                .map(|(node, per_exp)| {
+                    let live: u64 = per_exp.range(now.saturating_add(1)..).map(|(_, n)| n).sum();
+                    (node.clone(), live)
+                })
+                .filter(|(_, live)| *live > 0)
+                .collect()
+        };
+        let mut tokens = 0u64;
+        let mut nodes = 0;
+        for (node, live) in served {
+            if self.applied(&node).is_none_or(|a| a < needed) {
+                tokens += live;
+                nodes += 1;
+            }
+        }
+        (usize::try_from(tokens).unwrap_or(usize::MAX), nodes)
     }
 
     /// Records that `slot` now holds an SVID signed by `authority` until `exp`.
     pub fn issued(&self, kind: SlotKind, slot: &str, authority: &str, exp: u64) {
-        let mut m = self.ledger.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = lock(&self.ledger);
         m.insert(
             format!("{}:{slot}", kind.prefix()),
             (authority.to_owned(), exp),
@@ -85,13 +200,13 @@ impl RotationState {
 
     /// Forgets `slot` (its SVID was replaced under another slot).
     pub fn forget(&self, kind: SlotKind, slot: &str) {
-        let mut m = self.ledger.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = lock(&self.ledger);
         m.remove(&format!("{}:{slot}", kind.prefix()));
     }
 
     /// Live SVIDs signed by `authority`, per holder kind; forgets expired ones.
     pub fn pending(&self, authority: &str, now: u64) -> PendingReissue {
-        let mut m = self.ledger.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = lock(&self.ledger);
         m.retain(|_, (_, exp)| *exp > now);
         let mut p = PendingReissue::default();
         for (slot, (a, exp)) in m.iter() {
@@ -122,7 +237,7 @@ impl RotationState {
     }
 }
 
-/// SVIDs signed by a tainted authority that are still live.
+/// SVIDs and tokens signed by a tainted authority that are still live.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PendingReissue {
     pub agents: usize,
@@ -131,12 +246,46 @@ pub struct PendingReissue {
     /// Task credentials cannot be re-issued in place; they end by `tasks_expire_by`.
     pub tasks: usize,
     pub tasks_expire_by: u64,
+    /// JWT key: unexpired JWT-SVIDs it signed for agents that have not
+    /// applied the taint yet (they may still serve them from their cache).
+    #[serde(default)]
+    pub jwt_svids_cached: usize,
+    /// JWT key: agents that may still serve its tokens: those holding
+    /// `jwt_svids_cached`, or, while the count is incomplete (the broker
+    /// restarted), every live agent that has not applied the taint.
+    #[serde(default)]
+    pub jwt_agents_unsynced: usize,
+    /// JWT key: unexpired JWT-SVIDs it signed, wherever they are.
+    #[serde(default)]
+    pub jwt_svids: usize,
+    /// JWT key: unexpired delegation tokens it signed that were not
+    /// renewed under another key.
+    #[serde(default)]
+    pub delegation_tokens: usize,
+    /// JWT key: unix seconds until which a token it signed may be
+    /// presented (its revocation is refused until then).
+    #[serde(default)]
+    pub tokens_expire_by: u64,
 }
 
 impl PendingReissue {
-    /// What the node daemons and the broker still have to re-issue.
+    /// What the node daemons and the broker still have to re-issue (for a
+    /// JWT key: drop from their caches, so that new fetches get tokens of
+    /// the active key).
     pub fn reissuable(&self) -> usize {
-        self.agents + self.workloads + self.broker
+        self.agents + self.workloads + self.broker + self.jwt_svids_cached
+    }
+
+    /// Whether the agents are done: nothing re-issuable is left and no
+    /// agent may still serve a cached token of the key.
+    pub fn reissued(&self) -> bool {
+        self.reissuable() == 0 && self.jwt_agents_unsynced == 0
+    }
+
+    /// JWT key: whether a token it signed may still be presented at `now`
+    /// (then `baton ca revoke` is refused without `--force`).
+    pub fn tokens_live(&self, now: u64) -> bool {
+        self.jwt_svids > 0 || self.delegation_tokens > 0 || self.tokens_expire_by > now
     }
 }
 
@@ -185,11 +334,22 @@ pub struct ActivateRequest {
     pub force: bool,
 }
 
-/// `POST /v1/admin/ca/taint` and `/revoke`.
+/// `POST /v1/admin/ca/taint`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthorityRequest {
     pub id: String,
+}
+
+/// `POST /v1/admin/ca/revoke`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeRequest {
+    pub id: String,
+    /// Revoke a JWT key although tokens it signed are still live: they
+    /// fail everywhere at once.
+    #[serde(default)]
+    pub force: bool,
 }
 
 /// What a rotation step did.
@@ -199,10 +359,17 @@ pub struct RotationReply {
     pub bundle_sequence: u64,
 }
 
+/// The code of a refused `ca revoke` of a JWT key whose tokens are live.
+pub const JWT_KEY_IN_USE: &str = "jwt_key_in_use";
+
 fn ca_error(e: baton_ca::CaError) -> BrokerError {
     match e {
         baton_ca::CaError::UnknownAuthority { .. } => BrokerError::NotFound(e.to_string()),
         baton_ca::CaError::RotationRefused(_) => BrokerError::Conflict(e.to_string()),
+        baton_ca::CaError::KeyInUse { .. } => BrokerError::Forbidden {
+            code: JWT_KEY_IN_USE,
+            message: e.to_string(),
+        },
         other => BrokerError::Ca(other),
     }
 }
@@ -260,18 +427,64 @@ impl Broker {
             .max()
     }
 
+    /// What still waits for re-issuance (and, for a JWT key, for expiry)
+    /// under tainted authority `status`.
+    fn reissue_pending(
+        &self,
+        status: &AuthorityStatus,
+        now: SystemTime,
+    ) -> Result<PendingReissue, BrokerError> {
+        let t = unix(now);
+        let mut p = self.rotation().pending(&status.id, t);
+        if status.kind != AuthorityKind::Jwt {
+            return Ok(p);
+        }
+        let usage = self.ca().jwt_key_usage(&status.id, now);
+        p.jwt_svids = usize::try_from(usage.jwt_svids).unwrap_or(usize::MAX);
+        p.delegation_tokens = usize::try_from(usage.delegation_tokens).unwrap_or(usize::MAX);
+        p.tokens_expire_by = if usage.in_use(t) { usage.until() } else { 0 };
+        if !usage.in_use(t) {
+            // Nothing of it is live: no agent can serve anything of it.
+            return Ok(p);
+        }
+        let needed = self
+            .rotation()
+            .taint_sequence(&status.id, self.ca().sequence());
+        let (tokens, nodes) = self.rotation().jwt_unsynced(&status.id, needed, t);
+        p.jwt_svids_cached = tokens;
+        p.jwt_agents_unsynced = nodes;
+        if usage.untracked_until > t {
+            // Tokens from before a restart are not attributed to nodes:
+            // wait for every live agent to apply the taint.
+            let mut lagging = 0;
+            for n in self.store().list_nodes()? {
+                if n.banned || n.svid_not_after <= t {
+                    continue;
+                }
+                if self
+                    .rotation()
+                    .applied(&n.spiffe_id)
+                    .is_none_or(|a| a < needed)
+                {
+                    lagging += 1;
+                }
+            }
+            p.jwt_agents_unsynced = p.jwt_agents_unsynced.max(lagging);
+        }
+        Ok(p)
+    }
+
     pub fn ca_status(&self, now: SystemTime) -> Result<CaStatus, BrokerError> {
         let t = unix(now);
-        let authorities = self
-            .ca()
-            .authorities()
-            .into_iter()
-            .map(|status| AuthorityView {
-                pending: (status.tainted && status.state != AuthorityState::Revoked)
-                    .then(|| self.rotation().pending(&status.id, t)),
-                status,
-            })
-            .collect();
+        let mut authorities = Vec::new();
+        for status in self.ca().authorities() {
+            let pending = if status.tainted && status.state != AuthorityState::Revoked {
+                Some(self.reissue_pending(&status, now)?)
+            } else {
+                None
+            };
+            authorities.push(AuthorityView { pending, status });
+        }
         let (nodes, nodes_lagging) = match self.newest_prepared() {
             Some(since) => self.nodes_lagging(since, t)?,
             None => (self.nodes_lagging(0, t)?.0, Vec::new()),
@@ -289,6 +502,14 @@ impl Broker {
     fn reply(&self, events: Vec<RotationEvent>) -> RotationReply {
         for e in &events {
             tracing::info!(action = ?e.action, kind = %e.authority.kind, id = %e.authority.id, "CA rotation");
+        }
+        for e in &events {
+            let a = &e.authority;
+            if a.kind == AuthorityKind::Jwt
+                && matches!(e.action, RotationAction::Revoked | RotationAction::Pruned)
+            {
+                self.rotation().forget_jwt_key(&a.id);
+            }
         }
         if !events.is_empty() {
             self.rotation().notify();
@@ -355,12 +576,39 @@ impl Broker {
     pub fn ca_taint(&self, id: &str, now: SystemTime) -> Result<RotationReply, BrokerError> {
         check_id(id)?;
         let event = self.ca().taint(id, now).map_err(ca_error)?;
+        if event.authority.kind == AuthorityKind::Jwt {
+            // The taint bumped the sequence: agents that report this one
+            // (or a later one) applied it and drop the key's cached tokens.
+            self.rotation().jwt_tainted(id, self.ca().sequence());
+        }
         Ok(self.reply(vec![event]))
     }
 
-    pub fn ca_revoke(&self, id: &str, now: SystemTime) -> Result<RotationReply, BrokerError> {
+    /// Revokes authority `id`. A JWT key is refused (`jwt_key_in_use`)
+    /// while a token it signed may still be presented, unless `force`.
+    pub fn ca_revoke(
+        &self,
+        id: &str,
+        force: bool,
+        now: SystemTime,
+    ) -> Result<RotationReply, BrokerError> {
         check_id(id)?;
-        let event = self.ca().revoke(id, now).map_err(ca_error)?;
+        let event = if force {
+            let before = self.ca().jwt_key_usage(id, now);
+            let event = self.ca().force_revoke(id, now).map_err(ca_error)?;
+            if before.in_use(unix(now)) {
+                tracing::warn!(
+                    id,
+                    jwt_svids = before.jwt_svids,
+                    delegation_tokens = before.delegation_tokens,
+                    live_until = before.until(),
+                    "JWT key revoked with --force although tokens it signed are live: they now fail everywhere"
+                );
+            }
+            event
+        } else {
+            self.ca().revoke(id, now).map_err(ca_error)?
+        };
         Ok(self.reply(vec![event]))
     }
 
@@ -413,8 +661,8 @@ pub fn admin_routes(
     let taint = post_route(b(), "taint", |broker, req: AuthorityRequest, now| {
         broker.ca_taint(&req.id, now)
     });
-    let revoke = post_route(b(), "revoke", |broker, req: AuthorityRequest, now| {
-        broker.ca_revoke(&req.id, now)
+    let revoke = post_route(b(), "revoke", |broker, req: RevokeRequest, now| {
+        broker.ca_revoke(&req.id, req.force, now)
     });
     show.or(prepare)
         .unify()

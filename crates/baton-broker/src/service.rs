@@ -630,9 +630,13 @@ impl Broker {
         })
     }
 
+    /// What `node` needs to serve its workloads. `applied` is the bundle
+    /// sequence the node reports having applied (taints included), which
+    /// tells a JWT key's taint which agents may still serve its tokens.
     pub fn sync(
         &self,
         node: &AuthenticatedNode,
+        applied: Option<u64>,
         now: SystemTime,
     ) -> Result<SyncResponse, BrokerError> {
         // A blocked agent's entries are withheld: the node daemon drops
@@ -645,7 +649,7 @@ impl Broker {
             bundle: self.ca.bundle().to_spiffe_json(),
             tainted: self.ca.tainted_ids(),
         };
-        self.rotation.synced(&node.id, unix(now));
+        self.rotation.synced(&node.id, unix(now), applied);
         Ok(resp)
     }
 
@@ -771,6 +775,10 @@ impl Broker {
             now,
         )?;
         let expires_at = unix(exp);
+        if let Some(kid) = baton_ca::jwt::header_kid(token.expose()) {
+            self.rotation
+                .jwt_issued(&node.id, &kid, expires_at, unix(now));
+        }
         let credential = IssuedCredential {
             kind: CredentialKind::WorkloadJwtSvid,
             spiffe_id: entry.spiffe_id.clone(),

@@ -171,14 +171,18 @@ impl TrustBundle {
 
     /// The JWT authorities as RFC 7517 JWKS bytes, every key with its `kid`:
     /// what the Workload API's JWT bundle maps carry and what the `spiffe`
-    /// crate (`JwtBundle::from_jwt_authorities`) and go-spiffe parse.
+    /// crate (`JwtBundle::from_jwt_authorities`) and go-spiffe parse. With
+    /// the SPIFFE bundle's `spiffe_sequence`, so that every change of the
+    /// CA's keys, a taint included, is a new JWT bundle on the Workload
+    /// API's stream: how holders of delegation tokens hear of a taint.
     pub fn jwks_json(&self) -> Vec<u8> {
         let keys: Vec<Value> = self
             .jwt_authorities
             .iter()
             .filter_map(JwtAuthority::to_jwk)
             .collect();
-        serde_json::to_vec(&json!({ "keys": keys })).unwrap_or_default()
+        serde_json::to_vec(&json!({ "keys": keys, "spiffe_sequence": self.sequence }))
+            .unwrap_or_default()
     }
 
     /// The X.509 authorities as PEM `CERTIFICATE` blocks.

@@ -34,6 +34,7 @@ use crate::journal::{
 use crate::jwt::JwtSigningKey;
 use crate::keystore;
 use crate::time_util::{floor_secs, unix_secs};
+use crate::usage::{KeyUsage, UsageLedger};
 use crate::workload::WorkloadKey;
 use crate::x509::{parse_cert, random_serial, valid_dns_name, verify_csr};
 
@@ -156,6 +157,14 @@ impl fmt::Debug for PrivateKeyBytes {
     }
 }
 
+/// What a signature by the active JWT key is for, as the usage ledger
+/// records it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum JwtSigned<'a> {
+    JwtSvid,
+    DelegationToken { jti: &'a str },
+}
+
 /// An X509-SVID as issued.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IssuedSvid {
@@ -181,6 +190,8 @@ pub struct Ca {
     journal: ArcSwap<Journal>,
     write: Mutex<()>,
     refresh_hint_secs: u64,
+    /// What each JWT key signed that is still live (see `usage.rs`).
+    usage: Mutex<UsageLedger>,
 }
 
 impl fmt::Debug for Ca {
@@ -245,6 +256,7 @@ impl Ca {
             }),
             write: Mutex::new(()),
             refresh_hint_secs: (cfg.ca_ttl.as_secs() / 10).clamp(1, 300),
+            usage: Mutex::new(UsageLedger::default()),
         };
         let loaded = match &ca.key_dir {
             None => None,
@@ -270,6 +282,12 @@ impl Ca {
             for s in &mut j.jwt {
                 if s.status.state == AuthorityState::Active {
                     s.signed(horizon.min(s.status.not_after));
+                }
+                // Tokens signed before this start are not in the usage
+                // ledger: the watermark stands for them.
+                let until = s.current().retained_until();
+                if until > t {
+                    ca.usage_ledger().untracked(&s.status.id, until);
                 }
             }
             ca.journal.store(Arc::new(j));
@@ -570,15 +588,41 @@ impl Ca {
         self.journal.load().sequence
     }
 
+    /// Signs with the active JWT key, raising its watermark to `exp` and
+    /// recording what was signed in the usage ledger.
     pub(crate) fn with_active_jwt<T>(
         &self,
+        signed: JwtSigned<'_>,
         exp: u64,
+        now: u64,
         f: impl FnOnce(&JwtSigningKey) -> Result<T, CaError>,
     ) -> Result<T, CaError> {
         let j = self.journal.load();
         let slot = j.active_jwt().ok_or(CaError::Crypto("no active JWT key"))?;
         slot.signed(exp);
-        f(&slot.key)
+        let out = f(&slot.key)?;
+        let mut usage = self.usage_ledger();
+        match signed {
+            JwtSigned::JwtSvid => usage.jwt_svid(slot.key.kid(), exp, now),
+            JwtSigned::DelegationToken { jti } => {
+                usage.delegation_token(slot.key.kid(), jti, exp, now);
+            }
+        }
+        Ok(out)
+    }
+
+    fn usage_ledger(&self) -> std::sync::MutexGuard<'_, UsageLedger> {
+        // The ledger holds no invariant a panic could break half-way.
+        self.usage
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// What JWT key `kid` signed that may still be presented at `now`:
+    /// unexpired JWT-SVIDs and delegation tokens, and the watermark of
+    /// what it signed before this process started.
+    pub fn jwt_key_usage(&self, kid: &str, now: SystemTime) -> KeyUsage {
+        self.usage_ledger().usage(kid, unix_secs(now))
     }
 
     fn check_subject(&self, id: &SpiffeId) -> Result<(), CaError> {
@@ -732,7 +776,7 @@ impl Ca {
             "iat": iat,
             "jti": hex::encode(jti),
         });
-        let token = self.with_active_jwt(exp, |k| k.sign(&claims))?;
+        let token = self.with_active_jwt(JwtSigned::JwtSvid, exp, iat, |k| k.sign(&claims))?;
         Ok((Secret::new(token), UNIX_EPOCH + Duration::from_secs(exp)))
     }
 
@@ -921,6 +965,9 @@ impl Ca {
                 }
             }
             let authority = out.ok_or_else(|| CaError::UnknownAuthority { id: id.to_owned() })?;
+            // Agents report the sequence they applied; a taint gets its own,
+            // so the broker can tell who has seen it.
+            j.sequence += 1;
             Ok(RotationEvent {
                 action: RotationAction::Tainted,
                 authority,
@@ -932,8 +979,27 @@ impl Ca {
     /// is rejected everywhere, and its key is deleted. Only a tainted old
     /// authority (whose SVIDs were re-issued) or a prepared one may be
     /// revoked; an authority under an upstream CA cannot be (its SVIDs
-    /// chain to the upstream root, which stays trusted).
+    /// chain to the upstream root, which stays trusted); a JWT key cannot
+    /// be while a token it signed may still be presented
+    /// ([`CaError::KeyInUse`], see [`Ca::jwt_key_usage`]): it stays in the
+    /// bundle until they expired, so validators keep accepting them.
     pub fn revoke(&self, id: &str, now: SystemTime) -> Result<RotationEvent, CaError> {
+        self.revoke_checked(id, true, now)
+    }
+
+    /// [`Ca::revoke`] without the check that no token signed by a JWT key
+    /// is still live: those tokens fail everywhere at once. For an
+    /// operator's explicit `--force`.
+    pub fn force_revoke(&self, id: &str, now: SystemTime) -> Result<RotationEvent, CaError> {
+        self.revoke_checked(id, false, now)
+    }
+
+    fn revoke_checked(
+        &self,
+        id: &str,
+        check_usage: bool,
+        now: SystemTime,
+    ) -> Result<RotationEvent, CaError> {
         let event = self.mutate(|j| {
             let s = self.find(j, id)?;
             let refuse = |why: String| Err(CaError::RotationRefused(why));
@@ -960,6 +1026,15 @@ impl Ca {
                     "X.509 authority {id} is an intermediate of the upstream CA: its SVIDs chain to the upstream root, which stays in the bundle, so removing it here would not reject them. Revoke it in the upstream PKI"
                 ));
             }
+            if check_usage && s.kind == AuthorityKind::Jwt && s.state == AuthorityState::Old {
+                let usage = self.usage_ledger().usage(id, unix_secs(now));
+                if usage.in_use(unix_secs(now)) {
+                    return Err(CaError::KeyInUse {
+                        id: id.to_owned(),
+                        usage,
+                    });
+                }
+            }
             let mut status = s;
             status.state = AuthorityState::Revoked;
             status.deactivated_at.get_or_insert(unix_secs(now));
@@ -974,6 +1049,7 @@ impl Ca {
                 authority: status,
             })
         })?;
+        self.usage_ledger().forget(id);
         self.remove_key_files(&event.authority)?;
         Ok(event)
     }
@@ -1043,6 +1119,7 @@ impl Ca {
             Ok(events)
         })?;
         for e in &events {
+            self.usage_ledger().forget(&e.authority.id);
             self.remove_key_files(&e.authority)?;
         }
         Ok(events)

@@ -37,7 +37,8 @@ impl Ca {
         }
         let payload = serde_json::to_vec(claims)
             .map_err(|_| CaError::Crypto("encode delegation token claims"))?;
-        let token = self.with_active_jwt(claims.exp, |key| {
+        let signed = crate::ca::JwtSigned::DelegationToken { jti: &claims.jti };
+        let token = self.with_active_jwt(signed, claims.exp, claims.iat, |key| {
             let header = json!({"alg": "ES256", "kid": key.kid(), "typ": DELEGATION_TOKEN_TYP});
             let mut token = String::with_capacity(1024);
             URL_SAFE_NO_PAD.encode_string(header.to_string(), &mut token);
@@ -171,6 +172,74 @@ mod tests {
             ca.sign_delegation_token(&c),
             Err(CaError::ZeroTtl)
         ));
+    }
+
+    #[test]
+    fn a_jwt_key_is_not_revoked_while_a_token_it_signed_is_live() {
+        let t = |s: u64| UNIX_EPOCH + Duration::from_secs(1_700_000_000 + s);
+        let td: TrustDomain = "example.org".parse().unwrap();
+        let mut cfg = CaConfig::new(td.clone());
+        cfg.max_svid_ttl = Duration::from_secs(100);
+        let ca = Ca::load_or_create(cfg, t(0)).unwrap();
+        let k1 = ca.jwt_key_id();
+        let w = td.id("/w").unwrap();
+        ca.sign_jwt_svid(&w, &["a".into()], Duration::from_secs(60), t(0))
+            .unwrap();
+        let mut planner = claims(1_700_000_000);
+        planner.exp = 1_700_000_200;
+        ca.sign_delegation_token(&planner).unwrap();
+        let mut researcher = claims(1_700_000_000);
+        researcher.jti = "j2".into();
+        researcher.exp = 1_700_000_150;
+        ca.sign_delegation_token(&researcher).unwrap();
+        let u = ca.jwt_key_usage(&k1, t(10));
+        assert_eq!(
+            (u.jwt_svids, u.delegation_tokens, u.until()),
+            (1, 2, 1_700_000_200)
+        );
+
+        let k2 = ca.prepare(&[crate::AuthorityKind::Jwt], t(10)).unwrap()[0]
+            .authority
+            .id
+            .clone();
+        ca.activate(Some(&k2), t(10)).unwrap();
+        ca.taint(&k1, t(10)).unwrap();
+        match ca.revoke(&k1, t(10)) {
+            Err(e @ CaError::KeyInUse { .. }) => {
+                let m = e.to_string();
+                assert!(m.contains("1 JWT-SVID(s) and 2 delegation token(s)"), "{m}");
+                assert!(m.contains("--force"), "{m}");
+            }
+            other => panic!("expected KeyInUse, got {other:?}"),
+        }
+        // Renewing the researcher's token (same jti, new key) takes it off k1.
+        researcher.iat = 1_700_000_020;
+        ca.sign_delegation_token(&researcher).unwrap();
+        let u = ca.jwt_key_usage(&k1, t(60));
+        assert_eq!((u.jwt_svids, u.delegation_tokens), (0, 1));
+        assert_eq!(ca.jwt_key_usage(&k2, t(60)).delegation_tokens, 1);
+        assert!(matches!(
+            ca.revoke(&k1, t(199)),
+            Err(CaError::KeyInUse { .. })
+        ));
+        // Once the planner's expired (no leeway), the revoke goes through.
+        ca.revoke(&k1, t(200)).unwrap();
+        assert!(ca.bundle().jwt_authorities.iter().all(|a| a.kid != k1));
+    }
+
+    #[test]
+    fn force_revokes_a_key_in_use() {
+        let t = |s: u64| UNIX_EPOCH + Duration::from_secs(1_700_000_000 + s);
+        let td: TrustDomain = "example.org".parse().unwrap();
+        let ca = Ca::load_or_create(CaConfig::new(td), t(0)).unwrap();
+        let k1 = ca.jwt_key_id();
+        ca.sign_delegation_token(&claims(1_700_000_000)).unwrap();
+        ca.prepare(&[crate::AuthorityKind::Jwt], t(1)).unwrap();
+        ca.activate(None, t(1)).unwrap();
+        ca.taint(&k1, t(1)).unwrap();
+        assert!(ca.revoke(&k1, t(2)).is_err());
+        ca.force_revoke(&k1, t(2)).unwrap();
+        assert!(ca.bundle().jwt_authorities.iter().all(|a| a.kid != k1));
     }
 
     #[test]

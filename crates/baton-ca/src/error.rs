@@ -89,6 +89,17 @@ pub enum CaError {
     UnknownAuthority { id: String },
     #[error("refused: {0}")]
     RotationRefused(String),
+    #[error(
+        "refused: JWT key {id} signed {} JWT-SVID(s) and {} delegation token(s) that are still live (until unix time {}){}; validators must keep accepting them, so it stays in the bundle until then. Wait (`baton ca show` counts what remains), or revoke with --force to make them fail at once",
+        .usage.jwt_svids,
+        .usage.delegation_tokens,
+        .usage.until(),
+        if .usage.untracked_until > 0 { ", counting what it signed before the broker last started" } else { "" }
+    )]
+    KeyInUse {
+        id: String,
+        usage: crate::usage::KeyUsage,
+    },
     #[error("upstream CA: {0}")]
     Upstream(String),
 }

@@ -23,6 +23,7 @@ pub mod jwt;
 mod keystore;
 pub mod possession;
 mod time_util;
+mod usage;
 mod workload;
 mod x509;
 
@@ -36,6 +37,7 @@ pub use delegation::{DELEGATION_TOKEN_TYP, cert_thumbprint, token_hash};
 pub use ecdsa::is_low_s;
 pub use error::CaError;
 pub use journal::{AuthorityKind, AuthorityState, AuthorityStatus};
+pub use usage::KeyUsage;
 pub use workload::WorkloadKey;
 pub use x509::{LeafInfo, leaf_info};
 

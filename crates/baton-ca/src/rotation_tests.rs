@@ -308,3 +308,45 @@ fn upstream_authority_signs_an_intermediate_and_the_bundle_carries_its_root() {
         UpstreamAuthority::from_der(vec![root.der().to_vec()], &other.serialize_der()).unwrap_err();
     assert!(err.to_string().contains("does not belong"), "{err}");
 }
+
+#[test]
+fn a_restarted_ca_keeps_refusing_to_revoke_a_jwt_key_until_its_watermark() {
+    init();
+    let tmp = tempfile::tempdir().unwrap();
+    let at = |s: u64| t0() + Duration::from_secs(s);
+    let ca = Ca::load_or_create(cfg(Some(tmp.path())), t0()).unwrap();
+    let k1 = ca.jwt_key_id();
+    ca.sign_jwt_svid(&wid(), &["a".into()], Duration::from_secs(50), t0())
+        .unwrap();
+    ca.prepare(&[AuthorityKind::Jwt], t0()).unwrap();
+    ca.activate(None, at(1)).unwrap();
+    ca.taint(&k1, at(1)).unwrap();
+    drop(ca);
+    // The ledger is gone with the process; the persisted watermark is not.
+    let reloaded = Ca::load_or_create(cfg(Some(tmp.path())), at(2)).unwrap();
+    let u = reloaded.jwt_key_usage(&k1, at(2));
+    assert_eq!((u.jwt_svids, u.untracked_until), (0, 1_700_000_050));
+    match reloaded.revoke(&k1, at(2)) {
+        Err(e @ CaError::KeyInUse { .. }) => {
+            assert!(
+                e.to_string().contains("before the broker last started"),
+                "{e}"
+            );
+        }
+        other => panic!("expected KeyInUse, got {other:?}"),
+    }
+    reloaded.revoke(&k1, at(50)).unwrap();
+}
+
+#[test]
+fn a_taint_gets_its_own_bundle_sequence() {
+    init();
+    let ca = Ca::load_or_create(cfg(None), t0()).unwrap();
+    let old = ca.jwt_key_id();
+    ca.prepare(&[AuthorityKind::Jwt], t0()).unwrap();
+    ca.activate(None, t0()).unwrap();
+    let before = ca.sequence();
+    ca.taint(&old, t0()).unwrap();
+    assert!(ca.sequence() > before);
+    assert_eq!(ca.bundle().sequence, ca.sequence());
+}

@@ -522,6 +522,7 @@ fn jwks_and_der_and_pem_encodings() {
     assert_eq!(keys[0]["kty"], "EC");
     assert_eq!(keys[0]["crv"], "P-256");
     assert!(keys[0].get("x5c").is_none());
+    assert_eq!(jwks["spiffe_sequence"], bundle.sequence);
 
     assert_eq!(
         bundle.x509_authorities_concat_der(),

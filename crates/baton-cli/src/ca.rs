@@ -5,7 +5,10 @@ use std::io::IsTerminal as _;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use anyhow::Result;
-use baton_broker::rotation::{ActivateRequest, AuthorityRequest, CaStatus, PrepareRequest};
+use baton_broker::rotation::{
+    ActivateRequest, AuthorityRequest, AuthorityView, CaStatus, PendingReissue, PrepareRequest,
+    RevokeRequest,
+};
 use baton_ca::AuthorityKind;
 use clap::{Args, Subcommand, ValueEnum};
 use serde::Deserialize;
@@ -56,10 +59,16 @@ pub enum CaCmd {
         admin: AdminArgs,
     },
     /// Revoke a tainted old (or a prepared) authority: it leaves the
-    /// bundle, so anything it signed is rejected everywhere.
+    /// bundle, so anything it signed is rejected everywhere. A JWT key is
+    /// refused while a JWT-SVID or delegation token it signed is still
+    /// live (`baton ca taint <kid> --wait` waits for that).
     Revoke {
         /// The authority's id.
         id: String,
+        /// Revoke a JWT key although tokens it signed are still live: every
+        /// one of them fails validation at once.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -68,7 +77,9 @@ pub enum CaCmd {
 #[derive(Debug, Args)]
 pub struct WaitArgs {
     /// Wait, with a progress line, until every agent and workload SVID the
-    /// authority signed has been re-issued.
+    /// authority signed has been re-issued; for a JWT key, until every
+    /// agent dropped its cached tokens and every token it signed expired,
+    /// so that `baton ca revoke` is safe.
     #[arg(long)]
     pub wait: bool,
     /// Give up waiting after this long (exit code 1).
@@ -128,9 +139,9 @@ pub async fn ca(cmd: CaCmd) -> Result<()> {
             }
             Ok(())
         }
-        CaCmd::Revoke { id, admin } => {
+        CaCmd::Revoke { id, force, admin } => {
             let reply: Reply = AdminClient::new(&admin.admin_socket)?
-                .post("/v1/admin/ca/revoke", &AuthorityRequest { id })
+                .post("/v1/admin/ca/revoke", &RevokeRequest { id, force })
                 .await?;
             print_reply(admin.output, &reply);
             Ok(())
@@ -167,8 +178,8 @@ fn print_status(s: &CaStatus) {
     ));
     for a in &s.authorities {
         let st = &a.status;
-        let pending = a.pending.map_or_else(String::new, |p| {
-            format!(
+        let pending = a.pending.map_or_else(String::new, |p| match st.kind {
+            AuthorityKind::X509 => format!(
                 "{} agent, {} workload, {} broker, {} task (expire by {})",
                 p.agents,
                 p.workloads,
@@ -179,7 +190,19 @@ fn print_status(s: &CaStatus) {
                 } else {
                     when(p.tasks_expire_by)
                 }
-            )
+            ),
+            AuthorityKind::Jwt => format!(
+                "{} cached at {} agent(s) not yet synced; {} JWT-SVID, {} delegation token live (expire by {})",
+                p.jwt_svids_cached,
+                p.jwt_agents_unsynced,
+                p.jwt_svids,
+                p.delegation_tokens,
+                if p.tokens_expire_by == 0 {
+                    "-".to_owned()
+                } else {
+                    when(p.tokens_expire_by)
+                }
+            ),
         });
         output::line(&format!(
             "{:<5} {:<42} {:<9} {:<7} {:<21} {:<21} {}",
@@ -232,57 +255,114 @@ fn print_reply(format: OutputFormat, reply: &Reply) {
 }
 
 /// Polls until nothing re-issuable signed by `id` is live, printing a
-/// progress line on stderr.
+/// progress line on stderr. For a JWT key it then waits until no token it
+/// signed is live any more, so that `baton ca revoke` is safe.
 async fn wait_for_reissue(client: &AdminClient, id: &str, timeout: Duration) -> Result<()> {
     let start = Instant::now();
     let tty = std::io::stderr().is_terminal();
     let mut last = String::new();
+    let mut reissued = false;
     loop {
         let s = status(client).await?;
-        let Some(pending) = s
+        let Some((view, pending)) = s
             .authorities
             .iter()
             .find(|a| a.status.id == id)
-            .and_then(|a| a.pending)
+            .and_then(|a| a.pending.map(|p| (a, p)))
         else {
             // Pruned or revoked meanwhile: nothing of it is left.
-            progress(tty, "re-issuance complete: the authority is gone", true);
-            return Ok(());
-        };
-        let left = pending.reissuable();
-        let line = format!(
-            "waiting for re-issuance of SVIDs signed by {id}: {left} left ({} agent, {} workload, {} broker); {} task credential(s) end on their own, {:.0}s elapsed",
-            pending.agents,
-            pending.workloads,
-            pending.broker,
-            pending.tasks,
-            start.elapsed().as_secs_f64()
-        );
-        if left == 0 {
             progress(
                 tty,
-                &format!(
-                    "re-issuance complete after {:.1}s; now `baton ca revoke {id}`",
-                    start.elapsed().as_secs_f64()
-                ),
+                "re-issuance complete: the authority is gone (revoked, or pruned once everything it signed expired)",
                 true,
             );
             return Ok(());
-        }
+        };
+        let elapsed = start.elapsed().as_secs_f64();
+        let now = std::time::SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let line = if !pending.reissued() {
+            reissue_line(view, &pending, elapsed)
+        } else {
+            if !reissued {
+                reissued = true;
+                let next = match view.status.kind {
+                    AuthorityKind::Jwt if pending.tokens_live(now) => {
+                        "; waiting for the tokens it signed to expire".to_owned()
+                    }
+                    _ => format!("; now `baton ca revoke {id}`"),
+                };
+                progress(
+                    tty,
+                    &format!("re-issuance complete after {elapsed:.1}s{next}"),
+                    true,
+                );
+            }
+            if view.status.kind != AuthorityKind::Jwt || !pending.tokens_live(now) {
+                if view.status.kind == AuthorityKind::Jwt {
+                    progress(
+                        tty,
+                        &format!(
+                            "no token signed by {id} is live any more after {elapsed:.1}s; now `baton ca revoke {id}`"
+                        ),
+                        true,
+                    );
+                }
+                return Ok(());
+            }
+            format!(
+                "waiting for tokens signed by {id} to expire: {} JWT-SVID(s), {} delegation token(s) live until {} (holders can renew delegation tokens now with `baton grant renew`), {elapsed:.0}s elapsed",
+                pending.jwt_svids,
+                pending.delegation_tokens,
+                when(pending.tokens_expire_by),
+            )
+        };
         if line != last || tty {
             progress(tty, &line, false);
             last = line;
         }
         if start.elapsed() >= timeout {
+            let what = if pending.reissued() {
+                format!(
+                    "{} JWT-SVID(s) and {} delegation token(s) signed by {id} are live until {}: `baton ca revoke {id}` is refused until then",
+                    pending.jwt_svids,
+                    pending.delegation_tokens,
+                    when(pending.tokens_expire_by)
+                )
+            } else {
+                format!(
+                    "{} SVID(s) signed by {id} are still to be re-issued (or dropped by an agent that has not synced)",
+                    pending.reissuable().max(pending.jwt_agents_unsynced)
+                )
+            };
             return Err(exit(
                 EXIT_FAILURE,
                 format!(
-                    "gave up after {}: {left} SVID(s) signed by {id} are still live. Check `baton ca show` and the agents' logs (an agent that cannot reach the broker cannot re-issue)",
+                    "gave up after {}: {what}. Check `baton ca show` and the agents' logs (an agent that cannot reach the broker cannot re-issue)",
                     humantime::format_duration(timeout)
                 ),
             ));
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn reissue_line(view: &AuthorityView, p: &PendingReissue, elapsed: f64) -> String {
+    let id = &view.status.id;
+    match view.status.kind {
+        AuthorityKind::X509 => format!(
+            "waiting for re-issuance of SVIDs signed by {id}: {} left ({} agent, {} workload, {} broker); {} task credential(s) end on their own, {elapsed:.0}s elapsed",
+            p.reissuable(),
+            p.agents,
+            p.workloads,
+            p.broker,
+            p.tasks,
+        ),
+        AuthorityKind::Jwt => format!(
+            "waiting for agents to drop JWT-SVIDs signed by {id}: {} cached at {} agent(s) that have not applied the taint yet; {} JWT-SVID(s), {} delegation token(s) live, {elapsed:.0}s elapsed",
+            p.jwt_svids_cached, p.jwt_agents_unsynced, p.jwt_svids, p.delegation_tokens,
+        ),
     }
 }
 

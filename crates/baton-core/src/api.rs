@@ -112,6 +112,11 @@ pub struct SignedSvid {
     pub expires_at: u64,
 }
 
+/// Request header of `GET /v1/node/sync`: the bundle sequence (the
+/// `spiffe_sequence` of the bundle in the previous answer) whose bundle
+/// and taints the node has applied. A JWT key's taint waits for it.
+pub const SYNC_APPLIED_HEADER: &str = "baton-sync-applied";
+
 /// `GET /v1/node/sync`: what a node needs to serve its workloads.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SyncResponse {
