@@ -229,6 +229,8 @@ fn flushall_and_restart_bring_nothing_back_and_redis_down_fails_closed() {
         "start",
         "--user",
         "alice@example.com",
+        "--group",
+        "engineering",
         "--root-agent",
         PLANNER,
         "--purpose",
