@@ -1,6 +1,8 @@
 //! Cedar policy for Baton: one decision for every delegation hop (asked by
 //! the broker) and for every tool call (asked by the tool server, through
-//! `baton-verify`).
+//! `baton-verify`); and, in a policy set of its own ([`AdmissionPolicy`]),
+//! for every task start and secret lease (asked by the broker), whose permit
+//! is the [`Admitted`] witness.
 //!
 //! # Place in the flow
 //!
