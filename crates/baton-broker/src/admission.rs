@@ -82,7 +82,7 @@ pub fn load(
         }
         AdmissionSource::Unset => {
             tracing::warn!(
-                "no --admission-policy: task starts and secret leases are decided by the example admission policies (deploy/policies/admission), as only the dev OIDC issuer can start tasks"
+                "no --admission-policy: the example admission policies (deploy/policies/admission) decide task starts and secret leases; no OIDC issuer but the dev one is trusted"
             );
             EXAMPLE_ADMISSION_POLICIES
                 .iter()
