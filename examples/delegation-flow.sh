@@ -53,7 +53,7 @@ for _ in $(seq 1 100); do [ -s "$WORK/tool.addr" ] && break; sleep 0.1; done
 TOOL_URL="https://$(cat "$WORK/tool.addr")"
 
 say "alice starts a task for the planner"
-"$BATON" task start --user alice@example.com --root-agent "$PLANNER" \
+"$BATON" task start --user alice@example.com --group engineering --root-agent "$PLANNER" \
   --purpose support.case-research --risk-ceiling write --ttl 10m --max-depth 2 \
   --scope tool:crm.search:read --scope tool:crm.update:write --scope dataset:crm:read \
   --audience crm -o json | tee "$WORK/task.json"

@@ -669,6 +669,8 @@ fn start_rooted_at(w: &World, root: &str) -> std::process::Output {
         "start",
         "--user",
         "alice@example.com",
+        "--group",
+        "engineering",
         "--root-agent",
         root,
         "--purpose",
@@ -966,7 +968,7 @@ fn an_id_token_starts_one_task_and_task_end_is_idempotent() {
     let v = admin_post(
         &w,
         "/v1/admin/dev/id-token",
-        &serde_json::json!({ "user": "alice@example.com" }),
+        &serde_json::json!({ "user": "alice@example.com", "groups": ["engineering"] }),
     );
     let token = v["id_token"].as_str().unwrap().to_owned();
     // Control: the first use starts a task.
@@ -986,7 +988,7 @@ fn an_id_token_starts_one_task_and_task_end_is_idempotent() {
     let v = admin_post(
         &w,
         "/v1/admin/dev/id-token",
-        &serde_json::json!({ "user": "alice@example.com" }),
+        &serde_json::json!({ "user": "alice@example.com", "groups": ["engineering"] }),
     );
     let fresh = start_with_id_token(&w, v["id_token"].as_str().unwrap());
     assert!(fresh.status.success(), "{}", stderr(&fresh));

@@ -5,6 +5,7 @@
 // Test-only crate: failing loudly is the point.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod admission;
 mod audit;
 mod broker;
 mod delegation;

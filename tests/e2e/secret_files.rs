@@ -112,6 +112,8 @@ fn start_task(c: &Cluster, root: &str) -> String {
             "start",
             "--user",
             "alice@example.com",
+            "--group",
+            "engineering",
             "--root-agent",
             root,
             "--purpose",

@@ -34,6 +34,9 @@ pub const CANONICAL_VERSION: u32 = 1;
 #[serde(rename_all = "snake_case")]
 pub enum EventKind {
     TaskStarted,
+    /// A task start the admission policy refused: the task never existed,
+    /// its id only names the refusal.
+    TaskRefused,
     HopGranted,
     HopRefused,
     Redeemed,
@@ -46,6 +49,7 @@ impl EventKind {
     pub fn as_str(self) -> &'static str {
         match self {
             EventKind::TaskStarted => "task_started",
+            EventKind::TaskRefused => "task_refused",
             EventKind::HopGranted => "hop_granted",
             EventKind::HopRefused => "hop_refused",
             EventKind::Redeemed => "redeemed",

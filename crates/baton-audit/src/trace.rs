@@ -4,7 +4,8 @@
 //! placed under the agent that asked for it (found by the parent token's
 //! `jti` when recorded, else by the acting SPIFFE ID), and a granted hop's
 //! target becomes a node under it that collects its own redeems, tool calls
-//! and hops. Purpose changes and the task's end are task-wide.
+//! and hops. Purpose changes, the task's end and a refused start
+//! (`TaskRefused`: the admission policy said no) are task-wide.
 
 use baton_core::{Purpose, RiskTier, Scope, SpiffeId, TaskId};
 use serde::Serialize;
@@ -133,6 +134,20 @@ pub enum TaskEvent {
         actor: Option<SpiffeId>,
         #[serde(skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
+    },
+    /// The admission policy refused to start the task.
+    StartRefused {
+        index: u64,
+        at: u64,
+        /// The root agent asked for.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        root_agent: Option<SpiffeId>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        risk: Option<RiskTier>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        policy_ids: Vec<String>,
     },
 }
 
@@ -314,6 +329,22 @@ pub fn trace(records: &[AuditRecord]) -> Trace {
                 purpose: e.purpose.clone(),
                 reason: e.reason.clone(),
             }),
+            EventKind::TaskRefused => {
+                if t.initiator.is_none() && t.initiator_hmac.is_none() {
+                    t.initiator = e.initiator.clone();
+                    t.initiator_hmac = r.initiator_hmac.clone();
+                }
+                t.purpose = t.purpose.take().or_else(|| e.purpose.clone());
+                t.scope = t.scope.take().or_else(|| e.scope.clone());
+                t.task_events.push(TaskEvent::StartRefused {
+                    index: r.index,
+                    at: e.at,
+                    root_agent: e.target.clone(),
+                    risk: e.risk,
+                    reason: e.reason.clone(),
+                    policy_ids: e.policy_ids.clone(),
+                });
+            }
             EventKind::TaskEnded => t.task_events.push(TaskEvent::Ended {
                 index: r.index,
                 at: e.at,
@@ -556,6 +587,25 @@ impl Trace {
                     opt("by", actor),
                     opt("reason", reason)
                 ),
+                TaskEvent::StartRefused {
+                    index,
+                    root_agent,
+                    risk,
+                    reason,
+                    policy_ids,
+                    ..
+                } => {
+                    let mut text = format!("task start REFUSED for {}", agent_name(root_agent));
+                    text.push_str(&opt("risk ceiling", risk));
+                    if let Some(r) = reason {
+                        text.push_str(&format!(" ({r})"));
+                    }
+                    if !policy_ids.is_empty() {
+                        text.push_str(&format!(", policies [{}]", policy_ids.join(", ")));
+                    }
+                    text.push_str(&format!(" #{index}"));
+                    text
+                }
             };
             children.push(Line {
                 text,

@@ -191,7 +191,10 @@ async fn hops(a: &Args) -> anyhow::Result<Minted> {
 
     // The human starts the task; the node redeems the root grant for the planner.
     let id_token: serde_json::Value = broker
-        .admin_post("/v1/admin/dev/id-token", &json!({"user": "alice"}))
+        .admin_post(
+            "/v1/admin/dev/id-token",
+            &json!({"user": "alice", "groups": ["engineering"]}),
+        )
         .await?;
     let id_token = id_token
         .get("id_token")

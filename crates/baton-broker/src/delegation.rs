@@ -23,7 +23,7 @@ use baton_core::api::{
 use baton_core::{
     Actor, Confirmation, DelegationClaims, ParentRef, Purpose, Secret, SpiffeId, TaskClaims, TaskId,
 };
-use baton_policy::{Engine, HopRequest};
+use baton_policy::{AdmissionPolicy, Engine, HopRequest};
 use baton_verify::{PeerCert, TokenVerifier, VerifiedDelegation};
 
 use baton_revocation::{CredKind, CredentialRecord};
@@ -86,6 +86,8 @@ pub struct Delegation {
     oidc: OidcVerifier,
     dev_issuer: Option<DevIssuer>,
     policy: Arc<Engine>,
+    /// Who may start a task, and lease a secret.
+    admission: Arc<AdmissionPolicy>,
     audit: Arc<AuditLog>,
     tokens: TokenVerifier,
     settings: DelegationSettings,
@@ -118,6 +120,7 @@ impl Delegation {
         oidc: OidcVerifier,
         dev_issuer: Option<DevIssuer>,
         policy: Arc<Engine>,
+        admission: Arc<AdmissionPolicy>,
         audit: Arc<AuditLog>,
         tokens: TokenVerifier,
         settings: DelegationSettings,
@@ -129,6 +132,7 @@ impl Delegation {
             oidc,
             dev_issuer,
             policy,
+            admission,
             audit,
             tokens,
             settings,
@@ -142,6 +146,11 @@ impl Delegation {
 
     pub fn dev_issuer(&self) -> Option<&DevIssuer> {
         self.dev_issuer.as_ref()
+    }
+
+    /// The admission policy: who may start a task, and lease a secret.
+    pub fn admission(&self) -> &AdmissionPolicy {
+        &self.admission
     }
 
     fn event(&self, kind: EventKind, task: &TaskId, now: u64) -> AuditEvent {
@@ -250,6 +259,10 @@ impl Delegation {
             ));
         }
         self.broker.refuse_blocked(&req.root_agent, now)?;
+        // Cedar decides who may start what; the task is built from what it
+        // admitted, nothing else.
+        let admitted = crate::admission::admit_task_start(self, &initiator, req, now)?;
+        let req = admitted.request();
         // An ID token starts one task: a captured token cannot start another.
         if !self
             .tasks
@@ -262,8 +275,8 @@ impl Delegation {
         let id = TaskId::from_random(random_bytes::<16>()?);
         let task = TaskRecord {
             id: id.clone(),
-            initiator: initiator.sub.clone(),
-            initiator_iss: initiator.iss.clone(),
+            initiator: req.human.subject.clone(),
+            initiator_iss: req.human.issuer.clone(),
             root_agent: req.root_agent.clone(),
             purpose: req.purpose.clone(),
             scope: req.scope.clone(),
@@ -275,7 +288,7 @@ impl Delegation {
             purpose_epoch: 0,
         };
         let mut ev = self.event(EventKind::TaskStarted, &id, now);
-        ev.initiator = Some(initiator.sub.clone());
+        ev.initiator = Some(req.human.subject.clone());
         // The root agent is the first actor of the task's tree.
         ev.actor = Some(req.root_agent.clone());
         ev.target = Some(req.root_agent.clone());
@@ -283,6 +296,7 @@ impl Delegation {
         ev.scope = Some(req.scope.clone());
         ev.risk = Some(req.risk_ceiling);
         ev.depth = Some(0);
+        ev.policy_ids = admitted.policy_ids().to_vec();
         // Fail closed: nothing is stored or granted unless the start is logged.
         self.append(&ev)?;
         self.tasks.insert_task(&task)?;
@@ -292,7 +306,7 @@ impl Delegation {
             scope: req.scope.clone(),
             purpose: req.purpose.clone(),
             purpose_epoch: 0,
-            audience: req.audience.clone(),
+            audience: req.audiences.clone(),
             depth: 0,
             parent: None,
             parent_act: None,
@@ -1361,8 +1375,11 @@ impl Delegation {
     /// The task's chain as a tree (text and JSON).
     pub fn trace(&self, raw: &str) -> Result<serde_json::Value, BrokerError> {
         let id: TaskId = raw.parse().map_err(|e| bad("task_id", format!("{e}")))?;
-        let _ = self.task(&id)?;
         let events = self.audit.events_for_task(&id).map_err(audit_failed)?;
+        // A refused task start has events but no task.
+        if events.is_empty() {
+            let _ = self.task(&id)?;
+        }
         let trace = baton_audit::trace(&events);
         Ok(serde_json::json!({ "text": trace.render_text(), "trace": trace }))
     }

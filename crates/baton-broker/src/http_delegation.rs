@@ -364,6 +364,9 @@ struct DevTokenBody {
     user: String,
     #[serde(default = "default_dev_ttl")]
     ttl_secs: u64,
+    /// The token's `groups` claim (none when empty).
+    #[serde(default)]
+    groups: Vec<String>,
 }
 
 fn default_dev_ttl() -> u64 {
@@ -563,7 +566,7 @@ pub fn admin_routes(
                     message: "this broker has no dev OIDC issuer (only `baton dev` and `--dev-issuer` do)".into(),
                 })?;
                 let token = issuer
-                    .mint(&b.user, b.ttl_secs, crate::oidc::unix_now())
+                    .mint_with_groups(&b.user, &b.groups, b.ttl_secs, crate::oidc::unix_now())
                     .map_err(|e| BrokerError::BadRequest { field: None, message: e.to_string() })?;
                 Ok(serde_json::json!({ "id_token": token }))
             }))

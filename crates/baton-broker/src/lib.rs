@@ -10,6 +10,7 @@
 //! - [`http`]: the warp routes for the node port and the admin socket;
 //! - [`store`]: the durable state behind the [`store::Datastore`] trait.
 
+pub mod admission;
 pub mod delegation;
 pub mod http;
 pub mod http_audit;
@@ -37,6 +38,7 @@ use baton_tls::{BundleStore, ClientAuth, PeerPolicy, ServerIdentity};
 use tokio::sync::oneshot;
 use warp::Filter as _;
 
+pub use admission::{AdmissionSource, EXAMPLE_ADMISSION_POLICIES};
 pub use service::{Broker, BrokerError, IssuanceHook, IssuancePolicy, LogIssuance};
 use store::{Datastore, SqliteStore};
 
@@ -111,6 +113,9 @@ pub struct BrokerConfig {
     pub policy_dir: Option<PathBuf>,
     /// (file name, source) of the policies used when `policy_dir` is None.
     pub embedded_policies: Vec<(String, String)>,
+    /// Who may start a task and lease a secret (Cedar). Required when
+    /// `oidc_issuers` is not empty.
+    pub admission: AdmissionSource,
     /// Trusted OIDC issuers for initiating identities.
     pub oidc_issuers: Vec<oidc::OidcIssuer>,
     /// Run a local dev OIDC issuer (never in production).
@@ -167,6 +172,7 @@ impl BrokerConfig {
                 .iter()
                 .map(|(n, s)| ((*n).to_owned(), (*s).to_owned()))
                 .collect(),
+            admission: AdmissionSource::Unset,
             oidc_issuers: Vec::new(),
             dev_issuer: false,
             delegation: delegation::DelegationSettings {
@@ -206,6 +212,8 @@ pub enum StartError {
     },
     #[error("policies: {0}")]
     Policy(#[from] baton_policy::PolicyError),
+    #[error("admission policy: {0}")]
+    Admission(#[from] admission::AdmissionLoadError),
     #[error("audit log: {0}")]
     Audit(#[from] baton_audit::AuditError),
     #[error(
@@ -316,6 +324,8 @@ pub async fn run(
             baton_policy::Engine::from_sources(&schema, &policies)?
         }
     });
+    let issuer_names: Vec<String> = cfg.oidc_issuers.iter().map(|i| i.issuer.clone()).collect();
+    let admission = Arc::new(admission::load(&cfg.admission, &issuer_names)?);
     let (key_dir, sqlite, audit) = match &cfg.data_dir {
         Some(dir) => {
             prepare_dir(dir)?;
@@ -424,6 +434,7 @@ pub async fn run(
         oidc::OidcVerifier::new(issuers),
         dev_issuer,
         policy,
+        admission,
         Arc::new(audit),
         baton_verify::TokenVerifier::for_broker(
             jwt_bundles.clone(),

@@ -42,7 +42,17 @@ pub struct Initiator {
     /// the same for every re-encoding of its signature, so a replay of
     /// the token is recognised whatever its signature bytes.
     pub replay_key: String,
+    /// The token's `email`, if any, and its `email_verified`.
+    pub email: Option<String>,
+    pub email_verified: bool,
+    /// The token's `groups` claim (empty when absent), for the admission
+    /// policy.
+    pub groups: Vec<String>,
 }
+
+/// The most groups an ID token may carry (a bound on what each task start
+/// costs the policy engine).
+pub const MAX_GROUPS: usize = 256;
 
 #[derive(Debug, Deserialize)]
 struct IdClaims {
@@ -50,6 +60,48 @@ struct IdClaims {
     sub: String,
     exp: u64,
     aud: Audience,
+    #[serde(default)]
+    email: Option<String>,
+    /// A boolean, or (as some IdPs send it) the string "true"/"false".
+    #[serde(default)]
+    email_verified: Option<serde_json::Value>,
+    /// A list of strings; some IdPs send a single group as a string.
+    #[serde(default)]
+    groups: Option<serde_json::Value>,
+}
+
+impl IdClaims {
+    /// `email_verified`, read strictly: anything but true (or "true") is false.
+    fn email_verified(&self) -> bool {
+        match &self.email_verified {
+            Some(serde_json::Value::Bool(b)) => *b,
+            Some(serde_json::Value::String(s)) => s == "true",
+            _ => false,
+        }
+    }
+
+    /// The `groups` claim; a claim of another shape refuses the token
+    /// rather than reading it as "no groups" (a policy may forbid by group).
+    fn groups(&self) -> Result<Vec<String>, OidcError> {
+        let bad = |why: &str| OidcError::Invalid(format!("groups claim {why}"));
+        let groups = match &self.groups {
+            None | Some(serde_json::Value::Null) => Vec::new(),
+            Some(serde_json::Value::String(g)) => vec![g.clone()],
+            Some(serde_json::Value::Array(items)) => items
+                .iter()
+                .map(|g| g.as_str().map(str::to_owned))
+                .collect::<Option<Vec<String>>>()
+                .ok_or_else(|| bad("must be a list of strings"))?,
+            Some(_) => return Err(bad("must be a list of strings")),
+        };
+        if groups.len() > MAX_GROUPS {
+            return Err(bad(&format!(
+                "has {} entries; at most {MAX_GROUPS} are accepted",
+                groups.len()
+            )));
+        }
+        Ok(groups)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -147,8 +199,13 @@ impl OidcVerifier {
         if claims.sub.is_empty() {
             return Err(OidcError::Invalid("empty sub".into()));
         }
+        let groups = claims.groups()?;
+        let email_verified = claims.email_verified();
         let signed = token.rsplit_once('.').map_or(token, |(signed, _)| signed);
         Ok(Initiator {
+            email: claims.email,
+            email_verified,
+            groups,
             sub: claims.sub,
             iss: claims.iss,
             exp: claims.exp,
@@ -188,6 +245,8 @@ struct DevClaims<'a> {
     exp: u64,
     /// Random: two tokens minted in the same second differ.
     jti: String,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    groups: &'a [String],
 }
 
 impl DevIssuer {
@@ -220,7 +279,25 @@ impl DevIssuer {
 
     /// An ID token for `user`, valid for `ttl_secs`.
     pub fn mint(&self, user: &str, ttl_secs: u64, now: u64) -> Result<String, OidcError> {
+        self.mint_with_groups(user, &[], ttl_secs, now)
+    }
+
+    /// An ID token for `user` whose `groups` claim lists `groups` (none
+    /// when empty), valid for `ttl_secs`.
+    pub fn mint_with_groups(
+        &self,
+        user: &str,
+        groups: &[String],
+        ttl_secs: u64,
+        now: u64,
+    ) -> Result<String, OidcError> {
         baton_ca::init();
+        if groups.len() > MAX_GROUPS {
+            return Err(OidcError::Invalid(format!(
+                "{} groups; at most {MAX_GROUPS} are accepted",
+                groups.len()
+            )));
+        }
         let mut header = Header::new(Algorithm::ES256);
         header.kid = Some(DEV_KID.into());
         let exp = now.checked_add(ttl_secs).ok_or_else(|| {
@@ -236,6 +313,7 @@ impl DevIssuer {
             exp,
             jti: crate::service::random_hex::<16>()
                 .map_err(|e| OidcError::Invalid(format!("no randomness for jti: {e}")))?,
+            groups,
         };
         jsonwebtoken::encode(&header, &claims, &self.key)
             .map_err(|e| OidcError::Invalid(e.to_string()))
@@ -275,10 +353,54 @@ mod tests {
             dev.mint("alice", u64::MAX, 1000),
             Err(OidcError::Invalid(m)) if m.contains("ttl_secs")
         ));
+        // Groups travel in the `groups` claim.
+        let g = dev
+            .mint_with_groups("bob", &["engineering".to_owned()], 60, 1000)
+            .unwrap();
+        assert_eq!(v.verify(&g, 1000).unwrap().groups, vec!["engineering"]);
+        assert!(v.verify(&t, 1000).unwrap().groups.is_empty());
         let none = OidcVerifier::default();
         assert!(matches!(
             none.verify(&t, 1000),
             Err(OidcError::UnknownIssuer(_))
         ));
+    }
+
+    #[test]
+    fn groups_and_email_verified_are_read_strictly() {
+        let claims = |extra: serde_json::Value| {
+            let mut v = serde_json::json!({"iss": "i", "sub": "s", "exp": 1, "aud": "a"});
+            for (k, x) in extra.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            serde_json::from_value::<IdClaims>(v).unwrap()
+        };
+        assert!(claims(serde_json::json!({})).groups().unwrap().is_empty());
+        assert_eq!(
+            claims(serde_json::json!({"groups": ["a", "b"]}))
+                .groups()
+                .unwrap(),
+            vec!["a", "b"]
+        );
+        assert_eq!(
+            claims(serde_json::json!({"groups": "a"})).groups().unwrap(),
+            vec!["a"]
+        );
+        // Any other shape refuses the token: a forbid by group must not be
+        // dodged by sending groups as numbers or an object.
+        for bad in [
+            serde_json::json!({"groups": [1]}),
+            serde_json::json!({"groups": {"a": true}}),
+            serde_json::json!({"groups": vec!["g"; MAX_GROUPS + 1]}),
+        ] {
+            assert!(matches!(
+                claims(bad).groups(),
+                Err(OidcError::Invalid(m)) if m.starts_with("groups claim")
+            ));
+        }
+        assert!(claims(serde_json::json!({"email_verified": true})).email_verified());
+        assert!(claims(serde_json::json!({"email_verified": "true"})).email_verified());
+        assert!(!claims(serde_json::json!({"email_verified": "yes"})).email_verified());
+        assert!(!claims(serde_json::json!({})).email_verified());
     }
 }

@@ -5,7 +5,9 @@
 //! `{ "token", "engine" }`). The token is verified exactly as for a hop
 //! ([`Delegation::verify_holder`]), the task must be usable and the token's
 //! scope must hold the engine's [`SecretEngine::required`] permission (else
-//! 403 `missing_permission`). The lease lasts until the token's expiry; it is
+//! 403 `missing_permission`), and the admission policy must permit it
+//! (Cedar action `lease_secret`, else 403 `not_permitted`; the lease is
+//! issued from the admitted request). The lease lasts until the token's expiry; it is
 //! registered with the revocation store (kind `SecretLease`, parent = the
 //! token's `jti`) and written to the audit log (a `tool_call` event with tool
 //! `secret.lease` and resource = the engine name) before it is returned:
@@ -28,6 +30,7 @@ use std::time::Duration;
 
 use baton_audit::{AuditEvent, EventKind};
 use baton_core::{Permission, Secret};
+use baton_policy::SecretLease;
 use baton_revocation::{CredKind, CredentialRecord, Revoked};
 use baton_secrets::{
     ApiKeyEngine, LeaseRequest, PgTemplate, PostgresEngine, SecretEngine, SecretError,
@@ -315,12 +318,40 @@ impl Secrets {
             });
         }
         let expires_at = claims.exp.min(task.expires_at);
+        // Cedar decides too; the lease is issued for what it admitted.
+        let admitted = match d.admission().admit_lease(SecretLease {
+            agent: peer.spiffe_id().clone(),
+            chain: held.chain().to_vec(),
+            initiator: task.initiator.clone(),
+            task: task.id.clone(),
+            purpose: task.purpose.clone(),
+            scope: claims.scope.clone(),
+            depth: claims.depth,
+            engine: engine.name().to_owned(),
+            permission: required.clone(),
+            ttl_secs: expires_at.saturating_sub(now),
+        }) {
+            Ok(admitted) => admitted,
+            Err(refused) => {
+                ev.decision = Some("deny".into());
+                ev.reason = Some(format!("not_permitted: {refused}"));
+                ev.policy_ids = refused.policy_ids.clone();
+                d.append_event(&ev)?;
+                tracing::warn!(task = %task.id, agent = %peer.spiffe_id(), engine = engine.name(), policies = %refused.policy_ids.join(", "), "secret lease refused by the admission policy");
+                return Err(BrokerError::Forbidden {
+                    code: "not_permitted",
+                    message: refused.to_string(),
+                });
+            }
+        };
+        let admitted_lease = admitted.request();
+        ev.policy_ids = admitted.policy_ids().to_vec();
         let lease = engine
             .issue(
                 &LeaseRequest {
-                    task: task.id.clone(),
-                    agent: peer.spiffe_id().clone(),
-                    scope: claims.scope.clone(),
+                    task: admitted_lease.task.clone(),
+                    agent: admitted_lease.agent.clone(),
+                    scope: admitted_lease.scope.clone(),
                     expires_at,
                 },
                 now,

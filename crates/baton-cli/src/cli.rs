@@ -143,6 +143,11 @@ pub struct DevArgs {
     /// Lifetime of workload X509-SVIDs registered by dev mode.
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     pub x509_ttl: Duration,
+    /// Who may start a task and lease a secret: a directory with a Cedar
+    /// schema.cedarschema and *.cedar policies. Default: the example set
+    /// of deploy/policies/admission (built in).
+    #[arg(long, value_name = "DIR")]
+    pub admission_policy: Option<PathBuf>,
 }
 
 /// How the CA rotates, and the PKI it may run under.
@@ -238,6 +243,12 @@ pub struct BrokerArgs {
     /// Directory of Cedar policies (schema.cedarschema + *.cedar). Default: the example set.
     #[arg(long)]
     pub policies: Option<PathBuf>,
+    /// Who may start a task and lease a secret: a directory with a Cedar
+    /// schema.cedarschema and *.cedar policies (example:
+    /// deploy/policies/admission). Required with --oidc-issuer; with only
+    /// --dev-issuer the built-in example set is used.
+    #[arg(long, value_name = "DIR")]
+    pub admission_policy: Option<PathBuf>,
     /// Purpose catalogue, one per line. Default: deploy/purposes.txt as shipped.
     #[arg(long)]
     pub purposes_file: Option<PathBuf>,
@@ -536,6 +547,10 @@ pub enum TaskCmd {
         /// With `baton dev`'s local issuer: mint an ID token for this user.
         #[arg(long)]
         user: Option<String>,
+        /// With --user: a group the minted token's `groups` claim lists, for
+        /// the admission policy (repeatable).
+        #[arg(long = "group", value_name = "GROUP", requires = "user")]
+        groups: Vec<String>,
         /// The agent that receives the task first.
         #[arg(long)]
         root_agent: String,

@@ -62,6 +62,9 @@ pub async fn broker(args: BrokerArgs) -> Result<()> {
         &args.tool_servers,
     )?;
     cfg.dev_issuer = args.dev_issuer;
+    if let Some(dir) = &args.admission_policy {
+        cfg.admission = baton_broker::AdmissionSource::Dir(dir.clone());
+    }
     if args.dangerously_accept_audit_log_loss {
         cfg.audit_head = baton_audit::HeadPolicy::DangerouslyAcceptLoss;
     }
@@ -286,6 +289,17 @@ pub async fn dev(args: DevArgs) -> Result<()> {
         &[format!("crm=spiffe://{td}/tools/crm")],
     )?;
     cfg.dev_issuer = true;
+    // Task starts and leases are Cedar decisions here too: the example
+    // admission policies unless given a directory.
+    cfg.admission = match &args.admission_policy {
+        Some(dir) => baton_broker::AdmissionSource::Dir(absolute(dir)?),
+        None => baton_broker::AdmissionSource::Sources(
+            baton_broker::EXAMPLE_ADMISSION_POLICIES
+                .iter()
+                .map(|(n, s)| ((*n).to_owned(), (*s).to_owned()))
+                .collect(),
+        ),
+    };
     let (btx, brx) = oneshot::channel::<BrokerReady>();
     let broker_fut = baton_broker::run(
         cfg,

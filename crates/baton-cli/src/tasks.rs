@@ -43,6 +43,7 @@ pub async fn task(cmd: TaskCmd) -> Result<()> {
             id_token,
             id_token_file,
             user,
+            groups,
             root_agent,
             purpose,
             scope,
@@ -70,7 +71,7 @@ pub async fn task(cmd: TaskCmd) -> Result<()> {
                     let v: serde_json::Value = client
                         .post(
                             "/v1/admin/dev/id-token",
-                            &serde_json::json!({ "user": user }),
+                            &serde_json::json!({ "user": user, "groups": groups }),
                         )
                         .await?;
                     v["id_token"].as_str().unwrap_or_default().to_owned()

@@ -1,6 +1,8 @@
 //! Cedar policy for Baton: one decision for every delegation hop (asked by
 //! the broker) and for every tool call (asked by the tool server, through
-//! `baton-verify`).
+//! `baton-verify`); and, in a policy set of its own ([`AdmissionPolicy`]),
+//! for every task start and secret lease (asked by the broker), whose permit
+//! is the [`Admitted`] witness.
 //!
 //! # Place in the flow
 //!
@@ -54,6 +56,7 @@
 //! documents the example policy set and which policies decide the reference
 //! flow.
 
+mod admission;
 mod error;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -69,6 +72,10 @@ use cedar_policy::{
 };
 use serde::Serialize;
 
+pub use admission::{
+    AdmissionPolicy, Admitted, Human, LEASE_SECRET_ACTION, Refused, START_TASK_ACTION, SecretLease,
+    TaskStart,
+};
 pub use error::{Location, PolicyError, SourceError};
 
 /// The schema's file name in a policy directory.
@@ -217,41 +224,8 @@ impl Engine {
     /// `<dir>/*.cedar`, and validates the policies against the schema in
     /// strict mode. Errors name `<dir>/<file>:<line>:<column>`.
     pub fn load_dir(dir: &Path) -> Result<Engine, PolicyError> {
-        let read = |path: &Path| {
-            std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
-                path: path.to_owned(),
-                source,
-            })
-        };
-        let schema_path = dir.join(SCHEMA_FILE);
-        let schema = read(&schema_path)?;
-        let listing = std::fs::read_dir(dir).map_err(|source| PolicyError::Read {
-            path: dir.to_owned(),
-            source,
-        })?;
-        let mut paths = Vec::new();
-        for entry in listing {
-            let entry = entry.map_err(|source| PolicyError::Read {
-                path: dir.to_owned(),
-                source,
-            })?;
-            let path = entry.path();
-            if path.extension().is_some_and(|e| e == POLICY_EXTENSION) && path.is_file() {
-                paths.push(path);
-            }
-        }
-        paths.sort();
-        if paths.is_empty() {
-            return Err(PolicyError::NoPolicies {
-                what: format!("{} (no *.{POLICY_EXTENSION} file)", dir.display()),
-            });
-        }
-        let mut policies = Vec::with_capacity(paths.len());
-        for path in paths {
-            let src = read(&path)?;
-            policies.push((path.display().to_string(), src));
-        }
-        Self::build(&schema_path.display().to_string(), &schema, &policies)
+        let (schema_file, schema, policies) = read_policy_dir(dir)?;
+        Self::build(&schema_file, &schema, &policies)
     }
 
     /// Builds an engine from sources in memory: `policies` are (file name,
@@ -269,89 +243,7 @@ impl Engine {
         schema_src: &str,
         files: &[(String, String)],
     ) -> Result<Engine, PolicyError> {
-        let (schema, _warnings) = Schema::from_cedarschema_str(schema_src)
-            .map_err(|e| PolicyError::Schema(error::source_errors(&e, schema_file, schema_src)))?;
-
-        // Parse every file before reporting, so one run shows every typo.
-        let mut policies = PolicySet::new();
-        let mut origin: HashMap<String, usize> = HashMap::new();
-        let mut parse_errors = Vec::new();
-        for (index, (file, src)) in files.iter().enumerate() {
-            let set = match PolicySet::from_str(src) {
-                Ok(set) => set,
-                Err(e) => {
-                    parse_errors.extend(error::source_errors(&e, file, src));
-                    continue;
-                }
-            };
-            if let Some(template) = set.templates().next() {
-                return Err(PolicyError::Template {
-                    file: file.clone(),
-                    id: template.id().to_string(),
-                });
-            }
-            let mut in_file: Vec<_> = set.policies().collect();
-            // Cedar numbers a file's policies policy0, policy1, ... in order.
-            in_file.sort_by_key(|p| {
-                AsRef::<str>::as_ref(p.id())
-                    .trim_start_matches("policy")
-                    .parse::<usize>()
-                    .unwrap_or(usize::MAX)
-            });
-            for policy in in_file {
-                let id = match policy.annotation("id") {
-                    Some(id) => id.to_owned(),
-                    None => format!("{file}#{}", policy.id()),
-                };
-                if let Some(&first) = origin.get(&id) {
-                    return Err(PolicyError::DuplicateId {
-                        id,
-                        first: files.get(first).map(|f| f.0.clone()).unwrap_or_default(),
-                        second: file.clone(),
-                    });
-                }
-                policies
-                    .add(policy.new_id(PolicyId::new(&id)))
-                    .map_err(|_| PolicyError::DuplicateId {
-                        id: id.clone(),
-                        first: file.clone(),
-                        second: file.clone(),
-                    })?;
-                origin.insert(id, index);
-            }
-        }
-        if !parse_errors.is_empty() {
-            return Err(PolicyError::Parse(parse_errors));
-        }
-        if policies.is_empty() {
-            return Err(PolicyError::NoPolicies {
-                what: "the policy files".to_owned(),
-            });
-        }
-
-        let validation = Validator::new(schema.clone()).validate(&policies, ValidationMode::Strict);
-        let mut invalid: Vec<SourceError> = validation
-            .validation_errors()
-            .flat_map(|e| {
-                let (file, src) = origin
-                    .get(AsRef::<str>::as_ref(e.policy_id()))
-                    .and_then(|&i| files.get(i))
-                    .map_or(("<policies>", ""), |(f, s)| (f.as_str(), s.as_str()));
-                let mut errors = error::source_errors(e, file, src);
-                errors.truncate(1);
-                errors
-            })
-            .collect();
-        if !invalid.is_empty() {
-            // Cedar reports one error per action a policy may apply to; keep
-            // one per position, chosen deterministically.
-            invalid.sort_by(|a, b| {
-                (&a.file, a.location, &a.message).cmp(&(&b.file, b.location, &b.message))
-            });
-            invalid.dedup_by(|a, b| a.file == b.file && a.location == b.location);
-            return Err(PolicyError::Validation(invalid));
-        }
-
+        let (schema, policies) = compile(schema_file, schema_src, files)?;
         Self::fit_model(schema_file, &schema, policies)
     }
 
@@ -391,33 +283,7 @@ impl Engine {
             )));
         }
         let prepare = |uid: &EntityUid| -> Result<Prepared, PolicyError> {
-            // The action's own entity carries its (transitively closed)
-            // groups, which is all `action in Action::"read-tier"` reads;
-            // the group entities themselves need not be in the store.
-            let entities: Vec<Entity> = actions.get(uid).into_iter().cloned().collect();
-            let mut subset = PolicySet::new();
-            for policy in policies.policies() {
-                let applies = match policy.action_constraint() {
-                    ActionConstraint::Any => true,
-                    ActionConstraint::Eq(a) => &a == uid,
-                    ActionConstraint::In(groups) => groups
-                        .iter()
-                        .any(|g| g == uid || actions.is_ancestor_of(g, uid)),
-                };
-                if applies {
-                    subset.add(policy.clone()).map_err(|e| {
-                        model(format!(
-                            "policies for action `{}`: {e}",
-                            uid.id().unescaped()
-                        ))
-                    })?;
-                }
-            }
-            Ok(Prepared {
-                uid: uid.clone(),
-                entities,
-                policies: subset,
-            })
+            prepare_action(&actions, &policies, uid).map_err(model)
         };
         let delegate = prepare(&action_uid(&action_type, DELEGATE_ACTION))?;
         let mut engine = Engine {
@@ -579,24 +445,213 @@ impl Engine {
         principal: EntityUid,
         resource: EntityUid,
         context: Context,
-        mut entities: Vec<Entity>,
+        entities: Vec<Entity>,
     ) -> Decision {
         // INVARIANT: the request shapes were validated against the schema at
         // load time (`fit_model`), so no schema is needed here.
-        let request = match Request::new(principal, action.uid.clone(), resource, context, None) {
-            Ok(r) => r,
-            Err(e) => return Decision::refused(format!("request: {e}")),
-        };
-        entities.extend(action.entities.iter().cloned());
-        let entities = match Entities::from_entities(entities, None) {
-            Ok(e) => e,
-            Err(e) => return Decision::refused(format!("entities: {e}")),
-        };
-        let response = self
-            .authorizer
-            .is_authorized(&request, &action.policies, &entities);
-        decision(&action.policies, &response)
+        evaluate(
+            &self.authorizer,
+            action,
+            principal,
+            resource,
+            context,
+            entities,
+        )
     }
+}
+
+/// An action's entity (with its groups as ancestors) and the subset of
+/// `policies` whose action scope can match it.
+fn prepare_action(
+    actions: &Entities,
+    policies: &PolicySet,
+    uid: &EntityUid,
+) -> Result<Prepared, String> {
+    // The action's own entity carries its (transitively closed) groups,
+    // which is all `action in Action::"read-tier"` reads; the group
+    // entities themselves need not be in the store.
+    let entities: Vec<Entity> = actions.get(uid).into_iter().cloned().collect();
+    let mut subset = PolicySet::new();
+    for policy in policies.policies() {
+        let applies = match policy.action_constraint() {
+            ActionConstraint::Any => true,
+            ActionConstraint::Eq(a) => &a == uid,
+            ActionConstraint::In(groups) => groups
+                .iter()
+                .any(|g| g == uid || actions.is_ancestor_of(g, uid)),
+        };
+        if applies {
+            subset
+                .add(policy.clone())
+                .map_err(|e| format!("policies for action `{}`: {e}", uid.id().unescaped()))?;
+        }
+    }
+    Ok(Prepared {
+        uid: uid.clone(),
+        entities,
+        policies: subset,
+    })
+}
+
+/// Evaluates one request against an action's policies. The caller
+/// guarantees the request's shape was validated against the schema at load
+/// time (a probe through [`check_shape`]).
+fn evaluate(
+    authorizer: &Authorizer,
+    action: &Prepared,
+    principal: EntityUid,
+    resource: EntityUid,
+    context: Context,
+    mut entities: Vec<Entity>,
+) -> Decision {
+    let request = match Request::new(principal, action.uid.clone(), resource, context, None) {
+        Ok(r) => r,
+        Err(e) => return Decision::refused(format!("request: {e}")),
+    };
+    entities.extend(action.entities.iter().cloned());
+    let entities = match Entities::from_entities(entities, None) {
+        Ok(e) => e,
+        Err(e) => return Decision::refused(format!("entities: {e}")),
+    };
+    let response = authorizer.is_authorized(&request, &action.policies, &entities);
+    decision(&action.policies, &response)
+}
+
+/// A policy directory read into memory: (schema file name, schema source,
+/// [(policy file name, source)]).
+type PolicySources = (String, String, Vec<(String, String)>);
+
+/// Reads `<dir>/schema.cedarschema` and every `<dir>/*.cedar` (sorted).
+fn read_policy_dir(dir: &Path) -> Result<PolicySources, PolicyError> {
+    let read = |path: &Path| {
+        std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+            path: path.to_owned(),
+            source,
+        })
+    };
+    let schema_path = dir.join(SCHEMA_FILE);
+    let schema = read(&schema_path)?;
+    let listing = std::fs::read_dir(dir).map_err(|source| PolicyError::Read {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let mut paths = Vec::new();
+    for entry in listing {
+        let entry = entry.map_err(|source| PolicyError::Read {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == POLICY_EXTENSION) && path.is_file() {
+            paths.push(path);
+        }
+    }
+    paths.sort();
+    if paths.is_empty() {
+        return Err(PolicyError::NoPolicies {
+            what: format!("{} (no *.{POLICY_EXTENSION} file)", dir.display()),
+        });
+    }
+    let mut policies = Vec::with_capacity(paths.len());
+    for path in paths {
+        let src = read(&path)?;
+        policies.push((path.display().to_string(), src));
+    }
+    Ok((schema_path.display().to_string(), schema, policies))
+}
+
+/// Parses the schema and every policy file, names each policy by its
+/// `@id` (else `<file>#policy<N>`), and validates them all against the
+/// schema in strict mode. Errors name `<file>:<line>:<column>`.
+fn compile(
+    schema_file: &str,
+    schema_src: &str,
+    files: &[(String, String)],
+) -> Result<(Schema, PolicySet), PolicyError> {
+    let (schema, _warnings) = Schema::from_cedarschema_str(schema_src)
+        .map_err(|e| PolicyError::Schema(error::source_errors(&e, schema_file, schema_src)))?;
+
+    // Parse every file before reporting, so one run shows every typo.
+    let mut policies = PolicySet::new();
+    let mut origin: HashMap<String, usize> = HashMap::new();
+    let mut parse_errors = Vec::new();
+    for (index, (file, src)) in files.iter().enumerate() {
+        let set = match PolicySet::from_str(src) {
+            Ok(set) => set,
+            Err(e) => {
+                parse_errors.extend(error::source_errors(&e, file, src));
+                continue;
+            }
+        };
+        if let Some(template) = set.templates().next() {
+            return Err(PolicyError::Template {
+                file: file.clone(),
+                id: template.id().to_string(),
+            });
+        }
+        let mut in_file: Vec<_> = set.policies().collect();
+        // Cedar numbers a file's policies policy0, policy1, ... in order.
+        in_file.sort_by_key(|p| {
+            AsRef::<str>::as_ref(p.id())
+                .trim_start_matches("policy")
+                .parse::<usize>()
+                .unwrap_or(usize::MAX)
+        });
+        for policy in in_file {
+            let id = match policy.annotation("id") {
+                Some(id) => id.to_owned(),
+                None => format!("{file}#{}", policy.id()),
+            };
+            if let Some(&first) = origin.get(&id) {
+                return Err(PolicyError::DuplicateId {
+                    id,
+                    first: files.get(first).map(|f| f.0.clone()).unwrap_or_default(),
+                    second: file.clone(),
+                });
+            }
+            policies
+                .add(policy.new_id(PolicyId::new(&id)))
+                .map_err(|_| PolicyError::DuplicateId {
+                    id: id.clone(),
+                    first: file.clone(),
+                    second: file.clone(),
+                })?;
+            origin.insert(id, index);
+        }
+    }
+    if !parse_errors.is_empty() {
+        return Err(PolicyError::Parse(parse_errors));
+    }
+    if policies.is_empty() {
+        return Err(PolicyError::NoPolicies {
+            what: "the policy files".to_owned(),
+        });
+    }
+
+    let validation = Validator::new(schema.clone()).validate(&policies, ValidationMode::Strict);
+    let mut invalid: Vec<SourceError> = validation
+        .validation_errors()
+        .flat_map(|e| {
+            let (file, src) = origin
+                .get(AsRef::<str>::as_ref(e.policy_id()))
+                .and_then(|&i| files.get(i))
+                .map_or(("<policies>", ""), |(f, s)| (f.as_str(), s.as_str()));
+            let mut errors = error::source_errors(e, file, src);
+            errors.truncate(1);
+            errors
+        })
+        .collect();
+    if !invalid.is_empty() {
+        // Cedar reports one error per action a policy may apply to; keep
+        // one per position, chosen deterministically.
+        invalid.sort_by(|a, b| {
+            (&a.file, a.location, &a.message).cmp(&(&b.file, b.location, &b.message))
+        });
+        invalid.dedup_by(|a, b| a.file == b.file && a.location == b.location);
+        return Err(PolicyError::Validation(invalid));
+    }
+
+    Ok((schema, policies))
 }
 
 /// Reads Cedar's answer, failing closed on any error.
@@ -646,22 +701,7 @@ impl Engine {
         chain: impl IntoIterator<Item = &'c SpiffeId>,
         initiator: &str,
     ) -> Result<Entity, String> {
-        let chain = RestrictedExpression::new_set(
-            chain
-                .into_iter()
-                .map(|c| RestrictedExpression::new_string(c.as_str().to_owned())),
-        );
-        let attrs = HashMap::from([
-            ("spiffe_id".to_owned(), string(id.as_str())),
-            (
-                "trust_domain".to_owned(),
-                string(id.trust_domain().as_str()),
-            ),
-            ("path".to_owned(), string(id.path())),
-            ("chain".to_owned(), chain),
-            ("initiator".to_owned(), string(initiator)),
-        ]);
-        Entity::new(self.agent(id), attrs, HashSet::new()).map_err(|e| format!("agent {id}: {e}"))
+        agent_entity(self.agent(id), id, chain, initiator)
     }
 
     fn hop_parts(&self, req: &HopRequest<'_>) -> Result<(Vec<Entity>, Context), String> {
@@ -678,12 +718,7 @@ impl Engine {
                 req.initiator,
             )?);
         }
-        let scope_max_level = req
-            .scope
-            .permissions()
-            .map(|p| RiskTier::from_str(p.action()).map_or(MAX_LEVEL, risk_level))
-            .max()
-            .unwrap_or(MAX_LEVEL);
+        let scope_max_level = scope_max_level(req.scope);
         let context = Context::from_pairs([
             ("purpose".to_owned(), string(req.purpose.as_str())),
             ("scope".to_owned(), scope_set(req.scope)),
@@ -756,6 +791,42 @@ impl Engine {
         .map_err(|e| format!("context: {e}"))?;
         Ok((vec![agent, resource], context))
     }
+}
+
+/// The `Agent` entity `uid` for `id` holding `chain` (which should
+/// include `id`): Cedar has no loops, so the chain is a flat set.
+fn agent_entity<'c>(
+    uid: EntityUid,
+    id: &SpiffeId,
+    chain: impl IntoIterator<Item = &'c SpiffeId>,
+    initiator: &str,
+) -> Result<Entity, String> {
+    let chain = RestrictedExpression::new_set(
+        chain
+            .into_iter()
+            .map(|c| RestrictedExpression::new_string(c.as_str().to_owned())),
+    );
+    let attrs = HashMap::from([
+        ("spiffe_id".to_owned(), string(id.as_str())),
+        (
+            "trust_domain".to_owned(),
+            string(id.trust_domain().as_str()),
+        ),
+        ("path".to_owned(), string(id.path())),
+        ("chain".to_owned(), chain),
+        ("initiator".to_owned(), string(initiator)),
+    ]);
+    Entity::new(uid, attrs, HashSet::new()).map_err(|e| format!("agent {id}: {e}"))
+}
+
+/// The highest tier level a permission of `scope` names in its action
+/// (`*` and words that are not tiers count as the highest, 4).
+fn scope_max_level(scope: &Scope) -> i64 {
+    scope
+        .permissions()
+        .map(|p| RiskTier::from_str(p.action()).map_or(MAX_LEVEL, risk_level))
+        .max()
+        .unwrap_or(MAX_LEVEL)
 }
 
 fn action_uid(action_type: &EntityTypeName, name: &str) -> EntityUid {

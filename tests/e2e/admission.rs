@@ -1,0 +1,452 @@
+//! Who may start what: task starts and secret leases are Cedar decisions
+//! (`deploy/policies/admission`), refused by default, each refusal with
+//! its code, the principal, the action and the deciding policies, and in
+//! the audit log; a broker whose admission policy does not validate, or
+//! that trusts a real OIDC issuer without one, does not start.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::delegation::{PLANNER, World};
+use crate::harness::{Proc, TD, baton, wait_for};
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// POSTs `body` to the broker's admin socket: (status, JSON body).
+fn admin_post(w: &World, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+    baton_tls::install_crypto_provider();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let resp = reqwest::Client::builder()
+            .unix_socket(w.c.admin_socket())
+            .build()
+            .unwrap()
+            .post(format!("http://admin{path}"))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(serde_json::Value::Null))
+    })
+}
+
+/// A fresh dev ID token for `user` with `groups`.
+fn id_token(w: &World, user: &str, groups: &[&str]) -> String {
+    let (status, v) = admin_post(
+        w,
+        "/v1/admin/dev/id-token",
+        &serde_json::json!({ "user": user, "groups": groups }),
+    );
+    assert_eq!(status, 200, "{v}");
+    v["id_token"].as_str().unwrap().to_owned()
+}
+
+/// Starts a task for the planner as `user` in `groups`: (status, body).
+fn start(
+    w: &World,
+    user: &str,
+    groups: &[&str],
+    scope: &[&str],
+    risk_ceiling: &str,
+    ttl_secs: u64,
+) -> (u16, serde_json::Value) {
+    let token = id_token(w, user, groups);
+    admin_post(
+        w,
+        "/v1/admin/tasks",
+        &serde_json::json!({
+            "id_token": token,
+            "root_agent": PLANNER,
+            "purpose": "support.case-research",
+            "scope": scope,
+            "risk_ceiling": risk_ceiling,
+            "ttl_secs": ttl_secs,
+            "max_depth": 2,
+            "audience": ["crm"],
+        }),
+    )
+}
+
+/// Asserts a 403 `not_permitted` whose message is `expected` up to the
+/// audit reference, and returns the refused task id the message names.
+fn not_permitted(answer: (u16, serde_json::Value), expected: &str) -> String {
+    let (status, body) = answer;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["code"], "not_permitted", "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.starts_with(&format!(
+            "task start refused: {expected} (audit: baton audit trace task-"
+        )),
+        "{message}"
+    );
+    message
+        .rsplit_once("baton audit trace ")
+        .unwrap()
+        .1
+        .trim_end_matches(')')
+        .to_owned()
+}
+
+const CRM: &[&str] = &["tool:crm.search:read", "dataset:crm:read"];
+const PAYMENTS: &[&str] = &["tool:payments.refund:write"];
+
+fn planner_resource() -> String {
+    format!("Agent::\"{PLANNER}\"")
+}
+
+#[test]
+fn task_start_is_a_cedar_decision_refused_by_default_and_audited() {
+    let w = World::start();
+    let agent = planner_resource();
+
+    // Not in the group: no policy permits it.
+    let refused = not_permitted(
+        start(&w, "carol@example.com", &["sales"], CRM, "read", 600),
+        &format!("no policy permits Human::\"carol@example.com\" to start_task on {agent}"),
+    );
+    // Control: a member of engineering, same request.
+    let (status, ok) = start(&w, "alice@example.com", &["engineering"], CRM, "read", 600);
+    assert_eq!(status, 200, "{ok}");
+
+    // A scope beyond what the policy allows: payments, for finance only.
+    let payments = not_permitted(
+        start(
+            &w,
+            "alice@example.com",
+            &["engineering"],
+            PAYMENTS,
+            "write",
+            600,
+        ),
+        &format!(
+            "Human::\"alice@example.com\" may not start_task on {agent}: denied by policy \
+             admission.payments-finance-only"
+        ),
+    );
+    // Control: finance may.
+    let (status, ok) = start(&w, "bob@example.com", &["finance"], PAYMENTS, "write", 600);
+    assert_eq!(status, 200, "{ok}");
+
+    // Over the policy's risk ceiling (write) and lifetime (1h); controls
+    // at the bounds succeed.
+    not_permitted(
+        start(
+            &w,
+            "alice@example.com",
+            &["engineering"],
+            CRM,
+            "delete",
+            600,
+        ),
+        &format!("no policy permits Human::\"alice@example.com\" to start_task on {agent}"),
+    );
+    not_permitted(
+        start(
+            &w,
+            "alice@example.com",
+            &["engineering"],
+            CRM,
+            "write",
+            3601,
+        ),
+        &format!("no policy permits Human::\"alice@example.com\" to start_task on {agent}"),
+    );
+    let (status, ok) = start(
+        &w,
+        "alice@example.com",
+        &["engineering"],
+        CRM,
+        "write",
+        3600,
+    );
+    assert_eq!(status, 200, "{ok}");
+
+    // The CLI: `--group` reaches the dev issuer's token; the refusal names
+    // the principal, the action and the policy.
+    let err = w.refused(&[
+        "task",
+        "start",
+        "--user",
+        "dave@example.com",
+        "--root-agent",
+        PLANNER,
+        "--purpose",
+        "support.case-research",
+        "--scope",
+        "tool:crm.search:read",
+        "--audience",
+        "crm",
+    ]);
+    assert!(
+        err.contains("no policy permits Human::\"dave@example.com\" to start_task"),
+        "{err}"
+    );
+    let out = w.run(&[
+        "task",
+        "start",
+        "--user",
+        "dave@example.com",
+        "--group",
+        "engineering",
+        "--root-agent",
+        PLANNER,
+        "--purpose",
+        "support.case-research",
+        "--scope",
+        "tool:crm.search:read",
+        "--audience",
+        "crm",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // Only the four permitted starts made tasks.
+    let tasks = w.json(&["task", "list", "-o", "json"]);
+    assert_eq!(tasks["tasks"].as_array().unwrap().len(), 4, "{tasks}");
+
+    // Every refusal is in the audit log, under the id its message names,
+    // with the deciding policies, and without the human's name in clear
+    // in the reason (the initiator is kept as an HMAC).
+    let trace = w.json(&["audit", "trace", &refused, "--json"]);
+    let event = &trace["task_events"][0];
+    assert_eq!(event["type"], "start_refused", "{trace}");
+    assert_eq!(event["root_agent"], PLANNER, "{trace}");
+    let reason = event["reason"].as_str().unwrap();
+    assert_eq!(
+        reason,
+        format!("not_permitted: no policy permits start_task on {agent}"),
+        "{trace}"
+    );
+    let text = w.ok(&["audit", "trace", &refused]);
+    assert!(
+        text.contains(&format!(
+            "task start REFUSED for {PLANNER}, risk ceiling read (not_permitted: "
+        )),
+        "{text}"
+    );
+    let trace = w.json(&["audit", "trace", &payments, "--json"]);
+    assert_eq!(
+        trace["task_events"][0]["policy_ids"],
+        serde_json::json!(["admission.payments-finance-only"]),
+        "{trace}"
+    );
+    // The log still verifies.
+    w.ok(&["audit", "verify"]);
+}
+
+/// A task for the planner with `purpose` and `scope`, redeemed: its
+/// credential directory.
+fn redeemed_task(
+    w: &World,
+    purpose: &str,
+    scope: &[&str],
+    tag: &str,
+) -> (String, std::path::PathBuf) {
+    let mut args = vec![
+        "task",
+        "start",
+        "--user",
+        "alice@example.com",
+        "--group",
+        "engineering",
+        "--root-agent",
+        PLANNER,
+        "--purpose",
+        purpose,
+        "--audience",
+        "crm",
+        "-o",
+        "json",
+    ];
+    for s in scope {
+        args.extend(["--scope", s]);
+    }
+    let v = w.json(&args);
+    let task = v["task_id"].as_str().unwrap().to_owned();
+    let cred = w.redeem(v["grant"].as_str().unwrap(), PLANNER, tag);
+    (task, cred)
+}
+
+fn lease(w: &World, cred: &Path) -> std::process::Output {
+    w.run(&[
+        "secret",
+        "lease",
+        "--credential",
+        cred.to_str().unwrap(),
+        "--engine",
+        "apikey",
+        "-o",
+        "json",
+    ])
+}
+
+#[test]
+fn secret_leases_are_a_cedar_decision() {
+    let w = World::start();
+    // The scope holds the engine's permission, but the purpose is not one
+    // leases are for.
+    let (task, cred) = redeemed_task(
+        &w,
+        "sales.account-research",
+        &["secret:apikey:issue"],
+        "sales",
+    );
+    let out = lease(&w, &cred);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!(
+            "secret lease refused (not_permitted): no policy permits \
+             Agent::\"{PLANNER}\" to lease_secret on Secret::\"apikey\""
+        )),
+        "{err}"
+    );
+    // In the task's trace, as a denied lease.
+    let trace = w.json(&["audit", "trace", &task, "--json"]).to_string();
+    assert!(
+        trace.contains("secret.lease") && trace.contains("not_permitted: no policy permits"),
+        "{trace}"
+    );
+
+    // Control: the same scope for a support task gets its key, and the
+    // audit log names the permit.
+    let (task, cred) = redeemed_task(
+        &w,
+        "support.case-research",
+        &["secret:apikey:issue"],
+        "support",
+    );
+    let out = lease(&w, &cred);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        v["material"]["key"].as_str().unwrap().starts_with("bk_"),
+        "{v}"
+    );
+    let trace = w.json(&["audit", "trace", &task, "--json"]).to_string();
+    assert!(trace.contains("leases.support-and-audit"), "{trace}");
+}
+
+/// Runs `baton broker` with `args` until it exits on its own, or until it
+/// writes its ready file (then it is stopped): (started, log).
+fn broker_with(dir: &Path, args: &[&str]) -> (bool, String) {
+    let ready = dir.join("broker.addr");
+    let mut cmd: Command = baton();
+    cmd.args(["broker", "--trust-domain", TD, "--listen", "127.0.0.1:0"])
+        .args(args)
+        .arg("--data-dir")
+        .arg(dir.join("broker"))
+        .arg("--admin-socket")
+        .arg(dir.join("admin.sock"))
+        .arg("--ready-file")
+        .arg(&ready);
+    let mut p = Proc::spawn("broker", cmd, dir.join("broker.log"));
+    let started = wait_for(
+        "the broker to start or exit",
+        Duration::from_secs(60),
+        || {
+            if ready.exists() {
+                return Some(true);
+            }
+            p.child.try_wait().ok().flatten().map(|_| false)
+        },
+    );
+    if started {
+        p.stop();
+        let _ = std::fs::remove_file(&ready);
+    }
+    (started, p.log_text())
+}
+
+#[test]
+fn a_broker_without_a_valid_admission_policy_does_not_start() {
+    let dir = tempfile::Builder::new()
+        .prefix("baton-admission")
+        .tempdir()
+        .unwrap();
+    let shipped = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../deploy/policies/admission"
+    );
+    let policies = dir.path().join("admission");
+    std::fs::create_dir(&policies).unwrap();
+    for f in std::fs::read_dir(shipped).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, policies.join(f.file_name().unwrap())).unwrap();
+    }
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, r#"{"keys":[]}"#).unwrap();
+    let oidc = [
+        "--oidc-issuer",
+        "https://login.example.org",
+        "--oidc-jwks",
+        jwks.to_str().unwrap(),
+        "--oidc-audience",
+        "baton",
+    ];
+
+    // A broker that trusts a real issuer needs an admission policy.
+    let (started, log) = broker_with(dir.path(), &oidc);
+    assert!(
+        !started,
+        "broker started without an admission policy: {log}"
+    );
+    assert!(
+        log.contains(
+            "trusts the OIDC issuer(s) https://login.example.org but has no admission policy"
+        ) && log.contains("--admission-policy"),
+        "{log}"
+    );
+    // Control: with the example set it starts.
+    let with_policy = [
+        &oidc[..],
+        &["--admission-policy", policies.to_str().unwrap()],
+    ]
+    .concat();
+    let (started, log) = broker_with(dir.path(), &with_policy);
+    assert!(started, "{log}");
+
+    // A policy that does not validate against the schema: refused at
+    // start-up with its file and line.
+    std::fs::write(
+        policies.join("broken.cedar"),
+        "// a typo on line 3\n@id(\"typo\")\npermit (principal is Human, action == Action::\"start_task\", resource) when { principal.grups.contains(\"x\") };\n",
+    )
+    .unwrap();
+    let (started, log) = broker_with(dir.path(), &with_policy);
+    assert!(
+        !started,
+        "broker started with a bad admission policy: {log}"
+    );
+    assert!(log.contains("admission policy: "), "{log}");
+    assert!(
+        log.contains("broken.cedar:3:"),
+        "error names file and line: {log}"
+    );
+    assert!(log.contains("grups"), "{log}");
+
+    // One that does not parse.
+    std::fs::write(
+        policies.join("broken.cedar"),
+        "permit (principal, action, resource\n",
+    )
+    .unwrap();
+    let (started, log) = broker_with(dir.path(), &with_policy);
+    assert!(!started, "{log}");
+    assert!(log.contains("broken.cedar:"), "{log}");
+
+    // The hop and call policies are not an admission policy.
+    std::fs::remove_file(policies.join("broken.cedar")).unwrap();
+    let hops = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/policies");
+    let wrong = [&oidc[..], &["--admission-policy", hops]].concat();
+    let (started, log) = broker_with(dir.path(), &wrong);
+    assert!(!started, "{log}");
+    assert!(log.contains("admission policy: "), "{log}");
+}
