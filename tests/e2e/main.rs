@@ -13,6 +13,7 @@ mod grpc_core;
 mod hardening;
 mod harness;
 mod identity;
+mod limits;
 mod nodes;
 mod refusals;
 mod restart;
