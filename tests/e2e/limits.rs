@@ -236,7 +236,7 @@ async fn bodies_over_the_routes_limit_and_batches_over_their_cap_are_refused() {
     let report = |i: usize| {
         serde_json::json!({
             "report_id": format!("r-{i}"),
-            "task_id": "00000000-0000-4000-8000-000000000000",
+            "task_id": format!("task-{}", "0".repeat(32)),
             "token_jti": "j",
             "agent": "spiffe://example.org/agents/planner",
             "tool": "crm.search",
