@@ -548,6 +548,11 @@ mod tests {
             Limited::of_route(&Method::POST, "/v1/secrets/lease"),
             Some(Limited::SecretLease)
         );
+        // warp routes a trailing slash to the same handler.
+        assert_eq!(
+            Limited::of_route(&Method::POST, "/v1/tasks/"),
+            Some(Limited::TaskStart)
+        );
         assert_eq!(Limited::of_route(&Method::GET, "/v1/node/attest"), None);
         assert_eq!(Limited::of_route(&Method::POST, "/v1/node/sync"), None);
     }

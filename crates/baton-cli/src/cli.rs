@@ -186,7 +186,8 @@ pub struct LimitArgs {
     /// long a keep-alive connection waits for its next request).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub header_read_timeout: Duration,
-    /// Time from a request's header to its answer, body included (408 past it).
+    /// Time from a request's header to its answer, body included (408 past
+    /// it). Keep it above 25s: the revocation feed's long-poll waits that long.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,
     /// A connection with no request in flight for this long is closed.
