@@ -16,6 +16,7 @@ mod hardening;
 mod harness;
 mod identity;
 mod jwt_rotation;
+mod limits;
 mod nodes;
 mod refusals;
 mod restart;

@@ -23,8 +23,45 @@ use warp::{Filter, Reply};
 use crate::revocation::Revoker;
 use crate::service::{AuthenticatedNode, Broker, BrokerError, Issued};
 
-/// Largest request body we read.
-const MAX_BODY: u64 = 4 * 1024 * 1024;
+/// Largest body of a route that carries one request (every route but the
+/// batch ones).
+pub(crate) const MAX_BODY: u64 = 64 * 1024;
+/// Largest body of a batch route: `POST /v1/node/sign-x509` (up to
+/// [`crate::service::MAX_SIGN_BATCH`] CSRs) and `POST /v1/audit/tool-calls`
+/// (up to 1000 reports).
+pub(crate) const MAX_BATCH_BODY: u64 = 4 * 1024 * 1024;
+
+/// A body over its route's limit.
+#[derive(Debug)]
+struct TooLarge {
+    limit: u64,
+}
+impl warp::reject::Reject for TooLarge {}
+
+/// Runs `work` (SQLite, the audit log's group commit, CA signing) on the
+/// blocking pool, so a slow disk or a burst of signatures never holds one
+/// of the few async workers that every connection shares.
+pub(crate) async fn blocking<T, W>(work: W) -> Result<T, BrokerError>
+where
+    T: Send + 'static,
+    W: FnOnce() -> Result<T, BrokerError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|e| Err(BrokerError::Hook(format!("a worker thread failed: {e}"))))
+}
+
+/// Runs a handler that mixes blocking work with awaits (a secret lease:
+/// signature checks, SQLite and the audit log around calls to its engine)
+/// on the blocking pool, driven by the current runtime.
+pub(crate) async fn on_blocking_thread<T, F>(work: F) -> Result<T, BrokerError>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = Result<T, BrokerError>> + Send + 'static,
+{
+    let handle = tokio::runtime::Handle::current();
+    blocking(move || handle.block_on(work)).await
+}
 
 fn error_reply(status: StatusCode, code: &str, message: String, field: Option<&str>) -> Response {
     let body = ApiError {
@@ -147,8 +184,26 @@ fn with_broker(
     warp::any().map(move || broker.clone())
 }
 
+/// The body of a one-request route, at most [`MAX_BODY`] bytes.
 pub(crate) fn json_body() -> impl Filter<Extract = (Bytes,), Error = warp::Rejection> + Clone {
-    warp::body::content_length_limit(MAX_BODY).and(warp::body::bytes())
+    json_body_max(MAX_BODY)
+}
+
+/// A body of at most `limit` bytes (declared up front in Content-Length,
+/// which HTTP framing then holds the client to); a larger one is refused
+/// before it is read, with 413 `payload_too_large`.
+pub(crate) fn json_body_max(
+    limit: u64,
+) -> impl Filter<Extract = (Bytes,), Error = warp::Rejection> + Clone {
+    warp::body::content_length_limit(limit)
+        .or_else(move |rejection: warp::Rejection| async move {
+            if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
+                Err(warp::reject::custom(TooLarge { limit }))
+            } else {
+                Err(rejection)
+            }
+        })
+        .and(warp::body::bytes())
 }
 
 fn peer() -> impl Filter<Extract = (Option<PeerIdentity>,), Error = Infallible> + Clone {
@@ -206,6 +261,7 @@ fn node_post<Req, X, Resp, F, G>(
     broker: Arc<Broker>,
     revoker: Arc<Revoker>,
     route: &'static str,
+    max_body: u64,
     handle: F,
     finish: G,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone + Send + Sync + 'static
@@ -233,7 +289,7 @@ where
         .and(warp::any().map(move || revoker.clone()))
         .and(peer())
         .and(peer_leaf())
-        .and(json_body())
+        .and(json_body_max(max_body))
         .and_then(
             move |broker: Arc<Broker>,
                   revoker: Arc<Revoker>,
@@ -242,12 +298,19 @@ where
                   body: Bytes| {
                 let (handle, finish) = (handle.clone(), finish.clone());
                 async move {
-                    let result = match node_auth(&broker, &revoker, peer, leaf) {
-                        Ok(node) => {
+                    // The node check and the signing, off the async workers.
+                    let signed = {
+                        let (broker, revoker) = (broker.clone(), revoker.clone());
+                        blocking(move || {
+                            let node = node_auth(&broker, &revoker, peer, leaf)?;
                             let issued = parse_body::<Req>(&body)
                                 .and_then(|req| handle(&broker, &node, req, SystemTime::now()));
-                            issue(&broker, &revoker, &node, issued, finish).await
-                        }
+                            Ok((node, issued))
+                        })
+                        .await
+                    };
+                    let result = match signed {
+                        Ok((node, issued)) => issue(&broker, &revoker, &node, issued, finish).await,
                         Err(e) => Err(e),
                     };
                     respond(result)
@@ -256,11 +319,12 @@ where
         )
 }
 
-/// Routes served on the broker's HTTPS port.
+/// Routes served on the broker's HTTPS port (rejections are answered by
+/// [`crate::http_limits::guarded`]).
 pub fn node_routes(
     broker: Arc<Broker>,
     delegation: Arc<crate::delegation::Delegation>,
-) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static {
+) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone + Send + Sync + 'static {
     let b = || with_broker(broker.clone());
     let revoker = delegation.revoker().clone();
     let r = {
@@ -296,14 +360,20 @@ pub fn node_routes(
         .and_then(
             |broker: Arc<Broker>, revoker: Arc<Revoker>, body: Bytes| async move {
                 let result = async {
-                    let pending = parse_body::<AttestRequest>(&body)
-                        .and_then(|req| broker.attest(&req, SystemTime::now()))?;
+                    let pending = {
+                        let broker = broker.clone();
+                        blocking(move || {
+                            parse_body::<AttestRequest>(&body)
+                                .and_then(|req| broker.attest(&req, SystemTime::now()))
+                        })
+                        .await?
+                    };
                     // Registered before the token is burned and the SVID
                     // leaves: a store that is down costs no token.
                     revoker
                         .register(&[pending.record()], crate::oidc::unix_now())
                         .await?;
-                    broker.finish_agent_svid(pending)
+                    blocking(move || broker.finish_agent_svid(pending)).await
                 }
                 .await;
                 respond(result)
@@ -313,6 +383,7 @@ pub fn node_routes(
         broker.clone(),
         revoker.clone(),
         "renew",
+        MAX_BODY,
         |b, node, req: RenewRequest, now| {
             let pending = b.renew(node, &req.csr_der, now)?;
             Ok(Issued {
@@ -338,8 +409,11 @@ pub fn node_routes(
              leaf: Option<PeerCertificate>,
              applied: Option<u64>| async move {
                 respond(
-                    node_auth(&broker, &revoker, peer, leaf)
-                        .and_then(|node| broker.sync(&node, applied, SystemTime::now())),
+                    blocking(move || {
+                        node_auth(&broker, &revoker, peer, leaf)
+                            .and_then(|node| broker.sync(&node, applied, SystemTime::now()))
+                    })
+                    .await,
                 )
             },
         );
@@ -347,6 +421,7 @@ pub fn node_routes(
         broker.clone(),
         revoker.clone(),
         "sign-x509",
+        MAX_BATCH_BODY,
         |b, node, req: SignX509Request, now| b.sign_x509(node, &req, now),
         still_attested,
     );
@@ -354,6 +429,7 @@ pub fn node_routes(
         broker.clone(),
         revoker.clone(),
         "sign-jwt",
+        MAX_BODY,
         |b, node, req: SignJwtRequest, now| b.sign_jwt(node, &req, now),
         still_attested,
     );
@@ -380,8 +456,6 @@ pub fn node_routes(
             broker.clone(),
             delegation,
         ))
-        .unify()
-        .recover(recover)
         .unify()
 }
 
@@ -512,7 +586,29 @@ pub fn admin_routes(
 struct Denied(String);
 impl warp::reject::Reject for Denied {}
 
-async fn recover(rejection: warp::Rejection) -> Result<Response, Infallible> {
+/// Answers a rejection as JSON with a code: a refused rate limit, an
+/// unknown route, a body too large...
+pub(crate) async fn recover(rejection: warp::Rejection) -> Result<Response, Infallible> {
+    if let Some(crate::http_limits::Refused(refused)) = rejection.find() {
+        let mut reply = error_reply(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            refused.to_string(),
+            None,
+        );
+        if let Ok(v) = http::HeaderValue::from_str(&refused.retry_after_secs().to_string()) {
+            reply.headers_mut().insert(http::header::RETRY_AFTER, v);
+        }
+        return Ok(reply);
+    }
+    if let Some(TooLarge { limit }) = rejection.find() {
+        return Ok(error_reply(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("request body is larger than this route's limit of {limit} bytes"),
+            None,
+        ));
+    }
     if let Some(Denied(msg)) = rejection.find::<Denied>() {
         return Ok(error_reply(
             StatusCode::FORBIDDEN,
@@ -541,7 +637,7 @@ async fn recover(rejection: warp::Rejection) -> Result<Response, Infallible> {
         return Ok(error_reply(
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",
-            format!("request body is larger than {MAX_BODY} bytes"),
+            format!("request body is larger than {MAX_BATCH_BODY} bytes"),
             None,
         ));
     }

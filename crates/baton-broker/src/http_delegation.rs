@@ -21,7 +21,7 @@ use warp::Filter;
 use warp::reply::Response;
 
 use crate::delegation::Delegation;
-use crate::http::{json_body, parse_body, respond};
+use crate::http::{MAX_BATCH_BODY, blocking, json_body, json_body_max, parse_body, respond};
 use crate::service::{Broker, BrokerError};
 
 fn with<T: Clone + Send + Sync + 'static>(
@@ -84,11 +84,21 @@ where
                   body: Bytes| {
                 let mint = mint.clone();
                 async move {
-                    let result = match crate::http::node_auth(&broker, d.revoker(), id, leaf) {
-                        Ok(node) => {
-                            let minted = match parse_body::<Req>(&body)
-                                .and_then(|req| mint(&d, &node, req, SystemTime::now()))
-                            {
+                    // The node check and the minting (signing, SQLite, the
+                    // audit log), off the async workers.
+                    let checked = {
+                        let (broker, d) = (broker.clone(), d.clone());
+                        blocking(move || {
+                            let node = crate::http::node_auth(&broker, d.revoker(), id, leaf)?;
+                            let minted = parse_body::<Req>(&body)
+                                .and_then(|req| mint(&d, &node, req, SystemTime::now()));
+                            Ok((node, minted))
+                        })
+                        .await
+                    };
+                    let result = match checked {
+                        Ok((node, minted)) => {
+                            let minted = match minted {
                                 // What the new credential replaces is revoked
                                 // before it leaves (fail closed).
                                 Ok(m) => d
@@ -128,8 +138,7 @@ pub fn node_routes(
         .and(with(d.clone()))
         .and(json_body())
         .and_then(|d: Arc<Delegation>, body: Bytes| async move {
-            let started = parse_body::<StartTaskRequest>(&body)
-                .and_then(|req| d.start_task(&req, SystemTime::now()));
+            let started = start_task(d.clone(), body).await;
             respond(register_start(&d, started).await)
         });
     let delegate = warp::path!("v1" / "delegate")
@@ -143,10 +152,15 @@ pub fn node_routes(
              id: Option<PeerIdentity>,
              cert: Option<PeerCertificate>,
              body: Bytes| async move {
-                let granted = peer_cert(id, cert).and_then(|peer| {
-                    let req = parse_body::<DelegateRequest>(&body)?;
-                    d.delegate(&peer, &req, SystemTime::now())
-                });
+                let granted = {
+                    let d = d.clone();
+                    blocking(move || {
+                        let peer = peer_cert(id, cert)?;
+                        let req = parse_body::<DelegateRequest>(&body)?;
+                        d.delegate(&peer, &req, SystemTime::now())
+                    })
+                    .await
+                };
                 respond(register_grant(&d, granted).await)
             },
         );
@@ -166,10 +180,11 @@ pub fn node_routes(
         .and(warp::post())
         .and(with(d.clone()))
         .and(warp::ext::optional::<PeerIdentity>())
-        .and(json_body())
+        .and(json_body_max(MAX_BATCH_BODY))
         .and_then(
             |d: Arc<Delegation>, id: Option<PeerIdentity>, body: Bytes| async move {
-                respond((|| {
+                // Each report is an audit append: off the async workers.
+                respond(blocking(move || {
                     let reporter = id.and_then(|p| p.0).ok_or_else(|| {
                         BrokerError::Unauthenticated(
                             "tool-call reports need mTLS with the tool server's SVID".into(),
@@ -199,7 +214,7 @@ pub fn node_routes(
                         }
                     }
                     Ok(serde_json::json!({ "receipts": receipts }))
-                })())
+                }).await)
             },
         );
     // The revocation feed for verifiers without Redis: any SVID of the
@@ -238,6 +253,18 @@ pub fn node_routes(
         .unify()
         .or(report)
         .unify()
+}
+
+/// Starts a task (ID token check, policy, SQLite, the audit log, the
+/// grant's signature) on the blocking pool.
+async fn start_task(
+    d: Arc<Delegation>,
+    body: Bytes,
+) -> Result<baton_core::api::StartTaskResponse, BrokerError> {
+    blocking(move || {
+        parse_body::<StartTaskRequest>(&body).and_then(|req| d.start_task(&req, SystemTime::now()))
+    })
+    .await
 }
 
 /// Longest a feed long-poll is held.
@@ -382,8 +409,7 @@ pub fn admin_routes(
         .and(with(d.clone()))
         .and(json_body())
         .and_then(|d: Arc<Delegation>, body: Bytes| async move {
-            let started = parse_body::<StartTaskRequest>(&body)
-                .and_then(|req| d.start_task(&req, SystemTime::now()));
+            let started = start_task(d.clone(), body).await;
             respond(register_start(&d, started).await)
         });
     let list = warp::path!("v1" / "admin" / "tasks")
@@ -530,10 +556,11 @@ pub fn admin_routes(
         .and(warp::get())
         .and(with(d.clone()))
         .and_then(|d: Arc<Delegation>| async move {
-            respond(match d.audit().verify() {
-                Ok(report) => Ok(serde_json::json!({ "ok": true, "report": report })),
-                Err(e) => Ok(serde_json::json!({ "ok": false, "error": e.to_string(), "first_bad_index": e.first_bad_index })),
-            })
+            // A long log takes a while to check: off the async workers.
+            respond(blocking(move || Ok(match d.audit().verify() {
+                Ok(report) => serde_json::json!({ "ok": true, "report": report }),
+                Err(e) => serde_json::json!({ "ok": false, "error": e.to_string(), "first_bad_index": e.first_bad_index }),
+            })).await)
         });
     let trace = warp::path!("v1" / "admin" / "audit" / "trace" / String)
         .and(warp::get())

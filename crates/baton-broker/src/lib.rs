@@ -15,7 +15,9 @@ pub mod delegation;
 pub mod http;
 pub mod http_audit;
 pub mod http_delegation;
+pub mod http_limits;
 pub mod http_nodes;
+pub mod limits;
 pub mod nodes;
 pub mod oidc;
 pub mod revocation;
@@ -139,6 +141,11 @@ pub struct BrokerConfig {
     /// (newest events deleted, log rewritten, head file gone). Refused by
     /// default.
     pub audit_head: baton_audit::HeadPolicy,
+    /// Connection cap and timeouts of the HTTPS port.
+    pub serve_limits: baton_tls::ServeLimits,
+    /// Rate limits per caller on attest, task start, tool-call reports,
+    /// JWT-SVIDs and secret leases.
+    pub rate_limits: limits::RateLimits,
 }
 
 /// The revocation store backend.
@@ -185,6 +192,8 @@ impl BrokerConfig {
             rotation_check_every: Duration::from_secs(10),
             upstream: None,
             audit_head: baton_audit::HeadPolicy::Enforce,
+            serve_limits: baton_tls::ServeLimits::default(),
+            rate_limits: limits::RateLimits::default(),
         }
     }
 }
@@ -306,6 +315,7 @@ pub async fn run(
 ) -> Result<(), StartError> {
     baton_tls::install_crypto_provider();
     baton_ca::init();
+    cfg.serve_limits.validate()?;
     let now = SystemTime::now();
     // Policies first: a bad policy stops start-up with its file and line.
     let policy = Arc::new(match &cfg.policy_dir {
@@ -629,12 +639,16 @@ pub async fn run(
         }
     });
 
-    let node = baton_tls::serve_https(
+    let node = baton_tls::serve_https_with(
         listener,
         tls,
-        secrets::routes(secrets, delegation.clone())
-            .or(http::node_routes(broker.clone(), delegation.clone()))
-            .unify(),
+        http_limits::guarded(
+            Arc::new(limits::RateLimiters::new(&cfg.rate_limits)),
+            secrets::routes(secrets, delegation.clone())
+                .or(http::node_routes(broker.clone(), delegation.clone()))
+                .unify(),
+        ),
+        cfg.serve_limits,
         stopped(stop_rx.clone()),
     );
     let admin = baton_tls::serve_unix(

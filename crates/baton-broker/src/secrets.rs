@@ -481,11 +481,13 @@ pub fn routes(
              id: Option<PeerIdentity>,
              cert: Option<PeerCertificate>,
              body: Bytes| async move {
-                let result = async {
+                // Signature checks, SQLite and the audit log around the
+                // engine's calls: on the blocking pool.
+                let result = crate::http::on_blocking_thread(async move {
                     let peer = crate::http_delegation::peer_cert(id, cert)?;
                     let req = parse_body::<LeaseBody>(&body)?;
                     s.lease(&d, &peer, &req, crate::oidc::unix_now()).await
-                }
+                })
                 .await;
                 respond(result)
             },

@@ -178,6 +178,61 @@ pub struct RotationArgs {
     pub upstream_ca_key: Option<PathBuf>,
 }
 
+/// What the broker's HTTPS port grants one client.
+#[derive(Debug, Args)]
+pub struct LimitArgs {
+    /// Connections open at once on the HTTPS port; past it new ones wait.
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Time a client gets to finish the TLS handshake.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
+    /// Time a client gets to send a request's header (HTTP/1.1; also how
+    /// long a keep-alive connection waits for its next request).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_read_timeout: Duration,
+    /// Time from a request's header to its answer, body included (408 past
+    /// it). Keep it above 25s: the revocation feed's long-poll waits that long.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+    /// A connection with no request in flight for this long is closed.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+    /// A rate limit per caller, as NAME=COUNT/PERIOD (repeatable): COUNT at
+    /// once, refilled at COUNT per PERIOD. NAME is attest (per IP),
+    /// task-start, tool-call-reports, jwt-svid or secret-lease (per SPIFFE
+    /// ID, else IP). Defaults: attest=30/1m, task-start=60/1m,
+    /// tool-call-reports=600/1m, jwt-svid=600/1m, secret-lease=120/1m.
+    #[arg(long = "rate-limit", value_name = "NAME=COUNT/PERIOD")]
+    pub rate_limits: Vec<String>,
+}
+
+impl LimitArgs {
+    /// Applies these limits to a broker configuration.
+    pub fn apply(&self, cfg: &mut baton_broker::BrokerConfig) -> Result<()> {
+        cfg.serve_limits = baton_tls::ServeLimits {
+            max_connections: self.max_connections,
+            handshake_timeout: self.handshake_timeout,
+            header_read_timeout: self.header_read_timeout,
+            request_timeout: Some(self.request_timeout),
+            idle_timeout: self.idle_timeout,
+        };
+        cfg.serve_limits.validate().map_err(|e| match e {
+            baton_tls::TlsError::InvalidLimit { field, reason } => exit(
+                EXIT_REFUSED,
+                format!("--{}: {reason}", field.replace('_', "-")),
+            ),
+            other => exit(EXIT_REFUSED, other.to_string()),
+        })?;
+        for raw in &self.rate_limits {
+            cfg.rate_limits
+                .apply(raw)
+                .map_err(|e| exit(EXIT_REFUSED, format!("--rate-limit: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum RotationMode {
     Auto,
@@ -237,6 +292,8 @@ pub struct BrokerArgs {
     pub max_svid_ttl: Duration,
     #[command(flatten)]
     pub rotation: RotationArgs,
+    #[command(flatten)]
+    pub limits: LimitArgs,
     /// Write the broker's address to this file once listening (for scripts and tests).
     #[arg(long)]
     pub ready_file: Option<PathBuf>,

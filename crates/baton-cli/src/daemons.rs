@@ -55,6 +55,7 @@ pub async fn broker(args: BrokerArgs) -> Result<()> {
     cfg.agent_svid_ttl = args.agent_svid_ttl;
     cfg.max_svid_ttl = args.max_svid_ttl;
     args.rotation.apply(&mut cfg)?;
+    args.limits.apply(&mut cfg)?;
     delegation_config(
         &mut cfg,
         args.policies.clone(),

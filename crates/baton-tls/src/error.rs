@@ -64,4 +64,6 @@ pub enum TlsError {
     BadTrustAnchor { td: TrustDomain, reason: String },
     #[error("listener I/O error: {0}")]
     Io(#[from] std::io::Error),
+    #[error("listener limit {field}: {reason}")]
+    InvalidLimit { field: &'static str, reason: String },
 }

@@ -77,8 +77,8 @@ pub use config::{ALPN_PROTOCOLS, ClientAuth, client_config, server_config};
 pub use error::{SvidError, TlsError};
 pub use identity::{ClientIdentity, ServerIdentity};
 pub use serve::{
-    HANDSHAKE_TIMEOUT, PeerCertificate, PeerIdentity, RemoteAddr, SHUTDOWN_GRACE, UnixPeer,
-    serve_https, serve_unix,
+    HANDSHAKE_TIMEOUT, PeerCertificate, PeerIdentity, RemoteAddr, SHUTDOWN_GRACE, ServeLimits,
+    UnixPeer, serve_https, serve_https_with, serve_unix,
 };
 pub use svid::{PeerPolicy, VerifiedSvid, verify_svid};
 pub use verifier::{SpiffeClientVerifier, SpiffeServerVerifier};

@@ -1,0 +1,578 @@
+//! Rate limits per caller on the broker's expensive or abusable routes.
+//!
+//! Place in the flow: before any route of the HTTPS port runs (before its
+//! body is read, a signature checked or a row written),
+//! [`crate::http_limits`] asks [`RateLimiters::check`] whether the caller
+//! may spend one token of the route's bucket. The caller is the SPIFFE ID
+//! of the verified mTLS peer, or, without a client certificate, its IP
+//! address (an IPv6 address by its /64, which one host usually holds
+//! whole). Refusals are 429 `rate_limited` with `Retry-After`.
+//!
+//! Each limit is a token bucket: `burst` tokens, refilled at `burst` per
+//! `per`. Memory is bounded: at most [`MAX_KEYS`] callers are remembered
+//! per limit; a caller whose bucket has refilled completely is
+//! indistinguishable from one never seen and is forgotten first, then the
+//! caller seen longest ago.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::str::FromStr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use baton_core::SpiffeId;
+
+/// Callers remembered per limit.
+pub const MAX_KEYS: usize = 10_000;
+
+/// `burst` requests at once, refilled at `burst` per `per`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub burst: NonZeroU32,
+    pub per: Duration,
+}
+
+/// Why a rate limit given as text was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RateLimitError {
+    #[error("rate limit {0:?}: expected COUNT/PERIOD, e.g. 30/1m")]
+    Syntax(String),
+    #[error("rate limit {0:?}: COUNT must be a whole number from 1 to 4294967295")]
+    Count(String),
+    #[error("rate limit {text:?}: PERIOD {reason}")]
+    Period { text: String, reason: String },
+    #[error("rate limit for {0:?}: no such limit (known: {known})", known = Limited::names())]
+    UnknownLimit(String),
+    #[error("--rate-limit {0:?}: expected NAME=COUNT/PERIOD, e.g. task-start=30/1m")]
+    Assignment(String),
+}
+
+impl RateLimit {
+    pub fn new(burst: NonZeroU32, per: Duration) -> Result<Self, RateLimitError> {
+        if per.is_zero() {
+            return Err(RateLimitError::Period {
+                text: format!("{burst}/0s"),
+                reason: "must be more than zero".into(),
+            });
+        }
+        Ok(Self { burst, per })
+    }
+
+    /// Tokens earned in `elapsed`.
+    fn earned(&self, elapsed: Duration) -> f64 {
+        elapsed.as_secs_f64() * f64::from(self.burst.get()) / self.per.as_secs_f64()
+    }
+
+    /// Time to earn `tokens`.
+    fn time_for(&self, tokens: f64) -> Duration {
+        let secs = self.per.as_secs_f64() * tokens / f64::from(self.burst.get());
+        Duration::try_from_secs_f64(secs).unwrap_or(self.per)
+    }
+}
+
+impl fmt::Display for RateLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.burst, humantime::format_duration(self.per))
+    }
+}
+
+impl FromStr for RateLimit {
+    type Err = RateLimitError;
+
+    /// `COUNT/PERIOD`, the period as `1m`, `30s`, `1h`...
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (count, period) = s
+            .split_once('/')
+            .ok_or_else(|| RateLimitError::Syntax(s.to_owned()))?;
+        let burst = count
+            .trim()
+            .parse::<NonZeroU32>()
+            .map_err(|_| RateLimitError::Count(s.to_owned()))?;
+        let per = humantime::parse_duration(period.trim()).map_err(|e| RateLimitError::Period {
+            text: s.to_owned(),
+            reason: e.to_string(),
+        })?;
+        Self::new(burst, per).map_err(|_| RateLimitError::Period {
+            text: s.to_owned(),
+            reason: "must be more than zero".into(),
+        })
+    }
+}
+
+/// The rate-limited operations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Limited {
+    /// `POST /v1/node/attest`, per remote IP (the caller has no identity yet).
+    Attest,
+    /// `POST /v1/tasks`, per mTLS peer or remote IP.
+    TaskStart,
+    /// `POST /v1/audit/tool-calls`, per reporting tool server.
+    ToolCallReports,
+    /// `POST /v1/node/sign-jwt`, per node.
+    JwtSvid,
+    /// `POST /v1/secrets/lease`, per agent.
+    SecretLease,
+}
+
+impl Limited {
+    pub const ALL: [Limited; 5] = [
+        Limited::Attest,
+        Limited::TaskStart,
+        Limited::ToolCallReports,
+        Limited::JwtSvid,
+        Limited::SecretLease,
+    ];
+
+    /// The name in flags (`--rate-limit NAME=...`) and refusals.
+    pub fn name(self) -> &'static str {
+        match self {
+            Limited::Attest => "attest",
+            Limited::TaskStart => "task-start",
+            Limited::ToolCallReports => "tool-call-reports",
+            Limited::JwtSvid => "jwt-svid",
+            Limited::SecretLease => "secret-lease",
+        }
+    }
+
+    fn names() -> String {
+        Self::ALL.map(Limited::name).join(", ")
+    }
+
+    /// The limited operation a request is, by method and path.
+    pub fn of_route(method: &http::Method, path: &str) -> Option<Self> {
+        if method != http::Method::POST {
+            return None;
+        }
+        Some(match path.trim_end_matches('/') {
+            "/v1/node/attest" => Limited::Attest,
+            "/v1/tasks" => Limited::TaskStart,
+            "/v1/audit/tool-calls" => Limited::ToolCallReports,
+            "/v1/node/sign-jwt" => Limited::JwtSvid,
+            "/v1/secrets/lease" => Limited::SecretLease,
+            _ => return None,
+        })
+    }
+}
+
+impl FromStr for Limited {
+    type Err = RateLimitError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|l| l.name() == s)
+            .ok_or_else(|| RateLimitError::UnknownLimit(s.to_owned()))
+    }
+}
+
+/// The limit of every [`Limited`] operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimits {
+    pub attest: RateLimit,
+    pub task_start: RateLimit,
+    pub tool_call_reports: RateLimit,
+    pub jwt_svid: RateLimit,
+    pub secret_lease: RateLimit,
+}
+
+const fn limit(burst: u32, per_secs: u64) -> RateLimit {
+    RateLimit {
+        burst: match NonZeroU32::new(burst) {
+            Some(b) => b,
+            None => NonZeroU32::MIN,
+        },
+        per: Duration::from_secs(per_secs),
+    }
+}
+
+impl Default for RateLimits {
+    /// Far above what one honest caller needs, far below what it takes to
+    /// exhaust the broker's signing or the audit log's disk.
+    fn default() -> Self {
+        Self {
+            attest: limit(30, 60),
+            task_start: limit(60, 60),
+            tool_call_reports: limit(600, 60),
+            jwt_svid: limit(600, 60),
+            secret_lease: limit(120, 60),
+        }
+    }
+}
+
+impl RateLimits {
+    pub fn get(&self, what: Limited) -> RateLimit {
+        match what {
+            Limited::Attest => self.attest,
+            Limited::TaskStart => self.task_start,
+            Limited::ToolCallReports => self.tool_call_reports,
+            Limited::JwtSvid => self.jwt_svid,
+            Limited::SecretLease => self.secret_lease,
+        }
+    }
+
+    pub fn set(&mut self, what: Limited, limit: RateLimit) {
+        match what {
+            Limited::Attest => self.attest = limit,
+            Limited::TaskStart => self.task_start = limit,
+            Limited::ToolCallReports => self.tool_call_reports = limit,
+            Limited::JwtSvid => self.jwt_svid = limit,
+            Limited::SecretLease => self.secret_lease = limit,
+        }
+    }
+
+    /// Applies `NAME=COUNT/PERIOD` (the `--rate-limit` flag).
+    pub fn apply(&mut self, assignment: &str) -> Result<(), RateLimitError> {
+        let (name, value) = assignment
+            .split_once('=')
+            .ok_or_else(|| RateLimitError::Assignment(assignment.to_owned()))?;
+        let what: Limited = name.trim().parse()?;
+        self.set(what, value.trim().parse()?);
+        Ok(())
+    }
+}
+
+/// Who is charged for a request.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Caller {
+    Spiffe(SpiffeId),
+    /// An IPv4 address, or the /64 of an IPv6 one.
+    Ip(IpAddr),
+}
+
+impl Caller {
+    /// The verified mTLS peer, else the remote address.
+    pub fn of(peer: Option<&SpiffeId>, addr: Option<IpAddr>) -> Option<Self> {
+        match (peer, addr) {
+            (Some(id), _) => Some(Caller::Spiffe(id.clone())),
+            (None, Some(ip)) => Some(Caller::ip(ip)),
+            (None, None) => None,
+        }
+    }
+
+    /// The address, IPv6 cut to its /64.
+    pub fn ip(ip: IpAddr) -> Self {
+        match ip.to_canonical() {
+            IpAddr::V6(v6) => {
+                let s = v6.segments();
+                Caller::Ip(IpAddr::V6(std::net::Ipv6Addr::new(
+                    s[0], s[1], s[2], s[3], 0, 0, 0, 0,
+                )))
+            }
+            v4 => Caller::Ip(v4),
+        }
+    }
+}
+
+impl fmt::Display for Caller {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Caller::Spiffe(id) => write!(f, "{id}"),
+            Caller::Ip(IpAddr::V6(v6)) => write!(f, "{v6}/64"),
+            Caller::Ip(ip) => write!(f, "{ip}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// One token bucket per caller for one [`RateLimit`], with time passed in.
+#[derive(Debug)]
+pub struct KeyedBuckets {
+    limit: RateLimit,
+    max_keys: usize,
+    buckets: Mutex<HashMap<Caller, Bucket>>,
+}
+
+impl KeyedBuckets {
+    pub fn new(limit: RateLimit, max_keys: usize) -> Self {
+        Self {
+            limit,
+            max_keys: max_keys.max(1),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn limit(&self) -> RateLimit {
+        self.limit
+    }
+
+    /// Callers remembered now.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Caller, Bucket>> {
+        // A poisoned map is still a map of buckets.
+        self.buckets.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes one token for `caller` at `now`, or says how long until one
+    /// is there.
+    pub fn check(&self, caller: &Caller, now: Instant) -> Result<(), Duration> {
+        let limit = self.limit;
+        let burst = f64::from(limit.burst.get());
+        let refill =
+            |b: &Bucket| (b.tokens + limit.earned(now.saturating_duration_since(b.at))).min(burst);
+        let mut buckets = self.lock();
+        if !buckets.contains_key(caller) && buckets.len() >= self.max_keys {
+            // Forget the callers whose buckets are full again: nothing is
+            // lost, they would start full anyway.
+            buckets.retain(|_, b| refill(b) < burst);
+            if buckets.len() >= self.max_keys
+                && let Some(oldest) = buckets
+                    .iter()
+                    .min_by_key(|(_, b)| b.at)
+                    .map(|(k, _)| k.clone())
+            {
+                buckets.remove(&oldest);
+            }
+        }
+        let bucket = buckets.entry(caller.clone()).or_insert(Bucket {
+            tokens: burst,
+            at: now,
+        });
+        let tokens = refill(bucket);
+        bucket.at = now.max(bucket.at);
+        if tokens >= 1.0 {
+            bucket.tokens = tokens - 1.0;
+            Ok(())
+        } else {
+            bucket.tokens = tokens;
+            Err(limit.time_for(1.0 - tokens))
+        }
+    }
+}
+
+/// A refusal: which limit, for whom, and when to come back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimited {
+    pub what: Limited,
+    pub limit: RateLimit,
+    pub caller: Caller,
+    pub retry_after: Duration,
+}
+
+impl RateLimited {
+    /// Whole seconds for `Retry-After`, at least 1.
+    pub fn retry_after_secs(&self) -> u64 {
+        // Milliseconds first, so float noise does not add a second.
+        let ms = u64::try_from(self.retry_after.as_millis()).unwrap_or(u64::MAX);
+        ms.div_ceil(1000).max(1)
+    }
+}
+
+impl fmt::Display for RateLimited {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "rate limit {} ({} per caller) exceeded for {}; retry after {} s",
+            self.what.name(),
+            self.limit,
+            self.caller,
+            self.retry_after_secs()
+        )
+    }
+}
+
+/// The buckets of every limited operation.
+#[derive(Debug)]
+pub struct RateLimiters {
+    buckets: HashMap<Limited, KeyedBuckets>,
+}
+
+impl RateLimiters {
+    pub fn new(limits: &RateLimits) -> Self {
+        Self::with_max_keys(limits, MAX_KEYS)
+    }
+
+    pub fn with_max_keys(limits: &RateLimits, max_keys: usize) -> Self {
+        Self {
+            buckets: Limited::ALL
+                .into_iter()
+                .map(|l| (l, KeyedBuckets::new(limits.get(l), max_keys)))
+                .collect(),
+        }
+    }
+
+    /// Charges `caller` one `what` at `now`.
+    pub fn check(&self, what: Limited, caller: &Caller, now: Instant) -> Result<(), RateLimited> {
+        let Some(buckets) = self.buckets.get(&what) else {
+            return Ok(());
+        };
+        buckets
+            .check(caller, now)
+            .map_err(|retry_after| RateLimited {
+                what,
+                limit: buckets.limit(),
+                caller: caller.clone(),
+                retry_after,
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> Caller {
+        Caller::ip(s.parse().unwrap())
+    }
+
+    fn every(burst: u32, per_secs: u64) -> RateLimit {
+        RateLimit::new(
+            NonZeroU32::new(burst).unwrap(),
+            Duration::from_secs(per_secs),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_burst_then_refusals_then_refill() {
+        let b = KeyedBuckets::new(every(3, 60), 10);
+        let t0 = Instant::now();
+        let a = ip("10.0.0.1");
+        for _ in 0..3 {
+            assert!(b.check(&a, t0).is_ok());
+        }
+        // One token comes back every 20 s.
+        let wait = b.check(&a, t0).unwrap_err();
+        assert_eq!(wait.as_millis(), 20_000);
+        let wait = b.check(&a, t0 + Duration::from_secs(5)).unwrap_err();
+        assert_eq!(wait.as_millis(), 15_000);
+        assert!(b.check(&a, t0 + Duration::from_millis(20_010)).is_ok());
+        assert!(b.check(&a, t0 + Duration::from_secs(21)).is_err());
+        // Never more than the burst, however long the pause.
+        let later = t0 + Duration::from_secs(3600);
+        for _ in 0..3 {
+            assert!(b.check(&a, later).is_ok());
+        }
+        assert!(b.check(&a, later).is_err());
+    }
+
+    #[test]
+    fn callers_have_their_own_buckets() {
+        let b = KeyedBuckets::new(every(1, 60), 10);
+        let t0 = Instant::now();
+        let alice = Caller::Spiffe(SpiffeId::parse("spiffe://example.org/a").unwrap());
+        let bob = Caller::Spiffe(SpiffeId::parse("spiffe://example.org/b").unwrap());
+        assert!(b.check(&alice, t0).is_ok());
+        assert!(b.check(&alice, t0).is_err());
+        // Control: another caller is not affected.
+        assert!(b.check(&bob, t0).is_ok());
+    }
+
+    #[test]
+    fn ipv6_callers_are_charged_by_their_64() {
+        assert_eq!(ip("2001:db8:1:2:aaaa::1"), ip("2001:db8:1:2:bbbb::2"));
+        assert_ne!(ip("2001:db8:1:2::1"), ip("2001:db8:1:3::1"));
+        // An IPv4-mapped address is the IPv4 caller.
+        assert_eq!(ip("::ffff:10.0.0.1"), ip("10.0.0.1"));
+        assert_eq!(ip("2001:db8:1:2::1").to_string(), "2001:db8:1:2::/64");
+    }
+
+    #[test]
+    fn memory_is_bounded_and_idle_callers_go_first() {
+        let b = KeyedBuckets::new(every(2, 10), 3);
+        let t0 = Instant::now();
+        let hot = ip("10.0.0.1");
+        assert!(b.check(&hot, t0).is_ok());
+        assert!(b.check(&hot, t0).is_ok());
+        assert!(b.check(&hot, t0).is_err());
+        for n in 2..200 {
+            let _ = b.check(&ip(&format!("10.0.{}.{}", n / 256, n % 256)), t0);
+            assert!(b.len() <= 3);
+        }
+        // Many new callers at once evict the oldest, so the cap holds even
+        // then; after a pause, full buckets are dropped before anyone
+        // active.
+        let b = KeyedBuckets::new(every(2, 10), 3);
+        assert!(b.check(&ip("10.0.0.2"), t0).is_ok());
+        assert!(b.check(&ip("10.0.0.3"), t0).is_ok());
+        let t1 = t0 + Duration::from_secs(20);
+        assert!(b.check(&hot, t1).is_ok());
+        assert!(b.check(&hot, t1).is_ok());
+        assert!(b.check(&ip("10.0.0.4"), t1).is_ok());
+        assert!(b.check(&ip("10.0.0.5"), t1).is_ok());
+        assert!(b.len() <= 3);
+        // The hot caller is still remembered as empty.
+        assert!(b.check(&hot, t1).is_err());
+    }
+
+    #[test]
+    fn limits_parse_and_refuse_nonsense() {
+        let l: RateLimit = "30/1m".parse().unwrap();
+        assert_eq!(l.burst.get(), 30);
+        assert_eq!(l.per, Duration::from_secs(60));
+        assert_eq!(l.to_string(), "30/1m");
+        for bad in ["30", "0/1m", "x/1m", "30/0s", "30/soon", "-1/1m"] {
+            assert!(bad.parse::<RateLimit>().is_err(), "{bad}");
+        }
+        let mut limits = RateLimits::default();
+        limits.apply("task-start=2/1h").unwrap();
+        assert_eq!(limits.task_start.burst.get(), 2);
+        let err = limits.apply("tasks=2/1h").unwrap_err().to_string();
+        assert!(err.contains("task-start"), "{err}");
+        assert!(limits.apply("task-start").is_err());
+    }
+
+    #[test]
+    fn routes_map_to_their_limits() {
+        use http::Method;
+        assert_eq!(
+            Limited::of_route(&Method::POST, "/v1/node/attest"),
+            Some(Limited::Attest)
+        );
+        assert_eq!(
+            Limited::of_route(&Method::POST, "/v1/tasks"),
+            Some(Limited::TaskStart)
+        );
+        assert_eq!(
+            Limited::of_route(&Method::POST, "/v1/audit/tool-calls"),
+            Some(Limited::ToolCallReports)
+        );
+        assert_eq!(
+            Limited::of_route(&Method::POST, "/v1/node/sign-jwt"),
+            Some(Limited::JwtSvid)
+        );
+        assert_eq!(
+            Limited::of_route(&Method::POST, "/v1/secrets/lease"),
+            Some(Limited::SecretLease)
+        );
+        // warp routes a trailing slash to the same handler.
+        assert_eq!(
+            Limited::of_route(&Method::POST, "/v1/tasks/"),
+            Some(Limited::TaskStart)
+        );
+        assert_eq!(Limited::of_route(&Method::GET, "/v1/node/attest"), None);
+        assert_eq!(Limited::of_route(&Method::POST, "/v1/node/sync"), None);
+    }
+
+    #[test]
+    fn refusal_names_the_limit_and_a_whole_retry_after() {
+        let limiters = RateLimiters::new(&RateLimits {
+            task_start: every(1, 60),
+            ..RateLimits::default()
+        });
+        let t0 = Instant::now();
+        let who = ip("10.1.2.3");
+        limiters.check(Limited::TaskStart, &who, t0).unwrap();
+        let refused = limiters.check(Limited::TaskStart, &who, t0).unwrap_err();
+        assert_eq!(refused.retry_after_secs(), 60);
+        let text = refused.to_string();
+        assert!(text.contains("task-start"), "{text}");
+        assert!(text.contains("1/1m"), "{text}");
+        assert!(text.contains("10.1.2.3"), "{text}");
+        // Control: another limit of the same caller is untouched.
+        limiters.check(Limited::Attest, &who, t0).unwrap();
+    }
+}

@@ -1,0 +1,566 @@
+//! The broker does not stall under a hostile or slow client: slowloris
+//! clients and connection floods are cut off while honest clients are
+//! served, bodies over a route's limit and batches over their cap are
+//! refused, expensive routes are rate limited per caller, and anonymous
+//! TLS connections reach only the routes that need no identity. Each
+//! attack next to the untampered control that succeeds.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use baton_core::{SpiffeId, TrustDomain};
+use baton_tls::{BundleStore, ClientIdentity, PeerPolicy};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+
+use crate::harness::{Cluster, Options, TD, wait_for, wait_for_async};
+
+fn td() -> TrustDomain {
+    TrustDomain::new(TD).unwrap()
+}
+
+fn tls_config(c: &Cluster, identity: ClientIdentity) -> rustls::ClientConfig {
+    baton_tls::install_crypto_provider();
+    let bundles = BundleStore::new();
+    let anchors = CertificateDer::pem_file_iter(c.path("broker/bundle.pem"))
+        .unwrap()
+        .map(|c| c.unwrap().to_vec())
+        .collect();
+    bundles.set(td(), anchors);
+    let broker = td().id("/baton/broker").unwrap();
+    baton_tls::client_config(identity, bundles, PeerPolicy::Exact(vec![broker])).unwrap()
+}
+
+fn client(c: &Cluster, identity: ClientIdentity) -> reqwest::Client {
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls_config(c, identity))
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+fn node_identity(c: &Cluster) -> ClientIdentity {
+    let pem = std::fs::read(c.path("agent/agent-svid.pem")).unwrap();
+    let chain = CertificateDer::pem_slice_iter(&pem)
+        .map(|c| c.unwrap().to_vec())
+        .collect();
+    let key = std::fs::read(c.path("agent/agent-key.pk8")).unwrap();
+    ClientIdentity::new(chain, &key).unwrap()
+}
+
+fn url(c: &Cluster, path: &str) -> String {
+    format!("https://{}{path}", c.broker_addr)
+}
+
+/// A fresh ID token of the dev issuer, from the admin socket.
+async fn id_token(c: &Cluster) -> String {
+    let v: serde_json::Value = reqwest::Client::builder()
+        .unix_socket(c.admin_socket())
+        .build()
+        .unwrap()
+        .post("http://admin/v1/admin/dev/id-token")
+        .json(&serde_json::json!({ "user": "alice@example.com" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["id_token"].as_str().unwrap().to_owned()
+}
+
+fn start_body(id_token: &str) -> serde_json::Value {
+    serde_json::json!({
+        "id_token": id_token,
+        "root_agent": "spiffe://example.org/agents/planner",
+        "purpose": "support.case-research",
+        "scope": ["tool:crm.search:read"],
+        "risk_ceiling": "read",
+        "ttl_secs": 600,
+        "max_depth": 1,
+        "audience": ["crm"],
+    })
+}
+
+async fn post_raw(
+    http: &reqwest::Client,
+    url: String,
+    body: Vec<u8>,
+) -> (u16, reqwest::header::HeaderMap, serde_json::Value) {
+    let resp = http
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.json().await.unwrap_or(serde_json::Value::Null);
+    (status, headers, body)
+}
+
+async fn post_json(
+    http: &reqwest::Client,
+    url: String,
+    body: &serde_json::Value,
+) -> (u16, reqwest::header::HeaderMap, serde_json::Value) {
+    post_raw(http, url, serde_json::to_vec(body).unwrap()).await
+}
+
+// ------------------------------------------------ anonymous TLS, bodies
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_tls_reaches_only_the_routes_that_need_no_identity() {
+    let c = Cluster::start(Options::default());
+    let anon = client(&c, ClientIdentity::none());
+
+    // Every route that needs an identity refuses an anonymous caller
+    // before it looks at the body.
+    let needs_identity: &[(&str, &str)] = &[
+        ("GET", "/v1/node/sync"),
+        ("POST", "/v1/node/renew"),
+        ("POST", "/v1/node/sign-x509"),
+        ("POST", "/v1/node/sign-jwt"),
+        ("POST", "/v1/node/redeem"),
+        ("POST", "/v1/node/renew-task"),
+        ("POST", "/v1/delegate"),
+        ("POST", "/v1/audit/tool-calls"),
+        ("GET", "/v1/revocations/feed"),
+        ("POST", "/v1/secrets/lease"),
+        ("POST", "/v1/secrets/introspect"),
+    ];
+    for (method, path) in needs_identity {
+        let req = match *method {
+            "GET" => anon.get(url(&c, path)),
+            _ => anon.post(url(&c, path)).json(&serde_json::json!({})),
+        };
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let body: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(status, 401, "{method} {path} anonymously: {body}");
+        assert_eq!(body["code"], "unauthenticated", "{method} {path}: {body}");
+    }
+    // The admin API is not on this port at all.
+    for path in ["/v1/admin/entries", "/v1/admin/tasks", "/v1/admin/nodes"] {
+        let resp = anon.get(url(&c, path)).send().await.unwrap();
+        assert_eq!(resp.status(), 404, "{path}");
+    }
+    // Control: the routes that need no identity answer an anonymous caller.
+    for path in ["/v1/bundle", "/v1/bundle.pem", "/healthz"] {
+        let resp = anon.get(url(&c, path)).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "{path}");
+    }
+    // Attestation and task start decide on their body (join token, ID
+    // token), not on the TLS identity.
+    let (status, _, body) = post_json(
+        &anon,
+        url(&c, "/v1/node/attest"),
+        &serde_json::json!({ "join_token": "bogus", "csr_der": "AAAA" }),
+    )
+    .await;
+    assert!((400..500).contains(&status), "{status} {body}");
+    assert_ne!(body["code"], "rate_limited", "{body}");
+    let token = id_token(&c).await;
+    let (status, _, body) = post_json(&anon, url(&c, "/v1/tasks"), &start_body(&token)).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["task_id"].is_string(), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_over_the_routes_limit_and_batches_over_their_cap_are_refused() {
+    let c = Cluster::start(Options::default());
+    let anon = client(&c, ClientIdentity::none());
+
+    // A valid task start padded with whitespace past 64 KiB: refused
+    // before it is read.
+    let token = id_token(&c).await;
+    let mut padded = serde_json::to_vec(&start_body(&token)).unwrap();
+    padded.splice(1..1, std::iter::repeat_n(b' ', 64 * 1024));
+    let (status, _, body) = post_raw(&anon, url(&c, "/v1/tasks"), padded).await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["code"], "payload_too_large", "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("65536 bytes"),
+        "{body}"
+    );
+    // Control: the same request unpadded starts the task (the token was
+    // not spent by the refused one).
+    let (status, _, body) = post_json(&anon, url(&c, "/v1/tasks"), &start_body(&token)).await;
+    assert_eq!(status, 200, "{body}");
+
+    // A batch route has a larger body limit but a cap on its list: 1001
+    // CSRs from the node.
+    let node = client(&c, node_identity(&c));
+    let mine = c.register("/mine", &[]);
+    let entry = mine["id"].as_str().unwrap();
+    let key = baton_ca::WorkloadKey::generate().unwrap();
+    let csr = key
+        .csr_der(&SpiffeId::parse("spiffe://example.org/mine").unwrap())
+        .unwrap();
+    let item = baton_core::api::SignX509Item {
+        entry_id: baton_core::EntryId::parse(entry).unwrap(),
+        csr_der: csr,
+    };
+    let batch = |n: usize| baton_core::api::SignX509Request {
+        items: vec![item.clone(); n],
+    };
+    let (status, _, body) = post_json(
+        &node,
+        url(&c, "/v1/node/sign-x509"),
+        &serde_json::to_value(batch(1001)).unwrap(),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["code"], "invalid_argument", "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("at most 1000 CSRs per call, got 1001"),
+        "{body}"
+    );
+    // Control: a batch of two is signed.
+    let (status, _, body) = post_json(
+        &node,
+        url(&c, "/v1/node/sign-x509"),
+        &serde_json::to_value(batch(2)).unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["svids"].as_array().unwrap().len(), 2, "{body}");
+
+    // Tool-call reports: 1001 in one request are refused whole.
+    let report = |i: usize| {
+        serde_json::json!({
+            "report_id": format!("r-{i}"),
+            "task_id": format!("task-{}", "0".repeat(32)),
+            "token_jti": "j",
+            "agent": "spiffe://example.org/agents/planner",
+            "tool": "crm.search",
+            "resource": "crm",
+            "risk": "read",
+            "scope_used": [],
+            "input_digest": "00",
+            "decision": "allow",
+            "policy_ids": [],
+            "at": 0,
+        })
+    };
+    let reports =
+        |n: usize| serde_json::json!({ "reports": (0..n).map(report).collect::<Vec<_>>() });
+    let (status, _, body) = post_json(&node, url(&c, "/v1/audit/tool-calls"), &reports(1001)).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["field"], "reports", "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("at most 1000 reports per request, got 1001"),
+        "{body}"
+    );
+    // Control: a batch under the cap is taken (each report then answered
+    // on its own).
+    let (status, _, body) = post_json(&node, url(&c, "/v1/audit/tool-calls"), &reports(2)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["receipts"].as_array().unwrap().len(), 2, "{body}");
+
+    // Past the batch routes' own limit (4 MiB): 413 there too.
+    let mut huge = serde_json::to_vec(&batch(1)).unwrap();
+    huge.splice(1..1, std::iter::repeat_n(b' ', 4 * 1024 * 1024));
+    let (status, _, body) = post_raw(&node, url(&c, "/v1/node/sign-x509"), huge).await;
+    assert_eq!(status, 413, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("4194304 bytes"),
+        "{body}"
+    );
+}
+
+// ----------------------------------------------------------- rate limits
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_starts_and_attestations_are_rate_limited_per_caller() {
+    let c = Cluster::start_with_broker_args(
+        Options {
+            start_agent: false,
+            ..Options::default()
+        },
+        vec![
+            "--rate-limit".into(),
+            "task-start=2/1h".into(),
+            "--rate-limit".into(),
+            "attest=2/1h".into(),
+        ],
+    );
+    let anon = client(&c, ClientIdentity::none());
+
+    // Control: under the limit, each start succeeds.
+    for _ in 0..2 {
+        let token = id_token(&c).await;
+        let (status, _, body) = post_json(&anon, url(&c, "/v1/tasks"), &start_body(&token)).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    // The third, with a perfectly good token, is refused before any work.
+    let token = id_token(&c).await;
+    let (status, headers, body) = post_json(&anon, url(&c, "/v1/tasks"), &start_body(&token)).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["code"], "rate_limited", "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains("rate limit task-start (2/1h per caller)"),
+        "{message}"
+    );
+    assert!(message.contains("127.0.0.1"), "{message}");
+    let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=1800).contains(&retry), "Retry-After {retry}");
+
+    // Attestation, per remote address: two nodes attest, the third is
+    // refused, and its join token is not spent.
+    let attest = |token: String, node: &str| {
+        let key = baton_ca::WorkloadKey::generate().unwrap();
+        let csr = key.csr_der(&SpiffeId::parse(node).unwrap()).unwrap();
+        serde_json::json!({
+            "join_token": token,
+            "csr_der": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, csr),
+        })
+    };
+    for n in 1..=2 {
+        let node = format!("spiffe://{TD}/baton/node/n{n}");
+        let token = c.join_token(Some(&node));
+        let (status, _, body) =
+            post_json(&anon, url(&c, "/v1/node/attest"), &attest(token, &node)).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let node = format!("spiffe://{TD}/baton/node/n3");
+    let token = c.join_token(Some(&node));
+    let (status, headers, body) =
+        post_json(&anon, url(&c, "/v1/node/attest"), &attest(token, &node)).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["code"], "rate_limited", "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("rate limit attest"),
+        "{body}"
+    );
+    assert!(headers.contains_key("retry-after"));
+    // Other routes of the same caller are not limited (control).
+    let resp = anon.get(url(&c, "/v1/bundle")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+#[test]
+fn bad_limit_flags_are_refused_at_start() {
+    for (args, want) in [
+        (&["--rate-limit", "tasks=2/1h"][..], "task-start"),
+        (&["--rate-limit", "task-start=0/1h"][..], "COUNT"),
+        (&["--max-connections", "0"][..], "--max-connections"),
+        (&["--idle-timeout", "0s"][..], "--idle-timeout"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = crate::harness::baton()
+            .args(["broker", "--trust-domain", TD, "--listen", "127.0.0.1:0"])
+            .args(args)
+            .arg("--data-dir")
+            .arg(dir.path().join("broker"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}
+
+// ------------------------------------------------ slow clients and floods
+
+/// An anonymous TLS connection speaking HTTP/1.1 only.
+fn tls_http1(c: &Cluster) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    let mut config = tls_config(c, ClientIdentity::none());
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let tcp = TcpStream::connect(&c.broker_addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    while tls.conn.is_handshaking() {
+        tls.conn.complete_io(&mut tls.sock).unwrap();
+    }
+    tls
+}
+
+/// True once the broker closed `read`'s connection (EOF or reset), false
+/// if it still holds it after `within`.
+fn closed_within(mut read: impl Read, within: Duration) -> bool {
+    let start = Instant::now();
+    let mut buf = [0u8; 1024];
+    loop {
+        match read.read(&mut buf) {
+            Ok(0) | Err(_) => return start.elapsed() < within,
+            Ok(_) => {}
+        }
+        if start.elapsed() >= within {
+            return false;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_and_connection_floods_are_cut_off_while_honest_clients_are_served() {
+    let c = Cluster::start_with_broker_args(
+        Options::default(),
+        [
+            "--max-connections",
+            "16",
+            "--handshake-timeout",
+            "2s",
+            "--header-read-timeout",
+            "2s",
+            "--request-timeout",
+            "3s",
+            "--idle-timeout",
+            "3s",
+        ]
+        .map(String::from)
+        .to_vec(),
+    );
+    let node = client(&c, node_identity(&c));
+    let sync = |node: reqwest::Client| {
+        let u = url(&c, "/v1/node/sync");
+        async move {
+            node.get(u)
+                .send()
+                .await
+                .ok()
+                .filter(|r| r.status() == 200)
+                .map(|_| ())
+        }
+    };
+
+    // Slowloris on the header: one byte of it every 300 ms. The broker
+    // cuts it at the header timeout; an honest node is served meanwhile.
+    let mut slow = tls_http1(&c);
+    slow.write_all(b"POST /v1/tasks HTTP/1.1\r\nHost: broker\r\n")
+        .unwrap();
+    let dribble = std::thread::spawn(move || {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(30) {
+            if slow.write_all(b"X").and_then(|()| slow.flush()).is_err() {
+                return start.elapsed();
+            }
+            std::thread::sleep(Duration::from_millis(300));
+            // The broker's close shows as a failed write or a read of 0.
+            let _ = slow.sock.set_nonblocking(true);
+            let mut b = [0u8; 256];
+            let gone = match slow.read(&mut b) {
+                Ok(n) => n == 0,
+                Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+            };
+            let _ = slow.sock.set_nonblocking(false);
+            if gone {
+                return start.elapsed();
+            }
+        }
+        start.elapsed()
+    });
+    wait_for_async("sync during the slowloris", Duration::from_secs(30), || {
+        sync(node.clone())
+    })
+    .await;
+    let held = tokio::task::spawn_blocking(move || dribble.join().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        held < Duration::from_secs(20),
+        "the header slowloris was held for {held:?}"
+    );
+
+    // Slowloris on the body: the header is complete, the body never
+    // arrives. 408 at the request timeout.
+    let mut slow = tls_http1(&c);
+    slow.write_all(
+        b"POST /v1/tasks HTTP/1.1\r\nHost: broker\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{",
+    )
+    .unwrap();
+    slow.flush().unwrap();
+    let mut answer = Vec::new();
+    let _ = slow.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+
+    // A silent TCP connection (no TLS handshake) is dropped at the
+    // handshake timeout.
+    let silent = TcpStream::connect(&c.broker_addr).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    assert!(
+        closed_within(&silent, Duration::from_secs(20)),
+        "a silent connection was kept"
+    );
+    // A TLS connection that never sends a request is dropped once idle.
+    let idle = tls_http1(&c);
+    assert!(
+        closed_within(idle, Duration::from_secs(20)),
+        "an idle TLS connection was kept"
+    );
+
+    // A flood up to the connection cap: none of it is served, all of it is
+    // dropped at the handshake timeout, and the broker answers new honest
+    // clients (they wait at most that long) and its node keeps syncing.
+    let flood: Vec<TcpStream> = (0..16)
+        .map(|_| {
+            let s = TcpStream::connect(&c.broker_addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            s
+        })
+        .collect();
+    c.register("/during-the-flood", &[]);
+    let fresh = client(&c, node_identity(&c));
+    wait_for_async(
+        "a new client served during the flood",
+        Duration::from_secs(30),
+        || sync(fresh.clone()),
+    )
+    .await;
+    let wl = spiffe::WorkloadApiClient::connect_to(c.endpoint())
+        .await
+        .unwrap();
+    wait_for_async(
+        "the agent synced during the flood",
+        Duration::from_secs(30),
+        || async {
+            let svids = wl.fetch_all_x509_svids().await.ok()?;
+            svids
+                .iter()
+                .any(|s| s.spiffe_id().to_string().ends_with("/during-the-flood"))
+                .then_some(())
+        },
+    )
+    .await;
+    let closed = tokio::task::spawn_blocking(move || {
+        flood
+            .iter()
+            .filter(|s| closed_within(*s, Duration::from_secs(20)))
+            .count()
+    })
+    .await
+    .unwrap();
+    assert_eq!(closed, 16, "every flood connection is dropped");
+    // The broker logged why, and still serves.
+    wait_for("the cap in the broker log", Duration::from_secs(10), || {
+        c.broker
+            .as_ref()
+            .unwrap()
+            .log_text()
+            .contains("connection cap reached")
+            .then_some(())
+    });
+    wait_for_async("sync after the flood", Duration::from_secs(30), || {
+        sync(node.clone())
+    })
+    .await;
+}
