@@ -259,3 +259,29 @@ fn a_failed_over_redis_that_missed_writes_is_caught_up_from_its_own_mark() {
     assert!(refused_revoked(&w, &r1));
     assert!(works(&w, &r2));
 }
+
+/// The credential registry survives a broker restart: a credential issued
+/// before it is revoked by its jti afterwards (the broker's memory store
+/// and the tool server following the broker's own feed, as in `baton dev`).
+#[test]
+fn after_a_broker_restart_revocations_reach_credentials_issued_before_it() {
+    let mut w = World::start();
+    let (_t1, _p1, r1) = chain(&w, "pre1");
+    let (_t2, _p2, r2) = chain(&w, "pre2");
+    until_works(&w, &r1, "the tool server's feed is fresh");
+
+    let addr = w.c.broker_addr.clone();
+    w.c.broker.as_mut().unwrap().stop();
+    w.c.start_broker(&addr, "1h");
+    until_works(&w, &r2, "the tool server follows the restarted broker");
+
+    let out = w.ok(&["revoke", "credential", &jti(&r1), "--reason", "leaked"]);
+    assert_eq!(count(&out), 2, "{out}");
+    until_revoked(
+        &w,
+        &r1,
+        "a pre-restart credential revoked after the restart",
+    );
+    // The untampered control.
+    assert!(works(&w, &r2), "an unrevoked credential is refused");
+}

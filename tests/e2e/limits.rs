@@ -61,7 +61,7 @@ async fn id_token(c: &Cluster) -> String {
         .build()
         .unwrap()
         .post("http://admin/v1/admin/dev/id-token")
-        .json(&serde_json::json!({ "user": "alice@example.com" }))
+        .json(&serde_json::json!({ "user": "alice@example.com", "groups": ["engineering"] }))
         .send()
         .await
         .unwrap()

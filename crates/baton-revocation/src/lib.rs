@@ -4,11 +4,14 @@
 //! expired anyway. Verifiers follow the revocations through
 //! [`RevocationFeed`] and answer [`baton_verify::RevocationCheck`] from memory.
 //!
-//! Place in the flow: the broker calls [`RevocationStore::register`] for each
-//! SVID serial, token `jti`, handoff grant and secret lease it issues (a
-//! credential whose registration failed must not be handed out), operators
-//! and task endings call [`RevocationStore::revoke`], and tool servers hold a
-//! [`FeedHandle`].
+//! Place in the flow: the broker keeps its own registry of issued
+//! credentials and computes cascades in its datastore (the source of
+//! truth); it hands this store only what verifiers must refuse, through
+//! [`RevocationStore::publish`] (its outbox relay, which the store
+//! acknowledges with a per-log mark) and [`RevocationStore::seed`] (a store
+//! that lost its data). Tool servers hold a [`FeedHandle`].
+//! [`RevocationStore::register`] and [`RevocationStore::revoke`] keep the
+//! store-side registry and cascades for users without a datastore.
 //!
 //! Two backends behind one trait: [`MemoryStore`] (the embedded default of
 //! `baton dev`, with a tokio broadcast for in-process followers) and
@@ -55,6 +58,7 @@
 //! | `{p}:revoked-index` | sorted set id -> expiry | what a follower loads on a full resync (`ZRANGE BYSCORE now +inf`) | members pruned on each revoke/seed |
 //! | `{p}:revocations` | stream | `t=revoke`, `r="exp id\nexp id…"`, `why`; `t=hb`; `t=seed`, `epoch` | trimmed with `MINID ~` to [`STREAM_RETENTION_SECS`] (1 h) on every `XADD` |
 //! | `{p}:epoch` | string | random, set by the first `seed` | none: if it is gone, Redis lost its data |
+//! | `{p}:outbox:<log>` | string | the highest outbox sequence of the datastore log `<log>` that [`RevocationStore::publish`] acknowledged | none |
 //!
 //! `register` is one `EVALSHA` round trip (the script does `HSET` +
 //! `EXPIREAT` for the record and `SADD` + `EXPIRETIME`/`EXPIREAT` per index
