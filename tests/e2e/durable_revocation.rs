@@ -4,43 +4,12 @@
 //! server following the Redis feed, that nothing revoked is accepted
 //! afterwards and nothing unrevoked stays refused once Redis is back.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use crate::delegation::{PLANNER, RESEARCHER, World, claims};
+use crate::delegation::{RESEARCHER, World, claims};
 use crate::harness::{Redis, wait_for};
-
-const READ: &[&str] = &["tool:crm.search:read", "dataset:crm:read"];
-
-/// A task whose planner handed search to the researcher; returns (task, planner, researcher).
-fn chain(w: &World, tag: &str) -> (String, PathBuf, PathBuf) {
-    let (task, grant) = w.start_task(READ, "2", "10m", "read");
-    let planner = w.redeem(&grant, PLANNER, &format!("{tag}-planner"));
-    let hop = w.delegate(&planner, RESEARCHER, READ, &[]);
-    assert!(
-        hop.status.success(),
-        "{}",
-        String::from_utf8_lossy(&hop.stderr)
-    );
-    let g: serde_json::Value = serde_json::from_slice(&hop.stdout).unwrap();
-    let researcher = w.redeem(
-        g["grant"].as_str().unwrap(),
-        RESEARCHER,
-        &format!("{tag}-researcher"),
-    );
-    (task, planner, researcher)
-}
-
-fn works(w: &World, cred: &Path) -> bool {
-    let out = w.call(cred, "crm.search");
-    if !out.status.success() {
-        eprintln!(
-            "call refused: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    out.status.success()
-}
+use crate::revocation::{READ, chain, works};
 
 fn refused_revoked(w: &World, cred: &Path) -> bool {
     let out = w.call(cred, "crm.search");

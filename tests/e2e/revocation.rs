@@ -10,10 +10,10 @@ use std::time::Duration;
 use crate::delegation::{PLANNER, RESEARCHER, World};
 use crate::harness::{Redis, wait_for};
 
-const READ: &[&str] = &["tool:crm.search:read", "dataset:crm:read"];
+pub(crate) const READ: &[&str] = &["tool:crm.search:read", "dataset:crm:read"];
 
 /// A task whose planner handed search to the researcher; returns (task, planner, researcher).
-fn chain(w: &World, tag: &str) -> (String, PathBuf, PathBuf) {
+pub(crate) fn chain(w: &World, tag: &str) -> (String, PathBuf, PathBuf) {
     let (task, grant) = w.start_task(READ, "2", "10m", "read");
     let planner = w.redeem(&grant, PLANNER, &format!("{tag}-planner"));
     let hop = w.delegate(&planner, RESEARCHER, READ, &[]);
@@ -31,7 +31,7 @@ fn chain(w: &World, tag: &str) -> (String, PathBuf, PathBuf) {
     (task, planner, researcher)
 }
 
-fn works(w: &World, cred: &Path) -> bool {
+pub(crate) fn works(w: &World, cred: &Path) -> bool {
     let out = w.call(cred, "crm.search");
     if !out.status.success() {
         eprintln!(

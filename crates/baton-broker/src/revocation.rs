@@ -227,23 +227,18 @@ pub(crate) fn resolve_tx(
          WHERE c.expires_at > ?2"
     );
     let mut stmt = tx.prepare_cached(&sql)?;
-    let rows = stmt.query_map(params![value, to_i64(now)], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, String>(1)?,
-            r.get::<_, i64>(2)?,
-        ))
-    })?;
-    let mut out = Vec::new();
-    for row in rows {
-        let (id, kind, exp) = row?;
-        out.push(Revoked {
-            id,
-            kind: CredKind::from_code(&kind).unwrap_or(CredKind::Token),
-            expires_at: u64::try_from(exp).unwrap_or(0),
-        });
-    }
-    Ok(out)
+    let rows = stmt.query_map(params![value, to_i64(now)], revoked_row)?;
+    rows.collect()
+}
+
+/// A `(id, kind, expires_at)` row.
+fn revoked_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Revoked> {
+    let kind: String = r.get(1)?;
+    Ok(Revoked {
+        id: r.get(0)?,
+        kind: CredKind::from_code(&kind).unwrap_or(CredKind::Token),
+        expires_at: u64::try_from(r.get::<_, i64>(2)?).unwrap_or(0),
+    })
 }
 
 fn push_unique(all: &mut Vec<Revoked>, r: Revoked) {
@@ -797,23 +792,8 @@ impl Revoker {
             let mut stmt = c.prepare_cached(
                 "SELECT id, kind, expires_at FROM revocations WHERE expires_at > ?1",
             )?;
-            let rows = stmt.query_map(params![to_i64(now)], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, i64>(2)?,
-                ))
-            })?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (id, kind, exp) = row?;
-                out.push(Revoked {
-                    id,
-                    kind: CredKind::from_code(&kind).unwrap_or(CredKind::Token),
-                    expires_at: u64::try_from(exp).unwrap_or(0),
-                });
-            }
-            Ok(out)
+            let rows = stmt.query_map(params![to_i64(now)], revoked_row)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
     }
 }
