@@ -23,6 +23,8 @@ const READ: &[&str] = &["tool:crm.search:read", "dataset:crm:read"];
 /// Enough tasks to exercise cascades; few enough that the final checks
 /// (one call per credential per follower) stay bounded.
 const MAX_TASKS: usize = 16;
+/// The index of the follower on the broker's own feed in `followers`.
+const BROKER_FEED: usize = 2;
 
 /// xorshift64*: tiny, seeded, good enough to pick operations.
 struct Rng(u64);
@@ -235,7 +237,7 @@ fn chaos_hops_calls_and_revocations_while_redis_is_flushed_killed_and_restarted(
     let mut tasks: Vec<Task> = Vec::new();
     let mut creds: Vec<Cred> = Vec::new();
     let mut ops: BTreeMap<&str, usize> = BTreeMap::new();
-    let mut calls: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut calls: BTreeMap<String, usize> = BTreeMap::new();
     let mut n = 0usize;
     let deadline = Instant::now() + Duration::from_secs(secs);
 
@@ -309,7 +311,8 @@ fn chaos_hops_calls_and_revocations_while_redis_is_flushed_killed_and_restarted(
             }
             "call" => {
                 let i = rng.below(creds.len());
-                let url = &followers[rng.below(followers.len())];
+                let f = rng.below(followers.len());
+                let url = &followers[f];
                 let out = call(&w, url, &creds[i].dir);
                 let outcome = if passes_revocation(&out) {
                     "accepted"
@@ -318,7 +321,7 @@ fn chaos_hops_calls_and_revocations_while_redis_is_flushed_killed_and_restarted(
                 } else {
                     "refused-other"
                 };
-                *calls.entry(outcome).or_default() += 1;
+                *calls.entry(format!("{outcome}@{f}")).or_default() += 1;
                 // While Redis is down or being re-seeded a follower may
                 // refuse anything (it fails closed); it must never accept a
                 // credential it already refused as revoked, nor call an
@@ -330,6 +333,15 @@ fn chaos_hops_calls_and_revocations_while_redis_is_flushed_killed_and_restarted(
                         creds[i].jti
                     );
                 }
+                // The follower on the broker's own feed does not depend on
+                // Redis: no fault there may refuse a call for another
+                // reason.
+                assert!(
+                    f != BROKER_FEED || outcome != "refused-other",
+                    "op {n}: {} refused at the broker-feed follower while Redis was faulted: {} (seed {seed})",
+                    creds[i].jti,
+                    stderr(&out)
+                );
                 if refused_revoked(&out) {
                     assert!(
                         creds[i].revoked,
