@@ -748,8 +748,9 @@ impl Revoker {
         })
     }
 
-    /// Forgets registry rows and revocations past their expiry (plus a
-    /// grace), and task tombstones older than a day past that.
+    /// Forgets registry rows, revocations and outbox entries past their
+    /// expiry (plus a grace). Task tombstones are kept (one short row per
+    /// ended task).
     pub fn prune(&self, now: u64) -> Result<(), StoreError> {
         let cutoff = to_i64(now.saturating_sub(PRUNE_GRACE_SECS));
         self.durable.with(|c| {
