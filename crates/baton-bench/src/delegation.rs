@@ -123,7 +123,7 @@ fn ratio(a: Duration, b: Duration) -> f64 {
     a.as_secs_f64() / b.as_secs_f64().max(1e-12)
 }
 
-async fn post<Req: Serialize, Resp: DeserializeOwned>(
+pub(crate) async fn post<Req: Serialize, Resp: DeserializeOwned>(
     client: &reqwest::Client,
     url: &str,
     body: &Req,

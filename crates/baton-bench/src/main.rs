@@ -19,6 +19,7 @@ mod delegation;
 mod issuance;
 mod limits;
 mod revocation;
+mod revocation_durable;
 mod rotation;
 mod stats;
 mod workload;
@@ -50,6 +51,12 @@ enum Cmd {
     /// (in-process and separate processes) against a same-run PING, cascade
     /// of a 10,000-credential task tree, memory and commands per credential.
     Revocation(revocation::Args),
+    /// Revocation through an in-process broker configured like `baton
+    /// broker --redis` (datastore as source of truth, outbox relay to a
+    /// private redis-server): Redis memory per live and revoked credential,
+    /// revoke -> refused at follower processes, cascade of a task, rebuild
+    /// after FLUSHALL.
+    RevocationDurable(revocation_durable::Args),
     /// An X.509 CA rotation on an in-process broker and node daemon with N
     /// workloads: time from `ca taint` to the last re-issued SVID at the
     /// workloads, and failed mTLS handshakes under load throughout.
@@ -83,6 +90,7 @@ fn main() -> anyhow::Result<()> {
             Cmd::Workload(a) => workload::run(a).await,
             Cmd::Delegation(a) => delegation::run(a).await,
             Cmd::Revocation(a) => revocation::run(a).await,
+            Cmd::RevocationDurable(a) => revocation_durable::run(a).await,
             Cmd::Rotation(a) => rotation::run(a).await,
             Cmd::RotationWorkload(a) => rotation::workload_process(a).await,
             Cmd::RevocationFollower(a) => revocation::follower(a).await,

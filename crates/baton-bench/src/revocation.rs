@@ -33,7 +33,7 @@ use redis::Value;
 
 use crate::stats::{cores, micros, percentile, unix_now};
 
-const PREFIX: &str = "bb";
+pub(crate) const PREFIX: &str = "bb";
 /// How long one revocation may take to reach every follower before it
 /// counts as missed.
 const SEE_DEADLINE: Duration = Duration::from_secs(2);
@@ -71,14 +71,14 @@ pub struct FollowerArgs {
 }
 
 /// A private `redis-server`, killed on drop.
-struct RedisServer {
+pub(crate) struct RedisServer {
     port: u16,
     child: Child,
     _dir: tempfile::TempDir,
 }
 
 impl RedisServer {
-    fn start() -> anyhow::Result<Self> {
+    pub(crate) fn start() -> anyhow::Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
@@ -110,7 +110,7 @@ impl RedisServer {
         Ok(srv)
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
@@ -142,11 +142,11 @@ fn info_text(v: &Value) -> anyhow::Result<String> {
     }
 }
 
-async fn info(s: &RedisStore, section: &str) -> anyhow::Result<String> {
+pub(crate) async fn info(s: &RedisStore, section: &str) -> anyhow::Result<String> {
     info_text(&s.raw(redis::cmd("INFO").arg(section)).await?)
 }
 
-fn info_field(text: &str, name: &str) -> anyhow::Result<i64> {
+pub(crate) fn info_field(text: &str, name: &str) -> anyhow::Result<i64> {
     text.lines()
         .find_map(|l| l.strip_prefix(&format!("{name}:")))
         .and_then(|v| v.trim().parse().ok())
@@ -219,13 +219,13 @@ fn tree(tag: &str, task: &TaskId, n: usize, exp: u64) -> anyhow::Result<Vec<Cred
     Ok(out)
 }
 
-fn wall_nanos() -> u128 {
+pub(crate) fn wall_nanos() -> u128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos())
 }
 
-async fn wait_fresh(handles: &[FeedHandle]) -> anyhow::Result<()> {
+pub(crate) async fn wait_fresh(handles: &[FeedHandle]) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while handles
         .iter()
@@ -240,12 +240,12 @@ async fn wait_fresh(handles: &[FeedHandle]) -> anyhow::Result<()> {
 }
 
 /// Followers of one configuration.
-enum Followers {
+pub(crate) enum Followers {
     InProcess(Vec<FeedHandle>),
     Processes(Vec<ChildFollower>),
 }
 
-struct ChildFollower {
+pub(crate) struct ChildFollower {
     child: Child,
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
@@ -259,7 +259,7 @@ impl Drop for ChildFollower {
 }
 
 impl Followers {
-    fn label(&self) -> String {
+    pub(crate) fn label(&self) -> String {
         match self {
             Self::InProcess(h) => format!("{} in-process FeedHandle(s)", h.len()),
             Self::Processes(c) => format!("{} follower process(es)", c.len()),
@@ -275,7 +275,7 @@ impl Followers {
 
     /// Starts watching for `id` (before the clock starts): in-process, a
     /// blocking poller over the handles; processes are told on stdin.
-    fn arm(&mut self, id: &str) -> anyhow::Result<Option<Poller>> {
+    pub(crate) fn arm(&mut self, id: &str) -> anyhow::Result<Option<Poller>> {
         match self {
             Self::InProcess(hs) => {
                 let hs = hs.clone();
@@ -297,7 +297,10 @@ impl Followers {
     /// Per follower, wall-clock nanos at which it saw the armed id, or
     /// `None`. The times come from the followers, so reading them late
     /// does not change them.
-    async fn seen(&mut self, poller: Option<Poller>) -> anyhow::Result<Vec<Option<u128>>> {
+    pub(crate) async fn seen(
+        &mut self,
+        poller: Option<Poller>,
+    ) -> anyhow::Result<Vec<Option<u128>>> {
         match (self, poller) {
             (Self::InProcess(_), Some(p)) => Ok(p.await?),
             (Self::Processes(cs), _) => {
@@ -318,7 +321,7 @@ impl Followers {
     }
 }
 
-type Poller = tokio::task::JoinHandle<Vec<Option<u128>>>;
+pub(crate) type Poller = tokio::task::JoinHandle<Vec<Option<u128>>>;
 
 fn poll_handles(hs: &[FeedHandle], id: &str) -> Vec<Option<u128>> {
     let mut seen: Vec<Option<u128>> = vec![None; hs.len()];
@@ -335,7 +338,7 @@ fn poll_handles(hs: &[FeedHandle], id: &str) -> Vec<Option<u128>> {
     seen
 }
 
-fn spawn_children(n: usize, url: &str) -> anyhow::Result<Vec<ChildFollower>> {
+pub(crate) fn spawn_children(n: usize, url: &str) -> anyhow::Result<Vec<ChildFollower>> {
     let exe = std::env::current_exe()?;
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
@@ -467,7 +470,7 @@ async fn propagation(
     })
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
