@@ -241,9 +241,18 @@ fn revoked_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Revoked> {
     })
 }
 
-fn push_unique(all: &mut Vec<Revoked>, r: Revoked) {
-    if !all.iter().any(|x| x.id == r.id) {
-        all.push(r);
+/// Revoked ids in order, each once (a cascade may reach an id twice).
+#[derive(Default)]
+struct Covered {
+    list: Vec<Revoked>,
+    seen: std::collections::HashSet<String>,
+}
+
+impl Covered {
+    fn push(&mut self, r: Revoked) {
+        if self.seen.insert(r.id.clone()) {
+            self.list.push(r);
+        }
     }
 }
 
@@ -459,18 +468,17 @@ impl Revoker {
         if let Target::Task(task) = target {
             for t in tasks.tokens_for_task(task)? {
                 if t.exp > now {
-                    for r in token_pair(&t) {
-                        push_unique(&mut known, r);
-                    }
+                    known.extend(token_pair(&t));
                 }
             }
         }
         let all = self.durable.with(|c| {
             let tx = c.transaction()?;
-            let mut all = resolve_tx(&tx, target, now)?;
-            for k in known {
-                push_unique(&mut all, k);
+            let mut covered = Covered::default();
+            for r in resolve_tx(&tx, target, now)?.into_iter().chain(known) {
+                covered.push(r);
             }
+            let mut all = covered.list;
             if let Target::Task(task) = target {
                 tx.execute(
                     "INSERT OR IGNORE INTO revoked_tasks (task, at) VALUES (?1, ?2)",
@@ -532,15 +540,16 @@ impl Revoker {
             .collect();
         let all = self.durable.with(|c| {
             let tx = c.transaction()?;
-            let mut all = Vec::new();
+            let mut covered = Covered::default();
             for t in &tokens {
                 for r in resolve_tx(&tx, &Target::Credential(t.jti.clone()), now)? {
-                    push_unique(&mut all, r);
+                    covered.push(r);
                 }
                 for r in token_pair(t) {
-                    push_unique(&mut all, r);
+                    covered.push(r);
                 }
             }
+            let all = covered.list;
             mark_tx(&tx, &all, reason, now)?;
             tx.commit()?;
             Ok(all)
