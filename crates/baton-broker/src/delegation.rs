@@ -157,8 +157,19 @@ impl Delegation {
         AuditEvent::new(kind, now, task.clone())
     }
 
+    /// Appends `event`, naming the trace of the request being served (its
+    /// `traceparent`) unless the event names one already.
     fn append(&self, event: &AuditEvent) -> Result<Receipt, BrokerError> {
-        self.audit.append(event).map_err(audit_failed)
+        crate::telemetry::record_event(event);
+        match crate::telemetry::current_trace_id() {
+            Some(trace) if event.trace_id.is_none() => {
+                let mut traced = event.clone();
+                traced.trace_id = Some(trace);
+                self.audit.append(&traced)
+            }
+            _ => self.audit.append(event),
+        }
+        .map_err(audit_failed)
     }
 
     fn task(&self, id: &TaskId) -> Result<TaskRecord, BrokerError> {

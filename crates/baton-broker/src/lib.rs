@@ -26,6 +26,7 @@ pub mod secrets;
 pub mod service;
 pub mod store;
 pub mod tasks;
+mod telemetry;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -43,6 +43,10 @@ impl AdminClient {
     }
 
     async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T> {
+        let req = match crate::telemetry::outgoing_traceparent() {
+            Some(tp) => req.header(baton_core::trace_context::TRACEPARENT_HEADER, tp),
+            None => req,
+        };
         let resp = req.send().await.map_err(|e| {
             exit(
                 EXIT_UNREACHABLE,

@@ -48,6 +48,8 @@ pub struct Cli {
     /// Log filter (tracing syntax), e.g. `info` or `baton_agent=debug`. Also BATON_LOG.
     #[arg(long, global = true)]
     pub log: Option<String>,
+    #[command(flatten)]
+    pub telemetry: crate::telemetry::TelemetryArgs,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -178,6 +178,13 @@ pub async fn redeem(
         "workload.spiffe.io",
         tonic::metadata::MetadataValue::from_static("true"),
     );
+    // The node daemon passes the caller's trace on to the broker.
+    if let Some(tp) = crate::telemetry::outgoing_traceparent()
+        && let Ok(v) = tp.parse()
+    {
+        req.metadata_mut()
+            .insert(baton_core::trace_context::TRACEPARENT_HEADER, v);
+    }
     let resp = client
         .redeem(req)
         .await
@@ -355,11 +362,14 @@ pub async fn delegate(args: DelegateArgs) -> Result<()> {
         .id("/baton/broker")
         .map_err(|e| exit(EXIT_REFUSED, e.to_string()))?;
     let http = cred.client(PeerPolicy::Exact(vec![broker_id]))?;
-    let resp = http
-        .post(format!(
-            "{}/v1/delegate",
-            args.broker_url.trim_end_matches('/')
-        ))
+    let mut post = http.post(format!(
+        "{}/v1/delegate",
+        args.broker_url.trim_end_matches('/')
+    ));
+    if let Some(tp) = crate::telemetry::outgoing_traceparent() {
+        post = post.header(baton_core::trace_context::TRACEPARENT_HEADER, tp);
+    }
+    let resp = post
         .json(&DelegateRequest {
             token: cred.token.clone(),
             target,
