@@ -25,4 +25,5 @@ mod revocation;
 mod rotation;
 mod secret_files;
 mod secrets;
+mod shutdown;
 mod tls_resumption;

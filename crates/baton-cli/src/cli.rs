@@ -148,6 +148,26 @@ pub struct DevArgs {
     /// of deploy/policies/admission (built in).
     #[arg(long, value_name = "DIR")]
     pub admission_policy: Option<PathBuf>,
+    #[command(flatten)]
+    pub shutdown: ShutdownArgs,
+}
+
+/// How a long-running process stops (SIGTERM or SIGINT).
+#[derive(Debug, Args)]
+pub struct ShutdownArgs {
+    /// On SIGTERM/SIGINT: stop accepting, then give requests and calls in
+    /// flight this long to finish before dropping them; exit 0.
+    #[arg(long, default_value = "30s", value_parser = parse_positive_duration)]
+    pub shutdown_timeout: Duration,
+}
+
+/// A duration that must be more than zero (humantime syntax, e.g. 30s).
+pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d.is_zero() {
+        return Err("must be more than zero".into());
+    }
+    Ok(d)
 }
 
 /// How the CA rotates, and the PKI it may run under.
@@ -205,6 +225,8 @@ pub struct LimitArgs {
     /// tool-call-reports=600/1m, jwt-svid=600/1m, secret-lease=120/1m.
     #[arg(long = "rate-limit", value_name = "NAME=COUNT/PERIOD")]
     pub rate_limits: Vec<String>,
+    #[command(flatten)]
+    pub shutdown: ShutdownArgs,
 }
 
 impl LimitArgs {
@@ -216,6 +238,7 @@ impl LimitArgs {
             header_read_timeout: self.header_read_timeout,
             request_timeout: Some(self.request_timeout),
             idle_timeout: self.idle_timeout,
+            shutdown_grace: self.shutdown.shutdown_timeout,
         };
         cfg.serve_limits.validate().map_err(|e| match e {
             baton_tls::TlsError::InvalidLimit { field, reason } => exit(
@@ -422,6 +445,8 @@ pub struct RevocationArgs {
     /// How often to check that Redis still holds its data.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub check_every: Duration,
+    #[command(flatten)]
+    pub shutdown: ShutdownArgs,
 }
 
 #[derive(Debug, Args)]
@@ -465,6 +490,8 @@ pub struct AgentArgs {
     /// Write the node's SPIFFE ID to this file once serving (for scripts and tests).
     #[arg(long)]
     pub ready_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub shutdown: ShutdownArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -945,6 +972,8 @@ pub enum ExampleCmd {
         dangerously_skip_revocation: bool,
         #[arg(long)]
         ready_file: Option<PathBuf>,
+        #[command(flatten)]
+        shutdown: ShutdownArgs,
     },
     /// Call a tool on the example tool server with a task credential.
     Call {
