@@ -19,6 +19,7 @@ mod identity;
 mod jwt_rotation;
 mod limits;
 mod nodes;
+mod operator;
 mod refusals;
 mod restart;
 mod revocation;

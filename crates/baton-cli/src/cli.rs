@@ -41,9 +41,24 @@ pub fn exit(code: u8, message: impl Into<String>) -> anyhow::Error {
     })
 }
 
+/// The exit codes, for `--help` (README.md lists them too).
+pub const EXIT_CODES_HELP: &str = "Exit codes:
+  0   success (also when the reader of the output went away: `| head`)
+  1   failure (including a TLS trust error, e.g. a stale bundle)
+  2   refused: bad input or usage, not found, not allowed (e.g. permission denied on the admin socket)
+  3   the broker, the node daemon or the admin socket cannot be reached
+  4   a verification failed (`audit verify`, `audit verify-receipt`: the log is tampered or cut)
+  70  internal error";
+
 /// Workload identity and task-scoped credentials for AI agents.
 #[derive(Debug, Parser)]
-#[command(name = "baton", version, about, propagate_version = true)]
+#[command(
+    name = "baton",
+    version,
+    about,
+    propagate_version = true,
+    after_help = EXIT_CODES_HELP
+)]
 pub struct Cli {
     /// Log filter (tracing syntax), e.g. `info` or `baton_agent=debug`. Also BATON_LOG.
     #[arg(long, global = true)]
@@ -553,7 +568,8 @@ pub enum EntryCmd {
 
 #[derive(Debug, Subcommand)]
 pub enum BundleCmd {
-    /// Print the trust bundle (SPIFFE JSON or PEM).
+    /// Print the trust bundle (PEM or SPIFFE JSON); with `-o json`, an
+    /// object holding both (`pem`, `spiffe`).
     Show {
         #[arg(long, value_enum, default_value = "pem")]
         format: BundleFormat,
@@ -601,6 +617,8 @@ pub enum SvidCmd {
         socket: SocketArgs,
         #[arg(long, required = true)]
         audience: Vec<String>,
+        #[arg(long, short = 'o', value_enum, default_value_t)]
+        output: OutputFormat,
     },
     /// Validate a JWT-SVID through the Workload API.
     ValidateJwt {
@@ -610,6 +628,8 @@ pub enum SvidCmd {
         audience: String,
         /// The JWT-SVID, or `-` to read it from standard input.
         token: String,
+        #[arg(long, short = 'o', value_enum, default_value_t)]
+        output: OutputFormat,
     },
 }
 
@@ -859,7 +879,7 @@ pub enum AuditCmd {
     /// Print a task's chain as a tree: initiator, hops, tool calls.
     Trace {
         task: String,
-        /// Emit JSON instead of the tree.
+        /// The same as `-o json` (kept for scripts that use it).
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -893,6 +913,8 @@ pub enum GrantCmd {
         /// Directory for svid.pem, key.pem (0600), bundle.pem, token (0600), task.json.
         #[arg(long)]
         out: PathBuf,
+        #[arg(long, short = 'o', value_enum, default_value_t)]
+        output: OutputFormat,
     },
     /// Re-issue the task credential in a directory under the CA's active keys
     /// (after `baton ca taint`): same claims and expiry, new key and certificate.
@@ -905,6 +927,8 @@ pub enum GrantCmd {
         /// Which of your identities holds it, when you have several.
         #[arg(long)]
         spiffe_id: Option<String>,
+        #[arg(long, short = 'o', value_enum, default_value_t)]
+        output: OutputFormat,
     },
 }
 
@@ -1084,7 +1108,11 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
         Command::Secret(cmd) => creds::secret(cmd).await,
         Command::Example(cmd) => example::run(cmd).await,
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "baton", &mut std::io::stdout());
+            // Into a buffer first: clap_complete panics on a write error
+            // (a closed pipe); `output` handles that quietly.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "baton", &mut script);
+            crate::output::bytes(&script);
             Ok(())
         }
     }
