@@ -53,6 +53,8 @@ pub struct Revoker {
     published: tokio::sync::watch::Sender<u64>,
     /// Why the relay is behind, while it is.
     relay_error: std::sync::Mutex<Option<String>>,
+    /// Set when the broker shuts down: feed long-polls answer at once.
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 /// Whether a revocation has reached the revocation store yet.
@@ -301,7 +303,19 @@ impl Revoker {
             changed: tokio::sync::Notify::new(),
             published: tokio::sync::watch::channel(0).0,
             relay_error: std::sync::Mutex::new(None),
+            stopping: tokio::sync::watch::channel(false).0,
         }
+    }
+
+    /// The broker is shutting down: feed long-polls in flight answer now
+    /// (with what they have) instead of holding the drain for their wait.
+    pub fn begin_shutdown(&self) {
+        self.stopping.send_replace(true);
+        self.changed.notify_waiters();
+    }
+
+    fn is_stopping(&self) -> bool {
+        *self.stopping.borrow()
     }
 
     /// The feed after `after` (0: from the start): revocations still in
@@ -319,7 +333,10 @@ impl Revoker {
             // read and the wait is not missed.
             let notified = self.changed.notified();
             let page = self.feed_page(after, now)?;
-            if !page.entries.is_empty() || tokio::time::Instant::now() >= deadline {
+            if !page.entries.is_empty()
+                || tokio::time::Instant::now() >= deadline
+                || self.is_stopping()
+            {
                 return Ok(page);
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
@@ -728,15 +745,26 @@ impl Revoker {
         Ok(acked)
     }
 
-    /// Runs the relay until aborted: after every new revocation and every
-    /// [`RELAY_TICK`], with a bounded backoff while the store fails.
-    /// Prunes expired registry rows now and then.
-    pub fn spawn_relay(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+    /// Runs the relay until `stopping` turns true (or until aborted): after
+    /// every new revocation and every [`RELAY_TICK`], with a bounded
+    /// backoff while the store fails. Prunes expired registry rows now and
+    /// then. Stopping never cuts a publish: it is noticed between passes,
+    /// and one last pass (bounded by `last_pass`) publishes what the
+    /// requests drained during shutdown revoked; what it cannot publish
+    /// stays in the outbox for the next start.
+    pub fn spawn_relay(
+        self: &Arc<Self>,
+        mut stopping: tokio::sync::watch::Receiver<bool>,
+        last_pass: Duration,
+    ) -> tokio::task::JoinHandle<()> {
         let this = self.clone();
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(50);
             let mut last_prune = 0u64;
             loop {
+                if *stopping.borrow() {
+                    break;
+                }
                 let notified = this.changed.notified();
                 let now = baton_revocation::system_now();
                 match this.relay_once(now).await {
@@ -753,7 +781,10 @@ impl Revoker {
                                 tracing::warn!(error = %e, "pruning expired credentials failed");
                             }
                         }
-                        let _ = tokio::time::timeout(RELAY_TICK, notified).await;
+                        tokio::select! {
+                            _ = tokio::time::timeout(RELAY_TICK, notified) => {}
+                            _ = stopping.wait_for(|s| *s) => {}
+                        }
                     }
                     Err(e) => {
                         let msg = e.to_string();
@@ -763,10 +794,24 @@ impl Revoker {
                             }
                             *slot = Some(msg);
                         }
-                        tokio::time::sleep(backoff).await;
+                        tokio::select! {
+                            () = tokio::time::sleep(backoff) => {}
+                            _ = stopping.wait_for(|s| *s) => {}
+                        }
                         backoff = (backoff * 2).min(Duration::from_secs(2));
                     }
                 }
+            }
+            let now = baton_revocation::system_now();
+            match tokio::time::timeout(last_pass, this.relay_once(now)).await {
+                Ok(Ok(upto)) => tracing::info!(published_upto = upto, "revocation relay stopped"),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "revocation relay stopped behind; the next start publishes the rest")
+                }
+                Err(_) => tracing::warn!(
+                    ?last_pass,
+                    "revocation relay's last pass timed out; the next start publishes the rest"
+                ),
             }
         })
     }

@@ -53,11 +53,28 @@ fn main() -> ExitCode {
             let code = e
                 .downcast_ref::<cli::Exit>()
                 .map_or(cli::EXIT_FAILURE, |x| x.code);
-            telemetry.print_error(&format!("{e:#}"));
+            telemetry.print_error(&chain_once(&e));
             ExitCode::from(code)
         }
     };
     // Spans still buffered are exported before the process exits.
     telemetry.shutdown();
     code
+}
+
+/// The error and its causes, each told once: many errors already print
+/// their source in their own message, which `{:#}` would repeat.
+fn chain_once(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
