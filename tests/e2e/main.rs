@@ -28,5 +28,6 @@ mod rotation;
 mod secret_files;
 mod secrets;
 mod shutdown;
+mod task_show;
 mod tls_resumption;
 mod traces;

@@ -679,7 +679,8 @@ pub enum TaskCmd {
         #[command(flatten)]
         admin: AdminArgs,
     },
-    /// Show one task.
+    /// Show one task and its credentials (ids as `baton revoke credential`
+    /// takes them, kinds, holders, expiries, whether revoked).
     Show {
         id: String,
         #[command(flatten)]
@@ -725,8 +726,11 @@ pub struct RevokeArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum RevokeCmd {
-    /// One credential (certificate serial or token jti) and what was minted from it.
+    /// One credential and what was minted from it.
     Credential {
+        /// The credential's id as `baton task show` lists it: a certificate
+        /// serial (hex; also as openssl prints it, `serial=7A3F...` or
+        /// `7a:3f:...`), a token jti, a grant digest or a lease id.
         id: String,
         #[command(flatten)]
         args: RevokeArgs,
