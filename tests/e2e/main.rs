@@ -8,6 +8,7 @@
 mod admission;
 mod audit;
 mod broker;
+mod ca_wait;
 mod chaos;
 mod delegation;
 mod durable_revocation;
