@@ -340,9 +340,13 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
             tracing::error!(error = %e, "cannot write ready file");
         }
     });
-    baton_agent::run(cfg, Some(tx), stop)
-        .await
-        .context("agent failed")?;
+    match baton_agent::run(cfg, Some(tx), stop).await {
+        // Final until an operator lifts it: told once, exit code 2.
+        Err(e @ baton_agent::AgentError::Banned { .. }) => {
+            return Err(exit(EXIT_REFUSED, e.to_string()));
+        }
+        r => r.context("agent failed")?,
+    }
     announcer.abort();
     hup.abort();
     tracing::info!("node daemon stopped");

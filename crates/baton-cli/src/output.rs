@@ -77,8 +77,8 @@ pub fn when(secs: u64) -> String {
     let rel = |d: std::time::Duration| {
         humantime::format_duration(std::time::Duration::from_secs(d.as_secs()))
     };
-    match at.duration_since(now) {
-        Ok(ahead) => format!("{stamp} (in {})", rel(ahead)),
-        Err(e) => format!("{stamp} ({} ago)", rel(e.duration())),
+    match now.duration_since(at) {
+        Ok(past) => format!("{stamp} ({} ago)", rel(past)),
+        Err(e) => format!("{stamp} (in {})", rel(e.duration())),
     }
 }
