@@ -354,3 +354,29 @@ pub fn own_uid() -> u32 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata("/proc/self").unwrap().uid()
 }
+
+/// The trust domain of a [`Cluster`].
+pub fn td() -> baton_core::TrustDomain {
+    baton_core::TrustDomain::new(TD).unwrap()
+}
+
+/// A TLS client config that trusts `c`'s bundle and accepts only the
+/// broker's SPIFFE ID, presenting `identity`.
+pub fn broker_tls_config(c: &Cluster, identity: baton_tls::ClientIdentity) -> rustls::ClientConfig {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    baton_tls::install_crypto_provider();
+    let bundles = baton_tls::BundleStore::new();
+    let anchors = CertificateDer::pem_file_iter(c.path("broker/bundle.pem"))
+        .unwrap()
+        .map(|c| c.unwrap().to_vec())
+        .collect();
+    bundles.set(td(), anchors);
+    let broker = td().id("/baton/broker").unwrap();
+    baton_tls::client_config(
+        identity,
+        bundles,
+        baton_tls::PeerPolicy::Exact(vec![broker]),
+    )
+    .unwrap()
+}

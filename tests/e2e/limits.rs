@@ -10,27 +10,15 @@ use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use baton_core::{SpiffeId, TrustDomain};
-use baton_tls::{BundleStore, ClientIdentity, PeerPolicy};
+use baton_core::SpiffeId;
+use baton_tls::ClientIdentity;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
 use crate::harness::{Cluster, Options, TD, wait_for, wait_for_async};
 
-fn td() -> TrustDomain {
-    TrustDomain::new(TD).unwrap()
-}
-
 fn tls_config(c: &Cluster, identity: ClientIdentity) -> rustls::ClientConfig {
-    baton_tls::install_crypto_provider();
-    let bundles = BundleStore::new();
-    let anchors = CertificateDer::pem_file_iter(c.path("broker/bundle.pem"))
-        .unwrap()
-        .map(|c| c.unwrap().to_vec())
-        .collect();
-    bundles.set(td(), anchors);
-    let broker = td().id("/baton/broker").unwrap();
-    baton_tls::client_config(identity, bundles, PeerPolicy::Exact(vec![broker])).unwrap()
+    crate::harness::broker_tls_config(c, identity)
 }
 
 fn client(c: &Cluster, identity: ClientIdentity) -> reqwest::Client {
