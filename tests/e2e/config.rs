@@ -296,3 +296,78 @@ fn config_check_accepts_the_shipped_examples_and_refuses_a_broken_copy() {
         "{err}"
     );
 }
+
+#[test]
+fn an_inline_secret_is_refused_and_its_file_twin_accepted() {
+    let c = Cluster::empty();
+    let agent = |extra: &str| {
+        format!(
+            "trust-domain = \"{TD}\"\n\
+             broker-url = \"https://127.0.0.1:1\"\n\
+             data-dir = {}\n\
+             socket = {}\n\
+             {extra}\n",
+            toml_path(&c.path("agent")),
+            toml_path(&c.agent_socket()),
+        )
+    };
+    // Attack: a join token written in the (world-readable) file. The agent
+    // refuses to start, names the key and line, and does not echo it.
+    let file = c.path("agent.toml");
+    std::fs::write(&file, agent("join-token = \"jt-s3cret-value\"")).unwrap();
+    let out = baton()
+        .arg("agent")
+        .arg("--config")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    let at = format!("{}:5:14: `join-token`", file.display());
+    assert!(err.contains(&at), "no {at:?} in: {err}");
+    assert!(err.contains("`join-token-file`"), "{err}");
+    assert!(!err.contains("s3cret"), "the secret was echoed: {err}");
+    assert!(!c.agent_socket().exists());
+
+    // A Redis password inside a URL, refused the same way by the check.
+    let rev = c.path("revocation.toml");
+    std::fs::write(&rev, "redis = \"redis://baton:pw-s3cret@127.0.0.1:6379\"\n").unwrap();
+    let out = baton()
+        .args(["config", "check"])
+        .arg(&rev)
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains(":1:9: `redis`: holds a password"), "{err}");
+    assert!(err.contains("`redis-password-file`"), "{err}");
+    assert!(!err.contains("s3cret"), "{err}");
+
+    // Controls: the secrets named by file pass the check.
+    std::fs::write(c.path("join-token"), "jt-s3cret-value").unwrap();
+    std::fs::write(
+        &file,
+        agent(&format!(
+            "join-token-file = {}",
+            toml_path(&c.path("join-token"))
+        )),
+    )
+    .unwrap();
+    let out = baton()
+        .args(["config", "check"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    std::fs::write(
+        &rev,
+        "redis = \"redis://baton@127.0.0.1:6379\"\nredis-password-file = \"/run/pw\"\n",
+    )
+    .unwrap();
+    let out = baton()
+        .args(["config", "check"])
+        .arg(&rev)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+}

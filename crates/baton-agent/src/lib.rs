@@ -57,6 +57,8 @@ pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_secs(5);
 /// because access is decided per call by attesting the caller (uid, gid,
 /// executable), not by the socket's file mode.
 pub const DEFAULT_SOCKET_MODE: u32 = 0o666;
+/// Default of [`AgentConfig::shutdown_grace`].
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// How long start-up waits for the first sync before serving anyway.
 const FIRST_SYNC_LIMIT: Duration = Duration::from_secs(5);
 
@@ -83,6 +85,9 @@ pub struct AgentConfig {
     pub rotate_fraction: f64,
     /// File mode of the socket; see [`DEFAULT_SOCKET_MODE`].
     pub socket_mode: u32,
+    /// After shutdown is asked: how long calls in flight get to finish
+    /// (open streams end at once) before the rest are dropped.
+    pub shutdown_grace: Duration,
 }
 
 impl AgentConfig {
@@ -104,6 +109,7 @@ impl AgentConfig {
             sync_interval: DEFAULT_SYNC_INTERVAL,
             rotate_fraction: DEFAULT_ROTATE_FRACTION,
             socket_mode: DEFAULT_SOCKET_MODE,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
         })
     }
 
@@ -122,6 +128,9 @@ impl AgentConfig {
         }
         if self.sync_interval.is_zero() {
             return Err(AgentError::Config("sync_interval must be positive".into()));
+        }
+        if self.shutdown_grace.is_zero() {
+            return Err(AgentError::Config("shutdown_grace must be positive".into()));
         }
         if !self.broker_id.is_member_of(&self.trust_domain) {
             return Err(AgentError::Config(format!(
@@ -235,6 +244,8 @@ pub async fn run(
     }
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let stop_rx_main = stop_rx.clone();
+    let grace = config.shutdown_grace;
     let sync_task = tokio::spawn(syncer.run(stop_rx.clone()));
     let renew_task = tokio::spawn(node::renew_loop(
         store,
@@ -245,7 +256,11 @@ pub async fn run(
         stop_rx,
     ));
 
-    let served = serve(
+    // Graceful shutdown: the socket stops accepting, the syncer stops (which
+    // ends the open Workload API streams), and calls in flight get
+    // `shutdown_grace` to finish before the server is dropped.
+    let mut stopped = stop_rx_main;
+    let serving = serve(
         &config,
         &node_id,
         (cache_rx, tainted_rx),
@@ -253,13 +268,25 @@ pub async fn run(
         ready,
         async move {
             shutdown.await;
-            tracing::info!("shutting down the node daemon");
+            tracing::info!(grace = ?grace, "shutting down the node daemon: no new connections; finishing calls in flight");
             // Stopping the syncer drops the cache sender, which ends the
             // open Workload API streams so graceful shutdown can finish.
             let _ = stop_tx.send(true);
         },
-    )
-    .await;
+    );
+    let deadline = async {
+        if stopped.wait_for(|s| *s).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(grace).await;
+    };
+    let served = tokio::select! {
+        served = serving => served,
+        () = deadline => {
+            tracing::warn!(?grace, "shutdown grace period elapsed; dropping the calls still open");
+            Ok(())
+        }
+    };
     sync_task.abort();
     renew_task.abort();
     let _ = std::fs::remove_file(&config.socket_path);

@@ -411,6 +411,13 @@ impl ConfigFile {
                 ));
                 continue;
             };
+            if let Some(why) = inline_secret(cmd, sub, arg, key, item) {
+                errors.push((
+                    value_span.start,
+                    format!("{}: `{key}`: {why}", self.at(value_span.start)),
+                ));
+                continue;
+            }
             match values(arg, key, item) {
                 Ok(args) => out.push(Setting {
                     id: arg.get_id().to_string(),
@@ -511,6 +518,77 @@ fn suggest(root: &clap::Command, sub: &clap::Command, key: &str) -> String {
             sub.get_name()
         ),
     }
+}
+
+/// Why a value must not be written in a configuration file, if it is a
+/// secret: the file is read by more people and tools (editors, backups,
+/// configuration management, `kubectl get configmap`) than a 0600 secret
+/// file. Generic over the flags, like the rest of the loader:
+///
+/// - a key whose flag has a `<key>-file` sibling (`join-token`, `grant`)
+///   holds a secret by definition;
+/// - any string that carries a password: a URL with one in its user part
+///   (`redis://user:pw@host`) or a libpq `password=` setting.
+///
+/// The message never quotes the value.
+fn inline_secret(
+    root: &clap::Command,
+    sub: &clap::Command,
+    arg: &Arg,
+    key: &str,
+    item: &toml_edit::Item,
+) -> Option<String> {
+    let env = arg
+        .get_env()
+        .map(|e| e.to_string_lossy().into_owned())
+        .unwrap_or_else(|| env_name(key));
+    let file_key = format!("{key}-file");
+    if find_setting(root, sub, &file_key).is_some() {
+        return Some(format!(
+            "a secret is not accepted inline in a configuration file; name a file \
+             holding it with `{file_key}` (mode 0600), or set {env}"
+        ));
+    }
+    let strings: Vec<&str> = match item {
+        toml_edit::Item::Value(toml_edit::Value::String(s)) => vec![s.value().as_str()],
+        toml_edit::Item::Value(toml_edit::Value::Array(list)) => {
+            list.iter().filter_map(toml_edit::Value::as_str).collect()
+        }
+        _ => Vec::new(),
+    };
+    if strings.iter().any(|s| holds_password(s)) {
+        // `redis` -> `redis-password-file`; `pg-admin-url` -> `pg-password-file`.
+        let stem = key.split('-').next().unwrap_or(key);
+        let hint = [
+            format!("{key}-password-file"),
+            format!("{stem}-password-file"),
+        ]
+        .into_iter()
+        .find(|k| find_setting(root, sub, k).is_some())
+        .map(|k| format!("`{k}` (mode 0600) or "))
+        .unwrap_or_default();
+        return Some(format!(
+            "holds a password inline, which is not accepted in a configuration file; \
+             leave it out and give it with {hint}{env}"
+        ));
+    }
+    None
+}
+
+/// A URL with a password in its user part (`scheme://user:pw@host`), or a
+/// libpq key/value string with `password=`.
+fn holds_password(s: &str) -> bool {
+    // Every URL in the string (`redis-cluster` takes a list of them).
+    let url_password = s.split("://").skip(1).any(|rest| {
+        let authority = rest.split(['/', '?', '#', ',']).next().unwrap_or_default();
+        authority
+            .rsplit_once('@')
+            .is_some_and(|(user, _)| user.split_once(':').is_some_and(|(_, pw)| !pw.is_empty()))
+    });
+    let kv_password = s
+        .split_whitespace()
+        .any(|w| w.to_ascii_lowercase().starts_with("password="));
+    url_password || kv_password
 }
 
 /// The arguments a TOML value stands for, by what the flag takes.
@@ -889,6 +967,84 @@ log = "debug"
             .find(|a| a.get_long() == Some("redis"))
             .unwrap();
         assert_eq!(redis.get_env().unwrap(), "BATON_REDIS_URL");
+    }
+
+    #[test]
+    fn inline_secrets_are_refused_without_quoting_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = write(
+            dir.path(),
+            "agent.toml",
+            "trust-domain = \"x.org\"\njoin-token = \"tok-s3cret\"\n",
+        );
+        let lines = config_errors(parse(&["agent", "--config", f.to_str().unwrap()]));
+        let all = lines.join("\n");
+        assert_eq!(lines.len(), 1, "{all}");
+        assert!(lines[0].contains("agent.toml:2:14: `join-token`"), "{all}");
+        assert!(lines[0].contains("`join-token-file`"), "{all}");
+        assert!(lines[0].contains("BATON_JOIN_TOKEN"), "{all}");
+        assert!(!all.contains("s3cret"), "{all}");
+
+        let g = write(
+            dir.path(),
+            "broker.toml",
+            "trust-domain = \"x.org\"\ndata-dir = \"/d\"\nredis = \"redis://baton:pw-s3cret@h:6379\"\npg-database = \"crm\"\npg-admin-url = \"host=db user=admin password=s3cret\"\n",
+        );
+        let lines = config_errors(parse(&["broker", "--config", g.to_str().unwrap()]));
+        let all = lines.join("\n");
+        assert_eq!(lines.len(), 2, "{all}");
+        assert!(
+            lines[0].contains(":3:9: `redis`: holds a password"),
+            "{all}"
+        );
+        assert!(lines[0].contains("`redis-password-file`"), "{all}");
+        assert!(
+            lines[1].contains(":5:16: `pg-admin-url`: holds a password"),
+            "{all}"
+        );
+        assert!(lines[1].contains("BATON_PG_ADMIN_URL"), "{all}");
+        assert!(!all.contains("s3cret"), "{all}");
+
+        // Controls: a user name without a password, the password in a file,
+        // the secret in the environment.
+        let h = write(
+            dir.path(),
+            "broker-ok.toml",
+            "trust-domain = \"x.org\"\ndata-dir = \"/d\"\nredis = \"redis://baton@h:6379\"\nredis-password-file = \"/run/pw\"\n",
+        );
+        let b = broker(parse(&["broker", "--config", h.to_str().unwrap()]).unwrap());
+        assert_eq!(b.redis.redis.as_deref(), Some("redis://baton@h:6379"));
+        let k = write(
+            dir.path(),
+            "agent-ok.toml",
+            "trust-domain = \"x.org\"\nbroker-url = \"https://b:8443\"\ndata-dir = \"/d\"\nsocket = \"/s\"\njoin-token-file = \"/etc/baton/join-token\"\n",
+        );
+        parse(&["agent", "--config", k.to_str().unwrap()]).unwrap();
+    }
+
+    #[test]
+    fn passwords_are_found_in_urls_and_libpq_strings() {
+        for s in [
+            "redis://u:p@h",
+            "rediss://:p@h:6380/0",
+            "redis://a:1,redis://u:p@b:2",
+            "postgresql://admin:p@db/crm",
+            "host=db password=p",
+            "host=db PASSWORD=p",
+        ] {
+            assert!(holds_password(s), "{s}");
+        }
+        for s in [
+            "redis://u@h",
+            "redis://h:6379",
+            "https://[::1]:8443",
+            "postgresql://admin@db/crm?sslmode=require",
+            "host=db user=admin",
+            "/run/credentials/x/password",
+            "u:p@h",
+        ] {
+            assert!(!holds_password(s), "{s}");
+        }
     }
 
     #[test]
