@@ -687,7 +687,7 @@ pub fn check(file: &Path, verb: Option<Verb>) -> Result<()> {
     ];
     match parse_cli(argv) {
         Ok(_) => {
-            println!("{}: ok for `baton {verb}`", file.display());
+            crate::output::line(&format!("{}: ok for `baton {verb}`", file.display()));
             Ok(())
         }
         Err(ParseError::Config(lines)) => Err(exit(EXIT_REFUSED, lines.join("\nerror: "))),
