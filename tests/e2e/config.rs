@@ -371,3 +371,50 @@ fn an_inline_secret_is_refused_and_its_file_twin_accepted() {
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+#[test]
+fn every_commented_setting_of_the_shipped_examples_is_a_valid_key() {
+    // The examples' commented-out settings (`# key = value`) are offered to
+    // be uncommented: each must be a key the verb accepts, with a value it
+    // accepts. `ops-listen` is skipped only on a build without that flag.
+    let dir = tempfile::tempdir().unwrap();
+    for verb in ["broker", "agent", "revocation"] {
+        let help = baton().args([verb, "--help"]).output().unwrap();
+        let has_ops = String::from_utf8_lossy(&help.stdout).contains("--ops-listen");
+        let text = std::fs::read_to_string(deploy_dir().join(format!("{verb}.toml"))).unwrap();
+        let mut uncommented = 0;
+        let open: String = text
+            .lines()
+            .filter_map(|l| {
+                let Some(rest) = l.strip_prefix("# ") else {
+                    return Some(l.to_owned());
+                };
+                let key = rest.split(" = ").next().unwrap_or_default();
+                let is_setting = rest.contains(" = ")
+                    && !key.is_empty()
+                    && key
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+                if !is_setting {
+                    return Some(l.to_owned());
+                }
+                if key == "ops-listen" && !has_ops {
+                    return None;
+                }
+                uncommented += 1;
+                Some(rest.to_owned())
+            })
+            .map(|l| l + "\n")
+            .collect();
+        assert!(uncommented >= 3, "{verb}: {uncommented} commented settings");
+        let file = dir.path().join(format!("{verb}.toml"));
+        std::fs::write(&file, open).unwrap();
+        let out = baton()
+            .args(["config", "check"])
+            .arg(&file)
+            .env("BATON_PG_ADMIN_URL", "postgresql://baton-admin@db/crm")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{verb}: {}", stderr(&out));
+    }
+}

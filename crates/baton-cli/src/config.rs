@@ -1048,6 +1048,34 @@ log = "debug"
     }
 
     #[test]
+    fn dev_mode_takes_a_file_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = write(
+            dir.path(),
+            "dev.toml",
+            "data-dir = \"/tmp/d\"\ntrust-domain = \"dev.example\"\nx509-ttl = \"10m\"\nshutdown-timeout = \"5s\"\n",
+        );
+        let cli = parse(&["dev", "--config", f.to_str().unwrap(), "--x509-ttl", "2m"]).unwrap();
+        let Command::Dev(d) = cli.command else {
+            panic!("not dev")
+        };
+        assert_eq!(d.data_dir, PathBuf::from("/tmp/d"));
+        assert_eq!(d.trust_domain, "dev.example");
+        assert_eq!(d.x509_ttl, std::time::Duration::from_secs(120));
+        assert_eq!(
+            d.shutdown.shutdown_timeout,
+            std::time::Duration::from_secs(5)
+        );
+        // A broker-only key is unknown to dev.
+        let g = write(dir.path(), "dev2.toml", "redis = \"redis://h\"\n");
+        let lines = config_errors(parse(&["dev", "--config", g.to_str().unwrap()]));
+        assert!(
+            lines[0].contains("unknown key `redis` for `baton dev`"),
+            "{lines:?}"
+        );
+    }
+
+    #[test]
     fn file_names_point_to_their_verb() {
         assert_eq!(
             guess_verb(Path::new("/etc/baton/broker.toml")),
