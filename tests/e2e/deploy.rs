@@ -234,3 +234,65 @@ fn systemd_units_verify_and_keep_their_hardening() {
     );
     assert!(!ok, "a bad ProtectSystem value passed: {err}");
 }
+
+/// Kind/name, container, liveness path, readiness path, readiness port,
+/// whether `--ops-listen` is passed.
+type ProbeRow = (
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    bool,
+);
+
+#[test]
+fn every_baton_workload_has_probes_on_its_ops_port() {
+    require_validator();
+    // (kind/name, container, liveness path, readiness path, port, has
+    // --ops-listen) of every container running the baton image.
+    const SCRIPT: &str = r#"
+import json, sys, yaml
+out = []
+for path in sys.argv[1:]:
+    for doc in yaml.safe_load_all(open(path)):
+        if not doc or doc.get("kind") not in ("Deployment", "StatefulSet", "DaemonSet"):
+            continue
+        for c in doc["spec"]["template"]["spec"]["containers"]:
+            if not c["image"].startswith("baton"):
+                continue
+            probe = lambda k: (c.get(k) or {}).get("httpGet") or {}
+            out.append([doc["kind"] + "/" + doc["metadata"]["name"], c["name"],
+                        probe("livenessProbe").get("path"), probe("readinessProbe").get("path"),
+                        probe("readinessProbe").get("port"), "--ops-listen" in c.get("args", [])])
+print(json.dumps(out))
+"#;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(SCRIPT)
+        .args(manifests())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python3 with PyYAML (a dependency of kubernetes-validate) is needed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<ProbeRow> = serde_json::from_slice(&out.stdout).unwrap();
+    let mut kinds: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        [
+            "DaemonSet/baton-agent",
+            "Deployment/baton-revocation",
+            "StatefulSet/baton-broker"
+        ]
+    );
+    for (kind, container, live, ready, port, ops) in &rows {
+        assert_eq!(live.as_deref(), Some("/livez"), "{kind} {container}");
+        assert_eq!(ready.as_deref(), Some("/readyz"), "{kind} {container}");
+        assert_eq!(port.as_deref(), Some("ops"), "{kind} {container}");
+        assert!(ops, "{kind} {container} does not pass --ops-listen");
+    }
+}
