@@ -1053,13 +1053,13 @@ log = "debug"
         let f = write(
             dir.path(),
             "dev.toml",
-            "data-dir = \"/tmp/d\"\ntrust-domain = \"dev.example\"\nx509-ttl = \"10m\"\nshutdown-timeout = \"5s\"\n",
+            "data-dir = \"/srv/baton-dev\"\ntrust-domain = \"dev.example\"\nx509-ttl = \"10m\"\nshutdown-timeout = \"5s\"\n",
         );
         let cli = parse(&["dev", "--config", f.to_str().unwrap(), "--x509-ttl", "2m"]).unwrap();
         let Command::Dev(d) = cli.command else {
             panic!("not dev")
         };
-        assert_eq!(d.data_dir, PathBuf::from("/tmp/d"));
+        assert_eq!(d.data_dir, PathBuf::from("/srv/baton-dev"));
         assert_eq!(d.trust_domain, "dev.example");
         assert_eq!(d.x509_ttl, std::time::Duration::from_secs(120));
         assert_eq!(
