@@ -8,6 +8,7 @@
 mod admission;
 mod audit;
 mod broker;
+mod ca_wait;
 mod chaos;
 mod config;
 mod delegation;
@@ -30,5 +31,6 @@ mod rotation;
 mod secret_files;
 mod secrets;
 mod shutdown;
+mod task_show;
 mod tls_resumption;
 mod traces;
