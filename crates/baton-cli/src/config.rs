@@ -1061,7 +1061,7 @@ log = "debug"
         };
         assert_eq!(d.data_dir, PathBuf::from("/srv/baton-dev"));
         assert_eq!(d.trust_domain, "dev.example");
-        assert_eq!(d.x509_ttl, std::time::Duration::from_secs(120));
+        assert_eq!(d.x509_ttl, Some(std::time::Duration::from_secs(120)));
         assert_eq!(
             d.shutdown.shutdown_timeout,
             std::time::Duration::from_secs(5)
