@@ -331,6 +331,45 @@ impl Cluster {
         self.agent = Some(p);
     }
 
+    /// A temp dir with nothing running: start the broker and the agent
+    /// yourself (e.g. from configuration files) with `run_broker` and
+    /// `run_agent`.
+    pub fn empty() -> Self {
+        Cluster {
+            dir: tempfile::Builder::new()
+                .prefix("baton-e2e")
+                .tempdir()
+                .unwrap(),
+            broker: None,
+            agent: None,
+            broker_addr: String::new(),
+            node_id: String::new(),
+            broker_args: Vec::new(),
+        }
+    }
+
+    /// Spawns `cmd` as this cluster's broker; waits until it writes `ready`
+    /// (its address). Its admin socket must be `admin_socket()`.
+    pub fn run_broker(&mut self, cmd: Command, ready: &Path) {
+        let mut p = Proc::spawn("broker", cmd, self.path("broker.log"));
+        self.broker_addr = wait_for("broker ready file", Duration::from_secs(30), || {
+            assert!(p.is_running(), "broker exited: {}", p.log_text());
+            std::fs::read_to_string(ready).ok()
+        });
+        self.broker = Some(p);
+    }
+
+    /// Spawns `cmd` as this cluster's agent; waits until it writes `ready`
+    /// (its node ID). Its socket must be `agent_socket()`.
+    pub fn run_agent(&mut self, cmd: Command, ready: &Path) {
+        let mut p = Proc::spawn("agent", cmd, self.path("agent.log"));
+        self.node_id = wait_for("agent ready file", Duration::from_secs(30), || {
+            assert!(p.is_running(), "agent exited: {}", p.log_text());
+            std::fs::read_to_string(ready).ok()
+        });
+        self.agent = Some(p);
+    }
+
     /// Registers an entry for this test process's uid under the agent.
     pub fn register(&self, path: &str, extra: &[&str]) -> serde_json::Value {
         let id = format!("spiffe://{TD}{path}");

@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Result;
-use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::{admin, audit, ca, creds, daemons, example, nodes, tasks, workload};
+use crate::{admin, audit, ca, config, creds, daemons, example, nodes, tasks, workload};
 
 /// Exit codes scripts can rely on.
 pub const EXIT_FAILURE: u8 = 1;
@@ -140,10 +140,27 @@ pub enum Command {
     /// The example of the README: a tool server, a tool client and a queue worker.
     #[command(subcommand)]
     Example(ExampleCmd),
+    /// Configuration files of the daemon verbs (`--config FILE`).
+    #[command(subcommand)]
+    Config(ConfigCmd),
     /// Print shell completions.
     Completions {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCmd {
+    /// Check a configuration file without starting anything: unknown keys,
+    /// values of the wrong type, conflicting or missing settings (exit 2,
+    /// with FILE:LINE:COLUMN). BATON_* variables set here count, as at start.
+    Check {
+        file: PathBuf,
+        /// The verb the file is for. Default: from the file name
+        /// (`broker.toml`, `baton-agent.toml`).
+        #[arg(long = "for", value_enum)]
+        verb: Option<config::Verb>,
     },
 }
 
@@ -1132,11 +1149,12 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
         Command::Node(cmd) => nodes::node(cmd).await,
         Command::Secret(cmd) => creds::secret(cmd).await,
         Command::Example(cmd) => example::run(cmd).await,
+        Command::Config(ConfigCmd::Check { file, verb }) => config::check(&file, verb),
         Command::Completions { shell } => {
             // Into a buffer first: clap_complete panics on a write error
             // (a closed pipe); `output` handles that quietly.
             let mut script = Vec::new();
-            clap_complete::generate(shell, &mut Cli::command(), "baton", &mut script);
+            clap_complete::generate(shell, &mut config::command(), "baton", &mut script);
             crate::output::bytes(&script);
             Ok(())
         }
@@ -1146,6 +1164,7 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::CommandFactory;
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();

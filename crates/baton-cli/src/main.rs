@@ -7,6 +7,7 @@ mod admin;
 mod audit;
 mod ca;
 mod cli;
+mod config;
 mod creds;
 mod daemons;
 mod example;
@@ -20,10 +21,11 @@ mod workload;
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
 fn main() -> ExitCode {
-    let cli = cli::Cli::parse();
+    let cli = match config::parse_cli(std::env::args_os()) {
+        Ok(cli) => cli,
+        Err(e) => return ExitCode::from(e.report()),
+    };
     // One crypto provider for the whole process, installed before any TLS
     // or JWT object exists (reqwest builds a rustls config on creation, the
     // OTLP exporter's client too).
