@@ -18,6 +18,7 @@ mod harness;
 mod identity;
 mod jwt_rotation;
 mod limits;
+mod ops;
 mod nodes;
 mod refusals;
 mod restart;

@@ -83,6 +83,9 @@ pub struct AgentConfig {
     pub rotate_fraction: f64,
     /// File mode of the socket; see [`DEFAULT_SOCKET_MODE`].
     pub socket_mode: u32,
+    /// The ops listener's handle (`--ops-listen`): the daemon adds its
+    /// readiness checks and gauges to it. `None`: no ops listener.
+    pub ops: Option<baton_ops::Ops>,
 }
 
 impl AgentConfig {
@@ -104,6 +107,7 @@ impl AgentConfig {
             sync_interval: DEFAULT_SYNC_INTERVAL,
             rotate_fraction: DEFAULT_ROTATE_FRACTION,
             socket_mode: DEFAULT_SOCKET_MODE,
+            ops: None,
         })
     }
 
@@ -210,8 +214,12 @@ pub async fn run(
     )
     .await?;
     let node_id = node_svid.spiffe_id.clone();
+    baton_ops::metrics().agent_node_svid(node_svid.not_after);
 
     let (cache_tx, cache_rx) = watch::channel(Arc::new(Snapshot::default()));
+    if let Some(ops) = &config.ops {
+        install_ops(ops, cache_rx.clone(), config.sync_interval);
+    }
     let (tainted_tx, tainted_rx) = watch::channel(Arc::new(Vec::new()));
     let mut syncer = Syncer::new(
         Arc::clone(&client),
@@ -264,6 +272,55 @@ pub async fn run(
     renew_task.abort();
     let _ = std::fs::remove_file(&config.socket_path);
     served
+}
+
+/// The daemon's readiness checks (a valid node SVID the broker accepts,
+/// a recent successful sync) and scrape-time gauges.
+fn install_ops(ops: &baton_ops::Ops, cache: watch::Receiver<Arc<Snapshot>>, interval: Duration) {
+    use baton_ops::metrics;
+    ops.add_role(baton_ops::Role::Agent);
+    ops.add_check("node_svid", || async {
+        let m = metrics();
+        if m.agent_node_refused.get() != 0 {
+            return Err(
+                "the broker refuses this node (evicted, banned or its agent SVID revoked): every workload identity was dropped"
+                    .to_owned(),
+            );
+        }
+        let not_after = m.agent_node_svid_not_after();
+        if not_after <= node::unix_now() {
+            return Err(format!("the node SVID expired at {not_after}"));
+        }
+        Ok(())
+    });
+    // Three missed rounds, and never less than 15 s: one slow round is
+    // not an outage.
+    let fresh = (interval * 3).max(Duration::from_secs(15)).as_secs();
+    ops.add_check("sync", move || async move {
+        let last = u64::try_from(metrics().agent_last_sync.get()).unwrap_or(0);
+        let age = node::unix_now().saturating_sub(last);
+        if last == 0 {
+            Err("no successful sync with the broker yet".to_owned())
+        } else if age > fresh {
+            Err(format!(
+                "the last successful sync was {age} s ago (more than {fresh} s)"
+            ))
+        } else {
+            Ok(())
+        }
+    });
+    ops.on_scrape(move || {
+        let m = metrics();
+        let now = i64::try_from(node::unix_now()).unwrap_or(i64::MAX);
+        let svids = cache.borrow().svids().count();
+        m.agent_cached_svids
+            .set(i64::try_from(svids).unwrap_or(i64::MAX));
+        m.agent_node_svid_expiry
+            .set(baton_ops::metrics::secs(m.agent_node_svid_not_after()) - now);
+        let last = m.agent_last_sync.get();
+        m.agent_last_sync_age
+            .set(if last == 0 { 0 } else { now - last });
+    });
 }
 
 async fn serve(

@@ -232,6 +232,17 @@ pub(crate) fn resolve_tx(
 }
 
 /// A `(id, kind, expires_at)` row.
+/// The metric label of a revocation's target (never the id itself).
+fn target_kind(t: &Target) -> &'static str {
+    match t {
+        Target::Credential(_) => "credential",
+        Target::Task(_) => "task",
+        Target::Subtree(_) => "subtree",
+        Target::Agent(_) => "agent",
+        Target::Node(_) => "node",
+    }
+}
+
 fn revoked_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Revoked> {
     let kind: String = r.get(1)?;
     Ok(Revoked {
@@ -520,6 +531,7 @@ impl Revoker {
             )));
         }
         tracing::info!(%target, count = all.len(), reason, "revoked");
+        baton_ops::metrics().revoked(target_kind(target), all.len());
         self.reap_leases(&all).await;
         Ok(all)
     }
@@ -556,6 +568,7 @@ impl Revoker {
         })?;
         self.changed.notify_waiters();
         tracing::info!(task = %task, count = all.len(), reason, "revoked the task's credentials");
+        baton_ops::metrics().revoked("purpose", all.len());
         self.reap_leases(&all).await;
         Ok(all)
     }
@@ -608,6 +621,11 @@ impl Revoker {
                 "recorded; propagating to the revocation store ({why}); verifiers following the broker's own feed already have it, the relay retries until the store acknowledges"
             ),
         })
+    }
+
+    /// Why the relay is behind the datastore, if it is (readiness).
+    pub fn relay_behind(&self) -> Option<String> {
+        self.relay_error.lock().ok().and_then(|e| e.clone())
     }
 
     fn last_seq(&self) -> Result<u64, StoreError> {
@@ -742,6 +760,7 @@ impl Revoker {
                         let _ = tokio::time::timeout(RELAY_TICK, notified).await;
                     }
                     Err(e) => {
+                        baton_ops::metrics().store_error("redis");
                         let msg = e.to_string();
                         if let Ok(mut slot) = this.relay_error.lock() {
                             if slot.as_deref() != Some(msg.as_str()) {

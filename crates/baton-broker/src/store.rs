@@ -255,6 +255,12 @@ impl SqliteStore {
         Self::migrate(conn)
     }
 
+    /// Whether the database answers a query now (readiness).
+    pub fn ping(&self) -> Result<(), StoreError> {
+        self.with(|c| Ok(c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?))
+            .map(|_| ())
+    }
+
     /// A private in-memory database (tests, throwaway runs).
     pub fn in_memory() -> Result<Self, StoreError> {
         Self::migrate(Connection::open_in_memory()?)

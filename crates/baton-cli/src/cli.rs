@@ -123,6 +123,9 @@ pub enum Command {
     /// The example of the README: a tool server, a tool client and a queue worker.
     #[command(subcommand)]
     Example(ExampleCmd),
+    /// Probe a daemon's ops listener (`--ops-listen`): exit 0 when healthy,
+    /// 1 otherwise, naming the failing checks.
+    Healthcheck(crate::ops::HealthcheckArgs),
     /// Print shell completions.
     Completions {
         #[arg(value_enum)]
@@ -148,6 +151,8 @@ pub struct DevArgs {
     /// of deploy/policies/admission (built in).
     #[arg(long, value_name = "DIR")]
     pub admission_policy: Option<PathBuf>,
+    #[command(flatten)]
+    pub ops: crate::ops::OpsArgs,
 }
 
 /// How the CA rotates, and the PKI it may run under.
@@ -368,6 +373,8 @@ pub struct BrokerArgs {
     /// How often leases past their expiry are reaped in every secret engine.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub secret_sweep_interval: Duration,
+    #[command(flatten)]
+    pub ops: crate::ops::OpsArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -422,6 +429,8 @@ pub struct RevocationArgs {
     /// How often to check that Redis still holds its data.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub check_every: Duration,
+    #[command(flatten)]
+    pub ops: crate::ops::OpsArgs,
 }
 
 #[derive(Debug, Args)]
@@ -465,6 +474,8 @@ pub struct AgentArgs {
     /// Write the node's SPIFFE ID to this file once serving (for scripts and tests).
     #[arg(long)]
     pub ready_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub ops: crate::ops::OpsArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -1054,6 +1065,7 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
         Command::Node(cmd) => nodes::node(cmd).await,
         Command::Secret(cmd) => creds::secret(cmd).await,
         Command::Example(cmd) => example::run(cmd).await,
+        Command::Healthcheck(args) => crate::ops::healthcheck(args).await,
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "baton", &mut std::io::stdout());
             Ok(())
