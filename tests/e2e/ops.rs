@@ -81,7 +81,7 @@ fn wait_not_ready(addr: &str, check: &str, what: &str) -> serde_json::Value {
 
 fn healthcheck(addr: &str, check: &str) -> Output {
     baton()
-        .args(["healthcheck", "--ops-addr", addr, "--check", check])
+        .args(["healthcheck", "--ops-addr", addr, &format!("--{check}")])
         .output()
         .unwrap()
 }
@@ -150,14 +150,21 @@ fn metrics_count_a_scripted_flow_at_the_broker_the_agent_and_the_revocation_serv
         },
     );
     let mut cmd = baton();
-    cmd.args(["revocation", "--redis", &redis.url, "--check-every", "200ms"])
-        .args(["--ops-listen", &rops]);
+    cmd.args([
+        "revocation",
+        "--redis",
+        &redis.url,
+        "--check-every",
+        "200ms",
+    ])
+    .args(["--ops-listen", &rops]);
     let _rev = Proc::spawn("revocation", cmd, w.c.path("revocation.log"));
     wait_ready(&bops, "the broker ready");
     wait_ready(&aops, "the agent ready");
     wait_ready(&rops, "the revocation service ready");
 
     let before = scrape(&bops);
+    let agent_before = scrape(&aops);
     let audit_before = audit_size(&w);
     // Task start, the planner's redeem, a hop, the researcher's redeem.
     let (task, _planner, researcher) = chain(&w, "m");
@@ -195,10 +202,7 @@ fn metrics_count_a_scripted_flow_at_the_broker_the_agent_and_the_revocation_serv
         d(r#"baton_credentials_issued_total{kind="x509",holder="task"}"#),
         2.0
     );
-    assert_eq!(
-        d(r#"baton_revocations_total{target="credential"}"#),
-        1.0
-    );
+    assert_eq!(d(r#"baton_revocations_total{target="credential"}"#), 1.0);
     // The researcher's token and its certificate.
     assert_eq!(
         d(r#"baton_revoked_credentials_total{target="credential"}"#),
@@ -227,8 +231,15 @@ fn metrics_count_a_scripted_flow_at_the_broker_the_agent_and_the_revocation_serv
         1.0
     );
     assert_eq!(
-        sum(&after, "baton_http_requests_total", r#"route="/v1/delegate""#)
-            - sum(&before, "baton_http_requests_total", r#"route="/v1/delegate""#),
+        sum(
+            &after,
+            "baton_http_requests_total",
+            r#"route="/v1/delegate""#
+        ) - sum(
+            &before,
+            "baton_http_requests_total",
+            r#"route="/v1/delegate""#
+        ),
         2.0
     );
     assert_eq!(
@@ -267,6 +278,23 @@ fn metrics_count_a_scripted_flow_at_the_broker_the_agent_and_the_revocation_serv
         "{agent}"
     );
     assert_eq!(value(&agent, "baton_agent_node_refused"), 0.0);
+    // The two redeems went through the node daemon's socket.
+    let redeem_ok = r#"baton_agent_rpcs_total{rpc="Redeem",code="OK"}"#;
+    assert_eq!(
+        value(&agent, redeem_ok) - value(&agent_before, redeem_ok),
+        2.0,
+        "{agent}"
+    );
+    assert_eq!(
+        value(
+            &agent,
+            r#"baton_agent_rpc_duration_seconds_count{rpc="Redeem",code="OK"}"#
+        ) - value(
+            &agent_before,
+            r#"baton_agent_rpc_duration_seconds_count{rpc="Redeem",code="OK"}"#
+        ),
+        2.0
+    );
     // The broker's families are not on the agent's listener.
     assert!(!agent.contains("baton_hops_granted"));
 
@@ -274,10 +302,19 @@ fn metrics_count_a_scripted_flow_at_the_broker_the_agent_and_the_revocation_serv
     let rev = scrape(&rops);
     assert_eq!(value(&rev, "baton_revocation_store_up"), 1.0, "{rev}");
     assert_eq!(value(&rev, "baton_revocation_store_seeded"), 1.0);
-    assert!(value(&rev, r#"baton_revocation_store_checks_total{decision="ok"}"#) >= 1.0);
+    assert!(
+        value(
+            &rev,
+            r#"baton_revocation_store_checks_total{decision="ok"}"#
+        ) >= 1.0
+    );
 
     let secrets = [task.as_str(), jti.as_str()];
-    for (text, whose) in [(&after, "broker"), (&agent, "agent"), (&rev, "revocation service")] {
+    for (text, whose) in [
+        (&after, "broker"),
+        (&agent, "agent"),
+        (&rev, "revocation service"),
+    ] {
         assert_no_secret(text, whose, &secrets);
         promtool_check(text, whose);
     }
@@ -297,9 +334,19 @@ fn readyz_follows_redis_and_the_brokers_refusal_of_the_node() {
         agent_args: vec!["--ops-listen".into(), aops.clone()],
         ..Options::default()
     });
+    // The revocation service binds all interfaces, as an explicit choice
+    // (--ops-listen-non-loopback); it is probed over loopback.
+    let rport = rops.rsplit_once(':').unwrap().1.to_owned();
     let mut cmd = baton();
-    cmd.args(["revocation", "--redis", &redis.url, "--check-every", "200ms"])
-        .args(["--ops-listen", &rops]);
+    cmd.args([
+        "revocation",
+        "--redis",
+        &redis.url,
+        "--check-every",
+        "200ms",
+    ])
+    .args(["--ops-listen", &format!("0.0.0.0:{rport}")])
+    .arg("--ops-listen-non-loopback");
     let _rev = Proc::spawn("revocation", cmd, c.path("revocation.log"));
     for (addr, what) in [(&bops, "broker"), (&aops, "agent"), (&rops, "revocation")] {
         wait_ready(addr, what);
@@ -315,7 +362,13 @@ fn readyz_follows_redis_and_the_brokers_refusal_of_the_node() {
         .iter()
         .map(|c| c["name"].as_str().unwrap())
         .collect();
-    for n in ["started", "datastore", "audit_log", "authority", "revocation_store"] {
+    for n in [
+        "started",
+        "datastore",
+        "audit_log",
+        "authority",
+        "revocation_store",
+    ] {
         assert!(names.contains(&n), "{n} missing from {body}");
     }
 
@@ -324,7 +377,11 @@ fn readyz_follows_redis_and_the_brokers_refusal_of_the_node() {
     redis.stop();
     let body = wait_not_ready(&bops, "revocation_store", "broker not ready without Redis");
     assert_eq!(body["failing"].as_array().unwrap().len(), 1, "{body}");
-    wait_not_ready(&rops, "revocation_store", "revocation service not ready without Redis");
+    wait_not_ready(
+        &rops,
+        "revocation_store",
+        "revocation service not ready without Redis",
+    );
     let out = healthcheck(&bops, "ready");
     assert_eq!(out.status.code(), Some(1));
     assert!(
@@ -343,7 +400,11 @@ fn readyz_follows_redis_and_the_brokers_refusal_of_the_node() {
     // The broker evicts the node: its agent is not ready (node_svid), the
     // broker still is.
     c.cli_ok(&["node", "evict", &c.node_id, "--reason", "ops test"]);
-    wait_not_ready(&aops, "node_svid", "agent not ready once its node is evicted");
+    wait_not_ready(
+        &aops,
+        "node_svid",
+        "agent not ready once its node is evicted",
+    );
     let out = healthcheck(&aops, "ready");
     assert_eq!(out.status.code(), Some(1));
     assert!(
@@ -358,4 +419,33 @@ fn readyz_follows_redis_and_the_brokers_refusal_of_the_node() {
     // Nothing listening: unhealthy, exit 1.
     let out = healthcheck(&free_addr(), "live");
     assert_eq!(out.status.code(), Some(1), "{out:?}");
+}
+
+#[test]
+fn the_ops_listener_binds_off_loopback_only_when_asked_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = |listen: &str| {
+        baton()
+            .args(["agent", "--trust-domain", "example.org"])
+            .args(["--broker-url", "https://127.0.0.1:1"])
+            .arg("--data-dir")
+            .arg(dir.path().join("agent"))
+            .arg("--socket")
+            .arg(dir.path().join("agent.sock"))
+            .args(["--ops-listen", listen])
+            .output()
+            .unwrap()
+    };
+    for addr in ["0.0.0.0:0", "[::]:0"] {
+        let out = agent(addr);
+        assert_eq!(out.status.code(), Some(2), "{addr}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--ops-listen-non-loopback"), "{addr}: {err}");
+    }
+    // Control: on loopback the listener is accepted and the agent goes on
+    // to fail where it should, with no identity and no join token.
+    let out = agent("127.0.0.1:0");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(!err.contains("--ops-listen-non-loopback"), "{err}");
 }

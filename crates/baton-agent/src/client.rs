@@ -222,8 +222,20 @@ impl BrokerClient {
     /// this node attested, with the CSR of a key generated for it. The
     /// grant is single-use: a call that fails after reaching the broker may
     /// still have spent it.
-    pub async fn redeem(&self, req: &RedeemRequest) -> Result<TaskCredential, ClientError> {
-        self.post("/v1/node/redeem", req).await
+    pub async fn redeem(
+        &self,
+        req: &RedeemRequest,
+        trace: Option<&baton_core::TraceParent>,
+    ) -> Result<TaskCredential, ClientError> {
+        let route = "/v1/node/redeem";
+        let mut post = self.http().post(self.url(route)).json(req);
+        if let Some(tp) = trace {
+            post = post.header(
+                baton_core::trace_context::TRACEPARENT_HEADER,
+                tp.to_string(),
+            );
+        }
+        self.finish(route, post.send().await).await
     }
 
     /// `POST /v1/node/renew-task` (mTLS): a task credential re-issued

@@ -50,10 +50,12 @@ pub const MAX_GRANT_LEN: usize = 4096;
 /// Who redeems grants with the broker. The node daemon's implementation is
 /// [`BrokerClient`]; tests plug in a fake.
 pub trait GrantRedeemer: Send + Sync + 'static {
-    /// Redeems `req.grant` for `req.spiffe_id` with the CSR of a fresh key.
+    /// Redeems `req.grant` for `req.spiffe_id` with the CSR of a fresh key,
+    /// continuing the caller's W3C trace when it sent one.
     fn redeem(
         &self,
         req: &RedeemRequest,
+        trace: Option<&baton_core::TraceParent>,
     ) -> impl Future<Output = Result<TaskCredential, ClientError>> + Send;
 
     /// Re-issues a held task credential under the CA's active keys.
@@ -64,8 +66,12 @@ pub trait GrantRedeemer: Send + Sync + 'static {
 }
 
 impl GrantRedeemer for BrokerClient {
-    async fn redeem(&self, req: &RedeemRequest) -> Result<TaskCredential, ClientError> {
-        BrokerClient::redeem(self, req).await
+    async fn redeem(
+        &self,
+        req: &RedeemRequest,
+        trace: Option<&baton_core::TraceParent>,
+    ) -> Result<TaskCredential, ClientError> {
+        BrokerClient::redeem(self, req, trace).await
     }
 
     async fn renew(&self, req: &RenewTaskRequest) -> Result<TaskCredential, ClientError> {
@@ -258,6 +264,13 @@ impl<R: GrantRedeemer> Delegation for DelegationService<R> {
         request: Request<RedeemGrantRequest>,
     ) -> Result<Response<RedeemGrantResponse>, Status> {
         let who = attest_caller(&self.attestor, &request).await?;
+        // The caller's trace, passed on to the broker (a malformed one is
+        // dropped: it must not cost the caller its grant).
+        let trace = request
+            .metadata()
+            .get(baton_core::trace_context::TRACEPARENT_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<baton_core::TraceParent>().ok());
         let RedeemGrantRequest { grant, spiffe_id } = request.into_inner();
         let (spiffe_id, bundle) = {
             let snapshot = Arc::clone(&self.cache.borrow());
@@ -282,16 +295,20 @@ impl<R: GrantRedeemer> Delegation for DelegationService<R> {
             spiffe_id: spiffe_id.clone(),
             csr_der,
         };
-        let cred = self.broker.redeem(&req).await.map_err(|e| {
-            tracing::warn!(
-                uid = who.uid(),
-                pid = ?who.pid(),
-                spiffe_id = %spiffe_id,
-                error = %e,
-                "grant redemption failed"
-            );
-            redeem_status(&e)
-        })?;
+        let cred = self
+            .broker
+            .redeem(&req, trace.as_ref())
+            .await
+            .map_err(|e| {
+                tracing::warn!(
+                    uid = who.uid(),
+                    pid = ?who.pid(),
+                    spiffe_id = %spiffe_id,
+                    error = %e,
+                    "grant redemption failed"
+                );
+                redeem_status(&e)
+            })?;
         if let Err(reason) = check_credential(&cred, &spiffe_id, &key, &self.bundles, unix_now()) {
             tracing::error!(
                 task = %cred.task_id,
@@ -443,7 +460,11 @@ mod tests {
     }
 
     impl GrantRedeemer for FakeBroker {
-        async fn redeem(&self, req: &RedeemRequest) -> Result<TaskCredential, ClientError> {
+        async fn redeem(
+            &self,
+            req: &RedeemRequest,
+            _trace: Option<&baton_core::TraceParent>,
+        ) -> Result<TaskCredential, ClientError> {
             self.calls.lock().unwrap().push(req.clone());
             (self.answer.lock().unwrap())(req, &self.ca)
         }
@@ -810,7 +831,9 @@ mod tests {
             spiffe_id: SpiffeId::parse("spiffe://example.org/agents/a").unwrap(),
             csr_der: vec![1, 2, 3],
         };
-        let err = GrantRedeemer::redeem(&client, &req).await.unwrap_err();
+        let err = GrantRedeemer::redeem(&client, &req, None)
+            .await
+            .unwrap_err();
         assert!(matches!(err, ClientError::Unreachable { .. }), "{err:?}");
         assert_eq!(redeem_status(&err).code(), Code::Unavailable);
     }

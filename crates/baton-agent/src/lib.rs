@@ -22,6 +22,7 @@ pub mod client;
 pub mod delegation;
 pub mod jwt;
 pub mod node;
+mod rpc_metrics;
 pub mod sync;
 pub mod workload;
 
@@ -57,6 +58,8 @@ pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_secs(5);
 /// because access is decided per call by attesting the caller (uid, gid,
 /// executable), not by the socket's file mode.
 pub const DEFAULT_SOCKET_MODE: u32 = 0o666;
+/// Default of [`AgentConfig::shutdown_grace`].
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// How long start-up waits for the first sync before serving anyway.
 const FIRST_SYNC_LIMIT: Duration = Duration::from_secs(5);
 
@@ -86,6 +89,9 @@ pub struct AgentConfig {
     /// The ops listener's handle (`--ops-listen`): the daemon adds its
     /// readiness checks and gauges to it. `None`: no ops listener.
     pub ops: Option<baton_ops::Ops>,
+    /// After shutdown is asked: how long calls in flight get to finish
+    /// (open streams end at once) before the rest are dropped.
+    pub shutdown_grace: Duration,
 }
 
 impl AgentConfig {
@@ -108,6 +114,7 @@ impl AgentConfig {
             rotate_fraction: DEFAULT_ROTATE_FRACTION,
             socket_mode: DEFAULT_SOCKET_MODE,
             ops: None,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
         })
     }
 
@@ -126,6 +133,9 @@ impl AgentConfig {
         }
         if self.sync_interval.is_zero() {
             return Err(AgentError::Config("sync_interval must be positive".into()));
+        }
+        if self.shutdown_grace.is_zero() {
+            return Err(AgentError::Config("shutdown_grace must be positive".into()));
         }
         if !self.broker_id.is_member_of(&self.trust_domain) {
             return Err(AgentError::Config(format!(
@@ -243,6 +253,8 @@ pub async fn run(
     }
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let stop_rx_main = stop_rx.clone();
+    let grace = config.shutdown_grace;
     let sync_task = tokio::spawn(syncer.run(stop_rx.clone()));
     let renew_task = tokio::spawn(node::renew_loop(
         store,
@@ -253,7 +265,11 @@ pub async fn run(
         stop_rx,
     ));
 
-    let served = serve(
+    // Graceful shutdown: the socket stops accepting, the syncer stops (which
+    // ends the open Workload API streams), and calls in flight get
+    // `shutdown_grace` to finish before the server is dropped.
+    let mut stopped = stop_rx_main;
+    let serving = serve(
         &config,
         &node_id,
         (cache_rx, tainted_rx),
@@ -261,13 +277,25 @@ pub async fn run(
         ready,
         async move {
             shutdown.await;
-            tracing::info!("shutting down the node daemon");
+            tracing::info!(grace = ?grace, "shutting down the node daemon: no new connections; finishing calls in flight");
             // Stopping the syncer drops the cache sender, which ends the
             // open Workload API streams so graceful shutdown can finish.
             let _ = stop_tx.send(true);
         },
-    )
-    .await;
+    );
+    let deadline = async {
+        if stopped.wait_for(|s| *s).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(grace).await;
+    };
+    let served = tokio::select! {
+        served = serving => served,
+        () = deadline => {
+            tracing::warn!(?grace, "shutdown grace period elapsed; dropping the calls still open");
+            Ok(())
+        }
+    };
     sync_task.abort();
     renew_task.abort();
     let _ = std::fs::remove_file(&config.socket_path);
@@ -357,6 +385,7 @@ async fn serve(
         });
     }
     tonic::transport::Server::builder()
+        .layer(rpc_metrics::CountRpcsLayer)
         .add_service(SpiffeWorkloadApiServer::new(workload))
         .add_service(DelegationServer::new(delegation))
         .serve_with_incoming_shutdown(

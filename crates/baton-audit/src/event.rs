@@ -11,16 +11,20 @@
 //! `actor`, `at`, `decision`, `depth`, `initiator_hmac`, `input_digest`,
 //! `justification_hmac`, `kind`, `output_digest`, `parent_jti`, `policy_ids`,
 //! `purpose`, `reason`, `resource`, `risk`, `scope`, `target`, `task_id`,
-//! `token_jti`, `tool`, `v`
+//! `token_jti`, `tool`, `trace_id`, `v`
 //!
 //! `v` is `1`; `kind` is snake_case (`task_started`, `hop_granted`, ...);
 //! `scope` is the sorted list of permission strings; `risk` is the lowercase
-//! tier. The sensitive values (initiator, justification) appear only as
+//! tier; `trace_id` is the W3C trace id (32 lowercase hex digits) of the
+//! request that caused the event, when it carried a `traceparent` or the
+//! broker traced it. It was added without a version change: an event without
+//! it encodes exactly as before, so older logs verify unchanged. The
+//! sensitive values (initiator, justification) appear only as
 //! `*_hmac`: lowercase hex HMAC-SHA256 under the log's key. The clear text
 //! lives in a separate display column outside the tree.
 
 use baton_core::api::ToolCallReport;
-use baton_core::{Purpose, RiskTier, Scope, SpiffeId, TaskId};
+use baton_core::{Purpose, RiskTier, Scope, SpiffeId, TaskId, TraceId};
 use serde::{Deserialize, Serialize};
 
 use crate::error::AuditError;
@@ -110,6 +114,9 @@ pub struct AuditEvent {
     pub input_digest: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_digest: Option<String>,
+    /// The W3C trace of the request that caused the event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<TraceId>,
 }
 
 impl std::fmt::Debug for AuditEvent {
@@ -136,6 +143,7 @@ impl std::fmt::Debug for AuditEvent {
             .field("justification", &hidden(&self.justification))
             .field("input_digest", &self.input_digest)
             .field("output_digest", &self.output_digest)
+            .field("trace_id", &self.trace_id)
             .finish()
     }
 }
@@ -164,6 +172,7 @@ impl AuditEvent {
             justification: None,
             input_digest: None,
             output_digest: None,
+            trace_id: None,
         }
     }
 
@@ -232,6 +241,8 @@ struct CanonicalRef<'a> {
     token_jti: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tool: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trace_id: Option<TraceId>,
     v: u32,
 }
 
@@ -276,6 +287,8 @@ pub struct CanonicalEvent {
     pub token_jti: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<TraceId>,
     pub v: u32,
 }
 
@@ -302,6 +315,7 @@ pub fn canonical_bytes(event: &AuditEvent, keys: &AuditKeys) -> Result<Vec<u8>, 
         task_id: &event.task_id,
         token_jti: event.token_jti.as_deref(),
         tool: event.tool.as_deref(),
+        trace_id: event.trace_id,
         v: CANONICAL_VERSION,
     };
     serde_json::to_vec(&c).map_err(|e| AuditError::Encode(e.to_string()))
@@ -384,6 +398,7 @@ impl AuditRecord {
             justification: clear.justification,
             input_digest: c.input_digest,
             output_digest: c.output_digest,
+            trace_id: c.trace_id,
         };
         Self {
             index,

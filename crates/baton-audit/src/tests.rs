@@ -11,6 +11,7 @@ use crate::*;
 
 const INITIATOR: &str = "alice@example.com";
 const JUSTIFICATION: &str = "customer 4411 asked about invoice 93";
+const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 
 fn id(path: &str) -> SpiffeId {
     SpiffeId::parse(&format!("spiffe://example.org{path}")).unwrap()
@@ -46,6 +47,7 @@ fn task_events(t: &TaskId, at: u64) -> Vec<AuditEvent> {
     hop.decision = Some("granted".into());
     hop.justification = Some(JUSTIFICATION.into());
     hop.policy_ids = vec!["hop-default".into()];
+    hop.trace_id = Some(TRACE.parse().unwrap());
 
     let mut redeem = AuditEvent::new(EventKind::Redeemed, at + 2, t.clone());
     redeem.actor = Some(id("/agents/researcher"));
@@ -260,6 +262,41 @@ fn canonical_encoding_is_sorted_compact_and_hmacs_sensitive_values() {
         let pretty = serde_json::to_vec_pretty(&v).unwrap();
         assert!(decode_canonical(&pretty).is_err());
     }
+}
+
+#[test]
+fn an_event_without_a_trace_id_encodes_exactly_as_before_the_field_existed() {
+    // Logs written before `trace_id` existed must verify unchanged: their
+    // events re-encode to the same bytes; one with a trace id places it
+    // between `tool` and `v`.
+    let keys = AuditKeys::generate().unwrap();
+    let t = task(9);
+    let mut e = AuditEvent::new(EventKind::Redeemed, 9, t.clone());
+    e.actor = Some(id("/agents/a"));
+    e.token_jti = Some("j".into());
+    e.tool = Some("crm.search".into());
+    let old = format!(
+        r#"{{"actor":"spiffe://example.org/agents/a","at":9,"kind":"redeemed","task_id":"{t}","token_jti":"j","tool":"crm.search","v":1}}"#
+    );
+    assert_eq!(event::canonical_bytes(&e, &keys).unwrap(), old.as_bytes());
+    assert_eq!(decode_canonical(old.as_bytes()).unwrap().trace_id, None);
+    e.trace_id = Some(TRACE.parse().unwrap());
+    let new = old.replace(
+        r#""tool":"crm.search","v":1"#,
+        &format!(r#""tool":"crm.search","trace_id":"{TRACE}","v":1"#),
+    );
+    assert_eq!(event::canonical_bytes(&e, &keys).unwrap(), new.as_bytes());
+    let decoded = decode_canonical(new.as_bytes()).unwrap();
+    assert_eq!(
+        decoded.trace_id.map(|t| t.to_string()).as_deref(),
+        Some(TRACE)
+    );
+    // Not a trace id: refused as a canonical event.
+    let zero = old.replace(
+        r#""v":1"#,
+        r#""trace_id":"00000000000000000000000000000000","v":1"#,
+    );
+    assert!(decode_canonical(zero.as_bytes()).is_err());
 }
 
 #[test]
@@ -1018,7 +1055,7 @@ fn trace_of_a_small_task_renders_the_expected_tree() {
         "task {t}, purpose support.case-research, scope [dataset:crm:read, tool:crm.search:read], started at 1700000000
 ├─ initiator alice@example.com
 ├─ spiffe://example.org/agents/planner (root agent)
-│  └─ hop → spiffe://example.org/agents/researcher: granted, depth 1, scope [tool:crm.search:read], purpose support.case-research, justification \"customer 4411 asked about invoice 93\", policies [hop-default] #2
+│  └─ hop → spiffe://example.org/agents/researcher: granted, depth 1, scope [tool:crm.search:read], purpose support.case-research, justification \"customer 4411 asked about invoice 93\", policies [hop-default], trace 4bf92f3577b34da6a3ce929d0e0e4736 #2
 │     ├─ redeemed token jti-r1 #4
 │     ├─ tool crm.search on dataset:crm (read): allow, policies [crm-read, purpose-match] #6
 │     ├─ tool crm.export on dataset:crm (export): deny (export not in scope), policies [forbid-export] #8
@@ -1039,6 +1076,8 @@ fn trace_of_a_small_task_renders_the_expected_tree() {
         "spiffe://example.org/agents/researcher"
     );
     assert_eq!(hop["delegate"]["items"][1]["tool"], "crm.search");
+    assert_eq!(hop["trace_id"], TRACE);
+    assert_eq!(json["trace_ids"], serde_json::json!([TRACE]));
 
     // After redaction the tree shows HMAC prefixes instead.
     log.redact_clear_text(None).unwrap();

@@ -7,7 +7,7 @@
 //! and hops. Purpose changes, the task's end and a refused start
 //! (`TaskRefused`: the admission policy said no) are task-wide.
 
-use baton_core::{Purpose, RiskTier, Scope, SpiffeId, TaskId};
+use baton_core::{Purpose, RiskTier, Scope, SpiffeId, TaskId, TraceId};
 use serde::Serialize;
 
 use crate::event::{AuditRecord, EventKind};
@@ -35,6 +35,10 @@ pub struct Trace {
     /// Purpose changes and the task's end, in log order.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub task_events: Vec<TaskEvent>,
+    /// The W3C traces the task's requests belonged to, first seen first
+    /// (each item names its own as `trace_id`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub trace_ids: Vec<TraceId>,
 }
 
 /// One agent in the tree and what it did.
@@ -72,6 +76,8 @@ pub enum TraceItem {
         reason: Option<String>,
         #[serde(skip_serializing_if = "Vec::is_empty")]
         policy_ids: Vec<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        trace_id: Option<TraceId>,
         /// The target's own subtree, for a granted hop.
         #[serde(skip_serializing_if = "Option::is_none")]
         delegate: Option<AgentNode>,
@@ -86,6 +92,8 @@ pub enum TraceItem {
         decision: Option<String>,
         #[serde(skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        trace_id: Option<TraceId>,
     },
     ToolCall {
         index: u64,
@@ -110,6 +118,8 @@ pub enum TraceItem {
         input_digest: Option<String>,
         #[serde(skip_serializing_if = "Option::is_none")]
         output_digest: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        trace_id: Option<TraceId>,
     },
 }
 
@@ -204,6 +214,11 @@ pub fn trace(records: &[AuditRecord]) -> Trace {
         if t.task_id.is_none() {
             t.task_id = Some(e.task_id.clone());
         }
+        if let Some(id) = e.trace_id
+            && !t.trace_ids.contains(&id)
+        {
+            t.trace_ids.push(id);
+        }
         match e.kind {
             EventKind::TaskStarted => {
                 if t.started_at.is_none() {
@@ -256,6 +271,7 @@ pub fn trace(records: &[AuditRecord]) -> Trace {
                     justification_hmac: r.justification_hmac.clone(),
                     reason: e.reason.clone(),
                     policy_ids: e.policy_ids.clone(),
+                    trace_id: e.trace_id,
                     delegate: None,
                 };
                 if let Some(node) = nodes.get_mut(parent) {
@@ -289,6 +305,7 @@ pub fn trace(records: &[AuditRecord]) -> Trace {
                             token_jti: e.token_jti.clone(),
                             decision: e.decision.clone(),
                             reason: e.reason.clone(),
+                            trace_id: e.trace_id,
                         },
                         None,
                     ));
@@ -317,6 +334,7 @@ pub fn trace(records: &[AuditRecord]) -> Trace {
                             justification: e.justification.clone(),
                             input_digest: e.input_digest.clone(),
                             output_digest: e.output_digest.clone(),
+                            trace_id: e.trace_id,
                         },
                         None,
                     ));
@@ -432,6 +450,7 @@ fn item_line(item: &TraceItem) -> Line {
             justification_hmac,
             reason,
             policy_ids,
+            trace_id,
             delegate,
             ..
         } => {
@@ -458,6 +477,7 @@ fn item_line(item: &TraceItem) -> Line {
             if *granted && let Some(r) = reason {
                 text.push_str(&format!(", reason {r}"));
             }
+            text.push_str(&opt("trace", trace_id));
             text.push_str(&format!(" #{index}"));
             Line {
                 text,
@@ -472,16 +492,20 @@ fn item_line(item: &TraceItem) -> Line {
             token_jti,
             decision,
             reason,
+            trace_id,
             ..
         } => Line {
             text: match (decision.as_deref(), reason) {
-                (Some("refused"), Some(r)) => format!("redeem refused ({r}) #{index}"),
+                (Some("refused"), Some(r)) => {
+                    format!("redeem refused ({r}){} #{index}", opt("trace", trace_id))
+                }
                 _ => format!(
-                    "redeemed{} #{index}",
+                    "redeemed{}{} #{index}",
                     token_jti
                         .as_ref()
                         .map(|j| format!(" token {j}"))
-                        .unwrap_or_default()
+                        .unwrap_or_default(),
+                    opt("trace", trace_id)
                 ),
             },
             children: Vec::new(),
@@ -495,6 +519,7 @@ fn item_line(item: &TraceItem) -> Line {
             policy_ids,
             reason,
             justification,
+            trace_id,
             ..
         } => {
             let mut text = format!("tool {}", tool.as_deref().unwrap_or("?"));
@@ -512,6 +537,7 @@ fn item_line(item: &TraceItem) -> Line {
                 text.push_str(&format!(", policies [{}]", policy_ids.join(", ")));
             }
             text.push_str(&sensitive("justification", justification, &None));
+            text.push_str(&opt("trace", trace_id));
             text.push_str(&format!(" #{index}"));
             Line {
                 text,

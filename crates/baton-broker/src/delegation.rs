@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime};
 
 use baton_audit::{AuditEvent, AuditLog, EventKind, Receipt};
 
+use arc_swap::ArcSwap;
 use baton_core::api::{
     DelegateRequest, HandoffGrant, RedeemRequest, RenewTaskRequest, StartTaskRequest,
     StartTaskResponse, TaskCredential, ToolCallReport,
@@ -85,9 +86,10 @@ pub struct Delegation {
     tasks: Arc<dyn TaskStore>,
     oidc: OidcVerifier,
     dev_issuer: Option<DevIssuer>,
-    policy: Arc<Engine>,
-    /// Who may start a task, and lease a secret.
-    admission: Arc<AdmissionPolicy>,
+    /// Swapped whole on a reload (SIGHUP); a decision reads one snapshot.
+    policy: ArcSwap<Engine>,
+    /// Who may start a task, and lease a secret (swapped like `policy`).
+    admission: ArcSwap<AdmissionPolicy>,
     audit: Arc<AuditLog>,
     tokens: TokenVerifier,
     settings: DelegationSettings,
@@ -131,8 +133,8 @@ impl Delegation {
             tasks,
             oidc,
             dev_issuer,
-            policy,
-            admission,
+            policy: ArcSwap::new(policy),
+            admission: ArcSwap::new(admission),
             audit,
             tokens,
             settings,
@@ -149,16 +151,38 @@ impl Delegation {
     }
 
     /// The admission policy: who may start a task, and lease a secret.
-    pub fn admission(&self) -> &AdmissionPolicy {
-        &self.admission
+    pub fn admission(&self) -> Arc<AdmissionPolicy> {
+        self.admission.load_full()
+    }
+
+    /// Replaces the hop policy; decisions already running finish under the
+    /// old one.
+    pub fn replace_policy(&self, policy: Engine) {
+        self.policy.store(Arc::new(policy));
+    }
+
+    /// Replaces the admission policy, as [`Delegation::replace_policy`].
+    pub fn replace_admission(&self, admission: AdmissionPolicy) {
+        self.admission.store(Arc::new(admission));
     }
 
     fn event(&self, kind: EventKind, task: &TaskId, now: u64) -> AuditEvent {
         AuditEvent::new(kind, now, task.clone())
     }
 
+    /// Appends `event`, naming the trace of the request being served (its
+    /// `traceparent`) unless the event names one already.
     fn append(&self, event: &AuditEvent) -> Result<Receipt, BrokerError> {
-        crate::ops::timed_append(|| self.audit.append(event)).map_err(audit_failed)
+        crate::telemetry::record_event(event);
+        crate::ops::timed_append(|| match crate::telemetry::current_trace_id() {
+            Some(trace) if event.trace_id.is_none() => {
+                let mut traced = event.clone();
+                traced.trace_id = Some(trace);
+                self.audit.append(&traced)
+            }
+            _ => self.audit.append(event),
+        })
+        .map_err(audit_failed)
     }
 
     fn task(&self, id: &TaskId) -> Result<TaskRecord, BrokerError> {
@@ -357,7 +381,7 @@ impl Delegation {
             Some(r) => Some(r),
             None => {
                 let chain = held.chain();
-                let decision = self.policy.authorize_hop(&HopRequest {
+                let decision = self.policy.load().authorize_hop(&HopRequest {
                     from: peer.spiffe_id(),
                     to: &req.target,
                     chain,
@@ -1361,7 +1385,14 @@ impl Delegation {
         }
         ev.at = now;
         let receipt = self.append(&ev)?;
-        baton_ops::metrics().tool_call(r.risk.as_str(), if r.decision == "allow" { "allow" } else { "deny" });
+        baton_ops::metrics().tool_call(
+            r.risk.as_str(),
+            if r.decision == "allow" {
+                "allow"
+            } else {
+                "deny"
+            },
+        );
         self.tasks.record_report(&r.report_id, receipt.index)?;
         Ok(
             serde_json::json!({ "report_id": r.report_id, "index": receipt.index, "receipt": receipt }),

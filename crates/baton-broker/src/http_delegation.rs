@@ -17,17 +17,29 @@ use baton_tls::{PeerCertificate, PeerIdentity};
 use baton_verify::PeerCert;
 use bytes::Bytes;
 use serde::Deserialize;
+use tracing::Instrument;
 use warp::Filter;
 use warp::reply::Response;
 
 use crate::delegation::Delegation;
 use crate::http::{MAX_BATCH_BODY, blocking, json_body, json_body_max, parse_body, respond};
 use crate::service::{Broker, BrokerError};
+use crate::telemetry::{RequestTrace, request_span};
 
 fn with<T: Clone + Send + Sync + 'static>(
     v: T,
 ) -> impl Filter<Extract = (T,), Error = Infallible> + Clone {
     warp::any().map(move || v.clone())
+}
+
+/// The request's W3C `traceparent` header, if any (validated later; a
+/// malformed one is ignored, never a refusal).
+fn traceparent() -> impl Filter<Extract = (Option<String>,), Error = Infallible> + Clone {
+    warp::header::headers_cloned().map(|h: http::HeaderMap| {
+        h.get(baton_core::trace_context::TRACEPARENT_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    })
 }
 
 pub(crate) fn peer_cert(
@@ -49,6 +61,7 @@ pub(crate) fn peer_cert(
 /// node is still attested.
 fn node_mint<Req, F>(
     route: &'static str,
+    span: fn() -> tracing::Span,
     broker: Arc<Broker>,
     d: Arc<Delegation>,
     mint: F,
@@ -75,24 +88,29 @@ where
         .and(with(d))
         .and(warp::ext::optional::<PeerIdentity>())
         .and(warp::ext::optional::<PeerCertificate>())
+        .and(traceparent())
         .and(json_body())
         .and_then(
             move |broker: Arc<Broker>,
                   d: Arc<Delegation>,
                   id: Option<PeerIdentity>,
                   leaf: Option<PeerCertificate>,
+                  tp: Option<String>,
                   body: Bytes| {
                 let mint = mint.clone();
+                let rt = RequestTrace::start(span(), tp.as_deref());
                 async move {
                     // The node check and the minting (signing, SQLite, the
                     // audit log), off the async workers.
                     let checked = {
-                        let (broker, d) = (broker.clone(), d.clone());
+                        let (broker, d, rt) = (broker.clone(), d.clone(), rt.clone());
                         blocking(move || {
-                            let node = crate::http::node_auth(&broker, d.revoker(), id, leaf)?;
-                            let minted = parse_body::<Req>(&body)
-                                .and_then(|req| mint(&d, &node, req, SystemTime::now()));
-                            Ok((node, minted))
+                            rt.scoped(|| {
+                                let node = crate::http::node_auth(&broker, d.revoker(), id, leaf)?;
+                                let minted = parse_body::<Req>(&body)
+                                    .and_then(|req| mint(&d, &node, req, SystemTime::now()));
+                                Ok((node, minted))
+                            })
                         })
                         .await
                     };
@@ -118,10 +136,12 @@ where
                                 minted,
                                 |b, node, cred| b.authenticate_node(Some(node.id())).map(|_| cred),
                             )
+                            .instrument(rt.span.clone())
                             .await
                         }
                         Err(e) => Err(e),
                     };
+                    rt.outcome(&result);
                     respond(result)
                 }
             },
@@ -136,42 +156,51 @@ pub fn node_routes(
     let start = warp::path!("v1" / "tasks")
         .and(warp::post())
         .and(with(d.clone()))
+        .and(traceparent())
         .and(json_body())
-        .and_then(|d: Arc<Delegation>, body: Bytes| async move {
-            let started = start_task(d.clone(), body).await;
-            respond(register_start(&d, started).await)
-        });
+        .and_then(start_route);
     let delegate = warp::path!("v1" / "delegate")
         .and(warp::post())
         .and(with(d.clone()))
         .and(warp::ext::optional::<PeerIdentity>())
         .and(warp::ext::optional::<PeerCertificate>())
+        .and(traceparent())
         .and(json_body())
         .and_then(
             |d: Arc<Delegation>,
              id: Option<PeerIdentity>,
              cert: Option<PeerCertificate>,
+             tp: Option<String>,
              body: Bytes| async move {
+                let rt = RequestTrace::start(request_span!("baton.hop"), tp.as_deref());
                 let granted = {
-                    let d = d.clone();
+                    let (d, rt) = (d.clone(), rt.clone());
                     blocking(move || {
-                        let peer = peer_cert(id, cert)?;
-                        let req = parse_body::<DelegateRequest>(&body)?;
-                        d.delegate(&peer, &req, SystemTime::now())
+                        rt.scoped(|| {
+                            let peer = peer_cert(id, cert)?;
+                            let req = parse_body::<DelegateRequest>(&body)?;
+                            d.delegate(&peer, &req, SystemTime::now())
+                        })
                     })
                     .await
                 };
-                respond(register_grant(&d, granted).await)
+                let result = register_grant(&d, granted)
+                    .instrument(rt.span.clone())
+                    .await;
+                rt.outcome(&result);
+                respond(result)
             },
         );
     let redeem = node_mint(
         "redeem",
+        || request_span!("baton.redeem"),
         broker.clone(),
         d.clone(),
         |d, node, req: RedeemRequest, now| d.redeem(node, &req, now),
     );
     let renew = node_mint(
         "renew-task",
+        || request_span!("baton.renew"),
         broker,
         d.clone(),
         |d, node, req: RenewTaskRequest, now| d.renew(node, &req, now),
@@ -180,9 +209,10 @@ pub fn node_routes(
         .and(warp::post())
         .and(with(d.clone()))
         .and(warp::ext::optional::<PeerIdentity>())
+        .and(traceparent())
         .and(json_body_max(MAX_BATCH_BODY))
         .and_then(
-            |d: Arc<Delegation>, id: Option<PeerIdentity>, body: Bytes| async move {
+            |d: Arc<Delegation>, id: Option<PeerIdentity>, tp: Option<String>, body: Bytes| async move {
                 // Each report is an audit append: off the async workers.
                 respond(blocking(move || {
                     let reporter = id.and_then(|p| p.0).ok_or_else(|| {
@@ -193,7 +223,11 @@ pub fn node_routes(
                     let (batch, single) = parse_reports(&body)?;
                     let mut receipts = Vec::with_capacity(batch.len());
                     for r in &batch {
-                        match d.record_tool_call(&reporter, r, SystemTime::now()) {
+                        // A span per report, all under the request's trace.
+                        let rt = RequestTrace::start(request_span!("baton.tool_call"), tp.as_deref());
+                        let recorded = rt.scoped(|| d.record_tool_call(&reporter, r, SystemTime::now()));
+                        rt.outcome(&recorded);
+                        match recorded {
                             Ok(v) => receipts.push(v),
                             // In a batch, a report that can never be
                             // accepted is answered on its own (and gets no
@@ -255,14 +289,33 @@ pub fn node_routes(
         .unify()
 }
 
+/// `POST /v1/tasks` and `/v1/admin/tasks`: a task start, in its span.
+async fn start_route(
+    d: Arc<Delegation>,
+    tp: Option<String>,
+    body: Bytes,
+) -> Result<Response, Infallible> {
+    let rt = RequestTrace::start(request_span!("baton.task.start"), tp.as_deref());
+    let started = start_task(d.clone(), body, rt.clone()).await;
+    let result = register_start(&d, started)
+        .instrument(rt.span.clone())
+        .await;
+    rt.outcome(&result);
+    respond(result)
+}
+
 /// Starts a task (ID token check, policy, SQLite, the audit log, the
 /// grant's signature) on the blocking pool.
 async fn start_task(
     d: Arc<Delegation>,
     body: Bytes,
+    rt: RequestTrace,
 ) -> Result<baton_core::api::StartTaskResponse, BrokerError> {
     blocking(move || {
-        parse_body::<StartTaskRequest>(&body).and_then(|req| d.start_task(&req, SystemTime::now()))
+        rt.scoped(|| {
+            parse_body::<StartTaskRequest>(&body)
+                .and_then(|req| d.start_task(&req, SystemTime::now()))
+        })
     })
     .await
 }
@@ -407,11 +460,9 @@ pub fn admin_routes(
     let start = warp::path!("v1" / "admin" / "tasks")
         .and(warp::post())
         .and(with(d.clone()))
+        .and(traceparent())
         .and(json_body())
-        .and_then(|d: Arc<Delegation>, body: Bytes| async move {
-            let started = start_task(d.clone(), body).await;
-            respond(register_start(&d, started).await)
-        });
+        .and_then(start_route);
     let list = warp::path!("v1" / "admin" / "tasks")
         .and(warp::get())
         .and(with(d.clone()))

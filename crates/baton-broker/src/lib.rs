@@ -27,6 +27,7 @@ pub mod secrets;
 pub mod service;
 pub mod store;
 pub mod tasks;
+mod telemetry;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -255,6 +256,94 @@ pub struct BrokerReady {
     pub trust_domain: TrustDomain,
     /// The X.509 trust bundle in PEM, for bootstrapping agents.
     pub bundle_pem: String,
+    /// Reloads the policies of the running broker (the binary calls it on
+    /// SIGHUP).
+    pub reloader: Reloader,
+}
+
+/// The hop policy (Cedar): a directory, or the embedded sources.
+fn load_hop_policy(
+    dir: Option<&Path>,
+    embedded: &[(String, String)],
+) -> Result<baton_policy::Engine, baton_policy::PolicyError> {
+    match dir {
+        Some(dir) => baton_policy::Engine::load_dir(dir),
+        None => {
+            let (schema, policies): (Vec<_>, Vec<_>) = embedded
+                .iter()
+                .cloned()
+                .partition(|(name, _)| name.ends_with(".cedarschema"));
+            let schema = schema
+                .into_iter()
+                .next()
+                .map(|(_, s)| s)
+                .unwrap_or_default();
+            baton_policy::Engine::from_sources(&schema, &policies)
+        }
+    }
+}
+
+/// What a running broker can safely reload: the policies read from
+/// directories (`--policies`, `--admission-policy`). Each is parsed and
+/// validated whole first; one that fails leaves the one in force in place.
+/// Everything else (listeners, keys, the datastore, issuers) needs a
+/// restart; the CA's own keys and bundle rotate without one.
+#[derive(Debug, Clone)]
+pub struct Reloader {
+    policy_dir: Option<PathBuf>,
+    admission: AdmissionSource,
+    issuers: Vec<String>,
+    delegation: Arc<delegation::Delegation>,
+}
+
+/// The outcome of one [`Reloader::reload`], for the log.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// What was replaced, e.g. `hop policies from /etc/baton/policies`.
+    pub reloaded: Vec<String>,
+    /// What failed to load (the old one stays in force), with why.
+    pub failed: Vec<String>,
+    /// What has no file to reload (built in).
+    pub skipped: Vec<String>,
+}
+
+impl Reloader {
+    /// Re-reads the policy directories; blocking (file reads, Cedar
+    /// validation): call it off the async workers.
+    pub fn reload(&self) -> ReloadReport {
+        let mut report = ReloadReport::default();
+        match &self.policy_dir {
+            Some(dir) => match baton_policy::Engine::load_dir(dir) {
+                Ok(engine) => {
+                    self.delegation.replace_policy(engine);
+                    report
+                        .reloaded
+                        .push(format!("hop policies from {}", dir.display()));
+                }
+                Err(e) => report.failed.push(format!(
+                    "hop policies from {} (the previous ones stay in force): {e}",
+                    dir.display()
+                )),
+            },
+            None => report.skipped.push("hop policies (built in)".into()),
+        }
+        match &self.admission {
+            AdmissionSource::Dir(dir) => match admission::load(&self.admission, &self.issuers) {
+                Ok(policy) => {
+                    self.delegation.replace_admission(policy);
+                    report
+                        .reloaded
+                        .push(format!("admission policies from {}", dir.display()));
+                }
+                Err(e) => report.failed.push(format!(
+                    "admission policies from {} (the previous ones stay in force): {e}",
+                    dir.display()
+                )),
+            },
+            _ => report.skipped.push("admission policies (built in)".into()),
+        }
+        report
+    }
 }
 
 fn prepare_dir(path: &Path) -> Result<(), StartError> {
@@ -323,22 +412,10 @@ pub async fn run(
     cfg.serve_limits.validate()?;
     let now = SystemTime::now();
     // Policies first: a bad policy stops start-up with its file and line.
-    let policy = Arc::new(match &cfg.policy_dir {
-        Some(dir) => baton_policy::Engine::load_dir(dir)?,
-        None => {
-            let (schema, policies): (Vec<_>, Vec<_>) = cfg
-                .embedded_policies
-                .iter()
-                .cloned()
-                .partition(|(name, _)| name.ends_with(".cedarschema"));
-            let schema = schema
-                .into_iter()
-                .next()
-                .map(|(_, s)| s)
-                .unwrap_or_default();
-            baton_policy::Engine::from_sources(&schema, &policies)?
-        }
-    });
+    let policy = Arc::new(load_hop_policy(
+        cfg.policy_dir.as_deref(),
+        &cfg.embedded_policies,
+    )?);
     let issuer_names: Vec<String> = cfg.oidc_issuers.iter().map(|i| i.issuer.clone()).collect();
     let admission = Arc::new(admission::load(&cfg.admission, &issuer_names)?);
     let (key_dir, sqlite, audit) = match &cfg.data_dir {
@@ -428,7 +505,8 @@ pub async fn run(
     if let Err(e) = revoker.relay_once(oidc::unix_now()).await {
         tracing::warn!(error = %e, "revocation store not caught up at start; the relay keeps trying");
     }
-    let reseeder = revoker.spawn_relay();
+    let (relay_stop_tx, relay_stop_rx) = tokio::sync::watch::channel(false);
+    let reseeder = revoker.spawn_relay(relay_stop_rx, cfg.serve_limits.shutdown_grace);
     // Secret leases die with the credentials they hang under: every
     // revocation from here on kills them in their engines, and leases
     // revoked while a previous run could not kill them are killed now.
@@ -470,8 +548,14 @@ pub async fn run(
             Arc::new(revocation::DurableCheck(revoker.clone())),
         ),
         cfg.delegation.clone(),
-        revoker,
+        revoker.clone(),
     ));
+    let reloader = Reloader {
+        policy_dir: cfg.policy_dir.clone(),
+        admission: cfg.admission.clone(),
+        issuers: issuer_names,
+        delegation: delegation.clone(),
+    };
     let bundle_file = cfg.data_dir.as_ref().map(|d| d.join("bundle.pem"));
     if let Some(path) = &bundle_file {
         std::fs::write(path, &bundle_pem).map_err(|source| StartError::DataDir {
@@ -555,6 +639,7 @@ pub async fn run(
             admin_socket: cfg.admin_socket.clone(),
             trust_domain: cfg.trust_domain.clone(),
             bundle_pem,
+            reloader,
         });
     }
 
@@ -671,21 +756,47 @@ pub async fn run(
         cfg.serve_limits,
         stopped(stop_rx.clone()),
     );
-    let admin = baton_tls::serve_unix(
+    let grace = cfg.serve_limits.shutdown_grace;
+    let admin = baton_tls::serve_unix_with(
         admin_listener,
-        http::admin_routes(broker, delegation, http::AdminAccess { allowed_uids }),
+        http::admin_routes(
+            broker.clone(),
+            delegation,
+            http::AdminAccess { allowed_uids },
+        ),
+        grace,
         stopped(stop_rx),
     );
     let node = tokio::spawn(node);
     let admin = tokio::spawn(admin);
     shutdown.await;
+    // Graceful shutdown: both listeners close (new connections are refused),
+    // requests in flight finish within the grace period (feed long-polls
+    // answer at once), then the relay publishes what they revoked, and the
+    // CA journal is written. Every audit append is committed (and the head
+    // file written) before its request answers, so nothing is left to flush
+    // once the requests are done.
+    tracing::info!(
+        ?grace,
+        "shutting down: no new connections; finishing requests in flight"
+    );
+    revoker.begin_shutdown();
     let _ = stop_tx.send(true);
     let (n, a) = (node.await, admin.await);
     renewer.abort();
     scheduler.abort();
-    reseeder.abort();
     sweeper.abort();
+    let _ = relay_stop_tx.send(true);
+    if tokio::time::timeout(grace + Duration::from_secs(1), reseeder)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the revocation relay did not stop in time");
+    }
     drop(heartbeat);
+    if let Err(e) = broker.ca().checkpoint() {
+        tracing::warn!(error = %e, "cannot persist the CA journal at shutdown");
+    }
     let _ = std::fs::remove_file(&cfg.admin_socket);
     for r in [n, a] {
         match r {

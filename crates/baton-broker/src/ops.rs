@@ -94,7 +94,10 @@ pub(crate) fn install(ops: &Ops, p: Parts) {
                         .write(true)
                         .open(&head)
                         .map_err(|e| {
-                            format!("the audit head file {} is not writable: {e}", head.display())
+                            format!(
+                                "the audit head file {} is not writable: {e}",
+                                head.display()
+                            )
                         })?;
                 }
                 if metrics().audit_last_append_failed() {
@@ -127,10 +130,7 @@ pub(crate) fn install(ops: &Ops, p: Parts) {
                         ));
                     }
                     None => {
-                        return Err(format!(
-                            "no usable active {} authority",
-                            kind_name(kind)
-                        ));
+                        return Err(format!("no usable active {} authority", kind_name(kind)));
                     }
                 }
             }
@@ -206,9 +206,7 @@ fn state_name(s: baton_ca::AuthorityState) -> &'static str {
 }
 
 /// SQLite and file checks run on the blocking pool.
-async fn blocking(
-    f: impl FnOnce() -> Result<(), String> + Send + 'static,
-) -> Result<(), String> {
+async fn blocking(f: impl FnOnce() -> Result<(), String> + Send + 'static) -> Result<(), String> {
     tokio::task::spawn_blocking(f)
         .await
         .unwrap_or_else(|e| Err(format!("the check did not finish: {e}")))

@@ -53,6 +53,8 @@ pub struct Revoker {
     published: tokio::sync::watch::Sender<u64>,
     /// Why the relay is behind, while it is.
     relay_error: std::sync::Mutex<Option<String>>,
+    /// Set when the broker shuts down: feed long-polls answer at once.
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 /// Whether a revocation has reached the revocation store yet.
@@ -177,39 +179,44 @@ pub(crate) fn mark_tx(
     reason: &str,
     now: u64,
 ) -> Result<usize, rusqlite::Error> {
-    let mut new = 0;
-    let mut mark = tx.prepare_cached(
-        "INSERT OR IGNORE INTO revocations (id, kind, expires_at, reason, at) VALUES (?1, ?2, ?3, ?4, ?5)",
-    )?;
-    let mut log = tx.prepare_cached(
-        "INSERT INTO revocation_log (id, expires_at, kind, reason) VALUES (?1, ?2, ?3, ?4)",
-    )?;
-    for r in revoked {
-        if r.expires_at <= now {
-            continue;
-        }
-        let added = mark.execute(params![
-            r.id,
-            r.kind.code(),
-            to_i64(r.expires_at),
-            reason,
-            to_i64(now)
-        ])?;
-        if added == 1 {
-            log.execute(params![r.id, to_i64(r.expires_at), r.kind.code(), reason])?;
-            new += 1;
-        }
-    }
-    Ok(new)
+    cover_reset(tx)?;
+    cover_add(tx, revoked)?;
+    cover_mark(tx, reason, now)
 }
 
-/// The live credentials `target` covers in the registry, closed over
-/// parent links (anything minted from a covered credential is covered).
-pub(crate) fn resolve_tx(
-    tx: &Connection,
-    target: &Target,
-    now: u64,
-) -> Result<Vec<Revoked>, rusqlite::Error> {
+// One revocation's working set lives in a temporary table of the
+// connection (`temp.cover`, in insertion order, each id once), so that a
+// cascade of thousands is resolved, de-duplicated and marked by a few
+// set-based statements inside SQLite rather than a statement per id.
+
+/// Empties the working set (creating it on the connection's first use).
+fn cover_reset(tx: &Connection) -> Result<(), rusqlite::Error> {
+    tx.execute_batch(
+        "CREATE TEMP TABLE IF NOT EXISTS cover (
+            n INTEGER PRIMARY KEY,
+            id TEXT NOT NULL UNIQUE,
+            kind TEXT NOT NULL,
+            expires_at INTEGER NOT NULL
+         );
+         DELETE FROM temp.cover;",
+    )
+}
+
+/// Adds rows to the working set (ids already in it are kept once).
+fn cover_add(tx: &Connection, rows: &[Revoked]) -> Result<(), rusqlite::Error> {
+    let mut add = tx.prepare_cached(
+        "INSERT OR IGNORE INTO temp.cover (id, kind, expires_at) VALUES (?1, ?2, ?3)",
+    )?;
+    for r in rows {
+        add.execute(params![r.id, r.kind.code(), to_i64(r.expires_at)])?;
+    }
+    Ok(())
+}
+
+/// Adds to the working set the live credentials `target` covers in the
+/// registry, closed over parent links (anything minted from a covered
+/// credential is covered).
+fn cover_resolve(tx: &Connection, target: &Target, now: u64) -> Result<(), rusqlite::Error> {
     let (column, value) = match target {
         Target::Credential(id) | Target::Subtree(id) => ("id", id.clone()),
         Target::Task(t) => ("task", t.as_str().to_owned()),
@@ -223,15 +230,43 @@ pub(crate) fn resolve_tx(
             UNION
             SELECT c.id FROM credentials c JOIN sub s ON c.parent = s.id
          )
+         INSERT OR IGNORE INTO temp.cover (id, kind, expires_at)
          SELECT c.id, c.kind, c.expires_at FROM credentials c JOIN sub s ON c.id = s.id
          WHERE c.expires_at > ?2"
     );
-    let mut stmt = tx.prepare_cached(&sql)?;
-    let rows = stmt.query_map(params![value, to_i64(now)], revoked_row)?;
+    tx.prepare_cached(&sql)?
+        .execute(params![value, to_i64(now)])?;
+    Ok(())
+}
+
+/// Marks the working set revoked: the ids not revoked before go to
+/// `revocation_log` in the set's order, all of them to `revocations`.
+/// Returns how many were new.
+fn cover_mark(tx: &Connection, reason: &str, now: u64) -> Result<usize, rusqlite::Error> {
+    let new = tx
+        .prepare_cached(
+            "INSERT INTO revocation_log (id, expires_at, kind, reason)
+             SELECT c.id, c.expires_at, c.kind, ?1 FROM temp.cover c
+             WHERE c.expires_at > ?2
+               AND NOT EXISTS (SELECT 1 FROM revocations r WHERE r.id = c.id)
+             ORDER BY c.n",
+        )?
+        .execute(params![reason, to_i64(now)])?;
+    tx.prepare_cached(
+        "INSERT OR IGNORE INTO revocations (id, kind, expires_at, reason, at)
+         SELECT id, kind, expires_at, ?1, ?2 FROM temp.cover WHERE expires_at > ?2",
+    )?
+    .execute(params![reason, to_i64(now)])?;
+    Ok(new)
+}
+
+/// The working set, in order.
+fn cover_list(tx: &Connection) -> Result<Vec<Revoked>, rusqlite::Error> {
+    let mut stmt = tx.prepare_cached("SELECT id, kind, expires_at FROM temp.cover ORDER BY n")?;
+    let rows = stmt.query_map([], revoked_row)?;
     rows.collect()
 }
 
-/// A `(id, kind, expires_at)` row.
 /// The metric label of a revocation's target (never the id itself).
 fn target_kind(t: &Target) -> &'static str {
     match t {
@@ -243,6 +278,7 @@ fn target_kind(t: &Target) -> &'static str {
     }
 }
 
+/// A `(id, kind, expires_at)` row.
 fn revoked_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Revoked> {
     let kind: String = r.get(1)?;
     Ok(Revoked {
@@ -250,21 +286,6 @@ fn revoked_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Revoked> {
         kind: CredKind::from_code(&kind).unwrap_or(CredKind::Token),
         expires_at: u64::try_from(r.get::<_, i64>(2)?).unwrap_or(0),
     })
-}
-
-/// Revoked ids in order, each once (a cascade may reach an id twice).
-#[derive(Default)]
-struct Covered {
-    list: Vec<Revoked>,
-    seen: std::collections::HashSet<String>,
-}
-
-impl Covered {
-    fn push(&mut self, r: Revoked) {
-        if self.seen.insert(r.id.clone()) {
-            self.list.push(r);
-        }
-    }
 }
 
 /// A token and its certificate as the task store knows them (credentials
@@ -293,7 +314,19 @@ impl Revoker {
             changed: tokio::sync::Notify::new(),
             published: tokio::sync::watch::channel(0).0,
             relay_error: std::sync::Mutex::new(None),
+            stopping: tokio::sync::watch::channel(false).0,
         }
+    }
+
+    /// The broker is shutting down: feed long-polls in flight answer now
+    /// (with what they have) instead of holding the drain for their wait.
+    pub fn begin_shutdown(&self) {
+        self.stopping.send_replace(true);
+        self.changed.notify_waiters();
+    }
+
+    fn is_stopping(&self) -> bool {
+        *self.stopping.borrow()
     }
 
     /// The feed after `after` (0: from the start): revocations still in
@@ -311,7 +344,10 @@ impl Revoker {
             // read and the wait is not missed.
             let notified = self.changed.notified();
             let page = self.feed_page(after, now)?;
-            if !page.entries.is_empty() || tokio::time::Instant::now() >= deadline {
+            if !page.entries.is_empty()
+                || tokio::time::Instant::now() >= deadline
+                || self.is_stopping()
+            {
                 return Ok(page);
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
@@ -485,17 +521,17 @@ impl Revoker {
         }
         let all = self.durable.with(|c| {
             let tx = c.transaction()?;
-            let mut covered = Covered::default();
-            for r in resolve_tx(&tx, target, now)?.into_iter().chain(known) {
-                covered.push(r);
-            }
-            let mut all = covered.list;
+            cover_reset(&tx)?;
+            cover_resolve(&tx, target, now)?;
+            cover_add(&tx, &known)?;
             if let Target::Task(task) = target {
                 tx.execute(
                     "INSERT OR IGNORE INTO revoked_tasks (task, at) VALUES (?1, ?2)",
                     params![task.as_str(), to_i64(now)],
                 )?;
             }
+            cover_mark(&tx, reason, now)?;
+            let mut all = cover_list(&tx)?;
             if all.is_empty()
                 && let Target::Credential(id) | Target::Subtree(id) = target
             {
@@ -515,7 +551,6 @@ impl Revoker {
                     });
                 }
             }
-            mark_tx(&tx, &all, reason, now)?;
             tx.commit()?;
             Ok(all)
         })?;
@@ -552,17 +587,13 @@ impl Revoker {
             .collect();
         let all = self.durable.with(|c| {
             let tx = c.transaction()?;
-            let mut covered = Covered::default();
+            cover_reset(&tx)?;
             for t in &tokens {
-                for r in resolve_tx(&tx, &Target::Credential(t.jti.clone()), now)? {
-                    covered.push(r);
-                }
-                for r in token_pair(t) {
-                    covered.push(r);
-                }
+                cover_resolve(&tx, &Target::Credential(t.jti.clone()), now)?;
+                cover_add(&tx, &token_pair(t))?;
             }
-            let all = covered.list;
-            mark_tx(&tx, &all, reason, now)?;
+            cover_mark(&tx, reason, now)?;
+            let all = cover_list(&tx)?;
             tx.commit()?;
             Ok(all)
         })?;
@@ -732,15 +763,26 @@ impl Revoker {
         Ok(acked)
     }
 
-    /// Runs the relay until aborted: after every new revocation and every
-    /// [`RELAY_TICK`], with a bounded backoff while the store fails.
-    /// Prunes expired registry rows now and then.
-    pub fn spawn_relay(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+    /// Runs the relay until `stopping` turns true (or until aborted): after
+    /// every new revocation and every [`RELAY_TICK`], with a bounded
+    /// backoff while the store fails. Prunes expired registry rows now and
+    /// then. Stopping never cuts a publish: it is noticed between passes,
+    /// and one last pass (bounded by `last_pass`) publishes what the
+    /// requests drained during shutdown revoked; what it cannot publish
+    /// stays in the outbox for the next start.
+    pub fn spawn_relay(
+        self: &Arc<Self>,
+        mut stopping: tokio::sync::watch::Receiver<bool>,
+        last_pass: Duration,
+    ) -> tokio::task::JoinHandle<()> {
         let this = self.clone();
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(50);
             let mut last_prune = 0u64;
             loop {
+                if *stopping.borrow() {
+                    break;
+                }
                 let notified = this.changed.notified();
                 let now = baton_revocation::system_now();
                 match this.relay_once(now).await {
@@ -757,7 +799,10 @@ impl Revoker {
                                 tracing::warn!(error = %e, "pruning expired credentials failed");
                             }
                         }
-                        let _ = tokio::time::timeout(RELAY_TICK, notified).await;
+                        tokio::select! {
+                            _ = tokio::time::timeout(RELAY_TICK, notified) => {}
+                            _ = stopping.wait_for(|s| *s) => {}
+                        }
                     }
                     Err(e) => {
                         baton_ops::metrics().store_error("redis");
@@ -768,10 +813,24 @@ impl Revoker {
                             }
                             *slot = Some(msg);
                         }
-                        tokio::time::sleep(backoff).await;
+                        tokio::select! {
+                            () = tokio::time::sleep(backoff) => {}
+                            _ = stopping.wait_for(|s| *s) => {}
+                        }
                         backoff = (backoff * 2).min(Duration::from_secs(2));
                     }
                 }
+            }
+            let now = baton_revocation::system_now();
+            match tokio::time::timeout(last_pass, this.relay_once(now)).await {
+                Ok(Ok(upto)) => tracing::info!(published_upto = upto, "revocation relay stopped"),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "revocation relay stopped behind; the next start publishes the rest")
+                }
+                Err(_) => tracing::warn!(
+                    ?last_pass,
+                    "revocation relay's last pass timed out; the next start publishes the rest"
+                ),
             }
         })
     }

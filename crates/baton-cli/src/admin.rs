@@ -43,15 +43,14 @@ impl AdminClient {
     }
 
     async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T> {
-        let resp = req.send().await.map_err(|e| {
-            exit(
-                EXIT_UNREACHABLE,
-                format!(
-                    "cannot reach the broker's admin socket {}: {e}. Is the broker running (`baton dev` or `baton broker`)? Set --admin-socket or BATON_ADMIN_SOCKET to its socket.",
-                    self.socket.display()
-                ),
-            )
-        })?;
+        let req = match crate::telemetry::outgoing_traceparent() {
+            Some(tp) => req.header(baton_core::trace_context::TRACEPARENT_HEADER, tp),
+            None => req,
+        };
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| unreachable_admin(&self.socket, &e))?;
         let status = resp.status();
         let body = resp
             .bytes()
@@ -89,6 +88,63 @@ impl AdminClient {
 
     pub async fn create_entry(&self, new: &NewEntry) -> Result<Entry> {
         self.post("/v1/admin/entries", new).await
+    }
+}
+
+/// Why the admin socket did not answer, told apart: not there (exit 3),
+/// there but not ours to open (exit 2, with its owner and mode), or there
+/// with nobody listening (a broker that stopped; exit 3).
+fn unreachable_admin(socket: &Path, e: &reqwest::Error) -> anyhow::Error {
+    use std::os::unix::fs::MetadataExt;
+    let mut io_kind = None;
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            io_kind = Some(io.kind());
+            break;
+        }
+        cause = c.source();
+    }
+    let shown = socket.display();
+    let hint = "Set --admin-socket or BATON_ADMIN_SOCKET to the broker's socket.";
+    match io_kind {
+        Some(std::io::ErrorKind::PermissionDenied) => {
+            let me = std::fs::metadata("/proc/self")
+                .map_or_else(|_| "?".into(), |m| m.uid().to_string());
+            let owner = match std::fs::metadata(socket) {
+                Ok(m) => format!(
+                    "it is owned by uid {} with mode {:o}",
+                    m.uid(),
+                    m.mode() & 0o777
+                ),
+                Err(_) => "its directory is not accessible to you".into(),
+            };
+            exit(
+                EXIT_REFUSED,
+                format!(
+                    "permission denied on the admin socket {shown} ({owner}; you are uid {me}): run as the broker's user or root, or have the broker started with --admin-uid {me}"
+                ),
+            )
+        }
+        Some(std::io::ErrorKind::NotFound) => exit(
+            EXIT_UNREACHABLE,
+            format!(
+                "no admin socket at {shown}: is the broker running (`baton dev` or `baton broker`)? {hint}"
+            ),
+        ),
+        Some(std::io::ErrorKind::ConnectionRefused) => exit(
+            EXIT_UNREACHABLE,
+            format!(
+                "nothing listens on the admin socket {shown} (a broker that stopped left it behind?): start the broker. {hint}"
+            ),
+        ),
+        _ => exit(
+            EXIT_UNREACHABLE,
+            format!(
+                "cannot reach the broker's admin socket {shown}: {}. Is the broker running (`baton dev` or `baton broker`)? {hint}",
+                crate::example::error_chain(e)
+            ),
+        ),
     }
 }
 
@@ -206,9 +262,15 @@ pub async fn bundle(cmd: BundleCmd) -> Result<()> {
             let answer: serde_json::Value = AdminClient::new(&admin.admin_socket)?
                 .get("/v1/admin/bundle")
                 .await?;
-            match format {
-                BundleFormat::Spiffe => output::json(&answer["spiffe"]),
-                BundleFormat::Pem => output::raw(answer["pem"].as_str().unwrap_or_default()),
+            match (admin.output, format) {
+                (OutputFormat::Json, _) => output::json(&serde_json::json!({
+                    "pem": answer["pem"],
+                    "spiffe": answer["spiffe"],
+                })),
+                (OutputFormat::Table, BundleFormat::Spiffe) => output::json(&answer["spiffe"]),
+                (OutputFormat::Table, BundleFormat::Pem) => {
+                    output::raw(answer["pem"].as_str().unwrap_or_default());
+                }
             }
             Ok(())
         }

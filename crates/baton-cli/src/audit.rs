@@ -227,7 +227,7 @@ pub async fn audit(cmd: AuditCmd) -> Result<()> {
             let v: serde_json::Value = AdminClient::new(&admin.admin_socket)?
                 .get(&format!("/v1/admin/audit/trace/{}", task_segment(&task)?))
                 .await?;
-            if json {
+            if json || admin.output == OutputFormat::Json {
                 output::json(&v["trace"]);
             } else {
                 output::raw(v["text"].as_str().unwrap_or_default());

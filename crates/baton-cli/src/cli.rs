@@ -41,13 +41,30 @@ pub fn exit(code: u8, message: impl Into<String>) -> anyhow::Error {
     })
 }
 
+/// The exit codes, for `--help` (README.md lists them too).
+pub const EXIT_CODES_HELP: &str = "Exit codes:
+  0   success (also when the reader of the output went away: `| head`)
+  1   failure (including a TLS trust error, e.g. a stale bundle)
+  2   refused: bad input or usage, not found, not allowed (e.g. permission denied on the admin socket)
+  3   the broker, the node daemon or the admin socket cannot be reached
+  4   a verification failed (`audit verify`, `audit verify-receipt`: the log is tampered or cut)
+  70  internal error";
+
 /// Workload identity and task-scoped credentials for AI agents.
 #[derive(Debug, Parser)]
-#[command(name = "baton", version, about, propagate_version = true)]
+#[command(
+    name = "baton",
+    version,
+    about,
+    propagate_version = true,
+    after_help = EXIT_CODES_HELP
+)]
 pub struct Cli {
     /// Log filter (tracing syntax), e.g. `info` or `baton_agent=debug`. Also BATON_LOG.
     #[arg(long, global = true)]
     pub log: Option<String>,
+    #[command(flatten)]
+    pub telemetry: crate::telemetry::TelemetryArgs,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -152,7 +169,27 @@ pub struct DevArgs {
     #[arg(long, value_name = "DIR")]
     pub admission_policy: Option<PathBuf>,
     #[command(flatten)]
+    pub shutdown: ShutdownArgs,
+    #[command(flatten)]
     pub ops: crate::ops::OpsArgs,
+}
+
+/// How a long-running process stops (SIGTERM or SIGINT).
+#[derive(Debug, Args)]
+pub struct ShutdownArgs {
+    /// On SIGTERM/SIGINT: stop accepting, then give requests and calls in
+    /// flight this long to finish before dropping them; exit 0.
+    #[arg(long, default_value = "30s", value_parser = parse_positive_duration)]
+    pub shutdown_timeout: Duration,
+}
+
+/// A duration that must be more than zero (humantime syntax, e.g. 30s).
+pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d.is_zero() {
+        return Err("must be more than zero".into());
+    }
+    Ok(d)
 }
 
 /// How the CA rotates, and the PKI it may run under.
@@ -210,6 +247,8 @@ pub struct LimitArgs {
     /// tool-call-reports=600/1m, jwt-svid=600/1m, secret-lease=120/1m.
     #[arg(long = "rate-limit", value_name = "NAME=COUNT/PERIOD")]
     pub rate_limits: Vec<String>,
+    #[command(flatten)]
+    pub shutdown: ShutdownArgs,
 }
 
 impl LimitArgs {
@@ -221,6 +260,7 @@ impl LimitArgs {
             header_read_timeout: self.header_read_timeout,
             request_timeout: Some(self.request_timeout),
             idle_timeout: self.idle_timeout,
+            shutdown_grace: self.shutdown.shutdown_timeout,
         };
         cfg.serve_limits.validate().map_err(|e| match e {
             baton_tls::TlsError::InvalidLimit { field, reason } => exit(
@@ -430,6 +470,8 @@ pub struct RevocationArgs {
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub check_every: Duration,
     #[command(flatten)]
+    pub shutdown: ShutdownArgs,
+    #[command(flatten)]
     pub ops: crate::ops::OpsArgs,
 }
 
@@ -474,6 +516,8 @@ pub struct AgentArgs {
     /// Write the node's SPIFFE ID to this file once serving (for scripts and tests).
     #[arg(long)]
     pub ready_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub shutdown: ShutdownArgs,
     #[command(flatten)]
     pub ops: crate::ops::OpsArgs,
 }
@@ -537,7 +581,8 @@ pub enum EntryCmd {
 
 #[derive(Debug, Subcommand)]
 pub enum BundleCmd {
-    /// Print the trust bundle (SPIFFE JSON or PEM).
+    /// Print the trust bundle (PEM or SPIFFE JSON); with `-o json`, an
+    /// object holding both (`pem`, `spiffe`).
     Show {
         #[arg(long, value_enum, default_value = "pem")]
         format: BundleFormat,
@@ -585,6 +630,8 @@ pub enum SvidCmd {
         socket: SocketArgs,
         #[arg(long, required = true)]
         audience: Vec<String>,
+        #[arg(long, short = 'o', value_enum, default_value_t)]
+        output: OutputFormat,
     },
     /// Validate a JWT-SVID through the Workload API.
     ValidateJwt {
@@ -594,6 +641,8 @@ pub enum SvidCmd {
         audience: String,
         /// The JWT-SVID, or `-` to read it from standard input.
         token: String,
+        #[arg(long, short = 'o', value_enum, default_value_t)]
+        output: OutputFormat,
     },
 }
 
@@ -843,7 +892,7 @@ pub enum AuditCmd {
     /// Print a task's chain as a tree: initiator, hops, tool calls.
     Trace {
         task: String,
-        /// Emit JSON instead of the tree.
+        /// The same as `-o json` (kept for scripts that use it).
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -877,6 +926,8 @@ pub enum GrantCmd {
         /// Directory for svid.pem, key.pem (0600), bundle.pem, token (0600), task.json.
         #[arg(long)]
         out: PathBuf,
+        #[arg(long, short = 'o', value_enum, default_value_t)]
+        output: OutputFormat,
     },
     /// Re-issue the task credential in a directory under the CA's active keys
     /// (after `baton ca taint`): same claims and expiry, new key and certificate.
@@ -889,6 +940,8 @@ pub enum GrantCmd {
         /// Which of your identities holds it, when you have several.
         #[arg(long)]
         spiffe_id: Option<String>,
+        #[arg(long, short = 'o', value_enum, default_value_t)]
+        output: OutputFormat,
     },
 }
 
@@ -956,6 +1009,8 @@ pub enum ExampleCmd {
         dangerously_skip_revocation: bool,
         #[arg(long)]
         ready_file: Option<PathBuf>,
+        #[command(flatten)]
+        shutdown: ShutdownArgs,
     },
     /// Call a tool on the example tool server with a task credential.
     Call {
@@ -1067,7 +1122,11 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
         Command::Example(cmd) => example::run(cmd).await,
         Command::Healthcheck(args) => crate::ops::healthcheck(args).await,
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "baton", &mut std::io::stdout());
+            // Into a buffer first: clap_complete panics on a write error
+            // (a closed pipe); `output` handles that quietly.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "baton", &mut script);
+            crate::output::bytes(&script);
             Ok(())
         }
     }

@@ -20,7 +20,8 @@ use rustls_pki_types::pem::PemObject;
 use tonic::transport::Endpoint;
 
 use crate::cli::{
-    DelegateArgs, EXIT_REFUSED, EXIT_UNREACHABLE, GrantCmd, OutputFormat, SecretCmd, exit,
+    DelegateArgs, EXIT_FAILURE, EXIT_REFUSED, EXIT_UNREACHABLE, GrantCmd, OutputFormat, SecretCmd,
+    exit,
 };
 use crate::output;
 use crate::workload::{check_target, create_private_dir, pem, write_file};
@@ -97,12 +98,28 @@ fn pem_certs(bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
 
 impl Credential {
     pub fn load(dir: &Path) -> Result<Self> {
-        let read = |name: &str| {
-            std::fs::read(dir.join(name)).with_context(|| {
+        // A directory or file that is not there is a usage error (exit 2),
+        // not a failure of Baton.
+        if !dir.is_dir() {
+            return Err(exit(
+                EXIT_REFUSED,
                 format!(
-                    "reading {} (a credential directory from `baton grant redeem`)",
+                    "--credential {}: no such directory (a credential directory comes from `baton grant redeem --out DIR`)",
+                    dir.display()
+                ),
+            ));
+        }
+        let read = |name: &str| {
+            std::fs::read(dir.join(name)).map_err(|e| {
+                let message = format!(
+                    "reading {} (a credential directory from `baton grant redeem`): {e}",
                     dir.join(name).display()
-                )
+                );
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    exit(EXIT_REFUSED, message)
+                } else {
+                    anyhow::anyhow!(message)
+                }
             })
         };
         let key_pem = read("key.pem")?;
@@ -154,12 +171,58 @@ fn split_der(mut bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
     Ok(out)
 }
 
+/// The Unix socket a `--socket` value names: `unix:///abs`, `unix:/abs`
+/// or a plain path, relative ones taken from the current directory (the
+/// SPIFFE endpoint URI that clients are given must be absolute).
 pub fn socket_path(socket: &str) -> PathBuf {
     let s = socket
         .strip_prefix("unix://")
         .or_else(|| socket.strip_prefix("unix:"))
         .unwrap_or(socket);
-    PathBuf::from(s)
+    let path = PathBuf::from(s);
+    if path.is_absolute() {
+        return path;
+    }
+    std::env::current_dir().map_or(path.clone(), |cwd| cwd.join(&path))
+}
+
+/// Why a request to the broker got no answer. A certificate the
+/// credential's bundle does not trust (a bundle gone stale after a CA
+/// rotation) is a TLS trust error, not an unreachable broker.
+pub fn broker_send_error(e: &reqwest::Error, credential_dir: &Path) -> anyhow::Error {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        let tls = c.downcast_ref::<baton_tls::rustls::Error>().or_else(|| {
+            c.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<baton_tls::rustls::Error>())
+        });
+        // The connector may hand the TLS error on in a wrapper of its own:
+        // rustls' text for a refused certificate names it.
+        let untrusted = matches!(tls, Some(baton_tls::rustls::Error::InvalidCertificate(_)))
+            || c.to_string().starts_with("invalid peer certificate");
+        if untrusted {
+            return exit(
+                EXIT_FAILURE,
+                format!(
+                    "TLS trust error: the broker's certificate is not trusted by {} ({c}); after a CA rotation the bundle there may be stale: renew the credential (`baton grant renew --credential {}`) or redeem a new one",
+                    credential_dir.join("bundle.pem").display(),
+                    credential_dir.display()
+                ),
+            );
+        }
+        if let Some(tls) = tls {
+            return exit(EXIT_FAILURE, format!("TLS error with the broker: {tls}"));
+        }
+        cause = c.source();
+    }
+    exit(
+        EXIT_UNREACHABLE,
+        format!(
+            "cannot reach the broker: {}",
+            crate::example::error_chain(e)
+        ),
+    )
 }
 
 /// Redeems `grant` through the node daemon and writes the credential to `out`.
@@ -178,6 +241,13 @@ pub async fn redeem(
         "workload.spiffe.io",
         tonic::metadata::MetadataValue::from_static("true"),
     );
+    // The node daemon passes the caller's trace on to the broker.
+    if let Some(tp) = crate::telemetry::outgoing_traceparent()
+        && let Ok(v) = tp.parse()
+    {
+        req.metadata_mut()
+            .insert(baton_core::trace_context::TRACEPARENT_HEADER, v);
+    }
     let resp = client
         .redeem(req)
         .await
@@ -288,8 +358,17 @@ pub async fn grant(cmd: GrantCmd) -> Result<()> {
             socket,
             credential,
             spiffe_id,
+            output: format,
         } => {
             let cred = renew(&socket.socket, &credential, spiffe_id.as_deref()).await?;
+            if format == OutputFormat::Json {
+                output::json(&serde_json::json!({
+                    "renewed": true,
+                    "task": cred.task,
+                    "credential": credential,
+                }));
+                return Ok(());
+            }
             output::line(&format!(
                 "renewed: {} for task {} under the active CA authority (credential in {})",
                 cred.task["spiffe_id"].as_str().unwrap_or("-"),
@@ -304,6 +383,7 @@ pub async fn grant(cmd: GrantCmd) -> Result<()> {
             grant_file,
             spiffe_id,
             out,
+            output: format,
         } => {
             let grant = secret_input(grant.as_deref(), grant_file.as_deref(), "grant")?
                 .ok_or_else(|| {
@@ -313,6 +393,14 @@ pub async fn grant(cmd: GrantCmd) -> Result<()> {
                     )
                 })?;
             let cred = redeem(&socket.socket, grant.expose(), spiffe_id.as_deref(), &out).await?;
+            if format == OutputFormat::Json {
+                output::json(&serde_json::json!({
+                    "redeemed": true,
+                    "task": cred.task,
+                    "credential": out,
+                }));
+                return Ok(());
+            }
             output::line(&format!(
                 "redeemed: {} for task {} (credential in {})",
                 cred.task["spiffe_id"].as_str().unwrap_or("-"),
@@ -355,11 +443,14 @@ pub async fn delegate(args: DelegateArgs) -> Result<()> {
         .id("/baton/broker")
         .map_err(|e| exit(EXIT_REFUSED, e.to_string()))?;
     let http = cred.client(PeerPolicy::Exact(vec![broker_id]))?;
-    let resp = http
-        .post(format!(
-            "{}/v1/delegate",
-            args.broker_url.trim_end_matches('/')
-        ))
+    let mut post = http.post(format!(
+        "{}/v1/delegate",
+        args.broker_url.trim_end_matches('/')
+    ));
+    if let Some(tp) = crate::telemetry::outgoing_traceparent() {
+        post = post.header(baton_core::trace_context::TRACEPARENT_HEADER, tp);
+    }
+    let resp = post
         .json(&DelegateRequest {
             token: cred.token.clone(),
             target,
@@ -371,7 +462,7 @@ pub async fn delegate(args: DelegateArgs) -> Result<()> {
         })
         .send()
         .await
-        .map_err(|e| exit(EXIT_UNREACHABLE, format!("cannot reach the broker: {e}")))?;
+        .map_err(|e| broker_send_error(&e, &args.credential))?;
     let status = resp.status();
     let body: serde_json::Value = resp.json().await.unwrap_or_default();
     if !status.is_success() {
@@ -437,6 +528,11 @@ pub async fn secret(cmd: SecretCmd) -> Result<()> {
             )
         }
     };
+    let credential_dir = match &cmd {
+        SecretCmd::Lease { credential, .. } | SecretCmd::Introspect { credential, .. } => {
+            credential.as_path()
+        }
+    };
     let td = credential.spiffe_id()?.trust_domain().clone();
     let broker_id = td
         .id("/baton/broker")
@@ -450,7 +546,7 @@ pub async fn secret(cmd: SecretCmd) -> Result<()> {
         .json(&body)
         .send()
         .await
-        .map_err(|e| exit(EXIT_UNREACHABLE, format!("cannot reach the broker: {e}")))?;
+        .map_err(|e| broker_send_error(&e, credential_dir))?;
     let status = resp.status();
     let body: serde_json::Value = resp.json().await.unwrap_or_default();
     if !status.is_success() {

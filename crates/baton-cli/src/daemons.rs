@@ -14,20 +14,74 @@ use crate::admin::AdminClient;
 use crate::cli::{AgentArgs, BrokerArgs, DevArgs, EXIT_REFUSED, exit};
 use crate::output;
 
-/// Resolves on Ctrl-C or SIGTERM.
-pub(crate) async fn terminate_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+/// Resolves on SIGTERM or SIGINT (Ctrl-C). The handlers are installed
+/// when this is called, not when it is first polled, so a signal that
+/// arrives in between is not lost (nor kills the process).
+pub(crate) fn terminate_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        let wait = |s: std::io::Result<tokio::signal::unix::Signal>| async move {
+            match s {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
             }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = term => {}
+        };
+        let name = tokio::select! {
+            () = wait(term) => "SIGTERM",
+            () = wait(int) => "SIGINT",
+        };
+        tracing::info!(signal = name, "stopping");
     }
+}
+
+/// Calls `reload` (off the async workers) on every SIGHUP. Installing the
+/// handler also keeps SIGHUP from ending the process, its default action.
+pub(crate) fn on_hangup<F>(reload: F) -> Result<tokio::task::JoinHandle<()>>
+where
+    F: Fn() + Clone + Send + Sync + 'static,
+{
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    Ok(tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            let reload = reload.clone();
+            if let Err(e) = tokio::task::spawn_blocking(reload).await {
+                tracing::error!(error = %e, "SIGHUP: the reload failed");
+            }
+        }
+    }))
+}
+
+/// Logs what a broker's SIGHUP reloaded, and what it kept because the new
+/// files did not load.
+fn log_reload(report: &baton_broker::ReloadReport) {
+    for what in &report.reloaded {
+        tracing::info!("SIGHUP: reloaded {what}");
+    }
+    for what in &report.failed {
+        tracing::error!("SIGHUP: cannot reload {what}");
+    }
+    if report.reloaded.is_empty() && report.failed.is_empty() {
+        tracing::info!(
+            "SIGHUP: nothing to reload ({}); certificates and bundles rotate without a signal",
+            report.skipped.join(", ")
+        );
+    }
+}
+
+/// The broker's SIGHUP handler: reloads once `ready` says the broker runs
+/// (a SIGHUP before that is kept and handled then).
+fn reload_broker_on_hangup(
+    ready: std::sync::Arc<std::sync::OnceLock<baton_broker::Reloader>>,
+) -> Result<tokio::task::JoinHandle<()>> {
+    on_hangup(move || match ready.get() {
+        Some(reloader) => log_reload(&reloader.reload()),
+        None => tracing::info!("SIGHUP before the broker was ready: nothing reloaded"),
+    })
 }
 
 fn trust_domain(s: &str) -> Result<TrustDomain> {
@@ -101,8 +155,12 @@ pub async fn broker(args: BrokerArgs) -> Result<()> {
     cfg.ops = ops.clone();
     let (tx, rx) = oneshot::channel::<BrokerReady>();
     let ready_file = args.ready_file.clone();
+    let reloader = Arc::new(std::sync::OnceLock::new());
+    let hup = reload_broker_on_hangup(reloader.clone())?;
+    let stop = terminate_signal();
     let announcer = tokio::spawn(async move {
         if let Ok(ready) = rx.await {
+            let _ = reloader.set(ready.reloader.clone());
             if let Some(ops) = ops {
                 ops.set_started();
             }
@@ -113,10 +171,12 @@ pub async fn broker(args: BrokerArgs) -> Result<()> {
             }
         }
     });
-    baton_broker::run(cfg, Arc::new(LogIssuance), Some(tx), terminate_signal())
+    baton_broker::run(cfg, Arc::new(LogIssuance), Some(tx), stop)
         .await
         .context("broker failed")?;
     announcer.abort();
+    hup.abort();
+    tracing::info!("broker stopped");
     Ok(())
 }
 
@@ -167,10 +227,14 @@ fn delegation_config(
 pub async fn revocation(args: crate::cli::RevocationArgs) -> Result<()> {
     use baton_revocation::RevocationStore;
     let redis = args.redis.required()?;
+    let stop = terminate_signal();
+    let hup = on_hangup(|| {
+        tracing::info!("SIGHUP: the revocation service has nothing to reload");
+    })?;
     let store = baton_revocation::RedisStore::open(&redis)
         .await
         .map_err(|e| exit(crate::cli::EXIT_UNREACHABLE, e.to_string()))?;
-    let _heartbeat = baton_revocation::Heartbeat::spawn(store.clone(), args.heartbeat);
+    let heartbeat = baton_revocation::Heartbeat::spawn(store.clone(), args.heartbeat);
     if let Some(ops) = crate::ops::start(&args.ops).await? {
         revocation_ops(&ops, store.clone());
         ops.set_started();
@@ -205,18 +269,21 @@ pub async fn revocation(args: crate::cli::RevocationArgs) -> Result<()> {
         }
     };
     tokio::select! {
-        () = terminate_signal() => {}
+        () = stop => {}
         () = watch => {}
     }
+    // The heartbeat publishes in one command: dropping it between two
+    // beats (it is never dropped mid-write by a task abort) leaves nothing
+    // half done.
+    drop(heartbeat);
+    hup.abort();
+    tracing::info!("revocation service stopped");
     Ok(())
 }
 
 /// The revocation service's readiness: Redis answers now and holds a
 /// seeded deny set; the gauges of its last check.
-fn revocation_ops(
-    ops: &baton_ops::Ops,
-    store: baton_revocation::RedisStore,
-) {
+fn revocation_ops(ops: &baton_ops::Ops, store: baton_revocation::RedisStore) {
     use baton_revocation::RevocationStore;
     ops.add_role(baton_ops::Role::Revocation);
     ops.add_check("revocation_store", move || {
@@ -284,11 +351,18 @@ fn agent_config(args: &AgentArgs) -> Result<AgentConfig> {
         rotate_fraction: args.rotate_fraction,
         socket_mode: parse_mode(&args.socket_mode)?,
         ops: None,
+        shutdown_grace: args.shutdown.shutdown_timeout,
     })
 }
 
 pub async fn agent(args: AgentArgs) -> Result<()> {
     let mut cfg = agent_config(&args)?;
+    let stop = terminate_signal();
+    let hup = on_hangup(|| {
+        tracing::info!(
+            "SIGHUP: the node daemon has nothing to reload (its identity, entries and bundle follow the broker)"
+        );
+    })?;
     let ops = crate::ops::start(&args.ops).await?;
     cfg.ops = ops.clone();
     let (tx, rx) = oneshot::channel::<AgentReady>();
@@ -305,16 +379,21 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
             }
         }
     });
-    baton_agent::run(cfg, Some(tx), terminate_signal())
+    baton_agent::run(cfg, Some(tx), stop)
         .await
         .context("agent failed")?;
     announcer.abort();
+    hup.abort();
+    tracing::info!("node daemon stopped");
     Ok(())
 }
 
 /// Broker and agent in one process, on a local data dir.
 pub async fn dev(args: DevArgs) -> Result<()> {
     let td = trust_domain(&args.trust_domain)?;
+    let stop = terminate_signal();
+    let reloader = Arc::new(std::sync::OnceLock::new());
+    let hup = reload_broker_on_hangup(reloader.clone())?;
     let dir = absolute(&args.data_dir)?;
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let admin_socket = dir.join("admin.sock");
@@ -327,6 +406,7 @@ pub async fn dev(args: DevArgs) -> Result<()> {
 
     let mut cfg = BrokerConfig::new(td.clone(), Some(dir.join("broker")), admin_socket.clone());
     cfg.listen = args.listen;
+    cfg.serve_limits.shutdown_grace = args.shutdown.shutdown_timeout;
     // One ops listener for both roles: ready once both serve.
     let ops = crate::ops::start(&args.ops).await?;
     cfg.ops = ops.clone();
@@ -351,12 +431,7 @@ pub async fn dev(args: DevArgs) -> Result<()> {
         ),
     };
     let (btx, brx) = oneshot::channel::<BrokerReady>();
-    let broker_fut = baton_broker::run(
-        cfg,
-        Arc::new(LogIssuance),
-        Some(btx),
-        stopped(stop_rx.clone()),
-    );
+    let broker_fut = baton_broker::run(cfg, Arc::new(LogIssuance), Some(btx), stopped(stop_rx));
     let broker = tokio::spawn(async move { broker_fut.await.map_err(anyhow::Error::new) });
     let ready = match brx.await {
         Ok(r) => r,
@@ -368,6 +443,7 @@ pub async fn dev(args: DevArgs) -> Result<()> {
         }
     };
 
+    let _ = reloader.set(ready.reloader.clone());
     // Scripts (examples/) find the broker here.
     write_ready_file(&dir.join("broker.addr"), &ready.addr.to_string())?;
     // The dev node gets a fixed SPIFFE ID so dev entries survive restarts.
@@ -417,9 +493,13 @@ pub async fn dev(args: DevArgs) -> Result<()> {
         rotate_fraction: 0.5,
         socket_mode: 0o666,
         ops: ops.clone(),
+        shutdown_grace: args.shutdown.shutdown_timeout,
     };
     let (atx, arx) = oneshot::channel::<AgentReady>();
-    let agent_fut = baton_agent::run(agent_cfg, Some(atx), stopped(stop_rx));
+    // The agent stops first, so that its calls to the broker in flight
+    // finish before the broker stops.
+    let (agent_stop_tx, agent_stop_rx) = watch::channel(false);
+    let agent_fut = baton_agent::run(agent_cfg, Some(atx), stopped(agent_stop_rx));
     let agent = tokio::spawn(async move { agent_fut.await.map_err(anyhow::Error::new) });
     let agent_ready = match arx.await {
         Ok(r) => r,
@@ -460,25 +540,30 @@ pub async fn dev(args: DevArgs) -> Result<()> {
 
     let (mut broker, mut agent) = (broker, agent);
     let early = tokio::select! {
-        () = terminate_signal() => None,
+        () = stop => None,
         r = &mut broker => Some(("broker", r)),
         r = &mut agent => Some(("agent", r)),
     };
-    let _ = stop_tx.send(true);
+    let _ = agent_stop_tx.send(true);
     if let Some((name, r)) = early {
+        let _ = stop_tx.send(true);
         return match r {
             Ok(Ok(())) => Err(anyhow::anyhow!("{name} stopped unexpectedly")),
             Ok(Err(e)) => Err(e.context(format!("{name} failed"))),
             Err(e) => Err(anyhow::anyhow!("{name} task failed: {e}")),
         };
     }
-    for (name, r) in [("broker", broker.await), ("agent", agent.await)] {
+    let agent = agent.await;
+    let _ = stop_tx.send(true);
+    for (name, r) in [("agent", agent), ("broker", broker.await)] {
         match r {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(e.context(format!("{name} failed"))),
             Err(e) => return Err(anyhow::anyhow!("{name} task failed: {e}")),
         }
     }
+    hup.abort();
+    tracing::info!("baton dev stopped");
     Ok(())
 }
 

@@ -221,10 +221,6 @@ impl ToolServer {
     }
 }
 
-async fn terminate_signal() {
-    let _ = tokio::signal::ctrl_c().await;
-}
-
 /// Where the tool server learns of revocations.
 struct FeedConfig<'a> {
     redis: Option<&'a baton_revocation::RedisConfig>,
@@ -246,7 +242,9 @@ async fn tool_server(
     spool: &Path,
     ready_file: Option<&Path>,
     feed: FeedConfig<'_>,
+    shutdown_grace: std::time::Duration,
 ) -> Result<()> {
+    let stop = crate::daemons::terminate_signal();
     // The tool server's own identity and trust come from the Workload API
     // like any workload's, and follow it: rotated SVIDs and bundle changes
     // (a prepared or revoked authority) apply without a restart.
@@ -344,16 +342,34 @@ async fn tool_server(
         }
     };
 
-    let engine = load_policies(policies)?;
+    // Swapped whole on SIGHUP when the policies come from a directory; a
+    // directory that no longer loads leaves the policies in force.
+    let engine = Arc::new(arc_swap::ArcSwap::from_pointee(load_policies(policies)?));
+    let hup = {
+        let engine = engine.clone();
+        let dir = policies.map(Path::to_owned);
+        crate::daemons::on_hangup(move || match &dir {
+            Some(dir) => match baton_policy::Engine::load_dir(dir) {
+                Ok(new) => {
+                    engine.store(Arc::new(new));
+                    tracing::info!("SIGHUP: reloaded tool policies from {}", dir.display());
+                }
+                Err(e) => tracing::error!(
+                    "SIGHUP: cannot reload tool policies from {} (the previous ones stay in force): {e}",
+                    dir.display()
+                ),
+            },
+            None => tracing::info!("SIGHUP: nothing to reload (the tool policies are built in)"),
+        })?
+    };
     let sender =
         baton_verify::HttpSender::new(broker_url, live.client.clone(), bundles.clone(), broker_id)
             .map_err(|e| anyhow::anyhow!("tool-call reporter: {e}"))?;
     let reporter = baton_verify::Reporter::open(spool, Arc::new(sender))
         .map_err(|e| anyhow::anyhow!("tool-call reporter: {e}"))?;
-    let _delivery = reporter.spawn();
-    let engine = Arc::new(engine);
+    let delivery = reporter.spawn();
     let policy = move |c: &baton_verify::CallContext<'_>| {
-        let d = engine.authorize_call(&baton_policy::CallRequest {
+        let d = engine.load().authorize_call(&baton_policy::CallRequest {
             agent: c.agent,
             chain: c.chain,
             initiator: c.initiator,
@@ -381,7 +397,7 @@ async fn tool_server(
         verifier,
         gate,
         tools: tools()?,
-        reporter,
+        reporter: reporter.clone(),
     });
 
     let identity = live.server.clone();
@@ -423,10 +439,33 @@ async fn tool_server(
         std::fs::rename(path.with_extension("tmp"), path)?;
     }
     output::line(&format!("example tool server on https://{addr}"));
-    baton_tls::serve_https(listener, config, routes, terminate_signal())
+    let limits = baton_tls::ServeLimits {
+        shutdown_grace,
+        ..baton_tls::ServeLimits::default()
+    };
+    baton_tls::serve_https_with(listener, config, routes, limits, stop)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Calls in flight are done: deliver what they spooled, within the
+    // grace period; what is left stays in the spool for the next start.
+    hup.abort();
+    delivery.abort();
+    match tokio::time::timeout(shutdown_grace, reporter.flush()).await {
+        Ok(Ok(_)) if reporter.pending() == 0 => {
+            tracing::info!("tool-call reports delivered");
+        }
+        Ok(Ok(_)) | Err(_) => tracing::warn!(
+            pending = reporter.pending(),
+            "tool-call reports left in the spool; they are delivered at the next start"
+        ),
+        Ok(Err(e)) => tracing::warn!(
+            error = %e,
+            pending = reporter.pending(),
+            "tool-call reports left in the spool; they are delivered at the next start"
+        ),
+    }
     live.shutdown().await;
+    tracing::info!("example tool server stopped");
     Ok(())
 }
 
@@ -493,6 +532,7 @@ pub async fn run(cmd: ExampleCmd) -> Result<()> {
             redis,
             stale_after,
             dangerously_skip_revocation,
+            shutdown,
         } => {
             let redis = redis.config()?;
             tool_server(
@@ -510,6 +550,7 @@ pub async fn run(cmd: ExampleCmd) -> Result<()> {
                     read_allows_stale: false,
                     dangerously_skip_revocation,
                 },
+                shutdown.shutdown_timeout,
             )
             .await
         }

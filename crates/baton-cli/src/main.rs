@@ -16,6 +16,7 @@ mod ops;
 mod output;
 mod redis_args;
 mod tasks;
+mod telemetry;
 mod workload;
 
 use std::process::ExitCode;
@@ -24,10 +25,17 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
-    init_logging(cli.log.as_deref());
     // One crypto provider for the whole process, installed before any TLS
-    // or JWT object exists (reqwest builds a rustls config on creation).
+    // or JWT object exists (reqwest builds a rustls config on creation, the
+    // OTLP exporter's client too).
     baton_tls::install_crypto_provider();
+    let telemetry = match telemetry::init(cli.log.as_deref(), &cli.telemetry) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(cli::EXIT_REFUSED);
+        }
+    };
     baton_ca::init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -39,25 +47,35 @@ fn main() -> ExitCode {
             return ExitCode::from(cli::EXIT_INTERNAL);
         }
     };
-    match runtime.block_on(cli::dispatch(cli)) {
+    let result = runtime.block_on(cli::dispatch(cli));
+    let code = match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let code = e
                 .downcast_ref::<cli::Exit>()
                 .map_or(cli::EXIT_FAILURE, |x| x.code);
-            eprintln!("error: {e:#}");
+            telemetry.print_error(&chain_once(&e));
             ExitCode::from(code)
         }
-    }
+    };
+    // Spans still buffered are exported before the process exits.
+    telemetry.shutdown();
+    code
 }
 
-fn init_logging(filter: Option<&str>) {
-    let filter = filter
-        .map(str::to_owned)
-        .or_else(|| std::env::var("BATON_LOG").ok())
-        .unwrap_or_else(|| "info".to_owned());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr)
-        .try_init();
+/// The error and its causes, each told once: many errors already print
+/// their source in their own message, which `{:#}` would repeat.
+fn chain_once(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }

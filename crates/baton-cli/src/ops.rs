@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Result;
-use clap::{Args, ValueEnum};
+use clap::Args;
 
 use crate::cli::{EXIT_FAILURE, exit};
 use crate::output;
@@ -14,9 +14,13 @@ use crate::output;
 pub struct OpsArgs {
     /// Serve /metrics (Prometheus), /livez and /readyz over plain HTTP on
     /// this address, e.g. 127.0.0.1:9090. Off by default. Unauthenticated:
-    /// keep it on loopback or a scrape-only network.
+    /// a loopback address unless --ops-listen-non-loopback is given.
     #[arg(long, value_name = "ADDR")]
     pub ops_listen: Option<SocketAddr>,
+    /// Allow --ops-listen on an address other than loopback (a scrape-only
+    /// network): anyone who reaches it reads the metrics and readiness.
+    #[arg(long, requires = "ops_listen")]
+    pub ops_listen_non_loopback: bool,
 }
 
 /// Binds the ops listener if asked for, and serves it for the life of the
@@ -26,6 +30,14 @@ pub async fn start(args: &OpsArgs) -> Result<Option<baton_ops::Ops>> {
     let Some(addr) = args.ops_listen else {
         return Ok(None);
     };
+    if !addr.ip().is_loopback() && !args.ops_listen_non_loopback {
+        return Err(exit(
+            crate::cli::EXIT_REFUSED,
+            format!(
+                "--ops-listen {addr}: the ops listener is unauthenticated; it binds a loopback address unless --ops-listen-non-loopback is also given"
+            ),
+        ));
+    }
     let listener = baton_ops::bind(addr)
         .await
         .map_err(|e| exit(crate::cli::EXIT_REFUSED, format!("--ops-listen: {e}")))?;
@@ -40,22 +52,17 @@ pub async fn start(args: &OpsArgs) -> Result<Option<baton_ops::Ops>> {
     Ok(Some(ops))
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum, Default, PartialEq, Eq)]
-pub enum Probe {
-    /// The process runs (`/livez`).
-    Live,
-    /// It can do its job now (`/readyz`).
-    #[default]
-    Ready,
-}
-
 #[derive(Debug, Args)]
 pub struct HealthcheckArgs {
     /// The ops listener (`--ops-listen` of the daemon), as HOST:PORT.
     #[arg(long, value_name = "HOST:PORT")]
     pub ops_addr: String,
-    #[arg(long, value_enum, default_value_t)]
-    pub check: Probe,
+    /// Ask whether the process can do its job now (`/readyz`); the default.
+    #[arg(long, conflicts_with = "live")]
+    pub ready: bool,
+    /// Ask only whether the process runs (`/livez`).
+    #[arg(long)]
+    pub live: bool,
     /// How long to wait for the answer.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
@@ -64,9 +71,10 @@ pub struct HealthcheckArgs {
 /// `baton healthcheck`: exit 0 when healthy, 1 otherwise (naming the
 /// failing checks), for scripts and container probes.
 pub async fn healthcheck(args: HealthcheckArgs) -> Result<()> {
-    let (path, word) = match args.check {
-        Probe::Live => ("/livez", "live"),
-        Probe::Ready => ("/readyz", "ready"),
+    let (path, word) = if args.live {
+        ("/livez", "live")
+    } else {
+        ("/readyz", "ready")
     };
     let (status, body) = baton_ops::probe(&args.ops_addr, path, args.timeout)
         .await

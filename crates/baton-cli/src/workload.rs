@@ -17,18 +17,10 @@ use crate::output;
 
 /// Accepts `unix:///abs`, `unix:/abs` or a plain (relative or absolute) path.
 fn endpoint(socket: &str) -> Result<String> {
-    if socket.starts_with("unix:") {
-        return Ok(socket.to_owned());
-    }
-    let path = Path::new(socket);
-    let abs = if path.is_absolute() {
-        path.to_owned()
-    } else {
-        std::env::current_dir()
-            .context("reading the current directory")?
-            .join(path)
-    };
-    Ok(format!("unix://{}", abs.display()))
+    Ok(format!(
+        "unix://{}",
+        crate::creds::socket_path(socket).display()
+    ))
 }
 
 async fn connect(socket: &str) -> Result<WorkloadApiClient> {
@@ -242,19 +234,30 @@ pub async fn svid(cmd: SvidCmd) -> Result<()> {
             }
             Ok(())
         }
-        SvidCmd::FetchJwt { socket, audience } => {
+        SvidCmd::FetchJwt {
+            socket,
+            audience,
+            output: format,
+        } => {
             let client = connect(&socket.socket).await?;
             let token = client
                 .fetch_jwt_token(&audience, None)
                 .await
                 .map_err(|e| exit(EXIT_REFUSED, format!("Workload API refused: {e}")))?;
-            output::line(&token);
+            match format {
+                OutputFormat::Json => output::json(&serde_json::json!({
+                    "token": token,
+                    "audience": audience,
+                })),
+                OutputFormat::Table => output::line(&token),
+            }
             Ok(())
         }
         SvidCmd::ValidateJwt {
             socket,
             audience,
             token,
+            output: format,
         } => {
             let token = crate::creds::secret_input(Some(&token), None, "token")?
                 .ok_or_else(|| exit(EXIT_REFUSED, "no token to validate"))?;
@@ -263,7 +266,16 @@ pub async fn svid(cmd: SvidCmd) -> Result<()> {
                 .validate_jwt_token(&audience, token.expose())
                 .await
                 .map_err(|e| exit(EXIT_REFUSED, format!("token rejected: {e}")))?;
-            output::line(&format!("valid JWT-SVID for {}", svid.spiffe_id()));
+            match format {
+                OutputFormat::Json => output::json(&serde_json::json!({
+                    "valid": true,
+                    "spiffe_id": svid.spiffe_id().to_string(),
+                    "audience": audience,
+                })),
+                OutputFormat::Table => {
+                    output::line(&format!("valid JWT-SVID for {}", svid.spiffe_id()));
+                }
+            }
             Ok(())
         }
     }

@@ -11,6 +11,7 @@ pub mod scope;
 pub mod secret;
 pub mod selector;
 pub mod spiffe_id;
+pub mod trace_context;
 
 pub use delegation::{
     Actor, Confirmation, DelegationClaims, DelegationError, ParentRef, Purpose, RiskTier,
@@ -21,3 +22,4 @@ pub use scope::{Permission, Scope, ScopeError};
 pub use secret::Secret;
 pub use selector::{Selector, SelectorError, SelectorKind};
 pub use spiffe_id::{SpiffeId, SpiffeIdError, TrustDomain};
+pub use trace_context::{TraceContextError, TraceId, TraceParent};

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -28,6 +28,10 @@ type RefreshFn = Arc<dyn Fn() + Send + Sync>;
 
 /// How long one readiness check may take before it counts as failed.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
+/// `/readyz` answers from the last run of the checks for this long, and
+/// concurrent probes share one run: hammering the port cannot turn into
+/// a load on the datastore or Redis.
+const READY_REUSE: Duration = Duration::from_secs(1);
 
 #[derive(Default)]
 struct Inner {
@@ -35,6 +39,10 @@ struct Inner {
     checks: Mutex<Vec<(&'static str, CheckFn)>>,
     refreshers: Mutex<Vec<RefreshFn>>,
     started: AtomicBool,
+    /// Bumped when the checks change (a check added, the process started):
+    /// a run from before is not reused.
+    generation: AtomicU64,
+    last_ready: tokio::sync::Mutex<Option<(tokio::time::Instant, u64, Readiness)>>,
 }
 
 /// What a process exposes on its ops listener. Cheap to clone; the daemons
@@ -114,6 +122,7 @@ impl Ops {
     {
         let f: CheckFn = Arc::new(move || Box::pin(check()) as CheckFuture);
         lock(&self.inner.checks).push((name, f));
+        self.inner.generation.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Called before each scrape, to set gauges computed from state
@@ -125,6 +134,23 @@ impl Ops {
     /// The process finished starting (every role it runs is serving).
     pub fn set_started(&self) {
         self.inner.started.store(true, Ordering::SeqCst);
+        self.inner.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The checks' outcome as `/readyz` answers it: a run at most
+    /// [`READY_REUSE`] old, shared by concurrent callers.
+    pub async fn readiness_shared(&self) -> Readiness {
+        let mut last = self.inner.last_ready.lock().await;
+        let generation = self.inner.generation.load(Ordering::SeqCst);
+        if let Some((at, g, r)) = last.as_ref()
+            && *g == generation
+            && at.elapsed() < READY_REUSE
+        {
+            return r.clone();
+        }
+        let r = self.readiness().await;
+        *last = Some((tokio::time::Instant::now(), generation, r.clone()));
+        r
     }
 
     /// Runs every check.
@@ -141,10 +167,7 @@ impl Ops {
         let runs = registered.into_iter().map(|(name, f)| async move {
             let outcome = match tokio::time::timeout(CHECK_TIMEOUT, f()).await {
                 Ok(r) => r,
-                Err(_) => Err(format!(
-                    "no answer within {} s",
-                    CHECK_TIMEOUT.as_secs()
-                )),
+                Err(_) => Err(format!("no answer within {} s", CHECK_TIMEOUT.as_secs())),
             };
             CheckReport {
                 name,

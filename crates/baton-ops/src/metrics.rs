@@ -81,6 +81,14 @@ pub struct AuthorityStateLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RpcLabels {
+    /// The RPC's method name (`FetchX509SVID`, `Redeem`, ...), or `unmatched`.
+    pub rpc: &'static str,
+    /// The gRPC status name the call opened with (`OK`, `PERMISSION_DENIED`, ...).
+    pub code: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StreamLabels {
     /// `x509_svid`, `x509_bundles` or `jwt_bundles`.
     pub stream: &'static str,
@@ -95,7 +103,9 @@ fn latency() -> Histogram {
 }
 
 fn cascade() -> Histogram {
-    Histogram::new([1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 1000.0, 10_000.0, 100_000.0])
+    Histogram::new([
+        1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 1000.0, 10_000.0, 100_000.0,
+    ])
 }
 
 /// Every family Baton exports; see [`metrics()`].
@@ -122,6 +132,8 @@ pub struct Metrics {
     agent_node_svid_not_after: AtomicU64,
     revocation_last_ok: AtomicU64,
     // ---- node daemon ----
+    pub agent_rpcs: Family<RpcLabels, Counter>,
+    pub agent_rpc_duration: HistogramFamily<RpcLabels>,
     pub agent_cached_svids: Gauge,
     pub agent_node_svid_expiry: Gauge,
     pub agent_syncs: Counter,
@@ -167,6 +179,8 @@ impl Metrics {
             audit_last_failed: AtomicBool::new(false),
             agent_node_svid_not_after: AtomicU64::new(0),
             revocation_last_ok: AtomicU64::new(0),
+            agent_rpcs: Family::default(),
+            agent_rpc_duration: Family::new_with_constructor(latency as fn() -> Histogram),
             agent_cached_svids: Gauge::default(),
             agent_node_svid_expiry: Gauge::default(),
             agent_syncs: Counter::default(),
@@ -188,7 +202,9 @@ impl Metrics {
     pub fn http_request(&self, route: &'static str, code: u16, seconds: f64) {
         let l = RouteLabels { route, code };
         self.http_requests.get_or_create(&l).inc();
-        self.http_request_duration.get_or_create(&l).observe(seconds);
+        self.http_request_duration
+            .get_or_create(&l)
+            .observe(seconds);
     }
 
     /// A credential handed out: `kind` is `x509`, `jwt` or `token`.
@@ -210,7 +226,9 @@ impl Metrics {
 
     /// `granted` or `refused`.
     pub fn redeem(&self, decision: &'static str) {
-        self.redeems.get_or_create(&DecisionLabels { decision }).inc();
+        self.redeems
+            .get_or_create(&DecisionLabels { decision })
+            .inc();
     }
 
     pub fn tool_call(&self, tier: &'static str, decision: &'static str) {
@@ -230,7 +248,9 @@ impl Metrics {
 
     /// A failed call to the datastore (`sqlite`) or Redis (`redis`).
     pub fn store_error(&self, store: &'static str) {
-        self.store_errors.get_or_create(&StoreLabels { store }).inc();
+        self.store_errors
+            .get_or_create(&StoreLabels { store })
+            .inc();
     }
 
     /// An audit append and how long it took (commit and head file).
@@ -250,6 +270,13 @@ impl Metrics {
     }
 
     // ---- one-line calls for the node daemon ----
+
+    /// One call on the node daemon's socket.
+    pub fn agent_rpc(&self, rpc: &'static str, code: &'static str, seconds: f64) {
+        let l = RpcLabels { rpc, code };
+        self.agent_rpcs.get_or_create(&l).inc();
+        self.agent_rpc_duration.get_or_create(&l).observe(seconds);
+    }
 
     /// A sync round ended: `refused` when the broker refused the node
     /// itself (evicted, banned, its SVID revoked).
@@ -411,6 +438,17 @@ impl Metrics {
     }
 
     fn register_agent(&self, r: &mut Registry) {
+        r.register(
+            "baton_agent_rpcs",
+            "Calls on the node daemon's socket (Workload API, Delegation), by RPC and gRPC status",
+            self.agent_rpcs.clone(),
+        );
+        r.register_with_unit(
+            "baton_agent_rpc_duration",
+            "Time to answer a call on the node daemon's socket (a stream: to its opening)",
+            Unit::Seconds,
+            self.agent_rpc_duration.clone(),
+        );
         r.register(
             "baton_agent_cached_svids",
             "Workload X509-SVIDs in the node daemon's cache",

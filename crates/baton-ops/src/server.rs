@@ -22,6 +22,9 @@ use crate::{Ops, OpsError};
 const MAX_CONNECTIONS: usize = 64;
 /// A client that has not sent its request head by then is dropped.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest request head read (request line and headers): a probe's is
+/// a few hundred bytes. Larger heads are refused by hyper (431).
+const MAX_HEAD_BYTES: usize = 8 * 1024;
 
 /// Binds the ops listener.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, OpsError> {
@@ -69,6 +72,7 @@ pub async fn serve(
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(MAX_HEAD_BYTES)
                 .keep_alive(false)
                 .serve_connection(TokioIo::new(stream), service);
             if let Err(e) = conn.await {
@@ -92,11 +96,24 @@ fn reply(status: StatusCode, content_type: &'static str, body: String) -> Respon
 const JSON: &str = "application/json";
 
 async fn answer(ops: Ops, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        return Ok(reply(
+    // Only GET: nothing on this port changes state, and a method that
+    // carries a body is never read.
+    if req.method() != Method::GET {
+        let mut r = reply(
             StatusCode::METHOD_NOT_ALLOWED,
             JSON,
-            r#"{"error":"only GET"}"#.into(),
+            r#"{"error":"the ops listener only answers GET"}"#.into(),
+        );
+        r.headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("GET"));
+        return Ok(r);
+    }
+    // A GET with a body is refused unread (the connection then closes).
+    if has_body(&req) {
+        return Ok(reply(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            JSON,
+            r#"{"error":"the ops listener takes no request body"}"#.into(),
         ));
     }
     Ok(match req.uri().path() {
@@ -114,7 +131,7 @@ async fn answer(ops: Ops, req: Request<Incoming>) -> Result<Response<Full<Bytes>
         },
         "/livez" => reply(StatusCode::OK, JSON, r#"{"status":"live"}"#.into()),
         "/readyz" => {
-            let r = ops.readiness().await;
+            let r = ops.readiness_shared().await;
             let status = if r.ready {
                 StatusCode::OK
             } else {
@@ -135,6 +152,15 @@ async fn answer(ops: Ops, req: Request<Incoming>) -> Result<Response<Full<Bytes>
     })
 }
 
+/// Whether a request announces a body (a length above zero, or chunked).
+fn has_body<B>(req: &Request<B>) -> bool {
+    req.headers().contains_key(header::TRANSFER_ENCODING)
+        || req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0")
+}
+
 /// One plain `GET path` to an ops listener at `addr` (as `baton
 /// healthcheck` and probes do): the status code and the body.
 pub async fn probe(addr: &str, path: &str, timeout: Duration) -> Result<(u16, String), OpsError> {
@@ -145,8 +171,7 @@ pub async fn probe(addr: &str, path: &str, timeout: Duration) -> Result<(u16, St
     };
     let exchange = async {
         let mut stream = tokio::net::TcpStream::connect(addr).await.map_err(io)?;
-        let request =
-            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await.map_err(io)?;
         let mut raw = Vec::new();
         stream
@@ -158,7 +183,12 @@ pub async fn probe(addr: &str, path: &str, timeout: Duration) -> Result<(u16, St
     };
     let raw = tokio::time::timeout(timeout, exchange)
         .await
-        .map_err(|_| io(std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer in time")))??;
+        .map_err(|_| {
+            io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no answer in time",
+            ))
+        })??;
     let text = String::from_utf8_lossy(&raw);
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let status = head
@@ -200,9 +230,58 @@ mod tests {
         assert_eq!(get("/readyz").await.unwrap().0, 200);
         let (status, text) = get("/metrics").await.unwrap();
         assert_eq!(status, 200);
-        assert!(text.contains("# TYPE baton_revocation_store_up gauge"), "{text}");
+        assert!(
+            text.contains("# TYPE baton_revocation_store_up gauge"),
+            "{text}"
+        );
         assert_eq!(get("/nope").await.unwrap().0, 404);
         let _ = stop.send(());
         server.await.unwrap().unwrap();
+    }
+
+    /// Sends `raw` as is and returns the status code answered.
+    async fn raw_status(addr: &str, raw: &[u8]) -> u16 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // The server may close before reading everything it was sent.
+        let _ = s.write_all(raw).await;
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out).await;
+        let text = String::from_utf8_lossy(&out);
+        text.split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0)
+    }
+
+    #[tokio::test]
+    async fn only_bodiless_gets_with_small_heads_are_answered() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let ops = Ops::new();
+        ops.set_started();
+        let server = tokio::spawn(serve(listener, ops, std::future::pending()));
+
+        // Control: a plain GET is answered.
+        let get = b"GET /livez HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        assert_eq!(raw_status(&addr, get).await, 200);
+        for method in ["POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"] {
+            let req = format!(
+                "{method} /readyz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+            assert_eq!(raw_status(&addr, req.as_bytes()).await, 405, "{method}");
+        }
+        // A GET announcing a (large) body is refused without reading it.
+        let with_body = b"GET /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\nxx";
+        assert_eq!(raw_status(&addr, with_body).await, 413);
+        let chunked = b"GET /metrics HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+        assert_eq!(raw_status(&addr, chunked).await, 413);
+        // A huge request head is cut off (431), not buffered.
+        let big = format!(
+            "GET /livez HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n",
+            "a".repeat(64 * 1024)
+        );
+        assert_eq!(raw_status(&addr, big.as_bytes()).await, 431);
+        server.abort();
     }
 }

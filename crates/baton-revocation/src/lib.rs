@@ -53,9 +53,8 @@
 //! |---|---|---|---|
 //! | `{p}:cred:<id>` | hash | `k` kind, `t` task, `a` agent, `n` node, `p` parent, `e` expiry (absent fields omitted) | `EXPIREAT` expiry |
 //! | `{p}:task:<task>`, `{p}:agent:<spiffe>`, `{p}:node:<spiffe>`, `{p}:children:<id>` | set of ids | index | pushed out to the max expiry of its members |
-//! | `{p}:revoked:<id>` | string, the kind | deny entry | `EXPIREAT` the credential's expiry |
+//! | `{p}:revoked-index` | sorted set id -> expiry | the deny set: `is_revoked` and the scripts' checks are `ZSCORE` > now; what a follower loads on a full resync (`ZRANGE BYSCORE now +inf`) | members pruned on each revoke/seed/publish |
 //! | `{p}:revoked-task:<task>` | string | task tombstone: refuses new registrations | max expiry of the task's credentials |
-//! | `{p}:revoked-index` | sorted set id -> expiry | what a follower loads on a full resync (`ZRANGE BYSCORE now +inf`) | members pruned on each revoke/seed |
 //! | `{p}:revocations` | stream | `t=revoke`, `r="exp id\nexp id…"`, `why`; `t=hb`; `t=seed`, `epoch` | trimmed with `MINID ~` to [`STREAM_RETENTION_SECS`] (1 h) on every `XADD` |
 //! | `{p}:epoch` | string | random, set by the first `seed` | none: if it is gone, Redis lost its data |
 //! | `{p}:outbox:<log>` | string | the highest outbox sequence of the datastore log `<log>` that [`RevocationStore::publish`] acknowledged | none |

@@ -24,8 +24,13 @@ const REGISTER_LUA: &str = r#"
 local p, id, kind, task, agent, node, parent, exp =
   ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[8])
 if redis.call('EXISTS', p .. ':epoch') == 0 then return {'notseeded'} end
-if redis.call('EXISTS', p .. ':revoked:' .. id) == 1 then return {'revoked'} end
-if parent ~= '' and redis.call('EXISTS', p .. ':revoked:' .. parent) == 1 then return {'parentrevoked'} end
+local now = tonumber(redis.call('TIME')[1])
+local function denied(x)
+  local s = redis.call('ZSCORE', p .. ':revoked-index', x)
+  return s and tonumber(s) > now
+end
+if denied(id) then return {'revoked'} end
+if parent ~= '' and denied(parent) then return {'parentrevoked'} end
 if task ~= '' and redis.call('EXISTS', p .. ':revoked-task:' .. task) == 1 then return {'taskrevoked'} end
 local key = p .. ':cred:' .. id
 local f = {'k', kind, 'e', ARGV[8]}
@@ -74,7 +79,6 @@ if #out == 0 then return {'unknown'} end
 local idx = p .. ':revoked-index'
 local z = {}
 for j = 1, #out, 3 do
-  redis.call('SET', p .. ':revoked:' .. out[j], out[j + 1], 'EXAT', out[j + 2])
   z[#z + 1] = out[j + 2]
   z[#z + 1] = out[j]
   if #z >= 1000 then redis.call('ZADD', idx, unpack(z)) z = {} end
@@ -92,7 +96,6 @@ local p, now, minid, newepoch, final = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV
 local idx = p .. ':revoked-index'
 for j = 6, #ARGV, 3 do
   if tonumber(ARGV[j + 2]) > now then
-    redis.call('SET', p .. ':revoked:' .. ARGV[j], ARGV[j + 1], 'EXAT', ARGV[j + 2])
     redis.call('ZADD', idx, ARGV[j + 2], ARGV[j])
   end
 end
@@ -116,7 +119,6 @@ local lines, z = {}, {}
 for j = 7, #ARGV, 3 do
   local id, kind, exp = ARGV[j], ARGV[j + 1], ARGV[j + 2]
   if tonumber(exp) > now then
-    redis.call('SET', p .. ':revoked:' .. id, kind, 'EXAT', exp)
     z[#z + 1] = exp
     z[#z + 1] = id
     if #z >= 1000 then redis.call('ZADD', idx, unpack(z)) z = {} end
@@ -465,12 +467,17 @@ impl RevocationStore for RedisStore {
         const REGISTER_MANY_LUA: &str = r#"
 local p = ARGV[1]
 if redis.call('EXISTS', p .. ':epoch') == 0 then return {'notseeded', '0'} end
+local now = tonumber(redis.call('TIME')[1])
+local function denied(x)
+  local s = redis.call('ZSCORE', p .. ':revoked-index', x)
+  return s and tonumber(s) > now
+end
 local n = (#ARGV - 1) / 7
 for i = 0, n - 1 do
   local b = 1 + i * 7
   local id, task, parent = ARGV[b + 1], ARGV[b + 3], ARGV[b + 6]
-  if redis.call('EXISTS', p .. ':revoked:' .. id) == 1 then return {'revoked', tostring(i)} end
-  if parent ~= '' and redis.call('EXISTS', p .. ':revoked:' .. parent) == 1 then return {'parentrevoked', tostring(i)} end
+  if denied(id) then return {'revoked', tostring(i)} end
+  if parent ~= '' and denied(parent) then return {'parentrevoked', tostring(i)} end
   if task ~= '' and redis.call('EXISTS', p .. ':revoked-task:' .. task) == 1 then return {'taskrevoked', tostring(i)} end
 end
 local sets, order = {}, {}
@@ -633,13 +640,17 @@ return {'ok'}
         Ok(out)
     }
 
-    async fn is_revoked(&self, id: &str, _now: u64) -> Result<bool, RevocationError> {
-        // Redis's own clock expires the deny key.
-        let mut cmd = redis::cmd("EXISTS");
-        cmd.arg(self.key(&format!("revoked:{id}")));
+    async fn is_revoked(&self, id: &str, now: u64) -> Result<bool, RevocationError> {
+        // The deny set is the index alone: its score is the expiry.
+        let mut cmd = redis::cmd("ZSCORE");
+        cmd.arg(self.key("revoked-index")).arg(id);
         match self.query(&cmd).await? {
-            Value::Int(n) => Ok(n > 0),
-            other => Err(RevocationError::Protocol(format!("EXISTS: {other:?}"))),
+            Value::Nil => Ok(false),
+            v => {
+                let score =
+                    score(&v).ok_or_else(|| RevocationError::Protocol(format!("ZSCORE: {v:?}")))?;
+                Ok(score > now)
+            }
         }
     }
 

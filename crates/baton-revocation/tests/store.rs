@@ -331,8 +331,21 @@ async fn ttl(s: &RedisStore, key: &str) -> i64 {
     }
 }
 
+async fn zscore(s: &RedisStore, id: &str) -> Option<u64> {
+    let v = s
+        .raw(redis::cmd("ZSCORE").arg("{bt}:revoked-index").arg(id))
+        .await
+        .unwrap();
+    match v {
+        redis::Value::Nil => None,
+        redis::Value::BulkString(b) => Some(String::from_utf8(b).unwrap().parse().unwrap()),
+        redis::Value::Double(d) => Some(d as u64),
+        other => panic!("{other:?}"),
+    }
+}
+
 #[tokio::test]
-async fn redis_revoked_key_lives_exactly_as_long_as_the_credential() {
+async fn redis_revoked_entry_lives_exactly_as_long_as_the_credential() {
     let (_srv, s) = redis_store().await;
     let now = system_now();
     s.register(&rec("t1", Some(task(1)), "agent/a", None, now + 1000), now)
@@ -351,8 +364,20 @@ async fn redis_revoked_key_lives_exactly_as_long_as_the_credential() {
     s.revoke(&Target::Subtree("t1".into()), "x", now)
         .await
         .unwrap();
-    assert!((998..=1000).contains(&ttl(&s, "{bt}:revoked:t1").await));
-    assert!((298..=300).contains(&ttl(&s, "{bt}:revoked:t2").await));
+    // The deny set is the index alone; each id is scored with its expiry.
+    assert_eq!(zscore(&s, "t1").await, Some(now + 1000));
+    assert_eq!(zscore(&s, "t2").await, Some(now + 300));
+    assert_eq!(
+        s.raw(redis::cmd("EXISTS").arg("{bt}:revoked:t1"))
+            .await
+            .unwrap(),
+        redis::Value::Int(0),
+        "no per-id deny key"
+    );
+    // Refused while the credential lives, forgotten once it has expired.
+    assert!(s.is_revoked("t2", now + 299).await.unwrap());
+    assert!(!s.is_revoked("t2", now + 300).await.unwrap());
+    assert!(s.is_revoked("t1", now + 300).await.unwrap());
 }
 
 #[tokio::test]

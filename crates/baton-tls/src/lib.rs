@@ -78,7 +78,7 @@ pub use error::{SvidError, TlsError};
 pub use identity::{ClientIdentity, ServerIdentity};
 pub use serve::{
     HANDSHAKE_TIMEOUT, PeerCertificate, PeerIdentity, RemoteAddr, SHUTDOWN_GRACE, ServeLimits,
-    UnixPeer, serve_https, serve_https_with, serve_unix,
+    UnixPeer, serve_https, serve_https_with, serve_unix, serve_unix_with,
 };
 pub use svid::{PeerPolicy, VerifiedSvid, verify_svid};
 pub use verifier::{SpiffeClientVerifier, SpiffeServerVerifier};

@@ -25,7 +25,8 @@ use crate::svid::spiffe_id_of_verified_leaf;
 /// How long a client gets to finish the TLS handshake (the default of
 /// [`ServeLimits::handshake_timeout`]).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long in-flight requests get to finish after shutdown is asked.
+/// How long in-flight requests get to finish after shutdown is asked (the
+/// default of [`ServeLimits::shutdown_grace`]).
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// How long a connection asked to close (idle, or its request timed out)
 /// gets to finish writing before it is dropped: a client that never reads
@@ -57,6 +58,10 @@ pub struct ServeLimits {
     /// A connection (HTTP/1.1 or HTTP/2) with no request in flight for this
     /// long is closed.
     pub idle_timeout: Duration,
+    /// After shutdown is asked: how long requests already in flight get to
+    /// finish (their connections are then closed) before what is left is
+    /// dropped.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for ServeLimits {
@@ -67,6 +72,7 @@ impl Default for ServeLimits {
             header_read_timeout: Duration::from_secs(10),
             request_timeout: Some(Duration::from_secs(60)),
             idle_timeout: Duration::from_secs(60),
+            shutdown_grace: SHUTDOWN_GRACE,
         }
     }
 }
@@ -83,6 +89,7 @@ impl ServeLimits {
         }
         for (field, d) in [
             ("handshake_timeout", self.handshake_timeout),
+            ("shutdown_grace", self.shutdown_grace),
             ("header_read_timeout", self.header_read_timeout),
             ("idle_timeout", self.idle_timeout),
         ] {
@@ -148,8 +155,11 @@ where
 /// task within [`ServeLimits::handshake_timeout`]; a failed or timed-out
 /// handshake is logged and dropped, never ending the loop. HTTP/1.1 and
 /// HTTP/2 are both served, each connection under `limits`. On shutdown the
-/// listener is closed, open connections are asked to finish, and the call
-/// returns once they have or after [`SHUTDOWN_GRACE`].
+/// listener is closed (new connections are refused), handshakes in progress
+/// are dropped, each open connection finishes the requests it has in flight
+/// and is then closed (HTTP/1.1 without keep-alive, HTTP/2 with a GOAWAY),
+/// and the call returns once they all have or after
+/// [`ServeLimits::shutdown_grace`].
 pub async fn serve_https_with<F>(
     listener: TcpListener,
     config: Arc<ServerConfig>,
@@ -229,7 +239,7 @@ where
     }
     drop(listener);
     let _ = stopping_tx.send(true);
-    finish(tasks).await;
+    finish(tasks, limits.shutdown_grace).await;
     Ok(())
 }
 
@@ -250,10 +260,27 @@ where
     F: Filter + Clone + Send + Sync + 'static,
     F::Extract: Reply,
 {
+    serve_unix_with(listener, filter, SHUTDOWN_GRACE, shutdown).await
+}
+
+/// [`serve_unix`] with another shutdown grace (see
+/// [`ServeLimits::shutdown_grace`]).
+pub async fn serve_unix_with<F>(
+    listener: UnixListener,
+    filter: F,
+    shutdown_grace: Duration,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), TlsError>
+where
+    F: Filter + Clone + Send + Sync + 'static,
+    F::Extract: Reply,
+{
     let limits = ServeLimits {
         request_timeout: None,
+        shutdown_grace,
         ..ServeLimits::default()
     };
+    limits.validate()?;
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut tasks = JoinSet::new();
     let (stopping_tx, stopping_rx) = watch::channel(false);
@@ -297,7 +324,7 @@ where
     }
     drop(listener);
     let _ = stopping_tx.send(true);
-    finish(tasks).await;
+    finish(tasks, limits.shutdown_grace).await;
     Ok(())
 }
 
@@ -456,7 +483,7 @@ async fn serve_connection<I, F, X>(
                 }
                 return;
             }
-            _ = stopping.wait_for(|stop| *stop), if closing.is_none() => SHUTDOWN_GRACE,
+            _ = stopping.wait_for(|stop| *stop), if closing.is_none() => limits.shutdown_grace,
             () = activity.changed.notified(), if closing.is_none() => {
                 if !activity.close.load(Ordering::SeqCst) {
                     continue;
@@ -487,13 +514,11 @@ fn reap(tasks: &mut JoinSet<()>) {
     while tasks.try_join_next().is_some() {}
 }
 
-/// Waits up to [`SHUTDOWN_GRACE`] for the connection tasks (each closes
-/// itself once told to stop), then drops what is left.
-async fn finish(mut tasks: JoinSet<()>) {
-    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
+/// Waits up to `grace` for the connection tasks (each closes itself once
+/// told to stop), then drops what is left.
+async fn finish(mut tasks: JoinSet<()>, grace: Duration) {
+    let drained =
+        tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
     if drained.is_err() {
         tracing::warn!("shutdown grace period elapsed; dropping remaining connections");
     }
