@@ -225,7 +225,7 @@ mod tests {
         tokio::time::pause();
         let ops = Ops::new();
         ops.set_started();
-        ops.add_check("stuck", || std::future::pending());
+        ops.add_check("stuck", std::future::pending);
         let r = ops.readiness().await;
         assert_eq!(r.failing(), vec!["stuck"]);
     }
