@@ -448,3 +448,55 @@ fn the_ops_listener_binds_off_loopback_only_when_asked_to() {
     assert!(!out.status.success(), "{out:?}");
     assert!(!err.contains("--ops-listen-non-loopback"), "{err}");
 }
+
+#[test]
+fn baton_dev_serves_the_broker_and_the_agent_on_one_ops_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("dev");
+    let ops = free_addr();
+    let mut cmd = baton();
+    cmd.args(["dev", "--ops-listen", &ops, "--data-dir"])
+        .arg(&data);
+    let mut dev = Proc::spawn("dev", cmd, dir.path().join("dev.log"));
+    wait_for(
+        "baton dev ready on its ops listener",
+        Duration::from_secs(60),
+        || {
+            assert!(dev.is_running(), "{}", dev.log_text());
+            readyz(&ops).and_then(|(s, _)| (s == 200).then_some(()))
+        },
+    );
+    let (_, body) = readyz(&ops).unwrap();
+    let names: Vec<&str> = body["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    for n in [
+        "started",
+        "datastore",
+        "audit_log",
+        "authority",
+        "node_svid",
+        "sync",
+    ] {
+        assert!(names.contains(&n), "{n} missing from {body}");
+    }
+    let text = scrape(&ops);
+    assert!(
+        text.contains("# TYPE baton_hops_granted_total counter"),
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE baton_agent_syncs_total counter"),
+        "{text}"
+    );
+    assert_no_secret(&text, "dev", &[]);
+    promtool_check(&text, "dev");
+    assert_eq!(healthcheck(&ops, "live").status.code(), Some(0));
+    assert_eq!(healthcheck(&ops, "ready").status.code(), Some(0));
+    dev.stop();
+    // Gone with its process.
+    assert_eq!(healthcheck(&ops, "live").status.code(), Some(1));
+}
