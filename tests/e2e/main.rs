@@ -8,6 +8,7 @@
 mod admission;
 mod audit;
 mod broker;
+mod ca_wait;
 mod chaos;
 mod delegation;
 mod durable_revocation;
@@ -29,5 +30,6 @@ mod rotation;
 mod secret_files;
 mod secrets;
 mod shutdown;
+mod task_show;
 mod tls_resumption;
 mod traces;

@@ -293,3 +293,72 @@ fn example_workloads_take_a_relative_socket_path() {
     client.stop();
     echo.stop();
 }
+
+/// Starts `baton dev` on `data` and waits until it serves; returns it
+/// with its log.
+fn start_dev(data: &std::path::Path, log: std::path::PathBuf, extra: &[&str]) -> Proc {
+    let mut cmd = baton();
+    cmd.args(["dev", "--data-dir"]).arg(data).args(extra);
+    let mut dev = Proc::spawn("dev", cmd, log);
+    wait_for("baton dev", Duration::from_secs(60), || {
+        assert!(dev.is_running(), "{}", dev.log_text());
+        data.join("agent.sock").exists().then_some(())
+    });
+    dev
+}
+
+#[test]
+fn dev_x509_ttl_is_refused_when_zero_and_reported_when_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("dev");
+    // 0s (or less than a second) is refused before anything starts.
+    for zero in ["0s", "500ms"] {
+        let out = baton()
+            .args(["dev", "--x509-ttl", zero, "--data-dir"])
+            .arg(&data)
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains("--x509-ttl"), "{err}");
+        assert!(err.contains("at least 1s"), "{err}");
+        assert!(!data.join("admin.sock").exists());
+    }
+
+    // A fresh data dir: the lifetime is applied, nothing to warn about.
+    let mut dev = start_dev(&data, dir.path().join("dev1.log"), &["--x509-ttl", "5m"]);
+    assert!(!dev.log_text().contains("ignored"), "{}", dev.log_text());
+    let entries: serde_json::Value = serde_json::from_slice(
+        &baton()
+            .args(["entry", "list", "-o", "json"])
+            .env("BATON_ADMIN_SOCKET", data.join("admin.sock"))
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let dev_entry = entries["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["spiffe_id"] == "spiffe://example.org/dev/workload")
+        .unwrap_or_else(|| panic!("{entries}"))
+        .clone();
+    assert_eq!(dev_entry["x509_ttl_secs"], 300, "{dev_entry}");
+    dev.stop();
+
+    // The same data dir with another lifetime: said to be ignored, with what to do.
+    let mut dev = start_dev(&data, dir.path().join("dev2.log"), &["--x509-ttl", "10m"]);
+    let log = dev.log_text();
+    assert!(log.contains("--x509-ttl 10m is ignored"), "{log}");
+    assert!(
+        log.contains("5m") && log.contains("baton entry delete"),
+        "{log}"
+    );
+    dev.stop();
+
+    // Control: without --x509-ttl on the existing dir, no warning.
+    let mut dev = start_dev(&data, dir.path().join("dev3.log"), &[]);
+    assert!(!dev.log_text().contains("ignored"), "{}", dev.log_text());
+    dev.stop();
+}

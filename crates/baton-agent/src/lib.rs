@@ -180,6 +180,17 @@ pub enum AgentError {
     NotASocket { path: PathBuf },
     #[error("the Workload API server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
+    /// The broker banned this node: final until an operator lifts it, so
+    /// the agent stops instead of retrying.
+    #[error(
+        "node {node} is banned by the broker: it serves no identities and cannot attest again; an operator can lift the ban with `baton node unban {node}`"
+    )]
+    Banned { node: SpiffeId },
+}
+
+/// Whether `e` is the broker banning this node.
+fn is_ban(e: &sync::SyncError) -> bool {
+    matches!(e, sync::SyncError::Broker(c) if c.node_refusal() == Some(client::NodeRefusal::Banned))
 }
 
 /// Runs the node daemon until `shutdown` completes.
@@ -248,6 +259,7 @@ pub async fn run(
     // Cancelling it is harmless: the snapshot is only published at its end.
     match tokio::time::timeout(FIRST_SYNC_LIMIT, syncer.sync_once(node::unix_now())).await {
         Ok(Ok(())) => {}
+        Ok(Err(e)) if is_ban(&e) => return Err(AgentError::Banned { node: node_id }),
         Ok(Err(e)) => tracing::warn!(error = %e, "first sync with the broker failed; will retry"),
         Err(_) => tracing::warn!("first sync with the broker timed out; will retry"),
     }
@@ -255,7 +267,19 @@ pub async fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
     let stop_rx_main = stop_rx.clone();
     let grace = config.shutdown_grace;
-    let sync_task = tokio::spawn(syncer.run(stop_rx.clone()));
+    // A ban ends the daemon: the sync loop reports it here, which stops
+    // serving like a shutdown and makes `run` fail with it.
+    let (banned_tx, banned_rx) = oneshot::channel::<()>();
+    let sync_stop = stop_rx.clone();
+    let sync_task = tokio::spawn(async move {
+        if let Err(e) = syncer.run(sync_stop).await
+            && is_ban(&e)
+        {
+            let _ = banned_tx.send(());
+        }
+    });
+    let banned = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let banned_flag = Arc::clone(&banned);
     let renew_task = tokio::spawn(node::renew_loop(
         store,
         Arc::clone(&client),
@@ -276,7 +300,18 @@ pub async fn run(
         client,
         ready,
         async move {
-            shutdown.await;
+            let mut shutdown = std::pin::pin!(shutdown);
+            tokio::select! {
+                () = &mut shutdown => {}
+                r = banned_rx => {
+                    if r.is_ok() {
+                        banned_flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                    } else {
+                        // The sync loop ended otherwise: wait for the shutdown.
+                        shutdown.await;
+                    }
+                }
+            }
             tracing::info!(grace = ?grace, "shutting down the node daemon: no new connections; finishing calls in flight");
             // Stopping the syncer drops the cache sender, which ends the
             // open Workload API streams so graceful shutdown can finish.
@@ -299,6 +334,9 @@ pub async fn run(
     sync_task.abort();
     renew_task.abort();
     let _ = std::fs::remove_file(&config.socket_path);
+    if banned.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(AgentError::Banned { node: node_id });
+    }
     served
 }
 

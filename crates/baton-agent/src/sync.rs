@@ -215,7 +215,10 @@ impl Syncer {
 
     /// Runs until `stop` changes or its sender is dropped. Dropping the
     /// syncer then closes the cache channel, which ends open streams.
-    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+    /// Returns early with the broker's refusal when it banned this node:
+    /// that is final (only an operator lifts it), so the agent stops
+    /// rather than retrying forever.
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> Result<(), SyncError> {
         let mut failures: u32 = 0;
         loop {
             let wait = match self.sync_once(unix_now()).await {
@@ -242,6 +245,7 @@ impl Syncer {
                         _ => None,
                     };
                     match refusal {
+                        Some(crate::client::NodeRefusal::Banned) => return Err(e),
                         Some(r) => {
                             tracing::error!(error = %e, retry_in = ?wait, "{}", r.advice());
                         }
@@ -254,7 +258,7 @@ impl Syncer {
             };
             tokio::select! {
                 biased;
-                _ = stop.changed() => return,
+                _ = stop.changed() => return Ok(()),
                 () = tokio::time::sleep(wait) => {}
             }
         }

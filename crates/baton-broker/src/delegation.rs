@@ -196,6 +196,16 @@ impl Delegation {
         self.task(&id)
     }
 
+    /// The credentials registered under a task (`baton task show`).
+    pub fn task_credentials(
+        &self,
+        raw: &str,
+    ) -> Result<Vec<crate::revocation::TaskCredential>, BrokerError> {
+        let id: TaskId = raw.parse().map_err(|e| bad("task_id", format!("{e}")))?;
+        self.task(&id)?;
+        Ok(self.revoker.task_credentials(&id)?)
+    }
+
     pub fn list_tasks(&self) -> Result<Vec<TaskRecord>, BrokerError> {
         Ok(self.tasks.list_tasks()?)
     }

@@ -476,6 +476,15 @@ pub fn admin_routes(
         .and(warp::get())
         .and(with(d.clone()))
         .and_then(|id: String, d: Arc<Delegation>| async move { respond(d.get_task(&id)) });
+    let credentials = warp::path!("v1" / "admin" / "tasks" / String / "credentials")
+        .and(warp::get())
+        .and(with(d.clone()))
+        .and_then(|id: String, d: Arc<Delegation>| async move {
+            respond(
+                d.task_credentials(&id)
+                    .map(|c| serde_json::json!({ "task_id": id, "credentials": c })),
+            )
+        });
     let end = warp::path!("v1" / "admin" / "tasks" / String / "end")
         .and(warp::post())
         .and(with(d.clone()))
@@ -653,6 +662,8 @@ pub fn admin_routes(
         .or(list)
         .unify()
         .or(show)
+        .unify()
+        .or(credentials)
         .unify()
         .or(end)
         .unify()

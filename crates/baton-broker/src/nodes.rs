@@ -211,6 +211,7 @@ pub async fn remove_node(
             )));
         }
     };
+    broker.rotation().forget_node(&id);
     tracing::warn!(node = %id, action = verb, revoked, reason, "node {verb}");
     let propagation = revoker
         .propagation(std::time::Duration::from_secs(2))

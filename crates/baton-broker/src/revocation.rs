@@ -57,6 +57,25 @@ pub struct Revoker {
     stopping: tokio::sync::watch::Sender<bool>,
 }
 
+/// One credential of a task, as the registry holds it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TaskCredential {
+    /// What `baton revoke credential` takes: a certificate serial (hex), a
+    /// token `jti`, a grant or JWT-SVID digest, a lease id.
+    pub id: String,
+    /// `x509`, `token`, `grant`, `lease` or `jwtsvid`.
+    pub kind: String,
+    /// The agent (SPIFFE ID) holding it.
+    pub agent: Option<String>,
+    /// The node it was issued through.
+    pub node: Option<String>,
+    /// The credential it was minted from.
+    pub parent: Option<String>,
+    /// Unix seconds.
+    pub expires_at: u64,
+    pub revoked: bool,
+}
+
 /// Whether a revocation has reached the revocation store yet.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Propagation {
@@ -102,6 +121,62 @@ pub enum RelayError {
     Store(#[from] baton_revocation::RevocationError),
     #[error(transparent)]
     Datastore(#[from] StoreError),
+}
+
+/// A credential id as the registry holds it, from the forms operators
+/// copy: ours (lower-case hex, a jti, `lease-...`), a serial as other tools
+/// print it (`serial=7A3F...` from `openssl x509 -serial`, `7a:3f:...` from
+/// `openssl x509 -text`, upper-case hex, a `0x` prefix). `None` for
+/// anything else.
+pub fn normalize_credential_id(raw: &str) -> Option<String> {
+    let t = raw.trim();
+    let (t, serial) = match t.get(..7) {
+        Some(p) if p.eq_ignore_ascii_case("serial=") => (&t[7..], true),
+        _ => match t.get(..2) {
+            Some("0x" | "0X") => (&t[2..], true),
+            _ => (t, false),
+        },
+    };
+    if t.is_empty() || t.len() > 256 {
+        return None;
+    }
+    if serial || t.contains(':') {
+        // Hex bytes, optionally colon-separated (each group one byte).
+        let mut hex = String::with_capacity(t.len());
+        for group in t.split(':') {
+            if group.is_empty()
+                || (t.contains(':') && group.len() > 2)
+                || !group.bytes().all(|b| b.is_ascii_hexdigit())
+            {
+                return None;
+            }
+            if t.contains(':') && group.len() == 1 {
+                hex.push('0');
+            }
+            hex.push_str(group);
+        }
+        let mut hex = hex.to_ascii_lowercase();
+        if hex.len() % 2 == 1 {
+            hex.insert(0, '0');
+        }
+        return Some(hex);
+    }
+    if !t
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return None;
+    }
+    // Every id Baton mints is lower-case; upper-case hex is a serial as
+    // openssl prints it.
+    if t.bytes().all(|b| b.is_ascii_hexdigit()) {
+        let mut hex = t.to_ascii_lowercase();
+        if hex.len() % 2 == 1 {
+            hex.insert(0, '0');
+        }
+        return Some(hex);
+    }
+    Some(t.to_owned())
 }
 
 fn unavailable(e: impl std::fmt::Display) -> BrokerError {
@@ -217,6 +292,9 @@ fn cover_add(tx: &Connection, rows: &[Revoked]) -> Result<(), rusqlite::Error> {
 /// registry, closed over parent links (anything minted from a covered
 /// credential is covered).
 fn cover_resolve(tx: &Connection, target: &Target, now: u64) -> Result<(), rusqlite::Error> {
+    if let Target::Task(task) = target {
+        return cover_resolve_task(tx, task.as_str(), now);
+    }
     let (column, value) = match target {
         Target::Credential(id) | Target::Subtree(id) => ("id", id.clone()),
         Target::Task(t) => ("task", t.as_str().to_owned()),
@@ -236,6 +314,32 @@ fn cover_resolve(tx: &Connection, target: &Target, now: u64) -> Result<(), rusql
     );
     tx.prepare_cached(&sql)?
         .execute(params![value, to_i64(now)])?;
+    Ok(())
+}
+
+/// [`cover_resolve`] for a task: its own credentials by the task index in
+/// one pass, then only what was minted from them outside the task, closed
+/// over parent links. Same set as the generic walk, without running the
+/// recursive de-duplication over every credential of a large task (which
+/// dominated a 10,000-credential cascade).
+fn cover_resolve_task(tx: &Connection, task: &str, now: u64) -> Result<(), rusqlite::Error> {
+    tx.prepare_cached(
+        "INSERT OR IGNORE INTO temp.cover (id, kind, expires_at)
+         SELECT id, kind, expires_at FROM credentials WHERE task = ?1 AND expires_at > ?2",
+    )?
+    .execute(params![task, to_i64(now)])?;
+    tx.prepare_cached(
+        "WITH RECURSIVE sub(id) AS (
+            SELECT c.id FROM credentials c JOIN temp.cover v ON c.parent = v.id
+            WHERE c.task IS NOT ?1
+            UNION
+            SELECT c.id FROM credentials c JOIN sub s ON c.parent = s.id
+         )
+         INSERT OR IGNORE INTO temp.cover (id, kind, expires_at)
+         SELECT c.id, c.kind, c.expires_at FROM credentials c JOIN sub s ON c.id = s.id
+         WHERE c.expires_at > ?2",
+    )?
+    .execute(params![task, to_i64(now)])?;
     Ok(())
 }
 
@@ -467,22 +571,17 @@ impl Revoker {
             Ok(id)
         };
         let cred = |field: &'static str, raw: &str| -> Result<String, BrokerError> {
-            let ok = !raw.is_empty()
-                && raw.len() <= 256
-                && raw
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-            if ok {
-                Ok(raw.to_owned())
-            } else {
-                Err(bad(
+            normalize_credential_id(raw).ok_or_else(|| {
+                bad(
                     field,
                     format!(
-                        "{field}: \"{}\" is not a credential id (serial hex, token jti or lease id)",
+                        "{field}: \"{}\" is not a credential id (a certificate serial in hex, \
+                         plain or colon-separated as openssl prints it; a token jti; a lease id; \
+                         see `baton task show TASK`)",
                         raw.escape_default()
                     ),
-                ))
-            }
+                )
+            })
         };
         Ok(match t {
             RevokeTarget::Credential(id) => Target::Credential(cred("credential", id)?),
@@ -874,6 +973,31 @@ impl Revoker {
         })
     }
 
+    /// Every credential registered under `task` (oldest first), with
+    /// whether it is revoked: what `baton task show` lists and `baton
+    /// revoke credential` takes.
+    pub fn task_credentials(&self, task: &TaskId) -> Result<Vec<TaskCredential>, StoreError> {
+        self.durable.with(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT c.id, c.kind, c.agent, c.node, c.parent, c.expires_at, r.id IS NOT NULL
+                 FROM credentials c LEFT JOIN revocations r ON r.id = c.id
+                 WHERE c.task = ?1 ORDER BY c.rowid",
+            )?;
+            let rows = stmt.query_map(params![task.to_string()], |r| {
+                Ok(TaskCredential {
+                    id: r.get(0)?,
+                    kind: r.get(1)?,
+                    agent: r.get(2)?,
+                    node: r.get(3)?,
+                    parent: r.get(4)?,
+                    expires_at: u64::try_from(r.get::<_, i64>(5)?).unwrap_or(0),
+                    revoked: r.get(6)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
     /// Every durable revocation still in force.
     pub fn live_revocations(&self, now: u64) -> Result<Vec<Revoked>, StoreError> {
         self.durable.with(|c| {
@@ -897,5 +1021,129 @@ impl baton_verify::RevocationCheck for DurableCheck {
         self.0
             .durably_revoked(jti, baton_revocation::system_now())
             .unwrap_or(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(n: u8) -> TaskId {
+        TaskId::from_random([n; 16])
+    }
+
+    fn rec(id: &str, task: Option<TaskId>, parent: Option<&str>, exp: u64) -> CredentialRecord {
+        CredentialRecord {
+            id: id.to_owned(),
+            kind: CredKind::Token,
+            task,
+            agent: None,
+            node: None,
+            parent: parent.map(str::to_owned),
+            expires_at: exp,
+        }
+    }
+
+    fn covered(store: &SqliteStore, target: &Target, now: u64) -> Vec<String> {
+        store
+            .with(|c| {
+                let tx = c.transaction()?;
+                cover_reset(&tx)?;
+                cover_resolve(&tx, target, now)?;
+                let mut ids: Vec<String> = cover_list(&tx)?.into_iter().map(|r| r.id).collect();
+                ids.sort();
+                Ok(ids)
+            })
+            .unwrap()
+    }
+
+    #[test]
+    fn a_task_covers_its_own_credentials_and_what_was_minted_from_them_elsewhere() {
+        let store = SqliteStore::in_memory().unwrap();
+        let (now, exp) = (1_000, 2_000);
+        let records = [
+            rec("g1", Some(task(0xa)), None, exp),
+            rec("t1", Some(task(0xa)), Some("g1"), exp),
+            rec("c1", Some(task(0xa)), Some("t1"), exp),
+            // Minted from task A's token outside the task, and a child of it.
+            rec("x1", Some(task(0xb)), Some("t1"), exp),
+            rec("x2", None, Some("x1"), exp),
+            // Task A's, but expired: nothing to refuse.
+            rec("old", Some(task(0xa)), None, now),
+            // Unrelated.
+            rec("b1", Some(task(0xb)), None, exp),
+            rec("b2", Some(task(0xb)), Some("b1"), exp),
+        ];
+        store
+            .with(|c| {
+                let tx = c.transaction()?;
+                register_tx(&tx, &records[..5], now)?.unwrap();
+                register_tx(&tx, &records[6..], now)?.unwrap();
+                tx.execute(
+                    "INSERT INTO credentials (id, kind, task, expires_at) VALUES ('old', 'token', ?1, ?2)",
+                    params![task(0xa).as_str(), to_i64(now)],
+                )?;
+                tx.commit()?;
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(
+            covered(&store, &Target::Task(task(0xa)), now),
+            ["c1", "g1", "t1", "x1", "x2"]
+        );
+        // The generic walk over parent links gives the same answer for the
+        // same roots (control for the task shortcut).
+        assert_eq!(
+            covered(&store, &Target::Subtree("g1".to_owned()), now),
+            ["c1", "g1", "t1", "x1", "x2"]
+        );
+        assert_eq!(
+            covered(&store, &Target::Task(task(0xb)), now),
+            ["b1", "b2", "x1", "x2"]
+        );
+        assert!(covered(&store, &Target::Task(task(0xc)), now).is_empty());
+    }
+}
+
+#[cfg(test)]
+mod id_tests {
+    use super::normalize_credential_id as n;
+
+    #[test]
+    fn serials_as_other_tools_print_them_name_the_same_credential() {
+        let ours = "7a3f0b";
+        for form in [
+            "7a3f0b",
+            "7A3F0B",
+            "serial=7A3F0B",
+            "SERIAL=7a3f0b",
+            "0x7a3f0b",
+            "7a:3f:0b",
+            "7A:3F:0B",
+            "  7a:3f:0b\n",
+            "7a:3f:b",
+        ] {
+            assert_eq!(n(form).as_deref(), Some(ours), "{form:?}");
+        }
+        // Ids that are not hex are left alone.
+        assert_eq!(n("lease-0123abcd").as_deref(), Some("lease-0123abcd"));
+    }
+
+    #[test]
+    fn garbage_is_not_an_id() {
+        for bad in [
+            "",
+            "zz:11",
+            "7a::3f",
+            "7a3:f0",
+            "serial=",
+            "serial=xyz",
+            "a b",
+            "x;y",
+            "0x",
+        ] {
+            assert_eq!(n(bad), None, "{bad:?}");
+        }
+        assert_eq!(n(&"a".repeat(257)), None);
     }
 }

@@ -204,6 +204,19 @@ impl RotationState {
         m.remove(&format!("{}:{slot}", kind.prefix()));
     }
 
+    /// Forgets what node `node` held (it was evicted or banned, and what was
+    /// issued through it revoked): its SVIDs will never be re-issued and no
+    /// JWT-SVID it was handed can be served any more, so none of it keeps a
+    /// taint pending.
+    pub fn forget_node(&self, node: &SpiffeId) {
+        let agent = format!("{}:{node}", SlotKind::Agent.prefix());
+        let workloads = format!("{}:{node}:", SlotKind::Workload.prefix());
+        lock(&self.ledger).retain(|slot, _| *slot != agent && !slot.starts_with(&workloads));
+        for per_node in lock(&self.jwt_served).values_mut() {
+            per_node.remove(node);
+        }
+    }
+
     /// Live SVIDs signed by `authority`, per holder kind; forgets expired ones.
     pub fn pending(&self, authority: &str, now: u64) -> PendingReissue {
         let mut m = lock(&self.ledger);

@@ -171,7 +171,7 @@ pub async fn token(cmd: TokenCmd) -> Result<()> {
                 OutputFormat::Table => {
                     output::line(&format!("token:      {}", resp.token.expose()));
                     output::line(&format!("node id:    {}", resp.node_id));
-                    output::line(&format!("expires at: {} (unix)", resp.expires_at));
+                    output::line(&format!("expires at: {}", output::when(resp.expires_at)));
                 }
             }
             Ok(())

@@ -9,7 +9,7 @@ use baton_broker::rotation::{
     ActivateRequest, AuthorityRequest, AuthorityView, CaStatus, PendingReissue, PrepareRequest,
     RevokeRequest,
 };
-use baton_ca::AuthorityKind;
+use baton_ca::{AuthorityKind, AuthorityState};
 use clap::{Args, Subcommand, ValueEnum};
 use serde::Deserialize;
 
@@ -32,6 +32,15 @@ pub enum CaCmd {
         /// Which kind to prepare.
         #[arg(long, value_enum, default_value_t = KindArg::Both)]
         kind: KindArg,
+        /// Then wait, with a progress line, until every live agent has
+        /// synced the bundle that carries it (no lagging agents), so that
+        /// `baton ca activate` is safe. An authority of that kind already
+        /// prepared is waited for, not prepared again.
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this long (exit code 1).
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration, requires = "wait")]
+        timeout: Duration,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -49,7 +58,8 @@ pub enum CaCmd {
         admin: AdminArgs,
     },
     /// Taint an old authority: agents re-issue every SVID it signed at
-    /// their next sync. Then revoke it.
+    /// their next sync. Then revoke it. With --wait on an authority already
+    /// tainted, only waits.
     Taint {
         /// The old authority's id.
         id: String,
@@ -104,19 +114,47 @@ pub async fn ca(cmd: CaCmd) -> Result<()> {
             }
             Ok(())
         }
-        CaCmd::Prepare { kind, admin } => {
-            let kinds = match kind {
+        CaCmd::Prepare {
+            kind,
+            wait,
+            timeout,
+            admin,
+        } => {
+            let client = AdminClient::new(&admin.admin_socket)?;
+            let mut kinds = match kind {
                 KindArg::X509 => vec![AuthorityKind::X509],
                 KindArg::Jwt => vec![AuthorityKind::Jwt],
-                KindArg::Both => Vec::new(),
+                KindArg::Both => vec![AuthorityKind::X509, AuthorityKind::Jwt],
             };
-            let reply: Reply = AdminClient::new(&admin.admin_socket)?
-                .post("/v1/admin/ca/prepare", &PrepareRequest { kinds })
-                .await?;
-            print_reply(admin.output, &reply);
-            if admin.output == OutputFormat::Table {
+            if wait {
+                // Waiting again after a timeout: what is prepared already
+                // is waited for, not prepared a second time.
+                let s = status(&client).await?;
+                for a in &s.authorities {
+                    if a.status.state == AuthorityState::Prepared {
+                        kinds.retain(|k| *k != a.status.kind);
+                        progress(
+                            false,
+                            &format!(
+                                "{} authority {} is already prepared; waiting for the agents",
+                                a.status.kind, a.status.id
+                            ),
+                            true,
+                        );
+                    }
+                }
+            }
+            if !kinds.is_empty() {
+                let reply: Reply = client
+                    .post("/v1/admin/ca/prepare", &PrepareRequest { kinds })
+                    .await?;
+                print_reply(admin.output, &reply);
+            }
+            if wait {
+                wait_for_sync(&client, timeout).await?;
+            } else if admin.output == OutputFormat::Table {
                 output::line(
-                    "next: wait until `baton ca show` lists no lagging agents, then `baton ca activate`",
+                    "next: wait until `baton ca show` lists no lagging agents (or `baton ca prepare --wait`), then `baton ca activate`",
                 );
             }
             Ok(())
@@ -130,10 +168,25 @@ pub async fn ca(cmd: CaCmd) -> Result<()> {
         }
         CaCmd::Taint { id, wait, admin } => {
             let client = AdminClient::new(&admin.admin_socket)?;
-            let reply: Reply = client
-                .post("/v1/admin/ca/taint", &AuthorityRequest { id: id.clone() })
-                .await?;
-            print_reply(admin.output, &reply);
+            let already = wait.wait
+                && status(&client).await?.authorities.iter().any(|a| {
+                    a.status.id == id
+                        && a.status.tainted
+                        && a.status.state != AuthorityState::Revoked
+                });
+            if already {
+                // Waiting again (after a timeout): the taint stands.
+                progress(
+                    false,
+                    &format!("authority {id} is already tainted; waiting for re-issuance"),
+                    true,
+                );
+            } else {
+                let reply: Reply = client
+                    .post("/v1/admin/ca/taint", &AuthorityRequest { id: id.clone() })
+                    .await?;
+                print_reply(admin.output, &reply);
+            }
             if wait.wait {
                 wait_for_reissue(&client, &id, wait.timeout).await?;
             }
@@ -180,27 +233,27 @@ fn print_status(s: &CaStatus) {
         let st = &a.status;
         let pending = a.pending.map_or_else(String::new, |p| match st.kind {
             AuthorityKind::X509 => format!(
-                "{} agent, {} workload, {} broker, {} task (expire by {})",
+                "{} agent, {} workload, {} broker, {} task{}",
                 p.agents,
                 p.workloads,
                 p.broker,
                 p.tasks,
-                if p.tasks == 0 {
-                    "-".to_owned()
+                if p.tasks == 0 || p.tasks_expire_by == 0 {
+                    String::new()
                 } else {
-                    when(p.tasks_expire_by)
+                    format!(" (expire by {})", when(p.tasks_expire_by))
                 }
             ),
             AuthorityKind::Jwt => format!(
-                "{} cached at {} agent(s) not yet synced; {} JWT-SVID, {} delegation token live (expire by {})",
+                "{} cached at {} agent(s) not yet synced; {} JWT-SVID, {} delegation token live{}",
                 p.jwt_svids_cached,
                 p.jwt_agents_unsynced,
                 p.jwt_svids,
                 p.delegation_tokens,
                 if p.tokens_expire_by == 0 {
-                    "-".to_owned()
+                    String::new()
                 } else {
-                    when(p.tokens_expire_by)
+                    format!(" (expire by {})", when(p.tokens_expire_by))
                 }
             ),
         });
@@ -343,6 +396,60 @@ async fn wait_for_reissue(client: &AdminClient, id: &str, timeout: Duration) -> 
                     humantime::format_duration(timeout)
                 ),
             ));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Polls until no live agent lags behind the bundle that carries the
+/// prepared authority, printing a progress line on stderr; gives up after
+/// `timeout` (exit code 1) naming the agents.
+async fn wait_for_sync(client: &AdminClient, timeout: Duration) -> Result<()> {
+    let start = Instant::now();
+    let tty = std::io::stderr().is_terminal();
+    let mut last = String::new();
+    loop {
+        let s = status(client).await?;
+        let elapsed = start.elapsed().as_secs_f64();
+        let names = |n: &[baton_core::SpiffeId]| {
+            let mut v: Vec<String> = n.iter().take(5).map(ToString::to_string).collect();
+            if n.len() > 5 {
+                v.push("...".into());
+            }
+            v.join(", ")
+        };
+        if s.nodes_lagging.is_empty() {
+            progress(
+                tty,
+                &format!(
+                    "no lagging agents after {elapsed:.1}s: all {} live agent(s) have the bundle with the prepared authority; now `baton ca activate`",
+                    s.nodes
+                ),
+                true,
+            );
+            return Ok(());
+        }
+        if start.elapsed() >= timeout {
+            return Err(exit(
+                EXIT_FAILURE,
+                format!(
+                    "gave up after {}: {} of {} live agent(s) have not synced the bundle with the prepared authority: {}. An agent that cannot reach the broker cannot sync; check its logs, `baton node evict` a node that is gone, or `baton ca activate --force`",
+                    humantime::format_duration(timeout),
+                    s.nodes_lagging.len(),
+                    s.nodes,
+                    names(&s.nodes_lagging)
+                ),
+            ));
+        }
+        let line = format!(
+            "waiting for {} of {} live agent(s) to sync the bundle with the prepared authority: {}; {elapsed:.0}s elapsed",
+            s.nodes_lagging.len(),
+            s.nodes,
+            names(&s.nodes_lagging)
+        );
+        if line != last || tty {
+            progress(tty, &line, false);
+            last = line;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }

@@ -150,6 +150,23 @@ pub enum Command {
     },
 }
 
+/// An SVID lifetime: a duration of whole seconds, at least one (an SVID
+/// valid for 0 s would be expired when issued).
+pub fn svid_ttl(raw: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(raw).map_err(|e| e.to_string())?;
+    if d.as_secs() == 0 {
+        return Err(format!(
+            "an SVID lifetime must be at least 1s (got {raw}): an SVID valid for less would be expired when issued"
+        ));
+    }
+    if d.subsec_nanos() != 0 {
+        return Err(format!(
+            "an SVID lifetime is whole seconds (got {raw}), e.g. 90s or 5m"
+        ));
+    }
+    Ok(d)
+}
+
 #[derive(Debug, Args)]
 pub struct DevArgs {
     /// Where dev state lives (CA, datastore, sockets). Created if missing.
@@ -160,9 +177,11 @@ pub struct DevArgs {
     /// Broker HTTPS address; port 0 picks a free one.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub listen: SocketAddr,
-    /// Lifetime of workload X509-SVIDs registered by dev mode.
-    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
-    pub x509_ttl: Duration,
+    /// Lifetime of the X509-SVIDs of the dev workload entry (default 1h; at
+    /// least 1s). Only when the entry is created: with an existing data
+    /// dir, a different value is reported as ignored.
+    #[arg(long, value_parser = svid_ttl)]
+    pub x509_ttl: Option<Duration>,
     /// Who may start a task and lease a secret: a directory with a Cedar
     /// schema.cedarschema and *.cedar policies. Default: the example set
     /// of deploy/policies/admission (built in).
@@ -550,9 +569,9 @@ pub enum EntryCmd {
         /// Selector the workload must match, e.g. unix:uid:1000 (repeatable; all must match).
         #[arg(long = "selector", required = true)]
         selectors: Vec<String>,
-        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "1h", value_parser = svid_ttl)]
         x509_ttl: Duration,
-        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "5m", value_parser = svid_ttl)]
         jwt_ttl: Duration,
         /// Extra DNS SAN (repeatable).
         #[arg(long = "dns-name")]
@@ -690,7 +709,8 @@ pub enum TaskCmd {
         #[command(flatten)]
         admin: AdminArgs,
     },
-    /// Show one task.
+    /// Show one task and its credentials (ids as `baton revoke credential`
+    /// takes them, kinds, holders, expiries, whether revoked).
     Show {
         id: String,
         #[command(flatten)]
@@ -736,8 +756,11 @@ pub struct RevokeArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum RevokeCmd {
-    /// One credential (certificate serial or token jti) and what was minted from it.
+    /// One credential and what was minted from it.
     Credential {
+        /// The credential's id as `baton task show` lists it: a certificate
+        /// serial (hex; also as openssl prints it, `serial=7A3F...` or
+        /// `7a:3f:...`), a token jti, a grant digest or a lease id.
         id: String,
         #[command(flatten)]
         args: RevokeArgs,

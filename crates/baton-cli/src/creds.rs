@@ -570,7 +570,10 @@ pub async fn secret(cmd: SecretCmd) -> Result<()> {
             if path == "lease" {
                 output::line(&format!("Lease:    {}", s(&body["lease_id"])));
                 output::line(&format!("Engine:   {}", s(&body["engine"])));
-                output::line(&format!("Expires:  {}", s(&body["expires_at"])));
+                output::line(&format!(
+                    "Expires:  {}",
+                    output::when(body["expires_at"].as_u64().unwrap_or(0))
+                ));
                 let m = &body["material"];
                 if m.get("key").is_some() {
                     output::line(&format!("Key:      {}", s(&m["key"])));
@@ -591,7 +594,9 @@ pub async fn secret(cmd: SecretCmd) -> Result<()> {
                     ("Agent:    ", "agent"),
                     ("Expires:  ", "expires_at"),
                 ] {
-                    if body.get(field).is_some() {
+                    if let Some(t) = body.get(field).and_then(serde_json::Value::as_u64) {
+                        output::line(&format!("{label}{}", output::when(t)));
+                    } else if body.get(field).is_some() {
                         output::line(&format!("{label}{}", s(&body[field])));
                     }
                 }

@@ -14,6 +14,9 @@ use crate::admin::AdminClient;
 use crate::cli::{AgentArgs, BrokerArgs, DevArgs, EXIT_REFUSED, exit};
 use crate::output;
 
+/// The dev workload entry's X509-SVID lifetime without --x509-ttl.
+const DEV_X509_TTL_SECS: u64 = 3600;
+
 /// Resolves on SIGTERM or SIGINT (Ctrl-C). The handlers are installed
 /// when this is called, not when it is first polled, so a signal that
 /// arrives in between is not lost (nor kills the process).
@@ -379,9 +382,13 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
             }
         }
     });
-    baton_agent::run(cfg, Some(tx), stop)
-        .await
-        .context("agent failed")?;
+    match baton_agent::run(cfg, Some(tx), stop).await {
+        // Final until an operator lifts it: told once, exit code 2.
+        Err(e @ baton_agent::AgentError::Banned { .. }) => {
+            return Err(exit(EXIT_REFUSED, e.to_string()));
+        }
+        r => r.context("agent failed")?,
+    }
     announcer.abort();
     hup.abort();
     tracing::info!("node daemon stopped");
@@ -466,7 +473,7 @@ pub async fn dev(args: DevArgs) -> Result<()> {
             spiffe_id: workload_id.to_string(),
             parent_id: node_id.to_string(),
             selectors: vec![format!("unix:uid:{uid}")],
-            x509_ttl_secs: args.x509_ttl.as_secs().max(1),
+            x509_ttl_secs: args.x509_ttl.map_or(DEV_X509_TTL_SECS, |d| d.as_secs()),
             jwt_ttl_secs: 300,
             dns_names: vec![],
         })
@@ -477,6 +484,29 @@ pub async fn dev(args: DevArgs) -> Result<()> {
         return Err(created
             .err()
             .unwrap_or_else(|| anyhow::anyhow!("entry create failed")));
+    }
+    if created.is_err()
+        && let Some(asked) = args.x509_ttl
+    {
+        // The entry is from an earlier run on this data dir: say so if it
+        // does not have the lifetime asked for now.
+        let list: baton_core::api::EntryList = admin.get("/v1/admin/entries").await?;
+        if let Some(e) = list
+            .entries
+            .iter()
+            .find(|e| e.spiffe_id == workload_id && e.parent_id == node_id)
+            && e.x509_ttl_secs != asked.as_secs()
+        {
+            tracing::warn!(
+                "--x509-ttl {} is ignored: the dev entry {} ({}) already exists in {} with an X509-SVID lifetime of {}; `baton entry delete {}` and restart `baton dev` to apply it, or start with a fresh --data-dir",
+                humantime::format_duration(asked),
+                e.spiffe_id,
+                e.id,
+                dir.display(),
+                humantime::format_duration(std::time::Duration::from_secs(e.x509_ttl_secs)),
+                e.id,
+            );
+        }
     }
 
     let agent_cfg = AgentConfig {

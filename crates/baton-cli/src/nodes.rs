@@ -105,11 +105,14 @@ fn print_table(nodes: &[NodeView]) {
             output::line("");
         }
         output::line(&format!("Node ID:           {}", n.spiffe_id));
-        output::line(&format!("Attested at:       {} (unix)", n.attested_at));
+        output::line(&format!(
+            "Attested at:       {}",
+            output::when(n.attested_at)
+        ));
         output::line(&format!("Agent SVID serial: {}", n.agent_svid_serial));
         output::line(&format!(
-            "Agent SVID expiry: {} (unix)",
-            n.agent_svid_expires_at
+            "Agent SVID expiry: {}",
+            output::when(n.agent_svid_expires_at)
         ));
         output::line(&format!(
             "Banned:            {}",

@@ -64,3 +64,21 @@ pub fn entry_table(entries: &[Entry]) {
     }
     raw(&out);
 }
+
+/// A unix time for people: RFC 3339, and how far from now (`-` for 0,
+/// which the API uses for "none").
+pub fn when(secs: u64) -> String {
+    if secs == 0 {
+        return "-".to_owned();
+    }
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+    let stamp = humantime::format_rfc3339_seconds(at);
+    let now = std::time::SystemTime::now();
+    let rel = |d: std::time::Duration| {
+        humantime::format_duration(std::time::Duration::from_secs(d.as_secs()))
+    };
+    match now.duration_since(at) {
+        Ok(past) => format!("{stamp} ({} ago)", rel(past)),
+        Err(e) => format!("{stamp} (in {})", rel(e.duration())),
+    }
+}

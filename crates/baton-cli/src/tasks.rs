@@ -28,9 +28,12 @@ fn print_task(format: OutputFormat, task: &serde_json::Value) {
             output::line(&format!("Scope:        {}", task["scope"]));
             output::line(&format!("Risk ceiling: {}", s("risk_ceiling")));
             output::line(&format!("Max depth:    {}", task["max_depth"]));
-            output::line(&format!("Expires at:   {} (unix)", task["expires_at"]));
+            output::line(&format!(
+                "Expires at:   {}",
+                output::when(task["expires_at"].as_u64().unwrap_or(0))
+            ));
             match task["ended_at"].as_u64() {
-                Some(t) => output::line(&format!("Ended at:     {t} (unix)")),
+                Some(t) => output::line(&format!("Ended at:     {}", output::when(t))),
                 None => output::line("Status:       active"),
             }
         }
@@ -98,6 +101,9 @@ pub async fn task(cmd: TaskCmd) -> Result<()> {
                     },
                 )
                 .await?;
+            // What the start minted (the grant), by the ids `baton revoke
+            // credential` takes.
+            let minted = credentials(&client, &resp.task_id.to_string()).await?;
             match admin.output {
                 OutputFormat::Json => output::json(&serde_json::json!({
                     "task_id": resp.task_id,
@@ -105,24 +111,43 @@ pub async fn task(cmd: TaskCmd) -> Result<()> {
                     "grant": resp.grant.grant.expose(),
                     "target": resp.grant.target,
                     "grant_expires_at": resp.grant.expires_at,
+                    "credentials": minted,
                 })),
                 OutputFormat::Table => {
                     output::line(&format!("Task:        {}", resp.task_id));
                     output::line(&format!("Root agent:  {}", resp.grant.target));
                     output::line(&format!("Grant:       {}", resp.grant.grant.expose()));
                     output::line(&format!(
-                        "Grant until: {} (unix; single use)",
-                        resp.grant.expires_at
+                        "Grant until: {} (single use)",
+                        output::when(resp.grant.expires_at)
                     ));
+                    for c in &minted {
+                        output::line(&format!(
+                            "Credential:  {} ({})",
+                            c["id"].as_str().unwrap_or("-"),
+                            c["kind"].as_str().unwrap_or("-")
+                        ));
+                    }
                 }
             }
             Ok(())
         }
         TaskCmd::Show { id, admin } => {
-            let v: serde_json::Value = AdminClient::new(&admin.admin_socket)?
+            let client = AdminClient::new(&admin.admin_socket)?;
+            let mut v: serde_json::Value = client
                 .get(&format!("/v1/admin/tasks/{}", task_segment(&id)?))
                 .await?;
-            print_task(admin.output, &v);
+            let creds = credentials(&client, &id).await?;
+            match admin.output {
+                OutputFormat::Json => {
+                    v["credentials"] = serde_json::Value::Array(creds);
+                    output::json(&v);
+                }
+                OutputFormat::Table => {
+                    print_task(admin.output, &v);
+                    print_credentials(&creds);
+                }
+            }
             Ok(())
         }
         TaskCmd::List { admin } => {
@@ -204,6 +229,74 @@ pub async fn task(cmd: TaskCmd) -> Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+/// The credentials registered under task `id`, oldest first.
+async fn credentials(client: &AdminClient, id: &str) -> Result<Vec<serde_json::Value>> {
+    let v: serde_json::Value = client
+        .get(&format!(
+            "/v1/admin/tasks/{}/credentials",
+            task_segment(id)?
+        ))
+        .await?;
+    Ok(v["credentials"].as_array().cloned().unwrap_or_default())
+}
+
+fn print_credentials(creds: &[serde_json::Value]) {
+    if creds.is_empty() {
+        output::line("Credentials:  none live (expired ones are pruned)");
+        return;
+    }
+    output::line("Credentials:");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let rows: Vec<[String; 5]> = creds
+        .iter()
+        .map(|c| {
+            let s = |k: &str| c[k].as_str().unwrap_or("-").to_owned();
+            let expires = c["expires_at"].as_u64().unwrap_or(0);
+            let status = if c["revoked"].as_bool() == Some(true) {
+                "revoked"
+            } else if expires <= now {
+                "expired"
+            } else {
+                "live"
+            };
+            [
+                s("id"),
+                s("kind"),
+                s("agent"),
+                output::when(expires),
+                status.to_owned(),
+            ]
+        })
+        .collect();
+    let head = ["ID", "KIND", "HOLDER", "EXPIRES", "STATUS"];
+    let mut width = head.map(str::len);
+    for r in &rows {
+        for (w, cell) in width.iter_mut().zip(r) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let fmt = |r: &[String; 5]| {
+        format!(
+            "  {:<w0$}  {:<w1$}  {:<w2$}  {:<w3$}  {}",
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            r[4],
+            w0 = width[0],
+            w1 = width[1],
+            w2 = width[2],
+            w3 = width[3]
+        )
+    };
+    output::line(&fmt(&head.map(str::to_owned)));
+    for r in &rows {
+        output::line(&fmt(r));
     }
 }
 

@@ -41,6 +41,7 @@ pub struct TelemetryArgs {
         global = true,
         value_enum,
         env = "BATON_LOG_FORMAT",
+        hide_env_values = true,
         default_value_t
     )]
     pub log_format: LogFormat,

@@ -200,7 +200,12 @@ pub async fn svid(cmd: SvidCmd) -> Result<()> {
                 })),
                 OutputFormat::Table => {
                     output::line(&format!("SPIFFE ID:  {}", svid.spiffe_id()));
-                    output::line(&format!("Expires:    {not_after}"));
+                    output::line(&format!(
+                        "Expires:    {}",
+                        output::when(
+                            u64::try_from(leaf.validity().not_after.timestamp()).unwrap_or(0)
+                        )
+                    ));
                     output::line(&format!("Serial:     {serial}"));
                 }
             }
