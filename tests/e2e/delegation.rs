@@ -36,7 +36,19 @@ impl World {
     }
 
     /// `start_with`, plus extra `baton broker` arguments.
-    pub fn start_with_args(redis: Option<&str>, mut broker_args: Vec<String>) -> Self {
+    pub fn start_with_args(redis: Option<&str>, broker_args: Vec<String>) -> Self {
+        Self::start_with_options(
+            redis,
+            Options {
+                broker_args,
+                ..Options::default()
+            },
+        )
+    }
+
+    /// `start_with`, with extra `baton broker` and `baton agent` arguments.
+    pub fn start_with_options(redis: Option<&str>, opts: Options) -> Self {
+        let mut broker_args = opts.broker_args.clone();
         let mut tool_args: Vec<String> = Vec::new();
         if let Some(url) = redis {
             tool_args = vec![
@@ -49,7 +61,7 @@ impl World {
         }
         // The example tool server reports the calls of tokens for `crm`.
         broker_args.extend(["--tool-server".to_owned(), format!("crm={TOOL}")]);
-        let c = Cluster::start_with_broker_args(Options::default(), broker_args);
+        let c = Cluster::start_with_broker_args(opts, broker_args);
         // The tool server's entry first, so it is the default SVID of a
         // process of this uid (the agent answers in entry order).
         c.register("/tools/crm", &[]);

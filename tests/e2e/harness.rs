@@ -98,6 +98,8 @@ pub struct Cluster {
     pub broker_addr: String,
     pub node_id: String,
     broker_args: Vec<String>,
+    /// Extra arguments for `baton agent` (e.g. `--ops-listen ADDR`).
+    pub agent_args: Vec<String>,
 }
 
 pub struct Options {
@@ -105,6 +107,8 @@ pub struct Options {
     pub start_agent: bool,
     /// Extra arguments for `baton broker` (e.g. `--redis URL`).
     pub broker_args: Vec<String>,
+    /// Extra arguments for `baton agent`.
+    pub agent_args: Vec<String>,
 }
 
 impl Default for Options {
@@ -113,6 +117,7 @@ impl Default for Options {
             agent_svid_ttl: "1h",
             start_agent: true,
             broker_args: Vec::new(),
+            agent_args: Vec::new(),
         }
     }
 }
@@ -211,6 +216,7 @@ impl Cluster {
             broker_addr: String::new(),
             node_id: String::new(),
             broker_args: Vec::new(),
+            agent_args: opts.agent_args.clone(),
         };
         c.broker_args = opts.broker_args.clone();
         c.start_broker("127.0.0.1:0", opts.agent_svid_ttl);
@@ -322,7 +328,7 @@ impl Cluster {
         let ready = self.path("agent.ready");
         let _ = std::fs::remove_file(&ready);
         let mut cmd = self.agent_command(&self.path("agent"), &self.agent_socket(), Some(token));
-        cmd.arg("--ready-file").arg(&ready);
+        cmd.arg("--ready-file").arg(&ready).args(&self.agent_args);
         let mut p = Proc::spawn("agent", cmd, self.path("agent.log"));
         self.node_id = wait_for("agent ready file", Duration::from_secs(30), || {
             assert!(p.is_running(), "agent exited: {}", p.log_text());

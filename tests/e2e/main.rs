@@ -24,6 +24,7 @@ mod limits;
 mod logs;
 mod nodes;
 mod operator;
+mod ops;
 mod refusals;
 mod restart;
 mod revocation;

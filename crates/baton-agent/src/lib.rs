@@ -22,6 +22,7 @@ pub mod client;
 pub mod delegation;
 pub mod jwt;
 pub mod node;
+mod rpc_metrics;
 pub mod sync;
 pub mod workload;
 
@@ -85,6 +86,9 @@ pub struct AgentConfig {
     pub rotate_fraction: f64,
     /// File mode of the socket; see [`DEFAULT_SOCKET_MODE`].
     pub socket_mode: u32,
+    /// The ops listener's handle (`--ops-listen`): the daemon adds its
+    /// readiness checks and gauges to it. `None`: no ops listener.
+    pub ops: Option<baton_ops::Ops>,
     /// After shutdown is asked: how long calls in flight get to finish
     /// (open streams end at once) before the rest are dropped.
     pub shutdown_grace: Duration,
@@ -109,6 +113,7 @@ impl AgentConfig {
             sync_interval: DEFAULT_SYNC_INTERVAL,
             rotate_fraction: DEFAULT_ROTATE_FRACTION,
             socket_mode: DEFAULT_SOCKET_MODE,
+            ops: None,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
         })
     }
@@ -230,8 +235,12 @@ pub async fn run(
     )
     .await?;
     let node_id = node_svid.spiffe_id.clone();
+    baton_ops::metrics().agent_node_svid(node_svid.not_after);
 
     let (cache_tx, cache_rx) = watch::channel(Arc::new(Snapshot::default()));
+    if let Some(ops) = &config.ops {
+        install_ops(ops, cache_rx.clone(), config.sync_interval);
+    }
     let (tainted_tx, tainted_rx) = watch::channel(Arc::new(Vec::new()));
     let mut syncer = Syncer::new(
         Arc::clone(&client),
@@ -331,6 +340,55 @@ pub async fn run(
     served
 }
 
+/// The daemon's readiness checks (a valid node SVID the broker accepts,
+/// a recent successful sync) and scrape-time gauges.
+fn install_ops(ops: &baton_ops::Ops, cache: watch::Receiver<Arc<Snapshot>>, interval: Duration) {
+    use baton_ops::metrics;
+    ops.add_role(baton_ops::Role::Agent);
+    ops.add_check("node_svid", || async {
+        let m = metrics();
+        if m.agent_node_refused.get() != 0 {
+            return Err(
+                "the broker refuses this node (evicted, banned or its agent SVID revoked): every workload identity was dropped"
+                    .to_owned(),
+            );
+        }
+        let not_after = m.agent_node_svid_not_after();
+        if not_after <= node::unix_now() {
+            return Err(format!("the node SVID expired at {not_after}"));
+        }
+        Ok(())
+    });
+    // Three missed rounds, and never less than 15 s: one slow round is
+    // not an outage.
+    let fresh = (interval * 3).max(Duration::from_secs(15)).as_secs();
+    ops.add_check("sync", move || async move {
+        let last = u64::try_from(metrics().agent_last_sync.get()).unwrap_or(0);
+        let age = node::unix_now().saturating_sub(last);
+        if last == 0 {
+            Err("no successful sync with the broker yet".to_owned())
+        } else if age > fresh {
+            Err(format!(
+                "the last successful sync was {age} s ago (more than {fresh} s)"
+            ))
+        } else {
+            Ok(())
+        }
+    });
+    ops.on_scrape(move || {
+        let m = metrics();
+        let now = i64::try_from(node::unix_now()).unwrap_or(i64::MAX);
+        let svids = cache.borrow().svids().count();
+        m.agent_cached_svids
+            .set(i64::try_from(svids).unwrap_or(i64::MAX));
+        m.agent_node_svid_expiry
+            .set(baton_ops::metrics::secs(m.agent_node_svid_not_after()) - now);
+        let last = m.agent_last_sync.get();
+        m.agent_last_sync_age
+            .set(if last == 0 { 0 } else { now - last });
+    });
+}
+
 async fn serve(
     config: &AgentConfig,
     node_id: &SpiffeId,
@@ -365,6 +423,7 @@ async fn serve(
         });
     }
     tonic::transport::Server::builder()
+        .layer(rpc_metrics::CountRpcsLayer)
         .add_service(SpiffeWorkloadApiServer::new(workload))
         .add_service(DelegationServer::new(delegation))
         .serve_with_incoming_shutdown(

@@ -443,6 +443,7 @@ pub async fn renew_loop(
         match renew(&store, &client, &svid).await {
             Ok(new) => {
                 tracing::info!(node = %new.spiffe_id, not_after = new.not_after, "node SVID renewed");
+                baton_ops::metrics().agent_node_svid(new.not_after);
                 svid = new;
                 failures = 0;
             }

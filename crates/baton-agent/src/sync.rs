@@ -94,6 +94,7 @@ impl Syncer {
     pub async fn sync_once(&mut self, now: u64) -> Result<(), SyncError> {
         let result = self.sync_round(now).await;
         let refused = matches!(&result, Err(SyncError::Broker(e)) if e.node_refusal().is_some());
+        baton_ops::metrics().agent_sync(now, result.is_ok(), refused);
         let serving = !self.tx.borrow().entries().is_empty();
         if refused && serving {
             tracing::error!("the broker refused this node; dropping every workload identity");

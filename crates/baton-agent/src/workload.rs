@@ -166,6 +166,7 @@ struct StreamState<R> {
     view: ViewFn<R>,
     last: Option<R>,
     done: bool,
+    _open: baton_ops::metrics::StreamGuard,
 }
 
 /// A stream of full-state messages for `who`, one per visible change.
@@ -173,6 +174,7 @@ fn watch_stream<R>(
     mut rx: watch::Receiver<Arc<Snapshot>>,
     who: AttestedWorkload,
     view: ViewFn<R>,
+    name: &'static str,
 ) -> BoxStream<R>
 where
     R: Clone + PartialEq + Send + Sync + 'static,
@@ -184,6 +186,7 @@ where
         view,
         last: None,
         done: false,
+        _open: baton_ops::metrics().stream_opened(name),
     };
     Box::pin(futures::stream::unfold(state, |mut st| async move {
         if st.done {
@@ -294,6 +297,7 @@ impl<J: JwtAuthority> SpiffeWorkloadApi for WorkloadService<J> {
             self.cache.clone(),
             who,
             x509_svid_view,
+            "x509_svid",
         )))
     }
 
@@ -307,6 +311,7 @@ impl<J: JwtAuthority> SpiffeWorkloadApi for WorkloadService<J> {
             self.cache.clone(),
             who,
             x509_bundles_view,
+            "x509_bundles",
         )))
     }
 
@@ -320,6 +325,7 @@ impl<J: JwtAuthority> SpiffeWorkloadApi for WorkloadService<J> {
             self.cache.clone(),
             who,
             jwt_bundles_view,
+            "jwt_bundles",
         )))
     }
 

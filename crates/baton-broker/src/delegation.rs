@@ -174,14 +174,14 @@ impl Delegation {
     /// `traceparent`) unless the event names one already.
     fn append(&self, event: &AuditEvent) -> Result<Receipt, BrokerError> {
         crate::telemetry::record_event(event);
-        match crate::telemetry::current_trace_id() {
+        crate::ops::timed_append(|| match crate::telemetry::current_trace_id() {
             Some(trace) if event.trace_id.is_none() => {
                 let mut traced = event.clone();
                 traced.trace_id = Some(trace);
                 self.audit.append(&traced)
             }
             _ => self.audit.append(event),
-        }
+        })
         .map_err(audit_failed)
     }
 
@@ -369,6 +369,7 @@ impl Delegation {
         let held = match self.verify_holder(peer, &req.token, now) {
             Ok(h) => h,
             Err(e) => {
+                baton_ops::metrics().hop_refused(e.code());
                 self.log_refused_holder(peer, req, &e, now);
                 return Err(e);
             }
@@ -427,6 +428,7 @@ impl Delegation {
             ev.decision = Some("refused".into());
             ev.reason = Some(format!("{code}: {reason}"));
             self.append(&ev)?;
+            baton_ops::metrics().hop_refused(code);
             tracing::warn!(task = %task.id, from = %peer.spiffe_id(), to = %req.target, %code, %reason, "hop refused");
             return Err(refuse(code, reason));
         }
@@ -455,6 +457,7 @@ impl Delegation {
             expires_at: (now + self.settings.grant_ttl.as_secs()).min(exp_cap),
             created_by: Some(peer.spiffe_id().clone()),
         })?;
+        baton_ops::metrics().hop_granted();
         tracing::info!(task = %task.id, from = %peer.spiffe_id(), to = %req.target, depth = new_depth, "hop granted");
         Ok(grant)
     }
@@ -909,6 +912,7 @@ impl Delegation {
             ev.decision = Some("refused".into());
             ev.reason = Some(format!("{code}: {reason}"));
             self.append(&ev)?;
+            baton_ops::metrics().redeem("refused");
             return Err(refuse(code, reason));
         }
         ev.decision = Some("granted".into());
@@ -928,6 +932,8 @@ impl Delegation {
             id: issued.serial_hex.clone(),
             expires_at: exp,
         })?;
+        baton_ops::metrics().redeem("granted");
+        baton_ops::metrics().issued("token", "task");
         tracing::info!(task = %task.id, spiffe_id = %req.spiffe_id, depth = grant.depth, "grant redeemed");
         // Registered in the transaction above.
         let records = Vec::new();
@@ -1389,6 +1395,14 @@ impl Delegation {
         }
         ev.at = now;
         let receipt = self.append(&ev)?;
+        baton_ops::metrics().tool_call(
+            r.risk.as_str(),
+            if r.decision == "allow" {
+                "allow"
+            } else {
+                "deny"
+            },
+        );
         self.tasks.record_report(&r.report_id, receipt.index)?;
         Ok(
             serde_json::json!({ "report_id": r.report_id, "index": receipt.index, "receipt": receipt }),

@@ -20,6 +20,7 @@ pub mod http_nodes;
 pub mod limits;
 pub mod nodes;
 pub mod oidc;
+pub mod ops;
 pub mod revocation;
 pub mod rotation;
 pub mod secrets;
@@ -147,6 +148,9 @@ pub struct BrokerConfig {
     /// Rate limits per caller on attest, task start, tool-call reports,
     /// JWT-SVIDs and secret leases.
     pub rate_limits: limits::RateLimits,
+    /// The ops listener's handle (`--ops-listen`): the broker adds its
+    /// readiness checks and gauges to it. `None`: no ops listener.
+    pub ops: Option<baton_ops::Ops>,
 }
 
 /// The revocation store backend.
@@ -195,6 +199,7 @@ impl BrokerConfig {
             audit_head: baton_audit::HeadPolicy::Enforce,
             serve_limits: baton_tls::ServeLimits::default(),
             rate_limits: limits::RateLimits::default(),
+            ops: None,
         }
     }
 }
@@ -492,6 +497,7 @@ pub async fn run(
             (Arc::new(store), Some(hb))
         }
     };
+    let redis_store = heartbeat.is_some().then(|| store.clone());
     let revoker = Arc::new(revocation::Revoker::new(store, sqlite.clone()));
     // The relay publishes the datastore's revocations to the store (and
     // re-seeds a store that lost its data) before and while anything trusts
@@ -516,6 +522,19 @@ pub async fn run(
     secrets.revoke_leases(&revoked_before).await;
     let sweeper = secrets.spawn_sweeper(cfg.secret_engines.sweep_interval);
     let jwt_bundles = baton_verify::JwtBundles::new([bundle.clone()]);
+    let audit = Arc::new(audit);
+    if let Some(o) = &cfg.ops {
+        ops::install(
+            o,
+            ops::Parts {
+                broker: broker.clone(),
+                datastore: sqlite.clone(),
+                audit: audit.clone(),
+                revoker: revoker.clone(),
+                redis: redis_store,
+            },
+        );
+    }
     let delegation = Arc::new(delegation::Delegation::new(
         broker.clone(),
         sqlite,
@@ -523,7 +542,7 @@ pub async fn run(
         dev_issuer,
         policy,
         admission,
-        Arc::new(audit),
+        audit,
         baton_verify::TokenVerifier::for_broker(
             jwt_bundles.clone(),
             Arc::new(revocation::DurableCheck(revoker.clone())),
@@ -732,7 +751,8 @@ pub async fn run(
             secrets::routes(secrets, delegation.clone())
                 .or(http::node_routes(broker.clone(), delegation.clone()))
                 .unify(),
-        ),
+        )
+        .with(ops::count_requests()),
         cfg.serve_limits,
         stopped(stop_rx.clone()),
     );

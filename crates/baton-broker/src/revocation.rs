@@ -371,6 +371,17 @@ fn cover_list(tx: &Connection) -> Result<Vec<Revoked>, rusqlite::Error> {
     rows.collect()
 }
 
+/// The metric label of a revocation's target (never the id itself).
+fn target_kind(t: &Target) -> &'static str {
+    match t {
+        Target::Credential(_) => "credential",
+        Target::Task(_) => "task",
+        Target::Subtree(_) => "subtree",
+        Target::Agent(_) => "agent",
+        Target::Node(_) => "node",
+    }
+}
+
 /// A `(id, kind, expires_at)` row.
 fn revoked_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Revoked> {
     let kind: String = r.get(1)?;
@@ -654,6 +665,7 @@ impl Revoker {
             )));
         }
         tracing::info!(%target, count = all.len(), reason, "revoked");
+        baton_ops::metrics().revoked(target_kind(target), all.len());
         self.reap_leases(&all).await;
         Ok(all)
     }
@@ -686,6 +698,7 @@ impl Revoker {
         })?;
         self.changed.notify_waiters();
         tracing::info!(task = %task, count = all.len(), reason, "revoked the task's credentials");
+        baton_ops::metrics().revoked("purpose", all.len());
         self.reap_leases(&all).await;
         Ok(all)
     }
@@ -738,6 +751,11 @@ impl Revoker {
                 "recorded; propagating to the revocation store ({why}); verifiers following the broker's own feed already have it, the relay retries until the store acknowledges"
             ),
         })
+    }
+
+    /// Why the relay is behind the datastore, if it is (readiness).
+    pub fn relay_behind(&self) -> Option<String> {
+        self.relay_error.lock().ok().and_then(|e| e.clone())
     }
 
     fn last_seq(&self) -> Result<u64, StoreError> {
@@ -886,6 +904,7 @@ impl Revoker {
                         }
                     }
                     Err(e) => {
+                        baton_ops::metrics().store_error("redis");
                         let msg = e.to_string();
                         if let Ok(mut slot) = this.relay_error.lock() {
                             if slot.as_deref() != Some(msg.as_str()) {

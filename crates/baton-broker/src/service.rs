@@ -304,7 +304,15 @@ impl Broker {
     }
 
     pub(crate) fn record(&self, c: IssuedCredential) -> Result<(), BrokerError> {
-        self.hook.issued(&c).map_err(BrokerError::Hook)
+        self.hook.issued(&c).map_err(BrokerError::Hook)?;
+        let (kind, holder) = match c.kind {
+            CredentialKind::AgentX509Svid => ("x509", "agent"),
+            CredentialKind::WorkloadX509Svid => ("x509", "workload"),
+            CredentialKind::WorkloadJwtSvid => ("jwt", "workload"),
+            CredentialKind::TaskX509Svid => ("x509", "task"),
+        };
+        baton_ops::metrics().issued(kind, holder);
+        Ok(())
     }
 
     // ---- admin ----

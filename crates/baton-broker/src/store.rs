@@ -26,6 +26,18 @@ pub enum StoreError {
     Poisoned,
 }
 
+/// A failure of the database itself (I/O, busy, corrupt), not an answer
+/// it gives (no row, a constraint refusing a duplicate).
+fn is_datastore_failure(e: &StoreError) -> bool {
+    match e {
+        StoreError::Poisoned | StoreError::Corrupt { .. } => true,
+        StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, _)) => {
+            f.code != rusqlite::ErrorCode::ConstraintViolation
+        }
+        _ => false,
+    }
+}
+
 /// Why a join token cannot be used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum JoinTokenRefusal {
@@ -255,6 +267,12 @@ impl SqliteStore {
         Self::migrate(conn)
     }
 
+    /// Whether the database answers a query now (readiness).
+    pub fn ping(&self) -> Result<(), StoreError> {
+        self.with(|c| Ok(c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?))
+            .map(|_| ())
+    }
+
     /// A private in-memory database (tests, throwaway runs).
     pub fn in_memory() -> Result<Self, StoreError> {
         Self::migrate(Connection::open_in_memory()?)
@@ -302,12 +320,18 @@ impl SqliteStore {
             let mut guard = self.conn.lock().map_err(|_| StoreError::Poisoned)?;
             f(&mut guard)
         };
-        match tokio::runtime::Handle::try_current() {
+        let r = match tokio::runtime::Handle::try_current() {
             Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
                 tokio::task::block_in_place(run)
             }
             _ => run(),
+        };
+        if let Err(e) = &r
+            && is_datastore_failure(e)
+        {
+            baton_ops::metrics().store_error("sqlite");
         }
+        r
     }
 
     fn nodes_where(&self, id: Option<&SpiffeId>) -> Result<Vec<NodeRecord>, StoreError> {

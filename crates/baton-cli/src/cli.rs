@@ -143,6 +143,9 @@ pub enum Command {
     /// Configuration files of the daemon verbs (`--config FILE`).
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// Probe a daemon's ops listener (`--ops-listen`): exit 0 when healthy,
+    /// 1 otherwise, naming the failing checks.
+    Healthcheck(crate::ops::HealthcheckArgs),
     /// Print shell completions.
     Completions {
         #[arg(value_enum)]
@@ -203,6 +206,8 @@ pub struct DevArgs {
     pub admission_policy: Option<PathBuf>,
     #[command(flatten)]
     pub shutdown: ShutdownArgs,
+    #[command(flatten)]
+    pub ops: crate::ops::OpsArgs,
 }
 
 /// How a long-running process stops (SIGTERM or SIGINT).
@@ -444,6 +449,8 @@ pub struct BrokerArgs {
     /// How often leases past their expiry are reaped in every secret engine.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub secret_sweep_interval: Duration,
+    #[command(flatten)]
+    pub ops: crate::ops::OpsArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -500,6 +507,8 @@ pub struct RevocationArgs {
     pub check_every: Duration,
     #[command(flatten)]
     pub shutdown: ShutdownArgs,
+    #[command(flatten)]
+    pub ops: crate::ops::OpsArgs,
 }
 
 #[derive(Debug, Args)]
@@ -545,6 +554,8 @@ pub struct AgentArgs {
     pub ready_file: Option<PathBuf>,
     #[command(flatten)]
     pub shutdown: ShutdownArgs,
+    #[command(flatten)]
+    pub ops: crate::ops::OpsArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -1150,6 +1161,7 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
         Command::Secret(cmd) => creds::secret(cmd).await,
         Command::Example(cmd) => example::run(cmd).await,
         Command::Config(ConfigCmd::Check { file, verb }) => config::check(&file, verb),
+        Command::Healthcheck(args) => crate::ops::healthcheck(args).await,
         Command::Completions { shell } => {
             // Into a buffer first: clap_complete panics on a write error
             // (a closed pipe); `output` handles that quietly.

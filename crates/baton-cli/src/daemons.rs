@@ -154,6 +154,8 @@ pub async fn broker(args: BrokerArgs) -> Result<()> {
                 .map_err(|e| exit(EXIT_REFUSED, format!("--oidc-jwks: {e}")))?,
         );
     }
+    let ops = crate::ops::start(&args.ops).await?;
+    cfg.ops = ops.clone();
     let (tx, rx) = oneshot::channel::<BrokerReady>();
     let ready_file = args.ready_file.clone();
     let reloader = Arc::new(std::sync::OnceLock::new());
@@ -162,6 +164,9 @@ pub async fn broker(args: BrokerArgs) -> Result<()> {
     let announcer = tokio::spawn(async move {
         if let Ok(ready) = rx.await {
             let _ = reloader.set(ready.reloader.clone());
+            if let Some(ops) = ops {
+                ops.set_started();
+            }
             if let Some(path) = ready_file
                 && let Err(e) = write_ready_file(&path, &ready.addr.to_string())
             {
@@ -233,11 +238,20 @@ pub async fn revocation(args: crate::cli::RevocationArgs) -> Result<()> {
         .await
         .map_err(|e| exit(crate::cli::EXIT_UNREACHABLE, e.to_string()))?;
     let heartbeat = baton_revocation::Heartbeat::spawn(store.clone(), args.heartbeat);
+    if let Some(ops) = crate::ops::start(&args.ops).await? {
+        revocation_ops(&ops, store.clone());
+        ops.set_started();
+    }
     tracing::info!(redis = %redis, heartbeat = ?args.heartbeat, "revocation service running");
     let mut lost = false;
     let watch = async {
         loop {
-            match store.health().await {
+            let health = store.health().await;
+            baton_ops::metrics().revocation_check(
+                baton_revocation::system_now(),
+                health.as_ref().ok().map(|h| !h.empty_since_seed),
+            );
+            match health {
                 Ok(h) if h.empty_since_seed => {
                     if !lost {
                         tracing::warn!(
@@ -268,6 +282,27 @@ pub async fn revocation(args: crate::cli::RevocationArgs) -> Result<()> {
     hup.abort();
     tracing::info!("revocation service stopped");
     Ok(())
+}
+
+/// The revocation service's readiness: Redis answers now and holds a
+/// seeded deny set; the gauges of its last check.
+fn revocation_ops(ops: &baton_ops::Ops, store: baton_revocation::RedisStore) {
+    use baton_revocation::RevocationStore;
+    ops.add_role(baton_ops::Role::Revocation);
+    ops.add_check("revocation_store", move || {
+        let store = store.clone();
+        async move {
+            match store.health().await {
+                Err(e) => Err(format!("Redis does not answer: {e}")),
+                Ok(h) if h.empty_since_seed => Err(
+                    "Redis lost its revocation data; verifiers stay fail-closed until a broker re-seeds it"
+                        .into(),
+                ),
+                Ok(_) => Ok(()),
+            }
+        }
+    });
+    ops.on_scrape(|| baton_ops::metrics().revocation_refresh(baton_revocation::system_now()));
 }
 
 fn parse_mode(s: &str) -> Result<u32> {
@@ -318,26 +353,33 @@ fn agent_config(args: &AgentArgs) -> Result<AgentConfig> {
         sync_interval: args.sync_interval,
         rotate_fraction: args.rotate_fraction,
         socket_mode: parse_mode(&args.socket_mode)?,
+        ops: None,
         shutdown_grace: args.shutdown.shutdown_timeout,
     })
 }
 
 pub async fn agent(args: AgentArgs) -> Result<()> {
-    let cfg = agent_config(&args)?;
+    let mut cfg = agent_config(&args)?;
     let stop = terminate_signal();
     let hup = on_hangup(|| {
         tracing::info!(
             "SIGHUP: the node daemon has nothing to reload (its identity, entries and bundle follow the broker)"
         );
     })?;
+    let ops = crate::ops::start(&args.ops).await?;
+    cfg.ops = ops.clone();
     let (tx, rx) = oneshot::channel::<AgentReady>();
     let ready_file = args.ready_file.clone();
     let announcer = tokio::spawn(async move {
-        if let Ok(ready) = rx.await
-            && let Some(path) = ready_file
-            && let Err(e) = write_ready_file(&path, ready.node_id.as_str())
-        {
-            tracing::error!(error = %e, "cannot write ready file");
+        if let Ok(ready) = rx.await {
+            if let Some(ops) = ops {
+                ops.set_started();
+            }
+            if let Some(path) = ready_file
+                && let Err(e) = write_ready_file(&path, ready.node_id.as_str())
+            {
+                tracing::error!(error = %e, "cannot write ready file");
+            }
         }
     });
     match baton_agent::run(cfg, Some(tx), stop).await {
@@ -372,6 +414,9 @@ pub async fn dev(args: DevArgs) -> Result<()> {
     let mut cfg = BrokerConfig::new(td.clone(), Some(dir.join("broker")), admin_socket.clone());
     cfg.listen = args.listen;
     cfg.serve_limits.shutdown_grace = args.shutdown.shutdown_timeout;
+    // One ops listener for both roles: ready once both serve.
+    let ops = crate::ops::start(&args.ops).await?;
+    cfg.ops = ops.clone();
     // The example CRM tool server (`baton example tool-server --audience
     // crm`, as spiffe://<td>/tools/crm) reports the calls of tokens for `crm`.
     delegation_config(
@@ -477,6 +522,7 @@ pub async fn dev(args: DevArgs) -> Result<()> {
         sync_interval: std::time::Duration::from_secs(2),
         rotate_fraction: 0.5,
         socket_mode: 0o666,
+        ops: ops.clone(),
         shutdown_grace: args.shutdown.shutdown_timeout,
     };
     let (atx, arx) = oneshot::channel::<AgentReady>();
@@ -496,6 +542,9 @@ pub async fn dev(args: DevArgs) -> Result<()> {
         }
     };
 
+    if let Some(ops) = &ops {
+        ops.set_started();
+    }
     let exe = std::env::current_exe()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "baton".into());

@@ -13,6 +13,7 @@ mod daemons;
 mod example;
 mod mesh;
 mod nodes;
+mod ops;
 mod output;
 mod redis_args;
 mod tasks;

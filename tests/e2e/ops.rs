@@ -1,0 +1,502 @@
+//! The ops listener of the broker, the node daemon and the revocation
+//! service (`--ops-listen`): `/metrics` counts a scripted flow exactly and
+//! passes `promtool check metrics`, no label carries a task id, a jti or a
+//! SPIFFE ID, and `/readyz` (and `baton healthcheck`) follows Redis going
+//! away and coming back, and the broker refusing the agent's node.
+
+use std::io::{Read, Write};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use crate::delegation::{PLANNER, World, claims};
+use crate::harness::{Cluster, Options, Proc, Redis, baton, wait_for};
+use crate::revocation::{chain, works};
+
+fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// One plain HTTP GET: (status, body); `None` when nothing answers.
+fn get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).ok()?;
+    let (head, body) = raw.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body.to_owned()))
+}
+
+fn scrape(addr: &str) -> String {
+    let (status, body) = get(addr, "/metrics").expect("the ops listener answers");
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// The value of one series (name with its labels, exactly as exposed);
+/// 0 when absent (a counter not yet touched).
+fn value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (name, v) = l.rsplit_once(' ')?;
+            (name == series).then(|| v.parse::<f64>().unwrap())
+        })
+        .unwrap_or(0.0)
+}
+
+/// The sum of every series of a family whose labels contain `with`.
+fn sum(text: &str, family: &str, with: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{family}{{")) && l.contains(with))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+fn readyz(addr: &str) -> Option<(u16, serde_json::Value)> {
+    let (status, body) = get(addr, "/readyz")?;
+    Some((status, serde_json::from_str(&body).unwrap()))
+}
+
+fn wait_ready(addr: &str, what: &str) {
+    wait_for(what, Duration::from_secs(60), || {
+        readyz(addr).and_then(|(s, _)| (s == 200).then_some(()))
+    });
+}
+
+/// Waits until `/readyz` answers 503 with `check` failing; returns the body.
+fn wait_not_ready(addr: &str, check: &str, what: &str) -> serde_json::Value {
+    wait_for(what, Duration::from_secs(60), || {
+        let (status, body) = readyz(addr)?;
+        let failing = body["failing"].as_array()?;
+        (status == 503 && failing.iter().any(|f| f == check)).then_some(body)
+    })
+}
+
+fn healthcheck(addr: &str, check: &str) -> Output {
+    baton()
+        .args(["healthcheck", "--ops-addr", addr, &format!("--{check}")])
+        .output()
+        .unwrap()
+}
+
+/// `promtool check metrics` on a real scrape. `.ci/run` installs it (the
+/// Debian package `prometheus`), so it is required.
+fn promtool_check(text: &str, whose: &str) {
+    let child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => panic!(
+            "promtool not found ({e}): install the Debian package `prometheus` (.ci/run does) to lint the {whose}'s scrape"
+        ),
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed on the {whose}'s scrape: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// No label value (and nothing else in a scrape) names a task, a token or
+/// a workload.
+fn assert_no_secret(text: &str, whose: &str, secrets: &[&str]) {
+    for s in secrets {
+        assert!(!text.contains(s), "the {whose}'s scrape contains {s:?}");
+    }
+    assert!(
+        !text.contains("spiffe://"),
+        "the {whose}'s scrape names a SPIFFE ID"
+    );
+}
+
+/// The audit log's size, from `baton audit verify`.
+fn audit_size(w: &World) -> f64 {
+    let v = w.json(&["audit", "verify", "-o", "json"]);
+    v["report"]["size"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no size in {v}"))
+}
+
+#[test]
+fn metrics_count_a_scripted_flow_at_the_broker_the_agent_and_the_revocation_service() {
+    let redis = Redis::start();
+    let (bops, aops, rops) = (free_addr(), free_addr(), free_addr());
+    let w = World::start_with_options(
+        Some(&redis.url),
+        Options {
+            broker_args: vec!["--ops-listen".into(), bops.clone()],
+            agent_args: vec!["--ops-listen".into(), aops.clone()],
+            ..Options::default()
+        },
+    );
+    let mut cmd = baton();
+    cmd.args([
+        "revocation",
+        "--redis",
+        &redis.url,
+        "--check-every",
+        "200ms",
+    ])
+    .args(["--ops-listen", &rops]);
+    let _rev = Proc::spawn("revocation", cmd, w.c.path("revocation.log"));
+    wait_ready(&bops, "the broker ready");
+    wait_ready(&aops, "the agent ready");
+    wait_ready(&rops, "the revocation service ready");
+
+    let before = scrape(&bops);
+    let agent_before = scrape(&aops);
+    let audit_before = audit_size(&w);
+    // Task start, the planner's redeem, a hop, the researcher's redeem.
+    let (task, _planner, researcher) = chain(&w, "m");
+    // A refused hop: the researcher hands on a scope it does not hold.
+    let out = w.delegate(&researcher, PLANNER, &["tool:crm.update:write"], &[]);
+    assert!(!out.status.success(), "a widening hop was granted");
+    // An allowed tool call, reported by the tool server.
+    assert!(works(&w, &researcher));
+    let jti = claims(&researcher)["jti"].as_str().unwrap().to_owned();
+    w.ok(&["revoke", "credential", &jti, "--reason", "ops test"]);
+
+    let tool_allow = r#"baton_tool_calls_total{tier="read",decision="allow"}"#;
+    let after = wait_for(
+        "the tool call's report at the broker",
+        Duration::from_secs(60),
+        || {
+            let t = scrape(&bops);
+            (value(&t, tool_allow) > value(&before, tool_allow)).then_some(t)
+        },
+    );
+    let audit_after = audit_size(&w);
+    let d = |series: &str| value(&after, series) - value(&before, series);
+    assert_eq!(d(tool_allow), 1.0);
+    assert_eq!(d("baton_hops_granted_total"), 1.0);
+    assert_eq!(
+        d(r#"baton_hops_refused_total{reason="scope_widened"}"#),
+        1.0
+    );
+    assert_eq!(d(r#"baton_redeems_total{decision="granted"}"#), 2.0);
+    assert_eq!(
+        d(r#"baton_credentials_issued_total{kind="token",holder="task"}"#),
+        2.0
+    );
+    assert_eq!(
+        d(r#"baton_credentials_issued_total{kind="x509",holder="task"}"#),
+        2.0
+    );
+    assert_eq!(d(r#"baton_revocations_total{target="credential"}"#), 1.0);
+    // The researcher's token and its certificate.
+    assert_eq!(
+        d(r#"baton_revoked_credentials_total{target="credential"}"#),
+        2.0
+    );
+    assert_eq!(
+        d(r#"baton_revocation_cascade_credentials_count{target="credential"}"#),
+        1.0
+    );
+    // Every event the log grew by was counted, and nothing else.
+    assert_eq!(
+        d("baton_audit_appends_total"),
+        audit_after - audit_before,
+        "audit appends vs the log's growth"
+    );
+    assert!(audit_after - audit_before >= 6.0);
+    assert_eq!(d("baton_audit_append_failures_total"), 0.0);
+    // The HTTPS port: two redeems through the node daemon, two hops (one
+    // refused), one tool-call report.
+    assert_eq!(
+        d(r#"baton_http_requests_total{route="/v1/node/redeem",code="200"}"#),
+        2.0
+    );
+    assert_eq!(
+        d(r#"baton_http_requests_total{route="/v1/delegate",code="200"}"#),
+        1.0
+    );
+    assert_eq!(
+        sum(
+            &after,
+            "baton_http_requests_total",
+            r#"route="/v1/delegate""#
+        ) - sum(
+            &before,
+            "baton_http_requests_total",
+            r#"route="/v1/delegate""#
+        ),
+        2.0
+    );
+    assert_eq!(
+        d(r#"baton_http_request_duration_seconds_count{route="/v1/delegate",code="200"}"#),
+        1.0
+    );
+    // The authorities: one active of each kind, well before expiry.
+    for kind in ["x509", "jwt"] {
+        let left = value(
+            &after,
+            &format!(r#"baton_ca_active_authority_expiry_seconds{{kind="{kind}"}}"#),
+        );
+        assert!(left > 3600.0, "{kind} authority expires in {left} s");
+        assert_eq!(
+            value(
+                &after,
+                &format!(r#"baton_ca_authorities{{kind="{kind}",state="active"}}"#)
+            ),
+            1.0
+        );
+    }
+
+    // The node daemon: three entries' SVIDs cached, a fresh sync, the tool
+    // server's X509-SVID stream open, its own SVID valid.
+    let agent = scrape(&aops);
+    assert_eq!(value(&agent, "baton_agent_cached_svids"), 3.0, "{agent}");
+    assert!(value(&agent, "baton_agent_syncs_total") >= 1.0);
+    assert!(value(&agent, "baton_agent_last_sync_age_seconds") < 30.0);
+    let svid_left = value(&agent, "baton_agent_node_svid_expiry_seconds");
+    assert!(svid_left > 0.0 && svid_left <= 3600.0, "{svid_left}");
+    assert!(
+        value(
+            &agent,
+            r#"baton_agent_workload_streams_open{stream="x509_svid"}"#
+        ) >= 1.0,
+        "{agent}"
+    );
+    assert_eq!(value(&agent, "baton_agent_node_refused"), 0.0);
+    // The two redeems went through the node daemon's socket.
+    let redeem_ok = r#"baton_agent_rpcs_total{rpc="Redeem",code="OK"}"#;
+    assert_eq!(
+        value(&agent, redeem_ok) - value(&agent_before, redeem_ok),
+        2.0,
+        "{agent}"
+    );
+    assert_eq!(
+        value(
+            &agent,
+            r#"baton_agent_rpc_duration_seconds_count{rpc="Redeem",code="OK"}"#
+        ) - value(
+            &agent_before,
+            r#"baton_agent_rpc_duration_seconds_count{rpc="Redeem",code="OK"}"#
+        ),
+        2.0
+    );
+    // The broker's families are not on the agent's listener.
+    assert!(!agent.contains("baton_hops_granted"));
+
+    // The revocation service: Redis up and seeded.
+    let rev = scrape(&rops);
+    assert_eq!(value(&rev, "baton_revocation_store_up"), 1.0, "{rev}");
+    assert_eq!(value(&rev, "baton_revocation_store_seeded"), 1.0);
+    assert!(
+        value(
+            &rev,
+            r#"baton_revocation_store_checks_total{decision="ok"}"#
+        ) >= 1.0
+    );
+
+    let secrets = [task.as_str(), jti.as_str()];
+    for (text, whose) in [
+        (&after, "broker"),
+        (&agent, "agent"),
+        (&rev, "revocation service"),
+    ] {
+        assert_no_secret(text, whose, &secrets);
+        promtool_check(text, whose);
+    }
+}
+
+#[test]
+fn readyz_follows_redis_and_the_brokers_refusal_of_the_node() {
+    let mut redis = Redis::start();
+    let (bops, aops, rops) = (free_addr(), free_addr(), free_addr());
+    let c = Cluster::start(Options {
+        broker_args: vec![
+            "--redis".into(),
+            redis.url.clone(),
+            "--ops-listen".into(),
+            bops.clone(),
+        ],
+        agent_args: vec!["--ops-listen".into(), aops.clone()],
+        ..Options::default()
+    });
+    // The revocation service binds all interfaces, as an explicit choice
+    // (--ops-listen-non-loopback); it is probed over loopback.
+    let rport = rops.rsplit_once(':').unwrap().1.to_owned();
+    let mut cmd = baton();
+    cmd.args([
+        "revocation",
+        "--redis",
+        &redis.url,
+        "--check-every",
+        "200ms",
+    ])
+    .args(["--ops-listen", &format!("0.0.0.0:{rport}")])
+    .arg("--ops-listen-non-loopback");
+    let _rev = Proc::spawn("revocation", cmd, c.path("revocation.log"));
+    for (addr, what) in [(&bops, "broker"), (&aops, "agent"), (&rops, "revocation")] {
+        wait_ready(addr, what);
+        let out = healthcheck(addr, "ready");
+        assert_eq!(out.status.code(), Some(0), "{what}: {out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ready");
+    }
+    // Every check is listed with its status.
+    let (_, body) = readyz(&bops).unwrap();
+    let names: Vec<&str> = body["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    for n in [
+        "started",
+        "datastore",
+        "audit_log",
+        "authority",
+        "revocation_store",
+    ] {
+        assert!(names.contains(&n), "{n} missing from {body}");
+    }
+
+    // Redis stops: the broker and the revocation service are not ready,
+    // naming the check; they still live. The agent does not need Redis.
+    redis.stop();
+    let body = wait_not_ready(&bops, "revocation_store", "broker not ready without Redis");
+    assert_eq!(body["failing"].as_array().unwrap().len(), 1, "{body}");
+    wait_not_ready(
+        &rops,
+        "revocation_store",
+        "revocation service not ready without Redis",
+    );
+    let out = healthcheck(&bops, "ready");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("revocation_store"),
+        "{out:?}"
+    );
+    assert_eq!(healthcheck(&bops, "live").status.code(), Some(0));
+    assert_eq!(healthcheck(&aops, "ready").status.code(), Some(0));
+
+    // Redis returns (empty): the relay re-seeds it and both are ready again.
+    redis.restart();
+    wait_ready(&bops, "the broker ready after Redis returned");
+    wait_ready(&rops, "the revocation service ready after the re-seed");
+    assert_eq!(healthcheck(&rops, "ready").status.code(), Some(0));
+
+    // The broker evicts the node: its agent is not ready (node_svid), the
+    // broker still is.
+    c.cli_ok(&["node", "evict", &c.node_id, "--reason", "ops test"]);
+    wait_not_ready(
+        &aops,
+        "node_svid",
+        "agent not ready once its node is evicted",
+    );
+    let out = healthcheck(&aops, "ready");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("node_svid"),
+        "{out:?}"
+    );
+    assert_eq!(healthcheck(&bops, "ready").status.code(), Some(0));
+    let agent = scrape(&aops);
+    assert_eq!(value(&agent, "baton_agent_node_refused"), 1.0);
+    assert_eq!(value(&agent, "baton_agent_cached_svids"), 0.0);
+
+    // Nothing listening: unhealthy, exit 1.
+    let out = healthcheck(&free_addr(), "live");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+}
+
+#[test]
+fn the_ops_listener_binds_off_loopback_only_when_asked_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = |listen: &str| {
+        baton()
+            .args(["agent", "--trust-domain", "example.org"])
+            .args(["--broker-url", "https://127.0.0.1:1"])
+            .arg("--data-dir")
+            .arg(dir.path().join("agent"))
+            .arg("--socket")
+            .arg(dir.path().join("agent.sock"))
+            .args(["--ops-listen", listen])
+            .output()
+            .unwrap()
+    };
+    for addr in ["0.0.0.0:0", "[::]:0"] {
+        let out = agent(addr);
+        assert_eq!(out.status.code(), Some(2), "{addr}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--ops-listen-non-loopback"), "{addr}: {err}");
+    }
+    // Control: on loopback the listener is accepted and the agent goes on
+    // to fail where it should, with no identity and no join token.
+    let out = agent("127.0.0.1:0");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(!err.contains("--ops-listen-non-loopback"), "{err}");
+}
+
+#[test]
+fn baton_dev_serves_the_broker_and_the_agent_on_one_ops_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("dev");
+    let ops = free_addr();
+    let mut cmd = baton();
+    cmd.args(["dev", "--ops-listen", &ops, "--data-dir"])
+        .arg(&data);
+    let mut dev = Proc::spawn("dev", cmd, dir.path().join("dev.log"));
+    wait_for(
+        "baton dev ready on its ops listener",
+        Duration::from_secs(60),
+        || {
+            assert!(dev.is_running(), "{}", dev.log_text());
+            readyz(&ops).and_then(|(s, _)| (s == 200).then_some(()))
+        },
+    );
+    let (_, body) = readyz(&ops).unwrap();
+    let names: Vec<&str> = body["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    for n in [
+        "started",
+        "datastore",
+        "audit_log",
+        "authority",
+        "node_svid",
+        "sync",
+    ] {
+        assert!(names.contains(&n), "{n} missing from {body}");
+    }
+    let text = scrape(&ops);
+    assert!(
+        text.contains("# TYPE baton_hops_granted_total counter"),
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE baton_agent_syncs_total counter"),
+        "{text}"
+    );
+    assert_no_secret(&text, "dev", &[]);
+    promtool_check(&text, "dev");
+    assert_eq!(healthcheck(&ops, "live").status.code(), Some(0));
+    assert_eq!(healthcheck(&ops, "ready").status.code(), Some(0));
+    dev.stop();
+    // Gone with its process.
+    assert_eq!(healthcheck(&ops, "live").status.code(), Some(1));
+}
