@@ -351,6 +351,7 @@ impl Cluster {
             broker_addr: String::new(),
             node_id: String::new(),
             broker_args: Vec::new(),
+            agent_args: Vec::new(),
         }
     }
 
