@@ -319,6 +319,51 @@ fn metrics_count_a_scripted_flow_at_the_broker_the_agent_and_the_revocation_serv
     }
 }
 
+/// A datastore another process holds locked cannot take an issuance or a
+/// revocation: the broker says so on /readyz (naming `datastore`) and is
+/// ready again once the lock goes; it stays live throughout.
+#[test]
+fn readyz_names_the_datastore_while_another_process_holds_it_locked() {
+    let bops = free_addr();
+    let c = Cluster::start(Options {
+        broker_args: vec!["--ops-listen".into(), bops.clone()],
+        ..Options::default()
+    });
+    wait_ready(&bops, "broker ready");
+    // Control: the datastore check passes with the file unlocked.
+    let (_, body) = readyz(&bops).unwrap();
+    assert!(
+        body["failing"].as_array().unwrap().is_empty(),
+        "ready broker reports failing checks: {body}"
+    );
+
+    let db = rusqlite::Connection::open(c.path("broker/broker.db")).unwrap();
+    db.execute_batch("BEGIN IMMEDIATE;").unwrap();
+    let body = wait_not_ready(
+        &bops,
+        "datastore",
+        "broker not ready while its datastore is locked",
+    );
+    let check = body["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "datastore")
+        .unwrap()
+        .clone();
+    assert!(
+        check.to_string().contains("no answer") || check.to_string().contains("locked"),
+        "{check}"
+    );
+    assert_eq!(healthcheck(&bops, "ready").status.code(), Some(1));
+    assert_eq!(healthcheck(&bops, "live").status.code(), Some(0));
+
+    db.execute_batch("ROLLBACK;").unwrap();
+    drop(db);
+    wait_ready(&bops, "broker ready again once the datastore is unlocked");
+    assert_eq!(healthcheck(&bops, "ready").status.code(), Some(0));
+}
+
 #[test]
 fn readyz_follows_redis_and_the_brokers_refusal_of_the_node() {
     let mut redis = Redis::start();

@@ -268,9 +268,18 @@ impl SqliteStore {
     }
 
     /// Whether the database answers a query now (readiness).
+    /// Whether the datastore can serve requests now: reads the database
+    /// (`SELECT 1` alone never touches it) and takes the write lock for a
+    /// moment (a database another process holds locked cannot take a
+    /// revocation or an issuance, though reads still work in WAL mode).
     pub fn ping(&self) -> Result<(), StoreError> {
-        self.with(|c| Ok(c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?))
-            .map(|_| ())
+        self.with(|c| {
+            c.query_row("SELECT MAX(version) FROM schema_version", [], |r| {
+                r.get::<_, Option<i64>>(0)
+            })?;
+            c.execute_batch("BEGIN IMMEDIATE; ROLLBACK;")?;
+            Ok(())
+        })
     }
 
     /// A private in-memory database (tests, throwaway runs).
