@@ -49,14 +49,14 @@ impl World {
     /// `start_with`, with extra `baton broker` and `baton agent` arguments.
     pub fn start_with_options(redis: Option<&str>, opts: Options) -> Self {
         let mut broker_args = opts.broker_args.clone();
-        let mut tool_args: Vec<String> = Vec::new();
+        let mut tool_args: Vec<String> = opts.tool_args.clone();
         if let Some(url) = redis {
-            tool_args = vec![
+            tool_args.extend([
                 "--redis".into(),
                 url.into(),
                 "--stale-after".into(),
                 "2s".into(),
-            ];
+            ]);
             broker_args.extend(["--redis".to_owned(), url.to_owned()]);
         }
         // The example tool server reports the calls of tokens for `crm`.

@@ -109,6 +109,8 @@ pub struct Options {
     pub broker_args: Vec<String>,
     /// Extra arguments for `baton agent`.
     pub agent_args: Vec<String>,
+    /// Extra arguments for the example tool server (`World` only).
+    pub tool_args: Vec<String>,
 }
 
 impl Default for Options {
@@ -118,6 +120,7 @@ impl Default for Options {
             start_agent: true,
             broker_args: Vec::new(),
             agent_args: Vec::new(),
+            tool_args: Vec::new(),
         }
     }
 }

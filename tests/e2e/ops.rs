@@ -319,6 +319,71 @@ fn metrics_count_a_scripted_flow_at_the_broker_the_agent_and_the_revocation_serv
     }
 }
 
+/// A tool server (a verifier) is ready only while its revocation feed is
+/// fresh, since a stale feed refuses sensitive calls; its scrape says how
+/// fresh the feed is and how many revoked ids it holds.
+#[test]
+fn the_tool_servers_readyz_and_metrics_follow_its_revocation_feed() {
+    let mut redis = Redis::start();
+    let tops = free_addr();
+    let w = World::start_with_options(
+        Some(&redis.url),
+        Options {
+            tool_args: vec!["--ops-listen".into(), tops.clone()],
+            ..Options::default()
+        },
+    );
+    wait_ready(&tops, "tool server ready with a fresh feed");
+    let (task, _planner, researcher) = chain(&w, "m");
+    let jti = claims(&researcher)["jti"].as_str().unwrap().to_owned();
+    w.ok(&["task", "end", &task]);
+    // The task's credentials reach the tool server's feed.
+    wait_for(
+        "revoked ids at the tool server",
+        Duration::from_secs(60),
+        || {
+            let text = scrape(&tops);
+            (value(&text, "baton_verifier_feed_revoked_ids") >= 2.0).then_some(())
+        },
+    );
+    let text = scrape(&tops);
+    assert_eq!(value(&text, "baton_verifier_feed_fresh"), 1.0, "{text}");
+    assert_eq!(value(&text, "baton_verifier_feed_stale_seconds"), 0.0);
+    assert!(!text.contains(&jti), "a jti in the scrape");
+    assert!(!text.contains(&task), "a task id in the scrape");
+    assert!(!text.contains("spiffe://"), "a SPIFFE ID in the scrape");
+    promtool_check(&text, "tool server");
+
+    // Redis stops: the feed goes stale (--stale-after 2s) and the tool
+    // server says so, naming the check; it still lives.
+    redis.stop();
+    let body = wait_not_ready(
+        &tops,
+        "revocation_feed",
+        "tool server not ready with a stale feed",
+    );
+    assert_eq!(body["failing"].as_array().unwrap().len(), 1, "{body}");
+    assert_eq!(healthcheck(&tops, "live").status.code(), Some(0));
+    assert_eq!(healthcheck(&tops, "ready").status.code(), Some(1));
+    let text = scrape(&tops);
+    assert_eq!(value(&text, "baton_verifier_feed_fresh"), 0.0, "{text}");
+    assert!(
+        value(&text, "baton_verifier_feed_stale_seconds") >= 2.0,
+        "{text}"
+    );
+
+    // Redis returns (empty): the broker re-seeds it, the feed resyncs and
+    // the tool server is ready again, still holding the revoked ids.
+    redis.restart();
+    wait_ready(&tops, "tool server ready again after the re-seed");
+    let text = scrape(&tops);
+    assert_eq!(value(&text, "baton_verifier_feed_fresh"), 1.0, "{text}");
+    assert!(
+        value(&text, "baton_verifier_feed_revoked_ids") >= 2.0,
+        "{text}"
+    );
+}
+
 /// A datastore another process holds locked cannot take an issuance or a
 /// revocation: the broker says so on /readyz (naming `datastore`) and is
 /// ready again once the lock goes; it stays live throughout.

@@ -1051,6 +1051,8 @@ pub enum ExampleCmd {
         ready_file: Option<PathBuf>,
         #[command(flatten)]
         shutdown: ShutdownArgs,
+        #[command(flatten)]
+        ops: crate::ops::OpsArgs,
     },
     /// Call a tool on the example tool server with a task credential.
     Call {

@@ -243,6 +243,7 @@ async fn tool_server(
     ready_file: Option<&Path>,
     feed: FeedConfig<'_>,
     shutdown_grace: std::time::Duration,
+    ops: Option<baton_ops::Ops>,
 ) -> Result<()> {
     let stop = crate::daemons::terminate_signal();
     // The tool server's own identity and trust come from the Workload API
@@ -301,6 +302,20 @@ async fn tool_server(
                 },
             )
             .map_err(|e| exit(EXIT_REFUSED, e.to_string()))?;
+            if let Some(ops) = &ops {
+                let h = handle.clone();
+                verifier_ops(ops, move |now| {
+                    let since = match h.status(now) {
+                        baton_revocation::FeedStatus::Fresh => None,
+                        baton_revocation::FeedStatus::Stale { since } => Some(since),
+                    };
+                    FeedProbe {
+                        fresh: since.is_none(),
+                        silent_for: since.filter(|s| *s > 0).map(|s| now.saturating_sub(s)),
+                        revoked_ids: h.len(),
+                    }
+                });
+            }
             (
                 TokenVerifier::new(jwt_bundles, audience.to_owned(), Arc::new(handle.clone())),
                 Some(Arc::new(handle.clone())),
@@ -320,6 +335,14 @@ async fn tool_server(
                 tracing::warn!(
                     "the broker's revocation feed has not answered yet; calls are denied until it does"
                 );
+            }
+            if let Some(ops) = &ops {
+                let h = handle.clone();
+                verifier_ops(ops, move |now| FeedProbe {
+                    fresh: h.is_fresh_at(now),
+                    silent_for: h.last_answer().map(|t| now.saturating_sub(t)),
+                    revoked_ids: h.len(),
+                });
             }
             // The token check answers from the set alone; staleness is the
             // gate's call (per tier).
@@ -434,6 +457,9 @@ async fn tool_server(
         .with_context(|| format!("binding {listen}"))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "example tool server listening");
+    if let Some(ops) = &ops {
+        ops.set_started();
+    }
     if let Some(path) = ready_file {
         std::fs::write(path.with_extension("tmp"), addr.to_string())?;
         std::fs::rename(path.with_extension("tmp"), path)?;
@@ -533,6 +559,7 @@ pub async fn run(cmd: ExampleCmd) -> Result<()> {
             stale_after,
             dangerously_skip_revocation,
             shutdown,
+            ops,
         } => {
             let redis = redis.config()?;
             tool_server(
@@ -551,6 +578,7 @@ pub async fn run(cmd: ExampleCmd) -> Result<()> {
                     dangerously_skip_revocation,
                 },
                 shutdown.shutdown_timeout,
+                crate::ops::start(&ops).await?,
             )
             .await
         }
@@ -735,6 +763,42 @@ type Following = (
     Option<Arc<dyn baton_verify::RevocationFreshness>>,
     Option<Arc<dyn baton_verify::RevocationCheck>>,
 );
+
+/// What the ops listener reads of a verifier's revocation feed.
+struct FeedProbe {
+    fresh: bool,
+    /// Seconds since the feed last heard from its source, if it did.
+    silent_for: Option<u64>,
+    revoked_ids: usize,
+}
+
+/// The tool server's ops role: readiness is a fresh revocation feed (a
+/// stale one refuses sensitive calls), and the feed's gauges.
+fn verifier_ops(ops: &baton_ops::Ops, probe: impl Fn(u64) -> FeedProbe + Send + Sync + 'static) {
+    let probe = Arc::new(probe);
+    ops.add_role(baton_ops::Role::Verifier);
+    let check = probe.clone();
+    ops.add_check("revocation_feed", move || {
+        let p = check(baton_revocation::system_now());
+        async move {
+            if p.fresh {
+                Ok(())
+            } else {
+                Err(match p.silent_for {
+                    Some(s) => format!(
+                        "the revocation feed is stale (no news for {s} s): sensitive calls are refused"
+                    ),
+                    None => "the revocation feed has not been heard from yet: sensitive calls are refused"
+                        .to_owned(),
+                })
+            }
+        }
+    });
+    ops.on_scrape(move || {
+        let p = probe(baton_revocation::system_now());
+        baton_ops::metrics().verifier_feed(p.fresh, p.silent_for, p.revoked_ids);
+    });
+}
 
 /// The broker feed's set, without its staleness: the gate decides per tier
 /// what a stale feed means, and the token check looks only at revocations.

@@ -20,6 +20,9 @@ pub enum Role {
     Broker,
     Agent,
     Revocation,
+    /// A tool server (or gateway) that verifies calls and follows the
+    /// revocation feed.
+    Verifier,
 }
 
 type CheckFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;

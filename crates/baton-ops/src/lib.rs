@@ -1,5 +1,5 @@
 //! Operability for every long-running Baton process: the broker, the node
-//! daemon and the revocation service.
+//! daemon, the revocation service and verifiers (the tool server).
 //!
 //! Place in the flow: beside each daemon's API, never on it. The daemons
 //! count what they do through the process-wide [`metrics()`] (one-line

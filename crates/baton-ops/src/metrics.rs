@@ -147,6 +147,10 @@ pub struct Metrics {
     pub revocation_store_seeded: Gauge,
     pub revocation_store_checks: Family<DecisionLabels, Counter>,
     pub revocation_last_check_age: Gauge,
+    // ---- verifier (tool server) ----
+    pub verifier_feed_fresh: Gauge,
+    pub verifier_feed_stale_seconds: Gauge,
+    pub verifier_feed_revoked_ids: Gauge,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -193,6 +197,9 @@ impl Metrics {
             revocation_store_seeded: Gauge::default(),
             revocation_store_checks: Family::default(),
             revocation_last_check_age: Gauge::default(),
+            verifier_feed_fresh: Gauge::default(),
+            verifier_feed_stale_seconds: Gauge::default(),
+            verifier_feed_revoked_ids: Gauge::default(),
         }
     }
 
@@ -343,12 +350,31 @@ impl Metrics {
         });
     }
 
+    // ---- one-line calls for a verifier ----
+
+    /// Scrape-time gauges of a verifier's revocation feed: whether it is
+    /// fresh, how long since it last heard from its source while it is
+    /// stale (0 while fresh, -1 if it never heard), and how many revoked
+    /// ids it holds.
+    pub fn verifier_feed(&self, fresh: bool, silent_for: Option<u64>, revoked_ids: usize) {
+        self.verifier_feed_fresh.set(i64::from(fresh));
+        self.verifier_feed_stale_seconds
+            .set(match (fresh, silent_for) {
+                (true, _) => 0,
+                (false, Some(s)) => secs(s),
+                (false, None) => -1,
+            });
+        self.verifier_feed_revoked_ids
+            .set(i64::try_from(revoked_ids).unwrap_or(i64::MAX));
+    }
+
     /// Registers the families of `role` into `registry`.
     pub(crate) fn register(&self, registry: &mut Registry, role: Role) {
         match role {
             Role::Broker => self.register_broker(registry),
             Role::Agent => self.register_agent(registry),
             Role::Revocation => self.register_revocation(registry),
+            Role::Verifier => self.register_verifier(registry),
         }
     }
 
@@ -488,6 +514,24 @@ impl Metrics {
             "baton_agent_workload_streams_open",
             "Workload API streams open, by stream",
             self.agent_streams_open.clone(),
+        );
+    }
+
+    fn register_verifier(&self, r: &mut Registry) {
+        r.register(
+            "baton_verifier_feed_fresh",
+            "1 when the revocation feed heard from its source within its staleness window",
+            self.verifier_feed_fresh.clone(),
+        );
+        r.register(
+            "baton_verifier_feed_stale_seconds",
+            "While the revocation feed is stale, seconds since it last heard from its source (0 while fresh, -1 never)",
+            self.verifier_feed_stale_seconds.clone(),
+        );
+        r.register(
+            "baton_verifier_feed_revoked_ids",
+            "Revoked credential ids the verifier holds in memory",
+            self.verifier_feed_revoked_ids.clone(),
         );
     }
 

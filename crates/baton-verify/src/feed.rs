@@ -158,6 +158,11 @@ impl BrokerFeed {
         }
     }
 
+    /// Unix seconds of the broker's last answer, if it ever answered.
+    pub fn last_answer(&self) -> Option<u64> {
+        self.read().last_ok
+    }
+
     /// Number of revoked ids held.
     pub fn len(&self) -> usize {
         self.read().revoked.len()
