@@ -90,14 +90,7 @@ pub fn load(
                 .collect()
         }
     };
-    let (schema, policies): (Vec<_>, Vec<_>) = sources
-        .into_iter()
-        .partition(|(name, _)| name.ends_with(".cedarschema"));
-    let schema = schema
-        .into_iter()
-        .next()
-        .map(|(_, s)| s)
-        .unwrap_or_default();
+    let (schema, policies) = baton_policy::split_schema(sources);
     Ok(AdmissionPolicy::from_sources(&schema, &policies)?)
 }
 

@@ -269,15 +269,7 @@ fn load_hop_policy(
     match dir {
         Some(dir) => baton_policy::Engine::load_dir(dir),
         None => {
-            let (schema, policies): (Vec<_>, Vec<_>) = embedded
-                .iter()
-                .cloned()
-                .partition(|(name, _)| name.ends_with(".cedarschema"));
-            let schema = schema
-                .into_iter()
-                .next()
-                .map(|(_, s)| s)
-                .unwrap_or_default();
+            let (schema, policies) = baton_policy::split_schema(embedded.iter().cloned());
             baton_policy::Engine::from_sources(&schema, &policies)
         }
     }

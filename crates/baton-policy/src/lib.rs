@@ -219,6 +219,22 @@ impl fmt::Debug for Engine {
     }
 }
 
+/// Splits named sources (as a policy directory holds them) into the schema
+/// (the first `*.cedarschema`, empty without one) and the policies.
+pub fn split_schema(
+    sources: impl IntoIterator<Item = (String, String)>,
+) -> (String, Vec<(String, String)>) {
+    let (schema, policies): (Vec<_>, Vec<_>) = sources
+        .into_iter()
+        .partition(|(name, _)| name.ends_with(".cedarschema"));
+    let schema = schema
+        .into_iter()
+        .next()
+        .map(|(_, s)| s)
+        .unwrap_or_default();
+    (schema, policies)
+}
+
 impl Engine {
     /// Loads `<dir>/schema.cedarschema` (Cedar schema syntax) and every
     /// `<dir>/*.cedar`, and validates the policies against the schema in
