@@ -64,6 +64,20 @@ fn readyz(addr: &str) -> Option<(u16, serde_json::Value)> {
     Some((status, serde_json::from_str(&body).unwrap()))
 }
 
+/// `/readyz` lists each of `names` among its checks.
+fn assert_lists_checks(addr: &str, names: &[&str]) {
+    let (_, body) = readyz(addr).unwrap();
+    let listed: Vec<&str> = body["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    for n in names {
+        assert!(listed.contains(n), "{n} missing from {body}");
+    }
+}
+
 fn wait_ready(addr: &str, what: &str) {
     wait_for(what, Duration::from_secs(60), || {
         readyz(addr).and_then(|(s, _)| (s == 200).then_some(()))
@@ -464,22 +478,16 @@ fn readyz_follows_redis_and_the_brokers_refusal_of_the_node() {
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ready");
     }
     // Every check is listed with its status.
-    let (_, body) = readyz(&bops).unwrap();
-    let names: Vec<&str> = body["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["name"].as_str().unwrap())
-        .collect();
-    for n in [
-        "started",
-        "datastore",
-        "audit_log",
-        "authority",
-        "revocation_store",
-    ] {
-        assert!(names.contains(&n), "{n} missing from {body}");
-    }
+    assert_lists_checks(
+        &bops,
+        &[
+            "started",
+            "datastore",
+            "audit_log",
+            "authority",
+            "revocation_store",
+        ],
+    );
 
     // Redis stops: the broker and the revocation service are not ready,
     // naming the check; they still live. The agent does not need Redis.
@@ -576,23 +584,17 @@ fn baton_dev_serves_the_broker_and_the_agent_on_one_ops_listener() {
             readyz(&ops).and_then(|(s, _)| (s == 200).then_some(()))
         },
     );
-    let (_, body) = readyz(&ops).unwrap();
-    let names: Vec<&str> = body["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["name"].as_str().unwrap())
-        .collect();
-    for n in [
-        "started",
-        "datastore",
-        "audit_log",
-        "authority",
-        "node_svid",
-        "sync",
-    ] {
-        assert!(names.contains(&n), "{n} missing from {body}");
-    }
+    assert_lists_checks(
+        &ops,
+        &[
+            "started",
+            "datastore",
+            "audit_log",
+            "authority",
+            "node_svid",
+            "sync",
+        ],
+    );
     let text = scrape(&ops);
     assert!(
         text.contains("# TYPE baton_hops_granted_total counter"),
