@@ -1,6 +1,6 @@
 //! The waits of a CA rotation, on real processes: `ca prepare --wait` ends
 //! when no agent lags (and gives up at its deadline naming the agent that
-//! does), `ca taint --wait` ends once an evicted node's SVIDs no longer
+//! does), `ca taint --wait` ends once an evicted or banned node's SVIDs no longer
 //! count, and for a JWT key it does not call re-issuance complete while an
 //! agent that has not applied the taint may still serve cached tokens.
 
@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::harness::{Cluster, Options, baton, wait_for};
+use crate::harness::{Cluster, Options, baton, time_for_people, wait_for};
 
 fn ca_show(c: &Cluster) -> Value {
     c.cli_json(&["ca", "show"])
@@ -73,6 +73,73 @@ fn show_has_no_dash_expiry(c: &Cluster) {
     assert!(!human.contains("(unix"), "{human}");
 }
 
+/// The node of `c` goes away without a word: the taint of `old` waits for
+/// its SVIDs and gives up (the control), until `baton node <verb>` (evict
+/// or ban) revokes what was issued to it, after which the wait completes
+/// and `ca show` counts nothing pending.
+fn silent_node_holds_the_taint_wait_until(c: &mut Cluster, old: &str, verb: &str) {
+    c.agent.as_mut().unwrap().stop();
+    c.cli_ok(&["ca", "taint", old]);
+    let out = c.cli(&["ca", "taint", old, "--wait", "--timeout", "2s"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("already tainted"), "{err}");
+    assert!(err.contains("still to be re-issued"), "{err}");
+    assert!(!err.contains("re-issuance complete"), "{err}");
+    let show = ca_show(c);
+    let pending = &authority(&show, "x509", "old")["pending"];
+    assert!(pending["agents"].as_u64().unwrap() >= 1, "{pending}");
+    assert!(pending["workloads"].as_u64().unwrap() >= 1, "{pending}");
+    show_has_no_dash_expiry(c);
+
+    // Evicted or banned: what was issued through it is revoked and no
+    // longer waits.
+    let node = c.node_id.clone();
+    c.cli_ok(&["node", verb, &node]);
+    let out = c.cli(&["ca", "taint", old, "--wait", "--timeout", "60s"]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{verb}: {err}");
+    assert!(err.contains("re-issuance complete"), "{verb}: {err}");
+    let show = ca_show(c);
+    let pending = &authority(&show, "x509", "old")["pending"];
+    assert_eq!(pending["agents"], 0, "{verb}: {pending}");
+    assert_eq!(pending["workloads"], 0, "{verb}: {pending}");
+    show_has_no_dash_expiry(c);
+}
+
+#[test]
+fn taint_wait_ends_when_the_silent_node_is_banned() {
+    let mut c = manual_cluster(&[]);
+    c.register("/svc/w", &[]);
+    wait_svid(&c);
+    let old = id_of(&ca_show(&c), "x509", "active");
+    // The workload's SVID for people: its expiry as RFC 3339, in the future.
+    let human = c.cli_ok(&[
+        "svid",
+        "fetch",
+        "--socket",
+        c.agent_socket().to_str().unwrap(),
+    ]);
+    let expires = time_for_people(&human, "Expires:");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(expires > now && expires < now + 2 * 86_400, "{human}");
+    c.cli_ok(&[
+        "ca",
+        "prepare",
+        "--kind",
+        "x509",
+        "--wait",
+        "--timeout",
+        "60s",
+    ]);
+    c.cli_ok(&["ca", "activate"]);
+    silent_node_holds_the_taint_wait_until(&mut c, &old, "ban");
+    c.cli_ok(&["ca", "revoke", &old]);
+}
+
 #[test]
 fn prepare_wait_and_taint_wait_end_when_the_silent_node_is_evicted() {
     let mut c = manual_cluster(&[]);
@@ -121,33 +188,7 @@ fn prepare_wait_and_taint_wait_end_when_the_silent_node_is_evicted() {
     id_of(&show, "x509", "prepared");
     c.cli_ok(&["ca", "activate"]);
 
-    // The node goes away without being evicted: its SVIDs from the old
-    // authority are never re-issued, so the wait gives up (control).
-    c.agent.as_mut().unwrap().stop();
-    c.cli_ok(&["ca", "taint", &old]);
-    let out = c.cli(&["ca", "taint", &old, "--wait", "--timeout", "2s"]);
-    let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("already tainted"), "{err}");
-    assert!(err.contains("still to be re-issued"), "{err}");
-    assert!(!err.contains("re-issuance complete"), "{err}");
-    let show = ca_show(&c);
-    let pending = &authority(&show, "x509", "old")["pending"];
-    assert!(pending["agents"].as_u64().unwrap() >= 1, "{pending}");
-    assert!(pending["workloads"].as_u64().unwrap() >= 1, "{pending}");
-    show_has_no_dash_expiry(&c);
-
-    // Evicted: what was issued through it is revoked and no longer waits.
-    c.cli_ok(&["node", "evict", &c.node_id]);
-    let out = c.cli(&["ca", "taint", &old, "--wait", "--timeout", "60s"]);
-    let err = stderr(&out);
-    assert!(out.status.success(), "{err}");
-    assert!(err.contains("re-issuance complete"), "{err}");
-    let show = ca_show(&c);
-    let pending = &authority(&show, "x509", "old")["pending"];
-    assert_eq!(pending["agents"], 0, "{pending}");
-    assert_eq!(pending["workloads"], 0, "{pending}");
-    show_has_no_dash_expiry(&c);
+    silent_node_holds_the_taint_wait_until(&mut c, &old, "evict");
     c.cli_ok(&["ca", "revoke", &old]);
 }
 

@@ -11,6 +11,27 @@ pub fn baton() -> Command {
     Command::new(env!("CARGO_BIN_EXE_baton"))
 }
 
+/// The time on the line of `text` that starts with `label`, printed for
+/// people: RFC 3339 followed by how far from now ("(in …)" or "(… ago)"),
+/// never unix seconds. Returns it as unix seconds.
+pub fn time_for_people(text: &str, label: &str) -> u64 {
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with(label))
+        .unwrap_or_else(|| panic!("no line {label:?} in: {text}"));
+    let rest = line.trim_start()[label.len()..].trim();
+    let (stamp, rel) = rest
+        .split_once(' ')
+        .unwrap_or_else(|| panic!("{label} has no relative time: {line}"));
+    assert!(
+        rel.starts_with("(in ") || rel.ends_with(" ago)"),
+        "{label} says how far from now: {line}"
+    );
+    let at = humantime::parse_rfc3339(stamp)
+        .unwrap_or_else(|e| panic!("{label} {stamp} is not RFC 3339: {e}: {text}"));
+    at.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
 /// Polls `f` until it returns Some, or panics with `what` at the deadline.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;

@@ -12,7 +12,7 @@ use crate::delegation::{PLANNER, World, claims};
 use crate::harness::{Cluster, Options, Proc, Redis, baton, wait_for};
 use crate::revocation::{chain, works};
 
-fn free_addr() -> String {
+pub(crate) fn free_addr() -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().to_string()
 }
@@ -33,7 +33,7 @@ fn get(addr: &str, path: &str) -> Option<(u16, String)> {
     Some((status, body.to_owned()))
 }
 
-fn scrape(addr: &str) -> String {
+pub(crate) fn scrape(addr: &str) -> String {
     let (status, body) = get(addr, "/metrics").expect("the ops listener answers");
     assert_eq!(status, 200, "{body}");
     body
@@ -41,7 +41,7 @@ fn scrape(addr: &str) -> String {
 
 /// The value of one series (name with its labels, exactly as exposed);
 /// 0 when absent (a counter not yet touched).
-fn value(text: &str, series: &str) -> f64 {
+pub(crate) fn value(text: &str, series: &str) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .find_map(|l| {

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
 use crate::delegation::{PLANNER, World};
+use crate::harness::time_for_people;
 
 use baton_secrets::testing::{Pg, connect};
 
@@ -251,6 +252,28 @@ async fn api_key_is_introspected_live_then_inactive_after_task_end() {
     };
     let live = introspect(&key);
     assert_eq!(live["active"], true, "{live}");
+    // For people: the lease's and the key's expiry as RFC 3339, the same
+    // instant as the JSON's unix seconds.
+    let expires = l["expires_at"].as_u64().unwrap();
+    let human = w.ok(&[
+        "secret",
+        "lease",
+        "--credential",
+        cred.to_str().unwrap(),
+        "--engine",
+        "apikey",
+    ]);
+    assert_eq!(time_for_people(&human, "Expires:"), expires, "{human}");
+    let human = w.ok(&[
+        "secret",
+        "introspect",
+        "--credential",
+        tool.to_str().unwrap(),
+        "--key",
+        &key,
+    ]);
+    assert_eq!(time_for_people(&human, "Expires:"), expires, "{human}");
+    assert!(!human.contains(&expires.to_string()), "{human}");
     assert_eq!(live["task_id"], task.as_str());
     assert_eq!(live["agent"], PLANNER);
     assert_eq!(introspect("bk_not-a-key")["active"], false);
@@ -273,4 +296,96 @@ async fn api_key_is_introspected_live_then_inactive_after_task_end() {
     let dead = introspect(&key);
     assert_eq!(dead["active"], false, "{dead}");
     assert!(dead.get("task_id").is_none(), "{dead}");
+}
+
+/// A PostgreSQL failure under the secret engine is counted in
+/// `baton_store_errors_total{store="postgres"}` at the broker's ops
+/// listener, the lease is refused with the engine named, nothing is left
+/// half-made (no role), and leasing works again once PostgreSQL does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_failures_of_the_secret_engine_are_counted_and_leave_nothing_behind() {
+    use crate::ops::{free_addr, scrape, value};
+    const SERIES: &str = r#"baton_store_errors_total{store="postgres"}"#;
+
+    let pg = Pg::start().await;
+    pg.admin("postgres")
+        .await
+        .batch_execute("CREATE DATABASE crm")
+        .await
+        .unwrap();
+    let admin = pg.admin("crm").await;
+    admin
+        .batch_execute("CREATE TABLE customers (id int PRIMARY KEY, name text)")
+        .await
+        .unwrap();
+    let ops = free_addr();
+    let w = world_with_broker_args(vec![
+        "--pg-admin-url".into(),
+        pg.admin_conn("postgres"),
+        "--pg-database".into(),
+        "crm".into(),
+        "--pg-grant".into(),
+        "GRANT SELECT ON public.customers TO {role}".into(),
+        "--pg-host".into(),
+        pg.sock(),
+        "--pg-port".into(),
+        pg.port.to_string(),
+        "--ops-listen".into(),
+        ops.clone(),
+    ]);
+    let (_task, cred) = task_with(&w, &["dataset:crm:read"], "10m", "reader");
+
+    // Control: a lease works and no PostgreSQL error is counted.
+    let l = lease(&w, &cred, "postgres.crm");
+    connect(&login_conn(&l)).await.expect("leased login works");
+    assert_eq!(value(&scrape(&ops), SERIES), 0.0, "no error yet");
+    let roles = leased_roles(&admin).await;
+
+    // PostgreSQL refuses the engine's grant: the lease is refused, naming
+    // the engine, the failure is counted, and no role is left behind.
+    admin.batch_execute("DROP TABLE customers").await.unwrap();
+    let out = w.run(&[
+        "secret",
+        "lease",
+        "--credential",
+        cred.to_str().unwrap(),
+        "--engine",
+        "postgres.crm",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "a lease without its table: {err}");
+    assert!(err.contains("unavailable"), "{err}");
+    // The client gets a correlation id, the operator's log the engine and
+    // PostgreSQL's reason under it.
+    let id = err
+        .split("correlation id ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no correlation id: {err}"));
+    let log = w.c.broker.as_ref().unwrap().log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains(id))
+        .unwrap_or_else(|| panic!("{id} not in the broker's log: {log}"));
+    assert!(
+        line.contains("postgres.crm") && line.contains("customers"),
+        "{line}"
+    );
+    assert!(
+        value(&scrape(&ops), SERIES) >= 1.0,
+        "the failure is counted"
+    );
+    assert_eq!(leased_roles(&admin).await, roles, "no half-made role");
+
+    // PostgreSQL back in order: leasing works again, the count stays.
+    admin
+        .batch_execute("CREATE TABLE customers (id int PRIMARY KEY, name text)")
+        .await
+        .unwrap();
+    let again = lease(&w, &cred, "postgres.crm");
+    connect(&login_conn(&again))
+        .await
+        .expect("a lease after recovery logs in");
+    let after = value(&scrape(&ops), SERIES);
+    assert!(after >= 1.0, "{after}");
 }

@@ -197,7 +197,10 @@ impl Secrets {
             match engine.revoke(id).await {
                 Ok(()) => return Ok(true),
                 Err(SecretError::UnknownLease(_)) => {}
-                Err(e) => errors.push(format!("{}: {e}", engine.name())),
+                Err(e) => {
+                    count_store_error(&e);
+                    errors.push(format!("{}: {e}", engine.name()));
+                }
             }
         }
         if errors.is_empty() {
@@ -238,6 +241,7 @@ impl Secrets {
                 }
                 Ok(_) => {}
                 Err(e) => {
+                    count_store_error(&e);
                     tracing::warn!(engine = engine.name(), error = %e, "secret sweep failed; retrying next time");
                 }
             }
@@ -357,6 +361,7 @@ impl Secrets {
                 now,
             )
             .await
+            .inspect_err(count_store_error)
             .map_err(|e| match e {
                 SecretError::MissingPermission { required, .. } => BrokerError::Forbidden {
                     code: "missing_permission",
@@ -392,6 +397,7 @@ impl Secrets {
         };
         if let Err(e) = kept {
             if let Err(kill) = engine.revoke(&lease.id).await {
+                count_store_error(&kill);
                 self.pending().insert(lease.id.clone());
                 tracing::error!(lease = %lease.id, error = %kill, "cannot kill an unregistered lease; the sweep retries");
             }
@@ -518,4 +524,15 @@ pub fn routes(
             },
         );
     lease.or(introspect).unify()
+}
+
+/// Counts an engine's failure to talk to its backing store in
+/// `baton_store_errors_total` (refusals such as a missing permission are
+/// not store errors).
+fn count_store_error(e: &SecretError) {
+    match e {
+        SecretError::Postgres(_) => baton_ops::metrics().store_error("postgres"),
+        SecretError::Sqlite(_) => baton_ops::metrics().store_error("sqlite"),
+        _ => {}
+    }
 }

@@ -253,7 +253,8 @@ impl Metrics {
         self.cascade_size.get_or_create(&l).observe(n as f64);
     }
 
-    /// A failed call to the datastore (`sqlite`) or Redis (`redis`).
+    /// A failed call to the datastore (`sqlite`), a secret engine's
+    /// PostgreSQL (`postgres`) or Redis (`redis`).
     pub fn store_error(&self, store: &'static str) {
         self.store_errors
             .get_or_create(&StoreLabels { store })
@@ -432,7 +433,7 @@ impl Metrics {
         );
         r.register(
             "baton_store_errors",
-            "Failed calls to the datastore (sqlite) or the revocation store (redis)",
+            "Failed calls to the datastore (sqlite), a secret engine's PostgreSQL (postgres) or the revocation store (redis)",
             self.store_errors.clone(),
         );
         r.register(
