@@ -142,12 +142,16 @@ fn assert_no_secret(text: &str, whose: &str, secrets: &[&str]) {
     );
 }
 
-/// The audit log's size, from `baton audit verify`.
-fn audit_size(w: &World) -> f64 {
+/// The audit log's size and its number of signed checkpoints (one per
+/// committed batch), from `baton audit verify`.
+fn audit_size(w: &World) -> (f64, f64) {
     let v = w.json(&["audit", "verify", "-o", "json"]);
-    v["report"]["size"]
-        .as_f64()
-        .unwrap_or_else(|| panic!("no size in {v}"))
+    let field = |name: &str| {
+        v["report"][name]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no {name} in {v}"))
+    };
+    (field("size"), field("checkpoints"))
 }
 
 #[test]
@@ -178,7 +182,7 @@ fn metrics_count_a_scripted_flow_at_the_broker_the_agent_and_the_revocation_serv
 
     let before = scrape(&bops);
     let agent_before = scrape(&aops);
-    let audit_before = audit_size(&w);
+    let (audit_before, checkpoints_before) = audit_size(&w);
     // Task start, the planner's redeem, a hop, the researcher's redeem.
     let (task, _planner, researcher) = chain(&w, "m");
     // A refused hop: the researcher hands on a scope it does not hold.
@@ -198,7 +202,7 @@ fn metrics_count_a_scripted_flow_at_the_broker_the_agent_and_the_revocation_serv
             (value(&t, tool_allow) > value(&before, tool_allow)).then_some(t)
         },
     );
-    let audit_after = audit_size(&w);
+    let (audit_after, checkpoints_after) = audit_size(&w);
     let d = |series: &str| value(&after, series) - value(&before, series);
     assert_eq!(d(tool_allow), 1.0);
     assert_eq!(d("baton_hops_granted_total"), 1.0);
@@ -233,6 +237,36 @@ fn metrics_count_a_scripted_flow_at_the_broker_the_agent_and_the_revocation_serv
     );
     assert!(audit_after - audit_before >= 6.0);
     assert_eq!(d("baton_audit_append_failures_total"), 0.0);
+    // One observation per committed batch, which is one signed checkpoint;
+    // the batch sizes add up to the events appended, and each of those
+    // events has a durability lag.
+    assert_eq!(
+        d("baton_audit_batch_events_count"),
+        checkpoints_after - checkpoints_before,
+        "audit batches vs the log's new checkpoints"
+    );
+    assert!(d("baton_audit_batch_events_count") >= 1.0);
+    assert_eq!(
+        d("baton_audit_batch_events_sum"),
+        audit_after - audit_before
+    );
+    assert_eq!(
+        d(r#"baton_audit_batch_events_bucket{le="+Inf"}"#),
+        d("baton_audit_batch_events_count")
+    );
+    assert_eq!(
+        d("baton_audit_durability_seconds_count"),
+        audit_after - audit_before
+    );
+    assert_eq!(
+        d(r#"baton_audit_durability_seconds_bucket{le="+Inf"}"#),
+        audit_after - audit_before
+    );
+    let lag = d("baton_audit_durability_seconds_sum");
+    assert!(
+        lag > 0.0 && lag < 60.0 * (audit_after - audit_before),
+        "durability lag sum {lag} s"
+    );
     // The HTTPS port: two redeems through the node daemon, two hops (one
     // refused), one tool-call report.
     assert_eq!(

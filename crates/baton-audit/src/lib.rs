@@ -17,9 +17,12 @@
 //! - leaf hash `SHA-256(0x00 || encoding)`, interior
 //!   `SHA-256(0x01 || left || right)`, split at the largest power of two
 //!   below `n`;
-//! - every append writes the event and a [`SignedCheckpoint`] of the new size
-//!   (ECDSA P-256 over `"baton-audit-checkpoint\n{size}\n{root_hex}\n{at}\n"`)
-//!   in one SQLite transaction;
+//! - every committed batch of appends (concurrent appends are
+//!   group-committed; a lone append is a batch of one) writes its events and
+//!   ONE [`SignedCheckpoint`] of the new size (ECDSA P-256 over
+//!   `"baton-audit-checkpoint\n{size}\n{root_hex}\n{at}\n"`) in one SQLite
+//!   transaction, and each event's [`Receipt`] proves its inclusion in that
+//!   checkpoint; older logs with a checkpoint per event verify the same way;
 //! - [`AuditLog::verify`] recomputes every leaf, checks the indexes and every
 //!   checkpoint, and names the first bad index ([`TamperError`]).
 //!
@@ -46,7 +49,8 @@ pub use event::{
 };
 pub use keys::{AuditKeys, read_public_key};
 pub use log::{
-    AuditLog, Durability, HeadPolicy, LogOptions, SignatureCheck, VerifyOptions, VerifyReport,
+    AppendObserver, AuditLog, Durability, HeadPolicy, LogOptions, SignatureCheck, VerifyOptions,
+    VerifyReport,
 };
 pub use proof::{
     Receipt, ReceiptLeaf, SignedCheckpoint, checkpoint_message, verify_consistency, verify_receipt,

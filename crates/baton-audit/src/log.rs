@@ -6,7 +6,9 @@
 //!   RFC 9162 leaf hash, `task_id` a lookup copy checked by `verify`,
 //!   `clear_text` the wipeable display JSON of the sensitive fields;
 //! - `checkpoints(size, root_hash, at, signature)`: one signed checkpoint per
-//!   append, written in the same transaction as its event;
+//!   committed batch of appends (at the batch's final size), written in the
+//!   same transaction as its events. Logs written before batches were signed
+//!   as one hold a checkpoint per event; both read and verify the same way;
 //! - `meta(key, value)`: schema version, the checkpoint public key and a
 //!   fingerprint of the HMAC key, so a log cannot be reopened with other keys;
 //!   `head_file = 1` once the log has a head file.
@@ -27,7 +29,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -116,8 +118,23 @@ pub struct VerifyReport {
     pub witnessed: Vec<String>,
 }
 
+/// Told about every batch of appends once it is durable (the transaction
+/// committed and, for a file-backed log, the head file written), before any
+/// of its receipts is returned: how the broker exports batch sizes and
+/// durability lag as metrics without this crate depending on its exporter.
+/// Called on the appending thread while the log is locked: keep it cheap
+/// (an atomic add, a histogram observation).
+pub trait AppendObserver: Send + Sync {
+    /// One batch of `lags.len()` events became durable under one signed
+    /// checkpoint; `lags[i]` is how long event `i` of the batch waited from
+    /// its `append` (or `append_batch`) call to that moment.
+    fn batch_durable(&self, lags: &[Duration]);
+}
+
 /// An event encoded and hashed, outside any lock.
 struct Prepared {
+    /// When its `append` call started (durability lag).
+    called: Instant,
     task_id: String,
     at: u64,
     bytes: Vec<u8>,
@@ -187,6 +204,7 @@ pub struct AuditLog {
     keys: AuditKeys,
     path: Option<PathBuf>,
     accepted_loss: Option<TamperError>,
+    observer: Option<Arc<dyn AppendObserver>>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -325,7 +343,15 @@ impl AuditLog {
             keys,
             path: file.map(|(p, _)| p),
             accepted_loss,
+            observer: None,
         })
+    }
+
+    /// Reports every durable batch to `observer` (see [`AppendObserver`]).
+    #[must_use]
+    pub fn with_observer(mut self, observer: Arc<dyn AppendObserver>) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     /// With [`HeadPolicy::DangerouslyAcceptLoss`]: what was wrong with the
@@ -373,19 +399,25 @@ impl AuditLog {
     }
 
     /// Appends one event and returns its receipt, after the event and a
-    /// signed checkpoint of the new size are committed. Any failure is an
+    /// signed checkpoint covering it are durable (committed, and the head
+    /// file of a file-backed log names that checkpoint). Any failure is an
     /// error and nothing of the event is stored: the caller must refuse what
     /// it was recording.
     ///
     /// Concurrent appends are group-committed: while one thread writes a
     /// transaction, the events arriving meanwhile queue up and the next of
-    /// their threads writes them all in one transaction (each still gets its
-    /// own checkpoint and receipt; a failed transaction fails all of them).
+    /// their threads writes them all in one transaction with ONE signed
+    /// checkpoint at the batch's final size. Each event's receipt carries
+    /// that checkpoint and its own inclusion proof against it, so a batch
+    /// costs one signature however many events it holds. A failed
+    /// transaction fails all of them.
     ///
-    /// The checkpoint's `at` is `event.at`, raised to the previous
-    /// checkpoint's if earlier, so checkpoint times never go backwards.
+    /// The checkpoint's `at` is the newest `event.at` of its batch, raised
+    /// to the previous checkpoint's if earlier, so checkpoint times never go
+    /// backwards.
     pub fn append(&self, event: &AuditEvent) -> Result<Receipt, AuditError> {
-        let prepared = self.prepare(event)?;
+        let called = Instant::now();
+        let prepared = self.prepare(event, called)?;
         let lost = || AuditError::Poisoned("a thread panicked while appending".into());
         let mut q = self.queue.lock().map_err(|_| lost())?;
         let ticket = q.next_ticket;
@@ -429,17 +461,19 @@ impl AuditLog {
         }
     }
 
-    /// Appends several events in one transaction, all or nothing; one
-    /// checkpoint and receipt per event.
+    /// Appends several events in one transaction, all or nothing, under one
+    /// signed checkpoint at the new size; a receipt per event, each proving
+    /// its inclusion in that checkpoint.
     pub fn append_batch(&self, events: &[AuditEvent]) -> Result<Vec<Receipt>, AuditError> {
+        let called = Instant::now();
         let jobs = events
             .iter()
-            .map(|e| self.prepare(e))
+            .map(|e| self.prepare(e, called))
             .collect::<Result<Vec<_>, _>>()?;
         self.commit_batch(&jobs)
     }
 
-    fn prepare(&self, event: &AuditEvent) -> Result<Prepared, AuditError> {
+    fn prepare(&self, event: &AuditEvent, called: Instant) -> Result<Prepared, AuditError> {
         let bytes = canonical_bytes(event, &self.keys)?;
         let clear = match ClearText::of(event) {
             Some(c) => {
@@ -449,6 +483,7 @@ impl AuditLog {
         };
         let leaf = merkle::leaf_hash(&bytes);
         Ok(Prepared {
+            called,
             task_id: event.task_id.as_str().to_owned(),
             at: event.at,
             bytes,
@@ -457,31 +492,36 @@ impl AuditLog {
         })
     }
 
-    /// Signs and writes `jobs` in one transaction. On any failure the tree is
-    /// rolled back to where it was and nothing is stored.
+    /// Signs one checkpoint at the size after `jobs` and writes them with it
+    /// in one transaction. On any failure the tree is rolled back to where it
+    /// was and nothing is stored.
     fn commit_batch(&self, jobs: &[Prepared]) -> Result<Vec<Receipt>, AuditError> {
         let mut guard = self.lock()?;
         let inner = &mut *guard;
         if let Some(why) = &inner.poisoned {
             return Err(AuditError::Poisoned(why.clone()));
         }
-        let start = inner.tree.size();
-        let mut last_at = inner.last_at;
-        let mut receipts = Vec::with_capacity(jobs.len());
-        for job in jobs {
-            let index = inner.tree.size();
-            inner.tree.push(job.leaf);
-            last_at = job.at.max(last_at);
-            match self.receipt_for_new(&inner.tree, index, last_at) {
-                Ok(r) => receipts.push(r),
-                Err(e) => {
-                    inner.tree.truncate(start);
-                    return Err(e);
-                }
-            }
+        if jobs.is_empty() {
+            return Ok(Vec::new());
         }
+        let start = inner.tree.size();
+        let last_at = jobs.iter().fold(inner.last_at, |a, j| a.max(j.at));
+        for job in jobs {
+            inner.tree.push(job.leaf);
+        }
+        let receipts = match self.receipts_for_new(&inner.tree, start, last_at) {
+            Ok(r) => r,
+            Err(e) => {
+                inner.tree.truncate(start);
+                return Err(e);
+            }
+        };
         self.transactions.fetch_add(1, Ordering::Relaxed);
-        match write_batch(&mut inner.conn, start, jobs, &receipts) {
+        let Some(checkpoint) = receipts.first().map(|r| &r.checkpoint) else {
+            inner.tree.truncate(start);
+            return Err(AuditError::Range("a batch without receipts".into()));
+        };
+        match write_batch(&mut inner.conn, start, jobs, checkpoint) {
             Ok(()) => {
                 inner.last_at = last_at;
                 for (job, r) in jobs.iter().zip(&receipts) {
@@ -497,11 +537,19 @@ impl AuditLog {
                 // caught. The events are committed already: if the head
                 // cannot be written they stay, but their requests are
                 // refused and so is every later append.
-                if let (Some(head), Some(last)) = (inner.head.as_mut(), receipts.last())
-                    && let Err(e) = head.write(&last.checkpoint)
+                if let Some(head) = inner.head.as_mut()
+                    && let Err(e) = head.write(checkpoint)
                 {
                     inner.poisoned = Some(e.to_string());
                     return Err(e);
+                }
+                if let Some(observer) = &self.observer {
+                    let durable = Instant::now();
+                    let lags: Vec<Duration> = jobs
+                        .iter()
+                        .map(|j| durable.saturating_duration_since(j.called))
+                        .collect();
+                    observer.batch_durable(&lags);
                 }
                 Ok(receipts)
             }
@@ -515,31 +563,42 @@ impl AuditLog {
         }
     }
 
-    /// The receipt of the newest leaf `index`, with a fresh signed checkpoint.
-    fn receipt_for_new(&self, tree: &Tree, index: u64, at: u64) -> Result<Receipt, AuditError> {
-        let size = index + 1;
+    /// The receipts of the new leaves `start..tree.size()`, all against one
+    /// fresh signed checkpoint of the tree's size.
+    fn receipts_for_new(
+        &self,
+        tree: &Tree,
+        start: u64,
+        at: u64,
+    ) -> Result<Vec<Receipt>, AuditError> {
+        let size = tree.size();
         let root = tree
             .root(size)
             .ok_or_else(|| AuditError::Range("root of the new size".into()))?;
-        let proof = tree
-            .inclusion_proof(index, size)
-            .ok_or_else(|| AuditError::Range("inclusion proof of the new leaf".into()))?;
-        let leaf = tree
-            .leaf(index)
-            .ok_or_else(|| AuditError::Range("the new leaf".into()))?;
         let root_hash = to_hex(&root);
         let signature = B64.encode(self.keys.sign(&checkpoint_message(size, &root_hash, at))?);
-        Ok(Receipt {
-            index,
-            leaf_hash: to_hex(&leaf),
-            checkpoint: SignedCheckpoint {
-                size,
-                root_hash,
-                at,
-                signature,
-            },
-            inclusion_proof: hex_all(&proof),
-        })
+        let checkpoint = SignedCheckpoint {
+            size,
+            root_hash,
+            at,
+            signature,
+        };
+        (start..size)
+            .map(|index| {
+                let proof = tree
+                    .inclusion_proof(index, size)
+                    .ok_or_else(|| AuditError::Range("inclusion proof of a new leaf".into()))?;
+                let leaf = tree
+                    .leaf(index)
+                    .ok_or_else(|| AuditError::Range("a new leaf".into()))?;
+                Ok(Receipt {
+                    index,
+                    leaf_hash: to_hex(&leaf),
+                    checkpoint: checkpoint.clone(),
+                    inclusion_proof: hex_all(&proof),
+                })
+            })
+            .collect()
     }
 
     /// The stored signed checkpoint of `size`, if any.
@@ -719,8 +778,10 @@ impl AuditLog {
 
     /// Recomputes every leaf hash from the stored event bytes, checks the
     /// indexes are contiguous from 0, and checks the rebuilt tree against
-    /// every stored checkpoint (root and signature), and each clear-text copy
-    /// against its HMAC. Reads a consistent snapshot; for a file-backed log
+    /// every stored checkpoint (root and signature), that every event is
+    /// covered by a checkpoint (the newest is at the log's size: an event
+    /// whose batch checkpoint is missing is an `UnsignedTail`), and each
+    /// clear-text copy against its HMAC. Reads a consistent snapshot; for a file-backed log
     /// it uses its own connection, so appends are not blocked.
     pub fn verify(&self) -> Result<VerifyReport, TamperError> {
         self.verify_with(&VerifyOptions::default())
@@ -977,7 +1038,9 @@ pub struct VerifyOptions {
 pub enum SignatureCheck {
     /// Every checkpoint's signature: also catches an old checkpoint whose
     /// time or signature alone was altered. Costs one ECDSA verification
-    /// per event (spread over the cores).
+    /// per checkpoint (spread over the cores): one per committed batch, so
+    /// one per event only where appends never overlapped (and in logs
+    /// written before a batch was signed once).
     #[default]
     Every,
     /// Only the newest checkpoint's signature. It authenticates the root of
@@ -1370,11 +1433,13 @@ impl From<WriteError> for AuditError {
     }
 }
 
+/// Writes `jobs` from index `start` and the one `checkpoint` that covers
+/// them, in one transaction.
 fn write_batch(
     conn: &mut Connection,
     start: u64,
     jobs: &[Prepared],
-    receipts: &[Receipt],
+    checkpoint: &SignedCheckpoint,
 ) -> Result<(), WriteError> {
     let overflow = || WriteError::StateChanged("index overflow".into());
     let start = i64::try_from(start).map_err(|_| overflow())?;
@@ -1401,8 +1466,8 @@ fn write_batch(
         let mut cps = tx.prepare_cached(
             "INSERT INTO checkpoints (size, root_hash, at, signature) VALUES (?1, ?2, ?3, ?4)",
         )?;
-        for (job, receipt) in jobs.iter().zip(receipts) {
-            let idx = i64::try_from(receipt.index).map_err(|_| overflow())?;
+        let mut idx = start;
+        for job in jobs {
             leaves.execute(params![
                 idx,
                 job.task_id,
@@ -1410,14 +1475,21 @@ fn write_batch(
                 &job.leaf[..],
                 job.clear
             ])?;
-            let cp = &receipt.checkpoint;
-            cps.execute(params![
-                idx + 1,
-                cp.root_hash,
-                i64::try_from(cp.at).map_err(|_| overflow())?,
-                cp.signature
-            ])?;
+            idx = idx.checked_add(1).ok_or_else(overflow)?;
         }
+        // INVARIANT: the checkpoint is at the size this batch ends at.
+        if u64::try_from(idx).ok() != Some(checkpoint.size) {
+            return Err(WriteError::StateChanged(format!(
+                "the batch ends at {idx} events but its checkpoint is of size {}",
+                checkpoint.size
+            )));
+        }
+        cps.execute(params![
+            idx,
+            checkpoint.root_hash,
+            i64::try_from(checkpoint.at).map_err(|_| overflow())?,
+            checkpoint.signature
+        ])?;
     }
     tx.commit().map_err(WriteError::Commit)
 }
@@ -1462,4 +1534,25 @@ fn to_i64(v: u64) -> Result<i64, AuditError> {
 fn _assert_send_sync() {
     fn is<T: Send + Sync>() {}
     is::<AuditLog>();
+}
+
+#[cfg(test)]
+impl AuditLog {
+    /// Holds the lock a batch is written under until the value is dropped:
+    /// appends meanwhile queue up behind a waiting leader.
+    pub(crate) fn hold_writes(&self) -> impl Sized + '_ {
+        self.inner.lock()
+    }
+
+    /// Whether a leader is writing (or waiting to write) a batch, and how
+    /// many appends wait for the next one.
+    pub(crate) fn queue_state(&self) -> (bool, usize) {
+        match self.queue.lock() {
+            Ok(q) => (q.leading, q.pending.len()),
+            Err(p) => {
+                let q = p.into_inner();
+                (q.leading, q.pending.len())
+            }
+        }
+    }
 }

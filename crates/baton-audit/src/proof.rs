@@ -28,7 +28,8 @@ pub struct SignedCheckpoint {
     pub size: u64,
     /// Lowercase hex SHA-256.
     pub root_hash: String,
-    /// Unix seconds (the time of the event that made this size).
+    /// Unix seconds: the newest event time of the batch that made this
+    /// size, never earlier than the previous checkpoint's.
     pub at: u64,
     /// Base64 ASN.1 DER ECDSA P-256 SHA-256 over [`checkpoint_message`].
     pub signature: String,

@@ -1123,13 +1123,42 @@ fn tool_call_report_becomes_an_event() {
     log.append(&e).unwrap();
 }
 
+/// Records what an [`AppendObserver`] is told.
+#[derive(Default)]
+struct Seen(std::sync::Mutex<Vec<Vec<std::time::Duration>>>);
+
+impl AppendObserver for Seen {
+    fn batch_durable(&self, lags: &[std::time::Duration]) {
+        self.0.lock().unwrap().push(lags.to_vec());
+    }
+}
+
+impl Seen {
+    fn batch_sizes(&self) -> Vec<usize> {
+        self.0.lock().unwrap().iter().map(Vec::len).collect()
+    }
+}
+
+/// Polls `f` until it holds, for at most a minute (a busy machine).
+fn poll_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !f() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        std::thread::yield_now();
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
 #[test]
-fn concurrent_appends_are_group_committed_with_one_checkpoint_each() {
+fn concurrent_appends_are_group_committed_with_one_checkpoint_per_batch() {
     let dir = tempfile::tempdir().unwrap();
     let keys = AuditKeys::load_or_create(&dir.path().join("keys")).unwrap();
     let pk = keys.public_key().to_vec();
     let path = dir.path().join("audit.db");
-    let log = AuditLog::open(&path, keys).unwrap();
+    let seen = std::sync::Arc::new(Seen::default());
+    let log = AuditLog::open(&path, keys)
+        .unwrap()
+        .with_observer(seen.clone());
     let receipts: Vec<(Vec<u8>, Receipt)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..6u8)
             .map(|t| {
@@ -1155,14 +1184,244 @@ fn concurrent_appends_are_group_committed_with_one_checkpoint_each() {
     let mut indexes: Vec<u64> = receipts.iter().map(|(_, r)| r.index).collect();
     indexes.sort();
     assert_eq!(indexes, (0..240).collect::<Vec<_>>());
+    let mut sizes = std::collections::BTreeSet::new();
     for (bytes, r) in &receipts {
-        assert_eq!(r.checkpoint.size, r.index + 1);
+        assert!(r.checkpoint.size > r.index);
+        verify_receipt(r, ReceiptLeaf::Canonical(bytes), &pk).unwrap();
+        // The receipt's checkpoint is the one stored for its batch.
+        assert_eq!(
+            log.checkpoint(r.checkpoint.size).unwrap().as_ref(),
+            Some(&r.checkpoint)
+        );
+        sizes.insert(r.checkpoint.size);
+    }
+    // One checkpoint per transaction, and the observer saw each batch.
+    let report = log.verify().unwrap();
+    assert_eq!(report.size, 240);
+    assert_eq!(report.checkpoints, log.transactions());
+    assert_eq!(report.checkpoints, sizes.len() as u64);
+    let batches = seen.batch_sizes();
+    assert_eq!(batches.len() as u64, log.transactions());
+    assert_eq!(batches.iter().sum::<usize>(), 240);
+    drop(log);
+    let file = AuditLog::verify_file(&path, &pk).unwrap();
+    assert_eq!(
+        (file.checkpoints, file.signatures),
+        (sizes.len() as u64, sizes.len() as u64)
+    );
+}
+
+#[test]
+fn a_batch_of_concurrent_appends_gets_one_checkpoint_and_a_receipt_each() {
+    const N: usize = 12;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = AuditKeys::load_or_create(&dir.path().join("keys")).unwrap();
+    let pk = keys.public_key().to_vec();
+    let path = dir.path().join("audit.db");
+    let seen = std::sync::Arc::new(Seen::default());
+    let log = AuditLog::open(&path, keys)
+        .unwrap()
+        .with_observer(seen.clone());
+    let events: Vec<AuditEvent> = (0..2u8).flat_map(|t| task_events(&task(t), 10)).collect();
+    let first = AuditEvent::new(EventKind::TaskStarted, 9, task(9));
+    let (first_receipt, batch) = std::thread::scope(|s| {
+        // A leader takes the first append and waits for the write lock...
+        let held = log.hold_writes();
+        let leader = s.spawn(|| log.append(&first).unwrap());
+        poll_until("the first append leads", || log.queue_state() == (true, 0));
+        // ...while N more queue up behind it.
+        let followers: Vec<_> = events[..N]
+            .iter()
+            .map(|e| {
+                let log = &log;
+                s.spawn(move || (log.canonical_bytes(e).unwrap(), log.append(e).unwrap()))
+            })
+            .collect();
+        poll_until("N appends queued", || log.queue_state() == (true, N));
+        drop(held);
+        let first_receipt = leader.join().unwrap();
+        let batch: Vec<(Vec<u8>, Receipt)> =
+            followers.into_iter().map(|h| h.join().unwrap()).collect();
+        (first_receipt, batch)
+    });
+    let n = N as u64;
+    assert_eq!(first_receipt.checkpoint.size, 1);
+    assert_eq!(log.transactions(), 2);
+    assert_eq!(seen.batch_sizes(), vec![1, N]);
+    // Every lag is a real wait: the batch waited at least as long as the
+    // leader's own wait for the lock.
+    assert!(seen.0.lock().unwrap()[1].iter().all(|l| !l.is_zero()));
+
+    // One checkpoint, at the batch's final size, and N receipts against it.
+    let cp = batch[0].1.checkpoint.clone();
+    assert_eq!(cp.size, 1 + n);
+    let mut indexes: Vec<u64> = batch.iter().map(|(_, r)| r.index).collect();
+    indexes.sort();
+    assert_eq!(indexes, (1..=n).collect::<Vec<_>>());
+    for (bytes, r) in &batch {
+        assert_eq!(r.checkpoint, cp);
         verify_receipt(r, ReceiptLeaf::Canonical(bytes), &pk).unwrap();
     }
+    assert_eq!(log.checkpoint(1 + n).unwrap(), Some(cp.clone()));
+    for size in 2..=n {
+        assert_eq!(log.checkpoint(size).unwrap(), None, "checkpoint {size}");
+    }
     let report = log.verify().unwrap();
-    assert_eq!((report.size, report.checkpoints), (240, 240));
+    assert_eq!(
+        (report.size, report.checkpoints, report.signatures),
+        (1 + n, 2, 2)
+    );
+    assert_eq!(report.head, Some(cp.clone()));
+
+    // Forged or altered receipts are refused (each next to its control).
+    let (bytes_a, a) = &batch[0];
+    let (bytes_b, b) = &batch[1];
+    verify_receipt(a, ReceiptLeaf::Canonical(bytes_a), &pk).unwrap();
+    // Another event of the same batch under this receipt.
+    assert_eq!(
+        verify_receipt(a, ReceiptLeaf::Canonical(bytes_b), &pk),
+        Err(ProofError::LeafMismatch)
+    );
+    // Another receipt's path, or another index, for this event.
+    let mut swapped = a.clone();
+    swapped.inclusion_proof = b.inclusion_proof.clone();
+    assert!(verify_receipt(&swapped, ReceiptLeaf::Canonical(bytes_a), &pk).is_err());
+    let mut moved = a.clone();
+    moved.index = b.index;
+    assert!(verify_receipt(&moved, ReceiptLeaf::Canonical(bytes_a), &pk).is_err());
+    // A claim that the event sits in a smaller (never signed) tree.
+    let mut shrunk = a.clone();
+    shrunk.checkpoint.size -= 1;
+    assert_eq!(
+        verify_receipt(&shrunk, ReceiptLeaf::Canonical(bytes_a), &pk),
+        Err(ProofError::BadSignature)
+    );
+    let mut later = a.clone();
+    later.checkpoint.at += 1;
+    assert_eq!(
+        verify_receipt(&later, ReceiptLeaf::Canonical(bytes_a), &pk),
+        Err(ProofError::BadSignature)
+    );
     drop(log);
+
+    // An event of the batch altered in the file: the batch's checkpoint no
+    // longer matches, and the altered index is named.
     AuditLog::verify_file(&path, &pk).unwrap();
+    let victim = b.index;
+    let raw = Connection::open(&path).unwrap();
+    let stored = String::from_utf8(log_event(&raw, victim)).unwrap();
+    // Still a canonical event, only its time changed (10..17 -> 90..97).
+    let altered = stored.replacen("\"at\":1", "\"at\":9", 1).into_bytes();
+    assert_ne!(altered, stored.as_bytes());
+    decode_canonical(&altered).unwrap();
+    raw.execute(
+        "UPDATE leaves SET event = ?1, leaf_hash = ?2 WHERE idx = ?3",
+        rusqlite::params![altered, &merkle::leaf_hash(&altered)[..], victim as i64],
+    )
+    .unwrap();
+    drop(raw);
+    assert_eq!(
+        assert_tampered(dir.path(), &path, &pk, Some(1)),
+        TamperReason::RootMismatch {
+            checkpoint_size: 1 + n
+        }
+    );
+}
+
+/// The stored canonical bytes of event `idx`.
+fn log_event(raw: &Connection, idx: u64) -> Vec<u8> {
+    raw.query_row(
+        "SELECT event FROM leaves WHERE idx = ?1",
+        [idx as i64],
+        |r| r.get(0),
+    )
+    .unwrap()
+}
+
+#[test]
+fn an_event_whose_batch_checkpoint_was_deleted_is_caught() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, pk, _) = filled_file(dir.path(), 1);
+    let log = reopen(dir.path(), &path).unwrap();
+    let receipts = log.append_batch(&task_events(&task(4), 50)).unwrap();
+    assert!(receipts.iter().all(|r| r.checkpoint.size == 16));
+    drop(log);
+    // Control: the untouched log verifies, with 8 + 1 checkpoints.
+    let report = AuditLog::verify_file(&path, &pk).unwrap();
+    assert_eq!((report.size, report.checkpoints), (16, 9));
+    // The batch's events stay, its one checkpoint goes.
+    Connection::open(&path)
+        .unwrap()
+        .execute("DELETE FROM checkpoints WHERE size = 16", [])
+        .unwrap();
+    assert_eq!(
+        assert_tampered(dir.path(), &path, &pk, Some(8)),
+        TamperReason::UnsignedTail {
+            last_checkpoint_size: 8,
+            log_size: 16
+        }
+    );
+}
+
+#[test]
+fn a_log_with_a_checkpoint_per_event_still_verifies() {
+    // The layout written before a batch was signed once: every size has its
+    // own signed checkpoint, also inside one transaction's batch.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.db");
+    let keys = AuditKeys::load_or_create(&dir.path().join("keys")).unwrap();
+    let pk = keys.public_key().to_vec();
+    let log = AuditLog::open(&path, keys).unwrap();
+    let events = task_events(&task(1), 70);
+    log.append_batch(&events).unwrap();
+    drop(log);
+    let keys = AuditKeys::load_or_create(&dir.path().join("keys")).unwrap();
+    let raw = Connection::open(&path).unwrap();
+    let mut tree = merkle::Tree::new();
+    for (i, e) in events.iter().enumerate() {
+        tree.push(merkle::leaf_hash(
+            &event::canonical_bytes(e, &keys).unwrap(),
+        ));
+        let size = i as u64 + 1;
+        if size == 8 {
+            break;
+        }
+        let root = hex::encode(tree.root(size).unwrap());
+        let at = events[..=i].iter().map(|e| e.at).max().unwrap();
+        let sig = {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD
+                .encode(keys.sign(&checkpoint_message(size, &root, at)).unwrap())
+        };
+        raw.execute(
+            "INSERT INTO checkpoints (size, root_hash, at, signature) VALUES (?1, ?2, ?3, ?4)",
+            rusqlite::params![size as i64, root, at as i64, sig],
+        )
+        .unwrap();
+    }
+    drop(raw);
+    let report = AuditLog::verify_file(&path, &pk).unwrap();
+    assert_eq!(
+        (report.size, report.checkpoints, report.signatures),
+        (8, 8, 8)
+    );
+    // It opens and takes batches on top.
+    let log = reopen(dir.path(), &path).unwrap();
+    let more = log.append_batch(&task_events(&task(2), 80)).unwrap();
+    assert!(more.iter().all(|r| r.checkpoint.size == 16));
+    drop(log);
+    let report = AuditLog::verify_file(&path, &pk).unwrap();
+    assert_eq!((report.size, report.checkpoints), (16, 9));
+    // And a per-event checkpoint is still checked: an altered one is named.
+    Connection::open(&path)
+        .unwrap()
+        .execute("UPDATE checkpoints SET at = at + 1 WHERE size = 5", [])
+        .unwrap();
+    let e = AuditLog::verify_file(&path, &pk).unwrap_err();
+    assert_eq!(
+        e.reason,
+        TamperReason::CheckpointSignature { checkpoint_size: 5 }
+    );
 }
 
 #[test]
@@ -1177,7 +1436,14 @@ fn append_batch_is_all_or_nothing() {
         let bytes = log.canonical_bytes(e).unwrap();
         verify_receipt(r, ReceiptLeaf::Canonical(&bytes), &pk).unwrap();
     }
+    // One checkpoint for the whole batch.
+    assert!(
+        receipts
+            .iter()
+            .all(|r| r.checkpoint == receipts[7].checkpoint)
+    );
     assert_eq!(receipts[7].checkpoint.size, 16);
+    assert_eq!(log.verify().unwrap().checkpoints, 9);
     // A failing batch stores nothing and leaves memory as it was.
     let blocker = Connection::open(&path).unwrap();
     blocker.execute_batch("BEGIN IMMEDIATE").unwrap();

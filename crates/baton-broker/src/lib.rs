@@ -431,6 +431,7 @@ pub async fn run(
             baton_audit::AuditLog::in_memory(baton_audit::AuditKeys::generate()?)?,
         ),
     };
+    let audit = audit.with_observer(Arc::new(crate::ops::AuditMetrics));
     let store: Arc<dyn Datastore> = sqlite.clone();
     let upstream = match &cfg.upstream {
         Some((cert, key)) => Some(Arc::new(baton_ca::UpstreamAuthority::from_pem_files(

@@ -212,6 +212,19 @@ async fn blocking(f: impl FnOnce() -> Result<(), String> + Send + 'static) -> Re
         .unwrap_or_else(|e| Err(format!("the check did not finish: {e}")))
 }
 
+/// Reports each durable audit batch to
+/// [`baton_ops::Metrics::audit_batch_durable`]: batch sizes and durability
+/// lag, measured inside the log (the lag ends when the batch is durable,
+/// before the appending threads wake up).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct AuditMetrics;
+
+impl baton_audit::AppendObserver for AuditMetrics {
+    fn batch_durable(&self, lags: &[std::time::Duration]) {
+        metrics().audit_batch_durable(lags);
+    }
+}
+
 /// Times an audit append for [`baton_ops::Metrics::audit_append`].
 pub(crate) fn timed_append<T, E>(f: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
     let started = Instant::now();

@@ -102,6 +102,22 @@ fn latency() -> Histogram {
     ])
 }
 
+/// Audit durability lag: a batch waits for a commit (an fsync with
+/// power-loss durability) and the head file, from ~0.1 ms up.
+fn durability() -> Histogram {
+    Histogram::new([
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0, 10.0,
+    ])
+}
+
+/// Events per committed audit batch (one signed checkpoint each).
+fn batch_events() -> Histogram {
+    Histogram::new([
+        1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+    ])
+}
+
 fn cascade() -> Histogram {
     Histogram::new([
         1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 1000.0, 10_000.0, 100_000.0,
@@ -126,6 +142,8 @@ pub struct Metrics {
     pub audit_appends: Counter,
     pub audit_append_failures: Counter,
     pub audit_append_duration: Histogram,
+    pub audit_batch_events: Histogram,
+    pub audit_durability: Histogram,
     pub authority_expiry: Family<AuthorityLabels, Gauge>,
     pub authorities: Family<AuthorityStateLabels, Gauge>,
     audit_last_failed: AtomicBool,
@@ -178,6 +196,8 @@ impl Metrics {
             audit_appends: Counter::default(),
             audit_append_failures: Counter::default(),
             audit_append_duration: latency(),
+            audit_batch_events: batch_events(),
+            audit_durability: durability(),
             authority_expiry: Family::default(),
             authorities: Family::default(),
             audit_last_failed: AtomicBool::new(false),
@@ -270,6 +290,15 @@ impl Metrics {
         }
         self.audit_append_duration.observe(seconds);
         self.audit_last_failed.store(!ok, Ordering::SeqCst);
+    }
+
+    /// One batch of audit events became durable under one signed
+    /// checkpoint: its size, and each event's wait from its append call.
+    pub fn audit_batch_durable(&self, lags: &[std::time::Duration]) {
+        self.audit_batch_events.observe(lags.len() as f64);
+        for lag in lags {
+            self.audit_durability.observe(lag.as_secs_f64());
+        }
     }
 
     /// Whether the newest audit append failed (readiness reads it).
@@ -451,6 +480,17 @@ impl Metrics {
             "Time to append one audit event durably",
             Unit::Seconds,
             self.audit_append_duration.clone(),
+        );
+        r.register(
+            "baton_audit_batch_events",
+            "Events per committed audit batch (each batch is one transaction with one signed checkpoint)",
+            self.audit_batch_events.clone(),
+        );
+        r.register_with_unit(
+            "baton_audit_durability",
+            "Time from an audit append call to its event being durable (committed, head file written)",
+            Unit::Seconds,
+            self.audit_durability.clone(),
         );
         r.register(
             "baton_ca_active_authority_expiry_seconds",
