@@ -8,14 +8,10 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use baton_core::TrustDomain;
-use baton_tls::{BundleStore, CertificateDer, ClientIdentity, PeerPolicy};
-use rustls::pki_types::PrivatePkcs8KeyDer;
-use rustls::pki_types::pem::PemObject;
 use warp::Filter as _;
 
 use crate::delegation::{PLANNER, RESEARCHER, World, copy_cred, grant_of};
-use crate::harness::{Options, Proc, TD, baton, wait_for};
+use crate::harness::{Options, Proc, baton, wait_for};
 
 const GATEWAY: &str = "spiffe://example.org/tools/gateway";
 const AUDIENCE: &str = "gw";
@@ -223,26 +219,8 @@ impl Gw {
 /// An mTLS client presenting the certificate in `cert_dir`, trusting only
 /// the gateway's SPIFFE ID.
 fn client(cert_dir: &Path) -> reqwest::Client {
-    baton_tls::install_crypto_provider();
-    let chain = CertificateDer::pem_file_iter(cert_dir.join("svid.pem"))
-        .unwrap()
-        .map(|c| c.unwrap().to_vec())
-        .collect();
-    let key = PrivatePkcs8KeyDer::from_pem_file(cert_dir.join("key.pem")).unwrap();
-    let identity = ClientIdentity::new(chain, key.secret_pkcs8_der()).unwrap();
-    let td = TrustDomain::new(TD).unwrap();
-    let bundles = BundleStore::new();
-    let anchors = CertificateDer::pem_file_iter(cert_dir.join("bundle.pem"))
-        .unwrap()
-        .map(|c| c.unwrap().to_vec())
-        .collect();
-    bundles.set(td.clone(), anchors);
     let gw = baton_core::SpiffeId::parse(GATEWAY).unwrap();
-    let tls = baton_tls::client_config(identity, bundles, PeerPolicy::Exact(vec![gw])).unwrap();
-    reqwest::Client::builder()
-        .tls_backend_preconfigured(tls)
-        .build()
-        .unwrap()
+    crate::harness::cred_client(cert_dir, &cert_dir.join("bundle.pem"), gw)
 }
 
 /// What came back: status, `WWW-Authenticate`, JSON body.
