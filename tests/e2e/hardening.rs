@@ -14,7 +14,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use baton_core::{SpiffeId, TrustDomain};
 use baton_proto::delegation::RenewTaskCredentialRequest;
 use baton_proto::delegation::delegation_client::DelegationClient;
-use baton_tls::{BundleStore, CertificateDer, ClientIdentity, PeerPolicy};
+use baton_tls::CertificateDer;
 use rustls::pki_types::PrivatePkcs8KeyDer;
 use rustls::pki_types::pem::PemObject;
 
@@ -35,26 +35,8 @@ fn stderr(out: &std::process::Output) -> String {
 
 /// An HTTPS client presenting the task credential in `dir` to the broker.
 fn cred_client(w: &World, dir: &Path) -> reqwest::Client {
-    baton_tls::install_crypto_provider();
-    let chain = CertificateDer::pem_file_iter(dir.join("svid.pem"))
-        .unwrap()
-        .map(|c| c.unwrap().to_vec())
-        .collect();
-    let key = PrivatePkcs8KeyDer::from_pem_file(dir.join("key.pem")).unwrap();
-    let identity = ClientIdentity::new(chain, key.secret_pkcs8_der()).unwrap();
-    let td = TrustDomain::new(TD).unwrap();
-    let bundles = BundleStore::new();
-    let anchors = CertificateDer::pem_file_iter(w.c.path("broker/bundle.pem"))
-        .unwrap()
-        .map(|c| c.unwrap().to_vec())
-        .collect();
-    bundles.set(td.clone(), anchors);
-    let broker = td.id("/baton/broker").unwrap();
-    let tls = baton_tls::client_config(identity, bundles, PeerPolicy::Exact(vec![broker])).unwrap();
-    reqwest::Client::builder()
-        .tls_backend_preconfigured(tls)
-        .build()
-        .unwrap()
+    let broker = TrustDomain::new(TD).unwrap().id("/baton/broker").unwrap();
+    crate::harness::cred_client(dir, &w.c.path("broker/bundle.pem"), broker)
 }
 
 /// POSTs `body` to the broker with the credential in `dir`.

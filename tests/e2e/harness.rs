@@ -450,3 +450,30 @@ pub fn broker_tls_config(c: &Cluster, identity: baton_tls::ClientIdentity) -> ru
     )
     .unwrap()
 }
+
+/// An HTTPS client presenting the task credential in `dir` (svid.pem,
+/// key.pem), trusting the anchors in `anchors` and only the server `peer`.
+pub fn cred_client(dir: &Path, anchors: &Path, peer: baton_core::SpiffeId) -> reqwest::Client {
+    use baton_tls::CertificateDer;
+    use rustls::pki_types::PrivatePkcs8KeyDer;
+    use rustls::pki_types::pem::PemObject;
+    baton_tls::install_crypto_provider();
+    let chain = CertificateDer::pem_file_iter(dir.join("svid.pem"))
+        .unwrap()
+        .map(|c| c.unwrap().to_vec())
+        .collect();
+    let key = PrivatePkcs8KeyDer::from_pem_file(dir.join("key.pem")).unwrap();
+    let identity = baton_tls::ClientIdentity::new(chain, key.secret_pkcs8_der()).unwrap();
+    let bundles = baton_tls::BundleStore::new();
+    let anchors = CertificateDer::pem_file_iter(anchors)
+        .unwrap()
+        .map(|c| c.unwrap().to_vec())
+        .collect();
+    bundles.set(peer.trust_domain().clone(), anchors);
+    let tls = baton_tls::client_config(identity, bundles, baton_tls::PeerPolicy::Exact(vec![peer]))
+        .unwrap();
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .build()
+        .unwrap()
+}

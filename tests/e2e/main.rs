@@ -15,6 +15,7 @@ mod delegation;
 mod deploy;
 mod durable_revocation;
 mod fanout;
+mod gateway;
 mod grpc_core;
 mod hardening;
 mod harness;

@@ -140,6 +140,11 @@ pub enum Command {
     /// The example of the README: a tool server, a tool client and a queue worker.
     #[command(subcommand)]
     Example(ExampleCmd),
+    /// Put Baton's checks in front of a tool you did not write: an mTLS
+    /// reverse proxy that verifies each call's delegation token, maps its
+    /// route to a tool, asks the gate (revocation, scope, risk, Cedar),
+    /// forwards it with the verified caller and reports it.
+    Gateway(crate::gateway::GatewayArgs),
     /// Configuration files of the daemon verbs (`--config FILE`).
     #[command(subcommand)]
     Config(ConfigCmd),
@@ -1162,6 +1167,7 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
         Command::Node(cmd) => nodes::node(cmd).await,
         Command::Secret(cmd) => creds::secret(cmd).await,
         Command::Example(cmd) => example::run(cmd).await,
+        Command::Gateway(args) => crate::gateway::gateway(args).await,
         Command::Config(ConfigCmd::Check { file, verb }) => config::check(&file, verb),
         Command::Healthcheck(args) => crate::ops::healthcheck(args).await,
         Command::Completions { shell } => {

@@ -9,8 +9,10 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use baton_core::{Permission, RiskTier};
-use baton_tls::{ClientAuth, PeerCertificate, PeerPolicy};
-use baton_verify::{JwtBundles, PeerCert, TokenVerifier, ToolGate, ToolSpec};
+use baton_gateway::GatewayError;
+use baton_gateway::enforce::{Enforcer, EnforcerOptions, FeedConfig, RefusedToken};
+use baton_tls::{PeerCertificate, PeerPolicy};
+use baton_verify::{PeerCert, ToolSpec};
 use bytes::Bytes;
 use warp::Filter;
 use warp::http::StatusCode;
@@ -89,21 +91,8 @@ fn json_reply(status: StatusCode, v: &serde_json::Value) -> Response {
 use warp::Reply;
 
 struct ToolServer {
-    verifier: TokenVerifier,
-    gate: ToolGate,
+    enforcer: Enforcer,
     tools: Vec<ToolSpec>,
-    reporter: baton_verify::Reporter,
-}
-
-/// The claims of a token that failed verification, read without trusting
-/// them, so the refusal can be reported under the task it claims.
-fn unverified_claims(token: &str) -> Option<serde_json::Value> {
-    use base64::Engine;
-    let payload = token.split('.').nth(1)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload)
-        .ok()?;
-    serde_json::from_slice(&bytes).ok()
 }
 
 impl ToolServer {
@@ -136,10 +125,20 @@ impl ToolServer {
                 &serde_json::json!({"error": "delegation token required (Authorization: Bearer ...)"}),
             );
         };
-        let delegation = match self.verifier.verify(token, &peer, now) {
+        let delegation = match self.enforcer.verifier.verify(token, &peer, now) {
             Ok(d) => d,
             Err(e) => {
-                self.report_refused_token(token, &peer, name, body, now, &e);
+                let spec = self.tools.iter().find(|t| t.name == name);
+                self.enforcer.report_refused_token(RefusedToken {
+                    token,
+                    peer: &peer,
+                    tool: name,
+                    resource: spec.map_or("", |t| t.resource.as_str()),
+                    risk: spec.map_or(RiskTier::Read, |t| t.tier),
+                    input: body,
+                    now,
+                    err: &e,
+                });
                 return json_reply(
                     StatusCode::UNAUTHORIZED,
                     &serde_json::json!({"error": e.to_string(), "code": e.code()}),
@@ -152,7 +151,7 @@ impl ToolServer {
                 &serde_json::json!({"error": format!("no tool {name}")}),
             );
         };
-        match self.gate.authorize(&delegation, tool, body, now) {
+        match self.enforcer.gate.authorize(&delegation, tool, body, now) {
             Ok(call) => {
                 let output = run_tool(name, body);
                 let bytes = serde_json::to_vec(&output).unwrap_or_default();
@@ -173,200 +172,25 @@ impl ToolServer {
     }
 }
 
-impl ToolServer {
-    /// Reports a refused token under the task it claims (the broker checks
-    /// the task exists); the reason says the claims were not trusted.
-    fn report_refused_token(
-        &self,
-        token: &str,
-        peer: &PeerCert,
-        tool: &str,
-        input: &[u8],
-        now: u64,
-        err: &baton_verify::TokenError,
-    ) {
-        let Some(claims) = unverified_claims(token) else {
-            tracing::warn!(peer = %peer.spiffe_id(), reason = err.code(), "unparseable token refused");
-            return;
-        };
-        let Ok(task_id) =
-            serde_json::from_value::<baton_core::TaskId>(claims["task"]["id"].clone())
-        else {
-            return;
-        };
-        let spec = self.tools.iter().find(|t| t.name == tool);
-        let report = baton_core::api::ToolCallReport {
-            report_id: uuid::Uuid::new_v4().to_string(),
-            task_id,
-            token_jti: claims["jti"].as_str().unwrap_or_default().to_owned(),
-            agent: peer.spiffe_id().clone(),
-            tool: tool.to_owned(),
-            resource: spec.map(|t| t.resource.clone()).unwrap_or_default(),
-            risk: spec.map_or(RiskTier::Read, |t| t.tier),
-            scope_used: Vec::new(),
-            input_digest: hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, input)),
-            output_digest: None,
-            justification: None,
-            decision: "deny".into(),
-            policy_ids: Vec::new(),
-            reason: Some(format!(
-                "token refused ({}): {err}; claims not trusted",
-                err.code()
-            )),
-            at: now,
-        };
-        if let Err(e) = self.reporter.submit(report) {
-            tracing::error!(error = %e, "cannot spool the refusal report");
-        }
+/// A library error of an enforcing server, with the CLI's exit code.
+pub fn enforcer_exit(e: GatewayError) -> anyhow::Error {
+    match e {
+        GatewayError::Unreachable(m) => exit(EXIT_UNREACHABLE, m),
+        GatewayError::Config(_) | GatewayError::Refused(_) => exit(EXIT_REFUSED, e.to_string()),
+        GatewayError::Io { .. } => anyhow::Error::new(e),
     }
 }
 
-/// Where the tool server learns of revocations.
-struct FeedConfig<'a> {
-    redis: Option<&'a baton_revocation::RedisConfig>,
-    stale_after: std::time::Duration,
-    /// Read-only tools keep working while the feed is stale.
-    read_allows_stale: bool,
-    /// Follow no revocations at all (explicit opt-out).
-    dangerously_skip_revocation: bool,
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn tool_server(
-    socket: &str,
-    spiffe_id: Option<&str>,
-    listen: std::net::SocketAddr,
-    broker_url: &str,
-    audience: &str,
+/// The call policy (Cedar), from a directory or the embedded example set;
+/// swapped whole on SIGHUP when it comes from a directory (one that no
+/// longer loads leaves the policies in force). Returns the policy and the
+/// SIGHUP handler's task.
+pub fn reloadable_policy(
     policies: Option<&Path>,
-    spool: &Path,
-    ready_file: Option<&Path>,
-    feed: FeedConfig<'_>,
-    shutdown_grace: std::time::Duration,
-    ops: Option<baton_ops::Ops>,
-) -> Result<()> {
-    let stop = crate::daemons::terminate_signal();
-    // The tool server's own identity and trust come from the Workload API
-    // like any workload's, and follow it: rotated SVIDs and bundle changes
-    // (a prepared or revoked authority) apply without a restart.
-    let live = crate::mesh::LiveTls::follow(socket, spiffe_id).await?;
-    let td = live.trust_domain.clone();
-    let bundles = live.bundles.clone();
-
-    // The broker's JWT keys, fetched over TLS anchored in the X.509 bundle.
-    let broker_id = td.id("/baton/broker").map_err(|e| anyhow::anyhow!("{e}"))?;
-    let tls = baton_tls::client_config(
-        live.client.clone(),
-        bundles.clone(),
-        PeerPolicy::Exact(vec![broker_id.clone()]),
-    )
-    .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let http = reqwest::Client::builder()
-        .tls_backend_preconfigured(tls)
-        .build()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let bundle_json: serde_json::Value = http
-        .get(format!("{}/v1/bundle", broker_url.trim_end_matches('/')))
-        .send()
-        .await
-        .and_then(|r| r.error_for_status())
-        .map_err(|e| {
-            exit(
-                EXIT_UNREACHABLE,
-                format!("cannot fetch the broker's bundle: {e}"),
-            )
-        })?
-        .json()
-        .await
-        .context("bundle JSON")?;
-    let trust = baton_ca::TrustBundle::from_spiffe_json(&td, &bundle_json)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let jwt_bundles = JwtBundles::new([trust]);
-    // JWT key rotations reach the verifier through the Workload API.
-    crate::mesh::follow_jwt_bundles(socket, td.clone(), jwt_bundles.clone());
-    // Revocations arrive on a feed and are checked in memory: Redis's when
-    // configured, else the broker's own (`GET /v1/revocations/feed`).
-    // Staleness is judged per call by the gate (sensitive tiers always fail
-    // closed), so the token check itself only looks at actual revocations.
-    let (verifier, freshness, serials): Following = match (
-        feed.redis,
-        feed.dangerously_skip_revocation,
-    ) {
-        (Some(redis), _) => {
-            let handle = baton_revocation::RevocationFeed::spawn_with(
-                redis,
-                baton_revocation::FeedOptions {
-                    stale_after: feed.stale_after,
-                    allow_stale: true,
-                    ..baton_revocation::FeedOptions::default()
-                },
-            )
-            .map_err(|e| exit(EXIT_REFUSED, e.to_string()))?;
-            if let Some(ops) = &ops {
-                let h = handle.clone();
-                verifier_ops(ops, move |now| {
-                    let since = match h.status(now) {
-                        baton_revocation::FeedStatus::Fresh => None,
-                        baton_revocation::FeedStatus::Stale { since } => Some(since),
-                    };
-                    FeedProbe {
-                        fresh: since.is_none(),
-                        silent_for: since.filter(|s| *s > 0).map(|s| now.saturating_sub(s)),
-                        revoked_ids: h.len(),
-                    }
-                });
-            }
-            (
-                TokenVerifier::new(jwt_bundles, audience.to_owned(), Arc::new(handle.clone())),
-                Some(Arc::new(handle.clone())),
-                Some(Arc::new(handle)),
-            )
-        }
-        (None, false) => {
-            let handle = baton_verify::BrokerFeed::spawn(
-                broker_url,
-                live.client.clone(),
-                bundles.clone(),
-                broker_id.clone(),
-                feed.stale_after,
-            )
-            .map_err(|e| exit(EXIT_REFUSED, format!("revocation feed: {e}")))?;
-            if !handle.wait_fresh(std::time::Duration::from_secs(10)).await {
-                tracing::warn!(
-                    "the broker's revocation feed has not answered yet; calls are denied until it does"
-                );
-            }
-            if let Some(ops) = &ops {
-                let h = handle.clone();
-                verifier_ops(ops, move |now| FeedProbe {
-                    fresh: h.is_fresh_at(now),
-                    silent_for: h.last_answer().map(|t| now.saturating_sub(t)),
-                    revoked_ids: h.len(),
-                });
-            }
-            // The token check answers from the set alone; staleness is the
-            // gate's call (per tier).
-            let tokens = Arc::new(StaleTolerant(handle.clone()));
-            (
-                TokenVerifier::new(jwt_bundles, audience.to_owned(), tokens),
-                Some(Arc::new(handle.clone())),
-                Some(Arc::new(handle)),
-            )
-        }
-        (None, true) => {
-            tracing::warn!(
-                "--dangerously-skip-revocation: this tool server accepts revoked credentials until they expire"
-            );
-            (
-                TokenVerifier::dangerous_without_revocation(jwt_bundles, audience.to_owned()),
-                None,
-                None,
-            )
-        }
-    };
-
-    // Swapped whole on SIGHUP when the policies come from a directory; a
-    // directory that no longer loads leaves the policies in force.
+) -> Result<(
+    Arc<dyn baton_verify::CallPolicy>,
+    tokio::task::JoinHandle<()>,
+)> {
     let engine = Arc::new(arc_swap::ArcSwap::from_pointee(load_policies(policies)?));
     let hup = {
         let engine = engine.clone();
@@ -385,12 +209,6 @@ async fn tool_server(
             None => tracing::info!("SIGHUP: nothing to reload (the tool policies are built in)"),
         })?
     };
-    let sender =
-        baton_verify::HttpSender::new(broker_url, live.client.clone(), bundles.clone(), broker_id)
-            .map_err(|e| anyhow::anyhow!("tool-call reporter: {e}"))?;
-    let reporter = baton_verify::Reporter::open(spool, Arc::new(sender))
-        .map_err(|e| anyhow::anyhow!("tool-call reporter: {e}"))?;
-    let delivery = reporter.spawn();
     let policy = move |c: &baton_verify::CallContext<'_>| {
         let d = engine.load().authorize_call(&baton_policy::CallRequest {
             agent: c.agent,
@@ -409,35 +227,51 @@ async fn tool_server(
             errors: d.errors,
         }
     };
-    let mut gate = ToolGate::new(Arc::new(policy), Some(reporter.clone()));
-    if let Some(f) = freshness {
-        gate = gate.with_revocation_freshness(f, feed.read_allows_stale);
-    }
-    if let Some(check) = serials {
-        gate = gate.with_revocation(check);
-    }
-    let server = Arc::new(ToolServer {
-        verifier,
-        gate,
-        tools: tools()?,
-        reporter: reporter.clone(),
-    });
+    Ok((Arc::new(policy), hup))
+}
 
-    let identity = live.server.clone();
-    let config = baton_tls::server_config(
-        identity,
-        bundles,
-        PeerPolicy::AnyInTrustDomains(vec![td]),
-        ClientAuth::Required,
-    )
-    .map_err(|e| anyhow::anyhow!("{e}"))?;
+#[allow(clippy::too_many_arguments)]
+async fn tool_server(
+    socket: &str,
+    spiffe_id: Option<&str>,
+    listen: std::net::SocketAddr,
+    broker_url: &str,
+    audience: &str,
+    policies: Option<&Path>,
+    spool: &Path,
+    ready_file: Option<&Path>,
+    feed: FeedConfig<'_>,
+    shutdown_grace: std::time::Duration,
+    ops: Option<baton_ops::Ops>,
+) -> Result<()> {
+    let stop = crate::daemons::terminate_signal();
+    let (policy, hup) = reloadable_policy(policies)?;
+    let endpoint = format!("unix:{}", crate::creds::socket_path(socket).display());
+    let enforcer = Enforcer::start(EnforcerOptions {
+        endpoint: &endpoint,
+        spiffe_id,
+        broker_url,
+        audience,
+        spool,
+        feed,
+        policy: &policy,
+        ops: ops.as_ref(),
+    })
+    .await
+    .map_err(enforcer_exit)?;
+    let config = enforcer.server_config().map_err(enforcer_exit)?;
+    let server = Arc::new(ToolServer {
+        enforcer,
+        tools: tools()?,
+    });
+    let state = server.clone();
     let routes = warp::path!("tools" / String)
         .and(warp::post())
         .and(warp::header::optional::<String>("authorization"))
         .and(warp::ext::optional::<PeerCertificate>())
         .and(warp::body::content_length_limit(1 << 20))
         .and(warp::body::bytes())
-        .and(warp::any().map(move || server.clone()))
+        .and(warp::any().map(move || state.clone()))
         .map(
             |name: String,
              auth: Option<String>,
@@ -475,37 +309,15 @@ async fn tool_server(
     // Calls in flight are done: deliver what they spooled, within the
     // grace period; what is left stays in the spool for the next start.
     hup.abort();
-    delivery.abort();
-    match tokio::time::timeout(shutdown_grace, reporter.flush()).await {
-        Ok(Ok(_)) if reporter.pending() == 0 => {
-            tracing::info!("tool-call reports delivered");
-        }
-        Ok(Ok(_)) | Err(_) => tracing::warn!(
-            pending = reporter.pending(),
-            "tool-call reports left in the spool; they are delivered at the next start"
-        ),
-        Ok(Err(e)) => tracing::warn!(
-            error = %e,
-            pending = reporter.pending(),
-            "tool-call reports left in the spool; they are delivered at the next start"
-        ),
+    match Arc::try_unwrap(server) {
+        Ok(server) => server.enforcer.finish(shutdown_grace).await,
+        Err(_) => tracing::warn!("calls still hold the tool server; reports stay in the spool"),
     }
-    live.shutdown().await;
     tracing::info!("example tool server stopped");
     Ok(())
 }
 
-/// An error with its causes (reqwest hides the TLS reason in its sources).
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cur = c.source();
-    }
-    out
-}
+pub use baton_gateway::error_chain;
 
 /// Calls `tool` at `url` with the credential; returns the JSON answer.
 pub async fn call(
@@ -754,61 +566,4 @@ fn first_entry(v: &redis::Value) -> Option<(String, Vec<(String, String)>)> {
         .filter_map(|c| Some((s(c.first()?)?, s(c.get(1)?)?)))
         .collect();
     Some((id, pairs))
-}
-
-/// The token verifier, the freshness the gate judges per tier, and the
-/// check of peer certificate serials.
-type Following = (
-    TokenVerifier,
-    Option<Arc<dyn baton_verify::RevocationFreshness>>,
-    Option<Arc<dyn baton_verify::RevocationCheck>>,
-);
-
-/// What the ops listener reads of a verifier's revocation feed.
-struct FeedProbe {
-    fresh: bool,
-    /// Seconds since the feed last heard from its source, if it did.
-    silent_for: Option<u64>,
-    revoked_ids: usize,
-}
-
-/// The tool server's ops role: readiness is a fresh revocation feed (a
-/// stale one refuses sensitive calls), and the feed's gauges.
-fn verifier_ops(ops: &baton_ops::Ops, probe: impl Fn(u64) -> FeedProbe + Send + Sync + 'static) {
-    let probe = Arc::new(probe);
-    ops.add_role(baton_ops::Role::Verifier);
-    let check = probe.clone();
-    ops.add_check("revocation_feed", move || {
-        let p = check(baton_revocation::system_now());
-        async move {
-            if p.fresh {
-                Ok(())
-            } else {
-                Err(match p.silent_for {
-                    Some(s) => format!(
-                        "the revocation feed is stale (no news for {s} s): sensitive calls are refused"
-                    ),
-                    None => "the revocation feed has not been heard from yet: sensitive calls are refused"
-                        .to_owned(),
-                })
-            }
-        }
-    });
-    ops.on_scrape(move || {
-        let p = probe(baton_revocation::system_now());
-        baton_ops::metrics().verifier_feed(p.fresh, p.silent_for, p.revoked_ids);
-    });
-}
-
-/// The broker feed's set, without its staleness: the gate decides per tier
-/// what a stale feed means, and the token check looks only at revocations.
-struct StaleTolerant(baton_verify::BrokerFeed);
-
-impl baton_verify::RevocationCheck for StaleTolerant {
-    fn is_revoked(&self, id: &str, _task: &baton_core::TaskId) -> bool {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        self.0.contains(id, now)
-    }
 }

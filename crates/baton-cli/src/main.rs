@@ -11,6 +11,7 @@ mod config;
 mod creds;
 mod daemons;
 mod example;
+mod gateway;
 mod mesh;
 mod nodes;
 mod ops;

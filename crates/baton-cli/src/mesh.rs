@@ -14,218 +14,21 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
-use baton_core::{SpiffeId, TrustDomain};
-use baton_tls::{
-    BundleStore, ClientAuth, ClientIdentity, PeerIdentity, PeerPolicy, ServerIdentity,
-};
+use baton_core::SpiffeId;
+use baton_gateway::live::LiveTls;
+use baton_tls::{ClientAuth, PeerIdentity, PeerPolicy};
 use serde::Serialize;
-use spiffe::X509Source;
-use spiffe::x509_source::SvidPicker;
 use warp::Filter as _;
 
-use crate::cli::{EXIT_REFUSED, EXIT_UNREACHABLE, exit};
+use crate::cli::{EXIT_REFUSED, exit};
 use crate::creds::socket_path;
 
-/// Picks the SVID with this SPIFFE ID among those the caller is entitled to.
-struct ById(String);
-
-impl SvidPicker for ById {
-    fn pick_svid(&self, svids: &[Arc<spiffe::X509Svid>]) -> Option<usize> {
-        svids
-            .iter()
-            .position(|s| s.spiffe_id().to_string() == self.0)
-    }
-}
-
-/// A workload's TLS material, kept in step with the Workload API.
-pub struct LiveTls {
-    pub trust_domain: TrustDomain,
-    pub spiffe_id: SpiffeId,
-    pub server: ServerIdentity,
-    pub client: ClientIdentity,
-    pub bundles: BundleStore,
-    source: X509Source,
-}
-
-/// What one Workload API update carries for us.
-struct Material {
-    id: SpiffeId,
-    chain: Vec<Vec<u8>>,
-    key: Vec<u8>,
-    td: TrustDomain,
-    authorities: Vec<Vec<u8>>,
-}
-
-fn material(source: &X509Source) -> Result<Material> {
-    let svid = source.svid().map_err(|e| anyhow::anyhow!("no SVID: {e}"))?;
-    let id =
-        SpiffeId::parse(&svid.spiffe_id().to_string()).map_err(|e| anyhow::anyhow!("SVID: {e}"))?;
-    let td = id.trust_domain().clone();
-    let chain = svid
-        .cert_chain()
-        .iter()
-        .map(|c| c.as_bytes().to_vec())
-        .collect();
-    let key = svid.private_key().as_bytes().to_vec();
-    let bundles = source
-        .bundle_set()
-        .map_err(|e| anyhow::anyhow!("no bundle: {e}"))?;
-    let sp_td = spiffe::TrustDomain::new(td.as_str()).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let authorities = bundles
-        .get(&sp_td)
-        .map(|b| {
-            b.authorities()
-                .iter()
-                .map(|c| c.as_bytes().to_vec())
-                .collect()
-        })
-        .unwrap_or_default();
-    Ok(Material {
-        id,
-        chain,
-        key,
-        td,
-        authorities,
-    })
-}
-
-impl LiveTls {
-    /// Connects to the Workload API at `socket` and keeps following it.
-    /// With `want`, uses the SVID with that SPIFFE ID.
-    pub async fn follow(socket: &str, want: Option<&str>) -> Result<Arc<Self>> {
-        let endpoint = format!("unix:{}", socket_path(socket).display());
-        let mut builder = X509Source::builder().endpoint(&endpoint);
-        if let Some(id) = want {
-            builder = builder.picker(ById(id.to_owned()));
-        }
-        let source = builder.build().await.map_err(|e| {
-            exit(
-                EXIT_UNREACHABLE,
-                format!("cannot get an SVID from {endpoint}: {e}"),
-            )
-        })?;
-        let Material {
-            id: spiffe_id,
-            chain,
-            key,
-            td: trust_domain,
-            authorities,
-        } = material(&source)?;
-        let bundles = BundleStore::new();
-        bundles.set(trust_domain.clone(), authorities);
-        let live = Arc::new(Self {
-            server: ServerIdentity::new(chain.clone(), &key).map_err(|e| anyhow::anyhow!("{e}"))?,
-            client: ClientIdentity::new(chain, &key).map_err(|e| anyhow::anyhow!("{e}"))?,
-            trust_domain,
-            spiffe_id,
-            bundles,
-            source,
-        });
-        let follower = live.clone();
-        tokio::spawn(async move {
-            let mut updates = follower.source.updated();
-            while updates.changed().await.is_ok() {
-                if let Err(e) = follower.apply() {
-                    tracing::warn!(error = %e, "cannot apply a Workload API update; keeping the previous material");
-                }
-            }
-        });
-        Ok(live)
-    }
-
-    /// Stops following the Workload API.
-    pub async fn shutdown(&self) {
-        self.source.shutdown().await;
-    }
-
-    fn apply(&self) -> Result<()> {
-        let Material {
-            id,
-            chain,
-            key,
-            td,
-            authorities,
-        } = material(&self.source)?;
-        if id != self.spiffe_id {
-            anyhow::bail!(
-                "the Workload API now names {id} instead of {}",
-                self.spiffe_id
-            );
-        }
-        // The bundle first: a new SVID may come from an authority the
-        // previous bundle did not carry yet.
-        self.bundles.set(td, authorities);
-        self.server
-            .replace(chain.clone(), &key)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        self.client
-            .replace(chain, &key)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        tracing::debug!("TLS material updated from the Workload API");
-        Ok(())
-    }
-}
-
-/// Keeps `target` in step with the Workload API's JWT bundle of `td`
-/// (FetchJWTBundles stream), reconnecting with a capped backoff.
-pub fn follow_jwt_bundles(socket: &str, td: TrustDomain, target: baton_verify::JwtBundles) {
+/// Follows the Workload API at `socket` (a path or `unix:` URL).
+pub async fn follow(socket: &str, spiffe_id: Option<&str>) -> Result<Arc<LiveTls>> {
     let endpoint = format!("unix:{}", socket_path(socket).display());
-    tokio::spawn(async move {
-        let mut failures: u32 = 0;
-        loop {
-            if let Err(e) = stream_jwt_bundles(&endpoint, &td, &target).await {
-                tracing::warn!(error = %e, "JWT bundle stream from the Workload API ended; reconnecting");
-            }
-            failures = failures.saturating_add(1);
-            let wait = Duration::from_millis(200u64 << failures.min(6));
-            tokio::time::sleep(wait).await;
-        }
-    });
-}
-
-async fn stream_jwt_bundles(
-    endpoint: &str,
-    td: &TrustDomain,
-    target: &baton_verify::JwtBundles,
-) -> Result<()> {
-    use futures::StreamExt as _;
-    let client = spiffe::WorkloadApiClient::connect_to(endpoint)
+    LiveTls::follow(&endpoint, spiffe_id)
         .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut stream = client
-        .stream_jwt_bundles()
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let sp_td = spiffe::TrustDomain::new(td.as_str()).map_err(|e| anyhow::anyhow!("{e}"))?;
-    while let Some(set) = stream.next().await {
-        let set = set.map_err(|e| anyhow::anyhow!("{e}"))?;
-        let Some(bundle) = set.get(&sp_td) else {
-            continue;
-        };
-        let mut keys = Vec::new();
-        for a in bundle.jwt_authorities() {
-            let mut jwk: serde_json::Value = serde_json::from_slice(a.jwk_json())?;
-            if let Some(obj) = jwk.as_object_mut() {
-                obj.entry("use").or_insert_with(|| "jwt-svid".into());
-                obj.entry("kid").or_insert_with(|| a.key_id().into());
-            }
-            keys.push(jwk);
-        }
-        let doc = serde_json::json!({ "keys": keys });
-        match baton_ca::TrustBundle::from_spiffe_json(td, &doc) {
-            Ok(b) => {
-                target.set(&b);
-                tracing::debug!(
-                    keys = b.jwt_authorities.len(),
-                    "JWT bundle updated from the Workload API"
-                );
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "unusable JWT bundle from the Workload API; keeping the previous one")
-            }
-        }
-    }
-    Ok(())
+        .map_err(crate::example::enforcer_exit)
 }
 
 /// `baton example echo-server`.
@@ -235,7 +38,7 @@ pub async fn echo_server(
     listen: SocketAddr,
     ready_file: Option<&Path>,
 ) -> Result<()> {
-    let live = LiveTls::follow(socket, spiffe_id).await?;
+    let live = follow(socket, spiffe_id).await?;
     let config = baton_tls::server_config(
         live.server.clone(),
         live.bundles.clone(),
@@ -281,7 +84,7 @@ pub async fn echo_client(
 ) -> Result<()> {
     let server_id =
         SpiffeId::parse(server_id).map_err(|e| exit(EXIT_REFUSED, format!("--server-id: {e}")))?;
-    let live = LiveTls::follow(socket, spiffe_id).await?;
+    let live = follow(socket, spiffe_id).await?;
     let tls = baton_tls::client_config(
         live.client.clone(),
         live.bundles.clone(),

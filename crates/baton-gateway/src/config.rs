@@ -1,0 +1,819 @@
+//! The gateway's configuration file (TOML): where it listens, the audience
+//! it serves, its upstreams, and the routes that map each request to a
+//! tool. Everything is checked when the file is loaded, so a gateway never
+//! starts with a route it cannot enforce; `baton gateway --check` runs only
+//! this.
+//!
+//! ```toml
+//! listen = "127.0.0.1:8443"
+//! audience = "crm"
+//! broker-url = "https://broker.internal:7443"
+//! spool = "/var/lib/baton/gateway-spool"
+//!
+//! [upstreams.crm]
+//! url = "http://127.0.0.1:8080"
+//!
+//! [[routes]]
+//! method = "GET"
+//! path = "/accounts/{account}"
+//! tool = "crm.read"
+//! resource = "dataset:crm/{account}"
+//! permission = "tool:crm.read:read"
+//! tier = "read"
+//! record-headers = ["x-request-id"]
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use baton_core::{Permission, RiskTier};
+use serde::Deserialize;
+
+use crate::error::ConfigError;
+
+/// The longest a revocation feed may stay silent before it is stale.
+const MAX_STALE_AFTER: Duration = Duration::from_secs(300);
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawConfig {
+    listen: SocketAddr,
+    audience: String,
+    broker_url: String,
+    #[serde(default)]
+    spiffe_id: Option<String>,
+    spool: PathBuf,
+    #[serde(default)]
+    policies: Option<PathBuf>,
+    #[serde(default)]
+    revocation: RawRevocation,
+    upstreams: BTreeMap<String, RawUpstream>,
+    #[serde(default)]
+    routes: Vec<RawRoute>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawRevocation {
+    #[serde(default)]
+    stale_after: Option<String>,
+    #[serde(default)]
+    read_allows_stale: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawUpstream {
+    url: String,
+    #[serde(default)]
+    http2: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawRoute {
+    method: String,
+    path: String,
+    #[serde(default)]
+    upstream: Option<String>,
+    tool: String,
+    resource: String,
+    permission: String,
+    tier: String,
+    #[serde(default)]
+    record_headers: Vec<String>,
+}
+
+/// A checked gateway configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    /// The audience the gateway serves: tokens must name it.
+    pub audience: String,
+    /// The broker's HTTPS URL (JWT keys, revocation feed, call reports).
+    pub broker_url: String,
+    /// Which of the process's SVIDs the gateway uses.
+    pub spiffe_id: Option<String>,
+    /// Spool for call reports not yet delivered to the broker.
+    pub spool: PathBuf,
+    /// Cedar policies (schema + *.cedar); the CLI's default when absent.
+    pub policies: Option<PathBuf>,
+    /// Every call is denied once the feed has been silent this long
+    /// (read-tier calls too, unless `read_allows_stale`).
+    pub stale_after: Duration,
+    pub read_allows_stale: bool,
+    pub upstreams: BTreeMap<String, Upstream>,
+    pub routes: Vec<Route>,
+}
+
+/// Where requests are forwarded.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// `http://` on a loopback address, without a trailing slash.
+    pub url: String,
+    /// HTTP/2 with prior knowledge (h2c) instead of HTTP/1.1.
+    pub http2: bool,
+}
+
+/// One path segment of a route's pattern.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Literal(String),
+    /// `{name}`: exactly one segment.
+    Capture(String),
+    /// `{name*}` (last): the rest of the path, one segment or more.
+    Rest(String),
+}
+
+/// A route: the requests it matches and the tool they call.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub method: http::Method,
+    pub path: String,
+    segments: Vec<Segment>,
+    pub upstream: String,
+    pub tool: String,
+    /// The resource, with `{name}` filled from the path.
+    resource: String,
+    pub permission: Permission,
+    pub tier: RiskTier,
+    /// Request headers whose values are written to the gateway's call log.
+    pub record_headers: Vec<http::HeaderName>,
+}
+
+/// A request matched to its route.
+#[derive(Debug)]
+pub struct Matched<'a> {
+    pub route: &'a Route,
+    pub resource: String,
+}
+
+impl Config {
+    /// Reads and checks `path`; every error names the file and the field.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_owned(),
+            field: String::new(),
+            message: format!("cannot read: {e}"),
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Checks `text` as the contents of `file` (named in errors).
+    pub fn parse(file: &Path, text: &str) -> Result<Self, ConfigError> {
+        let err = |field: &str, message: String| ConfigError {
+            file: file.to_owned(),
+            field: field.to_owned(),
+            message,
+        };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let at = e
+                .span()
+                .map(|s| {
+                    let before = text.get(..s.start).unwrap_or_default();
+                    let line = before.matches('\n').count() + 1;
+                    let col = before.rsplit('\n').next().map_or(0, str::len) + 1;
+                    format!("line {line}, column {col}: ")
+                })
+                .unwrap_or_default();
+            err("", format!("{at}{}", e.message().trim()))
+        })?;
+        if raw.audience.trim().is_empty() || raw.audience.chars().any(char::is_whitespace) {
+            return Err(err(
+                "audience",
+                "must be a non-empty name without spaces".into(),
+            ));
+        }
+        if !raw.broker_url.starts_with("https://") {
+            return Err(err(
+                "broker-url",
+                format!("{:?}: the broker is reached over https://", raw.broker_url),
+            ));
+        }
+        if let Some(id) = &raw.spiffe_id {
+            baton_core::SpiffeId::parse(id).map_err(|e| err("spiffe-id", e.to_string()))?;
+        }
+        let stale_after = match &raw.revocation.stale_after {
+            None => Duration::from_secs(5),
+            Some(s) => parse_duration(s).map_err(|m| err("revocation.stale-after", m))?,
+        };
+        if stale_after.is_zero() || stale_after > MAX_STALE_AFTER {
+            return Err(err(
+                "revocation.stale-after",
+                format!(
+                    "must be more than 0 s and at most {} s",
+                    MAX_STALE_AFTER.as_secs()
+                ),
+            ));
+        }
+        if raw.upstreams.is_empty() {
+            return Err(err("upstreams", "at least one upstream is needed".into()));
+        }
+        let mut upstreams = BTreeMap::new();
+        for (name, u) in raw.upstreams {
+            let field = format!("upstreams.{name}.url");
+            let url = check_upstream_url(&u.url).map_err(|m| err(&field, m))?;
+            upstreams.insert(
+                name,
+                Upstream {
+                    url,
+                    http2: u.http2,
+                },
+            );
+        }
+        if raw.routes.is_empty() {
+            return Err(err(
+                "routes",
+                "at least one route is needed (requests on no route are refused)".into(),
+            ));
+        }
+        let mut routes: Vec<Route> = Vec::with_capacity(raw.routes.len());
+        for (i, r) in raw.routes.into_iter().enumerate() {
+            let f = |name: &str| format!("routes[{i}].{name}");
+            let method = parse_method(&r.method).map_err(|m| err(&f("method"), m))?;
+            let segments = parse_pattern(&r.path).map_err(|m| err(&f("path"), m))?;
+            let upstream = match r.upstream {
+                Some(u) if upstreams.contains_key(&u) => u,
+                Some(u) => {
+                    return Err(err(
+                        &f("upstream"),
+                        format!(
+                            "no upstream {u:?} (defined: {})",
+                            upstreams.keys().cloned().collect::<Vec<_>>().join(", ")
+                        ),
+                    ));
+                }
+                None if upstreams.len() == 1 => {
+                    upstreams.keys().next().cloned().unwrap_or_default()
+                }
+                None => {
+                    return Err(err(
+                        &f("upstream"),
+                        "required when more than one upstream is defined".into(),
+                    ));
+                }
+            };
+            if r.tool.is_empty()
+                || !r
+                    .tool
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c))
+            {
+                return Err(err(
+                    &f("tool"),
+                    format!("{:?}: letters, digits and . _ - / only", r.tool),
+                ));
+            }
+            check_resource(&r.resource, &segments).map_err(|m| err(&f("resource"), m))?;
+            let permission = Permission::parse(&r.permission)
+                .map_err(|e| err(&f("permission"), e.to_string()))?;
+            let tier: RiskTier = r.tier.parse().map_err(|_| {
+                err(
+                    &f("tier"),
+                    format!("{:?}: one of read, write, delete, purchase, export", r.tier),
+                )
+            })?;
+            let mut record_headers = Vec::new();
+            for h in &r.record_headers {
+                let name = http::HeaderName::from_bytes(h.as_bytes()).map_err(|_| {
+                    err(&f("record-headers"), format!("{h:?} is not a header name"))
+                })?;
+                if name == http::header::AUTHORIZATION || name == http::header::COOKIE {
+                    return Err(err(
+                        &f("record-headers"),
+                        format!("{h:?} carries credentials and is never recorded"),
+                    ));
+                }
+                record_headers.push(name);
+            }
+            if let Some(j) = routes
+                .iter()
+                .position(|o| o.method == method && same_shape(&o.segments, &segments))
+            {
+                return Err(err(
+                    &f("path"),
+                    format!("{} {} is already routes[{j}]", method, r.path),
+                ));
+            }
+            routes.push(Route {
+                method,
+                path: r.path,
+                segments,
+                upstream,
+                tool: r.tool,
+                resource: r.resource,
+                permission,
+                tier,
+                record_headers,
+            });
+        }
+        Ok(Config {
+            listen: raw.listen,
+            audience: raw.audience,
+            broker_url: raw.broker_url.trim_end_matches('/').to_owned(),
+            spiffe_id: raw.spiffe_id,
+            spool: raw.spool,
+            policies: raw.policies,
+            stale_after,
+            read_allows_stale: raw.revocation.read_allows_stale,
+            upstreams,
+            routes,
+        })
+    }
+
+    /// The route for a request, or None (the request is refused). Paths
+    /// that an upstream could read differently from the gateway (dot
+    /// segments, empty segments, encoded slashes or dots, backslashes)
+    /// match no route.
+    pub fn route(&self, method: &http::Method, path: &str) -> Option<Matched<'_>> {
+        let segments = split_request_path(path)?;
+        self.routes.iter().find_map(|r| {
+            if r.method != *method {
+                return None;
+            }
+            let captures = match_segments(&r.segments, &segments)?;
+            Some(Matched {
+                route: r,
+                resource: fill(&r.resource, &captures),
+            })
+        })
+    }
+}
+
+/// Whether two patterns match the same paths (capture names aside).
+fn same_shape(a: &[Segment], b: &[Segment]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| match (x, y) {
+            (Segment::Literal(l), Segment::Literal(m)) => l == m,
+            (Segment::Capture(_), Segment::Capture(_)) | (Segment::Rest(_), Segment::Rest(_)) => {
+                true
+            }
+            _ => false,
+        })
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, ""), |i| s.split_at(i));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: a whole number with a unit, e.g. \"5s\""))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
+        _ => Err(format!("{s:?}: the unit is ms, s or m, e.g. \"5s\"")),
+    }
+}
+
+fn parse_method(m: &str) -> Result<http::Method, String> {
+    const METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
+    if METHODS.contains(&m) {
+        http::Method::from_bytes(m.as_bytes()).map_err(|e| e.to_string())
+    } else {
+        Err(format!("{m:?}: one of {}", METHODS.join(", ")))
+    }
+}
+
+/// `http://HOST:PORT[/prefix]` on a loopback address.
+fn check_upstream_url(url: &str) -> Result<String, String> {
+    let Some(rest) = url.strip_prefix("http://") else {
+        return Err(format!(
+            "{url:?}: only plain http:// upstreams on a loopback address are supported"
+        ));
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    if path.contains(['?', '#']) {
+        return Err(format!("{url:?}: no query or fragment"));
+    }
+    let host = if let Some(v6) = authority.strip_prefix('[') {
+        v6.split(']').next().unwrap_or_default()
+    } else {
+        authority.split(':').next().unwrap_or_default()
+    };
+    let loopback = host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    if !loopback {
+        return Err(format!(
+            "{url:?}: a plain http:// upstream must be on a loopback address (127.0.0.1, [::1], localhost)"
+        ));
+    }
+    reqwest::Url::parse(url).map_err(|e| format!("{url:?}: {e}"))?;
+    Ok(url.trim_end_matches('/').to_owned())
+}
+
+fn parse_pattern(p: &str) -> Result<Vec<Segment>, String> {
+    let Some(rest) = p.strip_prefix('/') else {
+        return Err(format!("{p:?}: starts with /"));
+    };
+    if rest.is_empty() {
+        return Ok(Vec::new());
+    }
+    let parts: Vec<&str> = rest.split('/').collect();
+    let mut out = Vec::with_capacity(parts.len());
+    let last = parts.len() - 1;
+    for (i, s) in parts.iter().enumerate() {
+        if let Some(inner) = s.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+            let (name, rest) = match inner.strip_suffix('*') {
+                Some(n) => (n, true),
+                None => (inner, false),
+            };
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(format!("{p:?}: {{{inner}}} is not a capture name"));
+            }
+            if out
+                .iter()
+                .any(|o| matches!(o, Segment::Capture(n) | Segment::Rest(n) if n == name))
+            {
+                return Err(format!("{p:?}: {{{name}}} appears twice"));
+            }
+            if rest && i != last {
+                return Err(format!("{p:?}: {{{inner}}} must be the last segment"));
+            }
+            out.push(if rest {
+                Segment::Rest(name.to_owned())
+            } else {
+                Segment::Capture(name.to_owned())
+            });
+        } else if s.is_empty()
+            || *s == "."
+            || *s == ".."
+            || s.contains(['{', '}', '%', '\\', '?', '#'])
+        {
+            return Err(format!("{p:?}: segment {s:?} is not a plain literal"));
+        } else {
+            out.push(Segment::Literal((*s).to_owned()));
+        }
+    }
+    Ok(out)
+}
+
+/// The resource may use the path's captures, and nothing else.
+fn check_resource(resource: &str, segments: &[Segment]) -> Result<(), String> {
+    if resource.trim().is_empty() {
+        return Err("must not be empty".into());
+    }
+    let mut rest = resource;
+    while let Some(open) = rest.find('{') {
+        let after = rest.get(open + 1..).unwrap_or_default();
+        let Some(close) = after.find('}') else {
+            return Err(format!("{resource:?}: unclosed {{"));
+        };
+        let name = after.get(..close).unwrap_or_default();
+        if !segments
+            .iter()
+            .any(|s| matches!(s, Segment::Capture(n) | Segment::Rest(n) if n == name))
+        {
+            return Err(format!(
+                "{resource:?}: {{{name}}} is not captured by the path"
+            ));
+        }
+        rest = after.get(close + 1..).unwrap_or_default();
+    }
+    if rest.contains('}') {
+        return Err(format!("{resource:?}: unmatched }}"));
+    }
+    Ok(())
+}
+
+/// A request path's segments, or None for a path the gateway does not
+/// route (ambiguous for an upstream).
+fn split_request_path(path: &str) -> Option<Vec<&str>> {
+    let rest = path.strip_prefix('/')?;
+    if rest.is_empty() {
+        return Some(Vec::new());
+    }
+    let lower = rest.to_ascii_lowercase();
+    if rest.contains('\\')
+        || ["%2f", "%2e", "%5c", "%00"]
+            .iter()
+            .any(|e| lower.contains(e))
+    {
+        return None;
+    }
+    let segments: Vec<&str> = rest.split('/').collect();
+    if segments
+        .iter()
+        .any(|s| s.is_empty() || *s == "." || *s == "..")
+    {
+        return None;
+    }
+    Some(segments)
+}
+
+fn match_segments<'p>(pattern: &'p [Segment], path: &[&str]) -> Option<Vec<(&'p str, String)>> {
+    let mut captures = Vec::new();
+    for (i, seg) in pattern.iter().enumerate() {
+        match seg {
+            Segment::Literal(l) => {
+                if path.get(i)? != l {
+                    return None;
+                }
+            }
+            Segment::Capture(n) => captures.push((n.as_str(), (*path.get(i)?).to_owned())),
+            Segment::Rest(n) => {
+                let rest = path.get(i..).filter(|r| !r.is_empty())?;
+                captures.push((n.as_str(), rest.join("/")));
+                return Some(captures);
+            }
+        }
+    }
+    (path.len() == pattern.len()).then_some(captures)
+}
+
+fn fill(template: &str, captures: &[(&str, String)]) -> String {
+    let mut out = template.to_owned();
+    for (name, value) in captures {
+        out = out.replace(&format!("{{{name}}}"), value);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+listen = "127.0.0.1:0"
+audience = "crm"
+broker-url = "https://127.0.0.1:7443"
+spool = "spool"
+
+[revocation]
+stale-after = "2s"
+
+[upstreams.crm]
+url = "http://127.0.0.1:8080"
+
+[[routes]]
+method = "GET"
+path = "/accounts/{account}"
+tool = "crm.read"
+resource = "dataset:crm/{account}"
+permission = "tool:crm.read:read"
+tier = "read"
+record-headers = ["x-request-id"]
+
+[[routes]]
+method = "POST"
+path = "/files/{rest*}"
+tool = "files.write"
+resource = "files:{rest}"
+permission = "tool:files.write:write"
+tier = "write"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("gw.toml"), text)
+    }
+
+    /// The good file with `from` replaced by `to`; the error it gets.
+    fn bad(from: &str, to: &str) -> String {
+        assert!(GOOD.contains(from), "{from}");
+        let e = parse(&GOOD.replacen(from, to, 1)).expect_err(to);
+        let s = e.to_string();
+        assert!(s.starts_with("gw.toml"), "{s}");
+        s
+    }
+
+    #[test]
+    fn the_good_file_loads_and_routes() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.audience, "crm");
+        assert_eq!(c.stale_after, Duration::from_secs(2));
+        assert_eq!(c.routes.len(), 2);
+        let m = c.route(&http::Method::GET, "/accounts/acme").unwrap();
+        assert_eq!(m.route.tool, "crm.read");
+        assert_eq!(m.resource, "dataset:crm/acme");
+        assert_eq!(m.route.upstream, "crm");
+        let m = c.route(&http::Method::POST, "/files/a/b.txt").unwrap();
+        assert_eq!(m.resource, "files:a/b.txt");
+    }
+
+    #[test]
+    fn requests_off_the_routes_match_nothing() {
+        let c = parse(GOOD).unwrap();
+        // Controls first.
+        assert!(c.route(&http::Method::GET, "/accounts/acme").is_some());
+        assert!(c.route(&http::Method::POST, "/files/x").is_some());
+        for (m, p) in [
+            (http::Method::POST, "/accounts/acme"),
+            (http::Method::GET, "/accounts"),
+            (http::Method::GET, "/accounts/acme/extra"),
+            (http::Method::GET, "/accounts/"),
+            (http::Method::GET, "/other"),
+            (http::Method::POST, "/files"),
+            (http::Method::POST, "/files/"),
+            (http::Method::POST, "/files/a/../../accounts/x"),
+            (http::Method::POST, "/files/./x"),
+            (http::Method::POST, "/files//x"),
+            (http::Method::POST, "/files/%2e%2e/x"),
+            (http::Method::POST, "/files/a%2Fb"),
+            (http::Method::POST, "/files/a\\b"),
+            (http::Method::GET, "accounts/acme"),
+        ] {
+            assert!(c.route(&m, p).is_none(), "{m} {p}");
+        }
+    }
+
+    #[test]
+    fn each_bad_input_names_its_field() {
+        for (from, to, want) in [
+            ("listen = \"127.0.0.1:0\"", "listen = \"nowhere\"", "line 2"),
+            (
+                "audience = \"crm\"",
+                "audiance = \"crm\"",
+                "unknown field `audiance`",
+            ),
+            ("audience = \"crm\"", "audience = \"\"", "audience"),
+            (
+                "https://127.0.0.1:7443",
+                "http://127.0.0.1:7443",
+                "broker-url",
+            ),
+            (
+                "stale-after = \"2s\"",
+                "stale-after = \"2 parsecs\"",
+                "revocation.stale-after",
+            ),
+            (
+                "stale-after = \"2s\"",
+                "stale-after = \"0s\"",
+                "revocation.stale-after",
+            ),
+            (
+                "stale-after = \"2s\"",
+                "stale-after = \"1h\"",
+                "revocation.stale-after",
+            ),
+            (
+                "stale-after = \"2s\"",
+                "stale-afer = \"2s\"",
+                "unknown field `stale-afer`",
+            ),
+            (
+                "http://127.0.0.1:8080",
+                "http://10.0.0.1:8080",
+                "upstreams.crm.url",
+            ),
+            (
+                "http://127.0.0.1:8080",
+                "https://127.0.0.1:8080",
+                "upstreams.crm.url",
+            ),
+            (
+                "http://127.0.0.1:8080",
+                "http://127.0.0.1:8080/?a=1",
+                "upstreams.crm.url",
+            ),
+            (
+                "[upstreams.crm]\nurl = ",
+                "[upstreams.crm]\nuri = ",
+                "unknown field `uri`",
+            ),
+            ("method = \"GET\"", "method = \"FETCH\"", "routes[0].method"),
+            (
+                "path = \"/accounts/{account}\"",
+                "path = \"accounts\"",
+                "routes[0].path",
+            ),
+            (
+                "path = \"/accounts/{account}\"",
+                "path = \"/a/../b\"",
+                "routes[0].path",
+            ),
+            (
+                "path = \"/accounts/{account}\"",
+                "path = \"/a/{x y}\"",
+                "routes[0].path",
+            ),
+            (
+                "path = \"/accounts/{account}\"",
+                "path = \"/a/{r*}/b\"",
+                "routes[0].path",
+            ),
+            (
+                "path = \"/accounts/{account}\"",
+                "path = \"/a/{x}/{x}\"",
+                "routes[0].path",
+            ),
+            (
+                "path = \"/accounts/{account}\"",
+                "path = \"/accounts\"",
+                "routes[0].resource",
+            ),
+            (
+                "tool = \"crm.read\"",
+                "tool = \"crm read\"",
+                "routes[0].tool",
+            ),
+            ("dataset:crm/{account}", "", "routes[0].resource"),
+            (
+                "dataset:crm/{account}",
+                "dataset:{account",
+                "routes[0].resource",
+            ),
+            ("tool:crm.read:read", "crm.read", "routes[0].permission"),
+            ("tier = \"read\"", "tier = \"mild\"", "routes[0].tier"),
+            (
+                "[\"x-request-id\"]",
+                "[\"bad header\"]",
+                "routes[0].record-headers",
+            ),
+            (
+                "[\"x-request-id\"]",
+                "[\"Authorization\"]",
+                "routes[0].record-headers",
+            ),
+            (
+                "tier = \"write\"",
+                "tier = \"write\"\nupstream = \"billing\"",
+                "routes[1].upstream",
+            ),
+            (
+                "tier = \"write\"",
+                "tier = \"write\"\ncolour = 1",
+                "unknown field `colour`",
+            ),
+            (
+                "path = \"/files/{rest*}\"",
+                "path = \"/accounts/{id}\"\nmethod2 = 1",
+                "unknown field",
+            ),
+            (
+                "spool = \"spool\"",
+                "spiffe-id = \"x\"\nspool = \"spool\"",
+                "spiffe-id",
+            ),
+            ("spool = \"spool\"", "", "missing field `spool`"),
+        ] {
+            let e = bad(from, to);
+            assert!(e.contains(want), "{to:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_duplicate_route_is_refused() {
+        let dup = GOOD
+            .replace("path = \"/files/{rest*}\"", "path = \"/accounts/{other}\"")
+            .replace("method = \"POST\"", "method = \"GET\"")
+            .replace("files:{rest}", "files:{other}");
+        let e = parse(&dup).unwrap_err().to_string();
+        assert!(
+            e.contains("routes[1].path") && e.contains("already routes[0]"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn no_routes_or_upstreams_is_refused() {
+        let head = GOOD.split("[[routes]]").next().unwrap();
+        let e = parse(head).unwrap_err().to_string();
+        assert!(e.contains("routes"), "{e}");
+        let e = parse(&GOOD.replace("[upstreams.crm]\nurl = \"http://127.0.0.1:8080\"", ""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("upstreams"), "{e}");
+    }
+
+    #[test]
+    fn two_upstreams_need_a_route_to_name_one() {
+        let two = GOOD.replacen(
+            "[[routes]]",
+            "[upstreams.files]\nurl = \"http://[::1]:9000/base/\"\n\n[[routes]]",
+            1,
+        );
+        // The first [[routes]] header now carries the upstream table before it.
+        let e = parse(&two).unwrap_err().to_string();
+        assert!(
+            e.contains("routes[0].upstream") && e.contains("more than one"),
+            "{e}"
+        );
+        let named = two
+            .replace(
+                "tool = \"crm.read\"",
+                "tool = \"crm.read\"\nupstream = \"crm\"",
+            )
+            .replace(
+                "tool = \"files.write\"",
+                "tool = \"files.write\"\nupstream = \"files\"",
+            );
+        let c = parse(&named).unwrap();
+        assert_eq!(c.upstreams["files"].url, "http://[::1]:9000/base");
+        assert_eq!(c.routes[1].upstream, "files");
+    }
+
+    #[test]
+    fn an_unreadable_file_is_named() {
+        let e = Config::load(Path::new("does-not-exist.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("does-not-exist.toml") && e.contains("cannot read"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,611 @@
+//! The request path: mTLS peer, bound token for the gateway's audience,
+//! route to tool, revocation, scope, risk ceiling and Cedar through the
+//! [`ToolGate`](baton_verify::ToolGate), then the request is forwarded to
+//! the upstream with the verified caller in `Baton-*` headers, and the call
+//! is reported to the broker.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use baton_tls::PeerCertificate;
+use baton_verify::{CallDenied, PeerCert, ToolSpec, VerifiedDelegation};
+use bytes::{Bytes, BytesMut};
+use futures::{Stream, StreamExt as _};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use warp::Filter as _;
+use warp::Reply as _;
+use warp::reply::Response;
+
+use crate::GatewayError;
+use crate::config::{Config, Route};
+use crate::enforce::{Enforcer, EnforcerOptions, FeedConfig, RefusedToken};
+
+/// The largest request or upstream response body the gateway passes on.
+pub const MAX_BODY: usize = 8 << 20;
+
+/// Where RFC 9728 protected-resource metadata is served.
+pub const METADATA_PATH: &str = "/.well-known/oauth-protected-resource";
+
+/// The verified caller, as the upstream gets it. Any incoming header of
+/// these names (and any other `baton-*` header) is removed first.
+pub const HEADER_TASK: &str = "baton-task";
+pub const HEADER_ACTOR: &str = "baton-actor";
+pub const HEADER_CHAIN: &str = "baton-chain";
+
+/// Headers that belong to one connection, never forwarded.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// How to run a gateway.
+pub struct RunOptions {
+    pub config: Config,
+    /// The Workload API, as `unix:/path`.
+    pub endpoint: String,
+    /// The call policy (Cedar), decided per call.
+    pub policy: Arc<dyn baton_verify::CallPolicy>,
+    pub ops: Option<baton_ops::Ops>,
+    /// Written with the bound address once the gateway serves.
+    pub ready_file: Option<PathBuf>,
+    pub shutdown_grace: Duration,
+}
+
+impl std::fmt::Debug for RunOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunOptions")
+            .field("config", &self.config)
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Gateway {
+    config: Config,
+    enforcer: Enforcer,
+    /// The tool of each route, by route index.
+    specs: Vec<ToolSpec>,
+    upstreams: BTreeMap<String, reqwest::Client>,
+    metadata: serde_json::Value,
+}
+
+/// Runs the gateway until `stop` resolves; calls in flight get
+/// `shutdown_grace` to finish.
+pub async fn run(
+    o: RunOptions,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), GatewayError> {
+    baton_tls::install_crypto_provider();
+    let c = &o.config;
+    let enforcer = Enforcer::start(EnforcerOptions {
+        endpoint: &o.endpoint,
+        spiffe_id: c.spiffe_id.as_deref(),
+        broker_url: &c.broker_url,
+        audience: &c.audience,
+        spool: &c.spool,
+        feed: FeedConfig {
+            redis: None,
+            stale_after: c.stale_after,
+            read_allows_stale: c.read_allows_stale,
+            dangerously_skip_revocation: false,
+        },
+        policy: &o.policy,
+        ops: o.ops.as_ref(),
+    })
+    .await?;
+    if let Some(ops) = &o.ops {
+        let live = enforcer.live.clone();
+        ops.add_check("svid", move || {
+            let expired = live.svid_expires_at() <= baton_revocation::system_now();
+            async move {
+                if expired {
+                    Err(
+                        "the gateway's SVID has expired (the Workload API has not renewed it)"
+                            .to_owned(),
+                    )
+                } else {
+                    Ok(())
+                }
+            }
+        });
+    }
+    let specs = c
+        .routes
+        .iter()
+        .map(|r| ToolSpec {
+            name: r.tool.clone(),
+            tier: r.tier,
+            resource: String::new(),
+            requires: r.permission.clone(),
+        })
+        .collect();
+    let mut upstreams = BTreeMap::new();
+    for (name, u) in &c.upstreams {
+        let mut b = reqwest::Client::builder()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(Duration::from_secs(5));
+        if u.http2 {
+            b = b.http2_prior_knowledge();
+        }
+        let client = b
+            .build()
+            .map_err(|e| GatewayError::Refused(format!("upstream {name}: {e}")))?;
+        upstreams.insert(name.clone(), client);
+    }
+    let mut scopes: Vec<String> = c.routes.iter().map(|r| r.permission.to_string()).collect();
+    scopes.sort();
+    scopes.dedup();
+    let metadata = serde_json::json!({
+        "resource": c.audience,
+        "authorization_servers": [c.broker_url],
+        "bearer_methods_supported": ["header"],
+        "scopes_supported": scopes,
+        "tls_client_certificate_bound_access_tokens": true,
+        "resource_name": format!("Baton gateway for {}", c.audience),
+    });
+    let server_config = enforcer.server_config()?;
+    let listen = c.listen;
+    let gw = Arc::new(Gateway {
+        config: o.config.clone(),
+        enforcer,
+        specs,
+        upstreams,
+        metadata,
+    });
+    let state = gw.clone();
+    let routes = warp::method()
+        .and(warp::path::full())
+        .and(
+            warp::query::raw()
+                .map(Some)
+                .or(warp::any().map(|| None))
+                .unify(),
+        )
+        .and(warp::header::headers_cloned())
+        .and(warp::ext::optional::<PeerCertificate>())
+        .and(warp::body::stream())
+        .and(warp::any().map(move || state.clone()))
+        .then(
+            |method: Method,
+             path: warp::path::FullPath,
+             query: Option<String>,
+             headers: HeaderMap,
+             cert: Option<PeerCertificate>,
+             body,
+             gw: Arc<Gateway>| async move {
+                let req = Incoming {
+                    method,
+                    path: path.as_str().to_owned(),
+                    query,
+                    headers,
+                    cert,
+                };
+                gw.handle(req, body).await
+            },
+        );
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|source| GatewayError::Io {
+            context: format!("binding {listen}"),
+            source,
+        })?;
+    let addr: SocketAddr = listener.local_addr().map_err(|source| GatewayError::Io {
+        context: "listener address".into(),
+        source,
+    })?;
+    tracing::info!(%addr, audience = %gw.config.audience, routes = gw.config.routes.len(), "gateway listening");
+    if let Some(ops) = &o.ops {
+        ops.set_started();
+    }
+    if let Some(path) = &o.ready_file {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, addr.to_string())
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .map_err(|source| GatewayError::Io {
+                context: format!("writing {}", path.display()),
+                source,
+            })?;
+    }
+    let limits = baton_tls::ServeLimits {
+        shutdown_grace: o.shutdown_grace,
+        ..baton_tls::ServeLimits::default()
+    };
+    baton_tls::serve_https_with(listener, server_config, routes, limits, stop)
+        .await
+        .map_err(GatewayError::refused)?;
+    match Arc::try_unwrap(gw) {
+        Ok(gw) => gw.enforcer.finish(o.shutdown_grace).await,
+        Err(_) => tracing::warn!("calls still hold the gateway; reports stay in the spool"),
+    }
+    tracing::info!("gateway stopped");
+    Ok(())
+}
+
+/// A request as the gateway received it (the body apart).
+struct Incoming {
+    method: Method,
+    path: String,
+    query: Option<String>,
+    headers: HeaderMap,
+    cert: Option<PeerCertificate>,
+}
+
+/// A refusal as RFC 6750 describes it, with a JSON body saying why.
+fn refusal(status: StatusCode, challenge: &str, code: &str, message: &str) -> Response {
+    let mut resp = warp::reply::with_status(
+        warp::reply::json(&serde_json::json!({"error": message, "code": code})),
+        status,
+    )
+    .into_response();
+    if let Ok(v) = HeaderValue::from_str(challenge) {
+        resp.headers_mut().insert(http::header::WWW_AUTHENTICATE, v);
+    }
+    resp
+}
+
+fn invalid_token(code: &str, message: &str) -> Response {
+    refusal(
+        StatusCode::UNAUTHORIZED,
+        &format!(
+            "Bearer error=\"invalid_token\", error_description=\"{}\"",
+            quoted(message)
+        ),
+        code,
+        message,
+    )
+}
+
+/// A header quoted-string's content (RFC 9110): no quotes, backslashes or
+/// control characters.
+fn quoted(s: &str) -> String {
+    s.chars()
+        .filter(|c| *c != '"' && *c != '\\' && !c.is_control())
+        .collect()
+}
+
+fn plain(status: StatusCode, code: &str, message: &str) -> Response {
+    warp::reply::with_status(
+        warp::reply::json(&serde_json::json!({"error": message, "code": code})),
+        status,
+    )
+    .into_response()
+}
+
+impl Gateway {
+    async fn handle<S, B>(&self, req: Incoming, body: S) -> Response
+    where
+        S: Stream<Item = Result<B, warp::Error>>,
+        B: bytes::Buf,
+    {
+        if req.path == METADATA_PATH && req.method == Method::GET {
+            return warp::reply::json(&self.metadata).into_response();
+        }
+        let Some(PeerCertificate(leaf)) = req.cert.clone() else {
+            return invalid_token("no_peer", "an mTLS client certificate is required");
+        };
+        let peer = match PeerCert::from_verified_leaf(leaf) {
+            Ok(p) => p,
+            Err(e) => return invalid_token("bad_peer", &e.to_string()),
+        };
+        let token = req
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|a| a.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned);
+        let Some(token) = token else {
+            // RFC 6750 3.1: a request without credentials gets the challenge
+            // without an error code; RFC 9728 5.1: where the metadata is.
+            let host = req
+                .headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(quoted)
+                .unwrap_or_default();
+            return refusal(
+                StatusCode::UNAUTHORIZED,
+                &format!("Bearer resource_metadata=\"https://{host}{METADATA_PATH}\""),
+                "no_token",
+                "a delegation token is required (Authorization: Bearer ...)",
+            );
+        };
+        let input = match read_body(body).await {
+            Ok(b) => b,
+            Err(status) => return plain(status, "body", "the request body is too large or broken"),
+        };
+        let matched = self.config.route(&req.method, &req.path);
+        let now = baton_revocation::system_now();
+        let delegation = match self.enforcer.verifier.verify(&token, &peer, now) {
+            Ok(d) => d,
+            Err(e) => {
+                let (tool, resource, risk) = match &matched {
+                    Some(m) => (m.route.tool.as_str(), m.resource.as_str(), m.route.tier),
+                    None => ("(no route)", "", baton_core::RiskTier::Read),
+                };
+                self.enforcer.report_refused_token(RefusedToken {
+                    token: &token,
+                    peer: &peer,
+                    tool,
+                    resource,
+                    risk,
+                    input: &input,
+                    now,
+                    err: &e,
+                });
+                return invalid_token(e.code(), &e.to_string());
+            }
+        };
+        let Some(m) = matched else {
+            tracing::warn!(
+                task = %delegation.task_id(),
+                agent = %delegation.agent(),
+                method = %req.method,
+                path = %req.path,
+                "request on no route refused"
+            );
+            return plain(
+                StatusCode::NOT_FOUND,
+                "no_route",
+                &format!("no route for {} {}", req.method, req.path),
+            );
+        };
+        let index = self
+            .config
+            .routes
+            .iter()
+            .position(|r| std::ptr::eq(r, m.route))
+            .unwrap_or_default();
+        let Some(spec) = self.specs.get(index) else {
+            return plain(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "route without a tool",
+            );
+        };
+        let spec = ToolSpec {
+            resource: m.resource.clone(),
+            ..spec.clone()
+        };
+        let call = match self
+            .enforcer
+            .gate
+            .authorize(&delegation, &spec, &input, now)
+        {
+            Ok(call) => call,
+            Err(denied) => return denial(&denied),
+        };
+        let started = std::time::Instant::now();
+        let forwarded = self.forward(m.route, &req, &delegation, input).await;
+        let latency_ms = started.elapsed().as_millis();
+        let recorded: Vec<String> = m
+            .route
+            .record_headers
+            .iter()
+            .filter_map(|h| {
+                let v = req.headers.get(h)?.to_str().ok()?;
+                Some(format!("{h}={v}"))
+            })
+            .collect();
+        match forwarded {
+            Ok((status, headers, out)) => {
+                tracing::info!(
+                    task = %delegation.task_id(),
+                    agent = %delegation.agent(),
+                    tool = %spec.name,
+                    resource = %spec.resource,
+                    upstream_status = status.as_u16(),
+                    latency_ms,
+                    recorded = ?recorded,
+                    "call forwarded"
+                );
+                // No record, no answer: the call's report must be spooled.
+                if let Err(e) = call.finish(&out) {
+                    return plain(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "audit_unavailable",
+                        &format!("cannot record the call: {e}"),
+                    );
+                }
+                let mut resp = out.into_response();
+                *resp.status_mut() = status;
+                *resp.headers_mut() = headers;
+                resp
+            }
+            Err(message) => {
+                tracing::warn!(
+                    task = %delegation.task_id(),
+                    tool = %spec.name,
+                    latency_ms,
+                    error = %message,
+                    "upstream failed"
+                );
+                // Dropped unfinished: a read call is recorded as finished
+                // without output.
+                drop(call);
+                plain(StatusCode::BAD_GATEWAY, "upstream", &message)
+            }
+        }
+    }
+
+    /// Sends the request on, with the caller's identity in `Baton-*`
+    /// headers. Answers the upstream's status, headers and body.
+    async fn forward(
+        &self,
+        route: &Route,
+        req: &Incoming,
+        d: &VerifiedDelegation,
+        body: Bytes,
+    ) -> Result<(StatusCode, HeaderMap, Vec<u8>), String> {
+        let (Some(client), Some(upstream)) = (
+            self.upstreams.get(&route.upstream),
+            self.config.upstreams.get(&route.upstream),
+        ) else {
+            return Err(format!("no upstream {}", route.upstream));
+        };
+        let url = match &req.query {
+            Some(q) => format!("{}{}?{q}", upstream.url, req.path),
+            None => format!("{}{}", upstream.url, req.path),
+        };
+        let headers = upstream_headers(&req.headers, d)?;
+        let resp = client
+            .request(req.method.clone(), &url)
+            .headers(headers)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| format!("the upstream did not answer: {}", error_chain(&e)))?;
+        let status = resp.status();
+        let mut headers = resp.headers().clone();
+        strip_hop_by_hop(&mut headers);
+        headers.remove(http::header::CONTENT_LENGTH);
+        let mut out = Vec::new();
+        let mut resp = resp;
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .map_err(|e| format!("the upstream's answer broke off: {e}"))?
+        {
+            if out.len() + chunk.len() > MAX_BODY {
+                return Err(format!("the upstream's answer is over {MAX_BODY} bytes"));
+            }
+            out.extend_from_slice(&chunk);
+        }
+        Ok((status, headers, out))
+    }
+}
+
+/// The request's headers as the upstream gets them: without hop-by-hop
+/// headers, the host, the caller's token and any `baton-*` header; with
+/// the verified task, actor and chain.
+pub fn upstream_headers(incoming: &HeaderMap, d: &VerifiedDelegation) -> Result<HeaderMap, String> {
+    let mut h = incoming.clone();
+    strip_hop_by_hop(&mut h);
+    for name in [
+        http::header::HOST,
+        http::header::AUTHORIZATION,
+        http::header::CONTENT_LENGTH,
+    ] {
+        h.remove(name);
+    }
+    let baton: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| k.as_str().starts_with("baton-"))
+        .cloned()
+        .collect();
+    for k in baton {
+        h.remove(k);
+    }
+    let chain = d
+        .chain()
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    for (name, value) in [
+        (HEADER_TASK, d.task_id().to_string()),
+        (HEADER_ACTOR, d.agent().to_string()),
+        (HEADER_CHAIN, chain),
+    ] {
+        let v = HeaderValue::from_str(&value).map_err(|e| format!("{name}: {e}"))?;
+        h.insert(HeaderName::from_static(name), v);
+    }
+    Ok(h)
+}
+
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Headers the Connection header names are hop-by-hop too.
+    let named: Vec<String> = h
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
+        .collect();
+    for n in named {
+        h.remove(n.as_str());
+    }
+    for n in HOP_BY_HOP {
+        h.remove(n);
+    }
+}
+
+/// A gate refusal as HTTP: a token no longer good is 401, a call the token
+/// does not allow is 403 with the permission it would need, and a gateway
+/// that cannot decide now (stale feed, policy error, no audit) is 503.
+fn denial(denied: &CallDenied) -> Response {
+    let message = denied.to_string();
+    match denied {
+        CallDenied::Expired { .. } | CallDenied::PeerRevoked { .. } => {
+            invalid_token(denied.code(), &message)
+        }
+        CallDenied::OutOfScope { required } => refusal(
+            StatusCode::FORBIDDEN,
+            &format!(
+                "Bearer error=\"insufficient_scope\", scope=\"{}\"",
+                quoted(&required.to_string())
+            ),
+            denied.code(),
+            &message,
+        ),
+        CallDenied::OverCeiling { .. } | CallDenied::PolicyDenied { .. } => refusal(
+            StatusCode::FORBIDDEN,
+            &format!(
+                "Bearer error=\"insufficient_scope\", error_description=\"{}\"",
+                quoted(&message)
+            ),
+            denied.code(),
+            &message,
+        ),
+        CallDenied::RevocationStale { .. }
+        | CallDenied::PolicyError { .. }
+        | CallDenied::AuditUnavailable(_) => {
+            plain(StatusCode::SERVICE_UNAVAILABLE, denied.code(), &message)
+        }
+    }
+}
+
+async fn read_body<S, B>(body: S) -> Result<Bytes, StatusCode>
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: bytes::Buf,
+{
+    let mut body = std::pin::pin!(body);
+    let mut out = BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        let mut chunk = chunk.map_err(|_| StatusCode::BAD_REQUEST)?;
+        if out.len() + chunk.remaining() > MAX_BODY {
+            return Err(StatusCode::PAYLOAD_TOO_LARGE);
+        }
+        while chunk.has_remaining() {
+            let part = chunk.chunk();
+            out.extend_from_slice(part);
+            let n = part.len();
+            chunk.advance(n);
+        }
+    }
+    Ok(out.freeze())
+}
+
+/// An error with its causes (reqwest hides the reason in its sources).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out
+}
