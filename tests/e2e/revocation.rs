@@ -266,13 +266,20 @@ fn the_revocation_service_keeps_the_feed_alive_on_its_own() {
         Duration::from_secs(20),
         || {
             let n: u64 = redis
-                .cli(&["XLEN", "{baton}:revocations"])
+                .cli(&["XLEN", "{baton}:revocations:v2"])
                 .trim()
                 .parse()
                 .unwrap_or(0);
             (n >= 3).then_some(())
         },
     );
-    let last = redis.cli(&["XREVRANGE", "{baton}:revocations", "+", "-", "COUNT", "1"]);
+    let last = redis.cli(&[
+        "XREVRANGE",
+        "{baton}:revocations:v2",
+        "+",
+        "-",
+        "COUNT",
+        "1",
+    ]);
     assert!(last.contains("hb"), "{last}");
 }

@@ -245,6 +245,26 @@ async fn used_memory(s: &RedisStore) -> anyhow::Result<i64> {
     info_field(&info(s, "memory").await?, "used_memory")
 }
 
+/// The stream's `MEMORY USAGE` (every entry sampled) and the normal
+/// clients' buffers, for the breakdown of the cascade's memory.
+async fn memory_parts(s: &RedisStore) -> anyhow::Result<(i64, i64)> {
+    let stream = match s
+        .raw(
+            redis::cmd("MEMORY")
+                .arg("USAGE")
+                .arg(s.stream_key())
+                .arg("SAMPLES")
+                .arg(0),
+        )
+        .await?
+    {
+        Value::Int(n) => n,
+        _ => 0,
+    };
+    let clients = info_field(&info(s, "memory").await?, "mem_clients_normal")?;
+    Ok((stream, clients))
+}
+
 async fn int(s: &RedisStore, cmd: &redis::Cmd) -> anyhow::Result<i64> {
     match s.raw(cmd).await? {
         Value::Int(n) => Ok(n),
@@ -545,6 +565,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let z0 = zcard(&s).await?;
     wait_zcard(&s, z0).await?;
     let mem2 = used_memory(&s).await?;
+    let (stream2, clients2) = memory_parts(&s).await?;
     let (r_len0, b_len0) = (rfeed.len(), bfeed.len());
     let targets = Arc::new(vec![
         AtomicUsize::new(usize::MAX),
@@ -579,6 +600,12 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let (r_first, b_first) = (at(0, r_len0 + 1), at(1, b_len0 + 1));
     wait_zcard(&s, z0 + i64::try_from(newly)?).await?;
     let mem3 = used_memory(&s).await?;
+    let (stream3, clients3) = memory_parts(&s).await?;
+    println!(
+        "cascade memory parts (÷ {newly} new ids): the stream (MEMORY USAGE) {:.1} B per id, client buffers (mem_clients_normal) {:.1} B per id",
+        (stream3 - stream2) as f64 / newly.max(1) as f64,
+        (clients3 - clients2) as f64 / newly.max(1) as f64
+    );
     let live_bytes = (mem1 - mem0) as f64 / ids.len().max(1) as f64;
     let revoked_bytes = (mem3 - mem2) as f64 / newly.max(1) as f64;
     let fmt_t =

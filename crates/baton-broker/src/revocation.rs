@@ -107,7 +107,7 @@ pub struct FeedEntry {
 /// Most entries one feed page carries.
 pub const FEED_PAGE: usize = 10_000;
 /// Most outbox entries one relay step publishes.
-const RELAY_PAGE: usize = 5_000;
+const RELAY_PAGE: usize = 20_000;
 /// How often the relay checks the store even when nothing new was
 /// revoked (this bounds how long a flushed Redis stays empty).
 const RELAY_TICK: Duration = Duration::from_millis(500);
@@ -610,8 +610,16 @@ impl Revoker {
         reason: &str,
         now: u64,
     ) -> Result<Vec<Revoked>, BrokerError> {
+        // A task store in this database has every token and certificate
+        // in the registry (schema 8 on), so the registry's task index
+        // covers them; another store's tokens are added as it lists them.
+        let same_db = tasks
+            .as_sqlite()
+            .is_some_and(|s| std::ptr::eq(s, Arc::as_ptr(&self.durable)));
         let mut known: Vec<Revoked> = Vec::new();
-        if let Target::Task(task) = target {
+        if let Target::Task(task) = target
+            && !same_db
+        {
             for t in tasks.tokens_for_task(task)? {
                 if t.exp > now {
                     known.extend(token_pair(&t));
@@ -1102,6 +1110,87 @@ mod tests {
             ["b1", "b2", "x1", "x2"]
         );
         assert!(covered(&store, &Target::Task(task(0xc)), now).is_empty());
+    }
+}
+
+#[cfg(test)]
+mod migration_tests {
+    use super::*;
+    use crate::tasks::TokenRecord;
+
+    /// A token stored before the registry existed (schema < 7) is in the
+    /// registry after schema 8, under its task, with its certificate under
+    /// it: a task's cascade covers both without reading `tokens`.
+    #[test]
+    fn tokens_from_before_the_registry_are_backfilled_into_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.sqlite");
+        let t = TaskId::from_random([0xa; 16]);
+        let (now, exp) = (1_000, 2_000);
+        let record = TokenRecord {
+            jti: "0a0b".into(),
+            task_id: t.clone(),
+            spiffe_id: SpiffeId::parse("spiffe://example.org/agents/researcher").unwrap(),
+            depth: 1,
+            parent_jti: None,
+            exp,
+            cert_thumbprint: "th".into(),
+            cert_serial: "7a3f".into(),
+            aud: vec![],
+        };
+        let covered = |store: &SqliteStore| -> Vec<(String, String, u64)> {
+            store
+                .with(|c| {
+                    let tx = c.transaction()?;
+                    cover_reset(&tx)?;
+                    cover_resolve(&tx, &Target::Task(t.clone()), now)?;
+                    let mut v: Vec<_> = cover_list(&tx)?
+                        .into_iter()
+                        .map(|r| (r.id, r.kind.code().to_owned(), r.expires_at))
+                        .collect();
+                    v.sort();
+                    Ok(v)
+                })
+                .unwrap()
+        };
+        {
+            let store = SqliteStore::open(&path).unwrap();
+            store
+                .with(|c| {
+                    c.execute(
+                        "INSERT INTO tokens (jti, task_id, record) VALUES (?1, ?2, ?3)",
+                        params![
+                            record.jti,
+                            t.as_str(),
+                            serde_json::to_string(&record).unwrap()
+                        ],
+                    )?;
+                    // As if the database predated schema 8.
+                    c.execute("DELETE FROM schema_version WHERE version = 8", [])?;
+                    Ok(())
+                })
+                .unwrap();
+            // Control: the token is not in the registry yet.
+            assert!(covered(&store).is_empty());
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(
+            covered(&store),
+            [
+                ("0a0b".to_owned(), "token".to_owned(), exp),
+                ("7a3f".to_owned(), "x509".to_owned(), exp),
+            ]
+        );
+        let parent: Option<String> = store
+            .with(|c| {
+                Ok(c.query_row(
+                    "SELECT parent FROM credentials WHERE id = '7a3f'",
+                    [],
+                    |r| r.get(0),
+                )?)
+            })
+            .unwrap();
+        assert_eq!(parent.as_deref(), Some("0a0b"));
     }
 }
 

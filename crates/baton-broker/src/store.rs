@@ -244,6 +244,24 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE revocation_log ADD COLUMN kind TEXT NOT NULL DEFAULT 'token';
      ALTER TABLE revocation_log ADD COLUMN reason TEXT NOT NULL DEFAULT '';
      CREATE INDEX revocation_log_by_expiry ON revocation_log(expires_at);",
+    // 8: every delegation token and its certificate in the registry, under
+    // their task (tokens minted before 7 were only in `tokens`): a task's
+    // cascade is then computed from the registry alone. From 7 on, a
+    // redeem registers both in the transaction that stores the token, and
+    // a renewed certificate is registered before it leaves (a task revoked
+    // in between refuses it).
+    "INSERT OR IGNORE INTO credentials (id, kind, task, parent, expires_at)
+        SELECT json_extract(record, '$.jti'), 'token', task_id,
+               json_extract(record, '$.parent_jti'), json_extract(record, '$.exp')
+        FROM tokens
+        WHERE json_extract(record, '$.jti') IS NOT NULL
+          AND typeof(json_extract(record, '$.exp')) = 'integer';
+     INSERT OR IGNORE INTO credentials (id, kind, task, parent, expires_at)
+        SELECT json_extract(record, '$.cert_serial'), 'x509', task_id,
+               json_extract(record, '$.jti'), json_extract(record, '$.exp')
+        FROM tokens
+        WHERE json_extract(record, '$.cert_serial') IS NOT NULL
+          AND typeof(json_extract(record, '$.exp')) = 'integer';",
 ];
 
 const ENTRY_COLUMNS: &str =
@@ -289,6 +307,12 @@ impl SqliteStore {
 
     fn migrate(mut conn: Connection) -> Result<Self, StoreError> {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // A revocation's working set (`temp.cover`, one row per id of a
+        // cascade of thousands) stays in memory, and the page cache may
+        // hold the registry and revocation tables a cascade touches
+        // (32 MiB instead of the default 2 MiB).
+        conn.pragma_update(None, "temp_store", "MEMORY")?;
+        conn.pragma_update(None, "cache_size", -32_768)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);",
         )?;

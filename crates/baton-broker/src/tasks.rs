@@ -133,6 +133,9 @@ pub trait TaskStore: Send + Sync + std::fmt::Debug {
         digest: &str,
         now: u64,
     ) -> Result<Result<GrantRecord, GrantRefusal>, StoreError>;
+    /// Stores a token record. The caller registers the token and its
+    /// certificate in the credential registry (a task's revocation finds
+    /// them there); [`TaskStore::redeem_grant`] does both at once.
     fn insert_token(&self, t: &TokenRecord) -> Result<(), StoreError>;
     /// A redeem's one atomic step: consumes the grant, records the token
     /// and registers `creds` (the token and its certificate) in the
@@ -158,6 +161,11 @@ pub trait TaskStore: Send + Sync + std::fmt::Debug {
     /// Replaces a token's record (a renewal binds it to a new certificate).
     fn update_token(&self, t: &TokenRecord) -> Result<(), StoreError>;
     fn tokens_for_task(&self, task: &TaskId) -> Result<Vec<TokenRecord>, StoreError>;
+    /// The SQLite database behind this store, if it is one (a revocation
+    /// in the same database reads the tokens in its own transaction).
+    fn as_sqlite(&self) -> Option<&SqliteStore> {
+        None
+    }
     fn get_token(&self, jti: &str) -> Result<Option<TokenRecord>, StoreError>;
     /// Records that an ID token (by its replay key) started a task; false
     /// when it already did (a replay). Forgets tokens expired at `now`.
@@ -168,6 +176,10 @@ pub trait TaskStore: Send + Sync + std::fmt::Debug {
 }
 
 impl TaskStore for SqliteStore {
+    fn as_sqlite(&self) -> Option<&SqliteStore> {
+        Some(self)
+    }
+
     fn insert_task(&self, t: &TaskRecord) -> Result<(), StoreError> {
         let record = enc("tasks", t)?;
         self.with(|c| {

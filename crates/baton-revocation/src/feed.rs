@@ -1,7 +1,7 @@
 //! The verifier side: a local revoked set fed by the revocation stream, and
 //! the publisher-side heartbeat that proves the feed is alive.
 //!
-//! The follower reads `{p}:revocations` with `XREAD BLOCK` from the last id
+//! The follower reads `{p}:revocations:v2` with `XREAD BLOCK` from the last id
 //! it saw, so a reconnect resumes where it stopped (a Stream, unlike pub/sub,
 //! keeps entries while the reader is away). It does a full resync — one
 //! `MULTI` reading the epoch, the stream's newest id and the
@@ -304,7 +304,7 @@ impl Follower {
                 .arg("BLOCK")
                 .arg(self.block.as_millis() as u64)
                 .arg("STREAMS")
-                .arg(self.key("revocations"))
+                .arg(self.key(crate::STREAM))
                 .arg(&last)
                 .query_async(conn)
                 .await?;
@@ -321,7 +321,7 @@ impl Follower {
         let Some(last) = self.last_id.as_deref() else {
             return Ok(true);
         };
-        let stream = self.key("revocations");
+        let stream = self.key(crate::STREAM);
         if last != "0-0" {
             let own: Value = redis::cmd("XRANGE")
                 .arg(&stream)
@@ -361,7 +361,7 @@ impl Follower {
             .cmd("GET")
             .arg(self.key("epoch"))
             .cmd("XREVRANGE")
-            .arg(self.key("revocations"))
+            .arg(self.key(crate::STREAM))
             .arg("+")
             .arg("-")
             .arg("COUNT")
@@ -417,12 +417,19 @@ impl Follower {
             let get = |k: &str| fields.iter().find(|(f, _)| f == k).map(|(_, v)| v.as_str());
             match get("t") {
                 Some("revoke") => {
-                    for line in get("r").unwrap_or_default().split('\n') {
-                        if let Some((exp, rid)) = line.split_once(' ')
-                            && let Ok(exp) = exp.parse::<u64>()
-                            && exp > now
-                        {
-                            s.revoked.insert(rid.to_owned(), exp);
+                    match crate::stream_format::decode(get("r").unwrap_or_default()) {
+                        Ok(pairs) => {
+                            for (rid, exp) in pairs {
+                                if exp > now {
+                                    s.revoked.insert(rid, exp);
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            // Never skip ids: reload the whole deny set.
+                            tracing::warn!(error = %e, entry = %id, "revocation feed: unreadable entry; resyncing");
+                            self.last_id = None;
+                            return;
                         }
                     }
                 }

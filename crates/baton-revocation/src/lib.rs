@@ -44,7 +44,10 @@
 //! and each script's keys live on one node. The scripts declare
 //! `{p}:epoch` as their one key (that routes them) and compute the others
 //! from `{p}`; the feed's stream reads and the heartbeat's `XADD` name
-//! `{p}:revocations`, in the same slot. The layout is the same in every
+//! `{p}:revocations:v2`, in the same slot. (Format 1 of the stream,
+//! one `exp id` line per id, was `{p}:revocations`: a follower of that
+//! format finds no entry under the new name, not even heartbeats, and goes
+//! stale, failing closed, instead of misreading format 2.) The layout is the same in every
 //! mode. (Before Cluster support the keys were `p:…` without braces; a
 //! store written that way is simply unseeded under the new names, and the
 //! brokers re-seed it from their durable logs.)
@@ -55,7 +58,7 @@
 //! | `{p}:task:<task>`, `{p}:agent:<spiffe>`, `{p}:node:<spiffe>`, `{p}:children:<id>` | set of ids | index | pushed out to the max expiry of its members |
 //! | `{p}:revoked-index` | sorted set id -> expiry | the deny set: `is_revoked` and the scripts' checks are `ZSCORE` > now; what a follower loads on a full resync (`ZRANGE BYSCORE now +inf`) | members pruned on each revoke/seed/publish |
 //! | `{p}:revoked-task:<task>` | string | task tombstone: refuses new registrations | max expiry of the task's credentials |
-//! | `{p}:revocations` | stream | `t=revoke`, `r="exp id\nexp id…"`, `why`; `t=hb`; `t=seed`, `epoch` | trimmed with `MINID ~` to [`STREAM_RETENTION_SECS`] (1 h) on every `XADD` |
+//! | `{p}:revocations:v2` | stream | `t=revoke`, `r="exp id id…\nexp id…"` (format 2: each expiry once, lower-case hex ids as `~` + base64url of their bytes; see `stream_format.rs`), `why`; `t=hb`; `t=seed`, `epoch` | trimmed with `MINID ~` to [`STREAM_RETENTION_SECS`] (1 h) on every `XADD` |
 //! | `{p}:epoch` | string | random, set by the first `seed` | none: if it is gone, Redis lost its data |
 //! | `{p}:outbox:<log>` | string | the highest outbox sequence of the datastore log `<log>` that [`RevocationStore::publish`] acknowledged | none |
 //!
@@ -117,6 +120,12 @@ mod feed;
 mod memory;
 mod redis_config;
 mod redis_store;
+mod stream_format;
+
+/// The revocation stream's key after the prefix: `{p}:revocations:v2`,
+/// entries in format 2 (see the key layout). Format 1 was
+/// `{p}:revocations`; seeds and publications remove that key.
+pub(crate) const STREAM: &str = "revocations:v2";
 
 use std::fmt;
 

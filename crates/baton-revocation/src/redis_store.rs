@@ -58,7 +58,7 @@ local p, ttype, tval, reason, now, minid =
 if redis.call('EXISTS', p .. ':epoch') == 0 then return {'notseeded'} end
 local queue
 if ttype == 'cred' then queue = {tval} else queue = redis.call('SMEMBERS', p .. ':' .. ttype .. ':' .. tval) end
-local seen, out, lines, maxexp, i = {}, {}, {}, 0, 1
+local seen, out, groups, order, maxexp, i = {}, {}, {}, {}, 0, 1
 while i <= #queue do
   local id = queue[i]
   i = i + 1
@@ -69,7 +69,13 @@ while i <= #queue do
       out[#out + 1] = id
       out[#out + 1] = v[1]
       out[#out + 1] = v[2]
-      lines[#lines + 1] = v[2] .. ' ' .. id
+      local g = groups[v[2]]
+      if not g then
+        g = {v[2]}
+        groups[v[2]] = g
+        order[#order + 1] = v[2]
+      end
+      if string.sub(id, 1, 1) == '~' then g[#g + 1] = '~' .. id else g[#g + 1] = id end
       if tonumber(v[2]) > maxexp then maxexp = tonumber(v[2]) end
       for _, kid in ipairs(redis.call('SMEMBERS', p .. ':children:' .. id)) do queue[#queue + 1] = kid end
     end
@@ -86,7 +92,10 @@ end
 if #z > 0 then redis.call('ZADD', idx, unpack(z)) end
 redis.call('ZREMRANGEBYSCORE', idx, '-inf', now)
 if ttype == 'task' then redis.call('SET', p .. ':revoked-task:' .. tval, '1', 'EXAT', maxexp) end
-local xid = redis.call('XADD', p .. ':revocations', 'MINID', '~', minid, '*',
+local lines = {}
+for _, e in ipairs(order) do lines[#lines + 1] = table.concat(groups[e], ' ') end
+redis.call('UNLINK', p .. ':revocations')
+local xid = redis.call('XADD', p .. ':revocations:v2', 'MINID', '~', minid, '*',
   't', 'revoke', 'r', table.concat(lines, '\n'), 'why', reason)
 return {'ok', xid, out}
 "#;
@@ -106,38 +115,37 @@ if not epoch then
   epoch = newepoch
   redis.call('SET', p .. ':epoch', epoch)
 end
-redis.call('XADD', p .. ':revocations', 'MINID', '~', minid, '*', 't', 'seed', 'epoch', epoch)
+redis.call('UNLINK', p .. ':revocations')
+redis.call('XADD', p .. ':revocations:v2', 'MINID', '~', minid, '*', 't', 'seed', 'epoch', epoch)
 return epoch
 "#;
 
+// ARGV[7] is the stream entry's text (format 2, built by the caller from
+// the same pairs), then (expiry, id) pairs, every one live at `now`.
 const PUBLISH_LUA: &str = r#"
-local p, log, upto, reason, now, minid =
-  ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5]), ARGV[6]
+local p, log, upto, reason, minid, text =
+  ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[6], ARGV[7]
 if redis.call('EXISTS', p .. ':epoch') == 0 then return {'notseeded'} end
 local idx = p .. ':revoked-index'
-local lines, z = {}, {}
-for j = 7, #ARGV, 3 do
-  local id, kind, exp = ARGV[j], ARGV[j + 1], ARGV[j + 2]
-  if tonumber(exp) > now then
-    z[#z + 1] = exp
-    z[#z + 1] = id
-    if #z >= 1000 then redis.call('ZADD', idx, unpack(z)) z = {} end
-    lines[#lines + 1] = exp .. ' ' .. id
-  end
+for j = 8, #ARGV, 2000 do
+  redis.call('ZADD', idx, unpack(ARGV, j, math.min(j + 1999, #ARGV)))
 end
-if #z > 0 then redis.call('ZADD', idx, unpack(z)) end
-if #lines > 0 then
-  redis.call('XADD', p .. ':revocations', 'MINID', '~', minid, '*',
-    't', 'revoke', 'r', table.concat(lines, '\n'), 'why', reason)
+if text ~= '' then
+  redis.call('XADD', p .. ':revocations:v2', 'MINID', '~', minid, '*',
+    't', 'revoke', 'r', text, 'why', reason)
 end
+redis.call('UNLINK', p .. ':revocations')
 local k = p .. ':outbox:' .. log
 local cur = tonumber(redis.call('GET', k) or '0')
 if upto > cur then redis.call('SET', k, tostring(upto)) end
 return {'ok'}
 "#;
 
-/// Most entries one publish script call carries.
-const PUBLISH_CHUNK: usize = 1000;
+/// Most entries one publish script call carries: a 10,000-credential
+/// cascade is a few calls, and Redis keeps a query buffer the size of the
+/// largest for a while (at 5,000 entries ~15 B per id right after a
+/// cascade, measured).
+const PUBLISH_CHUNK: usize = 2000;
 
 #[derive(Debug)]
 struct Lua {
@@ -304,7 +312,7 @@ impl RedisStore {
 
     /// Name of the revocation stream.
     pub fn stream_key(&self) -> String {
-        self.key("revocations")
+        self.key(crate::STREAM)
     }
 
     /// Appends a heartbeat to the stream (see [`crate::Heartbeat`]).
@@ -695,10 +703,13 @@ return {'ok'}
         for r in batch {
             validate_id(&r.id)?;
         }
-        let chunks: Vec<&[Revoked]> = if batch.is_empty() {
+        // Only what is still in force is published (the deny set and the
+        // stream would drop the rest at once).
+        let live: Vec<&Revoked> = batch.iter().filter(|r| r.expires_at > now).collect();
+        let chunks: Vec<&[&Revoked]> = if live.is_empty() {
             vec![&[]]
         } else {
-            batch.chunks(PUBLISH_CHUNK).collect()
+            live.chunks(PUBLISH_CHUNK).collect()
         };
         let last = chunks.len().saturating_sub(1);
         for (i, chunk) in chunks.into_iter().enumerate() {
@@ -712,11 +723,12 @@ return {'ok'}
                 reason.to_owned(),
                 now.to_string(),
                 min_id(now),
+                crate::stream_format::encode(chunk.iter().map(|r| (r.id.as_str(), r.expires_at))),
             ];
+            args.reserve(2 * chunk.len());
             for r in chunk {
-                args.push(r.id.clone());
-                args.push(r.kind.code().to_owned());
                 args.push(r.expires_at.to_string());
+                args.push(r.id.clone());
             }
             let v = self.eval(&self.inner.publish, &args).await?;
             match status(&v)?.0.as_str() {

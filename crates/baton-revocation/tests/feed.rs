@@ -147,7 +147,7 @@ async fn follower_resyncs_after_the_stream_was_trimmed() {
     store
         .raw(
             redis::cmd("XTRIM")
-                .arg("{bt}:revocations")
+                .arg("{bt}:revocations:v2")
                 .arg("MAXLEN")
                 .arg(0),
         )
@@ -214,4 +214,84 @@ async fn stale_when_redis_dies_fresh_after_it_returns_and_is_reseeded() {
     .await;
     assert!(feed.contains("r1", system_now()));
     assert!(!RevocationCheck::is_revoked(&feed, "innocent", &t));
+}
+
+/// Format 2 of the stream: published hex ids (written compactly) and other
+/// ids arrive as they were; an entry the follower cannot read makes it
+/// reload the deny set instead of skipping ids; the format-1 stream, which
+/// older followers read, is removed rather than left looking alive.
+#[tokio::test]
+async fn compact_entries_arrive_whole_and_an_unreadable_one_forces_a_resync() {
+    let (_srv, store, feed) = setup().await;
+    let now = system_now();
+    store
+        .raw(
+            redis::cmd("XADD")
+                .arg("{bt}:revocations")
+                .arg("*")
+                .arg("t")
+                .arg("hb"),
+        )
+        .await
+        .unwrap();
+    let serial = "7a3f0b9c00112233445566778899aabb";
+    let batch = [
+        baton_revocation::Revoked {
+            id: serial.into(),
+            kind: baton_revocation::CredKind::X509Svid,
+            expires_at: now + 600,
+        },
+        baton_revocation::Revoked {
+            id: "~odd-one".into(),
+            kind: baton_revocation::CredKind::Token,
+            expires_at: now + 600,
+        },
+        baton_revocation::Revoked {
+            id: "lease-1".into(),
+            kind: baton_revocation::CredKind::SecretLease,
+            expires_at: now + 900,
+        },
+    ];
+    store.publish(&batch, "test", "log1", 3, now).await.unwrap();
+    eventually("every id at the follower", 10, || {
+        [serial, "~odd-one", "lease-1"]
+            .iter()
+            .all(|id| feed.contains(id, system_now()))
+    })
+    .await;
+    let legacy = store
+        .raw(redis::cmd("EXISTS").arg("{bt}:revocations"))
+        .await
+        .unwrap();
+    assert_eq!(legacy, redis::Value::Int(0));
+    let resyncs = feed.resyncs();
+
+    // An id only in the deny set, then an entry no follower can read.
+    store
+        .raw(
+            redis::cmd("ZADD")
+                .arg("{bt}:revoked-index")
+                .arg(now + 600)
+                .arg("only-in-index"),
+        )
+        .await
+        .unwrap();
+    store
+        .raw(
+            redis::cmd("XADD")
+                .arg(store.stream_key())
+                .arg("*")
+                .arg("t")
+                .arg("revoke")
+                .arg("r")
+                .arg("not-a-number only-in-index"),
+        )
+        .await
+        .unwrap();
+    eventually("resynced from the deny set", 10, || {
+        feed.contains("only-in-index", system_now())
+    })
+    .await;
+    assert_eq!(feed.resyncs(), resyncs + 1);
+    assert!(feed.contains(serial, system_now()));
 }

@@ -280,7 +280,7 @@ async fn cluster() {
     let keys: u64 = c.ports.iter().map(|&p| c.dbsize(p)).sum();
     assert!(keys > 5, "{keys}");
     assert_eq!(c.dbsize(owner), keys);
-    assert_eq!(store.stream_key(), "{bt}:revocations");
+    assert_eq!(store.stream_key(), "{bt}:revocations:v2");
     // All nodes as seeds work the same.
     let all = with_mode(RedisMode::Cluster { urls: c.urls() });
     let again = RedisStore::open(&all).await.unwrap();
