@@ -26,6 +26,23 @@ fn world_with_broker_args(args: Vec<String>) -> World {
     World::start_with_args(None, args)
 }
 
+/// The broker's flags for the `postgres.crm` engine on `pg`: leases that
+/// read `public.customers` of database `crm`.
+fn crm_engine_args(pg: &Pg) -> Vec<String> {
+    vec![
+        "--pg-admin-url".into(),
+        pg.admin_conn("postgres"),
+        "--pg-database".into(),
+        "crm".into(),
+        "--pg-grant".into(),
+        "GRANT SELECT ON public.customers TO {role}".into(),
+        "--pg-host".into(),
+        pg.sock(),
+        "--pg-port".into(),
+        pg.port.to_string(),
+    ]
+}
+
 /// A task with `scope` whose root agent (the planner) redeemed its grant.
 fn task_with(w: &World, scope: &[&str], ttl: &str, tag: &str) -> (String, PathBuf) {
     let (task, grant) = w.start_task(scope, "1", ttl, "read");
@@ -112,20 +129,9 @@ async fn postgres_lease_is_scoped_and_dies_with_the_task_or_at_expiry() {
         .await
         .unwrap();
     let admin = pg.admin("crm").await;
-    let w = world_with_broker_args(vec![
-        "--pg-admin-url".into(),
-        pg.admin_conn("postgres"),
-        "--pg-database".into(),
-        "crm".into(),
-        "--pg-grant".into(),
-        "GRANT SELECT ON public.customers TO {role}".into(),
-        "--pg-host".into(),
-        pg.sock(),
-        "--pg-port".into(),
-        pg.port.to_string(),
-        "--secret-sweep-interval".into(),
-        "1s".into(),
-    ]);
+    let mut args = crm_engine_args(&pg);
+    args.extend(["--secret-sweep-interval".into(), "1s".into()]);
+    let w = world_with_broker_args(args);
 
     // Without the permission: refused, naming it, and no role is created.
     let before = leased_roles(&admin).await;
@@ -319,20 +325,9 @@ async fn postgres_failures_of_the_secret_engine_are_counted_and_leave_nothing_be
         .await
         .unwrap();
     let ops = free_addr();
-    let w = world_with_broker_args(vec![
-        "--pg-admin-url".into(),
-        pg.admin_conn("postgres"),
-        "--pg-database".into(),
-        "crm".into(),
-        "--pg-grant".into(),
-        "GRANT SELECT ON public.customers TO {role}".into(),
-        "--pg-host".into(),
-        pg.sock(),
-        "--pg-port".into(),
-        pg.port.to_string(),
-        "--ops-listen".into(),
-        ops.clone(),
-    ]);
+    let mut args = crm_engine_args(&pg);
+    args.extend(["--ops-listen".into(), ops.clone()]);
+    let w = world_with_broker_args(args);
     let (_task, cred) = task_with(&w, &["dataset:crm:read"], "10m", "reader");
 
     // Control: a lease works and no PostgreSQL error is counted.

@@ -13,7 +13,12 @@ use crate::output;
 pub struct GatewayArgs {
     /// The gateway's configuration file (TOML): listen, audience, broker,
     /// upstreams and routes (README: "Protecting a tool you did not write").
-    #[arg(long, value_name = "FILE", env = "BATON_GATEWAY_CONFIG", hide_env_values = true)]
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "BATON_GATEWAY_CONFIG",
+        hide_env_values = true
+    )]
     pub config: PathBuf,
     /// Check the file and exit: 0 when it is usable, 2 naming the field
     /// that is not.
