@@ -110,6 +110,8 @@ struct Gw {
     _gateway: Proc,
     url: String,
     upstream: Upstream,
+    /// The gateway's ops listener (`--ops-listen`).
+    ops: String,
 }
 
 fn config(w: &World, upstream_port: u16) -> String {
@@ -162,6 +164,7 @@ impl Gw {
         let file = w.c.path("gateway.toml");
         std::fs::write(&file, config(&w, upstream.port)).unwrap();
         let ready = w.c.path("gateway.addr");
+        let ops = crate::ops::free_addr();
         let mut cmd = baton();
         cmd.arg("gateway")
             .arg("--config")
@@ -169,7 +172,9 @@ impl Gw {
             .arg("--socket")
             .arg(w.c.agent_socket())
             .arg("--ready-file")
-            .arg(&ready);
+            .arg(&ready)
+            .arg("--ops-listen")
+            .arg(&ops);
         let mut gateway = Proc::spawn("gateway", cmd, w.c.path("gateway.log"));
         let addr = wait_for("gateway ready", Duration::from_secs(60), || {
             assert!(
@@ -184,6 +189,7 @@ impl Gw {
             _gateway: gateway,
             url: format!("https://{addr}"),
             upstream,
+            ops,
         }
     }
 
@@ -463,6 +469,20 @@ fn the_gateway_refuses_an_ended_task_within_the_staleness_window() {
     // Control: good before the task ends.
     let ok = send(&researcher, "GET", &search, Some(&token), &[]);
     assert_eq!(ok.status, 200, "{ok:?}");
+
+    // Its ops listener: ready with a fresh feed and a valid SVID, and a
+    // scrape promtool accepts, naming no task, token or workload.
+    crate::ops::wait_ready(&g.ops, "the gateway ready");
+    crate::ops::assert_lists_checks(&g.ops, &["revocation_feed", "svid"]);
+    let text = crate::ops::scrape(&g.ops);
+    assert_eq!(
+        crate::ops::value(&text, "baton_verifier_feed_fresh"),
+        1.0,
+        "{text}"
+    );
+    assert!(!text.contains(&task) && !text.contains(&token), "{text}");
+    assert!(!text.contains("spiffe://"), "{text}");
+    crate::ops::promtool_check(&text, "gateway");
 
     g.w.ok(&["task", "end", &task]);
     // The feed brings the revocation within its latency (stale after 2 s;

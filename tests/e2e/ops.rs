@@ -59,13 +59,13 @@ fn sum(text: &str, family: &str, with: &str) -> f64 {
         .sum()
 }
 
-fn readyz(addr: &str) -> Option<(u16, serde_json::Value)> {
+pub(crate) fn readyz(addr: &str) -> Option<(u16, serde_json::Value)> {
     let (status, body) = get(addr, "/readyz")?;
     Some((status, serde_json::from_str(&body).unwrap()))
 }
 
 /// `/readyz` lists each of `names` among its checks.
-fn assert_lists_checks(addr: &str, names: &[&str]) {
+pub(crate) fn assert_lists_checks(addr: &str, names: &[&str]) {
     let (_, body) = readyz(addr).unwrap();
     let listed: Vec<&str> = body["checks"]
         .as_array()
@@ -78,7 +78,7 @@ fn assert_lists_checks(addr: &str, names: &[&str]) {
     }
 }
 
-fn wait_ready(addr: &str, what: &str) {
+pub(crate) fn wait_ready(addr: &str, what: &str) {
     wait_for(what, Duration::from_secs(60), || {
         readyz(addr).and_then(|(s, _)| (s == 200).then_some(()))
     });
@@ -102,7 +102,7 @@ fn healthcheck(addr: &str, check: &str) -> Output {
 
 /// `promtool check metrics` on a real scrape. `.ci/run` installs it (the
 /// Debian package `prometheus`), so it is required.
-fn promtool_check(text: &str, whose: &str) {
+pub(crate) fn promtool_check(text: &str, whose: &str) {
     let child = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
