@@ -121,7 +121,22 @@ fn kubernetes_config_maps_hold_files_baton_accepts() {
     let dir = tempfile::tempdir().unwrap();
     let mut checked = Vec::new();
     for (map, key, text) in config_map_files() {
-        if let Some(verb) = key.strip_suffix(".toml") {
+        if key == "gateway.toml" {
+            // The gateway's file has its own check.
+            let file = dir.path().join(&key);
+            std::fs::write(&file, &text).unwrap();
+            let out = baton()
+                .args(["gateway", "--check", "--config"])
+                .arg(&file)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "ConfigMap {map} {key}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            checked.push("gateway".to_owned());
+        } else if let Some(verb) = key.strip_suffix(".toml") {
             let file = dir.path().join(&key);
             std::fs::write(&file, &text).unwrap();
             // The broker's pod gives the PostgreSQL admin URL in the
@@ -147,7 +162,10 @@ fn kubernetes_config_maps_hold_files_baton_accepts() {
         }
     }
     checked.sort();
-    assert_eq!(checked, ["agent", "broker", "prometheus.yml", "revocation"]);
+    assert_eq!(
+        checked,
+        ["agent", "broker", "gateway", "prometheus.yml", "revocation"]
+    );
 }
 
 #[test]
@@ -156,6 +174,7 @@ fn systemd_units_verify_and_keep_their_hardening() {
         "baton-broker.service",
         "baton-agent.service",
         "baton-revocation.service",
+        "baton-gateway.service",
     ];
     for unit in units {
         let text = std::fs::read_to_string(deploy_dir().join(unit)).unwrap();
@@ -286,7 +305,8 @@ print(json.dumps(out))
         [
             "DaemonSet/baton-agent",
             "Deployment/baton-revocation",
-            "StatefulSet/baton-broker"
+            "StatefulSet/baton-broker",
+            "StatefulSet/baton-gateway"
         ]
     );
     for (kind, container, live, ready, port, ops) in &rows {

@@ -547,4 +547,18 @@ tier = "read"
         err.contains("gw.toml") && err.contains("routes[0].tier"),
         "{err}"
     );
+
+    // The example shipped in deploy/ passes the same check.
+    let shipped =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/gateway.toml");
+    let out = baton()
+        .args(["gateway", "--check", "--config"])
+        .arg(&shipped)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "deploy/gateway.toml: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
