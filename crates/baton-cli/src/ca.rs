@@ -48,7 +48,9 @@ pub enum CaCmd {
     /// one); the previous one becomes old and stays trusted until what it
     /// signed expires. Refused while some agent lacks the new bundle.
     Activate {
-        /// The prepared authority's id (see `baton ca show`).
+        /// The prepared authority's id (see `baton ca show`). JWT key ids
+        /// may begin with `-`; they are taken as ids, not flags.
+        #[arg(allow_hyphen_values = true)]
         id: Option<String>,
         /// Activate even though some agents have not synced the bundle yet
         /// (SVIDs from the new authority may fail there meanwhile).
@@ -61,7 +63,8 @@ pub enum CaCmd {
     /// their next sync. Then revoke it. With --wait on an authority already
     /// tainted, only waits.
     Taint {
-        /// The old authority's id.
+        /// The old authority's id (one beginning with `-` is an id).
+        #[arg(allow_hyphen_values = true)]
         id: String,
         #[command(flatten)]
         wait: WaitArgs,
@@ -73,7 +76,8 @@ pub enum CaCmd {
     /// refused while a JWT-SVID or delegation token it signed is still
     /// live (`baton ca taint <kid> --wait` waits for that).
     Revoke {
-        /// The authority's id.
+        /// The authority's id (one beginning with `-` is an id).
+        #[arg(allow_hyphen_values = true)]
         id: String,
         /// Revoke a JWT key although tokens it signed are still live: every
         /// one of them fails validation at once.

@@ -1190,6 +1190,53 @@ mod tests {
         Cli::command().debug_assert();
     }
 
+    /// JWT key ids are base64url and may begin with `-`: the ca verbs
+    /// take them as ids wherever they stand, and flags stay flags.
+    #[test]
+    fn ca_verbs_take_ids_that_begin_with_a_hyphen() {
+        use crate::ca::CaCmd;
+        let kid = "-lFbZEIft11TKtQz_pkozQ";
+        let parse = |args: &[&str]| {
+            let mut all = vec!["baton", "ca"];
+            all.extend_from_slice(args);
+            match Cli::try_parse_from(all).map(|c| c.command) {
+                Ok(Command::Ca(cmd)) => cmd,
+                other => panic!("{args:?}: {other:?}"),
+            }
+        };
+        for args in [
+            &["taint", kid, "--wait", "--timeout", "5s"][..],
+            &["taint", "--wait", kid, "--timeout", "5s"][..],
+        ] {
+            match parse(args) {
+                CaCmd::Taint { id, wait, .. } => {
+                    assert_eq!(id, kid, "{args:?}");
+                    assert!(wait.wait, "{args:?}");
+                    assert_eq!(wait.timeout, std::time::Duration::from_secs(5));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        match parse(&["revoke", kid, "--force"]) {
+            CaCmd::Revoke { id, force, .. } => assert!(id == kid && force),
+            other => panic!("{other:?}"),
+        }
+        match parse(&["activate", kid]) {
+            CaCmd::Activate { id, force, .. } => {
+                assert_eq!(id.as_deref(), Some(kid));
+                assert!(!force);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Control: an ordinary id and no id at all.
+        match parse(&["activate"]) {
+            CaCmd::Activate { id, .. } => assert!(id.is_none()),
+            other => panic!("{other:?}"),
+        }
+        // An unknown flag is still refused, not taken for an id.
+        assert!(Cli::try_parse_from(["baton", "ca", "revoke", "abc", "--forse"]).is_err());
+    }
+
     /// `--help` must never print a secret taken from the environment, so
     /// every argument read from a variable hides its value.
     #[test]
