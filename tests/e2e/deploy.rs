@@ -125,11 +125,7 @@ fn kubernetes_config_maps_hold_files_baton_accepts() {
             // The gateway's file has its own check.
             let file = dir.path().join(&key);
             std::fs::write(&file, &text).unwrap();
-            let out = baton()
-                .args(["gateway", "--check", "--config"])
-                .arg(&file)
-                .output()
-                .unwrap();
+            let out = crate::gateway::gateway_check(&file);
             assert!(
                 out.status.success(),
                 "ConfigMap {map} {key}: {}",

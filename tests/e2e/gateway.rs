@@ -504,6 +504,15 @@ fn the_gateway_refuses_an_ended_task_within_the_staleness_window() {
     assert_eq!(g.upstream.count(), before);
 }
 
+/// `baton gateway --check --config FILE`.
+pub(crate) fn gateway_check(file: &Path) -> std::process::Output {
+    baton()
+        .args(["gateway", "--check", "--config"])
+        .arg(file)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn gateway_check_names_the_bad_field() {
     let dir = tempfile::tempdir().unwrap();
@@ -525,22 +534,14 @@ permission = "tool:x.read:read"
 tier = "read"
 "#;
     std::fs::write(&file, good).unwrap();
-    let out = baton()
-        .args(["gateway", "--check", "--config"])
-        .arg(&file)
-        .output()
-        .unwrap();
+    let out = gateway_check(&file);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     std::fs::write(&file, good.replace("tier = \"read\"", "tier = \"reed\"")).unwrap();
-    let out = baton()
-        .args(["gateway", "--check", "--config"])
-        .arg(&file)
-        .output()
-        .unwrap();
+    let out = gateway_check(&file);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -551,11 +552,7 @@ tier = "read"
     // The example shipped in deploy/ passes the same check.
     let shipped =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/gateway.toml");
-    let out = baton()
-        .args(["gateway", "--check", "--config"])
-        .arg(&shipped)
-        .output()
-        .unwrap();
+    let out = gateway_check(&shipped);
     assert!(
         out.status.success(),
         "deploy/gateway.toml: {}",
