@@ -14,13 +14,18 @@ use crate::delegation::{PLANNER, RESEARCHER, World, copy_cred, grant_of};
 use crate::harness::{Options, Proc, baton, wait_for};
 
 const GATEWAY: &str = "spiffe://example.org/tools/gateway";
-const AUDIENCE: &str = "gw";
-const FULL: &[&str] = &[
+pub(crate) const AUDIENCE: &str = "gw";
+pub(crate) const FULL: &[&str] = &[
     "tool:crm.search:read",
     "tool:crm.update:write",
+    "tool:docs.summarize:read",
     "dataset:crm:read",
 ];
-const NARROW: &[&str] = &["tool:crm.search:read", "dataset:crm:read"];
+pub(crate) const NARROW: &[&str] = &[
+    "tool:crm.search:read",
+    "tool:docs.summarize:read",
+    "dataset:crm:read",
+];
 
 /// One request as the upstream saw it.
 #[derive(Debug, Clone)]
@@ -105,10 +110,10 @@ impl Upstream {
 
 /// The world of the delegation tests, plus the gateway (audience `gw`)
 /// in front of the echo upstream.
-struct Gw {
-    w: World,
+pub(crate) struct Gw {
+    pub(crate) w: World,
     _gateway: Proc,
-    url: String,
+    pub(crate) url: String,
     upstream: Upstream,
     /// The gateway's ops listener (`--ops-listen`).
     ops: String,
@@ -131,6 +136,7 @@ url = "http://127.0.0.1:{upstream_port}"
 [[routes]]
 method = "GET"
 path = "/crm/accounts/{{account}}"
+upstream = "crm"
 tool = "crm.search"
 resource = "dataset:crm"
 permission = "tool:crm.search:read"
@@ -140,6 +146,7 @@ record-headers = ["x-request-id"]
 [[routes]]
 method = "POST"
 path = "/crm/cases/{{case}}"
+upstream = "crm"
 tool = "crm.update"
 resource = "dataset:crm"
 permission = "tool:crm.update:write"
@@ -152,6 +159,12 @@ tier = "write"
 
 impl Gw {
     fn start() -> Self {
+        Self::start_with("")
+    }
+
+    /// The gateway with `extra` appended to its configuration (more
+    /// upstreams, routes or MCP endpoints).
+    pub(crate) fn start_with(extra: &str) -> Self {
         let w = World::start_with_options(
             None,
             Options {
@@ -162,7 +175,7 @@ impl Gw {
         w.c.register("/tools/gateway", &[]);
         let upstream = Upstream::start();
         let file = w.c.path("gateway.toml");
-        std::fs::write(&file, config(&w, upstream.port)).unwrap();
+        std::fs::write(&file, config(&w, upstream.port) + extra).unwrap();
         let ready = w.c.path("gateway.addr");
         let ops = crate::ops::free_addr();
         let mut cmd = baton();
@@ -195,7 +208,7 @@ impl Gw {
 
     /// A task for the planner with tokens for the gateway's audience, and
     /// the researcher's credential with the narrow scope.
-    fn researcher(&self) -> (String, std::path::PathBuf, std::path::PathBuf) {
+    pub(crate) fn researcher(&self) -> (String, std::path::PathBuf, std::path::PathBuf) {
         let (task, grant) = self.w.start_task_for(FULL, &[AUDIENCE]);
         let planner = self.w.redeem(&grant, PLANNER, &format!("planner-{task}"));
         let mut args = vec![
@@ -224,7 +237,7 @@ impl Gw {
 
 /// An mTLS client presenting the certificate in `cert_dir`, trusting only
 /// the gateway's SPIFFE ID.
-fn client(cert_dir: &Path) -> reqwest::Client {
+pub(crate) fn client(cert_dir: &Path) -> reqwest::Client {
     let gw = baton_core::SpiffeId::parse(GATEWAY).unwrap();
     crate::harness::cred_client(cert_dir, &cert_dir.join("bundle.pem"), gw)
 }
@@ -270,7 +283,7 @@ fn send(
     })
 }
 
-fn token_of(dir: &Path) -> String {
+pub(crate) fn token_of(dir: &Path) -> String {
     std::fs::read_to_string(dir.join("token"))
         .unwrap()
         .trim()

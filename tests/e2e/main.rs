@@ -23,6 +23,7 @@ mod identity;
 mod jwt_rotation;
 mod limits;
 mod logs;
+mod mcp;
 mod nodes;
 mod operator;
 mod ops;

@@ -9,16 +9,18 @@
 //! when empty. Keys:
 //!
 //! `actor`, `at`, `decision`, `depth`, `initiator_hmac`, `input_digest`,
-//! `justification_hmac`, `kind`, `output_digest`, `parent_jti`, `policy_ids`,
-//! `purpose`, `reason`, `resource`, `risk`, `scope`, `target`, `task_id`,
-//! `token_jti`, `tool`, `trace_id`, `v`
+//! `justification_hmac`, `kind`, `latency_ms`, `output_digest`, `parent_jti`,
+//! `policy_ids`, `purpose`, `reason`, `resource`, `risk`, `scope`, `target`,
+//! `task_id`, `token_jti`, `tool`, `trace_id`, `upstream_status`, `v`
 //!
 //! `v` is `1`; `kind` is snake_case (`task_started`, `hop_granted`, ...);
 //! `scope` is the sorted list of permission strings; `risk` is the lowercase
 //! tier; `trace_id` is the W3C trace id (32 lowercase hex digits) of the
 //! request that caused the event, when it carried a `traceparent` or the
 //! broker traced it. It was added without a version change: an event without
-//! it encodes exactly as before, so older logs verify unchanged. The
+//! it encodes exactly as before, so older logs verify unchanged. The same
+//! holds for `latency_ms` and `upstream_status`, which a gateway's
+//! completion record of a call carries. The
 //! sensitive values (initiator, justification) appear only as
 //! `*_hmac`: lowercase hex HMAC-SHA256 under the log's key. The clear text
 //! lives in a separate display column outside the tree.
@@ -117,6 +119,10 @@ pub struct AuditEvent {
     /// The W3C trace of the request that caused the event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<TraceId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_status: Option<u16>,
 }
 
 impl std::fmt::Debug for AuditEvent {
@@ -144,6 +150,8 @@ impl std::fmt::Debug for AuditEvent {
             .field("input_digest", &self.input_digest)
             .field("output_digest", &self.output_digest)
             .field("trace_id", &self.trace_id)
+            .field("latency_ms", &self.latency_ms)
+            .field("upstream_status", &self.upstream_status)
             .finish()
     }
 }
@@ -173,6 +181,8 @@ impl AuditEvent {
             input_digest: None,
             output_digest: None,
             trace_id: None,
+            latency_ms: None,
+            upstream_status: None,
         }
     }
 
@@ -194,6 +204,8 @@ impl AuditEvent {
         e.justification = report.justification.clone();
         e.input_digest = Some(report.input_digest.clone());
         e.output_digest = report.output_digest.clone();
+        e.latency_ms = report.latency_ms;
+        e.upstream_status = report.upstream_status;
         if let Ok(scope) = Scope::parse(&report.scope_used) {
             e.scope = Some(scope);
         }
@@ -219,6 +231,8 @@ struct CanonicalRef<'a> {
     justification_hmac: Option<String>,
     kind: EventKind,
     #[serde(skip_serializing_if = "Option::is_none")]
+    latency_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     output_digest: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     parent_jti: Option<&'a str>,
@@ -243,6 +257,8 @@ struct CanonicalRef<'a> {
     tool: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     trace_id: Option<TraceId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upstream_status: Option<u16>,
     v: u32,
 }
 
@@ -264,6 +280,8 @@ pub struct CanonicalEvent {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub justification_hmac: Option<String>,
     pub kind: EventKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_digest: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -289,6 +307,8 @@ pub struct CanonicalEvent {
     pub tool: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<TraceId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_status: Option<u16>,
     pub v: u32,
 }
 
@@ -303,6 +323,7 @@ pub fn canonical_bytes(event: &AuditEvent, keys: &AuditKeys) -> Result<Vec<u8>, 
         input_digest: event.input_digest.as_deref(),
         justification_hmac: event.justification.as_deref().map(|s| keys.hmac_hex(s)),
         kind: event.kind,
+        latency_ms: event.latency_ms,
         output_digest: event.output_digest.as_deref(),
         parent_jti: event.parent_jti.as_deref(),
         policy_ids: &event.policy_ids,
@@ -316,6 +337,7 @@ pub fn canonical_bytes(event: &AuditEvent, keys: &AuditKeys) -> Result<Vec<u8>, 
         token_jti: event.token_jti.as_deref(),
         tool: event.tool.as_deref(),
         trace_id: event.trace_id,
+        upstream_status: event.upstream_status,
         v: CANONICAL_VERSION,
     };
     serde_json::to_vec(&c).map_err(|e| AuditError::Encode(e.to_string()))
@@ -399,6 +421,8 @@ impl AuditRecord {
             input_digest: c.input_digest,
             output_digest: c.output_digest,
             trace_id: c.trace_id,
+            latency_ms: c.latency_ms,
+            upstream_status: c.upstream_status,
         };
         Self {
             index,

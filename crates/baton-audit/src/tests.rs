@@ -1114,13 +1114,30 @@ fn tool_call_report_becomes_an_event() {
         policy_ids: vec!["p".into()],
         reason: None,
         at: 77,
+        latency_ms: Some(12),
+        upstream_status: Some(200),
     };
     let e = AuditEvent::from_tool_call(&report, Some(id("/tools/crm")));
     assert_eq!(e.kind, EventKind::ToolCall);
     assert_eq!(e.actor, Some(id("/agents/researcher")));
     assert_eq!(e.scope, Some(scope(&["tool:crm.search:read"])));
+    assert_eq!((e.latency_ms, e.upstream_status), (Some(12), Some(200)));
     let log = AuditLog::in_memory(AuditKeys::generate().unwrap()).unwrap();
     log.append(&e).unwrap();
+    // The gateway's fields are covered by the tree and come back as stored.
+    let back = log.events_for_task(&task(1)).unwrap();
+    assert_eq!(
+        (back[0].event.latency_ms, back[0].event.upstream_status),
+        (Some(12), Some(200))
+    );
+    let bytes = log.canonical_bytes(&e).unwrap();
+    let text = String::from_utf8(bytes.clone()).unwrap();
+    assert!(
+        text.contains("\"kind\":\"tool_call\",\"latency_ms\":12,"),
+        "{text}"
+    );
+    assert!(text.ends_with("\"upstream_status\":200,\"v\":1}"), "{text}");
+    decode_canonical(&bytes).unwrap();
 }
 
 /// Records what an [`AppendObserver`] is told.

@@ -120,6 +120,10 @@ pub enum TraceItem {
         output_digest: Option<String>,
         #[serde(skip_serializing_if = "Option::is_none")]
         trace_id: Option<TraceId>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        latency_ms: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        upstream_status: Option<u16>,
     },
 }
 
@@ -335,6 +339,8 @@ pub fn trace(records: &[AuditRecord]) -> Trace {
                             input_digest: e.input_digest.clone(),
                             output_digest: e.output_digest.clone(),
                             trace_id: e.trace_id,
+                            latency_ms: e.latency_ms,
+                            upstream_status: e.upstream_status,
                         },
                         None,
                     ));
@@ -520,6 +526,8 @@ fn item_line(item: &TraceItem) -> Line {
             reason,
             justification,
             trace_id,
+            latency_ms,
+            upstream_status,
             ..
         } => {
             let mut text = format!("tool {}", tool.as_deref().unwrap_or("?"));
@@ -535,6 +543,12 @@ fn item_line(item: &TraceItem) -> Line {
             }
             if !policy_ids.is_empty() {
                 text.push_str(&format!(", policies [{}]", policy_ids.join(", ")));
+            }
+            if let Some(s) = upstream_status {
+                text.push_str(&format!(", upstream {s}"));
+            }
+            if let Some(ms) = latency_ms {
+                text.push_str(&format!(" in {ms} ms"));
             }
             text.push_str(&sensitive("justification", justification, &None));
             text.push_str(&opt("trace", trace_id));

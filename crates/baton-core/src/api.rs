@@ -299,4 +299,11 @@ pub struct ToolCallReport {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     pub at: u64,
+    /// Milliseconds from forwarding the call until its answer ended (a
+    /// gateway's completion record).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<u64>,
+    /// The upstream's HTTP status (a gateway's completion record).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_status: Option<u16>,
 }

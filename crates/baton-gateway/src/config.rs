@@ -52,6 +52,28 @@ struct RawConfig {
     upstreams: BTreeMap<String, RawUpstream>,
     #[serde(default)]
     routes: Vec<RawRoute>,
+    #[serde(default)]
+    mcp: Vec<RawMcp>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawMcp {
+    path: String,
+    #[serde(default)]
+    upstream: Option<String>,
+    #[serde(default)]
+    allow_methods: Vec<String>,
+    tools: Vec<RawMcpTool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawMcpTool {
+    name: String,
+    resource: String,
+    permission: String,
+    tier: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -106,6 +128,77 @@ pub struct Config {
     pub read_allows_stale: bool,
     pub upstreams: BTreeMap<String, Upstream>,
     pub routes: Vec<Route>,
+    /// MCP endpoints (Streamable HTTP), each authorized per tool call.
+    pub mcp: Vec<McpEndpoint>,
+}
+
+/// JSON-RPC methods every MCP endpoint passes on without a tool check:
+/// the handshake, liveness and notifications (`notifications/...`).
+/// `tools/list` and `tools/call` are always handled; anything else
+/// (resources, prompts, ...) is refused unless listed in `allow-methods`.
+pub const MCP_BASE_METHODS: [&str; 2] = ["initialize", "ping"];
+
+/// An MCP endpoint: JSON-RPC over Streamable HTTP at one path.
+#[derive(Debug, Clone)]
+pub struct McpEndpoint {
+    /// The exact request path, e.g. `/mcp`.
+    pub path: String,
+    pub upstream: String,
+    /// Further JSON-RPC methods passed on (besides [`MCP_BASE_METHODS`]).
+    pub allow_methods: Vec<String>,
+    /// The tools callable through the gateway; a call of any other tool
+    /// is refused and `tools/list` never shows it.
+    pub tools: Vec<McpTool>,
+}
+
+/// One MCP tool as the gateway enforces it.
+#[derive(Debug, Clone)]
+pub struct McpTool {
+    pub name: String,
+    /// With `{arg}` filled from the call's arguments.
+    resource: String,
+    pub permission: Permission,
+    pub tier: RiskTier,
+}
+
+impl McpTool {
+    /// Whether the resource depends on the call's arguments.
+    pub fn resource_is_static(&self) -> bool {
+        !self.resource.contains('{')
+    }
+
+    /// The resource for a call with `arguments`, or which argument is
+    /// missing or not a plain string or number.
+    pub fn resource_for(
+        &self,
+        arguments: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<String, String> {
+        let mut captures = Vec::new();
+        let mut rest = self.resource.as_str();
+        while let Some(open) = rest.find('{') {
+            let after = rest.get(open + 1..).unwrap_or_default();
+            let close = after.find('}').unwrap_or(after.len());
+            let name = after.get(..close).unwrap_or_default();
+            let value = match arguments.get(name) {
+                Some(serde_json::Value::String(v)) => v.clone(),
+                Some(serde_json::Value::Number(n)) => n.to_string(),
+                Some(_) => return Err(format!("argument {name:?} must be a string or a number")),
+                None => return Err(format!("argument {name:?} is required")),
+            };
+            if value.is_empty() || value.contains(['{', '}']) || value.chars().any(char::is_control)
+            {
+                return Err(format!("argument {name:?} is not a usable resource name"));
+            }
+            captures.push((name, value));
+            rest = after.get(close + 1..).unwrap_or_default();
+        }
+        Ok(fill(&self.resource, &captures))
+    }
+
+    /// The resource as configured (with any `{arg}` unfilled).
+    pub fn resource_template(&self) -> &str {
+        &self.resource
+    }
 }
 
 /// Where requests are forwarded.
@@ -223,10 +316,11 @@ impl Config {
                 },
             );
         }
-        if raw.routes.is_empty() {
+        if raw.routes.is_empty() && raw.mcp.is_empty() {
             return Err(err(
                 "routes",
-                "at least one route is needed (requests on no route are refused)".into(),
+                "at least one route or [[mcp]] endpoint is needed (requests on no route are refused)"
+                    .into(),
             ));
         }
         let mut routes: Vec<Route> = Vec::with_capacity(raw.routes.len());
@@ -234,47 +328,13 @@ impl Config {
             let f = |name: &str| format!("routes[{i}].{name}");
             let method = parse_method(&r.method).map_err(|m| err(&f("method"), m))?;
             let segments = parse_pattern(&r.path).map_err(|m| err(&f("path"), m))?;
-            let upstream = match r.upstream {
-                Some(u) if upstreams.contains_key(&u) => u,
-                Some(u) => {
-                    return Err(err(
-                        &f("upstream"),
-                        format!(
-                            "no upstream {u:?} (defined: {})",
-                            upstreams.keys().cloned().collect::<Vec<_>>().join(", ")
-                        ),
-                    ));
-                }
-                None if upstreams.len() == 1 => {
-                    upstreams.keys().next().cloned().unwrap_or_default()
-                }
-                None => {
-                    return Err(err(
-                        &f("upstream"),
-                        "required when more than one upstream is defined".into(),
-                    ));
-                }
-            };
-            if r.tool.is_empty()
-                || !r
-                    .tool
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c))
-            {
-                return Err(err(
-                    &f("tool"),
-                    format!("{:?}: letters, digits and . _ - / only", r.tool),
-                ));
-            }
+            let upstream =
+                pick_upstream(r.upstream, &upstreams).map_err(|m| err(&f("upstream"), m))?;
+            check_tool_name(&r.tool).map_err(|m| err(&f("tool"), m))?;
             check_resource(&r.resource, &segments).map_err(|m| err(&f("resource"), m))?;
             let permission = Permission::parse(&r.permission)
                 .map_err(|e| err(&f("permission"), e.to_string()))?;
-            let tier: RiskTier = r.tier.parse().map_err(|_| {
-                err(
-                    &f("tier"),
-                    format!("{:?}: one of read, write, delete, purchase, export", r.tier),
-                )
-            })?;
+            let tier = parse_tier(&r.tier).map_err(|m| err(&f("tier"), m))?;
             let mut record_headers = Vec::new();
             for h in &r.record_headers {
                 let name = http::HeaderName::from_bytes(h.as_bytes()).map_err(|_| {
@@ -309,6 +369,79 @@ impl Config {
                 record_headers,
             });
         }
+        let mut mcp: Vec<McpEndpoint> = Vec::with_capacity(raw.mcp.len());
+        for (i, m) in raw.mcp.into_iter().enumerate() {
+            let f = |name: &str| format!("mcp[{i}].{name}");
+            let segments = parse_pattern(&m.path).map_err(|e| err(&f("path"), e))?;
+            if segments.iter().any(|s| !matches!(s, Segment::Literal(_))) {
+                return Err(err(
+                    &f("path"),
+                    format!("{:?}: an exact path, no captures", m.path),
+                ));
+            }
+            if mcp.iter().any(|o| o.path == m.path) {
+                return Err(err(
+                    &f("path"),
+                    format!("{:?} is already an [[mcp]] endpoint", m.path),
+                ));
+            }
+            let upstream =
+                pick_upstream(m.upstream, &upstreams).map_err(|e| err(&f("upstream"), e))?;
+            for method in &m.allow_methods {
+                if method.is_empty()
+                    || method == "tools/call"
+                    || method == "tools/list"
+                    || !method
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "/_-.".contains(c))
+                {
+                    return Err(err(
+                        &f("allow-methods"),
+                        format!(
+                            "{method:?}: a JSON-RPC method name other than tools/call and tools/list (always checked)"
+                        ),
+                    ));
+                }
+            }
+            if m.tools.is_empty() {
+                return Err(err(&f("tools"), "at least one tool is needed".into()));
+            }
+            let mut tools: Vec<McpTool> = Vec::with_capacity(m.tools.len());
+            for (j, t) in m.tools.into_iter().enumerate() {
+                let g = |name: &str| format!("mcp[{i}].tools[{j}].{name}");
+                check_tool_name(&t.name).map_err(|e| err(&g("name"), e))?;
+                if tools.iter().any(|o| o.name == t.name) {
+                    return Err(err(&g("name"), format!("{:?} is listed twice", t.name)));
+                }
+                check_argument_resource(&t.resource).map_err(|e| err(&g("resource"), e))?;
+                let permission = Permission::parse(&t.permission)
+                    .map_err(|e| err(&g("permission"), e.to_string()))?;
+                let tier = parse_tier(&t.tier).map_err(|e| err(&g("tier"), e))?;
+                tools.push(McpTool {
+                    name: t.name,
+                    resource: t.resource,
+                    permission,
+                    tier,
+                });
+            }
+            mcp.push(McpEndpoint {
+                path: m.path,
+                upstream,
+                allow_methods: m.allow_methods,
+                tools,
+            });
+        }
+        if let Some((i, r)) = routes.iter().enumerate().find(|(_, r)| {
+            mcp.iter().any(|m| {
+                split_request_path(&m.path)
+                    .is_some_and(|p| match_segments(&r.segments, &p).is_some())
+            })
+        }) {
+            return Err(err(
+                &format!("routes[{i}].path"),
+                format!("{} also matches an [[mcp]] endpoint's path", r.path),
+            ));
+        }
         Ok(Config {
             listen: raw.listen,
             audience: raw.audience,
@@ -320,7 +453,13 @@ impl Config {
             read_allows_stale: raw.revocation.read_allows_stale,
             upstreams,
             routes,
+            mcp,
         })
+    }
+
+    /// The MCP endpoint at exactly `path`, if any.
+    pub fn mcp_endpoint(&self, path: &str) -> Option<&McpEndpoint> {
+        self.mcp.iter().find(|m| m.path == path)
     }
 
     /// The route for a request, or None (the request is refused). Paths
@@ -340,6 +479,61 @@ impl Config {
             })
         })
     }
+}
+
+/// The upstream a route or endpoint names, or the only one.
+fn pick_upstream(
+    named: Option<String>,
+    upstreams: &BTreeMap<String, Upstream>,
+) -> Result<String, String> {
+    match named {
+        Some(u) if upstreams.contains_key(&u) => Ok(u),
+        Some(u) => Err(format!(
+            "no upstream {u:?} (defined: {})",
+            upstreams.keys().cloned().collect::<Vec<_>>().join(", ")
+        )),
+        None if upstreams.len() == 1 => Ok(upstreams.keys().next().cloned().unwrap_or_default()),
+        None => Err("required when more than one upstream is defined".into()),
+    }
+}
+
+fn check_tool_name(tool: &str) -> Result<(), String> {
+    if tool.is_empty()
+        || !tool
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c))
+    {
+        return Err(format!("{tool:?}: letters, digits and . _ - / only"));
+    }
+    Ok(())
+}
+
+fn parse_tier(tier: &str) -> Result<RiskTier, String> {
+    tier.parse()
+        .map_err(|_| format!("{tier:?}: one of read, write, delete, purchase, export"))
+}
+
+/// An MCP tool's resource: `{name}` placeholders name arguments.
+fn check_argument_resource(resource: &str) -> Result<(), String> {
+    if resource.trim().is_empty() {
+        return Err("must not be empty".into());
+    }
+    let mut rest = resource;
+    while let Some(open) = rest.find('{') {
+        let after = rest.get(open + 1..).unwrap_or_default();
+        let Some(close) = after.find('}') else {
+            return Err(format!("{resource:?}: unclosed {{"));
+        };
+        let name = after.get(..close).unwrap_or_default();
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(format!("{resource:?}: {{{name}}} is not an argument name"));
+        }
+        rest = after.get(close + 1..).unwrap_or_default();
+    }
+    if rest.contains('}') {
+        return Err(format!("{resource:?}: unmatched }}"));
+    }
+    Ok(())
 }
 
 /// Whether two patterns match the same paths (capture names aside).
@@ -753,6 +947,126 @@ tier = "write"
             let e = bad(from, to);
             assert!(e.contains(want), "{to:?}: {e}");
         }
+    }
+
+    const MCP: &str = r#"
+[[mcp]]
+path = "/mcp"
+allow-methods = ["resources/list"]
+
+[[mcp.tools]]
+name = "crm.search"
+resource = "dataset:crm:{account}"
+permission = "tool:crm.search:read"
+tier = "read"
+"#;
+
+    #[test]
+    fn an_mcp_endpoint_loads_and_fills_its_resource_from_arguments() {
+        let c = parse(&format!("{GOOD}{MCP}")).unwrap();
+        let ep = c.mcp_endpoint("/mcp").unwrap();
+        assert_eq!(ep.upstream, "crm");
+        assert!(c.mcp_endpoint("/mcp/").is_none());
+        let tool = &ep.tools[0];
+        assert!(!tool.resource_is_static());
+        let args = |v: serde_json::Value| v.as_object().cloned().unwrap();
+        assert_eq!(
+            tool.resource_for(&args(serde_json::json!({"account": "acme"})))
+                .unwrap(),
+            "dataset:crm:acme"
+        );
+        assert_eq!(
+            tool.resource_for(&args(serde_json::json!({"account": 42})))
+                .unwrap(),
+            "dataset:crm:42"
+        );
+        for bad in [
+            serde_json::json!({}),
+            serde_json::json!({"account": ["a"]}),
+            serde_json::json!({"account": ""}),
+            serde_json::json!({"account": "{x}"}),
+            serde_json::json!({"account": "a\nb"}),
+        ] {
+            let e = tool.resource_for(&args(bad.clone())).unwrap_err();
+            assert!(e.contains("\"account\""), "{bad}: {e}");
+        }
+        // An MCP endpoint alone is a whole configuration.
+        let only = GOOD.split("[[routes]]").next().unwrap().to_owned() + MCP;
+        assert!(parse(&only).unwrap().routes.is_empty());
+    }
+
+    #[test]
+    fn each_bad_mcp_input_names_its_field() {
+        let good = format!("{GOOD}{MCP}");
+        for (from, to, want) in [
+            ("path = \"/mcp\"", "path = \"/mcp/{x}\"", "mcp[0].path"),
+            (
+                "path = \"/mcp\"",
+                "path = \"/accounts/x\"",
+                "routes[0].path",
+            ),
+            ("path = \"/mcp\"", "path = \"mcp\"", "mcp[0].path"),
+            (
+                "path = \"/mcp\"\n",
+                "path = \"/mcp\"\nupstream = \"nope\"\n",
+                "mcp[0].upstream",
+            ),
+            (
+                "[\"resources/list\"]",
+                "[\"tools/call\"]",
+                "mcp[0].allow-methods",
+            ),
+            ("[\"resources/list\"]", "[\"a b\"]", "mcp[0].allow-methods"),
+            (
+                "name = \"crm.search\"",
+                "name = \"crm search\"",
+                "mcp[0].tools[0].name",
+            ),
+            ("{account}\"", "{acc-ount}\"", "mcp[0].tools[0].resource"),
+            ("{account}\"", "{account\"", "mcp[0].tools[0].resource"),
+            (
+                "tool:crm.search:read",
+                "tool:crm.search",
+                "mcp[0].tools[0].permission",
+            ),
+            (
+                "tier = \"read\"",
+                "tier = \"risky\"",
+                "mcp[0].tools[0].tier",
+            ),
+            (
+                "[[mcp.tools]]\nname",
+                "[[mcp.tools]]\nnme",
+                "unknown field `nme`",
+            ),
+        ] {
+            let text = bad_in(from, to);
+            let e = parse(&text).expect_err(to);
+            assert!(e.to_string().contains(want), "{to}: {e}");
+        }
+        // The same tool twice, and an endpoint without tools.
+        let twice = format!(
+            "{good}\n[[mcp.tools]]\nname = \"crm.search\"\nresource = \"r\"\npermission = \"tool:crm.search:read\"\ntier = \"read\"\n"
+        );
+        assert!(
+            parse(&twice)
+                .unwrap_err()
+                .to_string()
+                .contains("mcp[0].tools[1].name")
+        );
+        let none = format!("{GOOD}\n[[mcp]]\npath = \"/mcp\"\ntools = []\n");
+        assert!(
+            parse(&none)
+                .unwrap_err()
+                .to_string()
+                .contains("mcp[0].tools")
+        );
+    }
+
+    /// The good file with `from` replaced in its MCP part.
+    fn bad_in(from: &str, to: &str) -> String {
+        assert!(MCP.contains(from), "{from:?} is not in the file");
+        format!("{GOOD}{}", MCP.replacen(from, to, 1))
     }
 
     #[test]

@@ -200,6 +200,8 @@ impl Enforcer {
                 err.code()
             )),
             at: now,
+            latency_ms: None,
+            upstream_status: None,
         };
         if let Err(e) = self.reporter.submit(report) {
             tracing::error!(error = %e, "cannot spool the refusal report");

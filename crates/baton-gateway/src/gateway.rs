@@ -20,7 +20,7 @@ use warp::Reply as _;
 use warp::reply::Response;
 
 use crate::GatewayError;
-use crate::config::{Config, Route};
+use crate::config::Config;
 use crate::enforce::{Enforcer, EnforcerOptions, FeedConfig, RefusedToken};
 
 /// The largest request or upstream response body the gateway passes on.
@@ -70,9 +70,10 @@ impl std::fmt::Debug for RunOptions {
     }
 }
 
-struct Gateway {
+pub(crate) struct Gateway {
     config: Config,
-    enforcer: Enforcer,
+    pub(crate) enforcer: Enforcer,
+    pub(crate) sessions: crate::mcp::Sessions,
     /// The tool of each route, by route index.
     specs: Vec<ToolSpec>,
     upstreams: BTreeMap<String, reqwest::Client>,
@@ -159,6 +160,7 @@ pub async fn run(
     let gw = Arc::new(Gateway {
         config: o.config.clone(),
         enforcer,
+        sessions: crate::mcp::Sessions::default(),
         specs,
         upstreams,
         metadata,
@@ -233,11 +235,11 @@ pub async fn run(
 }
 
 /// A request as the gateway received it (the body apart).
-struct Incoming {
-    method: Method,
-    path: String,
-    query: Option<String>,
-    headers: HeaderMap,
+pub(crate) struct Incoming {
+    pub(crate) method: Method,
+    pub(crate) path: String,
+    pub(crate) query: Option<String>,
+    pub(crate) headers: HeaderMap,
     cert: Option<PeerCertificate>,
 }
 
@@ -268,7 +270,7 @@ fn invalid_token(code: &str, message: &str) -> Response {
 
 /// A header quoted-string's content (RFC 9110): no quotes, backslashes or
 /// control characters.
-fn quoted(s: &str) -> String {
+pub(crate) fn quoted(s: &str) -> String {
     s.chars()
         .filter(|c| *c != '"' && *c != '\\' && !c.is_control())
         .collect()
@@ -326,14 +328,20 @@ impl Gateway {
             Ok(b) => b,
             Err(status) => return plain(status, "body", "the request body is too large or broken"),
         };
-        let matched = self.config.route(&req.method, &req.path);
+        let mcp = self.config.mcp_endpoint(&req.path);
+        let matched = if mcp.is_some() {
+            None
+        } else {
+            self.config.route(&req.method, &req.path)
+        };
         let now = baton_revocation::system_now();
         let delegation = match self.enforcer.verifier.verify(&token, &peer, now) {
             Ok(d) => d,
             Err(e) => {
-                let (tool, resource, risk) = match &matched {
-                    Some(m) => (m.route.tool.as_str(), m.resource.as_str(), m.route.tier),
-                    None => ("(no route)", "", baton_core::RiskTier::Read),
+                let (tool, resource, risk) = match (&matched, mcp) {
+                    (Some(m), _) => (m.route.tool.as_str(), m.resource.as_str(), m.route.tier),
+                    (None, Some(ep)) => (ep.path.as_str(), "", baton_core::RiskTier::Read),
+                    (None, None) => ("(no route)", "", baton_core::RiskTier::Read),
                 };
                 self.enforcer.report_refused_token(RefusedToken {
                     token: &token,
@@ -348,6 +356,9 @@ impl Gateway {
                 return invalid_token(e.code(), &e.to_string());
             }
         };
+        if let Some(ep) = mcp {
+            return self.mcp(ep, &req, &delegation, input, now).await;
+        }
         let Some(m) = matched else {
             tracing::warn!(
                 task = %delegation.task_id(),
@@ -379,7 +390,7 @@ impl Gateway {
             resource: m.resource.clone(),
             ..spec.clone()
         };
-        let call = match self
+        let mut call = match self
             .enforcer
             .gate
             .authorize(&delegation, &spec, &input, now)
@@ -388,8 +399,6 @@ impl Gateway {
             Err(denied) => return denial(&denied),
         };
         let started = std::time::Instant::now();
-        let forwarded = self.forward(m.route, &req, &delegation, input).await;
-        let latency_ms = started.elapsed().as_millis();
         let recorded: Vec<String> = m
             .route
             .record_headers
@@ -399,6 +408,29 @@ impl Gateway {
                 Some(format!("{h}={v}"))
             })
             .collect();
+        let sent = self
+            .send_upstream(&m.route.upstream, &req, &delegation, input)
+            .await;
+        let forwarded = match sent {
+            // An event stream is passed on as it comes, never buffered.
+            Ok(resp) if is_event_stream(resp.headers()) => {
+                let mut headers = resp.headers().clone();
+                strip_hop_by_hop(&mut headers);
+                tracing::info!(
+                    task = %delegation.task_id(),
+                    agent = %delegation.agent(),
+                    tool = %spec.name,
+                    resource = %spec.resource,
+                    upstream_status = resp.status().as_u16(),
+                    recorded = ?recorded,
+                    "call forwarded (event stream)"
+                );
+                return crate::mcp::relay(resp, headers, Some(call), started);
+            }
+            Ok(resp) => read_answer(resp).await,
+            Err(e) => Err(e),
+        };
+        let latency_ms = started.elapsed().as_millis();
         match forwarded {
             Ok((status, headers, out)) => {
                 tracing::info!(
@@ -410,6 +442,10 @@ impl Gateway {
                     latency_ms,
                     recorded = ?recorded,
                     "call forwarded"
+                );
+                call.set_upstream(
+                    status.as_u16(),
+                    u64::try_from(latency_ms).unwrap_or(u64::MAX),
                 );
                 // No record, no answer: the call's report must be spooled.
                 if let Err(e) = call.finish(&out) {
@@ -432,59 +468,69 @@ impl Gateway {
                     error = %message,
                     "upstream failed"
                 );
-                // Dropped unfinished: a read call is recorded as finished
-                // without output.
-                drop(call);
+                if let Err(e) = call.failed(&message) {
+                    tracing::warn!(error = %e, "could not spool the report of a failed call");
+                }
                 plain(StatusCode::BAD_GATEWAY, "upstream", &message)
             }
         }
     }
 
-    /// Sends the request on, with the caller's identity in `Baton-*`
-    /// headers. Answers the upstream's status, headers and body.
-    async fn forward(
+    /// Sends the request to `upstream` (the same path and query), with
+    /// the caller's identity in `Baton-*` headers.
+    pub(crate) async fn send_upstream(
         &self,
-        route: &Route,
+        upstream: &str,
         req: &Incoming,
         d: &VerifiedDelegation,
         body: Bytes,
-    ) -> Result<(StatusCode, HeaderMap, Vec<u8>), String> {
-        let (Some(client), Some(upstream)) = (
-            self.upstreams.get(&route.upstream),
-            self.config.upstreams.get(&route.upstream),
+    ) -> Result<reqwest::Response, String> {
+        let (Some(client), Some(target)) = (
+            self.upstreams.get(upstream),
+            self.config.upstreams.get(upstream),
         ) else {
-            return Err(format!("no upstream {}", route.upstream));
+            return Err(format!("no upstream {upstream}"));
         };
         let url = match &req.query {
-            Some(q) => format!("{}{}?{q}", upstream.url, req.path),
-            None => format!("{}{}", upstream.url, req.path),
+            Some(q) => format!("{}{}?{q}", target.url, req.path),
+            None => format!("{}{}", target.url, req.path),
         };
         let headers = upstream_headers(&req.headers, d)?;
-        let resp = client
+        client
             .request(req.method.clone(), &url)
             .headers(headers)
             .body(body)
             .send()
             .await
-            .map_err(|e| format!("the upstream did not answer: {}", error_chain(&e)))?;
-        let status = resp.status();
-        let mut headers = resp.headers().clone();
-        strip_hop_by_hop(&mut headers);
-        headers.remove(http::header::CONTENT_LENGTH);
-        let mut out = Vec::new();
-        let mut resp = resp;
-        while let Some(chunk) = resp
-            .chunk()
-            .await
-            .map_err(|e| format!("the upstream's answer broke off: {e}"))?
-        {
-            if out.len() + chunk.len() > MAX_BODY {
-                return Err(format!("the upstream's answer is over {MAX_BODY} bytes"));
-            }
-            out.extend_from_slice(&chunk);
-        }
-        Ok((status, headers, out))
+            .map_err(|e| format!("the upstream did not answer: {}", error_chain(&e)))
     }
+}
+
+fn is_event_stream(h: &HeaderMap) -> bool {
+    h.get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"))
+}
+
+/// The upstream's status, headers and whole body (at most [`MAX_BODY`]).
+async fn read_answer(resp: reqwest::Response) -> Result<(StatusCode, HeaderMap, Vec<u8>), String> {
+    let status = resp.status();
+    let mut headers = resp.headers().clone();
+    strip_hop_by_hop(&mut headers);
+    headers.remove(http::header::CONTENT_LENGTH);
+    let mut out = Vec::new();
+    let mut resp = resp;
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| format!("the upstream's answer broke off: {e}"))?
+    {
+        if out.len() + chunk.len() > MAX_BODY {
+            return Err(format!("the upstream's answer is over {MAX_BODY} bytes"));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok((status, headers, out))
 }
 
 /// The request's headers as the upstream gets them: without hop-by-hop
@@ -525,7 +571,7 @@ pub fn upstream_headers(incoming: &HeaderMap, d: &VerifiedDelegation) -> Result<
     Ok(h)
 }
 
-fn strip_hop_by_hop(h: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
     // Headers the Connection header names are hop-by-hop too.
     let named: Vec<String> = h
         .get_all(http::header::CONNECTION)

@@ -20,10 +20,12 @@ pub mod enforce;
 mod error;
 mod gateway;
 pub mod live;
+mod mcp;
 
-pub use config::{Config, Matched, Route, Upstream};
+pub use config::{Config, MCP_BASE_METHODS, Matched, McpEndpoint, McpTool, Route, Upstream};
 pub use error::{ConfigError, GatewayError};
 pub use gateway::{
     HEADER_ACTOR, HEADER_CHAIN, HEADER_TASK, MAX_BODY, METADATA_PATH, RunOptions, error_chain, run,
     upstream_headers,
 };
+pub use mcp::REFUSED as MCP_REFUSED;

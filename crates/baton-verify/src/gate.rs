@@ -200,6 +200,8 @@ impl ToolGate {
             policy_ids: Vec::new(),
             reason: None,
             at: now,
+            latency_ms: None,
+            upstream_status: None,
         };
         let decision = self.decide(d, tool, now);
         if let Ok(ids) = &decision {
@@ -234,6 +236,13 @@ impl ToolGate {
             sensitive,
             done: false,
         })
+    }
+
+    /// Whether `tool` would be allowed for the holder of `d` now, without
+    /// reporting anything: for listing what a caller may call (MCP
+    /// `tools/list`), never for letting a call through.
+    pub fn permits(&self, d: &VerifiedDelegation, tool: &ToolSpec, now: u64) -> bool {
+        self.decide(d, tool, now).is_ok()
     }
 
     /// The decision without reporting; `Ok` holds the policy ids.
@@ -334,17 +343,49 @@ impl VerifiedCall {
         &self.report.report_id
     }
 
+    /// Notes the upstream's answer for the completion record (a gateway):
+    /// its HTTP status and the milliseconds until it ended.
+    pub fn set_upstream(&mut self, status: u16, latency_ms: u64) {
+        self.report.upstream_status = Some(status);
+        self.report.latency_ms = Some(latency_ms);
+    }
+
     /// Reports the digest of the tool's output. For a sensitive call this
     /// is a second record; for a read call, the only one.
-    pub fn finish(mut self, output: &[u8]) -> Result<(), ReportError> {
+    pub fn finish(self, output: &[u8]) -> Result<(), ReportError> {
+        self.complete(Some(hex_sha256(output)), None)
+    }
+
+    /// As [`finish`](Self::finish), for an output that was streamed on and
+    /// hashed as it went: `sha256` is its SHA-256.
+    pub fn finish_digest(self, sha256: &[u8]) -> Result<(), ReportError> {
+        self.complete(Some(hex::encode(sha256)), None)
+    }
+
+    /// Reports that the call was allowed but did not complete (the
+    /// upstream failed or the caller went away): the record carries the
+    /// reason and no output digest.
+    pub fn failed(self, reason: &str) -> Result<(), ReportError> {
+        self.complete(None, Some(format!("failed: {reason}")))
+    }
+
+    fn complete(
+        mut self,
+        output_digest: Option<String>,
+        reason: Option<String>,
+    ) -> Result<(), ReportError> {
         self.done = true;
         let Some(reporter) = self.reporter.take() else {
             return Ok(());
         };
         let mut report = self.report.clone();
-        report.output_digest = Some(hex_sha256(output));
+        report.output_digest = output_digest;
+        report.reason = reason.clone();
         if self.sensitive {
-            report.reason = Some(format!("completes {}", self.report.report_id));
+            report.reason = Some(match reason {
+                Some(r) => format!("{r}; completes {}", self.report.report_id),
+                None => format!("completes {}", self.report.report_id),
+            });
             report.report_id = new_report_id();
         }
         reporter.submit(report)

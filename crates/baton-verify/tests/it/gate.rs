@@ -154,6 +154,57 @@ fn read_tier_reports_once_at_finish_or_drop() {
 }
 
 #[test]
+fn a_streamed_or_failed_call_is_recorded_with_the_upstreams_answer() {
+    let f = Fixture::new();
+    let (gate, reporter, _dir) = gate_with_spool(Arc::new(TestPolicy::default()));
+    let d = delegation(&f);
+    // Listing asks without recording: allowed and refused tools alike.
+    let search = tool("crm.search", RiskTier::Read, "tool:crm.search:read");
+    assert!(gate.permits(&d, &search, NOW));
+    assert!(!gate.permits(
+        &d,
+        &tool("hr.payroll", RiskTier::Read, "tool:hr.payroll:read"),
+        NOW
+    ));
+    assert!(!gate.permits(
+        &d,
+        &tool("crm.forbidden", RiskTier::Read, "tool:crm.search:read"),
+        NOW
+    ));
+    assert_eq!(reporter.pending(), 0, "permits recorded something");
+
+    // A read call streamed on: the digest of what went by, status, latency.
+    let mut call = gate.authorize(&d, &search, b"q", NOW).unwrap();
+    call.set_upstream(200, 12);
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, b"streamed");
+    call.finish_digest(digest.as_ref()).unwrap();
+    let r = reporter.pending_reports();
+    assert_eq!(r.len(), 1);
+    assert_eq!(
+        r[0].output_digest.as_deref(),
+        Some(hex_sha256(b"streamed").as_str())
+    );
+    assert_eq!(
+        (r[0].upstream_status, r[0].latency_ms),
+        (Some(200), Some(12))
+    );
+
+    // A sensitive call whose upstream failed: the allow record before, and
+    // a completion record saying it failed, without an output digest.
+    let update = tool("crm.update", RiskTier::Write, "tool:crm.update:write");
+    let call = gate.authorize(&d, &update, b"u", NOW).unwrap();
+    let first = call.report_id().to_owned();
+    call.failed("the upstream did not answer").unwrap();
+    let r = reporter.pending_reports();
+    assert_eq!(r.len(), 3);
+    assert!(r[2].output_digest.is_none());
+    assert_eq!(
+        r[2].reason.as_deref(),
+        Some(format!("failed: the upstream did not answer; completes {first}").as_str())
+    );
+}
+
+#[test]
 fn denies_out_of_scope_over_ceiling_and_policy_denied_and_reports_denials() {
     let f = Fixture::new();
     let (gate, reporter, _dir) = gate_with_spool(Arc::new(TestPolicy::default()));

@@ -25,6 +25,8 @@ fn report(n: u32) -> ToolCallReport {
         policy_ids: vec![],
         reason: None,
         at: NOW + u64::from(n),
+        latency_ms: None,
+        upstream_status: None,
     }
 }
 

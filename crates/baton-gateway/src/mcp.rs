@@ -1,0 +1,674 @@
+//! MCP over Streamable HTTP: the gateway reads each JSON-RPC message on an
+//! [`McpEndpoint`] and decides it before anything reaches the upstream.
+//!
+//! - `tools/call`: the tool must be one the endpoint lists; its resource is
+//!   filled from the call's arguments; the [`ToolGate`](baton_verify::ToolGate)
+//!   decides (revocation feed, scope, risk ceiling, Cedar) and records the
+//!   call. A refusal the caller can fix with another token is HTTP
+//!   (`401 invalid_token`, `403 insufficient_scope` with the scope needed,
+//!   RFC 6750); a refusal of this call is a JSON-RPC error the client shows.
+//! - `tools/list`: the upstream's answer, with only the tools this caller
+//!   may call.
+//! - the handshake, `ping` and notifications pass; any other method is
+//!   refused unless the endpoint's `allow-methods` lists it (a resource or
+//!   prompt read is not a tool call the gateway can check).
+//! - answers stream back as they come (SSE is never buffered), and the
+//!   call is recorded with the SHA-256 of what was streamed.
+//! - a session (`Mcp-Session-Id`) belongs to the task and agent that
+//!   opened it; another caller naming it is answered 404, as for a session
+//!   that does not exist.
+//! - `Mcp-Method` and `Mcp-Name` headers (SEP-2243), which intermediaries
+//!   may route on, must agree with the body.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use aws_lc_rs::digest::{Context, SHA256};
+use base64::Engine as _;
+use baton_core::{SpiffeId, TaskId};
+use baton_verify::{CallDenied, ToolSpec, VerifiedCall, VerifiedDelegation};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use serde_json::{Map, Value, json};
+use warp::Reply as _;
+use warp::reply::Response;
+
+use crate::config::{MCP_BASE_METHODS, McpEndpoint, McpTool};
+use crate::gateway::{Gateway, Incoming, MAX_BODY, quoted, strip_hop_by_hop};
+
+/// `Mcp-Session-Id`.
+const SESSION: &str = "mcp-session-id";
+/// How many sessions the gateway remembers; the oldest go first.
+const MAX_SESSIONS: usize = 100_000;
+/// A session unused this long is forgotten (its owner re-initializes).
+const SESSION_IDLE: Duration = Duration::from_secs(24 * 3600);
+
+/// JSON-RPC error codes (the reserved range, and one for Baton's refusals).
+const PARSE_ERROR: i64 = -32700;
+const INVALID_REQUEST: i64 = -32600;
+const METHOD_NOT_FOUND: i64 = -32601;
+const INVALID_PARAMS: i64 = -32602;
+/// A call refused by Baton (policy, risk ceiling, stale feed, no audit).
+pub const REFUSED: i64 = -32001;
+
+/// Which task and agent opened each MCP session.
+#[derive(Default)]
+pub(crate) struct Sessions {
+    owners: Mutex<HashMap<String, (TaskId, SpiffeId, Instant)>>,
+}
+
+impl Sessions {
+    /// Whether `d`'s holder may use session `id`; a session not seen yet
+    /// (opened before a restart) is unknown, as it is to the client.
+    fn owned_by(&self, id: &str, d: &VerifiedDelegation) -> bool {
+        let Ok(mut owners) = self.owners.lock() else {
+            return false;
+        };
+        match owners.get_mut(id) {
+            Some((task, agent, used)) if task == d.task_id() && agent == d.agent() => {
+                *used = Instant::now();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Binds a session the upstream just opened to the caller it opened it
+    /// for. A session already bound keeps its owner.
+    fn bind(&self, id: &str, d: &VerifiedDelegation) {
+        let Ok(mut owners) = self.owners.lock() else {
+            return;
+        };
+        if owners.contains_key(id) {
+            return;
+        }
+        if owners.len() >= MAX_SESSIONS {
+            let now = Instant::now();
+            owners.retain(|_, (_, _, used)| now.duration_since(*used) < SESSION_IDLE);
+            if owners.len() >= MAX_SESSIONS
+                && let Some(oldest) = owners
+                    .iter()
+                    .min_by_key(|(_, (_, _, used))| *used)
+                    .map(|(k, _)| k.clone())
+            {
+                owners.remove(&oldest);
+            }
+        }
+        owners.insert(
+            id.to_owned(),
+            (d.task_id().clone(), d.agent().clone(), Instant::now()),
+        );
+    }
+
+    fn end(&self, id: &str) {
+        if let Ok(mut owners) = self.owners.lock() {
+            owners.remove(id);
+        }
+    }
+}
+
+/// A JSON-RPC error answer with HTTP `status`.
+fn rpc_error(
+    status: StatusCode,
+    id: Option<&Value>,
+    code: i64,
+    message: &str,
+    data: Value,
+) -> Response {
+    let mut error = json!({"code": code, "message": message});
+    if !data.is_null()
+        && let Some(e) = error.as_object_mut()
+    {
+        e.insert("data".into(), data);
+    }
+    warp::reply::with_status(
+        warp::reply::json(&json!({
+            "jsonrpc": "2.0",
+            "id": id.cloned().unwrap_or(Value::Null),
+            "error": error,
+        })),
+        status,
+    )
+    .into_response()
+}
+
+fn with_challenge(mut resp: Response, challenge: &str) -> Response {
+    if let Ok(v) = HeaderValue::from_str(challenge) {
+        resp.headers_mut().insert(http::header::WWW_AUTHENTICATE, v);
+    }
+    resp
+}
+
+/// A gate refusal of a `tools/call`.
+fn call_denial(id: Option<&Value>, tool: &str, denied: &CallDenied) -> Response {
+    let message = format!("Baton refused the call to {tool}: {denied}");
+    let mut data = json!({"code": denied.code()});
+    match denied {
+        CallDenied::Expired { .. } | CallDenied::PeerRevoked { .. } => with_challenge(
+            rpc_error(StatusCode::UNAUTHORIZED, id, REFUSED, &message, data),
+            &format!(
+                "Bearer error=\"invalid_token\", error_description=\"{}\"",
+                quoted(&denied.to_string())
+            ),
+        ),
+        CallDenied::OutOfScope { required } => {
+            data["required_scope"] = json!(required.to_string());
+            with_challenge(
+                rpc_error(StatusCode::FORBIDDEN, id, REFUSED, &message, data),
+                &format!(
+                    "Bearer error=\"insufficient_scope\", scope=\"{}\"",
+                    quoted(&required.to_string())
+                ),
+            )
+        }
+        CallDenied::PolicyDenied { policy_ids } => {
+            data["policies"] = json!(policy_ids);
+            rpc_error(StatusCode::OK, id, REFUSED, &message, data)
+        }
+        CallDenied::OverCeiling { .. } => rpc_error(StatusCode::OK, id, REFUSED, &message, data),
+        CallDenied::RevocationStale { .. }
+        | CallDenied::PolicyError { .. }
+        | CallDenied::AuditUnavailable(_) => {
+            rpc_error(StatusCode::SERVICE_UNAVAILABLE, id, REFUSED, &message, data)
+        }
+    }
+}
+
+/// A header's single value as text (`=?base64?...?=` decoded), `Ok(None)`
+/// when absent, `Err` when repeated or unreadable.
+fn single_header(h: &HeaderMap, name: &str) -> Result<Option<String>, String> {
+    let mut values = h.get_all(name).iter();
+    let Some(first) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(format!("{name} is given more than once"));
+    }
+    let text = first
+        .to_str()
+        .map_err(|_| format!("{name} is not readable text"))?;
+    match text
+        .strip_prefix("=?base64?")
+        .and_then(|t| t.strip_suffix("?="))
+    {
+        Some(b64) => base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+            .map(Some)
+            .ok_or_else(|| format!("{name} is not valid base64 UTF-8")),
+        None => Ok(Some(text.to_owned())),
+    }
+}
+
+/// Fails unless the header, where given, says `expected`.
+fn header_agrees(h: &HeaderMap, name: &str, expected: &str) -> Result<(), String> {
+    match single_header(h, name)? {
+        Some(v) if v != expected => Err(format!(
+            "the {name} header says {v:?} but the body says {expected:?}"
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Rewrites every JSON message of an answer (a JSON body, or each SSE
+/// event's data) with `f`; anything unreadable is passed as it was.
+fn rewrite_messages(body: &[u8], sse: bool, f: &dyn Fn(&mut Value)) -> Vec<u8> {
+    if !sse {
+        return match serde_json::from_slice::<Value>(body) {
+            Ok(mut v) => {
+                f(&mut v);
+                serde_json::to_vec(&v).unwrap_or_else(|_| body.to_vec())
+            }
+            Err(_) => body.to_vec(),
+        };
+    }
+    let text = String::from_utf8_lossy(body).replace("\r\n", "\n");
+    let mut out = String::with_capacity(text.len());
+    let mut events = text.split("\n\n").peekable();
+    while let Some(event) = events.next() {
+        let mut data: Vec<&str> = Vec::new();
+        let mut lines: Vec<Option<&str>> = Vec::new();
+        for line in event.split('\n') {
+            if let Some(d) = line.strip_prefix("data:") {
+                if data.is_empty() {
+                    lines.push(None);
+                }
+                data.push(d.strip_prefix(' ').unwrap_or(d));
+            } else {
+                lines.push(Some(line));
+            }
+        }
+        let rewritten = (!data.is_empty())
+            .then(|| serde_json::from_str::<Value>(&data.join("\n")).ok())
+            .flatten()
+            .map(|mut v| {
+                f(&mut v);
+                v.to_string()
+            });
+        match rewritten {
+            Some(json) => {
+                let parts: Vec<String> = lines
+                    .iter()
+                    .map(|l| match l {
+                        Some(l) => (*l).to_owned(),
+                        None => format!("data: {json}"),
+                    })
+                    .collect();
+                out.push_str(&parts.join("\n"));
+            }
+            None => out.push_str(event),
+        }
+        if events.peek().is_some() {
+            out.push_str("\n\n");
+        }
+    }
+    out.into_bytes()
+}
+
+impl Gateway {
+    /// A request on an MCP endpoint, from the verified holder `d`.
+    pub(crate) async fn mcp(
+        &self,
+        ep: &McpEndpoint,
+        req: &Incoming,
+        d: &VerifiedDelegation,
+        body: Bytes,
+        now: u64,
+    ) -> Response {
+        let session = match single_header(&req.headers, SESSION) {
+            Ok(s) => s,
+            Err(e) => {
+                return rpc_error(
+                    StatusCode::BAD_REQUEST,
+                    None,
+                    INVALID_REQUEST,
+                    &e,
+                    Value::Null,
+                );
+            }
+        };
+        if let Some(id) = &session
+            && !self.sessions.owned_by(id, d)
+        {
+            tracing::warn!(
+                task = %d.task_id(),
+                agent = %d.agent(),
+                "MCP request on a session this caller did not open refused"
+            );
+            return rpc_error(
+                StatusCode::NOT_FOUND,
+                None,
+                INVALID_REQUEST,
+                "no such MCP session for this caller (initialize a new one)",
+                Value::Null,
+            );
+        }
+        match req.method {
+            Method::POST => {}
+            Method::GET => return self.mcp_pass(ep, req, d, body, None).await,
+            Method::DELETE => {
+                let resp = self.mcp_pass(ep, req, d, body, None).await;
+                if resp.status().is_success()
+                    && let Some(id) = &session
+                {
+                    self.sessions.end(id);
+                }
+                return resp;
+            }
+            _ => {
+                return rpc_error(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    None,
+                    INVALID_REQUEST,
+                    "an MCP endpoint takes POST, GET and DELETE",
+                    Value::Null,
+                );
+            }
+        }
+        let msg: Value = match serde_json::from_slice(&body) {
+            Ok(v) => v,
+            Err(e) => {
+                return rpc_error(
+                    StatusCode::BAD_REQUEST,
+                    None,
+                    PARSE_ERROR,
+                    &format!("the body is not JSON: {e}"),
+                    Value::Null,
+                );
+            }
+        };
+        let Some(obj) = msg.as_object() else {
+            return rpc_error(
+                StatusCode::BAD_REQUEST,
+                None,
+                INVALID_REQUEST,
+                "one JSON-RPC message per request (batches are not accepted)",
+                Value::Null,
+            );
+        };
+        let id = obj.get("id");
+        let Some(method) = obj.get("method").and_then(Value::as_str) else {
+            if obj.contains_key("result") || obj.contains_key("error") {
+                // The client's answer to a request of the server.
+                return self.mcp_pass(ep, req, d, body, None).await;
+            }
+            return rpc_error(
+                StatusCode::BAD_REQUEST,
+                id,
+                INVALID_REQUEST,
+                "a JSON-RPC message needs a method, or a result or error",
+                Value::Null,
+            );
+        };
+        if let Err(e) = header_agrees(&req.headers, "mcp-method", method) {
+            return rpc_error(
+                StatusCode::BAD_REQUEST,
+                id,
+                INVALID_REQUEST,
+                &e,
+                Value::Null,
+            );
+        }
+        match method {
+            "tools/call" => self.mcp_call(ep, req, d, obj, body.clone(), now).await,
+            "tools/list" => self.mcp_list(ep, req, d, id, body, now).await,
+            m if MCP_BASE_METHODS.contains(&m)
+                || m.starts_with("notifications/")
+                || ep.allow_methods.iter().any(|a| a == m) =>
+            {
+                self.mcp_pass(ep, req, d, body, None).await
+            }
+            m => {
+                tracing::warn!(task = %d.task_id(), agent = %d.agent(), method = m, "MCP method refused");
+                rpc_error(
+                    if id.is_some() {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::FORBIDDEN
+                    },
+                    id,
+                    METHOD_NOT_FOUND,
+                    &format!("{m} is not allowed through the Baton gateway"),
+                    Value::Null,
+                )
+            }
+        }
+    }
+
+    async fn mcp_call(
+        &self,
+        ep: &McpEndpoint,
+        req: &Incoming,
+        d: &VerifiedDelegation,
+        obj: &Map<String, Value>,
+        body: Bytes,
+        now: u64,
+    ) -> Response {
+        let id = obj.get("id");
+        let bad = |m: String| rpc_error(StatusCode::OK, id, INVALID_PARAMS, &m, Value::Null);
+        let Some(params) = obj.get("params").and_then(Value::as_object) else {
+            return bad("tools/call needs params (an object)".into());
+        };
+        let Some(name) = params.get("name").and_then(Value::as_str) else {
+            return bad("tools/call needs params.name (a string)".into());
+        };
+        if let Err(e) = header_agrees(&req.headers, "mcp-name", name) {
+            return rpc_error(
+                StatusCode::BAD_REQUEST,
+                id,
+                INVALID_REQUEST,
+                &e,
+                Value::Null,
+            );
+        }
+        let Some(tool) = ep.tools.iter().find(|t| t.name == name) else {
+            tracing::warn!(task = %d.task_id(), agent = %d.agent(), tool = name, "MCP call of a tool the gateway does not serve refused");
+            return bad(format!("tool {name:?} is not served through this gateway"));
+        };
+        let empty = Map::new();
+        let arguments = match params.get("arguments") {
+            None | Some(Value::Null) => &empty,
+            Some(Value::Object(a)) => a,
+            Some(_) => return bad("params.arguments must be an object".into()),
+        };
+        let resource = match tool.resource_for(arguments) {
+            Ok(r) => r,
+            Err(e) => return bad(format!("{name}: {e}")),
+        };
+        let spec = spec_of(tool, resource);
+        let input = serde_json::to_vec(arguments).unwrap_or_default();
+        let call = match self.enforcer.gate.authorize(d, &spec, &input, now) {
+            Ok(call) => call,
+            Err(denied) => return call_denial(id, name, &denied),
+        };
+        tracing::info!(
+            task = %d.task_id(),
+            agent = %d.agent(),
+            tool = name,
+            resource = %spec.resource,
+            "MCP tool call allowed"
+        );
+        self.mcp_pass(ep, req, d, body, Some(call)).await
+    }
+
+    async fn mcp_list(
+        &self,
+        ep: &McpEndpoint,
+        req: &Incoming,
+        d: &VerifiedDelegation,
+        id: Option<&Value>,
+        body: Bytes,
+        now: u64,
+    ) -> Response {
+        let resp = match self.send_upstream(&ep.upstream, req, d, body).await {
+            Ok(r) => r,
+            Err(e) => return upstream_failed(id, &e),
+        };
+        let status = resp.status();
+        let mut headers = resp.headers().clone();
+        strip_hop_by_hop(&mut headers);
+        headers.remove(http::header::CONTENT_LENGTH);
+        self.bind_session(&headers, d);
+        let sse = headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        let mut out = Vec::new();
+        let mut resp = resp;
+        loop {
+            match resp.chunk().await {
+                Ok(Some(c)) if out.len() + c.len() <= MAX_BODY => out.extend_from_slice(&c),
+                Ok(Some(_)) => {
+                    return upstream_failed(id, &format!("the tool list is over {MAX_BODY} bytes"));
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    return upstream_failed(id, &format!("the upstream's answer broke off: {e}"));
+                }
+            }
+        }
+        let keep = |name: &str| {
+            ep.tools
+                .iter()
+                .find(|t| t.name == name)
+                .is_some_and(|t| self.may_call(d, t, now))
+        };
+        let filtered = rewrite_messages(&out, sse, &|v: &mut Value| {
+            if let Some(tools) = v
+                .get_mut("result")
+                .and_then(|r| r.get_mut("tools"))
+                .and_then(Value::as_array_mut)
+            {
+                tools.retain(|t| t.get("name").and_then(Value::as_str).is_some_and(keep));
+            }
+        });
+        let mut reply = Response::new(filtered.into());
+        *reply.status_mut() = status;
+        *reply.headers_mut() = headers;
+        reply
+    }
+
+    /// Whether `tools/list` shows `tool` to `d`'s holder: what the gate
+    /// would allow (for a resource taken from arguments, the scope and
+    /// the risk ceiling only; the call itself is decided in full).
+    fn may_call(&self, d: &VerifiedDelegation, tool: &McpTool, now: u64) -> bool {
+        if tool.resource_is_static() {
+            let spec = spec_of(tool, tool.resource_template().to_owned());
+            self.enforcer.gate.permits(d, &spec, now)
+        } else {
+            d.scope().allows(&tool.permission) && tool.tier <= d.risk_ceiling()
+        }
+    }
+
+    fn bind_session(&self, headers: &HeaderMap, d: &VerifiedDelegation) {
+        if let Some(id) = headers.get(SESSION).and_then(|v| v.to_str().ok()) {
+            self.sessions.bind(id, d);
+        }
+    }
+
+    /// Forwards the message and streams the answer back as it comes. The
+    /// call, if any, is recorded when the answer ends: with the digest of
+    /// what was streamed, or as failed.
+    async fn mcp_pass(
+        &self,
+        ep: &McpEndpoint,
+        req: &Incoming,
+        d: &VerifiedDelegation,
+        body: Bytes,
+        call: Option<VerifiedCall>,
+    ) -> Response {
+        let started = Instant::now();
+        let resp = match self.send_upstream(&ep.upstream, req, d, body).await {
+            Ok(r) => r,
+            Err(e) => {
+                if let Some(call) = call
+                    && let Err(re) = call.failed(&e)
+                {
+                    tracing::warn!(error = %re, "could not spool the report of a failed call");
+                }
+                return upstream_failed(None, &e);
+            }
+        };
+        let mut headers = resp.headers().clone();
+        strip_hop_by_hop(&mut headers);
+        self.bind_session(&headers, d);
+        relay(resp, headers, call, started)
+    }
+}
+
+fn spec_of(tool: &McpTool, resource: String) -> ToolSpec {
+    ToolSpec {
+        name: tool.name.clone(),
+        tier: tool.tier,
+        resource,
+        requires: tool.permission.clone(),
+    }
+}
+
+fn upstream_failed(id: Option<&Value>, message: &str) -> Response {
+    tracing::warn!(error = %message, "MCP upstream failed");
+    rpc_error(
+        StatusCode::BAD_GATEWAY,
+        id,
+        INVALID_REQUEST,
+        &format!("the tool server behind the gateway failed: {message}"),
+        json!({"code": "upstream"}),
+    )
+}
+
+/// Streams `resp` back chunk by chunk; when it ends, `call` (if any) is
+/// recorded with the SHA-256 of everything streamed, or as failed if the
+/// upstream broke off or the caller went away.
+pub(crate) fn relay(
+    resp: reqwest::Response,
+    mut headers: HeaderMap,
+    call: Option<VerifiedCall>,
+    started: Instant,
+) -> Response {
+    let status = resp.status();
+    headers.remove(http::header::CONTENT_LENGTH);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    tokio::spawn(async move {
+        let mut resp = resp;
+        let mut digest = Context::new(&SHA256);
+        let outcome = loop {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => {
+                    digest.update(&chunk);
+                    if tx.send(Ok(chunk)).await.is_err() {
+                        break Err("the caller went away before the answer ended".to_owned());
+                    }
+                }
+                Ok(None) => break Ok(()),
+                Err(e) => {
+                    let message = format!("the upstream's answer broke off: {e}");
+                    let _ = tx.send(Err(std::io::Error::other(message.clone()))).await;
+                    break Err(message);
+                }
+            }
+        };
+        let Some(mut call) = call else { return };
+        let latency_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        call.set_upstream(status.as_u16(), latency_ms);
+        let recorded = match outcome {
+            Ok(()) => call.finish_digest(digest.finish().as_ref()),
+            Err(e) => call.failed(&e),
+        };
+        if let Err(e) = recorded {
+            tracing::warn!(error = %e, "could not spool the report of a streamed call");
+        }
+    });
+    let mut reply =
+        warp::reply::stream(tokio_stream::wrappers::ReceiverStream::new(rx)).into_response();
+    *reply.status_mut() = status;
+    *reply.headers_mut() = headers;
+    reply
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sse_events_are_rewritten_one_by_one() {
+        let body = b"id: 1\nevent: message\ndata: {\"a\":1}\n\n: comment\n\ndata: not json\n\nretry: 5\ndata: {\"a\":\ndata: 2}\n\n";
+        let out = rewrite_messages(body, true, &|v: &mut Value| v["a"] = json!(9));
+        let out = String::from_utf8(out).unwrap();
+        assert_eq!(
+            out,
+            "id: 1\nevent: message\ndata: {\"a\":9}\n\n: comment\n\ndata: not json\n\nretry: 5\ndata: {\"a\":9}\n\n"
+        );
+    }
+
+    #[test]
+    fn json_bodies_are_rewritten_and_junk_passes() {
+        let out = rewrite_messages(br#"{"result":{"tools":[1,2]}}"#, false, &|v: &mut Value| {
+            v["result"]["tools"] = json!([]);
+        });
+        assert_eq!(out, br#"{"result":{"tools":[]}}"#);
+        assert_eq!(
+            rewrite_messages(b"<html>", false, &|_: &mut Value| {}),
+            b"<html>"
+        );
+    }
+
+    #[test]
+    fn mcp_headers_must_agree_with_the_body() {
+        let mut h = HeaderMap::new();
+        assert!(header_agrees(&h, "mcp-name", "crm.search").is_ok());
+        h.insert("mcp-name", HeaderValue::from_static("crm.search"));
+        assert!(header_agrees(&h, "mcp-name", "crm.search").is_ok());
+        assert!(header_agrees(&h, "mcp-name", "crm.export").is_err());
+        let b64 = base64::engine::general_purpose::STANDARD.encode("crm.export");
+        h.insert(
+            "mcp-name",
+            HeaderValue::from_str(&format!("=?base64?{b64}?=")).unwrap(),
+        );
+        assert!(header_agrees(&h, "mcp-name", "crm.export").is_ok());
+        assert!(header_agrees(&h, "mcp-name", "crm.search").is_err());
+        h.append("mcp-name", HeaderValue::from_static("crm.export"));
+        assert!(header_agrees(&h, "mcp-name", "crm.export").is_err());
+    }
+}

@@ -1,0 +1,542 @@
+//! `baton gateway` in front of an unmodified MCP server built with the
+//! official Rust SDK (`rmcp`, Streamable HTTP, in this process), driven by
+//! `rmcp`'s own client over the agents' mTLS credentials: `tools/list`
+//! shows only what the caller may call, allowed calls reach the tool with
+//! the verified caller, each refusal comes back as the MCP client sees it
+//! (a JSON-RPC error, or 403 `insufficient_scope` with the scope needed),
+//! progress notifications stream through while the tool still runs, and
+//! sessions, batches and SEP-2243 headers cannot be used to slip past.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::handler::server::tool::Extension;
+use rmcp::handler::server::wrapper::Parameters;
+use rmcp::model::{
+    CallToolRequestParams, ClientConfig, NumberOrString, ProgressNotificationParam, ProgressToken,
+    ServerCapabilities, ServerConfig,
+};
+use rmcp::service::{NotificationContext, RunningService};
+use rmcp::transport::StreamableHttpClientTransport;
+use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
+use rmcp::{
+    ClientHandler, Peer, RoleClient, RoleServer, ServerHandler, ServiceError, ServiceExt, schemars,
+    tool, tool_handler, tool_router,
+};
+
+use crate::delegation::{PLANNER, RESEARCHER};
+use crate::gateway::{Gw, client, token_of};
+use crate::harness::wait_for;
+
+/// What the MCP server saw: each tool run, with the caller's headers.
+#[derive(Default)]
+struct Seen {
+    calls: Mutex<Vec<(String, HashMap<String, String>)>>,
+    /// `docs.summarize` waits for this before it answers.
+    release: tokio::sync::Notify,
+    watch_done: AtomicBool,
+}
+
+impl Seen {
+    fn record(&self, tool: &str, parts: &http::request::Parts) {
+        let headers = parts
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_owned(),
+                    v.to_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect();
+        self.calls.lock().unwrap().push((tool.to_owned(), headers));
+    }
+
+    fn count(&self) -> usize {
+        self.calls.lock().unwrap().len()
+    }
+
+    fn last(&self) -> (String, HashMap<String, String>) {
+        self.calls.lock().unwrap().last().cloned().unwrap()
+    }
+}
+
+#[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
+struct Account {
+    account: String,
+}
+
+/// A CRM tool server as a third party would write it with `rmcp`: it
+/// knows nothing of Baton.
+#[derive(Clone)]
+struct Crm {
+    seen: Arc<Seen>,
+    tool_router: ToolRouter<Self>,
+}
+
+#[tool_router]
+impl Crm {
+    #[tool(name = "crm.search", description = "Look up an account's open cases")]
+    fn search(
+        &self,
+        Parameters(a): Parameters<Account>,
+        Extension(parts): Extension<http::request::Parts>,
+    ) -> String {
+        self.seen.record("crm.search", &parts);
+        format!("account {}: 3 open cases", a.account)
+    }
+
+    #[tool(name = "crm.update", description = "Update a case")]
+    fn update(
+        &self,
+        Parameters(a): Parameters<Account>,
+        Extension(parts): Extension<http::request::Parts>,
+    ) -> String {
+        self.seen.record("crm.update", &parts);
+        format!("account {} updated", a.account)
+    }
+
+    #[tool(name = "admin.shutdown", description = "Stop the CRM")]
+    fn shutdown(&self, Extension(parts): Extension<http::request::Parts>) -> String {
+        self.seen.record("admin.shutdown", &parts);
+        "stopping".to_owned()
+    }
+
+    #[tool(
+        name = "docs.summarize",
+        description = "Report progress, then answer when released"
+    )]
+    async fn watch(
+        &self,
+        Parameters(a): Parameters<Account>,
+        Extension(parts): Extension<http::request::Parts>,
+        client: Peer<RoleServer>,
+    ) -> String {
+        self.seen.record("docs.summarize", &parts);
+        let _ = client
+            .notify_progress(
+                ProgressNotificationParam::new(ProgressToken(NumberOrString::Number(7)), 1.0)
+                    .with_message("watching"),
+            )
+            .await;
+        self.seen.release.notified().await;
+        self.seen.watch_done.store(true, Ordering::SeqCst);
+        format!("watch of {} ended", a.account)
+    }
+}
+
+#[tool_handler(router = self.tool_router)]
+impl ServerHandler for Crm {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+    }
+}
+
+/// Serves [`Crm`] over Streamable HTTP at `/mcp` on a loopback port.
+fn start_crm() -> (u16, Arc<Seen>) {
+    let seen = Arc::new(Seen::default());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    listener.set_nonblocking(true).unwrap();
+    let state = seen.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let service: StreamableHttpService<Crm, LocalSessionManager> =
+                StreamableHttpService::new(
+                    move || {
+                        Ok(Crm {
+                            seen: state.clone(),
+                            tool_router: Crm::tool_router(),
+                        })
+                    },
+                    Arc::default(),
+                    StreamableHttpServerConfig::default().with_sse_keep_alive(None),
+                );
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let svc = hyper_util::service::TowerToHyperService::new(service.clone());
+                tokio::spawn(async move {
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+                });
+            }
+        });
+    });
+    (port, seen)
+}
+
+fn endpoint(port: u16) -> String {
+    format!(
+        r#"
+[upstreams.mcp]
+url = "http://127.0.0.1:{port}"
+
+[[mcp]]
+path = "/mcp"
+upstream = "mcp"
+
+[[mcp.tools]]
+name = "crm.search"
+resource = "dataset:crm:{{account}}"
+permission = "tool:crm.search:read"
+tier = "read"
+
+[[mcp.tools]]
+name = "docs.summarize"
+resource = "dataset:crm"
+permission = "tool:docs.summarize:read"
+tier = "read"
+
+[[mcp.tools]]
+name = "crm.update"
+resource = "dataset:crm"
+permission = "tool:crm.update:write"
+tier = "write"
+"#
+    )
+}
+
+/// The client's side: progress notifications as they arrive.
+#[derive(Clone)]
+struct Agent {
+    progress: tokio::sync::mpsc::UnboundedSender<String>,
+}
+
+impl ClientHandler for Agent {
+    async fn on_progress(
+        &self,
+        params: ProgressNotificationParam,
+        _context: NotificationContext<RoleClient>,
+    ) {
+        let _ = self
+            .progress
+            .send(params.message.unwrap_or_default().to_string());
+    }
+}
+
+type Session = RunningService<RoleClient, Agent>;
+
+async fn connect(
+    url: &str,
+    cred: &Path,
+) -> (Session, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let transport = StreamableHttpClientTransport::with_client(
+        client(cred),
+        StreamableHttpClientTransportConfig::with_uri(format!("{url}/mcp"))
+            .auth_header(token_of(cred)),
+    );
+    let session = tokio::time::timeout(
+        Duration::from_secs(60),
+        Agent { progress: tx }.serve(transport),
+    )
+    .await
+    .expect("the MCP handshake through the gateway hangs")
+    .expect("the MCP handshake through the gateway failed");
+    (session, rx)
+}
+
+async fn call(s: &Session, tool: &str, args: serde_json::Value) -> Result<String, ServiceError> {
+    let args = args.as_object().cloned().unwrap_or_default();
+    let r = tokio::time::timeout(
+        Duration::from_secs(60),
+        s.call_tool(CallToolRequestParams::new(tool.to_owned()).with_arguments(args)),
+    )
+    .await
+    .expect("the call hangs")?;
+    Ok(serde_json::to_string(&r.content).unwrap())
+}
+
+async fn tool_names(s: &Session) -> Vec<String> {
+    let mut names: Vec<String> = s
+        .list_all_tools()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.name.to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+/// The JSON-RPC error of a refused call: code, message, data.
+fn rpc_error(e: &ServiceError) -> (i32, String, serde_json::Value) {
+    match e {
+        ServiceError::McpError(d) => (
+            d.code.0,
+            d.message.to_string(),
+            d.data.clone().unwrap_or_default(),
+        ),
+        other => panic!("expected a JSON-RPC error, got {other:?}"),
+    }
+}
+
+/// A raw POST on the MCP endpoint: status, headers, body text.
+async fn post(
+    url: &str,
+    cred: &Path,
+    body: &serde_json::Value,
+    headers: &[(&str, &str)],
+) -> (u16, reqwest::header::HeaderMap, String) {
+    let mut req = client(cred)
+        .post(format!("{url}/mcp"))
+        .bearer_auth(token_of(cred))
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .body(body.to_string());
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let h = resp.headers().clone();
+    (status, h, resp.text().await.unwrap_or_default())
+}
+
+#[test]
+fn mcp_through_the_gateway_lists_calls_streams_and_refuses_as_mcp_clients_see_it() {
+    baton_tls::install_crypto_provider();
+    let (port, seen) = start_crm();
+    let g = Gw::start_with(&endpoint(port));
+    let (task, planner, researcher) = g.researcher();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // The upstream itself offers every tool (the control for the list).
+        let direct = {
+            let transport =
+                StreamableHttpClientTransport::from_uri(format!("http://127.0.0.1:{port}/mcp"));
+            let s = ClientConfig::default().serve(transport).await.unwrap();
+            let mut names: Vec<String> = s
+                .list_all_tools()
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|t| t.name.to_string())
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(
+            direct,
+            [
+                "admin.shutdown",
+                "crm.search",
+                "crm.update",
+                "docs.summarize"
+            ]
+        );
+
+        // Each caller sees only what it may call, and nobody a tool the
+        // gateway does not serve. The researcher: its two read tools, not
+        // crm.update (outside its scope). The planner holds crm.update and
+        // docs.summarize in scope, but Cedar refuses both to it (a write
+        // outside the task's purpose; reads are for research agents), so
+        // it sees only crm.search, whose resource comes from the arguments
+        // and is decided in full at the call.
+        let (r, mut progress) = connect(&g.url, &researcher).await;
+        assert_eq!(tool_names(&r).await, ["crm.search", "docs.summarize"]);
+        let (p, _) = connect(&g.url, &planner).await;
+        assert_eq!(tool_names(&p).await, ["crm.search"]);
+
+        // Allowed: the tool runs and sees the verified caller, never the
+        // caller's token or a forged identity.
+        let before = seen.count();
+        let out = call(&r, "crm.search", serde_json::json!({"account": "acme"}))
+            .await
+            .unwrap();
+        assert!(out.contains("account acme: 3 open cases"), "{out}");
+        assert_eq!(seen.count(), before + 1);
+        let (tool, headers) = seen.last();
+        assert_eq!(tool, "crm.search");
+        assert_eq!(headers.get("baton-task"), Some(&task));
+        assert_eq!(
+            headers.get("baton-actor").map(String::as_str),
+            Some(RESEARCHER)
+        );
+        assert_eq!(
+            headers.get("baton-chain").map(String::as_str),
+            Some(format!("{RESEARCHER},{PLANNER}").as_str())
+        );
+        assert!(!headers.contains_key("authorization"), "{headers:?}");
+
+        // Out of scope: 403 insufficient_scope naming the scope needed, as
+        // the MCP authorization spec's scope challenge; the tool never runs.
+        let before = seen.count();
+        let e = call(&r, "crm.update", serde_json::json!({"account": "acme"}))
+            .await
+            .unwrap_err();
+        let challenge = e.auth_challenge().unwrap_or_default().to_owned();
+        assert!(
+            challenge.contains("insufficient_scope")
+                && challenge.contains("scope=\"tool:crm.update:write\""),
+            "{e:?}"
+        );
+        // Refused by policy (a write outside the task's purpose): a JSON-RPC
+        // error the client can show, with the deciding policies.
+        let e = call(&p, "crm.update", serde_json::json!({"account": "acme"}))
+            .await
+            .unwrap_err();
+        let (code, message, data) = rpc_error(&e);
+        assert_eq!(i64::from(code), baton_gateway::MCP_REFUSED, "{e:?}");
+        assert!(message.contains("crm.update"), "{message}");
+        assert_eq!(data["code"], "policy_denied", "{data}");
+        assert!(
+            data["policies"]
+                .to_string()
+                .contains("writes.require-case-update-purpose"),
+            "{data}"
+        );
+        // A tool the gateway does not serve, though the upstream has it.
+        let e = call(&p, "admin.shutdown", serde_json::json!({}))
+            .await
+            .unwrap_err();
+        let (code, message, _) = rpc_error(&e);
+        assert_eq!(code, -32602, "{e:?}");
+        assert!(
+            message.contains("not served through this gateway"),
+            "{message}"
+        );
+        // A resource argument missing.
+        let e = call(&r, "crm.search", serde_json::json!({"acct": "acme"}))
+            .await
+            .unwrap_err();
+        assert!(rpc_error(&e).1.contains("\"account\" is required"), "{e:?}");
+        assert_eq!(seen.count(), before, "a refused call reached the tool");
+
+        // Streaming: the tool's progress reaches the client while the tool
+        // still runs (a buffering proxy would hold it until the answer).
+        let watcher = {
+            let peer = r.peer().clone();
+            tokio::spawn(async move {
+                peer.call_tool(
+                    CallToolRequestParams::new("docs.summarize").with_arguments(
+                        serde_json::json!({"account": "acme"})
+                            .as_object()
+                            .cloned()
+                            .unwrap(),
+                    ),
+                )
+                .await
+            })
+        };
+        let first = tokio::time::timeout(Duration::from_secs(60), progress.recv())
+            .await
+            .expect("no progress reached the client while the tool ran")
+            .unwrap();
+        assert_eq!(first, "watching");
+        assert!(
+            !seen.watch_done.load(Ordering::SeqCst),
+            "the tool had already answered"
+        );
+        seen.release.notify_one();
+        let done = tokio::time::timeout(Duration::from_secs(60), watcher)
+            .await
+            .expect("the streamed call never ended")
+            .unwrap()
+            .unwrap();
+        assert!(
+            serde_json::to_string(&done.content)
+                .unwrap()
+                .contains("watch of acme ended"),
+            "{done:?}"
+        );
+
+        // Raw requests an MCP client would not send.
+        let search = serde_json::json!({"jsonrpc": "2.0", "id": 9, "method": "tools/call",
+            "params": {"name": "crm.search", "arguments": {"account": "acme"}}});
+        let before = seen.count();
+        // A body that says one tool and a SEP-2243 header that says another.
+        let (status, _, body) =
+            post(&g.url, &researcher, &search, &[("mcp-name", "crm.update")]).await;
+        assert_eq!(status, 400, "{body}");
+        assert!(body.contains("mcp-name"), "{body}");
+        // A batch hiding a call behind another.
+        let (status, _, body) = post(
+            &g.url,
+            &researcher,
+            &serde_json::json!([search.clone()]),
+            &[],
+        )
+        .await;
+        assert_eq!(status, 400, "{body}");
+        // A method the gateway cannot check.
+        let (status, _, body) = post(
+            &g.url,
+            &researcher,
+            &serde_json::json!({"jsonrpc": "2.0", "id": 3, "method": "resources/list"}),
+            &[],
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            body.contains("not allowed through the Baton gateway"),
+            "{body}"
+        );
+        assert_eq!(seen.count(), before, "a refused request reached the tool");
+
+        // A session belongs to the caller that opened it.
+        let init = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+            "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                "clientInfo": {"name": "raw", "version": "0"}}});
+        let (status, h, body) = post(&g.url, &researcher, &init, &[]).await;
+        assert_eq!(status, 200, "{body}");
+        let sid = h
+            .get("mcp-session-id")
+            .expect("the upstream opened no session")
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let initialized =
+            serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+        let session = [
+            ("mcp-session-id", sid.as_str()),
+            ("mcp-protocol-version", "2025-06-18"),
+        ];
+        let (status, _, body) = post(&g.url, &planner, &initialized, &session).await;
+        assert_eq!(
+            status, 404,
+            "another agent used the researcher's session: {body}"
+        );
+        let (status, _, body) = post(&g.url, &researcher, &initialized, &session).await;
+        assert!(status == 202 || status == 200, "{status} {body}");
+        let forged = [("mcp-session-id", "not-a-session")];
+        let (status, _, _) = post(&g.url, &researcher, &initialized, &forged).await;
+        assert_eq!(status, 404);
+    });
+
+    // The calls and refusals are in the task's audit trace.
+    let trace = wait_for("MCP calls in the trace", Duration::from_secs(30), || {
+        let t = g.w.json(&["audit", "trace", &task, "--json"]).to_string();
+        (t.contains("crm.search")
+            && t.contains("docs.summarize")
+            && t.contains("out_of_scope")
+            && t.contains("policy_denied")
+            && t.contains("\"upstream_status\":200"))
+        .then_some(t)
+    });
+    assert!(trace.contains(RESEARCHER), "{trace}");
+    assert!(trace.contains("\"latency_ms\""), "{trace}");
+    let text = g.w.ok(&["audit", "trace", &task]);
+    assert!(text.contains("upstream 200 in "), "{text}");
+}
