@@ -183,10 +183,29 @@ fn start_crm() -> (u16, Arc<Seen>) {
 }
 
 fn endpoint(port: u16) -> String {
+    // A port nothing listens on: the MCP server behind /mcp-down is down.
+    let down = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     format!(
         r#"
 [upstreams.mcp]
 url = "http://127.0.0.1:{port}"
+
+[upstreams.down]
+url = "http://127.0.0.1:{down}"
+
+[[mcp]]
+path = "/mcp-down"
+upstream = "down"
+
+[[mcp.tools]]
+name = "crm.search"
+resource = "dataset:crm:{{account}}"
+permission = "tool:crm.search:read"
+tier = "read"
 
 [[mcp]]
 path = "/mcp"
@@ -523,6 +542,34 @@ fn mcp_through_the_gateway_lists_calls_streams_and_refuses_as_mcp_clients_see_it
         let forged = [("mcp-session-id", "not-a-session")];
         let (status, _, _) = post(&g.url, &researcher, &initialized, &forged).await;
         assert_eq!(status, 404);
+
+        // The server down: a clear 502 as a JSON-RPC error, and the call
+        // recorded as failed, never as answered.
+        let resp = client(&researcher)
+            .post(format!("{}/mcp-down", g.url))
+            .bearer_auth(token_of(&researcher))
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .body(
+                serde_json::json!({"jsonrpc": "2.0", "id": 5, "method": "tools/call",
+                    "params": {"name": "crm.search", "arguments": {"account": "down-co"}}})
+                .to_string(),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 502);
+        let body: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(body["id"], 5, "{body}");
+        assert_eq!(body["error"]["data"]["code"], "upstream", "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("the tool server behind the gateway failed"),
+            "{body}"
+        );
+        assert!(!body.to_string().contains("127.0.0.1"), "{body}");
     });
 
     // The calls and refusals are in the task's audit trace.
@@ -537,6 +584,36 @@ fn mcp_through_the_gateway_lists_calls_streams_and_refuses_as_mcp_clients_see_it
     });
     assert!(trace.contains(RESEARCHER), "{trace}");
     assert!(trace.contains("\"latency_ms\""), "{trace}");
+    // The call to the server that was down: allowed, then failed, with no
+    // output digest.
+    let v: serde_json::Value = serde_json::from_str(&trace).unwrap();
+    let mut down = Vec::new();
+    collect_calls(&v, "dataset:crm:down-co", &mut down);
+    assert_eq!(down.len(), 1, "{down:?}");
+    assert!(
+        down[0]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("failed: the upstream did not answer"),
+        "{down:?}"
+    );
+    assert!(down[0].get("output_digest").is_none(), "{down:?}");
     let text = g.w.ok(&["audit", "trace", &task]);
     assert!(text.contains("upstream 200 in "), "{text}");
+}
+
+/// Every tool call of the trace on `resource`.
+fn collect_calls(v: &serde_json::Value, resource: &str, out: &mut Vec<serde_json::Value>) {
+    match v {
+        serde_json::Value::Object(o) => {
+            if o.get("type").and_then(|t| t.as_str()) == Some("tool_call")
+                && o.get("resource").and_then(|r| r.as_str()) == Some(resource)
+            {
+                out.push(v.clone());
+            }
+            o.values().for_each(|c| collect_calls(c, resource, out));
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|c| collect_calls(c, resource, out)),
+        _ => {}
+    }
 }

@@ -471,7 +471,11 @@ impl Gateway {
                 if let Err(e) = call.failed(&message) {
                     tracing::warn!(error = %e, "could not spool the report of a failed call");
                 }
-                plain(StatusCode::BAD_GATEWAY, "upstream", &message)
+                plain(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream",
+                    "the upstream failed (the gateway's log says why)",
+                )
             }
         }
     }

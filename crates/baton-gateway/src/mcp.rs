@@ -51,6 +51,8 @@ const METHOD_NOT_FOUND: i64 = -32601;
 const INVALID_PARAMS: i64 = -32602;
 /// A call refused by Baton (policy, risk ceiling, stale feed, no audit).
 pub const REFUSED: i64 = -32001;
+/// The tool server behind the gateway did not answer, or broke off.
+const UPSTREAM_FAILED: i64 = -32002;
 
 /// Which task and agent opened each MCP session.
 #[derive(Default)]
@@ -307,9 +309,9 @@ impl Gateway {
         }
         match req.method {
             Method::POST => {}
-            Method::GET => return self.mcp_pass(ep, req, d, body, None).await,
+            Method::GET => return self.mcp_pass(ep, req, d, body, None, None).await,
             Method::DELETE => {
-                let resp = self.mcp_pass(ep, req, d, body, None).await;
+                let resp = self.mcp_pass(ep, req, d, body, None, None).await;
                 if resp.status().is_success()
                     && let Some(id) = &session
                 {
@@ -352,7 +354,7 @@ impl Gateway {
         let Some(method) = obj.get("method").and_then(Value::as_str) else {
             if obj.contains_key("result") || obj.contains_key("error") {
                 // The client's answer to a request of the server.
-                return self.mcp_pass(ep, req, d, body, None).await;
+                return self.mcp_pass(ep, req, d, body, None, None).await;
             }
             return rpc_error(
                 StatusCode::BAD_REQUEST,
@@ -378,7 +380,7 @@ impl Gateway {
                 || m.starts_with("notifications/")
                 || ep.allow_methods.iter().any(|a| a == m) =>
             {
-                self.mcp_pass(ep, req, d, body, None).await
+                self.mcp_pass(ep, req, d, body, id, None).await
             }
             m => {
                 tracing::warn!(task = %d.task_id(), agent = %d.agent(), method = m, "MCP method refused");
@@ -450,7 +452,7 @@ impl Gateway {
             resource = %spec.resource,
             "MCP tool call allowed"
         );
-        self.mcp_pass(ep, req, d, body, Some(call)).await
+        self.mcp_pass(ep, req, d, body, id, Some(call)).await
     }
 
     async fn mcp_list(
@@ -537,6 +539,7 @@ impl Gateway {
         req: &Incoming,
         d: &VerifiedDelegation,
         body: Bytes,
+        id: Option<&Value>,
         call: Option<VerifiedCall>,
     ) -> Response {
         let started = Instant::now();
@@ -548,7 +551,7 @@ impl Gateway {
                 {
                     tracing::warn!(error = %re, "could not spool the report of a failed call");
                 }
-                return upstream_failed(None, &e);
+                return upstream_failed(id, &e);
             }
         };
         let mut headers = resp.headers().clone();
@@ -567,13 +570,15 @@ fn spec_of(tool: &McpTool, resource: String) -> ToolSpec {
     }
 }
 
+/// The upstream failed: the caller learns that, the gateway's log why
+/// (addresses behind the gateway are not the caller's business).
 fn upstream_failed(id: Option<&Value>, message: &str) -> Response {
     tracing::warn!(error = %message, "MCP upstream failed");
     rpc_error(
         StatusCode::BAD_GATEWAY,
         id,
-        INVALID_REQUEST,
-        &format!("the tool server behind the gateway failed: {message}"),
+        UPSTREAM_FAILED,
+        "the tool server behind the gateway failed (the gateway's log says why)",
         json!({"code": "upstream"}),
     )
 }
