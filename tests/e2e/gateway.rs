@@ -112,7 +112,7 @@ impl Upstream {
 /// in front of the echo upstream.
 pub(crate) struct Gw {
     pub(crate) w: World,
-    _gateway: Proc,
+    pub(crate) gateway: Proc,
     pub(crate) url: String,
     upstream: Upstream,
     /// The gateway's ops listener (`--ops-listen`).
@@ -199,7 +199,7 @@ impl Gw {
         });
         Gw {
             w,
-            _gateway: gateway,
+            gateway,
             url: format!("https://{addr}"),
             upstream,
             ops,
@@ -571,4 +571,129 @@ tier = "read"
         "deploy/gateway.toml: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn sighup_reloads_routes_without_failing_a_request_and_refuses_a_bad_file() {
+    let g = Gw::start();
+    let (_task, _planner, researcher) = g.researcher();
+    let token = token_of(&researcher);
+    let notes = format!("{}/crm/notes/7", g.url);
+    assert_eq!(
+        send(&researcher, "GET", &notes, Some(&token), &[]).status,
+        404,
+        "the new route exists before the reload"
+    );
+
+    // Calls in a loop on kept-alive connections while the file changes.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        let (cred, token) = (researcher.clone(), token.clone());
+        let url = format!("{}/crm/accounts/acme", g.url);
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let client = client(&cred);
+            rt.block_on(async {
+                let (mut ok, mut failed) = (0u32, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) || ok < 20 {
+                    match client.get(&url).bearer_auth(&token).send().await {
+                        Ok(r) if r.status().as_u16() == 200 => ok += 1,
+                        Ok(r) => failed.push(r.status().to_string()),
+                        Err(e) => failed.push(e.to_string()),
+                    }
+                }
+                (ok, failed)
+            })
+        })
+    };
+    let file = g.w.c.path("gateway.toml");
+    let good = std::fs::read_to_string(&file).unwrap();
+    let hup = || {
+        let pid = g.gateway.child.id().to_string();
+        assert!(
+            std::process::Command::new("kill")
+                .args(["-HUP", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    let with_notes = good.clone()
+        + r#"
+[[routes]]
+method = "GET"
+path = "/crm/notes/{note}"
+upstream = "crm"
+tool = "crm.search"
+resource = "dataset:crm"
+permission = "tool:crm.search:read"
+tier = "read"
+"#;
+    std::fs::write(&file, &with_notes).unwrap();
+    hup();
+    wait_for("the new route", Duration::from_secs(60), || {
+        (send(&researcher, "GET", &notes, Some(&token), &[]).status == 200).then_some(())
+    });
+    let log = || g.gateway.log_text();
+    assert!(
+        log().contains("reloaded the gateway's configuration"),
+        "{}",
+        log()
+    );
+
+    // A file with a typo, then one that changes what needs a restart: each
+    // refused, naming why, and the routes in force keep answering.
+    std::fs::write(
+        &file,
+        with_notes.replace("tier = \"read\"", "teir = \"read\""),
+    )
+    .unwrap();
+    hup();
+    wait_for("the typo refused", Duration::from_secs(60), || {
+        log().contains("unknown field `teir`").then_some(())
+    });
+    std::fs::write(
+        &file,
+        with_notes.replace(
+            &format!("audience = \"{AUDIENCE}\""),
+            "audience = \"other\"",
+        ),
+    )
+    .unwrap();
+    hup();
+    wait_for(
+        "the audience change refused",
+        Duration::from_secs(60),
+        || {
+            log()
+                .contains("audience changed; it takes a restart")
+                .then_some(())
+        },
+    );
+    assert_eq!(
+        send(&researcher, "GET", &notes, Some(&token), &[]).status,
+        200
+    );
+
+    // Removing the route takes it away again.
+    std::fs::write(&file, &good).unwrap();
+    hup();
+    wait_for("the route removed", Duration::from_secs(60), || {
+        (send(&researcher, "GET", &notes, Some(&token), &[]).status == 404).then_some(())
+    });
+
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (ok, failed) = load.join().unwrap();
+    assert!(ok >= 20, "{ok}");
+    assert!(
+        failed.is_empty(),
+        "requests failed during the reloads: {failed:?}"
+    );
+    let text = log();
+    let mut g = g;
+    assert!(g.gateway.is_running(), "{text}");
 }

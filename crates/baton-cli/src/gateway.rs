@@ -48,6 +48,19 @@ pub async fn gateway(args: GatewayArgs) -> Result<()> {
         return Ok(());
     }
     let (policy, hup) = crate::example::reloadable_policy(config.policies.as_deref())?;
+    // SIGHUP also re-reads the file: routes, MCP endpoints and upstreams
+    // change without dropping a connection; a file that does not load, or
+    // changes what needs a restart, leaves the running one in force.
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::unbounded_channel();
+    let file = args.config.clone();
+    let config_hup = crate::daemons::on_hangup(move || match baton_gateway::Config::load(&file) {
+        Ok(new) => {
+            let _ = reload_tx.send(new);
+        }
+        Err(e) => tracing::error!(
+            "SIGHUP: cannot reload the gateway's configuration (the previous one stays in force): {e}"
+        ),
+    })?;
     let ops = crate::ops::start(&args.ops).await?;
     let endpoint = format!(
         "unix:{}",
@@ -61,10 +74,12 @@ pub async fn gateway(args: GatewayArgs) -> Result<()> {
             ops,
             ready_file: args.ready_file,
             shutdown_grace: args.shutdown.shutdown_timeout,
+            reload: Some(reload_rx),
         },
         crate::daemons::terminate_signal(),
     )
     .await;
     hup.abort();
+    config_hup.abort();
     result.map_err(crate::example::enforcer_exit)
 }

@@ -59,6 +59,10 @@ pub struct RunOptions {
     /// Written with the bound address once the gateway serves.
     pub ready_file: Option<PathBuf>,
     pub shutdown_grace: Duration,
+    /// New configurations to apply while serving (e.g. read on SIGHUP):
+    /// routes, MCP endpoints and upstreams change without dropping a
+    /// connection; a configuration that changes anything else is refused.
+    pub reload: Option<tokio::sync::mpsc::UnboundedReceiver<Config>>,
 }
 
 impl std::fmt::Debug for RunOptions {
@@ -71,13 +75,104 @@ impl std::fmt::Debug for RunOptions {
 }
 
 pub(crate) struct Gateway {
-    config: Config,
+    /// Routes, MCP endpoints and upstreams: replaced whole on reload; a
+    /// request keeps the one it started with.
+    routing: arc_swap::ArcSwap<Routing>,
     pub(crate) enforcer: Enforcer,
     pub(crate) sessions: crate::mcp::Sessions,
+}
+
+/// What a configuration reload may change.
+pub(crate) struct Routing {
+    pub(crate) config: Config,
     /// The tool of each route, by route index.
     specs: Vec<ToolSpec>,
     upstreams: BTreeMap<String, reqwest::Client>,
     metadata: serde_json::Value,
+}
+
+impl Routing {
+    fn build(c: Config) -> Result<Self, GatewayError> {
+        let specs = c
+            .routes
+            .iter()
+            .map(|r| ToolSpec {
+                name: r.tool.clone(),
+                tier: r.tier,
+                resource: String::new(),
+                requires: r.permission.clone(),
+            })
+            .collect();
+        let mut upstreams = BTreeMap::new();
+        for (name, u) in &c.upstreams {
+            let mut b = reqwest::Client::builder()
+                .no_proxy()
+                .redirect(reqwest::redirect::Policy::none())
+                .connect_timeout(Duration::from_secs(5));
+            if u.http2 {
+                b = b.http2_prior_knowledge();
+            }
+            let client = b
+                .build()
+                .map_err(|e| GatewayError::Refused(format!("upstream {name}: {e}")))?;
+            upstreams.insert(name.clone(), client);
+        }
+        let mut scopes: Vec<String> = c
+            .routes
+            .iter()
+            .map(|r| r.permission.to_string())
+            .chain(
+                c.mcp
+                    .iter()
+                    .flat_map(|m| m.tools.iter().map(|t| t.permission.to_string())),
+            )
+            .collect();
+        scopes.sort();
+        scopes.dedup();
+        let metadata = serde_json::json!({
+            "resource": c.audience,
+            "authorization_servers": [c.broker_url],
+            "bearer_methods_supported": ["header"],
+            "scopes_supported": scopes,
+            "tls_client_certificate_bound_access_tokens": true,
+            "resource_name": format!("Baton gateway for {}", c.audience),
+        });
+        Ok(Self {
+            config: c,
+            specs,
+            upstreams,
+            metadata,
+        })
+    }
+
+    /// Sends the request to `upstream` (the same path and query), with
+    /// the caller's identity in `Baton-*` headers.
+    pub(crate) async fn send(
+        &self,
+        upstream: &str,
+        req: &Incoming,
+        d: &VerifiedDelegation,
+        body: Bytes,
+    ) -> Result<reqwest::Response, String> {
+        let (Some(client), Some(target)) = (
+            self.upstreams.get(upstream),
+            self.config.upstreams.get(upstream),
+        ) else {
+            return Err(format!("no upstream {upstream}"));
+        };
+        let url = match &req.query {
+            Some(q) => format!("{}{}?{q}", target.url, req.path),
+            None => format!("{}{}", target.url, req.path),
+        };
+        let headers = upstream_headers(&req.headers, d)?;
+        client
+            .request(req.method.clone(), &url)
+            .headers(headers)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| format!("the upstream did not answer: {}", error_chain(&e)))
+    }
 }
 
 /// Runs the gateway until `stop` resolves; calls in flight get
@@ -120,50 +215,26 @@ pub async fn run(
             }
         });
     }
-    let specs = c
-        .routes
-        .iter()
-        .map(|r| ToolSpec {
-            name: r.tool.clone(),
-            tier: r.tier,
-            resource: String::new(),
-            requires: r.permission.clone(),
-        })
-        .collect();
-    let mut upstreams = BTreeMap::new();
-    for (name, u) in &c.upstreams {
-        let mut b = reqwest::Client::builder()
-            .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(Duration::from_secs(5));
-        if u.http2 {
-            b = b.http2_prior_knowledge();
-        }
-        let client = b
-            .build()
-            .map_err(|e| GatewayError::Refused(format!("upstream {name}: {e}")))?;
-        upstreams.insert(name.clone(), client);
-    }
-    let mut scopes: Vec<String> = c.routes.iter().map(|r| r.permission.to_string()).collect();
-    scopes.sort();
-    scopes.dedup();
-    let metadata = serde_json::json!({
-        "resource": c.audience,
-        "authorization_servers": [c.broker_url],
-        "bearer_methods_supported": ["header"],
-        "scopes_supported": scopes,
-        "tls_client_certificate_bound_access_tokens": true,
-        "resource_name": format!("Baton gateway for {}", c.audience),
-    });
+    let routing = Routing::build(o.config.clone())?;
     let server_config = enforcer.server_config()?;
     let listen = c.listen;
     let gw = Arc::new(Gateway {
-        config: o.config.clone(),
+        routing: arc_swap::ArcSwap::from_pointee(routing),
         enforcer,
         sessions: crate::mcp::Sessions::default(),
-        specs,
-        upstreams,
-        metadata,
+    });
+    let reloads = o.reload.map(|mut rx| {
+        let gw = gw.clone();
+        tokio::spawn(async move {
+            while let Some(new) = rx.recv().await {
+                match gw.reload(new) {
+                    Ok(summary) => tracing::info!("reloaded the gateway's configuration: {summary}"),
+                    Err(e) => tracing::error!(
+                        "cannot reload the gateway's configuration (the previous one stays in force): {e}"
+                    ),
+                }
+            }
+        })
     });
     let state = gw.clone();
     let routes = warp::method()
@@ -206,7 +277,7 @@ pub async fn run(
         context: "listener address".into(),
         source,
     })?;
-    tracing::info!(%addr, audience = %gw.config.audience, routes = gw.config.routes.len(), "gateway listening");
+    tracing::info!(%addr, audience = %o.config.audience, routes = o.config.routes.len(), mcp = o.config.mcp.len(), "gateway listening");
     if let Some(ops) = &o.ops {
         ops.set_started();
     }
@@ -226,6 +297,10 @@ pub async fn run(
     baton_tls::serve_https_with(listener, server_config, routes, limits, stop)
         .await
         .map_err(GatewayError::refused)?;
+    if let Some(r) = reloads {
+        r.abort();
+        let _ = r.await;
+    }
     match Arc::try_unwrap(gw) {
         Ok(gw) => gw.enforcer.finish(o.shutdown_grace).await,
         Err(_) => tracing::warn!("calls still hold the gateway; reports stay in the spool"),
@@ -285,13 +360,65 @@ fn plain(status: StatusCode, code: &str, message: &str) -> Response {
 }
 
 impl Gateway {
+    /// Applies a new configuration: routes, MCP endpoints and upstreams
+    /// change at once for new requests; what the running gateway was
+    /// built with (listener, identity, broker, spool, feed) needs a
+    /// restart, and a file that changes it is refused whole.
+    fn reload(&self, new: Config) -> Result<String, String> {
+        let old = self.routing.load();
+        let o = &old.config;
+        let fixed = [
+            ("listen", o.listen.to_string(), new.listen.to_string()),
+            ("audience", o.audience.clone(), new.audience.clone()),
+            ("broker-url", o.broker_url.clone(), new.broker_url.clone()),
+            (
+                "spiffe-id",
+                format!("{:?}", o.spiffe_id),
+                format!("{:?}", new.spiffe_id),
+            ),
+            (
+                "spool",
+                o.spool.display().to_string(),
+                new.spool.display().to_string(),
+            ),
+            (
+                "policies",
+                format!("{:?}", o.policies),
+                format!("{:?}", new.policies),
+            ),
+            (
+                "revocation.stale-after",
+                format!("{:?}", o.stale_after),
+                format!("{:?}", new.stale_after),
+            ),
+            (
+                "revocation.read-allows-stale",
+                o.read_allows_stale.to_string(),
+                new.read_allows_stale.to_string(),
+            ),
+        ];
+        if let Some((field, _, _)) = fixed.iter().find(|(_, a, b)| a != b) {
+            return Err(format!("{field} changed; it takes a restart"));
+        }
+        let summary = format!(
+            "{} routes, {} MCP endpoints, {} upstreams",
+            new.routes.len(),
+            new.mcp.len(),
+            new.upstreams.len()
+        );
+        let routing = Routing::build(new).map_err(|e| e.to_string())?;
+        self.routing.store(Arc::new(routing));
+        Ok(summary)
+    }
+
     async fn handle<S, B>(&self, req: Incoming, body: S) -> Response
     where
         S: Stream<Item = Result<B, warp::Error>>,
         B: bytes::Buf,
     {
+        let rt = self.routing.load_full();
         if req.path == METADATA_PATH && req.method == Method::GET {
-            return warp::reply::json(&self.metadata).into_response();
+            return warp::reply::json(&rt.metadata).into_response();
         }
         let Some(PeerCertificate(leaf)) = req.cert.clone() else {
             return invalid_token("no_peer", "an mTLS client certificate is required");
@@ -328,11 +455,11 @@ impl Gateway {
             Ok(b) => b,
             Err(status) => return plain(status, "body", "the request body is too large or broken"),
         };
-        let mcp = self.config.mcp_endpoint(&req.path);
+        let mcp = rt.config.mcp_endpoint(&req.path);
         let matched = if mcp.is_some() {
             None
         } else {
-            self.config.route(&req.method, &req.path)
+            rt.config.route(&req.method, &req.path)
         };
         let now = baton_revocation::system_now();
         let delegation = match self.enforcer.verifier.verify(&token, &peer, now) {
@@ -357,7 +484,7 @@ impl Gateway {
             }
         };
         if let Some(ep) = mcp {
-            return self.mcp(ep, &req, &delegation, input, now).await;
+            return self.mcp(&rt, ep, &req, &delegation, input, now).await;
         }
         let Some(m) = matched else {
             tracing::warn!(
@@ -373,13 +500,13 @@ impl Gateway {
                 &format!("no route for {} {}", req.method, req.path),
             );
         };
-        let index = self
+        let index = rt
             .config
             .routes
             .iter()
             .position(|r| std::ptr::eq(r, m.route))
             .unwrap_or_default();
-        let Some(spec) = self.specs.get(index) else {
+        let Some(spec) = rt.specs.get(index) else {
             return plain(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
@@ -408,9 +535,7 @@ impl Gateway {
                 Some(format!("{h}={v}"))
             })
             .collect();
-        let sent = self
-            .send_upstream(&m.route.upstream, &req, &delegation, input)
-            .await;
+        let sent = rt.send(&m.route.upstream, &req, &delegation, input).await;
         let forwarded = match sent {
             // An event stream is passed on as it comes, never buffered.
             Ok(resp) if is_event_stream(resp.headers()) => {
@@ -478,35 +603,6 @@ impl Gateway {
                 )
             }
         }
-    }
-
-    /// Sends the request to `upstream` (the same path and query), with
-    /// the caller's identity in `Baton-*` headers.
-    pub(crate) async fn send_upstream(
-        &self,
-        upstream: &str,
-        req: &Incoming,
-        d: &VerifiedDelegation,
-        body: Bytes,
-    ) -> Result<reqwest::Response, String> {
-        let (Some(client), Some(target)) = (
-            self.upstreams.get(upstream),
-            self.config.upstreams.get(upstream),
-        ) else {
-            return Err(format!("no upstream {upstream}"));
-        };
-        let url = match &req.query {
-            Some(q) => format!("{}{}?{q}", target.url, req.path),
-            None => format!("{}{}", target.url, req.path),
-        };
-        let headers = upstream_headers(&req.headers, d)?;
-        client
-            .request(req.method.clone(), &url)
-            .headers(headers)
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| format!("the upstream did not answer: {}", error_chain(&e)))
     }
 }
 

@@ -35,7 +35,7 @@ use warp::Reply as _;
 use warp::reply::Response;
 
 use crate::config::{MCP_BASE_METHODS, McpEndpoint, McpTool};
-use crate::gateway::{Gateway, Incoming, MAX_BODY, quoted, strip_hop_by_hop};
+use crate::gateway::{Gateway, Incoming, MAX_BODY, Routing, quoted, strip_hop_by_hop};
 
 /// `Mcp-Session-Id`.
 const SESSION: &str = "mcp-session-id";
@@ -53,6 +53,17 @@ const INVALID_PARAMS: i64 = -32602;
 pub const REFUSED: i64 = -32001;
 /// The tool server behind the gateway did not answer, or broke off.
 const UPSTREAM_FAILED: i64 = -32002;
+
+/// One MCP request being decided: the routing it started with, its
+/// endpoint, the request and its verified caller.
+#[derive(Clone, Copy)]
+struct Ctx<'a> {
+    rt: &'a Routing,
+    ep: &'a McpEndpoint,
+    req: &'a Incoming,
+    d: &'a VerifiedDelegation,
+    now: u64,
+}
 
 /// Which task and agent opened each MCP session.
 #[derive(Default)]
@@ -273,12 +284,20 @@ impl Gateway {
     /// A request on an MCP endpoint, from the verified holder `d`.
     pub(crate) async fn mcp(
         &self,
+        rt: &Routing,
         ep: &McpEndpoint,
         req: &Incoming,
         d: &VerifiedDelegation,
         body: Bytes,
         now: u64,
     ) -> Response {
+        let c = Ctx {
+            rt,
+            ep,
+            req,
+            d,
+            now,
+        };
         let session = match single_header(&req.headers, SESSION) {
             Ok(s) => s,
             Err(e) => {
@@ -309,9 +328,9 @@ impl Gateway {
         }
         match req.method {
             Method::POST => {}
-            Method::GET => return self.mcp_pass(ep, req, d, body, None, None).await,
+            Method::GET => return self.mcp_pass(c, body, None, None).await,
             Method::DELETE => {
-                let resp = self.mcp_pass(ep, req, d, body, None, None).await;
+                let resp = self.mcp_pass(c, body, None, None).await;
                 if resp.status().is_success()
                     && let Some(id) = &session
                 {
@@ -354,7 +373,7 @@ impl Gateway {
         let Some(method) = obj.get("method").and_then(Value::as_str) else {
             if obj.contains_key("result") || obj.contains_key("error") {
                 // The client's answer to a request of the server.
-                return self.mcp_pass(ep, req, d, body, None, None).await;
+                return self.mcp_pass(c, body, None, None).await;
             }
             return rpc_error(
                 StatusCode::BAD_REQUEST,
@@ -374,13 +393,13 @@ impl Gateway {
             );
         }
         match method {
-            "tools/call" => self.mcp_call(ep, req, d, obj, body.clone(), now).await,
-            "tools/list" => self.mcp_list(ep, req, d, id, body, now).await,
+            "tools/call" => self.mcp_call(c, obj, body.clone()).await,
+            "tools/list" => self.mcp_list(c, id, body).await,
             m if MCP_BASE_METHODS.contains(&m)
                 || m.starts_with("notifications/")
                 || ep.allow_methods.iter().any(|a| a == m) =>
             {
-                self.mcp_pass(ep, req, d, body, id, None).await
+                self.mcp_pass(c, body, id, None).await
             }
             m => {
                 tracing::warn!(task = %d.task_id(), agent = %d.agent(), method = m, "MCP method refused");
@@ -399,15 +418,10 @@ impl Gateway {
         }
     }
 
-    async fn mcp_call(
-        &self,
-        ep: &McpEndpoint,
-        req: &Incoming,
-        d: &VerifiedDelegation,
-        obj: &Map<String, Value>,
-        body: Bytes,
-        now: u64,
-    ) -> Response {
+    async fn mcp_call(&self, c: Ctx<'_>, obj: &Map<String, Value>, body: Bytes) -> Response {
+        let Ctx {
+            ep, req, d, now, ..
+        } = c;
         let id = obj.get("id");
         let bad = |m: String| rpc_error(StatusCode::OK, id, INVALID_PARAMS, &m, Value::Null);
         let Some(params) = obj.get("params").and_then(Value::as_object) else {
@@ -452,19 +466,18 @@ impl Gateway {
             resource = %spec.resource,
             "MCP tool call allowed"
         );
-        self.mcp_pass(ep, req, d, body, id, Some(call)).await
+        self.mcp_pass(c, body, id, Some(call)).await
     }
 
-    async fn mcp_list(
-        &self,
-        ep: &McpEndpoint,
-        req: &Incoming,
-        d: &VerifiedDelegation,
-        id: Option<&Value>,
-        body: Bytes,
-        now: u64,
-    ) -> Response {
-        let resp = match self.send_upstream(&ep.upstream, req, d, body).await {
+    async fn mcp_list(&self, c: Ctx<'_>, id: Option<&Value>, body: Bytes) -> Response {
+        let Ctx {
+            rt,
+            ep,
+            req,
+            d,
+            now,
+        } = c;
+        let resp = match rt.send(&ep.upstream, req, d, body).await {
             Ok(r) => r,
             Err(e) => return upstream_failed(id, &e),
         };
@@ -535,15 +548,14 @@ impl Gateway {
     /// what was streamed, or as failed.
     async fn mcp_pass(
         &self,
-        ep: &McpEndpoint,
-        req: &Incoming,
-        d: &VerifiedDelegation,
+        c: Ctx<'_>,
         body: Bytes,
         id: Option<&Value>,
         call: Option<VerifiedCall>,
     ) -> Response {
+        let Ctx { rt, ep, req, d, .. } = c;
         let started = Instant::now();
-        let resp = match self.send_upstream(&ep.upstream, req, d, body).await {
+        let resp = match rt.send(&ep.upstream, req, d, body).await {
             Ok(r) => r,
             Err(e) => {
                 if let Some(call) = call
