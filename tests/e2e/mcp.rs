@@ -490,6 +490,28 @@ fn mcp_through_the_gateway_lists_calls_streams_and_refuses_as_mcp_clients_see_it
             post(&g.url, &researcher, &search, &[("mcp-name", "crm.update")]).await;
         assert_eq!(status, 400, "{body}");
         assert!(body.contains("mcp-name"), "{body}");
+        // A duplicate key: the gateway decides on the last `name` and
+        // forwards the message as it read it, so the server runs that tool
+        // (given the raw bytes, rmcp would refuse the duplicate field, and
+        // a parser keeping the first would run crm.update).
+        let dup = r#"{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"crm.update","name":"crm.search","arguments":{"account":"dup"},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}}"#;
+        let resp = client(&researcher)
+            .post(format!("{}/mcp", g.url))
+            .bearer_auth(token_of(&researcher))
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .header("mcp-protocol-version", "2026-07-28")
+            .header("mcp-method", "tools/call")
+            .header("mcp-name", "crm.search")
+            .body(dup)
+            .send()
+            .await
+            .unwrap();
+        let text = resp.text().await.unwrap();
+        assert!(text.contains("account dup: 3 open cases"), "{text}");
+        assert_eq!(seen.count(), before + 1);
+        assert_eq!(seen.last().0, "crm.search");
+        let before = seen.count();
         // A batch hiding a call behind another.
         let (status, _, body) = post(
             &g.url,

@@ -146,13 +146,15 @@ impl Routing {
     }
 
     /// Sends the request to `upstream` (the same path and query), with
-    /// the caller's identity in `Baton-*` headers.
+    /// the caller's identity in `Baton-*` headers; `json`: the body is a
+    /// JSON message the gateway wrote, sent as `application/json`.
     pub(crate) async fn send(
         &self,
         upstream: &str,
         req: &Incoming,
         d: &VerifiedDelegation,
         body: Bytes,
+        json: bool,
     ) -> Result<reqwest::Response, String> {
         let (Some(client), Some(target)) = (
             self.upstreams.get(upstream),
@@ -164,7 +166,13 @@ impl Routing {
             Some(q) => format!("{}{}?{q}", target.url, req.path),
             None => format!("{}{}", target.url, req.path),
         };
-        let headers = upstream_headers(&req.headers, d)?;
+        let mut headers = upstream_headers(&req.headers, d)?;
+        if json {
+            headers.insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+        }
         client
             .request(req.method.clone(), &url)
             .headers(headers)
@@ -535,7 +543,9 @@ impl Gateway {
                 Some(format!("{h}={v}"))
             })
             .collect();
-        let sent = rt.send(&m.route.upstream, &req, &delegation, input).await;
+        let sent = rt
+            .send(&m.route.upstream, &req, &delegation, input, false)
+            .await;
         let forwarded = match sent {
             // An event stream is passed on as it comes, never buffered.
             Ok(resp) if is_event_stream(resp.headers()) => {

@@ -369,6 +369,21 @@ impl Gateway {
                 Value::Null,
             );
         };
+        // The upstream gets the message exactly as the gateway read it:
+        // re-written from what was parsed, so that a duplicate key or an
+        // odd encoding cannot make it read another tool or argument.
+        let body = match serde_json::to_vec(&msg) {
+            Ok(b) => Bytes::from(b),
+            Err(e) => {
+                return rpc_error(
+                    StatusCode::BAD_REQUEST,
+                    None,
+                    PARSE_ERROR,
+                    &format!("the body cannot be re-written: {e}"),
+                    Value::Null,
+                );
+            }
+        };
         let id = obj.get("id");
         let Some(method) = obj.get("method").and_then(Value::as_str) else {
             if obj.contains_key("result") || obj.contains_key("error") {
@@ -470,6 +485,7 @@ impl Gateway {
     }
 
     async fn mcp_list(&self, c: Ctx<'_>, id: Option<&Value>, body: Bytes) -> Response {
+        let json = true;
         let Ctx {
             rt,
             ep,
@@ -477,7 +493,7 @@ impl Gateway {
             d,
             now,
         } = c;
-        let resp = match rt.send(&ep.upstream, req, d, body).await {
+        let resp = match rt.send(&ep.upstream, req, d, body, json).await {
             Ok(r) => r,
             Err(e) => return upstream_failed(id, &e),
         };
@@ -554,8 +570,10 @@ impl Gateway {
         call: Option<VerifiedCall>,
     ) -> Response {
         let Ctx { rt, ep, req, d, .. } = c;
+        // A POST's body is the message as the gateway read and re-wrote it.
+        let json = req.method == Method::POST;
         let started = Instant::now();
-        let resp = match rt.send(&ep.upstream, req, d, body).await {
+        let resp = match rt.send(&ep.upstream, req, d, body, json).await {
             Ok(r) => r,
             Err(e) => {
                 if let Some(call) = call
