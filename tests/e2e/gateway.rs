@@ -117,6 +117,8 @@ pub(crate) struct Gw {
     upstream: Upstream,
     /// The gateway's ops listener (`--ops-listen`).
     ops: String,
+    /// Upstreams started for this gateway.
+    _upstreams: Vec<Proc>,
 }
 
 fn config(w: &World, upstream_port: u16) -> String {
@@ -159,12 +161,13 @@ tier = "write"
 
 impl Gw {
     fn start() -> Self {
-        Self::start_with("")
+        Self::start_with(|_| (String::new(), Vec::new()))
     }
 
-    /// The gateway with `extra` appended to its configuration (more
-    /// upstreams, routes or MCP endpoints).
-    pub(crate) fn start_with(extra: &str) -> Self {
+    /// The gateway with what `extra` returns appended to its configuration
+    /// (more upstreams, routes or MCP endpoints), and the upstream
+    /// processes it started kept alive beside it.
+    pub(crate) fn start_with(extra: impl FnOnce(&World) -> (String, Vec<Proc>)) -> Self {
         let w = World::start_with_options(
             None,
             Options {
@@ -175,7 +178,8 @@ impl Gw {
         w.c.register("/tools/gateway", &[]);
         let upstream = Upstream::start();
         let file = w.c.path("gateway.toml");
-        std::fs::write(&file, config(&w, upstream.port) + extra).unwrap();
+        let (extra, upstreams) = extra(&w);
+        std::fs::write(&file, config(&w, upstream.port) + &extra).unwrap();
         let ready = w.c.path("gateway.addr");
         let ops = crate::ops::free_addr();
         let mut cmd = baton();
@@ -203,6 +207,7 @@ impl Gw {
             url: format!("https://{addr}"),
             upstream,
             ops,
+            _upstreams: upstreams,
         }
     }
 
@@ -696,4 +701,133 @@ tier = "read"
     let text = log();
     let mut g = g;
     assert!(g.gateway.is_running(), "{text}");
+}
+
+/// A plain HTTP server on a Unix socket that answers with the verified
+/// caller it was given.
+fn unix_upstream(path: &Path) {
+    let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::UnixListener::from_std(listener).unwrap();
+            let routes = warp::path::full().and(warp::header::headers_cloned()).map(
+                |p: warp::path::FullPath, h: warp::http::HeaderMap| {
+                    warp::reply::json(&serde_json::json!({
+                        "upstream": "unix",
+                        "path": p.as_str(),
+                        "actor": h.get("baton-actor").and_then(|v| v.to_str().ok()),
+                    }))
+                },
+            );
+            warp::serve(routes).incoming(listener).run().await;
+        });
+    });
+}
+
+#[test]
+fn the_gateway_reaches_an_mtls_upstream_by_its_spiffe_id_and_a_unix_socket_upstream() {
+    const ECHO: &str = "spiffe://example.org/svc/crm-tls";
+    let g = Gw::start_with(|w| {
+        // An mTLS upstream with its own SVID (the example echo server,
+        // which answers GET /echo with its peer's SPIFFE ID).
+        w.c.register("/svc/crm-tls", &[]);
+        let ready = w.c.path("echo.addr");
+        let mut cmd = baton();
+        cmd.args(["example", "echo-server", "--socket"])
+            .arg(w.c.agent_socket())
+            .args(["--spiffe-id", ECHO, "--listen", "127.0.0.1:0"])
+            .arg("--ready-file")
+            .arg(&ready);
+        let mut echo = Proc::spawn("echo-server", cmd, w.c.path("echo-server.log"));
+        let addr = wait_for("echo server ready", Duration::from_secs(60), || {
+            assert!(echo.is_running(), "echo server exited: {}", echo.log_text());
+            std::fs::read_to_string(&ready).ok()
+        });
+        let sock = w.c.path("crm.sock");
+        unix_upstream(&sock);
+        let mut extra = String::new();
+        for (name, id, path) in [
+            ("tls", ECHO, "/echo"),
+            (
+                "impostor",
+                "spiffe://example.org/svc/other",
+                "/echo/{rest*}",
+            ),
+        ] {
+            extra.push_str(&format!(
+                r#"
+[upstreams.{name}]
+url = "https://{addr}"
+spiffe-id = "{id}"
+
+[[routes]]
+method = "GET"
+path = "{path}"
+upstream = "{name}"
+tool = "crm.search"
+resource = "dataset:crm"
+permission = "tool:crm.search:read"
+tier = "read"
+"#
+            ));
+        }
+        extra.push_str(&format!(
+            r#"
+[upstreams.unix]
+url = "unix:{}"
+
+[[routes]]
+method = "GET"
+path = "/unix/{{item}}"
+upstream = "unix"
+tool = "crm.search"
+resource = "dataset:crm"
+permission = "tool:crm.search:read"
+tier = "read"
+"#,
+            sock.display()
+        ));
+        (extra, vec![echo])
+    });
+    let (_task, _planner, researcher) = g.researcher();
+    let token = token_of(&researcher);
+    let get = |path: &str| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let r = client(&researcher)
+                .get(format!("{}{path}", g.url))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        })
+    };
+
+    // The mTLS upstream saw the gateway's own SVID.
+    let (status, body) = get("/echo");
+    assert_eq!((status, body.as_str()), (200, GATEWAY), "{body}");
+    // The same server under another expected SPIFFE ID: the gateway does
+    // not talk to it (it would have answered 404 for this path).
+    let (status, body) = get("/echo/x");
+    assert_eq!(status, 502, "{body}");
+    assert!(!body.contains("127.0.0.1"), "{body}");
+    let log = g.gateway.log_text();
+    assert!(log.contains("spiffe://example.org/svc/other"), "{log}");
+
+    // The Unix socket upstream, with the verified caller.
+    let (status, body) = get("/unix/acme");
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["upstream"], "unix");
+    assert_eq!(v["path"], "/unix/acme");
+    assert_eq!(v["actor"], RESEARCHER);
 }

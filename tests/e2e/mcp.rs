@@ -333,7 +333,7 @@ async fn post(
 fn mcp_through_the_gateway_lists_calls_streams_and_refuses_as_mcp_clients_see_it() {
     baton_tls::install_crypto_provider();
     let (port, seen) = start_crm();
-    let g = Gw::start_with(&endpoint(port));
+    let g = Gw::start_with(|_| (endpoint(port), Vec::new()));
     let (task, planner, researcher) = g.researcher();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -616,7 +616,7 @@ fn mcp_through_the_gateway_lists_calls_streams_and_refuses_as_mcp_clients_see_it
         down[0]["reason"]
             .as_str()
             .unwrap_or_default()
-            .starts_with("failed: the upstream did not answer"),
+            .starts_with("failed: the upstream down did not answer"),
         "{down:?}"
     );
     assert!(down[0].get("output_digest").is_none(), "{down:?}");

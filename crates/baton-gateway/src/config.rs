@@ -91,6 +91,8 @@ struct RawUpstream {
     url: String,
     #[serde(default)]
     http2: bool,
+    #[serde(default)]
+    spiffe_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -204,10 +206,26 @@ impl McpTool {
 /// Where requests are forwarded.
 #[derive(Debug, Clone)]
 pub struct Upstream {
-    /// `http://` on a loopback address, without a trailing slash.
+    /// The base of each request's URL, without a trailing slash:
+    /// `http://` on a loopback address, `https://` anywhere, or
+    /// `http://localhost` for a Unix socket.
     pub url: String,
-    /// HTTP/2 with prior knowledge (h2c) instead of HTTP/1.1.
+    /// HTTP/2 with prior knowledge (h2c) instead of HTTP/1.1 (plain
+    /// upstreams); over TLS, ALPN decides.
     pub http2: bool,
+    pub transport: Transport,
+}
+
+/// How the gateway reaches an upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transport {
+    /// Plain HTTP on a loopback address.
+    Loopback,
+    /// HTTPS with mutual TLS: the gateway presents its SVID and accepts
+    /// only a server with exactly this SPIFFE ID (in the gateway's bundle).
+    Mtls(baton_core::SpiffeId),
+    /// Plain HTTP over a Unix socket.
+    Unix(PathBuf),
 }
 
 /// One path segment of a route's pattern.
@@ -307,12 +325,23 @@ impl Config {
         let mut upstreams = BTreeMap::new();
         for (name, u) in raw.upstreams {
             let field = format!("upstreams.{name}.url");
-            let url = check_upstream_url(&u.url).map_err(|m| err(&field, m))?;
+            let (url, transport) =
+                check_upstream_url(&u.url, u.spiffe_id.as_deref()).map_err(|(f, m)| {
+                    err(
+                        &if f == "url" {
+                            field.clone()
+                        } else {
+                            format!("upstreams.{name}.{f}")
+                        },
+                        m,
+                    )
+                })?;
             upstreams.insert(
                 name,
                 Upstream {
                     url,
                     http2: u.http2,
+                    transport,
                 },
             );
         }
@@ -573,11 +602,56 @@ fn parse_method(m: &str) -> Result<http::Method, String> {
     }
 }
 
+/// An upstream's URL and SPIFFE ID: `http://HOST:PORT[/prefix]` on a
+/// loopback address, `https://...` with the server's SPIFFE ID, or
+/// `unix:/absolute/path`. An error names the field (`url` or `spiffe-id`).
+fn check_upstream_url(
+    url: &str,
+    spiffe_id: Option<&str>,
+) -> Result<(String, Transport), (&'static str, String)> {
+    if let Some(path) = url.strip_prefix("unix:") {
+        if spiffe_id.is_some() {
+            return Err(("spiffe-id", "only for an https:// upstream".into()));
+        }
+        let path = PathBuf::from(path);
+        if !path.is_absolute() || path.as_os_str().len() > 100 {
+            return Err((
+                "url",
+                format!("{url:?}: unix: and an absolute socket path (at most 100 bytes)"),
+            ));
+        }
+        return Ok(("http://localhost".into(), Transport::Unix(path)));
+    }
+    if let Some(rest) = url.strip_prefix("https://") {
+        let Some(id) = spiffe_id else {
+            return Err((
+                "spiffe-id",
+                format!(
+                    "{url:?}: an https:// upstream needs the SPIFFE ID its certificate must carry"
+                ),
+            ));
+        };
+        let id = baton_core::SpiffeId::parse(id).map_err(|e| ("spiffe-id", e.to_string()))?;
+        let (_, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        if path.contains(['?', '#']) {
+            return Err(("url", format!("{url:?}: no query or fragment")));
+        }
+        reqwest::Url::parse(url).map_err(|e| ("url", format!("{url:?}: {e}")))?;
+        return Ok((url.trim_end_matches('/').to_owned(), Transport::Mtls(id)));
+    }
+    if spiffe_id.is_some() {
+        return Err(("spiffe-id", "only for an https:// upstream".into()));
+    }
+    check_loopback_url(url)
+        .map(|u| (u, Transport::Loopback))
+        .map_err(|m| ("url", m))
+}
+
 /// `http://HOST:PORT[/prefix]` on a loopback address.
-fn check_upstream_url(url: &str) -> Result<String, String> {
+fn check_loopback_url(url: &str) -> Result<String, String> {
     let Some(rest) = url.strip_prefix("http://") else {
         return Err(format!(
-            "{url:?}: only plain http:// upstreams on a loopback address are supported"
+            "{url:?}: http:// on a loopback address, https:// with spiffe-id, or unix:/path"
         ));
     };
     let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
@@ -788,6 +862,50 @@ tier = "write"
     }
 
     #[test]
+    fn upstreams_are_loopback_mtls_with_an_id_or_a_unix_socket() {
+        let with = |upstream: &str| GOOD.replacen("url = \"http://127.0.0.1:8080\"", upstream, 1);
+        let c = parse(&with(
+            "url = \"https://crm.internal:9443/api/\"\nspiffe-id = \"spiffe://example.org/tools/crm\"",
+        ))
+        .unwrap();
+        let u = &c.upstreams["crm"];
+        assert_eq!(u.url, "https://crm.internal:9443/api");
+        assert_eq!(
+            u.transport,
+            Transport::Mtls(baton_core::SpiffeId::parse("spiffe://example.org/tools/crm").unwrap())
+        );
+        let c = parse(&with("url = \"unix:/run/crm/http.sock\"")).unwrap();
+        assert_eq!(c.upstreams["crm"].url, "http://localhost");
+        assert_eq!(
+            c.upstreams["crm"].transport,
+            Transport::Unix(PathBuf::from("/run/crm/http.sock"))
+        );
+        for (bad, field) in [
+            (
+                "url = \"https://crm.internal:9443\"",
+                "upstreams.crm.spiffe-id",
+            ),
+            (
+                "url = \"https://crm.internal:9443\"\nspiffe-id = \"crm\"",
+                "upstreams.crm.spiffe-id",
+            ),
+            (
+                "url = \"http://127.0.0.1:1\"\nspiffe-id = \"spiffe://example.org/x\"",
+                "upstreams.crm.spiffe-id",
+            ),
+            ("url = \"unix:run/crm.sock\"", "upstreams.crm.url"),
+            (
+                "url = \"unix:/run/crm.sock\"\nspiffe-id = \"spiffe://example.org/x\"",
+                "upstreams.crm.spiffe-id",
+            ),
+            ("url = \"ftp://127.0.0.1:1\"", "upstreams.crm.url"),
+        ] {
+            let e = parse(&with(bad)).expect_err(bad).to_string();
+            assert!(e.contains(field), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn requests_off_the_routes_match_nothing() {
         let c = parse(GOOD).unwrap();
         // Controls first.
@@ -856,7 +974,7 @@ tier = "write"
             (
                 "http://127.0.0.1:8080",
                 "https://127.0.0.1:8080",
-                "upstreams.crm.url",
+                "upstreams.crm.spiffe-id",
             ),
             (
                 "http://127.0.0.1:8080",

@@ -20,7 +20,7 @@ use warp::Reply as _;
 use warp::reply::Response;
 
 use crate::GatewayError;
-use crate::config::Config;
+use crate::config::{Config, Transport};
 use crate::enforce::{Enforcer, EnforcerOptions, FeedConfig, RefusedToken};
 
 /// The largest request or upstream response body the gateway passes on.
@@ -92,7 +92,9 @@ pub(crate) struct Routing {
 }
 
 impl Routing {
-    fn build(c: Config) -> Result<Self, GatewayError> {
+    /// The routing of `c`; mTLS upstreams use the gateway's SVID and
+    /// bundles from `live` (rotations apply to new connections).
+    fn build(c: Config, live: &crate::live::LiveTls) -> Result<Self, GatewayError> {
         let specs = c
             .routes
             .iter()
@@ -109,7 +111,20 @@ impl Routing {
                 .no_proxy()
                 .redirect(reqwest::redirect::Policy::none())
                 .connect_timeout(Duration::from_secs(5));
-            if u.http2 {
+            match &u.transport {
+                Transport::Loopback => {}
+                Transport::Unix(path) => b = b.unix_socket(path.clone()),
+                Transport::Mtls(id) => {
+                    let tls = baton_tls::client_config(
+                        live.client.clone(),
+                        live.bundles.clone(),
+                        baton_tls::PeerPolicy::Exact(vec![id.clone()]),
+                    )
+                    .map_err(|e| GatewayError::Refused(format!("upstream {name}: {e}")))?;
+                    b = b.tls_backend_preconfigured(tls);
+                }
+            }
+            if u.http2 && !matches!(u.transport, Transport::Mtls(_)) {
                 b = b.http2_prior_knowledge();
             }
             let client = b
@@ -179,7 +194,16 @@ impl Routing {
             .body(body)
             .send()
             .await
-            .map_err(|e| format!("the upstream did not answer: {}", error_chain(&e)))
+            .map_err(|e| {
+                let expected = match &target.transport {
+                    Transport::Mtls(id) => format!(" (it must present {id})"),
+                    _ => String::new(),
+                };
+                format!(
+                    "the upstream {upstream} did not answer{expected}: {}",
+                    error_chain(&e)
+                )
+            })
     }
 }
 
@@ -223,7 +247,7 @@ pub async fn run(
             }
         });
     }
-    let routing = Routing::build(o.config.clone())?;
+    let routing = Routing::build(o.config.clone(), &enforcer.live)?;
     let server_config = enforcer.server_config()?;
     let listen = c.listen;
     let gw = Arc::new(Gateway {
@@ -414,7 +438,7 @@ impl Gateway {
             new.mcp.len(),
             new.upstreams.len()
         );
-        let routing = Routing::build(new).map_err(|e| e.to_string())?;
+        let routing = Routing::build(new, &self.enforcer.live).map_err(|e| e.to_string())?;
         self.routing.store(Arc::new(routing));
         Ok(summary)
     }

@@ -22,7 +22,9 @@ mod gateway;
 pub mod live;
 mod mcp;
 
-pub use config::{Config, MCP_BASE_METHODS, Matched, McpEndpoint, McpTool, Route, Upstream};
+pub use config::{
+    Config, MCP_BASE_METHODS, Matched, McpEndpoint, McpTool, Route, Transport, Upstream,
+};
 pub use error::{ConfigError, GatewayError};
 pub use gateway::{
     HEADER_ACTOR, HEADER_CHAIN, HEADER_TASK, MAX_BODY, METADATA_PATH, RunOptions, error_chain, run,
