@@ -211,6 +211,11 @@ impl Gw {
         }
     }
 
+    /// How many requests reached the plain upstream.
+    pub(crate) fn upstream_count(&self) -> usize {
+        self.upstream.count()
+    }
+
     /// A task for the planner with tokens for the gateway's audience, and
     /// the researcher's credential with the narrow scope.
     pub(crate) fn researcher(&self) -> (String, std::path::PathBuf, std::path::PathBuf) {

@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod admission;
+mod approval;
 mod audit;
 mod broker;
 mod ca_wait;

@@ -36,7 +36,7 @@ use crate::harness::wait_for;
 
 /// What the MCP server saw: each tool run, with the caller's headers.
 #[derive(Default)]
-struct Seen {
+pub(crate) struct Seen {
     calls: Mutex<Vec<(String, HashMap<String, String>)>>,
     /// `docs.summarize` waits for this before it answers.
     release: tokio::sync::Notify,
@@ -58,11 +58,11 @@ impl Seen {
         self.calls.lock().unwrap().push((tool.to_owned(), headers));
     }
 
-    fn count(&self) -> usize {
+    pub(crate) fn count(&self) -> usize {
         self.calls.lock().unwrap().len()
     }
 
-    fn last(&self) -> (String, HashMap<String, String>) {
+    pub(crate) fn last(&self) -> (String, HashMap<String, String>) {
         self.calls.lock().unwrap().last().cloned().unwrap()
     }
 }
@@ -139,7 +139,7 @@ impl ServerHandler for Crm {
 }
 
 /// Serves [`Crm`] over Streamable HTTP at `/mcp` on a loopback port.
-fn start_crm() -> (u16, Arc<Seen>) {
+pub(crate) fn start_crm() -> (u16, Arc<Seen>) {
     let seen = Arc::new(Seen::default());
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -234,7 +234,7 @@ tier = "write"
 
 /// The client's side: progress notifications as they arrive.
 #[derive(Clone)]
-struct Agent {
+pub(crate) struct Agent {
     progress: tokio::sync::mpsc::UnboundedSender<String>,
 }
 
@@ -250,9 +250,9 @@ impl ClientHandler for Agent {
     }
 }
 
-type Session = RunningService<RoleClient, Agent>;
+pub(crate) type Session = RunningService<RoleClient, Agent>;
 
-async fn connect(
+pub(crate) async fn connect(
     url: &str,
     cred: &Path,
 ) -> (Session, tokio::sync::mpsc::UnboundedReceiver<String>) {
@@ -272,7 +272,11 @@ async fn connect(
     (session, rx)
 }
 
-async fn call(s: &Session, tool: &str, args: serde_json::Value) -> Result<String, ServiceError> {
+pub(crate) async fn call(
+    s: &Session,
+    tool: &str,
+    args: serde_json::Value,
+) -> Result<String, ServiceError> {
     let args = args.as_object().cloned().unwrap_or_default();
     let r = tokio::time::timeout(
         Duration::from_secs(60),
@@ -296,7 +300,7 @@ async fn tool_names(s: &Session) -> Vec<String> {
 }
 
 /// The JSON-RPC error of a refused call: code, message, data.
-fn rpc_error(e: &ServiceError) -> (i32, String, serde_json::Value) {
+pub(crate) fn rpc_error(e: &ServiceError) -> (i32, String, serde_json::Value) {
     match e {
         ServiceError::McpError(d) => (
             d.code.0,

@@ -49,6 +49,11 @@ pub enum EventKind {
     ToolCall,
     PurposeChanged,
     TaskEnded,
+    /// A call waits for a human's approval (a gateway asked).
+    ApprovalRequested,
+    /// A human approved or denied it (`decision`; the approver in
+    /// `initiator`, an HMAC in the tree).
+    ApprovalDecided,
 }
 
 impl EventKind {
@@ -62,6 +67,8 @@ impl EventKind {
             EventKind::ToolCall => "tool_call",
             EventKind::PurposeChanged => "purpose_changed",
             EventKind::TaskEnded => "task_ended",
+            EventKind::ApprovalRequested => "approval_requested",
+            EventKind::ApprovalDecided => "approval_decided",
         }
     }
 }

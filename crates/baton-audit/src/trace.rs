@@ -149,6 +149,28 @@ pub enum TaskEvent {
         #[serde(skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
     },
+    /// A call held for a human's approval, and the decision.
+    Approval {
+        index: u64,
+        at: u64,
+        /// `requested`, `approved` or `denied`.
+        step: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        actor: Option<SpiffeId>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tool: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        resource: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        risk: Option<RiskTier>,
+        /// Who decided (clear text while it is held).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        approver: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        approver_hmac: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
     /// The admission policy refused to start the task.
     StartRefused {
         index: u64,
@@ -375,6 +397,25 @@ pub fn trace(records: &[AuditRecord]) -> Trace {
                 actor: e.actor.clone(),
                 reason: e.reason.clone(),
             }),
+            EventKind::ApprovalRequested | EventKind::ApprovalDecided => {
+                t.task_events.push(TaskEvent::Approval {
+                    index: r.index,
+                    at: e.at,
+                    step: match (e.kind, e.decision.as_deref()) {
+                        (EventKind::ApprovalRequested, _) => "requested",
+                        (_, Some("allow")) => "approved",
+                        _ => "denied",
+                    }
+                    .to_owned(),
+                    actor: e.actor.clone(),
+                    tool: e.tool.clone(),
+                    resource: e.resource.clone(),
+                    risk: e.risk,
+                    approver: e.initiator.clone(),
+                    approver_hmac: r.initiator_hmac.clone(),
+                    reason: e.reason.clone(),
+                });
+            }
         }
     }
 
@@ -627,6 +668,32 @@ impl Trace {
                     opt("by", actor),
                     opt("reason", reason)
                 ),
+                TaskEvent::Approval {
+                    index,
+                    step,
+                    actor,
+                    tool,
+                    resource,
+                    risk,
+                    approver,
+                    approver_hmac,
+                    reason,
+                    ..
+                } => {
+                    let mut text = format!(
+                        "approval {step}: {} for {}",
+                        tool.as_deref().unwrap_or("?"),
+                        agent_name(actor)
+                    );
+                    text.push_str(&opt("on", resource));
+                    text.push_str(&opt("tier", risk));
+                    text.push_str(&sensitive("by", approver, approver_hmac));
+                    if let Some(r) = reason {
+                        text.push_str(&format!(" ({r})"));
+                    }
+                    text.push_str(&format!(" #{index}"));
+                    text
+                }
                 TaskEvent::StartRefused {
                     index,
                     root_agent,

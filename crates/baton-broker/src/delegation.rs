@@ -64,6 +64,9 @@ pub struct DelegationSettings {
     /// made with a token for that audience. An audience that is itself a
     /// SPIFFE ID is served by that ID.
     pub tool_servers: BTreeMap<String, Vec<SpiffeId>>,
+    /// Members of these ID-token groups may approve or deny any held call;
+    /// a task's initiator may always decide for their own task.
+    pub approver_groups: Vec<String>,
 }
 
 impl Default for DelegationSettings {
@@ -75,6 +78,7 @@ impl Default for DelegationSettings {
             token_ttl: Duration::from_secs(900),
             purposes: BTreeSet::new(),
             tool_servers: BTreeMap::new(),
+            approver_groups: Vec::new(),
         }
     }
 }
@@ -95,6 +99,9 @@ pub struct Delegation {
     settings: DelegationSettings,
     revoker: Arc<Revoker>,
 }
+
+#[path = "approvals.rs"]
+mod approvals;
 
 fn refuse(code: &'static str, message: impl Into<String>) -> BrokerError {
     BrokerError::Forbidden {

@@ -276,7 +276,37 @@ pub fn node_routes(
                 respond(result)
             },
         );
+    // A gateway holding a call for a human's approval: only a tool server
+    // of the token's audience may ask (checked in the decision).
+    let approval = warp::path!("v1" / "approvals")
+        .and(warp::post())
+        .and(with(d.clone()))
+        .and(warp::ext::optional::<PeerIdentity>())
+        .and(traceparent())
+        .and(json_body())
+        .and_then(
+            |d: Arc<Delegation>, id: Option<PeerIdentity>, tp: Option<String>, body: Bytes| async move {
+                respond(blocking(move || {
+                    let server = id.and_then(|p| p.0).ok_or_else(|| {
+                        BrokerError::Unauthenticated(
+                            "approval requests need mTLS with the tool server's SVID".into(),
+                        )
+                    })?;
+                    let rt = RequestTrace::start(request_span!("baton.approval"), tp.as_deref());
+                    let result = rt.scoped(|| {
+                        parse_body::<baton_core::api::ApprovalRequest>(&body).and_then(|req| {
+                            d.request_approval(&server, &req, crate::oidc::unix_now())
+                        })
+                    });
+                    rt.outcome(&result);
+                    result
+                })
+                .await)
+            },
+        );
     start
+        .or(approval)
+        .unify()
         .or(feed)
         .unify()
         .or(delegate)
@@ -644,7 +674,7 @@ pub fn admin_routes(
         });
     let dev_token = warp::path!("v1" / "admin" / "dev" / "id-token")
         .and(warp::post())
-        .and(with(d))
+        .and(with(d.clone()))
         .and(json_body())
         .and_then(|d: Arc<Delegation>, body: Bytes| async move {
             respond(parse_body::<DevTokenBody>(&body).and_then(|b| {
@@ -658,7 +688,30 @@ pub fn admin_routes(
                 Ok(serde_json::json!({ "id_token": token }))
             }))
         });
+    let approval_show = warp::path!("v1" / "admin" / "approvals" / String)
+        .and(warp::get())
+        .and(with(d.clone()))
+        .and_then(|id: String, d: Arc<Delegation>| async move {
+            respond(d.get_approval(&id, crate::oidc::unix_now()))
+        });
+    let approval_decide = warp::path!("v1" / "admin" / "approvals" / String / "decision")
+        .and(warp::post())
+        .and(with(d))
+        .and(json_body())
+        .and_then(|id: String, d: Arc<Delegation>, body: Bytes| async move {
+            respond(
+                blocking(move || {
+                    parse_body::<baton_core::api::ApprovalDecision>(&body)
+                        .and_then(|dec| d.decide_approval(&id, &dec, crate::oidc::unix_now()))
+                })
+                .await,
+            )
+        });
     start
+        .or(approval_show)
+        .unify()
+        .or(approval_decide)
+        .unify()
         .or(list)
         .unify()
         .or(show)

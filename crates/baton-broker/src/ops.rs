@@ -28,6 +28,7 @@ const ROUTES: &[&str] = &[
     "/v1/tasks",
     "/v1/delegate",
     "/v1/audit/tool-calls",
+    "/v1/approvals",
     "/v1/revocations/feed",
     "/v1/secrets/lease",
     "/v1/secrets/introspect",

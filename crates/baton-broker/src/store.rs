@@ -262,6 +262,17 @@ const MIGRATIONS: &[&str] = &[
         FROM tokens
         WHERE json_extract(record, '$.cert_serial') IS NOT NULL
           AND typeof(json_extract(record, '$.exp')) = 'integer';",
+    // 9: approvals of calls held for a human (the gateway's riskiest
+    // tiers): one row per approval, found again by the call it binds.
+    "CREATE TABLE approvals (
+        id TEXT PRIMARY KEY,
+        binding TEXT NOT NULL,
+        task TEXT NOT NULL,
+        status TEXT NOT NULL,
+        expires_at INTEGER NOT NULL,
+        record TEXT NOT NULL
+     );
+     CREATE INDEX approvals_by_binding ON approvals(binding);",
 ];
 
 const ENTRY_COLUMNS: &str =

@@ -4,6 +4,7 @@
 //! migrations of every field; the columns the broker queries by are
 //! separate.
 
+use baton_core::api::ApprovalState;
 use baton_core::{Actor, ParentRef, Purpose, RiskTier, Scope, SpiffeId, TaskId};
 use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
@@ -173,6 +174,19 @@ pub trait TaskStore: Send + Sync + std::fmt::Debug {
     /// The audit index of an already recorded tool-call report.
     fn report_seen(&self, report_id: &str) -> Result<Option<u64>, StoreError>;
     fn record_report(&self, report_id: &str, index: u64) -> Result<(), StoreError>;
+    /// The latest approval that binds `binding`, if any.
+    fn latest_approval(&self, binding: &str) -> Result<Option<ApprovalState>, StoreError>;
+    fn insert_approval(&self, binding: &str, a: &ApprovalState) -> Result<(), StoreError>;
+    fn get_approval(&self, id: &str) -> Result<Option<ApprovalState>, StoreError>;
+    /// Moves approval `id` from status `from` to `to.status` (writing
+    /// `to` whole) in one step; false when it was not in `from` any more
+    /// (another broker or request moved it first).
+    fn transition_approval(
+        &self,
+        id: &str,
+        from: &str,
+        to: &ApprovalState,
+    ) -> Result<bool, StoreError>;
 }
 
 impl TaskStore for SqliteStore {
@@ -411,6 +425,65 @@ impl TaskStore for SqliteStore {
                 )
                 .optional()?;
             Ok(idx.map(|i| i.max(0) as u64))
+        })
+    }
+
+    fn latest_approval(&self, binding: &str) -> Result<Option<ApprovalState>, StoreError> {
+        let row: Option<String> = self.with(|c| {
+            Ok(c.query_row(
+                "SELECT record FROM approvals WHERE binding = ?1 ORDER BY rowid DESC LIMIT 1",
+                params![binding],
+                |r| r.get(0),
+            )
+            .optional()?)
+        })?;
+        row.map(|s| dec("approvals", &s)).transpose()
+    }
+
+    fn insert_approval(&self, binding: &str, a: &ApprovalState) -> Result<(), StoreError> {
+        let record = enc("approvals", a)?;
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO approvals (id, binding, task, status, expires_at, record)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    a.id,
+                    binding,
+                    a.task_id.to_string(),
+                    a.status,
+                    to_i64(a.expires_at),
+                    record
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn get_approval(&self, id: &str) -> Result<Option<ApprovalState>, StoreError> {
+        let row: Option<String> = self.with(|c| {
+            Ok(c.query_row(
+                "SELECT record FROM approvals WHERE id = ?1",
+                params![id],
+                |r| r.get(0),
+            )
+            .optional()?)
+        })?;
+        row.map(|s| dec("approvals", &s)).transpose()
+    }
+
+    fn transition_approval(
+        &self,
+        id: &str,
+        from: &str,
+        to: &ApprovalState,
+    ) -> Result<bool, StoreError> {
+        let record = enc("approvals", to)?;
+        self.with(|c| {
+            let n = c.execute(
+                "UPDATE approvals SET status = ?3, record = ?4 WHERE id = ?1 AND status = ?2",
+                params![id, from, to.status, record],
+            )?;
+            Ok(n == 1)
         })
     }
 

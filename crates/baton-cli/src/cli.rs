@@ -131,6 +131,12 @@ pub enum Command {
     /// Revoke credentials: one, a subtree, a task, an agent (kill switch) or a node.
     #[command(subcommand)]
     Revoke(RevokeCmd),
+    /// Approve a call a gateway holds for a human (the id is in the agent's
+    /// error and in `baton audit trace`); the task's initiator or a member
+    /// of an approver group, by their ID token.
+    Approve(ApprovalArgs),
+    /// Deny a call a gateway holds for a human.
+    Deny(ApprovalArgs),
     /// Attested nodes: list, show, evict (must re-attest), ban (never again).
     #[command(subcommand)]
     Node(NodeCmd),
@@ -400,6 +406,11 @@ pub struct BrokerArgs {
     /// that is itself a SPIFFE ID needs no entry.
     #[arg(long = "tool-server", value_name = "AUDIENCE=SPIFFE_ID")]
     pub tool_servers: Vec<String>,
+    /// Members of this ID-token group may approve or deny any call a
+    /// gateway holds for a human (repeatable); a task's initiator always
+    /// may for their own task.
+    #[arg(long = "approver-group", value_name = "GROUP")]
+    pub approver_groups: Vec<String>,
     /// Trusted OIDC issuer for initiating identities (with --oidc-jwks and --oidc-audience).
     #[arg(long, requires_all = ["oidc_jwks", "oidc_audience"])]
     pub oidc_issuer: Option<String>,
@@ -685,6 +696,35 @@ pub enum SvidCmd {
         #[arg(long, short = 'o', value_enum, default_value_t)]
         output: OutputFormat,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct ApprovalArgs {
+    /// The approval's id (`ap_...`).
+    pub id: String,
+    /// The deciding user's OIDC ID token; `-` reads it from standard input.
+    #[arg(
+        long,
+        env = "BATON_ID_TOKEN",
+        hide_env_values = true,
+        conflicts_with_all = ["user", "id_token_file"]
+    )]
+    pub id_token: Option<String>,
+    /// File holding the ID token (`-`: standard input).
+    #[arg(long, value_name = "FILE", conflicts_with = "user")]
+    pub id_token_file: Option<PathBuf>,
+    /// With `baton dev`'s local issuer: mint an ID token for this user.
+    #[arg(long)]
+    pub user: Option<String>,
+    /// With --user: a group the minted token's `groups` claim lists
+    /// (repeatable).
+    #[arg(long = "group", value_name = "GROUP", requires = "user")]
+    pub groups: Vec<String>,
+    /// Why (written to the audit log).
+    #[arg(long)]
+    pub reason: Option<String>,
+    #[command(flatten)]
+    pub admin: AdminArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -1164,6 +1204,8 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
         Command::Grant(cmd) => creds::grant(cmd).await,
         Command::Delegate(args) => creds::delegate(args).await,
         Command::Revoke(target) => tasks::revoke(target).await,
+        Command::Approve(args) => tasks::decide(args, true).await,
+        Command::Deny(args) => tasks::decide(args, false).await,
         Command::Node(cmd) => nodes::node(cmd).await,
         Command::Secret(cmd) => creds::secret(cmd).await,
         Command::Example(cmd) => example::run(cmd).await,

@@ -119,6 +119,9 @@ pub async fn broker(args: BrokerArgs) -> Result<()> {
         args.purposes_file.as_deref(),
         &args.tool_servers,
     )?;
+    cfg.delegation
+        .approver_groups
+        .clone_from(&args.approver_groups);
     cfg.dev_issuer = args.dev_issuer;
     if let Some(dir) = &args.admission_policy {
         cfg.admission = baton_broker::AdmissionSource::Dir(dir.clone());

@@ -40,6 +40,77 @@ fn print_task(format: OutputFormat, task: &serde_json::Value) {
     }
 }
 
+/// The human's ID token: given (flag, file or standard input), or minted
+/// by `baton dev`'s local issuer for `--user`.
+async fn id_token_for(
+    client: &AdminClient,
+    id_token: Option<&str>,
+    id_token_file: Option<&std::path::Path>,
+    user: Option<String>,
+    groups: Vec<String>,
+) -> Result<String> {
+    let given = crate::creds::secret_input(id_token, id_token_file, "id-token")?;
+    match (given, user) {
+        (Some(t), _) => Ok(t.expose().to_owned()),
+        (None, Some(user)) => {
+            let v: serde_json::Value = client
+                .post(
+                    "/v1/admin/dev/id-token",
+                    &serde_json::json!({ "user": user, "groups": groups }),
+                )
+                .await?;
+            Ok(v["id_token"].as_str().unwrap_or_default().to_owned())
+        }
+        (None, None) => Err(exit(
+            EXIT_REFUSED,
+            "pass --id-token-file FILE or --id-token - (the user's OIDC ID token, from a file or standard input) or, with `baton dev`, --user NAME",
+        )),
+    }
+}
+
+/// `baton approve` / `baton deny`.
+pub async fn decide(args: crate::cli::ApprovalArgs, approve: bool) -> Result<()> {
+    let client = AdminClient::new(&args.admin.admin_socket)?;
+    let id_token = id_token_for(
+        &client,
+        args.id_token.as_deref(),
+        args.id_token_file.as_deref(),
+        args.user,
+        args.groups,
+    )
+    .await?;
+    let decided: baton_core::api::ApprovalState = client
+        .post(
+            &format!("/v1/admin/approvals/{}/decision", args.id),
+            &baton_core::api::ApprovalDecision {
+                id_token: Secret::new(id_token),
+                approve,
+                reason: args.reason,
+            },
+        )
+        .await?;
+    match args.admin.output {
+        OutputFormat::Json => output::json(&decided),
+        OutputFormat::Table => {
+            output::line(&format!(
+                "{} {}: {} on {} ({}) by {} in task {}",
+                if approve { "Approved" } else { "Denied" },
+                decided.id,
+                decided.tool,
+                decided.resource,
+                decided.risk,
+                decided.agent,
+                decided.task_id
+            ));
+            output::line(&format!(
+                "Valid until: {} (one call: the agent retries the same call)",
+                output::when(decided.expires_at)
+            ));
+        }
+    }
+    Ok(())
+}
+
 pub async fn task(cmd: TaskCmd) -> Result<()> {
     match cmd {
         TaskCmd::Start {
@@ -63,29 +134,14 @@ pub async fn task(cmd: TaskCmd) -> Result<()> {
             let risk_ceiling: RiskTier = risk_ceiling
                 .parse()
                 .map_err(|e| refused("risk-ceiling", e))?;
-            let given = crate::creds::secret_input(
+            let id_token = id_token_for(
+                &client,
                 id_token.as_deref(),
                 id_token_file.as_deref(),
-                "id-token",
-            )?;
-            let id_token = match (given, user) {
-                (Some(t), _) => t.expose().to_owned(),
-                (None, Some(user)) => {
-                    let v: serde_json::Value = client
-                        .post(
-                            "/v1/admin/dev/id-token",
-                            &serde_json::json!({ "user": user, "groups": groups }),
-                        )
-                        .await?;
-                    v["id_token"].as_str().unwrap_or_default().to_owned()
-                }
-                (None, None) => {
-                    return Err(exit(
-                        EXIT_REFUSED,
-                        "pass --id-token-file FILE or --id-token - (the user's OIDC ID token, from a file or standard input) or, with `baton dev`, --user NAME",
-                    ));
-                }
-            };
+                user,
+                groups,
+            )
+            .await?;
             let resp: StartTaskResponse = client
                 .post(
                     "/v1/admin/tasks",

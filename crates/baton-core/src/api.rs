@@ -307,3 +307,58 @@ pub struct ToolCallReport {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream_status: Option<u16>,
 }
+
+/// `POST /v1/approvals` (a tool server or gateway, mTLS): a call that
+/// needs a human's approval. The broker answers with the approval that
+/// binds exactly this call (tool, resource, arguments digest, task, actor,
+/// requesting server), opening one if there is none; an approved one is
+/// used up by this answer (one call per approval).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalRequest {
+    pub task_id: TaskId,
+    /// `jti` of the delegation token presented.
+    pub token_jti: String,
+    pub agent: SpiffeId,
+    pub tool: String,
+    pub resource: String,
+    pub risk: RiskTier,
+    /// Hex SHA-256 of the call's input.
+    pub input_digest: String,
+    /// How long the approval may wait for a decision, and then to be used.
+    pub ttl_secs: u64,
+}
+
+/// An approval as the broker holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovalState {
+    pub id: String,
+    /// `pending`, `approved` (this answer used it: the call may go on),
+    /// `denied`, `expired` or `used`.
+    pub status: String,
+    pub task_id: TaskId,
+    pub agent: SpiffeId,
+    pub tool: String,
+    pub resource: String,
+    pub risk: RiskTier,
+    pub input_digest: String,
+    /// The server that asked (the gateway's SPIFFE ID).
+    pub requested_by: SpiffeId,
+    pub created_at: u64,
+    pub expires_at: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// `POST /v1/admin/approvals/{id}/decision` (admin socket): a human's
+/// decision, authenticated by their ID token as a task start is.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalDecision {
+    pub id_token: Secret,
+    pub approve: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}

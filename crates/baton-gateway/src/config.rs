@@ -54,6 +54,17 @@ struct RawConfig {
     routes: Vec<RawRoute>,
     #[serde(default)]
     mcp: Vec<RawMcp>,
+    #[serde(default)]
+    approval: RawApproval,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawApproval {
+    #[serde(default)]
+    tiers: Vec<String>,
+    #[serde(default)]
+    ttl: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -74,6 +85,8 @@ struct RawMcpTool {
     resource: String,
     permission: String,
     tier: String,
+    #[serde(default)]
+    approval: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -108,6 +121,10 @@ struct RawRoute {
     tier: String,
     #[serde(default)]
     record_headers: Vec<String>,
+    #[serde(default)]
+    approval: bool,
+    #[serde(default)]
+    approval_ttl: Option<String>,
 }
 
 /// A checked gateway configuration.
@@ -132,6 +149,9 @@ pub struct Config {
     pub routes: Vec<Route>,
     /// MCP endpoints (Streamable HTTP), each authorized per tool call.
     pub mcp: Vec<McpEndpoint>,
+    /// How long a held call's approval may wait for a decision, then to
+    /// be used.
+    pub approval_ttl: Duration,
 }
 
 /// JSON-RPC methods every MCP endpoint passes on without a tool check:
@@ -161,6 +181,8 @@ pub struct McpTool {
     resource: String,
     pub permission: Permission,
     pub tier: RiskTier,
+    /// Each call waits for a human's approval (`baton approve`).
+    pub approval: bool,
 }
 
 impl McpTool {
@@ -252,6 +274,11 @@ pub struct Route {
     pub tier: RiskTier,
     /// Request headers whose values are written to the gateway's call log.
     pub record_headers: Vec<http::HeaderName>,
+    /// Each call waits for a human's approval (the route's own setting,
+    /// or its tier is in `[approval] tiers`).
+    pub approval: bool,
+    /// This route's approval lifetime, instead of `[approval] ttl`.
+    pub approval_ttl: Option<Duration>,
 }
 
 /// A request matched to its route.
@@ -319,6 +346,20 @@ impl Config {
                 ),
             ));
         }
+        let mut approval_tiers = Vec::new();
+        for t in &raw.approval.tiers {
+            approval_tiers.push(parse_tier(t).map_err(|m| err("approval.tiers", m))?);
+        }
+        let approval_ttl = match &raw.approval.ttl {
+            None => Duration::from_secs(600),
+            Some(s) => parse_duration(s).map_err(|m| err("approval.ttl", m))?,
+        };
+        if approval_ttl < Duration::from_secs(1) || approval_ttl > Duration::from_secs(24 * 3600) {
+            return Err(err(
+                "approval.ttl",
+                "must be at least 1 s and at most 24 h".into(),
+            ));
+        }
         if raw.upstreams.is_empty() {
             return Err(err("upstreams", "at least one upstream is needed".into()));
         }
@@ -364,6 +405,19 @@ impl Config {
             let permission = Permission::parse(&r.permission)
                 .map_err(|e| err(&f("permission"), e.to_string()))?;
             let tier = parse_tier(&r.tier).map_err(|m| err(&f("tier"), m))?;
+            let approval_ttl = match &r.approval_ttl {
+                None => None,
+                Some(s) => {
+                    let d = parse_duration(s).map_err(|m| err(&f("approval-ttl"), m))?;
+                    if d < Duration::from_secs(1) || d > Duration::from_secs(24 * 3600) {
+                        return Err(err(
+                            &f("approval-ttl"),
+                            "must be at least 1 s and at most 24 h".into(),
+                        ));
+                    }
+                    Some(d)
+                }
+            };
             let mut record_headers = Vec::new();
             for h in &r.record_headers {
                 let name = http::HeaderName::from_bytes(h.as_bytes()).map_err(|_| {
@@ -396,6 +450,8 @@ impl Config {
                 permission,
                 tier,
                 record_headers,
+                approval: r.approval || approval_tiers.contains(&tier),
+                approval_ttl,
             });
         }
         let mut mcp: Vec<McpEndpoint> = Vec::with_capacity(raw.mcp.len());
@@ -451,6 +507,7 @@ impl Config {
                     resource: t.resource,
                     permission,
                     tier,
+                    approval: t.approval || approval_tiers.contains(&tier),
                 });
             }
             mcp.push(McpEndpoint {
@@ -483,6 +540,7 @@ impl Config {
             upstreams,
             routes,
             mcp,
+            approval_ttl,
         })
     }
 
@@ -1185,6 +1243,60 @@ tier = "read"
     fn bad_in(from: &str, to: &str) -> String {
         assert!(MCP.contains(from), "{from:?} is not in the file");
         format!("{GOOD}{}", MCP.replacen(from, to, 1))
+    }
+
+    #[test]
+    fn approval_settings_load_and_bad_ones_name_their_field() {
+        let c = parse(&format!(
+            "{GOOD}\n[approval]\ntiers = [\"write\"]\nttl = \"2m\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.approval_ttl, Duration::from_secs(120));
+        // The write route is held by its tier, the read one is not.
+        assert!(
+            c.routes
+                .iter()
+                .any(|r| r.tier == RiskTier::Write && r.approval)
+        );
+        assert!(
+            c.routes
+                .iter()
+                .any(|r| r.tier == RiskTier::Read && !r.approval)
+        );
+        assert!(!parse(GOOD).unwrap().routes.iter().any(|r| r.approval));
+        let held = GOOD.replacen(
+            "tier = \"read\"",
+            "tier = \"read\"\napproval = true\napproval-ttl = \"30s\"",
+            1,
+        );
+        let c = parse(&held).unwrap();
+        assert!(c.routes[0].approval);
+        assert_eq!(c.routes[0].approval_ttl, Some(Duration::from_secs(30)));
+        for (text, field) in [
+            (
+                format!("{GOOD}\n[approval]\ntiers = [\"risky\"]\n"),
+                "approval.tiers",
+            ),
+            (
+                format!("{GOOD}\n[approval]\nttl = \"0s\"\n"),
+                "approval.ttl",
+            ),
+            (
+                format!("{GOOD}\n[approval]\nttl = \"2d\"\n"),
+                "approval.ttl",
+            ),
+            (
+                GOOD.replacen(
+                    "tier = \"read\"",
+                    "tier = \"read\"\napproval-ttl = \"0s\"",
+                    1,
+                ),
+                "routes[0].approval-ttl",
+            ),
+        ] {
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.contains(field), "{e}");
+        }
     }
 
     #[test]

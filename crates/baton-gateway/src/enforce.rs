@@ -60,6 +60,9 @@ impl std::fmt::Debug for EnforcerOptions<'_> {
 /// The running checks of an enforcing server.
 pub struct Enforcer {
     pub live: Arc<LiveTls>,
+    /// The broker over mTLS (this server's SVID, the broker's exact ID).
+    pub broker: reqwest::Client,
+    pub broker_url: String,
     pub verifier: TokenVerifier,
     pub gate: ToolGate,
     pub reporter: baton_verify::Reporter,
@@ -103,6 +106,8 @@ impl Enforcer {
         .map_err(GatewayError::refused)?;
         let http = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .timeout(std::time::Duration::from_secs(15))
             .build()
             .map_err(GatewayError::refused)?;
         let unreachable = |e: reqwest::Error| {
@@ -140,6 +145,8 @@ impl Enforcer {
         }
         Ok(Self {
             live,
+            broker: http,
+            broker_url: o.broker_url.trim_end_matches('/').to_owned(),
             verifier,
             gate,
             reporter,

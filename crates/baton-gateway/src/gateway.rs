@@ -20,6 +20,7 @@ use warp::Reply as _;
 use warp::reply::Response;
 
 use crate::GatewayError;
+use crate::approval::Held;
 use crate::config::{Config, Transport};
 use crate::enforce::{Enforcer, EnforcerOptions, FeedConfig, RefusedToken};
 
@@ -549,14 +550,32 @@ impl Gateway {
             resource: m.resource.clone(),
             ..spec.clone()
         };
-        let mut call = match self
-            .enforcer
-            .gate
-            .authorize(&delegation, &spec, &input, now)
-        {
-            Ok(call) => call,
-            Err(denied) => return denial(&denied),
+        let note = if m.route.approval {
+            match self
+                .hold_for_approval(
+                    &delegation,
+                    &spec,
+                    &input,
+                    now,
+                    m.route.approval_ttl.unwrap_or(rt.config.approval_ttl),
+                )
+                .await
+            {
+                Ok(id) => Some(format!("approved in {id}")),
+                Err(held) => return held_response(&held),
+            }
+        } else {
+            None
         };
+        let mut call =
+            match self
+                .enforcer
+                .gate
+                .authorize_noted(&delegation, &spec, &input, now, note)
+            {
+                Ok(call) => call,
+                Err(denied) => return denial(&denied),
+            };
         let started = std::time::Instant::now();
         let recorded: Vec<String> = m
             .route
@@ -752,6 +771,47 @@ fn denial(denied: &CallDenied) -> Response {
         | CallDenied::PolicyError { .. }
         | CallDenied::AuditUnavailable(_) => {
             plain(StatusCode::SERVICE_UNAVAILABLE, denied.code(), &message)
+        }
+    }
+}
+
+/// A held call, as HTTP: 403 while it waits for a human (with the
+/// approval's id and `Retry-After`) or after a human said no; 503 when the
+/// broker cannot be asked.
+fn held_response(held: &Held) -> Response {
+    match held {
+        Held::Denied(d) => denial(d),
+        Held::Waiting(a) => {
+            let mut resp = warp::reply::with_status(
+                warp::reply::json(&serde_json::json!({
+                    "error": crate::approval::waiting_message(a),
+                    "code": "approval_pending",
+                    "approval_id": a.id,
+                    "expires_at": a.expires_at,
+                })),
+                StatusCode::FORBIDDEN,
+            )
+            .into_response();
+            resp.headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from_static("5"));
+            resp
+        }
+        Held::Refused(a) => warp::reply::with_status(
+            warp::reply::json(&serde_json::json!({
+                "error": crate::approval::refused_message(a),
+                "code": "approval_denied",
+                "approval_id": a.id,
+            })),
+            StatusCode::FORBIDDEN,
+        )
+        .into_response(),
+        Held::Unavailable(why) => {
+            tracing::warn!(error = %why, "approval unavailable; call refused");
+            plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "approval_unavailable",
+                "this call needs a human's approval and approvals cannot be asked for now (the gateway's log says why)",
+            )
         }
     }
 }

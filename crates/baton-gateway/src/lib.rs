@@ -15,6 +15,7 @@
 //! [`enforce`] and [`live`] are the machinery every enforcing server
 //! shares (the gateway and `baton example tool-server`).
 
+mod approval;
 mod config;
 pub mod enforce;
 mod error;
@@ -30,4 +31,4 @@ pub use gateway::{
     HEADER_ACTOR, HEADER_CHAIN, HEADER_TASK, MAX_BODY, METADATA_PATH, RunOptions, error_chain, run,
     upstream_headers,
 };
-pub use mcp::REFUSED as MCP_REFUSED;
+pub use mcp::{APPROVAL_PENDING as MCP_APPROVAL_PENDING, REFUSED as MCP_REFUSED};

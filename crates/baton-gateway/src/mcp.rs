@@ -34,6 +34,7 @@ use serde_json::{Map, Value, json};
 use warp::Reply as _;
 use warp::reply::Response;
 
+use crate::approval::Held;
 use crate::config::{MCP_BASE_METHODS, McpEndpoint, McpTool};
 use crate::gateway::{Gateway, Incoming, MAX_BODY, Routing, quoted, strip_hop_by_hop};
 
@@ -53,6 +54,8 @@ const INVALID_PARAMS: i64 = -32602;
 pub const REFUSED: i64 = -32001;
 /// The tool server behind the gateway did not answer, or broke off.
 const UPSTREAM_FAILED: i64 = -32002;
+/// The call waits for a human's approval (`baton approve`).
+pub const APPROVAL_PENDING: i64 = -32003;
 
 /// One MCP request being decided: the routing it started with, its
 /// endpoint, the request and its verified caller.
@@ -151,6 +154,46 @@ fn with_challenge(mut resp: Response, challenge: &str) -> Response {
         resp.headers_mut().insert(http::header::WWW_AUTHENTICATE, v);
     }
     resp
+}
+
+/// A held `tools/call`, as the MCP client shows it: a JSON-RPC error that
+/// says the call waits for a human (its approval id and the command), or
+/// that a human refused it.
+fn held_error(id: Option<&Value>, tool: &str, held: &Held) -> Response {
+    match held {
+        Held::Denied(d) => call_denial(id, tool, d),
+        Held::Waiting(a) => rpc_error(
+            StatusCode::OK,
+            id,
+            APPROVAL_PENDING,
+            &format!("{tool}: {}", crate::approval::waiting_message(a)),
+            json!({
+                "code": "approval_pending",
+                "approval_id": a.id,
+                "expires_at": a.expires_at,
+                "approve_with": format!("baton approve {}", a.id),
+            }),
+        ),
+        Held::Refused(a) => rpc_error(
+            StatusCode::OK,
+            id,
+            REFUSED,
+            &format!("{tool}: {}", crate::approval::refused_message(a)),
+            json!({"code": "approval_denied", "approval_id": a.id}),
+        ),
+        Held::Unavailable(why) => {
+            tracing::warn!(error = %why, "approval unavailable; call refused");
+            rpc_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                id,
+                REFUSED,
+                &format!(
+                    "{tool} needs a human's approval and approvals cannot be asked for now (the gateway's log says why)"
+                ),
+                json!({"code": "approval_unavailable"}),
+            )
+        }
+    }
 }
 
 /// A gate refusal of a `tools/call`.
@@ -470,7 +513,22 @@ impl Gateway {
         };
         let spec = spec_of(tool, resource);
         let input = serde_json::to_vec(arguments).unwrap_or_default();
-        let call = match self.enforcer.gate.authorize(d, &spec, &input, now) {
+        let note = if tool.approval {
+            match self
+                .hold_for_approval(d, &spec, &input, now, c.rt.config.approval_ttl)
+                .await
+            {
+                Ok(approval) => Some(format!("approved in {approval}")),
+                Err(held) => return held_error(id, name, &held),
+            }
+        } else {
+            None
+        };
+        let call = match self
+            .enforcer
+            .gate
+            .authorize_noted(d, &spec, &input, now, note)
+        {
             Ok(call) => call,
             Err(denied) => return call_denial(id, name, &denied),
         };

@@ -184,6 +184,19 @@ impl ToolGate {
         input: &[u8],
         now: u64,
     ) -> Result<VerifiedCall, CallDenied> {
+        self.authorize_noted(d, tool, input, now, None)
+    }
+
+    /// As [`authorize`](Self::authorize), with a note in the allow record's
+    /// reason (e.g. the human approval the call used).
+    pub fn authorize_noted(
+        &self,
+        d: &VerifiedDelegation,
+        tool: &ToolSpec,
+        input: &[u8],
+        now: u64,
+        note: Option<String>,
+    ) -> Result<VerifiedCall, CallDenied> {
         let mut report = ToolCallReport {
             report_id: new_report_id(),
             task_id: d.task_id().clone(),
@@ -220,6 +233,7 @@ impl ToolGate {
             }
             return Err(denied);
         }
+        report.reason = note;
         let sensitive = tool.tier.is_sensitive();
         if sensitive {
             if let Some(r) = &self.reporter {
@@ -242,7 +256,20 @@ impl ToolGate {
     /// reporting anything: for listing what a caller may call (MCP
     /// `tools/list`), never for letting a call through.
     pub fn permits(&self, d: &VerifiedDelegation, tool: &ToolSpec, now: u64) -> bool {
-        self.decide(d, tool, now).is_ok()
+        self.check(d, tool, now).is_ok()
+    }
+
+    /// The decision on `tool` for the holder of `d` now, without
+    /// reporting: `Ok` holds the deciding policies. For a call held before
+    /// it is decided for good (a human's approval), never for letting one
+    /// through: that takes [`authorize`](Self::authorize).
+    pub fn check(
+        &self,
+        d: &VerifiedDelegation,
+        tool: &ToolSpec,
+        now: u64,
+    ) -> Result<Vec<String>, CallDenied> {
+        self.decide(d, tool, now)
     }
 
     /// The decision without reporting; `Ok` holds the policy ids.

@@ -1,0 +1,226 @@
+//! Human approval of the riskiest calls. A gateway (a tool server of the
+//! token's audience) asks for the approval of one exact call; a human who
+//! may decide for the task (its initiator, or a member of an approver
+//! group) approves or denies it with their ID token; the gateway's next
+//! identical call uses the approval up. Every step is in the audit log.
+//!
+//! An approval binds the task, the acting agent, the tool, the resource,
+//! the digest of the call's input and the server that asked: any other
+//! call, by anyone, through any other server, is another approval. It
+//! serves one call, and expires unused.
+
+use aws_lc_rs::digest::{SHA256, digest};
+use baton_audit::EventKind;
+use baton_core::SpiffeId;
+use baton_core::api::{ApprovalDecision, ApprovalRequest, ApprovalState};
+
+use super::{Delegation, bad, refuse};
+use crate::service::{BrokerError, random_hex};
+
+/// The longest an approval may wait.
+pub const MAX_APPROVAL_TTL_SECS: u64 = 24 * 3600;
+
+fn binding(req: &ApprovalRequest, server: &SpiffeId) -> String {
+    let parts = serde_json::json!([
+        req.task_id,
+        req.agent,
+        req.tool,
+        req.resource,
+        req.risk,
+        req.input_digest,
+        server,
+    ]);
+    hex::encode(digest(&SHA256, parts.to_string().as_bytes()))
+}
+
+impl Delegation {
+    /// A gateway's request for the approval of one call: the approval
+    /// that binds it (used up if approved), or a new pending one.
+    pub fn request_approval(
+        &self,
+        server: &SpiffeId,
+        req: &ApprovalRequest,
+        now: u64,
+    ) -> Result<ApprovalState, BrokerError> {
+        if !server.is_member_of(self.broker.trust_domain()) {
+            return Err(refuse(
+                "not_entitled",
+                "the server is outside the trust domain",
+            ));
+        }
+        if req.ttl_secs == 0 || req.ttl_secs > MAX_APPROVAL_TTL_SECS {
+            return Err(bad(
+                "ttl_secs",
+                format!("ttl_secs must be 1..={MAX_APPROVAL_TTL_SECS}"),
+            ));
+        }
+        if req.input_digest.len() != 64 || !req.input_digest.bytes().all(|b| b.is_ascii_hexdigit())
+        {
+            return Err(bad("input_digest", "a hex SHA-256 (64 digits)"));
+        }
+        let task = self.task(&req.task_id)?;
+        if task.ended_at.is_some() || now >= task.expires_at {
+            return Err(refuse(
+                "task_ended",
+                format!("task {} has ended", req.task_id),
+            ));
+        }
+        let Some(token) = self.tasks.get_token(&req.token_jti)? else {
+            return Err(refuse(
+                "not_entitled",
+                format!("token {} was never minted by this broker", req.token_jti),
+            ));
+        };
+        if token.task_id != req.task_id || token.spiffe_id != req.agent {
+            return Err(refuse(
+                "not_entitled",
+                format!(
+                    "token {} is not held by {} in task {}",
+                    req.token_jti, req.agent, req.task_id
+                ),
+            ));
+        }
+        if !self.serves_audience(server, &token.aud) {
+            return Err(refuse(
+                "not_entitled",
+                format!(
+                    "{server} is not a tool server of token {}'s audience ({})",
+                    req.token_jti,
+                    token.aud.join(", ")
+                ),
+            ));
+        }
+        let bind = binding(req, server);
+        if let Some(mut a) = self.tasks.latest_approval(&bind)? {
+            let live = now < a.expires_at;
+            match a.status.as_str() {
+                "pending" if live => return Ok(a),
+                "denied" if live => return Ok(a),
+                "approved" if live => {
+                    // Used up by this answer: one call per approval.
+                    let mut used = a.clone();
+                    used.status = "used".into();
+                    if self.tasks.transition_approval(&a.id, "approved", &used)? {
+                        a.status = "approved".into();
+                        return Ok(a);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let a = ApprovalState {
+            id: format!("ap_{}", random_hex::<12>()?),
+            status: "pending".into(),
+            task_id: req.task_id.clone(),
+            agent: req.agent.clone(),
+            tool: req.tool.clone(),
+            resource: req.resource.clone(),
+            risk: req.risk,
+            input_digest: req.input_digest.clone(),
+            requested_by: server.clone(),
+            created_at: now,
+            expires_at: now.saturating_add(req.ttl_secs),
+            decided_by: None,
+            reason: None,
+        };
+        let mut ev = self.event(EventKind::ApprovalRequested, &a.task_id, now);
+        ev.actor = Some(a.agent.clone());
+        ev.target = Some(server.clone());
+        ev.token_jti = Some(req.token_jti.clone());
+        ev.tool = Some(a.tool.clone());
+        ev.resource = Some(a.resource.clone());
+        ev.risk = Some(a.risk);
+        ev.input_digest = Some(a.input_digest.clone());
+        ev.reason = Some(format!("approval {} pending until {}", a.id, a.expires_at));
+        // The record first: an approval nobody can see in the log is never
+        // handed out.
+        self.append(&ev)?;
+        self.tasks.insert_approval(&bind, &a)?;
+        Ok(a)
+    }
+
+    /// An approval as it stands (for the human deciding).
+    pub fn get_approval(&self, id: &str, now: u64) -> Result<ApprovalState, BrokerError> {
+        let mut a = self
+            .tasks
+            .get_approval(id)?
+            .ok_or_else(|| BrokerError::NotFound(format!("no approval with id {id}")))?;
+        if (a.status == "pending" || a.status == "approved") && now >= a.expires_at {
+            a.status = "expired".into();
+        }
+        Ok(a)
+    }
+
+    /// A human's decision on a pending approval, authenticated by their ID
+    /// token (single use, as for a task start).
+    pub fn decide_approval(
+        &self,
+        id: &str,
+        d: &ApprovalDecision,
+        now: u64,
+    ) -> Result<ApprovalState, BrokerError> {
+        let human = self
+            .oidc
+            .verify(d.id_token.expose(), now)
+            .map_err(|e| BrokerError::Unauthenticated(format!("deciding identity refused: {e}")))?;
+        let a = self.get_approval(id, now)?;
+        let task = self.task(&a.task_id)?;
+        let initiator = human.sub == task.initiator && human.iss == task.initiator_iss;
+        let approver = human
+            .groups
+            .iter()
+            .any(|g| self.settings.approver_groups.contains(g));
+        if !initiator && !approver {
+            return Err(refuse(
+                "not_entitled",
+                format!(
+                    "{} may not decide for task {}: only its initiator or a member of an approver group ({})",
+                    human.sub,
+                    a.task_id,
+                    if self.settings.approver_groups.is_empty() {
+                        "none configured".to_owned()
+                    } else {
+                        self.settings.approver_groups.join(", ")
+                    }
+                ),
+            ));
+        }
+        if a.status != "pending" {
+            return Err(refuse(
+                "approval_closed",
+                format!("approval {id} is {}, not pending", a.status),
+            ));
+        }
+        if !self.tasks.use_id_token(&human.replay_key, human.exp, now)? {
+            return Err(BrokerError::Unauthenticated(
+                "deciding identity refused: this ID token was used already (ID tokens are single use)".into(),
+            ));
+        }
+        let mut decided = a.clone();
+        decided.status = if d.approve { "approved" } else { "denied" }.into();
+        decided.decided_by = Some(human.sub.clone());
+        decided.reason = d.reason.clone();
+        let mut ev = self.event(EventKind::ApprovalDecided, &a.task_id, now);
+        ev.actor = Some(a.agent.clone());
+        ev.target = Some(a.requested_by.clone());
+        ev.tool = Some(a.tool.clone());
+        ev.resource = Some(a.resource.clone());
+        ev.risk = Some(a.risk);
+        ev.input_digest = Some(a.input_digest.clone());
+        ev.initiator = Some(human.sub.clone());
+        ev.decision = Some(if d.approve { "allow" } else { "deny" }.into());
+        ev.reason = Some(match &d.reason {
+            Some(r) => format!("approval {id}: {r}"),
+            None => format!("approval {id}"),
+        });
+        // The record first: no decision takes effect unlogged.
+        self.append(&ev)?;
+        if !self.tasks.transition_approval(id, "pending", &decided)? {
+            return Err(refuse(
+                "approval_closed",
+                format!("approval {id} was decided or used meanwhile"),
+            ));
+        }
+        Ok(decided)
+    }
+}

@@ -1,0 +1,135 @@
+//! Calls held for a human's approval. A route or MCP tool marked
+//! `approval` (or whose tier is in `[approval] tiers`) is first decided as
+//! any call (scope, ceiling, revocation, Cedar: a call that would be
+//! refused is refused, not held); then the broker is asked for the
+//! approval of exactly this call (task, actor, tool, resource, input
+//! digest, this gateway). Pending or denied: the call is answered so and
+//! never forwarded. Approved: the approval is used up by this call, whose
+//! record names it.
+
+use aws_lc_rs::digest::{SHA256, digest};
+use baton_core::api::{ApprovalRequest, ApprovalState};
+use baton_verify::{CallDenied, ToolSpec, VerifiedDelegation};
+
+use crate::gateway::{Gateway, error_chain};
+
+/// Why a call that needs approval does not go on now.
+pub(crate) enum Held {
+    /// The call would be refused anyway (recorded as such).
+    Denied(CallDenied),
+    /// Waiting for a human.
+    Waiting(ApprovalState),
+    /// A human said no (or the approval is closed).
+    Refused(ApprovalState),
+    /// The broker could not be asked: the call is refused (fail closed).
+    Unavailable(String),
+}
+
+impl Gateway {
+    /// Holds the call until a human approved it: `Ok` names the approval
+    /// this call used.
+    pub(crate) async fn hold_for_approval(
+        &self,
+        d: &VerifiedDelegation,
+        spec: &ToolSpec,
+        input: &[u8],
+        now: u64,
+        ttl: std::time::Duration,
+    ) -> Result<String, Held> {
+        let gate = &self.enforcer.gate;
+        if gate.check(d, spec, now).is_err() {
+            // Decided (and recorded) as any refused call.
+            return match gate.authorize(d, spec, input, now) {
+                Err(denied) => Err(Held::Denied(denied)),
+                Ok(call) => {
+                    // Allowed between the two looks: still not forwarded.
+                    if let Err(e) = call.failed("held for approval, not forwarded") {
+                        tracing::warn!(error = %e, "could not spool the report of a held call");
+                    }
+                    Err(Held::Unavailable(
+                        "the decision changed; send the call again".into(),
+                    ))
+                }
+            };
+        }
+        let req = ApprovalRequest {
+            task_id: d.task_id().clone(),
+            token_jti: d.jti().to_owned(),
+            agent: d.agent().clone(),
+            tool: spec.name.clone(),
+            resource: spec.resource.clone(),
+            risk: spec.tier,
+            input_digest: hex::encode(digest(&SHA256, input)),
+            ttl_secs: ttl.as_secs().max(1),
+        };
+        let url = format!("{}/v1/approvals", self.enforcer.broker_url);
+        let resp = self
+            .enforcer
+            .broker
+            .post(&url)
+            .json(&req)
+            .send()
+            .await
+            .map_err(|e| {
+                Held::Unavailable(format!("the broker did not answer: {}", error_chain(&e)))
+            })?;
+        let status = resp.status();
+        let body = resp
+            .text()
+            .await
+            .map_err(|e| Held::Unavailable(format!("the broker's answer broke off: {e}")))?;
+        if !status.is_success() {
+            return Err(Held::Unavailable(format!(
+                "the broker refused the approval request ({status}): {body}"
+            )));
+        }
+        let state: ApprovalState = serde_json::from_str(&body).map_err(|e| {
+            Held::Unavailable(format!("the broker's answer is not an approval: {e}"))
+        })?;
+        // The broker's answer must be about this call.
+        if state.task_id != req.task_id
+            || state.agent != req.agent
+            || state.tool != req.tool
+            || state.resource != req.resource
+            || state.input_digest != req.input_digest
+        {
+            return Err(Held::Unavailable(
+                "the broker answered about another call".into(),
+            ));
+        }
+        tracing::info!(
+            task = %d.task_id(),
+            agent = %d.agent(),
+            tool = %spec.name,
+            approval = %state.id,
+            status = %state.status,
+            "call held for approval"
+        );
+        match state.status.as_str() {
+            "approved" => Ok(state.id),
+            "pending" => Err(Held::Waiting(state)),
+            _ => Err(Held::Refused(state)),
+        }
+    }
+}
+
+/// What the agent is told while its call waits.
+pub(crate) fn waiting_message(a: &ApprovalState) -> String {
+    format!(
+        "this call waits for a human's approval {id}: the task's initiator (or an approver) runs `baton approve {id}` (or `baton deny {id}`); then send the same call again, before it expires at {exp}",
+        id = a.id,
+        exp = a.expires_at
+    )
+}
+
+pub(crate) fn refused_message(a: &ApprovalState) -> String {
+    format!(
+        "approval {} of this call is {}{}",
+        a.id,
+        a.status,
+        a.reason
+            .as_deref()
+            .map(|r| format!(" ({r})"))
+            .unwrap_or_default()
+    )
+}

@@ -1,0 +1,275 @@
+//! Human approval of the riskiest calls at the gateway: a call on an
+//! `approval` route (or MCP tool) is held until the task's initiator
+//! approves exactly that call with `baton approve`; it serves one call,
+//! binds the call's arguments, can be denied, expires, and every step is
+//! in the audit trace. Each attack beside its untampered control.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::delegation::{PLANNER, World};
+use crate::gateway::{AUDIENCE, Gw, client, token_of};
+use crate::harness::wait_for;
+
+const ROUTES: &str = r#"
+[[routes]]
+method = "PUT"
+path = "/crm/cases/{case}"
+upstream = "crm"
+tool = "crm.update"
+resource = "dataset:crm"
+permission = "tool:crm.update:write"
+tier = "write"
+approval = true
+
+[[routes]]
+method = "PUT"
+path = "/crm/notes/{note}"
+upstream = "crm"
+tool = "crm.update"
+resource = "dataset:crm"
+permission = "tool:crm.update:write"
+tier = "write"
+approval = true
+approval-ttl = "1s"
+"#;
+
+/// A task whose purpose allows writes, started by alice; the planner's
+/// credential for the gateway's audience.
+fn writer(w: &World) -> (String, std::path::PathBuf) {
+    let v = w.json(&[
+        "task",
+        "start",
+        "--user",
+        "alice@example.com",
+        "--group",
+        "engineering",
+        "--root-agent",
+        PLANNER,
+        "--purpose",
+        "support.case-update",
+        "--risk-ceiling",
+        "write",
+        "--ttl",
+        "10m",
+        "--max-depth",
+        "2",
+        "--audience",
+        AUDIENCE,
+        "--scope",
+        "tool:crm.update:write",
+        "--scope",
+        "dataset:crm:write",
+        "-o",
+        "json",
+    ]);
+    let task = v["task_id"].as_str().unwrap().to_owned();
+    let cred = w.redeem(
+        v["grant"].as_str().unwrap(),
+        PLANNER,
+        &format!("writer-{task}"),
+    );
+    (task, cred)
+}
+
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    retry_after: Option<String>,
+    body: serde_json::Value,
+}
+
+fn put(g: &Gw, cred: &std::path::Path, path: &str, body: &str) -> Answer {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let r = client(cred)
+            .put(format!("{}{path}", g.url))
+            .bearer_auth(token_of(cred))
+            .body(body.to_owned())
+            .send()
+            .await
+            .unwrap();
+        Answer {
+            status: r.status().as_u16(),
+            retry_after: r
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_owned()),
+            body: r.json().await.unwrap_or(serde_json::Value::Null),
+        }
+    })
+}
+
+fn pending_id(a: &Answer) -> String {
+    assert_eq!(a.status, 403, "{a:?}");
+    assert_eq!(a.body["code"], "approval_pending", "{a:?}");
+    assert_eq!(a.retry_after.as_deref(), Some("5"), "{a:?}");
+    let id = a.body["approval_id"].as_str().unwrap().to_owned();
+    assert!(
+        a.body["error"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("baton approve {id}")),
+        "{a:?}"
+    );
+    id
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[test]
+fn a_held_call_goes_on_once_its_initiator_approves_exactly_it() {
+    let g = Gw::start_with(|_| (ROUTES.to_owned(), Vec::new()));
+    let (task, cred) = writer(&g.w);
+    let upstream_before = g.upstream_count();
+
+    // Held: the call waits, the upstream never sees it; asking again is the
+    // same approval, not a new one.
+    let a = pending_id(&put(&g, &cred, "/crm/cases/42", r#"{"status":"closed"}"#));
+    let again = pending_id(&put(&g, &cred, "/crm/cases/42", r#"{"status":"closed"}"#));
+    assert_eq!(a, again);
+    // Another call (other arguments) is another approval.
+    let b = pending_id(&put(&g, &cred, "/crm/cases/42", r#"{"status":"open"}"#));
+    assert_ne!(a, b);
+    assert_eq!(
+        g.upstream_count(),
+        upstream_before,
+        "a held call was forwarded"
+    );
+
+    // Someone else may not decide (not the initiator, no approver group);
+    // the initiator may.
+    let err = g.w.refused(&[
+        "approve",
+        &a,
+        "--user",
+        "mallory@example.com",
+        "--group",
+        "engineering",
+    ]);
+    assert!(err.contains("may not decide"), "{err}");
+    let out = g.w.ok(&[
+        "approve",
+        &a,
+        "--user",
+        "alice@example.com",
+        "--reason",
+        "ticket 42 is resolved",
+    ]);
+    assert!(out.contains(&format!("Approved {a}")), "{out}");
+    // Decided once only.
+    let err = g.w.refused(&["approve", &a, "--user", "alice@example.com"]);
+    assert!(err.contains("not pending"), "{err}");
+
+    // The approved call goes on, once; the other call still waits.
+    let b_again = put(&g, &cred, "/crm/cases/42", r#"{"status":"open"}"#);
+    assert_eq!(pending_id(&b_again), b);
+    let ok = put(&g, &cred, "/crm/cases/42", r#"{"status":"closed"}"#);
+    assert_eq!(ok.status, 200, "{ok:?}");
+    assert_eq!(g.upstream_count(), upstream_before + 1);
+    let replay = pending_id(&put(&g, &cred, "/crm/cases/42", r#"{"status":"closed"}"#));
+    assert_ne!(replay, a, "an approval served a second call");
+    assert_eq!(g.upstream_count(), upstream_before + 1);
+
+    // Denied: refused, and stays refused.
+    let out = g.w.ok(&["deny", &b, "--user", "alice@example.com"]);
+    assert!(out.contains(&format!("Denied {b}")), "{out}");
+    let denied = put(&g, &cred, "/crm/cases/42", r#"{"status":"open"}"#);
+    assert_eq!(denied.status, 403, "{denied:?}");
+    assert_eq!(denied.body["code"], "approval_denied", "{denied:?}");
+    assert_eq!(g.upstream_count(), upstream_before + 1);
+
+    // Expired before anyone decided: too late to approve, and the call
+    // asks anew.
+    let first = put(&g, &cred, "/crm/notes/1", "{}");
+    let c = pending_id(&first);
+    let expires = first.body["expires_at"].as_u64().unwrap();
+    wait_for("the approval to expire", Duration::from_secs(30), || {
+        (unix_now() > expires).then_some(())
+    });
+    let err = g.w.refused(&["approve", &c, "--user", "alice@example.com"]);
+    assert!(err.contains("expired"), "{err}");
+    assert_ne!(pending_id(&put(&g, &cred, "/crm/notes/1", "{}")), c);
+    assert_eq!(g.upstream_count(), upstream_before + 1);
+
+    // Every step is in the audit trace, the forwarded call names its
+    // approval.
+    let trace = wait_for("the approval in the trace", Duration::from_secs(30), || {
+        let t = g.w.ok(&["audit", "trace", &task]);
+        t.contains(&format!("approved in {a}")).then_some(t)
+    });
+    assert!(trace.contains("approval requested: crm.update"), "{trace}");
+    assert!(
+        trace.contains("approval approved: crm.update") && trace.contains("alice@example.com"),
+        "{trace}"
+    );
+    assert!(trace.contains("approval denied: crm.update"), "{trace}");
+}
+
+#[test]
+fn an_mcp_client_sees_that_its_call_waits_for_approval_and_where() {
+    let (port, seen) = crate::mcp::start_crm();
+    let g = Gw::start_with(move |_| {
+        (
+            format!(
+                r#"
+[approval]
+tiers = ["write"]
+
+[upstreams.mcp]
+url = "http://127.0.0.1:{port}"
+
+[[mcp]]
+path = "/mcp"
+upstream = "mcp"
+
+[[mcp.tools]]
+name = "crm.update"
+resource = "dataset:crm"
+permission = "tool:crm.update:write"
+tier = "write"
+"#
+            ),
+            Vec::new(),
+        )
+    });
+    let (_task, cred) = writer(&g.w);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (s, _) = crate::mcp::connect(&g.url, &cred).await;
+        let args = serde_json::json!({"account": "acme"});
+        let e = crate::mcp::call(&s, "crm.update", args.clone())
+            .await
+            .unwrap_err();
+        let (code, message, data) = crate::mcp::rpc_error(&e);
+        assert_eq!(
+            i64::from(code),
+            baton_gateway::MCP_APPROVAL_PENDING,
+            "{e:?}"
+        );
+        let id = data["approval_id"].as_str().unwrap().to_owned();
+        assert!(
+            message.contains(&format!("baton approve {id}")),
+            "{message}"
+        );
+        assert_eq!(data["approve_with"], format!("baton approve {id}"));
+        assert_eq!(seen.count(), 0, "a held call reached the tool");
+
+        let out = g.w.ok(&["approve", &id, "--user", "alice@example.com"]);
+        assert!(out.contains("Approved"), "{out}");
+        let done = crate::mcp::call(&s, "crm.update", args).await.unwrap();
+        assert!(done.contains("account acme updated"), "{done}");
+        assert_eq!(seen.count(), 1);
+    });
+}
