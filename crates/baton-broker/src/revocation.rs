@@ -1165,8 +1165,10 @@ mod migration_tests {
                             serde_json::to_string(&record).unwrap()
                         ],
                     )?;
-                    // As if the database predated schema 8.
-                    c.execute("DELETE FROM schema_version WHERE version = 8", [])?;
+                    // As if the database predated schema 8 (and what came
+                    // after it).
+                    c.execute("DELETE FROM schema_version WHERE version >= 8", [])?;
+                    c.execute("DROP TABLE approvals", [])?;
                     Ok(())
                 })
                 .unwrap();
