@@ -36,38 +36,12 @@ approval-ttl = "1s"
 /// A task whose purpose allows writes, started by alice; the planner's
 /// credential for the gateway's audience.
 fn writer(w: &World) -> (String, std::path::PathBuf) {
-    let v = w.json(&[
-        "task",
-        "start",
-        "--user",
-        "alice@example.com",
-        "--group",
-        "engineering",
-        "--root-agent",
-        PLANNER,
-        "--purpose",
+    let (task, grant) = w.start_task_as(
         "support.case-update",
-        "--risk-ceiling",
-        "write",
-        "--ttl",
-        "10m",
-        "--max-depth",
-        "2",
-        "--audience",
-        AUDIENCE,
-        "--scope",
-        "tool:crm.update:write",
-        "--scope",
-        "dataset:crm:write",
-        "-o",
-        "json",
-    ]);
-    let task = v["task_id"].as_str().unwrap().to_owned();
-    let cred = w.redeem(
-        v["grant"].as_str().unwrap(),
-        PLANNER,
-        &format!("writer-{task}"),
+        &["tool:crm.update:write", "dataset:crm:write"],
+        &[AUDIENCE],
     );
+    let cred = w.redeem(&grant, PLANNER, &format!("writer-{task}"));
     (task, cred)
 }
 

@@ -182,6 +182,16 @@ impl World {
 
     /// A task for the planner with `scope`, whose tokens name `audience`.
     pub fn start_task_for(&self, scope: &[&str], audience: &[&str]) -> (String, String) {
+        self.start_task_as("support.case-research", scope, audience)
+    }
+
+    /// As [`start_task_for`](Self::start_task_for), for `purpose`.
+    pub fn start_task_as(
+        &self,
+        purpose: &str,
+        scope: &[&str],
+        audience: &[&str],
+    ) -> (String, String) {
         let mut args = vec![
             "task",
             "start",
@@ -192,7 +202,7 @@ impl World {
             "--root-agent",
             PLANNER,
             "--purpose",
-            "support.case-research",
+            purpose,
             "--risk-ceiling",
             "write",
             "--ttl",

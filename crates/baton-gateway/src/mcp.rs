@@ -156,6 +156,17 @@ fn with_challenge(mut resp: Response, challenge: &str) -> Response {
     resp
 }
 
+/// A malformed request: HTTP 400 with a JSON-RPC error.
+fn invalid_request(id: Option<&Value>, message: &str) -> Response {
+    rpc_error(
+        StatusCode::BAD_REQUEST,
+        id,
+        INVALID_REQUEST,
+        message,
+        Value::Null,
+    )
+}
+
 /// A held `tools/call`, as the MCP client shows it: a JSON-RPC error that
 /// says the call waits for a human (its approval id and the command), or
 /// that a human refused it.
@@ -344,13 +355,7 @@ impl Gateway {
         let session = match single_header(&req.headers, SESSION) {
             Ok(s) => s,
             Err(e) => {
-                return rpc_error(
-                    StatusCode::BAD_REQUEST,
-                    None,
-                    INVALID_REQUEST,
-                    &e,
-                    Value::Null,
-                );
+                return invalid_request(None, &e);
             }
         };
         if let Some(id) = &session
@@ -404,12 +409,9 @@ impl Gateway {
             }
         };
         let Some(obj) = msg.as_object() else {
-            return rpc_error(
-                StatusCode::BAD_REQUEST,
+            return invalid_request(
                 None,
-                INVALID_REQUEST,
                 "one JSON-RPC message per request (batches are not accepted)",
-                Value::Null,
             );
         };
         // The upstream gets the message exactly as the gateway read it:
@@ -433,22 +435,13 @@ impl Gateway {
                 // The client's answer to a request of the server.
                 return self.mcp_pass(c, body, None, None).await;
             }
-            return rpc_error(
-                StatusCode::BAD_REQUEST,
+            return invalid_request(
                 id,
-                INVALID_REQUEST,
                 "a JSON-RPC message needs a method, or a result or error",
-                Value::Null,
             );
         };
         if let Err(e) = header_agrees(&req.headers, "mcp-method", method) {
-            return rpc_error(
-                StatusCode::BAD_REQUEST,
-                id,
-                INVALID_REQUEST,
-                &e,
-                Value::Null,
-            );
+            return invalid_request(id, &e);
         }
         match method {
             "tools/call" => self.mcp_call(c, obj, body.clone()).await,
@@ -489,13 +482,7 @@ impl Gateway {
             return bad("tools/call needs params.name (a string)".into());
         };
         if let Err(e) = header_agrees(&req.headers, "mcp-name", name) {
-            return rpc_error(
-                StatusCode::BAD_REQUEST,
-                id,
-                INVALID_REQUEST,
-                &e,
-                Value::Null,
-            );
+            return invalid_request(id, &e);
         }
         let Some(tool) = ep.tools.iter().find(|t| t.name == name) else {
             tracing::warn!(task = %d.task_id(), agent = %d.agent(), tool = name, "MCP call of a tool the gateway does not serve refused");
