@@ -581,6 +581,26 @@ tier = "read"
         "deploy/gateway.toml: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // `baton config check` knows a gateway file by its name, or by --for.
+    let out = baton()
+        .args(["config", "check"])
+        .arg(&shipped)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("ok for `baton gateway`"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = baton()
+        .args(["config", "check", "--for", "gateway"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("routes[0].tier"), "{err}");
 }
 
 #[test]

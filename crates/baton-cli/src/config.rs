@@ -47,6 +47,9 @@ pub enum Verb {
     Agent,
     Revocation,
     Dev,
+    /// `baton gateway --config FILE`: the gateway's own format (listener,
+    /// upstreams, routes), checked as `baton gateway --check` does.
+    Gateway,
 }
 
 impl Verb {
@@ -56,6 +59,7 @@ impl Verb {
             Verb::Agent => "agent",
             Verb::Revocation => "revocation",
             Verb::Dev => "dev",
+            Verb::Gateway => "gateway",
         }
     }
 }
@@ -672,13 +676,24 @@ pub fn check(file: &Path, verb: Option<Verb>) -> Result<()> {
             exit(
                 EXIT_REFUSED,
                 format!(
-                    "{}: cannot tell which verb this file is for; add --for {}",
+                    "{}: cannot tell which verb this file is for; add --for {}|gateway",
                     file.display(),
                     VERBS.join("|")
                 ),
             )
         })?,
     };
+    if verb == "gateway" {
+        let c = baton_gateway::Config::load(file).map_err(|e| exit(EXIT_REFUSED, e.to_string()))?;
+        crate::output::line(&format!(
+            "{}: ok for `baton gateway` ({} routes, {} MCP endpoints, audience {})",
+            file.display(),
+            c.routes.len(),
+            c.mcp.len(),
+            c.audience
+        ));
+        return Ok(());
+    }
     let argv: Vec<OsString> = vec![
         "baton".into(),
         verb.into(),
@@ -700,6 +715,7 @@ fn guess_verb(file: &Path) -> Option<&'static str> {
     let stem = file.file_stem()?.to_str()?;
     let found: Vec<&'static str> = VERBS
         .into_iter()
+        .chain(["gateway"])
         .filter(|v| stem.split(['-', '_', '.']).any(|w| w == *v))
         .collect();
     match found.as_slice() {
