@@ -481,6 +481,36 @@ fn the_gateway_forwards_allowed_calls_and_refuses_each_attack() {
     assert!(trace.contains(RESEARCHER), "{trace}");
     let text = g.w.ok(&["audit", "trace", &task]);
     assert!(text.contains("crm.search"), "{text}");
+
+    // The input is recorded as an HMAC under the gateway's digest key (made
+    // at first start, private to its owner), not a bare SHA-256 anyone can
+    // test guesses against.
+    let key_file = g.w.c.path("gw-spool").join("digest.key");
+    let key = std::fs::read(&key_file).unwrap();
+    assert_eq!(key.len(), 32);
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(
+        std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let input = b"{\"q\":\"acme\"}";
+    let keyed = hex::encode(aws_lc_rs::hmac::sign(
+        &aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &key),
+        input,
+    ));
+    let bare = hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, input));
+    let v: serde_json::Value = serde_json::from_str(&trace).unwrap();
+    let mut calls = Vec::new();
+    crate::mcp::collect_calls(&v, "dataset:crm", &mut calls);
+    assert!(!calls.is_empty(), "{trace}");
+    assert!(
+        calls.iter().any(|c| c["input_digest"] == keyed.as_str()),
+        "{calls:?}"
+    );
+    assert!(
+        !trace.contains(&bare),
+        "a bare SHA-256 of the input is in the log"
+    );
 }
 
 #[test]

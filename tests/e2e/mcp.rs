@@ -629,7 +629,11 @@ fn mcp_through_the_gateway_lists_calls_streams_and_refuses_as_mcp_clients_see_it
 }
 
 /// Every tool call of the trace on `resource`.
-fn collect_calls(v: &serde_json::Value, resource: &str, out: &mut Vec<serde_json::Value>) {
+pub(crate) fn collect_calls(
+    v: &serde_json::Value,
+    resource: &str,
+    out: &mut Vec<serde_json::Value>,
+) {
     match v {
         serde_json::Value::Object(o) => {
             if o.get("type").and_then(|t| t.as_str()) == Some("tool_call")

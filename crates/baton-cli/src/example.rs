@@ -256,6 +256,7 @@ async fn tool_server(
         feed,
         policy: &policy,
         ops: ops.as_ref(),
+        digest_key: None,
     })
     .await
     .map_err(enforcer_exit)?;

@@ -7,7 +7,6 @@
 //! never forwarded. Approved: the approval is used up by this call, whose
 //! record names it.
 
-use aws_lc_rs::digest::{SHA256, digest};
 use baton_core::api::{ApprovalRequest, ApprovalState};
 use baton_verify::{CallDenied, ToolSpec, VerifiedDelegation};
 
@@ -59,7 +58,7 @@ impl Gateway {
             tool: spec.name.clone(),
             resource: spec.resource.clone(),
             risk: spec.tier,
-            input_digest: hex::encode(digest(&SHA256, input)),
+            input_digest: self.enforcer.gate.digest(input),
             ttl_secs: ttl.as_secs().max(1),
         };
         let url = format!("{}/v1/approvals", self.enforcer.broker_url);

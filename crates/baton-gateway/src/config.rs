@@ -48,6 +48,8 @@ struct RawConfig {
     #[serde(default)]
     policies: Option<PathBuf>,
     #[serde(default)]
+    digest_key_file: Option<PathBuf>,
+    #[serde(default)]
     revocation: RawRevocation,
     upstreams: BTreeMap<String, RawUpstream>,
     #[serde(default)]
@@ -141,6 +143,9 @@ pub struct Config {
     pub spool: PathBuf,
     /// Cedar policies (schema + *.cedar); the CLI's default when absent.
     pub policies: Option<PathBuf>,
+    /// The key of the HMAC digests of calls' inputs and outputs in the
+    /// audit log (default: `digest.key` in the spool, made at first start).
+    pub digest_key_file: Option<PathBuf>,
     /// Every call is denied once the feed has been silent this long
     /// (read-tier calls too, unless `read_allows_stale`).
     pub stale_after: Duration,
@@ -535,6 +540,7 @@ impl Config {
             spiffe_id: raw.spiffe_id,
             spool: raw.spool,
             policies: raw.policies,
+            digest_key_file: raw.digest_key_file,
             stale_after,
             read_allows_stale: raw.revocation.read_allows_stale,
             upstreams,

@@ -42,6 +42,9 @@ pub struct EnforcerOptions<'a> {
     pub feed: FeedConfig<'a>,
     pub policy: &'a Arc<dyn baton_verify::CallPolicy>,
     pub ops: Option<&'a baton_ops::Ops>,
+    /// Digests of inputs and outputs are HMAC-SHA256 under this key
+    /// (`None`: plain SHA-256).
+    pub digest_key: Option<&'a [u8]>,
 }
 
 impl std::fmt::Debug for EnforcerOptions<'_> {
@@ -137,6 +140,9 @@ impl Enforcer {
             .map_err(|e| GatewayError::Refused(format!("tool-call reporter: {e}")))?;
         let delivery = reporter.spawn();
         let mut gate = ToolGate::new(o.policy.clone(), Some(reporter.clone()));
+        if let Some(key) = o.digest_key {
+            gate = gate.with_digest_key(key);
+        }
         if let Some(f) = freshness {
             gate = gate.with_revocation_freshness(f, o.feed.read_allows_stale);
         }
@@ -197,7 +203,7 @@ impl Enforcer {
             resource: resource.to_owned(),
             risk,
             scope_used: Vec::new(),
-            input_digest: hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, input)),
+            input_digest: self.gate.digest(input),
             output_digest: None,
             justification: None,
             decision: "deny".into(),

@@ -216,6 +216,11 @@ pub async fn run(
 ) -> Result<(), GatewayError> {
     baton_tls::install_crypto_provider();
     let c = &o.config;
+    let digest_key = crate::digest_key::load_or_create(
+        &c.digest_key_file
+            .clone()
+            .unwrap_or_else(|| c.spool.join("digest.key")),
+    )?;
     let enforcer = Enforcer::start(EnforcerOptions {
         endpoint: &o.endpoint,
         spiffe_id: c.spiffe_id.as_deref(),
@@ -230,6 +235,7 @@ pub async fn run(
         },
         policy: &o.policy,
         ops: o.ops.as_ref(),
+        digest_key: Some(&digest_key),
     })
     .await?;
     if let Some(ops) = &o.ops {
@@ -418,6 +424,11 @@ impl Gateway {
                 "policies",
                 format!("{:?}", o.policies),
                 format!("{:?}", new.policies),
+            ),
+            (
+                "digest-key-file",
+                format!("{:?}", o.digest_key_file),
+                format!("{:?}", new.digest_key_file),
             ),
             (
                 "revocation.stale-after",

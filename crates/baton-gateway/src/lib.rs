@@ -17,6 +17,7 @@
 
 mod approval;
 mod config;
+mod digest_key;
 pub mod enforce;
 mod error;
 mod gateway;

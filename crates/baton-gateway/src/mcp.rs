@@ -24,7 +24,6 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use aws_lc_rs::digest::{Context, SHA256};
 use base64::Engine as _;
 use baton_core::{SpiffeId, TaskId};
 use baton_verify::{CallDenied, ToolSpec, VerifiedCall, VerifiedDelegation};
@@ -672,11 +671,13 @@ pub(crate) fn relay(
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     tokio::spawn(async move {
         let mut resp = resp;
-        let mut digest = Context::new(&SHA256);
+        let mut digest = call.as_ref().map(VerifiedCall::output_digest);
         let outcome = loop {
             match resp.chunk().await {
                 Ok(Some(chunk)) => {
-                    digest.update(&chunk);
+                    if let Some(d) = digest.as_mut() {
+                        d.update(&chunk);
+                    }
                     if tx.send(Ok(chunk)).await.is_err() {
                         break Err("the caller went away before the answer ended".to_owned());
                     }
@@ -693,7 +694,10 @@ pub(crate) fn relay(
         let latency_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         call.set_upstream(status.as_u16(), latency_ms);
         let recorded = match outcome {
-            Ok(()) => call.finish_digest(digest.finish().as_ref()),
+            Ok(()) => match digest {
+                Some(d) => call.finish_digest(d),
+                None => call.finish(&[]),
+            },
             Err(e) => call.failed(&e),
         };
         if let Err(e) = recorded {

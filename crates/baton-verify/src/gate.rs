@@ -6,6 +6,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use aws_lc_rs::digest::{SHA256, digest};
+use aws_lc_rs::hmac;
 use baton_core::api::ToolCallReport;
 use baton_core::{Permission, Purpose, RiskTier, Scope, SpiffeId, TaskId};
 
@@ -118,6 +119,48 @@ pub struct ToolGate {
     reporter: Option<Reporter>,
     freshness: Option<Freshness>,
     revocation: Option<Arc<dyn RevocationCheck>>,
+    /// With a key, input and output digests are HMAC-SHA256 under it (a
+    /// low-entropy input cannot be guessed from the log); without, SHA-256.
+    digest_key: Option<hmac::Key>,
+}
+
+/// A digest of a call's output computed as it streams by: SHA-256, or
+/// HMAC-SHA256 under the gate's digest key.
+pub struct OutputDigest(DigestState);
+
+enum DigestState {
+    Plain(aws_lc_rs::digest::Context),
+    Keyed(Box<hmac::Context>),
+}
+
+impl OutputDigest {
+    pub fn update(&mut self, bytes: &[u8]) {
+        match &mut self.0 {
+            DigestState::Plain(c) => c.update(bytes),
+            DigestState::Keyed(c) => c.update(bytes),
+        }
+    }
+
+    fn finish_hex(self) -> String {
+        match self.0 {
+            DigestState::Plain(c) => hex::encode(c.finish()),
+            DigestState::Keyed(c) => hex::encode((*c).sign()),
+        }
+    }
+}
+
+impl fmt::Debug for OutputDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("OutputDigest")
+    }
+}
+
+/// The digest of `bytes`: HMAC-SHA256 under `key`, else SHA-256 (hex).
+fn digest_hex(key: Option<&hmac::Key>, bytes: &[u8]) -> String {
+    match key {
+        Some(k) => hex::encode(hmac::sign(k, bytes)),
+        None => hex_sha256(bytes),
+    }
 }
 
 /// Whether the local revocation set is current (e.g. a revocation feed that
@@ -148,7 +191,22 @@ impl ToolGate {
             reporter,
             freshness: None,
             revocation: None,
+            digest_key: None,
         }
+    }
+
+    /// Records input and output digests as HMAC-SHA256 under `key`
+    /// instead of plain SHA-256: whoever reads the audit log cannot test
+    /// guesses of a call's arguments; whoever holds the key can check a
+    /// claimed input or output against the record.
+    pub fn with_digest_key(mut self, key: &[u8]) -> Self {
+        self.digest_key = Some(hmac::Key::new(hmac::HMAC_SHA256, key));
+        self
+    }
+
+    /// The digest the gate records for `bytes` (keyed when it has a key).
+    pub fn digest(&self, bytes: &[u8]) -> String {
+        digest_hex(self.digest_key.as_ref(), bytes)
     }
 
     /// Denies calls whose mTLS peer certificate is revoked: `check` is
@@ -206,7 +264,7 @@ impl ToolGate {
             resource: tool.resource.clone(),
             risk: tool.tier,
             scope_used: vec![tool.requires.to_string()],
-            input_digest: hex_sha256(input),
+            input_digest: self.digest(input),
             output_digest: None,
             justification: d.justification().map(str::to_owned),
             decision: "allow".to_owned(),
@@ -246,6 +304,7 @@ impl ToolGate {
         }
         Ok(VerifiedCall {
             report,
+            digest_key: self.digest_key.clone(),
             reporter: self.reporter.clone(),
             sensitive,
             done: false,
@@ -342,6 +401,7 @@ impl ToolGate {
 #[must_use = "run the tool, then call finish(output) to report its output"]
 pub struct VerifiedCall {
     report: ToolCallReport,
+    digest_key: Option<hmac::Key>,
     reporter: Option<Reporter>,
     sensitive: bool,
     done: bool,
@@ -380,13 +440,23 @@ impl VerifiedCall {
     /// Reports the digest of the tool's output. For a sensitive call this
     /// is a second record; for a read call, the only one.
     pub fn finish(self, output: &[u8]) -> Result<(), ReportError> {
-        self.complete(Some(hex_sha256(output)), None)
+        let d = digest_hex(self.digest_key.as_ref(), output);
+        self.complete(Some(d), None)
+    }
+
+    /// A digest to feed the output as it streams by, for
+    /// [`finish_digest`](Self::finish_digest).
+    pub fn output_digest(&self) -> OutputDigest {
+        OutputDigest(match &self.digest_key {
+            Some(k) => DigestState::Keyed(Box::new(hmac::Context::with_key(k))),
+            None => DigestState::Plain(aws_lc_rs::digest::Context::new(&SHA256)),
+        })
     }
 
     /// As [`finish`](Self::finish), for an output that was streamed on and
-    /// hashed as it went: `sha256` is its SHA-256.
-    pub fn finish_digest(self, sha256: &[u8]) -> Result<(), ReportError> {
-        self.complete(Some(hex::encode(sha256)), None)
+    /// digested as it went.
+    pub fn finish_digest(self, output: OutputDigest) -> Result<(), ReportError> {
+        self.complete(Some(output.finish_hex()), None)
     }
 
     /// Reports that the call was allowed but did not complete (the

@@ -54,7 +54,8 @@ pub use bundles::JwtBundles;
 pub use error::{CallDenied, PeerError, ReportError, SendError, TokenError};
 pub use feed::{BrokerFeed, FEED_PATH};
 pub use gate::{
-    CallContext, CallPolicy, PolicyDecision, RevocationFreshness, ToolGate, ToolSpec, VerifiedCall,
+    CallContext, CallPolicy, OutputDigest, PolicyDecision, RevocationFreshness, ToolGate, ToolSpec,
+    VerifiedCall,
 };
 pub use report::{
     Backoff, HttpSender, MAX_BACKOFF, MAX_BATCH, MIN_BACKOFF, ReportBatch, ReportSender, Reporter,
