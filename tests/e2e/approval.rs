@@ -35,7 +35,7 @@ approval-ttl = "1s"
 
 /// A task whose purpose allows writes, started by alice; the planner's
 /// credential for the gateway's audience.
-fn writer(w: &World) -> (String, std::path::PathBuf) {
+pub(crate) fn writer(w: &World) -> (String, std::path::PathBuf) {
     let (task, grant) = w.start_task_as(
         "support.case-update",
         &["tool:crm.update:write", "dataset:crm:write"],
@@ -46,13 +46,13 @@ fn writer(w: &World) -> (String, std::path::PathBuf) {
 }
 
 #[derive(Debug)]
-struct Answer {
-    status: u16,
+pub(crate) struct Answer {
+    pub(crate) status: u16,
     retry_after: Option<String>,
-    body: serde_json::Value,
+    pub(crate) body: serde_json::Value,
 }
 
-fn put(g: &Gw, cred: &std::path::Path, path: &str, body: &str) -> Answer {
+pub(crate) fn put(g: &Gw, cred: &std::path::Path, path: &str, body: &str) -> Answer {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -76,7 +76,7 @@ fn put(g: &Gw, cred: &std::path::Path, path: &str, body: &str) -> Answer {
     })
 }
 
-fn pending_id(a: &Answer) -> String {
+pub(crate) fn pending_id(a: &Answer) -> String {
     assert_eq!(a.status, 403, "{a:?}");
     assert_eq!(a.body["code"], "approval_pending", "{a:?}");
     assert_eq!(a.retry_after.as_deref(), Some("5"), "{a:?}");
@@ -246,4 +246,66 @@ tier = "write"
         assert!(done.contains("account acme updated"), "{done}");
         assert_eq!(seen.count(), 1);
     });
+}
+
+/// The broker opens approvals only for a tool server of the token's
+/// audience: an agent cannot ask for (or use up) approvals itself, with its
+/// own credential, even for its own call. The gateway asking for the same
+/// call is the control.
+#[test]
+fn an_agent_cannot_ask_the_broker_for_approvals_itself() {
+    let g = Gw::start_with(|_| (ROUTES.to_owned(), Vec::new()));
+    let (task, cred) = writer(&g.w);
+    let jti = crate::delegation::claims(&cred)["jti"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let agent = PLANNER;
+    let broker = crate::harness::td().id("/baton/broker").unwrap();
+    let http = crate::harness::cred_client(&cred, &cred.join("bundle.pem"), broker);
+    let ask = |digest: &str| {
+        let body = serde_json::json!({
+            "task_id": task,
+            "token_jti": jti,
+            "agent": agent,
+            "tool": "crm.update",
+            "resource": "dataset:crm",
+            "risk": "write",
+            "input_digest": digest,
+            "ttl_secs": 60,
+        });
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let r = http
+                .post(format!("{}/v1/approvals", g.w.broker_url()))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<serde_json::Value>().await.unwrap())
+        })
+    };
+    let (status, body) = ask(&"ab".repeat(32));
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["code"], "not_entitled", "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("is not a tool server of token"),
+        "{body}"
+    );
+
+    // Control: the same call through the gateway is held for approval.
+    pending_id(&put(&g, &cred, "/crm/cases/7", r#"{"status":"closed"}"#));
+    let trace = g.w.ok(&["audit", "trace", &task]);
+    assert_eq!(
+        trace.matches("approval requested").count(),
+        1,
+        "the agent opened an approval: {trace}"
+    );
 }

@@ -165,8 +165,9 @@ impl Gw {
     }
 
     /// The gateway with what `extra` returns appended to its configuration
-    /// (more upstreams, routes or MCP endpoints), and the upstream
-    /// processes it started kept alive beside it.
+    /// (more upstreams, routes or MCP endpoints; keys before its first
+    /// table go at the top), and the upstream processes it started kept
+    /// alive beside it.
     pub(crate) fn start_with(extra: impl FnOnce(&World) -> (String, Vec<Proc>)) -> Self {
         let w = World::start_with_options(
             None,
@@ -179,7 +180,23 @@ impl Gw {
         let upstream = Upstream::start();
         let file = w.c.path("gateway.toml");
         let (extra, upstreams) = extra(&w);
-        std::fs::write(&file, config(&w, upstream.port) + &extra).unwrap();
+        // Keys before the first table are top-level (e.g. `policies`).
+        let tables = extra
+            .lines()
+            .position(|l| l.trim_start().starts_with('['))
+            .unwrap_or(usize::MAX);
+        let lines: Vec<&str> = extra.lines().collect();
+        let (top, rest) = lines.split_at(tables.min(lines.len()));
+        std::fs::write(
+            &file,
+            format!(
+                "{}\n{}\n{}\n",
+                top.join("\n"),
+                config(&w, upstream.port),
+                rest.join("\n")
+            ),
+        )
+        .unwrap();
         let ready = w.c.path("gateway.addr");
         let ops = crate::ops::free_addr();
         let mut cmd = baton();

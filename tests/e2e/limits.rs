@@ -255,6 +255,31 @@ async fn bodies_over_the_routes_limit_and_batches_over_their_cap_are_refused() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["receipts"].as_array().unwrap().len(), 2, "{body}");
 
+    // A report's clear-text fields are bounded: a reporter cannot copy
+    // its traffic into the audit log. Control: a small field passes that
+    // check (and the report is then refused for its unknown task).
+    let with_field = |value: String| {
+        let mut r = report(7);
+        r["recorded"] = serde_json::json!({ "input:/body": value });
+        r
+    };
+    let (status, _, body) = post_json(
+        &node,
+        url(&c, "/v1/audit/tool-calls"),
+        &with_field("x".repeat(3000)),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["field"], "recorded", "{body}");
+    let (status, _, body) = post_json(
+        &node,
+        url(&c, "/v1/audit/tool-calls"),
+        &with_field("acme".into()),
+    )
+    .await;
+    assert_ne!(body["field"], "recorded", "{body}");
+    assert_ne!(status, 200, "{body}");
+
     // Past the batch routes' own limit (4 MiB): 413 there too.
     let mut huge = serde_json::to_vec(&batch(1)).unwrap();
     huge.splice(1..1, std::iter::repeat_n(b' ', 4 * 1024 * 1024));

@@ -296,7 +296,7 @@ fn example_workloads_take_a_relative_socket_path() {
 
 /// Starts `baton dev` on `data` and waits until it serves; returns it
 /// with its log.
-fn start_dev(data: &std::path::Path, log: std::path::PathBuf, extra: &[&str]) -> Proc {
+pub(crate) fn start_dev(data: &std::path::Path, log: std::path::PathBuf, extra: &[&str]) -> Proc {
     let mut cmd = baton();
     cmd.args(["dev", "--data-dir"]).arg(data).args(extra);
     let mut dev = Proc::spawn("dev", cmd, log);

@@ -10,7 +10,7 @@
 //!
 //! `actor`, `at`, `decision`, `depth`, `initiator_hmac`, `input_digest`,
 //! `justification_hmac`, `kind`, `latency_ms`, `output_digest`, `parent_jti`,
-//! `policy_ids`, `purpose`, `reason`, `resource`, `risk`, `scope`, `target`,
+//! `policy_ids`, `purpose`, `reason`, `recorded`, `resource`, `risk`, `scope`, `target`,
 //! `task_id`, `token_jti`, `tool`, `trace_id`, `upstream_status`, `v`
 //!
 //! `v` is `1`; `kind` is snake_case (`task_started`, `hop_granted`, ...);
@@ -20,10 +20,14 @@
 //! broker traced it. It was added without a version change: an event without
 //! it encodes exactly as before, so older logs verify unchanged. The same
 //! holds for `latency_ms` and `upstream_status`, which a gateway's
-//! completion record of a call carries. The
+//! completion record of a call carries, and for `recorded` (an object,
+//! keys in byte order, omitted when empty): the call's fields the
+//! gateway's configuration keeps in clear text, redacted. The
 //! sensitive values (initiator, justification) appear only as
 //! `*_hmac`: lowercase hex HMAC-SHA256 under the log's key. The clear text
 //! lives in a separate display column outside the tree.
+
+use std::collections::BTreeMap;
 
 use baton_core::api::ToolCallReport;
 use baton_core::{Purpose, RiskTier, Scope, SpiffeId, TaskId, TraceId};
@@ -130,6 +134,9 @@ pub struct AuditEvent {
     pub latency_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream_status: Option<u16>,
+    /// Fields recorded in clear text (redacted) by the server's choice.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub recorded: BTreeMap<String, String>,
 }
 
 impl std::fmt::Debug for AuditEvent {
@@ -159,6 +166,7 @@ impl std::fmt::Debug for AuditEvent {
             .field("trace_id", &self.trace_id)
             .field("latency_ms", &self.latency_ms)
             .field("upstream_status", &self.upstream_status)
+            .field("recorded", &self.recorded)
             .finish()
     }
 }
@@ -190,6 +198,7 @@ impl AuditEvent {
             trace_id: None,
             latency_ms: None,
             upstream_status: None,
+            recorded: BTreeMap::new(),
         }
     }
 
@@ -213,6 +222,7 @@ impl AuditEvent {
         e.output_digest = report.output_digest.clone();
         e.latency_ms = report.latency_ms;
         e.upstream_status = report.upstream_status;
+        e.recorded.clone_from(&report.recorded);
         if let Ok(scope) = Scope::parse(&report.scope_used) {
             e.scope = Some(scope);
         }
@@ -249,6 +259,8 @@ struct CanonicalRef<'a> {
     purpose: Option<&'a Purpose>,
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<&'a str>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    recorded: &'a BTreeMap<String, String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     resource: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -299,6 +311,8 @@ pub struct CanonicalEvent {
     pub purpose: Option<Purpose>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub recorded: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -336,6 +350,7 @@ pub fn canonical_bytes(event: &AuditEvent, keys: &AuditKeys) -> Result<Vec<u8>, 
         policy_ids: &event.policy_ids,
         purpose: event.purpose.as_ref(),
         reason: event.reason.as_deref(),
+        recorded: &event.recorded,
         resource: event.resource.as_deref(),
         risk: event.risk,
         scope: event.scope.as_ref(),
@@ -430,6 +445,7 @@ impl AuditRecord {
             trace_id: c.trace_id,
             latency_ms: c.latency_ms,
             upstream_status: c.upstream_status,
+            recorded: c.recorded,
         };
         Self {
             index,

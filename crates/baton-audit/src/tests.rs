@@ -1116,6 +1116,7 @@ fn tool_call_report_becomes_an_event() {
         at: 77,
         latency_ms: Some(12),
         upstream_status: Some(200),
+        recorded: Default::default(),
     };
     let e = AuditEvent::from_tool_call(&report, Some(id("/tools/crm")));
     assert_eq!(e.kind, EventKind::ToolCall);

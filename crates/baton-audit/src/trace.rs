@@ -124,6 +124,8 @@ pub enum TraceItem {
         latency_ms: Option<u64>,
         #[serde(skip_serializing_if = "Option::is_none")]
         upstream_status: Option<u16>,
+        #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+        recorded: std::collections::BTreeMap<String, String>,
     },
 }
 
@@ -363,6 +365,7 @@ pub fn trace(records: &[AuditRecord]) -> Trace {
                             trace_id: e.trace_id,
                             latency_ms: e.latency_ms,
                             upstream_status: e.upstream_status,
+                            recorded: e.recorded.clone(),
                         },
                         None,
                     ));
@@ -569,6 +572,7 @@ fn item_line(item: &TraceItem) -> Line {
             trace_id,
             latency_ms,
             upstream_status,
+            recorded,
             ..
         } => {
             let mut text = format!("tool {}", tool.as_deref().unwrap_or("?"));
@@ -590,6 +594,11 @@ fn item_line(item: &TraceItem) -> Line {
             }
             if let Some(ms) = latency_ms {
                 text.push_str(&format!(" in {ms} ms"));
+            }
+            if !recorded.is_empty() {
+                let fields: Vec<String> =
+                    recorded.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                text.push_str(&format!(", recorded {{{}}}", fields.join(", ")));
             }
             text.push_str(&sensitive("justification", justification, &None));
             text.push_str(&opt("trace", trace_id));

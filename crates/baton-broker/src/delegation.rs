@@ -110,6 +110,43 @@ fn refuse(code: &'static str, message: impl Into<String>) -> BrokerError {
     }
 }
 
+/// Most clear-text fields one call's report may carry, and their sizes
+/// (a gateway cuts values at 256 characters; the margin is for escapes).
+const MAX_RECORDED_FIELDS: usize = 64;
+const MAX_RECORDED_KEY: usize = 256;
+const MAX_RECORDED_VALUE: usize = 2048;
+
+/// A report's clear-text fields stay small: a reporter cannot make the
+/// audit log a copy of its traffic.
+fn check_recorded(
+    recorded: &std::collections::BTreeMap<String, String>,
+) -> Result<(), BrokerError> {
+    if recorded.len() > MAX_RECORDED_FIELDS {
+        return Err(bad(
+            "recorded",
+            format!("at most {MAX_RECORDED_FIELDS} recorded fields"),
+        ));
+    }
+    for (k, v) in recorded {
+        if k.is_empty() || k.len() > MAX_RECORDED_KEY || k.chars().any(char::is_control) {
+            return Err(bad(
+                "recorded",
+                format!(
+                    "field name {:?} is empty, over {MAX_RECORDED_KEY} bytes or has control characters",
+                    k.escape_default().to_string()
+                ),
+            ));
+        }
+        if v.len() > MAX_RECORDED_VALUE {
+            return Err(bad(
+                "recorded",
+                format!("the value of {k:?} is over {MAX_RECORDED_VALUE} bytes"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn bad(field: &'static str, message: impl Into<String>) -> BrokerError {
     BrokerError::BadRequest {
         field: Some(field),
@@ -1348,6 +1385,7 @@ impl Delegation {
                 ),
             ));
         }
+        check_recorded(&r.recorded)?;
         let _ = self.task(&r.task_id)?;
         if let Some(index) = self.tasks.report_seen(&r.report_id)? {
             return Ok(

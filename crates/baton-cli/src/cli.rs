@@ -1099,17 +1099,30 @@ pub enum ExampleCmd {
         #[command(flatten)]
         ops: crate::ops::OpsArgs,
     },
-    /// Call a tool on the example tool server with a task credential.
+    /// Call a tool with a task credential: on the example tool server
+    /// (`POST URL/tools/TOOL`), through a gateway route (`--method`,
+    /// `--path`), or on an MCP endpoint (`--mcp`, with the official MCP
+    /// SDK's client: `--url` is the endpoint, `--input` the arguments).
     Call {
         #[arg(long)]
         credential: PathBuf,
-        /// e.g. https://127.0.0.1:9443
+        /// e.g. https://127.0.0.1:9443 (with --mcp: https://GATEWAY/mcp)
         #[arg(long)]
         url: String,
-        #[arg(long)]
-        tool: String,
+        #[arg(long, required_unless_present = "path")]
+        tool: Option<String>,
+        /// The request body (JSON); with --mcp, the tool's arguments.
         #[arg(long, default_value = "{}")]
         input: String,
+        /// A plain HTTP request to URL + PATH instead (a gateway route).
+        #[arg(long, conflicts_with = "mcp")]
+        path: Option<String>,
+        /// The HTTP method of --path.
+        #[arg(long, default_value = "GET", requires = "path")]
+        method: String,
+        /// Call TOOL over MCP (Streamable HTTP) at URL.
+        #[arg(long)]
+        mcp: bool,
         #[arg(long)]
         justification: Option<String>,
     },

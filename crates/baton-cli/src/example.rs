@@ -181,6 +181,19 @@ pub fn enforcer_exit(e: GatewayError) -> anyhow::Error {
     }
 }
 
+/// Cedar policies that a SIGHUP may swap whole.
+struct ReloadablePolicy(Arc<arc_swap::ArcSwap<baton_policy::Engine>>);
+
+impl baton_verify::CallPolicy for ReloadablePolicy {
+    fn decide(&self, c: &baton_verify::CallContext<'_>) -> baton_verify::PolicyDecision {
+        baton_verify::CallPolicy::decide(&**self.0.load(), c)
+    }
+
+    fn may_require_approval(&self, tool: &str) -> bool {
+        self.0.load().may_require_approval(tool)
+    }
+}
+
 /// The call policy (Cedar), from a directory or the embedded example set;
 /// swapped whole on SIGHUP when it comes from a directory (one that no
 /// longer loads leaves the policies in force). Returns the policy and the
@@ -209,25 +222,7 @@ pub fn reloadable_policy(
             None => tracing::info!("SIGHUP: nothing to reload (the tool policies are built in)"),
         })?
     };
-    let policy = move |c: &baton_verify::CallContext<'_>| {
-        let d = engine.load().authorize_call(&baton_policy::CallRequest {
-            agent: c.agent,
-            chain: c.chain,
-            initiator: c.initiator,
-            tool: c.tool,
-            resource: c.resource,
-            purpose: c.purpose,
-            scope: c.scope,
-            risk: c.risk,
-            depth: c.depth,
-        });
-        baton_verify::PolicyDecision {
-            allowed: d.allowed,
-            policy_ids: d.policy_ids,
-            errors: d.errors,
-        }
-    };
-    Ok((Arc::new(policy), hup))
+    Ok((Arc::new(ReloadablePolicy(engine)), hup))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -327,20 +322,43 @@ pub async fn call(
     tool: &str,
     input: &str,
 ) -> Result<serde_json::Value> {
+    request(cred, "POST", url, &format!("/tools/{tool}"), input).await
+}
+
+/// One HTTP request with the credential (mTLS + its token); the answer's
+/// JSON, or a refusal with the server's code and reason.
+async fn request(
+    cred: &Credential,
+    method: &str,
+    url: &str,
+    path: &str,
+    input: &str,
+) -> Result<serde_json::Value> {
+    let method = http::Method::from_bytes(method.as_bytes()).map_err(|_| {
+        exit(
+            EXIT_REFUSED,
+            format!("--method {method:?} is not an HTTP method"),
+        )
+    })?;
     let td = cred.spiffe_id()?.trust_domain().clone();
     let http = cred.client(PeerPolicy::AnyInTrustDomains(vec![td]))?;
-    let resp = http
-        .post(format!("{}/tools/{tool}", url.trim_end_matches('/')))
-        .header("authorization", format!("Bearer {}", cred.token.expose()))
-        .body(input.to_owned())
-        .send()
-        .await
-        .map_err(|e| {
-            exit(
-                EXIT_UNREACHABLE,
-                format!("cannot reach the tool server: {}", error_chain(&e)),
-            )
-        })?;
+    let mut req = http
+        .request(
+            method.clone(),
+            format!("{}{path}", url.trim_end_matches('/')),
+        )
+        .header("authorization", format!("Bearer {}", cred.token.expose()));
+    if method != http::Method::GET {
+        req = req
+            .header("content-type", "application/json")
+            .body(input.to_owned());
+    }
+    let resp = req.send().await.map_err(|e| {
+        exit(
+            EXIT_UNREACHABLE,
+            format!("cannot reach the tool server: {}", error_chain(&e)),
+        )
+    })?;
     let status = resp.status();
     let body: serde_json::Value = resp.json().await.unwrap_or_default();
     if status.is_success() {
@@ -349,7 +367,7 @@ pub async fn call(
         Err(exit(
             EXIT_REFUSED,
             format!(
-                "{tool} refused ({}): {}",
+                "{method} {path} refused ({}): {}",
                 body["code"].as_str().unwrap_or(status.as_str()),
                 body["error"].as_str().unwrap_or("no reason given")
             ),
@@ -400,10 +418,20 @@ pub async fn run(cmd: ExampleCmd) -> Result<()> {
             url,
             tool,
             input,
+            path,
+            method,
+            mcp,
             justification: _,
         } => {
             let cred = Credential::load(&credential)?;
-            let out = call(&cred, &url, &tool, &input).await?;
+            let out = match (path, tool) {
+                (Some(path), _) => request(&cred, &method, &url, &path, &input).await?,
+                (None, Some(tool)) if mcp => {
+                    crate::mcp_client::call(&cred, &url, &tool, &input).await?
+                }
+                (None, Some(tool)) => call(&cred, &url, &tool, &input).await?,
+                (None, None) => return Err(exit(EXIT_REFUSED, "pass --tool or --path")),
+            };
             output::json(&out);
             Ok(())
         }

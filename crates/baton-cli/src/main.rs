@@ -12,6 +12,7 @@ mod creds;
 mod daemons;
 mod example;
 mod gateway;
+mod mcp_client;
 mod mesh;
 mod nodes;
 mod ops;

@@ -90,14 +90,15 @@ impl Telemetry {
 }
 
 /// Installs the process's subscriber: the log filter (`--log`, else
-/// BATON_LOG, else `info`), the log format and, when configured, the OTLP
+/// BATON_LOG, else `info`, with the MCP SDK's per-session chatter at
+/// `warn`), the log format and, when configured, the OTLP
 /// exporter. Call after the crypto provider is installed (the exporter's
 /// HTTP client builds a rustls configuration).
 pub fn init(filter: Option<&str>, args: &TelemetryArgs) -> Result<Telemetry> {
     let filter = filter
         .map(str::to_owned)
         .or_else(|| std::env::var("BATON_LOG").ok())
-        .unwrap_or_else(|| "info".to_owned());
+        .unwrap_or_else(|| "info,rmcp=warn".to_owned());
     let fmt: Box<dyn Layer<Registry> + Send + Sync> = match args.log_format {
         LogFormat::Text => Box::new(
             tracing_subscriber::fmt::layer()

@@ -306,6 +306,12 @@ pub struct ToolCallReport {
     /// The upstream's HTTP status (a gateway's completion record).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream_status: Option<u16>,
+    /// Fields of the call kept in clear text because the server's
+    /// configuration names them (a gateway's `record-*`), already
+    /// redacted: `header:x-request-id`, `input:/account`,
+    /// `output:/status` -> the value (compact JSON, or the header's text).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub recorded: std::collections::BTreeMap<String, String>,
 }
 
 /// `POST /v1/approvals` (a tool server or gateway, mTLS): a call that

@@ -1,6 +1,6 @@
 //! Calls held for a human's approval. A route or MCP tool marked
-//! `approval` (or whose tier is in `[approval] tiers`) is first decided as
-//! any call (scope, ceiling, revocation, Cedar: a call that would be
+//! `approval` (or whose tier is in `[approval] tiers`), or a call allowed
+//! by a Cedar permit annotated `@approval`, is first decided as any call (scope, ceiling, revocation, Cedar: a call that would be
 //! refused is refused, not held); then the broker is asked for the
 //! approval of exactly this call (task, actor, tool, resource, input
 //! digest, this gateway). Pending or denied: the call is answered so and
@@ -25,18 +25,25 @@ pub(crate) enum Held {
 }
 
 impl Gateway {
-    /// Holds the call until a human approved it: `Ok` names the approval
-    /// this call used.
-    pub(crate) async fn hold_for_approval(
+    /// The approval a call needs before it goes on: none (`Ok(None)`),
+    /// or the approval a human gave for exactly this call (`Ok(Some(id))`,
+    /// used up by it). A call needs one when its route or tool says so
+    /// (`configured`), or when the permit that allows it carries Cedar's
+    /// `@approval`; until a human approved it, it is held.
+    pub(crate) async fn approval_for(
         &self,
         d: &VerifiedDelegation,
         spec: &ToolSpec,
         input: &[u8],
         now: u64,
         ttl: std::time::Duration,
-    ) -> Result<String, Held> {
+        configured: bool,
+    ) -> Result<Option<String>, Held> {
         let gate = &self.enforcer.gate;
-        if gate.check(d, spec, now).is_err() {
+        if !configured && !gate.may_require_approval(&spec.name) {
+            return Ok(None);
+        }
+        let Ok(checked) = gate.check(d, spec, now) else {
             // Decided (and recorded) as any refused call.
             return match gate.authorize(d, spec, input, now) {
                 Err(denied) => Err(Held::Denied(denied)),
@@ -50,6 +57,9 @@ impl Gateway {
                     ))
                 }
             };
+        };
+        if !configured && !checked.needs_approval {
+            return Ok(None);
         }
         let req = ApprovalRequest {
             task_id: d.task_id().clone(),
@@ -105,7 +115,7 @@ impl Gateway {
             "call held for approval"
         );
         match state.status.as_str() {
-            "approved" => Ok(state.id),
+            "approved" => Ok(Some(state.id)),
             "pending" => Err(Held::Waiting(state)),
             _ => Err(Held::Refused(state)),
         }

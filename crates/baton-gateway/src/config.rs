@@ -21,6 +21,9 @@
 //! permission = "tool:crm.read:read"
 //! tier = "read"
 //! record-headers = ["x-request-id"]
+//! record-input = ["/account"]      # JSON Pointers into the request body
+//! record-output = ["/status"]      # ... into the answer's body
+//! redact = ["/account/owner"]      # hidden inside recorded fields
 //! ```
 
 use std::collections::BTreeMap;
@@ -32,6 +35,23 @@ use baton_core::{Permission, RiskTier};
 use serde::Deserialize;
 
 use crate::error::ConfigError;
+use crate::record::{Recording, pointers};
+
+/// The JSON Pointers of a route's or tool's `record-input`,
+/// `record-output` and `redact`, checked; `Err` names the key.
+fn recording(
+    input: &[String],
+    output: &[String],
+    redact: &[String],
+    f: &dyn Fn(&str) -> String,
+) -> Result<Recording, (String, String)> {
+    Ok(Recording {
+        headers: Vec::new(),
+        input: pointers(input).map_err(|m| (f("record-input"), m))?,
+        output: pointers(output).map_err(|m| (f("record-output"), m))?,
+        redact: pointers(redact).map_err(|m| (f("redact"), m))?,
+    })
+}
 
 /// The longest a revocation feed may stay silent before it is stale.
 const MAX_STALE_AFTER: Duration = Duration::from_secs(300);
@@ -89,6 +109,12 @@ struct RawMcpTool {
     tier: String,
     #[serde(default)]
     approval: bool,
+    #[serde(default)]
+    record_input: Vec<String>,
+    #[serde(default)]
+    record_output: Vec<String>,
+    #[serde(default)]
+    redact: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -123,6 +149,12 @@ struct RawRoute {
     tier: String,
     #[serde(default)]
     record_headers: Vec<String>,
+    #[serde(default)]
+    record_input: Vec<String>,
+    #[serde(default)]
+    record_output: Vec<String>,
+    #[serde(default)]
+    redact: Vec<String>,
     #[serde(default)]
     approval: bool,
     #[serde(default)]
@@ -188,6 +220,9 @@ pub struct McpTool {
     pub tier: RiskTier,
     /// Each call waits for a human's approval (`baton approve`).
     pub approval: bool,
+    /// Fields of its arguments (`record-input`) and result
+    /// (`record-output`) kept in clear text in the audit log.
+    pub record: Recording,
 }
 
 impl McpTool {
@@ -277,8 +312,9 @@ pub struct Route {
     resource: String,
     pub permission: Permission,
     pub tier: RiskTier,
-    /// Request headers whose values are written to the gateway's call log.
-    pub record_headers: Vec<http::HeaderName>,
+    /// What of its calls is kept in clear text in the audit log
+    /// (`record-headers`, `record-input`, `record-output`, `redact`).
+    pub record: Recording,
     /// Each call waits for a human's approval (the route's own setting,
     /// or its tier is in `[approval] tiers`).
     pub approval: bool,
@@ -428,7 +464,10 @@ impl Config {
                 let name = http::HeaderName::from_bytes(h.as_bytes()).map_err(|_| {
                     err(&f("record-headers"), format!("{h:?} is not a header name"))
                 })?;
-                if name == http::header::AUTHORIZATION || name == http::header::COOKIE {
+                if name == http::header::AUTHORIZATION
+                    || name == http::header::COOKIE
+                    || name == http::header::PROXY_AUTHORIZATION
+                {
                     return Err(err(
                         &f("record-headers"),
                         format!("{h:?} carries credentials and is never recorded"),
@@ -436,6 +475,11 @@ impl Config {
                 }
                 record_headers.push(name);
             }
+            let record = Recording {
+                headers: record_headers,
+                ..recording(&r.record_input, &r.record_output, &r.redact, &f)
+                    .map_err(|(k, m)| err(&k, m))?
+            };
             if let Some(j) = routes
                 .iter()
                 .position(|o| o.method == method && same_shape(&o.segments, &segments))
@@ -454,7 +498,7 @@ impl Config {
                 resource: r.resource,
                 permission,
                 tier,
-                record_headers,
+                record,
                 approval: r.approval || approval_tiers.contains(&tier),
                 approval_ttl,
             });
@@ -507,12 +551,15 @@ impl Config {
                 let permission = Permission::parse(&t.permission)
                     .map_err(|e| err(&g("permission"), e.to_string()))?;
                 let tier = parse_tier(&t.tier).map_err(|e| err(&g("tier"), e))?;
+                let record = recording(&t.record_input, &t.record_output, &t.redact, &g)
+                    .map_err(|(k, m)| err(&k, m))?;
                 tools.push(McpTool {
                     name: t.name,
                     resource: t.resource,
                     permission,
                     tier,
                     approval: t.approval || approval_tiers.contains(&tier),
+                    record,
                 });
             }
             mcp.push(McpEndpoint {

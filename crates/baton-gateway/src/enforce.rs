@@ -215,6 +215,7 @@ impl Enforcer {
             at: now,
             latency_ms: None,
             upstream_status: None,
+            recorded: Default::default(),
         };
         if let Err(e) = self.reporter.submit(report) {
             tracing::error!(error = %e, "cannot spool the refusal report");

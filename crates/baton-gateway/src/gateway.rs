@@ -561,42 +561,32 @@ impl Gateway {
             resource: m.resource.clone(),
             ..spec.clone()
         };
-        let note = if m.route.approval {
-            match self
-                .hold_for_approval(
-                    &delegation,
-                    &spec,
-                    &input,
-                    now,
-                    m.route.approval_ttl.unwrap_or(rt.config.approval_ttl),
-                )
-                .await
-            {
-                Ok(id) => Some(format!("approved in {id}")),
-                Err(held) => return held_response(&held),
-            }
-        } else {
-            None
+        let approval = match self
+            .approval_for(
+                &delegation,
+                &spec,
+                &input,
+                now,
+                m.route.approval_ttl.unwrap_or(rt.config.approval_ttl),
+                m.route.approval,
+            )
+            .await
+        {
+            Ok(approval) => approval,
+            Err(held) => return held_response(&held),
         };
-        let mut call =
-            match self
-                .enforcer
-                .gate
-                .authorize_noted(&delegation, &spec, &input, now, note)
-            {
-                Ok(call) => call,
-                Err(denied) => return denial(&denied),
-            };
+        let mut call = match self.enforcer.gate.authorize_approved(
+            &delegation,
+            &spec,
+            &input,
+            now,
+            approval.as_deref(),
+            m.route.record.request_fields(&req.headers, &input),
+        ) {
+            Ok(call) => call,
+            Err(denied) => return denial(&denied),
+        };
         let started = std::time::Instant::now();
-        let recorded: Vec<String> = m
-            .route
-            .record_headers
-            .iter()
-            .filter_map(|h| {
-                let v = req.headers.get(h)?.to_str().ok()?;
-                Some(format!("{h}={v}"))
-            })
-            .collect();
         let sent = rt
             .send(&m.route.upstream, &req, &delegation, input, false)
             .await;
@@ -611,10 +601,11 @@ impl Gateway {
                     tool = %spec.name,
                     resource = %spec.resource,
                     upstream_status = resp.status().as_u16(),
-                    recorded = ?recorded,
                     "call forwarded (event stream)"
                 );
-                return crate::mcp::relay(resp, headers, Some(call), started);
+                let output =
+                    (!m.route.record.output.is_empty()).then_some(crate::mcp::Output::Unscanned);
+                return crate::mcp::relay(resp, headers, Some(call), started, output);
             }
             Ok(resp) => read_answer(resp).await,
             Err(e) => Err(e),
@@ -629,9 +620,9 @@ impl Gateway {
                     resource = %spec.resource,
                     upstream_status = status.as_u16(),
                     latency_ms,
-                    recorded = ?recorded,
                     "call forwarded"
                 );
+                call.record_output(m.route.record.output_fields(&out));
                 call.set_upstream(
                     status.as_u16(),
                     u64::try_from(latency_ms).unwrap_or(u64::MAX),
@@ -670,7 +661,7 @@ impl Gateway {
     }
 }
 
-fn is_event_stream(h: &HeaderMap) -> bool {
+pub(crate) fn is_event_stream(h: &HeaderMap) -> bool {
     h.get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"))
@@ -769,7 +760,9 @@ fn denial(denied: &CallDenied) -> Response {
             denied.code(),
             &message,
         ),
-        CallDenied::OverCeiling { .. } | CallDenied::PolicyDenied { .. } => refusal(
+        CallDenied::OverCeiling { .. }
+        | CallDenied::PolicyDenied { .. }
+        | CallDenied::ApprovalRequired { .. } => refusal(
             StatusCode::FORBIDDEN,
             &format!(
                 "Bearer error=\"insufficient_scope\", error_description=\"{}\"",

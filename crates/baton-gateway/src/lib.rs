@@ -23,6 +23,7 @@ mod error;
 mod gateway;
 pub mod live;
 mod mcp;
+mod record;
 
 pub use config::{
     Config, MCP_BASE_METHODS, Matched, McpEndpoint, McpTool, Route, Transport, Upstream,
@@ -33,3 +34,4 @@ pub use gateway::{
     upstream_headers,
 };
 pub use mcp::{APPROVAL_PENDING as MCP_APPROVAL_PENDING, REFUSED as MCP_REFUSED};
+pub use record::{MAX_FIELD_CHARS, REDACTED, Recording};

@@ -20,7 +20,7 @@
 //! - `Mcp-Method` and `Mcp-Name` headers (SEP-2243), which intermediaries
 //!   may route on, must agree with the body.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -36,6 +36,7 @@ use warp::reply::Response;
 use crate::approval::Held;
 use crate::config::{MCP_BASE_METHODS, McpEndpoint, McpTool};
 use crate::gateway::{Gateway, Incoming, MAX_BODY, Routing, quoted, strip_hop_by_hop};
+use crate::record::Recording;
 
 /// `Mcp-Session-Id`.
 const SESSION: &str = "mcp-session-id";
@@ -232,7 +233,9 @@ fn call_denial(id: Option<&Value>, tool: &str, denied: &CallDenied) -> Response 
             data["policies"] = json!(policy_ids);
             rpc_error(StatusCode::OK, id, REFUSED, &message, data)
         }
-        CallDenied::OverCeiling { .. } => rpc_error(StatusCode::OK, id, REFUSED, &message, data),
+        CallDenied::OverCeiling { .. } | CallDenied::ApprovalRequired { .. } => {
+            rpc_error(StatusCode::OK, id, REFUSED, &message, data)
+        }
         CallDenied::RevocationStale { .. }
         | CallDenied::PolicyError { .. }
         | CallDenied::AuditUnavailable(_) => {
@@ -499,22 +502,29 @@ impl Gateway {
         };
         let spec = spec_of(tool, resource);
         let input = serde_json::to_vec(arguments).unwrap_or_default();
-        let note = if tool.approval {
-            match self
-                .hold_for_approval(d, &spec, &input, now, c.rt.config.approval_ttl)
-                .await
-            {
-                Ok(approval) => Some(format!("approved in {approval}")),
-                Err(held) => return held_error(id, name, &held),
-            }
-        } else {
-            None
-        };
-        let call = match self
-            .enforcer
-            .gate
-            .authorize_noted(d, &spec, &input, now, note)
+        let approval = match self
+            .approval_for(
+                d,
+                &spec,
+                &input,
+                now,
+                c.rt.config.approval_ttl,
+                tool.approval,
+            )
+            .await
         {
+            Ok(approval) => approval,
+            Err(held) => return held_error(id, name, &held),
+        };
+        let recorded = tool.record.input_fields(&Value::Object(arguments.clone()));
+        let call = match self.enforcer.gate.authorize_approved(
+            d,
+            &spec,
+            &input,
+            now,
+            approval.as_deref(),
+            recorded,
+        ) {
             Ok(call) => call,
             Err(denied) => return call_denial(id, name, &denied),
         };
@@ -525,7 +535,8 @@ impl Gateway {
             resource = %spec.resource,
             "MCP tool call allowed"
         );
-        self.mcp_pass(c, body, id, Some(call)).await
+        let record = (!tool.record.output.is_empty()).then(|| tool.record.clone());
+        self.mcp_pass(c, body, id, Some((call, record))).await
     }
 
     async fn mcp_list(&self, c: Ctx<'_>, id: Option<&Value>, body: Bytes) -> Response {
@@ -611,9 +622,13 @@ impl Gateway {
         c: Ctx<'_>,
         body: Bytes,
         id: Option<&Value>,
-        call: Option<VerifiedCall>,
+        call: Option<(VerifiedCall, Option<Recording>)>,
     ) -> Response {
         let Ctx { rt, ep, req, d, .. } = c;
+        let (call, record) = match call {
+            Some((call, record)) => (Some(call), record),
+            None => (None, None),
+        };
         // A POST's body is the message as the gateway read and re-wrote it.
         let json = req.method == Method::POST;
         let started = Instant::now();
@@ -631,7 +646,7 @@ impl Gateway {
         let mut headers = resp.headers().clone();
         strip_hop_by_hop(&mut headers);
         self.bind_session(&headers, d);
-        relay(resp, headers, call, started)
+        relay(resp, headers, call, started, record.map(Output::McpResult))
     }
 }
 
@@ -657,26 +672,75 @@ fn upstream_failed(id: Option<&Value>, message: &str) -> Response {
     )
 }
 
+/// Most bytes of a streamed answer kept aside to find its recorded
+/// output fields (the stream itself is never held back).
+const MAX_SCANNED: usize = 1 << 20;
+
+/// Which output fields a relayed answer records.
+pub(crate) enum Output {
+    /// Pointers into the JSON-RPC `result` of an MCP answer (plain JSON
+    /// or an event stream).
+    McpResult(Recording),
+    /// A plain route's event stream: its fields are not recorded (said so
+    /// in the record).
+    Unscanned,
+}
+
+/// The recorded output fields of a relayed answer (`sse`: an event
+/// stream of JSON-RPC messages).
+fn output_fields(output: &Output, body: &[u8], sse: bool) -> BTreeMap<String, String> {
+    match output {
+        Output::Unscanned => BTreeMap::from([(
+            "output".to_owned(),
+            "(event stream, not recorded)".to_owned(),
+        )]),
+        Output::McpResult(record) => {
+            let found = std::cell::RefCell::new(None);
+            rewrite_messages(body, sse, &|v: &mut Value| {
+                if let Some(r) = v.get("result") {
+                    *found.borrow_mut() = Some(r.clone());
+                }
+            });
+            match found.into_inner() {
+                Some(result) => record.output_fields_of(&result),
+                None => BTreeMap::from([("output".to_owned(), "(no result)".to_owned())]),
+            }
+        }
+    }
+}
+
 /// Streams `resp` back chunk by chunk; when it ends, `call` (if any) is
-/// recorded with the SHA-256 of everything streamed, or as failed if the
-/// upstream broke off or the caller went away.
+/// recorded with the SHA-256 of everything streamed (and the `output`
+/// fields its route names), or as failed if the upstream broke off or the
+/// caller went away.
 pub(crate) fn relay(
     resp: reqwest::Response,
     mut headers: HeaderMap,
     call: Option<VerifiedCall>,
     started: Instant,
+    output: Option<Output>,
 ) -> Response {
     let status = resp.status();
+    let sse = crate::gateway::is_event_stream(&headers);
     headers.remove(http::header::CONTENT_LENGTH);
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     tokio::spawn(async move {
         let mut resp = resp;
         let mut digest = call.as_ref().map(VerifiedCall::output_digest);
+        let mut scanned: Option<Vec<u8>> = match &output {
+            Some(Output::McpResult(_)) => Some(Vec::new()),
+            _ => None,
+        };
         let outcome = loop {
             match resp.chunk().await {
                 Ok(Some(chunk)) => {
                     if let Some(d) = digest.as_mut() {
                         d.update(&chunk);
+                    }
+                    if let Some(buf) = scanned.as_mut()
+                        && buf.len() + chunk.len() <= MAX_SCANNED
+                    {
+                        buf.extend_from_slice(&chunk);
                     }
                     if tx.send(Ok(chunk)).await.is_err() {
                         break Err("the caller went away before the answer ended".to_owned());
@@ -693,6 +757,13 @@ pub(crate) fn relay(
         let Some(mut call) = call else { return };
         let latency_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         call.set_upstream(status.as_u16(), latency_ms);
+        if let Some(output) = &output {
+            call.record_output(output_fields(
+                output,
+                scanned.as_deref().unwrap_or_default(),
+                sse,
+            ));
+        }
         let recorded = match outcome {
             Ok(()) => match digest {
                 Some(d) => call.finish_digest(d),

@@ -160,7 +160,17 @@ pub struct Decision {
     pub policy_ids: Vec<String>,
     /// Evaluation errors; any error denies (fail closed).
     pub errors: Vec<String>,
+    /// An allowed tool call waits for a human's approval: a permit that
+    /// allowed it carries the [`APPROVAL_ANNOTATION`] annotation.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub approval: bool,
 }
+
+/// The annotation on a `permit` that makes the tool calls it allows wait
+/// for a human's approval (`@approval("why")`; the value is a comment
+/// for the policy's readers). Only permits of tool actions may carry it:
+/// on a `forbid` it would mean nothing, and a hop cannot be held.
+pub const APPROVAL_ANNOTATION: &str = "approval";
 
 impl Decision {
     fn refused(error: String) -> Self {
@@ -168,6 +178,7 @@ impl Decision {
             allowed: false,
             policy_ids: Vec::new(),
             errors: vec![error],
+            approval: false,
         }
     }
 }
@@ -302,6 +313,23 @@ impl Engine {
             prepare_action(&actions, &policies, uid).map_err(model)
         };
         let delegate = prepare(&action_uid(&action_type, DELEGATE_ACTION))?;
+        for p in policies.policies() {
+            if p.annotation(APPROVAL_ANNOTATION).is_none() {
+                continue;
+            }
+            if p.effect() == Effect::Forbid {
+                return Err(model(format!(
+                    "policy `{}`: @{APPROVAL_ANNOTATION} is for permits (a forbid denies; there is nothing to approve)",
+                    p.id()
+                )));
+            }
+            if delegate.policies.policy(p.id()).is_some() {
+                return Err(model(format!(
+                    "policy `{}`: @{APPROVAL_ANNOTATION} holds tool calls, but this permit also matches `{DELEGATE_ACTION}` (a hop cannot wait for a human); constrain its action to tools",
+                    p.id()
+                )));
+            }
+        }
         let mut engine = Engine {
             policies: PolicySet::new(),
             authorizer: Authorizer::new(),
@@ -437,6 +465,18 @@ impl Engine {
     /// the schema declares, sorted.
     pub fn tools(&self) -> Vec<String> {
         self.tools.keys().cloned().collect()
+    }
+
+    /// Whether some policy may make a call of `tool` wait for a human's
+    /// approval (a permit of it carries [`APPROVAL_ANNOTATION`]): only
+    /// then need a gateway decide a call before it forwards it.
+    pub fn may_require_approval(&self, tool: &str) -> bool {
+        self.tools.get(tool).is_some_and(|t| {
+            t.action
+                .policies
+                .policies()
+                .any(|p| p.annotation(APPROVAL_ANNOTATION).is_some())
+        })
     }
 
     /// The tier the schema puts `tool` in, if it declares it.
@@ -694,10 +734,17 @@ fn decision(policies: &PolicySet, response: &Response) -> Decision {
     }
     policy_ids.sort();
     policy_ids.dedup();
+    let approval = allowed
+        && diagnostics.reason().any(|id| {
+            policies
+                .policy(id)
+                .is_some_and(|p| p.annotation(APPROVAL_ANNOTATION).is_some())
+        });
     Decision {
         allowed,
         policy_ids,
         errors,
+        approval,
     }
 }
 

@@ -485,10 +485,20 @@ fn decisions_serialize_for_the_audit_log() {
         allowed: true,
         policy_ids: vec!["research.read-tools".to_owned()],
         errors: vec![],
+        approval: false,
     };
     assert_eq!(
         serde_json::to_string(&d).unwrap(),
         r#"{"allowed":true,"policy_ids":["research.read-tools"],"errors":[]}"#
+    );
+    let held = Decision {
+        approval: true,
+        ..d
+    };
+    assert!(
+        serde_json::to_string(&held)
+            .unwrap()
+            .ends_with(r#""approval":true}"#)
     );
 }
 
@@ -552,4 +562,67 @@ fn bench_authorize_call() {
     measure("authorize_hop (allowed)", n, || {
         std::hint::black_box(engine.authorize_hop(std::hint::black_box(&hop)));
     });
+}
+
+/// The shipped policies as (file, source) pairs, plus `extra`.
+fn shipped_with(extra: &str) -> Vec<(String, String)> {
+    let mut files: Vec<(String, String)> = std::fs::read_dir(policy_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cedar"))
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                std::fs::read_to_string(&p).unwrap(),
+            )
+        })
+        .collect();
+    files.push(("approvals.cedar".into(), extra.into()));
+    files
+}
+
+#[test]
+fn a_permit_with_approval_holds_what_it_allows_and_nothing_else() {
+    let e = Engine::from_sources(
+        SCHEMA,
+        &shipped_with(
+            r#"@id("research.vip-needs-a-human")
+@approval("VIP accounts")
+permit (principal, action == Action::"crm.search", resource == Resource::"dataset:vip");"#,
+        ),
+    )
+    .unwrap();
+    let f = Flow::new();
+    let chain = f.research_chain();
+    let plain = e.authorize_call(&f.call(&chain, "crm.search", RiskTier::Read));
+    assert!(plain.allowed && !plain.approval, "{plain:?}");
+    let vip = e.authorize_call(&CallRequest {
+        resource: "dataset:vip",
+        ..f.call(&chain, "crm.search", RiskTier::Read)
+    });
+    assert!(vip.allowed && vip.approval, "{vip:?}");
+    assert!(ids(&vip).contains(&"research.vip-needs-a-human"), "{vip:?}");
+    assert!(e.may_require_approval("crm.search"));
+    assert!(!e.may_require_approval("crm.update"));
+    assert!(!engine().may_require_approval("crm.search"));
+}
+
+#[test]
+fn approval_on_a_forbid_or_a_permit_that_matches_delegate_is_refused() {
+    for (source, says) in [
+        (
+            r#"@id("f") @approval("x") forbid (principal, action == Action::"crm.search", resource);"#,
+            "is for permits",
+        ),
+        (
+            r#"@id("any") @approval("x") permit (principal, action, resource) when { false };"#,
+            "also matches `delegate`",
+        ),
+    ] {
+        let err = Engine::from_sources(SCHEMA, &shipped_with(source))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains(says), "{source}: {err}");
+    }
 }

@@ -166,6 +166,10 @@ pub enum CallDenied {
     RevocationStale { tier: RiskTier },
     #[error("the caller's certificate (serial {serial:?}) is revoked")]
     PeerRevoked { serial: String },
+    #[error(
+        "policy allows the call only with a human's approval (policies: {policy_ids:?}), and this server cannot hold calls for approval; call it through a Baton gateway"
+    )]
+    ApprovalRequired { policy_ids: Vec<String> },
 }
 
 impl CallDenied {
@@ -180,6 +184,7 @@ impl CallDenied {
             CallDenied::PolicyError { .. } => "policy_error",
             CallDenied::AuditUnavailable(_) => "audit_unavailable",
             CallDenied::PeerRevoked { .. } => "peer_revoked",
+            CallDenied::ApprovalRequired { .. } => "approval_required",
         }
     }
 }

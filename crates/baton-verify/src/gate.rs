@@ -2,6 +2,7 @@
 //! the policy engine, then an audit report. The only way to get the
 //! [`VerifiedCall`] a tool handler needs is [`ToolGate::authorize`].
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -52,12 +53,23 @@ pub struct PolicyDecision {
     /// Evaluation errors; any error makes the gate deny (fail closed), even
     /// with `allowed == true`.
     pub errors: Vec<String>,
+    /// An allowed call must wait for a human's approval (a Cedar permit
+    /// with `@approval`): [`ToolGate::authorize`] refuses it
+    /// (`approval_required`); only a server that can hold calls (the
+    /// gateway) lets it through, with the approval it obtained.
+    pub approval: bool,
 }
 
 /// A policy engine, e.g. Cedar through `baton_policy::Engine` (the adapter
 /// is a one-line `impl` mapping [`CallContext`] to its `CallRequest`).
 pub trait CallPolicy: Send + Sync {
     fn decide(&self, req: &CallContext<'_>) -> PolicyDecision;
+
+    /// Whether a decision on `tool` can ever ask for a human's approval
+    /// (lets a gateway skip deciding twice when none can).
+    fn may_require_approval(&self, _tool: &str) -> bool {
+        false
+    }
 }
 
 impl<F> CallPolicy for F
@@ -91,7 +103,12 @@ impl CallPolicy for baton_policy::Engine {
             allowed: d.allowed,
             policy_ids: d.policy_ids,
             errors: d.errors,
+            approval: d.approval,
         }
+    }
+
+    fn may_require_approval(&self, tool: &str) -> bool {
+        baton_policy::Engine::may_require_approval(self, tool)
     }
 }
 
@@ -235,6 +252,10 @@ impl ToolGate {
     }
 
     /// Authorizes `tool` with `input` for the holder of `d` at unix time `now`.
+    ///
+    /// A call the policy allows only with a human's approval is refused
+    /// (`approval_required`): holding it is a gateway's job
+    /// ([`authorize_approved`](Self::authorize_approved)).
     pub fn authorize(
         &self,
         d: &VerifiedDelegation,
@@ -242,18 +263,22 @@ impl ToolGate {
         input: &[u8],
         now: u64,
     ) -> Result<VerifiedCall, CallDenied> {
-        self.authorize_noted(d, tool, input, now, None)
+        self.authorize_approved(d, tool, input, now, None, BTreeMap::new())
     }
 
-    /// As [`authorize`](Self::authorize), with a note in the allow record's
-    /// reason (e.g. the human approval the call used).
-    pub fn authorize_noted(
+    /// As [`authorize`](Self::authorize), for a call a human approved:
+    /// `approval` names the approval it used (the broker's id), which the
+    /// allow record carries. With `None`, a call that needs approval is
+    /// refused. `recorded`: fields of the input kept in clear text in
+    /// every record of the call (the server chose and redacted them).
+    pub fn authorize_approved(
         &self,
         d: &VerifiedDelegation,
         tool: &ToolSpec,
         input: &[u8],
         now: u64,
-        note: Option<String>,
+        approval: Option<&str>,
+        recorded: BTreeMap<String, String>,
     ) -> Result<VerifiedCall, CallDenied> {
         let mut report = ToolCallReport {
             report_id: new_report_id(),
@@ -273,13 +298,24 @@ impl ToolGate {
             at: now,
             latency_ms: None,
             upstream_status: None,
+            recorded,
         };
-        let decision = self.decide(d, tool, now);
-        if let Ok(ids) = &decision {
-            report.policy_ids.clone_from(ids);
+        let decision = self.decide(d, tool, now).and_then(|c| {
+            if c.needs_approval && approval.is_none() {
+                Err(CallDenied::ApprovalRequired {
+                    policy_ids: c.policy_ids,
+                })
+            } else {
+                Ok(c)
+            }
+        });
+        if let Ok(c) = &decision {
+            report.policy_ids.clone_from(&c.policy_ids);
         }
         if let Err(denied) = decision {
-            if let CallDenied::PolicyDenied { policy_ids } = &denied {
+            if let CallDenied::PolicyDenied { policy_ids }
+            | CallDenied::ApprovalRequired { policy_ids } = &denied
+            {
                 report.policy_ids.clone_from(policy_ids);
             }
             report.decision = "deny".to_owned();
@@ -291,7 +327,7 @@ impl ToolGate {
             }
             return Err(denied);
         }
-        report.reason = note;
+        report.reason = approval.map(|id| format!("approved in {id}"));
         let sensitive = tool.tier.is_sensitive();
         if sensitive {
             if let Some(r) = &self.reporter {
@@ -319,25 +355,32 @@ impl ToolGate {
     }
 
     /// The decision on `tool` for the holder of `d` now, without
-    /// reporting: `Ok` holds the deciding policies. For a call held before
-    /// it is decided for good (a human's approval), never for letting one
-    /// through: that takes [`authorize`](Self::authorize).
+    /// reporting. For a call held before it is decided for good (a
+    /// human's approval), never for letting one through: that takes
+    /// [`authorize`](Self::authorize).
     pub fn check(
         &self,
         d: &VerifiedDelegation,
         tool: &ToolSpec,
         now: u64,
-    ) -> Result<Vec<String>, CallDenied> {
+    ) -> Result<Checked, CallDenied> {
         self.decide(d, tool, now)
     }
 
-    /// The decision without reporting; `Ok` holds the policy ids.
+    /// Whether the policy can ever make a call of `tool` wait for a
+    /// human's approval (a gateway decides such calls before it forwards
+    /// them; others it need not decide twice).
+    pub fn may_require_approval(&self, tool: &str) -> bool {
+        self.policy.may_require_approval(tool)
+    }
+
+    /// The decision without reporting.
     fn decide(
         &self,
         d: &VerifiedDelegation,
         tool: &ToolSpec,
         now: u64,
-    ) -> Result<Vec<String>, CallDenied> {
+    ) -> Result<Checked, CallDenied> {
         if now >= d.expires_at() {
             return Err(CallDenied::Expired {
                 exp: d.expires_at(),
@@ -392,8 +435,20 @@ impl ToolGate {
                 policy_ids: decision.policy_ids,
             });
         }
-        Ok(decision.policy_ids)
+        Ok(Checked {
+            policy_ids: decision.policy_ids,
+            needs_approval: decision.approval,
+        })
     }
+}
+
+/// A call the gate would allow now ([`ToolGate::check`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checked {
+    /// The policies that allowed it.
+    pub policy_ids: Vec<String>,
+    /// The policy allows it only with a human's approval.
+    pub needs_approval: bool,
 }
 
 /// An authorized tool call. Only [`ToolGate::authorize`] builds one; a tool
@@ -428,6 +483,12 @@ impl VerifiedCall {
     /// The id of this call's (first) audit record.
     pub fn report_id(&self) -> &str {
         &self.report.report_id
+    }
+
+    /// Adds fields of the output, kept in clear text in the completion
+    /// record (the server chose and redacted them).
+    pub fn record_output(&mut self, fields: BTreeMap<String, String>) {
+        self.report.recorded.extend(fields);
     }
 
     /// Notes the upstream's answer for the completion record (a gateway):

@@ -49,6 +49,7 @@ impl CallPolicy for TestPolicy {
                 allowed: true,
                 policy_ids: vec![],
                 errors: vec!["entity attribute missing".into()],
+                approval: false,
             };
         }
         if req.tool == "crm.forbidden" {
@@ -56,12 +57,14 @@ impl CallPolicy for TestPolicy {
                 allowed: false,
                 policy_ids: vec!["forbid-crm-forbidden".into()],
                 errors: vec![],
+                approval: false,
             }
         } else {
             PolicyDecision {
                 allowed: true,
                 policy_ids: vec!["permit-crm".into()],
                 errors: vec![],
+                approval: req.tool == "crm.export",
             }
         }
     }
@@ -527,4 +530,53 @@ fn a_revoked_peer_certificate_is_refused_at_the_gate() {
     let err = gate.authorize(&d, &read, b"", NOW).unwrap_err();
     assert_eq!(err, CallDenied::PeerRevoked { serial });
     assert_eq!(err.code(), "peer_revoked");
+}
+
+#[test]
+fn a_call_the_policy_allows_only_with_approval_needs_one_named() {
+    let f = Fixture::new();
+    let (gate, reporter, _dir) = gate_with_spool(Arc::new(TestPolicy::default()));
+    let d = delegation(&f);
+    let export = tool("crm.export", RiskTier::Write, "tool:crm.update:write");
+    // Checked: allowed, with approval.
+    let checked = gate.check(&d, &export, NOW).unwrap();
+    assert!(checked.needs_approval);
+    assert_eq!(checked.policy_ids, vec!["permit-crm".to_owned()]);
+    // A server that cannot hold calls refuses it, and records the refusal.
+    let err = gate.authorize(&d, &export, b"x", NOW).unwrap_err();
+    assert!(
+        matches!(err, CallDenied::ApprovalRequired { .. }),
+        "{err:?}"
+    );
+    assert_eq!(err.code(), "approval_required");
+    let r = reporter.pending_reports();
+    assert_eq!(r.last().unwrap().decision, "deny");
+    assert!(
+        r.last()
+            .unwrap()
+            .reason
+            .as_deref()
+            .unwrap()
+            .starts_with("approval_required")
+    );
+    // With the approval it used, it goes on and its record names it; the
+    // recorded fields are in every record of the call.
+    let fields = std::collections::BTreeMap::from([("input:/a".to_owned(), "1".to_owned())]);
+    let mut call = gate
+        .authorize_approved(&d, &export, b"x", NOW, Some("ap_1"), fields)
+        .unwrap();
+    call.record_output(std::collections::BTreeMap::from([(
+        "output:/b".to_owned(),
+        "2".to_owned(),
+    )]));
+    call.finish(b"y").unwrap();
+    let r = reporter.pending_reports();
+    let n = r.len();
+    assert_eq!(r[n - 2].reason.as_deref(), Some("approved in ap_1"));
+    assert_eq!(r[n - 2].recorded.len(), 1);
+    assert_eq!(r[n - 1].recorded.len(), 2);
+    // A call no policy holds needs none.
+    let update = tool("crm.update", RiskTier::Write, "tool:crm.update:write");
+    assert!(!gate.check(&d, &update, NOW).unwrap().needs_approval);
+    assert!(gate.authorize(&d, &update, b"u", NOW).is_ok());
 }

@@ -27,6 +27,7 @@ fn report(n: u32) -> ToolCallReport {
         at: NOW + u64::from(n),
         latency_ms: None,
         upstream_status: None,
+        recorded: Default::default(),
     }
 }
 

@@ -1,0 +1,338 @@
+//! What a route or MCP tool keeps of its calls in clear text. By default a
+//! call's input and output are in the audit log only as keyed HMAC digests;
+//! a route may name fields to keep readable:
+//!
+//! - `record-headers`: request headers (never ones that carry credentials);
+//! - `record-input`: JSON Pointers (RFC 6901) into the request's JSON body
+//!   (for an MCP tool: into the call's `arguments`);
+//! - `record-output`: JSON Pointers into the answer's JSON body (for an MCP
+//!   tool: into the JSON-RPC `result`), when the answer is JSON and not
+//!   streamed;
+//! - `redact`: JSON Pointers whose values are replaced by `[redacted]`
+//!   wherever they fall inside a recorded field (in the input or the
+//!   output).
+//!
+//! Whatever the configuration says, values that look like credentials are
+//! redacted too: object members named like secrets (`password`, `token`,
+//! `api_key`, `authorization`, ...) and strings shaped like one (a JWT, a
+//! PEM block, `Bearer ...`, well-known API-key prefixes). Each recorded
+//! value is compact JSON cut at [`MAX_FIELD_CHARS`] characters, so a
+//! route cannot turn the audit log into a copy of the traffic.
+
+use std::collections::BTreeMap;
+
+use http::{HeaderMap, HeaderName};
+use serde_json::Value;
+
+/// Most characters of one recorded value (longer ones are cut, marked).
+pub const MAX_FIELD_CHARS: usize = 256;
+/// Most pointers in each of `record-input`, `record-output`, `redact`.
+pub const MAX_POINTERS: usize = 16;
+/// What replaces a redacted value.
+pub const REDACTED: &str = "[redacted]";
+
+/// The clear-text fields of one route or MCP tool.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recording {
+    pub headers: Vec<HeaderName>,
+    pub input: Vec<String>,
+    pub output: Vec<String>,
+    pub redact: Vec<String>,
+}
+
+/// Checks one list of JSON Pointers: `Err` says what is wrong.
+pub(crate) fn pointers(list: &[String]) -> Result<Vec<String>, String> {
+    if list.len() > MAX_POINTERS {
+        return Err(format!("at most {MAX_POINTERS} entries"));
+    }
+    for p in list {
+        if !p.starts_with('/') || p.len() < 2 {
+            return Err(format!(
+                "{p:?} is not a JSON Pointer to a field (RFC 6901: \"/name\", \"/outer/inner\", \"/items/0\")"
+            ));
+        }
+        if p.chars().any(char::is_control) {
+            return Err(format!("{p:?} contains control characters"));
+        }
+        let mut rest = p.as_str();
+        while let Some(i) = rest.find('~') {
+            let next = rest.get(i + 1..i + 2);
+            if next != Some("0") && next != Some("1") {
+                return Err(format!("{p:?}: `~` must be `~0` or `~1` (RFC 6901)"));
+            }
+            rest = rest.get(i + 2..).unwrap_or_default();
+        }
+    }
+    Ok(list.to_vec())
+}
+
+impl Recording {
+    /// Nothing is recorded in clear text.
+    pub fn is_empty(&self) -> bool {
+        self.headers.is_empty() && self.input.is_empty() && self.output.is_empty()
+    }
+
+    /// The request's recorded headers and input fields (`body` parsed as
+    /// JSON when an input field is named; a body that is not JSON records
+    /// that, not its bytes).
+    pub fn request_fields(&self, headers: &HeaderMap, body: &[u8]) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        for h in &self.headers {
+            if let Some(v) = headers.get(h) {
+                let text = v.to_str().map_or_else(
+                    |_| "(not text)".to_owned(),
+                    |t| {
+                        if looks_like_credential(t) {
+                            REDACTED.to_owned()
+                        } else {
+                            cut(t)
+                        }
+                    },
+                );
+                out.insert(format!("header:{h}"), text);
+            }
+        }
+        if !self.input.is_empty() {
+            match serde_json::from_slice::<Value>(body) {
+                Ok(doc) => self.fields("input", &self.input, &doc, &mut out),
+                Err(_) => {
+                    out.insert("input".into(), "(not JSON)".into());
+                }
+            }
+        }
+        out
+    }
+
+    /// The recorded input fields of an already parsed document (an MCP
+    /// call's arguments).
+    pub fn input_fields(&self, doc: &Value) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        self.fields("input", &self.input, doc, &mut out);
+        out
+    }
+
+    /// The recorded output fields of an answer's JSON body.
+    pub fn output_fields(&self, body: &[u8]) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        if self.output.is_empty() {
+            return out;
+        }
+        match serde_json::from_slice::<Value>(body) {
+            Ok(doc) => self.fields("output", &self.output, &doc, &mut out),
+            Err(_) => {
+                out.insert("output".into(), "(not JSON)".into());
+            }
+        }
+        out
+    }
+
+    /// The recorded output fields of an already parsed document (an MCP
+    /// answer's `result`).
+    pub fn output_fields_of(&self, doc: &Value) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        self.fields("output", &self.output, doc, &mut out);
+        out
+    }
+
+    fn fields(
+        &self,
+        side: &str,
+        wanted: &[String],
+        doc: &Value,
+        out: &mut BTreeMap<String, String>,
+    ) {
+        for p in wanted {
+            let key = format!("{side}:{p}");
+            let Some(v) = doc.pointer(p) else {
+                out.insert(key, "(absent)".into());
+                continue;
+            };
+            // A redact pointer at or above this field hides all of it.
+            if self.redact.iter().any(|r| is_within(p, r)) {
+                out.insert(key, REDACTED.into());
+                continue;
+            }
+            let mut v = v.clone();
+            for r in &self.redact {
+                if let Some(inner) = r.strip_prefix(p.as_str())
+                    && inner.starts_with('/')
+                    && let Some(slot) = v.pointer_mut(inner)
+                {
+                    *slot = Value::String(REDACTED.into());
+                }
+            }
+            scrub(&mut v);
+            let text = match &v {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            out.insert(key, cut(&text));
+        }
+    }
+}
+
+/// Whether pointer `field` is `outer` or inside it.
+fn is_within(field: &str, outer: &str) -> bool {
+    field == outer
+        || field
+            .strip_prefix(outer)
+            .is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// Redacts, in place, members named like secrets and strings shaped like
+/// credentials, at any depth.
+fn scrub(v: &mut Value) {
+    match v {
+        Value::String(s) if looks_like_credential(s) => *s = REDACTED.into(),
+        Value::Array(items) => items.iter_mut().for_each(scrub),
+        Value::Object(members) => {
+            for (name, member) in members.iter_mut() {
+                if secret_name(name) {
+                    *member = Value::String(REDACTED.into());
+                } else {
+                    scrub(member);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// A member name that says its value is a secret.
+fn secret_name(name: &str) -> bool {
+    let n: String = name
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    const EXACT: [&str; 8] = [
+        "authorization",
+        "cookie",
+        "setcookie",
+        "credential",
+        "credentials",
+        "passphrase",
+        "pin",
+        "cvv",
+    ];
+    const WITHIN: [&str; 6] = [
+        "password",
+        "passwd",
+        "secret",
+        "token",
+        "apikey",
+        "privatekey",
+    ];
+    EXACT.contains(&n.as_str()) || WITHIN.iter().any(|w| n.contains(w))
+}
+
+/// A string shaped like a credential.
+fn looks_like_credential(s: &str) -> bool {
+    let t = s.trim();
+    let lower = t.to_ascii_lowercase();
+    let jwt = t.starts_with("eyJ") && t.matches('.').count() >= 2;
+    const PREFIXES: [&str; 9] = [
+        "bearer ", "basic ", "sk-", "sk_live_", "rk_live_", "ghp_", "gho_", "xoxb-", "xoxp-",
+    ];
+    jwt || t.contains("-----BEGIN")
+        || PREFIXES.iter().any(|p| lower.starts_with(p))
+        || (t.len() == 20 && t.starts_with("AKIA") && t.chars().all(|c| c.is_ascii_alphanumeric()))
+}
+
+/// `text` cut at [`MAX_FIELD_CHARS`] characters, the cut marked.
+fn cut(text: &str) -> String {
+    match text.char_indices().nth(MAX_FIELD_CHARS) {
+        None => text.to_owned(),
+        Some((end, _)) => format!(
+            "{}…(cut, {} bytes in all)",
+            text.get(..end).unwrap_or_default(),
+            text.len()
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(input: &[&str], redact: &[&str]) -> Recording {
+        Recording {
+            input: input.iter().map(|s| (*s).to_owned()).collect(),
+            redact: redact.iter().map(|s| (*s).to_owned()).collect(),
+            ..Recording::default()
+        }
+    }
+
+    #[test]
+    fn named_fields_are_kept_and_the_rest_is_not() {
+        let r = rec(&["/account", "/amount", "/missing"], &[]);
+        let f = r.request_fields(
+            &HeaderMap::new(),
+            br#"{"account":"acme","amount":12.5,"note":"private"}"#,
+        );
+        assert_eq!(f["input:/account"], "acme");
+        assert_eq!(f["input:/amount"], "12.5");
+        assert_eq!(f["input:/missing"], "(absent)");
+        assert!(!f.values().any(|v| v.contains("private")), "{f:?}");
+        assert_eq!(
+            r.request_fields(&HeaderMap::new(), b"not json")["input"],
+            "(not JSON)"
+        );
+    }
+
+    #[test]
+    fn configured_and_secret_looking_values_are_redacted() {
+        let r = rec(&["/customer", "/card"], &["/customer/ssn", "/card"]);
+        let body = serde_json::json!({
+            "customer": {
+                "name": "Ada",
+                "ssn": "123-45-6789",
+                "api_key": "abc",
+                "note": "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln",
+                "keys": ["-----BEGIN PRIVATE KEY-----\nAAA", "ok"],
+                "auth": "Bearer abc.def",
+            },
+            "card": {"number": "4111"},
+        });
+        let f = r.input_fields(&body);
+        let customer = &f["input:/customer"];
+        assert!(customer.contains("Ada"), "{customer}");
+        for secret in ["123-45-6789", "abc", "eyJhbGci", "BEGIN", "Bearer"] {
+            assert!(!customer.contains(secret), "{secret} in {customer}");
+        }
+        assert!(customer.contains("\"ok\""), "{customer}");
+        assert_eq!(f["input:/card"], REDACTED);
+        let deep = rec(&["/card/number"], &["/card"]).input_fields(&body);
+        assert_eq!(deep["input:/card/number"], REDACTED);
+    }
+
+    #[test]
+    fn long_values_are_cut_and_pointers_are_checked() {
+        let long = "x".repeat(1000);
+        let f = rec(&["/a"], &[]).input_fields(&serde_json::json!({ "a": long }));
+        assert!(f["input:/a"].contains("cut, 1000 bytes"), "{f:?}");
+        assert!(f["input:/a"].chars().count() < 300);
+        assert!(pointers(&["/a/b".into(), "/items/0".into(), "/a~1b".into()]).is_ok());
+        for bad in ["a", "/", "/a~2", "/a\n"] {
+            assert!(pointers(&[bad.to_owned()]).is_err(), "{bad:?}");
+        }
+        assert!(pointers(&vec!["/a".to_owned(); MAX_POINTERS + 1]).is_err());
+    }
+
+    #[test]
+    fn headers_that_hold_credentials_are_redacted() {
+        let r = Recording {
+            headers: vec![
+                HeaderName::from_static("x-request-id"),
+                HeaderName::from_static("x-api"),
+            ],
+            ..Recording::default()
+        };
+        let mut h = HeaderMap::new();
+        h.insert("x-request-id", "req-1".parse().unwrap());
+        h.insert("x-api", "Bearer secret".parse().unwrap());
+        let f = r.request_fields(&h, b"");
+        assert_eq!(f["header:x-request-id"], "req-1");
+        assert_eq!(f["header:x-api"], REDACTED);
+    }
+}

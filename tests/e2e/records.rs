@@ -1,0 +1,219 @@
+//! What the gateway keeps of a call in clear text, and calls a Cedar
+//! policy holds for a human. By default inputs and outputs are only keyed
+//! digests; a route (or MCP tool) names the fields to keep readable, and
+//! what is inside them that must stay hidden (`redact`, plus anything that
+//! looks like a credential). A `permit` annotated `@approval` holds the
+//! calls it allows until a human approves them, with no route setting;
+//! the same call under another permit goes straight on.
+
+use std::time::Duration;
+
+use crate::approval::{pending_id, put, writer};
+use crate::delegation::World;
+use crate::gateway::{Gw, client, token_of};
+use crate::harness::wait_for;
+
+const RECORDED_ROUTE: &str = r#"
+[[routes]]
+method = "PUT"
+path = "/crm/notes/{note}"
+upstream = "crm"
+tool = "crm.update"
+resource = "dataset:crm"
+permission = "tool:crm.update:write"
+tier = "write"
+record-headers = ["x-request-id", "x-forwarded-token"]
+record-input = ["/account", "/customer", "/card/number"]
+record-output = ["/upstream", "/method"]
+redact = ["/customer/ssn", "/card"]
+
+[[routes]]
+method = "PUT"
+path = "/crm/plain/{case}"
+upstream = "crm"
+tool = "crm.update"
+resource = "dataset:crm"
+permission = "tool:crm.update:write"
+tier = "write"
+"#;
+
+/// The audit trace of `task` once it holds `what`.
+fn trace_with(w: &World, task: &str, what: &str) -> String {
+    wait_for(
+        &format!("{what} in the trace"),
+        Duration::from_secs(30),
+        || {
+            let t = w.ok(&["audit", "trace", task]);
+            t.contains(what).then_some(t)
+        },
+    )
+}
+
+#[test]
+fn named_fields_are_recorded_in_clear_text_and_secrets_in_them_are_not() {
+    let g = Gw::start_with(|_| (RECORDED_ROUTE.to_owned(), Vec::new()));
+    let (task, cred) = writer(&g.w);
+    let body = serde_json::json!({
+        "account": "acme",
+        "customer": {
+            "name": "Ada Lovelace",
+            "ssn": "123-45-6789",
+            "password": "hunter2-secret",
+            "session": "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl",
+        },
+        "card": {"number": "4111111111111111"},
+        "note": "a private note that is not recorded",
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let status = rt.block_on(async {
+        client(&cred)
+            .put(format!("{}/crm/notes/9", g.url))
+            .bearer_auth(token_of(&cred))
+            .header("x-request-id", "req-77")
+            .header("x-forwarded-token", "Bearer leaked-upstream-token")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    });
+    assert_eq!(status, 200);
+
+    let trace = trace_with(&g.w, &task, "output:/upstream=echo");
+    assert!(trace.contains("header:x-request-id=req-77"), "{trace}");
+    assert!(trace.contains("input:/account=acme"), "{trace}");
+    assert!(trace.contains("Ada Lovelace"), "{trace}");
+    assert!(trace.contains("output:/method=PUT"), "{trace}");
+    assert!(
+        trace.contains("header:x-forwarded-token=[redacted]"),
+        "{trace}"
+    );
+    assert!(trace.contains("input:/card/number=[redacted]"), "{trace}");
+    for secret in [
+        "123-45-6789",
+        "hunter2",
+        "eyJhbGci",
+        "4111111111111111",
+        "leaked-upstream-token",
+        "a private note",
+    ] {
+        assert!(!trace.contains(secret), "{secret} is in the trace: {trace}");
+    }
+    // The recorded fields are in the signed tree: the log verifies, and the
+    // JSON trace carries them per call.
+    let json = g.w.json(&["audit", "trace", &task, "--json"]).to_string();
+    assert!(json.contains("\"recorded\""), "{json}");
+    g.w.ok(&["audit", "verify"]);
+
+    // Control: a route that names no fields records none.
+    let plain = put(&g, &cred, "/crm/plain/3", r#"{"account":"globex"}"#);
+    assert_eq!(plain.status, 200, "{plain:?}");
+    let trace = wait_for(
+        "the plain call's completion in the trace",
+        Duration::from_secs(30),
+        || {
+            let t = g.w.ok(&["audit", "trace", &task]);
+            t.lines()
+                .any(|l| {
+                    l.contains("tool crm.update")
+                        && l.contains("upstream 200")
+                        && !l.contains("recorded {")
+                })
+                .then_some(t)
+        },
+    );
+    assert!(!trace.contains("globex"), "{trace}");
+}
+
+/// A copy of the shipped policies plus a permit that makes updates of VIP
+/// cases wait for a human (and, in the same file, one for every other
+/// case that does not).
+fn policies_with_approval(w: &World) -> std::path::PathBuf {
+    let dir = w.c.path("gw-policies");
+    std::fs::create_dir_all(&dir).unwrap();
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/policies");
+    for entry in std::fs::read_dir(&shipped).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_file()
+            && p.extension()
+                .is_some_and(|e| e == "cedar" || e == "cedarschema")
+        {
+            std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    // The shipped `writes.case-update` permit allows every write of a
+    // case-update task; this one narrows nothing, it only adds a human.
+    std::fs::write(
+        dir.join("approvals.cedar"),
+        r#"
+@id("writes.vip-needs-a-human")
+@approval("changes to VIP accounts")
+permit (principal, action == Action::"crm.update", resource == Resource::"dataset:vip")
+when { context.purpose == "support.case-update" };
+"#,
+    )
+    .unwrap();
+    dir
+}
+
+const VIP_ROUTES: &str = r#"
+[[routes]]
+method = "PUT"
+path = "/crm/vip/{case}"
+upstream = "crm"
+tool = "crm.update"
+resource = "dataset:vip"
+permission = "tool:crm.update:write"
+tier = "write"
+
+[[routes]]
+method = "PUT"
+path = "/crm/plain/{case}"
+upstream = "crm"
+tool = "crm.update"
+resource = "dataset:crm"
+permission = "tool:crm.update:write"
+tier = "write"
+"#;
+
+#[test]
+fn a_cedar_permit_with_approval_holds_the_calls_it_allows() {
+    let g = Gw::start_with(|w| {
+        let dir = policies_with_approval(w);
+        (
+            format!("policies = \"{}\"\n{VIP_ROUTES}", dir.display()),
+            Vec::new(),
+        )
+    });
+    let (task, cred) = writer(&g.w);
+    let before = g.upstream_count();
+
+    // Control: a case the annotated permit does not cover goes straight on.
+    let plain = put(&g, &cred, "/crm/plain/1", r#"{"status":"closed"}"#);
+    assert_eq!(plain.status, 200, "{plain:?}");
+    assert_eq!(g.upstream_count(), before + 1);
+
+    // A VIP case: allowed by Cedar, but only with a human's approval; the
+    // route says nothing about approval.
+    let id = pending_id(&put(&g, &cred, "/crm/vip/7", r#"{"status":"closed"}"#));
+    assert_eq!(g.upstream_count(), before + 1, "a held call was forwarded");
+    let out = g.w.ok(&["approve", &id, "--user", "alice@example.com"]);
+    assert!(out.contains(&format!("Approved {id}")), "{out}");
+    let ok = put(&g, &cred, "/crm/vip/7", r#"{"status":"closed"}"#);
+    assert_eq!(ok.status, 200, "{ok:?}");
+    assert_eq!(g.upstream_count(), before + 2);
+    // Once: the same call again waits for another approval.
+    assert_ne!(
+        pending_id(&put(&g, &cred, "/crm/vip/7", r#"{"status":"closed"}"#)),
+        id
+    );
+    assert_eq!(g.upstream_count(), before + 2);
+
+    let trace = trace_with(&g.w, &task, &format!("approved in {id}"));
+    assert!(trace.contains("writes.vip-needs-a-human"), "{trace}");
+    assert!(trace.contains("approval requested: crm.update"), "{trace}");
+}
