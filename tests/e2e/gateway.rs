@@ -187,28 +187,27 @@ impl Gw {
             .unwrap_or(usize::MAX);
         let lines: Vec<&str> = extra.lines().collect();
         let (top, rest) = lines.split_at(tables.min(lines.len()));
+        let ready = w.c.path("gateway.addr");
+        let ops = crate::ops::free_addr();
+        // The process settings from the file's [process] table, the socket
+        // as a flag: both ways of giving them.
         std::fs::write(
             &file,
             format!(
-                "{}\n{}\n{}\n",
+                "{}\n{}\n{}\n\n[process]\nready-file = \"{}\"\nops-listen = \"{ops}\"\n",
                 top.join("\n"),
                 config(&w, upstream.port),
-                rest.join("\n")
+                rest.join("\n"),
+                ready.display(),
             ),
         )
         .unwrap();
-        let ready = w.c.path("gateway.addr");
-        let ops = crate::ops::free_addr();
         let mut cmd = baton();
         cmd.arg("gateway")
             .arg("--config")
             .arg(&file)
             .arg("--socket")
-            .arg(w.c.agent_socket())
-            .arg("--ready-file")
-            .arg(&ready)
-            .arg("--ops-listen")
-            .arg(&ops);
+            .arg(w.c.agent_socket());
         let mut gateway = Proc::spawn("gateway", cmd, w.c.path("gateway.log"));
         let addr = wait_for("gateway ready", Duration::from_secs(60), || {
             assert!(
@@ -618,6 +617,17 @@ tier = "read"
         err.contains("gw.toml") && err.contains("routes[0].tier"),
         "{err}"
     );
+    // The process settings in [process] are checked as flags are, with
+    // the file's line.
+    std::fs::write(&file, format!("{good}\n[process]\nredy-file = \"x\"\n")).unwrap();
+    let out = gateway_check(&file);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("gw.toml:") && err.contains("unknown key `redy-file`"),
+        "{err}"
+    );
+    std::fs::write(&file, good.replace("tier = \"read\"", "tier = \"reed\"")).unwrap();
 
     // The example shipped in deploy/ passes the same check.
     let shipped =
@@ -626,6 +636,40 @@ tier = "read"
     assert!(
         out.status.success(),
         "deploy/gateway.toml: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // ...and so does it with its commented-out settings uncommented.
+    let open: String = std::fs::read_to_string(&shipped)
+        .unwrap()
+        .lines()
+        .map(|l| match l.strip_prefix("# ") {
+            // The settings offered one by one (the MCP block is a whole
+            // example of its own).
+            Some(rest)
+                if [
+                    "digest-key-file",
+                    "policies",
+                    "record-input",
+                    "record-output",
+                    "redact",
+                    "shutdown-timeout",
+                    "ready-file",
+                    "log-format",
+                ]
+                .iter()
+                .any(|k| rest.starts_with(&format!("{k} = "))) =>
+            {
+                format!("{rest}\n")
+            }
+            _ => format!("{l}\n"),
+        })
+        .collect();
+    let opened = file.with_file_name("gateway-open.toml");
+    std::fs::write(&opened, &open).unwrap();
+    let out = gateway_check(&opened);
+    assert!(
+        out.status.success(),
+        "deploy/gateway.toml uncommented: {}\n{open}",
         String::from_utf8_lossy(&out.stderr)
     );
     // `baton config check` knows a gateway file by its name, or by --for.

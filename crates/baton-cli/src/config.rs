@@ -22,6 +22,13 @@
 //!
 //! Unknown keys, tables and values of the wrong type are refused with
 //! `FILE:LINE:COLUMN` and the key; a file never starts a daemon half-read.
+//!
+//! `baton gateway --config FILE` reads a file of its own format (listener,
+//! upstreams, routes: the `baton-gateway` crate); its process settings
+//! (the flags of `baton gateway`: `socket`, `ready-file`, `ops-listen`,
+//! `shutdown-timeout`, `log`, ...) are the keys of its `[process]` table,
+//! with the same precedence and checks, and every one of them has its
+//! `BATON_<FLAG>` variable too.
 
 use std::ffi::OsString;
 use std::fmt;
@@ -39,6 +46,11 @@ pub const VERBS: [&str; 4] = ["broker", "agent", "revocation", "dev"];
 
 /// The id (and long name) of the `--config` argument.
 const CONFIG_ARG: &str = "config";
+
+/// The verb whose file has its own format; its process settings are the
+/// keys of [`PROCESS_TABLE`].
+const GATEWAY: &str = "gateway";
+const PROCESS_TABLE: &str = "process";
 
 /// A verb that takes a configuration file (`baton config check --for`).
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -87,6 +99,19 @@ pub fn command() -> clap::Command {
                          override it. Check one with `baton config check`.",
                     ),
             )
+        });
+    }
+    if cmd.find_subcommand(GATEWAY).is_some() {
+        // The gateway names its own file (`--config`, required); `--check`
+        // is an action, not a setting.
+        cmd = cmd.mut_subcommand(GATEWAY, |sub| {
+            sub.mut_args(|a| {
+                if a.get_id() == "check" {
+                    a
+                } else {
+                    with_env(a)
+                }
+            })
         });
     }
     cmd
@@ -192,7 +217,7 @@ fn file_of(cmd: &clap::Command, argv: &[OsString]) -> Option<(&'static str, Path
         .try_get_matches_from(argv)
         .ok()?;
     let (name, sub) = m.subcommand()?;
-    let verb = VERBS.into_iter().find(|v| *v == name)?;
+    let verb = VERBS.into_iter().chain([GATEWAY]).find(|v| *v == name)?;
     let path = sub.try_get_one::<PathBuf>(CONFIG_ARG).ok()??.clone();
     Some((verb, path))
 }
@@ -394,12 +419,27 @@ impl ConfigFile {
         let Some(sub) = cmd.find_subcommand(verb) else {
             return Err(vec![format!("`baton {verb}` takes no configuration file")]);
         };
+        let table = if verb == GATEWAY {
+            // The rest of the file is the gateway's (its crate checks it).
+            match self.doc.get(PROCESS_TABLE) {
+                None => return Ok(Vec::new()),
+                Some(item) => match item.as_table() {
+                    Some(t) => t,
+                    None => {
+                        return Err(vec![format!(
+                            "{}: `{PROCESS_TABLE}` must be a table (`[{PROCESS_TABLE}]`) of `baton {verb}` flags",
+                            self.at(item.span().map_or(0, |s| s.start))
+                        )]);
+                    }
+                },
+            }
+        } else {
+            self.doc.as_table()
+        };
         let mut errors = Vec::new();
         let mut out = Vec::new();
-        for (key, item) in self.doc.iter() {
-            let key_span = self
-                .doc
-                .as_table()
+        for (key, item) in table.iter() {
+            let key_span = table
                 .key(key)
                 .and_then(toml_edit::Key::span)
                 .unwrap_or(0..0);
@@ -683,8 +723,22 @@ pub fn check(file: &Path, verb: Option<Verb>) -> Result<()> {
             )
         })?,
     };
-    if verb == "gateway" {
+    if verb == GATEWAY {
         let c = baton_gateway::Config::load(file).map_err(|e| exit(EXIT_REFUSED, e.to_string()))?;
+        // Its [process] table: the flags of `baton gateway`.
+        let argv: Vec<OsString> = vec![
+            "baton".into(),
+            GATEWAY.into(),
+            "--config".into(),
+            file.as_os_str().to_owned(),
+        ];
+        match parse_cli(argv) {
+            Ok(_) => {}
+            Err(ParseError::Config(lines)) => {
+                return Err(exit(EXIT_REFUSED, lines.join("\nerror: ")));
+            }
+            Err(ParseError::Clap(e)) => return Err(exit(EXIT_REFUSED, plain(&e))),
+        }
         crate::output::line(&format!(
             "{}: ok for `baton gateway` ({} routes, {} MCP endpoints, audience {})",
             file.display(),
@@ -790,6 +844,86 @@ log = "debug"
         assert_eq!(b.redis.redis_prefix, "ops");
         // Untouched flags keep their defaults.
         assert_eq!(b.limits.request_timeout, std::time::Duration::from_secs(60));
+    }
+
+    #[test]
+    fn a_gateway_file_sets_its_process_flags_in_its_process_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = write(
+            dir.path(),
+            "gateway.toml",
+            "listen = \"127.0.0.1:0\"\n\n[process]\nsocket = \"/run/baton/agent.sock\"\nready-file = \"/run/gw.addr\"\nshutdown-timeout = \"5s\"\nops-listen = \"127.0.0.1:9091\"\nlog = \"debug\"\n",
+        );
+        let gw = |cli: Cli| match cli.command {
+            Command::Gateway(g) => g,
+            other => panic!("not a gateway: {other:?}"),
+        };
+        let cli = parse(&["gateway", "--config", f.to_str().unwrap()]).unwrap();
+        assert_eq!(cli.log.as_deref(), Some("debug"));
+        let g = gw(cli);
+        assert_eq!(g.socket.socket, "/run/baton/agent.sock");
+        assert_eq!(g.ready_file, Some(PathBuf::from("/run/gw.addr")));
+        assert_eq!(
+            g.shutdown.shutdown_timeout,
+            std::time::Duration::from_secs(5)
+        );
+        assert_eq!(g.ops.ops_listen.unwrap().to_string(), "127.0.0.1:9091");
+        // A flag beats the file.
+        let g = gw(parse(&[
+            "gateway",
+            "--config",
+            f.to_str().unwrap(),
+            "--ready-file",
+            "/elsewhere",
+        ])
+        .unwrap());
+        assert_eq!(g.ready_file, Some(PathBuf::from("/elsewhere")));
+        // Control: a gateway file without the table sets nothing.
+        let bare = write(dir.path(), "bare.toml", "listen = \"127.0.0.1:0\"\n");
+        let g = gw(parse(&["gateway", "--config", bare.to_str().unwrap()]).unwrap());
+        assert_eq!(g.ready_file, None);
+        // A typo in the table is named with its line; so is a table that is
+        // not one, and a key that would name another file.
+        for (text, says) in [
+            (
+                "[process]\nredy-file = \"x\"\n",
+                ":2:1: unknown key `redy-file` for `baton gateway` (did you mean `ready-file`?)",
+            ),
+            ("process = 3\n", "`process` must be a table"),
+            (
+                "[process]\nconfig = \"other.toml\"\n",
+                "cannot name another",
+            ),
+            (
+                "[process]\nshutdown-timeout = \"0s\"\n",
+                "`shutdown-timeout`",
+            ),
+        ] {
+            let bad = write(dir.path(), "bad.toml", text);
+            let errors = config_errors(parse(&["gateway", "--config", bad.to_str().unwrap()]));
+            assert!(
+                errors.iter().any(|e| e.contains(says)),
+                "{text}: {errors:?}"
+            );
+        }
+        // Every process flag has its BATON_ variable (check is an action).
+        let cmd = command();
+        let sub = cmd.find_subcommand("gateway").unwrap();
+        for long in ["ready-file", "shutdown-timeout", "ops-listen"] {
+            let arg = sub
+                .get_arguments()
+                .find(|a| a.get_long() == Some(long))
+                .unwrap();
+            assert_eq!(
+                arg.get_env().and_then(|e| e.to_str()),
+                Some(env_name(long).as_str())
+            );
+        }
+        let check = sub
+            .get_arguments()
+            .find(|a| a.get_long() == Some("check"))
+            .unwrap();
+        assert!(check.get_env().is_none());
     }
 
     #[test]

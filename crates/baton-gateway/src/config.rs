@@ -78,6 +78,11 @@ struct RawConfig {
     mcp: Vec<RawMcp>,
     #[serde(default)]
     approval: RawApproval,
+    /// The process settings (`baton gateway` flags: socket, ready-file,
+    /// ops-listen, ...), read and checked by the CLI, not by this crate;
+    /// they take effect at start (a SIGHUP does not apply them).
+    #[serde(default, rename = "process")]
+    _process: Option<toml::Table>,
 }
 
 #[derive(Debug, Default, Deserialize)]
