@@ -169,8 +169,18 @@ impl Gw {
     /// table go at the top), and the upstream processes it started kept
     /// alive beside it.
     pub(crate) fn start_with(extra: impl FnOnce(&World) -> (String, Vec<Proc>)) -> Self {
+        Self::start_full(None, extra)
+    }
+
+    /// As [`start_with`](Self::start_with); with `redis`, the broker
+    /// publishes revocations there and the gateway follows them there
+    /// (`--redis`), not on the broker's feed.
+    pub(crate) fn start_full(
+        redis: Option<&str>,
+        extra: impl FnOnce(&World) -> (String, Vec<Proc>),
+    ) -> Self {
         let w = World::start_with_options(
-            None,
+            redis,
             Options {
                 broker_args: vec!["--tool-server".into(), format!("{AUDIENCE}={GATEWAY}")],
                 ..Options::default()
@@ -208,6 +218,9 @@ impl Gw {
             .arg(&file)
             .arg("--socket")
             .arg(w.c.agent_socket());
+        if let Some(url) = redis {
+            cmd.arg("--redis").arg(url);
+        }
         let mut gateway = Proc::spawn("gateway", cmd, w.c.path("gateway.log"));
         let addr = wait_for("gateway ready", Duration::from_secs(60), || {
             assert!(
@@ -946,4 +959,41 @@ tier = "read"
     assert_eq!(v["upstream"], "unix");
     assert_eq!(v["path"], "/unix/acme");
     assert_eq!(v["actor"], RESEARCHER);
+}
+
+#[test]
+fn the_gateway_can_follow_the_revocation_feed_in_redis() {
+    let mut redis = crate::harness::Redis::start();
+    let g = Gw::start_full(Some(&redis.url), |_| (String::new(), Vec::new()));
+    let (task, _planner, researcher) = g.researcher();
+    let token = token_of(&researcher);
+    let url = format!("{}/crm/accounts/acme", g.url);
+    // Control: allowed while the feed is fresh.
+    let ok = wait_for("the call allowed", Duration::from_secs(60), || {
+        let a = send(&researcher, "GET", &url, Some(&token), &[]);
+        (a.status == 200).then_some(a)
+    });
+    assert_eq!(ok.body["upstream"], "echo", "{ok:?}");
+
+    // The task ends: the gateway hears it from Redis.
+    g.w.ok(&["task", "end", &task]);
+    let refused = wait_for("the ended task refused", Duration::from_secs(30), || {
+        let a = send(&researcher, "GET", &url, Some(&token), &[]);
+        (a.status == 401).then_some(a)
+    });
+    assert!(refused.challenge.contains("invalid_token"), "{refused:?}");
+
+    // And it is Redis it listens to: with Redis gone (the broker still up),
+    // its feed goes stale and every call is refused, fail closed.
+    let (_task2, _p2, fresh) = g.researcher();
+    let fresh_token = token_of(&fresh);
+    wait_for("a new task's call allowed", Duration::from_secs(60), || {
+        (send(&fresh, "GET", &url, Some(&fresh_token), &[]).status == 200).then_some(())
+    });
+    redis.stop();
+    let stale = wait_for("the feed stale", Duration::from_secs(60), || {
+        let a = send(&fresh, "GET", &url, Some(&fresh_token), &[]);
+        (a.status == 503).then_some(a)
+    });
+    assert_eq!(stale.body["code"], "revocation_stale", "{stale:?}");
 }

@@ -33,11 +33,17 @@ pub struct GatewayArgs {
     pub shutdown: ShutdownArgs,
     #[command(flatten)]
     pub ops: crate::ops::OpsArgs,
+    /// Follow the revocation feed in this Redis (the broker's `--redis`)
+    /// instead of the broker's own feed.
+    #[command(flatten)]
+    pub redis: Box<crate::redis_args::RedisArgs>,
 }
 
 pub async fn gateway(args: GatewayArgs) -> Result<()> {
-    let config =
+    let redis = args.redis.config()?;
+    let mut config =
         baton_gateway::Config::load(&args.config).map_err(|e| exit(EXIT_REFUSED, e.to_string()))?;
+    config.redis.clone_from(&redis);
     if args.check {
         output::line(&format!(
             "{}: ok ({} routes, audience {})",
@@ -54,7 +60,9 @@ pub async fn gateway(args: GatewayArgs) -> Result<()> {
     let (reload_tx, reload_rx) = tokio::sync::mpsc::unbounded_channel();
     let file = args.config.clone();
     let config_hup = crate::daemons::on_hangup(move || match baton_gateway::Config::load(&file) {
-        Ok(new) => {
+        Ok(mut new) => {
+            // The feed is a process setting: it stays as started.
+            new.redis.clone_from(&redis);
             let _ = reload_tx.send(new);
         }
         Err(e) => tracing::error!(

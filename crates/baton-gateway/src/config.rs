@@ -194,6 +194,11 @@ pub struct Config {
     /// How long a held call's approval may wait for a decision, then to
     /// be used.
     pub approval_ttl: Duration,
+    /// Follow the revocation feed in this Redis instead of the broker's
+    /// (no call to the broker per feed poll). Not a key of the file: a
+    /// process setting (`baton gateway --redis`, `[process] redis`), set
+    /// by the caller after [`Config::load`].
+    pub redis: Option<baton_revocation::RedisConfig>,
 }
 
 /// JSON-RPC methods every MCP endpoint passes on without a tool check:
@@ -599,6 +604,7 @@ impl Config {
             routes,
             mcp,
             approval_ttl,
+            redis: None,
         })
     }
 

@@ -228,7 +228,7 @@ pub async fn run(
         audience: &c.audience,
         spool: &c.spool,
         feed: FeedConfig {
-            redis: None,
+            redis: c.redis.as_ref(),
             stale_after: c.stale_after,
             read_allows_stale: c.read_allows_stale,
             dangerously_skip_revocation: false,
