@@ -32,26 +32,13 @@ WORK=$(mktemp -d)
 PIDS=()
 trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"' EXIT
 
-say() { printf '\n== %s\n' "$*"; }
+# shellcheck source=examples/lib.sh
+. "$(dirname "$0")/lib.sh"
 
 # Waits (up to 20 s) until FILE is non-empty.
 wait_file() {
   for _ in $(seq 1 200); do [ -s "$1" ] && return 0; sleep 0.1; done
   echo "$1 did not appear; log:" >&2; cat "$2" >&2; return 1
-}
-
-# Redeems a grant, retrying while the node daemon has not yet synced a new
-# entry (it refuses locally, before the broker sees the grant).
-redeem() {
-  for _ in $(seq 1 50); do
-    if "$BATON" grant redeem --grant "$1" --spiffe-id "$2" --out "$3" 2>"$WORK/redeem.err"; then
-      return 0
-    fi
-    grep -q "no identity issued" "$WORK/redeem.err" || { cat "$WORK/redeem.err" >&2; return 1; }
-    sleep 0.2
-  done
-  cat "$WORK/redeem.err" >&2
-  return 1
 }
 
 # Runs a call that must be refused: shows the refusal, fails if it passed.

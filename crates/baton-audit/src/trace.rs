@@ -464,6 +464,21 @@ fn opt<T: std::fmt::Display>(label: &str, v: &Option<T>) -> String {
         .unwrap_or_default()
 }
 
+/// `s` on one line: control characters (a newline that would start a
+/// forged line of the tree, terminal escapes) shown escaped. Recorded
+/// fields come from agents' requests, reasons from tool servers.
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 fn scope_text(s: &Option<Scope>) -> String {
     s.as_ref()
         .map(|s| format!(", scope [{}]", s.to_strings().join(", ")))
@@ -575,16 +590,20 @@ fn item_line(item: &TraceItem) -> Line {
             recorded,
             ..
         } => {
-            let mut text = format!("tool {}", tool.as_deref().unwrap_or("?"));
+            // Every text here came in a tool server's report.
+            let mut text = format!("tool {}", printable(tool.as_deref().unwrap_or("?")));
             if let Some(r) = resource {
-                text.push_str(&format!(" on {r}"));
+                text.push_str(&format!(" on {}", printable(r)));
             }
             if let Some(r) = risk {
                 text.push_str(&format!(" ({r})"));
             }
-            text.push_str(&format!(": {}", decision.as_deref().unwrap_or("?")));
+            text.push_str(&format!(
+                ": {}",
+                printable(decision.as_deref().unwrap_or("?"))
+            ));
             if let Some(r) = reason {
-                text.push_str(&format!(" ({r})"));
+                text.push_str(&format!(" ({})", printable(r)));
             }
             if !policy_ids.is_empty() {
                 text.push_str(&format!(", policies [{}]", policy_ids.join(", ")));
@@ -596,8 +615,10 @@ fn item_line(item: &TraceItem) -> Line {
                 text.push_str(&format!(" in {ms} ms"));
             }
             if !recorded.is_empty() {
-                let fields: Vec<String> =
-                    recorded.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                let fields: Vec<String> = recorded
+                    .iter()
+                    .map(|(k, v)| format!("{}={}", printable(k), printable(v)))
+                    .collect();
                 text.push_str(&format!(", recorded {{{}}}", fields.join(", ")));
             }
             text.push_str(&sensitive("justification", justification, &None));

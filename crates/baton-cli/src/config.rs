@@ -723,31 +723,13 @@ pub fn check(file: &Path, verb: Option<Verb>) -> Result<()> {
             )
         })?,
     };
-    if verb == GATEWAY {
-        let c = baton_gateway::Config::load(file).map_err(|e| exit(EXIT_REFUSED, e.to_string()))?;
-        // Its [process] table: the flags of `baton gateway`.
-        let argv: Vec<OsString> = vec![
-            "baton".into(),
-            GATEWAY.into(),
-            "--config".into(),
-            file.as_os_str().to_owned(),
-        ];
-        match parse_cli(argv) {
-            Ok(_) => {}
-            Err(ParseError::Config(lines)) => {
-                return Err(exit(EXIT_REFUSED, lines.join("\nerror: ")));
-            }
-            Err(ParseError::Clap(e)) => return Err(exit(EXIT_REFUSED, plain(&e))),
-        }
-        crate::output::line(&format!(
-            "{}: ok for `baton gateway` ({} routes, {} MCP endpoints, audience {})",
-            file.display(),
-            c.routes.len(),
-            c.mcp.len(),
-            c.audience
-        ));
-        return Ok(());
-    }
+    // The gateway's own format first (its crate checks it), then, for
+    // every verb, the flags the file sets (the gateway's [process] table).
+    let gateway = if verb == GATEWAY {
+        Some(baton_gateway::Config::load(file).map_err(|e| exit(EXIT_REFUSED, e.to_string()))?)
+    } else {
+        None
+    };
     let argv: Vec<OsString> = vec![
         "baton".into(),
         verb.into(),
@@ -756,7 +738,16 @@ pub fn check(file: &Path, verb: Option<Verb>) -> Result<()> {
     ];
     match parse_cli(argv) {
         Ok(_) => {
-            crate::output::line(&format!("{}: ok for `baton {verb}`", file.display()));
+            crate::output::line(&match gateway {
+                Some(c) => format!(
+                    "{}: ok for `baton gateway` ({} routes, {} MCP endpoints, audience {})",
+                    file.display(),
+                    c.routes.len(),
+                    c.mcp.len(),
+                    c.audience
+                ),
+                None => format!("{}: ok for `baton {verb}`", file.display()),
+            });
             Ok(())
         }
         Err(ParseError::Config(lines)) => Err(exit(EXIT_REFUSED, lines.join("\nerror: "))),
