@@ -113,6 +113,20 @@ fn named_fields_are_recorded_in_clear_text_and_secrets_in_them_are_not() {
     assert!(json.contains("\"recorded\""), "{json}");
     g.w.ok(&["audit", "verify"]);
 
+    // A body whose member names repeat would be recorded one way and read
+    // another by the upstream: refused, never forwarded; the same call
+    // without the repetition (above) went through.
+    let before = g.upstream_count();
+    let twice = put(
+        &g,
+        &cred,
+        "/crm/notes/9",
+        r#"{"account":"acme","account":"globex"}"#,
+    );
+    assert_eq!(twice.status, 400, "{twice:?}");
+    assert_eq!(twice.body["code"], "invalid_request", "{twice:?}");
+    assert_eq!(g.upstream_count(), before);
+
     // Control: a route that names no fields records none.
     let plain = put(&g, &cred, "/crm/plain/3", r#"{"account":"globex"}"#);
     assert_eq!(plain.status, 200, "{plain:?}");

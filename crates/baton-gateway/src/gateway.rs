@@ -561,6 +561,9 @@ impl Gateway {
             resource: m.resource.clone(),
             ..spec.clone()
         };
+        if let Err(why) = m.route.record.check_input(&input) {
+            return plain(StatusCode::BAD_REQUEST, "invalid_request", &why);
+        }
         let approval = match self
             .approval_for(
                 &delegation,

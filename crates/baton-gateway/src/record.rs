@@ -22,6 +22,7 @@
 use std::collections::BTreeMap;
 
 use http::{HeaderMap, HeaderName};
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 
 /// Most characters of one recorded value (longer ones are cut, marked).
@@ -72,24 +73,50 @@ impl Recording {
         self.headers.is_empty() && self.input.is_empty() && self.output.is_empty()
     }
 
+    /// Whether the request's body can be recorded faithfully: a JSON body
+    /// with a repeated member name is read by this gateway one way (the
+    /// last one) and by an upstream perhaps another (the first), so its
+    /// record could show other values than the upstream acted on. Such a
+    /// body is refused on a route that records input fields.
+    pub fn check_input(&self, body: &[u8]) -> Result<(), String> {
+        if self.input.is_empty() {
+            return Ok(());
+        }
+        let mut d = serde_json::Deserializer::from_slice(body);
+        match Unique::deserialize(&mut d) {
+            Err(e) if e.to_string().starts_with(DUPLICATE) => Err(format!(
+                "the JSON body repeats a member name ({e}); this route records its input, and the record must show what the upstream gets"
+            )),
+            // Not JSON at all: recorded as such, nothing to misread.
+            _ => Ok(()),
+        }
+    }
+
     /// The request's recorded headers and input fields (`body` parsed as
     /// JSON when an input field is named; a body that is not JSON records
     /// that, not its bytes).
     pub fn request_fields(&self, headers: &HeaderMap, body: &[u8]) -> BTreeMap<String, String> {
         let mut out = BTreeMap::new();
         for h in &self.headers {
-            if let Some(v) = headers.get(h) {
-                let text = v.to_str().map_or_else(
-                    |_| "(not text)".to_owned(),
-                    |t| {
-                        if looks_like_credential(t) {
-                            REDACTED.to_owned()
-                        } else {
-                            cut(t)
-                        }
-                    },
-                );
-                out.insert(format!("header:{h}"), text);
+            // Every value the upstream gets, in order.
+            let values: Vec<String> = headers
+                .get_all(h)
+                .iter()
+                .map(|v| {
+                    v.to_str().map_or_else(
+                        |_| "(not text)".to_owned(),
+                        |t| {
+                            if looks_like_credential(t) {
+                                REDACTED.to_owned()
+                            } else {
+                                t.to_owned()
+                            }
+                        },
+                    )
+                })
+                .collect();
+            if !values.is_empty() {
+                out.insert(format!("header:{h}"), cut(&values.join(", ")));
             }
         }
         if !self.input.is_empty() {
@@ -168,6 +195,62 @@ impl Recording {
             };
             out.insert(key, cut(&text));
         }
+    }
+}
+
+/// The start of the error a repeated member name gives.
+const DUPLICATE: &str = "duplicate member";
+
+/// Any JSON value, read only to find a repeated member name in an object
+/// at any depth (serde_json keeps the last one silently).
+struct Unique;
+
+impl<'de> Deserialize<'de> for Unique {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(UniqueVisitor)
+    }
+}
+
+struct UniqueVisitor;
+
+impl<'de> Visitor<'de> for UniqueVisitor {
+    type Value = Unique;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Unique, E> {
+        Ok(Unique)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Unique, E> {
+        Ok(Unique)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Unique, E> {
+        Ok(Unique)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Unique, E> {
+        Ok(Unique)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Unique, E> {
+        Ok(Unique)
+    }
+    fn visit_unit<E>(self) -> Result<Unique, E> {
+        Ok(Unique)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Unique, A::Error> {
+        while seq.next_element::<Unique>()?.is_some() {}
+        Ok(Unique)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Unique, A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if seen.contains(&key) {
+                return Err(de::Error::custom(format!("{DUPLICATE} {key:?}")));
+            }
+            map.next_value::<Unique>()?;
+            seen.insert(key);
+        }
+        Ok(Unique)
     }
 }
 
@@ -317,6 +400,30 @@ mod tests {
             assert!(pointers(&[bad.to_owned()]).is_err(), "{bad:?}");
         }
         assert!(pointers(&vec!["/a".to_owned(); MAX_POINTERS + 1]).is_err());
+    }
+
+    #[test]
+    fn a_body_that_repeats_a_member_is_refused_where_input_is_recorded() {
+        let r = rec(&["/status"], &[]);
+        for body in [
+            br#"{"status":"open","status":"closed"}"#.as_slice(),
+            br#"{"a":[{"b":1,"b":2}]}"#.as_slice(),
+        ] {
+            let err = r.check_input(body).unwrap_err();
+            assert!(err.contains("repeats a member name"), "{err}");
+        }
+        // Controls: unique names, a body that is not JSON, a route that
+        // records no input.
+        assert!(
+            r.check_input(br#"{"status":"open","a":{"status":1}}"#)
+                .is_ok()
+        );
+        assert!(r.check_input(b"plain text").is_ok());
+        assert!(
+            rec(&[], &[])
+                .check_input(br#"{"status":"open","status":"closed"}"#)
+                .is_ok()
+        );
     }
 
     #[test]
