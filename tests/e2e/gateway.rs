@@ -997,3 +997,61 @@ fn the_gateway_can_follow_the_revocation_feed_in_redis() {
     });
     assert_eq!(stale.body["code"], "revocation_stale", "{stale:?}");
 }
+
+#[test]
+fn a_call_over_the_tasks_risk_ceiling_is_refused_whatever_the_scope_grants() {
+    let g = Gw::start_with(|_| {
+        (
+            r#"
+[[routes]]
+method = "DELETE"
+path = "/files/{file}"
+upstream = "crm"
+tool = "files.delete"
+resource = "dataset:files"
+permission = "tool:files.delete:delete"
+tier = "delete"
+"#
+            .to_owned(),
+            Vec::new(),
+        )
+    });
+    // The task's ceiling is `write`; its scope names a delete-tier tool.
+    let (_task, grant) = g.w.start_task_as(
+        "support.case-update",
+        &[
+            "tool:files.delete:delete",
+            "tool:crm.update:write",
+            "dataset:crm:write",
+        ],
+        &[AUDIENCE],
+    );
+    let planner = g.w.redeem(&grant, PLANNER, "ceiling-planner");
+    let token = token_of(&planner);
+    let before = g.upstream.count();
+    let over = send(
+        &planner,
+        "DELETE",
+        &format!("{}/files/report.pdf", g.url),
+        Some(&token),
+        &[],
+    );
+    assert_eq!(over.status, 403, "{over:?}");
+    assert_eq!(over.body["code"], "over_ceiling", "{over:?}");
+    assert!(over.challenge.contains("insufficient_scope"), "{over:?}");
+    assert_eq!(
+        g.upstream.count(),
+        before,
+        "an over-ceiling call was forwarded"
+    );
+    // Control: a write (within the ceiling) the same token grants goes on.
+    let ok = send(
+        &planner,
+        "POST",
+        &format!("{}/crm/cases/42", g.url),
+        Some(&token),
+        &[],
+    );
+    assert_eq!(ok.status, 200, "{ok:?}");
+    assert_eq!(g.upstream.count(), before + 1);
+}
