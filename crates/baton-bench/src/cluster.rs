@@ -11,8 +11,10 @@ use anyhow::{Context, bail};
 use baton_agent::{AgentConfig, AgentReady};
 use baton_broker::{BrokerConfig, BrokerReady, LogIssuance};
 use baton_ca::{TrustBundle, WorkloadKey};
-use baton_core::api::{JoinTokenRequest, JoinTokenResponse, SignedSvid};
-use baton_core::{Entry, NewEntry, SpiffeId, TrustDomain};
+use baton_core::api::{
+    JoinTokenRequest, JoinTokenResponse, SignedSvid, StartTaskRequest, StartTaskResponse,
+};
+use baton_core::{Entry, NewEntry, Purpose, RiskTier, Scope, Secret, SpiffeId, TrustDomain};
 use baton_proto::workload::X509svidRequest;
 use baton_tls::{BundleStore, ClientIdentity, PeerPolicy};
 use hyper_util::rt::TokioIo;
@@ -34,6 +36,42 @@ pub struct Broker {
 }
 
 impl Broker {
+    /// Starts a task as the dev issuer's alice (group `engineering`) for
+    /// `root_agent`: risk ceiling read, an hour, depth 3, tokens for
+    /// `audience`.
+    pub async fn start_read_task(
+        &self,
+        root_agent: &SpiffeId,
+        purpose: &Purpose,
+        scope: &Scope,
+        audience: &str,
+    ) -> anyhow::Result<StartTaskResponse> {
+        let id_token: serde_json::Value = self
+            .admin_post(
+                "/v1/admin/dev/id-token",
+                &serde_json::json!({"user": "alice", "groups": ["engineering"]}),
+            )
+            .await?;
+        let id_token = id_token
+            .get("id_token")
+            .and_then(|v| v.as_str())
+            .context("no id_token in the dev issuer's answer")?;
+        self.admin_post(
+            "/v1/admin/tasks",
+            &StartTaskRequest {
+                id_token: Secret::new(id_token),
+                root_agent: root_agent.clone(),
+                purpose: purpose.clone(),
+                scope: scope.clone(),
+                risk_ceiling: RiskTier::Read,
+                ttl_secs: 3600,
+                max_depth: 3,
+                audience: vec![audience.into()],
+            },
+        )
+        .await
+    }
+
     pub async fn start() -> anyhow::Result<Self> {
         Self::start_with(TRUST_DOMAIN, |_, _| {}).await
     }

@@ -24,10 +24,9 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use baton_audit::{AuditEvent, AuditKeys, AuditLog, EventKind, SignatureCheck, VerifyOptions};
 use baton_ca::{TrustBundle, WorkloadKey};
 use baton_core::api::{
-    DelegateRequest, HandoffGrant, RedeemRequest, StartTaskRequest, StartTaskResponse,
-    TaskCredential,
+    DelegateRequest, HandoffGrant, RedeemRequest, StartTaskResponse, TaskCredential,
 };
-use baton_core::{Purpose, RiskTier, Scope, Secret, SpiffeId, TaskId};
+use baton_core::{Purpose, RiskTier, Scope, SpiffeId, TaskId};
 use baton_policy::{CallRequest, Engine};
 use baton_tls::ClientIdentity;
 use baton_verify::{JwtBundles, PeerCert, TokenVerifier};
@@ -190,32 +189,10 @@ async fn hops(a: &Args) -> anyhow::Result<Minted> {
     let bundle = TrustBundle::from_spiffe_json(&td, &bundle_json)?;
 
     // The human starts the task; the node redeems the root grant for the planner.
-    let id_token: serde_json::Value = broker
-        .admin_post(
-            "/v1/admin/dev/id-token",
-            &json!({"user": "alice", "groups": ["engineering"]}),
-        )
-        .await?;
-    let id_token = id_token
-        .get("id_token")
-        .and_then(|v| v.as_str())
-        .context("no id_token in the dev issuer's answer")?;
     let scope = Scope::parse(SCOPE)?;
     let purpose: Purpose = PURPOSE.parse()?;
     let started: StartTaskResponse = broker
-        .admin_post(
-            "/v1/admin/tasks",
-            &StartTaskRequest {
-                id_token: Secret::new(id_token),
-                root_agent: planner.clone(),
-                purpose: purpose.clone(),
-                scope: scope.clone(),
-                risk_ceiling: RiskTier::Read,
-                ttl_secs: 3600,
-                max_depth: 3,
-                audience: vec![AUDIENCE.into()],
-            },
-        )
+        .start_read_task(&planner, &purpose, &scope, AUDIENCE)
         .await?;
     let planner_key = WorkloadKey::generate()?;
     let planner_cred: TaskCredential = post(

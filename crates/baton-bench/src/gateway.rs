@@ -50,10 +50,9 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use baton_ca::WorkloadKey;
 use baton_core::api::{
-    DelegateRequest, HandoffGrant, RedeemRequest, StartTaskRequest, StartTaskResponse,
-    TaskCredential,
+    DelegateRequest, HandoffGrant, RedeemRequest, StartTaskResponse, TaskCredential,
 };
-use baton_core::{Purpose, RiskTier, Scope, Secret, SpiffeId};
+use baton_core::{Purpose, RiskTier, Scope, SpiffeId};
 use baton_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use baton_tls::rustls;
 use baton_tls::{BundleStore, ClientIdentity, PeerPolicy, SpiffeServerVerifier};
@@ -828,32 +827,10 @@ async fn researcher(broker: &Broker) -> anyhow::Result<(ClientIdentity, String)>
     let node = broker.node_client(node_identity)?;
     let redeem_url = format!("{}/v1/node/redeem", broker.url());
 
-    let id_token: serde_json::Value = broker
-        .admin_post(
-            "/v1/admin/dev/id-token",
-            &json!({"user": "alice", "groups": ["engineering"]}),
-        )
-        .await?;
-    let id_token = id_token
-        .get("id_token")
-        .and_then(|v| v.as_str())
-        .context("no id_token in the dev issuer's answer")?;
     let scope = Scope::parse(SCOPE)?;
     let purpose: Purpose = PURPOSE.parse()?;
     let started: StartTaskResponse = broker
-        .admin_post(
-            "/v1/admin/tasks",
-            &StartTaskRequest {
-                id_token: Secret::new(id_token),
-                root_agent: planner.clone(),
-                purpose: purpose.clone(),
-                scope: scope.clone(),
-                risk_ceiling: RiskTier::Read,
-                ttl_secs: 3600,
-                max_depth: 3,
-                audience: vec![AUDIENCE.into()],
-            },
-        )
+        .start_read_task(&planner, &purpose, &scope, AUDIENCE)
         .await?;
     let planner_key = WorkloadKey::generate()?;
     let planner_cred: TaskCredential = post(

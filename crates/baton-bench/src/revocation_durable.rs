@@ -29,16 +29,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{anyhow, bail};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use baton_broker::RevocationBackend;
 use baton_ca::WorkloadKey;
 use baton_core::api::{
-    DelegateRequest, HandoffGrant, RedeemRequest, StartTaskRequest, StartTaskResponse,
-    TaskCredential,
+    DelegateRequest, HandoffGrant, RedeemRequest, StartTaskResponse, TaskCredential,
 };
-use baton_core::{Purpose, RiskTier, Scope, Secret, SpiffeId, TaskId};
+use baton_core::{Purpose, Scope, SpiffeId, TaskId};
 use baton_revocation::{
     FeedHandle, FeedOptions, FeedStatus, RedisConfig, RedisStore, RevocationFeed, system_now,
 };
@@ -108,34 +107,11 @@ struct Ctx {
 }
 
 async fn start_task(c: &Ctx) -> anyhow::Result<TaskCtx> {
-    let id_token: serde_json::Value = c
-        .broker
-        .admin_post(
-            "/v1/admin/dev/id-token",
-            &json!({"user": "alice", "groups": ["engineering"]}),
-        )
-        .await?;
-    let id_token = id_token
-        .get("id_token")
-        .and_then(|v| v.as_str())
-        .context("no id_token in the dev issuer's answer")?;
     let scope = Scope::parse(SCOPE)?;
     let purpose: Purpose = PURPOSE.parse()?;
     let started: StartTaskResponse = c
         .broker
-        .admin_post(
-            "/v1/admin/tasks",
-            &StartTaskRequest {
-                id_token: Secret::new(id_token),
-                root_agent: c.planner.clone(),
-                purpose: purpose.clone(),
-                scope: scope.clone(),
-                risk_ceiling: RiskTier::Read,
-                ttl_secs: 3600,
-                max_depth: 3,
-                audience: vec![AUDIENCE.into()],
-            },
-        )
+        .start_read_task(&c.planner, &purpose, &scope, AUDIENCE)
         .await?;
     let key = WorkloadKey::generate()?;
     let cred: TaskCredential = post(
