@@ -1055,3 +1055,36 @@ tier = "delete"
     assert_eq!(ok.status, 200, "{ok:?}");
     assert_eq!(g.upstream.count(), before + 1);
 }
+
+#[test]
+fn the_gateway_refuses_every_call_once_the_brokers_feed_goes_silent() {
+    let mut g = Gw::start();
+    let (_task, _planner, researcher) = g.researcher();
+    let token = token_of(&researcher);
+    let url = format!("{}/crm/accounts/acme", g.url);
+    // Control: allowed while the broker's feed is heard.
+    wait_for("the call allowed", Duration::from_secs(60), || {
+        (send(&researcher, "GET", &url, Some(&token), &[]).status == 200).then_some(())
+    });
+    let before = g.upstream.count();
+    // The broker goes away: nothing says the credential is still good, so
+    // after `stale-after` (2 s) every call is refused, fail closed.
+    g.w.c.broker.as_mut().unwrap().stop();
+    let stale = wait_for("the feed stale", Duration::from_secs(60), || {
+        let a = send(&researcher, "GET", &url, Some(&token), &[]);
+        (a.status != 200).then_some(a)
+    });
+    assert_eq!(stale.status, 503, "{stale:?}");
+    assert_eq!(stale.body["code"], "revocation_stale", "{stale:?}");
+    let after = g.upstream.count();
+    assert_eq!(
+        send(&researcher, "GET", &url, Some(&token), &[]).status,
+        503
+    );
+    assert_eq!(
+        g.upstream.count(),
+        after,
+        "a call went on with a stale feed"
+    );
+    assert!(after >= before);
+}
