@@ -118,6 +118,23 @@ fn a_held_call_goes_on_once_its_initiator_approves_exactly_it() {
         "a held call was forwarded"
     );
 
+    // What the call is, before anyone decides.
+    let shown = g.w.ok(&["approval", "show", &a]);
+    for want in [
+        "Status:        pending",
+        "crm.update on dataset:crm (write)",
+        task.as_str(),
+        PLANNER,
+        "spiffe://example.org/tools/gateway",
+    ] {
+        assert!(shown.contains(want), "{want}: {shown}");
+    }
+    let err = g.w.refused(&["approval", "show", "ap_../../tasks"]);
+    assert!(err.contains("is not an approval id"), "{err}");
+    let err =
+        g.w.refused(&["approve", "../tasks/x", "--user", "alice@example.com"]);
+    assert!(err.contains("is not an approval id"), "{err}");
+
     // Someone else may not decide (not the initiator, no approver group);
     // the initiator may.
     let err = g.w.refused(&[
@@ -141,6 +158,8 @@ fn a_held_call_goes_on_once_its_initiator_approves_exactly_it() {
     // Decided once only.
     let err = g.w.refused(&["approve", &a, "--user", "alice@example.com"]);
     assert!(err.contains("not pending"), "{err}");
+    let shown = g.w.json(&["approval", "show", &a, "-o", "json"]);
+    assert_eq!(shown["decided_by"], "alice@example.com", "{shown}");
 
     // The approved call goes on, once; the other call still waits.
     let b_again = put(&g, &cred, "/crm/cases/42", r#"{"status":"open"}"#);

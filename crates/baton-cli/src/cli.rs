@@ -137,6 +137,9 @@ pub enum Command {
     Approve(ApprovalArgs),
     /// Deny a call a gateway holds for a human.
     Deny(ApprovalArgs),
+    /// What a held call is, before deciding on it.
+    #[command(subcommand)]
+    Approval(ApprovalCmd),
     /// Attested nodes: list, show, evict (must re-attest), ban (never again).
     #[command(subcommand)]
     Node(NodeCmd),
@@ -986,6 +989,18 @@ pub enum AuditCmd {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum ApprovalCmd {
+    /// A held call: its task, agent, tool, resource, input digest, the
+    /// gateway that asked, its status and until when it may be decided.
+    Show {
+        /// The approval's id (`ap_...`).
+        id: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum GrantCmd {
     /// Redeem a grant through the node daemon; writes the task credential to a directory.
     Redeem {
@@ -1219,6 +1234,9 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
         Command::Revoke(target) => tasks::revoke(target).await,
         Command::Approve(args) => tasks::decide(args, true).await,
         Command::Deny(args) => tasks::decide(args, false).await,
+        Command::Approval(ApprovalCmd::Show { id, admin }) => {
+            tasks::show_approval(&id, admin).await
+        }
         Command::Node(cmd) => nodes::node(cmd).await,
         Command::Secret(cmd) => creds::secret(cmd).await,
         Command::Example(cmd) => example::run(cmd).await,

@@ -81,7 +81,10 @@ pub async fn decide(args: crate::cli::ApprovalArgs, approve: bool) -> Result<()>
     .await?;
     let decided: baton_core::api::ApprovalState = client
         .post(
-            &format!("/v1/admin/approvals/{}/decision", args.id),
+            &format!(
+                "/v1/admin/approvals/{}/decision",
+                approval_segment(&args.id)?
+            ),
             &baton_core::api::ApprovalDecision {
                 id_token: Secret::new(id_token),
                 approve,
@@ -422,6 +425,59 @@ pub async fn revoke(cmd: RevokeCmd) -> Result<()> {
                 }
             ));
             propagation_line(&v["propagation"]);
+        }
+    }
+    Ok(())
+}
+
+/// An approval id as a path segment: `ap_` and lowercase hex, nothing else.
+fn approval_segment(id: &str) -> Result<&str> {
+    let ok = id.strip_prefix("ap_").is_some_and(|hex| {
+        !hex.is_empty()
+            && hex.len() <= 64
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    });
+    if ok {
+        Ok(id)
+    } else {
+        Err(exit(
+            EXIT_REFUSED,
+            format!(
+                "{id:?} is not an approval id (ap_ and hex digits, as the agent's error names it)"
+            ),
+        ))
+    }
+}
+
+/// `baton approval show ID`.
+pub async fn show_approval(id: &str, admin: crate::cli::AdminArgs) -> Result<()> {
+    let client = AdminClient::new(&admin.admin_socket)?;
+    let a: baton_core::api::ApprovalState = client
+        .get(&format!("/v1/admin/approvals/{}", approval_segment(id)?))
+        .await?;
+    match admin.output {
+        OutputFormat::Json => output::json(&a),
+        OutputFormat::Table => {
+            output::line(&format!("Approval:      {}", a.id));
+            output::line(&format!("Status:        {}", a.status));
+            output::line(&format!("Task:          {}", a.task_id));
+            output::line(&format!("Agent:         {}", a.agent));
+            output::line(&format!(
+                "Tool:          {} on {} ({})",
+                a.tool, a.resource, a.risk
+            ));
+            output::line(&format!("Input digest:  {}", a.input_digest));
+            output::line(&format!("Asked by:      {}", a.requested_by));
+            output::line(&format!("Asked at:      {}", output::when(a.created_at)));
+            output::line(&format!("Expires:       {}", output::when(a.expires_at)));
+            if let Some(who) = &a.decided_by {
+                output::line(&format!("Decided by:    {who}"));
+            }
+            if let Some(why) = &a.reason {
+                output::line(&format!("Reason:        {why}"));
+            }
         }
     }
     Ok(())
