@@ -474,6 +474,15 @@ impl AuditLog {
     }
 
     fn prepare(&self, event: &AuditEvent, called: Instant) -> Result<Prepared, AuditError> {
+        // The database stores times as signed 64-bit integers: a later time
+        // is refused here, naming it, rather than failing the batch's write.
+        if i64::try_from(event.at).is_err() {
+            return Err(AuditError::Encode(format!(
+                "event time {} is beyond what the log stores (at most {})",
+                event.at,
+                i64::MAX
+            )));
+        }
         let bytes = canonical_bytes(event, &self.keys)?;
         let clear = match ClearText::of(event) {
             Some(c) => {

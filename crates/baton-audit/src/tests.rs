@@ -1693,3 +1693,15 @@ fn odd_inputs_give_readable_errors() {
     assert_eq!(r.size, 0);
     assert_eq!(r.root, hex::encode(merkle::empty_root()));
 }
+
+#[test]
+fn an_event_time_beyond_what_the_log_stores_is_refused_and_the_log_goes_on() {
+    let log = AuditLog::in_memory(AuditKeys::generate().unwrap()).unwrap();
+    let late = AuditEvent::new(EventKind::TaskEnded, u64::MAX, task(9));
+    let err = log.append(&late).unwrap_err().to_string();
+    assert!(err.contains("beyond what the log stores"), "{err}");
+    // Control: the next event is appended and the log verifies.
+    log.append(&AuditEvent::new(EventKind::TaskEnded, 10, task(9)))
+        .unwrap();
+    log.verify().unwrap();
+}

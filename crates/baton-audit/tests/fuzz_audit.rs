@@ -261,6 +261,13 @@ proptest! {
         if let Ok(r) = serde_json::from_value::<ToolCallReport>(v) {
             let log = AuditLog::in_memory(AuditKeys::generate().unwrap()).unwrap();
             let event = AuditEvent::from_tool_call(&r, None);
+            if i64::try_from(event.at).is_err() {
+                // Refused with its reason, and the log stays usable.
+                let err = log.append(&event).unwrap_err().to_string();
+                prop_assert!(err.contains("beyond what the log stores"), "{}", err);
+                log.verify().unwrap();
+                return Ok(());
+            }
             let receipt = log.append(&event).unwrap();
             let bytes = log.event_bytes(0).unwrap();
             decode_canonical(&bytes).unwrap();
