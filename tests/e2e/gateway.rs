@@ -1088,3 +1088,61 @@ fn the_gateway_refuses_every_call_once_the_brokers_feed_goes_silent() {
     );
     assert!(after >= before);
 }
+
+#[test]
+fn a_write_whose_record_cannot_be_kept_is_not_forwarded() {
+    let g = Gw::start();
+    let (task, grant) = g.w.start_task_as(
+        "support.case-update",
+        &["tool:crm.update:write", "dataset:crm:write"],
+        &[AUDIENCE],
+    );
+    let planner = g.w.redeem(&grant, PLANNER, "spool-planner");
+    let token = token_of(&planner);
+    let case = |n: u32| {
+        send(
+            &planner,
+            "POST",
+            &format!("{}/crm/cases/{n}", g.url),
+            Some(&token),
+            &[],
+        )
+    };
+    // Control: the spool is writable, the write goes on.
+    let before = g.upstream.count();
+    assert_eq!(case(1).status, 200);
+    assert_eq!(g.upstream.count(), before + 1);
+
+    // The spool's directory is taken away (a disk that fails): the next
+    // write is refused before it reaches the upstream.
+    let spool = g.w.c.path("gw-spool");
+    let aside = g.w.c.path("gw-spool.aside");
+    std::fs::rename(&spool, &aside).unwrap();
+    std::fs::write(&spool, b"not a directory").unwrap();
+    let refused = case(2);
+    assert_eq!(refused.status, 503, "{refused:?}");
+    assert_eq!(refused.body["code"], "audit_unavailable", "{refused:?}");
+    assert_eq!(
+        g.upstream.count(),
+        before + 1,
+        "a write was forwarded without its record"
+    );
+
+    // The disk is back: writes go on again, and the trace holds the two
+    // forwarded writes' records and nothing of the refused one.
+    std::fs::remove_file(&spool).unwrap();
+    std::fs::rename(&aside, &spool).unwrap();
+    assert_eq!(case(3).status, 200);
+    assert_eq!(g.upstream.count(), before + 2);
+    let trace = wait_for("both writes in the trace", Duration::from_secs(60), || {
+        let t = g.w.json(&["audit", "trace", &task, "--json"]).to_string();
+        (t.matches("completes ").count() >= 2).then_some(t)
+    });
+    assert_eq!(trace.matches("completes ").count(), 2, "{trace}");
+    assert!(
+        g.gateway
+            .log_text()
+            .contains("cannot write tool-call reports to the audit spool"),
+        "the failure is in the gateway's log"
+    );
+}

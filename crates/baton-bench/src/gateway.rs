@@ -82,8 +82,9 @@ const AUDIENCE: &str = "gw";
 const CALL_PATH: &str = "/crm/accounts/acme";
 /// What the upstream answers to everything (and every target must pass on).
 const BODY: &[u8] = br#"{"account":"acme","open_cases":[{"id":"C-1042","status":"open"}]}"#;
-/// The report spool's file (baton-verify's `report.rs`).
-const SPOOL_FILE: &str = "tool-calls.jsonl";
+/// The report spool's segment files (baton-verify's `report.rs`):
+/// `tool-calls.<n>.jsonl`.
+const SPOOL_PREFIX: &str = "tool-calls.";
 /// The per-call target of the issue.
 const ADDED_P99_TARGET: Duration = Duration::from_micros(100);
 
@@ -652,11 +653,23 @@ async fn rate(
     })
 }
 
-/// Reports waiting in a gateway's spool.
+/// Reports on disk in a gateway's spool (its segments; a segment is
+/// removed once every report in it was delivered, so this comes down to 0
+/// once everything was).
 fn spool_pending(dir: &Path) -> usize {
-    std::fs::read(dir.join(SPOOL_FILE))
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(SPOOL_PREFIX) && n.ends_with(".jsonl"))
+        })
+        .filter_map(|e| std::fs::read(e.path()).ok())
         .map(|b| b.iter().filter(|&&c| c == b'\n').count())
-        .unwrap_or(0)
+        .sum()
 }
 
 /// Waits until the gateway has delivered its spool to the broker; returns

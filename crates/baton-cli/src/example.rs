@@ -248,6 +248,7 @@ async fn tool_server(
         broker_url,
         audience,
         spool,
+        durable_reads: true,
         feed,
         policy: &policy,
         ops: ops.as_ref(),

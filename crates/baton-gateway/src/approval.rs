@@ -45,11 +45,14 @@ impl Gateway {
         }
         let Ok(checked) = gate.check(d, spec, now) else {
             // Decided (and recorded) as any refused call.
-            return match gate.authorize(d, spec, input, now) {
+            return match gate
+                .authorize_approved_async(d, spec, input, now, None, Default::default())
+                .await
+            {
                 Err(denied) => Err(Held::Denied(denied)),
                 Ok(call) => {
                     // Allowed between the two looks: still not forwarded.
-                    if let Err(e) = call.failed("held for approval, not forwarded") {
+                    if let Err(e) = call.failed_async("held for approval, not forwarded").await {
                         tracing::warn!(error = %e, "could not spool the report of a held call");
                     }
                     Err(Held::Unavailable(

@@ -9,6 +9,7 @@
 //! audience = "crm"
 //! broker-url = "https://broker.internal:7443"
 //! spool = "/var/lib/baton/gateway-spool"
+//! # durable-reads = true   # read calls' answers wait for their record's fsync
 //!
 //! [upstreams.crm]
 //! url = "http://127.0.0.1:8080"
@@ -65,6 +66,8 @@ struct RawConfig {
     #[serde(default)]
     spiffe_id: Option<String>,
     spool: PathBuf,
+    #[serde(default)]
+    durable_reads: bool,
     #[serde(default)]
     policies: Option<PathBuf>,
     #[serde(default)]
@@ -178,6 +181,10 @@ pub struct Config {
     pub spiffe_id: Option<String>,
     /// Spool for call reports not yet delivered to the broker.
     pub spool: PathBuf,
+    /// A read-tier call's answer waits until its record is durable in the
+    /// spool (sensitive tiers always do, before the call is forwarded).
+    /// Off by default: the record goes to the spool's next group commit.
+    pub durable_reads: bool,
     /// Cedar policies (schema + *.cedar); the CLI's default when absent.
     pub policies: Option<PathBuf>,
     /// The key of the HMAC digests of calls' inputs and outputs in the
@@ -596,6 +603,7 @@ impl Config {
             broker_url: raw.broker_url.trim_end_matches('/').to_owned(),
             spiffe_id: raw.spiffe_id,
             spool: raw.spool,
+            durable_reads: raw.durable_reads,
             policies: raw.policies,
             digest_key_file: raw.digest_key_file,
             stale_after,
@@ -981,6 +989,14 @@ tier = "write"
         assert_eq!(m.route.upstream, "crm");
         let m = c.route(&http::Method::POST, "/files/a/b.txt").unwrap();
         assert_eq!(m.resource, "files:a/b.txt");
+        assert!(
+            !c.durable_reads,
+            "read answers do not wait for an fsync by default"
+        );
+        let c = parse(&format!("durable-reads = true\n{GOOD}")).unwrap();
+        assert!(c.durable_reads);
+        let e = parse(&format!("durable-reads = \"yes\"\n{GOOD}")).unwrap_err();
+        assert!(e.to_string().contains("line 1"), "{e}");
     }
 
     #[test]

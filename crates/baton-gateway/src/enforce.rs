@@ -39,6 +39,9 @@ pub struct EnforcerOptions<'a> {
     /// The audience tokens must name.
     pub audience: &'a str,
     pub spool: &'a Path,
+    /// Read-tier answers wait for their record's fsync
+    /// ([`ToolGate::with_durable_reads`]).
+    pub durable_reads: bool,
     pub feed: FeedConfig<'a>,
     pub policy: &'a Arc<dyn baton_verify::CallPolicy>,
     pub ops: Option<&'a baton_ops::Ops>,
@@ -139,7 +142,8 @@ impl Enforcer {
         let reporter = baton_verify::Reporter::open(o.spool, Arc::new(sender))
             .map_err(|e| GatewayError::Refused(format!("tool-call reporter: {e}")))?;
         let delivery = reporter.spawn();
-        let mut gate = ToolGate::new(o.policy.clone(), Some(reporter.clone()));
+        let mut gate = ToolGate::new(o.policy.clone(), Some(reporter.clone()))
+            .with_durable_reads(o.durable_reads);
         if let Some(key) = o.digest_key {
             gate = gate.with_digest_key(key);
         }
@@ -217,7 +221,8 @@ impl Enforcer {
             upstream_status: None,
             recorded: Default::default(),
         };
-        if let Err(e) = self.reporter.submit(report) {
+        // Not waited for: the token is refused either way.
+        if let Err(e) = self.reporter.enqueue(report) {
             tracing::error!(error = %e, "cannot spool the refusal report");
         }
     }

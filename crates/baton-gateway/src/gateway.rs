@@ -227,6 +227,7 @@ pub async fn run(
         broker_url: &c.broker_url,
         audience: &c.audience,
         spool: &c.spool,
+        durable_reads: c.durable_reads,
         feed: FeedConfig {
             redis: c.redis.as_ref(),
             stale_after: c.stale_after,
@@ -578,14 +579,19 @@ impl Gateway {
             Ok(approval) => approval,
             Err(held) => return held_response(&held),
         };
-        let mut call = match self.enforcer.gate.authorize_approved(
-            &delegation,
-            &spec,
-            &input,
-            now,
-            approval.as_deref(),
-            m.route.record.request_fields(&req.headers, &input),
-        ) {
+        let mut call = match self
+            .enforcer
+            .gate
+            .authorize_approved_async(
+                &delegation,
+                &spec,
+                &input,
+                now,
+                approval.as_deref(),
+                m.route.record.request_fields(&req.headers, &input),
+            )
+            .await
+        {
             Ok(call) => call,
             Err(denied) => return denial(&denied),
         };
@@ -631,7 +637,7 @@ impl Gateway {
                     u64::try_from(latency_ms).unwrap_or(u64::MAX),
                 );
                 // No record, no answer: the call's report must be spooled.
-                if let Err(e) = call.finish(&out) {
+                if let Err(e) = call.finish_async(&out).await {
                     return plain(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "audit_unavailable",
@@ -651,7 +657,7 @@ impl Gateway {
                     error = %message,
                     "upstream failed"
                 );
-                if let Err(e) = call.failed(&message) {
+                if let Err(e) = call.failed_async(&message).await {
                     tracing::warn!(error = %e, "could not spool the report of a failed call");
                 }
                 plain(

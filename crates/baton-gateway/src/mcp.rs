@@ -517,14 +517,12 @@ impl Gateway {
             Err(held) => return held_error(id, name, &held),
         };
         let recorded = tool.record.input_fields(&Value::Object(arguments.clone()));
-        let call = match self.enforcer.gate.authorize_approved(
-            d,
-            &spec,
-            &input,
-            now,
-            approval.as_deref(),
-            recorded,
-        ) {
+        let call = match self
+            .enforcer
+            .gate
+            .authorize_approved_async(d, &spec, &input, now, approval.as_deref(), recorded)
+            .await
+        {
             Ok(call) => call,
             Err(denied) => return call_denial(id, name, &denied),
         };
@@ -636,7 +634,7 @@ impl Gateway {
             Ok(r) => r,
             Err(e) => {
                 if let Some(call) = call
-                    && let Err(re) = call.failed(&e)
+                    && let Err(re) = call.failed_async(&e).await
                 {
                     tracing::warn!(error = %re, "could not spool the report of a failed call");
                 }
@@ -766,10 +764,10 @@ pub(crate) fn relay(
         }
         let recorded = match outcome {
             Ok(()) => match digest {
-                Some(d) => call.finish_digest(d),
-                None => call.finish(&[]),
+                Some(d) => call.finish_digest_async(d).await,
+                None => call.finish_async(&[]).await,
             },
-            Err(e) => call.failed(&e),
+            Err(e) => call.failed_async(&e).await,
         };
         if let Err(e) = recorded {
             tracing::warn!(error = %e, "could not spool the report of a streamed call");

@@ -12,7 +12,7 @@ use baton_core::api::ToolCallReport;
 use baton_core::{Permission, Purpose, RiskTier, Scope, SpiffeId, TaskId};
 
 use crate::error::{CallDenied, ReportError};
-use crate::report::Reporter;
+use crate::report::{Durable, Reporter};
 use crate::token::{RevocationCheck, VerifiedDelegation};
 
 /// One tool as the gate sees it.
@@ -131,9 +131,19 @@ impl CallPolicy for baton_policy::Engine {
 ///   before finishing may go unreported.
 /// - **denials**, any tier: a `deny` record with the reason code and
 ///   message (a spool failure is logged; the call is denied anyway).
+///
+/// The blocking methods ([`authorize`](Self::authorize),
+/// [`VerifiedCall::finish`]) wait for the spool's group commit on the
+/// calling thread; an async server uses
+/// [`authorize_approved_async`](Self::authorize_approved_async) and
+/// [`VerifiedCall::finish_async`], which wait without blocking it and,
+/// for a read call's record, do not wait at all unless
+/// [`with_durable_reads`](Self::with_durable_reads) (or while the spool is
+/// failing).
 pub struct ToolGate {
     policy: Arc<dyn CallPolicy>,
     reporter: Option<Reporter>,
+    durable_reads: bool,
     freshness: Option<Freshness>,
     revocation: Option<Arc<dyn RevocationCheck>>,
     /// With a key, input and output digests are HMAC-SHA256 under it (a
@@ -206,6 +216,7 @@ impl ToolGate {
         Self {
             policy,
             reporter,
+            durable_reads: false,
             freshness: None,
             revocation: None,
             digest_key: None,
@@ -218,6 +229,16 @@ impl ToolGate {
     /// claimed input or output against the record.
     pub fn with_digest_key(mut self, key: &[u8]) -> Self {
         self.digest_key = Some(hmac::Key::new(hmac::HMAC_SHA256, key));
+        self
+    }
+
+    /// [`VerifiedCall::finish_async`] of a read call returns only once its
+    /// record is durable, as for the sensitive tiers. Without it, a read
+    /// call's record goes to the spool's next group commit (milliseconds)
+    /// while the answer goes out, so a crash in between can lose it; a
+    /// spool that is failing makes every call wait (and fail) again.
+    pub fn with_durable_reads(mut self, durable: bool) -> Self {
+        self.durable_reads = durable;
         self
     }
 
@@ -280,6 +301,36 @@ impl ToolGate {
         approval: Option<&str>,
         recorded: BTreeMap<String, String>,
     ) -> Result<VerifiedCall, CallDenied> {
+        self.admit(d, tool, input, now, approval, recorded)
+            .blocking_wait()
+    }
+
+    /// As [`authorize_approved`](Self::authorize_approved), waiting for
+    /// the spool without blocking the thread.
+    pub async fn authorize_approved_async(
+        &self,
+        d: &VerifiedDelegation,
+        tool: &ToolSpec,
+        input: &[u8],
+        now: u64,
+        approval: Option<&str>,
+        recorded: BTreeMap<String, String>,
+    ) -> Result<VerifiedCall, CallDenied> {
+        self.admit(d, tool, input, now, approval, recorded)
+            .wait()
+            .await
+    }
+
+    /// The decision and its record, queued to the spool.
+    fn admit(
+        &self,
+        d: &VerifiedDelegation,
+        tool: &ToolSpec,
+        input: &[u8],
+        now: u64,
+        approval: Option<&str>,
+        recorded: BTreeMap<String, String>,
+    ) -> Admitted {
         let mut report = ToolCallReport {
             report_id: new_report_id(),
             task_id: d.task_id().clone(),
@@ -320,31 +371,52 @@ impl ToolGate {
             }
             report.decision = "deny".to_owned();
             report.reason = Some(format!("{}: {denied}", denied.code()));
-            if let Some(r) = &self.reporter
-                && let Err(e) = r.submit(report)
-            {
-                tracing::warn!(error = %e, "could not spool the report of a denied call");
-            }
-            return Err(denied);
+            let record = self.reporter.as_ref().and_then(|r| {
+                r.enqueue(report)
+                    .inspect_err(|e| {
+                        tracing::warn!(error = %e, "could not spool the report of a denied call");
+                    })
+                    .ok()
+            });
+            return Admitted {
+                outcome: Err(denied),
+                record,
+                allow_record: false,
+            };
         }
         report.reason = approval.map(|id| format!("approved in {id}"));
         let sensitive = tool.tier.is_sensitive();
+        let mut record = None;
         if sensitive {
             if let Some(r) = &self.reporter {
-                r.submit(report.clone())
-                    .map_err(|e| CallDenied::AuditUnavailable(e.to_string()))?;
+                // Not retried if it fails: the call is refused instead.
+                match r.enqueue_once(report.clone()) {
+                    Ok(t) => record = Some(t),
+                    Err(e) => {
+                        return Admitted {
+                            outcome: Err(CallDenied::AuditUnavailable(e.to_string())),
+                            record: None,
+                            allow_record: false,
+                        };
+                    }
+                }
             }
         } else {
             // Read tier: reported once, at finish; no justification.
             report.justification = None;
         }
-        Ok(VerifiedCall {
-            report,
-            digest_key: self.digest_key.clone(),
-            reporter: self.reporter.clone(),
-            sensitive,
-            done: false,
-        })
+        Admitted {
+            outcome: Ok(VerifiedCall {
+                report,
+                digest_key: self.digest_key.clone(),
+                reporter: self.reporter.clone(),
+                sensitive,
+                durable_reads: self.durable_reads,
+                done: false,
+            }),
+            record,
+            allow_record: sensitive,
+        }
     }
 
     /// Whether `tool` would be allowed for the holder of `d` now, without
@@ -442,6 +514,48 @@ impl ToolGate {
     }
 }
 
+/// A decision whose record may still be on its way to the spool.
+struct Admitted {
+    outcome: Result<VerifiedCall, CallDenied>,
+    record: Option<Durable>,
+    /// `record` is a sensitive call's allow record: no record, no call.
+    allow_record: bool,
+}
+
+impl Admitted {
+    fn settle(
+        outcome: Result<VerifiedCall, CallDenied>,
+        allow_record: bool,
+        written: Option<Result<(), ReportError>>,
+    ) -> Result<VerifiedCall, CallDenied> {
+        match written {
+            Some(Err(e)) if allow_record => {
+                // Dropped unfinished: a sensitive call leaves no record.
+                drop(outcome);
+                Err(CallDenied::AuditUnavailable(e.to_string()))
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "could not spool the report of a denied call");
+                outcome
+            }
+            _ => outcome,
+        }
+    }
+
+    fn blocking_wait(self) -> Result<VerifiedCall, CallDenied> {
+        let written = self.record.map(Durable::blocking_wait);
+        Self::settle(self.outcome, self.allow_record, written)
+    }
+
+    async fn wait(self) -> Result<VerifiedCall, CallDenied> {
+        let written = match self.record {
+            Some(t) => Some(t.wait().await),
+            None => None,
+        };
+        Self::settle(self.outcome, self.allow_record, written)
+    }
+}
+
 /// A call the gate would allow now ([`ToolGate::check`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Checked {
@@ -459,6 +573,7 @@ pub struct VerifiedCall {
     digest_key: Option<hmac::Key>,
     reporter: Option<Reporter>,
     sensitive: bool,
+    durable_reads: bool,
     done: bool,
 }
 
@@ -527,15 +642,64 @@ impl VerifiedCall {
         self.complete(None, Some(format!("failed: {reason}")))
     }
 
+    /// As [`finish`](Self::finish), waiting for the spool without blocking
+    /// the thread, and only when the answer must wait for the record: a
+    /// sensitive call, durable reads ([`ToolGate::with_durable_reads`]),
+    /// or a spool whose last write failed.
+    pub async fn finish_async(self, output: &[u8]) -> Result<(), ReportError> {
+        let d = digest_hex(self.digest_key.as_ref(), output);
+        self.complete_async(Some(d), None).await
+    }
+
+    /// As [`finish_digest`](Self::finish_digest), like
+    /// [`finish_async`](Self::finish_async).
+    pub async fn finish_digest_async(self, output: OutputDigest) -> Result<(), ReportError> {
+        self.complete_async(Some(output.finish_hex()), None).await
+    }
+
+    /// As [`failed`](Self::failed), like [`finish_async`](Self::finish_async).
+    pub async fn failed_async(self, reason: &str) -> Result<(), ReportError> {
+        self.complete_async(None, Some(format!("failed: {reason}")))
+            .await
+    }
+
+    async fn complete_async(
+        mut self,
+        output_digest: Option<String>,
+        reason: Option<String>,
+    ) -> Result<(), ReportError> {
+        let Some((reporter, report)) = self.completion(output_digest, reason) else {
+            return Ok(());
+        };
+        let must_wait = self.sensitive || self.durable_reads || !reporter.is_healthy();
+        let ticket = reporter.enqueue(report)?;
+        if must_wait {
+            ticket.wait().await
+        } else {
+            drop(ticket);
+            Ok(())
+        }
+    }
+
     fn complete(
         mut self,
         output_digest: Option<String>,
         reason: Option<String>,
     ) -> Result<(), ReportError> {
+        match self.completion(output_digest, reason) {
+            Some((reporter, report)) => reporter.submit(report),
+            None => Ok(()),
+        }
+    }
+
+    /// The completion record, once (marks the call done).
+    fn completion(
+        &mut self,
+        output_digest: Option<String>,
+        reason: Option<String>,
+    ) -> Option<(Reporter, ToolCallReport)> {
         self.done = true;
-        let Some(reporter) = self.reporter.take() else {
-            return Ok(());
-        };
+        let reporter = self.reporter.take()?;
         let mut report = self.report.clone();
         report.output_digest = output_digest;
         report.reason = reason.clone();
@@ -546,7 +710,7 @@ impl VerifiedCall {
             });
             report.report_id = new_report_id();
         }
-        reporter.submit(report)
+        Some((reporter, report))
     }
 }
 
@@ -559,7 +723,9 @@ impl Drop for VerifiedCall {
         if let Some(r) = self.reporter.take() {
             let mut report = self.report.clone();
             report.reason = Some("finished without output".to_owned());
-            if let Err(e) = r.submit(report) {
+            // Not waited for (a drop may run on an async worker); the
+            // spool retries it if its write fails.
+            if let Err(e) = r.enqueue(report) {
                 tracing::warn!(error = %e, "could not spool the report of a read call");
             }
         }

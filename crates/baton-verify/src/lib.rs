@@ -58,8 +58,8 @@ pub use gate::{
     ToolSpec, VerifiedCall,
 };
 pub use report::{
-    Backoff, HttpSender, MAX_BACKOFF, MAX_BATCH, MIN_BACKOFF, ReportBatch, ReportSender, Reporter,
-    SendFuture, TOOL_CALLS_PATH,
+    Backoff, Durable, HttpSender, MAX_BACKOFF, MAX_BATCH, MIN_BACKOFF, ReportBatch, ReportSender,
+    Reporter, SEGMENT_RECORDS, SendFuture, TOOL_CALLS_PATH,
 };
 pub use tls::tool_server_config;
 pub use token::{

@@ -8,14 +8,23 @@
 //! can be sent again after a timeout that hid a success, and the spool then
 //! resends records the broker already holds.
 //!
-//! Durability: [`Reporter::submit`] appends the record as one JSON line to
-//! `<spool_dir>/tool-calls.jsonl` and fsyncs before returning. A delivered
-//! batch is removed by rewriting the spool (temporary file, fsync, rename,
-//! fsync of the directory). On open, records left by an earlier process are
-//! loaded (a torn last line from a crash mid-append is dropped with a
-//! warning; it was never acknowledged) and deduplicated by `report_id`.
+//! Durability: records go to one writer thread (never a Tokio worker),
+//! which appends every record queued since its last write as JSON lines to
+//! the current segment `<spool_dir>/tool-calls.<n>.jsonl` and fdatasyncs
+//! once for all of them (group commit). [`Reporter::submit`] returns once
+//! the record is durable; [`Reporter::enqueue`] returns at once with a
+//! [`Durable`] ticket to wait on (blocking or async), so a caller that must
+//! not answer before its record is kept waits, and one that need not
+//! (a read-tier call's record) does not. A segment holds at most
+//! [`SEGMENT_RECORDS`] records; it is deleted once every record in it was
+//! delivered, so delivery never rewrites a file and never holds up the
+//! writer. On open, records left by an earlier process (in segments or in
+//! the single `tool-calls.jsonl` of earlier versions) are loaded (a torn
+//! last line from a crash mid-append is dropped with a warning; it was
+//! never acknowledged), deduplicated by `report_id`, and written into one
+//! fresh segment before the old files are removed.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::future::Future;
@@ -23,7 +32,9 @@ use std::io::Write as _;
 use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use baton_core::SpiffeId;
@@ -40,7 +51,24 @@ pub const MAX_BATCH: usize = 256;
 /// First retry delay after a failed delivery; doubles up to [`MAX_BACKOFF`].
 pub const MIN_BACKOFF: Duration = Duration::from_millis(200);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
-const SPOOL_FILE: &str = "tool-calls.jsonl";
+/// Most records in one spool segment before the writer starts the next.
+pub const SEGMENT_RECORDS: usize = 4096;
+/// The one spool file of earlier versions, read (and removed) on open.
+const LEGACY_FILE: &str = "tool-calls.jsonl";
+const SEGMENT_PREFIX: &str = "tool-calls.";
+const SEGMENT_SUFFIX: &str = ".jsonl";
+/// Most records written (and fsynced) together.
+const MAX_GROUP: usize = 1024;
+/// Records nobody waits for that a failed write left unwritten, retried
+/// with the next write; beyond this many the oldest are dropped (and
+/// logged), so a broken disk cannot grow memory without bound.
+const MAX_CARRY: usize = 65_536;
+/// How soon the writer retries such records when nothing new arrives.
+const CARRY_RETRY: Duration = Duration::from_secs(1);
+/// After this long without a record, a segment whose records were all
+/// delivered is removed (not sooner: under load that would make a segment
+/// per group commit).
+const IDLE_ROLL: Duration = Duration::from_secs(1);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The request body of `POST /v1/audit/tool-calls`.
@@ -124,132 +152,444 @@ impl ReportSender for HttpSender {
     }
 }
 
-/// The spool file and the records in it, in order.
-struct Spool {
-    dir: PathBuf,
-    path: PathBuf,
-    file: File,
-    /// `(dev, ino)` of the file `file` writes to, to notice when the spool
-    /// was deleted or replaced under us (appends to an unlinked file would
-    /// be lost).
-    identity: (u64, u64),
-    pending: Vec<ToolCallReport>,
+/// One record, durable in segment `segment`, not yet delivered.
+struct Spooled {
+    segment: u64,
+    report: ToolCallReport,
 }
 
-impl Spool {
+/// What the reporter's handles and its writer thread share.
+struct State {
+    /// Durable records waiting for delivery, oldest first.
+    pending: VecDeque<Spooled>,
+    /// Undelivered records per segment number.
+    outstanding: BTreeMap<u64, usize>,
+    /// The segment the writer appends to, if one is open.
+    current: Option<u64>,
+}
+
+struct Shared {
+    dir: PathBuf,
+    state: Mutex<State>,
+    /// False from a failed write until the next successful one.
+    healthy: AtomicBool,
+    /// Wakes background delivery when records become durable.
+    wake: tokio::sync::Notify,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn io(&self, source: std::io::Error) -> ReportError {
         ReportError::Spool {
-            path: self.path.clone(),
+            path: self.dir.clone(),
             source,
         }
     }
+}
 
-    fn open(dir: &Path) -> Result<Self, ReportError> {
-        let path = dir.join(SPOOL_FILE);
-        let err = |source| ReportError::Spool {
-            path: path.clone(),
-            source,
-        };
-        fs::create_dir_all(dir).map_err(err)?;
-        let text = match fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => return Err(err(e)),
-        };
-        let mut pending = Vec::new();
-        let mut seen = HashSet::new();
-        let mut dirty = !text.is_empty() && !text.ends_with('\n');
-        for (n, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                dirty = true;
-                continue;
+fn segment_path(dir: &Path, n: u64) -> PathBuf {
+    dir.join(format!("{SEGMENT_PREFIX}{n:016x}{SEGMENT_SUFFIX}"))
+}
+
+/// The segment number a file name encodes, if it is a segment.
+fn segment_number(name: &str) -> Option<u64> {
+    let hex = name
+        .strip_prefix(SEGMENT_PREFIX)?
+        .strip_suffix(SEGMENT_SUFFIX)?;
+    if hex.len() != 16 {
+        return None;
+    }
+    u64::from_str_radix(hex, 16).ok()
+}
+
+/// How a queued record's write ended, for whoever waits on it.
+struct Completion {
+    result: Mutex<Option<Result<(), std::io::ErrorKind>>>,
+    done: Condvar,
+    notify: tokio::sync::Notify,
+}
+
+impl Completion {
+    fn set(&self, result: Result<(), std::io::ErrorKind>) {
+        *self.result.lock().unwrap_or_else(PoisonError::into_inner) = Some(result);
+        self.done.notify_all();
+        self.notify.notify_one();
+    }
+
+    fn get(&self) -> Option<Result<(), std::io::ErrorKind>> {
+        *self.result.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The writer's end of a [`Completion`]: dropped without an outcome (the
+/// writer stopped or panicked), it tells the waiter the write failed, so
+/// no waiter hangs.
+struct Completer(Arc<Completion>);
+
+impl Completer {
+    fn new() -> (Self, Arc<Completion>) {
+        let c = Arc::new(Completion {
+            result: Mutex::new(None),
+            done: Condvar::new(),
+            notify: tokio::sync::Notify::new(),
+        });
+        (Self(c.clone()), c)
+    }
+}
+
+impl Drop for Completer {
+    fn drop(&mut self) {
+        if self.0.get().is_none() {
+            self.0.set(Err(std::io::ErrorKind::BrokenPipe));
+        }
+    }
+}
+
+/// A queued record: [`wait`](Self::wait) (async) or
+/// [`blocking_wait`](Self::blocking_wait) returns once it is durable in
+/// the spool, or with the error that kept it out. Dropping the ticket does
+/// not cancel the write.
+#[must_use = "a queued record is durable only once its ticket says so"]
+pub struct Durable {
+    completion: Arc<Completion>,
+    dir: PathBuf,
+}
+
+impl fmt::Debug for Durable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Durable")
+            .field("done", &self.completion.get().is_some())
+            .finish()
+    }
+}
+
+impl Durable {
+    fn into_result(self, r: Result<(), std::io::ErrorKind>) -> Result<(), ReportError> {
+        r.map_err(|kind| ReportError::Spool {
+            path: self.dir,
+            source: std::io::Error::new(kind, "the record could not be written to the spool"),
+        })
+    }
+
+    /// Waits, without blocking the thread, until the record is durable.
+    pub async fn wait(self) -> Result<(), ReportError> {
+        loop {
+            if let Some(r) = self.completion.get() {
+                return self.into_result(r);
             }
-            match serde_json::from_str::<ToolCallReport>(line) {
-                Ok(r) => {
-                    if seen.insert(r.report_id.clone()) {
-                        pending.push(r);
-                    } else {
-                        dirty = true;
+            // One waiter per ticket: a `notify_one` before this line left
+            // a permit, so no wake-up is missed.
+            self.completion.notify.notified().await;
+        }
+    }
+
+    /// Blocks the calling thread until the record is durable.
+    pub fn blocking_wait(self) -> Result<(), ReportError> {
+        let mut slot = self
+            .completion
+            .result
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if let Some(r) = *slot {
+                drop(slot);
+                return self.into_result(r);
+            }
+            slot = self
+                .completion
+                .done
+                .wait(slot)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+/// One record for the writer.
+struct Job {
+    line: Vec<u8>,
+    report: ToolCallReport,
+    completer: Completer,
+    /// Written later if this write fails. False only for a record the
+    /// caller acts on only once it is written (a sensitive call's allow
+    /// record: the call is refused instead, so the record would be false).
+    retry: bool,
+}
+
+/// The writer thread's own state: the open segment and what it holds.
+struct Writer {
+    shared: Arc<Shared>,
+    segment: Option<OpenSegment>,
+    next_segment: u64,
+    /// Records a failed write left unwritten, retried first.
+    carry: Vec<Job>,
+    /// The open segment was removed or replaced under us: every
+    /// undelivered record must be written again before the next ones.
+    lost: bool,
+}
+
+struct OpenSegment {
+    number: u64,
+    path: PathBuf,
+    file: File,
+    /// `(dev, ino)` of the file, to notice when the segment was deleted
+    /// or replaced under us (appends to an unlinked file would be lost).
+    identity: (u64, u64),
+    records: usize,
+    len: u64,
+}
+
+impl Writer {
+    fn run(mut self, jobs: &mpsc::Receiver<Job>) {
+        loop {
+            let wait = if self.carry.is_empty() {
+                IDLE_ROLL
+            } else {
+                CARRY_RETRY
+            };
+            let first = match jobs.recv_timeout(wait) {
+                Ok(j) => Some(j),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    // Last chance for records a failed write left.
+                    let carry = std::mem::take(&mut self.carry);
+                    if !carry.is_empty() {
+                        self.write_group(carry);
+                    }
+                    self.roll_if_delivered();
+                    return;
+                }
+            };
+            let mut group = std::mem::take(&mut self.carry);
+            if let Some(first) = first {
+                group.push(first);
+                while group.len() < MAX_GROUP {
+                    match jobs.try_recv() {
+                        Ok(j) => group.push(j),
+                        Err(_) => break,
                     }
                 }
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), line = n + 1, error = %e,
-                        "dropping an unreadable spool line (torn write?)");
-                    dirty = true;
-                }
+            }
+            if group.is_empty() {
+                // Idle: a segment whose records were all delivered goes.
+                self.roll_if_delivered();
+            } else {
+                self.write_group(group);
             }
         }
-        let file = open_append(&path).map_err(err)?;
-        let identity = file_identity(&file).map_err(err)?;
-        let mut spool = Spool {
-            dir: dir.to_owned(),
+    }
+
+    /// Closes the current segment if nothing in it waits for delivery (it
+    /// is then removed); the next record opens a new one.
+    fn roll_if_delivered(&mut self) {
+        let Some(number) = self.segment.as_ref().map(|s| s.number) else {
+            return;
+        };
+        let mut state = self.shared.lock();
+        if state.outstanding.get(&number).copied().unwrap_or(0) != 0 {
+            return;
+        }
+        state.outstanding.remove(&number);
+        state.current = None;
+        drop(state);
+        if let Some(seg) = self.segment.take() {
+            remove_segment(&seg.path);
+        }
+    }
+
+    fn open_segment(&mut self) -> std::io::Result<OpenSegment> {
+        let (number, path, file) = loop {
+            let number = self.next_segment;
+            let path = segment_path(&self.shared.dir, number);
+            let opened = OpenOptions::new()
+                .append(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path);
+            self.next_segment = number
+                .checked_add(1)
+                .ok_or_else(|| std::io::Error::other("spool segment numbers are exhausted"))?;
+            match opened {
+                Ok(file) => break (number, path, file),
+                // Left by a failed attempt (or put there): skip the name.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        };
+        // The new name must survive a crash for its records to.
+        File::open(&self.shared.dir)?.sync_all()?;
+        let identity = file_identity(&file)?;
+        Ok(OpenSegment {
+            number,
             path,
             file,
             identity,
-            pending,
-        };
-        if dirty {
-            spool.rewrite()?;
-        }
-        Ok(spool)
+            records: 0,
+            len: 0,
+        })
     }
 
-    fn append(&mut self, report: ToolCallReport) -> Result<(), ReportError> {
-        let mut line =
-            serde_json::to_vec(&report).map_err(|e| ReportError::Encode(e.to_string()))?;
-        line.push(b'\n');
-        let still_ours = fs::symlink_metadata(&self.path)
-            .is_ok_and(|m| m.is_file() && (m.dev(), m.ino()) == self.identity);
-        if !still_ours {
-            tracing::warn!(path = %self.path.display(), "audit spool was removed or replaced; recreating it");
-            self.rewrite()?;
-        }
-        let written = self
-            .file
-            .write_all(&line)
-            .and_then(|()| self.file.sync_data());
-        if let Err(e) = written {
-            // The file may now end with a partial line; rewrite it from
-            // memory so the next append does not extend a torn record.
-            if let Err(re) = self.rewrite() {
-                tracing::warn!(error = %re, "could not repair the spool after a failed append");
+    /// The segment to append to: the open one while it is still ours and
+    /// has room, else a new one (a full one left behind is removed if all
+    /// its records were delivered). When the open one was removed or
+    /// replaced under us, every undelivered record is written again into
+    /// the new one (returned).
+    fn segment_for_write(&mut self) -> std::io::Result<Vec<ToolCallReport>> {
+        if let Some(seg) = &self.segment {
+            let still_ours = fs::symlink_metadata(&seg.path)
+                .is_ok_and(|m| m.is_file() && (m.dev(), m.ino()) == seg.identity);
+            if !still_ours {
+                tracing::warn!(path = %seg.path.display(),
+                    "audit spool segment was removed or replaced; writing its records again");
+                self.segment = None;
+                self.lost = true;
+            } else if seg.records >= SEGMENT_RECORDS {
+                self.segment = None;
             }
-            return Err(self.io(e));
         }
-        self.pending.push(report);
-        Ok(())
+        if self.segment.is_none() {
+            let seg = self.open_segment()?;
+            let mut state = self.shared.lock();
+            let old = state.current.replace(seg.number);
+            let delivered =
+                old.filter(|n| !self.lost && state.outstanding.get(n).copied().unwrap_or(0) == 0);
+            if let Some(n) = delivered {
+                state.outstanding.remove(&n);
+            }
+            let rewrite = if self.lost {
+                state.pending.iter().map(|s| s.report.clone()).collect()
+            } else {
+                Vec::new()
+            };
+            drop(state);
+            if let Some(n) = delivered {
+                remove_segment(&segment_path(&self.shared.dir, n));
+            }
+            self.segment = Some(seg);
+            return Ok(rewrite);
+        }
+        Ok(if self.lost {
+            self.shared
+                .lock()
+                .pending
+                .iter()
+                .map(|s| s.report.clone())
+                .collect()
+        } else {
+            Vec::new()
+        })
     }
 
-    fn remove(&mut self, delivered: &HashSet<String>) -> Result<(), ReportError> {
-        self.pending.retain(|r| !delivered.contains(&r.report_id));
-        self.rewrite()
+    fn write_group(&mut self, group: Vec<Job>) {
+        match self.append_group(&group) {
+            Ok(number) => {
+                self.shared.healthy.store(true, Ordering::Relaxed);
+                let mut completers = Vec::with_capacity(group.len());
+                let spooled: Vec<Spooled> = group
+                    .into_iter()
+                    .map(|j| {
+                        completers.push(j.completer);
+                        Spooled {
+                            segment: number,
+                            report: j.report,
+                        }
+                    })
+                    .collect();
+                {
+                    let mut state = self.shared.lock();
+                    *state.outstanding.entry(number).or_insert(0) += spooled.len();
+                    state.pending.extend(spooled);
+                }
+                // Delivery first: whoever waits may count on it being woken.
+                self.shared.wake.notify_one();
+                for c in completers {
+                    c.0.set(Ok(()));
+                }
+            }
+            Err(e) => {
+                tracing::error!(dir = %self.shared.dir.display(), error = %e,
+                    records = group.len(), "cannot write tool-call reports to the audit spool");
+                self.shared.healthy.store(false, Ordering::Relaxed);
+                for job in group {
+                    // Whoever waits learns of the failure either way.
+                    job.completer.0.set(Err(e.kind()));
+                    if !job.retry {
+                        continue;
+                    }
+                    if self.carry.len() < MAX_CARRY {
+                        self.carry.push(job);
+                    } else {
+                        tracing::error!(
+                            "dropping a tool-call report: the spool has been failing too long"
+                        );
+                    }
+                }
+            }
+        }
     }
 
-    /// Replaces the file with exactly `pending`, atomically.
-    fn rewrite(&mut self) -> Result<(), ReportError> {
-        let tmp = self.dir.join(format!("{SPOOL_FILE}.tmp"));
-        let mut body = Vec::new();
-        for r in &self.pending {
-            serde_json::to_writer(&mut body, r).map_err(|e| ReportError::Encode(e.to_string()))?;
-            body.push(b'\n');
+    /// Writes the group's lines (and, after a lost segment, every
+    /// undelivered record first) with one fdatasync; the segment number.
+    fn append_group(&mut self, group: &[Job]) -> std::io::Result<u64> {
+        let rewrite = self.segment_for_write()?;
+        let mut buf = Vec::new();
+        for r in &rewrite {
+            serde_json::to_writer(&mut buf, r).map_err(std::io::Error::other)?;
+            buf.push(b'\n');
         }
-        let result = (|| {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(&body)?;
-            f.sync_all()?;
-            fs::rename(&tmp, &self.path)?;
-            File::open(&self.dir)?.sync_all()?;
-            let file = open_append(&self.path)?;
-            let identity = file_identity(&file)?;
-            Ok((file, identity))
-        })();
-        (self.file, self.identity) = result.map_err(|e| self.io(e))?;
-        Ok(())
+        for job in group {
+            buf.extend_from_slice(&job.line);
+        }
+        let lines = rewrite.len() + group.len();
+        let Some(seg) = self.segment.as_mut() else {
+            return Err(std::io::Error::other("no spool segment open"));
+        };
+        let written = seg.file.write_all(&buf).and_then(|()| seg.file.sync_data());
+        if let Err(e) = written {
+            // Cut a partial line off so the next write starts clean; if
+            // even that fails, start a new segment next time.
+            if seg.file.set_len(seg.len).is_err() {
+                self.segment = None;
+            }
+            return Err(e);
+        }
+        seg.len += buf.len() as u64;
+        seg.records += lines;
+        let number = seg.number;
+        if std::mem::take(&mut self.lost) {
+            let mut state = self.shared.lock();
+            let mut old = Vec::new();
+            for s in state.pending.iter_mut() {
+                if s.segment != number {
+                    old.push(s.segment);
+                    s.segment = number;
+                }
+            }
+            let moved = state.pending.len();
+            old.extend(state.outstanding.keys().copied().filter(|n| *n != number));
+            state.outstanding.clear();
+            state.outstanding.insert(number, moved);
+            drop(state);
+            old.sort_unstable();
+            old.dedup();
+            for n in old {
+                remove_segment(&segment_path(&self.shared.dir, n));
+            }
+        }
+        Ok(number)
+    }
+}
+
+fn remove_segment(path: &Path) {
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        // Left behind, its records are sent again after a restart; the
+        // broker ignores report ids it holds.
+        Err(e) => tracing::warn!(path = %path.display(), error = %e,
+            "could not remove a delivered spool segment"),
     }
 }
 
@@ -258,12 +598,61 @@ fn file_identity(file: &File) -> std::io::Result<(u64, u64)> {
     Ok((m.dev(), m.ino()))
 }
 
-fn open_append(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .open(path)
+/// Reads every spool file in `dir` (the legacy file first, then segments
+/// in order): the records, deduplicated, and the files read.
+fn load(dir: &Path) -> Result<(Vec<ToolCallReport>, Vec<PathBuf>, u64), ReportError> {
+    let err = |path: &Path, source| ReportError::Spool {
+        path: path.to_owned(),
+        source,
+    };
+    fs::create_dir_all(dir).map_err(|e| err(dir, e))?;
+    let mut files: Vec<(u64, PathBuf)> = Vec::new();
+    let mut next = 0u64;
+    for entry in fs::read_dir(dir).map_err(|e| err(dir, e))? {
+        let entry = entry.map_err(|e| err(dir, e))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name == LEGACY_FILE {
+            files.push((0, entry.path()));
+        } else if let Some(n) = segment_number(name) {
+            let Some(after) = n.checked_add(1) else {
+                return Err(err(
+                    &entry.path(),
+                    std::io::Error::other("segment number too large; move the file away"),
+                ));
+            };
+            files.push((after, entry.path()));
+            next = next.max(after);
+        }
+    }
+    files.sort();
+    let mut records = Vec::new();
+    let mut seen = HashSet::new();
+    for (_, path) in &files {
+        // Bytes, not text: a crash can cut a line inside a UTF-8 sequence.
+        let bytes = match fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(err(path, e)),
+        };
+        for (n, line) in bytes.split(|&b| b == b'\n').enumerate() {
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            match serde_json::from_slice::<ToolCallReport>(line) {
+                Ok(r) => {
+                    if seen.insert(r.report_id.clone()) {
+                        records.push(r);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), line = n + 1, error = %e,
+                        "dropping an unreadable spool line (torn write?)");
+                }
+            }
+        }
+    }
+    Ok((records, files.into_iter().map(|(_, p)| p).collect(), next))
 }
 
 /// Capped exponential backoff for delivery retries.
@@ -295,10 +684,24 @@ impl Backoff {
 }
 
 struct Inner {
-    spool: Mutex<Spool>,
+    shared: Arc<Shared>,
+    /// `None` only while dropping.
+    jobs: Option<mpsc::Sender<Job>>,
+    writer: Option<std::thread::JoinHandle<()>>,
     sender: Arc<dyn ReportSender>,
-    wake: tokio::sync::Notify,
     flushing: tokio::sync::Mutex<()>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing the queue ends the writer once it wrote what it holds.
+        drop(self.jobs.take());
+        if let Some(h) = self.writer.take()
+            && h.join().is_err()
+        {
+            tracing::error!("the audit spool writer thread panicked");
+        }
+    }
 }
 
 /// Spools reports durably and delivers them to the broker.
@@ -313,61 +716,165 @@ pub struct Reporter {
 
 impl fmt::Debug for Reporter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let spool = self
-            .inner
-            .spool
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
         f.debug_struct("Reporter")
-            .field("spool", &spool.path)
-            .field("pending", &spool.pending.len())
+            .field("spool", &self.inner.shared.dir)
+            .field("pending", &self.pending())
             .finish_non_exhaustive()
     }
 }
 
 impl Reporter {
     /// Opens (or creates) the spool in `spool_dir`, keeping any records an
-    /// earlier process left undelivered.
+    /// earlier process left undelivered, and starts its writer thread.
     pub fn open(spool_dir: &Path, sender: Arc<dyn ReportSender>) -> Result<Self, ReportError> {
-        let spool = Spool::open(spool_dir)?;
+        let (records, old_files, next_segment) = load(spool_dir)?;
+        let shared = Arc::new(Shared {
+            dir: spool_dir.to_owned(),
+            state: Mutex::new(State {
+                pending: VecDeque::new(),
+                outstanding: BTreeMap::new(),
+                current: None,
+            }),
+            healthy: AtomicBool::new(true),
+            wake: tokio::sync::Notify::new(),
+        });
+        let mut writer = Writer {
+            shared: shared.clone(),
+            segment: None,
+            next_segment,
+            carry: Vec::new(),
+            lost: false,
+        };
+        if !records.is_empty() {
+            // Compact what was left into one fresh segment, then drop the
+            // old files: a torn tail or a duplicate never survives a
+            // restart, and the next append starts on a fresh line.
+            let seg = writer.open_segment().map_err(|e| shared.io(e))?;
+            let mut buf = Vec::new();
+            for r in &records {
+                serde_json::to_writer(&mut buf, r)
+                    .map_err(|e| ReportError::Encode(e.to_string()))?;
+                buf.push(b'\n');
+            }
+            let mut seg = seg;
+            seg.file
+                .write_all(&buf)
+                .and_then(|()| seg.file.sync_data())
+                .map_err(|e| shared.io(e))?;
+            seg.records = records.len();
+            seg.len = buf.len() as u64;
+            let mut state = shared.lock();
+            state.current = Some(seg.number);
+            state.outstanding.insert(seg.number, records.len());
+            state.pending = records
+                .into_iter()
+                .map(|report| Spooled {
+                    segment: seg.number,
+                    report,
+                })
+                .collect();
+            drop(state);
+            writer.segment = Some(seg);
+        }
+        for f in &old_files {
+            fs::remove_file(f).map_err(|e| shared.io(e))?;
+        }
+        if !old_files.is_empty() {
+            File::open(spool_dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| shared.io(e))?;
+        }
+        let (tx, rx) = mpsc::channel();
+        let handle = std::thread::Builder::new()
+            .name("baton-spool".into())
+            .spawn(move || writer.run(&rx))
+            .map_err(|e| shared.io(e))?;
         Ok(Self {
             inner: Arc::new(Inner {
-                spool: Mutex::new(spool),
+                shared,
+                jobs: Some(tx),
+                writer: Some(handle),
                 sender,
-                wake: tokio::sync::Notify::new(),
                 flushing: tokio::sync::Mutex::new(()),
             }),
         })
     }
 
-    /// Appends `report` to the spool and fsyncs; returns once it is
-    /// durable. Blocking file I/O: a few hundred microseconds to a few
-    /// milliseconds depending on the disk.
+    /// Queues `report` for the writer thread's next group commit and
+    /// returns at once; the ticket says when it is durable. If that write
+    /// fails, the record is written with a later one (the ticket reports
+    /// the failure all the same): for records of what happened anyway.
+    pub fn enqueue(&self, report: ToolCallReport) -> Result<Durable, ReportError> {
+        self.queue(report, true)
+    }
+
+    /// As [`enqueue`](Self::enqueue), for a record the caller acts on only
+    /// once it is written (a sensitive call's allow record): if the write
+    /// fails, the record is dropped, since the caller will not act.
+    pub fn enqueue_once(&self, report: ToolCallReport) -> Result<Durable, ReportError> {
+        self.queue(report, false)
+    }
+
+    fn queue(&self, report: ToolCallReport, retry: bool) -> Result<Durable, ReportError> {
+        let mut line =
+            serde_json::to_vec(&report).map_err(|e| ReportError::Encode(e.to_string()))?;
+        line.push(b'\n');
+        let (completer, completion) = Completer::new();
+        let job = Job {
+            line,
+            report,
+            completer,
+            retry,
+        };
+        let sent = self
+            .inner
+            .jobs
+            .as_ref()
+            .is_some_and(|tx| tx.send(job).is_ok());
+        if !sent {
+            return Err(self.inner.shared.io(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "the spool writer has stopped",
+            )));
+        }
+        Ok(Durable {
+            completion,
+            dir: self.inner.shared.dir.clone(),
+        })
+    }
+
+    /// Appends `report` to the spool; returns once it is durable (blocks
+    /// the calling thread for the writer's next group commit).
     pub fn submit(&self, report: ToolCallReport) -> Result<(), ReportError> {
-        self.inner
-            .spool
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .append(report)?;
-        self.inner.wake.notify_one();
-        Ok(())
+        self.enqueue(report)?.blocking_wait()
     }
 
-    /// How many records wait for delivery.
+    /// Like [`submit`](Self::submit), without blocking the thread.
+    pub async fn submit_async(&self, report: ToolCallReport) -> Result<(), ReportError> {
+        self.enqueue(report)?.wait().await
+    }
+
+    /// False from a failed spool write until the next one succeeds: a
+    /// caller that would not wait for its record's ticket should wait
+    /// while this is false.
+    pub fn is_healthy(&self) -> bool {
+        self.inner.shared.healthy.load(Ordering::Relaxed)
+    }
+
+    /// How many durable records wait for delivery.
     pub fn pending(&self) -> usize {
-        self.lock_spool().pending.len()
+        self.inner.shared.lock().pending.len()
     }
 
-    /// The records waiting for delivery, oldest first.
+    /// The durable records waiting for delivery, oldest first.
     pub fn pending_reports(&self) -> Vec<ToolCallReport> {
-        self.lock_spool().pending.clone()
-    }
-
-    fn lock_spool(&self) -> std::sync::MutexGuard<'_, Spool> {
         self.inner
-            .spool
+            .shared
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+            .pending
+            .iter()
+            .map(|s| s.report.clone())
+            .collect()
     }
 
     /// Sends everything pending, in batches of at most [`MAX_BATCH`], until
@@ -375,32 +882,64 @@ impl Reporter {
     /// after it stay spooled). Returns how many records were delivered.
     pub async fn flush(&self) -> Result<usize, ReportError> {
         let _one_at_a_time = self.inner.flushing.lock().await;
+        let shared = &self.inner.shared;
         let mut delivered = 0;
         loop {
             let batch = ReportBatch {
-                reports: self
-                    .lock_spool()
+                reports: shared
+                    .lock()
                     .pending
                     .iter()
                     .take(MAX_BATCH)
-                    .cloned()
+                    .map(|s| s.report.clone())
                     .collect(),
             };
             if batch.reports.is_empty() {
                 return Ok(delivered);
             }
             self.inner.sender.send(&batch).await?;
-            let ids: HashSet<String> = batch.reports.into_iter().map(|r| r.report_id).collect();
+            let ids: HashSet<&str> = batch.reports.iter().map(|r| r.report_id.as_str()).collect();
             delivered += ids.len();
-            self.lock_spool().remove(&ids)?;
+            let done = {
+                let mut state = shared.lock();
+                let mut touched = Vec::new();
+                // Only delivery removes records and the writer only adds
+                // at the back, so the batch is still at the front (a lost
+                // segment's rewrite renumbers records, never reorders).
+                while state
+                    .pending
+                    .front()
+                    .is_some_and(|s| ids.contains(s.report.report_id.as_str()))
+                {
+                    if let Some(s) = state.pending.pop_front() {
+                        touched.push(s.segment);
+                    }
+                }
+                let mut done = Vec::new();
+                for n in touched {
+                    if let Some(c) = state.outstanding.get_mut(&n) {
+                        *c = c.saturating_sub(1);
+                        if *c == 0 && state.current != Some(n) {
+                            state.outstanding.remove(&n);
+                            done.push(n);
+                        }
+                    }
+                }
+                done
+            };
+            // The current segment goes when the writer is idle (or moves
+            // on); a closed one as soon as all of it was delivered.
+            for n in done {
+                remove_segment(&segment_path(&shared.dir, n));
+            }
         }
     }
 
-    /// Delivers in the background: flushes whenever a record is submitted;
-    /// after a failure, retries with [`Backoff`] from [`MIN_BACKOFF`] up to
-    /// [`MAX_BACKOFF`] (submissions do not cut a backoff short). Aborting
-    /// the returned task loses nothing: the spool is on disk. Call it once,
-    /// from within a Tokio runtime.
+    /// Delivers in the background: flushes whenever records become
+    /// durable; after a failure, retries with [`Backoff`] from
+    /// [`MIN_BACKOFF`] up to [`MAX_BACKOFF`] (new records do not cut a
+    /// backoff short). Aborting the returned task loses nothing: the spool
+    /// is on disk. Call it once, from within a Tokio runtime.
     pub fn spawn(&self) -> tokio::task::JoinHandle<()> {
         let this = self.clone();
         tokio::spawn(async move {
@@ -410,7 +949,7 @@ impl Reporter {
                     Ok(_) => {
                         backoff.on_success();
                         if this.pending() == 0 {
-                            this.inner.wake.notified().await;
+                            this.inner.shared.wake.notified().await;
                         }
                     }
                     Err(e) => {

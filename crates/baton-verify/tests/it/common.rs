@@ -304,3 +304,16 @@ impl ReportSender for TestSender {
         })
     }
 }
+
+/// Records on disk in the spool at `dir`: lines of every spool file.
+pub fn spool_lines(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| {
+            let name = e.file_name().into_string().unwrap();
+            name.starts_with("tool-calls") && name.ends_with(".jsonl")
+        })
+        .map(|e| std::fs::read_to_string(e.path()).unwrap().lines().count())
+        .sum()
+}

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use baton_core::api::ToolCallReport;
 use baton_core::{RiskTier, TaskId};
-use baton_verify::{Backoff, MAX_BATCH, Reporter};
+use baton_verify::{Backoff, MAX_BATCH, Reporter, SEGMENT_RECORDS};
 
 use crate::common::*;
 
@@ -46,8 +46,7 @@ async fn keeps_records_while_the_broker_is_down_and_delivers_them_later() {
     }
     assert_eq!(sender.attempts(), 3);
     assert_eq!(reporter.pending(), 3);
-    let on_disk = std::fs::read_to_string(dir.path().join("tool-calls.jsonl")).unwrap();
-    assert_eq!(on_disk.lines().count(), 3);
+    assert_eq!(spool_lines(dir.path()), 3);
 
     // The process restarts while the broker is still down: nothing lost.
     drop(reporter);
@@ -59,11 +58,15 @@ async fn keeps_records_while_the_broker_is_down_and_delivers_them_later() {
     assert_eq!(reporter.flush().await.unwrap(), 3);
     assert_eq!(reporter.pending(), 0);
     assert_eq!(sender.received(), sent);
-    let on_disk = std::fs::read_to_string(dir.path().join("tool-calls.jsonl")).unwrap();
-    assert!(on_disk.is_empty());
     // Nothing is sent twice once acknowledged.
     assert_eq!(reporter.flush().await.unwrap(), 0);
     assert_eq!(sender.received().len(), 3);
+    // The delivered segment is gone (the writer removes it; dropping the
+    // reporter waits for the writer).
+    drop(reporter);
+    assert_eq!(spool_lines(dir.path()), 0);
+    let reporter = Reporter::open(dir.path(), sender.clone()).unwrap();
+    assert_eq!(reporter.pending(), 0);
 }
 
 #[tokio::test]
@@ -148,4 +151,146 @@ async fn background_task_retries_until_delivered() {
     }
     assert_eq!(sender.received().len(), 2);
     task.abort();
+}
+
+#[test]
+fn concurrent_submits_are_all_durable_and_kept_in_order_per_caller() {
+    let dir = tempfile::tempdir().unwrap();
+    let reporter = Reporter::open(dir.path(), TestSender::new(false)).unwrap();
+    let per_thread: Vec<Vec<ToolCallReport>> = (0..8)
+        .map(|t| (0..50).map(|i| report(t * 100 + i)).collect())
+        .collect();
+    std::thread::scope(|scope| {
+        for records in &per_thread {
+            let reporter = reporter.clone();
+            scope.spawn(move || {
+                for r in records {
+                    reporter.submit(r.clone()).unwrap();
+                }
+            });
+        }
+    });
+    assert_eq!(reporter.pending(), 400);
+    assert_eq!(spool_lines(dir.path()), 400);
+    drop(reporter);
+    let reporter = Reporter::open(dir.path(), TestSender::new(false)).unwrap();
+    let back = reporter.pending_reports();
+    assert_eq!(back.len(), 400);
+    // Each caller's records in the order it submitted them.
+    for records in &per_thread {
+        let ids: Vec<&str> = records.iter().map(|r| r.report_id.as_str()).collect();
+        let seen: Vec<&str> = back
+            .iter()
+            .map(|r| r.report_id.as_str())
+            .filter(|id| ids.contains(id))
+            .collect();
+        assert_eq!(seen, ids);
+    }
+}
+
+#[tokio::test]
+async fn delivered_segments_are_removed_and_a_restart_resends_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let sender = TestSender::new(true);
+    let reporter = Reporter::open(dir.path(), sender.clone()).unwrap();
+    // A segment closes once it holds SEGMENT_RECORDS at the start of a
+    // group commit, so twice that is sure to need a second one.
+    let n = 2 * SEGMENT_RECORDS;
+    let tickets: Vec<_> = (0..n)
+        .map(|i| reporter.enqueue(report(u32::try_from(i).unwrap())).unwrap())
+        .collect();
+    for t in tickets {
+        t.wait().await.unwrap();
+    }
+    let segments: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        segments.len() >= 2,
+        "{n} records fill more than one segment: {segments:?}"
+    );
+    assert_eq!(spool_lines(dir.path()), n);
+    assert_eq!(reporter.flush().await.unwrap(), n);
+    drop(reporter);
+    assert_eq!(spool_lines(dir.path()), 0);
+    let reporter = Reporter::open(dir.path(), sender.clone()).unwrap();
+    assert_eq!(reporter.flush().await.unwrap(), 0);
+    assert_eq!(sender.received().len(), n);
+}
+
+#[tokio::test]
+async fn a_segment_removed_under_the_writer_is_written_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let reporter = Reporter::open(dir.path(), TestSender::new(false)).unwrap();
+    let a = report(1);
+    reporter.submit_async(a.clone()).await.unwrap();
+    for e in std::fs::read_dir(dir.path()).unwrap() {
+        std::fs::remove_file(e.unwrap().path()).unwrap();
+    }
+    let b = report(2);
+    reporter.submit_async(b.clone()).await.unwrap();
+    assert_eq!(spool_lines(dir.path()), 2);
+    drop(reporter);
+    let reporter = Reporter::open(dir.path(), TestSender::new(false)).unwrap();
+    assert_eq!(reporter.pending_reports(), vec![a, b]);
+}
+
+#[test]
+fn records_of_what_happened_are_written_once_the_spool_works_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let reporter = Reporter::open(&spool, TestSender::new(false)).unwrap();
+    // No segment can be made while the spool directory is a file.
+    std::fs::remove_dir_all(&spool).unwrap();
+    std::fs::write(&spool, b"").unwrap();
+    // A record the caller would act on only once written: dropped.
+    let once = report(1);
+    assert!(
+        reporter
+            .enqueue_once(once)
+            .unwrap()
+            .blocking_wait()
+            .is_err()
+    );
+    assert!(!reporter.is_healthy());
+    // Records of what happened anyway, waited for or not: kept.
+    let unwaited = report(2);
+    drop(reporter.enqueue(unwaited.clone()).unwrap());
+    let waited = report(3);
+    assert!(reporter.submit(waited.clone()).is_err());
+    assert_eq!(reporter.pending(), 0);
+    std::fs::remove_file(&spool).unwrap();
+    std::fs::create_dir(&spool).unwrap();
+    let next = report(4);
+    reporter.submit(next.clone()).unwrap();
+    assert!(reporter.is_healthy());
+    assert_eq!(reporter.pending_reports(), vec![unwaited, waited, next]);
+}
+
+#[test]
+fn a_torn_multibyte_tail_does_not_stop_the_spool_opening() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = report(1);
+    a.justification = Some("café ☕".into());
+    let mut bytes = serde_json::to_vec(&a).unwrap();
+    bytes.push(b'\n');
+    let line = serde_json::to_vec(&a).unwrap();
+    // Cut inside the 3-byte '☕'.
+    let cut = line.windows(3).position(|w| w == "☕".as_bytes()).unwrap() + 1;
+    bytes.extend_from_slice(&line[..cut]);
+    std::fs::write(dir.path().join("tool-calls.0000000000000007.jsonl"), bytes).unwrap();
+    let reporter = Reporter::open(dir.path(), TestSender::new(false)).unwrap();
+    assert_eq!(reporter.pending_reports(), vec![a.clone()]);
+    // New segments come after the highest number found.
+    let b = report(2);
+    reporter.submit(b.clone()).unwrap();
+    drop(reporter);
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names, vec!["tool-calls.0000000000000008.jsonl"]);
+    let reporter = Reporter::open(dir.path(), TestSender::new(false)).unwrap();
+    assert_eq!(reporter.pending_reports(), vec![a, b]);
 }
