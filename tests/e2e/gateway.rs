@@ -555,7 +555,7 @@ fn the_gateway_refuses_an_ended_task_within_the_staleness_window() {
     // Its ops listener: ready with a fresh feed and a valid SVID, and a
     // scrape promtool accepts, naming no task, token or workload.
     crate::ops::wait_ready(&g.ops, "the gateway ready");
-    crate::ops::assert_lists_checks(&g.ops, &["revocation_feed", "svid"]);
+    crate::ops::assert_lists_checks(&g.ops, &["revocation_feed", "svid", "audit_spool"]);
     let text = crate::ops::scrape(&g.ops);
     assert_eq!(
         crate::ops::value(&text, "baton_verifier_feed_fresh"),
@@ -1127,6 +1127,14 @@ fn a_write_whose_record_cannot_be_kept_is_not_forwarded() {
         before + 1,
         "a write was forwarded without its record"
     );
+    // Its ops listener says so: not ready, naming the spool.
+    crate::ops::wait_not_ready(&g.ops, "audit_spool", "the gateway not ready");
+    let text = crate::ops::scrape(&g.ops);
+    assert_eq!(
+        crate::ops::value(&text, "baton_verifier_spool_up"),
+        0.0,
+        "{text}"
+    );
 
     // The disk is back: writes go on again, and the trace holds the two
     // forwarded writes' records and nothing of the refused one.
@@ -1134,6 +1142,13 @@ fn a_write_whose_record_cannot_be_kept_is_not_forwarded() {
     std::fs::rename(&aside, &spool).unwrap();
     assert_eq!(case(3).status, 200);
     assert_eq!(g.upstream.count(), before + 2);
+    crate::ops::wait_ready(&g.ops, "the gateway ready again");
+    let text = crate::ops::scrape(&g.ops);
+    assert_eq!(
+        crate::ops::value(&text, "baton_verifier_spool_up"),
+        1.0,
+        "{text}"
+    );
     let trace = wait_for("both writes in the trace", Duration::from_secs(60), || {
         let t = g.w.json(&["audit", "trace", &task, "--json"]).to_string();
         (t.matches("completes ").count() >= 2).then_some(t)

@@ -85,7 +85,7 @@ pub(crate) fn wait_ready(addr: &str, what: &str) {
 }
 
 /// Waits until `/readyz` answers 503 with `check` failing; returns the body.
-fn wait_not_ready(addr: &str, check: &str, what: &str) -> serde_json::Value {
+pub(crate) fn wait_not_ready(addr: &str, check: &str, what: &str) -> serde_json::Value {
     wait_for(what, Duration::from_secs(60), || {
         let (status, body) = readyz(addr)?;
         let failing = body["failing"].as_array()?;

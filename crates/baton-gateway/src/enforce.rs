@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use baton_core::RiskTier;
 use baton_tls::{ClientAuth, PeerPolicy};
-use baton_verify::{JwtBundles, PeerCert, TokenVerifier, ToolGate};
+use baton_verify::{JwtBundles, PeerCert, Reporter, TokenVerifier, ToolGate};
 
 use crate::GatewayError;
 use crate::live::{LiveTls, follow_jwt_bundles};
@@ -142,6 +142,9 @@ impl Enforcer {
         let reporter = baton_verify::Reporter::open(o.spool, Arc::new(sender))
             .map_err(|e| GatewayError::Refused(format!("tool-call reporter: {e}")))?;
         let delivery = reporter.spawn();
+        if let Some(ops) = o.ops {
+            spool_ops(ops, &reporter);
+        }
         let mut gate = ToolGate::new(o.policy.clone(), Some(reporter.clone()))
             .with_durable_reads(o.durable_reads);
         if let Some(key) = o.digest_key {
@@ -393,6 +396,29 @@ fn verifier_ops(ops: &baton_ops::Ops, probe: impl Fn(u64) -> FeedProbe + Send + 
     ops.on_scrape(move || {
         let p = probe(baton_revocation::system_now());
         baton_ops::metrics().verifier_feed(p.fresh, p.silent_for, p.revoked_ids);
+    });
+}
+
+/// The spool's ops: not ready while its last write failed (sensitive
+/// calls are refused then), and its gauges.
+fn spool_ops(ops: &baton_ops::Ops, reporter: &Reporter) {
+    let check = reporter.clone();
+    ops.add_check("audit_spool", move || {
+        let up = check.is_healthy();
+        async move {
+            if up {
+                Ok(())
+            } else {
+                Err(
+                    "the last write to the call-report spool failed: sensitive calls are refused"
+                        .to_owned(),
+                )
+            }
+        }
+    });
+    let scrape = reporter.clone();
+    ops.on_scrape(move || {
+        baton_ops::metrics().verifier_spool(scrape.pending(), scrape.is_healthy());
     });
 }
 

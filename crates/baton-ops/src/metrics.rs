@@ -169,6 +169,8 @@ pub struct Metrics {
     pub verifier_feed_fresh: Gauge,
     pub verifier_feed_stale_seconds: Gauge,
     pub verifier_feed_revoked_ids: Gauge,
+    pub verifier_spool_pending: Gauge,
+    pub verifier_spool_up: Gauge,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -220,6 +222,8 @@ impl Metrics {
             verifier_feed_fresh: Gauge::default(),
             verifier_feed_stale_seconds: Gauge::default(),
             verifier_feed_revoked_ids: Gauge::default(),
+            verifier_spool_pending: Gauge::default(),
+            verifier_spool_up: Gauge::default(),
         }
     }
 
@@ -398,6 +402,15 @@ impl Metrics {
             .set(i64::try_from(revoked_ids).unwrap_or(i64::MAX));
     }
 
+    /// Scrape-time gauges of a verifier's call-report spool: records
+    /// durable but not yet delivered to the broker, and whether its last
+    /// write succeeded.
+    pub fn verifier_spool(&self, pending: usize, up: bool) {
+        self.verifier_spool_pending
+            .set(i64::try_from(pending).unwrap_or(i64::MAX));
+        self.verifier_spool_up.set(i64::from(up));
+    }
+
     /// Registers the families of `role` into `registry`.
     pub(crate) fn register(&self, registry: &mut Registry, role: Role) {
         match role {
@@ -573,6 +586,16 @@ impl Metrics {
             "baton_verifier_feed_revoked_ids",
             "Revoked credential ids the verifier holds in memory",
             self.verifier_feed_revoked_ids.clone(),
+        );
+        r.register(
+            "baton_verifier_spool_pending_reports",
+            "Call reports durable in the spool, not yet delivered to the broker",
+            self.verifier_spool_pending.clone(),
+        );
+        r.register(
+            "baton_verifier_spool_up",
+            "1 while the last write to the call-report spool succeeded",
+            self.verifier_spool_up.clone(),
         );
     }
 
