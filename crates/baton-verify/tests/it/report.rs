@@ -294,3 +294,27 @@ fn a_torn_multibyte_tail_does_not_stop_the_spool_opening() {
     let reporter = Reporter::open(dir.path(), TestSender::new(false)).unwrap();
     assert_eq!(reporter.pending_reports(), vec![a, b]);
 }
+
+#[test]
+fn a_segment_numbered_at_the_limit_is_refused_by_name_and_left_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let name = "tool-calls.ffffffffffffffff.jsonl";
+    let line = format!("{}\n", serde_json::to_string(&report(1)).unwrap());
+    std::fs::write(dir.path().join(name), &line).unwrap();
+    let err = Reporter::open(dir.path(), TestSender::new(false)).unwrap_err();
+    assert!(err.to_string().contains(name), "{err}");
+    assert!(err.to_string().contains("too large"), "{err}");
+    // Nothing stored was touched.
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join(name)).unwrap(),
+        line
+    );
+    // Control: the same record under an ordinary number opens.
+    std::fs::rename(
+        dir.path().join(name),
+        dir.path().join("tool-calls.0000000000000001.jsonl"),
+    )
+    .unwrap();
+    let reporter = Reporter::open(dir.path(), TestSender::new(false)).unwrap();
+    assert_eq!(reporter.pending(), 1);
+}
