@@ -557,15 +557,32 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let call = t0.elapsed();
     let ids = revoked_ids(&reply)?;
     let fresh: Vec<&String> = ids.iter().filter(|i| !prop_revoked.contains(*i)).collect();
-    let newly = fresh.len();
+    // What the cascade added to the deny set: the task's one entry (keyed
+    // by the task id) and an entry per credential minted from the task
+    // outside it. The answer comes once the relay published, so Redis
+    // holds them all now; a follower holds every id when its set grew by
+    // as many entries.
+    let newly = usize::try_from(zcard(&s).await? - z0)?;
     if let (Some(tr), Some(tb)) = (targets.first(), targets.get(1)) {
         tr.store(r_len0 + newly, Ordering::Relaxed);
         tb.store(b_len0 + newly, Ordering::Relaxed);
     }
     let history = watcher.await?;
+    // Every credential of the answer is refused at both followers, by its
+    // own entry or its task's (what a verifier asks).
+    use baton_verify::RevocationCheck as _;
+    let r_all = ids.iter().all(|i| rfeed.is_revoked(i, &task_a.id));
+    let b_all = ids.iter().all(|i| bfeed.is_revoked(i, &task_a.id));
     let now = system_now();
-    let r_all = ids.iter().all(|i| rfeed.contains(i, now));
-    let b_all = ids.iter().all(|i| bfeed.contains(i, now));
+    let by_task = ids
+        .iter()
+        .filter(|i| !rfeed.contains(i, now) && rfeed.contains(task_a.id.as_str(), now))
+        .count();
+    println!(
+        "cascade: {} credentials ({} not revoked before) covered by {newly} new deny entries; {by_task} refused by their task's entry",
+        ids.len(),
+        fresh.len()
+    );
     let at = |i: usize, target: usize| {
         history
             .get(i)
@@ -583,7 +600,10 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         (clients3 - clients2) as f64 / newly.max(1) as f64
     );
     let live_bytes = (mem1 - mem0) as f64 / ids.len().max(1) as f64;
-    let revoked_bytes = (mem3 - mem2) as f64 / newly.max(1) as f64;
+    // Per credential the cascade revoked (what the target is about), and
+    // per deny entry it wrote.
+    let revoked_bytes = (mem3 - mem2) as f64 / fresh.len().max(1) as f64;
+    let entry_bytes = (mem3 - mem2) as f64 / newly.max(1) as f64;
     let fmt_t =
         |d: Option<Duration>| d.map_or("not reached".to_owned(), |d| format!("{:.1} ms", ms(d)));
     let ratio = |d: Option<Duration>| d.map_or(f64::NAN, |d| ms(d) / TARGET_CASCADE_MS);
@@ -603,9 +623,10 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         fmt_t(b_first)
     );
     println!(
-        "memory: {live_bytes:.1} B of used_memory per live credential ({} credentials of task A, {:.2}× the 120 B target), {revoked_bytes:.0} B per revoked id ({newly} ids, {:.2}× the 200 B target)",
+        "memory: {live_bytes:.1} B of used_memory per live credential ({} credentials of task A, {:.2}× the 120 B target), {revoked_bytes:.1} B per revoked credential ({} credentials, {:.3}× the 200 B target), {entry_bytes:.0} B per deny entry ({newly} entries)",
         ids.len(),
         live_bytes / TARGET_LIVE_BYTES,
+        fresh.len(),
         revoked_bytes / TARGET_REVOKED_BYTES
     );
 
@@ -674,8 +695,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let mem_rebuilt = used_memory(&s).await?;
-    let now = system_now();
-    let follower_all = ids.iter().all(|i| rfeed.contains(i, now));
+    let follower_all = ids.iter().all(|i| rfeed.is_revoked(i, &task_a.id));
     let seeded_bytes = (mem_rebuilt - mem_empty) as f64 / z_live.max(1) as f64;
     let f = |d: Option<Duration>| d.map_or(f64::NAN, ms);
     println!(
@@ -698,8 +718,10 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         "bytes_per_live_credential": live_bytes,
         "live_over_target": live_bytes / TARGET_LIVE_BYTES,
         "keys_before_after_hops": [keys0, keys1],
-        "revoked_ids": newly,
+        "revoked_ids": fresh.len(),
+        "deny_entries": newly,
         "bytes_per_revoked_id": revoked_bytes,
+        "bytes_per_deny_entry": entry_bytes,
         "revoked_over_target": revoked_bytes / TARGET_REVOKED_BYTES,
         "propagation": rows.iter().map(Prop::json).collect::<Vec<_>>(),
         "cascade_ids": ids.len(),

@@ -185,6 +185,10 @@ fn unavailable(e: impl std::fmt::Display) -> BrokerError {
     ))
 }
 
+/// Whether credential `?1` (live at `?2`) belongs to a revoked task.
+const TASK_REVOKED_SQL: &str = "SELECT 1 FROM credentials c JOIN revoked_tasks t ON t.task = c.task
+     WHERE c.id = ?1 AND c.expires_at > ?2";
+
 /// Registers `records` in the credential registry inside `tx`. Refuses
 /// (writing nothing) an expired record, an id already revoked, a record
 /// whose parent is revoked and a record of a revoked task: nothing can be
@@ -198,6 +202,7 @@ pub(crate) fn register_tx(
     let mut revoked =
         tx.prepare_cached("SELECT 1 FROM revocations WHERE id = ?1 AND expires_at > ?2")?;
     let mut task_dead = tx.prepare_cached("SELECT 1 FROM revoked_tasks WHERE task = ?1")?;
+    let mut parent_task_dead = tx.prepare_cached(TASK_REVOKED_SQL)?;
     for r in records {
         if r.expires_at <= now {
             return Ok(Err(format!(
@@ -209,7 +214,8 @@ pub(crate) fn register_tx(
             return Ok(Err(format!("credential {} is already revoked", r.id)));
         }
         if let Some(p) = &r.parent
-            && revoked.exists(params![p, to_i64(now)])?
+            && (revoked.exists(params![p, to_i64(now)])?
+                || parent_task_dead.exists(params![p, to_i64(now)])?)
         {
             return Ok(Err(format!(
                 "credential {} was minted from {p}, which is revoked",
@@ -340,6 +346,54 @@ fn cover_resolve_task(tx: &Connection, task: &str, now: u64) -> Result<(), rusql
          WHERE c.expires_at > ?2",
     )?
     .execute(params![task, to_i64(now)])?;
+    Ok(())
+}
+
+/// Adds to the working set the deny entry of `task` (keyed by the task id,
+/// expiring with the last of its live credentials, `known` included) and,
+/// one by one, what was minted from its credentials outside the task,
+/// closed over parent links, plus `known` (tokens of a task store in
+/// another database). Nothing when the task has no live credential.
+fn cover_mark_task(
+    tx: &Connection,
+    task: &TaskId,
+    known: &[Revoked],
+    now: u64,
+) -> Result<(), rusqlite::Error> {
+    let registered: Option<i64> = tx
+        .prepare_cached(
+            "SELECT MAX(expires_at) FROM credentials WHERE task = ?1 AND expires_at > ?2",
+        )?
+        .query_row(params![task.as_str(), to_i64(now)], |r| r.get(0))?;
+    let last = known
+        .iter()
+        .map(|r| to_i64(r.expires_at))
+        .chain(registered)
+        .max();
+    let Some(last) = last.filter(|e| *e > to_i64(now)) else {
+        return Ok(());
+    };
+    cover_add(
+        tx,
+        &[Revoked {
+            id: task.as_str().to_owned(),
+            kind: CredKind::Task,
+            expires_at: u64::try_from(last).unwrap_or(0),
+        }],
+    )?;
+    cover_add(tx, known)?;
+    tx.prepare_cached(
+        "WITH RECURSIVE sub(id) AS (
+            SELECT c.id FROM credentials p JOIN credentials c ON c.parent = p.id
+            WHERE p.task = ?1 AND c.task IS NOT ?1
+            UNION
+            SELECT c.id FROM credentials c JOIN sub s ON c.parent = s.id
+         )
+         INSERT OR IGNORE INTO temp.cover (id, kind, expires_at)
+         SELECT c.id, c.kind, c.expires_at FROM credentials c JOIN sub s ON c.id = s.id
+         WHERE c.expires_at > ?2",
+    )?
+    .execute(params![task.as_str(), to_i64(now)])?;
     Ok(())
 }
 
@@ -626,19 +680,26 @@ impl Revoker {
                 }
             }
         }
-        let all = self.durable.with(|c| {
+        let mut all = self.durable.with(|c| {
             let tx = c.transaction()?;
             cover_reset(&tx)?;
-            cover_resolve(&tx, target, now)?;
-            cover_add(&tx, &known)?;
             if let Target::Task(task) = target {
+                // One deny entry for the whole task (verifiers match it
+                // against the task a credential names), plus, one by one,
+                // only what was minted from the task's credentials in
+                // other tasks: a cascade of 10,000 credentials writes and
+                // publishes a handful of rows, not 10,000.
+                cover_mark_task(&tx, task, &known, now)?;
                 tx.execute(
                     "INSERT OR IGNORE INTO revoked_tasks (task, at) VALUES (?1, ?2)",
                     params![task.as_str(), to_i64(now)],
                 )?;
+            } else {
+                cover_resolve(&tx, target, now)?;
             }
             cover_mark(&tx, reason, now)?;
             let mut all = cover_list(&tx)?;
+            all.retain(|r| r.kind != CredKind::Task);
             if all.is_empty()
                 && let Target::Credential(id) | Target::Subtree(id) = target
             {
@@ -662,6 +723,22 @@ impl Revoker {
             Ok(all)
         })?;
         self.changed.notify_waiters();
+        if let Target::Task(task) = target {
+            // What the task's entry covers, for the answer and the leases
+            // to reap: read after the commit, off the relay's path.
+            let mut own = self.durable.with(|c| {
+                let mut stmt = c.prepare_cached(
+                    "SELECT id, kind, expires_at FROM credentials
+                     WHERE task = ?1 AND expires_at > ?2 ORDER BY rowid",
+                )?;
+                let rows = stmt.query_map(params![task.as_str(), to_i64(now)], revoked_row)?;
+                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            })?;
+            let seen: std::collections::HashSet<String> =
+                own.iter().map(|r| r.id.clone()).collect();
+            own.extend(all.into_iter().filter(|r| !seen.contains(&r.id)));
+            all = own;
+        }
         if all.is_empty() && !matches!(target, Target::Task(_)) {
             return Err(BrokerError::NotFound(format!(
                 "nothing to revoke: {target} matches no live credential"
@@ -977,7 +1054,13 @@ impl Revoker {
                     |r| r.get(0),
                 )
                 .optional()?;
-            Ok(exp.is_some_and(|e| e > to_i64(now)))
+            if exp.is_some_and(|e| e > to_i64(now)) {
+                return Ok(true);
+            }
+            // A credential of a revoked task (its task's deny entry covers
+            // it; it has no row of its own).
+            Ok(c.prepare_cached(TASK_REVOKED_SQL)?
+                .exists(params![id, to_i64(now)])?)
         })
     }
 
@@ -987,8 +1070,10 @@ impl Revoker {
     pub fn task_credentials(&self, task: &TaskId) -> Result<Vec<TaskCredential>, StoreError> {
         self.durable.with(|c| {
             let mut stmt = c.prepare_cached(
-                "SELECT c.id, c.kind, c.agent, c.node, c.parent, c.expires_at, r.id IS NOT NULL
+                "SELECT c.id, c.kind, c.agent, c.node, c.parent, c.expires_at,
+                        r.id IS NOT NULL OR t.task IS NOT NULL
                  FROM credentials c LEFT JOIN revocations r ON r.id = c.id
+                 LEFT JOIN revoked_tasks t ON t.task = c.task
                  WHERE c.task = ?1 ORDER BY c.rowid",
             )?;
             let rows = stmt.query_map(params![task.to_string()], |r| {
@@ -1024,11 +1109,15 @@ impl Revoker {
 pub struct DurableCheck(pub Arc<Revoker>);
 
 impl baton_verify::RevocationCheck for DurableCheck {
-    fn is_revoked(&self, jti: &str, _task: &TaskId) -> bool {
-        // Fail closed: a datastore error counts as revoked.
-        self.0
-            .durably_revoked(jti, baton_revocation::system_now())
-            .unwrap_or(true)
+    fn is_revoked(&self, jti: &str, task: &TaskId) -> bool {
+        // Fail closed: a datastore error counts as revoked. The task's own
+        // deny entry covers a token the registry does not hold.
+        let now = baton_revocation::system_now();
+        baton_revocation::is_denied(
+            |id| self.0.durably_revoked(id, now).unwrap_or(true),
+            jti,
+            task,
+        )
     }
 }
 
@@ -1110,6 +1199,123 @@ mod tests {
             ["b1", "b2", "x1", "x2"]
         );
         assert!(covered(&store, &Target::Task(task(0xc)), now).is_empty());
+    }
+
+    /// A task's revocation is one deny entry keyed by the task (plus what
+    /// was minted from it in other tasks, one by one), and still refuses
+    /// every credential of the task: at the broker, for new registrations
+    /// under it, and at a verifier that follows what the relay published.
+    #[tokio::test]
+    async fn a_task_is_revoked_by_one_entry_that_covers_each_of_its_credentials() {
+        let store = Arc::new(SqliteStore::in_memory().unwrap());
+        let memory = Arc::new(baton_revocation::MemoryStore::new());
+        let revoker = Revoker::new(memory.clone(), store.clone());
+        let now = baton_revocation::system_now();
+        let exp = now + 1_000;
+        let records = [
+            rec("g1", Some(task(0xa)), None, exp),
+            rec("t1", Some(task(0xa)), Some("g1"), exp + 5),
+            rec("c1", Some(task(0xa)), Some("t1"), exp),
+            rec("x1", Some(task(0xb)), Some("t1"), exp),
+            rec("x2", None, Some("x1"), exp),
+            rec("b1", Some(task(0xb)), None, exp),
+            rec("b2", Some(task(0xb)), Some("b1"), exp),
+        ];
+        store
+            .with(|c| {
+                let tx = c.transaction()?;
+                register_tx(&tx, &records, now)?.unwrap();
+                tx.commit()?;
+                Ok(())
+            })
+            .unwrap();
+        let mut got: Vec<String> = revoker
+            .revoke(&Target::Task(task(0xa)), store.as_ref(), "ended", now)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        got.sort();
+        assert_eq!(got, ["c1", "g1", "t1", "x1", "x2"]);
+        // Written: the task's entry (until its last credential expires)
+        // and the two minted outside it; not one row per credential.
+        let rows: Vec<(String, String, i64)> = store
+            .with(|c| {
+                let mut s =
+                    c.prepare("SELECT id, kind, expires_at FROM revocation_log ORDER BY id")?;
+                let v = s
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(v)
+            })
+            .unwrap();
+        let a = task(0xa).as_str().to_owned();
+        assert_eq!(
+            rows,
+            [
+                (a.clone(), "task".to_owned(), to_i64(exp + 5)),
+                ("x1".to_owned(), "token".to_owned(), to_i64(exp)),
+                ("x2".to_owned(), "token".to_owned(), to_i64(exp)),
+            ]
+        );
+        for id in ["g1", "t1", "c1", "x1", "x2"] {
+            assert!(revoker.durably_revoked(id, now).unwrap(), "{id}");
+        }
+        for id in ["b1", "b2"] {
+            assert!(!revoker.durably_revoked(id, now).unwrap(), "{id}");
+        }
+        // Nothing new under the task or its credentials; the other task
+        // goes on (control).
+        let register = |r: CredentialRecord| {
+            store
+                .with(|c| {
+                    let tx = c.transaction()?;
+                    let out = register_tx(&tx, &[r], now)?;
+                    tx.commit()?;
+                    Ok(out)
+                })
+                .unwrap()
+        };
+        let refused = register(rec("y1", Some(task(0xb)), Some("c1"), exp)).unwrap_err();
+        assert!(refused.contains("c1, which is revoked"), "{refused}");
+        assert!(register(rec("a9", Some(task(0xa)), None, exp)).is_err());
+        register(rec("b3", Some(task(0xb)), Some("b1"), exp)).unwrap();
+        // `task show` marks each of the task's credentials revoked.
+        let listed = revoker.task_credentials(&task(0xa)).unwrap();
+        assert_eq!(listed.len(), 3);
+        assert!(listed.iter().all(|c| c.revoked));
+        assert!(
+            revoker
+                .task_credentials(&task(0xb))
+                .unwrap()
+                .iter()
+                .any(|c| !c.revoked)
+        );
+        // Idempotent: the same ids again, and no new outbox row.
+        assert_eq!(
+            revoker
+                .revoke(&Target::Task(task(0xa)), store.as_ref(), "again", now)
+                .await
+                .unwrap()
+                .len(),
+            5
+        );
+        // A verifier holding what the relay published refuses every
+        // credential of the task by its task, and nothing of the other.
+        revoker.relay_once(now).await.unwrap();
+        use baton_verify::RevocationCheck;
+        let denied = |id: &str, t: u8| RevocationCheck::is_revoked(memory.as_ref(), id, &task(t));
+        for id in ["g1", "t1", "c1"] {
+            assert!(denied(id, 0xa), "{id}");
+        }
+        assert!(denied("x1", 0xb));
+        assert!(!denied("b1", 0xb));
+        assert!(!denied("b3", 0xb));
+        // The broker's own check at a hop refuses by task too.
+        let check = DurableCheck(Arc::new(revoker));
+        assert!(check.is_revoked("not-registered", &task(0xa)));
+        assert!(!check.is_revoked("b1", &task(0xb)));
     }
 }
 

@@ -204,9 +204,9 @@ impl baton_verify::RevocationFreshness for FeedHandle {
 /// Revoked, or unknown because the feed is stale (unless `allow_stale`):
 /// fail closed.
 impl RevocationCheck for FeedHandle {
-    fn is_revoked(&self, jti: &str, _task: &TaskId) -> bool {
+    fn is_revoked(&self, jti: &str, task: &TaskId) -> bool {
         let now = (self.shared.clock)();
-        if self.contains(jti, now) {
+        if crate::is_denied(|id| self.contains(id, now), jti, task) {
             return true;
         }
         !self.shared.allow_stale && self.status(now) != FeedStatus::Fresh

@@ -161,6 +161,11 @@ pub enum CredKind {
     SecretLease,
     /// A workload JWT-SVID, by the SHA-256 (hex) of the token.
     JwtSvid,
+    /// Every credential of a task, by the task id (`task-<hex>`): one deny
+    /// entry that a verifier matches against the task a credential names
+    /// (see [`is_denied`]), instead of one entry per credential. It lives
+    /// until the last of the task's credentials expires.
+    Task,
 }
 
 impl CredKind {
@@ -172,6 +177,7 @@ impl CredKind {
             Self::Grant => "grant",
             Self::SecretLease => "lease",
             Self::JwtSvid => "jwtsvid",
+            Self::Task => "task",
         }
     }
 
@@ -183,6 +189,7 @@ impl CredKind {
             "grant" => Some(Self::Grant),
             "lease" => Some(Self::SecretLease),
             "jwtsvid" => Some(Self::JwtSvid),
+            "task" => Some(Self::Task),
             _ => None,
         }
     }
@@ -192,6 +199,14 @@ impl fmt::Display for CredKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.code())
     }
+}
+
+/// Whether a deny set answers "revoked" for credential `id` of `task`:
+/// the id itself, or its whole task (a [`CredKind::Task`] entry, keyed by
+/// the task id, which cannot be mistaken for a credential id: those are
+/// hex or never start with `task-`). `contains` answers for one entry.
+pub fn is_denied(contains: impl Fn(&str) -> bool, id: &str, task: &TaskId) -> bool {
+    contains(id) || contains(task.as_str())
 }
 
 /// One issued credential, as the broker registers it.

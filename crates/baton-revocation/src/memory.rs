@@ -56,6 +56,18 @@ impl Inner {
 }
 
 impl Inner {
+    /// Marks published (or re-seeded) revocations; a task's entry also
+    /// refuses later registrations in that task.
+    fn mark(&mut self, live: &[Revoked]) {
+        for r in live {
+            self.revoked.insert(r.id.clone(), (r.kind, r.expires_at));
+            if r.kind == CredKind::Task {
+                let e = self.revoked_tasks.entry(r.id.clone()).or_insert(0);
+                *e = (*e).max(r.expires_at);
+            }
+        }
+    }
+
     /// Whether `rec` may be registered: not revoked itself, nor its parent
     /// or task.
     fn check(&self, rec: &CredentialRecord) -> Result<(), RevocationError> {
@@ -63,7 +75,12 @@ impl Inner {
             return Err(RevocationError::AlreadyRevoked { id: rec.id.clone() });
         }
         if let Some(p) = &rec.parent
-            && self.revoked.contains_key(p)
+            && (self.revoked.contains_key(p)
+                || self
+                    .creds
+                    .get(p)
+                    .and_then(|c| c.task.as_ref())
+                    .is_some_and(|t| self.revoked_tasks.contains_key(t.as_str())))
         {
             return Err(RevocationError::ParentRevoked {
                 id: rec.id.clone(),
@@ -278,9 +295,7 @@ impl RevocationStore for MemoryStore {
             .filter(|r| r.expires_at > now)
             .cloned()
             .collect();
-        for r in &live {
-            g.revoked.insert(r.id.clone(), (r.kind, r.expires_at));
-        }
+        g.mark(&live);
         drop(g);
         if !live.is_empty() {
             let _ = self.tx.send(live);
@@ -313,9 +328,7 @@ impl RevocationStore for MemoryStore {
             .filter(|r| r.expires_at > now)
             .cloned()
             .collect();
-        for r in &live {
-            g.revoked.insert(r.id.clone(), (r.kind, r.expires_at));
-        }
+        g.mark(&live);
         let seen = g.published.entry(log.to_owned()).or_insert(0);
         *seen = (*seen).max(upto);
         drop(g);
@@ -333,8 +346,13 @@ impl RevocationStore for MemoryStore {
 
 /// In-process verifiers (`baton dev`) can consult the store directly.
 impl RevocationCheck for MemoryStore {
-    fn is_revoked(&self, jti: &str, _task: &TaskId) -> bool {
+    fn is_revoked(&self, jti: &str, task: &TaskId) -> bool {
         let now = system_now();
-        self.lock().revoked.get(jti).is_some_and(|(_, e)| *e > now)
+        let g = self.lock();
+        crate::is_denied(
+            |id| g.revoked.get(id).is_some_and(|(_, e)| *e > now),
+            jti,
+            task,
+        )
     }
 }

@@ -245,9 +245,11 @@ fn apply(shared: &Shared, page: Page) -> bool {
 
 impl RevocationCheck for BrokerFeed {
     /// Revoked, or unknown because the feed is stale: fail closed.
-    fn is_revoked(&self, id: &str, _task: &TaskId) -> bool {
+    fn is_revoked(&self, id: &str, task: &TaskId) -> bool {
         let t = now();
-        self.contains(id, t) || !self.is_fresh_at(t)
+        // The id itself, or its whole task (a task's revocation is one
+        // entry keyed by the task id).
+        self.contains(id, t) || self.contains(task.as_str(), t) || !self.is_fresh_at(t)
     }
 }
 
