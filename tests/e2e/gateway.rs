@@ -362,7 +362,14 @@ fn the_gateway_forwards_allowed_calls_and_refuses_each_attack() {
         "GET",
         &search,
         Some(&token),
-        &[("x-request-id", "req-1")],
+        &[
+            ("x-request-id", "req-1"),
+            // Made inside the agent framework's trace.
+            (
+                "traceparent",
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            ),
+        ],
     );
     assert_eq!(ok.status, 200, "{ok:?}");
     assert_eq!(ok.body["upstream"], "echo");
@@ -536,6 +543,14 @@ fn the_gateway_forwards_allowed_calls_and_refuses_each_attack() {
         calls.iter().any(|c| c["input_digest"] == keyed.as_str()),
         "{calls:?}"
     );
+    // The call made inside the caller's trace is recorded in it; the calls
+    // made outside any trace are not (control).
+    let in_trace = calls
+        .iter()
+        .filter(|c| c["trace_id"] == "0af7651916cd43dd8448eb211c80319c")
+        .count();
+    assert_eq!(in_trace, 1, "{calls:?}");
+    assert!(calls.len() > 1, "{calls:?}");
     assert!(
         !trace.contains(&bare),
         "a bare SHA-256 of the input is in the log"
@@ -1160,4 +1175,195 @@ fn a_write_whose_record_cannot_be_kept_is_not_forwarded() {
             .contains("cannot write tool-call reports to the audit spool"),
         "the failure is in the gateway's log"
     );
+}
+
+/// A plain HTTP upstream on a Unix socket that holds every request for
+/// `delay` before answering; `received` counts what reached it.
+fn slow_unix_upstream(path: &Path, delay: Duration, received: Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::UnixListener::from_std(listener).unwrap();
+            let routes = warp::path::full().and_then(move |p: warp::path::FullPath| {
+                received.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async move {
+                    tokio::time::sleep(delay).await;
+                    Ok::<_, std::convert::Infallible>(warp::reply::json(
+                        &serde_json::json!({"upstream": "slow", "path": p.as_str()}),
+                    ))
+                }
+            });
+            warp::serve(routes).incoming(listener).run().await;
+        });
+    });
+}
+
+/// What one call of a shutdown loop ended with.
+#[derive(Debug)]
+enum Ended {
+    /// A 200 with the upstream's whole JSON answer.
+    Answered,
+    /// No answer: refused or closed before anything came back.
+    NotTaken,
+    /// What shutdown must never cause: another status or a cut body.
+    Cut(String),
+}
+
+fn get_once(cert_dir: &Path, url: &str, token: &str) -> Ended {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = client(cert_dir);
+    rt.block_on(async {
+        let resp = match client
+            .get(url)
+            .header("authorization", format!("Bearer {token}"))
+            .send()
+            .await
+        {
+            Ok(r) => r,
+            Err(_) => return Ended::NotTaken,
+        };
+        let status = resp.status().as_u16();
+        match resp.json::<serde_json::Value>().await {
+            Ok(v) if status == 200 && v["upstream"].is_string() => Ended::Answered,
+            Ok(v) => Ended::Cut(format!("{status}: {v}")),
+            Err(e) => Ended::Cut(format!("{status}: body cut: {e}")),
+        }
+    })
+}
+
+/// SIGTERM while calls are in flight: the gateway stops taking calls,
+/// answers the ones it took in full (one held 2 s by its upstream), delivers
+/// every call's record to the broker before it exits, and exits 0.
+#[test]
+fn sigterm_answers_calls_in_flight_delivers_their_records_and_exits_0() {
+    let received = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let slow_seen = received.clone();
+    let mut g = Gw::start_with(move |w| {
+        let sock = w.c.path("slow.sock");
+        slow_unix_upstream(&sock, Duration::from_secs(2), slow_seen);
+        let extra = format!(
+            r#"[upstreams.slow]
+url = "unix:{}"
+
+[[routes]]
+method = "GET"
+path = "/slow/{{account}}"
+upstream = "slow"
+tool = "crm.search"
+resource = "dataset:crm"
+permission = "tool:crm.search:read"
+tier = "read"
+"#,
+            sock.display()
+        );
+        (extra, Vec::new())
+    });
+    let (task, _planner, researcher) = g.researcher();
+    let token = token_of(&researcher);
+    // Control: a call goes through before anything stops.
+    assert!(matches!(
+        get_once(&researcher, &format!("{}/crm/accounts/acme", g.url), &token),
+        Ended::Answered
+    ));
+
+    // A call the slow upstream holds for 2 s, and a loop of quick calls.
+    let slow = {
+        let (dir, url, token) = (
+            researcher.clone(),
+            format!("{}/slow/acme", g.url),
+            token.clone(),
+        );
+        std::thread::spawn(move || get_once(&dir, &url, &token))
+    };
+    wait_for(
+        "the slow call reaches its upstream",
+        Duration::from_secs(30),
+        || (received.load(std::sync::atomic::Ordering::SeqCst) >= 1).then_some(()),
+    );
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let quick: Vec<_> = (0..2)
+        .map(|_| {
+            let (dir, url, token, stop) = (
+                researcher.clone(),
+                format!("{}/crm/accounts/acme", g.url),
+                token.clone(),
+                stop.clone(),
+            );
+            std::thread::spawn(move || {
+                let mut out = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) && out.len() < 400 {
+                    out.push(get_once(&dir, &url, &token));
+                }
+                out
+            })
+        })
+        .collect();
+    let before_term = g.upstream_count();
+    wait_for("quick calls under way", Duration::from_secs(30), || {
+        (g.upstream_count() >= before_term + 3).then_some(())
+    });
+    // Stop: SIGTERM, and the process must exit 0 by itself.
+    g.gateway.stop();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+
+    let slow = slow.join().unwrap();
+    assert!(matches!(slow, Ended::Answered), "the held call: {slow:?}");
+    let mut answered = 2; // the control and the held call
+    for t in quick {
+        for e in t.join().unwrap() {
+            match e {
+                Ended::Answered => answered += 1,
+                Ended::NotTaken => {}
+                Ended::Cut(why) => panic!("a call was cut by the shutdown: {why}"),
+            }
+        }
+    }
+    // Nothing reached an upstream without its answer reaching the caller.
+    assert_eq!(
+        g.upstream_count() + received.load(std::sync::atomic::Ordering::SeqCst),
+        answered,
+        "calls forwarded vs answered"
+    );
+    // Every answered call's record reached the broker before the gateway
+    // exited: the spool is empty and the trace holds one record per call.
+    let spooled: usize = std::fs::read_dir(g.w.c.path("gw-spool"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("tool-calls"))
+        .map(|e| {
+            std::fs::read_to_string(e.path())
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .count()
+        })
+        .sum();
+    assert_eq!(
+        spooled,
+        0,
+        "records left in the spool at exit: {:?}\n{}",
+        std::fs::read_dir(g.w.c.path("gw-spool"))
+            .unwrap()
+            .filter_map(Result::ok)
+            .map(|e| (
+                e.file_name(),
+                std::fs::read_to_string(e.path()).unwrap_or_default()
+            ))
+            .collect::<Vec<_>>(),
+        g.gateway.log_text()
+    );
+    let trace = g.w.json(&["audit", "trace", &task, "--json"]);
+    let mut calls = Vec::new();
+    crate::mcp::collect_calls(&trace, "dataset:crm", &mut calls);
+    assert_eq!(calls.len(), answered, "{trace}");
+    let log = std::fs::read_to_string(g.w.c.path("gateway.log")).unwrap_or_default();
+    assert!(!log.contains("panicked"), "{log}");
 }

@@ -24,6 +24,8 @@ use crate::harness::{baton, wait_for};
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CALLER_SPAN: &str = "00f067aa0ba902b7";
+/// The agent framework's span around a tool call.
+const TOOL_CALLER_SPAN: &str = "b7ad6b7169203331";
 
 /// An OTLP/HTTP collector on a free loopback port.
 struct Collector {
@@ -257,6 +259,25 @@ fn request_spans_reach_an_otlp_collector_and_a_callers_trace_joins_the_audit_log
         "{}",
         String::from_utf8_lossy(&call.stderr)
     );
+    // The same call inside the caller's trace: the tool server passes the
+    // request's traceparent on with its report.
+    let tool_tp = format!("00-{TRACE_ID}-{TOOL_CALLER_SPAN}-01");
+    run_traced(
+        &w,
+        &[
+            "example",
+            "call",
+            "--credential",
+            researcher.to_str().unwrap(),
+            "--url",
+            &w.tool_url,
+            "--tool",
+            "crm.search",
+            "--input",
+            r#"{"q":"acme"}"#,
+        ],
+        Some(&tool_tp),
+    );
 
     // The broker exports in batches: wait for every kind of span.
     let want = [
@@ -276,7 +297,7 @@ fn request_spans_reach_an_otlp_collector_and_a_callers_trace_joins_the_audit_log
         (for_task("baton.task.start") >= 1
             && for_task("baton.redeem") >= 2
             && for_task("baton.hop") >= 1
-            && for_task("baton.tool_call") >= 1)
+            && for_task("baton.tool_call") >= 2)
             .then_some(spans)
     });
     let of = |name: &str| -> Vec<&SpanSeen> {
@@ -310,11 +331,25 @@ fn request_spans_reach_an_otlp_collector_and_a_callers_trace_joins_the_audit_log
                 && s.attr("baton.jti") == Some(researcher_jti.as_str())),
         "{redeems:?}"
     );
-    // The tool server's report came without a traceparent: a trace of its own.
-    let report = of("baton.tool_call")[0];
-    assert_eq!(report.attr("baton.actor"), Some(RESEARCHER));
-    assert_eq!(report.attr("baton.jti"), Some(researcher_jti.as_str()));
-    assert_ne!(report.trace_id, TRACE_ID, "{report:?}");
+    let calls = of("baton.tool_call");
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    for c in &calls {
+        assert_eq!(c.attr("baton.actor"), Some(RESEARCHER));
+        assert_eq!(c.attr("baton.jti"), Some(researcher_jti.as_str()));
+    }
+    // The call made inside the caller's trace continues its span; the one
+    // made outside any trace has a trace of its own (control).
+    let traced: Vec<&&SpanSeen> = calls.iter().filter(|s| s.trace_id == TRACE_ID).collect();
+    assert_eq!(traced.len(), 1, "{calls:?}");
+    assert_eq!(
+        traced[0].parent_span_id, TOOL_CALLER_SPAN,
+        "{:?}",
+        traced[0]
+    );
+    let report = *calls
+        .iter()
+        .find(|s| s.trace_id != TRACE_ID)
+        .expect("the untraced call's span");
     assert!(report.parent_span_id.is_empty(), "{report:?}");
 
     // The audit log names the caller's trace on each traced event, and the
@@ -329,11 +364,35 @@ fn request_spans_reach_an_otlp_collector_and_a_callers_trace_joins_the_audit_log
     assert_eq!(ids, [TRACE_ID, report.trace_id.as_str()], "{trace}");
     let hop_item = crate::delegation::find_hop(&trace, RESEARCHER).unwrap();
     assert_eq!(hop_item["trace_id"], TRACE_ID, "{hop_item}");
+    // Each tool call's audit event names the trace it was made in.
+    let mut call_traces: Vec<String> = Vec::new();
+    collect_tool_call_traces(&trace, &mut call_traces);
+    call_traces.sort();
+    let mut want = vec![TRACE_ID.to_owned(), report.trace_id.clone()];
+    want.sort();
+    assert_eq!(call_traces, want, "{trace}");
     let text = w.ok(&["audit", "trace", &task]);
     assert!(text.contains(&format!("trace {TRACE_ID}")), "{text}");
     // Old and new events verify together.
     let v = w.ok(&["audit", "verify"]);
     assert!(v.contains("verified"), "{v}");
+}
+
+/// The `trace_id` of every tool-call item (an object with a `tool`) of an
+/// `audit trace --json` answer, wherever it nests.
+fn collect_tool_call_traces(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            if m.contains_key("tool")
+                && let Some(t) = m.get("trace_id").and_then(|t| t.as_str())
+            {
+                out.push(t.to_owned());
+            }
+            m.values().for_each(|x| collect_tool_call_traces(x, out));
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|x| collect_tool_call_traces(x, out)),
+        _ => {}
+    }
 }
 
 /// Starts a task through the admin socket with `traceparent` as the raw

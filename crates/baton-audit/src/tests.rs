@@ -1117,6 +1117,7 @@ fn tool_call_report_becomes_an_event() {
         latency_ms: Some(12),
         upstream_status: Some(200),
         recorded: Default::default(),
+        traceparent: None,
     };
     let e = AuditEvent::from_tool_call(&report, Some(id("/tools/crm")));
     assert_eq!(e.kind, EventKind::ToolCall);

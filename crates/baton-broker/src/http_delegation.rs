@@ -223,8 +223,11 @@ pub fn node_routes(
                     let (batch, single) = parse_reports(&body)?;
                     let mut receipts = Vec::with_capacity(batch.len());
                     for r in &batch {
-                        // A span per report, all under the request's trace.
-                        let rt = RequestTrace::start(request_span!("baton.tool_call"), tp.as_deref());
+                        // A span per report, continuing the trace the call
+                        // arrived with at the tool server (its report's
+                        // `traceparent`), else the request's.
+                        let parent = r.traceparent.as_deref().or(tp.as_deref());
+                        let rt = RequestTrace::start(request_span!("baton.tool_call"), parent);
                         let recorded = rt.scoped(|| d.record_tool_call(&reporter, r, SystemTime::now()));
                         rt.outcome(&recorded);
                         match recorded {

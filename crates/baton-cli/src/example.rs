@@ -101,6 +101,7 @@ impl ToolServer {
         name: &str,
         auth: Option<String>,
         cert: Option<PeerCertificate>,
+        traceparent: Option<String>,
         body: &Bytes,
     ) -> Response {
         let now = baton_broker::oidc::unix_now();
@@ -151,7 +152,16 @@ impl ToolServer {
                 &serde_json::json!({"error": format!("no tool {name}")}),
             );
         };
-        match self.enforcer.gate.authorize(&delegation, tool, body, now) {
+        // The caller's trace context, when valid (else ignored, as W3C asks).
+        let notes = baton_verify::CallNotes {
+            traceparent: traceparent.and_then(|tp| tp.parse().ok()),
+            ..Default::default()
+        };
+        match self
+            .enforcer
+            .gate
+            .authorize_approved(&delegation, tool, body, now, notes)
+        {
             Ok(call) => {
                 let output = run_tool(name, body);
                 let bytes = serde_json::to_vec(&output).unwrap_or_default();
@@ -266,6 +276,7 @@ async fn tool_server(
         .and(warp::post())
         .and(warp::header::optional::<String>("authorization"))
         .and(warp::ext::optional::<PeerCertificate>())
+        .and(warp::header::optional::<String>("traceparent"))
         .and(warp::body::content_length_limit(1 << 20))
         .and(warp::body::bytes())
         .and(warp::any().map(move || state.clone()))
@@ -273,8 +284,11 @@ async fn tool_server(
             |name: String,
              auth: Option<String>,
              cert: Option<PeerCertificate>,
+             traceparent: Option<String>,
              body: Bytes,
-             server: Arc<ToolServer>| { server.handle(&name, auth, cert, &body) },
+             server: Arc<ToolServer>| {
+                server.handle(&name, auth, cert, traceparent, &body)
+            },
         )
         .recover(|_r: warp::Rejection| async move {
             Ok::<_, Infallible>(json_reply(
@@ -349,6 +363,11 @@ async fn request(
             format!("{}{path}", url.trim_end_matches('/')),
         )
         .header("authorization", format!("Bearer {}", cred.token.expose()));
+    // The caller's trace (TRACEPARENT), as every other request sends it:
+    // the tool's record of this call continues it.
+    if let Some(tp) = crate::telemetry::outgoing_traceparent() {
+        req = req.header(baton_core::trace_context::TRACEPARENT_HEADER, tp);
+    }
     if method != http::Method::GET {
         req = req
             .header("content-type", "application/json")

@@ -312,6 +312,10 @@ pub struct ToolCallReport {
     /// `output:/status` -> the value (compact JSON, or the header's text).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub recorded: std::collections::BTreeMap<String, String>,
+    /// The W3C `traceparent` the call arrived with: the broker's record of
+    /// it continues the caller's trace (an invalid one is ignored there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// `POST /v1/approvals` (a tool server or gateway, mTLS): a call that

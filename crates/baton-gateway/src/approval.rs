@@ -46,7 +46,7 @@ impl Gateway {
         let Ok(checked) = gate.check(d, spec, now) else {
             // Decided (and recorded) as any refused call.
             return match gate
-                .authorize_approved_async(d, spec, input, now, None, Default::default())
+                .authorize_approved_async(d, spec, input, now, Default::default())
                 .await
             {
                 Err(denied) => Err(Held::Denied(denied)),

@@ -223,6 +223,7 @@ impl Enforcer {
             latency_ms: None,
             upstream_status: None,
             recorded: Default::default(),
+            traceparent: None,
         };
         // Not waited for: the token is refused either way.
         if let Err(e) = self.reporter.enqueue(report) {
@@ -235,8 +236,18 @@ impl Enforcer {
     /// Workload API.
     pub async fn finish(self, grace: Duration) {
         self.delivery.abort();
-        match tokio::time::timeout(grace, self.reporter.flush()).await {
+        // Every call taken in queues its last record first (a streamed
+        // answer's completes when its stream ends).
+        let drained = async {
+            self.gate.calls_finished().await;
+            // Written before it answers: every record queued so far.
+            self.reporter.settle().await;
+            self.reporter.flush().await
+        };
+        match tokio::time::timeout(grace, drained).await {
             Ok(Ok(_)) if self.reporter.pending() == 0 => {
+                // Nothing left to deliver: leave no segment behind.
+                self.reporter.settle().await;
                 tracing::info!("tool-call reports delivered");
             }
             Ok(Ok(_)) | Err(_) => tracing::warn!(
@@ -427,7 +438,8 @@ fn spool_ops(ops: &baton_ops::Ops, reporter: &Reporter) {
 struct StaleTolerant(baton_verify::BrokerFeed);
 
 impl baton_verify::RevocationCheck for StaleTolerant {
-    fn is_revoked(&self, id: &str, _task: &baton_core::TaskId) -> bool {
-        self.0.contains(id, baton_revocation::system_now())
+    fn is_revoked(&self, id: &str, task: &baton_core::TaskId) -> bool {
+        let now = baton_revocation::system_now();
+        baton_revocation::is_denied(|e| self.0.contains(e, now), id, task)
     }
 }

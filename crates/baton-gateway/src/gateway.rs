@@ -587,8 +587,11 @@ impl Gateway {
                 &spec,
                 &input,
                 now,
-                approval.as_deref(),
-                m.route.record.request_fields(&req.headers, &input),
+                baton_verify::CallNotes {
+                    approval,
+                    recorded: m.route.record.request_fields(&req.headers, &input),
+                    traceparent: traceparent(&req.headers),
+                },
             )
             .await
         {
@@ -668,6 +671,17 @@ impl Gateway {
             }
         }
     }
+}
+
+/// The caller's W3C trace context, when the request carries exactly one
+/// valid `traceparent` (anything else is ignored, as the spec asks): the
+/// call's record continues that trace.
+pub(crate) fn traceparent(h: &HeaderMap) -> Option<baton_core::trace_context::TraceParent> {
+    let mut values = h.get_all("traceparent").iter();
+    let (Some(v), None) = (values.next(), values.next()) else {
+        return None;
+    };
+    v.to_str().ok()?.parse().ok()
 }
 
 pub(crate) fn is_event_stream(h: &HeaderMap) -> bool {

@@ -520,7 +520,17 @@ impl Gateway {
         let call = match self
             .enforcer
             .gate
-            .authorize_approved_async(d, &spec, &input, now, approval.as_deref(), recorded)
+            .authorize_approved_async(
+                d,
+                &spec,
+                &input,
+                now,
+                baton_verify::CallNotes {
+                    approval,
+                    recorded,
+                    traceparent: crate::gateway::traceparent(&req.headers),
+                },
+            )
             .await
         {
             Ok(call) => call,

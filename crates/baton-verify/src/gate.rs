@@ -44,6 +44,20 @@ pub struct CallContext<'a> {
     pub depth: u32,
 }
 
+/// What a server adds to a call's records beside the decision.
+#[derive(Debug, Clone, Default)]
+pub struct CallNotes {
+    /// The approval the call used (the broker's id); with `None`, a call
+    /// that needs approval is refused.
+    pub approval: Option<String>,
+    /// Fields of the input kept in clear text in every record of the call
+    /// (the server chose and redacted them).
+    pub recorded: BTreeMap<String, String>,
+    /// The caller's trace context (the request's `traceparent`, parsed):
+    /// the broker's record of the call continues that trace.
+    pub traceparent: Option<baton_core::trace_context::TraceParent>,
+}
+
 /// The policy engine's answer. Mirrors `baton_policy::Decision`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PolicyDecision {
@@ -149,6 +163,38 @@ pub struct ToolGate {
     /// With a key, input and output digests are HMAC-SHA256 under it (a
     /// low-entropy input cannot be guessed from the log); without, SHA-256.
     digest_key: Option<hmac::Key>,
+    in_flight: Arc<InFlight>,
+}
+
+/// Calls admitted whose last record is not queued yet.
+#[derive(Debug, Default)]
+struct InFlight {
+    calls: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// Held by each [`VerifiedCall`]; dropped after its last record is queued.
+#[derive(Debug)]
+struct InFlightGuard(Arc<InFlight>);
+
+impl InFlightGuard {
+    fn new(f: &Arc<InFlight>) -> Self {
+        f.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Self(f.clone())
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        if self
+            .0
+            .calls
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst)
+            == 1
+        {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 /// A digest of a call's output computed as it streams by: SHA-256, or
@@ -220,6 +266,27 @@ impl ToolGate {
             freshness: None,
             revocation: None,
             digest_key: None,
+            in_flight: Arc::default(),
+        }
+    }
+
+    /// Returns once no call this gate admitted is still running, i.e. every
+    /// admitted call's last record is queued to the spool (a server that
+    /// stops waits for this, then flushes the spool).
+    pub async fn calls_finished(&self) {
+        loop {
+            let mut idle = std::pin::pin!(self.in_flight.idle.notified());
+            // Registered before the count is read: no wake-up is missed.
+            idle.as_mut().enable();
+            if self
+                .in_flight
+                .calls
+                .load(std::sync::atomic::Ordering::SeqCst)
+                == 0
+            {
+                return;
+            }
+            idle.await;
         }
     }
 
@@ -284,25 +351,21 @@ impl ToolGate {
         input: &[u8],
         now: u64,
     ) -> Result<VerifiedCall, CallDenied> {
-        self.authorize_approved(d, tool, input, now, None, BTreeMap::new())
+        self.authorize_approved(d, tool, input, now, CallNotes::default())
     }
 
-    /// As [`authorize`](Self::authorize), for a call a human approved:
-    /// `approval` names the approval it used (the broker's id), which the
-    /// allow record carries. With `None`, a call that needs approval is
-    /// refused. `recorded`: fields of the input kept in clear text in
-    /// every record of the call (the server chose and redacted them).
+    /// As [`authorize`](Self::authorize), with what the server adds to the
+    /// call's records ([`CallNotes`]): for a call a human approved, the
+    /// approval it used, which the allow record carries.
     pub fn authorize_approved(
         &self,
         d: &VerifiedDelegation,
         tool: &ToolSpec,
         input: &[u8],
         now: u64,
-        approval: Option<&str>,
-        recorded: BTreeMap<String, String>,
+        notes: CallNotes,
     ) -> Result<VerifiedCall, CallDenied> {
-        self.admit(d, tool, input, now, approval, recorded)
-            .blocking_wait()
+        self.admit(d, tool, input, now, notes).blocking_wait()
     }
 
     /// As [`authorize_approved`](Self::authorize_approved), waiting for
@@ -313,12 +376,9 @@ impl ToolGate {
         tool: &ToolSpec,
         input: &[u8],
         now: u64,
-        approval: Option<&str>,
-        recorded: BTreeMap<String, String>,
+        notes: CallNotes,
     ) -> Result<VerifiedCall, CallDenied> {
-        self.admit(d, tool, input, now, approval, recorded)
-            .wait()
-            .await
+        self.admit(d, tool, input, now, notes).wait().await
     }
 
     /// The decision and its record, queued to the spool.
@@ -328,9 +388,13 @@ impl ToolGate {
         tool: &ToolSpec,
         input: &[u8],
         now: u64,
-        approval: Option<&str>,
-        recorded: BTreeMap<String, String>,
+        notes: CallNotes,
     ) -> Admitted {
+        let CallNotes {
+            approval,
+            recorded,
+            traceparent,
+        } = notes;
         let mut report = ToolCallReport {
             report_id: new_report_id(),
             task_id: d.task_id().clone(),
@@ -350,6 +414,7 @@ impl ToolGate {
             latency_ms: None,
             upstream_status: None,
             recorded,
+            traceparent: traceparent.map(|tp| tp.to_string()),
         };
         let decision = self.decide(d, tool, now).and_then(|c| {
             if c.needs_approval && approval.is_none() {
@@ -413,6 +478,7 @@ impl ToolGate {
                 sensitive,
                 durable_reads: self.durable_reads,
                 done: false,
+                _in_flight: InFlightGuard::new(&self.in_flight),
             }),
             record,
             allow_record: sensitive,
@@ -575,6 +641,9 @@ pub struct VerifiedCall {
     sensitive: bool,
     durable_reads: bool,
     done: bool,
+    /// Dropped after the call's last record is queued (fields drop after
+    /// `Drop::drop`, which queues an unfinished read call's record).
+    _in_flight: InFlightGuard,
 }
 
 impl VerifiedCall {

@@ -54,8 +54,8 @@ pub use bundles::JwtBundles;
 pub use error::{CallDenied, PeerError, ReportError, SendError, TokenError};
 pub use feed::{BrokerFeed, FEED_PATH};
 pub use gate::{
-    CallContext, CallPolicy, Checked, OutputDigest, PolicyDecision, RevocationFreshness, ToolGate,
-    ToolSpec, VerifiedCall,
+    CallContext, CallNotes, CallPolicy, Checked, OutputDigest, PolicyDecision, RevocationFreshness,
+    ToolGate, ToolSpec, VerifiedCall,
 };
 pub use report::{
     Backoff, Durable, HttpSender, MAX_BACKOFF, MAX_BATCH, MIN_BACKOFF, ReportBatch, ReportSender,

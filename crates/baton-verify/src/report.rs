@@ -318,6 +318,14 @@ struct Job {
     retry: bool,
 }
 
+/// What the writer is sent.
+enum Msg {
+    Record(Box<Job>),
+    /// Remove the current segment now if all of it was delivered (what
+    /// idleness does by itself), then complete.
+    Roll(Completer),
+}
+
 /// The writer thread's own state: the open segment and what it holds.
 struct Writer {
     shared: Arc<Shared>,
@@ -342,7 +350,7 @@ struct OpenSegment {
 }
 
 impl Writer {
-    fn run(mut self, jobs: &mpsc::Receiver<Job>) {
+    fn run(mut self, jobs: &mpsc::Receiver<Msg>) {
         loop {
             let wait = if self.carry.is_empty() {
                 IDLE_ROLL
@@ -363,13 +371,17 @@ impl Writer {
                 }
             };
             let mut group = std::mem::take(&mut self.carry);
-            if let Some(first) = first {
-                group.push(first);
-                while group.len() < MAX_GROUP {
-                    match jobs.try_recv() {
-                        Ok(j) => group.push(j),
-                        Err(_) => break,
-                    }
+            let mut rolls = Vec::new();
+            match first {
+                Some(Msg::Record(j)) => group.push(*j),
+                Some(Msg::Roll(c)) => rolls.push(c),
+                None => {}
+            }
+            while rolls.is_empty() && group.len() < MAX_GROUP {
+                match jobs.try_recv() {
+                    Ok(Msg::Record(j)) => group.push(*j),
+                    Ok(Msg::Roll(c)) => rolls.push(c),
+                    Err(_) => break,
                 }
             }
             if group.is_empty() {
@@ -377,6 +389,12 @@ impl Writer {
                 self.roll_if_delivered();
             } else {
                 self.write_group(group);
+                if !rolls.is_empty() {
+                    self.roll_if_delivered();
+                }
+            }
+            for c in rolls {
+                c.0.set(Ok(()));
             }
         }
     }
@@ -686,7 +704,7 @@ impl Backoff {
 struct Inner {
     shared: Arc<Shared>,
     /// `None` only while dropping.
-    jobs: Option<mpsc::Sender<Job>>,
+    jobs: Option<mpsc::Sender<Msg>>,
     writer: Option<std::thread::JoinHandle<()>>,
     sender: Arc<dyn ReportSender>,
     flushing: tokio::sync::Mutex<()>,
@@ -830,7 +848,7 @@ impl Reporter {
             .inner
             .jobs
             .as_ref()
-            .is_some_and(|tx| tx.send(job).is_ok());
+            .is_some_and(|tx| tx.send(Msg::Record(Box::new(job))).is_ok());
         if !sent {
             return Err(self.inner.shared.io(std::io::Error::new(
                 std::io::ErrorKind::BrokenPipe,
@@ -841,6 +859,32 @@ impl Reporter {
             completion,
             dir: self.inner.shared.dir.clone(),
         })
+    }
+
+    /// Removes the spool's current segment if every record in it was
+    /// delivered, which the writer otherwise does after a second of
+    /// idleness: after a [`flush`](Self::flush) that left nothing pending,
+    /// a process that stops leaves an empty spool behind. Every record
+    /// queued before this call is written before it returns (the writer
+    /// takes its messages in order), so it is also the barrier to call
+    /// before a last `flush`. Returns once the writer did it (at once if
+    /// the writer has stopped).
+    pub async fn settle(&self) {
+        let (completer, completion) = Completer::new();
+        let sent = self
+            .inner
+            .jobs
+            .as_ref()
+            .is_some_and(|tx| tx.send(Msg::Roll(completer)).is_ok());
+        if !sent {
+            return;
+        }
+        let ticket = Durable {
+            completion,
+            dir: self.inner.shared.dir.clone(),
+        };
+        // Only the writer's answer matters, not its outcome.
+        let _ = ticket.wait().await;
     }
 
     /// Appends `report` to the spool; returns once it is durable (blocks

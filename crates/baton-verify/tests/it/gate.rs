@@ -574,8 +574,17 @@ fn a_call_the_policy_allows_only_with_approval_needs_one_named() {
     // With the approval it used, it goes on and its record names it; the
     // recorded fields are in every record of the call.
     let fields = std::collections::BTreeMap::from([("input:/a".to_owned(), "1".to_owned())]);
+    let tp: baton_core::trace_context::TraceParent =
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+            .parse()
+            .unwrap();
+    let notes = baton_verify::CallNotes {
+        approval: Some("ap_1".to_owned()),
+        recorded: fields,
+        traceparent: Some(tp),
+    };
     let mut call = gate
-        .authorize_approved(&d, &export, b"x", NOW, Some("ap_1"), fields)
+        .authorize_approved(&d, &export, b"x", NOW, notes)
         .unwrap();
     call.record_output(std::collections::BTreeMap::from([(
         "output:/b".to_owned(),
@@ -587,6 +596,13 @@ fn a_call_the_policy_allows_only_with_approval_needs_one_named() {
     assert_eq!(r[n - 2].reason.as_deref(), Some("approved in ap_1"));
     assert_eq!(r[n - 2].recorded.len(), 1);
     assert_eq!(r[n - 1].recorded.len(), 2);
+    // Both records carry the caller's trace context.
+    for rec in &r[n - 2..] {
+        assert_eq!(
+            rec.traceparent.as_deref(),
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        );
+    }
     // A call no policy holds needs none.
     let update = tool("crm.update", RiskTier::Write, "tool:crm.update:write");
     assert!(!gate.check(&d, &update, NOW).unwrap().needs_approval);

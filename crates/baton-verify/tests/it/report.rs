@@ -28,6 +28,7 @@ fn report(n: u32) -> ToolCallReport {
         latency_ms: None,
         upstream_status: None,
         recorded: Default::default(),
+        traceparent: None,
     }
 }
 
@@ -316,5 +317,33 @@ fn a_segment_numbered_at_the_limit_is_refused_by_name_and_left_in_place() {
     )
     .unwrap();
     let reporter = Reporter::open(dir.path(), TestSender::new(false)).unwrap();
+    assert_eq!(reporter.pending(), 1);
+}
+
+/// `settle` after a flush leaves no segment behind while the reporter is
+/// still alive (a process stopping with other handles still held); with a
+/// record still undelivered it keeps the segment (control).
+#[tokio::test]
+async fn settle_removes_a_delivered_current_segment_and_keeps_an_undelivered_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = TestSender::new(true);
+    let reporter = Reporter::open(dir.path(), up.clone()).unwrap();
+    let _other_handle = reporter.clone();
+    reporter.submit_async(report(1)).await.unwrap();
+    assert_eq!(spool_lines(dir.path()), 1);
+    assert_eq!(reporter.flush().await.unwrap(), 1);
+    reporter.settle().await;
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+    // More records go into a new segment afterwards.
+    reporter.submit_async(report(2)).await.unwrap();
+    assert_eq!(spool_lines(dir.path()), 1);
+
+    let dir = tempfile::tempdir().unwrap();
+    let reporter = Reporter::open(dir.path(), TestSender::new(false)).unwrap();
+    reporter.submit_async(report(3)).await.unwrap();
+    assert!(reporter.flush().await.is_err());
+    reporter.settle().await;
+    assert_eq!(spool_lines(dir.path()), 1);
     assert_eq!(reporter.pending(), 1);
 }
