@@ -847,9 +847,13 @@ tier = "read"
     assert!(g.gateway.is_running(), "{text}");
 }
 
-/// A plain HTTP server on a Unix socket that answers with the verified
-/// caller it was given.
-fn unix_upstream(path: &Path) {
+/// Serves `serve(listener)` on a Unix socket at `path`, on a thread of
+/// its own.
+fn on_unix_socket<F, Fut>(path: &Path, serve: F)
+where
+    F: FnOnce(tokio::net::UnixListener) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
     let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
     listener.set_nonblocking(true).unwrap();
     std::thread::spawn(move || {
@@ -858,18 +862,25 @@ fn unix_upstream(path: &Path) {
             .build()
             .unwrap();
         rt.block_on(async move {
-            let listener = tokio::net::UnixListener::from_std(listener).unwrap();
-            let routes = warp::path::full().and(warp::header::headers_cloned()).map(
-                |p: warp::path::FullPath, h: warp::http::HeaderMap| {
-                    warp::reply::json(&serde_json::json!({
-                        "upstream": "unix",
-                        "path": p.as_str(),
-                        "actor": h.get("baton-actor").and_then(|v| v.to_str().ok()),
-                    }))
-                },
-            );
-            warp::serve(routes).incoming(listener).run().await;
+            serve(tokio::net::UnixListener::from_std(listener).unwrap()).await;
         });
+    });
+}
+
+/// A plain HTTP server on a Unix socket that answers with the verified
+/// caller it was given.
+fn unix_upstream(path: &Path) {
+    on_unix_socket(path, |listener| async move {
+        let routes = warp::path::full().and(warp::header::headers_cloned()).map(
+            |p: warp::path::FullPath, h: warp::http::HeaderMap| {
+                warp::reply::json(&serde_json::json!({
+                    "upstream": "unix",
+                    "path": p.as_str(),
+                    "actor": h.get("baton-actor").and_then(|v| v.to_str().ok()),
+                }))
+            },
+        );
+        warp::serve(routes).incoming(listener).run().await;
     });
 }
 
@@ -1180,26 +1191,17 @@ fn a_write_whose_record_cannot_be_kept_is_not_forwarded() {
 /// A plain HTTP upstream on a Unix socket that holds every request for
 /// `delay` before answering; `received` counts what reached it.
 fn slow_unix_upstream(path: &Path, delay: Duration, received: Arc<std::sync::atomic::AtomicUsize>) {
-    let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
-    listener.set_nonblocking(true).unwrap();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let listener = tokio::net::UnixListener::from_std(listener).unwrap();
-            let routes = warp::path::full().and_then(move |p: warp::path::FullPath| {
-                received.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                async move {
-                    tokio::time::sleep(delay).await;
-                    Ok::<_, std::convert::Infallible>(warp::reply::json(
-                        &serde_json::json!({"upstream": "slow", "path": p.as_str()}),
-                    ))
-                }
-            });
-            warp::serve(routes).incoming(listener).run().await;
+    on_unix_socket(path, move |listener| async move {
+        let routes = warp::path::full().and_then(move |p: warp::path::FullPath| {
+            received.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move {
+                tokio::time::sleep(delay).await;
+                Ok::<_, std::convert::Infallible>(warp::reply::json(
+                    &serde_json::json!({"upstream": "slow", "path": p.as_str()}),
+                ))
+            }
         });
+        warp::serve(routes).incoming(listener).run().await;
     });
 }
 
@@ -1363,7 +1365,16 @@ tier = "read"
     let trace = g.w.json(&["audit", "trace", &task, "--json"]);
     let mut calls = Vec::new();
     crate::mcp::collect_calls(&trace, "dataset:crm", &mut calls);
-    assert_eq!(calls.len(), answered, "{trace}");
+    let summary: Vec<String> = calls
+        .iter()
+        .map(|c| {
+            format!(
+                "{} {} {} {}",
+                c["decision"], c["reason"], c["upstream_status"], c["output_digest"]
+            )
+        })
+        .collect();
+    assert_eq!(calls.len(), answered, "{summary:#?}");
     let log = std::fs::read_to_string(g.w.c.path("gateway.log")).unwrap_or_default();
     assert!(!log.contains("panicked"), "{log}");
 }

@@ -98,6 +98,10 @@ pub struct Delegation {
     tokens: TokenVerifier,
     settings: DelegationSettings,
     revoker: Arc<Revoker>,
+    /// Held from a report's duplicate check until its id is recorded: two
+    /// deliveries of one report at once (a retry racing a request still in
+    /// flight) append one event, not two.
+    reports: std::sync::Mutex<()>,
 }
 
 #[path = "approvals.rs"]
@@ -183,6 +187,7 @@ impl Delegation {
             tokens,
             settings,
             revoker,
+            reports: std::sync::Mutex::new(()),
         }
     }
 
@@ -1387,6 +1392,10 @@ impl Delegation {
         }
         check_recorded(&r.recorded)?;
         let _ = self.task(&r.task_id)?;
+        let _one_report_at_a_time = self
+            .reports
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(index) = self.tasks.report_seen(&r.report_id)? {
             return Ok(
                 serde_json::json!({ "report_id": r.report_id, "index": index, "duplicate": true }),

@@ -226,7 +226,12 @@ pub fn node_routes(
                         // A span per report, continuing the trace the call
                         // arrived with at the tool server (its report's
                         // `traceparent`), else the request's.
-                        let parent = r.traceparent.as_deref().or(tp.as_deref());
+                        let parent = [r.traceparent.as_deref(), tp.as_deref()]
+                            .into_iter()
+                            .flatten()
+                            .find(|t| {
+                                t.parse::<baton_core::trace_context::TraceParent>().is_ok()
+                            });
                         let rt = RequestTrace::start(request_span!("baton.tool_call"), parent);
                         let recorded = rt.scoped(|| d.record_tool_call(&reporter, r, SystemTime::now()));
                         rt.outcome(&recorded);

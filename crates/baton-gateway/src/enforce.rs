@@ -242,12 +242,15 @@ impl Enforcer {
             self.gate.calls_finished().await;
             // Written before it answers: every record queued so far.
             self.reporter.settle().await;
-            self.reporter.flush().await
+            let flushed = self.reporter.flush().await;
+            if flushed.is_ok() && self.reporter.pending() == 0 {
+                // Nothing left to deliver: leave no segment behind.
+                self.reporter.settle().await;
+            }
+            flushed
         };
         match tokio::time::timeout(grace, drained).await {
             Ok(Ok(_)) if self.reporter.pending() == 0 => {
-                // Nothing left to deliver: leave no segment behind.
-                self.reporter.settle().await;
                 tracing::info!("tool-call reports delivered");
             }
             Ok(Ok(_)) | Err(_) => tracing::warn!(
