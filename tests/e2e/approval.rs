@@ -112,6 +112,19 @@ fn a_held_call_goes_on_once_its_initiator_approves_exactly_it() {
     // Another call (other arguments) is another approval.
     let b = pending_id(&put(&g, &cred, "/crm/cases/42", r#"{"status":"open"}"#));
     assert_ne!(a, b);
+    // So is the same body on another case, or with a query: the approval
+    // binds the method, path and query too. The path as the gateway reads
+    // it: `4%32` is `42`, the same call.
+    let other_case = pending_id(&put(&g, &cred, "/crm/cases/43", r#"{"status":"closed"}"#));
+    let with_query = pending_id(&put(
+        &g,
+        &cred,
+        "/crm/cases/42?cascade=all",
+        r#"{"status":"closed"}"#,
+    ));
+    assert!(other_case != a && with_query != a && other_case != with_query);
+    let encoded = pending_id(&put(&g, &cred, "/crm/cases/4%32", r#"{"status":"closed"}"#));
+    assert_eq!(encoded, a);
     assert_eq!(
         g.upstream_count(),
         upstream_before,
@@ -123,6 +136,7 @@ fn a_held_call_goes_on_once_its_initiator_approves_exactly_it() {
     for want in [
         "Status:        pending",
         "crm.update on dataset:crm (write)",
+        "Request:       PUT /crm/cases/42\n",
         task.as_str(),
         PLANNER,
         "spiffe://example.org/tools/gateway",
@@ -164,6 +178,21 @@ fn a_held_call_goes_on_once_its_initiator_approves_exactly_it() {
     // The approved call goes on, once; the other call still waits.
     let b_again = put(&g, &cred, "/crm/cases/42", r#"{"status":"open"}"#);
     assert_eq!(pending_id(&b_again), b);
+    // The approval of case 42 does not carry another case or a query.
+    assert_eq!(
+        pending_id(&put(&g, &cred, "/crm/cases/43", r#"{"status":"closed"}"#)),
+        other_case
+    );
+    assert_eq!(
+        pending_id(&put(
+            &g,
+            &cred,
+            "/crm/cases/42?cascade=all",
+            r#"{"status":"closed"}"#,
+        )),
+        with_query
+    );
+    assert_eq!(g.upstream_count(), upstream_before);
     let ok = put(&g, &cred, "/crm/cases/42", r#"{"status":"closed"}"#);
     assert_eq!(ok.status, 200, "{ok:?}");
     assert_eq!(g.upstream_count(), upstream_before + 1);

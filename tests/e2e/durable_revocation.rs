@@ -229,6 +229,74 @@ fn a_failed_over_redis_that_missed_writes_is_caught_up_from_its_own_mark() {
     assert!(works(&w, &r2));
 }
 
+/// SIGTERM while Redis refuses writes: the task ended just before it is in
+/// the datastore's outbox only; the broker's last relay pass keeps trying
+/// within its shutdown grace, publishes it once Redis takes writes again,
+/// and exits 0. The other task's entry is not written (the control).
+#[test]
+fn sigterm_publishes_a_revocation_the_relay_had_not_yet_within_the_grace() {
+    let redis = Redis::start();
+    let mut w = World::start_with(Some(&redis.url));
+    let (t1, _p1, r1) = chain(&w, "t1");
+    let (t2, _p2, _r2) = chain(&w, "t2");
+    until_works(&w, &r1, "the tool server's feed is fresh");
+    let denied = |id: &str| {
+        redis
+            .cli(&["ZSCORE", "{baton}:revoked-index", id])
+            .trim()
+            .parse::<u64>()
+            .is_ok()
+    };
+
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_port = dead.local_addr().unwrap().port().to_string();
+    drop(dead);
+    assert!(
+        redis
+            .cli(&["REPLICAOF", "127.0.0.1", &dead_port])
+            .contains("OK")
+    );
+    let out = w.ok(&["task", "end", &t1]);
+    assert!(out.contains("recorded; propagating"), "{out}");
+    assert!(!denied(&t1), "published although Redis is read-only");
+
+    let mut broker = w.c.broker.take().unwrap();
+    let pid = broker.child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    wait_for(
+        "the broker's relay retrying its last pass",
+        Duration::from_secs(30),
+        || {
+            broker
+                .log_text()
+                .contains("last pass failed; retrying")
+                .then_some(())
+        },
+    );
+    assert!(
+        broker.is_running(),
+        "the broker exited with its outbox unpublished"
+    );
+    assert!(redis.cli(&["REPLICAOF", "NO", "ONE"]).contains("OK"));
+    let status = wait_for("the broker's exit", Duration::from_secs(40), || {
+        broker.child.try_wait().ok().flatten()
+    });
+    assert!(status.success(), "exit {status}: {}", broker.log_text());
+    assert!(denied(&t1), "the task's end was not published before exit");
+    assert!(!denied(&t2), "a live task was published as revoked");
+    let log = broker.log_text();
+    assert!(
+        log.contains("revocation relay stopped") && !log.contains("relay stopped behind"),
+        "{log}"
+    );
+}
+
 /// The credential registry survives a broker restart: a credential issued
 /// before it is revoked by its jti afterwards (the broker's memory store
 /// and the tool server following the broker's own feed, as in `baton dev`).

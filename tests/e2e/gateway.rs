@@ -179,6 +179,16 @@ impl Gw {
         redis: Option<&str>,
         extra: impl FnOnce(&World) -> (String, Vec<Proc>),
     ) -> Self {
+        Self::start_with_args(redis, extra, &[])
+    }
+
+    /// As [`start_full`](Self::start_full), with `args` after the
+    /// gateway's own (e.g. `--log trace`).
+    pub(crate) fn start_with_args(
+        redis: Option<&str>,
+        extra: impl FnOnce(&World) -> (String, Vec<Proc>),
+        args: &[&str],
+    ) -> Self {
         let w = World::start_with_options(
             redis,
             Options {
@@ -221,6 +231,7 @@ impl Gw {
         if let Some(url) = redis {
             cmd.arg("--redis").arg(url);
         }
+        cmd.args(args);
         let mut gateway = Proc::spawn("gateway", cmd, w.c.path("gateway.log"));
         let addr = wait_for("gateway ready", Duration::from_secs(60), || {
             assert!(
@@ -283,13 +294,13 @@ pub(crate) fn client(cert_dir: &Path) -> reqwest::Client {
 
 /// What came back: status, `WWW-Authenticate`, JSON body.
 #[derive(Debug)]
-struct Answer {
-    status: u16,
-    challenge: String,
-    body: serde_json::Value,
+pub(crate) struct Answer {
+    pub(crate) status: u16,
+    pub(crate) challenge: String,
+    pub(crate) body: serde_json::Value,
 }
 
-fn send(
+pub(crate) fn send(
     cert_dir: &Path,
     method: &str,
     url: &str,
@@ -436,7 +447,17 @@ fn the_gateway_forwards_allowed_calls_and_refuses_each_attack() {
     copy_cred(&researcher, &mixed);
     std::fs::copy(planner.join("svid.pem"), mixed.join("svid.pem")).unwrap();
     std::fs::copy(planner.join("key.pem"), mixed.join("key.pem")).unwrap();
-    let stolen = send(&mixed, "GET", &search, Some(&token), &[]);
+    // Made inside another trace: the refusal's record continues it.
+    let stolen = send(
+        &mixed,
+        "GET",
+        &search,
+        Some(&token),
+        &[(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )],
+    );
     assert_eq!(stolen.status, 401, "{stolen:?}");
     assert!(
         stolen.challenge.contains("error=\"invalid_token\""),
@@ -551,6 +572,13 @@ fn the_gateway_forwards_allowed_calls_and_refuses_each_attack() {
         .count();
     assert_eq!(in_trace, 1, "{calls:?}");
     assert!(calls.len() > 1, "{calls:?}");
+    // The refused token's record is in the trace its request came with.
+    let refused: Vec<_> = calls
+        .iter()
+        .filter(|c| c["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736")
+        .collect();
+    assert_eq!(refused.len(), 1, "{calls:?}");
+    assert_eq!(refused[0]["decision"], "deny", "{refused:?}");
     assert!(
         !trace.contains(&bare),
         "a bare SHA-256 of the input is in the log"
@@ -1377,4 +1405,119 @@ tier = "read"
     assert_eq!(calls.len(), answered, "{summary:#?}");
     let log = std::fs::read_to_string(g.w.c.path("gateway.log")).unwrap_or_default();
     assert!(!log.contains("panicked"), "{log}");
+}
+
+/// A literal route listed after a capture that also matches it: the
+/// literal must still win.
+const SHADOWED: &str = r#"
+[[routes]]
+method = "GET"
+path = "/crm/ledger/{id}"
+upstream = "crm"
+tool = "crm.search"
+resource = "dataset:crm"
+permission = "tool:crm.search:read"
+tier = "read"
+
+[[routes]]
+method = "GET"
+path = "/crm/ledger/export"
+upstream = "crm"
+tool = "crm.export"
+resource = "dataset:crm"
+permission = "tool:crm.export:export"
+tier = "export"
+"#;
+
+/// The gateway reads a path as an upstream will: escapes are decoded
+/// before matching, so no literal route or captured resource is passed by
+/// spelling it escaped; segments that decode to something an upstream
+/// could read otherwise match no route; the path goes upstream in one
+/// spelling. The most specific route wins whatever the file's order. And
+/// no header passes as the verified caller or changes the method the call
+/// was decided on.
+#[test]
+fn paths_are_read_as_the_upstream_reads_them_and_no_header_poses_as_the_caller() {
+    let g = Gw::start_with(|_| (SHADOWED.to_owned(), Vec::new()));
+    let (_task, _planner, researcher) = g.researcher();
+    let token = token_of(&researcher);
+    let url = |p: &str| format!("{}{p}", g.url);
+    // Control: an id on the capture route.
+    let ok = wait_for("the call allowed", Duration::from_secs(60), || {
+        let a = send(
+            &researcher,
+            "GET",
+            &url("/crm/ledger/acme"),
+            Some(&token),
+            &[],
+        );
+        (a.status == 200).then_some(a)
+    });
+    assert_eq!(ok.body["path"], "/crm/ledger/acme", "{ok:?}");
+    let before = g.upstream_count();
+
+    // The literal route, listed second, wins: an export the researcher's
+    // scope does not hold. Spelled with an escape, it is the same route.
+    for path in [
+        "/crm/ledger/export",
+        "/crm/ledger/expor%74",
+        "/crm/ledger/%65xport",
+    ] {
+        let a = send(&researcher, "GET", &url(path), Some(&token), &[]);
+        assert_eq!(a.status, 403, "{path}: {a:?}");
+        assert_eq!(
+            a.challenge, "Bearer error=\"insufficient_scope\", scope=\"tool:crm.export:export\"",
+            "{path}: {a:?}"
+        );
+    }
+    // Segments an upstream could read otherwise match nothing.
+    for path in [
+        "/crm/ledger/a%2Fb",
+        "/crm/ledger/..;/export",
+        "/crm/ledger/export;x=1",
+        "/crm/ledger/%2e%2e",
+        "/crm/ledger/bad%zz",
+        "/crm/ledger/a%00",
+        "/crm/ledger/a%5Cb",
+    ] {
+        let a = send(&researcher, "GET", &url(path), Some(&token), &[]);
+        assert_eq!(a.status, 404, "{path}: {a:?}");
+        assert_eq!(a.body["code"], "no_route", "{path}: {a:?}");
+    }
+    assert_eq!(g.upstream_count(), before, "a refused call was forwarded");
+
+    // An escaped id is decoded; the upstream gets one spelling of it.
+    let a = send(
+        &researcher,
+        "GET",
+        &url("/crm/ledger/ac%6De%20co"),
+        Some(&token),
+        &[
+            ("Baton_Actor", "spiffe://example.org/agents/mallory"),
+            ("baton_task", "task-00000000000000000000000000000000"),
+            ("X-HTTP-Method-Override", "DELETE"),
+            ("X-Original-URL", "/crm/ledger/export"),
+        ],
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(a.body["path"], "/crm/ledger/acme%20co", "{a:?}");
+    let seen = g.upstream.last();
+    assert_eq!(seen.method, "GET");
+    assert_eq!(seen.header("baton-actor"), vec![RESEARCHER], "{seen:?}");
+    for (name, _) in &seen.headers {
+        let folded = name.replace('_', "-");
+        assert!(
+            !folded.starts_with("baton-")
+                || ["baton-task", "baton-actor", "baton-chain"].contains(&name.as_str()),
+            "{name} reached the upstream: {seen:?}"
+        );
+        assert!(
+            !["x-http-method-override", "x-original-url"].contains(&name.as_str()),
+            "{name} reached the upstream: {seen:?}"
+        );
+    }
+    assert!(
+        !seen.headers.iter().any(|(_, v)| v.contains("mallory")),
+        "a forged identity reached the upstream: {seen:?}"
+    );
 }

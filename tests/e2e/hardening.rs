@@ -601,6 +601,21 @@ fn tool_call_reports_only_from_the_tokens_tool_servers() {
             "not the token's holder",
             report(&task, &rjti, PLANNER, "allow"),
         ),
+        ("a scope the token does not grant", {
+            let mut r = report(&task, &rjti, RESEARCHER, "allow");
+            r["scope_used"] = serde_json::json!(["tool:crm.update:write"]);
+            r
+        }),
+        ("no scope used", {
+            let mut r = report(&task, &rjti, RESEARCHER, "allow");
+            r["scope_used"] = serde_json::json!([]);
+            r
+        }),
+        ("a risk over the task's ceiling", {
+            let mut r = report(&task, &rjti, RESEARCHER, "allow");
+            r["risk"] = serde_json::json!("export");
+            r
+        }),
     ] {
         let (status, body) = post(&w, &tool, "/v1/audit/tool-calls", &r);
         assert_eq!(status, 403, "{what}: {body}");
@@ -609,14 +624,18 @@ fn tool_call_reports_only_from_the_tokens_tool_servers() {
     // Control: a report that agrees is recorded, with the broker's time
     // (the reporter claimed unix time 1).
     let before = now_secs();
-    let (status, body) = post(
-        &w,
-        &tool,
-        "/v1/audit/tool-calls",
-        &report(&task, &rjti, RESEARCHER, "allow"),
-    );
+    let agreed = report(&task, &rjti, RESEARCHER, "allow");
+    let (status, body) = post(&w, &tool, "/v1/audit/tool-calls", &agreed);
     assert_eq!(status, 200, "{body}");
     assert!(body["receipts"][0]["receipt"].is_object(), "{body}");
+    // Its id, sent again: the tool server hears it is a duplicate; the
+    // researcher (not entitled) is refused, and learns nothing of it.
+    let (status, body) = post(&w, &tool, "/v1/audit/tool-calls", &agreed);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["receipts"][0]["duplicate"], true, "{body}");
+    let (status, body) = post(&w, &researcher, "/v1/audit/tool-calls", &agreed);
+    assert_eq!(status, 403, "{body}");
+    assert!(!body.to_string().contains("duplicate"), "{body}");
     let events = w.json(&["audit", "trace", &task, "--json"]);
     let ev = find_obj(&events, &|o| {
         o.get("tool").and_then(|t| t.as_str()) == Some("crm.export")

@@ -456,3 +456,94 @@ fn text_logs_written_to_a_file_carry_no_colour_codes() {
         );
     }
 }
+
+/// The gateway and the revocation service, at the most verbose level with
+/// JSON logs, through allowed, refused and forged calls and a task's end
+/// heard from Redis: every line parses, and neither log holds a delegation
+/// token, a private key or a grant of the run.
+#[test]
+fn the_gateways_and_the_revocation_services_trace_logs_hold_no_secret() {
+    use crate::gateway::{Gw, send, token_of};
+    let redis = crate::harness::Redis::start();
+    let log_args = ["--log-format", "json", "--log", VERBOSE];
+    let mut g = Gw::start_with_args(Some(&redis.url), |_| (String::new(), Vec::new()), &log_args);
+    let mut cmd = baton();
+    cmd.args([
+        "revocation",
+        "--redis",
+        &redis.url,
+        "--check-every",
+        "200ms",
+    ])
+    .args(log_args);
+    let mut rev = Proc::spawn("revocation", cmd, g.w.c.path("revocation.log"));
+
+    let (task, planner, researcher) = g.researcher();
+    let mut secrets: Vec<(String, String)> = Vec::new();
+    for (name, dir) in [("planner", &planner), ("researcher", &researcher)] {
+        secrets.extend(needles(&format!("{name} token"), &token_of(dir)));
+        for k in keys_in(dir) {
+            secrets.extend(needles(&format!("{name} key"), &k));
+        }
+    }
+    let token = token_of(&researcher);
+    let read = format!("{}/crm/accounts/acme", g.url);
+    wait_for("the call allowed", Duration::from_secs(60), || {
+        (send(&researcher, "GET", &read, Some(&token), &[]).status == 200).then_some(())
+    });
+    // Refused: a write the hop did not grant, and a forged signature.
+    let write = format!("{}/crm/cases/c-1", g.url);
+    assert_eq!(
+        send(&researcher, "POST", &write, Some(&token), &[]).status,
+        403
+    );
+    // One signature character changed (not the last: its low bits are
+    // padding).
+    let at = token.len() - 10;
+    let mut forged = token.clone();
+    let by = if &token[at..=at] == "A" { "B" } else { "A" };
+    forged.replace_range(at..=at, by);
+    assert_eq!(
+        send(&researcher, "GET", &read, Some(&forged), &[]).status,
+        401
+    );
+    // The task ends; the gateway hears it from Redis.
+    g.w.ok(&["task", "end", &task]);
+    wait_for("the ended task refused", Duration::from_secs(30), || {
+        (send(&researcher, "GET", &read, Some(&token), &[]).status == 401).then_some(())
+    });
+
+    g.gateway.stop();
+    rev.stop();
+    let logs = [
+        ("gateway", g.gateway.log_text()),
+        ("revocation", rev.log_text()),
+    ];
+    // Control: the logs are the run's and at the most verbose level.
+    assert!(
+        logs[0].1.contains("crm.search"),
+        "the gateway's log does not name the tool it served"
+    );
+    assert!(
+        json_lines("gateway", &logs[0].1)
+            .iter()
+            .any(|v| v["level"] == "TRACE"),
+        "the gateway: no trace line: the filter is not the most verbose"
+    );
+    for (source, text) in &logs {
+        assert!(
+            !json_lines(source, text).is_empty(),
+            "{source}: no log line"
+        );
+        for (name, needle) in &secrets {
+            assert!(
+                !text.contains(needle.as_str()),
+                "{source}'s log holds the {name}"
+            );
+        }
+        assert!(
+            !text.contains(forged.as_str()),
+            "{source}'s log holds the forged token"
+        );
+    }
+}

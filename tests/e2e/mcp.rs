@@ -538,6 +538,27 @@ fn mcp_through_the_gateway_lists_calls_streams_and_refuses_as_mcp_clients_see_it
             body.contains("not allowed through the Baton gateway"),
             "{body}"
         );
+        // Two argument keys that differ only in case: the gateway would take
+        // the resource from one, a server matching keys without case (Go's
+        // encoding/json) from the other.
+        let twins = serde_json::json!({"jsonrpc": "2.0", "id": 5, "method": "tools/call",
+            "params": {"name": "crm.search", "arguments": {"account": "acme", "Account": "vip"}}});
+        let (status, _, body) = post(&g.url, &researcher, &twins, &[]).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("differ only in case"), "{body}");
+        assert!(body.contains("-32602"), "{body}");
+        // A GET (the server's stream) carrying a call in its body.
+        let resp = client(&researcher)
+            .get(format!("{}/mcp", g.url))
+            .bearer_auth(token_of(&researcher))
+            .header("accept", "text/event-stream")
+            .body(search.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 400);
+        let text = resp.text().await.unwrap();
+        assert!(text.contains("carries no body"), "{text}");
         assert_eq!(seen.count(), before, "a refused request reached the tool");
 
         // A session belongs to the caller that opened it.

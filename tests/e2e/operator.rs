@@ -292,6 +292,35 @@ fn example_workloads_take_a_relative_socket_path() {
     });
     client.stop();
     echo.stop();
+
+    // The example tool server, its socket and spool relative as well.
+    c.register("/tools/crm", &[]);
+    let ready = c.path("tool.addr");
+    let mut cmd = baton();
+    cmd.current_dir(c.dir.path())
+        .args(["example", "tool-server", "--socket", "agent.sock"])
+        .args([
+            "--audience",
+            "crm",
+            "--spiffe-id",
+            "spiffe://example.org/tools/crm",
+        ])
+        .args(["--spool", "tool-spool"])
+        .arg("--broker-url")
+        .arg(format!("https://{}", c.broker_addr))
+        .arg("--ready-file")
+        .arg(&ready);
+    let mut tool = Proc::spawn("tool-server", cmd, c.path("tool.log"));
+    wait_for("the tool server", Duration::from_secs(60), || {
+        assert!(tool.is_running(), "{}", tool.log_text());
+        std::fs::read_to_string(&ready).ok()
+    });
+    assert!(!tool.log_text().contains("must include a path"));
+    assert!(
+        c.path("tool-spool").is_dir(),
+        "the relative spool is not under the working directory"
+    );
+    tool.stop();
 }
 
 /// Starts `baton dev` on `data` and waits until it serves; returns it

@@ -478,6 +478,165 @@ fn readyz_names_the_datastore_while_another_process_holds_it_locked() {
     assert_eq!(healthcheck(&bops, "ready").status.code(), Some(0));
 }
 
+/// The failing check's own report in a `/readyz` body.
+fn check_of(body: &serde_json::Value, name: &str) -> serde_json::Value {
+    body["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no check {name} in {body}"))
+        .clone()
+}
+
+/// The task start of `World::start_task_for`, as a command that may fail.
+fn try_task_start(w: &World) -> Output {
+    w.run(&[
+        "task",
+        "start",
+        "--user",
+        "alice@example.com",
+        "--group",
+        "engineering",
+        "--root-agent",
+        PLANNER,
+        "--purpose",
+        "support.case-research",
+        "--scope",
+        "tool:crm.search:read",
+        "--audience",
+        "crm",
+        "-o",
+        "json",
+    ])
+}
+
+/// Another process holds the audit log's database locked: no event can be
+/// recorded, so /readyz names `audit_log` at once (before any request
+/// fails), a task start is refused rather than granted unrecorded, and the
+/// broker is ready again by itself once the lock goes (a not-ready broker
+/// gets no requests, so readiness must not wait for one), when a task
+/// starts again and its event is in the log.
+#[test]
+fn readyz_names_the_audit_log_while_it_takes_no_writes_and_recovers_by_itself() {
+    let bops = free_addr();
+    let w = World::start_with_options(
+        None,
+        Options {
+            broker_args: vec!["--ops-listen".into(), bops.clone()],
+            ..Options::default()
+        },
+    );
+    wait_ready(&bops, "broker ready");
+    // Control: a task starts, and the audit check passes.
+    let out = try_task_start(&w);
+    assert!(out.status.success(), "{out:?}");
+    let (_, body) = readyz(&bops).unwrap();
+    assert_eq!(check_of(&body, "audit_log")["ok"], true, "{body}");
+    let (size_before, _) = audit_size(&w);
+
+    let db = rusqlite::Connection::open(w.c.path("broker/audit.db")).unwrap();
+    db.execute_batch("BEGIN IMMEDIATE;").unwrap();
+    let body = wait_not_ready(
+        &bops,
+        "audit_log",
+        "broker not ready while its audit log is locked",
+    );
+    let check = check_of(&body, "audit_log").to_string();
+    assert!(check.contains("does not take writes"), "{check}");
+    assert_eq!(healthcheck(&bops, "ready").status.code(), Some(1));
+    assert_eq!(healthcheck(&bops, "live").status.code(), Some(0));
+    // What cannot be recorded is not granted.
+    let out = try_task_start(&w);
+    assert!(!out.status.success(), "a task started unrecorded: {out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("must record") && err.contains("nothing was issued"),
+        "the refusal does not say the request could not be recorded: {err}"
+    );
+
+    db.execute_batch("ROLLBACK;").unwrap();
+    drop(db);
+    wait_ready(
+        &bops,
+        "broker ready again once the audit log takes writes, with no request",
+    );
+    let out = try_task_start(&w);
+    assert!(out.status.success(), "{out:?}");
+    let (size_after, _) = audit_size(&w);
+    assert_eq!(
+        size_after,
+        size_before + 1.0,
+        "the refused start left an event, or the new one is missing"
+    );
+    w.ok(&["audit", "verify"]);
+}
+
+/// With manual rotation, an active authority that expires leaves the
+/// broker unable to sign: /readyz names `authority` with the expiry, and
+/// `ca prepare` + `ca activate` make it ready again.
+#[test]
+fn readyz_names_an_expired_active_authority_until_a_new_one_is_activated() {
+    let bops = free_addr();
+    let c = Cluster::start(Options {
+        start_agent: false,
+        agent_svid_ttl: "2s",
+        broker_args: vec![
+            "--ops-listen".into(),
+            bops.clone(),
+            "--rotation".into(),
+            "manual".into(),
+            "--ca-ttl".into(),
+            "15s".into(),
+            "--max-svid-ttl".into(),
+            "2s".into(),
+        ],
+        ..Options::default()
+    });
+    // Control: the fresh authorities pass.
+    let first = wait_for("a first /readyz", Duration::from_secs(30), || readyz(&bops));
+    assert_eq!(check_of(&first.1, "authority")["ok"], true, "{}", first.1);
+
+    let body = wait_not_ready(
+        &bops,
+        "authority",
+        "broker not ready once its active authority expired",
+    );
+    let check = check_of(&body, "authority").to_string();
+    assert!(check.contains("expired"), "{check}");
+    assert_eq!(healthcheck(&bops, "live").status.code(), Some(0));
+
+    c.cli_ok(&["ca", "prepare"]);
+    c.cli_ok(&["ca", "activate"]);
+    wait_ready(&bops, "broker ready with a new active authority");
+}
+
+/// The node daemon's `sync` check: the broker goes away, the daemon keeps
+/// serving its cache but is not ready once its last sync is too old; the
+/// broker returns and the daemon is ready again.
+#[test]
+fn the_agent_is_not_ready_while_it_cannot_sync_and_ready_once_it_can() {
+    let aops = free_addr();
+    let mut c = Cluster::start(Options {
+        agent_args: vec!["--ops-listen".into(), aops.clone()],
+        ..Options::default()
+    });
+    wait_ready(&aops, "agent ready");
+    let (_, body) = readyz(&aops).unwrap();
+    assert_eq!(check_of(&body, "sync")["ok"], true, "{body}");
+
+    let listen = c.broker_addr.clone();
+    c.broker.take().unwrap().stop();
+    let body = wait_not_ready(&aops, "sync", "agent not ready without syncs");
+    let check = check_of(&body, "sync").to_string();
+    assert!(check.contains("last successful sync"), "{check}");
+    assert_eq!(check_of(&body, "node_svid")["ok"], true, "{body}");
+    assert_eq!(healthcheck(&aops, "live").status.code(), Some(0));
+
+    c.start_broker(&listen, "1h");
+    wait_ready(&aops, "agent ready again once it syncs");
+}
+
 #[test]
 fn readyz_follows_redis_and_the_brokers_refusal_of_the_node() {
     let mut redis = Redis::start();

@@ -44,6 +44,8 @@ use crate::proof::{Receipt, SignedCheckpoint, checkpoint_message, hex_all, to_he
 use crate::witness::{HeadFile, HeadState, Kept, check_consistency, head_path, read_head};
 
 const SCHEMA_VERSION: i64 = 1;
+/// How long an append waits for another connection's write lock.
+const APPEND_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (
@@ -250,7 +252,7 @@ impl AuditLog {
     ) -> Result<Self, AuditError> {
         let durability = options.durability;
         let conn = Connection::open(path)?;
-        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.busy_timeout(APPEND_BUSY_TIMEOUT)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // Fewer, larger WAL checkpoints (each one fsyncs): ~40 MB of WAL.
         conn.pragma_update(None, "wal_autocheckpoint", 10_000)?;
@@ -391,6 +393,24 @@ impl AuditLog {
     /// appends when concurrent appends were group-committed.
     pub fn transactions(&self) -> u64 {
         self.transactions.load(Ordering::Relaxed)
+    }
+
+    /// Whether an append could be committed now: the log is not poisoned
+    /// and its database takes a write transaction within `wait` (opened and
+    /// rolled back at once, nothing written). For readiness checks: it
+    /// holds the append lock for at most `wait`.
+    pub fn probe_writable(&self, wait: Duration) -> Result<(), AuditError> {
+        let guard = self.lock()?;
+        if let Some(why) = &guard.poisoned {
+            return Err(AuditError::Poisoned(why.clone()));
+        }
+        guard.conn.busy_timeout(wait)?;
+        let probed = guard.conn.execute_batch("BEGIN IMMEDIATE; ROLLBACK;");
+        if probed.is_err() && !guard.conn.is_autocommit() {
+            let _ = guard.conn.execute_batch("ROLLBACK;");
+        }
+        guard.conn.busy_timeout(APPEND_BUSY_TIMEOUT)?;
+        probed.map_err(AuditError::from)
     }
 
     /// Number of events.

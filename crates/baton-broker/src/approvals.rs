@@ -29,6 +29,7 @@ fn binding(req: &ApprovalRequest, server: &SpiffeId) -> String {
         req.risk,
         req.input_digest,
         server,
+        req.target,
     ]);
     hex::encode(digest(&SHA256, parts.to_string().as_bytes()))
 }
@@ -57,6 +58,19 @@ impl Delegation {
         if req.input_digest.len() != 64 || !req.input_digest.bytes().all(|b| b.is_ascii_hexdigit())
         {
             return Err(bad("input_digest", "a hex SHA-256 (64 digits)"));
+        }
+        if let Some(t) = &req.target
+            && (t.is_empty()
+                || t.len() > baton_core::api::MAX_APPROVAL_TARGET
+                || t.chars().any(char::is_control))
+        {
+            return Err(bad(
+                "target",
+                format!(
+                    "the request line (METHOD /path?query): 1 to {} bytes, no control characters",
+                    baton_core::api::MAX_APPROVAL_TARGET
+                ),
+            ));
         }
         let task = self.task(&req.task_id)?;
         if task.ended_at.is_some() || now >= task.expires_at {
@@ -117,6 +131,7 @@ impl Delegation {
             resource: req.resource.clone(),
             risk: req.risk,
             input_digest: req.input_digest.clone(),
+            target: req.target.clone(),
             requested_by: server.clone(),
             created_at: now,
             expires_at: now.saturating_add(req.ttl_secs),
@@ -131,7 +146,10 @@ impl Delegation {
         ev.resource = Some(a.resource.clone());
         ev.risk = Some(a.risk);
         ev.input_digest = Some(a.input_digest.clone());
-        ev.reason = Some(format!("approval {} pending until {}", a.id, a.expires_at));
+        ev.reason = Some(match &a.target {
+            Some(t) => format!("approval {} of {t} pending until {}", a.id, a.expires_at),
+            None => format!("approval {} pending until {}", a.id, a.expires_at),
+        });
         // The record first: an approval nobody can see in the log is never
         // handed out.
         self.append(&ev)?;

@@ -122,6 +122,44 @@ const MAX_RECORDED_VALUE: usize = 2048;
 
 /// A report's clear-text fields stay small: a reporter cannot make the
 /// audit log a copy of its traffic.
+/// An `allow` report claims no more than its token grants: each scope it
+/// says it used, and the call's risk within the task's ceiling. (A deny
+/// report may name anything: it records a refusal.) Tokens recorded before
+/// their grants were kept are not checked.
+fn check_allowed_by(r: &ToolCallReport, token: &TokenRecord) -> Result<(), BrokerError> {
+    let refused = |why: String| {
+        refuse(
+            "report_refused",
+            format!("report {} of an allowed call: {why}", r.report_id),
+        )
+    };
+    if let Some(ceiling) = token.risk_ceiling
+        && r.risk > ceiling
+    {
+        return Err(refused(format!(
+            "risk {} is over the task's ceiling {ceiling}",
+            r.risk
+        )));
+    }
+    if let Some(scope) = &token.scope {
+        if r.scope_used.is_empty() {
+            return Err(refused("it names no scope used".into()));
+        }
+        for used in &r.scope_used {
+            let granted = baton_core::Permission::parse(used)
+                .map(|p| scope.allows(&p))
+                .unwrap_or(false);
+            if !granted {
+                return Err(refused(format!(
+                    "scope {used:?} is not granted by token {}",
+                    r.token_jti
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn check_recorded(
     recorded: &std::collections::BTreeMap<String, String>,
 ) -> Result<(), BrokerError> {
@@ -929,6 +967,8 @@ impl Delegation {
             cert_thumbprint: claims.cnf.x5t_s256.clone(),
             cert_serial: issued.serial_hex.clone(),
             aud: grant.audience.clone(),
+            scope: Some(claims.scope.clone()),
+            risk_ceiling: Some(claims.task.risk_ceiling),
         };
         // One transaction: the grant is consumed, the token recorded and
         // the credentials registered together, or none of it (a store
@@ -1392,15 +1432,6 @@ impl Delegation {
         }
         check_recorded(&r.recorded)?;
         let _ = self.task(&r.task_id)?;
-        let _one_report_at_a_time = self
-            .reports
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(index) = self.tasks.report_seen(&r.report_id)? {
-            return Ok(
-                serde_json::json!({ "report_id": r.report_id, "index": index, "duplicate": true }),
-            );
-        }
         let Some(token) = self.tasks.get_token(&r.token_jti)? else {
             return Err(refuse(
                 "report_refused",
@@ -1428,6 +1459,21 @@ impl Delegation {
                     token.aud.join(", ")
                 ),
             ));
+        }
+        if r.decision == "allow" {
+            check_allowed_by(r, &token)?;
+        }
+        // Only now, for a reporter entitled to report this token's calls,
+        // is a report id looked up: a duplicate's answer (its index) is
+        // not given to anyone else.
+        let _one_report_at_a_time = self
+            .reports
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(index) = self.tasks.report_seen(&r.report_id)? {
+            return Ok(
+                serde_json::json!({ "report_id": r.report_id, "index": index, "duplicate": true }),
+            );
         }
         let mut ev = AuditEvent::from_tool_call(r, Some(reporter.clone()));
         if token.spiffe_id != r.agent {

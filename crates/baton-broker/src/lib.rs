@@ -473,6 +473,9 @@ pub async fn run(
     let bundle_pem = bundle.to_pem();
 
     let dev_issuer = if cfg.dev_issuer {
+        tracing::warn!(
+            "the dev OIDC issuer is on (--dev-issuer): whoever can use the admin socket can mint ID tokens for any user and group, and so start tasks and approve calls as anyone; never in production"
+        );
         Some(oidc::DevIssuer::generate()?)
     } else {
         None

@@ -3,7 +3,7 @@
 //! requests are counted under.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use baton_ops::{Ops, Role, metrics};
 
@@ -14,6 +14,9 @@ use crate::store::SqliteStore;
 /// Every path the HTTPS port serves. A request is counted under its path
 /// only if it is one of these (none carries an id), else `unmatched`, so a
 /// caller cannot mint new series.
+/// How long the readiness probe of the audit log waits for its write lock.
+const AUDIT_PROBE_WAIT: Duration = Duration::from_secs(1);
+
 const ROUTES: &[&str] = &[
     "/healthz",
     "/v1/bundle",
@@ -101,10 +104,19 @@ pub(crate) fn install(ops: &Ops, p: Parts) {
                             )
                         })?;
                 }
-                if metrics().audit_last_append_failed() {
-                    return Err("the last audit append failed (requests are refused)".into());
-                }
-                Ok(())
+                // A write transaction is probed each time (opened and rolled
+                // back), so readiness follows the log itself and comes back
+                // on its own once the log takes writes again, without
+                // waiting for a request (which a not-ready broker would not
+                // get).
+                audit.probe_writable(AUDIT_PROBE_WAIT).map_err(|e| {
+                    let last = if metrics().audit_last_append_failed() {
+                        " (the last append failed too: requests that must be recorded are refused)"
+                    } else {
+                        ""
+                    };
+                    format!("the audit log does not take writes: {e}{last}")
+                })
             })
             .await
         }

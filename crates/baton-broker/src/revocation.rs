@@ -1005,15 +1005,33 @@ impl Revoker {
                     }
                 }
             }
-            let now = baton_revocation::system_now();
-            match tokio::time::timeout(last_pass, this.relay_once(now)).await {
-                Ok(Ok(upto)) => tracing::info!(published_upto = upto, "revocation relay stopped"),
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "revocation relay stopped behind; the next start publishes the rest")
+            // The last pass: what the requests drained at shutdown revoked
+            // is published before the process exits, retried within the
+            // grace while the store refuses it (down, read-only, failing
+            // over); past the grace the outbox keeps it for the next start.
+            let last = async {
+                let mut backoff = Duration::from_millis(50);
+                let mut said: Option<String> = None;
+                loop {
+                    match this.relay_once(baton_revocation::system_now()).await {
+                        Ok(upto) => return upto,
+                        Err(e) => {
+                            let msg = e.to_string();
+                            if said.as_deref() != Some(msg.as_str()) {
+                                tracing::warn!(error = %msg, "revocation relay's last pass failed; retrying within the shutdown grace");
+                                said = Some(msg);
+                            }
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_millis(500));
+                        }
+                    }
                 }
+            };
+            match tokio::time::timeout(last_pass, last).await {
+                Ok(upto) => tracing::info!(published_upto = upto, "revocation relay stopped"),
                 Err(_) => tracing::warn!(
                     ?last_pass,
-                    "revocation relay's last pass timed out; the next start publishes the rest"
+                    "revocation relay stopped behind: its last pass did not succeed within the shutdown grace; the next start publishes the rest"
                 ),
             }
         })
@@ -1343,6 +1361,8 @@ mod migration_tests {
             cert_thumbprint: "th".into(),
             cert_serial: "7a3f".into(),
             aud: vec![],
+            scope: None,
+            risk_ceiling: None,
         };
         let covered = |store: &SqliteStore| -> Vec<(String, String, u64)> {
             store

@@ -83,6 +83,13 @@ pub struct TokenRecord {
     /// The audiences the token was minted for (who may report its calls).
     #[serde(default)]
     pub aud: Vec<String>,
+    /// What the token grants, so that a report of an allowed call cannot
+    /// claim more: its scope, and its task's risk ceiling. `None` in
+    /// records written before they were kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<Scope>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub risk_ceiling: Option<RiskTier>,
 }
 
 /// Why a redeem's transaction refused.

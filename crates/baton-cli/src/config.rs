@@ -124,6 +124,9 @@ pub fn env_name(long: &str) -> String {
     format!("BATON_{}", long.to_ascii_uppercase().replace('-', "_"))
 }
 
+/// Flags that turn a safety check off.
+const DANGEROUS_PREFIX: &str = "dangerously-";
+
 fn with_env(arg: Arg) -> Arg {
     if arg.get_env().is_some() || arg.is_positional() {
         return arg;
@@ -135,9 +138,13 @@ fn with_env(arg: Arg) -> Arg {
 }
 
 /// An argument a file may set: a long option that takes values or is an
-/// on/off switch or a counter (not `--help`, `--version`, `--config`).
+/// on/off switch or a counter (not `--help`, `--version`, `--config`), and
+/// not a `--dangerously-*` flag: those turn a check off for one start
+/// (a loss looked into, a test), so they are taken on the command line
+/// only, never left behind in a file or an environment.
 fn is_setting(arg: &Arg) -> bool {
-    arg.get_long().is_some()
+    arg.get_long()
+        .is_some_and(|l| !l.starts_with(DANGEROUS_PREFIX))
         && arg.get_id() != CONFIG_ARG
         && matches!(
             arg.get_action(),
@@ -538,6 +545,11 @@ fn suggest(root: &clap::Command, sub: &clap::Command, key: &str) -> String {
     if key == CONFIG_ARG {
         return " (a configuration file cannot name another)".to_owned();
     }
+    if key.starts_with(DANGEROUS_PREFIX) {
+        return format!(
+            " (`--{key}` turns a check off for one start: it is taken on the command line only, never from a file or the environment)"
+        );
+    }
     let longs = sub
         .get_arguments()
         .chain(root.get_arguments().filter(|a| a.is_global_set()))
@@ -835,6 +847,49 @@ log = "debug"
         assert_eq!(b.redis.redis_prefix, "ops");
         // Untouched flags keep their defaults.
         assert_eq!(b.limits.request_timeout, std::time::Duration::from_secs(60));
+    }
+
+    #[test]
+    fn a_dangerously_flag_is_taken_on_the_command_line_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = write(
+            dir.path(),
+            "broker.toml",
+            "trust-domain = \"x.org\"\ndata-dir = \"/d\"\ndangerously-accept-audit-log-loss = true\n",
+        );
+        let lines = config_errors(parse(&["broker", "--config", f.to_str().unwrap()]));
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(
+            lines[0].contains(":3:1: unknown key `dangerously-accept-audit-log-loss`")
+                && lines[0].contains("command line only"),
+            "{lines:?}"
+        );
+        // Nor is there an environment variable for it.
+        let cmd = command();
+        let verb = cmd.find_subcommand("broker").unwrap();
+        let flag = verb
+            .get_arguments()
+            .find(|a| a.get_long() == Some("dangerously-accept-audit-log-loss"))
+            .unwrap();
+        assert!(flag.get_env().is_none());
+        // Control: on the command line it is taken, and the rest of the
+        // file still applies.
+        let ok = write(
+            dir.path(),
+            "ok.toml",
+            "trust-domain = \"x.org\"\ndata-dir = \"/d\"\n",
+        );
+        let b = broker(
+            parse(&[
+                "broker",
+                "--config",
+                ok.to_str().unwrap(),
+                "--dangerously-accept-audit-log-loss",
+            ])
+            .unwrap(),
+        );
+        assert!(b.dangerously_accept_audit_log_loss);
+        assert_eq!(b.trust_domain, "x.org");
     }
 
     #[test]

@@ -126,6 +126,9 @@ impl ToolServer {
                 &serde_json::json!({"error": "delegation token required (Authorization: Bearer ...)"}),
             );
         };
+        // The caller's trace context, when valid (else ignored, as W3C asks).
+        let traceparent: Option<baton_core::trace_context::TraceParent> =
+            traceparent.and_then(|tp| tp.parse().ok());
         let delegation = match self.enforcer.verifier.verify(token, &peer, now) {
             Ok(d) => d,
             Err(e) => {
@@ -139,6 +142,7 @@ impl ToolServer {
                     input: body,
                     now,
                     err: &e,
+                    traceparent,
                 });
                 return json_reply(
                     StatusCode::UNAUTHORIZED,
@@ -152,9 +156,8 @@ impl ToolServer {
                 &serde_json::json!({"error": format!("no tool {name}")}),
             );
         };
-        // The caller's trace context, when valid (else ignored, as W3C asks).
         let notes = baton_verify::CallNotes {
-            traceparent: traceparent.and_then(|tp| tp.parse().ok()),
+            traceparent,
             ..Default::default()
         };
         match self

@@ -468,6 +468,9 @@ pub async fn show_approval(id: &str, admin: crate::cli::AdminArgs) -> Result<()>
                 "Tool:          {} on {} ({})",
                 a.tool, a.resource, a.risk
             ));
+            if let Some(t) = &a.target {
+                output::line(&format!("Request:       {t}"));
+            }
             output::line(&format!("Input digest:  {}", a.input_digest));
             output::line(&format!("Asked by:      {}", a.requested_by));
             output::line(&format!("Asked at:      {}", output::when(a.created_at)));

@@ -337,7 +337,16 @@ pub struct ApprovalRequest {
     pub input_digest: String,
     /// How long the approval may wait for a decision, and then to be used.
     pub ttl_secs: u64,
+    /// The HTTP request the call came as (`METHOD /path?query`, the path
+    /// as the gateway read it), for a call through an HTTP route: part of
+    /// what the approval binds, and what the human is shown. None for an
+    /// MCP call, whose tool and arguments are its input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
 }
+
+/// The longest [`ApprovalRequest::target`] a broker takes, in bytes.
+pub const MAX_APPROVAL_TARGET: usize = 2048;
 
 /// An approval as the broker holds it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -352,6 +361,9 @@ pub struct ApprovalState {
     pub resource: String,
     pub risk: RiskTier,
     pub input_digest: String,
+    /// The HTTP request the call came as ([`ApprovalRequest::target`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
     /// The server that asked (the gateway's SPIFFE ID).
     pub requested_by: SpiffeId,
     pub created_at: u64,

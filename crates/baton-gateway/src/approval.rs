@@ -12,6 +12,19 @@ use baton_verify::{CallDenied, ToolSpec, VerifiedDelegation};
 
 use crate::gateway::{Gateway, error_chain};
 
+/// What a call that may need approval is asked about.
+pub(crate) struct Ask<'a> {
+    pub(crate) spec: &'a ToolSpec,
+    /// The call's input (the request body, or the MCP arguments).
+    pub(crate) input: &'a [u8],
+    /// The HTTP request line (`METHOD /path?query`) of a route's call.
+    pub(crate) target: Option<String>,
+    /// How long the approval may wait.
+    pub(crate) ttl: std::time::Duration,
+    /// The route or tool always needs approval.
+    pub(crate) configured: bool,
+}
+
 /// Why a call that needs approval does not go on now.
 pub(crate) enum Held {
     /// The call would be refused anyway (recorded as such).
@@ -33,12 +46,16 @@ impl Gateway {
     pub(crate) async fn approval_for(
         &self,
         d: &VerifiedDelegation,
-        spec: &ToolSpec,
-        input: &[u8],
         now: u64,
-        ttl: std::time::Duration,
-        configured: bool,
+        ask: Ask<'_>,
     ) -> Result<Option<String>, Held> {
+        let Ask {
+            spec,
+            input,
+            target,
+            ttl,
+            configured,
+        } = ask;
         let gate = &self.enforcer.gate;
         if !configured && !gate.may_require_approval(&spec.name) {
             return Ok(None);
@@ -73,6 +90,7 @@ impl Gateway {
             risk: spec.tier,
             input_digest: self.enforcer.gate.digest(input),
             ttl_secs: ttl.as_secs().max(1),
+            target,
         };
         let url = format!("{}/v1/approvals", self.enforcer.broker_url);
         let resp = self
@@ -104,6 +122,7 @@ impl Gateway {
             || state.tool != req.tool
             || state.resource != req.resource
             || state.input_digest != req.input_digest
+            || state.target != req.target
         {
             return Err(Held::Unavailable(
                 "the broker answered about another call".into(),

@@ -344,6 +344,10 @@ pub struct Route {
 pub struct Matched<'a> {
     pub route: &'a Route,
     pub resource: String,
+    /// The path as the gateway read it (each segment percent-decoded, then
+    /// re-encoded one way): what the upstream is sent, so that it cannot
+    /// read another path than the one the call was decided on.
+    pub path: String,
 }
 
 impl Config {
@@ -588,8 +592,10 @@ impl Config {
         }
         if let Some((i, r)) = routes.iter().enumerate().find(|(_, r)| {
             mcp.iter().any(|m| {
-                split_request_path(&m.path)
-                    .is_some_and(|p| match_segments(&r.segments, &p).is_some())
+                split_request_path(&m.path).is_some_and(|p| {
+                    let p: Vec<&str> = p.iter().map(String::as_str).collect();
+                    match_segments(&r.segments, &p).is_some()
+                })
             })
         }) {
             return Err(err(
@@ -621,21 +627,29 @@ impl Config {
         self.mcp.iter().find(|m| m.path == path)
     }
 
-    /// The route for a request, or None (the request is refused). Paths
-    /// that an upstream could read differently from the gateway (dot
-    /// segments, empty segments, encoded slashes or dots, backslashes)
-    /// match no route.
+    /// The route for a request, or None (the request is refused). Each
+    /// segment is percent-decoded before it is matched and captured, so
+    /// `/accounts/expor%74` is `/accounts/export` here as at the upstream.
+    /// Paths that an upstream could read differently from the gateway
+    /// (dot segments, empty segments, segments that decode to a slash, a
+    /// dot segment, a backslash, a control character or a `;`, invalid
+    /// escapes) match no route. Where several routes match, the most
+    /// specific wins, segment by segment from the left: a literal over a
+    /// capture over the rest (so `/accounts/export` is never taken by
+    /// `/accounts/{id}`, whatever their order in the file).
     pub fn route(&self, method: &http::Method, path: &str) -> Option<Matched<'_>> {
         let segments = split_request_path(path)?;
-        self.routes.iter().find_map(|r| {
-            if r.method != *method {
-                return None;
-            }
-            let captures = match_segments(&r.segments, &segments)?;
-            Some(Matched {
-                route: r,
-                resource: fill(&r.resource, &captures),
-            })
+        let refs: Vec<&str> = segments.iter().map(String::as_str).collect();
+        let (route, captures) = self
+            .routes
+            .iter()
+            .filter(|r| r.method == *method)
+            .filter_map(|r| Some((r, match_segments(&r.segments, &refs)?)))
+            .max_by(|(a, _), (b, _)| specificity(&a.segments).cmp(&specificity(&b.segments)))?;
+        Some(Matched {
+            route,
+            resource: fill(&route.resource, &captures),
+            path: canonical_path(&segments),
         })
     }
 }
@@ -839,7 +853,7 @@ fn parse_pattern(p: &str) -> Result<Vec<Segment>, String> {
         } else if s.is_empty()
             || *s == "."
             || *s == ".."
-            || s.contains(['{', '}', '%', '\\', '?', '#'])
+            || s.contains(['{', '}', '%', '\\', '?', '#', ';'])
         {
             return Err(format!("{p:?}: segment {s:?} is not a plain literal"));
         } else {
@@ -877,29 +891,85 @@ fn check_resource(resource: &str, segments: &[Segment]) -> Result<(), String> {
     Ok(())
 }
 
-/// A request path's segments, or None for a path the gateway does not
-/// route (ambiguous for an upstream).
-fn split_request_path(path: &str) -> Option<Vec<&str>> {
+/// A request path's segments, each percent-decoded, or None for a path
+/// the gateway does not route (ambiguous for an upstream).
+fn split_request_path(path: &str) -> Option<Vec<String>> {
     let rest = path.strip_prefix('/')?;
     if rest.is_empty() {
         return Some(Vec::new());
     }
-    let lower = rest.to_ascii_lowercase();
-    if rest.contains('\\')
-        || ["%2f", "%2e", "%5c", "%00"]
-            .iter()
-            .any(|e| lower.contains(e))
-    {
+    rest.split('/').map(decode_segment).collect()
+}
+
+/// One segment, decoded; None when an upstream could read it otherwise:
+/// empty, a dot segment, an invalid escape or UTF-8, or holding a slash,
+/// a backslash, a `;` (path parameters: `..;` is `..` to some servers), a
+/// control character or a dot segment once decoded.
+fn decode_segment(raw: &str) -> Option<String> {
+    let bytes = raw.as_bytes();
+    for (i, b) in bytes.iter().enumerate() {
+        if *b == b'%'
+            && !(bytes.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+                && bytes.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
+        {
+            return None;
+        }
+    }
+    let decoded = percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .ok()?
+        .into_owned();
+    let unsafe_char = |c: char| matches!(c, '/' | '\\' | ';') || c.is_control();
+    if decoded.is_empty() || decoded == "." || decoded == ".." || decoded.contains(unsafe_char) {
         return None;
     }
-    let segments: Vec<&str> = rest.split('/').collect();
-    if segments
+    Some(decoded)
+}
+
+/// What a path segment keeps unescaped: RFC 3986's unreserved characters
+/// and the sub-delimiters other than `;`, plus `:` and `@`.
+const SEGMENT_ESCAPED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b'!')
+    .remove(b'$')
+    .remove(b'&')
+    .remove(b'\'')
+    .remove(b'(')
+    .remove(b')')
+    .remove(b'*')
+    .remove(b'+')
+    .remove(b',')
+    .remove(b'=')
+    .remove(b':')
+    .remove(b'@');
+
+/// The decoded segments as one path, each escaped one way.
+fn canonical_path(segments: &[String]) -> String {
+    let mut out = String::new();
+    for s in segments {
+        out.push('/');
+        out.extend(percent_encoding::utf8_percent_encode(s, SEGMENT_ESCAPED));
+    }
+    if out.is_empty() {
+        out.push('/');
+    }
+    out
+}
+
+/// How specific a route's pattern is, compared from the left: a literal
+/// over a capture over the rest of the path.
+fn specificity(pattern: &[Segment]) -> Vec<u8> {
+    pattern
         .iter()
-        .any(|s| s.is_empty() || *s == "." || *s == "..")
-    {
-        return None;
-    }
-    Some(segments)
+        .map(|s| match s {
+            Segment::Literal(_) => 2,
+            Segment::Capture(_) => 1,
+            Segment::Rest(_) => 0,
+        })
+        .collect()
 }
 
 fn match_segments<'p>(pattern: &'p [Segment], path: &[&str]) -> Option<Vec<(&'p str, String)>> {
@@ -1066,6 +1136,43 @@ tier = "write"
             (http::Method::GET, "accounts/acme"),
         ] {
             assert!(c.route(&m, p).is_none(), "{m} {p}");
+        }
+    }
+
+    #[test]
+    fn escapes_are_decoded_before_matching_and_the_most_specific_route_wins() {
+        // The capture route first, the literal after it.
+        let c = parse(&format!(
+            "{GOOD}\n[[routes]]\nmethod = \"GET\"\npath = \"/accounts/export\"\ntool = \"crm.export\"\nresource = \"dataset:crm\"\npermission = \"tool:crm.export:export\"\ntier = \"export\"\n"
+        ))
+        .unwrap();
+        for p in [
+            "/accounts/export",
+            "/accounts/expor%74",
+            "/accounts/%65xport",
+        ] {
+            let m = c.route(&http::Method::GET, p).unwrap();
+            assert_eq!(m.route.tool, "crm.export", "{p}");
+            assert_eq!(m.path, "/accounts/export", "{p}");
+        }
+        // Control: another id takes the capture, decoded, in one spelling.
+        let m = c
+            .route(&http::Method::GET, "/accounts/ac%6De%20co")
+            .unwrap();
+        assert_eq!(m.route.tool, "crm.read");
+        assert_eq!(m.resource, "dataset:crm/acme co");
+        assert_eq!(m.path, "/accounts/acme%20co");
+        for p in [
+            "/accounts/a%3Bb",
+            "/accounts/..;",
+            "/accounts/x;y",
+            "/accounts/%zz",
+            "/accounts/%4",
+            "/accounts/%ff",
+            "/accounts/a%0Ab",
+            "/accounts/a%5Cb",
+        ] {
+            assert!(c.route(&http::Method::GET, p).is_none(), "{p}");
         }
     }
 

@@ -191,6 +191,7 @@ impl Enforcer {
             input,
             now,
             err,
+            traceparent,
         } = refused;
         let Some(claims) = unverified_claims(token) else {
             tracing::warn!(peer = %peer.spiffe_id(), reason = err.code(), "unparseable token refused");
@@ -223,7 +224,7 @@ impl Enforcer {
             latency_ms: None,
             upstream_status: None,
             recorded: Default::default(),
-            traceparent: None,
+            traceparent: traceparent.map(|tp| tp.to_string()),
         };
         // Not waited for: the token is refused either way.
         if let Err(e) = self.reporter.enqueue(report) {
@@ -278,6 +279,8 @@ pub struct RefusedToken<'a> {
     pub input: &'a [u8],
     pub now: u64,
     pub err: &'a baton_verify::TokenError,
+    /// The request's W3C trace context, continued by the refusal's record.
+    pub traceparent: Option<baton_core::trace_context::TraceParent>,
 }
 
 /// The claims of a token that failed verification, read without trusting

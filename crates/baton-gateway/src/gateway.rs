@@ -161,12 +161,14 @@ impl Routing {
         })
     }
 
-    /// Sends the request to `upstream` (the same path and query), with
-    /// the caller's identity in `Baton-*` headers; `json`: the body is a
-    /// JSON message the gateway wrote, sent as `application/json`.
+    /// Sends the request to `upstream` at `path` (the path as the gateway
+    /// read it) with the request's query, and the caller's identity in
+    /// `Baton-*` headers; `json`: the body is a JSON message the gateway
+    /// wrote, sent as `application/json`.
     pub(crate) async fn send(
         &self,
         upstream: &str,
+        path: &str,
         req: &Incoming,
         d: &VerifiedDelegation,
         body: Bytes,
@@ -179,8 +181,8 @@ impl Routing {
             return Err(format!("no upstream {upstream}"));
         };
         let url = match &req.query {
-            Some(q) => format!("{}{}?{q}", target.url, req.path),
-            None => format!("{}{}", target.url, req.path),
+            Some(q) => format!("{}{path}?{q}", target.url),
+            None => format!("{}{path}", target.url),
         };
         let mut headers = upstream_headers(&req.headers, d)?;
         if json {
@@ -437,6 +439,11 @@ impl Gateway {
                 format!("{:?}", new.stale_after),
             ),
             (
+                "durable-reads",
+                o.durable_reads.to_string(),
+                new.durable_reads.to_string(),
+            ),
+            (
                 "revocation.read-allows-stale",
                 o.read_allows_stale.to_string(),
                 new.read_allows_stale.to_string(),
@@ -524,6 +531,7 @@ impl Gateway {
                     input: &input,
                     now,
                     err: &e,
+                    traceparent: traceparent(&req.headers),
                 });
                 return invalid_token(e.code(), &e.to_string());
             }
@@ -568,11 +576,19 @@ impl Gateway {
         let approval = match self
             .approval_for(
                 &delegation,
-                &spec,
-                &input,
                 now,
-                m.route.approval_ttl.unwrap_or(rt.config.approval_ttl),
-                m.route.approval,
+                crate::approval::Ask {
+                    spec: &spec,
+                    input: &input,
+                    // The approval binds the method, path and query too:
+                    // one approved `PUT /cases/7` is not `PUT /cases/9`.
+                    target: Some(match &req.query {
+                        Some(q) => format!("{} {}?{q}", req.method, m.path),
+                        None => format!("{} {}", req.method, m.path),
+                    }),
+                    ttl: m.route.approval_ttl.unwrap_or(rt.config.approval_ttl),
+                    configured: m.route.approval,
+                },
             )
             .await
         {
@@ -600,7 +616,7 @@ impl Gateway {
         };
         let started = std::time::Instant::now();
         let sent = rt
-            .send(&m.route.upstream, &req, &delegation, input, false)
+            .send(&m.route.upstream, &m.path, &req, &delegation, input, false)
             .await;
         let forwarded = match sent {
             // An event stream is passed on as it comes, never buffered.
@@ -711,6 +727,18 @@ async fn read_answer(resp: reqwest::Response) -> Result<(StatusCode, HeaderMap, 
     Ok((status, headers, out))
 }
 
+/// Headers some frameworks read as the request's real method or path
+/// (Rack's and Express's method override, IIS's rewrites): never passed
+/// on, since the call was decided on the method and path the gateway saw.
+const OVERRIDING_HEADERS: &[&str] = &[
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-original-method",
+];
+
 /// The request's headers as the upstream gets them: without hop-by-hop
 /// headers, the host, the caller's token and any `baton-*` header; with
 /// the verified task, actor and chain.
@@ -724,12 +752,19 @@ pub fn upstream_headers(incoming: &HeaderMap, d: &VerifiedDelegation) -> Result<
     ] {
         h.remove(name);
     }
-    let baton: Vec<HeaderName> = h
+    // A `baton-*` header in any spelling a server may fold into it
+    // (CGI/WSGI read `Baton_Actor` as `BATON_ACTOR`, as they read
+    // `Baton-Actor`), and headers that make a server take another method
+    // or path than the one the call was decided on.
+    let dropped: Vec<HeaderName> = h
         .keys()
-        .filter(|k| k.as_str().starts_with("baton-"))
+        .filter(|k| {
+            let name = k.as_str();
+            name.replace('_', "-").starts_with("baton-") || OVERRIDING_HEADERS.contains(&name)
+        })
         .cloned()
         .collect();
-    for k in baton {
+    for k in dropped {
         h.remove(k);
     }
     let chain = d

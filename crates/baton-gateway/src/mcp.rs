@@ -336,6 +336,31 @@ fn rewrite_messages(body: &[u8], sse: bool, f: &dyn Fn(&mut Value)) -> Vec<u8> {
     out.into_bytes()
 }
 
+/// A key of `map` (or of an object nested in it) that another key of the
+/// same object equals once both are lower-cased: some servers (Go's
+/// `encoding/json`) match keys without case, so the gateway and the
+/// server could read different values.
+fn case_twin(map: &Map<String, Value>) -> Option<String> {
+    let mut seen = std::collections::HashSet::new();
+    for (k, v) in map {
+        if !seen.insert(k.to_lowercase()) {
+            return Some(k.clone());
+        }
+        if let Some(twin) = nested_case_twin(v) {
+            return Some(twin);
+        }
+    }
+    None
+}
+
+fn nested_case_twin(v: &Value) -> Option<String> {
+    match v {
+        Value::Object(m) => case_twin(m),
+        Value::Array(a) => a.iter().find_map(nested_case_twin),
+        _ => None,
+    }
+}
+
 impl Gateway {
     /// A request on an MCP endpoint, from the verified holder `d`.
     pub(crate) async fn mcp(
@@ -373,6 +398,17 @@ impl Gateway {
                 None,
                 INVALID_REQUEST,
                 "no such MCP session for this caller (initialize a new one)",
+                Value::Null,
+            );
+        }
+        // A GET (the server's stream) or DELETE (the session's end) carries
+        // no message: a body would be a message no check has read.
+        if req.method != Method::POST && !body.is_empty() {
+            return rpc_error(
+                StatusCode::BAD_REQUEST,
+                None,
+                INVALID_REQUEST,
+                &format!("an MCP {} carries no body", req.method),
                 Value::Null,
             );
         }
@@ -496,6 +532,11 @@ impl Gateway {
             Some(Value::Object(a)) => a,
             Some(_) => return bad("params.arguments must be an object".into()),
         };
+        if let Some(key) = case_twin(arguments) {
+            return bad(format!(
+                "params.arguments: two keys {key:?} differ only in case; a server may read either, so the call is refused"
+            ));
+        }
         let resource = match tool.resource_for(arguments) {
             Ok(r) => r,
             Err(e) => return bad(format!("{name}: {e}")),
@@ -505,11 +546,14 @@ impl Gateway {
         let approval = match self
             .approval_for(
                 d,
-                &spec,
-                &input,
                 now,
-                c.rt.config.approval_ttl,
-                tool.approval,
+                crate::approval::Ask {
+                    spec: &spec,
+                    input: &input,
+                    target: None,
+                    ttl: c.rt.config.approval_ttl,
+                    configured: tool.approval,
+                },
             )
             .await
         {
@@ -556,7 +600,7 @@ impl Gateway {
             d,
             now,
         } = c;
-        let resp = match rt.send(&ep.upstream, req, d, body, json).await {
+        let resp = match rt.send(&ep.upstream, &ep.path, req, d, body, json).await {
             Ok(r) => r,
             Err(e) => return upstream_failed(id, &e),
         };
@@ -640,7 +684,7 @@ impl Gateway {
         // A POST's body is the message as the gateway read and re-wrote it.
         let json = req.method == Method::POST;
         let started = Instant::now();
-        let resp = match rt.send(&ep.upstream, req, d, body, json).await {
+        let resp = match rt.send(&ep.upstream, &ep.path, req, d, body, json).await {
             Ok(r) => r,
             Err(e) => {
                 if let Some(call) = call

@@ -198,6 +198,10 @@ struct Prepared {
     /// `&&` short-circuits), so it can neither be satisfied nor fail:
     /// leaving it out changes no decision, and saves evaluating it.
     policies: PolicySet,
+    /// The ids of those policies that carry [`APPROVAL_ANNOTATION`], found
+    /// once here: Cedar parses the key each time an annotation is looked up,
+    /// which would cost a lexer run per policy per call.
+    approval: HashSet<cedar_policy::PolicyId>,
 }
 
 /// A tool the schema declares.
@@ -471,12 +475,9 @@ impl Engine {
     /// approval (a permit of it carries [`APPROVAL_ANNOTATION`]): only
     /// then need a gateway decide a call before it forwards it.
     pub fn may_require_approval(&self, tool: &str) -> bool {
-        self.tools.get(tool).is_some_and(|t| {
-            t.action
-                .policies
-                .policies()
-                .any(|p| p.annotation(APPROVAL_ANNOTATION).is_some())
-        })
+        self.tools
+            .get(tool)
+            .is_some_and(|t| !t.action.approval.is_empty())
     }
 
     /// The tier the schema puts `tool` in, if it declares it.
@@ -528,6 +529,7 @@ fn prepare_action(
     // entities themselves need not be in the store.
     let entities: Vec<Entity> = actions.get(uid).into_iter().cloned().collect();
     let mut subset = PolicySet::new();
+    let mut approval = HashSet::new();
     for policy in policies.policies() {
         let applies = match policy.action_constraint() {
             ActionConstraint::Any => true,
@@ -537,6 +539,9 @@ fn prepare_action(
                 .any(|g| g == uid || actions.is_ancestor_of(g, uid)),
         };
         if applies {
+            if policy.annotation(APPROVAL_ANNOTATION).is_some() {
+                approval.insert(policy.id().clone());
+            }
             subset
                 .add(policy.clone())
                 .map_err(|e| format!("policies for action `{}`: {e}", uid.id().unescaped()))?;
@@ -546,6 +551,7 @@ fn prepare_action(
         uid: uid.clone(),
         entities,
         policies: subset,
+        approval,
     })
 }
 
@@ -570,7 +576,7 @@ fn evaluate(
         Err(e) => return Decision::refused(format!("entities: {e}")),
     };
     let response = authorizer.is_authorized(&request, &action.policies, &entities);
-    decision(&action.policies, &response)
+    decision(action, &response)
 }
 
 /// A policy directory read into memory: (schema file name, schema source,
@@ -711,7 +717,8 @@ fn compile(
 }
 
 /// Reads Cedar's answer, failing closed on any error.
-fn decision(policies: &PolicySet, response: &Response) -> Decision {
+fn decision(action: &Prepared, response: &Response) -> Decision {
+    let policies = &action.policies;
     let diagnostics = response.diagnostics();
     let errors: Vec<String> = diagnostics.errors().map(ToString::to_string).collect();
     let allowed = response.decision() == cedar_policy::Decision::Allow && errors.is_empty();
@@ -734,12 +741,7 @@ fn decision(policies: &PolicySet, response: &Response) -> Decision {
     }
     policy_ids.sort();
     policy_ids.dedup();
-    let approval = allowed
-        && diagnostics.reason().any(|id| {
-            policies
-                .policy(id)
-                .is_some_and(|p| p.annotation(APPROVAL_ANNOTATION).is_some())
-        });
+    let approval = allowed && diagnostics.reason().any(|id| action.approval.contains(id));
     Decision {
         allowed,
         policy_ids,

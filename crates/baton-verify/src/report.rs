@@ -70,6 +70,9 @@ const CARRY_RETRY: Duration = Duration::from_secs(1);
 /// per group commit).
 const IDLE_ROLL: Duration = Duration::from_secs(1);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long delivery waits, once woken by a first record, for more to
+/// join its batch.
+const DELIVERY_LINGER: Duration = Duration::from_millis(20);
 
 /// The request body of `POST /v1/audit/tool-calls`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -994,6 +997,12 @@ impl Reporter {
                         backoff.on_success();
                         if this.pending() == 0 {
                             this.inner.shared.wake.notified().await;
+                            // The records of the calls still in flight join
+                            // this batch: one delivery for many calls, not
+                            // one per call. They are durable meanwhile.
+                            if this.pending() < MAX_BATCH {
+                                tokio::time::sleep(DELIVERY_LINGER).await;
+                            }
                         }
                     }
                     Err(e) => {
