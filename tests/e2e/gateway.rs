@@ -1462,6 +1462,7 @@ fn paths_are_read_as_the_upstream_reads_them_and_no_header_poses_as_the_caller()
         "/crm/ledger/export",
         "/crm/ledger/expor%74",
         "/crm/ledger/%65xport",
+        "/crm/ledger/EXPORT",
     ] {
         let a = send(&researcher, "GET", &url(path), Some(&token), &[]);
         assert_eq!(a.status, 403, "{path}: {a:?}");
@@ -1479,6 +1480,8 @@ fn paths_are_read_as_the_upstream_reads_them_and_no_header_poses_as_the_caller()
         "/crm/ledger/bad%zz",
         "/crm/ledger/a%00",
         "/crm/ledger/a%5Cb",
+        // The literal but for a format suffix (Rails' `.:format`).
+        "/crm/ledger/export.json",
     ] {
         let a = send(&researcher, "GET", &url(path), Some(&token), &[]);
         assert_eq!(a.status, 404, "{path}: {a:?}");
@@ -1496,7 +1499,13 @@ fn paths_are_read_as_the_upstream_reads_them_and_no_header_poses_as_the_caller()
             ("Baton_Actor", "spiffe://example.org/agents/mallory"),
             ("baton_task", "task-00000000000000000000000000000000"),
             ("X-HTTP-Method-Override", "DELETE"),
+            ("X_HTTP_Method_Override", "DELETE"),
             ("X-Original-URL", "/crm/ledger/export"),
+            ("X-Forwarded-User", "mallory@example.com"),
+            (
+                "X-Forwarded-Client-Cert",
+                "URI=spiffe://example.org/agents/mallory",
+            ),
         ],
     );
     assert_eq!(a.status, 200, "{a:?}");
@@ -1512,10 +1521,37 @@ fn paths_are_read_as_the_upstream_reads_them_and_no_header_poses_as_the_caller()
             "{name} reached the upstream: {seen:?}"
         );
         assert!(
-            !["x-http-method-override", "x-original-url"].contains(&name.as_str()),
+            !["x-http-method-override", "x-original-url"].contains(&folded.as_str())
+                && !folded.starts_with("x-forwarded-"),
             "{name} reached the upstream: {seen:?}"
         );
     }
+    // A `_method` parameter, in the query or a form body, is refused.
+    let before = g.upstream_count();
+    let a = send(
+        &researcher,
+        "GET",
+        &url("/crm/ledger/acme?_method=DELETE"),
+        Some(&token),
+        &[],
+    );
+    assert_eq!(a.status, 400, "{a:?}");
+    assert!(
+        a.body["error"].as_str().unwrap().contains("_method"),
+        "{a:?}"
+    );
+    let a = send(
+        &researcher,
+        "GET",
+        &url("/crm/ledger/acme?q=%5Fmethod"),
+        Some(&token),
+        &[],
+    );
+    assert_eq!(
+        a.status, 200,
+        "a value that only mentions it is fine: {a:?}"
+    );
+    assert_eq!(g.upstream_count(), before + 1);
     assert!(
         !seen.headers.iter().any(|(_, v)| v.contains("mallory")),
         "a forged identity reached the upstream: {seen:?}"

@@ -611,6 +611,11 @@ fn tool_call_reports_only_from_the_tokens_tool_servers() {
             r["scope_used"] = serde_json::json!([]);
             r
         }),
+        ("an approval that never was", {
+            let mut r = report(&task, &rjti, RESEARCHER, "allow");
+            r["reason"] = serde_json::json!("approved in ap_deadbeefdeadbeefdeadbeef");
+            r
+        }),
         ("a risk over the task's ceiling", {
             let mut r = report(&task, &rjti, RESEARCHER, "allow");
             r["risk"] = serde_json::json!("export");

@@ -543,10 +543,22 @@ fn mcp_through_the_gateway_lists_calls_streams_and_refuses_as_mcp_clients_see_it
         // encoding/json) from the other.
         let twins = serde_json::json!({"jsonrpc": "2.0", "id": 5, "method": "tools/call",
             "params": {"name": "crm.search", "arguments": {"account": "acme", "Account": "vip"}}});
-        let (status, _, body) = post(&g.url, &researcher, &twins, &[]).await;
-        assert_eq!(status, 200, "{body}");
+        let (_, _, body) = post(&g.url, &researcher, &twins, &[]).await;
         assert!(body.contains("differ only in case"), "{body}");
-        assert!(body.contains("-32602"), "{body}");
+        // `ſ` folds to `s` in Go: the same twin.
+        let folded = serde_json::json!({"jsonrpc": "2.0", "id": 6, "method": "tools/call",
+            "params": {"name": "crm.search", "arguments": {"account": "acme", "mode_s": "read", "mode_ſ": "purge"}}});
+        let (_, _, body) = post(&g.url, &researcher, &folded, &[]).await;
+        assert!(body.contains("differ only in case"), "{body}");
+        // A call smuggled beside an allowed method, in fields a
+        // case-insensitive server reads as `method` and `params`.
+        let smuggled = serde_json::json!({"jsonrpc": "2.0", "id": 7, "method": "ping", "params": {},
+            "Method": "tools/call", "Params": {"name": "crm.update", "arguments": {}}});
+        let (_, _, body) = post(&g.url, &researcher, &smuggled, &[]).await;
+        assert!(
+            body.contains("Method") && body.contains("is not one"),
+            "{body}"
+        );
         // A GET (the server's stream) carrying a call in its body.
         let resp = client(&researcher)
             .get(format!("{}/mcp", g.url))

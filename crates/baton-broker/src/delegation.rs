@@ -1462,6 +1462,7 @@ impl Delegation {
         }
         if r.decision == "allow" {
             check_allowed_by(r, &token)?;
+            self.check_named_approval(reporter, r)?;
         }
         // Only now, for a reporter entitled to report this token's calls,
         // is a report id looked up: a duplicate's answer (its index) is
@@ -1507,6 +1508,44 @@ impl Delegation {
         Ok(
             serde_json::json!({ "report_id": r.report_id, "index": receipt.index, "receipt": receipt }),
         )
+    }
+
+    /// An allowed call whose record says it was approved (`approved in
+    /// ID`, as the gate writes it) names an approval this reporter asked
+    /// for and used, of this task, agent, tool and resource: a reporter
+    /// cannot dress a call up as approved.
+    fn check_named_approval(
+        &self,
+        reporter: &SpiffeId,
+        r: &ToolCallReport,
+    ) -> Result<(), BrokerError> {
+        let Some(id) = r
+            .reason
+            .as_deref()
+            .and_then(|x| x.strip_prefix("approved in "))
+        else {
+            return Ok(());
+        };
+        let id = id.trim();
+        let agrees = self.tasks.get_approval(id)?.is_some_and(|a| {
+            a.status == "used"
+                && a.task_id == r.task_id
+                && a.agent == r.agent
+                && a.tool == r.tool
+                && a.resource == r.resource
+                && a.requested_by == *reporter
+        });
+        if agrees {
+            Ok(())
+        } else {
+            Err(refuse(
+                "report_refused",
+                format!(
+                    "report {} says the call was approved in {id:?}, but no approval used by {reporter} for this call has that id",
+                    r.report_id
+                ),
+            ))
+        }
     }
 
     fn serves_audience(&self, reporter: &SpiffeId, aud: &[String]) -> bool {

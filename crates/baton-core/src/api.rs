@@ -337,10 +337,10 @@ pub struct ApprovalRequest {
     pub input_digest: String,
     /// How long the approval may wait for a decision, and then to be used.
     pub ttl_secs: u64,
-    /// The HTTP request the call came as (`METHOD /path?query`, the path
-    /// as the gateway read it), for a call through an HTTP route: part of
-    /// what the approval binds, and what the human is shown. None for an
-    /// MCP call, whose tool and arguments are its input.
+    /// The request the call came as: `METHOD /path?query` (the path as
+    /// the gateway read it) for an HTTP route, `POST /endpoint tools/call
+    /// TOOL` for an MCP call. Part of what the approval binds, and what the
+    /// human is shown.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
 }

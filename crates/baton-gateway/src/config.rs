@@ -640,16 +640,34 @@ impl Config {
     pub fn route(&self, method: &http::Method, path: &str) -> Option<Matched<'_>> {
         let segments = split_request_path(path)?;
         let refs: Vec<&str> = segments.iter().map(String::as_str).collect();
-        let (route, captures) = self
-            .routes
-            .iter()
-            .filter(|r| r.method == *method)
+        let same_method = || self.routes.iter().filter(|r| r.method == *method);
+        let (route, captures) = same_method()
             .filter_map(|r| Some((r, match_segments(&r.segments, &refs)?)))
             .max_by(|(a, _), (b, _)| specificity(&a.segments).cmp(&specificity(&b.segments)))?;
+        // A captured segment that another route names as a literal, but
+        // for a suffix (`export.json`: Rails' `.:format`, Spring's suffix
+        // match), is that literal route to some upstreams: ambiguous.
+        for (i, seg) in route.segments.iter().enumerate() {
+            if !matches!(seg, Segment::Capture(_) | Segment::Rest(_)) {
+                continue;
+            }
+            let value = refs.get(i)?;
+            let stem = value.split('.').next().unwrap_or(value);
+            let shadows = same_method().any(|other| {
+                matches!(other.segments.get(i), Some(Segment::Literal(l)) if l.eq_ignore_ascii_case(stem))
+                    && other.segments.iter().take(i).zip(&refs).all(|(o, p)| match o {
+                        Segment::Literal(l) => l.eq_ignore_ascii_case(p),
+                        _ => true,
+                    })
+            });
+            if shadows {
+                return None;
+            }
+        }
         Some(Matched {
             route,
             resource: fill(&route.resource, &captures),
-            path: canonical_path(&segments),
+            path: canonical_path(&route.segments, &segments),
         })
     }
 }
@@ -713,7 +731,7 @@ fn check_argument_resource(resource: &str) -> Result<(), String> {
 fn same_shape(a: &[Segment], b: &[Segment]) -> bool {
     a.len() == b.len()
         && a.iter().zip(b).all(|(x, y)| match (x, y) {
-            (Segment::Literal(l), Segment::Literal(m)) => l == m,
+            (Segment::Literal(l), Segment::Literal(m)) => l.eq_ignore_ascii_case(m),
             (Segment::Capture(_), Segment::Capture(_)) | (Segment::Rest(_), Segment::Rest(_)) => {
                 true
             }
@@ -946,12 +964,16 @@ const SEGMENT_ESCAPED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPH
     .remove(b':')
     .remove(b'@');
 
-/// The decoded segments as one path, each escaped one way.
-fn canonical_path(segments: &[String]) -> String {
+/// The matched path as one string: the route's literals in its own
+/// spelling, the captured segments (decoded) escaped one way.
+fn canonical_path(pattern: &[Segment], segments: &[String]) -> String {
     let mut out = String::new();
-    for s in segments {
+    for (i, s) in segments.iter().enumerate() {
         out.push('/');
-        out.extend(percent_encoding::utf8_percent_encode(s, SEGMENT_ESCAPED));
+        match pattern.get(i) {
+            Some(Segment::Literal(l)) => out.push_str(l),
+            _ => out.extend(percent_encoding::utf8_percent_encode(s, SEGMENT_ESCAPED)),
+        }
     }
     if out.is_empty() {
         out.push('/');
@@ -976,8 +998,10 @@ fn match_segments<'p>(pattern: &'p [Segment], path: &[&str]) -> Option<Vec<(&'p 
     let mut captures = Vec::new();
     for (i, seg) in pattern.iter().enumerate() {
         match seg {
+            // Without case: some upstreams (Express, ASP.NET Core) route
+            // `/EXPORT` to `/export`; the literal's own spelling goes on.
             Segment::Literal(l) => {
-                if path.get(i)? != l {
+                if !path.get(i)?.eq_ignore_ascii_case(l) {
                     return None;
                 }
             }
@@ -992,11 +1016,31 @@ fn match_segments<'p>(pattern: &'p [Segment], path: &[&str]) -> Option<Vec<(&'p 
     (path.len() == pattern.len()).then_some(captures)
 }
 
+/// The template with each `{name}` replaced by its capture, in one pass:
+/// a captured value is never read as a template itself (a segment that
+/// decodes to `{doc}` stays `{doc}`).
 fn fill(template: &str, captures: &[(&str, String)]) -> String {
-    let mut out = template.to_owned();
-    for (name, value) in captures {
-        out = out.replace(&format!("{{{name}}}"), value);
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        out.push_str(rest.get(..open).unwrap_or_default());
+        let after = rest.get(open + 1..).unwrap_or_default();
+        let Some(close) = after.find('}') else {
+            out.push_str(rest.get(open..).unwrap_or_default());
+            return out;
+        };
+        let name = after.get(..close).unwrap_or_default();
+        match captures.iter().find(|(n, _)| *n == name) {
+            Some((_, value)) => out.push_str(value),
+            None => {
+                out.push('{');
+                out.push_str(name);
+                out.push('}');
+            }
+        }
+        rest = after.get(close + 1..).unwrap_or_default();
     }
+    out.push_str(rest);
     out
 }
 
@@ -1150,11 +1194,34 @@ tier = "write"
             "/accounts/export",
             "/accounts/expor%74",
             "/accounts/%65xport",
+            "/accounts/EXPORT",
         ] {
             let m = c.route(&http::Method::GET, p).unwrap();
             assert_eq!(m.route.tool, "crm.export", "{p}");
             assert_eq!(m.path, "/accounts/export", "{p}");
         }
+        // A capture that is the literal but for a suffix is ambiguous; a
+        // suffix on another id is not (control).
+        assert!(
+            c.route(&http::Method::GET, "/accounts/export.json")
+                .is_none()
+        );
+        assert!(
+            c.route(&http::Method::GET, "/accounts/Export.csv")
+                .is_none()
+        );
+        let m = c.route(&http::Method::GET, "/accounts/acme.json").unwrap();
+        assert_eq!(m.route.tool, "crm.read");
+        // A decoded value is not a template: `{doc}` stays as sent.
+        let c2 = parse(&GOOD.replace(
+            "path = \"/accounts/{account}\"\ntool = \"crm.read\"\nresource = \"dataset:crm/{account}\"",
+            "path = \"/accounts/{account}/docs/{doc}\"\ntool = \"crm.read\"\nresource = \"doc:{account}/{doc}\"",
+        ))
+        .unwrap();
+        let m = c2
+            .route(&http::Method::GET, "/accounts/%7Bdoc%7D/docs/x")
+            .unwrap();
+        assert_eq!(m.resource, "doc:{doc}/x");
         // Control: another id takes the capture, decoded, in one spelling.
         let m = c
             .route(&http::Method::GET, "/accounts/ac%6De%20co")

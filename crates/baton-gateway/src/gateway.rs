@@ -553,6 +553,16 @@ impl Gateway {
                 &format!("no route for {} {}", req.method, req.path),
             );
         };
+        if let Some(field) = method_override(&req, &input) {
+            return plain(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                &format!(
+                    "{field} carries `_method`, which some frameworks read as the request's method; the call was decided on {}",
+                    req.method
+                ),
+            );
+        }
         let index = rt
             .config
             .routes
@@ -737,6 +747,63 @@ const OVERRIDING_HEADERS: &[&str] = &[
     "x-original-url",
     "x-rewrite-url",
     "x-original-method",
+    // The answer must be readable to be checked and recorded (a
+    // compressed `tools/list` could not be filtered).
+    "accept-encoding",
+];
+
+/// Where a request carries a `_method` parameter (Rails, Laravel,
+/// Symfony, Spring and gorilla take it as the method): its query, or its
+/// form body.
+fn method_override(req: &Incoming, body: &[u8]) -> Option<&'static str> {
+    let names_method = |form: &[u8]| {
+        form.split(|b| *b == b'&').any(|pair| {
+            let key = pair.split(|b| *b == b'=').next().unwrap_or_default();
+            let key: Vec<u8> = percent_encoding::percent_decode(key)
+                .map(|b| if b == b'+' { b' ' } else { b })
+                .collect();
+            key.eq_ignore_ascii_case(b"_method")
+        })
+    };
+    if req
+        .query
+        .as_deref()
+        .is_some_and(|q| names_method(q.as_bytes()))
+    {
+        return Some("the query");
+    }
+    let form = req
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("application/x-www-form-urlencoded")
+        });
+    (form && names_method(body)).then_some("the form body")
+}
+
+/// Header families upstreams read as who the caller is, or where the
+/// request came from (proxy, client certificate, authenticated user): only
+/// the gateway may say that, in `Baton-*`, so the caller's are dropped.
+const POSING_PREFIXES: &[&str] = &[
+    "forwarded",
+    "x-forwarded-",
+    "x-real-ip",
+    "true-client-ip",
+    "x-original-host",
+    "x-client-cert",
+    "x-arr-clientcert",
+    "client-cert",
+    "x-ssl-client",
+    "ssl-client",
+    "x-remote-user",
+    "remote-user",
+    "x-auth-request-",
+    "x-ms-client-principal",
+    "x-user",
+    "x-authenticated-",
 ];
 
 /// The request's headers as the upstream gets them: without hop-by-hop
@@ -759,8 +826,10 @@ pub fn upstream_headers(incoming: &HeaderMap, d: &VerifiedDelegation) -> Result<
     let dropped: Vec<HeaderName> = h
         .keys()
         .filter(|k| {
-            let name = k.as_str();
-            name.replace('_', "-").starts_with("baton-") || OVERRIDING_HEADERS.contains(&name)
+            let name = k.as_str().replace('_', "-");
+            name.starts_with("baton-")
+                || OVERRIDING_HEADERS.contains(&name.as_str())
+                || POSING_PREFIXES.iter().any(|p| name.starts_with(p))
         })
         .cloned()
         .collect();

@@ -336,6 +336,9 @@ fn rewrite_messages(body: &[u8], sse: bool, f: &dyn Fn(&mut Value)) -> Vec<u8> {
     out.into_bytes()
 }
 
+/// The top-level fields of a JSON-RPC 2.0 message.
+const MESSAGE_FIELDS: &[&str] = &["jsonrpc", "id", "method", "params", "result", "error"];
+
 /// A key of `map` (or of an object nested in it) that another key of the
 /// same object equals once both are lower-cased: some servers (Go's
 /// `encoding/json`) match keys without case, so the gateway and the
@@ -343,7 +346,9 @@ fn rewrite_messages(body: &[u8], sse: bool, f: &dyn Fn(&mut Value)) -> Vec<u8> {
 fn case_twin(map: &Map<String, Value>) -> Option<String> {
     let mut seen = std::collections::HashSet::new();
     for (k, v) in map {
-        if !seen.insert(k.to_lowercase()) {
+        // Upper then lower case: `ſ`, `K` (Kelvin), `µ`, `ς` fold as Go folds
+        // them (to `s`, `k`, `μ`, `σ`).
+        if !seen.insert(k.to_uppercase().to_lowercase()) {
             return Some(k.clone());
         }
         if let Some(twin) = nested_case_twin(v) {
@@ -452,6 +457,26 @@ impl Gateway {
                 "one JSON-RPC message per request (batches are not accepted)",
             );
         };
+        // Nothing beside the fields the gateway reads: a `Method` or
+        // `paramſ` would be `method` or `params` to a server that matches
+        // keys without case (Go's encoding/json), a call no check has seen.
+        if let Some(k) = obj.keys().find(|k| !MESSAGE_FIELDS.contains(&k.as_str())) {
+            return invalid_request(
+                obj.get("id"),
+                &format!(
+                    "a JSON-RPC message has only the fields {}; {k:?} is not one",
+                    MESSAGE_FIELDS.join(", ")
+                ),
+            );
+        }
+        if let Some(k) = case_twin(obj) {
+            return invalid_request(
+                obj.get("id"),
+                &format!(
+                    "two keys {k:?} of one object differ only in case; a server may read either, so the message is refused"
+                ),
+            );
+        }
         // The upstream gets the message exactly as the gateway read it:
         // re-written from what was parsed, so that a duplicate key or an
         // odd encoding cannot make it read another tool or argument.
@@ -550,7 +575,9 @@ impl Gateway {
                 crate::approval::Ask {
                     spec: &spec,
                     input: &input,
-                    target: None,
+                    // The endpoint too: one approved at a staging
+                    // endpoint does not serve the same call at another.
+                    target: Some(format!("POST {} tools/call {name}", ep.path)),
                     ttl: c.rt.config.approval_ttl,
                     configured: tool.approval,
                 },

@@ -142,13 +142,15 @@ async fn background_task_retries_until_delivered() {
     }
     assert_eq!(reporter.pending(), 0);
     assert_eq!(sender.received().len(), 1);
-    // New submissions are delivered without waiting for a retry timer.
+    // New submissions are delivered without waiting for a retry timer:
+    // within delivery's short linger (20 ms), well under the first
+    // backoff (200 ms).
     reporter.submit(report(2)).unwrap();
     for _ in 0..10 {
         if reporter.pending() == 0 {
             break;
         }
-        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(sender.received().len(), 2);
     task.abort();
