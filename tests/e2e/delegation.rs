@@ -192,6 +192,22 @@ impl World {
         scope: &[&str],
         audience: &[&str],
     ) -> (String, String) {
+        let out = self.try_start_task_as(purpose, scope, audience);
+        assert!(
+            out.status.success(),
+            "task start failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (
+            v["task_id"].as_str().unwrap().to_owned(),
+            v["grant"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    /// The task start of [`start_task_as`](Self::start_task_as), as a
+    /// command that may fail.
+    pub fn try_start_task_as(&self, purpose: &str, scope: &[&str], audience: &[&str]) -> Output {
         let mut args = vec![
             "task",
             "start",
@@ -218,11 +234,7 @@ impl World {
         for s in scope {
             args.extend(["--scope", s]);
         }
-        let v = self.json(&args);
-        (
-            v["task_id"].as_str().unwrap().to_owned(),
-            v["grant"].as_str().unwrap().to_owned(),
-        )
+        self.run(&args)
     }
 
     pub fn redeem(&self, grant: &str, as_id: &str, dir: &str) -> PathBuf {

@@ -51,6 +51,19 @@ fn until_revoked(w: &World, cred: &Path, what: &str) {
     });
 }
 
+/// Makes Redis a replica of a server that does not exist: every write is
+/// refused with READONLY, reads still answer.
+fn make_read_only(redis: &Redis) {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_port = dead.local_addr().unwrap().port().to_string();
+    drop(dead);
+    assert!(
+        redis
+            .cli(&["REPLICAOF", "127.0.0.1", &dead_port])
+            .contains("OK")
+    );
+}
+
 #[test]
 fn after_flushall_revocations_reach_credentials_issued_before_it() {
     let redis = Redis::start();
@@ -170,16 +183,7 @@ fn task_end_while_redis_is_read_only_reaches_verifiers_when_it_is_writable() {
     let (_t2, _p2, r2) = chain(&w, "t2");
     until_works(&w, &r2, "the tool server's feed is fresh");
 
-    // A replica of a server that does not exist: every write is refused
-    // with READONLY, reads still answer.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead_port = dead.local_addr().unwrap().port().to_string();
-    drop(dead);
-    assert!(
-        redis
-            .cli(&["REPLICAOF", "127.0.0.1", &dead_port])
-            .contains("OK")
-    );
+    make_read_only(&redis);
     let out = w.ok(&["task", "end", &t1]);
     assert!(out.contains("recorded; propagating"), "{out}");
     assert!(
@@ -248,14 +252,7 @@ fn sigterm_publishes_a_revocation_the_relay_had_not_yet_within_the_grace() {
             .is_ok()
     };
 
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead_port = dead.local_addr().unwrap().port().to_string();
-    drop(dead);
-    assert!(
-        redis
-            .cli(&["REPLICAOF", "127.0.0.1", &dead_port])
-            .contains("OK")
-    );
+    make_read_only(&redis);
     let out = w.ok(&["task", "end", &t1]);
     assert!(out.contains("recorded; propagating"), "{out}");
     assert!(!denied(&t1), "published although Redis is read-only");

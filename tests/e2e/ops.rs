@@ -489,26 +489,9 @@ fn check_of(body: &serde_json::Value, name: &str) -> serde_json::Value {
         .clone()
 }
 
-/// The task start of `World::start_task_for`, as a command that may fail.
+/// A task start, as a command that may fail.
 fn try_task_start(w: &World) -> Output {
-    w.run(&[
-        "task",
-        "start",
-        "--user",
-        "alice@example.com",
-        "--group",
-        "engineering",
-        "--root-agent",
-        PLANNER,
-        "--purpose",
-        "support.case-research",
-        "--scope",
-        "tool:crm.search:read",
-        "--audience",
-        "crm",
-        "-o",
-        "json",
-    ])
+    w.try_start_task_as("support.case-research", &["tool:crm.search:read"], &["crm"])
 }
 
 /// Another process holds the audit log's database locked: no event can be
