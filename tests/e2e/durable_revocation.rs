@@ -51,6 +51,15 @@ fn until_revoked(w: &World, cred: &Path, what: &str) {
     });
 }
 
+/// Whether Redis's deny set holds `id` (a credential or a task).
+fn in_deny_set(redis: &Redis, id: &str) -> bool {
+    redis
+        .cli(&["ZSCORE", "{baton}:revoked-index", id])
+        .trim()
+        .parse::<u64>()
+        .is_ok()
+}
+
 /// Makes Redis a replica of a server that does not exist: every write is
 /// refused with READONLY, reads still answer.
 fn make_read_only(redis: &Redis) {
@@ -211,13 +220,7 @@ fn a_failed_over_redis_that_missed_writes_is_caught_up_from_its_own_mark() {
     assert!(log.starts_with("{baton}:outbox:"), "no relay mark: {log}");
     assert!(redis.cli(&["GET", &log]).trim().parse::<u64>().unwrap() >= 1);
     // The task's end is one deny entry, keyed by the task.
-    let denied = |id: &str| {
-        redis
-            .cli(&["ZSCORE", "{baton}:revoked-index", id])
-            .trim()
-            .parse::<u64>()
-            .is_ok()
-    };
+    let denied = |id: &str| in_deny_set(&redis, id);
     assert!(denied(&t1));
     // What a replica that missed the last writes looks like: the deny
     // set and the mark of the last publication are gone, the epoch is
@@ -244,13 +247,7 @@ fn sigterm_publishes_a_revocation_the_relay_had_not_yet_within_the_grace() {
     let (t1, _p1, r1) = chain(&w, "t1");
     let (t2, _p2, _r2) = chain(&w, "t2");
     until_works(&w, &r1, "the tool server's feed is fresh");
-    let denied = |id: &str| {
-        redis
-            .cli(&["ZSCORE", "{baton}:revoked-index", id])
-            .trim()
-            .parse::<u64>()
-            .is_ok()
-    };
+    let denied = |id: &str| in_deny_set(&redis, id);
 
     make_read_only(&redis);
     let out = w.ok(&["task", "end", &t1]);

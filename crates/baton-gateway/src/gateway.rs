@@ -826,9 +826,17 @@ pub fn upstream_headers(incoming: &HeaderMap, d: &VerifiedDelegation) -> Result<
     let dropped: Vec<HeaderName> = h
         .keys()
         .filter(|k| {
-            let name = k.as_str().replace('_', "-");
+            // Folded only when it has an `_` (rare): no copy per header.
+            let raw = k.as_str();
+            let folded;
+            let name = if raw.contains('_') {
+                folded = raw.replace('_', "-");
+                folded.as_str()
+            } else {
+                raw
+            };
             name.starts_with("baton-")
-                || OVERRIDING_HEADERS.contains(&name.as_str())
+                || OVERRIDING_HEADERS.contains(&name)
                 || POSING_PREFIXES.iter().any(|p| name.starts_with(p))
         })
         .cloned()
