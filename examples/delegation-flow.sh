@@ -36,7 +36,8 @@ say "start the example CRM tool server"
   --spool "$WORK/spool" \
   --ready-file "$WORK/tool.addr" >"$WORK/tool.log" 2>&1 &
 TOOL_PID=$!
-for _ in $(seq 1 100); do [ -s "$WORK/tool.addr" ] && break; sleep 0.1; done
+# Waits (up to 60 s) for the tool server's address.
+for _ in $(seq 1 600); do [ -s "$WORK/tool.addr" ] && break; sleep 0.1; done
 TOOL_URL="https://$(cat "$WORK/tool.addr")"
 
 say "alice starts a task for the planner"

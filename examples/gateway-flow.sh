@@ -163,8 +163,13 @@ done
 refused "$BATON" example call --credential "$WORK/researcher" --url "$GW" --path /accounts/acme
 
 say "the audit trace: every call the gateway decided"
-for _ in $(seq 1 100); do
-  "$BATON" audit trace "$TASK" | grep -q "PUT\|crm.update" && break; sleep 0.2
+# The gateway's call records reach the broker in no fixed order: wait for
+# the refused update and what the reads recorded (up to 60 s).
+for _ in $(seq 1 300); do
+  TRACE=$("$BATON" audit trace "$TASK" 2>/dev/null || true)
+  grep -q "PUT\|crm.update" <<<"$TRACE" && grep -q "account=acme" <<<"$TRACE" &&
+    grep -q "open_cases=3" <<<"$TRACE" && break
+  sleep 0.2
 done
 "$BATON" audit trace "$TASK"
 "$BATON" audit verify

@@ -28,7 +28,7 @@ fn redis(w: &World) -> (Proc, String) {
     .arg("--dir")
     .arg(w.c.path(""));
     let p = Proc::spawn("redis", cmd, w.c.path("redis.log"));
-    wait_for("redis-server up", Duration::from_secs(20), || {
+    wait_for("redis-server up", Duration::from_secs(30), || {
         Command::new("redis-cli")
             .args(["-p", &port.to_string(), "ping"])
             .stdout(Stdio::piped())

@@ -130,7 +130,7 @@ spiffe-id = "{GATEWAY}"
 spool = "{spool}"
 
 [revocation]
-stale-after = "2s"
+stale-after = "10s"
 
 [upstreams.crm]
 url = "http://127.0.0.1:{upstream_port}"
@@ -610,11 +610,11 @@ fn the_gateway_refuses_an_ended_task_within_the_staleness_window() {
     crate::ops::promtool_check(&text, "gateway");
 
     g.w.ok(&["task", "end", &task]);
-    // The feed brings the revocation within its latency (stale after 2 s;
+    // The feed brings the revocation within its latency (stale after 10 s;
     // the deadline is generous for a busy machine).
     let refused = wait_for("the ended task refused", Duration::from_secs(30), || {
         let a = send(&researcher, "GET", &search, Some(&token), &[]);
-        (a.status != 200).then_some(a)
+        (a.status == 401).then_some(a)
     });
     assert_eq!(refused.status, 401, "{refused:?}");
     assert!(
@@ -812,14 +812,16 @@ tier = "read"
 "#;
     std::fs::write(&file, &with_notes).unwrap();
     hup();
-    wait_for("the new route", Duration::from_secs(60), || {
-        (send(&researcher, "GET", &notes, Some(&token), &[]).status == 200).then_some(())
-    });
     let log = || g.gateway.log_text();
-    assert!(
-        log().contains("reloaded the gateway's configuration"),
-        "{}",
-        log()
+    // The new route answers, and the log says why (it may trail the route).
+    wait_for(
+        "the new route and its log line",
+        Duration::from_secs(60),
+        || {
+            (send(&researcher, "GET", &notes, Some(&token), &[]).status == 200
+                && log().contains("reloaded the gateway's configuration"))
+            .then_some(())
+        },
     );
 
     // A file with a typo, then one that changes what needs a restart: each
@@ -1122,7 +1124,7 @@ fn the_gateway_refuses_every_call_once_the_brokers_feed_goes_silent() {
     });
     let before = g.upstream.count();
     // The broker goes away: nothing says the credential is still good, so
-    // after `stale-after` (2 s) every call is refused, fail closed.
+    // after `stale-after` (10 s) every call is refused, fail closed.
     g.w.c.broker.as_mut().unwrap().stop();
     let stale = wait_for("the feed stale", Duration::from_secs(60), || {
         let a = send(&researcher, "GET", &url, Some(&token), &[]);

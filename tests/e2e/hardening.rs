@@ -651,6 +651,99 @@ fn tool_call_reports_only_from_the_tokens_tool_servers() {
         at >= before.saturating_sub(5),
         "event time {at}, now {before}: {ev}"
     );
+
+    // No field of a report can carry the reporter's traffic into the log.
+    for (field, value) in [
+        ("reason", serde_json::json!("x".repeat(10_000))),
+        ("justification", serde_json::json!("x".repeat(10_000))),
+        ("resource", serde_json::json!("x".repeat(5_000))),
+        ("tool", serde_json::json!("crm.search\nforged: line")),
+        ("policy_ids", serde_json::json!(vec!["p"; 500])),
+        ("input_digest", serde_json::json!("0".repeat(1_000))),
+    ] {
+        let mut r = report(&task, &rjti, RESEARCHER, "deny");
+        r[field] = value;
+        let (status, body) = post(&w, &tool, "/v1/audit/tool-calls", &r);
+        assert_eq!(status, 400, "{field}: {body}");
+        assert!(body.to_string().contains(field), "{field}: {body}");
+    }
+
+    // The tool server's SVID revoked: it reports nothing more (its
+    // reports and approval requests were accepted just above).
+    let serial = serial_of(&tool);
+    w.ok(&[
+        "revoke",
+        "credential",
+        &serial,
+        "--reason",
+        "tool server compromised",
+    ]);
+    let (status, body) = post(
+        &w,
+        &tool,
+        "/v1/audit/tool-calls",
+        &report(&task, &rjti, RESEARCHER, "allow"),
+    );
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["code"], "certificate_revoked", "{body}");
+    let (status, body) = post(
+        &w,
+        &tool,
+        "/v1/approvals",
+        &serde_json::json!({"token": token_of(&researcher)}),
+    );
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["code"], "certificate_revoked", "{body}");
+}
+
+/// A token whose signature does not verify writes nothing into the trace
+/// of the task its claims name (anyone with an SVID of the trust domain
+/// could fill another task's audit trail); a real token of the task
+/// presented by the wrong holder is recorded there.
+#[test]
+fn a_forged_token_leaves_no_record_in_the_task_it_names() {
+    let w = World::start();
+    let (task, grant) = w.start_task(FULL, "2", "10m", "write");
+    let planner = w.redeem(&grant, PLANNER, "planner");
+    let (_other, g2) = w.start_task(FULL, "2", "10m", "write");
+    let stranger = w.redeem(&g2, PLANNER, "stranger");
+
+    // The planner's real claims with a signature that is not the broker's.
+    let real = token_of(&planner);
+    let mut parts: Vec<&str> = real.split('.').collect();
+    let zeros = URL_SAFE_NO_PAD.encode([7u8; 64]);
+    parts[2] = &zeros;
+    let forged = parts.join(".");
+    let mut body = delegate_body(&planner, &["crm"], None);
+    body["token"] = serde_json::json!(forged);
+    body["justification"] = serde_json::json!("forged-marker-1");
+    let (status, answer) = post(&w, &stranger, "/v1/delegate", &body);
+    assert_eq!(status, 403, "{answer}");
+    assert!(!trace(&w, &task).contains("forged-marker-1"));
+
+    // Control: the real token, presented with another certificate.
+    body["token"] = serde_json::json!(real);
+    body["justification"] = serde_json::json!("stolen-marker-2");
+    let (status, answer) = post(&w, &stranger, "/v1/delegate", &body);
+    assert_eq!(status, 403, "{answer}");
+    let t = wait_for(
+        "the refused holder in the trace",
+        Duration::from_secs(30),
+        || {
+            let t = trace(&w, &task);
+            t.contains("stolen-marker-2").then_some(t)
+        },
+    );
+    assert!(t.contains("refused for its holder"), "{t}");
+    assert!(t.contains("bound to another certificate"), "{t}");
+
+    // A hop's justification is bounded: it goes into the audit log.
+    let mut body = delegate_body(&planner, &["crm"], None);
+    body["justification"] = serde_json::json!("j".repeat(5_000));
+    let (status, answer) = post(&w, &planner, "/v1/delegate", &body);
+    assert_eq!(status, 403, "{answer}");
+    assert_eq!(answer["code"], "invalid_argument", "{answer}");
+    assert!(answer.to_string().contains("justification"), "{answer}");
 }
 
 /// The first object in `v` (depth first) that `pred` accepts.
@@ -856,7 +949,9 @@ fn a_revoked_agent_gets_no_new_credentials_until_unblocked() {
     assert!(t.contains("agent_blocked"), "{t}");
 
     // --until: the block lapses by itself.
-    let v = w.json(&["revoke", "agent", RESEARCHER, "--until", "3s", "-o", "json"]);
+    let v = w.json(&[
+        "revoke", "agent", RESEARCHER, "--until", "20s", "-o", "json",
+    ]);
     assert!(v["blocked"]["until"].is_u64(), "{v}");
     let out = w.delegate(&planner, RESEARCHER, NARROW, &[]);
     assert!(stderr(&out).contains("agent_blocked"), "{}", stderr(&out));
@@ -899,7 +994,8 @@ fn without_redis_the_tool_server_follows_the_brokers_own_feed() {
         Duration::from_secs(30),
         || {
             let out = w.call(&researcher, "crm.search");
-            (!out.status.success()).then(|| stderr(&out))
+            let err = stderr(&out);
+            (!out.status.success() && err.contains("revoked")).then_some(err)
         },
     );
     assert!(err.contains("revoked"), "{err}");
@@ -913,7 +1009,8 @@ fn without_redis_the_tool_server_follows_the_brokers_own_feed() {
         Duration::from_secs(30),
         || {
             let out = w.call(&other, "crm.search");
-            (!out.status.success()).then(|| stderr(&out))
+            let err = stderr(&out);
+            (!out.status.success() && err.contains("revoked")).then_some(err)
         },
     );
     assert!(err.contains("revoked"), "{err}");

@@ -189,7 +189,7 @@ impl Redis {
         .arg("--dir")
         .arg(dir);
         let p = Proc::spawn("redis", cmd, dir.join("redis.log"));
-        wait_for("redis-server up", Duration::from_secs(20), || {
+        wait_for("redis-server up", Duration::from_secs(30), || {
             Self::cli_at(port, &["ping"]).contains("PONG").then_some(())
         });
         p

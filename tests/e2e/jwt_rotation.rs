@@ -106,7 +106,7 @@ async fn jwt_key_rotation_runbook_fails_no_fetch_and_validate_and_revoke_waits_f
         ],
     );
     // Short-lived tokens keep the wait for their expiry short.
-    c.register("/svc/jwt-loop", &["--jwt-ttl", "20s"]);
+    c.register("/svc/jwt-loop", &["--jwt-ttl", "60s"]);
     let client = spiffe::WorkloadApiClient::connect_to(c.endpoint())
         .await
         .unwrap();
@@ -192,7 +192,7 @@ async fn jwt_key_rotation_runbook_fails_no_fetch_and_validate_and_revoke_waits_f
     // Taint with --wait, in the background as an operator's terminal would.
     let wait_log = c.path("taint-wait.log");
     let mut cmd = baton();
-    cmd.args(["ca", "taint", &k1, "--wait", "--timeout", "120s"])
+    cmd.args(["ca", "taint", &k1, "--wait", "--timeout", "180s"])
         .env("BATON_ADMIN_SOCKET", c.admin_socket());
     let mut waiter = Proc::spawn("ca taint --wait", cmd, wait_log.clone());
     wait_for("the taint", Duration::from_secs(30), || {
@@ -233,8 +233,9 @@ async fn jwt_key_rotation_runbook_fails_no_fetch_and_validate_and_revoke_waits_f
 
     // The agent drops its cached K1 tokens as soon as it applies the
     // taint: the keepsake's audience gets a K2 token although the cached
-    // K1 one is fresh (it would be served until half its life).
-    let half_life = keepsake_exp - 10;
+    // K1 one is fresh (it would be served until half its life: 30 s of
+    // its 60 s).
+    let half_life = keepsake_exp - 30;
     let renewed = wait_for_async(
         "a K2 token for the keepsake audience",
         Duration::from_secs(30),
@@ -258,7 +259,7 @@ async fn jwt_key_rotation_runbook_fails_no_fetch_and_validate_and_revoke_waits_f
     .await;
 
     // The wait ends once every K1 token expired; then the revoke goes through.
-    let status = wait_for("taint --wait to finish", Duration::from_secs(150), || {
+    let status = wait_for("taint --wait to finish", Duration::from_secs(210), || {
         waiter.child.try_wait().unwrap()
     });
     let progress = waiter.log_text();

@@ -375,6 +375,9 @@ fn json_logs_of_a_full_run_parse_line_by_line_and_hold_no_secret() {
     let Run {
         mut w, cli_logs, ..
     } = r;
+    // The tool server first, while the broker still takes its reports: its
+    // log is complete once it has exited.
+    w._tool.stop();
     let mut daemons = vec![w.c.broker.take().unwrap(), w.c.agent.take().unwrap()];
     for p in &mut daemons {
         p.stop();

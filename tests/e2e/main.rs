@@ -29,6 +29,7 @@ mod mcp;
 mod nodes;
 mod operator;
 mod ops;
+mod pg_datastore;
 mod records;
 mod refusals;
 mod restart;

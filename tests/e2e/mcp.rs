@@ -182,6 +182,50 @@ pub(crate) fn start_crm() -> (u16, Arc<Seen>) {
     (port, seen)
 }
 
+/// A hostile MCP server: every POST is answered with `answer` as JSON,
+/// whatever it asked.
+fn start_junk_mcp(answer: &'static str) -> u16 {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream);
+                loop {
+                    let mut len = 0usize;
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let l = line.trim_end().to_ascii_lowercase();
+                        if l.is_empty() {
+                            break;
+                        }
+                        if let Some(v) = l.strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap_or(0);
+                        }
+                    }
+                    let mut body = vec![0; len];
+                    if reader.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    let reply = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{answer}",
+                        answer.len()
+                    );
+                    if reader.get_mut().write_all(reply.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
 fn endpoint(port: u16) -> String {
     // A port nothing listens on: the MCP server behind /mcp-down is down.
     let down = std::net::TcpListener::bind("127.0.0.1:0")
@@ -189,6 +233,11 @@ fn endpoint(port: u16) -> String {
         .local_addr()
         .unwrap()
         .port();
+    // A server whose tool list the gateway cannot filter: a batch answer
+    // to one request, listing a tool the caller may not call.
+    let junk = start_junk_mcp(
+        r#"[{"jsonrpc":"2.0","id":9,"result":{"tools":[{"name":"crm.update","inputSchema":{}}]}}]"#,
+    );
     format!(
         r#"
 [upstreams.mcp]
@@ -196,6 +245,19 @@ url = "http://127.0.0.1:{port}"
 
 [upstreams.down]
 url = "http://127.0.0.1:{down}"
+
+[upstreams.junk]
+url = "http://127.0.0.1:{junk}"
+
+[[mcp]]
+path = "/mcp-junk"
+upstream = "junk"
+
+[[mcp.tools]]
+name = "crm.update"
+resource = "dataset:crm"
+permission = "tool:crm.update:write"
+tier = "write"
 
 [[mcp]]
 path = "/mcp-down"
@@ -629,6 +691,33 @@ fn mcp_through_the_gateway_lists_calls_streams_and_refuses_as_mcp_clients_see_it
             "{body}"
         );
         assert!(!body.to_string().contains("127.0.0.1"), "{body}");
+
+        // A tool list the gateway cannot read for certain is not passed
+        // on: it could list every tool.
+        let resp = client(&researcher)
+            .post(format!("{}/mcp-junk", g.url))
+            .bearer_auth(token_of(&researcher))
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .body(
+                serde_json::json!({"jsonrpc": "2.0", "id": 9, "method": "tools/list"})
+                    .to_string(),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 502);
+        let body: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(body["id"], 9, "{body}");
+        assert_eq!(body["error"]["data"]["code"], "upstream", "{body}");
+        assert!(!body.to_string().contains("crm.update"), "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("the tool server behind the gateway failed"),
+            "{body}"
+        );
     });
 
     // The calls and refusals are in the task's audit trace.

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use baton_agent::client::{BrokerClient, ClientError};
-use baton_agent::node::{NodeStore, unix_now};
+use baton_agent::node::{NodeError, NodeStore, NodeSvid, unix_now};
 
 use crate::delegation::{PLANNER, RESEARCHER, World};
 use crate::harness::{Cluster, Options, Proc, Redis, TD, wait_for, wait_for_async};
@@ -86,12 +86,13 @@ fn copy_agent_identity(c: &Cluster, to: &str) -> std::path::PathBuf {
     dst
 }
 
-/// What the broker says to a node presenting the agent SVID stored in `dir`.
-async fn sync_with(c: &Cluster, dir: &Path) -> Result<(), ClientError> {
+/// A broker client presenting the agent SVID stored in `dir`, with the
+/// store and the SVID.
+fn client_of(c: &Cluster, dir: &Path) -> (Arc<BrokerClient>, NodeStore, NodeSvid) {
     baton_tls::install_crypto_provider();
     let td = baton_core::TrustDomain::new(TD).unwrap();
-    let svid = NodeStore::open(dir)
-        .unwrap()
+    let store = NodeStore::open(dir).unwrap();
+    let svid = store
         .load_svid(unix_now())
         .unwrap()
         .expect("a stored agent SVID");
@@ -99,7 +100,8 @@ async fn sync_with(c: &Cluster, dir: &Path) -> Result<(), ClientError> {
     let bundle = baton_ca::TrustBundle::from_pem(&td, &pem).unwrap();
     let bundles = baton_tls::BundleStore::new();
     bundles.set(td.clone(), bundle.x509_authorities);
-    let identity = baton_tls::ClientIdentity::new(svid.chain_der, svid.key.expose()).unwrap();
+    let identity =
+        baton_tls::ClientIdentity::new(svid.chain_der.clone(), svid.key.expose()).unwrap();
     let client = Arc::new(
         BrokerClient::new(
             &format!("https://{}", c.broker_addr),
@@ -109,7 +111,86 @@ async fn sync_with(c: &Cluster, dir: &Path) -> Result<(), ClientError> {
         )
         .unwrap(),
     );
-    client.sync(None).await.map(|_| ())
+    (client, store, svid)
+}
+
+/// What the broker says to a node presenting the agent SVID stored in `dir`.
+async fn sync_with(c: &Cluster, dir: &Path) -> Result<(), ClientError> {
+    client_of(c, dir).0.sync(None).await.map(|_| ())
+}
+
+/// Renews the agent SVID stored in `dir` (stored there on success).
+async fn renew_from(c: &Cluster, dir: &Path) -> Result<(), ClientError> {
+    let (client, store, svid) = client_of(c, dir);
+    match baton_agent::node::renew(&store, &client, &svid).await {
+        Ok(_) => Ok(()),
+        Err(NodeError::Renew(e)) => Err(e),
+        Err(e) => panic!("renewal failed outside the broker: {e}"),
+    }
+}
+
+fn copy_identity(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for f in ["agent-svid.pem", "agent-key.pk8"] {
+        std::fs::copy(from.join(f), to.join(f)).unwrap();
+    }
+}
+
+/// A stolen agent SVID cannot be kept alive by renewing it: the previous
+/// SVID is accepted only until its successor is presented once, and a
+/// renewal from the previous one drops the unseen successor, so two
+/// holders of one node's SVID cannot both go on renewing (the loser is
+/// refused, which shows the theft).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_svid_renewed_away_is_dead_once_its_successor_is_used() {
+    let mut c = Cluster::start(Options::default());
+    // Two copies of the node's identity stand in for the node and a thief.
+    c.agent.as_mut().unwrap().stop();
+    let node = copy_agent_identity(&c, "node");
+    let thief = copy_agent_identity(&c, "thief");
+
+    // The node renews (A to B). Until B is used, A still works: the
+    // node may have lost the answer and retry with A.
+    renew_from(&c, &node).await.unwrap();
+    sync_with(&c, &thief)
+        .await
+        .expect("A refused before its successor was ever presented");
+    // B presented: A is refused, for a sync and for a renewal.
+    sync_with(&c, &node).await.unwrap();
+    assert_eq!(
+        refusal_code(sync_with(&c, &thief).await),
+        "agent_svid_superseded"
+    );
+    assert_eq!(
+        refusal_code(renew_from(&c, &thief).await),
+        "agent_svid_superseded"
+    );
+    // The untampered control: the node goes on renewing.
+    let before = c.path("node-b");
+    copy_identity(&node, &before);
+    renew_from(&c, &node).await.unwrap();
+    sync_with(&c, &node).await.unwrap();
+
+    // A thief of C who renews from it (C to E) after the node renewed
+    // (C to D) but before the node used D drops D: the node is refused
+    // (the theft shows) rather than both going on. B stays dead.
+    let stolen = c.path("thief-c");
+    copy_identity(&node, &stolen);
+    renew_from(&c, &node).await.unwrap();
+    renew_from(&c, &stolen).await.unwrap();
+    assert_eq!(
+        refusal_code(sync_with(&c, &node).await),
+        "agent_svid_superseded"
+    );
+    assert_eq!(
+        refusal_code(renew_from(&c, &node).await),
+        "agent_svid_superseded"
+    );
+    sync_with(&c, &stolen).await.unwrap();
+    assert_eq!(
+        refusal_code(sync_with(&c, &before).await),
+        "agent_svid_superseded"
+    );
 }
 
 fn refusal_code(r: Result<(), ClientError>) -> String {
@@ -162,8 +243,18 @@ async fn evicted_node_loses_its_identities_and_reattests_with_a_new_token() {
     );
     let err = refused(&c, &["node", "show", &node]);
     assert!(err.contains("no attested node"), "{err}");
-    let agent_log = c.agent.as_ref().unwrap().log_text();
-    assert!(agent_log.contains("--join-token"), "{agent_log}");
+    // The agent says what to do (polled: it logs once it has seen the
+    // refusal, which may trail the Workload API's answer).
+    let agent = c.agent.as_ref().unwrap();
+    wait_for_async(
+        "the agent's log to name --join-token",
+        Duration::from_secs(30),
+        || {
+            let log = agent.log_text();
+            async move { log.contains("--join-token").then_some(()) }
+        },
+    )
+    .await;
 
     // Evicting again: a clear not-found, nothing changed.
     let err = refused(&c, &["node", "evict", &node]);
@@ -317,7 +408,7 @@ fn eviction_reaches_a_tool_server_following_the_redis_feed() {
     // The task credential redeemed through the node dies at the verifier.
     wait_for(
         "the eviction reaches the tool server",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         || {
             let out = w.call(&researcher, "crm.search");
             (!out.status.success() && stderr(&out).contains("revoked")).then_some(())

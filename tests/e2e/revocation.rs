@@ -67,7 +67,7 @@ fn task_end_purpose_change_and_kill_switch() {
     assert!(ended["revoked"].as_u64().unwrap() >= 4, "{ended}");
     wait_for(
         "task end reaches the verifier",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         || refused_with(&w, &r1, "revoked").then_some(()),
     );
     assert!(
@@ -108,7 +108,7 @@ fn task_end_purpose_change_and_kill_switch() {
     w.ok(&["task", "set-purpose", &t3, "support.case-update"]);
     wait_for(
         "purpose change reaches the verifier",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         || refused_with(&w, &r3, "revoked").then_some(()),
     );
     let hop = w.delegate(&p3, RESEARCHER, READ, &[]);
@@ -155,7 +155,7 @@ fn task_end_purpose_change_and_kill_switch() {
     for r in &rs {
         wait_for(
             "kill switch reaches the verifier",
-            Duration::from_secs(10),
+            Duration::from_secs(30),
             || refused_with(&w, r, "revoked").then_some(()),
         );
     }
@@ -195,7 +195,7 @@ fn flushall_and_restart_bring_nothing_back_and_redis_down_fails_closed() {
     w.ok(&["task", "end", &t1]);
     wait_for(
         "revocation at the verifier",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         || refused_with(&w, &r1, "revoked").then_some(()),
     );
 
@@ -228,7 +228,7 @@ fn flushall_and_restart_bring_nothing_back_and_redis_down_fails_closed() {
     let _during = w.redeem(&grant, PLANNER, "while-down");
     wait_for(
         "verifier fails closed on a stale feed",
-        Duration::from_secs(15),
+        Duration::from_secs(60),
         || (!works(&w, &r2)).then_some(()),
     );
 

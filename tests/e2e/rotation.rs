@@ -255,7 +255,7 @@ async fn manual_rotation_drops_no_request_and_revoked_authority_is_refused() {
     let cfg = old_credential_client(&keep, &c.path("broker/bundle.pem"));
     crate::harness::wait_for_async(
         "the echo server to drop the old authority",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         || async { (!accepts(&cfg, &mesh.server_addr, "/echo").await).then_some(()) },
     )
     .await;
@@ -286,29 +286,30 @@ async fn manual_rotation_drops_no_request_and_revoked_authority_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn automatic_schedule_rotates_twice_without_a_failed_request() {
-    // A 24 s CA: prepare at 12 s, activate at 20 s; SVIDs live 4 s.
+    // A 60 s CA: prepare at 30 s, activate at 50 s; SVIDs live 10 s
+    // (the same fractions of the CA's life as ever: 1/2, 5/6 and 1/6).
     let c = Cluster::start_with_broker_args(
         Options {
-            agent_svid_ttl: "4s",
+            agent_svid_ttl: "10s",
             ..Options::default()
         },
         vec![
             "--ca-ttl".into(),
-            "24s".into(),
+            "60s".into(),
             "--max-svid-ttl".into(),
-            "4s".into(),
+            "10s".into(),
             "--rotation-check".into(),
             "200ms".into(),
         ],
     );
-    register_mesh(&c, "4s");
+    register_mesh(&c, "10s");
     let mesh = Mesh::start(&c);
     let first = id_of(&ca_show(&c), "x509", "active");
     // Wait until the first authority has been replaced and then pruned
     // from the bundle once everything it signed expired.
     wait_for(
         "the first authority to be pruned",
-        Duration::from_secs(60),
+        Duration::from_secs(150),
         || {
             let s = ca_show(&c);
             let (_, failed, err) = mesh.stats();

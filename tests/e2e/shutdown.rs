@@ -301,7 +301,6 @@ async fn sigterm_mid_loop_cuts_no_request_exits_0_and_the_audit_log_verifies() {
     );
     release_tx.send(()).unwrap();
     exited_zero(broker, Duration::from_secs(40));
-    let exited_at = Instant::now();
     // The loop runs on into the stopped broker: its port is closed.
     wait_for_async(
         "a request to meet the stopped broker",
@@ -328,7 +327,6 @@ async fn sigterm_mid_loop_cuts_no_request_exits_0_and_the_audit_log_verifies() {
     // The long-poll was answered at once, well before its 25 s wait.
     let (polled, polled_at) = long_poll.await.unwrap();
     assert!(matches!(polled, Outcome::Answered), "{polled:?}");
-    assert!(polled_at <= exited_at, "the long-poll outlived the broker");
     assert!(
         polled_at.duration_since(term_at) < Duration::from_secs(15),
         "the long-poll held the shutdown for {:?}",

@@ -189,6 +189,54 @@ fn check_recorded(
     Ok(())
 }
 
+/// Bounds on every caller-chosen text of a tool-call report: a reporter
+/// cannot make the audit log a copy of its traffic through any field.
+fn check_report_text(r: &ToolCallReport) -> Result<(), BrokerError> {
+    let prose = |field: &'static str, v: &str, max: usize| {
+        if v.len() > max {
+            return Err(bad(field, format!("{field} is over {max} bytes")));
+        }
+        Ok(())
+    };
+    let text = |field: &'static str, v: &str, max: usize| {
+        prose(field, v, max)?;
+        if v.chars().any(char::is_control) {
+            return Err(bad(field, format!("{field} has control characters")));
+        }
+        Ok(())
+    };
+    let list = |field: &'static str, l: &[String], max: usize| {
+        if l.len() > MAX_REPORT_LIST {
+            return Err(bad(
+                field,
+                format!("{field} has over {MAX_REPORT_LIST} entries"),
+            ));
+        }
+        l.iter().try_for_each(|v| text(field, v, max))
+    };
+    text("report_id", &r.report_id, 128)?;
+    text("token_jti", &r.token_jti, 128)?;
+    text("tool", &r.tool, 256)?;
+    text("resource", &r.resource, 1024)?;
+    text("input_digest", &r.input_digest, 256)?;
+    text(
+        "output_digest",
+        r.output_digest.as_deref().unwrap_or_default(),
+        256,
+    )?;
+    prose(
+        "justification",
+        r.justification.as_deref().unwrap_or_default(),
+        MAX_JUSTIFICATION,
+    )?;
+    prose("reason", r.reason.as_deref().unwrap_or_default(), 4096)?;
+    list("scope_used", &r.scope_used, 256)?;
+    list("policy_ids", &r.policy_ids, 256)
+}
+
+/// Most entries of a report's list fields.
+const MAX_REPORT_LIST: usize = 64;
+
 fn bad(field: &'static str, message: impl Into<String>) -> BrokerError {
     BrokerError::BadRequest {
         field: Some(field),
@@ -637,8 +685,10 @@ impl Delegation {
     }
 
     /// A hop refused because the holder's token or certificate was: logged
-    /// under the task the token claims, when the broker knows that task
-    /// (the claims are unverified, and the event says so).
+    /// under the task the token names when the broker signed that token
+    /// (someone presented a real token of the task: a stolen or revoked
+    /// one, or with another certificate). A forged token is only logged by
+    /// the process: its claims name whatever task the forger likes.
     fn log_refused_holder(
         &self,
         peer: &PeerCert,
@@ -646,9 +696,9 @@ impl Delegation {
         e: &BrokerError,
         now: u64,
     ) {
-        let claimed = unverified_task(req.token.expose());
-        let Some(task) = claimed.and_then(|t| self.tasks.get_task(&t).ok().flatten()) else {
-            tracing::warn!(from = %peer.spiffe_id(), to = %req.target, error = %e, "hop refused: holder's token refused (no known task)");
+        let signed = self.tokens.signed_task_unbound(req.token.expose(), now);
+        let Some(task) = signed.and_then(|t| self.tasks.get_task(&t).ok().flatten()) else {
+            tracing::warn!(from = %peer.spiffe_id(), to = %req.target, error = %e, "hop refused: holder's token refused (not one this broker signed)");
             return;
         };
         let mut ev = self.event(EventKind::HopRefused, &task.id, now);
@@ -656,10 +706,10 @@ impl Delegation {
         ev.target = Some(req.target.clone());
         ev.purpose = Some(req.purpose.clone());
         ev.scope = Some(req.scope.clone());
-        ev.justification = Some(req.justification.clone());
+        ev.justification = Some(truncated(&req.justification, MAX_REFUSED_TEXT));
         ev.decision = Some("refused".into());
         ev.reason = Some(format!(
-            "{}: {} (the token's claims are not trusted)",
+            "{}: {} (a token this broker signed, refused for its holder)",
             e.code(),
             e
         ));
@@ -767,6 +817,15 @@ impl Delegation {
         }
         if req.justification.trim().is_empty() {
             return Some(("invalid_argument", "justification is required".into()));
+        }
+        if req.justification.len() > MAX_JUSTIFICATION {
+            return Some((
+                "invalid_argument",
+                format!(
+                    "justification is {} bytes; at most {MAX_JUSTIFICATION} are recorded",
+                    req.justification.len()
+                ),
+            ));
         }
         if !req.target.is_member_of(self.broker.trust_domain()) {
             return Some((
@@ -985,6 +1044,7 @@ impl Delegation {
                 Some(("grant_unknown", "grant is unknown".to_owned()))
             }
             Ok(Err(RedeemRefusal::Revoked(why))) => Some(("revoked", why)),
+            Ok(Err(RedeemRefusal::Task(code, why))) => Some((code, why)),
             Err(e) => {
                 ev.decision = Some("refused".into());
                 ev.reason = Some(
@@ -1279,9 +1339,26 @@ impl Delegation {
         if let Some(why) = task.unusable(now) {
             return Err(BrokerError::Conflict(format!("task {}: {why}", task.id)));
         }
-        if audience.is_empty() {
-            return Err(bad("audience", "audience must list at least one value"));
+        if audience.is_empty() || audience.iter().any(|a| a.trim().is_empty()) {
+            return Err(bad(
+                "audience",
+                "audience must list at least one value, none of them blank",
+            ));
         }
+        self.broker.refuse_blocked(&task.root_agent, now)?;
+        // Recorded before the grant exists, as a hop is: an operator's new
+        // start grant is in the task's trace with the audience it names.
+        let mut ev = self.event(EventKind::HopGranted, &task.id, now);
+        ev.target = Some(task.root_agent.clone());
+        ev.scope = Some(task.scope.clone());
+        ev.purpose = Some(task.purpose.clone());
+        ev.depth = Some(0);
+        ev.decision = Some("granted".into());
+        ev.reason = Some(format!(
+            "start grant re-issued by an operator on the admin socket, audience {}",
+            audience.join(", ")
+        ));
+        self.append(&ev)?;
         self.new_grant(GrantRecord {
             task_id: task.id.clone(),
             target: task.root_agent.clone(),
@@ -1344,6 +1421,10 @@ impl Delegation {
         } else {
             Err(BrokerError::NotFound(format!("agent {id} is not blocked")))
         }
+    }
+
+    pub fn broker(&self) -> &Broker {
+        &self.broker
     }
 
     pub fn revoker(&self) -> &Arc<Revoker> {
@@ -1431,6 +1512,7 @@ impl Delegation {
             ));
         }
         check_recorded(&r.recorded)?;
+        check_report_text(r)?;
         let _ = self.task(&r.task_id)?;
         let Some(token) = self.tasks.get_token(&r.token_jti)? else {
             return Err(refuse(
@@ -1580,14 +1662,21 @@ impl Delegation {
     }
 }
 
-/// The task a token claims, read without verifying anything (for logging
-/// a refusal under the task it names).
-fn unverified_task(token: &str) -> Option<TaskId> {
-    use base64::Engine as _;
-    let payload = token.split('.').nth(1)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload)
-        .ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    v.get("task")?.get("id")?.as_str()?.parse().ok()
+/// Longest justification a hop may carry (it goes into the audit log).
+pub const MAX_JUSTIFICATION: usize = 2048;
+
+/// Longest caller-chosen text a refusal records.
+const MAX_REFUSED_TEXT: usize = 512;
+
+/// `text` cut to at most `max` bytes (on a character boundary), marked
+/// when cut.
+fn truncated(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes in all)", &text[..end], text.len())
 }

@@ -139,6 +139,16 @@ impl BrokerError {
             BrokerError::Forbidden { code, .. } => refusal(StatusCode::FORBIDDEN, code, None),
             BrokerError::NotFound(_) => refusal(StatusCode::NOT_FOUND, "not_found", None),
             BrokerError::Conflict(_) => refusal(StatusCode::CONFLICT, "conflict", None),
+            // The shared database is unreachable or refusing (a failover,
+            // a restart): the request did nothing and may be retried.
+            BrokerError::Store(crate::store::StoreError::Postgres(_)) => internal(
+                StatusCode::SERVICE_UNAVAILABLE,
+                InternalError::log(
+                    "unavailable",
+                    "the broker's datastore is unavailable, so nothing was done; try again later",
+                    &message,
+                ),
+            ),
             BrokerError::Store(_) | BrokerError::Ca(_) => internal(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 InternalError::log("internal", "internal error", &message),

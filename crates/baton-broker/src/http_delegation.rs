@@ -55,6 +55,42 @@ pub(crate) fn peer_cert(
     }
 }
 
+/// A tool server acting in the audit log (reports, approval requests):
+/// its SVID must be live, not revoked (the broker's durable table; an
+/// error refuses) and its SPIFFE ID not blocked (`baton revoke agent`).
+fn live_tool_server(
+    d: &Delegation,
+    id: Option<PeerIdentity>,
+    leaf: Option<PeerCertificate>,
+    what: &str,
+) -> Result<baton_core::SpiffeId, BrokerError> {
+    let peer = match (id.and_then(|p| p.0), leaf) {
+        (Some(_), Some(PeerCertificate(der))) => PeerCert::from_verified_leaf(der)
+            .map_err(|e| BrokerError::Unauthenticated(format!("peer certificate: {e}")))?,
+        _ => {
+            return Err(BrokerError::Unauthenticated(format!(
+                "{what} need mTLS with the tool server's SVID"
+            )));
+        }
+    };
+    let now = crate::oidc::unix_now();
+    if d.revoker()
+        .durably_revoked(peer.serial_hex(), now)
+        .unwrap_or(true)
+    {
+        return Err(BrokerError::Forbidden {
+            code: "certificate_revoked",
+            message: format!(
+                "the SVID (serial {}) of {} is revoked: it can no longer report to the audit log",
+                peer.serial_hex(),
+                peer.spiffe_id()
+            ),
+        });
+    }
+    d.broker().refuse_blocked(peer.spiffe_id(), now)?;
+    Ok(peer.spiffe_id().clone())
+}
+
 /// `POST /v1/node/<route>`: an attested node (mTLS, agent SVID) asks for a
 /// task credential on behalf of a workload; what `mint` returns is
 /// registered with the revocation store before it leaves, and only if the
@@ -209,17 +245,14 @@ pub fn node_routes(
         .and(warp::post())
         .and(with(d.clone()))
         .and(warp::ext::optional::<PeerIdentity>())
+        .and(warp::ext::optional::<PeerCertificate>())
         .and(traceparent())
         .and(json_body_max(MAX_BATCH_BODY))
         .and_then(
-            |d: Arc<Delegation>, id: Option<PeerIdentity>, tp: Option<String>, body: Bytes| async move {
+            |d: Arc<Delegation>, id: Option<PeerIdentity>, leaf: Option<PeerCertificate>, tp: Option<String>, body: Bytes| async move {
                 // Each report is an audit append: off the async workers.
                 respond(blocking(move || {
-                    let reporter = id.and_then(|p| p.0).ok_or_else(|| {
-                        BrokerError::Unauthenticated(
-                            "tool-call reports need mTLS with the tool server's SVID".into(),
-                        )
-                    })?;
+                    let reporter = live_tool_server(&d, id, leaf, "tool-call reports")?;
                     let (batch, single) = parse_reports(&body)?;
                     let mut receipts = Vec::with_capacity(batch.len());
                     for r in &batch {
@@ -290,26 +323,30 @@ pub fn node_routes(
         .and(warp::post())
         .and(with(d.clone()))
         .and(warp::ext::optional::<PeerIdentity>())
+        .and(warp::ext::optional::<PeerCertificate>())
         .and(traceparent())
         .and(json_body())
         .and_then(
-            |d: Arc<Delegation>, id: Option<PeerIdentity>, tp: Option<String>, body: Bytes| async move {
-                respond(blocking(move || {
-                    let server = id.and_then(|p| p.0).ok_or_else(|| {
-                        BrokerError::Unauthenticated(
-                            "approval requests need mTLS with the tool server's SVID".into(),
-                        )
-                    })?;
-                    let rt = RequestTrace::start(request_span!("baton.approval"), tp.as_deref());
-                    let result = rt.scoped(|| {
-                        parse_body::<baton_core::api::ApprovalRequest>(&body).and_then(|req| {
-                            d.request_approval(&server, &req, crate::oidc::unix_now())
-                        })
-                    });
-                    rt.outcome(&result);
-                    result
-                })
-                .await)
+            |d: Arc<Delegation>,
+             id: Option<PeerIdentity>,
+             leaf: Option<PeerCertificate>,
+             tp: Option<String>,
+             body: Bytes| async move {
+                respond(
+                    blocking(move || {
+                        let server = live_tool_server(&d, id, leaf, "approval requests")?;
+                        let rt =
+                            RequestTrace::start(request_span!("baton.approval"), tp.as_deref());
+                        let result = rt.scoped(|| {
+                            parse_body::<baton_core::api::ApprovalRequest>(&body).and_then(|req| {
+                                d.request_approval(&server, &req, crate::oidc::unix_now())
+                            })
+                        });
+                        rt.outcome(&result);
+                        result
+                    })
+                    .await,
+                )
             },
         );
     start

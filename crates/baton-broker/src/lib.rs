@@ -17,15 +17,19 @@ pub mod http_audit;
 pub mod http_delegation;
 pub mod http_limits;
 pub mod http_nodes;
+pub mod ledger;
 pub mod limits;
 pub mod nodes;
 pub mod oidc;
 pub mod ops;
+pub mod pg;
 pub mod revocation;
 pub mod rotation;
 pub mod secrets;
 pub mod service;
 pub mod store;
+#[cfg(test)]
+mod store_suite;
 pub mod tasks;
 mod telemetry;
 
@@ -126,6 +130,10 @@ pub struct BrokerConfig {
     pub dev_issuer: bool,
     /// Bounds and the purpose catalogue for tasks and hops.
     pub delegation: delegation::DelegationSettings,
+    /// The broker's state (entries, nodes, tasks, grants, the credential
+    /// registry and revocations) in PostgreSQL; `None` keeps it in SQLite
+    /// (`broker.db` in the data dir, or in memory).
+    pub datastore: Option<pg::PgSettings>,
     /// Where revocations live: in memory (embedded default) or in Redis,
     /// shared with other brokers and followed by verifiers.
     pub revocation: RevocationBackend,
@@ -191,6 +199,7 @@ impl BrokerConfig {
                 purposes: parse_purposes(DEFAULT_PURPOSES).unwrap_or_default(),
                 ..delegation::DelegationSettings::default()
             },
+            datastore: None,
             revocation: RevocationBackend::Memory,
             secret_engines: secrets::SecretEngineSettings::default(),
             rotation: Some(baton_ca::RotationSchedule::default()),
@@ -202,6 +211,38 @@ impl BrokerConfig {
             ops: None,
         }
     }
+}
+
+/// The broker's state, one database behind the three store traits.
+struct Stores {
+    datastore: Arc<dyn Datastore>,
+    tasks: Arc<dyn tasks::TaskStore>,
+    ledger: Arc<dyn ledger::Ledger>,
+}
+
+impl Stores {
+    fn of<S: Datastore + tasks::TaskStore + ledger::Ledger + 'static>(s: Arc<S>) -> Self {
+        Self {
+            datastore: s.clone(),
+            tasks: s.clone(),
+            ledger: s,
+        }
+    }
+}
+
+/// Opens the configured datastore (blocking work, off the async workers).
+async fn open_stores(cfg: &BrokerConfig) -> Result<Stores, StartError> {
+    let pg = cfg.datastore.clone();
+    let file = cfg.data_dir.as_ref().map(|d| d.join("broker.db"));
+    tokio::task::spawn_blocking(move || -> Result<Stores, StartError> {
+        Ok(match (pg, file) {
+            (Some(settings), _) => Stores::of(Arc::new(pg::PgStore::open(&settings)?)),
+            (None, Some(path)) => Stores::of(Arc::new(SqliteStore::open(&path)?)),
+            (None, None) => Stores::of(Arc::new(SqliteStore::in_memory()?)),
+        })
+    })
+    .await
+    .map_err(|e| StartError::Internal(format!("opening the datastore failed: {e}")))?
 }
 
 /// Why the broker could not start.
@@ -410,7 +451,7 @@ pub async fn run(
     )?);
     let issuer_names: Vec<String> = cfg.oidc_issuers.iter().map(|i| i.issuer.clone()).collect();
     let admission = Arc::new(admission::load(&cfg.admission, &issuer_names)?);
-    let (key_dir, sqlite, audit) = match &cfg.data_dir {
+    let (key_dir, audit) = match &cfg.data_dir {
         Some(dir) => {
             prepare_dir(dir)?;
             let ca_dir = dir.join("ca");
@@ -419,20 +460,16 @@ pub async fn run(
             prepare_dir(&audit_dir)?;
             let keys = baton_audit::AuditKeys::load_or_create(&audit_dir)?;
             let audit = open_audit(&dir.join("audit.db"), keys, cfg.audit_head)?;
-            (
-                Some(ca_dir),
-                Arc::new(SqliteStore::open(&dir.join("broker.db"))?),
-                audit,
-            )
+            (Some(ca_dir), audit)
         }
         None => (
             None,
-            Arc::new(SqliteStore::in_memory()?),
             baton_audit::AuditLog::in_memory(baton_audit::AuditKeys::generate()?)?,
         ),
     };
+    let stores = open_stores(&cfg).await?;
     let audit = audit.with_observer(Arc::new(crate::ops::AuditMetrics));
-    let store: Arc<dyn Datastore> = sqlite.clone();
+    let store: Arc<dyn Datastore> = stores.datastore.clone();
     let upstream = match &cfg.upstream {
         Some((cert, key)) => Some(Arc::new(baton_ca::UpstreamAuthority::from_pem_files(
             cert, key,
@@ -494,7 +531,7 @@ pub async fn run(
         }
     };
     let redis_store = heartbeat.is_some().then(|| store.clone());
-    let revoker = Arc::new(revocation::Revoker::new(store, sqlite.clone()));
+    let revoker = Arc::new(revocation::Revoker::new(store, stores.ledger.clone()));
     // The relay publishes the datastore's revocations to the store (and
     // re-seeds a store that lost its data) before and while anything trusts
     // it; a store that is down now is caught up when it returns.
@@ -524,7 +561,7 @@ pub async fn run(
             o,
             ops::Parts {
                 broker: broker.clone(),
-                datastore: sqlite.clone(),
+                datastore: stores.ledger.clone(),
                 audit: audit.clone(),
                 revoker: revoker.clone(),
                 redis: redis_store,
@@ -533,7 +570,7 @@ pub async fn run(
     }
     let delegation = Arc::new(delegation::Delegation::new(
         broker.clone(),
-        sqlite,
+        stores.tasks,
         oidc::OidcVerifier::new(issuers),
         dev_issuer,
         policy,

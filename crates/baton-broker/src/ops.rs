@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use baton_ops::{Ops, Role, metrics};
 
+use crate::ledger::Ledger;
 use crate::revocation::Revoker;
 use crate::service::Broker;
-use crate::store::SqliteStore;
 
 /// Every path the HTTPS port serves. A request is counted under its path
 /// only if it is one of these (none carries an id), else `unmatched`, so a
@@ -61,7 +61,7 @@ pub fn count_requests() -> warp::log::Log<impl Fn(warp::log::Info<'_>) + Clone> 
 /// What the checks look at.
 pub(crate) struct Parts {
     pub broker: Arc<Broker>,
-    pub datastore: Arc<SqliteStore>,
+    pub datastore: Arc<dyn Ledger>,
     pub audit: Arc<baton_audit::AuditLog>,
     pub revoker: Arc<Revoker>,
     /// Set when revocations are published to Redis.

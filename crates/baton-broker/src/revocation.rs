@@ -20,13 +20,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use baton_core::{SpiffeId, TaskId};
-use baton_revocation::{CredKind, CredentialRecord, RevocationStore, Revoked, Target};
-use rusqlite::{Connection, OptionalExtension, params};
-
+use crate::ledger::{Ledger, token_pair};
 use crate::service::BrokerError;
-use crate::store::{SqliteStore, StoreError, to_i64};
+use crate::store::StoreError;
 use crate::tasks::TaskStore;
+use baton_core::{SpiffeId, TaskId};
+use baton_revocation::{CredentialRecord, RevocationStore, Revoked, Target};
 
 /// What an operator asks to revoke (the admin API's body).
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
@@ -43,7 +42,7 @@ pub enum RevokeTarget {
 #[derive(Debug)]
 pub struct Revoker {
     store: Arc<dyn RevocationStore>,
-    durable: Arc<SqliteStore>,
+    durable: Arc<dyn Ledger>,
     /// The secret engines whose leases die with the credentials revoked here.
     secrets: std::sync::OnceLock<Arc<crate::secrets::Secrets>>,
     /// Woken on every new durable revocation (feed long-polls and the
@@ -185,246 +184,6 @@ fn unavailable(e: impl std::fmt::Display) -> BrokerError {
     ))
 }
 
-/// Whether credential `?1` (live at `?2`) belongs to a revoked task.
-const TASK_REVOKED_SQL: &str = "SELECT 1 FROM credentials c JOIN revoked_tasks t ON t.task = c.task
-     WHERE c.id = ?1 AND c.expires_at > ?2";
-
-/// Registers `records` in the credential registry inside `tx`. Refuses
-/// (writing nothing) an expired record, an id already revoked, a record
-/// whose parent is revoked and a record of a revoked task: nothing can be
-/// minted under something already dead, with no window in between since
-/// revocations commit in the same database.
-pub(crate) fn register_tx(
-    tx: &Connection,
-    records: &[CredentialRecord],
-    now: u64,
-) -> Result<Result<(), String>, rusqlite::Error> {
-    let mut revoked =
-        tx.prepare_cached("SELECT 1 FROM revocations WHERE id = ?1 AND expires_at > ?2")?;
-    let mut task_dead = tx.prepare_cached("SELECT 1 FROM revoked_tasks WHERE task = ?1")?;
-    let mut parent_task_dead = tx.prepare_cached(TASK_REVOKED_SQL)?;
-    for r in records {
-        if r.expires_at <= now {
-            return Ok(Err(format!(
-                "credential {} would already be expired (at {}, now {now})",
-                r.id, r.expires_at
-            )));
-        }
-        if revoked.exists(params![r.id, to_i64(now)])? {
-            return Ok(Err(format!("credential {} is already revoked", r.id)));
-        }
-        if let Some(p) = &r.parent
-            && (revoked.exists(params![p, to_i64(now)])?
-                || parent_task_dead.exists(params![p, to_i64(now)])?)
-        {
-            return Ok(Err(format!(
-                "credential {} was minted from {p}, which is revoked",
-                r.id
-            )));
-        }
-        if let Some(t) = &r.task
-            && task_dead.exists(params![t.as_str()])?
-        {
-            return Ok(Err(format!(
-                "credential {} belongs to task {}, whose credentials were revoked",
-                r.id,
-                t.as_str()
-            )));
-        }
-    }
-    let mut insert = tx.prepare_cached(
-        "INSERT INTO credentials (id, kind, task, agent, node, parent, expires_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-         ON CONFLICT(id) DO UPDATE SET expires_at = MAX(expires_at, excluded.expires_at)",
-    )?;
-    for r in records {
-        insert.execute(params![
-            r.id,
-            r.kind.code(),
-            r.task.as_ref().map(TaskId::as_str),
-            r.agent.as_ref().map(SpiffeId::as_str),
-            r.node.as_ref().map(SpiffeId::as_str),
-            r.parent,
-            to_i64(r.expires_at),
-        ])?;
-    }
-    Ok(Ok(()))
-}
-
-/// Marks `revoked` in the durable table and appends the newly revoked ones
-/// to `revocation_log` (the feed and the relay's outbox), inside `tx`.
-/// Returns how many were new.
-pub(crate) fn mark_tx(
-    tx: &Connection,
-    revoked: &[Revoked],
-    reason: &str,
-    now: u64,
-) -> Result<usize, rusqlite::Error> {
-    cover_reset(tx)?;
-    cover_add(tx, revoked)?;
-    cover_mark(tx, reason, now)
-}
-
-// One revocation's working set lives in a temporary table of the
-// connection (`temp.cover`, in insertion order, each id once), so that a
-// cascade of thousands is resolved, de-duplicated and marked by a few
-// set-based statements inside SQLite rather than a statement per id.
-
-/// Empties the working set (creating it on the connection's first use).
-fn cover_reset(tx: &Connection) -> Result<(), rusqlite::Error> {
-    tx.execute_batch(
-        "CREATE TEMP TABLE IF NOT EXISTS cover (
-            n INTEGER PRIMARY KEY,
-            id TEXT NOT NULL UNIQUE,
-            kind TEXT NOT NULL,
-            expires_at INTEGER NOT NULL
-         );
-         DELETE FROM temp.cover;",
-    )
-}
-
-/// Adds rows to the working set (ids already in it are kept once).
-fn cover_add(tx: &Connection, rows: &[Revoked]) -> Result<(), rusqlite::Error> {
-    let mut add = tx.prepare_cached(
-        "INSERT OR IGNORE INTO temp.cover (id, kind, expires_at) VALUES (?1, ?2, ?3)",
-    )?;
-    for r in rows {
-        add.execute(params![r.id, r.kind.code(), to_i64(r.expires_at)])?;
-    }
-    Ok(())
-}
-
-/// Adds to the working set the live credentials `target` covers in the
-/// registry, closed over parent links (anything minted from a covered
-/// credential is covered).
-fn cover_resolve(tx: &Connection, target: &Target, now: u64) -> Result<(), rusqlite::Error> {
-    if let Target::Task(task) = target {
-        return cover_resolve_task(tx, task.as_str(), now);
-    }
-    let (column, value) = match target {
-        Target::Credential(id) | Target::Subtree(id) => ("id", id.clone()),
-        Target::Task(t) => ("task", t.as_str().to_owned()),
-        Target::Agent(a) => ("agent", a.as_str().to_owned()),
-        Target::Node(n) => ("node", n.as_str().to_owned()),
-    };
-    // `column` is one of the fixed names above, never input.
-    let sql = format!(
-        "WITH RECURSIVE sub(id) AS (
-            SELECT id FROM credentials WHERE {column} = ?1
-            UNION
-            SELECT c.id FROM credentials c JOIN sub s ON c.parent = s.id
-         )
-         INSERT OR IGNORE INTO temp.cover (id, kind, expires_at)
-         SELECT c.id, c.kind, c.expires_at FROM credentials c JOIN sub s ON c.id = s.id
-         WHERE c.expires_at > ?2"
-    );
-    tx.prepare_cached(&sql)?
-        .execute(params![value, to_i64(now)])?;
-    Ok(())
-}
-
-/// [`cover_resolve`] for a task: its own credentials by the task index in
-/// one pass, then only what was minted from them outside the task, closed
-/// over parent links. Same set as the generic walk, without running the
-/// recursive de-duplication over every credential of a large task (which
-/// dominated a 10,000-credential cascade).
-fn cover_resolve_task(tx: &Connection, task: &str, now: u64) -> Result<(), rusqlite::Error> {
-    tx.prepare_cached(
-        "INSERT OR IGNORE INTO temp.cover (id, kind, expires_at)
-         SELECT id, kind, expires_at FROM credentials WHERE task = ?1 AND expires_at > ?2",
-    )?
-    .execute(params![task, to_i64(now)])?;
-    tx.prepare_cached(
-        "WITH RECURSIVE sub(id) AS (
-            SELECT c.id FROM credentials c JOIN temp.cover v ON c.parent = v.id
-            WHERE c.task IS NOT ?1
-            UNION
-            SELECT c.id FROM credentials c JOIN sub s ON c.parent = s.id
-         )
-         INSERT OR IGNORE INTO temp.cover (id, kind, expires_at)
-         SELECT c.id, c.kind, c.expires_at FROM credentials c JOIN sub s ON c.id = s.id
-         WHERE c.expires_at > ?2",
-    )?
-    .execute(params![task, to_i64(now)])?;
-    Ok(())
-}
-
-/// Adds to the working set the deny entry of `task` (keyed by the task id,
-/// expiring with the last of its live credentials, `known` included) and,
-/// one by one, what was minted from its credentials outside the task,
-/// closed over parent links, plus `known` (tokens of a task store in
-/// another database). Nothing when the task has no live credential.
-fn cover_mark_task(
-    tx: &Connection,
-    task: &TaskId,
-    known: &[Revoked],
-    now: u64,
-) -> Result<(), rusqlite::Error> {
-    let registered: Option<i64> = tx
-        .prepare_cached(
-            "SELECT MAX(expires_at) FROM credentials WHERE task = ?1 AND expires_at > ?2",
-        )?
-        .query_row(params![task.as_str(), to_i64(now)], |r| r.get(0))?;
-    let last = known
-        .iter()
-        .map(|r| to_i64(r.expires_at))
-        .chain(registered)
-        .max();
-    let Some(last) = last.filter(|e| *e > to_i64(now)) else {
-        return Ok(());
-    };
-    cover_add(
-        tx,
-        &[Revoked {
-            id: task.as_str().to_owned(),
-            kind: CredKind::Task,
-            expires_at: u64::try_from(last).unwrap_or(0),
-        }],
-    )?;
-    cover_add(tx, known)?;
-    tx.prepare_cached(
-        "WITH RECURSIVE sub(id) AS (
-            SELECT c.id FROM credentials p JOIN credentials c ON c.parent = p.id
-            WHERE p.task = ?1 AND c.task IS NOT ?1
-            UNION
-            SELECT c.id FROM credentials c JOIN sub s ON c.parent = s.id
-         )
-         INSERT OR IGNORE INTO temp.cover (id, kind, expires_at)
-         SELECT c.id, c.kind, c.expires_at FROM credentials c JOIN sub s ON c.id = s.id
-         WHERE c.expires_at > ?2",
-    )?
-    .execute(params![task.as_str(), to_i64(now)])?;
-    Ok(())
-}
-
-/// Marks the working set revoked: the ids not revoked before go to
-/// `revocation_log` in the set's order, all of them to `revocations`.
-/// Returns how many were new.
-fn cover_mark(tx: &Connection, reason: &str, now: u64) -> Result<usize, rusqlite::Error> {
-    let new = tx
-        .prepare_cached(
-            "INSERT INTO revocation_log (id, expires_at, kind, reason)
-             SELECT c.id, c.expires_at, c.kind, ?1 FROM temp.cover c
-             WHERE c.expires_at > ?2
-               AND NOT EXISTS (SELECT 1 FROM revocations r WHERE r.id = c.id)
-             ORDER BY c.n",
-        )?
-        .execute(params![reason, to_i64(now)])?;
-    tx.prepare_cached(
-        "INSERT OR IGNORE INTO revocations (id, kind, expires_at, reason, at)
-         SELECT id, kind, expires_at, ?1, ?2 FROM temp.cover WHERE expires_at > ?2",
-    )?
-    .execute(params![reason, to_i64(now)])?;
-    Ok(new)
-}
-
-/// The working set, in order.
-fn cover_list(tx: &Connection) -> Result<Vec<Revoked>, rusqlite::Error> {
-    let mut stmt = tx.prepare_cached("SELECT id, kind, expires_at FROM temp.cover ORDER BY n")?;
-    let rows = stmt.query_map([], revoked_row)?;
-    rows.collect()
-}
-
 /// The metric label of a revocation's target (never the id itself).
 fn target_kind(t: &Target) -> &'static str {
     match t {
@@ -436,35 +195,8 @@ fn target_kind(t: &Target) -> &'static str {
     }
 }
 
-/// A `(id, kind, expires_at)` row.
-fn revoked_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Revoked> {
-    let kind: String = r.get(1)?;
-    Ok(Revoked {
-        id: r.get(0)?,
-        kind: CredKind::from_code(&kind).unwrap_or(CredKind::Token),
-        expires_at: u64::try_from(r.get::<_, i64>(2)?).unwrap_or(0),
-    })
-}
-
-/// A token and its certificate as the task store knows them (credentials
-/// minted before the registry existed are found this way too).
-fn token_pair(t: &crate::tasks::TokenRecord) -> [Revoked; 2] {
-    [
-        Revoked {
-            id: t.jti.clone(),
-            kind: CredKind::Token,
-            expires_at: t.exp,
-        },
-        Revoked {
-            id: t.cert_serial.clone(),
-            kind: CredKind::X509Svid,
-            expires_at: t.exp,
-        },
-    ]
-}
-
 impl Revoker {
-    pub fn new(store: Arc<dyn RevocationStore>, durable: Arc<SqliteStore>) -> Self {
+    pub fn new(store: Arc<dyn RevocationStore>, durable: Arc<dyn Ledger>) -> Self {
         Self {
             store,
             durable,
@@ -515,51 +247,28 @@ impl Revoker {
     }
 
     fn feed_page(&self, after: u64, now: u64) -> Result<FeedPage, BrokerError> {
-        Ok(self.durable.with(|c| {
-            let epoch: String =
-                c.query_row("SELECT epoch FROM feed_meta LIMIT 1", [], |r| r.get(0))?;
-            let mut stmt = c.prepare_cached(
-                "SELECT seq, id, expires_at FROM revocation_log
-                 WHERE seq > ?1 AND expires_at > ?2 ORDER BY seq LIMIT ?3",
-            )?;
-            let rows = stmt.query_map(
-                params![to_i64(after), to_i64(now), FEED_PAGE as i64 + 1],
-                |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, i64>(2)?,
-                    ))
-                },
-            )?;
-            let mut entries = Vec::new();
-            let mut seq = after;
-            let mut more = false;
-            for row in rows {
-                let (s, id, exp) = row?;
-                if entries.len() == FEED_PAGE {
-                    more = true;
-                    break;
-                }
-                seq = u64::try_from(s).unwrap_or(seq);
-                entries.push(FeedEntry {
-                    id,
-                    expires_at: u64::try_from(exp).unwrap_or(0),
-                });
-            }
-            if entries.is_empty() {
-                // Nothing newer in force: the follower may skip to the end.
-                let last: Option<i64> =
-                    c.query_row("SELECT MAX(seq) FROM revocation_log", [], |r| r.get(0))?;
-                seq = seq.max(last.map_or(0, |l| u64::try_from(l).unwrap_or(0)));
-            }
-            Ok(FeedPage {
-                epoch,
-                seq,
-                entries,
-                more,
+        let epoch = self.durable.epoch()?;
+        let (rows, last) = self.durable.log_after(after, Some(now), FEED_PAGE + 1)?;
+        let more = rows.len() > FEED_PAGE;
+        let entries: Vec<FeedEntry> = rows
+            .iter()
+            .take(FEED_PAGE)
+            .map(|r| FeedEntry {
+                id: r.entry.id.clone(),
+                expires_at: r.entry.expires_at,
             })
-        })?)
+            .collect();
+        let seq = match rows.get(..rows.len().min(FEED_PAGE)).and_then(<[_]>::last) {
+            Some(r) => r.seq,
+            // Nothing newer in force: the follower may skip to the end.
+            None => after.max(last),
+        };
+        Ok(FeedPage {
+            epoch,
+            seq,
+            entries,
+            more,
+        })
     }
 
     /// From now on, every revocation also kills the secret leases it covers
@@ -585,17 +294,7 @@ impl Revoker {
         if records.is_empty() {
             return Ok(());
         }
-        let refused = self
-            .durable
-            .with(|c| {
-                let tx = c.transaction()?;
-                let r = register_tx(&tx, records, now)?;
-                if r.is_ok() {
-                    tx.commit()?;
-                }
-                Ok(r)
-            })
-            .map_err(unavailable)?;
+        let refused = self.durable.register(records, now).map_err(unavailable)?;
         refused.map_err(|message| BrokerError::Forbidden {
             code: "revoked",
             message,
@@ -667,9 +366,7 @@ impl Revoker {
         // A task store in this database has every token and certificate
         // in the registry (schema 8 on), so the registry's task index
         // covers them; another store's tokens are added as it lists them.
-        let same_db = tasks
-            .as_sqlite()
-            .is_some_and(|s| std::ptr::eq(s, Arc::as_ptr(&self.durable)));
+        let same_db = tasks.registry_identity() == Some(self.durable.identity());
         let mut known: Vec<Revoked> = Vec::new();
         if let Target::Task(task) = target
             && !same_db
@@ -680,60 +377,12 @@ impl Revoker {
                 }
             }
         }
-        let mut all = self.durable.with(|c| {
-            let tx = c.transaction()?;
-            cover_reset(&tx)?;
-            if let Target::Task(task) = target {
-                // One deny entry for the whole task (verifiers match it
-                // against the task a credential names), plus, one by one,
-                // only what was minted from the task's credentials in
-                // other tasks: a cascade of 10,000 credentials writes and
-                // publishes a handful of rows, not 10,000.
-                cover_mark_task(&tx, task, &known, now)?;
-                tx.execute(
-                    "INSERT OR IGNORE INTO revoked_tasks (task, at) VALUES (?1, ?2)",
-                    params![task.as_str(), to_i64(now)],
-                )?;
-            } else {
-                cover_resolve(&tx, target, now)?;
-            }
-            cover_mark(&tx, reason, now)?;
-            let mut all = cover_list(&tx)?;
-            all.retain(|r| r.kind != CredKind::Task);
-            if all.is_empty()
-                && let Target::Credential(id) | Target::Subtree(id) = target
-            {
-                // Already revoked and gone from nowhere: idempotent.
-                let row: Option<(String, i64)> = tx
-                    .query_row(
-                        "SELECT kind, expires_at FROM revocations WHERE id = ?1 AND expires_at > ?2",
-                        params![id, to_i64(now)],
-                        |r| Ok((r.get(0)?, r.get(1)?)),
-                    )
-                    .optional()?;
-                if let Some((kind, exp)) = row {
-                    all.push(Revoked {
-                        id: id.clone(),
-                        kind: CredKind::from_code(&kind).unwrap_or(CredKind::Token),
-                        expires_at: u64::try_from(exp).unwrap_or(0),
-                    });
-                }
-            }
-            tx.commit()?;
-            Ok(all)
-        })?;
+        let mut all = self.durable.revoke(target, &known, reason, now)?;
         self.changed.notify_waiters();
         if let Target::Task(task) = target {
             // What the task's entry covers, for the answer and the leases
             // to reap: read after the commit, off the relay's path.
-            let mut own = self.durable.with(|c| {
-                let mut stmt = c.prepare_cached(
-                    "SELECT id, kind, expires_at FROM credentials
-                     WHERE task = ?1 AND expires_at > ?2 ORDER BY rowid",
-                )?;
-                let rows = stmt.query_map(params![task.as_str(), to_i64(now)], revoked_row)?;
-                Ok(rows.collect::<Result<Vec<_>, _>>()?)
-            })?;
+            let mut own = self.durable.live_task_credentials(task, now)?;
             let seen: std::collections::HashSet<String> =
                 own.iter().map(|r| r.id.clone()).collect();
             own.extend(all.into_iter().filter(|r| !seen.contains(&r.id)));
@@ -769,18 +418,7 @@ impl Revoker {
             .into_iter()
             .filter(|t| t.exp > now)
             .collect();
-        let all = self.durable.with(|c| {
-            let tx = c.transaction()?;
-            cover_reset(&tx)?;
-            for t in &tokens {
-                cover_resolve(&tx, &Target::Credential(t.jti.clone()), now)?;
-                cover_add(&tx, &token_pair(t))?;
-            }
-            cover_mark(&tx, reason, now)?;
-            let all = cover_list(&tx)?;
-            tx.commit()?;
-            Ok(all)
-        })?;
+        let all = self.durable.revoke_tokens(&tokens, reason, now)?;
         self.changed.notify_waiters();
         tracing::info!(task = %task, count = all.len(), reason, "revoked the task's credentials");
         baton_ops::metrics().revoked("purpose", all.len());
@@ -800,12 +438,7 @@ impl Revoker {
         if old.is_empty() {
             return Ok(());
         }
-        self.durable.with(|c| {
-            let tx = c.transaction()?;
-            mark_tx(&tx, old, reason, now)?;
-            tx.commit()?;
-            Ok(())
-        })?;
+        self.durable.mark(old, reason, now)?;
         self.changed.notify_waiters();
         Ok(())
     }
@@ -844,54 +477,11 @@ impl Revoker {
     }
 
     fn last_seq(&self) -> Result<u64, StoreError> {
-        self.durable.with(|c| {
-            let last: Option<i64> =
-                c.query_row("SELECT MAX(seq) FROM revocation_log", [], |r| r.get(0))?;
-            Ok(last.map_or(0, |l| u64::try_from(l).unwrap_or(0)))
-        })
+        self.durable.last_seq()
     }
 
     fn log_name(&self) -> Result<String, StoreError> {
-        self.durable
-            .with(|c| Ok(c.query_row("SELECT epoch FROM feed_meta LIMIT 1", [], |r| r.get(0))?))
-    }
-
-    /// The outbox entries after `after`, in order: (seq, entry, reason),
-    /// and the log's last sequence, read together (no commit in between).
-    #[allow(clippy::type_complexity)]
-    fn outbox_after(&self, after: u64) -> Result<(Vec<(u64, Revoked, String)>, u64), StoreError> {
-        self.durable.with(|c| {
-            let last: Option<i64> =
-                c.query_row("SELECT MAX(seq) FROM revocation_log", [], |r| r.get(0))?;
-            let last = last.map_or(0, |l| u64::try_from(l).unwrap_or(0));
-            let mut stmt = c.prepare_cached(
-                "SELECT seq, id, kind, expires_at, reason FROM revocation_log
-                 WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-            )?;
-            let rows = stmt.query_map(params![to_i64(after), RELAY_PAGE as i64], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, i64>(3)?,
-                    r.get::<_, String>(4)?,
-                ))
-            })?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (seq, id, kind, exp, reason) = row?;
-                out.push((
-                    u64::try_from(seq).unwrap_or(0),
-                    Revoked {
-                        id,
-                        kind: CredKind::from_code(&kind).unwrap_or(CredKind::Token),
-                        expires_at: u64::try_from(exp).unwrap_or(0),
-                    },
-                    reason,
-                ));
-            }
-            Ok((out, last))
-        })
+        self.durable.epoch()
     }
 
     /// One pass of the relay: re-seeds a store that lost its data, then
@@ -917,8 +507,8 @@ impl Revoker {
         }
         let mut acked = self.store.published(&log).await?;
         loop {
-            let (page, end) = self.outbox_after(acked)?;
-            let Some(last) = page.last().map(|(seq, _, _)| *seq) else {
+            let (page, end) = self.durable.log_after(acked, None, RELAY_PAGE)?;
+            let Some(last) = page.last().map(|r| r.seq) else {
                 if end > acked {
                     // What lay between was pruned (expired): move the mark.
                     self.store.publish(&[], "", &log, end, now).await?;
@@ -929,14 +519,14 @@ impl Revoker {
             // One store call per run of entries with the same reason.
             let mut i = 0;
             while i < page.len() {
-                let reason = page[i].2.clone();
+                let reason = page[i].reason.clone();
                 let mut j = i;
                 let mut batch = Vec::new();
-                while j < page.len() && page[j].2 == reason {
-                    batch.push(page[j].1.clone());
+                while j < page.len() && page[j].reason == reason {
+                    batch.push(page[j].entry.clone());
                     j += 1;
                 }
-                let upto = page[j - 1].0;
+                let upto = page[j - 1].seq;
                 self.store.publish(&batch, &reason, &log, upto, now).await?;
                 i = j;
             }
@@ -1041,83 +631,30 @@ impl Revoker {
     /// expiry (plus a grace). Task tombstones are kept (one short row per
     /// ended task).
     pub fn prune(&self, now: u64) -> Result<(), StoreError> {
-        let cutoff = to_i64(now.saturating_sub(PRUNE_GRACE_SECS));
-        self.durable.with(|c| {
-            let tx = c.transaction()?;
-            tx.execute(
-                "DELETE FROM credentials WHERE expires_at <= ?1",
-                params![cutoff],
-            )?;
-            tx.execute(
-                "DELETE FROM revocations WHERE expires_at <= ?1",
-                params![cutoff],
-            )?;
-            tx.execute(
-                "DELETE FROM revocation_log WHERE expires_at <= ?1",
-                params![cutoff],
-            )?;
-            tx.commit()?;
-            Ok(())
-        })
+        self.durable.prune(now.saturating_sub(PRUNE_GRACE_SECS))
     }
 
     /// Whether the durable table holds `id` as revoked (the broker's own
     /// check, independent of the store).
     pub fn durably_revoked(&self, id: &str, now: u64) -> Result<bool, StoreError> {
-        self.durable.with(|c| {
-            let exp: Option<i64> = c
-                .query_row(
-                    "SELECT expires_at FROM revocations WHERE id = ?1",
-                    params![id],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            if exp.is_some_and(|e| e > to_i64(now)) {
-                return Ok(true);
-            }
-            // A credential of a revoked task (its task's deny entry covers
-            // it; it has no row of its own).
-            Ok(c.prepare_cached(TASK_REVOKED_SQL)?
-                .exists(params![id, to_i64(now)])?)
-        })
+        self.durable.durably_revoked(id, now)
     }
 
     /// Every credential registered under `task` (oldest first), with
     /// whether it is revoked: what `baton task show` lists and `baton
     /// revoke credential` takes.
     pub fn task_credentials(&self, task: &TaskId) -> Result<Vec<TaskCredential>, StoreError> {
-        self.durable.with(|c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT c.id, c.kind, c.agent, c.node, c.parent, c.expires_at,
-                        r.id IS NOT NULL OR t.task IS NOT NULL
-                 FROM credentials c LEFT JOIN revocations r ON r.id = c.id
-                 LEFT JOIN revoked_tasks t ON t.task = c.task
-                 WHERE c.task = ?1 ORDER BY c.rowid",
-            )?;
-            let rows = stmt.query_map(params![task.to_string()], |r| {
-                Ok(TaskCredential {
-                    id: r.get(0)?,
-                    kind: r.get(1)?,
-                    agent: r.get(2)?,
-                    node: r.get(3)?,
-                    parent: r.get(4)?,
-                    expires_at: u64::try_from(r.get::<_, i64>(5)?).unwrap_or(0),
-                    revoked: r.get(6)?,
-                })
-            })?;
-            Ok(rows.collect::<Result<Vec<_>, _>>()?)
-        })
+        self.durable.task_credentials(task)
     }
 
     /// Every durable revocation still in force.
     pub fn live_revocations(&self, now: u64) -> Result<Vec<Revoked>, StoreError> {
-        self.durable.with(|c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT id, kind, expires_at FROM revocations WHERE expires_at > ?1",
-            )?;
-            let rows = stmt.query_map(params![to_i64(now)], revoked_row)?;
-            Ok(rows.collect::<Result<Vec<_>, _>>()?)
-        })
+        self.durable.live_revocations(now)
+    }
+
+    /// Whether the datastore serves reads and writes now (readiness).
+    pub fn ping(&self) -> Result<(), StoreError> {
+        self.durable.ping()
     }
 }
 
@@ -1142,6 +679,10 @@ impl baton_verify::RevocationCheck for DurableCheck {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ledger::{cover_list, cover_reset, cover_resolve, register_tx};
+    use crate::store::{SqliteStore, to_i64};
+    use baton_revocation::CredKind;
+    use rusqlite::params;
 
     fn task(n: u8) -> TaskId {
         TaskId::from_random([n; 16])
@@ -1340,7 +881,10 @@ mod tests {
 #[cfg(test)]
 mod migration_tests {
     use super::*;
+    use crate::ledger::{cover_list, cover_reset, cover_resolve};
+    use crate::store::SqliteStore;
     use crate::tasks::TokenRecord;
+    use rusqlite::params;
 
     /// A token stored before the registry existed (schema < 7) is in the
     /// registry after schema 8, under its task, with its certificate under

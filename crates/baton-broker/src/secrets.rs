@@ -288,6 +288,17 @@ impl Secrets {
                 message: why.to_owned(),
             });
         }
+        // A token minted for the task's earlier purpose (one that escaped
+        // the purpose change's revocation) leases nothing.
+        if claims.task.purpose != task.purpose {
+            return Err(BrokerError::Forbidden {
+                code: "purpose_changed",
+                message: format!(
+                    "the token was minted for purpose {}; task {} is now for {}",
+                    claims.task.purpose, task.id, task.purpose
+                ),
+            });
+        }
         let engine = self
             .engine(&req.engine)
             .ok_or_else(|| BrokerError::BadRequest {

@@ -153,6 +153,8 @@ pub struct PendingAgentSvid {
     issued: baton_ca::IssuedSvid,
     /// The join token's digest at attestation; `None` at renewal.
     token_digest: Option<String>,
+    /// The agent SVID the node renewed with; `None` at attestation.
+    renewed_from: Option<String>,
     now: SystemTime,
 }
 
@@ -222,6 +224,8 @@ impl Default for IssuancePolicy {
 #[derive(Debug, Clone)]
 pub struct AuthenticatedNode {
     id: SpiffeId,
+    /// The agent SVID it presented (set when the route checked it).
+    serial: Option<String>,
 }
 
 impl AuthenticatedNode {
@@ -483,6 +487,7 @@ impl Broker {
             node_id,
             issued,
             token_digest: Some(digest),
+            renewed_from: None,
             now,
         })
     }
@@ -536,11 +541,22 @@ impl Broker {
         } else {
             // Only an attested, unbanned node's record is updated: an
             // eviction or ban since the request was authenticated wins.
+            let from = p.renewed_from.as_deref().unwrap_or_default();
             if !self
                 .store
-                .update_node_svid(&p.node_id, &p.issued.serial_hex, expires_at)?
+                .update_node_svid(&p.node_id, from, &p.issued.serial_hex, expires_at)?
             {
-                return Err(not_a_node(&p.node_id));
+                return Err(match self.store.get_node(&p.node_id)? {
+                    None => not_a_node(&p.node_id),
+                    Some(n) if n.banned => banned(&p.node_id),
+                    Some(_) => BrokerError::Forbidden {
+                        code: "agent_svid_superseded",
+                        message: format!(
+                            "node {} renewed with another agent SVID since this request was authenticated; use the newest agent SVID or attest again with a new join token",
+                            p.node_id
+                        ),
+                    },
+                });
             }
         }
         Ok(SignedSvid {
@@ -562,7 +578,10 @@ impl Broker {
         };
         match self.store.get_node(peer)? {
             Some(n) if n.banned => Err(banned(peer)),
-            Some(_) => Ok(AuthenticatedNode { id: peer.clone() }),
+            Some(_) => Ok(AuthenticatedNode {
+                id: peer.clone(),
+                serial: None,
+            }),
             None => Err(not_a_node(peer)),
         }
     }
@@ -604,10 +623,14 @@ impl Broker {
                 ),
             });
         }
-        // A node is its current agent SVID (or the one it just renewed),
-        // not any certificate that carries its name: a replaced SVID, or
-        // one from before an eviction and a new attestation, is refused.
-        if serial != record.serial_hex && record.prev_serial_hex.as_deref() != Some(&serial) {
+        // A node is its current agent SVID (or the one it just renewed,
+        // until the current one is presented once), not any certificate
+        // that carries its name: a replaced SVID, or one from before an
+        // eviction and a new attestation, is refused.
+        if serial == record.serial_hex && record.prev_serial_hex.is_some() {
+            self.store.settle_node_svid(peer, &serial)?;
+        } else if serial != record.serial_hex && record.prev_serial_hex.as_deref() != Some(&serial)
+        {
             return Err(BrokerError::Forbidden {
                 code: "agent_svid_superseded",
                 message: format!(
@@ -615,7 +638,10 @@ impl Broker {
                 ),
             });
         }
-        Ok(AuthenticatedNode { id: peer.clone() })
+        Ok(AuthenticatedNode {
+            id: peer.clone(),
+            serial: Some(serial),
+        })
     }
 
     /// Signs a renewed agent SVID; hand it out with
@@ -630,10 +656,16 @@ impl Broker {
             .ca
             .sign_x509_svid(csr, &node.id, self.policy.agent_svid_ttl, &[], now)
             .map_err(csr_error)?;
+        let Some(from) = node.serial.clone() else {
+            return Err(BrokerError::Unauthenticated(
+                "renewal needs the node's agent SVID as the client certificate".into(),
+            ));
+        };
         Ok(PendingAgentSvid {
             node_id: node.id.clone(),
             issued,
             token_digest: None,
+            renewed_from: Some(from),
             now,
         })
     }

@@ -24,13 +24,17 @@ pub enum StoreError {
     SchemaTooNew { found: i64, known: i64 },
     #[error("datastore lock poisoned by an earlier failure")]
     Poisoned,
+    #[error("PostgreSQL datastore: {0}")]
+    Postgres(String),
+    #[error("datastore configuration: {0}")]
+    Config(String),
 }
 
 /// A failure of the database itself (I/O, busy, corrupt), not an answer
 /// it gives (no row, a constraint refusing a duplicate).
 fn is_datastore_failure(e: &StoreError) -> bool {
     match e {
-        StoreError::Poisoned | StoreError::Corrupt { .. } => true,
+        StoreError::Poisoned | StoreError::Corrupt { .. } | StoreError::Postgres(_) => true,
         StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, _)) => {
             f.code != rusqlite::ErrorCode::ConstraintViolation
         }
@@ -99,14 +103,23 @@ pub trait Datastore: Send + Sync + std::fmt::Debug {
     fn upsert_node(&self, node: &NodeRecord) -> Result<(), StoreError>;
     fn get_node(&self, id: &SpiffeId) -> Result<Option<NodeRecord>, StoreError>;
     fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
-    /// Records a renewed agent SVID, only for an attested, unbanned node.
-    /// False when there is no such node (evicted or banned meanwhile).
+    /// Records a renewed agent SVID, renewed by the node presenting
+    /// `from_serial`: only for an attested, unbanned node whose current or
+    /// previous agent SVID `from_serial` still is. Renewed from the current
+    /// one, that one becomes the previous; renewed from the previous one
+    /// (the current was never presented: its answer was lost), the unseen
+    /// current one is dropped, so two holders of one node's SVID cannot
+    /// both keep renewing. False when nothing was updated.
     fn update_node_svid(
         &self,
         id: &SpiffeId,
+        from_serial: &str,
         serial_hex: &str,
         svid_not_after: u64,
     ) -> Result<bool, StoreError>;
+    /// The node presented its current agent SVID `serial_hex`: the previous
+    /// one is refused from now on.
+    fn settle_node_svid(&self, id: &SpiffeId, serial_hex: &str) -> Result<(), StoreError>;
     /// Forgets a node's attestation (it must attest again). False when
     /// there was none.
     fn delete_node(&self, id: &SpiffeId) -> Result<bool, StoreError>;
@@ -411,7 +424,7 @@ impl SqliteStore {
     }
 }
 
-fn corrupt(table: &'static str, e: impl std::fmt::Display) -> StoreError {
+pub(crate) fn corrupt(table: &'static str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt {
         table,
         detail: e.to_string(),
@@ -423,7 +436,7 @@ pub(crate) fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-fn selectors_text(selectors: &[Selector]) -> String {
+pub(crate) fn selectors_text(selectors: &[Selector]) -> String {
     // Entries keep selectors sorted and deduplicated, so the text is canonical
     // and the UNIQUE constraint catches duplicates.
     selectors
@@ -433,9 +446,9 @@ fn selectors_text(selectors: &[Selector]) -> String {
         .join("\n")
 }
 
-type EntryRow = (String, String, String, String, i64, i64, String);
+pub(crate) type EntryRow = (String, String, String, String, i64, i64, String);
 
-fn entry_from_row(row: EntryRow) -> Result<Entry, StoreError> {
+pub(crate) fn entry_from_row(row: EntryRow) -> Result<Entry, StoreError> {
     let (id, spiffe_id, parent_id, selectors, x509_ttl, jwt_ttl, dns) = row;
     let c = |e: &dyn std::fmt::Display| corrupt("entries", e);
     Ok(Entry {
@@ -630,16 +643,30 @@ impl Datastore for SqliteStore {
     fn update_node_svid(
         &self,
         id: &SpiffeId,
+        from_serial: &str,
         serial_hex: &str,
         svid_not_after: u64,
     ) -> Result<bool, StoreError> {
         self.with(|c| {
             let n = c.execute(
-                "UPDATE nodes SET prev_serial = serial, serial = ?2, svid_not_after = ?3
-                 WHERE spiffe_id = ?1 AND banned = 0",
-                params![id.as_str(), serial_hex, to_i64(svid_not_after)],
+                "UPDATE nodes SET
+                    prev_serial = CASE WHEN serial = ?4 THEN serial ELSE prev_serial END,
+                    serial = ?2, svid_not_after = ?3
+                 WHERE spiffe_id = ?1 AND banned = 0 AND (serial = ?4 OR prev_serial = ?4)",
+                params![id.as_str(), serial_hex, to_i64(svid_not_after), from_serial],
             )?;
             Ok(n == 1)
+        })
+    }
+
+    fn settle_node_svid(&self, id: &SpiffeId, serial_hex: &str) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE nodes SET prev_serial = NULL
+                 WHERE spiffe_id = ?1 AND serial = ?2 AND prev_serial IS NOT NULL",
+                params![id.as_str(), serial_hex],
+            )?;
+            Ok(())
         })
     }
 
@@ -834,10 +861,10 @@ mod tests {
         assert_eq!(s.list_nodes().unwrap().len(), 1);
 
         // Renewal updates only an attested, unbanned node.
-        assert!(s.update_node_svid(&id, "03", 9).unwrap());
+        assert!(s.update_node_svid(&id, "02", "03", 9).unwrap());
         assert_eq!(s.get_node(&id).unwrap().unwrap().serial_hex, "03");
         assert!(s.set_node_banned(&id, true).unwrap());
-        assert!(!s.update_node_svid(&id, "04", 9).unwrap());
+        assert!(!s.update_node_svid(&id, "03", "04", 9).unwrap());
         // An upsert (a racing attestation) never lifts a ban.
         s.upsert_node(&n).unwrap();
         assert!(s.get_node(&id).unwrap().unwrap().banned);
@@ -845,7 +872,7 @@ mod tests {
         assert!(s.delete_node(&id).unwrap());
         assert!(!s.delete_node(&id).unwrap());
         assert_eq!(s.get_node(&id).unwrap(), None);
-        assert!(!s.update_node_svid(&id, "05", 9).unwrap());
+        assert!(!s.update_node_svid(&id, "03", "05", 9).unwrap());
         assert!(!s.set_node_banned(&id, true).unwrap());
     }
 }

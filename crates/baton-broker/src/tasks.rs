@@ -99,6 +99,35 @@ pub enum RedeemRefusal {
     Grant(GrantRefusal),
     #[error("{0}")]
     Revoked(String),
+    /// The task ended or changed purpose since the grant was issued (seen
+    /// in the redeem's own transaction).
+    #[error("{1}")]
+    Task(&'static str, String),
+}
+
+/// Why a grant's task refuses it now: ended, expired, or another purpose
+/// (`grant` from its row, `task` read in the same transaction).
+pub(crate) fn task_refusal(
+    grant: &GrantRecord,
+    task: Option<&TaskRecord>,
+    now: u64,
+) -> Option<RedeemRefusal> {
+    let Some(task) = task else {
+        return Some(RedeemRefusal::Task(
+            "task_ended",
+            "the task is unknown".into(),
+        ));
+    };
+    if let Some(why) = task.unusable(now) {
+        return Some(RedeemRefusal::Task("task_ended", why.to_owned()));
+    }
+    if grant.purpose_epoch != task.purpose_epoch {
+        return Some(RedeemRefusal::Task(
+            "purpose_changed",
+            "the task's purpose changed after this grant was issued".into(),
+        ));
+    }
+    None
 }
 
 /// Why a grant cannot be redeemed.
@@ -112,14 +141,17 @@ pub enum GrantRefusal {
     Expired,
 }
 
-fn enc<T: Serialize>(table: &'static str, v: &T) -> Result<String, StoreError> {
+pub(crate) fn enc<T: Serialize>(table: &'static str, v: &T) -> Result<String, StoreError> {
     serde_json::to_string(v).map_err(|e| StoreError::Corrupt {
         table,
         detail: e.to_string(),
     })
 }
 
-fn dec<T: for<'de> Deserialize<'de>>(table: &'static str, s: &str) -> Result<T, StoreError> {
+pub(crate) fn dec<T: for<'de> Deserialize<'de>>(
+    table: &'static str,
+    s: &str,
+) -> Result<T, StoreError> {
     serde_json::from_str(s).map_err(|e| StoreError::Corrupt {
         table,
         detail: e.to_string(),
@@ -169,9 +201,10 @@ pub trait TaskStore: Send + Sync + std::fmt::Debug {
     /// Replaces a token's record (a renewal binds it to a new certificate).
     fn update_token(&self, t: &TokenRecord) -> Result<(), StoreError>;
     fn tokens_for_task(&self, task: &TaskId) -> Result<Vec<TokenRecord>, StoreError>;
-    /// The SQLite database behind this store, if it is one (a revocation
-    /// in the same database reads the tokens in its own transaction).
-    fn as_sqlite(&self) -> Option<&SqliteStore> {
+    /// The [`crate::ledger::Ledger::identity`] of the ledger in this store's
+    /// database, if it has one: that ledger registers every token stored
+    /// here (a task's revocation finds them in its own transaction).
+    fn registry_identity(&self) -> Option<usize> {
         None
     }
     fn get_token(&self, jti: &str) -> Result<Option<TokenRecord>, StoreError>;
@@ -197,8 +230,8 @@ pub trait TaskStore: Send + Sync + std::fmt::Debug {
 }
 
 impl TaskStore for SqliteStore {
-    fn as_sqlite(&self) -> Option<&SqliteStore> {
-        Some(self)
+    fn registry_identity(&self) -> Option<usize> {
+        Some(crate::ledger::Ledger::identity(self))
     }
 
     fn insert_task(&self, t: &TaskRecord) -> Result<(), StoreError> {
@@ -325,23 +358,44 @@ impl TaskStore for SqliteStore {
         let record = enc("tokens", token)?;
         self.with(|c| {
             let tx = c.transaction()?;
-            let row: Option<(i64, Option<i64>)> = tx
+            let row: Option<(i64, Option<i64>, String)> = tx
                 .query_row(
-                    "SELECT expires_at, used_at FROM grants WHERE digest = ?1",
+                    "SELECT expires_at, used_at, record FROM grants WHERE digest = ?1",
                     params![digest],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
                 )
                 .optional()?;
-            let refusal = match row {
-                None => Some(GrantRefusal::Unknown),
-                Some((_, Some(_))) => Some(GrantRefusal::Used),
-                Some((exp, None)) if to_i64(now) >= exp => Some(GrantRefusal::Expired),
-                Some(_) => None,
+            let (refusal, grant) = match row {
+                None => (Some(GrantRefusal::Unknown), None),
+                Some((_, Some(_), _)) => (Some(GrantRefusal::Used), None),
+                Some((exp, None, _)) if to_i64(now) >= exp => (Some(GrantRefusal::Expired), None),
+                Some((_, None, record)) => (None, Some(record)),
             };
             if let Some(r) = refusal {
                 return Ok(Err(RedeemRefusal::Grant(r)));
             }
-            if let Err(why) = crate::revocation::register_tx(&tx, creds, now)? {
+            // Everything the redeem decided outside this transaction, again
+            // inside it: the grant not revoked meanwhile, its task still
+            // live and on the grant's purpose.
+            let grant: GrantRecord = dec("grants", grant.as_deref().unwrap_or_default())?;
+            if tx
+                .prepare_cached("SELECT 1 FROM revocations WHERE id = ?1 AND expires_at > ?2")?
+                .exists(params![digest, to_i64(now)])?
+            {
+                return Ok(Err(RedeemRefusal::Revoked("the grant was revoked".into())));
+            }
+            let task: Option<String> = tx
+                .query_row(
+                    "SELECT record FROM tasks WHERE id = ?1",
+                    params![grant.task_id.as_str()],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let task: Option<TaskRecord> = task.map(|t| dec("tasks", &t)).transpose()?;
+            if let Some(r) = task_refusal(&grant, task.as_ref(), now) {
+                return Ok(Err(r));
+            }
+            if let Err(why) = crate::ledger::register_tx(&tx, creds, now)? {
                 return Ok(Err(RedeemRefusal::Revoked(why)));
             }
             tx.execute(
@@ -377,7 +431,7 @@ impl TaskStore for SqliteStore {
                     expires_at: r.expires_at,
                 })
                 .collect();
-            crate::revocation::mark_tx(&tx, &dead, "not delivered: audit log unavailable", now)?;
+            crate::ledger::mark_tx(&tx, &dead, "not delivered: audit log unavailable", now)?;
             tx.commit()?;
             Ok(())
         })

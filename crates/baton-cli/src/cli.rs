@@ -433,6 +433,27 @@ pub struct BrokerArgs {
     /// logged as an error.
     #[arg(long)]
     pub dangerously_accept_audit_log_loss: bool,
+    /// Keep the broker's state (entries, nodes, tasks, grants, the credential
+    /// registry, revocations) in PostgreSQL instead of SQLite in the data dir:
+    /// postgres://user@host:port/db or libpq key/value form. Brokers sharing one
+    /// database share that state; the schema is created and migrated at start.
+    /// Prefer BATON_DATASTORE_URL or --datastore-password-file to keep a password
+    /// out of the process list.
+    #[arg(
+        long,
+        env = "BATON_DATASTORE_URL",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    pub datastore: Option<String>,
+    /// File holding the PostgreSQL password of --datastore (one line);
+    /// overrides a password in the URL.
+    #[arg(long, value_name = "FILE", requires = "datastore")]
+    pub datastore_password_file: Option<std::path::PathBuf>,
+    /// Connections to --datastore kept open.
+    #[arg(long, value_name = "N", default_value_t = 8, requires = "datastore",
+          value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub datastore_pool: u16,
     // Revocation store in Redis, shared with other brokers and followed by
     // verifiers. Default: in memory.
     #[command(flatten)]

@@ -99,6 +99,27 @@ pub(crate) fn write_ready_file(path: &Path, contents: &str) -> Result<()> {
     Ok(())
 }
 
+/// The one non-empty line of a password file, or a clear refusal.
+fn read_secret_line(flag: &str, path: &std::path::Path) -> Result<Secret> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        exit(
+            EXIT_REFUSED,
+            format!("{flag}: cannot read {}: {e}", path.display()),
+        )
+    })?;
+    let line = text.trim_end_matches(['\n', '\r']);
+    if line.is_empty() || line.contains(['\n', '\r']) {
+        return Err(exit(
+            EXIT_REFUSED,
+            format!(
+                "{flag}: {} must hold exactly one non-empty line",
+                path.display()
+            ),
+        ));
+    }
+    Ok(Secret::new(line.to_owned()))
+}
+
 pub async fn broker(args: BrokerArgs) -> Result<()> {
     let td = trust_domain(&args.trust_domain)?;
     let admin_socket = args
@@ -131,6 +152,17 @@ pub async fn broker(args: BrokerArgs) -> Result<()> {
     }
     if let Some(redis) = args.redis.config()? {
         cfg.revocation = baton_broker::RevocationBackend::Redis(redis);
+    }
+    if let Some(conn) = &args.datastore {
+        let password = match &args.datastore_password_file {
+            Some(path) => Some(read_secret_line("--datastore-password-file", path)?),
+            None => None,
+        };
+        cfg.datastore = Some(baton_broker::pg::PgSettings {
+            conn: conn.clone(),
+            password,
+            pool: usize::from(args.datastore_pool),
+        });
     }
     cfg.secret_engines = baton_broker::secrets::SecretEngineSettings {
         postgres: match (&args.pg_admin_url, &args.pg_database) {

@@ -284,14 +284,43 @@ fn header_agrees(h: &HeaderMap, name: &str, expected: &str) -> Result<(), String
 /// Rewrites every JSON message of an answer (a JSON body, or each SSE
 /// event's data) with `f`; anything unreadable is passed as it was.
 fn rewrite_messages(body: &[u8], sse: bool, f: &dyn Fn(&mut Value)) -> Vec<u8> {
+    let lenient = |v: &mut Value| {
+        f(v);
+        Ok(())
+    };
+    rewrite_each(body, sse, Junk::Pass, &lenient).unwrap_or_else(|_| body.to_vec())
+}
+
+/// What [`rewrite_each`] does with a message it cannot read as JSON.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Junk {
+    /// Passes it on as it came.
+    Pass,
+    /// Fails the whole answer (a filter that cannot read a message cannot
+    /// say what it may show).
+    Refuse,
+}
+
+/// Applies `f` to each JSON-RPC message of `body` (one JSON document, or
+/// the `data` of each event of an event stream).
+fn rewrite_each(
+    body: &[u8],
+    sse: bool,
+    junk: Junk,
+    f: &dyn Fn(&mut Value) -> Result<(), String>,
+) -> Result<Vec<u8>, String> {
     if !sse {
         return match serde_json::from_slice::<Value>(body) {
             Ok(mut v) => {
-                f(&mut v);
-                serde_json::to_vec(&v).unwrap_or_else(|_| body.to_vec())
+                f(&mut v)?;
+                serde_json::to_vec(&v).map_err(|e| e.to_string())
             }
-            Err(_) => body.to_vec(),
+            Err(e) if junk == Junk::Refuse => Err(format!("the answer is not JSON: {e}")),
+            Err(_) => Ok(body.to_vec()),
         };
+    }
+    if junk == Junk::Refuse && std::str::from_utf8(body).is_err() {
+        return Err("the event stream is not UTF-8".to_owned());
     }
     let text = String::from_utf8_lossy(body).replace("\r\n", "\n");
     let mut out = String::with_capacity(text.len());
@@ -309,13 +338,23 @@ fn rewrite_messages(body: &[u8], sse: bool, f: &dyn Fn(&mut Value)) -> Vec<u8> {
                 lines.push(Some(line));
             }
         }
-        let rewritten = (!data.is_empty())
-            .then(|| serde_json::from_str::<Value>(&data.join("\n")).ok())
-            .flatten()
-            .map(|mut v| {
-                f(&mut v);
-                v.to_string()
-            });
+        let joined = data.join("\n");
+        // An event without data, or with empty data (a priming event that
+        // carries only an id to resume from), holds no message.
+        let rewritten = if joined.trim().is_empty() {
+            None
+        } else {
+            match serde_json::from_str::<Value>(&joined) {
+                Ok(mut v) => {
+                    f(&mut v)?;
+                    Some(v.to_string())
+                }
+                Err(e) if junk == Junk::Refuse => {
+                    return Err(format!("an event's data is not JSON: {e}"));
+                }
+                Err(_) => None,
+            }
+        };
         match rewritten {
             Some(json) => {
                 let parts: Vec<String> = lines
@@ -333,7 +372,54 @@ fn rewrite_messages(body: &[u8], sse: bool, f: &dyn Fn(&mut Value)) -> Vec<u8> {
             out.push_str("\n\n");
         }
     }
-    out.into_bytes()
+    Ok(out.into_bytes())
+}
+
+/// A key as a server that matches keys without case reads it: upper then
+/// lower case, so `ſ`, `K` (Kelvin), `µ`, `ς` fold as Go folds them (to `s`,
+/// `k`, `μ`, `σ`).
+fn fold(k: &str) -> String {
+    k.to_uppercase().to_lowercase()
+}
+
+/// Keeps in a `tools/list` answer only the tools `keep` allows. Anything
+/// the filter cannot read for certain is refused: a message that is not an
+/// object, a `result` that is not an object, `tools` that is not an array,
+/// a tool without a string name, and keys equal to `result` or `tools` but
+/// for case (a client that folds case would read the unfiltered twin).
+fn filter_tools(v: &mut Value, keep: &dyn Fn(&str) -> bool) -> Result<(), String> {
+    let Some(msg) = v.as_object_mut() else {
+        return Err("a message is not a JSON object".to_owned());
+    };
+    if let Some(k) = case_twin(msg) {
+        return Err(format!("a message holds two keys {k:?} equal but for case"));
+    }
+    if msg.keys().any(|k| k != "result" && fold(k) == "result") {
+        return Err("a message holds a result under another case".to_owned());
+    }
+    let Some(result) = msg.get_mut("result") else {
+        return Ok(());
+    };
+    let Some(result) = result.as_object_mut() else {
+        return Err("the result is not a JSON object".to_owned());
+    };
+    if result.keys().any(|k| k != "tools" && fold(k) == "tools") {
+        return Err("the result holds tools under another case".to_owned());
+    }
+    let Some(tools) = result.get_mut("tools") else {
+        return Ok(());
+    };
+    let Some(tools) = tools.as_array_mut() else {
+        return Err("the result's tools is not an array".to_owned());
+    };
+    if tools
+        .iter()
+        .any(|t| t.get("name").and_then(Value::as_str).is_none())
+    {
+        return Err("a listed tool has no name".to_owned());
+    }
+    tools.retain(|t| t.get("name").and_then(Value::as_str).is_some_and(keep));
+    Ok(())
 }
 
 /// The top-level fields of a JSON-RPC 2.0 message.
@@ -346,9 +432,7 @@ const MESSAGE_FIELDS: &[&str] = &["jsonrpc", "id", "method", "params", "result",
 fn case_twin(map: &Map<String, Value>) -> Option<String> {
     let mut seen = std::collections::HashSet::new();
     for (k, v) in map {
-        // Upper then lower case: `ſ`, `K` (Kelvin), `µ`, `ς` fold as Go folds
-        // them (to `s`, `k`, `μ`, `σ`).
-        if !seen.insert(k.to_uppercase().to_lowercase()) {
+        if !seen.insert(fold(k)) {
             return Some(k.clone());
         }
         if let Some(twin) = nested_case_twin(v) {
@@ -660,15 +744,14 @@ impl Gateway {
                 .find(|t| t.name == name)
                 .is_some_and(|t| self.may_call(d, t, now))
         };
-        let filtered = rewrite_messages(&out, sse, &|v: &mut Value| {
-            if let Some(tools) = v
-                .get_mut("result")
-                .and_then(|r| r.get_mut("tools"))
-                .and_then(Value::as_array_mut)
-            {
-                tools.retain(|t| t.get("name").and_then(Value::as_str).is_some_and(keep));
+        // Fails closed: an answer the filter cannot read is not passed on
+        // (it could list every tool).
+        let filtered = match rewrite_each(&out, sse, Junk::Refuse, &|v| filter_tools(v, &keep)) {
+            Ok(f) => f,
+            Err(e) => {
+                return upstream_failed(id, &format!("the tool list could not be read: {e}"));
             }
-        });
+        };
         let mut reply = Response::new(filtered.into());
         *reply.status_mut() = status;
         *reply.headers_mut() = headers;
@@ -886,6 +969,52 @@ mod tests {
             rewrite_messages(b"<html>", false, &|_: &mut Value| {}),
             b"<html>"
         );
+    }
+
+    #[test]
+    fn a_tool_list_the_filter_cannot_read_is_refused() {
+        let keep = |n: &str| n == "crm.search";
+        let run = |body: &[u8], sse: bool| {
+            rewrite_each(body, sse, Junk::Refuse, &|v| filter_tools(v, &keep))
+                .map(|b| String::from_utf8(b).unwrap())
+        };
+        // The untampered control: filtered, plain and streamed.
+        let list = r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"crm.search"},{"name":"crm.export"}]}}"#;
+        let out = run(list.as_bytes(), false).unwrap();
+        assert!(
+            out.contains("crm.search") && !out.contains("crm.export"),
+            "{out}"
+        );
+        let out = run(format!("event: message\ndata: {list}\n\n").as_bytes(), true).unwrap();
+        assert!(
+            out.contains("crm.search") && !out.contains("crm.export"),
+            "{out}"
+        );
+        // A ping's answer has no tools: passed as it is.
+        assert!(run(br#"{"jsonrpc":"2.0","id":1,"result":{}}"#, false).is_ok());
+        for junk in [
+            &b"<html>crm.export</html>"[..],
+            br#"[{"result":{"tools":[{"name":"crm.export"}]}}]"#,
+            br#"{"result":"crm.export"}"#,
+            br#"{"result":{"tools":{"crm.export":{}}}}"#,
+            br#"{"result":{"tools":[{"Name":"crm.export"}]}}"#,
+            br#"{"result":{"tools":[],"Tools":[{"name":"crm.export"}]}}"#,
+            br#"{"Result":{"tools":[{"name":"crm.export"}]}}"#,
+            "{\"result\":{\"tool\u{17f}\":[{\"name\":\"crm.export\"}]}}".as_bytes(),
+        ] {
+            assert!(
+                run(junk, false).is_err(),
+                "{}",
+                String::from_utf8_lossy(junk)
+            );
+        }
+        // A priming event (an id, empty data) and a comment hold no message.
+        let primed = format!("id: 0\ndata: \n\n: keep-alive\n\ndata: {list}\n\n");
+        let out = run(primed.as_bytes(), true).unwrap();
+        assert!(out.starts_with("id: 0\ndata: \n\n"), "{out}");
+        assert!(!out.contains("crm.export"), "{out}");
+        assert!(run(b"data: {\"result\":\n\n", true).is_err());
+        assert!(run(b"data: \xff\n\n", true).is_err());
     }
 
     #[test]

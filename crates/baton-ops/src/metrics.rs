@@ -277,8 +277,9 @@ impl Metrics {
         self.cascade_size.get_or_create(&l).observe(n as f64);
     }
 
-    /// A failed call to the datastore (`sqlite`), a secret engine's
-    /// PostgreSQL (`postgres`) or Redis (`redis`).
+    /// A failed call to the datastore (`sqlite`, or `postgres_datastore`
+    /// with `--datastore`), a secret engine's PostgreSQL (`postgres`) or
+    /// Redis (`redis`).
     pub fn store_error(&self, store: &'static str) {
         self.store_errors
             .get_or_create(&StoreLabels { store })

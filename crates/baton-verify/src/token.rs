@@ -316,6 +316,24 @@ impl TokenVerifier {
         self.cache.clear();
     }
 
+    /// The task a token names if this verifier's keys signed it (well
+    /// formed, unexpired), whoever presents it. Only for deciding whether a
+    /// refused token is recorded under the task it names (a forged one is
+    /// not: anyone could fill a task's trace); never an authorization,
+    /// since nothing here binds it to a holder or checks revocation.
+    pub fn signed_task_unbound(&self, token: &str, now: u64) -> Option<TaskId> {
+        if token.len() > MAX_TOKEN_LEN {
+            return None;
+        }
+        let key = cache_key(token);
+        if let Some(v) = self.cache.get(&key, now) {
+            return Some(v.claims.task.id.clone());
+        }
+        self.verify_fresh(token, &key, now)
+            .ok()
+            .map(|v| v.claims.task.id.clone())
+    }
+
     /// Verifies `token` as presented by `peer` at unix time `now`.
     ///
     /// First sight, in order: size and compact form; header `alg` exactly

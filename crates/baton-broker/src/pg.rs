@@ -1,0 +1,1703 @@
+//! PostgreSQL behind the broker's store traits ([`Datastore`], [`TaskStore`],
+//! [`Ledger`]): the state several brokers share.
+//!
+//! Every atomic step of the SQLite store stays atomic here, also between
+//! brokers:
+//! - join tokens and grants are consumed by one conditional `UPDATE ...
+//!   RETURNING` (or a row lock, for a redeem), so of two brokers racing on
+//!   one, one wins;
+//! - a node upsert keeps a ban (`banned = nodes.banned OR excluded.banned`);
+//! - registrations take a shared advisory lock and every write to the
+//!   revocation log an exclusive one, per transaction: a revocation sees
+//!   every credential registered before it, a registration after it sees
+//!   the revocation, and the log's sequence numbers commit in order (a
+//!   follower reading `seq > n` never skips one that commits late);
+//! - schema migrations run once, under a session advisory lock, whichever
+//!   broker starts first.
+//!
+//! The traits are synchronous: each call runs on the caller's thread
+//! (`block_in_place` on a multi-threaded runtime, as the SQLite store
+//! does), while the connections are driven by a small runtime of the
+//! store's own. Connections are direct or through a pooler in session mode
+//! (a revocation's working set is a temporary table of its session).
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use baton_core::api::ApprovalState;
+use baton_core::{Entry, EntryId, SpiffeId, TaskId};
+use baton_revocation::{CredKind, CredentialRecord, Revoked, Target};
+use tokio_postgres::{Client, Config, GenericClient, NoTls, Row};
+
+use crate::ledger::{Ledger, LogRow, token_pair};
+use crate::revocation::TaskCredential;
+use crate::store::{
+    AgentBlock, Datastore, JoinTokenRefusal, NodeRecord, StoreError, corrupt, entry_from_row,
+    selectors_text, to_i64,
+};
+use crate::tasks::{
+    GrantRecord, GrantRefusal, RedeemRefusal, TaskRecord, TaskStore, TokenRecord, dec, enc,
+};
+
+/// Ordered schema migrations; the index + 1 is the schema version.
+const MIGRATIONS: &[&str] = &[
+    // 1: everything the SQLite store holds at its version 9.
+    "CREATE TABLE entries (
+        id TEXT PRIMARY KEY,
+        spiffe_id TEXT NOT NULL,
+        parent_id TEXT NOT NULL,
+        selectors TEXT NOT NULL,
+        x509_ttl_secs BIGINT NOT NULL,
+        jwt_ttl_secs BIGINT NOT NULL,
+        dns_names TEXT NOT NULL,
+        UNIQUE (spiffe_id, parent_id, selectors)
+     );
+     CREATE INDEX entries_by_parent ON entries(parent_id);
+     CREATE TABLE join_tokens (
+        digest TEXT PRIMARY KEY,
+        node_id TEXT NOT NULL,
+        expires_at BIGINT NOT NULL,
+        used_at BIGINT
+     );
+     CREATE TABLE nodes (
+        spiffe_id TEXT PRIMARY KEY,
+        serial TEXT NOT NULL,
+        svid_not_after BIGINT NOT NULL,
+        attested_at BIGINT NOT NULL,
+        banned BOOLEAN NOT NULL DEFAULT FALSE,
+        prev_serial TEXT
+     );
+     CREATE TABLE tasks (
+        id TEXT PRIMARY KEY,
+        record TEXT NOT NULL,
+        created_at BIGINT NOT NULL
+     );
+     CREATE TABLE grants (
+        digest TEXT PRIMARY KEY,
+        task_id TEXT NOT NULL,
+        record TEXT NOT NULL,
+        expires_at BIGINT NOT NULL,
+        used_at BIGINT
+     );
+     CREATE INDEX grants_by_task ON grants(task_id);
+     CREATE TABLE tokens (
+        n BIGSERIAL,
+        jti TEXT PRIMARY KEY,
+        task_id TEXT NOT NULL,
+        record TEXT NOT NULL
+     );
+     CREATE INDEX tokens_by_task ON tokens(task_id, n);
+     CREATE TABLE tool_reports (
+        report_id TEXT PRIMARY KEY,
+        audit_index BIGINT NOT NULL
+     );
+     CREATE TABLE revocations (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        expires_at BIGINT NOT NULL,
+        reason TEXT NOT NULL,
+        at BIGINT NOT NULL
+     );
+     CREATE INDEX revocations_by_expiry ON revocations(expires_at);
+     CREATE TABLE agent_blocks (
+        spiffe_id TEXT PRIMARY KEY,
+        until BIGINT,
+        reason TEXT NOT NULL,
+        at BIGINT NOT NULL
+     );
+     CREATE TABLE revocation_log (
+        seq BIGSERIAL PRIMARY KEY,
+        id TEXT NOT NULL,
+        expires_at BIGINT NOT NULL,
+        kind TEXT NOT NULL,
+        reason TEXT NOT NULL
+     );
+     CREATE INDEX revocation_log_by_expiry ON revocation_log(expires_at);
+     CREATE TABLE feed_meta (epoch TEXT NOT NULL);
+     INSERT INTO feed_meta (epoch) VALUES (replace(gen_random_uuid()::text, '-', ''));
+     CREATE TABLE used_id_tokens (
+        digest TEXT PRIMARY KEY,
+        expires_at BIGINT NOT NULL
+     );
+     CREATE TABLE credentials (
+        n BIGSERIAL,
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        task TEXT,
+        agent TEXT,
+        node TEXT,
+        parent TEXT,
+        expires_at BIGINT NOT NULL
+     );
+     CREATE INDEX credentials_by_task ON credentials(task, n) WHERE task IS NOT NULL;
+     CREATE INDEX credentials_by_agent ON credentials(agent) WHERE agent IS NOT NULL;
+     CREATE INDEX credentials_by_node ON credentials(node) WHERE node IS NOT NULL;
+     CREATE INDEX credentials_by_parent ON credentials(parent) WHERE parent IS NOT NULL;
+     CREATE INDEX credentials_by_expiry ON credentials(expires_at);
+     CREATE TABLE revoked_tasks (
+        task TEXT PRIMARY KEY,
+        at BIGINT NOT NULL
+     );
+     CREATE TABLE approvals (
+        n BIGSERIAL,
+        id TEXT PRIMARY KEY,
+        binding TEXT NOT NULL,
+        task TEXT NOT NULL,
+        status TEXT NOT NULL,
+        expires_at BIGINT NOT NULL,
+        record TEXT NOT NULL
+     );
+     CREATE INDEX approvals_by_binding ON approvals(binding, n);",
+];
+
+/// Advisory lock keys ("baton" in ASCII, then a number).
+const MIGRATION_LOCK: i64 = 0x6261_746f_6e01;
+const REVOCATION_LOCK: i64 = 0x6261_746f_6e02;
+
+/// How long a connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How to reach the database.
+#[derive(Clone)]
+pub struct PgSettings {
+    /// libpq key/value or URL connection string.
+    pub conn: String,
+    /// Overrides a password in `conn`.
+    pub password: Option<baton_core::Secret>,
+    /// Connections kept open (at least 1).
+    pub pool: usize,
+}
+
+impl std::fmt::Debug for PgSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgSettings")
+            .field("conn", &redact(&self.conn))
+            .field("password", &self.password.as_ref().map(|_| "(redacted)"))
+            .field("pool", &self.pool)
+            .finish()
+    }
+}
+
+/// A connection string without its password (for messages and logs).
+pub fn redact(conn: &str) -> String {
+    if conn.starts_with("postgres://") || conn.starts_with("postgresql://") {
+        return baton_revocation::redact_url(conn);
+    }
+    conn.split_whitespace()
+        .map(|kv| match kv.split_once('=') {
+            Some((k, _)) if k.eq_ignore_ascii_case("password") => "password=(redacted)".to_owned(),
+            _ => kv.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The runtime that drives the connections; shut down without blocking
+/// (the store may be dropped on an async worker).
+struct Driver(Option<tokio::runtime::Runtime>);
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// PostgreSQL implementation of the broker's stores.
+pub struct PgStore {
+    config: Config,
+    endpoint: String,
+    slots: Vec<Mutex<Option<Client>>>,
+    next: AtomicUsize,
+    handle: tokio::runtime::Handle,
+    _driver: Driver,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("endpoint", &self.endpoint)
+            .field("pool", &self.slots.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        // `Display` says only "db error" for an error the server sent.
+        let message = match e.as_db_error() {
+            Some(db) => format!("{} ({})", db.message(), db.code().code()),
+            None => e.to_string(),
+        };
+        StoreError::Postgres(message)
+    }
+}
+
+fn u64_of(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn limit_of(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+impl PgStore {
+    /// Connects (failing with what was wrong: a bad connection string, an
+    /// unreachable server, a refused login) and migrates the schema.
+    pub fn open(settings: &PgSettings) -> Result<Self, StoreError> {
+        let mut config: Config = settings.conn.parse().map_err(|e| {
+            StoreError::Config(format!(
+                "the PostgreSQL connection string {} is not valid: {e}",
+                redact(&settings.conn)
+            ))
+        })?;
+        if let Some(p) = &settings.password {
+            config.password(p.expose().as_bytes());
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        config.application_name("baton-broker");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("baton-pg")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Config(format!("cannot start the PostgreSQL driver: {e}")))?;
+        let store = Self {
+            endpoint: redact(&settings.conn),
+            config,
+            slots: (0..settings.pool.max(1))
+                .map(|_| Mutex::new(None))
+                .collect(),
+            next: AtomicUsize::new(0),
+            handle: rt.handle().clone(),
+            _driver: Driver(Some(rt)),
+        };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// Waits for `f` on this thread (off the async workers).
+    fn block<T>(&self, f: impl Future<Output = T>) -> T {
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(|| futures::executor::block_on(f))
+            }
+            _ => futures::executor::block_on(f),
+        }
+    }
+
+    fn connect(&self) -> Result<Client, StoreError> {
+        let config = self.config.clone();
+        let endpoint = self.endpoint.clone();
+        let task = self.handle.spawn(async move {
+            let (client, conn) = config.connect(NoTls).await?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::warn!(error = %e, endpoint, "PostgreSQL connection closed");
+                }
+            });
+            // A revocation's working set: one per session, emptied per use.
+            client
+                .batch_execute(
+                    "CREATE TEMP TABLE IF NOT EXISTS cover (
+                        n BIGSERIAL PRIMARY KEY,
+                        id TEXT NOT NULL UNIQUE,
+                        kind TEXT NOT NULL,
+                        expires_at BIGINT NOT NULL
+                     )",
+                )
+                .await?;
+            Ok::<_, StoreError>(client)
+        });
+        self.block(task)
+            .map_err(|e| StoreError::Postgres(format!("the PostgreSQL driver stopped: {e}")))?
+            .map_err(|e| match e {
+                StoreError::Postgres(m) => StoreError::Postgres(format!(
+                    "cannot connect to PostgreSQL at {}: {m}",
+                    self.endpoint
+                )),
+                other => other,
+            })
+    }
+
+    /// Runs `f` on a pooled connection (opening it if needed).
+    fn with<T>(
+        &self,
+        f: impl AsyncFnOnce(&mut Client) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let n = self.slots.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut guard = None;
+        for i in 0..n {
+            if let Ok(g) = self.slots[(start + i) % n].try_lock() {
+                guard = Some(g);
+                break;
+            }
+        }
+        let mut guard = match guard {
+            Some(g) => g,
+            None => self.slots[start % n]
+                .lock()
+                .map_err(|_| StoreError::Poisoned)?,
+        };
+        if guard.as_ref().is_none_or(Client::is_closed) {
+            *guard = Some(self.connect()?);
+        }
+        let Some(client) = guard.as_mut() else {
+            return Err(StoreError::Poisoned);
+        };
+        let r = self.block(f(client));
+        if let Err(e) = &r
+            && matches!(e, StoreError::Postgres(_) | StoreError::Corrupt { .. })
+        {
+            baton_ops::metrics().store_error("postgres_datastore");
+        }
+        r
+    }
+
+    fn migrate(&self) -> Result<(), StoreError> {
+        self.with(async |c| {
+            c.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+                .await?;
+            let r = migrate_locked(c).await;
+            let unlock = c
+                .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+                .await;
+            r?;
+            unlock?;
+            Ok(())
+        })
+    }
+}
+
+async fn migrate_locked(c: &mut Client) -> Result<(), StoreError> {
+    c.batch_execute("CREATE TABLE IF NOT EXISTS baton_schema_version (version BIGINT NOT NULL)")
+        .await?;
+    let row = c
+        .query_one("SELECT MAX(version) FROM baton_schema_version", &[])
+        .await?;
+    let current = row.try_get::<_, Option<i64>>(0)?.unwrap_or(0);
+    let known = MIGRATIONS.len() as i64;
+    if current > known {
+        return Err(StoreError::SchemaTooNew {
+            found: current,
+            known,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        let tx = c.transaction().await?;
+        tx.batch_execute(sql).await?;
+        tx.execute(
+            "INSERT INTO baton_schema_version (version) VALUES ($1)",
+            &[&(i as i64 + 1)],
+        )
+        .await?;
+        tx.commit().await?;
+        tracing::info!(version = i + 1, "PostgreSQL datastore migrated");
+    }
+    Ok(())
+}
+
+fn node_of(r: &Row) -> Result<NodeRecord, StoreError> {
+    let id: String = r.try_get(0)?;
+    Ok(NodeRecord {
+        spiffe_id: SpiffeId::parse(&id).map_err(|e| corrupt("nodes", e))?,
+        serial_hex: r.try_get(1)?,
+        svid_not_after: u64_of(r.try_get(2)?),
+        attested_at: u64_of(r.try_get(3)?),
+        banned: r.try_get(4)?,
+        prev_serial_hex: r.try_get(5)?,
+    })
+}
+
+fn block_of(r: &Row) -> Result<AgentBlock, StoreError> {
+    let id: String = r.try_get(0)?;
+    Ok(AgentBlock {
+        spiffe_id: SpiffeId::parse(&id).map_err(|e| corrupt("agent_blocks", e))?,
+        until: r.try_get::<_, Option<i64>>(1)?.map(u64_of),
+        reason: r.try_get(2)?,
+        at: u64_of(r.try_get(3)?),
+    })
+}
+
+fn entry_of(r: &Row) -> Result<Entry, StoreError> {
+    entry_from_row((
+        r.try_get(0)?,
+        r.try_get(1)?,
+        r.try_get(2)?,
+        r.try_get(3)?,
+        r.try_get(4)?,
+        r.try_get(5)?,
+        r.try_get(6)?,
+    ))
+}
+
+fn revoked_of(r: &Row) -> Result<Revoked, StoreError> {
+    let kind: String = r.try_get(1)?;
+    Ok(Revoked {
+        id: r.try_get(0)?,
+        kind: CredKind::from_code(&kind).unwrap_or(CredKind::Token),
+        expires_at: u64_of(r.try_get(2)?),
+    })
+}
+
+const ENTRY_COLUMNS: &str =
+    "id, spiffe_id, parent_id, selectors, x509_ttl_secs, jwt_ttl_secs, dns_names";
+
+async fn token_state(
+    c: &impl GenericClient,
+    digest_hex: &str,
+    now: u64,
+) -> Result<Result<SpiffeId, JoinTokenRefusal>, StoreError> {
+    let Some(row) = c
+        .query_opt(
+            "SELECT node_id, expires_at, used_at FROM join_tokens WHERE digest = $1",
+            &[&digest_hex],
+        )
+        .await?
+    else {
+        return Ok(Err(JoinTokenRefusal::Unknown));
+    };
+    if row.try_get::<_, Option<i64>>(2)?.is_some() {
+        return Ok(Err(JoinTokenRefusal::AlreadyUsed));
+    }
+    if to_i64(now) >= row.try_get::<_, i64>(1)? {
+        return Ok(Err(JoinTokenRefusal::Expired));
+    }
+    let node: String = row.try_get(0)?;
+    Ok(Ok(
+        SpiffeId::parse(&node).map_err(|e| corrupt("join_tokens", e))?
+    ))
+}
+
+impl Datastore for PgStore {
+    fn create_entry(&self, e: &Entry) -> Result<(), StoreError> {
+        let selectors = selectors_text(&e.selectors);
+        let dns = serde_json::to_string(&e.dns_names).map_err(|err| corrupt("entries", err))?;
+        self.with(async |c| {
+            let inserted = c
+                .query_opt(
+                    &format!(
+                        "INSERT INTO entries ({ENTRY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)
+                         ON CONFLICT (spiffe_id, parent_id, selectors) DO NOTHING RETURNING id"
+                    ),
+                    &[
+                        &e.id.as_str(),
+                        &e.spiffe_id.as_str(),
+                        &e.parent_id.as_str(),
+                        &selectors,
+                        &to_i64(e.x509_ttl_secs),
+                        &to_i64(e.jwt_ttl_secs),
+                        &dns,
+                    ],
+                )
+                .await?;
+            if inserted.is_some() {
+                return Ok(());
+            }
+            let row = c
+                .query_one(
+                    "SELECT id FROM entries WHERE spiffe_id = $1 AND parent_id = $2 AND selectors = $3",
+                    &[&e.spiffe_id.as_str(), &e.parent_id.as_str(), &selectors],
+                )
+                .await?;
+            let id: String = row.try_get(0)?;
+            Err(StoreError::DuplicateEntry(
+                EntryId::parse(&id).map_err(|err| corrupt("entries", err))?,
+            ))
+        })
+    }
+
+    fn get_entry(&self, id: &EntryId) -> Result<Option<Entry>, StoreError> {
+        self.with(async |c| {
+            let row = c
+                .query_opt(
+                    &format!("SELECT {ENTRY_COLUMNS} FROM entries WHERE id = $1"),
+                    &[&id.as_str()],
+                )
+                .await?;
+            row.as_ref().map(entry_of).transpose()
+        })
+    }
+
+    fn list_entries(&self) -> Result<Vec<Entry>, StoreError> {
+        self.with(async |c| {
+            c.query(
+                &format!("SELECT {ENTRY_COLUMNS} FROM entries ORDER BY spiffe_id, id"),
+                &[],
+            )
+            .await?
+            .iter()
+            .map(entry_of)
+            .collect()
+        })
+    }
+
+    fn list_entries_by_parent(&self, parent: &SpiffeId) -> Result<Vec<Entry>, StoreError> {
+        self.with(async |c| {
+            c.query(
+                &format!(
+                    "SELECT {ENTRY_COLUMNS} FROM entries WHERE parent_id = $1 ORDER BY spiffe_id, id"
+                ),
+                &[&parent.as_str()],
+            )
+            .await?
+            .iter()
+            .map(entry_of)
+            .collect()
+        })
+    }
+
+    fn delete_entry(&self, id: &EntryId) -> Result<bool, StoreError> {
+        self.with(async |c| {
+            Ok(
+                c.execute("DELETE FROM entries WHERE id = $1", &[&id.as_str()])
+                    .await?
+                    > 0,
+            )
+        })
+    }
+
+    fn insert_join_token(
+        &self,
+        digest_hex: &str,
+        node_id: &SpiffeId,
+        expires_at: u64,
+    ) -> Result<(), StoreError> {
+        self.with(async |c| {
+            c.execute(
+                "INSERT INTO join_tokens (digest, node_id, expires_at) VALUES ($1, $2, $3)",
+                &[&digest_hex, &node_id.as_str(), &to_i64(expires_at)],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    fn check_join_token(
+        &self,
+        digest_hex: &str,
+        now: u64,
+    ) -> Result<Result<SpiffeId, JoinTokenRefusal>, StoreError> {
+        self.with(async |c| token_state(c, digest_hex, now).await)
+    }
+
+    fn consume_join_token(
+        &self,
+        digest_hex: &str,
+        now: u64,
+    ) -> Result<Result<SpiffeId, JoinTokenRefusal>, StoreError> {
+        self.with(async |c| {
+            // One statement: of two brokers racing, the second finds it used.
+            let used = c
+                .query_opt(
+                    "UPDATE join_tokens SET used_at = $2
+                     WHERE digest = $1 AND used_at IS NULL AND expires_at > $2
+                     RETURNING node_id",
+                    &[&digest_hex, &to_i64(now)],
+                )
+                .await?;
+            match used {
+                Some(row) => {
+                    let node: String = row.try_get(0)?;
+                    Ok(Ok(
+                        SpiffeId::parse(&node).map_err(|e| corrupt("join_tokens", e))?
+                    ))
+                }
+                None => match token_state(c, digest_hex, now).await? {
+                    // Not usable a moment ago but usable now cannot happen;
+                    // refuse rather than guess.
+                    Ok(_) => Ok(Err(JoinTokenRefusal::AlreadyUsed)),
+                    Err(refusal) => Ok(Err(refusal)),
+                },
+            }
+        })
+    }
+
+    fn upsert_node(&self, n: &NodeRecord) -> Result<(), StoreError> {
+        self.with(async |c| {
+            c.execute(
+                "INSERT INTO nodes (spiffe_id, serial, svid_not_after, attested_at, banned, prev_serial)
+                 VALUES ($1, $2, $3, $4, $5, NULL)
+                 ON CONFLICT (spiffe_id) DO UPDATE SET serial = excluded.serial,
+                    svid_not_after = excluded.svid_not_after, attested_at = excluded.attested_at,
+                    banned = nodes.banned OR excluded.banned, prev_serial = NULL",
+                &[
+                    &n.spiffe_id.as_str(),
+                    &n.serial_hex,
+                    &to_i64(n.svid_not_after),
+                    &to_i64(n.attested_at),
+                    &n.banned,
+                ],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    fn get_node(&self, id: &SpiffeId) -> Result<Option<NodeRecord>, StoreError> {
+        self.with(async |c| {
+            let row = c
+                .query_opt(
+                    "SELECT spiffe_id, serial, svid_not_after, attested_at, banned, prev_serial
+                     FROM nodes WHERE spiffe_id = $1",
+                    &[&id.as_str()],
+                )
+                .await?;
+            row.as_ref().map(node_of).transpose()
+        })
+    }
+
+    fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        self.with(async |c| {
+            c.query(
+                "SELECT spiffe_id, serial, svid_not_after, attested_at, banned, prev_serial
+                 FROM nodes ORDER BY spiffe_id",
+                &[],
+            )
+            .await?
+            .iter()
+            .map(node_of)
+            .collect()
+        })
+    }
+
+    fn update_node_svid(
+        &self,
+        id: &SpiffeId,
+        from_serial: &str,
+        serial_hex: &str,
+        svid_not_after: u64,
+    ) -> Result<bool, StoreError> {
+        self.with(async |c| {
+            Ok(c.execute(
+                "UPDATE nodes SET
+                    prev_serial = CASE WHEN serial = $4 THEN serial ELSE prev_serial END,
+                    serial = $2, svid_not_after = $3
+                 WHERE spiffe_id = $1 AND NOT banned AND (serial = $4 OR prev_serial = $4)",
+                &[
+                    &id.as_str(),
+                    &serial_hex,
+                    &to_i64(svid_not_after),
+                    &from_serial,
+                ],
+            )
+            .await?
+                == 1)
+        })
+    }
+
+    fn settle_node_svid(&self, id: &SpiffeId, serial_hex: &str) -> Result<(), StoreError> {
+        self.with(async |c| {
+            c.execute(
+                "UPDATE nodes SET prev_serial = NULL
+                 WHERE spiffe_id = $1 AND serial = $2 AND prev_serial IS NOT NULL",
+                &[&id.as_str(), &serial_hex],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    fn delete_node(&self, id: &SpiffeId) -> Result<bool, StoreError> {
+        self.with(async |c| {
+            Ok(
+                c.execute("DELETE FROM nodes WHERE spiffe_id = $1", &[&id.as_str()])
+                    .await?
+                    == 1,
+            )
+        })
+    }
+
+    fn set_node_banned(&self, id: &SpiffeId, banned: bool) -> Result<bool, StoreError> {
+        self.with(async |c| {
+            Ok(c.execute(
+                "UPDATE nodes SET banned = $2 WHERE spiffe_id = $1",
+                &[&id.as_str(), &banned],
+            )
+            .await?
+                == 1)
+        })
+    }
+
+    fn block_agent(&self, b: &AgentBlock) -> Result<(), StoreError> {
+        self.with(async |c| {
+            c.execute(
+                "INSERT INTO agent_blocks (spiffe_id, until, reason, at) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (spiffe_id) DO UPDATE SET until = excluded.until,
+                    reason = excluded.reason, at = excluded.at",
+                &[
+                    &b.spiffe_id.as_str(),
+                    &b.until.map(to_i64),
+                    &b.reason,
+                    &to_i64(b.at),
+                ],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    fn unblock_agent(&self, id: &SpiffeId) -> Result<bool, StoreError> {
+        self.with(async |c| {
+            Ok(c.execute(
+                "DELETE FROM agent_blocks WHERE spiffe_id = $1",
+                &[&id.as_str()],
+            )
+            .await?
+                == 1)
+        })
+    }
+
+    fn agent_block(&self, id: &SpiffeId, now: u64) -> Result<Option<AgentBlock>, StoreError> {
+        Ok(self.blocks_where(Some(id), now)?.into_iter().next())
+    }
+
+    fn agent_blocks(&self, now: u64) -> Result<Vec<AgentBlock>, StoreError> {
+        self.blocks_where(None, now)
+    }
+}
+
+impl PgStore {
+    fn blocks_where(&self, id: Option<&SpiffeId>, now: u64) -> Result<Vec<AgentBlock>, StoreError> {
+        self.with(async |c| {
+            c.query(
+                "SELECT spiffe_id, until, reason, at FROM agent_blocks
+                 WHERE ($1::TEXT IS NULL OR spiffe_id = $1) AND (until IS NULL OR until > $2)
+                 ORDER BY spiffe_id",
+                &[&id.map(SpiffeId::as_str), &to_i64(now)],
+            )
+            .await?
+            .iter()
+            .map(block_of)
+            .collect()
+        })
+    }
+
+    fn one_record<T: for<'de> serde::Deserialize<'de>>(
+        &self,
+        table: &'static str,
+        sql: &str,
+        key: &str,
+    ) -> Result<Option<T>, StoreError> {
+        let row: Option<String> = self.with(async |c| {
+            Ok(match c.query_opt(sql, &[&key]).await? {
+                Some(r) => Some(r.try_get(0)?),
+                None => None,
+            })
+        })?;
+        row.map(|s| dec(table, &s)).transpose()
+    }
+
+    fn records<T: for<'de> serde::Deserialize<'de>>(
+        &self,
+        table: &'static str,
+        sql: &str,
+        key: Option<&str>,
+    ) -> Result<Vec<T>, StoreError> {
+        let rows: Vec<String> = self.with(async |c| {
+            let rows = match key {
+                Some(k) => c.query(sql, &[&k]).await?,
+                None => c.query(sql, &[]).await?,
+            };
+            rows.iter()
+                .map(|r| r.try_get(0).map_err(StoreError::from))
+                .collect()
+        })?;
+        rows.iter().map(|s| dec(table, s)).collect()
+    }
+}
+
+/// [`crate::ledger::register_tx`] in a PostgreSQL transaction (which holds
+/// the shared revocation lock).
+async fn register_in(
+    tx: &tokio_postgres::Transaction<'_>,
+    records: &[CredentialRecord],
+    now: u64,
+) -> Result<Result<(), String>, StoreError> {
+    let now_i = to_i64(now);
+    for r in records {
+        if r.expires_at <= now {
+            return Ok(Err(format!(
+                "credential {} would already be expired (at {}, now {now})",
+                r.id, r.expires_at
+            )));
+        }
+        let row = tx
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM revocations WHERE id = $1 AND expires_at > $2)",
+                &[&r.id, &now_i],
+            )
+            .await?;
+        if row.try_get::<_, bool>(0)? {
+            return Ok(Err(format!("credential {} is already revoked", r.id)));
+        }
+        if let Some(p) = &r.parent {
+            let row = tx
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM revocations WHERE id = $1 AND expires_at > $2)
+                        OR EXISTS (SELECT 1 FROM credentials c JOIN revoked_tasks t ON t.task = c.task
+                                   WHERE c.id = $1 AND c.expires_at > $2)",
+                    &[p, &now_i],
+                )
+                .await?;
+            if row.try_get::<_, bool>(0)? {
+                return Ok(Err(format!(
+                    "credential {} was minted from {p}, which is revoked",
+                    r.id
+                )));
+            }
+        }
+        if let Some(t) = &r.task {
+            let row = tx
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM revoked_tasks WHERE task = $1)",
+                    &[&t.as_str()],
+                )
+                .await?;
+            if row.try_get::<_, bool>(0)? {
+                return Ok(Err(format!(
+                    "credential {} belongs to task {}, whose credentials were revoked",
+                    r.id,
+                    t.as_str()
+                )));
+            }
+        }
+    }
+    for r in records {
+        tx.execute(
+            "INSERT INTO credentials (id, kind, task, agent, node, parent, expires_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (id) DO UPDATE
+                SET expires_at = GREATEST(credentials.expires_at, excluded.expires_at)",
+            &[
+                &r.id,
+                &r.kind.code(),
+                &r.task.as_ref().map(TaskId::as_str),
+                &r.agent.as_ref().map(SpiffeId::as_str),
+                &r.node.as_ref().map(SpiffeId::as_str),
+                &r.parent,
+                &to_i64(r.expires_at),
+            ],
+        )
+        .await?;
+    }
+    Ok(Ok(()))
+}
+
+async fn lock_shared(tx: &tokio_postgres::Transaction<'_>) -> Result<(), StoreError> {
+    tx.execute(
+        "SELECT pg_advisory_xact_lock_shared($1)",
+        &[&REVOCATION_LOCK],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn lock_exclusive(tx: &tokio_postgres::Transaction<'_>) -> Result<(), StoreError> {
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&REVOCATION_LOCK])
+        .await?;
+    Ok(())
+}
+
+async fn cover_reset(tx: &tokio_postgres::Transaction<'_>) -> Result<(), StoreError> {
+    tx.batch_execute("DELETE FROM cover").await?;
+    Ok(())
+}
+
+async fn cover_add(
+    tx: &tokio_postgres::Transaction<'_>,
+    rows: &[Revoked],
+) -> Result<(), StoreError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+    let kinds: Vec<&str> = rows.iter().map(|r| r.kind.code()).collect();
+    let exps: Vec<i64> = rows.iter().map(|r| to_i64(r.expires_at)).collect();
+    tx.execute(
+        "INSERT INTO cover (id, kind, expires_at)
+         SELECT id, kind, exp FROM UNNEST($1::TEXT[], $2::TEXT[], $3::BIGINT[])
+            WITH ORDINALITY AS u(id, kind, exp, ord)
+         ORDER BY ord
+         ON CONFLICT (id) DO NOTHING",
+        &[&ids, &kinds, &exps],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn cover_resolve(
+    tx: &tokio_postgres::Transaction<'_>,
+    target: &Target,
+    now: u64,
+) -> Result<(), StoreError> {
+    let (column, value) = match target {
+        Target::Credential(id) | Target::Subtree(id) => ("id", id.clone()),
+        Target::Task(t) => return cover_resolve_task(tx, t.as_str(), now).await,
+        Target::Agent(a) => ("agent", a.as_str().to_owned()),
+        Target::Node(n) => ("node", n.as_str().to_owned()),
+    };
+    // `column` is one of the fixed names above, never input.
+    let sql = format!(
+        "WITH RECURSIVE sub(id) AS (
+            SELECT id FROM credentials WHERE {column} = $1
+            UNION
+            SELECT c.id FROM credentials c JOIN sub s ON c.parent = s.id
+         )
+         INSERT INTO cover (id, kind, expires_at)
+         SELECT c.id, c.kind, c.expires_at FROM credentials c JOIN sub s ON c.id = s.id
+         WHERE c.expires_at > $2 ORDER BY c.n
+         ON CONFLICT (id) DO NOTHING"
+    );
+    tx.execute(&sql, &[&value, &to_i64(now)]).await?;
+    Ok(())
+}
+
+async fn cover_resolve_task(
+    tx: &tokio_postgres::Transaction<'_>,
+    task: &str,
+    now: u64,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO cover (id, kind, expires_at)
+         SELECT id, kind, expires_at FROM credentials WHERE task = $1 AND expires_at > $2
+         ORDER BY n ON CONFLICT (id) DO NOTHING",
+        &[&task, &to_i64(now)],
+    )
+    .await?;
+    tx.execute(
+        "WITH RECURSIVE sub(id) AS (
+            SELECT c.id FROM credentials c JOIN cover v ON c.parent = v.id
+            WHERE c.task IS DISTINCT FROM $1
+            UNION
+            SELECT c.id FROM credentials c JOIN sub s ON c.parent = s.id
+         )
+         INSERT INTO cover (id, kind, expires_at)
+         SELECT c.id, c.kind, c.expires_at FROM credentials c JOIN sub s ON c.id = s.id
+         WHERE c.expires_at > $2 ORDER BY c.n
+         ON CONFLICT (id) DO NOTHING",
+        &[&task, &to_i64(now)],
+    )
+    .await?;
+    Ok(())
+}
+
+/// [`crate::ledger`]'s task cover: the task's one deny entry (expiring
+/// with its last live credential), `known`, and what was minted from the
+/// task's credentials in other tasks.
+async fn cover_mark_task(
+    tx: &tokio_postgres::Transaction<'_>,
+    task: &TaskId,
+    known: &[Revoked],
+    now: u64,
+) -> Result<(), StoreError> {
+    let now_i = to_i64(now);
+    let registered: Option<i64> = tx
+        .query_one(
+            "SELECT MAX(expires_at) FROM credentials WHERE task = $1 AND expires_at > $2",
+            &[&task.as_str(), &now_i],
+        )
+        .await?
+        .try_get(0)?;
+    let last = known
+        .iter()
+        .map(|r| to_i64(r.expires_at))
+        .chain(registered)
+        .max();
+    let Some(last) = last.filter(|e| *e > now_i) else {
+        return Ok(());
+    };
+    cover_add(
+        tx,
+        &[Revoked {
+            id: task.as_str().to_owned(),
+            kind: CredKind::Task,
+            expires_at: u64_of(last),
+        }],
+    )
+    .await?;
+    cover_add(tx, known).await?;
+    tx.execute(
+        "WITH RECURSIVE sub(id) AS (
+            SELECT c.id FROM credentials p JOIN credentials c ON c.parent = p.id
+            WHERE p.task = $1 AND c.task IS DISTINCT FROM $1
+            UNION
+            SELECT c.id FROM credentials c JOIN sub s ON c.parent = s.id
+         )
+         INSERT INTO cover (id, kind, expires_at)
+         SELECT c.id, c.kind, c.expires_at FROM credentials c JOIN sub s ON c.id = s.id
+         WHERE c.expires_at > $2 ORDER BY c.n
+         ON CONFLICT (id) DO NOTHING",
+        &[&task.as_str(), &now_i],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn cover_mark(
+    tx: &tokio_postgres::Transaction<'_>,
+    reason: &str,
+    now: u64,
+) -> Result<usize, StoreError> {
+    let now_i = to_i64(now);
+    let new = tx
+        .execute(
+            "INSERT INTO revocation_log (id, expires_at, kind, reason)
+             SELECT c.id, c.expires_at, c.kind, $1 FROM cover c
+             WHERE c.expires_at > $2
+               AND NOT EXISTS (SELECT 1 FROM revocations r WHERE r.id = c.id)
+             ORDER BY c.n",
+            &[&reason, &now_i],
+        )
+        .await?;
+    tx.execute(
+        "INSERT INTO revocations (id, kind, expires_at, reason, at)
+         SELECT id, kind, expires_at, $1, $2 FROM cover WHERE expires_at > $2
+         ON CONFLICT (id) DO NOTHING",
+        &[&reason, &now_i],
+    )
+    .await?;
+    Ok(usize::try_from(new).unwrap_or(usize::MAX))
+}
+
+async fn cover_list(tx: &tokio_postgres::Transaction<'_>) -> Result<Vec<Revoked>, StoreError> {
+    tx.query("SELECT id, kind, expires_at FROM cover ORDER BY n", &[])
+        .await?
+        .iter()
+        .map(revoked_of)
+        .collect()
+}
+
+async fn mark_in(
+    tx: &tokio_postgres::Transaction<'_>,
+    revoked: &[Revoked],
+    reason: &str,
+    now: u64,
+) -> Result<usize, StoreError> {
+    lock_exclusive(tx).await?;
+    cover_reset(tx).await?;
+    cover_add(tx, revoked).await?;
+    cover_mark(tx, reason, now).await
+}
+
+async fn last_seq(c: &impl GenericClient) -> Result<u64, StoreError> {
+    let last: Option<i64> = c
+        .query_one("SELECT MAX(seq) FROM revocation_log", &[])
+        .await?
+        .try_get(0)?;
+    Ok(last.map_or(0, u64_of))
+}
+
+impl Ledger for PgStore {
+    fn identity(&self) -> usize {
+        std::ptr::from_ref(self).addr()
+    }
+
+    fn ping(&self) -> Result<(), StoreError> {
+        self.with(async |c| {
+            let row = c
+                .query_one(
+                    "SELECT MAX(version), current_setting('transaction_read_only')
+                     FROM baton_schema_version",
+                    &[],
+                )
+                .await?;
+            let read_only: String = row.try_get(1)?;
+            if read_only == "on" {
+                return Err(StoreError::Postgres(
+                    "the PostgreSQL server takes no writes (a standby, or read-only)".into(),
+                ));
+            }
+            Ok(())
+        })
+    }
+
+    fn epoch(&self) -> Result<String, StoreError> {
+        self.with(async |c| {
+            Ok(c.query_one("SELECT epoch FROM feed_meta LIMIT 1", &[])
+                .await?
+                .try_get(0)?)
+        })
+    }
+
+    fn last_seq(&self) -> Result<u64, StoreError> {
+        self.with(async |c| last_seq(c).await)
+    }
+
+    fn log_after(
+        &self,
+        after: u64,
+        live_at: Option<u64>,
+        limit: usize,
+    ) -> Result<(Vec<LogRow>, u64), StoreError> {
+        self.with(async |c| {
+            // One snapshot for the page and the end.
+            let tx = c
+                .build_transaction()
+                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .await?;
+            let last = last_seq(&tx).await?;
+            let rows = tx
+                .query(
+                    "SELECT seq, id, kind, expires_at, reason FROM revocation_log
+                     WHERE seq > $1 AND ($2::BIGINT IS NULL OR expires_at > $2)
+                     ORDER BY seq LIMIT $3",
+                    &[&to_i64(after), &live_at.map(to_i64), &limit_of(limit)],
+                )
+                .await?;
+            let mut out = Vec::with_capacity(rows.len());
+            for r in &rows {
+                let kind: String = r.try_get(2)?;
+                out.push(LogRow {
+                    seq: u64_of(r.try_get(0)?),
+                    entry: Revoked {
+                        id: r.try_get(1)?,
+                        kind: CredKind::from_code(&kind).unwrap_or(CredKind::Token),
+                        expires_at: u64_of(r.try_get(3)?),
+                    },
+                    reason: r.try_get(4)?,
+                });
+            }
+            tx.commit().await?;
+            Ok((out, last))
+        })
+    }
+
+    fn register(
+        &self,
+        records: &[CredentialRecord],
+        now: u64,
+    ) -> Result<Result<(), String>, StoreError> {
+        self.with(async |c| {
+            let tx = c.transaction().await?;
+            lock_shared(&tx).await?;
+            let r = register_in(&tx, records, now).await?;
+            if r.is_ok() {
+                tx.commit().await?;
+            }
+            Ok(r)
+        })
+    }
+
+    fn revoke(
+        &self,
+        target: &Target,
+        known: &[Revoked],
+        reason: &str,
+        now: u64,
+    ) -> Result<Vec<Revoked>, StoreError> {
+        self.with(async |c| {
+            let tx = c.transaction().await?;
+            lock_exclusive(&tx).await?;
+            cover_reset(&tx).await?;
+            if let Target::Task(task) = target {
+                cover_mark_task(&tx, task, known, now).await?;
+                tx.execute(
+                    "INSERT INTO revoked_tasks (task, at) VALUES ($1, $2) ON CONFLICT (task) DO NOTHING",
+                    &[&task.as_str(), &to_i64(now)],
+                )
+                .await?;
+            } else {
+                cover_resolve(&tx, target, now).await?;
+            }
+            cover_mark(&tx, reason, now).await?;
+            let mut all = cover_list(&tx).await?;
+            all.retain(|r| r.kind != CredKind::Task);
+            if all.is_empty()
+                && let Target::Credential(id) | Target::Subtree(id) = target
+            {
+                // Already revoked and gone from nowhere: idempotent.
+                let row = tx
+                    .query_opt(
+                        "SELECT id, kind, expires_at FROM revocations WHERE id = $1 AND expires_at > $2",
+                        &[id, &to_i64(now)],
+                    )
+                    .await?;
+                if let Some(r) = row {
+                    all.push(revoked_of(&r)?);
+                }
+            }
+            tx.commit().await?;
+            Ok(all)
+        })
+    }
+
+    fn live_task_credentials(&self, task: &TaskId, now: u64) -> Result<Vec<Revoked>, StoreError> {
+        self.with(async |c| {
+            c.query(
+                "SELECT id, kind, expires_at FROM credentials
+                 WHERE task = $1 AND expires_at > $2 ORDER BY n",
+                &[&task.as_str(), &to_i64(now)],
+            )
+            .await?
+            .iter()
+            .map(revoked_of)
+            .collect()
+        })
+    }
+
+    fn revoke_tokens(
+        &self,
+        tokens: &[TokenRecord],
+        reason: &str,
+        now: u64,
+    ) -> Result<Vec<Revoked>, StoreError> {
+        self.with(async |c| {
+            let tx = c.transaction().await?;
+            lock_exclusive(&tx).await?;
+            cover_reset(&tx).await?;
+            for t in tokens {
+                cover_resolve(&tx, &Target::Credential(t.jti.clone()), now).await?;
+                cover_add(&tx, &token_pair(t)).await?;
+            }
+            cover_mark(&tx, reason, now).await?;
+            let all = cover_list(&tx).await?;
+            tx.commit().await?;
+            Ok(all)
+        })
+    }
+
+    fn mark(&self, revoked: &[Revoked], reason: &str, now: u64) -> Result<usize, StoreError> {
+        self.with(async |c| {
+            let tx = c.transaction().await?;
+            let n = mark_in(&tx, revoked, reason, now).await?;
+            tx.commit().await?;
+            Ok(n)
+        })
+    }
+
+    fn prune(&self, cutoff: u64) -> Result<(), StoreError> {
+        let cutoff = to_i64(cutoff);
+        self.with(async |c| {
+            let tx = c.transaction().await?;
+            tx.execute("DELETE FROM credentials WHERE expires_at <= $1", &[&cutoff])
+                .await?;
+            tx.execute("DELETE FROM revocations WHERE expires_at <= $1", &[&cutoff])
+                .await?;
+            tx.execute(
+                "DELETE FROM revocation_log WHERE expires_at <= $1",
+                &[&cutoff],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    fn durably_revoked(&self, id: &str, now: u64) -> Result<bool, StoreError> {
+        self.with(async |c| {
+            Ok(c.query_one(
+                "SELECT EXISTS (SELECT 1 FROM revocations WHERE id = $1 AND expires_at > $2)
+                    OR EXISTS (SELECT 1 FROM credentials c JOIN revoked_tasks t ON t.task = c.task
+                               WHERE c.id = $1 AND c.expires_at > $2)",
+                &[&id, &to_i64(now)],
+            )
+            .await?
+            .try_get(0)?)
+        })
+    }
+
+    fn task_credentials(&self, task: &TaskId) -> Result<Vec<TaskCredential>, StoreError> {
+        self.with(async |c| {
+            let rows = c
+                .query(
+                    "SELECT c.id, c.kind, c.agent, c.node, c.parent, c.expires_at,
+                            r.id IS NOT NULL OR t.task IS NOT NULL
+                     FROM credentials c LEFT JOIN revocations r ON r.id = c.id
+                     LEFT JOIN revoked_tasks t ON t.task = c.task
+                     WHERE c.task = $1 ORDER BY c.n",
+                    &[&task.as_str()],
+                )
+                .await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(TaskCredential {
+                        id: r.try_get(0)?,
+                        kind: r.try_get(1)?,
+                        agent: r.try_get(2)?,
+                        node: r.try_get(3)?,
+                        parent: r.try_get(4)?,
+                        expires_at: u64_of(r.try_get(5)?),
+                        revoked: r.try_get(6)?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn live_revocations(&self, now: u64) -> Result<Vec<Revoked>, StoreError> {
+        self.with(async |c| {
+            c.query(
+                "SELECT id, kind, expires_at FROM revocations WHERE expires_at > $1",
+                &[&to_i64(now)],
+            )
+            .await?
+            .iter()
+            .map(revoked_of)
+            .collect()
+        })
+    }
+}
+
+impl TaskStore for PgStore {
+    fn registry_identity(&self) -> Option<usize> {
+        Some(Ledger::identity(self))
+    }
+
+    fn insert_task(&self, t: &TaskRecord) -> Result<(), StoreError> {
+        let record = enc("tasks", t)?;
+        self.with(async |c| {
+            c.execute(
+                "INSERT INTO tasks (id, record, created_at) VALUES ($1, $2, $3)",
+                &[&t.id.as_str(), &record, &to_i64(t.created_at)],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    fn get_task(&self, id: &TaskId) -> Result<Option<TaskRecord>, StoreError> {
+        self.one_record(
+            "tasks",
+            "SELECT record FROM tasks WHERE id = $1",
+            id.as_str(),
+        )
+    }
+
+    fn list_tasks(&self) -> Result<Vec<TaskRecord>, StoreError> {
+        self.records(
+            "tasks",
+            "SELECT record FROM tasks ORDER BY created_at, id",
+            None,
+        )
+    }
+
+    fn update_task(&self, t: &TaskRecord) -> Result<(), StoreError> {
+        let record = enc("tasks", t)?;
+        self.with(async |c| {
+            c.execute(
+                "UPDATE tasks SET record = $2 WHERE id = $1",
+                &[&t.id.as_str(), &record],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    fn insert_grant(&self, digest: &str, g: &GrantRecord) -> Result<(), StoreError> {
+        let record = enc("grants", g)?;
+        self.with(async |c| {
+            c.execute(
+                "INSERT INTO grants (digest, task_id, record, expires_at) VALUES ($1, $2, $3, $4)",
+                &[&digest, &g.task_id.as_str(), &record, &to_i64(g.expires_at)],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    fn get_grant(&self, digest: &str) -> Result<Option<(GrantRecord, Option<u64>)>, StoreError> {
+        let row: Option<(String, Option<i64>)> = self.with(async |c| {
+            Ok(
+                match c
+                    .query_opt(
+                        "SELECT record, used_at FROM grants WHERE digest = $1",
+                        &[&digest],
+                    )
+                    .await?
+                {
+                    Some(r) => Some((r.try_get(0)?, r.try_get(1)?)),
+                    None => None,
+                },
+            )
+        })?;
+        row.map(|(s, used)| Ok((dec("grants", &s)?, used.map(u64_of))))
+            .transpose()
+    }
+
+    fn consume_grant(
+        &self,
+        digest: &str,
+        now: u64,
+    ) -> Result<Result<GrantRecord, GrantRefusal>, StoreError> {
+        let row: Result<String, GrantRefusal> = self.with(async |c| {
+            let used = c
+                .query_opt(
+                    "UPDATE grants SET used_at = $2
+                     WHERE digest = $1 AND used_at IS NULL AND expires_at > $2
+                     RETURNING record",
+                    &[&digest, &to_i64(now)],
+                )
+                .await?;
+            if let Some(r) = used {
+                return Ok(Ok(r.try_get(0)?));
+            }
+            let state = c
+                .query_opt("SELECT used_at FROM grants WHERE digest = $1", &[&digest])
+                .await?;
+            Ok(Err(match state {
+                None => GrantRefusal::Unknown,
+                Some(r) if r.try_get::<_, Option<i64>>(0)?.is_some() => GrantRefusal::Used,
+                Some(_) => GrantRefusal::Expired,
+            }))
+        })?;
+        match row {
+            Ok(record) => Ok(Ok(dec("grants", &record)?)),
+            Err(refusal) => Ok(Err(refusal)),
+        }
+    }
+
+    fn insert_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
+        let record = enc("tokens", t)?;
+        self.with(async |c| {
+            c.execute(
+                "INSERT INTO tokens (jti, task_id, record) VALUES ($1, $2, $3)",
+                &[&t.jti, &t.task_id.as_str(), &record],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    fn redeem_grant(
+        &self,
+        digest: &str,
+        now: u64,
+        token: &TokenRecord,
+        creds: &[CredentialRecord],
+    ) -> Result<Result<(), RedeemRefusal>, StoreError> {
+        let record = enc("tokens", token)?;
+        self.with(async |c| {
+            let tx = c.transaction().await?;
+            lock_shared(&tx).await?;
+            // The row lock: a racing redeem of the same grant waits here
+            // and then finds it used.
+            let row = tx
+                .query_opt(
+                    "SELECT expires_at, used_at, record FROM grants WHERE digest = $1 FOR UPDATE",
+                    &[&digest],
+                )
+                .await?;
+            let (refusal, grant) = match row {
+                None => (Some(GrantRefusal::Unknown), None),
+                Some(r) => {
+                    let exp: i64 = r.try_get(0)?;
+                    let used: Option<i64> = r.try_get(1)?;
+                    if used.is_some() {
+                        (Some(GrantRefusal::Used), None)
+                    } else if to_i64(now) >= exp {
+                        (Some(GrantRefusal::Expired), None)
+                    } else {
+                        (None, Some(r.try_get::<_, String>(2)?))
+                    }
+                }
+            };
+            if let Some(r) = refusal {
+                return Ok(Err(RedeemRefusal::Grant(r)));
+            }
+            // What the redeem decided outside this transaction, again
+            // inside it. The task's row is locked for share: a purpose
+            // change (an update of that row) waits for this redeem, and
+            // then finds its token when it revokes the task's tokens.
+            let grant: GrantRecord = dec("grants", grant.as_deref().unwrap_or_default())?;
+            let revoked: bool = tx
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM revocations WHERE id = $1 AND expires_at > $2)",
+                    &[&digest, &to_i64(now)],
+                )
+                .await?
+                .try_get(0)?;
+            if revoked {
+                return Ok(Err(RedeemRefusal::Revoked("the grant was revoked".into())));
+            }
+            let task = match tx
+                .query_opt(
+                    "SELECT record FROM tasks WHERE id = $1 FOR SHARE",
+                    &[&grant.task_id.as_str()],
+                )
+                .await?
+            {
+                Some(r) => Some(dec::<TaskRecord>("tasks", &r.try_get::<_, String>(0)?)?),
+                None => None,
+            };
+            if let Some(r) = crate::tasks::task_refusal(&grant, task.as_ref(), now) {
+                return Ok(Err(r));
+            }
+            if let Err(why) = register_in(&tx, creds, now).await? {
+                return Ok(Err(RedeemRefusal::Revoked(why)));
+            }
+            tx.execute(
+                "UPDATE grants SET used_at = $2 WHERE digest = $1",
+                &[&digest, &to_i64(now)],
+            )
+            .await?;
+            tx.execute(
+                "INSERT INTO tokens (jti, task_id, record) VALUES ($1, $2, $3)",
+                &[&token.jti, &token.task_id.as_str(), &record],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(Ok(()))
+        })
+    }
+
+    fn release_grant(
+        &self,
+        digest: &str,
+        creds: &[CredentialRecord],
+        now: u64,
+    ) -> Result<(), StoreError> {
+        let dead: Vec<Revoked> = creds
+            .iter()
+            .map(|r| Revoked {
+                id: r.id.clone(),
+                kind: r.kind,
+                expires_at: r.expires_at,
+            })
+            .collect();
+        self.with(async |c| {
+            let tx = c.transaction().await?;
+            tx.execute(
+                "UPDATE grants SET used_at = NULL WHERE digest = $1",
+                &[&digest],
+            )
+            .await?;
+            mark_in(&tx, &dead, "not delivered: audit log unavailable", now).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    fn update_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
+        let record = enc("tokens", t)?;
+        self.with(async |c| {
+            c.execute(
+                "UPDATE tokens SET record = $2 WHERE jti = $1",
+                &[&t.jti, &record],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    fn tokens_for_task(&self, task: &TaskId) -> Result<Vec<TokenRecord>, StoreError> {
+        self.records(
+            "tokens",
+            "SELECT record FROM tokens WHERE task_id = $1 ORDER BY n",
+            Some(task.as_str()),
+        )
+    }
+
+    fn get_token(&self, jti: &str) -> Result<Option<TokenRecord>, StoreError> {
+        self.one_record("tokens", "SELECT record FROM tokens WHERE jti = $1", jti)
+    }
+
+    fn use_id_token(&self, key: &str, expires_at: u64, now: u64) -> Result<bool, StoreError> {
+        self.with(async |c| {
+            let tx = c.transaction().await?;
+            tx.execute(
+                "DELETE FROM used_id_tokens WHERE expires_at <= $1",
+                &[&to_i64(now)],
+            )
+            .await?;
+            let n = tx
+                .execute(
+                    "INSERT INTO used_id_tokens (digest, expires_at) VALUES ($1, $2)
+                     ON CONFLICT (digest) DO NOTHING",
+                    &[&key, &to_i64(expires_at)],
+                )
+                .await?;
+            tx.commit().await?;
+            Ok(n == 1)
+        })
+    }
+
+    fn report_seen(&self, report_id: &str) -> Result<Option<u64>, StoreError> {
+        self.with(async |c| {
+            Ok(
+                match c
+                    .query_opt(
+                        "SELECT audit_index FROM tool_reports WHERE report_id = $1",
+                        &[&report_id],
+                    )
+                    .await?
+                {
+                    Some(r) => Some(u64_of(r.try_get(0)?)),
+                    None => None,
+                },
+            )
+        })
+    }
+
+    fn record_report(&self, report_id: &str, index: u64) -> Result<(), StoreError> {
+        self.with(async |c| {
+            c.execute(
+                "INSERT INTO tool_reports (report_id, audit_index) VALUES ($1, $2)
+                 ON CONFLICT (report_id) DO NOTHING",
+                &[&report_id, &to_i64(index)],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    fn latest_approval(&self, binding: &str) -> Result<Option<ApprovalState>, StoreError> {
+        self.one_record(
+            "approvals",
+            "SELECT record FROM approvals WHERE binding = $1 ORDER BY n DESC LIMIT 1",
+            binding,
+        )
+    }
+
+    fn insert_approval(&self, binding: &str, a: &ApprovalState) -> Result<(), StoreError> {
+        let record = enc("approvals", a)?;
+        self.with(async |c| {
+            c.execute(
+                "INSERT INTO approvals (id, binding, task, status, expires_at, record)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                &[
+                    &a.id,
+                    &binding,
+                    &a.task_id.to_string(),
+                    &a.status,
+                    &to_i64(a.expires_at),
+                    &record,
+                ],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    fn get_approval(&self, id: &str) -> Result<Option<ApprovalState>, StoreError> {
+        self.one_record(
+            "approvals",
+            "SELECT record FROM approvals WHERE id = $1",
+            id,
+        )
+    }
+
+    fn transition_approval(
+        &self,
+        id: &str,
+        from: &str,
+        to: &ApprovalState,
+    ) -> Result<bool, StoreError> {
+        let record = enc("approvals", to)?;
+        self.with(async |c| {
+            Ok(c.execute(
+                "UPDATE approvals SET status = $3, record = $4 WHERE id = $1 AND status = $2",
+                &[&id, &from, &to.status, &record],
+            )
+            .await?
+                == 1)
+        })
+    }
+}

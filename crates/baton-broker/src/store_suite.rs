@@ -1,0 +1,619 @@
+//! One test suite for every datastore: the same behaviour is asserted of
+//! SQLite (in memory and in a file) and of PostgreSQL (a private cluster
+//! the test starts), including the atomic steps several brokers race on.
+
+use std::sync::Arc;
+
+use baton_core::api::ApprovalState;
+use baton_core::{NewEntry, RiskTier, Scope, SpiffeId, TaskId};
+use baton_revocation::{CredKind, CredentialRecord, Revoked, Target};
+
+use crate::ledger::Ledger;
+use crate::pg::{PgSettings, PgStore};
+use crate::store::{AgentBlock, Datastore, JoinTokenRefusal, NodeRecord, SqliteStore, StoreError};
+use crate::tasks::{GrantRecord, GrantRefusal, RedeemRefusal, TaskRecord, TaskStore, TokenRecord};
+
+/// Everything a broker keeps, behind its three traits.
+trait Store: Datastore + TaskStore + Ledger {}
+impl<T: Datastore + TaskStore + Ledger> Store for T {}
+
+fn sid(s: &str) -> SpiffeId {
+    SpiffeId::parse(&format!("spiffe://example.org/{s}")).unwrap()
+}
+
+fn task_id(n: u8) -> TaskId {
+    TaskId::from_random([n; 16])
+}
+
+fn task(n: u8) -> TaskRecord {
+    TaskRecord {
+        id: task_id(n),
+        initiator: "alice".into(),
+        initiator_iss: "https://idp.example".into(),
+        root_agent: sid("planner"),
+        purpose: "support.case-research".parse().unwrap(),
+        scope: Scope::parse(&["tool:crm.search:read"]).unwrap(),
+        risk_ceiling: RiskTier::Write,
+        max_depth: 3,
+        created_at: 10,
+        expires_at: 10_000,
+        ended_at: None,
+        purpose_epoch: 0,
+    }
+}
+
+fn grant(t: &TaskRecord) -> GrantRecord {
+    GrantRecord {
+        task_id: t.id.clone(),
+        target: sid("researcher"),
+        scope: t.scope.clone(),
+        purpose: t.purpose.clone(),
+        purpose_epoch: t.purpose_epoch,
+        audience: vec!["crm".into()],
+        depth: 1,
+        parent: None,
+        parent_act: None,
+        justification: Some("look up the account".into()),
+        exp_cap: 9_000,
+        expires_at: 500,
+        created_by: None,
+    }
+}
+
+fn token(t: &TaskRecord, jti: &str) -> TokenRecord {
+    TokenRecord {
+        jti: jti.into(),
+        task_id: t.id.clone(),
+        spiffe_id: sid("researcher"),
+        depth: 1,
+        parent_jti: None,
+        exp: 9_000,
+        cert_thumbprint: "th".into(),
+        cert_serial: format!("{jti}-cert"),
+        aud: vec!["crm".into()],
+        scope: None,
+        risk_ceiling: None,
+    }
+}
+
+fn creds(t: &TaskRecord, jti: &str, parent: Option<&str>) -> Vec<CredentialRecord> {
+    vec![
+        CredentialRecord {
+            id: jti.into(),
+            kind: CredKind::Token,
+            task: Some(t.id.clone()),
+            agent: Some(sid("researcher")),
+            node: Some(sid("baton/node/n1")),
+            parent: parent.map(str::to_owned),
+            expires_at: 9_000,
+        },
+        CredentialRecord {
+            id: format!("{jti}-cert"),
+            kind: CredKind::X509Svid,
+            task: Some(t.id.clone()),
+            agent: Some(sid("researcher")),
+            node: Some(sid("baton/node/n1")),
+            parent: Some(jti.into()),
+            expires_at: 9_000,
+        },
+    ]
+}
+
+fn entries_and_nodes(s: &dyn Store) {
+    let e = NewEntry {
+        spiffe_id: "spiffe://example.org/web".into(),
+        parent_id: "spiffe://example.org/baton/node/n1".into(),
+        selectors: vec!["unix:uid:1000".into(), "unix:gid:5".into()],
+        x509_ttl_secs: 60,
+        jwt_ttl_secs: 30,
+        dns_names: vec!["web.local".into()],
+    }
+    .validate()
+    .unwrap();
+    s.create_entry(&e).unwrap();
+    let mut twin = e.clone();
+    twin.id = baton_core::EntryId::parse("0123456789abcdef0123456789abcdef").unwrap_or(twin.id);
+    assert!(matches!(s.create_entry(&twin), Err(StoreError::DuplicateEntry(id)) if id == e.id));
+    assert_eq!(s.get_entry(&e.id).unwrap(), Some(e.clone()));
+    assert_eq!(
+        s.list_entries_by_parent(&e.parent_id).unwrap(),
+        vec![e.clone()]
+    );
+    assert!(
+        s.list_entries_by_parent(&sid("baton/node/n2"))
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(s.list_entries().unwrap(), vec![e.clone()]);
+    assert!(s.delete_entry(&e.id).unwrap());
+    assert!(!s.delete_entry(&e.id).unwrap());
+
+    // Join tokens: single use, expiring.
+    let node = sid("baton/node/n1");
+    s.insert_join_token("aa", &node, 100).unwrap();
+    s.insert_join_token("bb", &node, 100).unwrap();
+    assert_eq!(
+        s.consume_join_token("zz", 10).unwrap(),
+        Err(JoinTokenRefusal::Unknown)
+    );
+    assert_eq!(
+        s.consume_join_token("bb", 100).unwrap(),
+        Err(JoinTokenRefusal::Expired)
+    );
+    assert_eq!(s.check_join_token("aa", 10).unwrap(), Ok(node.clone()));
+    assert_eq!(s.consume_join_token("aa", 10).unwrap(), Ok(node.clone()));
+    assert_eq!(
+        s.consume_join_token("aa", 11).unwrap(),
+        Err(JoinTokenRefusal::AlreadyUsed)
+    );
+
+    // Nodes: a ban survives an upsert; renewal only from the current or
+    // the unseen-current's previous SVID.
+    let mut n = NodeRecord {
+        spiffe_id: node.clone(),
+        serial_hex: "01".into(),
+        prev_serial_hex: None,
+        svid_not_after: 5,
+        attested_at: 1,
+        banned: false,
+    };
+    s.upsert_node(&n).unwrap();
+    assert!(s.update_node_svid(&node, "01", "02", 9).unwrap());
+    let got = s.get_node(&node).unwrap().unwrap();
+    assert_eq!(
+        (got.serial_hex.as_str(), got.prev_serial_hex.as_deref()),
+        ("02", Some("01"))
+    );
+    // Renewed again from 01 before 02 was ever presented: 02 is dropped,
+    // 01 stays the previous one.
+    assert!(s.update_node_svid(&node, "01", "03", 9).unwrap());
+    let got = s.get_node(&node).unwrap().unwrap();
+    assert_eq!(
+        (got.serial_hex.as_str(), got.prev_serial_hex.as_deref()),
+        ("03", Some("01"))
+    );
+    assert!(!s.update_node_svid(&node, "02", "04", 9).unwrap());
+    // 03 presented: 01 is refused from now on.
+    s.settle_node_svid(&node, "03").unwrap();
+    assert_eq!(s.get_node(&node).unwrap().unwrap().prev_serial_hex, None);
+    assert!(!s.update_node_svid(&node, "01", "05", 9).unwrap());
+    assert!(s.set_node_banned(&node, true).unwrap());
+    assert!(!s.update_node_svid(&node, "03", "06", 9).unwrap());
+    n.serial_hex = "07".into();
+    s.upsert_node(&n).unwrap();
+    assert!(s.get_node(&node).unwrap().unwrap().banned);
+    assert_eq!(s.list_nodes().unwrap().len(), 1);
+    assert!(s.delete_node(&node).unwrap());
+    assert!(!s.delete_node(&node).unwrap());
+    assert!(!s.set_node_banned(&node, false).unwrap());
+
+    // Agent blocks lapse.
+    let b = AgentBlock {
+        spiffe_id: sid("researcher"),
+        until: Some(50),
+        reason: "incident".into(),
+        at: 1,
+    };
+    s.block_agent(&b).unwrap();
+    assert_eq!(s.agent_block(&b.spiffe_id, 10).unwrap(), Some(b.clone()));
+    assert_eq!(s.agent_blocks(10).unwrap(), vec![b.clone()]);
+    assert_eq!(s.agent_block(&b.spiffe_id, 50).unwrap(), None);
+    assert!(s.unblock_agent(&b.spiffe_id).unwrap());
+    assert!(!s.unblock_agent(&b.spiffe_id).unwrap());
+}
+
+fn tasks_grants_and_tokens(s: &dyn Store) {
+    let t = task(1);
+    s.insert_task(&t).unwrap();
+    assert_eq!(s.get_task(&t.id).unwrap(), Some(t.clone()));
+    assert_eq!(s.list_tasks().unwrap(), vec![t.clone()]);
+
+    // A grant is consumed once.
+    let g = grant(&t);
+    s.insert_grant("g1", &g).unwrap();
+    assert_eq!(s.get_grant("g1").unwrap(), Some((g.clone(), None)));
+    assert_eq!(s.consume_grant("g1", 20).unwrap(), Ok(g.clone()));
+    assert_eq!(s.consume_grant("g1", 21).unwrap(), Err(GrantRefusal::Used));
+    assert_eq!(
+        s.consume_grant("nope", 21).unwrap(),
+        Err(GrantRefusal::Unknown)
+    );
+    s.insert_grant("g-old", &g).unwrap();
+    assert_eq!(
+        s.consume_grant("g-old", 500).unwrap(),
+        Err(GrantRefusal::Expired)
+    );
+
+    // A redeem: grant, token and registry in one step, refused whole.
+    s.insert_grant("g2", &g).unwrap();
+    let tk = token(&t, "jti-1");
+    assert_eq!(
+        s.redeem_grant("g2", 20, &tk, &creds(&t, "jti-1", None))
+            .unwrap(),
+        Ok(())
+    );
+    assert_eq!(
+        s.redeem_grant("g2", 21, &token(&t, "jti-x"), &creds(&t, "jti-x", None))
+            .unwrap(),
+        Err(RedeemRefusal::Grant(GrantRefusal::Used))
+    );
+    assert_eq!(s.get_token("jti-x").unwrap(), None);
+    assert_eq!(s.get_token("jti-1").unwrap(), Some(tk.clone()));
+    assert_eq!(s.tokens_for_task(&t.id).unwrap(), vec![tk.clone()]);
+    let ids: Vec<String> = s
+        .task_credentials(&t.id)
+        .unwrap()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    assert_eq!(ids, vec!["jti-1".to_owned(), "jti-1-cert".to_owned()]);
+
+    // A revoked grant, a purpose change and an ended task are refused in
+    // the redeem's own transaction.
+    s.insert_grant("g3", &g).unwrap();
+    s.mark(
+        &[Revoked {
+            id: "g3".into(),
+            kind: CredKind::Grant,
+            expires_at: 500,
+        }],
+        "operator",
+        20,
+    )
+    .unwrap();
+    assert!(matches!(
+        s.redeem_grant("g3", 21, &token(&t, "jti-3"), &creds(&t, "jti-3", None))
+            .unwrap(),
+        Err(RedeemRefusal::Revoked(_))
+    ));
+    s.insert_grant("g4", &g).unwrap();
+    let mut moved = t.clone();
+    moved.purpose_epoch = 1;
+    s.update_task(&moved).unwrap();
+    assert_eq!(
+        s.redeem_grant("g4", 21, &token(&t, "jti-4"), &creds(&t, "jti-4", None))
+            .unwrap()
+            .map_err(|e| matches!(e, RedeemRefusal::Task("purpose_changed", _))),
+        Err(true)
+    );
+    // Released: redeemable again, its credentials dead.
+    s.release_grant("g2", &creds(&t, "jti-1", None), 22)
+        .unwrap();
+    assert_eq!(s.get_grant("g2").unwrap().unwrap().1, None);
+    assert!(s.durably_revoked("jti-1", 22).unwrap());
+
+    // ID tokens start one task each; reports are recorded once.
+    assert!(s.use_id_token("id1", 100, 10).unwrap());
+    assert!(!s.use_id_token("id1", 100, 11).unwrap());
+    assert!(
+        s.use_id_token("id1", 300, 100).unwrap(),
+        "forgotten once expired"
+    );
+    assert_eq!(s.report_seen("r1").unwrap(), None);
+    s.record_report("r1", 7).unwrap();
+    s.record_report("r1", 8).unwrap();
+    assert_eq!(s.report_seen("r1").unwrap(), Some(7));
+
+    // Approvals move state by compare-and-set.
+    let a = ApprovalState {
+        id: "ap1".into(),
+        task_id: t.id.clone(),
+        status: "pending".into(),
+        expires_at: 100,
+        ..approval_template()
+    };
+    s.insert_approval("bind-1", &a).unwrap();
+    let mut later = a.clone();
+    later.id = "ap2".into();
+    s.insert_approval("bind-1", &later).unwrap();
+    assert_eq!(
+        s.latest_approval("bind-1").unwrap().map(|a| a.id),
+        Some("ap2".into())
+    );
+    let mut approved = a.clone();
+    approved.status = "approved".into();
+    assert!(s.transition_approval("ap1", "pending", &approved).unwrap());
+    assert!(!s.transition_approval("ap1", "pending", &approved).unwrap());
+    assert_eq!(
+        s.get_approval("ap1").unwrap().map(|a| a.status),
+        Some("approved".into())
+    );
+}
+
+fn approval_template() -> ApprovalState {
+    ApprovalState {
+        id: "x".into(),
+        status: "pending".into(),
+        task_id: task_id(1),
+        agent: sid("researcher"),
+        tool: "crm.export".into(),
+        resource: "dataset:crm".into(),
+        risk: RiskTier::Write,
+        input_digest: "d".into(),
+        target: None,
+        requested_by: sid("tools/gateway"),
+        created_at: 1,
+        expires_at: 1,
+        decided_by: None,
+        reason: None,
+    }
+}
+
+fn revocation(s: &dyn Store) {
+    let now = 100;
+    let t = task(2);
+    let other = task(3);
+    s.insert_task(&t).unwrap();
+    s.insert_task(&other).unwrap();
+    assert_eq!(s.register(&creds(&t, "a1", None), now).unwrap(), Ok(()));
+    assert_eq!(
+        s.register(&creds(&t, "a2", Some("a1")), now).unwrap(),
+        Ok(())
+    );
+    // Minted elsewhere from the task's credential.
+    assert_eq!(
+        s.register(&creds(&other, "b1", Some("a2")), now).unwrap(),
+        Ok(())
+    );
+    assert_eq!(s.register(&creds(&other, "b2", None), now).unwrap(), Ok(()));
+    let expired = CredentialRecord {
+        expires_at: now,
+        ..creds(&t, "dead", None).remove(0)
+    };
+    assert!(s.register(&[expired], now).unwrap().is_err());
+
+    let epoch = s.epoch().unwrap();
+    assert!(!epoch.is_empty());
+    let before = s.last_seq().unwrap();
+
+    // A subtree: a2, its certificate and what was minted from it.
+    let covered = s
+        .revoke(&Target::Subtree("a2".into()), &[], "subtree", now)
+        .unwrap();
+    let mut ids: Vec<String> = covered.iter().map(|r| r.id.clone()).collect();
+    ids.sort();
+    assert_eq!(ids, vec!["a2", "a2-cert", "b1", "b1-cert"]);
+    assert!(s.durably_revoked("b1-cert", now).unwrap());
+    assert!(!s.durably_revoked("a1", now).unwrap());
+    // Nothing is minted under a revoked credential.
+    assert!(
+        s.register(&creds(&other, "c1", Some("b1")), now)
+            .unwrap()
+            .is_err()
+    );
+    // Idempotent: the same ids again, nothing new in the log.
+    let seq = s.last_seq().unwrap();
+    let again = s
+        .revoke(&Target::Credential("a2".into()), &[], "again", now)
+        .unwrap();
+    assert_eq!(again.len(), 4);
+    assert_eq!(s.last_seq().unwrap(), seq);
+
+    // The task: one deny entry; every credential of it revoked; later
+    // registrations in it refused.
+    let before_task = s.last_seq().unwrap();
+    s.revoke(&Target::Task(t.id.clone()), &[], "task ended", now)
+        .unwrap();
+    assert!(s.durably_revoked("a1", now).unwrap());
+    assert!(!s.durably_revoked("b2", now).unwrap());
+    assert!(s.register(&creds(&t, "a3", None), now).unwrap().is_err());
+    let live = s.live_task_credentials(&t.id, now).unwrap();
+    assert_eq!(live.len(), 4);
+    let (log, last) = s.log_after(before_task, None, 100).unwrap();
+    assert_eq!(
+        log.iter()
+            .filter(|r| r.entry.kind == CredKind::Task)
+            .count(),
+        1
+    );
+    assert!(log.iter().all(|r| r.reason == "task ended"));
+    assert_eq!(last, s.last_seq().unwrap());
+
+    // The log: in order, paged, only what is in force when asked so.
+    let (all, _) = s.log_after(before, None, 1000).unwrap();
+    assert!(all.windows(2).all(|w| w[0].seq < w[1].seq));
+    let (page, _) = s.log_after(before, None, 2).unwrap();
+    assert_eq!(page.len(), 2);
+    assert_eq!(page[0], all[0]);
+    let (future, _) = s.log_after(before, Some(9_000), 1000).unwrap();
+    assert!(future.is_empty());
+    assert!(!s.live_revocations(now).unwrap().is_empty());
+
+    // A purpose change revokes the listed tokens with their subtrees.
+    let tk = token(&other, "b2");
+    let gone = s.revoke_tokens(&[tk], "purpose changed", now).unwrap();
+    assert!(gone.iter().any(|r| r.id == "b2-cert"));
+    assert!(s.durably_revoked("b2", now).unwrap());
+
+    // Pruned once expired.
+    s.prune(9_000).unwrap();
+    assert!(s.live_revocations(9_000).unwrap().is_empty());
+    assert!(s.task_credentials(&t.id).unwrap().is_empty());
+    s.ping().unwrap();
+}
+
+fn whole_suite(s: &dyn Store) {
+    entries_and_nodes(s);
+    tasks_grants_and_tokens(s);
+    revocation(s);
+}
+
+#[test]
+fn sqlite_in_memory_passes_the_datastore_suite() {
+    whole_suite(&SqliteStore::in_memory().unwrap());
+}
+
+#[test]
+fn sqlite_file_passes_the_datastore_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    whole_suite(&SqliteStore::open(&dir.path().join("broker.db")).unwrap());
+}
+
+/// A private PostgreSQL cluster and a database in it per test.
+struct Cluster {
+    rt: tokio::runtime::Runtime,
+    pg: baton_secrets::testing::Pg,
+}
+
+impl Cluster {
+    fn start() -> Self {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let pg = rt.block_on(baton_secrets::testing::Pg::start());
+        Self { rt, pg }
+    }
+
+    fn database(&self, name: &str) -> PgSettings {
+        self.rt.block_on(async {
+            self.pg
+                .admin("postgres")
+                .await
+                .batch_execute(&format!("CREATE DATABASE {name}"))
+                .await
+                .unwrap();
+        });
+        PgSettings {
+            conn: self.pg.admin_conn(name),
+            password: None,
+            pool: 4,
+        }
+    }
+}
+
+#[test]
+fn postgres_passes_the_datastore_suite_and_its_steps_are_atomic_across_brokers() {
+    let cluster = Cluster::start();
+    let settings = cluster.database("suite");
+    // Several brokers start at once on a new database: the schema is
+    // created once.
+    let opened: Vec<Arc<PgStore>> = std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..3)
+            .map(|_| sc.spawn(|| PgStore::open(&settings).map(Arc::new)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap().unwrap())
+            .collect()
+    });
+    whole_suite(opened[0].as_ref());
+
+    // Two brokers race on one join token, one grant, one redeem: one wins.
+    let (a, b) = (opened[1].clone(), opened[2].clone());
+    let node = sid("baton/node/race");
+    let t = task(9);
+    a.insert_task(&t).unwrap();
+    for round in 0..20 {
+        let digest = format!("race-jt{round}");
+        a.insert_join_token(&digest, &node, 1_000).unwrap();
+        let g = format!("race-g{round}");
+        a.insert_grant(&g, &grant(&t)).unwrap();
+        let r = format!("race-r{round}");
+        a.insert_grant(&r, &grant(&t)).unwrap();
+        let wins: Vec<(bool, bool, bool)> = std::thread::scope(|sc| {
+            [a.clone(), b.clone()]
+                .into_iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    let (digest, g, r, t) = (&digest, &g, &r, &t);
+                    sc.spawn(move || {
+                        let jti = format!("race-{round}-{i}");
+                        (
+                            s.consume_join_token(digest, 10).unwrap().is_ok(),
+                            s.consume_grant(g, 10).unwrap().is_ok(),
+                            s.redeem_grant(r, 10, &token(t, &jti), &creds(t, &jti, None))
+                                .unwrap()
+                                .is_ok(),
+                        )
+                    })
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .collect()
+        });
+        assert_eq!(
+            wins.iter().filter(|w| w.0).count(),
+            1,
+            "join token, round {round}"
+        );
+        assert_eq!(
+            wins.iter().filter(|w| w.1).count(),
+            1,
+            "grant, round {round}"
+        );
+        assert_eq!(
+            wins.iter().filter(|w| w.2).count(),
+            1,
+            "redeem, round {round}"
+        );
+    }
+
+    // A revocation at one broker racing registrations at another: every
+    // credential of the task that was registered is covered, and none is
+    // registered after it.
+    let t = task(10);
+    a.insert_task(&t).unwrap();
+    let registered: Vec<String> = std::thread::scope(|sc| {
+        let reg = sc.spawn(|| {
+            let mut ok = Vec::new();
+            for i in 0..200 {
+                let jti = format!("live-{i}");
+                if a.register(&creds(&t, &jti, None), 100).unwrap().is_ok() {
+                    ok.push(jti);
+                }
+            }
+            ok
+        });
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        b.revoke(&Target::Task(t.id.clone()), &[], "ended", 100)
+            .unwrap();
+        reg.join().unwrap()
+    });
+    assert!(!registered.is_empty());
+    for jti in &registered {
+        assert!(
+            b.durably_revoked(jti, 100).unwrap(),
+            "{jti} escaped the task's revocation"
+        );
+    }
+    // The log's order is its commit order: a follower that read up to a
+    // sequence number never misses one that commits later.
+    let (log, last) = a.log_after(0, None, 100_000).unwrap();
+    assert_eq!(log.last().map(|r| r.seq), Some(last));
+
+    // The schema of a newer broker is refused, not guessed at.
+    cluster.rt.block_on(async {
+        let c = cluster.pg.admin("suite").await;
+        c.batch_execute("INSERT INTO baton_schema_version (version) VALUES (999)")
+            .await
+            .unwrap();
+    });
+    assert!(matches!(
+        PgStore::open(&settings),
+        Err(StoreError::SchemaTooNew { found: 999, .. })
+    ));
+}
+
+#[test]
+fn postgres_errors_say_what_was_wrong_and_keep_no_password() {
+    let bad = PgSettings {
+        conn: "postgres://baton:hunter2@127.0.0.1:1/baton".into(),
+        password: None,
+        pool: 1,
+    };
+    let e = PgStore::open(&bad).unwrap_err().to_string();
+    assert!(e.contains("cannot connect to PostgreSQL at"), "{e}");
+    assert!(!e.contains("hunter2"), "{e}");
+    assert!(!format!("{bad:?}").contains("hunter2"));
+    let e = PgStore::open(&PgSettings {
+        conn: "host=/nowhere port=notaport".into(),
+        password: None,
+        pool: 1,
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("is not valid"), "{e}");
+}
