@@ -21,8 +21,8 @@
 //! store's own. Connections are direct or through a pooler in session mode
 //! (a revocation's working set is a temporary table of its session).
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use baton_core::api::ApprovalState;
@@ -243,6 +243,24 @@ fn limit_of(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
+/// Runs `$body` (an expression that may `.await`, with `$c: &mut Client`)
+/// on a pooled connection, off the async workers. A macro over a plain
+/// async block rather than a method taking an async closure: ~50 async
+/// closures passed to one generic method made type-checking this crate take
+/// minutes.
+macro_rules! on_conn {
+    ($store:expr, |$c:ident| $body:expr) => {{
+        let store: &PgStore = &$store;
+        match store.checkout() {
+            Ok(mut slot) => match slot.as_mut() {
+                Some($c) => PgStore::counted(store.block(async { $body })),
+                None => Err(StoreError::Poisoned),
+            },
+            Err(e) => Err(e),
+        }
+    }};
+}
+
 impl PgStore {
     /// Connects (failing with what was wrong: a bad connection string, an
     /// unreachable server, a refused login) and migrates the schema.
@@ -324,11 +342,9 @@ impl PgStore {
             })
     }
 
-    /// Runs `f` on a pooled connection (opening it if needed).
-    fn with<T>(
-        &self,
-        f: impl AsyncFnOnce(&mut Client) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
+    /// A pooled connection, opened if it is not (or no longer) open. Held
+    /// by the caller for one [`on_conn!`] body.
+    fn checkout(&self) -> Result<MutexGuard<'_, Option<Client>>, StoreError> {
         let n = self.slots.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut guard = None;
@@ -347,10 +363,11 @@ impl PgStore {
         if guard.as_ref().is_none_or(Client::is_closed) {
             *guard = Some(self.connect()?);
         }
-        let Some(client) = guard.as_mut() else {
-            return Err(StoreError::Poisoned);
-        };
-        let r = self.block(f(client));
+        Ok(guard)
+    }
+
+    /// Counts a failed datastore call in the store-error metric.
+    fn counted<T>(r: Result<T, StoreError>) -> Result<T, StoreError> {
         if let Err(e) = &r
             && matches!(e, StoreError::Postgres(_) | StoreError::Corrupt { .. })
         {
@@ -360,7 +377,7 @@ impl PgStore {
     }
 
     fn migrate(&self) -> Result<(), StoreError> {
-        self.with(async |c| {
+        on_conn!(self, |c| {
             c.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
                 .await?;
             let r = migrate_locked(c).await;
@@ -478,7 +495,7 @@ impl Datastore for PgStore {
     fn create_entry(&self, e: &Entry) -> Result<(), StoreError> {
         let selectors = selectors_text(&e.selectors);
         let dns = serde_json::to_string(&e.dns_names).map_err(|err| corrupt("entries", err))?;
-        self.with(async |c| {
+        on_conn!(self, |c| {
             let inserted = c
                 .query_opt(
                     &format!(
@@ -513,7 +530,7 @@ impl Datastore for PgStore {
     }
 
     fn get_entry(&self, id: &EntryId) -> Result<Option<Entry>, StoreError> {
-        self.with(async |c| {
+        on_conn!(self, |c| {
             let row = c
                 .query_opt(
                     &format!("SELECT {ENTRY_COLUMNS} FROM entries WHERE id = $1"),
@@ -525,7 +542,7 @@ impl Datastore for PgStore {
     }
 
     fn list_entries(&self) -> Result<Vec<Entry>, StoreError> {
-        self.with(async |c| {
+        on_conn!(self, |c| {
             c.query(
                 &format!("SELECT {ENTRY_COLUMNS} FROM entries ORDER BY spiffe_id, id"),
                 &[],
@@ -538,7 +555,7 @@ impl Datastore for PgStore {
     }
 
     fn list_entries_by_parent(&self, parent: &SpiffeId) -> Result<Vec<Entry>, StoreError> {
-        self.with(async |c| {
+        on_conn!(self, |c| {
             c.query(
                 &format!(
                     "SELECT {ENTRY_COLUMNS} FROM entries WHERE parent_id = $1 ORDER BY spiffe_id, id"
@@ -553,7 +570,7 @@ impl Datastore for PgStore {
     }
 
     fn delete_entry(&self, id: &EntryId) -> Result<bool, StoreError> {
-        self.with(async |c| {
+        on_conn!(self, |c| {
             Ok(
                 c.execute("DELETE FROM entries WHERE id = $1", &[&id.as_str()])
                     .await?
@@ -568,7 +585,7 @@ impl Datastore for PgStore {
         node_id: &SpiffeId,
         expires_at: u64,
     ) -> Result<(), StoreError> {
-        self.with(async |c| {
+        on_conn!(self, |c| {
             c.execute(
                 "INSERT INTO join_tokens (digest, node_id, expires_at) VALUES ($1, $2, $3)",
                 &[&digest_hex, &node_id.as_str(), &to_i64(expires_at)],
@@ -583,7 +600,7 @@ impl Datastore for PgStore {
         digest_hex: &str,
         now: u64,
     ) -> Result<Result<SpiffeId, JoinTokenRefusal>, StoreError> {
-        self.with(async |c| token_state(c, digest_hex, now).await)
+        on_conn!(self, |c| token_state(c, digest_hex, now).await)
     }
 
     fn consume_join_token(
@@ -591,7 +608,7 @@ impl Datastore for PgStore {
         digest_hex: &str,
         now: u64,
     ) -> Result<Result<SpiffeId, JoinTokenRefusal>, StoreError> {
-        self.with(async |c| {
+        on_conn!(self, |c| {
             // One statement: of two brokers racing, the second finds it used.
             let used = c
                 .query_opt(
@@ -619,7 +636,7 @@ impl Datastore for PgStore {
     }
 
     fn upsert_node(&self, n: &NodeRecord) -> Result<(), StoreError> {
-        self.with(async |c| {
+        on_conn!(self, |c| {
             c.execute(
                 "INSERT INTO nodes (spiffe_id, serial, svid_not_after, attested_at, banned, prev_serial)
                  VALUES ($1, $2, $3, $4, $5, NULL)
@@ -640,7 +657,7 @@ impl Datastore for PgStore {
     }
 
     fn get_node(&self, id: &SpiffeId) -> Result<Option<NodeRecord>, StoreError> {
-        self.with(async |c| {
+        on_conn!(self, |c| {
             let row = c
                 .query_opt(
                     "SELECT spiffe_id, serial, svid_not_after, attested_at, banned, prev_serial
@@ -653,7 +670,7 @@ impl Datastore for PgStore {
     }
 
     fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
-        self.with(async |c| {
+        on_conn!(self, |c| {
             c.query(
                 "SELECT spiffe_id, serial, svid_not_after, attested_at, banned, prev_serial
                  FROM nodes ORDER BY spiffe_id",
@@ -673,7 +690,7 @@ impl Datastore for PgStore {
         serial_hex: &str,
         svid_not_after: u64,
     ) -> Result<bool, StoreError> {
-        self.with(async |c| {
+        on_conn!(self, |c| {
             Ok(c.execute(
                 "UPDATE nodes SET
                     prev_serial = CASE WHEN serial = $4 THEN serial ELSE prev_serial END,
@@ -692,7 +709,7 @@ impl Datastore for PgStore {
     }
 
     fn settle_node_svid(&self, id: &SpiffeId, serial_hex: &str) -> Result<(), StoreError> {
-        self.with(async |c| {
+        on_conn!(self, |c| {
             c.execute(
                 "UPDATE nodes SET prev_serial = NULL
                  WHERE spiffe_id = $1 AND serial = $2 AND prev_serial IS NOT NULL",
@@ -704,7 +721,7 @@ impl Datastore for PgStore {
     }
 
     fn delete_node(&self, id: &SpiffeId) -> Result<bool, StoreError> {
-        self.with(async |c| {
+        on_conn!(self, |c| {
             Ok(
                 c.execute("DELETE FROM nodes WHERE spiffe_id = $1", &[&id.as_str()])
                     .await?
@@ -714,7 +731,7 @@ impl Datastore for PgStore {
     }
 
     fn set_node_banned(&self, id: &SpiffeId, banned: bool) -> Result<bool, StoreError> {
-        self.with(async |c| {
+        on_conn!(self, |c| {
             Ok(c.execute(
                 "UPDATE nodes SET banned = $2 WHERE spiffe_id = $1",
                 &[&id.as_str(), &banned],
@@ -725,7 +742,7 @@ impl Datastore for PgStore {
     }
 
     fn block_agent(&self, b: &AgentBlock) -> Result<(), StoreError> {
-        self.with(async |c| {
+        on_conn!(self, |c| {
             c.execute(
                 "INSERT INTO agent_blocks (spiffe_id, until, reason, at) VALUES ($1, $2, $3, $4)
                  ON CONFLICT (spiffe_id) DO UPDATE SET until = excluded.until,
@@ -743,7 +760,7 @@ impl Datastore for PgStore {
     }
 
     fn unblock_agent(&self, id: &SpiffeId) -> Result<bool, StoreError> {
-        self.with(async |c| {
+        on_conn!(self, |c| {
             Ok(c.execute(
                 "DELETE FROM agent_blocks WHERE spiffe_id = $1",
                 &[&id.as_str()],
@@ -764,7 +781,7 @@ impl Datastore for PgStore {
 
 impl PgStore {
     fn blocks_where(&self, id: Option<&SpiffeId>, now: u64) -> Result<Vec<AgentBlock>, StoreError> {
-        self.with(async |c| {
+        on_conn!(self, |c| {
             c.query(
                 "SELECT spiffe_id, until, reason, at FROM agent_blocks
                  WHERE ($1::TEXT IS NULL OR spiffe_id = $1) AND (until IS NULL OR until > $2)
@@ -784,7 +801,7 @@ impl PgStore {
         sql: &str,
         key: &str,
     ) -> Result<Option<T>, StoreError> {
-        let row: Option<String> = self.with(async |c| {
+        let row: Option<String> = on_conn!(self, |c| {
             Ok(match c.query_opt(sql, &[&key]).await? {
                 Some(r) => Some(r.try_get(0)?),
                 None => None,
@@ -799,7 +816,7 @@ impl PgStore {
         sql: &str,
         key: Option<&str>,
     ) -> Result<Vec<T>, StoreError> {
-        let rows: Vec<String> = self.with(async |c| {
+        let rows: Vec<String> = on_conn!(self, |c| {
             let rows = match key {
                 Some(k) => c.query(sql, &[&k]).await?,
                 None => c.query(sql, &[]).await?,
@@ -1099,7 +1116,7 @@ impl Ledger for PgStore {
     }
 
     fn ping(&self) -> Result<(), StoreError> {
-        self.with(async |c| {
+        on_conn!(self, |c| {
             let row = c
                 .query_one(
                     "SELECT MAX(version), current_setting('transaction_read_only')
@@ -1118,7 +1135,7 @@ impl Ledger for PgStore {
     }
 
     fn epoch(&self) -> Result<String, StoreError> {
-        self.with(async |c| {
+        on_conn!(self, |c| {
             Ok(c.query_one("SELECT epoch FROM feed_meta LIMIT 1", &[])
                 .await?
                 .try_get(0)?)
@@ -1126,7 +1143,7 @@ impl Ledger for PgStore {
     }
 
     fn last_seq(&self) -> Result<u64, StoreError> {
-        self.with(async |c| last_seq(c).await)
+        on_conn!(self, |c| last_seq(c).await)
     }
 
     fn log_after(
@@ -1135,7 +1152,7 @@ impl Ledger for PgStore {
         live_at: Option<u64>,
         limit: usize,
     ) -> Result<(Vec<LogRow>, u64), StoreError> {
-        self.with(async |c| {
+        on_conn!(self, |c| {
             // One snapshot for the page and the end.
             let tx = c
                 .build_transaction()
@@ -1175,7 +1192,7 @@ impl Ledger for PgStore {
         records: &[CredentialRecord],
         now: u64,
     ) -> Result<Result<(), String>, StoreError> {
-        self.with(async |c| {
+        on_conn!(self, |c| {
             let tx = c.transaction().await?;
             lock_shared(&tx).await?;
             let r = register_in(&tx, records, now).await?;
@@ -1193,7 +1210,7 @@ impl Ledger for PgStore {
         reason: &str,
         now: u64,
     ) -> Result<Vec<Revoked>, StoreError> {
-        self.with(async |c| {
+        on_conn!(self, |c| {
             let tx = c.transaction().await?;
             lock_exclusive(&tx).await?;
             cover_reset(&tx).await?;
@@ -1230,7 +1247,7 @@ impl Ledger for PgStore {
     }
 
     fn live_task_credentials(&self, task: &TaskId, now: u64) -> Result<Vec<Revoked>, StoreError> {
-        self.with(async |c| {
+        on_conn!(self, |c| {
             c.query(
                 "SELECT id, kind, expires_at FROM credentials
                  WHERE task = $1 AND expires_at > $2 ORDER BY n",
@@ -1249,7 +1266,7 @@ impl Ledger for PgStore {
         reason: &str,
         now: u64,
     ) -> Result<Vec<Revoked>, StoreError> {
-        self.with(async |c| {
+        on_conn!(self, |c| {
             let tx = c.transaction().await?;
             lock_exclusive(&tx).await?;
             cover_reset(&tx).await?;
@@ -1265,7 +1282,7 @@ impl Ledger for PgStore {
     }
 
     fn mark(&self, revoked: &[Revoked], reason: &str, now: u64) -> Result<usize, StoreError> {
-        self.with(async |c| {
+        on_conn!(self, |c| {
             let tx = c.transaction().await?;
             let n = mark_in(&tx, revoked, reason, now).await?;
             tx.commit().await?;
@@ -1275,7 +1292,7 @@ impl Ledger for PgStore {
 
     fn prune(&self, cutoff: u64) -> Result<(), StoreError> {
         let cutoff = to_i64(cutoff);
-        self.with(async |c| {
+        on_conn!(self, |c| {
             let tx = c.transaction().await?;
             tx.execute("DELETE FROM credentials WHERE expires_at <= $1", &[&cutoff])
                 .await?;
@@ -1292,7 +1309,7 @@ impl Ledger for PgStore {
     }
 
     fn durably_revoked(&self, id: &str, now: u64) -> Result<bool, StoreError> {
-        self.with(async |c| {
+        on_conn!(self, |c| {
             Ok(c.query_one(
                 "SELECT EXISTS (SELECT 1 FROM revocations WHERE id = $1 AND expires_at > $2)
                     OR EXISTS (SELECT 1 FROM credentials c JOIN revoked_tasks t ON t.task = c.task
@@ -1305,7 +1322,7 @@ impl Ledger for PgStore {
     }
 
     fn task_credentials(&self, task: &TaskId) -> Result<Vec<TaskCredential>, StoreError> {
-        self.with(async |c| {
+        on_conn!(self, |c| {
             let rows = c
                 .query(
                     "SELECT c.id, c.kind, c.agent, c.node, c.parent, c.expires_at,
@@ -1333,7 +1350,7 @@ impl Ledger for PgStore {
     }
 
     fn live_revocations(&self, now: u64) -> Result<Vec<Revoked>, StoreError> {
-        self.with(async |c| {
+        on_conn!(self, |c| {
             c.query(
                 "SELECT id, kind, expires_at FROM revocations WHERE expires_at > $1",
                 &[&to_i64(now)],
@@ -1353,7 +1370,7 @@ impl TaskStore for PgStore {
 
     fn insert_task(&self, t: &TaskRecord) -> Result<(), StoreError> {
         let record = enc("tasks", t)?;
-        self.with(async |c| {
+        on_conn!(self, |c| {
             c.execute(
                 "INSERT INTO tasks (id, record, created_at) VALUES ($1, $2, $3)",
                 &[&t.id.as_str(), &record, &to_i64(t.created_at)],
@@ -1381,7 +1398,7 @@ impl TaskStore for PgStore {
 
     fn update_task(&self, t: &TaskRecord) -> Result<(), StoreError> {
         let record = enc("tasks", t)?;
-        self.with(async |c| {
+        on_conn!(self, |c| {
             c.execute(
                 "UPDATE tasks SET record = $2 WHERE id = $1",
                 &[&t.id.as_str(), &record],
@@ -1393,7 +1410,7 @@ impl TaskStore for PgStore {
 
     fn insert_grant(&self, digest: &str, g: &GrantRecord) -> Result<(), StoreError> {
         let record = enc("grants", g)?;
-        self.with(async |c| {
+        on_conn!(self, |c| {
             c.execute(
                 "INSERT INTO grants (digest, task_id, record, expires_at) VALUES ($1, $2, $3, $4)",
                 &[&digest, &g.task_id.as_str(), &record, &to_i64(g.expires_at)],
@@ -1404,7 +1421,7 @@ impl TaskStore for PgStore {
     }
 
     fn get_grant(&self, digest: &str) -> Result<Option<(GrantRecord, Option<u64>)>, StoreError> {
-        let row: Option<(String, Option<i64>)> = self.with(async |c| {
+        let row: Option<(String, Option<i64>)> = on_conn!(self, |c| {
             Ok(
                 match c
                     .query_opt(
@@ -1427,7 +1444,7 @@ impl TaskStore for PgStore {
         digest: &str,
         now: u64,
     ) -> Result<Result<GrantRecord, GrantRefusal>, StoreError> {
-        let row: Result<String, GrantRefusal> = self.with(async |c| {
+        let row: Result<String, GrantRefusal> = on_conn!(self, |c| {
             let used = c
                 .query_opt(
                     "UPDATE grants SET used_at = $2
@@ -1456,7 +1473,7 @@ impl TaskStore for PgStore {
 
     fn insert_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
         let record = enc("tokens", t)?;
-        self.with(async |c| {
+        on_conn!(self, |c| {
             c.execute(
                 "INSERT INTO tokens (jti, task_id, record) VALUES ($1, $2, $3)",
                 &[&t.jti, &t.task_id.as_str(), &record],
@@ -1474,7 +1491,7 @@ impl TaskStore for PgStore {
         creds: &[CredentialRecord],
     ) -> Result<Result<(), RedeemRefusal>, StoreError> {
         let record = enc("tokens", token)?;
-        self.with(async |c| {
+        on_conn!(self, |c| {
             let tx = c.transaction().await?;
             lock_shared(&tx).await?;
             // The row lock: a racing redeem of the same grant waits here
@@ -1562,7 +1579,7 @@ impl TaskStore for PgStore {
                 expires_at: r.expires_at,
             })
             .collect();
-        self.with(async |c| {
+        on_conn!(self, |c| {
             let tx = c.transaction().await?;
             tx.execute(
                 "UPDATE grants SET used_at = NULL WHERE digest = $1",
@@ -1577,7 +1594,7 @@ impl TaskStore for PgStore {
 
     fn update_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
         let record = enc("tokens", t)?;
-        self.with(async |c| {
+        on_conn!(self, |c| {
             c.execute(
                 "UPDATE tokens SET record = $2 WHERE jti = $1",
                 &[&t.jti, &record],
@@ -1600,7 +1617,7 @@ impl TaskStore for PgStore {
     }
 
     fn use_id_token(&self, key: &str, expires_at: u64, now: u64) -> Result<bool, StoreError> {
-        self.with(async |c| {
+        on_conn!(self, |c| {
             let tx = c.transaction().await?;
             tx.execute(
                 "DELETE FROM used_id_tokens WHERE expires_at <= $1",
@@ -1620,7 +1637,7 @@ impl TaskStore for PgStore {
     }
 
     fn report_seen(&self, report_id: &str) -> Result<Option<u64>, StoreError> {
-        self.with(async |c| {
+        on_conn!(self, |c| {
             Ok(
                 match c
                     .query_opt(
@@ -1637,7 +1654,7 @@ impl TaskStore for PgStore {
     }
 
     fn record_report(&self, report_id: &str, index: u64) -> Result<(), StoreError> {
-        self.with(async |c| {
+        on_conn!(self, |c| {
             c.execute(
                 "INSERT INTO tool_reports (report_id, audit_index) VALUES ($1, $2)
                  ON CONFLICT (report_id) DO NOTHING",
@@ -1658,7 +1675,7 @@ impl TaskStore for PgStore {
 
     fn insert_approval(&self, binding: &str, a: &ApprovalState) -> Result<(), StoreError> {
         let record = enc("approvals", a)?;
-        self.with(async |c| {
+        on_conn!(self, |c| {
             c.execute(
                 "INSERT INTO approvals (id, binding, task, status, expires_at, record)
                  VALUES ($1, $2, $3, $4, $5, $6)",
@@ -1691,7 +1708,7 @@ impl TaskStore for PgStore {
         to: &ApprovalState,
     ) -> Result<bool, StoreError> {
         let record = enc("approvals", to)?;
-        self.with(async |c| {
+        on_conn!(self, |c| {
             Ok(c.execute(
                 "UPDATE approvals SET status = $3, record = $4 WHERE id = $1 AND status = $2",
                 &[&id, &from, &to.status, &record],

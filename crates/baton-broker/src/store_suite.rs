@@ -146,6 +146,10 @@ fn entries_and_nodes(s: &dyn Store) {
         s.consume_join_token("aa", 11).unwrap(),
         Err(JoinTokenRefusal::AlreadyUsed)
     );
+    assert_eq!(
+        s.check_join_token("aa", 11).unwrap(),
+        Err(JoinTokenRefusal::AlreadyUsed)
+    );
 
     // Nodes: a ban survives an upsert; renewal only from the current or
     // the unseen-current's previous SVID.
@@ -185,6 +189,8 @@ fn entries_and_nodes(s: &dyn Store) {
     assert_eq!(s.list_nodes().unwrap().len(), 1);
     assert!(s.delete_node(&node).unwrap());
     assert!(!s.delete_node(&node).unwrap());
+    assert_eq!(s.get_node(&node).unwrap(), None);
+    assert!(!s.update_node_svid(&node, "03", "08", 9).unwrap());
     assert!(!s.set_node_banned(&node, false).unwrap());
 
     // Agent blocks lapse.
