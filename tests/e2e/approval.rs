@@ -53,18 +53,29 @@ pub(crate) struct Answer {
 }
 
 pub(crate) fn put(g: &Gw, cred: &std::path::Path, path: &str, body: &str) -> Answer {
+    put_with(g, cred, path, body, &[])
+}
+
+/// [`put`] with extra request headers.
+pub(crate) fn put_with(
+    g: &Gw,
+    cred: &std::path::Path,
+    path: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> Answer {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        let r = client(cred)
+        let mut r = client(cred)
             .put(format!("{}{path}", g.url))
-            .bearer_auth(token_of(cred))
-            .body(body.to_owned())
-            .send()
-            .await
-            .unwrap();
+            .bearer_auth(token_of(cred));
+        for (name, value) in headers {
+            r = r.header(*name, *value);
+        }
+        let r = r.body(body.to_owned()).send().await.unwrap();
         Answer {
             status: r.status().as_u16(),
             retry_after: r
@@ -125,6 +136,40 @@ fn a_held_call_goes_on_once_its_initiator_approves_exactly_it() {
     assert!(other_case != a && with_query != a && other_case != with_query);
     let encoded = pending_id(&put(&g, &cred, "/crm/cases/4%32", r#"{"status":"closed"}"#));
     assert_eq!(encoded, a);
+    // And the headers the upstream gets: the same body as a form, or with
+    // a header the upstream reads, is another call. A client's own name
+    // and trace context are not bound: the same call retried with them
+    // is the same approval.
+    const BODY: &str = r#"{"status":"closed"}"#;
+    let as_form = pending_id(&put_with(
+        &g,
+        &cred,
+        "/crm/cases/42",
+        BODY,
+        &[("content-type", "application/x-www-form-urlencoded")],
+    ));
+    let with_amount = pending_id(&put_with(
+        &g,
+        &cred,
+        "/crm/cases/42",
+        BODY,
+        &[("x-amount", "5000")],
+    ));
+    assert!(as_form != a && with_amount != a && as_form != with_amount);
+    let retried = pending_id(&put_with(
+        &g,
+        &cred,
+        "/crm/cases/42",
+        BODY,
+        &[
+            ("user-agent", "retrying-agent/2"),
+            (
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
+        ],
+    ));
+    assert_eq!(retried, a);
     assert_eq!(
         g.upstream_count(),
         upstream_before,
@@ -192,8 +237,25 @@ fn a_held_call_goes_on_once_its_initiator_approves_exactly_it() {
         )),
         with_query
     );
+    // Nor the same call with a header the upstream reads.
+    assert_eq!(
+        pending_id(&put_with(
+            &g,
+            &cred,
+            "/crm/cases/42",
+            BODY,
+            &[("x-amount", "5000")]
+        )),
+        with_amount
+    );
     assert_eq!(g.upstream_count(), upstream_before);
-    let ok = put(&g, &cred, "/crm/cases/42", r#"{"status":"closed"}"#);
+    let ok = put_with(
+        &g,
+        &cred,
+        "/crm/cases/42",
+        BODY,
+        &[("user-agent", "retrying-agent/3")],
+    );
     assert_eq!(ok.status, 200, "{ok:?}");
     assert_eq!(g.upstream_count(), upstream_before + 1);
     let replay = pending_id(&put(&g, &cred, "/crm/cases/42", r#"{"status":"closed"}"#));

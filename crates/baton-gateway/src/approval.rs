@@ -6,17 +6,82 @@
 //! digest, this gateway). Pending or denied: the call is answered so and
 //! never forwarded. Approved: the approval is used up by this call, whose
 //! record names it.
+//!
+//! A route's input digest covers the request headers the upstream gets
+//! too (all but [`UNBOUND_HEADERS`]): an approved JSON body is not the same
+//! bytes sent as a form, and an approved call is not the same call with
+//! another `If-Match`, `Cookie` or `X-Amount`.
 
 use baton_core::api::{ApprovalRequest, ApprovalState};
 use baton_verify::{CallDenied, ToolSpec, VerifiedDelegation};
+use http::HeaderMap;
 
-use crate::gateway::{Gateway, error_chain};
+use crate::gateway::{Gateway, error_chain, upstream_headers};
+
+/// Request headers an approval does not bind: what a client sets anew on
+/// each attempt (its name, tracing, what it accepts, caching hints) and
+/// which does not change what the upstream is asked to do. Every other
+/// header the upstream gets is bound; a header unknown here is bound
+/// (fail closed: at worst the call asks for approval again).
+pub(crate) const UNBOUND_HEADERS: [&str; 12] = [
+    "accept",
+    "accept-language",
+    "user-agent",
+    "traceparent",
+    "tracestate",
+    "baggage",
+    "x-request-id",
+    "x-correlation-id",
+    "date",
+    "cache-control",
+    "pragma",
+    "expect",
+];
+
+/// What a route's approval binds besides the target: the headers the
+/// upstream would get (less [`UNBOUND_HEADERS`] and the identity headers
+/// the gateway sets, which the task and actor already bind), sorted by
+/// name, each value in the order sent, then the body; every part
+/// length-prefixed so that no two calls encode alike.
+pub(crate) fn bound_input(
+    headers: &HeaderMap,
+    d: &VerifiedDelegation,
+    body: &[u8],
+) -> Result<Vec<u8>, String> {
+    let forwarded = upstream_headers(headers, d)?;
+    let mut names: Vec<&http::HeaderName> = forwarded
+        .keys()
+        .filter(|n| {
+            let n = n.as_str();
+            !n.starts_with("baton-") && !UNBOUND_HEADERS.contains(&n)
+        })
+        .collect();
+    names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    let mut out = b"baton approval input v1\n".to_vec();
+    let mut part = |bytes: &[u8]| {
+        out.extend_from_slice(&(bytes.len() as u64).to_be_bytes());
+        out.extend_from_slice(bytes);
+    };
+    part(&(names.len() as u64).to_be_bytes());
+    for name in names {
+        for value in forwarded.get_all(name) {
+            part(name.as_str().as_bytes());
+            part(value.as_bytes());
+        }
+    }
+    part(b"body");
+    part(body);
+    Ok(out)
+}
 
 /// What a call that may need approval is asked about.
 pub(crate) struct Ask<'a> {
     pub(crate) spec: &'a ToolSpec,
     /// The call's input (the request body, or the MCP arguments).
     pub(crate) input: &'a [u8],
+    /// A route's request headers, bound with the input (`None` for an MCP
+    /// call, whose arguments are the call).
+    pub(crate) headers: Option<&'a HeaderMap>,
     /// The HTTP request line (`METHOD /path?query`) of a route's call.
     pub(crate) target: Option<String>,
     /// How long the approval may wait.
@@ -52,6 +117,7 @@ impl Gateway {
         let Ask {
             spec,
             input,
+            headers,
             target,
             ttl,
             configured,
@@ -81,6 +147,16 @@ impl Gateway {
         if !configured && !checked.needs_approval {
             return Ok(None);
         }
+        let bound;
+        let input = match headers {
+            Some(h) => {
+                bound = bound_input(h, d, input).map_err(|e| {
+                    Held::Unavailable(format!("the call's headers cannot be bound: {e}"))
+                })?;
+                bound.as_slice()
+            }
+            None => input,
+        };
         let req = ApprovalRequest {
             task_id: d.task_id().clone(),
             token_jti: d.jti().to_owned(),

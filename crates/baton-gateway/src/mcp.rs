@@ -659,6 +659,7 @@ impl Gateway {
                 crate::approval::Ask {
                     spec: &spec,
                     input: &input,
+                    headers: None,
                     // The endpoint too: one approved at a staging
                     // endpoint does not serve the same call at another.
                     target: Some(format!("POST {} tools/call {name}", ep.path)),
