@@ -37,7 +37,22 @@ pub struct Args {
     /// Seconds for each limit measurement.
     #[arg(long, default_value_t = 3)]
     limit_seconds: u64,
+    /// Fail when a batch-of-1 certificate costs more process CPU than this
+    /// many P-256 signatures' worth (its CPU times this run's one-core
+    /// sign rate, so the figure holds across machines). The default is the
+    /// figure recorded in BENCHMARKS.md plus 20%; 0 turns the check off.
+    #[arg(long, default_value_t = MAX_SIGNATURES_PER_CERT_B1)]
+    max_signatures_per_cert_b1: f64,
+    /// The same for the --batch phase.
+    #[arg(long, default_value_t = MAX_SIGNATURES_PER_CERT_BATCH)]
+    max_signatures_per_cert_batch: f64,
 }
+
+/// Process CPU per certificate, in P-256 signatures' worth, recorded in
+/// BENCHMARKS.md ("X509-SVID issuance", 2026-12-05: B=1 and B=100, 16
+/// clients), plus 20%. A change that costs more fails the bench.
+const MAX_SIGNATURES_PER_CERT_B1: f64 = 22.8;
+const MAX_SIGNATURES_PER_CERT_BATCH: f64 = 7.2;
 
 /// What one load phase achieved.
 #[derive(Debug, Clone, Copy)]
@@ -231,6 +246,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         "node-side key generation + CSR (not the broker's cost, done before the run): {keygen_rate:.0}/s on one core"
     );
     let mut json_phases = Vec::new();
+    let mut regressions = Vec::new();
     for p in &phases {
         let rate = p.rate();
         let vs_limit = rate / (verify_sign_1 * cores as f64);
@@ -251,6 +267,20 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
             sigs_per_cert.map_or("n/a".into(), |v| format!("{v:.1}")),
             p.cores_busy().map_or("n/a".into(), |v| format!("{v:.2}")),
         );
+        let limit = if p.batch == 1 {
+            a.max_signatures_per_cert_b1
+        } else {
+            a.max_signatures_per_cert_batch
+        };
+        if let Some(cost) = sigs_per_cert
+            && limit > 0.0
+            && cost > limit
+        {
+            regressions.push(format!(
+                "batch {}: {cost:.1} signatures' worth of CPU per cert, over the limit of {limit:.1} (the recorded figure + 20%)",
+                p.batch
+            ));
+        }
         json_phases.push(json!({
             "batch": p.batch,
             "certs": p.certs,
@@ -278,5 +308,13 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         "phases": json_phases,
     });
     println!("{record}");
+    if !regressions.is_empty() {
+        for r in &regressions {
+            eprintln!("REGRESSION: {r}");
+        }
+        bail!(
+            "X509-SVID issuance costs more than recorded in BENCHMARKS.md: profile it (perf record --call-graph dwarf) before landing, or record the new figure there and in MAX_SIGNATURES_PER_CERT_*"
+        );
+    }
     Ok(())
 }

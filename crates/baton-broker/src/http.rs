@@ -259,6 +259,21 @@ pub(crate) async fn issue<X, T>(
     finish(broker, node, issued.value)
 }
 
+/// [`issue`] on a thread that may block (inside [`blocking`]): the whole
+/// node request in one hop off the async workers, rather than one hand-off
+/// of a worker per datastore call.
+fn issue_blocking<X, T>(
+    broker: &Broker,
+    revoker: &Revoker,
+    node: &AuthenticatedNode,
+    issued: Result<Issued<X>, BrokerError>,
+    finish: impl FnOnce(&Broker, &AuthenticatedNode, X) -> Result<T, BrokerError>,
+) -> Result<T, BrokerError> {
+    let issued = issued?;
+    revoker.register_blocking(&issued.records, crate::oidc::unix_now())?;
+    finish(broker, node, issued.value)
+}
+
 /// Hands out a workload credential if its node is still attested.
 fn still_attested<T>(broker: &Broker, node: &AuthenticatedNode, v: T) -> Result<T, BrokerError> {
     broker.authenticate_node(Some(node.id()))?;
@@ -308,21 +323,15 @@ where
                   body: Bytes| {
                 let (handle, finish) = (handle.clone(), finish.clone());
                 async move {
-                    // The node check and the signing, off the async workers.
-                    let signed = {
-                        let (broker, revoker) = (broker.clone(), revoker.clone());
-                        blocking(move || {
-                            let node = node_auth(&broker, &revoker, peer, leaf)?;
-                            let issued = parse_body::<Req>(&body)
-                                .and_then(|req| handle(&broker, &node, req, SystemTime::now()));
-                            Ok((node, issued))
-                        })
-                        .await
-                    };
-                    let result = match signed {
-                        Ok((node, issued)) => issue(&broker, &revoker, &node, issued, finish).await,
-                        Err(e) => Err(e),
-                    };
+                    // The node check, the signing, the registration and the
+                    // re-check, off the async workers in one hop.
+                    let result = blocking(move || {
+                        let node = node_auth(&broker, &revoker, peer, leaf)?;
+                        let issued = parse_body::<Req>(&body)
+                            .and_then(|req| handle(&broker, &node, req, SystemTime::now()));
+                        issue_blocking(&broker, &revoker, &node, issued, finish)
+                    })
+                    .await;
                     respond(result)
                 }
             },

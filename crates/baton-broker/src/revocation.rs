@@ -291,6 +291,16 @@ impl Revoker {
         records: &[CredentialRecord],
         now: u64,
     ) -> Result<(), BrokerError> {
+        self.register_blocking(records, now)
+    }
+
+    /// [`Revoker::register`] for a caller already off the async workers
+    /// (it waits on the datastore).
+    pub fn register_blocking(
+        &self,
+        records: &[CredentialRecord],
+        now: u64,
+    ) -> Result<(), BrokerError> {
         if records.is_empty() {
             return Ok(());
         }

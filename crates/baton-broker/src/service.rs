@@ -749,11 +749,22 @@ impl Broker {
                 ),
             ));
         }
-        let entries = req
-            .items
-            .iter()
-            .map(|item| self.entitled_entry(node, &item.entry_id, unix(now)))
-            .collect::<Result<Vec<_>, _>>()?;
+        // Each entry looked up (and its block checked) once per batch: a
+        // node renewing one workload's SVIDs names the same entry 100 times.
+        let mut looked_up: std::collections::HashMap<&EntryId, Entry> =
+            std::collections::HashMap::new();
+        let mut entries = Vec::with_capacity(req.items.len());
+        for item in &req.items {
+            let entry = match looked_up.get(&item.entry_id) {
+                Some(e) => e.clone(),
+                None => {
+                    let e = self.entitled_entry(node, &item.entry_id, unix(now))?;
+                    looked_up.insert(&item.entry_id, e.clone());
+                    e
+                }
+            };
+            entries.push(entry);
+        }
         let mut svids = Vec::with_capacity(entries.len());
         let mut records = Vec::with_capacity(entries.len());
         for (item, entry) in req.items.iter().zip(&entries) {
