@@ -155,7 +155,16 @@ fn a_held_call_goes_on_once_its_initiator_approves_exactly_it() {
         BODY,
         &[("x-amount", "5000")],
     ));
+    // Content negotiation changes what a server does with the same bytes.
+    let other_accept = pending_id(&put_with(
+        &g,
+        &cred,
+        "/crm/cases/42",
+        BODY,
+        &[("accept", "application/vnd.acme.v2+json")],
+    ));
     assert!(as_form != a && with_amount != a && as_form != with_amount);
+    assert!(other_accept != a && other_accept != as_form && other_accept != with_amount);
     let retried = pending_id(&put_with(
         &g,
         &cred,

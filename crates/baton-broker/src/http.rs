@@ -252,11 +252,7 @@ pub(crate) async fn issue<X, T>(
     issued: Result<Issued<X>, BrokerError>,
     finish: impl FnOnce(&Broker, &AuthenticatedNode, X) -> Result<T, BrokerError>,
 ) -> Result<T, BrokerError> {
-    let issued = issued?;
-    revoker
-        .register(&issued.records, crate::oidc::unix_now())
-        .await?;
-    finish(broker, node, issued.value)
+    issue_blocking(broker, revoker, node, issued, finish)
 }
 
 /// [`issue`] on a thread that may block (inside [`blocking`]): the whole

@@ -7,10 +7,11 @@
 //! never forwarded. Approved: the approval is used up by this call, whose
 //! record names it.
 //!
-//! A route's input digest covers the request headers the upstream gets
-//! too (all but [`UNBOUND_HEADERS`]): an approved JSON body is not the same
-//! bytes sent as a form, and an approved call is not the same call with
-//! another `If-Match`, `Cookie` or `X-Amount`.
+//! The input digest covers the request headers the upstream gets too (all
+//! but [`UNBOUND_HEADERS`]): an approved JSON body is not the same bytes
+//! sent as a form, an approved call is not the same call with another
+//! `If-Match`, `Accept`, `Cookie` or `X-Amount`, and an MCP call approved
+//! in one session (`Mcp-Session-Id`) does not serve another.
 
 use baton_core::api::{ApprovalRequest, ApprovalState};
 use baton_verify::{CallDenied, ToolSpec, VerifiedDelegation};
@@ -19,30 +20,29 @@ use http::HeaderMap;
 use crate::gateway::{Gateway, error_chain, upstream_headers};
 
 /// Request headers an approval does not bind: what a client sets anew on
-/// each attempt (its name, tracing, what it accepts, caching hints) and
-/// which does not change what the upstream is asked to do. Every other
-/// header the upstream gets is bound; a header unknown here is bound
-/// (fail closed: at worst the call asks for approval again).
-pub(crate) const UNBOUND_HEADERS: [&str; 12] = [
-    "accept",
-    "accept-language",
+/// each attempt (its name, trace context, request ids, `Expect`) and which
+/// does not change what the upstream is asked to do. Every other header
+/// the upstream gets is bound, `Accept` and `Accept-Language` included
+/// (content negotiation and locale-aware parsing change what a server
+/// does with the same bytes); a header unknown here is bound (fail
+/// closed: at worst the call asks for approval again).
+pub(crate) const UNBOUND_HEADERS: [&str; 7] = [
     "user-agent",
     "traceparent",
     "tracestate",
     "baggage",
     "x-request-id",
     "x-correlation-id",
-    "date",
-    "cache-control",
-    "pragma",
     "expect",
 ];
 
-/// What a route's approval binds besides the target: the headers the
-/// upstream would get (less [`UNBOUND_HEADERS`] and the identity headers
-/// the gateway sets, which the task and actor already bind), sorted by
-/// name, each value in the order sent, then the body; every part
-/// length-prefixed so that no two calls encode alike.
+/// What a call's approval binds besides the target: the headers the
+/// upstream would get (less [`UNBOUND_HEADERS`]; the identity headers the
+/// gateway sets included, so the chain is bound too), sorted by name, each
+/// value in the order sent, then the input; every part length-prefixed so
+/// that no two calls encode alike. The approval's input digest is of this,
+/// not of the input alone as the call's record is; the record names its
+/// approval.
 pub(crate) fn bound_input(
     headers: &HeaderMap,
     d: &VerifiedDelegation,
@@ -51,10 +51,7 @@ pub(crate) fn bound_input(
     let forwarded = upstream_headers(headers, d)?;
     let mut names: Vec<&http::HeaderName> = forwarded
         .keys()
-        .filter(|n| {
-            let n = n.as_str();
-            !n.starts_with("baton-") && !UNBOUND_HEADERS.contains(&n)
-        })
+        .filter(|n| !UNBOUND_HEADERS.contains(&n.as_str()))
         .collect();
     names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
     let mut out = b"baton approval input v1\n".to_vec();
@@ -79,8 +76,8 @@ pub(crate) struct Ask<'a> {
     pub(crate) spec: &'a ToolSpec,
     /// The call's input (the request body, or the MCP arguments).
     pub(crate) input: &'a [u8],
-    /// A route's request headers, bound with the input (`None` for an MCP
-    /// call, whose arguments are the call).
+    /// The request headers, bound with the input (`None`: the input
+    /// alone).
     pub(crate) headers: Option<&'a HeaderMap>,
     /// The HTTP request line (`METHOD /path?query`) of a route's call.
     pub(crate) target: Option<String>,

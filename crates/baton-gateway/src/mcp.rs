@@ -659,10 +659,15 @@ impl Gateway {
                 crate::approval::Ask {
                     spec: &spec,
                     input: &input,
-                    headers: None,
-                    // The endpoint too: one approved at a staging
-                    // endpoint does not serve the same call at another.
-                    target: Some(format!("POST {} tools/call {name}", ep.path)),
+                    // The session and every header the upstream gets.
+                    headers: Some(&req.headers),
+                    // The endpoint and its query too: one approved at a
+                    // staging endpoint does not serve the same call at
+                    // another.
+                    target: Some(match &req.query {
+                        Some(q) => format!("POST {}?{q} tools/call {name}", ep.path),
+                        None => format!("POST {} tools/call {name}", ep.path),
+                    }),
                     ttl: c.rt.config.approval_ttl,
                     configured: tool.approval,
                 },
