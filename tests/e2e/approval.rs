@@ -361,7 +361,45 @@ tier = "write"
 
         let out = g.w.ok(&["approve", &id, "--user", "alice@example.com"]);
         assert!(out.contains("Approved"), "{out}");
-        let done = crate::mcp::call(&s, "crm.update", args).await.unwrap();
+
+        // Attack: the approved arguments with a `_meta` the server reads
+        // (here a made-up `com.example/amount`) are another call: held
+        // under another approval, not forwarded.
+        let e = crate::mcp::call_meta(
+            &s,
+            "crm.update",
+            args.clone(),
+            Some(serde_json::json!({"com.example/amount": 1_000_000})),
+        )
+        .await
+        .unwrap_err();
+        let (code, _, data) = crate::mcp::rpc_error(&e);
+        assert_eq!(
+            i64::from(code),
+            baton_gateway::MCP_APPROVAL_PENDING,
+            "{e:?}"
+        );
+        let other = data["approval_id"].as_str().unwrap();
+        assert_ne!(other, id, "another _meta used the approval of the call");
+        assert_eq!(
+            seen.count(),
+            0,
+            "a call with another _meta reached the tool"
+        );
+
+        // Control: the approved call with only per-attempt `_meta` (a
+        // progress token, trace context) uses the approval and goes on.
+        let done = crate::mcp::call_meta(
+            &s,
+            "crm.update",
+            args,
+            Some(serde_json::json!({
+                "progressToken": 7,
+                "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+            })),
+        )
+        .await
+        .unwrap();
         assert!(done.contains("account acme updated"), "{done}");
         assert_eq!(seen.count(), 1);
     });

@@ -339,13 +339,23 @@ pub(crate) async fn call(
     tool: &str,
     args: serde_json::Value,
 ) -> Result<String, ServiceError> {
+    call_meta(s, tool, args, None).await
+}
+
+/// [`call`] with `params._meta` set to `meta` (an object).
+pub(crate) async fn call_meta(
+    s: &Session,
+    tool: &str,
+    args: serde_json::Value,
+    meta: Option<serde_json::Value>,
+) -> Result<String, ServiceError> {
     let args = args.as_object().cloned().unwrap_or_default();
-    let r = tokio::time::timeout(
-        Duration::from_secs(60),
-        s.call_tool(CallToolRequestParams::new(tool.to_owned()).with_arguments(args)),
-    )
-    .await
-    .expect("the call hangs")?;
+    let mut params = CallToolRequestParams::new(tool.to_owned()).with_arguments(args);
+    params.meta = meta
+        .map(|m| rmcp::model::RequestMetaObject::from(m.as_object().cloned().unwrap_or_default()));
+    let r = tokio::time::timeout(Duration::from_secs(60), s.call_tool(params))
+        .await
+        .expect("the call hangs")?;
     Ok(serde_json::to_string(&r.content).unwrap())
 }
 

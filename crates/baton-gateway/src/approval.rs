@@ -74,8 +74,12 @@ pub(crate) fn bound_input(
 /// What a call that may need approval is asked about.
 pub(crate) struct Ask<'a> {
     pub(crate) spec: &'a ToolSpec,
-    /// The call's input (the request body, or the MCP arguments).
+    /// The call's input as its record digests it (the request body, or
+    /// the MCP arguments).
     pub(crate) input: &'a [u8],
+    /// What the approval binds instead of `input`, when it is more (an MCP
+    /// call's whole `params`); `None`: `input`.
+    pub(crate) bound: Option<&'a [u8]>,
     /// The request headers, bound with the input (`None`: the input
     /// alone).
     pub(crate) headers: Option<&'a HeaderMap>,
@@ -114,6 +118,7 @@ impl Gateway {
         let Ask {
             spec,
             input,
+            bound: binds,
             headers,
             target,
             ttl,
@@ -145,6 +150,7 @@ impl Gateway {
             return Ok(None);
         }
         let bound;
+        let input = binds.unwrap_or(input);
         let input = match headers {
             Some(h) => {
                 bound = bound_input(h, d, input).map_err(|e| {

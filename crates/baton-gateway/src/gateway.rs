@@ -590,6 +590,7 @@ impl Gateway {
                 crate::approval::Ask {
                     spec: &spec,
                     input: &input,
+                    bound: None,
                     headers: Some(&req.headers),
                     // The approval binds the method, path and query too:
                     // one approved `PUT /cases/7` is not `PUT /cases/9`.

@@ -422,6 +422,81 @@ fn filter_tools(v: &mut Value, keep: &dyn Fn(&str) -> bool) -> Result<(), String
     Ok(())
 }
 
+/// Keys of a request's `params._meta` that a client sets anew on each
+/// attempt and that do not change what the tool is asked to do (the
+/// progress token, trace context): like the headers of
+/// [`UNBOUND_HEADERS`](crate::approval::UNBOUND_HEADERS), an approval does
+/// not bind them, so a retried call finds its approval. Only while their
+/// value is a string of at most [`UNBOUND_META_MAX`] bytes or a number:
+/// any other value is bound.
+const UNBOUND_META: [&str; 3] = ["progressToken", "traceparent", "tracestate"];
+const UNBOUND_META_MAX: usize = 256;
+
+/// The keys of `tools/call` params that the gateway reads or the MCP
+/// schema defines: a key equal to one of them but for case (`Arguments`)
+/// is refused, since a server that matches keys without case would read
+/// it where the gateway read nothing.
+const CALL_PARAMS: [&str; 5] = [
+    "name",
+    "arguments",
+    "_meta",
+    "requestState",
+    "inputResponses",
+];
+
+/// What a `tools/call`'s approval binds of its `params`: every key as the
+/// upstream gets it (`arguments`, `_meta`, `requestState`, any other),
+/// less the tool's name (in the approval's target) and [`UNBOUND_META`];
+/// absent or null `arguments` are `{}`. The keys stay in the order the
+/// upstream gets them (fail closed: the same call with its keys reordered
+/// asks again).
+fn approval_params(params: &Map<String, Value>) -> Vec<u8> {
+    let per_attempt = |k: &str, v: &Value| {
+        UNBOUND_META.contains(&k)
+            && match v {
+                Value::String(s) => s.len() <= UNBOUND_META_MAX,
+                Value::Number(_) => true,
+                _ => false,
+            }
+    };
+    // Rebuilt rather than edited in place: removing from a map that keeps
+    // insertion order may move its last key.
+    let mut bound: Map<String, Value> = Map::new();
+    for (k, v) in params {
+        match (k.as_str(), v) {
+            ("name", _) => {}
+            ("arguments", Value::Null) => {
+                bound.insert(k.clone(), Value::Object(Map::new()));
+            }
+            ("_meta", Value::Object(meta)) => {
+                let kept: Map<String, Value> = meta
+                    .iter()
+                    .filter(|(k, v)| !per_attempt(k, v))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                if !kept.is_empty() {
+                    bound.insert(k.clone(), Value::Object(kept));
+                }
+            }
+            _ => {
+                bound.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    if !bound.contains_key("arguments") {
+        bound.insert("arguments".into(), Value::Object(Map::new()));
+    }
+    serde_json::to_vec(&bound).unwrap_or_default()
+}
+
+/// A key of `params` that is one of [`CALL_PARAMS`] but for case.
+fn call_param_twin(params: &Map<String, Value>) -> Option<&str> {
+    params
+        .keys()
+        .map(String::as_str)
+        .find(|k| !CALL_PARAMS.contains(k) && CALL_PARAMS.iter().any(|c| fold(c) == fold(k)))
+}
+
 /// The top-level fields of a JSON-RPC 2.0 message.
 const MESSAGE_FIELDS: &[&str] = &["jsonrpc", "id", "method", "params", "result", "error"];
 
@@ -625,6 +700,11 @@ impl Gateway {
         let Some(params) = obj.get("params").and_then(Value::as_object) else {
             return bad("tools/call needs params (an object)".into());
         };
+        if let Some(k) = call_param_twin(params) {
+            return bad(format!(
+                "params.{k}: spelled unlike the MCP field it matches without case; a server may read it as that field, so the call is refused"
+            ));
+        }
         let Some(name) = params.get("name").and_then(Value::as_str) else {
             return bad("tools/call needs params.name (a string)".into());
         };
@@ -652,6 +732,7 @@ impl Gateway {
         };
         let spec = spec_of(tool, resource);
         let input = serde_json::to_vec(arguments).unwrap_or_default();
+        let bound = approval_params(params);
         let approval = match self
             .approval_for(
                 d,
@@ -659,6 +740,10 @@ impl Gateway {
                 crate::approval::Ask {
                     spec: &spec,
                     input: &input,
+                    // Every key of `params` the upstream gets, not only the
+                    // arguments: `_meta`, `requestState`, `inputResponses`
+                    // change what a server does with the same arguments.
+                    bound: Some(&bound),
                     // The session and every header the upstream gets.
                     headers: Some(&req.headers),
                     // The endpoint and its query too: one approved at a
@@ -953,6 +1038,61 @@ pub(crate) fn relay(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn obj(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn an_approval_binds_every_params_key_but_the_name_and_per_attempt_meta() {
+        let base = approval_params(&obj(json!({"name": "t", "arguments": {"a": 1}})));
+        // Per-attempt `_meta` only: the same call.
+        let retried = approval_params(&obj(json!({
+            "name": "t", "arguments": {"a": 1},
+            "_meta": {"progressToken": 7, "traceparent": "00-ab-cd-01"}
+        })));
+        assert_eq!(retried, base);
+        // Anything else the server gets: another call.
+        for other in [
+            json!({"name": "t", "arguments": {"a": 2}}),
+            json!({"name": "t", "arguments": {"a": 1}, "_meta": {"com.example/x": 1}}),
+            json!({"name": "t", "arguments": {"a": 1}, "requestState": "s"}),
+            json!({"name": "t", "arguments": {"a": 1}, "inputResponses": {}}),
+            json!({"name": "t", "arguments": {"a": 1}, "x": null}),
+            // A "per-attempt" key whose value is not a short string or number.
+            json!({"name": "t", "arguments": {"a": 1}, "_meta": {"progressToken": {"a": 1}}}),
+            json!({"name": "t", "arguments": {"a": 1}, "_meta": {"traceparent": "x".repeat(300)}}),
+        ] {
+            assert_ne!(approval_params(&obj(other.clone())), base, "{other}");
+        }
+        // Absent and null arguments are `{}`.
+        let empty = approval_params(&obj(json!({"name": "t", "arguments": {}})));
+        assert_eq!(approval_params(&obj(json!({"name": "t"}))), empty);
+        assert_eq!(
+            approval_params(&obj(json!({"name": "t", "arguments": null}))),
+            empty
+        );
+    }
+
+    #[test]
+    fn a_call_param_spelled_unlike_its_field_is_found() {
+        assert_eq!(
+            call_param_twin(&obj(json!({"name": "t", "Arguments": {}}))),
+            Some("Arguments")
+        );
+        assert_eq!(
+            call_param_twin(&obj(json!({"name": "t", "_META": {}}))),
+            Some("_META")
+        );
+        assert_eq!(
+            call_param_twin(&obj(json!({"name": "t", "arguments": {}, "_meta": {}}))),
+            None
+        );
+        assert_eq!(
+            call_param_twin(&obj(json!({"name": "t", "other": 1}))),
+            None
+        );
+    }
 
     #[test]
     fn sse_events_are_rewritten_one_by_one() {
