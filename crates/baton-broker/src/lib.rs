@@ -23,6 +23,7 @@ pub mod nodes;
 pub mod oidc;
 pub mod ops;
 pub mod pg;
+pub mod pg_tls;
 pub mod revocation;
 pub mod rotation;
 pub mod secrets;

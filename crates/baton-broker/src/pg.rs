@@ -28,7 +28,9 @@ use std::time::Duration;
 use baton_core::api::ApprovalState;
 use baton_core::{Entry, EntryId, SpiffeId, TaskId};
 use baton_revocation::{CredKind, CredentialRecord, Revoked, Target};
+use tokio_postgres::config::Host;
 use tokio_postgres::{Client, Config, GenericClient, NoTls, Row};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::ledger::{Ledger, LogRow, token_pair};
 use crate::revocation::TaskCredential;
@@ -167,6 +169,8 @@ pub struct PgSettings {
     pub password: Option<baton_core::Secret>,
     /// Connections kept open (at least 1).
     pub pool: usize,
+    /// TLS files; with any of them (or `sslmode=require`) TLS is required.
+    pub tls: crate::pg_tls::PgTls,
 }
 
 impl std::fmt::Debug for PgSettings {
@@ -175,22 +179,56 @@ impl std::fmt::Debug for PgSettings {
             .field("conn", &redact(&self.conn))
             .field("password", &self.password.as_ref().map(|_| "(redacted)"))
             .field("pool", &self.pool)
+            .field("tls", &self.tls)
             .finish()
     }
 }
 
 /// A connection string without its password (for messages and logs).
+/// One that names a password anywhere else than a URL's user info (a
+/// `password` key, spaced or quoted, or a URL query parameter) is not
+/// shown at all.
 pub fn redact(conn: &str) -> String {
-    if conn.starts_with("postgres://") || conn.starts_with("postgresql://") {
-        return baton_revocation::redact_url(conn);
+    let shown = if conn.starts_with("postgres://") || conn.starts_with("postgresql://") {
+        baton_revocation::redact_url(conn)
+    } else {
+        conn.to_owned()
+    };
+    if shown.to_ascii_lowercase().contains("password") {
+        return "(a connection string with a password, not shown)".to_owned();
     }
-    conn.split_whitespace()
-        .map(|kv| match kv.split_once('=') {
-            Some((k, _)) if k.eq_ignore_ascii_case("password") => "password=(redacted)".to_owned(),
-            _ => kv.to_owned(),
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
+    shown
+}
+
+/// Where a parsed configuration connects: `user@host:port,…/dbname`, never
+/// a password.
+fn describe(config: &Config) -> String {
+    let ports = config.get_ports();
+    let port = |i: usize| ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+    let hosts: Vec<String> = if config.get_hosts().is_empty() {
+        config
+            .get_hostaddrs()
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("{a}:{}", port(i)))
+            .collect()
+    } else {
+        config
+            .get_hosts()
+            .iter()
+            .enumerate()
+            .map(|(i, h)| match h {
+                Host::Tcp(name) => format!("{name}:{}", port(i)),
+                Host::Unix(dir) => format!("{}:{}", dir.display(), port(i)),
+            })
+            .collect()
+    };
+    format!(
+        "{}@{}/{}",
+        config.get_user().unwrap_or(""),
+        hosts.join(","),
+        config.get_dbname().unwrap_or("")
+    )
 }
 
 /// The runtime that drives the connections; shut down without blocking
@@ -208,6 +246,7 @@ impl Drop for Driver {
 /// PostgreSQL implementation of the broker's stores.
 pub struct PgStore {
     config: Config,
+    tls: Option<MakeRustlsConnect>,
     endpoint: String,
     slots: Vec<Mutex<Option<Client>>>,
     next: AtomicUsize,
@@ -229,7 +268,18 @@ impl From<tokio_postgres::Error> for StoreError {
         // `Display` says only "db error" for an error the server sent.
         let message = match e.as_db_error() {
             Some(db) => format!("{} ({})", db.message(), db.code().code()),
-            None => e.to_string(),
+            None => {
+                // With its causes: "error performing TLS handshake" alone
+                // does not tell an unknown CA from another host's name.
+                let mut m = e.to_string();
+                let mut cause = std::error::Error::source(&e);
+                while let Some(c) = cause {
+                    m.push_str(": ");
+                    m.push_str(&c.to_string());
+                    cause = c.source();
+                }
+                m
+            }
         };
         StoreError::Postgres(message)
     }
@@ -278,6 +328,15 @@ impl PgStore {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
         config.application_name("baton-broker");
+        let tls = crate::pg_tls::connector(&mut config, &settings.tls)?;
+        let endpoint = describe(&config);
+        if tls.is_none() && !crate::pg_tls::is_local(&config) {
+            tracing::warn!(
+                endpoint,
+                "the connection to PostgreSQL is not encrypted and leaves this machine: \
+                 name the server's CA with --datastore-ca (or set sslmode=require)"
+            );
+        }
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("baton-pg")
@@ -285,8 +344,9 @@ impl PgStore {
             .build()
             .map_err(|e| StoreError::Config(format!("cannot start the PostgreSQL driver: {e}")))?;
         let store = Self {
-            endpoint: redact(&settings.conn),
+            endpoint,
             config,
+            tls,
             slots: (0..settings.pool.max(1))
                 .map(|_| Mutex::new(None))
                 .collect(),
@@ -311,13 +371,20 @@ impl PgStore {
     fn connect(&self) -> Result<Client, StoreError> {
         let config = self.config.clone();
         let endpoint = self.endpoint.clone();
+        let tls = self.tls.clone();
         let task = self.handle.spawn(async move {
-            let (client, conn) = config.connect(NoTls).await?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::warn!(error = %e, endpoint, "PostgreSQL connection closed");
+            let client = match tls {
+                Some(tls) => {
+                    let (client, conn) = config.connect(tls).await?;
+                    tokio::spawn(watch(conn, endpoint));
+                    client
                 }
-            });
+                None => {
+                    let (client, conn) = config.connect(NoTls).await?;
+                    tokio::spawn(watch(conn, endpoint));
+                    client
+                }
+            };
             // A revocation's working set: one per session, emptied per use.
             client
                 .batch_execute(
@@ -388,6 +455,13 @@ impl PgStore {
             unlock?;
             Ok(())
         })
+    }
+}
+
+/// Drives a connection until it closes, saying why if it failed.
+async fn watch<F: Future<Output = Result<(), tokio_postgres::Error>>>(conn: F, endpoint: String) {
+    if let Err(e) = conn.await {
+        tracing::warn!(error = %e, endpoint, "PostgreSQL connection closed");
     }
 }
 

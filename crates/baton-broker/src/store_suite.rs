@@ -485,6 +485,7 @@ impl Cluster {
             conn: self.pg.admin_conn(name),
             password: None,
             pool: 4,
+            tls: Default::default(),
         }
     }
 }
@@ -609,6 +610,7 @@ fn postgres_errors_say_what_was_wrong_and_keep_no_password() {
         conn: "postgres://baton:hunter2@127.0.0.1:1/baton".into(),
         password: None,
         pool: 1,
+        tls: Default::default(),
     };
     let e = PgStore::open(&bad).unwrap_err().to_string();
     assert!(e.contains("cannot connect to PostgreSQL at"), "{e}");
@@ -618,6 +620,7 @@ fn postgres_errors_say_what_was_wrong_and_keep_no_password() {
         conn: "host=/nowhere port=notaport".into(),
         password: None,
         pool: 1,
+        tls: Default::default(),
     })
     .unwrap_err()
     .to_string();

@@ -454,6 +454,19 @@ pub struct BrokerArgs {
     #[arg(long, value_name = "N", default_value_t = 8, requires = "datastore",
           value_parser = clap::value_parser!(u16).range(1..=256))]
     pub datastore_pool: u16,
+    /// CA certificates (PEM) that the PostgreSQL server's certificate must chain
+    /// to, instead of the system's roots. Makes TLS required: the server's
+    /// certificate and host name are checked (as libpq's verify-full) and a
+    /// server without TLS is refused. sslmode=require in --datastore does too.
+    #[arg(long, value_name = "FILE", requires = "datastore")]
+    pub datastore_ca: Option<std::path::PathBuf>,
+    /// Client certificate chain (PEM) for mutual TLS with PostgreSQL (with
+    /// --datastore-client-key).
+    #[arg(long, value_name = "FILE", requires_all = ["datastore", "datastore_client_key"])]
+    pub datastore_client_cert: Option<std::path::PathBuf>,
+    /// Private key (PEM) of --datastore-client-cert.
+    #[arg(long, value_name = "FILE", requires = "datastore_client_cert")]
+    pub datastore_client_key: Option<std::path::PathBuf>,
     // Revocation store in Redis, shared with other brokers and followed by
     // verifiers. Default: in memory.
     #[command(flatten)]

@@ -162,6 +162,11 @@ pub async fn broker(args: BrokerArgs) -> Result<()> {
             conn: conn.clone(),
             password,
             pool: usize::from(args.datastore_pool),
+            tls: baton_broker::pg_tls::PgTls {
+                ca_file: args.datastore_ca.clone(),
+                client_cert: args.datastore_client_cert.clone(),
+                client_key: args.datastore_client_key.clone(),
+            },
         });
     }
     cfg.secret_engines = baton_broker::secrets::SecretEngineSettings {
