@@ -365,6 +365,45 @@ async fn task_starts_and_attestations_are_rate_limited_per_caller() {
     assert_eq!(resp.status(), 200);
 }
 
+/// Hops are limited per agent: the planner's third hop is refused before
+/// any work, naming the limit and the caller, while the researcher, another
+/// caller, still delegates (control).
+#[test]
+fn hops_are_rate_limited_per_agent() {
+    use crate::delegation::{PLANNER, RESEARCHER, World};
+    let read = ["tool:crm.search:read", "dataset:crm:read"];
+    let w = World::start_with_args(None, vec!["--rate-limit".into(), "delegate=2/1h".into()]);
+    let (_task, grant) = w.start_task(&read, "3", "10m", "read");
+    let planner = w.redeem(&grant, PLANNER, "limit-planner");
+    let hop = |cred: &std::path::Path, target: &str| {
+        let out = w.delegate(cred, target, &read, &[]);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, first, err) = hop(&planner, RESEARCHER);
+    assert!(ok, "{err}");
+    let (ok, _, err) = hop(&planner, RESEARCHER);
+    assert!(ok, "{err}");
+    let (ok, _, err) = hop(&planner, RESEARCHER);
+    assert!(!ok, "a third hop within the hour of a 2/1h limit");
+    assert!(
+        err.contains("rate limit delegate (2/1h per caller)"),
+        "{err}"
+    );
+    assert!(err.contains(PLANNER), "{err}");
+
+    // Control: another caller (the researcher, from the first hop) is not
+    // charged for the planner's hops.
+    let g: serde_json::Value = serde_json::from_str(&first).unwrap();
+    let researcher = w.redeem(g["grant"].as_str().unwrap(), RESEARCHER, "limit-researcher");
+    w.c.register("/agents/analyst", &[]);
+    let (ok, _, err) = hop(&researcher, "spiffe://example.org/agents/analyst");
+    assert!(ok, "{err}");
+}
+
 #[test]
 fn bad_limit_flags_are_refused_at_start() {
     for (args, want) in [

@@ -133,51 +133,20 @@ fn the_broker_keeps_its_state_in_postgresql_across_a_restart() {
 
 #[test]
 fn a_datastore_the_broker_cannot_use_stops_its_start_with_the_reason() {
-    let dir = tempfile::tempdir().unwrap();
-    let run = |datastore: &str| {
-        let out = baton()
-            .args([
-                "broker",
-                "--trust-domain",
-                "example.org",
-                "--listen",
-                "127.0.0.1:0",
-            ])
-            .args(["--datastore", datastore])
-            .arg("--data-dir")
-            .arg(dir.path().join("broker"))
-            .arg("--admin-socket")
-            .arg(dir.path().join("admin.sock"))
-            .output()
-            .unwrap();
-        assert!(!out.status.success(), "the broker started on {datastore}");
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    };
-    let err = run("postgres://baton:hunter2@127.0.0.1:1/baton");
+    let err = refused_start("postgres://baton:hunter2@127.0.0.1:1/baton", &[]);
     assert!(err.contains("cannot connect to PostgreSQL at"), "{err}");
     assert!(!err.contains("hunter2"), "the password was printed: {err}");
-    let err = run("host=/nowhere port=notaport");
+    let err = refused_start("host=/nowhere port=notaport", &[]);
     assert!(err.contains("is not valid"), "{err}");
     // A password file that is not one line is refused before any connection.
+    let dir = tempfile::tempdir().unwrap();
     let pw = dir.path().join("pw");
     std::fs::write(&pw, "a\nb\n").unwrap();
-    let out = baton()
-        .args([
-            "broker",
-            "--trust-domain",
-            "example.org",
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--datastore", "postgres://baton@127.0.0.1:1/baton"])
-        .arg("--datastore-password-file")
-        .arg(&pw)
-        .arg("--data-dir")
-        .arg(dir.path().join("broker"))
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let (status, err) = refused_start_status(
+        "postgres://baton@127.0.0.1:1/baton",
+        &["--datastore-password-file".into(), pw.display().to_string()],
+    );
+    assert_eq!(status.code(), Some(2), "{err}");
     assert!(err.contains("--datastore-password-file"), "{err}");
 }
 
@@ -241,7 +210,7 @@ fn tls_cluster(
 /// `baton broker` on `datastore` with `extra` arguments, expected to stop
 /// at its start: its stderr.
 fn refused_start(datastore: &str, extra: &[&Path]) -> String {
-    refused_start_args(datastore, &extra_args(extra))
+    refused_start_status(datastore, &extra_args(extra)).1
 }
 
 fn extra_args(files: &[&Path]) -> Vec<String> {
@@ -258,7 +227,8 @@ fn extra_args(files: &[&Path]) -> Vec<String> {
         .collect()
 }
 
-fn refused_start_args(datastore: &str, extra: &[String]) -> String {
+/// [`refused_start`] with any extra arguments: the exit status and stderr.
+fn refused_start_status(datastore: &str, extra: &[String]) -> (std::process::ExitStatus, String) {
     let dir = tempfile::tempdir().unwrap();
     let mut child = baton()
         .args([
@@ -278,18 +248,31 @@ fn refused_start_args(datastore: &str, extra: &[String]) -> String {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let status = wait_for(
-        "the broker stops at its start",
-        Duration::from_secs(120),
-        || child.try_wait().unwrap(),
-    );
-    let mut err = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    // Read while it runs: a full pipe would stall it.
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut err).unwrap();
+        err
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the broker did not stop at its start on {datastore} {extra:?}");
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    };
+    let err = reader.join().unwrap();
     assert!(
         !status.success(),
         "the broker started on {datastore} {extra:?}: {err}"
     );
-    err
+    (status, err)
 }
 
 /// The datastore over TLS: the server's certificate is checked against the

@@ -114,15 +114,19 @@ pub enum Limited {
     JwtSvid,
     /// `POST /v1/secrets/lease`, per agent.
     SecretLease,
+    /// `POST /v1/delegate`, per agent (its task SVID's SPIFFE ID): each
+    /// hop signs a token and writes audit events and rows.
+    Delegate,
 }
 
 impl Limited {
-    pub const ALL: [Limited; 5] = [
+    pub const ALL: [Limited; 6] = [
         Limited::Attest,
         Limited::TaskStart,
         Limited::ToolCallReports,
         Limited::JwtSvid,
         Limited::SecretLease,
+        Limited::Delegate,
     ];
 
     /// The name in flags (`--rate-limit NAME=...`) and refusals.
@@ -133,6 +137,7 @@ impl Limited {
             Limited::ToolCallReports => "tool-call-reports",
             Limited::JwtSvid => "jwt-svid",
             Limited::SecretLease => "secret-lease",
+            Limited::Delegate => "delegate",
         }
     }
 
@@ -151,6 +156,7 @@ impl Limited {
             "/v1/audit/tool-calls" => Limited::ToolCallReports,
             "/v1/node/sign-jwt" => Limited::JwtSvid,
             "/v1/secrets/lease" => Limited::SecretLease,
+            "/v1/delegate" => Limited::Delegate,
             _ => return None,
         })
     }
@@ -175,6 +181,7 @@ pub struct RateLimits {
     pub tool_call_reports: RateLimit,
     pub jwt_svid: RateLimit,
     pub secret_lease: RateLimit,
+    pub delegate: RateLimit,
 }
 
 const fn limit(burst: u32, per_secs: u64) -> RateLimit {
@@ -197,6 +204,10 @@ impl Default for RateLimits {
             tool_call_reports: limit(600, 60),
             jwt_svid: limit(600, 60),
             secret_lease: limit(120, 60),
+            // A planner fanning a task out to hundreds of sub-agents stays
+            // far below it; a compromised agent cannot turn the broker's
+            // signing and audit log into a disk filler at line rate.
+            delegate: limit(3000, 60),
         }
     }
 }
@@ -209,6 +220,7 @@ impl RateLimits {
             Limited::ToolCallReports => self.tool_call_reports,
             Limited::JwtSvid => self.jwt_svid,
             Limited::SecretLease => self.secret_lease,
+            Limited::Delegate => self.delegate,
         }
     }
 
@@ -219,6 +231,7 @@ impl RateLimits {
             Limited::ToolCallReports => self.tool_call_reports = limit,
             Limited::JwtSvid => self.jwt_svid = limit,
             Limited::SecretLease => self.secret_lease = limit,
+            Limited::Delegate => self.delegate = limit,
         }
     }
 
