@@ -1273,6 +1273,37 @@ fn concurrent_appends_are_group_committed_with_one_checkpoint_per_batch() {
     );
 }
 
+/// Many more appenders than cores: each batch wakes its own appenders
+/// and one of the next batch to lead it (not every waiting thread); every
+/// append still gets its receipt, each index once, and nothing hangs.
+#[test]
+fn hundreds_of_appenders_each_get_their_receipt() {
+    let log = AuditLog::in_memory(AuditKeys::generate().unwrap()).unwrap();
+    let (threads, each) = (200u64, 15u64);
+    let mut indexes: Vec<u64> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let log = &log;
+                s.spawn(move || {
+                    (0..each)
+                        .map(|i| {
+                            let e = &task_events(&task((t % 200) as u8), t * 100 + i)[0];
+                            log.append(e).unwrap().index
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    indexes.sort();
+    assert_eq!(indexes, (0..threads * each).collect::<Vec<_>>());
+    assert_eq!(log.verify().unwrap().size, threads * each);
+}
+
 #[test]
 fn a_batch_of_concurrent_appends_gets_one_checkpoint_and_a_receipt_each() {
     const N: usize = 12;

@@ -438,7 +438,7 @@ struct AuditFigures {
 }
 
 /// The events of one hop as the broker writes them: granted, then redeemed.
-fn hop_events(i: u64, at: u64) -> anyhow::Result<[AuditEvent; 2]> {
+pub(crate) fn hop_events(i: u64, at: u64) -> anyhow::Result<[AuditEvent; 2]> {
     // A few hops per task, as a planner fanning out would write them.
     let task = TaskId::from_random((u128::from(i / 4) + 1).to_be_bytes());
     let planner = SpiffeId::parse(&format!("spiffe://{TRUST_DOMAIN}{PLANNER}"))?;
@@ -546,7 +546,7 @@ fn audit_bench(n: u64, threads: u64) -> anyhow::Result<AuditFigures> {
 }
 
 /// Raw P-256 verifications per second on one core.
-fn p256_verify_rate(dur: Duration) -> anyhow::Result<f64> {
+pub(crate) fn p256_verify_rate(dur: Duration) -> anyhow::Result<f64> {
     use aws_lc_rs::signature::KeyPair as _;
     let rng = aws_lc_rs::rand::SystemRandom::new();
     let pkcs8 = aws_lc_rs::signature::EcdsaKeyPair::generate_pkcs8(

@@ -18,6 +18,7 @@
 // 128 when a release build proves them `Unpin`.
 #![recursion_limit = "256"]
 
+mod audit;
 mod cfssl;
 mod cluster;
 mod delegation;
@@ -74,6 +75,11 @@ enum Cmd {
     /// direct), latency added per call with a seen token, with and without
     /// Cedar.
     Gateway(gateway::Args),
+    /// The audit log under 1 to 256 concurrent appenders (durable receipts,
+    /// one signed checkpoint per group-committed batch), then verify of a
+    /// 1M-event log with every checkpoint signature, next to the same-run
+    /// P-256 limits.
+    Audit(audit::Args),
     /// Internal: one workload process for `rotation`.
     #[command(hide = true)]
     RotationWorkload(rotation::WorkloadArgs),
@@ -106,6 +112,7 @@ fn main() -> anyhow::Result<()> {
             Cmd::RevocationDurable(a) => revocation_durable::run(a).await,
             Cmd::Rotation(a) => rotation::run(a).await,
             Cmd::Gateway(a) => gateway::run(a).await,
+            Cmd::Audit(a) => audit::run(a).await,
             Cmd::RotationWorkload(a) => rotation::workload_process(a).await,
             Cmd::RevocationFollower(a) => revocation::follower(a).await,
         }
