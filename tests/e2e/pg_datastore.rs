@@ -20,6 +20,17 @@ fn cluster() -> (tokio::runtime::Runtime, Pg) {
     (rt, pg)
 }
 
+/// Creates the database `baton` in `pg`.
+fn create_db(rt: &tokio::runtime::Runtime, pg: &Pg) {
+    rt.block_on(async {
+        pg.admin("postgres")
+            .await
+            .batch_execute("CREATE DATABASE baton")
+            .await
+            .unwrap();
+    });
+}
+
 fn count(rt: &tokio::runtime::Runtime, pg: &Pg, sql: &str, task: &str) -> i64 {
     rt.block_on(async {
         let c = pg.admin("baton").await;
@@ -40,13 +51,7 @@ fn refused_revoked(w: &World, cred: &Path) -> bool {
 #[test]
 fn the_broker_keeps_its_state_in_postgresql_across_a_restart() {
     let (rt, pg) = cluster();
-    rt.block_on(async {
-        pg.admin("postgres")
-            .await
-            .batch_execute("CREATE DATABASE baton")
-            .await
-            .unwrap();
-    });
+    create_db(&rt, &pg);
     let mut w = World::start_with_args(None, vec!["--datastore".into(), pg.admin_conn("baton")]);
     let (task, _planner, r1) = chain(&w, "pg1");
     let (_task2, _planner2, r2) = chain(&w, "pg2");
@@ -197,13 +202,7 @@ fn tls_cluster(
             client_ca_pem: client_ca.map(|c| c.cert.pem()),
         }),
     }));
-    rt.block_on(async {
-        pg.admin("postgres")
-            .await
-            .batch_execute("CREATE DATABASE baton")
-            .await
-            .unwrap();
-    });
+    create_db(rt, &pg);
     pg
 }
 
@@ -387,14 +386,7 @@ fn the_broker_reaches_postgresql_only_over_verified_tls() {
     // Attack (downgrade): a server that offers no TLS is not talked to in
     // plain text once TLS is asked for.
     let plain_pg = rt.block_on(Pg::start_tcp(baton_secrets::testing::Tcp { tls: None }));
-    rt.block_on(async {
-        plain_pg
-            .admin("postgres")
-            .await
-            .batch_execute("CREATE DATABASE baton")
-            .await
-            .unwrap();
-    });
+    create_db(&rt, &plain_pg);
     let plain_conn = plain_pg.tcp_conn("postgres", "baton");
     let err = refused_start(&plain_conn, &[&ca_file]);
     assert!(err.contains("cannot connect to PostgreSQL at"), "{err}");
