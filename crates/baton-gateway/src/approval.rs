@@ -78,8 +78,9 @@ pub(crate) struct Ask<'a> {
     /// the MCP arguments).
     pub(crate) input: &'a [u8],
     /// What the approval binds instead of `input`, when it is more (an MCP
-    /// call's whole `params`); `None`: `input`.
-    pub(crate) bound: Option<&'a [u8]>,
+    /// call's whole `params`); `None`: `input`. Computed only for a call
+    /// that needs approval, off the path of every other call.
+    pub(crate) bound: Option<&'a (dyn Fn() -> Vec<u8> + Send + Sync)>,
     /// The request headers, bound with the input (`None`: the input
     /// alone).
     pub(crate) headers: Option<&'a HeaderMap>,
@@ -150,7 +151,8 @@ impl Gateway {
             return Ok(None);
         }
         let bound;
-        let input = binds.unwrap_or(input);
+        let whole = binds.map(|f| f());
+        let input = whole.as_deref().unwrap_or(input);
         let input = match headers {
             Some(h) => {
                 bound = bound_input(h, d, input).map_err(|e| {

@@ -732,7 +732,7 @@ impl Gateway {
         };
         let spec = spec_of(tool, resource);
         let input = serde_json::to_vec(arguments).unwrap_or_default();
-        let bound = approval_params(params);
+        let bound = || approval_params(params);
         let approval = match self
             .approval_for(
                 d,
