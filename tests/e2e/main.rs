@@ -9,6 +9,7 @@ mod admission;
 mod approval;
 mod audit;
 mod broker;
+mod brokers;
 mod ca_wait;
 mod chaos;
 mod config;

@@ -10,7 +10,7 @@ use crate::delegation::{World, claims};
 use crate::harness::{baton, wait_for};
 use crate::revocation::{chain, works};
 
-fn cluster() -> (tokio::runtime::Runtime, Pg) {
+pub(crate) fn cluster() -> (tokio::runtime::Runtime, Pg) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -21,7 +21,7 @@ fn cluster() -> (tokio::runtime::Runtime, Pg) {
 }
 
 /// Creates the database `baton` in `pg`.
-fn create_db(rt: &tokio::runtime::Runtime, pg: &Pg) {
+pub(crate) fn create_db(rt: &tokio::runtime::Runtime, pg: &Pg) {
     rt.block_on(async {
         pg.admin("postgres")
             .await
@@ -227,7 +227,10 @@ fn extra_args(files: &[&Path]) -> Vec<String> {
 }
 
 /// [`refused_start`] with any extra arguments: the exit status and stderr.
-fn refused_start_status(datastore: &str, extra: &[String]) -> (std::process::ExitStatus, String) {
+pub(crate) fn refused_start_status(
+    datastore: &str,
+    extra: &[String],
+) -> (std::process::ExitStatus, String) {
     let dir = tempfile::tempdir().unwrap();
     let mut child = baton()
         .args([

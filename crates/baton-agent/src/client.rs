@@ -6,7 +6,12 @@
 //! Pooled connections keep the certificate they were opened with, so after
 //! every change of identity (attestation, renewal) call
 //! [`BrokerClient::reconnect`] to start from fresh connections.
+//!
+//! Several brokers may serve one trust domain (one shared datastore, the
+//! same broker SPIFFE ID), so the client takes a list of base URLs and
+//! fails over between them; see [`BrokerClient`] for the exact rule.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{PoisonError, RwLock};
 use std::time::Duration;
 
@@ -30,9 +35,15 @@ pub enum ClientError {
     Tls(#[from] TlsError),
     #[error("cannot build the broker client: {0}")]
     Build(#[source] reqwest::Error),
-    #[error("cannot reach the broker at {url}: {source}")]
+    #[error("no broker URL given")]
+    NoUrl,
+    #[error("invalid broker URL {url:?}: {reason}")]
+    BadUrl { url: String, reason: String },
+    /// No broker answered: `urls` are the URLs tried, in order (every
+    /// configured one when all failed), `source` the last failure.
+    #[error("cannot reach the broker at {}: {source}", .urls.join(", "))]
     Unreachable {
-        url: String,
+        urls: Vec<String>,
         #[source]
         source: reqwest::Error,
     },
@@ -108,14 +119,114 @@ impl ClientError {
     }
 }
 
-/// A client for the broker's node routes.
+/// Which transport errors a call may be retried on another broker after.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Replay {
+    /// The call spends something single-use (a join token, a handoff
+    /// grant) or revokes the certificate it presents (a task renewal), so
+    /// a repeat could be refused or spend it twice: only a connect error,
+    /// where the request provably never reached a broker, moves it to the
+    /// next URL.
+    ConnectOnly,
+    /// The call may be repeated: any transport error before an HTTP answer
+    /// (connect, timeout, connection reset) moves it to the next URL.
+    AnyTransport,
+}
+
+impl Replay {
+    fn fails_over(self, e: &reqwest::Error) -> bool {
+        e.is_connect() || (self == Replay::AnyTransport && !e.is_builder())
+    }
+}
+
+/// A client for the broker's node routes, over one or several brokers of
+/// the same trust domain.
+///
+/// Failover, per call: the call goes to the broker in use (at first the
+/// first URL). If it fails with a transport error before any HTTP answer,
+/// it is retried on the next URL (wrapping around, each URL at most once
+/// per call) when
+///
+/// - the error is a connect error (refused, unreachable, DNS, TLS
+///   handshake): the request provably never reached a broker; or
+/// - the route is idempotent (`sync`, `sign-x509`, `sign-jwt`, `renew`)
+///   and the error is any other transport error (a timeout, a connection
+///   reset before the answer).
+///
+/// `attest` (a single-use join token), `redeem` (a single-use grant) and
+/// `renew-task` (it revokes the certificate it presents) fail over on
+/// connect errors only. An HTTP answer, whatever its status, is final: it
+/// is never retried on another broker. The broker that answered becomes
+/// the one in use for the next calls. Each failover is logged at `warn`.
 #[derive(Debug)]
 pub struct BrokerClient {
-    base: String,
+    /// Validated base URLs (see [`broker_urls`]), in the order given.
+    bases: Vec<String>,
+    /// Index into `bases` of the broker in use.
+    current: AtomicUsize,
     identity: ClientIdentity,
     bundles: BundleStore,
     broker_id: SpiffeId,
     http: RwLock<reqwest::Client>,
+}
+
+/// Checks broker base URLs and returns them normalised: surrounding spaces
+/// and trailing `/` trimmed. Each must be an `https://` URL with a host and
+/// no query, fragment or credentials; a broker listed twice (the same URL
+/// after normalisation, e.g. `https://b:443` and `https://B/`) is refused.
+/// Errors name the offending URL.
+pub fn broker_urls(urls: &[String]) -> Result<Vec<String>, ClientError> {
+    if urls.is_empty() {
+        return Err(ClientError::NoUrl);
+    }
+    let mut out: Vec<String> = Vec::with_capacity(urls.len());
+    let mut seen: Vec<(String, &str)> = Vec::with_capacity(urls.len());
+    for raw in urls {
+        let bad = |reason: String| ClientError::BadUrl {
+            url: raw.clone(),
+            reason,
+        };
+        let url = raw.trim().trim_end_matches('/');
+        if url.is_empty() {
+            return Err(bad("empty (a stray comma?)".into()));
+        }
+        if url.contains(',') {
+            return Err(bad(
+                "holds a comma: give several brokers as separate URLs".into()
+            ));
+        }
+        let parsed = reqwest::Url::parse(url).map_err(|e| bad(e.to_string()))?;
+        if parsed.scheme() != "https" {
+            return Err(bad(
+                "the broker is reached over HTTPS only: the URL must start with https://".into(),
+            ));
+        }
+        if parsed.host_str().is_none_or(str::is_empty) {
+            return Err(bad("no host".into()));
+        }
+        if parsed.query().is_some() || parsed.fragment().is_some() {
+            return Err(bad("a broker URL takes no query or fragment".into()));
+        }
+        if !parsed.username().is_empty() || parsed.password().is_some() {
+            // Named without its user part, which may hold a password.
+            let mut shown = parsed.clone();
+            let _ = shown.set_password(None);
+            let _ = shown.set_username("");
+            return Err(ClientError::BadUrl {
+                url: shown.as_str().trim_end_matches('/').to_owned(),
+                reason: "a broker URL takes no user or password (the agent authenticates with its SVID); remove the part before `@`".into(),
+            });
+        }
+        let key = parsed.as_str().trim_end_matches('/').to_owned();
+        if let Some((_, first)) = seen.iter().find(|(k, _)| *k == key) {
+            return Err(bad(format!(
+                "the same broker as {first:?}: each broker is listed once"
+            )));
+        }
+        seen.push((key, raw));
+        out.push(url.to_owned());
+    }
+    Ok(out)
 }
 
 impl BrokerClient {
@@ -127,9 +238,24 @@ impl BrokerClient {
         bundles: BundleStore,
         broker_id: SpiffeId,
     ) -> Result<Self, ClientError> {
+        Self::with_urls(&[base_url.to_owned()], identity, bundles, broker_id)
+    }
+
+    /// Like [`new`](Self::new), over several brokers of the same trust
+    /// domain (each presenting `broker_id`), tried in this order; see
+    /// [`BrokerClient`] for the failover rule and [`broker_urls`] for what
+    /// is accepted.
+    pub fn with_urls(
+        urls: &[String],
+        identity: ClientIdentity,
+        bundles: BundleStore,
+        broker_id: SpiffeId,
+    ) -> Result<Self, ClientError> {
+        let bases = broker_urls(urls)?;
         let http = build_http(&identity, &bundles, &broker_id)?;
         Ok(Self {
-            base: base_url.trim_end_matches('/').to_owned(),
+            bases,
+            current: AtomicUsize::new(0),
             identity,
             bundles,
             broker_id,
@@ -147,6 +273,18 @@ impl BrokerClient {
         &self.bundles
     }
 
+    /// Every broker base URL, in the order given.
+    pub fn urls(&self) -> &[String] {
+        &self.bases
+    }
+
+    /// The base URL of the broker in use: the next call goes there first.
+    pub fn current_url(&self) -> &str {
+        self.bases
+            .get(self.current.load(Ordering::Relaxed))
+            .map_or("", String::as_str)
+    }
+
     /// Drops pooled connections, so the next call handshakes with the
     /// current identity and bundle.
     pub fn reconnect(&self) -> Result<(), ClientError> {
@@ -155,7 +293,8 @@ impl BrokerClient {
         Ok(())
     }
 
-    /// `POST /v1/node/attest`: trades a join token and a CSR for the node's SVID.
+    /// `POST /v1/node/attest`: trades a join token and a CSR for the node's
+    /// SVID. The token is single-use: only a connect error fails over.
     pub async fn attest(
         &self,
         join_token: &Secret,
@@ -165,26 +304,34 @@ impl BrokerClient {
             join_token: join_token.clone(),
             csr_der,
         };
-        self.post("/v1/node/attest", &body).await
+        self.post("/v1/node/attest", Replay::ConnectOnly, &body)
+            .await
     }
 
-    /// `POST /v1/node/renew` (mTLS): a fresh node SVID for a new key.
+    /// `POST /v1/node/renew` (mTLS): a fresh node SVID for a new key. The
+    /// broker accepts a renewal from the SVID it just replaced, so a
+    /// renewal whose answer was lost may be repeated on another broker.
     pub async fn renew(&self, csr_der: Vec<u8>) -> Result<SignedSvid, ClientError> {
-        self.post("/v1/node/renew", &RenewRequest { csr_der }).await
+        self.post(
+            "/v1/node/renew",
+            Replay::AnyTransport,
+            &RenewRequest { csr_der },
+        )
+        .await
     }
 
     /// `GET /v1/node/sync` (mTLS): this node's entries and the bundle.
     /// `applied` is the sequence of the bundle (and taints) this node has
     /// applied, reported so the broker knows who has seen a taint.
     pub async fn sync(&self, applied: Option<u64>) -> Result<SyncResponse, ClientError> {
-        let route = "/v1/node/sync";
-        let http = self.http();
-        let mut req = http.get(self.url(route));
-        if let Some(seq) = applied {
-            req = req.header(baton_core::api::SYNC_APPLIED_HEADER, seq);
-        }
-        let resp = req.send().await;
-        self.finish(route, resp).await
+        self.call("/v1/node/sync", Replay::AnyTransport, |http, url| {
+            let req = http.get(url);
+            match applied {
+                Some(seq) => req.header(baton_core::api::SYNC_APPLIED_HEADER, seq),
+                None => req,
+            }
+        })
+        .await
     }
 
     /// `POST /v1/node/sign-x509` (mTLS): signs a batch; the answer holds one
@@ -195,7 +342,9 @@ impl BrokerClient {
     ) -> Result<Vec<SignedSvid>, ClientError> {
         let route = "/v1/node/sign-x509";
         let n = items.len();
-        let resp: SignX509Response = self.post(route, &SignX509Request { items }).await?;
+        let resp: SignX509Response = self
+            .post(route, Replay::AnyTransport, &SignX509Request { items })
+            .await?;
         if resp.svids.len() != n {
             return Err(ClientError::BadAnswer {
                 route,
@@ -215,36 +364,39 @@ impl BrokerClient {
             entry_id: entry_id.clone(),
             audience: audience.to_vec(),
         };
-        self.post("/v1/node/sign-jwt", &body).await
+        self.post("/v1/node/sign-jwt", Replay::AnyTransport, &body)
+            .await
     }
 
     /// `POST /v1/node/redeem` (mTLS): redeems a handoff grant for a workload
     /// this node attested, with the CSR of a key generated for it. The
     /// grant is single-use: a call that fails after reaching the broker may
-    /// still have spent it.
+    /// still have spent it, so only a connect error fails over.
     pub async fn redeem(
         &self,
         req: &RedeemRequest,
         trace: Option<&baton_core::TraceParent>,
     ) -> Result<TaskCredential, ClientError> {
-        let route = "/v1/node/redeem";
-        let mut post = self.http().post(self.url(route)).json(req);
-        if let Some(tp) = trace {
-            post = post.header(
-                baton_core::trace_context::TRACEPARENT_HEADER,
-                tp.to_string(),
-            );
-        }
-        self.finish(route, post.send().await).await
+        let traceparent = trace.map(ToString::to_string);
+        self.call("/v1/node/redeem", Replay::ConnectOnly, |http, url| {
+            let post = http.post(url).json(req);
+            match &traceparent {
+                Some(tp) => post.header(baton_core::trace_context::TRACEPARENT_HEADER, tp),
+                None => post,
+            }
+        })
+        .await
     }
 
     /// `POST /v1/node/renew-task` (mTLS): a task credential re-issued
-    /// under the CA's active keys.
+    /// under the CA's active keys. A renewal revokes the certificate it
+    /// presents, so it is not repeated: only a connect error fails over.
     pub async fn renew_task(
         &self,
         req: &baton_core::api::RenewTaskRequest,
     ) -> Result<TaskCredential, ClientError> {
-        self.post("/v1/node/renew-task", req).await
+        self.post("/v1/node/renew-task", Replay::ConnectOnly, req)
+            .await
     }
 
     fn http(&self) -> reqwest::Client {
@@ -254,51 +406,114 @@ impl BrokerClient {
             .clone()
     }
 
-    fn url(&self, route: &str) -> String {
-        format!("{}{route}", self.base)
-    }
-
     async fn post<Req: Serialize, Resp: DeserializeOwned>(
         &self,
         route: &'static str,
+        replay: Replay,
         body: &Req,
     ) -> Result<Resp, ClientError> {
-        let http = self.http();
-        let resp = http.post(self.url(route)).json(body).send().await;
-        self.finish(route, resp).await
+        self.call(route, replay, |http, url| http.post(url).json(body))
+            .await
     }
 
-    async fn finish<Resp: DeserializeOwned>(
+    /// Sends the request `build` makes for a full URL to the broker in
+    /// use, failing over to the next ones as [`BrokerClient`] describes.
+    async fn call<Resp: DeserializeOwned>(
         &self,
         route: &'static str,
-        resp: Result<reqwest::Response, reqwest::Error>,
+        replay: Replay,
+        build: impl Fn(&reqwest::Client, &str) -> reqwest::RequestBuilder,
     ) -> Result<Resp, ClientError> {
-        let unreachable = |source| ClientError::Unreachable {
-            url: self.url(route),
-            source,
-        };
-        let resp = resp.map_err(unreachable)?;
-        let status = resp.status();
-        let bytes = resp.bytes().await.map_err(unreachable)?;
-        if status.is_success() {
-            return serde_json::from_slice(&bytes).map_err(|e| ClientError::BadAnswer {
-                route,
-                reason: e.to_string(),
+        let http = self.http();
+        let n = self.bases.len();
+        let start = self.current.load(Ordering::Relaxed);
+        let mut order = (0..n)
+            .map(|k| (start + k) % n)
+            .filter_map(|i| self.bases.get(i).map(|base| (i, base)))
+            .peekable();
+        let mut tried = Vec::new();
+        while let Some((i, base)) = order.next() {
+            let url = format!("{base}{route}");
+            match build(&http, &url).send().await {
+                Ok(resp) => {
+                    if i != start {
+                        self.current.store(i, Ordering::Relaxed);
+                    }
+                    return finish(route, url, resp).await;
+                }
+                Err(source) => {
+                    tried.push(url);
+                    match order.peek() {
+                        Some((_, next)) if replay.fails_over(&source) => {
+                            tracing::warn!(
+                                failed = %base,
+                                next = %next,
+                                route,
+                                error = %chain(&source),
+                                "cannot reach this broker; trying the next one"
+                            );
+                        }
+                        _ => {
+                            return Err(ClientError::Unreachable {
+                                urls: tried,
+                                source,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        Err(ClientError::NoUrl)
+    }
+}
+
+/// Reads the broker's answer to `route` (sent to `url`).
+async fn finish<Resp: DeserializeOwned>(
+    route: &'static str,
+    url: String,
+    resp: reqwest::Response,
+) -> Result<Resp, ClientError> {
+    let status = resp.status();
+    let bytes = match resp.bytes().await {
+        Ok(b) => b,
+        Err(source) => {
+            return Err(ClientError::Unreachable {
+                urls: vec![url],
+                source,
             });
         }
-        match serde_json::from_slice::<ApiError>(&bytes) {
-            Ok(error) => Err(ClientError::Refused {
-                route,
-                status: status.as_u16(),
-                error,
-            }),
-            Err(_) => Err(ClientError::Unexpected {
-                route,
-                status: status.as_u16(),
-                body: String::from_utf8_lossy(&bytes).chars().take(200).collect(),
-            }),
-        }
+    };
+    if status.is_success() {
+        return serde_json::from_slice(&bytes).map_err(|e| ClientError::BadAnswer {
+            route,
+            reason: e.to_string(),
+        });
     }
+    match serde_json::from_slice::<ApiError>(&bytes) {
+        Ok(error) => Err(ClientError::Refused {
+            route,
+            status: status.as_u16(),
+            error,
+        }),
+        Err(_) => Err(ClientError::Unexpected {
+            route,
+            status: status.as_u16(),
+            body: String::from_utf8_lossy(&bytes).chars().take(200).collect(),
+        }),
+    }
+}
+
+/// An error and its causes on one line (reqwest's own message leaves out
+/// why the connection failed).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
 }
 
 fn build_http(
@@ -320,4 +535,84 @@ fn build_http(
         .no_proxy()
         .build()
         .map_err(ClientError::Build)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn urls(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    fn refused(list: &[&str]) -> (String, String) {
+        match broker_urls(&urls(list)) {
+            Err(ClientError::BadUrl { url, reason }) => (url, reason),
+            other => panic!("{list:?}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn broker_urls_are_checked_and_trimmed() {
+        assert_eq!(
+            broker_urls(&urls(&[
+                "https://a:8443/",
+                " https://b:8443 ",
+                "https://a:9443"
+            ]))
+            .unwrap(),
+            urls(&["https://a:8443", "https://b:8443", "https://a:9443"])
+        );
+        // A path prefix is kept (the routes are appended to it).
+        assert_eq!(
+            broker_urls(&urls(&["https://lb/baton//"])).unwrap(),
+            urls(&["https://lb/baton"])
+        );
+        assert!(matches!(broker_urls(&[]), Err(ClientError::NoUrl)));
+
+        let (url, reason) = refused(&["https://a:8443", "http://b:8443"]);
+        assert_eq!(url, "http://b:8443");
+        assert!(reason.contains("https://"), "{reason}");
+        let (url, reason) = refused(&["https://a", "", "https://b"]);
+        assert_eq!(url, "");
+        assert!(reason.contains("empty"), "{reason}");
+        let (url, reason) = refused(&["https://a,https://b"]);
+        assert_eq!(url, "https://a,https://b");
+        assert!(reason.contains("comma"), "{reason}");
+        let (url, _) = refused(&["broker:8443"]);
+        assert_eq!(url, "broker:8443");
+        let (url, reason) = refused(&["https://a?x=1"]);
+        assert_eq!(url, "https://a?x=1");
+        assert!(reason.contains("query"), "{reason}");
+
+        // The same broker twice, however it is spelled.
+        let (url, reason) = refused(&["https://b:443/", "https://c", "https://B"]);
+        assert_eq!(url, "https://B");
+        assert!(reason.contains("\"https://b:443/\""), "{reason}");
+        let (url, _) = refused(&["https://b:8443", "https://b:8443/"]);
+        assert_eq!(url, "https://b:8443/");
+
+        // Credentials are refused without being echoed.
+        let (url, reason) = refused(&["https://user:s3cret@b:8443"]);
+        assert_eq!(url, "https://b:8443");
+        assert!(reason.contains("user or password"), "{reason}");
+
+        let err = BrokerClient::with_urls(
+            &urls(&["https://a", "ftp://b"]),
+            ClientIdentity::none(),
+            BundleStore::new(),
+            SpiffeId::parse("spiffe://example.org/baton/broker").unwrap(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("\"ftp://b\""), "{err}");
+        // One URL: the constructor other crates use checks it the same way.
+        let err = BrokerClient::new(
+            "http://a",
+            ClientIdentity::none(),
+            BundleStore::new(),
+            SpiffeId::parse("spiffe://example.org/baton/broker").unwrap(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, ClientError::BadUrl { .. }), "{err:?}");
+    }
 }

@@ -213,7 +213,11 @@ pub fn redeem_status(e: &ClientError) -> Status {
             code_for_http(*status),
             format!("cannot redeem the grant: {e}"),
         ),
-        ClientError::Unreachable { .. } | ClientError::Tls(_) | ClientError::Build(_) => {
+        ClientError::Unreachable { .. }
+        | ClientError::Tls(_)
+        | ClientError::Build(_)
+        | ClientError::NoUrl
+        | ClientError::BadUrl { .. } => {
             Status::unavailable(format!("cannot redeem the grant: {e}"))
         }
         // The broker accepted the call: the grant may well be spent.

@@ -428,3 +428,447 @@ async fn rotation_wakes_the_loop_before_the_sync_interval() {
         .unwrap()
         .unwrap();
 }
+
+// ---- several broker URLs: failover ----
+
+/// A real broker on 127.0.0.1, in-memory, with its admin socket in `dir`.
+struct TestBroker {
+    ready: baton_broker::BrokerReady,
+    admin: std::path::PathBuf,
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), baton_broker::StartError>>,
+}
+
+impl TestBroker {
+    async fn start(dir: &Path, td: &TrustDomain) -> Self {
+        let admin = dir.join("admin.sock");
+        let mut bcfg = baton_broker::BrokerConfig::new(td.clone(), None, admin.clone());
+        bcfg.listen = "127.0.0.1:0".parse().unwrap();
+        let (btx, brx) = oneshot::channel();
+        let (stop, stop_rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(baton_broker::run(
+            bcfg,
+            Arc::new(baton_broker::LogIssuance),
+            Some(btx),
+            async move {
+                let _ = stop_rx.await;
+            },
+        ));
+        let ready = match tokio::time::timeout(DEADLINE, brx).await {
+            Ok(Ok(r)) => r,
+            _ => panic!("broker not ready: {:?}", task.await),
+        };
+        Self {
+            ready,
+            admin,
+            stop,
+            task,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("https://{}", self.ready.addr)
+    }
+
+    /// The broker's X.509 authorities.
+    fn authorities(&self) -> Vec<Vec<u8>> {
+        baton_ca::TrustBundle::from_pem(&self.ready.trust_domain, &self.ready.bundle_pem)
+            .unwrap()
+            .x509_authorities
+    }
+
+    async fn join_token(&self) -> JoinTokenResponse {
+        serde_json::from_slice(
+            &admin(
+                &self.admin,
+                "POST",
+                "/v1/admin/join-tokens",
+                &serde_json::json!({"ttl_secs": 600}),
+            )
+            .await,
+        )
+        .unwrap()
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        tokio::time::timeout(DEADLINE, self.task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// An `https://` URL on a loopback port where nothing listens: bound, then
+/// released.
+fn closed_port_url() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    drop(l);
+    format!("https://127.0.0.1:{port}")
+}
+
+/// Whether a connection to `l` is waiting to be accepted: the kernel
+/// queues a connection as soon as its TCP handshake is done, so after a
+/// call has returned, its connections (if any) are already there.
+fn was_connected_to(l: &std::net::TcpListener) -> bool {
+    l.set_nonblocking(true).unwrap();
+    match l.accept() {
+        Ok(_) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+        Err(e) => panic!("accept: {e}"),
+    }
+}
+
+/// A TLS server presenting `spiffe://<td>/baton/broker` (from a CA of its
+/// own, whose authorities are returned for the clients' bundle) that reads
+/// the first bytes of each request, then hangs up without an answer: a
+/// transport failure after the connection was made. `client_authorities`
+/// verify the agent SVIDs clients present. The count is of connections
+/// that got that far.
+fn start_hang_up_broker(
+    td: &TrustDomain,
+    client_authorities: Vec<Vec<u8>>,
+) -> (String, Vec<Vec<u8>>, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::Read;
+    let now = std::time::SystemTime::now();
+    let ca = baton_ca::Ca::load_or_create(baton_ca::CaConfig::new(td.clone()), now).unwrap();
+    let (chain, key) = ca
+        .broker_serving_identity(&[], Duration::from_secs(3600), now)
+        .unwrap();
+    let bundles = baton_tls::BundleStore::new();
+    bundles.set(td.clone(), client_authorities);
+    let config = baton_tls::server_config(
+        baton_tls::ServerIdentity::new(chain, key.expose()).unwrap(),
+        bundles,
+        baton_tls::PeerPolicy::AnyInTrustDomains(vec![td.clone()]),
+        baton_tls::ClientAuth::Optional,
+    )
+    .unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    let hung_up = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = Arc::clone(&hung_up);
+    std::thread::spawn(move || {
+        for sock in listener.incoming() {
+            let Ok(sock) = sock else { continue };
+            let _ = sock.set_read_timeout(Some(DEADLINE));
+            let Ok(conn) = baton_tls::rustls::ServerConnection::new(Arc::clone(&config)) else {
+                continue;
+            };
+            let mut tls = baton_tls::rustls::StreamOwned::new(conn, sock);
+            let mut buf = [0u8; 4096];
+            if matches!(tls.read(&mut buf), Ok(n) if n > 0) {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            // Dropped: the connection closes with no answer.
+        }
+    });
+    (url, ca.bundle().x509_authorities, hung_up)
+}
+
+fn bundles_of(td: &TrustDomain, authorities: Vec<Vec<u8>>) -> baton_tls::BundleStore {
+    let b = baton_tls::BundleStore::new();
+    b.set(td.clone(), authorities);
+    b
+}
+
+fn client_of(
+    urls: &[String],
+    identity: baton_tls::ClientIdentity,
+    bundles: baton_tls::BundleStore,
+    td: &TrustDomain,
+) -> crate::client::BrokerClient {
+    crate::client::BrokerClient::with_urls(
+        urls,
+        identity,
+        bundles,
+        AgentConfig::default_broker_id(td).unwrap(),
+    )
+    .unwrap()
+}
+
+/// Attests a node through `client` and returns its identity.
+async fn attest_node(
+    dir: &Path,
+    client: &crate::client::BrokerClient,
+    td: &TrustDomain,
+    token: &JoinTokenResponse,
+) -> crate::node::NodeSvid {
+    let store = crate::node::NodeStore::open(dir).unwrap();
+    tokio::time::timeout(
+        DEADLINE,
+        crate::node::establish(
+            &store,
+            client,
+            td,
+            Some(&token.token),
+            crate::node::unix_now(),
+        ),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_port_fails_over_to_the_next_broker_which_is_then_used_directly() {
+    use crate::client::ClientError;
+    baton_tls::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let td = TrustDomain::new("example.org").unwrap();
+    let broker = TestBroker::start(dir.path(), &td).await;
+    let live = broker.url();
+
+    // Control: the closed port alone is unreachable, and named.
+    let dead = closed_port_url();
+    let alone = client_of(
+        std::slice::from_ref(&dead),
+        baton_tls::ClientIdentity::none(),
+        bundles_of(&td, broker.authorities()),
+        &td,
+    );
+    let err = tokio::time::timeout(DEADLINE, alone.sync(None))
+        .await
+        .unwrap()
+        .unwrap_err();
+    match &err {
+        ClientError::Unreachable { urls, source } => {
+            assert_eq!(urls, &[format!("{dead}/v1/node/sync")]);
+            assert!(source.is_connect(), "{source:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(err.to_string().contains(&dead), "{err}");
+    // Two dead URLs: the error names both.
+    let dead2 = closed_port_url();
+    let both = client_of(
+        &[dead.clone(), dead2.clone()],
+        baton_tls::ClientIdentity::none(),
+        bundles_of(&td, broker.authorities()),
+        &td,
+    );
+    let err = tokio::time::timeout(DEADLINE, both.sync(None))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(err, ClientError::Unreachable { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains(&dead) && err.to_string().contains(&dead2),
+        "{err}"
+    );
+
+    // Attestation (single-use token) fails over on a connect error.
+    let client = client_of(
+        &[dead.clone(), live.clone()],
+        baton_tls::ClientIdentity::none(),
+        bundles_of(&td, broker.authorities()),
+        &td,
+    );
+    assert_eq!(client.current_url(), dead);
+    let token = broker.join_token().await;
+    let svid = attest_node(&dir.path().join("node"), &client, &td, &token).await;
+    assert_eq!(svid.spiffe_id, token.node_id);
+    assert_eq!(client.current_url(), live);
+
+    // A sync of a fresh client over the same node identity: the closed
+    // port first, then the broker.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead3 = format!("https://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let client = client_of(
+        &[dead3.clone(), live.clone()],
+        baton_tls::ClientIdentity::new(svid.chain_der.clone(), svid.key.expose()).unwrap(),
+        bundles_of(&td, broker.authorities()),
+        &td,
+    );
+    let synced = tokio::time::timeout(DEADLINE, client.sync(None))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(synced.bundle.is_object(), "{:?}", synced.bundle);
+    assert_eq!(client.current_url(), live);
+
+    // From now on it goes to the broker that answered first: a listener
+    // put back on the first URL's port sees no connection, even on fresh
+    // connections.
+    let port = dead3.rsplit(':').next().unwrap().parse::<u16>().unwrap();
+    let back = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    client.reconnect().unwrap();
+    tokio::time::timeout(DEADLINE, client.sync(None))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(client.current_url(), live);
+    assert!(!was_connected_to(&back));
+
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_answer_is_never_retried_on_the_next_broker() {
+    use crate::client::ClientError;
+    baton_tls::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let td = TrustDomain::new("example.org").unwrap();
+    let broker = TestBroker::start(dir.path(), &td).await;
+    // The next URL: a listener that would queue any connection made to it.
+    let next = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let next_url = format!("https://{}", next.local_addr().unwrap());
+    let client = client_of(
+        &[broker.url(), next_url],
+        baton_tls::ClientIdentity::none(),
+        bundles_of(&td, broker.authorities()),
+        &td,
+    );
+
+    // No client certificate: the broker refuses the sync (HTTP 401).
+    let err = tokio::time::timeout(DEADLINE, client.sync(None))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        matches!(err, ClientError::Refused { status: 401, .. }),
+        "{err:?}"
+    );
+    // An unknown join token: refused, and not tried elsewhere either.
+    let key = baton_ca::WorkloadKey::generate().unwrap();
+    let csr = key
+        .csr_der(&baton_core::SpiffeId::parse("spiffe://example.org").unwrap())
+        .unwrap();
+    let err = tokio::time::timeout(
+        DEADLINE,
+        client.attest(&baton_core::Secret::new("bogus"), csr),
+    )
+    .await
+    .unwrap()
+    .unwrap_err();
+    assert!(
+        matches!(err, ClientError::Refused { status, .. } if (400..500).contains(&status)),
+        "{err:?}"
+    );
+    assert_eq!(client.current_url(), broker.url());
+    assert!(!was_connected_to(&next));
+
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_connection_fails_over_only_for_calls_that_may_be_repeated() {
+    use crate::client::ClientError;
+    baton_tls::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let td = TrustDomain::new("example.org").unwrap();
+    let broker = TestBroker::start(dir.path(), &td).await;
+    let (hang_up, hang_up_authorities, hung_up) = start_hang_up_broker(&td, broker.authorities());
+    let trusted = || {
+        bundles_of(
+            &td,
+            [broker.authorities(), hang_up_authorities.clone()].concat(),
+        )
+    };
+    let token = broker.join_token().await;
+
+    // Attestation spends its token: a connection lost after the request
+    // went out is not retried on the next broker.
+    let client = client_of(
+        &[hang_up.clone(), broker.url()],
+        baton_tls::ClientIdentity::none(),
+        trusted(),
+        &td,
+    );
+    let key = baton_ca::WorkloadKey::generate().unwrap();
+    let csr = key
+        .csr_der(&baton_core::SpiffeId::parse("spiffe://example.org").unwrap())
+        .unwrap();
+    let err = tokio::time::timeout(DEADLINE, client.attest(&token.token, csr))
+        .await
+        .unwrap()
+        .unwrap_err();
+    match &err {
+        ClientError::Unreachable { urls, source } => {
+            assert_eq!(urls, &[format!("{hang_up}/v1/node/attest")]);
+            assert!(!source.is_connect(), "{source:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(hung_up.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(client.current_url(), hang_up);
+    // The broker never saw it: the token still attests.
+    let direct = client_of(
+        &[broker.url()],
+        baton_tls::ClientIdentity::none(),
+        trusted(),
+        &td,
+    );
+    let svid = attest_node(&dir.path().join("node"), &direct, &td, &token).await;
+
+    // A sync may be repeated: the same failure moves it to the broker.
+    let client = client_of(
+        &[hang_up.clone(), broker.url()],
+        baton_tls::ClientIdentity::new(svid.chain_der.clone(), svid.key.expose()).unwrap(),
+        trusted(),
+        &td,
+    );
+    tokio::time::timeout(DEADLINE, client.sync(None))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(hung_up.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(client.current_url(), broker.url());
+
+    broker.stop().await;
+}
+
+/// The daemon itself, given a dead URL first: it attests, syncs and serves
+/// through the second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_serves_through_its_second_broker_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let td = TrustDomain::new("example.org").unwrap();
+    let broker = TestBroker::start(dir.path(), &td).await;
+    let token = broker.join_token().await;
+    admin(
+        &broker.admin,
+        "POST",
+        "/v1/admin/entries",
+        &serde_json::json!({
+            "spiffe_id": "spiffe://example.org/workload/failover",
+            "parent_id": token.node_id.as_str(),
+            "selectors": [format!("unix:uid:{}", my_uid())],
+            "x509_ttl_secs": 600,
+        }),
+    )
+    .await;
+    let mut config = AgentConfig::new(
+        dir.path().join("agent-data"),
+        dir.path().join("agent.sock"),
+        closed_port_url(),
+        td,
+    )
+    .unwrap();
+    config.broker_urls.push(broker.url());
+    config.bootstrap_bundle_pem = Some(broker.ready.bundle_pem.clone());
+    config.join_token = Some(token.token.clone());
+    config.sync_interval = Duration::from_secs(1);
+    let agent = start_agent(config).await;
+    assert_eq!(agent.ready.node_id, token.node_id);
+    let mut client = workload_client(&agent.ready.socket_path).await;
+    let mut stream = client
+        .fetch_x509svid(with_header(X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let msg = tokio::time::timeout(DEADLINE, stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        msg.svids[0].spiffe_id,
+        "spiffe://example.org/workload/failover"
+    );
+    agent.stop().await;
+    broker.stop().await;
+}

@@ -70,8 +70,11 @@ pub struct AgentConfig {
     pub data_dir: PathBuf,
     /// The Workload API socket.
     pub socket_path: PathBuf,
-    /// Like `https://broker.example:8443`.
-    pub broker_url: String,
+    /// The broker's base URLs, like `https://broker.example:8443`: one, or
+    /// several brokers of the trust domain (sharing one datastore, each
+    /// presenting [`broker_id`](Self::broker_id)) that the agent fails over
+    /// between; see [`BrokerClient`] for the rule.
+    pub broker_urls: Vec<String>,
     /// The broker's SPIFFE ID, checked in place of a hostname;
     /// see [`AgentConfig::default_broker_id`].
     pub broker_id: SpiffeId,
@@ -95,7 +98,8 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
-    /// A configuration with the defaults for everything optional.
+    /// A configuration with the defaults for everything optional and one
+    /// broker; set [`broker_urls`](Self::broker_urls) for several.
     pub fn new(
         data_dir: PathBuf,
         socket_path: PathBuf,
@@ -105,7 +109,7 @@ impl AgentConfig {
         Ok(Self {
             data_dir,
             socket_path,
-            broker_url,
+            broker_urls: vec![broker_url],
             broker_id: Self::default_broker_id(&trust_domain)?,
             trust_domain,
             bootstrap_bundle_pem: None,
@@ -125,6 +129,7 @@ impl AgentConfig {
     }
 
     fn validate(&self) -> Result<(), AgentError> {
+        client::broker_urls(&self.broker_urls).map_err(|e| AgentError::Config(e.to_string()))?;
         if !(self.rotate_fraction > 0.0 && self.rotate_fraction <= 1.0) {
             return Err(AgentError::Config(format!(
                 "rotate_fraction must be in (0, 1], got {}",
@@ -220,8 +225,8 @@ pub async fn run(
             config.bootstrap_bundle_pem.as_deref(),
         )?,
     );
-    let client = Arc::new(BrokerClient::new(
-        &config.broker_url,
+    let client = Arc::new(BrokerClient::with_urls(
+        &config.broker_urls,
         baton_tls::ClientIdentity::none(),
         bundles,
         config.broker_id.clone(),

@@ -23,6 +23,7 @@ pub mod nodes;
 pub mod oidc;
 pub mod ops;
 pub mod pg;
+pub mod pg_ca;
 pub mod pg_tls;
 pub mod revocation;
 pub mod rotation;
@@ -135,6 +136,13 @@ pub struct BrokerConfig {
     /// registry and revocations) in PostgreSQL; `None` keeps it in SQLite
     /// (`broker.db` in the data dir, or in memory).
     pub datastore: Option<pg::PgSettings>,
+    /// Keep the CA (journal, keys, JWT keys) in the PostgreSQL datastore,
+    /// sealed with the key in this file, shared by every broker of the
+    /// trust domain. Requires `datastore`.
+    pub ca_seal_key_file: Option<PathBuf>,
+    /// How often a broker with a shared CA looks for rotation steps the
+    /// others took.
+    pub ca_refresh_every: Duration,
     /// Where revocations live: in memory (embedded default) or in Redis,
     /// shared with other brokers and followed by verifiers.
     pub revocation: RevocationBackend,
@@ -201,6 +209,8 @@ impl BrokerConfig {
                 ..delegation::DelegationSettings::default()
             },
             datastore: None,
+            ca_seal_key_file: None,
+            ca_refresh_every: Duration::from_secs(2),
             revocation: RevocationBackend::Memory,
             secret_engines: secrets::SecretEngineSettings::default(),
             rotation: Some(baton_ca::RotationSchedule::default()),
@@ -219,6 +229,8 @@ struct Stores {
     datastore: Arc<dyn Datastore>,
     tasks: Arc<dyn tasks::TaskStore>,
     ledger: Arc<dyn ledger::Ledger>,
+    /// The same database when it is PostgreSQL (shared CA, leases).
+    pg: Option<Arc<pg::PgStore>>,
 }
 
 impl Stores {
@@ -227,6 +239,14 @@ impl Stores {
             datastore: s.clone(),
             tasks: s.clone(),
             ledger: s,
+            pg: None,
+        }
+    }
+
+    fn of_pg(s: Arc<pg::PgStore>) -> Self {
+        Self {
+            pg: Some(s.clone()),
+            ..Self::of(s)
         }
     }
 }
@@ -237,7 +257,7 @@ async fn open_stores(cfg: &BrokerConfig) -> Result<Stores, StartError> {
     let file = cfg.data_dir.as_ref().map(|d| d.join("broker.db"));
     tokio::task::spawn_blocking(move || -> Result<Stores, StartError> {
         Ok(match (pg, file) {
-            (Some(settings), _) => Stores::of(Arc::new(pg::PgStore::open(&settings)?)),
+            (Some(settings), _) => Stores::of_pg(Arc::new(pg::PgStore::open(&settings)?)),
             (None, Some(path)) => Stores::of(Arc::new(SqliteStore::open(&path)?)),
             (None, None) => Stores::of(Arc::new(SqliteStore::in_memory()?)),
         })
@@ -488,6 +508,26 @@ pub async fn run(
             );
         }
     }
+    let shared: Option<Arc<dyn baton_ca::SharedCaStore>> = match (&cfg.ca_seal_key_file, &stores.pg)
+    {
+        (Some(file), Some(pg)) => {
+            let key = pg_ca::CaSealKey::from_file(file).map_err(StartError::Internal)?;
+            Some(Arc::new(pg_ca::PgCaStore::new(pg.clone(), key)))
+        }
+        (Some(_), None) => {
+            return Err(StartError::Internal(
+                    "--ca-encryption-key-file keeps the CA in the PostgreSQL datastore: give --datastore postgres://... too".into(),
+                ));
+        }
+        (None, Some(_)) => {
+            tracing::warn!(
+                "the CA's keys are in this broker's data dir, not in the shared datastore: another broker on this database would be a CA of its own that this one's agents do not trust; to run several brokers give each the same --ca-encryption-key-file"
+            );
+            None
+        }
+        (None, None) => None,
+    };
+    let shared_ca = shared.is_some();
     let ca = Ca::load_or_create(
         CaConfig {
             trust_domain: cfg.trust_domain.clone(),
@@ -495,6 +535,7 @@ pub async fn run(
             key_dir,
             max_svid_ttl: cfg.max_svid_ttl,
             upstream,
+            shared,
         },
         now,
     )?;
@@ -752,9 +793,37 @@ pub async fn run(
     let sched_broker = broker.clone();
     let schedule = cfg.rotation;
     let check_every = cfg.rotation_check_every;
+    // With several brokers on one database, one of them (the holder of
+    // the `ca-schedule` lease, renewed every check and lost three checks
+    // after its broker stopped renewing it) runs the schedule; every
+    // step also runs under the shared CA's lock, on what is stored.
+    let lease = stores.pg.clone().filter(|_| shared_ca);
+    let instance = broker_instance_id(cfg.listen);
     let scheduler = tokio::spawn(async move {
+        let mut leading = false;
         loop {
             tokio::time::sleep(check_every).await;
+            if let Some(pg) = &lease {
+                let held = pg.lease("ca-schedule", &instance, check_every * 3);
+                let now_leading = matches!(held, Ok(true));
+                if now_leading != leading {
+                    tracing::info!(
+                        instance,
+                        leading = now_leading,
+                        "CA schedule lease changed hands"
+                    );
+                }
+                leading = now_leading;
+                if let Err(e) = held {
+                    tracing::warn!(error = %e, "cannot take or renew the CA schedule lease");
+                }
+                if !leading {
+                    if let Err(e) = sched_broker.ca().checkpoint() {
+                        tracing::warn!(error = %e, "cannot persist the CA journal");
+                    }
+                    continue;
+                }
+            }
             let now = SystemTime::now();
             let result = match &schedule {
                 Some(s) => sched_broker.ca_scheduled_step(s, now).map(|_| ()),
@@ -773,6 +842,25 @@ pub async fn run(
             }
             if let Err(e) = sched_broker.ca().checkpoint() {
                 tracing::warn!(error = %e, "cannot persist the CA journal");
+            }
+        }
+    });
+
+    // A broker sharing its CA follows the steps the others take: the new
+    // bundle then reaches its listener, verifiers and agents as its own
+    // steps do.
+    let refresh_broker = broker.clone();
+    let refresh_every = cfg.ca_refresh_every;
+    let refresher = tokio::spawn(async move {
+        if !shared_ca {
+            return;
+        }
+        loop {
+            tokio::time::sleep(refresh_every).await;
+            match refresh_broker.ca().refresh() {
+                Ok(true) => refresh_broker.rotation().notify(),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot read the shared CA"),
             }
         }
     });
@@ -819,6 +907,7 @@ pub async fn run(
     let (n, a) = (node.await, admin.await);
     renewer.abort();
     scheduler.abort();
+    refresher.abort();
     sweeper.abort();
     let _ = relay_stop_tx.send(true);
     if tokio::time::timeout(grace + Duration::from_secs(1), reseeder)
@@ -840,4 +929,12 @@ pub async fn run(
         }
     }
     Ok(())
+}
+
+/// This broker process among those sharing a database (for leases):
+/// its listen address and a random part, fresh per start.
+fn broker_instance_id(listen: SocketAddr) -> String {
+    let mut rnd = [0u8; 6];
+    let _ = aws_lc_rs::rand::fill(&mut rnd);
+    format!("{listen}#{}", hex::encode(rnd))
 }

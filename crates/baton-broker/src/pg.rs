@@ -151,11 +151,32 @@ const MIGRATIONS: &[&str] = &[
         record TEXT NOT NULL
      );
      CREATE INDEX approvals_by_binding ON approvals(binding, n);",
+    // 2: the CA shared by every broker (sealed files and journal) and the
+    // leases that make one broker run a schedule.
+    "CREATE TABLE ca_journal (
+        id INT PRIMARY KEY CHECK (id = 1),
+        data BYTEA NOT NULL
+     );
+     CREATE TABLE ca_files (
+        name TEXT PRIMARY KEY,
+        data BYTEA NOT NULL
+     );
+     CREATE TABLE node_syncs (
+        node TEXT PRIMARY KEY,
+        synced_at BIGINT NOT NULL,
+        applied BIGINT
+     );
+     CREATE TABLE leases (
+        name TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL
+     );",
 ];
 
 /// Advisory lock keys ("baton" in ASCII, then a number).
 const MIGRATION_LOCK: i64 = 0x6261_746f_6e01;
 const REVOCATION_LOCK: i64 = 0x6261_746f_6e02;
+const CA_LOCK: i64 = 0x6261_746f_6e03;
 
 /// How long a connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -356,6 +377,11 @@ impl PgStore {
         };
         store.migrate()?;
         Ok(store)
+    }
+
+    /// Where the database is, as shown in errors and logs (no password).
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
     }
 
     /// Waits for `f` on this thread (off the async workers).
@@ -791,6 +817,45 @@ impl Datastore for PgStore {
             )
             .await?;
             Ok(())
+        })
+    }
+
+    fn record_node_sync(
+        &self,
+        node: &SpiffeId,
+        at: u64,
+        applied: Option<u64>,
+    ) -> Result<(), StoreError> {
+        let applied = applied.map(to_i64);
+        on_conn!(self, |c| {
+            c.execute(
+                "INSERT INTO node_syncs (node, synced_at, applied) VALUES ($1, $2, $3)
+                 ON CONFLICT (node) DO UPDATE SET
+                    synced_at = GREATEST(node_syncs.synced_at, excluded.synced_at),
+                    applied = GREATEST(node_syncs.applied, excluded.applied)",
+                &[&node.as_str(), &to_i64(at), &applied],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    fn node_syncs(&self) -> Result<Vec<(SpiffeId, u64, Option<u64>)>, StoreError> {
+        on_conn!(self, |c| {
+            let mut out = Vec::new();
+            for r in c
+                .query("SELECT node, synced_at, applied FROM node_syncs", &[])
+                .await?
+            {
+                let node: String = r.try_get(0)?;
+                let applied: Option<i64> = r.try_get(2)?;
+                out.push((
+                    SpiffeId::parse(&node).map_err(|e| corrupt("node_syncs", e))?,
+                    u64_of(r.try_get(1)?),
+                    applied.map(u64_of),
+                ));
+            }
+            Ok(out)
         })
     }
 
@@ -1789,6 +1854,106 @@ impl TaskStore for PgStore {
             )
             .await?
                 == 1)
+        })
+    }
+}
+
+/// The rows of the shared CA as stored (sealed by the caller).
+pub(crate) struct RawCa {
+    pub(crate) journal: Option<Vec<u8>>,
+    pub(crate) files: Vec<(String, Vec<u8>)>,
+}
+
+/// What one CA step writes (sealed by the caller).
+pub(crate) struct RawCaWrite {
+    pub(crate) files: Vec<(String, Vec<u8>)>,
+    pub(crate) journal: Vec<u8>,
+    pub(crate) keep: Vec<String>,
+}
+
+async fn raw_ca(c: &impl GenericClient, with_files: bool) -> Result<RawCa, StoreError> {
+    let journal = c
+        .query_opt("SELECT data FROM ca_journal WHERE id = 1", &[])
+        .await?
+        .map(|r| r.try_get::<_, Vec<u8>>(0))
+        .transpose()?;
+    let mut files = Vec::new();
+    if with_files {
+        for r in c.query("SELECT name, data FROM ca_files", &[]).await? {
+            files.push((r.try_get(0)?, r.try_get(1)?));
+        }
+    }
+    Ok(RawCa { journal, files })
+}
+
+impl PgStore {
+    /// The stored CA journal (and, with `with_files`, its files), unlocked.
+    pub(crate) fn ca_raw(&self, with_files: bool) -> Result<RawCa, StoreError> {
+        on_conn!(self, |c| raw_ca(c, with_files).await)
+    }
+
+    /// Runs `step` on the stored CA under an exclusive transaction-level
+    /// advisory lock (one CA step at a time across every broker), and
+    /// writes what it returns in the same transaction. A broker that dies
+    /// mid-step leaves nothing of it (the lock goes with its session).
+    pub(crate) fn ca_transact<E: From<StoreError>>(
+        &self,
+        step: &mut dyn FnMut(RawCa) -> Result<Option<RawCaWrite>, E>,
+    ) -> Result<(), E> {
+        let r: Result<Result<(), E>, StoreError> = on_conn!(self, |c| {
+            let tx = c.transaction().await?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&CA_LOCK])
+                .await?;
+            let raw = raw_ca(&tx, true).await?;
+            let write = match step(raw) {
+                Ok(Some(w)) => w,
+                Ok(None) => return Ok(Ok(())),
+                Err(e) => return Ok(Err(e)),
+            };
+            for (name, data) in &write.files {
+                tx.execute(
+                    "INSERT INTO ca_files (name, data) VALUES ($1, $2)
+                     ON CONFLICT (name) DO UPDATE SET data = excluded.data",
+                    &[name, data],
+                )
+                .await?;
+            }
+            tx.execute(
+                "INSERT INTO ca_journal (id, data) VALUES (1, $1)
+                 ON CONFLICT (id) DO UPDATE SET data = excluded.data",
+                &[&write.journal],
+            )
+            .await?;
+            tx.execute(
+                "DELETE FROM ca_files WHERE NOT (name = ANY($1))",
+                &[&write.keep],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(Ok(()))
+        });
+        r?
+    }
+
+    /// Takes or renews the lease `name` for `holder` for `ttl` (by the
+    /// database's clock, so brokers' clocks do not matter): true while
+    /// `holder` holds it. Another holder gets it only once it expired.
+    pub fn lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let ttl = ttl.as_secs_f64();
+        on_conn!(self, |c| {
+            let row = c
+                .query_opt(
+                    "INSERT INTO leases (name, holder, expires_at)
+                     VALUES ($1, $2, extract(epoch FROM clock_timestamp())::float8 + $3::float8)
+                     ON CONFLICT (name) DO UPDATE
+                        SET holder = excluded.holder, expires_at = excluded.expires_at
+                        WHERE leases.holder = excluded.holder
+                           OR leases.expires_at <= extract(epoch FROM clock_timestamp())::float8
+                     RETURNING holder",
+                    &[&name, &holder, &ttl],
+                )
+                .await?;
+            Ok(row.is_some())
         })
     }
 }

@@ -41,6 +41,8 @@ struct NodeSync {
     /// The bundle sequence the node said it had applied (taints included)
     /// before this sync; `None` from agents that do not report it.
     applied: Option<u64>,
+    /// When this broker last wrote the node's sync to a shared store.
+    shared_at: u64,
 }
 
 /// kid → node → expiry second → JWT-SVIDs minted for that node.
@@ -70,6 +72,10 @@ impl Default for RotationState {
     }
 }
 
+/// How often (seconds) a broker writes a node's sync to a shared store
+/// when the applied sequence did not move.
+pub const SHARED_SYNC_EVERY: u64 = 10;
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // These maps hold no invariant a panic could break half-way.
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -98,19 +104,43 @@ impl SlotKind {
 impl RotationState {
     /// Records a sync of `node` at `now`; `applied` is the bundle sequence
     /// the node reported having applied (from its previous sync).
-    pub fn synced(&self, node: &SpiffeId, now: u64, applied: Option<u64>) {
+    ///
+    /// True when the sync should be written to a store shared with other
+    /// brokers: the applied sequence moved, or the last write is
+    /// [`SHARED_SYNC_EVERY`] old.
+    pub fn synced(&self, node: &SpiffeId, now: u64, applied: Option<u64>) -> bool {
         let mut m = lock(&self.node_syncs);
-        let prev = m.get(node).and_then(|s| s.applied);
+        let prev = m.get(node).map(|s| (s.applied, s.shared_at));
+        let (prev_applied, shared_at) = prev.unwrap_or((None, 0));
+        // A sequence only moves forward; a restarted agent reports none
+        // until its first sync is applied (and has lost every cached
+        // token with its memory).
+        let applied = applied.max(prev_applied);
+        let share = applied > prev_applied || now >= shared_at.saturating_add(SHARED_SYNC_EVERY);
         m.insert(
             node.clone(),
             NodeSync {
                 at: now,
-                // A sequence only moves forward; a restarted agent reports
-                // none until its first sync is applied (and has lost every
-                // cached token with its memory).
-                applied: applied.max(prev),
+                applied,
+                shared_at: if share { now } else { shared_at },
             },
         );
+        share
+    }
+
+    /// Takes in the syncs other brokers served (from the shared store):
+    /// each value only moves forward.
+    pub fn merge_syncs(&self, syncs: Vec<(SpiffeId, u64, Option<u64>)>) {
+        let mut m = lock(&self.node_syncs);
+        for (node, at, applied) in syncs {
+            let s = m.entry(node).or_insert(NodeSync {
+                at: 0,
+                applied: None,
+                shared_at: 0,
+            });
+            s.at = s.at.max(at);
+            s.applied = s.applied.max(applied);
+        }
     }
 
     fn last_sync(&self, node: &SpiffeId) -> Option<u64> {
@@ -407,12 +437,14 @@ fn check_id(id: &str) -> Result<(), BrokerError> {
 }
 
 impl Broker {
-    /// Live, unbanned nodes that have not synced after `since`.
+    /// Live, unbanned nodes that have not synced after `since` (at this
+    /// broker or, with a shared store, at any).
     pub fn nodes_lagging(
         &self,
         since: u64,
         now: u64,
     ) -> Result<(usize, Vec<SpiffeId>), BrokerError> {
+        self.rotation().merge_syncs(self.store().node_syncs()?);
         let mut live = 0;
         let mut lagging = Vec::new();
         for n in self.store().list_nodes()? {
@@ -460,6 +492,7 @@ impl Broker {
             // Nothing of it is live: no agent can serve anything of it.
             return Ok(p);
         }
+        self.rotation().merge_syncs(self.store().node_syncs()?);
         let needed = self
             .rotation()
             .taint_sequence(&status.id, self.ca().sequence());
@@ -488,6 +521,10 @@ impl Broker {
     }
 
     pub fn ca_status(&self, now: SystemTime) -> Result<CaStatus, BrokerError> {
+        // With a shared CA, what the other brokers did is shown too.
+        if self.ca().refresh().map_err(ca_error)? {
+            self.rotation().notify();
+        }
         let t = unix(now);
         let mut authorities = Vec::new();
         for status in self.ca().authorities() {

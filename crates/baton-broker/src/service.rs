@@ -689,7 +689,13 @@ impl Broker {
             bundle: self.ca.bundle().to_spiffe_json(),
             tainted: self.ca.tainted_ids(),
         };
-        self.rotation.synced(&node.id, unix(now), applied);
+        if self.rotation.synced(&node.id, unix(now), applied)
+            && let Err(e) = self.store.record_node_sync(&node.id, unix(now), applied)
+        {
+            // The propagation check of another broker then waits longer;
+            // the sync itself is answered.
+            tracing::warn!(error = %e, node = %node.id, "cannot share the node's sync with the other brokers");
+        }
         Ok(resp)
     }
 

@@ -123,6 +123,24 @@ pub trait Datastore: Send + Sync + std::fmt::Debug {
     /// Forgets a node's attestation (it must attest again). False when
     /// there was none.
     fn delete_node(&self, id: &SpiffeId) -> Result<bool, StoreError>;
+    /// Records that `node` synced at `at` having applied bundle sequence
+    /// `applied`, for the other brokers sharing this store (a rotation's
+    /// propagation check counts the syncs every broker served). Values
+    /// only move forward. A store only one broker uses keeps nothing: its
+    /// memory has every sync.
+    fn record_node_sync(
+        &self,
+        _node: &SpiffeId,
+        _at: u64,
+        _applied: Option<u64>,
+    ) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// What [`record_node_sync`](Self::record_node_sync) kept: (node,
+    /// last sync, applied sequence).
+    fn node_syncs(&self) -> Result<Vec<(SpiffeId, u64, Option<u64>)>, StoreError> {
+        Ok(Vec::new())
+    }
     /// Sets or lifts a node's ban. False when the node has no record.
     fn set_node_banned(&self, id: &SpiffeId, banned: bool) -> Result<bool, StoreError>;
 

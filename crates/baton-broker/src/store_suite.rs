@@ -626,3 +626,101 @@ fn postgres_errors_say_what_was_wrong_and_keep_no_password() {
     .to_string();
     assert!(e.contains("is not valid"), "{e}");
 }
+
+/// The CA shared on PostgreSQL: brokers starting at once on an empty
+/// database make one CA; racing rotation steps run once; every row is
+/// sealed; the schedule lease has one holder at a time and passes on once
+/// it expired; node syncs only move forward.
+#[test]
+fn postgres_shares_one_ca_one_schedule_lease_and_the_node_syncs() {
+    use baton_ca::{AuthorityKind, Ca, CaConfig, SharedCaStore as _};
+
+    use crate::pg_ca::{CaSealKey, PgCaStore};
+
+    baton_ca::init();
+    let cluster = Cluster::start();
+    let settings = cluster.database("shared_ca");
+    let stores: Vec<Arc<PgStore>> = (0..3)
+        .map(|_| Arc::new(PgStore::open(&settings).unwrap()))
+        .collect();
+    let cfg = |pg: &Arc<PgStore>| {
+        let mut c = CaConfig::new(baton_core::TrustDomain::new("example.org").unwrap());
+        c.shared = Some(Arc::new(PgCaStore::new(
+            pg.clone(),
+            CaSealKey::from_bytes(&[9u8; 32]).unwrap(),
+        )));
+        c
+    };
+    let now = std::time::SystemTime::now();
+    let cas: Vec<Ca> = std::thread::scope(|sc| {
+        let handles: Vec<_> = stores
+            .iter()
+            .map(|pg| {
+                let c = cfg(pg);
+                sc.spawn(move || Ca::load_or_create(c, now).unwrap())
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let pem = cas[0].bundle().to_pem();
+    for ca in &cas {
+        assert_eq!(ca.bundle().to_pem(), pem, "one CA for every broker");
+    }
+    // Three brokers prepare at once: exactly one succeeds.
+    let results: Vec<bool> = std::thread::scope(|sc| {
+        let handles: Vec<_> = cas
+            .iter()
+            .map(|ca| sc.spawn(move || ca.prepare(&[AuthorityKind::X509], now).is_ok()))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(results.iter().filter(|ok| **ok).count(), 1, "{results:?}");
+    for ca in &cas {
+        ca.refresh().unwrap();
+        assert_eq!(ca.authorities().len(), 3);
+    }
+    // Sealed: the rows are not the DER the CA serves, and another key
+    // cannot open them.
+    let other = PgCaStore::new(
+        stores[0].clone(),
+        CaSealKey::from_bytes(&[1u8; 32]).unwrap(),
+    );
+    let e = other.load().unwrap_err().to_string();
+    assert!(e.contains("does not open"), "{e}");
+    let mine = PgCaStore::new(
+        stores[0].clone(),
+        CaSealKey::from_bytes(&[9u8; 32]).unwrap(),
+    );
+    assert_eq!(mine.load().unwrap().files.len(), 5);
+
+    // The lease: one holder; renewable by it; taken over once expired.
+    let ttl = std::time::Duration::from_millis(800);
+    assert!(stores[0].lease("ca-schedule", "a", ttl).unwrap());
+    assert!(!stores[1].lease("ca-schedule", "b", ttl).unwrap());
+    assert!(stores[0].lease("ca-schedule", "a", ttl).unwrap());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !stores[1].lease("ca-schedule", "b", ttl).unwrap() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lease never expired"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(!stores[0].lease("ca-schedule", "a", ttl).unwrap());
+
+    // Node syncs: kept per node, only forward.
+    let n = sid("baton/node/n1");
+    stores[0].record_node_sync(&n, 100, Some(5)).unwrap();
+    stores[1].record_node_sync(&n, 90, Some(3)).unwrap();
+    stores[1]
+        .record_node_sync(&sid("baton/node/n2"), 50, None)
+        .unwrap();
+    let mut syncs = stores[2].node_syncs().unwrap();
+    syncs.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+    assert_eq!(
+        syncs,
+        vec![(n.clone(), 100, Some(5)), (sid("baton/node/n2"), 50, None)]
+    );
+    stores[2].record_node_sync(&n, 120, Some(6)).unwrap();
+    assert!(stores[0].node_syncs().unwrap().contains(&(n, 120, Some(6))));
+}

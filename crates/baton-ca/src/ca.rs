@@ -28,11 +28,12 @@ use crate::authority::{
 };
 use crate::bundle::TrustBundle;
 use crate::journal::{
-    self, AuthorityKind, AuthorityState, AuthorityStatus, Journal, Slot, jwt_key_path,
-    x509_cert_path, x509_key_path,
+    self, AuthorityKind, AuthorityState, AuthorityStatus, FileKind, Journal, Slot, jwt_key_name,
+    jwt_key_path, x509_cert_name, x509_cert_path, x509_key_name, x509_key_path,
 };
 use crate::jwt::JwtSigningKey;
 use crate::keystore;
+use crate::shared::{SharedCaStore, SharedState, SharedWrite};
 use crate::time_util::{floor_secs, unix_secs};
 use crate::usage::{KeyUsage, UsageLedger};
 use crate::workload::WorkloadKey;
@@ -65,6 +66,10 @@ pub struct CaConfig {
     pub max_svid_ttl: Duration,
     /// Run as an intermediate under this PKI instead of a self-signed root.
     pub upstream: Option<Arc<UpstreamAuthority>>,
+    /// Keep the journal and keys in this store, shared with other brokers,
+    /// instead of `key_dir` (which is then only read once, to move a CA
+    /// that lived there into an empty store).
+    pub shared: Option<Arc<dyn SharedCaStore>>,
 }
 
 impl CaConfig {
@@ -76,6 +81,7 @@ impl CaConfig {
             key_dir: None,
             max_svid_ttl: DEFAULT_MAX_SVID_TTL,
             upstream: None,
+            shared: None,
         }
     }
 }
@@ -183,7 +189,7 @@ pub struct Ca {
     trust_domain: TrustDomain,
     max_svid_ttl: Duration,
     ca_ttl: Duration,
-    key_dir: Option<PathBuf>,
+    persist: Persist,
     upstream: Option<Arc<UpstreamAuthority>>,
     // INVARIANT: every snapshot has exactly one active authority of each
     // kind; only `load_or_create` and `mutate` store snapshots.
@@ -192,6 +198,42 @@ pub struct Ca {
     refresh_hint_secs: u64,
     /// What each JWT key signed that is still live (see `usage.rs`).
     usage: Mutex<UsageLedger>,
+}
+
+/// Where the journal and keys persist.
+enum Persist {
+    /// Nowhere (dev: every restart makes a new trust bundle).
+    Memory,
+    /// A key directory of this broker.
+    Dir(PathBuf),
+    /// A store shared by every broker of the trust domain.
+    Shared(Arc<dyn SharedCaStore>),
+}
+
+/// Where a stored journal's files are read from.
+enum Files<'a> {
+    Dir(&'a Path),
+    Shared {
+        location: &'a str,
+        files: &'a std::collections::BTreeMap<String, Vec<u8>>,
+    },
+}
+
+impl Files<'_> {
+    fn path(&self, name: &str) -> PathBuf {
+        match self {
+            Files::Dir(d) => d.join(name),
+            Files::Shared { location, .. } => PathBuf::from(format!("{location}/{name}")),
+        }
+    }
+
+    fn read(&self, name: &str, kind: FileKind) -> Result<Option<Vec<u8>>, CaError> {
+        match (self, kind) {
+            (Files::Dir(d), FileKind::Secret) => keystore::read_key(&d.join(name)),
+            (Files::Dir(d), FileKind::Public) => keystore::read_public(&d.join(name)),
+            (Files::Shared { files, .. }, _) => Ok(files.get(name).cloned()),
+        }
+    }
 }
 
 impl fmt::Debug for Ca {
@@ -242,30 +284,39 @@ impl Ca {
         if cfg.ca_ttl < Duration::from_secs(1) || cfg.max_svid_ttl < Duration::from_secs(1) {
             return Err(CaError::ZeroTtl);
         }
+        let persist = match (&cfg.shared, &cfg.key_dir) {
+            (Some(store), dir) => {
+                if let Some(dir) = dir {
+                    move_into_shared(store.as_ref(), dir)?;
+                }
+                Persist::Shared(store.clone())
+            }
+            (None, Some(dir)) => Persist::Dir(dir.clone()),
+            (None, None) => Persist::Memory,
+        };
         let ca = Ca {
             trust_domain: cfg.trust_domain,
             max_svid_ttl: cfg.max_svid_ttl,
             ca_ttl: cfg.ca_ttl,
-            key_dir: cfg.key_dir,
+            persist,
             upstream: cfg.upstream,
-            journal: ArcSwap::from_pointee(Journal {
-                x509: Vec::new(),
-                jwt: Vec::new(),
-                revoked: Vec::new(),
-                sequence: unix_secs(now),
-            }),
+            journal: ArcSwap::from_pointee(Journal::empty(unix_secs(now))),
             write: Mutex::new(()),
             refresh_hint_secs: (cfg.ca_ttl.as_secs() / 10).clamp(1, 300),
             usage: Mutex::new(UsageLedger::default()),
         };
-        let loaded = match &ca.key_dir {
-            None => None,
-            Some(dir) => {
+        let loaded = match &ca.persist {
+            Persist::Memory => None,
+            Persist::Dir(dir) => {
                 keystore::ensure_dir(dir)?;
                 match journal::read(dir)? {
-                    Some(j) => Some(ca.load_journal(dir, j)?),
+                    Some(j) => Some(ca.load_journal(&Files::Dir(dir), j, None)?),
                     None => ca.import_legacy(dir, now)?,
                 }
+            }
+            Persist::Shared(store) => {
+                let state = store.load()?;
+                ca.journal_from_shared(store.as_ref(), &state, None)?
             }
         };
         if let Some(mut j) = loaded {
@@ -307,19 +358,88 @@ impl Ca {
         Ok(ca)
     }
 
-    fn load_journal(&self, dir: &Path, l: journal::LoadedJournal) -> Result<Journal, CaError> {
-        let mut j = Journal {
-            x509: Vec::new(),
-            jwt: Vec::new(),
-            revoked: Vec::new(),
-            sequence: l.sequence,
+    /// The journal stored in a shared store with its keys (those this
+    /// process already holds in `known` are reused, their watermarks raised
+    /// to the stored ones), or `None` if the store is empty.
+    fn journal_from_shared(
+        &self,
+        store: &dyn SharedCaStore,
+        state: &SharedState,
+        known: Option<&Journal>,
+    ) -> Result<Option<Journal>, CaError> {
+        let Some(bytes) = &state.journal else {
+            return Ok(None);
         };
+        let location = store.location();
+        let l = journal::parse(
+            bytes,
+            &PathBuf::from(format!("{location}/{}", journal::JOURNAL_FILE)),
+        )?;
+        let files = Files::Shared {
+            location: &location,
+            files: &state.files,
+        };
+        let j = self.load_journal(&files, l, known)?;
+        // Tokens the other brokers signed are not in this process's usage
+        // ledger: their watermarks stand for them.
+        for s in &j.jwt {
+            self.usage_ledger()
+                .untracked(&s.status.id, s.current().retained_until());
+        }
+        Ok(Some(j))
+    }
+
+    fn load_journal(
+        &self,
+        files: &Files<'_>,
+        l: journal::LoadedJournal,
+        known: Option<&Journal>,
+    ) -> Result<Journal, CaError> {
+        let mut j = Journal::empty(l.sequence);
         for status in l.authorities {
+            if let Some(k) = known {
+                let reused = match (status.state, status.kind) {
+                    (AuthorityState::Revoked, _) => false,
+                    (_, AuthorityKind::X509) => {
+                        match k.x509.iter().find(|s| s.status.id == status.id) {
+                            Some(s) => {
+                                let slot = Slot {
+                                    key: s.key.clone(),
+                                    status: status.clone(),
+                                    signed_until: s.signed_until.clone(),
+                                };
+                                slot.signed(status.signed_until);
+                                j.x509.push(slot);
+                                true
+                            }
+                            None => false,
+                        }
+                    }
+                    (_, AuthorityKind::Jwt) => {
+                        match k.jwt.iter().find(|s| s.status.id == status.id) {
+                            Some(s) => {
+                                let slot = Slot {
+                                    key: s.key.clone(),
+                                    status: status.clone(),
+                                    signed_until: s.signed_until.clone(),
+                                };
+                                slot.signed(status.signed_until);
+                                j.jwt.push(slot);
+                                true
+                            }
+                            None => false,
+                        }
+                    }
+                };
+                if reused {
+                    continue;
+                }
+            }
             match (status.state, status.kind) {
                 (AuthorityState::Revoked, _) => j.revoked.push(status),
                 (_, AuthorityKind::X509) => {
-                    let key_path = x509_key_path(dir, &status.id);
-                    let cert_path = x509_cert_path(dir, &status.id);
+                    let key_path = files.path(&x509_key_name(&status.id));
+                    let cert_path = files.path(&x509_cert_name(&status.id));
                     let missing = |path: &Path| CaError::CorruptStore {
                         path: path.to_owned(),
                         reason: format!(
@@ -327,10 +447,12 @@ impl Ca {
                             status.id
                         ),
                     };
-                    let key_der =
-                        keystore::read_key(&key_path)?.ok_or_else(|| missing(&key_path))?;
-                    let cert_der =
-                        keystore::read_public(&cert_path)?.ok_or_else(|| missing(&cert_path))?;
+                    let key_der = files
+                        .read(&x509_key_name(&status.id), FileKind::Secret)?
+                        .ok_or_else(|| missing(&key_path))?;
+                    let cert_der = files
+                        .read(&x509_cert_name(&status.id), FileKind::Public)?
+                        .ok_or_else(|| missing(&cert_path))?;
                     let key = p256_key_from_pkcs8(&key_der, &key_path)?;
                     let x = X509Key::from_parts(cert_der, key, self.upstream.as_deref()).map_err(
                         |e| CaError::CorruptStore {
@@ -348,14 +470,16 @@ impl Ca {
                     j.x509.push(Slot::new(x, status));
                 }
                 (_, AuthorityKind::Jwt) => {
-                    let path = jwt_key_path(dir, &status.id);
-                    let der = keystore::read_key(&path)?.ok_or_else(|| CaError::CorruptStore {
-                        path: path.clone(),
-                        reason: format!(
-                            "the journal lists JWT key {} but this file is missing",
-                            status.id
-                        ),
-                    })?;
+                    let path = files.path(&jwt_key_name(&status.id));
+                    let der = files
+                        .read(&jwt_key_name(&status.id), FileKind::Secret)?
+                        .ok_or_else(|| CaError::CorruptStore {
+                            path: path.clone(),
+                            reason: format!(
+                                "the journal lists JWT key {} but this file is missing",
+                                status.id
+                            ),
+                        })?;
                     let k = JwtSigningKey::from_pkcs8(&der).map_err(|e| CaError::CorruptStore {
                         path: path.clone(),
                         reason: e.to_string(),
@@ -377,12 +501,7 @@ impl Ca {
     /// (`x509-authority.{key,der}`, `jwt-authority.key`) as the active ones.
     fn import_legacy(&self, dir: &Path, now: SystemTime) -> Result<Option<Journal>, CaError> {
         let t = unix_secs(now);
-        let mut j = Journal {
-            x509: Vec::new(),
-            jwt: Vec::new(),
-            revoked: Vec::new(),
-            sequence: t,
-        };
+        let mut j = Journal::empty(t);
         let key_path = dir.join(LEGACY_X509_KEY_FILE);
         let cert_path = dir.join(LEGACY_X509_CERT_FILE);
         if let (Some(key_der), Some(cert_der)) = (
@@ -437,16 +556,98 @@ impl Ca {
     }
 
     /// Runs `f` on a copy of the journal, persists the result and makes it
-    /// current. Rotation steps are serialized; issuance is not blocked.
+    /// current. Rotation steps are serialized (across every broker sharing
+    /// the store, and on what it holds); issuance is not blocked.
     fn mutate<T>(&self, f: impl FnOnce(&mut Journal) -> Result<T, CaError>) -> Result<T, CaError> {
         let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
-        let mut j = Journal::clone(&self.journal.load());
-        let out = f(&mut j)?;
-        if let Some(dir) = &self.key_dir {
-            j.save(dir)?;
-        }
+        let store = match &self.persist {
+            Persist::Shared(store) => store.clone(),
+            Persist::Memory | Persist::Dir(_) => {
+                let mut j = Journal::clone(&self.journal.load());
+                let out = f(&mut j)?;
+                let staged = std::mem::take(&mut j.staged);
+                if let Persist::Dir(dir) = &self.persist {
+                    for (name, bytes, kind) in staged {
+                        match kind {
+                            FileKind::Secret => keystore::write_key(&dir.join(name), &bytes)?,
+                            FileKind::Public => keystore::write_public(&dir.join(name), &bytes)?,
+                        }
+                    }
+                    j.save(dir)?;
+                }
+                self.journal.store(Arc::new(j));
+                return Ok(out);
+            }
+        };
+        let mut f = Some(f);
+        let mut result = None;
+        store.transact(&mut |state| {
+            let current = self.journal.load();
+            let mut j = match self.journal_from_shared(store.as_ref(), &state, Some(&current))? {
+                Some(stored) => stored,
+                None => Journal::clone(&current),
+            };
+            let f = f
+                .take()
+                .ok_or(CaError::Crypto("a rotation step ran twice"))?;
+            let out = f(&mut j)?;
+            let files = std::mem::take(&mut j.staged)
+                .into_iter()
+                .map(|(name, bytes, _)| (name, bytes))
+                .collect();
+            let write = SharedWrite {
+                files,
+                journal: j.encode()?,
+                keep: j.file_names(),
+            };
+            result = Some((j, out));
+            Ok(Some(write))
+        })?;
+        let (j, out) = result.ok_or(CaError::Crypto("a rotation step did not run"))?;
         self.journal.store(Arc::new(j));
         Ok(out)
+    }
+
+    /// Follows rotation steps other brokers took on the shared store: if
+    /// the stored journal differs from this one (beyond watermarks), it
+    /// is loaded and made current, and `true` is returned (the bundle may
+    /// have changed). Watermarks are merged either way. Without a shared
+    /// store, does nothing.
+    pub fn refresh(&self) -> Result<bool, CaError> {
+        let Persist::Shared(store) = &self.persist else {
+            return Ok(false);
+        };
+        let Some(bytes) = store.journal()? else {
+            return Ok(false);
+        };
+        let location = store.location();
+        let stored = journal::parse(
+            &bytes,
+            &PathBuf::from(format!("{location}/{}", journal::JOURNAL_FILE)),
+        )?;
+        let current = self.journal.load();
+        if journal::shape_of(stored.sequence, &stored.authorities) == current.shape() {
+            for s in &stored.authorities {
+                if let Some(slot) = current.x509.iter().find(|x| x.status.id == s.id) {
+                    slot.signed(s.signed_until);
+                }
+                if let Some(slot) = current.jwt.iter().find(|x| x.status.id == s.id) {
+                    slot.signed(s.signed_until);
+                }
+            }
+            return Ok(false);
+        }
+        drop(current);
+        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let state = store.load()?;
+        let current = self.journal.load();
+        let Some(j) = self.journal_from_shared(store.as_ref(), &state, Some(&current))? else {
+            return Ok(false);
+        };
+        let changed = j.shape() != current.shape();
+        drop(current);
+        self.journal.store(Arc::new(j));
+        Ok(changed)
     }
 
     /// Makes a new key of `kind` in state `state` and adds it to `j`.
@@ -469,10 +670,10 @@ impl Ca {
                     self.upstream.as_deref(),
                     now,
                 )?;
-                if let Some(dir) = &self.key_dir {
-                    keystore::write_key(&x509_key_path(dir, &x.id), &key_der)?;
-                    keystore::write_public(&x509_cert_path(dir, &x.id), &x.cert_der)?;
-                }
+                j.staged
+                    .push((x509_key_name(&x.id), key_der, FileKind::Secret));
+                j.staged
+                    .push((x509_cert_name(&x.id), x.cert_der.clone(), FileKind::Public));
                 let status = status_for(
                     x.id.clone(),
                     kind,
@@ -488,9 +689,8 @@ impl Ca {
             AuthorityKind::Jwt => {
                 let der = JwtSigningKey::generate_pkcs8()?;
                 let k = JwtSigningKey::from_pkcs8(&der)?;
-                if let Some(dir) = &self.key_dir {
-                    keystore::write_key(&jwt_key_path(dir, k.kid()), &der)?;
-                }
+                j.staged
+                    .push((jwt_key_name(k.kid()), der.clone(), FileKind::Secret));
                 let status = status_for(
                     k.kid().to_owned(),
                     kind,
@@ -1055,7 +1255,9 @@ impl Ca {
     }
 
     fn remove_key_files(&self, s: &AuthorityStatus) -> Result<(), CaError> {
-        let Some(dir) = &self.key_dir else {
+        // A shared store drops what the journal no longer names in the
+        // step itself.
+        let Persist::Dir(dir) = &self.persist else {
             return Ok(());
         };
         match s.kind {
@@ -1075,7 +1277,7 @@ impl Ca {
         let stale = j.x509.iter().any(|s| s.current() != s.status)
             || j.jwt.iter().any(|s| s.current() != s.status);
         drop(j);
-        if !stale || self.key_dir.is_none() {
+        if !stale || matches!(self.persist, Persist::Memory) {
             return Ok(());
         }
         self.mutate(|j| {
@@ -1194,4 +1396,68 @@ fn statuses_mut(
         AuthorityKind::X509 => Box::new(j.x509.iter_mut().map(|s| &mut s.status)),
         AuthorityKind::Jwt => Box::new(j.jwt.iter_mut().map(|s| &mut s.status)),
     }
+}
+
+/// Moves a CA kept in the key directory `dir` into an empty shared store
+/// (a broker switching to a shared CA keeps its trust bundle). Nothing is
+/// moved if the store already holds a journal, or `dir` none.
+fn move_into_shared(store: &dyn SharedCaStore, dir: &Path) -> Result<(), CaError> {
+    let Some(l) = journal::read(dir)? else {
+        return Ok(());
+    };
+    let journal_bytes =
+        keystore::read_public(&dir.join(journal::JOURNAL_FILE))?.ok_or_else(|| {
+            CaError::CorruptStore {
+                path: dir.join(journal::JOURNAL_FILE),
+                reason: "vanished while being read".into(),
+            }
+        })?;
+    let mut files = Vec::new();
+    for s in l
+        .authorities
+        .iter()
+        .filter(|s| s.state != AuthorityState::Revoked)
+    {
+        let names = match s.kind {
+            AuthorityKind::X509 => vec![
+                (x509_key_name(&s.id), FileKind::Secret),
+                (x509_cert_name(&s.id), FileKind::Public),
+            ],
+            AuthorityKind::Jwt => vec![(jwt_key_name(&s.id), FileKind::Secret)],
+        };
+        for (name, kind) in names {
+            let bytes =
+                Files::Dir(dir)
+                    .read(&name, kind)?
+                    .ok_or_else(|| CaError::CorruptStore {
+                        path: dir.join(&name),
+                        reason: format!(
+                            "the journal lists authority {} but this file is missing",
+                            s.id
+                        ),
+                    })?;
+            files.push((name, bytes));
+        }
+    }
+    let keep: Vec<String> = files.iter().map(|(n, _)| n.clone()).collect();
+    let mut moved = false;
+    store.transact(&mut |state| {
+        if state.journal.is_some() {
+            return Ok(None);
+        }
+        moved = true;
+        Ok(Some(SharedWrite {
+            files: files.clone(),
+            journal: journal_bytes.clone(),
+            keep: keep.clone(),
+        }))
+    })?;
+    if moved {
+        tracing::info!(
+            from = %dir.display(),
+            to = %store.location(),
+            "the CA's journal and keys were copied into the shared store; the key directory is no longer used"
+        );
+    }
+    Ok(())
 }

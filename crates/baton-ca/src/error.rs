@@ -102,4 +102,6 @@ pub enum CaError {
     },
     #[error("upstream CA: {0}")]
     Upstream(String),
+    #[error("shared CA store: {0}")]
+    SharedStore(String),
 }

@@ -159,9 +159,48 @@ pub(crate) struct Journal {
     /// Revoked authorities, kept for `ca show` until they would have expired.
     pub(crate) revoked: Vec<AuthorityStatus>,
     pub(crate) sequence: u64,
+    /// Key and certificate files a rotation step created, by name, written
+    /// before the journal that names them (emptied by `Ca::mutate`).
+    pub(crate) staged: Vec<(String, Vec<u8>, FileKind)>,
+}
+
+/// Whether a stored file is a private key or public.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FileKind {
+    Secret,
+    Public,
 }
 
 impl Journal {
+    pub(crate) fn empty(sequence: u64) -> Self {
+        Self {
+            x509: Vec::new(),
+            jwt: Vec::new(),
+            revoked: Vec::new(),
+            sequence,
+            staged: Vec::new(),
+        }
+    }
+
+    /// The names of every file this journal needs (keys and certificates
+    /// of the authorities that are not revoked).
+    pub(crate) fn file_names(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        for s in &self.x509 {
+            names.push(x509_key_name(&s.status.id));
+            names.push(x509_cert_name(&s.status.id));
+        }
+        for s in &self.jwt {
+            names.push(jwt_key_name(&s.status.id));
+        }
+        names
+    }
+
+    /// What identifies this state apart from watermarks: a follower
+    /// reloads when it differs from the stored one.
+    pub(crate) fn shape(&self) -> (u64, Vec<(String, AuthorityState, bool)>) {
+        shape_of(self.sequence, &self.statuses())
+    }
     pub(crate) fn active_x509(&self) -> Option<&Slot<X509Key>> {
         self.x509
             .iter()
@@ -184,17 +223,34 @@ impl Journal {
             .collect()
     }
 
-    /// Writes `journal.json` atomically.
-    pub(crate) fn save(&self, dir: &Path) -> Result<(), CaError> {
+    /// The journal as stored (JSON).
+    pub(crate) fn encode(&self) -> Result<Vec<u8>, CaError> {
         let file = JournalFile {
             version: JOURNAL_VERSION,
             sequence: self.sequence,
             authorities: self.statuses(),
         };
-        let bytes = serde_json::to_vec_pretty(&file)
-            .map_err(|_| CaError::Crypto("encode the authority journal"))?;
-        keystore::write_public(&dir.join(JOURNAL_FILE), &bytes)
+        serde_json::to_vec_pretty(&file)
+            .map_err(|_| CaError::Crypto("encode the authority journal"))
     }
+
+    /// Writes `journal.json` atomically.
+    pub(crate) fn save(&self, dir: &Path) -> Result<(), CaError> {
+        keystore::write_public(&dir.join(JOURNAL_FILE), &self.encode()?)
+    }
+}
+
+pub(crate) fn shape_of(
+    sequence: u64,
+    statuses: &[AuthorityStatus],
+) -> (u64, Vec<(String, AuthorityState, bool)>) {
+    (
+        sequence,
+        statuses
+            .iter()
+            .map(|s| (s.id.clone(), s.state, s.tainted))
+            .collect(),
+    )
 }
 
 /// The journal as read from disk, before its keys are loaded.
@@ -208,12 +264,17 @@ pub(crate) fn read(dir: &Path) -> Result<Option<LoadedJournal>, CaError> {
     let Some(bytes) = keystore::read_public(&path)? else {
         return Ok(None);
     };
+    parse(&bytes, &path).map(Some)
+}
+
+/// Parses a stored journal; `path` names where it came from in errors.
+pub(crate) fn parse(bytes: &[u8], path: &Path) -> Result<LoadedJournal, CaError> {
     let corrupt = |reason: String| CaError::CorruptStore {
-        path: path.clone(),
+        path: path.to_owned(),
         reason,
     };
     let file: JournalFile =
-        serde_json::from_slice(&bytes).map_err(|e| corrupt(format!("not a journal: {e}")))?;
+        serde_json::from_slice(bytes).map_err(|e| corrupt(format!("not a journal: {e}")))?;
     if file.version != JOURNAL_VERSION {
         return Err(corrupt(format!(
             "journal version {} is not supported (expected {JOURNAL_VERSION})",
@@ -230,21 +291,34 @@ pub(crate) fn read(dir: &Path) -> Result<Option<LoadedJournal>, CaError> {
             return Err(corrupt(format!("{active} active {kind} authorities")));
         }
     }
-    Ok(Some(LoadedJournal {
+    Ok(LoadedJournal {
         sequence: file.sequence,
         authorities: file.authorities,
-    }))
+    })
+}
+
+/// The names of an authority's files (in the key directory or a shared store).
+pub(crate) fn x509_key_name(id: &str) -> String {
+    format!("x509-{id}.key")
+}
+
+pub(crate) fn x509_cert_name(id: &str) -> String {
+    format!("x509-{id}.der")
+}
+
+pub(crate) fn jwt_key_name(kid: &str) -> String {
+    format!("jwt-{kid}.key")
 }
 
 /// Where an authority's files live.
 pub(crate) fn x509_key_path(dir: &Path, id: &str) -> PathBuf {
-    dir.join(format!("x509-{id}.key"))
+    dir.join(x509_key_name(id))
 }
 
 pub(crate) fn x509_cert_path(dir: &Path, id: &str) -> PathBuf {
-    dir.join(format!("x509-{id}.der"))
+    dir.join(x509_cert_name(id))
 }
 
 pub(crate) fn jwt_key_path(dir: &Path, kid: &str) -> PathBuf {
-    dir.join(format!("jwt-{kid}.key"))
+    dir.join(jwt_key_name(kid))
 }

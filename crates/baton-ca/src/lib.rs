@@ -22,6 +22,7 @@ mod journal;
 pub mod jwt;
 mod keystore;
 pub mod possession;
+mod shared;
 mod time_util;
 mod usage;
 mod workload;
@@ -37,6 +38,7 @@ pub use delegation::{DELEGATION_TOKEN_TYP, cert_thumbprint, token_hash};
 pub use ecdsa::is_low_s;
 pub use error::CaError;
 pub use journal::{AuthorityKind, AuthorityState, AuthorityStatus};
+pub use shared::{SharedCaStore, SharedState, SharedStep, SharedWrite};
 pub use usage::KeyUsage;
 pub use workload::WorkloadKey;
 pub use x509::{LeafInfo, leaf_info};
@@ -54,5 +56,7 @@ pub fn init() {
 
 #[cfg(test)]
 mod rotation_tests;
+#[cfg(test)]
+mod shared_tests;
 #[cfg(test)]
 mod tests;

@@ -468,6 +468,15 @@ pub struct BrokerArgs {
     /// Private key (PEM) of --datastore-client-cert.
     #[arg(long, value_name = "FILE", requires = "datastore_client_cert")]
     pub datastore_client_key: Option<std::path::PathBuf>,
+    /// Keep the CA (its journal, X.509 authorities and JWT keys) in the
+    /// --datastore database instead of the data dir, sealed (AES-256-GCM) with
+    /// the key in FILE: 64 hex digits, e.g. `openssl rand -hex 32`, mode 0600.
+    /// Every broker of the trust domain gets the same file and so serves one
+    /// bundle; rotation steps run once, under a lock in the database, and the
+    /// schedule on one broker at a time (a lease). A CA already in the data dir
+    /// is moved into an empty database at the first start.
+    #[arg(long, value_name = "FILE", requires = "datastore")]
+    pub ca_encryption_key_file: Option<std::path::PathBuf>,
     // Revocation store in Redis, shared with other brokers and followed by
     // verifiers. Default: in memory.
     #[command(flatten)]
@@ -569,9 +578,22 @@ pub struct RevocationArgs {
 pub struct AgentArgs {
     #[arg(long, env = "BATON_TRUST_DOMAIN", hide_env_values = true)]
     pub trust_domain: String,
-    /// The broker's HTTPS URL, e.g. https://127.0.0.1:8443
-    #[arg(long)]
-    pub broker_url: String,
+    /// The broker's HTTPS URL, e.g. https://127.0.0.1:8443; for several brokers
+    /// of the trust domain, repeat the flag or separate the URLs with commas.
+    ///
+    /// With several, calls go to the broker in use (at first the first URL)
+    /// and move on to the next URL when it cannot be reached: always on a
+    /// connection failure; on a timeout or a connection lost before the
+    /// answer only for calls that may be repeated (sync, signing, renewal;
+    /// not attestation or a grant's redemption). An HTTP answer, whatever
+    /// its status, is never retried on another broker.
+    #[arg(
+        long = "broker-url",
+        value_name = "URL",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub broker_urls: Vec<String>,
     /// Directory for the node's SVID and key (0600) and the last bundle.
     #[arg(long)]
     pub data_dir: PathBuf,

@@ -1298,4 +1298,79 @@ log = "debug"
         assert_eq!(location("f", text, text.find('=').unwrap()), "f:1:3");
         assert_eq!(location("f", text, text.rfind('=').unwrap()), "f:2:4");
     }
+
+    #[test]
+    fn the_agent_takes_several_broker_urls() {
+        fn urls(cli: Cli) -> Vec<String> {
+            match cli.command {
+                Command::Agent(a) => a.broker_urls,
+                other => panic!("not an agent: {other:?}"),
+            }
+        }
+        let args = |extra: &[&str]| {
+            let mut a = vec![
+                "agent",
+                "--trust-domain",
+                "x.org",
+                "--data-dir",
+                "/d",
+                "--socket",
+                "/s",
+            ];
+            a.extend_from_slice(extra);
+            parse(&a)
+        };
+        // One URL, as before.
+        assert_eq!(
+            urls(args(&["--broker-url", "https://a:8443"]).unwrap()),
+            ["https://a:8443"]
+        );
+        // Repeated, and comma-separated.
+        assert_eq!(
+            urls(
+                args(&[
+                    "--broker-url",
+                    "https://a:8443,https://b:8443",
+                    "--broker-url=https://c:8443",
+                ])
+                .unwrap()
+            ),
+            ["https://a:8443", "https://b:8443", "https://c:8443"]
+        );
+        assert!(matches!(args(&[]), Err(ParseError::Clap(_))));
+
+        // In a file: one string (with commas) or an array; a flag replaces it.
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, value: &str| {
+            write(
+                dir.path(),
+                name,
+                &format!(
+                    "trust-domain = \"x.org\"\ndata-dir = \"/d\"\nsocket = \"/s\"\nbroker-url = {value}\n"
+                ),
+            )
+        };
+        let f = file("one.toml", "\"https://a:8443\"");
+        let f = f.to_str().unwrap();
+        assert_eq!(
+            urls(parse(&["agent", "--config", f]).unwrap()),
+            ["https://a:8443"]
+        );
+        let f = file("commas.toml", "\"https://a:8443,https://b:8443\"");
+        let f = f.to_str().unwrap();
+        assert_eq!(
+            urls(parse(&["agent", "--config", f]).unwrap()),
+            ["https://a:8443", "https://b:8443"]
+        );
+        let f = file("array.toml", "[\"https://a:8443\", \"https://b:8443\"]");
+        let f = f.to_str().unwrap();
+        assert_eq!(
+            urls(parse(&["agent", "--config", f]).unwrap()),
+            ["https://a:8443", "https://b:8443"]
+        );
+        assert_eq!(
+            urls(parse(&["agent", "--config", f, "--broker-url", "https://c:8443"]).unwrap()),
+            ["https://c:8443"]
+        );
+    }
 }

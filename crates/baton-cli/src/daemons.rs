@@ -169,6 +169,7 @@ pub async fn broker(args: BrokerArgs) -> Result<()> {
             },
         });
     }
+    cfg.ca_seal_key_file = args.ca_encryption_key_file.clone();
     cfg.secret_engines = baton_broker::secrets::SecretEngineSettings {
         postgres: match (&args.pg_admin_url, &args.pg_database) {
             (Some(url), Some(db)) => Some(baton_broker::secrets::PostgresSettings {
@@ -378,10 +379,12 @@ fn agent_config(args: &AgentArgs) -> Result<AgentConfig> {
     let broker_id = td
         .id("/baton/broker")
         .map_err(|e| exit(EXIT_REFUSED, e.to_string()))?;
+    let broker_urls = baton_agent::client::broker_urls(&args.broker_urls)
+        .map_err(|e| exit(EXIT_REFUSED, format!("--broker-url: {e}")))?;
     Ok(AgentConfig {
         data_dir: args.data_dir.clone(),
         socket_path: args.socket.clone(),
-        broker_url: args.broker_url.clone(),
+        broker_urls,
         broker_id,
         trust_domain: td,
         bootstrap_bundle_pem,
@@ -552,7 +555,7 @@ pub async fn dev(args: DevArgs) -> Result<()> {
     let agent_cfg = AgentConfig {
         data_dir: dir.join("agent"),
         socket_path: agent_socket.clone(),
-        broker_url: format!("https://{}", ready.addr),
+        broker_urls: vec![format!("https://{}", ready.addr)],
         broker_id: td
             .id("/baton/broker")
             .map_err(|e| exit(EXIT_REFUSED, e.to_string()))?,
