@@ -7,8 +7,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::delegation::{PLANNER, RESEARCHER, TOOL, World, claims};
 use crate::harness::{Cluster, Options, TD, baton, own_uid, wait_for};
 use crate::pg_datastore::{cluster, create_db, refused_start_status};
+use crate::revocation::works;
 
 /// A fresh 32-byte key in hex, mode 0600.
 fn seal_key(dir: &Path, name: &str) -> PathBuf {
@@ -317,4 +319,210 @@ fn the_shared_ca_opens_only_with_its_key_and_untouched_rows() {
     // The control: the right key on the untouched rows.
     let b = broker(&[vec!["--datastore".to_owned(), conn], with_key(&key)].concat());
     assert_eq!(authorities(&a), authorities(&b));
+}
+
+const READ: [&str; 2] = ["tool:crm.search:read", "dataset:crm:read"];
+
+/// `baton <args>` against broker `at` (its admin socket and URL), with the
+/// world's node daemon as the Workload API.
+fn run_at(w: &World, at: &Cluster, args: &[&str]) -> std::process::Output {
+    baton()
+        .args(args)
+        .env("BATON_ADMIN_SOCKET", at.admin_socket())
+        .env("SPIFFE_ENDPOINT_SOCKET", w.c.endpoint())
+        .env("BATON_BROKER_URL", format!("https://{}", at.broker_addr))
+        .output()
+        .unwrap()
+}
+
+fn ok_at(w: &World, at: &Cluster, args: &[&str]) -> String {
+    let out = run_at(w, at, args);
+    assert!(
+        out.status.success(),
+        "baton {args:?} at {} failed: {}",
+        at.broker_addr,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// One task whose steps each go to another broker: started at B, the
+/// planner's grant redeemed through the node daemon (at A), the hop made at
+/// C, the tool server (following A's feed, reporting to A) serving the
+/// researcher; the revocation made at C is enforced through A's feed, and
+/// every broker shows the same task. The control is a second task, left
+/// alone, that keeps working. Then the node daemon's broker is killed and
+/// the next redeem goes through another.
+#[test]
+fn one_task_runs_across_three_brokers() {
+    let (rt, pg) = cluster();
+    create_db(&rt, &pg);
+    let keys = tempfile::tempdir().unwrap();
+    let key = seal_key(keys.path(), "ca.key");
+    let args = vec![
+        "--datastore".to_owned(),
+        pg.admin_conn("baton"),
+        "--ca-encryption-key-file".to_owned(),
+        key.display().to_string(),
+        "--tool-server".to_owned(),
+        format!("crm={TOOL}"),
+    ];
+    let b = broker(&args);
+    let c = broker(&args);
+    let mut w = World::start_with_options(
+        None,
+        Options {
+            // World adds --tool-server itself.
+            broker_args: args[..4].to_vec(),
+            agent_args: vec![
+                "--broker-url".into(),
+                format!("https://{},https://{}", b.broker_addr, c.broker_addr),
+            ],
+            ..Options::default()
+        },
+    );
+    let read = READ;
+    fn start_at(w: &World, at: &Cluster) -> (String, String) {
+        let mut a = vec![
+            "task",
+            "start",
+            "--user",
+            "alice@example.com",
+            "--group",
+            "engineering",
+            "--root-agent",
+            PLANNER,
+            "--purpose",
+            "support.case-research",
+            "--risk-ceiling",
+            "read",
+            "--ttl",
+            "10m",
+            "--max-depth",
+            "2",
+            "--audience",
+            "crm",
+            "-o",
+            "json",
+        ];
+        for s in READ {
+            a.extend(["--scope", s]);
+        }
+        let v: serde_json::Value = serde_json::from_str(&ok_at(w, at, &a)).unwrap();
+        (
+            v["task_id"].as_str().unwrap().to_owned(),
+            v["grant"].as_str().unwrap().to_owned(),
+        )
+    }
+    fn hop_at(w: &World, at: &Cluster, cred: &Path, tag: &str) -> PathBuf {
+        let mut a = vec![
+            "delegate",
+            "--credential",
+            cred.to_str().unwrap(),
+            "--target",
+            RESEARCHER,
+            "--audience",
+            "crm",
+            "--justification",
+            "look up the customer's open cases",
+            "-o",
+            "json",
+        ];
+        for s in READ {
+            a.extend(["--scope", s]);
+        }
+        let v: serde_json::Value = serde_json::from_str(&ok_at(w, at, &a)).unwrap();
+        w.redeem(v["grant"].as_str().unwrap(), RESEARCHER, tag)
+    }
+
+    let (task, grant) = start_at(&w, &b);
+    let planner = w.redeem(&grant, PLANNER, "x-planner");
+    let researcher = hop_at(&w, &c, &planner, "x-researcher");
+    // The control: a task started at A with its hop at B.
+    let (_task2, grant2) = start_at(&w, &w.c);
+    let planner2 = w.redeem(&grant2, PLANNER, "y-planner");
+    let researcher2 = hop_at(&w, &b, &planner2, "y-researcher");
+    for cred in [&researcher, &researcher2] {
+        wait_for(
+            "the tool server takes a call",
+            Duration::from_secs(60),
+            || works(&w, cred).then_some(()),
+        );
+    }
+
+    // Every broker shows the task, with the hop made at C.
+    let jti = claims(&researcher)["jti"].as_str().unwrap().to_owned();
+    for at in [&w.c, &b, &c] {
+        let shown = ok_at(&w, at, &["task", "show", &task, "-o", "json"]);
+        assert!(
+            shown.contains(&jti),
+            "{} does not show the hop: {shown}",
+            at.broker_addr
+        );
+    }
+    // Each broker's own audit log holds the steps it took (the start at
+    // B, the hop at C), and verifies.
+    let trace_b = ok_at(&w, &b, &["audit", "trace", &task, "--json"]);
+    assert!(trace_b.contains("alice@example.com"), "{trace_b}");
+    let trace_c = ok_at(&w, &c, &["audit", "trace", &task, "--json"]);
+    assert!(trace_c.contains(RESEARCHER), "{trace_c}");
+    for at in [&w.c, &b, &c] {
+        ok_at(&w, at, &["audit", "verify"]);
+    }
+
+    // Revoked at C (the planner's credential and what hangs under it),
+    // refused by the tool server that follows A's feed.
+    let planner_jti = claims(&planner)["jti"].as_str().unwrap().to_owned();
+    ok_at(
+        &w,
+        &c,
+        &["revoke", "credential", &planner_jti, "--reason", "leaked"],
+    );
+    wait_for(
+        "the revocation made at C reaches the verifier through A",
+        Duration::from_secs(60),
+        || {
+            let out = w.call(&researcher, "crm.search");
+            (!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("revoked"))
+                .then_some(())
+        },
+    );
+    assert!(works(&w, &researcher2), "the untouched task was refused");
+    // A hop from the revoked planner is refused at every broker.
+    for at in [&w.c, &b, &c] {
+        let out = run_at(
+            &w,
+            at,
+            &[
+                "delegate",
+                "--credential",
+                planner.to_str().unwrap(),
+                "--target",
+                RESEARCHER,
+                "--audience",
+                "crm",
+                "--justification",
+                "again",
+                "--scope",
+                read[0],
+            ],
+        );
+        assert!(
+            !out.status.success(),
+            "a revoked planner hopped at {}",
+            at.broker_addr
+        );
+    }
+
+    // The node daemon's broker (A) dies: the next task's redeem goes
+    // through B or C.
+    {
+        let p = w.c.broker.as_mut().unwrap();
+        p.child.kill().unwrap();
+        p.child.wait().unwrap();
+    }
+    let (_task3, grant3) = start_at(&w, &c);
+    let planner3 = w.redeem(&grant3, PLANNER, "z-planner");
+    let hop3 = hop_at(&w, &b, &planner3, "z-researcher");
+    assert!(hop3.join("token").exists());
 }
