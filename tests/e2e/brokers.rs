@@ -319,6 +319,40 @@ fn the_shared_ca_opens_only_with_its_key_and_untouched_rows() {
     // The control: the right key on the untouched rows.
     let b = broker(&[vec!["--datastore".to_owned(), conn], with_key(&key)].concat());
     assert_eq!(authorities(&a), authorities(&b));
+
+    // A sealed journal replayed: the row as it was before a rotation step
+    // written back (it opens: it is genuine, only old). The running
+    // brokers do not follow it back.
+    let journal = |data: Option<&Vec<u8>>| {
+        rt.block_on(async {
+            let c = pg.admin("baton").await;
+            match data {
+                None => c
+                    .query_one("SELECT data FROM ca_journal", &[])
+                    .await
+                    .unwrap()
+                    .get::<_, Vec<u8>>(0),
+                Some(d) => {
+                    c.execute("UPDATE ca_journal SET data = $1", &[d])
+                        .await
+                        .unwrap();
+                    d.clone()
+                }
+            }
+        })
+    };
+    let old = journal(None);
+    a.cli_ok(&["ca", "prepare"]);
+    let newer = journal(None);
+    let before = authorities(&b);
+    journal(Some(&old));
+    for c in [&a, &b] {
+        let out = c.cli(&["ca", "show"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("older than"), "{err}");
+    }
+    journal(Some(&newer));
+    assert_eq!(authorities(&b), before, "control: the current journal");
 }
 
 const READ: [&str; 2] = ["tool:crm.search:read", "dataset:crm:read"];

@@ -312,9 +312,12 @@ impl BrokerClient {
     /// broker accepts a renewal from the SVID it just replaced, so a
     /// renewal whose answer was lost may be repeated on another broker.
     pub async fn renew(&self, csr_der: Vec<u8>) -> Result<SignedSvid, ClientError> {
+        // Connect errors only: a renewal that reached a slow broker and
+        // is repeated at another could leave the node's record naming the
+        // SVID this node never received (it would need a new join token).
         self.post(
             "/v1/node/renew",
-            Replay::AnyTransport,
+            Replay::ConnectOnly,
             &RenewRequest { csr_der },
         )
         .await

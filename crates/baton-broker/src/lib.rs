@@ -804,7 +804,7 @@ pub async fn run(
         loop {
             tokio::time::sleep(check_every).await;
             if let Some(pg) = &lease {
-                let held = pg.lease("ca-schedule", &instance, check_every * 3);
+                let held = pg.lease("ca-schedule", &instance, check_every.saturating_mul(3));
                 let now_leading = matches!(held, Ok(true));
                 if now_leading != leading {
                     tracing::info!(
@@ -935,6 +935,9 @@ pub async fn run(
 /// its listen address and a random part, fresh per start.
 fn broker_instance_id(listen: SocketAddr) -> String {
     let mut rnd = [0u8; 6];
-    let _ = aws_lc_rs::rand::fill(&mut rnd);
+    if aws_lc_rs::rand::fill(&mut rnd).is_err() {
+        // Still unique among live processes on this host.
+        rnd[..4].copy_from_slice(&std::process::id().to_be_bytes());
+    }
     format!("{listen}#{}", hex::encode(rnd))
 }

@@ -861,6 +861,10 @@ impl Datastore for PgStore {
 
     fn delete_node(&self, id: &SpiffeId) -> Result<bool, StoreError> {
         on_conn!(self, |c| {
+            // What it synced goes with it: a node attesting again under
+            // this ID starts with no applied bundle.
+            c.execute("DELETE FROM node_syncs WHERE node = $1", &[&id.as_str()])
+                .await?;
             Ok(
                 c.execute("DELETE FROM nodes WHERE spiffe_id = $1", &[&id.as_str()])
                     .await?
@@ -1889,7 +1893,19 @@ async fn raw_ca(c: &impl GenericClient, with_files: bool) -> Result<RawCa, Store
 impl PgStore {
     /// The stored CA journal (and, with `with_files`, its files), unlocked.
     pub(crate) fn ca_raw(&self, with_files: bool) -> Result<RawCa, StoreError> {
-        on_conn!(self, |c| raw_ca(c, with_files).await)
+        on_conn!(self, |c| {
+            // One snapshot: a step committing between the two reads would
+            // show a journal without its files.
+            let tx = c
+                .build_transaction()
+                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .await?;
+            let raw = raw_ca(&tx, with_files).await?;
+            tx.commit().await?;
+            Ok(raw)
+        })
     }
 
     /// Runs `step` on the stored CA under an exclusive transaction-level
@@ -1902,6 +1918,9 @@ impl PgStore {
     ) -> Result<(), E> {
         let r: Result<Result<(), E>, StoreError> = on_conn!(self, |c| {
             let tx = c.transaction().await?;
+            // A peer stuck holding the lock fails this step after a while
+            // instead of stalling every broker's rotation and start.
+            tx.batch_execute("SET LOCAL lock_timeout = '15s'").await?;
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&CA_LOCK])
                 .await?;
             let raw = raw_ca(&tx, true).await?;

@@ -124,11 +124,26 @@ impl PgCaStore {
             .map(|j| self.key.open(&self.location, JOURNAL_NAME, &j))
             .transpose()?;
         let mut files = std::collections::BTreeMap::new();
+        let mut unreadable = std::collections::BTreeMap::new();
         for (name, data) in raw.files {
-            let plain = self.key.open(&self.location, &name, &data)?;
-            files.insert(name, plain);
+            match self.key.open(&self.location, &name, &data) {
+                Ok(plain) => {
+                    files.insert(name, plain);
+                }
+                Err(e) => {
+                    let reason = match e {
+                        CaError::CorruptStore { reason, .. } => reason,
+                        other => other.to_string(),
+                    };
+                    unreadable.insert(name, reason);
+                }
+            }
         }
-        Ok(SharedState { journal, files })
+        Ok(SharedState {
+            journal,
+            files,
+            unreadable,
+        })
     }
 }
 

@@ -409,6 +409,12 @@ fn ca_error(e: baton_ca::CaError) -> BrokerError {
     match e {
         baton_ca::CaError::UnknownAuthority { .. } => BrokerError::NotFound(e.to_string()),
         baton_ca::CaError::RotationRefused(_) => BrokerError::Conflict(e.to_string()),
+        // The shared CA cannot be trusted or reached: the operator on the
+        // admin socket is told why (a rolled-back or missing journal, a row
+        // that does not open), not only "internal error".
+        baton_ca::CaError::CorruptStore { .. } | baton_ca::CaError::SharedStore(_) => {
+            BrokerError::Conflict(format!("the CA refused the step: {e}"))
+        }
         baton_ca::CaError::KeyInUse { .. } => BrokerError::Forbidden {
             code: JWT_KEY_IN_USE,
             message: e.to_string(),

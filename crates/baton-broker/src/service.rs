@@ -689,6 +689,8 @@ impl Broker {
             bundle: self.ca.bundle().to_spiffe_json(),
             tainted: self.ca.tainted_ids(),
         };
+        // A node cannot claim a bundle newer than any this CA has made.
+        let applied = applied.map(|a| a.min(self.ca.sequence()));
         if self.rotation.synced(&node.id, unix(now), applied)
             && let Err(e) = self.store.record_node_sync(&node.id, unix(now), applied)
         {

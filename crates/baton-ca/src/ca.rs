@@ -198,6 +198,9 @@ pub struct Ca {
     refresh_hint_secs: u64,
     /// What each JWT key signed that is still live (see `usage.rs`).
     usage: Mutex<UsageLedger>,
+    /// The highest shared journal sequence this broker has seen (and
+    /// written to its mark file): an older stored journal is a rollback.
+    mark_seen: std::sync::atomic::AtomicU64,
 }
 
 /// Where the journal and keys persist.
@@ -206,8 +209,28 @@ enum Persist {
     Memory,
     /// A key directory of this broker.
     Dir(PathBuf),
-    /// A store shared by every broker of the trust domain.
-    Shared(Arc<dyn SharedCaStore>),
+    /// A store shared by every broker of the trust domain; `mark` is this
+    /// broker's file of the highest journal sequence it has seen there.
+    Shared {
+        store: Arc<dyn SharedCaStore>,
+        mark: Option<PathBuf>,
+    },
+}
+
+/// The high-water mark file of a shared CA, in the broker's key directory.
+const SHARED_MARK_FILE: &str = "shared-sequence";
+
+fn read_mark(path: &Path) -> Result<u64, CaError> {
+    match keystore::read_public(path)? {
+        None => Ok(0),
+        Some(b) => String::from_utf8_lossy(&b)
+            .trim()
+            .parse()
+            .map_err(|_| CaError::CorruptStore {
+                path: path.to_owned(),
+                reason: "not a sequence number".into(),
+            }),
+    }
 }
 
 /// Where a stored journal's files are read from.
@@ -216,6 +239,7 @@ enum Files<'a> {
     Shared {
         location: &'a str,
         files: &'a std::collections::BTreeMap<String, Vec<u8>>,
+        unreadable: &'a std::collections::BTreeMap<String, String>,
     },
 }
 
@@ -231,7 +255,21 @@ impl Files<'_> {
         match (self, kind) {
             (Files::Dir(d), FileKind::Secret) => keystore::read_key(&d.join(name)),
             (Files::Dir(d), FileKind::Public) => keystore::read_public(&d.join(name)),
-            (Files::Shared { files, .. }, _) => Ok(files.get(name).cloned()),
+            (
+                Files::Shared {
+                    files,
+                    unreadable,
+                    location,
+                },
+                _,
+            ) => match (files.get(name), unreadable.get(name)) {
+                (Some(b), _) => Ok(Some(b.clone())),
+                (None, Some(reason)) => Err(CaError::CorruptStore {
+                    path: PathBuf::from(format!("{location}/{name}")),
+                    reason: reason.clone(),
+                }),
+                (None, None) => Ok(None),
+            },
         }
     }
 }
@@ -284,12 +322,25 @@ impl Ca {
         if cfg.ca_ttl < Duration::from_secs(1) || cfg.max_svid_ttl < Duration::from_secs(1) {
             return Err(CaError::ZeroTtl);
         }
+        let mut mark_seen = 0;
         let persist = match (&cfg.shared, &cfg.key_dir) {
             (Some(store), dir) => {
-                if let Some(dir) = dir {
+                let mark = dir.as_ref().map(|d| d.join(SHARED_MARK_FILE));
+                if let (Some(d), Some(m)) = (dir, &mark) {
+                    keystore::ensure_dir(d)?;
+                    mark_seen = read_mark(m)?;
+                }
+                // A broker that has served a shared CA never imports its
+                // old key directory again (that would resurrect a CA).
+                if let Some(dir) = dir
+                    && mark_seen == 0
+                {
                     move_into_shared(store.as_ref(), dir)?;
                 }
-                Persist::Shared(store.clone())
+                Persist::Shared {
+                    store: store.clone(),
+                    mark,
+                }
             }
             (None, Some(dir)) => Persist::Dir(dir.clone()),
             (None, None) => Persist::Memory,
@@ -304,6 +355,7 @@ impl Ca {
             write: Mutex::new(()),
             refresh_hint_secs: (cfg.ca_ttl.as_secs() / 10).clamp(1, 300),
             usage: Mutex::new(UsageLedger::default()),
+            mark_seen: std::sync::atomic::AtomicU64::new(mark_seen),
         };
         let loaded = match &ca.persist {
             Persist::Memory => None,
@@ -314,7 +366,7 @@ impl Ca {
                     None => ca.import_legacy(dir, now)?,
                 }
             }
-            Persist::Shared(store) => {
+            Persist::Shared { store, .. } => {
                 let state = store.load()?;
                 ca.journal_from_shared(store.as_ref(), &state, None)?
             }
@@ -367,24 +419,64 @@ impl Ca {
         state: &SharedState,
         known: Option<&Journal>,
     ) -> Result<Option<Journal>, CaError> {
+        let location = store.location();
+        let journal_path = PathBuf::from(format!("{location}/{}", journal::JOURNAL_FILE));
+        // The newest sequence this broker knows: its current journal (if it
+        // holds a CA) and its mark file.
+        let floor = known
+            .filter(|k| !k.x509.is_empty() || !k.jwt.is_empty())
+            .map_or(0, |k| k.sequence)
+            .max(self.mark_seen.load(std::sync::atomic::Ordering::Acquire));
         let Some(bytes) = &state.journal else {
+            if floor > 0 || !state.files.is_empty() || !state.unreadable.is_empty() {
+                return Err(CaError::CorruptStore {
+                    path: journal_path,
+                    reason: format!(
+                        "the shared CA's journal is gone (this broker has seen sequence {floor}{}); a new CA is not made over it. Restore the database from a backup; to start a new CA on purpose, empty the tables ca_journal and ca_files and remove {SHARED_MARK_FILE} from each broker's key directory",
+                        if state.files.is_empty() {
+                            ""
+                        } else {
+                            ", and key files remain"
+                        }
+                    ),
+                });
+            }
             return Ok(None);
         };
-        let location = store.location();
-        let l = journal::parse(
-            bytes,
-            &PathBuf::from(format!("{location}/{}", journal::JOURNAL_FILE)),
-        )?;
+        let l = journal::parse(bytes, &journal_path)?;
+        if l.sequence < floor {
+            return Err(CaError::CorruptStore {
+                path: journal_path,
+                reason: format!(
+                    "its sequence {} is older than {floor}, which this broker has already seen: the journal was rolled back (a replayed row or a restored backup) and is not trusted. After restoring a backup on purpose, remove {SHARED_MARK_FILE} from each broker's key directory and restart them",
+                    l.sequence
+                ),
+            });
+        }
+        // What this process's own issuance raised, before the merge: the
+        // stored watermarks above it are other brokers' signatures.
+        let local: std::collections::HashMap<String, u64> = known
+            .map(|k| {
+                k.jwt
+                    .iter()
+                    .map(|s| (s.status.id.clone(), s.current().signed_until))
+                    .collect()
+            })
+            .unwrap_or_default();
         let files = Files::Shared {
             location: &location,
             files: &state.files,
+            unreadable: &state.unreadable,
         };
         let j = self.load_journal(&files, l, known)?;
         // Tokens the other brokers signed are not in this process's usage
         // ledger: their watermarks stand for them.
         for s in &j.jwt {
-            self.usage_ledger()
-                .untracked(&s.status.id, s.current().retained_until());
+            let stored = s.status.signed_until;
+            if stored > local.get(&s.status.id).copied().unwrap_or(0) {
+                self.usage_ledger()
+                    .untracked(&s.status.id, stored.min(s.status.not_after));
+            }
         }
         Ok(Some(j))
     }
@@ -561,7 +653,7 @@ impl Ca {
     fn mutate<T>(&self, f: impl FnOnce(&mut Journal) -> Result<T, CaError>) -> Result<T, CaError> {
         let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let store = match &self.persist {
-            Persist::Shared(store) => store.clone(),
+            Persist::Shared { store, .. } => store.clone(),
             Persist::Memory | Persist::Dir(_) => {
                 let mut j = Journal::clone(&self.journal.load());
                 let out = f(&mut j)?;
@@ -604,7 +696,9 @@ impl Ca {
             Ok(Some(write))
         })?;
         let (j, out) = result.ok_or(CaError::Crypto("a rotation step did not run"))?;
+        let seq = j.sequence;
         self.journal.store(Arc::new(j));
+        self.raise_mark(seq)?;
         Ok(out)
     }
 
@@ -614,11 +708,16 @@ impl Ca {
     /// have changed). Watermarks are merged either way. Without a shared
     /// store, does nothing.
     pub fn refresh(&self) -> Result<bool, CaError> {
-        let Persist::Shared(store) = &self.persist else {
+        let Persist::Shared { store, .. } = &self.persist else {
             return Ok(false);
         };
         let Some(bytes) = store.journal()? else {
-            return Ok(false);
+            return Err(CaError::CorruptStore {
+                path: PathBuf::from(format!("{}/{}", store.location(), journal::JOURNAL_FILE)),
+                reason:
+                    "the shared CA's journal is gone; this broker keeps serving the CA it holds"
+                        .into(),
+            });
         };
         let location = store.location();
         let stored = journal::parse(
@@ -626,6 +725,15 @@ impl Ca {
             &PathBuf::from(format!("{location}/{}", journal::JOURNAL_FILE)),
         )?;
         let current = self.journal.load();
+        if stored.sequence < current.sequence {
+            return Err(CaError::CorruptStore {
+                path: PathBuf::from(format!("{location}/{}", journal::JOURNAL_FILE)),
+                reason: format!(
+                    "its sequence {} is older than this broker's {}: the journal was rolled back and is not followed",
+                    stored.sequence, current.sequence
+                ),
+            });
+        }
         if journal::shape_of(stored.sequence, &stored.authorities) == current.shape() {
             for s in &stored.authorities {
                 if let Some(slot) = current.x509.iter().find(|x| x.status.id == s.id) {
@@ -646,7 +754,9 @@ impl Ca {
         };
         let changed = j.shape() != current.shape();
         drop(current);
+        let seq = j.sequence;
         self.journal.store(Arc::new(j));
+        self.raise_mark(seq)?;
         Ok(changed)
     }
 
@@ -1254,6 +1364,23 @@ impl Ca {
         Ok(event)
     }
 
+    /// Raises the shared CA's high-water mark to `seq` (in memory and in
+    /// the mark file).
+    fn raise_mark(&self, seq: u64) -> Result<(), CaError> {
+        let Persist::Shared { mark, .. } = &self.persist else {
+            return Ok(());
+        };
+        let prev = self
+            .mark_seen
+            .fetch_max(seq, std::sync::atomic::Ordering::AcqRel);
+        if seq > prev
+            && let Some(path) = mark
+        {
+            keystore::write_public(path, seq.to_string().as_bytes())?;
+        }
+        Ok(())
+    }
+
     fn remove_key_files(&self, s: &AuthorityStatus) -> Result<(), CaError> {
         // A shared store drops what the journal no longer names in the
         // step itself.
@@ -1453,10 +1580,16 @@ fn move_into_shared(store: &dyn SharedCaStore, dir: &Path) -> Result<(), CaError
         }))
     })?;
     if moved {
+        // The keys now live sealed in the store: no clear copy stays
+        // behind to be imported or stolen later.
+        for name in &keep {
+            keystore::remove(&dir.join(name))?;
+        }
+        keystore::remove(&dir.join(journal::JOURNAL_FILE))?;
         tracing::info!(
             from = %dir.display(),
             to = %store.location(),
-            "the CA's journal and keys were copied into the shared store; the key directory is no longer used"
+            "the CA's journal and keys were moved into the shared store and removed from the key directory"
         );
     }
     Ok(())

@@ -20,6 +20,10 @@ pub struct SharedState {
     pub journal: Option<Vec<u8>>,
     /// Key files (PKCS#8 DER) and certificates (DER), by name.
     pub files: BTreeMap<String, Vec<u8>>,
+    /// Rows that could not be read, by name, with the reason: an error
+    /// only if the journal names them (a stray row does not stop the CA;
+    /// the next step deletes it).
+    pub unreadable: BTreeMap<String, String>,
 }
 
 impl fmt::Debug for SharedState {
@@ -27,6 +31,7 @@ impl fmt::Debug for SharedState {
         f.debug_struct("SharedState")
             .field("journal", &self.journal.as_ref().map(Vec::len))
             .field("files", &self.files.keys().collect::<Vec<_>>())
+            .field("unreadable", &self.unreadable)
             .finish()
     }
 }

@@ -38,6 +38,7 @@ impl SharedCaStore for LocalStore {
         Ok(SharedState {
             journal: s.0.clone(),
             files: s.1.clone(),
+            unreadable: Default::default(),
         })
     }
 
@@ -46,6 +47,7 @@ impl SharedCaStore for LocalStore {
         let state = SharedState {
             journal: s.0.clone(),
             files: s.1.clone(),
+            unreadable: Default::default(),
         };
         let Some(w) = step(state)? else {
             return Ok(());
@@ -243,4 +245,144 @@ fn a_ca_in_a_key_directory_moves_into_an_empty_store() {
     let b = Ca::load_or_create(other, t0()).unwrap();
     assert_eq!(b.bundle().to_pem(), bundle);
     assert_ne!(b.bundle().to_pem(), foreign);
+}
+
+fn cfg_with_mark(store: &Arc<LocalStore>, dir: &std::path::Path) -> CaConfig {
+    let mut c = cfg(store);
+    c.key_dir = Some(dir.join("ca"));
+    c
+}
+
+fn corrupt(r: Result<impl std::fmt::Debug, CaError>, needle: &str) {
+    match r {
+        Err(CaError::CorruptStore { reason, .. }) => assert!(reason.contains(needle), "{reason}"),
+        other => panic!("expected a refusal containing {needle:?}, got {other:?}"),
+    }
+}
+
+/// An older journal written back (a replayed row, a restored dump) is
+/// not followed, not stepped on, and not loaded by a broker that has seen
+/// a newer one; the control is the untouched store.
+#[test]
+fn a_rolled_back_journal_is_refused() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(LocalStore::default());
+    let a = Ca::load_or_create(cfg_with_mark(&store, dir.path()), t0()).unwrap();
+    let old = store.state.lock().unwrap().clone();
+    let p = a.prepare(&[AuthorityKind::X509], t0()).unwrap();
+    a.activate(Some(&p[0].authority.id), t0()).unwrap();
+    assert!(!a.refresh().unwrap(), "control: the untouched store");
+    let newer = store.state.lock().unwrap().clone();
+    // Roll back the journal (the files of the old state are still there).
+    store.state.lock().unwrap().0 = old.0.clone();
+    corrupt(a.refresh(), "older than");
+    corrupt(a.prepare(&[AuthorityKind::Jwt], t0()), "rolled back");
+    assert_eq!(a.active_x509_id(), p[0].authority.id, "still the newer CA");
+    // A restart of this broker (its mark file) refuses it too.
+    drop(a);
+    corrupt(
+        Ca::load_or_create(cfg_with_mark(&store, dir.path()), t0()),
+        "rolled back",
+    );
+    // Back to the newer state: it starts.
+    *store.state.lock().unwrap() = newer;
+    Ca::load_or_create(cfg_with_mark(&store, dir.path()), t0()).unwrap();
+}
+
+/// A journal deleted from the store is never replaced by a new CA: not
+/// while key files remain, not at a broker that has seen one, not by a
+/// step of a running broker.
+#[test]
+fn a_deleted_journal_does_not_make_a_new_ca() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(LocalStore::default());
+    let a = Ca::load_or_create(cfg_with_mark(&store, dir.path()), t0()).unwrap();
+    let bundle = a.bundle().to_pem();
+    store.state.lock().unwrap().0 = None;
+    corrupt(a.prepare(&[AuthorityKind::X509], t0()), "journal is gone");
+    corrupt(a.refresh(), "journal is gone");
+    assert_eq!(
+        a.bundle().to_pem(),
+        bundle,
+        "the running broker keeps its CA"
+    );
+    // Another broker (no mark), key files still in the store.
+    corrupt(Ca::load_or_create(cfg(&store), t0()), "key files remain");
+    // Everything deleted: this broker (its mark) still refuses.
+    store.state.lock().unwrap().1.clear();
+    corrupt(
+        Ca::load_or_create(cfg_with_mark(&store, dir.path()), t0()),
+        "journal is gone",
+    );
+    // The control: an empty store and no mark make a CA.
+    Ca::load_or_create(cfg(&Arc::new(LocalStore::default())), t0()).unwrap();
+}
+
+/// A row that cannot be read stops nothing unless the journal names it;
+/// a step then deletes the stray row.
+#[test]
+fn an_unreadable_row_matters_only_when_named() {
+    init();
+    let store = Arc::new(UnreadableStore::default());
+    let a = Ca::load_or_create(cfg_unreadable(&store), t0()).unwrap();
+    store
+        .bad
+        .lock()
+        .unwrap()
+        .insert("stray.key".into(), "does not open".into());
+    Ca::load_or_create(cfg_unreadable(&store), t0()).unwrap();
+    a.prepare(&[AuthorityKind::X509], t0()).unwrap();
+    let named = format!("x509-{}.key", a.active_x509_id());
+    store
+        .bad
+        .lock()
+        .unwrap()
+        .insert(named.clone(), "does not open".into());
+    match Ca::load_or_create(cfg_unreadable(&store), t0()) {
+        Err(CaError::CorruptStore { path, reason }) => {
+            assert!(path.display().to_string().contains(&named), "{path:?}");
+            assert!(reason.contains("does not open"), "{reason}");
+        }
+        other => panic!("expected the named row's error, got {other:?}"),
+    }
+}
+
+/// A local store whose listed rows read as unreadable.
+#[derive(Debug, Default)]
+struct UnreadableStore {
+    inner: LocalStore,
+    bad: Mutex<std::collections::BTreeMap<String, String>>,
+}
+
+impl UnreadableStore {
+    fn with_bad(&self, mut s: SharedState) -> SharedState {
+        for (name, reason) in self.bad.lock().unwrap().iter() {
+            s.files.remove(name);
+            s.unreadable.insert(name.clone(), reason.clone());
+        }
+        s
+    }
+}
+
+impl SharedCaStore for UnreadableStore {
+    fn location(&self) -> String {
+        "local".into()
+    }
+    fn journal(&self) -> Result<Option<Vec<u8>>, CaError> {
+        self.inner.journal()
+    }
+    fn load(&self) -> Result<SharedState, CaError> {
+        Ok(self.with_bad(self.inner.load()?))
+    }
+    fn transact(&self, step: &mut SharedStep<'_>) -> Result<(), CaError> {
+        self.inner.transact(&mut |s| step(self.with_bad(s)))
+    }
+}
+
+fn cfg_unreadable(store: &Arc<UnreadableStore>) -> CaConfig {
+    let mut c = CaConfig::new(TrustDomain::new("example.org").unwrap());
+    c.shared = Some(store.clone());
+    c
 }
