@@ -801,10 +801,19 @@ pub async fn run(
     let instance = broker_instance_id(cfg.listen);
     let scheduler = tokio::spawn(async move {
         let mut leading = false;
+        // Checks left before a leader whose step failed asks for the
+        // lease again: it lapses meanwhile, so another broker (whose CA
+        // may be healthy) takes the schedule over.
+        let mut stand_down = 0u32;
         loop {
             tokio::time::sleep(check_every).await;
             if let Some(pg) = &lease {
-                let held = pg.lease("ca-schedule", &instance, check_every.saturating_mul(3));
+                let held = if stand_down > 0 {
+                    stand_down -= 1;
+                    Ok(false)
+                } else {
+                    pg.lease("ca-schedule", &instance, check_every.saturating_mul(3))
+                };
                 let now_leading = matches!(held, Ok(true));
                 if now_leading != leading {
                     tracing::info!(
@@ -839,6 +848,9 @@ pub async fn run(
             };
             if let Err(e) = result {
                 tracing::error!(error = %e, "CA rotation step failed");
+                if lease.is_some() {
+                    stand_down = 4;
+                }
             }
             if let Err(e) = sched_broker.ca().checkpoint() {
                 tracing::warn!(error = %e, "cannot persist the CA journal");
