@@ -492,36 +492,12 @@ impl Ca {
             if let Some(k) = known {
                 let reused = match (status.state, status.kind) {
                     (AuthorityState::Revoked, _) => false,
-                    (_, AuthorityKind::X509) => {
-                        match k.x509.iter().find(|s| s.status.id == status.id) {
-                            Some(s) => {
-                                let slot = Slot {
-                                    key: s.key.clone(),
-                                    status: status.clone(),
-                                    signed_until: s.signed_until.clone(),
-                                };
-                                slot.signed(status.signed_until);
-                                j.x509.push(slot);
-                                true
-                            }
-                            None => false,
-                        }
-                    }
-                    (_, AuthorityKind::Jwt) => {
-                        match k.jwt.iter().find(|s| s.status.id == status.id) {
-                            Some(s) => {
-                                let slot = Slot {
-                                    key: s.key.clone(),
-                                    status: status.clone(),
-                                    signed_until: s.signed_until.clone(),
-                                };
-                                slot.signed(status.signed_until);
-                                j.jwt.push(slot);
-                                true
-                            }
-                            None => false,
-                        }
-                    }
+                    (_, AuthorityKind::X509) => reuse(&k.x509, &status)
+                        .map(|slot| j.x509.push(slot))
+                        .is_some(),
+                    (_, AuthorityKind::Jwt) => reuse(&k.jwt, &status)
+                        .map(|slot| j.jwt.push(slot))
+                        .is_some(),
                 };
                 if reused {
                     continue;
@@ -1523,6 +1499,21 @@ fn statuses_mut(
         AuthorityKind::X509 => Box::new(j.x509.iter_mut().map(|s| &mut s.status)),
         AuthorityKind::Jwt => Box::new(j.jwt.iter_mut().map(|s| &mut s.status)),
     }
+}
+
+/// The slot of `known` for the stored `status`, if this process holds its
+/// key: the key and watermark are shared, the watermark raised to the
+/// stored one, the status taken from the store.
+fn reuse<K>(known: &[Slot<K>], status: &AuthorityStatus) -> Option<Slot<K>> {
+    known.iter().find(|s| s.status.id == status.id).map(|s| {
+        let slot = Slot {
+            key: s.key.clone(),
+            status: status.clone(),
+            signed_until: s.signed_until.clone(),
+        };
+        slot.signed(status.signed_until);
+        slot
+    })
 }
 
 /// Moves a CA kept in the key directory `dir` into an empty shared store
