@@ -494,14 +494,68 @@ fn one_task_runs_across_three_brokers() {
             at.broker_addr
         );
     }
-    // Each broker's own audit log holds the steps it took (the start at
-    // B, the hop at C), and verifies.
-    let trace_b = ok_at(&w, &b, &["audit", "trace", &task, "--json"]);
-    assert!(trace_b.contains("alice@example.com"), "{trace_b}");
-    let trace_c = ok_at(&w, &c, &["audit", "trace", &task, "--json"]);
-    assert!(trace_c.contains(RESEARCHER), "{trace_c}");
+    // One trail: each broker logs the steps it took (the start at B, the
+    // hop at C, the tool call reported to A) and ships them to the
+    // database; every broker traces the whole task from every log.
+    let logs_of = |w: &World, at: &Cluster| -> BTreeMap<String, bool> {
+        let v: serde_json::Value =
+            serde_json::from_str(&ok_at(w, at, &["audit", "verify", "-o", "json"])).unwrap();
+        v["shared_logs"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no shared logs in {v}"))
+            .iter()
+            .map(|l| {
+                (
+                    l["log_id"].as_str().unwrap().to_owned(),
+                    l["own"].as_bool().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let mut own_log = BTreeMap::new();
     for at in [&w.c, &b, &c] {
-        ok_at(&w, at, &["audit", "verify"]);
+        let logs = logs_of(&w, at);
+        assert_eq!(logs.len(), 3, "one log per broker: {logs:?}");
+        let own: Vec<&String> = logs.iter().filter(|(_, o)| **o).map(|(l, _)| l).collect();
+        assert_eq!(own.len(), 1, "{logs:?}");
+        own_log.insert(at.broker_addr.to_string(), own[0].clone());
+    }
+    let whole_trace = |w: &World, at: &Cluster| {
+        wait_for(
+            "the tool call's record in the merged trace",
+            Duration::from_secs(60),
+            || {
+                let text = ok_at(w, at, &["audit", "trace", &task]);
+                text.contains("tool crm.search").then_some(text)
+            },
+        )
+    };
+    for at in [&w.c, &b, &c] {
+        let text = whole_trace(&w, at);
+        assert!(text.contains("alice@example.com"), "the start at B: {text}");
+        assert!(
+            text.contains(&format!("hop → {RESEARCHER}: granted")),
+            "the hop at C: {text}"
+        );
+        let log_of = |broker: &Cluster| own_log[&broker.broker_addr.to_string()].clone();
+        assert!(
+            text.contains(&format!("recorded in log {}", log_of(&b))),
+            "the start at B: {text}"
+        );
+        for line in text.lines() {
+            if line.contains("hop →") {
+                assert!(
+                    line.contains(&format!("@{}", log_of(&c))),
+                    "the hop at C: {line}"
+                );
+            }
+            if line.contains("tool crm.search") {
+                assert!(
+                    line.contains(&format!("@{}", log_of(&w.c))),
+                    "the call reported to A: {line}"
+                );
+            }
+        }
     }
 
     // Revoked at C (the planner's credential and what hangs under it),
@@ -559,4 +613,50 @@ fn one_task_runs_across_three_brokers() {
     let planner3 = w.redeem(&grant3, PLANNER, "z-planner");
     let hop3 = hop_at(&w, &b, &planner3, "z-researcher");
     assert!(hop3.join("token").exists());
+
+    // A's log outlives A: B still traces the tool call A recorded. Then
+    // the database is edited behind the brokers' backs.
+    assert!(whole_trace(&w, &b).contains("tool crm.search"));
+    let a_log = own_log[&w.c.broker_addr.to_string()].clone();
+    let sql = |q: &str, p: &[&(dyn tokio_postgres::types::ToSql + Sync)]| {
+        rt.block_on(async { pg.admin("baton").await.execute(q, p).await.unwrap() })
+    };
+    // The tool call A recorded now says it was denied.
+    let n = sql(
+        "UPDATE audit_leaves SET event = convert_to(replace(convert_from(event, 'UTF8'), '\"allow\"', '\"deny\"'), 'UTF8')
+         WHERE log_id = $1 AND task_id = $2 AND convert_from(event, 'UTF8') LIKE '%\"allow\"%'",
+        &[&a_log, &task],
+    );
+    assert!(n >= 1, "no allowed tool call of the task in A's log");
+    for at in [&b, &c] {
+        let out = run_at(&w, at, &["audit", "trace", &task]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "an altered record was traced at {}",
+            at.broker_addr
+        );
+        assert!(err.contains(&a_log), "the error names A's log: {err}");
+        let out = run_at(&w, at, &["audit", "verify"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(4),
+            "verify at {}: {err}",
+            at.broker_addr
+        );
+        assert!(err.contains(&a_log), "{err}");
+    }
+    // A log registered by whoever can write to the database (no sealing
+    // key) is refused, not trusted.
+    sql(
+        "INSERT INTO audit_logs (log_id, sealed_key, broker, registered_at) VALUES ('00000000000000aa', '\\x00', 'intruder', 0)",
+        &[],
+    );
+    let out = run_at(&w, &b, &["audit", "verify"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("00000000000000aa") && err.contains("forged"),
+        "{err}"
+    );
 }

@@ -50,6 +50,10 @@ pub enum AuditError {
     Range(String),
     #[error("tree head file {path}: {reason}")]
     HeadFile { path: PathBuf, reason: String },
+    #[error("shared audit store: {0}")]
+    Mirror(String),
+    #[error("audit log {log} in the shared store is tampered: {error}")]
+    SharedLog { log: String, error: TamperError },
 }
 
 impl From<rusqlite::Error> for AuditError {

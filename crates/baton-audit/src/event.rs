@@ -412,6 +412,10 @@ impl ClearText {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AuditRecord {
     pub index: u64,
+    /// The log it is in, when events of several brokers' logs are read
+    /// together (see [`crate::Mirror`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log: Option<String>,
     pub event: AuditEvent,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub initiator_hmac: Option<String>,
@@ -449,6 +453,7 @@ impl AuditRecord {
         };
         Self {
             index,
+            log: None,
             event,
             initiator_hmac: c.initiator_hmac,
             justification_hmac: c.justification_hmac,

@@ -43,6 +43,9 @@ use crate::merkle::{self, Hash, Tree};
 use crate::proof::{Receipt, SignedCheckpoint, checkpoint_message, hex_all, to_hex};
 use crate::witness::{HeadFile, HeadState, Kept, check_consistency, head_path, read_head};
 
+pub(crate) mod mirror;
+use mirror::{Followed, Mirror};
+
 const SCHEMA_VERSION: i64 = 1;
 /// How long an append waits for another connection's write lock.
 const APPEND_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -204,6 +207,8 @@ struct Inner {
     poisoned: Option<String>,
     /// The head file of a file-backed log.
     head: Option<HeadFile>,
+    /// How much of this log the mirror is known to hold (`None`: ask it).
+    mirrored: Option<u64>,
 }
 
 /// The audit log. Appends are serialized by an internal lock; the value is
@@ -218,6 +223,10 @@ pub struct AuditLog {
     path: Option<PathBuf>,
     accepted_loss: Option<TamperError>,
     observer: Option<Arc<dyn AppendObserver>>,
+    /// The shared store every batch is shipped to before its receipts.
+    mirror: Option<Arc<dyn Mirror>>,
+    /// Other brokers' logs in the mirror, as checked so far.
+    followed: Mutex<HashMap<String, Followed>>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -349,6 +358,7 @@ impl AuditLog {
                 last_at: scan.last_at,
                 poisoned: None,
                 head,
+                mirrored: None,
             }),
             queue: Mutex::new(Queue::default()),
             queue_cv: [Condvar::new(), Condvar::new()],
@@ -357,6 +367,8 @@ impl AuditLog {
             path: file.map(|(p, _)| p),
             accepted_loss,
             observer: None,
+            mirror: None,
+            followed: Mutex::new(HashMap::new()),
         })
     }
 
@@ -364,6 +376,15 @@ impl AuditLog {
     #[must_use]
     pub fn with_observer(mut self, observer: Arc<dyn AppendObserver>) -> Self {
         self.observer = Some(observer);
+        self
+    }
+
+    /// Ships every batch to `mirror` before its receipts are returned, and
+    /// reads tasks' events from every log it holds (see [`Mirror`]). Call
+    /// [`Self::sync_mirror`] next, to ship what an earlier run left behind.
+    #[must_use]
+    pub fn with_mirror(mut self, mirror: Arc<dyn Mirror>) -> Self {
+        self.mirror = Some(mirror);
         self
     }
 
@@ -595,6 +616,11 @@ impl AuditLog {
                     inner.poisoned = Some(e.to_string());
                     return Err(e);
                 }
+                // INVARIANT: with a mirror, no receipt leaves before the
+                // mirror holds its batch: a broker's lost disk loses no
+                // acknowledged event. The events stay committed here and
+                // are shipped with the next batch.
+                self.mirror_batch(inner, start, jobs, checkpoint)?;
                 if let Some(observer) = &self.observer {
                     let durable = Instant::now();
                     let lags: Vec<Duration> = jobs
@@ -762,8 +788,17 @@ impl AuditLog {
 
     /// Every event of `task`, in log order, with the clear text still held.
     /// Each event is checked against the in-memory tree (and its clear text
-    /// against its HMAC) before it is returned.
+    /// against its HMAC) before it is returned. With a mirror, also every
+    /// other broker's events of the task, each checked against its log's
+    /// signed tree, and every record names its log.
     pub fn events_for_task(&self, task: &TaskId) -> Result<Vec<AuditRecord>, AuditError> {
+        match self.mirror_for_reads() {
+            Some(m) => self.shared_events_for_task(m, task),
+            None => self.local_events_for_task(task),
+        }
+    }
+
+    fn local_events_for_task(&self, task: &TaskId) -> Result<Vec<AuditRecord>, AuditError> {
         let inner = self.lock()?;
         let Some(indexes) = inner.by_task.get(task.as_str()) else {
             return Ok(Vec::new());
@@ -803,6 +838,12 @@ impl AuditLog {
     /// or (with `None`) for the whole log. The tree is unaffected: it covers
     /// only the HMACs. Returns how many events were wiped.
     pub fn redact_clear_text(&self, task: Option<&TaskId>) -> Result<u64, AuditError> {
+        let local = self.redact_local(task)?;
+        // The mirror's copies of every broker's events: what traces show.
+        Ok(self.redact_mirror(task)?.unwrap_or(local))
+    }
+
+    fn redact_local(&self, task: Option<&TaskId>) -> Result<u64, AuditError> {
         let inner = self.lock()?;
         let Some(t) = task else {
             let n = inner.conn.execute(

@@ -1737,3 +1737,6 @@ fn an_event_time_beyond_what_the_log_stores_is_refused_and_the_log_goes_on() {
         .unwrap();
     log.verify().unwrap();
 }
+
+#[path = "tests/mirror.rs"]
+mod mirror;

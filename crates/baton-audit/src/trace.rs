@@ -17,6 +17,10 @@ use crate::event::{AuditRecord, EventKind};
 pub struct Trace {
     pub task_id: Option<TaskId>,
     pub started_at: Option<u64>,
+    /// The log that recorded the start, when several brokers' logs are
+    /// traced together.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub started_in: Option<String>,
     /// The initiator in clear, unless redacted.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub initiator: Option<String>,
@@ -57,6 +61,9 @@ pub struct AgentNode {
 pub enum TraceItem {
     Hop {
         index: u64,
+        /// The log it is in, when several brokers' logs are traced together.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        log: Option<String>,
         at: u64,
         target: Option<SpiffeId>,
         granted: bool,
@@ -84,6 +91,9 @@ pub enum TraceItem {
     },
     Redeemed {
         index: u64,
+        /// The log it is in, when several brokers' logs are traced together.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        log: Option<String>,
         at: u64,
         #[serde(skip_serializing_if = "Option::is_none")]
         token_jti: Option<String>,
@@ -97,6 +107,9 @@ pub enum TraceItem {
     },
     ToolCall {
         index: u64,
+        /// The log it is in, when several brokers' logs are traced together.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        log: Option<String>,
         at: u64,
         #[serde(skip_serializing_if = "Option::is_none")]
         tool: Option<String>,
@@ -135,6 +148,9 @@ pub enum TraceItem {
 pub enum TaskEvent {
     PurposeChanged {
         index: u64,
+        /// The log it is in, when several brokers' logs are traced together.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        log: Option<String>,
         at: u64,
         #[serde(skip_serializing_if = "Option::is_none")]
         actor: Option<SpiffeId>,
@@ -145,6 +161,9 @@ pub enum TaskEvent {
     },
     Ended {
         index: u64,
+        /// The log it is in, when several brokers' logs are traced together.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        log: Option<String>,
         at: u64,
         #[serde(skip_serializing_if = "Option::is_none")]
         actor: Option<SpiffeId>,
@@ -154,6 +173,9 @@ pub enum TaskEvent {
     /// A call held for a human's approval, and the decision.
     Approval {
         index: u64,
+        /// The log it is in, when several brokers' logs are traced together.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        log: Option<String>,
         at: u64,
         /// `requested`, `approved` or `denied`.
         step: String,
@@ -176,6 +198,9 @@ pub enum TaskEvent {
     /// The admission policy refused to start the task.
     StartRefused {
         index: u64,
+        /// The log it is in, when several brokers' logs are traced together.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        log: Option<String>,
         at: u64,
         /// The root agent asked for.
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -196,10 +221,44 @@ struct NodeB {
     items: Vec<(TraceItem, Option<usize>)>,
 }
 
+/// The causal rank of an event within one second (see [`trace`]): the
+/// start, then per depth `d` the hop to it (`2d`) and its redeem
+/// (`2d + 1`), then what is done with the tokens, then the task's end.
+fn causal_rank(e: &crate::event::AuditEvent) -> u64 {
+    const LATER: u64 = u64::MAX - 8;
+    let depth = e.depth.map(u64::from);
+    match e.kind {
+        EventKind::TaskStarted | EventKind::TaskRefused => 0,
+        EventKind::HopGranted | EventKind::HopRefused => depth.map_or(LATER, |d| 2 * d),
+        EventKind::Redeemed => depth.map_or(LATER + 1, |d| 2 * d + 1),
+        EventKind::ApprovalRequested => LATER + 2,
+        EventKind::ApprovalDecided => LATER + 3,
+        EventKind::ToolCall => LATER + 4,
+        EventKind::PurposeChanged => LATER + 5,
+        EventKind::TaskEnded => LATER + 6,
+    }
+}
+
 /// Builds the tree of one task's records (as `events_for_task` returns them).
 pub fn trace(records: &[AuditRecord]) -> Trace {
     let mut records: Vec<&AuditRecord> = records.iter().collect();
-    records.sort_by_key(|r| r.index);
+    let first_log = records.first().and_then(|r| r.log.clone());
+    let several_logs = records.iter().any(|r| r.log != first_log);
+    if several_logs {
+        // No order across logs but time (seconds) and causality: within a
+        // second, the start, each depth's hop before its redeem, the tool
+        // calls made with the tokens, the task's end.
+        records.sort_by(|a, b| {
+            (a.event.at, causal_rank(&a.event), &a.log, a.index).cmp(&(
+                b.event.at,
+                causal_rank(&b.event),
+                &b.log,
+                b.index,
+            ))
+        });
+    } else {
+        records.sort_by_key(|r| r.index);
+    }
     let mut t = Trace::default();
     let mut nodes: Vec<NodeB> = Vec::new();
     let mut root: Option<usize> = None;
@@ -251,6 +310,7 @@ pub fn trace(records: &[AuditRecord]) -> Trace {
             EventKind::TaskStarted => {
                 if t.started_at.is_none() {
                     t.started_at = Some(e.at);
+                    t.started_in = r.log.clone();
                     t.initiator = e.initiator.clone();
                     t.initiator_hmac = r.initiator_hmac.clone();
                     t.purpose = e.purpose.clone();
@@ -288,6 +348,7 @@ pub fn trace(records: &[AuditRecord]) -> Trace {
                 };
                 let item = TraceItem::Hop {
                     index: r.index,
+                    log: r.log.clone(),
                     at: e.at,
                     target: e.target.clone(),
                     granted,
@@ -329,6 +390,7 @@ pub fn trace(records: &[AuditRecord]) -> Trace {
                     node.items.push((
                         TraceItem::Redeemed {
                             index: r.index,
+                            log: r.log.clone(),
                             at: e.at,
                             token_jti: e.token_jti.clone(),
                             decision: e.decision.clone(),
@@ -351,6 +413,7 @@ pub fn trace(records: &[AuditRecord]) -> Trace {
                     node.items.push((
                         TraceItem::ToolCall {
                             index: r.index,
+                            log: r.log.clone(),
                             at: e.at,
                             tool: e.tool.clone(),
                             resource: e.resource.clone(),
@@ -373,6 +436,7 @@ pub fn trace(records: &[AuditRecord]) -> Trace {
             }
             EventKind::PurposeChanged => t.task_events.push(TaskEvent::PurposeChanged {
                 index: r.index,
+                log: r.log.clone(),
                 at: e.at,
                 actor: e.actor.clone(),
                 purpose: e.purpose.clone(),
@@ -387,6 +451,7 @@ pub fn trace(records: &[AuditRecord]) -> Trace {
                 t.scope = t.scope.take().or_else(|| e.scope.clone());
                 t.task_events.push(TaskEvent::StartRefused {
                     index: r.index,
+                    log: r.log.clone(),
                     at: e.at,
                     root_agent: e.target.clone(),
                     risk: e.risk,
@@ -396,6 +461,7 @@ pub fn trace(records: &[AuditRecord]) -> Trace {
             }
             EventKind::TaskEnded => t.task_events.push(TaskEvent::Ended {
                 index: r.index,
+                log: r.log.clone(),
                 at: e.at,
                 actor: e.actor.clone(),
                 reason: e.reason.clone(),
@@ -403,6 +469,7 @@ pub fn trace(records: &[AuditRecord]) -> Trace {
             EventKind::ApprovalRequested | EventKind::ApprovalDecided => {
                 t.task_events.push(TaskEvent::Approval {
                     index: r.index,
+                    log: r.log.clone(),
                     at: e.at,
                     step: match (e.kind, e.decision.as_deref()) {
                         (EventKind::ApprovalRequested, _) => "requested",
@@ -493,6 +560,15 @@ fn sensitive(label: &str, clear: &Option<String>, mac: &Option<String>) -> Strin
     }
 }
 
+/// How an event is named: `#index`, and `@log` when several brokers'
+/// logs are traced together.
+fn mark(index: u64, log: &Option<String>) -> String {
+    match log {
+        Some(l) => format!("#{index}@{l}"),
+        None => format!("#{index}"),
+    }
+}
+
 fn agent_name(a: &Option<SpiffeId>) -> String {
     a.as_ref()
         .map_or_else(|| "(unknown agent)".to_owned(), |a| a.to_string())
@@ -506,6 +582,7 @@ fn item_line(item: &TraceItem) -> Line {
     match item {
         TraceItem::Hop {
             index,
+            log,
             target,
             granted,
             scope,
@@ -543,7 +620,7 @@ fn item_line(item: &TraceItem) -> Line {
                 text.push_str(&format!(", reason {r}"));
             }
             text.push_str(&opt("trace", trace_id));
-            text.push_str(&format!(" #{index}"));
+            text.push_str(&format!(" {}", mark(*index, log)));
             Line {
                 text,
                 children: delegate
@@ -554,6 +631,7 @@ fn item_line(item: &TraceItem) -> Line {
         }
         TraceItem::Redeemed {
             index,
+            log,
             token_jti,
             decision,
             reason,
@@ -562,21 +640,27 @@ fn item_line(item: &TraceItem) -> Line {
         } => Line {
             text: match (decision.as_deref(), reason) {
                 (Some("refused"), Some(r)) => {
-                    format!("redeem refused ({r}){} #{index}", opt("trace", trace_id))
+                    format!(
+                        "redeem refused ({r}){} {}",
+                        opt("trace", trace_id),
+                        mark(*index, log)
+                    )
                 }
                 _ => format!(
-                    "redeemed{}{} #{index}",
+                    "redeemed{}{} {}",
                     token_jti
                         .as_ref()
                         .map(|j| format!(" token {j}"))
                         .unwrap_or_default(),
-                    opt("trace", trace_id)
+                    opt("trace", trace_id),
+                    mark(*index, log)
                 ),
             },
             children: Vec::new(),
         },
         TraceItem::ToolCall {
             index,
+            log,
             tool,
             resource,
             risk,
@@ -623,7 +707,7 @@ fn item_line(item: &TraceItem) -> Line {
             }
             text.push_str(&sensitive("justification", justification, &None));
             text.push_str(&opt("trace", trace_id));
-            text.push_str(&format!(" #{index}"));
+            text.push_str(&format!(" {}", mark(*index, log)));
             Line {
                 text,
                 children: Vec::new(),
@@ -645,6 +729,9 @@ impl Trace {
         head.push_str(&opt("purpose", &self.purpose));
         head.push_str(&scope_text(&self.scope));
         head.push_str(&opt("started at", &self.started_at));
+        if let Some(log) = &self.started_in {
+            head.push_str(&format!(" (recorded in log {log})"));
+        }
         let mut children = Vec::new();
         if self.initiator.is_some() || self.initiator_hmac.is_some() {
             let who = match (&self.initiator, &self.initiator_hmac) {
@@ -676,30 +763,35 @@ impl Trace {
             let text = match e {
                 TaskEvent::PurposeChanged {
                     index,
+                    log,
                     actor,
                     purpose,
                     reason,
                     ..
                 } => format!(
-                    "purpose changed → {}{}{} #{index}",
+                    "purpose changed → {}{}{} {}",
                     purpose
                         .as_ref()
                         .map_or_else(|| "?".to_owned(), ToString::to_string),
                     opt("by", actor),
-                    opt("reason", reason)
+                    opt("reason", reason),
+                    mark(*index, log)
                 ),
                 TaskEvent::Ended {
                     index,
+                    log,
                     actor,
                     reason,
                     ..
                 } => format!(
-                    "task ended{}{} #{index}",
+                    "task ended{}{} {}",
                     opt("by", actor),
-                    opt("reason", reason)
+                    opt("reason", reason),
+                    mark(*index, log)
                 ),
                 TaskEvent::Approval {
                     index,
+                    log,
                     step,
                     actor,
                     tool,
@@ -721,11 +813,12 @@ impl Trace {
                     if let Some(r) = reason {
                         text.push_str(&format!(" ({r})"));
                     }
-                    text.push_str(&format!(" #{index}"));
+                    text.push_str(&format!(" {}", mark(*index, log)));
                     text
                 }
                 TaskEvent::StartRefused {
                     index,
+                    log,
                     root_agent,
                     risk,
                     reason,
@@ -740,7 +833,7 @@ impl Trace {
                     if !policy_ids.is_empty() {
                         text.push_str(&format!(", policies [{}]", policy_ids.join(", ")));
                     }
-                    text.push_str(&format!(" #{index}"));
+                    text.push_str(&format!(" {}", mark(*index, log)));
                     text
                 }
             };

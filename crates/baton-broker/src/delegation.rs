@@ -1644,7 +1644,15 @@ impl Delegation {
     /// The task's chain as a tree (text and JSON).
     pub fn trace(&self, raw: &str) -> Result<serde_json::Value, BrokerError> {
         let id: TaskId = raw.parse().map_err(|e| bad("task_id", format!("{e}")))?;
-        let events = self.audit.events_for_task(&id).map_err(audit_failed)?;
+        let events = self.audit.events_for_task(&id).map_err(|e| match e {
+            // Tampering is an answer for the operator, not an outage.
+            baton_audit::AuditError::SharedLog { .. } | baton_audit::AuditError::Tampered(_) => {
+                BrokerError::Conflict(format!(
+                    "the audit trail of this task cannot be trusted: {e}"
+                ))
+            }
+            other => audit_failed(other),
+        })?;
         // A refused task start has events but no task.
         if events.is_empty() {
             let _ = self.task(&id)?;

@@ -23,6 +23,7 @@ pub mod nodes;
 pub mod oidc;
 pub mod ops;
 pub mod pg;
+pub mod pg_audit;
 pub mod pg_ca;
 pub mod pg_tls;
 pub mod revocation;
@@ -528,6 +529,24 @@ pub async fn run(
         (None, None) => None,
     };
     let shared_ca = shared.is_some();
+    // Several brokers, one audit trail: each broker's log is shipped to the
+    // datastore before its receipts leave, and traces read every log.
+    let audit = match (&cfg.ca_seal_key_file, &stores.pg) {
+        (Some(file), Some(pg)) => {
+            let key = pg_ca::CaSealKey::from_file(file).map_err(StartError::Internal)?;
+            let mirror =
+                pg_audit::PgAuditMirror::new(pg.clone(), key, broker_instance_id(cfg.listen));
+            let audit = audit.with_mirror(Arc::new(mirror));
+            let shipped = audit.sync_mirror()?;
+            tracing::info!(
+                log = %audit.log_id(),
+                events = shipped,
+                "audit log shipped to the shared datastore"
+            );
+            audit
+        }
+        _ => audit,
+    };
     let ca = Ca::load_or_create(
         CaConfig {
             trust_domain: cfg.trust_domain.clone(),

@@ -171,6 +171,33 @@ const MIGRATIONS: &[&str] = &[
         holder TEXT NOT NULL,
         expires_at DOUBLE PRECISION NOT NULL
      );",
+    // 3: every broker's audit log, copied here before its receipts are
+    // returned (one log per broker; `audit trace` and `verify` read them
+    // all).
+    "CREATE TABLE audit_logs (
+        log_id TEXT PRIMARY KEY,
+        sealed_key BYTEA NOT NULL,
+        broker TEXT NOT NULL,
+        registered_at BIGINT NOT NULL
+     );
+     CREATE TABLE audit_leaves (
+        log_id TEXT NOT NULL,
+        idx BIGINT NOT NULL,
+        task_id TEXT NOT NULL,
+        event BYTEA NOT NULL,
+        leaf_hash BYTEA NOT NULL,
+        clear_text BYTEA,
+        PRIMARY KEY (log_id, idx)
+     );
+     CREATE INDEX audit_leaves_by_task ON audit_leaves(task_id);
+     CREATE TABLE audit_checkpoints (
+        log_id TEXT NOT NULL,
+        size BIGINT NOT NULL,
+        root_hash TEXT NOT NULL,
+        at BIGINT NOT NULL,
+        signature TEXT NOT NULL,
+        PRIMARY KEY (log_id, size)
+     );",
 ];
 
 /// Advisory lock keys ("baton" in ASCII, then a number).
@@ -1973,6 +2000,250 @@ impl PgStore {
                 )
                 .await?;
             Ok(row.is_some())
+        })
+    }
+}
+
+/// One audit event row (clear text sealed by the caller).
+pub(crate) struct RawAuditLeaf {
+    pub(crate) idx: i64,
+    pub(crate) task_id: String,
+    pub(crate) event: Vec<u8>,
+    pub(crate) leaf_hash: Vec<u8>,
+    pub(crate) clear_text: Option<Vec<u8>>,
+}
+
+/// One audit checkpoint row.
+pub(crate) struct RawCheckpoint {
+    pub(crate) size: i64,
+    pub(crate) root_hash: String,
+    pub(crate) at: i64,
+    pub(crate) signature: String,
+}
+
+/// A registered audit log: its id, sealed key and registering broker.
+pub(crate) type RawAuditLog = (String, Vec<u8>, String);
+
+fn leaf_of(r: &Row) -> Result<RawAuditLeaf, StoreError> {
+    Ok(RawAuditLeaf {
+        idx: r.try_get(0)?,
+        task_id: r.try_get(1)?,
+        event: r.try_get(2)?,
+        leaf_hash: r.try_get(3)?,
+        clear_text: r.try_get(4)?,
+    })
+}
+
+impl PgStore {
+    /// Stores a shipment of audit log `log_id`: registers the log with
+    /// `sealed_key` if it is new (else `key_ok` must accept the registered
+    /// one), checks the stored size is where `leaves` start, and writes the
+    /// leaves and checkpoints, in one transaction under a lock of the log's
+    /// row. `Ok(Err(..))` is a refusal (another key, another size).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn audit_ship(
+        &self,
+        log_id: &str,
+        sealed_key: &[u8],
+        broker: &str,
+        now: i64,
+        key_ok: &(dyn Fn(&[u8]) -> bool + Sync),
+        leaves: &[RawAuditLeaf],
+        checkpoints: &[RawCheckpoint],
+    ) -> Result<Result<(), String>, StoreError> {
+        let start = leaves.first().map_or(0, |l| l.idx);
+        on_conn!(self, |c| {
+            let tx = c.transaction().await?;
+            tx.execute(
+                "INSERT INTO audit_logs (log_id, sealed_key, broker, registered_at)
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (log_id) DO NOTHING",
+                &[&log_id, &sealed_key, &broker, &now],
+            )
+            .await?;
+            let row = tx
+                .query_one(
+                    "SELECT sealed_key FROM audit_logs WHERE log_id = $1 FOR UPDATE",
+                    &[&log_id],
+                )
+                .await?;
+            let stored: Vec<u8> = row.try_get(0)?;
+            if !key_ok(&stored) {
+                return Ok(Err(format!(
+                    "audit log {log_id} is registered in the datastore with another key (or its row was altered)"
+                )));
+            }
+            let size: Option<i64> = tx
+                .query_one(
+                    "SELECT max(size) FROM audit_checkpoints WHERE log_id = $1",
+                    &[&log_id],
+                )
+                .await?
+                .try_get(0)?;
+            let size = size.unwrap_or(0);
+            if size != start {
+                return Ok(Err(format!(
+                    "the datastore holds {size} events of audit log {log_id}, this shipment starts at {start} (another broker writing with the same audit key?)"
+                )));
+            }
+            let idx: Vec<i64> = leaves.iter().map(|l| l.idx).collect();
+            let task: Vec<&str> = leaves.iter().map(|l| l.task_id.as_str()).collect();
+            let event: Vec<&[u8]> = leaves.iter().map(|l| l.event.as_slice()).collect();
+            let hash: Vec<&[u8]> = leaves.iter().map(|l| l.leaf_hash.as_slice()).collect();
+            let clear: Vec<Option<&[u8]>> =
+                leaves.iter().map(|l| l.clear_text.as_deref()).collect();
+            tx.execute(
+                "INSERT INTO audit_leaves (log_id, idx, task_id, event, leaf_hash, clear_text)
+                 SELECT $1, * FROM unnest($2::bigint[], $3::text[], $4::bytea[], $5::bytea[], $6::bytea[])",
+                &[&log_id, &idx, &task, &event, &hash, &clear],
+            )
+            .await?;
+            let size: Vec<i64> = checkpoints.iter().map(|c| c.size).collect();
+            let root: Vec<&str> = checkpoints.iter().map(|c| c.root_hash.as_str()).collect();
+            let at: Vec<i64> = checkpoints.iter().map(|c| c.at).collect();
+            let sig: Vec<&str> = checkpoints.iter().map(|c| c.signature.as_str()).collect();
+            tx.execute(
+                "INSERT INTO audit_checkpoints (log_id, size, root_hash, at, signature)
+                 SELECT $1, * FROM unnest($2::bigint[], $3::text[], $4::bigint[], $5::text[])",
+                &[&log_id, &size, &root, &at, &sig],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(Ok(()))
+        })
+    }
+
+    /// Every registered audit log.
+    pub(crate) fn audit_logs(&self) -> Result<Vec<RawAuditLog>, StoreError> {
+        on_conn!(self, |c| {
+            let mut out = Vec::new();
+            for r in c
+                .query(
+                    "SELECT log_id, sealed_key, broker FROM audit_logs ORDER BY log_id",
+                    &[],
+                )
+                .await?
+            {
+                out.push((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?));
+            }
+            Ok(out)
+        })
+    }
+
+    /// The stored checkpoints of `log_id` of at least `from` events.
+    pub(crate) fn audit_checkpoints(
+        &self,
+        log_id: &str,
+        from: i64,
+    ) -> Result<Vec<RawCheckpoint>, StoreError> {
+        on_conn!(self, |c| {
+            let mut out = Vec::new();
+            for r in c
+                .query(
+                    "SELECT size, root_hash, at, signature FROM audit_checkpoints
+                     WHERE log_id = $1 AND size >= $2 ORDER BY size",
+                    &[&log_id, &from],
+                )
+                .await?
+            {
+                out.push(RawCheckpoint {
+                    size: r.try_get(0)?,
+                    root_hash: r.try_get(1)?,
+                    at: r.try_get(2)?,
+                    signature: r.try_get(3)?,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    /// The newest checkpoint of `log_id`.
+    pub(crate) fn audit_head(&self, log_id: &str) -> Result<Option<RawCheckpoint>, StoreError> {
+        on_conn!(self, |c| {
+            let r = c
+                .query_opt(
+                    "SELECT size, root_hash, at, signature FROM audit_checkpoints
+                     WHERE log_id = $1 ORDER BY size DESC LIMIT 1",
+                    &[&log_id],
+                )
+                .await?;
+            r.map(|r| {
+                Ok(RawCheckpoint {
+                    size: r.try_get(0)?,
+                    root_hash: r.try_get(1)?,
+                    at: r.try_get(2)?,
+                    signature: r.try_get(3)?,
+                })
+            })
+            .transpose()
+        })
+    }
+
+    /// The stored events `from..to` of `log_id` (with `hashes_only`, the
+    /// event and clear-text columns are left empty).
+    pub(crate) fn audit_leaves(
+        &self,
+        log_id: &str,
+        from: i64,
+        to: i64,
+        hashes_only: bool,
+    ) -> Result<Vec<RawAuditLeaf>, StoreError> {
+        let sql = if hashes_only {
+            "SELECT idx, task_id, ''::bytea, leaf_hash, NULL::bytea FROM audit_leaves
+             WHERE log_id = $1 AND idx >= $2 AND idx < $3 ORDER BY idx"
+        } else {
+            "SELECT idx, task_id, event, leaf_hash, clear_text FROM audit_leaves
+             WHERE log_id = $1 AND idx >= $2 AND idx < $3 ORDER BY idx"
+        };
+        on_conn!(self, |c| {
+            let mut out = Vec::new();
+            for r in c.query(sql, &[&log_id, &from, &to]).await? {
+                out.push(leaf_of(&r)?);
+            }
+            Ok(out)
+        })
+    }
+
+    /// Every stored event of `task`, from every log: (log, leaf).
+    pub(crate) fn audit_task_rows(
+        &self,
+        task: &str,
+    ) -> Result<Vec<(String, RawAuditLeaf)>, StoreError> {
+        on_conn!(self, |c| {
+            let mut out = Vec::new();
+            for r in c
+                .query(
+                    "SELECT idx, task_id, event, leaf_hash, clear_text, log_id FROM audit_leaves
+                     WHERE task_id = $1 ORDER BY log_id, idx",
+                    &[&task],
+                )
+                .await?
+            {
+                out.push((r.try_get(5)?, leaf_of(&r)?));
+            }
+            Ok(out)
+        })
+    }
+
+    /// Wipes the stored clear text of `task`'s events (or every event).
+    pub(crate) fn audit_redact(&self, task: Option<&str>) -> Result<u64, StoreError> {
+        on_conn!(self, |c| {
+            Ok(match task {
+                Some(t) => {
+                    c.execute(
+                        "UPDATE audit_leaves SET clear_text = NULL
+                         WHERE task_id = $1 AND clear_text IS NOT NULL",
+                        &[&t],
+                    )
+                    .await?
+                }
+                None => {
+                    c.execute(
+                        "UPDATE audit_leaves SET clear_text = NULL WHERE clear_text IS NOT NULL",
+                        &[],
+                    )
+                    .await?
+                }
+            })
         })
     }
 }

@@ -63,40 +63,49 @@ impl CaSealKey {
         Ok(Self(LessSafeKey::new(key)))
     }
 
-    fn seal(&self, name: &str, plain: &[u8]) -> Result<Vec<u8>, CaError> {
+    /// Seals `plain` bound to `aad` (what it is and where it is stored).
+    pub(crate) fn seal_bound(&self, aad: &str, plain: &[u8]) -> Option<Vec<u8>> {
         let mut nonce = [0u8; NONCE_LEN];
-        aws_lc_rs::rand::fill(&mut nonce).map_err(|_| CaError::Crypto("random nonce"))?;
+        aws_lc_rs::rand::fill(&mut nonce).ok()?;
         let mut out = plain.to_vec();
         self.0
             .seal_in_place_append_tag(
                 Nonce::assume_unique_for_key(nonce),
-                Aad::from(aad(name).as_bytes()),
+                Aad::from(aad.as_bytes()),
                 &mut out,
             )
-            .map_err(|_| CaError::Crypto("seal a CA row"))?;
+            .ok()?;
         let mut sealed = nonce.to_vec();
         sealed.extend_from_slice(&out);
-        Ok(sealed)
+        Some(sealed)
     }
 
-    fn open(&self, location: &str, name: &str, sealed: &[u8]) -> Result<Vec<u8>, CaError> {
-        let fail = || {
-            CaError::CorruptStore {
-            path: format!("{location}/{name}").into(),
-            reason: "does not open with the key of --ca-encryption-key-file: another trust domain's key, or the row was altered".into(),
-        }
-        };
+    /// Opens what [`Self::seal_bound`] sealed under the same `aad`.
+    pub(crate) fn open_bound(&self, aad: &str, sealed: &[u8]) -> Option<Vec<u8>> {
         if sealed.len() < NONCE_LEN {
-            return Err(fail());
+            return None;
         }
         let (nonce, body) = sealed.split_at(NONCE_LEN);
-        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| fail())?;
+        let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
         let mut body = body.to_vec();
         let plain = self
             .0
-            .open_in_place(nonce, Aad::from(aad(name).as_bytes()), &mut body)
-            .map_err(|_| fail())?;
-        Ok(plain.to_vec())
+            .open_in_place(nonce, Aad::from(aad.as_bytes()), &mut body)
+            .ok()?;
+        Some(plain.to_vec())
+    }
+
+    fn seal(&self, name: &str, plain: &[u8]) -> Result<Vec<u8>, CaError> {
+        self.seal_bound(&aad(name), plain)
+            .ok_or(CaError::Crypto("seal a CA row"))
+    }
+
+    fn open(&self, location: &str, name: &str, sealed: &[u8]) -> Result<Vec<u8>, CaError> {
+        self.open_bound(&aad(name), sealed)
+            .ok_or_else(|| CaError::CorruptStore {
+                path: format!("{location}/{name}").into(),
+                reason: "does not open with the key of --ca-encryption-key-file: another trust domain's key, or the row was altered".into(),
+            })
     }
 }
 

@@ -116,7 +116,11 @@ impl Source {
                         head = Some(remote.checkpoint);
                     }
                 }
-                Ok(Outcome::ok(report, head))
+                let mut outcome = Outcome::ok(report, head);
+                if let Some(logs) = v.get("shared_logs") {
+                    outcome.answer["shared_logs"] = logs.clone();
+                }
+                Ok(outcome)
             }
         }
     }
@@ -299,6 +303,20 @@ async fn verify(
                 r["size"],
                 r["root"].as_str().unwrap_or("-")
             ));
+            for l in answer["shared_logs"].as_array().into_iter().flatten() {
+                output::line(&format!(
+                    "shared log {}{}: {} events, {} checkpoint signatures checked, root {}",
+                    l["log_id"].as_str().unwrap_or("-"),
+                    if l["own"].as_bool() == Some(true) {
+                        " (this broker)"
+                    } else {
+                        ""
+                    },
+                    l["size"],
+                    l["signatures"],
+                    l["root"].as_str().unwrap_or("-")
+                ));
+            }
             for w in r["witnessed"].as_array().into_iter().flatten() {
                 output::line(&format!(
                     "extends {}",
