@@ -1107,7 +1107,9 @@ pub struct DelegateArgs {
     /// Your task credential directory (from `baton grant redeem`).
     #[arg(long)]
     pub credential: PathBuf,
-    /// The broker's HTTPS URL.
+    /// The broker's HTTPS URL; several brokers of one service separated
+    /// by commas (the next is tried only when one refuses the connection,
+    /// so a hop is never asked for twice).
     #[arg(long, env = "BATON_BROKER_URL", hide_env_values = true)]
     pub broker_url: String,
     /// The agent receiving the hop.
@@ -1135,7 +1137,9 @@ pub enum ExampleCmd {
         socket: SocketArgs,
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: SocketAddr,
-        /// The broker's HTTPS URL, for tool-call reports.
+        /// The broker's HTTPS URL, for tool-call reports and the
+        /// revocation feed; several brokers of one service separated by
+        /// commas (the next is used when one does not answer).
         #[arg(long, env = "BATON_BROKER_URL", hide_env_values = true)]
         broker_url: String,
         /// The audience this server accepts tokens for.

@@ -443,26 +443,39 @@ pub async fn delegate(args: DelegateArgs) -> Result<()> {
         .id("/baton/broker")
         .map_err(|e| exit(EXIT_REFUSED, e.to_string()))?;
     let http = cred.client(PeerPolicy::Exact(vec![broker_id]))?;
-    let mut post = http.post(format!(
-        "{}/v1/delegate",
-        args.broker_url.trim_end_matches('/')
-    ));
-    if let Some(tp) = crate::telemetry::outgoing_traceparent() {
-        post = post.header(baton_core::trace_context::TRACEPARENT_HEADER, tp);
+    let urls = baton_verify::broker_urls(&args.broker_url)
+        .map_err(|e| exit(EXIT_REFUSED, format!("--broker-url: {e}")))?;
+    let request = DelegateRequest {
+        token: cred.token.clone(),
+        target,
+        scope,
+        purpose,
+        audience: args.audience.clone(),
+        justification: args.justification.clone(),
+        ttl_secs: None,
+    };
+    let traceparent = crate::telemetry::outgoing_traceparent();
+    let mut sent = None;
+    for (i, base) in urls.iter().enumerate() {
+        let mut post = http.post(format!("{base}/v1/delegate"));
+        if let Some(tp) = &traceparent {
+            post = post.header(baton_core::trace_context::TRACEPARENT_HEADER, tp.clone());
+        }
+        match post.json(&request).send().await {
+            // Never reached that broker: the next one may take the hop.
+            Err(e) if e.is_connect() && i + 1 < urls.len() => {
+                tracing::warn!(broker = %base, error = %e, "broker unreachable, trying the next");
+            }
+            other => {
+                sent = Some(other);
+                break;
+            }
+        }
     }
-    let resp = post
-        .json(&DelegateRequest {
-            token: cred.token.clone(),
-            target,
-            scope,
-            purpose,
-            audience: args.audience.clone(),
-            justification: args.justification.clone(),
-            ttl_secs: None,
-        })
-        .send()
-        .await
-        .map_err(|e| broker_send_error(&e, &args.credential))?;
+    let resp = match sent {
+        Some(r) => r.map_err(|e| broker_send_error(&e, &args.credential))?,
+        None => return Err(exit(EXIT_REFUSED, "--broker-url: no broker URL")),
+    };
     let status = resp.status();
     let body: serde_json::Value = resp.json().await.unwrap_or_default();
     if !status.is_success() {

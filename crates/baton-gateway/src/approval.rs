@@ -173,13 +173,9 @@ impl Gateway {
             ttl_secs: ttl.as_secs().max(1),
             target,
         };
-        let url = format!("{}/v1/approvals", self.enforcer.broker_url);
         let resp = self
             .enforcer
-            .broker
-            .post(&url)
-            .json(&req)
-            .send()
+            .post_once("/v1/approvals", &req)
             .await
             .map_err(|e| {
                 Held::Unavailable(format!("the broker did not answer: {}", error_chain(&e)))

@@ -386,10 +386,13 @@ impl Config {
                 "must be a non-empty name without spaces".into(),
             ));
         }
-        if !raw.broker_url.starts_with("https://") {
+        if baton_verify::broker_urls(&raw.broker_url).is_err() {
             return Err(err(
                 "broker-url",
-                format!("{:?}: the broker is reached over https://", raw.broker_url),
+                format!(
+                    "{:?}: the broker is reached over https:// (several brokers: https://a:8443,https://b:8443)",
+                    raw.broker_url
+                ),
             ));
         }
         if let Some(id) = &raw.spiffe_id {

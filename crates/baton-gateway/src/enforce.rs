@@ -68,11 +68,49 @@ pub struct Enforcer {
     pub live: Arc<LiveTls>,
     /// The broker over mTLS (this server's SVID, the broker's exact ID).
     pub broker: reqwest::Client,
-    pub broker_url: String,
+    /// Every broker of the service (`broker-url`, comma separated), the
+    /// first one first.
+    pub broker_urls: Vec<String>,
     pub verifier: TokenVerifier,
     pub gate: ToolGate,
     pub reporter: baton_verify::Reporter,
     delivery: tokio::task::JoinHandle<()>,
+}
+
+impl Enforcer {
+    /// POSTs `body` to `path` at the first broker that takes the
+    /// connection: a request that may have reached a broker is never sent
+    /// to another (it may not be repeatable).
+    pub async fn post_once<T: serde::Serialize + ?Sized>(
+        &self,
+        path: &str,
+        body: &T,
+    ) -> Result<reqwest::Response, reqwest::Error> {
+        let mut last = None;
+        for base in &self.broker_urls {
+            match self
+                .broker
+                .post(format!("{base}{path}"))
+                .json(body)
+                .send()
+                .await
+            {
+                Err(e) if e.is_connect() => last = Some(e),
+                other => return other,
+            }
+        }
+        match last {
+            Some(e) => Err(e),
+            // No URL at all: a request to nowhere fails the same way.
+            None => {
+                self.broker
+                    .post("https://broker.invalid")
+                    .json(body)
+                    .send()
+                    .await
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Enforcer {
@@ -119,15 +157,37 @@ impl Enforcer {
         let unreachable = |e: reqwest::Error| {
             GatewayError::Unreachable(format!("cannot fetch the broker's bundle: {e}"))
         };
-        let bundle_json: serde_json::Value = http
-            .get(format!("{}/v1/bundle", o.broker_url.trim_end_matches('/')))
-            .send()
-            .await
-            .and_then(|r| r.error_for_status())
-            .map_err(unreachable)?
-            .json()
-            .await
-            .map_err(unreachable)?;
+        let broker_urls = baton_verify::broker_urls(o.broker_url).map_err(GatewayError::refused)?;
+        // The bundle from the first broker that answers.
+        let mut bundle_json: Option<serde_json::Value> = None;
+        let mut last = None;
+        for base in &broker_urls {
+            let fetched = match http
+                .get(format!("{base}/v1/bundle"))
+                .send()
+                .await
+                .and_then(|r| r.error_for_status())
+            {
+                Ok(r) => r.json().await,
+                Err(e) => Err(e),
+            };
+            match fetched {
+                Ok(v) => {
+                    bundle_json = Some(v);
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        let bundle_json = match (bundle_json, last) {
+            (Some(v), _) => v,
+            (None, Some(e)) => return Err(unreachable(e)),
+            (None, None) => {
+                return Err(GatewayError::Unreachable(
+                    "cannot fetch the broker's bundle: no broker URL".into(),
+                ));
+            }
+        };
         let trust = baton_ca::TrustBundle::from_spiffe_json(&td, &bundle_json)
             .map_err(GatewayError::refused)?;
         let jwt_bundles = JwtBundles::new([trust]);
@@ -159,7 +219,7 @@ impl Enforcer {
         Ok(Self {
             live,
             broker: http,
-            broker_url: o.broker_url.trim_end_matches('/').to_owned(),
+            broker_urls,
             verifier,
             gate,
             reporter,

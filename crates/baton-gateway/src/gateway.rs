@@ -147,7 +147,7 @@ impl Routing {
         scopes.dedup();
         let metadata = serde_json::json!({
             "resource": c.audience,
-            "authorization_servers": [c.broker_url],
+            "authorization_servers": baton_verify::broker_urls(&c.broker_url).unwrap_or_default(),
             "bearer_methods_supported": ["header"],
             "scopes_supported": scopes,
             "tls_client_certificate_bound_access_tokens": true,

@@ -88,7 +88,8 @@ fn now() -> u64 {
 }
 
 impl BrokerFeed {
-    /// Follows the feed of the broker at `broker_url` (which must present
+    /// Follows the feed of the broker at `broker_url`, or of the first of
+    /// several separated by commas that answers (each must present
     /// `broker_id`), authenticating with `identity`. Must be called inside
     /// a tokio runtime. Stale (refusing everything) until the first answer.
     pub fn spawn(
@@ -98,10 +99,7 @@ impl BrokerFeed {
         broker_id: SpiffeId,
         stale_after: Duration,
     ) -> Result<Self, ReportError> {
-        let base = broker_url.trim_end_matches('/');
-        if !base.starts_with("https://") {
-            return Err(ReportError::BrokerUrl(broker_url.to_owned()));
-        }
+        let urls = crate::report::broker_urls(broker_url)?;
         let tls = baton_tls::client_config(identity, bundles, PeerPolicy::Exact(vec![broker_id]))?;
         // Poll at least twice per staleness window.
         let wait = (stale_after / 2).clamp(Duration::from_millis(200), Duration::from_secs(10));
@@ -117,7 +115,9 @@ impl BrokerFeed {
         });
         let task = tokio::spawn(follow(
             client,
-            format!("{base}{FEED_PATH}"),
+            urls.into_iter()
+                .map(|u| format!("{u}{FEED_PATH}"))
+                .collect(),
             wait,
             shared.clone(),
         ));
@@ -173,9 +173,17 @@ impl BrokerFeed {
     }
 }
 
-async fn follow(client: reqwest::Client, url: String, wait: Duration, shared: Arc<Shared>) {
+/// Follows the feed at `urls[0]`, moving to the next broker when one does
+/// not answer (brokers on one datastore serve one feed: the same epoch and
+/// sequence numbers), and backing off once every broker failed in a row.
+async fn follow(client: reqwest::Client, urls: Vec<String>, wait: Duration, shared: Arc<Shared>) {
     let mut backoff = Duration::from_millis(100);
+    let mut at = 0usize;
+    let mut failed_in_a_row = 0usize;
     loop {
+        let Some(url) = urls.get(at % urls.len().max(1)) else {
+            return;
+        };
         let (after, synced) = {
             let s = shared.state.read().unwrap_or_else(|e| e.into_inner());
             (s.seq, s.last_ok.is_some())
@@ -195,12 +203,20 @@ async fn follow(client: reqwest::Client, url: String, wait: Duration, shared: Ar
         match page {
             Ok(page) => {
                 backoff = Duration::from_millis(100);
+                failed_in_a_row = 0;
                 let more = apply(&shared, page);
                 if more {
                     continue;
                 }
             }
             Err(e) => {
+                at = at.wrapping_add(1);
+                failed_in_a_row += 1;
+                if failed_in_a_row < urls.len() {
+                    tracing::warn!(error = %e, broker = %url, "revocation feed: broker unreachable, trying the next");
+                    continue;
+                }
+                failed_in_a_row = 0;
                 tracing::warn!(error = %e, retry_in = ?backoff, "revocation feed: broker unreachable");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));

@@ -59,7 +59,7 @@ pub use gate::{
 };
 pub use report::{
     Backoff, Durable, HttpSender, MAX_BACKOFF, MAX_BATCH, MIN_BACKOFF, ReportBatch, ReportSender,
-    Reporter, SEGMENT_RECORDS, SendFuture, TOOL_CALLS_PATH,
+    Reporter, SEGMENT_RECORDS, SendFuture, TOOL_CALLS_PATH, broker_urls,
 };
 pub use tls::tool_server_config;
 pub use token::{

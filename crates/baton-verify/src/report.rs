@@ -93,31 +93,52 @@ pub trait ReportSender: Send + Sync {
 /// Sends batches to the broker over mTLS with the tool server's SVID.
 pub struct HttpSender {
     client: reqwest::Client,
-    url: String,
+    /// The tool-call endpoint of each broker, in the order given.
+    urls: Vec<String>,
+    /// The broker that answered last: tried first.
+    current: std::sync::atomic::AtomicUsize,
 }
 
 impl fmt::Debug for HttpSender {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HttpSender")
-            .field("url", &self.url)
+            .field("urls", &self.urls)
             .finish_non_exhaustive()
     }
 }
 
+/// The brokers of `raw`: one `https://` URL, or several separated by
+/// commas (brokers of one service on one datastore), each without a
+/// trailing `/`.
+pub fn broker_urls(raw: &str) -> Result<Vec<String>, ReportError> {
+    let urls: Vec<String> = raw
+        .split(',')
+        .map(|u| u.trim().trim_end_matches('/').to_owned())
+        .collect();
+    if urls
+        .iter()
+        .any(|u| !u.starts_with("https://") || u.len() <= "https://".len())
+    {
+        return Err(ReportError::BrokerUrl(raw.to_owned()));
+    }
+    Ok(urls)
+}
+
 impl HttpSender {
-    /// `broker_url` like `https://broker:8443`; the server must present the
-    /// SVID `broker_id`; we authenticate with `identity` (the tool server's
-    /// own SVID, rotated in place by whoever holds the `ClientIdentity`).
+    /// `broker_url` like `https://broker:8443`, or several brokers of one
+    /// service separated by commas (see [`broker_urls`]); each must present
+    /// the SVID `broker_id`; we authenticate with `identity` (the tool
+    /// server's own SVID, rotated in place by whoever holds the
+    /// `ClientIdentity`). A batch that one broker does not take (no
+    /// connection, a timeout, a 5xx) goes to the next: reports are
+    /// idempotent by `report_id`, so a repeat is harmless.
     pub fn new(
         broker_url: &str,
         identity: ClientIdentity,
         bundles: BundleStore,
         broker_id: SpiffeId,
     ) -> Result<Self, ReportError> {
-        let base = broker_url.trim_end_matches('/');
-        if !base.starts_with("https://") {
-            return Err(ReportError::BrokerUrl(broker_url.to_owned()));
-        }
+        let urls = broker_urls(broker_url)?;
         let tls = baton_tls::client_config(identity, bundles, PeerPolicy::Exact(vec![broker_id]))?;
         let client = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
@@ -127,30 +148,63 @@ impl HttpSender {
             .map_err(|e| ReportError::Client(e.to_string()))?;
         Ok(Self {
             client,
-            url: format!("{base}{TOOL_CALLS_PATH}"),
+            urls: urls
+                .into_iter()
+                .map(|u| format!("{u}{TOOL_CALLS_PATH}"))
+                .collect(),
+            current: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+
+    async fn send_to(&self, url: &str, batch: &ReportBatch) -> Result<(), SendError> {
+        let resp = self
+            .client
+            .post(url)
+            .json(batch)
+            .send()
+            .await
+            .map_err(|e| SendError::Unreachable(e.to_string()))?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let body = resp.text().await.unwrap_or_default();
+        Err(SendError::Status {
+            status: status.as_u16(),
+            body: body.chars().take(200).collect(),
         })
     }
 }
 
 impl ReportSender for HttpSender {
     fn send<'a>(&'a self, batch: &'a ReportBatch) -> SendFuture<'a> {
+        use std::sync::atomic::Ordering;
         Box::pin(async move {
-            let resp = self
-                .client
-                .post(&self.url)
-                .json(batch)
-                .send()
-                .await
-                .map_err(|e| SendError::Unreachable(e.to_string()))?;
-            let status = resp.status();
-            if status.is_success() {
-                return Ok(());
+            let n = self.urls.len();
+            let first = self.current.load(Ordering::Relaxed) % n.max(1);
+            let mut last = SendError::Unreachable("no broker URL".into());
+            for i in 0..n {
+                let at = (first + i) % n;
+                let Some(url) = self.urls.get(at) else {
+                    break;
+                };
+                match self.send_to(url, batch).await {
+                    Ok(()) => {
+                        self.current.store(at, Ordering::Relaxed);
+                        return Ok(());
+                    }
+                    // A refusal (4xx) is the service's answer: the same
+                    // from every broker.
+                    Err(e @ SendError::Status { status, .. }) if status < 500 => return Err(e),
+                    Err(e) => {
+                        if n > 1 {
+                            tracing::warn!(broker = %url, error = %e, "tool-call reports: trying the next broker");
+                        }
+                        last = e;
+                    }
+                }
             }
-            let body = resp.text().await.unwrap_or_default();
-            Err(SendError::Status {
-                status: status.as_u16(),
-                body: body.chars().take(200).collect(),
-            })
+            Err(last)
         })
     }
 }
