@@ -621,6 +621,19 @@ fn one_task_runs_across_three_brokers() {
     let sql = |q: &str, p: &[&(dyn tokio_postgres::types::ToSql + Sync)]| {
         rt.block_on(async { pg.admin("baton").await.execute(q, p).await.unwrap() })
     };
+    let original: Vec<(i64, Vec<u8>)> = rt.block_on(async {
+        pg.admin("baton")
+            .await
+            .query(
+                "SELECT idx, event FROM audit_leaves WHERE log_id = $1 AND task_id = $2",
+                &[&a_log, &task],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+    });
     // The tool call A recorded now says it was denied.
     let n = sql(
         "UPDATE audit_leaves SET event = convert_to(replace(convert_from(event, 'UTF8'), '\"allow\"', '\"deny\"'), 'UTF8')
@@ -647,16 +660,40 @@ fn one_task_runs_across_three_brokers() {
         );
         assert!(err.contains(&a_log), "{err}");
     }
-    // A log registered by whoever can write to the database (no sealing
-    // key) is refused, not trusted.
+    // A's log removed altogether (A is gone; its rows are all that is
+    // left of what it recorded): B and C checked it before, and say so.
+    for (idx, event) in &original {
+        sql(
+            "UPDATE audit_leaves SET event = $3 WHERE log_id = $1 AND idx = $2",
+            &[&a_log, idx, event],
+        );
+    }
+    ok_at(&w, &b, &["audit", "verify"]);
+    for table in ["audit_leaves", "audit_checkpoints", "audit_logs"] {
+        sql(&format!("DELETE FROM {table} WHERE log_id = $1"), &[&a_log]);
+    }
+    for at in [&b, &c] {
+        let out = run_at(&w, at, &["audit", "verify"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(4),
+            "verify at {}: {err}",
+            at.broker_addr
+        );
+        assert!(err.contains(&a_log) && err.contains("removed"), "{err}");
+    }
+    // A registration written by whoever can write to the database (a
+    // well-formed sealed row, under a key it does not have) is refused.
     sql(
-        "INSERT INTO audit_logs (log_id, sealed_key, broker, registered_at) VALUES ('00000000000000aa', '\\x00', 'intruder', 0)",
+        "INSERT INTO audit_logs (log_id, sealed_key, broker, registered_at)
+         VALUES ('00000000000000aa', decode(repeat('ab', 60), 'hex'), 'intruder', 0)",
         &[],
     );
-    let out = run_at(&w, &b, &["audit", "verify"]);
+    let out = run_at(&w, &c, &["audit", "trace", &task]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("00000000000000aa") && err.contains("forged"),
+        !out.status.success() && err.contains("00000000000000aa") && err.contains("forged"),
         "{err}"
     );
 }

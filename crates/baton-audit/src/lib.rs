@@ -48,7 +48,7 @@ pub use event::{
     AuditEvent, AuditRecord, CanonicalError, CanonicalEvent, EventKind, decode_canonical,
 };
 pub use keys::{AuditKeys, read_public_key};
-pub use log::mirror::{Mirror, MirrorLeaf, SharedLog, SharedLogReport, TaskRow, log_id};
+pub use log::mirror::{Mirror, MirrorError, MirrorLeaf, SharedLog, SharedLogReport, log_id};
 pub use log::{
     AppendObserver, AuditLog, Durability, HeadPolicy, LogOptions, SignatureCheck, VerifyOptions,
     VerifyReport,

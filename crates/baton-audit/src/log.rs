@@ -9,6 +9,10 @@
 //!   committed batch of appends (at the batch's final size), written in the
 //!   same transaction as its events. Logs written before batches were signed
 //!   as one hold a checkpoint per event; both read and verify the same way;
+//! - `followed_logs(log_id, public_key, size, root)`: with a mirror, what
+//!   this broker last checked of each other broker's log, so that a log
+//!   removed or cut short in the shared store is caught after a restart
+//!   too ([`mirror`]);
 //! - `meta(key, value)`: schema version, the checkpoint public key and a
 //!   fingerprint of the HMAC key, so a log cannot be reopened with other keys;
 //!   `head_file = 1` once the log has a head file.
@@ -67,6 +71,12 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     root_hash TEXT NOT NULL,
     at        INTEGER NOT NULL,
     signature TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS followed_logs (
+    log_id     TEXT PRIMARY KEY,
+    public_key TEXT NOT NULL,
+    size       INTEGER NOT NULL,
+    root       TEXT NOT NULL
 );
 ";
 

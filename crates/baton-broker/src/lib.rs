@@ -617,6 +617,26 @@ pub async fn run(
     let sweeper = secrets.spawn_sweeper(cfg.secret_engines.sweep_interval);
     let jwt_bundles = baton_verify::JwtBundles::new([bundle.clone()]);
     let audit = Arc::new(audit);
+    if cfg.ca_seal_key_file.is_some() && stores.pg.is_some() {
+        // Every broker follows (and remembers) every other broker's log, so
+        // one that is later removed or cut short in the database is caught
+        // even by a broker that never traced its tasks.
+        let follower = audit.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(AUDIT_FOLLOW_EVERY);
+            loop {
+                every.tick().await;
+                let a = follower.clone();
+                match tokio::task::spawn_blocking(move || a.follow_shared()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "the shared audit trail does not check out")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "following the shared audit trail failed"),
+                }
+            }
+        });
+    }
     if let Some(o) = &cfg.ops {
         ops::install(
             o,
@@ -964,6 +984,9 @@ pub async fn run(
 
 /// This broker process among those sharing a database (for leases):
 /// its listen address and a random part, fresh per start.
+/// How often a broker follows the other brokers' audit logs.
+const AUDIT_FOLLOW_EVERY: Duration = Duration::from_secs(30);
+
 fn broker_instance_id(listen: SocketAddr) -> String {
     let mut rnd = [0u8; 6];
     if aws_lc_rs::rand::fill(&mut rnd).is_err() {

@@ -189,7 +189,6 @@ const MIGRATIONS: &[&str] = &[
         clear_text BYTEA,
         PRIMARY KEY (log_id, idx)
      );
-     CREATE INDEX audit_leaves_by_task ON audit_leaves(task_id);
      CREATE TABLE audit_checkpoints (
         log_id TEXT NOT NULL,
         size BIGINT NOT NULL,
@@ -2178,47 +2177,46 @@ impl PgStore {
         })
     }
 
-    /// The stored events `from..to` of `log_id` (with `hashes_only`, the
-    /// event and clear-text columns are left empty).
+    /// The stored events `from..to` of `log_id`.
     pub(crate) fn audit_leaves(
         &self,
         log_id: &str,
         from: i64,
         to: i64,
-        hashes_only: bool,
     ) -> Result<Vec<RawAuditLeaf>, StoreError> {
-        let sql = if hashes_only {
-            "SELECT idx, task_id, ''::bytea, leaf_hash, NULL::bytea FROM audit_leaves
-             WHERE log_id = $1 AND idx >= $2 AND idx < $3 ORDER BY idx"
-        } else {
-            "SELECT idx, task_id, event, leaf_hash, clear_text FROM audit_leaves
-             WHERE log_id = $1 AND idx >= $2 AND idx < $3 ORDER BY idx"
-        };
         on_conn!(self, |c| {
             let mut out = Vec::new();
-            for r in c.query(sql, &[&log_id, &from, &to]).await? {
+            for r in c
+                .query(
+                    "SELECT idx, task_id, event, leaf_hash, clear_text FROM audit_leaves
+                     WHERE log_id = $1 AND idx >= $2 AND idx < $3 ORDER BY idx",
+                    &[&log_id, &from, &to],
+                )
+                .await?
+            {
                 out.push(leaf_of(&r)?);
             }
             Ok(out)
         })
     }
 
-    /// Every stored event of `task`, from every log: (log, leaf).
-    pub(crate) fn audit_task_rows(
+    /// The stored events of `log_id` at `indexes`.
+    pub(crate) fn audit_events(
         &self,
-        task: &str,
-    ) -> Result<Vec<(String, RawAuditLeaf)>, StoreError> {
+        log_id: &str,
+        indexes: &[i64],
+    ) -> Result<Vec<RawAuditLeaf>, StoreError> {
         on_conn!(self, |c| {
             let mut out = Vec::new();
             for r in c
                 .query(
-                    "SELECT idx, task_id, event, leaf_hash, clear_text, log_id FROM audit_leaves
-                     WHERE task_id = $1 ORDER BY log_id, idx",
-                    &[&task],
+                    "SELECT idx, task_id, event, leaf_hash, clear_text FROM audit_leaves
+                     WHERE log_id = $1 AND idx = ANY($2) ORDER BY idx",
+                    &[&log_id, &indexes],
                 )
                 .await?
             {
-                out.push((r.try_get(5)?, leaf_of(&r)?));
+                out.push(leaf_of(&r)?);
             }
             Ok(out)
         })

@@ -13,7 +13,7 @@
 
 use std::sync::Arc;
 
-use baton_audit::{Mirror, MirrorLeaf, SharedLog, SignedCheckpoint, TaskRow};
+use baton_audit::{Mirror, MirrorError, MirrorLeaf, SharedLog, SignedCheckpoint};
 use baton_core::TaskId;
 
 use crate::pg::{PgStore, RawAuditLeaf, RawCheckpoint};
@@ -26,11 +26,19 @@ pub struct PgAuditMirror {
     key: CaSealKey,
     /// This broker's instance id, recorded with its log's registration.
     broker: String,
+    /// This broker's log registration, sealed once (each seal spends a
+    /// random nonce of the long-lived key).
+    registration: std::sync::OnceLock<Vec<u8>>,
 }
 
 impl PgAuditMirror {
     pub fn new(pg: Arc<PgStore>, key: CaSealKey, broker: String) -> Self {
-        Self { pg, key, broker }
+        Self {
+            pg,
+            key,
+            broker,
+            registration: std::sync::OnceLock::new(),
+        }
     }
 
     fn clear_aad(log: &str, idx: u64) -> String {
@@ -46,26 +54,26 @@ impl PgAuditMirror {
         log: &str,
         idx: u64,
         sealed: Option<&[u8]>,
-    ) -> Result<Option<String>, String> {
+    ) -> Result<Option<String>, MirrorError> {
         let Some(sealed) = sealed else {
             return Ok(None);
         };
         let plain = self
             .key
             .open_bound(&Self::clear_aad(log, idx), sealed)
-            .ok_or_else(|| {
-                format!("the clear text of event #{idx} of audit log {log} does not open with the key of --ca-encryption-key-file (altered or moved)")
-            })?;
+            .ok_or_else(|| tampered(log, format!("the clear text of event #{idx} does not open with the key of --ca-encryption-key-file (altered or moved)")))?;
         String::from_utf8(plain)
             .map(Some)
-            .map_err(|_| format!("the clear text of event #{idx} of audit log {log} is not UTF-8"))
+            .map_err(|_| tampered(log, format!("the clear text of event #{idx} is not UTF-8")))
     }
 
-    fn leaf(&self, log: &str, raw: RawAuditLeaf) -> Result<MirrorLeaf, String> {
-        let index =
-            u64::try_from(raw.idx).map_err(|_| format!("audit log {log}: negative index"))?;
+    fn leaf(&self, log: &str, raw: RawAuditLeaf) -> Result<MirrorLeaf, MirrorError> {
+        let index = u64::try_from(raw.idx).map_err(|_| tampered(log, "a negative event index"))?;
         let leaf_hash: [u8; 32] = raw.leaf_hash.as_slice().try_into().map_err(|_| {
-            format!("audit log {log}: event #{index} has a leaf hash of the wrong length")
+            tampered(
+                log,
+                format!("event #{index} has a leaf hash of the wrong length"),
+            )
         })?;
         let clear_text = self.open_clear(log, index, raw.clear_text.as_deref())?;
         Ok(MirrorLeaf {
@@ -76,21 +84,33 @@ impl PgAuditMirror {
             clear_text,
         })
     }
+
+    fn leaves_of(&self, log: &str, raw: Vec<RawAuditLeaf>) -> Result<Vec<MirrorLeaf>, MirrorError> {
+        raw.into_iter().map(|r| self.leaf(log, r)).collect()
+    }
 }
 
-fn u64_of(v: i64, what: &str) -> Result<u64, String> {
-    u64::try_from(v).map_err(|_| format!("{what} is negative"))
+fn tampered(log: &str, detail: impl Into<String>) -> MirrorError {
+    MirrorError::Tampered {
+        log: log.to_owned(),
+        detail: detail.into(),
+    }
 }
 
-fn i64_of(v: u64) -> Result<i64, String> {
-    i64::try_from(v).map_err(|_| format!("{v} is out of range"))
+fn unavailable(e: impl std::fmt::Display) -> MirrorError {
+    MirrorError::Unavailable(e.to_string())
 }
 
-fn checkpoint(raw: RawCheckpoint) -> Result<SignedCheckpoint, String> {
+fn i64_of(v: u64) -> Result<i64, MirrorError> {
+    i64::try_from(v).map_err(|_| MirrorError::Unavailable(format!("{v} is out of range")))
+}
+
+fn checkpoint(log: &str, raw: RawCheckpoint) -> Result<SignedCheckpoint, MirrorError> {
+    let neg = |what: &str| tampered(log, format!("a negative checkpoint {what}"));
     Ok(SignedCheckpoint {
-        size: u64_of(raw.size, "a checkpoint size")?,
+        size: u64::try_from(raw.size).map_err(|_| neg("size"))?,
         root_hash: raw.root_hash,
-        at: u64_of(raw.at, "a checkpoint time")?,
+        at: u64::try_from(raw.at).map_err(|_| neg("time"))?,
         signature: raw.signature,
     })
 }
@@ -102,11 +122,11 @@ fn now() -> i64 {
 }
 
 impl Mirror for PgAuditMirror {
-    fn head(&self, log_id: &str) -> Result<Option<SignedCheckpoint>, String> {
+    fn head(&self, log_id: &str) -> Result<Option<SignedCheckpoint>, MirrorError> {
         self.pg
             .audit_head(log_id)
-            .map_err(|e| e.to_string())?
-            .map(checkpoint)
+            .map_err(unavailable)?
+            .map(|c| checkpoint(log_id, c))
             .transpose()
     }
 
@@ -115,13 +135,20 @@ impl Mirror for PgAuditMirror {
         log: &SharedLog,
         leaves: &[MirrorLeaf],
         checkpoints: &[SignedCheckpoint],
-    ) -> Result<(), String> {
+    ) -> Result<(), MirrorError> {
         let id = log.log_id.as_str();
         let aad = Self::key_aad(id);
-        let sealed_key = self
-            .key
-            .seal_bound(&aad, &log.public_key)
-            .ok_or("sealing the audit log's key failed")?;
+        let sealed_key = match self.registration.get() {
+            Some(k) => k.clone(),
+            None => {
+                let k = self
+                    .key
+                    .seal_bound(&aad, &log.public_key)
+                    .ok_or_else(|| unavailable("sealing the audit log's key failed"))?;
+                let _ = self.registration.set(k.clone());
+                k
+            }
+        };
         let key_ok = |stored: &[u8]| {
             self.key.open_bound(&aad, stored).as_deref() == Some(log.public_key.as_slice())
         };
@@ -132,7 +159,7 @@ impl Mirror for PgAuditMirror {
                     Some(c) => Some(
                         self.key
                             .seal_bound(&Self::clear_aad(id, l.index), c.as_bytes())
-                            .ok_or("sealing an event's clear text failed")?,
+                            .ok_or_else(|| unavailable("sealing an event's clear text failed"))?,
                     ),
                     None => None,
                 };
@@ -144,7 +171,7 @@ impl Mirror for PgAuditMirror {
                     clear_text,
                 })
             })
-            .collect::<Result<Vec<_>, String>>()?;
+            .collect::<Result<Vec<_>, MirrorError>>()?;
         let raw_cps = checkpoints
             .iter()
             .map(|c| {
@@ -155,7 +182,7 @@ impl Mirror for PgAuditMirror {
                     signature: c.signature.clone(),
                 })
             })
-            .collect::<Result<Vec<_>, String>>()?;
+            .collect::<Result<Vec<_>, MirrorError>>()?;
         self.pg
             .audit_ship(
                 id,
@@ -166,80 +193,57 @@ impl Mirror for PgAuditMirror {
                 &raw_leaves,
                 &raw_cps,
             )
-            .map_err(|e| e.to_string())?
+            .map_err(unavailable)?
+            .map_err(MirrorError::Unavailable)
     }
 
-    fn logs(&self) -> Result<Vec<SharedLog>, String> {
+    fn logs(&self) -> Result<Vec<SharedLog>, MirrorError> {
         self.pg
             .audit_logs()
-            .map_err(|e| e.to_string())?
+            .map_err(unavailable)?
             .into_iter()
             .map(|(log_id, sealed, broker)| {
                 let public_key = self
                     .key
                     .open_bound(&Self::key_aad(&log_id), &sealed)
                     .ok_or_else(|| {
-                        format!("audit log {log_id} (registered by {broker}) does not open with the key of --ca-encryption-key-file: another trust domain's log, or a forged registration")
+                        tampered(&log_id, format!("its registration (by {broker}) does not open with the key of --ca-encryption-key-file: another trust domain's log, or a forged registration"))
                     })?;
                 Ok(SharedLog { log_id, public_key })
             })
             .collect()
     }
 
-    fn leaf_hashes(&self, log_id: &str, from: u64, to: u64) -> Result<Vec<[u8; 32]>, String> {
-        self.pg
-            .audit_leaves(log_id, i64_of(from)?, i64_of(to)?, true)
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .map(|r| {
-                r.leaf_hash.as_slice().try_into().map_err(|_| {
-                    format!(
-                        "audit log {log_id}: event #{} has a leaf hash of the wrong length",
-                        r.idx
-                    )
-                })
-            })
-            .collect()
+    fn leaves(&self, log_id: &str, from: u64, to: u64) -> Result<Vec<MirrorLeaf>, MirrorError> {
+        let to = to.min(i64::MAX as u64);
+        let raw = self
+            .pg
+            .audit_leaves(log_id, i64_of(from)?, i64_of(to)?)
+            .map_err(unavailable)?;
+        self.leaves_of(log_id, raw)
     }
 
-    fn leaves(&self, log_id: &str, from: u64, to: u64) -> Result<Vec<MirrorLeaf>, String> {
-        self.pg
-            .audit_leaves(log_id, i64_of(from)?, i64_of(to)?, false)
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .map(|r| self.leaf(log_id, r))
-            .collect()
+    fn events(&self, log_id: &str, indexes: &[u64]) -> Result<Vec<MirrorLeaf>, MirrorError> {
+        let idx = indexes
+            .iter()
+            .map(|i| i64_of(*i))
+            .collect::<Result<Vec<_>, _>>()?;
+        let raw = self.pg.audit_events(log_id, &idx).map_err(unavailable)?;
+        self.leaves_of(log_id, raw)
     }
 
-    fn checkpoints(&self, log_id: &str, from: u64) -> Result<Vec<SignedCheckpoint>, String> {
+    fn checkpoints(&self, log_id: &str, from: u64) -> Result<Vec<SignedCheckpoint>, MirrorError> {
         self.pg
             .audit_checkpoints(log_id, i64_of(from)?)
-            .map_err(|e| e.to_string())?
+            .map_err(unavailable)?
             .into_iter()
-            .map(checkpoint)
+            .map(|c| checkpoint(log_id, c))
             .collect()
     }
 
-    fn task_rows(&self, task: &TaskId) -> Result<Vec<TaskRow>, String> {
-        self.pg
-            .audit_task_rows(task.as_str())
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .map(|(log, raw)| {
-                let l = self.leaf(&log, raw)?;
-                Ok(TaskRow {
-                    log_id: log,
-                    index: l.index,
-                    event: l.event,
-                    clear_text: l.clear_text,
-                })
-            })
-            .collect()
-    }
-
-    fn redact(&self, task: Option<&TaskId>) -> Result<u64, String> {
+    fn redact(&self, task: Option<&TaskId>) -> Result<u64, MirrorError> {
         self.pg
             .audit_redact(task.map(TaskId::as_str))
-            .map_err(|e| e.to_string())
+            .map_err(unavailable)
     }
 }

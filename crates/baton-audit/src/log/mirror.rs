@@ -17,7 +17,7 @@
 //! tree. [`AuditLog::verify_shared`] rebuilds every log from its event bytes
 //! and checks every checkpoint signature.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use baton_core::TaskId;
 use rusqlite::params;
@@ -60,19 +60,22 @@ pub struct SharedLog {
     pub public_key: Vec<u8>,
 }
 
-/// One event of a task, from any log.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TaskRow {
-    pub log_id: String,
-    pub index: u64,
-    pub event: Vec<u8>,
-    pub clear_text: Option<String>,
+/// Why a mirror call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MirrorError {
+    /// The store could not be reached or answered with an error.
+    #[error("{0}")]
+    Unavailable(String),
+    /// What the store holds of `log` cannot be what a broker wrote (a
+    /// registration or clear text that does not open, a malformed row).
+    #[error("audit log {log}: {detail}")]
+    Tampered { log: String, detail: String },
 }
 
-/// The shared store of every broker's log. Errors are the store's words.
+/// The shared store of every broker's log.
 pub trait Mirror: Send + Sync {
     /// The newest checkpoint stored of log `log_id` (its stored size).
-    fn head(&self, log_id: &str) -> Result<Option<SignedCheckpoint>, String>;
+    fn head(&self, log_id: &str) -> Result<Option<SignedCheckpoint>, MirrorError>;
     /// Stores `leaves` (contiguous, starting at the log's stored size) and
     /// `checkpoints` (the last one at the size after `leaves`) of the log
     /// `log`, all or nothing; refuses if the stored size is not where
@@ -82,28 +85,37 @@ pub trait Mirror: Send + Sync {
         log: &SharedLog,
         leaves: &[MirrorLeaf],
         checkpoints: &[SignedCheckpoint],
-    ) -> Result<(), String>;
+    ) -> Result<(), MirrorError>;
     /// Every log stored, each with its key as registered by its writer.
     /// Must fail if any registration cannot be authenticated.
-    fn logs(&self) -> Result<Vec<SharedLog>, String>;
-    /// The stored leaf hashes of events `from..to` of `log_id`.
-    fn leaf_hashes(&self, log_id: &str, from: u64, to: u64) -> Result<Vec<Hash>, String>;
-    /// The stored events `from..to` of `log_id`.
-    fn leaves(&self, log_id: &str, from: u64, to: u64) -> Result<Vec<MirrorLeaf>, String>;
+    fn logs(&self) -> Result<Vec<SharedLog>, MirrorError>;
+    /// The stored events `from..to` of `log_id`, by index.
+    fn leaves(&self, log_id: &str, from: u64, to: u64) -> Result<Vec<MirrorLeaf>, MirrorError>;
+    /// The stored events of `log_id` at `indexes`.
+    fn events(&self, log_id: &str, indexes: &[u64]) -> Result<Vec<MirrorLeaf>, MirrorError>;
     /// The stored checkpoints of `log_id` with a size of at least `from`,
     /// smallest first.
-    fn checkpoints(&self, log_id: &str, from: u64) -> Result<Vec<SignedCheckpoint>, String>;
-    /// Every stored event of `task`, from every log.
-    fn task_rows(&self, task: &TaskId) -> Result<Vec<TaskRow>, String>;
+    fn checkpoints(&self, log_id: &str, from: u64) -> Result<Vec<SignedCheckpoint>, MirrorError>;
     /// Wipes the stored clear text of `task`'s events (every log), or of
     /// every event; returns how many events were wiped.
-    fn redact(&self, task: Option<&TaskId>) -> Result<u64, String>;
+    fn redact(&self, task: Option<&TaskId>) -> Result<u64, MirrorError>;
 }
 
-/// Another broker's log as this one has checked it so far.
+/// Another broker's log as this one has checked it so far: the tree of
+/// its events and, from their checked bytes, each task's event indexes.
 pub(crate) struct Followed {
     public_key: Vec<u8>,
     tree: Tree,
+    by_task: HashMap<String, Vec<u64>>,
+}
+
+/// What this broker last checked of another log, kept in its own file: a
+/// later check (after a restart too) must find the log still there, at
+/// least as long, with the same root at that size.
+struct Remembered {
+    public_key: Vec<u8>,
+    size: u64,
+    root: String,
 }
 
 /// What [`AuditLog::verify_shared`] checked of one log in the mirror.
@@ -119,8 +131,14 @@ pub struct SharedLogReport {
     pub signatures: u64,
 }
 
-fn mirror_err(e: impl std::fmt::Display) -> AuditError {
-    AuditError::Mirror(e.to_string())
+fn mirror_err(e: MirrorError) -> AuditError {
+    match e {
+        MirrorError::Unavailable(m) => AuditError::Mirror(m),
+        MirrorError::Tampered { log, detail } => AuditError::SharedLog {
+            log,
+            error: TamperError::general(TamperReason::Malformed(detail)),
+        },
+    }
 }
 
 fn shared_tamper(log: &str, error: TamperError) -> AuditError {
@@ -128,6 +146,13 @@ fn shared_tamper(log: &str, error: TamperError) -> AuditError {
         log: log.to_owned(),
         error,
     }
+}
+
+fn malformed(log: &str, detail: impl Into<String>) -> AuditError {
+    shared_tamper(
+        log,
+        TamperError::general(TamperReason::Malformed(detail.into())),
+    )
 }
 
 impl AuditLog {
@@ -150,10 +175,10 @@ impl AuditLog {
     pub fn sync_mirror(&self) -> Result<u64, AuditError> {
         let mut guard = self.lock()?;
         let inner = &mut *guard;
-        if self.mirror.is_none() {
-            return Ok(inner.tree.size());
-        }
         let size = inner.tree.size();
+        if self.mirror.is_none() {
+            return Ok(size);
+        }
         self.ship_from(inner, None, size)?;
         Ok(size)
     }
@@ -186,7 +211,7 @@ impl AuditLog {
         let result = (|| {
             let known = match inner.mirrored {
                 Some(n) => n,
-                None => mirrored_size(mirror.as_ref(), &own.log_id, &inner.tree)?,
+                None => mirrored_size(mirror.as_ref(), &own, &inner.tree)?,
             };
             if known == size {
                 return Ok(());
@@ -235,8 +260,9 @@ impl AuditLog {
     }
 
     /// Every event of `task` from every broker's log in the mirror, each
-    /// checked against its log's signed tree; this log's own from the local
-    /// file. Records carry their log's id.
+    /// found through its log's checked events and checked against its
+    /// log's signed tree; this log's own from the local file. Records carry
+    /// their log's id.
     pub(super) fn shared_events_for_task(
         &self,
         mirror: &dyn Mirror,
@@ -247,56 +273,45 @@ impl AuditLog {
         for r in &mut out {
             r.log = Some(own_id.clone());
         }
-        let rows = mirror.task_rows(task).map_err(mirror_err)?;
-        let mut by_log: BTreeMap<String, Vec<TaskRow>> = BTreeMap::new();
-        for row in rows {
-            if row.log_id != own_id {
-                by_log.entry(row.log_id.clone()).or_default().push(row);
-            }
-        }
-        if by_log.is_empty() {
-            return Ok(out);
-        }
         self.follow(mirror)?;
         let followed = self
             .followed
             .lock()
             .map_err(|_| AuditError::Poisoned("the followed logs' lock".into()))?;
-        for (log, rows) in by_log {
-            let Some(f) = followed.get(&log) else {
-                return Err(shared_tamper(
-                    &log,
-                    TamperError::general(TamperReason::Malformed(
-                        "events stored under a log no broker registered".into(),
-                    )),
-                ));
+        for (log, f) in followed.iter() {
+            let Some(indexes) = f.by_task.get(task.as_str()) else {
+                continue;
             };
-            for row in rows {
-                if row.index >= f.tree.size() {
-                    // Stored after the newest checkpoint this broker read:
-                    // a shipment in flight. Shown at the next trace.
-                    continue;
-                }
-                if f.tree.leaf(row.index) != Some(merkle::leaf_hash(&row.event)) {
+            let rows = mirror.events(log, indexes).map_err(mirror_err)?;
+            let mut rows: HashMap<u64, MirrorLeaf> =
+                rows.into_iter().map(|r| (r.index, r)).collect();
+            for &index in indexes {
+                let Some(row) = rows.remove(&index) else {
                     return Err(shared_tamper(
-                        &log,
-                        TamperError::at(row.index, TamperReason::LeafHashMismatch),
+                        log,
+                        TamperError::at(
+                            index,
+                            TamperReason::Malformed("the event row has disappeared".into()),
+                        ),
+                    ));
+                };
+                if f.tree.leaf(index) != Some(merkle::leaf_hash(&row.event)) {
+                    return Err(shared_tamper(
+                        log,
+                        TamperError::at(index, TamperReason::LeafHashMismatch),
                     ));
                 }
                 let ev = decode_canonical(&row.event).map_err(|e| {
-                    shared_tamper(
-                        &log,
-                        TamperError::at(row.index, TamperReason::Malformed(e.0)),
-                    )
+                    shared_tamper(log, TamperError::at(index, TamperReason::Malformed(e.0)))
                 })?;
                 if &ev.task_id != task {
                     return Err(shared_tamper(
-                        &log,
-                        TamperError::at(row.index, TamperReason::TaskColumnMismatch),
+                        log,
+                        TamperError::at(index, TamperReason::TaskColumnMismatch),
                     ));
                 }
-                let clear = check_clear_text(row.index, &ev, row.clear_text.as_deref(), None)?;
-                let mut rec = AuditRecord::from_parts(row.index, ev, clear);
+                let clear = check_clear_text(index, &ev, row.clear_text.as_deref(), None)?;
+                let mut rec = AuditRecord::from_parts(index, ev, clear);
                 rec.log = Some(log.clone());
                 out.push(rec);
             }
@@ -304,105 +319,103 @@ impl AuditLog {
         Ok(out)
     }
 
-    /// Brings every other log this broker follows up to its newest signed
-    /// checkpoint in the mirror: the leaf hashes after what was checked,
-    /// the rebuilt root against each new checkpoint, the newest one's
-    /// signature. A log that disappeared, changed its key, or no longer
-    /// extends what was checked is refused.
+    /// Brings every other log up to its newest signed checkpoint in the
+    /// mirror (see [`follow_one`]), and checks it against what this broker
+    /// checked before (in memory, and remembered in its own file across
+    /// restarts): a log that disappeared, changed its key, was cut short or
+    /// rewritten is refused. Also run in the background by the broker, so
+    /// that every broker remembers every log.
+    pub fn follow_shared(&self) -> Result<(), AuditError> {
+        match &self.mirror {
+            Some(m) => self.follow(m.as_ref()),
+            None => Ok(()),
+        }
+    }
+
     fn follow(&self, mirror: &dyn Mirror) -> Result<(), AuditError> {
         let own_id = self.log_id();
         let logs = mirror.logs().map_err(mirror_err)?;
+        let remembered = self.remembered()?;
+        check_listed(&logs, &remembered, &own_id)?;
         let mut followed = self
             .followed
             .lock()
             .map_err(|_| AuditError::Poisoned("the followed logs' lock".into()))?;
-        let listed: HashMap<&str, &SharedLog> =
-            logs.iter().map(|l| (l.log_id.as_str(), l)).collect();
         for id in followed.keys() {
-            if !listed.contains_key(id.as_str()) {
-                return Err(shared_tamper(
-                    id,
-                    TamperError::general(TamperReason::Malformed(
-                        "the log was removed from the datastore".into(),
-                    )),
-                ));
+            if !logs.iter().any(|l| &l.log_id == id) {
+                return Err(malformed(id, "the log was removed from the datastore"));
             }
         }
         for log in &logs {
             if log.log_id == own_id {
                 continue;
             }
-            if log_id(&log.public_key) != log.log_id {
-                return Err(shared_tamper(
-                    &log.log_id,
-                    TamperError::general(TamperReason::Malformed(
-                        "its id is not the fingerprint of its key".into(),
-                    )),
-                ));
-            }
+            check_fingerprint(log)?;
             let f = followed
                 .entry(log.log_id.clone())
                 .or_insert_with(|| Followed {
                     public_key: log.public_key.clone(),
                     tree: Tree::new(),
+                    by_task: HashMap::new(),
                 });
             if f.public_key != log.public_key {
-                return Err(shared_tamper(
+                return Err(malformed(
                     &log.log_id,
-                    TamperError::general(TamperReason::Malformed(
-                        "the log's key changed in the datastore".into(),
-                    )),
+                    "the log's key changed in the datastore",
                 ));
             }
             follow_one(mirror, &log.log_id, f)?;
+            let root = extends(&log.log_id, &f.tree, remembered.get(&log.log_id))?;
+            self.remember(&log.log_id, &log.public_key, f.tree.size(), &root)?;
         }
         Ok(())
     }
 
     /// Rebuilds every log in the mirror from its stored event bytes and
-    /// checks every checkpoint (root and signature); this broker's own is
-    /// also checked to be a prefix of the local file.
+    /// checks every checkpoint (root and signature), and that it extends
+    /// what this broker checked before; this broker's own is also checked
+    /// to be a prefix of the local file and to be there at all.
     pub fn verify_shared(&self) -> Result<Vec<SharedLogReport>, AuditError> {
         let Some(mirror) = &self.mirror else {
             return Ok(Vec::new());
         };
         let own_id = self.log_id();
         let logs = mirror.logs().map_err(mirror_err)?;
+        let remembered = self.remembered()?;
+        check_listed(&logs, &remembered, &own_id)?;
+        let local = self.size()?;
+        if local > 0 && !logs.iter().any(|l| l.log_id == own_id) {
+            return Err(malformed(
+                &own_id,
+                format!("this broker's log ({local} events here) is missing from the datastore"),
+            ));
+        }
         let mut out = Vec::with_capacity(logs.len());
         for log in &logs {
-            if log_id(&log.public_key) != log.log_id {
-                return Err(shared_tamper(
-                    &log.log_id,
-                    TamperError::general(TamperReason::Malformed(
-                        "its id is not the fingerprint of its key".into(),
-                    )),
-                ));
-            }
+            check_fingerprint(log)?;
             let own = log.log_id == own_id;
             if own && log.public_key != self.keys.public_key() {
-                return Err(shared_tamper(
+                return Err(malformed(
                     &log.log_id,
-                    TamperError::general(TamperReason::Malformed(
-                        "registered with another key than this broker's".into(),
-                    )),
+                    "registered with another key than this broker's",
                 ));
             }
-            let report =
+            let (report, tree) =
                 verify_one(mirror.as_ref(), log).map_err(|e| shared_tamper(&log.log_id, e))?;
             if own {
                 let inner = self.lock()?;
-                let local = inner.tree.size();
-                if report.size > local {
-                    return Err(shared_tamper(
+                if report.size > inner.tree.size() {
+                    return Err(malformed(
                         &log.log_id,
-                        TamperError::general(TamperReason::Malformed(format!(
-                            "the datastore holds {} events of this broker's log, its file only {local}",
-                            report.size
-                        ))),
+                        format!(
+                            "the datastore holds {} events of this broker's log, its file only {}",
+                            report.size,
+                            inner.tree.size()
+                        ),
                     ));
                 }
                 let root = inner.tree.root(report.size).map(hex::encode);
-                if root.as_deref() != Some(report.root.as_str()) && report.size > 0 {
+                if report.size > 0 && root.as_deref() != Some(report.root.as_str()) {
                     return Err(shared_tamper(
                         &log.log_id,
                         TamperError::general(TamperReason::Forked {
@@ -412,6 +425,9 @@ impl AuditLog {
                         }),
                     ));
                 }
+            } else {
+                let root = extends(&log.log_id, &tree, remembered.get(&log.log_id))?;
+                self.remember(&log.log_id, &log.public_key, tree.size(), &root)?;
             }
             out.push(SharedLogReport { own, ..report });
         }
@@ -430,14 +446,140 @@ impl AuditLog {
     pub(super) fn mirror_for_reads(&self) -> Option<&dyn Mirror> {
         self.mirror.as_deref()
     }
+
+    /// The other logs this broker checked before, from its own file.
+    fn remembered(&self) -> Result<HashMap<String, Remembered>, AuditError> {
+        let inner = self.lock()?;
+        let mut stmt = inner
+            .conn
+            .prepare_cached("SELECT log_id, public_key, size, root FROM followed_logs")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, String>(3)?,
+            ))
+        })?;
+        let mut out = HashMap::new();
+        for row in rows {
+            let (id, key, size, root) = row?;
+            let public_key = hex::decode(&key).map_err(|_| {
+                AuditError::Range(format!("followed_logs: the key of {id} is not hex"))
+            })?;
+            out.insert(
+                id,
+                Remembered {
+                    public_key,
+                    size: u64::try_from(size).unwrap_or(0),
+                    root,
+                },
+            );
+        }
+        Ok(out)
+    }
+
+    fn remember(&self, log: &str, key: &[u8], size: u64, root: &str) -> Result<(), AuditError> {
+        let inner = self.lock()?;
+        inner
+            .conn
+            .prepare_cached(
+                "INSERT INTO followed_logs (log_id, public_key, size, root) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (log_id) DO UPDATE SET size = excluded.size, root = excluded.root
+                 WHERE excluded.size >= followed_logs.size",
+            )?
+            .execute(params![log, hex::encode(key), to_i64(size)?, root])?;
+        Ok(())
+    }
 }
 
-/// The mirrored size of this log, checked: not beyond the local tree, and
-/// the same root at that size.
-fn mirrored_size(mirror: &dyn Mirror, log: &str, tree: &Tree) -> Result<u64, AuditError> {
+/// Every log this broker checked before must still be listed, with the
+/// same key.
+fn check_listed(
+    logs: &[SharedLog],
+    remembered: &HashMap<String, Remembered>,
+    own_id: &str,
+) -> Result<(), AuditError> {
+    for (id, r) in remembered {
+        if id == own_id {
+            continue;
+        }
+        match logs.iter().find(|l| &l.log_id == id) {
+            None => {
+                return Err(malformed(
+                    id,
+                    format!(
+                        "the log was removed from the datastore (this broker checked {} of its events before)",
+                        r.size
+                    ),
+                ));
+            }
+            Some(l) if l.public_key != r.public_key => {
+                return Err(malformed(id, "the log's key changed in the datastore"));
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+fn check_fingerprint(log: &SharedLog) -> Result<(), AuditError> {
+    if log_id(&log.public_key) != log.log_id {
+        return Err(malformed(
+            &log.log_id,
+            "its id is not the fingerprint of its key",
+        ));
+    }
+    Ok(())
+}
+
+/// `tree` must extend what was remembered of `log`: at least as long, the
+/// same root at the remembered size. Returns its root.
+fn extends(log: &str, tree: &Tree, before: Option<&Remembered>) -> Result<String, AuditError> {
+    let size = tree.size();
+    if let Some(r) = before {
+        if size < r.size {
+            return Err(shared_tamper(
+                log,
+                TamperError::general(TamperReason::Truncated {
+                    witness: "what this broker checked before".into(),
+                    witnessed_size: r.size,
+                    log_size: size,
+                }),
+            ));
+        }
+        if r.size > 0 && tree.root(r.size).map(hex::encode).as_deref() != Some(r.root.as_str()) {
+            return Err(shared_tamper(
+                log,
+                TamperError::general(TamperReason::Forked {
+                    witness: "what this broker checked before".into(),
+                    witnessed_size: r.size,
+                    detail: "other events at that size now".into(),
+                }),
+            ));
+        }
+    }
+    Ok(hex::encode(
+        tree.root(size).unwrap_or_else(merkle::empty_root),
+    ))
+}
+
+/// The mirrored size of this log, checked: its newest checkpoint signed by
+/// this log's key (an unsigned row is tampering, not a lost file), not
+/// beyond the local tree, and the same root at that size.
+fn mirrored_size(mirror: &dyn Mirror, own: &SharedLog, tree: &Tree) -> Result<u64, AuditError> {
+    let log = own.log_id.as_str();
     let Some(head) = mirror.head(log).map_err(mirror_err)? else {
         return Ok(0);
     };
+    if head.verify(&own.public_key).is_err() {
+        return Err(shared_tamper(
+            log,
+            TamperError::general(TamperReason::CheckpointSignature {
+                checkpoint_size: head.size,
+            }),
+        ));
+    }
     let local = tree.size();
     if head.size > local {
         return Err(AuditError::Mirror(format!(
@@ -478,7 +620,7 @@ fn stored_checkpoints(
         let cp = cp?;
         let end = cp.size;
         out.push(cp);
-        if end - from >= page {
+        if end.saturating_sub(from) >= page {
             break;
         }
     }
@@ -494,8 +636,8 @@ fn stored_leaves(inner: &Inner, from: u64, to: u64) -> Result<Vec<MirrorLeaf>, A
     while let Some(r) = rows.next()? {
         let index: u64 = r.get::<_, i64>(0)?.try_into().unwrap_or_default();
         let event: Vec<u8> = r.get(2)?;
-        // The tree in memory is what was checked at open: ship its hash
-        // only for the bytes that still match it.
+        // The tree in memory is what was checked at open: ship only the
+        // bytes that still match it.
         let leaf = merkle::leaf_hash(&event);
         if inner.tree.leaf(index) != Some(leaf) {
             return Err(TamperError::at(index, TamperReason::LeafHashMismatch).into());
@@ -508,7 +650,7 @@ fn stored_leaves(inner: &Inner, from: u64, to: u64) -> Result<Vec<MirrorLeaf>, A
             clear_text: r.get(3)?,
         });
     }
-    if out.len() as u64 != to - from {
+    if out.len() as u64 != to.saturating_sub(from) {
         return Err(AuditError::Range(format!(
             "events {from}..{to} are not all in the local file"
         )));
@@ -516,13 +658,68 @@ fn stored_leaves(inner: &Inner, from: u64, to: u64) -> Result<Vec<MirrorLeaf>, A
     Ok(out)
 }
 
-/// Extends `f` to the newest checkpoint of `log` in the mirror.
+/// Reads events `from..to` of `log` from the mirror, a page at a time,
+/// checking that they are contiguous and decode; calls `each` with the
+/// index, the leaf hash of the stored bytes and the decoded task.
+fn read_events(
+    mirror: &dyn Mirror,
+    log: &str,
+    from: u64,
+    to: u64,
+    mut each: impl FnMut(
+        u64,
+        Hash,
+        &MirrorLeaf,
+        &crate::event::CanonicalEvent,
+    ) -> Result<(), TamperError>,
+) -> Result<(), AuditError> {
+    let mut at = from;
+    while at < to {
+        let end = to.min(at.saturating_add(SHIP_PAGE));
+        let page = mirror.leaves(log, at, end).map_err(mirror_err)?;
+        for leaf in &page {
+            if leaf.index != at {
+                return Err(shared_tamper(
+                    log,
+                    TamperError::at(
+                        at,
+                        TamperReason::IndexGap {
+                            expected: at,
+                            found: leaf.index,
+                        },
+                    ),
+                ));
+            }
+            let ev = decode_canonical(&leaf.event).map_err(|e| {
+                shared_tamper(log, TamperError::at(at, TamperReason::Malformed(e.0)))
+            })?;
+            each(at, merkle::leaf_hash(&leaf.event), leaf, &ev)
+                .map_err(|e| shared_tamper(log, e))?;
+            at += 1;
+        }
+        if at < end {
+            return Err(shared_tamper(
+                log,
+                TamperError::general(TamperReason::CheckpointBeyondLog {
+                    checkpoint_size: to,
+                    log_size: at,
+                }),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Extends `f` to the newest checkpoint of `log` in the mirror: the events
+/// after what was checked are read and hashed (their task taken from the
+/// bytes, not from a column), the rebuilt root compared with every new
+/// checkpoint and the newest one's signature checked; the checkpoint `f`
+/// was followed to must still be there.
 fn follow_one(mirror: &dyn Mirror, log: &str, f: &mut Followed) -> Result<(), AuditError> {
     let checked = f.tree.size();
     let cps = mirror.checkpoints(log, checked).map_err(mirror_err)?;
     let tamper = |e: TamperError| shared_tamper(log, e);
     if checked > 0 {
-        // The checkpoint this broker followed to must still be there.
         let root = f.tree.root(checked).map(hex::encode);
         let still = cps
             .first()
@@ -538,7 +735,7 @@ fn follow_one(mirror: &dyn Mirror, log: &str, f: &mut Followed) -> Result<(), Au
     let Some(newest) = cps.last() else {
         return Ok(());
     };
-    if newest.size == checked {
+    if newest.size <= checked {
         return Ok(());
     }
     newest.verify(&f.public_key).map_err(|_| {
@@ -546,85 +743,68 @@ fn follow_one(mirror: &dyn Mirror, log: &str, f: &mut Followed) -> Result<(), Au
             checkpoint_size: newest.size,
         }))
     })?;
-    let hashes = mirror
-        .leaf_hashes(log, checked, newest.size)
-        .map_err(mirror_err)?;
-    if hashes.len() as u64 != newest.size - checked {
-        return Err(tamper(TamperError::general(
-            TamperReason::CheckpointBeyondLog {
+    let mut tasks: Vec<(String, u64)> = Vec::new();
+    let tree = &mut f.tree;
+    let read = read_events(mirror, log, checked, newest.size, |index, hash, _, ev| {
+        tree.push(hash);
+        tasks.push((ev.task_id.as_str().to_owned(), index));
+        Ok(())
+    });
+    let roots_ok = read.is_ok()
+        && cps.iter().all(|cp| {
+            f.tree.root(cp.size).map(hex::encode).as_deref() == Some(cp.root_hash.as_str())
+        });
+    if !roots_ok {
+        f.tree.truncate(checked);
+        read?;
+        return Err(tamper(TamperError::at(
+            checked,
+            TamperReason::RootMismatch {
                 checkpoint_size: newest.size,
-                log_size: checked + hashes.len() as u64,
             },
         )));
     }
-    for h in hashes {
-        f.tree.push(h);
-    }
-    for cp in &cps {
-        let root = f.tree.root(cp.size).map(hex::encode);
-        if root.as_deref() != Some(cp.root_hash.as_str()) {
-            f.tree.truncate(checked);
-            return Err(tamper(TamperError::at(
-                checked,
-                TamperReason::RootMismatch {
-                    checkpoint_size: cp.size,
-                },
-            )));
-        }
+    for (task, index) in tasks {
+        f.by_task.entry(task).or_default().push(index);
     }
     Ok(())
 }
 
 /// Rebuilds `log` from the mirror's event bytes, a page at a time, and
-/// checks every checkpoint.
-fn verify_one(mirror: &dyn Mirror, log: &SharedLog) -> Result<SharedLogReport, TamperError> {
-    let storage = |e: String| TamperError::general(TamperReason::Storage(e));
+/// checks every checkpoint and that nothing is stored past the newest.
+fn verify_one(
+    mirror: &dyn Mirror,
+    log: &SharedLog,
+) -> Result<(SharedLogReport, Tree), TamperError> {
+    let storage = |e: MirrorError| TamperError::general(TamperReason::Storage(e.to_string()));
+    let as_tamper = |e: AuditError| match e {
+        AuditError::SharedLog { error, .. } => error,
+        other => TamperError::general(TamperReason::Storage(other.to_string())),
+    };
     let cps = mirror.checkpoints(&log.log_id, 0).map_err(storage)?;
     let size = cps.last().map_or(0, |c| c.size);
     let mut tree = Tree::new();
-    let mut from = 0;
-    while from < size {
-        let to = (from + SHIP_PAGE).min(size);
-        let leaves = mirror.leaves(&log.log_id, from, to).map_err(storage)?;
-        for (expected, leaf) in (from..).zip(&leaves) {
-            if leaf.index != expected {
-                return Err(TamperError::at(
-                    expected,
-                    TamperReason::IndexGap {
-                        expected,
-                        found: leaf.index,
-                    },
-                ));
-            }
-            let h = merkle::leaf_hash(&leaf.event);
-            if h != leaf.leaf_hash {
-                return Err(TamperError::at(expected, TamperReason::LeafHashMismatch));
-            }
-            let ev = decode_canonical(&leaf.event)
-                .map_err(|e| TamperError::at(expected, TamperReason::Malformed(e.0)))?;
-            if ev.task_id.as_str() != leaf.task_id {
-                return Err(TamperError::at(expected, TamperReason::TaskColumnMismatch));
-            }
-            tree.push(h);
+    read_events(mirror, &log.log_id, 0, size, |index, hash, leaf, ev| {
+        if hash != leaf.leaf_hash {
+            return Err(TamperError::at(index, TamperReason::LeafHashMismatch));
         }
-        if (leaves.len() as u64) < to - from {
-            return Err(TamperError::general(TamperReason::CheckpointBeyondLog {
-                checkpoint_size: size,
-                log_size: from + leaves.len() as u64,
-            }));
+        if ev.task_id.as_str() != leaf.task_id {
+            return Err(TamperError::at(index, TamperReason::TaskColumnMismatch));
         }
-        from = to;
-    }
+        tree.push(hash);
+        Ok(())
+    })
+    .map_err(as_tamper)?;
     // Events stored past the newest checkpoint were never signed.
     let extra = mirror
-        .leaves(&log.log_id, size, size + 1)
+        .leaves(&log.log_id, size, i64::MAX as u64)
         .map_err(storage)?;
-    if !extra.is_empty() {
+    if let Some(first) = extra.first() {
         return Err(TamperError::at(
-            size,
+            first.index,
             TamperReason::UnsignedTail {
                 last_checkpoint_size: size,
-                log_size: size + 1,
+                log_size: size + extra.len() as u64,
             },
         ));
     }
@@ -640,12 +820,13 @@ fn verify_one(mirror: &dyn Mirror, log: &SharedLog) -> Result<SharedLogReport, T
             }));
         }
     }
-    Ok(SharedLogReport {
+    let report = SharedLogReport {
         log_id: log.log_id.clone(),
         own: false,
         size,
         root: hex::encode(tree.root(size).unwrap_or_else(merkle::empty_root)),
         checkpoints: cps.len() as u64,
         signatures: cps.len() as u64,
-    })
+    };
+    Ok((report, tree))
 }
