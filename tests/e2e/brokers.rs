@@ -412,6 +412,12 @@ fn one_task_runs_across_three_brokers() {
                 "--broker-url".into(),
                 format!("https://{},https://{}", b.broker_addr, c.broker_addr),
             ],
+            // The tool server follows B's feed and reports to B, or to C
+            // when B does not answer.
+            tool_args: vec![
+                "--broker-url".into(),
+                format!("https://{},https://{}", b.broker_addr, c.broker_addr),
+            ],
             ..Options::default()
         },
     );
@@ -473,7 +479,7 @@ fn one_task_runs_across_three_brokers() {
     let planner = w.redeem(&grant, PLANNER, "x-planner");
     let researcher = hop_at(&w, &c, &planner, "x-researcher");
     // The control: a task started at A with its hop at B.
-    let (_task2, grant2) = start_at(&w, &w.c);
+    let (task2, grant2) = start_at(&w, &w.c);
     let planner2 = w.redeem(&grant2, PLANNER, "y-planner");
     let researcher2 = hop_at(&w, &b, &planner2, "y-researcher");
     for cred in [&researcher, &researcher2] {
@@ -551,8 +557,8 @@ fn one_task_runs_across_three_brokers() {
             }
             if line.contains("tool crm.search") {
                 assert!(
-                    line.contains(&format!("@{}", log_of(&w.c))),
-                    "the call reported to A: {line}"
+                    line.contains(&format!("@{}", log_of(&b))),
+                    "the call reported to B: {line}"
                 );
             }
         }
@@ -614,10 +620,12 @@ fn one_task_runs_across_three_brokers() {
     let hop3 = hop_at(&w, &b, &planner3, "z-researcher");
     assert!(hop3.join("token").exists());
 
-    // A's log outlives A: B still traces the tool call A recorded. Then
-    // the database is edited behind the brokers' backs.
-    assert!(whole_trace(&w, &b).contains("tool crm.search"));
+    // A is gone, its log is not: C traces the whole task. Then the
+    // database is edited behind the brokers' backs: the tool call B
+    // recorded now says it was denied.
+    assert!(whole_trace(&w, &c).contains("tool crm.search"));
     let a_log = own_log[&w.c.broker_addr.to_string()].clone();
+    let b_log = own_log[&b.broker_addr.to_string()].clone();
     let sql = |q: &str, p: &[&(dyn tokio_postgres::types::ToSql + Sync)]| {
         rt.block_on(async { pg.admin("baton").await.execute(q, p).await.unwrap() })
     };
@@ -626,7 +634,7 @@ fn one_task_runs_across_three_brokers() {
             .await
             .query(
                 "SELECT idx, event FROM audit_leaves WHERE log_id = $1 AND task_id = $2",
-                &[&a_log, &task],
+                &[&b_log, &task],
             )
             .await
             .unwrap()
@@ -634,22 +642,19 @@ fn one_task_runs_across_three_brokers() {
             .map(|r| (r.get(0), r.get(1)))
             .collect()
     });
-    // The tool call A recorded now says it was denied.
     let n = sql(
         "UPDATE audit_leaves SET event = convert_to(replace(convert_from(event, 'UTF8'), '\"allow\"', '\"deny\"'), 'UTF8')
          WHERE log_id = $1 AND task_id = $2 AND convert_from(event, 'UTF8') LIKE '%\"allow\"%'",
-        &[&a_log, &task],
+        &[&b_log, &task],
     );
-    assert!(n >= 1, "no allowed tool call of the task in A's log");
+    assert!(n >= 1, "no allowed tool call of the task in B's log");
+    // C reads B's log from the database: the trace is refused.
+    let out = run_at(&w, &c, &["audit", "trace", &task]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "an altered record was traced at C");
+    assert!(err.contains(&b_log), "the error names B's log: {err}");
+    // Verify fails at both (B checks its own copy in the database too).
     for at in [&b, &c] {
-        let out = run_at(&w, at, &["audit", "trace", &task]);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            !out.status.success(),
-            "an altered record was traced at {}",
-            at.broker_addr
-        );
-        assert!(err.contains(&a_log), "the error names A's log: {err}");
         let out = run_at(&w, at, &["audit", "verify"]);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(
@@ -658,17 +663,17 @@ fn one_task_runs_across_three_brokers() {
             "verify at {}: {err}",
             at.broker_addr
         );
-        assert!(err.contains(&a_log), "{err}");
+        assert!(err.contains(&b_log), "{err}");
     }
-    // A's log removed altogether (A is gone; its rows are all that is
-    // left of what it recorded): B and C checked it before, and say so.
     for (idx, event) in &original {
         sql(
             "UPDATE audit_leaves SET event = $3 WHERE log_id = $1 AND idx = $2",
-            &[&a_log, idx, event],
+            &[&b_log, idx, event],
         );
     }
-    ok_at(&w, &b, &["audit", "verify"]);
+    ok_at(&w, &c, &["audit", "verify"]);
+    // A's log removed altogether (A is gone; its rows are all that is
+    // left of what it recorded): B and C checked it before, and say so.
     for table in ["audit_leaves", "audit_checkpoints", "audit_logs"] {
         sql(&format!("DELETE FROM {table} WHERE log_id = $1"), &[&a_log]);
     }
@@ -695,5 +700,39 @@ fn one_task_runs_across_three_brokers() {
     assert!(
         !out.status.success() && err.contains("00000000000000aa") && err.contains("forged"),
         "{err}"
+    );
+    sql(
+        "DELETE FROM audit_logs WHERE log_id = '00000000000000aa'",
+        &[],
+    );
+
+    // B dies too: the tool server's feed and reports move to C, and the
+    // call made now is in C's log.
+    let mut b = b;
+    {
+        let p = b.broker.as_mut().unwrap();
+        p.child.kill().unwrap();
+        p.child.wait().unwrap();
+    }
+    assert!(works(&w, &researcher2), "the tool server failed over to C");
+    let c_log = own_log[&c.broker_addr.to_string()].clone();
+    wait_for(
+        "the call made after B died, recorded at C",
+        Duration::from_secs(60),
+        || {
+            let n: i64 = rt.block_on(async {
+                pg.admin("baton")
+                    .await
+                    .query_one(
+                        "SELECT count(*) FROM audit_leaves WHERE log_id = $1 AND task_id = $2
+                         AND convert_from(event, 'UTF8') LIKE '%crm.search%'",
+                        &[&c_log, &task2],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0)
+            });
+            (n >= 1).then_some(())
+        },
     );
 }

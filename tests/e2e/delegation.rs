@@ -79,13 +79,15 @@ impl World {
         ])
         .args(&tool_args)
         .arg("--socket")
-        .arg(c.agent_socket())
-        .arg("--broker-url")
-        .arg(format!("https://{}", c.broker_addr))
-        .arg("--spool")
-        .arg(c.path("tool-spool"))
-        .arg("--ready-file")
-        .arg(&ready);
+        .arg(c.agent_socket());
+        if !tool_args.iter().any(|a| a == "--broker-url") {
+            cmd.arg("--broker-url")
+                .arg(format!("https://{}", c.broker_addr));
+        }
+        cmd.arg("--spool")
+            .arg(c.path("tool-spool"))
+            .arg("--ready-file")
+            .arg(&ready);
         let mut tool = Proc::spawn("tool-server", cmd, c.path("tool.log"));
         let addr = wait_for("tool server ready", Duration::from_secs(60), || {
             assert!(tool.is_running(), "tool server exited: {}", tool.log_text());

@@ -178,6 +178,9 @@ pub enum TamperReason {
     WitnessInvalid { witness: String, detail: String },
     /// The log says it has a head file, and there is none.
     HeadFileMissing { path: String },
+    /// A log in the shared store is not what its broker wrote (removed,
+    /// re-keyed, its registration or clear text does not open).
+    SharedStore(String),
 }
 
 impl fmt::Display for TamperReason {
@@ -258,6 +261,7 @@ impl fmt::Display for TamperReason {
                     "{witness} is not a valid tree head of this log: {detail}"
                 )
             }
+            TamperReason::SharedStore(d) => f.write_str(d),
             TamperReason::HeadFileMissing { path } => write!(
                 f,
                 "the head file {path} is missing, but this log has written one (deleted along with the newest events?)"

@@ -136,7 +136,7 @@ fn mirror_err(e: MirrorError) -> AuditError {
         MirrorError::Unavailable(m) => AuditError::Mirror(m),
         MirrorError::Tampered { log, detail } => AuditError::SharedLog {
             log,
-            error: TamperError::general(TamperReason::Malformed(detail)),
+            error: TamperError::general(TamperReason::SharedStore(detail)),
         },
     }
 }
