@@ -273,7 +273,7 @@ fn a_log_cut_short_is_caught_by_the_head_file_witnesses_and_receipts() {
         .unwrap()
         .map(Result::unwrap)
         .collect();
-    assert_eq!(tables, ["checkpoints", "leaves", "meta"]);
+    assert_eq!(tables, ["checkpoints", "followed_logs", "leaves", "meta"]);
     conn.execute_batch(&format!(
         "DELETE FROM leaves WHERE idx >= {cut}; DELETE FROM checkpoints WHERE size > {cut};"
     ))

@@ -105,6 +105,7 @@ impl BrokerFeed {
         let wait = (stale_after / 2).clamp(Duration::from_millis(200), Duration::from_secs(10));
         let client = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
+            .connect_timeout(Duration::from_secs(3))
             .timeout(wait + Duration::from_secs(10))
             .no_proxy()
             .build()

@@ -111,27 +111,44 @@ impl fmt::Debug for HttpSender {
 /// commas (brokers of one service on one datastore), each without a
 /// trailing `/`.
 pub fn broker_urls(raw: &str) -> Result<Vec<String>, ReportError> {
-    let urls: Vec<String> = raw
-        .split(',')
-        .map(|u| u.trim().trim_end_matches('/').to_owned())
-        .collect();
-    if urls
-        .iter()
-        .any(|u| !u.starts_with("https://") || u.len() <= "https://".len())
-    {
-        return Err(ReportError::BrokerUrl(raw.to_owned()));
+    let bad = || ReportError::BrokerUrl(raw.to_owned());
+    let mut urls: Vec<String> = Vec::new();
+    for part in raw.split(',') {
+        let u = part.trim().trim_end_matches('/');
+        // A base URL only: no credentials, query or fragment (they would
+        // end up in headers, logs, or in front of the API paths).
+        let parsed = reqwest::Url::parse(u).map_err(|_| bad())?;
+        if parsed.scheme() != "https"
+            || parsed.host_str().is_none_or(str::is_empty)
+            || !parsed.username().is_empty()
+            || parsed.password().is_some()
+            || parsed.query().is_some()
+            || parsed.fragment().is_some()
+            || u.contains(char::is_whitespace)
+        {
+            return Err(bad());
+        }
+        if !urls.iter().any(|x| x == u) {
+            urls.push(u.to_owned());
+        }
     }
     Ok(urls)
 }
+
+/// How an unreachable broker's error starts when no connection was made
+/// (nothing was sent: another broker may take the batch).
+const NOT_CONNECTED: &str = "no connection";
+/// How long a connection to a broker may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl HttpSender {
     /// `broker_url` like `https://broker:8443`, or several brokers of one
     /// service separated by commas (see [`broker_urls`]); each must present
     /// the SVID `broker_id`; we authenticate with `identity` (the tool
     /// server's own SVID, rotated in place by whoever holds the
-    /// `ClientIdentity`). A batch that one broker does not take (no
-    /// connection, a timeout, a 5xx) goes to the next: reports are
-    /// idempotent by `report_id`, so a repeat is harmless.
+    /// `ClientIdentity`). A batch goes to the next broker only when no
+    /// connection could be made to one; otherwise it is retried where it
+    /// may have arrived.
     pub fn new(
         broker_url: &str,
         identity: ClientIdentity,
@@ -142,6 +159,7 @@ impl HttpSender {
         let tls = baton_tls::client_config(identity, bundles, PeerPolicy::Exact(vec![broker_id]))?;
         let client = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
+            .connect_timeout(CONNECT_TIMEOUT)
             .timeout(REQUEST_TIMEOUT)
             .no_proxy()
             .build()
@@ -163,7 +181,13 @@ impl HttpSender {
             .json(batch)
             .send()
             .await
-            .map_err(|e| SendError::Unreachable(e.to_string()))?;
+            .map_err(|e| {
+                if e.is_connect() {
+                    SendError::Unreachable(format!("{NOT_CONNECTED}: {e}"))
+                } else {
+                    SendError::Unreachable(e.to_string())
+                }
+            })?;
         let status = resp.status();
         if status.is_success() {
             return Ok(());
@@ -193,15 +217,17 @@ impl ReportSender for HttpSender {
                         self.current.store(at, Ordering::Relaxed);
                         return Ok(());
                     }
-                    // A refusal (4xx) is the service's answer: the same
-                    // from every broker.
-                    Err(e @ SendError::Status { status, .. }) if status < 500 => return Err(e),
-                    Err(e) => {
+                    // Only a broker that was never reached is skipped: a
+                    // batch that may have arrived (a timeout, an error
+                    // answer) is retried at the same broker, so that no
+                    // record is written by two brokers.
+                    Err(SendError::Unreachable(e)) if e.starts_with(NOT_CONNECTED) => {
                         if n > 1 {
                             tracing::warn!(broker = %url, error = %e, "tool-call reports: trying the next broker");
                         }
-                        last = e;
+                        last = SendError::Unreachable(e);
                     }
+                    Err(e) => return Err(e),
                 }
             }
             Err(last)
@@ -1068,5 +1094,31 @@ impl Reporter {
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod url_tests {
+    use super::broker_urls;
+
+    #[test]
+    fn broker_urls_take_a_comma_list_of_https_base_urls_only() {
+        assert_eq!(
+            broker_urls(" https://a:8443/ , https://b:8443,https://a:8443").unwrap(),
+            ["https://a:8443", "https://b:8443"]
+        );
+        for bad in [
+            "",
+            "https://a:8443,",
+            "https://",
+            "http://a:8443",
+            "https://user:pw@a:8443",
+            "https://a:8443?x=1",
+            "https://a:8443#f",
+            "https://a b:8443",
+            "a:8443",
+        ] {
+            assert!(broker_urls(bad).is_err(), "{bad:?} was accepted");
+        }
     }
 }

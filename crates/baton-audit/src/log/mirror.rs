@@ -151,7 +151,7 @@ fn shared_tamper(log: &str, error: TamperError) -> AuditError {
 fn malformed(log: &str, detail: impl Into<String>) -> AuditError {
     shared_tamper(
         log,
-        TamperError::general(TamperReason::Malformed(detail.into())),
+        TamperError::general(TamperReason::SharedStore(detail.into())),
     )
 }
 
@@ -334,13 +334,16 @@ impl AuditLog {
 
     fn follow(&self, mirror: &dyn Mirror) -> Result<(), AuditError> {
         let own_id = self.log_id();
-        let logs = mirror.logs().map_err(mirror_err)?;
-        let remembered = self.remembered()?;
-        check_listed(&logs, &remembered, &own_id)?;
+        // One follow at a time, and what was remembered read before the
+        // list: a log registered (and followed) meanwhile is never taken
+        // for a removed one.
         let mut followed = self
             .followed
             .lock()
             .map_err(|_| AuditError::Poisoned("the followed logs' lock".into()))?;
+        let remembered = self.remembered()?;
+        let logs = mirror.logs().map_err(mirror_err)?;
+        check_listed(&logs, &remembered, &own_id)?;
         for id in followed.keys() {
             if !logs.iter().any(|l| &l.log_id == id) {
                 return Err(malformed(id, "the log was removed from the datastore"));
@@ -380,8 +383,14 @@ impl AuditLog {
             return Ok(Vec::new());
         };
         let own_id = self.log_id();
-        let logs = mirror.logs().map_err(mirror_err)?;
+        // Not concurrently with a follow, and what was remembered read
+        // before the list (see `follow`).
+        let _following = self
+            .followed
+            .lock()
+            .map_err(|_| AuditError::Poisoned("the followed logs' lock".into()))?;
         let remembered = self.remembered()?;
+        let logs = mirror.logs().map_err(mirror_err)?;
         check_listed(&logs, &remembered, &own_id)?;
         let local = self.size()?;
         if local > 0 && !logs.iter().any(|l| l.log_id == own_id) {

@@ -270,7 +270,7 @@ fn an_altered_event_of_another_log_fails_the_trace_and_the_verify() {
 
 #[test]
 fn a_rewritten_tree_a_forged_checkpoint_or_a_truncated_log_is_refused() {
-    // A consistent rewrite of the leaf hashes: the signed root differs.
+    // The leaf-hash column altered.
     let mirror = Arc::new(MemMirror::default());
     let (a, b) = (broker(&mirror), broker(&mirror));
     let t = task(6);
