@@ -18,6 +18,7 @@
 //! and checks every checkpoint signature.
 
 use std::collections::HashMap;
+use std::sync::MutexGuard;
 
 use baton_core::TaskId;
 use rusqlite::params;
@@ -274,10 +275,7 @@ impl AuditLog {
             r.log = Some(own_id.clone());
         }
         self.follow(mirror)?;
-        let followed = self
-            .followed
-            .lock()
-            .map_err(|_| AuditError::Poisoned("the followed logs' lock".into()))?;
+        let followed = self.lock_followed()?;
         for (log, f) in followed.iter() {
             let Some(indexes) = f.by_task.get(task.as_str()) else {
                 continue;
@@ -337,13 +335,8 @@ impl AuditLog {
         // One follow at a time, and what was remembered read before the
         // list: a log registered (and followed) meanwhile is never taken
         // for a removed one.
-        let mut followed = self
-            .followed
-            .lock()
-            .map_err(|_| AuditError::Poisoned("the followed logs' lock".into()))?;
-        let remembered = self.remembered()?;
-        let logs = mirror.logs().map_err(mirror_err)?;
-        check_listed(&logs, &remembered, &own_id)?;
+        let mut followed = self.lock_followed()?;
+        let (logs, remembered) = self.listed(mirror, &own_id)?;
         for id in followed.keys() {
             if !logs.iter().any(|l| &l.log_id == id) {
                 return Err(malformed(id, "the log was removed from the datastore"));
@@ -385,13 +378,8 @@ impl AuditLog {
         let own_id = self.log_id();
         // Not concurrently with a follow, and what was remembered read
         // before the list (see `follow`).
-        let _following = self
-            .followed
-            .lock()
-            .map_err(|_| AuditError::Poisoned("the followed logs' lock".into()))?;
-        let remembered = self.remembered()?;
-        let logs = mirror.logs().map_err(mirror_err)?;
-        check_listed(&logs, &remembered, &own_id)?;
+        let _following = self.lock_followed()?;
+        let (logs, remembered) = self.listed(mirror.as_ref(), &own_id)?;
         let local = self.size()?;
         if local > 0 && !logs.iter().any(|l| l.log_id == own_id) {
             return Err(malformed(
@@ -454,6 +442,28 @@ impl AuditLog {
     /// The mirror, when events are read from it.
     pub(super) fn mirror_for_reads(&self) -> Option<&dyn Mirror> {
         self.mirror.as_deref()
+    }
+
+    fn lock_followed(&self) -> Result<MutexGuard<'_, HashMap<String, Followed>>, AuditError> {
+        self.followed
+            .lock()
+            .map_err(|_| AuditError::Poisoned("the followed logs' lock".into()))
+    }
+
+    /// The logs in the mirror and what this broker remembers of others,
+    /// read in that order's reverse (a log registered and followed in
+    /// between is never taken for a removed one), every remembered log
+    /// checked to be still listed with its key. Called under the follow
+    /// lock.
+    fn listed(
+        &self,
+        mirror: &dyn Mirror,
+        own_id: &str,
+    ) -> Result<(Vec<SharedLog>, HashMap<String, Remembered>), AuditError> {
+        let remembered = self.remembered()?;
+        let logs = mirror.logs().map_err(mirror_err)?;
+        check_listed(&logs, &remembered, own_id)?;
+        Ok((logs, remembered))
     }
 
     /// The other logs this broker checked before, from its own file.
