@@ -13,7 +13,7 @@ use crate::pg_datastore::{cluster, create_db, refused_start_status};
 use crate::revocation::works;
 
 /// A fresh 32-byte key in hex, mode 0600.
-fn seal_key(dir: &Path, name: &str) -> PathBuf {
+pub(crate) fn seal_key(dir: &Path, name: &str) -> PathBuf {
     use std::os::unix::fs::PermissionsExt as _;
     let mut bytes = [0u8; 32];
     std::io::Read::read_exact(
@@ -27,7 +27,7 @@ fn seal_key(dir: &Path, name: &str) -> PathBuf {
     path
 }
 
-fn broker(args: &[String]) -> Cluster {
+pub(crate) fn broker(args: &[String]) -> Cluster {
     Cluster::start(Options {
         start_agent: false,
         broker_args: args.to_vec(),

@@ -27,10 +27,10 @@ const MAX_TASKS: usize = 16;
 const BROKER_FEED: usize = 2;
 
 /// xorshift64*: tiny, seeded, good enough to pick operations.
-struct Rng(u64);
+pub(crate) struct Rng(u64);
 
 impl Rng {
-    fn new(seed: u64) -> Self {
+    pub(crate) fn new(seed: u64) -> Self {
         Self(seed.max(1))
     }
 
@@ -44,16 +44,16 @@ impl Rng {
     }
 
     /// Uniform-enough in 0..n (n > 0).
-    fn below(&mut self, n: usize) -> usize {
+    pub(crate) fn below(&mut self, n: usize) -> usize {
         (self.next() % n as u64) as usize
     }
 
-    fn pick<T: Copy>(&mut self, from: &[T]) -> Option<T> {
+    pub(crate) fn pick<T: Copy>(&mut self, from: &[T]) -> Option<T> {
         (!from.is_empty()).then(|| from[self.below(from.len())])
     }
 }
 
-fn seed() -> u64 {
+pub(crate) fn seed() -> u64 {
     std::env::var("BATON_CHAOS_SEED")
         .ok()
         .and_then(|s| s.trim().parse().ok())
@@ -116,7 +116,7 @@ fn follower(w: &World, name: &str, redis: Option<&str>) -> (Proc, String) {
     (p, format!("https://{addr}"))
 }
 
-fn call(w: &World, url: &str, cred: &Path) -> Output {
+pub(crate) fn call(w: &World, url: &str, cred: &Path) -> Output {
     w.run(&[
         "example",
         "call",
@@ -131,18 +131,18 @@ fn call(w: &World, url: &str, cred: &Path) -> Output {
     ])
 }
 
-fn stderr(out: &Output) -> String {
+pub(crate) fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).trim().to_owned()
 }
 
 /// Got past the revocation check: allowed, or (a planner) refused by the
 /// example policy, which lets only researchers search.
-fn passes_revocation(out: &Output) -> bool {
+pub(crate) fn passes_revocation(out: &Output) -> bool {
     let err = stderr(out);
     out.status.success() || (err.contains("policy_denied") && !err.contains("revoked"))
 }
 
-fn refused_revoked(out: &Output) -> bool {
+pub(crate) fn refused_revoked(out: &Output) -> bool {
     !out.status.success() && stderr(out).contains("revoked")
 }
 

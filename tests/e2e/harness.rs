@@ -68,8 +68,23 @@ pub struct Proc {
 }
 
 impl Proc {
-    pub fn spawn(name: &'static str, mut cmd: Command, log: PathBuf) -> Self {
+    pub fn spawn(name: &'static str, cmd: Command, log: PathBuf) -> Self {
         let out = std::fs::File::create(&log).unwrap();
+        Self::spawn_to(name, cmd, log, out)
+    }
+
+    /// `spawn`, appending to `log` (a restarted process keeps the earlier
+    /// run's lines).
+    pub fn spawn_appending(name: &'static str, cmd: Command, log: PathBuf) -> Self {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        Self::spawn_to(name, cmd, log, out)
+    }
+
+    fn spawn_to(name: &'static str, mut cmd: Command, log: PathBuf, out: std::fs::File) -> Self {
         let child = cmd
             .env("BATON_LOG", "info,baton_agent=debug,baton_broker=debug")
             .stdout(Stdio::null())
@@ -107,6 +122,54 @@ impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// How a cluster's broker is started: its directory (data, admin socket,
+/// ready file and log) and arguments.
+#[derive(Debug, Clone)]
+pub struct BrokerSpec {
+    pub dir: PathBuf,
+    pub args: Vec<String>,
+    pub agent_svid_ttl: String,
+}
+
+impl BrokerSpec {
+    /// Starts the broker on `listen` and waits for its ready file; returns
+    /// it and its address. With `append`, the log keeps the earlier runs'
+    /// lines.
+    pub fn spawn(&self, listen: &str, append: bool) -> (Proc, String) {
+        let ready = self.dir.join("broker.addr");
+        let _ = std::fs::remove_file(&ready);
+        let mut cmd = baton();
+        cmd.args([
+            "broker",
+            "--trust-domain",
+            TD,
+            "--listen",
+            listen,
+            "--agent-svid-ttl",
+            &self.agent_svid_ttl,
+            "--dev-issuer",
+        ])
+        .args(&self.args)
+        .arg("--data-dir")
+        .arg(self.dir.join("broker"))
+        .arg("--admin-socket")
+        .arg(self.dir.join("admin.sock"))
+        .arg("--ready-file")
+        .arg(&ready);
+        let log = self.dir.join("broker.log");
+        let mut p = if append {
+            Proc::spawn_appending("broker", cmd, log)
+        } else {
+            Proc::spawn("broker", cmd, log)
+        };
+        let addr = wait_for("broker ready file", Duration::from_secs(60), || {
+            assert!(p.is_running(), "broker exited: {}", p.log_text());
+            std::fs::read_to_string(&ready).ok()
+        });
+        (p, addr)
     }
 }
 
@@ -268,32 +331,19 @@ impl Cluster {
     }
 
     pub fn start_broker(&mut self, listen: &str, agent_svid_ttl: &str) {
-        let ready = self.path("broker.addr");
-        let _ = std::fs::remove_file(&ready);
-        let mut cmd = baton();
-        cmd.args([
-            "broker",
-            "--trust-domain",
-            TD,
-            "--listen",
-            listen,
-            "--agent-svid-ttl",
-            agent_svid_ttl,
-            "--dev-issuer",
-        ])
-        .args(&self.broker_args)
-        .arg("--data-dir")
-        .arg(self.path("broker"))
-        .arg("--admin-socket")
-        .arg(self.admin_socket())
-        .arg("--ready-file")
-        .arg(&ready);
-        let mut p = Proc::spawn("broker", cmd, self.path("broker.log"));
-        self.broker_addr = wait_for("broker ready file", Duration::from_secs(30), || {
-            assert!(p.is_running(), "broker exited: {}", p.log_text());
-            std::fs::read_to_string(&ready).ok()
-        });
+        let spec = self.broker_spec(agent_svid_ttl);
+        let (p, addr) = spec.spawn(listen, false);
+        self.broker_addr = addr;
         self.broker = Some(p);
+    }
+
+    /// What starts this cluster's broker again, from another thread.
+    pub fn broker_spec(&self, agent_svid_ttl: &str) -> BrokerSpec {
+        BrokerSpec {
+            dir: self.dir.path().to_owned(),
+            args: self.broker_args.clone(),
+            agent_svid_ttl: agent_svid_ttl.to_owned(),
+        }
     }
 
     /// Runs `baton <args>` against this cluster's admin socket.

@@ -12,6 +12,7 @@ mod broker;
 mod brokers;
 mod ca_wait;
 mod chaos;
+mod chaos_brokers;
 mod config;
 mod delegation;
 mod deploy;

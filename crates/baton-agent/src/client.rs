@@ -122,8 +122,7 @@ impl ClientError {
 /// Which transport errors a call may be retried on another broker after.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Replay {
-    /// The call spends something single-use (a join token, a handoff
-    /// grant) or revokes the certificate it presents (a task renewal), so
+    /// The call spends something single-use (a join token) or revokes the certificate it presents (a task renewal), so
     /// a repeat could be refused or spend it twice: only a connect error,
     /// where the request provably never reached a broker, moves it to the
     /// next URL.
@@ -149,13 +148,13 @@ impl Replay {
 ///
 /// - the error is a connect error (refused, unreachable, DNS, TLS
 ///   handshake): the request provably never reached a broker; or
-/// - the route is idempotent (`sync`, `sign-x509`, `sign-jwt`, `renew`)
-///   and the error is any other transport error (a timeout, a connection
-///   reset before the answer).
+/// - the route is idempotent (`sync`, `sign-x509`, `sign-jwt`, `renew`,
+///   and `redeem`, whose replay of the same request gets the credential
+///   the first try delivered) and the error is any other transport error
+///   (a timeout, a connection reset before the answer).
 ///
-/// `attest` (a single-use join token), `redeem` (a single-use grant) and
-/// `renew-task` (it revokes the certificate it presents) fail over on
-/// connect errors only. An HTTP answer, whatever its status, is final: it
+/// `attest` (a single-use join token) and `renew-task` (it revokes the
+/// certificate it presents) fail over on connect errors only. An HTTP answer, whatever its status, is final: it
 /// is never retried on another broker. The broker that answered becomes
 /// the one in use for the next calls. Each failover is logged at `warn`.
 #[derive(Debug)]
@@ -373,15 +372,17 @@ impl BrokerClient {
 
     /// `POST /v1/node/redeem` (mTLS): redeems a handoff grant for a workload
     /// this node attested, with the CSR of a key generated for it. The
-    /// grant is single-use: a call that fails after reaching the broker may
-    /// still have spent it, so only a connect error fails over.
+    /// grant is single-use, but the very same request (this node, this
+    /// workload, this CSR) replayed gets the credential its first try
+    /// delivered: a call whose answer was lost (the broker died after it
+    /// committed) is safe to send again, so any transport error fails over.
     pub async fn redeem(
         &self,
         req: &RedeemRequest,
         trace: Option<&baton_core::TraceParent>,
     ) -> Result<TaskCredential, ClientError> {
         let traceparent = trace.map(ToString::to_string);
-        self.call("/v1/node/redeem", Replay::ConnectOnly, |http, url| {
+        self.call("/v1/node/redeem", Replay::AnyTransport, |http, url| {
             let post = http.post(url).json(req);
             match &traceparent {
                 Some(tp) => post.header(baton_core::trace_context::TRACEPARENT_HEADER, tp),
@@ -437,12 +438,21 @@ impl BrokerClient {
         let mut tried = Vec::new();
         while let Some((i, base)) = order.next() {
             let url = format!("{base}{route}");
-            match build(&http, &url).send().await {
+            // The answer is read whole here: a connection lost while it
+            // comes is a lost answer, handled as the replay rule says.
+            let sent = match build(&http, &url).send().await {
                 Ok(resp) => {
+                    let status = resp.status();
+                    resp.bytes().await.map(|body| (status, body))
+                }
+                Err(e) => Err(e),
+            };
+            match sent {
+                Ok((status, body)) => {
                     if i != start {
                         self.current.store(i, Ordering::Relaxed);
                     }
-                    return finish(route, url, resp).await;
+                    return finish(route, status, &body);
                 }
                 Err(source) => {
                     tried.push(url);
@@ -470,29 +480,19 @@ impl BrokerClient {
     }
 }
 
-/// Reads the broker's answer to `route` (sent to `url`).
-async fn finish<Resp: DeserializeOwned>(
+/// Reads the broker's answer to `route`.
+fn finish<Resp: DeserializeOwned>(
     route: &'static str,
-    url: String,
-    resp: reqwest::Response,
+    status: reqwest::StatusCode,
+    bytes: &[u8],
 ) -> Result<Resp, ClientError> {
-    let status = resp.status();
-    let bytes = match resp.bytes().await {
-        Ok(b) => b,
-        Err(source) => {
-            return Err(ClientError::Unreachable {
-                urls: vec![url],
-                source,
-            });
-        }
-    };
     if status.is_success() {
-        return serde_json::from_slice(&bytes).map_err(|e| ClientError::BadAnswer {
+        return serde_json::from_slice(bytes).map_err(|e| ClientError::BadAnswer {
             route,
             reason: e.to_string(),
         });
     }
-    match serde_json::from_slice::<ApiError>(&bytes) {
+    match serde_json::from_slice::<ApiError>(bytes) {
         Ok(error) => Err(ClientError::Refused {
             route,
             status: status.as_u16(),
@@ -501,7 +501,7 @@ async fn finish<Resp: DeserializeOwned>(
         Err(_) => Err(ClientError::Unexpected {
             route,
             status: status.as_u16(),
-            body: String::from_utf8_lossy(&bytes).chars().take(200).collect(),
+            body: String::from_utf8_lossy(bytes).chars().take(200).collect(),
         }),
     }
 }

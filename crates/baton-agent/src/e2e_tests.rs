@@ -872,3 +872,267 @@ async fn the_agent_serves_through_its_second_broker_url() {
     agent.stop().await;
     broker.stop().await;
 }
+
+/// A redeem whose answer was lost (the broker died after its commit, or
+/// the connection broke) is sent again, as [`BrokerClient`] does on any
+/// transport error: the very same request (this node, this workload, this
+/// CSR) gets the credential the first try delivered, recorded again in
+/// the audit log; anything else that presents the used grant is refused
+/// `grant_used` and gets nothing new.
+///
+/// [`BrokerClient`]: crate::client::BrokerClient
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_redeem_sent_again_gets_the_same_credential_and_nothing_else_does() {
+    baton_tls::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let td = TrustDomain::new("example.org").unwrap();
+    let broker = {
+        let admin = dir.path().join("admin.sock");
+        let mut bcfg = baton_broker::BrokerConfig::new(td.clone(), None, admin.clone());
+        bcfg.listen = "127.0.0.1:0".parse().unwrap();
+        bcfg.dev_issuer = true;
+        bcfg.data_dir = Some(dir.path().join("broker"));
+        let (btx, brx) = oneshot::channel();
+        let (stop, stop_rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(baton_broker::run(
+            bcfg,
+            Arc::new(baton_broker::LogIssuance),
+            Some(btx),
+            async move {
+                let _ = stop_rx.await;
+            },
+        ));
+        let ready = match tokio::time::timeout(DEADLINE, brx).await {
+            Ok(Ok(r)) => r,
+            _ => panic!("broker not ready: {:?}", task.await),
+        };
+        TestBroker {
+            ready,
+            admin,
+            stop,
+            task,
+        }
+    };
+    let trusted = || bundles_of(&td, broker.authorities());
+    let workload = "spiffe://example.org/agents/researcher";
+    // Two nodes, both serving the workload.
+    let mut nodes = Vec::new();
+    for name in ["node-a", "node-b"] {
+        let token = broker.join_token().await;
+        let direct = client_of(
+            &[broker.url()],
+            baton_tls::ClientIdentity::none(),
+            trusted(),
+            &td,
+        );
+        let svid = attest_node(&dir.path().join(name), &direct, &td, &token).await;
+        admin(
+            &broker.admin,
+            "POST",
+            "/v1/admin/entries",
+            &serde_json::json!({
+                "spiffe_id": workload,
+                "parent_id": svid.spiffe_id.to_string(),
+                "selectors": ["unix:uid:1000"],
+            }),
+        )
+        .await;
+        nodes.push(client_of(
+            &[broker.url()],
+            baton_tls::ClientIdentity::new(svid.chain_der.clone(), svid.key.expose()).unwrap(),
+            trusted(),
+            &td,
+        ));
+    }
+    let start_task = || async {
+        let id_token: serde_json::Value = serde_json::from_slice(
+            &admin(
+                &broker.admin,
+                "POST",
+                "/v1/admin/dev/id-token",
+                &serde_json::json!({"user": "alice@example.com", "groups": ["engineering"]}),
+            )
+            .await,
+        )
+        .unwrap();
+        let started: serde_json::Value = serde_json::from_slice(
+            &admin(
+                &broker.admin,
+                "POST",
+                "/v1/admin/tasks",
+                &serde_json::json!({
+                    "id_token": id_token["id_token"],
+                    "root_agent": workload,
+                    "purpose": "support.case-research",
+                    "scope": ["tool:crm.search:read"],
+                    "risk_ceiling": "read",
+                    "ttl_secs": 600,
+                    "max_depth": 2,
+                    "audience": ["crm"],
+                }),
+            )
+            .await,
+        )
+        .unwrap();
+        (
+            started["task_id"].as_str().unwrap().to_owned(),
+            baton_core::Secret::new(started["grant"]["grant"].as_str().unwrap()),
+        )
+    };
+    let (task_id, grant) = start_task().await;
+    let spiffe_id = baton_core::SpiffeId::parse(workload).unwrap();
+    let key = baton_ca::WorkloadKey::generate().unwrap();
+    let req = baton_core::api::RedeemRequest {
+        grant: grant.clone(),
+        spiffe_id: spiffe_id.clone(),
+        csr_der: key.csr_der(&spiffe_id).unwrap(),
+    };
+    let redeem = |node: usize, req: baton_core::api::RedeemRequest| {
+        let client = &nodes[node];
+        async move {
+            tokio::time::timeout(DEADLINE, client.redeem(&req, None))
+                .await
+                .unwrap()
+        }
+    };
+    let code = |r: Result<baton_core::api::TaskCredential, crate::client::ClientError>| match r {
+        Err(crate::client::ClientError::Refused { error, .. }) => error.code,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+
+    let first = redeem(0, req.clone()).await.unwrap();
+    // The same request again: the same credential, not a second one.
+    let again = redeem(0, req.clone()).await.unwrap();
+    assert_eq!(again.token.expose(), first.token.expose());
+    assert_eq!(again.cert_chain_der, first.cert_chain_der);
+    // The same grant with another key (a thief's, or a new try that is
+    // not a replay) gets nothing.
+    let other_key = baton_ca::WorkloadKey::generate().unwrap();
+    let mut other = req.clone();
+    other.csr_der = other_key.csr_der(&spiffe_id).unwrap();
+    assert_eq!(code(redeem(0, other).await), "grant_used");
+    // The same bytes from another node that serves the workload: nothing.
+    assert_eq!(code(redeem(1, req.clone()).await), "grant_used");
+
+    // Two deliveries, each with its audit record; the second says why.
+    let trace: serde_json::Value = serde_json::from_slice(
+        &admin(
+            &broker.admin,
+            "GET",
+            &format!("/v1/admin/audit/trace/{task_id}"),
+            &serde_json::json!({}),
+        )
+        .await,
+    )
+    .unwrap();
+    let jti = {
+        use base64::Engine as _;
+        let payload = first.token.expose().split('.').nth(1).unwrap().to_owned();
+        let claims: serde_json::Value = serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(payload)
+                .unwrap(),
+        )
+        .unwrap();
+        claims["jti"].as_str().unwrap().to_owned()
+    };
+    let mut redeems = Vec::new();
+    granted_redeems(&trace, &jti, &mut redeems);
+    assert_eq!(redeems.len(), 2, "{trace}");
+    assert_eq!(
+        redeems
+            .iter()
+            .filter(|r| r.starts_with("redelivered"))
+            .count(),
+        1,
+        "{redeems:?}"
+    );
+
+    // A connection lost after the redeem went out moves it to the next
+    // broker (here the request never reached the real one, which redeems
+    // it the first time).
+    let (hang_up, hang_up_authorities, hung_up) = start_hang_up_broker(&td, broker.authorities());
+    let (_, grant2) = start_task().await;
+    let node_a = attest_node(
+        &dir.path().join("node-c"),
+        &client_of(
+            &[broker.url()],
+            baton_tls::ClientIdentity::none(),
+            trusted(),
+            &td,
+        ),
+        &td,
+        &broker.join_token().await,
+    )
+    .await;
+    admin(
+        &broker.admin,
+        "POST",
+        "/v1/admin/entries",
+        &serde_json::json!({
+            "spiffe_id": workload,
+            "parent_id": node_a.spiffe_id.to_string(),
+            "selectors": ["unix:uid:1000"],
+        }),
+    )
+    .await;
+    let via_hang_up = client_of(
+        &[hang_up, broker.url()],
+        baton_tls::ClientIdentity::new(node_a.chain_der.clone(), node_a.key.expose()).unwrap(),
+        bundles_of(&td, [broker.authorities(), hang_up_authorities].concat()),
+        &td,
+    );
+    let key2 = baton_ca::WorkloadKey::generate().unwrap();
+    let req2 = baton_core::api::RedeemRequest {
+        grant: grant2,
+        spiffe_id: spiffe_id.clone(),
+        csr_der: key2.csr_der(&spiffe_id).unwrap(),
+    };
+    tokio::time::timeout(DEADLINE, via_hang_up.redeem(&req2, None))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(hung_up.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(via_hang_up.current_url(), broker.url());
+
+    // Once the credential is revoked, its replay is refused too.
+    admin(
+        &broker.admin,
+        "POST",
+        "/v1/admin/revoke",
+        &serde_json::json!({"target": {"credential": jti}, "reason": "leaked"}),
+    )
+    .await;
+    assert_eq!(code(redeem(0, req).await), "grant_used");
+
+    broker.stop().await;
+}
+
+/// The `reason` (or "" when none) of every granted `redeemed` event of
+/// `jti` anywhere in a trace's JSON.
+fn granted_redeems(v: &serde_json::Value, jti: &str, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            if m.get("type").and_then(|k| k.as_str()) == Some("redeemed")
+                && m.get("decision").and_then(|d| d.as_str()) == Some("granted")
+                && m.get("token_jti").and_then(|j| j.as_str()) == Some(jti)
+            {
+                out.push(
+                    m.get("reason")
+                        .and_then(|r| r.as_str())
+                        .unwrap_or_default()
+                        .to_owned(),
+                );
+            }
+            for x in m.values() {
+                granted_redeems(x, jti, out);
+            }
+        }
+        serde_json::Value::Array(a) => {
+            for x in a {
+                granted_redeems(x, jti, out);
+            }
+        }
+        _ => {}
+    }
+}

@@ -384,7 +384,7 @@ pub fn trace(records: &[AuditRecord]) -> Trace {
                     ),
                 };
                 if let Some(node) = nodes.get_mut(i) {
-                    if let Some(j) = &e.token_jti {
+                    if let Some(j) = e.token_jti.as_ref().filter(|j| !node.jtis.contains(j)) {
                         node.jtis.push(j.clone());
                     }
                     node.items.push((
@@ -647,10 +647,15 @@ fn item_line(item: &TraceItem) -> Line {
                     )
                 }
                 _ => format!(
-                    "redeemed{}{} {}",
+                    "redeemed{}{}{} {}",
                     token_jti
                         .as_ref()
                         .map(|j| format!(" token {j}"))
+                        .unwrap_or_default(),
+                    // A redelivery says so.
+                    reason
+                        .as_ref()
+                        .map(|r| format!(" ({r})"))
                         .unwrap_or_default(),
                     opt("trace", trace_id),
                     mark(*index, log)

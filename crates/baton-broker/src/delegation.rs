@@ -35,7 +35,9 @@ use crate::service::{
     AuthenticatedNode, Broker, BrokerError, CredentialKind, IssuedCredential, random_bytes,
     random_hex, token_digest, unix,
 };
-use crate::tasks::{GrantRecord, GrantRefusal, RedeemRefusal, TaskRecord, TaskStore, TokenRecord};
+use crate::tasks::{
+    GrantDelivery, GrantRecord, GrantRefusal, RedeemRefusal, TaskRecord, TaskStore, TokenRecord,
+};
 
 /// How far a renewal proof's `iat` may be from the broker's clock.
 pub const RENEW_PROOF_WINDOW_SECS: u64 = 120;
@@ -47,6 +49,19 @@ pub struct Minted {
     pub credential: TaskCredential,
     pub records: Vec<CredentialRecord>,
     pub superseded: Vec<baton_revocation::Revoked>,
+}
+
+/// How long after a grant was used the very request that used it may get
+/// its credential again: a node daemon's retries across its brokers.
+const REDELIVER_FOR: Duration = Duration::from_secs(300);
+
+/// What identifies a redeem request for its replay: the SHA-256 of its CSR
+/// (a fresh key pair, signed once, per request).
+fn request_digest(csr_der: &[u8]) -> String {
+    hex::encode(aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        csr_der,
+    ))
 }
 
 /// Bounds on what tasks and hops may ask for.
@@ -924,6 +939,12 @@ impl Delegation {
             None
         };
         if let Some((code, reason)) = refusal {
+            if code == "grant_used"
+                && let Some(again) =
+                    self.redeliver(node, req, (&d, used), &grant, ev.clone(), now_s)?
+            {
+                return Ok(again);
+            }
             ev.decision = Some("refused".into());
             ev.reason = Some(format!("{code}: {reason}"));
             self.append(&ev)?;
@@ -954,12 +975,6 @@ impl Delegation {
             .first()
             .ok_or_else(|| BrokerError::Hook("CA returned an empty chain".into()))?;
         let exp = exp.min(unix(issued.not_after));
-        self.broker.rotation().issued(
-            crate::rotation::SlotKind::Task,
-            &issued.serial_hex,
-            &issued.authority_id,
-            exp,
-        );
         let jti = random_hex::<16>()?;
         let act = Actor {
             sub: req.spiffe_id.clone(),
@@ -1029,12 +1044,38 @@ impl Delegation {
             scope: Some(claims.scope.clone()),
             risk_ceiling: Some(claims.task.risk_ceiling),
         };
-        // One transaction: the grant is consumed, the token recorded and
-        // the credentials registered together, or none of it (a store
-        // failure leaves the grant redeemable).
-        let refusal = match self.tasks.redeem_grant(&d, now_s, &token_record, &records) {
+        let credential = TaskCredential {
+            task_id: task.id.clone(),
+            spiffe_id: req.spiffe_id.clone(),
+            cert_chain_der: issued.cert_chain_der,
+            token,
+            expires_at: exp,
+        };
+        let delivery = GrantDelivery {
+            node: node.id().to_string(),
+            request: request_digest(&req.csr_der),
+            jti: jti.clone(),
+            cert_serial: issued.serial_hex.clone(),
+            authority_id: issued.authority_id.clone(),
+            credential,
+        };
+        // One transaction: the grant is consumed (what it delivered kept
+        // with it), the token recorded and the credentials registered
+        // together, or none of it (a store failure leaves the grant
+        // redeemable).
+        let refusal = match self
+            .tasks
+            .redeem_grant(&d, now_s, &token_record, &records, &delivery)
+        {
             Ok(Ok(())) => None,
             Ok(Err(RedeemRefusal::Grant(GrantRefusal::Used))) => {
+                // A racing copy of this very request won at another
+                // broker: its credential, not a second one.
+                if let Some(again) =
+                    self.redeliver(node, req, (&d, None), &grant, ev.clone(), now_s)?
+                {
+                    return Ok(again);
+                }
                 Some(("grant_used", "grant was already redeemed".to_owned()))
             }
             Ok(Err(RedeemRefusal::Grant(GrantRefusal::Expired))) => {
@@ -1074,6 +1115,14 @@ impl Delegation {
             }
             return Err(e);
         }
+        // Tracked for re-issue only once delivered (a copy that lost a race
+        // signed a certificate nobody holds).
+        self.broker.rotation().issued(
+            crate::rotation::SlotKind::Task,
+            &issued.serial_hex,
+            &delivery.authority_id,
+            exp,
+        );
         self.broker.record(IssuedCredential {
             kind: CredentialKind::TaskX509Svid,
             spiffe_id: req.spiffe_id.clone(),
@@ -1087,16 +1136,129 @@ impl Delegation {
         // Registered in the transaction above.
         let records = Vec::new();
         Ok(Minted {
-            credential: TaskCredential {
-                task_id: task.id,
-                spiffe_id: req.spiffe_id.clone(),
-                cert_chain_der: issued.cert_chain_der,
-                token,
-                expires_at: exp,
-            },
+            credential: delivery.credential,
             records,
             superseded: Vec::new(),
         })
+    }
+
+    /// The redeem of a used grant that is the very request that used it
+    /// (same node, same workload, same CSR), replayed because its answer
+    /// was lost (the broker that committed it died before answering, or a
+    /// copy raced it at another broker): the credential delivered then,
+    /// again, with an audit record of its own, so that no delivery goes
+    /// unrecorded even when the first one's record was never written.
+    ///
+    /// `None` (the caller refuses `grant_used`) for anything else: another
+    /// node, workload or key; a replay more than [`REDELIVER_FOR`] after the
+    /// grant was used; a stored credential that would not pass as its
+    /// holder's now (token signature and binding, records, revocation of
+    /// token or certificate, agent blocked) or whose authority is tainted
+    /// or gone; a delivery released meanwhile; or any error reading it.
+    /// `used` is the grant's digest and when it was used (None: just now,
+    /// by a copy that won the race).
+    fn redeliver(
+        &self,
+        node: &AuthenticatedNode,
+        req: &RedeemRequest,
+        (digest, used_at): (&str, Option<u64>),
+        grant: &GrantRecord,
+        mut ev: AuditEvent,
+        now_s: u64,
+    ) -> Result<Option<Minted>, BrokerError> {
+        let kept = match self.tasks.grant_delivery(digest) {
+            Ok(Some(kept)) => kept,
+            Ok(None) => return Ok(None),
+            Err(e) => {
+                tracing::warn!(error = %e, "the delivery of a used grant could not be read; refused as used");
+                return Ok(None);
+            }
+        };
+        let same_request = kept.node == node.id().to_string()
+            && kept.credential.spiffe_id == req.spiffe_id
+            && kept.request == request_digest(&req.csr_der);
+        let in_time = used_at.is_none_or(|u| now_s < u.saturating_add(REDELIVER_FOR.as_secs()));
+        if !same_request || !in_time || now_s >= kept.credential.expires_at {
+            return Ok(None);
+        }
+        if let Err(why) = self.still_deliverable(&kept, now_s) {
+            tracing::warn!(task = %grant.task_id, jti = %kept.jti, %why, "a replayed redeem was not answered with its earlier credential");
+            return Ok(None);
+        }
+        // Claimed before the record: a broker whose first delivery's
+        // record failed no longer releases the grant (and revokes what is
+        // delivered here).
+        match self.tasks.mark_redelivered(digest, &kept.jti, now_s) {
+            Ok(true) => {}
+            Ok(false) => return Ok(None),
+            Err(e) => {
+                tracing::warn!(error = %e, "a redelivery could not be marked; refused as used");
+                return Ok(None);
+            }
+        }
+        ev.decision = Some("granted".into());
+        ev.reason = Some("redelivered: the same request again, its first answer lost".into());
+        ev.token_jti = Some(kept.jti.clone());
+        ev.parent_jti = grant.parent.as_ref().map(|p| p.jti.clone());
+        self.append(&ev)?;
+        self.broker.rotation().issued(
+            crate::rotation::SlotKind::Task,
+            &kept.cert_serial,
+            &kept.authority_id,
+            kept.credential.expires_at,
+        );
+        baton_ops::metrics().redeem("redelivered");
+        tracing::info!(task = %grant.task_id, spiffe_id = %req.spiffe_id, jti = %kept.jti, "grant redelivered to the same request");
+        Ok(Some(Minted {
+            credential: kept.credential,
+            records: Vec::new(),
+            superseded: Vec::new(),
+        }))
+    }
+
+    /// Whether a stored delivery would still pass as its holder's now: its
+    /// leaf is the recorded one, under an authority still trusted and not
+    /// tainted, and its token verifies bound to that leaf (signature by a
+    /// key in force, the broker's records, token and certificate not
+    /// revoked, agent not blocked).
+    fn still_deliverable(&self, kept: &GrantDelivery, now_s: u64) -> Result<(), String> {
+        let chain = &kept.credential.cert_chain_der;
+        let info = baton_ca::leaf_info(chain).map_err(|e| format!("stored leaf: {e}"))?;
+        if info.serial_hex != kept.cert_serial
+            || info.authority_id.as_deref() != Some(kept.authority_id.as_str())
+            || info.spiffe_id != kept.credential.spiffe_id
+        {
+            return Err("the stored certificate is not the one recorded".into());
+        }
+        let authority = self
+            .broker
+            .ca()
+            .authorities()
+            .into_iter()
+            .find(|a| a.id == kept.authority_id);
+        match authority {
+            Some(a)
+                if !a.tainted
+                    && matches!(
+                        a.state,
+                        baton_ca::AuthorityState::Active | baton_ca::AuthorityState::Old
+                    ) => {}
+            _ => {
+                return Err(format!(
+                    "authority {} is tainted or gone",
+                    kept.authority_id
+                ));
+            }
+        }
+        let leaf = chain.first().cloned().unwrap_or_default();
+        let peer = PeerCert::from_verified_leaf(leaf).map_err(|e| e.to_string())?;
+        let held = self
+            .verify_holder(&peer, &kept.credential.token, now_s)
+            .map_err(|e| e.to_string())?;
+        if held.claims().jti != kept.jti {
+            return Err("the stored token is not the one recorded".into());
+        }
+        Ok(())
     }
 
     /// Re-issues a task credential under the CA's active keys (after a

@@ -39,7 +39,8 @@ use crate::store::{
     selectors_text, to_i64,
 };
 use crate::tasks::{
-    GrantRecord, GrantRefusal, RedeemRefusal, TaskRecord, TaskStore, TokenRecord, dec, enc,
+    GrantDelivery, GrantRecord, GrantRefusal, RedeemRefusal, TaskRecord, TaskStore, TokenRecord,
+    dec, enc,
 };
 
 /// Ordered schema migrations; the index + 1 is the schema version.
@@ -197,6 +198,10 @@ const MIGRATIONS: &[&str] = &[
         signature TEXT NOT NULL,
         PRIMARY KEY (log_id, size)
      );",
+    // 4: what a redeem delivered, kept with its grant so that the same
+    // request replayed after a lost answer gets the same credential
+    // (SQLite's version 10).
+    "ALTER TABLE grants ADD COLUMN delivery TEXT, ADD COLUMN redelivered_at BIGINT;",
 ];
 
 /// Advisory lock keys ("baton" in ASCII, then a number).
@@ -1608,6 +1613,37 @@ impl TaskStore for PgStore {
             .transpose()
     }
 
+    fn mark_redelivered(&self, digest: &str, jti: &str, now: u64) -> Result<bool, StoreError> {
+        on_conn!(self, |c| {
+            Ok(c.execute(
+                "UPDATE grants SET redelivered_at = $3
+                 WHERE digest = $1 AND used_at IS NOT NULL
+                   AND (delivery::jsonb) ->> 'jti' = $2",
+                &[&digest, &jti, &to_i64(now)],
+            )
+            .await?
+                == 1)
+        })
+    }
+
+    fn grant_delivery(&self, digest: &str) -> Result<Option<GrantDelivery>, StoreError> {
+        let row: Option<Option<String>> = on_conn!(self, |c| {
+            Ok(
+                match c
+                    .query_opt(
+                        "SELECT delivery FROM grants WHERE digest = $1 AND used_at IS NOT NULL",
+                        &[&digest],
+                    )
+                    .await?
+                {
+                    Some(r) => Some(r.try_get(0)?),
+                    None => None,
+                },
+            )
+        })?;
+        row.flatten().map(|d| dec("grants", &d)).transpose()
+    }
+
     fn consume_grant(
         &self,
         digest: &str,
@@ -1658,8 +1694,10 @@ impl TaskStore for PgStore {
         now: u64,
         token: &TokenRecord,
         creds: &[CredentialRecord],
+        delivery: &GrantDelivery,
     ) -> Result<Result<(), RedeemRefusal>, StoreError> {
         let record = enc("tokens", token)?;
+        let delivery = enc("grants", delivery)?;
         on_conn!(self, |c| {
             let tx = c.transaction().await?;
             lock_shared(&tx).await?;
@@ -1720,8 +1758,8 @@ impl TaskStore for PgStore {
                 return Ok(Err(RedeemRefusal::Revoked(why)));
             }
             tx.execute(
-                "UPDATE grants SET used_at = $2 WHERE digest = $1",
-                &[&digest, &to_i64(now)],
+                "UPDATE grants SET used_at = $2, delivery = $3 WHERE digest = $1",
+                &[&digest, &to_i64(now), &delivery],
             )
             .await?;
             tx.execute(
@@ -1750,12 +1788,18 @@ impl TaskStore for PgStore {
             .collect();
         on_conn!(self, |c| {
             let tx = c.transaction().await?;
-            tx.execute(
-                "UPDATE grants SET used_at = NULL WHERE digest = $1",
-                &[&digest],
-            )
-            .await?;
-            mark_in(&tx, &dead, "not delivered: audit log unavailable", now).await?;
+            // Not once another broker delivered it again (with its own
+            // audit record): the row lock orders this against that mark.
+            let released = tx
+                .execute(
+                    "UPDATE grants SET used_at = NULL, delivery = NULL
+                     WHERE digest = $1 AND redelivered_at IS NULL",
+                    &[&digest],
+                )
+                .await?;
+            if released == 1 {
+                mark_in(&tx, &dead, "not delivered: audit log unavailable", now).await?;
+            }
             tx.commit().await?;
             Ok(())
         })

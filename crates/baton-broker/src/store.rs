@@ -304,6 +304,11 @@ const MIGRATIONS: &[&str] = &[
         record TEXT NOT NULL
      );
      CREATE INDEX approvals_by_binding ON approvals(binding);",
+    // 10: what a redeem delivered, kept with its grant so that the same
+    // request replayed after a lost answer gets the same credential, and
+    // when it was delivered again (a grant redelivered is never released).
+    "ALTER TABLE grants ADD COLUMN delivery TEXT;
+     ALTER TABLE grants ADD COLUMN redelivered_at INTEGER;",
 ];
 
 const ENTRY_COLUMNS: &str =

@@ -11,7 +11,9 @@ use baton_revocation::{CredKind, CredentialRecord, Revoked, Target};
 use crate::ledger::Ledger;
 use crate::pg::{PgSettings, PgStore};
 use crate::store::{AgentBlock, Datastore, JoinTokenRefusal, NodeRecord, SqliteStore, StoreError};
-use crate::tasks::{GrantRecord, GrantRefusal, RedeemRefusal, TaskRecord, TaskStore, TokenRecord};
+use crate::tasks::{
+    GrantDelivery, GrantRecord, GrantRefusal, RedeemRefusal, TaskRecord, TaskStore, TokenRecord,
+};
 
 /// Everything a broker keeps, behind its three traits.
 trait Store: Datastore + TaskStore + Ledger {}
@@ -73,6 +75,23 @@ fn token(t: &TaskRecord, jti: &str) -> TokenRecord {
         aud: vec!["crm".into()],
         scope: None,
         risk_ceiling: None,
+    }
+}
+
+fn delivery(t: &TaskRecord, jti: &str) -> GrantDelivery {
+    GrantDelivery {
+        node: "spiffe://example.org/spire/agent/join_token/n1".into(),
+        request: "ab".repeat(32),
+        jti: jti.into(),
+        cert_serial: format!("{jti}-cert"),
+        authority_id: "a1".into(),
+        credential: baton_core::api::TaskCredential {
+            task_id: t.id.clone(),
+            spiffe_id: sid("researcher"),
+            cert_chain_der: vec![vec![1, 2, 3]],
+            token: baton_core::Secret::new(format!("token-of-{jti}")),
+            expires_at: 9_000,
+        },
     }
 }
 
@@ -234,16 +253,38 @@ fn tasks_grants_and_tokens(s: &dyn Store) {
     s.insert_grant("g2", &g).unwrap();
     let tk = token(&t, "jti-1");
     assert_eq!(
-        s.redeem_grant("g2", 20, &tk, &creds(&t, "jti-1", None))
-            .unwrap(),
+        s.redeem_grant(
+            "g2",
+            20,
+            &tk,
+            &creds(&t, "jti-1", None),
+            &delivery(&t, "jti-1")
+        )
+        .unwrap(),
         Ok(())
     );
     assert_eq!(
-        s.redeem_grant("g2", 21, &token(&t, "jti-x"), &creds(&t, "jti-x", None))
-            .unwrap(),
+        s.redeem_grant(
+            "g2",
+            21,
+            &token(&t, "jti-x"),
+            &creds(&t, "jti-x", None),
+            &delivery(&t, "jti-x")
+        )
+        .unwrap(),
         Err(RedeemRefusal::Grant(GrantRefusal::Used))
     );
     assert_eq!(s.get_token("jti-x").unwrap(), None);
+    // What the redeem delivered is kept with the used grant, not what a
+    // refused one would have.
+    let kept = s.grant_delivery("g2").unwrap().unwrap();
+    assert_eq!(kept.jti, "jti-1");
+    assert_eq!(kept.credential.token.expose(), "token-of-jti-1");
+    assert!(
+        s.grant_delivery("g1").unwrap().is_none(),
+        "consumed without one"
+    );
+    assert!(s.grant_delivery("nope").unwrap().is_none());
     assert_eq!(s.get_token("jti-1").unwrap(), Some(tk.clone()));
     assert_eq!(s.tokens_for_task(&t.id).unwrap(), vec![tk.clone()]);
     let ids: Vec<String> = s
@@ -268,8 +309,14 @@ fn tasks_grants_and_tokens(s: &dyn Store) {
     )
     .unwrap();
     assert!(matches!(
-        s.redeem_grant("g3", 21, &token(&t, "jti-3"), &creds(&t, "jti-3", None))
-            .unwrap(),
+        s.redeem_grant(
+            "g3",
+            21,
+            &token(&t, "jti-3"),
+            &creds(&t, "jti-3", None),
+            &delivery(&t, "jti-3")
+        )
+        .unwrap(),
         Err(RedeemRefusal::Revoked(_))
     ));
     s.insert_grant("g4", &g).unwrap();
@@ -277,15 +324,55 @@ fn tasks_grants_and_tokens(s: &dyn Store) {
     moved.purpose_epoch = 1;
     s.update_task(&moved).unwrap();
     assert_eq!(
-        s.redeem_grant("g4", 21, &token(&t, "jti-4"), &creds(&t, "jti-4", None))
-            .unwrap()
-            .map_err(|e| matches!(e, RedeemRefusal::Task("purpose_changed", _))),
+        s.redeem_grant(
+            "g4",
+            21,
+            &token(&t, "jti-4"),
+            &creds(&t, "jti-4", None),
+            &delivery(&t, "jti-4")
+        )
+        .unwrap()
+        .map_err(|e| matches!(e, RedeemRefusal::Task("purpose_changed", _))),
         Err(true)
     );
     // Released: redeemable again, its credentials dead.
     s.release_grant("g2", &creds(&t, "jti-1", None), 22)
         .unwrap();
     assert_eq!(s.get_grant("g2").unwrap().unwrap().1, None);
+    assert!(
+        s.grant_delivery("g2").unwrap().is_none(),
+        "forgotten on release"
+    );
+    assert!(
+        !s.mark_redelivered("g2", "jti-1", 23).unwrap(),
+        "a released delivery is not made again"
+    );
+    // Delivered again elsewhere: a late release leaves the grant used and
+    // its credentials live (that delivery has its audit record).
+    let mut g5 = grant(&t);
+    g5.purpose_epoch = 1; // the task's purpose moved above
+    s.insert_grant("g5", &g5).unwrap();
+    assert_eq!(
+        s.redeem_grant(
+            "g5",
+            20,
+            &token(&t, "jti-5"),
+            &creds(&t, "jti-5", None),
+            &delivery(&t, "jti-5")
+        )
+        .unwrap(),
+        Ok(())
+    );
+    assert!(!s.mark_redelivered("g5", "jti-other", 21).unwrap());
+    assert!(s.mark_redelivered("g5", "jti-5", 21).unwrap());
+    s.release_grant("g5", &creds(&t, "jti-5", None), 22)
+        .unwrap();
+    assert!(
+        s.get_grant("g5").unwrap().unwrap().1.is_some(),
+        "still used"
+    );
+    assert_eq!(s.grant_delivery("g5").unwrap().unwrap().jti, "jti-5");
+    assert!(!s.durably_revoked("jti-5", 22).unwrap());
     assert!(s.durably_revoked("jti-1", 22).unwrap());
 
     // ID tokens start one task each; reports are recorded once.
@@ -530,9 +617,15 @@ fn postgres_passes_the_datastore_suite_and_its_steps_are_atomic_across_brokers()
                         (
                             s.consume_join_token(digest, 10).unwrap().is_ok(),
                             s.consume_grant(g, 10).unwrap().is_ok(),
-                            s.redeem_grant(r, 10, &token(t, &jti), &creds(t, &jti, None))
-                                .unwrap()
-                                .is_ok(),
+                            s.redeem_grant(
+                                r,
+                                10,
+                                &token(t, &jti),
+                                &creds(t, &jti, None),
+                                &delivery(t, &jti),
+                            )
+                            .unwrap()
+                            .is_ok(),
                         )
                     })
                 })

@@ -69,6 +69,25 @@ pub struct GrantRecord {
     pub created_by: Option<SpiffeId>,
 }
 
+/// What a redeem delivered, kept with its grant: the same request replayed
+/// by the same node (its answer lost when a broker died after the commit)
+/// gets the same credential again instead of a `grant_used` refusal, and
+/// never a second one. The credential is bound to the workload's key
+/// (`cnf`), so the stored copy is of no use without that key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GrantDelivery {
+    /// The node that asked.
+    pub node: String,
+    /// SHA-256 (hex) of the CSR: a replay sends the very same request.
+    pub request: String,
+    /// The delivered token's `jti` and its certificate's serial.
+    pub jti: String,
+    pub cert_serial: String,
+    /// The authority that signed the certificate.
+    pub authority_id: String,
+    pub credential: baton_core::api::TaskCredential,
+}
+
 /// A minted delegation token, kept for tracing and (later) revocation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenRecord {
@@ -177,21 +196,31 @@ pub trait TaskStore: Send + Sync + std::fmt::Debug {
     /// certificate in the credential registry (a task's revocation finds
     /// them there); [`TaskStore::redeem_grant`] does both at once.
     fn insert_token(&self, t: &TokenRecord) -> Result<(), StoreError>;
-    /// A redeem's one atomic step: consumes the grant, records the token
-    /// and registers `creds` (the token and its certificate) in the
-    /// credential registry, or does none of it. Refused (nothing written)
-    /// when the grant is used, expired or unknown, or when a credential,
-    /// its parent or its task is revoked.
+    /// A redeem's one atomic step: consumes the grant (keeping `delivery`
+    /// with it), records the token and registers `creds` (the token and
+    /// its certificate) in the credential registry, or does none of it.
+    /// Refused (nothing written) when the grant is used, expired or
+    /// unknown, or when a credential, its parent or its task is revoked.
     fn redeem_grant(
         &self,
         digest: &str,
         now: u64,
         token: &TokenRecord,
         creds: &[baton_revocation::CredentialRecord],
+        delivery: &GrantDelivery,
     ) -> Result<Result<(), RedeemRefusal>, StoreError>;
+    /// What the redeem of a used grant delivered, if it was kept.
+    fn grant_delivery(&self, digest: &str) -> Result<Option<GrantDelivery>, StoreError>;
+    /// Marks that the delivery of `jti` was made again; false when the
+    /// grant no longer holds that delivery (released meanwhile). A grant so
+    /// marked is never released.
+    fn mark_redelivered(&self, digest: &str, jti: &str, now: u64) -> Result<bool, StoreError>;
     /// Undoes [`redeem_grant`](Self::redeem_grant) when the credential
     /// could not be delivered with its audit record: the grant becomes
-    /// redeemable again and the credentials are revoked (they never left).
+    /// redeemable again (its delivery forgotten) and the credentials are
+    /// revoked (they never left). Does nothing once the delivery was made
+    /// again elsewhere ([`mark_redelivered`](Self::mark_redelivered)): that
+    /// delivery has its audit record.
     fn release_grant(
         &self,
         digest: &str,
@@ -301,6 +330,29 @@ impl TaskStore for SqliteStore {
             .transpose()
     }
 
+    fn mark_redelivered(&self, digest: &str, jti: &str, now: u64) -> Result<bool, StoreError> {
+        self.with(|c| {
+            Ok(c.execute(
+                "UPDATE grants SET redelivered_at = ?3
+                 WHERE digest = ?1 AND used_at IS NOT NULL
+                   AND json_extract(delivery, '$.jti') = ?2",
+                params![digest, jti, to_i64(now)],
+            )? == 1)
+        })
+    }
+
+    fn grant_delivery(&self, digest: &str) -> Result<Option<GrantDelivery>, StoreError> {
+        let row: Option<Option<String>> = self.with(|c| {
+            Ok(c.query_row(
+                "SELECT delivery FROM grants WHERE digest = ?1 AND used_at IS NOT NULL",
+                params![digest],
+                |r| r.get(0),
+            )
+            .optional()?)
+        })?;
+        row.flatten().map(|d| dec("grants", &d)).transpose()
+    }
+
     fn consume_grant(
         &self,
         digest: &str,
@@ -354,8 +406,10 @@ impl TaskStore for SqliteStore {
         now: u64,
         token: &TokenRecord,
         creds: &[baton_revocation::CredentialRecord],
+        delivery: &GrantDelivery,
     ) -> Result<Result<(), RedeemRefusal>, StoreError> {
         let record = enc("tokens", token)?;
+        let delivery = enc("grants", delivery)?;
         self.with(|c| {
             let tx = c.transaction()?;
             let row: Option<(i64, Option<i64>, String)> = tx
@@ -399,8 +453,8 @@ impl TaskStore for SqliteStore {
                 return Ok(Err(RedeemRefusal::Revoked(why)));
             }
             tx.execute(
-                "UPDATE grants SET used_at = ?2 WHERE digest = ?1",
-                params![digest, to_i64(now)],
+                "UPDATE grants SET used_at = ?2, delivery = ?3 WHERE digest = ?1",
+                params![digest, to_i64(now), delivery],
             )?;
             tx.execute(
                 "INSERT INTO tokens (jti, task_id, record) VALUES (?1, ?2, ?3)",
@@ -419,10 +473,15 @@ impl TaskStore for SqliteStore {
     ) -> Result<(), StoreError> {
         self.with(|c| {
             let tx = c.transaction()?;
-            tx.execute(
-                "UPDATE grants SET used_at = NULL WHERE digest = ?1",
+            let released = tx.execute(
+                "UPDATE grants SET used_at = NULL, delivery = NULL
+                 WHERE digest = ?1 AND redelivered_at IS NULL",
                 params![digest],
             )?;
+            if released == 0 {
+                tx.commit()?;
+                return Ok(());
+            }
             let dead: Vec<baton_revocation::Revoked> = creds
                 .iter()
                 .map(|r| baton_revocation::Revoked {

@@ -523,7 +523,8 @@ pub enum SecretCmd {
         /// Your task credential directory (from `baton grant redeem`).
         #[arg(long)]
         credential: PathBuf,
-        /// The broker's HTTPS URL.
+        /// The broker's HTTPS URL; several brokers of one service separated
+        /// by commas (the next is asked only when one cannot be reached).
         #[arg(long, env = "BATON_BROKER_URL", hide_env_values = true)]
         broker_url: String,
         /// The engine's name, e.g. postgres.crm or apikey.
@@ -537,7 +538,8 @@ pub enum SecretCmd {
         /// A credential directory whose SVID is of the trust domain.
         #[arg(long)]
         credential: PathBuf,
-        /// The broker's HTTPS URL.
+        /// The broker's HTTPS URL; several brokers of one service separated
+        /// by commas (the next is asked only when one cannot be reached).
         #[arg(long, env = "BATON_BROKER_URL", hide_env_values = true)]
         broker_url: String,
         /// The presented key (bk_...), or `-` to read it from standard input.
@@ -1108,8 +1110,8 @@ pub struct DelegateArgs {
     #[arg(long)]
     pub credential: PathBuf,
     /// The broker's HTTPS URL; several brokers of one service separated
-    /// by commas (the next is tried only when one refuses the connection,
-    /// so a hop is never asked for twice).
+    /// by commas (the next is asked when one gives no answer: a hop spends
+    /// nothing, and a grant whose answer was lost is never delivered).
     #[arg(long, env = "BATON_BROKER_URL", hide_env_values = true)]
     pub broker_url: String,
     /// The agent receiving the hop.

@@ -153,6 +153,7 @@ impl Credential {
             .map_err(|e| anyhow::anyhow!("TLS config: {e}"))?;
         reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
+            .connect_timeout(BROKER_CONNECT_TIMEOUT)
             .build()
             .map_err(|e| anyhow::anyhow!("HTTP client: {e}"))
     }
@@ -455,27 +456,20 @@ pub async fn delegate(args: DelegateArgs) -> Result<()> {
         ttl_secs: None,
     };
     let traceparent = crate::telemetry::outgoing_traceparent();
-    let mut sent = None;
-    for (i, base) in urls.iter().enumerate() {
-        let mut post = http.post(format!("{base}/v1/delegate"));
-        if let Some(tp) = &traceparent {
-            post = post.header(baton_core::trace_context::TRACEPARENT_HEADER, tp.clone());
-        }
-        match post.json(&request).send().await {
-            // Never reached that broker: the next one may take the hop.
-            Err(e) if e.is_connect() && i + 1 < urls.len() => {
-                tracing::warn!(broker = %base, error = %e, "broker unreachable, trying the next");
-            }
-            other => {
-                sent = Some(other);
-                break;
-            }
-        }
-    }
-    let resp = match sent {
-        Some(r) => r.map_err(|e| broker_send_error(&e, &args.credential))?,
-        None => return Err(exit(EXIT_REFUSED, "--broker-url: no broker URL")),
-    };
+    // A hop spends nothing, so one whose answer was lost (the broker died
+    // after it) is asked again at the next broker: the first grant, never
+    // delivered, expires unredeemed (the trail shows it issued and never
+    // redeemed).
+    let resp = post_first_answer(
+        &http,
+        &urls,
+        "/v1/delegate",
+        &request,
+        traceparent,
+        Replay::AnyTransport,
+    )
+    .await?
+    .map_err(|e| broker_send_error(&e, &args.credential))?;
     let status = resp.status();
     let body: serde_json::Value = resp.json().await.unwrap_or_default();
     if !status.is_success() {
@@ -503,6 +497,56 @@ pub async fn delegate(args: DelegateArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// How long a connection to a broker may take to open.
+const BROKER_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a broker may take to answer a hop or a secret request before
+/// the next one is tried.
+const BROKER_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Which failures move a request to the next broker URL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Replay {
+    /// Only a connection that could not be made: the request never
+    /// reached a broker (its effect may not be repeatable).
+    ConnectOnly,
+    /// Any failure before an HTTP answer (refused, reset, timeout): the
+    /// request spends nothing, so one asked twice is harmless.
+    AnyTransport,
+}
+
+/// POSTs `body` to `path` at the first broker of `urls` that answers: any
+/// HTTP answer, whatever its status, is final; a broker that gives none
+/// is skipped for the next as `replay` allows. The last error when none
+/// answers.
+async fn post_first_answer<T: serde::Serialize + ?Sized>(
+    http: &reqwest::Client,
+    urls: &[String],
+    path: &str,
+    body: &T,
+    traceparent: Option<String>,
+    replay: Replay,
+) -> Result<std::result::Result<reqwest::Response, reqwest::Error>> {
+    let Some((last, first)) = urls.split_last() else {
+        return Err(exit(EXIT_REFUSED, "--broker-url: no broker URL"));
+    };
+    let send = |base: &String| {
+        let mut post = http.post(format!("{base}{path}"));
+        if let Some(tp) = &traceparent {
+            post = post.header(baton_core::trace_context::TRACEPARENT_HEADER, tp.clone());
+        }
+        post.json(body).timeout(BROKER_ANSWER_TIMEOUT).send()
+    };
+    for base in first {
+        match send(base).await {
+            Err(e) if e.is_connect() || (replay == Replay::AnyTransport && !e.is_builder()) => {
+                tracing::warn!(broker = %base, error = %e, "no answer from the broker, trying the next");
+            }
+            answered => return Ok(answered),
+        }
+    }
+    Ok(send(last).await)
 }
 
 /// `baton secret lease|introspect`: mTLS with a task credential to the broker.
@@ -551,15 +595,20 @@ pub async fn secret(cmd: SecretCmd) -> Result<()> {
         .id("/baton/broker")
         .map_err(|e| exit(EXIT_REFUSED, e.to_string()))?;
     let http = credential.client(PeerPolicy::Exact(vec![broker_id]))?;
-    let resp = http
-        .post(format!(
-            "{}/v1/secrets/{path}",
-            broker_url.trim_end_matches('/')
-        ))
-        .json(&body)
-        .send()
-        .await
-        .map_err(|e| broker_send_error(&e, credential_dir))?;
+    let urls = baton_verify::broker_urls(broker_url)
+        .map_err(|e| exit(EXIT_REFUSED, format!("--broker-url: {e}")))?;
+    // Each broker keeps its own API-key store, and a lease creates a
+    // secret: only a broker that could not be reached is skipped.
+    let resp = post_first_answer(
+        &http,
+        &urls,
+        &format!("/v1/secrets/{path}"),
+        &body,
+        None,
+        Replay::ConnectOnly,
+    )
+    .await?
+    .map_err(|e| broker_send_error(&e, credential_dir))?;
     let status = resp.status();
     let body: serde_json::Value = resp.json().await.unwrap_or_default();
     if !status.is_success() {

@@ -255,7 +255,8 @@ impl Metrics {
             .inc();
     }
 
-    /// `granted` or `refused`.
+    /// `granted`, `redelivered` (the same request replayed after its answer
+    /// was lost) or `refused`.
     pub fn redeem(&self, decision: &'static str) {
         self.redeems
             .get_or_create(&DecisionLabels { decision })
