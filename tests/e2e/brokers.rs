@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::delegation::{PLANNER, RESEARCHER, TOOL, World, claims};
+use crate::delegation::{PLANNER, RESEARCHER, TOOL, World, claims, task_start_args};
 use crate::harness::{Cluster, Options, TD, baton, own_uid, wait_for};
 use crate::pg_datastore::{cluster, create_db, refused_start_status};
 use crate::revocation::works;
@@ -423,31 +423,7 @@ fn one_task_runs_across_three_brokers() {
     );
     let read = READ;
     fn start_at(w: &World, at: &Cluster) -> (String, String) {
-        let mut a = vec![
-            "task",
-            "start",
-            "--user",
-            "alice@example.com",
-            "--group",
-            "engineering",
-            "--root-agent",
-            PLANNER,
-            "--purpose",
-            "support.case-research",
-            "--risk-ceiling",
-            "read",
-            "--ttl",
-            "10m",
-            "--max-depth",
-            "2",
-            "--audience",
-            "crm",
-            "-o",
-            "json",
-        ];
-        for s in READ {
-            a.extend(["--scope", s]);
-        }
+        let a = task_start_args(&READ, "2", "10m", "read");
         let v: serde_json::Value = serde_json::from_str(&ok_at(w, at, &a)).unwrap();
         (
             v["task_id"].as_str().unwrap().to_owned(),

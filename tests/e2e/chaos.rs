@@ -152,6 +152,40 @@ fn redeem(w: &World, grant: &str, as_id: &str, dir: &str) -> (PathBuf, String) {
     (path, jti)
 }
 
+/// Polls (30 s) until `url` treats the credential in `dir` as it must once
+/// everything has settled: refused as revoked when `revoked`, else
+/// accepted (a researcher) or past the revocation check (a planner, whom
+/// the example policy refuses).
+pub(crate) fn settles(
+    w: &World,
+    url: &str,
+    dir: &Path,
+    revoked: bool,
+    researcher: bool,
+    what: &str,
+) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = call(w, url, dir);
+        let ok = if revoked {
+            refused_revoked(&out)
+        } else if researcher {
+            out.status.success()
+        } else {
+            passes_revocation(&out)
+        };
+        if ok {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {}",
+            stderr(&out)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn revoked_ids(v: &serde_json::Value) -> usize {
     v["revoked"].as_array().map_or(0, Vec::len)
 }
@@ -484,26 +518,7 @@ fn chaos_hops_calls_and_revocations_while_redis_is_flushed_killed_and_restarted(
                 },
                 c.revoked
             );
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                let out = call(&w, url, &c.dir);
-                let ok = if c.revoked {
-                    refused_revoked(&out)
-                } else if c.researcher {
-                    out.status.success()
-                } else {
-                    passes_revocation(&out)
-                };
-                if ok {
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "timed out waiting for {what}: {}",
-                    stderr(&out)
-                );
-                std::thread::sleep(Duration::from_millis(100));
-            }
+            settles(&w, url, &c.dir, c.revoked, c.researcher, &what);
         }
     }
 

@@ -27,8 +27,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::brokers::{broker, seal_key};
-use crate::chaos::{Rng, call, passes_revocation, refused_revoked, seed, stderr};
-use crate::delegation::{PLANNER, RESEARCHER, TOOL, World, claims};
+use crate::chaos::{Rng, call, passes_revocation, refused_revoked, seed, settles, stderr};
+use crate::delegation::{PLANNER, RESEARCHER, TOOL, World, claims, task_start_args};
 use crate::harness::{BrokerSpec, Options, Proc, Redis, baton, own_uid, wait_for};
 use crate::pg_datastore::{cluster, create_db};
 
@@ -186,31 +186,7 @@ impl Driver<'_> {
     }
 
     fn start(&mut self) -> (String, String) {
-        let mut args = vec![
-            "task",
-            "start",
-            "--user",
-            "alice@example.com",
-            "--group",
-            "engineering",
-            "--root-agent",
-            PLANNER,
-            "--purpose",
-            "support.case-research",
-            "--risk-ceiling",
-            "read",
-            "--ttl",
-            "10m",
-            "--max-depth",
-            "2",
-            "--audience",
-            "crm",
-            "-o",
-            "json",
-        ];
-        for s in READ {
-            args.extend(["--scope", s]);
-        }
+        let args = task_start_args(READ, "2", "10m", "read");
         let v: serde_json::Value = serde_json::from_str(&self.admin("task start", &args)).unwrap();
         (
             v["task_id"].as_str().unwrap().to_owned(),
@@ -657,26 +633,7 @@ fn chaos_brokers_killed_and_restarted_lose_no_request_credential_or_record() {
                 "{} (revoked: {}) at {url} (seed {seed})",
                 cr.jti, cr.revoked
             );
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                let out = call(&w, url, &cr.dir);
-                let ok = if cr.revoked {
-                    refused_revoked(&out)
-                } else if cr.researcher {
-                    out.status.success()
-                } else {
-                    passes_revocation(&out)
-                };
-                if ok {
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "timed out waiting for {what}: {}",
-                    stderr(&out)
-                );
-                std::thread::sleep(Duration::from_millis(100));
-            }
+            settles(&w, url, &cr.dir, cr.revoked, cr.researcher, &what);
         }
     }
     // A revoked planner hops nowhere: each broker on its own refuses it.

@@ -150,32 +150,7 @@ impl World {
         ttl: &str,
         ceiling: &str,
     ) -> (String, String) {
-        let mut args = vec![
-            "task",
-            "start",
-            "--user",
-            "alice@example.com",
-            "--group",
-            "engineering",
-            "--root-agent",
-            PLANNER,
-            "--purpose",
-            "support.case-research",
-            "--risk-ceiling",
-            ceiling,
-            "--ttl",
-            ttl,
-            "--max-depth",
-            max_depth,
-            "--audience",
-            "crm",
-            "-o",
-            "json",
-        ];
-        for s in scope {
-            args.extend(["--scope", s]);
-        }
-        let v = self.json(&args);
+        let v = self.json(&task_start_args(scope, max_depth, ttl, ceiling));
         (
             v["task_id"].as_str().unwrap().to_owned(),
             v["grant"].as_str().unwrap().to_owned(),
@@ -289,6 +264,42 @@ impl World {
             r#"{"q":"acme"}"#,
         ])
     }
+}
+
+/// `baton task start` for alice, rooted at the planner, for `crm`, with
+/// `-o json`.
+pub fn task_start_args<'a>(
+    scope: &[&'a str],
+    max_depth: &'a str,
+    ttl: &'a str,
+    ceiling: &'a str,
+) -> Vec<&'a str> {
+    let mut args = vec![
+        "task",
+        "start",
+        "--user",
+        "alice@example.com",
+        "--group",
+        "engineering",
+        "--root-agent",
+        PLANNER,
+        "--purpose",
+        "support.case-research",
+        "--risk-ceiling",
+        ceiling,
+        "--ttl",
+        ttl,
+        "--max-depth",
+        max_depth,
+        "--audience",
+        "crm",
+        "-o",
+        "json",
+    ];
+    for s in scope {
+        args.extend(["--scope", s]);
+    }
+    args
 }
 
 pub fn claims(cred: &Path) -> serde_json::Value {

@@ -441,9 +441,19 @@ struct TestBroker {
 
 impl TestBroker {
     async fn start(dir: &Path, td: &TrustDomain) -> Self {
+        Self::start_with(dir, td, |_| {}).await
+    }
+
+    /// `start`, with `adjust` applied to the broker's configuration.
+    async fn start_with(
+        dir: &Path,
+        td: &TrustDomain,
+        adjust: impl FnOnce(&mut baton_broker::BrokerConfig),
+    ) -> Self {
         let admin = dir.join("admin.sock");
         let mut bcfg = baton_broker::BrokerConfig::new(td.clone(), None, admin.clone());
         bcfg.listen = "127.0.0.1:0".parse().unwrap();
+        adjust(&mut bcfg);
         let (btx, brx) = oneshot::channel();
         let (stop, stop_rx) = oneshot::channel::<()>();
         let task = tokio::spawn(baton_broker::run(
@@ -886,33 +896,12 @@ async fn the_same_redeem_sent_again_gets_the_same_credential_and_nothing_else_do
     baton_tls::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
     let td = TrustDomain::new("example.org").unwrap();
-    let broker = {
-        let admin = dir.path().join("admin.sock");
-        let mut bcfg = baton_broker::BrokerConfig::new(td.clone(), None, admin.clone());
-        bcfg.listen = "127.0.0.1:0".parse().unwrap();
-        bcfg.dev_issuer = true;
-        bcfg.data_dir = Some(dir.path().join("broker"));
-        let (btx, brx) = oneshot::channel();
-        let (stop, stop_rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(baton_broker::run(
-            bcfg,
-            Arc::new(baton_broker::LogIssuance),
-            Some(btx),
-            async move {
-                let _ = stop_rx.await;
-            },
-        ));
-        let ready = match tokio::time::timeout(DEADLINE, brx).await {
-            Ok(Ok(r)) => r,
-            _ => panic!("broker not ready: {:?}", task.await),
-        };
-        TestBroker {
-            ready,
-            admin,
-            stop,
-            task,
-        }
-    };
+    let data_dir = dir.path().join("broker");
+    let broker = TestBroker::start_with(dir.path(), &td, |cfg| {
+        cfg.dev_issuer = true;
+        cfg.data_dir = Some(data_dir);
+    })
+    .await;
     let trusted = || bundles_of(&td, broker.authorities());
     let workload = "spiffe://example.org/agents/researcher";
     // Two nodes, both serving the workload.

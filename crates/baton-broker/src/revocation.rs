@@ -949,6 +949,8 @@ mod migration_tests {
                     // after it).
                     c.execute("DELETE FROM schema_version WHERE version >= 8", [])?;
                     c.execute("DROP TABLE approvals", [])?;
+                    c.execute("ALTER TABLE grants DROP COLUMN delivery", [])?;
+                    c.execute("ALTER TABLE grants DROP COLUMN redelivered_at", [])?;
                     Ok(())
                 })
                 .unwrap();
