@@ -1250,6 +1250,12 @@ impl Delegation {
                 ));
             }
         }
+        // Fail closed: an unreadable revocation table counts as revoked.
+        for id in [&kept.jti, &kept.cert_serial] {
+            if self.revoker.durably_revoked(id, now_s).unwrap_or(true) {
+                return Err(format!("{id} is revoked"));
+            }
+        }
         let leaf = chain.first().cloned().unwrap_or_default();
         let peer = PeerCert::from_verified_leaf(leaf).map_err(|e| e.to_string())?;
         let held = self
