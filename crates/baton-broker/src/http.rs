@@ -21,7 +21,7 @@ use warp::reply::Response;
 use warp::{Filter, Reply};
 
 use crate::revocation::Revoker;
-use crate::service::{AuthenticatedNode, Broker, BrokerError, Issued};
+use crate::service::{AuthenticatedNode, Broker, BrokerError};
 
 /// Largest body of a route that carries one request (every route but the
 /// batch ones).
@@ -49,6 +49,16 @@ where
     tokio::task::spawn_blocking(work)
         .await
         .unwrap_or_else(|e| Err(BrokerError::Hook(format!("a worker thread failed: {e}"))))
+}
+
+/// Answers with what `work` (a sync call of the core: the datastore, the
+/// audit log, signing) returns, run on the blocking pool.
+pub(crate) async fn answer<T, W>(work: W) -> Result<Response, Infallible>
+where
+    T: Serialize + Send + 'static,
+    W: FnOnce() -> Result<T, BrokerError> + Send + 'static,
+{
+    respond(blocking(work).await)
 }
 
 /// Runs a handler that mixes blocking work with awaits (a secret lease:
@@ -112,11 +122,18 @@ fn correlation_id() -> String {
     hex::encode(bytes)
 }
 
-impl BrokerError {
+/// How a [`BrokerError`] is answered over HTTP: the one place where the
+/// core's errors become statuses and bodies.
+pub(crate) trait ErrorReply {
     /// The HTTP answer: the status and the JSON body. Refusals explain
     /// themselves; failures inside the broker ([`BrokerError::Store`],
     /// [`BrokerError::Ca`], [`BrokerError::Hook`]) are logged with a
     /// correlation id that is all the caller gets.
+    fn reply_parts(self) -> (StatusCode, serde_json::Value);
+    fn into_response(self) -> Response;
+}
+
+impl ErrorReply for BrokerError {
     fn reply_parts(self) -> (StatusCode, serde_json::Value) {
         let message = self.to_string();
         let refusal = |status, code: &str, field: Option<&str>| {
@@ -224,78 +241,36 @@ fn peer_leaf() -> impl Filter<Extract = (Option<PeerCertificate>,), Error = Infa
     warp::ext::optional::<PeerCertificate>()
 }
 
-/// The node behind a request: attested, not banned, and presenting an
-/// agent SVID that is not revoked (the broker's durable table; a read
-/// error refuses).
+/// The node behind a request ([`crate::requests::node`]), from the TLS
+/// layer's verified peer.
 pub(crate) fn node_auth(
     broker: &Broker,
     revoker: &Revoker,
     peer: Option<PeerIdentity>,
     leaf: Option<PeerCertificate>,
 ) -> Result<AuthenticatedNode, BrokerError> {
-    let now = crate::oidc::unix_now();
-    broker.authenticate_node_svid(
+    crate::requests::node(
+        broker,
+        revoker,
         peer.as_ref().and_then(|p| p.0.as_ref()),
         leaf.as_ref().map(|c| c.0.as_slice()),
-        |serial| revoker.durably_revoked(serial, now),
+        SystemTime::now(),
     )
 }
 
-/// Registers what was issued with the revocation store (fail closed), then
-/// lets `finish` hand it out. `finish` re-checks the node, so an eviction
-/// racing this request either revoked the registered records or refuses
-/// here.
-pub(crate) async fn issue<X, T>(
-    broker: &Broker,
-    revoker: &Revoker,
-    node: &AuthenticatedNode,
-    issued: Result<Issued<X>, BrokerError>,
-    finish: impl FnOnce(&Broker, &AuthenticatedNode, X) -> Result<T, BrokerError>,
-) -> Result<T, BrokerError> {
-    issue_blocking(broker, revoker, node, issued, finish)
-}
-
-/// [`issue`] on a thread that may block (inside [`blocking`]): the whole
-/// node request in one hop off the async workers, rather than one hand-off
-/// of a worker per datastore call.
-fn issue_blocking<X, T>(
-    broker: &Broker,
-    revoker: &Revoker,
-    node: &AuthenticatedNode,
-    issued: Result<Issued<X>, BrokerError>,
-    finish: impl FnOnce(&Broker, &AuthenticatedNode, X) -> Result<T, BrokerError>,
-) -> Result<T, BrokerError> {
-    let issued = issued?;
-    revoker.register_blocking(&issued.records, crate::oidc::unix_now())?;
-    finish(broker, node, issued.value)
-}
-
-/// Hands out a workload credential if its node is still attested.
-fn still_attested<T>(broker: &Broker, node: &AuthenticatedNode, v: T) -> Result<T, BrokerError> {
-    broker.authenticate_node(Some(node.id()))?;
-    Ok(v)
-}
-
 /// `POST /v1/node/<route>`: an attested node (mTLS) sends a JSON `Req`;
-/// `handle` signs, the records are registered, `finish` hands out.
-fn node_post<Req, X, Resp, F, G>(
+/// `handle` is the whole request (see [`crate::requests`]).
+fn node_post<Req, Resp, F>(
     broker: Arc<Broker>,
     revoker: Arc<Revoker>,
     route: &'static str,
     max_body: u64,
     handle: F,
-    finish: G,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone + Send + Sync + 'static
 where
     Req: DeserializeOwned + Send + 'static,
-    X: Send + 'static,
     Resp: Serialize + Send + 'static,
-    F: Fn(&Broker, &AuthenticatedNode, Req, SystemTime) -> Result<Issued<X>, BrokerError>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    G: Fn(&Broker, &AuthenticatedNode, X) -> Result<Resp, BrokerError>
+    F: Fn(&Broker, &Revoker, &AuthenticatedNode, Req, SystemTime) -> Result<Resp, BrokerError>
         + Clone
         + Send
         + Sync
@@ -317,15 +292,14 @@ where
                   peer: Option<PeerIdentity>,
                   leaf: Option<PeerCertificate>,
                   body: Bytes| {
-                let (handle, finish) = (handle.clone(), finish.clone());
+                let handle = handle.clone();
                 async move {
                     // The node check, the signing, the registration and the
                     // re-check, off the async workers in one hop.
                     let result = blocking(move || {
                         let node = node_auth(&broker, &revoker, peer, leaf)?;
-                        let issued = parse_body::<Req>(&body)
-                            .and_then(|req| handle(&broker, &node, req, SystemTime::now()));
-                        issue_blocking(&broker, &revoker, &node, issued, finish)
+                        let req = parse_body::<Req>(&body)?;
+                        handle(&broker, &revoker, &node, req, SystemTime::now())
                     })
                     .await;
                     respond(result)
@@ -334,9 +308,31 @@ where
         )
 }
 
-/// Routes served on the broker's HTTPS port (rejections are answered by
-/// [`crate::http_limits::guarded`]).
-pub fn node_routes(
+/// Everything the broker's HTTPS port serves, in one filter: the rate
+/// limits first (before a body is read), then the node, task, audit and
+/// secrets routes, every answer counted by route and status. Rejections
+/// are answered by [`crate::http_limits::guarded`].
+pub fn https_routes(
+    broker: Arc<Broker>,
+    delegation: Arc<crate::delegation::Delegation>,
+    secrets: Arc<crate::secrets::Secrets>,
+    limiters: Arc<crate::limits::RateLimiters>,
+) -> impl Filter<Extract = (impl warp::Reply,), Error = std::convert::Infallible>
++ Clone
++ Send
++ Sync
++ 'static {
+    crate::http_limits::guarded(
+        limiters,
+        crate::http_secrets::routes(secrets, delegation.clone())
+            .or(node_routes(broker, delegation))
+            .unify(),
+    )
+    .with(crate::http_ops::count_requests())
+}
+
+/// The node, task, audit and revocation-feed routes of the HTTPS port.
+fn node_routes(
     broker: Arc<Broker>,
     delegation: Arc<crate::delegation::Delegation>,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone + Send + Sync + 'static {
@@ -374,22 +370,10 @@ pub fn node_routes(
         .and(json_body())
         .and_then(
             |broker: Arc<Broker>, revoker: Arc<Revoker>, body: Bytes| async move {
-                let result = async {
-                    let pending = {
-                        let broker = broker.clone();
-                        blocking(move || {
-                            parse_body::<AttestRequest>(&body)
-                                .and_then(|req| broker.attest(&req, SystemTime::now()))
-                        })
-                        .await?
-                    };
-                    // Registered before the token is burned and the SVID
-                    // leaves: a store that is down costs no token.
-                    revoker
-                        .register(&[pending.record()], crate::oidc::unix_now())
-                        .await?;
-                    blocking(move || broker.finish_agent_svid(pending)).await
-                }
+                let result = blocking(move || {
+                    let req = parse_body::<AttestRequest>(&body)?;
+                    crate::requests::attest(&broker, &revoker, &req, SystemTime::now())
+                })
                 .await;
                 respond(result)
             },
@@ -399,14 +383,9 @@ pub fn node_routes(
         revoker.clone(),
         "renew",
         MAX_BODY,
-        |b, node, req: RenewRequest, now| {
-            let pending = b.renew(node, &req.csr_der, now)?;
-            Ok(Issued {
-                records: vec![pending.record()],
-                value: pending,
-            })
+        |b, r, node, req: RenewRequest, now| {
+            crate::requests::renew_agent_svid(b, r, node, &req.csr_der, now)
         },
-        |b, _node, pending| b.finish_agent_svid(pending),
     );
     let sync = warp::path!("v1" / "node" / "sync")
         .and(warp::get())
@@ -437,16 +416,14 @@ pub fn node_routes(
         revoker.clone(),
         "sign-x509",
         MAX_BATCH_BODY,
-        |b, node, req: SignX509Request, now| b.sign_x509(node, &req, now),
-        still_attested,
+        |b, r, node, req: SignX509Request, now| crate::requests::sign_x509(b, r, node, &req, now),
     );
     let sign_jwt = node_post(
         broker.clone(),
         revoker.clone(),
         "sign-jwt",
         MAX_BODY,
-        |b, node, req: SignJwtRequest, now| b.sign_jwt(node, &req, now),
-        still_attested,
+        |b, r, node, req: SignJwtRequest, now| crate::requests::sign_jwt(b, r, node, &req, now),
     );
     let health = warp::path!("healthz")
         .and(warp::get())
@@ -524,37 +501,42 @@ pub fn admin_routes(
         .and(b())
         .and(json_body())
         .and_then(|broker: Arc<Broker>, body: Bytes| async move {
-            respond(
+            answer(move || {
                 parse_body::<JoinTokenRequest>(&body)
-                    .and_then(|req| broker.generate_join_token(&req, SystemTime::now())),
-            )
+                    .and_then(|req| broker.generate_join_token(&req, SystemTime::now()))
+            })
+            .await
         });
     let create = warp::path!("v1" / "admin" / "entries")
         .and(warp::post())
         .and(b())
         .and(json_body())
         .and_then(|broker: Arc<Broker>, body: Bytes| async move {
-            respond(parse_body::<NewEntry>(&body).and_then(|new| broker.create_entry(&new)))
+            answer(move || parse_body::<NewEntry>(&body).and_then(|new| broker.create_entry(&new)))
+                .await
         });
     let list = warp::path!("v1" / "admin" / "entries")
         .and(warp::get())
         .and(b())
         .and_then(|broker: Arc<Broker>| async move {
-            respond(broker.list_entries().map(|entries| EntryList { entries }))
+            answer(move || broker.list_entries().map(|entries| EntryList { entries })).await
         });
     let show = warp::path!("v1" / "admin" / "entries" / String)
         .and(warp::get())
         .and(b())
-        .and_then(|id: String, broker: Arc<Broker>| async move { respond(broker.get_entry(&id)) });
+        .and_then(|id: String, broker: Arc<Broker>| async move {
+            answer(move || broker.get_entry(&id)).await
+        });
     let delete = warp::path!("v1" / "admin" / "entries" / String)
         .and(warp::delete())
         .and(b())
         .and_then(|id: String, broker: Arc<Broker>| async move {
-            respond(
+            answer(move || {
                 broker
                     .delete_entry(&id)
-                    .map(|()| serde_json::json!({ "deleted": id })),
-            )
+                    .map(|()| serde_json::json!({ "deleted": id }))
+            })
+            .await
         });
     let bundle = warp::path!("v1" / "admin" / "bundle")
         .and(warp::get())
@@ -581,7 +563,7 @@ pub fn admin_routes(
                 .unify()
                 .or(bundle)
                 .unify()
-                .or(crate::rotation::admin_routes(broker.clone()))
+                .or(crate::http_rotation::admin_routes(broker.clone()))
                 .unify()
                 .or(crate::http_nodes::admin_routes(
                     broker.clone(),

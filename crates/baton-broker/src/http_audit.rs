@@ -18,7 +18,7 @@ use warp::Filter;
 use warp::reply::Response;
 
 use crate::delegation::Delegation;
-use crate::http::respond;
+use crate::http::answer;
 use crate::service::BrokerError;
 
 fn with(
@@ -46,34 +46,40 @@ pub fn admin_routes(
         .and(warp::get())
         .and(with(d.clone()))
         .and_then(|d: Arc<Delegation>| async move {
-            respond(head(&d).map(|cp| {
-                serde_json::json!({
-                    "checkpoint": cp,
-                    "public_key": B64.encode(d.audit().public_key()),
+            answer(move || {
+                head(&d).map(|cp| {
+                    serde_json::json!({
+                        "checkpoint": cp,
+                        "public_key": B64.encode(d.audit().public_key()),
+                    })
                 })
-            }))
+            })
+            .await
         });
     let consistency = warp::path!("v1" / "admin" / "audit" / "consistency" / u64)
         .and(warp::get())
         .and(with(d))
         .and_then(|old: u64, d: Arc<Delegation>| async move {
-            let answer = head(&d).and_then(|cp| {
-                let proof = if old <= cp.size {
-                    Some(
-                        d.audit()
-                            .consistency_proof(old, cp.size)
-                            .map_err(audit_error)?,
-                    )
-                } else {
-                    None
-                };
-                Ok(serde_json::json!({
-                    "checkpoint": cp,
-                    "proof": proof,
-                    "public_key": B64.encode(d.audit().public_key()),
-                }))
-            });
-            respond(answer)
+            // A consistency proof reads the log: on the blocking pool.
+            answer(move || {
+                head(&d).and_then(|cp| {
+                    let proof = if old <= cp.size {
+                        Some(
+                            d.audit()
+                                .consistency_proof(old, cp.size)
+                                .map_err(audit_error)?,
+                        )
+                    } else {
+                        None
+                    };
+                    Ok(serde_json::json!({
+                        "checkpoint": cp,
+                        "proof": proof,
+                        "public_key": B64.encode(d.audit().public_key()),
+                    }))
+                })
+            })
+            .await
         });
     checkpoint.or(consistency).unify()
 }

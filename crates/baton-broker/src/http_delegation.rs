@@ -17,12 +17,13 @@ use baton_tls::{PeerCertificate, PeerIdentity};
 use baton_verify::PeerCert;
 use bytes::Bytes;
 use serde::Deserialize;
-use tracing::Instrument;
 use warp::Filter;
 use warp::reply::Response;
 
 use crate::delegation::Delegation;
-use crate::http::{MAX_BATCH_BODY, blocking, json_body, json_body_max, parse_body, respond};
+use crate::http::{
+    MAX_BATCH_BODY, answer, blocking, json_body, json_body_max, parse_body, respond,
+};
 use crate::service::{Broker, BrokerError};
 use crate::telemetry::{RequestTrace, request_span};
 
@@ -56,8 +57,7 @@ pub(crate) fn peer_cert(
 }
 
 /// A tool server acting in the audit log (reports, approval requests):
-/// its SVID must be live, not revoked (the broker's durable table; an
-/// error refuses) and its SPIFFE ID not blocked (`baton revoke agent`).
+/// mTLS with its SVID, then [`crate::requests::live_tool_server`].
 fn live_tool_server(
     d: &Delegation,
     id: Option<PeerIdentity>,
@@ -73,28 +73,12 @@ fn live_tool_server(
             )));
         }
     };
-    let now = crate::oidc::unix_now();
-    if d.revoker()
-        .durably_revoked(peer.serial_hex(), now)
-        .unwrap_or(true)
-    {
-        return Err(BrokerError::Forbidden {
-            code: "certificate_revoked",
-            message: format!(
-                "the SVID (serial {}) of {} is revoked: it can no longer report to the audit log",
-                peer.serial_hex(),
-                peer.spiffe_id()
-            ),
-        });
-    }
-    d.broker().refuse_blocked(peer.spiffe_id(), now)?;
-    Ok(peer.spiffe_id().clone())
+    crate::requests::live_tool_server(d, &peer, SystemTime::now())
 }
 
 /// `POST /v1/node/<route>`: an attested node (mTLS, agent SVID) asks for a
-/// task credential on behalf of a workload; what `mint` returns is
-/// registered with the revocation store before it leaves, and only if the
-/// node is still attested.
+/// task credential on behalf of a workload; `mint` is the whole request
+/// (see [`crate::requests`]).
 fn node_mint<Req, F>(
     route: &'static str,
     span: fn() -> tracing::Span,
@@ -109,7 +93,7 @@ where
             &crate::service::AuthenticatedNode,
             Req,
             SystemTime,
-        ) -> Result<crate::delegation::Minted, BrokerError>
+        ) -> Result<baton_core::api::TaskCredential, BrokerError>
         + Clone
         + Send
         + Sync
@@ -136,46 +120,20 @@ where
                 let mint = mint.clone();
                 let rt = RequestTrace::start(span(), tp.as_deref());
                 async move {
-                    // The node check and the minting (signing, SQLite, the
-                    // audit log), off the async workers.
-                    let checked = {
-                        let (broker, d, rt) = (broker.clone(), d.clone(), rt.clone());
+                    // The node check, the minting (signing, SQLite, the
+                    // audit log) and the registration, off the async
+                    // workers in one hop.
+                    let result = {
+                        let rt = rt.clone();
                         blocking(move || {
                             rt.scoped(|| {
+                                let now = SystemTime::now();
                                 let node = crate::http::node_auth(&broker, d.revoker(), id, leaf)?;
-                                let minted = parse_body::<Req>(&body)
-                                    .and_then(|req| mint(&d, &node, req, SystemTime::now()));
-                                Ok((node, minted))
+                                let req = parse_body::<Req>(&body)?;
+                                mint(&d, &node, req, now)
                             })
                         })
                         .await
-                    };
-                    let result = match checked {
-                        Ok((node, minted)) => {
-                            let minted = match minted {
-                                // What the new credential replaces is revoked
-                                // before it leaves (fail closed).
-                                Ok(m) => d
-                                    .revoker()
-                                    .supersede(&m.superseded, "renewed", crate::oidc::unix_now())
-                                    .await
-                                    .map(|()| crate::service::Issued {
-                                        value: m.credential,
-                                        records: m.records,
-                                    }),
-                                Err(e) => Err(e),
-                            };
-                            crate::http::issue(
-                                &broker,
-                                d.revoker(),
-                                &node,
-                                minted,
-                                |b, node, cred| b.authenticate_node(Some(node.id())).map(|_| cred),
-                            )
-                            .instrument(rt.span.clone())
-                            .await
-                        }
-                        Err(e) => Err(e),
                     };
                     rt.outcome(&result);
                     respond(result)
@@ -215,14 +173,12 @@ pub fn node_routes(
                         rt.scoped(|| {
                             let peer = peer_cert(id, cert)?;
                             let req = parse_body::<DelegateRequest>(&body)?;
-                            d.delegate(&peer, &req, SystemTime::now())
+                            crate::requests::delegate(&d, &peer, &req, SystemTime::now())
                         })
                     })
                     .await
                 };
-                let result = register_grant(&d, granted)
-                    .instrument(rt.span.clone())
-                    .await;
+                let result = granted;
                 rt.outcome(&result);
                 respond(result)
             },
@@ -232,14 +188,14 @@ pub fn node_routes(
         || request_span!("baton.redeem"),
         broker.clone(),
         d.clone(),
-        |d, node, req: RedeemRequest, now| d.redeem(node, &req, now),
+        |d, node, req: RedeemRequest, now| crate::requests::redeem(d, node, &req, now),
     );
     let renew = node_mint(
         "renew-task",
         || request_span!("baton.renew"),
         broker,
         d.clone(),
-        |d, node, req: RenewTaskRequest, now| d.renew(node, &req, now),
+        |d, node, req: RenewTaskRequest, now| crate::requests::renew(d, node, &req, now),
     );
     let report = warp::path!("v1" / "audit" / "tool-calls")
         .and(warp::post())
@@ -249,47 +205,27 @@ pub fn node_routes(
         .and(traceparent())
         .and(json_body_max(MAX_BATCH_BODY))
         .and_then(
-            |d: Arc<Delegation>, id: Option<PeerIdentity>, leaf: Option<PeerCertificate>, tp: Option<String>, body: Bytes| async move {
+            |d: Arc<Delegation>,
+             id: Option<PeerIdentity>,
+             leaf: Option<PeerCertificate>,
+             tp: Option<String>,
+             body: Bytes| async move {
                 // Each report is an audit append: off the async workers.
-                respond(blocking(move || {
-                    let reporter = live_tool_server(&d, id, leaf, "tool-call reports")?;
-                    let (batch, single) = parse_reports(&body)?;
-                    let mut receipts = Vec::with_capacity(batch.len());
-                    for r in &batch {
-                        // A span per report, continuing the trace the call
-                        // arrived with at the tool server (its report's
-                        // `traceparent`), else the request's.
-                        let parent = [r.traceparent.as_deref(), tp.as_deref()]
-                            .into_iter()
-                            .flatten()
-                            .find(|t| {
-                                t.parse::<baton_core::trace_context::TraceParent>().is_ok()
-                            });
-                        let rt = RequestTrace::start(request_span!("baton.tool_call"), parent);
-                        let recorded = rt.scoped(|| d.record_tool_call(&reporter, r, SystemTime::now()));
-                        rt.outcome(&recorded);
-                        match recorded {
-                            Ok(v) => receipts.push(v),
-                            // In a batch, a report that can never be
-                            // accepted is answered on its own (and gets no
-                            // receipt), so it cannot block the others; an
-                            // unavailable log fails the batch (retried).
-                            Err(
-                                e @ (BrokerError::Forbidden { .. }
-                                | BrokerError::NotFound(_)
-                                | BrokerError::BadRequest { .. }),
-                            ) if !single => {
-                                tracing::warn!(reporter = %reporter, report = %r.report_id, error = %e, "tool-call report refused");
-                                receipts.push(serde_json::json!({
-                                    "report_id": r.report_id,
-                                    "refused": { "code": e.code(), "message": e.to_string() },
-                                }));
-                            }
-                            Err(e) => return Err(e),
-                        }
-                    }
-                    Ok(serde_json::json!({ "receipts": receipts }))
-                }).await)
+                respond(
+                    blocking(move || {
+                        let reporter = live_tool_server(&d, id, leaf, "tool-call reports")?;
+                        let (batch, single) = parse_reports(&body)?;
+                        crate::requests::record_reports(
+                            &d,
+                            &reporter,
+                            &batch,
+                            single,
+                            tp.as_deref(),
+                            &SystemTime::now,
+                        )
+                    })
+                    .await,
+                )
             },
         );
     // The revocation feed for verifiers without Redis: any SVID of the
@@ -371,10 +307,7 @@ async fn start_route(
     body: Bytes,
 ) -> Result<Response, Infallible> {
     let rt = RequestTrace::start(request_span!("baton.task.start"), tp.as_deref());
-    let started = start_task(d.clone(), body, rt.clone()).await;
-    let result = register_start(&d, started)
-        .instrument(rt.span.clone())
-        .await;
+    let result = start_task(d, body, rt.clone()).await;
     rt.outcome(&result);
     respond(result)
 }
@@ -389,7 +322,7 @@ async fn start_task(
     blocking(move || {
         rt.scoped(|| {
             parse_body::<StartTaskRequest>(&body)
-                .and_then(|req| d.start_task(&req, SystemTime::now()))
+                .and_then(|req| crate::requests::start_task(&d, &req, SystemTime::now()))
         })
     })
     .await
@@ -403,28 +336,6 @@ const MAX_FEED_WAIT_MS: u64 = 25_000;
 struct FeedQuery {
     after: Option<u64>,
     wait_ms: Option<u64>,
-}
-
-/// Registers a new grant with the revocation store before it is handed out.
-async fn register_grant(
-    d: &Delegation,
-    granted: Result<baton_core::api::HandoffGrant, BrokerError>,
-) -> Result<baton_core::api::HandoffGrant, BrokerError> {
-    let grant = granted?;
-    let rec = d.grant_credential(&grant)?;
-    d.revoker()
-        .register(&[rec], crate::oidc::unix_now())
-        .await?;
-    Ok(grant)
-}
-
-async fn register_start(
-    d: &Delegation,
-    started: Result<baton_core::api::StartTaskResponse, BrokerError>,
-) -> Result<baton_core::api::StartTaskResponse, BrokerError> {
-    let mut resp = started?;
-    resp.grant = register_grant(d, Ok(resp.grant)).await?;
-    Ok(resp)
 }
 
 /// Most reports one request may carry.
@@ -486,33 +397,6 @@ fn default_reason() -> String {
     "revoked by an operator".into()
 }
 
-/// How long an operator's revocation waits for the relay before it answers
-/// "recorded; propagating".
-const PROPAGATION_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
-
-async fn propagation(d: &Delegation) -> Result<crate::revocation::Propagation, BrokerError> {
-    d.revoker().propagation(PROPAGATION_WAIT).await
-}
-
-/// Revokes every credential of a task that just ended or changed purpose;
-/// a task with nothing issued yet revokes nothing.
-async fn revoke_task(
-    d: &Delegation,
-    task: &crate::tasks::TaskRecord,
-    reason: &str,
-) -> Result<usize, BrokerError> {
-    let target = baton_revocation::Target::Task(task.id.clone());
-    match d
-        .revoker()
-        .revoke(&target, d.task_store(), reason, crate::oidc::unix_now())
-        .await
-    {
-        Ok(v) => Ok(v.len()),
-        Err(BrokerError::NotFound(_)) => Ok(0),
-        Err(e) => Err(e),
-    }
-}
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DevTokenBody {
@@ -542,23 +426,27 @@ pub fn admin_routes(
         .and(warp::get())
         .and(with(d.clone()))
         .and_then(|d: Arc<Delegation>| async move {
-            respond(
+            answer(move || {
                 d.list_tasks()
-                    .map(|tasks| serde_json::json!({ "tasks": tasks })),
-            )
+                    .map(|tasks| serde_json::json!({ "tasks": tasks }))
+            })
+            .await
         });
     let show = warp::path!("v1" / "admin" / "tasks" / String)
         .and(warp::get())
         .and(with(d.clone()))
-        .and_then(|id: String, d: Arc<Delegation>| async move { respond(d.get_task(&id)) });
+        .and_then(
+            |id: String, d: Arc<Delegation>| async move { answer(move || d.get_task(&id)).await },
+        );
     let credentials = warp::path!("v1" / "admin" / "tasks" / String / "credentials")
         .and(warp::get())
         .and(with(d.clone()))
         .and_then(|id: String, d: Arc<Delegation>| async move {
-            respond(
+            answer(move || {
                 d.task_credentials(&id)
-                    .map(|c| serde_json::json!({ "task_id": id, "credentials": c })),
-            )
+                    .map(|c| serde_json::json!({ "task_id": id, "credentials": c }))
+            })
+            .await
         });
     let end = warp::path!("v1" / "admin" / "tasks" / String / "end")
         .and(warp::post())
@@ -566,15 +454,7 @@ pub fn admin_routes(
         .and_then(|id: String, d: Arc<Delegation>| async move {
             // Re-driven on every call: a retry after a failed revocation
             // completes it.
-            let result = match d.end_task(&id, SystemTime::now()) {
-                Ok((task, already)) => match revoke_task(&d, &task, "task ended").await {
-                    Ok(n) => propagation(&d).await.map(|p| {
-                        serde_json::json!({ "task": task, "revoked": n, "already_ended": already, "propagation": p })
-                    }),
-                    Err(e) => Err(e),
-                },
-                Err(e) => Err(e),
-            };
+            let result = crate::requests::end_task(&d, &id, SystemTime::now()).await;
             respond(result)
         });
     let regrant = warp::path!("v1" / "admin" / "tasks" / String / "grant")
@@ -582,58 +462,32 @@ pub fn admin_routes(
         .and(with(d.clone()))
         .and(json_body())
         .and_then(|id: String, d: Arc<Delegation>, body: Bytes| async move {
-            let granted = parse_body::<RegrantBody>(&body)
-                .and_then(|b| d.regrant(&id, b.audience, SystemTime::now()));
-            respond(register_grant(&d, granted).await)
+            respond(
+                blocking(move || {
+                    let b = parse_body::<RegrantBody>(&body)?;
+                    crate::requests::regrant(&d, &id, b.audience, SystemTime::now())
+                })
+                .await,
+            )
         });
     let revoke = warp::path!("v1" / "admin" / "revoke")
         .and(warp::post())
         .and(with(d.clone()))
         .and(json_body())
         .and_then(|d: Arc<Delegation>, body: Bytes| async move {
-            let result = async {
-                let req = parse_body::<RevokeBody>(&body)?;
-                let target = d
-                    .revoker()
-                    .parse_target(&req.target, d.trust_domain())?;
-                if let baton_revocation::Target::Task(t) = &target {
-                    // A task of this broker, or a clear not-found.
-                    let _ = d.get_task(t.as_str())?;
-                }
-                let now = crate::oidc::unix_now();
-                // An agent is blocked first: nothing new reaches it while its
-                // existing credentials are being revoked, and an agent with
-                // nothing live is still blocked.
-                let block = match &target {
-                    baton_revocation::Target::Agent(id) => {
-                        Some(d.block_agent(id, req.until, &req.reason, now)?)
-                    }
-                    _ if req.until.is_some() => {
-                        return Err(BrokerError::BadRequest {
-                            field: Some("until"),
-                            message: "until applies to an agent only".into(),
-                        });
-                    }
-                    _ => None,
-                };
-                let revoked = match d
-                    .revoker()
-                    .revoke(&target, d.task_store(), &req.reason, now)
+            let result = match parse_body::<RevokeBody>(&body) {
+                Ok(req) => {
+                    crate::requests::revoke(
+                        &d,
+                        &req.target,
+                        &req.reason,
+                        req.until,
+                        SystemTime::now(),
+                    )
                     .await
-                {
-                    Ok(v) => v,
-                    Err(BrokerError::NotFound(_)) if block.is_some() => Vec::new(),
-                    Err(e) => return Err(e),
-                };
-                let propagation = propagation(&d).await?;
-                Ok(serde_json::json!({
-                    "target": target.to_string(),
-                    "revoked": revoked.iter().map(|r| serde_json::json!({"id": r.id, "kind": r.kind.code(), "expires_at": r.expires_at})).collect::<Vec<_>>(),
-                    "blocked": block,
-                    "propagation": propagation,
-                }))
-            }
-            .await;
+                }
+                Err(e) => Err(e),
+            };
             respond(result)
         });
     let unblock = warp::path!("v1" / "admin" / "agents" / "unblock")
@@ -641,48 +495,39 @@ pub fn admin_routes(
         .and(with(d.clone()))
         .and(json_body())
         .and_then(|d: Arc<Delegation>, body: Bytes| async move {
-            respond(parse_body::<UnblockBody>(&body).and_then(|b| {
-                let id =
-                    baton_core::SpiffeId::parse(&b.agent).map_err(|e| BrokerError::BadRequest {
-                        field: Some("agent"),
-                        message: format!("agent: {e}"),
+            answer(move || {
+                parse_body::<UnblockBody>(&body).and_then(|b| {
+                    let id = baton_core::SpiffeId::parse(&b.agent).map_err(|e| {
+                        BrokerError::BadRequest {
+                            field: Some("agent"),
+                            message: format!("agent: {e}"),
+                        }
                     })?;
-                d.unblock_agent(&id)?;
-                Ok(serde_json::json!({ "unblocked": id }))
-            }))
+                    d.unblock_agent(&id)?;
+                    Ok(serde_json::json!({ "unblocked": id }))
+                })
+            })
+            .await
         });
     let blocks = warp::path!("v1" / "admin" / "agents" / "blocked")
         .and(warp::get())
         .and(with(d.clone()))
         .and_then(|d: Arc<Delegation>| async move {
-            respond(
+            answer(move || {
                 d.agent_blocks(crate::oidc::unix_now())
-                    .map(|b| serde_json::json!({ "blocked": b })),
-            )
+                    .map(|b| serde_json::json!({ "blocked": b }))
+            })
+            .await
         });
     let purpose = warp::path!("v1" / "admin" / "tasks" / String / "purpose")
         .and(warp::post())
         .and(with(d.clone()))
         .and(json_body())
         .and_then(|id: String, d: Arc<Delegation>, body: Bytes| async move {
-            let result = match parse_body::<PurposeBody>(&body)
-                .and_then(|b| d.set_purpose(&id, &b.purpose, SystemTime::now()))
-            {
-                Ok(task) => match d
-                    .revoker()
-                    .revoke_issued(
-                        &task.id,
-                        d.task_store(),
-                        "task purpose changed",
-                        crate::oidc::unix_now(),
-                    )
-                    .await
-                {
-                    Ok(v) => propagation(&d).await.map(|p| {
-                        serde_json::json!({ "task": task, "revoked": v.len(), "propagation": p })
-                    }),
-                    Err(e) => Err(e),
-                },
+            let result = match parse_body::<PurposeBody>(&body) {
+                Ok(b) => {
+                    crate::requests::change_purpose(&d, &id, &b.purpose, SystemTime::now()).await
+                }
                 Err(e) => Err(e),
             };
             respond(result)
@@ -713,11 +558,12 @@ pub fn admin_routes(
         .and(warp::get())
         .and(with(d.clone()))
         .and_then(|index: u64, d: Arc<Delegation>| async move {
-            respond(
+            answer(move || {
                 d.audit()
                     .receipt(index)
-                    .map_err(|e| BrokerError::NotFound(e.to_string())),
-            )
+                    .map_err(|e| BrokerError::NotFound(e.to_string()))
+            })
+            .await
         });
     let key = warp::path!("v1" / "admin" / "audit" / "public-key")
         .and(warp::get())
@@ -730,7 +576,7 @@ pub fn admin_routes(
         .and(with(d.clone()))
         .and(json_body())
         .and_then(|d: Arc<Delegation>, body: Bytes| async move {
-            respond(parse_body::<DevTokenBody>(&body).and_then(|b| {
+            answer(move || parse_body::<DevTokenBody>(&body).and_then(|b| {
                 let issuer = d.dev_issuer().ok_or_else(|| BrokerError::Forbidden {
                     code: "no_dev_issuer",
                     message: "this broker has no dev OIDC issuer (only `baton dev` and `--dev-issuer` do)".into(),
@@ -739,13 +585,13 @@ pub fn admin_routes(
                     .mint_with_groups(&b.user, &b.groups, b.ttl_secs, crate::oidc::unix_now())
                     .map_err(|e| BrokerError::BadRequest { field: None, message: e.to_string() })?;
                 Ok(serde_json::json!({ "id_token": token }))
-            }))
+            })).await
         });
     let approval_show = warp::path!("v1" / "admin" / "approvals" / String)
         .and(warp::get())
         .and(with(d.clone()))
         .and_then(|id: String, d: Arc<Delegation>| async move {
-            respond(d.get_approval(&id, crate::oidc::unix_now()))
+            answer(move || d.get_approval(&id, crate::oidc::unix_now())).await
         });
     let approval_decide = warp::path!("v1" / "admin" / "approvals" / String / "decision")
         .and(warp::post())

@@ -39,7 +39,7 @@ fn guard(
                   addr: Option<RemoteAddr>| {
                 let limiters = limiters.clone();
                 async move {
-                    let Some(what) = Limited::of_route(&method, path.as_str()) else {
+                    let Some(what) = Limited::of_route(method.as_str(), path.as_str()) else {
                         return Ok(());
                     };
                     // Every HTTPS request carries its address; one without

@@ -13,7 +13,7 @@ use warp::Filter;
 use warp::reply::Response;
 
 use crate::delegation::Delegation;
-use crate::http::{json_body, parse_body, respond};
+use crate::http::{answer, json_body, parse_body, respond};
 use crate::nodes::{Removal, remove_node};
 use crate::service::{Broker, BrokerError};
 
@@ -44,18 +44,19 @@ pub fn admin_routes(
         .and(warp::get())
         .and(with(broker.clone()))
         .and_then(|broker: Arc<Broker>| async move {
-            respond(
+            answer(move || {
                 broker
                     .list_node_views()
-                    .map(|nodes| serde_json::json!({ "nodes": nodes })),
-            )
+                    .map(|nodes| serde_json::json!({ "nodes": nodes }))
+            })
+            .await
         });
     let show = warp::path!("v1" / "admin" / "node")
         .and(warp::get())
         .and(with(broker.clone()))
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .and_then(|broker: Arc<Broker>, query: String| async move {
-            respond(parse_query(&query).and_then(|q| broker.node_view(&q.id)))
+            answer(move || parse_query(&query).and_then(|q| broker.node_view(&q.id))).await
         });
     let action = warp::path!("v1" / "admin" / "nodes" / String)
         .and(warp::post())
@@ -125,28 +126,21 @@ fn parse_query(raw: &str) -> Result<NodeQuery, BrokerError> {
         })
 }
 
+/// A query value: `+` is a space, `%XX` a byte; a `%` without two hex
+/// digits after it, or a result that is not UTF-8, is refused.
 fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while let Some(&b) = bytes.get(i) {
-        match b {
-            b'%' => {
-                let hex = s.get(i + 1..i + 3)?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            _ => {
-                out.push(b);
-                i += 1;
-            }
-        }
+    let escapes_well_formed = s.split('%').skip(1).all(|rest| {
+        rest.get(..2)
+            .is_some_and(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))
+    });
+    if !escapes_well_formed {
+        return None;
     }
-    String::from_utf8(out).ok()
+    let spaced = s.replace('+', " ");
+    percent_encoding::percent_decode_str(&spaced)
+        .decode_utf8()
+        .ok()
+        .map(std::borrow::Cow::into_owned)
 }
 
 #[cfg(test)]
@@ -160,5 +154,8 @@ mod tests {
         assert!(parse_query("").is_err());
         assert!(parse_query("x=1").is_err());
         assert!(parse_query("id=%zz").is_err());
+        assert!(parse_query("id=abc%2").is_err());
+        assert!(parse_query("id=%ff%fe").is_err(), "not UTF-8");
+        assert_eq!(parse_query("id=a+b%2Bc").unwrap().id, "a b+c");
     }
 }

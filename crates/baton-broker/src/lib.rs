@@ -5,36 +5,34 @@
 //! node and have their workloads' CSRs signed. Operators manage entries and
 //! join tokens through the admin API on a local Unix socket.
 //!
-//! - [`service`]: the decisions (attestation, entitlement, issuance), with
-//!   time passed in;
-//! - [`http`]: the warp routes for the node port and the admin socket;
-//! - [`store`]: the durable state behind the [`store::Datastore`] trait.
+//! This crate is the broker's HTTPS shell and process: it opens the stores,
+//! starts the background tasks (revocation relay, CA schedule, audit
+//! follower) and serves the routes. Every decision lives in
+//! `baton-broker-core`, re-exported here under its module names:
+//!
+//! - [`service`], [`delegation`], [`nodes`], [`rotation`], [`secrets`]:
+//!   the decisions, with time passed in;
+//! - [`store`], [`pg`]: the durable state behind the [`store::Datastore`]
+//!   trait;
+//! - [`http`]: the one route builder, [`http::https_routes`] for the node
+//!   port and [`http::admin_routes`] for the admin socket; the `http_*`
+//!   modules hold each area's routes. Blocking work (SQLite, the audit
+//!   log, CA signing) runs on the blocking pool there.
 
-pub mod admission;
-pub mod delegation;
 pub mod http;
 pub mod http_audit;
 pub mod http_delegation;
 pub mod http_limits;
 pub mod http_nodes;
-pub mod ledger;
-pub mod limits;
-pub mod nodes;
-pub mod oidc;
-pub mod ops;
-pub mod pg;
-pub mod pg_audit;
-pub mod pg_ca;
-pub mod pg_tls;
-pub mod revocation;
-pub mod rotation;
-pub mod secrets;
-pub mod service;
-pub mod store;
-#[cfg(test)]
-mod store_suite;
-pub mod tasks;
-mod telemetry;
+pub mod http_ops;
+pub mod http_rotation;
+pub mod http_secrets;
+
+// The domain core, re-exported under its old paths.
+pub use baton_broker_core::{
+    admission, delegation, ledger, limits, nodes, oidc, ops, pg, pg_audit, pg_ca, pg_tls, requests,
+    revocation, rotation, secrets, service, store, tasks, telemetry,
+};
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -47,10 +45,11 @@ use baton_ca::{Ca, CaConfig};
 use baton_core::TrustDomain;
 use baton_tls::{BundleStore, ClientAuth, PeerPolicy, ServerIdentity};
 use tokio::sync::oneshot;
-use warp::Filter as _;
 
-pub use admission::{AdmissionSource, EXAMPLE_ADMISSION_POLICIES};
-pub use service::{Broker, BrokerError, IssuanceHook, IssuancePolicy, LogIssuance};
+pub use baton_broker_core::{
+    AdmissionSource, Broker, BrokerError, EXAMPLE_ADMISSION_POLICIES, IssuanceHook, IssuancePolicy,
+    LogIssuance,
+};
 use store::{Datastore, SqliteStore};
 
 /// The example Cedar schema and policies of `deploy/policies`, built in so
@@ -919,13 +918,12 @@ pub async fn run(
     let node = baton_tls::serve_https_with(
         listener,
         tls,
-        http_limits::guarded(
+        http::https_routes(
+            broker.clone(),
+            delegation.clone(),
+            secrets,
             Arc::new(limits::RateLimiters::new(&cfg.rate_limits)),
-            secrets::routes(secrets, delegation.clone())
-                .or(http::node_routes(broker.clone(), delegation.clone()))
-                .unify(),
-        )
-        .with(ops::count_requests()),
+        ),
         cfg.serve_limits,
         stopped(stop_rx.clone()),
     );

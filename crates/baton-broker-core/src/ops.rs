@@ -46,20 +46,8 @@ pub fn route_of(path: &str) -> &'static str {
         .unwrap_or("unmatched")
 }
 
-/// A warp log hook counting every answer of the HTTPS port by route and
-/// status, with its latency.
-pub fn count_requests() -> warp::log::Log<impl Fn(warp::log::Info<'_>) + Clone> {
-    warp::log::custom(|info: warp::log::Info<'_>| {
-        metrics().http_request(
-            route_of(info.path()),
-            info.status().as_u16(),
-            info.elapsed().as_secs_f64(),
-        );
-    })
-}
-
 /// What the checks look at.
-pub(crate) struct Parts {
+pub struct Parts {
     pub broker: Arc<Broker>,
     pub datastore: Arc<dyn Ledger>,
     pub audit: Arc<baton_audit::AuditLog>,
@@ -68,8 +56,16 @@ pub(crate) struct Parts {
     pub redis: Option<Arc<dyn baton_revocation::RevocationStore>>,
 }
 
+impl std::fmt::Debug for Parts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parts")
+            .field("redis", &self.redis.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 /// Registers the broker's role, readiness checks and gauges on `ops`.
-pub(crate) fn install(ops: &Ops, p: Parts) {
+pub fn install(ops: &Ops, p: Parts) {
     ops.add_role(Role::Broker);
 
     let datastore = p.datastore.clone();
@@ -230,7 +226,7 @@ async fn blocking(f: impl FnOnce() -> Result<(), String> + Send + 'static) -> Re
 /// lag, measured inside the log (the lag ends when the batch is durable,
 /// before the appending threads wake up).
 #[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct AuditMetrics;
+pub struct AuditMetrics;
 
 impl baton_audit::AppendObserver for AuditMetrics {
     fn batch_durable(&self, lags: &[std::time::Duration]) {

@@ -311,7 +311,7 @@ impl DevIssuer {
             aud: DEV_AUDIENCE,
             iat: now,
             exp,
-            jti: crate::service::random_hex::<16>()
+            jti: crate::error::random_hex::<16>()
                 .map_err(|e| OidcError::Invalid(format!("no randomness for jti: {e}")))?,
             groups,
         };

@@ -391,7 +391,7 @@ impl Delegation {
     }
 
     /// Starts a task for the human whose ID token is presented.
-    pub fn start_task(
+    pub(crate) fn start_task(
         &self,
         req: &StartTaskRequest,
         now: SystemTime,
@@ -509,7 +509,7 @@ impl Delegation {
 
     /// A hop: the holder of `token`, connected with `peer`, hands part of
     /// its task to `req.target`.
-    pub fn delegate(
+    pub(crate) fn delegate(
         &self,
         peer: &PeerCert,
         req: &DelegateRequest,
@@ -871,7 +871,7 @@ impl Delegation {
     ///
     /// Returns the credential and what must be registered with the
     /// revocation store before it is handed out.
-    pub fn redeem(
+    pub(crate) fn redeem(
         &self,
         node: &AuthenticatedNode,
         req: &RedeemRequest,
@@ -1278,7 +1278,7 @@ impl Delegation {
     /// refusals included. The new token keeps the claims, `jti` and expiry
     /// (never longer); the old certificate is returned to be revoked before
     /// the new one leaves.
-    pub fn renew(
+    pub(crate) fn renew(
         &self,
         node: &AuthenticatedNode,
         req: &RenewTaskRequest,
@@ -1496,7 +1496,7 @@ impl Delegation {
 
     /// A fresh grant for the task's root agent, e.g. after a purpose change
     /// revoked every credential of the task.
-    pub fn regrant(
+    pub(crate) fn regrant(
         &self,
         raw: &str,
         audience: Vec<String>,
@@ -1606,7 +1606,11 @@ impl Delegation {
     /// Ends a task. Idempotent: ending an ended task returns it again
     /// (`true`), so the caller re-drives the revocation of its credentials
     /// (a first attempt may have failed half-way).
-    pub fn end_task(&self, raw: &str, now: SystemTime) -> Result<(TaskRecord, bool), BrokerError> {
+    pub(crate) fn end_task(
+        &self,
+        raw: &str,
+        now: SystemTime,
+    ) -> Result<(TaskRecord, bool), BrokerError> {
         let now = unix(now);
         let mut task = self.get_task(raw)?;
         if task.ended_at.is_some() {
@@ -1620,7 +1624,7 @@ impl Delegation {
         Ok((task, false))
     }
 
-    pub fn set_purpose(
+    pub(crate) fn set_purpose(
         &self,
         raw: &str,
         purpose: &Purpose,

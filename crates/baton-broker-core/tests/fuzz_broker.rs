@@ -22,10 +22,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use baton_broker::oidc::{DevIssuer, OidcError, OidcIssuer, OidcVerifier};
-use baton_broker::revocation::RevokeTarget;
-use baton_broker::store::SqliteStore;
-use baton_broker::{Broker, IssuancePolicy, LogIssuance};
+use baton_broker_core::oidc::{DevIssuer, OidcError, OidcIssuer, OidcVerifier};
+use baton_broker_core::revocation::{RevokeTarget, Revoker};
+use baton_broker_core::store::SqliteStore;
+use baton_broker_core::{Broker, IssuancePolicy, LogIssuance};
 use baton_ca::{Ca, CaConfig, WorkloadKey};
 use baton_core::api::{AttestRequest, JoinTokenRequest};
 use baton_core::{NewEntry, Secret, SpiffeId, TrustDomain};
@@ -49,6 +49,7 @@ struct Fixture {
     key: EcdsaKeyPair,
     jwks: Value,
     broker: Broker,
+    revoker: Revoker,
     csr: Vec<u8>,
 }
 
@@ -71,12 +72,14 @@ fn fx() -> &'static Fixture {
         ]);
         let td: TrustDomain = "example.org".parse().unwrap();
         let ca = Ca::load_or_create(CaConfig::new(td), at(NOW - 60)).unwrap();
+        let store = Arc::new(SqliteStore::in_memory().unwrap());
         let broker = Broker::new(
             Arc::new(ca),
-            Arc::new(SqliteStore::in_memory().unwrap()),
+            store.clone(),
             Arc::new(LogIssuance),
             IssuancePolicy::default(),
         );
+        let revoker = Revoker::new(Arc::new(baton_revocation::MemoryStore::new()), store);
         let id = SpiffeId::parse("spiffe://example.org/baton/node/n1").unwrap();
         let csr = WorkloadKey::generate().unwrap().csr_der(&id).unwrap();
         Fixture {
@@ -86,6 +89,7 @@ fn fx() -> &'static Fixture {
             key,
             jwks,
             broker,
+            revoker,
             csr,
         }
     })
@@ -112,7 +116,7 @@ fn check_id_token(token: &str) {
     for now in [NOW, 0, u64::MAX] {
         if let Ok(who) = fx().verifier.verify(token, now) {
             assert!(!who.sub.is_empty());
-            assert!(who.iss == ISSUER || who.iss == baton_broker::oidc::DEV_ISSUER);
+            assert!(who.iss == ISSUER || who.iss == baton_broker_core::oidc::DEV_ISSUER);
         }
     }
 }
@@ -133,10 +137,10 @@ fn check_admin_body(bytes: &[u8]) {
         b.delete_entry(e.id.as_str()).unwrap();
     }
     if let Ok(req) = serde_json::from_slice::<AttestRequest>(bytes) {
-        let _ = b.attest(&req, at(NOW));
+        let _ = baton_broker_core::requests::attest(b, &fx().revoker, &req, at(NOW));
     }
     let _ = serde_json::from_slice::<RevokeTarget>(bytes);
-    let _ = serde_json::from_slice::<baton_broker::secrets::LeaseBody>(bytes);
+    let _ = serde_json::from_slice::<baton_broker_core::secrets::LeaseBody>(bytes);
 }
 
 #[test]
@@ -172,24 +176,31 @@ fn fuzz_regression_dev_mint_huge_ttl_is_an_error() {
 #[test]
 fn fuzz_attest_with_a_real_join_token_and_mutated_csrs() {
     let f = fx();
-    let jt = f
-        .broker
-        .generate_join_token(
-            &JoinTokenRequest {
-                ttl_secs: 600,
-                node_id: None,
-            },
-            at(NOW),
-        )
-        .unwrap();
+    let token = || {
+        f.broker
+            .generate_join_token(
+                &JoinTokenRequest {
+                    ttl_secs: 600,
+                    node_id: None,
+                },
+                at(NOW),
+            )
+            .unwrap()
+    };
+    let attest = |req: &AttestRequest| {
+        baton_broker_core::requests::attest(&f.broker, &f.revoker, req, at(NOW))
+    };
     let mut runner = proptest::test_runner::TestRunner::new(config(64));
     runner
         .run(&mutated_bytes(f.csr.clone(), 4), |csr| {
+            // A fresh token per case: a CSR that passes spends its token.
             let req = AttestRequest {
-                join_token: jt.token.clone(),
+                join_token: token().token,
                 csr_der: csr,
             };
-            let _ = f.broker.attest(&req, at(NOW));
+            if let Ok(svid) = attest(&req) {
+                assert!(!svid.cert_chain_der.is_empty());
+            }
             Ok(())
         })
         .unwrap();
@@ -197,7 +208,7 @@ fn fuzz_attest_with_a_real_join_token_and_mutated_csrs() {
         join_token: Secret::new("nope"),
         csr_der: f.csr.clone(),
     };
-    assert!(f.broker.attest(&req, at(NOW)).is_err());
+    assert!(attest(&req).is_err());
 }
 
 proptest! {

@@ -15,7 +15,7 @@ use baton_core::SpiffeId;
 use baton_core::api::{ApprovalDecision, ApprovalRequest, ApprovalState};
 
 use super::{Delegation, bad, refuse};
-use crate::service::{BrokerError, random_hex};
+use crate::error::{BrokerError, random_hex};
 
 /// The longest an approval may wait.
 pub const MAX_APPROVAL_TTL_SECS: u64 = 24 * 3600;

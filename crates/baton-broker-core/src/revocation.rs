@@ -20,8 +20,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::error::BrokerError;
 use crate::ledger::{Ledger, token_pair};
-use crate::service::BrokerError;
 use crate::store::StoreError;
 use crate::tasks::TaskStore;
 use baton_core::{SpiffeId, TaskId};
@@ -440,6 +440,16 @@ impl Revoker {
     /// certificate's predecessor), durably, before the new one is handed
     /// out.
     pub async fn supersede(
+        &self,
+        old: &[Revoked],
+        reason: &str,
+        now: u64,
+    ) -> Result<(), BrokerError> {
+        self.supersede_blocking(old, reason, now)
+    }
+
+    /// [`Revoker::supersede`] for a caller already off the async workers.
+    pub fn supersede_blocking(
         &self,
         old: &[Revoked],
         reason: &str,

@@ -19,17 +19,19 @@ use opentelemetry::trace::{
 use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::service::BrokerError;
+use crate::error::BrokerError;
 
 /// A request's span and the trace its audit events name.
 #[derive(Debug, Clone)]
-pub(crate) struct RequestTrace {
+pub struct RequestTrace {
     pub span: Span,
     pub trace_id: Option<TraceId>,
 }
 
 /// A span for one request (fields `baton.task_id`, `baton.jti`,
 /// `baton.actor` and `baton.outcome` declared empty, filled as it goes).
+/// Exported so a front end opens its requests' spans the same way.
+#[macro_export]
 macro_rules! request_span {
     ($name:literal) => {
         tracing::info_span!(
@@ -42,7 +44,7 @@ macro_rules! request_span {
         )
     };
 }
-pub(crate) use request_span;
+pub use crate::request_span;
 
 impl RequestTrace {
     /// Makes `span` a child of the caller's span when `traceparent` parses

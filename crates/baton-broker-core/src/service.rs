@@ -2,7 +2,7 @@
 //! may have signed, what entries exist. Every function takes `now`.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use baton_ca::Ca;
 use baton_core::api::{
@@ -45,56 +45,13 @@ pub fn blocked_message(b: &crate::store::AgentBlock) -> String {
     )
 }
 
+pub use crate::error::BrokerError;
+pub(crate) use crate::error::{random_bytes, random_hex, token_digest, unix};
+
 /// Longest a join token may live.
 pub const MAX_JOIN_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Most CSRs one sign-x509 call may carry.
 pub const MAX_SIGN_BATCH: usize = 1000;
-
-/// Every way a broker request can fail; each maps to one HTTP status and a
-/// stable code in [`crate::http`].
-#[derive(Debug, thiserror::Error)]
-pub enum BrokerError {
-    #[error("{message}")]
-    BadRequest {
-        field: Option<&'static str>,
-        message: String,
-    },
-    #[error("{0}")]
-    Unauthenticated(String),
-    #[error("{message}")]
-    Forbidden { code: &'static str, message: String },
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    Conflict(String),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error("signing failed: {0}")]
-    Ca(#[from] baton_ca::CaError),
-    #[error("issuance refused because it could not be recorded: {0}")]
-    Hook(String),
-}
-
-impl BrokerError {
-    fn bad(field: &'static str, message: impl Into<String>) -> Self {
-        Self::BadRequest {
-            field: Some(field),
-            message: message.into(),
-        }
-    }
-
-    /// The stable code callers see for this error.
-    pub fn code(&self) -> &'static str {
-        match self {
-            BrokerError::BadRequest { .. } => "invalid_argument",
-            BrokerError::Unauthenticated(_) => "unauthenticated",
-            BrokerError::Forbidden { code, .. } => code,
-            BrokerError::NotFound(_) => "not_found",
-            BrokerError::Conflict(_) => "conflict",
-            BrokerError::Store(_) | BrokerError::Ca(_) | BrokerError::Hook(_) => "unavailable",
-        }
-    }
-}
 
 /// What was issued, handed to the [`IssuanceHook`] before the credential
 /// leaves the broker.
@@ -242,29 +199,6 @@ pub struct Broker {
     hook: Arc<dyn IssuanceHook>,
     policy: IssuancePolicy,
     rotation: crate::rotation::RotationState,
-}
-
-pub(crate) fn unix(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
-/// Hex SHA-256 of a secret (join tokens, grants): what is stored instead of it.
-pub(crate) fn token_digest(token: &str) -> String {
-    hex::encode(aws_lc_rs::digest::digest(
-        &aws_lc_rs::digest::SHA256,
-        token.as_bytes(),
-    ))
-}
-
-pub(crate) fn random_bytes<const N: usize>() -> Result<[u8; N], BrokerError> {
-    let mut buf = [0u8; N];
-    aws_lc_rs::rand::fill(&mut buf)
-        .map_err(|_| BrokerError::Hook("system random generator failed".into()))?;
-    Ok(buf)
-}
-
-pub(crate) fn random_hex<const N: usize>() -> Result<String, BrokerError> {
-    Ok(hex::encode(random_bytes::<N>()?))
 }
 
 impl Broker {
@@ -461,7 +395,7 @@ impl Broker {
     /// Attests a node by join token: checks the token (without using it)
     /// and signs its agent SVID. Nothing is stored until
     /// [`Broker::finish_agent_svid`].
-    pub fn attest(
+    pub(crate) fn attest(
         &self,
         req: &AttestRequest,
         now: SystemTime,
@@ -505,7 +439,7 @@ impl Broker {
     /// Hands out an agent SVID whose record the revocation store accepted:
     /// burns the join token (attestation) or checks the node is still
     /// attested and not banned (renewal), then records the node.
-    pub fn finish_agent_svid(&self, p: PendingAgentSvid) -> Result<SignedSvid, BrokerError> {
+    pub(crate) fn finish_agent_svid(&self, p: PendingAgentSvid) -> Result<SignedSvid, BrokerError> {
         let credential = p.credential();
         let expires_at = credential.expires_at;
         let now = unix(p.now);
@@ -646,7 +580,7 @@ impl Broker {
 
     /// Signs a renewed agent SVID; hand it out with
     /// [`Broker::finish_agent_svid`] once its record is registered.
-    pub fn renew(
+    pub(crate) fn renew(
         &self,
         node: &AuthenticatedNode,
         csr: &[u8],
@@ -742,7 +676,7 @@ impl Broker {
 
     /// Signs a batch of workload CSRs. All-or-nothing: one unentitled or bad
     /// item refuses the whole batch, so a node cannot probe by partial answers.
-    pub fn sign_x509(
+    pub(crate) fn sign_x509(
         &self,
         node: &AuthenticatedNode,
         req: &SignX509Request,
@@ -814,7 +748,7 @@ impl Broker {
         })
     }
 
-    pub fn sign_jwt(
+    pub(crate) fn sign_jwt(
         &self,
         node: &AuthenticatedNode,
         req: &SignJwtRequest,
@@ -870,7 +804,8 @@ pub(crate) fn banned(node_id: &SpiffeId) -> BrokerError {
     }
 }
 
-pub(crate) fn not_a_node(node_id: &SpiffeId) -> BrokerError {
+/// The refusal of a peer that is not an attested node.
+pub fn not_a_node(node_id: &SpiffeId) -> BrokerError {
     BrokerError::Forbidden {
         code: "not_a_node",
         message: format!(

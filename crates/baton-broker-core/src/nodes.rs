@@ -10,7 +10,7 @@
 //! Order of an eviction: the node's record goes first (from then on every
 //! request of the node is refused), then the revocation. An issuance that
 //! raced it registered its records before re-checking the node (see
-//! `http::issue`), so it is either covered by the revocation or refused.
+//! `requests::hand_out`), so it is either covered by the revocation or refused.
 
 use baton_core::SpiffeId;
 use baton_revocation::Target;

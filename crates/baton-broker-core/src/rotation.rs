@@ -275,7 +275,9 @@ impl RotationState {
         self.changed.subscribe()
     }
 
-    pub(crate) fn notify(&self) {
+    /// Tells every subscriber the CA's keys changed (e.g. a step another
+    /// broker sharing the CA took).
+    pub fn notify(&self) {
         self.changed.send_modify(|g| *g += 1);
     }
 }
@@ -685,90 +687,4 @@ impl Broker {
             .map_err(ca_error)?;
         Ok(self.reply(events))
     }
-}
-
-/// The admin routes of CA rotation (behind the admin socket's uid check).
-pub fn admin_routes(
-    broker: std::sync::Arc<Broker>,
-) -> impl warp::Filter<Extract = (warp::reply::Response,), Error = warp::Rejection>
-+ Clone
-+ Send
-+ Sync
-+ 'static {
-    use crate::http::respond;
-    use std::sync::Arc;
-    use warp::Filter as _;
-    let b = move || {
-        let broker = broker.clone();
-        warp::any().map(move || broker.clone())
-    };
-    let show = warp::path!("v1" / "admin" / "ca")
-        .and(warp::get())
-        .and(b())
-        .and_then(
-            |broker: Arc<Broker>| async move { respond(broker.ca_status(SystemTime::now())) },
-        );
-    let prepare = post_route(b(), "prepare", |broker, req: PrepareRequest, now| {
-        broker.ca_prepare(&req, now)
-    });
-    let activate = post_route(b(), "activate", |broker, req: ActivateRequest, now| {
-        broker.ca_activate(&req, now)
-    });
-    let taint = post_route(b(), "taint", |broker, req: AuthorityRequest, now| {
-        broker.ca_taint(&req.id, now)
-    });
-    let revoke = post_route(b(), "revoke", |broker, req: RevokeRequest, now| {
-        broker.ca_revoke(&req.id, req.force, now)
-    });
-    show.or(prepare)
-        .unify()
-        .or(activate)
-        .unify()
-        .or(taint)
-        .unify()
-        .or(revoke)
-        .unify()
-}
-
-/// `POST /v1/admin/ca/<step>`: a JSON `Req` handed to `step`.
-fn post_route<Req, F>(
-    broker: impl warp::Filter<Extract = (std::sync::Arc<Broker>,), Error = std::convert::Infallible>
-    + Clone
-    + Send
-    + Sync
-    + 'static,
-    step: &'static str,
-    handle: F,
-) -> impl warp::Filter<Extract = (warp::reply::Response,), Error = warp::Rejection>
-+ Clone
-+ Send
-+ Sync
-+ 'static
-where
-    Req: serde::de::DeserializeOwned + Send + 'static,
-    F: Fn(&Broker, Req, SystemTime) -> Result<RotationReply, BrokerError>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-{
-    use crate::http::{json_body, parse_body, respond};
-    use warp::Filter as _;
-    warp::path("v1")
-        .and(warp::path("admin"))
-        .and(warp::path("ca"))
-        .and(warp::path(step))
-        .and(warp::path::end())
-        .and(warp::post())
-        .and(broker)
-        .and(json_body())
-        .and_then(move |broker: std::sync::Arc<Broker>, body: bytes::Bytes| {
-            let handle = handle.clone();
-            async move {
-                respond(
-                    parse_body::<Req>(&body)
-                        .and_then(|req| handle(&broker, req, SystemTime::now())),
-                )
-            }
-        })
 }

@@ -24,8 +24,8 @@ use baton_core::api::StartTaskRequest;
 use baton_policy::{AdmissionPolicy, Admitted, Human, PolicyError, TaskStart};
 
 use crate::delegation::Delegation;
+use crate::error::{BrokerError, random_bytes};
 use crate::oidc::Initiator;
-use crate::service::{BrokerError, random_bytes};
 
 /// The example admission schema and policies of `deploy/policies/admission`,
 /// built in for brokers whose only OIDC issuer is the dev issuer.

@@ -1,0 +1,650 @@
+//! Whole requests driven in-process: a real CA, SQLite in memory, the
+//! example hop and admission policies, the dev OIDC issuer, the in-memory
+//! revocation store, and time passed in. No HTTP: what a front end calls.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use baton_audit::{AuditKeys, AuditLog};
+use baton_ca::{Ca, CaConfig, WorkloadKey};
+use baton_core::api::{
+    AttestRequest, DelegateRequest, HandoffGrant, JoinTokenRequest, RedeemRequest,
+    RenewTaskRequest, SignedSvid, StartTaskRequest, TaskCredential, ToolCallReport,
+};
+use baton_core::{NewEntry, Secret, SpiffeId, TrustDomain};
+use baton_verify::PeerCert;
+use serde_json::json;
+
+use super::*;
+use crate::delegation::{Delegation, DelegationSettings};
+use crate::oidc::{DevIssuer, OidcVerifier};
+use crate::revocation::{DurableCheck, RevokeTarget, Revoker};
+use crate::service::{AuthenticatedNode, Broker, BrokerError, IssuancePolicy, LogIssuance};
+use crate::store::SqliteStore;
+
+const HOP_POLICIES: &[(&str, &str)] = &[
+    (
+        "schema.cedarschema",
+        include_str!("../../../deploy/policies/schema.cedarschema"),
+    ),
+    (
+        "delegation.cedar",
+        include_str!("../../../deploy/policies/delegation.cedar"),
+    ),
+    (
+        "scope.cedar",
+        include_str!("../../../deploy/policies/scope.cedar"),
+    ),
+    (
+        "research.cedar",
+        include_str!("../../../deploy/policies/research.cedar"),
+    ),
+];
+
+const PURPOSE: &str = "support.case-research";
+const PLANNER: &str = "spiffe://example.org/agents/planner";
+const SEARCHER: &str = "spiffe://example.org/agents/searcher";
+/// The tool server of audience `crm`.
+const CRM: &str = "spiffe://example.org/tools/crm";
+
+struct World {
+    t0: SystemTime,
+    dev: DevIssuer,
+    d: Delegation,
+    /// One attested node serving [`PLANNER`] and [`SEARCHER`], with its
+    /// agent SVID.
+    node: AuthenticatedNode,
+    node_svid: SignedSvid,
+}
+
+fn id(s: &str) -> SpiffeId {
+    SpiffeId::parse(s).unwrap()
+}
+
+fn secs(t: SystemTime, s: u64) -> SystemTime {
+    t + Duration::from_secs(s)
+}
+
+fn unix_of(t: SystemTime) -> u64 {
+    unix(t)
+}
+
+impl World {
+    fn new() -> Self {
+        let t0 = SystemTime::now();
+        let td: TrustDomain = "example.org".parse().unwrap();
+        let ca = Arc::new(
+            Ca::load_or_create(CaConfig::new(td), secs(t0, 0) - Duration::from_secs(60)).unwrap(),
+        );
+        let store = Arc::new(SqliteStore::in_memory().unwrap());
+        let broker = Arc::new(Broker::new(
+            ca.clone(),
+            store.clone(),
+            Arc::new(LogIssuance),
+            IssuancePolicy::default(),
+        ));
+        let revoker = Arc::new(Revoker::new(
+            Arc::new(baton_revocation::MemoryStore::new()),
+            store.clone(),
+        ));
+        let dev = DevIssuer::generate().unwrap();
+        let sources: Vec<(String, String)> = HOP_POLICIES
+            .iter()
+            .map(|(n, s)| ((*n).to_owned(), (*s).to_owned()))
+            .collect();
+        let (schema, policies) = baton_policy::split_schema(sources);
+        let policy = baton_policy::Engine::from_sources(&schema, &policies).unwrap();
+        let admission = crate::admission::load(&crate::AdmissionSource::Unset, &[]).unwrap();
+        let settings = DelegationSettings {
+            purposes: [PURPOSE.parse().unwrap()].into_iter().collect(),
+            tool_servers: [("crm".to_owned(), vec![id(CRM)])].into_iter().collect(),
+            ..DelegationSettings::default()
+        };
+        let d = Delegation::new(
+            broker.clone(),
+            store,
+            OidcVerifier::new(vec![dev.issuer().unwrap()]),
+            Some(dev.clone()),
+            Arc::new(policy),
+            Arc::new(admission),
+            Arc::new(AuditLog::in_memory(AuditKeys::generate().unwrap()).unwrap()),
+            baton_verify::TokenVerifier::for_broker(
+                baton_verify::JwtBundles::new([ca.bundle()]),
+                Arc::new(DurableCheck(revoker.clone())),
+            ),
+            settings,
+            revoker,
+        );
+        // A node attests with a join token and serves both agents.
+        let token = broker
+            .generate_join_token(
+                &JoinTokenRequest {
+                    ttl_secs: 600,
+                    node_id: Some("spiffe://example.org/baton/node/n1".into()),
+                },
+                t0,
+            )
+            .unwrap();
+        let node_key = WorkloadKey::generate().unwrap();
+        let attest_req = AttestRequest {
+            join_token: token.token.clone(),
+            csr_der: node_key.csr_der(&token.node_id).unwrap(),
+        };
+        let node_svid = attest(&broker, d.revoker(), &attest_req, t0).unwrap();
+        // The token is spent: the same request again is refused.
+        let again = attest(&broker, d.revoker(), &attest_req, t0).unwrap_err();
+        assert_eq!(again.code(), "unauthenticated", "{again}");
+        for agent in [PLANNER, SEARCHER] {
+            broker
+                .create_entry(&NewEntry {
+                    spiffe_id: agent.into(),
+                    parent_id: node_svid.spiffe_id.to_string(),
+                    selectors: vec!["unix:uid:1000".into()],
+                    x509_ttl_secs: 3600,
+                    jwt_ttl_secs: 300,
+                    dns_names: Vec::new(),
+                })
+                .unwrap();
+        }
+        let node = super::node(
+            &broker,
+            d.revoker(),
+            Some(&node_svid.spiffe_id),
+            node_svid.cert_chain_der.first().map(Vec::as_slice),
+            t0,
+        )
+        .unwrap();
+        World {
+            t0,
+            dev,
+            d,
+            node,
+            node_svid,
+        }
+    }
+
+    fn start(&self, audience: &[&str], scope: &[&str]) -> StartTaskResponse {
+        let token = self
+            .dev
+            .mint_with_groups(
+                "alice@example.com",
+                &["engineering".to_owned()],
+                600,
+                unix_of(self.t0),
+            )
+            .unwrap();
+        let req: StartTaskRequest = serde_json::from_value(json!({
+            "id_token": token,
+            "root_agent": PLANNER,
+            "purpose": PURPOSE,
+            "scope": scope,
+            "risk_ceiling": "read",
+            "ttl_secs": 600,
+            "max_depth": 3,
+            "audience": audience,
+        }))
+        .unwrap();
+        start_task(&self.d, &req, self.t0).unwrap()
+    }
+
+    fn redeem_as(
+        &self,
+        grant: &HandoffGrant,
+        agent: &str,
+        at: SystemTime,
+    ) -> Result<TaskCredential, BrokerError> {
+        self.redeem_with(grant, agent, &WorkloadKey::generate().unwrap(), at)
+    }
+
+    fn redeem_with(
+        &self,
+        grant: &HandoffGrant,
+        agent: &str,
+        key: &WorkloadKey,
+        at: SystemTime,
+    ) -> Result<TaskCredential, BrokerError> {
+        let req = RedeemRequest {
+            grant: grant.grant.clone(),
+            spiffe_id: id(agent),
+            csr_der: key.csr_der(&id(agent)).unwrap(),
+        };
+        redeem(&self.d, &self.node, &req, at)
+    }
+
+    fn hop(
+        &self,
+        holder: &TaskCredential,
+        audience: &[&str],
+        scope: &[&str],
+        at: SystemTime,
+    ) -> Result<HandoffGrant, BrokerError> {
+        let peer = PeerCert::from_verified_leaf(holder.cert_chain_der[0].clone()).unwrap();
+        let req: DelegateRequest = serde_json::from_value(json!({
+            "token": holder.token.expose(),
+            "target": SEARCHER,
+            "scope": scope,
+            "purpose": PURPOSE,
+            "audience": audience,
+            "justification": "look the case up",
+        }))
+        .unwrap();
+        delegate(&self.d, &peer, &req, at)
+    }
+
+    /// Whether the registry holds `id` under `task`.
+    fn registered(&self, task: &baton_core::TaskId, id: &str) -> bool {
+        self.d
+            .revoker()
+            .task_credentials(task)
+            .unwrap()
+            .iter()
+            .any(|c| c.id == id)
+    }
+}
+
+/// The `jti` claim of a token (read, not verified: the test's own token).
+fn jti_of(token: &Secret) -> String {
+    use base64::Engine as _;
+    let payload = token.expose().split('.').nth(1).unwrap();
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap();
+    claims["jti"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn a_task_runs_from_start_to_a_hop_and_every_credential_is_registered_before_it_leaves() {
+    let w = World::new();
+    let started = w.start(&["crm"], &["tool:crm.search:read"]);
+    // The grant is in the registry under its task before it is answered.
+    let grant_id = crate::service::token_digest(started.grant.grant.expose());
+    assert!(
+        w.registered(&started.task_id, &grant_id),
+        "the start's grant is registered"
+    );
+
+    let planner = w.redeem_as(&started.grant, PLANNER, w.t0).unwrap();
+    assert_eq!(planner.spiffe_id, id(PLANNER));
+    assert!(
+        w.registered(&started.task_id, &jti_of(&planner.token)),
+        "the token is registered"
+    );
+
+    let hop = w
+        .hop(&planner, &["crm"], &["tool:crm.search:read"], secs(w.t0, 1))
+        .unwrap();
+    assert_eq!(hop.target, id(SEARCHER));
+    let searcher = w.redeem_as(&hop, SEARCHER, secs(w.t0, 2)).unwrap();
+    assert!(w.registered(&started.task_id, &jti_of(&searcher.token)));
+    // Nothing of another task.
+    assert!(!w.registered(
+        &w.start(&["crm"], &["tool:crm.search:read"]).task_id,
+        &grant_id
+    ));
+
+    // The trace holds the initiator, both redeems (each with the jti the
+    // holder received) and the granted hop between them.
+    let trace = w.d.trace(started.task_id.as_str()).unwrap();
+    let t = &trace["trace"];
+    assert_eq!(t["initiator"], "alice@example.com", "{trace}");
+    assert_eq!(t["root"]["agent"], PLANNER, "{trace}");
+    let items = t["root"]["items"].as_array().unwrap();
+    assert_eq!(items[0]["type"], "redeemed", "{trace}");
+    assert_eq!(items[0]["token_jti"], jti_of(&planner.token).as_str());
+    assert_eq!(items[1]["type"], "hop", "{trace}");
+    assert_eq!(items[1]["granted"], true, "{trace}");
+    let delegate = &items[1]["delegate"];
+    assert_eq!(delegate["agent"], SEARCHER, "{trace}");
+    assert_eq!(delegate["items"][0]["type"], "redeemed", "{trace}");
+    assert_eq!(
+        delegate["items"][0]["token_jti"],
+        jti_of(&searcher.token).as_str()
+    );
+}
+
+#[test]
+fn a_hop_only_narrows_audience_scope_and_depth() {
+    let w = World::new();
+    let started = w.start(&["crm"], &["tool:crm.search:read"]);
+    let planner = w.redeem_as(&started.grant, PLANNER, w.t0).unwrap();
+    let t = secs(w.t0, 1);
+    // Audience widening at a hop.
+    let e = w
+        .hop(&planner, &["crm", "billing"], &["tool:crm.search:read"], t)
+        .unwrap_err();
+    assert_eq!(e.code(), "audience_widened", "{e}");
+    // Scope widening.
+    let e = w
+        .hop(&planner, &["crm"], &["tool:crm.search:write"], t)
+        .unwrap_err();
+    assert_eq!(e.code(), "scope_widened", "{e}");
+    // An empty audience is not "everything".
+    let e = w
+        .hop(&planner, &[], &["tool:crm.search:read"], t)
+        .unwrap_err();
+    assert_eq!(e.code(), "invalid_argument", "{e}");
+    // The untampered control.
+    w.hop(&planner, &["crm"], &["tool:crm.search:read"], t)
+        .unwrap();
+}
+
+#[test]
+fn a_grant_gives_one_credential_to_its_target_before_it_expires() {
+    let w = World::new();
+    let started = w.start(&["crm"], &["tool:crm.search:read"]);
+    // Another workload of the same node cannot take the planner's grant.
+    let e = w.redeem_as(&started.grant, SEARCHER, w.t0).unwrap_err();
+    assert_eq!(e.code(), "wrong_target", "{e}");
+    // After its time (grant_ttl, 300 s by default) nobody can.
+    let late = secs(w.t0, 301);
+    let e = w.redeem_as(&started.grant, PLANNER, late).unwrap_err();
+    assert_eq!(e.code(), "grant_expired", "{e}");
+
+    let second = w.start(&["crm"], &["tool:crm.search:read"]);
+    w.redeem_as(&second.grant, PLANNER, w.t0).unwrap();
+    // A second redeem with a fresh key is not the same request: refused.
+    let e = w.redeem_as(&second.grant, PLANNER, w.t0).unwrap_err();
+    assert_eq!(e.code(), "grant_used", "{e}");
+}
+
+#[test]
+fn a_node_whose_svid_is_not_its_current_one_is_refused() {
+    let w = World::new();
+    // The control: the node's own SVID authenticates it.
+    super::node(
+        w.d.broker(),
+        w.d.revoker(),
+        Some(&w.node_svid.spiffe_id),
+        w.node_svid.cert_chain_der.first().map(Vec::as_slice),
+        w.t0,
+    )
+    .unwrap();
+    // No certificate at all.
+    let e = super::node(
+        w.d.broker(),
+        w.d.revoker(),
+        Some(&w.node_svid.spiffe_id),
+        None,
+        w.t0,
+    )
+    .unwrap_err();
+    assert_eq!(e.code(), "unauthenticated", "{e}");
+    // A certificate issued for the node's name but never recorded as its
+    // SVID (another key, signed by the same CA).
+    let other = WorkloadKey::generate().unwrap();
+    let issued =
+        w.d.broker()
+            .ca()
+            .sign_x509_svid(
+                &other.csr_der(&w.node_svid.spiffe_id).unwrap(),
+                &w.node_svid.spiffe_id,
+                Duration::from_secs(600),
+                &[],
+                w.t0,
+            )
+            .unwrap();
+    let e = super::node(
+        w.d.broker(),
+        w.d.revoker(),
+        Some(&w.node_svid.spiffe_id),
+        issued.cert_chain_der.first().map(Vec::as_slice),
+        w.t0,
+    )
+    .unwrap_err();
+    assert_eq!(e.code(), "agent_svid_superseded", "{e}");
+    // A name that never attested.
+    let stranger = id("spiffe://example.org/baton/node/stranger");
+    let e = super::node(
+        w.d.broker(),
+        w.d.revoker(),
+        Some(&stranger),
+        w.node_svid.cert_chain_der.first().map(Vec::as_slice),
+        w.t0,
+    )
+    .unwrap_err();
+    assert_eq!(e.code(), "not_a_node", "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_token_refuses_its_hops_and_ending_the_task_refuses_everything() {
+    let w = World::new();
+    let started = w.start(&["crm"], &["tool:crm.search:read"]);
+    let planner = w.redeem_as(&started.grant, PLANNER, w.t0).unwrap();
+    let jti = jti_of(&planner.token);
+    let target: RevokeTarget = serde_json::from_value(json!({ "credential": jti })).unwrap();
+    let done = revoke(&w.d, &target, "test", None, secs(w.t0, 1))
+        .await
+        .unwrap();
+    assert!(done.revoked.iter().any(|r| r.id == jti), "{done:?}");
+    let e = w
+        .hop(&planner, &["crm"], &["tool:crm.search:read"], secs(w.t0, 2))
+        .unwrap_err();
+    assert_eq!(e.code(), "token_refused", "{e}");
+    assert!(e.to_string().contains("revoked"), "{e}");
+
+    // Another holder in the same task, then the task ends.
+    let regranted = regrant(
+        &w.d,
+        started.task_id.as_str(),
+        vec!["crm".into()],
+        secs(w.t0, 3),
+    )
+    .unwrap();
+    let again = w.redeem_as(&regranted, PLANNER, secs(w.t0, 3)).unwrap();
+    w.hop(&again, &["crm"], &["tool:crm.search:read"], secs(w.t0, 4))
+        .unwrap();
+    let ended = end_task(&w.d, started.task_id.as_str(), secs(w.t0, 5))
+        .await
+        .unwrap();
+    assert!(ended.revoked >= 2, "{ended:?}");
+    let e = w
+        .hop(&again, &["crm"], &["tool:crm.search:read"], secs(w.t0, 6))
+        .unwrap_err();
+    assert!(matches!(e.code(), "token_refused" | "task_ended"), "{e}");
+}
+
+#[test]
+fn a_token_presented_over_another_certificate_gets_no_hop() {
+    let w = World::new();
+    let started = w.start(&["crm"], &["tool:crm.search:read"]);
+    let planner = w.redeem_as(&started.grant, PLANNER, w.t0).unwrap();
+    let hop = w
+        .hop(&planner, &["crm"], &["tool:crm.search:read"], secs(w.t0, 1))
+        .unwrap();
+    let searcher = w.redeem_as(&hop, SEARCHER, secs(w.t0, 2)).unwrap();
+    // The planner's token over the searcher's certificate: a stolen token
+    // is useless without the key it is bound to.
+    let stolen = TaskCredential {
+        cert_chain_der: searcher.cert_chain_der.clone(),
+        ..planner.clone()
+    };
+    let e = w
+        .hop(&stolen, &["crm"], &["tool:crm.search:read"], secs(w.t0, 3))
+        .unwrap_err();
+    assert_eq!(e.code(), "token_refused", "{e}");
+    // The control: the holder's own pair.
+    w.hop(&planner, &["crm"], &["tool:crm.search:read"], secs(w.t0, 3))
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_evicted_after_it_authenticated_gets_nothing_handed_out() {
+    let w = World::new();
+    let started = w.start(&["crm"], &["tool:crm.search:read"]);
+    // `w.node` authenticated before the eviction (a request in flight).
+    crate::nodes::remove_node(
+        w.d.broker(),
+        w.d.revoker(),
+        w.d.task_store(),
+        w.node_svid.spiffe_id.as_str(),
+        crate::nodes::Removal::Evict,
+        "test",
+        unix_of(w.t0),
+    )
+    .await
+    .unwrap();
+    let e = w.redeem_as(&started.grant, PLANNER, w.t0).unwrap_err();
+    assert!(matches!(e.code(), "not_a_node" | "not_entitled"), "{e}");
+    // And a new request from it does not authenticate.
+    let e = super::node(
+        w.d.broker(),
+        w.d.revoker(),
+        Some(&w.node_svid.spiffe_id),
+        w.node_svid.cert_chain_der.first().map(Vec::as_slice),
+        w.t0,
+    )
+    .unwrap_err();
+    assert_eq!(e.code(), "not_a_node", "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_revocation_with_until_on_a_task_is_refused_and_changes_nothing() {
+    let w = World::new();
+    let started = w.start(&["crm"], &["tool:crm.search:read"]);
+    let planner = w.redeem_as(&started.grant, PLANNER, w.t0).unwrap();
+    let task: RevokeTarget =
+        serde_json::from_value(json!({ "task": started.task_id.as_str() })).unwrap();
+    let e = revoke(&w.d, &task, "test", Some(unix_of(w.t0) + 60), secs(w.t0, 1))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), "invalid_argument", "{e}");
+    // Nothing was revoked: the holder still hops.
+    w.hop(&planner, &["crm"], &["tool:crm.search:read"], secs(w.t0, 2))
+        .unwrap();
+    // An unknown task is a clear not-found, with nothing written.
+    let unknown: RevokeTarget =
+        serde_json::from_value(json!({ "task": "0123456789abcdef0123456789abcdef" })).unwrap();
+    let e = revoke(&w.d, &unknown, "test", None, secs(w.t0, 3))
+        .await
+        .unwrap_err();
+    assert!(matches!(e.code(), "not_found" | "invalid_argument"), "{e}");
+}
+
+fn report(task: &baton_core::TaskId, jti: &str, agent: &str, id: &str) -> ToolCallReport {
+    serde_json::from_value(json!({
+        "report_id": id,
+        "task_id": task.as_str(),
+        "token_jti": jti,
+        "agent": agent,
+        "tool": "crm.search",
+        "resource": "case/1",
+        "risk": "read",
+        "scope_used": ["tool:crm.search:read"],
+        "input_digest": "00".repeat(32),
+        "decision": "allow",
+        "policy_ids": [],
+        "at": 0,
+    }))
+    .unwrap()
+}
+
+#[test]
+fn a_report_batch_answers_a_forged_report_on_its_own_and_a_single_one_fails() {
+    let w = World::new();
+    let started = w.start(&["crm"], &["tool:crm.search:read"]);
+    let planner = w.redeem_as(&started.grant, PLANNER, w.t0).unwrap();
+    let jti = jti_of(&planner.token);
+    let honest = report(&started.task_id, &jti, PLANNER, "r-1");
+    // Claims the searcher made the call with the planner's token.
+    let forged = report(&started.task_id, &jti, SEARCHER, "r-2");
+    let clock = || secs(w.t0, 1);
+    let answer = record_reports(
+        &w.d,
+        &id(CRM),
+        &[honest.clone(), forged.clone()],
+        false,
+        None,
+        &clock,
+    )
+    .unwrap();
+    let receipts = answer["receipts"].as_array().unwrap();
+    assert_eq!(receipts.len(), 2, "{answer}");
+    assert!(receipts[0].get("refused").is_none(), "{answer}");
+    assert_eq!(receipts[1]["report_id"], "r-2", "{answer}");
+    assert!(receipts[1]["refused"]["code"].is_string(), "{answer}");
+    // Alone, the forged report is refused outright.
+    let e = record_reports(&w.d, &id(CRM), &[forged], true, None, &clock).unwrap_err();
+    assert!(matches!(e, BrokerError::Forbidden { .. }), "{e}");
+    // A server that does not serve the token's audience reports nothing.
+    let other = report(&started.task_id, &jti, PLANNER, "r-3");
+    let e = record_reports(
+        &w.d,
+        &id("spiffe://example.org/tools/other"),
+        &[other],
+        true,
+        None,
+        &clock,
+    )
+    .unwrap_err();
+    assert!(matches!(e, BrokerError::Forbidden { .. }), "{e}");
+    // Only the honest report is in the trace.
+    let trace = w.d.trace(started.task_id.as_str()).unwrap().to_string();
+    assert_eq!(trace.matches("\"tool_call\"").count(), 1, "{trace}");
+}
+
+#[test]
+fn a_renewal_needs_the_current_key_revokes_the_old_certificate_and_happens_once() {
+    let w = World::new();
+    let started = w.start(&["crm"], &["tool:crm.search:read"]);
+    let old_key = WorkloadKey::generate().unwrap();
+    let planner = w
+        .redeem_with(&started.grant, PLANNER, &old_key, w.t0)
+        .unwrap();
+    let at = secs(w.t0, 10);
+    let renewal = |proof_key: &WorkloadKey, new_key: &WorkloadKey| RenewTaskRequest {
+        token: planner.token.clone(),
+        spiffe_id: id(PLANNER),
+        leaf_der: planner.cert_chain_der[0].clone(),
+        csr_der: new_key.csr_der(&id(PLANNER)).unwrap(),
+        proof: baton_ca::possession::sign_renew_proof(
+            proof_key.pkcs8_der(),
+            planner.token.expose(),
+            unix_of(at),
+        )
+        .unwrap(),
+        proof_iat: unix_of(at),
+    };
+    // A proof made with another key (a thief holding only the token and
+    // the public certificate) renews nothing.
+    let thief = WorkloadKey::generate().unwrap();
+    let e = renew(&w.d, &w.node, &renewal(&thief, &thief), at).unwrap_err();
+    assert_eq!(e.code(), "proof_invalid", "{e}");
+    // The holder's renewal: same claims, a new certificate.
+    let new_key = WorkloadKey::generate().unwrap();
+    let renewed = renew(&w.d, &w.node, &renewal(&old_key, &new_key), at).unwrap();
+    assert_ne!(renewed.cert_chain_der[0], planner.cert_chain_der[0]);
+    assert_eq!(jti_of(&renewed.token), jti_of(&planner.token));
+    assert!(renewed.expires_at <= planner.expires_at);
+    // The old certificate is revoked: no hop with it, and no second
+    // renewal from it.
+    let e = w
+        .hop(
+            &planner,
+            &["crm"],
+            &["tool:crm.search:read"],
+            secs(w.t0, 11),
+        )
+        .unwrap_err();
+    assert_eq!(e.code(), "certificate_revoked", "{e}");
+    let e = renew(&w.d, &w.node, &renewal(&old_key, &new_key), at).unwrap_err();
+    assert!(
+        matches!(
+            e.code(),
+            "token_refused" | "certificate_revoked" | "revoked"
+        ),
+        "{e}"
+    );
+    // The control: the renewed pair hops.
+    w.hop(
+        &renewed,
+        &["crm"],
+        &["tool:crm.search:read"],
+        secs(w.t0, 11),
+    )
+    .unwrap();
+}
