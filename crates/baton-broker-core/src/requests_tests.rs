@@ -233,6 +233,20 @@ impl World {
         delegate(&self.d, &peer, &req, at)
     }
 
+    /// A node request from `peer` presenting `leaf`.
+    fn node_as(
+        &self,
+        peer: &SpiffeId,
+        leaf: Option<&[u8]>,
+    ) -> Result<AuthenticatedNode, BrokerError> {
+        super::node(self.d.broker(), self.d.revoker(), Some(peer), leaf, self.t0)
+    }
+
+    /// The node's own agent SVID leaf.
+    fn node_leaf(&self) -> Option<&[u8]> {
+        self.node_svid.cert_chain_der.first().map(Vec::as_slice)
+    }
+
     /// Whether the registry holds `id` under `task`.
     fn registered(&self, task: &baton_core::TaskId, id: &str) -> bool {
         self.d
@@ -356,23 +370,9 @@ fn a_grant_gives_one_credential_to_its_target_before_it_expires() {
 fn a_node_whose_svid_is_not_its_current_one_is_refused() {
     let w = World::new();
     // The control: the node's own SVID authenticates it.
-    super::node(
-        w.d.broker(),
-        w.d.revoker(),
-        Some(&w.node_svid.spiffe_id),
-        w.node_svid.cert_chain_der.first().map(Vec::as_slice),
-        w.t0,
-    )
-    .unwrap();
+    w.node_as(&w.node_svid.spiffe_id, w.node_leaf()).unwrap();
     // No certificate at all.
-    let e = super::node(
-        w.d.broker(),
-        w.d.revoker(),
-        Some(&w.node_svid.spiffe_id),
-        None,
-        w.t0,
-    )
-    .unwrap_err();
+    let e = w.node_as(&w.node_svid.spiffe_id, None).unwrap_err();
     assert_eq!(e.code(), "unauthenticated", "{e}");
     // A certificate issued for the node's name but never recorded as its
     // SVID (another key, signed by the same CA).
@@ -388,25 +388,16 @@ fn a_node_whose_svid_is_not_its_current_one_is_refused() {
                 w.t0,
             )
             .unwrap();
-    let e = super::node(
-        w.d.broker(),
-        w.d.revoker(),
-        Some(&w.node_svid.spiffe_id),
-        issued.cert_chain_der.first().map(Vec::as_slice),
-        w.t0,
-    )
-    .unwrap_err();
+    let e = w
+        .node_as(
+            &w.node_svid.spiffe_id,
+            issued.cert_chain_der.first().map(Vec::as_slice),
+        )
+        .unwrap_err();
     assert_eq!(e.code(), "agent_svid_superseded", "{e}");
     // A name that never attested.
     let stranger = id("spiffe://example.org/baton/node/stranger");
-    let e = super::node(
-        w.d.broker(),
-        w.d.revoker(),
-        Some(&stranger),
-        w.node_svid.cert_chain_der.first().map(Vec::as_slice),
-        w.t0,
-    )
-    .unwrap_err();
+    let e = w.node_as(&stranger, w.node_leaf()).unwrap_err();
     assert_eq!(e.code(), "not_a_node", "{e}");
 }
 
@@ -491,14 +482,9 @@ async fn a_node_evicted_after_it_authenticated_gets_nothing_handed_out() {
     let e = w.redeem_as(&started.grant, PLANNER, w.t0).unwrap_err();
     assert!(matches!(e.code(), "not_a_node" | "not_entitled"), "{e}");
     // And a new request from it does not authenticate.
-    let e = super::node(
-        w.d.broker(),
-        w.d.revoker(),
-        Some(&w.node_svid.spiffe_id),
-        w.node_svid.cert_chain_der.first().map(Vec::as_slice),
-        w.t0,
-    )
-    .unwrap_err();
+    let e = w
+        .node_as(&w.node_svid.spiffe_id, w.node_leaf())
+        .unwrap_err();
     assert_eq!(e.code(), "not_a_node", "{e}");
 }
 

@@ -67,7 +67,15 @@ impl AdminClient {
             },
             Err(_) => format!("broker answered {status}"),
         };
-        Err(exit(EXIT_REFUSED, message))
+        // 503: a store the broker needs is down and nothing was done; the
+        // command may be run again (at this broker later, or at another),
+        // as when the broker cannot be reached. Anything else is a refusal.
+        let code = if status == reqwest::StatusCode::SERVICE_UNAVAILABLE {
+            EXIT_UNREACHABLE
+        } else {
+            EXIT_REFUSED
+        };
+        Err(exit(code, message))
     }
 
     pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
@@ -273,6 +281,68 @@ pub async fn bundle(cmd: BundleCmd) -> Result<()> {
                 }
             }
             Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+    use crate::cli::Exit;
+
+    /// An admin socket that answers one request with `status` and an
+    /// `ApiError` body.
+    async fn answer_once(sock: &Path, status: &'static str) -> tokio::task::JoinHandle<()> {
+        let listener = tokio::net::UnixListener::bind(sock).unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+            let body = r#"{"code":"unavailable","message":"nothing was done; try again later"}"#;
+            let resp = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            s.write_all(resp.as_bytes()).await.unwrap();
+        })
+    }
+
+    #[tokio::test]
+    async fn a_503_exits_3_so_it_is_retried_and_other_refusals_exit_2() {
+        // As `main` does: reqwest is built without a provider of its own.
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        for (status, want) in [
+            ("503 Service Unavailable", EXIT_UNREACHABLE),
+            ("403 Forbidden", EXIT_REFUSED),
+            ("500 Internal Server Error", EXIT_REFUSED),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let sock = dir.path().join("admin.sock");
+            let server = answer_once(&sock, status).await;
+            let err = AdminClient::new(&sock)
+                .unwrap()
+                .get::<serde_json::Value>("/v1/admin/entries")
+                .await
+                .unwrap_err();
+            let exit = err.downcast_ref::<Exit>().unwrap();
+            assert_eq!(exit.code, want, "{status}: {}", exit.message);
+            assert!(
+                exit.message.contains("nothing was done"),
+                "{}",
+                exit.message
+            );
+            server.await.unwrap();
         }
     }
 }

@@ -13,7 +13,8 @@ use crate::{admin, audit, ca, config, creds, daemons, example, nodes, tasks, wor
 pub const EXIT_FAILURE: u8 = 1;
 /// The request was refused (bad input, not found, not allowed).
 pub const EXIT_REFUSED: u8 = 2;
-/// The broker or agent could not be reached.
+/// The broker or agent could not be reached, or the broker answered 503
+/// (nothing was done; the command may be run again).
 pub const EXIT_UNREACHABLE: u8 = 3;
 /// A verification failed (e.g. the audit log is tampered).
 pub const EXIT_VERIFY_FAILED: u8 = 4;
@@ -46,7 +47,8 @@ pub const EXIT_CODES_HELP: &str = "Exit codes:
   0   success (also when the reader of the output went away: `| head`)
   1   failure (including a TLS trust error, e.g. a stale bundle)
   2   refused: bad input or usage, not found, not allowed (e.g. permission denied on the admin socket)
-  3   the broker, the node daemon or the admin socket cannot be reached
+  3   the broker, the node daemon or the admin socket cannot be reached, or the broker
+      answered 503 (a store it needs is down: nothing was done; run it again)
   4   a verification failed (`audit verify`, `audit verify-receipt`: the log is tampered or cut)
   70  internal error";
 
