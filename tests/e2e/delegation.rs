@@ -93,6 +93,22 @@ impl World {
             assert!(tool.is_running(), "tool server exited: {}", tool.log_text());
             std::fs::read_to_string(&ready).ok()
         });
+        // The node daemon serves every registered agent before a test
+        // redeems for one (it may have synced the tool's entry alone).
+        for id in [PLANNER, RESEARCHER] {
+            wait_for(
+                "the node daemon serves the agents' entries",
+                Duration::from_secs(60),
+                || {
+                    baton()
+                        .args(["svid", "fetch", "--spiffe-id", id])
+                        .env("SPIFFE_ENDPOINT_SOCKET", c.endpoint())
+                        .output()
+                        .ok()
+                        .filter(|o| o.status.success())
+                },
+            );
+        }
         World {
             c,
             _tool: tool,
