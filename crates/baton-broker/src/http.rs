@@ -563,16 +563,13 @@ pub fn admin_routes(
                 .unify()
                 .or(bundle)
                 .unify()
-                .or(crate::http_rotation::admin_routes(broker.clone()))
+                .or(crate::http_rotation::admin_routes(broker.clone()).boxed())
                 .unify()
-                .or(crate::http_nodes::admin_routes(
-                    broker.clone(),
-                    delegation.clone(),
-                ))
+                .or(crate::http_nodes::admin_routes(broker.clone(), delegation.clone()).boxed())
                 .unify()
-                .or(crate::http_audit::admin_routes(delegation.clone()))
+                .or(crate::http_audit::admin_routes(delegation.clone()).boxed())
                 .unify()
-                .or(crate::http_delegation::admin_routes(delegation))
+                .or(crate::http_delegation::admin_routes(delegation).boxed())
                 .unify(),
         )
         .recover(recover)

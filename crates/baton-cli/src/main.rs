@@ -3,6 +3,11 @@
 //! `main` only parses arguments, sets up logging and dispatches; each verb
 //! lives in its own module.
 
+// The broker's warp filter futures nest deeper than the default limit of
+// 128 when a release build proves them `Unpin` (the admin socket's routes
+// are also boxed per area in `baton_broker::http::admin_routes`).
+#![recursion_limit = "256"]
+
 mod admin;
 mod audit;
 mod ca;
