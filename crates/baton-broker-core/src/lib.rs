@@ -11,8 +11,8 @@
 //!
 //! [`requests`] holds each route's whole request (the decision plus its
 //! durable steps in order: register before hand-out, revoke what a renewal
-//! replaces first, re-check the node last), so no front end can skip or
-//! reorder a step.
+//! replaces first, re-check the node last); the minting steps it composes
+//! are private to this crate, so a front end cannot skip or reorder one.
 //!
 //! This crate never imports the web layer (warp and `http` are not among its
 //! dependencies). The HTTPS shell

@@ -14,8 +14,9 @@
 //!
 //! The steps these compose (`Broker::attest`, `sign_x509`, `sign_jwt`,
 //! `Delegation::start_task`, `delegate`, `redeem`, `renew`, `end_task`, ...)
-//! are private to this crate: outside it, a credential is minted only
-//! through a function here, with its registration and re-checks.
+//! are private to this crate: outside it, those decision steps are
+//! reached only through a function here, with its registration and
+//! re-checks. (The CA itself stays reachable through `Broker::ca`.)
 //!
 //! The ordering rules they keep:
 //! - a credential is registered with the revocation registry before it
