@@ -307,6 +307,19 @@ pub(crate) fn send(
     token: Option<&str>,
     extra: &[(&str, &str)],
 ) -> Answer {
+    send_body(cert_dir, method, url, token, extra, "{\"q\":\"acme\"}")
+}
+
+/// As [`send`], with `body`.
+pub(crate) fn send_body(
+    cert_dir: &Path,
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+    extra: &[(&str, &str)],
+    body: &str,
+) -> Answer {
+    let body = body.to_owned();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -320,7 +333,7 @@ pub(crate) fn send(
         for (k, v) in extra {
             req = req.header(*k, *v);
         }
-        let resp = req.body("{\"q\":\"acme\"}").send().await.unwrap();
+        let resp = req.body(body).send().await.unwrap();
         Answer {
             status: resp.status().as_u16(),
             challenge: resp
@@ -492,6 +505,42 @@ fn the_gateway_forwards_allowed_calls_and_refuses_each_attack() {
         "{other:?}"
     );
 
+    // A forged token (its signature is not the broker's) that names this
+    // task and a real jti: refused, and not recorded under the task, or
+    // anyone could fill a task's trace with denials it never had.
+    let forged_token = {
+        use base64::Engine as _;
+        let b64 = |v: serde_json::Value| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+        };
+        let real: serde_json::Value = serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(token.split('.').nth(1).unwrap())
+                .unwrap(),
+        )
+        .unwrap();
+        format!(
+            "{}.{}.{}",
+            b64(
+                serde_json::json!({"alg": "ES256", "typ": "baton-delegation+jwt", "kid": "forged"})
+            ),
+            b64(serde_json::json!({"jti": real["jti"], "task": {"id": task}})),
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode([7u8; 64])
+        )
+    };
+    let forged_call = send(
+        &researcher,
+        "GET",
+        &search,
+        Some(&forged_token),
+        &[(
+            "traceparent",
+            "00-5ca1ab1e5ca1ab1e5ca1ab1e5ca1ab1e-00f067aa0ba902b7-01",
+        )],
+    );
+    assert_eq!(forged_call.status, 401, "{forged_call:?}");
+    // (Reports are delivered in order: once the out-of-scope call below
+    // is in the trace, this refusal would be too.)
     // A tool outside the token's scope: 403 with the scope it would need.
     let write = send(
         &researcher,
@@ -579,6 +628,14 @@ fn the_gateway_forwards_allowed_calls_and_refuses_each_attack() {
         .collect();
     assert_eq!(refused.len(), 1, "{calls:?}");
     assert_eq!(refused[0]["decision"], "deny", "{refused:?}");
+    // The forged token's refusal is not (the stolen one above, signed by
+    // the broker, is the control).
+    assert!(
+        !calls
+            .iter()
+            .any(|c| c["trace_id"] == "5ca1ab1e5ca1ab1e5ca1ab1e5ca1ab1e"),
+        "a forged token's refusal was recorded under the task it names: {calls:?}"
+    );
     assert!(
         !trace.contains(&bare),
         "a bare SHA-256 of the input is in the log"
@@ -1554,6 +1611,42 @@ fn paths_are_read_as_the_upstream_reads_them_and_no_header_poses_as_the_caller()
         "a value that only mentions it is fine: {a:?}"
     );
     assert_eq!(g.upstream_count(), before + 1);
+    // ... and so is one in a multipart part's name or a JSON body's keys
+    // (Rack and Laravel read those), while a body that only mentions it
+    // is forwarded.
+    let multipart = [("content-type", "multipart/form-data; boundary=b0undary")];
+    let json = [("content-type", "application/json")];
+    for (extra, body) in [
+        (
+            &multipart,
+            "--b0undary\r\nContent-Disposition: form-data; name=\"_method\"\r\n\r\nDELETE\r\n--b0undary--\r\n",
+        ),
+        (&json, "{\"q\":\"acme\",\"_method\":\"DELETE\"}"),
+    ] {
+        let a = send_body(
+            &researcher,
+            "GET",
+            &url("/crm/ledger/acme"),
+            Some(&token),
+            extra,
+            body,
+        );
+        assert_eq!(a.status, 400, "{body}: {a:?}");
+        assert!(
+            a.body["error"].as_str().unwrap().contains("_method"),
+            "{a:?}"
+        );
+    }
+    let a = send_body(
+        &researcher,
+        "GET",
+        &url("/crm/ledger/acme"),
+        Some(&token),
+        &multipart,
+        "--b0undary\r\nContent-Disposition: form-data; name=\"q\"\r\n\r\nset _method here\r\n--b0undary--\r\n",
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(g.upstream_count(), before + 2);
     assert!(
         !seen.headers.iter().any(|(_, v)| v.contains("mallory")),
         "a forged identity reached the upstream: {seen:?}"

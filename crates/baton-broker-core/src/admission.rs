@@ -23,7 +23,6 @@ use baton_core::TaskId;
 use baton_core::api::StartTaskRequest;
 use baton_policy::{AdmissionPolicy, Admitted, Human, PolicyError, TaskStart};
 
-use crate::delegation::Delegation;
 use crate::error::{BrokerError, random_bytes};
 use crate::oidc::Initiator;
 
@@ -94,12 +93,14 @@ pub fn load(
     Ok(AdmissionPolicy::from_sources(&schema, &policies)?)
 }
 
-/// Asks the admission policy whether the human `initiator` may start the
-/// task `req` describes. A refusal is logged (kind `task_refused`, under a
-/// fresh task id that the message names) and returned as 403
-/// `not_permitted`.
+/// Asks the admission `policy` whether the human `initiator` may start the
+/// task `req` describes. A refusal is logged through `log` (an event of
+/// kind `task_refused`, under a fresh task id that the message names) and
+/// returned as 403 `not_permitted`; a refusal that cannot be logged is
+/// returned as the logging error (still refused).
 pub fn admit_task_start(
-    d: &Delegation,
+    policy: &AdmissionPolicy,
+    log: impl FnOnce(&baton_audit::AuditEvent) -> Result<(), BrokerError>,
     initiator: &Initiator,
     req: &StartTaskRequest,
     now: u64,
@@ -120,7 +121,7 @@ pub fn admit_task_start(
         max_depth: req.max_depth,
         audiences: req.audience.clone(),
     };
-    let refused = match d.admission().admit_task_start(start) {
+    let refused = match policy.admit_task_start(start) {
         Ok(admitted) => return Ok(admitted),
         Err(refused) => refused,
     };
@@ -137,7 +138,7 @@ pub fn admit_task_start(
     // The initiator is kept only as an HMAC: the reason must not name it.
     ev.reason = Some(format!("not_permitted: {}", refused.without_principal()));
     ev.policy_ids = refused.policy_ids.clone();
-    d.append_event(&ev)?;
+    log(&ev)?;
     if !refused.errors.is_empty() {
         tracing::warn!(task = %id, errors = %refused.errors.join("; "), "admission policy evaluation failed (refused)");
     }

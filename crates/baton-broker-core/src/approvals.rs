@@ -137,6 +137,7 @@ impl Delegation {
             expires_at: now.saturating_add(req.ttl_secs),
             decided_by: None,
             reason: None,
+            reported_in: None,
         };
         let mut ev = self.event(EventKind::ApprovalRequested, &a.task_id, now);
         ev.actor = Some(a.agent.clone());

@@ -18,8 +18,8 @@ use baton_audit::{AuditEvent, AuditLog, EventKind, Receipt};
 
 use arc_swap::ArcSwap;
 use baton_core::api::{
-    DelegateRequest, HandoffGrant, RedeemRequest, RenewTaskRequest, StartTaskRequest,
-    StartTaskResponse, TaskCredential, ToolCallReport,
+    ApprovalState, DelegateRequest, HandoffGrant, RedeemRequest, RenewTaskRequest,
+    StartTaskRequest, StartTaskResponse, TaskCredential, ToolCallReport,
 };
 use baton_core::{
     Actor, Confirmation, DelegationClaims, ParentRef, Purpose, Secret, SpiffeId, TaskClaims, TaskId,
@@ -324,7 +324,7 @@ impl Delegation {
     /// `traceparent`) unless the event names one already.
     fn append(&self, event: &AuditEvent) -> Result<Receipt, BrokerError> {
         crate::telemetry::record_event(event);
-        crate::ops::timed_append(|| match crate::telemetry::current_trace_id() {
+        crate::telemetry::timed_append(|| match crate::telemetry::current_trace_id() {
             Some(trace) if event.trace_id.is_none() => {
                 let mut traced = event.clone();
                 traced.trace_id = Some(trace);
@@ -445,7 +445,13 @@ impl Delegation {
         self.broker.refuse_blocked(&req.root_agent, now)?;
         // Cedar decides who may start what; the task is built from what it
         // admitted, nothing else.
-        let admitted = crate::admission::admit_task_start(self, &initiator, req, now)?;
+        let admitted = crate::admission::admit_task_start(
+            &self.admission(),
+            |ev| self.append_event(ev).map(drop),
+            &initiator,
+            req,
+            now,
+        )?;
         let req = admitted.request();
         // An ID token starts one task: a captured token cannot start another.
         if !self
@@ -470,6 +476,7 @@ impl Delegation {
             expires_at: now.saturating_add(req.ttl_secs),
             ended_at: None,
             purpose_epoch: 0,
+            audiences: Some(req.audiences.clone()),
         };
         let mut ev = self.event(EventKind::TaskStarted, &id, now);
         ev.initiator = Some(req.human.subject.clone());
@@ -625,7 +632,15 @@ impl Delegation {
         let held = self
             .tokens
             .verify(token.expose(), peer, now)
-            .map_err(|e| refuse("token_refused", format!("delegation token refused: {e}")))?;
+            .map_err(|e| match e {
+                // The certificate, not the token: as the durable check
+                // below names it.
+                baton_verify::TokenError::CertificateRevoked { .. } => refuse(
+                    "certificate_revoked",
+                    format!("delegation token refused: {e}"),
+                ),
+                e => refuse("token_refused", format!("delegation token refused: {e}")),
+            })?;
         let claims = held.claims();
         // The broker minted every valid token and recorded it: a token it
         // has no record of, or recorded under another task, is refused
@@ -1513,6 +1528,24 @@ impl Delegation {
                 "audience must list at least one value, none of them blank",
             ));
         }
+        // Admission decided which tool servers the task may reach: an
+        // operator re-issues access to those, never more.
+        let Some(admitted) = &task.audiences else {
+            return Err(BrokerError::Conflict(format!(
+                "task {}: it was started before the broker kept the audiences admission admitted, so a new start grant cannot be checked against them; start a new task",
+                task.id
+            )));
+        };
+        if let Some(extra) = audience.iter().find(|a| !admitted.contains(a)) {
+            return Err(BrokerError::Forbidden {
+                code: "audience_not_admitted",
+                message: format!(
+                    "audience {extra:?} was not admitted for task {} (admitted: {}); a re-issued start grant may only name those",
+                    task.id,
+                    admitted.join(", ")
+                ),
+            });
+        }
         self.broker.refuse_blocked(&task.root_agent, now)?;
         // Recorded before the grant exists, as a hop is: an operator's new
         // start grant is in the task's trace with the audience it names.
@@ -1714,10 +1747,12 @@ impl Delegation {
                 ),
             ));
         }
-        if r.decision == "allow" {
+        let approval = if r.decision == "allow" {
             check_allowed_by(r, &token)?;
-            self.check_named_approval(reporter, r)?;
-        }
+            self.check_named_approval(reporter, r)?
+        } else {
+            None
+        };
         // Only now, for a reporter entitled to report this token's calls,
         // is a report id looked up: a duplicate's answer (its index) is
         // not given to anyone else.
@@ -1748,6 +1783,9 @@ impl Delegation {
                 token.spiffe_id
             ));
         }
+        if let Some(a) = approval {
+            self.consume_approval(a, r)?;
+        }
         ev.at = now;
         let receipt = self.append(&ev)?;
         baton_ops::metrics().tool_call(
@@ -1766,39 +1804,76 @@ impl Delegation {
 
     /// An allowed call whose record says it was approved (`approved in
     /// ID`, as the gate writes it) names an approval this reporter asked
-    /// for and used, of this task, agent, tool and resource: a reporter
-    /// cannot dress a call up as approved.
+    /// for and used, of this task, agent, tool and resource, and that no
+    /// other report cited: a reporter cannot dress a call up as approved,
+    /// nor one approval up as many calls. Returns the approval the report
+    /// is to consume ([`Self::consume_approval`]), or `None` when it cites
+    /// none or already consumed it (a retried report).
     fn check_named_approval(
         &self,
         reporter: &SpiffeId,
         r: &ToolCallReport,
-    ) -> Result<(), BrokerError> {
+    ) -> Result<Option<ApprovalState>, BrokerError> {
         let Some(id) = r
             .reason
             .as_deref()
             .and_then(|x| x.strip_prefix("approved in "))
         else {
-            return Ok(());
+            return Ok(None);
         };
         let id = id.trim();
-        let agrees = self.tasks.get_approval(id)?.is_some_and(|a| {
-            a.status == "used"
-                && a.task_id == r.task_id
+        let refused = |why: &str| {
+            refuse(
+                "report_refused",
+                format!(
+                    "report {} says the call was approved in {id:?}, but {why}",
+                    r.report_id
+                ),
+            )
+        };
+        let Some(a) = self.tasks.get_approval(id)?.filter(|a| {
+            a.task_id == r.task_id
                 && a.agent == r.agent
                 && a.tool == r.tool
                 && a.resource == r.resource
                 && a.requested_by == *reporter
-        });
-        if agrees {
-            Ok(())
-        } else {
-            Err(refuse(
+        }) else {
+            return Err(refused(&format!(
+                "no approval used by {reporter} for this call has that id"
+            )));
+        };
+        match a.status.as_str() {
+            "used" => Ok(Some(a)),
+            "reported" if a.reported_in.as_deref() == Some(r.report_id.as_str()) => Ok(None),
+            "reported" => Err(refused(&format!(
+                "that approval was cited by report {} already: one approval vouches for one call",
+                a.reported_in.as_deref().unwrap_or("?")
+            ))),
+            other => Err(refused(&format!(
+                "that approval is {other}, not used by a call"
+            ))),
+        }
+    }
+
+    /// Marks a used approval as cited by report `r` (compare-and-set: of
+    /// two reports citing it at once, one wins; the other is refused, or
+    /// accepted if it is the same report retried).
+    fn consume_approval(&self, a: ApprovalState, r: &ToolCallReport) -> Result<(), BrokerError> {
+        let mut reported = a.clone();
+        reported.status = "reported".into();
+        reported.reported_in = Some(r.report_id.clone());
+        if self.tasks.transition_approval(&a.id, "used", &reported)? {
+            return Ok(());
+        }
+        match self.tasks.get_approval(&a.id)? {
+            Some(now) if now.reported_in.as_deref() == Some(r.report_id.as_str()) => Ok(()),
+            _ => Err(refuse(
                 "report_refused",
                 format!(
-                    "report {} says the call was approved in {id:?}, but no approval used by {reporter} for this call has that id",
-                    r.report_id
+                    "report {} says the call was approved in {}, but another report cited that approval first: one approval vouches for one call",
+                    r.report_id, a.id
                 ),
-            ))
+            )),
         }
     }
 

@@ -10,9 +10,8 @@ use baton_core::{SpiffeId, TaskId};
 use baton_revocation::{CredKind, CredentialRecord, Revoked, Target};
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::revocation::TaskCredential;
+use crate::records::{TaskCredential, TokenRecord};
 use crate::store::{SqliteStore, StoreError, to_i64};
-use crate::tasks::TokenRecord;
 
 /// One entry of the revocation log.
 #[derive(Debug, Clone, PartialEq, Eq)]

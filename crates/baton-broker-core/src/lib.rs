@@ -32,6 +32,7 @@ pub mod pg;
 pub mod pg_audit;
 pub mod pg_ca;
 pub mod pg_tls;
+pub mod records;
 pub mod requests;
 pub mod revocation;
 pub mod rotation;

@@ -12,13 +12,14 @@
 //! raced it registered its records before re-checking the node (see
 //! `requests::hand_out`), so it is either covered by the revocation or refused.
 
-use baton_core::SpiffeId;
+use baton_core::{SpiffeId, TrustDomain};
 use baton_revocation::Target;
 use serde::{Deserialize, Serialize};
 
+use crate::error::BrokerError;
 use crate::revocation::Revoker;
-use crate::service::{Broker, BrokerError};
-use crate::store::NodeRecord;
+use crate::rotation::RotationState;
+use crate::store::{Datastore, NodeRecord};
 use crate::tasks::TaskStore;
 
 /// A node as operators see it.
@@ -55,7 +56,37 @@ fn unknown(id: &SpiffeId) -> BrokerError {
     ))
 }
 
-impl Broker {
+/// Node administration over one broker's datastore and rotation state
+/// (which forgets an evicted node's syncs). [`crate::Broker::nodes`] makes
+/// one; it holds nothing of its own.
+#[derive(Debug, Clone, Copy)]
+pub struct Nodes<'a> {
+    store: &'a dyn Datastore,
+    trust_domain: &'a TrustDomain,
+    rotation: &'a RotationState,
+}
+
+impl<'a> Nodes<'a> {
+    pub fn new(
+        store: &'a dyn Datastore,
+        trust_domain: &'a TrustDomain,
+        rotation: &'a RotationState,
+    ) -> Self {
+        Self {
+            store,
+            trust_domain,
+            rotation,
+        }
+    }
+
+    fn store(&self) -> &'a dyn Datastore {
+        self.store
+    }
+
+    fn trust_domain(&self) -> &'a TrustDomain {
+        self.trust_domain
+    }
+
     /// Parses an operator's node ID: a SPIFFE ID of this trust domain.
     pub fn parse_node_id(&self, raw: &str) -> Result<SpiffeId, BrokerError> {
         let bad = |message: String| BrokerError::BadRequest {
@@ -126,6 +157,96 @@ impl Broker {
             propagation: None,
         })
     }
+
+    /// Evicts or bans a node: its record goes (evict) or is marked banned
+    /// (ban), then everything issued through it is revoked. If the revocation
+    /// fails (store down), the record is restored and the error says nothing
+    /// changed.
+    pub async fn remove(
+        &self,
+        revoker: &Revoker,
+        tasks: &dyn TaskStore,
+        raw: &str,
+        how: Removal,
+        reason: &str,
+        now: u64,
+    ) -> Result<NodeAction, BrokerError> {
+        let id = self.parse_node_id(raw)?;
+        let store = self.store();
+        let before = store.get_node(&id)?;
+        let (verb, changed) = match (how, &before) {
+            (Removal::Evict, None) => return Err(unknown(&id)),
+            (Removal::Evict, Some(b)) if b.banned => {
+                return Err(BrokerError::Conflict(format!(
+                    "node {id} is banned, which already cut it off; `baton node unban {id}` lifts the ban if it should attest again"
+                )));
+            }
+            (Removal::Evict, Some(_)) => ("evicted", store.delete_node(&id)?),
+            (Removal::Ban, Some(b)) if b.banned => {
+                return Err(BrokerError::Conflict(format!(
+                    "node {id} is already banned"
+                )));
+            }
+            (Removal::Ban, Some(_)) => ("banned", store.set_node_banned(&id, true)?),
+            // A node never attested (or evicted) is banned pre-emptively: a
+            // banned record with no agent SVID, so no join token gets it in.
+            (Removal::Ban, None) => {
+                store.upsert_node(&NodeRecord {
+                    spiffe_id: id.clone(),
+                    serial_hex: String::new(),
+                    prev_serial_hex: None,
+                    svid_not_after: 0,
+                    attested_at: 0,
+                    banned: true,
+                })?;
+                ("banned", true)
+            }
+        };
+        if !changed {
+            return Err(unknown(&id));
+        }
+        let revoked = match revoker
+            .revoke(&Target::Node(id.clone()), tasks, reason, now)
+            .await
+        {
+            Ok(v) => v.len(),
+            // Nothing live was issued through it (or a memory store restarted).
+            Err(BrokerError::NotFound(_)) => 0,
+            Err(e) => {
+                let restored = match (how, &before) {
+                    (Removal::Evict, Some(b)) => store.upsert_node(b),
+                    (Removal::Ban, Some(_)) => store.set_node_banned(&id, false).map(|_| ()),
+                    (_, None) => store.delete_node(&id).map(|_| ()),
+                };
+                if let Err(r) = restored {
+                    tracing::error!(node = %id, error = %r, "could not restore the node after a failed revocation");
+                    return Err(BrokerError::Hook(format!(
+                        "node {id}: the revocation failed ({e}) and the node record could not be restored ({r}); retry `baton node {}` when the revocation store is back",
+                        if how == Removal::Evict {
+                            "evict"
+                        } else {
+                            "ban"
+                        }
+                    )));
+                }
+                return Err(BrokerError::Hook(format!(
+                    "node {id} was not {verb} (nothing changed): {e}; retry when the revocation store is back"
+                )));
+            }
+        };
+        self.rotation.forget_node(&id);
+        tracing::warn!(node = %id, action = verb, revoked, reason, "node {verb}");
+        let propagation = revoker
+            .propagation(std::time::Duration::from_secs(2))
+            .await
+            .ok();
+        Ok(NodeAction {
+            node: id,
+            action: verb.into(),
+            revoked,
+            propagation,
+        })
+    }
 }
 
 /// What an operator does to a node.
@@ -133,94 +254,4 @@ impl Broker {
 pub enum Removal {
     Evict,
     Ban,
-}
-
-/// Evicts or bans a node: its record goes (evict) or is marked banned
-/// (ban), then everything issued through it is revoked. If the revocation
-/// fails (store down), the record is restored and the error says nothing
-/// changed.
-pub async fn remove_node(
-    broker: &Broker,
-    revoker: &Revoker,
-    tasks: &dyn TaskStore,
-    raw: &str,
-    how: Removal,
-    reason: &str,
-    now: u64,
-) -> Result<NodeAction, BrokerError> {
-    let id = broker.parse_node_id(raw)?;
-    let store = broker.store();
-    let before = store.get_node(&id)?;
-    let (verb, changed) = match (how, &before) {
-        (Removal::Evict, None) => return Err(unknown(&id)),
-        (Removal::Evict, Some(b)) if b.banned => {
-            return Err(BrokerError::Conflict(format!(
-                "node {id} is banned, which already cut it off; `baton node unban {id}` lifts the ban if it should attest again"
-            )));
-        }
-        (Removal::Evict, Some(_)) => ("evicted", store.delete_node(&id)?),
-        (Removal::Ban, Some(b)) if b.banned => {
-            return Err(BrokerError::Conflict(format!(
-                "node {id} is already banned"
-            )));
-        }
-        (Removal::Ban, Some(_)) => ("banned", store.set_node_banned(&id, true)?),
-        // A node never attested (or evicted) is banned pre-emptively: a
-        // banned record with no agent SVID, so no join token gets it in.
-        (Removal::Ban, None) => {
-            store.upsert_node(&NodeRecord {
-                spiffe_id: id.clone(),
-                serial_hex: String::new(),
-                prev_serial_hex: None,
-                svid_not_after: 0,
-                attested_at: 0,
-                banned: true,
-            })?;
-            ("banned", true)
-        }
-    };
-    if !changed {
-        return Err(unknown(&id));
-    }
-    let revoked = match revoker
-        .revoke(&Target::Node(id.clone()), tasks, reason, now)
-        .await
-    {
-        Ok(v) => v.len(),
-        // Nothing live was issued through it (or a memory store restarted).
-        Err(BrokerError::NotFound(_)) => 0,
-        Err(e) => {
-            let restored = match (how, &before) {
-                (Removal::Evict, Some(b)) => store.upsert_node(b),
-                (Removal::Ban, Some(_)) => store.set_node_banned(&id, false).map(|_| ()),
-                (_, None) => store.delete_node(&id).map(|_| ()),
-            };
-            if let Err(r) = restored {
-                tracing::error!(node = %id, error = %r, "could not restore the node after a failed revocation");
-                return Err(BrokerError::Hook(format!(
-                    "node {id}: the revocation failed ({e}) and the node record could not be restored ({r}); retry `baton node {}` when the revocation store is back",
-                    if how == Removal::Evict {
-                        "evict"
-                    } else {
-                        "ban"
-                    }
-                )));
-            }
-            return Err(BrokerError::Hook(format!(
-                "node {id} was not {verb} (nothing changed): {e}; retry when the revocation store is back"
-            )));
-        }
-    };
-    broker.rotation().forget_node(&id);
-    tracing::warn!(node = %id, action = verb, revoked, reason, "node {verb}");
-    let propagation = revoker
-        .propagation(std::time::Duration::from_secs(2))
-        .await
-        .ok();
-    Ok(NodeAction {
-        node: id,
-        action: verb.into(),
-        revoked,
-        propagation,
-    })
 }

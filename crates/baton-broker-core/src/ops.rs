@@ -3,7 +3,7 @@
 //! requests are counted under.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use baton_ops::{Ops, Role, metrics};
 
@@ -232,14 +232,6 @@ impl baton_audit::AppendObserver for AuditMetrics {
     fn batch_durable(&self, lags: &[std::time::Duration]) {
         metrics().audit_batch_durable(lags);
     }
-}
-
-/// Times an audit append for [`baton_ops::Metrics::audit_append`].
-pub(crate) fn timed_append<T, E>(f: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
-    let started = Instant::now();
-    let r = f();
-    metrics().audit_append(r.is_ok(), started.elapsed().as_secs_f64());
-    r
 }
 
 #[cfg(test)]

@@ -418,7 +418,18 @@ async fn revoking_a_token_refuses_its_hops_and_ending_the_task_refuses_everythin
     assert_eq!(e.code(), "token_refused", "{e}");
     assert!(e.to_string().contains("revoked"), "{e}");
 
-    // Another holder in the same task, then the task ends.
+    // An operator's re-issued start grant may not reach a tool server
+    // admission never admitted for the task (nor add one beside it).
+    for audience in [
+        vec!["payments".to_owned()],
+        vec!["crm".into(), "payments".into()],
+    ] {
+        let e = regrant(&w.d, started.task_id.as_str(), audience, secs(w.t0, 3)).unwrap_err();
+        assert_eq!(e.code(), "audience_not_admitted", "{e}");
+        assert!(e.to_string().contains("payments"), "{e}");
+    }
+    // Another holder in the same task (the admitted audience: the
+    // control), then the task ends.
     let regranted = regrant(
         &w.d,
         started.task_id.as_str(),
@@ -468,17 +479,18 @@ async fn a_node_evicted_after_it_authenticated_gets_nothing_handed_out() {
     let w = World::new();
     let started = w.start(&["crm"], &["tool:crm.search:read"]);
     // `w.node` authenticated before the eviction (a request in flight).
-    crate::nodes::remove_node(
-        w.d.broker(),
-        w.d.revoker(),
-        w.d.task_store(),
-        w.node_svid.spiffe_id.as_str(),
-        crate::nodes::Removal::Evict,
-        "test",
-        unix_of(w.t0),
-    )
-    .await
-    .unwrap();
+    w.d.broker()
+        .nodes()
+        .remove(
+            w.d.revoker(),
+            w.d.task_store(),
+            w.node_svid.spiffe_id.as_str(),
+            crate::nodes::Removal::Evict,
+            "test",
+            unix_of(w.t0),
+        )
+        .await
+        .unwrap();
     let e = w.redeem_as(&started.grant, PLANNER, w.t0).unwrap_err();
     assert!(matches!(e.code(), "not_a_node" | "not_entitled"), "{e}");
     // And a new request from it does not authenticate.
@@ -569,6 +581,90 @@ fn a_report_batch_answers_a_forged_report_on_its_own_and_a_single_one_fails() {
     .unwrap_err();
     assert!(matches!(e, BrokerError::Forbidden { .. }), "{e}");
     // Only the honest report is in the trace.
+    let trace = w.d.trace(started.task_id.as_str()).unwrap().to_string();
+    assert_eq!(trace.matches("\"tool_call\"").count(), 1, "{trace}");
+}
+
+#[test]
+fn an_approval_vouches_for_one_reported_call_only() {
+    let w = World::new();
+    let started = w.start(&["crm"], &["tool:crm.search:read"]);
+    let planner = w.redeem_as(&started.grant, PLANNER, w.t0).unwrap();
+    let jti = jti_of(&planner.token);
+    let t = unix_of(w.t0);
+    let ask: baton_core::api::ApprovalRequest = serde_json::from_value(json!({
+        "task_id": started.task_id.as_str(),
+        "token_jti": jti,
+        "agent": PLANNER,
+        "tool": "crm.search",
+        "resource": "case/1",
+        "risk": "read",
+        "input_digest": "ab".repeat(32),
+        "ttl_secs": 60,
+    }))
+    .unwrap();
+    let pending = w.d.request_approval(&id(CRM), &ask, t).unwrap();
+    assert_eq!(pending.status, "pending");
+    let decision: baton_core::api::ApprovalDecision = serde_json::from_value(json!({
+        "id_token": w.dev.mint_with_groups("alice@example.com", &[], 600, t).unwrap(),
+        "approve": true,
+    }))
+    .unwrap();
+    w.d.decide_approval(&pending.id, &decision, t + 1).unwrap();
+    // The gateway asks again for the same call: approved, and used up.
+    let used = w.d.request_approval(&id(CRM), &ask, t + 2).unwrap();
+    assert_eq!(
+        (used.id.as_str(), used.status.as_str()),
+        (pending.id.as_str(), "approved")
+    );
+
+    let approved_report = |report_id: &str| {
+        let mut r = report(&started.task_id, &jti, PLANNER, report_id);
+        r.reason = Some(format!("approved in {}", pending.id));
+        r
+    };
+    let clock = || secs(w.t0, 3);
+    let first = record_reports(
+        &w.d,
+        &id(CRM),
+        &[approved_report("r-1")],
+        true,
+        None,
+        &clock,
+    )
+    .unwrap();
+    assert!(first["receipts"][0]["index"].is_u64(), "{first}");
+    // The same report retried is acknowledged, not refused.
+    let again = record_reports(
+        &w.d,
+        &id(CRM),
+        &[approved_report("r-1")],
+        true,
+        None,
+        &clock,
+    )
+    .unwrap();
+    assert_eq!(again["receipts"][0]["duplicate"], true, "{again}");
+    // A second call dressed up with the same approval is refused.
+    let e = record_reports(
+        &w.d,
+        &id(CRM),
+        &[approved_report("r-2")],
+        true,
+        None,
+        &clock,
+    )
+    .unwrap_err();
+    assert_eq!(e.code(), "report_refused", "{e}");
+    assert!(
+        e.to_string().contains("one approval vouches for one call"),
+        "{e}"
+    );
+    let state = w.d.get_approval(&pending.id, t + 4).unwrap();
+    assert_eq!(
+        (state.status.as_str(), state.reported_in.as_deref()),
+        ("reported", Some("r-1"))
+    );
     let trace = w.d.trace(started.task_id.as_str()).unwrap().to_string();
     assert_eq!(trace.matches("\"tool_call\"").count(), 1, "{trace}");
 }

@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use crate::error::BrokerError;
 use crate::ledger::{Ledger, token_pair};
+pub use crate::records::TaskCredential;
 use crate::store::StoreError;
 use crate::tasks::TaskStore;
 use baton_core::{SpiffeId, TaskId};
@@ -44,7 +45,7 @@ pub struct Revoker {
     store: Arc<dyn RevocationStore>,
     durable: Arc<dyn Ledger>,
     /// The secret engines whose leases die with the credentials revoked here.
-    secrets: std::sync::OnceLock<Arc<crate::secrets::Secrets>>,
+    leases: std::sync::OnceLock<Arc<dyn LeaseReaper>>,
     /// Woken on every new durable revocation (feed long-polls and the
     /// relay wait on it).
     changed: tokio::sync::Notify,
@@ -56,23 +57,15 @@ pub struct Revoker {
     stopping: tokio::sync::watch::Sender<bool>,
 }
 
-/// One credential of a task, as the registry holds it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct TaskCredential {
-    /// What `baton revoke credential` takes: a certificate serial (hex), a
-    /// token `jti`, a grant or JWT-SVID digest, a lease id.
-    pub id: String,
-    /// `x509`, `token`, `grant`, `lease` or `jwtsvid`.
-    pub kind: String,
-    /// The agent (SPIFFE ID) holding it.
-    pub agent: Option<String>,
-    /// The node it was issued through.
-    pub node: Option<String>,
-    /// The credential it was minted from.
-    pub parent: Option<String>,
-    /// Unix seconds.
-    pub expires_at: u64,
-    pub revoked: bool,
+/// Kills the secret leases among revoked credentials in the engines that
+/// issued them ([`crate::secrets::Secrets`] is the one implementation).
+/// Failures are the reaper's to retry: revocation itself has already
+/// happened when it is called.
+pub trait LeaseReaper: Send + Sync + std::fmt::Debug {
+    fn revoke_leases<'a>(
+        &'a self,
+        revoked: &'a [Revoked],
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
 }
 
 /// Whether a revocation has reached the revocation store yet.
@@ -200,7 +193,7 @@ impl Revoker {
         Self {
             store,
             durable,
-            secrets: std::sync::OnceLock::new(),
+            leases: std::sync::OnceLock::new(),
             changed: tokio::sync::Notify::new(),
             published: tokio::sync::watch::channel(0).0,
             relay_error: std::sync::Mutex::new(None),
@@ -273,15 +266,15 @@ impl Revoker {
 
     /// From now on, every revocation also kills the secret leases it covers
     /// in their engines. Set once; a second call is ignored.
-    pub fn set_secrets(&self, secrets: Arc<crate::secrets::Secrets>) {
-        let _ = self.secrets.set(secrets);
+    pub fn set_lease_reaper(&self, leases: Arc<dyn LeaseReaper>) {
+        let _ = self.leases.set(leases);
     }
 
     /// Kills the secret leases among `revoked` in their engines (those that
     /// fail are retried by the sweeper).
     async fn reap_leases(&self, revoked: &[Revoked]) {
-        if let Some(secrets) = self.secrets.get() {
-            secrets.revoke_leases(revoked).await;
+        if let Some(leases) = self.leases.get() {
+            leases.revoke_leases(revoked).await;
         }
     }
 

@@ -26,12 +26,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
+use baton_ca::Ca;
 use baton_ca::{AuthorityKind, AuthorityState, AuthorityStatus, RotationAction, RotationEvent};
-use baton_core::SpiffeId;
+use baton_core::{SpiffeId, TrustDomain};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::service::{Broker, BrokerError, unix};
+use crate::error::{BrokerError, unix};
+use crate::store::Datastore;
 
 /// A node's latest sync.
 #[derive(Debug, Clone, Copy)]
@@ -444,7 +446,37 @@ fn check_id(id: &str) -> Result<(), BrokerError> {
     }
 }
 
-impl Broker {
+/// The CA's rotation steps and the views they need, over one broker's CA,
+/// datastore and rotation state: what `baton ca` and the schedule drive.
+/// [`crate::Broker::authorities`] makes one; it holds nothing of its own.
+#[derive(Debug, Clone, Copy)]
+pub struct Authorities<'a> {
+    ca: &'a Ca,
+    store: &'a dyn Datastore,
+    state: &'a RotationState,
+}
+
+impl<'a> Authorities<'a> {
+    pub fn new(ca: &'a Ca, store: &'a dyn Datastore, state: &'a RotationState) -> Self {
+        Self { ca, store, state }
+    }
+
+    fn ca(&self) -> &'a Ca {
+        self.ca
+    }
+
+    fn store(&self) -> &'a dyn Datastore {
+        self.store
+    }
+
+    fn rotation(&self) -> &'a RotationState {
+        self.state
+    }
+
+    fn trust_domain(&self) -> &'a TrustDomain {
+        self.ca.trust_domain()
+    }
+
     /// Live, unbanned nodes that have not synced after `since` (at this
     /// broker or, with a shared store, at any).
     pub fn nodes_lagging(

@@ -103,6 +103,15 @@ pub struct Secrets {
     pending: Mutex<BTreeSet<String>>,
 }
 
+impl crate::revocation::LeaseReaper for Secrets {
+    fn revoke_leases<'a>(
+        &'a self,
+        revoked: &'a [Revoked],
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+        Box::pin(Secrets::revoke_leases(self, revoked))
+    }
+}
+
 fn config_error(field: &str, e: impl std::fmt::Display) -> String {
     format!("{field}: {e}")
 }

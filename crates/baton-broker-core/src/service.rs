@@ -222,6 +222,18 @@ impl Broker {
         &self.rotation
     }
 
+    /// The CA's rotation steps (`baton ca`, the schedule) over this
+    /// broker's CA, datastore and rotation state.
+    pub fn authorities(&self) -> crate::rotation::Authorities<'_> {
+        crate::rotation::Authorities::new(&self.ca, self.store.as_ref(), &self.rotation)
+    }
+
+    /// Node administration (list, show, evict, ban, unban) over this
+    /// broker's datastore and rotation state.
+    pub fn nodes(&self) -> crate::nodes::Nodes<'_> {
+        crate::nodes::Nodes::new(self.store.as_ref(), self.ca.trust_domain(), &self.rotation)
+    }
+
     pub fn trust_domain(&self) -> &TrustDomain {
         self.ca.trust_domain()
     }

@@ -41,6 +41,7 @@ fn task(n: u8) -> TaskRecord {
         expires_at: 10_000,
         ended_at: None,
         purpose_epoch: 0,
+        audiences: Some(vec!["crm".into()]),
     }
 }
 
@@ -429,6 +430,7 @@ fn approval_template() -> ApprovalState {
         expires_at: 1,
         decided_by: None,
         reason: None,
+        reported_in: None,
     }
 }
 

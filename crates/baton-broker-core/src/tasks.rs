@@ -9,6 +9,7 @@ use baton_core::{Actor, ParentRef, Purpose, RiskTier, Scope, SpiffeId, TaskId};
 use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
+pub use crate::records::TokenRecord;
 use crate::store::{SqliteStore, StoreError, to_i64};
 
 /// A task as the broker keeps it.
@@ -31,6 +32,11 @@ pub struct TaskRecord {
     /// are refused.
     #[serde(default)]
     pub purpose_epoch: u32,
+    /// The audiences admission admitted at the start: a start grant an
+    /// operator re-issues may name only these. `None` in records written
+    /// before they were kept; such a task cannot be re-granted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audiences: Option<Vec<String>>,
 }
 
 impl TaskRecord {
@@ -86,29 +92,6 @@ pub struct GrantDelivery {
     /// The authority that signed the certificate.
     pub authority_id: String,
     pub credential: baton_core::api::TaskCredential,
-}
-
-/// A minted delegation token, kept for tracing and (later) revocation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TokenRecord {
-    pub jti: String,
-    pub task_id: TaskId,
-    pub spiffe_id: SpiffeId,
-    pub depth: u32,
-    pub parent_jti: Option<String>,
-    pub exp: u64,
-    pub cert_thumbprint: String,
-    pub cert_serial: String,
-    /// The audiences the token was minted for (who may report its calls).
-    #[serde(default)]
-    pub aud: Vec<String>,
-    /// What the token grants, so that a report of an allowed call cannot
-    /// claim more: its scope, and its task's risk ceiling. `None` in
-    /// records written before they were kept.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub scope: Option<Scope>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub risk_ceiling: Option<RiskTier>,
 }
 
 /// Why a redeem's transaction refused.

@@ -121,3 +121,11 @@ pub(crate) fn record_event(event: &AuditEvent) {
         span.record("baton.jti", jti.as_str());
     }
 }
+
+/// Times an audit append for [`baton_ops::Metrics::audit_append`].
+pub(crate) fn timed_append<T, E>(f: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
+    let started = std::time::Instant::now();
+    let r = f();
+    baton_ops::metrics().audit_append(r.is_ok(), started.elapsed().as_secs_f64());
+    r
+}

@@ -18,7 +18,7 @@ use warp::Filter;
 use warp::reply::Response;
 
 use crate::delegation::Delegation;
-use crate::http::answer;
+use crate::http_reply::answer;
 use crate::service::BrokerError;
 
 fn with(

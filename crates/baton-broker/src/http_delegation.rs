@@ -21,7 +21,7 @@ use warp::Filter;
 use warp::reply::Response;
 
 use crate::delegation::Delegation;
-use crate::http::{
+use crate::http_reply::{
     MAX_BATCH_BODY, answer, blocking, json_body, json_body_max, parse_body, respond,
 };
 use crate::service::{Broker, BrokerError};
@@ -128,7 +128,8 @@ where
                         blocking(move || {
                             rt.scoped(|| {
                                 let now = SystemTime::now();
-                                let node = crate::http::node_auth(&broker, d.revoker(), id, leaf)?;
+                                let node =
+                                    crate::http_reply::node_auth(&broker, d.revoker(), id, leaf)?;
                                 let req = parse_body::<Req>(&body)?;
                                 mint(&d, &node, req, now)
                             })

@@ -16,12 +16,8 @@ use warp::path::FullPath;
 use warp::reply::Response;
 use warp::{Filter, Rejection};
 
-use crate::limits::{Caller, Limited, RateLimited, RateLimiters};
-
-/// A request refused by a rate limit.
-#[derive(Debug)]
-pub(crate) struct Refused(pub(crate) RateLimited);
-impl warp::reject::Reject for Refused {}
+use crate::http_reply::Refused;
+use crate::limits::{Caller, Limited, RateLimiters};
 
 /// Charges the caller of a limited route one token, or rejects with
 /// [`Refused`].
@@ -71,6 +67,6 @@ where
 {
     guard(limiters)
         .and(routes)
-        .recover(crate::http::recover)
+        .recover(crate::http_reply::recover)
         .unify()
 }

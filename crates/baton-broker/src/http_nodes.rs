@@ -13,8 +13,8 @@ use warp::Filter;
 use warp::reply::Response;
 
 use crate::delegation::Delegation;
-use crate::http::{answer, json_body, parse_body, respond};
-use crate::nodes::{Removal, remove_node};
+use crate::http_reply::{answer, json_body, parse_body, respond};
+use crate::nodes::Removal;
 use crate::service::{Broker, BrokerError};
 
 fn with<T: Clone + Send + Sync + 'static>(
@@ -46,6 +46,7 @@ pub fn admin_routes(
         .and_then(|broker: Arc<Broker>| async move {
             answer(move || {
                 broker
+                    .nodes()
                     .list_node_views()
                     .map(|nodes| serde_json::json!({ "nodes": nodes }))
             })
@@ -56,7 +57,7 @@ pub fn admin_routes(
         .and(with(broker.clone()))
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .and_then(|broker: Arc<Broker>, query: String| async move {
-            answer(move || parse_query(&query).and_then(|q| broker.node_view(&q.id))).await
+            answer(move || parse_query(&query).and_then(|q| broker.nodes().node_view(&q.id))).await
         });
     let action = warp::path!("v1" / "admin" / "nodes" / String)
         .and(warp::post())
@@ -70,7 +71,7 @@ pub fn admin_routes(
                     let how = match verb.as_str() {
                         "evict" => Removal::Evict,
                         "ban" => Removal::Ban,
-                        "unban" => return broker.unban_node(&req.node_id),
+                        "unban" => return broker.nodes().unban_node(&req.node_id),
                         other => {
                             return Err(BrokerError::NotFound(format!(
                                 "no node action \"{}\": use evict, ban or unban",
@@ -82,16 +83,17 @@ pub fn admin_routes(
                         Removal::Evict => "node evicted by an operator".into(),
                         Removal::Ban => "node banned by an operator".into(),
                     });
-                    remove_node(
-                        &broker,
-                        d.revoker(),
-                        d.task_store(),
-                        &req.node_id,
-                        how,
-                        &reason,
-                        crate::oidc::unix_now(),
-                    )
-                    .await
+                    broker
+                        .nodes()
+                        .remove(
+                            d.revoker(),
+                            d.task_store(),
+                            &req.node_id,
+                            how,
+                            &reason,
+                            crate::oidc::unix_now(),
+                        )
+                        .await
                 }
                 .await;
                 respond(result)

@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 use warp::Filter;
 use warp::reply::Response;
 
-use crate::http::{blocking, json_body, parse_body, respond};
+use crate::http_reply::{blocking, json_body, parse_body, respond};
 use crate::rotation::{
     ActivateRequest, AuthorityRequest, PrepareRequest, RevokeRequest, RotationReply,
 };
@@ -32,25 +32,25 @@ pub fn admin_routes(
         .and(warp::get())
         .and(with_broker(broker.clone()))
         .and_then(|broker: Arc<Broker>| async move {
-            respond(blocking(move || broker.ca_status(SystemTime::now())).await)
+            respond(blocking(move || broker.authorities().ca_status(SystemTime::now())).await)
         });
     let prepare = post_route(
         broker.clone(),
         "prepare",
-        |broker, req: PrepareRequest, now| broker.ca_prepare(&req, now),
+        |broker, req: PrepareRequest, now| broker.authorities().ca_prepare(&req, now),
     );
     let activate = post_route(
         broker.clone(),
         "activate",
-        |broker, req: ActivateRequest, now| broker.ca_activate(&req, now),
+        |broker, req: ActivateRequest, now| broker.authorities().ca_activate(&req, now),
     );
     let taint = post_route(
         broker.clone(),
         "taint",
-        |broker, req: AuthorityRequest, now| broker.ca_taint(&req.id, now),
+        |broker, req: AuthorityRequest, now| broker.authorities().ca_taint(&req.id, now),
     );
     let revoke = post_route(broker, "revoke", |broker, req: RevokeRequest, now| {
-        broker.ca_revoke(&req.id, req.force, now)
+        broker.authorities().ca_revoke(&req.id, req.force, now)
     });
     show.or(prepare)
         .unify()

@@ -12,7 +12,7 @@ use warp::Filter;
 use warp::reply::Response;
 
 use crate::delegation::Delegation;
-use crate::http::{json_body, parse_body, respond};
+use crate::http_reply::{json_body, parse_body, respond};
 use crate::secrets::{LeaseBody, Secrets};
 use crate::service::BrokerError;
 
@@ -48,7 +48,7 @@ pub fn routes(
              body: Bytes| async move {
                 // Signature checks, SQLite and the audit log around the
                 // engine's calls: on the blocking pool.
-                let result = crate::http::on_blocking_thread(async move {
+                let result = crate::http_reply::on_blocking_thread(async move {
                     let peer = crate::http_delegation::peer_cert(id, cert)?;
                     let req = parse_body::<LeaseBody>(&body)?;
                     s.lease(&d, &peer, &req, crate::oidc::unix_now()).await
@@ -66,7 +66,7 @@ pub fn routes(
         .and_then(
             |s: Arc<Secrets>, d: Arc<Delegation>, id: Option<PeerIdentity>, body: Bytes| async move {
                 // The API-key store is SQLite: on the blocking pool.
-                let result = crate::http::blocking(move || {
+                let result = crate::http_reply::blocking(move || {
                     let caller = id.and_then(|p| p.0).ok_or_else(|| {
                         BrokerError::Unauthenticated(
                             "introspection needs mTLS with an SVID of this trust domain".into(),

@@ -16,8 +16,11 @@
 //!   trait;
 //! - [`http`]: the one route builder, [`http::https_routes`] for the node
 //!   port and [`http::admin_routes`] for the admin socket; the `http_*`
-//!   modules hold each area's routes. Blocking work (SQLite, the audit
-//!   log, CA signing) runs on the blocking pool there.
+//!   modules hold each area's routes and [`http_reply`] how a request
+//!   becomes a core call and its answer (the one error mapping, the hop to
+//!   the blocking pool). Blocking work (SQLite, the audit log, CA signing)
+//!   runs on the blocking pool there. The modules form no cycle: the
+//!   builder imports the route modules, which import `http_reply` only.
 
 pub mod http;
 pub mod http_audit;
@@ -25,6 +28,7 @@ pub mod http_delegation;
 pub mod http_limits;
 pub mod http_nodes;
 pub mod http_ops;
+pub mod http_reply;
 pub mod http_rotation;
 pub mod http_secrets;
 
@@ -608,7 +612,7 @@ pub async fn run(
             .await
             .map_err(StartError::Secrets)?,
     );
-    revoker.set_secrets(secrets.clone());
+    revoker.set_lease_reaper(secrets.clone());
     let revoked_before = revoker
         .live_revocations(oidc::unix_now())
         .map_err(|e| StartError::Internal(e.to_string()))?;
@@ -873,7 +877,10 @@ pub async fn run(
             }
             let now = SystemTime::now();
             let result = match &schedule {
-                Some(s) => sched_broker.ca_scheduled_step(s, now).map(|_| ()),
+                Some(s) => sched_broker
+                    .authorities()
+                    .ca_scheduled_step(s, now)
+                    .map(|_| ()),
                 None => sched_broker
                     .ca()
                     .prune(now)

@@ -853,7 +853,8 @@ pub enum TaskCmd {
         #[command(flatten)]
         admin: AdminArgs,
     },
-    /// A fresh grant for the task's root agent (e.g. after a purpose change).
+    /// A fresh grant for the task's root agent (e.g. after a purpose change),
+    /// for audiences admitted at the task's start only.
     Grant {
         id: String,
         #[arg(long = "audience", required = true)]

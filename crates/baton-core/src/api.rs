@@ -353,7 +353,8 @@ pub const MAX_APPROVAL_TARGET: usize = 2048;
 pub struct ApprovalState {
     pub id: String,
     /// `pending`, `approved` (this answer used it: the call may go on),
-    /// `denied`, `expired` or `used`.
+    /// `denied`, `expired`, `used`, or `reported` (the used call's report
+    /// cited it).
     pub status: String,
     pub task_id: TaskId,
     pub agent: SpiffeId,
@@ -372,6 +373,10 @@ pub struct ApprovalState {
     pub decided_by: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The one tool-call report that cited this approval (status
+    /// `reported`): an approval vouches for one call's record, not many.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reported_in: Option<String>,
 }
 
 /// `POST /v1/admin/approvals/{id}/decision` (admin socket): a human's

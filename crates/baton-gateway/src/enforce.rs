@@ -239,8 +239,13 @@ impl Enforcer {
         .map_err(GatewayError::refused)
     }
 
-    /// Reports a refused token under the task it claims (the broker checks
-    /// the task exists); the reason says the claims were not trusted.
+    /// Reports a refused token under the task it names, if this server's
+    /// keys signed it (a real token presented by the wrong holder, revoked,
+    /// or over another certificate); the reason says it was refused. A
+    /// token whose signature does not verify is only logged here: its
+    /// claims name whatever task its forger likes, and recording them
+    /// would let anyone fill a task's trace (the broker does the same with
+    /// refused hops).
     pub fn report_refused_token(&self, refused: RefusedToken<'_>) {
         let RefusedToken {
             token,
@@ -257,9 +262,8 @@ impl Enforcer {
             tracing::warn!(peer = %peer.spiffe_id(), reason = err.code(), "unparseable token refused");
             return;
         };
-        let Ok(task_id) =
-            serde_json::from_value::<baton_core::TaskId>(claims["task"]["id"].clone())
-        else {
+        let Some(task_id) = self.verifier.signed_task_unbound(token, now) else {
+            tracing::warn!(peer = %peer.spiffe_id(), reason = err.code(), error = %err, "token refused (not one the broker signed, or expired): not reported under the task it claims");
             return;
         };
         let report = baton_core::api::ToolCallReport {
@@ -277,7 +281,7 @@ impl Enforcer {
             decision: "deny".into(),
             policy_ids: Vec::new(),
             reason: Some(format!(
-                "token refused ({}): {err}; claims not trusted",
+                "token refused ({}): {err}; signed by the broker, refused for this holder",
                 err.code()
             )),
             at: now,

@@ -755,16 +755,21 @@ const OVERRIDING_HEADERS: &[&str] = &[
 ];
 
 /// Where a request carries a `_method` parameter (Rails, Laravel,
-/// Symfony, Spring and gorilla take it as the method): its query, or its
-/// form body.
+/// Symfony, Spring and gorilla take it as the method): its query, a form
+/// body, a multipart body's part names (Rack parses those too) or a JSON
+/// object's top-level keys (Laravel reads JSON input). Multipart is
+/// checked on each part's header block, so a file that merely mentions
+/// `_method` passes; a multipart body without a usable boundary is checked
+/// whole (fail closed).
 fn method_override(req: &Incoming, body: &[u8]) -> Option<&'static str> {
+    let is_method = |key: &[u8]| key.eq_ignore_ascii_case(b"_method");
     let names_method = |form: &[u8]| {
         form.split(|b| *b == b'&').any(|pair| {
             let key = pair.split(|b| *b == b'=').next().unwrap_or_default();
             let key: Vec<u8> = percent_encoding::percent_decode(key)
                 .map(|b| if b == b'+' { b' ' } else { b })
                 .collect();
-            key.eq_ignore_ascii_case(b"_method")
+            is_method(&key)
         })
     };
     if req
@@ -774,16 +779,72 @@ fn method_override(req: &Incoming, body: &[u8]) -> Option<&'static str> {
     {
         return Some("the query");
     }
-    let form = req
+    let content_type = req
         .headers
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.trim_start()
-                .to_ascii_lowercase()
-                .starts_with("application/x-www-form-urlencoded")
-        });
-    (form && names_method(body)).then_some("the form body")
+        .map(|v| v.trim_start().to_ascii_lowercase())
+        .unwrap_or_default();
+    if content_type.starts_with("application/x-www-form-urlencoded") {
+        return names_method(body).then_some("the form body");
+    }
+    if content_type.starts_with("multipart/") {
+        return multipart_names_method(&content_type, body).then_some("the multipart body");
+    }
+    let json = content_type.starts_with("application/json")
+        || content_type
+            .split(';')
+            .next()
+            .is_some_and(|t| t.trim_end().ends_with("+json"));
+    if json {
+        // Only an object's own keys are parameters; a body that is not
+        // JSON is the upstream's to refuse.
+        if let Ok(serde_json::Value::Object(map)) = serde_json::from_slice(body) {
+            return map
+                .keys()
+                .any(|k| is_method(k.as_bytes()))
+                .then_some("the JSON body");
+        }
+    }
+    None
+}
+
+/// Whether a part of a multipart body is named `_method` (in any case,
+/// quoted or not, or in an RFC 2231 `name*=`): each part's header block is
+/// searched, the text from its boundary line to the first empty line (CRLF
+/// or bare LF, as lenient parsers accept). Without a boundary parameter the
+/// whole body is searched.
+fn multipart_names_method(content_type: &str, body: &[u8]) -> bool {
+    let lower = body.to_ascii_lowercase();
+    let mentions = |hay: &[u8]| hay.windows(7).any(|w| w == b"_method");
+    let boundary = content_type.split(';').skip(1).find_map(|p| {
+        let (k, v) = p.split_once('=')?;
+        (k.trim() == "boundary").then(|| v.trim().trim_matches('"').to_owned())
+    });
+    let Some(boundary) = boundary.filter(|b| !b.is_empty()) else {
+        return mentions(&lower);
+    };
+    let delimiter = format!("--{boundary}").into_bytes();
+    let mut rest = lower.as_slice();
+    while let Some(at) = find(rest, &delimiter) {
+        rest = &rest[at + delimiter.len()..];
+        let end = [find(rest, b"\r\n\r\n"), find(rest, b"\n\n")]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(rest.len());
+        if mentions(&rest[..end]) {
+            return true;
+        }
+    }
+    false
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.is_empty() {
+        return None;
+    }
+    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 /// Header families upstreams read as who the caller is, or where the
@@ -989,4 +1050,90 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn incoming(query: Option<&str>, content_type: &str) -> Incoming {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_str(content_type).unwrap(),
+        );
+        Incoming {
+            method: Method::POST,
+            path: "/crm/cases/7".into(),
+            query: query.map(str::to_owned),
+            headers,
+            cert: None,
+        }
+    }
+
+    const MULTIPART: &str = "multipart/form-data; boundary=XyZ";
+
+    #[test]
+    fn method_override_is_found_in_every_body_a_framework_reads() {
+        let form = incoming(None, "application/x-www-form-urlencoded");
+        assert_eq!(
+            method_override(&form, b"a=1&%5Fmethod=DELETE"),
+            Some("the form body")
+        );
+        assert_eq!(
+            method_override(&incoming(Some("_METHOD=put"), "text/plain"), b""),
+            Some("the query")
+        );
+        let multipart = incoming(None, MULTIPART);
+        for body in [
+            "--XyZ\r\nContent-Disposition: form-data; name=\"_method\"\r\n\r\nDELETE\r\n--XyZ--\r\n",
+            "--XyZ\nContent-Disposition: form-data; name=_METHOD\n\nDELETE\n--XyZ--\n",
+            "--XyZ\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n1\r\n--XyZ\r\nContent-Disposition: form-data; name*=utf-8''_method\r\n\r\nDELETE\r\n--XyZ--\r\n",
+        ] {
+            assert_eq!(
+                method_override(&multipart, body.as_bytes()),
+                Some("the multipart body"),
+                "{body}"
+            );
+        }
+        // No boundary: the whole body is searched (fail closed).
+        assert_eq!(
+            method_override(
+                &incoming(None, "multipart/form-data"),
+                b"--q\r\nContent-Disposition: form-data; name=\"_method\"\r\n\r\nDELETE"
+            ),
+            Some("the multipart body")
+        );
+        for ct in [
+            "application/json",
+            "application/merge-patch+json; charset=utf-8",
+        ] {
+            assert_eq!(
+                method_override(&incoming(None, ct), br#"{"id":7,"_Method":"DELETE"}"#),
+                Some("the JSON body"),
+                "{ct}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_body_that_only_mentions_method_is_forwarded() {
+        let multipart = incoming(None, MULTIPART);
+        let file = "--XyZ\r\nContent-Disposition: form-data; name=\"notes\"; filename=\"n.txt\"\r\n\r\nset _method=DELETE here\r\n--XyZ--\r\n";
+        assert_eq!(method_override(&multipart, file.as_bytes()), None);
+        let json = incoming(None, "application/json");
+        assert_eq!(
+            method_override(&json, br#"{"note":"_method","nested":{"_method":"x"}}"#),
+            None
+        );
+        assert_eq!(method_override(&json, b"not json _method"), None);
+        let form = incoming(None, "application/x-www-form-urlencoded");
+        assert_eq!(method_override(&form, b"q=_method"), None);
+        // A JSON body under another content type is not read as JSON by
+        // the frameworks that take `_method`.
+        assert_eq!(
+            method_override(&incoming(None, "text/plain"), br#"{"_method":"DELETE"}"#),
+            None
+        );
+    }
 }

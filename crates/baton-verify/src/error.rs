@@ -97,6 +97,12 @@ pub enum TokenError {
     ParentMismatch { parent: String, actor: String },
     #[error("token {jti:?} of task {task} is revoked")]
     Revoked { jti: String, task: TaskId },
+    /// The token is live but the certificate it was presented with is
+    /// revoked (superseded by a renewal, or revoked on its own): a renewal
+    /// keeps the token's jti, so only the serial tells the old certificate
+    /// from the new one.
+    #[error("the mTLS peer's certificate (serial {serial:?}) of task {task} is revoked")]
+    CertificateRevoked { serial: String, task: TaskId },
 }
 
 impl TokenError {
@@ -134,6 +140,7 @@ impl TokenError {
             TokenError::UnexpectedParent => "unexpected_parent",
             TokenError::ParentMismatch { .. } => "parent_mismatch",
             TokenError::Revoked { .. } => "revoked",
+            TokenError::CertificateRevoked { .. } => "certificate_revoked",
         }
     }
 }

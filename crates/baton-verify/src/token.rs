@@ -415,6 +415,15 @@ impl TokenVerifier {
             }
             actor = a.act.as_deref();
         }
+        // The certificate, apart from its token (fail closed on a peer
+        // without a serial). Every verifier checks it, whether or not its
+        // server also gave a `ToolGate` the revocation check.
+        if peer.serial_hex.is_empty() || self.revocation.is_revoked(&peer.serial_hex, &c.task.id) {
+            return Err(TokenError::CertificateRevoked {
+                serial: peer.serial_hex.clone(),
+                task: c.task.id.clone(),
+            });
+        }
         Ok(())
     }
 

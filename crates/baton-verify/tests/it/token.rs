@@ -595,6 +595,39 @@ fn revoked_token_or_ancestor_is_refused() {
 }
 
 #[test]
+fn a_revoked_certificate_is_refused_with_its_live_token() {
+    // A renewal keeps the token's jti and revokes only the old
+    // certificate's serial: the verifier itself must check the serial, not
+    // only a `ToolGate` given the revocation check.
+    let f = Fixture::new();
+    let revoked = Arc::new(Revoked::default());
+    let v = verifier(&f).with_revocation(revoked.clone());
+    let token = f.token();
+    let peer = f.peer();
+    v.verify(&token, &peer, NOW).unwrap();
+    revoked
+        .0
+        .lock()
+        .unwrap()
+        .insert(peer.serial_hex().to_owned());
+    assert_eq!(
+        v.verify(&token, &peer, NOW).unwrap_err(),
+        TokenError::CertificateRevoked {
+            serial: peer.serial_hex().to_owned(),
+            task: f.task.clone()
+        }
+    );
+    assert_eq!(
+        v.verify(&token, &peer, NOW).unwrap_err().code(),
+        "certificate_revoked"
+    );
+    // Control: another serial revoked leaves this pair usable.
+    revoked.0.lock().unwrap().clear();
+    revoked.0.lock().unwrap().insert("00ff".into());
+    v.verify(&token, &peer, NOW).unwrap();
+}
+
+#[test]
 fn cache_hit_still_checks_binding_expiry_revocation_and_keys() {
     let f = Fixture::new();
     let revoked = Arc::new(Revoked::default());
@@ -667,6 +700,10 @@ fn error_codes_are_distinct() {
         TokenError::Expired { exp: 1, now: 2 },
         TokenError::Revoked {
             jti: "j".into(),
+            task: f.task.clone(),
+        },
+        TokenError::CertificateRevoked {
+            serial: "01".into(),
             task: f.task.clone(),
         },
     ];
