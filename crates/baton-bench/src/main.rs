@@ -5,6 +5,8 @@
 //! rate and the CSR-verify+sign rate of `baton_ca::Ca`, and against cfssl
 //! (driven by `bench/issuance.sh`); Workload API latency against its target;
 //! the delegation path against its targets and the raw ES256/P-256 rates;
+//! the hop with the state on disk and hops/s with 1 to 3 brokers on one
+//! PostgreSQL;
 //! revocation on a private redis-server against its targets and a same-run
 //! PING; a CA rotation (taint to re-issued at 1,000 workloads) against the
 //! daemon's sync interval, with mTLS handshakes counted throughout; the
@@ -23,6 +25,7 @@ mod cfssl;
 mod cluster;
 mod delegation;
 mod gateway;
+mod hops;
 mod issuance;
 mod limits;
 mod revocation;
@@ -54,6 +57,10 @@ enum Cmd {
     /// verification at a tool server, Cedar per call, audit appends and
     /// verification, each next to a same-run limit or its target.
     Delegation(delegation::Args),
+    /// The hop with the broker's state on disk (SQLite files, PostgreSQL)
+    /// against its p99 target, and hops/s under concurrent holders with 1,
+    /// 2 and 3 brokers on one PostgreSQL database.
+    Hops(hops::Args),
     /// Revocation on a private redis-server: propagation to followers
     /// (in-process and separate processes) against a same-run PING, cascade
     /// of a 10,000-credential task tree, memory and commands per credential.
@@ -108,6 +115,7 @@ fn main() -> anyhow::Result<()> {
             Cmd::Cfssl(a) => cfssl::run(a).await,
             Cmd::Workload(a) => workload::run(a).await,
             Cmd::Delegation(a) => delegation::run(a).await,
+            Cmd::Hops(a) => hops::run(a).await,
             Cmd::Revocation(a) => revocation::run(a).await,
             Cmd::RevocationDurable(a) => revocation_durable::run(a).await,
             Cmd::Rotation(a) => rotation::run(a).await,

@@ -318,6 +318,95 @@ const ENTRY_COLUMNS: &str =
 #[derive(Debug)]
 pub struct SqliteStore {
     conn: Mutex<Connection>,
+    /// Moves the WAL into the database file off the request path (file
+    /// databases only).
+    _checkpointer: Option<Checkpointer>,
+}
+
+/// How often the checkpointer copies the WAL into the database file.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+/// WAL pages after which a committing request checkpoints itself (what
+/// SQLite does by default at 1,000): only a backstop, reached when the
+/// checkpointer falls far behind or stopped. 64 Ki pages are 256 MiB.
+const BACKSTOP_CHECKPOINT_PAGES: i64 = 65_536;
+
+/// A thread that checkpoints a WAL database every [`CHECKPOINT_EVERY`]
+/// on a connection of its own (`PRAGMA wal_checkpoint(PASSIVE)`: it
+/// never waits for a writer or a reader, and with `synchronous=FULL` it
+/// fsyncs the database file itself). SQLite's automatic checkpoint would
+/// run inside whichever commit crosses 1,000 WAL pages, so one request
+/// in a few dozen would copy the WAL and fsync the database before it
+/// answered; here no request does (unless the backstop is reached).
+/// Dropped with the store: the thread is told to stop and joined.
+struct Checkpointer {
+    stop: std::sync::Arc<(Mutex<bool>, std::sync::Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Checkpointer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpointer")
+            .field("every", &CHECKPOINT_EVERY)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Checkpointer {
+    fn start(path: &Path) -> Result<Self, String> {
+        let conn = Connection::open(path).map_err(|e| e.to_string())?;
+        // The checkpoint fsyncs the database file before the WAL is reused.
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(|e| e.to_string())?;
+        let stop = std::sync::Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let flag = stop.clone();
+        let name = path.display().to_string();
+        let thread = std::thread::Builder::new()
+            .name("sqlite-checkpoint".into())
+            .spawn(move || {
+                let (lock, wake) = &*flag;
+                let mut failing = false;
+                loop {
+                    let Ok(stopped) = lock.lock() else { return };
+                    let Ok((stopped, _)) = wake.wait_timeout_while(stopped, CHECKPOINT_EVERY, |s| !*s)
+                    else {
+                        return;
+                    };
+                    if *stopped {
+                        return;
+                    }
+                    drop(stopped);
+                    let r = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                        r.get::<_, i64>(0)
+                    });
+                    match r {
+                        Err(e) if !failing => {
+                            failing = true;
+                            tracing::warn!(database = %name, error = %e, "WAL checkpoint failed; retrying (requests checkpoint themselves past the backstop)");
+                        }
+                        Err(_) => {}
+                        Ok(_) => failing = false,
+                    }
+                }
+            })
+            .map_err(|e| format!("cannot start the checkpoint thread: {e}"))?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        let (lock, wake) = &*self.stop;
+        if let Ok(mut s) = lock.lock() {
+            *s = true;
+        }
+        wake.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl SqliteStore {
@@ -329,7 +418,20 @@ impl SqliteStore {
         // NORMAL may lose the last commits on a power cut or OS crash,
         // which could bring back a join token or grant already used.
         conn.pragma_update(None, "synchronous", "FULL")?;
-        Self::migrate(conn)
+        let mut store = Self::migrate(conn)?;
+        match Checkpointer::start(path) {
+            Ok(c) => {
+                store.with(|c| {
+                    Ok(c.pragma_update(None, "wal_autocheckpoint", BACKSTOP_CHECKPOINT_PAGES)?)
+                })?;
+                store._checkpointer = Some(c);
+            }
+            // SQLite's own checkpoints (inside commits) stay on.
+            Err(e) => {
+                tracing::warn!(database = %path.display(), error = %e, "no background WAL checkpoints; commits checkpoint themselves")
+            }
+        }
+        Ok(store)
     }
 
     /// Whether the database answers a query now (readiness).
@@ -386,6 +488,7 @@ impl SqliteStore {
         }
         Ok(Self {
             conn: Mutex::new(conn),
+            _checkpointer: None,
         })
     }
 
@@ -799,6 +902,38 @@ mod tests {
             .query_row("PRAGMA synchronous", [], |r| r.get(0))
             .unwrap();
         assert_eq!(sync, 2, "PRAGMA synchronous must be FULL");
+    }
+
+    #[test]
+    fn the_wal_is_checkpointed_in_the_background_not_inside_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("baton.db");
+        let store = SqliteStore::open(&path).unwrap();
+        let backstop: i64 = store
+            .conn
+            .lock()
+            .unwrap()
+            .query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(backstop, BACKSTOP_CHECKPOINT_PAGES);
+        let before = std::fs::metadata(&path).unwrap().len();
+        // Far fewer pages than the backstop: no commit checkpoints, so
+        // only the checkpointer can move them into the database file.
+        for uid in 0..400 {
+            store.create_entry(&entry(uid)).unwrap();
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::fs::metadata(&path).unwrap().len() <= before {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the WAL was never checkpointed into the database file"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        // Reopened from the database file: everything is there.
+        drop(store);
+        let again = SqliteStore::open(&path).unwrap();
+        assert_eq!(again.list_entries().unwrap().len(), 400);
     }
 
     fn entry(uid: u32) -> Entry {
