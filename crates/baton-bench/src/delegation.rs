@@ -38,15 +38,15 @@ use crate::cluster::{self, Broker};
 use crate::limits;
 use crate::stats::{self, micros, percentile};
 
-const TRUST_DOMAIN: &str = "example.org";
-const PLANNER: &str = "/agents/planner";
-const RESEARCHER: &str = "/agents/researcher";
-const PURPOSE: &str = "support.case-research";
-const SCOPE: &[&str] = &["tool:crm.search:read", "dataset:crm:read"];
-const AUDIENCE: &str = "crm";
+pub(crate) const TRUST_DOMAIN: &str = "example.org";
+pub(crate) const PLANNER: &str = "/agents/planner";
+pub(crate) const RESEARCHER: &str = "/agents/researcher";
+pub(crate) const PURPOSE: &str = "support.case-research";
+pub(crate) const SCOPE: &[&str] = &["tool:crm.search:read", "dataset:crm:read"];
+pub(crate) const AUDIENCE: &str = "crm";
 
 /// Targets from PERFORMANCE.md.
-const HOP_P99_TARGET: Duration = Duration::from_millis(2);
+pub(crate) const HOP_P99_TARGET: Duration = Duration::from_millis(2);
 const SEEN_P99_TARGET: Duration = Duration::from_micros(50);
 const AUDIT_APPENDS_TARGET: f64 = 20_000.0;
 const AUDIT_VERIFY_1M_TARGET_S: f64 = 10.0;

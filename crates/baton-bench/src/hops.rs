@@ -35,17 +35,11 @@ use baton_tls::ClientIdentity;
 use serde_json::json;
 
 use crate::cluster::{self, Broker};
-use crate::delegation::post;
+use crate::delegation::{
+    AUDIENCE, HOP_P99_TARGET, PLANNER, PURPOSE, RESEARCHER, SCOPE, TRUST_DOMAIN, post,
+};
 use crate::stats::{self, micros, percentile};
 
-const TRUST_DOMAIN: &str = "example.org";
-const PLANNER: &str = "/agents/planner";
-const RESEARCHER: &str = "/agents/researcher";
-const PURPOSE: &str = "support.case-research";
-const SCOPE: &[&str] = &["tool:crm.search:read", "dataset:crm:read"];
-const AUDIENCE: &str = "crm";
-/// PERFORMANCE.md: one hop (delegate + redeem) p99 on loopback.
-const HOP_P99_TARGET: Duration = Duration::from_millis(2);
 /// Researcher CSRs made before the clock starts and reused in a cycle (the
 /// node daemon's key generation is not the broker's cost).
 const CSR_POOL: usize = 256;

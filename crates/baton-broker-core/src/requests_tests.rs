@@ -624,37 +624,23 @@ fn an_approval_vouches_for_one_reported_call_only() {
         r
     };
     let clock = || secs(w.t0, 3);
-    let first = record_reports(
-        &w.d,
-        &id(CRM),
-        &[approved_report("r-1")],
-        true,
-        None,
-        &clock,
-    )
-    .unwrap();
+    let send = |report_id: &str| {
+        record_reports(
+            &w.d,
+            &id(CRM),
+            &[approved_report(report_id)],
+            true,
+            None,
+            &clock,
+        )
+    };
+    let first = send("r-1").unwrap();
     assert!(first["receipts"][0]["index"].is_u64(), "{first}");
     // The same report retried is acknowledged, not refused.
-    let again = record_reports(
-        &w.d,
-        &id(CRM),
-        &[approved_report("r-1")],
-        true,
-        None,
-        &clock,
-    )
-    .unwrap();
+    let again = send("r-1").unwrap();
     assert_eq!(again["receipts"][0]["duplicate"], true, "{again}");
     // A second call dressed up with the same approval is refused.
-    let e = record_reports(
-        &w.d,
-        &id(CRM),
-        &[approved_report("r-2")],
-        true,
-        None,
-        &clock,
-    )
-    .unwrap_err();
+    let e = send("r-2").unwrap_err();
     assert_eq!(e.code(), "report_refused", "{e}");
     assert!(
         e.to_string().contains("one approval vouches for one call"),
