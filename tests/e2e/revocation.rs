@@ -113,6 +113,19 @@ fn task_end_purpose_change_and_kill_switch() {
     );
     let hop = w.delegate(&p3, RESEARCHER, READ, &[]);
     assert_eq!(hop.status.code(), Some(2), "old credentials cannot hop");
+    // A re-issued start grant for a tool server admission never admitted
+    // for the task is refused (the `crm` grant below is the control).
+    let widened = w.run(&["task", "grant", &t3, "--audience", "payments"]);
+    assert_eq!(
+        widened.status.code(),
+        Some(2),
+        "audience widened by a regrant"
+    );
+    assert!(
+        String::from_utf8_lossy(&widened.stderr).contains("audience \"payments\" was not admitted"),
+        "{}",
+        String::from_utf8_lossy(&widened.stderr)
+    );
     let g = w.json(&["task", "grant", &t3, "--audience", "crm", "-o", "json"]);
     let p3b = w.redeem(g["grant"].as_str().unwrap(), PLANNER, "t3-planner-again");
     let hop = w.delegate(
