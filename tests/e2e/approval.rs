@@ -31,6 +31,17 @@ permission = "tool:crm.update:write"
 tier = "write"
 approval = true
 approval-ttl = "1s"
+
+[[routes]]
+method = "PUT"
+path = "/payments/{payment}"
+upstream = "crm"
+tool = "crm.update"
+resource = "dataset:crm"
+permission = "tool:crm.update:write"
+tier = "write"
+approval = true
+record-input = ["/amount", "/to"]
 "#;
 
 /// A task whose purpose allows writes, started by alice; the planner's
@@ -197,6 +208,57 @@ fn a_held_call_goes_on_once_its_initiator_approves_exactly_it() {
     ] {
         assert!(shown.contains(want), "{want}: {shown}");
     }
+    // A route that records no body field shows none, and says so.
+    assert!(
+        shown.contains("Input:         not shown (the route records no field"),
+        "{shown}"
+    );
+    // Two held payments that differ only in their bodies: the human sees
+    // which is which (the fields the route records in clear text), not two
+    // identical requests with unreadable digests.
+    let small = pending_id(&put(
+        &g,
+        &cred,
+        "/payments/1",
+        r#"{"amount":10,"to":"vendor"}"#,
+    ));
+    let large = pending_id(&put(
+        &g,
+        &cred,
+        "/payments/1",
+        "{\"amount\":10000,\"to\":\"mallory\\u001b[2J\"}",
+    ));
+    assert_ne!(small, large);
+    let small_shown = g.w.ok(&["approval", "show", &small]);
+    let large_shown = g.w.ok(&["approval", "show", &large]);
+    assert!(
+        small_shown.contains("Request:       PUT /payments/1\n"),
+        "{small_shown}"
+    );
+    assert!(
+        small_shown.contains("  input:/amount: 10\n"),
+        "{small_shown}"
+    );
+    assert!(
+        small_shown.contains("  input:/to: vendor\n"),
+        "{small_shown}"
+    );
+    assert!(
+        large_shown.contains("  input:/amount: 10000\n"),
+        "{large_shown}"
+    );
+    // The escape the agent put in the field does not reach the terminal.
+    assert!(!large_shown.contains('\u{1b}'), "{large_shown:?}");
+    assert!(
+        large_shown.contains("  input:/to: mallory\\u{1b}[2J\n"),
+        "{large_shown}"
+    );
+    let as_json = g.w.json(&["approval", "show", &large, "-o", "json"]);
+    assert_eq!(as_json["shown"]["input:/amount"], "10000", "{as_json}");
+    assert_eq!(
+        as_json["shown"]["input:/to"], "mallory\u{1b}[2J",
+        "{as_json}"
+    );
     let err = g.w.refused(&["approval", "show", "ap_../../tasks"]);
     assert!(err.contains("is not an approval id"), "{err}");
     let err =

@@ -1171,7 +1171,9 @@ tier = "delete"
 
 #[test]
 fn the_gateway_refuses_every_call_once_the_brokers_feed_goes_silent() {
-    let mut g = Gw::start();
+    baton_tls::install_crypto_provider();
+    let (mcp_port, _seen) = crate::mcp::start_crm();
+    let mut g = Gw::start_with(|_| (crate::mcp::endpoint(mcp_port), Vec::new()));
     let (_task, _planner, researcher) = g.researcher();
     let token = token_of(&researcher);
     let url = format!("{}/crm/accounts/acme", g.url);
@@ -1179,6 +1181,17 @@ fn the_gateway_refuses_every_call_once_the_brokers_feed_goes_silent() {
     wait_for("the call allowed", Duration::from_secs(60), || {
         (send(&researcher, "GET", &url, Some(&token), &[]).status == 200).then_some(())
     });
+    // An MCP message that names no tool (here `initialize`) goes through.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let init = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": {"name": "raw", "version": "0"}}});
+    let (status, _, body) = rt.block_on(crate::mcp::post(&g.url, &researcher, &init, &[]));
+    assert_eq!(status, 200, "{body}");
     let before = g.upstream.count();
     // The broker goes away: nothing says the credential is still good, so
     // after `stale-after` (10 s) every call is refused, fail closed.
@@ -1200,6 +1213,11 @@ fn the_gateway_refuses_every_call_once_the_brokers_feed_goes_silent() {
         "a call went on with a stale feed"
     );
     assert!(after >= before);
+    // Nor does anything on the MCP endpoint: a credential revoked while
+    // the feed is silent would look live to a resource read or a stream.
+    let (status, _, body) = rt.block_on(crate::mcp::post(&g.url, &researcher, &init, &[]));
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("revocation_stale"), "{body}");
 }
 
 #[test]

@@ -226,7 +226,7 @@ fn start_junk_mcp(answer: &'static str) -> u16 {
     port
 }
 
-fn endpoint(port: u16) -> String {
+pub(crate) fn endpoint(port: u16) -> String {
     // A port nothing listens on: the MCP server behind /mcp-down is down.
     let down = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -384,7 +384,7 @@ pub(crate) fn rpc_error(e: &ServiceError) -> (i32, String, serde_json::Value) {
 }
 
 /// A raw POST on the MCP endpoint: status, headers, body text.
-async fn post(
+pub(crate) async fn post(
     url: &str,
     cred: &Path,
     body: &serde_json::Value,
@@ -517,6 +517,14 @@ fn mcp_through_the_gateway_lists_calls_streams_and_refuses_as_mcp_clients_see_it
             .await
             .unwrap_err();
         assert!(rpc_error(&e).1.contains("\"account\" is required"), "{e:?}");
+        // A resource spelled as a float: `dataset:crm:42.0` to a policy, 42
+        // to a server that reads a number.
+        let e = call(&r, "crm.search", serde_json::json!({"account": 4.2e1}))
+            .await
+            .unwrap_err();
+        let (code, message, _) = rpc_error(&e);
+        assert_eq!(code, -32602, "{e:?}");
+        assert!(message.contains("must be an integer"), "{message}");
         assert_eq!(seen.count(), before, "a refused call reached the tool");
 
         // Streaming: the tool's progress reaches the client while the tool

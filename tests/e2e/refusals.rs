@@ -148,6 +148,16 @@ fn entry_create_rejects_bad_input_and_changes_nothing() {
             ],
             "64 lowercase hex",
         ),
+        // Only the executable: any process could connect, then exec it.
+        (
+            &[
+                "--spiffe-id",
+                "spiffe://example.org/a",
+                "--selector",
+                "unix:path:/usr/bin/python3",
+            ],
+            "add unix:uid:<n> or unix:gid:<n>",
+        ),
         (
             &[
                 "--spiffe-id",

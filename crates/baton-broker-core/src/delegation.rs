@@ -360,32 +360,33 @@ impl Delegation {
         Ok(self.tasks.list_tasks()?)
     }
 
-    fn new_grant(&self, g: GrantRecord) -> Result<HandoffGrant, BrokerError> {
+    /// Stores a fresh grant and registers it in the credential registry in
+    /// one transaction (under its task, minted from the holder's token, so
+    /// that revoking the holder's subtree kills it), before it is handed
+    /// out. Refused, with nothing written, when its parent or its task is
+    /// revoked meanwhile.
+    fn new_grant(&self, g: GrantRecord, now: u64) -> Result<HandoffGrant, BrokerError> {
         let secret = format!("bg_{}", random_hex::<32>()?);
-        self.tasks.insert_grant(&token_digest(&secret), &g)?;
+        let digest = token_digest(&secret);
+        let registration = CredentialRecord {
+            id: digest.clone(),
+            kind: CredKind::Grant,
+            task: Some(g.task_id.clone()),
+            agent: Some(g.target.clone()),
+            node: None,
+            parent: g.parent.as_ref().map(|p| p.jti.clone()),
+            expires_at: g.expires_at,
+        };
+        self.tasks
+            .insert_grant(&digest, &g, &registration, now)?
+            .map_err(|message| BrokerError::Forbidden {
+                code: "revoked",
+                message,
+            })?;
         Ok(HandoffGrant {
             grant: Secret::new(secret),
             task_id: g.task_id,
             target: g.target,
-            expires_at: g.expires_at,
-        })
-    }
-
-    /// The revocation-store record of a grant: under its task, minted from
-    /// the holder's token (so revoking the holder's subtree kills it).
-    pub fn grant_credential(&self, grant: &HandoffGrant) -> Result<CredentialRecord, BrokerError> {
-        let d = token_digest(grant.grant.expose());
-        let (g, _) = self
-            .tasks
-            .get_grant(&d)?
-            .ok_or_else(|| BrokerError::Hook("a grant just stored is missing".into()))?;
-        Ok(CredentialRecord {
-            id: d,
-            kind: CredKind::Grant,
-            task: Some(g.task_id),
-            agent: Some(g.target),
-            node: None,
-            parent: g.parent.map(|p| p.jti),
             expires_at: g.expires_at,
         })
     }
@@ -491,21 +492,24 @@ impl Delegation {
         // Fail closed: nothing is stored or granted unless the start is logged.
         self.append(&ev)?;
         self.tasks.insert_task(&task)?;
-        let grant = self.new_grant(GrantRecord {
-            task_id: id.clone(),
-            target: req.root_agent.clone(),
-            scope: req.scope.clone(),
-            purpose: req.purpose.clone(),
-            purpose_epoch: 0,
-            audience: req.audiences.clone(),
-            depth: 0,
-            parent: None,
-            parent_act: None,
-            justification: None,
-            exp_cap: task.expires_at,
-            expires_at: (now + self.settings.grant_ttl.as_secs()).min(task.expires_at),
-            created_by: None,
-        })?;
+        let grant = self.new_grant(
+            GrantRecord {
+                task_id: id.clone(),
+                target: req.root_agent.clone(),
+                scope: req.scope.clone(),
+                purpose: req.purpose.clone(),
+                purpose_epoch: 0,
+                audience: req.audiences.clone(),
+                depth: 0,
+                parent: None,
+                parent_act: None,
+                justification: None,
+                exp_cap: task.expires_at,
+                expires_at: (now + self.settings.grant_ttl.as_secs()).min(task.expires_at),
+                created_by: None,
+            },
+            now,
+        )?;
         tracing::info!(task = %id, root_agent = %req.root_agent, purpose = %req.purpose, "task started");
         Ok(StartTaskResponse {
             task_id: id,
@@ -593,27 +597,30 @@ impl Delegation {
         ev.decision = Some("granted".into());
         self.append(&ev)?;
         let exp_cap = claims.exp.min(task.expires_at);
-        let grant = self.new_grant(GrantRecord {
-            task_id: task.id.clone(),
-            target: req.target.clone(),
-            scope: req.scope.clone(),
-            purpose: req.purpose.clone(),
-            purpose_epoch: task.purpose_epoch,
-            audience: req.audience.clone(),
-            depth: new_depth,
-            parent: Some(ParentRef {
-                jti: claims.jti.clone(),
-                hash: baton_ca::delegation::token_hash(req.token.expose()),
-            }),
-            parent_act: Some(claims.act.clone()),
-            justification: Some(req.justification.clone()),
-            exp_cap: match req.ttl_secs {
-                Some(ttl) => exp_cap.min(now.saturating_add(ttl)),
-                None => exp_cap,
+        let grant = self.new_grant(
+            GrantRecord {
+                task_id: task.id.clone(),
+                target: req.target.clone(),
+                scope: req.scope.clone(),
+                purpose: req.purpose.clone(),
+                purpose_epoch: task.purpose_epoch,
+                audience: req.audience.clone(),
+                depth: new_depth,
+                parent: Some(ParentRef {
+                    jti: claims.jti.clone(),
+                    hash: baton_ca::delegation::token_hash(req.token.expose()),
+                }),
+                parent_act: Some(claims.act.clone()),
+                justification: Some(req.justification.clone()),
+                exp_cap: match req.ttl_secs {
+                    Some(ttl) => exp_cap.min(now.saturating_add(ttl)),
+                    None => exp_cap,
+                },
+                expires_at: (now + self.settings.grant_ttl.as_secs()).min(exp_cap),
+                created_by: Some(peer.spiffe_id().clone()),
             },
-            expires_at: (now + self.settings.grant_ttl.as_secs()).min(exp_cap),
-            created_by: Some(peer.spiffe_id().clone()),
-        })?;
+            now,
+        )?;
         baton_ops::metrics().hop_granted();
         tracing::info!(task = %task.id, from = %peer.spiffe_id(), to = %req.target, depth = new_depth, "hop granted");
         Ok(grant)
@@ -1560,21 +1567,24 @@ impl Delegation {
             audience.join(", ")
         ));
         self.append(&ev)?;
-        self.new_grant(GrantRecord {
-            task_id: task.id.clone(),
-            target: task.root_agent.clone(),
-            scope: task.scope.clone(),
-            purpose: task.purpose.clone(),
-            purpose_epoch: task.purpose_epoch,
-            audience,
-            depth: 0,
-            parent: None,
-            parent_act: None,
-            justification: None,
-            exp_cap: task.expires_at,
-            expires_at: (now + self.settings.grant_ttl.as_secs()).min(task.expires_at),
-            created_by: None,
-        })
+        self.new_grant(
+            GrantRecord {
+                task_id: task.id.clone(),
+                target: task.root_agent.clone(),
+                scope: task.scope.clone(),
+                purpose: task.purpose.clone(),
+                purpose_epoch: task.purpose_epoch,
+                audience,
+                depth: 0,
+                parent: None,
+                parent_act: None,
+                justification: None,
+                exp_cap: task.expires_at,
+                expires_at: (now + self.settings.grant_ttl.as_secs()).min(task.expires_at),
+                created_by: None,
+            },
+            now,
+        )
     }
 
     pub fn trust_domain(&self) -> &baton_core::TrustDomain {

@@ -1582,15 +1582,27 @@ impl TaskStore for PgStore {
         })
     }
 
-    fn insert_grant(&self, digest: &str, g: &GrantRecord) -> Result<(), StoreError> {
+    fn insert_grant(
+        &self,
+        digest: &str,
+        g: &GrantRecord,
+        cred: &CredentialRecord,
+        now: u64,
+    ) -> Result<Result<(), String>, StoreError> {
         let record = enc("grants", g)?;
         on_conn!(self, |c| {
-            c.execute(
+            let tx = c.transaction().await?;
+            lock_shared(&tx).await?;
+            if let Err(why) = register_in(&tx, std::slice::from_ref(cred), now).await? {
+                return Ok(Err(why));
+            }
+            tx.execute(
                 "INSERT INTO grants (digest, task_id, record, expires_at) VALUES ($1, $2, $3, $4)",
                 &[&digest, &g.task_id.as_str(), &record, &to_i64(g.expires_at)],
             )
             .await?;
-            Ok(())
+            tx.commit().await?;
+            Ok(Ok(()))
         })
     }
 

@@ -188,18 +188,6 @@ pub fn renew(
     hand_out_minted(d, node, minted, now)
 }
 
-/// Registers a grant before it is handed out (it is revoked with its task
-/// and with the subtree of the token it was minted from).
-fn registered(
-    d: &Delegation,
-    grant: HandoffGrant,
-    now: SystemTime,
-) -> Result<HandoffGrant, BrokerError> {
-    let rec = d.grant_credential(&grant)?;
-    d.revoker().register_blocking(&[rec], unix(now))?;
-    Ok(grant)
-}
-
 /// `start`: a human (by ID token) starts a task; its first grant is
 /// registered before it is answered.
 pub fn start_task(
@@ -207,22 +195,19 @@ pub fn start_task(
     req: &StartTaskRequest,
     now: SystemTime,
 ) -> Result<StartTaskResponse, BrokerError> {
-    let mut resp = d.start_task(req, now)?;
-    resp.grant = registered(d, resp.grant, now)?;
-    Ok(resp)
+    d.start_task(req, now)
 }
 
 /// `delegate`: the holder of a task credential, connected with `peer`,
-/// hands part of its task on; the grant is registered before it is
-/// answered.
+/// hands part of its task on; the grant is registered in the transaction
+/// that stores it.
 pub fn delegate(
     d: &Delegation,
     peer: &PeerCert,
     req: &DelegateRequest,
     now: SystemTime,
 ) -> Result<HandoffGrant, BrokerError> {
-    let grant = d.delegate(peer, req, now)?;
-    registered(d, grant, now)
+    d.delegate(peer, req, now)
 }
 
 /// A tool server acting in the audit log (reports, approval requests): its
@@ -304,8 +289,7 @@ pub fn regrant(
     audience: Vec<String>,
     now: SystemTime,
 ) -> Result<HandoffGrant, BrokerError> {
-    let grant = d.regrant(task, audience, now)?;
-    registered(d, grant, now)
+    d.regrant(task, audience, now)
 }
 
 /// How long an operator's revocation waits for the revocation store

@@ -337,9 +337,9 @@ impl Broker {
                 baton_core::EntryError::SpiffeId { field, .. } => Some(*field),
                 baton_core::EntryError::TrustDomainIdForWorkload => Some("spiffe_id"),
                 baton_core::EntryError::TrustDomainMismatch { .. } => Some("parent_id"),
-                baton_core::EntryError::NoSelectors | baton_core::EntryError::Selector(_) => {
-                    Some("selectors")
-                }
+                baton_core::EntryError::NoSelectors
+                | baton_core::EntryError::Selector(_)
+                | baton_core::EntryError::NoCredentialSelector { .. } => Some("selectors"),
                 baton_core::EntryError::Ttl { field, .. } => Some(*field),
                 baton_core::EntryError::DnsName { .. } => Some("dns_names"),
                 baton_core::EntryError::BadId { .. } => Some("id"),

@@ -63,6 +63,28 @@ fn grant(t: &TaskRecord) -> GrantRecord {
     }
 }
 
+/// A grant's own registry record (as the broker makes it when it stores one).
+fn grant_cred(digest: &str, g: &GrantRecord) -> CredentialRecord {
+    CredentialRecord {
+        id: digest.into(),
+        kind: CredKind::Grant,
+        task: Some(g.task_id.clone()),
+        agent: Some(g.target.clone()),
+        node: None,
+        parent: g.parent.as_ref().map(|p| p.jti.clone()),
+        expires_at: g.expires_at,
+    }
+}
+
+/// Stores `g` under `digest`, registered in the same step, at time 10.
+fn put_grant(s: &dyn Store, digest: &str, g: &GrantRecord) {
+    assert_eq!(
+        s.insert_grant(digest, g, &grant_cred(digest, g), 10)
+            .unwrap(),
+        Ok(())
+    );
+}
+
 fn token(t: &TaskRecord, jti: &str) -> TokenRecord {
     TokenRecord {
         jti: jti.into(),
@@ -236,7 +258,7 @@ fn tasks_grants_and_tokens(s: &dyn Store) {
 
     // A grant is consumed once.
     let g = grant(&t);
-    s.insert_grant("g1", &g).unwrap();
+    put_grant(s, "g1", &g);
     assert_eq!(s.get_grant("g1").unwrap(), Some((g.clone(), None)));
     assert_eq!(s.consume_grant("g1", 20).unwrap(), Ok(g.clone()));
     assert_eq!(s.consume_grant("g1", 21).unwrap(), Err(GrantRefusal::Used));
@@ -244,14 +266,39 @@ fn tasks_grants_and_tokens(s: &dyn Store) {
         s.consume_grant("nope", 21).unwrap(),
         Err(GrantRefusal::Unknown)
     );
-    s.insert_grant("g-old", &g).unwrap();
+    put_grant(s, "g-old", &g);
     assert_eq!(
         s.consume_grant("g-old", 500).unwrap(),
         Err(GrantRefusal::Expired)
     );
+    // A grant minted from a revoked token is refused with nothing stored
+    // (not the grant, not its registration).
+    s.mark(
+        &[Revoked {
+            id: "jti-dead".into(),
+            kind: CredKind::Token,
+            expires_at: 9_000,
+        }],
+        "operator",
+        10,
+    )
+    .unwrap();
+    let mut orphan = grant(&t);
+    orphan.parent = Some(baton_core::delegation::ParentRef {
+        jti: "jti-dead".into(),
+        hash: "h".into(),
+    });
+    let refused = s
+        .insert_grant("g-orphan", &orphan, &grant_cred("g-orphan", &orphan), 10)
+        .unwrap();
+    assert!(
+        matches!(&refused, Err(why) if why.contains("jti-dead")),
+        "{refused:?}"
+    );
+    assert_eq!(s.get_grant("g-orphan").unwrap(), None);
 
     // A redeem: grant, token and registry in one step, refused whole.
-    s.insert_grant("g2", &g).unwrap();
+    put_grant(s, "g2", &g);
     let tk = token(&t, "jti-1");
     assert_eq!(
         s.redeem_grant(
@@ -294,11 +341,12 @@ fn tasks_grants_and_tokens(s: &dyn Store) {
         .into_iter()
         .map(|c| c.id)
         .collect();
-    assert_eq!(ids, vec!["jti-1".to_owned(), "jti-1-cert".to_owned()]);
+    // The grants were registered in the step that stored them.
+    assert_eq!(ids, ["g1", "g-old", "g2", "jti-1", "jti-1-cert"]);
 
     // A revoked grant, a purpose change and an ended task are refused in
     // the redeem's own transaction.
-    s.insert_grant("g3", &g).unwrap();
+    put_grant(s, "g3", &g);
     s.mark(
         &[Revoked {
             id: "g3".into(),
@@ -320,7 +368,7 @@ fn tasks_grants_and_tokens(s: &dyn Store) {
         .unwrap(),
         Err(RedeemRefusal::Revoked(_))
     ));
-    s.insert_grant("g4", &g).unwrap();
+    put_grant(s, "g4", &g);
     let mut moved = t.clone();
     moved.purpose_epoch = 1;
     s.update_task(&moved).unwrap();
@@ -352,7 +400,7 @@ fn tasks_grants_and_tokens(s: &dyn Store) {
     // its credentials live (that delivery has its audit record).
     let mut g5 = grant(&t);
     g5.purpose_epoch = 1; // the task's purpose moved above
-    s.insert_grant("g5", &g5).unwrap();
+    put_grant(s, "g5", &g5);
     assert_eq!(
         s.redeem_grant(
             "g5",
@@ -412,6 +460,8 @@ fn tasks_grants_and_tokens(s: &dyn Store) {
         s.get_approval("ap1").unwrap().map(|a| a.status),
         Some("approved".into())
     );
+    // What the human is shown is kept with it.
+    assert_eq!(s.get_approval("ap1").unwrap().unwrap().shown, a.shown);
 }
 
 fn approval_template() -> ApprovalState {
@@ -425,6 +475,7 @@ fn approval_template() -> ApprovalState {
         risk: RiskTier::Write,
         input_digest: "d".into(),
         target: None,
+        shown: [("input:/amount".to_owned(), "10000".to_owned())].into(),
         requested_by: sid("tools/gateway"),
         created_at: 1,
         expires_at: 1,
@@ -605,9 +656,9 @@ fn postgres_passes_the_datastore_suite_and_its_steps_are_atomic_across_brokers()
         let digest = format!("race-jt{round}");
         a.insert_join_token(&digest, &node, 1_000).unwrap();
         let g = format!("race-g{round}");
-        a.insert_grant(&g, &grant(&t)).unwrap();
+        put_grant(a.as_ref(), &g, &grant(&t));
         let r = format!("race-r{round}");
-        a.insert_grant(&r, &grant(&t)).unwrap();
+        put_grant(a.as_ref(), &r, &grant(&t));
         let wins: Vec<(bool, bool, bool)> = std::thread::scope(|sc| {
             [a.clone(), b.clone()]
                 .into_iter()

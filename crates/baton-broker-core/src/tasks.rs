@@ -167,7 +167,16 @@ pub trait TaskStore: Send + Sync + std::fmt::Debug {
     fn get_task(&self, id: &TaskId) -> Result<Option<TaskRecord>, StoreError>;
     fn list_tasks(&self) -> Result<Vec<TaskRecord>, StoreError>;
     fn update_task(&self, t: &TaskRecord) -> Result<(), StoreError>;
-    fn insert_grant(&self, digest: &str, g: &GrantRecord) -> Result<(), StoreError>;
+    /// Stores a grant and registers `cred` (the grant's own record) in the
+    /// credential registry, in one transaction. Refused with the reason,
+    /// nothing written, when the grant's parent or its task is revoked.
+    fn insert_grant(
+        &self,
+        digest: &str,
+        g: &GrantRecord,
+        cred: &baton_revocation::CredentialRecord,
+        now: u64,
+    ) -> Result<Result<(), String>, StoreError>;
     fn get_grant(&self, digest: &str) -> Result<Option<(GrantRecord, Option<u64>)>, StoreError>;
     /// Marks the grant used, atomically: of two racing redeems one wins.
     fn consume_grant(
@@ -289,14 +298,25 @@ impl TaskStore for SqliteStore {
         })
     }
 
-    fn insert_grant(&self, digest: &str, g: &GrantRecord) -> Result<(), StoreError> {
+    fn insert_grant(
+        &self,
+        digest: &str,
+        g: &GrantRecord,
+        cred: &baton_revocation::CredentialRecord,
+        now: u64,
+    ) -> Result<Result<(), String>, StoreError> {
         let record = enc("grants", g)?;
         self.with(|c| {
-            c.execute(
+            let tx = c.transaction()?;
+            if let Err(why) = crate::ledger::register_tx(&tx, std::slice::from_ref(cred), now)? {
+                return Ok(Err(why));
+            }
+            tx.execute(
                 "INSERT INTO grants (digest, task_id, record, expires_at) VALUES (?1, ?2, ?3, ?4)",
                 params![digest, g.task_id.as_str(), record, to_i64(g.expires_at)],
             )?;
-            Ok(())
+            tx.commit()?;
+            Ok(Ok(()))
         })
     }
 

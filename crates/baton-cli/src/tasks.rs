@@ -451,6 +451,41 @@ fn approval_segment(id: &str) -> Result<&str> {
     }
 }
 
+/// The call's fields its route records in clear text, one a line, with
+/// control characters escaped (an agent chose them: a newline or an
+/// escape sequence must not draw lines of its own on the deciding human's
+/// terminal). Body fields are compact JSON, so text shows in quotes.
+fn show_fields(shown: &std::collections::BTreeMap<String, String>) {
+    if shown.is_empty() {
+        output::line(
+            "Input:         not shown (the route records no field in clear text: only its digest is bound; name fields with record-input to show them here)",
+        );
+        return;
+    }
+    output::line("Input:");
+    for (k, v) in shown {
+        output::line(&format!(
+            "  {}: {}",
+            controls_escaped(k),
+            controls_escaped(v)
+        ));
+    }
+}
+
+/// `text` with its control characters (newlines, escapes) written as
+/// `\u{..}`, everything else as it is.
+fn controls_escaped(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 /// `baton approval show ID`.
 pub async fn show_approval(id: &str, admin: crate::cli::AdminArgs) -> Result<()> {
     let client = AdminClient::new(&admin.admin_socket)?;
@@ -471,6 +506,7 @@ pub async fn show_approval(id: &str, admin: crate::cli::AdminArgs) -> Result<()>
             if let Some(t) = &a.target {
                 output::line(&format!("Request:       {t}"));
             }
+            show_fields(&a.shown);
             output::line(&format!("Input digest:  {}", a.input_digest));
             output::line(&format!("Asked by:      {}", a.requested_by));
             output::line(&format!("Asked at:      {}", output::when(a.created_at)));

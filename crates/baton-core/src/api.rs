@@ -9,6 +9,7 @@
 //! - admin (Unix socket, peer uid checked): `POST /v1/admin/join-tokens`,
 //!   `GET|POST /v1/admin/entries`, `GET|DELETE /v1/admin/entries/{id}`
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -343,10 +344,22 @@ pub struct ApprovalRequest {
     /// human is shown.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
+    /// What the human is shown of the call's input beside `target`: the
+    /// fields its route or tool records in clear text (`record-headers`,
+    /// `record-input`), redacted and cut as in its record. The input
+    /// itself is bound by `input_digest`, which no human can read: without
+    /// these, two held calls that differ only in their bodies (an amount,
+    /// a recipient) look alike.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub shown: BTreeMap<String, String>,
 }
 
 /// The longest [`ApprovalRequest::target`] a broker takes, in bytes.
 pub const MAX_APPROVAL_TARGET: usize = 2048;
+/// Most [`ApprovalRequest::shown`] fields a broker takes.
+pub const MAX_APPROVAL_SHOWN: usize = 40;
+/// The longest name and value of one shown field a broker takes, in bytes.
+pub const MAX_APPROVAL_SHOWN_FIELD: usize = 1024;
 
 /// An approval as the broker holds it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -365,6 +378,9 @@ pub struct ApprovalState {
     /// The HTTP request the call came as ([`ApprovalRequest::target`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
+    /// The call's fields shown to the human ([`ApprovalRequest::shown`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub shown: BTreeMap<String, String>,
     /// The server that asked (the gateway's SPIFFE ID).
     pub requested_by: SpiffeId,
     pub created_at: u64,

@@ -82,6 +82,10 @@ pub enum EntryError {
     NoSelectors,
     #[error("field `selectors`: {0}")]
     Selector(#[from] SelectorError),
+    #[error(
+        "field `selectors`: {selectors} name only the caller's executable, which any process can run after it connects (exec keeps its pid); add unix:uid:<n> or unix:gid:<n> so that the identity is bound to a kernel credential"
+    )]
+    NoCredentialSelector { selectors: String },
     #[error("field `{field}`: must be between 1 and {MAX_TTL_SECS} seconds, got {got}")]
     Ttl { field: &'static str, got: u64 },
     #[error("field `dns_names`: {name:?} is not a valid DNS name")]
@@ -169,6 +173,15 @@ impl NewEntry {
             .collect::<Result<Vec<_>, _>>()?;
         selectors.sort();
         selectors.dedup();
+        if !crate::selector::binds_credential(&selectors) {
+            return Err(EntryError::NoCredentialSelector {
+                selectors: selectors
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
         for (field, got) in [
             ("x509_ttl_secs", self.x509_ttl_secs),
             ("jwt_ttl_secs", self.jwt_ttl_secs),
@@ -248,6 +261,15 @@ mod tests {
         let mut e = new_entry();
         e.selectors = vec!["unix:uid:abc".into()];
         assert!(matches!(e.validate(), Err(EntryError::Selector(_))));
+
+        // Only the executable: any process may exec it after connecting.
+        let mut e = new_entry();
+        e.selectors = vec!["unix:path:/usr/bin/agent".into()];
+        let err = e.validate().unwrap_err();
+        assert!(matches!(err, EntryError::NoCredentialSelector { .. }));
+        assert!(err.to_string().contains("unix:uid"), "{err}");
+        e.selectors.push("unix:gid:7".into());
+        assert!(e.validate().is_ok(), "control: with a gid it is accepted");
 
         let mut e = new_entry();
         e.x509_ttl_secs = 0;

@@ -182,9 +182,31 @@ impl<'de> Deserialize<'de> for Selector {
     }
 }
 
-/// True when every selector an entry requires is among those attested.
+impl SelectorKind {
+    /// Whether this is a kernel credential of the caller (`unix:uid`,
+    /// `unix:gid`): taken by the kernel when the caller connects, and not
+    /// changed by an exec of a (non-setuid) program. `unix:path` and
+    /// `unix:sha256` are not: they describe whatever the connecting pid
+    /// runs when it is attested, and a process can connect, hand the
+    /// socket to a child, and exec another program (the one an entry
+    /// names) while the child speaks on it.
+    pub fn is_credential(self) -> bool {
+        matches!(self, SelectorKind::UnixUid | SelectorKind::UnixGid)
+    }
+}
+
+/// Whether `selectors` pin the caller's uid or gid (see
+/// [`SelectorKind::is_credential`]): an entry must, so that its identity
+/// cannot be taken by any process that execs the program it names.
+pub fn binds_credential(selectors: &[Selector]) -> bool {
+    selectors.iter().any(|s| s.kind().is_credential())
+}
+
+/// True when every selector an entry requires is among those attested, and
+/// the entry pins a kernel credential (an entry stored before that rule,
+/// naming only the executable, matches no caller).
 pub fn entry_matches(required: &[Selector], attested: &[Selector]) -> bool {
-    !required.is_empty() && required.iter().all(|r| attested.contains(r))
+    binds_credential(required) && required.iter().all(|r| attested.contains(r))
 }
 
 #[cfg(test)]
@@ -261,6 +283,30 @@ mod tests {
             &attested
         ));
         assert!(!entry_matches(&[], &attested));
+    }
+
+    #[test]
+    fn an_entry_naming_only_the_executable_matches_nobody() {
+        let digest = "ab".repeat(32);
+        let exe = [
+            Selector::parse("unix:path:/usr/bin/agent").unwrap(),
+            Selector::parse(&format!("unix:sha256:{digest}")).unwrap(),
+        ];
+        let attested = [
+            Selector::uid(1),
+            Selector::gid(2),
+            exe[0].clone(),
+            exe[1].clone(),
+        ];
+        // Every selector is attested, but any uid could exec that file.
+        assert!(!entry_matches(&exe, &attested));
+        // Control: the same with the uid pinned matches.
+        let pinned = [Selector::uid(1), exe[0].clone(), exe[1].clone()];
+        assert!(entry_matches(&pinned, &attested));
+        assert!(entry_matches(
+            &[Selector::gid(2), exe[0].clone()],
+            &attested
+        ));
     }
 
     proptest! {

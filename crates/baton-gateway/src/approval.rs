@@ -13,6 +13,8 @@
 //! `If-Match`, `Accept`, `Cookie` or `X-Amount`, and an MCP call approved
 //! in one session (`Mcp-Session-Id`) does not serve another.
 
+use std::collections::BTreeMap;
+
 use baton_core::api::{ApprovalRequest, ApprovalState};
 use baton_verify::{CallDenied, ToolSpec, VerifiedDelegation};
 use http::HeaderMap;
@@ -90,6 +92,9 @@ pub(crate) struct Ask<'a> {
     pub(crate) ttl: std::time::Duration,
     /// The route or tool always needs approval.
     pub(crate) configured: bool,
+    /// What the human is shown of the call: its recorded clear-text fields
+    /// (computed only for a call that needs approval).
+    pub(crate) shown: &'a (dyn Fn() -> BTreeMap<String, String> + Send + Sync),
 }
 
 /// Why a call that needs approval does not go on now.
@@ -124,6 +129,7 @@ impl Gateway {
             target,
             ttl,
             configured,
+            shown,
         } = ask;
         let gate = &self.enforcer.gate;
         if !configured && !gate.may_require_approval(&spec.name) {
@@ -172,6 +178,7 @@ impl Gateway {
             input_digest: self.enforcer.gate.digest(input),
             ttl_secs: ttl.as_secs().max(1),
             target,
+            shown: shown(),
         };
         let resp = self
             .enforcer

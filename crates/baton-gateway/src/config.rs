@@ -262,13 +262,31 @@ impl McpTool {
             let name = after.get(..close).unwrap_or_default();
             let value = match arguments.get(name) {
                 Some(serde_json::Value::String(v)) => v.clone(),
-                Some(serde_json::Value::Number(n)) => n.to_string(),
+                // Only integers, in their one spelling: `42.0` and `4.2e1`
+                // would name a resource other than `42` to the policy, and
+                // the same record to an upstream that reads a number.
+                Some(serde_json::Value::Number(n)) => match (n.as_u64(), n.as_i64()) {
+                    (Some(u), _) => u.to_string(),
+                    (None, Some(i)) => i.to_string(),
+                    (None, None) => {
+                        return Err(format!(
+                            "argument {name:?} must be an integer when it is a number (got {n}: a fraction or an exponent would name one resource several ways)"
+                        ));
+                    }
+                },
                 Some(_) => return Err(format!("argument {name:?} must be a string or a number")),
                 None => return Err(format!("argument {name:?} is required")),
             };
             if value.is_empty() || value.contains(['{', '}']) || value.chars().any(char::is_control)
             {
                 return Err(format!("argument {name:?} is not a usable resource name"));
+            }
+            // Text an upstream may trim or read as a signed number (` 42`,
+            // `+42`) names, to the policy, a resource other than `42`.
+            if value.trim() != value || value.starts_with('+') {
+                return Err(format!(
+                    "argument {name:?} is not a usable resource name (leading or trailing space, or a leading '+')"
+                ));
             }
             captures.push((name, value));
             rest = after.get(close + 1..).unwrap_or_default();
@@ -1413,12 +1431,24 @@ tier = "read"
                 .unwrap(),
             "dataset:crm:42"
         );
+        assert_eq!(
+            tool.resource_for(&args(serde_json::json!({"account": -7})))
+                .unwrap(),
+            "dataset:crm:-7"
+        );
         for bad in [
             serde_json::json!({}),
             serde_json::json!({"account": ["a"]}),
             serde_json::json!({"account": ""}),
             serde_json::json!({"account": "{x}"}),
             serde_json::json!({"account": "a\nb"}),
+            // Other spellings of 42, which a `forbid` on
+            // `dataset:crm:42` would not see.
+            serde_json::from_str(r#"{"account": 4.2e1}"#).unwrap(),
+            serde_json::from_str(r#"{"account": 42.0}"#).unwrap(),
+            serde_json::json!({"account": " 42"}),
+            serde_json::json!({"account": "42 "}),
+            serde_json::json!({"account": "+42"}),
         ] {
             let e = tool.resource_for(&args(bad.clone())).unwrap_err();
             assert!(e.contains("\"account\""), "{bad}: {e}");

@@ -600,6 +600,7 @@ impl Gateway {
                     }),
                     ttl: m.route.approval_ttl.unwrap_or(rt.config.approval_ttl),
                     configured: m.route.approval,
+                    shown: &|| m.route.record.request_fields(&req.headers, &input),
                 },
             )
             .await

@@ -565,6 +565,18 @@ impl Gateway {
                 Value::Null,
             );
         }
+        // Every message, not only a `tools/call`: while the revocation feed
+        // is silent a credential revoked meanwhile looks live, so what the
+        // endpoint serves without naming a tool (a stream, a ping, a
+        // resource read) is refused as a read would be.
+        if let Err(denied) = self
+            .enforcer
+            .gate
+            .check_fresh(baton_core::RiskTier::Read, now)
+        {
+            tracing::warn!(task = %d.task_id(), agent = %d.agent(), "MCP request refused: revocation data is stale");
+            return call_denial(None, "this MCP endpoint", &denied);
+        }
         // A GET (the server's stream) or DELETE (the session's end) carries
         // no message: a body would be a message no check has read.
         if req.method != Method::POST && !body.is_empty() {
@@ -755,6 +767,7 @@ impl Gateway {
                     }),
                     ttl: c.rt.config.approval_ttl,
                     configured: tool.approval,
+                    shown: &|| tool.record.input_fields(&Value::Object(arguments.clone())),
                 },
             )
             .await

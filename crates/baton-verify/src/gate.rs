@@ -512,6 +512,20 @@ impl ToolGate {
         self.policy.may_require_approval(tool)
     }
 
+    /// Refuses, as a call of `tier` is refused, while the revocation set is
+    /// stale (see [`ToolGate::with_revocation_freshness`]). For what a
+    /// holder reaches without naming a tool (an MCP session's ping, its
+    /// stream, a resource read), which a server checks as a read: a
+    /// credential revoked while the feed was silent is not noticed then.
+    pub fn check_fresh(&self, tier: RiskTier, now: u64) -> Result<(), CallDenied> {
+        match &self.freshness {
+            Some(f) if (tier.is_sensitive() || !f.read_allows_stale) && !f.source.is_fresh(now) => {
+                Err(CallDenied::RevocationStale { tier })
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// The decision without reporting.
     fn decide(
         &self,
@@ -525,12 +539,7 @@ impl ToolGate {
                 now,
             });
         }
-        if let Some(f) = &self.freshness
-            && (tool.tier.is_sensitive() || !f.read_allows_stale)
-            && !f.source.is_fresh(now)
-        {
-            return Err(CallDenied::RevocationStale { tier: tool.tier });
-        }
+        self.check_fresh(tool.tier, now)?;
         if let Some(r) = &self.revocation {
             let serial = d.peer_serial();
             // Fail closed: a peer without a readable serial is refused.
