@@ -104,7 +104,8 @@ pub(crate) fn token_pair(t: &TokenRecord) -> [Revoked; 2] {
 }
 
 /// Whether credential `?1` (live at `?2`) belongs to a revoked task.
-const TASK_REVOKED_SQL: &str = "SELECT 1 FROM credentials c JOIN revoked_tasks t ON t.task = c.task
+pub(crate) const TASK_REVOKED_SQL: &str =
+    "SELECT 1 FROM credentials c JOIN revoked_tasks t ON t.task = c.task
      WHERE c.id = ?1 AND c.expires_at > ?2";
 
 /// Registers `records` in the credential registry inside `tx`. Refuses
@@ -367,7 +368,10 @@ impl Ledger for SqliteStore {
     }
 
     fn epoch(&self) -> Result<String, StoreError> {
-        self.with(|c| Ok(c.query_row("SELECT epoch FROM feed_meta LIMIT 1", [], |r| r.get(0))?))
+        self.with(|c| {
+            Ok(c.prepare_cached("SELECT epoch FROM feed_meta LIMIT 1")?
+                .query_row([], |r| r.get(0))?)
+        })
     }
 
     fn last_seq(&self) -> Result<u64, StoreError> {
@@ -452,8 +456,7 @@ impl Ledger for SqliteStore {
                 // other tasks: a cascade of 10,000 credentials writes and
                 // publishes a handful of rows, not 10,000.
                 cover_mark_task(&tx, task, known, now)?;
-                tx.execute(
-                    "INSERT OR IGNORE INTO revoked_tasks (task, at) VALUES (?1, ?2)",
+                tx.prepare_cached("INSERT OR IGNORE INTO revoked_tasks (task, at) VALUES (?1, ?2)")?.execute(
                     params![task.as_str(), to_i64(now)],
                 )?;
             } else {
@@ -530,18 +533,12 @@ impl Ledger for SqliteStore {
         let cutoff = to_i64(cutoff);
         self.with(|c| {
             let tx = c.transaction()?;
-            tx.execute(
-                "DELETE FROM credentials WHERE expires_at <= ?1",
-                params![cutoff],
-            )?;
-            tx.execute(
-                "DELETE FROM revocations WHERE expires_at <= ?1",
-                params![cutoff],
-            )?;
-            tx.execute(
-                "DELETE FROM revocation_log WHERE expires_at <= ?1",
-                params![cutoff],
-            )?;
+            tx.prepare_cached("DELETE FROM credentials WHERE expires_at <= ?1")?
+                .execute(params![cutoff])?;
+            tx.prepare_cached("DELETE FROM revocations WHERE expires_at <= ?1")?
+                .execute(params![cutoff])?;
+            tx.prepare_cached("DELETE FROM revocation_log WHERE expires_at <= ?1")?
+                .execute(params![cutoff])?;
             tx.commit()?;
             Ok(())
         })
@@ -602,6 +599,8 @@ impl Ledger for SqliteStore {
 }
 
 fn last_seq(c: &Connection) -> Result<u64, StoreError> {
-    let last: Option<i64> = c.query_row("SELECT MAX(seq) FROM revocation_log", [], |r| r.get(0))?;
+    let last: Option<i64> = c
+        .prepare_cached("SELECT MAX(seq) FROM revocation_log")?
+        .query_row([], |r| r.get(0))?;
     Ok(last.map_or(0, |l| u64::try_from(l).unwrap_or(0)))
 }

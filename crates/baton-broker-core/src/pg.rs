@@ -29,7 +29,7 @@ use baton_core::api::ApprovalState;
 use baton_core::{Entry, EntryId, SpiffeId, TaskId};
 use baton_revocation::{CredKind, CredentialRecord, Revoked, Target};
 use tokio_postgres::config::Host;
-use tokio_postgres::{Client, Config, GenericClient, NoTls, Row};
+use tokio_postgres::{Client, Config, GenericClient, NoTls, Row, Statement};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::ledger::{Ledger, LogRow, token_pair};
@@ -300,7 +300,7 @@ pub struct PgStore {
     config: Config,
     tls: Option<MakeRustlsConnect>,
     endpoint: String,
-    slots: Vec<Mutex<Option<Client>>>,
+    slots: Vec<Mutex<Option<PgConn>>>,
     next: AtomicUsize,
     handle: tokio::runtime::Handle,
     _driver: Driver,
@@ -345,8 +345,79 @@ fn limit_of(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
+/// A pooled connection and the statements prepared on it.
+struct PgConn {
+    client: Client,
+    statements: Statements,
+}
+
+/// The statements prepared on one connection, by their SQL.
+type Statements = std::sync::Arc<Mutex<std::collections::HashMap<&'static str, Statement>>>;
+
+thread_local! {
+    /// The statements of the connection the running [`on_conn!`] body
+    /// holds (the body is polled on this thread to its end).
+    static STATEMENTS: std::cell::RefCell<Option<Statements>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Makes `statements` those [`Prepared::stmt`] uses on this thread until
+/// dropped (then the previous ones again).
+struct StatementScope(Option<Statements>);
+
+impl StatementScope {
+    fn enter(statements: &Statements) -> Self {
+        Self(STATEMENTS.with(|s| s.replace(Some(statements.clone()))))
+    }
+}
+
+impl Drop for StatementScope {
+    fn drop(&mut self) {
+        let previous = self.0.take();
+        STATEMENTS.with(|s| *s.borrow_mut() = previous);
+    }
+}
+
+/// Statements prepared once per connection: a query is then one round
+/// trip to the server (bind and execute) instead of two (parse and
+/// describe, then bind and execute), and the server plans it once.
+trait Prepared: GenericClient + Sync {
+    /// `sql` prepared on this connection (once; then from its cache).
+    async fn stmt(&self, sql: &'static str) -> Result<Statement, tokio_postgres::Error> {
+        let cache = STATEMENTS.with(|s| s.borrow().clone());
+        if let Some(hit) = cache
+            .as_ref()
+            .and_then(|c| c.lock().ok().and_then(|m| m.get(sql).cloned()))
+        {
+            return Ok(hit);
+        }
+        let prepared = self.prepare(sql).await?;
+        if let Some(Ok(mut m)) = cache.as_ref().map(|c| c.lock()) {
+            m.insert(sql, prepared.clone());
+        }
+        Ok(prepared)
+    }
+}
+
+impl<T: GenericClient + Sync> Prepared for T {}
+
+impl PgConn {
+    /// Forgets the prepared statements after an error that says they are
+    /// stale: a plan whose result changed (another broker migrated the
+    /// schema, `0A000`) or a statement the server no longer has (`26000`,
+    /// e.g. a pooler's reset). The next call prepares them again.
+    fn forget_stale<T>(&self, r: &Result<T, StoreError>) {
+        if let Err(StoreError::Postgres(m)) = r
+            && (m.contains("(0A000)") || m.contains("(26000)"))
+            && let Ok(mut s) = self.statements.lock()
+        {
+            s.clear();
+        }
+    }
+}
+
 /// Runs `$body` (an expression that may `.await`, with `$c: &mut Client`)
-/// on a pooled connection, off the async workers. A macro over a plain
+/// on a pooled connection, off the async workers, with the connection's
+/// prepared statements for [`Prepared::stmt`]. A macro over a plain
 /// async block rather than a method taking an async closure: ~50 async
 /// closures passed to one generic method made type-checking this crate take
 /// minutes.
@@ -355,7 +426,16 @@ macro_rules! on_conn {
         let store: &PgStore = &$store;
         match store.checkout() {
             Ok(mut slot) => match slot.as_mut() {
-                Some($c) => PgStore::counted(store.block(async { $body })),
+                Some(conn) => {
+                    let scope = StatementScope::enter(&conn.statements);
+                    let r = {
+                        let $c = &mut conn.client;
+                        PgStore::counted(store.block(async { $body }))
+                    };
+                    drop(scope);
+                    conn.forget_stale(&r);
+                    r
+                }
                 None => Err(StoreError::Poisoned),
             },
             Err(e) => Err(e),
@@ -468,7 +548,7 @@ impl PgStore {
 
     /// A pooled connection, opened if it is not (or no longer) open. Held
     /// by the caller for one [`on_conn!`] body.
-    fn checkout(&self) -> Result<MutexGuard<'_, Option<Client>>, StoreError> {
+    fn checkout(&self) -> Result<MutexGuard<'_, Option<PgConn>>, StoreError> {
         let n = self.slots.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut guard = None;
@@ -484,8 +564,11 @@ impl PgStore {
                 .lock()
                 .map_err(|_| StoreError::Poisoned)?,
         };
-        if guard.as_ref().is_none_or(Client::is_closed) {
-            *guard = Some(self.connect()?);
+        if guard.as_ref().is_none_or(|c| c.client.is_closed()) {
+            *guard = Some(PgConn {
+                client: self.connect()?,
+                statements: Statements::default(),
+            });
         }
         Ok(guard)
     }
@@ -502,8 +585,11 @@ impl PgStore {
 
     fn migrate(&self) -> Result<(), StoreError> {
         on_conn!(self, |c| {
-            c.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
-                .await?;
+            c.execute(
+                &c.stmt("SELECT pg_advisory_lock($1)").await?,
+                &[&MIGRATION_LOCK],
+            )
+            .await?;
             let r = migrate_locked(c).await;
             let unlock = c
                 .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
@@ -540,7 +626,8 @@ async fn migrate_locked(c: &mut Client) -> Result<(), StoreError> {
         let tx = c.transaction().await?;
         tx.batch_execute(sql).await?;
         tx.execute(
-            "INSERT INTO baton_schema_version (version) VALUES ($1)",
+            &tx.stmt("INSERT INTO baton_schema_version (version) VALUES ($1)")
+                .await?,
             &[&(i as i64 + 1)],
         )
         .await?;
@@ -597,7 +684,7 @@ const ENTRY_COLUMNS: &str =
     "id, spiffe_id, parent_id, selectors, x509_ttl_secs, jwt_ttl_secs, dns_names";
 
 async fn token_state(
-    c: &impl GenericClient,
+    c: &(impl GenericClient + Sync),
     digest_hex: &str,
     now: u64,
 ) -> Result<Result<SpiffeId, JoinTokenRefusal>, StoreError> {
@@ -702,11 +789,12 @@ impl Datastore for PgStore {
 
     fn delete_entry(&self, id: &EntryId) -> Result<bool, StoreError> {
         on_conn!(self, |c| {
-            Ok(
-                c.execute("DELETE FROM entries WHERE id = $1", &[&id.as_str()])
-                    .await?
-                    > 0,
+            Ok(c.execute(
+                &c.stmt("DELETE FROM entries WHERE id = $1").await?,
+                &[&id.as_str()],
             )
+            .await?
+                > 0)
         })
     }
 
@@ -718,7 +806,10 @@ impl Datastore for PgStore {
     ) -> Result<(), StoreError> {
         on_conn!(self, |c| {
             c.execute(
-                "INSERT INTO join_tokens (digest, node_id, expires_at) VALUES ($1, $2, $3)",
+                &c.stmt(
+                    "INSERT INTO join_tokens (digest, node_id, expires_at) VALUES ($1, $2, $3)",
+                )
+                .await?,
                 &[&digest_hex, &node_id.as_str(), &to_i64(expires_at)],
             )
             .await?;
@@ -768,12 +859,11 @@ impl Datastore for PgStore {
 
     fn upsert_node(&self, n: &NodeRecord) -> Result<(), StoreError> {
         on_conn!(self, |c| {
-            c.execute(
-                "INSERT INTO nodes (spiffe_id, serial, svid_not_after, attested_at, banned, prev_serial)
+            c.execute(&c.stmt("INSERT INTO nodes (spiffe_id, serial, svid_not_after, attested_at, banned, prev_serial)
                  VALUES ($1, $2, $3, $4, $5, NULL)
                  ON CONFLICT (spiffe_id) DO UPDATE SET serial = excluded.serial,
                     svid_not_after = excluded.svid_not_after, attested_at = excluded.attested_at,
-                    banned = nodes.banned OR excluded.banned, prev_serial = NULL",
+                    banned = nodes.banned OR excluded.banned, prev_serial = NULL").await?,
                 &[
                     &n.spiffe_id.as_str(),
                     &n.serial_hex,
@@ -803,8 +893,11 @@ impl Datastore for PgStore {
     fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
         on_conn!(self, |c| {
             c.query(
-                "SELECT spiffe_id, serial, svid_not_after, attested_at, banned, prev_serial
+                &c.stmt(
+                    "SELECT spiffe_id, serial, svid_not_after, attested_at, banned, prev_serial
                  FROM nodes ORDER BY spiffe_id",
+                )
+                .await?,
                 &[],
             )
             .await?
@@ -823,10 +916,13 @@ impl Datastore for PgStore {
     ) -> Result<bool, StoreError> {
         on_conn!(self, |c| {
             Ok(c.execute(
-                "UPDATE nodes SET
+                &c.stmt(
+                    "UPDATE nodes SET
                     prev_serial = CASE WHEN serial = $4 THEN serial ELSE prev_serial END,
                     serial = $2, svid_not_after = $3
                  WHERE spiffe_id = $1 AND NOT banned AND (serial = $4 OR prev_serial = $4)",
+                )
+                .await?,
                 &[
                     &id.as_str(),
                     &serial_hex,
@@ -842,8 +938,11 @@ impl Datastore for PgStore {
     fn settle_node_svid(&self, id: &SpiffeId, serial_hex: &str) -> Result<(), StoreError> {
         on_conn!(self, |c| {
             c.execute(
-                "UPDATE nodes SET prev_serial = NULL
+                &c.stmt(
+                    "UPDATE nodes SET prev_serial = NULL
                  WHERE spiffe_id = $1 AND serial = $2 AND prev_serial IS NOT NULL",
+                )
+                .await?,
                 &[&id.as_str(), &serial_hex],
             )
             .await?;
@@ -860,10 +959,13 @@ impl Datastore for PgStore {
         let applied = applied.map(to_i64);
         on_conn!(self, |c| {
             c.execute(
-                "INSERT INTO node_syncs (node, synced_at, applied) VALUES ($1, $2, $3)
+                &c.stmt(
+                    "INSERT INTO node_syncs (node, synced_at, applied) VALUES ($1, $2, $3)
                  ON CONFLICT (node) DO UPDATE SET
                     synced_at = GREATEST(node_syncs.synced_at, excluded.synced_at),
                     applied = GREATEST(node_syncs.applied, excluded.applied)",
+                )
+                .await?,
                 &[&node.as_str(), &to_i64(at), &applied],
             )
             .await?;
@@ -894,20 +996,25 @@ impl Datastore for PgStore {
         on_conn!(self, |c| {
             // What it synced goes with it: a node attesting again under
             // this ID starts with no applied bundle.
-            c.execute("DELETE FROM node_syncs WHERE node = $1", &[&id.as_str()])
-                .await?;
-            Ok(
-                c.execute("DELETE FROM nodes WHERE spiffe_id = $1", &[&id.as_str()])
-                    .await?
-                    == 1,
+            c.execute(
+                &c.stmt("DELETE FROM node_syncs WHERE node = $1").await?,
+                &[&id.as_str()],
             )
+            .await?;
+            Ok(c.execute(
+                &c.stmt("DELETE FROM nodes WHERE spiffe_id = $1").await?,
+                &[&id.as_str()],
+            )
+            .await?
+                == 1)
         })
     }
 
     fn set_node_banned(&self, id: &SpiffeId, banned: bool) -> Result<bool, StoreError> {
         on_conn!(self, |c| {
             Ok(c.execute(
-                "UPDATE nodes SET banned = $2 WHERE spiffe_id = $1",
+                &c.stmt("UPDATE nodes SET banned = $2 WHERE spiffe_id = $1")
+                    .await?,
                 &[&id.as_str(), &banned],
             )
             .await?
@@ -917,10 +1024,9 @@ impl Datastore for PgStore {
 
     fn block_agent(&self, b: &AgentBlock) -> Result<(), StoreError> {
         on_conn!(self, |c| {
-            c.execute(
-                "INSERT INTO agent_blocks (spiffe_id, until, reason, at) VALUES ($1, $2, $3, $4)
+            c.execute(&c.stmt("INSERT INTO agent_blocks (spiffe_id, until, reason, at) VALUES ($1, $2, $3, $4)
                  ON CONFLICT (spiffe_id) DO UPDATE SET until = excluded.until,
-                    reason = excluded.reason, at = excluded.at",
+                    reason = excluded.reason, at = excluded.at").await?,
                 &[
                     &b.spiffe_id.as_str(),
                     &b.until.map(to_i64),
@@ -936,7 +1042,8 @@ impl Datastore for PgStore {
     fn unblock_agent(&self, id: &SpiffeId) -> Result<bool, StoreError> {
         on_conn!(self, |c| {
             Ok(c.execute(
-                "DELETE FROM agent_blocks WHERE spiffe_id = $1",
+                &c.stmt("DELETE FROM agent_blocks WHERE spiffe_id = $1")
+                    .await?,
                 &[&id.as_str()],
             )
             .await?
@@ -957,9 +1064,12 @@ impl PgStore {
     fn blocks_where(&self, id: Option<&SpiffeId>, now: u64) -> Result<Vec<AgentBlock>, StoreError> {
         on_conn!(self, |c| {
             c.query(
-                "SELECT spiffe_id, until, reason, at FROM agent_blocks
+                &c.stmt(
+                    "SELECT spiffe_id, until, reason, at FROM agent_blocks
                  WHERE ($1::TEXT IS NULL OR spiffe_id = $1) AND (until IS NULL OR until > $2)
                  ORDER BY spiffe_id",
+                )
+                .await?,
                 &[&id.map(SpiffeId::as_str), &to_i64(now)],
             )
             .await?
@@ -1061,10 +1171,13 @@ async fn register_in(
     }
     for r in records {
         tx.execute(
-            "INSERT INTO credentials (id, kind, task, agent, node, parent, expires_at)
+            &tx.stmt(
+                "INSERT INTO credentials (id, kind, task, agent, node, parent, expires_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7)
              ON CONFLICT (id) DO UPDATE
                 SET expires_at = GREATEST(credentials.expires_at, excluded.expires_at)",
+            )
+            .await?,
             &[
                 &r.id,
                 &r.kind.code(),
@@ -1082,7 +1195,7 @@ async fn register_in(
 
 async fn lock_shared(tx: &tokio_postgres::Transaction<'_>) -> Result<(), StoreError> {
     tx.execute(
-        "SELECT pg_advisory_xact_lock_shared($1)",
+        &tx.stmt("SELECT pg_advisory_xact_lock_shared($1)").await?,
         &[&REVOCATION_LOCK],
     )
     .await?;
@@ -1090,8 +1203,11 @@ async fn lock_shared(tx: &tokio_postgres::Transaction<'_>) -> Result<(), StoreEr
 }
 
 async fn lock_exclusive(tx: &tokio_postgres::Transaction<'_>) -> Result<(), StoreError> {
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&REVOCATION_LOCK])
-        .await?;
+    tx.execute(
+        &tx.stmt("SELECT pg_advisory_xact_lock($1)").await?,
+        &[&REVOCATION_LOCK],
+    )
+    .await?;
     Ok(())
 }
 
@@ -1111,11 +1227,14 @@ async fn cover_add(
     let kinds: Vec<&str> = rows.iter().map(|r| r.kind.code()).collect();
     let exps: Vec<i64> = rows.iter().map(|r| to_i64(r.expires_at)).collect();
     tx.execute(
-        "INSERT INTO cover (id, kind, expires_at)
+        &tx.stmt(
+            "INSERT INTO cover (id, kind, expires_at)
          SELECT id, kind, exp FROM UNNEST($1::TEXT[], $2::TEXT[], $3::BIGINT[])
             WITH ORDINALITY AS u(id, kind, exp, ord)
          ORDER BY ord
          ON CONFLICT (id) DO NOTHING",
+        )
+        .await?,
         &[&ids, &kinds, &exps],
     )
     .await?;
@@ -1155,14 +1274,18 @@ async fn cover_resolve_task(
     now: u64,
 ) -> Result<(), StoreError> {
     tx.execute(
-        "INSERT INTO cover (id, kind, expires_at)
+        &tx.stmt(
+            "INSERT INTO cover (id, kind, expires_at)
          SELECT id, kind, expires_at FROM credentials WHERE task = $1 AND expires_at > $2
          ORDER BY n ON CONFLICT (id) DO NOTHING",
+        )
+        .await?,
         &[&task, &to_i64(now)],
     )
     .await?;
     tx.execute(
-        "WITH RECURSIVE sub(id) AS (
+        &tx.stmt(
+            "WITH RECURSIVE sub(id) AS (
             SELECT c.id FROM credentials c JOIN cover v ON c.parent = v.id
             WHERE c.task IS DISTINCT FROM $1
             UNION
@@ -1172,6 +1295,8 @@ async fn cover_resolve_task(
          SELECT c.id, c.kind, c.expires_at FROM credentials c JOIN sub s ON c.id = s.id
          WHERE c.expires_at > $2 ORDER BY c.n
          ON CONFLICT (id) DO NOTHING",
+        )
+        .await?,
         &[&task, &to_i64(now)],
     )
     .await?;
@@ -1214,7 +1339,8 @@ async fn cover_mark_task(
     .await?;
     cover_add(tx, known).await?;
     tx.execute(
-        "WITH RECURSIVE sub(id) AS (
+        &tx.stmt(
+            "WITH RECURSIVE sub(id) AS (
             SELECT c.id FROM credentials p JOIN credentials c ON c.parent = p.id
             WHERE p.task = $1 AND c.task IS DISTINCT FROM $1
             UNION
@@ -1224,6 +1350,8 @@ async fn cover_mark_task(
          SELECT c.id, c.kind, c.expires_at FROM credentials c JOIN sub s ON c.id = s.id
          WHERE c.expires_at > $2 ORDER BY c.n
          ON CONFLICT (id) DO NOTHING",
+        )
+        .await?,
         &[&task.as_str(), &now_i],
     )
     .await?;
@@ -1247,9 +1375,12 @@ async fn cover_mark(
         )
         .await?;
     tx.execute(
-        "INSERT INTO revocations (id, kind, expires_at, reason, at)
+        &tx.stmt(
+            "INSERT INTO revocations (id, kind, expires_at, reason, at)
          SELECT id, kind, expires_at, $1, $2 FROM cover WHERE expires_at > $2
          ON CONFLICT (id) DO NOTHING",
+        )
+        .await?,
         &[&reason, &now_i],
     )
     .await?;
@@ -1257,11 +1388,15 @@ async fn cover_mark(
 }
 
 async fn cover_list(tx: &tokio_postgres::Transaction<'_>) -> Result<Vec<Revoked>, StoreError> {
-    tx.query("SELECT id, kind, expires_at FROM cover ORDER BY n", &[])
-        .await?
-        .iter()
-        .map(revoked_of)
-        .collect()
+    tx.query(
+        &tx.stmt("SELECT id, kind, expires_at FROM cover ORDER BY n")
+            .await?,
+        &[],
+    )
+    .await?
+    .iter()
+    .map(revoked_of)
+    .collect()
 }
 
 async fn mark_in(
@@ -1276,7 +1411,7 @@ async fn mark_in(
     cover_mark(tx, reason, now).await
 }
 
-async fn last_seq(c: &impl GenericClient) -> Result<u64, StoreError> {
+async fn last_seq(c: &(impl GenericClient + Sync)) -> Result<u64, StoreError> {
     let last: Option<i64> = c
         .query_one("SELECT MAX(seq) FROM revocation_log", &[])
         .await?
@@ -1310,9 +1445,11 @@ impl Ledger for PgStore {
 
     fn epoch(&self) -> Result<String, StoreError> {
         on_conn!(self, |c| {
-            Ok(c.query_one("SELECT epoch FROM feed_meta LIMIT 1", &[])
-                .await?
-                .try_get(0)?)
+            Ok(
+                c.query_one(&c.stmt("SELECT epoch FROM feed_meta LIMIT 1").await?, &[])
+                    .await?
+                    .try_get(0)?,
+            )
         })
     }
 
@@ -1390,8 +1527,7 @@ impl Ledger for PgStore {
             cover_reset(&tx).await?;
             if let Target::Task(task) = target {
                 cover_mark_task(&tx, task, known, now).await?;
-                tx.execute(
-                    "INSERT INTO revoked_tasks (task, at) VALUES ($1, $2) ON CONFLICT (task) DO NOTHING",
+                tx.execute(&tx.stmt("INSERT INTO revoked_tasks (task, at) VALUES ($1, $2) ON CONFLICT (task) DO NOTHING").await?,
                     &[&task.as_str(), &to_i64(now)],
                 )
                 .await?;
@@ -1423,8 +1559,11 @@ impl Ledger for PgStore {
     fn live_task_credentials(&self, task: &TaskId, now: u64) -> Result<Vec<Revoked>, StoreError> {
         on_conn!(self, |c| {
             c.query(
-                "SELECT id, kind, expires_at FROM credentials
+                &c.stmt(
+                    "SELECT id, kind, expires_at FROM credentials
                  WHERE task = $1 AND expires_at > $2 ORDER BY n",
+                )
+                .await?,
                 &[&task.as_str(), &to_i64(now)],
             )
             .await?
@@ -1468,12 +1607,21 @@ impl Ledger for PgStore {
         let cutoff = to_i64(cutoff);
         on_conn!(self, |c| {
             let tx = c.transaction().await?;
-            tx.execute("DELETE FROM credentials WHERE expires_at <= $1", &[&cutoff])
-                .await?;
-            tx.execute("DELETE FROM revocations WHERE expires_at <= $1", &[&cutoff])
-                .await?;
             tx.execute(
-                "DELETE FROM revocation_log WHERE expires_at <= $1",
+                &tx.stmt("DELETE FROM credentials WHERE expires_at <= $1")
+                    .await?,
+                &[&cutoff],
+            )
+            .await?;
+            tx.execute(
+                &tx.stmt("DELETE FROM revocations WHERE expires_at <= $1")
+                    .await?,
+                &[&cutoff],
+            )
+            .await?;
+            tx.execute(
+                &tx.stmt("DELETE FROM revocation_log WHERE expires_at <= $1")
+                    .await?,
                 &[&cutoff],
             )
             .await?;
@@ -1485,9 +1633,12 @@ impl Ledger for PgStore {
     fn durably_revoked(&self, id: &str, now: u64) -> Result<bool, StoreError> {
         on_conn!(self, |c| {
             Ok(c.query_one(
-                "SELECT EXISTS (SELECT 1 FROM revocations WHERE id = $1 AND expires_at > $2)
+                &c.stmt(
+                    "SELECT EXISTS (SELECT 1 FROM revocations WHERE id = $1 AND expires_at > $2)
                     OR EXISTS (SELECT 1 FROM credentials c JOIN revoked_tasks t ON t.task = c.task
                                WHERE c.id = $1 AND c.expires_at > $2)",
+                )
+                .await?,
                 &[&id, &to_i64(now)],
             )
             .await?
@@ -1526,7 +1677,8 @@ impl Ledger for PgStore {
     fn live_revocations(&self, now: u64) -> Result<Vec<Revoked>, StoreError> {
         on_conn!(self, |c| {
             c.query(
-                "SELECT id, kind, expires_at FROM revocations WHERE expires_at > $1",
+                &c.stmt("SELECT id, kind, expires_at FROM revocations WHERE expires_at > $1")
+                    .await?,
                 &[&to_i64(now)],
             )
             .await?
@@ -1546,7 +1698,8 @@ impl TaskStore for PgStore {
         let record = enc("tasks", t)?;
         on_conn!(self, |c| {
             c.execute(
-                "INSERT INTO tasks (id, record, created_at) VALUES ($1, $2, $3)",
+                &c.stmt("INSERT INTO tasks (id, record, created_at) VALUES ($1, $2, $3)")
+                    .await?,
                 &[&t.id.as_str(), &record, &to_i64(t.created_at)],
             )
             .await?;
@@ -1574,7 +1727,7 @@ impl TaskStore for PgStore {
         let record = enc("tasks", t)?;
         on_conn!(self, |c| {
             c.execute(
-                "UPDATE tasks SET record = $2 WHERE id = $1",
+                &c.stmt("UPDATE tasks SET record = $2 WHERE id = $1").await?,
                 &[&t.id.as_str(), &record],
             )
             .await?;
@@ -1596,8 +1749,7 @@ impl TaskStore for PgStore {
             if let Err(why) = register_in(&tx, std::slice::from_ref(cred), now).await? {
                 return Ok(Err(why));
             }
-            tx.execute(
-                "INSERT INTO grants (digest, task_id, record, expires_at) VALUES ($1, $2, $3, $4)",
+            tx.execute(&tx.stmt("INSERT INTO grants (digest, task_id, record, expires_at) VALUES ($1, $2, $3, $4)").await?,
                 &[&digest, &g.task_id.as_str(), &record, &to_i64(g.expires_at)],
             )
             .await?;
@@ -1628,9 +1780,12 @@ impl TaskStore for PgStore {
     fn mark_redelivered(&self, digest: &str, jti: &str, now: u64) -> Result<bool, StoreError> {
         on_conn!(self, |c| {
             Ok(c.execute(
-                "UPDATE grants SET redelivered_at = $3
+                &c.stmt(
+                    "UPDATE grants SET redelivered_at = $3
                  WHERE digest = $1 AND used_at IS NOT NULL
                    AND (delivery::jsonb) ->> 'jti' = $2",
+                )
+                .await?,
                 &[&digest, &jti, &to_i64(now)],
             )
             .await?
@@ -1692,7 +1847,8 @@ impl TaskStore for PgStore {
         let record = enc("tokens", t)?;
         on_conn!(self, |c| {
             c.execute(
-                "INSERT INTO tokens (jti, task_id, record) VALUES ($1, $2, $3)",
+                &c.stmt("INSERT INTO tokens (jti, task_id, record) VALUES ($1, $2, $3)")
+                    .await?,
                 &[&t.jti, &t.task_id.as_str(), &record],
             )
             .await?;
@@ -1770,12 +1926,14 @@ impl TaskStore for PgStore {
                 return Ok(Err(RedeemRefusal::Revoked(why)));
             }
             tx.execute(
-                "UPDATE grants SET used_at = $2, delivery = $3 WHERE digest = $1",
+                &tx.stmt("UPDATE grants SET used_at = $2, delivery = $3 WHERE digest = $1")
+                    .await?,
                 &[&digest, &to_i64(now), &delivery],
             )
             .await?;
             tx.execute(
-                "INSERT INTO tokens (jti, task_id, record) VALUES ($1, $2, $3)",
+                &tx.stmt("INSERT INTO tokens (jti, task_id, record) VALUES ($1, $2, $3)")
+                    .await?,
                 &[&token.jti, &token.task_id.as_str(), &record],
             )
             .await?;
@@ -1821,7 +1979,8 @@ impl TaskStore for PgStore {
         let record = enc("tokens", t)?;
         on_conn!(self, |c| {
             c.execute(
-                "UPDATE tokens SET record = $2 WHERE jti = $1",
+                &c.stmt("UPDATE tokens SET record = $2 WHERE jti = $1")
+                    .await?,
                 &[&t.jti, &record],
             )
             .await?;
@@ -1845,7 +2004,8 @@ impl TaskStore for PgStore {
         on_conn!(self, |c| {
             let tx = c.transaction().await?;
             tx.execute(
-                "DELETE FROM used_id_tokens WHERE expires_at <= $1",
+                &tx.stmt("DELETE FROM used_id_tokens WHERE expires_at <= $1")
+                    .await?,
                 &[&to_i64(now)],
             )
             .await?;
@@ -1881,8 +2041,11 @@ impl TaskStore for PgStore {
     fn record_report(&self, report_id: &str, index: u64) -> Result<(), StoreError> {
         on_conn!(self, |c| {
             c.execute(
-                "INSERT INTO tool_reports (report_id, audit_index) VALUES ($1, $2)
+                &c.stmt(
+                    "INSERT INTO tool_reports (report_id, audit_index) VALUES ($1, $2)
                  ON CONFLICT (report_id) DO NOTHING",
+                )
+                .await?,
                 &[&report_id, &to_i64(index)],
             )
             .await?;
@@ -1902,8 +2065,11 @@ impl TaskStore for PgStore {
         let record = enc("approvals", a)?;
         on_conn!(self, |c| {
             c.execute(
-                "INSERT INTO approvals (id, binding, task, status, expires_at, record)
+                &c.stmt(
+                    "INSERT INTO approvals (id, binding, task, status, expires_at, record)
                  VALUES ($1, $2, $3, $4, $5, $6)",
+                )
+                .await?,
                 &[
                     &a.id,
                     &binding,
@@ -1935,7 +2101,10 @@ impl TaskStore for PgStore {
         let record = enc("approvals", to)?;
         on_conn!(self, |c| {
             Ok(c.execute(
-                "UPDATE approvals SET status = $3, record = $4 WHERE id = $1 AND status = $2",
+                &c.stmt(
+                    "UPDATE approvals SET status = $3, record = $4 WHERE id = $1 AND status = $2",
+                )
+                .await?,
                 &[&id, &from, &to.status, &record],
             )
             .await?
@@ -1957,7 +2126,7 @@ pub(crate) struct RawCaWrite {
     pub(crate) keep: Vec<String>,
 }
 
-async fn raw_ca(c: &impl GenericClient, with_files: bool) -> Result<RawCa, StoreError> {
+async fn raw_ca(c: &(impl GenericClient + Sync), with_files: bool) -> Result<RawCa, StoreError> {
     let journal = c
         .query_opt("SELECT data FROM ca_journal WHERE id = 1", &[])
         .await?
@@ -1965,7 +2134,10 @@ async fn raw_ca(c: &impl GenericClient, with_files: bool) -> Result<RawCa, Store
         .transpose()?;
     let mut files = Vec::new();
     if with_files {
-        for r in c.query("SELECT name, data FROM ca_files", &[]).await? {
+        for r in c
+            .query(&c.stmt("SELECT name, data FROM ca_files").await?, &[])
+            .await?
+        {
             files.push((r.try_get(0)?, r.try_get(1)?));
         }
     }
@@ -2003,8 +2175,11 @@ impl PgStore {
             // A peer stuck holding the lock fails this step after a while
             // instead of stalling every broker's rotation and start.
             tx.batch_execute("SET LOCAL lock_timeout = '15s'").await?;
-            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&CA_LOCK])
-                .await?;
+            tx.execute(
+                &tx.stmt("SELECT pg_advisory_xact_lock($1)").await?,
+                &[&CA_LOCK],
+            )
+            .await?;
             let raw = raw_ca(&tx, true).await?;
             let write = match step(raw) {
                 Ok(Some(w)) => w,
@@ -2013,20 +2188,27 @@ impl PgStore {
             };
             for (name, data) in &write.files {
                 tx.execute(
-                    "INSERT INTO ca_files (name, data) VALUES ($1, $2)
+                    &tx.stmt(
+                        "INSERT INTO ca_files (name, data) VALUES ($1, $2)
                      ON CONFLICT (name) DO UPDATE SET data = excluded.data",
+                    )
+                    .await?,
                     &[name, data],
                 )
                 .await?;
             }
             tx.execute(
-                "INSERT INTO ca_journal (id, data) VALUES (1, $1)
+                &tx.stmt(
+                    "INSERT INTO ca_journal (id, data) VALUES (1, $1)
                  ON CONFLICT (id) DO UPDATE SET data = excluded.data",
+                )
+                .await?,
                 &[&write.journal],
             )
             .await?;
             tx.execute(
-                "DELETE FROM ca_files WHERE NOT (name = ANY($1))",
+                &tx.stmt("DELETE FROM ca_files WHERE NOT (name = ANY($1))")
+                    .await?,
                 &[&write.keep],
             )
             .await?;
@@ -2110,8 +2292,11 @@ impl PgStore {
         on_conn!(self, |c| {
             let tx = c.transaction().await?;
             tx.execute(
-                "INSERT INTO audit_logs (log_id, sealed_key, broker, registered_at)
+                &tx.stmt(
+                    "INSERT INTO audit_logs (log_id, sealed_key, broker, registered_at)
                  VALUES ($1, $2, $3, $4) ON CONFLICT (log_id) DO NOTHING",
+                )
+                .await?,
                 &[&log_id, &sealed_key, &broker, &now],
             )
             .await?;
@@ -2146,9 +2331,8 @@ impl PgStore {
             let hash: Vec<&[u8]> = leaves.iter().map(|l| l.leaf_hash.as_slice()).collect();
             let clear: Vec<Option<&[u8]>> =
                 leaves.iter().map(|l| l.clear_text.as_deref()).collect();
-            tx.execute(
-                "INSERT INTO audit_leaves (log_id, idx, task_id, event, leaf_hash, clear_text)
-                 SELECT $1, * FROM unnest($2::bigint[], $3::text[], $4::bytea[], $5::bytea[], $6::bytea[])",
+            tx.execute(&tx.stmt("INSERT INTO audit_leaves (log_id, idx, task_id, event, leaf_hash, clear_text)
+                 SELECT $1, * FROM unnest($2::bigint[], $3::text[], $4::bytea[], $5::bytea[], $6::bytea[])").await?,
                 &[&log_id, &idx, &task, &event, &hash, &clear],
             )
             .await?;
@@ -2157,8 +2341,11 @@ impl PgStore {
             let at: Vec<i64> = checkpoints.iter().map(|c| c.at).collect();
             let sig: Vec<&str> = checkpoints.iter().map(|c| c.signature.as_str()).collect();
             tx.execute(
-                "INSERT INTO audit_checkpoints (log_id, size, root_hash, at, signature)
+                &tx.stmt(
+                    "INSERT INTO audit_checkpoints (log_id, size, root_hash, at, signature)
                  SELECT $1, * FROM unnest($2::bigint[], $3::text[], $4::bigint[], $5::text[])",
+                )
+                .await?,
                 &[&log_id, &size, &root, &at, &sig],
             )
             .await?;
@@ -2283,16 +2470,14 @@ impl PgStore {
         on_conn!(self, |c| {
             Ok(match task {
                 Some(t) => {
-                    c.execute(
-                        "UPDATE audit_leaves SET clear_text = NULL
-                         WHERE task_id = $1 AND clear_text IS NOT NULL",
+                    c.execute(&c.stmt("UPDATE audit_leaves SET clear_text = NULL
+                         WHERE task_id = $1 AND clear_text IS NOT NULL").await?,
                         &[&t],
                     )
                     .await?
                 }
                 None => {
-                    c.execute(
-                        "UPDATE audit_leaves SET clear_text = NULL WHERE clear_text IS NOT NULL",
+                    c.execute(&c.stmt("UPDATE audit_leaves SET clear_text = NULL WHERE clear_text IS NOT NULL").await?,
                         &[],
                     )
                     .await?

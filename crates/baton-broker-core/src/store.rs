@@ -330,6 +330,10 @@ const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(1
 /// checkpointer falls far behind or stopped. 64 Ki pages are 256 MiB.
 const BACKSTOP_CHECKPOINT_PAGES: i64 = 65_536;
 
+/// Compiled statements kept per connection: more than the store has, so
+/// none is compiled twice.
+pub(crate) const STATEMENT_CACHE: usize = 256;
+
 /// A thread that checkpoints a WAL database every [`CHECKPOINT_EVERY`]
 /// on a connection of its own (`PRAGMA wal_checkpoint(PASSIVE)`: it
 /// never waits for a writer or a reader, and with `synchronous=FULL` it
@@ -441,9 +445,8 @@ impl SqliteStore {
     /// revocation or an issuance, though reads still work in WAL mode).
     pub fn ping(&self) -> Result<(), StoreError> {
         self.with(|c| {
-            c.query_row("SELECT MAX(version) FROM schema_version", [], |r| {
-                r.get::<_, Option<i64>>(0)
-            })?;
+            c.prepare_cached("SELECT MAX(version) FROM schema_version")?
+                .query_row([], |r| r.get::<_, Option<i64>>(0))?;
             c.execute_batch("BEGIN IMMEDIATE; ROLLBACK;")?;
             Ok(())
         })
@@ -462,6 +465,17 @@ impl SqliteStore {
         // (32 MiB instead of the default 2 MiB).
         conn.pragma_update(None, "temp_store", "MEMORY")?;
         conn.pragma_update(None, "cache_size", -32_768)?;
+        // The plan of a statement never depends on the values bound to it
+        // (the query planner stability guarantee). Without it, a statement
+        // that joins a table with partial indexes (`credentials`) was
+        // marked stale at each new binding and compiled again on every
+        // call: the revocation check of each hop parsed its SQL anew.
+        conn.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+            true,
+        )?;
+        // Every statement a request runs stays compiled (the default keeps 16).
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);",
         )?;
@@ -693,7 +707,11 @@ impl Datastore for SqliteStore {
     }
 
     fn delete_entry(&self, id: &EntryId) -> Result<bool, StoreError> {
-        self.with(|c| Ok(c.execute("DELETE FROM entries WHERE id = ?1", params![id.as_str()])? > 0))
+        self.with(|c| {
+            Ok(c.prepare_cached("DELETE FROM entries WHERE id = ?1")?
+                .execute(params![id.as_str()])?
+                > 0)
+        })
     }
 
     fn insert_join_token(
@@ -703,10 +721,10 @@ impl Datastore for SqliteStore {
         expires_at: u64,
     ) -> Result<(), StoreError> {
         self.with(|c| {
-            c.execute(
+            c.prepare_cached(
                 "INSERT INTO join_tokens (digest, node_id, expires_at) VALUES (?1, ?2, ?3)",
-                params![digest_hex, node_id.as_str(), to_i64(expires_at)],
-            )?;
+            )?
+            .execute(params![digest_hex, node_id.as_str(), to_i64(expires_at)])?;
             Ok(())
         })
     }
@@ -730,10 +748,8 @@ impl Datastore for SqliteStore {
                 Ok(id) => id,
                 Err(refusal) => return Ok(Err(refusal)),
             };
-            tx.execute(
-                "UPDATE join_tokens SET used_at = ?2 WHERE digest = ?1",
-                params![digest_hex, to_i64(now)],
-            )?;
+            tx.prepare_cached("UPDATE join_tokens SET used_at = ?2 WHERE digest = ?1")?
+                .execute(params![digest_hex, to_i64(now)])?;
             tx.commit()?;
             Ok(Ok(node_id))
         })
@@ -741,11 +757,10 @@ impl Datastore for SqliteStore {
 
     fn upsert_node(&self, n: &NodeRecord) -> Result<(), StoreError> {
         self.with(|c| {
-            c.execute(
-                "INSERT INTO nodes (spiffe_id, serial, svid_not_after, attested_at, banned, prev_serial)
+            c.prepare_cached("INSERT INTO nodes (spiffe_id, serial, svid_not_after, attested_at, banned, prev_serial)
                  VALUES (?1, ?2, ?3, ?4, ?5, NULL)
                  ON CONFLICT(spiffe_id) DO UPDATE SET serial = ?2, svid_not_after = ?3,
-                    attested_at = ?4, banned = banned OR ?5, prev_serial = NULL",
+                    attested_at = ?4, banned = banned OR ?5, prev_serial = NULL")?.execute(
                 params![
                     n.spiffe_id.as_str(),
                     n.serial_hex,
@@ -774,70 +789,73 @@ impl Datastore for SqliteStore {
         svid_not_after: u64,
     ) -> Result<bool, StoreError> {
         self.with(|c| {
-            let n = c.execute(
-                "UPDATE nodes SET
+            let n = c
+                .prepare_cached(
+                    "UPDATE nodes SET
                     prev_serial = CASE WHEN serial = ?4 THEN serial ELSE prev_serial END,
                     serial = ?2, svid_not_after = ?3
                  WHERE spiffe_id = ?1 AND banned = 0 AND (serial = ?4 OR prev_serial = ?4)",
-                params![id.as_str(), serial_hex, to_i64(svid_not_after), from_serial],
-            )?;
+                )?
+                .execute(params![
+                    id.as_str(),
+                    serial_hex,
+                    to_i64(svid_not_after),
+                    from_serial
+                ])?;
             Ok(n == 1)
         })
     }
 
     fn settle_node_svid(&self, id: &SpiffeId, serial_hex: &str) -> Result<(), StoreError> {
         self.with(|c| {
-            c.execute(
+            c.prepare_cached(
                 "UPDATE nodes SET prev_serial = NULL
                  WHERE spiffe_id = ?1 AND serial = ?2 AND prev_serial IS NOT NULL",
-                params![id.as_str(), serial_hex],
-            )?;
+            )?
+            .execute(params![id.as_str(), serial_hex])?;
             Ok(())
         })
     }
 
     fn delete_node(&self, id: &SpiffeId) -> Result<bool, StoreError> {
         self.with(|c| {
-            let n = c.execute(
-                "DELETE FROM nodes WHERE spiffe_id = ?1",
-                params![id.as_str()],
-            )?;
+            let n = c
+                .prepare_cached("DELETE FROM nodes WHERE spiffe_id = ?1")?
+                .execute(params![id.as_str()])?;
             Ok(n == 1)
         })
     }
 
     fn set_node_banned(&self, id: &SpiffeId, banned: bool) -> Result<bool, StoreError> {
         self.with(|c| {
-            let n = c.execute(
-                "UPDATE nodes SET banned = ?2 WHERE spiffe_id = ?1",
-                params![id.as_str(), banned],
-            )?;
+            let n = c
+                .prepare_cached("UPDATE nodes SET banned = ?2 WHERE spiffe_id = ?1")?
+                .execute(params![id.as_str(), banned])?;
             Ok(n == 1)
         })
     }
 
     fn block_agent(&self, b: &AgentBlock) -> Result<(), StoreError> {
         self.with(|c| {
-            c.execute(
+            c.prepare_cached(
                 "INSERT INTO agent_blocks (spiffe_id, until, reason, at) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT(spiffe_id) DO UPDATE SET until = ?2, reason = ?3, at = ?4",
-                params![
-                    b.spiffe_id.as_str(),
-                    b.until.map(to_i64),
-                    b.reason,
-                    to_i64(b.at)
-                ],
-            )?;
+            )?
+            .execute(params![
+                b.spiffe_id.as_str(),
+                b.until.map(to_i64),
+                b.reason,
+                to_i64(b.at)
+            ])?;
             Ok(())
         })
     }
 
     fn unblock_agent(&self, id: &SpiffeId) -> Result<bool, StoreError> {
         self.with(|c| {
-            let n = c.execute(
-                "DELETE FROM agent_blocks WHERE spiffe_id = ?1",
-                params![id.as_str()],
-            )?;
+            let n = c
+                .prepare_cached("DELETE FROM agent_blocks WHERE spiffe_id = ?1")?
+                .execute(params![id.as_str()])?;
             Ok(n == 1)
         })
     }
@@ -887,6 +905,27 @@ impl SqliteStore {
 mod tests {
     use super::*;
     use baton_core::NewEntry;
+
+    #[test]
+    fn hot_statements_are_compiled_once_not_per_call() {
+        use crate::ledger::Ledger;
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("baton.db")).unwrap();
+        for i in 0..50u64 {
+            // The revocation check of every hop and redeem.
+            store.durably_revoked(&format!("id{i}"), 100 + i).unwrap();
+        }
+        let conn = store.conn.lock().unwrap();
+        let st = conn
+            .prepare_cached(crate::ledger::TASK_REVOKED_SQL)
+            .unwrap();
+        assert_eq!(
+            st.get_status(rusqlite::StatementStatus::RePrepare),
+            0,
+            "compiled again after a new binding"
+        );
+        assert!(st.get_status(rusqlite::StatementStatus::Run) >= 50);
+    }
 
     #[test]
     fn file_store_is_fsynced_on_every_commit() {

@@ -258,22 +258,17 @@ impl TaskStore for SqliteStore {
     fn insert_task(&self, t: &TaskRecord) -> Result<(), StoreError> {
         let record = enc("tasks", t)?;
         self.with(|c| {
-            c.execute(
-                "INSERT INTO tasks (id, record, created_at) VALUES (?1, ?2, ?3)",
-                params![t.id.as_str(), record, to_i64(t.created_at)],
-            )?;
+            c.prepare_cached("INSERT INTO tasks (id, record, created_at) VALUES (?1, ?2, ?3)")?
+                .execute(params![t.id.as_str(), record, to_i64(t.created_at)])?;
             Ok(())
         })
     }
 
     fn get_task(&self, id: &TaskId) -> Result<Option<TaskRecord>, StoreError> {
         let row: Option<String> = self.with(|c| {
-            Ok(c.query_row(
-                "SELECT record FROM tasks WHERE id = ?1",
-                params![id.as_str()],
-                |r| r.get(0),
-            )
-            .optional()?)
+            Ok(c.prepare_cached("SELECT record FROM tasks WHERE id = ?1")?
+                .query_row(params![id.as_str()], |r| r.get(0))
+                .optional()?)
         })?;
         row.map(|s| dec("tasks", &s)).transpose()
     }
@@ -290,10 +285,8 @@ impl TaskStore for SqliteStore {
     fn update_task(&self, t: &TaskRecord) -> Result<(), StoreError> {
         let record = enc("tasks", t)?;
         self.with(|c| {
-            c.execute(
-                "UPDATE tasks SET record = ?2 WHERE id = ?1",
-                params![t.id.as_str(), record],
-            )?;
+            c.prepare_cached("UPDATE tasks SET record = ?2 WHERE id = ?1")?
+                .execute(params![t.id.as_str(), record])?;
             Ok(())
         })
     }
@@ -311,10 +304,15 @@ impl TaskStore for SqliteStore {
             if let Err(why) = crate::ledger::register_tx(&tx, std::slice::from_ref(cred), now)? {
                 return Ok(Err(why));
             }
-            tx.execute(
+            tx.prepare_cached(
                 "INSERT INTO grants (digest, task_id, record, expires_at) VALUES (?1, ?2, ?3, ?4)",
-                params![digest, g.task_id.as_str(), record, to_i64(g.expires_at)],
-            )?;
+            )?
+            .execute(params![
+                digest,
+                g.task_id.as_str(),
+                record,
+                to_i64(g.expires_at)
+            ])?;
             tx.commit()?;
             Ok(Ok(()))
         })
@@ -322,12 +320,11 @@ impl TaskStore for SqliteStore {
 
     fn get_grant(&self, digest: &str) -> Result<Option<(GrantRecord, Option<u64>)>, StoreError> {
         let row: Option<(String, Option<i64>)> = self.with(|c| {
-            Ok(c.query_row(
-                "SELECT record, used_at FROM grants WHERE digest = ?1",
-                params![digest],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+            Ok(
+                c.prepare_cached("SELECT record, used_at FROM grants WHERE digest = ?1")?
+                    .query_row(params![digest], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()?,
             )
-            .optional()?)
         })?;
         row.map(|(s, used)| Ok((dec("grants", &s)?, used.map(|u| u.max(0) as u64))))
             .transpose()
@@ -335,22 +332,22 @@ impl TaskStore for SqliteStore {
 
     fn mark_redelivered(&self, digest: &str, jti: &str, now: u64) -> Result<bool, StoreError> {
         self.with(|c| {
-            Ok(c.execute(
+            Ok(c.prepare_cached(
                 "UPDATE grants SET redelivered_at = ?3
                  WHERE digest = ?1 AND used_at IS NOT NULL
                    AND json_extract(delivery, '$.jti') = ?2",
-                params![digest, jti, to_i64(now)],
-            )? == 1)
+            )?
+            .execute(params![digest, jti, to_i64(now)])?
+                == 1)
         })
     }
 
     fn grant_delivery(&self, digest: &str) -> Result<Option<GrantDelivery>, StoreError> {
         let row: Option<Option<String>> = self.with(|c| {
-            Ok(c.query_row(
+            Ok(c.prepare_cached(
                 "SELECT delivery FROM grants WHERE digest = ?1 AND used_at IS NOT NULL",
-                params![digest],
-                |r| r.get(0),
-            )
+            )?
+            .query_row(params![digest], |r| r.get(0))
             .optional()?)
         })?;
         row.flatten().map(|d| dec("grants", &d)).transpose()
@@ -379,10 +376,8 @@ impl TaskStore for SqliteStore {
             if to_i64(now) >= expires_at {
                 return Ok(Err(GrantRefusal::Expired));
             }
-            tx.execute(
-                "UPDATE grants SET used_at = ?2 WHERE digest = ?1",
-                params![digest, to_i64(now)],
-            )?;
+            tx.prepare_cached("UPDATE grants SET used_at = ?2 WHERE digest = ?1")?
+                .execute(params![digest, to_i64(now)])?;
             tx.commit()?;
             Ok(Ok(record))
         })?;
@@ -395,10 +390,8 @@ impl TaskStore for SqliteStore {
     fn insert_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
         let record = enc("tokens", t)?;
         self.with(|c| {
-            c.execute(
-                "INSERT INTO tokens (jti, task_id, record) VALUES (?1, ?2, ?3)",
-                params![t.jti, t.task_id.as_str(), record],
-            )?;
+            c.prepare_cached("INSERT INTO tokens (jti, task_id, record) VALUES (?1, ?2, ?3)")?
+                .execute(params![t.jti, t.task_id.as_str(), record])?;
             Ok(())
         })
     }
@@ -455,14 +448,10 @@ impl TaskStore for SqliteStore {
             if let Err(why) = crate::ledger::register_tx(&tx, creds, now)? {
                 return Ok(Err(RedeemRefusal::Revoked(why)));
             }
-            tx.execute(
-                "UPDATE grants SET used_at = ?2, delivery = ?3 WHERE digest = ?1",
-                params![digest, to_i64(now), delivery],
-            )?;
-            tx.execute(
-                "INSERT INTO tokens (jti, task_id, record) VALUES (?1, ?2, ?3)",
-                params![token.jti, token.task_id.as_str(), record],
-            )?;
+            tx.prepare_cached("UPDATE grants SET used_at = ?2, delivery = ?3 WHERE digest = ?1")?
+                .execute(params![digest, to_i64(now), delivery])?;
+            tx.prepare_cached("INSERT INTO tokens (jti, task_id, record) VALUES (?1, ?2, ?3)")?
+                .execute(params![token.jti, token.task_id.as_str(), record])?;
             tx.commit()?;
             Ok(Ok(()))
         })
@@ -476,11 +465,12 @@ impl TaskStore for SqliteStore {
     ) -> Result<(), StoreError> {
         self.with(|c| {
             let tx = c.transaction()?;
-            let released = tx.execute(
-                "UPDATE grants SET used_at = NULL, delivery = NULL
+            let released = tx
+                .prepare_cached(
+                    "UPDATE grants SET used_at = NULL, delivery = NULL
                  WHERE digest = ?1 AND redelivered_at IS NULL",
-                params![digest],
-            )?;
+                )?
+                .execute(params![digest])?;
             if released == 0 {
                 tx.commit()?;
                 return Ok(());
@@ -502,14 +492,13 @@ impl TaskStore for SqliteStore {
     fn use_id_token(&self, key: &str, expires_at: u64, now: u64) -> Result<bool, StoreError> {
         self.with(|c| {
             let tx = c.transaction()?;
-            tx.execute(
-                "DELETE FROM used_id_tokens WHERE expires_at <= ?1",
-                params![to_i64(now)],
-            )?;
-            let n = tx.execute(
-                "INSERT OR IGNORE INTO used_id_tokens (digest, expires_at) VALUES (?1, ?2)",
-                params![key, to_i64(expires_at)],
-            )?;
+            tx.prepare_cached("DELETE FROM used_id_tokens WHERE expires_at <= ?1")?
+                .execute(params![to_i64(now)])?;
+            let n = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO used_id_tokens (digest, expires_at) VALUES (?1, ?2)",
+                )?
+                .execute(params![key, to_i64(expires_at)])?;
             tx.commit()?;
             Ok(n == 1)
         })
@@ -518,22 +507,19 @@ impl TaskStore for SqliteStore {
     fn update_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
         let record = enc("tokens", t)?;
         self.with(|c| {
-            c.execute(
-                "UPDATE tokens SET record = ?2 WHERE jti = ?1",
-                params![t.jti, record],
-            )?;
+            c.prepare_cached("UPDATE tokens SET record = ?2 WHERE jti = ?1")?
+                .execute(params![t.jti, record])?;
             Ok(())
         })
     }
 
     fn get_token(&self, jti: &str) -> Result<Option<TokenRecord>, StoreError> {
         let row: Option<String> = self.with(|c| {
-            Ok(c.query_row(
-                "SELECT record FROM tokens WHERE jti = ?1",
-                params![jti],
-                |r| r.get(0),
+            Ok(
+                c.prepare_cached("SELECT record FROM tokens WHERE jti = ?1")?
+                    .query_row(params![jti], |r| r.get(0))
+                    .optional()?,
             )
-            .optional()?)
         })?;
         row.map(|s| dec("tokens", &s)).transpose()
     }
@@ -553,11 +539,10 @@ impl TaskStore for SqliteStore {
 
     fn latest_approval(&self, binding: &str) -> Result<Option<ApprovalState>, StoreError> {
         let row: Option<String> = self.with(|c| {
-            Ok(c.query_row(
+            Ok(c.prepare_cached(
                 "SELECT record FROM approvals WHERE binding = ?1 ORDER BY rowid DESC LIMIT 1",
-                params![binding],
-                |r| r.get(0),
-            )
+            )?
+            .query_row(params![binding], |r| r.get(0))
             .optional()?)
         })?;
         row.map(|s| dec("approvals", &s)).transpose()
@@ -566,30 +551,29 @@ impl TaskStore for SqliteStore {
     fn insert_approval(&self, binding: &str, a: &ApprovalState) -> Result<(), StoreError> {
         let record = enc("approvals", a)?;
         self.with(|c| {
-            c.execute(
+            c.prepare_cached(
                 "INSERT INTO approvals (id, binding, task, status, expires_at, record)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![
-                    a.id,
-                    binding,
-                    a.task_id.to_string(),
-                    a.status,
-                    to_i64(a.expires_at),
-                    record
-                ],
-            )?;
+            )?
+            .execute(params![
+                a.id,
+                binding,
+                a.task_id.to_string(),
+                a.status,
+                to_i64(a.expires_at),
+                record
+            ])?;
             Ok(())
         })
     }
 
     fn get_approval(&self, id: &str) -> Result<Option<ApprovalState>, StoreError> {
         let row: Option<String> = self.with(|c| {
-            Ok(c.query_row(
-                "SELECT record FROM approvals WHERE id = ?1",
-                params![id],
-                |r| r.get(0),
+            Ok(
+                c.prepare_cached("SELECT record FROM approvals WHERE id = ?1")?
+                    .query_row(params![id], |r| r.get(0))
+                    .optional()?,
             )
-            .optional()?)
         })?;
         row.map(|s| dec("approvals", &s)).transpose()
     }
@@ -602,20 +586,21 @@ impl TaskStore for SqliteStore {
     ) -> Result<bool, StoreError> {
         let record = enc("approvals", to)?;
         self.with(|c| {
-            let n = c.execute(
-                "UPDATE approvals SET status = ?3, record = ?4 WHERE id = ?1 AND status = ?2",
-                params![id, from, to.status, record],
-            )?;
+            let n = c
+                .prepare_cached(
+                    "UPDATE approvals SET status = ?3, record = ?4 WHERE id = ?1 AND status = ?2",
+                )?
+                .execute(params![id, from, to.status, record])?;
             Ok(n == 1)
         })
     }
 
     fn record_report(&self, report_id: &str, index: u64) -> Result<(), StoreError> {
         self.with(|c| {
-            c.execute(
+            c.prepare_cached(
                 "INSERT OR IGNORE INTO tool_reports (report_id, audit_index) VALUES (?1, ?2)",
-                params![report_id, to_i64(index)],
-            )?;
+            )?
+            .execute(params![report_id, to_i64(index)])?;
             Ok(())
         })
     }
