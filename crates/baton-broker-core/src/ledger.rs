@@ -470,8 +470,8 @@ impl Ledger for SqliteStore {
             {
                 // Already revoked and gone from nowhere: idempotent.
                 let row: Option<(String, i64)> = tx
+                    .prepare_cached("SELECT kind, expires_at FROM revocations WHERE id = ?1 AND expires_at > ?2")?
                     .query_row(
-                        "SELECT kind, expires_at FROM revocations WHERE id = ?1 AND expires_at > ?2",
                         params![id, to_i64(now)],
                         |r| Ok((r.get(0)?, r.get(1)?)),
                     )
@@ -547,11 +547,8 @@ impl Ledger for SqliteStore {
     fn durably_revoked(&self, id: &str, now: u64) -> Result<bool, StoreError> {
         self.with(|c| {
             let exp: Option<i64> = c
-                .query_row(
-                    "SELECT expires_at FROM revocations WHERE id = ?1",
-                    params![id],
-                    |r| r.get(0),
-                )
+                .prepare_cached("SELECT expires_at FROM revocations WHERE id = ?1")?
+                .query_row(params![id], |r| r.get(0))
                 .optional()?;
             if exp.is_some_and(|e| e > to_i64(now)) {
                 return Ok(true);

@@ -592,7 +592,10 @@ impl PgStore {
             .await?;
             let r = migrate_locked(c).await;
             let unlock = c
-                .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+                .execute(
+                    &c.stmt("SELECT pg_advisory_unlock($1)").await?,
+                    &[&MIGRATION_LOCK],
+                )
                 .await;
             r?;
             unlock?;
@@ -612,7 +615,11 @@ async fn migrate_locked(c: &mut Client) -> Result<(), StoreError> {
     c.batch_execute("CREATE TABLE IF NOT EXISTS baton_schema_version (version BIGINT NOT NULL)")
         .await?;
     let row = c
-        .query_one("SELECT MAX(version) FROM baton_schema_version", &[])
+        .query_one(
+            &c.stmt("SELECT MAX(version) FROM baton_schema_version")
+                .await?,
+            &[],
+        )
         .await?;
     let current = row.try_get::<_, Option<i64>>(0)?.unwrap_or(0);
     let known = MIGRATIONS.len() as i64;
@@ -690,7 +697,8 @@ async fn token_state(
 ) -> Result<Result<SpiffeId, JoinTokenRefusal>, StoreError> {
     let Some(row) = c
         .query_opt(
-            "SELECT node_id, expires_at, used_at FROM join_tokens WHERE digest = $1",
+            &c.stmt("SELECT node_id, expires_at, used_at FROM join_tokens WHERE digest = $1")
+                .await?,
             &[&digest_hex],
         )
         .await?
@@ -735,8 +743,7 @@ impl Datastore for PgStore {
                 return Ok(());
             }
             let row = c
-                .query_one(
-                    "SELECT id FROM entries WHERE spiffe_id = $1 AND parent_id = $2 AND selectors = $3",
+                .query_one(&c.stmt("SELECT id FROM entries WHERE spiffe_id = $1 AND parent_id = $2 AND selectors = $3").await?,
                     &[&e.spiffe_id.as_str(), &e.parent_id.as_str(), &selectors],
                 )
                 .await?;
@@ -834,9 +841,12 @@ impl Datastore for PgStore {
             // One statement: of two brokers racing, the second finds it used.
             let used = c
                 .query_opt(
-                    "UPDATE join_tokens SET used_at = $2
+                    &c.stmt(
+                        "UPDATE join_tokens SET used_at = $2
                      WHERE digest = $1 AND used_at IS NULL AND expires_at > $2
                      RETURNING node_id",
+                    )
+                    .await?,
                     &[&digest_hex, &to_i64(now)],
                 )
                 .await?;
@@ -881,8 +891,11 @@ impl Datastore for PgStore {
         on_conn!(self, |c| {
             let row = c
                 .query_opt(
-                    "SELECT spiffe_id, serial, svid_not_after, attested_at, banned, prev_serial
+                    &c.stmt(
+                        "SELECT spiffe_id, serial, svid_not_after, attested_at, banned, prev_serial
                      FROM nodes WHERE spiffe_id = $1",
+                    )
+                    .await?,
                     &[&id.as_str()],
                 )
                 .await?;
@@ -977,7 +990,11 @@ impl Datastore for PgStore {
         on_conn!(self, |c| {
             let mut out = Vec::new();
             for r in c
-                .query("SELECT node, synced_at, applied FROM node_syncs", &[])
+                .query(
+                    &c.stmt("SELECT node, synced_at, applied FROM node_syncs")
+                        .await?,
+                    &[],
+                )
                 .await?
             {
                 let node: String = r.try_get(0)?;
@@ -1130,7 +1147,10 @@ async fn register_in(
         }
         let row = tx
             .query_one(
-                "SELECT EXISTS (SELECT 1 FROM revocations WHERE id = $1 AND expires_at > $2)",
+                &tx.stmt(
+                    "SELECT EXISTS (SELECT 1 FROM revocations WHERE id = $1 AND expires_at > $2)",
+                )
+                .await?,
                 &[&r.id, &now_i],
             )
             .await?;
@@ -1139,10 +1159,9 @@ async fn register_in(
         }
         if let Some(p) = &r.parent {
             let row = tx
-                .query_one(
-                    "SELECT EXISTS (SELECT 1 FROM revocations WHERE id = $1 AND expires_at > $2)
+                .query_one(&tx.stmt("SELECT EXISTS (SELECT 1 FROM revocations WHERE id = $1 AND expires_at > $2)
                         OR EXISTS (SELECT 1 FROM credentials c JOIN revoked_tasks t ON t.task = c.task
-                                   WHERE c.id = $1 AND c.expires_at > $2)",
+                                   WHERE c.id = $1 AND c.expires_at > $2)").await?,
                     &[p, &now_i],
                 )
                 .await?;
@@ -1156,7 +1175,8 @@ async fn register_in(
         if let Some(t) = &r.task {
             let row = tx
                 .query_one(
-                    "SELECT EXISTS (SELECT 1 FROM revoked_tasks WHERE task = $1)",
+                    &tx.stmt("SELECT EXISTS (SELECT 1 FROM revoked_tasks WHERE task = $1)")
+                        .await?,
                     &[&t.as_str()],
                 )
                 .await?;
@@ -1315,7 +1335,8 @@ async fn cover_mark_task(
     let now_i = to_i64(now);
     let registered: Option<i64> = tx
         .query_one(
-            "SELECT MAX(expires_at) FROM credentials WHERE task = $1 AND expires_at > $2",
+            &tx.stmt("SELECT MAX(expires_at) FROM credentials WHERE task = $1 AND expires_at > $2")
+                .await?,
             &[&task.as_str(), &now_i],
         )
         .await?
@@ -1366,11 +1387,14 @@ async fn cover_mark(
     let now_i = to_i64(now);
     let new = tx
         .execute(
-            "INSERT INTO revocation_log (id, expires_at, kind, reason)
+            &tx.stmt(
+                "INSERT INTO revocation_log (id, expires_at, kind, reason)
              SELECT c.id, c.expires_at, c.kind, $1 FROM cover c
              WHERE c.expires_at > $2
                AND NOT EXISTS (SELECT 1 FROM revocations r WHERE r.id = c.id)
              ORDER BY c.n",
+            )
+            .await?,
             &[&reason, &now_i],
         )
         .await?;
@@ -1413,7 +1437,7 @@ async fn mark_in(
 
 async fn last_seq(c: &(impl GenericClient + Sync)) -> Result<u64, StoreError> {
     let last: Option<i64> = c
-        .query_one("SELECT MAX(seq) FROM revocation_log", &[])
+        .query_one(&c.stmt("SELECT MAX(seq) FROM revocation_log").await?, &[])
         .await?
         .try_get(0)?;
     Ok(last.map_or(0, u64_of))
@@ -1428,8 +1452,11 @@ impl Ledger for PgStore {
         on_conn!(self, |c| {
             let row = c
                 .query_one(
-                    "SELECT MAX(version), current_setting('transaction_read_only')
+                    &c.stmt(
+                        "SELECT MAX(version), current_setting('transaction_read_only')
                      FROM baton_schema_version",
+                    )
+                    .await?,
                     &[],
                 )
                 .await?;
@@ -1474,9 +1501,12 @@ impl Ledger for PgStore {
             let last = last_seq(&tx).await?;
             let rows = tx
                 .query(
-                    "SELECT seq, id, kind, expires_at, reason FROM revocation_log
+                    &tx.stmt(
+                        "SELECT seq, id, kind, expires_at, reason FROM revocation_log
                      WHERE seq > $1 AND ($2::BIGINT IS NULL OR expires_at > $2)
                      ORDER BY seq LIMIT $3",
+                    )
+                    .await?,
                     &[&to_i64(after), &live_at.map(to_i64), &limit_of(limit)],
                 )
                 .await?;
@@ -1542,8 +1572,7 @@ impl Ledger for PgStore {
             {
                 // Already revoked and gone from nowhere: idempotent.
                 let row = tx
-                    .query_opt(
-                        "SELECT id, kind, expires_at FROM revocations WHERE id = $1 AND expires_at > $2",
+                    .query_opt(&tx.stmt("SELECT id, kind, expires_at FROM revocations WHERE id = $1 AND expires_at > $2").await?,
                         &[id, &to_i64(now)],
                     )
                     .await?;
@@ -1650,11 +1679,14 @@ impl Ledger for PgStore {
         on_conn!(self, |c| {
             let rows = c
                 .query(
-                    "SELECT c.id, c.kind, c.agent, c.node, c.parent, c.expires_at,
+                    &c.stmt(
+                        "SELECT c.id, c.kind, c.agent, c.node, c.parent, c.expires_at,
                             r.id IS NOT NULL OR t.task IS NOT NULL
                      FROM credentials c LEFT JOIN revocations r ON r.id = c.id
                      LEFT JOIN revoked_tasks t ON t.task = c.task
                      WHERE c.task = $1 ORDER BY c.n",
+                    )
+                    .await?,
                     &[&task.as_str()],
                 )
                 .await?;
@@ -1763,7 +1795,8 @@ impl TaskStore for PgStore {
             Ok(
                 match c
                     .query_opt(
-                        "SELECT record, used_at FROM grants WHERE digest = $1",
+                        &c.stmt("SELECT record, used_at FROM grants WHERE digest = $1")
+                            .await?,
                         &[&digest],
                     )
                     .await?
@@ -1798,7 +1831,10 @@ impl TaskStore for PgStore {
             Ok(
                 match c
                     .query_opt(
-                        "SELECT delivery FROM grants WHERE digest = $1 AND used_at IS NOT NULL",
+                        &c.stmt(
+                            "SELECT delivery FROM grants WHERE digest = $1 AND used_at IS NOT NULL",
+                        )
+                        .await?,
                         &[&digest],
                     )
                     .await?
@@ -1819,9 +1855,12 @@ impl TaskStore for PgStore {
         let row: Result<String, GrantRefusal> = on_conn!(self, |c| {
             let used = c
                 .query_opt(
-                    "UPDATE grants SET used_at = $2
+                    &c.stmt(
+                        "UPDATE grants SET used_at = $2
                      WHERE digest = $1 AND used_at IS NULL AND expires_at > $2
                      RETURNING record",
+                    )
+                    .await?,
                     &[&digest, &to_i64(now)],
                 )
                 .await?;
@@ -1829,7 +1868,11 @@ impl TaskStore for PgStore {
                 return Ok(Ok(r.try_get(0)?));
             }
             let state = c
-                .query_opt("SELECT used_at FROM grants WHERE digest = $1", &[&digest])
+                .query_opt(
+                    &c.stmt("SELECT used_at FROM grants WHERE digest = $1")
+                        .await?,
+                    &[&digest],
+                )
                 .await?;
             Ok(Err(match state {
                 None => GrantRefusal::Unknown,
@@ -1872,8 +1915,7 @@ impl TaskStore for PgStore {
             // The row lock: a racing redeem of the same grant waits here
             // and then finds it used.
             let row = tx
-                .query_opt(
-                    "SELECT expires_at, used_at, record FROM grants WHERE digest = $1 FOR UPDATE",
+                .query_opt(&tx.stmt("SELECT expires_at, used_at, record FROM grants WHERE digest = $1 FOR UPDATE").await?,
                     &[&digest],
                 )
                 .await?;
@@ -1900,8 +1942,7 @@ impl TaskStore for PgStore {
             // then finds its token when it revokes the task's tokens.
             let grant: GrantRecord = dec("grants", grant.as_deref().unwrap_or_default())?;
             let revoked: bool = tx
-                .query_one(
-                    "SELECT EXISTS (SELECT 1 FROM revocations WHERE id = $1 AND expires_at > $2)",
+                .query_one(&tx.stmt("SELECT EXISTS (SELECT 1 FROM revocations WHERE id = $1 AND expires_at > $2)").await?,
                     &[&digest, &to_i64(now)],
                 )
                 .await?
@@ -1911,7 +1952,8 @@ impl TaskStore for PgStore {
             }
             let task = match tx
                 .query_opt(
-                    "SELECT record FROM tasks WHERE id = $1 FOR SHARE",
+                    &tx.stmt("SELECT record FROM tasks WHERE id = $1 FOR SHARE")
+                        .await?,
                     &[&grant.task_id.as_str()],
                 )
                 .await?
@@ -1962,8 +2004,11 @@ impl TaskStore for PgStore {
             // audit record): the row lock orders this against that mark.
             let released = tx
                 .execute(
-                    "UPDATE grants SET used_at = NULL, delivery = NULL
+                    &tx.stmt(
+                        "UPDATE grants SET used_at = NULL, delivery = NULL
                      WHERE digest = $1 AND redelivered_at IS NULL",
+                    )
+                    .await?,
                     &[&digest],
                 )
                 .await?;
@@ -2011,8 +2056,11 @@ impl TaskStore for PgStore {
             .await?;
             let n = tx
                 .execute(
-                    "INSERT INTO used_id_tokens (digest, expires_at) VALUES ($1, $2)
+                    &tx.stmt(
+                        "INSERT INTO used_id_tokens (digest, expires_at) VALUES ($1, $2)
                      ON CONFLICT (digest) DO NOTHING",
+                    )
+                    .await?,
                     &[&key, &to_i64(expires_at)],
                 )
                 .await?;
@@ -2026,7 +2074,8 @@ impl TaskStore for PgStore {
             Ok(
                 match c
                     .query_opt(
-                        "SELECT audit_index FROM tool_reports WHERE report_id = $1",
+                        &c.stmt("SELECT audit_index FROM tool_reports WHERE report_id = $1")
+                            .await?,
                         &[&report_id],
                     )
                     .await?
@@ -2128,7 +2177,10 @@ pub(crate) struct RawCaWrite {
 
 async fn raw_ca(c: &(impl GenericClient + Sync), with_files: bool) -> Result<RawCa, StoreError> {
     let journal = c
-        .query_opt("SELECT data FROM ca_journal WHERE id = 1", &[])
+        .query_opt(
+            &c.stmt("SELECT data FROM ca_journal WHERE id = 1").await?,
+            &[],
+        )
         .await?
         .map(|r| r.try_get::<_, Vec<u8>>(0))
         .transpose()?;
@@ -2226,13 +2278,16 @@ impl PgStore {
         on_conn!(self, |c| {
             let row = c
                 .query_opt(
-                    "INSERT INTO leases (name, holder, expires_at)
+                    &c.stmt(
+                        "INSERT INTO leases (name, holder, expires_at)
                      VALUES ($1, $2, extract(epoch FROM clock_timestamp())::float8 + $3::float8)
                      ON CONFLICT (name) DO UPDATE
                         SET holder = excluded.holder, expires_at = excluded.expires_at
                         WHERE leases.holder = excluded.holder
                            OR leases.expires_at <= extract(epoch FROM clock_timestamp())::float8
                      RETURNING holder",
+                    )
+                    .await?,
                     &[&name, &holder, &ttl],
                 )
                 .await?;
@@ -2302,7 +2357,8 @@ impl PgStore {
             .await?;
             let row = tx
                 .query_one(
-                    "SELECT sealed_key FROM audit_logs WHERE log_id = $1 FOR UPDATE",
+                    &tx.stmt("SELECT sealed_key FROM audit_logs WHERE log_id = $1 FOR UPDATE")
+                        .await?,
                     &[&log_id],
                 )
                 .await?;
@@ -2314,7 +2370,8 @@ impl PgStore {
             }
             let size: Option<i64> = tx
                 .query_one(
-                    "SELECT max(size) FROM audit_checkpoints WHERE log_id = $1",
+                    &tx.stmt("SELECT max(size) FROM audit_checkpoints WHERE log_id = $1")
+                        .await?,
                     &[&log_id],
                 )
                 .await?
@@ -2360,7 +2417,8 @@ impl PgStore {
             let mut out = Vec::new();
             for r in c
                 .query(
-                    "SELECT log_id, sealed_key, broker FROM audit_logs ORDER BY log_id",
+                    &c.stmt("SELECT log_id, sealed_key, broker FROM audit_logs ORDER BY log_id")
+                        .await?,
                     &[],
                 )
                 .await?
@@ -2381,8 +2439,11 @@ impl PgStore {
             let mut out = Vec::new();
             for r in c
                 .query(
-                    "SELECT size, root_hash, at, signature FROM audit_checkpoints
+                    &c.stmt(
+                        "SELECT size, root_hash, at, signature FROM audit_checkpoints
                      WHERE log_id = $1 AND size >= $2 ORDER BY size",
+                    )
+                    .await?,
                     &[&log_id, &from],
                 )
                 .await?
@@ -2403,8 +2464,11 @@ impl PgStore {
         on_conn!(self, |c| {
             let r = c
                 .query_opt(
-                    "SELECT size, root_hash, at, signature FROM audit_checkpoints
+                    &c.stmt(
+                        "SELECT size, root_hash, at, signature FROM audit_checkpoints
                      WHERE log_id = $1 ORDER BY size DESC LIMIT 1",
+                    )
+                    .await?,
                     &[&log_id],
                 )
                 .await?;
@@ -2431,8 +2495,11 @@ impl PgStore {
             let mut out = Vec::new();
             for r in c
                 .query(
-                    "SELECT idx, task_id, event, leaf_hash, clear_text FROM audit_leaves
+                    &c.stmt(
+                        "SELECT idx, task_id, event, leaf_hash, clear_text FROM audit_leaves
                      WHERE log_id = $1 AND idx >= $2 AND idx < $3 ORDER BY idx",
+                    )
+                    .await?,
                     &[&log_id, &from, &to],
                 )
                 .await?
@@ -2453,8 +2520,11 @@ impl PgStore {
             let mut out = Vec::new();
             for r in c
                 .query(
-                    "SELECT idx, task_id, event, leaf_hash, clear_text FROM audit_leaves
+                    &c.stmt(
+                        "SELECT idx, task_id, event, leaf_hash, clear_text FROM audit_leaves
                      WHERE log_id = $1 AND idx = ANY($2) ORDER BY idx",
+                    )
+                    .await?,
                     &[&log_id, &indexes],
                 )
                 .await?

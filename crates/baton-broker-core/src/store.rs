@@ -638,11 +638,10 @@ fn token_state(
     now: u64,
 ) -> Result<Result<SpiffeId, JoinTokenRefusal>, StoreError> {
     let row: Option<(String, i64, Option<i64>)> = c
-        .query_row(
-            "SELECT node_id, expires_at, used_at FROM join_tokens WHERE digest = ?1",
-            params![digest_hex],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
+        .prepare_cached("SELECT node_id, expires_at, used_at FROM join_tokens WHERE digest = ?1")?
+        .query_row(params![digest_hex], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
         .optional()?;
     let Some((node_id, expires_at, used_at)) = row else {
         return Ok(Err(JoinTokenRefusal::Unknown));
@@ -664,8 +663,8 @@ impl Datastore for SqliteStore {
             let selectors = selectors_text(&e.selectors);
             let tx = c.transaction()?;
             let existing: Option<String> = tx
+                .prepare_cached("SELECT id FROM entries WHERE spiffe_id = ?1 AND parent_id = ?2 AND selectors = ?3")?
                 .query_row(
-                    "SELECT id FROM entries WHERE spiffe_id = ?1 AND parent_id = ?2 AND selectors = ?3",
                     params![e.spiffe_id.as_str(), e.parent_id.as_str(), selectors],
                     |r| r.get(0),
                 )

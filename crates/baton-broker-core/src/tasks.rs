@@ -361,11 +361,8 @@ impl TaskStore for SqliteStore {
         let row = self.with(|c| {
             let tx = c.transaction()?;
             let row: Option<(String, i64, Option<i64>)> = tx
-                .query_row(
-                    "SELECT record, expires_at, used_at FROM grants WHERE digest = ?1",
-                    params![digest],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                )
+                .prepare_cached("SELECT record, expires_at, used_at FROM grants WHERE digest = ?1")?
+                .query_row(params![digest], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
                 .optional()?;
             let Some((record, expires_at, used_at)) = row else {
                 return Ok(Err(GrantRefusal::Unknown));
@@ -409,11 +406,8 @@ impl TaskStore for SqliteStore {
         self.with(|c| {
             let tx = c.transaction()?;
             let row: Option<(i64, Option<i64>, String)> = tx
-                .query_row(
-                    "SELECT expires_at, used_at, record FROM grants WHERE digest = ?1",
-                    params![digest],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                )
+                .prepare_cached("SELECT expires_at, used_at, record FROM grants WHERE digest = ?1")?
+                .query_row(params![digest], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
                 .optional()?;
             let (refusal, grant) = match row {
                 None => (Some(GrantRefusal::Unknown), None),
@@ -435,11 +429,8 @@ impl TaskStore for SqliteStore {
                 return Ok(Err(RedeemRefusal::Revoked("the grant was revoked".into())));
             }
             let task: Option<String> = tx
-                .query_row(
-                    "SELECT record FROM tasks WHERE id = ?1",
-                    params![grant.task_id.as_str()],
-                    |r| r.get(0),
-                )
+                .prepare_cached("SELECT record FROM tasks WHERE id = ?1")?
+                .query_row(params![grant.task_id.as_str()], |r| r.get(0))
                 .optional()?;
             let task: Option<TaskRecord> = task.map(|t| dec("tasks", &t)).transpose()?;
             if let Some(r) = task_refusal(&grant, task.as_ref(), now) {
@@ -527,11 +518,8 @@ impl TaskStore for SqliteStore {
     fn report_seen(&self, report_id: &str) -> Result<Option<u64>, StoreError> {
         self.with(|c| {
             let idx: Option<i64> = c
-                .query_row(
-                    "SELECT audit_index FROM tool_reports WHERE report_id = ?1",
-                    params![report_id],
-                    |r| r.get(0),
-                )
+                .prepare_cached("SELECT audit_index FROM tool_reports WHERE report_id = ?1")?
+                .query_row(params![report_id], |r| r.get(0))
                 .optional()?;
             Ok(idx.map(|i| i.max(0) as u64))
         })
