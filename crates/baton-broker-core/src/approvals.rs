@@ -34,33 +34,6 @@ fn binding(req: &ApprovalRequest, server: &SpiffeId) -> String {
     hex::encode(digest(&SHA256, parts.to_string().as_bytes()))
 }
 
-/// The fields shown to the human: bounded, names without control
-/// characters (values may hold any text; the CLI escapes it).
-fn check_shown(shown: &std::collections::BTreeMap<String, String>) -> Result<(), BrokerError> {
-    use baton_core::api::{MAX_APPROVAL_SHOWN, MAX_APPROVAL_SHOWN_FIELD};
-    if shown.len() > MAX_APPROVAL_SHOWN {
-        return Err(bad(
-            "shown",
-            format!("at most {MAX_APPROVAL_SHOWN} fields, got {}", shown.len()),
-        ));
-    }
-    for (k, v) in shown {
-        if k.is_empty()
-            || k.len() > MAX_APPROVAL_SHOWN_FIELD
-            || v.len() > MAX_APPROVAL_SHOWN_FIELD
-            || k.chars().any(char::is_control)
-        {
-            return Err(bad(
-                "shown",
-                format!(
-                    "field names of 1 to {MAX_APPROVAL_SHOWN_FIELD} bytes without control characters, values of at most {MAX_APPROVAL_SHOWN_FIELD} bytes"
-                ),
-            ));
-        }
-    }
-    Ok(())
-}
-
 impl Delegation {
     /// A gateway's request for the approval of one call: the approval
     /// that binds it (used up if approved), or a new pending one.
@@ -99,7 +72,8 @@ impl Delegation {
                 ),
             ));
         }
-        check_shown(&req.shown)?;
+        // Bounded as a report's recorded fields are (the same fields).
+        super::check_recorded("shown", &req.shown)?;
         let task = self.task(&req.task_id)?;
         if task.ended_at.is_some() || now >= task.expires_at {
             return Err(refuse(

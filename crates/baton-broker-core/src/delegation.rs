@@ -176,18 +176,19 @@ fn check_allowed_by(r: &ToolCallReport, token: &TokenRecord) -> Result<(), Broke
 }
 
 fn check_recorded(
+    field: &'static str,
     recorded: &std::collections::BTreeMap<String, String>,
 ) -> Result<(), BrokerError> {
     if recorded.len() > MAX_RECORDED_FIELDS {
         return Err(bad(
-            "recorded",
+            field,
             format!("at most {MAX_RECORDED_FIELDS} recorded fields"),
         ));
     }
     for (k, v) in recorded {
         if k.is_empty() || k.len() > MAX_RECORDED_KEY || k.chars().any(char::is_control) {
             return Err(bad(
-                "recorded",
+                field,
                 format!(
                     "field name {:?} is empty, over {MAX_RECORDED_KEY} bytes or has control characters",
                     k.escape_default().to_string()
@@ -196,7 +197,7 @@ fn check_recorded(
         }
         if v.len() > MAX_RECORDED_VALUE {
             return Err(bad(
-                "recorded",
+                field,
                 format!("the value of {k:?} is over {MAX_RECORDED_VALUE} bytes"),
             ));
         }
@@ -620,7 +621,25 @@ impl Delegation {
                 created_by: Some(peer.spiffe_id().clone()),
             },
             now,
-        )?;
+        );
+        let grant = match grant {
+            Ok(g) => g,
+            Err(e) => {
+                // Granted by every check, then refused where the grant is
+                // stored (its parent or task revoked meanwhile): the trace
+                // says so after the granted record, so it shows no grant.
+                if let BrokerError::Forbidden { code, message } = &e {
+                    ev.kind = EventKind::HopRefused;
+                    ev.decision = Some("refused".into());
+                    ev.reason = Some(format!("{code}: {message}"));
+                    if let Err(a) = self.append(&ev) {
+                        tracing::error!(error = %a, "could not record a hop refused where its grant is stored");
+                    }
+                    baton_ops::metrics().hop_refused(code);
+                }
+                return Err(e);
+            }
+        };
         baton_ops::metrics().hop_granted();
         tracing::info!(task = %task.id, from = %peer.spiffe_id(), to = %req.target, depth = new_depth, "hop granted");
         Ok(grant)
@@ -1726,7 +1745,7 @@ impl Delegation {
                 ),
             ));
         }
-        check_recorded(&r.recorded)?;
+        check_recorded("recorded", &r.recorded)?;
         check_report_text(r)?;
         let _ = self.task(&r.task_id)?;
         let Some(token) = self.tasks.get_token(&r.token_jti)? else {

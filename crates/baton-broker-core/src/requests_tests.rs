@@ -716,3 +716,48 @@ fn a_renewal_needs_the_current_key_revokes_the_old_certificate_and_happens_once(
     )
     .unwrap();
 }
+
+#[test]
+fn an_entry_stored_without_a_uid_or_gid_gets_no_svid() {
+    let w = World::new();
+    let broker = w.d.broker();
+    // As an entry stored before the rule: only the executable, which any
+    // process on the node could exec after connecting.
+    let exe_only = baton_core::Entry {
+        id: baton_core::EntryId::random(),
+        spiffe_id: id("spiffe://example.org/agents/exe-only"),
+        parent_id: w.node.id().clone(),
+        selectors: vec![baton_core::Selector::parse("unix:path:/usr/bin/agent").unwrap()],
+        x509_ttl_secs: 3600,
+        jwt_ttl_secs: 300,
+        dns_names: Vec::new(),
+    };
+    broker.store().create_entry(&exe_only).unwrap();
+    let pinned = broker
+        .store()
+        .list_entries_by_parent(w.node.id())
+        .unwrap()
+        .into_iter()
+        .find(|e| e.spiffe_id.to_string() == PLANNER)
+        .unwrap();
+    let sign = |entry: &baton_core::Entry| {
+        let key = WorkloadKey::generate().unwrap();
+        sign_x509(
+            broker,
+            w.d.revoker(),
+            &w.node,
+            &baton_core::api::SignX509Request {
+                items: vec![baton_core::api::SignX509Item {
+                    entry_id: entry.id.clone(),
+                    csr_der: key.csr_der(&entry.spiffe_id).unwrap(),
+                }],
+            },
+            w.t0,
+        )
+    };
+    // Control: the uid-pinned entry of the same node is signed.
+    assert_eq!(sign(&pinned).unwrap().svids.len(), 1);
+    let e = sign(&exe_only).unwrap_err();
+    assert_eq!(e.code(), "entry_unbound", "{e}");
+    assert!(e.to_string().contains("unix:uid"), "{e}");
+}

@@ -666,6 +666,18 @@ impl Broker {
     ) -> Result<Entry, BrokerError> {
         match self.store.get_entry(id)? {
             Some(e) if e.parent_id == node.id => {
+                // An entry stored before entries had to pin a uid or gid
+                // names only an executable, which any local process can
+                // exec: no SVID for it, whatever node daemon asks.
+                if !baton_core::selector::binds_credential(&e.selectors) {
+                    return Err(BrokerError::Forbidden {
+                        code: "entry_unbound",
+                        message: format!(
+                            "entry {id} ({}) names no unix:uid or unix:gid selector; recreate it with one",
+                            e.spiffe_id
+                        ),
+                    });
+                }
                 self.refuse_blocked(&e.spiffe_id, now)?;
                 Ok(e)
             }

@@ -100,7 +100,7 @@ pub async fn decide(args: crate::cli::ApprovalArgs, approve: bool) -> Result<()>
                 if approve { "Approved" } else { "Denied" },
                 decided.id,
                 decided.tool,
-                decided.resource,
+                controls_escaped(&decided.resource),
                 decided.risk,
                 decided.agent,
                 decided.task_id
@@ -452,9 +452,10 @@ fn approval_segment(id: &str) -> Result<&str> {
 }
 
 /// The call's fields its route records in clear text, one a line, with
-/// control characters escaped (an agent chose them: a newline or an
-/// escape sequence must not draw lines of its own on the deciding human's
-/// terminal). Body fields are compact JSON, so text shows in quotes.
+/// control and invisible characters escaped (an agent chose them: a
+/// newline, an escape sequence or a bidi override must not draw or
+/// reorder text on the deciding human's terminal). A text field shows
+/// without quotes, other JSON values (numbers, objects) as compact JSON.
 fn show_fields(shown: &std::collections::BTreeMap<String, String>) {
     if shown.is_empty() {
         output::line(
@@ -472,12 +473,24 @@ fn show_fields(shown: &std::collections::BTreeMap<String, String>) {
     }
 }
 
-/// `text` with its control characters (newlines, escapes) written as
-/// `\u{..}`, everything else as it is.
-fn controls_escaped(text: &str) -> String {
+/// `text` with its control characters (newlines, escapes) and the
+/// invisible ones that change how text around them shows (bidi overrides
+/// and isolates, zero-width characters, line and paragraph separators, the
+/// byte-order mark) written as `\u{..}`, everything else as it is.
+pub(crate) fn controls_escaped(text: &str) -> String {
     text.chars()
         .map(|c| {
-            if c.is_control() {
+            let invisible = matches!(
+                c,
+                '\u{00ad}'
+                    | '\u{061c}'
+                    | '\u{180e}'
+                    | '\u{200b}'..='\u{200f}'
+                    | '\u{2028}'..='\u{202e}'
+                    | '\u{2060}'..='\u{2069}'
+                    | '\u{feff}'
+            );
+            if c.is_control() || invisible {
                 c.escape_unicode().to_string()
             } else {
                 c.to_string()
@@ -501,10 +514,12 @@ pub async fn show_approval(id: &str, admin: crate::cli::AdminArgs) -> Result<()>
             output::line(&format!("Agent:         {}", a.agent));
             output::line(&format!(
                 "Tool:          {} on {} ({})",
-                a.tool, a.resource, a.risk
+                a.tool,
+                controls_escaped(&a.resource),
+                a.risk
             ));
             if let Some(t) = &a.target {
-                output::line(&format!("Request:       {t}"));
+                output::line(&format!("Request:       {}", controls_escaped(t)));
             }
             show_fields(&a.shown);
             output::line(&format!("Input digest:  {}", a.input_digest));
@@ -526,4 +541,23 @@ pub(crate) fn task_segment(id: &str) -> Result<String> {
     id.parse::<baton_core::TaskId>()
         .map(|t| t.to_string())
         .map_err(|e| exit(EXIT_REFUSED, e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::controls_escaped;
+
+    #[test]
+    fn what_an_agent_wrote_cannot_draw_or_reorder_the_approvers_terminal() {
+        assert_eq!(controls_escaped("vendor 10"), "vendor 10");
+        assert_eq!(controls_escaped("ünïcödé €"), "ünïcödé €");
+        assert_eq!(controls_escaped("a\nb"), "a\\u{a}b");
+        assert_eq!(controls_escaped("x\u{1b}[2J"), "x\\u{1b}[2J");
+        // A right-to-left override would show `mallory` reversed.
+        assert_eq!(controls_escaped("\u{202e}yrollam"), "\\u{202e}yrollam");
+        assert_eq!(
+            controls_escaped("a\u{200b}b\u{2066}c\u{feff}"),
+            "a\\u{200b}b\\u{2066}c\\u{feff}"
+        );
+    }
 }

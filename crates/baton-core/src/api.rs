@@ -356,10 +356,6 @@ pub struct ApprovalRequest {
 
 /// The longest [`ApprovalRequest::target`] a broker takes, in bytes.
 pub const MAX_APPROVAL_TARGET: usize = 2048;
-/// Most [`ApprovalRequest::shown`] fields a broker takes.
-pub const MAX_APPROVAL_SHOWN: usize = 40;
-/// The longest name and value of one shown field a broker takes, in bytes.
-pub const MAX_APPROVAL_SHOWN_FIELD: usize = 1024;
 
 /// An approval as the broker holds it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

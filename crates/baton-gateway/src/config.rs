@@ -281,11 +281,17 @@ impl McpTool {
             {
                 return Err(format!("argument {name:?} is not a usable resource name"));
             }
-            // Text an upstream may trim or read as a signed number (` 42`,
-            // `+42`) names, to the policy, a resource other than `42`.
-            if value.trim() != value || value.starts_with('+') {
+            // Text an upstream may trim or read as a number (` 42`, `+42`,
+            // `042`, `4.2e1`) names, to the policy, a resource other than
+            // `42`.
+            if value.trim() != value {
                 return Err(format!(
-                    "argument {name:?} is not a usable resource name (leading or trailing space, or a leading '+')"
+                    "argument {name:?} is not a usable resource name (leading or trailing space)"
+                ));
+            }
+            if !one_spelling(&value) {
+                return Err(format!(
+                    "argument {name:?} reads as a number but is not written as an integer's one spelling (got {value:?}); a policy would see another resource than a server that reads the number"
                 ));
             }
             captures.push((name, value));
@@ -685,12 +691,36 @@ impl Config {
                 return None;
             }
         }
+        // A captured value the resource names has one spelling, as an MCP
+        // argument does (`/accounts/042` is not `/accounts/42` to a policy).
+        if captures
+            .iter()
+            .any(|(n, v)| route.resource.contains(&format!("{{{n}}}")) && !one_spelling(v))
+        {
+            return None;
+        }
         Some(Matched {
             route,
             resource: fill(&route.resource, &captures),
             path: canonical_path(&route.segments, &segments),
         })
     }
+}
+
+/// Whether `value` names its resource one way only: text that reads as a
+/// number (`042`, `-0`, `+42`, `42.0`, `4.2e1`, `0x2a`) passes only as an
+/// integer's one decimal spelling (`42`), since an upstream that reads a
+/// number serves the same record for each while a policy (Cedar compares
+/// resource names exactly) would see as many resources. Other text passes.
+pub(crate) fn one_spelling(value: &str) -> bool {
+    let unsigned = value.trim_start_matches(['+', '-']);
+    let radix_prefixed = ["0x", "0X", "0o", "0O", "0b", "0B"]
+        .iter()
+        .any(|p| unsigned.starts_with(p));
+    let numeric = radix_prefixed
+        || (unsigned.starts_with(|c: char| c.is_ascii_digit() || c == '.')
+            && value.parse::<f64>().is_ok());
+    !numeric || value.parse::<i128>().is_ok_and(|n| n.to_string() == value)
 }
 
 /// The upstream a route or endpoint names, or the only one.
@@ -1205,6 +1235,24 @@ tier = "write"
     }
 
     #[test]
+    fn a_captured_resource_has_one_spelling() {
+        let c = parse(GOOD).unwrap();
+        let m = c.route(&http::Method::GET, "/accounts/42").unwrap();
+        assert_eq!(m.resource, "dataset:crm/42");
+        assert!(c.route(&http::Method::GET, "/accounts/acme-007").is_some());
+        // Other spellings of 42 an upstream reading a number would serve
+        // as 42, while a policy would see another resource.
+        for p in [
+            "/accounts/042",
+            "/accounts/4%32.0",
+            "/accounts/4.2e1",
+            "/accounts/-0",
+        ] {
+            assert!(c.route(&http::Method::GET, p).is_none(), "{p}");
+        }
+    }
+
+    #[test]
     fn escapes_are_decoded_before_matching_and_the_most_specific_route_wins() {
         // The capture route first, the literal after it.
         let c = parse(&format!(
@@ -1436,6 +1484,14 @@ tier = "read"
                 .unwrap(),
             "dataset:crm:-7"
         );
+        // Text that only contains digits, or is an integer's one spelling.
+        for good in ["42", "-7", "acct-042", "v1.2", "e5", "nan", "inf"] {
+            assert_eq!(
+                tool.resource_for(&args(serde_json::json!({"account": good})))
+                    .unwrap(),
+                format!("dataset:crm:{good}")
+            );
+        }
         for bad in [
             serde_json::json!({}),
             serde_json::json!({"account": ["a"]}),
@@ -1449,6 +1505,11 @@ tier = "read"
             serde_json::json!({"account": " 42"}),
             serde_json::json!({"account": "42 "}),
             serde_json::json!({"account": "+42"}),
+            serde_json::json!({"account": "042"}),
+            serde_json::json!({"account": "-0"}),
+            serde_json::json!({"account": "42.0"}),
+            serde_json::json!({"account": "4.2e1"}),
+            serde_json::json!({"account": "0x2a"}),
         ] {
             let e = tool.resource_for(&args(bad.clone())).unwrap_err();
             assert!(e.contains("\"account\""), "{bad}: {e}");

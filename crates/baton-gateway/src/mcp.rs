@@ -565,18 +565,20 @@ impl Gateway {
                 Value::Null,
             );
         }
-        // Every message, not only a `tools/call`: while the revocation feed
-        // is silent a credential revoked meanwhile looks live, so what the
-        // endpoint serves without naming a tool (a stream, a ping, a
-        // resource read) is refused as a read would be.
-        if let Err(denied) = self
-            .enforcer
-            .gate
-            .check_fresh(baton_core::RiskTier::Read, now)
-        {
-            tracing::warn!(task = %d.task_id(), agent = %d.agent(), "MCP request refused: revocation data is stale");
-            return call_denial(None, "this MCP endpoint", &denied);
-        }
+        // While the revocation feed is silent a credential revoked meanwhile
+        // looks live: what the endpoint serves without naming a tool (a
+        // stream, a ping, a resource read) is refused as a read would be.
+        // A `tools/call` is decided, and recorded, by the gate itself.
+        let stale = |id: Option<&Value>| {
+            self.enforcer
+                .gate
+                .check_fresh(baton_core::RiskTier::Read, now)
+                .err()
+                .map(|denied| {
+                    tracing::warn!(task = %d.task_id(), agent = %d.agent(), "MCP request refused: revocation data is stale");
+                    call_denial(id, "this MCP endpoint", &denied)
+                })
+        };
         // A GET (the server's stream) or DELETE (the session's end) carries
         // no message: a body would be a message no check has read.
         if req.method != Method::POST && !body.is_empty() {
@@ -587,6 +589,11 @@ impl Gateway {
                 &format!("an MCP {} carries no body", req.method),
                 Value::Null,
             );
+        }
+        if req.method != Method::POST
+            && let Some(refused) = stale(None)
+        {
+            return refused;
         }
         match req.method {
             Method::POST => {}
@@ -664,6 +671,11 @@ impl Gateway {
             }
         };
         let id = obj.get("id");
+        if obj.get("method").and_then(Value::as_str) != Some("tools/call")
+            && let Some(refused) = stale(id)
+        {
+            return refused;
+        }
         let Some(method) = obj.get("method").and_then(Value::as_str) else {
             if obj.contains_key("result") || obj.contains_key("error") {
                 // The client's answer to a request of the server.
