@@ -1583,10 +1583,24 @@ fn paths_are_read_as_the_upstream_reads_them_and_no_header_poses_as_the_caller()
                 "X-Forwarded-Client-Cert",
                 "URI=spiffe://example.org/agents/mallory",
             ),
+            // Identity headers of auth proxies an upstream may trust.
+            ("X-WEBAUTH-USER", "admin"),
+            ("X-Remote-Group", "system:masters"),
+            ("X-Amzn-Oidc-Identity", "mallory"),
+            (
+                "X-Goog-Authenticated-User-Email",
+                "accounts.google.com:mallory@example.com",
+            ),
+            ("Cf-Access-Authenticated-User-Email", "mallory@example.com"),
+            ("X-Consumer-Username", "admin"),
+            ("CF-Connecting-IP", "10.0.0.1"),
+            // Control: an ordinary header goes through.
+            ("X-Request-Id", "req-42"),
         ],
     );
     assert_eq!(a.status, 200, "{a:?}");
     assert_eq!(a.body["path"], "/crm/ledger/acme%20co", "{a:?}");
+    assert_eq!(g.upstream.last().header("x-request-id"), vec!["req-42"]);
     let seen = g.upstream.last();
     assert_eq!(seen.method, "GET");
     assert_eq!(seen.header("baton-actor"), vec![RESEARCHER], "{seen:?}");
@@ -1599,7 +1613,18 @@ fn paths_are_read_as_the_upstream_reads_them_and_no_header_poses_as_the_caller()
         );
         assert!(
             !["x-http-method-override", "x-original-url"].contains(&folded.as_str())
-                && !folded.starts_with("x-forwarded-"),
+                && ![
+                    "x-forwarded-",
+                    "x-webauth-",
+                    "x-remote-",
+                    "x-amzn-oidc-",
+                    "x-goog-authenticated-",
+                    "cf-access-",
+                    "x-consumer-",
+                    "cf-connecting-ip",
+                ]
+                .iter()
+                .any(|p| folded.starts_with(p)),
             "{name} reached the upstream: {seen:?}"
         );
     }

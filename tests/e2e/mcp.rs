@@ -526,6 +526,21 @@ fn mcp_through_the_gateway_lists_calls_streams_and_refuses_as_mcp_clients_see_it
         assert_eq!(code, -32602, "{e:?}");
         assert!(message.contains("must be an integer"), "{message}");
         assert_eq!(seen.count(), before, "a refused call reached the tool");
+        // A resource too long for the audit log (it keeps 1 KiB): refused
+        // before it runs, rather than run and its record refused.
+        let e = call(&r, "crm.search", serde_json::json!({"account": "a".repeat(1100)}))
+            .await
+            .unwrap_err();
+        let (code, message, data) = rpc_error(&e);
+        assert_eq!(code, -32602, "{e:?}");
+        assert!(message.contains("resource is over 1024 bytes"), "{message}");
+        assert_eq!(data["field"], "resource", "{data}");
+        assert_eq!(seen.count(), before, "an unrecordable call reached the tool");
+        // Control: a long one within the bound runs.
+        call(&r, "crm.search", serde_json::json!({"account": "a".repeat(1000)}))
+            .await
+            .unwrap();
+        assert_eq!(seen.count(), before + 1);
 
         // Streaming: the tool's progress reaches the client while the tool
         // still runs (a buffering proxy would hold it until the answer).

@@ -188,10 +188,11 @@ impl Delegation {
         let a = self.get_approval(id, now)?;
         let task = self.task(&a.task_id)?;
         let initiator = human.sub == task.initiator && human.iss == task.initiator_iss;
-        let approver = human
-            .groups
+        let approver = self
+            .settings
+            .approver_groups
             .iter()
-            .any(|g| self.settings.approver_groups.contains(g));
+            .any(|a| a.issuer == human.iss && human.groups.contains(&a.group));
         if !initiator && !approver {
             return Err(refuse(
                 "not_entitled",
@@ -202,7 +203,12 @@ impl Delegation {
                     if self.settings.approver_groups.is_empty() {
                         "none configured".to_owned()
                     } else {
-                        self.settings.approver_groups.join(", ")
+                        self.settings
+                            .approver_groups
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     }
                 ),
             ));

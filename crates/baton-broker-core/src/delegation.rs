@@ -80,8 +80,25 @@ pub struct DelegationSettings {
     /// SPIFFE ID is served by that ID.
     pub tool_servers: BTreeMap<String, Vec<SpiffeId>>,
     /// Members of these ID-token groups may approve or deny any held call;
-    /// a task's initiator may always decide for their own task.
-    pub approver_groups: Vec<String>,
+    /// a task's initiator may always decide for their own task. A group
+    /// counts only as asserted by its own issuer.
+    pub approver_groups: Vec<ApproverGroup>,
+}
+
+/// A group whose members may decide held calls, and the one OIDC issuer
+/// whose `groups` claim is believed for it: another trusted issuer (the
+/// dev issuer beside a corporate one, say) naming the same group grants
+/// nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApproverGroup {
+    pub issuer: String,
+    pub group: String,
+}
+
+impl std::fmt::Display for ApproverGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (of {})", self.group, self.issuer)
+    }
 }
 
 impl Default for DelegationSettings {
@@ -129,12 +146,6 @@ fn refuse(code: &'static str, message: impl Into<String>) -> BrokerError {
     }
 }
 
-/// Most clear-text fields one call's report may carry, and their sizes
-/// (a gateway cuts values at 256 characters; the margin is for escapes).
-const MAX_RECORDED_FIELDS: usize = 64;
-const MAX_RECORDED_KEY: usize = 256;
-const MAX_RECORDED_VALUE: usize = 2048;
-
 /// A report's clear-text fields stay small: a reporter cannot make the
 /// audit log a copy of its traffic.
 /// An `allow` report claims no more than its token grants: each scope it
@@ -179,79 +190,18 @@ fn check_recorded(
     field: &'static str,
     recorded: &std::collections::BTreeMap<String, String>,
 ) -> Result<(), BrokerError> {
-    if recorded.len() > MAX_RECORDED_FIELDS {
-        return Err(bad(
-            field,
-            format!("at most {MAX_RECORDED_FIELDS} recorded fields"),
-        ));
-    }
-    for (k, v) in recorded {
-        if k.is_empty() || k.len() > MAX_RECORDED_KEY || k.chars().any(char::is_control) {
-            return Err(bad(
-                field,
-                format!(
-                    "field name {:?} is empty, over {MAX_RECORDED_KEY} bytes or has control characters",
-                    k.escape_default().to_string()
-                ),
-            ));
-        }
-        if v.len() > MAX_RECORDED_VALUE {
-            return Err(bad(
-                field,
-                format!("the value of {k:?} is over {MAX_RECORDED_VALUE} bytes"),
-            ));
-        }
-    }
-    Ok(())
+    baton_core::report_bounds::check_recorded(field, recorded).map_err(out_of_bounds)
 }
 
-/// Bounds on every caller-chosen text of a tool-call report: a reporter
-/// cannot make the audit log a copy of its traffic through any field.
+/// Bounds on every caller-chosen text of a tool-call report (shared with
+/// the gateways, which refuse a call whose record would break them).
 fn check_report_text(r: &ToolCallReport) -> Result<(), BrokerError> {
-    let prose = |field: &'static str, v: &str, max: usize| {
-        if v.len() > max {
-            return Err(bad(field, format!("{field} is over {max} bytes")));
-        }
-        Ok(())
-    };
-    let text = |field: &'static str, v: &str, max: usize| {
-        prose(field, v, max)?;
-        if v.chars().any(char::is_control) {
-            return Err(bad(field, format!("{field} has control characters")));
-        }
-        Ok(())
-    };
-    let list = |field: &'static str, l: &[String], max: usize| {
-        if l.len() > MAX_REPORT_LIST {
-            return Err(bad(
-                field,
-                format!("{field} has over {MAX_REPORT_LIST} entries"),
-            ));
-        }
-        l.iter().try_for_each(|v| text(field, v, max))
-    };
-    text("report_id", &r.report_id, 128)?;
-    text("token_jti", &r.token_jti, 128)?;
-    text("tool", &r.tool, 256)?;
-    text("resource", &r.resource, 1024)?;
-    text("input_digest", &r.input_digest, 256)?;
-    text(
-        "output_digest",
-        r.output_digest.as_deref().unwrap_or_default(),
-        256,
-    )?;
-    prose(
-        "justification",
-        r.justification.as_deref().unwrap_or_default(),
-        MAX_JUSTIFICATION,
-    )?;
-    prose("reason", r.reason.as_deref().unwrap_or_default(), 4096)?;
-    list("scope_used", &r.scope_used, 256)?;
-    list("policy_ids", &r.policy_ids, 256)
+    r.check_bounds().map_err(out_of_bounds)
 }
 
-/// Most entries of a report's list fields.
-const MAX_REPORT_LIST: usize = 64;
+fn out_of_bounds(e: baton_core::report_bounds::OutOfBounds) -> BrokerError {
+    bad(e.field, e.message)
+}
 
 fn bad(field: &'static str, message: impl Into<String>) -> BrokerError {
     BrokerError::BadRequest {
@@ -1745,7 +1695,6 @@ impl Delegation {
                 ),
             ));
         }
-        check_recorded("recorded", &r.recorded)?;
         check_report_text(r)?;
         let _ = self.task(&r.task_id)?;
         let Some(token) = self.tasks.get_token(&r.token_jti)? else {
@@ -1947,7 +1896,7 @@ impl Delegation {
 }
 
 /// Longest justification a hop may carry (it goes into the audit log).
-pub const MAX_JUSTIFICATION: usize = 2048;
+pub const MAX_JUSTIFICATION: usize = baton_core::report_bounds::MAX_JUSTIFICATION;
 
 /// Longest caller-chosen text a refusal records.
 const MAX_REFUSED_TEXT: usize = 512;

@@ -73,6 +73,11 @@ fn unix_of(t: SystemTime) -> u64 {
 
 impl World {
     fn new() -> Self {
+        Self::with_settings(|_| {})
+    }
+
+    /// A world whose delegation settings `tune` adjusts first.
+    fn with_settings(tune: impl FnOnce(&mut DelegationSettings)) -> Self {
         let t0 = SystemTime::now();
         let td: TrustDomain = "example.org".parse().unwrap();
         let ca = Arc::new(
@@ -102,6 +107,8 @@ impl World {
             tool_servers: [("crm".to_owned(), vec![id(CRM)])].into_iter().collect(),
             ..DelegationSettings::default()
         };
+        let mut settings = settings;
+        tune(&mut settings);
         let d = Delegation::new(
             broker.clone(),
             store,
@@ -653,6 +660,73 @@ fn an_approval_vouches_for_one_reported_call_only() {
     );
     let trace = w.d.trace(started.task_id.as_str()).unwrap().to_string();
     assert_eq!(trace.matches("\"tool_call\"").count(), 1, "{trace}");
+}
+
+#[test]
+fn an_approver_group_counts_only_as_asserted_by_its_own_issuer() {
+    let ask_in = |w: &World| {
+        let started = w.start(&["crm"], &["tool:crm.search:read"]);
+        let planner = w.redeem_as(&started.grant, PLANNER, w.t0).unwrap();
+        let ask: baton_core::api::ApprovalRequest = serde_json::from_value(json!({
+            "task_id": started.task_id.as_str(),
+            "token_jti": jti_of(&planner.token),
+            "agent": PLANNER,
+            "tool": "crm.search",
+            "resource": "case/1",
+            "risk": "read",
+            "input_digest": "cd".repeat(32),
+            "ttl_secs": 60,
+        }))
+        .unwrap();
+        w.d.request_approval(&id(CRM), &ask, unix_of(w.t0)).unwrap()
+    };
+    // bob (not the initiator) holds a token naming group "approvers".
+    let bob = |w: &World, groups: &[&str]| -> baton_core::api::ApprovalDecision {
+        let groups: Vec<String> = groups.iter().map(|g| (*g).to_owned()).collect();
+        serde_json::from_value(json!({
+            "id_token": w.dev.mint_with_groups("bob@example.com", &groups, 600, unix_of(w.t0)).unwrap(),
+            "approve": true,
+        }))
+        .unwrap()
+    };
+    let group_of = |issuer: &str| crate::delegation::ApproverGroup {
+        issuer: issuer.to_owned(),
+        group: "approvers".to_owned(),
+    };
+
+    // The group is configured for a corporate issuer: the dev issuer's
+    // token naming it grants nothing, and nothing is decided.
+    let w = World::with_settings(|s| {
+        s.approver_groups = vec![group_of("https://login.corp.example")];
+    });
+    let pending = ask_in(&w);
+    let e =
+        w.d.decide_approval(&pending.id, &bob(&w, &["approvers"]), unix_of(w.t0) + 1)
+            .unwrap_err();
+    assert_eq!(e.code(), "not_entitled", "{e}");
+    assert!(
+        e.to_string()
+            .contains("approvers (of https://login.corp.example)"),
+        "{e}"
+    );
+    let state = w.d.get_approval(&pending.id, unix_of(w.t0) + 1).unwrap();
+    assert_eq!(state.status, "pending");
+
+    // Control: the same group configured for the issuer that asserts it.
+    let w = World::with_settings(|s| {
+        s.approver_groups = vec![group_of(crate::oidc::DEV_ISSUER)];
+    });
+    let pending = ask_in(&w);
+    // Another group of the right issuer is not enough.
+    let e =
+        w.d.decide_approval(&pending.id, &bob(&w, &["readers"]), unix_of(w.t0) + 1)
+            .unwrap_err();
+    assert_eq!(e.code(), "not_entitled", "{e}");
+    let decided =
+        w.d.decide_approval(&pending.id, &bob(&w, &["approvers"]), unix_of(w.t0) + 1)
+            .unwrap();
+    assert_eq!(decided.status, "approved");
+    assert_eq!(decided.decided_by.as_deref(), Some("bob@example.com"));
 }
 
 #[test]

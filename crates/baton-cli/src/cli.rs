@@ -414,7 +414,8 @@ pub struct BrokerArgs {
     pub tool_servers: Vec<String>,
     /// Members of this ID-token group may approve or deny any call a
     /// gateway holds for a human (repeatable); a task's initiator always
-    /// may for their own task.
+    /// may for their own task. The group is believed only as asserted by
+    /// --oidc-issuer (by the dev issuer when there is no --oidc-issuer).
     #[arg(long = "approver-group", value_name = "GROUP")]
     pub approver_groups: Vec<String>,
     /// Trusted OIDC issuer for initiating identities (with --oidc-jwks and --oidc-audience).

@@ -120,6 +120,44 @@ fn read_secret_line(flag: &str, path: &std::path::Path) -> Result<Secret> {
     Ok(Secret::new(line.to_owned()))
 }
 
+/// `--approver-group`s, each believed only as asserted by the issuer whose
+/// users approve: `--oidc-issuer` when set, else the dev issuer. Never
+/// both: a dev-issuer token (minted by anyone on the admin socket) naming
+/// a corporate approver group grants nothing.
+fn approver_groups(args: &BrokerArgs) -> Result<Vec<baton_broker::delegation::ApproverGroup>> {
+    if args.approver_groups.is_empty() {
+        return Ok(Vec::new());
+    }
+    let issuer = match (&args.oidc_issuer, args.dev_issuer) {
+        (Some(iss), _) => iss.clone(),
+        (None, true) => baton_broker::oidc::DEV_ISSUER.to_owned(),
+        (None, false) => {
+            return Err(exit(
+                EXIT_REFUSED,
+                "--approver-group: no OIDC issuer to assert group membership (add --oidc-issuer, or --dev-issuer outside production)",
+            ));
+        }
+    };
+    args.approver_groups
+        .iter()
+        .map(|g| {
+            if g.is_empty() || g.chars().any(char::is_control) {
+                return Err(exit(
+                    EXIT_REFUSED,
+                    format!(
+                        "--approver-group: \"{}\" is not a group name",
+                        g.escape_debug()
+                    ),
+                ));
+            }
+            Ok(baton_broker::delegation::ApproverGroup {
+                issuer: issuer.clone(),
+                group: g.clone(),
+            })
+        })
+        .collect()
+}
+
 pub async fn broker(args: BrokerArgs) -> Result<()> {
     let td = trust_domain(&args.trust_domain)?;
     let admin_socket = args
@@ -140,9 +178,7 @@ pub async fn broker(args: BrokerArgs) -> Result<()> {
         args.purposes_file.as_deref(),
         &args.tool_servers,
     )?;
-    cfg.delegation
-        .approver_groups
-        .clone_from(&args.approver_groups);
+    cfg.delegation.approver_groups = approver_groups(&args)?;
     cfg.dev_issuer = args.dev_issuer;
     if let Some(dir) = &args.admission_policy {
         cfg.admission = baton_broker::AdmissionSource::Dir(dir.clone());

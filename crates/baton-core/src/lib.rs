@@ -7,6 +7,7 @@
 pub mod api;
 pub mod delegation;
 pub mod entry;
+pub mod report_bounds;
 pub mod scope;
 pub mod secret;
 pub mod selector;

@@ -674,10 +674,18 @@ impl Config {
         // A captured segment that another route names as a literal, but
         // for a suffix (`export.json`: Rails' `.:format`, Spring's suffix
         // match), is that literal route to some upstreams: ambiguous.
-        for (i, seg) in route.segments.iter().enumerate() {
-            if !matches!(seg, Segment::Capture(_) | Segment::Rest(_)) {
-                continue;
-            }
+        // A rest capture takes every segment from its own on: each is
+        // checked against the literals other routes have there.
+        let captured = route
+            .segments
+            .iter()
+            .enumerate()
+            .flat_map(|(i, seg)| match seg {
+                Segment::Capture(_) => i..i + 1,
+                Segment::Rest(_) => i..refs.len().max(i + 1),
+                _ => i..i,
+            });
+        for i in captured {
             let value = refs.get(i)?;
             let stem = value.split('.').next().unwrap_or(value);
             let shadows = same_method().any(|other| {
@@ -1298,6 +1306,31 @@ tier = "write"
         assert_eq!(m.route.tool, "crm.read");
         assert_eq!(m.resource, "dataset:crm/acme co");
         assert_eq!(m.path, "/accounts/acme%20co");
+        // A rest capture: each segment it takes is checked, not only its
+        // first (`/files/reports/share.json` is the share route to Rails).
+        let route = |method: &str, path: &str, tool: &str, tier: &str| {
+            format!(
+                "\n[[routes]]\nmethod = \"{method}\"\npath = \"{path}\"\ntool = \"{tool}\"\nresource = \"files\"\npermission = \"tool:{tool}:{tier}\"\ntier = \"{tier}\"\n"
+            )
+        };
+        // GOOD routes `POST /files/{rest*}` to files.write.
+        let files = parse(&format!(
+            "{GOOD}{}",
+            route("POST", "/files/{dir}/share", "files.share", "export"),
+        ))
+        .unwrap();
+        let post = http::Method::POST;
+        assert!(files.route(&post, "/files/reports/share.json").is_none());
+        assert!(files.route(&post, "/files/reports/SHARE.csv").is_none());
+        let m = files.route(&post, "/files/reports/share").unwrap();
+        assert_eq!(m.route.tool, "files.share");
+        let m = files.route(&post, "/files/reports/notes.json").unwrap();
+        assert_eq!(m.route.tool, "files.write");
+        let m = files.route(&post, "/files/a/b/share.json").unwrap();
+        assert_eq!(
+            m.route.tool, "files.write",
+            "share is not at the share route's depth"
+        );
         for p in [
             "/accounts/a%3Bb",
             "/accounts/..;",

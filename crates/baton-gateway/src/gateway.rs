@@ -537,6 +537,12 @@ impl Gateway {
             }
         };
         if let Some(ep) = mcp {
+            // An upstream resuming a stream (`Last-Event-ID`) replays its
+            // events as it first sent them, before the gateway filtered
+            // them (`tools/list`): streams are not resumed through the
+            // gateway; the client gets a fresh one.
+            let mut req = req;
+            req.headers.remove("last-event-id");
             return self.mcp(&rt, ep, &req, &delegation, input, now).await;
         }
         let Some(m) = matched else {
@@ -553,15 +559,8 @@ impl Gateway {
                 &format!("no route for {} {}", req.method, req.path),
             );
         };
-        if let Some(field) = method_override(&req, &input) {
-            return plain(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                &format!(
-                    "{field} carries `_method`, which some frameworks read as the request's method; the call was decided on {}",
-                    req.method
-                ),
-            );
+        if let Some(why) = method_override(&req, &input) {
+            return plain(StatusCode::BAD_REQUEST, "invalid_request", &why);
         }
         let index = rt
             .config
@@ -762,15 +761,23 @@ const OVERRIDING_HEADERS: &[&str] = &[
 /// checked on each part's header block, so a file that merely mentions
 /// `_method` passes; a multipart body without a usable boundary is checked
 /// whole (fail closed).
-fn method_override(req: &Incoming, body: &[u8]) -> Option<&'static str> {
-    let is_method = |key: &[u8]| key.eq_ignore_ascii_case(b"_method");
+fn method_override(req: &Incoming, body: &[u8]) -> Option<String> {
+    let found = |place: &str| {
+        Some(format!(
+            "{place} carries `_method`, which some frameworks read as the request's method; the call was decided on {}",
+            req.method
+        ))
+    };
     let names_method = |form: &[u8]| {
-        form.split(|b| *b == b'&').any(|pair| {
+        // Rack splits on `;` too in older versions.
+        form.split(|b| *b == b'&' || *b == b';').any(|pair| {
             let key = pair.split(|b| *b == b'=').next().unwrap_or_default();
-            let key: Vec<u8> = percent_encoding::percent_decode(key)
-                .map(|b| if b == b'+' { b' ' } else { b })
+            let plus: Vec<u8> = key
+                .iter()
+                .map(|b| if *b == b'+' { b' ' } else { *b })
                 .collect();
-            is_method(&key)
+            let key: Vec<u8> = percent_encoding::percent_decode(&plus).collect();
+            is_method_key(&key)
         })
     };
     if req
@@ -778,36 +785,100 @@ fn method_override(req: &Incoming, body: &[u8]) -> Option<&'static str> {
         .as_deref()
         .is_some_and(|q| names_method(q.as_bytes()))
     {
-        return Some("the query");
+        return found("the query");
     }
-    let content_type = req
+    // The content type as the upstream gets it: one header at most, and
+    // none when `Connection` names it (it is dropped on the way).
+    let mut types = req.headers.get_all(http::header::CONTENT_TYPE).iter();
+    let first = types.next();
+    if types.next().is_some() {
+        return Some("the request has more than one Content-Type; the upstream could read its body as either".into());
+    }
+    let dropped = req
         .headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.trim_start().to_ascii_lowercase())
-        .unwrap_or_default();
-    if content_type.starts_with("application/x-www-form-urlencoded") {
-        return names_method(body).then_some("the form body");
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|n| n.trim().eq_ignore_ascii_case("content-type"));
+    let content_type = match first {
+        Some(v) if !dropped => match v.to_str() {
+            Ok(t) => t.trim().to_ascii_lowercase(),
+            Err(_) => return Some("the Content-Type is not readable text".into()),
+        },
+        _ => String::new(),
+    };
+    let media = content_type.split(';').next().unwrap_or_default().trim();
+    if media.is_empty() {
+        // Rack reads a body without a media type as a form.
+        return names_method(body)
+            .then(|| found("the body (read as a form: it has no Content-Type)"))
+            .flatten();
     }
-    if content_type.starts_with("multipart/") {
-        return multipart_names_method(&content_type, body).then_some("the multipart body");
+    if media == "application/x-www-form-urlencoded" {
+        return names_method(body).then(|| found("the form body")).flatten();
     }
-    let json = content_type.starts_with("application/json")
-        || content_type
+    if media.starts_with("multipart/") {
+        let boundaries = content_type
             .split(';')
-            .next()
-            .is_some_and(|t| t.trim_end().ends_with("+json"));
-    if json {
-        // Only an object's own keys are parameters; a body that is not
-        // JSON is the upstream's to refuse.
-        if let Ok(serde_json::Value::Object(map)) = serde_json::from_slice(body) {
-            return map
-                .keys()
-                .any(|k| is_method(k.as_bytes()))
-                .then_some("the JSON body");
+            .skip(1)
+            .filter(|p| {
+                p.split_once('=')
+                    .is_some_and(|(k, _)| k.trim() == "boundary")
+            })
+            .count();
+        if boundaries > 1 {
+            return Some("the multipart Content-Type names more than one boundary".into());
         }
+        return multipart_names_method(&content_type, body)
+            .then(|| found("the multipart body"))
+            .flatten();
+    }
+    // Laravel reads any type with `/json` or `+json` as JSON.
+    if media.contains("/json") || media.ends_with("+json") {
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return None;
+        }
+        // Only an object's own keys are parameters; a body sent as JSON
+        // that does not parse here (or nests deeper than 128) might parse
+        // upstream, so it is refused rather than passed on unread.
+        return match serde_json::from_slice::<serde_json::Value>(body) {
+            Ok(serde_json::Value::Object(map)) => map
+                .keys()
+                .any(|k| is_method_key(k.as_bytes()))
+                .then(|| found("the JSON body"))
+                .flatten(),
+            Ok(_) => None,
+            Err(e) => Some(format!(
+                "the body is sent as JSON ({media}) but is not JSON the gateway can read: {e}"
+            )),
+        };
     }
     None
+}
+
+/// Whether a parameter name is `_method` as a framework reads it: in any
+/// case, and the way PHP rewrites names (leading spaces dropped, cut at a
+/// NUL, `.`, space and `[` read as `_`, `_method[..]` the array
+/// `_method`).
+fn is_method_key(raw: &[u8]) -> bool {
+    let mut key = raw.split(|b| *b == 0).next().unwrap_or_default();
+    while let [b' ', rest @ ..] = key {
+        key = rest;
+    }
+    if let Some(open) = key.iter().position(|b| *b == b'[')
+        && key[open..].contains(&b']')
+    {
+        key = &key[..open];
+    }
+    key.len() == 7
+        && key.iter().zip(b"_method").all(|(a, m)| {
+            let a = match a {
+                b'.' | b' ' | b'[' => b'_',
+                other => other.to_ascii_lowercase(),
+            };
+            a == *m
+        })
 }
 
 /// Whether a part of a multipart body is named `_method` (in any case,
@@ -868,6 +939,29 @@ const POSING_PREFIXES: &[&str] = &[
     "x-ms-client-principal",
     "x-user",
     "x-authenticated-",
+    // Kubernetes request-header authentication.
+    "x-remote-",
+    // Grafana's auth proxy.
+    "x-webauth-",
+    // Identity-aware proxies: AWS ALB, Google IAP, Cloudflare Access,
+    // Azure App Service, Kong, Ambassador, Pomerium.
+    "x-amzn-oidc-",
+    "x-goog-authenticated-user-",
+    "x-goog-iap-",
+    "cf-access-",
+    "x-ms-token-",
+    "x-consumer-",
+    "x-credential-",
+    "x-anonymous-consumer",
+    "x-pomerium-",
+    "x-envoy-",
+    // Client addresses proxies and CDNs vouch for.
+    "x-client-ip",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+    "x-cluster-client-ip",
+    "x-original-forwarded-for",
+    "x-proxyuser-ip",
 ];
 
 /// The request's headers as the upstream gets them: without hop-by-hop
@@ -975,6 +1069,7 @@ fn denial(denied: &CallDenied) -> Response {
         | CallDenied::AuditUnavailable(_) => {
             plain(StatusCode::SERVICE_UNAVAILABLE, denied.code(), &message)
         }
+        CallDenied::Unrecordable { .. } => plain(StatusCode::BAD_REQUEST, denied.code(), &message),
     }
 }
 
@@ -1074,16 +1169,61 @@ mod tests {
 
     const MULTIPART: &str = "multipart/form-data; boundary=XyZ";
 
+    /// Where `method_override` found a `_method` (the place its message
+    /// names), or its whole refusal.
+    fn overrides(req: &Incoming, body: &[u8]) -> Option<String> {
+        method_override(req, body).map(|m| match m.split_once(" carries `_method`") {
+            Some((place, _)) => place.to_owned(),
+            None => m,
+        })
+    }
+
+    fn some(s: &str) -> Option<String> {
+        Some(s.to_owned())
+    }
+
     #[test]
     fn method_override_is_found_in_every_body_a_framework_reads() {
         let form = incoming(None, "application/x-www-form-urlencoded");
         assert_eq!(
-            method_override(&form, b"a=1&%5Fmethod=DELETE"),
-            Some("the form body")
+            overrides(&form, b"a=1&%5Fmethod=DELETE"),
+            some("the form body")
         );
         assert_eq!(
-            method_override(&incoming(Some("_METHOD=put"), "text/plain"), b""),
-            Some("the query")
+            overrides(&incoming(Some("_METHOD=put"), "text/plain"), b""),
+            some("the query")
+        );
+        // PHP's spellings of `_method`: `.`/space for `_`, a leading space,
+        // a NUL cut, an array.
+        for q in [
+            ".method=DELETE",
+            "+_method=DELETE",
+            "%20_method=DELETE",
+            "_method%00x=DELETE",
+            "_method[]=DELETE",
+            "a=1;_method=DELETE",
+        ] {
+            assert_eq!(
+                overrides(&incoming(Some(q), "text/plain"), b""),
+                some("the query"),
+                "{q}"
+            );
+        }
+        // No Content-Type (or one `Connection` drops): Rack reads a form.
+        let mut untyped = incoming(None, "text/plain");
+        untyped.headers.remove(http::header::CONTENT_TYPE);
+        assert_eq!(
+            overrides(&untyped, b"_method=DELETE"),
+            some("the body (read as a form: it has no Content-Type)")
+        );
+        let mut hidden = incoming(None, "application/json");
+        hidden.headers.insert(
+            http::header::CONNECTION,
+            HeaderValue::from_static("Content-Type"),
+        );
+        assert_eq!(
+            overrides(&hidden, b"_method=DELETE"),
+            some("the body (read as a form: it has no Content-Type)")
         );
         let multipart = incoming(None, MULTIPART);
         for body in [
@@ -1092,48 +1232,81 @@ mod tests {
             "--XyZ\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n1\r\n--XyZ\r\nContent-Disposition: form-data; name*=utf-8''_method\r\n\r\nDELETE\r\n--XyZ--\r\n",
         ] {
             assert_eq!(
-                method_override(&multipart, body.as_bytes()),
-                Some("the multipart body"),
+                overrides(&multipart, body.as_bytes()),
+                some("the multipart body"),
                 "{body}"
             );
         }
+        // Two boundaries: parsers disagree on which one counts.
+        let two = incoming(None, "multipart/form-data; boundary=A; boundary=B");
+        assert!(
+            overrides(
+                &two,
+                b"--B\r\nContent-Disposition: form-data; name=\"_method\"\r\n\r\nDELETE\r\n--B--"
+            )
+            .is_some_and(|m| m.contains("more than one boundary"))
+        );
         // No boundary: the whole body is searched (fail closed).
         assert_eq!(
-            method_override(
+            overrides(
                 &incoming(None, "multipart/form-data"),
                 b"--q\r\nContent-Disposition: form-data; name=\"_method\"\r\n\r\nDELETE"
             ),
-            Some("the multipart body")
+            some("the multipart body")
         );
         for ct in [
             "application/json",
             "application/merge-patch+json; charset=utf-8",
+            "text/json",
         ] {
             assert_eq!(
-                method_override(&incoming(None, ct), br#"{"id":7,"_Method":"DELETE"}"#),
-                Some("the JSON body"),
+                overrides(&incoming(None, ct), br#"{"id":7,"_Method":"DELETE"}"#),
+                some("the JSON body"),
                 "{ct}"
             );
         }
+        // JSON the gateway cannot read (here nested past serde's limit)
+        // is not passed on unread.
+        let deep = format!(
+            "{}{{\"_method\":\"DELETE\"}}{}",
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        assert!(
+            overrides(&incoming(None, "application/json"), deep.as_bytes())
+                .is_some_and(|m| m.contains("not JSON the gateway can read"))
+        );
+        assert!(overrides(&incoming(None, "application/json"), b"not json _method").is_some());
+        // Two Content-Types: either could be the one read.
+        let mut twice = incoming(None, "application/json");
+        twice.headers.append(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/x-www-form-urlencoded"),
+        );
+        assert!(overrides(&twice, b"{}").is_some_and(|m| m.contains("more than one Content-Type")));
     }
 
     #[test]
     fn a_body_that_only_mentions_method_is_forwarded() {
         let multipart = incoming(None, MULTIPART);
         let file = "--XyZ\r\nContent-Disposition: form-data; name=\"notes\"; filename=\"n.txt\"\r\n\r\nset _method=DELETE here\r\n--XyZ--\r\n";
-        assert_eq!(method_override(&multipart, file.as_bytes()), None);
+        assert_eq!(overrides(&multipart, file.as_bytes()), None);
         let json = incoming(None, "application/json");
         assert_eq!(
-            method_override(&json, br#"{"note":"_method","nested":{"_method":"x"}}"#),
+            overrides(&json, br#"{"note":"_method","nested":{"_method":"x"}}"#),
             None
         );
-        assert_eq!(method_override(&json, b"not json _method"), None);
+        assert_eq!(overrides(&json, b""), None);
         let form = incoming(None, "application/x-www-form-urlencoded");
-        assert_eq!(method_override(&form, b"q=_method"), None);
+        assert_eq!(overrides(&form, b"q=_method"), None);
+        assert_eq!(overrides(&form, b"my_method=x&methods=y"), None);
+        let mut untyped = incoming(None, "text/plain");
+        untyped.headers.remove(http::header::CONTENT_TYPE);
+        assert_eq!(overrides(&untyped, b"q=1"), None);
         // A JSON body under another content type is not read as JSON by
         // the frameworks that take `_method`.
         assert_eq!(
-            method_override(&incoming(None, "text/plain"), br#"{"_method":"DELETE"}"#),
+            overrides(&incoming(None, "text/plain"), br#"{"_method":"DELETE"}"#),
             None
         );
     }

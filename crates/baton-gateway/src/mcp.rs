@@ -241,6 +241,10 @@ fn call_denial(id: Option<&Value>, tool: &str, denied: &CallDenied) -> Response 
         | CallDenied::AuditUnavailable(_) => {
             rpc_error(StatusCode::SERVICE_UNAVAILABLE, id, REFUSED, &message, data)
         }
+        CallDenied::Unrecordable { field, .. } => {
+            data["field"] = json!(field);
+            rpc_error(StatusCode::OK, id, INVALID_PARAMS, &message, data)
+        }
     }
 }
 
@@ -328,7 +332,13 @@ fn rewrite_each(
     while let Some(event) = events.next() {
         let mut data: Vec<&str> = Vec::new();
         let mut lines: Vec<Option<&str>> = Vec::new();
-        for line in event.split('\n') {
+        // A filtered stream carries no event ids: resuming from one would
+        // replay the upstream's unfiltered events.
+        let kept: Vec<&str> = event
+            .split('\n')
+            .filter(|l| junk != Junk::Refuse || !(*l == "id" || l.starts_with("id:")))
+            .collect();
+        for line in kept.iter().copied() {
             if let Some(d) = line.strip_prefix("data:") {
                 if data.is_empty() {
                     lines.push(None);
@@ -366,7 +376,7 @@ fn rewrite_each(
                     .collect();
                 out.push_str(&parts.join("\n"));
             }
-            None => out.push_str(event),
+            None => out.push_str(&kept.join("\n")),
         }
         if events.peek().is_some() {
             out.push_str("\n\n");
@@ -1161,6 +1171,18 @@ mod tests {
             out.contains("crm.search") && !out.contains("crm.export"),
             "{out}"
         );
+        // Event ids (a priming event's too) are dropped: a client cannot
+        // resume the stream and have the upstream replay it unfiltered.
+        let out = run(
+            format!("id: s1_0\ndata:\n\nid: s1_1\nevent: message\ndata: {list}\n\n").as_bytes(),
+            true,
+        )
+        .unwrap();
+        assert!(!out.contains("id:") && !out.contains("s1_"), "{out}");
+        assert!(
+            out.contains("crm.search") && !out.contains("crm.export"),
+            "{out}"
+        );
         // A ping's answer has no tools: passed as it is.
         assert!(run(br#"{"jsonrpc":"2.0","id":1,"result":{}}"#, false).is_ok());
         for junk in [
@@ -1182,7 +1204,7 @@ mod tests {
         // A priming event (an id, empty data) and a comment hold no message.
         let primed = format!("id: 0\ndata: \n\n: keep-alive\n\ndata: {list}\n\n");
         let out = run(primed.as_bytes(), true).unwrap();
-        assert!(out.starts_with("id: 0\ndata: \n\n"), "{out}");
+        assert!(out.starts_with("data: \n\n: keep-alive"), "{out}");
         assert!(!out.contains("crm.export"), "{out}");
         assert!(run(b"data: {\"result\":\n\n", true).is_err());
         assert!(run(b"data: \xff\n\n", true).is_err());

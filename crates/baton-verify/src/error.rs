@@ -177,6 +177,13 @@ pub enum CallDenied {
         "policy allows the call only with a human's approval (policies: {policy_ids:?}), and this server cannot hold calls for approval; call it through a Baton gateway"
     )]
     ApprovalRequired { policy_ids: Vec<String> },
+    #[error(
+        "the call's record would be refused by the audit log ({field}: {message}), so the call is refused"
+    )]
+    Unrecordable {
+        field: &'static str,
+        message: String,
+    },
 }
 
 impl CallDenied {
@@ -192,6 +199,7 @@ impl CallDenied {
             CallDenied::AuditUnavailable(_) => "audit_unavailable",
             CallDenied::PeerRevoked { .. } => "peer_revoked",
             CallDenied::ApprovalRequired { .. } => "approval_required",
+            CallDenied::Unrecordable { .. } => "invalid_request",
         }
     }
 }
@@ -206,6 +214,8 @@ pub enum ReportError {
     },
     #[error("could not encode a tool-call report: {0}")]
     Encode(String),
+    #[error("the record is outside the audit log's bounds, so it is not spooled: {0}")]
+    OutOfBounds(#[from] baton_core::report_bounds::OutOfBounds),
     #[error("could not build the broker client: {0}")]
     Client(String),
     #[error("broker URL {0:?} is not an https:// URL")]

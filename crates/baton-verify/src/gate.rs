@@ -416,6 +416,38 @@ impl ToolGate {
             recorded,
             traceparent: traceparent.map(|tp| tp.to_string()),
         };
+        // A call whose record the broker would refuse (a resource taken
+        // from an argument of 5 MB, or with a newline) is not run: it
+        // would run unrecorded. Its refusal is recorded without the
+        // offending text.
+        if let Err(e) = report.check_bounds() {
+            let denied = CallDenied::Unrecordable {
+                field: e.field,
+                message: e.message,
+            };
+            if e.field == "resource" {
+                report.resource = format!("(unrecordable: {} bytes)", tool.resource.len());
+            }
+            report.recorded.clear();
+            report.decision = "deny".to_owned();
+            report.reason = Some(format!("{}: {denied}", denied.code()));
+            let record = self.reporter.as_ref().and_then(|r| {
+                if let Err(e) = report.check_bounds() {
+                    tracing::warn!(error = %e, "the refusal of an unrecordable call is not recordable either");
+                    return None;
+                }
+                r.enqueue(report)
+                    .inspect_err(|e| {
+                        tracing::warn!(error = %e, "could not spool the report of a denied call");
+                    })
+                    .ok()
+            });
+            return Admitted {
+                outcome: Err(denied),
+                record,
+                allow_record: false,
+            };
+        }
         let decision = self.decide(d, tool, now).and_then(|c| {
             if c.needs_approval && approval.is_none() {
                 Err(CallDenied::ApprovalRequired {

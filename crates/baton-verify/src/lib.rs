@@ -58,8 +58,9 @@ pub use gate::{
     ToolGate, ToolSpec, VerifiedCall,
 };
 pub use report::{
-    Backoff, Durable, HttpSender, MAX_BACKOFF, MAX_BATCH, MIN_BACKOFF, ReportBatch, ReportSender,
-    Reporter, SEGMENT_RECORDS, SendFuture, TOOL_CALLS_PATH, broker_urls,
+    Backoff, Delivered, Durable, HttpSender, MAX_BACKOFF, MAX_BATCH, MAX_BATCH_BYTES, MIN_BACKOFF,
+    REFUSED_FILE, Refusal, ReportBatch, ReportSender, Reporter, SEGMENT_RECORDS, SendFuture,
+    TOOL_CALLS_PATH, broker_urls,
 };
 pub use tls::tool_server_config;
 pub use token::{

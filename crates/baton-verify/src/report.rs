@@ -81,8 +81,32 @@ pub struct ReportBatch {
     pub reports: Vec<ToolCallReport>,
 }
 
+/// A record of a delivered batch that the broker answered it will never
+/// accept (its receipt says `refused`): kept in the spool's
+/// [`REFUSED_FILE`] rather than retried forever or dropped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    pub report_id: String,
+    pub code: String,
+    pub message: String,
+}
+
+/// What the broker said of a delivered batch: every record is stored but
+/// the `refused` ones.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Delivered {
+    pub refused: Vec<Refusal>,
+}
+
 /// A boxed future, so [`ReportSender`] stays object-safe.
-pub type SendFuture<'a> = Pin<Box<dyn Future<Output = Result<(), SendError>> + Send + 'a>>;
+pub type SendFuture<'a> = Pin<Box<dyn Future<Output = Result<Delivered, SendError>> + Send + 'a>>;
+
+/// Records the broker refused, as JSON lines `{"refusal": .., "report": ..}`
+/// in the spool directory, for an operator to look into.
+pub const REFUSED_FILE: &str = "refused.jsonl";
+/// Most bytes of records sent in one request (the broker takes 4 MiB; a
+/// record within [`baton_core::report_bounds`] is well under 1 MiB).
+pub const MAX_BATCH_BYTES: usize = 1 << 20;
 
 /// Delivers one batch. [`HttpSender`] is the real one; tests inject their
 /// own to simulate an unreachable broker.
@@ -174,7 +198,7 @@ impl HttpSender {
         })
     }
 
-    async fn send_to(&self, url: &str, batch: &ReportBatch) -> Result<(), SendError> {
+    async fn send_to(&self, url: &str, batch: &ReportBatch) -> Result<Delivered, SendError> {
         let resp = self
             .client
             .post(url)
@@ -189,10 +213,10 @@ impl HttpSender {
                 }
             })?;
         let status = resp.status();
-        if status.is_success() {
-            return Ok(());
-        }
         let body = resp.text().await.unwrap_or_default();
+        if status.is_success() {
+            return Ok(refusals(&body));
+        }
         Err(SendError::Status {
             status: status.as_u16(),
             body: body.chars().take(200).collect(),
@@ -213,9 +237,9 @@ impl ReportSender for HttpSender {
                     break;
                 };
                 match self.send_to(url, batch).await {
-                    Ok(()) => {
+                    Ok(delivered) => {
                         self.current.store(at, Ordering::Relaxed);
-                        return Ok(());
+                        return Ok(delivered);
                     }
                     // Only a broker that was never reached is skipped: a
                     // batch that may have arrived (a timeout, an error
@@ -235,10 +259,41 @@ impl ReportSender for HttpSender {
     }
 }
 
-/// One record, durable in segment `segment`, not yet delivered.
+/// The receipts of a batch the broker answered 2xx that say `refused`.
+/// (An answer without receipts, an older broker's, refuses nothing.)
+fn refusals(body: &str) -> Delivered {
+    #[derive(Deserialize)]
+    struct Answer {
+        #[serde(default)]
+        receipts: Vec<serde_json::Value>,
+    }
+    let refused = serde_json::from_str::<Answer>(body)
+        .map(|a| a.receipts)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|r| {
+            let why = r.get("refused")?;
+            let text = |v: Option<&serde_json::Value>| {
+                v.and_then(serde_json::Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            Some(Refusal {
+                report_id: text(r.get("report_id")),
+                code: text(why.get("code")),
+                message: text(why.get("message")),
+            })
+        })
+        .collect();
+    Delivered { refused }
+}
+
+/// One record, durable in segment `segment`, not yet delivered; `bytes`
+/// long as sent.
 struct Spooled {
     segment: u64,
     report: ToolCallReport,
+    bytes: usize,
 }
 
 /// What the reporter's handles and its writer thread share.
@@ -595,6 +650,7 @@ impl Writer {
                         Spooled {
                             segment: number,
                             report: j.report,
+                            bytes: j.line.len(),
                         }
                     })
                     .collect();
@@ -791,6 +847,8 @@ struct Inner {
     writer: Option<std::thread::JoinHandle<()>>,
     sender: Arc<dyn ReportSender>,
     flushing: tokio::sync::Mutex<()>,
+    /// Records the broker refused (kept in [`REFUSED_FILE`]).
+    refused: std::sync::atomic::AtomicUsize,
 }
 
 impl Drop for Inner {
@@ -852,10 +910,13 @@ impl Reporter {
             // restart, and the next append starts on a fresh line.
             let seg = writer.open_segment().map_err(|e| shared.io(e))?;
             let mut buf = Vec::new();
+            let mut sizes = Vec::with_capacity(records.len());
             for r in &records {
+                let before = buf.len();
                 serde_json::to_writer(&mut buf, r)
                     .map_err(|e| ReportError::Encode(e.to_string()))?;
                 buf.push(b'\n');
+                sizes.push(buf.len() - before);
             }
             let mut seg = seg;
             seg.file
@@ -869,9 +930,11 @@ impl Reporter {
             state.outstanding.insert(seg.number, records.len());
             state.pending = records
                 .into_iter()
-                .map(|report| Spooled {
+                .zip(sizes)
+                .map(|(report, bytes)| Spooled {
                     segment: seg.number,
                     report,
+                    bytes,
                 })
                 .collect();
             drop(state);
@@ -897,6 +960,7 @@ impl Reporter {
                 writer: Some(handle),
                 sender,
                 flushing: tokio::sync::Mutex::new(()),
+                refused: std::sync::atomic::AtomicUsize::new(0),
             }),
         })
     }
@@ -917,6 +981,10 @@ impl Reporter {
     }
 
     fn queue(&self, report: ToolCallReport, retry: bool) -> Result<Durable, ReportError> {
+        // A record the broker would refuse is refused here, where its
+        // caller can still act (a gate refuses the call), not after it
+        // was spooled.
+        report.check_bounds()?;
         let mut line =
             serde_json::to_vec(&report).map_err(|e| ReportError::Encode(e.to_string()))?;
         line.push(b'\n');
@@ -1004,27 +1072,59 @@ impl Reporter {
             .collect()
     }
 
-    /// Sends everything pending, in batches of at most [`MAX_BATCH`], until
-    /// the spool is empty or a send fails (the failed batch and everything
-    /// after it stay spooled). Returns how many records were delivered.
+    /// Sends everything pending, in batches of at most [`MAX_BATCH`]
+    /// records and about [`MAX_BATCH_BYTES`], until the spool is empty or a
+    /// send fails (the failed batch and everything after it stay spooled).
+    /// A record the broker refuses (its receipt says why, or a batch of it
+    /// alone is too large) moves to [`REFUSED_FILE`], logged: it never
+    /// blocks the records behind it. Returns how many records were
+    /// delivered (refused ones included).
     pub async fn flush(&self) -> Result<usize, ReportError> {
         let _one_at_a_time = self.inner.flushing.lock().await;
         let shared = &self.inner.shared;
         let mut delivered = 0;
+        // Down to one record a batch after a batch was too large, so the
+        // record at fault is found and set aside.
+        let mut most = MAX_BATCH;
         loop {
-            let batch = ReportBatch {
-                reports: shared
-                    .lock()
-                    .pending
-                    .iter()
-                    .take(MAX_BATCH)
-                    .map(|s| s.report.clone())
-                    .collect(),
+            let batch = {
+                let state = shared.lock();
+                let mut bytes = 0;
+                let mut reports = Vec::new();
+                for s in state.pending.iter().take(most) {
+                    if !reports.is_empty() && bytes + s.bytes > MAX_BATCH_BYTES {
+                        break;
+                    }
+                    bytes += s.bytes;
+                    reports.push(s.report.clone());
+                }
+                ReportBatch { reports }
             };
             if batch.reports.is_empty() {
                 return Ok(delivered);
             }
-            self.inner.sender.send(&batch).await?;
+            let refused = match self.inner.sender.send(&batch).await {
+                Ok(d) => d.refused,
+                Err(SendError::Status { status: 413, body }) => {
+                    if batch.reports.len() > 1 {
+                        most = 1;
+                        continue;
+                    }
+                    vec![Refusal {
+                        report_id: batch
+                            .reports
+                            .first()
+                            .map(|r| r.report_id.clone())
+                            .unwrap_or_default(),
+                        code: "payload_too_large".into(),
+                        message: body,
+                    }]
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if !refused.is_empty() {
+                self.set_aside(&batch, &refused)?;
+            }
             let ids: HashSet<&str> = batch.reports.iter().map(|r| r.report_id.as_str()).collect();
             delivered += ids.len();
             let done = {
@@ -1060,6 +1160,50 @@ impl Reporter {
                 remove_segment(&segment_path(&shared.dir, n));
             }
         }
+    }
+
+    /// Appends the refused records of `batch` to [`REFUSED_FILE`]
+    /// (fsynced before they leave the spool) and logs each.
+    fn set_aside(&self, batch: &ReportBatch, refused: &[Refusal]) -> Result<(), ReportError> {
+        let shared = &self.inner.shared;
+        let mut buf = Vec::new();
+        for why in refused {
+            let report = batch.reports.iter().find(|r| r.report_id == why.report_id);
+            tracing::error!(
+                report = %why.report_id.escape_debug(),
+                code = %why.code.escape_debug(),
+                message = %why.message.escape_debug(),
+                file = REFUSED_FILE,
+                "the broker refused a tool-call record; it is kept in the spool directory, not in the audit log"
+            );
+            serde_json::to_writer(
+                &mut buf,
+                &serde_json::json!({ "refusal": why, "report": report }),
+            )
+            .map_err(|e| ReportError::Encode(e.to_string()))?;
+            buf.push(b'\n');
+        }
+        let path = shared.dir.join(REFUSED_FILE);
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut f| {
+                f.write_all(&buf)?;
+                f.sync_data()
+            })
+            .map_err(|e| shared.io(e))?;
+        self.inner
+            .refused
+            .fetch_add(refused.len(), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// How many delivered records the broker refused since this reporter
+    /// was opened (each kept in [`REFUSED_FILE`]).
+    pub fn refused(&self) -> usize {
+        self.inner.refused.load(Ordering::Relaxed)
     }
 
     /// Delivers in the background: flushes whenever records become

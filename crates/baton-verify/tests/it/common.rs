@@ -269,6 +269,10 @@ pub struct TestSender {
     pub up: std::sync::atomic::AtomicBool,
     pub received: Mutex<Vec<ToolCallReport>>,
     pub attempts: std::sync::atomic::AtomicUsize,
+    /// Report ids the broker answers with a `refused` receipt.
+    pub refuse: Mutex<Vec<String>>,
+    /// Report ids that make any batch holding them too large (HTTP 413).
+    pub too_large: Mutex<Vec<String>>,
 }
 
 impl TestSender {
@@ -296,11 +300,31 @@ impl ReportSender for TestSender {
             if !self.up.load(std::sync::atomic::Ordering::SeqCst) {
                 return Err(SendError::Unreachable("connection refused (test)".into()));
             }
-            self.received
-                .lock()
-                .unwrap()
-                .extend(batch.reports.iter().cloned());
-            Ok(())
+            let too_large = self.too_large.lock().unwrap().clone();
+            if batch
+                .reports
+                .iter()
+                .any(|r| too_large.contains(&r.report_id))
+            {
+                return Err(SendError::Status {
+                    status: 413,
+                    body: "payload too large (test)".into(),
+                });
+            }
+            let refuse = self.refuse.lock().unwrap().clone();
+            let mut delivered = baton_verify::Delivered::default();
+            for r in &batch.reports {
+                if refuse.contains(&r.report_id) {
+                    delivered.refused.push(baton_verify::Refusal {
+                        report_id: r.report_id.clone(),
+                        code: "invalid_request".into(),
+                        message: "resource is over 1024 bytes (test)".into(),
+                    });
+                } else {
+                    self.received.lock().unwrap().push(r.clone());
+                }
+            }
+            Ok(delivered)
         })
     }
 }

@@ -128,6 +128,50 @@ fn allows_the_good_call_and_reports_it_in_full() {
     assert_ne!(spooled[1].report_id, first_id);
 }
 
+#[test]
+fn a_call_whose_record_the_log_would_refuse_is_refused_and_its_refusal_recorded() {
+    let f = Fixture::new();
+    let (gate, reporter, _dir) = gate_with_spool(Arc::new(TestPolicy::default()));
+    let d = delegation(&f);
+    let with_resource = |resource: String| ToolSpec {
+        resource,
+        ..tool("crm.update", RiskTier::Write, "tool:crm.update:write")
+    };
+    let max = baton_core::report_bounds::MAX_RESOURCE;
+    for bad in ["a".repeat(max + 1), "case/1\ncase/2".to_owned()] {
+        let err = gate
+            .authorize(&d, &with_resource(bad), b"{}", NOW)
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                CallDenied::Unrecordable {
+                    field: "resource",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+    // Each refusal is recorded, without the text at fault.
+    let spooled = reporter.pending_reports();
+    assert_eq!(spooled.len(), 2);
+    assert!(spooled.iter().all(|r| r.decision == "deny"));
+    assert_eq!(
+        spooled[0].resource,
+        format!("(unrecordable: {} bytes)", max + 1)
+    );
+    // Control: at the bound, allowed and recorded as it is.
+    let call = gate
+        .authorize(&d, &with_resource("a".repeat(max)), b"{}", NOW)
+        .unwrap();
+    let spooled = reporter.pending_reports();
+    assert_eq!(spooled.len(), 3);
+    assert_eq!(spooled[2].report_id, call.report_id());
+    assert_eq!(spooled[2].resource.len(), max);
+    call.finish(b"ok").unwrap();
+}
+
 fn hex_sha256(b: &[u8]) -> String {
     hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, b))
 }

@@ -71,6 +71,72 @@ async fn keeps_records_while_the_broker_is_down_and_delivers_them_later() {
 }
 
 #[tokio::test]
+async fn a_record_the_broker_refuses_is_set_aside_and_blocks_nothing_behind_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let sender = TestSender::new(true);
+    let reporter = Reporter::open(dir.path(), sender.clone()).unwrap();
+    let sent: Vec<_> = (0..5).map(report).collect();
+    // The second is refused by its receipt, the fourth makes any batch
+    // holding it too large.
+    sender
+        .refuse
+        .lock()
+        .unwrap()
+        .push(sent[1].report_id.clone());
+    sender
+        .too_large
+        .lock()
+        .unwrap()
+        .push(sent[3].report_id.clone());
+    for r in &sent {
+        reporter.submit(r.clone()).unwrap();
+    }
+    assert_eq!(reporter.flush().await.unwrap(), 5);
+    assert_eq!(reporter.pending(), 0);
+    let ids = |v: &[ToolCallReport]| v.iter().map(|r| r.report_id.clone()).collect::<Vec<_>>();
+    assert_eq!(
+        ids(&sender.received()),
+        ids(&[sent[0].clone(), sent[2].clone(), sent[4].clone()])
+    );
+    assert_eq!(reporter.refused(), 2);
+    // Both are kept, with why, beside the spool: not in the log, not lost.
+    let kept = std::fs::read_to_string(dir.path().join(baton_verify::REFUSED_FILE)).unwrap();
+    let kept: Vec<serde_json::Value> = kept
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(kept.len(), 2);
+    assert_eq!(kept[0]["report"]["report_id"], sent[1].report_id.as_str());
+    assert_eq!(kept[0]["refusal"]["code"], "invalid_request");
+    assert_eq!(kept[1]["report"]["report_id"], sent[3].report_id.as_str());
+    assert_eq!(kept[1]["refusal"]["code"], "payload_too_large");
+    // New records go on being delivered.
+    let later = report(9);
+    reporter.submit(later.clone()).unwrap();
+    assert_eq!(reporter.flush().await.unwrap(), 1);
+    assert_eq!(
+        sender.received().last().map(|r| r.report_id.clone()),
+        Some(later.report_id)
+    );
+}
+
+#[tokio::test]
+async fn a_record_outside_the_logs_bounds_is_refused_at_the_spool() {
+    let dir = tempfile::tempdir().unwrap();
+    let reporter = Reporter::open(dir.path(), TestSender::new(true)).unwrap();
+    let mut r = report(1);
+    r.resource = "a".repeat(baton_core::report_bounds::MAX_RESOURCE + 1);
+    let e = reporter.submit(r).unwrap_err();
+    assert!(e.to_string().contains("resource"), "{e}");
+    assert_eq!(reporter.pending(), 0);
+    // Control: at the bound.
+    let mut r = report(2);
+    r.resource = "a".repeat(baton_core::report_bounds::MAX_RESOURCE);
+    reporter.submit(r).unwrap();
+    assert_eq!(reporter.pending(), 1);
+}
+
+#[tokio::test]
 async fn large_backlogs_go_in_batches() {
     let dir = tempfile::tempdir().unwrap();
     let sender = TestSender::new(true);

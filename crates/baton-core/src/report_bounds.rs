@@ -1,0 +1,146 @@
+//! The bounds the broker holds every tool-call report to, shared with the
+//! servers that write reports: a gateway refuses a call whose record the
+//! broker would refuse, before the call is forwarded, so no call runs
+//! without a record the log can keep.
+
+use std::collections::BTreeMap;
+
+use crate::api::ToolCallReport;
+
+/// Most clear-text fields one report may carry, and their sizes.
+pub const MAX_RECORDED_FIELDS: usize = 64;
+pub const MAX_RECORDED_KEY: usize = 256;
+pub const MAX_RECORDED_VALUE: usize = 2048;
+/// Longest justification a hop may carry (it goes into the audit log).
+pub const MAX_JUSTIFICATION: usize = 2048;
+/// Longest resource a report may name.
+pub const MAX_RESOURCE: usize = 1024;
+/// Longest tool name.
+pub const MAX_TOOL: usize = 256;
+/// Most entries of a report's list fields.
+pub const MAX_LIST: usize = 64;
+
+/// A report field outside its bounds.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct OutOfBounds {
+    pub field: &'static str,
+    pub message: String,
+}
+
+fn out(field: &'static str, message: impl Into<String>) -> OutOfBounds {
+    OutOfBounds {
+        field,
+        message: message.into(),
+    }
+}
+
+/// Clear-text fields (`recorded`, an approval's `shown`): at most
+/// [`MAX_RECORDED_FIELDS`], names non-empty, short and without control
+/// characters, values at most [`MAX_RECORDED_VALUE`] bytes.
+pub fn check_recorded(
+    field: &'static str,
+    recorded: &BTreeMap<String, String>,
+) -> Result<(), OutOfBounds> {
+    if recorded.len() > MAX_RECORDED_FIELDS {
+        return Err(out(
+            field,
+            format!("at most {MAX_RECORDED_FIELDS} recorded fields"),
+        ));
+    }
+    for (k, v) in recorded {
+        if k.is_empty() || k.len() > MAX_RECORDED_KEY || k.chars().any(char::is_control) {
+            return Err(out(
+                field,
+                format!(
+                    "field name {:?} is empty, over {MAX_RECORDED_KEY} bytes or has control characters",
+                    k.escape_default().to_string()
+                ),
+            ));
+        }
+        if v.len() > MAX_RECORDED_VALUE {
+            return Err(out(
+                field,
+                format!("the value of {k:?} is over {MAX_RECORDED_VALUE} bytes"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl ToolCallReport {
+    /// Every caller-chosen text of the report within its bounds: a
+    /// reporter cannot make the audit log a copy of its traffic through
+    /// any field, and a resource taken from a call's arguments stays one
+    /// short line.
+    pub fn check_bounds(&self) -> Result<(), OutOfBounds> {
+        let prose = |field: &'static str, v: &str, max: usize| {
+            if v.len() > max {
+                return Err(out(field, format!("{field} is over {max} bytes")));
+            }
+            Ok(())
+        };
+        let text = |field: &'static str, v: &str, max: usize| {
+            prose(field, v, max)?;
+            if v.chars().any(char::is_control) {
+                return Err(out(field, format!("{field} has control characters")));
+            }
+            Ok(())
+        };
+        let list = |field: &'static str, l: &[String], max: usize| {
+            if l.len() > MAX_LIST {
+                return Err(out(field, format!("{field} has over {MAX_LIST} entries")));
+            }
+            l.iter().try_for_each(|v| text(field, v, max))
+        };
+        text("report_id", &self.report_id, 128)?;
+        text("token_jti", &self.token_jti, 128)?;
+        text("tool", &self.tool, MAX_TOOL)?;
+        text("resource", &self.resource, MAX_RESOURCE)?;
+        text("input_digest", &self.input_digest, 256)?;
+        text(
+            "output_digest",
+            self.output_digest.as_deref().unwrap_or_default(),
+            256,
+        )?;
+        prose(
+            "justification",
+            self.justification.as_deref().unwrap_or_default(),
+            MAX_JUSTIFICATION,
+        )?;
+        prose("reason", self.reason.as_deref().unwrap_or_default(), 4096)?;
+        list("scope_used", &self.scope_used, 256)?;
+        list("policy_ids", &self.policy_ids, 256)?;
+        check_recorded("recorded", &self.recorded)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(resource: &str) -> ToolCallReport {
+        serde_json::from_value(serde_json::json!({
+            "report_id": "r-1", "task_id": "task-0123456789abcdef0123456789abcdef",
+            "token_jti": "j", "agent": "spiffe://example.org/a", "tool": "crm.search",
+            "resource": resource, "risk": "read", "scope_used": [], "input_digest": "00",
+            "decision": "allow", "policy_ids": [], "at": 1,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn names_the_field_out_of_bounds() {
+        assert_eq!(report(&"a".repeat(MAX_RESOURCE)).check_bounds(), Ok(()));
+        let long = report(&"a".repeat(MAX_RESOURCE + 1))
+            .check_bounds()
+            .unwrap_err();
+        assert_eq!(long.field, "resource");
+        let newline = report("case/1\ncase/2").check_bounds().unwrap_err();
+        assert_eq!(newline.field, "resource");
+        let mut r = report("case/1");
+        r.recorded
+            .insert("input:/a".into(), "x".repeat(MAX_RECORDED_VALUE + 1));
+        assert_eq!(r.check_bounds().unwrap_err().field, "recorded");
+    }
+}
