@@ -72,8 +72,22 @@ impl Delegation {
                 ),
             ));
         }
-        // Bounded as a report's recorded fields are (the same fields).
+        // Bounded as a report's recorded fields are (the same fields), and
+        // the resource and tool as a report's.
         super::check_recorded("shown", &req.shown)?;
+        baton_core::report_bounds::check_resource(&req.resource).map_err(super::out_of_bounds)?;
+        if req.tool.is_empty()
+            || req.tool.len() > baton_core::report_bounds::MAX_TOOL
+            || req.tool.chars().any(char::is_control)
+        {
+            return Err(bad(
+                "tool",
+                format!(
+                    "1 to {} bytes, no control characters",
+                    baton_core::report_bounds::MAX_TOOL
+                ),
+            ));
+        }
         let task = self.task(&req.task_id)?;
         if task.ended_at.is_some() || now >= task.expires_at {
             return Err(refuse(

@@ -68,6 +68,21 @@ pub fn check_recorded(
     Ok(())
 }
 
+/// A resource a report may name: at most [`MAX_RESOURCE`] bytes, no
+/// control characters.
+pub fn check_resource(resource: &str) -> Result<(), OutOfBounds> {
+    if resource.len() > MAX_RESOURCE {
+        return Err(out(
+            "resource",
+            format!("resource is over {MAX_RESOURCE} bytes"),
+        ));
+    }
+    if resource.chars().any(char::is_control) {
+        return Err(out("resource", "resource has control characters"));
+    }
+    Ok(())
+}
+
 impl ToolCallReport {
     /// Every caller-chosen text of the report within its bounds: a
     /// reporter cannot make the audit log a copy of its traffic through
@@ -96,7 +111,7 @@ impl ToolCallReport {
         text("report_id", &self.report_id, 128)?;
         text("token_jti", &self.token_jti, 128)?;
         text("tool", &self.tool, MAX_TOOL)?;
-        text("resource", &self.resource, MAX_RESOURCE)?;
+        check_resource(&self.resource)?;
         text("input_digest", &self.input_digest, 256)?;
         text(
             "output_digest",

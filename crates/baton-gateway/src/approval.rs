@@ -135,7 +135,11 @@ impl Gateway {
         if !configured && !gate.may_require_approval(&spec.name) {
             return Ok(None);
         }
-        let Ok(checked) = gate.check(d, spec, now) else {
+        // A resource the log cannot keep is refused by the gate (below)
+        // before any approval is asked for it.
+        let fits = baton_core::report_bounds::check_resource(&spec.resource).is_ok();
+        let checked = gate.check(d, spec, now).ok().filter(|_| fits);
+        let Some(checked) = checked else {
             // Decided (and recorded) as any refused call.
             return match gate
                 .authorize_approved_async(d, spec, input, now, Default::default())

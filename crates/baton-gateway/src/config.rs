@@ -508,7 +508,19 @@ impl Config {
                 }
             };
             let mut record_headers = Vec::new();
+            if r.record_headers.len() > crate::record::MAX_POINTERS {
+                return Err(err(
+                    &f("record-headers"),
+                    format!("at most {} entries", crate::record::MAX_POINTERS),
+                ));
+            }
             for h in &r.record_headers {
+                if h.len() > crate::record::MAX_NAME {
+                    return Err(err(
+                        &f("record-headers"),
+                        format!("{h:?} is over {} bytes", crate::record::MAX_NAME),
+                    ));
+                }
                 let name = http::HeaderName::from_bytes(h.as_bytes()).map_err(|_| {
                     err(&f("record-headers"), format!("{h:?} is not a header name"))
                 })?;
@@ -674,8 +686,9 @@ impl Config {
         // A captured segment that another route names as a literal, but
         // for a suffix (`export.json`: Rails' `.:format`, Spring's suffix
         // match), is that literal route to some upstreams: ambiguous.
-        // A rest capture takes every segment from its own on: each is
-        // checked against the literals other routes have there.
+        // A rest capture takes every segment from its own on: each later
+        // one is checked against the literals of other routes as long as
+        // the request (a suffix is read on the last segment only).
         let captured = route
             .segments
             .iter()
@@ -688,8 +701,10 @@ impl Config {
         for i in captured {
             let value = refs.get(i)?;
             let stem = value.split('.').next().unwrap_or(value);
+            let beyond_route = i >= route.segments.len();
             let shadows = same_method().any(|other| {
-                matches!(other.segments.get(i), Some(Segment::Literal(l)) if l.eq_ignore_ascii_case(stem))
+                (!beyond_route || other.segments.len() == refs.len())
+                    && matches!(other.segments.get(i), Some(Segment::Literal(l)) if l.eq_ignore_ascii_case(stem))
                     && other.segments.iter().take(i).zip(&refs).all(|(o, p)| match o {
                         Segment::Literal(l) => l.eq_ignore_ascii_case(p),
                         _ => true,
@@ -1331,6 +1346,8 @@ tier = "write"
             m.route.tool, "files.write",
             "share is not at the share route's depth"
         );
+        let m = files.route(&post, "/files/docs/share/readme.txt").unwrap();
+        assert_eq!(m.route.tool, "files.write", "deeper than the share route");
         for p in [
             "/accounts/a%3Bb",
             "/accounts/..;",

@@ -272,7 +272,11 @@ impl Enforcer {
             token_jti: claims["jti"].as_str().unwrap_or_default().to_owned(),
             agent: peer.spiffe_id().clone(),
             tool: tool.to_owned(),
-            resource: resource.to_owned(),
+            // A resource the log cannot keep is named by its size only.
+            resource: match baton_core::report_bounds::check_resource(resource) {
+                Ok(()) => resource.to_owned(),
+                Err(_) => format!("(unrecordable: {} bytes)", resource.len()),
+            },
             risk,
             scope_used: Vec::new(),
             input_digest: self.gate.digest(input),

@@ -808,7 +808,12 @@ fn method_override(req: &Incoming, body: &[u8]) -> Option<String> {
         },
         _ => String::new(),
     };
-    let media = content_type.split(';').next().unwrap_or_default().trim();
+    // Rack ends the media type at a `;` or a `,`.
+    let media = content_type
+        .split([';', ','])
+        .next()
+        .unwrap_or_default()
+        .trim();
     if media.is_empty() {
         // Rack reads a body without a media type as a form.
         return names_method(body)
@@ -819,15 +824,10 @@ fn method_override(req: &Incoming, body: &[u8]) -> Option<String> {
         return names_method(body).then(|| found("the form body")).flatten();
     }
     if media.starts_with("multipart/") {
-        let boundaries = content_type
-            .split(';')
-            .skip(1)
-            .filter(|p| {
-                p.split_once('=')
-                    .is_some_and(|(k, _)| k.trim() == "boundary")
-            })
-            .count();
-        if boundaries > 1 {
+        // Rack takes the last `boundary=` anywhere in the type (inside
+        // another parameter's name or value too): more than one is
+        // ambiguous.
+        if content_type.matches("boundary=").count() > 1 {
             return Some("the multipart Content-Type names more than one boundary".into());
         }
         return multipart_names_method(&content_type, body)
@@ -835,13 +835,12 @@ fn method_override(req: &Incoming, body: &[u8]) -> Option<String> {
             .flatten();
     }
     // Laravel reads any type with `/json` or `+json` as JSON.
-    if media.contains("/json") || media.ends_with("+json") {
-        if body.iter().all(u8::is_ascii_whitespace) {
-            return None;
-        }
-        // Only an object's own keys are parameters; a body sent as JSON
-        // that does not parse here (or nests deeper than 128) might parse
-        // upstream, so it is refused rather than passed on unread.
+    if media.contains("/json") || media.contains("+json") {
+        // Only an object's own keys are parameters. A body this parser
+        // cannot read (JSON lines, a BOM, nesting deeper than 128 where
+        // PHP reads 512) is refused only if it has the word `method`
+        // anywhere (`\u005fmethod` included): what it is to the upstream
+        // is not known here.
         return match serde_json::from_slice::<serde_json::Value>(body) {
             Ok(serde_json::Value::Object(map)) => map
                 .keys()
@@ -849,9 +848,10 @@ fn method_override(req: &Incoming, body: &[u8]) -> Option<String> {
                 .then(|| found("the JSON body"))
                 .flatten(),
             Ok(_) => None,
-            Err(e) => Some(format!(
-                "the body is sent as JSON ({media}) but is not JSON the gateway can read: {e}"
-            )),
+            Err(_) if find(&body.to_ascii_lowercase(), b"method").is_some() => {
+                found("the JSON body (which the gateway cannot parse)")
+            }
+            Err(_) => None,
         };
     }
     None
@@ -897,6 +897,11 @@ fn multipart_names_method(content_type: &str, body: &[u8]) -> bool {
         return mentions(&lower);
     };
     let delimiter = format!("--{boundary}").into_bytes();
+    if find(&lower, &delimiter).is_none() {
+        // No part under this boundary: a parser that took another one
+        // reads parts this search would miss.
+        return mentions(&lower);
+    }
     let mut rest = lower.as_slice();
     while let Some(at) = find(rest, &delimiter) {
         rest = &rest[at + delimiter.len()..];
@@ -1274,9 +1279,42 @@ mod tests {
         );
         assert!(
             overrides(&incoming(None, "application/json"), deep.as_bytes())
-                .is_some_and(|m| m.contains("not JSON the gateway can read"))
+                .is_some_and(|m| m.contains("which the gateway cannot parse"))
         );
         assert!(overrides(&incoming(None, "application/json"), b"not json _method").is_some());
+        assert!(
+            overrides(
+                &incoming(None, "application/json"),
+                b"{\"\\u005fmethod\":\"DELETE\"}"
+            )
+            .is_some()
+        );
+        // Rack ends the media type at a comma too.
+        assert_eq!(
+            overrides(
+                &incoming(None, "application/x-www-form-urlencoded, x"),
+                b"_method=DELETE"
+            ),
+            some("the form body")
+        );
+        // Rack takes the last `boundary=` anywhere; a body with no part
+        // under the boundary the gateway read is searched whole.
+        for ct in [
+            "multipart/form-data; boundary=safe; x-boundary=evil",
+            "multipart/form-data; foo=\"boundary=evil\"; boundary=safe",
+        ] {
+            assert!(
+                overrides(&incoming(None, ct), b"--evil\r\nContent-Disposition: form-data; name=\"_method\"\r\n\r\nDELETE\r\n--evil--").is_some(),
+                "{ct}"
+            );
+        }
+        assert_eq!(
+            overrides(
+                &incoming(None, "multipart/form-data; boundary=safe"),
+                b"--evil\r\nContent-Disposition: form-data; name=\"_method\"\r\n\r\nDELETE\r\n--evil--"
+            ),
+            some("the multipart body")
+        );
         // Two Content-Types: either could be the one read.
         let mut twice = incoming(None, "application/json");
         twice.headers.append(
@@ -1297,6 +1335,24 @@ mod tests {
             None
         );
         assert_eq!(overrides(&json, b""), None);
+        assert_eq!(overrides(&json, b"[1,2]"), None);
+        // JSON lines or a BOM: not parsed here, passed when they do not
+        // mention a method.
+        assert_eq!(
+            overrides(
+                &incoming(None, "application/jsonl"),
+                b"{\"a\":1}\n{\"b\":2}\n"
+            ),
+            None
+        );
+        assert_eq!(overrides(&json, b"\xef\xbb\xbf{\"a\":1}"), None);
+        assert_eq!(
+            overrides(
+                &incoming(None, "application/problem+json"),
+                br#"{"title":"x"}"#
+            ),
+            None
+        );
         let form = incoming(None, "application/x-www-form-urlencoded");
         assert_eq!(overrides(&form, b"q=_method"), None);
         assert_eq!(overrides(&form, b"my_method=x&methods=y"), None);

@@ -27,8 +27,13 @@ use serde_json::Value;
 
 /// Most characters of one recorded value (longer ones are cut, marked).
 pub const MAX_FIELD_CHARS: usize = 256;
-/// Most pointers in each of `record-input`, `record-output`, `redact`.
+/// Most pointers in each of `record-input`, `record-output`, `redact`
+/// (and headers in `record-headers`): with the three lists full, a record
+/// stays within the 64 fields the audit log keeps.
 pub const MAX_POINTERS: usize = 16;
+/// Longest pointer or header name: its field's name (`output:` and it)
+/// stays within the 256 bytes the audit log keeps.
+pub const MAX_NAME: usize = 200;
 /// What replaces a redacted value.
 pub const REDACTED: &str = "[redacted]";
 
@@ -54,6 +59,9 @@ pub(crate) fn pointers(list: &[String]) -> Result<Vec<String>, String> {
         }
         if p.chars().any(char::is_control) {
             return Err(format!("{p:?} contains control characters"));
+        }
+        if p.len() > MAX_NAME {
+            return Err(format!("{p:?} is over {MAX_NAME} bytes"));
         }
         let mut rest = p.as_str();
         while let Some(i) = rest.find('~') {
@@ -400,6 +408,8 @@ mod tests {
             assert!(pointers(&[bad.to_owned()]).is_err(), "{bad:?}");
         }
         assert!(pointers(&vec!["/a".to_owned(); MAX_POINTERS + 1]).is_err());
+        assert!(pointers(&[format!("/{}", "a".repeat(MAX_NAME))]).is_err());
+        assert!(pointers(&[format!("/{}", "a".repeat(MAX_NAME - 1))]).is_ok());
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use aws_lc_rs::digest::{SHA256, digest};
 use aws_lc_rs::hmac;
 use baton_core::api::ToolCallReport;
+use baton_core::report_bounds;
 use baton_core::{Permission, Purpose, RiskTier, Scope, SpiffeId, TaskId};
 
 use crate::error::{CallDenied, ReportError};
@@ -418,38 +419,24 @@ impl ToolGate {
         };
         // A call whose record the broker would refuse (a resource taken
         // from an argument of 5 MB, or with a newline) is not run: it
-        // would run unrecorded. Its refusal is recorded without the
-        // offending text.
-        if let Err(e) = report.check_bounds() {
-            let denied = CallDenied::Unrecordable {
-                field: e.field,
-                message: e.message,
-            };
-            if e.field == "resource" {
+        // would run unrecorded. Its refusal (this one, or the policy's if
+        // it refuses first) is recorded without the text at fault.
+        let unrecordable = report.check_bounds().err();
+        if unrecordable.is_some() {
+            if report_bounds::check_resource(&report.resource).is_err() {
                 report.resource = format!("(unrecordable: {} bytes)", tool.resource.len());
             }
-            report.recorded.clear();
-            report.decision = "deny".to_owned();
-            report.reason = Some(format!("{}: {denied}", denied.code()));
-            let record = self.reporter.as_ref().and_then(|r| {
-                if let Err(e) = report.check_bounds() {
-                    tracing::warn!(error = %e, "the refusal of an unrecordable call is not recordable either");
-                    return None;
-                }
-                r.enqueue(report)
-                    .inspect_err(|e| {
-                        tracing::warn!(error = %e, "could not spool the report of a denied call");
-                    })
-                    .ok()
-            });
-            return Admitted {
-                outcome: Err(denied),
-                record,
-                allow_record: false,
-            };
+            if report_bounds::check_recorded("recorded", &report.recorded).is_err() {
+                report.recorded.clear();
+            }
         }
         let decision = self.decide(d, tool, now).and_then(|c| {
-            if c.needs_approval && approval.is_none() {
+            if let Some(e) = unrecordable {
+                Err(CallDenied::Unrecordable {
+                    field: e.field,
+                    message: e.message,
+                })
+            } else if c.needs_approval && approval.is_none() {
                 Err(CallDenied::ApprovalRequired {
                     policy_ids: c.policy_ids,
                 })
@@ -812,7 +799,16 @@ impl VerifiedCall {
         let reporter = self.reporter.take()?;
         let mut report = self.report.clone();
         report.output_digest = output_digest;
+        // An upstream's error text can be long (it may quote the URL): the
+        // record keeps its start.
+        let reason = reason.map(|r| cut_text(r, MAX_COMPLETION_REASON));
         report.reason = reason.clone();
+        if report_bounds::check_recorded("recorded", &report.recorded).is_err() {
+            // Output fields the configuration let through but the log would
+            // refuse: the record is kept without its clear-text fields.
+            report.recorded.clear();
+            tracing::warn!(report = %report.report_id, "clear-text fields over the audit log's bounds dropped from a call's record");
+        }
         if self.sensitive {
             report.reason = Some(match reason {
                 Some(r) => format!("{r}; completes {}", self.report.report_id),
@@ -822,6 +818,25 @@ impl VerifiedCall {
         }
         Some((reporter, report))
     }
+}
+
+/// Longest reason a completion record carries (the record takes 4 KiB;
+/// the rest is for the `completes ...` note).
+const MAX_COMPLETION_REASON: usize = 2048;
+
+/// `text` cut to at most `max` bytes on a character boundary, the cut
+/// marked.
+fn cut_text(mut text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    let mut at = max.saturating_sub(3);
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    text.truncate(at);
+    text.push_str("...");
+    text
 }
 
 impl Drop for VerifiedCall {

@@ -3,8 +3,9 @@
 //!
 //! Wire format: `POST {broker_url}/v1/audit/tool-calls` with the JSON body
 //! [`ReportBatch`] `{"reports": [ToolCallReport, ...]}` (one to
-//! [`MAX_BATCH`] records). Any 2xx means every record of the batch is
-//! stored. The broker must treat `report_id` as an idempotency key: a batch
+//! [`MAX_BATCH`] records, about [`MAX_BATCH_BYTES`]). A 2xx means every
+//! record of the batch is stored but those its receipts say `refused`,
+//! which are kept in [`REFUSED_FILE`]. The broker must treat `report_id` as an idempotency key: a batch
 //! can be sent again after a timeout that hid a success, and the spool then
 //! resends records the broker already holds.
 //!
@@ -1083,22 +1084,22 @@ impl Reporter {
         let _one_at_a_time = self.inner.flushing.lock().await;
         let shared = &self.inner.shared;
         let mut delivered = 0;
-        // Down to one record a batch after a batch was too large, so the
-        // record at fault is found and set aside.
-        let mut most = MAX_BATCH;
+        // Halved after a batch was too large (for the broker, or a proxy
+        // in front of it), down to one record, which is then set aside.
+        let (mut most, mut budget) = (MAX_BATCH, MAX_BATCH_BYTES);
         loop {
-            let batch = {
+            let (batch, bytes) = {
                 let state = shared.lock();
                 let mut bytes = 0;
                 let mut reports = Vec::new();
                 for s in state.pending.iter().take(most) {
-                    if !reports.is_empty() && bytes + s.bytes > MAX_BATCH_BYTES {
+                    if !reports.is_empty() && bytes + s.bytes > budget {
                         break;
                     }
                     bytes += s.bytes;
                     reports.push(s.report.clone());
                 }
-                ReportBatch { reports }
+                (ReportBatch { reports }, bytes)
             };
             if batch.reports.is_empty() {
                 return Ok(delivered);
@@ -1107,9 +1108,13 @@ impl Reporter {
                 Ok(d) => d.refused,
                 Err(SendError::Status { status: 413, body }) => {
                     if batch.reports.len() > 1 {
-                        most = 1;
+                        most = (batch.reports.len() / 2).max(1);
+                        budget = (bytes / 2).max(1);
                         continue;
                     }
+                    // The record at fault: set aside; the next batches
+                    // are full size again.
+                    (most, budget) = (MAX_BATCH, MAX_BATCH_BYTES);
                     vec![Refusal {
                         report_id: batch
                             .reports
@@ -1167,8 +1172,13 @@ impl Reporter {
     fn set_aside(&self, batch: &ReportBatch, refused: &[Refusal]) -> Result<(), ReportError> {
         let shared = &self.inner.shared;
         let mut buf = Vec::new();
+        let mut kept = 0;
         for why in refused {
-            let report = batch.reports.iter().find(|r| r.report_id == why.report_id);
+            let Some(report) = batch.reports.iter().find(|r| r.report_id == why.report_id) else {
+                tracing::warn!(report = %why.report_id.escape_debug(), "the broker refused a record this batch does not hold; ignored");
+                continue;
+            };
+            kept += 1;
             tracing::error!(
                 report = %why.report_id.escape_debug(),
                 code = %why.code.escape_debug(),
@@ -1194,9 +1204,7 @@ impl Reporter {
                 f.sync_data()
             })
             .map_err(|e| shared.io(e))?;
-        self.inner
-            .refused
-            .fetch_add(refused.len(), Ordering::Relaxed);
+        self.inner.refused.fetch_add(kept, Ordering::Relaxed);
         Ok(())
     }
 

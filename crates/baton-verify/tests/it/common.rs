@@ -273,6 +273,9 @@ pub struct TestSender {
     pub refuse: Mutex<Vec<String>>,
     /// Report ids that make any batch holding them too large (HTTP 413).
     pub too_large: Mutex<Vec<String>>,
+    /// Batches of more records than this are too large (0: no limit), as
+    /// behind a proxy with a body limit.
+    pub most: std::sync::atomic::AtomicUsize,
 }
 
 impl TestSender {
@@ -301,10 +304,12 @@ impl ReportSender for TestSender {
                 return Err(SendError::Unreachable("connection refused (test)".into()));
             }
             let too_large = self.too_large.lock().unwrap().clone();
+            let most = self.most.load(std::sync::atomic::Ordering::SeqCst);
             if batch
                 .reports
                 .iter()
                 .any(|r| too_large.contains(&r.report_id))
+                || (most > 0 && batch.reports.len() > most)
             {
                 return Err(SendError::Status {
                     status: 413,

@@ -161,14 +161,37 @@ fn a_call_whose_record_the_log_would_refuse_is_refused_and_its_refusal_recorded(
         spooled[0].resource,
         format!("(unrecordable: {} bytes)", max + 1)
     );
+    // A call refused anyway is recorded with the first refusal's reason,
+    // without the text at fault.
+    let foreign = ToolSpec {
+        resource: "a".repeat(max + 1),
+        ..tool("hr.payroll", RiskTier::Read, "tool:hr.payroll:read")
+    };
+    let err = gate.authorize(&d, &foreign, b"{}", NOW).unwrap_err();
+    assert!(matches!(err, CallDenied::OutOfScope { .. }), "{err:?}");
+    let spooled = reporter.pending_reports();
+    assert_eq!(spooled.len(), 3);
+    assert_eq!(
+        spooled[2].resource,
+        format!("(unrecordable: {} bytes)", max + 1)
+    );
+    assert!(
+        spooled[2]
+            .reason
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("out_of_scope"),
+        "{:?}",
+        spooled[2].reason
+    );
     // Control: at the bound, allowed and recorded as it is.
     let call = gate
         .authorize(&d, &with_resource("a".repeat(max)), b"{}", NOW)
         .unwrap();
     let spooled = reporter.pending_reports();
-    assert_eq!(spooled.len(), 3);
-    assert_eq!(spooled[2].report_id, call.report_id());
-    assert_eq!(spooled[2].resource.len(), max);
+    assert_eq!(spooled.len(), 4);
+    assert_eq!(spooled[3].report_id, call.report_id());
+    assert_eq!(spooled[3].resource.len(), max);
     call.finish(b"ok").unwrap();
 }
 

@@ -121,6 +121,22 @@ async fn a_record_the_broker_refuses_is_set_aside_and_blocks_nothing_behind_it()
 }
 
 #[tokio::test]
+async fn batches_shrink_to_what_the_broker_takes_and_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let sender = TestSender::new(true);
+    sender.most.store(3, std::sync::atomic::Ordering::SeqCst);
+    let reporter = Reporter::open(dir.path(), sender.clone()).unwrap();
+    let sent: Vec<_> = (0..20).map(report).collect();
+    for r in &sent {
+        reporter.submit(r.clone()).unwrap();
+    }
+    assert_eq!(reporter.flush().await.unwrap(), 20);
+    assert_eq!(sender.received(), sent);
+    assert_eq!(reporter.refused(), 0);
+    assert!(!dir.path().join(baton_verify::REFUSED_FILE).exists());
+}
+
+#[tokio::test]
 async fn a_record_outside_the_logs_bounds_is_refused_at_the_spool() {
     let dir = tempfile::tempdir().unwrap();
     let reporter = Reporter::open(dir.path(), TestSender::new(true)).unwrap();
