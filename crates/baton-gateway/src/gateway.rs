@@ -81,6 +81,39 @@ pub(crate) struct Gateway {
     routing: arc_swap::ArcSwap<Routing>,
     pub(crate) enforcer: Enforcer,
     pub(crate) sessions: crate::mcp::Sessions,
+    /// Peer certificates already read, by their DER: a kept-alive
+    /// connection's calls parse its leaf once, not per call.
+    peers: PeerCache,
+}
+
+/// Most peer certificates [`PeerCache`] holds; when full it starts over.
+const PEER_CACHE_CAPACITY: usize = 4096;
+
+/// The [`PeerCert`] read from each leaf certificate the TLS handshake
+/// verified, keyed by the leaf's exact DER (so a cached entry is what
+/// reading that DER again would give; what may change over time, such as
+/// revocation, is checked per call on the result).
+#[derive(Default)]
+struct PeerCache(std::sync::Mutex<std::collections::HashMap<Vec<u8>, Arc<PeerCert>>>);
+
+impl PeerCache {
+    fn get(&self, leaf: &[u8]) -> Result<Arc<PeerCert>, baton_verify::PeerError> {
+        let lock = || {
+            self.0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        if let Some(p) = lock().get(leaf) {
+            return Ok(p.clone());
+        }
+        let p = Arc::new(PeerCert::from_verified_leaf(leaf.to_vec())?);
+        let mut map = lock();
+        if map.len() >= PEER_CACHE_CAPACITY {
+            map.clear();
+        }
+        map.insert(leaf.to_vec(), p.clone());
+        Ok(p)
+    }
 }
 
 /// What a configuration reload may change.
@@ -264,6 +297,7 @@ pub async fn run(
         routing: arc_swap::ArcSwap::from_pointee(routing),
         enforcer,
         sessions: crate::mcp::Sessions::default(),
+        peers: PeerCache::default(),
     });
     let reloads = o.reload.map(|mut rx| {
         let gw = gw.clone();
@@ -472,10 +506,10 @@ impl Gateway {
         if req.path == METADATA_PATH && req.method == Method::GET {
             return warp::reply::json(&rt.metadata).into_response();
         }
-        let Some(PeerCertificate(leaf)) = req.cert.clone() else {
+        let Some(PeerCertificate(leaf)) = &req.cert else {
             return invalid_token("no_peer", "an mTLS client certificate is required");
         };
-        let peer = match PeerCert::from_verified_leaf(leaf) {
+        let peer = match self.peers.get(leaf) {
             Ok(p) => p,
             Err(e) => return invalid_token("bad_peer", &e.to_string()),
         };
@@ -1173,6 +1207,50 @@ mod tests {
     }
 
     const MULTIPART: &str = "multipart/form-data; boundary=XyZ";
+
+    fn leaf(ca: &baton_ca::Ca, who: &str) -> Vec<u8> {
+        let id = baton_core::SpiffeId::parse(who).unwrap();
+        let key = baton_ca::WorkloadKey::generate().unwrap();
+        let svid = ca
+            .sign_x509_svid(
+                &key.csr_der(&id).unwrap(),
+                &id,
+                std::time::Duration::from_secs(600),
+                &[],
+                std::time::SystemTime::now(),
+            )
+            .unwrap();
+        svid.cert_chain_der[0].clone()
+    }
+
+    #[test]
+    fn a_peer_certificate_is_read_once_and_each_leaf_as_itself() {
+        let ca = baton_ca::Ca::load_or_create(
+            baton_ca::CaConfig::new("example.org".parse().unwrap()),
+            std::time::SystemTime::now() - std::time::Duration::from_secs(60),
+        )
+        .unwrap();
+        let (a, b) = (
+            leaf(&ca, "spiffe://example.org/agents/a"),
+            leaf(&ca, "spiffe://example.org/agents/b"),
+        );
+        let cache = PeerCache::default();
+        let first = cache.get(&a).unwrap();
+        assert!(Arc::ptr_eq(&first, &cache.get(&a).unwrap()));
+        assert_eq!(first.spiffe_id().as_str(), "spiffe://example.org/agents/a");
+        // Another leaf is read as itself, not as a cached one.
+        let other = cache.get(&b).unwrap();
+        assert_eq!(other.spiffe_id().as_str(), "spiffe://example.org/agents/b");
+        assert_ne!(other.serial_hex(), first.serial_hex());
+        // One byte changed is another key: read again, never the cached one.
+        let mut tampered = a.clone();
+        let last = tampered.len() - 1;
+        tampered[last] ^= 1;
+        if let Ok(p) = cache.get(&tampered) {
+            assert!(!Arc::ptr_eq(&p, &first));
+        }
+        assert!(cache.get(b"not a certificate").is_err());
+    }
 
     /// Where `method_override` found a `_method` (the place its message
     /// names), or its whole refusal.
