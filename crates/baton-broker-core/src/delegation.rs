@@ -443,24 +443,7 @@ impl Delegation {
         // Fail closed: nothing is stored or granted unless the start is logged.
         self.append(&ev)?;
         self.tasks.insert_task(&task)?;
-        let grant = self.new_grant(
-            GrantRecord {
-                task_id: id.clone(),
-                target: req.root_agent.clone(),
-                scope: req.scope.clone(),
-                purpose: req.purpose.clone(),
-                purpose_epoch: 0,
-                audience: req.audiences.clone(),
-                depth: 0,
-                parent: None,
-                parent_act: None,
-                justification: None,
-                exp_cap: task.expires_at,
-                expires_at: (now + self.settings.grant_ttl.as_secs()).min(task.expires_at),
-                created_by: None,
-            },
-            now,
-        )?;
+        let grant = self.new_grant(self.root_grant(&task, req.audiences.clone(), now), now)?;
         tracing::info!(task = %id, root_agent = %req.root_agent, purpose = %req.purpose, "task started");
         Ok(StartTaskResponse {
             task_id: id,
@@ -1536,24 +1519,27 @@ impl Delegation {
             audience.join(", ")
         ));
         self.append(&ev)?;
-        self.new_grant(
-            GrantRecord {
-                task_id: task.id.clone(),
-                target: task.root_agent.clone(),
-                scope: task.scope.clone(),
-                purpose: task.purpose.clone(),
-                purpose_epoch: task.purpose_epoch,
-                audience,
-                depth: 0,
-                parent: None,
-                parent_act: None,
-                justification: None,
-                exp_cap: task.expires_at,
-                expires_at: (now + self.settings.grant_ttl.as_secs()).min(task.expires_at),
-                created_by: None,
-            },
-            now,
-        )
+        self.new_grant(self.root_grant(&task, audience, now), now)
+    }
+
+    /// A grant for the task's root agent (its start, or an operator's
+    /// re-issue): the task's scope and purpose, no parent, for `audience`.
+    fn root_grant(&self, task: &TaskRecord, audience: Vec<String>, now: u64) -> GrantRecord {
+        GrantRecord {
+            task_id: task.id.clone(),
+            target: task.root_agent.clone(),
+            scope: task.scope.clone(),
+            purpose: task.purpose.clone(),
+            purpose_epoch: task.purpose_epoch,
+            audience,
+            depth: 0,
+            parent: None,
+            parent_act: None,
+            justification: None,
+            exp_cap: task.expires_at,
+            expires_at: (now + self.settings.grant_ttl.as_secs()).min(task.expires_at),
+            created_by: None,
+        }
     }
 
     pub fn trust_domain(&self) -> &baton_core::TrustDomain {

@@ -842,53 +842,106 @@ fn method_override(req: &Incoming, body: &[u8]) -> Option<String> {
         },
         _ => String::new(),
     };
-    // Rack ends the media type at a `;` or a `,`.
-    let media = content_type
-        .split([';', ','])
-        .next()
-        .unwrap_or_default()
-        .trim();
-    if media.is_empty() {
+    if content_type.is_empty() {
         // Rack reads a body without a media type as a form.
         return names_method(body)
             .then(|| found("the body (read as a form: it has no Content-Type)"))
             .flatten();
     }
-    if media == "application/x-www-form-urlencoded" {
-        return names_method(body).then(|| found("the form body")).flatten();
+    // Parsers cut a Content-Type in different places (Rack at `;` or `,`,
+    // PHP also at a space, PHP finds `boundary` inside another
+    // parameter's name): only one that reads one way is passed on.
+    let Some(parsed) = ContentType::parse(&content_type) else {
+        return Some(format!(
+            "the Content-Type {content_type:?} is not `type/subtype` with `; name=value` parameters only (RFC 9110), so parsers could read it differently"
+        ));
+    };
+    let mut found_in = None;
+    if parsed.media == "application/x-www-form-urlencoded" && names_method(body) {
+        found_in = Some("the form body");
     }
-    if media.starts_with("multipart/") {
-        // Rack takes the last `boundary=` anywhere in the type (inside
-        // another parameter's name or value too): more than one is
-        // ambiguous.
-        if content_type.matches("boundary=").count() > 1 {
-            return Some("the multipart Content-Type names more than one boundary".into());
-        }
-        return multipart_names_method(&content_type, body)
-            .then(|| found("the multipart body"))
-            .flatten();
+    if parsed.media.starts_with("multipart/")
+        && multipart_names_method(parsed.boundary.as_deref(), body)
+    {
+        found_in = Some("the multipart body");
     }
-    // Laravel reads any type with `/json` or `+json` as JSON.
-    if media.contains("/json") || media.contains("+json") {
+    // Laravel reads as JSON any type whose header has `/json` or `+json`
+    // anywhere (a parameter's value too).
+    if content_type.contains("/json") || content_type.contains("+json") {
         // Only an object's own keys are parameters. A body this parser
-        // cannot read (JSON lines, a BOM, nesting deeper than 128 where
-        // PHP reads 512) is refused only if it has the word `method`
-        // anywhere (`\u005fmethod` included): what it is to the upstream
-        // is not known here.
-        return match serde_json::from_slice::<serde_json::Value>(body) {
-            Ok(serde_json::Value::Object(map)) => map
-                .keys()
-                .any(|k| is_method_key(k.as_bytes()))
-                .then(|| found("the JSON body"))
-                .flatten(),
-            Ok(_) => None,
-            Err(_) if find(&body.to_ascii_lowercase(), b"method").is_some() => {
-                found("the JSON body (which the gateway cannot parse)")
+        // cannot read (JSON lines, a BOM, a number out of range, nesting
+        // deeper than 128 where PHP reads 512) is refused if it has the
+        // word `method` or any `\u` escape: what it is to the upstream is
+        // not known here.
+        let json = match serde_json::from_slice::<serde_json::Value>(body) {
+            Ok(serde_json::Value::Object(map)) => map.keys().any(|k| is_method_key(k.as_bytes())),
+            Ok(_) => false,
+            Err(_) => {
+                let lower = body.to_ascii_lowercase();
+                find(&lower, b"method").is_some() || find(&lower, b"\\u").is_some()
             }
-            Err(_) => None,
         };
+        if json {
+            found_in = Some("the JSON body");
+        }
     }
-    None
+    found_in.and_then(found)
+}
+
+/// A Content-Type read one way (RFC 9110 8.3): `type/subtype` then
+/// `;`-separated `name=value` parameters, names and unquoted values
+/// tokens, no space around `=`; the text `boundary` at most once, and then
+/// only as a parameter's whole name.
+struct ContentType {
+    media: String,
+    boundary: Option<String>,
+}
+
+impl ContentType {
+    fn parse(lower: &str) -> Option<Self> {
+        let token = |t: &str| {
+            !t.is_empty()
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+        };
+        let mut parts = lower.split(';');
+        let media = parts.next()?.trim_end_matches([' ', '\t']);
+        let (ty, sub) = media.split_once('/')?;
+        if !token(ty) || !token(sub) {
+            return None;
+        }
+        let mut boundary = None;
+        for p in parts {
+            let p = p
+                .trim_start_matches([' ', '\t'])
+                .trim_end_matches([' ', '\t']);
+            let (name, value) = p.split_once('=')?;
+            if !token(name) {
+                return None;
+            }
+            let value = match value.strip_prefix('"') {
+                Some(quoted) => {
+                    let inner = quoted.strip_suffix('"')?;
+                    if inner.contains(['"', '\\']) || inner.chars().any(char::is_control) {
+                        return None;
+                    }
+                    inner
+                }
+                None if token(value) => value,
+                None => return None,
+            };
+            if name == "boundary" {
+                boundary = Some(value.to_owned());
+            }
+        }
+        if lower.matches("boundary").count() > usize::from(boundary.is_some()) {
+            return None;
+        }
+        Some(Self {
+            media: media.to_owned(),
+            boundary,
+        })
+    }
 }
 
 /// Whether a parameter name is `_method` as a framework reads it: in any
@@ -917,16 +970,12 @@ fn is_method_key(raw: &[u8]) -> bool {
 
 /// Whether a part of a multipart body is named `_method` (in any case,
 /// quoted or not, or in an RFC 2231 `name*=`): each part's header block is
-/// searched, the text from its boundary line to the first empty line (CRLF
-/// or bare LF, as lenient parsers accept). Without a boundary parameter the
-/// whole body is searched.
-fn multipart_names_method(content_type: &str, body: &[u8]) -> bool {
+/// searched, the text from its boundary line to the later of its first
+/// CRLF CRLF and LF LF. Without a boundary parameter, or when no part is
+/// under it, the whole body is searched.
+fn multipart_names_method(boundary: Option<&str>, body: &[u8]) -> bool {
     let lower = body.to_ascii_lowercase();
     let mentions = |hay: &[u8]| hay.windows(7).any(|w| w == b"_method");
-    let boundary = content_type.split(';').skip(1).find_map(|p| {
-        let (k, v) = p.split_once('=')?;
-        (k.trim() == "boundary").then(|| v.trim().trim_matches('"').to_owned())
-    });
     let Some(boundary) = boundary.filter(|b| !b.is_empty()) else {
         return mentions(&lower);
     };
@@ -939,11 +988,15 @@ fn multipart_names_method(content_type: &str, body: &[u8]) -> bool {
     let mut rest = lower.as_slice();
     while let Some(at) = find(rest, &delimiter) {
         rest = &rest[at + delimiter.len()..];
+        // The later of the two blank lines (Rack reads up to CRLF CRLF,
+        // lenient parsers to LF LF), within this part.
+        let part = find(rest, &delimiter).unwrap_or(rest.len());
         let end = [find(rest, b"\r\n\r\n"), find(rest, b"\n\n")]
             .into_iter()
             .flatten()
-            .min()
-            .unwrap_or(rest.len());
+            .max()
+            .unwrap_or(rest.len())
+            .min(part);
         if mentions(&rest[..end]) {
             return true;
         }
@@ -1327,7 +1380,7 @@ mod tests {
                 &two,
                 b"--B\r\nContent-Disposition: form-data; name=\"_method\"\r\n\r\nDELETE\r\n--B--"
             )
-            .is_some_and(|m| m.contains("more than one boundary"))
+            .is_some_and(|m| m.contains("is not `type/subtype`"))
         );
         // No boundary: the whole body is searched (fail closed).
         assert_eq!(
@@ -1357,7 +1410,7 @@ mod tests {
         );
         assert!(
             overrides(&incoming(None, "application/json"), deep.as_bytes())
-                .is_some_and(|m| m.contains("which the gateway cannot parse"))
+                .is_some_and(|m| m == "the JSON body")
         );
         assert!(overrides(&incoming(None, "application/json"), b"not json _method").is_some());
         assert!(
@@ -1368,24 +1421,58 @@ mod tests {
             .is_some()
         );
         // Rack ends the media type at a comma too.
-        assert_eq!(
+        assert!(
             overrides(
                 &incoming(None, "application/x-www-form-urlencoded, x"),
                 b"_method=DELETE"
-            ),
-            some("the form body")
+            )
+            .is_some_and(|m| m.contains("is not `type/subtype`"))
         );
         // Rack takes the last `boundary=` anywhere; a body with no part
         // under the boundary the gateway read is searched whole.
         for ct in [
             "multipart/form-data; boundary=safe; x-boundary=evil",
             "multipart/form-data; foo=\"boundary=evil\"; boundary=safe",
+            "multipart/form-data; xboundaryx=evil; boundary=safe",
+            "multipart/form-data; boundary=evil,x",
+            "multipart/form-data; boundary =evil",
         ] {
             assert!(
                 overrides(&incoming(None, ct), b"--evil\r\nContent-Disposition: form-data; name=\"_method\"\r\n\r\nDELETE\r\n--evil--").is_some(),
                 "{ct}"
             );
         }
+        // A Content-Type parsers cut differently (PHP at a space, Laravel
+        // reading `/json` in a parameter).
+        for ct in ["application/x-www-form-urlencoded x", "text/plain; x=/json"] {
+            assert!(
+                overrides(&incoming(None, ct), br#"{"_method":"DELETE"}"#).is_some(),
+                "{ct}"
+            );
+        }
+        assert_eq!(
+            overrides(
+                &incoming(None, "text/plain; x=\"a/json\""),
+                br#"{"_method":"DELETE"}"#
+            ),
+            some("the JSON body")
+        );
+        // JSON serde cannot read but PHP can: an escaped `m`, a huge number.
+        assert!(
+            overrides(
+                &incoming(None, "application/json"),
+                br#"{"_\u006dethod":"DELETE","n":1e400}"#
+            )
+            .is_some()
+        );
+        // A header block with a bare LF LF before the real CRLF CRLF.
+        assert_eq!(
+            overrides(
+                &multipart,
+                b"--XyZ\r\nX: y\n\nContent-Disposition: form-data; name=\"_method\"\r\n\r\nDELETE\r\n--XyZ--"
+            ),
+            some("the multipart body")
+        );
         assert_eq!(
             overrides(
                 &incoming(None, "multipart/form-data; boundary=safe"),
