@@ -83,6 +83,15 @@ pub fn check_resource(resource: &str) -> Result<(), OutOfBounds> {
     Ok(())
 }
 
+/// `resource` as a record may name it: itself when within bounds, else
+/// only its size (a refusal's record keeps no text the log would refuse).
+pub fn recordable_resource(resource: &str) -> String {
+    match check_resource(resource) {
+        Ok(()) => resource.to_owned(),
+        Err(_) => format!("(unrecordable: {} bytes)", resource.len()),
+    }
+}
+
 impl ToolCallReport {
     /// Every caller-chosen text of the report within its bounds: a
     /// reporter cannot make the audit log a copy of its traffic through

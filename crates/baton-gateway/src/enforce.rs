@@ -273,10 +273,7 @@ impl Enforcer {
             agent: peer.spiffe_id().clone(),
             tool: tool.to_owned(),
             // A resource the log cannot keep is named by its size only.
-            resource: match baton_core::report_bounds::check_resource(resource) {
-                Ok(()) => resource.to_owned(),
-                Err(_) => format!("(unrecordable: {} bytes)", resource.len()),
-            },
+            resource: baton_core::report_bounds::recordable_resource(resource),
             risk,
             scope_used: Vec::new(),
             input_digest: self.gate.digest(input),

@@ -423,9 +423,7 @@ impl ToolGate {
         // it refuses first) is recorded without the text at fault.
         let unrecordable = report.check_bounds().err();
         if unrecordable.is_some() {
-            if report_bounds::check_resource(&report.resource).is_err() {
-                report.resource = format!("(unrecordable: {} bytes)", tool.resource.len());
-            }
+            report.resource = report_bounds::recordable_resource(&report.resource);
             if report_bounds::check_recorded("recorded", &report.recorded).is_err() {
                 report.recorded.clear();
             }
