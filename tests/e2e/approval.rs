@@ -83,6 +83,13 @@ pub(crate) fn put_with(
         let mut r = client(cred)
             .put(format!("{}{path}", g.url))
             .bearer_auth(token_of(cred));
+        // The bodies here are JSON: typed so unless a test says otherwise.
+        if !headers
+            .iter()
+            .any(|(n, _)| n.eq_ignore_ascii_case("content-type"))
+        {
+            r = r.header("content-type", "application/json");
+        }
         for (name, value) in headers {
             r = r.header(*name, *value);
         }
@@ -259,6 +266,74 @@ fn a_held_call_goes_on_once_its_initiator_approves_exactly_it() {
         as_json["shown"]["input:/to"], "mallory\u{1b}[2J",
         "{as_json}"
     );
+    // What the human saw must be what the upstream reads. The small
+    // payment typed as a form: a form reader finds `amount=1000000` and
+    // `to=mallory` in its memo, while the JSON view shows 10 to vendor.
+    // A twin key Go reads without case; a gzip body the gateway cannot
+    // read. Each refused before approval is asked, nothing forwarded;
+    // the small payment above (JSON, no encoding) is the control.
+    let before = g.upstream_count();
+    let as_form = put_with(
+        &g,
+        &cred,
+        "/payments/1",
+        r#"{"amount":10,"to":"vendor","memo":"&amount=1000000&to=mallory&x="}"#,
+        &[("content-type", "application/x-www-form-urlencoded")],
+    );
+    assert_eq!(as_form.status, 415, "{as_form:?}");
+    assert_eq!(as_form.body["code"], "invalid_request", "{as_form:?}");
+    let untyped = put_with(
+        &g,
+        &cred,
+        "/payments/1",
+        r#"{"amount":10,"to":"vendor"}"#,
+        &[("content-type", "text/plain; charset=utf-8")],
+    );
+    assert_eq!(untyped.status, 415, "{untyped:?}");
+    let twin = put(
+        &g,
+        &cred,
+        "/payments/1",
+        r#"{"amount":10,"AMOUNT":1000000,"to":"vendor"}"#,
+    );
+    assert_eq!(twin.status, 400, "{twin:?}");
+    assert!(
+        twin.body["error"]
+            .as_str()
+            .unwrap()
+            .contains("but for case"),
+        "{twin:?}"
+    );
+    let gzipped = put_with(
+        &g,
+        &cred,
+        "/payments/1",
+        r#"{"amount":10,"to":"vendor"}"#,
+        &[
+            ("content-type", "application/json"),
+            ("content-encoding", "gzip"),
+        ],
+    );
+    assert_eq!(gzipped.status, 415, "{gzipped:?}");
+    assert!(
+        gzipped.body["error"]
+            .as_str()
+            .unwrap()
+            .contains("Content-Encoding gzip"),
+        "{gzipped:?}"
+    );
+    assert_eq!(g.upstream_count(), before);
+    assert_eq!(
+        pending_id(&put(
+            &g,
+            &cred,
+            "/payments/1",
+            r#"{"amount":10,"to":"vendor"}"#
+        )),
+        small,
+        "the control is held as before"
+    );
+
     let err = g.w.refused(&["approval", "show", "ap_../../tasks"]);
     assert!(err.contains("is not an approval id"), "{err}");
     let err =

@@ -712,3 +712,69 @@ fn one_task_runs_across_three_brokers() {
         },
     );
 }
+
+/// An API key is stored by the broker that leased it, but its task may end
+/// at any broker: the leasing broker's introspection answers from the
+/// shared revocation ledger, so the key is inactive there as soon as its
+/// task is ended at another broker. The control is a second key whose
+/// task goes on, still active at the same broker.
+#[test]
+fn an_api_key_dies_with_its_task_ended_at_another_broker() {
+    use crate::secrets::{lease, task_with};
+    let (rt, pg) = cluster();
+    create_db(&rt, &pg);
+    let keys = tempfile::tempdir().unwrap();
+    let key = seal_key(keys.path(), "ca.key");
+    let args = vec![
+        "--datastore".to_owned(),
+        pg.admin_conn("baton"),
+        "--ca-encryption-key-file".to_owned(),
+        key.display().to_string(),
+    ];
+    let b = broker(&args);
+    let w = World::start_with_options(
+        None,
+        Options {
+            broker_args: args.clone(),
+            ..Options::default()
+        },
+    );
+    // The tool server's identity for introspection.
+    let (_t, tool) = task_with(&w, &["tool:crm.search:read"], "10m", "tool-id");
+    let (ended, cred) = task_with(&w, &["secret:apikey:issue"], "10m", "keyholder");
+    let (_kept, cred2) = task_with(&w, &["secret:apikey:issue"], "10m", "keyholder2");
+    // Both leased at A (the world's broker).
+    let key_of = |cred: &Path| {
+        lease(&w, cred, "apikey")["material"]["key"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let (doomed, control) = (key_of(&cred), key_of(&cred2));
+    let active_at_a = |key: &str| {
+        let out = ok_at(
+            &w,
+            &w.c,
+            &[
+                "secret",
+                "introspect",
+                "--credential",
+                tool.to_str().unwrap(),
+                "--key",
+                key,
+                "-o",
+                "json",
+            ],
+        );
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["active"]
+            .as_bool()
+            .unwrap()
+    };
+    assert!(active_at_a(&doomed) && active_at_a(&control));
+    ok_at(&w, &b, &["task", "end", &ended]);
+    assert!(
+        !active_at_a(&doomed),
+        "a key of a task ended at another broker is still active where it was leased"
+    );
+    assert!(active_at_a(&control), "the control's key died too");
+}

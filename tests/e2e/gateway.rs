@@ -1594,6 +1594,20 @@ fn paths_are_read_as_the_upstream_reads_them_and_no_header_poses_as_the_caller()
             ("Cf-Access-Authenticated-User-Email", "mallory@example.com"),
             ("X-Consumer-Username", "admin"),
             ("CF-Connecting-IP", "10.0.0.1"),
+            ("Remote-Groups", "admins"),
+            ("X-authentik-username", "akadmin"),
+            ("Tailscale-User-Login", "mallory@example.com"),
+            ("Teleport-Jwt-Assertion", "eyJ.x.y"),
+            ("X-Vouch-User", "mallory"),
+            ("X-Endpoint-API-UserInfo", "e30"),
+            ("X-JWT-Assertion", "eyJ.x.y"),
+            ("X-SSL-Cert", "-----BEGIN CERTIFICATE-----"),
+            ("X-Client-DN", "CN=admin"),
+            ("X-Client-Verify", "SUCCESS"),
+            // Underscore spellings a CGI or PHP server folds into the
+            // headers the gateway reads or sets.
+            ("Mcp_Session_Id", "a-leaked-session"),
+            ("Last_Event_ID", "7"),
             // Control: an ordinary header goes through.
             ("X-Request-Id", "req-42"),
         ],
@@ -1605,6 +1619,7 @@ fn paths_are_read_as_the_upstream_reads_them_and_no_header_poses_as_the_caller()
     assert_eq!(seen.method, "GET");
     assert_eq!(seen.header("baton-actor"), vec![RESEARCHER], "{seen:?}");
     for (name, _) in &seen.headers {
+        assert!(!name.contains('_'), "{name} reached the upstream: {seen:?}");
         let folded = name.replace('_', "-");
         assert!(
             !folded.starts_with("baton-")
@@ -1622,6 +1637,16 @@ fn paths_are_read_as_the_upstream_reads_them_and_no_header_poses_as_the_caller()
                     "cf-access-",
                     "x-consumer-",
                     "cf-connecting-ip",
+                    "remote-",
+                    "x-authentik-",
+                    "tailscale-",
+                    "teleport-",
+                    "x-vouch-",
+                    "x-endpoint-api-userinfo",
+                    "x-jwt-assertion",
+                    "x-ssl-",
+                    "x-client-dn",
+                    "x-client-verify",
                 ]
                 .iter()
                 .any(|p| folded.starts_with(p)),

@@ -78,6 +78,7 @@ fn named_fields_are_recorded_in_clear_text_and_secrets_in_them_are_not() {
             .bearer_auth(token_of(&cred))
             .header("x-request-id", "req-77")
             .header("x-forwarded-token", "Bearer leaked-upstream-token")
+            .header("content-type", "application/json")
             .body(body.to_string())
             .send()
             .await

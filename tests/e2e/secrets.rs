@@ -44,13 +44,13 @@ fn crm_engine_args(pg: &Pg) -> Vec<String> {
 }
 
 /// A task with `scope` whose root agent (the planner) redeemed its grant.
-fn task_with(w: &World, scope: &[&str], ttl: &str, tag: &str) -> (String, PathBuf) {
+pub(crate) fn task_with(w: &World, scope: &[&str], ttl: &str, tag: &str) -> (String, PathBuf) {
     let (task, grant) = w.start_task(scope, "1", ttl, "read");
     let cred = w.redeem(&grant, PLANNER, tag);
     (task, cred)
 }
 
-fn lease(w: &World, cred: &Path, engine: &str) -> serde_json::Value {
+pub(crate) fn lease(w: &World, cred: &Path, engine: &str) -> serde_json::Value {
     w.json(&[
         "secret",
         "lease",

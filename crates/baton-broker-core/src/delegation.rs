@@ -341,6 +341,36 @@ impl Delegation {
             expires_at: g.expires_at,
         })
     }
+}
+
+/// What [`Delegation::beside`] gives back: the audit append's result and
+/// the datastore step's, each for the caller to act on.
+type Both<T> = (Result<Receipt, BrokerError>, Result<T, BrokerError>);
+
+impl Delegation {
+    /// Runs `store` (a datastore commit) on a scoped thread while this
+    /// thread appends `ev` to the audit log: the two durable writes, each
+    /// ending in a sync, overlap instead of adding up. The append stays on
+    /// the request's thread, which carries its trace context. Nothing is
+    /// decided here: the caller acts on both results. Refused, with neither
+    /// done, if no thread can be started.
+    fn beside<T: Send>(
+        &self,
+        ev: &AuditEvent,
+        store: impl FnOnce() -> Result<T, BrokerError> + Send,
+    ) -> Result<Both<T>, BrokerError> {
+        std::thread::scope(|s| {
+            let handle = std::thread::Builder::new()
+                .name("baton-store".into())
+                .spawn_scoped(s, store)
+                .map_err(|e| BrokerError::Hook(format!("cannot start a datastore thread: {e}")))?;
+            let logged = self.append(ev);
+            let stored = handle
+                .join()
+                .unwrap_or_else(|_| Err(BrokerError::Hook("the datastore thread panicked".into())));
+            Ok((logged, stored))
+        })
+    }
 
     /// Starts a task for the human whose ID token is presented.
     pub(crate) fn start_task(
@@ -529,32 +559,39 @@ impl Delegation {
         }
         ev.kind = EventKind::HopGranted;
         ev.decision = Some("granted".into());
-        self.append(&ev)?;
         let exp_cap = claims.exp.min(task.expires_at);
-        let grant = self.new_grant(
-            GrantRecord {
-                task_id: task.id.clone(),
-                target: req.target.clone(),
-                scope: req.scope.clone(),
-                purpose: req.purpose.clone(),
-                purpose_epoch: task.purpose_epoch,
-                audience: req.audience.clone(),
-                depth: new_depth,
-                parent: Some(ParentRef {
-                    jti: claims.jti.clone(),
-                    hash: baton_ca::delegation::token_hash(req.token.expose()),
-                }),
-                parent_act: Some(claims.act.clone()),
-                justification: Some(req.justification.clone()),
-                exp_cap: match req.ttl_secs {
-                    Some(ttl) => exp_cap.min(now.saturating_add(ttl)),
-                    None => exp_cap,
-                },
-                expires_at: (now + self.settings.grant_ttl.as_secs()).min(exp_cap),
-                created_by: Some(peer.spiffe_id().clone()),
+        let record = GrantRecord {
+            task_id: task.id.clone(),
+            target: req.target.clone(),
+            scope: req.scope.clone(),
+            purpose: req.purpose.clone(),
+            purpose_epoch: task.purpose_epoch,
+            audience: req.audience.clone(),
+            depth: new_depth,
+            parent: Some(ParentRef {
+                jti: claims.jti.clone(),
+                hash: baton_ca::delegation::token_hash(req.token.expose()),
+            }),
+            parent_act: Some(claims.act.clone()),
+            justification: Some(req.justification.clone()),
+            exp_cap: match req.ttl_secs {
+                Some(ttl) => exp_cap.min(now.saturating_add(ttl)),
+                None => exp_cap,
             },
-            now,
-        );
+            expires_at: (now + self.settings.grant_ttl.as_secs()).min(exp_cap),
+            created_by: Some(peer.spiffe_id().clone()),
+        };
+        // The granted record and the grant are written at once (each is
+        // a commit and a sync); the grant leaves only once both are.
+        let (logged, grant) = self.beside(&ev, || self.new_grant(record, now))?;
+        if let Err(e) = logged {
+            // Stored but never delivered: nobody holds its secret, and it
+            // expires with the grant TTL.
+            if grant.is_ok() {
+                tracing::warn!(task = %task.id, "a hop's grant was stored but not delivered: its audit record failed");
+            }
+            return Err(e);
+        }
         let grant = match grant {
             Ok(g) => g,
             Err(e) => {
@@ -706,6 +743,12 @@ impl Delegation {
             tracing::error!(task = %task.id, error = %err, "cannot log a refused hop");
         }
         tracing::warn!(task = %task.id, from = %peer.spiffe_id(), to = %req.target, error = %e, "hop refused: holder's token refused");
+    }
+
+    /// Whether credential `id` is revoked in the shared ledger, itself or
+    /// with its task (any broker's revocation counts).
+    pub fn credential_revoked(&self, id: &str, now: u64) -> Result<bool, BrokerError> {
+        Ok(self.revoker.durably_revoked(id, now)?)
     }
 
     /// Appends an event to the audit log; an error means it was not logged
@@ -1622,14 +1665,14 @@ impl Delegation {
         Ok((task, false))
     }
 
-    pub(crate) fn set_purpose(
+    /// Whether `task` may change to `purpose` now: it is usable and the
+    /// purpose is in the catalogue.
+    pub(crate) fn check_purpose_change(
         &self,
-        raw: &str,
+        task: &TaskRecord,
         purpose: &Purpose,
-        now: SystemTime,
-    ) -> Result<TaskRecord, BrokerError> {
-        let now = unix(now);
-        let mut task = self.get_task(raw)?;
+        now: u64,
+    ) -> Result<(), BrokerError> {
         if let Some(why) = task.unusable(now) {
             return Err(BrokerError::Conflict(format!("task {}: {why}", task.id)));
         }
@@ -1639,6 +1682,18 @@ impl Delegation {
                 format!("purpose {purpose} is not in the declared catalogue"),
             ));
         }
+        Ok(())
+    }
+
+    pub(crate) fn set_purpose(
+        &self,
+        raw: &str,
+        purpose: &Purpose,
+        now: SystemTime,
+    ) -> Result<TaskRecord, BrokerError> {
+        let now = unix(now);
+        let mut task = self.get_task(raw)?;
+        self.check_purpose_change(&task, purpose, now)?;
         let mut ev = self.event(EventKind::PurposeChanged, &task.id, now);
         ev.purpose = Some(purpose.clone());
         ev.reason = Some(format!("was {}", task.purpose));
@@ -1730,6 +1785,19 @@ impl Delegation {
             );
         }
         let mut ev = AuditEvent::from_tool_call(r, Some(reporter.clone()));
+        // Only `approved in ID`, checked above, says an allowed call was
+        // approved: any other wording of an approval (`Approved in`, a
+        // leading space, `approval: ...`) is the reporter's unverified
+        // text, kept, and marked so in the trace.
+        if r.decision == "allow"
+            && let Some(text) = r.reason.as_deref()
+            && !text.starts_with("approved in ")
+            && mentions_approval(text)
+        {
+            ev.reason = Some(format!(
+                "unverified note from the reporter (no approval was checked): {text:?}"
+            ));
+        }
         if token.spiffe_id != r.agent {
             if r.decision == "allow" {
                 return Err(refuse(
@@ -1898,4 +1966,16 @@ fn truncated(text: &str, max: usize) -> String {
         end -= 1;
     }
     format!("{}... ({} bytes in all)", &text[..end], text.len())
+}
+
+/// Whether `text` speaks of an approval in any spelling: letters and
+/// digits only, lower-cased, contain `approv` (a `0` for the `o` too).
+fn mentions_approval(text: &str) -> bool {
+    let folded: String = text
+        .chars()
+        .filter(|c| c.is_alphanumeric())
+        .flat_map(char::to_lowercase)
+        .map(|c| if c == '0' { 'o' } else { c })
+        .collect();
+    folded.contains("approv") || folded.contains("aprov")
 }

@@ -306,15 +306,20 @@ pub struct TaskEnded {
     pub propagation: Propagation,
 }
 
-/// `end`: ends a task and revokes every credential of it. Re-driven on
-/// every call: a retry after a failed revocation completes it.
+/// `end`: revokes every credential of a task, then marks it ended.
+/// Revoked first: the task's deny entry also refuses everything minted
+/// after it, so a broker that dies in between leaves a task that is dead
+/// but not yet shown ended (the operator's command failed; running it
+/// again completes it), never one shown ended whose credentials still
+/// work. Re-driven on every call.
 pub async fn end_task(
     d: &Delegation,
     task: &str,
     now: SystemTime,
 ) -> Result<TaskEnded, BrokerError> {
+    let current = d.get_task(task)?;
+    let revoked = revoke_task(d, &current, "task ended", unix(now)).await?;
     let (task, already_ended) = d.end_task(task, now)?;
-    let revoked = revoke_task(d, &task, "task ended", unix(now)).await?;
     let propagation = d.revoker().propagation(PROPAGATION_WAIT).await?;
     Ok(TaskEnded {
         task,
@@ -354,18 +359,35 @@ pub struct PurposeChanged {
 }
 
 /// `purpose`: changes a task's declared purpose and revokes what was
-/// issued under the old one.
+/// issued under the old one: revoked before the change is committed (a
+/// broker that dies in between leaves the old purpose in force with its
+/// credentials dead, and the operator's command failed), and again after
+/// it, for what a hop minted under the old purpose meanwhile.
 pub async fn change_purpose(
     d: &Delegation,
     task: &str,
     purpose: &Purpose,
     now: SystemTime,
 ) -> Result<PurposeChanged, BrokerError> {
+    let current = d.get_task(task)?;
+    d.check_purpose_change(&current, purpose, unix(now))?;
+    let mut revoked = d
+        .revoker()
+        .revoke_issued(
+            &current.id,
+            d.task_store(),
+            "task purpose changed",
+            unix(now),
+        )
+        .await?;
     let task = d.set_purpose(task, purpose, now)?;
-    let revoked = d
+    let late = d
         .revoker()
         .revoke_issued(&task.id, d.task_store(), "task purpose changed", unix(now))
         .await?;
+    let mut seen: std::collections::BTreeSet<String> =
+        revoked.iter().map(|r| r.id.clone()).collect();
+    revoked.extend(late.into_iter().filter(|r| seen.insert(r.id.clone())));
     let propagation = d.revoker().propagation(PROPAGATION_WAIT).await?;
     Ok(PurposeChanged {
         task,

@@ -78,6 +78,15 @@ impl World {
 
     /// A world whose delegation settings `tune` adjusts first.
     fn with_settings(tune: impl FnOnce(&mut DelegationSettings)) -> Self {
+        Self::with_ledger(tune, |store| store)
+    }
+
+    /// As [`with_settings`](Self::with_settings), with the revocation
+    /// ledger `ledger` makes of the datastore.
+    fn with_ledger(
+        tune: impl FnOnce(&mut DelegationSettings),
+        ledger: impl FnOnce(Arc<SqliteStore>) -> Arc<dyn crate::ledger::Ledger>,
+    ) -> Self {
         let t0 = SystemTime::now();
         let td: TrustDomain = "example.org".parse().unwrap();
         let ca = Arc::new(
@@ -92,7 +101,7 @@ impl World {
         ));
         let revoker = Arc::new(Revoker::new(
             Arc::new(baton_revocation::MemoryStore::new()),
-            store.clone(),
+            ledger(store.clone()),
         ));
         let dev = DevIssuer::generate().unwrap();
         let sources: Vec<(String, String)> = HOP_POLICIES
@@ -662,6 +671,42 @@ fn an_approval_vouches_for_one_reported_call_only() {
     assert_eq!(trace.matches("\"tool_call\"").count(), 1, "{trace}");
 }
 
+/// An allowed call's report that words an approval otherwise than the
+/// checked `approved in ID` (another case, a leading space, another
+/// phrase) spends no approval and is not shown as approved: the trace
+/// keeps the reporter's text, marked unverified. The control: a reason
+/// that mentions no approval is kept as it is.
+#[test]
+fn a_report_cannot_word_a_call_as_approved_without_an_approval() {
+    let w = World::new();
+    let started = w.start(&["crm"], &["tool:crm.search:read"]);
+    let planner = w.redeem_as(&started.grant, PLANNER, w.t0).unwrap();
+    let jti = jti_of(&planner.token);
+    let clock = || secs(w.t0, 3);
+    let reasons = [
+        "Approved in ap_0123456789abcdef0123456789abcdef",
+        " approved in ap_0123456789abcdef0123456789abcdef",
+        "approved: ap_0123456789abcdef0123456789abcdef",
+        "APPR0VED by alice",
+    ];
+    for (i, reason) in reasons.iter().enumerate() {
+        let mut r = report(&started.task_id, &jti, PLANNER, &format!("loose-{i}"));
+        r.reason = Some((*reason).to_owned());
+        record_reports(&w.d, &id(CRM), &[r], true, None, &clock).unwrap();
+    }
+    let mut control = report(&started.task_id, &jti, PLANNER, "plain");
+    control.reason = Some("cached answer".to_owned());
+    record_reports(&w.d, &id(CRM), &[control], true, None, &clock).unwrap();
+    let trace = w.d.trace(started.task_id.as_str()).unwrap();
+    let text = trace["text"].as_str().unwrap();
+    assert_eq!(
+        text.matches("unverified note from the reporter").count(),
+        reasons.len(),
+        "{text}"
+    );
+    assert!(text.contains("allow (cached answer)"), "{text}");
+}
+
 #[test]
 fn an_approver_group_counts_only_as_asserted_by_its_own_issuer() {
     let ask_in = |w: &World| {
@@ -834,4 +879,177 @@ fn an_entry_stored_without_a_uid_or_gid_gets_no_svid() {
     let e = sign(&exe_only).unwrap_err();
     assert_eq!(e.code(), "entry_unbound", "{e}");
     assert!(e.to_string().contains("unix:uid"), "{e}");
+}
+
+/// A ledger whose revocations fail while `failing` is set (a database
+/// that went away mid-request); everything else is the datastore's.
+#[derive(Debug)]
+struct FlakyLedger {
+    inner: Arc<SqliteStore>,
+    failing: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FlakyLedger {
+    fn check(&self) -> Result<(), crate::store::StoreError> {
+        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(crate::store::StoreError::Postgres("connection lost".into()));
+        }
+        Ok(())
+    }
+}
+
+impl crate::ledger::Ledger for FlakyLedger {
+    fn identity(&self) -> usize {
+        self.inner.identity()
+    }
+    fn ping(&self) -> Result<(), crate::store::StoreError> {
+        self.inner.ping()
+    }
+    fn epoch(&self) -> Result<String, crate::store::StoreError> {
+        self.inner.epoch()
+    }
+    fn last_seq(&self) -> Result<u64, crate::store::StoreError> {
+        self.inner.last_seq()
+    }
+    fn log_after(
+        &self,
+        after: u64,
+        live_at: Option<u64>,
+        limit: usize,
+    ) -> Result<(Vec<crate::ledger::LogRow>, u64), crate::store::StoreError> {
+        self.inner.log_after(after, live_at, limit)
+    }
+    fn register(
+        &self,
+        records: &[baton_revocation::CredentialRecord],
+        now: u64,
+    ) -> Result<Result<(), String>, crate::store::StoreError> {
+        self.inner.register(records, now)
+    }
+    fn revoke(
+        &self,
+        target: &baton_revocation::Target,
+        known: &[baton_revocation::Revoked],
+        reason: &str,
+        now: u64,
+    ) -> Result<Vec<baton_revocation::Revoked>, crate::store::StoreError> {
+        self.check()?;
+        self.inner.revoke(target, known, reason, now)
+    }
+    fn live_task_credentials(
+        &self,
+        task: &baton_core::TaskId,
+        now: u64,
+    ) -> Result<Vec<baton_revocation::Revoked>, crate::store::StoreError> {
+        self.inner.live_task_credentials(task, now)
+    }
+    fn revoke_tokens(
+        &self,
+        tokens: &[crate::records::TokenRecord],
+        reason: &str,
+        now: u64,
+    ) -> Result<Vec<baton_revocation::Revoked>, crate::store::StoreError> {
+        self.check()?;
+        self.inner.revoke_tokens(tokens, reason, now)
+    }
+    fn mark(
+        &self,
+        revoked: &[baton_revocation::Revoked],
+        reason: &str,
+        now: u64,
+    ) -> Result<usize, crate::store::StoreError> {
+        self.check()?;
+        self.inner.mark(revoked, reason, now)
+    }
+    fn prune(&self, cutoff: u64) -> Result<(), crate::store::StoreError> {
+        self.inner.prune(cutoff)
+    }
+    fn durably_revoked(&self, id: &str, now: u64) -> Result<bool, crate::store::StoreError> {
+        self.inner.durably_revoked(id, now)
+    }
+    fn task_credentials(
+        &self,
+        task: &baton_core::TaskId,
+    ) -> Result<Vec<crate::revocation::TaskCredential>, crate::store::StoreError> {
+        self.inner.task_credentials(task)
+    }
+    fn live_revocations(
+        &self,
+        now: u64,
+    ) -> Result<Vec<baton_revocation::Revoked>, crate::store::StoreError> {
+        self.inner.live_revocations(now)
+    }
+}
+
+/// A task is never shown ended, nor its purpose changed, while its
+/// credentials still work: when the revocation fails (the broker's
+/// database went away, or the broker died, between the two steps), the
+/// operator's command fails and the task stays as it was, its credentials
+/// refused nowhere yet; the same command run again does both. The
+/// control is each command with a working ledger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_is_not_shown_ended_or_repurposed_before_its_credentials_are_revoked() {
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = failing.clone();
+    let w = World::with_ledger(
+        |s| {
+            s.purposes.insert("support.case-update".parse().unwrap());
+        },
+        move |store| {
+            Arc::new(FlakyLedger {
+                inner: store,
+                failing: flag,
+            })
+        },
+    );
+    let started = w.start(&["crm"], &["tool:crm.search:read"]);
+    let planner = w.redeem_as(&started.grant, PLANNER, w.t0).unwrap();
+    let task = started.task_id.as_str();
+    let update: Purpose = "support.case-update".parse().unwrap();
+
+    failing.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        change_purpose(&w.d, task, &update, secs(w.t0, 1))
+            .await
+            .is_err()
+    );
+    let shown = w.d.get_task(task).unwrap();
+    assert_eq!(
+        shown.purpose.as_str(),
+        PURPOSE,
+        "repurposed before revoking"
+    );
+    assert!(end_task(&w.d, task, secs(w.t0, 1)).await.is_err());
+    let shown = w.d.get_task(task).unwrap();
+    assert!(shown.ended_at.is_none(), "shown ended before revoking");
+    // Nothing was revoked, and nothing claims it was: the planner still
+    // hops (the task is plainly alive).
+    w.hop(&planner, &["crm"], &["tool:crm.search:read"], secs(w.t0, 2))
+        .unwrap();
+    let token_dead = |w: &World| {
+        w.d.task_credentials(task)
+            .unwrap()
+            .iter()
+            .filter(|c| c.kind == "token")
+            .all(|c| c.revoked)
+    };
+    assert!(!token_dead(&w));
+
+    // Run again with the ledger back: done, and the credentials die.
+    failing.store(false, std::sync::atomic::Ordering::SeqCst);
+    let changed = change_purpose(&w.d, task, &update, secs(w.t0, 3))
+        .await
+        .unwrap();
+    assert_eq!(changed.task.purpose, update);
+    assert!(changed.revoked >= 2, "{changed:?}");
+    assert!(token_dead(&w));
+    assert!(
+        w.hop(&planner, &["crm"], &["tool:crm.search:read"], secs(w.t0, 4))
+            .is_err()
+    );
+    let ended = end_task(&w.d, task, secs(w.t0, 5)).await.unwrap();
+    assert!(
+        ended.task.ended_at.is_some() && !ended.already_ended,
+        "{ended:?}"
+    );
 }

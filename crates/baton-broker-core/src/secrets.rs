@@ -444,13 +444,27 @@ impl Secrets {
         }))
     }
 
-    /// What the API-key engine knows about `key`.
-    pub fn introspect(&self, key: &str, now: u64) -> Result<serde_json::Value, BrokerError> {
+    /// What the API-key engine knows about `key`, checked against the
+    /// shared revocation ledger (`revoked`: the broker's durable check of
+    /// a credential id): the key's row lives in the engine of the broker
+    /// that issued it, while its task may have been ended, or its lease
+    /// revoked, at another broker. A ledger that cannot be read answers
+    /// an error, never `active`.
+    pub fn introspect(
+        &self,
+        key: &str,
+        now: u64,
+        revoked: &dyn Fn(&str) -> Result<bool, BrokerError>,
+    ) -> Result<serde_json::Value, BrokerError> {
         let i = self
             .apikey
             .introspect(key, now)
             .map_err(|e| BrokerError::Hook(format!("API-key store unavailable: {e}")))?;
-        if !i.active {
+        let dead = match i.lease_id.as_deref() {
+            Some(id) if i.active => revoked(id)?,
+            _ => true,
+        };
+        if dead {
             return Ok(serde_json::json!({ "active": false }));
         }
         Ok(serde_json::json!({

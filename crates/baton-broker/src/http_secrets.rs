@@ -79,7 +79,8 @@ pub fn routes(
                         });
                     }
                     let req = parse_body::<IntrospectBody>(&body)?;
-                    s.introspect(req.key.expose(), crate::oidc::unix_now())
+                    let now = crate::oidc::unix_now();
+                    s.introspect(req.key.expose(), now, &|id| d.credential_revoked(id, now))
                 })
                 .await;
                 respond(result)

@@ -26,6 +26,10 @@ use crate::enforce::{Enforcer, EnforcerOptions, FeedConfig, RefusedToken};
 
 /// The largest request or upstream response body the gateway passes on.
 pub const MAX_BODY: usize = 8 << 20;
+/// Most request-body bytes all requests in flight may hold at once: past
+/// it a request is answered 503 (a flood of large bodies, sent before
+/// any token is checked, cannot take the gateway's memory).
+pub const BODY_BUDGET: usize = 256 << 20;
 
 /// Where RFC 9728 protected-resource metadata is served.
 pub const METADATA_PATH: &str = "/.well-known/oauth-protected-resource";
@@ -84,6 +88,8 @@ pub(crate) struct Gateway {
     /// Peer certificates already read, by their DER: a kept-alive
     /// connection's calls parse its leaf once, not per call.
     peers: PeerCache,
+    /// Request-body bytes in flight, out of [`BODY_BUDGET`].
+    bodies: Arc<tokio::sync::Semaphore>,
 }
 
 /// Most peer certificates [`PeerCache`] holds; when full it starts over.
@@ -298,6 +304,7 @@ pub async fn run(
         enforcer,
         sessions: crate::mcp::Sessions::default(),
         peers: PeerCache::default(),
+        bodies: Arc::new(tokio::sync::Semaphore::new(BODY_BUDGET)),
     });
     let reloads = o.reload.map(|mut rx| {
         let gw = gw.clone();
@@ -537,10 +544,24 @@ impl Gateway {
                 "a delegation token is required (Authorization: Bearer ...)",
             );
         };
-        let input = match read_body(body).await {
+        // Held until the answer: the body's bytes count against the
+        // budget while anything still holds them.
+        let (input, _held) = match read_body(body, &self.bodies).await {
             Ok(b) => b,
-            Err(status) => return plain(status, "body", "the request body is too large or broken"),
+            Err(BodyRefused::Busy) => {
+                return plain(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "busy",
+                    "the gateway holds too many request bodies at once; retry",
+                );
+            }
+            Err(BodyRefused::Status(status)) => {
+                return plain(status, "body", "the request body is too large or broken");
+            }
         };
+        if let Some(why) = encoded_body(&req) {
+            return plain(StatusCode::UNSUPPORTED_MEDIA_TYPE, "invalid_request", &why);
+        }
         let mcp = rt.config.mcp_endpoint(&req.path);
         let matched = if mcp.is_some() {
             None
@@ -613,8 +634,8 @@ impl Gateway {
             resource: m.resource.clone(),
             ..spec.clone()
         };
-        if let Err(why) = m.route.record.check_input(&input) {
-            return plain(StatusCode::BAD_REQUEST, "invalid_request", &why);
+        if let Err(why) = m.route.record.check_input(json_typed(&req), &input) {
+            return plain(why.status(), "invalid_request", &why.to_string());
         }
         let approval = match self
             .approval_for(
@@ -821,26 +842,9 @@ fn method_override(req: &Incoming, body: &[u8]) -> Option<String> {
     {
         return found("the query");
     }
-    // The content type as the upstream gets it: one header at most, and
-    // none when `Connection` names it (it is dropped on the way).
-    let mut types = req.headers.get_all(http::header::CONTENT_TYPE).iter();
-    let first = types.next();
-    if types.next().is_some() {
-        return Some("the request has more than one Content-Type; the upstream could read its body as either".into());
-    }
-    let dropped = req
-        .headers
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|n| n.trim().eq_ignore_ascii_case("content-type"));
-    let content_type = match first {
-        Some(v) if !dropped => match v.to_str() {
-            Ok(t) => t.trim().to_ascii_lowercase(),
-            Err(_) => return Some("the Content-Type is not readable text".into()),
-        },
-        _ => String::new(),
+    let content_type = match content_type_of(req) {
+        Ok(t) => t,
+        Err(why) => return Some(why),
     };
     if content_type.is_empty() {
         // Rack reads a body without a media type as a form.
@@ -873,7 +877,7 @@ fn method_override(req: &Incoming, body: &[u8]) -> Option<String> {
         // deeper than 128 where PHP reads 512) is refused if it has the
         // word `method` or any `\u` escape: what it is to the upstream is
         // not known here.
-        let json = match serde_json::from_slice::<serde_json::Value>(body) {
+        let json = match crate::record::parse_bounded(body) {
             Ok(serde_json::Value::Object(map)) => map.keys().any(|k| is_method_key(k.as_bytes())),
             Ok(_) => false,
             Err(_) => {
@@ -886,6 +890,61 @@ fn method_override(req: &Incoming, body: &[u8]) -> Option<String> {
         }
     }
     found_in.and_then(found)
+}
+
+/// The request's Content-Type as the upstream gets it, lower-cased and
+/// trimmed (empty when there is none): one header at most, and none when
+/// `Connection` names it (it is dropped on the way).
+fn content_type_of(req: &Incoming) -> Result<String, String> {
+    let mut types = req.headers.get_all(http::header::CONTENT_TYPE).iter();
+    let first = types.next();
+    if types.next().is_some() {
+        return Err("the request has more than one Content-Type; the upstream could read its body as either".into());
+    }
+    let dropped = req
+        .headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|n| n.trim().eq_ignore_ascii_case("content-type"));
+    match first {
+        Some(v) if !dropped => v
+            .to_str()
+            .map(|t| t.trim().to_ascii_lowercase())
+            .map_err(|_| "the Content-Type is not readable text".to_owned()),
+        _ => Ok(String::new()),
+    }
+}
+
+/// Whether the request's body is typed JSON, read one way: exactly one
+/// Content-Type, `application/json` or `…+json` (RFC 6839), well formed.
+fn json_typed(req: &Incoming) -> bool {
+    content_type_of(req).is_ok_and(|t| {
+        ContentType::parse(&t)
+            .is_some_and(|p| p.media == "application/json" || p.media.ends_with("+json"))
+    })
+}
+
+/// A request body whose bytes are not what the upstream acts on: any
+/// `Content-Encoding` but `identity` (a framework that inflates a gzip
+/// body would act on fields the gateway never saw, `_method` included).
+fn encoded_body(req: &Incoming) -> Option<String> {
+    let encodings: Vec<&str> = req
+        .headers
+        .get_all(http::header::CONTENT_ENCODING)
+        .iter()
+        .map(|v| v.to_str().unwrap_or("(not text)"))
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|e| !e.is_empty() && !e.eq_ignore_ascii_case("identity"))
+        .collect();
+    (!encodings.is_empty()).then(|| {
+        format!(
+            "the request body is sent with Content-Encoding {}; the gateway checks, records and binds approvals to the bytes the upstream acts on, so only an unencoded body is taken",
+            encodings.join(", ")
+        )
+    })
 }
 
 /// A Content-Type read one way (RFC 9110 8.3): `type/subtype` then
@@ -1054,6 +1113,21 @@ const POSING_PREFIXES: &[&str] = &[
     "x-cluster-client-ip",
     "x-original-forwarded-for",
     "x-proxyuser-ip",
+    // Authelia, authentik, Tailscale, Teleport, Vouch, Google Cloud
+    // Endpoints, WSO2, and the usual nginx mTLS recipes.
+    "remote-",
+    "x-authentik-",
+    "tailscale-",
+    "teleport-",
+    "x-vouch-",
+    "x-endpoint-api-userinfo",
+    "x-jwt-assertion",
+    "x-ssl-",
+    "ssl-",
+    "x-client-dn",
+    "x-client-verify",
+    "x-client-s-dn",
+    "x-client-i-dn",
 ];
 
 /// The request's headers as the upstream gets them: without hop-by-hop
@@ -1069,23 +1143,18 @@ pub fn upstream_headers(incoming: &HeaderMap, d: &VerifiedDelegation) -> Result<
     ] {
         h.remove(name);
     }
-    // A `baton-*` header in any spelling a server may fold into it
-    // (CGI/WSGI read `Baton_Actor` as `BATON_ACTOR`, as they read
-    // `Baton-Actor`), and headers that make a server take another method
-    // or path than the one the call was decided on.
+    // Any header with an `_` (CGI, WSGI and PHP read `Mcp_Session_Id`
+    // as `Mcp-Session-Id`, `Baton_Actor` as `Baton-Actor`: a spelling
+    // the gateway's own checks would not see; nginx drops them too by
+    // default), a `baton-*` header, and headers that make a server take
+    // another method or path than the one the call was decided on, or
+    // another caller.
     let dropped: Vec<HeaderName> = h
         .keys()
         .filter(|k| {
-            // Folded only when it has an `_` (rare): no copy per header.
-            let raw = k.as_str();
-            let folded;
-            let name = if raw.contains('_') {
-                folded = raw.replace('_', "-");
-                folded.as_str()
-            } else {
-                raw
-            };
-            name.starts_with("baton-")
+            let name = k.as_str();
+            name.contains('_')
+                || name.starts_with("baton-")
                 || OVERRIDING_HEADERS.contains(&name)
                 || POSING_PREFIXES.iter().any(|p| name.starts_with(p))
         })
@@ -1206,17 +1275,41 @@ fn held_response(held: &Held) -> Response {
     }
 }
 
-async fn read_body<S, B>(body: S) -> Result<Bytes, StatusCode>
+/// Why a request body was not read.
+enum BodyRefused {
+    Status(StatusCode),
+    /// [`BODY_BUDGET`] is spent.
+    Busy,
+}
+
+/// The whole request body (at most [`MAX_BODY`]), with the share of
+/// `budget` it holds.
+async fn read_body<S, B>(
+    body: S,
+    budget: &Arc<tokio::sync::Semaphore>,
+) -> Result<(Bytes, Option<tokio::sync::OwnedSemaphorePermit>), BodyRefused>
 where
     S: Stream<Item = Result<B, warp::Error>>,
     B: bytes::Buf,
 {
     let mut body = std::pin::pin!(body);
     let mut out = BytesMut::new();
+    let mut held: Option<tokio::sync::OwnedSemaphorePermit> = None;
     while let Some(chunk) = body.next().await {
-        let mut chunk = chunk.map_err(|_| StatusCode::BAD_REQUEST)?;
+        let mut chunk = chunk.map_err(|_| BodyRefused::Status(StatusCode::BAD_REQUEST))?;
         if out.len() + chunk.remaining() > MAX_BODY {
-            return Err(StatusCode::PAYLOAD_TOO_LARGE);
+            return Err(BodyRefused::Status(StatusCode::PAYLOAD_TOO_LARGE));
+        }
+        let n = u32::try_from(chunk.remaining()).map_err(|_| BodyRefused::Busy)?;
+        if n > 0 {
+            let more = budget
+                .clone()
+                .try_acquire_many_owned(n)
+                .map_err(|_| BodyRefused::Busy)?;
+            match held.as_mut() {
+                Some(h) => h.merge(more),
+                None => held = Some(more),
+            }
         }
         while chunk.has_remaining() {
             let part = chunk.chunk();
@@ -1225,7 +1318,7 @@ where
             chunk.advance(n);
         }
     }
-    Ok(out.freeze())
+    Ok((out.freeze(), held))
 }
 
 /// An error with its causes (reqwest hides the reason in its sources).
@@ -1260,6 +1353,106 @@ mod tests {
     }
 
     const MULTIPART: &str = "multipart/form-data; boundary=XyZ";
+    #[test]
+    fn only_a_body_typed_json_one_way_counts_as_json() {
+        for ct in [
+            "application/json",
+            "application/json; charset=utf-8",
+            "application/problem+json",
+        ] {
+            assert!(json_typed(&incoming(None, ct)), "{ct}");
+        }
+        for ct in [
+            "application/x-www-form-urlencoded",
+            "text/plain; x=/json",
+            "text/json",
+            "application/json, text/plain",
+            "application/json x",
+        ] {
+            assert!(!json_typed(&incoming(None, ct)), "{ct}");
+        }
+        let mut none = incoming(None, "application/json");
+        none.headers.remove(http::header::CONTENT_TYPE);
+        assert!(!json_typed(&none));
+        let mut two = incoming(None, "application/json");
+        two.headers.append(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        assert!(!json_typed(&two));
+        // Dropped on the way by `Connection`: the upstream gets no type.
+        let mut dropped = incoming(None, "application/json");
+        dropped.headers.insert(
+            http::header::CONNECTION,
+            HeaderValue::from_static("content-type"),
+        );
+        assert!(!json_typed(&dropped));
+    }
+
+    #[tokio::test]
+    async fn request_bodies_in_flight_share_one_budget() {
+        let budget = Arc::new(tokio::sync::Semaphore::new(10));
+        let chunks = |parts: &[&'static [u8]]| {
+            futures::stream::iter(
+                parts
+                    .iter()
+                    .map(|p| Ok::<_, warp::Error>(Bytes::from_static(p)))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let (first, held) = read_body(chunks(&[b"12345", b"678"]), &budget)
+            .await
+            .ok()
+            .unwrap();
+        assert_eq!(&first[..], b"12345678");
+        assert_eq!(budget.available_permits(), 2);
+        // A second body that would pass the budget while the first is held.
+        assert!(matches!(
+            read_body(chunks(&[b"12", b"3"]), &budget).await,
+            Err(BodyRefused::Busy)
+        ));
+        assert_eq!(
+            budget.available_permits(),
+            2,
+            "a refused body holds nothing"
+        );
+        drop(held);
+        // Control: once the first is answered, the same body is read.
+        let (second, _held) = read_body(chunks(&[b"12", b"3"]), &budget)
+            .await
+            .ok()
+            .unwrap();
+        assert_eq!(&second[..], b"123");
+    }
+
+    #[test]
+    fn an_encoded_request_body_is_refused() {
+        let mut req = incoming(None, "application/x-www-form-urlencoded");
+        // Control: no encoding, or `identity`.
+        assert_eq!(encoded_body(&req), None);
+        req.headers.insert(
+            http::header::CONTENT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+        assert_eq!(encoded_body(&req), None);
+        for enc in ["gzip", "identity, gzip", "deflate", "br", "x-gzip", "GZIP"] {
+            req.headers.insert(
+                http::header::CONTENT_ENCODING,
+                HeaderValue::from_static(enc),
+            );
+            let why = encoded_body(&req).unwrap();
+            assert!(why.contains("Content-Encoding"), "{enc}: {why}");
+        }
+        req.headers.insert(
+            http::header::CONTENT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+        req.headers.append(
+            http::header::CONTENT_ENCODING,
+            HeaderValue::from_static("gzip"),
+        );
+        assert!(encoded_body(&req).is_some());
+    }
 
     fn leaf(ca: &baton_ca::Ca, who: &str) -> Vec<u8> {
         let id = baton_core::SpiffeId::parse(who).unwrap();

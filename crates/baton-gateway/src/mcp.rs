@@ -30,6 +30,8 @@ use baton_verify::{CallDenied, ToolSpec, VerifiedCall, VerifiedDelegation};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use serde_json::{Map, Value, json};
+
+use crate::record::fold;
 use warp::Reply as _;
 use warp::reply::Response;
 
@@ -327,6 +329,15 @@ fn rewrite_each(
         return Err("the event stream is not UTF-8".to_owned());
     }
     let text = String::from_utf8_lossy(body).replace("\r\n", "\n");
+    // An event stream may end lines with a bare CR and start with a BOM
+    // (WHATWG HTML 9.2.6); this filter reads neither, so it refuses them
+    // rather than pass on events it could not see into.
+    if junk == Junk::Refuse && (text.contains('\r') || text.starts_with('\u{feff}')) {
+        return Err(
+            "the event stream ends a line with a bare CR or starts with a byte-order mark, which the filter does not read"
+                .to_owned(),
+        );
+    }
     let mut out = String::with_capacity(text.len());
     let mut events = text.split("\n\n").peekable();
     while let Some(event) = events.next() {
@@ -383,13 +394,6 @@ fn rewrite_each(
         }
     }
     Ok(out.into_bytes())
-}
-
-/// A key as a server that matches keys without case reads it: upper then
-/// lower case, so `ſ`, `K` (Kelvin), `µ`, `ς` fold as Go folds them (to `s`,
-/// `k`, `μ`, `σ`).
-fn fold(k: &str) -> String {
-    k.to_uppercase().to_lowercase()
 }
 
 /// Keeps in a `tools/list` answer only the tools `keep` allows. Anything
@@ -627,14 +631,14 @@ impl Gateway {
                 );
             }
         }
-        let msg: Value = match serde_json::from_slice(&body) {
+        let msg: Value = match crate::record::parse_bounded(&body) {
             Ok(v) => v,
             Err(e) => {
                 return rpc_error(
                     StatusCode::BAD_REQUEST,
                     None,
                     PARSE_ERROR,
-                    &format!("the body is not JSON: {e}"),
+                    &format!("the body is not JSON the gateway reads: {e}"),
                     Value::Null,
                 );
             }
@@ -1208,6 +1212,15 @@ mod tests {
         assert!(!out.contains("crm.export"), "{out}");
         assert!(run(b"data: {\"result\":\n\n", true).is_err());
         assert!(run(b"data: \xff\n\n", true).is_err());
+        // Line ends and a BOM an event-stream client reads and this filter
+        // would not: the list would pass unfiltered.
+        for odd in [
+            format!("event: message\rdata: {list}\r\r"),
+            format!("event: message\ndata: {list}\r\n\r"),
+            format!("\u{feff}data: {list}\n\n"),
+        ] {
+            assert!(run(odd.as_bytes(), true).is_err(), "{odd:?}");
+        }
     }
 
     #[test]

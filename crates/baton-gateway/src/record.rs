@@ -81,23 +81,29 @@ impl Recording {
         self.headers.is_empty() && self.input.is_empty() && self.output.is_empty()
     }
 
-    /// Whether the request's body can be recorded faithfully: a JSON body
-    /// with a repeated member name is read by this gateway one way (the
-    /// last one) and by an upstream perhaps another (the first), so its
-    /// record could show other values than the upstream acted on. Such a
-    /// body is refused on a route that records input fields.
-    pub fn check_input(&self, body: &[u8]) -> Result<(), String> {
-        if self.input.is_empty() {
+    /// Whether the request's body can be recorded (and shown to an
+    /// approver) as the upstream reads it, on a route that records input
+    /// fields. Refused: a body not typed JSON (`json_typed`: a form or
+    /// text body that also parses as JSON would be recorded as one thing
+    /// and acted on as another), a body that is not JSON, and a JSON body
+    /// with a member name repeated, or repeated but for case, in any
+    /// object (this gateway reads the last one, an upstream perhaps the
+    /// first, or, as Go does, either spelling). An empty body records
+    /// its fields as absent.
+    pub fn check_input(&self, json_typed: bool, body: &[u8]) -> Result<(), InputRefused> {
+        if self.input.is_empty() || body.is_empty() {
             return Ok(());
         }
-        let mut d = serde_json::Deserializer::from_slice(body);
-        match Unique::deserialize(&mut d) {
-            Err(e) if e.to_string().starts_with(DUPLICATE) => Err(format!(
-                "the JSON body repeats a member name ({e}); this route records its input, and the record must show what the upstream gets"
-            )),
-            // Not JSON at all: recorded as such, nothing to misread.
-            _ => Ok(()),
+        if !json_typed {
+            return Err(InputRefused::NotJsonTyped);
         }
+        if let Err(e) = within_value_bound(body) {
+            return Err(InputRefused::Unreadable(e));
+        }
+        let mut d = serde_json::Deserializer::from_slice(body);
+        Unique::deserialize(&mut d)
+            .and_then(|_| d.end())
+            .map_err(|e| InputRefused::Unreadable(e.to_string()))
     }
 
     /// The request's recorded headers and input fields (`body` parsed as
@@ -128,7 +134,7 @@ impl Recording {
             }
         }
         if !self.input.is_empty() {
-            match serde_json::from_slice::<Value>(body) {
+            match parse_bounded(body) {
                 Ok(doc) => self.fields("input", &self.input, &doc, &mut out),
                 Err(_) => {
                     out.insert("input".into(), "(not JSON)".into());
@@ -206,6 +212,84 @@ impl Recording {
     }
 }
 
+/// Most JSON values a request body the gateway parses may hold. A parsed
+/// value takes some 70–100 bytes, so an 8 MiB body of `[0,0,…]` would
+/// take some 50 times its size; bounded, a parse takes at most a few MiB
+/// beside the body's own strings.
+pub const MAX_JSON_VALUES: usize = 100_000;
+
+/// Refuses, before parsing, a JSON text with more than [`MAX_JSON_VALUES`]
+/// values: counts the `[`, `{` and `,` outside strings (each starts or
+/// separates a value).
+pub(crate) fn within_value_bound(body: &[u8]) -> Result<(), String> {
+    let (mut values, mut in_string, mut escaped) = (1usize, false, false);
+    for b in body {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+        } else {
+            match b {
+                b'"' => in_string = true,
+                b'[' | b'{' | b',' => values += 1,
+                _ => {}
+            }
+        }
+        if values > MAX_JSON_VALUES {
+            return Err(format!(
+                "the JSON body holds more than {MAX_JSON_VALUES} values"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A request body parsed as JSON within [`MAX_JSON_VALUES`].
+pub(crate) fn parse_bounded(body: &[u8]) -> Result<Value, String> {
+    within_value_bound(body)?;
+    serde_json::from_slice(body).map_err(|e| e.to_string())
+}
+
+/// Why a route that records its input refused a request body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InputRefused {
+    NotJsonTyped,
+    Unreadable(String),
+}
+
+impl InputRefused {
+    pub fn status(&self) -> http::StatusCode {
+        match self {
+            Self::NotJsonTyped => http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::Unreadable(_) => http::StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+impl std::fmt::Display for InputRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NotJsonTyped => f.write_str(
+                "this route records fields of its JSON input: a request body must be sent as application/json (one Content-Type, well formed), so that the record and an approver see what the upstream reads",
+            ),
+            Self::Unreadable(e) => write!(
+                f,
+                "the JSON body cannot be recorded as the upstream reads it ({e}); this route records its input"
+            ),
+        }
+    }
+}
+
+/// A key as a server that matches keys without case reads it: upper then
+/// lower case, so `ſ`, `K` (Kelvin), `µ`, `ς` fold as Go folds them (to `s`,
+/// `k`, `μ`, `σ`).
+pub(crate) fn fold(k: &str) -> String {
+    k.to_uppercase().to_lowercase()
+}
+
 /// The start of the error a repeated member name gives.
 const DUPLICATE: &str = "duplicate member";
 
@@ -251,9 +335,15 @@ impl<'de> Visitor<'de> for UniqueVisitor {
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Unique, A::Error> {
         let mut seen = std::collections::HashSet::new();
+        let mut folded = std::collections::HashSet::new();
         while let Some(key) = map.next_key::<String>()? {
             if seen.contains(&key) {
                 return Err(de::Error::custom(format!("{DUPLICATE} {key:?}")));
+            }
+            if !folded.insert(fold(&key)) {
+                return Err(de::Error::custom(format!(
+                    "member {key:?} repeats another but for case"
+                )));
             }
             map.next_value::<Unique>()?;
             seen.insert(key);
@@ -413,25 +503,64 @@ mod tests {
     }
 
     #[test]
-    fn a_body_that_repeats_a_member_is_refused_where_input_is_recorded() {
+    fn a_json_body_with_too_many_values_is_refused_before_it_is_parsed() {
+        let many = format!("[{}0]", "0,".repeat(MAX_JSON_VALUES));
+        let err = parse_bounded(many.as_bytes()).unwrap_err();
+        assert!(err.contains("more than"), "{err}");
+        let nested = format!(
+            "{}{}",
+            "[".repeat(MAX_JSON_VALUES),
+            "]".repeat(MAX_JSON_VALUES)
+        );
+        assert!(within_value_bound(nested.as_bytes()).is_err());
+        assert!(matches!(
+            rec(&["/a"], &[]).check_input(true, many.as_bytes()),
+            Err(InputRefused::Unreadable(_))
+        ));
+        // Controls: commas, brackets and escaped quotes inside strings are
+        // not values; a body just within the bound parses.
+        let text = format!(r#"{{"a":"{}\",[{{"}}"#, ",".repeat(MAX_JSON_VALUES * 2));
+        assert!(parse_bounded(text.as_bytes()).is_ok(), "{}", &text[..20]);
+        let within = format!("[{}0]", "0,".repeat(MAX_JSON_VALUES - 2));
+        assert!(parse_bounded(within.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn a_body_the_upstream_could_read_otherwise_is_refused_where_input_is_recorded() {
         let r = rec(&["/status"], &[]);
         for body in [
             br#"{"status":"open","status":"closed"}"#.as_slice(),
             br#"{"a":[{"b":1,"b":2}]}"#.as_slice(),
+            // Go's encoding/json matches keys without case.
+            br#"{"status":"open","STATUS":"closed"}"#.as_slice(),
+            "{\"a\":{\"Kelvin\":1,\"\u{212a}elvin\":2}}".as_bytes(),
+            // Not JSON, or JSON with more after it.
+            b"plain text".as_slice(),
+            br#"{"status":"open"} {"status":"closed"}"#.as_slice(),
         ] {
-            let err = r.check_input(body).unwrap_err();
-            assert!(err.contains("repeats a member name"), "{err}");
+            let err = r.check_input(true, body).unwrap_err();
+            assert!(
+                matches!(err, InputRefused::Unreadable(_)),
+                "{}: {err}",
+                String::from_utf8_lossy(body)
+            );
         }
-        // Controls: unique names, a body that is not JSON, a route that
+        // A form or text body that also parses as JSON: the upstream reads
+        // it as what its type says.
+        assert_eq!(
+            r.check_input(false, br#"{"status":"open","x":"&status=closed"}"#),
+            Err(InputRefused::NotJsonTyped)
+        );
+        // Controls: unique names typed JSON, an empty body, a route that
         // records no input.
         assert!(
-            r.check_input(br#"{"status":"open","a":{"status":1}}"#)
+            r.check_input(true, br#"{"status":"open","a":{"status":1}}"#)
                 .is_ok()
         );
-        assert!(r.check_input(b"plain text").is_ok());
+        assert!(r.check_input(false, b"").is_ok());
         assert!(
             rec(&[], &[])
-                .check_input(br#"{"status":"open","status":"closed"}"#)
+                .check_input(false, br#"{"status":"open","status":"closed"}"#)
                 .is_ok()
         );
     }

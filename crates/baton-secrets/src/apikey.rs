@@ -29,6 +29,10 @@ const KEY_PREFIX: &str = "bk_";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Introspection {
     pub active: bool,
+    /// The key's lease, `None` unless `active`: the broker checks it
+    /// against its shared revocation ledger (a key is issued and stored by
+    /// one broker, and may be revoked at another).
+    pub lease_id: Option<String>,
     /// `None` unless `active`.
     pub task: Option<TaskId>,
     pub agent: Option<SpiffeId>,
@@ -41,6 +45,7 @@ impl Introspection {
     pub fn inactive() -> Self {
         Self {
             active: false,
+            lease_id: None,
             task: None,
             agent: None,
             scope: None,
@@ -124,11 +129,11 @@ impl ApiKeyEngine {
             return Ok(Introspection::inactive());
         }
         let presented = digest(key);
-        type Row = (Vec<u8>, String, String, String, i64, bool);
+        type Row = (String, Vec<u8>, String, String, String, i64, bool);
         let row: Option<Row> = self
             .db()
             .query_row(
-                "SELECT digest, task, agent, scope, expires_at, revoked
+                "SELECT lease_id, digest, task, agent, scope, expires_at, revoked
                  FROM baton_api_keys WHERE digest = ?1",
                 params![presented.as_slice()],
                 |r| {
@@ -139,11 +144,12 @@ impl ApiKeyEngine {
                         r.get(3)?,
                         r.get(4)?,
                         r.get(5)?,
+                        r.get(6)?,
                     ))
                 },
             )
             .optional()?;
-        let Some((stored, task, agent, scope, expires_at, revoked)) = row else {
+        let Some((lease_id, stored, task, agent, scope, expires_at, revoked)) = row else {
             return Ok(Introspection::inactive());
         };
         // The lookup is by digest (which reveals nothing about a key); the
@@ -158,6 +164,7 @@ impl ApiKeyEngine {
         let scope: Vec<String> = serde_json::from_str(&scope).map_err(|_| corrupt("scope"))?;
         Ok(Introspection {
             active: true,
+            lease_id: Some(lease_id),
             task: Some(task.parse().map_err(|_| corrupt("task"))?),
             agent: Some(SpiffeId::parse(&agent).map_err(|_| corrupt("agent"))?),
             scope: Some(Scope::parse(&scope).map_err(|_| corrupt("scope"))?),
@@ -284,6 +291,7 @@ mod tests {
         assert_eq!(i.agent.as_ref(), Some(&req.agent));
         assert_eq!(i.scope.as_ref(), Some(&req.scope));
         assert_eq!(i.expires_at, Some(NOW + 60));
+        assert_eq!(i.lease_id.as_deref(), Some(lease.id.as_str()));
 
         e.revoke(&lease.id).await.unwrap();
         assert_eq!(

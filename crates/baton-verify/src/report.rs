@@ -36,7 +36,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use baton_core::SpiffeId;
 use baton_core::api::ToolCallReport;
@@ -74,6 +74,11 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long delivery waits, once woken by a first record, for more to
 /// join its batch.
 const DELIVERY_LINGER: Duration = Duration::from_millis(20);
+/// How long the writer, woken by a record nobody waits for yet, waits for
+/// more before writing them with one fdatasync: one wake-up and one sync
+/// per group, not per call. A waiter cuts it short
+/// ([`Durable::wait`]), so a record someone waits for is not delayed.
+pub const WRITE_LINGER: Duration = Duration::from_millis(2);
 
 /// The request body of `POST /v1/audit/tool-calls`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -314,6 +319,42 @@ struct Shared {
     healthy: AtomicBool,
     /// Wakes background delivery when records become durable.
     wake: tokio::sync::Notify,
+    /// Wakes the writer thread.
+    bell: Doorbell,
+}
+
+/// How the writer thread is woken: by the first record after it went
+/// idle, by a waiter, or by the queue closing; records that arrive while
+/// it writes or lingers cost no wake-up.
+#[derive(Default)]
+struct Doorbell {
+    writer: std::sync::OnceLock<std::thread::Thread>,
+    /// The writer is parked with nothing to write: the next record wakes it.
+    idle: AtomicBool,
+    /// Someone waits for a record: the writer writes without lingering.
+    urgent: AtomicBool,
+}
+
+impl Doorbell {
+    /// After a record was queued.
+    fn ring_if_idle(&self) {
+        if self.idle.swap(false, Ordering::SeqCst) {
+            self.wake_writer();
+        }
+    }
+
+    /// Before waiting for a record to be written.
+    fn hurry(&self) {
+        self.urgent.store(true, Ordering::SeqCst);
+        self.idle.store(false, Ordering::SeqCst);
+        self.wake_writer();
+    }
+
+    fn wake_writer(&self) {
+        if let Some(t) = self.writer.get() {
+            t.unpark();
+        }
+    }
 }
 
 impl Shared {
@@ -394,7 +435,7 @@ impl Drop for Completer {
 #[must_use = "a queued record is durable only once its ticket says so"]
 pub struct Durable {
     completion: Arc<Completion>,
-    dir: PathBuf,
+    shared: Arc<Shared>,
 }
 
 impl fmt::Debug for Durable {
@@ -408,13 +449,16 @@ impl fmt::Debug for Durable {
 impl Durable {
     fn into_result(self, r: Result<(), std::io::ErrorKind>) -> Result<(), ReportError> {
         r.map_err(|kind| ReportError::Spool {
-            path: self.dir,
+            path: self.shared.dir.clone(),
             source: std::io::Error::new(kind, "the record could not be written to the spool"),
         })
     }
 
     /// Waits, without blocking the thread, until the record is durable.
     pub async fn wait(self) -> Result<(), ReportError> {
+        if self.completion.get().is_none() {
+            self.shared.bell.hurry();
+        }
         loop {
             if let Some(r) = self.completion.get() {
                 return self.into_result(r);
@@ -427,6 +471,9 @@ impl Durable {
 
     /// Blocks the calling thread until the record is durable.
     pub fn blocking_wait(self) -> Result<(), ReportError> {
+        if self.completion.get().is_none() {
+            self.shared.bell.hurry();
+        }
         let mut slot = self
             .completion
             .result
@@ -490,38 +537,44 @@ struct OpenSegment {
 
 impl Writer {
     fn run(mut self, jobs: &mpsc::Receiver<Msg>) {
+        let shared = self.shared.clone();
+        let bell = &shared.bell;
         loop {
-            let wait = if self.carry.is_empty() {
-                IDLE_ROLL
-            } else {
-                CARRY_RETRY
-            };
-            let first = match jobs.recv_timeout(wait) {
-                Ok(j) => Some(j),
-                Err(mpsc::RecvTimeoutError::Timeout) => None,
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    // Last chance for records a failed write left.
-                    let carry = std::mem::take(&mut self.carry);
-                    if !carry.is_empty() {
-                        self.write_group(carry);
-                    }
-                    self.roll_if_delivered();
-                    return;
-                }
-            };
             let mut group = std::mem::take(&mut self.carry);
+            let carried = group.len();
             let mut rolls = Vec::new();
-            match first {
-                Some(Msg::Record(j)) => group.push(*j),
-                Some(Msg::Roll(c)) => rolls.push(c),
-                None => {}
-            }
-            while rolls.is_empty() && group.len() < MAX_GROUP {
-                match jobs.try_recv() {
-                    Ok(Msg::Record(j)) => group.push(*j),
-                    Ok(Msg::Roll(c)) => rolls.push(c),
-                    Err(_) => break,
+            let mut closed = take_queued(jobs, &mut group, &mut rolls);
+            if !closed && group.len() == carried && rolls.is_empty() {
+                // Nothing new: sleep until a record rings, or the idle or
+                // retry timeout. A record queued before `idle` was set
+                // did not ring: look once more before sleeping.
+                bell.idle.store(true, Ordering::SeqCst);
+                closed = take_queued(jobs, &mut group, &mut rolls);
+                if !closed && group.len() == carried && rolls.is_empty() {
+                    let wait = if carried == 0 { IDLE_ROLL } else { CARRY_RETRY };
+                    std::thread::park_timeout(wait);
+                    closed = take_queued(jobs, &mut group, &mut rolls);
                 }
+                bell.idle.store(false, Ordering::SeqCst);
+            }
+            if !closed && group.len() > carried && rolls.is_empty() {
+                closed = linger(bell, jobs, &mut group, &mut rolls);
+            }
+            if closed {
+                // Last chance for what is queued and what a failed write
+                // left.
+                if !group.is_empty() {
+                    self.write_group(group);
+                }
+                let carry = std::mem::take(&mut self.carry);
+                if !carry.is_empty() {
+                    self.write_group(carry);
+                }
+                self.roll_if_delivered();
+                for c in rolls {
+                    c.0.set(Ok(()));
+                }
+                return;
             }
             if group.is_empty() {
                 // Idle: a segment whose records were all delivered goes.
@@ -740,6 +793,53 @@ impl Writer {
     }
 }
 
+/// Moves what is queued into `group` (up to [`MAX_GROUP`]), stopping after
+/// a roll so that later records go into the next group. True once the
+/// queue is closed and empty.
+fn take_queued(
+    jobs: &mpsc::Receiver<Msg>,
+    group: &mut Vec<Job>,
+    rolls: &mut Vec<Completer>,
+) -> bool {
+    while rolls.is_empty() && group.len() < MAX_GROUP {
+        match jobs.try_recv() {
+            Ok(Msg::Record(j)) => group.push(*j),
+            Ok(Msg::Roll(c)) => rolls.push(c),
+            Err(mpsc::TryRecvError::Empty) => return false,
+            Err(mpsc::TryRecvError::Disconnected) => return true,
+        }
+    }
+    false
+}
+
+/// Waits up to [`WRITE_LINGER`] for more records to join `group`, less if
+/// someone waits for a record, a roll arrives or the group is full. True
+/// once the queue is closed.
+fn linger(
+    bell: &Doorbell,
+    jobs: &mpsc::Receiver<Msg>,
+    group: &mut Vec<Job>,
+    rolls: &mut Vec<Completer>,
+) -> bool {
+    let until = Instant::now() + WRITE_LINGER;
+    loop {
+        if bell.urgent.swap(false, Ordering::SeqCst)
+            || !rolls.is_empty()
+            || group.len() >= MAX_GROUP
+        {
+            return false;
+        }
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        std::thread::park_timeout(left);
+        if take_queued(jobs, group, rolls) {
+            return true;
+        }
+    }
+}
+
 fn remove_segment(path: &Path) {
     match fs::remove_file(path) {
         Ok(()) => {}
@@ -856,6 +956,7 @@ impl Drop for Inner {
     fn drop(&mut self) {
         // Closing the queue ends the writer once it wrote what it holds.
         drop(self.jobs.take());
+        self.shared.bell.wake_writer();
         if let Some(h) = self.writer.take()
             && h.join().is_err()
         {
@@ -897,6 +998,7 @@ impl Reporter {
             }),
             healthy: AtomicBool::new(true),
             wake: tokio::sync::Notify::new(),
+            bell: Doorbell::default(),
         });
         let mut writer = Writer {
             shared: shared.clone(),
@@ -954,6 +1056,9 @@ impl Reporter {
             .name("baton-spool".into())
             .spawn(move || writer.run(&rx))
             .map_err(|e| shared.io(e))?;
+        // Set before any record can be queued (the reporter is not
+        // returned yet), so no ring is lost.
+        let _ = shared.bell.writer.set(handle.thread().clone());
         Ok(Self {
             inner: Arc::new(Inner {
                 shared,
@@ -1001,6 +1106,7 @@ impl Reporter {
             .jobs
             .as_ref()
             .is_some_and(|tx| tx.send(Msg::Record(Box::new(job))).is_ok());
+        self.inner.shared.bell.ring_if_idle();
         if !sent {
             return Err(self.inner.shared.io(std::io::Error::new(
                 std::io::ErrorKind::BrokenPipe,
@@ -1009,7 +1115,7 @@ impl Reporter {
         }
         Ok(Durable {
             completion,
-            dir: self.inner.shared.dir.clone(),
+            shared: self.inner.shared.clone(),
         })
     }
 
@@ -1031,9 +1137,10 @@ impl Reporter {
         if !sent {
             return;
         }
+        self.inner.shared.bell.hurry();
         let ticket = Durable {
             completion,
-            dir: self.inner.shared.dir.clone(),
+            shared: self.inner.shared.clone(),
         };
         // Only the writer's answer matters, not its outcome.
         let _ = ticket.wait().await;
