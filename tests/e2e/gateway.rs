@@ -628,6 +628,14 @@ fn the_gateway_forwards_allowed_calls_and_refuses_each_attack() {
         .collect();
     assert_eq!(refused.len(), 1, "{calls:?}");
     assert_eq!(refused[0]["decision"], "deny", "{refused:?}");
+    // The token is checked before the body is read: a caller without a
+    // valid token spends none of the gateway's body budget.
+    assert!(
+        refused[0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("the request's body was not read")),
+        "{refused:?}"
+    );
     // The forged token's refusal is not (the stolen one above, signed by
     // the broker, is the control).
     assert!(
@@ -1567,16 +1575,41 @@ fn paths_are_read_as_the_upstream_reads_them_and_no_header_poses_as_the_caller()
     assert_eq!(g.upstream_count(), before, "a refused call was forwarded");
 
     // An escaped id is decoded; the upstream gets one spelling of it.
+    // A header spelled with `_`, which CGI, WSGI and PHP fold into the
+    // one the gateway sets or reads, is refused by name, not forwarded.
+    let before = g.upstream_count();
+    for (name, value) in [
+        ("Baton_Actor", "spiffe://example.org/agents/mallory"),
+        ("baton_task", "task-00000000000000000000000000000000"),
+        ("X_HTTP_Method_Override", "DELETE"),
+        ("Mcp_Session_Id", "a-leaked-session"),
+        ("Last_Event_ID", "7"),
+    ] {
+        let a = send(
+            &researcher,
+            "GET",
+            &url("/crm/ledger/acme"),
+            Some(&token),
+            &[(name, value)],
+        );
+        assert_eq!(a.status, 400, "{name}: {a:?}");
+        assert!(
+            a.body["error"].as_str().unwrap().contains("underscore"),
+            "{name}: {a:?}"
+        );
+    }
+    assert_eq!(
+        g.upstream_count(),
+        before,
+        "an underscored header was forwarded"
+    );
     let a = send(
         &researcher,
         "GET",
         &url("/crm/ledger/ac%6De%20co"),
         Some(&token),
         &[
-            ("Baton_Actor", "spiffe://example.org/agents/mallory"),
-            ("baton_task", "task-00000000000000000000000000000000"),
             ("X-HTTP-Method-Override", "DELETE"),
-            ("X_HTTP_Method_Override", "DELETE"),
             ("X-Original-URL", "/crm/ledger/export"),
             ("X-Forwarded-User", "mallory@example.com"),
             (
@@ -1604,10 +1637,6 @@ fn paths_are_read_as_the_upstream_reads_them_and_no_header_poses_as_the_caller()
             ("X-SSL-Cert", "-----BEGIN CERTIFICATE-----"),
             ("X-Client-DN", "CN=admin"),
             ("X-Client-Verify", "SUCCESS"),
-            // Underscore spellings a CGI or PHP server folds into the
-            // headers the gateway reads or sets.
-            ("Mcp_Session_Id", "a-leaked-session"),
-            ("Last_Event_ID", "7"),
             // Control: an ordinary header goes through.
             ("X-Request-Id", "req-42"),
         ],

@@ -1379,20 +1379,49 @@ impl Delegation {
             peer.serial_hex()
         ));
         ev.parent_jti = claims.parent.as_ref().map(|p| p.jti.clone());
-        self.append(&ev)?;
-        self.broker.record(IssuedCredential {
-            kind: CredentialKind::TaskX509Svid,
-            spiffe_id: req.spiffe_id.clone(),
-            via_node: Some(node.id().clone()),
-            id: issued.serial_hex.clone(),
-            expires_at: exp,
-        })?;
-        if let Some(mut record) = self.tasks.get_token(&claims.jti)? {
-            record.cert_serial = issued.serial_hex.clone();
-            record.cert_thumbprint = claims.cnf.x5t_s256.clone();
-            record.exp = exp;
-            self.tasks.update_token(&record)?;
+        let Some(before) = self.tasks.get_token(&claims.jti)? else {
+            return Err(refuse(
+                "token_unknown",
+                format!("token {} is not one this broker minted", claims.jti),
+            ));
+        };
+        let mut record = before.clone();
+        record.cert_serial = issued.serial_hex.clone();
+        record.cert_thumbprint = claims.cnf.x5t_s256.clone();
+        record.exp = exp;
+        // Claimed before anything is logged or handed out: of two renewals
+        // of one certificate sent at once (to one broker or two), one
+        // rebinds the token and the other is refused, so one certificate
+        // replaces the old one, not two.
+        if !self.tasks.rebind_token(&record, peer.serial_hex())? {
+            let why = format!(
+                "certificate {} was renewed by another request already",
+                peer.serial_hex()
+            );
+            ev.decision = Some("refused".into());
+            ev.reason = Some(format!("renewal renewal_raced: {why}"));
+            self.append(&ev)?;
+            tracing::warn!(task = %task.id, spiffe_id = %req.spiffe_id, "renewal refused: {why}");
+            return Err(refuse("renewal_raced", why));
         }
+        let undo = |e: BrokerError| {
+            // Not handed out: the token goes back to the certificate its
+            // holder still has.
+            if let Err(u) = self.tasks.rebind_token(&before, &issued.serial_hex) {
+                tracing::error!(error = %u, jti = %claims.jti, "could not rebind a token after a failed renewal");
+            }
+            e
+        };
+        self.append(&ev).map_err(undo)?;
+        self.broker
+            .record(IssuedCredential {
+                kind: CredentialKind::TaskX509Svid,
+                spiffe_id: req.spiffe_id.clone(),
+                via_node: Some(node.id().clone()),
+                id: issued.serial_hex.clone(),
+                expires_at: exp,
+            })
+            .map_err(undo)?;
         self.broker
             .rotation()
             .forget(crate::rotation::SlotKind::Task, peer.serial_hex());

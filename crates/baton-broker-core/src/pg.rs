@@ -2020,16 +2020,21 @@ impl TaskStore for PgStore {
         })
     }
 
-    fn update_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
+    fn rebind_token(&self, t: &TokenRecord, from_serial: &str) -> Result<bool, StoreError> {
         let record = enc("tokens", t)?;
+        let from = from_serial.to_owned();
         on_conn!(self, |c| {
-            c.execute(
-                &c.stmt("UPDATE tokens SET record = $2 WHERE jti = $1")
+            let n = c
+                .execute(
+                    &c.stmt(
+                        "UPDATE tokens SET record = $2
+                         WHERE jti = $1 AND (record::jsonb ->> 'cert_serial') = $3",
+                    )
                     .await?,
-                &[&t.jti, &record],
-            )
-            .await?;
-            Ok(())
+                    &[&t.jti, &record, &from],
+                )
+                .await?;
+            Ok(n == 1)
         })
     }
 

@@ -796,6 +796,43 @@ fn a_renewal_needs_the_current_key_revokes_the_old_certificate_and_happens_once(
         .unwrap(),
         proof_iat: unix_of(at),
     };
+    // Two renewals of the same certificate at once (both past every check
+    // before either is handed out, as at two brokers): one rebinds the
+    // token, the other is refused, so one certificate replaces the old
+    // one. Driven at the decision, before the old serial is revoked.
+    {
+        let w = World::new();
+        let started = w.start(&["crm"], &["tool:crm.search:read"]);
+        let old_key = WorkloadKey::generate().unwrap();
+        let planner = w
+            .redeem_with(&started.grant, PLANNER, &old_key, w.t0)
+            .unwrap();
+        let at = secs(w.t0, 10);
+        let race = |new_key: &WorkloadKey| RenewTaskRequest {
+            token: planner.token.clone(),
+            spiffe_id: id(PLANNER),
+            leaf_der: planner.cert_chain_der[0].clone(),
+            csr_der: new_key.csr_der(&id(PLANNER)).unwrap(),
+            proof: baton_ca::possession::sign_renew_proof(
+                old_key.pkcs8_der(),
+                planner.token.expose(),
+                unix_of(at),
+            )
+            .unwrap(),
+            proof_iat: unix_of(at),
+        };
+        let (a, b) = (
+            WorkloadKey::generate().unwrap(),
+            WorkloadKey::generate().unwrap(),
+        );
+        let first = w.d.renew(&w.node, &race(&a), at).unwrap();
+        let e = w.d.renew(&w.node, &race(&b), at).unwrap_err();
+        assert_eq!(e.code(), "renewal_raced", "{e}");
+        // The winner's pair hops once handed out; the loser got nothing.
+        let won = hand_out_minted(&w.d, &w.node, first, at).unwrap();
+        w.hop(&won, &["crm"], &["tool:crm.search:read"], secs(w.t0, 11))
+            .unwrap();
+    }
     // A proof made with another key (a thief holding only the token and
     // the public certificate) renews nothing.
     let thief = WorkloadKey::generate().unwrap();

@@ -219,8 +219,10 @@ pub trait TaskStore: Send + Sync + std::fmt::Debug {
         creds: &[baton_revocation::CredentialRecord],
         now: u64,
     ) -> Result<(), StoreError>;
-    /// Replaces a token's record (a renewal binds it to a new certificate).
-    fn update_token(&self, t: &TokenRecord) -> Result<(), StoreError>;
+    /// Replaces a token's record if it is still bound to the certificate
+    /// `from_serial` (a renewal binds it to a new one): false, writing
+    /// nothing, when another renewal rebound it first.
+    fn rebind_token(&self, t: &TokenRecord, from_serial: &str) -> Result<bool, StoreError>;
     fn tokens_for_task(&self, task: &TaskId) -> Result<Vec<TokenRecord>, StoreError>;
     /// The [`crate::ledger::Ledger::identity`] of the ledger in this store's
     /// database, if it has one: that ledger registers every token stored
@@ -495,12 +497,16 @@ impl TaskStore for SqliteStore {
         })
     }
 
-    fn update_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
+    fn rebind_token(&self, t: &TokenRecord, from_serial: &str) -> Result<bool, StoreError> {
         let record = enc("tokens", t)?;
         self.with(|c| {
-            c.prepare_cached("UPDATE tokens SET record = ?2 WHERE jti = ?1")?
-                .execute(params![t.jti, record])?;
-            Ok(())
+            let n = c
+                .prepare_cached(
+                    "UPDATE tokens SET record = ?2
+                     WHERE jti = ?1 AND json_extract(record, '$.cert_serial') = ?3",
+                )?
+                .execute(params![t.jti, record, from_serial])?;
+            Ok(n == 1)
         })
     }
 

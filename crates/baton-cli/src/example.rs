@@ -139,7 +139,7 @@ impl ToolServer {
                     tool: name,
                     resource: spec.map_or("", |t| t.resource.as_str()),
                     risk: spec.map_or(RiskTier::Read, |t| t.tier),
-                    input: body,
+                    input: Some(body),
                     now,
                     err: &e,
                     traceparent,

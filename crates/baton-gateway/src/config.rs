@@ -524,6 +524,14 @@ impl Config {
                 let name = http::HeaderName::from_bytes(h.as_bytes()).map_err(|_| {
                     err(&f("record-headers"), format!("{h:?} is not a header name"))
                 })?;
+                if name.as_str().contains('_') {
+                    return Err(err(
+                        &f("record-headers"),
+                        format!(
+                            "{h:?} has an underscore: the gateway refuses such headers, so none would be recorded"
+                        ),
+                    ));
+                }
                 if name == http::header::AUTHORIZATION
                     || name == http::header::COOKIE
                     || name == http::header::PROXY_AUTHORIZATION

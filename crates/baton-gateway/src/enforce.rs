@@ -276,14 +276,19 @@ impl Enforcer {
             resource: baton_core::report_bounds::recordable_resource(resource),
             risk,
             scope_used: Vec::new(),
-            input_digest: self.gate.digest(input),
+            input_digest: self.gate.digest(input.unwrap_or_default()),
             output_digest: None,
             justification: None,
             decision: "deny".into(),
             policy_ids: Vec::new(),
             reason: Some(format!(
-                "token refused ({}): {err}; signed by the broker, refused for this holder",
-                err.code()
+                "token refused ({}): {err}; signed by the broker, refused for this holder{}",
+                err.code(),
+                if input.is_none() {
+                    "; the request's body was not read"
+                } else {
+                    ""
+                }
             )),
             at: now,
             latency_ms: None,
@@ -341,7 +346,9 @@ pub struct RefusedToken<'a> {
     pub tool: &'a str,
     pub resource: &'a str,
     pub risk: RiskTier,
-    pub input: &'a [u8],
+    /// The request's body, `None` when it was not read (the gateway
+    /// checks the token before it reads a body).
+    pub input: Option<&'a [u8]>,
     pub now: u64,
     pub err: &'a baton_verify::TokenError,
     /// The request's W3C trace context, continued by the refusal's record.

@@ -88,8 +88,9 @@ pub(crate) struct Gateway {
     /// Peer certificates already read, by their DER: a kept-alive
     /// connection's calls parse its leaf once, not per call.
     peers: PeerCache,
-    /// Request-body bytes in flight, out of [`BODY_BUDGET`].
-    bodies: Arc<tokio::sync::Semaphore>,
+    /// Request-body bytes in flight, out of [`BODY_BUDGET`] (a parsed
+    /// MCP message holds a share for its values too).
+    pub(crate) bodies: Arc<tokio::sync::Semaphore>,
 }
 
 /// Most peer certificates [`PeerCache`] holds; when full it starts over.
@@ -544,23 +545,11 @@ impl Gateway {
                 "a delegation token is required (Authorization: Bearer ...)",
             );
         };
-        // Held until the answer: the body's bytes count against the
-        // budget while anything still holds them.
-        let (input, _held) = match read_body(body, &self.bodies).await {
-            Ok(b) => b,
-            Err(BodyRefused::Busy) => {
-                return plain(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "busy",
-                    "the gateway holds too many request bodies at once; retry",
-                );
-            }
-            Err(BodyRefused::Status(status)) => {
-                return plain(status, "body", "the request body is too large or broken");
-            }
-        };
         if let Some(why) = encoded_body(&req) {
             return plain(StatusCode::UNSUPPORTED_MEDIA_TYPE, "invalid_request", &why);
+        }
+        if let Some(why) = underscored_header(&req.headers) {
+            return plain(StatusCode::BAD_REQUEST, "invalid_request", &why);
         }
         let mcp = rt.config.mcp_endpoint(&req.path);
         let matched = if mcp.is_some() {
@@ -569,6 +558,9 @@ impl Gateway {
             rt.config.route(&req.method, &req.path)
         };
         let now = baton_revocation::system_now();
+        // The token before the body: a caller with no valid token spends
+        // none of the body budget (its refusal is recorded without the
+        // body, which is never read).
         let delegation = match self.enforcer.verifier.verify(&token, &peer, now) {
             Ok(d) => d,
             Err(e) => {
@@ -583,12 +575,27 @@ impl Gateway {
                     tool,
                     resource,
                     risk,
-                    input: &input,
+                    input: None,
                     now,
                     err: &e,
                     traceparent: traceparent(&req.headers),
                 });
                 return invalid_token(e.code(), &e.to_string());
+            }
+        };
+        // Held until the answer: the body's bytes count against the
+        // budget while anything still holds them.
+        let (input, _held) = match read_body(body, &self.bodies).await {
+            Ok(b) => b,
+            Err(BodyRefused::Busy) => {
+                return plain(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "busy",
+                    "the gateway holds too many request bodies at once; retry",
+                );
+            }
+            Err(BodyRefused::Status(status)) => {
+                return plain(status, "body", "the request body is too large or broken");
             }
         };
         if let Some(ep) = mcp {
@@ -860,6 +867,11 @@ fn method_override(req: &Incoming, body: &[u8]) -> Option<String> {
             "the Content-Type {content_type:?} is not `type/subtype` with `; name=value` parameters only (RFC 9110), so parsers could read it differently"
         ));
     };
+    if !parsed.reads_as_bytes() {
+        return Some(format!(
+            "the Content-Type {content_type:?} names a charset the upstream could decode to other characters than the gateway reads; send the body as UTF-8"
+        ));
+    }
     let mut found_in = None;
     if parsed.media == "application/x-www-form-urlencoded" && names_method(body) {
         found_in = Some("the form body");
@@ -877,9 +889,8 @@ fn method_override(req: &Incoming, body: &[u8]) -> Option<String> {
         // deeper than 128 where PHP reads 512) is refused if it has the
         // word `method` or any `\u` escape: what it is to the upstream is
         // not known here.
-        let json = match crate::record::parse_bounded(body) {
-            Ok(serde_json::Value::Object(map)) => map.keys().any(|k| is_method_key(k.as_bytes())),
-            Ok(_) => false,
+        let json = match top_level_key_names_method(body) {
+            Ok(found) => found,
             Err(_) => {
                 let lower = body.to_ascii_lowercase();
                 find(&lower, b"method").is_some() || find(&lower, b"\\u").is_some()
@@ -921,8 +932,24 @@ fn content_type_of(req: &Incoming) -> Result<String, String> {
 /// Content-Type, `application/json` or `…+json` (RFC 6839), well formed.
 fn json_typed(req: &Incoming) -> bool {
     content_type_of(req).is_ok_and(|t| {
-        ContentType::parse(&t)
-            .is_some_and(|p| p.media == "application/json" || p.media.ends_with("+json"))
+        ContentType::parse(&t).is_some_and(|p| {
+            (p.media == "application/json" || p.media.ends_with("+json")) && p.reads_as_bytes()
+        })
+    })
+}
+
+/// A header whose name has an `_`: CGI, WSGI and PHP read `Mcp_Session_Id`
+/// as `Mcp-Session-Id` and `Baton_Actor` as `Baton-Actor`, spellings the
+/// gateway's own session, resumption and identity checks would not see.
+/// Refused by name rather than dropped (nginx drops them silently), so a
+/// client that meant one learns why the upstream would not get it.
+fn underscored_header(headers: &HeaderMap) -> Option<String> {
+    headers.keys().find(|k| k.as_str().contains('_')).map(|k| {
+        format!(
+            "header {:?} has an underscore, which servers behind CGI, WSGI or PHP read as {:?}; the gateway takes header names with hyphens only",
+            k.as_str(),
+            k.as_str().replace('_', "-")
+        )
     })
 }
 
@@ -947,6 +974,55 @@ fn encoded_body(req: &Incoming) -> Option<String> {
     })
 }
 
+/// Whether a JSON body is an object with a top-level key `_method` (as
+/// [`is_method_key`] reads it), read as a stream: values are skipped, not
+/// built, so a large body costs no memory beyond its keys.
+fn top_level_key_names_method(body: &[u8]) -> Result<bool, serde_json::Error> {
+    use serde::Deserializer as _;
+    use serde::de::{IgnoredAny, MapAccess, Visitor};
+    struct Keys;
+    impl<'de> Visitor<'de> for Keys {
+        type Value = bool;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON value")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
+            let mut found = false;
+            while let Some(k) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                found |= is_method_key(k.as_bytes());
+                map.next_value::<IgnoredAny>()?;
+            }
+            Ok(found)
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<bool, A::Error> {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(false)
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<bool, E> {
+            Ok(false)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<bool, E> {
+            Ok(false)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<bool, E> {
+            Ok(false)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<bool, E> {
+            Ok(false)
+        }
+        fn visit_str<E>(self, _: &str) -> Result<bool, E> {
+            Ok(false)
+        }
+        fn visit_unit<E>(self) -> Result<bool, E> {
+            Ok(false)
+        }
+    }
+    let mut d = serde_json::Deserializer::from_slice(body);
+    let found = (&mut d).deserialize_any(Keys)?;
+    d.end()?;
+    Ok(found)
+}
+
 /// A Content-Type read one way (RFC 9110 8.3): `type/subtype` then
 /// `;`-separated `name=value` parameters, names and unquoted values
 /// tokens, no space around `=`; the text `boundary` at most once, and then
@@ -954,6 +1030,8 @@ fn encoded_body(req: &Incoming) -> Option<String> {
 struct ContentType {
     media: String,
     boundary: Option<String>,
+    /// The `charset` parameter's value(s), lower-cased.
+    charsets: Vec<String>,
 }
 
 impl ContentType {
@@ -970,6 +1048,7 @@ impl ContentType {
             return None;
         }
         let mut boundary = None;
+        let mut charsets = Vec::new();
         for p in parts {
             let p = p
                 .trim_start_matches([' ', '\t'])
@@ -992,6 +1071,9 @@ impl ContentType {
             if name == "boundary" {
                 boundary = Some(value.to_owned());
             }
+            if name == "charset" {
+                charsets.push(value.to_owned());
+            }
         }
         if lower.matches("boundary").count() > usize::from(boundary.is_some()) {
             return None;
@@ -999,7 +1081,23 @@ impl ContentType {
         Some(Self {
             media: media.to_owned(),
             boundary,
+            charsets,
         })
+    }
+
+    /// Whether the body's bytes read as the gateway reads them: no
+    /// charset, or one charset that keeps every ASCII byte an ASCII
+    /// character. UTF-7 (`+ACI-` is a quote), `unicode_escape`, UTF-16 and
+    /// the like decode to other characters than the bytes show, so a body
+    /// checked as `{"amount":10}` could be `amount` 1000000 to a server
+    /// that decodes it (Express, Django).
+    fn reads_as_bytes(&self) -> bool {
+        match self.charsets.as_slice() {
+            [] => true,
+            [one] => ["utf-8", "utf8", "us-ascii", "ascii", "iso-8859-1", "latin1"]
+                .contains(&one.as_str()),
+            _ => false,
+        }
     }
 }
 
@@ -1594,16 +1692,31 @@ mod tests {
                 "{ct}"
             );
         }
-        // JSON the gateway cannot read (here nested past serde's limit)
-        // is not passed on unread.
+        // The top-level keys are read as a stream: past a value nested
+        // deeper than a parser builds (PHP reads 512 levels), and past a
+        // value of 150,000 numbers.
         let deep = format!(
-            "{}{{\"_method\":\"DELETE\"}}{}",
-            "[".repeat(200),
-            "]".repeat(200)
+            "{{\"x\":{}{},\"_method\":\"DELETE\"}}",
+            "[".repeat(600),
+            "]".repeat(600)
         );
+        let wide = format!(
+            "{{\"x\":[{}0],\"_method\":\"DELETE\"}}",
+            "0,".repeat(150_000)
+        );
+        for body in [deep, wide] {
+            assert!(
+                overrides(&incoming(None, "application/json"), body.as_bytes())
+                    .is_some_and(|m| m == "the JSON body")
+            );
+        }
+        // JSON the gateway cannot read (JSON lines) is not passed on unread.
         assert!(
-            overrides(&incoming(None, "application/json"), deep.as_bytes())
-                .is_some_and(|m| m == "the JSON body")
+            overrides(
+                &incoming(None, "application/json"),
+                b"{\"a\":1}\n{\"_method\":\"DELETE\"}"
+            )
+            .is_some()
         );
         assert!(overrides(&incoming(None, "application/json"), b"not json _method").is_some());
         assert!(
@@ -1683,6 +1796,32 @@ mod tests {
     }
 
     #[test]
+    fn a_body_in_a_charset_that_decodes_to_other_characters_is_refused() {
+        // UTF-7: `+ACI-` is a quote, so a memo hides `"amount":1000000`
+        // from every check made on the bytes; `+AF8-method` is `_method`.
+        let utf7 = br#"{"amount":10,"memo":"+ACIALAAiAGEAbQBvAHUAbgB0ACIAOgAxADAAMAAwADAAMAAwACwAIgB4ACIAOgAi-"}"#;
+        for ct in [
+            "application/json; charset=utf-7",
+            "application/json; charset=\"UTF-7\"",
+            "application/json; charset=unicode_escape",
+            "application/json; charset=utf-16",
+            "application/x-www-form-urlencoded; charset=utf-7",
+            "application/json; charset=utf-8; charset=utf-7",
+        ] {
+            let req = incoming(None, ct);
+            assert!(
+                overrides(&req, utf7).is_some_and(|m| m.contains("charset")),
+                "{ct}"
+            );
+            assert!(!json_typed(&req), "{ct}");
+        }
+        // Control: the same body as UTF-8 is JSON and has no override.
+        let req = incoming(None, "application/json; charset=utf-8");
+        assert_eq!(overrides(&req, utf7), None);
+        assert!(json_typed(&req));
+    }
+
+    #[test]
     fn a_body_that_only_mentions_method_is_forwarded() {
         let multipart = incoming(None, MULTIPART);
         let file = "--XyZ\r\nContent-Disposition: form-data; name=\"notes\"; filename=\"n.txt\"\r\n\r\nset _method=DELETE here\r\n--XyZ--\r\n";
@@ -1711,6 +1850,18 @@ mod tests {
             ),
             None
         );
+        // A large honest body with an escaped accent (Python's json.dumps
+        // writes `\u00e9`) is read as a stream and forwarded.
+        let big = format!(r#"{{"name":"caf\u00e9","v":[{}0]}}"#, "0,".repeat(150_000));
+        assert_eq!(overrides(&json, big.as_bytes()), None);
+        // UTF-8 and ASCII-compatible charsets read as their bytes.
+        for ct in [
+            "application/json; charset=utf-8",
+            "application/json; charset=\"UTF-8\"",
+            "application/x-www-form-urlencoded; charset=iso-8859-1",
+        ] {
+            assert_eq!(overrides(&incoming(None, ct), br#"{"a":1}"#), None, "{ct}");
+        }
         let form = incoming(None, "application/x-www-form-urlencoded");
         assert_eq!(overrides(&form, b"q=_method"), None);
         assert_eq!(overrides(&form, b"my_method=x&methods=y"), None);

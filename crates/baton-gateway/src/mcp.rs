@@ -511,6 +511,12 @@ fn call_param_twin(params: &Map<String, Value>) -> Option<&str> {
         .find(|k| !CALL_PARAMS.contains(k) && CALL_PARAMS.iter().any(|c| fold(c) == fold(k)))
 }
 
+/// Most values one MCP message may hold (a call carrying a hundred
+/// 1,536-float embeddings holds about 154,000).
+pub const MAX_MESSAGE_VALUES: usize = 1_000_000;
+/// Bytes of the body budget each value of a parsed message holds.
+const VALUE_COST: usize = 80;
+
 /// The top-level fields of a JSON-RPC 2.0 message.
 const MESSAGE_FIELDS: &[&str] = &["jsonrpc", "id", "method", "params", "result", "error"];
 
@@ -631,7 +637,32 @@ impl Gateway {
                 );
             }
         }
-        let msg: Value = match crate::record::parse_bounded(&body) {
+        // A parsed value takes some 80 bytes: the message's values hold a
+        // share of the body budget while it lives, so a flood of large
+        // messages is answered 503, not parsed into the gateway's memory.
+        let values = match crate::record::count_values(&body, MAX_MESSAGE_VALUES) {
+            Ok(n) => n,
+            Err(e) => {
+                return rpc_error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    None,
+                    INVALID_REQUEST,
+                    &e,
+                    Value::Null,
+                );
+            }
+        };
+        let share = u32::try_from(values.saturating_mul(VALUE_COST)).unwrap_or(u32::MAX);
+        let Ok(_parsed_share) = self.bodies.clone().try_acquire_many_owned(share) else {
+            return rpc_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                None,
+                REFUSED,
+                "the gateway holds too many request bodies at once; retry",
+                Value::Null,
+            );
+        };
+        let msg: Value = match serde_json::from_slice(&body) {
             Ok(v) => v,
             Err(e) => {
                 return rpc_error(

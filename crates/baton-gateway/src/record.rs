@@ -219,9 +219,15 @@ impl Recording {
 pub const MAX_JSON_VALUES: usize = 100_000;
 
 /// Refuses, before parsing, a JSON text with more than [`MAX_JSON_VALUES`]
-/// values: counts the `[`, `{` and `,` outside strings (each starts or
-/// separates a value).
+/// values.
 pub(crate) fn within_value_bound(body: &[u8]) -> Result<(), String> {
+    count_values(body, MAX_JSON_VALUES).map(drop)
+}
+
+/// How many values a JSON text holds at most, counted without parsing:
+/// the `[`, `{` and `,` outside strings (each starts or separates a
+/// value), plus one; refused past `max`.
+pub(crate) fn count_values(body: &[u8], max: usize) -> Result<usize, String> {
     let (mut values, mut in_string, mut escaped) = (1usize, false, false);
     for b in body {
         if in_string {
@@ -238,13 +244,11 @@ pub(crate) fn within_value_bound(body: &[u8]) -> Result<(), String> {
                 _ => {}
             }
         }
-        if values > MAX_JSON_VALUES {
-            return Err(format!(
-                "the JSON body holds more than {MAX_JSON_VALUES} values"
-            ));
+        if values > max {
+            return Err(format!("the JSON body holds more than {max} values"));
         }
     }
-    Ok(())
+    Ok(values)
 }
 
 /// A request body parsed as JSON within [`MAX_JSON_VALUES`].

@@ -338,6 +338,10 @@ struct Doorbell {
 impl Doorbell {
     /// After a record was queued.
     fn ring_if_idle(&self) {
+        // Pairs with the writer's fence after it sets `idle`: either it
+        // sees this record in the queue or this sees it idle (the queue's
+        // own orderings alone do not promise that).
+        std::sync::atomic::fence(Ordering::SeqCst);
         if self.idle.swap(false, Ordering::SeqCst) {
             self.wake_writer();
         }
@@ -549,6 +553,7 @@ impl Writer {
                 // retry timeout. A record queued before `idle` was set
                 // did not ring: look once more before sleeping.
                 bell.idle.store(true, Ordering::SeqCst);
+                std::sync::atomic::fence(Ordering::SeqCst);
                 closed = take_queued(jobs, &mut group, &mut rolls);
                 if !closed && group.len() == carried && rolls.is_empty() {
                     let wait = if carried == 0 { IDLE_ROLL } else { CARRY_RETRY };
