@@ -49,6 +49,18 @@ pub struct Minted {
     pub credential: TaskCredential,
     pub records: Vec<CredentialRecord>,
     pub superseded: Vec<baton_revocation::Revoked>,
+    /// A renewal's rebinding of its token to the new certificate, undone
+    /// ([`Delegation::undo_rebind`]) if the credential is not handed out,
+    /// so the holder's retry with its old certificate is not refused as
+    /// raced.
+    pub rebound: Option<Rebound>,
+}
+
+/// A token record as it was before a renewal rebound it to `to_serial`.
+#[derive(Debug)]
+pub struct Rebound {
+    before: TokenRecord,
+    to_serial: String,
 }
 
 /// How long after a grant was used the very request that used it may get
@@ -1156,6 +1168,7 @@ impl Delegation {
             credential: delivery.credential,
             records,
             superseded: Vec::new(),
+            rebound: None,
         })
     }
 
@@ -1230,6 +1243,7 @@ impl Delegation {
             credential: kept.credential,
             records: Vec::new(),
             superseded: Vec::new(),
+            rebound: None,
         }))
     }
 
@@ -1404,24 +1418,25 @@ impl Delegation {
             tracing::warn!(task = %task.id, spiffe_id = %req.spiffe_id, "renewal refused: {why}");
             return Err(refuse("renewal_raced", why));
         }
-        let undo = |e: BrokerError| {
-            // Not handed out: the token goes back to the certificate its
-            // holder still has.
-            if let Err(u) = self.tasks.rebind_token(&before, &issued.serial_hex) {
-                tracing::error!(error = %u, jti = %claims.jti, "could not rebind a token after a failed renewal");
-            }
-            e
+        let rebound = Rebound {
+            before,
+            to_serial: issued.serial_hex.clone(),
         };
-        self.append(&ev).map_err(undo)?;
-        self.broker
-            .record(IssuedCredential {
+        // Not handed out: the token goes back to the certificate its
+        // holder still has.
+        let logged = self.append(&ev).and_then(|_| {
+            self.broker.record(IssuedCredential {
                 kind: CredentialKind::TaskX509Svid,
                 spiffe_id: req.spiffe_id.clone(),
                 via_node: Some(node.id().clone()),
                 id: issued.serial_hex.clone(),
                 expires_at: exp,
             })
-            .map_err(undo)?;
+        });
+        if let Err(e) = logged {
+            self.undo_rebind(&rebound);
+            return Err(e);
+        }
         self.broker
             .rotation()
             .forget(crate::rotation::SlotKind::Task, peer.serial_hex());
@@ -1455,7 +1470,22 @@ impl Delegation {
                 kind: CredKind::X509Svid,
                 expires_at: held.expires_at(),
             }],
+            rebound: Some(rebound),
         })
+    }
+
+    /// Puts a renewed token back on the certificate it held, when the new
+    /// one was not handed out (best effort: logged if it fails).
+    pub fn undo_rebind(&self, r: &Rebound) {
+        match self.tasks.rebind_token(&r.before, &r.to_serial) {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(jti = %r.before.jti, "a renewed token was rebound again meanwhile; left as it is");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, jti = %r.before.jti, "could not rebind a token after a renewal that was not handed out");
+            }
+        }
     }
 
     /// Why a renewal is refused, once the token verified.

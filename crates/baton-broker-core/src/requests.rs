@@ -184,8 +184,16 @@ pub fn renew(
     req: &RenewTaskRequest,
     now: SystemTime,
 ) -> Result<TaskCredential, BrokerError> {
-    let minted = d.renew(node, req, now)?;
-    hand_out_minted(d, node, minted, now)
+    let mut minted = d.renew(node, req, now)?;
+    let rebound = minted.rebound.take();
+    hand_out_minted(d, node, minted, now).inspect_err(|_| {
+        // Not handed out (the old certificate's revocation, the new one's
+        // registration or the node's re-check failed): the holder's retry
+        // with its old certificate must not be refused as raced.
+        if let Some(r) = &rebound {
+            d.undo_rebind(r);
+        }
+    })
 }
 
 /// `start`: a human (by ID token) starts a task; its first grant is

@@ -774,6 +774,29 @@ fn an_approver_group_counts_only_as_asserted_by_its_own_issuer() {
     assert_eq!(decided.decided_by.as_deref(), Some("bob@example.com"));
 }
 
+/// A renewal of `held`'s certificate with a CSR for `new_key`, its proof
+/// of possession signed with `proof_key` at `at`.
+fn renewal_of(
+    held: &TaskCredential,
+    proof_key: &WorkloadKey,
+    new_key: &WorkloadKey,
+    at: SystemTime,
+) -> RenewTaskRequest {
+    RenewTaskRequest {
+        token: held.token.clone(),
+        spiffe_id: id(PLANNER),
+        leaf_der: held.cert_chain_der[0].clone(),
+        csr_der: new_key.csr_der(&id(PLANNER)).unwrap(),
+        proof: baton_ca::possession::sign_renew_proof(
+            proof_key.pkcs8_der(),
+            held.token.expose(),
+            unix_of(at),
+        )
+        .unwrap(),
+        proof_iat: unix_of(at),
+    }
+}
+
 #[test]
 fn a_renewal_needs_the_current_key_revokes_the_old_certificate_and_happens_once() {
     let w = World::new();
@@ -783,18 +806,8 @@ fn a_renewal_needs_the_current_key_revokes_the_old_certificate_and_happens_once(
         .redeem_with(&started.grant, PLANNER, &old_key, w.t0)
         .unwrap();
     let at = secs(w.t0, 10);
-    let renewal = |proof_key: &WorkloadKey, new_key: &WorkloadKey| RenewTaskRequest {
-        token: planner.token.clone(),
-        spiffe_id: id(PLANNER),
-        leaf_der: planner.cert_chain_der[0].clone(),
-        csr_der: new_key.csr_der(&id(PLANNER)).unwrap(),
-        proof: baton_ca::possession::sign_renew_proof(
-            proof_key.pkcs8_der(),
-            planner.token.expose(),
-            unix_of(at),
-        )
-        .unwrap(),
-        proof_iat: unix_of(at),
+    let renewal = |proof_key: &WorkloadKey, new_key: &WorkloadKey| {
+        renewal_of(&planner, proof_key, new_key, at)
     };
     // Two renewals of the same certificate at once (both past every check
     // before either is handed out, as at two brokers): one rebinds the
@@ -808,19 +821,7 @@ fn a_renewal_needs_the_current_key_revokes_the_old_certificate_and_happens_once(
             .redeem_with(&started.grant, PLANNER, &old_key, w.t0)
             .unwrap();
         let at = secs(w.t0, 10);
-        let race = |new_key: &WorkloadKey| RenewTaskRequest {
-            token: planner.token.clone(),
-            spiffe_id: id(PLANNER),
-            leaf_der: planner.cert_chain_der[0].clone(),
-            csr_der: new_key.csr_der(&id(PLANNER)).unwrap(),
-            proof: baton_ca::possession::sign_renew_proof(
-                old_key.pkcs8_der(),
-                planner.token.expose(),
-                unix_of(at),
-            )
-            .unwrap(),
-            proof_iat: unix_of(at),
-        };
+        let race = |new_key: &WorkloadKey| renewal_of(&planner, &old_key, new_key, at);
         let (a, b) = (
             WorkloadKey::generate().unwrap(),
             WorkloadKey::generate().unwrap(),
@@ -1089,4 +1090,55 @@ async fn a_task_is_not_shown_ended_or_repurposed_before_its_credentials_are_revo
         ended.task.ended_at.is_some() && !ended.already_ended,
         "{ended:?}"
     );
+}
+
+/// A renewal whose new certificate is not handed out (here the old
+/// certificate's revocation fails) leaves the token on the certificate its
+/// holder still has: the same renewal retried succeeds, not refused as
+/// raced. The control is the retry itself, with the ledger back.
+#[test]
+fn a_renewal_that_was_not_handed_out_can_be_retried() {
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = failing.clone();
+    let w = World::with_ledger(
+        |_| {},
+        move |store| {
+            Arc::new(FlakyLedger {
+                inner: store,
+                failing: flag,
+            })
+        },
+    );
+    let started = w.start(&["crm"], &["tool:crm.search:read"]);
+    let old_key = WorkloadKey::generate().unwrap();
+    let planner = w
+        .redeem_with(&started.grant, PLANNER, &old_key, w.t0)
+        .unwrap();
+    let at = secs(w.t0, 10);
+    let renewal = |new_key: &WorkloadKey| renewal_of(&planner, &old_key, new_key, at);
+    failing.store(true, std::sync::atomic::Ordering::SeqCst);
+    let e = renew(
+        &w.d,
+        &w.node,
+        &renewal(&WorkloadKey::generate().unwrap()),
+        at,
+    )
+    .unwrap_err();
+    assert_ne!(e.code(), "renewal_raced", "{e}");
+    failing.store(false, std::sync::atomic::Ordering::SeqCst);
+    let renewed = renew(
+        &w.d,
+        &w.node,
+        &renewal(&WorkloadKey::generate().unwrap()),
+        at,
+    )
+    .unwrap();
+    assert_eq!(jti_of(&renewed.token), jti_of(&planner.token));
+    w.hop(
+        &renewed,
+        &["crm"],
+        &["tool:crm.search:read"],
+        secs(w.t0, 11),
+    )
+    .unwrap();
 }

@@ -545,12 +545,6 @@ impl Gateway {
                 "a delegation token is required (Authorization: Bearer ...)",
             );
         };
-        if let Some(why) = encoded_body(&req) {
-            return plain(StatusCode::UNSUPPORTED_MEDIA_TYPE, "invalid_request", &why);
-        }
-        if let Some(why) = underscored_header(&req.headers) {
-            return plain(StatusCode::BAD_REQUEST, "invalid_request", &why);
-        }
         let mcp = rt.config.mcp_endpoint(&req.path);
         let matched = if mcp.is_some() {
             None
@@ -583,6 +577,14 @@ impl Gateway {
                 return invalid_token(e.code(), &e.to_string());
             }
         };
+        // After the token (a refused token is recorded whatever else is
+        // wrong), before the body.
+        if let Some(why) = encoded_body(&req) {
+            return plain(StatusCode::UNSUPPORTED_MEDIA_TYPE, "invalid_request", &why);
+        }
+        if let Some(why) = underscored_header(&req.headers) {
+            return plain(StatusCode::BAD_REQUEST, "invalid_request", &why);
+        }
         // Held until the answer: the body's bytes count against the
         // budget while anything still holds them.
         let (input, _held) = match read_body(body, &self.bodies).await {
@@ -598,6 +600,10 @@ impl Gateway {
                 return plain(status, "body", "the request body is too large or broken");
             }
         };
+        // The decision's clock is read once the body is in: a body
+        // trickled in for a minute is decided at its end (token expiry,
+        // the feed's staleness, approval lifetimes), not at its start.
+        let now = baton_revocation::system_now();
         if let Some(ep) = mcp {
             // An upstream resuming a stream (`Last-Event-ID`) replays its
             // events as it first sent them, before the gateway filtered
@@ -1054,7 +1060,9 @@ impl ContentType {
                 .trim_start_matches([' ', '\t'])
                 .trim_end_matches([' ', '\t']);
             let (name, value) = p.split_once('=')?;
-            if !token(name) {
+            // RFC 2231 names (`charset*`, `charset*0`) are read by some
+            // parsers (Django, Werkzeug) as the plain name: refused.
+            if !token(name) || name.contains('*') {
                 return None;
             }
             let value = match value.strip_prefix('"') {
@@ -1076,6 +1084,10 @@ impl ContentType {
             }
         }
         if lower.matches("boundary").count() > usize::from(boundary.is_some()) {
+            return None;
+        }
+        // The text `charset` only as whole parameter names, as `boundary`.
+        if lower.matches("charset").count() > charsets.len() {
             return None;
         }
         Some(Self {
@@ -1807,6 +1819,12 @@ mod tests {
             "application/json; charset=utf-16",
             "application/x-www-form-urlencoded; charset=utf-7",
             "application/json; charset=utf-8; charset=utf-7",
+            // RFC 2231 names Django and Werkzeug read as `charset`.
+            "application/json; charset*=utf-7",
+            "application/json; charset=utf-8; charset*=utf-7",
+            "application/json; charset*=utf-8''utf%2D7",
+            "application/json; charset*0=utf-7",
+            "application/json; x-charset=utf-7",
         ] {
             let req = incoming(None, ct);
             assert!(
