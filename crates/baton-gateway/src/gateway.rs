@@ -555,8 +555,8 @@ impl Gateway {
         // The token before the body: a caller with no valid token spends
         // none of the body budget (its refusal is recorded without the
         // body, which is never read).
-        let delegation = match self.enforcer.verifier.verify(&token, &peer, now) {
-            Ok(d) => d,
+        match self.enforcer.verifier.verify(&token, &peer, now) {
+            Ok(_) => {}
             Err(e) => {
                 let (tool, resource, risk) = match (&matched, mcp) {
                     (Some(m), _) => (m.route.tool.as_str(), m.resource.as_str(), m.route.tier),
@@ -576,7 +576,7 @@ impl Gateway {
                 });
                 return invalid_token(e.code(), &e.to_string());
             }
-        };
+        }
         // After the token (a refused token is recorded whatever else is
         // wrong), before the body.
         if let Some(why) = encoded_body(&req) {
@@ -600,10 +600,16 @@ impl Gateway {
                 return plain(status, "body", "the request body is too large or broken");
             }
         };
-        // The decision's clock is read once the body is in: a body
-        // trickled in for a minute is decided at its end (token expiry,
-        // the feed's staleness, approval lifetimes), not at its start.
+        // The decision's clock is read once the body is in, and the token
+        // checked again at it (a cache hit): a body trickled in for a
+        // minute is decided at its end (the token's expiry and revocation,
+        // the feed's staleness, approval lifetimes), also for MCP methods
+        // passed on without the gate.
         let now = baton_revocation::system_now();
+        let delegation = match self.enforcer.verifier.verify(&token, &peer, now) {
+            Ok(d) => d,
+            Err(e) => return invalid_token(e.code(), &e.to_string()),
+        };
         if let Some(ep) = mcp {
             // An upstream resuming a stream (`Last-Event-ID`) replays its
             // events as it first sent them, before the gateway filtered
@@ -1083,7 +1089,14 @@ impl ContentType {
                 charsets.push(value.to_owned());
             }
         }
-        if lower.matches("boundary").count() > usize::from(boundary.is_some()) {
+        // Browsers' boundaries hold the word (`----WebKitFormBoundary…`,
+        // `----geckoformboundary…`): inside the boundary's own value, after
+        // its name, it is still read one way (PHP takes the first
+        // `boundary`, Rack the last `boundary=`).
+        let in_value = boundary
+            .as_deref()
+            .map_or(0, |b| b.matches("boundary").count());
+        if lower.matches("boundary").count() > usize::from(boundary.is_some()) + in_value {
             return None;
         }
         // The text `charset` only as whole parameter names, as `boundary`.
@@ -1872,6 +1885,21 @@ mod tests {
         // writes `\u00e9`) is read as a stream and forwarded.
         let big = format!(r#"{{"name":"caf\u00e9","v":[{}0]}}"#, "0,".repeat(150_000));
         assert_eq!(overrides(&json, big.as_bytes()), None);
+        // Browsers' multipart boundaries hold the word `boundary`.
+        for ct in [
+            "multipart/form-data; boundary=----WebKitFormBoundary7MA4YWxkTrZu0gW",
+            "multipart/form-data; boundary=----geckoformboundary1a2b3c",
+        ] {
+            let b = ct.split_once("boundary=").unwrap().1;
+            let body = format!(
+                "--{b}\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhi\r\n--{b}--\r\n"
+            );
+            assert_eq!(
+                overrides(&incoming(None, ct), body.as_bytes()),
+                None,
+                "{ct}"
+            );
+        }
         // UTF-8 and ASCII-compatible charsets read as their bytes.
         for ct in [
             "application/json; charset=utf-8",
