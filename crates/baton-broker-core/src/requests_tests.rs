@@ -919,6 +919,21 @@ fn an_entry_stored_without_a_uid_or_gid_gets_no_svid() {
     assert!(e.to_string().contains("unix:uid"), "{e}");
 }
 
+/// A world on a [`FlakyLedger`], and the switch that makes it fail.
+fn flaky_world(
+    tune: impl FnOnce(&mut DelegationSettings),
+) -> (World, Arc<std::sync::atomic::AtomicBool>) {
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = failing.clone();
+    let w = World::with_ledger(tune, move |store| {
+        Arc::new(FlakyLedger {
+            inner: store,
+            failing: flag,
+        })
+    });
+    (w, failing)
+}
+
 /// A ledger whose revocations fail while `failing` is set (a database
 /// that went away mid-request); everything else is the datastore's.
 #[derive(Debug)]
@@ -1027,19 +1042,9 @@ impl crate::ledger::Ledger for FlakyLedger {
 /// control is each command with a working ledger.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_is_not_shown_ended_or_repurposed_before_its_credentials_are_revoked() {
-    let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flag = failing.clone();
-    let w = World::with_ledger(
-        |s| {
-            s.purposes.insert("support.case-update".parse().unwrap());
-        },
-        move |store| {
-            Arc::new(FlakyLedger {
-                inner: store,
-                failing: flag,
-            })
-        },
-    );
+    let (w, failing) = flaky_world(|s| {
+        s.purposes.insert("support.case-update".parse().unwrap());
+    });
     let started = w.start(&["crm"], &["tool:crm.search:read"]);
     let planner = w.redeem_as(&started.grant, PLANNER, w.t0).unwrap();
     let task = started.task_id.as_str();
@@ -1098,17 +1103,7 @@ async fn a_task_is_not_shown_ended_or_repurposed_before_its_credentials_are_revo
 /// raced. The control is the retry itself, with the ledger back.
 #[test]
 fn a_renewal_that_was_not_handed_out_can_be_retried() {
-    let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flag = failing.clone();
-    let w = World::with_ledger(
-        |_| {},
-        move |store| {
-            Arc::new(FlakyLedger {
-                inner: store,
-                failing: flag,
-            })
-        },
-    );
+    let (w, failing) = flaky_world(|_| {});
     let started = w.start(&["crm"], &["tool:crm.search:read"]);
     let old_key = WorkloadKey::generate().unwrap();
     let planner = w
