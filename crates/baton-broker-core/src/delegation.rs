@@ -1152,13 +1152,7 @@ impl Delegation {
             &delivery.authority_id,
             exp,
         );
-        self.broker.record(IssuedCredential {
-            kind: CredentialKind::TaskX509Svid,
-            spiffe_id: req.spiffe_id.clone(),
-            via_node: Some(node.id().clone()),
-            id: issued.serial_hex.clone(),
-            expires_at: exp,
-        })?;
+        self.record_task_svid(node, &req.spiffe_id, &issued.serial_hex, exp)?;
         baton_ops::metrics().redeem("granted");
         baton_ops::metrics().issued("token", "task");
         tracing::info!(task = %task.id, spiffe_id = %req.spiffe_id, depth = grant.depth, "grant redeemed");
@@ -1424,15 +1418,9 @@ impl Delegation {
         };
         // Not handed out: the token goes back to the certificate its
         // holder still has.
-        let logged = self.append(&ev).and_then(|_| {
-            self.broker.record(IssuedCredential {
-                kind: CredentialKind::TaskX509Svid,
-                spiffe_id: req.spiffe_id.clone(),
-                via_node: Some(node.id().clone()),
-                id: issued.serial_hex.clone(),
-                expires_at: exp,
-            })
-        });
+        let logged = self
+            .append(&ev)
+            .and_then(|_| self.record_task_svid(node, &req.spiffe_id, &issued.serial_hex, exp));
         if let Err(e) = logged {
             self.undo_rebind(&rebound);
             return Err(e);
@@ -1471,6 +1459,24 @@ impl Delegation {
                 expires_at: held.expires_at(),
             }],
             rebound: Some(rebound),
+        })
+    }
+
+    /// Tells the issuance hook of a task certificate minted for `holder`
+    /// through `node` (a redeem's or a renewal's).
+    fn record_task_svid(
+        &self,
+        node: &AuthenticatedNode,
+        holder: &SpiffeId,
+        serial: &str,
+        expires_at: u64,
+    ) -> Result<(), BrokerError> {
+        self.broker.record(IssuedCredential {
+            kind: CredentialKind::TaskX509Svid,
+            spiffe_id: holder.clone(),
+            via_node: Some(node.id().clone()),
+            id: serial.to_owned(),
+            expires_at,
         })
     }
 
