@@ -430,7 +430,15 @@ fn bad_limit_flags_are_refused_at_start() {
 
 /// An anonymous TLS connection speaking HTTP/1.1 only.
 fn tls_http1(c: &Cluster) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
-    let mut config = tls_config(c, ClientIdentity::none());
+    tls_http1_as(c, ClientIdentity::none())
+}
+
+/// An HTTP/1.1 connection over TLS to the broker, presenting `identity`.
+fn tls_http1_as(
+    c: &Cluster,
+    identity: ClientIdentity,
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    let mut config = tls_config(c, identity);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
     let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
@@ -615,4 +623,107 @@ async fn slowloris_and_connection_floods_are_cut_off_while_honest_clients_are_se
         sync(node.clone())
     })
     .await;
+}
+
+/// Reads one HTTP/1.1 answer: its status and its body as JSON (by its
+/// Content-Length).
+fn read_answer(mut conn: impl Read) -> (u16, serde_json::Value) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map(|v| v.trim().parse().unwrap())
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                let status = head[9..12].parse().unwrap();
+                let body = serde_json::from_slice(&buf[end + 4..end + 4 + len])
+                    .unwrap_or(serde_json::Value::Null);
+                return (status, body);
+            }
+        }
+        let n = conn.read(&mut chunk).unwrap();
+        assert!(
+            n > 0,
+            "closed before an answer: {}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// A node route reads a body only from a caller that can be a node: a
+/// workload's SVID (or no certificate) announcing a 4 MB body to
+/// `sign-x509` or `redeem` gets its refusal while its body has not been
+/// sent (were the body read first, the answer would be the request
+/// timeout's 408 a minute later). The control: the node's own request,
+/// its body sent in two parts, is read and answered on its body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_route_reads_no_body_from_a_caller_that_cannot_be_a_node() {
+    let c = Cluster::start(Options::default());
+    c.register("/mine", &[]);
+    let wl = spiffe::WorkloadApiClient::connect_to(c.endpoint())
+        .await
+        .unwrap();
+    let svid = wait_for_async("workload SVID", Duration::from_secs(30), || async {
+        wl.fetch_x509_svid().await.ok()
+    })
+    .await;
+    let workload = || {
+        let chain = svid
+            .cert_chain()
+            .iter()
+            .map(|c| c.as_bytes().to_vec())
+            .collect();
+        ClientIdentity::new(chain, svid.private_key().as_bytes()).unwrap()
+    };
+    let head = |path: &str, len: usize| {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: broker\r\ncontent-type: application/json\r\ncontent-length: {len}\r\n\r\n{{"
+        )
+    };
+    for path in [
+        "/v1/node/sign-x509",
+        "/v1/node/sign-jwt",
+        "/v1/node/renew",
+        "/v1/node/redeem",
+        "/v1/node/renew-task",
+    ] {
+        for (who, identity, want) in [
+            ("a workload", workload(), (403, "not_a_node")),
+            (
+                "an anonymous caller",
+                ClientIdentity::none(),
+                (401, "unauthenticated"),
+            ),
+        ] {
+            // Blocking I/O on the test's runtime: the broker is another
+            // process.
+            let mut conn = tls_http1_as(&c, identity);
+            conn.write_all(head(path, 4_000_000).as_bytes()).unwrap();
+            conn.flush().unwrap();
+            let (status, body) = read_answer(&mut conn);
+            assert_eq!(
+                (status, body["code"].as_str().unwrap_or_default()),
+                want,
+                "{who} on {path}: {body}"
+            );
+        }
+    }
+
+    // Control: the node's request is read, in two parts, and answered on
+    // what its body says.
+    let mut conn = tls_http1_as(&c, node_identity(&c));
+    let body = br#"{"entries": 7}"#;
+    conn.write_all(head("/v1/node/sign-x509", body.len()).as_bytes())
+        .unwrap();
+    conn.flush().unwrap();
+    conn.write_all(&body[1..]).unwrap();
+    conn.flush().unwrap();
+    let (status, body) = read_answer(&mut conn);
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["code"], "invalid_argument", "{body}");
 }

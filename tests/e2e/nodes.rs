@@ -344,6 +344,21 @@ async fn banned_node_cannot_attest_again_until_unbanned() {
     assert_eq!(lifted["action"], "unbanned", "{lifted}");
     let err = refused(&c, &["node", "unban", &node]);
     assert!(err.contains("no attested node"), "{err}");
+    // The token minted before the ban stays dead once it is lifted: the
+    // ban voided it.
+    let cmd = c.agent_command(&data, &sock, Some(&pre_ban_token));
+    let mut p = Proc::spawn("agent-unbanned", cmd, c.path("agent-unbanned.log"));
+    let status = wait_for(
+        "the agent with the pre-ban token to give up",
+        Duration::from_secs(30),
+        || p.child.try_wait().ok().flatten(),
+    );
+    let log = p.log_text();
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("node attestation refused"), "{log}");
+    let err = refused(&c, &["node", "show", &node]);
+    assert!(err.contains("no attested node"), "{err}");
+    // Control: a token minted after the ban was lifted attests.
     let token = c.join_token(Some(&node));
     c.start_agent(&token);
     let _ = wait_for_serial(&c, None).await;

@@ -32,6 +32,10 @@ pub trait Ledger: Send + Sync + std::fmt::Debug {
     fn ping(&self) -> Result<(), StoreError>;
     /// The name of this log: a follower that saw another starts over.
     fn epoch(&self) -> Result<String, StoreError>;
+    /// Names the log anew (`to`) if it is still named `from`, so that every
+    /// follower and revocation store starts it over; returns the name now in
+    /// force. For a log found restored to an earlier state.
+    fn restart_log(&self, from: &str, to: &str) -> Result<String, StoreError>;
     /// The newest sequence number of the log (0 when empty).
     fn last_seq(&self) -> Result<u64, StoreError>;
     /// Up to `limit` log entries after `after`, in order (only those still
@@ -374,6 +378,19 @@ impl Ledger for SqliteStore {
         })
     }
 
+    fn restart_log(&self, from: &str, to: &str) -> Result<String, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.prepare_cached("UPDATE feed_meta SET epoch = ?2 WHERE epoch = ?1")?
+                .execute(params![from, to])?;
+            let now: String = tx
+                .prepare_cached("SELECT epoch FROM feed_meta LIMIT 1")?
+                .query_row([], |r| r.get(0))?;
+            tx.commit()?;
+            Ok(now)
+        })
+    }
+
     fn last_seq(&self) -> Result<u64, StoreError> {
         self.with(|c| last_seq(c))
     }
@@ -537,8 +554,14 @@ impl Ledger for SqliteStore {
                 .execute(params![cutoff])?;
             tx.prepare_cached("DELETE FROM revocations WHERE expires_at <= ?1")?
                 .execute(params![cutoff])?;
-            tx.prepare_cached("DELETE FROM revocation_log WHERE expires_at <= ?1")?
-                .execute(params![cutoff])?;
+            // The newest row stays, expired or not: the log's end must
+            // never move back but by a restore or a lossy failover, which
+            // is how the relay and the feed tell one (`Revoker`).
+            tx.prepare_cached(
+                "DELETE FROM revocation_log WHERE expires_at <= ?1
+                 AND seq < (SELECT MAX(seq) FROM revocation_log)",
+            )?
+            .execute(params![cutoff])?;
             tx.commit()?;
             Ok(())
         })

@@ -421,6 +421,9 @@ impl PgConn {
 /// async block rather than a method taking an async closure: ~50 async
 /// closures passed to one generic method made type-checking this crate take
 /// minutes.
+/// Voids a node's unused join tokens (`$1`: the node's SPIFFE ID).
+const VOID_JOIN_TOKENS_PG: &str = "DELETE FROM join_tokens WHERE node_id = $1 AND used_at IS NULL";
+
 macro_rules! on_conn {
     ($store:expr, |$c:ident| $body:expr) => {{
         let store: &PgStore = &$store;
@@ -1011,31 +1014,41 @@ impl Datastore for PgStore {
 
     fn delete_node(&self, id: &SpiffeId) -> Result<bool, StoreError> {
         on_conn!(self, |c| {
+            let tx = c.transaction().await?;
             // What it synced goes with it: a node attesting again under
             // this ID starts with no applied bundle.
-            c.execute(
-                &c.stmt("DELETE FROM node_syncs WHERE node = $1").await?,
+            tx.execute(
+                &tx.stmt("DELETE FROM node_syncs WHERE node = $1").await?,
                 &[&id.as_str()],
             )
             .await?;
-            Ok(c.execute(
-                &c.stmt("DELETE FROM nodes WHERE spiffe_id = $1").await?,
-                &[&id.as_str()],
-            )
-            .await?
-                == 1)
+            tx.execute(&tx.stmt(VOID_JOIN_TOKENS_PG).await?, &[&id.as_str()])
+                .await?;
+            let n = tx
+                .execute(
+                    &tx.stmt("DELETE FROM nodes WHERE spiffe_id = $1").await?,
+                    &[&id.as_str()],
+                )
+                .await?;
+            tx.commit().await?;
+            Ok(n == 1)
         })
     }
 
     fn set_node_banned(&self, id: &SpiffeId, banned: bool) -> Result<bool, StoreError> {
         on_conn!(self, |c| {
-            Ok(c.execute(
-                &c.stmt("UPDATE nodes SET banned = $2 WHERE spiffe_id = $1")
-                    .await?,
-                &[&id.as_str(), &banned],
-            )
-            .await?
-                == 1)
+            let tx = c.transaction().await?;
+            tx.execute(&tx.stmt(VOID_JOIN_TOKENS_PG).await?, &[&id.as_str()])
+                .await?;
+            let n = tx
+                .execute(
+                    &tx.stmt("UPDATE nodes SET banned = $2 WHERE spiffe_id = $1")
+                        .await?,
+                    &[&id.as_str(), &banned],
+                )
+                .await?;
+            tx.commit().await?;
+            Ok(n == 1)
         })
     }
 
@@ -1480,6 +1493,21 @@ impl Ledger for PgStore {
         })
     }
 
+    fn restart_log(&self, from: &str, to: &str) -> Result<String, StoreError> {
+        on_conn!(self, |c| {
+            Ok(c.query_one(
+                &c.stmt(
+                    "WITH moved AS (UPDATE feed_meta SET epoch = $2 WHERE epoch = $1 RETURNING epoch)
+                     SELECT COALESCE((SELECT epoch FROM moved), (SELECT epoch FROM feed_meta LIMIT 1))",
+                )
+                .await?,
+                &[&from, &to],
+            )
+            .await?
+            .try_get(0)?)
+        })
+    }
+
     fn last_seq(&self) -> Result<u64, StoreError> {
         on_conn!(self, |c| last_seq(c).await)
     }
@@ -1648,9 +1676,15 @@ impl Ledger for PgStore {
                 &[&cutoff],
             )
             .await?;
+            // The newest row stays, expired or not: the log's end must
+            // never move back but by a restore or a lossy failover, which
+            // is how the relay and the feed tell one (`Revoker`).
             tx.execute(
-                &tx.stmt("DELETE FROM revocation_log WHERE expires_at <= $1")
-                    .await?,
+                &tx.stmt(
+                    "DELETE FROM revocation_log WHERE expires_at <= $1
+                     AND seq < (SELECT MAX(seq) FROM revocation_log)",
+                )
+                .await?,
                 &[&cutoff],
             )
             .await?;

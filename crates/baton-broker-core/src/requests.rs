@@ -76,6 +76,19 @@ fn hand_out<X, T>(
 ) -> Result<T, BrokerError> {
     let issued = issued?;
     revoker.register_blocking(&issued.records, unix(now))?;
+    // Checked again once registered: an agent blocked (`revoke agent`)
+    // after the first check had its credentials revoked without these,
+    // which must then not leave either.
+    let mut agents: Vec<&SpiffeId> = issued
+        .records
+        .iter()
+        .filter_map(|r| r.agent.as_ref())
+        .collect();
+    agents.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
+    agents.dedup();
+    for agent in agents {
+        broker.refuse_blocked(agent, unix(now))?;
+    }
     finish(broker, node, issued.value)
 }
 
@@ -88,7 +101,9 @@ pub fn attest(
     req: &AttestRequest,
     now: SystemTime,
 ) -> Result<SignedSvid, BrokerError> {
-    let pending = broker.attest(req, now)?;
+    let pending = broker.attest(req, now, |serial| {
+        revoker.durably_revoked(serial, unix(now))
+    })?;
     revoker.register_blocking(&[pending.record()], unix(now))?;
     broker.finish_agent_svid(pending)
 }
@@ -141,16 +156,18 @@ pub fn sign_jwt(
 }
 
 /// A task credential minted for a node's workload (`redeem`, `renew`):
-/// what it replaces is revoked, its records registered, and it leaves only
-/// if the node is still attested.
+/// its records are registered, the node re-checked, then what it replaces
+/// is revoked, last, so that it still leaves only once the old one is dead,
+/// and a failure of either earlier step leaves the old one usable (a
+/// renewal not handed out is undone by its caller: the holder retries with
+/// the certificate it still has).
 fn hand_out_minted(
     d: &Delegation,
     node: &AuthenticatedNode,
     minted: Minted,
     now: SystemTime,
 ) -> Result<TaskCredential, BrokerError> {
-    d.revoker()
-        .supersede_blocking(&minted.superseded, "renewed", unix(now))?;
+    let superseded = minted.superseded;
     hand_out(
         d.broker(),
         d.revoker(),
@@ -160,7 +177,12 @@ fn hand_out_minted(
             records: minted.records,
         }),
         now,
-        |b, node, cred| b.authenticate_node(Some(node.id())).map(|_| cred),
+        |b, node, cred| {
+            b.authenticate_node(Some(node.id()))?;
+            d.revoker()
+                .supersede_blocking(&superseded, "renewed", unix(now))?;
+            Ok(cred)
+        },
     )
 }
 

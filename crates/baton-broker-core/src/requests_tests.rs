@@ -919,35 +919,249 @@ fn an_entry_stored_without_a_uid_or_gid_gets_no_svid() {
     assert!(e.to_string().contains("unix:uid"), "{e}");
 }
 
-/// A world on a [`FlakyLedger`], and the switch that makes it fail.
-fn flaky_world(
-    tune: impl FnOnce(&mut DelegationSettings),
-) -> (World, Arc<std::sync::atomic::AtomicBool>) {
-    let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flag = failing.clone();
+/// An entry stored under `/baton/` before those ids were reserved (here
+/// the broker's own name, pinned to a uid like any entry) gets no SVID: a
+/// workload holding the broker's SPIFFE ID could pose as the broker to
+/// node daemons. The control: the uid-pinned planner entry of the same
+/// node is signed.
+#[test]
+fn an_entry_stored_under_a_reserved_id_gets_no_svid() {
+    let w = World::new();
+    let broker = w.d.broker();
+    let planner = broker
+        .store()
+        .list_entries_by_parent(w.node.id())
+        .unwrap()
+        .into_iter()
+        .find(|e| e.spiffe_id.to_string() == PLANNER)
+        .unwrap();
+    let legacy = baton_core::Entry {
+        id: baton_core::EntryId::random(),
+        spiffe_id: id("spiffe://example.org/baton/broker"),
+        parent_id: w.node.id().clone(),
+        selectors: planner.selectors.clone(),
+        x509_ttl_secs: 3600,
+        jwt_ttl_secs: 300,
+        dns_names: Vec::new(),
+    };
+    broker.store().create_entry(&legacy).unwrap();
+    let sign = |entry: &baton_core::Entry| {
+        let key = WorkloadKey::generate().unwrap();
+        sign_x509(
+            broker,
+            w.d.revoker(),
+            &w.node,
+            &baton_core::api::SignX509Request {
+                items: vec![baton_core::api::SignX509Item {
+                    entry_id: entry.id.clone(),
+                    csr_der: key.csr_der(&entry.spiffe_id).unwrap(),
+                }],
+            },
+            w.t0,
+        )
+    };
+    assert_eq!(sign(&planner).unwrap().svids.len(), 1);
+    let e = sign(&legacy).unwrap_err();
+    assert_eq!(e.code(), "reserved_id", "{e}");
+    let e = sign_jwt(
+        broker,
+        w.d.revoker(),
+        &w.node,
+        &baton_core::api::SignJwtRequest {
+            entry_id: legacy.id.clone(),
+            audience: vec!["svc".into()],
+        },
+        w.t0,
+    )
+    .unwrap_err();
+    assert_eq!(e.code(), "reserved_id", "{e}");
+}
+
+/// `revoke agent` racing a workload SVID's signing: the SVID was signed
+/// past the block check, the block and the agent's revocation landed
+/// before its registration. It must not leave: the block is checked again
+/// once it is registered. The control: the same signing after the block
+/// is lifted is handed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_svid_signed_while_its_agent_is_revoked_does_not_leave() {
+    let w = World::new();
+    let broker = w.d.broker();
+    let planner = broker
+        .store()
+        .list_entries_by_parent(w.node.id())
+        .unwrap()
+        .into_iter()
+        .find(|e| e.spiffe_id.to_string() == PLANNER)
+        .unwrap();
+    let request = || baton_core::api::SignX509Request {
+        items: vec![baton_core::api::SignX509Item {
+            entry_id: planner.id.clone(),
+            csr_der: WorkloadKey::generate()
+                .unwrap()
+                .csr_der(&planner.spiffe_id)
+                .unwrap(),
+        }],
+    };
+    // Signed past the first check...
+    let issued = broker.sign_x509(&w.node, &request(), w.t0);
+    // ...then the operator revokes the agent...
+    let agent: RevokeTarget = serde_json::from_value(json!({ "agent": PLANNER })).unwrap();
+    revoke(&w.d, &agent, "test", None, w.t0).await.unwrap();
+    // ...then the registration and the hand-out.
+    let e = hand_out(broker, w.d.revoker(), &w.node, issued, w.t0, still_attested).unwrap_err();
+    assert_eq!(e.code(), "agent_blocked", "{e}");
+
+    // Control: lifted, the agent's SVID is handed out again.
+    w.d.unblock_agent(&id(PLANNER)).unwrap();
+    let issued = broker.sign_x509(&w.node, &request(), secs(w.t0, 1));
+    let signed = hand_out(
+        broker,
+        w.d.revoker(),
+        &w.node,
+        issued,
+        secs(w.t0, 1),
+        still_attested,
+    )
+    .unwrap();
+    assert_eq!(signed.svids.len(), 1);
+}
+
+/// A join token for a node attests it only while no daemon holds a live
+/// agent SVID for it, and a token generated before an eviction or a ban
+/// never attests afterwards (also once the ban is lifted): a leaked or
+/// left-over token cannot take a running node's identity, nor bring back
+/// a node the operator cut off. The control: a token generated after the
+/// eviction (or the lifted ban) attests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_token_neither_takes_over_a_live_node_nor_outlives_its_eviction_or_ban() {
+    let w = World::new();
+    let broker = w.d.broker();
+    let node_id = w.node.id().clone();
+    let token = |at: SystemTime| {
+        broker
+            .generate_join_token(
+                &JoinTokenRequest {
+                    ttl_secs: 600,
+                    node_id: Some(node_id.to_string()),
+                },
+                at,
+            )
+            .unwrap()
+    };
+    let attest_with = |t: &baton_core::api::JoinTokenResponse, at: SystemTime| {
+        let key = WorkloadKey::generate().unwrap();
+        attest(
+            broker,
+            w.d.revoker(),
+            &AttestRequest {
+                join_token: t.token.clone(),
+                csr_der: key.csr_der(&t.node_id).unwrap(),
+            },
+            at,
+        )
+    };
+    let at = secs(w.t0, 1);
+    let leaked = token(at);
+    let e = attest_with(&leaked, at).unwrap_err();
+    assert_eq!(e.code(), "node_attested", "{e}");
+    // The running daemon's SVID is untouched.
+    super::node(
+        broker,
+        w.d.revoker(),
+        Some(&node_id),
+        w.node_svid.cert_chain_der.first().map(Vec::as_slice),
+        at,
+    )
+    .unwrap();
+
+    let nodes = broker.nodes();
+    nodes
+        .remove(
+            w.d.revoker(),
+            w.d.task_store(),
+            node_id.as_str(),
+            crate::nodes::Removal::Evict,
+            "test",
+            unix(at),
+        )
+        .await
+        .unwrap();
+    let e = attest_with(&leaked, secs(w.t0, 2)).unwrap_err();
+    assert_eq!(e.code(), "unauthenticated", "{e}");
+    // Control: a token generated after the eviction attests.
+    attest_with(&token(secs(w.t0, 2)), secs(w.t0, 2)).unwrap();
+
+    // Ban, then lift it: a token from before the ban stays dead.
+    let before_ban = token(secs(w.t0, 3));
+    nodes
+        .remove(
+            w.d.revoker(),
+            w.d.task_store(),
+            node_id.as_str(),
+            crate::nodes::Removal::Ban,
+            "test",
+            unix(secs(w.t0, 3)),
+        )
+        .await
+        .unwrap();
+    nodes.unban_node(node_id.as_str()).unwrap();
+    let e = attest_with(&before_ban, secs(w.t0, 4)).unwrap_err();
+    assert_eq!(e.code(), "unauthenticated", "{e}");
+    attest_with(&token(secs(w.t0, 4)), secs(w.t0, 4)).unwrap();
+}
+
+/// A world on a [`FlakyLedger`], and the switches that make it fail.
+fn flaky_world(tune: impl FnOnce(&mut DelegationSettings)) -> (World, Faults) {
+    let faults = Faults::default();
+    let shared = faults.clone();
     let w = World::with_ledger(tune, move |store| {
         Arc::new(FlakyLedger {
             inner: store,
-            failing: flag,
+            faults: shared,
         })
     });
-    (w, failing)
+    (w, faults)
 }
 
-/// A ledger whose revocations fail while `failing` is set (a database
-/// that went away mid-request); everything else is the datastore's.
+/// Which of a [`FlakyLedger`]'s writes fail (a database that went away
+/// mid-request).
+#[derive(Debug, Clone, Default)]
+struct Faults(Arc<std::sync::atomic::AtomicU8>);
+
+impl Faults {
+    const REVOCATIONS: u8 = 1;
+    const REGISTRATIONS: u8 = 2;
+
+    fn revocations_fail(&self) {
+        self.0
+            .store(Self::REVOCATIONS, std::sync::atomic::Ordering::SeqCst);
+    }
+    fn registrations_fail(&self) {
+        self.0
+            .store(Self::REGISTRATIONS, std::sync::atomic::Ordering::SeqCst);
+    }
+    fn heal(&self) {
+        self.0.store(0, std::sync::atomic::Ordering::SeqCst);
+    }
+    fn check(&self, what: u8) -> Result<(), crate::store::StoreError> {
+        if self.0.load(std::sync::atomic::Ordering::SeqCst) == what {
+            return Err(crate::store::StoreError::Postgres("connection lost".into()));
+        }
+        Ok(())
+    }
+}
+
+/// A ledger whose revocations or registrations fail as its [`Faults`]
+/// say; everything else is the datastore's.
 #[derive(Debug)]
 struct FlakyLedger {
     inner: Arc<SqliteStore>,
-    failing: Arc<std::sync::atomic::AtomicBool>,
+    faults: Faults,
 }
 
 impl FlakyLedger {
     fn check(&self) -> Result<(), crate::store::StoreError> {
-        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(crate::store::StoreError::Postgres("connection lost".into()));
-        }
-        Ok(())
+        self.faults.check(Faults::REVOCATIONS)
     }
 }
 
@@ -960,6 +1174,9 @@ impl crate::ledger::Ledger for FlakyLedger {
     }
     fn epoch(&self) -> Result<String, crate::store::StoreError> {
         self.inner.epoch()
+    }
+    fn restart_log(&self, from: &str, to: &str) -> Result<String, crate::store::StoreError> {
+        self.inner.restart_log(from, to)
     }
     fn last_seq(&self) -> Result<u64, crate::store::StoreError> {
         self.inner.last_seq()
@@ -977,6 +1194,7 @@ impl crate::ledger::Ledger for FlakyLedger {
         records: &[baton_revocation::CredentialRecord],
         now: u64,
     ) -> Result<Result<(), String>, crate::store::StoreError> {
+        self.faults.check(Faults::REGISTRATIONS)?;
         self.inner.register(records, now)
     }
     fn revoke(
@@ -1050,7 +1268,7 @@ async fn a_task_is_not_shown_ended_or_repurposed_before_its_credentials_are_revo
     let task = started.task_id.as_str();
     let update: Purpose = "support.case-update".parse().unwrap();
 
-    failing.store(true, std::sync::atomic::Ordering::SeqCst);
+    failing.revocations_fail();
     assert!(
         change_purpose(&w.d, task, &update, secs(w.t0, 1))
             .await
@@ -1079,7 +1297,7 @@ async fn a_task_is_not_shown_ended_or_repurposed_before_its_credentials_are_revo
     assert!(!token_dead(&w));
 
     // Run again with the ledger back: done, and the credentials die.
-    failing.store(false, std::sync::atomic::Ordering::SeqCst);
+    failing.heal();
     let changed = change_purpose(&w.d, task, &update, secs(w.t0, 3))
         .await
         .unwrap();
@@ -1111,7 +1329,7 @@ fn a_renewal_that_was_not_handed_out_can_be_retried() {
         .unwrap();
     let at = secs(w.t0, 10);
     let renewal = |new_key: &WorkloadKey| renewal_of(&planner, &old_key, new_key, at);
-    failing.store(true, std::sync::atomic::Ordering::SeqCst);
+    failing.revocations_fail();
     let e = renew(
         &w.d,
         &w.node,
@@ -1120,7 +1338,7 @@ fn a_renewal_that_was_not_handed_out_can_be_retried() {
     )
     .unwrap_err();
     assert_ne!(e.code(), "renewal_raced", "{e}");
-    failing.store(false, std::sync::atomic::Ordering::SeqCst);
+    failing.heal();
     let renewed = renew(
         &w.d,
         &w.node,
@@ -1134,6 +1352,76 @@ fn a_renewal_that_was_not_handed_out_can_be_retried() {
         &["crm"],
         &["tool:crm.search:read"],
         secs(w.t0, 11),
+    )
+    .unwrap();
+}
+
+/// A renewal whose new certificate cannot be registered (or whose node
+/// fails its re-check) never revoked the old one: the old certificate is
+/// revoked last, just before the new one leaves. So the holder keeps
+/// working with what it has, and its retry succeeds. The control is the
+/// retry, after which the old certificate is dead.
+#[test]
+fn a_renewal_that_cannot_register_its_certificate_leaves_the_old_one_working() {
+    let (w, faults) = flaky_world(|_| {});
+    let started = w.start(&["crm"], &["tool:crm.search:read"]);
+    let old_key = WorkloadKey::generate().unwrap();
+    let planner = w
+        .redeem_with(&started.grant, PLANNER, &old_key, w.t0)
+        .unwrap();
+    let old_serial = PeerCert::from_verified_leaf(planner.cert_chain_der[0].clone())
+        .unwrap()
+        .serial_hex()
+        .to_owned();
+    let at = secs(w.t0, 10);
+    let renewal = |new_key: &WorkloadKey| renewal_of(&planner, &old_key, new_key, at);
+    let revoked = |w: &World| {
+        w.d.revoker()
+            .durably_revoked(&old_serial, unix(secs(w.t0, 11)))
+            .unwrap()
+    };
+
+    faults.registrations_fail();
+    let e = renew(
+        &w.d,
+        &w.node,
+        &renewal(&WorkloadKey::generate().unwrap()),
+        at,
+    )
+    .unwrap_err();
+    assert_ne!(e.code(), "renewal_raced", "{e}");
+    faults.heal();
+    assert!(!revoked(&w), "the old certificate was revoked for nothing");
+    w.hop(
+        &planner,
+        &["crm"],
+        &["tool:crm.search:read"],
+        secs(w.t0, 11),
+    )
+    .unwrap();
+
+    let renewed = renew(
+        &w.d,
+        &w.node,
+        &renewal(&WorkloadKey::generate().unwrap()),
+        at,
+    )
+    .unwrap();
+    assert!(revoked(&w), "renewed without revoking the old certificate");
+    assert!(
+        w.hop(
+            &planner,
+            &["crm"],
+            &["tool:crm.search:read"],
+            secs(w.t0, 12)
+        )
+        .is_err()
+    );
+    w.hop(
+        &renewed,
+        &["crm"],
+        &["tool:crm.search:read"],
+        secs(w.t0, 12),
     )
     .unwrap();
 }

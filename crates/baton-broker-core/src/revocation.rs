@@ -113,6 +113,8 @@ pub enum RelayError {
     Store(#[from] baton_revocation::RevocationError),
     #[error(transparent)]
     Datastore(#[from] StoreError),
+    #[error("no randomness for a new log name: {0}")]
+    Random(String),
 }
 
 /// A credential id as the registry holds it, from the forms operators
@@ -241,7 +243,22 @@ impl Revoker {
 
     fn feed_page(&self, after: u64, now: u64) -> Result<FeedPage, BrokerError> {
         let epoch = self.durable.epoch()?;
-        let (rows, last) = self.durable.log_after(after, Some(now), FEED_PAGE + 1)?;
+        let (mut rows, last) = self.durable.log_after(after, Some(now), FEED_PAGE + 1)?;
+        let mut after = after;
+        if after > last {
+            // The follower saw entries this log no longer has: the
+            // datastore was restored or failed over to a copy that lost
+            // them, and what is revoked from now on takes their numbers
+            // again. It is sent the whole log in force from the start
+            // (it keeps what it holds, so nothing it refused comes back).
+            tracing::warn!(
+                after,
+                last,
+                "a revocation feed follower is past the end of the log: the datastore was restored or lost writes; sending it the log from the start"
+            );
+            after = 0;
+            rows = self.durable.log_after(0, Some(now), FEED_PAGE + 1)?.0;
+        }
         let more = rows.len() > FEED_PAGE;
         let entries: Vec<FeedEntry> = rows
             .iter()
@@ -501,7 +518,7 @@ impl Revoker {
     /// publishes the outbox from the store's own mark up to the end.
     /// Returns the sequence the store now holds.
     pub async fn relay_once(&self, now: u64) -> Result<u64, RelayError> {
-        let log = self.log_name()?;
+        let mut log = self.log_name()?;
         let health = self.store.health().await?;
         if health.empty_since_seed {
             // Everything in force first, the epoch last (the store's seed
@@ -519,6 +536,26 @@ impl Revoker {
             );
         }
         let mut acked = self.store.published(&log).await?;
+        let end = self.last_seq()?;
+        if acked > end {
+            // The store holds this log further than the datastore's log
+            // goes (read after the mark, and the log's end never moves
+            // back otherwise): the datastore was restored, or failed over
+            // to a copy that lost writes, and new revocations would take
+            // numbers followers already passed. The log is named anew, so
+            // every follower and store starts it over (keeping what they
+            // refused), and it is published whole under its new name.
+            let fresh =
+                crate::error::random_hex::<16>().map_err(|e| RelayError::Random(e.to_string()))?;
+            log = self.durable.restart_log(&log, &fresh)?;
+            tracing::error!(
+                store = acked,
+                datastore = end,
+                log = %log,
+                "the revocation store is ahead of the datastore's log: the datastore was restored or lost writes; the log is started over under a new name"
+            );
+            acked = self.store.published(&log).await?;
+        }
         loop {
             let (page, end) = self.durable.log_after(acked, None, RELAY_PAGE)?;
             let Some(last) = page.last().map(|r| r.seq) else {
@@ -665,6 +702,23 @@ impl Revoker {
         self.durable.live_revocations(now)
     }
 
+    /// Every revocation in force, and every live credential of each
+    /// revoked task (a task's revocation is one entry keyed by the task,
+    /// which names none of them): what a starting broker must have killed,
+    /// such as the secret leases a previous run could not.
+    pub fn revoked_credentials(&self, now: u64) -> Result<Vec<Revoked>, StoreError> {
+        let mut all = self.durable.live_revocations(now)?;
+        let tasks: Vec<TaskId> = all
+            .iter()
+            .filter(|r| r.kind == baton_revocation::CredKind::Task)
+            .filter_map(|r| r.id.parse().ok())
+            .collect();
+        for task in &tasks {
+            all.extend(self.durable.live_task_credentials(task, now)?);
+        }
+        Ok(all)
+    }
+
     /// Whether the datastore serves reads and writes now (readiness).
     pub fn ping(&self) -> Result<(), StoreError> {
         self.durable.ping()
@@ -771,6 +825,52 @@ mod tests {
             ["b1", "b2", "x1", "x2"]
         );
         assert!(covered(&store, &Target::Task(task(0xc)), now).is_empty());
+    }
+
+    /// A starting broker kills the secret leases a previous run could not
+    /// (their engine was down when the task ended): a task's revocation is
+    /// one entry keyed by the task, so the credentials under it, the
+    /// leases among them, are looked up from it. The control: a lease of a
+    /// task still running is not among them.
+    #[tokio::test]
+    async fn what_a_starting_broker_must_kill_includes_the_leases_of_ended_tasks() {
+        let store = Arc::new(SqliteStore::in_memory().unwrap());
+        let revoker = Revoker::new(
+            Arc::new(baton_revocation::MemoryStore::new()),
+            store.clone(),
+        );
+        let now = baton_revocation::system_now();
+        let lease = |id: &str, t: u8| CredentialRecord {
+            kind: CredKind::SecretLease,
+            ..rec(id, Some(task(t)), Some("tok"), now + 600)
+        };
+        store
+            .with(|c| {
+                let tx = c.transaction()?;
+                register_tx(&tx, &[lease("lease-a", 0xa), lease("lease-b", 0xb)], now)?.unwrap();
+                tx.commit()?;
+                Ok(())
+            })
+            .unwrap();
+        revoker
+            .revoke(&Target::Task(task(0xa)), store.as_ref(), "ended", now)
+            .await
+            .unwrap();
+        let must_kill = revoker.revoked_credentials(now).unwrap();
+        let leases: Vec<&str> = must_kill
+            .iter()
+            .filter(|r| r.kind == CredKind::SecretLease)
+            .map(|r| r.id.as_str())
+            .collect();
+        assert_eq!(leases, ["lease-a"], "{must_kill:?}");
+        // The revocations table alone names the task, not the lease.
+        assert!(
+            !revoker
+                .live_revocations(now)
+                .unwrap()
+                .iter()
+                .any(|r| r.kind == CredKind::SecretLease)
+        );
     }
 
     /// A task's revocation is one deny entry keyed by the task (plus what
@@ -888,6 +988,128 @@ mod tests {
         let check = DurableCheck(Arc::new(revoker));
         assert!(check.is_revoked("not-registered", &task(0xa)));
         assert!(!check.is_revoked("b1", &task(0xb)));
+    }
+}
+
+#[cfg(test)]
+mod restore_tests {
+    use super::*;
+    use crate::ledger::register_tx;
+    use crate::store::SqliteStore;
+    use baton_revocation::CredKind;
+    use baton_verify::RevocationCheck;
+
+    fn registered(store: &SqliteStore, id: &str, exp: u64, now: u64) {
+        store
+            .with(|c| {
+                let tx = c.transaction()?;
+                register_tx(
+                    &tx,
+                    &[CredentialRecord {
+                        id: id.to_owned(),
+                        kind: CredKind::Token,
+                        task: None,
+                        agent: None,
+                        node: None,
+                        parent: None,
+                        expires_at: exp,
+                    }],
+                    now,
+                )?
+                .unwrap();
+                tx.commit()?;
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    /// The datastore is restored from a backup taken before the last
+    /// revocation (or fails over to a copy that lost it): the revocation
+    /// store and the feed's followers hold the log further than it now
+    /// goes, and the next revocation would take a number they already
+    /// passed. The relay (which runs at start, before anything is served)
+    /// finds the store ahead of the log and names the log anew, so the
+    /// store and every follower start it over and the next revocation
+    /// reaches them; what the restore lost stays refused where it was
+    /// seen. A follower past the end is sent the log from its start. The
+    /// control: before the restore, each revocation carried as it comes
+    /// under one name.
+    #[tokio::test]
+    async fn revocations_after_the_datastore_is_restored_still_reach_every_verifier() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = baton_revocation::system_now();
+        let exp = now + 1_000;
+        let memory = Arc::new(baton_revocation::MemoryStore::new());
+        let other_task = TaskId::from_random([7; 16]);
+        let denied = |id: &str| RevocationCheck::is_revoked(memory.as_ref(), id, &other_task);
+        let feed_ids = |page: &FeedPage| {
+            page.entries
+                .iter()
+                .map(|e| e.id.clone())
+                .collect::<Vec<_>>()
+        };
+        let backup = dir.path().join("backup.db");
+        let before = {
+            let store = Arc::new(SqliteStore::open(&dir.path().join("broker.db")).unwrap());
+            let revoker = Revoker::new(memory.clone(), store.clone());
+            for id in ["a", "b", "c"] {
+                registered(&store, id, exp, now);
+            }
+            revoker
+                .revoke(&Target::Credential("a".into()), store.as_ref(), "test", now)
+                .await
+                .unwrap();
+            store
+                .with(|c| {
+                    c.execute("VACUUM INTO ?1", [backup.to_str().unwrap()])?;
+                    Ok(())
+                })
+                .unwrap();
+            revoker
+                .revoke(&Target::Credential("b".into()), store.as_ref(), "test", now)
+                .await
+                .unwrap();
+            // Control: carried as they come, under one name.
+            assert_eq!(revoker.relay_once(now).await.unwrap(), 2);
+            assert!(denied("a") && denied("b") && !denied("c"));
+            let page = revoker.feed(1, Duration::ZERO, now).await.unwrap();
+            assert_eq!((page.seq, feed_ids(&page)), (2, vec!["b".to_owned()]));
+            assert_eq!(revoker.relay_once(now).await.unwrap(), 2);
+            page.epoch
+        };
+
+        // Restored: the log ends at 1 again.
+        let store = Arc::new(SqliteStore::open(&backup).unwrap());
+        let revoker = Revoker::new(memory.clone(), store.clone());
+        assert_eq!(revoker.log_name().unwrap(), before);
+        // A follower past the end is sent the log from its start.
+        let page = revoker.feed(2, Duration::ZERO, now).await.unwrap();
+        assert_eq!((page.seq, feed_ids(&page)), (1, vec!["a".to_owned()]));
+        // The relay at start finds its store ahead and names the log anew.
+        revoker.relay_once(now).await.unwrap();
+        let after = revoker.log_name().unwrap();
+        assert_ne!(after, before, "the restored log kept its name");
+        // "c" is revoked as number 2, a number the store had passed.
+        revoker
+            .revoke(&Target::Credential("c".into()), store.as_ref(), "test", now)
+            .await
+            .unwrap();
+        assert_eq!(revoker.last_seq().unwrap(), 2);
+        revoker.relay_once(now).await.unwrap();
+        assert!(
+            denied("c"),
+            "a revocation after the restore never reached the store"
+        );
+        assert!(denied("b"), "what the restore lost came back");
+        // A follower of the old name at 2 sees the new name and reads the
+        // log from the start, "c" in it.
+        let page = revoker.feed(2, Duration::ZERO, now).await.unwrap();
+        assert_eq!(page.epoch, after);
+        let page = revoker.feed(0, Duration::ZERO, now).await.unwrap();
+        assert_eq!(feed_ids(&page), ["a", "c"]);
+        // Named anew once: a second broker's relay finds the store level.
+        assert_eq!(revoker.relay_once(now).await.unwrap(), 2);
+        assert_eq!(revoker.log_name().unwrap(), after);
     }
 }
 

@@ -411,6 +411,7 @@ impl Broker {
         &self,
         req: &AttestRequest,
         now: SystemTime,
+        revoked: impl FnOnce(&str) -> Result<bool, StoreError>,
     ) -> Result<PendingAgentSvid, BrokerError> {
         let token = req.join_token.expose();
         if token.is_empty() {
@@ -425,6 +426,25 @@ impl Broker {
             .check_join_token(&digest, unix(now))?
             .map_err(join_token_refused)?;
         self.refuse_banned(&node_id)?;
+        // A node whose agent SVID still works is not attested over: a join
+        // token generated for it (leaked, or left over) would otherwise
+        // replace the running daemon's identity with its holder's. The
+        // operator evicts it first; a node whose SVID expired or was
+        // revoked attests again.
+        if let Some(n) = self.store.get_node(&node_id)?
+            && !n.serial_hex.is_empty()
+            && n.svid_not_after > unix(now)
+            && !revoked(&n.serial_hex)?
+        {
+            tracing::warn!(node_id = %node_id, "attestation over a live node refused");
+            return Err(BrokerError::Forbidden {
+                code: "node_attested",
+                message: format!(
+                    "node {node_id} is attested and its agent SVID (serial {}) is valid until {}; evict it first (`baton node evict {node_id}`) to attest it again",
+                    n.serial_hex, n.svid_not_after
+                ),
+            });
+        }
         let issued = self
             .ca
             .sign_x509_svid(&req.csr_der, &node_id, self.policy.agent_svid_ttl, &[], now)
@@ -674,6 +694,18 @@ impl Broker {
                         code: "entry_unbound",
                         message: format!(
                             "entry {id} ({}) names no unix:uid or unix:gid selector; recreate it with one",
+                            e.spiffe_id
+                        ),
+                    });
+                }
+                // Likewise an entry stored under `/baton/` before those
+                // ids were reserved: a workload must never carry the
+                // broker's or a node's name.
+                if is_infrastructure_id(&e.spiffe_id) {
+                    return Err(BrokerError::Forbidden {
+                        code: "reserved_id",
+                        message: format!(
+                            "entry {id} names {}, an id reserved for Baton's own infrastructure; delete it",
                             e.spiffe_id
                         ),
                     });

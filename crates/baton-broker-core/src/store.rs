@@ -120,8 +120,9 @@ pub trait Datastore: Send + Sync + std::fmt::Debug {
     /// The node presented its current agent SVID `serial_hex`: the previous
     /// one is refused from now on.
     fn settle_node_svid(&self, id: &SpiffeId, serial_hex: &str) -> Result<(), StoreError>;
-    /// Forgets a node's attestation (it must attest again). False when
-    /// there was none.
+    /// Forgets a node's attestation (it must attest again, with a join
+    /// token generated from now on: its unused ones are voided in the same
+    /// step). False when there was none.
     fn delete_node(&self, id: &SpiffeId) -> Result<bool, StoreError>;
     /// Records that `node` synced at `at` having applied bundle sequence
     /// `applied`, for the other brokers sharing this store (a rotation's
@@ -141,7 +142,10 @@ pub trait Datastore: Send + Sync + std::fmt::Debug {
     fn node_syncs(&self) -> Result<Vec<(SpiffeId, u64, Option<u64>)>, StoreError> {
         Ok(Vec::new())
     }
-    /// Sets or lifts a node's ban. False when the node has no record.
+    /// Sets or lifts a node's ban, voiding its unused join tokens in the
+    /// same step (a token generated before a ban or an eviction never
+    /// attests, also after the ban is lifted). False when the node has no
+    /// record.
     fn set_node_banned(&self, id: &SpiffeId, banned: bool) -> Result<bool, StoreError>;
 
     /// Blocks `id` from new credentials (hops to it, redeems, secrets,
@@ -164,6 +168,10 @@ pub struct AgentBlock {
     pub reason: String,
     pub at: u64,
 }
+
+/// Voids a node's unused join tokens (`?1`: the node's SPIFFE ID).
+const VOID_JOIN_TOKENS_SQLITE: &str =
+    "DELETE FROM join_tokens WHERE node_id = ?1 AND used_at IS NULL";
 
 /// Ordered schema migrations; the index + 1 is the schema version.
 const MIGRATIONS: &[&str] = &[
@@ -818,18 +826,26 @@ impl Datastore for SqliteStore {
 
     fn delete_node(&self, id: &SpiffeId) -> Result<bool, StoreError> {
         self.with(|c| {
-            let n = c
+            let tx = c.transaction()?;
+            tx.prepare_cached(VOID_JOIN_TOKENS_SQLITE)?
+                .execute(params![id.as_str()])?;
+            let n = tx
                 .prepare_cached("DELETE FROM nodes WHERE spiffe_id = ?1")?
                 .execute(params![id.as_str()])?;
+            tx.commit()?;
             Ok(n == 1)
         })
     }
 
     fn set_node_banned(&self, id: &SpiffeId, banned: bool) -> Result<bool, StoreError> {
         self.with(|c| {
-            let n = c
+            let tx = c.transaction()?;
+            tx.prepare_cached(VOID_JOIN_TOKENS_SQLITE)?
+                .execute(params![id.as_str()])?;
+            let n = tx
                 .prepare_cached("UPDATE nodes SET banned = ?2 WHERE spiffe_id = ?1")?
                 .execute(params![id.as_str(), banned])?;
+            tx.commit()?;
             Ok(n == 1)
         })
     }

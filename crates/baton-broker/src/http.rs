@@ -22,7 +22,7 @@ use warp::{Filter, Reply};
 
 use crate::http_reply::{
     Denied, MAX_BATCH_BODY, MAX_BODY, answer, blocking, json_body, json_body_max, node_auth,
-    parse_body, recover, respond,
+    node_shaped_peer, parse_body, recover, respond,
 };
 use crate::revocation::Revoker;
 use crate::service::{AuthenticatedNode, Broker, BrokerError};
@@ -66,8 +66,7 @@ where
         .and(warp::post())
         .and(with_broker(broker))
         .and(warp::any().map(move || revoker.clone()))
-        .and(peer())
-        .and(peer_leaf())
+        .and(node_shaped_peer())
         .and(json_body_max(max_body))
         .and_then(
             move |broker: Arc<Broker>,

@@ -106,8 +106,7 @@ where
         .and(warp::post())
         .and(with(broker))
         .and(with(d))
-        .and(warp::ext::optional::<PeerIdentity>())
-        .and(warp::ext::optional::<PeerCertificate>())
+        .and(crate::http_reply::node_shaped_peer())
         .and(traceparent())
         .and(json_body())
         .and_then(

@@ -232,6 +232,42 @@ pub(crate) fn json_body_max(
         .and(warp::body::bytes())
 }
 
+/// A refusal answered before the request's body is read.
+#[derive(Debug)]
+pub(crate) struct EarlyRefusal(StatusCode, serde_json::Value);
+impl warp::reject::Reject for EarlyRefusal {}
+
+/// The verified peer of a node route, refused before its body is read when
+/// it cannot be a node: no client certificate, or a SPIFFE ID outside
+/// `/baton/node/` (a workload, a tool server, a task certificate). Whether
+/// it *is* the node (its current agent SVID, not banned, not revoked) is
+/// decided after, with the datastore, by [`node_auth`]; this only keeps
+/// every other certificate holder from making the broker read up to a
+/// route's body limit.
+pub(crate) fn node_shaped_peer()
+-> impl Filter<Extract = (Option<PeerIdentity>, Option<PeerCertificate>), Error = warp::Rejection>
++ Clone {
+    warp::ext::optional::<PeerIdentity>()
+        .and(warp::ext::optional::<PeerCertificate>())
+        .and_then(
+            |peer: Option<PeerIdentity>, leaf: Option<PeerCertificate>| async move {
+                let refusal = match peer.as_ref().and_then(|p| p.0.as_ref()) {
+                    None => BrokerError::Unauthenticated(
+                        "this route needs a client certificate: connect with the node's agent SVID"
+                            .into(),
+                    ),
+                    Some(id) if !id.path().starts_with(crate::service::NODE_PREFIX) => {
+                        crate::service::not_a_node(id)
+                    }
+                    Some(_) => return Ok((peer, leaf)),
+                };
+                let (status, body) = refusal.reply_parts();
+                Err(warp::reject::custom(EarlyRefusal(status, body)))
+            },
+        )
+        .untuple_one()
+}
+
 /// The node behind a request ([`crate::requests::node`]), from the TLS
 /// layer's verified peer.
 pub(crate) fn node_auth(
@@ -267,6 +303,9 @@ pub(crate) async fn recover(rejection: warp::Rejection) -> Result<Response, Infa
             reply.headers_mut().insert(http::header::RETRY_AFTER, v);
         }
         return Ok(reply);
+    }
+    if let Some(EarlyRefusal(status, body)) = rejection.find() {
+        return Ok(warp::reply::with_status(warp::reply::json(body), *status).into_response());
     }
     if let Some(TooLarge { limit }) = rejection.find() {
         return Ok(error_reply(

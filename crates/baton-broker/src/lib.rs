@@ -614,7 +614,7 @@ pub async fn run(
     );
     revoker.set_lease_reaper(secrets.clone());
     let revoked_before = revoker
-        .live_revocations(oidc::unix_now())
+        .revoked_credentials(oidc::unix_now())
         .map_err(|e| StartError::Internal(e.to_string()))?;
     secrets.revoke_leases(&revoked_before).await;
     let sweeper = secrets.spawn_sweeper(cfg.secret_engines.sweep_interval);

@@ -3,8 +3,10 @@
 //!
 //! The follower long-polls the broker over mTLS with the verifier's SVID
 //! and keeps the revoked ids in memory, so every check is a local lookup.
-//! A different epoch (another broker database) starts over from the
-//! beginning. When the broker has not answered within `stale_after`, the
+//! A different epoch (another broker database, or the same one restored
+//! to an earlier state, which the broker names anew) starts over from the
+//! beginning, keeping the ids it holds until they expire: what was revoked
+//! once is never accepted again because a log forgot it. When the broker has not answered within `stale_after`, the
 //! set is stale and [`RevocationCheck::is_revoked`] answers `true` for
 //! everything: fail closed.
 
@@ -235,7 +237,8 @@ fn apply(shared: &Shared, page: Page) -> bool {
             tracing::warn!(epoch = %page.epoch, "revocation feed: new epoch, starting over");
         }
         let fresh_start = s.epoch.is_none() && s.seq == 0;
-        s.revoked.clear();
+        // Kept: revoked ids are only ever refused more (they leave at
+        // their expiry), so a log that lost entries cannot bring one back.
         s.epoch = Some(page.epoch);
         s.seq = 0;
         if !fresh_start {
@@ -273,5 +276,47 @@ impl RevocationCheck for BrokerFeed {
 impl RevocationFreshness for BrokerFeed {
     fn is_fresh(&self, now: u64) -> bool {
         self.is_fresh_at(now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(epoch: &str, seq: u64, ids: &[&str]) -> Page {
+        Page {
+            epoch: epoch.into(),
+            seq,
+            entries: ids
+                .iter()
+                .map(|id| Entry {
+                    id: (*id).into(),
+                    expires_at: now() + 600,
+                })
+                .collect(),
+            more: false,
+        }
+    }
+
+    /// A log named anew (the broker's datastore restored, or another one)
+    /// is read again from its start, and what the follower refused under
+    /// the old name stays refused: a log that lost an entry cannot bring
+    /// its credential back. The control: the old log's entries as they
+    /// came, and the new log's own.
+    #[test]
+    fn a_log_named_anew_is_read_from_the_start_and_nothing_refused_comes_back() {
+        let shared = Shared {
+            state: RwLock::new(State::default()),
+            stale_after: 60,
+        };
+        let held = |id: &str| shared.state.read().unwrap().revoked.contains_key(id);
+        assert!(!apply(&shared, page("e1", 2, &["a", "b"])));
+        assert!(held("a") && held("b"));
+        // Restored: the log is named e2 and holds only "a" and then "c".
+        assert!(apply(&shared, page("e2", 2, &["a", "c"])), "not re-read");
+        assert_eq!(shared.state.read().unwrap().seq, 0);
+        assert!(!apply(&shared, page("e2", 2, &["a", "c"])));
+        assert!(held("a") && held("b") && held("c"));
+        assert_eq!(shared.state.read().unwrap().seq, 2);
     }
 }
