@@ -44,6 +44,31 @@ approval = true
 record-input = ["/amount", "/to"]
 "#;
 
+/// A held route that records a header in clear text, and a read route
+/// held for approval.
+const RECORDED_HEADER_ROUTES: &str = r#"
+[[routes]]
+method = "PUT"
+path = "/transfers/{transfer}"
+upstream = "crm"
+tool = "crm.update"
+resource = "dataset:crm"
+permission = "tool:crm.update:write"
+tier = "write"
+approval = true
+record-headers = ["x-amount"]
+
+[[routes]]
+method = "GET"
+path = "/crm/lookups/{lookup}"
+upstream = "crm"
+tool = "crm.search"
+resource = "dataset:crm"
+permission = "tool:crm.search:read"
+tier = "read"
+approval = true
+"#;
+
 /// A task whose purpose allows writes, started by alice; the planner's
 /// credential for the gateway's audience.
 pub(crate) fn writer(w: &World) -> (String, std::path::PathBuf) {
@@ -602,4 +627,170 @@ fn an_agent_cannot_ask_the_broker_for_approvals_itself() {
         1,
         "the agent opened an approval: {trace}"
     );
+}
+
+/// [`put_with`] over HTTP/1.1 (HTTP/2 has no `Connection` header, so a
+/// client can only send one over HTTP/1.1).
+fn put_h1(g: &Gw, cred: &std::path::Path, path: &str, headers: &[(&str, &str)]) -> Answer {
+    use rustls::pki_types::PrivatePkcs8KeyDer;
+    use rustls::pki_types::pem::PemObject;
+    baton_tls::install_crypto_provider();
+    let chain = baton_tls::CertificateDer::pem_file_iter(cred.join("svid.pem"))
+        .unwrap()
+        .map(|c| c.unwrap().to_vec())
+        .collect();
+    let key = PrivatePkcs8KeyDer::from_pem_file(cred.join("key.pem")).unwrap();
+    let identity = baton_tls::ClientIdentity::new(chain, key.secret_pkcs8_der()).unwrap();
+    let bundles = baton_tls::BundleStore::new();
+    let anchors = baton_tls::CertificateDer::pem_file_iter(cred.join("bundle.pem"))
+        .unwrap()
+        .map(|c| c.unwrap().to_vec())
+        .collect();
+    let gateway = baton_core::SpiffeId::parse("spiffe://example.org/tools/gateway").unwrap();
+    bundles.set(gateway.trust_domain().clone(), anchors);
+    let mut tls = baton_tls::client_config(
+        identity,
+        bundles,
+        baton_tls::PeerPolicy::Exact(vec![gateway]),
+    )
+    .unwrap();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let http = reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .http1_only()
+        .build()
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut r = http
+            .put(format!("{}{path}", g.url))
+            .bearer_auth(token_of(cred))
+            .header("content-type", "application/json");
+        for (name, value) in headers {
+            r = r.header(*name, *value);
+        }
+        let r = r.body("{}").send().await.unwrap();
+        Answer {
+            status: r.status().as_u16(),
+            retry_after: r
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_owned()),
+            body: r.json().await.unwrap_or(serde_json::Value::Null),
+        }
+    })
+}
+
+/// What the approver is shown of a held call, and what its record keeps,
+/// is what the upstream gets: a header the request's `Connection` drops
+/// on the way (`Connection: x-amount`) is neither shown nor recorded, so
+/// an approval shown "x-amount: 10" cannot be used by a request whose
+/// upstream never sees that amount. The same header sent plainly is the
+/// control: shown, bound and forwarded.
+#[test]
+fn an_approver_is_shown_only_headers_the_upstream_gets() {
+    let g = Gw::start_with(|_| (RECORDED_HEADER_ROUTES.to_owned(), Vec::new()));
+    let (task, cred) = writer(&g.w);
+    let before = g.upstream_count();
+
+    // Control: the amount sent plainly is shown.
+    let plain = pending_id(&put_h1(&g, &cred, "/transfers/1", &[("x-amount", "10")]));
+    let shown = g.w.json(&["approval", "show", &plain, "-o", "json"]);
+    assert_eq!(shown["shown"]["header:x-amount"], "10", "{shown}");
+
+    // Attack: the amount dropped by `Connection` is not shown as if the
+    // upstream got it; it is another call than the plain one.
+    let dropped = pending_id(&put_h1(
+        &g,
+        &cred,
+        "/transfers/1",
+        &[("connection", "x-amount"), ("x-amount", "10")],
+    ));
+    assert_ne!(dropped, plain);
+    let shown = g.w.json(&["approval", "show", &dropped, "-o", "json"]);
+    assert!(
+        shown["shown"].get("header:x-amount").is_none(),
+        "shown an amount the upstream never gets: {shown}"
+    );
+    assert_eq!(g.upstream_count(), before, "a held call was forwarded");
+
+    // Approved as shown (no amount): the call goes on with no amount at
+    // the upstream and none in its record, whatever amount it names.
+    let out =
+        g.w.ok(&["approve", &dropped, "--user", "alice@example.com"]);
+    assert!(out.contains(&format!("Approved {dropped}")), "{out}");
+    let ok = put_h1(
+        &g,
+        &cred,
+        "/transfers/1",
+        &[("connection", "x-amount"), ("x-amount", "999999")],
+    );
+    assert_eq!(ok.status, 200, "{ok:?}");
+    assert_eq!(g.upstream_count(), before + 1);
+    assert!(g.upstream_last_header("x-amount").is_empty());
+    // Control: the plain call, approved, goes on with its amount, shown
+    // and recorded.
+    g.w.ok(&["approve", &plain, "--user", "alice@example.com"]);
+    let ok = put_h1(&g, &cred, "/transfers/1", &[("x-amount", "10")]);
+    assert_eq!(ok.status, 200, "{ok:?}");
+    assert_eq!(g.upstream_last_header("x-amount"), vec!["10"]);
+    let trace = wait_for("both calls in the trace", Duration::from_secs(30), || {
+        let t = g.w.ok(&["audit", "trace", &task]);
+        (t.contains(&format!("approved in {dropped}"))
+            && t.contains(&format!("approved in {plain}")))
+        .then_some(t)
+    });
+    assert!(trace.contains("header:x-amount=10"), "{trace}");
+    assert!(!trace.contains("999999"), "{trace}");
+}
+
+/// An approved call's record names its approval whatever its tier: the
+/// broker marks the approval reported on that record, and the trace shows
+/// the call as approved. A read-tier call's one record used to carry its
+/// outcome instead. The write-tier call approved beside it is the control.
+#[test]
+fn an_approved_read_is_recorded_as_approved() {
+    let g = Gw::start_with(|_| (format!("{ROUTES}{RECORDED_HEADER_ROUTES}"), Vec::new()));
+    let (read_task, _planner, researcher) = g.researcher();
+    let get = || {
+        crate::gateway::send(
+            &researcher,
+            "GET",
+            &format!("{}/crm/lookups/7", g.url),
+            Some(&token_of(&researcher)),
+            &[],
+        )
+    };
+    let held = wait_for("the read held", Duration::from_secs(60), || {
+        let a = get();
+        (a.body["code"] == "approval_pending").then_some(a)
+    });
+    assert_eq!(held.status, 403, "{held:?}");
+    let read = held.body["approval_id"].as_str().unwrap().to_owned();
+    let (write_task, cred) = writer(&g.w);
+    let write = pending_id(&put(&g, &cred, "/crm/cases/7", r#"{"status":"closed"}"#));
+    for id in [&read, &write] {
+        g.w.ok(&["approve", id, "--user", "alice@example.com"]);
+    }
+    let before = g.upstream_count();
+    let a = get();
+    assert_eq!(a.status, 200, "{a:?}");
+    let a = put(&g, &cred, "/crm/cases/7", r#"{"status":"closed"}"#);
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(g.upstream_count(), before + 2);
+    for (task, id) in [(&write_task, &write), (&read_task, &read)] {
+        wait_for(
+            &format!("approval {id} reported"),
+            Duration::from_secs(30),
+            || {
+                let shown = g.w.json(&["approval", "show", id, "-o", "json"]);
+                (shown["status"] == "reported").then_some(())
+            },
+        );
+        let trace = g.w.ok(&["audit", "trace", task]);
+        assert!(trace.contains(&format!("approved in {id}")), "{trace}");
+    }
 }

@@ -256,6 +256,17 @@ impl Gw {
         self.upstream.count()
     }
 
+    /// The values of header `name` in the last request that reached the
+    /// plain upstream.
+    pub(crate) fn upstream_last_header(&self, name: &str) -> Vec<String> {
+        self.upstream
+            .last()
+            .header(name)
+            .into_iter()
+            .map(str::to_owned)
+            .collect()
+    }
+
     /// A task for the planner with tokens for the gateway's audience, and
     /// the researcher's credential with the narrow scope.
     pub(crate) fn researcher(&self) -> (String, std::path::PathBuf, std::path::PathBuf) {
@@ -1514,6 +1525,37 @@ permission = "tool:crm.export:export"
 tier = "export"
 "#;
 
+/// A route whose resource is taken from the path, and a copy of the
+/// shipped policies with a `forbid` on one of its resources.
+const RECORDS: &str = r#"
+[[routes]]
+method = "GET"
+path = "/crm/records/{id}"
+upstream = "crm"
+tool = "crm.search"
+resource = "dataset:crm/{id}"
+permission = "tool:crm.search:read"
+tier = "read"
+"#;
+
+/// A copy of the shipped call policies plus `extra` (a file of its own).
+pub(crate) fn policies_with(w: &World, extra: &str) -> std::path::PathBuf {
+    let dir = w.c.path("gw-policies");
+    std::fs::create_dir_all(&dir).unwrap();
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/policies");
+    for entry in std::fs::read_dir(&shipped).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_file()
+            && p.extension()
+                .is_some_and(|e| e == "cedar" || e == "cedarschema")
+        {
+            std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    std::fs::write(dir.join("extra.cedar"), extra).unwrap();
+    dir
+}
+
 /// The gateway reads a path as an upstream will: escapes are decoded
 /// before matching, so no literal route or captured resource is passed by
 /// spelling it escaped; segments that decode to something an upstream
@@ -1523,7 +1565,16 @@ tier = "export"
 /// was decided on.
 #[test]
 fn paths_are_read_as_the_upstream_reads_them_and_no_header_poses_as_the_caller() {
-    let g = Gw::start_with(|_| (SHADOWED.to_owned(), Vec::new()));
+    let g = Gw::start_with(|w| {
+        let dir = policies_with(
+            w,
+            "@id(\"records.not-42\")\nforbid (principal, action, resource == Resource::\"dataset:crm/42\");\n",
+        );
+        (
+            format!("policies = \"{}\"\n{SHADOWED}{RECORDS}", dir.display()),
+            Vec::new(),
+        )
+    });
     let (_task, _planner, researcher) = g.researcher();
     let token = token_of(&researcher);
     let url = |p: &str| format!("{}{p}", g.url);
@@ -1748,4 +1799,80 @@ fn paths_are_read_as_the_upstream_reads_them_and_no_header_poses_as_the_caller()
         !seen.headers.iter().any(|(_, v)| v.contains("mallory")),
         "a forged identity reached the upstream: {seen:?}"
     );
+
+    // A resource taken from the path has one spelling. Controls: another
+    // record is forwarded; record 42 is refused by the `forbid`.
+    let before = g.upstream_count();
+    let a = send(
+        &researcher,
+        "GET",
+        &url("/crm/records/43"),
+        Some(&token),
+        &[],
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(g.upstream_count(), before + 1);
+    let a = send(
+        &researcher,
+        "GET",
+        &url("/crm/records/42"),
+        Some(&token),
+        &[],
+    );
+    assert_eq!(a.status, 403, "{a:?}");
+    assert_eq!(a.body["code"], "policy_denied", "{a:?}");
+    // Other spellings of 42 an upstream reads as 42 (trimmed, `.json` a
+    // format, `int()` of `4_2`, fullwidth or Arabic-Indic digits) match no
+    // route, so the `forbid` is not passed by any of them.
+    for path in [
+        "/crm/records/42%20",
+        "/crm/records/%2042",
+        "/crm/records/42%C2%A0",
+        "/crm/records/42.json",
+        "/crm/records/4_2",
+        "/crm/records/%EF%BC%94%EF%BC%92",
+        "/crm/records/%D9%A4%D9%A2",
+    ] {
+        let a = send(&researcher, "GET", &url(path), Some(&token), &[]);
+        assert_eq!(a.status, 404, "{path}: {a:?}");
+        assert_eq!(a.body["code"], "no_route", "{path}: {a:?}");
+    }
+    assert_eq!(
+        g.upstream_count(),
+        before + 1,
+        "another spelling of 42 was forwarded"
+    );
+    // Nor by naming the capture again where ASP.NET Core MVC or Laravel
+    // read it over the path: record 43 in the path, 42 in the query, a
+    // form or the JSON body.
+    let form = [("content-type", "application/x-www-form-urlencoded")];
+    let json = [("content-type", "application/json")];
+    for (path, extra, body) in [
+        ("/crm/records/43?id=42", &json[..], "{\"q\":\"acme\"}"),
+        ("/crm/records/43", &form[..], "q=acme&ID=42"),
+        ("/crm/records/43", &json[..], "{\"q\":\"acme\",\"id\":42}"),
+    ] {
+        let a = send_body(&researcher, "GET", &url(path), Some(&token), extra, body);
+        assert_eq!(a.status, 400, "{path} {body}: {a:?}");
+        assert!(
+            a.body["error"].as_str().unwrap().contains("`id`"),
+            "{path} {body}: {a:?}"
+        );
+    }
+    assert_eq!(
+        g.upstream_count(),
+        before + 1,
+        "an overriding parameter was forwarded"
+    );
+    // Control: the same route with an unrelated body field goes on.
+    let a = send_body(
+        &researcher,
+        "GET",
+        &url("/crm/records/43?q=id"),
+        Some(&token),
+        &json,
+        "{\"q\":\"acme\",\"note\":{\"id\":42}}",
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(g.upstream_count(), before + 2);
 }

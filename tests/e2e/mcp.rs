@@ -525,6 +525,16 @@ fn mcp_through_the_gateway_lists_calls_streams_and_refuses_as_mcp_clients_see_it
         let (code, message, _) = rpc_error(&e);
         assert_eq!(code, -32602, "{e:?}");
         assert!(message.contains("must be an integer"), "{message}");
+        // Text Python's `int()` reads as 42: underscores, fullwidth or
+        // Arabic-Indic digits, a no-break space around it.
+        for spelling in ["4_2", "\u{ff14}\u{ff12}", "\u{664}\u{662}", "42\u{a0}"] {
+            let e = call(&r, "crm.search", serde_json::json!({"account": spelling}))
+                .await
+                .unwrap_err();
+            let (code, message, _) = rpc_error(&e);
+            assert_eq!(code, -32602, "{spelling:?}: {e:?}");
+            assert!(message.contains("\"account\""), "{spelling:?}: {message}");
+        }
         assert_eq!(seen.count(), before, "a refused call reached the tool");
         // A resource too long for the audit log (it keeps 1 KiB): refused
         // before it runs, rather than run and its record refused.

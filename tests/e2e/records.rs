@@ -35,7 +35,7 @@ tool = "crm.update"
 resource = "dataset:crm"
 permission = "tool:crm.update:write"
 tier = "write"
-record-headers = ["x-request-id", "x-forwarded-token"]
+record-headers = ["x-request-id", "x-upstream-token"]
 record-input = ["/account", "/customer", "/card/number"]
 record-output = ["/upstream", "/method"]
 redact = ["/customer/ssn", "/card"]
@@ -77,7 +77,7 @@ fn named_fields_are_recorded_in_clear_text_and_secrets_in_them_are_not() {
             .put(format!("{}/crm/notes/9", g.url))
             .bearer_auth(token_of(&cred))
             .header("x-request-id", "req-77")
-            .header("x-forwarded-token", "Bearer leaked-upstream-token")
+            .header("x-upstream-token", "Bearer leaked-upstream-token")
             .header("content-type", "application/json")
             .body(body.to_string())
             .send()
@@ -94,7 +94,7 @@ fn named_fields_are_recorded_in_clear_text_and_secrets_in_them_are_not() {
     assert!(trace.contains("Ada Lovelace"), "{trace}");
     assert!(trace.contains("output:/method=PUT"), "{trace}");
     assert!(
-        trace.contains("header:x-forwarded-token=[redacted]"),
+        trace.contains("header:x-upstream-token=[redacted]"),
         "{trace}"
     );
     assert!(trace.contains("input:/card/number=[redacted]"), "{trace}");

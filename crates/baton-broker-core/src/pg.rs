@@ -1038,8 +1038,10 @@ impl Datastore for PgStore {
     fn set_node_banned(&self, id: &SpiffeId, banned: bool) -> Result<bool, StoreError> {
         on_conn!(self, |c| {
             let tx = c.transaction().await?;
-            tx.execute(&tx.stmt(VOID_JOIN_TOKENS_PG).await?, &[&id.as_str()])
-                .await?;
+            if banned {
+                tx.execute(&tx.stmt(VOID_JOIN_TOKENS_PG).await?, &[&id.as_str()])
+                    .await?;
+            }
             let n = tx
                 .execute(
                     &tx.stmt("UPDATE nodes SET banned = $2 WHERE spiffe_id = $1")
@@ -1495,16 +1497,20 @@ impl Ledger for PgStore {
 
     fn restart_log(&self, from: &str, to: &str) -> Result<String, StoreError> {
         on_conn!(self, |c| {
-            Ok(c.query_one(
-                &c.stmt(
-                    "WITH moved AS (UPDATE feed_meta SET epoch = $2 WHERE epoch = $1 RETURNING epoch)
-                     SELECT COALESCE((SELECT epoch FROM moved), (SELECT epoch FROM feed_meta LIMIT 1))",
-                )
-                .await?,
+            c.execute(
+                &c.stmt("UPDATE feed_meta SET epoch = $2 WHERE epoch = $1")
+                    .await?,
                 &[&from, &to],
             )
-            .await?
-            .try_get(0)?)
+            .await?;
+            // A statement of its own: under READ COMMITTED it sees another
+            // broker's rename that won the race, which the UPDATE's own
+            // snapshot would not.
+            Ok(
+                c.query_one(&c.stmt("SELECT epoch FROM feed_meta LIMIT 1").await?, &[])
+                    .await?
+                    .try_get(0)?,
+            )
         })
     }
 

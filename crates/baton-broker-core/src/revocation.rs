@@ -548,6 +548,7 @@ impl Revoker {
             let fresh =
                 crate::error::random_hex::<16>().map_err(|e| RelayError::Random(e.to_string()))?;
             log = self.durable.restart_log(&log, &fresh)?;
+            self.published.send_replace(0);
             tracing::error!(
                 store = acked,
                 datastore = end,

@@ -142,8 +142,8 @@ pub trait Datastore: Send + Sync + std::fmt::Debug {
     fn node_syncs(&self) -> Result<Vec<(SpiffeId, u64, Option<u64>)>, StoreError> {
         Ok(Vec::new())
     }
-    /// Sets or lifts a node's ban, voiding its unused join tokens in the
-    /// same step (a token generated before a ban or an eviction never
+    /// Sets or lifts a node's ban; setting it voids the node's unused join
+    /// tokens in the same step (a token generated before a ban never
     /// attests, also after the ban is lifted). False when the node has no
     /// record.
     fn set_node_banned(&self, id: &SpiffeId, banned: bool) -> Result<bool, StoreError>;
@@ -840,8 +840,10 @@ impl Datastore for SqliteStore {
     fn set_node_banned(&self, id: &SpiffeId, banned: bool) -> Result<bool, StoreError> {
         self.with(|c| {
             let tx = c.transaction()?;
-            tx.prepare_cached(VOID_JOIN_TOKENS_SQLITE)?
-                .execute(params![id.as_str()])?;
+            if banned {
+                tx.prepare_cached(VOID_JOIN_TOKENS_SQLITE)?
+                    .execute(params![id.as_str()])?;
+            }
             let n = tx
                 .prepare_cached("UPDATE nodes SET banned = ?2 WHERE spiffe_id = ?1")?
                 .execute(params![id.as_str(), banned])?;

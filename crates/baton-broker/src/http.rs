@@ -59,6 +59,7 @@ where
         + Sync
         + 'static,
 {
+    let td = broker.trust_domain().clone();
     warp::path("v1")
         .and(warp::path("node"))
         .and(warp::path(route))
@@ -66,7 +67,7 @@ where
         .and(warp::post())
         .and(with_broker(broker))
         .and(warp::any().map(move || revoker.clone()))
-        .and(node_shaped_peer())
+        .and(node_shaped_peer(td))
         .and(json_body_max(max_body))
         .and_then(
             move |broker: Arc<Broker>,

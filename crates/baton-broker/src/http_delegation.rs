@@ -99,6 +99,7 @@ where
         + Sync
         + 'static,
 {
+    let td = broker.trust_domain().clone();
     warp::path("v1")
         .and(warp::path("node"))
         .and(warp::path(route))
@@ -106,7 +107,7 @@ where
         .and(warp::post())
         .and(with(broker))
         .and(with(d))
-        .and(crate::http_reply::node_shaped_peer())
+        .and(crate::http_reply::node_shaped_peer(td))
         .and(traceparent())
         .and(json_body())
         .and_then(

@@ -244,25 +244,37 @@ impl warp::reject::Reject for EarlyRefusal {}
 /// decided after, with the datastore, by [`node_auth`]; this only keeps
 /// every other certificate holder from making the broker read up to a
 /// route's body limit.
-pub(crate) fn node_shaped_peer()
--> impl Filter<Extract = (Option<PeerIdentity>, Option<PeerCertificate>), Error = warp::Rejection>
+pub(crate) fn node_shaped_peer(
+    td: baton_core::TrustDomain,
+) -> impl Filter<Extract = (Option<PeerIdentity>, Option<PeerCertificate>), Error = warp::Rejection>
 + Clone {
+    let td = std::sync::Arc::new(td);
     warp::ext::optional::<PeerIdentity>()
         .and(warp::ext::optional::<PeerCertificate>())
         .and_then(
-            |peer: Option<PeerIdentity>, leaf: Option<PeerCertificate>| async move {
+            move |peer: Option<PeerIdentity>, leaf: Option<PeerCertificate>| {
                 let refusal = match peer.as_ref().and_then(|p| p.0.as_ref()) {
-                    None => BrokerError::Unauthenticated(
+                    None => Some(BrokerError::Unauthenticated(
                         "this route needs a client certificate: connect with the node's agent SVID"
                             .into(),
-                    ),
-                    Some(id) if !id.path().starts_with(crate::service::NODE_PREFIX) => {
-                        crate::service::not_a_node(id)
+                    )),
+                    Some(id)
+                        if !id.is_member_of(&td)
+                            || !id.path().starts_with(crate::service::NODE_PREFIX) =>
+                    {
+                        Some(crate::service::not_a_node(id))
                     }
-                    Some(_) => return Ok((peer, leaf)),
+                    Some(_) => None,
                 };
-                let (status, body) = refusal.reply_parts();
-                Err(warp::reject::custom(EarlyRefusal(status, body)))
+                async move {
+                    match refusal {
+                        None => Ok((peer, leaf)),
+                        Some(refusal) => {
+                            let (status, body) = refusal.reply_parts();
+                            Err(warp::reject::custom(EarlyRefusal(status, body)))
+                        }
+                    }
+                }
             },
         )
         .untuple_one()

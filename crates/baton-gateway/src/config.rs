@@ -374,6 +374,21 @@ pub struct Matched<'a> {
     pub path: String,
 }
 
+impl Route {
+    /// The names of the path's captures the resource is taken from
+    /// (`{account}` in `dataset:crm/{account}`).
+    pub fn resource_captures(&self) -> Vec<&str> {
+        self.segments
+            .iter()
+            .filter_map(|s| match s {
+                Segment::Capture(n) | Segment::Rest(n) => Some(n.as_str()),
+                Segment::Literal(_) => None,
+            })
+            .filter(|n| self.resource.contains(&format!("{{{n}}}")))
+            .collect()
+    }
+}
+
 impl Config {
     /// Reads and checks `path`; every error names the file and the field.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -539,6 +554,18 @@ impl Config {
                     return Err(err(
                         &f("record-headers"),
                         format!("{h:?} carries credentials and is never recorded"),
+                    ));
+                }
+                // What is recorded (and shown to an approver) is what the
+                // upstream gets: a header the gateway strips from every
+                // request would be recorded as the caller sent it while
+                // the upstream never saw it.
+                if crate::gateway::never_forwarded(name.as_str()) {
+                    return Err(err(
+                        &f("record-headers"),
+                        format!(
+                            "{h:?} is never forwarded to the upstream (the gateway strips it from every request), so recording it would show what the upstream never gets"
+                        ),
                     ));
                 }
                 record_headers.push(name);
@@ -723,11 +750,12 @@ impl Config {
             }
         }
         // A captured value the resource names has one spelling, as an MCP
-        // argument does (`/accounts/042` is not `/accounts/42` to a policy).
-        if captures
-            .iter()
-            .any(|(n, v)| route.resource.contains(&format!("{{{n}}}")) && !one_spelling(v))
-        {
+        // argument does (`/accounts/042`, `/accounts/42%20`,
+        // `/accounts/42.json` are not `/accounts/42` to a policy); each
+        // segment a rest capture takes, as each is a value to an upstream.
+        if captures.iter().any(|(n, v)| {
+            route.resource.contains(&format!("{{{n}}}")) && !v.split('/').all(one_spelling)
+        }) {
             return None;
         }
         Some(Matched {
@@ -738,20 +766,69 @@ impl Config {
     }
 }
 
-/// Whether `value` names its resource one way only: text that reads as a
-/// number (`042`, `-0`, `+42`, `42.0`, `4.2e1`, `0x2a`) passes only as an
-/// integer's one decimal spelling (`42`), since an upstream that reads a
-/// number serves the same record for each while a policy (Cedar compares
-/// resource names exactly) would see as many resources. Other text passes.
+/// Whether `value` names its resource one way only, since an upstream
+/// that reads a number, or trims, serves the same record for every
+/// spelling while a policy (Cedar compares resource names exactly) would
+/// see as many resources. Refused:
+/// - leading or trailing whitespace, Unicode's (NBSP, ideographic space)
+///   included: Python's `int()`, .NET's `int.Parse` and many stores trim;
+/// - text that reads as a number (to Python's `int()` or `float()`, or
+///   Rust's `f64`: `042`, `-0`, `+42`, `42.0`, `4.2e1`, `0x2a`, `4_2`,
+///   fullwidth `４２`, Arabic-Indic `٤٢`), unless it is an integer's
+///   canonical ASCII decimal spelling (`42`);
+/// - text whose part before its first `.` reads as a number, unless the
+///   whole is that canonical spelling (`42.json`: Rails reads id 42,
+///   format json; `042.x`).
+///
+/// Other text passes: `acme`, `acct-042`, `v1.2`, `2024-05-01`, a UUID.
 pub(crate) fn one_spelling(value: &str) -> bool {
-    let unsigned = value.trim_start_matches(['+', '-']);
-    let radix_prefixed = ["0x", "0X", "0o", "0O", "0b", "0B"]
+    if value.trim() != value {
+        return false;
+    }
+    if value.parse::<i128>().is_ok_and(|n| n.to_string() == value) {
+        return true;
+    }
+    let stem = value.split('.').next().unwrap_or(value);
+    !number_like(value) && !number_like(stem)
+}
+
+/// Whether some parser reads `text` as a number: surrounding whitespace
+/// and a sign aside, a radix prefix (`0x`, `0o`, `0b`), what Rust's `f64`
+/// reads (starting with a digit or `.`), or what Python's `int()` and
+/// `float()` read: digits of any script (every char `char::is_numeric`,
+/// a superset of Unicode's decimal digits), `_` among them, an optional
+/// fraction and exponent.
+fn number_like(text: &str) -> bool {
+    let t = text.trim();
+    let unsigned = t.trim_start_matches(['+', '-']);
+    let radix_prefixed = ["0x", "0o", "0b"]
         .iter()
-        .any(|p| unsigned.starts_with(p));
-    let numeric = radix_prefixed
-        || (unsigned.starts_with(|c: char| c.is_ascii_digit() || c == '.')
-            && value.parse::<f64>().is_ok());
-    !numeric || value.parse::<i128>().is_ok_and(|n| n.to_string() == value)
+        .any(|p| unsigned.get(..2).is_some_and(|h| h.eq_ignore_ascii_case(p)));
+    let rust_float =
+        unsigned.starts_with(|c: char| c.is_ascii_digit() || c == '.') && t.parse::<f64>().is_ok();
+    radix_prefixed || rust_float || python_number(unsigned)
+}
+
+/// Python's number grammar with digits of any script and `_` anywhere
+/// among them (a sound superset of what `int()` and `float()` take):
+/// digits, or digits `.` digits (either side may be empty, not both),
+/// then optionally `e` or `E`, a sign and digits.
+fn python_number(unsigned: &str) -> bool {
+    let digits =
+        |s: &str| s.chars().any(char::is_numeric) && s.chars().all(|c| c.is_numeric() || c == '_');
+    let (mantissa, exponent) = match unsigned.split_once(['e', 'E']) {
+        Some((m, e)) => (m, Some(e)),
+        None => (unsigned, None),
+    };
+    let mantissa = match mantissa.split_once('.') {
+        Some((int, frac)) => {
+            (digits(int) || int.is_empty())
+                && (digits(frac) || frac.is_empty())
+                && !(int.is_empty() && frac.is_empty())
+        }
+        None => digits(mantissa),
+    };
+    mantissa && exponent.is_none_or(|e| digits(e.strip_prefix(['+', '-']).unwrap_or(e)))
 }
 
 /// The upstream a route or endpoint names, or the only one.
@@ -1278,8 +1355,128 @@ tier = "write"
             "/accounts/4%32.0",
             "/accounts/4.2e1",
             "/accounts/-0",
+            // Trimmed by the upstream: an escaped space on either side, a
+            // no-break or ideographic space, a tab is a control already.
+            "/accounts/42%20",
+            "/accounts/%2042",
+            "/accounts/42%C2%A0",
+            "/accounts/%E3%80%8042",
+            // Rails reads id 42, format json; PHP's `(int)` and Ruby's
+            // `to_i` stop at the dot.
+            "/accounts/42.json",
+            "/accounts/042.x",
+            "/accounts/42..",
+            // Python's `int()`: `_` between digits, other scripts' digits.
+            "/accounts/4_2",
+            "/accounts/%EF%BC%94%EF%BC%92",
+            "/accounts/%D9%A4%D9%A2",
+            "/accounts/%D9%A4%D9%A2.json",
         ] {
             assert!(c.route(&http::Method::GET, p).is_none(), "{p}");
+        }
+        // Controls: ordinary ids that hold digits, dots or dashes are one
+        // spelling of themselves.
+        for id in [
+            "42",
+            "-7",
+            "0",
+            "acme",
+            "acme.json",
+            "report-42",
+            "v1.2",
+            "2024-05-01",
+            "3fa85f64-5717-4562-b3fc-2c963f66afa6",
+            "123e4567-e89b-12d3-a456-426614174000",
+            "acme%20co",
+            "e5",
+        ] {
+            let m = c
+                .route(&http::Method::GET, &format!("/accounts/{id}"))
+                .unwrap_or_else(|| panic!("{id} matches no route"));
+            assert_eq!(
+                m.resource,
+                format!("dataset:crm/{}", id.replace("%20", " "))
+            );
+        }
+        // Each segment a rest capture takes is a value too.
+        let files = &c;
+        assert!(
+            files
+                .route(&http::Method::POST, "/files/reports/42.json")
+                .is_none()
+        );
+        assert!(
+            files
+                .route(&http::Method::POST, "/files/reports%20/x")
+                .is_none()
+        );
+        let m = files
+            .route(&http::Method::POST, "/files/reports/q1.json")
+            .unwrap();
+        assert_eq!(m.resource, "files:reports/q1.json");
+    }
+
+    #[test]
+    fn one_spelling_reads_numbers_as_python_and_rust_do() {
+        for same in ["42", "-7", "0", "9223372036854775808"] {
+            assert!(one_spelling(same), "{same}");
+        }
+        for other in [
+            " 42",
+            "42 ",
+            "42\u{a0}",
+            "\u{3000}42",
+            "\u{2009}42",
+            "+42",
+            "042",
+            "-0",
+            "4_2",
+            "4__2",
+            "_42",
+            "42_",
+            "\u{ff14}\u{ff12}",
+            "\u{664}\u{662}",
+            "\u{966}42",
+            "42.0",
+            ".5",
+            "4.2e1",
+            "4.2E+1",
+            "1e5",
+            "0x2a",
+            "0X2A",
+            "0o52",
+            "0b101010",
+            "-0x2a",
+            "42.json",
+            "42 .json",
+            "042.x",
+            "\u{664}\u{662}.5",
+            "\u{664}\u{662}e1",
+            "4_2.json",
+        ] {
+            assert!(!one_spelling(other), "{other:?}");
+        }
+        for text in [
+            "acme",
+            "acme.json",
+            "acct-042",
+            "report-42",
+            "v1.2",
+            "2024-05-01",
+            "e5",
+            "nan",
+            "inf",
+            "infinity",
+            "8e1e0",
+            "1e",
+            "42-x",
+            "a 42",
+            "4 2",
+            "x.42",
+            "3fa85f64-5717-4562-b3fc-2c963f66afa6",
+            "\u{bd}x",
+        ] {
+            assert!(one_spelling(text), "{text:?}");
         }
     }
 
@@ -1479,6 +1676,32 @@ tier = "write"
                 "[\"Authorization\"]",
                 "routes[0].record-headers",
             ),
+            // Stripped from every request: never what the upstream got.
+            (
+                "[\"x-request-id\"]",
+                "[\"x-request-id\", \"X-Forwarded-Token\"]",
+                "\"X-Forwarded-Token\" is never forwarded",
+            ),
+            (
+                "[\"x-request-id\"]",
+                "[\"x-remote-user\"]",
+                "\"x-remote-user\" is never forwarded",
+            ),
+            (
+                "[\"x-request-id\"]",
+                "[\"baton-actor\"]",
+                "\"baton-actor\" is never forwarded",
+            ),
+            (
+                "[\"x-request-id\"]",
+                "[\"connection\"]",
+                "\"connection\" is never forwarded",
+            ),
+            (
+                "[\"x-request-id\"]",
+                "[\"x-http-method-override\"]",
+                "\"x-http-method-override\" is never forwarded",
+            ),
             (
                 "tier = \"write\"",
                 "tier = \"write\"\nupstream = \"billing\"",
@@ -1543,7 +1766,18 @@ tier = "read"
             "dataset:crm:-7"
         );
         // Text that only contains digits, or is an integer's one spelling.
-        for good in ["42", "-7", "acct-042", "v1.2", "e5", "nan", "inf"] {
+        for good in [
+            "42",
+            "-7",
+            "acct-042",
+            "v1.2",
+            "e5",
+            "nan",
+            "inf",
+            "report-42",
+            "2024-05-01",
+            "3fa85f64-5717-4562-b3fc-2c963f66afa6",
+        ] {
             assert_eq!(
                 tool.resource_for(&args(serde_json::json!({"account": good})))
                     .unwrap(),
@@ -1568,6 +1802,14 @@ tier = "read"
             serde_json::json!({"account": "42.0"}),
             serde_json::json!({"account": "4.2e1"}),
             serde_json::json!({"account": "0x2a"}),
+            // Python's `int()` reads each as 42.
+            serde_json::json!({"account": "4_2"}),
+            serde_json::json!({"account": "\u{ff14}\u{ff12}"}),
+            serde_json::json!({"account": "\u{664}\u{662}"}),
+            serde_json::json!({"account": " \u{664}\u{662} "}),
+            serde_json::json!({"account": "42\u{a0}"}),
+            serde_json::json!({"account": "\u{3000}42"}),
+            serde_json::json!({"account": "42.json"}),
         ] {
             let e = tool.resource_for(&args(bad.clone())).unwrap_err();
             assert!(e.contains("\"account\""), "{bad}: {e}");

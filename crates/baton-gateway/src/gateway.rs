@@ -636,6 +636,16 @@ impl Gateway {
         if let Some(why) = method_override(&req, &input) {
             return plain(StatusCode::BAD_REQUEST, "invalid_request", &why);
         }
+        if let Some((place, name)) = capture_override(&req, &input, &m.route.resource_captures()) {
+            return plain(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                &format!(
+                    "{place} carries `{name}`, the path parameter the resource {} is taken from; some frameworks (ASP.NET Core MVC, Laravel) read it instead of the path's value, so the upstream could act on another resource than the one decided: send it in the path only",
+                    m.resource
+                ),
+            );
+        }
         let index = rt
             .config
             .routes
@@ -673,7 +683,7 @@ impl Gateway {
                     }),
                     ttl: m.route.approval_ttl.unwrap_or(rt.config.approval_ttl),
                     configured: m.route.approval,
-                    shown: &|| m.route.record.request_fields(&req.headers, &input),
+                    shown: &|| recorded_request(&m.route.record, &req, &input),
                 },
             )
             .await
@@ -691,7 +701,7 @@ impl Gateway {
                 now,
                 baton_verify::CallNotes {
                     approval,
-                    recorded: m.route.record.request_fields(&req.headers, &input),
+                    recorded: recorded_request(&m.route.record, &req, &input),
                     traceparent: traceparent(&req.headers),
                 },
             )
@@ -775,6 +785,22 @@ impl Gateway {
     }
 }
 
+/// The clear-text fields a route records of a request (and shows an
+/// approver): its headers as the upstream gets them, so a header the
+/// request's `Connection` drops (`Connection: x-amount`) is neither
+/// recorded nor shown, as it is neither forwarded nor bound by an
+/// approval.
+fn recorded_request(
+    record: &crate::record::Recording,
+    req: &Incoming,
+    body: &[u8],
+) -> BTreeMap<String, String> {
+    if record.headers.is_empty() {
+        return record.request_fields(&HeaderMap::new(), body);
+    }
+    record.request_fields(&forwarded_headers(&req.headers), body)
+}
+
 /// The caller's W3C trace context, when the request carries exactly one
 /// valid `traceparent` (anything else is ignored, as the spec asks): the
 /// call's record continues that trace.
@@ -842,18 +868,7 @@ fn method_override(req: &Incoming, body: &[u8]) -> Option<String> {
             req.method
         ))
     };
-    let names_method = |form: &[u8]| {
-        // Rack splits on `;` too in older versions.
-        form.split(|b| *b == b'&' || *b == b';').any(|pair| {
-            let key = pair.split(|b| *b == b'=').next().unwrap_or_default();
-            let plus: Vec<u8> = key
-                .iter()
-                .map(|b| if *b == b'+' { b' ' } else { *b })
-                .collect();
-            let key: Vec<u8> = percent_encoding::percent_decode(&plus).collect();
-            is_method_key(&key)
-        })
-    };
+    let names_method = |form: &[u8]| form_names(form).any(|k| is_method_key(&k));
     if req
         .query
         .as_deref()
@@ -901,7 +916,7 @@ fn method_override(req: &Incoming, body: &[u8]) -> Option<String> {
         // deeper than 128 where PHP reads 512) is refused if it has the
         // word `method` or any `\u` escape: what it is to the upstream is
         // not known here.
-        let json = match top_level_key_names_method(body) {
+        let json = match top_level_key_matches(body, &is_method_key) {
             Ok(found) => found,
             Err(_) => {
                 let lower = body.to_ascii_lowercase();
@@ -986,14 +1001,32 @@ fn encoded_body(req: &Incoming) -> Option<String> {
     })
 }
 
-/// Whether a JSON body is an object with a top-level key `_method` (as
-/// [`is_method_key`] reads it), read as a stream: values are skipped, not
-/// built, so a large body costs no memory beyond its keys.
-fn top_level_key_names_method(body: &[u8]) -> Result<bool, serde_json::Error> {
+/// The names of a form (or query): each `&`- or `;`-separated pair's key,
+/// `+` read as a space, percent-decoded.
+fn form_names(form: &[u8]) -> impl Iterator<Item = Vec<u8>> + '_ {
+    // Rack splits on `;` too in older versions.
+    form.split(|b| *b == b'&' || *b == b';').map(|pair| {
+        let key = pair.split(|b| *b == b'=').next().unwrap_or_default();
+        let plus: Vec<u8> = key
+            .iter()
+            .map(|b| if *b == b'+' { b' ' } else { *b })
+            .collect();
+        percent_encoding::percent_decode(&plus).collect()
+    })
+}
+
+/// Whether a JSON body is an object with a top-level key `matches` takes
+/// (`_method` as [`is_method_key`] reads it, a capture's name), read as a
+/// stream: values are skipped, not built, so a large body costs no memory
+/// beyond its keys.
+fn top_level_key_matches(
+    body: &[u8],
+    matches: &dyn Fn(&[u8]) -> bool,
+) -> Result<bool, serde_json::Error> {
     use serde::Deserializer as _;
     use serde::de::{IgnoredAny, MapAccess, Visitor};
-    struct Keys;
-    impl<'de> Visitor<'de> for Keys {
+    struct Keys<'m>(&'m dyn Fn(&[u8]) -> bool);
+    impl<'de> Visitor<'de> for Keys<'_> {
         type Value = bool;
         fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             f.write_str("a JSON value")
@@ -1001,7 +1034,7 @@ fn top_level_key_names_method(body: &[u8]) -> Result<bool, serde_json::Error> {
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
             let mut found = false;
             while let Some(k) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-                found |= is_method_key(k.as_bytes());
+                found |= (self.0)(k.as_bytes());
                 map.next_value::<IgnoredAny>()?;
             }
             Ok(found)
@@ -1030,7 +1063,7 @@ fn top_level_key_names_method(body: &[u8]) -> Result<bool, serde_json::Error> {
         }
     }
     let mut d = serde_json::Deserializer::from_slice(body);
-    let found = (&mut d).deserialize_any(Keys)?;
+    let found = (&mut d).deserialize_any(Keys(matches))?;
     d.end()?;
     Ok(found)
 }
@@ -1131,6 +1164,14 @@ impl ContentType {
 /// NUL, `.`, space and `[` read as `_`, `_method[..]` the array
 /// `_method`).
 fn is_method_key(raw: &[u8]) -> bool {
+    is_param_key(raw, b"_method")
+}
+
+/// Whether a parameter name is `name` (lower case: letters, digits, `_`)
+/// as a framework reads it: in any case, and the way PHP rewrites names
+/// (leading spaces dropped, cut at a NUL, `.`, space and `[` read as `_`,
+/// `name[..]` the array `name`).
+fn is_param_key(raw: &[u8], name: &[u8]) -> bool {
     let mut key = raw.split(|b| *b == 0).next().unwrap_or_default();
     while let [b' ', rest @ ..] = key {
         key = rest;
@@ -1140,8 +1181,8 @@ fn is_method_key(raw: &[u8]) -> bool {
     {
         key = &key[..open];
     }
-    key.len() == 7
-        && key.iter().zip(b"_method").all(|(a, m)| {
+    key.len() == name.len()
+        && key.iter().zip(name).all(|(a, m)| {
             let a = match a {
                 b'.' | b' ' | b'[' => b'_',
                 other => other.to_ascii_lowercase(),
@@ -1152,26 +1193,31 @@ fn is_method_key(raw: &[u8]) -> bool {
 
 /// Whether a part of a multipart body is named `_method` (in any case,
 /// quoted or not, or in an RFC 2231 `name*=`): each part's header block is
-/// searched, the text from its boundary line to the later of its first
-/// CRLF CRLF and LF LF. Without a boundary parameter, or when no part is
-/// under it, the whole body is searched.
+/// searched ([`multipart_header_blocks`]); without a boundary parameter,
+/// or when no part is under it, the whole body is searched.
 fn multipart_names_method(boundary: Option<&str>, body: &[u8]) -> bool {
     let lower = body.to_ascii_lowercase();
     let mentions = |hay: &[u8]| hay.windows(7).any(|w| w == b"_method");
-    let Some(boundary) = boundary.filter(|b| !b.is_empty()) else {
-        return mentions(&lower);
-    };
-    let delimiter = format!("--{boundary}").into_bytes();
-    if find(&lower, &delimiter).is_none() {
-        // No part under this boundary: a parser that took another one
-        // reads parts this search would miss.
-        return mentions(&lower);
+    match multipart_header_blocks(boundary, &lower) {
+        Some(blocks) => blocks.into_iter().any(mentions),
+        None => mentions(&lower),
     }
-    let mut rest = lower.as_slice();
+}
+
+/// Each part's header block of a (lower-cased) multipart body: the text
+/// from its boundary line to the later of its first CRLF CRLF and LF LF
+/// (Rack reads up to CRLF CRLF, lenient parsers to LF LF), within the
+/// part. None without a boundary, or when no part is under it (a parser
+/// that took another boundary reads parts these blocks would miss: the
+/// caller searches the whole body).
+fn multipart_header_blocks<'b>(boundary: Option<&str>, lower: &'b [u8]) -> Option<Vec<&'b [u8]>> {
+    let boundary = boundary.filter(|b| !b.is_empty())?;
+    let delimiter = format!("--{boundary}").into_bytes();
+    find(lower, &delimiter)?;
+    let mut blocks = Vec::new();
+    let mut rest = lower;
     while let Some(at) = find(rest, &delimiter) {
-        rest = &rest[at + delimiter.len()..];
-        // The later of the two blank lines (Rack reads up to CRLF CRLF,
-        // lenient parsers to LF LF), within this part.
+        rest = rest.get(at + delimiter.len()..).unwrap_or_default();
         let part = find(rest, &delimiter).unwrap_or(rest.len());
         let end = [find(rest, b"\r\n\r\n"), find(rest, b"\n\n")]
             .into_iter()
@@ -1179,11 +1225,172 @@ fn multipart_names_method(boundary: Option<&str>, body: &[u8]) -> bool {
             .max()
             .unwrap_or(rest.len())
             .min(part);
-        if mentions(&rest[..end]) {
-            return true;
+        blocks.push(rest.get(..end).unwrap_or_default());
+    }
+    Some(blocks)
+}
+
+/// The values of every `name` parameter in a multipart header block (or
+/// body), as lenient parsers read them: `name`, `name*` (RFC 2231: after
+/// `charset'lang'`, percent-decoded) and continuations (`name*0`), with
+/// or without space around `=`, quoted or bare. `filename` is not a
+/// name. Fail closed: a continuation's value is returned whole, with
+/// every other continuation's value after it, as the name.
+fn part_names(block: &[u8]) -> Vec<Vec<u8>> {
+    let mut names = Vec::new();
+    let mut continued = Vec::new();
+    let mut from = 0;
+    while let Some(at) = block.get(from..).and_then(|r| find(r, b"name")) {
+        let start = from + at;
+        from = start + 4;
+        if start > 0
+            && block
+                .get(start - 1)
+                .is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'_' || *b == b'-')
+        {
+            continue;
+        }
+        let mut i = from;
+        let mut extended = false;
+        let mut continuation = false;
+        while let Some(b) = block.get(i) {
+            match b {
+                b'*' => extended = true,
+                b'0'..=b'9' => continuation = true,
+                _ => break,
+            }
+            i += 1;
+        }
+        while block.get(i).is_some_and(|b| *b == b' ' || *b == b'\t') {
+            i += 1;
+        }
+        if block.get(i) != Some(&b'=') {
+            continue;
+        }
+        i += 1;
+        while block.get(i).is_some_and(|b| *b == b' ' || *b == b'\t') {
+            i += 1;
+        }
+        let rest = block.get(i..).unwrap_or_default();
+        let mut value: Vec<u8> = match rest.strip_prefix(b"\"") {
+            Some(quoted) => {
+                let close = quoted
+                    .iter()
+                    .position(|b| *b == b'"')
+                    .unwrap_or(quoted.len());
+                quoted
+                    .get(..close)
+                    .unwrap_or_default()
+                    .iter()
+                    .filter(|b| **b != b'\\')
+                    .copied()
+                    .collect()
+            }
+            None => rest
+                .iter()
+                .take_while(|b| !matches!(b, b';' | b'\r' | b'\n' | b' ' | b'\t'))
+                .copied()
+                .collect(),
+        };
+        if extended {
+            // `charset'lang'value`: the value after the second quote.
+            if let Some(v) = value.splitn(3, |b| *b == b'\'').nth(2) {
+                value = v.to_vec();
+            }
+            value = percent_encoding::percent_decode(&value).collect();
+        }
+        if continuation {
+            continued.extend_from_slice(&value);
+        } else {
+            names.push(value);
         }
     }
-    false
+    if !continued.is_empty() {
+        names.push(continued);
+    }
+    names
+}
+
+/// A capture a route's resource is taken from that the request names
+/// again as a parameter where a framework may read it instead of the path
+/// (ASP.NET Core MVC binds a form field or a query parameter over a route
+/// value; Laravel's `$request->name` reads the input first): in the query,
+/// a form body (or a body without a Content-Type, which Rack reads as a
+/// form), a multipart part's name, or a JSON body's top-level keys (when
+/// the Content-Type has `/json` or `+json`), each name read as the
+/// `_method` check reads it ([`is_param_key`]). Returns where, and which
+/// capture; a request whose Content-Type does not read one way was refused
+/// before ([`method_override`]).
+fn capture_override<'n>(
+    req: &Incoming,
+    body: &[u8],
+    captures: &[&'n str],
+) -> Option<(&'static str, &'n str)> {
+    if captures.is_empty() {
+        return None;
+    }
+    let lower: Vec<Vec<u8>> = captures
+        .iter()
+        .map(|c| c.as_bytes().to_ascii_lowercase())
+        .collect();
+    let which = |key: &[u8]| {
+        lower
+            .iter()
+            .position(|n| is_param_key(key, n))
+            .and_then(|i| captures.get(i).copied())
+    };
+    let in_form = |form: &[u8]| form_names(form).find_map(|k| which(&k));
+    if let Some(c) = req.query.as_deref().and_then(|q| in_form(q.as_bytes())) {
+        return Some(("the query", c));
+    }
+    if body.is_empty() {
+        return None;
+    }
+    let content_type = content_type_of(req).ok()?;
+    if content_type.is_empty() {
+        return in_form(body).map(|c| ("the body (read as a form: it has no Content-Type)", c));
+    }
+    let parsed = ContentType::parse(&content_type)?;
+    if parsed.media == "application/x-www-form-urlencoded"
+        && let Some(c) = in_form(body)
+    {
+        return Some(("the form body", c));
+    }
+    if parsed.media.starts_with("multipart/") {
+        let body_lower = body.to_ascii_lowercase();
+        let blocks = multipart_header_blocks(parsed.boundary.as_deref(), &body_lower)
+            .unwrap_or_else(|| vec![body_lower.as_slice()]);
+        if let Some(c) = blocks
+            .into_iter()
+            .flat_map(part_names)
+            .find_map(|n| which(&n))
+        {
+            return Some(("the multipart body", c));
+        }
+    }
+    if content_type.contains("/json") || content_type.contains("+json") {
+        let found = std::cell::Cell::new(None);
+        let read = top_level_key_matches(body, &|k: &[u8]| {
+            let c = which(k);
+            if found.get().is_none() {
+                found.set(c);
+            }
+            c.is_some()
+        });
+        if read.is_ok() {
+            return found.get().map(|c| ("the JSON body", c));
+        }
+        // A body this parser cannot read (see `method_override`): refused
+        // if it mentions a capture's name or has a `\u` escape.
+        let body_lower = body.to_ascii_lowercase();
+        let escaped = find(&body_lower, b"\\u").is_some();
+        return lower
+            .iter()
+            .position(|n| escaped || find(&body_lower, n).is_some())
+            .and_then(|i| captures.get(i).copied())
+            .map(|c| ("the JSON body (which the gateway cannot read whole)", c));
+    }
+    None
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
@@ -1253,39 +1460,54 @@ const POSING_PREFIXES: &[&str] = &[
     "x-client-i-dn",
 ];
 
-/// The request's headers as the upstream gets them: without hop-by-hop
-/// headers, the host, the caller's token and any `baton-*` header; with
-/// the verified task, actor and chain.
-pub fn upstream_headers(incoming: &HeaderMap, d: &VerifiedDelegation) -> Result<HeaderMap, String> {
+/// Whether the gateway never passes on a caller's header of this name
+/// (lower case), whatever the request: hop-by-hop headers, the host, the
+/// caller's token, the body's length (the gateway sets its own), any
+/// header with an `_` (CGI, WSGI and PHP read `Mcp_Session_Id` as
+/// `Mcp-Session-Id`, `Baton_Actor` as `Baton-Actor`: a spelling the
+/// gateway's own checks would not see; nginx drops them too by default),
+/// a `baton-*` header (the gateway sets the caller's identity there), and
+/// headers that make a server take another method or path than the one
+/// the call was decided on, or another caller. Besides these, a request's
+/// `Connection` header drops the headers it names.
+pub(crate) fn never_forwarded(name: &str) -> bool {
+    HOP_BY_HOP.contains(&name)
+        || [
+            http::header::HOST,
+            http::header::AUTHORIZATION,
+            http::header::CONTENT_LENGTH,
+        ]
+        .iter()
+        .any(|h| h.as_str() == name)
+        || name.contains('_')
+        || name.starts_with("baton-")
+        || OVERRIDING_HEADERS.contains(&name)
+        || POSING_PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
+/// The caller's headers the upstream gets (before the gateway adds the
+/// verified caller): without those [`never_forwarded`] names and those
+/// the request's `Connection` names. What a route records of headers,
+/// and so what an approver is shown, is read from these, never from the
+/// request as it came.
+pub(crate) fn forwarded_headers(incoming: &HeaderMap) -> HeaderMap {
     let mut h = incoming.clone();
     strip_hop_by_hop(&mut h);
-    for name in [
-        http::header::HOST,
-        http::header::AUTHORIZATION,
-        http::header::CONTENT_LENGTH,
-    ] {
-        h.remove(name);
-    }
-    // Any header with an `_` (CGI, WSGI and PHP read `Mcp_Session_Id`
-    // as `Mcp-Session-Id`, `Baton_Actor` as `Baton-Actor`: a spelling
-    // the gateway's own checks would not see; nginx drops them too by
-    // default), a `baton-*` header, and headers that make a server take
-    // another method or path than the one the call was decided on, or
-    // another caller.
     let dropped: Vec<HeaderName> = h
         .keys()
-        .filter(|k| {
-            let name = k.as_str();
-            name.contains('_')
-                || name.starts_with("baton-")
-                || OVERRIDING_HEADERS.contains(&name)
-                || POSING_PREFIXES.iter().any(|p| name.starts_with(p))
-        })
+        .filter(|k| never_forwarded(k.as_str()))
         .cloned()
         .collect();
     for k in dropped {
         h.remove(k);
     }
+    h
+}
+
+/// The request's headers as the upstream gets them: the caller's
+/// [`forwarded_headers`], with the verified task, actor and chain.
+pub fn upstream_headers(incoming: &HeaderMap, d: &VerifiedDelegation) -> Result<HeaderMap, String> {
+    let mut h = forwarded_headers(incoming);
     let chain = d
         .chain()
         .iter()
@@ -1473,6 +1695,164 @@ mod tests {
             headers,
             cert: None,
         }
+    }
+
+    /// Every `header:*` field a route records (and shows an approver)
+    /// holds what the upstream gets: a header the request's `Connection`
+    /// drops, or one the gateway strips, is not recorded at all.
+    #[test]
+    fn recorded_headers_are_those_the_upstream_gets() {
+        let record = crate::record::Recording {
+            headers: ["x-amount", "x-request-id", "x-note"]
+                .into_iter()
+                .map(HeaderName::from_static)
+                .collect(),
+            ..Default::default()
+        };
+        let request = |connection: Option<&'static str>| {
+            let mut req = incoming(None, "application/json");
+            for (name, value) in [
+                ("x-amount", "10"),
+                ("x-request-id", "req-1"),
+                ("x-note", "first"),
+            ] {
+                req.headers.append(name, HeaderValue::from_static(value));
+            }
+            req.headers
+                .append("x-note", HeaderValue::from_static("second"));
+            if let Some(c) = connection {
+                req.headers
+                    .insert(http::header::CONNECTION, HeaderValue::from_static(c));
+            }
+            req
+        };
+        let consistent = |req: &Incoming| {
+            let fields = recorded_request(&record, req, b"");
+            let upstream = forwarded_headers(&req.headers);
+            for (field, value) in &fields {
+                let name = field.strip_prefix("header:").unwrap();
+                let sent: Vec<&str> = upstream
+                    .get_all(name)
+                    .iter()
+                    .map(|v| v.to_str().unwrap())
+                    .collect();
+                assert!(!sent.is_empty(), "{field} recorded but not forwarded");
+                assert_eq!(*value, sent.join(", "), "{field}");
+            }
+            fields
+        };
+        // Control: no `Connection`: every named header is recorded.
+        let plain = consistent(&request(None));
+        assert_eq!(plain["header:x-amount"], "10");
+        assert_eq!(plain["header:x-request-id"], "req-1");
+        assert_eq!(plain["header:x-note"], "first, second");
+        // Attack: `Connection` drops `X-Amount` on the way; the approver
+        // must not be shown an amount the upstream never gets.
+        let dropped = consistent(&request(Some("keep-alive, X-Amount")));
+        assert!(!dropped.contains_key("header:x-amount"), "{dropped:?}");
+        assert_eq!(dropped["header:x-request-id"], "req-1");
+        let all = consistent(&request(Some("x-amount,x-note,x-request-id")));
+        assert!(all.is_empty(), "{all:?}");
+    }
+
+    /// A path capture the resource is taken from, named again where a
+    /// framework reads parameters (ASP.NET Core MVC, Laravel), is found in
+    /// every place and spelling the `_method` check reads; an unrelated
+    /// field, or the name only as a value or nested, is not.
+    #[test]
+    fn a_parameter_named_as_a_resource_capture_is_found_wherever_a_framework_reads_it() {
+        let caps = ["account", "case_id"];
+        let found = |req: &Incoming, body: &[u8]| capture_override(req, body, &caps);
+        for q in [
+            "account=42",
+            "ACCOUNT=42",
+            "q=1&Account=42",
+            "q=1;account=42",
+            "%61ccount=42",
+            "+account=42",
+            "account[]=42",
+            "account%00x=42",
+            "case.id=42",
+            "case+id=42",
+            "case[id=42",
+        ] {
+            let at = found(&incoming(Some(q), "text/plain"), b"");
+            assert_eq!(at.map(|(p, _)| p), Some("the query"), "{q}");
+        }
+        assert_eq!(
+            found(&incoming(Some("case.id=42"), "text/plain"), b""),
+            Some(("the query", "case_id"))
+        );
+        let form = incoming(None, "application/x-www-form-urlencoded; charset=utf-8");
+        assert_eq!(
+            found(&form, b"note=hi&account=42"),
+            Some(("the form body", "account"))
+        );
+        let mut untyped = incoming(None, "text/plain");
+        untyped.headers.remove(http::header::CONTENT_TYPE);
+        assert_eq!(
+            found(&untyped, b"account=42").map(|(p, _)| p),
+            Some("the body (read as a form: it has no Content-Type)")
+        );
+        let multipart = incoming(None, MULTIPART);
+        for body in [
+            "--XyZ\r\nContent-Disposition: form-data; name=\"account\"\r\n\r\n42\r\n--XyZ--\r\n",
+            "--XyZ\nContent-Disposition: form-data; NAME=Account\n\n42\n--XyZ--\n",
+            "--XyZ\r\nContent-Disposition: form-data; name = \"account\"\r\n\r\n42\r\n--XyZ--\r\n",
+            "--XyZ\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n1\r\n--XyZ\r\nContent-Disposition: form-data; name*=utf-8''%61ccount\r\n\r\n42\r\n--XyZ--\r\n",
+            "--XyZ\r\nContent-Disposition: form-data; name*0=\"acc\"; name*1=\"ount\"\r\n\r\n42\r\n--XyZ--\r\n",
+        ] {
+            assert_eq!(
+                found(&multipart, body.as_bytes()).map(|(p, _)| p),
+                Some("the multipart body"),
+                "{body}"
+            );
+        }
+        // No part under the boundary: every name in the body counts.
+        assert!(
+            found(
+                &incoming(None, "multipart/form-data; boundary=safe"),
+                b"--evil\r\nContent-Disposition: form-data; name=\"account\"\r\n\r\n42\r\n--evil--"
+            )
+            .is_some()
+        );
+        let json = incoming(None, "application/json");
+        for body in [
+            r#"{"q":"acme","account":42}"#,
+            r#"{"Account":42}"#,
+            r#"{"\u0061ccount":42}"#,
+            r#"{"case_id":42}"#,
+        ] {
+            assert_eq!(
+                found(&json, body.as_bytes()).map(|(p, _)| p),
+                Some("the JSON body"),
+                "{body}"
+            );
+        }
+        assert!(found(&json, b"{\"a\":1}\n{\"account\":42}").is_some());
+        // Controls: an unrelated field, the name only as a value, nested,
+        // in a file's name, or as a longer name; a route whose resource
+        // takes no capture.
+        assert_eq!(found(&incoming(Some("q=account"), "text/plain"), b""), None);
+        assert_eq!(
+            found(&incoming(Some("accounts=1"), "text/plain"), b""),
+            None
+        );
+        assert_eq!(found(&form, b"note=account&my_account=1"), None);
+        assert_eq!(
+            found(
+                &json,
+                br#"{"q":"account","nested":{"account":42},"accountId":1}"#
+            ),
+            None
+        );
+        assert_eq!(found(&json, b""), None);
+        let file = "--XyZ\r\nContent-Disposition: form-data; name=\"note\"; filename=\"account\"\r\n\r\naccount=42\r\n--XyZ--\r\n";
+        assert_eq!(found(&multipart, file.as_bytes()), None);
+        assert_eq!(
+            capture_override(&incoming(Some("account=42"), "text/plain"), b"", &[]),
+            None
+        );
     }
 
     const MULTIPART: &str = "multipart/form-data; boundary=XyZ";

@@ -144,6 +144,10 @@ impl CallPolicy for baton_policy::Engine {
 ///   digest), without the justification; a spool failure is logged and
 ///   does not fail the call. So a read call that crashes the process
 ///   before finishing may go unreported.
+/// - **approved calls**, any tier (a human's approval passed in
+///   [`CallNotes::approval`]): recorded as a sensitive call is, so the
+///   allow record that says `approved in ID` is durable before the call
+///   goes on and is never replaced by the completion's reason.
 /// - **denials**, any tier: a `deny` record with the reason code and
 ///   message (a spool failure is logged; the call is denied anyway).
 ///
@@ -466,10 +470,18 @@ impl ToolGate {
                 allow_record: false,
             };
         }
+        let approved = approval.is_some();
         report.reason = approval.map(|id| format!("approved in {id}"));
-        let sensitive = tool.tier.is_sensitive();
+        // A call a human approved is recorded as a sensitive call is,
+        // whatever its tier: its allow record, durable before the call
+        // goes on, says `approved in ID` (the record on which the broker
+        // marks the approval reported), and its completion is a second
+        // record. A read call's one record, written at its end, carries
+        // the outcome in its reason (`finished without output`,
+        // `failed: ...`) or none: it would lose the approval.
+        let recorded_first = tool.tier.is_sensitive() || approved;
         let mut record = None;
-        if sensitive {
+        if recorded_first {
             if let Some(r) = &self.reporter {
                 // Not retried if it fails: the call is refused instead.
                 match r.enqueue_once(report.clone()) {
@@ -492,13 +504,13 @@ impl ToolGate {
                 report,
                 digest_key: self.digest_key.clone(),
                 reporter: self.reporter.clone(),
-                sensitive,
+                recorded_first,
                 durable_reads: self.durable_reads,
                 done: false,
                 _in_flight: InFlightGuard::new(&self.in_flight),
             }),
             record,
-            allow_record: sensitive,
+            allow_record: recorded_first,
         }
     }
 
@@ -610,7 +622,8 @@ impl ToolGate {
 struct Admitted {
     outcome: Result<VerifiedCall, CallDenied>,
     record: Option<Durable>,
-    /// `record` is a sensitive call's allow record: no record, no call.
+    /// `record` is the allow record of a sensitive or approved call: no
+    /// record, no call.
     allow_record: bool,
 }
 
@@ -622,7 +635,7 @@ impl Admitted {
     ) -> Result<VerifiedCall, CallDenied> {
         match written {
             Some(Err(e)) if allow_record => {
-                // Dropped unfinished: a sensitive call leaves no record.
+                // Dropped unfinished: a call recorded first leaves no record.
                 drop(outcome);
                 Err(CallDenied::AuditUnavailable(e.to_string()))
             }
@@ -664,7 +677,9 @@ pub struct VerifiedCall {
     report: ToolCallReport,
     digest_key: Option<hmac::Key>,
     reporter: Option<Reporter>,
-    sensitive: bool,
+    /// Its allow record was written before it went on (a sensitive call,
+    /// or an approved one of any tier): its end is a second record.
+    recorded_first: bool,
     durable_reads: bool,
     done: bool,
     /// Dropped after the call's last record is queued (fields drop after
@@ -708,8 +723,9 @@ impl VerifiedCall {
         self.report.latency_ms = Some(latency_ms);
     }
 
-    /// Reports the digest of the tool's output. For a sensitive call this
-    /// is a second record; for a read call, the only one.
+    /// Reports the digest of the tool's output. For a sensitive or
+    /// approved call this is a second record; for a read call, the only
+    /// one.
     pub fn finish(self, output: &[u8]) -> Result<(), ReportError> {
         let d = digest_hex(self.digest_key.as_ref(), output);
         self.complete(Some(d), None)
@@ -739,8 +755,9 @@ impl VerifiedCall {
 
     /// As [`finish`](Self::finish), waiting for the spool without blocking
     /// the thread, and only when the answer must wait for the record: a
-    /// sensitive call, durable reads ([`ToolGate::with_durable_reads`]),
-    /// or a spool whose last write failed.
+    /// sensitive or approved call, durable reads
+    /// ([`ToolGate::with_durable_reads`]), or a spool whose last write
+    /// failed.
     pub async fn finish_async(self, output: &[u8]) -> Result<(), ReportError> {
         let d = digest_hex(self.digest_key.as_ref(), output);
         self.complete_async(Some(d), None).await
@@ -766,7 +783,7 @@ impl VerifiedCall {
         let Some((reporter, report)) = self.completion(output_digest, reason) else {
             return Ok(());
         };
-        let must_wait = self.sensitive || self.durable_reads || !reporter.is_healthy();
+        let must_wait = self.recorded_first || self.durable_reads || !reporter.is_healthy();
         let ticket = reporter.enqueue(report)?;
         if must_wait {
             ticket.wait().await
@@ -807,7 +824,7 @@ impl VerifiedCall {
             report.recorded.clear();
             tracing::warn!(report = %report.report_id, "clear-text fields over the audit log's bounds dropped from a call's record");
         }
-        if self.sensitive {
+        if self.recorded_first {
             report.reason = Some(match reason {
                 Some(r) => format!("{r}; completes {}", self.report.report_id),
                 None => format!("completes {}", self.report.report_id),
@@ -839,8 +856,9 @@ fn cut_text(mut text: String, max: usize) -> String {
 
 impl Drop for VerifiedCall {
     fn drop(&mut self) {
-        // A read call dropped without finish still leaves its one record.
-        if self.done || self.sensitive {
+        // A read call dropped without finish still leaves its one record
+        // (a call recorded first has its allow record already).
+        if self.done || self.recorded_first {
             return;
         }
         if let Some(r) = self.reporter.take() {
@@ -872,4 +890,190 @@ fn new_report_id() -> String {
 
 fn hex_sha256(bytes: &[u8]) -> String {
     hex::encode(digest(&SHA256, bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{JwtBundles, PeerCert, ReportBatch, SendError, SendFuture, TokenVerifier};
+    use baton_core::{Actor, Confirmation, DelegationClaims, TaskClaims, TrustDomain};
+    use std::time::{Duration, UNIX_EPOCH};
+
+    const NOW: u64 = 1_700_000_000;
+    const AUDIENCE: &str = "crm-tool";
+
+    /// A broker that is down: records stay in the spool, where the test
+    /// reads them.
+    struct Down;
+
+    impl crate::ReportSender for Down {
+        fn send<'a>(&'a self, _: &'a ReportBatch) -> SendFuture<'a> {
+            Box::pin(async { Err(SendError::Unreachable("down (test)".into())) })
+        }
+    }
+
+    /// A root token for the planner, bound to its certificate.
+    fn delegation() -> VerifiedDelegation {
+        let td: TrustDomain = "example.org".parse().unwrap();
+        let ca = baton_ca::Ca::load_or_create(
+            baton_ca::CaConfig::new(td.clone()),
+            UNIX_EPOCH + Duration::from_secs(NOW - 60),
+        )
+        .unwrap();
+        let planner = SpiffeId::parse("spiffe://example.org/agents/planner").unwrap();
+        let key = baton_ca::WorkloadKey::generate().unwrap();
+        let svid = ca
+            .sign_x509_svid(
+                &key.csr_der(&planner).unwrap(),
+                &planner,
+                Duration::from_secs(3600),
+                &[],
+                UNIX_EPOCH + Duration::from_secs(NOW),
+            )
+            .unwrap();
+        let leaf = svid.cert_chain_der[0].clone();
+        let scope = Scope::parse(&["tool:crm.search:read", "tool:crm.update:write"]).unwrap();
+        let claims = DelegationClaims {
+            iss: "spiffe://example.org/baton/broker".into(),
+            sub: "alice@example.com".into(),
+            aud: vec![AUDIENCE.into()],
+            exp: NOW + 300,
+            iat: NOW - 5,
+            jti: "jti-root".into(),
+            act: Actor {
+                sub: planner,
+                jti: "jti-root".into(),
+                scope: scope.clone(),
+                exp: NOW + 300,
+                aud: vec![AUDIENCE.into()],
+                act: None,
+            },
+            task: TaskClaims {
+                id: TaskId::from_random([0x5a; 16]),
+                purpose: "support.case-update".parse::<Purpose>().unwrap(),
+                risk_ceiling: RiskTier::Write,
+                max_depth: 3,
+                initiator_iss: "https://idp.example.com".into(),
+            },
+            scope,
+            depth: 0,
+            parent: None,
+            justification: None,
+            cnf: Confirmation {
+                x5t_s256: baton_ca::cert_thumbprint(&leaf),
+            },
+        };
+        let token = ca.sign_delegation_token(&claims).unwrap();
+        TokenVerifier::dangerous_without_revocation(JwtBundles::new([ca.bundle()]), AUDIENCE.into())
+            .verify(
+                token.expose(),
+                &PeerCert::from_verified_leaf(leaf).unwrap(),
+                NOW,
+            )
+            .unwrap()
+    }
+
+    fn allow_all(_: &CallContext<'_>) -> PolicyDecision {
+        PolicyDecision {
+            allowed: true,
+            policy_ids: vec!["permit-all".into()],
+            errors: vec![],
+            approval: false,
+        }
+    }
+
+    fn spec(tier: RiskTier) -> ToolSpec {
+        let (name, requires) = match tier {
+            RiskTier::Read => ("crm.search", "tool:crm.search:read"),
+            _ => ("crm.update", "tool:crm.update:write"),
+        };
+        ToolSpec {
+            name: name.into(),
+            tier,
+            resource: "dataset:crm".into(),
+            requires: Permission::parse(requires).unwrap(),
+        }
+    }
+
+    /// How a call ends.
+    #[derive(Debug, Clone, Copy)]
+    enum End {
+        Finish,
+        Fail,
+        Drop,
+    }
+
+    /// The records of one call of `tier`, with `approval`, ended by `end`.
+    fn records(tier: RiskTier, approval: Option<&str>, end: End) -> Vec<ToolCallReport> {
+        let dir = tempfile::tempdir().unwrap();
+        let reporter = Reporter::open(dir.path(), Arc::new(Down)).unwrap();
+        let gate = ToolGate::new(Arc::new(allow_all), Some(reporter.clone()));
+        let notes = CallNotes {
+            approval: approval.map(str::to_owned),
+            ..CallNotes::default()
+        };
+        let call = gate
+            .authorize_approved(&delegation(), &spec(tier), b"in", NOW, notes)
+            .unwrap();
+        match end {
+            End::Finish => call.finish(b"out").unwrap(),
+            End::Fail => call.failed("the upstream did not answer").unwrap(),
+            End::Drop => {
+                drop(call);
+                // A drop does not wait for the spool: a read call's one
+                // record comes a little later.
+                let deadline = std::time::Instant::now() + Duration::from_secs(60);
+                while reporter.pending() == 0 && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+        }
+        reporter.pending_reports()
+    }
+
+    /// An approved call's records say `approved in ID` exactly once, in
+    /// the allow record written before it went on, whatever its tier and
+    /// however it ended; the completion completes that record and cites
+    /// no approval (the broker would refuse a second citation). A read
+    /// call's one record used to carry its outcome instead, so its
+    /// approval was never reported. The sensitive tier is the control.
+    #[test]
+    fn an_approved_call_keeps_its_approval_in_its_record_whatever_its_tier() {
+        for tier in [RiskTier::Write, RiskTier::Read] {
+            for end in [End::Finish, End::Fail, End::Drop] {
+                let r = records(tier, Some("ap_1"), end);
+                let what = format!("{tier:?} {end:?}: {r:#?}");
+                let citing: Vec<_> = r
+                    .iter()
+                    .filter(|x| x.reason.as_deref() == Some("approved in ap_1"))
+                    .collect();
+                assert_eq!(citing.len(), 1, "{what}");
+                assert_eq!(r[0].reason.as_deref(), Some("approved in ap_1"), "{what}");
+                assert_eq!(r[0].decision, "allow", "{what}");
+                assert!(r[0].output_digest.is_none(), "{what}");
+                match end {
+                    // Dropped unfinished: the allow record alone.
+                    End::Drop => assert_eq!(r.len(), 1, "{what}"),
+                    _ => {
+                        assert_eq!(r.len(), 2, "{what}");
+                        let completes = r[1].reason.as_deref().unwrap();
+                        assert!(
+                            completes.ends_with(&format!("completes {}", r[0].report_id)),
+                            "{what}"
+                        );
+                        assert!(!completes.contains("approved"), "{what}");
+                    }
+                }
+            }
+        }
+        // Control: a read call without an approval keeps its one record,
+        // written at its end, with its outcome.
+        let r = records(RiskTier::Read, None, End::Finish);
+        assert_eq!(r.len(), 1, "{r:#?}");
+        assert_eq!(r[0].reason, None);
+        assert!(r[0].output_digest.is_some());
+        let r = records(RiskTier::Read, None, End::Drop);
+        assert_eq!(r.len(), 1, "{r:#?}");
+        assert_eq!(r[0].reason.as_deref(), Some("finished without output"));
+    }
 }
