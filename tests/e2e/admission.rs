@@ -115,6 +115,28 @@ fn task_start_is_a_cedar_decision_refused_by_default_and_audited() {
     // Control: a member of engineering, same request.
     let (status, ok) = start(&w, "alice@example.com", &["engineering"], CRM, "read", 600);
     assert_eq!(status, 200, "{ok}");
+    // A refused ID token is spent like an admitted one: replayed, it is
+    // refused as used, and no second refusal is logged for it.
+    let body = serde_json::json!({
+        "id_token": id_token(&w, "carol@example.com", &["sales"]),
+        "root_agent": PLANNER,
+        "purpose": "support.case-research",
+        "scope": CRM,
+        "risk_ceiling": "read",
+        "ttl_secs": 600,
+        "max_depth": 2,
+        "audience": ["crm"],
+    });
+    not_permitted(
+        admin_post(&w, "/v1/admin/tasks", &body),
+        &format!("no policy permits Human::\"carol@example.com\" to start_task on {agent}"),
+    );
+    let (status, again) = admin_post(&w, "/v1/admin/tasks", &body);
+    assert_eq!(status, 401, "{again}");
+    assert!(
+        again["message"].as_str().unwrap().contains("single use"),
+        "{again}"
+    );
 
     // A scope beyond what the policy allows: payments, for finance only.
     let payments = not_permitted(

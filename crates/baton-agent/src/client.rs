@@ -530,6 +530,9 @@ fn build_http(
         PeerPolicy::Exact(vec![broker_id.clone()]),
     )?;
     reqwest::Client::builder()
+        // A broker never redirects: an answer that does is final, never
+        // followed (with this client's certificate) elsewhere.
+        .redirect(reqwest::redirect::Policy::none())
         .tls_backend_preconfigured(tls)
         .timeout(REQUEST_TIMEOUT)
         .connect_timeout(CONNECT_TIMEOUT)

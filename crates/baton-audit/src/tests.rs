@@ -1057,8 +1057,8 @@ fn trace_of_a_small_task_renders_the_expected_tree() {
 ├─ spiffe://example.org/agents/planner (root agent)
 │  └─ hop → spiffe://example.org/agents/researcher: granted, depth 1, scope [tool:crm.search:read], purpose support.case-research, justification \"customer 4411 asked about invoice 93\", policies [hop-default], trace 4bf92f3577b34da6a3ce929d0e0e4736 #2
 │     ├─ redeemed token jti-r1 #4
-│     ├─ tool crm.search on dataset:crm (read): allow, policies [crm-read, purpose-match] #6
-│     ├─ tool crm.export on dataset:crm (export): deny (export not in scope), policies [forbid-export] #8
+│     ├─ tool crm.search on dataset:crm (read): allow, policies [crm-read, purpose-match], reported by spiffe://example.org/tools/crm #6
+│     ├─ tool crm.export on dataset:crm (export): deny (export not in scope), policies [forbid-export], reported by spiffe://example.org/tools/crm #8
 │     └─ hop → spiffe://example.org/agents/mailer: REFUSED (scope widens: tool:mail.send:write), depth 2, scope [tool:mail.send:write] #10
 ├─ purpose changed → support.billing, by spiffe://example.org/agents/planner #12
 └─ task ended, by spiffe://example.org/agents/planner, reason completed #14
@@ -1182,6 +1182,51 @@ fn recorded_fields_are_in_the_tree_and_cannot_forge_a_trace_line() {
             .lines()
             .any(|l| l.trim_start().starts_with("└─ tool crm.delete")),
         "a recorded value forged a line: {rendered}"
+    );
+}
+
+/// Whatever field a caller's text lands in (a refused hop's reason built
+/// from its audience, a task end's reason, a resource), the text tree
+/// shows it on its own line, escaped: no forged line, no terminal escape,
+/// no bidi override. The control: the same events with plain text render
+/// as they are.
+#[test]
+fn no_field_of_any_event_can_forge_a_trace_line_or_reach_the_terminal() {
+    let t = task(4);
+    let mut events = task_events(&t, 1_700_000_000);
+    let forged = "x\u{1b}[3A\u{1b}[J\n├─ tool crm.search on case/1 (read): allow #7";
+    events[5].reason = Some(format!("audience_widened: {forged} not held"));
+    events[7].reason = Some("done\u{2028}└─ task ended by alice".into());
+    events[3].resource = Some("inv\u{202e}fdp.exe".into());
+    let log = AuditLog::in_memory(AuditKeys::generate().unwrap()).unwrap();
+    for e in &events {
+        log.append(e).unwrap();
+    }
+    let text = trace(&log.events_for_task(&t).unwrap()).render_text();
+    assert_eq!(text.lines().count(), 10, "{text}");
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.chars().any(baton_core::text::is_unsafe_to_show)),
+        "{text:?}"
+    );
+    assert!(text.contains("\\u{1b}[3A"), "{text}");
+    assert!(text.contains("inv\\u{202e}fdp.exe"), "{text}");
+    assert!(
+        !text.lines().any(|l| l
+            .trim_start_matches(['│', ' '])
+            .starts_with("├─ tool crm.search on case/1")),
+        "a reason forged a line: {text}"
+    );
+    // Control: plain text is shown as it is.
+    let clean = AuditLog::in_memory(AuditKeys::generate().unwrap()).unwrap();
+    for e in task_events(&t, 1_700_000_000) {
+        clean.append(&e).unwrap();
+    }
+    let plain = trace(&clean.events_for_task(&t).unwrap()).render_text();
+    assert!(
+        plain.contains("REFUSED (scope widens: tool:mail.send:write)"),
+        "{plain}"
     );
 }
 

@@ -532,18 +532,11 @@ fn opt<T: std::fmt::Display>(label: &str, v: &Option<T>) -> String {
 }
 
 /// `s` on one line: control characters (a newline that would start a
-/// forged line of the tree, terminal escapes) shown escaped. Recorded
-/// fields come from agents' requests, reasons from tool servers.
+/// forged line of the tree, terminal escapes) and invisible ones (bidi
+/// overrides, zero-width characters) shown escaped. Recorded fields come
+/// from agents' requests, reasons from tool servers.
 fn printable(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_control() {
-                c.escape_default().to_string()
-            } else {
-                c.to_string()
-            }
-        })
-        .collect()
+    baton_core::text::controls_escaped(s)
 }
 
 fn scope_text(s: &Option<Scope>) -> String {
@@ -677,9 +670,11 @@ fn item_line(item: &TraceItem) -> Line {
             latency_ms,
             upstream_status,
             recorded,
+            server,
             ..
         } => {
-            // Every text here came in a tool server's report.
+            // Every text here came in a tool server's report, so the line
+            // names the server that made it.
             let mut text = format!("tool {}", printable(tool.as_deref().unwrap_or("?")));
             if let Some(r) = resource {
                 text.push_str(&format!(" on {}", printable(r)));
@@ -703,6 +698,7 @@ fn item_line(item: &TraceItem) -> Line {
             if let Some(ms) = latency_ms {
                 text.push_str(&format!(" in {ms} ms"));
             }
+            text.push_str(&opt("reported by", server));
             if !recorded.is_empty() {
                 let fields: Vec<String> = recorded
                     .iter()
@@ -847,7 +843,7 @@ impl Trace {
                 children: Vec::new(),
             });
         }
-        let mut out = head;
+        let mut out = printable(&head);
         out.push('\n');
         render_children(&children, "", &mut out);
         out
@@ -859,7 +855,10 @@ fn render_children(lines: &[Line], prefix: &str, out: &mut String) {
         let last = i + 1 == lines.len();
         out.push_str(prefix);
         out.push_str(if last { "└─ " } else { "├─ " });
-        out.push_str(&line.text);
+        // Every line whole, whatever field it was built from: no caller's
+        // text starts a line of its own or reaches the terminal as a
+        // control.
+        out.push_str(&printable(&line.text));
         out.push('\n');
         let next = format!("{prefix}{}", if last { "   " } else { "│  " });
         render_children(&line.children, &next, out);

@@ -4,10 +4,13 @@
 //! group) approves or denies it with their ID token; the gateway's next
 //! identical call uses the approval up. Every step is in the audit log.
 //!
-//! An approval binds the task, the acting agent, the tool, the resource,
-//! the digest of the call's input and the server that asked: any other
-//! call, by anyone, through any other server, is another approval. It
-//! serves one call, and expires unused.
+//! An approval binds the task and its purpose (the purpose's epoch), the
+//! acting agent and the token it acts with, the tool, the resource, the
+//! digest of the call's input and the server that asked: any other call,
+//! by anyone, with another credential, under another purpose or through
+//! any other server, is another approval. It serves one call, expires
+//! unused, and dies with its token (a revoked or expired token asks for
+//! nothing and uses nothing up).
 
 use aws_lc_rs::digest::{SHA256, digest};
 use baton_audit::EventKind;
@@ -20,9 +23,11 @@ use crate::error::{BrokerError, random_hex};
 /// The longest an approval may wait.
 pub const MAX_APPROVAL_TTL_SECS: u64 = 24 * 3600;
 
-fn binding(req: &ApprovalRequest, server: &SpiffeId) -> String {
+fn binding(req: &ApprovalRequest, server: &SpiffeId, purpose_epoch: u32) -> String {
     let parts = serde_json::json!([
         req.task_id,
+        purpose_epoch,
+        req.token_jti,
         req.agent,
         req.tool,
         req.resource,
@@ -110,6 +115,21 @@ impl Delegation {
                 ),
             ));
         }
+        // An approval is asked for, and used up, only by a live credential:
+        // one revoked since (itself, its chain or its task) or expired
+        // neither asks nor spends what a human approved for it.
+        if now >= token.exp {
+            return Err(refuse(
+                "token_expired",
+                format!("token {} has expired", req.token_jti),
+            ));
+        }
+        if self.chain_revoked(&token, now)? {
+            return Err(refuse(
+                "revoked",
+                format!("token {} is revoked", req.token_jti),
+            ));
+        }
         if !self.serves_audience(server, &token.aud) {
             return Err(refuse(
                 "not_entitled",
@@ -120,7 +140,7 @@ impl Delegation {
                 ),
             ));
         }
-        let bind = binding(req, server);
+        let bind = binding(req, server, task.purpose_epoch);
         if let Some(mut a) = self.tasks.latest_approval(&bind)? {
             let live = now < a.expires_at;
             match a.status.as_str() {
@@ -173,6 +193,36 @@ impl Delegation {
         self.append(&ev)?;
         self.tasks.insert_approval(&bind, &a)?;
         Ok(a)
+    }
+
+    /// Whether `token`, or a token it was delegated from, is revoked
+    /// (itself, its subtree or its task), as a verifier checks every link
+    /// of a presented chain. A link whose record is missing counts as
+    /// revoked: fail closed.
+    fn chain_revoked(
+        &self,
+        token: &crate::records::TokenRecord,
+        now: u64,
+    ) -> Result<bool, BrokerError> {
+        if self.credential_revoked(&token.jti, now)? {
+            return Ok(true);
+        }
+        let mut parent = token.parent_jti.clone();
+        // A chain is at most a task's depth long; the bound only stops a
+        // corrupt store's cycle.
+        for _ in 0..=u8::MAX {
+            let Some(jti) = parent else {
+                return Ok(false);
+            };
+            if self.credential_revoked(&jti, now)? {
+                return Ok(true);
+            }
+            match self.tasks.get_token(&jti)? {
+                Some(t) => parent = t.parent_jti,
+                None => return Ok(true),
+            }
+        }
+        Ok(true)
     }
 
     /// An approval as it stands (for the human deciding).
@@ -233,7 +283,10 @@ impl Delegation {
                 format!("approval {id} is {}, not pending", a.status),
             ));
         }
-        if !self.tasks.use_id_token(&human.replay_key, human.exp, now)? {
+        if !self
+            .tasks
+            .use_id_token(&human.replay_key, human.replay_until(), now)?
+        {
             return Err(BrokerError::Unauthenticated(
                 "deciding identity refused: this ID token was used already (ID tokens are single use)".into(),
             ));

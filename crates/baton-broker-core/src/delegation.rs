@@ -430,13 +430,21 @@ impl Delegation {
                 format!("max_depth must be at most {}", self.settings.max_depth),
             ));
         }
-        if req.audience.is_empty() || req.audience.iter().any(|a| a.trim().is_empty()) {
-            return Err(bad(
-                "audience",
-                "audience must list at least one non-empty value",
-            ));
+        if let Some(why) = audience_problem(&req.audience) {
+            return Err(bad("audience", why));
         }
         self.broker.refuse_blocked(&req.root_agent, now)?;
+        // An ID token starts one task, or is refused once: a captured token
+        // cannot start another, and a refused one cannot be replayed to
+        // probe the admission policy or fill the log with refusals.
+        if !self
+            .tasks
+            .use_id_token(&initiator.replay_key, initiator.replay_until(), now)?
+        {
+            return Err(BrokerError::Unauthenticated(
+                "initiating identity refused: this ID token was already presented for a task start (ID tokens are single use)".into(),
+            ));
+        }
         // Cedar decides who may start what; the task is built from what it
         // admitted, nothing else.
         let admitted = crate::admission::admit_task_start(
@@ -447,15 +455,6 @@ impl Delegation {
             now,
         )?;
         let req = admitted.request();
-        // An ID token starts one task: a captured token cannot start another.
-        if !self
-            .tasks
-            .use_id_token(&initiator.replay_key, initiator.exp, now)?
-        {
-            return Err(BrokerError::Unauthenticated(
-                "initiating identity refused: this ID token already started a task (ID tokens are single use)".into(),
-            ));
-        }
         let id = TaskId::from_random(random_bytes::<16>()?);
         let task = TaskRecord {
             id: id.clone(),
@@ -521,7 +520,9 @@ impl Delegation {
         ev.scope = Some(req.scope.clone());
         ev.depth = Some(new_depth);
         ev.parent_jti = Some(claims.jti.clone());
-        ev.justification = Some(req.justification.clone());
+        // A refusal records at most the start of what the caller wrote
+        // (the length check is one of the refusals); a granted hop all of it.
+        ev.justification = Some(truncated(&req.justification, MAX_REFUSED_TEXT));
 
         let refusal = self.hop_refusal(&task, &held, req, new_depth, now);
         let refusal = match refusal {
@@ -571,6 +572,7 @@ impl Delegation {
         }
         ev.kind = EventKind::HopGranted;
         ev.decision = Some("granted".into());
+        ev.justification = Some(req.justification.clone());
         let exp_cap = claims.exp.min(task.expires_at);
         let record = GrantRecord {
             task_id: task.id.clone(),
@@ -790,11 +792,8 @@ impl Delegation {
                 ),
             ));
         }
-        if req.audience.is_empty() || req.audience.iter().any(|a| a.trim().is_empty()) {
-            return Some((
-                "invalid_argument",
-                "audience must list at least one non-empty value".into(),
-            ));
+        if let Some(why) = audience_problem(&req.audience) {
+            return Some(("invalid_argument", why));
         }
         let widened: Vec<&str> = req
             .audience
@@ -808,7 +807,7 @@ impl Delegation {
                 format!(
                     "requested audience is not a subset of the holder's ({}): {} not held",
                     claims.aud.join(", "),
-                    widened.join(", ")
+                    truncated(&widened.join(", "), MAX_REFUSED_TEXT)
                 ),
             ));
         }
@@ -1589,11 +1588,8 @@ impl Delegation {
         if let Some(why) = task.unusable(now) {
             return Err(BrokerError::Conflict(format!("task {}: {why}", task.id)));
         }
-        if audience.is_empty() || audience.iter().any(|a| a.trim().is_empty()) {
-            return Err(bad(
-                "audience",
-                "audience must list at least one value, none of them blank",
-            ));
+        if let Some(why) = audience_problem(&audience) {
+            return Err(bad("audience", why));
         }
         // Admission decided which tool servers the task may reach: an
         // operator re-issues access to those, never more.
@@ -2016,6 +2012,36 @@ impl Delegation {
 
 /// Longest justification a hop may carry (it goes into the audit log).
 pub const MAX_JUSTIFICATION: usize = baton_core::report_bounds::MAX_JUSTIFICATION;
+
+/// Most audiences a task or a hop may name, and the longest one.
+pub const MAX_AUDIENCES: usize = 64;
+pub const MAX_AUDIENCE: usize = 256;
+
+/// What is wrong with an audience list (a task's, a hop's, a re-issued
+/// start grant's), if anything: it is signed into tokens, echoed in
+/// refusals and shown in traces, so it is bounded and printable.
+fn audience_problem(audience: &[String]) -> Option<String> {
+    if audience.is_empty() || audience.len() > MAX_AUDIENCES {
+        return Some(format!(
+            "audience must list 1 to {MAX_AUDIENCES} values, not {}",
+            audience.len()
+        ));
+    }
+    audience.iter().enumerate().find_map(|(i, a)| {
+        if a.trim().is_empty() || a.len() > MAX_AUDIENCE {
+            Some(format!(
+                "audience[{i}] must be 1 to {MAX_AUDIENCE} bytes, not blank"
+            ))
+        } else if a.chars().any(baton_core::text::is_unsafe_to_show) {
+            Some(format!(
+                "audience[{i}] holds a control or invisible character ({})",
+                baton_core::text::controls_escaped(&truncated(a, 64))
+            ))
+        } else {
+            None
+        }
+    })
+}
 
 /// Longest caller-chosen text a refusal records.
 const MAX_REFUSED_TEXT: usize = 512;

@@ -31,6 +31,19 @@ pub enum OidcError {
     Jwks(String),
 }
 
+/// How long past its expiry an ID token's single use is remembered: longer
+/// than any clock difference between brokers sharing a datastore (or a
+/// clock stepped back), so that no broker forgets a token another one
+/// still accepts.
+pub const REPLAY_MARGIN_SECS: u64 = 600;
+
+impl Initiator {
+    /// Until when the token's use must be remembered (unix seconds).
+    pub fn replay_until(&self) -> u64 {
+        self.exp.saturating_add(REPLAY_MARGIN_SECS)
+    }
+}
+
 /// The verified initiating identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Initiator {

@@ -2040,6 +2040,10 @@ impl TaskStore for PgStore {
             .collect();
         on_conn!(self, |c| {
             let tx = c.transaction().await?;
+            // The revocation lock before the grant's row, as a redeem takes
+            // them (shared, then the row): the other order deadlocks with a
+            // redeem of the same grant at another broker.
+            lock_exclusive(&tx).await?;
             // Not once another broker delivered it again (with its own
             // audit record): the row lock orders this against that mark.
             let released = tx

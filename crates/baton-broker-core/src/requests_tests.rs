@@ -671,6 +671,207 @@ fn an_approval_vouches_for_one_reported_call_only() {
     assert_eq!(trace.matches("\"tool_call\"").count(), 1, "{trace}");
 }
 
+/// Brokers on one datastore whose clocks differ (or one clock stepped
+/// back): a broker ahead of the others forgetting an ID token at its
+/// expiry would let a slower one accept its replay. Its single use is
+/// remembered past its expiry. The control: a fresh token starts a task.
+#[test]
+fn an_id_token_is_single_use_even_across_clocks_that_differ() {
+    let w = World::new();
+    let t = unix_of(w.t0);
+    let request = |token: String| -> StartTaskRequest {
+        serde_json::from_value(json!({
+            "id_token": token,
+            "root_agent": PLANNER,
+            "purpose": PURPOSE,
+            "scope": ["tool:crm.search:read"],
+            "risk_ceiling": "read",
+            "ttl_secs": 600,
+            "max_depth": 3,
+            "audience": ["crm"],
+        }))
+        .unwrap()
+    };
+    let mint = |at: u64| {
+        w.dev
+            .mint_with_groups("alice@example.com", &["engineering".to_owned()], 600, at)
+            .unwrap()
+    };
+    let captured = request(mint(t));
+    start_task(&w.d, &captured, w.t0).unwrap();
+    // A broker whose clock is 650 s ahead starts a task with its own
+    // token, past the captured one's expiry.
+    start_task(&w.d, &request(mint(t + 640)), secs(w.t0, 650)).unwrap();
+    // A broker on time sees the captured token still valid: refused.
+    let e = start_task(&w.d, &captured, secs(w.t0, 590)).unwrap_err();
+    assert_eq!(e.code(), "unauthenticated", "{e}");
+    assert!(e.to_string().contains("single use"), "{e}");
+    // Control: a fresh token at the same moment starts one.
+    start_task(&w.d, &request(mint(t + 580)), secs(w.t0, 590)).unwrap();
+}
+
+/// A hop's audience is echoed in its refusal and shown in the trace: a
+/// value with terminal escapes or a newline is refused as a bad argument
+/// and no caller text reaches the trace unescaped; a refused hop keeps
+/// only the start of its justification, a granted one all of it. The
+/// controls: a plain widened audience is refused as `audience_widened`,
+/// and a 2,000-byte justification on a granted hop is kept whole.
+#[test]
+fn a_hop_cannot_write_terminal_escapes_or_a_long_text_into_the_trace() {
+    let w = World::new();
+    let started = w.start(&["crm"], &["tool:crm.search:read"]);
+    let planner = w.redeem_as(&started.grant, PLANNER, w.t0).unwrap();
+    let peer = PeerCert::from_verified_leaf(planner.cert_chain_der[0].clone()).unwrap();
+    let ask = |audience: &[&str], scope: &[&str], justification: &str| {
+        let req: DelegateRequest = serde_json::from_value(json!({
+            "token": planner.token.expose(),
+            "target": SEARCHER,
+            "scope": scope,
+            "purpose": PURPOSE,
+            "audience": audience,
+            "justification": justification,
+        }))
+        .unwrap();
+        delegate(&w.d, &peer, &req, w.t0)
+    };
+    let forged = "x\u{1b}[3A\u{1b}[J\n└─ tool crm.delete on dataset:all (delete): allow";
+    let e = ask(&["crm", forged], &["tool:crm.search:read"], "look").unwrap_err();
+    assert_eq!(e.code(), "invalid_argument", "{e}");
+    assert!(e.to_string().contains("audience[1]"), "{e}");
+    let e = ask(&["crm", "billing"], &["tool:crm.search:read"], "look").unwrap_err();
+    assert_eq!(e.code(), "audience_widened", "{e}");
+    let long = "j".repeat(60_000);
+    let e = ask(&["crm"], &["tool:crm.export:read"], &long).unwrap_err();
+    assert_eq!(e.code(), "scope_widened", "{e}");
+    let kept = "k".repeat(2_000);
+    ask(&["crm"], &["tool:crm.search:read"], &kept).unwrap();
+
+    let trace = w.d.trace(started.task_id.as_str()).unwrap();
+    let text = trace["text"].as_str().unwrap();
+    assert!(
+        !text.contains('\u{1b}') && !text.contains("\n└─ tool crm.delete"),
+        "{text}"
+    );
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.contains("└─ tool crm.delete") && !l.contains("\\n")),
+        "{text}"
+    );
+    assert!(text.contains("REFUSED (audience_widened"), "{text}");
+    let json = trace.to_string();
+    assert!(
+        !json.contains(&long[..1_000]),
+        "a refused hop kept its whole justification"
+    );
+    assert!(json.contains(&"j".repeat(500)), "{json}");
+    assert!(json.contains(&kept), "a granted hop lost its justification");
+}
+
+/// An approval is bound to the credential it was asked with and to the
+/// task's purpose: the same call asked with another token of the same
+/// agent, after the token's chain is revoked, or after the purpose has
+/// changed, does not use it up. The control: the same token asking again
+/// under the same purpose gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_dies_with_its_token_and_with_a_purpose_change() {
+    let w = World::with_settings(|s| {
+        s.purposes.insert("support.case-update".parse().unwrap());
+    });
+    let started = w.start(&["crm"], &["tool:crm.search:read"]);
+    let planner = w.redeem_as(&started.grant, PLANNER, w.t0).unwrap();
+    let scope = ["tool:crm.search:read"];
+    let s1 = w.hop(&planner, &["crm"], &scope, w.t0).unwrap();
+    let s1 = w.redeem_as(&s1, SEARCHER, w.t0).unwrap();
+    let s2 = w.hop(&planner, &["crm"], &scope, w.t0).unwrap();
+    let s2 = w.redeem_as(&s2, SEARCHER, w.t0).unwrap();
+    let t = unix_of(w.t0);
+    let ask = |token: &TaskCredential, digest: &str| -> baton_core::api::ApprovalRequest {
+        serde_json::from_value(json!({
+            "task_id": started.task_id.as_str(),
+            "token_jti": jti_of(&token.token),
+            "agent": SEARCHER,
+            "tool": "crm.search",
+            "resource": "case/1",
+            "risk": "read",
+            "input_digest": digest.repeat(32),
+            "ttl_secs": 600,
+        }))
+        .unwrap()
+    };
+    let approve = |id: &str, at: u64| {
+        let decision: baton_core::api::ApprovalDecision = serde_json::from_value(json!({
+            "id_token": w.dev.mint_with_groups("alice@example.com", &[], 600, at).unwrap(),
+            "approve": true,
+        }))
+        .unwrap();
+        w.d.decide_approval(id, &decision, at).unwrap();
+    };
+
+    // Another credential of the same agent asks for the same call: a new
+    // approval, pending; the approved one is left for its own token.
+    let first = w.d.request_approval(&id(CRM), &ask(&s1, "ab"), t).unwrap();
+    approve(&first.id, t + 1);
+    let other =
+        w.d.request_approval(&id(CRM), &ask(&s2, "ab"), t + 2)
+            .unwrap();
+    assert_eq!(other.status, "pending", "{other:?}");
+    assert_ne!(other.id, first.id);
+    let own =
+        w.d.request_approval(&id(CRM), &ask(&s1, "ab"), t + 3)
+            .unwrap();
+    assert_eq!(
+        (own.id.as_str(), own.status.as_str()),
+        (first.id.as_str(), "approved")
+    );
+
+    // Approved, then the token it was asked with is revoked through its
+    // parent: it neither uses the approval up nor asks again.
+    let second =
+        w.d.request_approval(&id(CRM), &ask(&s1, "cd"), t + 4)
+            .unwrap();
+    approve(&second.id, t + 5);
+    let parent: RevokeTarget =
+        serde_json::from_value(json!({ "credential": jti_of(&planner.token) })).unwrap();
+    revoke(&w.d, &parent, "test", None, secs(w.t0, 6))
+        .await
+        .unwrap();
+    let e =
+        w.d.request_approval(&id(CRM), &ask(&s1, "cd"), t + 7)
+            .unwrap_err();
+    assert_eq!(e.code(), "revoked", "{e}");
+    assert_eq!(
+        w.d.get_approval(&second.id, t + 8).unwrap().status,
+        "approved"
+    );
+
+    // Approved under one purpose, asked again under another: a new one.
+    let fresh = w.start(&["crm"], &["tool:crm.search:read"]);
+    let root = w.redeem_as(&fresh.grant, PLANNER, w.t0).unwrap();
+    let ask_root: baton_core::api::ApprovalRequest = serde_json::from_value(json!({
+        "task_id": fresh.task_id.as_str(),
+        "token_jti": jti_of(&root.token),
+        "agent": PLANNER,
+        "tool": "crm.search",
+        "resource": "case/1",
+        "risk": "read",
+        "input_digest": "ef".repeat(32),
+        "ttl_secs": 600,
+    }))
+    .unwrap();
+    let third = w.d.request_approval(&id(CRM), &ask_root, t + 9).unwrap();
+    approve(&third.id, t + 10);
+    w.d.set_purpose(
+        fresh.task_id.as_str(),
+        &"support.case-update".parse().unwrap(),
+        secs(w.t0, 11),
+    )
+    .unwrap();
+    let after = w.d.request_approval(&id(CRM), &ask_root, t + 12).unwrap();
+    assert_eq!(after.status, "pending", "{after:?}");
+    assert_ne!(after.id, third.id);
+}
+
 /// An allowed call's report that words an approval otherwise than the
 /// checked `approved in ID` (another case, a leading space, another
 /// phrase) spends no approval and is not shown as approved: the trace

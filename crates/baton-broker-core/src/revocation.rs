@@ -103,6 +103,10 @@ const RELAY_PAGE: usize = 20_000;
 /// How often the relay checks the store even when nothing new was
 /// revoked (this bounds how long a flushed Redis stays empty).
 const RELAY_TICK: Duration = Duration::from_millis(500);
+/// How often a waiting feed long-poll reads the datastore's log again: a
+/// revocation made at another broker on the same datastore reaches this
+/// broker's followers within it (this broker's own wake them at once).
+pub const FEED_RECHECK: Duration = Duration::from_millis(200);
 /// Registry rows are kept this long past their expiry.
 const PRUNE_GRACE_SECS: u64 = 300;
 
@@ -235,9 +239,11 @@ impl Revoker {
             {
                 return Ok(page);
             }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return self.feed_page(after, now);
-            }
+            // Woken at once by this broker's own revocations; another
+            // broker's, written to the shared datastore, are read again
+            // every FEED_RECHECK (a deadline passed answers at the top).
+            let until = deadline.min(tokio::time::Instant::now() + FEED_RECHECK);
+            let _ = tokio::time::timeout_at(until, notified).await;
         }
     }
 
@@ -989,6 +995,86 @@ mod tests {
         let check = DurableCheck(Arc::new(revoker));
         assert!(check.is_revoked("not-registered", &task(0xa)));
         assert!(!check.is_revoked("b1", &task(0xb)));
+    }
+}
+
+#[cfg(test)]
+mod shared_feed_tests {
+    use super::*;
+    use crate::ledger::register_tx;
+    use crate::store::SqliteStore;
+
+    /// Two brokers on one datastore: a follower long-polling broker B's
+    /// feed hears of a revocation made at broker A within a few re-reads,
+    /// not at the end of its wait. The control: a poll with nothing new
+    /// waits its whole wait.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_revocation_at_another_broker_wakes_this_brokers_feed() {
+        let store = Arc::new(SqliteStore::in_memory().unwrap());
+        let a = Arc::new(Revoker::new(
+            Arc::new(baton_revocation::MemoryStore::new()),
+            store.clone(),
+        ));
+        let b = Arc::new(Revoker::new(
+            Arc::new(baton_revocation::MemoryStore::new()),
+            store.clone(),
+        ));
+        let now = baton_revocation::system_now();
+        let task: TaskId = TaskId::from_random([7; 16]);
+        let record = CredentialRecord {
+            id: "t-shared".into(),
+            kind: baton_revocation::CredKind::Token,
+            task: Some(task.clone()),
+            agent: None,
+            node: None,
+            parent: None,
+            expires_at: now + 600,
+        };
+        store
+            .with(|c| {
+                let tx = c.transaction()?;
+                register_tx(&tx, &[record], now)?.unwrap();
+                tx.commit()?;
+                Ok(())
+            })
+            .unwrap();
+        let after = b.feed(0, Duration::ZERO, now).await.unwrap().seq;
+        // Control: nothing new, the whole (short) wait.
+        let t = std::time::Instant::now();
+        let idle = b
+            .feed(after, Duration::from_millis(600), now)
+            .await
+            .unwrap();
+        assert!(idle.entries.is_empty());
+        assert!(t.elapsed() >= Duration::from_millis(600));
+
+        let follower = {
+            let b = b.clone();
+            tokio::spawn(async move {
+                let t = std::time::Instant::now();
+                let page = b.feed(after, Duration::from_secs(60), now).await.unwrap();
+                (page, t.elapsed())
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        a.revoke(
+            &Target::Credential("t-shared".into()),
+            store.as_ref(),
+            "test",
+            now,
+        )
+        .await
+        .unwrap();
+        let (page, waited) = tokio::time::timeout(Duration::from_secs(30), follower)
+            .await
+            .expect("the follower was never woken")
+            .unwrap();
+        assert!(
+            page.entries.iter().any(|e| e.id == "t-shared"),
+            "{:?}",
+            page.entries
+        );
+        assert!(waited < Duration::from_secs(30), "{waited:?}");
     }
 }
 

@@ -152,6 +152,9 @@ impl Credential {
         let tls = baton_tls::client_config(identity, bundles, expected)
             .map_err(|e| anyhow::anyhow!("TLS config: {e}"))?;
         reqwest::Client::builder()
+            // A broker never redirects: an answer that does is final, never
+            // followed (with this client's certificate) elsewhere.
+            .redirect(reqwest::redirect::Policy::none())
             .tls_backend_preconfigured(tls)
             .connect_timeout(BROKER_CONNECT_TIMEOUT)
             .build()

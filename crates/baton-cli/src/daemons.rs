@@ -100,7 +100,30 @@ pub(crate) fn write_ready_file(path: &Path, contents: &str) -> Result<()> {
 }
 
 /// The one non-empty line of a password file, or a clear refusal.
-fn read_secret_line(flag: &str, path: &std::path::Path) -> Result<Secret> {
+/// One line of secret from the file `flag` names. A file its group or
+/// others can read or write is refused (as the CA key files are): the
+/// secret would not be one.
+pub(crate) fn read_secret_line(flag: &str, path: &std::path::Path) -> Result<Secret> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(path)
+        .map_err(|e| {
+            exit(
+                EXIT_REFUSED,
+                format!("{flag}: cannot read {}: {e}", path.display()),
+            )
+        })?
+        .permissions()
+        .mode()
+        & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(exit(
+            EXIT_REFUSED,
+            format!(
+                "{flag}: {} is accessible by group or others (mode {mode:o}); run `chmod 600` on it",
+                path.display()
+            ),
+        ));
+    }
     let text = std::fs::read_to_string(path).map_err(|e| {
         exit(
             EXIT_REFUSED,

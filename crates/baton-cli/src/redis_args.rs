@@ -93,20 +93,8 @@ fn refused(e: impl std::fmt::Display) -> anyhow::Error {
 }
 
 fn read_password(path: &Path) -> Result<RedisPassword> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        refused(format!(
-            "--redis-password-file: cannot read {}: {e}",
-            path.display()
-        ))
-    })?;
-    let line = text.trim_end_matches(['\n', '\r']);
-    if line.is_empty() || line.contains(['\n', '\r']) {
-        return Err(refused(format!(
-            "--redis-password-file: {} must hold exactly one non-empty line",
-            path.display()
-        )));
-    }
-    Ok(RedisPassword::new(line))
+    let line = crate::daemons::read_secret_line("--redis-password-file", path)?;
+    Ok(RedisPassword::new(line.expose()))
 }
 
 impl RedisArgs {
@@ -256,6 +244,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let pw = dir.path().join("pw");
         std::fs::write(&pw, "s3cret-pw\n").unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
         let cmd = parse(&[
             "--redis-sentinel",
             "redis://127.0.0.1:26379,redis://127.0.0.1:26380",
@@ -274,6 +264,14 @@ mod tests {
         );
         let shown = format!("{c:?} {c}");
         assert!(!shown.contains("s3cret-pw"), "{shown}");
+        // A password others can read is refused, naming the flag.
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = format!("{:#}", cmd.redis.config().unwrap_err());
+        assert!(
+            e.contains("--redis-password-file") && e.contains("chmod 600"),
+            "{e}"
+        );
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
         std::fs::write(&pw, "").unwrap();
         let e = format!("{:#}", cmd.redis.config().unwrap_err());
         assert!(e.contains("--redis-password-file"), "{e}");

@@ -473,31 +473,9 @@ fn show_fields(shown: &std::collections::BTreeMap<String, String>) {
     }
 }
 
-/// `text` with its control characters (newlines, escapes) and the
-/// invisible ones that change how text around them shows (bidi overrides
-/// and isolates, zero-width characters, line and paragraph separators, the
-/// byte-order mark) written as `\u{..}`, everything else as it is.
-pub(crate) fn controls_escaped(text: &str) -> String {
-    text.chars()
-        .map(|c| {
-            let invisible = matches!(
-                c,
-                '\u{00ad}'
-                    | '\u{061c}'
-                    | '\u{180e}'
-                    | '\u{200b}'..='\u{200f}'
-                    | '\u{2028}'..='\u{202e}'
-                    | '\u{2060}'..='\u{2069}'
-                    | '\u{feff}'
-            );
-            if c.is_control() || invisible {
-                c.escape_unicode().to_string()
-            } else {
-                c.to_string()
-            }
-        })
-        .collect()
-}
+/// What an agent wrote, safe to show an approver: see
+/// [`baton_core::text::controls_escaped`].
+pub(crate) use baton_core::text::controls_escaped;
 
 /// `baton approval show ID`.
 pub async fn show_approval(id: &str, admin: crate::cli::AdminArgs) -> Result<()> {
@@ -551,7 +529,7 @@ mod tests {
     fn what_an_agent_wrote_cannot_draw_or_reorder_the_approvers_terminal() {
         assert_eq!(controls_escaped("vendor 10"), "vendor 10");
         assert_eq!(controls_escaped("ünïcödé €"), "ünïcödé €");
-        assert_eq!(controls_escaped("a\nb"), "a\\u{a}b");
+        assert_eq!(controls_escaped("a\nb"), "a\\nb");
         assert_eq!(controls_escaped("x\u{1b}[2J"), "x\\u{1b}[2J");
         // A right-to-left override would show `mallory` reversed.
         assert_eq!(controls_escaped("\u{202e}yrollam"), "\\u{202e}yrollam");

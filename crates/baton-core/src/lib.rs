@@ -12,6 +12,7 @@ pub mod scope;
 pub mod secret;
 pub mod selector;
 pub mod spiffe_id;
+pub mod text;
 pub mod trace_context;
 
 pub use delegation::{

@@ -149,6 +149,9 @@ impl Enforcer {
         )
         .map_err(GatewayError::refused)?;
         let http = reqwest::Client::builder()
+            // A broker never redirects: an answer that does is final, never
+            // followed (with this client's certificate) elsewhere.
+            .redirect(reqwest::redirect::Policy::none())
             .tls_backend_preconfigured(tls)
             .connect_timeout(std::time::Duration::from_secs(5))
             .timeout(std::time::Duration::from_secs(15))

@@ -106,6 +106,9 @@ impl BrokerFeed {
         // Poll at least twice per staleness window.
         let wait = (stale_after / 2).clamp(Duration::from_millis(200), Duration::from_secs(10));
         let client = reqwest::Client::builder()
+            // A broker never redirects: an answer that does is final, never
+            // followed (with this client's certificate) elsewhere.
+            .redirect(reqwest::redirect::Policy::none())
             .tls_backend_preconfigured(tls)
             .connect_timeout(Duration::from_secs(3))
             .timeout(wait + Duration::from_secs(10))

@@ -30,7 +30,7 @@ use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::future::Future;
 use std::io::Write as _;
-use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -188,6 +188,9 @@ impl HttpSender {
         let urls = broker_urls(broker_url)?;
         let tls = baton_tls::client_config(identity, bundles, PeerPolicy::Exact(vec![broker_id]))?;
         let client = reqwest::Client::builder()
+            // A broker never redirects: an answer that does is final, never
+            // followed (with this client's certificate) elsewhere.
+            .redirect(reqwest::redirect::Policy::none())
             .tls_backend_preconfigured(tls)
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(REQUEST_TIMEOUT)
@@ -861,6 +864,43 @@ fn file_identity(file: &File) -> std::io::Result<(u64, u64)> {
     Ok((m.dev(), m.ino()))
 }
 
+/// Refuses a spool directory or file another user could have written: not
+/// owned by this process's user, or writable by its group or by others
+/// (a symlink is refused too, for a file). Records in it are delivered
+/// under this process's identity, so whoever can write them could report
+/// calls in its name, or drop undelivered ones.
+fn owned_and_private(path: &Path, dir: bool) -> std::io::Result<()> {
+    let m = if dir {
+        fs::metadata(path)?
+    } else {
+        fs::symlink_metadata(path)?
+    };
+    if (dir && !m.is_dir()) || (!dir && !m.is_file()) {
+        return Err(std::io::Error::other(if dir {
+            "not a directory"
+        } else {
+            "not a regular file (a symlink is not followed here)"
+        }));
+    }
+    if m.mode() & 0o022 != 0 {
+        return Err(std::io::Error::other(format!(
+            "writable by other users (mode {:o}); chmod go-w it",
+            m.mode() & 0o777
+        )));
+    }
+    // `/proc/self` belongs to this process's effective user.
+    if let Ok(me) = fs::metadata("/proc/self")
+        && m.uid() != me.uid()
+    {
+        return Err(std::io::Error::other(format!(
+            "owned by uid {}, not by this process's uid {}",
+            m.uid(),
+            me.uid()
+        )));
+    }
+    Ok(())
+}
+
 /// Reads every spool file in `dir` (the legacy file first, then segments
 /// in order): the records, deduplicated, and the files read.
 fn load(dir: &Path) -> Result<(Vec<ToolCallReport>, Vec<PathBuf>, u64), ReportError> {
@@ -868,7 +908,12 @@ fn load(dir: &Path) -> Result<(Vec<ToolCallReport>, Vec<PathBuf>, u64), ReportEr
         path: path.to_owned(),
         source,
     };
-    fs::create_dir_all(dir).map_err(|e| err(dir, e))?;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| err(dir, e))?;
+    owned_and_private(dir, true).map_err(|e| err(dir, e))?;
     let mut files: Vec<(u64, PathBuf)> = Vec::new();
     let mut next = 0u64;
     for entry in fs::read_dir(dir).map_err(|e| err(dir, e))? {
@@ -889,6 +934,11 @@ fn load(dir: &Path) -> Result<(Vec<ToolCallReport>, Vec<PathBuf>, u64), ReportEr
         }
     }
     files.sort();
+    // Every record read here is sent under this process's identity: none
+    // may come from a file another user could have written.
+    for (_, path) in &files {
+        owned_and_private(path, false).map_err(|e| err(path, e))?;
+    }
     let mut records = Vec::new();
     let mut seen = HashSet::new();
     for (_, path) in &files {

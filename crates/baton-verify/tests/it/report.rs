@@ -32,6 +32,46 @@ fn report(n: u32) -> ToolCallReport {
     }
 }
 
+/// Records in the spool are delivered under this process's identity: a
+/// spool directory or segment other users can write is refused at open,
+/// before anything in it is read. The control: the same spool made
+/// private again opens and delivers what it holds.
+#[tokio::test]
+async fn a_spool_other_users_can_write_is_refused() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let sender = TestSender::new(true);
+    let reporter = Reporter::open(dir.path(), sender.clone()).unwrap();
+    reporter.submit(report(1)).unwrap();
+    drop(reporter);
+    let mode = |p: &std::path::Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+    };
+    mode(dir.path(), 0o777);
+    let e = Reporter::open(dir.path(), sender.clone()).err().unwrap();
+    assert!(e.to_string().contains("writable by other users"), "{e}");
+    mode(dir.path(), 0o700);
+    let segment = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .unwrap();
+    mode(&segment, 0o666);
+    let e = Reporter::open(dir.path(), sender.clone()).err().unwrap();
+    assert!(e.to_string().contains("writable by other users"), "{e}");
+    // A segment planted as a symlink is not followed.
+    mode(&segment, 0o600);
+    let planted = dir.path().join("tool-calls.00000000000003e7.jsonl");
+    std::os::unix::fs::symlink(&segment, &planted).unwrap();
+    let e = Reporter::open(dir.path(), sender.clone()).err().unwrap();
+    assert!(e.to_string().contains("symlink"), "{e}");
+    std::fs::remove_file(&planted).unwrap();
+    // Control: private again, it opens and delivers its record.
+    let reporter = Reporter::open(dir.path(), sender.clone()).unwrap();
+    assert_eq!(reporter.pending(), 1);
+    assert_eq!(reporter.flush().await.unwrap(), 1);
+}
+
 #[tokio::test]
 async fn keeps_records_while_the_broker_is_down_and_delivers_them_later() {
     let dir = tempfile::tempdir().unwrap();

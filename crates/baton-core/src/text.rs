@@ -1,0 +1,67 @@
+//! Text from callers shown to a human (a terminal, a log line): control
+//! characters and the invisible characters that change how the text around
+//! them reads are shown escaped, so that a recorded field cannot draw a
+//! forged line, move the cursor, or reverse what an operator reads.
+
+/// Whether `c` is invisible yet changes how the text around it shows:
+/// bidi overrides and isolates, zero-width characters, line and paragraph
+/// separators, the soft hyphen, the byte-order mark.
+pub fn is_invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00ad}'
+            | '\u{061c}'
+            | '\u{180e}'
+            | '\u{200b}'..='\u{200f}'
+            | '\u{2028}'..='\u{202e}'
+            | '\u{2060}'..='\u{2069}'
+            | '\u{feff}'
+    )
+}
+
+/// Whether `c` must not reach a human's screen as it is.
+pub fn is_unsafe_to_show(c: char) -> bool {
+    c.is_control() || is_invisible(c)
+}
+
+/// `text` with its control characters (newlines, escapes) written as Rust
+/// escapes (`\n`, `\u{1b}`) and its invisible ones as `\u{..}`; everything
+/// else as it is. Idempotent on its own output.
+pub fn controls_escaped(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else if is_invisible(c) {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::controls_escaped;
+
+    #[test]
+    fn controls_and_invisible_characters_are_shown_escaped_and_the_rest_as_it_is() {
+        assert_eq!(
+            controls_escaped("vendor 10 ünïcödé €"),
+            "vendor 10 ünïcödé €"
+        );
+        assert_eq!(controls_escaped("a\nb"), "a\\nb");
+        assert_eq!(controls_escaped("\u{1b}[2J"), "\\u{1b}[2J");
+        assert_eq!(
+            controls_escaped("inv\u{202e}fdp.exe"),
+            "inv\\u{202e}fdp.exe"
+        );
+        assert_eq!(
+            controls_escaped("a\u{200b}b\u{2028}c"),
+            "a\\u{200b}b\\u{2028}c"
+        );
+        let once = controls_escaped("x\u{1b}\n\u{202e}");
+        assert_eq!(controls_escaped(&once), once);
+    }
+}
