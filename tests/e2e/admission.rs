@@ -387,6 +387,29 @@ fn broker_with(dir: &Path, args: &[&str]) -> (bool, String) {
     (started, p.log_text())
 }
 
+/// The admin socket's path is replaced only when it holds a stale socket:
+/// a regular file there (a typo naming the audit log) stops the start and
+/// is kept. The control: a stale socket from an earlier run is replaced.
+#[test]
+fn a_broker_replaces_a_stale_admin_socket_and_nothing_else() {
+    let dir = tempfile::Builder::new()
+        .prefix("baton-admin-sock")
+        .tempdir()
+        .unwrap();
+    let path = dir.path().join("admin.sock");
+    std::fs::write(&path, "precious").unwrap();
+    let (started, log) = broker_with(dir.path(), &["--dev-issuer"]);
+    assert!(!started, "{log}");
+    assert!(log.contains("not a socket"), "{log}");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "precious");
+    std::fs::remove_file(&path).unwrap();
+    let (started, log) = broker_with(dir.path(), &["--dev-issuer"]);
+    assert!(started, "{log}");
+    // The socket it left behind is stale now, and replaced.
+    let (started, log) = broker_with(dir.path(), &["--dev-issuer"]);
+    assert!(started, "{log}");
+}
+
 #[test]
 fn a_broker_without_a_valid_admission_policy_does_not_start() {
     let dir = tempfile::Builder::new()
@@ -413,6 +436,26 @@ fn a_broker_without_a_valid_admission_policy_does_not_start() {
         "--oidc-audience",
         "baton",
     ];
+
+    // A JWKS file every user can write is refused.
+    std::fs::set_permissions(&jwks, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
+    let (started, log) = broker_with(dir.path(), &oidc);
+    assert!(!started, "{log}");
+    assert!(
+        log.contains("--oidc-jwks") && log.contains("writable by every user"),
+        "{log}"
+    );
+    std::fs::set_permissions(&jwks, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+
+    // A real issuer beside the dev one (whose tokens anyone on the admin
+    // socket mints) is refused.
+    let with_dev = [&oidc[..], &["--dev-issuer"]].concat();
+    let (started, log) = broker_with(dir.path(), &with_dev);
+    assert!(!started, "{log}");
+    assert!(
+        log.contains("--dev-issuer cannot be combined with --oidc-issuer"),
+        "{log}"
+    );
 
     // A broker that trusts a real issuer needs an admission policy.
     let (started, log) = broker_with(dir.path(), &oidc);

@@ -51,6 +51,11 @@ fn broker_and_agent_from_config_files_start_a_task_and_hop() {
 
     let token = c.join_token(None);
     std::fs::write(c.path("join-token"), &token).unwrap();
+    std::fs::set_permissions(
+        c.path("join-token"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let agent_ready = c.path("agent.ready");
     let agent_file = c.path("agent.toml");
     std::fs::write(

@@ -277,9 +277,17 @@ for path in sys.argv[1:]:
             if not c["image"].startswith("baton"):
                 continue
             probe = lambda k: (c.get(k) or {}).get("httpGet") or {}
+            args = c.get("args", [])
+            # Passed, and to an address the daemon accepts: a non-loopback
+            # one only with --ops-listen-non-loopback (it refuses to start
+            # otherwise).
+            ops = "--ops-listen" in args and args.index("--ops-listen") + 1 < len(args)
+            if ops:
+                host = args[args.index("--ops-listen") + 1].rsplit(":", 1)[0]
+                ops = host in ("127.0.0.1", "[::1]") or "--ops-listen-non-loopback" in args
             out.append([doc["kind"] + "/" + doc["metadata"]["name"], c["name"],
                         probe("livenessProbe").get("path"), probe("readinessProbe").get("path"),
-                        probe("readinessProbe").get("port"), "--ops-listen" in c.get("args", [])])
+                        probe("readinessProbe").get("port"), ops])
 print(json.dumps(out))
 "#;
     let out = Command::new("python3")
@@ -309,6 +317,9 @@ print(json.dumps(out))
         assert_eq!(live.as_deref(), Some("/livez"), "{kind} {container}");
         assert_eq!(ready.as_deref(), Some("/readyz"), "{kind} {container}");
         assert_eq!(port.as_deref(), Some("ops"), "{kind} {container}");
-        assert!(ops, "{kind} {container} does not pass --ops-listen");
+        assert!(
+            ops,
+            "{kind} {container} does not pass --ops-listen, or passes a non-loopback address without --ops-listen-non-loopback"
+        );
     }
 }

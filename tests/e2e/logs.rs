@@ -125,6 +125,8 @@ impl Run {
     fn start_task(&self, id_token: &str, scope: &[&str], tag: &str) -> (String, String) {
         let file = self.path(&format!("{tag}.id-token"));
         std::fs::write(&file, id_token).unwrap();
+        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
         let mut args = vec![
             "task",
             "start",

@@ -181,6 +181,43 @@ fn grants_come_from_stdin_or_a_file_and_credentials_are_private() {
     let grant = start_task(&c, &planner);
     let grant_file = c.path("grant.txt");
     std::fs::write(&grant_file, &grant).unwrap();
+    // Readable by every user, it is no secret: refused before it is read,
+    // and the grant is still good for the control below.
+    std::fs::set_permissions(
+        &grant_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
+    let refused = run(
+        &c,
+        &[
+            "grant",
+            "redeem",
+            "--grant-file",
+            grant_file.to_str().unwrap(),
+            "--spiffe-id",
+            &planner,
+            "--out",
+            c.path("cred-refused").to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(
+        refused.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("chmod 600"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    std::fs::set_permissions(
+        &grant_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let file_dir = c.path("cred-file");
     let out = run(
         &c,

@@ -1174,7 +1174,7 @@ fn recorded_fields_are_in_the_tree_and_cannot_forge_a_trace_line() {
     assert_eq!(back[0].event.recorded, e.recorded);
     let rendered = trace(&back).render_text();
     assert!(
-        rendered.contains("input:/note=x\\n└─ tool crm.delete"),
+        rendered.contains("input:/note=x\\n\\u{2514}\\u{2500} tool crm.delete"),
         "{rendered}"
     );
     assert!(
@@ -1211,6 +1211,19 @@ fn no_field_of_any_event_can_forge_a_trace_line_or_reach_the_terminal() {
         "{text:?}"
     );
     assert!(text.contains("\\u{1b}[3A"), "{text}");
+    // No tree glyph inside a line's own text (a soft-wrapped row would
+    // show it as a line of the tree): only in the prefix the tree draws.
+    for line in text.lines().skip(1) {
+        let own = line.trim_start_matches(['│', ' ']);
+        let own = own
+            .strip_prefix("├─ ")
+            .or_else(|| own.strip_prefix("└─ "))
+            .unwrap_or(own);
+        assert!(
+            !own.chars().any(|c| ('\u{2500}'..='\u{257f}').contains(&c)),
+            "{line}"
+        );
+    }
     assert!(text.contains("inv\\u{202e}fdp.exe"), "{text}");
     assert!(
         !text.lines().any(|l| l

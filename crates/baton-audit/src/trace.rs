@@ -536,7 +536,27 @@ fn opt<T: std::fmt::Display>(label: &str, v: &Option<T>) -> String {
 /// overrides, zero-width characters) shown escaped. Recorded fields come
 /// from agents' requests, reasons from tool servers.
 fn printable(s: &str) -> String {
-    baton_core::text::controls_escaped(s)
+    let escaped = baton_core::text::controls_escaped(s);
+    // The tree's own glyphs are added around a line, never inside it: in a
+    // line's text they came from a caller drawing a line of its own (one a
+    // terminal's soft wrap would show at the start of a row).
+    if escaped
+        .chars()
+        .any(|c| ('\u{2500}'..='\u{257f}').contains(&c))
+    {
+        escaped
+            .chars()
+            .map(|c| {
+                if ('\u{2500}'..='\u{257f}').contains(&c) {
+                    c.escape_unicode().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect()
+    } else {
+        escaped
+    }
 }
 
 fn scope_text(s: &Option<Scope>) -> String {

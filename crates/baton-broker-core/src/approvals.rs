@@ -171,7 +171,8 @@ impl Delegation {
             shown: req.shown.clone(),
             requested_by: server.clone(),
             created_at: now,
-            expires_at: now.saturating_add(req.ttl_secs),
+            // Never past the token it was asked with.
+            expires_at: now.saturating_add(req.ttl_secs).min(token.exp),
             decided_by: None,
             reason: None,
             reported_in: None,
@@ -204,7 +205,12 @@ impl Delegation {
         token: &crate::records::TokenRecord,
         now: u64,
     ) -> Result<bool, BrokerError> {
-        if self.credential_revoked(&token.jti, now)? {
+        // The token itself, and the certificate it is bound to (a
+        // certificate revoked alone leaves the token's id live).
+        if self.credential_revoked(&token.jti, now)?
+            || (!token.cert_serial.is_empty()
+                && self.credential_revoked(&token.cert_serial, now)?)
+        {
             return Ok(true);
         }
         let mut parent = token.parent_jti.clone();

@@ -745,6 +745,36 @@ fn a_hop_cannot_write_terminal_escapes_or_a_long_text_into_the_trace() {
     assert_eq!(e.code(), "scope_widened", "{e}");
     let kept = "k".repeat(2_000);
     ask(&["crm"], &["tool:crm.search:read"], &kept).unwrap();
+    // A task's audience is held to the same bounds at its start.
+    let start = |audience: Vec<String>| {
+        let token = w
+            .dev
+            .mint_with_groups(
+                "alice@example.com",
+                &["engineering".to_owned()],
+                600,
+                unix_of(w.t0) + audience.len() as u64,
+            )
+            .unwrap();
+        let req: StartTaskRequest = serde_json::from_value(json!({
+            "id_token": token,
+            "root_agent": PLANNER,
+            "purpose": PURPOSE,
+            "scope": ["tool:crm.search:read"],
+            "risk_ceiling": "read",
+            "ttl_secs": 600,
+            "max_depth": 3,
+            "audience": audience,
+        }))
+        .unwrap();
+        start_task(&w.d, &req, w.t0)
+    };
+    let many: Vec<String> = (0..65).map(|i| format!("aud{i}")).collect();
+    let e = start(many).unwrap_err();
+    assert!(e.to_string().contains("1 to 64 values"), "{e}");
+    let e = start(vec!["a".repeat(257)]).unwrap_err();
+    assert!(e.to_string().contains("audience[0]"), "{e}");
+    start(vec!["crm".into(), "a".repeat(256)]).unwrap();
 
     let trace = w.d.trace(started.task_id.as_str()).unwrap();
     let text = trace["text"].as_str().unwrap();

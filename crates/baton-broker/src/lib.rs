@@ -721,8 +721,30 @@ pub async fn run(
     })?;
 
     // The admin socket: owner-only file mode plus a peer uid check.
-    if cfg.admin_socket.exists() {
-        let _ = std::fs::remove_file(&cfg.admin_socket);
+    // A stale socket is replaced; anything else at that path (a typo
+    // naming the audit log, a symlink) is left alone and refused.
+    match std::fs::symlink_metadata(&cfg.admin_socket) {
+        Ok(meta) if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => {
+            std::fs::remove_file(&cfg.admin_socket).map_err(|source| StartError::Listen {
+                addr: cfg.admin_socket.display().to_string(),
+                source,
+            })?;
+        }
+        Ok(_) => {
+            return Err(StartError::Listen {
+                addr: cfg.admin_socket.display().to_string(),
+                source: std::io::Error::other(
+                    "the admin socket path holds something that is not a socket; refusing to replace it",
+                ),
+            });
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(StartError::Listen {
+                addr: cfg.admin_socket.display().to_string(),
+                source,
+            });
+        }
     }
     if let Some(parent) = cfg.admin_socket.parent() {
         std::fs::create_dir_all(parent).map_err(|source| StartError::DataDir {

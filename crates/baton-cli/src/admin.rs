@@ -20,8 +20,49 @@ pub struct AdminClient {
     socket: PathBuf,
 }
 
+/// Refuses a socket another user could have put in the broker's place:
+/// the socket or its directory reached through a symbolic link, or a
+/// directory every user can write. What the CLI sends there (ID tokens,
+/// revocations, the trust bundle it is shown) must reach the broker.
+pub(crate) fn trusted_socket_path(socket: &Path, flag: &str) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let refuse = |why: String| {
+        Err(exit(
+            EXIT_REFUSED,
+            format!("{flag} {}: {why}", socket.display()),
+        ))
+    };
+    let dir = match socket.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if let Ok(m) = std::fs::symlink_metadata(socket)
+        && m.file_type().is_symlink()
+    {
+        return refuse("is a symbolic link; name the socket itself".into());
+    }
+    if let Ok(m) = std::fs::symlink_metadata(dir) {
+        if m.file_type().is_symlink() {
+            return refuse(format!(
+                "its directory {} is a symbolic link; name the socket's real path",
+                dir.display()
+            ));
+        }
+        let mode = m.permissions().mode();
+        if mode & 0o002 != 0 {
+            return refuse(format!(
+                "its directory {} is writable by every user (mode {:o}), so anyone could have put that socket there",
+                dir.display(),
+                mode & 0o7777
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl AdminClient {
     pub fn new(socket: &Path) -> Result<Self> {
+        trusted_socket_path(socket, "--admin-socket")?;
         let http = reqwest::Client::builder()
             .unix_socket(socket)
             .build()
@@ -293,6 +334,43 @@ mod tests {
 
     use super::*;
     use crate::cli::Exit;
+
+    /// A socket another user could have planted where the CLI looks (a
+    /// directory every user can write, a symbolic link to it or to its
+    /// directory, as a checked-out `.baton-dev` link would be) is refused
+    /// before anything is sent. The control: the same socket in a private
+    /// directory, named by its real path.
+    #[tokio::test]
+    async fn a_socket_someone_else_could_have_planted_is_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let base = tempfile::tempdir().unwrap();
+        let shared = base.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let planted = shared.join("admin.sock");
+        let _listener = tokio::net::UnixListener::bind(&planted).unwrap();
+        let e = format!("{:#}", AdminClient::new(&planted).unwrap_err());
+        assert!(e.contains("writable by every user"), "{e}");
+
+        let private = base.path().join("private");
+        std::fs::create_dir(&private).unwrap();
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let real = private.join("admin.sock");
+        let _real = tokio::net::UnixListener::bind(&real).unwrap();
+        let link = private.join("link.sock");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let e = format!("{:#}", AdminClient::new(&link).unwrap_err());
+        assert!(e.contains("symbolic link"), "{e}");
+        let dir_link = base.path().join(".baton-dev");
+        std::os::unix::fs::symlink(&private, &dir_link).unwrap();
+        let e = format!(
+            "{:#}",
+            AdminClient::new(&dir_link.join("admin.sock")).unwrap_err()
+        );
+        assert!(e.contains("symbolic link"), "{e}");
+
+        AdminClient::new(&real).unwrap();
+    }
 
     /// An admin socket that answers one request with `status` and an
     /// `ApiError` body.

@@ -234,7 +234,9 @@ pub async fn audit(cmd: AuditCmd) -> Result<()> {
             if json || admin.output == OutputFormat::Json {
                 output::json(&v["trace"]);
             } else {
-                output::raw(v["text"].as_str().unwrap_or_default());
+                // Escaped again here: a broker of another version may not
+                // have escaped what callers wrote.
+                output::raw(&output::shown(v["text"].as_str().unwrap_or_default()));
             }
             Ok(())
         }

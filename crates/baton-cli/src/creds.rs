@@ -30,6 +30,28 @@ use crate::workload::{check_target, create_private_dir, pem, write_file};
 /// `-` means standard input) or in a file (`file`; `-` is standard input
 /// too). Surrounding whitespace, such as a trailing newline, is dropped;
 /// an empty secret is refused. `flag` names the option in messages.
+/// A secret in a file every user can read (a join token, a grant, an ID
+/// token) is not one: whoever reads it first spends it. Refused, naming
+/// the mode; its group may read it (a Kubernetes Secret under `fsGroup`).
+fn refuse_shared_secret_file(flag: &str, path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(path)
+        .with_context(|| format!("reading --{flag}-file {}", path.display()))?
+        .permissions()
+        .mode()
+        & 0o777;
+    if mode & 0o006 != 0 {
+        return Err(exit(
+            EXIT_REFUSED,
+            format!(
+                "--{flag}-file {}: every user can read or write it (mode {mode:o}), so it is no secret; run `chmod 600` on it",
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 pub fn secret_input(
     value: Option<&str>,
     file: Option<&Path>,
@@ -39,11 +61,14 @@ pub fn secret_input(
         (_, Some(path)) if path == Path::new("-") => {
             (read_stdin(flag)?, "standard input".to_owned())
         }
-        (_, Some(path)) => (
-            std::fs::read_to_string(path)
-                .with_context(|| format!("reading --{flag}-file {}", path.display()))?,
-            path.display().to_string(),
-        ),
+        (_, Some(path)) => {
+            refuse_shared_secret_file(flag, path)?;
+            (
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading --{flag}-file {}", path.display()))?,
+                path.display().to_string(),
+            )
+        }
         (Some("-"), None) => (read_stdin(flag)?, "standard input".to_owned()),
         (Some(v), None) => (v.to_owned(), format!("--{flag}")),
         (None, None) => return Ok(None),

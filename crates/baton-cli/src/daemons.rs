@@ -99,10 +99,10 @@ pub(crate) fn write_ready_file(path: &Path, contents: &str) -> Result<()> {
     Ok(())
 }
 
-/// The one non-empty line of a password file, or a clear refusal.
-/// One line of secret from the file `flag` names. A file its group or
-/// others can read or write is refused (as the CA key files are): the
-/// secret would not be one.
+/// The one non-empty line of a password file, or a clear refusal. A file
+/// every user can read or write is refused: the secret would not be one.
+/// Its group may read it (Kubernetes gives a Secret volume's files to the
+/// pod's `fsGroup`; systemd may show a credential's ACL as group access).
 pub(crate) fn read_secret_line(flag: &str, path: &std::path::Path) -> Result<Secret> {
     use std::os::unix::fs::PermissionsExt as _;
     let mode = std::fs::metadata(path)
@@ -115,11 +115,11 @@ pub(crate) fn read_secret_line(flag: &str, path: &std::path::Path) -> Result<Sec
         .permissions()
         .mode()
         & 0o777;
-    if mode & 0o077 != 0 {
+    if mode & 0o007 != 0 {
         return Err(exit(
             EXIT_REFUSED,
             format!(
-                "{flag}: {} is accessible by group or others (mode {mode:o}); run `chmod 600` on it",
+                "{flag}: {} is accessible by every user (mode {mode:o}); run `chmod 600` on it",
                 path.display()
             ),
         ));
@@ -202,6 +202,15 @@ pub async fn broker(args: BrokerArgs) -> Result<()> {
         &args.tool_servers,
     )?;
     cfg.delegation.approver_groups = approver_groups(&args)?;
+    if args.dev_issuer && args.oidc_issuer.is_some() {
+        // Anyone on the admin socket mints dev-issuer ID tokens for any
+        // user and group: beside a real issuer they would start tasks and
+        // approve calls an admission policy written for it lets through.
+        return Err(exit(
+            EXIT_REFUSED,
+            "--dev-issuer cannot be combined with --oidc-issuer: dev-issuer ID tokens are minted by whoever reaches the admin socket; use one or the other",
+        ));
+    }
     cfg.dev_issuer = args.dev_issuer;
     if let Some(dir) = &args.admission_policy {
         cfg.admission = baton_broker::AdmissionSource::Dir(dir.clone());
@@ -247,6 +256,25 @@ pub async fn broker(args: BrokerArgs) -> Result<()> {
     if let (Some(iss), Some(jwks), Some(aud)) =
         (&args.oidc_issuer, &args.oidc_jwks, &args.oidc_audience)
     {
+        // Whoever can write the JWKS names the keys every initiator's ID
+        // token is checked against.
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = std::fs::metadata(jwks)
+                .with_context(|| format!("--oidc-jwks: cannot read {}", jwks.display()))?
+                .permissions()
+                .mode();
+            if mode & 0o002 != 0 {
+                return Err(exit(
+                    EXIT_REFUSED,
+                    format!(
+                        "--oidc-jwks {}: writable by every user (mode {:o}), so anyone could add a signing key; run `chmod o-w` on it",
+                        jwks.display(),
+                        mode & 0o777
+                    ),
+                ));
+            }
+        }
         let text = std::fs::read_to_string(jwks)
             .with_context(|| format!("--oidc-jwks: cannot read {}", jwks.display()))?;
         cfg.oidc_issuers.push(

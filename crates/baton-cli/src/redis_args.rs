@@ -271,6 +271,9 @@ mod tests {
             e.contains("--redis-password-file") && e.contains("chmod 600"),
             "{e}"
         );
+        // Its group may read it (a Kubernetes Secret under `fsGroup`).
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o640)).unwrap();
+        cmd.redis.config().unwrap().unwrap();
         std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
         std::fs::write(&pw, "").unwrap();
         let e = format!("{:#}", cmd.redis.config().unwrap_err());

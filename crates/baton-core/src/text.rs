@@ -3,19 +3,38 @@
 //! them reads are shown escaped, so that a recorded field cannot draw a
 //! forged line, move the cursor, or reverse what an operator reads.
 
-/// Whether `c` is invisible yet changes how the text around it shows:
-/// bidi overrides and isolates, zero-width characters, line and paragraph
-/// separators, the soft hyphen, the byte-order mark.
+/// Whether `c` shows as nothing (or as blank) yet is text: Unicode's
+/// default-ignorable code points and format characters (bidi overrides
+/// and isolates, zero-width characters, the soft hyphen, the byte-order
+/// mark, variation selectors, tag characters that smuggle text a human
+/// never sees, Hangul fillers), and the line and paragraph separators.
 pub fn is_invisible(c: char) -> bool {
     matches!(
         c,
         '\u{00ad}'
+            | '\u{034f}'
+            | '\u{0600}'..='\u{0605}'
             | '\u{061c}'
-            | '\u{180e}'
+            | '\u{06dd}'
+            | '\u{070f}'
+            | '\u{08e2}'
+            | '\u{115f}'..='\u{1160}'
+            | '\u{17b4}'..='\u{17b5}'
+            | '\u{180b}'..='\u{180f}'
             | '\u{200b}'..='\u{200f}'
             | '\u{2028}'..='\u{202e}'
-            | '\u{2060}'..='\u{2069}'
+            | '\u{2060}'..='\u{206f}'
+            | '\u{3164}'
+            | '\u{fe00}'..='\u{fe0f}'
             | '\u{feff}'
+            | '\u{ffa0}'
+            | '\u{fff0}'..='\u{fffb}'
+            | '\u{110bd}'
+            | '\u{110cd}'
+            | '\u{13430}'..='\u{1343f}'
+            | '\u{1bca0}'..='\u{1bca3}'
+            | '\u{1d173}'..='\u{1d17a}'
+            | '\u{e0000}'..='\u{e0fff}'
     )
 }
 
@@ -60,6 +79,12 @@ mod tests {
         assert_eq!(
             controls_escaped("a\u{200b}b\u{2028}c"),
             "a\\u{200b}b\\u{2028}c"
+        );
+        // Tag characters (text no one sees), a variation selector, a
+        // Hangul filler, an interlinear annotation anchor, a C1 control.
+        assert_eq!(
+            controls_escaped("ok\u{e0041}\u{e0042}\u{fe0f}\u{3164}\u{fff9}\u{85}"),
+            "ok\\u{e0041}\\u{e0042}\\u{fe0f}\\u{3164}\\u{fff9}\\u{85}"
         );
         let once = controls_escaped("x\u{1b}\n\u{202e}");
         assert_eq!(controls_escaped(&once), once);

@@ -107,6 +107,10 @@ pub(crate) enum Held {
     Refused(ApprovalState),
     /// The broker could not be asked: the call is refused (fail closed).
     Unavailable(String),
+    /// The broker refused the caller's credential itself (revoked since
+    /// the gate's check, expired, or its task ended): the call is refused
+    /// as with an invalid token, not as a passing outage to retry.
+    TokenRefused { code: String, message: String },
 }
 
 impl Gateway {
@@ -197,6 +201,17 @@ impl Gateway {
             .await
             .map_err(|e| Held::Unavailable(format!("the broker's answer broke off: {e}")))?;
         if !status.is_success() {
+            let code = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("code").and_then(|c| c.as_str()).map(str::to_owned));
+            if let Some(code) = code
+                && matches!(code.as_str(), "revoked" | "token_expired" | "task_ended")
+            {
+                return Err(Held::TokenRefused {
+                    message: format!("the broker refused this credential for an approval ({code})"),
+                    code,
+                });
+            }
             return Err(Held::Unavailable(format!(
                 "the broker refused the approval request ({status}): {body}"
             )));

@@ -415,7 +415,7 @@ fn refusal(status: StatusCode, challenge: &str, code: &str, message: &str) -> Re
     resp
 }
 
-fn invalid_token(code: &str, message: &str) -> Response {
+pub(crate) fn invalid_token(code: &str, message: &str) -> Response {
     refusal(
         StatusCode::UNAUTHORIZED,
         &format!(
@@ -1609,6 +1609,7 @@ fn held_response(held: &Held) -> Response {
             StatusCode::FORBIDDEN,
         )
         .into_response(),
+        Held::TokenRefused { code, message } => invalid_token(code, message),
         Held::Unavailable(why) => {
             tracing::warn!(error = %why, "approval unavailable; call refused");
             plain(

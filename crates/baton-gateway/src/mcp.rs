@@ -194,6 +194,8 @@ fn held_error(id: Option<&Value>, tool: &str, held: &Held) -> Response {
             &format!("{tool}: {}", crate::approval::refused_message(a)),
             json!({"code": "approval_denied", "approval_id": a.id}),
         ),
+        // Transport level, as any other refused token.
+        Held::TokenRefused { code, message } => crate::gateway::invalid_token(code, message),
         Held::Unavailable(why) => {
             tracing::warn!(error = %why, "approval unavailable; call refused");
             rpc_error(

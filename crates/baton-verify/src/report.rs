@@ -865,11 +865,11 @@ fn file_identity(file: &File) -> std::io::Result<(u64, u64)> {
 }
 
 /// Refuses a spool directory or file another user could have written: not
-/// owned by this process's user, or writable by its group or by others
-/// (a symlink is refused too, for a file). Records in it are delivered
+/// owned by this process's user, or writable by every user (a symlink is
+/// refused too, for a file). Records in it are delivered
 /// under this process's identity, so whoever can write them could report
 /// calls in its name, or drop undelivered ones.
-fn owned_and_private(path: &Path, dir: bool) -> std::io::Result<()> {
+fn owned_and_private(path: &Path, dir: bool, me: u32) -> std::io::Result<()> {
     let m = if dir {
         fs::metadata(path)?
     } else {
@@ -882,23 +882,38 @@ fn owned_and_private(path: &Path, dir: bool) -> std::io::Result<()> {
             "not a regular file (a symlink is not followed here)"
         }));
     }
-    if m.mode() & 0o022 != 0 {
+    // Group-writable is allowed: Kubernetes makes a volume's files
+    // writable by the pod's `fsGroup`, which only the pod's own
+    // containers hold.
+    if m.mode() & 0o002 != 0 {
         return Err(std::io::Error::other(format!(
-            "writable by other users (mode {:o}); chmod go-w it",
+            "writable by other users (mode {:o}); chmod o-w it",
             m.mode() & 0o777
         )));
     }
-    // `/proc/self` belongs to this process's effective user.
-    if let Ok(me) = fs::metadata("/proc/self")
-        && m.uid() != me.uid()
-    {
+    if m.uid() != me {
         return Err(std::io::Error::other(format!(
-            "owned by uid {}, not by this process's uid {}",
-            m.uid(),
-            me.uid()
+            "owned by uid {}, not by this process's uid {me}",
+            m.uid()
         )));
     }
     Ok(())
+}
+
+/// This process's effective uid, as the owner of a file it creates in
+/// `dir` (removed at once): no `/proc` needed, nothing unsafe.
+fn own_uid(dir: &Path) -> std::io::Result<u32> {
+    let probe = dir.join(format!(".owner-probe.{}", std::process::id()));
+    let _ = fs::remove_file(&probe);
+    let f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&probe)?;
+    let uid = f.metadata().map(|m| m.uid());
+    drop(f);
+    fs::remove_file(&probe)?;
+    uid
 }
 
 /// Reads every spool file in `dir` (the legacy file first, then segments
@@ -913,7 +928,8 @@ fn load(dir: &Path) -> Result<(Vec<ToolCallReport>, Vec<PathBuf>, u64), ReportEr
         .mode(0o700)
         .create(dir)
         .map_err(|e| err(dir, e))?;
-    owned_and_private(dir, true).map_err(|e| err(dir, e))?;
+    let me = own_uid(dir).map_err(|e| err(dir, e))?;
+    owned_and_private(dir, true, me).map_err(|e| err(dir, e))?;
     let mut files: Vec<(u64, PathBuf)> = Vec::new();
     let mut next = 0u64;
     for entry in fs::read_dir(dir).map_err(|e| err(dir, e))? {
@@ -937,7 +953,7 @@ fn load(dir: &Path) -> Result<(Vec<ToolCallReport>, Vec<PathBuf>, u64), ReportEr
     // Every record read here is sent under this process's identity: none
     // may come from a file another user could have written.
     for (_, path) in &files {
-        owned_and_private(path, false).map_err(|e| err(path, e))?;
+        owned_and_private(path, false, me).map_err(|e| err(path, e))?;
     }
     let mut records = Vec::new();
     let mut seen = HashSet::new();
