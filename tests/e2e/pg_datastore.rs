@@ -146,25 +146,23 @@ fn a_datastore_the_broker_cannot_use_stops_its_start_with_the_reason() {
     // A password file that is not one line is refused before any connection.
     let dir = tempfile::tempdir().unwrap();
     let pw = dir.path().join("pw");
-    std::fs::write(&pw, "a\nb\n").unwrap();
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let (status, err) = refused_start_status(
-        "postgres://baton@127.0.0.1:1/baton",
-        &["--datastore-password-file".into(), pw.display().to_string()],
-    );
+    let with_password = |content: &str, mode: u32| {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::write(&pw, content).unwrap();
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(mode)).unwrap();
+        refused_start_status(
+            "postgres://baton@127.0.0.1:1/baton",
+            &["--datastore-password-file".into(), pw.display().to_string()],
+        )
+    };
+    let (status, err) = with_password("a\nb\n", 0o600);
     assert_eq!(status.code(), Some(2), "{err}");
     assert!(
         err.contains("--datastore-password-file") && err.contains("one non-empty line"),
         "{err}"
     );
     // A password file others can read is refused too, before any connection.
-    std::fs::write(&pw, "hunter2\n").unwrap();
-    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let (status, err) = refused_start_status(
-        "postgres://baton@127.0.0.1:1/baton",
-        &["--datastore-password-file".into(), pw.display().to_string()],
-    );
+    let (status, err) = with_password("hunter2\n", 0o644);
     assert_eq!(status.code(), Some(2), "{err}");
     assert!(err.contains("chmod 600"), "{err}");
     assert!(!err.contains("hunter2"), "the password was printed: {err}");

@@ -183,25 +183,28 @@ fn grants_come_from_stdin_or_a_file_and_credentials_are_private() {
     std::fs::write(&grant_file, &grant).unwrap();
     // Readable by every user, it is no secret: refused before it is read,
     // and the grant is still good for the control below.
+    let redeem_from_file = |out: &Path| {
+        run(
+            &c,
+            &[
+                "grant",
+                "redeem",
+                "--grant-file",
+                grant_file.to_str().unwrap(),
+                "--spiffe-id",
+                &planner,
+                "--out",
+                out.to_str().unwrap(),
+            ],
+            None,
+        )
+    };
     std::fs::set_permissions(
         &grant_file,
         std::os::unix::fs::PermissionsExt::from_mode(0o644),
     )
     .unwrap();
-    let refused = run(
-        &c,
-        &[
-            "grant",
-            "redeem",
-            "--grant-file",
-            grant_file.to_str().unwrap(),
-            "--spiffe-id",
-            &planner,
-            "--out",
-            c.path("cred-refused").to_str().unwrap(),
-        ],
-        None,
-    );
+    let refused = redeem_from_file(&c.path("cred-refused"));
     assert_eq!(
         refused.status.code(),
         Some(2),
@@ -219,20 +222,7 @@ fn grants_come_from_stdin_or_a_file_and_credentials_are_private() {
     )
     .unwrap();
     let file_dir = c.path("cred-file");
-    let out = run(
-        &c,
-        &[
-            "grant",
-            "redeem",
-            "--grant-file",
-            grant_file.to_str().unwrap(),
-            "--spiffe-id",
-            &planner,
-            "--out",
-            file_dir.to_str().unwrap(),
-        ],
-        None,
-    );
+    let out = redeem_from_file(&file_dir);
     assert!(out.status.success(), "redeem from a file: {}", stderr(&out));
     assert_eq!(mode(&file_dir.join("token")), 0o600);
     assert_eq!(

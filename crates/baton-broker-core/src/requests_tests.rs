@@ -71,6 +71,29 @@ fn unix_of(t: SystemTime) -> u64 {
     unix(t)
 }
 
+/// A gateway's request for the approval of `crm.search` on `case/1` by
+/// `agent` holding `token` in `task`, for input digest `digest` (one hex
+/// byte, repeated).
+fn approval_ask(
+    task: &baton_core::TaskId,
+    token: &TaskCredential,
+    agent: &str,
+    digest: &str,
+    ttl_secs: u64,
+) -> baton_core::api::ApprovalRequest {
+    serde_json::from_value(json!({
+        "task_id": task.as_str(),
+        "token_jti": jti_of(&token.token),
+        "agent": agent,
+        "tool": "crm.search",
+        "resource": "case/1",
+        "risk": "read",
+        "input_digest": digest.repeat(32),
+        "ttl_secs": ttl_secs,
+    }))
+    .unwrap()
+}
+
 impl World {
     fn new() -> Self {
         Self::with_settings(|_| {})
@@ -608,17 +631,7 @@ fn an_approval_vouches_for_one_reported_call_only() {
     let planner = w.redeem_as(&started.grant, PLANNER, w.t0).unwrap();
     let jti = jti_of(&planner.token);
     let t = unix_of(w.t0);
-    let ask: baton_core::api::ApprovalRequest = serde_json::from_value(json!({
-        "task_id": started.task_id.as_str(),
-        "token_jti": jti,
-        "agent": PLANNER,
-        "tool": "crm.search",
-        "resource": "case/1",
-        "risk": "read",
-        "input_digest": "ab".repeat(32),
-        "ttl_secs": 60,
-    }))
-    .unwrap();
+    let ask = approval_ask(&started.task_id, &planner, PLANNER, "ab", 60);
     let pending = w.d.request_approval(&id(CRM), &ask, t).unwrap();
     assert_eq!(pending.status, "pending");
     let decision: baton_core::api::ApprovalDecision = serde_json::from_value(json!({
@@ -816,18 +829,8 @@ async fn an_approval_dies_with_its_token_and_with_a_purpose_change() {
     let s2 = w.hop(&planner, &["crm"], &scope, w.t0).unwrap();
     let s2 = w.redeem_as(&s2, SEARCHER, w.t0).unwrap();
     let t = unix_of(w.t0);
-    let ask = |token: &TaskCredential, digest: &str| -> baton_core::api::ApprovalRequest {
-        serde_json::from_value(json!({
-            "task_id": started.task_id.as_str(),
-            "token_jti": jti_of(&token.token),
-            "agent": SEARCHER,
-            "tool": "crm.search",
-            "resource": "case/1",
-            "risk": "read",
-            "input_digest": digest.repeat(32),
-            "ttl_secs": 600,
-        }))
-        .unwrap()
+    let ask = |token: &TaskCredential, digest: &str| {
+        approval_ask(&started.task_id, token, SEARCHER, digest, 600)
     };
     let approve = |id: &str, at: u64| {
         let decision: baton_core::api::ApprovalDecision = serde_json::from_value(json!({
@@ -878,17 +881,7 @@ async fn an_approval_dies_with_its_token_and_with_a_purpose_change() {
     // Approved under one purpose, asked again under another: a new one.
     let fresh = w.start(&["crm"], &["tool:crm.search:read"]);
     let root = w.redeem_as(&fresh.grant, PLANNER, w.t0).unwrap();
-    let ask_root: baton_core::api::ApprovalRequest = serde_json::from_value(json!({
-        "task_id": fresh.task_id.as_str(),
-        "token_jti": jti_of(&root.token),
-        "agent": PLANNER,
-        "tool": "crm.search",
-        "resource": "case/1",
-        "risk": "read",
-        "input_digest": "ef".repeat(32),
-        "ttl_secs": 600,
-    }))
-    .unwrap();
+    let ask_root = approval_ask(&fresh.task_id, &root, PLANNER, "ef", 600);
     let third = w.d.request_approval(&id(CRM), &ask_root, t + 9).unwrap();
     approve(&third.id, t + 10);
     w.d.set_purpose(
@@ -943,17 +936,7 @@ fn an_approver_group_counts_only_as_asserted_by_its_own_issuer() {
     let ask_in = |w: &World| {
         let started = w.start(&["crm"], &["tool:crm.search:read"]);
         let planner = w.redeem_as(&started.grant, PLANNER, w.t0).unwrap();
-        let ask: baton_core::api::ApprovalRequest = serde_json::from_value(json!({
-            "task_id": started.task_id.as_str(),
-            "token_jti": jti_of(&planner.token),
-            "agent": PLANNER,
-            "tool": "crm.search",
-            "resource": "case/1",
-            "risk": "read",
-            "input_digest": "cd".repeat(32),
-            "ttl_secs": 60,
-        }))
-        .unwrap();
+        let ask = approval_ask(&started.task_id, &planner, PLANNER, "cd", 60);
         w.d.request_approval(&id(CRM), &ask, unix_of(w.t0)).unwrap()
     };
     // bob (not the initiator) holds a token naming group "approvers".

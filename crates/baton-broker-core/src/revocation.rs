@@ -104,9 +104,10 @@ pub const FEED_PAGE: usize = 10_000;
 const RELAY_PAGE: usize = 20_000;
 /// How often the relay checks the store even when nothing new was
 /// revoked (this bounds how long a flushed Redis stays empty).
-/// Between two relay passes, at most. A pass also wakes the feed's
-/// long-polls when another broker on the same datastore revoked something,
-/// so that reaches this broker's followers within it.
+/// Between two relay passes, at most; also how often the log's end is
+/// read to wake the feed's long-polls when another broker on the same
+/// datastore revoked something (so that reaches this broker's followers
+/// within it).
 pub const RELAY_TICK: Duration = Duration::from_millis(500);
 /// Registry rows are kept this long past their expiry.
 const PRUNE_GRACE_SECS: u64 = 300;
@@ -623,6 +624,20 @@ impl Revoker {
         mut stopping: tokio::sync::watch::Receiver<bool>,
         last_pass: Duration,
     ) -> tokio::task::JoinHandle<()> {
+        // The feed's long-polls are woken by a watch of their own, so that
+        // a relay held up by Redis (a connect timeout, a backoff) does not
+        // hold up another broker's revocations on their way to them.
+        let watcher = self.clone();
+        let mut watch_stop = stopping.clone();
+        tokio::spawn(async move {
+            loop {
+                watcher.wake_feed_if_moved();
+                tokio::select! {
+                    () = tokio::time::sleep(RELAY_TICK) => {}
+                    _ = watch_stop.wait_for(|s| *s) => break,
+                }
+            }
+        });
         let this = self.clone();
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(50);
@@ -631,9 +646,6 @@ impl Revoker {
                 if *stopping.borrow() {
                     break;
                 }
-                // Before registering below: this wake is for the feed's
-                // long-polls, not for the relay itself.
-                this.wake_feed_if_moved();
                 let notified = this.changed.notified();
                 let now = baton_revocation::system_now();
                 match this.relay_once(now).await {

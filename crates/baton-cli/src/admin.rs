@@ -49,12 +49,22 @@ pub(crate) fn trusted_socket_path(socket: &Path, flag: &str) -> Result<()> {
             ));
         }
         let mode = m.permissions().mode();
+        // In a directory every user can write (a Kubernetes emptyDir is
+        // 0777), only a socket of this user or root is the broker's: anyone
+        // else's could be a planted one.
         if mode & 0o002 != 0 {
-            return refuse(format!(
-                "its directory {} is writable by every user (mode {:o}), so anyone could have put that socket there",
-                dir.display(),
-                mode & 0o7777
-            ));
+            use std::os::unix::fs::MetadataExt as _;
+            let me = std::fs::metadata("/proc/self").map(|p| p.uid()).ok();
+            let owner = std::fs::symlink_metadata(socket).map(|s| s.uid()).ok();
+            let trusted = matches!((owner, me), (Some(o), Some(me)) if o == me || o == 0);
+            if !trusted && owner.is_some() {
+                return refuse(format!(
+                    "its directory {} is writable by every user (mode {:o}) and the socket is owned by uid {}, neither you nor root, so anyone could have put it there",
+                    dir.display(),
+                    mode & 0o7777,
+                    owner.unwrap_or_default()
+                ));
+            }
         }
     }
     Ok(())
@@ -343,14 +353,26 @@ mod tests {
     #[tokio::test]
     async fn a_socket_someone_else_could_have_planted_is_refused() {
         use std::os::unix::fs::PermissionsExt as _;
+        baton_tls::install_crypto_provider();
         let base = tempfile::tempdir().unwrap();
         let shared = base.path().join("shared");
         std::fs::create_dir(&shared).unwrap();
         std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
         let planted = shared.join("admin.sock");
         let _listener = tokio::net::UnixListener::bind(&planted).unwrap();
-        let e = format!("{:#}", AdminClient::new(&planted).unwrap_err());
-        assert!(e.contains("writable by every user"), "{e}");
+        // Another user's socket there is refused; this user's (or root's,
+        // a Kubernetes emptyDir) is the broker's.
+        // (Giving the socket away needs root; as another user the planted
+        // socket is this user's own, which is accepted.)
+        let root =
+            std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap()) == 0;
+        if root {
+            std::os::unix::fs::lchown(&planted, Some(65534), None).unwrap();
+            let e = format!("{:#}", AdminClient::new(&planted).unwrap_err());
+            assert!(e.contains("writable by every user"), "{e}");
+            std::os::unix::fs::lchown(&planted, Some(0), None).unwrap();
+        }
+        AdminClient::new(&planted).unwrap();
 
         let private = base.path().join("private");
         std::fs::create_dir(&private).unwrap();

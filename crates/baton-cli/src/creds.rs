@@ -26,25 +26,27 @@ use crate::cli::{
 use crate::output;
 use crate::workload::{check_target, create_private_dir, pem, write_file};
 
-/// A secret given as an argument or its environment variable (`value`;
-/// `-` means standard input) or in a file (`file`; `-` is standard input
-/// too). Surrounding whitespace, such as a trailing newline, is dropped;
-/// an empty secret is refused. `flag` names the option in messages.
-/// A secret in a file every user can read (a join token, a grant, an ID
-/// token) is not one: whoever reads it first spends it. Refused, naming
-/// the mode; its group may read it (a Kubernetes Secret under `fsGroup`).
-fn refuse_shared_secret_file(flag: &str, path: &Path) -> Result<()> {
+/// A secret in a file every user can read or write (a join token, a grant,
+/// an ID token, a password) is not one: whoever reads it first spends it.
+/// Refused, naming `flag` and the mode; its group may read it (a
+/// Kubernetes Secret under `fsGroup`, a systemd credential's ACL).
+pub(crate) fn refuse_shared_secret_file(flag: &str, path: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     let mode = std::fs::metadata(path)
-        .with_context(|| format!("reading --{flag}-file {}", path.display()))?
+        .map_err(|e| {
+            exit(
+                EXIT_REFUSED,
+                format!("{flag}: cannot read {}: {e}", path.display()),
+            )
+        })?
         .permissions()
         .mode()
         & 0o777;
-    if mode & 0o006 != 0 {
+    if mode & 0o007 != 0 {
         return Err(exit(
             EXIT_REFUSED,
             format!(
-                "--{flag}-file {}: every user can read or write it (mode {mode:o}), so it is no secret; run `chmod 600` on it",
+                "{flag} {}: every user can read or write it (mode {mode:o}), so it is no secret; run `chmod 600` on it",
                 path.display()
             ),
         ));
@@ -52,17 +54,44 @@ fn refuse_shared_secret_file(flag: &str, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A secret given as an argument or its environment variable (`value`;
+/// `-` means standard input) or in a file (`file`; `-` is standard input
+/// too). Surrounding whitespace, such as a trailing newline, is dropped;
+/// an empty secret is refused. `flag` names the option in messages. A file
+/// every user can read is refused ([`refuse_shared_secret_file`]).
 pub fn secret_input(
     value: Option<&str>,
     file: Option<&Path>,
     flag: &str,
+) -> Result<Option<Secret>> {
+    secret_input_checked(value, file, flag, true)
+}
+
+/// As [`secret_input`], but a file every user can read is only warned
+/// about: the node daemon's join token, read at every start though used
+/// only while the node has no identity (a node attested before this check
+/// existed keeps starting; `chmod 600` the file).
+pub fn join_token_input(value: Option<&str>, file: Option<&Path>) -> Result<Option<Secret>> {
+    secret_input_checked(value, file, "join-token", false)
+}
+
+fn secret_input_checked(
+    value: Option<&str>,
+    file: Option<&Path>,
+    flag: &str,
+    strict: bool,
 ) -> Result<Option<Secret>> {
     let (raw, from) = match (value, file) {
         (_, Some(path)) if path == Path::new("-") => {
             (read_stdin(flag)?, "standard input".to_owned())
         }
         (_, Some(path)) => {
-            refuse_shared_secret_file(flag, path)?;
+            if let Err(e) = refuse_shared_secret_file(&format!("--{flag}-file"), path) {
+                if strict {
+                    return Err(e);
+                }
+                tracing::warn!(error = %format!("{e:#}"), "a secret file every user can read");
+            }
             (
                 std::fs::read_to_string(path)
                     .with_context(|| format!("reading --{flag}-file {}", path.display()))?,

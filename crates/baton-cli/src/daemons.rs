@@ -104,26 +104,7 @@ pub(crate) fn write_ready_file(path: &Path, contents: &str) -> Result<()> {
 /// Its group may read it (Kubernetes gives a Secret volume's files to the
 /// pod's `fsGroup`; systemd may show a credential's ACL as group access).
 pub(crate) fn read_secret_line(flag: &str, path: &std::path::Path) -> Result<Secret> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let mode = std::fs::metadata(path)
-        .map_err(|e| {
-            exit(
-                EXIT_REFUSED,
-                format!("{flag}: cannot read {}: {e}", path.display()),
-            )
-        })?
-        .permissions()
-        .mode()
-        & 0o777;
-    if mode & 0o007 != 0 {
-        return Err(exit(
-            EXIT_REFUSED,
-            format!(
-                "{flag}: {} is accessible by every user (mode {mode:o}); run `chmod 600` on it",
-                path.display()
-            ),
-        ));
-    }
+    crate::creds::refuse_shared_secret_file(flag, path)?;
     let text = std::fs::read_to_string(path).map_err(|e| {
         exit(
             EXIT_REFUSED,
@@ -475,10 +456,9 @@ fn agent_config(args: &AgentArgs) -> Result<AgentConfig> {
         broker_id,
         trust_domain: td,
         bootstrap_bundle_pem,
-        join_token: crate::creds::secret_input(
+        join_token: crate::creds::join_token_input(
             args.join_token.as_deref(),
             args.join_token_file.as_deref(),
-            "join-token",
         )?,
         sync_interval: args.sync_interval,
         rotate_fraction: args.rotate_fraction,
