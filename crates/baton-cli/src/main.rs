@@ -41,7 +41,8 @@ fn main() -> ExitCode {
     let telemetry = match telemetry::init(cli.log.as_deref(), &cli.telemetry) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // A broker's refusal can quote what a caller wrote.
+            eprintln!("error: {}", output::shown(&format!("{e:#}")));
             return ExitCode::from(cli::EXIT_REFUSED);
         }
     };

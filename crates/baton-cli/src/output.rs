@@ -94,7 +94,7 @@ pub fn entry_table(entries: &[Entry]) {
             out.push_str(&format!("DNS name:   {d}\n"));
         }
     }
-    raw(&out);
+    raw(&shown(&out));
 }
 
 /// A unix time for people: RFC 3339, and how far from now (`-` for 0,

@@ -66,7 +66,8 @@ impl Telemetry {
     /// so that standard error stays one JSON object a line.
     pub fn print_error(&self, message: &str) {
         match self.format {
-            LogFormat::Text => eprintln!("error: {message}"),
+            // A broker's refusal can quote what a caller wrote.
+            LogFormat::Text => eprintln!("error: {}", crate::output::shown(message)),
             LogFormat::Json => eprintln!(
                 "{}",
                 serde_json::json!({
