@@ -71,6 +71,22 @@ fn unix_of(t: SystemTime) -> u64 {
     unix(t)
 }
 
+/// The planner's task start for `id_token`, to `audience`, with the
+/// tests' purpose, scope and bounds.
+fn start_request(id_token: String, audience: serde_json::Value) -> StartTaskRequest {
+    serde_json::from_value(json!({
+        "id_token": id_token,
+        "root_agent": PLANNER,
+        "purpose": PURPOSE,
+        "scope": ["tool:crm.search:read"],
+        "risk_ceiling": "read",
+        "ttl_secs": 600,
+        "max_depth": 3,
+        "audience": audience,
+    }))
+    .unwrap()
+}
+
 /// A gateway's request for the approval of `crm.search` on `case/1` by
 /// `agent` holding `token` in `task`, for input digest `digest` (one hex
 /// byte, repeated).
@@ -692,19 +708,7 @@ fn an_approval_vouches_for_one_reported_call_only() {
 fn an_id_token_is_single_use_even_across_clocks_that_differ() {
     let w = World::new();
     let t = unix_of(w.t0);
-    let request = |token: String| -> StartTaskRequest {
-        serde_json::from_value(json!({
-            "id_token": token,
-            "root_agent": PLANNER,
-            "purpose": PURPOSE,
-            "scope": ["tool:crm.search:read"],
-            "risk_ceiling": "read",
-            "ttl_secs": 600,
-            "max_depth": 3,
-            "audience": ["crm"],
-        }))
-        .unwrap()
-    };
+    let request = |token: String| start_request(token, json!(["crm"]));
     let mint = |at: u64| {
         w.dev
             .mint_with_groups("alice@example.com", &["engineering".to_owned()], 600, at)
@@ -769,18 +773,7 @@ fn a_hop_cannot_write_terminal_escapes_or_a_long_text_into_the_trace() {
                 unix_of(w.t0) + audience.len() as u64,
             )
             .unwrap();
-        let req: StartTaskRequest = serde_json::from_value(json!({
-            "id_token": token,
-            "root_agent": PLANNER,
-            "purpose": PURPOSE,
-            "scope": ["tool:crm.search:read"],
-            "risk_ceiling": "read",
-            "ttl_secs": 600,
-            "max_depth": 3,
-            "audience": audience,
-        }))
-        .unwrap();
-        start_task(&w.d, &req, w.t0)
+        start_task(&w.d, &start_request(token, json!(audience)), w.t0)
     };
     let many: Vec<String> = (0..65).map(|i| format!("aud{i}")).collect();
     let e = start(many).unwrap_err();
