@@ -222,6 +222,15 @@ fn bad(field: &'static str, message: impl Into<String>) -> BrokerError {
     }
 }
 
+/// A tool-call report [`Delegation::check_tool_call`] accepted, with its
+/// audit event, not yet recorded.
+#[derive(Debug)]
+pub struct CheckedReport<'r> {
+    report: &'r ToolCallReport,
+    event: AuditEvent,
+    approval: Option<ApprovalState>,
+}
+
 fn audit_failed(e: impl std::fmt::Display) -> BrokerError {
     BrokerError::Hook(format!("audit log unavailable, refusing: {e}"))
 }
@@ -1766,21 +1775,22 @@ impl Delegation {
         Ok(task)
     }
 
-    /// Records a tool server's report of a call. Reports are idempotent by
-    /// `report_id`: a retried report is acknowledged, not logged twice.
+    /// Checks a tool server's report of a call and builds its audit event
+    /// (stamped `now`, the broker's clock); [`Self::record_tool_calls`]
+    /// appends it. Reports are idempotent by `report_id`: a retried report
+    /// is acknowledged, not logged twice.
     ///
     /// Only a tool server of the token's audience may report a call made
     /// with it (`DelegationSettings::tool_servers`, or an audience that is
     /// the reporter's SPIFFE ID); the token must be one this broker minted,
     /// in the report's task, held by the reported agent (a `deny` report
-    /// may name another peer: a token presented by the wrong holder). The
-    /// broker's clock stamps the event.
-    pub fn record_tool_call(
+    /// may name another peer: a token presented by the wrong holder).
+    pub fn check_tool_call<'r>(
         &self,
         reporter: &SpiffeId,
-        r: &ToolCallReport,
+        r: &'r ToolCallReport,
         now: SystemTime,
-    ) -> Result<serde_json::Value, BrokerError> {
+    ) -> Result<CheckedReport<'r>, BrokerError> {
         let now = unix(now);
         if !reporter.is_member_of(self.broker.trust_domain()) {
             return Err(refuse(
@@ -1833,18 +1843,6 @@ impl Delegation {
         } else {
             None
         };
-        // Only now, for a reporter entitled to report this token's calls,
-        // is a report id looked up: a duplicate's answer (its index) is
-        // not given to anyone else.
-        let _one_report_at_a_time = self
-            .reports
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(index) = self.tasks.report_seen(&r.report_id)? {
-            return Ok(
-                serde_json::json!({ "report_id": r.report_id, "index": index, "duplicate": true }),
-            );
-        }
         let mut ev = AuditEvent::from_tool_call(r, Some(reporter.clone()));
         // Only `approved in ID`, checked above, says an allowed call was
         // approved: any other wording of an approval (`Approved in`, a
@@ -1876,23 +1874,114 @@ impl Delegation {
                 token.spiffe_id
             ));
         }
-        if let Some(a) = approval {
-            self.consume_approval(a, r)?;
-        }
         ev.at = now;
-        let receipt = self.append(&ev)?;
-        baton_ops::metrics().tool_call(
-            r.risk.as_str(),
-            if r.decision == "allow" {
-                "allow"
-            } else {
-                "deny"
-            },
-        );
-        self.tasks.record_report(&r.report_id, receipt.index)?;
-        Ok(
-            serde_json::json!({ "report_id": r.report_id, "index": receipt.index, "receipt": receipt }),
-        )
+        crate::telemetry::record_event(&ev);
+        if ev.trace_id.is_none() {
+            ev.trace_id = crate::telemetry::current_trace_id();
+        }
+        Ok(CheckedReport {
+            report: r,
+            event: ev,
+            approval,
+        })
+    }
+
+    /// Appends checked reports ([`Self::check_tool_call`]) to the audit
+    /// log: those not recorded before, in one append (one signed
+    /// checkpoint, one transaction), then their ids in one datastore
+    /// transaction. Answers each report in order: its receipt, its earlier
+    /// index when it was recorded already (also within this batch), or why
+    /// it was refused (an approval another report cited first). An audit
+    /// log or datastore that fails fails them all.
+    pub fn record_tool_calls(
+        &self,
+        checked: Vec<CheckedReport<'_>>,
+    ) -> Result<Vec<Result<serde_json::Value, BrokerError>>, BrokerError> {
+        enum Step {
+            Seen(u64),
+            InBatch(usize),
+            New(usize),
+            Refused(BrokerError),
+        }
+        // Only now, for a reporter entitled to report this token's calls,
+        // is a report id looked up: a duplicate's answer (its index) is
+        // not given to anyone else.
+        let _one_batch_at_a_time = self
+            .reports
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut steps = Vec::with_capacity(checked.len());
+        let mut fresh: Vec<(&ToolCallReport, AuditEvent)> = Vec::new();
+        let mut in_batch: BTreeMap<&str, usize> = BTreeMap::new();
+        for c in checked {
+            let r = c.report;
+            if let Some(&k) = in_batch.get(r.report_id.as_str()) {
+                steps.push((r.report_id.as_str(), Step::InBatch(k)));
+                continue;
+            }
+            if let Some(index) = self.tasks.report_seen(&r.report_id)? {
+                steps.push((r.report_id.as_str(), Step::Seen(index)));
+                continue;
+            }
+            if let Some(a) = c.approval
+                && let Err(e) = self.consume_approval(a, r)
+            {
+                steps.push((r.report_id.as_str(), Step::Refused(e)));
+                continue;
+            }
+            in_batch.insert(r.report_id.as_str(), fresh.len());
+            steps.push((r.report_id.as_str(), Step::New(fresh.len())));
+            fresh.push((r, c.event));
+        }
+        let events: Vec<AuditEvent> = fresh.iter().map(|(_, ev)| ev.clone()).collect();
+        let receipts = match events.as_slice() {
+            [] => Vec::new(),
+            // One report goes through the log's group commit with the
+            // other appends of the moment.
+            [one] => vec![self.append(one)?],
+            many => crate::telemetry::timed_append(|| self.audit.append_batch(many))
+                .map_err(audit_failed)?,
+        };
+        if receipts.len() != fresh.len() {
+            return Err(audit_failed(format!(
+                "the audit log answered {} receipts for {} reports",
+                receipts.len(),
+                fresh.len()
+            )));
+        }
+        for (r, _) in &fresh {
+            baton_ops::metrics().tool_call(
+                r.risk.as_str(),
+                if r.decision == "allow" {
+                    "allow"
+                } else {
+                    "deny"
+                },
+            );
+        }
+        let ids: Vec<(&str, u64)> = fresh
+            .iter()
+            .zip(&receipts)
+            .map(|((r, _), receipt)| (r.report_id.as_str(), receipt.index))
+            .collect();
+        self.tasks.record_reports(&ids)?;
+        let duplicate = |id: &str, index: u64| serde_json::json!({ "report_id": id, "index": index, "duplicate": true });
+        Ok(steps
+            .into_iter()
+            .map(|(id, step)| match step {
+                Step::Seen(index) => Ok(duplicate(id, index)),
+                Step::InBatch(k) => Ok(duplicate(id, receipts.get(k).map_or(0, |r| r.index))),
+                Step::New(k) => Ok(match receipts.get(k) {
+                    Some(receipt) => serde_json::json!({
+                        "report_id": id,
+                        "index": receipt.index,
+                        "receipt": receipt,
+                    }),
+                    None => duplicate(id, 0),
+                }),
+                Step::Refused(e) => Err(e),
+            })
+            .collect())
     }
 
     /// An allowed call whose record says it was approved (`approved in

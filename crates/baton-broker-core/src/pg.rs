@@ -2137,14 +2137,21 @@ impl TaskStore for PgStore {
     }
 
     fn record_report(&self, report_id: &str, index: u64) -> Result<(), StoreError> {
+        self.record_reports(&[(report_id, index)])
+    }
+
+    fn record_reports(&self, reports: &[(&str, u64)]) -> Result<(), StoreError> {
+        let ids: Vec<&str> = reports.iter().map(|(id, _)| *id).collect();
+        let indexes: Vec<i64> = reports.iter().map(|(_, i)| to_i64(*i)).collect();
         on_conn!(self, |c| {
             c.execute(
                 &c.stmt(
-                    "INSERT INTO tool_reports (report_id, audit_index) VALUES ($1, $2)
-                 ON CONFLICT (report_id) DO NOTHING",
+                    "INSERT INTO tool_reports (report_id, audit_index)
+                     SELECT * FROM UNNEST($1::text[], $2::bigint[])
+                     ON CONFLICT (report_id) DO NOTHING",
                 )
                 .await?,
-                &[&report_id, &to_i64(index)],
+                &[&ids, &indexes],
             )
             .await?;
             Ok(())

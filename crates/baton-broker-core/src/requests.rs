@@ -267,11 +267,12 @@ pub fn live_tool_server(
 }
 
 /// `tool-calls`: a tool server's reports (`reporter`, already checked by
-/// [`live_tool_server`]), each appended to the audit log in its own span,
-/// continuing the trace the call arrived with at the tool server (its
-/// report's `traceparent`), else the request's (`traceparent`). In a batch
-/// (`single` false), a report that can never be accepted is answered on
-/// its own, without a receipt, so it cannot block the others; an
+/// [`live_tool_server`]), each checked in its own span, continuing the
+/// trace the call arrived with at the tool server (its report's
+/// `traceparent`), else the request's (`traceparent`), then appended to
+/// the audit log together (one signed checkpoint for the batch). In a
+/// batch (`single` false), a report that can never be accepted is answered
+/// on its own, without a receipt, so it cannot block the others; an
 /// unavailable log fails the batch (the tool server retries it).
 pub fn record_reports(
     d: &Delegation,
@@ -281,33 +282,51 @@ pub fn record_reports(
     traceparent: Option<&str>,
     clock: &dyn Fn() -> SystemTime,
 ) -> Result<serde_json::Value, BrokerError> {
-    let mut receipts = Vec::with_capacity(batch.len());
-    for r in batch {
+    let refusal = |r: &ToolCallReport, e: &BrokerError| {
+        tracing::warn!(reporter = %reporter, report = %r.report_id, error = %e, "tool-call report refused");
+        serde_json::json!({
+            "report_id": r.report_id,
+            "refused": { "code": e.code(), "message": e.to_string() },
+        })
+    };
+    let refusable = |e: &BrokerError| {
+        !single
+            && matches!(
+                e,
+                BrokerError::Forbidden { .. }
+                    | BrokerError::NotFound(_)
+                    | BrokerError::BadRequest { .. }
+            )
+    };
+    let mut answers: Vec<Option<serde_json::Value>> = vec![None; batch.len()];
+    let mut checked = Vec::with_capacity(batch.len());
+    let mut at = Vec::with_capacity(batch.len());
+    for (i, r) in batch.iter().enumerate() {
         let parent = [r.traceparent.as_deref(), traceparent]
             .into_iter()
             .flatten()
             .find(|t| t.parse::<TraceParent>().is_ok());
         let rt = RequestTrace::start(request_span!("baton.tool_call"), parent);
-        // Each report is stamped when it is appended.
-        let recorded = rt.scoped(|| d.record_tool_call(reporter, r, clock()));
-        rt.outcome(&recorded);
-        match recorded {
-            Ok(v) => receipts.push(v),
-            Err(
-                e @ (BrokerError::Forbidden { .. }
-                | BrokerError::NotFound(_)
-                | BrokerError::BadRequest { .. }),
-            ) if !single => {
-                tracing::warn!(reporter = %reporter, report = %r.report_id, error = %e, "tool-call report refused");
-                receipts.push(serde_json::json!({
-                    "report_id": r.report_id,
-                    "refused": { "code": e.code(), "message": e.to_string() },
-                }));
+        // Each report is stamped when it is checked.
+        let c = rt.scoped(|| d.check_tool_call(reporter, r, clock()));
+        rt.outcome(&c);
+        match c {
+            Ok(c) => {
+                checked.push(c);
+                at.push(i);
             }
+            Err(e) if refusable(&e) => answers[i] = Some(refusal(r, &e)),
             Err(e) => return Err(e),
         }
     }
-    Ok(serde_json::json!({ "receipts": receipts }))
+    for (i, answer) in at.into_iter().zip(d.record_tool_calls(checked)?) {
+        answers[i] = Some(match answer {
+            Ok(v) => v,
+            Err(e) if refusable(&e) => refusal(&batch[i], &e),
+            Err(e) => return Err(e),
+        });
+    }
+    Ok(serde_json::json!({ "receipts": answers.into_iter().flatten().collect::<Vec<_>>() }))
 }
 
 /// `grant`: a fresh grant for a task's root agent (e.g. after a purpose

@@ -641,6 +641,53 @@ fn a_report_batch_answers_a_forged_report_on_its_own_and_a_single_one_fails() {
 }
 
 #[test]
+fn a_report_batch_is_one_append_under_one_checkpoint_and_each_report_counts_once() {
+    let w = World::new();
+    let started = w.start(&["crm"], &["tool:crm.search:read"]);
+    let planner = w.redeem_as(&started.grant, PLANNER, w.t0).unwrap();
+    let jti = jti_of(&planner.token);
+    let clock = || secs(w.t0, 1);
+    let r = |rid: &str| report(&started.task_id, &jti, PLANNER, rid);
+    let forged = report(&started.task_id, &jti, SEARCHER, "b-forged");
+    // b-1 twice in one batch, and a forged report between honest ones.
+    let batch = [r("b-1"), r("b-2"), forged, r("b-1"), r("b-3")];
+    let answer = record_reports(&w.d, &id(CRM), &batch, false, None, &clock).unwrap();
+    let receipts = answer["receipts"].as_array().unwrap();
+    assert_eq!(receipts.len(), 5, "{answer}");
+    let ids: Vec<&str> = receipts
+        .iter()
+        .map(|r| r["report_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["b-1", "b-2", "b-forged", "b-1", "b-3"], "{answer}");
+    assert!(receipts[2]["refused"]["code"].is_string(), "{answer}");
+    assert_eq!(receipts[3]["duplicate"], true, "{answer}");
+    assert_eq!(receipts[3]["index"], receipts[0]["index"], "{answer}");
+    // The three new reports: consecutive indexes, one signed checkpoint.
+    let new = [&receipts[0], &receipts[1], &receipts[4]];
+    let first = new[0]["index"].as_u64().unwrap();
+    for (k, v) in new.iter().enumerate() {
+        assert_eq!(v["index"].as_u64(), Some(first + k as u64), "{answer}");
+        assert_eq!(
+            v["receipt"]["checkpoint"], new[0]["receipt"]["checkpoint"],
+            "{answer}"
+        );
+        let receipt: baton_audit::Receipt = serde_json::from_value(v["receipt"].clone()).unwrap();
+        assert_eq!(receipt.index, first + k as u64);
+    }
+    // Retried whole, the batch is acknowledged and logged nothing again.
+    let again = record_reports(&w.d, &id(CRM), &batch, false, None, &clock).unwrap();
+    for k in [0, 1, 3, 4] {
+        assert_eq!(again["receipts"][k]["duplicate"], true, "{again}");
+        assert_eq!(
+            again["receipts"][k]["index"], receipts[k]["index"],
+            "{again}"
+        );
+    }
+    let trace = w.d.trace(started.task_id.as_str()).unwrap().to_string();
+    assert_eq!(trace.matches("\"tool_call\"").count(), 3, "{trace}");
+}
+
+#[test]
 fn an_approval_vouches_for_one_reported_call_only() {
     let w = World::new();
     let started = w.start(&["crm"], &["tool:crm.search:read"]);
@@ -679,6 +726,23 @@ fn an_approval_vouches_for_one_reported_call_only() {
             &clock,
         )
     };
+    // Two reports citing it in one batch: the first is recorded, the
+    // second refused on its own.
+    let both = record_reports(
+        &w.d,
+        &id(CRM),
+        &[approved_report("r-1"), approved_report("r-2")],
+        false,
+        None,
+        &clock,
+    )
+    .unwrap();
+    assert!(both["receipts"][0]["receipt"].is_object(), "{both}");
+    assert_eq!(both["receipts"][1]["report_id"], "r-2", "{both}");
+    assert_eq!(
+        both["receipts"][1]["refused"]["code"], "report_refused",
+        "{both}"
+    );
     let first = send("r-1").unwrap();
     assert!(first["receipts"][0]["index"].is_u64(), "{first}");
     // The same report retried is acknowledged, not refused.

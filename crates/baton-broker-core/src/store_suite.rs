@@ -435,6 +435,13 @@ fn tasks_grants_and_tokens(s: &dyn Store) {
     s.record_report("r1", 7).unwrap();
     s.record_report("r1", 8).unwrap();
     assert_eq!(s.report_seen("r1").unwrap(), Some(7));
+    // A batch's reports in one step; one recorded before keeps its index.
+    s.record_reports(&[("r2", 9), ("r1", 10), ("r3", 11)])
+        .unwrap();
+    assert_eq!(s.report_seen("r1").unwrap(), Some(7));
+    assert_eq!(s.report_seen("r2").unwrap(), Some(9));
+    assert_eq!(s.report_seen("r3").unwrap(), Some(11));
+    s.record_reports(&[]).unwrap();
 
     // Approvals move state by compare-and-set.
     let a = ApprovalState {

@@ -237,6 +237,15 @@ pub trait TaskStore: Send + Sync + std::fmt::Debug {
     /// The audit index of an already recorded tool-call report.
     fn report_seen(&self, report_id: &str) -> Result<Option<u64>, StoreError>;
     fn record_report(&self, report_id: &str, index: u64) -> Result<(), StoreError>;
+    /// [`Self::record_report`] for several reports, in one transaction
+    /// where the store has them (a batch's reports are recorded together,
+    /// after their one audit append).
+    fn record_reports(&self, reports: &[(&str, u64)]) -> Result<(), StoreError> {
+        for (id, index) in reports {
+            self.record_report(id, *index)?;
+        }
+        Ok(())
+    }
     /// The latest approval that binds `binding`, if any.
     fn latest_approval(&self, binding: &str) -> Result<Option<ApprovalState>, StoreError>;
     fn insert_approval(&self, binding: &str, a: &ApprovalState) -> Result<(), StoreError>;
@@ -590,11 +599,21 @@ impl TaskStore for SqliteStore {
     }
 
     fn record_report(&self, report_id: &str, index: u64) -> Result<(), StoreError> {
+        self.record_reports(&[(report_id, index)])
+    }
+
+    fn record_reports(&self, reports: &[(&str, u64)]) -> Result<(), StoreError> {
         self.with(|c| {
-            c.prepare_cached(
-                "INSERT OR IGNORE INTO tool_reports (report_id, audit_index) VALUES (?1, ?2)",
-            )?
-            .execute(params![report_id, to_i64(index)])?;
+            let tx = c.transaction()?;
+            {
+                let mut stmt = tx.prepare_cached(
+                    "INSERT OR IGNORE INTO tool_reports (report_id, audit_index) VALUES (?1, ?2)",
+                )?;
+                for (id, index) in reports {
+                    stmt.execute(params![id, to_i64(*index)])?;
+                }
+            }
+            tx.commit()?;
             Ok(())
         })
     }

@@ -271,24 +271,33 @@ impl ReportSender for HttpSender {
 /// The receipts of a batch the broker answered 2xx that say `refused`.
 /// (An answer without receipts, an older broker's, refuses nothing.)
 fn refusals(body: &str) -> Delivered {
+    // Only the refusals are built: the receipts' checkpoints and proofs
+    // (most of a large answer) are skipped.
+    #[derive(Deserialize)]
+    struct Answered {
+        #[serde(default)]
+        report_id: Option<serde_json::Value>,
+        #[serde(default)]
+        refused: Option<serde_json::Value>,
+    }
     #[derive(Deserialize)]
     struct Answer {
         #[serde(default)]
-        receipts: Vec<serde_json::Value>,
+        receipts: Vec<Answered>,
     }
+    let text = |v: Option<&serde_json::Value>| {
+        v.and_then(serde_json::Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    };
     let refused = serde_json::from_str::<Answer>(body)
         .map(|a| a.receipts)
         .unwrap_or_default()
         .into_iter()
-        .filter_map(|r| {
-            let why = r.get("refused")?;
-            let text = |v: Option<&serde_json::Value>| {
-                v.and_then(serde_json::Value::as_str)
-                    .unwrap_or_default()
-                    .to_owned()
-            };
+        .filter_map(|a| {
+            let why = a.refused?;
             Some(Refusal {
-                report_id: text(r.get("report_id")),
+                report_id: text(a.report_id.as_ref()),
                 code: text(why.get("code")),
                 message: text(why.get("message")),
             })
