@@ -1913,13 +1913,18 @@ impl Delegation {
         let mut steps = Vec::with_capacity(checked.len());
         let mut fresh: Vec<(&ToolCallReport, AuditEvent)> = Vec::new();
         let mut in_batch: BTreeMap<&str, usize> = BTreeMap::new();
+        let ids: Vec<&str> = checked
+            .iter()
+            .map(|c| c.report.report_id.as_str())
+            .collect();
+        let seen = self.tasks.reports_seen(&ids)?;
         for c in checked {
             let r = c.report;
             if let Some(&k) = in_batch.get(r.report_id.as_str()) {
                 steps.push((r.report_id.as_str(), Step::InBatch(k)));
                 continue;
             }
-            if let Some(index) = self.tasks.report_seen(&r.report_id)? {
+            if let Some(&index) = seen.get(r.report_id.as_str()) {
                 steps.push((r.report_id.as_str(), Step::Seen(index)));
                 continue;
             }
@@ -1933,7 +1938,7 @@ impl Delegation {
             steps.push((r.report_id.as_str(), Step::New(fresh.len())));
             fresh.push((r, c.event));
         }
-        let events: Vec<AuditEvent> = fresh.iter().map(|(_, ev)| ev.clone()).collect();
+        let (fresh, events): (Vec<&ToolCallReport>, Vec<AuditEvent>) = fresh.into_iter().unzip();
         let receipts = match events.as_slice() {
             [] => Vec::new(),
             // One report goes through the log's group commit with the
@@ -1949,7 +1954,7 @@ impl Delegation {
                 fresh.len()
             )));
         }
-        for (r, _) in &fresh {
+        for r in &fresh {
             baton_ops::metrics().tool_call(
                 r.risk.as_str(),
                 if r.decision == "allow" {
@@ -1962,23 +1967,30 @@ impl Delegation {
         let ids: Vec<(&str, u64)> = fresh
             .iter()
             .zip(&receipts)
-            .map(|((r, _), receipt)| (r.report_id.as_str(), receipt.index))
+            .map(|(r, receipt)| (r.report_id.as_str(), receipt.index))
             .collect();
-        self.tasks.record_reports(&ids)?;
+        if !ids.is_empty() {
+            self.tasks.record_reports(&ids)?;
+        }
         let duplicate = |id: &str, index: u64| serde_json::json!({ "report_id": id, "index": index, "duplicate": true });
         Ok(steps
             .into_iter()
             .map(|(id, step)| match step {
                 Step::Seen(index) => Ok(duplicate(id, index)),
-                Step::InBatch(k) => Ok(duplicate(id, receipts.get(k).map_or(0, |r| r.index))),
-                Step::New(k) => Ok(match receipts.get(k) {
-                    Some(receipt) => serde_json::json!({
-                        "report_id": id,
-                        "index": receipt.index,
-                        "receipt": receipt,
-                    }),
-                    None => duplicate(id, 0),
-                }),
+                Step::InBatch(k) => receipts
+                    .get(k)
+                    .map(|r| duplicate(id, r.index))
+                    .ok_or_else(|| audit_failed("a report's receipt is missing")),
+                Step::New(k) => receipts
+                    .get(k)
+                    .map(|receipt| {
+                        serde_json::json!({
+                            "report_id": id,
+                            "index": receipt.index,
+                            "receipt": receipt,
+                        })
+                    })
+                    .ok_or_else(|| audit_failed("a report's receipt is missing")),
                 Step::Refused(e) => Err(e),
             })
             .collect())

@@ -21,6 +21,7 @@
 //! store's own. Connections are direct or through a pooler in session mode
 //! (a revocation's working set is a temporary table of its session).
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -2138,6 +2139,25 @@ impl TaskStore for PgStore {
 
     fn record_report(&self, report_id: &str, index: u64) -> Result<(), StoreError> {
         self.record_reports(&[(report_id, index)])
+    }
+
+    fn reports_seen(&self, report_ids: &[&str]) -> Result<BTreeMap<String, u64>, StoreError> {
+        on_conn!(self, |c| {
+            let rows = c
+                .query(
+                    &c.stmt(
+                        "SELECT report_id, audit_index FROM tool_reports WHERE report_id = ANY($1)",
+                    )
+                    .await?,
+                    &[&report_ids],
+                )
+                .await?;
+            let mut seen = BTreeMap::new();
+            for r in rows {
+                seen.insert(r.try_get::<_, String>(0)?, u64_of(r.try_get(1)?));
+            }
+            Ok(seen)
+        })
     }
 
     fn record_reports(&self, reports: &[(&str, u64)]) -> Result<(), StoreError> {

@@ -301,6 +301,7 @@ pub fn record_reports(
     let mut answers: Vec<Option<serde_json::Value>> = vec![None; batch.len()];
     let mut checked = Vec::with_capacity(batch.len());
     let mut at = Vec::with_capacity(batch.len());
+    let mut spans = Vec::with_capacity(batch.len());
     for (i, r) in batch.iter().enumerate() {
         let parent = [r.traceparent.as_deref(), traceparent]
             .into_iter()
@@ -314,12 +315,25 @@ pub fn record_reports(
             Ok(c) => {
                 checked.push(c);
                 at.push(i);
+                spans.push(rt);
             }
             Err(e) if refusable(&e) => answers[i] = Some(refusal(r, &e)),
             Err(e) => return Err(e),
         }
     }
-    for (i, answer) in at.into_iter().zip(d.record_tool_calls(checked)?) {
+    let recorded = match d.record_tool_calls(checked) {
+        Ok(v) => v,
+        Err(e) => {
+            let failed: Result<(), BrokerError> = Err(e);
+            for rt in &spans {
+                rt.outcome(&failed);
+            }
+            return failed.map(|()| serde_json::Value::Null);
+        }
+    };
+    for ((i, answer), rt) in at.into_iter().zip(recorded).zip(&spans) {
+        // The span's outcome is the report's, once it was recorded.
+        rt.outcome(&answer);
         answers[i] = Some(match answer {
             Ok(v) => v,
             Err(e) if refusable(&e) => refusal(&batch[i], &e),

@@ -441,6 +441,11 @@ fn tasks_grants_and_tokens(s: &dyn Store) {
     assert_eq!(s.report_seen("r1").unwrap(), Some(7));
     assert_eq!(s.report_seen("r2").unwrap(), Some(9));
     assert_eq!(s.report_seen("r3").unwrap(), Some(11));
+    let seen = s.reports_seen(&["r3", "r9", "r1"]).unwrap();
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        [("r1".to_owned(), 7), ("r3".to_owned(), 11)]
+    );
     s.record_reports(&[]).unwrap();
 
     // Approvals move state by compare-and-set.

@@ -4,6 +4,8 @@
 //! migrations of every field; the columns the broker queries by are
 //! separate.
 
+use std::collections::BTreeMap;
+
 use baton_core::api::ApprovalState;
 use baton_core::{Actor, ParentRef, Purpose, RiskTier, Scope, SpiffeId, TaskId};
 use rusqlite::{OptionalExtension, params};
@@ -237,6 +239,17 @@ pub trait TaskStore: Send + Sync + std::fmt::Debug {
     /// The audit index of an already recorded tool-call report.
     fn report_seen(&self, report_id: &str) -> Result<Option<u64>, StoreError>;
     fn record_report(&self, report_id: &str, index: u64) -> Result<(), StoreError>;
+    /// [`Self::report_seen`] for several reports: the audit index of each
+    /// one already recorded.
+    fn reports_seen(&self, report_ids: &[&str]) -> Result<BTreeMap<String, u64>, StoreError> {
+        let mut seen = BTreeMap::new();
+        for id in report_ids {
+            if let Some(index) = self.report_seen(id)? {
+                seen.insert((*id).to_owned(), index);
+            }
+        }
+        Ok(seen)
+    }
     /// [`Self::record_report`] for several reports, in one transaction
     /// where the store has them (a batch's reports are recorded together,
     /// after their one audit append).

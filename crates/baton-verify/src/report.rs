@@ -290,19 +290,27 @@ fn refusals(body: &str) -> Delivered {
             .unwrap_or_default()
             .to_owned()
     };
-    let refused = serde_json::from_str::<Answer>(body)
-        .map(|a| a.receipts)
-        .unwrap_or_default()
-        .into_iter()
-        .filter_map(|a| {
-            let why = a.refused?;
-            Some(Refusal {
-                report_id: text(a.report_id.as_ref()),
-                code: text(why.get("code")),
-                message: text(why.get("message")),
-            })
-        })
-        .collect();
+    let refusal = |report_id: Option<&serde_json::Value>, why: &serde_json::Value| Refusal {
+        report_id: text(report_id),
+        code: text(why.get("code")),
+        message: text(why.get("message")),
+    };
+    let refused = match serde_json::from_str::<Answer>(body) {
+        Ok(a) => a
+            .receipts
+            .into_iter()
+            .filter_map(|a| Some(refusal(a.report_id.as_ref(), &a.refused?)))
+            .collect(),
+        // An answer of another shape (an element that is not an object, a
+        // key twice) is read whole, so no refusal in it is missed.
+        Err(_) => serde_json::from_str::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| v.get("receipts").and_then(|r| r.as_array()).cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|r| Some(refusal(r.get("report_id"), r.get("refused")?)))
+            .collect(),
+    };
     Delivered { refused }
 }
 
@@ -1433,6 +1441,34 @@ impl Reporter {
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod answer_tests {
+    #[test]
+    fn every_refusal_of_an_answer_is_read_whatever_else_it_holds() {
+        let ids = |body: &str| {
+            super::refusals(body)
+                .refused
+                .into_iter()
+                .map(|r| format!("{}:{}", r.report_id, r.code))
+                .collect::<Vec<_>>()
+        };
+        let refused = r#"{"report_id":"r-2","refused":{"code":"report_refused","message":"no"}}"#;
+        // The broker's answer: receipts skipped, the refusal read.
+        let answer = format!(
+            r#"{{"receipts":[{{"report_id":"r-1","index":4,"receipt":{{"index":4,"inclusion_proof":["ab"]}}}},{refused}]}}"#
+        );
+        assert_eq!(ids(&answer), ["r-2:report_refused"]);
+        // Another shape (an element that is not an object, a key twice)
+        // loses no refusal.
+        let odd = format!(r#"{{"receipts":[null,"x",{refused}]}}"#);
+        assert_eq!(ids(&odd), ["r-2:report_refused"]);
+        let twice =
+            r#"{"receipts":[{"report_id":"r-0","report_id":"r-3","refused":{"code":"c"}}]}"#;
+        assert_eq!(ids(twice), ["r-3:c"]);
+        assert!(ids(r#"{"receipts":[]}"#).is_empty());
     }
 }
 
