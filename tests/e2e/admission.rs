@@ -388,8 +388,10 @@ fn broker_with(dir: &Path, args: &[&str]) -> (bool, String) {
 }
 
 /// The admin socket's path is replaced only when it holds a stale socket:
-/// a regular file there (a typo naming the audit log) stops the start and
-/// is kept. The control: a stale socket from an earlier run is replaced.
+/// a regular file there (a typo naming the audit log) or a socket another
+/// process serves (a second broker given the same path) stops the start
+/// and is kept. The control: a stale socket from an earlier run is
+/// replaced.
 #[test]
 fn a_broker_replaces_a_stale_admin_socket_and_nothing_else() {
     let dir = tempfile::Builder::new()
@@ -402,9 +404,29 @@ fn a_broker_replaces_a_stale_admin_socket_and_nothing_else() {
     assert!(!started, "{log}");
     assert!(log.contains("not a socket"), "{log}");
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "precious");
-    // A stale socket (its listener gone, as after a crash) is replaced.
+    // A socket someone serves is not taken over: its clients keep reaching
+    // it, and the broker says why it did not start.
     std::fs::remove_file(&path).unwrap();
-    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    let live = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let (started, log) = broker_with(dir.path(), &["--dev-issuer"]);
+    assert!(!started, "{log}");
+    assert!(log.contains("another process is serving"), "{log}");
+    {
+        use std::io::{Read as _, Write as _};
+        let mut client = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        client.write_all(b"x").unwrap();
+        // The broker's probe sits in the backlog first: it ends at once.
+        let got = loop {
+            let (mut conn, _) = live.accept().unwrap();
+            let mut b = [0u8; 1];
+            if conn.read(&mut b).unwrap() == 1 {
+                break b[0];
+            }
+        };
+        assert_eq!(got, b'x', "the socket's own clients still reach it");
+    }
+    // A stale socket (its listener gone, as after a crash) is replaced.
+    drop(live);
     assert!(std::os::unix::fs::FileTypeExt::is_socket(
         &std::fs::symlink_metadata(&path).unwrap().file_type()
     ));
@@ -516,4 +538,155 @@ fn a_broker_without_a_valid_admission_policy_does_not_start() {
     let (started, log) = broker_with(dir.path(), &wrong);
     assert!(!started, "{log}");
     assert!(log.contains("admission policy: "), "{log}");
+}
+
+/// A JWKS of `keys` (kid, P-256 key pair), as an IdP publishes it.
+fn write_jwks(path: &Path, keys: &[(&str, &rcgen::KeyPair)]) {
+    use base64::Engine as _;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let keys: Vec<serde_json::Value> = keys
+        .iter()
+        .map(|(kid, kp)| {
+            // The uncompressed point: 0x04, then x and y.
+            let point = kp.public_key_raw();
+            serde_json::json!({
+                "kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": kid,
+                "x": b64(&point[1..33]), "y": b64(&point[33..65]),
+            })
+        })
+        .collect();
+    std::fs::write(path, serde_json::json!({ "keys": keys }).to_string()).unwrap();
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+}
+
+/// An IdP's keys are read again on SIGHUP: a key it withdrew (a leaked
+/// one) starts no task from then on, and one it added does. A JWKS file
+/// that does not parse, or that every user can write, keeps the keys in
+/// force. The control at each step: the key the JWKS in force names.
+#[test]
+fn sighup_rereads_the_oidc_jwks_so_a_withdrawn_key_starts_nothing() {
+    const ISS: &str = "https://login.example.org";
+    let dir = tempfile::Builder::new()
+        .prefix("baton-jwks")
+        .tempdir()
+        .unwrap();
+    let shipped = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../deploy/policies/admission"
+    );
+    let policies = dir.path().join("admission");
+    std::fs::create_dir(&policies).unwrap();
+    for f in std::fs::read_dir(shipped).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, policies.join(f.file_name().unwrap())).unwrap();
+    }
+    let old = rcgen::KeyPair::generate().unwrap();
+    let new = rcgen::KeyPair::generate().unwrap();
+    let jwks = dir.path().join("jwks.json");
+    write_jwks(&jwks, &[("k-old", &old)]);
+
+    let ready = dir.path().join("broker.addr");
+    let admin = dir.path().join("admin.sock");
+    let mut cmd: Command = baton();
+    cmd.args(["broker", "--trust-domain", TD, "--listen", "127.0.0.1:0"])
+        .args([
+            "--oidc-issuer",
+            ISS,
+            "--oidc-audience",
+            "baton",
+            "--oidc-jwks",
+        ])
+        .arg(&jwks)
+        .arg("--admission-policy")
+        .arg(&policies)
+        .arg("--data-dir")
+        .arg(dir.path().join("broker"))
+        .arg("--admin-socket")
+        .arg(&admin)
+        .arg("--ready-file")
+        .arg(&ready);
+    let mut broker = Proc::spawn("broker", cmd, dir.path().join("broker.log"));
+    wait_for("the broker's ready file", Duration::from_secs(60), || {
+        assert!(broker.is_running(), "{}", broker.log_text());
+        ready.exists().then_some(())
+    });
+
+    // Each start spends its ID token: every one is fresh (its own jti).
+    let minted = std::cell::Cell::new(0u32);
+    let start = |kid: &str, key: &rcgen::KeyPair| {
+        minted.set(minted.get() + 1);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some(kid.to_owned());
+        let claims = serde_json::json!({
+            "iss": ISS, "aud": "baton", "sub": "alice", "iat": now, "exp": now + 600,
+            "jti": format!("t-{}", minted.get()), "groups": ["engineering"],
+        });
+        let signing = jsonwebtoken::EncodingKey::from_ec_der(&key.serialize_der());
+        let token = jsonwebtoken::encode(&header, &claims, &signing).unwrap();
+        baton()
+            .args(["task", "start", "--root-agent", PLANNER])
+            .args(["--purpose", "support.case-research"])
+            .args(["--scope", "tool:crm.search:read", "--audience", "crm"])
+            .args(["-o", "json", "--admin-socket"])
+            .arg(&admin)
+            .env("BATON_ID_TOKEN", token)
+            .output()
+            .unwrap()
+    };
+    let started = |out: std::process::Output, what: &str| {
+        assert!(out.status.success(), "{what}: {}", stderr(&out));
+    };
+    let refused = |out: std::process::Output, kid: &str| {
+        assert!(!out.status.success(), "{kid} started a task");
+        let err = stderr(&out);
+        assert!(
+            err.contains(&format!("\"{kid}\" is not in the issuer's JWKS")),
+            "{kid}: {err}"
+        );
+    };
+    let hup = |broker: &mut Proc, line: &str| {
+        let before = broker.log_text().matches(line).count();
+        let pid = broker.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-HUP", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        wait_for(line, Duration::from_secs(30), || {
+            (broker.log_text().matches(line).count() > before).then_some(())
+        });
+        assert!(broker.is_running(), "{}", broker.log_text());
+    };
+
+    // Before any reload: the published key starts a task, another does not.
+    started(start("k-old", &old), "the published key");
+    refused(start("k-new", &new), "k-new");
+
+    // The IdP rotates and withdraws the old key.
+    write_jwks(&jwks, &[("k-new", &new)]);
+    hup(&mut broker, "SIGHUP: reloaded OIDC issuer keys");
+    refused(start("k-old", &old), "k-old");
+    started(start("k-new", &new), "the rotated-in key");
+
+    // A JWKS that does not parse: the keys in force stay.
+    std::fs::write(&jwks, "{\"keys\": [").unwrap();
+    hup(&mut broker, "SIGHUP: cannot reload OIDC issuer keys");
+    started(start("k-new", &new), "the key in force");
+    refused(start("k-old", &old), "k-old");
+
+    // A JWKS every user can write (anyone could add a key): refused too.
+    write_jwks(&jwks, &[("k-old", &old)]);
+    std::fs::set_permissions(&jwks, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
+    hup(&mut broker, "SIGHUP: cannot reload OIDC issuer keys");
+    let log = broker.log_text();
+    assert!(log.contains("writable by every user"), "{log}");
+    refused(start("k-old", &old), "k-old");
+    started(start("k-new", &new), "the key in force");
+    broker.stop();
 }

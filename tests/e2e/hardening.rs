@@ -58,6 +58,50 @@ fn post(w: &World, dir: &Path, path: &str, body: &serde_json::Value) -> (u16, se
     })
 }
 
+/// What the broker answers (status line and what it sent with it) to a
+/// POST of `path` with the credential in `dir` that declares a body of
+/// `declared` bytes (within the route's limit) and sends one byte of it:
+/// `None` when it waits for the rest.
+fn answer_while_the_body_is_owed(
+    w: &World,
+    dir: &Path,
+    path: &str,
+    declared: usize,
+) -> Option<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let cfg = crate::tls_resumption::mtls_client(dir, &w.c.path("broker/bundle.pem"));
+    let addr = w.broker_url().trim_start_matches("https://").to_owned();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("broker.example.org").unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(cfg)
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: broker\r\nContent-Type: application/json\r\nContent-Length: {declared}\r\n\r\n["
+        );
+        tls.write_all(head.as_bytes()).await.unwrap();
+        tls.flush().await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        // Until the answer's body is in (it ends with the JSON's brace),
+        // the connection closes, or the deadline passes.
+        while !got.ends_with(b"}") {
+            match tokio::time::timeout_at(deadline, tls.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+                _ => break,
+            }
+        }
+        (!got.is_empty()).then(|| String::from_utf8_lossy(&got).into_owned())
+    })
+}
+
 fn token_of(dir: &Path) -> String {
     std::fs::read_to_string(dir.join("token"))
         .unwrap()
@@ -86,7 +130,7 @@ fn trace(w: &World, task: &str) -> String {
 
 /// The serial (lowercase hex, no leading zero bytes) of the task
 /// certificate in `dir`.
-fn serial_of(dir: &Path) -> String {
+pub fn serial_of(dir: &Path) -> String {
     let leaf = CertificateDer::pem_file_iter(dir.join("svid.pem"))
         .unwrap()
         .next()
@@ -694,6 +738,21 @@ fn tool_call_reports_only_from_the_tokens_tool_servers() {
     );
     assert_eq!(status, 403, "{body}");
     assert_eq!(body["code"], "certificate_revoked", "{body}");
+    // Refused before its body is read: a revoked server cannot make the
+    // broker take in a batch (up to 4 MiB) or an approval request (up to
+    // 64 KiB) it will refuse anyway. Each declared size is within its
+    // route's limit, so the answer is not the size refusal.
+    for (route, declared) in [
+        ("/v1/audit/tool-calls", 1_000_000),
+        ("/v1/approvals", 60_000),
+    ] {
+        let answer =
+            answer_while_the_body_is_owed(&w, &tool, route, declared).unwrap_or_else(|| {
+                panic!("{route}: the broker waited for the body of a revoked server")
+            });
+        assert!(answer.starts_with("HTTP/1.1 403"), "{route}: {answer}");
+        assert!(answer.contains("certificate_revoked"), "{route}: {answer}");
+    }
 }
 
 /// A token whose signature does not verify writes nothing into the trace

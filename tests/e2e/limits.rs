@@ -404,6 +404,54 @@ fn hops_are_rate_limited_per_agent() {
     assert!(ok, "{err}");
 }
 
+/// A node's redeems are limited per node: a workload replaying a spent
+/// grant through its node daemon (each refusal an audit event) is cut off
+/// by the limit before the broker writes more of them. The control: the
+/// first redeem, under the limit, delivers the credential.
+#[test]
+fn a_spent_grant_replayed_through_a_node_is_rate_limited() {
+    use crate::delegation::{PLANNER, World};
+    let read = ["tool:crm.search:read", "dataset:crm:read"];
+    let w = World::start_with_args(None, vec!["--rate-limit".into(), "node-mint=3/1h".into()]);
+    let (task, grant) = w.start_task(&read, "3", "10m", "read");
+    w.redeem(&grant, PLANNER, "nm-planner");
+    let replay = || {
+        let out = w.run(&[
+            "grant",
+            "redeem",
+            "--grant",
+            &grant,
+            "--spiffe-id",
+            PLANNER,
+            "--out",
+            w.c.path("nm-replay").to_str().unwrap(),
+        ]);
+        assert!(!out.status.success(), "a spent grant redeemed again");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let refusals = |w: &World| {
+        w.json(&["audit", "trace", &task, "--json"])
+            .to_string()
+            .matches("grant_used")
+            .count()
+    };
+    // Two replays reach the broker, which refuses and records them.
+    for _ in 0..2 {
+        let err = replay();
+        assert!(!err.contains("rate limit"), "{err}");
+    }
+    let recorded = refusals(&w);
+    assert!(recorded >= 2, "the replays' refusals are in the trace");
+    // The third is refused by the limit, before any work: nothing more
+    // is recorded.
+    let err = replay();
+    assert!(
+        err.contains("rate limit node-mint (3/1h per caller)"),
+        "{err}"
+    );
+    assert_eq!(refusals(&w), recorded);
+}
+
 #[test]
 fn bad_limit_flags_are_refused_at_start() {
     for (args, want) in [

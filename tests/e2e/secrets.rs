@@ -307,6 +307,29 @@ async fn api_key_is_introspected_live_then_inactive_after_task_end() {
     let dead = introspect(&key);
     assert_eq!(dead["active"], false, "{dead}");
     assert!(dead.get("task_id").is_none(), "{dead}");
+
+    // The introspecting server's SVID revoked: it learns nothing more of
+    // any key (whether it is live, its task and scope).
+    let serial = crate::hardening::serial_of(&tool);
+    w.ok(&[
+        "revoke",
+        "credential",
+        &serial,
+        "--reason",
+        "tool server retired",
+    ]);
+    let err = w.refused(&[
+        "secret",
+        "introspect",
+        "--credential",
+        tool.to_str().unwrap(),
+        "--key",
+        &key,
+    ]);
+    assert!(
+        err.contains("certificate_revoked") && err.contains(&serial),
+        "{err}"
+    );
 }
 
 /// A PostgreSQL failure under the secret engine is counted in

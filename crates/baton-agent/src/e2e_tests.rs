@@ -238,6 +238,48 @@ async fn agent_serves_svids_from_a_real_broker_and_survives_restart() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
 
+    // A workload asking for a new audience each time spends its own share
+    // of the broker's JWT-SVID limit, not its node's: after a burst it is
+    // refused, and what it has cached is still served.
+    let mut minted = 1; // "svc" above
+    let since = std::time::Instant::now();
+    let refused = loop {
+        let asked = client
+            .fetch_jwtsvid(with_header(JwtsvidRequest {
+                audience: vec![format!("aud-{minted}")],
+                spiffe_id: String::new(),
+            }))
+            .await;
+        match asked {
+            Ok(_) => minted += 1,
+            Err(status) => break status,
+        }
+        // One a second comes back while it asks (a slow machine asks slowly).
+        let earned = u32::try_from(since.elapsed().as_secs()).unwrap() + 2;
+        assert!(
+            minted <= crate::jwt::MINTS_PER_ENTRY_BURST + earned,
+            "no limit per entry: {minted} minted"
+        );
+    };
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert!(
+        minted >= crate::jwt::MINTS_PER_ENTRY_BURST,
+        "{minted}: {refused:?}"
+    );
+    let cached = client
+        .fetch_jwtsvid(with_header(JwtsvidRequest {
+            audience: vec!["svc".into()],
+            spiffe_id: String::new(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cached.svids[0].svid, jwt.svids[0].svid);
+
     // The Delegation service shares the socket, the header rule and the
     // attestation; a bogus grant reaches the broker over the node's mTLS
     // and comes back as a refusal, not as an outage.
@@ -315,7 +357,7 @@ async fn agent_serves_svids_from_a_real_broker_and_survives_restart() {
     drop(source);
     config.join_token = None;
     config.bootstrap_bundle_pem = None;
-    let agent = start_agent(config).await;
+    let agent = start_agent(config.clone()).await;
     assert_eq!(agent.ready.node_id, token.node_id);
     let mut client = workload_client(&agent.ready.socket_path).await;
     let mut stream = client
@@ -329,6 +371,31 @@ async fn agent_serves_svids_from_a_real_broker_and_survives_restart() {
         .unwrap()
         .unwrap();
     assert_eq!(msg.svids[0].spiffe_id, entry.spiffe_id.as_str());
+    agent.stop().await;
+
+    // A broker whose bundle is older than one this node installed (a
+    // rolled-back CA journal) is not followed: its bundle, entries and
+    // SVIDs are refused. Here the node has "seen" a sequence 1,000 past
+    // the broker's (its stored bundle, authorities kept).
+    let stored = config.data_dir.join("bundle.json");
+    let mut ahead: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&stored).unwrap()).unwrap();
+    let broker_seq = ahead["spiffe_sequence"].as_u64().unwrap();
+    ahead["spiffe_sequence"] = serde_json::json!(broker_seq + 1000);
+    std::fs::write(&stored, serde_json::to_vec(&ahead).unwrap()).unwrap();
+    let agent = start_agent(config.clone()).await;
+    // The first sync ran before the socket opened: nothing was installed.
+    let kept: serde_json::Value = serde_json::from_slice(&std::fs::read(&stored).unwrap()).unwrap();
+    assert_eq!(kept["spiffe_sequence"], broker_seq + 1000, "{kept}");
+    let mut client = workload_client(&agent.ready.socket_path).await;
+    let refused = match client.fetch_x509svid(with_header(X509svidRequest {})).await {
+        Err(status) => status,
+        Ok(stream) => tokio::time::timeout(DEADLINE, stream.into_inner().message())
+            .await
+            .unwrap()
+            .unwrap_err(),
+    };
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
     agent.stop().await;
 
     let _ = bstop.send(());

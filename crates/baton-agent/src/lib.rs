@@ -30,15 +30,13 @@ pub mod workload;
 mod e2e_tests;
 
 use std::future::Future;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use baton_core::{Secret, SpiffeId, TrustDomain};
 use baton_proto::delegation::delegation_server::DelegationServer;
 use baton_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
-use tokio::net::UnixListener;
 use tokio::sync::{oneshot, watch};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
@@ -174,15 +172,8 @@ pub enum AgentError {
     Node(#[from] NodeError),
     #[error(transparent)]
     Client(#[from] ClientError),
-    #[error("cannot {action} the Workload API socket {path}: {source}")]
-    Socket {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("refusing to replace {path}: it exists and is not a socket")]
-    NotASocket { path: PathBuf },
+    #[error("Workload API socket: {0}")]
+    Socket(#[from] baton_tls::SocketFileError),
     #[error("the Workload API server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
     /// The broker banned this node: final until an operator lifts it, so
@@ -338,7 +329,6 @@ pub async fn run(
     };
     sync_task.abort();
     renew_task.abort();
-    let _ = std::fs::remove_file(&config.socket_path);
     if banned.load(std::sync::atomic::Ordering::SeqCst) {
         return Err(AgentError::Banned { node: node_id });
     }
@@ -405,7 +395,10 @@ async fn serve(
     ready: Option<oneshot::Sender<AgentReady>>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), AgentError> {
-    let listener = bind_socket(&config.socket_path, config.socket_mode)?;
+    // Removed when serving ends (this future completes or is dropped),
+    // only while the file is still the one bound here.
+    let (listener, _socket_file) =
+        baton_tls::bind_unix_socket(&config.socket_path, config.socket_mode)?;
     // One attestor for both services, so they share its digest cache.
     let attestor = Arc::new(Attestor::new());
     let delegation = DelegationService::new(
@@ -442,37 +435,6 @@ async fn serve(
     Ok(())
 }
 
-/// Binds the socket, replacing a stale socket file (never another kind of
-/// file), and sets its mode.
-fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener, AgentError> {
-    let err = |action, source| AgentError::Socket {
-        action,
-        path: path.to_owned(),
-        source,
-    };
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            std::fs::remove_file(path).map_err(|e| err("remove the stale", e))?;
-        }
-        Ok(_) => {
-            return Err(AgentError::NotASocket {
-                path: path.to_owned(),
-            });
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(err("inspect", e)),
-    }
-    if let Some(parent) = path.parent()
-        && !parent.as_os_str().is_empty()
-    {
-        std::fs::create_dir_all(parent).map_err(|e| err("create the directory of", e))?;
-    }
-    let listener = UnixListener::bind(path).map_err(|e| err("bind", e))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| err("set the mode of", e))?;
-    Ok(listener)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -489,26 +451,6 @@ mod tests {
         c.rotate_fraction = 0.5;
         c.broker_id = SpiffeId::parse("spiffe://other.org/baton/broker").unwrap();
         assert!(matches!(c.validate(), Err(AgentError::Config(_))));
-    }
-
-    #[tokio::test]
-    async fn socket_replaces_stale_socket_only() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("sub").join("agent.sock");
-        let first = bind_socket(&path, 0o666).unwrap();
-        drop(first);
-        // The file of the dropped listener is stale: it is replaced.
-        let _second = bind_socket(&path, 0o660).unwrap();
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o660);
-
-        let file = dir.path().join("precious");
-        std::fs::write(&file, b"data").unwrap();
-        assert!(matches!(
-            bind_socket(&file, 0o666),
-            Err(AgentError::NotASocket { .. })
-        ));
-        assert_eq!(std::fs::read(&file).unwrap(), b"data");
     }
 
     #[tokio::test]

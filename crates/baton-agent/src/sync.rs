@@ -42,6 +42,10 @@ pub enum SyncError {
     Bundle(#[source] baton_ca::CaError),
     #[error("cannot make a workload key or CSR: {0}")]
     Key(#[source] baton_ca::CaError),
+    #[error(
+        "the broker's trust bundle has sequence {got}, older than {have}, which this node has already installed: a broker serving a rolled-back CA journal (a replayed or restored one) is not followed. After restoring the CA on purpose, remove the node's stored bundle.json and restart it with --trust-bundle"
+    )]
+    RolledBack { got: u64, have: u64 },
     #[error("the broker's SVID for entry {entry} is unusable: {reason}")]
     BadSvid { entry: String, reason: String },
 }
@@ -66,6 +70,9 @@ pub struct Syncer {
     /// The sequence of the last bundle whose taints this node applied and
     /// whose snapshot it published; sent with the next sync.
     applied: Option<u64>,
+    /// The highest bundle sequence this node has installed (also from its
+    /// stored bundle, across restarts): an older bundle is refused.
+    installed: Option<u64>,
 }
 
 impl Syncer {
@@ -76,6 +83,13 @@ impl Syncer {
         tx: watch::Sender<Arc<Snapshot>>,
         tainted: watch::Sender<Tainted>,
     ) -> Self {
+        let installed = match store.load_bundle(&settings.trust_domain) {
+            Ok(stored) => stored.map(|b| b.sequence),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the stored trust bundle's sequence");
+                None
+            }
+        };
         Self {
             client,
             store,
@@ -84,6 +98,7 @@ impl Syncer {
             last_bundle: None,
             tainted,
             applied: None,
+            installed,
         }
     }
 
@@ -107,6 +122,16 @@ impl Syncer {
         let td = self.settings.trust_domain.clone();
         let resp = self.client.sync(self.applied).await?;
         let bundle = TrustBundle::from_spiffe_json(&td, &resp.bundle).map_err(SyncError::Bundle)?;
+        // Sequences only grow: an older bundle (and the entries and taints
+        // that came with it) is a rolled-back broker's, never installed.
+        if let Some(have) = self.installed
+            && bundle.sequence < have
+        {
+            return Err(SyncError::RolledBack {
+                got: bundle.sequence,
+                have,
+            });
+        }
         if self.last_bundle.as_ref() != Some(&resp.bundle) {
             // The broker's CA may have rotated: trust the new anchors for
             // our own TLS too, and remember them across restarts.
@@ -120,6 +145,7 @@ impl Syncer {
             }
             tracing::info!(sequence = bundle.sequence, "trust bundle updated");
             self.last_bundle = Some(resp.bundle.clone());
+            self.installed = Some(bundle.sequence);
         }
         let view = BundleView {
             trust_domain: td,

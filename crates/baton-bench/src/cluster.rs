@@ -87,10 +87,13 @@ impl Broker {
         let mut cfg = BrokerConfig::new(td, None, dir.path().join("admin.sock"));
         cfg.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         // The hop benches drive one agent far beyond an honest agent's rate.
-        cfg.rate_limits.delegate = baton_broker::limits::RateLimit {
+        let unlimited = baton_broker::limits::RateLimit {
             burst: std::num::NonZeroU32::MAX,
             per: std::time::Duration::from_secs(1),
         };
+        cfg.rate_limits.delegate = unlimited;
+        cfg.rate_limits.node_mint = unlimited;
+        cfg.rate_limits.approvals = unlimited;
         configure(&mut cfg, dir.path());
         let (ready_tx, ready_rx) = oneshot::channel();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();

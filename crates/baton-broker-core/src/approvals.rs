@@ -167,6 +167,7 @@ impl Delegation {
             resource: req.resource.clone(),
             risk: req.risk,
             input_digest: req.input_digest.clone(),
+            token_jti: Some(req.token_jti.clone()),
             target: req.target.clone(),
             shown: req.shown.clone(),
             requested_by: server.clone(),
@@ -253,6 +254,7 @@ impl Delegation {
     ) -> Result<ApprovalState, BrokerError> {
         let human = self
             .oidc
+            .load()
             .verify(d.id_token.expose(), now)
             .map_err(|e| BrokerError::Unauthenticated(format!("deciding identity refused: {e}")))?;
         let a = self.get_approval(id, now)?;

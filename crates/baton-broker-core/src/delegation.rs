@@ -132,7 +132,9 @@ impl Default for DelegationSettings {
 pub struct Delegation {
     broker: Arc<Broker>,
     tasks: Arc<dyn TaskStore>,
-    oidc: OidcVerifier,
+    /// The trusted OIDC issuers' keys; swapped whole when their JWKS files
+    /// are read again (SIGHUP).
+    oidc: ArcSwap<OidcVerifier>,
     dev_issuer: Option<DevIssuer>,
     /// Swapped whole on a reload (SIGHUP); a decision reads one snapshot.
     policy: ArcSwap<Engine>,
@@ -227,8 +229,20 @@ fn bad(field: &'static str, message: impl Into<String>) -> BrokerError {
 #[derive(Debug)]
 pub struct CheckedReport<'r> {
     report: &'r ToolCallReport,
+    /// What the report is deduplicated by: its id within its reporter's
+    /// ids ([`report_key`]).
+    key: String,
     event: AuditEvent,
     approval: Option<ApprovalState>,
+}
+
+/// The datastore key of `reporter`'s report `report_id`. Report ids are
+/// chosen by reporters, so each reporter has its own: a server that learns
+/// another's report id cannot have that report taken for a duplicate of
+/// its own (and dropped unlogged) by sending it first. A space never
+/// occurs in a SPIFFE ID, so the key names one (reporter, id) pair.
+fn report_key(reporter: &SpiffeId, report_id: &str) -> String {
+    format!("{reporter} {report_id}")
 }
 
 fn audit_failed(e: impl std::fmt::Display) -> BrokerError {
@@ -252,7 +266,7 @@ impl Delegation {
         Self {
             broker,
             tasks,
-            oidc,
+            oidc: ArcSwap::from_pointee(oidc),
             dev_issuer,
             policy: ArcSwap::new(policy),
             admission: ArcSwap::new(admission),
@@ -286,6 +300,18 @@ impl Delegation {
     /// Replaces the admission policy, as [`Delegation::replace_policy`].
     pub fn replace_admission(&self, admission: AdmissionPolicy) {
         self.admission.store(Arc::new(admission));
+    }
+
+    /// The trusted OIDC issuers and their keys, as in force now.
+    pub fn oidc(&self) -> Arc<OidcVerifier> {
+        self.oidc.load_full()
+    }
+
+    /// Replaces the trusted issuers' keys (their JWKS files read again):
+    /// an ID token is checked against the new keys from the next request
+    /// on, so a key the IdP withdrew starts nothing more.
+    pub fn replace_oidc(&self, oidc: OidcVerifier) {
+        self.oidc.store(Arc::new(oidc));
     }
 
     fn event(&self, kind: EventKind, task: &TaskId, now: u64) -> AuditEvent {
@@ -400,9 +426,13 @@ impl Delegation {
         now: SystemTime,
     ) -> Result<StartTaskResponse, BrokerError> {
         let now = unix(now);
-        let initiator = self.oidc.verify(req.id_token.expose(), now).map_err(|e| {
-            BrokerError::Unauthenticated(format!("initiating identity refused: {e}"))
-        })?;
+        let initiator = self
+            .oidc
+            .load()
+            .verify(req.id_token.expose(), now)
+            .map_err(|e| {
+                BrokerError::Unauthenticated(format!("initiating identity refused: {e}"))
+            })?;
         let td = self.broker.trust_domain();
         if !req.root_agent.is_member_of(td) || crate::service::is_infrastructure_id(&req.root_agent)
         {
@@ -1881,6 +1911,7 @@ impl Delegation {
         }
         Ok(CheckedReport {
             report: r,
+            key: report_key(reporter, &r.report_id),
             event: ev,
             approval,
         })
@@ -1911,20 +1942,17 @@ impl Delegation {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut steps = Vec::with_capacity(checked.len());
-        let mut fresh: Vec<(&ToolCallReport, AuditEvent)> = Vec::new();
-        let mut in_batch: BTreeMap<&str, usize> = BTreeMap::new();
-        let ids: Vec<&str> = checked
-            .iter()
-            .map(|c| c.report.report_id.as_str())
-            .collect();
-        let seen = self.tasks.reports_seen(&ids)?;
+        let mut fresh: Vec<(&ToolCallReport, String, AuditEvent)> = Vec::new();
+        let mut in_batch: BTreeMap<String, usize> = BTreeMap::new();
+        let keys: Vec<&str> = checked.iter().map(|c| c.key.as_str()).collect();
+        let seen = self.tasks.reports_seen(&keys)?;
         for c in checked {
             let r = c.report;
-            if let Some(&k) = in_batch.get(r.report_id.as_str()) {
+            if let Some(&k) = in_batch.get(&c.key) {
                 steps.push((r.report_id.as_str(), Step::InBatch(k)));
                 continue;
             }
-            if let Some(&index) = seen.get(r.report_id.as_str()) {
+            if let Some(&index) = seen.get(&c.key) {
                 steps.push((r.report_id.as_str(), Step::Seen(index)));
                 continue;
             }
@@ -1934,11 +1962,20 @@ impl Delegation {
                 steps.push((r.report_id.as_str(), Step::Refused(e)));
                 continue;
             }
-            in_batch.insert(r.report_id.as_str(), fresh.len());
+            in_batch.insert(c.key.clone(), fresh.len());
             steps.push((r.report_id.as_str(), Step::New(fresh.len())));
-            fresh.push((r, c.event));
+            fresh.push((r, c.key, c.event));
         }
-        let (fresh, events): (Vec<&ToolCallReport>, Vec<AuditEvent>) = fresh.into_iter().unzip();
+        let mut keys = Vec::with_capacity(fresh.len());
+        let mut events = Vec::with_capacity(fresh.len());
+        let fresh: Vec<&ToolCallReport> = fresh
+            .into_iter()
+            .map(|(r, key, event)| {
+                keys.push(key);
+                events.push(event);
+                r
+            })
+            .collect();
         let receipts = match events.as_slice() {
             [] => Vec::new(),
             // One report goes through the log's group commit with the
@@ -1964,13 +2001,13 @@ impl Delegation {
                 },
             );
         }
-        let ids: Vec<(&str, u64)> = fresh
+        let recorded: Vec<(&str, u64)> = keys
             .iter()
             .zip(&receipts)
-            .map(|(r, receipt)| (r.report_id.as_str(), receipt.index))
+            .map(|(key, receipt)| (key.as_str(), receipt.index))
             .collect();
-        if !ids.is_empty() {
-            self.tasks.record_reports(&ids)?;
+        if !recorded.is_empty() {
+            self.tasks.record_reports(&recorded)?;
         }
         let duplicate = |id: &str, index: u64| serde_json::json!({ "report_id": id, "index": index, "duplicate": true });
         Ok(steps
@@ -2025,11 +2062,18 @@ impl Delegation {
                 ),
             )
         };
+        // The report must describe the call the human approved: its task,
+        // agent, tool, resource, risk, the token it was asked with, and
+        // the server that asked. (Its input digest is of the call as bound
+        // for the approval, headers and target with the body, which the
+        // report's digest of the body alone cannot be compared with.)
         let Some(a) = self.tasks.get_approval(id)?.filter(|a| {
             a.task_id == r.task_id
                 && a.agent == r.agent
                 && a.tool == r.tool
                 && a.resource == r.resource
+                && a.risk == r.risk
+                && a.token_jti.as_deref().is_none_or(|j| j == r.token_jti)
                 && a.requested_by == *reporter
         }) else {
             return Err(refused(&format!(

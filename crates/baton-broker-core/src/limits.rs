@@ -117,16 +117,26 @@ pub enum Limited {
     /// `POST /v1/delegate`, per agent (its task SVID's SPIFFE ID): each
     /// hop signs a token and writes audit events and rows.
     Delegate,
+    /// `POST /v1/node/redeem` and `POST /v1/node/renew-task`, per node:
+    /// each answer, a refusal too, is an audit event, so a compromised
+    /// workload replaying a spent grant through its node daemon cannot
+    /// fill the audit log at line rate.
+    NodeMint,
+    /// `POST /v1/approvals`, per tool server: each new call held for
+    /// approval is an approval row and an audit event.
+    Approvals,
 }
 
 impl Limited {
-    pub const ALL: [Limited; 6] = [
+    pub const ALL: [Limited; 8] = [
         Limited::Attest,
         Limited::TaskStart,
         Limited::ToolCallReports,
         Limited::JwtSvid,
         Limited::SecretLease,
         Limited::Delegate,
+        Limited::NodeMint,
+        Limited::Approvals,
     ];
 
     /// The name in flags (`--rate-limit NAME=...`) and refusals.
@@ -138,6 +148,8 @@ impl Limited {
             Limited::JwtSvid => "jwt-svid",
             Limited::SecretLease => "secret-lease",
             Limited::Delegate => "delegate",
+            Limited::NodeMint => "node-mint",
+            Limited::Approvals => "approvals",
         }
     }
 
@@ -158,6 +170,8 @@ impl Limited {
             "/v1/node/sign-jwt" => Limited::JwtSvid,
             "/v1/secrets/lease" => Limited::SecretLease,
             "/v1/delegate" => Limited::Delegate,
+            "/v1/node/redeem" | "/v1/node/renew-task" => Limited::NodeMint,
+            "/v1/approvals" => Limited::Approvals,
             _ => return None,
         })
     }
@@ -183,6 +197,8 @@ pub struct RateLimits {
     pub jwt_svid: RateLimit,
     pub secret_lease: RateLimit,
     pub delegate: RateLimit,
+    pub node_mint: RateLimit,
+    pub approvals: RateLimit,
 }
 
 const fn limit(burst: u32, per_secs: u64) -> RateLimit {
@@ -209,6 +225,10 @@ impl Default for RateLimits {
             // far below it; a compromised agent cannot turn the broker's
             // signing and audit log into a disk filler at line rate.
             delegate: limit(3000, 60),
+            // A node's redeems are its agents' hops: twice what one agent
+            // may delegate, far below a disk filler's rate.
+            node_mint: limit(6000, 60),
+            approvals: limit(600, 60),
         }
     }
 }
@@ -222,6 +242,8 @@ impl RateLimits {
             Limited::JwtSvid => self.jwt_svid,
             Limited::SecretLease => self.secret_lease,
             Limited::Delegate => self.delegate,
+            Limited::NodeMint => self.node_mint,
+            Limited::Approvals => self.approvals,
         }
     }
 
@@ -233,6 +255,8 @@ impl RateLimits {
             Limited::JwtSvid => self.jwt_svid = limit,
             Limited::SecretLease => self.secret_lease = limit,
             Limited::Delegate => self.delegate = limit,
+            Limited::NodeMint => self.node_mint = limit,
+            Limited::Approvals => self.approvals = limit,
         }
     }
 

@@ -130,6 +130,9 @@ pub struct OidcIssuer {
     pub issuer: String,
     pub audience: String,
     jwks: JwkSet,
+    /// The file its JWKS was read from, read again on a reload
+    /// ([`OidcIssuer::reread`]); `None` for a JWKS given in memory.
+    source: Option<std::path::PathBuf>,
 }
 
 impl OidcIssuer {
@@ -140,7 +143,52 @@ impl OidcIssuer {
             issuer: issuer.to_owned(),
             audience: audience.to_owned(),
             jwks,
+            source: None,
         })
+    }
+
+    /// The issuer whose keys are in the JWKS file `path`. Whoever can
+    /// write that file names the keys every initiator's ID token is
+    /// checked against: a file every user can write is refused.
+    pub fn from_jwks_file(
+        issuer: &str,
+        audience: &str,
+        path: &std::path::Path,
+    ) -> Result<Self, OidcError> {
+        use std::io::Read as _;
+        use std::os::unix::fs::PermissionsExt as _;
+        let cannot =
+            |e: std::io::Error| OidcError::Jwks(format!("cannot read {}: {e}", path.display()));
+        // The mode and the keys of one file: opened once.
+        let mut file = std::fs::File::open(path).map_err(cannot)?;
+        let mode = file.metadata().map_err(cannot)?.permissions().mode();
+        if mode & 0o002 != 0 {
+            return Err(OidcError::Jwks(format!(
+                "{} is writable by every user (mode {:o}), so anyone could add a signing key; run `chmod o-w` on it",
+                path.display(),
+                mode & 0o777
+            )));
+        }
+        let mut text = String::new();
+        file.read_to_string(&mut text).map_err(cannot)?;
+        let mut read = Self::from_jwks(issuer, audience, &text)
+            .map_err(|e| OidcError::Jwks(format!("{}: {e}", path.display())))?;
+        read.source = Some(path.to_owned());
+        Ok(read)
+    }
+
+    /// The file this issuer's JWKS is read from, if any.
+    pub fn source(&self) -> Option<&std::path::Path> {
+        self.source.as_deref()
+    }
+
+    /// This issuer with its JWKS read again from its file (itself when it
+    /// has none): an IdP's rotated or withdrawn keys, on a reload.
+    pub fn reread(&self) -> Result<Self, OidcError> {
+        match &self.source {
+            Some(path) => Self::from_jwks_file(&self.issuer, &self.audience, path),
+            None => Ok(self.clone()),
+        }
     }
 }
 
@@ -157,6 +205,28 @@ impl OidcVerifier {
 
     pub fn is_empty(&self) -> bool {
         self.issuers.is_empty()
+    }
+
+    /// The trusted issuers, in the order they are tried.
+    pub fn issuers(&self) -> &[OidcIssuer] {
+        &self.issuers
+    }
+
+    /// Every issuer with its JWKS read again from its file
+    /// ([`OidcIssuer::reread`]); all or nothing: one file that fails
+    /// fails the whole, and the keys in force stay.
+    pub fn reread(&self) -> Result<Self, OidcError> {
+        let issuers = self
+            .issuers
+            .iter()
+            .map(|i| {
+                i.reread().map_err(|e| match e {
+                    OidcError::Jwks(why) => OidcError::Jwks(format!("issuer {}: {why}", i.issuer)),
+                    other => other,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self { issuers })
     }
 
     /// Verifies signature, issuer, audience and expiry (`now` in unix seconds).

@@ -687,6 +687,44 @@ fn a_report_batch_is_one_append_under_one_checkpoint_and_each_report_counts_once
     assert_eq!(trace.matches("\"tool_call\"").count(), 3, "{trace}");
 }
 
+/// Report ids are each reporter's own: a server of the token's audience
+/// that learned another server's report id and sends it first does not
+/// make that server's report a "duplicate" dropped unlogged. The control:
+/// each server's own retry is still a duplicate.
+#[test]
+fn a_report_id_sent_first_by_another_reporter_does_not_pre_empt_a_report() {
+    const BILLING: &str = "spiffe://example.org/tools/billing";
+    let w = World::with_settings(|s| {
+        s.tool_servers
+            .insert("billing".to_owned(), vec![id(BILLING)]);
+    });
+    let started = w.start(&["crm", "billing"], &["tool:crm.search:read"]);
+    let planner = w.redeem_as(&started.grant, PLANNER, w.t0).unwrap();
+    let jti = jti_of(&planner.token);
+    let clock = || secs(w.t0, 1);
+    let billing = id(BILLING);
+    let r = report(&started.task_id, &jti, PLANNER, "r-shared");
+    let send = |reporter: &SpiffeId| {
+        let answer =
+            record_reports(&w.d, reporter, std::slice::from_ref(&r), true, None, &clock).unwrap();
+        answer["receipts"][0].clone()
+    };
+    let first = send(&billing);
+    assert!(first["receipt"].is_object(), "{first}");
+    let crm = send(&id(CRM));
+    assert!(crm.get("duplicate").is_none(), "{crm}");
+    assert!(crm["receipt"].is_object(), "{crm}");
+    assert_ne!(crm["index"], first["index"], "{crm}");
+    // Each server's retry is its own duplicate.
+    for (reporter, answer) in [(&billing, &first), (&id(CRM), &crm)] {
+        let again = send(reporter);
+        assert_eq!(again["duplicate"], true, "{again}");
+        assert_eq!(again["index"], answer["index"], "{again}");
+    }
+    let trace = w.d.trace(started.task_id.as_str()).unwrap().to_string();
+    assert_eq!(trace.matches("\"tool_call\"").count(), 2, "{trace}");
+}
+
 #[test]
 fn an_approval_vouches_for_one_reported_call_only() {
     let w = World::new();
@@ -762,6 +800,59 @@ fn an_approval_vouches_for_one_reported_call_only() {
     );
     let trace = w.d.trace(started.task_id.as_str()).unwrap().to_string();
     assert_eq!(trace.matches("\"tool_call\"").count(), 1, "{trace}");
+}
+
+/// An approval vouches only for a report of the call it was asked for:
+/// one citing it at another risk tier (a riskier call dressed up as the
+/// approved one) is refused, and the approval stays unused for its own
+/// call; the control, the report at the approved tier, is recorded.
+#[test]
+fn a_report_citing_an_approval_must_be_of_the_approved_risk() {
+    let w = World::new();
+    let t = unix_of(w.t0);
+    let token = w
+        .dev
+        .mint_with_groups("alice@example.com", &["engineering".to_owned()], 600, t)
+        .unwrap();
+    let mut req = start_request(token, json!(["crm"]));
+    req.risk_ceiling = baton_core::RiskTier::Write;
+    let started = start_task(&w.d, &req, w.t0).unwrap();
+    let planner = w.redeem_as(&started.grant, PLANNER, w.t0).unwrap();
+    let jti = jti_of(&planner.token);
+    let ask = approval_ask(&started.task_id, &planner, PLANNER, "ab", 60);
+    let pending = w.d.request_approval(&id(CRM), &ask, t).unwrap();
+    let decision: baton_core::api::ApprovalDecision = serde_json::from_value(json!({
+        "id_token": w.dev.mint_with_groups("alice@example.com", &[], 600, t).unwrap(),
+        "approve": true,
+    }))
+    .unwrap();
+    w.d.decide_approval(&pending.id, &decision, t + 1).unwrap();
+    let used = w.d.request_approval(&id(CRM), &ask, t + 2).unwrap();
+    assert_eq!(used.status, "approved");
+    assert_eq!(used.token_jti.as_deref(), Some(jti.as_str()));
+    let clock = || secs(w.t0, 3);
+    let citing = |report_id: &str, risk: baton_core::RiskTier| {
+        let mut r = report(&started.task_id, &jti, PLANNER, report_id);
+        r.risk = risk;
+        r.reason = Some(format!("approved in {}", pending.id));
+        record_reports(&w.d, &id(CRM), &[r], true, None, &clock)
+    };
+    let e = citing("r-write", baton_core::RiskTier::Write).unwrap_err();
+    assert_eq!(e.code(), "report_refused", "{e}");
+    assert!(e.to_string().contains("no approval used by"), "{e}");
+    assert_eq!(w.d.get_approval(&pending.id, t + 4).unwrap().status, "used");
+    let ok = citing("r-read", baton_core::RiskTier::Read).unwrap();
+    assert!(
+        ok["receipts"][0]["index"].is_u64() || ok["index"].is_u64(),
+        "{ok}"
+    );
+    assert_eq!(
+        w.d.get_approval(&pending.id, t + 4)
+            .unwrap()
+            .reported_in
+            .as_deref(),
+        Some("r-read")
+    );
 }
 
 /// Brokers on one datastore whose clocks differ (or one clock stepped

@@ -57,6 +57,10 @@ pub struct Revoker {
     stopping: tokio::sync::watch::Sender<bool>,
     /// The log's end at the relay's last look (see `wake_feed_if_moved`).
     seen_seq: std::sync::atomic::AtomicU64,
+    /// One more than the log's end when a follower past it was last
+    /// warned about (0: never): any SVID can ask for the feed past the
+    /// end, so the warning is logged once per end, not per request.
+    warned_past_end: std::sync::atomic::AtomicU64,
 }
 
 /// Kills the secret leases among revoked credentials in the engines that
@@ -207,6 +211,7 @@ impl Revoker {
             relay_error: std::sync::Mutex::new(None),
             stopping: tokio::sync::watch::channel(false).0,
             seen_seq: std::sync::atomic::AtomicU64::new(0),
+            warned_past_end: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -275,11 +280,24 @@ impl Revoker {
             // them, and what is revoked from now on takes their numbers
             // again. It is sent the whole log in force from the start
             // (it keeps what it holds, so nothing it refused comes back).
-            tracing::warn!(
-                after,
-                last,
-                "a revocation feed follower is past the end of the log: the datastore was restored or lost writes; sending it the log from the start"
-            );
+            let mark = last.saturating_add(1);
+            if self
+                .warned_past_end
+                .swap(mark, std::sync::atomic::Ordering::Relaxed)
+                != mark
+            {
+                tracing::warn!(
+                    after,
+                    last,
+                    "a revocation feed follower is past the end of the log: the datastore was restored or lost writes; sending it the log from the start"
+                );
+            } else {
+                tracing::debug!(
+                    after,
+                    last,
+                    "a revocation feed follower is past the end of the log (warned already)"
+                );
+            }
             after = 0;
             rows = self.durable.log_after(0, Some(now), FEED_PAGE + 1)?.0;
         }

@@ -645,6 +645,17 @@ impl Broker {
         applied: Option<u64>,
         now: SystemTime,
     ) -> Result<SyncResponse, BrokerError> {
+        // A node that applied a newer bundle than this broker's CA holds
+        // synced with another broker of a shared CA that stepped first:
+        // follow the shared journal now rather than at the next refresh,
+        // or the node refuses this answer as a rolled-back one.
+        if applied.is_some_and(|a| a > self.ca.sequence()) {
+            match self.ca.refresh() {
+                Ok(true) => self.rotation.notify(),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot read the shared CA"),
+            }
+        }
         // A blocked agent's entries are withheld: the node daemon drops
         // their SVIDs and stops serving them on the Workload API.
         let blocked = self.store.agent_blocks(unix(now))?;

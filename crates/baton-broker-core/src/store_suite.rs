@@ -486,6 +486,7 @@ fn approval_template() -> ApprovalState {
         resource: "dataset:crm".into(),
         risk: RiskTier::Write,
         input_digest: "d".into(),
+        token_jti: Some("j".into()),
         target: None,
         shown: [("input:/amount".to_owned(), "10000".to_owned())].into(),
         requested_by: sid("tools/gateway"),

@@ -76,6 +76,31 @@ fn live_tool_server(
     crate::requests::live_tool_server(d, &peer, SystemTime::now())
 }
 
+/// The verified peer of a route only live tool servers may call (reports,
+/// approval requests), refused before the route reads its body (up to
+/// [`MAX_BATCH_BODY`]) when it is not one: no SVID, a revoked one, a
+/// blocked server. The route checks again once the body is in, so a
+/// revocation while a slow body arrives still refuses it.
+fn live_tool_server_peer(
+    d: Arc<Delegation>,
+    what: &'static str,
+) -> impl Filter<Extract = (Option<PeerIdentity>, Option<PeerCertificate>), Error = warp::Rejection>
++ Clone {
+    with(d)
+        .and(warp::ext::optional::<PeerIdentity>())
+        .and(warp::ext::optional::<PeerCertificate>())
+        .and_then(
+            move |d: Arc<Delegation>, id: Option<PeerIdentity>, leaf: Option<PeerCertificate>| async move {
+                let (i, l) = (id.clone(), leaf.clone());
+                match blocking(move || live_tool_server(&d, i, l, what)).await {
+                    Ok(_) => Ok((id, leaf)),
+                    Err(refusal) => Err(crate::http_reply::early_refusal(refusal)),
+                }
+            },
+        )
+        .untuple_one()
+}
+
 /// `POST /v1/node/<route>`: an attested node (mTLS, agent SVID) asks for a
 /// task credential on behalf of a workload; `mint` is the whole request
 /// (see [`crate::requests`]).
@@ -201,8 +226,7 @@ pub fn node_routes(
     let report = warp::path!("v1" / "audit" / "tool-calls")
         .and(warp::post())
         .and(with(d.clone()))
-        .and(warp::ext::optional::<PeerIdentity>())
-        .and(warp::ext::optional::<PeerCertificate>())
+        .and(live_tool_server_peer(d.clone(), "tool-call reports"))
         .and(traceparent())
         .and(json_body_max(MAX_BATCH_BODY))
         .and_then(
@@ -259,8 +283,7 @@ pub fn node_routes(
     let approval = warp::path!("v1" / "approvals")
         .and(warp::post())
         .and(with(d.clone()))
-        .and(warp::ext::optional::<PeerIdentity>())
-        .and(warp::ext::optional::<PeerCertificate>())
+        .and(live_tool_server_peer(d.clone(), "approval requests"))
         .and(traceparent())
         .and(json_body())
         .and_then(

@@ -237,6 +237,12 @@ pub(crate) fn json_body_max(
 pub(crate) struct EarlyRefusal(StatusCode, serde_json::Value);
 impl warp::reject::Reject for EarlyRefusal {}
 
+/// `refusal` answered as it is, before the request's body is read.
+pub(crate) fn early_refusal(refusal: BrokerError) -> warp::Rejection {
+    let (status, body) = refusal.reply_parts();
+    warp::reject::custom(EarlyRefusal(status, body))
+}
+
 /// The verified peer of a node route, refused before its body is read when
 /// it cannot be a node: no client certificate, or a SPIFFE ID outside
 /// `/baton/node/` (a workload, a tool server, a task certificate). Whether
@@ -269,10 +275,7 @@ pub(crate) fn node_shaped_peer(
                 async move {
                     match refusal {
                         None => Ok((peer, leaf)),
-                        Some(refusal) => {
-                            let (status, body) = refusal.reply_parts();
-                            Err(warp::reject::custom(EarlyRefusal(status, body)))
-                        }
+                        Some(refusal) => Err(early_refusal(refusal)),
                     }
                 }
             },

@@ -62,12 +62,17 @@ pub fn routes(
         .and(with(secrets))
         .and(with(d))
         .and(warp::ext::optional::<PeerIdentity>())
+        .and(warp::ext::optional::<PeerCertificate>())
         .and(json_body())
         .and_then(
-            |s: Arc<Secrets>, d: Arc<Delegation>, id: Option<PeerIdentity>, body: Bytes| async move {
+            |s: Arc<Secrets>,
+             d: Arc<Delegation>,
+             id: Option<PeerIdentity>,
+             cert: Option<PeerCertificate>,
+             body: Bytes| async move {
                 // The API-key store is SQLite: on the blocking pool.
                 let result = crate::http_reply::blocking(move || {
-                    let caller = id.and_then(|p| p.0).ok_or_else(|| {
+                    let caller = id.as_ref().and_then(|p| p.0.clone()).ok_or_else(|| {
                         BrokerError::Unauthenticated(
                             "introspection needs mTLS with an SVID of this trust domain".into(),
                         )
@@ -78,6 +83,10 @@ pub fn routes(
                             message: format!("{caller} is outside the trust domain"),
                         });
                     }
+                    // A revoked SVID, or a blocked caller, learns nothing
+                    // of a key (whether it is live, its task and scope).
+                    let peer = crate::http_delegation::peer_cert(id, cert)?;
+                    crate::requests::live_tool_server(&d, &peer, std::time::SystemTime::now())?;
                     let req = parse_body::<IntrospectBody>(&body)?;
                     let now = crate::oidc::unix_now();
                     s.introspect(req.key.expose(), now, &|id| d.credential_revoked(id, now))

@@ -291,6 +291,8 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error("admin socket: {0}")]
+    AdminSocket(#[from] baton_tls::SocketFileError),
     #[error("policies: {0}")]
     Policy(#[from] baton_policy::PolicyError),
     #[error("admission policy: {0}")]
@@ -342,9 +344,10 @@ fn load_hop_policy(
 }
 
 /// What a running broker can safely reload: the policies read from
-/// directories (`--policies`, `--admission-policy`). Each is parsed and
-/// validated whole first; one that fails leaves the one in force in place.
-/// Everything else (listeners, keys, the datastore, issuers) needs a
+/// directories (`--policies`, `--admission-policy`) and the OIDC issuers'
+/// JWKS files (`--oidc-jwks`). Each is parsed and validated whole first;
+/// one that fails leaves the one in force in place. Everything else
+/// (listeners, keys, the datastore, which issuers are trusted) needs a
 /// restart; the CA's own keys and bundle rotate without one.
 #[derive(Debug, Clone)]
 pub struct Reloader {
@@ -399,6 +402,35 @@ impl Reloader {
                 )),
             },
             _ => report.skipped.push("admission policies (built in)".into()),
+        }
+        // The IdPs' keys: a key an IdP rotated in is trusted, and one it
+        // withdrew (compromised) starts no task and decides no approval,
+        // without a restart.
+        let oidc = self.delegation.oidc();
+        let files: Vec<String> = oidc
+            .issuers()
+            .iter()
+            .filter_map(|i| {
+                i.source()
+                    .map(|p| format!("{} ({})", i.issuer, p.display()))
+            })
+            .collect();
+        if files.is_empty() {
+            report
+                .skipped
+                .push("OIDC issuer keys (none read from a JWKS file)".into());
+        } else {
+            match oidc.reread() {
+                Ok(fresh) => {
+                    self.delegation.replace_oidc(fresh);
+                    report
+                        .reloaded
+                        .push(format!("OIDC issuer keys of {}", files.join(", ")));
+                }
+                Err(e) => report
+                    .failed
+                    .push(format!("OIDC issuer keys (the keys in force stay): {e}")),
+            }
         }
         report
     }
@@ -720,49 +752,13 @@ pub async fn run(
         source,
     })?;
 
-    // The admin socket: owner-only file mode plus a peer uid check.
-    // A stale socket is replaced; anything else at that path (a typo
-    // naming the audit log, a symlink) is left alone and refused.
-    match std::fs::symlink_metadata(&cfg.admin_socket) {
-        Ok(meta) if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => {
-            std::fs::remove_file(&cfg.admin_socket).map_err(|source| StartError::Listen {
-                addr: cfg.admin_socket.display().to_string(),
-                source,
-            })?;
-        }
-        Ok(_) => {
-            return Err(StartError::Listen {
-                addr: cfg.admin_socket.display().to_string(),
-                source: std::io::Error::other(
-                    "the admin socket path holds something that is not a socket; refusing to replace it",
-                ),
-            });
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(source) => {
-            return Err(StartError::Listen {
-                addr: cfg.admin_socket.display().to_string(),
-                source,
-            });
-        }
-    }
-    if let Some(parent) = cfg.admin_socket.parent() {
-        std::fs::create_dir_all(parent).map_err(|source| StartError::DataDir {
-            path: parent.to_owned(),
-            source,
-        })?;
-    }
-    let admin_listener =
-        tokio::net::UnixListener::bind(&cfg.admin_socket).map_err(|source| StartError::Listen {
-            addr: cfg.admin_socket.display().to_string(),
-            source,
-        })?;
-    std::fs::set_permissions(&cfg.admin_socket, std::fs::Permissions::from_mode(0o600)).map_err(
-        |source| StartError::DataDir {
-            path: cfg.admin_socket.clone(),
-            source,
-        },
-    )?;
+    // The admin socket: owner-only file mode plus a peer uid check. A
+    // stale socket is replaced; a live one (another broker given the same
+    // path) or anything else at that path (a typo naming the audit log, a
+    // symlink) is left alone and refused. Removed at shutdown only while
+    // it is still ours.
+    let (admin_listener, admin_socket_file) =
+        baton_tls::bind_unix_socket(&cfg.admin_socket, 0o600)?;
     let mut allowed_uids = cfg.admin_uids.clone();
     allowed_uids.push(0);
     if let Some(uid) = own_uid() {
@@ -983,6 +979,9 @@ pub async fn run(
     revoker.begin_shutdown();
     let _ = stop_tx.send(true);
     let (n, a) = (node.await, admin.await);
+    // The admin socket served its last request: its file goes now (while
+    // it is still ours), not after the relay's and the journal's work.
+    drop(admin_socket_file);
     renewer.abort();
     scheduler.abort();
     refresher.abort();
@@ -998,7 +997,6 @@ pub async fn run(
     if let Err(e) = broker.ca().checkpoint() {
         tracing::warn!(error = %e, "cannot persist the CA journal at shutdown");
     }
-    let _ = std::fs::remove_file(&cfg.admin_socket);
     for r in [n, a] {
         match r {
             Ok(Ok(())) => {}

@@ -237,29 +237,9 @@ pub async fn broker(args: BrokerArgs) -> Result<()> {
     if let (Some(iss), Some(jwks), Some(aud)) =
         (&args.oidc_issuer, &args.oidc_jwks, &args.oidc_audience)
     {
-        // Whoever can write the JWKS names the keys every initiator's ID
-        // token is checked against.
-        {
-            use std::os::unix::fs::PermissionsExt as _;
-            let mode = std::fs::metadata(jwks)
-                .with_context(|| format!("--oidc-jwks: cannot read {}", jwks.display()))?
-                .permissions()
-                .mode();
-            if mode & 0o002 != 0 {
-                return Err(exit(
-                    EXIT_REFUSED,
-                    format!(
-                        "--oidc-jwks {}: writable by every user (mode {:o}), so anyone could add a signing key; run `chmod o-w` on it",
-                        jwks.display(),
-                        mode & 0o777
-                    ),
-                ));
-            }
-        }
-        let text = std::fs::read_to_string(jwks)
-            .with_context(|| format!("--oidc-jwks: cannot read {}", jwks.display()))?;
+        // Read again on SIGHUP; a file every user can write is refused.
         cfg.oidc_issuers.push(
-            baton_broker::oidc::OidcIssuer::from_jwks(iss, aud, &text)
+            baton_broker::oidc::OidcIssuer::from_jwks_file(iss, aud, jwks)
                 .map_err(|e| exit(EXIT_REFUSED, format!("--oidc-jwks: {e}")))?,
         );
     }

@@ -371,6 +371,11 @@ pub struct ApprovalState {
     pub resource: String,
     pub risk: RiskTier,
     pub input_digest: String,
+    /// The delegation token the call was asked with (`None` for an
+    /// approval stored before it was kept): a report citing the approval
+    /// must carry the same one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_jti: Option<String>,
     /// The HTTP request the call came as ([`ApprovalRequest::target`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,

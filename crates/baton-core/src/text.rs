@@ -7,7 +7,9 @@
 /// default-ignorable code points and format characters (bidi overrides
 /// and isolates, zero-width characters, the soft hyphen, the byte-order
 /// mark, variation selectors, tag characters that smuggle text a human
-/// never sees, Hangul fillers), and the line and paragraph separators.
+/// never sees, Hangul fillers), the line and paragraph separators, and the
+/// blank Braille pattern, which draws as nothing but is not whitespace (a
+/// name of only `U+2800` looks empty, and trimming does not remove it).
 pub fn is_invisible(c: char) -> bool {
     matches!(
         c,
@@ -24,6 +26,7 @@ pub fn is_invisible(c: char) -> bool {
             | '\u{200b}'..='\u{200f}'
             | '\u{2028}'..='\u{202e}'
             | '\u{2060}'..='\u{206f}'
+            | '\u{2800}'
             | '\u{3164}'
             | '\u{fe00}'..='\u{fe0f}'
             | '\u{feff}'
@@ -86,6 +89,9 @@ mod tests {
             controls_escaped("ok\u{e0041}\u{e0042}\u{fe0f}\u{3164}\u{fff9}\u{85}"),
             "ok\\u{e0041}\\u{e0042}\\u{fe0f}\\u{3164}\\u{fff9}\\u{85}"
         );
+        // The blank Braille pattern: looks empty, is not whitespace.
+        assert_eq!(controls_escaped("to \u{2800}"), "to \\u{2800}");
+        assert_eq!(controls_escaped("\u{2801}"), "\u{2801}");
         let once = controls_escaped("x\u{1b}\n\u{202e}");
         assert_eq!(controls_escaped(&once), once);
     }

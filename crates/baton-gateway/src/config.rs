@@ -739,9 +739,9 @@ impl Config {
             let beyond_route = i >= route.segments.len();
             let shadows = same_method().any(|other| {
                 (!beyond_route || other.segments.len() == refs.len())
-                    && matches!(other.segments.get(i), Some(Segment::Literal(l)) if l.eq_ignore_ascii_case(stem))
+                    && matches!(other.segments.get(i), Some(Segment::Literal(l)) if same_folded(l, stem))
                     && other.segments.iter().take(i).zip(&refs).all(|(o, p)| match o {
-                        Segment::Literal(l) => l.eq_ignore_ascii_case(p),
+                        Segment::Literal(l) => same_folded(l, p),
                         _ => true,
                     })
             });
@@ -1203,6 +1203,13 @@ fn fill(template: &str, captures: &[(&str, String)]) -> String {
     out
 }
 
+/// Whether two path segments are one to an upstream matching literals
+/// without case: ASCII case, and Unicode's (Spring's case-insensitive
+/// matching reads `ſettings` as `settings`, Java folding `ſ` to `S`).
+fn same_folded(a: &str, b: &str) -> bool {
+    a.eq_ignore_ascii_case(b)
+        || (!(a.is_ascii() && b.is_ascii()) && crate::record::fold(a) == crate::record::fold(b))
+}
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1507,6 +1514,21 @@ tier = "write"
             c.route(&http::Method::GET, "/accounts/Export.csv")
                 .is_none()
         );
+        // The literal with a letter Java folds into it (`ſ` to `S`, the
+        // Kelvin sign to `k`): a case-insensitive Spring serves the literal.
+        let c3 = parse(&format!(
+            "{GOOD}\n[[routes]]\nmethod = \"GET\"\npath = \"/accounts/settings\"\ntool = \"crm.export\"\nresource = \"dataset:crm\"\npermission = \"tool:crm.export:export\"\ntier = \"export\"\n"
+        ))
+        .unwrap();
+        assert!(
+            c3.route(&http::Method::GET, "/accounts/%C5%BFettings")
+                .is_none()
+        );
+        assert!(c3.route(&http::Method::GET, "/accounts/settings").is_some());
+        let m = c3
+            .route(&http::Method::GET, "/accounts/%C5%BFetup")
+            .unwrap();
+        assert_eq!(m.route.tool, "crm.read");
         let m = c.route(&http::Method::GET, "/accounts/acme.json").unwrap();
         assert_eq!(m.route.tool, "crm.read");
         // A decoded value is not a template: `{doc}` stays as sent.

@@ -731,12 +731,26 @@ impl Gateway {
                     (!m.route.record.output.is_empty()).then_some(crate::mcp::Output::Unscanned);
                 return crate::mcp::relay(resp, headers, Some(call), started, output);
             }
-            Ok(resp) => read_answer(resp).await,
+            Ok(resp) => match read_answer(resp, &self.bodies).await {
+                Err(AnswerRefused::Busy) => {
+                    let message = "the gateway holds too many answers at once";
+                    if let Err(e) = call.failed_async(message).await {
+                        tracing::warn!(error = %e, "could not spool the report of a failed call");
+                    }
+                    return plain(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "busy",
+                        "the gateway holds too many answers at once; the call reached the upstream, its answer was not kept",
+                    );
+                }
+                Err(AnswerRefused::Upstream(e)) => Err(e),
+                Ok(answer) => Ok(answer),
+            },
             Err(e) => Err(e),
         };
         let latency_ms = started.elapsed().as_millis();
         match forwarded {
-            Ok((status, headers, out)) => {
+            Ok((status, headers, out, held)) => {
                 tracing::info!(
                     task = %delegation.task_id(),
                     agent = %delegation.agent(),
@@ -759,10 +773,7 @@ impl Gateway {
                         &format!("cannot record the call: {e}"),
                     );
                 }
-                let mut resp = out.into_response();
-                *resp.status_mut() = status;
-                *resp.headers_mut() = headers;
-                resp
+                held_answer(status, headers, out, held)
             }
             Err(message) => {
                 tracing::warn!(
@@ -818,25 +829,94 @@ pub(crate) fn is_event_stream(h: &HeaderMap) -> bool {
         .is_some_and(|v| v.starts_with("text/event-stream"))
 }
 
-/// The upstream's status, headers and whole body (at most [`MAX_BODY`]).
-async fn read_answer(resp: reqwest::Response) -> Result<(StatusCode, HeaderMap, Vec<u8>), String> {
+/// Why an upstream's answer is not passed on.
+pub(crate) enum AnswerRefused {
+    /// It broke off or is over [`MAX_BODY`].
+    Upstream(String),
+    /// [`BODY_BUDGET`] is spent.
+    Busy,
+}
+
+/// An upstream's answer as read whole: status, headers, body, and the
+/// share of the body budget it holds.
+pub(crate) type Answer = (
+    StatusCode,
+    HeaderMap,
+    Vec<u8>,
+    Option<tokio::sync::OwnedSemaphorePermit>,
+);
+
+/// The upstream's status, headers and whole body (at most [`MAX_BODY`]),
+/// charged to `budget` as request bodies are: a caller that asks for many
+/// answers and never reads them (an HTTP/2 window of 0) cannot make the
+/// gateway hold more than the budget.
+pub(crate) async fn read_answer(
+    resp: reqwest::Response,
+    budget: &Arc<tokio::sync::Semaphore>,
+) -> Result<Answer, AnswerRefused> {
     let status = resp.status();
     let mut headers = resp.headers().clone();
     strip_hop_by_hop(&mut headers);
     headers.remove(http::header::CONTENT_LENGTH);
     let mut out = Vec::new();
+    let mut held: Option<tokio::sync::OwnedSemaphorePermit> = None;
     let mut resp = resp;
     while let Some(chunk) = resp
         .chunk()
         .await
-        .map_err(|e| format!("the upstream's answer broke off: {e}"))?
+        .map_err(|e| AnswerRefused::Upstream(format!("the upstream's answer broke off: {e}")))?
     {
         if out.len() + chunk.len() > MAX_BODY {
-            return Err(format!("the upstream's answer is over {MAX_BODY} bytes"));
+            return Err(AnswerRefused::Upstream(format!(
+                "the upstream's answer is over {MAX_BODY} bytes"
+            )));
+        }
+        let n = u32::try_from(chunk.len()).map_err(|_| AnswerRefused::Busy)?;
+        if n > 0 {
+            let more = budget
+                .clone()
+                .try_acquire_many_owned(n)
+                .map_err(|_| AnswerRefused::Busy)?;
+            match held.as_mut() {
+                Some(h) => h.merge(more),
+                None => held = Some(more),
+            }
         }
         out.extend_from_slice(&chunk);
     }
-    Ok((status, headers, out))
+    Ok((status, headers, out, held))
+}
+
+/// An answer whose body holds its share of the budget (`held`) until the
+/// last of it is taken for sending, or the caller goes away: given out in
+/// slices, so the connection takes the next only as it sends.
+pub(crate) fn held_answer(
+    status: StatusCode,
+    mut headers: HeaderMap,
+    out: Vec<u8>,
+    held: Option<tokio::sync::OwnedSemaphorePermit>,
+) -> Response {
+    const SLICE: usize = 64 << 10;
+    let len = out.len();
+    if len == 0 {
+        // Nothing held; the status decides what an empty body is sent as.
+        let mut resp = out.into_response();
+        *resp.status_mut() = status;
+        *resp.headers_mut() = headers;
+        return resp;
+    }
+    let slices = futures::stream::unfold((Bytes::from(out), held), |(mut rest, held)| async move {
+        if rest.is_empty() {
+            return None;
+        }
+        let slice = rest.split_to(rest.len().min(SLICE));
+        Some((Ok::<_, std::io::Error>(slice), (rest, held)))
+    });
+    let mut resp = warp::reply::stream(slices).into_response();
+    headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
+    *resp.status_mut() = status;
+    *resp.headers_mut() = headers;
+    resp
 }
 
 /// Headers some frameworks read as the request's real method or path
@@ -1181,14 +1261,21 @@ fn is_param_key(raw: &[u8], name: &[u8]) -> bool {
     {
         key = &key[..open];
     }
-    key.len() == name.len()
-        && key.iter().zip(name).all(|(a, m)| {
-            let a = match a {
-                b'.' | b' ' | b'[' => b'_',
-                other => other.to_ascii_lowercase(),
-            };
-            a == *m
+    let rewritten: Vec<u8> = key
+        .iter()
+        .map(|b| match b {
+            b'.' | b' ' | b'[' => b'_',
+            other => other.to_ascii_lowercase(),
         })
+        .collect();
+    if rewritten.is_ascii() {
+        return rewritten == name;
+    }
+    // Go's encoding/json matches keys with Unicode simple case folding:
+    // `caſe_id` (long s) and `\u{212a}ey` (Kelvin sign) are `case_id` and
+    // `key` to it.
+    crate::record::fold(&String::from_utf8_lossy(&rewritten))
+        == crate::record::fold(&String::from_utf8_lossy(name))
 }
 
 /// Whether a part of a multipart body is named `_method` (in any case,
@@ -1381,8 +1468,13 @@ fn capture_override<'n>(
             return found.get().map(|c| ("the JSON body", c));
         }
         // A body this parser cannot read (see `method_override`): refused
-        // if it mentions a capture's name or has a `\u` escape.
-        let body_lower = body.to_ascii_lowercase();
+        // if it mentions a capture's name (also as Go folds it) or has a
+        // `\u` escape.
+        let body_lower = if body.is_ascii() {
+            body.to_ascii_lowercase()
+        } else {
+            crate::record::fold(&String::from_utf8_lossy(body)).into_bytes()
+        };
         let escaped = find(&body_lower, b"\\u").is_some();
         return lower
             .iter()
@@ -1823,6 +1915,9 @@ mod tests {
             r#"{"Account":42}"#,
             r#"{"\u0061ccount":42}"#,
             r#"{"case_id":42}"#,
+            // Go folds keys the Unicode way: the long s is `s` to it.
+            "{\"ca\u{17f}e_id\":42}",
+            "{\"ca\\u017fe_id\":42}",
         ] {
             assert_eq!(
                 found(&json, body.as_bytes()).map(|(p, _)| p),
@@ -1831,6 +1926,16 @@ mod tests {
             );
         }
         assert!(found(&json, b"{\"a\":1}\n{\"account\":42}").is_some());
+        // Not JSON this parser reads: searched folded all the same.
+        assert_eq!(
+            found(&json, "{\"ca\u{17f}e_id\":42".as_bytes()).map(|(_, c)| c),
+            Some("case_id")
+        );
+        // The Kelvin sign is `k` to Go.
+        assert_eq!(
+            capture_override(&json, "{\"\u{212a}ey\":1}".as_bytes(), &["key"]),
+            Some(("the JSON body", "key"))
+        );
         // Controls: an unrelated field, the name only as a value, nested,
         // in a file's name, or as a longer name; a route whose resource
         // takes no capture.
@@ -1927,6 +2032,40 @@ mod tests {
             .ok()
             .unwrap();
         assert_eq!(&second[..], b"123");
+    }
+
+    #[tokio::test]
+    async fn an_answer_holds_its_share_of_the_budget_until_it_is_taken() {
+        use http_body_util::BodyExt as _;
+        let budget = Arc::new(tokio::sync::Semaphore::new(100));
+        let answer =
+            |body: Vec<u8>| reqwest::Response::from(http::Response::new(reqwest::Body::from(body)));
+        let (status, headers, out, held) = read_answer(answer(vec![b'x'; 60]), &budget)
+            .await
+            .ok()
+            .unwrap();
+        assert_eq!(budget.available_permits(), 40);
+        // Another answer that would pass the budget while the first is
+        // held: busy, and it holds nothing.
+        assert!(matches!(
+            read_answer(answer(vec![b'y'; 50]), &budget).await,
+            Err(AnswerRefused::Busy)
+        ));
+        assert_eq!(budget.available_permits(), 40);
+        // The first, as the caller gets it: still held until its body is
+        // taken (a caller that never reads keeps holding its share).
+        let resp = held_answer(status, headers, out, held);
+        assert_eq!(resp.headers()[http::header::CONTENT_LENGTH], "60");
+        assert_eq!(budget.available_permits(), 40);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], &[b'x'; 60][..]);
+        assert_eq!(budget.available_permits(), 100);
+        // Control: now the second is read.
+        let (_, _, second, _held) = read_answer(answer(vec![b'y'; 50]), &budget)
+            .await
+            .ok()
+            .unwrap();
+        assert_eq!(second.len(), 50);
     }
 
     #[test]

@@ -37,7 +37,7 @@ use warp::reply::Response;
 
 use crate::approval::Held;
 use crate::config::{MCP_BASE_METHODS, McpEndpoint, McpTool};
-use crate::gateway::{Gateway, Incoming, MAX_BODY, Routing, quoted, strip_hop_by_hop};
+use crate::gateway::{Gateway, Incoming, Routing, quoted, strip_hop_by_hop};
 use crate::record::Recording;
 
 /// `Mcp-Session-Id`.
@@ -797,6 +797,12 @@ impl Gateway {
                 "params.arguments: two keys {key:?} differ only in case; a server may read either, so the call is refused"
             ));
         }
+        if let Some(why) = tool
+            .record
+            .look_alike_input(&Value::Object(arguments.clone()))
+        {
+            return bad(format!("params.arguments: {why}"));
+        }
         let resource = match tool.resource_for(arguments) {
             Ok(r) => r,
             Err(e) => return bad(format!("{name}: {e}")),
@@ -878,28 +884,25 @@ impl Gateway {
             Ok(r) => r,
             Err(e) => return upstream_failed(id, &e),
         };
-        let status = resp.status();
-        let mut headers = resp.headers().clone();
-        strip_hop_by_hop(&mut headers);
-        headers.remove(http::header::CONTENT_LENGTH);
+        // Read whole (to filter it), charged to the body budget until the
+        // filtered list is sent.
+        let (status, headers, out, held) =
+            match crate::gateway::read_answer(resp, &self.bodies).await {
+                Ok(answer) => answer,
+                Err(crate::gateway::AnswerRefused::Upstream(e)) => {
+                    return upstream_failed(id, &format!("the tool list: {e}"));
+                }
+                Err(crate::gateway::AnswerRefused::Busy) => {
+                    return upstream_failed(id, "the gateway holds too many answers at once");
+                }
+            };
         self.bind_session(&headers, d);
         let sse = headers
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
-        let mut out = Vec::new();
-        let mut resp = resp;
-        loop {
-            match resp.chunk().await {
-                Ok(Some(c)) if out.len() + c.len() <= MAX_BODY => out.extend_from_slice(&c),
-                Ok(Some(_)) => {
-                    return upstream_failed(id, &format!("the tool list is over {MAX_BODY} bytes"));
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    return upstream_failed(id, &format!("the upstream's answer broke off: {e}"));
-                }
-            }
+        if let Err(e) = crate::record::within_value_bound(&out) {
+            return upstream_failed(id, &format!("the tool list could not be read: {e}"));
         }
         let keep = |name: &str| {
             ep.tools
@@ -915,10 +918,7 @@ impl Gateway {
                 return upstream_failed(id, &format!("the tool list could not be read: {e}"));
             }
         };
-        let mut reply = Response::new(filtered.into());
-        *reply.status_mut() = status;
-        *reply.headers_mut() = headers;
-        reply
+        crate::gateway::held_answer(status, headers, filtered, held)
     }
 
     /// Whether `tools/list` shows `tool` to `d`'s holder: what the gate

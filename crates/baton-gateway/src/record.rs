@@ -103,7 +103,48 @@ impl Recording {
         let mut d = serde_json::Deserializer::from_slice(body);
         Unique::deserialize(&mut d)
             .and_then(|_| d.end())
-            .map_err(|e| InputRefused::Unreadable(e.to_string()))
+            .map_err(|e| InputRefused::Unreadable(e.to_string()))?;
+        let doc: Value =
+            serde_json::from_slice(body).map_err(|e| InputRefused::Unreadable(e.to_string()))?;
+        match self.look_alike_input(&doc) {
+            Some(why) => Err(InputRefused::Unreadable(why)),
+            None => Ok(()),
+        }
+    }
+
+    /// A member of `doc` spelled otherwise than a recorded input field's
+    /// name but the same to a case-insensitive reader (`AMOUNT` for
+    /// `/amount`; Go's encoding/json also folds `ſ` to `s`): the record
+    /// (and an approver) would show the field absent while such an
+    /// upstream acts on it. Says which, if any.
+    pub fn look_alike_input(&self, doc: &Value) -> Option<String> {
+        for pointer in &self.input {
+            let mut at = doc;
+            for raw in pointer.split('/').skip(1) {
+                let seg = raw.replace("~1", "/").replace("~0", "~");
+                let next = match at {
+                    Value::Object(members) => match members.get(&seg) {
+                        Some(v) => Some(v),
+                        None => {
+                            let want = fold(&seg);
+                            if let Some(other) = members.keys().find(|k| fold(k) == want) {
+                                return Some(format!(
+                                    "member {other:?} is the recorded field {seg:?} ({pointer}) to a case-insensitive reader, but not to the record: send it as {seg:?}"
+                                ));
+                            }
+                            None
+                        }
+                    },
+                    Value::Array(items) => seg.parse::<usize>().ok().and_then(|i| items.get(i)),
+                    _ => None,
+                };
+                match next {
+                    Some(v) => at = v,
+                    None => break,
+                }
+            }
+        }
+        None
     }
 
     /// The request's recorded headers and input fields (`body` parsed as
@@ -158,10 +199,15 @@ impl Recording {
         if self.output.is_empty() {
             return out;
         }
-        match serde_json::from_slice::<Value>(body) {
+        // Bounded as request bodies are: an 8 MiB answer of tiny values
+        // would otherwise take some 40 times its size to parse.
+        match parse_bounded(body) {
             Ok(doc) => self.fields("output", &self.output, &doc, &mut out),
             Err(_) => {
-                out.insert("output".into(), "(not JSON)".into());
+                out.insert(
+                    "output".into(),
+                    format!("(not JSON, or more than {MAX_JSON_VALUES} values)"),
+                );
             }
         }
         out
@@ -541,6 +587,10 @@ mod tests {
             // Not JSON, or JSON with more after it.
             b"plain text".as_slice(),
             br#"{"status":"open"} {"status":"closed"}"#.as_slice(),
+            // The recorded field under another spelling only: recorded as
+            // absent, read by Go as the field.
+            br#"{"STATUS":"closed"}"#.as_slice(),
+            "{\"\u{17f}tatus\":\"closed\"}".as_bytes(),
         ] {
             let err = r.check_input(true, body).unwrap_err();
             assert!(
@@ -560,6 +610,23 @@ mod tests {
         assert!(
             r.check_input(true, br#"{"status":"open","a":{"status":1}}"#)
                 .is_ok()
+        );
+        assert!(
+            r.check_input(true, br#"{"note":"no status at all"}"#)
+                .is_ok()
+        );
+        let deep = rec(&["/payment/amount"], &[]);
+        assert!(
+            deep.check_input(true, br#"{"payment":{"amount":1}}"#)
+                .is_ok()
+        );
+        assert!(
+            deep.check_input(true, br#"{"Payment":{"amount":1}}"#)
+                .is_err()
+        );
+        assert!(
+            deep.check_input(true, br#"{"payment":{"AMOUNT":1}}"#)
+                .is_err()
         );
         assert!(r.check_input(false, b"").is_ok());
         assert!(

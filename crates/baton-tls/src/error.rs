@@ -51,6 +51,28 @@ pub enum SvidError {
     NotAllowed { id: SpiffeId },
 }
 
+/// Errors from binding a Unix socket at a path ([`crate::bind_unix_socket`]).
+#[derive(Debug, thiserror::Error)]
+pub enum SocketFileError {
+    #[error(
+        "{}: another process is serving a socket at this path (a second daemon given the same path?); it is not replaced: stop that process or choose another path",
+        path.display()
+    )]
+    InUse { path: std::path::PathBuf },
+    #[error(
+        "{}: the path holds something that is not a socket (a file, a directory, a symbolic link); refusing to replace it",
+        path.display()
+    )]
+    NotASocket { path: std::path::PathBuf },
+    #[error("cannot {action} {}: {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// Errors from building TLS material or running a listener.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {

@@ -63,6 +63,7 @@ mod config;
 mod error;
 mod identity;
 mod serve;
+mod socket_file;
 mod svid;
 #[cfg(test)]
 mod testutil;
@@ -74,12 +75,13 @@ use rustls::crypto::CryptoProvider;
 
 pub use bundle::BundleStore;
 pub use config::{ALPN_PROTOCOLS, ClientAuth, client_config, server_config};
-pub use error::{SvidError, TlsError};
+pub use error::{SocketFileError, SvidError, TlsError};
 pub use identity::{ClientIdentity, ServerIdentity};
 pub use serve::{
     HANDSHAKE_TIMEOUT, PeerCertificate, PeerIdentity, RemoteAddr, SHUTDOWN_GRACE, ServeLimits,
     UnixPeer, serve_https, serve_https_with, serve_unix, serve_unix_with,
 };
+pub use socket_file::{BoundSocket, bind_unix_socket};
 pub use svid::{PeerPolicy, VerifiedSvid, verify_svid};
 pub use verifier::{SpiffeClientVerifier, SpiffeServerVerifier};
 
