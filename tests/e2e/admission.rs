@@ -434,22 +434,29 @@ fn a_broker_replaces_a_stale_admin_socket_and_nothing_else() {
     assert!(started, "{log}");
 }
 
+/// A copy of the shipped admission policies (`deploy/policies/admission`)
+/// in `dir/admission`, to edit freely.
+fn shipped_admission_policies(dir: &Path) -> std::path::PathBuf {
+    let shipped = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../deploy/policies/admission"
+    );
+    let policies = dir.join("admission");
+    std::fs::create_dir(&policies).unwrap();
+    for f in std::fs::read_dir(shipped).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, policies.join(f.file_name().unwrap())).unwrap();
+    }
+    policies
+}
+
 #[test]
 fn a_broker_without_a_valid_admission_policy_does_not_start() {
     let dir = tempfile::Builder::new()
         .prefix("baton-admission")
         .tempdir()
         .unwrap();
-    let shipped = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../deploy/policies/admission"
-    );
-    let policies = dir.path().join("admission");
-    std::fs::create_dir(&policies).unwrap();
-    for f in std::fs::read_dir(shipped).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, policies.join(f.file_name().unwrap())).unwrap();
-    }
+    let policies = shipped_admission_policies(dir.path());
     let jwks = dir.path().join("jwks.json");
     std::fs::write(&jwks, r#"{"keys":[]}"#).unwrap();
     let oidc = [
@@ -570,16 +577,7 @@ fn sighup_rereads_the_oidc_jwks_so_a_withdrawn_key_starts_nothing() {
         .prefix("baton-jwks")
         .tempdir()
         .unwrap();
-    let shipped = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../deploy/policies/admission"
-    );
-    let policies = dir.path().join("admission");
-    std::fs::create_dir(&policies).unwrap();
-    for f in std::fs::read_dir(shipped).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, policies.join(f.file_name().unwrap())).unwrap();
-    }
+    let policies = shipped_admission_policies(dir.path());
     let old = rcgen::KeyPair::generate().unwrap();
     let new = rcgen::KeyPair::generate().unwrap();
     let jwks = dir.path().join("jwks.json");

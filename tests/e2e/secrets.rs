@@ -275,14 +275,15 @@ async fn api_key_is_introspected_live_then_inactive_after_task_end() {
         "apikey",
     ]);
     assert_eq!(time_for_people(&human, "Expires:"), expires, "{human}");
-    let human = w.ok(&[
+    let introspect_args = [
         "secret",
         "introspect",
         "--credential",
         tool.to_str().unwrap(),
         "--key",
         &key,
-    ]);
+    ];
+    let human = w.ok(&introspect_args);
     assert_eq!(time_for_people(&human, "Expires:"), expires, "{human}");
     assert!(!human.contains(&expires.to_string()), "{human}");
     assert_eq!(live["task_id"], task.as_str());
@@ -318,14 +319,7 @@ async fn api_key_is_introspected_live_then_inactive_after_task_end() {
         "--reason",
         "tool server retired",
     ]);
-    let err = w.refused(&[
-        "secret",
-        "introspect",
-        "--credential",
-        tool.to_str().unwrap(),
-        "--key",
-        &key,
-    ]);
+    let err = w.refused(&introspect_args);
     assert!(
         err.contains("certificate_revoked") && err.contains(&serial),
         "{err}"

@@ -88,7 +88,21 @@ pub struct DelegationService<R> {
     /// The trust anchors task SVIDs are checked against before they are
     /// handed out (the broker client's store, kept current by the sync loop).
     bundles: BundleStore,
+    /// Redeems and renewals per identity ([`CALLS_PER_ID_BURST`], then
+    /// [`CALLS_PER_ID_PER_SEC`] a second).
+    budget: std::sync::Mutex<crate::budget::Budget<SpiffeId>>,
 }
+
+/// Redeems and task renewals one identity (SPIFFE ID) may ask of the
+/// broker through this daemon at once, then [`CALLS_PER_ID_PER_SEC`] a
+/// second. The broker limits a node's redeems and renewals as a whole
+/// (`node-mint`, 6,000 a minute by default): a workload replaying a spent
+/// grant would otherwise spend it for every other workload of its node.
+/// The share is per identity, not per uid: the pods of a node often all
+/// run as one uid.
+pub const CALLS_PER_ID_BURST: u32 = 600;
+/// See [`CALLS_PER_ID_BURST`].
+pub const CALLS_PER_ID_PER_SEC: u32 = 10;
 
 impl<R> DelegationService<R> {
     pub fn new(
@@ -97,12 +111,47 @@ impl<R> DelegationService<R> {
         broker: Arc<R>,
         bundles: BundleStore,
     ) -> Self {
+        Self::with_budget(
+            cache,
+            attestor,
+            broker,
+            bundles,
+            crate::budget::Budget::new(CALLS_PER_ID_BURST, CALLS_PER_ID_PER_SEC),
+        )
+    }
+
+    /// As [`DelegationService::new`], with another share per identity.
+    pub fn with_budget(
+        cache: watch::Receiver<Arc<Snapshot>>,
+        attestor: Arc<Attestor>,
+        broker: Arc<R>,
+        bundles: BundleStore,
+        budget: crate::budget::Budget<SpiffeId>,
+    ) -> Self {
         Self {
             cache,
             attestor,
             broker,
             bundles,
+            budget: std::sync::Mutex::new(budget),
         }
+    }
+
+    /// Takes one redeem or renewal from `id`'s share, before anything is
+    /// asked of the broker.
+    fn charge(&self, id: &SpiffeId, now: u64) -> Result<(), Status> {
+        let mut budget = self
+            .budget
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        budget.take(id, now).map_err(|wait| {
+            tracing::warn!(spiffe_id = %id, "redeem or renewal refused: the identity asked for too many");
+            Status::resource_exhausted(format!(
+                "{id} asked this node for more than {} redeems and renewals at once (then {} a second); retry in {wait} s",
+                budget.burst(),
+                budget.per_sec()
+            ))
+        })
     }
 }
 
@@ -279,6 +328,7 @@ impl<R: GrantRedeemer> Delegation for DelegationService<R> {
         let (spiffe_id, bundle) = {
             let snapshot = Arc::clone(&self.cache.borrow());
             let id = choose_identity(&snapshot, &who, &spiffe_id)?;
+            self.charge(&id, unix_now())?;
             // Checked before the broker call: a grant is single-use, so
             // nothing that can fail locally should come after spending it.
             let bundle = snapshot
@@ -361,6 +411,7 @@ impl<R: GrantRedeemer> Delegation for DelegationService<R> {
             let snapshot = Arc::clone(&self.cache.borrow());
             choose_identity(&snapshot, &who, &spiffe_id)?
         };
+        self.charge(&spiffe_id, unix_now())?;
         if token.is_empty() || token.len() > 16 * 1024 {
             return Err(Status::invalid_argument(
                 "token: empty or longer than 16 KiB",
@@ -536,6 +587,16 @@ mod tests {
     /// The service over a real Unix socket, with `entries` and the fake CA's
     /// bundle (none if `with_bundle` is false) in the snapshot.
     async fn harness(entries: Vec<baton_core::Entry>, with_bundle: bool) -> Harness {
+        let budget = crate::budget::Budget::new(CALLS_PER_ID_BURST, CALLS_PER_ID_PER_SEC);
+        harness_with(entries, with_bundle, budget).await
+    }
+
+    /// [`harness`] with `budget` as the share per uid.
+    async fn harness_with(
+        entries: Vec<baton_core::Entry>,
+        with_bundle: bool,
+        budget: crate::budget::Budget<SpiffeId>,
+    ) -> Harness {
         baton_tls::install_crypto_provider();
         baton_ca::init();
         let ca = Ca::load_or_create(CaConfig::new(td()), SystemTime::now()).unwrap();
@@ -557,8 +618,13 @@ mod tests {
             answer: Mutex::new(Box::new(sign)),
             calls: Mutex::new(Vec::new()),
         });
-        let service =
-            DelegationService::new(rx, Arc::new(Attestor::new()), Arc::clone(&broker), bundles);
+        let service = DelegationService::with_budget(
+            rx,
+            Arc::new(Attestor::new()),
+            Arc::clone(&broker),
+            bundles,
+            budget,
+        );
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.sock");
         let listener = UnixListener::bind(&path).unwrap();
@@ -626,6 +692,54 @@ mod tests {
             .into_inner();
         assert_ne!(again.x509_svid_key, resp.x509_svid_key);
         assert_ne!(h.broker.calls()[1].csr_der, calls[0].csr_der);
+    }
+
+    /// An identity replaying grants (spent ones cost the broker an audit
+    /// event each) gets its share and no more: refused before the broker
+    /// is asked, so its node's allowance at the broker stays for the
+    /// others.
+    #[tokio::test]
+    async fn an_identity_gets_its_share_of_redeems_and_no_more() {
+        let mine = entry("agents/summariser", my_uid());
+        let other = entry("agents/other", my_uid());
+        let mut h = harness_with(
+            vec![mine.clone(), other.clone()],
+            true,
+            crate::budget::Budget::new(3, 1),
+        )
+        .await;
+        let since = std::time::Instant::now();
+        let mut granted = 0u64;
+        let refused = loop {
+            let grant = format!("g-{granted}");
+            match h
+                .client
+                .redeem(with_header(&grant, mine.spiffe_id.as_str()))
+                .await
+            {
+                Ok(_) => granted += 1,
+                Err(status) => break status,
+            }
+            // One a second comes back while it asks (slowly, if loaded).
+            assert!(
+                granted <= 3 + since.elapsed().as_secs() + 1,
+                "no share per uid: {granted} redeemed"
+            );
+        };
+        assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+        assert!(
+            refused.message().contains(mine.spiffe_id.as_str()),
+            "{}",
+            refused.message()
+        );
+        assert!(granted >= 3, "{granted}");
+        // The refused one never reached the broker.
+        assert_eq!(h.broker.calls().len() as u64, granted);
+        // Another identity of the node keeps its own share (control).
+        h.client
+            .redeem(with_header("g-other", other.spiffe_id.as_str()))
+            .await
+            .unwrap();
     }
 
     #[tokio::test]

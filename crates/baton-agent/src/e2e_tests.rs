@@ -211,11 +211,14 @@ async fn agent_serves_svids_from_a_real_broker_and_survives_restart() {
         bundle.x509_authorities_concat_der()
     );
 
-    let jwt = client
-        .fetch_jwtsvid(with_header(JwtsvidRequest {
-            audience: vec!["svc".into()],
+    let for_audience = |aud: &str| {
+        with_header(JwtsvidRequest {
+            audience: vec![aud.to_owned()],
             spiffe_id: String::new(),
-        }))
+        })
+    };
+    let jwt = client
+        .fetch_jwtsvid(for_audience("svc"))
         .await
         .unwrap()
         .into_inner();
@@ -245,10 +248,7 @@ async fn agent_serves_svids_from_a_real_broker_and_survives_restart() {
     let since = std::time::Instant::now();
     let refused = loop {
         let asked = client
-            .fetch_jwtsvid(with_header(JwtsvidRequest {
-                audience: vec![format!("aud-{minted}")],
-                spiffe_id: String::new(),
-            }))
+            .fetch_jwtsvid(for_audience(&format!("aud-{minted}")))
             .await;
         match asked {
             Ok(_) => minted += 1,
@@ -271,10 +271,7 @@ async fn agent_serves_svids_from_a_real_broker_and_survives_restart() {
         "{minted}: {refused:?}"
     );
     let cached = client
-        .fetch_jwtsvid(with_header(JwtsvidRequest {
-            audience: vec!["svc".into()],
-            spiffe_id: String::new(),
-        }))
+        .fetch_jwtsvid(for_audience("svc"))
         .await
         .unwrap()
         .into_inner();

@@ -19,51 +19,14 @@ use crate::workload::{JwtAuthority, JwtClaims};
 /// its node. Tokens served from the cache cost nothing.
 pub const MINTS_PER_ENTRY_BURST: u32 = 60;
 
-/// What each entry may still have minted ([`MINTS_PER_ENTRY_BURST`]),
-/// with time passed in (unix seconds).
-#[derive(Debug, Default)]
-pub struct MintBudget {
-    entries: std::collections::HashMap<baton_core::EntryId, (u32, u64)>,
-}
-
-/// Entries remembered at most; beyond it, those whose budget is whole
-/// again are forgotten (they would start whole anyway).
-const MAX_BUDGETS: usize = 4096;
-
-impl MintBudget {
-    /// Takes one mint for `entry` at `now`, or says in how many seconds
-    /// one is there.
-    pub fn take(&mut self, entry: &baton_core::EntryId, now: u64) -> Result<(), u64> {
-        let whole = |(left, at): (u32, u64)| {
-            let earned = u32::try_from(now.saturating_sub(at)).unwrap_or(u32::MAX);
-            left.saturating_add(earned).min(MINTS_PER_ENTRY_BURST)
-        };
-        if !self.entries.contains_key(entry) && self.entries.len() >= MAX_BUDGETS {
-            self.entries
-                .retain(|_, b| whole(*b) < MINTS_PER_ENTRY_BURST);
-        }
-        let budget = self
-            .entries
-            .entry(entry.clone())
-            .or_insert((MINTS_PER_ENTRY_BURST, now));
-        // A clock stepped back restarts the count from then: the entry
-        // earns nothing for it, and is not locked out until it catches up.
-        budget.1 = budget.1.min(now);
-        let left = whole(*budget);
-        if left == 0 {
-            return Err(1);
-        }
-        *budget = (left - 1, now);
-        Ok(())
-    }
-}
-
 /// The node daemon's [`JwtAuthority`].
 #[derive(Debug)]
 pub struct BrokerJwt {
     client: Arc<BrokerClient>,
     cache: Mutex<JwtCache>,
-    budget: Mutex<MintBudget>,
+    /// New JWT-SVIDs per entry ([`MINTS_PER_ENTRY_BURST`], then one a
+    /// second).
+    budget: Mutex<crate::budget::Budget<baton_core::EntryId>>,
     tainted: tokio::sync::watch::Receiver<crate::cache::Tainted>,
     snapshot: tokio::sync::watch::Receiver<Arc<Snapshot>>,
 }
@@ -79,7 +42,7 @@ impl BrokerJwt {
         Self {
             client,
             cache: Mutex::new(JwtCache::default()),
-            budget: Mutex::new(MintBudget::default()),
+            budget: Mutex::new(crate::budget::Budget::new(MINTS_PER_ENTRY_BURST, 1)),
             tainted,
             snapshot,
         }
@@ -183,34 +146,5 @@ impl JwtAuthority for BrokerJwt {
             spiffe_id: v.spiffe_id,
             claims: v.claims,
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn each_entry_mints_a_burst_then_one_a_second_and_others_keep_theirs() {
-        let mut b = MintBudget::default();
-        let greedy = baton_core::EntryId::random();
-        let other = baton_core::EntryId::random();
-        for _ in 0..MINTS_PER_ENTRY_BURST {
-            b.take(&greedy, 100).unwrap();
-        }
-        assert_eq!(b.take(&greedy, 100), Err(1));
-        // Another entry of the node is not starved.
-        b.take(&other, 100).unwrap();
-        // One a second comes back, never more than the burst.
-        b.take(&greedy, 101).unwrap();
-        assert_eq!(b.take(&greedy, 101), Err(1));
-        for _ in 0..MINTS_PER_ENTRY_BURST {
-            b.take(&greedy, 10_000).unwrap();
-        }
-        assert_eq!(b.take(&greedy, 10_000), Err(1));
-        // A clock stepped back earns nothing, and does not lock the entry
-        // out until the clock is back where it was.
-        assert_eq!(b.take(&greedy, 50), Err(1));
-        b.take(&greedy, 51).unwrap();
     }
 }

@@ -17,6 +17,7 @@
 
 pub mod attest;
 pub mod authority;
+pub mod budget;
 pub mod cache;
 pub mod client;
 pub mod delegation;

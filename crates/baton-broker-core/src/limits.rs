@@ -228,7 +228,10 @@ impl Default for RateLimits {
             // A node's redeems are its agents' hops: twice what one agent
             // may delegate, far below a disk filler's rate.
             node_mint: limit(6000, 60),
-            approvals: limit(600, 60),
+            // A gateway asks again each time an agent re-sends a held
+            // call (every few seconds while a human decides): room for
+            // hundreds of calls waiting at once.
+            approvals: limit(6000, 60),
         }
     }
 }

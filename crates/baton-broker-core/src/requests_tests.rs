@@ -244,6 +244,27 @@ impl World {
         start_task(&self.d, &req, self.t0).unwrap()
     }
 
+    /// The initiator approves `pending` at `t + 1`; the gateway asks again
+    /// for the same call (`ask`) at `t + 2`: approved, and used up.
+    fn approve_and_use(
+        &self,
+        pending: &baton_core::api::ApprovalState,
+        ask: &baton_core::api::ApprovalRequest,
+        t: u64,
+    ) -> baton_core::api::ApprovalState {
+        let decision: baton_core::api::ApprovalDecision = serde_json::from_value(json!({
+            "id_token": self.dev.mint_with_groups("alice@example.com", &[], 600, t).unwrap(),
+            "approve": true,
+        }))
+        .unwrap();
+        self.d
+            .decide_approval(&pending.id, &decision, t + 1)
+            .unwrap();
+        let used = self.d.request_approval(&id(CRM), ask, t + 2).unwrap();
+        assert_eq!(used.status, "approved", "{used:?}");
+        used
+    }
+
     fn redeem_as(
         &self,
         grant: &HandoffGrant,
@@ -735,18 +756,8 @@ fn an_approval_vouches_for_one_reported_call_only() {
     let ask = approval_ask(&started.task_id, &planner, PLANNER, "ab", 60);
     let pending = w.d.request_approval(&id(CRM), &ask, t).unwrap();
     assert_eq!(pending.status, "pending");
-    let decision: baton_core::api::ApprovalDecision = serde_json::from_value(json!({
-        "id_token": w.dev.mint_with_groups("alice@example.com", &[], 600, t).unwrap(),
-        "approve": true,
-    }))
-    .unwrap();
-    w.d.decide_approval(&pending.id, &decision, t + 1).unwrap();
-    // The gateway asks again for the same call: approved, and used up.
-    let used = w.d.request_approval(&id(CRM), &ask, t + 2).unwrap();
-    assert_eq!(
-        (used.id.as_str(), used.status.as_str()),
-        (pending.id.as_str(), "approved")
-    );
+    let used = w.approve_and_use(&pending, &ask, t);
+    assert_eq!(used.id, pending.id);
 
     let approved_report = |report_id: &str| {
         let mut r = report(&started.task_id, &jti, PLANNER, report_id);
@@ -821,14 +832,7 @@ fn a_report_citing_an_approval_must_be_of_the_approved_risk() {
     let jti = jti_of(&planner.token);
     let ask = approval_ask(&started.task_id, &planner, PLANNER, "ab", 60);
     let pending = w.d.request_approval(&id(CRM), &ask, t).unwrap();
-    let decision: baton_core::api::ApprovalDecision = serde_json::from_value(json!({
-        "id_token": w.dev.mint_with_groups("alice@example.com", &[], 600, t).unwrap(),
-        "approve": true,
-    }))
-    .unwrap();
-    w.d.decide_approval(&pending.id, &decision, t + 1).unwrap();
-    let used = w.d.request_approval(&id(CRM), &ask, t + 2).unwrap();
-    assert_eq!(used.status, "approved");
+    let used = w.approve_and_use(&pending, &ask, t);
     assert_eq!(used.token_jti.as_deref(), Some(jti.as_str()));
     let clock = || secs(w.t0, 3);
     let citing = |report_id: &str, risk: baton_core::RiskTier| {

@@ -199,6 +199,9 @@ pub struct Broker {
     hook: Arc<dyn IssuanceHook>,
     policy: IssuancePolicy,
     rotation: crate::rotation::RotationState,
+    /// The second (unix) of the last shared-CA refresh a node's sync
+    /// asked for: at most one a second, whatever nodes claim.
+    synced_refresh_at: std::sync::atomic::AtomicU64,
 }
 
 impl Broker {
@@ -214,6 +217,7 @@ impl Broker {
             hook,
             policy,
             rotation: crate::rotation::RotationState::default(),
+            synced_refresh_at: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -649,7 +653,12 @@ impl Broker {
         // synced with another broker of a shared CA that stepped first:
         // follow the shared journal now rather than at the next refresh,
         // or the node refuses this answer as a rolled-back one.
-        if applied.is_some_and(|a| a > self.ca.sequence()) {
+        if applied.is_some_and(|a| a > self.ca.sequence())
+            && self
+                .synced_refresh_at
+                .swap(unix(now), std::sync::atomic::Ordering::Relaxed)
+                != unix(now)
+        {
             match self.ca.refresh() {
                 Ok(true) => self.rotation.notify(),
                 Ok(false) => {}

@@ -298,7 +298,7 @@ pub struct LimitArgs {
     /// node-mint (a node's redeems and task renewals) or approvals (per
     /// SPIFFE ID, else IP). Defaults: attest=30/1m, task-start=60/1m,
     /// tool-call-reports=600/1m, jwt-svid=600/1m, secret-lease=120/1m,
-    /// delegate=3000/1m, node-mint=6000/1m, approvals=600/1m.
+    /// delegate=3000/1m, node-mint=6000/1m, approvals=6000/1m.
     #[arg(long = "rate-limit", value_name = "NAME=COUNT/PERIOD")]
     pub rate_limits: Vec<String>,
     #[command(flatten)]

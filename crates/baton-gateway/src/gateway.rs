@@ -732,15 +732,21 @@ impl Gateway {
                 return crate::mcp::relay(resp, headers, Some(call), started, output);
             }
             Ok(resp) => match read_answer(resp, &self.bodies).await {
-                Err(AnswerRefused::Busy) => {
-                    let message = "the gateway holds too many answers at once";
+                Err(AnswerRefused::Busy(upstream_status)) => {
+                    // The upstream acted: the record says so, with its
+                    // status, and the caller is not told to just retry.
+                    call.set_upstream(
+                        upstream_status.as_u16(),
+                        u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    );
+                    let message = "the upstream answered, but the gateway held too many answers at once to keep this one";
                     if let Err(e) = call.failed_async(message).await {
                         tracing::warn!(error = %e, "could not spool the report of a failed call");
                     }
                     return plain(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "busy",
-                        "the gateway holds too many answers at once; the call reached the upstream, its answer was not kept",
+                        StatusCode::BAD_GATEWAY,
+                        "answer_dropped",
+                        "the call reached the upstream, which answered, but the gateway held too many answers at once to pass this one on: check the call's effect before sending it again",
                     );
                 }
                 Err(AnswerRefused::Upstream(e)) => Err(e),
@@ -833,8 +839,8 @@ pub(crate) fn is_event_stream(h: &HeaderMap) -> bool {
 pub(crate) enum AnswerRefused {
     /// It broke off or is over [`MAX_BODY`].
     Upstream(String),
-    /// [`BODY_BUDGET`] is spent.
-    Busy,
+    /// [`BODY_BUDGET`] is spent (the upstream's status).
+    Busy(StatusCode),
 }
 
 /// An upstream's answer as read whole: status, headers, body, and the
@@ -871,12 +877,12 @@ pub(crate) async fn read_answer(
                 "the upstream's answer is over {MAX_BODY} bytes"
             )));
         }
-        let n = u32::try_from(chunk.len()).map_err(|_| AnswerRefused::Busy)?;
+        let n = u32::try_from(chunk.len()).map_err(|_| AnswerRefused::Busy(status))?;
         if n > 0 {
             let more = budget
                 .clone()
                 .try_acquire_many_owned(n)
-                .map_err(|_| AnswerRefused::Busy)?;
+                .map_err(|_| AnswerRefused::Busy(status))?;
             match held.as_mut() {
                 Some(h) => h.merge(more),
                 None => held = Some(more),
@@ -1468,13 +1474,15 @@ fn capture_override<'n>(
             return found.get().map(|c| ("the JSON body", c));
         }
         // A body this parser cannot read (see `method_override`): refused
-        // if it mentions a capture's name (also as Go folds it) or has a
-        // `\u` escape.
-        let body_lower = if body.is_ascii() {
-            body.to_ascii_lowercase()
-        } else {
-            crate::record::fold(&String::from_utf8_lossy(body)).into_bytes()
-        };
+        // if it mentions a capture's name or has a `\u` escape, or holds
+        // any non-ASCII text (a key Go folds into a capture's name, as
+        // `caſe_id`, which searching bytes would not find).
+        if !body.is_ascii() {
+            return captures
+                .first()
+                .map(|c| ("the JSON body (which the gateway cannot read whole)", *c));
+        }
+        let body_lower = body.to_ascii_lowercase();
         let escaped = find(&body_lower, b"\\u").is_some();
         return lower
             .iter()
@@ -1926,10 +1934,11 @@ mod tests {
             );
         }
         assert!(found(&json, b"{\"a\":1}\n{\"account\":42}").is_some());
-        // Not JSON this parser reads: searched folded all the same.
+        // Not JSON this parser reads, with non-ASCII text: refused, as a
+        // key in it may fold into a capture's name.
         assert_eq!(
-            found(&json, "{\"ca\u{17f}e_id\":42".as_bytes()).map(|(_, c)| c),
-            Some("case_id")
+            found(&json, "{\"ca\u{17f}e_id\":42".as_bytes()).map(|(p, _)| p),
+            Some("the JSON body (which the gateway cannot read whole)")
         );
         // The Kelvin sign is `k` to Go.
         assert_eq!(
@@ -2049,7 +2058,7 @@ mod tests {
         // held: busy, and it holds nothing.
         assert!(matches!(
             read_answer(answer(vec![b'y'; 50]), &budget).await,
-            Err(AnswerRefused::Busy)
+            Err(AnswerRefused::Busy(_))
         ));
         assert_eq!(budget.available_permits(), 40);
         // The first, as the caller gets it: still held until its body is

@@ -892,7 +892,7 @@ impl Gateway {
                 Err(crate::gateway::AnswerRefused::Upstream(e)) => {
                     return upstream_failed(id, &format!("the tool list: {e}"));
                 }
-                Err(crate::gateway::AnswerRefused::Busy) => {
+                Err(crate::gateway::AnswerRefused::Busy(_)) => {
                     return upstream_failed(id, "the gateway holds too many answers at once");
                 }
             };
