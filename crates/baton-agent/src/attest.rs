@@ -18,6 +18,11 @@ use baton_core::{Selector, SelectorKind};
 /// far fewer distinct binaries than this; the bound only stops a caller that
 /// keeps rewriting its binary from growing the map forever.
 const DIGEST_CACHE_LIMIT: usize = 4096;
+/// Largest executable whose digest is taken (`unix:sha256`). Hashing runs
+/// before the caller's entries are looked at, so any local user could
+/// otherwise have the daemon read a huge (sparse) file again on every
+/// call; a larger executable is attested without a digest selector.
+const MAX_DIGESTED_EXECUTABLE: u64 = 1 << 30;
 
 /// Why a caller could not be attested. Each variant ends the call with
 /// `PermissionDenied`; they are distinct so that logs tell a race from a bug.
@@ -192,10 +197,17 @@ impl Attestor {
             out.push(s);
         }
         match self.digest(pid, &exe) {
-            Ok(hex) => {
+            Ok(Some(hex)) => {
                 if let Ok(s) = Selector::new(SelectorKind::UnixSha256, &hex) {
                     out.push(s);
                 }
+            }
+            Ok(None) => {
+                tracing::debug!(
+                    pid,
+                    max = MAX_DIGESTED_EXECUTABLE,
+                    "the caller's executable is larger than the daemon hashes; no digest selector"
+                );
             }
             Err(AttestError::Io { source, .. })
                 if source.kind() == io::ErrorKind::PermissionDenied =>
@@ -213,11 +225,15 @@ impl Attestor {
     /// SHA-256 of the executable, read through `/proc/<pid>/exe` itself so
     /// that the bytes are those of the running image even if the file on
     /// disk was replaced or deleted since.
-    fn digest(&self, pid: i32, exe: &Path) -> Result<String, AttestError> {
-        let mut file = File::open(exe).map_err(|e| io_error(pid, "executable", e))?;
+    /// None for an executable over [`MAX_DIGESTED_EXECUTABLE`] bytes.
+    fn digest(&self, pid: i32, exe: &Path) -> Result<Option<String>, AttestError> {
+        let file = File::open(exe).map_err(|e| io_error(pid, "executable", e))?;
         let meta = file
             .metadata()
             .map_err(|e| io_error(pid, "executable metadata", e))?;
+        if meta.size() > MAX_DIGESTED_EXECUTABLE {
+            return Ok(None);
+        }
         let key = FileKey {
             dev: meta.dev(),
             ino: meta.ino(),
@@ -228,15 +244,22 @@ impl Attestor {
             ctime_nsec: meta.ctime_nsec(),
         };
         if let Some(hex) = self.lock_digests().get(&key) {
-            return Ok(hex.clone());
+            return Ok(Some(hex.clone()));
         }
-        let hex = sha256_reader(&mut file).map_err(|e| io_error(pid, "executable", e))?;
+        // The file may grow after its size was read: no more than the cap
+        // (and one byte to tell) is read either way.
+        let mut capped = file.take(MAX_DIGESTED_EXECUTABLE + 1);
+        let (hex, read) =
+            sha256_reader_counted(&mut capped).map_err(|e| io_error(pid, "executable", e))?;
+        if read > MAX_DIGESTED_EXECUTABLE {
+            return Ok(None);
+        }
         let mut cache = self.lock_digests();
         if cache.len() >= DIGEST_CACHE_LIMIT {
             cache.clear();
         }
         cache.insert(key, hex.clone());
-        Ok(hex)
+        Ok(Some(hex))
     }
 
     fn lock_digests(&self) -> std::sync::MutexGuard<'_, HashMap<FileKey, String>> {
@@ -262,17 +285,25 @@ fn io_error(pid: i32, what: &'static str, e: io::Error) -> AttestError {
 }
 
 /// Lowercase hex SHA-256 of everything `r` yields.
+#[cfg(test)]
 pub(crate) fn sha256_reader(r: &mut impl Read) -> io::Result<String> {
+    sha256_reader_counted(r).map(|(hex, _)| hex)
+}
+
+/// [`sha256_reader`], and how many bytes it read.
+fn sha256_reader_counted(r: &mut impl Read) -> io::Result<(String, u64)> {
     let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     let mut buf = vec![0u8; 64 * 1024];
+    let mut read = 0u64;
     loop {
         let n = r.read(&mut buf)?;
         if n == 0 {
             break;
         }
+        read += n as u64;
         ctx.update(&buf[..n]);
     }
-    Ok(hex::encode(ctx.finish().as_ref()))
+    Ok((hex::encode(ctx.finish().as_ref()), read))
 }
 
 /// Field 22 (`starttime`) of a `/proc/<pid>/stat` line.
@@ -330,6 +361,27 @@ mod tests {
         // Second attestation is served from the digest cache and agrees.
         assert_eq!(attestor.lock_digests().len(), 1);
         assert_eq!(attestor.attest(uid, gid, Some(pid)).unwrap(), w);
+    }
+
+    /// An executable over the cap (a sparse 2 GiB file: nothing to read
+    /// for the kernel, 2 GiB of hashing for the daemon) gets no digest
+    /// and costs no reading; the test binary itself (the control) does.
+    #[test]
+    fn a_huge_executable_is_not_hashed() {
+        let dir = tempfile::tempdir().unwrap();
+        let huge = dir.path().join("huge");
+        let f = File::create(&huge).unwrap();
+        f.set_len(2 * MAX_DIGESTED_EXECUTABLE).unwrap();
+        drop(f);
+        let pid = i32::try_from(std::process::id()).unwrap();
+        let attestor = Attestor::new();
+        let started = std::time::Instant::now();
+        assert_eq!(attestor.digest(pid, &huge).unwrap(), None);
+        assert!(started.elapsed() < std::time::Duration::from_secs(30));
+        assert!(attestor.lock_digests().is_empty());
+        let exe = std::env::current_exe().unwrap();
+        let own = attestor.digest(pid, &exe).unwrap().unwrap();
+        assert_eq!(own, sha256_reader(&mut File::open(&exe).unwrap()).unwrap());
     }
 
     #[test]

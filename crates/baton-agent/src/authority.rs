@@ -49,8 +49,15 @@ const FLAG_PRIORITY: u8 = 0x20;
 const OUT_FRAME_MAX: usize = 16_384;
 /// Largest compressed header block (all its frames) accepted.
 const MAX_BLOCK: usize = 1 << 20;
-/// Largest decoded header list (RFC 7541 sizes: name + value + 32 each).
-const MAX_HEADER_LIST: usize = 1 << 20;
+/// Largest decoded header list (RFC 7541 sizes: name + value + 32 each):
+/// 4 times what the server's HTTP/2 layer accepts (16 KiB), so nothing it
+/// would take is refused here, while a block of indexed references (one
+/// byte each, 4 KiB of dynamic table behind each) decodes to at most this.
+const MAX_HEADER_LIST: usize = 64 << 10;
+/// Rewritten bytes made from one read before they are handed to the
+/// server: the rest of the input waits, so a client's small frames of
+/// references cannot be expanded into more than this at once.
+const OUT_PENDING_MAX: usize = 256 << 10;
 /// The HPACK dynamic table size the server's decoder allows: the protocol
 /// default, which the agent's server does not change.
 const HPACK_TABLE_LIMIT: usize = 4_096;
@@ -79,6 +86,9 @@ pub struct AuthorityNormalizing<S> {
     output: Vec<u8>,
     out_pos: usize,
     eof: bool,
+    /// The connection's place under its user's connection cap, given back
+    /// when the connection is dropped.
+    _slot: Option<crate::conn_limit::ConnectionSlot>,
 }
 
 impl<S> AuthorityNormalizing<S> {
@@ -90,7 +100,14 @@ impl<S> AuthorityNormalizing<S> {
             output: Vec::new(),
             out_pos: 0,
             eof: false,
+            _slot: None,
         }
+    }
+
+    /// The connection, holding `slot` for as long as it is open.
+    pub fn holding(mut self, slot: crate::conn_limit::ConnectionSlot) -> Self {
+        self._slot = Some(slot);
+        self
     }
 }
 
@@ -113,6 +130,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityNormalizing<S> {
                 if this.out_pos == this.output.len() {
                     this.output.clear();
                     this.out_pos = 0;
+                    // An expanded burst does not keep its memory for the
+                    // life of the connection.
+                    this.output.shrink_to(OUT_PENDING_MAX);
                 }
                 return Poll::Ready(Ok(()));
             }
@@ -287,6 +307,9 @@ impl Rewriter {
                     }
                     if flags & FLAG_END_HEADERS != 0 {
                         self.finish_block(out)?;
+                        if out.len() >= OUT_PENDING_MAX {
+                            return Ok(pos);
+                        }
                     }
                 }
             }
@@ -1108,6 +1131,75 @@ pub(crate) mod tests {
             &[9, 0x82],
         ));
         assert!(Rewriter::new().process(&bad, &mut Vec::new()).is_err());
+    }
+
+    /// Frames of one-byte references to a 4 KiB dynamic-table entry: each
+    /// block over the header-list limit is refused (the connection closes),
+    /// and blocks under it are handed out at most `OUT_PENDING_MAX` at a
+    /// time, however many arrive in one read.
+    #[test]
+    fn indexed_references_are_not_expanded_without_bound() {
+        let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        // Incremental indexing (0x40) of `a: <4,063 bytes>`: 4,096 bytes
+        // of table, the whole default table.
+        let mut insert = vec![0x40];
+        encode_string(b"a", &mut insert);
+        encode_string(&vec![b'v'; 4_063], &mut insert);
+        let mut input = preface.clone();
+        input.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &insert));
+        // 250 references (1 MB decoded) in one frame: refused.
+        let mut attack = input.clone();
+        attack.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 3, &[0xBE; 250]));
+        let mut out = Vec::new();
+        assert_eq!(
+            Rewriter::new().process(&attack, &mut out),
+            Err(RewriteError::Hpack("header list too large"))
+        );
+        // 15 references (61 KB decoded) per frame, 60 frames in one read:
+        // processed in steps of at most OUT_PENDING_MAX (and a block).
+        let mut many = input.clone();
+        for i in 0..60u32 {
+            many.extend(frame(
+                TYPE_HEADERS,
+                FLAG_END_HEADERS,
+                5 + 2 * i,
+                &[0xBE; 15],
+            ));
+        }
+        let mut r = Rewriter::new();
+        let mut pos = 0;
+        let mut steps = 0;
+        let mut total = 0;
+        while pos < many.len() {
+            let mut out = Vec::new();
+            let n = r.process(&many[pos..], &mut out).unwrap();
+            assert!(n > 0);
+            assert!(
+                out.len() < OUT_PENDING_MAX + MAX_HEADER_LIST + 1024,
+                "{}",
+                out.len()
+            );
+            total += out.len();
+            pos += n;
+            steps += 1;
+        }
+        assert!(steps > 3, "{steps} steps");
+        assert!(total > 60 * 55_000, "every block still rewritten: {total}");
+        // Control: small literal blocks in one read are handed out in one
+        // step, about their own size.
+        let mut small = preface;
+        for i in 0..60u32 {
+            let mut b = vec![0x00];
+            encode_string(b"x-k", &mut b);
+            encode_string(b"v", &mut b);
+            small.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 1 + 2 * i, &b));
+        }
+        let mut out = Vec::new();
+        assert_eq!(
+            Rewriter::new().process(&small, &mut out).unwrap(),
+            small.len()
+        );
+        assert!(out.len() < 2 * small.len());
     }
 
     /// JWTs are not part of this test.

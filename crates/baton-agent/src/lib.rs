@@ -20,6 +20,7 @@ pub mod authority;
 pub mod budget;
 pub mod cache;
 pub mod client;
+pub mod conn_limit;
 pub mod delegation;
 pub mod jwt;
 pub mod node;
@@ -385,6 +386,10 @@ fn install_ops(ops: &baton_ops::Ops, cache: watch::Receiver<Arc<Snapshot>>, inte
     });
 }
 
+/// HTTP/2 streams one Workload API connection may have open at once (a
+/// workload needs a few: its SVID and bundle streams, a call).
+const MAX_STREAMS_PER_CONNECTION: u32 = 64;
+
 async fn serve(
     config: &AgentConfig,
     node_id: &SpiffeId,
@@ -421,15 +426,27 @@ async fn serve(
             socket_path: config.socket_path.clone(),
         });
     }
+    let limit = conn_limit::ConnectionLimit::new(conn_limit::MAX_CONNECTIONS_PER_UID);
     tonic::transport::Server::builder()
+        // Bounds per connection: streams at once, and a peer that stops
+        // answering HTTP/2 pings (a socket held open and silent) is dropped.
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .layer(rpc_metrics::CountRpcsLayer)
         .add_service(SpiffeWorkloadApiServer::new(workload))
         .add_service(DelegationServer::new(delegation))
         .serve_with_incoming_shutdown(
             // Standard gRPC clients send an `:authority` the HTTP/2 server
-            // would refuse; see `authority`.
-            UnixListenerStream::new(listener)
-                .map(|conn| conn.map(authority::AuthorityNormalizing::new)),
+            // would refuse; see `authority`. Each user holds at most
+            // `MAX_CONNECTIONS_PER_UID` connections; past that a new one is
+            // closed at once.
+            UnixListenerStream::new(listener).filter_map(move |conn| match conn {
+                Ok(stream) => limit
+                    .admit_stream(&stream)
+                    .map(|slot| Ok(authority::AuthorityNormalizing::new(stream).holding(slot))),
+                Err(e) => Some(Err(e)),
+            }),
             shutdown,
         )
         .await?;

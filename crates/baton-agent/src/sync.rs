@@ -174,7 +174,7 @@ impl Syncer {
         let (fresh, failure) = if to_sign.is_empty() {
             (Vec::new(), None)
         } else {
-            match self.sign(&to_sign).await {
+            match self.sign(&to_sign, now).await {
                 Ok(fresh) => (fresh, None),
                 // Entries and bundle are still worth publishing.
                 Err(e) => (Vec::new(), Some(e)),
@@ -197,7 +197,11 @@ impl Syncer {
         failure.map_or(Ok(()), Err)
     }
 
-    async fn sign(&self, entries: &[Entry]) -> Result<Vec<CachedSvid>, SyncError> {
+    /// New X509-SVIDs for `entries`, each checked before it is served: it
+    /// names its entry's SPIFFE ID, chains to the trust bundle in force and
+    /// certifies the key generated for it (a broker's answer is not served
+    /// to workloads on its word alone).
+    async fn sign(&self, entries: &[Entry], now: u64) -> Result<Vec<CachedSvid>, SyncError> {
         let mut fresh = Vec::with_capacity(entries.len());
         for chunk in entries.chunks(SIGN_BATCH) {
             let mut keys = Vec::with_capacity(chunk.len());
@@ -225,6 +229,24 @@ impl Syncer {
                         info.spiffe_id, entry.spiffe_id
                     )));
                 }
+                let chain: Vec<baton_tls::CertificateDer<'_>> = svid
+                    .cert_chain_der
+                    .iter()
+                    .map(|c| baton_tls::CertificateDer::from(c.as_slice()))
+                    .collect();
+                let (leaf, intermediates) = chain
+                    .split_first()
+                    .ok_or_else(|| bad("its certificate chain is empty".into()))?;
+                baton_tls::verify_svid(
+                    leaf,
+                    intermediates,
+                    self.client.bundles(),
+                    &baton_tls::PeerPolicy::Exact(vec![entry.spiffe_id.clone()]),
+                    baton_tls::UnixTime::since_unix_epoch(Duration::from_secs(now)),
+                )
+                .map_err(|e| bad(format!("it does not verify against the trust bundle: {e}")))?;
+                baton_tls::ClientIdentity::new(svid.cert_chain_der.clone(), key.pkcs8_der())
+                    .map_err(|e| bad(format!("it does not certify the key sent: {e}")))?;
                 tracing::info!(entry = %entry.id, spiffe_id = %entry.spiffe_id, serial = %info.serial_hex, "workload SVID issued");
                 fresh.push(CachedSvid {
                     entry: entry.clone(),

@@ -1404,8 +1404,19 @@ async fn cover_mark(
     let new = tx
         .execute(
             &tx.stmt(
-                "INSERT INTO revocation_log (id, expires_at, kind, reason)
-             SELECT c.id, c.expires_at, c.kind, $1 FROM cover c
+                // Numbered past every row and every number the log ever
+                // gave out (the exclusive revocation lock is held): the
+                // relay, the feed and the propagation check read `seq >
+                // mark`, so a row numbered ahead of the sequence (written
+                // by hand, or restored without the sequence) must not
+                // leave later revocations behind it.
+                "INSERT INTO revocation_log (seq, id, expires_at, kind, reason)
+             SELECT GREATEST(
+                      (SELECT COALESCE(MAX(seq), 0) FROM revocation_log),
+                      (SELECT CASE WHEN is_called THEN last_value ELSE 0 END
+                         FROM revocation_log_seq_seq)
+                    ) + ROW_NUMBER() OVER (ORDER BY c.n),
+                    c.id, c.expires_at, c.kind, $1 FROM cover c
              WHERE c.expires_at > $2
                AND NOT EXISTS (SELECT 1 FROM revocations r WHERE r.id = c.id)
              ORDER BY c.n",
@@ -1414,6 +1425,19 @@ async fn cover_mark(
             &[&reason, &now_i],
         )
         .await?;
+    if new > 0 {
+        // The sequence follows, so that a log pruned empty goes on from
+        // the highest number given out.
+        tx.execute(
+            &tx.stmt(
+                "SELECT setval('revocation_log_seq_seq', MAX(seq)) FROM revocation_log
+                 HAVING MAX(seq) IS NOT NULL",
+            )
+            .await?,
+            &[],
+        )
+        .await?;
+    }
     tx.execute(
         &tx.stmt(
             "INSERT INTO revocations (id, kind, expires_at, reason, at)

@@ -1283,6 +1283,11 @@ fn an_entry_stored_without_a_uid_or_gid_gets_no_svid() {
     let e = sign(&exe_only).unwrap_err();
     assert_eq!(e.code(), "entry_unbound", "{e}");
     assert!(e.to_string().contains("unix:uid"), "{e}");
+    // Nor is it synced to the node: in a node daemon's batch it would get
+    // every entry of the node refused.
+    let synced = broker.sync(&w.node, None, w.t0).unwrap().entries;
+    assert!(synced.iter().any(|e| e.id == pinned.id));
+    assert!(!synced.iter().any(|e| e.id == exe_only.id));
 }
 
 /// An entry stored under `/baton/` before those ids were reserved (here
@@ -1329,6 +1334,9 @@ fn an_entry_stored_under_a_reserved_id_gets_no_svid() {
     assert_eq!(sign(&planner).unwrap().svids.len(), 1);
     let e = sign(&legacy).unwrap_err();
     assert_eq!(e.code(), "reserved_id", "{e}");
+    let synced = broker.sync(&w.node, None, w.t0).unwrap().entries;
+    assert!(synced.iter().any(|e| e.id == planner.id));
+    assert!(!synced.iter().any(|e| e.id == legacy.id));
     let e = sign_jwt(
         broker,
         w.d.revoker(),
@@ -1790,4 +1798,50 @@ fn a_renewal_that_cannot_register_its_certificate_leaves_the_old_one_working() {
         secs(w.t0, 12),
     )
     .unwrap();
+}
+
+/// A join-token row no broker wrote (a database writer's) naming the
+/// broker's own identity, a workload's or another trust domain's: attest
+/// refuses it and signs nothing; a node id attests (the control).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_token_row_naming_no_node_makes_no_certificate() {
+    let w = World::new();
+    let broker = w.d.broker();
+    let at = secs(w.t0, 1);
+    let attest_as = |raw: &str, token: &str| {
+        let node_id = SpiffeId::parse(raw).unwrap();
+        broker
+            .store()
+            .insert_join_token(
+                &crate::error::token_digest(token),
+                &node_id,
+                unix_of(at) + 600,
+            )
+            .unwrap();
+        let key = WorkloadKey::generate().unwrap();
+        attest(
+            broker,
+            w.d.revoker(),
+            &AttestRequest {
+                join_token: Secret::new(token.to_owned()),
+                csr_der: key.csr_der(&node_id).unwrap(),
+            },
+            at,
+        )
+    };
+    for (raw, token) in [
+        ("spiffe://example.org/baton/broker", "jt-broker"),
+        ("spiffe://example.org/agents/planner", "jt-agent"),
+        ("spiffe://other.org/baton/node/n9", "jt-foreign"),
+    ] {
+        let e = attest_as(raw, token).unwrap_err();
+        assert_eq!(e.code(), "unauthenticated", "{raw}: {e}");
+        assert!(e.to_string().contains("not a node's"), "{raw}: {e}");
+    }
+    // Control: the same kind of row for a node id attests.
+    let svid = attest_as("spiffe://example.org/baton/node/n9", "jt-node").unwrap();
+    assert_eq!(
+        svid.spiffe_id.as_str(),
+        "spiffe://example.org/baton/node/n9"
+    );
 }

@@ -113,8 +113,12 @@ const RELAY_PAGE: usize = 20_000;
 /// datastore revoked something (so that reaches this broker's followers
 /// within it).
 pub const RELAY_TICK: Duration = Duration::from_millis(500);
-/// Registry rows are kept this long past their expiry.
-const PRUNE_GRACE_SECS: u64 = 300;
+/// Registry rows are kept this long past their expiry: as long as an ID
+/// token's use is remembered ([`crate::oidc::REPLAY_MARGIN_SECS`]), the
+/// clock difference brokers sharing a datastore are allowed. A broker whose
+/// clock runs ahead by less than that prunes nothing another still takes
+/// for live.
+const PRUNE_GRACE_SECS: u64 = crate::oidc::REPLAY_MARGIN_SECS;
 
 /// Why the relay could not publish (it retries).
 #[derive(Debug, thiserror::Error)]

@@ -300,7 +300,7 @@ impl Broker {
                         ),
                     ));
                 }
-                if !id.path().starts_with(NODE_PREFIX) || id.path().len() == NODE_PREFIX.len() {
+                if !self.is_node_id(&id) {
                     return Err(BrokerError::bad(
                         "node_id",
                         format!(
@@ -429,6 +429,15 @@ impl Broker {
             .store
             .check_join_token(&digest, unix(now))?
             .map_err(join_token_refused)?;
+        // Checked again at use, as entries are: a row no broker wrote (a
+        // database writer's) must not make a broker's or a workload's
+        // certificate out of a join token.
+        if !self.is_node_id(&node_id) {
+            tracing::error!(node_id = %node_id, "a join token in the datastore names no node id; refused");
+            return Err(BrokerError::Unauthenticated(
+                "node attestation refused: the join token names an identity that is not a node's; generate a new one with `baton token generate`".into(),
+            ));
+        }
         self.refuse_banned(&node_id)?;
         // A node whose agent SVID still works is not attested over: a join
         // token generated for it (leaked, or left over) would otherwise
@@ -640,6 +649,25 @@ impl Broker {
         })
     }
 
+    /// Reads the steps other brokers of a shared CA took; a change reaches
+    /// this broker's listener, verifiers and agents as its own steps do. A
+    /// read that fails keeps the CA in force and is logged.
+    pub fn follow_shared_ca(&self) {
+        match self.ca.refresh() {
+            Ok(true) => self.rotation.notify(),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot read the shared CA"),
+        }
+    }
+
+    /// Whether `id` can name a node: in this trust domain, under
+    /// [`NODE_PREFIX`], with a name after it.
+    pub(crate) fn is_node_id(&self, id: &SpiffeId) -> bool {
+        id.trust_domain() == self.trust_domain()
+            && id.path().starts_with(NODE_PREFIX)
+            && id.path().len() > NODE_PREFIX.len()
+    }
+
     /// What `node` needs to serve its workloads. `applied` is the bundle
     /// sequence the node reports having applied (taints included), which
     /// tells a JWT key's taint which agents may still serve its tokens.
@@ -659,17 +687,26 @@ impl Broker {
                 .swap(unix(now), std::sync::atomic::Ordering::Relaxed)
                 != unix(now)
         {
-            match self.ca.refresh() {
-                Ok(true) => self.rotation.notify(),
-                Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, "cannot read the shared CA"),
-            }
+            self.follow_shared_ca();
         }
         // A blocked agent's entries are withheld: the node daemon drops
         // their SVIDs and stops serving them on the Workload API.
         let blocked = self.store.agent_blocks(unix(now))?;
         let mut entries = self.store.list_entries_by_parent(&node.id)?;
         entries.retain(|e| !blocked.iter().any(|b| b.spiffe_id == e.spiffe_id));
+        // Entries no SVID is signed for (stored before entries had to pin a
+        // uid or gid, or under a reserved id: see `entitled_entry`) are
+        // withheld too: a node daemon signs its entries in one batch, which
+        // one of them would make refused whole, every round, until every
+        // SVID of the node expired.
+        entries.retain(|e| {
+            let signable = baton_core::selector::binds_credential(&e.selectors)
+                && !is_infrastructure_id(&e.spiffe_id);
+            if !signable {
+                tracing::warn!(entry = %e.id, spiffe_id = %e.spiffe_id, node = %node.id, "an entry no SVID is signed for is withheld from its node; recreate it with a unix:uid or unix:gid selector, outside /baton/");
+            }
+            signable
+        });
         let resp = SyncResponse {
             entries,
             bundle: self.ca.bundle().to_spiffe_json(),

@@ -932,11 +932,7 @@ pub async fn run(
         }
         loop {
             tokio::time::sleep(refresh_every).await;
-            match refresh_broker.ca().refresh() {
-                Ok(true) => refresh_broker.rotation().notify(),
-                Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, "cannot read the shared CA"),
-            }
+            refresh_broker.follow_shared_ca();
         }
     });
 

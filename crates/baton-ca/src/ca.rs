@@ -1563,6 +1563,19 @@ fn move_into_shared(store: &dyn SharedCaStore, dir: &Path) -> Result<(), CaError
         if state.journal.is_some() {
             return Ok(None);
         }
+        // Only into an empty store: key rows without their journal are a
+        // shared CA that lost its journal (a partial restore, a writer of
+        // the database), which this broker's own CA must not replace.
+        if !state.files.is_empty() || !state.unreadable.is_empty() {
+            return Err(CaError::CorruptStore {
+                path: PathBuf::from(format!("{}/{}", store.location(), journal::JOURNAL_FILE)),
+                reason: format!(
+                    "the shared CA's journal is gone and {} key row(s) remain; this broker's own CA in {} is not moved over them. Restore the database from a backup; to start from this broker's CA on purpose, empty the tables ca_journal and ca_files first",
+                    state.files.len() + state.unreadable.len(),
+                    dir.display()
+                ),
+            });
+        }
         moved = true;
         Ok(Some(SharedWrite {
             files: files.clone(),

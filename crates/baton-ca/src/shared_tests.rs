@@ -247,6 +247,49 @@ fn a_ca_in_a_key_directory_moves_into_an_empty_store() {
     assert_ne!(b.bundle().to_pem(), foreign);
 }
 
+/// A broker with a CA of its own in its key directory, joining a store
+/// whose journal row is gone but whose key rows remain: its CA is not
+/// moved over them (the shared CA would be replaced); into an empty
+/// store it moves (the control).
+#[test]
+fn a_key_directory_ca_is_not_moved_over_key_rows_without_their_journal() {
+    init();
+    let store = Arc::new(LocalStore::default());
+    let shared = Ca::load_or_create(cfg(&store), t0()).unwrap();
+    let shared_bundle = shared.bundle().to_pem();
+    drop(shared);
+    let rows = store.state.lock().unwrap().1.clone();
+    assert!(!rows.is_empty());
+    store.state.lock().unwrap().0 = None;
+    let dir = tempfile::tempdir().unwrap();
+    let mut own = CaConfig::new(TrustDomain::new("example.org").unwrap());
+    own.key_dir = Some(dir.path().join("ca"));
+    let own_bundle = Ca::load_or_create(own.clone(), t0())
+        .unwrap()
+        .bundle()
+        .to_pem();
+    assert_ne!(own_bundle, shared_bundle);
+    let mut joining = own.clone();
+    joining.shared = Some(store.clone());
+    corrupt(
+        Ca::load_or_create(joining.clone(), t0()),
+        "key row(s) remain",
+    );
+    // Nothing was written: the shared CA's rows are all still there, and
+    // the broker's own CA is still in its directory.
+    assert_eq!(store.state.lock().unwrap().1, rows);
+    assert!(store.state.lock().unwrap().0.is_none());
+    assert_eq!(
+        Ca::load_or_create(own, t0()).unwrap().bundle().to_pem(),
+        own_bundle
+    );
+    // Control: an empty store takes the directory's CA.
+    let empty = Arc::new(LocalStore::default());
+    joining.shared = Some(empty.clone());
+    let moved = Ca::load_or_create(joining, t0()).unwrap();
+    assert_eq!(moved.bundle().to_pem(), own_bundle);
+}
+
 fn cfg_with_mark(store: &Arc<LocalStore>, dir: &std::path::Path) -> CaConfig {
     let mut c = cfg(store);
     c.key_dir = Some(dir.join("ca"));

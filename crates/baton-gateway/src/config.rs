@@ -1096,7 +1096,9 @@ fn decode_segment(raw: &str) -> Option<String> {
         .decode_utf8()
         .ok()?
         .into_owned();
-    let unsafe_char = |c: char| matches!(c, '/' | '\\' | ';') || c.is_control();
+    // A `%` left after decoding was sent encoded twice (`%252e%252e`): an
+    // upstream that decodes its parameter again would read `..` or `/`.
+    let unsafe_char = |c: char| matches!(c, '/' | '\\' | ';' | '%') || c.is_control();
     if decoded.is_empty() || decoded == "." || decoded == ".." || decoded.contains(unsafe_char) {
         return None;
     }
@@ -1342,6 +1344,10 @@ tier = "write"
             (http::Method::POST, "/files//x"),
             (http::Method::POST, "/files/%2e%2e/x"),
             (http::Method::POST, "/files/a%2Fb"),
+            (http::Method::POST, "/files/%252e%252e"),
+            (http::Method::POST, "/files/a%252Fb"),
+            (http::Method::GET, "/accounts/%252e%252e%252fadmin"),
+            (http::Method::GET, "/accounts/100%25"),
             (http::Method::POST, "/files/a\\b"),
             (http::Method::GET, "accounts/acme"),
         ] {

@@ -863,7 +863,10 @@ pub(crate) async fn read_answer(
     let status = resp.status();
     let mut headers = resp.headers().clone();
     strip_hop_by_hop(&mut headers);
-    headers.remove(http::header::CONTENT_LENGTH);
+    // The length is set again from what is read, except for an answer
+    // with no body: a HEAD's or a 304's Content-Length tells the size of
+    // the body it stands for, and is passed on as the upstream sent it.
+    let stated_length = headers.remove(http::header::CONTENT_LENGTH);
     let mut out = Vec::new();
     let mut held: Option<tokio::sync::OwnedSemaphorePermit> = None;
     let mut resp = resp;
@@ -889,6 +892,12 @@ pub(crate) async fn read_answer(
             }
         }
         out.extend_from_slice(&chunk);
+    }
+    if out.is_empty()
+        && let Some(length) = stated_length
+        && length.to_str().is_ok_and(|l| l.parse::<u64>().is_ok())
+    {
+        headers.insert(http::header::CONTENT_LENGTH, length);
     }
     Ok((status, headers, out, held))
 }
@@ -989,10 +998,16 @@ fn method_override(req: &Incoming, body: &[u8]) -> Option<String> {
     if parsed.media == "application/x-www-form-urlencoded" && names_method(body) {
         found_in = Some("the form body");
     }
-    if parsed.media.starts_with("multipart/")
-        && multipart_names_method(parsed.boundary.as_deref(), body)
-    {
-        found_in = Some("the multipart body");
+    if parsed.media.starts_with("multipart/") {
+        let lower = body.to_ascii_lowercase();
+        if multipart_part_names(parsed.boundary.as_deref(), &lower).is_none() {
+            return Some(
+                "the multipart body names its parts with `name=` inside other names' values, more than the gateway can check one way: give each part one quoted name".to_owned(),
+            );
+        }
+        if multipart_names_method(parsed.boundary.as_deref(), &lower) {
+            found_in = Some("the multipart body");
+        }
     }
     // Laravel reads as JSON any type whose header has `/json` or `+json`
     // anywhere (a parameter's value too).
@@ -1284,16 +1299,15 @@ fn is_param_key(raw: &[u8], name: &[u8]) -> bool {
         == crate::record::fold(&String::from_utf8_lossy(name))
 }
 
-/// Whether a part of a multipart body is named `_method` (in any case,
+/// Whether a part of a (lower-cased) multipart body is named `_method` (in any case,
 /// quoted or not, or in an RFC 2231 `name*=`): each part's header block is
 /// searched ([`multipart_header_blocks`]); without a boundary parameter,
 /// or when no part is under it, the whole body is searched.
-fn multipart_names_method(boundary: Option<&str>, body: &[u8]) -> bool {
-    let lower = body.to_ascii_lowercase();
-    let mentions = |hay: &[u8]| hay.windows(7).any(|w| w == b"_method");
-    match multipart_header_blocks(boundary, &lower) {
+fn multipart_names_method(boundary: Option<&str>, lower: &[u8]) -> bool {
+    let mentions = |hay: &[u8]| find(hay, b"_method").is_some();
+    match multipart_header_blocks(boundary, lower) {
         Some(blocks) => blocks.into_iter().any(mentions),
-        None => mentions(&lower),
+        None => mentions(lower),
     }
 }
 
@@ -1302,25 +1316,56 @@ fn multipart_names_method(boundary: Option<&str>, body: &[u8]) -> bool {
 /// (Rack reads up to CRLF CRLF, lenient parsers to LF LF), within the
 /// part. None without a boundary, or when no part is under it (a parser
 /// that took another boundary reads parts these blocks would miss: the
-/// caller searches the whole body).
+/// caller searches the whole body). One pass: each search starts where
+/// the last one ended, so a body of many delimiters costs its length.
 fn multipart_header_blocks<'b>(boundary: Option<&str>, lower: &'b [u8]) -> Option<Vec<&'b [u8]>> {
     let boundary = boundary.filter(|b| !b.is_empty())?;
     let delimiter = format!("--{boundary}").into_bytes();
-    find(lower, &delimiter)?;
+    let delimiters = memchr::memmem::Finder::new(&delimiter);
+    let crlf2 = memchr::memmem::Finder::new(b"\r\n\r\n");
+    let lf2 = memchr::memmem::Finder::new(b"\n\n");
+    // The first occurrence at or after `from`, remembered while it is
+    // still ahead.
+    let next =
+        |finder: &memchr::memmem::Finder<'_>, seen: &mut Option<Option<usize>>, from: usize| {
+            match *seen {
+                Some(Some(at)) if at >= from => Some(at),
+                Some(None) => None,
+                _ => {
+                    let found = lower
+                        .get(from..)
+                        .and_then(|r| finder.find(r))
+                        .map(|at| from + at);
+                    *seen = Some(found);
+                    found
+                }
+            }
+        };
+    let mut at = delimiters.find(lower)?;
+    let (mut seen_crlf2, mut seen_lf2) = (None, None);
     let mut blocks = Vec::new();
-    let mut rest = lower;
-    while let Some(at) = find(rest, &delimiter) {
-        rest = rest.get(at + delimiter.len()..).unwrap_or_default();
-        let part = find(rest, &delimiter).unwrap_or(rest.len());
-        let end = [find(rest, b"\r\n\r\n"), find(rest, b"\n\n")]
-            .into_iter()
-            .flatten()
-            .max()
-            .unwrap_or(rest.len())
-            .min(part);
-        blocks.push(rest.get(..end).unwrap_or_default());
+    loop {
+        let start = at + delimiter.len();
+        let part = lower
+            .get(start..)
+            .and_then(|r| delimiters.find(r))
+            .map(|p| start + p);
+        let part_end = part.unwrap_or(lower.len());
+        let end = [
+            next(&crlf2, &mut seen_crlf2, start),
+            next(&lf2, &mut seen_lf2, start),
+        ]
+        .into_iter()
+        .flatten()
+        .max()
+        .unwrap_or(lower.len())
+        .min(part_end);
+        blocks.push(lower.get(start..end.max(start)).unwrap_or_default());
+        match part {
+            Some(p) => at = p,
+            None => return Some(blocks),
+        }
     }
-    Some(blocks)
 }
 
 /// The values of every `name` parameter in a multipart header block (or
@@ -1329,11 +1374,17 @@ fn multipart_header_blocks<'b>(boundary: Option<&str>, lower: &'b [u8]) -> Optio
 /// or without space around `=`, quoted or bare. `filename` is not a
 /// name. Fail closed: a continuation's value is returned whole, with
 /// every other continuation's value after it, as the name.
-fn part_names(block: &[u8]) -> Vec<Vec<u8>> {
+///
+/// `budget` is how many bytes of values may still be read: values a
+/// well-formed body names do not overlap, but `name=name=name=…` makes
+/// each value run to the end of the block. None once it is spent: the
+/// body names more than can be checked, and is refused.
+fn part_names(block: &[u8], budget: &mut usize) -> Option<Vec<Vec<u8>>> {
     let mut names = Vec::new();
     let mut continued = Vec::new();
     let mut from = 0;
-    while let Some(at) = block.get(from..).and_then(|r| find(r, b"name")) {
+    let finder = memchr::memmem::Finder::new(b"name");
+    while let Some(at) = block.get(from..).and_then(|r| finder.find(r)) {
         let start = from + at;
         from = start + 4;
         if start > 0
@@ -1365,25 +1416,32 @@ fn part_names(block: &[u8]) -> Vec<Vec<u8>> {
             i += 1;
         }
         let rest = block.get(i..).unwrap_or_default();
-        let mut value: Vec<u8> = match rest.strip_prefix(b"\"") {
-            Some(quoted) => {
-                let close = quoted
-                    .iter()
-                    .position(|b| *b == b'"')
-                    .unwrap_or(quoted.len());
-                quoted
-                    .get(..close)
-                    .unwrap_or_default()
-                    .iter()
-                    .filter(|b| **b != b'\\')
-                    .copied()
-                    .collect()
-            }
-            None => rest
+        // Read at most what the budget has left (one byte more tells that
+        // the value goes on).
+        let (quoted, rest) = match rest.strip_prefix(b"\"") {
+            Some(q) => (true, q),
+            None => (false, rest),
+        };
+        let within = rest
+            .get(..rest.len().min(budget.saturating_add(1)))
+            .unwrap_or_default();
+        let len = if quoted {
+            within.iter().position(|b| *b == b'"')
+        } else {
+            within
                 .iter()
-                .take_while(|b| !matches!(b, b';' | b'\r' | b'\n' | b' ' | b'\t'))
-                .copied()
-                .collect(),
+                .position(|b| matches!(b, b';' | b'\r' | b'\n' | b' ' | b'\t'))
+        }
+        .unwrap_or(within.len());
+        if len > *budget {
+            return None;
+        }
+        *budget -= len;
+        let raw = within.get(..len).unwrap_or_default();
+        let mut value: Vec<u8> = if quoted {
+            raw.iter().filter(|b| **b != b'\\').copied().collect()
+        } else {
+            raw.to_vec()
         };
         if extended {
             // `charset'lang'value`: the value after the second quote.
@@ -1401,7 +1459,22 @@ fn part_names(block: &[u8]) -> Vec<Vec<u8>> {
     if !continued.is_empty() {
         names.push(continued);
     }
-    names
+    Some(names)
+}
+
+/// The names of a multipart body's parts ([`part_names`] of each header
+/// block, or of the whole body: see [`multipart_header_blocks`]); None
+/// when they are more than can be checked (names inside names).
+fn multipart_part_names(boundary: Option<&str>, lower: &[u8]) -> Option<Vec<Vec<u8>>> {
+    let blocks = multipart_header_blocks(boundary, lower).unwrap_or_else(|| vec![lower]);
+    // Values that do not overlap read each byte once; a little more for
+    // a quoted `filename` holding `name=`.
+    let mut budget = lower.len().saturating_mul(2).saturating_add(1024);
+    let mut names = Vec::new();
+    for block in blocks {
+        names.extend(part_names(block, &mut budget)?);
+    }
+    Some(names)
 }
 
 /// A capture a route's resource is taken from that the request names
@@ -1451,13 +1524,12 @@ fn capture_override<'n>(
     }
     if parsed.media.starts_with("multipart/") {
         let body_lower = body.to_ascii_lowercase();
-        let blocks = multipart_header_blocks(parsed.boundary.as_deref(), &body_lower)
-            .unwrap_or_else(|| vec![body_lower.as_slice()]);
-        if let Some(c) = blocks
-            .into_iter()
-            .flat_map(part_names)
-            .find_map(|n| which(&n))
-        {
+        // Names past the budget were refused by [`method_override`]
+        // already; here they would count as naming the capture.
+        let Some(names) = multipart_part_names(parsed.boundary.as_deref(), &body_lower) else {
+            return captures.first().map(|c| ("the multipart body", *c));
+        };
+        if let Some(c) = names.iter().find_map(|n| which(n)) {
             return Some(("the multipart body", c));
         }
     }
@@ -1497,7 +1569,7 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     if needle.is_empty() {
         return None;
     }
-    hay.windows(needle.len()).position(|w| w == needle)
+    memchr::memmem::find(hay, needle)
 }
 
 /// Header families upstreams read as who the caller is, or where the
@@ -1971,6 +2043,76 @@ mod tests {
     }
 
     const MULTIPART: &str = "multipart/form-data; boundary=XyZ";
+
+    #[test]
+    fn a_multipart_body_is_read_in_one_pass_whatever_it_repeats() {
+        // Names inside names: each bare value would run to the end of the
+        // body (n^2/10 bytes copied for n bytes): refused instead, with or
+        // without a boundary, after reading about twice the body.
+        let typed = |ct: &str| incoming(None, ct);
+        let quoted = [&b"name=\""[..], &b"name=".repeat(200_000)].concat();
+        for (ct, body) in [
+            ("multipart/form-data", b"name=".repeat(200_000)),
+            ("multipart/form-data", b"name0=".repeat(200_000)),
+            (
+                "multipart/form-data; boundary=XyZ",
+                b"name=".repeat(200_000),
+            ),
+            ("multipart/form-data; boundary=XyZ", quoted),
+        ] {
+            let mut budget = body.len() * 2 + 1024;
+            assert_eq!(part_names(&body, &mut budget), None, "{ct}");
+            let why = method_override(&typed(ct), &body).unwrap_or_default();
+            assert!(why.contains("inside other names' values"), "{ct}: {why}");
+            assert_eq!(
+                capture_override(&typed(ct), &body, &["account"]),
+                Some(("the multipart body", "account")),
+                "{ct}"
+            );
+        }
+        // Many delimiters, each part a block: linear (this took minutes
+        // when each part searched the rest of the body again).
+        let body = b"--XyZ".repeat(500_000);
+        let lower = body.to_ascii_lowercase();
+        let blocks = multipart_header_blocks(Some("xyz"), &lower).unwrap();
+        assert_eq!(blocks.len(), 500_000);
+        assert_eq!(method_override(&typed(MULTIPART), &body), None);
+        assert_eq!(
+            capture_override(&typed(MULTIPART), &body, &["account"]),
+            None
+        );
+        // Controls: a body's blocks as before the one-pass reading: each
+        // ends at the later of the first CRLF CRLF and the first LF LF
+        // after its delimiter, or at the part's end (so the first part's
+        // data is searched too: the LF LF is in the second part).
+        let real = b"--xyz\r\ncontent-disposition: form-data; name=\"note\"\r\n\r\nname=x name=y\r\n--xyz\r\ncontent-disposition: form-data; name=account\n\n42\n--xyz--\r\n";
+        let blocks = multipart_header_blocks(Some("xyz"), real).unwrap();
+        assert_eq!(
+            blocks,
+            vec![
+                &b"\r\ncontent-disposition: form-data; name=\"note\"\r\n\r\nname=x name=y\r\n"[..],
+                b"\r\ncontent-disposition: form-data; name=account",
+                b"--\r\n",
+            ]
+        );
+        assert_eq!(
+            multipart_part_names(Some("xyz"), real),
+            Some(vec![
+                b"note".to_vec(),
+                b"x".to_vec(),
+                b"y".to_vec(),
+                b"account".to_vec()
+            ])
+        );
+        let mut budget = 3;
+        assert_eq!(part_names(b"name=abcd", &mut budget), None);
+        let mut budget = 4;
+        assert_eq!(
+            part_names(b"name=abcd", &mut budget),
+            Some(vec![b"abcd".to_vec()])
+        );
+        assert_eq!(budget, 0);
+    }
     #[test]
     fn only_a_body_typed_json_one_way_counts_as_json() {
         for ct in [
@@ -2075,6 +2217,40 @@ mod tests {
             .ok()
             .unwrap();
         assert_eq!(second.len(), 50);
+    }
+
+    #[tokio::test]
+    async fn a_bodiless_answer_keeps_the_length_it_stands_for() {
+        let budget = Arc::new(tokio::sync::Semaphore::new(100));
+        let answer = |length: &'static str, body: &'static [u8]| {
+            let mut r = http::Response::new(reqwest::Body::from(body));
+            r.headers_mut().insert(
+                http::header::CONTENT_LENGTH,
+                HeaderValue::from_static(length),
+            );
+            reqwest::Response::from(r)
+        };
+        // A HEAD's answer: no body, the length of the GET's.
+        let (status, headers, out, held) = read_answer(answer("1234", b""), &budget)
+            .await
+            .ok()
+            .unwrap();
+        let resp = held_answer(status, headers, out, held);
+        assert_eq!(resp.headers()[http::header::CONTENT_LENGTH], "1234");
+        // A length that is not a number is not passed on.
+        let (_, headers, _, _) = read_answer(answer("12, 12", b""), &budget)
+            .await
+            .ok()
+            .unwrap();
+        assert!(headers.get(http::header::CONTENT_LENGTH).is_none());
+        // Control: with a body, the length is what was read, whatever the
+        // upstream stated.
+        let (status, headers, out, held) = read_answer(answer("99", b"abc"), &budget)
+            .await
+            .ok()
+            .unwrap();
+        let resp = held_answer(status, headers, out, held);
+        assert_eq!(resp.headers()[http::header::CONTENT_LENGTH], "3");
     }
 
     #[test]

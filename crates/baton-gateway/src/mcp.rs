@@ -1057,7 +1057,17 @@ pub(crate) fn relay(
             _ => None,
         };
         let outcome = loop {
-            match resp.chunk().await {
+            // A caller gone is noticed while the upstream is silent too (an
+            // idle event stream): otherwise this task and its upstream
+            // connection would stay until the upstream next sent a byte.
+            let next = tokio::select! {
+                biased;
+                () = tx.closed() => {
+                    break Err("the caller went away before the answer ended".to_owned());
+                }
+                next = resp.chunk() => next,
+            };
+            match next {
                 Ok(Some(chunk)) => {
                     if let Some(d) = digest.as_mut() {
                         d.update(&chunk);
@@ -1110,6 +1120,54 @@ pub(crate) fn relay(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An upstream that sends an event stream's head and then nothing: a
+    /// caller that goes away frees the relay and its upstream connection
+    /// at once, not when the upstream next writes; the upstream sees its
+    /// connection closed. The control: while the caller holds the answer,
+    /// the connection stays open.
+    #[tokio::test]
+    async fn a_caller_gone_from_an_idle_stream_closes_the_upstream_connection() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let upstream = tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = conn.read(&mut buf).await.unwrap();
+                assert!(n > 0);
+                head.extend_from_slice(&buf[..n]);
+            }
+            conn.write_all(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
+            )
+            .await
+            .unwrap();
+            // Silent from here on; returns when the gateway closes.
+            conn.read(&mut buf).await.unwrap()
+        });
+        baton_tls::install_crypto_provider();
+        let resp = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .unwrap()
+            .get(format!("http://{addr}/events"))
+            .send()
+            .await
+            .unwrap();
+        let headers = resp.headers().clone();
+        let answer = relay(resp, headers, None, Instant::now(), Some(Output::Unscanned));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!upstream.is_finished(), "open while the caller holds it");
+        drop(answer);
+        let read = tokio::time::timeout(Duration::from_secs(60), upstream)
+            .await
+            .expect("the upstream connection was closed")
+            .unwrap();
+        assert_eq!(read, 0);
+    }
 
     fn obj(v: Value) -> Map<String, Value> {
         v.as_object().unwrap().clone()
