@@ -308,6 +308,7 @@ impl AuditLog {
         file: Option<(PathBuf, LogOptions)>,
     ) -> Result<Self, AuditError> {
         {
+            refuse_foreign_schema(&conn)?;
             let tx = conn.unchecked_transaction()?;
             tx.execute_batch(SCHEMA)?;
             let public = hex::encode(keys.public_key());
@@ -894,14 +895,12 @@ impl AuditLog {
     /// checkpoints kept outside the log that it must extend. A file-backed
     /// log must also extend its head file.
     pub fn verify_with(&self, opts: &VerifyOptions) -> Result<VerifyReport, TamperError> {
-        let storage =
-            |e: rusqlite::Error| TamperError::general(TamperReason::Storage(e.to_string()));
         let pk = self.keys.public_key();
         match &self.path {
             Some(p) => {
                 // The head first: it never names more than the snapshot holds.
                 let head = HeadCheck::read(p, pk);
-                let conn = open_read_only(p).map_err(storage)?;
+                let conn = open_read_only(p)?;
                 verify_conn(&conn, pk, Some(&self.keys), opts, Some(head))
             }
             None => {
@@ -928,8 +927,7 @@ impl AuditLog {
         opts: &VerifyOptions,
     ) -> Result<VerifyReport, TamperError> {
         let head = HeadCheck::read(path, public_key);
-        let conn = open_read_only(path)
-            .map_err(|e| TamperError::general(TamperReason::Storage(e.to_string())))?;
+        let conn = open_read_only(path)?;
         verify_conn(&conn, public_key, None, opts, Some(head))
     }
 }
@@ -1041,13 +1039,45 @@ fn attach_head(
     Ok((head, problem))
 }
 
-fn open_read_only(path: &Path) -> Result<Connection, rusqlite::Error> {
+fn open_read_only(path: &Path) -> Result<Connection, TamperError> {
+    let storage = |e: rusqlite::Error| TamperError::general(TamperReason::Storage(e.to_string()));
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    conn.busy_timeout(Duration::from_secs(5))?;
+    )
+    .map_err(storage)?;
+    conn.busy_timeout(Duration::from_secs(5)).map_err(storage)?;
+    refuse_foreign_schema(&conn)?;
     Ok(conn)
+}
+
+/// Refuses a database file holding what no log writes: a view or a
+/// trigger, or a log table that is not a table. A view named `leaves`
+/// (a recursive one never ends) would otherwise be read as the log, and
+/// `CREATE TABLE IF NOT EXISTS` leaves it in place. Schema code also runs
+/// untrusted from here on (`trusted_schema = OFF`).
+fn refuse_foreign_schema(conn: &Connection) -> Result<(), TamperError> {
+    let storage = |e: rusqlite::Error| TamperError::general(TamperReason::Storage(e.to_string()));
+    conn.pragma_update(None, "trusted_schema", false)
+        .map_err(storage)?;
+    let mut stmt = conn
+        .prepare(
+            "SELECT type, name FROM sqlite_schema
+             WHERE type IN ('view', 'trigger')
+                OR (name IN ('meta', 'leaves', 'checkpoints', 'followed_logs') AND type <> 'table')
+             LIMIT 1",
+        )
+        .map_err(storage)?;
+    let found: Option<(String, String)> = stmt
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()
+        .map_err(storage)?;
+    match found {
+        Some((kind, name)) => Err(TamperError::general(TamperReason::Storage(format!(
+            "the file holds a {kind} named {name:?}, which no audit log writes: it is not a log to read"
+        )))),
+        None => Ok(()),
+    }
 }
 
 fn verify_conn(

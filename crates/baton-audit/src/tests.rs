@@ -1798,3 +1798,76 @@ fn an_event_time_beyond_what_the_log_stores_is_refused_and_the_log_goes_on() {
 
 #[path = "tests/mirror.rs"]
 mod mirror;
+
+/// A file whose `leaves` is a view (here a recursive one, which never
+/// ends) or which holds a trigger is refused at verify and at open,
+/// before anything is read from it; the control is a genuine log.
+#[test]
+fn a_file_with_a_view_or_trigger_is_not_read_as_a_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = AuditKeys::generate().unwrap();
+    let pk = keys.public_key().to_vec();
+    // Control: a genuine log verifies.
+    let genuine = dir.path().join("genuine.db");
+    {
+        let log = AuditLog::open(&genuine, keys).unwrap();
+        for ev in task_events(&task(0), 1_700_000_000) {
+            log.append(&ev).unwrap();
+        }
+    }
+    AuditLog::verify_file(&genuine, &pk).unwrap();
+    for (name, sql) in [
+        (
+            "view.db",
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+             INSERT INTO meta VALUES ('schema_version', '1');
+             CREATE TABLE checkpoints (size INTEGER PRIMARY KEY, root_hash TEXT, at INTEGER, signature TEXT);
+             CREATE VIEW leaves AS WITH RECURSIVE c(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM c)
+               SELECT i AS idx, 't' AS task_id, X'00' AS event, X'00' AS leaf_hash, NULL AS clear_text FROM c;",
+        ),
+        (
+            "trigger.db",
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+             CREATE TRIGGER wipe AFTER INSERT ON meta BEGIN DELETE FROM meta; END;",
+        ),
+    ] {
+        let path = dir.path().join(name);
+        Connection::open(&path).unwrap().execute_batch(sql).unwrap();
+        let e = AuditLog::verify_file(&path, &pk).unwrap_err();
+        assert!(e.to_string().contains("no audit log writes"), "{name}: {e}");
+        let e = AuditLog::open(&path, AuditKeys::generate().unwrap())
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("no audit log writes"), "{name}: {e}");
+    }
+}
+
+/// A head file or witness file far larger than any the log writes (a
+/// sparse 8 GiB file) is refused without being read whole; the control
+/// is the same log with its own head file.
+#[test]
+fn an_oversized_head_or_witness_file_is_refused_unread() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.db");
+    let keys = AuditKeys::generate().unwrap();
+    let pk = keys.public_key().to_vec();
+    {
+        let log = AuditLog::open(&path, keys).unwrap();
+        for ev in task_events(&task(0), 1_700_000_000) {
+            log.append(&ev).unwrap();
+        }
+    }
+    AuditLog::verify_file(&path, &pk).unwrap();
+    let head = crate::witness::head_path(&path);
+    crate::witness::read_witness(&head).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&head)
+        .unwrap()
+        .set_len(8 << 30)
+        .unwrap();
+    let e = AuditLog::verify_file(&path, &pk).unwrap_err();
+    assert!(e.to_string().contains("longer than"), "{e}");
+    let e = crate::witness::read_witness(&head).unwrap_err();
+    assert!(e.to_string().contains("longer than"), "{e}");
+}

@@ -296,13 +296,17 @@ pub fn trace(records: &[AuditRecord]) -> Trace {
         i
     };
 
+    // Trace ids seen, for the list's dedup: a set, as each report of a
+    // batch may carry its own (a linear search made a task's trace
+    // quadratic in them).
+    let mut seen_traces = std::collections::HashSet::new();
     for r in records {
         let e = &r.event;
         if t.task_id.is_none() {
             t.task_id = Some(e.task_id.clone());
         }
         if let Some(id) = e.trace_id
-            && !t.trace_ids.contains(&id)
+            && seen_traces.insert(id)
         {
             t.trace_ids.push(id);
         }

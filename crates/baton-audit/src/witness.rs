@@ -44,6 +44,19 @@ pub const WITNESS_FORMAT: &str = "baton-audit-witness/1";
 
 /// Size of one slot of the head file.
 const SLOT: usize = 512;
+/// Largest witness file read (one record is under a kilobyte).
+const MAX_WITNESS_FILE: usize = 64 << 10;
+
+/// The whole file if it is at most `max` bytes; None if longer (only
+/// `max + 1` bytes are read to tell).
+fn read_at_most(path: &Path, max: usize) -> std::io::Result<Option<Vec<u8>>> {
+    use std::io::Read as _;
+    let mut out = Vec::new();
+    fs::File::open(path)?
+        .take(max as u64 + 1)
+        .read_to_end(&mut out)?;
+    Ok((out.len() <= max).then_some(out))
+}
 
 /// A signed tree head as a witness keeps it: the checkpoint and the key of
 /// the log that signed it.
@@ -190,7 +203,15 @@ fn witness_error(path: &Path, reason: impl Into<String>) -> AuditError {
 /// Reads a witness file: one JSON [`Witness`], or a broker head file (the
 /// newest of its slots that is signed by the key it names).
 pub fn read_witness(path: &Path) -> Result<Witness, AuditError> {
-    let text = fs::read_to_string(path).map_err(|e| witness_error(path, e.to_string()))?;
+    let bytes = read_at_most(path, MAX_WITNESS_FILE)
+        .map_err(|e| witness_error(path, e.to_string()))?
+        .ok_or_else(|| {
+            witness_error(
+                path,
+                format!("it is longer than {MAX_WITNESS_FILE} bytes, which no witness is"),
+            )
+        })?;
+    let text = String::from_utf8(bytes).map_err(|e| witness_error(path, e.to_string()))?;
     if let Ok(w) = serde_json::from_str::<Witness>(&text) {
         return Ok(w);
     }
@@ -314,7 +335,11 @@ pub(crate) fn read_head(path: &Path, log_key: &[u8]) -> Result<HeadState, Tamper
         }
         Ok(_) => {}
     }
-    let bytes = fs::read(path).map_err(|e| invalid(e.to_string()))?;
+    // Two slots; anything longer is not a head file this log wrote (and a
+    // file sized like the machine's memory must not be read whole).
+    let bytes = read_at_most(path, 2 * SLOT)
+        .map_err(|e| invalid(e.to_string()))?
+        .ok_or_else(|| invalid(format!("it is longer than its {} bytes", 2 * SLOT)))?;
     if bytes.is_empty() {
         return Ok(HeadState::Present { newest: None });
     }

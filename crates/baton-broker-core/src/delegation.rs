@@ -76,6 +76,9 @@ fn request_digest(csr_der: &[u8]) -> String {
     ))
 }
 
+/// How many times a task end re-reads a task that changed under it.
+const TASK_WRITE_ATTEMPTS: usize = 8;
+
 /// Bounds on what tasks and hops may ask for.
 #[derive(Debug, Clone)]
 pub struct DelegationSettings {
@@ -1759,10 +1762,25 @@ impl Delegation {
         }
         let ev = self.event(EventKind::TaskEnded, &task.id, now);
         self.append(&ev)?;
-        task.ended_at = Some(now);
-        self.tasks.update_task(&task)?;
-        tracing::info!(task = %task.id, "task ended");
-        Ok((task, false))
+        // Written only over the record read: a purpose change another
+        // broker made meanwhile is kept (read again, ended on top of it),
+        // and one made after this end finds the task ended.
+        for _ in 0..TASK_WRITE_ATTEMPTS {
+            let was = task.purpose_epoch;
+            task.ended_at = Some(now);
+            if self.tasks.replace_task(&task, was)? {
+                tracing::info!(task = %task.id, "task ended");
+                return Ok((task, false));
+            }
+            task = self.get_task(raw)?;
+            if task.ended_at.is_some() {
+                return Ok((task, true));
+            }
+        }
+        Err(BrokerError::Conflict(format!(
+            "task {} changed {TASK_WRITE_ATTEMPTS} times while it was being ended; end it again",
+            task.id
+        )))
     }
 
     /// Whether `task` may change to `purpose` now: it is usable and the
@@ -1798,9 +1816,17 @@ impl Delegation {
         ev.purpose = Some(purpose.clone());
         ev.reason = Some(format!("was {}", task.purpose));
         self.append(&ev)?;
+        let was = task.purpose_epoch;
         task.purpose = purpose.clone();
         task.purpose_epoch += 1;
-        self.tasks.update_task(&task)?;
+        // Written only over the record read: of two purpose changes (or a
+        // change and an end) racing at two brokers, one is refused.
+        if !self.tasks.replace_task(&task, was)? {
+            return Err(BrokerError::Conflict(format!(
+                "task {} was ended or its purpose changed meanwhile (at another broker); read it again",
+                task.id
+            )));
+        }
         tracing::info!(task = %task.id, purpose = %purpose, "task purpose changed");
         Ok(task)
     }

@@ -1820,15 +1820,23 @@ impl TaskStore for PgStore {
         )
     }
 
-    fn update_task(&self, t: &TaskRecord) -> Result<(), StoreError> {
+    fn replace_task(&self, t: &TaskRecord, was_epoch: u32) -> Result<bool, StoreError> {
         let record = enc("tasks", t)?;
+        let was = i64::from(was_epoch);
         on_conn!(self, |c| {
-            c.execute(
-                &c.stmt("UPDATE tasks SET record = $2 WHERE id = $1").await?,
-                &[&t.id.as_str(), &record],
-            )
-            .await?;
-            Ok(())
+            let n = c
+                .execute(
+                    &c.stmt(
+                        "UPDATE tasks SET record = $2
+                         WHERE id = $1
+                           AND (record::jsonb ->> 'ended_at') IS NULL
+                           AND COALESCE((record::jsonb ->> 'purpose_epoch')::bigint, 0) = $3",
+                    )
+                    .await?,
+                    &[&t.id.as_str(), &record, &was],
+                )
+                .await?;
+            Ok(n == 1)
         })
     }
 

@@ -371,7 +371,20 @@ fn tasks_grants_and_tokens(s: &dyn Store) {
     put_grant(s, "g4", &g);
     let mut moved = t.clone();
     moved.purpose_epoch = 1;
-    s.update_task(&moved).unwrap();
+    // Compare-and-set: written only over a live record at the epoch read.
+    assert!(!s.replace_task(&moved, 7).unwrap());
+    assert!(s.replace_task(&moved, 0).unwrap());
+    assert!(!s.replace_task(&moved, 0).unwrap(), "the epoch moved on");
+    // An ended task is not written over (a purpose change racing its end).
+    let other = task(7);
+    s.insert_task(&other).unwrap();
+    let mut ended = other.clone();
+    ended.ended_at = Some(30);
+    let mut repurposed = other.clone();
+    repurposed.purpose_epoch = 1;
+    assert!(s.replace_task(&ended, 0).unwrap());
+    assert!(!s.replace_task(&repurposed, 0).unwrap());
+    assert_eq!(s.get_task(&other.id).unwrap().unwrap().ended_at, Some(30));
     assert_eq!(
         s.redeem_grant(
             "g4",

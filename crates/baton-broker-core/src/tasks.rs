@@ -168,7 +168,11 @@ pub trait TaskStore: Send + Sync + std::fmt::Debug {
     fn insert_task(&self, t: &TaskRecord) -> Result<(), StoreError>;
     fn get_task(&self, id: &TaskId) -> Result<Option<TaskRecord>, StoreError>;
     fn list_tasks(&self) -> Result<Vec<TaskRecord>, StoreError>;
-    fn update_task(&self, t: &TaskRecord) -> Result<(), StoreError>;
+    /// Writes `t` over its stored record only while that record is not
+    /// ended and still at purpose epoch `was_epoch` (compare-and-set: of a
+    /// task end and a purpose change racing at two brokers, the second
+    /// sees `false` and re-reads). True when written.
+    fn replace_task(&self, t: &TaskRecord, was_epoch: u32) -> Result<bool, StoreError>;
     /// Stores a grant and registers `cred` (the grant's own record) in the
     /// credential registry, in one transaction. Refused with the reason,
     /// nothing written, when the grant's parent or its task is revoked.
@@ -306,12 +310,18 @@ impl TaskStore for SqliteStore {
         rows.iter().map(|s| dec("tasks", s)).collect()
     }
 
-    fn update_task(&self, t: &TaskRecord) -> Result<(), StoreError> {
+    fn replace_task(&self, t: &TaskRecord, was_epoch: u32) -> Result<bool, StoreError> {
         let record = enc("tasks", t)?;
         self.with(|c| {
-            c.prepare_cached("UPDATE tasks SET record = ?2 WHERE id = ?1")?
-                .execute(params![t.id.as_str(), record])?;
-            Ok(())
+            let n = c
+                .prepare_cached(
+                    "UPDATE tasks SET record = ?2
+                     WHERE id = ?1
+                       AND json_extract(record, '$.ended_at') IS NULL
+                       AND COALESCE(json_extract(record, '$.purpose_epoch'), 0) = ?3",
+                )?
+                .execute(params![t.id.as_str(), record, i64::from(was_epoch)])?;
+            Ok(n == 1)
         })
     }
 

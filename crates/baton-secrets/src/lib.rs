@@ -88,6 +88,8 @@ pub enum SecretError {
     UnknownLease(String),
     #[error("invalid engine configuration: {0}")]
     Config(String),
+    #[error("lease revocation blocked: {0}")]
+    Blocked(String),
     #[error("postgres: {}", pg_message(.0))]
     Postgres(#[from] tokio_postgres::Error),
     #[error("sqlite: {0}")]

@@ -38,6 +38,10 @@ const LEASES: &str = "baton_admin.baton_leases";
 const ROLE_PLACEHOLDER: &str = "{role}";
 /// How long a revoke waits for terminated sessions to exit before dropping the role.
 const SESSION_EXIT_WAIT: Duration = Duration::from_secs(5);
+/// How long one attempt to drop a lease's role waits for a lock.
+const DROP_LOCK_WAIT: Duration = Duration::from_secs(2);
+/// Attempts to drop a role, ending the sessions in its way between them.
+const DROP_ATTEMPTS: u32 = 3;
 
 /// What a lease's role gets.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -278,11 +282,55 @@ async fn drop_role(client: &mut Client, role: &str) -> Result<(), SecretError> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let tx = client.transaction().await?;
-    tx.batch_execute(&format!("DROP OWNED BY {ident}; DROP ROLE {ident}"))
-        .await?;
-    tx.commit().await?;
-    Ok(())
+    // Another session can hold a lock the drop needs (an open transaction
+    // that granted this role default privileges, or that reads a table it
+    // owns): such a session would make the revocation, and with it every
+    // call on this engine, wait forever. The drop waits a bounded time,
+    // then the sessions holding locks on the role or on what it owns are
+    // ended, and it is tried again; failing still, it is an error (the
+    // sweep tries again later) and the engine is free.
+    for attempt in 1..=DROP_ATTEMPTS {
+        let tx = client.transaction().await?;
+        let dropped = tx
+            .batch_execute(&format!(
+                "SET LOCAL lock_timeout = '{}ms'; DROP OWNED BY {ident}; DROP ROLE {ident}",
+                DROP_LOCK_WAIT.as_millis()
+            ))
+            .await;
+        match dropped {
+            Ok(()) => {
+                tx.commit().await?;
+                return Ok(());
+            }
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
+                drop(tx);
+                let ended = client
+                    .execute(
+                        "SELECT pg_terminate_backend(l.pid) FROM pg_locks l
+                         WHERE l.granted AND l.pid <> pg_backend_pid() AND (
+                           (l.locktype = 'object'
+                             AND l.classid = 'pg_authid'::regclass
+                             AND l.objid = (SELECT oid FROM pg_roles WHERE rolname = $1))
+                           OR (l.locktype = 'relation' AND l.relation IN (
+                             SELECT c.oid FROM pg_class c
+                             JOIN pg_roles r ON c.relowner = r.oid
+                             WHERE r.rolname = $1)))",
+                        &[&role],
+                    )
+                    .await?;
+                tracing::warn!(
+                    role,
+                    attempt,
+                    sessions_ended = ended,
+                    "baton-secrets: other sessions held locks the role's drop needs; ended them"
+                );
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(SecretError::Blocked(format!(
+        "role {role} could not be dropped: other sessions kept holding locks it needs ({DROP_ATTEMPTS} attempts); it cannot log in, and the next sweep tries again"
+    )))
 }
 
 #[async_trait]

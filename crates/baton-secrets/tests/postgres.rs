@@ -216,6 +216,66 @@ async fn revoke_refuses_logins_and_ends_open_sessions() {
     assert!(engine.sweep(now + 10_000).await.unwrap().is_empty());
 }
 
+/// One lease's session keeps a transaction open that granted another
+/// lease's role default privileges (any role may): the other's drop needs
+/// a lock that transaction holds. The revocation still ends in bounded
+/// time (the blocking session is ended), the engine serves the next call,
+/// and the blocking lease is revoked in its turn. The control: the same
+/// grant committed at once does not stand in the way.
+#[tokio::test]
+async fn a_session_holding_a_lock_on_another_leases_role_does_not_wedge_revocation() {
+    use std::time::Duration;
+    let pg = Pg::start().await;
+    let engine = setup(&pg).await;
+    async fn lease(engine: &PostgresEngine) -> Lease {
+        let now = wall();
+        let req = request(&["dataset:crm:*"], now + 600);
+        engine.issue(&req, now).await.unwrap()
+    }
+    let admin = pg.admin("crm").await;
+    // Control: committed at once, nothing is held.
+    let (c1, c2) = (lease(&engine).await, lease(&engine).await);
+    let s2 = connect(&lease_conn(&c2)).await.unwrap();
+    s2.batch_execute(&format!(
+        "ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO \"{}\"",
+        role_of(&c1)
+    ))
+    .await
+    .unwrap();
+    tokio::time::timeout(Duration::from_secs(60), engine.revoke(&c1.id))
+        .await
+        .expect("the control's revocation ends")
+        .unwrap();
+    assert!(!role_exists(&admin, &role_of(&c1)).await);
+    // The attack: the same grant in a transaction left open.
+    let (l1, l2) = (lease(&engine).await, lease(&engine).await);
+    let s2 = connect(&lease_conn(&l2)).await.unwrap();
+    s2.batch_execute(&format!(
+        "BEGIN; ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO \"{}\"",
+        role_of(&l1)
+    ))
+    .await
+    .unwrap();
+    tokio::time::timeout(Duration::from_secs(120), engine.revoke(&l1.id))
+        .await
+        .expect("the revocation is not wedged")
+        .unwrap();
+    assert!(!role_exists(&admin, &role_of(&l1)).await);
+    assert!(
+        s2.batch_execute("SELECT 1").await.is_err(),
+        "the blocking session was ended"
+    );
+    // The engine is free: a new lease, and the blocking lease's own
+    // revocation.
+    let l3 = tokio::time::timeout(Duration::from_secs(60), lease(&engine))
+        .await
+        .expect("the engine serves the next call");
+    engine.revoke(&l2.id).await.unwrap();
+    engine.revoke(&l3.id).await.unwrap();
+    engine.revoke(&c2.id).await.unwrap();
+    assert!(!role_exists(&admin, &role_of(&l2)).await);
+}
+
 #[tokio::test]
 async fn sweep_reaps_expired_leases_after_a_restart() {
     let pg = Pg::start().await;

@@ -247,7 +247,7 @@ impl AuditLog {
                         "no checkpoint between {from} and {size} to ship"
                     )));
                 };
-                let leaves = stored_leaves(inner, from, end)?;
+                let leaves = stored_leaves(inner, &self.keys, from, end)?;
                 mirror.ship(&own, &leaves, &cps).map_err(mirror_err)?;
                 inner.mirrored = Some(end);
                 from = end;
@@ -646,7 +646,17 @@ fn stored_checkpoints(
     Ok(out)
 }
 
-fn stored_leaves(inner: &Inner, from: u64, to: u64) -> Result<Vec<MirrorLeaf>, AuditError> {
+/// Events `from..to` of the local file as the mirror gets them: each
+/// event's bytes must still hash to the tree checked at open, and its
+/// clear text (which the mirror seals as this log's) must match the
+/// event's HMACs, so an edit of the local file is refused here, not
+/// sealed and shown by every broker as genuine.
+fn stored_leaves(
+    inner: &Inner,
+    keys: &crate::AuditKeys,
+    from: u64,
+    to: u64,
+) -> Result<Vec<MirrorLeaf>, AuditError> {
     let mut stmt = inner.conn.prepare_cached(
         "SELECT idx, task_id, event, clear_text FROM leaves WHERE idx >= ?1 AND idx < ?2 ORDER BY idx",
     )?;
@@ -661,12 +671,18 @@ fn stored_leaves(inner: &Inner, from: u64, to: u64) -> Result<Vec<MirrorLeaf>, A
         if inner.tree.leaf(index) != Some(leaf) {
             return Err(TamperError::at(index, TamperReason::LeafHashMismatch).into());
         }
+        let clear_text: Option<String> = r.get(3)?;
+        if clear_text.is_some() {
+            let ev =
+                decode_canonical(&event).map_err(|e| AuditError::Decode { index, reason: e.0 })?;
+            check_clear_text(index, &ev, clear_text.as_deref(), Some(keys))?;
+        }
         out.push(MirrorLeaf {
             index,
             task_id: r.get(1)?,
             event,
             leaf_hash: leaf,
-            clear_text: r.get(3)?,
+            clear_text,
         });
     }
     if out.len() as u64 != to.saturating_sub(from) {

@@ -443,3 +443,50 @@ fn events_stored_past_the_newest_checkpoint_fail_the_verify() {
     let err = a.verify_shared().unwrap_err();
     assert!(err.to_string().contains("unsigned"), "{err}");
 }
+
+/// Clear text edited in a broker's local file is not shipped to the
+/// mirror (where it would be sealed as that log's and shown by every
+/// broker as genuine): a backlog's clear text is checked against the
+/// events' HMACs first. The control: the untouched file ships, and
+/// another broker shows the real initiator.
+#[test]
+fn clear_text_edited_in_the_local_file_is_not_shipped_to_the_mirror() {
+    for edit in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let t = task(20);
+        {
+            let keys = AuditKeys::load_or_create(&dir.path().join("keys")).unwrap();
+            let alone = AuditLog::open(&dir.path().join("audit.db"), keys).unwrap();
+            for ev in task_events(&t, 1_700_000_000) {
+                alone.append(&ev).unwrap();
+            }
+        }
+        if edit {
+            let c = rusqlite::Connection::open(dir.path().join("audit.db")).unwrap();
+            let n = c
+                .execute(
+                    "UPDATE leaves SET clear_text = json_set(clear_text, '$.initiator', 'mallory@example.com') WHERE idx = 0",
+                    [],
+                )
+                .unwrap();
+            assert_eq!(n, 1);
+        }
+        let mirror = Arc::new(MemMirror::default());
+        let a = file_broker(dir.path(), &mirror);
+        let shipped = a.sync_mirror();
+        let b = broker(&mirror);
+        if edit {
+            let err = shipped.unwrap_err();
+            assert!(err.to_string().contains("initiator"), "{err}");
+            assert!(
+                mirror.with(|s| s.logs.get(&a.log_id()).is_none_or(|l| l.1.is_empty())),
+                "nothing of the edited page reached the mirror"
+            );
+        } else {
+            shipped.unwrap();
+            let text = trace(&b.events_for_task(&t).unwrap()).render_text();
+            assert!(text.contains(INITIATOR), "{text}");
+            assert!(!text.contains("mallory"), "{text}");
+        }
+    }
+}
