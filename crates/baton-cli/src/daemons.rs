@@ -326,7 +326,7 @@ pub async fn revocation(args: crate::cli::RevocationArgs) -> Result<()> {
     let store = baton_revocation::RedisStore::open(&redis)
         .await
         .map_err(|e| exit(crate::cli::EXIT_UNREACHABLE, e.to_string()))?;
-    let heartbeat = baton_revocation::Heartbeat::spawn(store.clone(), args.heartbeat);
+    let heartbeat = baton_revocation::Heartbeat::spawn_service(store.clone(), args.heartbeat);
     if let Some(ops) = crate::ops::start(&args.ops).await? {
         revocation_ops(&ops, store.clone());
         ops.set_started();

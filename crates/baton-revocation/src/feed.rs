@@ -37,6 +37,12 @@ pub struct FeedOptions {
     /// everything. Only for read-only tiers that accept serving a revoked
     /// credential for as long as the feed is down; off by default.
     pub allow_stale: bool,
+    /// How long heartbeats of `baton revocation` alone ([`Heartbeat::spawn_service`])
+    /// keep the feed fresh with no word from a publisher (a broker's relay:
+    /// its revocations, seeds and heartbeats). They bridge a broker's
+    /// restart; but a broker that records revocations and cannot publish
+    /// them must not leave followers fresh for longer than this.
+    pub publisher_grace: Duration,
     /// Unix seconds; the system clock by default (tests may pass another).
     pub clock: fn() -> u64,
 }
@@ -47,10 +53,14 @@ impl Default for FeedOptions {
             stale_after: Duration::from_secs(30),
             heartbeat_every: Duration::from_secs(5),
             allow_stale: false,
+            publisher_grace: DEFAULT_PUBLISHER_GRACE,
             clock: system_now,
         }
     }
 }
+
+/// [`FeedOptions::publisher_grace`] by default.
+pub const DEFAULT_PUBLISHER_GRACE: Duration = Duration::from_secs(60);
 
 /// Freshness of the local revoked set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +80,9 @@ struct State {
     /// A resync against a present epoch has happened and still holds.
     synced: bool,
     last_seen: u64,
+    /// The last entry a publisher wrote (anything but a heartbeat of the
+    /// revocation service), or the start of the feed.
+    last_publisher: u64,
     epoch: Option<String>,
     resyncs: u64,
 }
@@ -79,6 +92,7 @@ struct Shared {
     state: RwLock<State>,
     stale_after: u64,
     allow_stale: bool,
+    publisher_grace: u64,
     clock: fn() -> u64,
 }
 
@@ -137,11 +151,13 @@ impl RevocationFeed {
                 revoked: HashMap::new(),
                 synced: false,
                 last_seen: now,
+                last_publisher: now,
                 epoch: None,
                 resyncs: 0,
             }),
             stale_after: options.stale_after.as_secs(),
             allow_stale: options.allow_stale,
+            publisher_grace: options.publisher_grace.as_secs(),
             clock: options.clock,
         });
         let follower = Follower {
@@ -164,6 +180,12 @@ impl FeedHandle {
         let s = self.shared.read();
         if !s.synced || now.saturating_sub(s.last_seen) > self.shared.stale_after {
             FeedStatus::Stale { since: s.last_seen }
+        } else if now.saturating_sub(s.last_publisher) > self.shared.publisher_grace {
+            // Only the revocation service's heartbeats: no publisher has
+            // been heard, so revocations may be recorded and not published.
+            FeedStatus::Stale {
+                since: s.last_publisher,
+            }
         } else {
             FeedStatus::Fresh
         }
@@ -442,6 +464,9 @@ impl Follower {
                 _ => {}
             }
             s.last_seen = now;
+            if !(get("t") == Some("hb") && get("src") == Some(SERVICE_SOURCE)) {
+                s.last_publisher = now;
+            }
             self.last_id = Some(id);
         }
     }
@@ -507,14 +532,30 @@ pub struct Heartbeat {
     _task: AbortOnDrop,
 }
 
+/// The `src` of a heartbeat of the revocation service (not a publisher).
+pub(crate) const SERVICE_SOURCE: &str = "service";
+
 impl Heartbeat {
+    /// A publisher's heartbeat (a broker, beside its relay): it keeps
+    /// followers fresh.
     pub fn spawn(store: RedisStore, every: Duration) -> Self {
+        Self::spawn_from(store, every, "relay")
+    }
+
+    /// The revocation service's heartbeat (`baton revocation`): it keeps
+    /// followers fresh only for their [`FeedOptions::publisher_grace`]
+    /// after a publisher was last heard.
+    pub fn spawn_service(store: RedisStore, every: Duration) -> Self {
+        Self::spawn_from(store, every, SERVICE_SOURCE)
+    }
+
+    fn spawn_from(store: RedisStore, every: Duration, source: &'static str) -> Self {
         let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                if let Err(e) = store.heartbeat(system_now()).await {
+                if let Err(e) = store.heartbeat(system_now(), source).await {
                     let conn = matches!(&e, RevocationError::Redis(r) if is_connection_error(r));
                     tracing::warn!(error = %e, connection = conn, "revocation heartbeat failed");
                 }

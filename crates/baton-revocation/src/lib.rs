@@ -132,7 +132,9 @@ use std::fmt;
 use async_trait::async_trait;
 use baton_core::{SpiffeId, TaskId};
 
-pub use feed::{FeedHandle, FeedOptions, FeedStatus, Heartbeat, RevocationFeed};
+pub use feed::{
+    DEFAULT_PUBLISHER_GRACE, FeedHandle, FeedOptions, FeedStatus, Heartbeat, RevocationFeed,
+};
 pub use memory::MemoryStore;
 pub use redis_config::{
     MAX_PREFIX_LEN, RedisConfig, RedisMode, RedisPassword, RedisTls, validate_prefix,

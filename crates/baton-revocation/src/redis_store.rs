@@ -316,7 +316,9 @@ impl RedisStore {
     }
 
     /// Appends a heartbeat to the stream (see [`crate::Heartbeat`]).
-    pub async fn heartbeat(&self, now: u64) -> Result<(), RevocationError> {
+    /// `source` tells followers who beats: `relay` (a broker) or
+    /// `service` (the revocation service, which publishes nothing).
+    pub async fn heartbeat(&self, now: u64, source: &str) -> Result<(), RevocationError> {
         let mut cmd = redis::cmd("XADD");
         cmd.arg(self.stream_key())
             .arg("MINID")
@@ -326,7 +328,9 @@ impl RedisStore {
             .arg("t")
             .arg("hb")
             .arg("ts")
-            .arg(now);
+            .arg(now)
+            .arg("src")
+            .arg(source);
         self.query(&cmd).await.map(|_| ())
     }
 

@@ -126,7 +126,7 @@ async fn follower_resyncs_after_the_stream_was_trimmed() {
         .register(&rec("p2", Some(task(2)), "agent/a", None, now + 600), now)
         .await
         .unwrap();
-    store.heartbeat(now).await.unwrap();
+    store.heartbeat(now, "relay").await.unwrap();
     eventually("follower at the heartbeat", 10, || {
         feed.status(system_now()) == FeedStatus::Fresh
     })
@@ -153,7 +153,7 @@ async fn follower_resyncs_after_the_stream_was_trimmed() {
         )
         .await
         .unwrap();
-    store.heartbeat(now).await.unwrap();
+    store.heartbeat(now, "relay").await.unwrap();
     assert!(!feed.contains("p1", system_now()));
     acl(&store, &["SETUSER", "feeder", "on"]).await;
 
@@ -294,4 +294,53 @@ async fn compact_entries_arrive_whole_and_an_unreadable_one_forces_a_resync() {
     .await;
     assert_eq!(feed.resyncs(), resyncs + 1);
     assert!(feed.contains(serial, system_now()));
+}
+
+/// Heartbeats of the revocation service alone keep a follower fresh only
+/// for the publisher grace: a broker that records revocations but cannot
+/// publish them (its Redis user disabled, cut off from Redis) does not
+/// leave followers fresh for ever while the service beats on. A
+/// publisher's heartbeat (the control) keeps it fresh past the grace.
+#[tokio::test]
+async fn service_heartbeats_alone_keep_a_feed_fresh_only_for_the_grace() {
+    let srv = RedisServer::start();
+    let store = RedisStore::connect(&srv.url(), "bt").await.unwrap();
+    store.seed(&[], system_now()).await.unwrap();
+    let grace = 3;
+    let feed = RevocationFeed::spawn(
+        &srv.url(),
+        "bt",
+        FeedOptions {
+            stale_after: Duration::from_secs(5),
+            publisher_grace: Duration::from_secs(grace),
+            ..opts()
+        },
+    )
+    .unwrap();
+    let _service = Heartbeat::spawn_service(store.clone(), Duration::from_millis(200));
+    let relay = Heartbeat::spawn(store.clone(), Duration::from_millis(200));
+    let started = system_now();
+    eventually("first resync", 10, || {
+        feed.status(system_now()) == FeedStatus::Fresh
+    })
+    .await;
+    // Control: with a publisher beating, fresh well past the grace.
+    eventually("past the grace", 30, || system_now() > started + grace + 1).await;
+    eventually("fresh with a publisher", 10, || {
+        feed.status(system_now()) == FeedStatus::Fresh
+    })
+    .await;
+    // The publisher falls silent; the service beats on: stale.
+    drop(relay);
+    eventually("stale with only the service beating", 30, || {
+        matches!(feed.status(system_now()), FeedStatus::Stale { .. })
+    })
+    .await;
+    assert!(RevocationCheck::is_revoked(&feed, "innocent", &task(1)));
+    // A publisher again: fresh.
+    let _relay = Heartbeat::spawn(store.clone(), Duration::from_millis(200));
+    eventually("fresh once a publisher beats again", 30, || {
+        feed.status(system_now()) == FeedStatus::Fresh
+    })
+    .await;
 }

@@ -233,33 +233,35 @@ async fn a_session_holding_a_lock_on_another_leases_role_does_not_wedge_revocati
         engine.issue(&req, now).await.unwrap()
     }
     let admin = pg.admin("crm").await;
+    // Two leases; the second's session grants the first's role default
+    // privileges, in a transaction left `open` or committed at once; then
+    // the first is revoked (bounded by `limit`).
+    async fn grant_then_revoke(
+        engine: &PostgresEngine,
+        open: bool,
+        limit: Duration,
+    ) -> (Lease, Lease, tokio_postgres::Client) {
+        let (first, second) = (lease(engine).await, lease(engine).await);
+        let session = connect(&lease_conn(&second)).await.unwrap();
+        session
+            .batch_execute(&format!(
+                "{}ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO \"{}\"",
+                if open { "BEGIN; " } else { "" },
+                role_of(&first)
+            ))
+            .await
+            .unwrap();
+        tokio::time::timeout(limit, engine.revoke(&first.id))
+            .await
+            .expect("the revocation ends")
+            .unwrap();
+        (first, second, session)
+    }
     // Control: committed at once, nothing is held.
-    let (c1, c2) = (lease(&engine).await, lease(&engine).await);
-    let s2 = connect(&lease_conn(&c2)).await.unwrap();
-    s2.batch_execute(&format!(
-        "ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO \"{}\"",
-        role_of(&c1)
-    ))
-    .await
-    .unwrap();
-    tokio::time::timeout(Duration::from_secs(60), engine.revoke(&c1.id))
-        .await
-        .expect("the control's revocation ends")
-        .unwrap();
+    let (c1, c2, _) = grant_then_revoke(&engine, false, Duration::from_secs(60)).await;
     assert!(!role_exists(&admin, &role_of(&c1)).await);
     // The attack: the same grant in a transaction left open.
-    let (l1, l2) = (lease(&engine).await, lease(&engine).await);
-    let s2 = connect(&lease_conn(&l2)).await.unwrap();
-    s2.batch_execute(&format!(
-        "BEGIN; ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO \"{}\"",
-        role_of(&l1)
-    ))
-    .await
-    .unwrap();
-    tokio::time::timeout(Duration::from_secs(120), engine.revoke(&l1.id))
-        .await
-        .expect("the revocation is not wedged")
-        .unwrap();
+    let (l1, l2, s2) = grant_then_revoke(&engine, true, Duration::from_secs(120)).await;
     assert!(!role_exists(&admin, &role_of(&l1)).await);
     assert!(
         s2.batch_execute("SELECT 1").await.is_err(),
