@@ -19,18 +19,29 @@ use tokio::net::UnixStream;
 /// processes of one user.
 pub const MAX_CONNECTIONS_PER_UID: usize = 256;
 
+/// Open connections of one uid, and whether its refusal was logged since
+/// it last had room (a user knocking in a loop logs one line, not one a
+/// connection).
+#[derive(Debug, Default)]
+struct Count {
+    open: usize,
+    warned: bool,
+}
+
+type Counts = Arc<Mutex<HashMap<Option<u32>, Count>>>;
+
 /// Open connections per uid (`None`: credentials not readable).
 #[derive(Debug)]
 pub struct ConnectionLimit {
     max: usize,
-    open: Arc<Mutex<HashMap<Option<u32>, usize>>>,
+    open: Counts,
 }
 
 /// One open connection of a uid; the count goes down when it is dropped.
 #[derive(Debug)]
 pub struct ConnectionSlot {
     uid: Option<u32>,
-    open: Arc<Mutex<HashMap<Option<u32>, usize>>>,
+    open: Counts,
 }
 
 impl ConnectionLimit {
@@ -43,28 +54,37 @@ impl ConnectionLimit {
 
     /// A slot for a connection of `uid`, or None when it has `max` open.
     pub fn admit(&self, uid: Option<u32>) -> Option<ConnectionSlot> {
+        self.admit_noting(uid).0
+    }
+
+    /// [`Self::admit`], and whether this refusal is the first since the
+    /// user last had room.
+    fn admit_noting(&self, uid: Option<u32>) -> (Option<ConnectionSlot>, bool) {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        let n = open.entry(uid).or_insert(0);
-        if *n >= self.max {
-            return None;
+        let c = open.entry(uid).or_default();
+        if c.open >= self.max {
+            let first = !c.warned;
+            c.warned = true;
+            return (None, first);
         }
-        *n += 1;
-        Some(ConnectionSlot {
+        c.open += 1;
+        let slot = ConnectionSlot {
             uid,
             open: Arc::clone(&self.open),
-        })
+        };
+        (Some(slot), false)
     }
 
     /// A slot for `stream`'s peer, read from its credentials; None (and
     /// a warning) when that user has too many open.
     pub fn admit_stream(&self, stream: &UnixStream) -> Option<ConnectionSlot> {
         let uid = stream.peer_cred().ok().map(|c| c.uid());
-        let slot = self.admit(uid);
-        if slot.is_none() {
+        let (slot, first_refusal) = self.admit_noting(uid);
+        if first_refusal {
             tracing::warn!(
                 uid = ?uid,
                 max = self.max,
-                "Workload API connection refused: this user holds the most connections one user may"
+                "Workload API connections refused: this user holds the most connections one user may (logged once until one closes)"
             );
         }
         slot
@@ -74,9 +94,10 @@ impl ConnectionLimit {
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = open.get_mut(&self.uid) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
+        if let Some(c) = open.get_mut(&self.uid) {
+            c.open = c.open.saturating_sub(1);
+            c.warned = false;
+            if c.open == 0 {
                 open.remove(&self.uid);
             }
         }
@@ -93,13 +114,17 @@ mod tests {
         let limit = ConnectionLimit::new(2);
         let a1 = limit.admit(Some(1000)).unwrap();
         let _a2 = limit.admit(Some(1000)).unwrap();
-        assert!(limit.admit(Some(1000)).is_none());
+        // Refused; only the first refusal since it had room is logged.
+        assert!(matches!(limit.admit_noting(Some(1000)), (None, true)));
+        assert!(matches!(limit.admit_noting(Some(1000)), (None, false)));
         // Another user, and unreadable credentials, are not affected.
         let _b = limit.admit(Some(1001)).unwrap();
         let _u = limit.admit(None).unwrap();
         // A closed connection frees its slot.
         drop(a1);
-        assert!(limit.admit(Some(1000)).is_some());
+        let again = limit.admit(Some(1000));
+        assert!(again.is_some());
+        assert!(matches!(limit.admit_noting(Some(1000)), (None, true)));
     }
 
     /// Real sockets: connections past the cap are closed at once; those
