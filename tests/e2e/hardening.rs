@@ -58,6 +58,24 @@ fn post(w: &World, dir: &Path, path: &str, body: &serde_json::Value) -> (u16, se
     })
 }
 
+/// GETs `path` from the broker with the credential in `dir`.
+pub(crate) fn get(w: &World, dir: &Path, path: &str) -> (u16, serde_json::Value) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = cred_client(w, dir);
+    rt.block_on(async {
+        let resp = client
+            .get(format!("{}{path}", w.broker_url()))
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(serde_json::Value::Null))
+    })
+}
+
 /// What the broker answers (status line and what it sent with it) to a
 /// POST of `path` with the credential in `dir` that declares a body of
 /// `declared` bytes (within the route's limit) and sends one byte of it:
@@ -137,6 +155,48 @@ pub fn serial_of(dir: &Path) -> String {
         .unwrap()
         .unwrap();
     baton_ca::leaf_info(&[leaf.to_vec()]).unwrap().serial_hex
+}
+
+/// A kept-alive connection carries no request past its client
+/// certificate's expiry: the broker closes it then, and the client's next
+/// request must open a new one, which the expired certificate cannot. The
+/// control: the same connection answered before the expiry.
+#[test]
+fn a_kept_alive_connection_does_not_outlive_its_client_certificate() {
+    let w = World::start();
+    let (_task, grant) = w.start_task(&["tool:crm.search:read"], "1", "20s", "read");
+    let short = w.redeem(&grant, PLANNER, "short-lived");
+    let leaf = CertificateDer::pem_file_iter(short.join("svid.pem"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    let not_after = baton_ca::leaf_info(&[leaf.to_vec()]).unwrap().not_after;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = cred_client(&w, &short);
+    let url = format!("{}/v1/bundle", w.broker_url());
+    rt.block_on(async {
+        let before = client.get(&url).send().await.unwrap();
+        assert_eq!(before.status(), 200);
+        while std::time::SystemTime::now() < not_after + std::time::Duration::from_secs(1) {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        match client.get(&url).send().await {
+            // The connection was kept: the request is refused on it.
+            Ok(after) => {
+                let status = after.status().as_u16();
+                let body = after.text().await.unwrap_or_default();
+                assert_eq!(status, 401, "{body}");
+                assert!(body.contains("expired"), "{body}");
+            }
+            // Closed at the expiry, and a new handshake with the expired
+            // certificate fails.
+            Err(e) => assert!(e.is_connect() || e.is_request(), "{e:?}"),
+        }
+    });
 }
 
 /// `s := n - s` for a P-256 `r || s` signature: the other valid signature
@@ -712,8 +772,14 @@ fn tool_call_reports_only_from_the_tokens_tool_servers() {
         assert!(body.to_string().contains(field), "{field}: {body}");
     }
 
+    // The tool server follows the revocation feed while its SVID is live.
+    let (status, body) = get(&w, &tool, "/v1/revocations/feed?after=0");
+    assert_eq!(status, 200, "{body}");
+    assert!(body["epoch"].is_string(), "{body}");
+
     // The tool server's SVID revoked: it reports nothing more (its
-    // reports and approval requests were accepted just above).
+    // reports and approval requests were accepted just above), and no
+    // longer reads the revocation feed.
     let serial = serial_of(&tool);
     w.ok(&[
         "revoke",
@@ -736,6 +802,9 @@ fn tool_call_reports_only_from_the_tokens_tool_servers() {
         "/v1/approvals",
         &serde_json::json!({"token": token_of(&researcher)}),
     );
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["code"], "certificate_revoked", "{body}");
+    let (status, body) = get(&w, &tool, "/v1/revocations/feed?after=0");
     assert_eq!(status, 403, "{body}");
     assert_eq!(body["code"], "certificate_revoked", "{body}");
     // Refused before its body is read: a revoked server cannot make the

@@ -246,7 +246,26 @@ async fn bodies_over_the_routes_limit_and_batches_over_their_cap_are_refused() {
         body["message"]
             .as_str()
             .unwrap()
-            .contains("at most 1000 reports per request, got 1001"),
+            .contains("reports: more than 1000 entries"),
+        "{body}"
+    );
+    // A report's lists are cut off while parsing, not after: a list past
+    // its bound (here a million entries in 4 MiB) is refused at its first
+    // extra entry, naming the field.
+    let mut huge = report(0);
+    huge["scope_used"] = serde_json::json!(vec![""; 1_000_000]);
+    let (status, _, body) = post_json(
+        &node,
+        url(&c, "/v1/audit/tool-calls"),
+        &serde_json::json!({ "reports": [huge] }),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("scope_used: more than 64 entries"),
         "{body}"
     );
     // Control: a batch under the cap is taken (each report then answered
@@ -367,12 +386,21 @@ async fn task_starts_and_attestations_are_rate_limited_per_caller() {
 
 /// Hops are limited per agent: the planner's third hop is refused before
 /// any work, naming the limit and the caller, while the researcher, another
-/// caller, still delegates (control).
+/// caller, still delegates (control). The revocation feed's pages are
+/// limited per follower the same way.
 #[test]
 fn hops_are_rate_limited_per_agent() {
     use crate::delegation::{PLANNER, RESEARCHER, World};
     let read = ["tool:crm.search:read", "dataset:crm:read"];
-    let w = World::start_with_args(None, vec!["--rate-limit".into(), "delegate=2/1h".into()]);
+    let w = World::start_with_args(
+        None,
+        vec![
+            "--rate-limit".into(),
+            "delegate=2/1h".into(),
+            "--rate-limit".into(),
+            "feed=2/1h".into(),
+        ],
+    );
     let (_task, grant) = w.start_task(&read, "3", "10m", "read");
     let planner = w.redeem(&grant, PLANNER, "limit-planner");
     let hop = |cred: &std::path::Path, target: &str| {
@@ -402,6 +430,25 @@ fn hops_are_rate_limited_per_agent() {
     w.c.register("/agents/analyst", &[]);
     let (ok, _, err) = hop(&researcher, "spiffe://example.org/agents/analyst");
     assert!(ok, "{err}");
+
+    // Two pages of the revocation feed, then 429 for that follower; the
+    // researcher, another follower, still reads it.
+    let feed = "/v1/revocations/feed?after=0";
+    for _ in 0..2 {
+        let (status, body) = crate::hardening::get(&w, &planner, feed);
+        assert_eq!(status, 200, "{body}");
+    }
+    let (status, body) = crate::hardening::get(&w, &planner, feed);
+    assert_eq!(status, 429, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("rate limit feed (2/1h per caller)"),
+        "{body}"
+    );
+    let (status, body) = crate::hardening::get(&w, &researcher, feed);
+    assert_eq!(status, 200, "{body}");
 }
 
 /// A node's redeems are limited per node: a workload replaying a spent

@@ -761,6 +761,47 @@ fn mcp_through_the_gateway_lists_calls_streams_and_refuses_as_mcp_clients_see_it
                 .contains("the tool server behind the gateway failed"),
             "{body}"
         );
+
+        // A stream does not outlive its caller's credential: the
+        // researcher's token revoked while a streamed call runs, the
+        // gateway cuts the stream, and the tool's answer never reaches
+        // the client. (The watch above, its token live, is the control.)
+        let watcher = {
+            let peer = r.peer().clone();
+            tokio::spawn(async move {
+                peer.call_tool(
+                    CallToolRequestParams::new("docs.summarize").with_arguments(
+                        serde_json::json!({"account": "acme"})
+                            .as_object()
+                            .cloned()
+                            .unwrap(),
+                    ),
+                )
+                .await
+            })
+        };
+        let first = tokio::time::timeout(Duration::from_secs(60), progress.recv())
+            .await
+            .expect("no progress reached the client while the tool ran")
+            .unwrap();
+        assert_eq!(first, "watching");
+        let jti = crate::delegation::claims(&researcher)["jti"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        g.w.ok(&["revoke", "credential", &jti, "--reason", "stream test"]);
+        // Not released: only the cut can end the call.
+        let cut = tokio::time::timeout(Duration::from_secs(90), watcher)
+            .await
+            .expect("the stream went on after its caller's token was revoked")
+            .unwrap();
+        assert!(
+            cut.as_ref().map_or(true, |done| !serde_json::to_string(&done.content)
+                .unwrap()
+                .contains("ended")),
+            "{cut:?}"
+        );
+        seen.release.notify_one();
     });
 
     // The calls and refusals are in the task's audit trace.

@@ -165,6 +165,48 @@ async fn accepts(cfg: &Arc<rustls::ClientConfig>, addr: &str, path: &str) -> boo
     }
 }
 
+type KeptConn = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+/// A TLS connection to `addr` with the client certificate of `cfg`, kept
+/// open for several requests.
+async fn kept_alive(cfg: &Arc<rustls::ClientConfig>, addr: &str) -> KeptConn {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio_rustls::TlsConnector::from(cfg.clone())
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+/// One HTTP/1.1 GET on a kept connection: the status and the body.
+async fn request_on(tls: &mut KeptConn, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let req = format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n");
+    tls.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = tls.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "the connection closed before an answer");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+    let status: u16 = head[9..12].parse().unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map_or(0, |v| v.trim().parse().unwrap());
+    while buf.len() < head_end + length {
+        let n = tls.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "the connection closed within an answer");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let body = String::from_utf8_lossy(&buf[head_end..head_end + length]).into_owned();
+    (status, body)
+}
+
 fn register_mesh(c: &Cluster, ttl: &str) {
     c.register(SERVER, &["--x509-ttl", ttl]);
     c.register(CLIENT, &["--x509-ttl", ttl]);
@@ -234,9 +276,22 @@ async fn manual_rotation_drops_no_request_and_revoked_authority_is_refused() {
     c.cli_ok(&["ca", "taint", &old_jwt]);
     mesh.wait_ok(20);
 
+    // A connection the keepsake (old authority, tainted, still trusted)
+    // opens before the revoke, and keeps: answered now.
+    let cfg = old_credential_client(&keep, &c.path("broker/bundle.pem"));
+    let mut kept = kept_alive(&cfg, &c.broker_addr).await;
+    let (status, body) = request_on(&mut kept, "/v1/bundle").await;
+    assert_eq!(status, 200, "{body}");
+
     // Revoke: the old authority leaves the bundle.
     c.cli_ok(&["ca", "revoke", &old_x509]);
     c.cli_ok(&["ca", "revoke", &old_jwt]);
+    // The kept connection carries no request more: its certificate's
+    // authority was revoked since its handshake.
+    let (status, body) = request_on(&mut kept, "/v1/bundle").await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("was revoked"), "{body}");
+    drop(kept);
     let show = ca_show(&c);
     assert_eq!(id_of(&show, "x509", "revoked"), old_x509);
     let bundle_pem = std::fs::read_to_string(c.path("broker/bundle.pem")).unwrap();

@@ -304,6 +304,37 @@ async fn api_key_is_introspected_live_then_inactive_after_task_end() {
         "{err}"
     );
 
+    // A holder's task certificate revoked by serial: its token can no
+    // longer be used (bound to it; a renewal needs it live), so the key
+    // leased with that token dies with it. The first task's key, leased
+    // by another token, is the control.
+    let (_t2, cred2) = task_with(&w, &["secret:apikey:issue"], "10m", "keyholder-2");
+    let key2 = lease(&w, &cred2, "apikey")["material"]["key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(introspect(&key2)["active"], true);
+    let serial2 = crate::hardening::serial_of(&cred2);
+    let revoked = w.json(&[
+        "revoke",
+        "credential",
+        &serial2,
+        "--reason",
+        "holder's key leaked",
+        "-o",
+        "json",
+    ]);
+    let kinds: Vec<&str> = revoked["revoked"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["kind"].as_str().unwrap())
+        .collect();
+    assert!(kinds.contains(&"lease"), "{revoked}");
+    let gone = introspect(&key2);
+    assert_eq!(gone["active"], false, "{gone}");
+    assert_eq!(introspect(&key)["active"], true, "the other token's key");
+
     w.ok(&["task", "end", &task]);
     let dead = introspect(&key);
     assert_eq!(dead["active"], false, "{dead}");

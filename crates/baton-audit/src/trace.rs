@@ -539,6 +539,25 @@ fn opt<T: std::fmt::Display>(label: &str, v: &Option<T>) -> String {
 /// forged line of the tree, terminal escapes) and invisible ones (bidi
 /// overrides, zero-width characters) shown escaped. Recorded fields come
 /// from agents' requests, reasons from tool servers.
+/// A name a caller chose (a tool call's resource, taken from its path or
+/// arguments), quoted unless it is made only of letters, digits and
+/// `-_./:@*+=~#%`: spaces, brackets, quotes and look-alike letters of
+/// other scripts could make it read as more of the line (`acme (write):
+/// allow (approved in ap_1)`), as a decision, a tier or an approval.
+fn quoted_if_wordy(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:@*+=~#%".contains(c));
+    if plain {
+        printable(s)
+    } else {
+        format!(
+            "\"{}\"",
+            printable(&s.replace('\\', "\\\\").replace('"', "\\\""))
+        )
+    }
+}
+
 fn printable(s: &str) -> String {
     let escaped = baton_core::text::controls_escaped(s);
     // The tree's own glyphs are added around a line, never inside it: in a
@@ -699,9 +718,9 @@ fn item_line(item: &TraceItem) -> Line {
         } => {
             // Every text here came in a tool server's report, so the line
             // names the server that made it.
-            let mut text = format!("tool {}", printable(tool.as_deref().unwrap_or("?")));
+            let mut text = format!("tool {}", quoted_if_wordy(tool.as_deref().unwrap_or("?")));
             if let Some(r) = resource {
-                text.push_str(&format!(" on {}", printable(r)));
+                text.push_str(&format!(" on {}", quoted_if_wordy(r)));
             }
             if let Some(r) = risk {
                 text.push_str(&format!(" ({r})"));

@@ -1596,25 +1596,7 @@ impl Delegation {
     /// both), so it is genuine; what remains is whether the authority that
     /// signed it is still trusted.
     fn verify_leaf_chain(&self, leaf: &[u8], now: SystemTime) -> Result<(), String> {
-        let signer = baton_ca::Ca::signer_of(leaf)
-            .ok_or_else(|| "it names no signing authority".to_owned())?;
-        let now = unix(now);
-        match self
-            .broker
-            .ca()
-            .authorities()
-            .into_iter()
-            .find(|a| a.kind == baton_ca::AuthorityKind::X509 && a.id == signer)
-        {
-            None => Err(format!(
-                "its authority {signer} is no longer in the trust bundle"
-            )),
-            Some(a) if a.state == baton_ca::AuthorityState::Revoked => {
-                Err(format!("its authority {signer} was revoked"))
-            }
-            Some(a) if a.not_after <= now => Err(format!("its authority {signer} has expired")),
-            Some(_) => Ok(()),
-        }
+        self.broker.leaf_authority_problem(leaf, now)
     }
 
     /// A fresh grant for the task's root agent, e.g. after a purpose change

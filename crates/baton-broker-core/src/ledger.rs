@@ -69,6 +69,14 @@ pub trait Ledger: Send + Sync + std::fmt::Debug {
     ) -> Result<Vec<Revoked>, StoreError>;
     /// The live credentials registered under `task`, oldest first.
     fn live_task_credentials(&self, task: &TaskId, now: u64) -> Result<Vec<Revoked>, StoreError>;
+    /// For a task certificate (`serial`): the token it was minted for (its
+    /// registry parent) and the live secret leases hanging under that
+    /// token. `None` for anything but a registered task certificate.
+    fn certificate_leases(
+        &self,
+        serial: &str,
+        now: u64,
+    ) -> Result<Option<(String, Vec<Revoked>)>, StoreError>;
     /// Revokes `tokens` with their certificates and whatever was minted
     /// from them, in one transaction (a purpose change).
     fn revoke_tokens(
@@ -514,6 +522,30 @@ impl Ledger for SqliteStore {
             )?;
             let rows = stmt.query_map(params![task.as_str(), to_i64(now)], revoked_row)?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    fn certificate_leases(
+        &self,
+        serial: &str,
+        now: u64,
+    ) -> Result<Option<(String, Vec<Revoked>)>, StoreError> {
+        self.with(|c| {
+            let jti: Option<String> = c
+                .prepare_cached(
+                    "SELECT parent FROM credentials
+                     WHERE id = ?1 AND kind = 'x509' AND task IS NOT NULL AND parent IS NOT NULL",
+                )?
+                .query_row(params![serial], |r| r.get(0))
+                .optional()?;
+            let Some(jti) = jti else { return Ok(None) };
+            let mut stmt = c.prepare_cached(
+                "SELECT id, kind, expires_at FROM credentials
+                 WHERE parent = ?1 AND kind = 'lease' AND expires_at > ?2 ORDER BY rowid",
+            )?;
+            let rows = stmt.query_map(params![jti, to_i64(now)], revoked_row)?;
+            let leases = rows.collect::<Result<Vec<_>, _>>()?;
+            Ok(Some((jti, leases)))
         })
     }
 

@@ -125,10 +125,15 @@ pub enum Limited {
     /// `POST /v1/approvals`, per tool server: each new call held for
     /// approval is an approval row and an audit event.
     Approvals,
+    /// `GET /v1/revocations/feed`, per follower: a page answered at once
+    /// reads up to 10,000 log rows. A follower asks again at each
+    /// revocation it is woken for, so the default is far above one busy
+    /// follower's rate.
+    Feed,
 }
 
 impl Limited {
-    pub const ALL: [Limited; 8] = [
+    pub const ALL: [Limited; 9] = [
         Limited::Attest,
         Limited::TaskStart,
         Limited::ToolCallReports,
@@ -137,6 +142,7 @@ impl Limited {
         Limited::Delegate,
         Limited::NodeMint,
         Limited::Approvals,
+        Limited::Feed,
     ];
 
     /// The name in flags (`--rate-limit NAME=...`) and refusals.
@@ -150,6 +156,7 @@ impl Limited {
             Limited::Delegate => "delegate",
             Limited::NodeMint => "node-mint",
             Limited::Approvals => "approvals",
+            Limited::Feed => "feed",
         }
     }
 
@@ -160,10 +167,14 @@ impl Limited {
     /// The limited operation a request is, by method (as sent, e.g.
     /// `POST`) and path.
     pub fn of_route(method: &str, path: &str) -> Option<Self> {
+        let path = path.trim_end_matches('/');
+        if method == "GET" && path == "/v1/revocations/feed" {
+            return Some(Limited::Feed);
+        }
         if method != "POST" {
             return None;
         }
-        Some(match path.trim_end_matches('/') {
+        Some(match path {
             "/v1/node/attest" => Limited::Attest,
             "/v1/tasks" => Limited::TaskStart,
             "/v1/audit/tool-calls" => Limited::ToolCallReports,
@@ -199,6 +210,7 @@ pub struct RateLimits {
     pub delegate: RateLimit,
     pub node_mint: RateLimit,
     pub approvals: RateLimit,
+    pub feed: RateLimit,
 }
 
 const fn limit(burst: u32, per_secs: u64) -> RateLimit {
@@ -232,6 +244,9 @@ impl Default for RateLimits {
             // call (every few seconds while a human decides): room for
             // hundreds of calls waiting at once.
             approvals: limit(6000, 60),
+            // 100 pages a second per follower: a follower is woken once
+            // per revocation (or batch of them), never more.
+            feed: limit(6000, 60),
         }
     }
 }
@@ -247,6 +262,7 @@ impl RateLimits {
             Limited::Delegate => self.delegate,
             Limited::NodeMint => self.node_mint,
             Limited::Approvals => self.approvals,
+            Limited::Feed => self.feed,
         }
     }
 
@@ -260,6 +276,7 @@ impl RateLimits {
             Limited::Delegate => self.delegate = limit,
             Limited::NodeMint => self.node_mint = limit,
             Limited::Approvals => self.approvals = limit,
+            Limited::Feed => self.feed = limit,
         }
     }
 
@@ -593,6 +610,11 @@ mod tests {
             Limited::of_route("POST", "/v1/tasks/"),
             Some(Limited::TaskStart)
         );
+        assert_eq!(
+            Limited::of_route("GET", "/v1/revocations/feed"),
+            Some(Limited::Feed)
+        );
+        assert_eq!(Limited::of_route("POST", "/v1/revocations/feed"), None);
         assert_eq!(Limited::of_route("GET", "/v1/node/attest"), None);
         assert_eq!(Limited::of_route("POST", "/v1/node/sync"), None);
     }

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::BrokerError;
 use crate::revocation::Revoker;
 use crate::rotation::RotationState;
+use crate::service::NODE_PREFIX;
 use crate::store::{Datastore, NodeRecord};
 use crate::tasks::TaskStore;
 
@@ -103,6 +104,16 @@ impl<'a> Nodes<'a> {
         if !id.is_member_of(self.trust_domain()) {
             return Err(bad(format!(
                 "node_id {id} is not in this broker's trust domain {}",
+                self.trust_domain()
+            )));
+        }
+        // A ban or eviction of an agent's ID would store a node row and
+        // report the agent cut off while it goes on working: agents are
+        // revoked with `revoke agent`.
+        let name = id.path().strip_prefix(NODE_PREFIX).unwrap_or_default();
+        if name.is_empty() {
+            return Err(bad(format!(
+                "node_id {id} names no node: node IDs look like spiffe://{}/baton/node/<name> (to cut off an agent, use `baton revoke agent`)",
                 self.trust_domain()
             )));
         }

@@ -1661,6 +1661,41 @@ impl Ledger for PgStore {
         })
     }
 
+    fn certificate_leases(
+        &self,
+        serial: &str,
+        now: u64,
+    ) -> Result<Option<(String, Vec<Revoked>)>, StoreError> {
+        on_conn!(self, |c| {
+            let parent = c
+                .query_opt(
+                    &c.stmt(
+                        "SELECT parent FROM credentials
+                         WHERE id = $1 AND kind = 'x509' AND task IS NOT NULL AND parent IS NOT NULL",
+                    )
+                    .await?,
+                    &[&serial],
+                )
+                .await?;
+            let Some(row) = parent else { return Ok(None) };
+            let jti: String = row.try_get(0)?;
+            let leases = c
+                .query(
+                    &c.stmt(
+                        "SELECT id, kind, expires_at FROM credentials
+                         WHERE parent = $1 AND kind = 'lease' AND expires_at > $2 ORDER BY n",
+                    )
+                    .await?,
+                    &[&jti, &to_i64(now)],
+                )
+                .await?
+                .iter()
+                .map(revoked_of)
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Some((jti, leases)))
+        })
+    }
+
     fn revoke_tokens(
         &self,
         tokens: &[TokenRecord],

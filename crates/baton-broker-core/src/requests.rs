@@ -256,7 +256,7 @@ pub fn live_tool_server(
         return Err(BrokerError::Forbidden {
             code: "certificate_revoked",
             message: format!(
-                "the SVID (serial {}) of {} is revoked: it can no longer report calls, ask for approvals or introspect keys",
+                "the SVID (serial {}) of {} is revoked: it can no longer report calls, ask for approvals, introspect keys or follow the revocation feed",
                 peer.serial_hex(),
                 peer.spiffe_id()
             ),

@@ -1482,6 +1482,38 @@ async fn a_join_token_neither_takes_over_a_live_node_nor_outlives_its_eviction_o
     let e = attest_with(&before_ban, secs(w.t0, 4)).unwrap_err();
     assert_eq!(e.code(), "unauthenticated", "{e}");
     attest_with(&token(secs(w.t0, 4)), secs(w.t0, 4)).unwrap();
+
+    // An agent's ID (or the node prefix alone) is no node: banning or
+    // evicting it is refused, naming the field, and stores no node row
+    // (the agent would be reported cut off while it goes on working).
+    for not_a_node in [
+        "spiffe://example.org/agents/planner",
+        "spiffe://example.org/baton/node/",
+    ] {
+        for how in [crate::nodes::Removal::Ban, crate::nodes::Removal::Evict] {
+            let e = nodes
+                .remove(
+                    w.d.revoker(),
+                    w.d.task_store(),
+                    not_a_node,
+                    how,
+                    "test",
+                    unix(secs(w.t0, 5)),
+                )
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), "invalid_argument", "{not_a_node}: {e}");
+            assert!(e.to_string().contains("node_id"), "{e}");
+        }
+    }
+    assert!(
+        broker.store().list_nodes().unwrap().iter().all(|n| n
+            .spiffe_id
+            .as_str()
+            .starts_with("spiffe://example.org/baton/node/")
+            && n.spiffe_id.as_str().len() > "spiffe://example.org/baton/node/".len()),
+        "no node row for an id that names no node"
+    );
 }
 
 /// A world on a [`FlakyLedger`], and the switches that make it fail.
@@ -1587,6 +1619,13 @@ impl crate::ledger::Ledger for FlakyLedger {
         now: u64,
     ) -> Result<Vec<baton_revocation::Revoked>, crate::store::StoreError> {
         self.inner.live_task_credentials(task, now)
+    }
+    fn certificate_leases(
+        &self,
+        serial: &str,
+        now: u64,
+    ) -> Result<Option<(String, Vec<baton_revocation::Revoked>)>, crate::store::StoreError> {
+        self.inner.certificate_leases(serial, now)
     }
     fn revoke_tokens(
         &self,

@@ -444,6 +444,9 @@ impl Revoker {
             }
         }
         let mut all = self.durable.revoke(target, &known, reason, now)?;
+        if let Target::Credential(id) | Target::Subtree(id) = target {
+            all.extend(self.leases_of_certificate(id, tasks, reason, now)?);
+        }
         self.changed.notify_waiters();
         if let Target::Task(task) = target {
             // What the task's entry covers, for the answer and the leases
@@ -468,6 +471,33 @@ impl Revoker {
         baton_ops::metrics().revoked(target_kind(target), all.len());
         self.reap_leases(&all).await;
         Ok(all)
+    }
+
+    /// A task certificate revoked by serial leaves its token unusable (the
+    /// token is bound to it, and a renewal needs it live), so the secret
+    /// leases taken with that token are revoked with it. Only for the
+    /// token's current certificate: the token of one renewed away lives on
+    /// under its new certificate, with its leases.
+    fn leases_of_certificate(
+        &self,
+        serial: &str,
+        tasks: &dyn TaskStore,
+        reason: &str,
+        now: u64,
+    ) -> Result<Vec<Revoked>, BrokerError> {
+        let Some((jti, leases)) = self.durable.certificate_leases(serial, now)? else {
+            return Ok(Vec::new());
+        };
+        // The token's current certificate, or nothing to do.
+        let current = tasks
+            .get_token(&jti)?
+            .is_some_and(|t| t.cert_serial == serial);
+        if leases.is_empty() || !current {
+            return Ok(Vec::new());
+        }
+        self.durable.mark(&leases, reason, now)?;
+        tracing::info!(serial, jti = %jti, count = leases.len(), "revoked the secret leases of a revoked task certificate's token");
+        Ok(leases)
     }
 
     /// Revokes every credential issued so far in a task but not the task

@@ -652,6 +652,44 @@ impl Broker {
     /// Reads the steps other brokers of a shared CA took; a change reaches
     /// this broker's listener, verifiers and agents as its own steps do. A
     /// read that fails keeps the CA in force and is logged.
+    /// Why a client certificate the TLS layer verified when its connection
+    /// opened is no longer good for a request on that connection: it has
+    /// expired since, or its signing authority left the bundle or was
+    /// revoked (a rotation step). `Ok` when it is still trusted.
+    pub fn leaf_authority_problem(&self, leaf: &[u8], now: SystemTime) -> Result<(), String> {
+        let info =
+            baton_ca::leaf_info(&[leaf.to_vec()]).map_err(|e| format!("it cannot be read: {e}"))?;
+        if info.not_after <= now {
+            return Err(format!(
+                "it expired at {} (unix seconds)",
+                info.not_after
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs())
+            ));
+        }
+        let signer = info
+            .authority_id
+            .ok_or_else(|| "it names no signing authority".to_owned())?;
+        let now = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        match self
+            .ca
+            .authorities()
+            .into_iter()
+            .find(|a| a.kind == baton_ca::AuthorityKind::X509 && a.id == signer)
+        {
+            None => Err(format!(
+                "its authority {signer} is no longer in the trust bundle"
+            )),
+            Some(a) if a.state == baton_ca::AuthorityState::Revoked => {
+                Err(format!("its authority {signer} was revoked"))
+            }
+            Some(a) if a.not_after <= now => Err(format!("its authority {signer} has expired")),
+            Some(_) => Ok(()),
+        }
+    }
+
     pub fn follow_shared_ca(&self) {
         match self.ca.refresh() {
             Ok(true) => self.rotation.notify(),

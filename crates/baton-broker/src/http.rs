@@ -107,11 +107,44 @@ pub fn https_routes(
 + 'static {
     crate::http_limits::guarded(
         limiters,
-        crate::http_secrets::routes(secrets, delegation.clone())
-            .or(node_routes(broker, delegation))
-            .unify(),
+        peer_still_trusted(broker.clone()).and(
+            crate::http_secrets::routes(secrets, delegation.clone())
+                .or(node_routes(broker, delegation))
+                .unify(),
+        ),
     )
     .with(crate::http_ops::count_requests())
+}
+
+/// Refuses a request whose client certificate is no longer good: the TLS
+/// layer verified it when the connection opened, but a kept-alive
+/// connection outlives that moment, so each request is checked again
+/// against the clock and the CA's authorities in force (an expired
+/// certificate, or one whose authority a rotation step removed or
+/// revoked, calls nothing more on the connection it opened before).
+/// Anonymous connections pass; the routes that need an identity refuse
+/// them.
+fn peer_still_trusted(
+    broker: Arc<Broker>,
+) -> impl Filter<Extract = (), Error = warp::Rejection> + Clone + Send + Sync + 'static {
+    warp::ext::optional::<PeerCertificate>()
+        .and(with_broker(broker))
+        .and_then(
+            |leaf: Option<PeerCertificate>, broker: Arc<Broker>| async move {
+                let Some(PeerCertificate(der)) = leaf else {
+                    return Ok(());
+                };
+                broker
+                    .leaf_authority_problem(&der, SystemTime::now())
+                    .map_err(|why| {
+                        tracing::info!(reason = %why, "request refused: the client certificate is no longer trusted");
+                        crate::http_reply::early_refusal(BrokerError::Unauthenticated(format!(
+                            "the client certificate of this connection is no longer trusted: {why}; connect again with a current SVID"
+                        )))
+                    })
+            },
+        )
+        .untuple_one()
 }
 
 /// The node, task, audit and revocation-feed routes of the HTTPS port.

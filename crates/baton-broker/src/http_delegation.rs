@@ -253,15 +253,20 @@ pub fn node_routes(
                 )
             },
         );
-    // The revocation feed for verifiers without Redis: any SVID of the
-    // trust domain may follow it (it names only revoked ids and expiries).
+    // The revocation feed for verifiers without Redis: any live SVID of
+    // the trust domain may follow it (it names only revoked ids and
+    // expiries); a revoked or blocked one is refused before any page is
+    // read, and each follower is rate limited (`feed`).
     let feed = warp::path!("v1" / "revocations" / "feed")
         .and(warp::get())
         .and(with(d.clone()))
-        .and(warp::ext::optional::<PeerIdentity>())
+        .and(live_tool_server_peer(d.clone(), "revocation feed requests"))
         .and(warp::query::<FeedQuery>())
         .and_then(
-            |d: Arc<Delegation>, id: Option<PeerIdentity>, q: FeedQuery| async move {
+            |d: Arc<Delegation>,
+             id: Option<PeerIdentity>,
+             _leaf: Option<PeerCertificate>,
+             q: FeedQuery| async move {
                 let result = match id.and_then(|p| p.0) {
                     Some(peer) if peer.is_member_of(d.trust_domain()) => {
                         let wait = std::time::Duration::from_millis(
@@ -367,24 +372,36 @@ const MAX_REPORT_BATCH: usize = 1000;
 
 /// One report or `{"reports": [...]}`; true for a single report.
 fn parse_reports(body: &Bytes) -> Result<(Vec<ToolCallReport>, bool), BrokerError> {
+    // Parsed within bounds: the list of reports stops at its cap, and each
+    // report's lists and maps at theirs, so no body (up to 4 MiB) becomes
+    // many times its size in memory before it is refused.
+    fn reports<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<ToolCallReport>, D::Error> {
+        baton_core::report_bounds::bounded::seq(d, MAX_REPORT_BATCH, "reports")
+    }
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Batch {
+        #[serde(deserialize_with = "reports")]
         reports: Vec<ToolCallReport>,
     }
-    if let Ok(b) = serde_json::from_slice::<Batch>(body) {
-        if b.reports.len() > MAX_REPORT_BATCH {
-            return Err(BrokerError::BadRequest {
+    if body.first() == Some(&b'{') && starts_as_batch(body) {
+        return serde_json::from_slice::<Batch>(body)
+            .map(|b| (b.reports, false))
+            .map_err(|e| BrokerError::BadRequest {
                 field: Some("reports"),
-                message: format!(
-                    "at most {MAX_REPORT_BATCH} reports per request, got {}",
-                    b.reports.len()
-                ),
+                message: format!("the batch of reports is not valid: {e}"),
             });
-        }
-        return Ok((b.reports, false));
     }
     parse_body::<ToolCallReport>(body).map(|r| (vec![r], true))
+}
+
+/// Whether a JSON object's first member is `reports` (a batch), so that a
+/// batch's refusal names what is wrong with it rather than being retried
+/// as a single report.
+fn starts_as_batch(body: &[u8]) -> bool {
+    let rest = body.get(1..).unwrap_or_default();
+    let rest = rest.trim_ascii_start();
+    rest.starts_with(b"\"reports\"")
 }
 
 #[derive(Deserialize)]

@@ -795,29 +795,46 @@ pub async fn run(
     let mut serving_chain = chain;
     let renewer = tokio::spawn(async move {
         let mut renew_at = tokio::time::Instant::now() + serving_ttl / 2;
+        // The bundle last put in force here. The CA's state is also looked
+        // at on a timer, not only when told of a change: a step another
+        // broker took can reach this broker's CA through a write of its
+        // own (a checkpoint of its signing marks) without being signalled
+        // as a change, and must still reach the listener, the verifier and
+        // the serving certificate.
+        let mut in_force: Option<String> = None;
+        // A renewal failed: the next try is at `renew_at`, not at the next
+        // look at the CA.
+        let mut failed = false;
         loop {
             let mut due = false;
             tokio::select! {
                 () = tokio::time::sleep_until(renew_at) => due = true,
                 r = changes.changed() => if r.is_err() { return },
+                () = tokio::time::sleep(CA_LOOK_EVERY) => {},
                 _ = renew_stop.wait_for(|s| *s) => return,
             }
             let ca = watch_broker.ca();
             let bundle = ca.bundle();
-            listener_bundles.set(td.clone(), bundle.x509_authorities.clone());
-            jwt_bundles.set(&bundle);
-            if let Some(path) = &bundle_file
-                && let Err(e) = std::fs::write(path, bundle.to_pem())
-            {
-                tracing::warn!(error = %e, path = %path.display(), "cannot rewrite bundle.pem");
+            // Both kinds of authority, and the sequence.
+            let whole = bundle.to_spiffe_json().to_string();
+            if in_force.as_deref() != Some(whole.as_str()) {
+                listener_bundles.set(td.clone(), bundle.x509_authorities.clone());
+                jwt_bundles.set(&bundle);
+                if let Some(path) = &bundle_file
+                    && let Err(e) = std::fs::write(path, bundle.to_pem())
+                {
+                    tracing::warn!(error = %e, path = %path.display(), "cannot rewrite bundle.pem");
+                }
+                in_force = Some(whole);
             }
             let signer = serving_chain.first().and_then(|leaf| Ca::signer_of(leaf));
             let tainted = ca.tainted_ids();
             let stale = signer.as_deref() != Some(ca.active_x509_id().as_str())
                 || signer.as_ref().is_some_and(|s| tainted.contains(s));
-            if !(due || stale) {
+            if !due && (failed || !stale) {
                 continue;
             }
+            failed = true;
             let now = SystemTime::now();
             match ca.broker_serving_identity(&dns, serving_ttl, now) {
                 Ok((chain, key)) => {
@@ -838,13 +855,20 @@ pub async fn run(
                         Ok(()) => {
                             serving_chain = chain;
                             renew_at = tokio::time::Instant::now() + serving_ttl / 2;
+                            failed = false;
                         }
                         Err(e) => {
                             tracing::error!(error = %e, "cannot install renewed serving certificate");
+                            renew_at = tokio::time::Instant::now() + RENEW_RETRY;
                         }
                     }
                 }
-                Err(e) => tracing::error!(error = %e, "cannot renew serving certificate"),
+                Err(e) => {
+                    // Tried again later, not at once: a renewal that cannot
+                    // succeed (no usable authority) must not spin.
+                    tracing::error!(error = %e, retry_in = ?RENEW_RETRY, "cannot renew serving certificate");
+                    renew_at = tokio::time::Instant::now() + RENEW_RETRY;
+                }
             }
         }
     });
@@ -1007,6 +1031,13 @@ pub async fn run(
 /// its listen address and a random part, fresh per start.
 /// How often a broker follows the other brokers' audit logs.
 const AUDIT_FOLLOW_EVERY: Duration = Duration::from_secs(30);
+
+/// How often the serving-certificate renewer looks at the CA's state
+/// (bundle, active authority) besides the changes it is told of.
+const CA_LOOK_EVERY: Duration = Duration::from_secs(2);
+
+/// How long after a failed serving-certificate renewal it is tried again.
+const RENEW_RETRY: Duration = Duration::from_secs(5);
 
 fn broker_instance_id(listen: SocketAddr) -> String {
     let mut rnd = [0u8; 6];

@@ -716,6 +716,14 @@ impl Ca {
                     slot.signed(s.signed_until);
                 }
                 if let Some(slot) = current.jwt.iter().find(|x| x.status.id == s.id) {
+                    // Tokens another broker signed are not in this
+                    // process's usage ledger: the stored watermark above
+                    // this broker's own stands for them, so that a key's
+                    // revocation still sees them in use.
+                    if s.signed_until > slot.current().signed_until {
+                        self.usage_ledger()
+                            .untracked(&s.id, s.signed_until.min(s.not_after));
+                    }
                     slot.signed(s.signed_until);
                 }
             }

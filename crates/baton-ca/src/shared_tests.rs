@@ -179,6 +179,37 @@ fn watermarks_of_every_broker_are_kept() {
     assert!(signed_until(&b) >= long_exp);
 }
 
+/// A JWT key is not revoked at one broker while a token another broker
+/// signed with it is live: the other's watermark, taken in by a refresh
+/// that found nothing else changed, stands for its tokens in the usage
+/// check. The control: once that token expired, the revoke goes through.
+#[test]
+fn a_jwt_key_another_broker_signed_with_is_in_use_at_this_one() {
+    init();
+    let store = Arc::new(LocalStore::default());
+    let a = Ca::load_or_create(cfg(&store), t0()).unwrap();
+    let b = Ca::load_or_create(cfg(&store), t0()).unwrap();
+    let k1 = a.jwt_key_id();
+    let w = b.trust_domain().id("/w").unwrap();
+    b.sign_jwt_svid(&w, &["aud".into()], Duration::from_secs(100), t0())
+        .unwrap();
+    b.checkpoint().unwrap();
+    // A takes in B's watermark: no step happened, so nothing "changed".
+    assert!(!a.refresh().unwrap());
+    let at = |s: u64| t0() + Duration::from_secs(s);
+    let k2 = a.prepare(&[AuthorityKind::Jwt], at(1)).unwrap()[0]
+        .authority
+        .id
+        .clone();
+    a.activate(Some(&k2), at(2)).unwrap();
+    a.taint(&k1, at(3)).unwrap();
+    match a.revoke(&k1, at(4)) {
+        Err(CaError::KeyInUse { .. }) => {}
+        other => panic!("B's JWT-SVID is live until t0+100: expected KeyInUse, got {other:?}"),
+    }
+    a.revoke(&k1, at(100)).unwrap();
+}
+
 #[test]
 fn a_step_the_store_refuses_changes_nothing() {
     init();

@@ -41,6 +41,32 @@ pub(crate) fn trusted_socket_path(socket: &Path, flag: &str) -> Result<()> {
     {
         return refuse("is a symbolic link; name the socket itself".into());
     }
+    // Every directory on the way that sits in a directory every user can
+    // write (`/tmp`) must be this user's or root's: another user could
+    // have made it (`/tmp/x/.baton-dev`, mode 0755, reached by the
+    // default relative path from a shell in /tmp/x) and served a socket
+    // in it.
+    if let Ok(abs) = std::fs::canonicalize(dir) {
+        use std::os::unix::fs::MetadataExt as _;
+        let me = std::fs::metadata("/proc/self").map(|p| p.uid()).ok();
+        let chain: Vec<&Path> = abs.ancestors().collect();
+        for pair in chain.windows(2) {
+            let [inner, outer] = pair else { continue };
+            let (Ok(o), Ok(i)) = (std::fs::metadata(outer), std::fs::metadata(inner)) else {
+                continue;
+            };
+            let open = o.permissions().mode() & 0o002 != 0;
+            let trusted = Some(i.uid()) == me || i.uid() == 0;
+            if open && !trusted {
+                return refuse(format!(
+                    "the directory {} is owned by uid {}, neither you nor root, and sits in {}, which every user can write, so anyone could have made it",
+                    inner.display(),
+                    i.uid(),
+                    outer.display()
+                ));
+            }
+        }
+    }
     if let Ok(m) = std::fs::symlink_metadata(dir) {
         if m.file_type().is_symlink() {
             return refuse(format!(
@@ -392,6 +418,29 @@ mod tests {
         assert!(e.contains("symbolic link"), "{e}");
 
         AdminClient::new(&real).unwrap();
+
+        // Another user's directory made in a directory every user can
+        // write, its own mode 0755, with a socket of that user: what the
+        // default relative path finds from a shell in it. Refused.
+        if root {
+            let theirs = shared.join("theirs");
+            std::fs::create_dir(&theirs).unwrap();
+            std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o755)).unwrap();
+            let dev = theirs.join(".baton-dev");
+            std::fs::create_dir(&dev).unwrap();
+            let sock = dev.join("admin.sock");
+            let _theirs = tokio::net::UnixListener::bind(&sock).unwrap();
+            for p in [&theirs, &dev, &sock] {
+                std::os::unix::fs::lchown(p, Some(65534), Some(65534)).unwrap();
+            }
+            let e = format!("{:#}", AdminClient::new(&sock).unwrap_err());
+            assert!(e.contains("anyone could have made it"), "{e}");
+            // Control: the same tree made by root is trusted.
+            for p in [&theirs, &dev, &sock] {
+                std::os::unix::fs::lchown(p, Some(0), Some(0)).unwrap();
+            }
+            AdminClient::new(&sock).unwrap();
+        }
     }
 
     /// An admin socket that answers one request with `status` and an

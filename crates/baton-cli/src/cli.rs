@@ -295,10 +295,11 @@ pub struct LimitArgs {
     /// A rate limit per caller, as NAME=COUNT/PERIOD (repeatable): COUNT at
     /// once, refilled at COUNT per PERIOD. NAME is attest (per IP),
     /// task-start, tool-call-reports, jwt-svid, secret-lease, delegate,
-    /// node-mint (a node's redeems and task renewals) or approvals (per
-    /// SPIFFE ID, else IP). Defaults: attest=30/1m, task-start=60/1m,
-    /// tool-call-reports=600/1m, jwt-svid=600/1m, secret-lease=120/1m,
-    /// delegate=3000/1m, node-mint=6000/1m, approvals=6000/1m.
+    /// node-mint (a node's redeems and task renewals), approvals or feed
+    /// (the revocation feed's pages) (per SPIFFE ID, else IP). Defaults:
+    /// attest=30/1m, task-start=60/1m, tool-call-reports=600/1m,
+    /// jwt-svid=600/1m, secret-lease=120/1m, delegate=3000/1m,
+    /// node-mint=6000/1m, approvals=6000/1m, feed=6000/1m.
     #[arg(long = "rate-limit", value_name = "NAME=COUNT/PERIOD")]
     pub rate_limits: Vec<String>,
     #[command(flatten)]

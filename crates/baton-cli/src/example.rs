@@ -283,14 +283,28 @@ async fn tool_server(
         .and(warp::body::content_length_limit(1 << 20))
         .and(warp::body::bytes())
         .and(warp::any().map(move || state.clone()))
-        .map(
+        .and_then(
             |name: String,
              auth: Option<String>,
              cert: Option<PeerCertificate>,
              traceparent: Option<String>,
              body: Bytes,
-             server: Arc<ToolServer>| {
-                server.handle(&name, auth, cert, traceparent, &body)
+             server: Arc<ToolServer>| async move {
+                // A call waits for its record to be spooled (fsync) and
+                // may wait for a held approval: off the async workers, so
+                // that a few slow calls do not stall the TLS handshakes,
+                // the report delivery and the revocation feed's follower.
+                let answer = tokio::task::spawn_blocking(move || {
+                    server.handle(&name, auth, cert, traceparent, &body)
+                })
+                .await
+                .unwrap_or_else(|e| {
+                    json_reply(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        &serde_json::json!({"error": format!("the call failed: {e}")}),
+                    )
+                });
+                Ok::<_, Infallible>(answer)
             },
         )
         .recover(|_r: warp::Rejection| async move {

@@ -287,6 +287,7 @@ pub struct ToolCallReport {
     pub tool: String,
     pub resource: String,
     pub risk: RiskTier,
+    #[serde(deserialize_with = "crate::report_bounds::bounded::scope_used")]
     pub scope_used: Vec<String>,
     /// Hex SHA-256 of the call's input and output.
     pub input_digest: String,
@@ -296,6 +297,7 @@ pub struct ToolCallReport {
     pub justification: Option<String>,
     /// `allow` or `deny`.
     pub decision: String,
+    #[serde(deserialize_with = "crate::report_bounds::bounded::policy_ids")]
     pub policy_ids: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -311,7 +313,11 @@ pub struct ToolCallReport {
     /// configuration names them (a gateway's `record-*`), already
     /// redacted: `header:x-request-id`, `input:/account`,
     /// `output:/status` -> the value (compact JSON, or the header's text).
-    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "std::collections::BTreeMap::is_empty",
+        deserialize_with = "crate::report_bounds::bounded::recorded"
+    )]
     pub recorded: std::collections::BTreeMap<String, String>,
     /// The W3C `traceparent` the call arrived with: the broker's record of
     /// it continues the caller's trace (an invalid one is ignored there).
@@ -350,7 +356,11 @@ pub struct ApprovalRequest {
     /// itself is bound by `input_digest`, which no human can read: without
     /// these, two held calls that differ only in their bodies (an amount,
     /// a recipient) look alike.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "crate::report_bounds::bounded::shown"
+    )]
     pub shown: BTreeMap<String, String>,
 }
 

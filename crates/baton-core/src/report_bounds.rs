@@ -168,3 +168,109 @@ mod tests {
         assert_eq!(r.check_bounds().unwrap_err().field, "recorded");
     }
 }
+
+/// Deserializers that stop at a report's bounds while parsing: a list or
+/// map past its bound is an error at its first extra entry, so a hostile
+/// body (a million empty strings in `scope_used`) never becomes a million
+/// values in memory before [`check`]'s refusal.
+pub mod bounded {
+    use std::collections::BTreeMap;
+    use std::fmt;
+    use std::marker::PhantomData;
+
+    use serde::de::{Deserialize, Deserializer, Error, MapAccess, SeqAccess, Visitor};
+
+    struct Seq<T> {
+        max: usize,
+        field: &'static str,
+        item: PhantomData<T>,
+    }
+
+    impl<'de, T: Deserialize<'de>> Visitor<'de> for Seq<T> {
+        type Value = Vec<T>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "{}: a list of at most {} entries", self.field, self.max)
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let mut items = Vec::new();
+            while let Some(item) = seq.next_element()? {
+                if items.len() == self.max {
+                    return Err(A::Error::custom(format!(
+                        "{}: more than {} entries",
+                        self.field, self.max
+                    )));
+                }
+                items.push(item);
+            }
+            Ok(items)
+        }
+    }
+
+    struct Map {
+        max: usize,
+        field: &'static str,
+    }
+
+    impl<'de> Visitor<'de> for Map {
+        type Value = BTreeMap<String, String>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(
+                f,
+                "{}: an object of at most {} fields",
+                self.field, self.max
+            )
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut fields = BTreeMap::new();
+            while let Some((k, v)) = map.next_entry::<String, String>()? {
+                if fields.len() == self.max {
+                    return Err(A::Error::custom(format!(
+                        "{}: more than {} fields",
+                        self.field, self.max
+                    )));
+                }
+                fields.insert(k, v);
+            }
+            Ok(fields)
+        }
+    }
+
+    /// A list of at most `max` entries, named `field` in the error.
+    pub fn seq<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+        d: D,
+        max: usize,
+        field: &'static str,
+    ) -> Result<Vec<T>, D::Error> {
+        d.deserialize_seq(Seq {
+            max,
+            field,
+            item: PhantomData,
+        })
+    }
+
+    pub fn scope_used<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+        seq(d, super::MAX_LIST, "scope_used")
+    }
+
+    pub fn policy_ids<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+        seq(d, super::MAX_LIST, "policy_ids")
+    }
+
+    pub fn recorded<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+        d.deserialize_map(Map {
+            max: super::MAX_RECORDED_FIELDS,
+            field: "recorded",
+        })
+    }
+
+    pub fn shown<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+        d.deserialize_map(Map {
+            max: super::MAX_RECORDED_FIELDS,
+            field: "shown",
+        })
+    }
+}

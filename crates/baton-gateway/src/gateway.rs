@@ -729,7 +729,15 @@ impl Gateway {
                 );
                 let output =
                     (!m.route.record.output.is_empty()).then_some(crate::mcp::Output::Unscanned);
-                return crate::mcp::relay(resp, headers, Some(call), started, output);
+                let standing = self.enforcer.verifier.standing(&delegation);
+                return crate::mcp::relay(
+                    resp,
+                    headers,
+                    Some(call),
+                    started,
+                    output,
+                    Some(standing),
+                );
             }
             Ok(resp) => match read_answer(resp, &self.bodies).await {
                 Err(AnswerRefused::Busy(upstream_status)) => {

@@ -971,7 +971,15 @@ impl Gateway {
         let mut headers = resp.headers().clone();
         strip_hop_by_hop(&mut headers);
         self.bind_session(&headers, d);
-        relay(resp, headers, call, started, record.map(Output::McpResult))
+        let standing = self.enforcer.verifier.standing(d);
+        relay(
+            resp,
+            headers,
+            call,
+            started,
+            record.map(Output::McpResult),
+            Some(standing),
+        )
     }
 }
 
@@ -1034,6 +1042,16 @@ fn output_fields(output: &Output, body: &[u8], sse: bool) -> BTreeMap<String, St
     }
 }
 
+/// How often a streaming answer checks again that its caller's token
+/// holds (see [`baton_verify::TokenVerifier::standing`]).
+const STANDING_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// Streams `resp` back chunk by chunk; when it ends, `call` (if any) is
 /// recorded with the SHA-256 of everything streamed (and the `output`
 /// fields its route names), or as failed if the upstream broke off or the
@@ -1044,6 +1062,7 @@ pub(crate) fn relay(
     call: Option<VerifiedCall>,
     started: Instant,
     output: Option<Output>,
+    standing: Option<baton_verify::Standing>,
 ) -> Response {
     let status = resp.status();
     let sse = crate::gateway::is_event_stream(&headers);
@@ -1056,6 +1075,11 @@ pub(crate) fn relay(
             Some(Output::McpResult(_)) => Some(Vec::new()),
             _ => None,
         };
+        // The caller's token is checked again while the answer flows: an
+        // event stream may outlive its expiry, its revocation or its
+        // task's end, and carries nothing more after them.
+        let mut recheck = tokio::time::interval(STANDING_CHECK_EVERY);
+        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let outcome = loop {
             // A caller gone is noticed while the upstream is silent too (an
             // idle event stream): otherwise this task and its upstream
@@ -1064,6 +1088,15 @@ pub(crate) fn relay(
                 biased;
                 () = tx.closed() => {
                     break Err("the caller went away before the answer ended".to_owned());
+                }
+                _ = recheck.tick(), if standing.is_some() => {
+                    if let Some(Err(e)) = standing.as_ref().map(|s| s.check(unix_now())) {
+                        let message = format!("the answer was cut off: the caller's credential no longer holds ({e})");
+                        tracing::info!(reason = %e, "stream closed: the caller's credential no longer holds");
+                        let _ = tx.send(Err(std::io::Error::other(message.clone()))).await;
+                        break Err(message);
+                    }
+                    continue;
                 }
                 next = resp.chunk() => next,
             };
@@ -1158,7 +1191,14 @@ mod tests {
             .await
             .unwrap();
         let headers = resp.headers().clone();
-        let answer = relay(resp, headers, None, Instant::now(), Some(Output::Unscanned));
+        let answer = relay(
+            resp,
+            headers,
+            None,
+            Instant::now(),
+            Some(Output::Unscanned),
+            None,
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(!upstream.is_finished(), "open while the caller holds it");
         drop(answer);

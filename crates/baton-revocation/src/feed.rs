@@ -79,6 +79,9 @@ struct State {
     revoked: HashMap<String, u64>,
     /// A resync against a present epoch has happened and still holds.
     synced: bool,
+    /// A resync has ever completed: `revoked` is a set Redis served, not
+    /// the empty one the follower started with.
+    ever_synced: bool,
     last_seen: u64,
     /// The last entry a publisher wrote (anything but a heartbeat of the
     /// revocation service), or the start of the feed.
@@ -150,6 +153,7 @@ impl RevocationFeed {
             state: RwLock::new(State {
                 revoked: HashMap::new(),
                 synced: false,
+                ever_synced: false,
                 last_seen: now,
                 last_publisher: now,
                 epoch: None,
@@ -223,15 +227,18 @@ impl baton_verify::RevocationFreshness for FeedHandle {
     }
 }
 
-/// Revoked, or unknown because the feed is stale (unless `allow_stale`):
-/// fail closed.
+/// Revoked, or unknown because the feed is stale: fail closed. With
+/// `allow_stale`, a stale feed answers from the last set Redis served, but
+/// only once there is one: a follower that never synced (started while
+/// Redis was unreachable) knows of no revocation at all, and refuses.
 impl RevocationCheck for FeedHandle {
     fn is_revoked(&self, jti: &str, task: &TaskId) -> bool {
         let now = (self.shared.clock)();
         if crate::is_denied(|id| self.contains(id, now), jti, task) {
             return true;
         }
-        !self.shared.allow_stale && self.status(now) != FeedStatus::Fresh
+        let answers_stale = self.shared.allow_stale && self.shared.read().ever_synced;
+        !answers_stale && self.status(now) != FeedStatus::Fresh
     }
 }
 
@@ -419,6 +426,7 @@ impl Follower {
         let mut s = self.shared.write();
         s.revoked = entries.into_iter().collect();
         s.synced = true;
+        s.ever_synced = true;
         s.last_seen = now;
         s.epoch = Some(epoch);
         s.resyncs += 1;

@@ -181,6 +181,17 @@ async fn stale_when_redis_dies_fresh_after_it_returns_and_is_reseeded() {
     eventually("r1 revoked", 10, || feed.contains("r1", system_now())).await;
     let t = task(1);
     assert!(!RevocationCheck::is_revoked(&feed, "innocent", &t));
+    // A lenient follower (`allow_stale`, for reads) that synced before
+    // Redis died.
+    let lenient = FeedOptions {
+        allow_stale: true,
+        ..opts()
+    };
+    let read_only = RevocationFeed::spawn(&srv.url(), "bt", lenient.clone()).unwrap();
+    eventually("the lenient follower synced", 10, || {
+        read_only.contains("r1", system_now())
+    })
+    .await;
 
     srv.stop();
     eventually("stale without heartbeats", 10, || {
@@ -189,12 +200,14 @@ async fn stale_when_redis_dies_fresh_after_it_returns_and_is_reseeded() {
     .await;
     // Fail closed: everything is revoked while stale.
     assert!(RevocationCheck::is_revoked(&feed, "innocent", &t));
-    let lenient = FeedOptions {
-        allow_stale: true,
-        ..opts()
-    };
-    let read_only = RevocationFeed::spawn(&srv.url(), "bt", lenient).unwrap();
+    // The lenient follower answers from the set it holds: what it knows
+    // revoked stays refused, the rest passes.
     assert!(!RevocationCheck::is_revoked(&read_only, "innocent", &t));
+    assert!(RevocationCheck::is_revoked(&read_only, "r1", &t));
+    // One started while Redis is down holds no set at all: it knows of no
+    // revocation, so it refuses everything until it has synced once.
+    let never_synced = RevocationFeed::spawn(&srv.url(), "bt", lenient).unwrap();
+    assert!(RevocationCheck::is_revoked(&never_synced, "innocent", &t));
 
     // Back, but empty (no persistence): still stale until re-seeded, even
     // though heartbeats flow again.

@@ -226,6 +226,16 @@ where
                     return;
                 }
             };
+            // The connection is closed when its client certificate expires:
+            // what the handshake verified holds no longer after that.
+            let peer_expires = leaf
+                .and_then(crate::svid::not_after_of_verified_leaf)
+                .map(|at| {
+                    Instant::now()
+                        + at
+                            .duration_since(std::time::SystemTime::now())
+                            .unwrap_or_default()
+                });
             tracing::debug!(peer = %addr, spiffe_id = ?peer.0, "TLS connection accepted");
             let insert = move |ext: &mut Extensions| {
                 ext.insert(peer.clone());
@@ -234,7 +244,15 @@ where
                 }
                 ext.insert(RemoteAddr(addr));
             };
-            serve_connection(TokioIo::new(tls), filter, insert, limits, stopping).await;
+            serve_connection(
+                TokioIo::new(tls),
+                filter,
+                insert,
+                limits,
+                peer_expires,
+                stopping,
+            )
+            .await;
         });
     }
     drop(listener);
@@ -319,7 +337,7 @@ where
             let insert = move |ext: &mut Extensions| {
                 ext.insert(peer);
             };
-            serve_connection(TokioIo::new(stream), filter, insert, limits, stopping).await;
+            serve_connection(TokioIo::new(stream), filter, insert, limits, None, stopping).await;
         });
     }
     drop(listener);
@@ -422,6 +440,7 @@ async fn serve_connection<I, F, X>(
     filter: F,
     insert: X,
     limits: ServeLimits,
+    peer_expires: Option<Instant>,
     mut stopping: watch::Receiver<bool>,
 ) where
     I: Read + Write + Unpin + Send + 'static,
@@ -436,9 +455,17 @@ async fn serve_connection<I, F, X>(
         hyper::service::service_fn(move |mut req: Request<Incoming>| {
             insert(req.extensions_mut());
             let in_flight = activity.begin();
+            let expired = peer_expires.is_some_and(|at| Instant::now() >= at);
             let call = hyper::service::Service::call(&svc, req);
             let activity = activity.clone();
             async move {
+                if expired {
+                    // Not handed to the routes: the identity they would
+                    // read is no longer valid.
+                    activity.close.store(true, Ordering::SeqCst);
+                    drop(in_flight);
+                    return Ok(expired_response());
+                }
                 let Some(limit) = limits.request_timeout else {
                     let answer = call.await;
                     drop(in_flight);
@@ -490,6 +517,10 @@ async fn serve_connection<I, F, X>(
                 }
                 CLOSE_GRACE
             }
+            () = sleep_until_some(peer_expires), if closing.is_none() => {
+                tracing::debug!("client certificate expired; closing its connection");
+                CLOSE_GRACE
+            }
             () = tokio::time::sleep_until(wake) => {
                 if closing.is_some() {
                     tracing::debug!("connection did not close in time; dropped");
@@ -507,6 +538,29 @@ async fn serve_connection<I, F, X>(
         conn.as_mut().graceful_shutdown();
         closing = Some(Instant::now() + close_after);
     }
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The answer to a request on a connection whose client certificate has
+/// expired since its handshake.
+fn expired_response() -> warp::reply::Response {
+    let body: std::collections::BTreeMap<&str, &str> = [
+        ("code", "unauthenticated"),
+        (
+            "message",
+            "the client certificate of this connection has expired; connect again with a current SVID",
+        ),
+    ]
+    .into();
+    warp::reply::with_status(warp::reply::json(&body), http::StatusCode::UNAUTHORIZED)
+        .into_response()
 }
 
 /// Forgets finished connection tasks so the set does not grow forever.

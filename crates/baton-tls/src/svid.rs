@@ -1,3 +1,5 @@
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
 use baton_core::{SpiffeId, TrustDomain};
 use rustls_pki_types::{CertificateDer, UnixTime};
 use x509_parser::extensions::GeneralName;
@@ -227,6 +229,12 @@ fn spiffe_id_of(cert: &X509Certificate<'_>) -> Result<SpiffeId, SvidError> {
 }
 
 /// The SPIFFE ID of a leaf that a verifier of this crate already accepted.
+/// When a verified leaf stops being valid (its notAfter).
+pub(crate) fn not_after_of_verified_leaf(end_entity: &CertificateDer<'_>) -> Option<SystemTime> {
+    let secs = parse(end_entity).ok()?.validity().not_after.timestamp();
+    Some(UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).ok()?))
+}
+
 pub(crate) fn spiffe_id_of_verified_leaf(
     end_entity: &CertificateDer<'_>,
 ) -> Result<SpiffeId, SvidError> {

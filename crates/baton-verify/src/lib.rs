@@ -65,5 +65,5 @@ pub use report::{
 pub use tls::tool_server_config;
 pub use token::{
     CacheStats, DEFAULT_CACHE_CAPACITY, IAT_SKEW_SECS, MAX_TOKEN_LEN, NoRevocation, PeerCert,
-    RevocationCheck, TokenVerifier, VerifiedDelegation,
+    RevocationCheck, Standing, TokenVerifier, VerifiedDelegation,
 };

@@ -383,6 +383,20 @@ impl TokenVerifier {
         })
     }
 
+    /// What an answer still streaming to the holder of `d` (an event
+    /// stream, a long body) checks while it flows: the token's expiry,
+    /// its key still published, and no revocation of its chain, its task
+    /// or the certificate it arrived with. A call is verified once, when
+    /// it arrives; a stream outlives that moment.
+    pub fn standing(&self, d: &VerifiedDelegation) -> Standing {
+        Standing {
+            verified: d.inner.clone(),
+            peer_serial: d.peer_serial.clone(),
+            bundles: self.bundles.clone(),
+            revocation: self.revocation.clone(),
+        }
+    }
+
     fn check_per_call(&self, v: &Verified, peer: &PeerCert, now: u64) -> Result<(), TokenError> {
         let c = &v.claims;
         check_times(c, now)?;
@@ -509,6 +523,66 @@ fn cache_key(token: &str) -> Key {
     let mut key = [0u8; 32];
     key.copy_from_slice(d.as_ref());
     key
+}
+
+/// A verified call's token, checked again while its answer streams (see
+/// [`TokenVerifier::standing`]).
+pub struct Standing {
+    verified: Arc<Verified>,
+    peer_serial: String,
+    bundles: JwtBundles,
+    revocation: Arc<dyn RevocationCheck>,
+}
+
+impl fmt::Debug for Standing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Standing")
+            .field("jti", &self.verified.claims.jti)
+            .field("peer_serial", &self.peer_serial)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Standing {
+    /// `Ok` while the token still holds at `now`.
+    pub fn check(&self, now: u64) -> Result<(), TokenError> {
+        let v = &self.verified;
+        let c = &v.claims;
+        check_times(c, now)?;
+        match self.bundles.key(&v.trust_domain, &v.key.kid) {
+            Some(Some(k)) if Arc::ptr_eq(&k, &v.key) || k.key.as_ref() == v.key.key.as_ref() => {}
+            None => return Err(TokenError::NoBundle(v.trust_domain.clone())),
+            Some(_) => {
+                return Err(TokenError::UnknownKid {
+                    kid: v.key.kid.clone(),
+                    trust_domain: v.trust_domain.clone(),
+                });
+            }
+        }
+        let mut actor = Some(&c.act);
+        while let Some(a) = actor {
+            if self.revocation.is_revoked(&a.jti, &c.task.id) {
+                return Err(TokenError::Revoked {
+                    jti: a.jti.clone(),
+                    task: c.task.id.clone(),
+                });
+            }
+            actor = a.act.as_deref();
+        }
+        if self.peer_serial.is_empty() || self.revocation.is_revoked(&self.peer_serial, &c.task.id)
+        {
+            return Err(TokenError::CertificateRevoked {
+                serial: self.peer_serial.clone(),
+                task: c.task.id.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// When the token expires (unix seconds).
+    pub fn expires_at(&self) -> u64 {
+        self.verified.claims.exp
+    }
 }
 
 fn check_times(c: &DelegationClaims, now: u64) -> Result<(), TokenError> {
