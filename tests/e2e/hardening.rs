@@ -667,6 +667,19 @@ fn tool_call_reports_only_from_the_tokens_tool_servers() {
         body["message"].as_str().unwrap().contains("audience"),
         "{body}"
     );
+    // It learns nothing of the token it names: a report of that jti under
+    // another task is refused as not entitled too, without naming the
+    // token's task (or its audiences).
+    let (other_task, _) = w.start_task(FULL, "1", "10m", "read");
+    let (status, body) = post(
+        &w,
+        &researcher,
+        "/v1/audit/tool-calls",
+        &report(&other_task, &rjti, RESEARCHER, "allow"),
+    );
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["code"], "not_entitled", "{body}");
+    assert!(!body.to_string().contains(&task), "{body}");
     // A batch gets per-report refusals and no receipt.
     let (status, body) = post(
         &w,

@@ -454,8 +454,14 @@ fn bad_operator_input_is_refused_clearly_and_changes_nothing() {
     let before = c.cli_json(&["node", "list"]);
     assert_eq!(before["nodes"].as_array().unwrap().len(), 1, "{before}");
 
-    let err = refused(&c, &["node", "evict", "spiffe://example.org/nope"]);
+    let err = refused(
+        &c,
+        &["node", "evict", "spiffe://example.org/baton/node/nope"],
+    );
     assert!(err.contains("no attested node"), "{err}");
+    // An agent's ID names no node: refused before anything is looked up.
+    let err = refused(&c, &["node", "evict", "spiffe://example.org/nope"]);
+    assert!(err.contains("names no node"), "{err}");
     let err = refused(&c, &["node", "ban", "not a spiffe id"]);
     assert!(err.contains("<NODE_ID>"), "{err}");
     let err = refused(&c, &["node", "show", "spiffe://other.org/baton/node/x"]);

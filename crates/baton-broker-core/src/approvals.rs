@@ -106,6 +106,18 @@ impl Delegation {
                 format!("token {} was never minted by this broker", req.token_jti),
             ));
         };
+        // Entitlement first: a server that does not serve the token's
+        // audience learns nothing of it (its task, holder, audiences,
+        // expiry or revocation) from the refusals below.
+        if !self.serves_audience(server, &token.aud) {
+            return Err(refuse(
+                "not_entitled",
+                format!(
+                    "{server} is not a tool server of token {}'s audience",
+                    req.token_jti
+                ),
+            ));
+        }
         if token.task_id != req.task_id || token.spiffe_id != req.agent {
             return Err(refuse(
                 "not_entitled",
@@ -128,16 +140,6 @@ impl Delegation {
             return Err(refuse(
                 "revoked",
                 format!("token {} is revoked", req.token_jti),
-            ));
-        }
-        if !self.serves_audience(server, &token.aud) {
-            return Err(refuse(
-                "not_entitled",
-                format!(
-                    "{server} is not a tool server of token {}'s audience ({})",
-                    req.token_jti,
-                    token.aud.join(", ")
-                ),
             ));
         }
         let bind = binding(req, server, task.purpose_epoch);

@@ -559,7 +559,7 @@ impl Delegation {
         ev.actor = Some(peer.spiffe_id().clone());
         ev.target = Some(req.target.clone());
         ev.purpose = Some(req.purpose.clone());
-        ev.scope = Some(req.scope.clone());
+        ev.scope = Some(req.scope.first(MAX_REFUSED_PERMISSIONS));
         ev.depth = Some(new_depth);
         ev.parent_jti = Some(claims.jti.clone());
         // A refusal records at most the start of what the caller wrote
@@ -615,6 +615,8 @@ impl Delegation {
         ev.kind = EventKind::HopGranted;
         ev.decision = Some("granted".into());
         ev.justification = Some(req.justification.clone());
+        // Granted: within the holder's scope, recorded whole.
+        ev.scope = Some(req.scope.clone());
         let exp_cap = claims.exp.min(task.expires_at);
         let record = GrantRecord {
             task_id: task.id.clone(),
@@ -787,7 +789,7 @@ impl Delegation {
         ev.actor = Some(peer.spiffe_id().clone());
         ev.target = Some(req.target.clone());
         ev.purpose = Some(req.purpose.clone());
-        ev.scope = Some(req.scope.clone());
+        ev.scope = Some(req.scope.first(MAX_REFUSED_PERMISSIONS));
         ev.justification = Some(truncated(&req.justification, MAX_REFUSED_TEXT));
         ev.decision = Some("refused".into());
         ev.reason = Some(format!(
@@ -864,7 +866,7 @@ impl Delegation {
                 "scope_widened",
                 format!(
                     "requested scope is not a subset of the holder's: {} not held",
-                    extra.join(", ")
+                    truncated(&extra.join(", "), MAX_REFUSED_TEXT)
                 ),
             ));
         }
@@ -1856,22 +1858,24 @@ impl Delegation {
                 ),
             ));
         };
+        // Entitlement first: a reporter that does not serve the token's
+        // audience learns nothing of it (its task, audiences or holder)
+        // from the refusals below.
+        if !self.serves_audience(reporter, &token.aud) {
+            return Err(refuse(
+                "not_entitled",
+                format!(
+                    "{reporter} is not a tool server of token {}'s audience; only those may report its calls",
+                    r.token_jti
+                ),
+            ));
+        }
         if token.task_id != r.task_id {
             return Err(refuse(
                 "report_refused",
                 format!(
                     "report {} names task {}, but token {} belongs to task {}",
                     r.report_id, r.task_id, r.token_jti, token.task_id
-                ),
-            ));
-        }
-        if !self.serves_audience(reporter, &token.aud) {
-            return Err(refuse(
-                "not_entitled",
-                format!(
-                    "{reporter} is not a tool server of token {}'s audience ({}); only those may report its calls",
-                    r.token_jti,
-                    token.aud.join(", ")
                 ),
             ));
         }
@@ -2198,6 +2202,11 @@ fn audience_problem(audience: &[String]) -> Option<String> {
 
 /// Longest caller-chosen text a refusal records.
 const MAX_REFUSED_TEXT: usize = 512;
+
+/// Most permissions of a refused hop's requested scope its record keeps
+/// (a granted one is within the holder's scope, and kept whole): a caller
+/// cannot copy a 64 KiB scope into a task's trace with each refusal.
+const MAX_REFUSED_PERMISSIONS: usize = 64;
 
 /// `text` cut to at most `max` bytes (on a character boundary), marked
 /// when cut.

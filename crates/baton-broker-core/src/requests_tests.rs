@@ -919,6 +919,12 @@ fn a_hop_cannot_write_terminal_escapes_or_a_long_text_into_the_trace() {
     let long = "j".repeat(60_000);
     let e = ask(&["crm"], &["tool:crm.export:read"], &long).unwrap_err();
     assert_eq!(e.code(), "scope_widened", "{e}");
+    // A refused hop keeps at most 64 permissions of the scope it asked
+    // for: 300 of them are not copied into the trace with each refusal.
+    let wide: Vec<String> = (0..300).map(|i| format!("tool:crm.p{i:03}:read")).collect();
+    let wide: Vec<&str> = wide.iter().map(String::as_str).collect();
+    let e = ask(&["crm"], &wide, "look").unwrap_err();
+    assert_eq!(e.code(), "scope_widened", "{e}");
     let kept = "k".repeat(2_000);
     ask(&["crm"], &["tool:crm.search:read"], &kept).unwrap();
     // A task's audience is held to the same bounds at its start.
@@ -961,6 +967,11 @@ fn a_hop_cannot_write_terminal_escapes_or_a_long_text_into_the_trace() {
     );
     assert!(json.contains(&"j".repeat(500)), "{json}");
     assert!(json.contains(&kept), "a granted hop lost its justification");
+    assert!(json.contains("tool:crm.p063:read"), "{json}");
+    assert!(
+        !json.contains("tool:crm.p064:read"),
+        "a refused hop kept its whole scope"
+    );
 }
 
 /// An approval is bound to the credential it was asked with and to the

@@ -173,6 +173,12 @@ impl Scope {
         self.0.iter()
     }
 
+    /// The first `n` permissions (in order), for a record that keeps at
+    /// most that many of a scope a caller asked for.
+    pub fn first(&self, n: usize) -> Scope {
+        Scope(self.0.iter().take(n.max(1)).cloned().collect())
+    }
+
     /// True when every permission of `self` is covered by `other`.
     pub fn is_subset_of(&self, other: &Scope) -> bool {
         self.0.iter().all(|p| other.0.iter().any(|q| q.covers(p)))

@@ -226,8 +226,12 @@ where
                     return;
                 }
             };
-            // The connection is closed when its client certificate expires:
-            // what the handshake verified holds no longer after that.
+            // What the handshake verified holds no longer once the client
+            // certificate expires: a request after that is refused, and the
+            // connection is closed a little before (a tenth of the time
+            // left, at most 30 s), so that a client that renewed its
+            // certificate meanwhile sends its next request on a new
+            // connection instead of being refused on this one.
             let peer_expires = leaf
                 .and_then(crate::svid::not_after_of_verified_leaf)
                 .map(|at| {
@@ -497,6 +501,11 @@ async fn serve_connection<I, F, X>(
         .max_concurrent_streams(MAX_H2_STREAMS);
     let conn = builder.serve_connection_with_upgrades(io, svc);
     let mut conn = std::pin::pin!(conn);
+    let close_before = peer_expires.map(|at| {
+        let now = Instant::now();
+        let early = (at.saturating_duration_since(now) / 10).min(EXPIRY_CLOSE_EARLY);
+        at.checked_sub(early).unwrap_or(at)
+    });
     // Set once the connection was asked to close: the time it must be
     // gone by, whatever the client does.
     let mut closing: Option<Instant> = None;
@@ -517,8 +526,8 @@ async fn serve_connection<I, F, X>(
                 }
                 CLOSE_GRACE
             }
-            () = sleep_until_some(peer_expires), if closing.is_none() => {
-                tracing::debug!("client certificate expired; closing its connection");
+            () = sleep_until_some(close_before), if closing.is_none() => {
+                tracing::debug!("client certificate about to expire; closing its connection");
                 CLOSE_GRACE
             }
             () = tokio::time::sleep_until(wake) => {
@@ -539,6 +548,9 @@ async fn serve_connection<I, F, X>(
         closing = Some(Instant::now() + close_after);
     }
 }
+
+/// Longest a connection is closed before its client certificate expires.
+const EXPIRY_CLOSE_EARLY: Duration = Duration::from_secs(30);
 
 /// Sleeps until `at`, or forever without one.
 async fn sleep_until_some(at: Option<Instant>) {
