@@ -400,16 +400,7 @@ impl TokenVerifier {
     fn check_per_call(&self, v: &Verified, peer: &PeerCert, now: u64) -> Result<(), TokenError> {
         let c = &v.claims;
         check_times(c, now)?;
-        match self.bundles.key(&v.trust_domain, &v.key.kid) {
-            None => return Err(TokenError::NoBundle(v.trust_domain.clone())),
-            Some(Some(k)) if Arc::ptr_eq(&k, &v.key) || k.key.as_ref() == v.key.key.as_ref() => {}
-            Some(_) => {
-                return Err(TokenError::UnknownKid {
-                    kid: v.key.kid.clone(),
-                    trust_domain: v.trust_domain.clone(),
-                });
-            }
-        }
+        check_key_published(&self.bundles, v)?;
         if c.cnf.x5t_s256 != peer.thumbprint {
             return Err(TokenError::CertificateMismatch);
         }
@@ -419,26 +410,7 @@ impl TokenVerifier {
                 peer: peer.spiffe_id.clone(),
             });
         }
-        let mut actor = Some(&c.act);
-        while let Some(a) = actor {
-            if self.revocation.is_revoked(&a.jti, &c.task.id) {
-                return Err(TokenError::Revoked {
-                    jti: a.jti.clone(),
-                    task: c.task.id.clone(),
-                });
-            }
-            actor = a.act.as_deref();
-        }
-        // The certificate, apart from its token (fail closed on a peer
-        // without a serial). Every verifier checks it, whether or not its
-        // server also gave a `ToolGate` the revocation check.
-        if peer.serial_hex.is_empty() || self.revocation.is_revoked(&peer.serial_hex, &c.task.id) {
-            return Err(TokenError::CertificateRevoked {
-                serial: peer.serial_hex.clone(),
-                task: c.task.id.clone(),
-            });
-        }
-        Ok(())
+        check_not_revoked(self.revocation.as_ref(), c, &peer.serial_hex)
     }
 
     fn verify_fresh(&self, token: &str, hash: &Key, now: u64) -> Result<Verified, TokenError> {
@@ -547,42 +519,57 @@ impl Standing {
     /// `Ok` while the token still holds at `now`.
     pub fn check(&self, now: u64) -> Result<(), TokenError> {
         let v = &self.verified;
-        let c = &v.claims;
-        check_times(c, now)?;
-        match self.bundles.key(&v.trust_domain, &v.key.kid) {
-            Some(Some(k)) if Arc::ptr_eq(&k, &v.key) || k.key.as_ref() == v.key.key.as_ref() => {}
-            None => return Err(TokenError::NoBundle(v.trust_domain.clone())),
-            Some(_) => {
-                return Err(TokenError::UnknownKid {
-                    kid: v.key.kid.clone(),
-                    trust_domain: v.trust_domain.clone(),
-                });
-            }
-        }
-        let mut actor = Some(&c.act);
-        while let Some(a) = actor {
-            if self.revocation.is_revoked(&a.jti, &c.task.id) {
-                return Err(TokenError::Revoked {
-                    jti: a.jti.clone(),
-                    task: c.task.id.clone(),
-                });
-            }
-            actor = a.act.as_deref();
-        }
-        if self.peer_serial.is_empty() || self.revocation.is_revoked(&self.peer_serial, &c.task.id)
-        {
-            return Err(TokenError::CertificateRevoked {
-                serial: self.peer_serial.clone(),
-                task: c.task.id.clone(),
-            });
-        }
-        Ok(())
+        check_times(&v.claims, now)?;
+        check_key_published(&self.bundles, v)?;
+        check_not_revoked(self.revocation.as_ref(), &v.claims, &self.peer_serial)
     }
 
     /// When the token expires (unix seconds).
     pub fn expires_at(&self) -> u64 {
         self.verified.claims.exp
     }
+}
+
+/// The key that signed `v` is still published in its trust domain's
+/// bundle: dropping a key refuses its tokens at once, cached ones too.
+fn check_key_published(bundles: &JwtBundles, v: &Verified) -> Result<(), TokenError> {
+    match bundles.key(&v.trust_domain, &v.key.kid) {
+        None => Err(TokenError::NoBundle(v.trust_domain.clone())),
+        Some(Some(k)) if Arc::ptr_eq(&k, &v.key) || k.key.as_ref() == v.key.key.as_ref() => Ok(()),
+        Some(_) => Err(TokenError::UnknownKid {
+            kid: v.key.kid.clone(),
+            trust_domain: v.trust_domain.clone(),
+        }),
+    }
+}
+
+/// No link of the chain (by `jti`), nor the task, nor the certificate the
+/// call came with (`serial`) is revoked. The certificate is checked apart
+/// from its token, failing closed on a peer without a serial: every
+/// verifier checks it, whether or not its server also gave a `ToolGate`
+/// the revocation check.
+fn check_not_revoked(
+    revocation: &dyn RevocationCheck,
+    c: &DelegationClaims,
+    serial: &str,
+) -> Result<(), TokenError> {
+    let mut actor = Some(&c.act);
+    while let Some(a) = actor {
+        if revocation.is_revoked(&a.jti, &c.task.id) {
+            return Err(TokenError::Revoked {
+                jti: a.jti.clone(),
+                task: c.task.id.clone(),
+            });
+        }
+        actor = a.act.as_deref();
+    }
+    if serial.is_empty() || revocation.is_revoked(serial, &c.task.id) {
+        return Err(TokenError::CertificateRevoked {
+            serial: serial.to_owned(),
+            task: c.task.id.clone(),
+        });
+    }
+    Ok(())
 }
 
 fn check_times(c: &DelegationClaims, now: u64) -> Result<(), TokenError> {
