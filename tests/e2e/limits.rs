@@ -451,6 +451,99 @@ fn hops_are_rate_limited_per_agent() {
     assert_eq!(status, 200, "{body}");
 }
 
+/// A node's X509-SVID signing is limited per node and counted in
+/// certificates: a stolen agent SVID cannot make the broker sign (and
+/// register) batch after batch. A batch that does not fit is refused whole,
+/// and agent-SVID renewal spends the same budget. The controls: a small
+/// batch signed first, and the node's other routes still answered once the
+/// budget is spent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x509_svid_signing_is_rate_limited_per_node_in_certificates() {
+    let mut c = Cluster::start_with_broker_args(
+        Options::default(),
+        vec!["--rate-limit".into(), "x509-svid=1000/1h".into()],
+    );
+    let mine = c.register("/mine", &[]);
+    // The node daemon signs what it needs from the same budget; stopped,
+    // it spends no more of it.
+    c.agent.as_mut().unwrap().stop();
+    let node = client(&c, node_identity(&c));
+    let id = SpiffeId::parse("spiffe://example.org/mine").unwrap();
+    let key = baton_ca::WorkloadKey::generate().unwrap();
+    let item = baton_core::api::SignX509Item {
+        entry_id: baton_core::EntryId::parse(mine["id"].as_str().unwrap()).unwrap(),
+        csr_der: key.csr_der(&id).unwrap(),
+    };
+    let sign = |n: usize| {
+        let body = serde_json::to_value(baton_core::api::SignX509Request {
+            items: vec![item.clone(); n],
+        })
+        .unwrap();
+        let node = node.clone();
+        let url = url(&c, "/v1/node/sign-x509");
+        async move { post_json(&node, url, &body).await }
+    };
+
+    // Control: a batch within the budget is signed.
+    let (status, _, body) = sign(2).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["svids"].as_array().unwrap().len(), 2, "{body}");
+    // A full batch no longer fits: refused whole, naming the limit.
+    let (status, headers, body) = sign(1000).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["code"], "rate_limited", "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("rate limit x509-svid (1000/1h per caller)"),
+        "{body}"
+    );
+    assert!(headers.contains_key("retry-after"), "{headers:?}");
+    // Spending the rest, in smaller and smaller batches, never signs more
+    // than the budget.
+    let mut signed = 2;
+    for size in [512, 256, 128, 64, 32, 16, 8, 4, 2, 1] {
+        loop {
+            let (status, _, body) = sign(size).await;
+            if status != 200 {
+                assert_eq!(status, 429, "{body}");
+                break;
+            }
+            signed += body["svids"].as_array().unwrap().len();
+        }
+    }
+    assert!(
+        signed <= 1000,
+        "{signed} certificates signed on a budget of 1000"
+    );
+    assert!(
+        signed > 900,
+        "only {signed} signed: the budget was spent elsewhere"
+    );
+    // Renewing the agent SVID spends the same budget.
+    let renew = baton_core::api::RenewRequest {
+        csr_der: baton_ca::WorkloadKey::generate()
+            .unwrap()
+            .csr_der(&SpiffeId::parse(&c.node_id).unwrap())
+            .unwrap(),
+    };
+    let (status, _, body) = post_json(
+        &node,
+        url(&c, "/v1/node/renew"),
+        &serde_json::to_value(renew).unwrap(),
+    )
+    .await;
+    assert_eq!(status, 429, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("x509-svid"),
+        "{body}"
+    );
+    // Control: the node is otherwise served.
+    let resp = node.get(url(&c, "/v1/node/sync")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
 /// A node's redeems are limited per node: a workload replaying a spent
 /// grant through its node daemon (each refusal an audit event) is cut off
 /// by the limit before the broker writes more of them. The control: the
@@ -504,6 +597,7 @@ fn bad_limit_flags_are_refused_at_start() {
     for (args, want) in [
         (&["--rate-limit", "tasks=2/1h"][..], "task-start"),
         (&["--rate-limit", "task-start=0/1h"][..], "COUNT"),
+        (&["--rate-limit", "x509-svid=10/1m"][..], "at least 1000"),
         (&["--max-connections", "0"][..], "--max-connections"),
         (&["--idle-timeout", "0s"][..], "--idle-timeout"),
     ] {

@@ -230,3 +230,93 @@ fn a_cedar_permit_with_approval_holds_the_calls_it_allows() {
     assert!(trace.contains("writes.vip-needs-a-human"), "{trace}");
     assert!(trace.contains("approval requested: crm.update"), "{trace}");
 }
+
+/// Routes and policies are reloaded together or not at all: an operator
+/// who moves an approval requirement from a Cedar permit into a route (or
+/// back) with a change SIGHUP cannot apply, or with a policy set that does
+/// not load, is left with the pair in force, never with the new routes
+/// under the old policies (or the reverse), which would let the call
+/// through unapproved. The control: a reload that loads whole applies both,
+/// and the call is still held, now by its route.
+#[test]
+fn routes_and_policies_are_reloaded_together_so_an_approval_never_falls_between_them() {
+    let g = Gw::start_with(|w| {
+        let dir = policies_with_approval(w);
+        (
+            format!("policies = \"{}\"\n{VIP_ROUTES}", dir.display()),
+            Vec::new(),
+        )
+    });
+    let (_task, cred) = writer(&g.w);
+    let before = g.upstream_count();
+    let dir = g.w.c.path("gw-policies");
+    let file = g.w.c.path("gateway.toml");
+    let by_policy = std::fs::read_to_string(&file).unwrap();
+    let approvals = std::fs::read_to_string(dir.join("approvals.cedar")).unwrap();
+    let plain_permit = approvals.replace("@approval(\"changes to VIP accounts\")\n", "");
+    assert_ne!(plain_permit, approvals);
+    const VIP: &str =
+        "resource = \"dataset:vip\"\npermission = \"tool:crm.update:write\"\ntier = \"write\"";
+    assert!(by_policy.contains(VIP), "{by_policy}");
+    let by_route = by_policy.replace(VIP, &format!("{VIP}\napproval = true"));
+    let hup = || {
+        let pid = g.gateway.child.id().to_string();
+        assert!(
+            std::process::Command::new("kill")
+                .args(["-HUP", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    let logged = |what: &str| g.gateway.log_text().matches(what).count();
+    let held = |case: u32| {
+        pending_id(&put(
+            &g,
+            &cred,
+            &format!("/crm/vip/{case}"),
+            r#"{"status":"closed"}"#,
+        ))
+    };
+    held(1);
+
+    // Into the route, with a change that takes a restart: the file is
+    // refused, and the policies read with it are not applied either.
+    let refused = logged("it takes a restart");
+    std::fs::write(dir.join("approvals.cedar"), &plain_permit).unwrap();
+    std::fs::write(
+        &file,
+        by_route.replace(
+            &format!("audience = \"{}\"", crate::gateway::AUDIENCE),
+            "audience = \"other\"",
+        ),
+    )
+    .unwrap();
+    hup();
+    wait_for("the file refused", Duration::from_secs(60), || {
+        (logged("it takes a restart") > refused).then_some(())
+    });
+    held(2);
+
+    // The same move without the restart: both applied; still held.
+    let reloaded = logged("reloaded the gateway's configuration");
+    std::fs::write(&file, &by_route).unwrap();
+    hup();
+    wait_for("the pair reloaded", Duration::from_secs(60), || {
+        (logged("reloaded the gateway's configuration") > reloaded).then_some(())
+    });
+    held(3);
+
+    // Back into the policy, with a policy set that does not load: the
+    // file is not applied either (its route no longer asks).
+    let failed = logged("cannot reload the gateway's configuration and policies");
+    std::fs::write(dir.join("approvals.cedar"), &approvals).unwrap();
+    std::fs::write(dir.join("broken.cedar"), "permit (principal,").unwrap();
+    std::fs::write(&file, &by_policy).unwrap();
+    hup();
+    wait_for("the policies refused", Duration::from_secs(60), || {
+        (logged("cannot reload the gateway's configuration and policies") > failed).then_some(())
+    });
+    held(4);
+    assert_eq!(g.upstream_count(), before, "a call went through unapproved");
+}

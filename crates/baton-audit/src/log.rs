@@ -703,16 +703,31 @@ impl AuditLog {
             .optional()?)
     }
 
-    /// The newest signed checkpoint (`None` for an empty log).
+    /// The newest signed checkpoint (`None` for an empty log): the one of
+    /// the tree this log holds, read back from the file and checked
+    /// against it. Newer rows deleted from the file under the running log
+    /// (to have an older head witnessed, and the log later cut back to it)
+    /// are an error, never an older head.
     pub fn latest_checkpoint(&self) -> Result<Option<SignedCheckpoint>, AuditError> {
         let inner = self.lock()?;
-        Ok(inner
+        let row = inner
             .conn
             .prepare_cached(
                 "SELECT size, root_hash, at, signature FROM checkpoints ORDER BY size DESC LIMIT 1",
             )?
             .query_row([], checkpoint_row)
-            .optional()?)
+            .optional()?;
+        let size = inner.tree.size();
+        let root = inner.tree.root(size).map(hex::encode);
+        match &row {
+            None if size == 0 => Ok(None),
+            Some(cp) if cp.size == size && Some(&cp.root_hash) == root.as_ref() => Ok(row),
+            _ => Err(AuditError::ConcurrentWriter(format!(
+                "the newest checkpoint in the file ({}) is not the head of the {size} events this log holds: the file was changed under the running log",
+                row.as_ref()
+                    .map_or_else(|| "none".to_owned(), |cp| format!("size {}", cp.size))
+            ))),
+        }
     }
 
     /// A fresh receipt for event `index` against the newest checkpoint.

@@ -1273,6 +1273,123 @@ fn a_wordy_resource_is_quoted_in_the_trace() {
     assert!(text.contains(" on dataset:crm/acme-1 ("), "{text}");
 }
 
+/// A redeem lands on the hop whose grant it used (the hop made with the
+/// token the redeem names), not on the newest hop to the same agent: Q's
+/// delegation to W, redeemed and used after P also delegated to W, keeps
+/// W's call under Q. The control: without P's hop, the same place.
+#[test]
+fn a_redeem_and_its_calls_stay_under_the_hop_whose_grant_was_used() {
+    // W's node under the hop from `from`, if any.
+    fn under<'a>(node: &'a AgentNode, from: &SpiffeId, to: &SpiffeId) -> Option<&'a AgentNode> {
+        node.items.iter().find_map(|item| match item {
+            TraceItem::Hop {
+                delegate: Some(d), ..
+            } => {
+                if node.agent.as_ref() == Some(from) && d.agent.as_ref() == Some(to) {
+                    Some(d)
+                } else {
+                    under(d, from, to)
+                }
+            }
+            _ => None,
+        })
+    }
+    let t = task(7);
+    let (p, q, w) = (id("/agents/planner"), id("/agents/q"), id("/agents/w"));
+    let ev = |kind, at: u64, actor: &SpiffeId| {
+        let mut e = AuditEvent::new(kind, 1_700_000_000 + at, t.clone());
+        e.actor = Some(actor.clone());
+        e
+    };
+    let hop = |at, from: &SpiffeId, to: &SpiffeId, parent: &str| {
+        let mut e = ev(EventKind::HopGranted, at, from);
+        e.target = Some(to.clone());
+        e.parent_jti = Some(parent.into());
+        e.decision = Some("granted".into());
+        e
+    };
+    let redeem = |at, by: &SpiffeId, jti: &str, parent: &str| {
+        let mut e = ev(EventKind::Redeemed, at, by);
+        e.token_jti = Some(jti.into());
+        e.parent_jti = Some(parent.into());
+        e
+    };
+    let mut start = ev(EventKind::TaskStarted, 0, &p);
+    start.token_jti = Some("jP".into());
+    let mut call = ev(EventKind::ToolCall, 60, &w);
+    call.token_jti = Some("jW".into());
+    call.tool = Some("payments.transfer".into());
+    call.decision = Some("allow".into());
+    let events = |with_p_to_w: bool| {
+        let mut all = vec![
+            start.clone(),
+            hop(10, &p, &q, "jP"),
+            redeem(20, &q, "jQ", "jP"),
+            hop(30, &q, &w, "jQ"),
+        ];
+        if with_p_to_w {
+            all.push(hop(40, &p, &w, "jP"));
+        }
+        all.push(redeem(50, &w, "jW", "jQ"));
+        all.push(call.clone());
+        let log = AuditLog::in_memory(AuditKeys::generate().unwrap()).unwrap();
+        for e in &all {
+            log.append(e).unwrap();
+        }
+        trace(&log.events_for_task(&t).unwrap())
+    };
+    let has_call = |n: &AgentNode| {
+        n.items
+            .iter()
+            .any(|i| matches!(i, TraceItem::ToolCall { .. }))
+    };
+    for with_p_to_w in [false, true] {
+        let tr = events(with_p_to_w);
+        let root = tr.root.as_ref().unwrap();
+        let by_q = under(root, &q, &w).expect("W under Q");
+        assert!(has_call(by_q), "with P's hop too: {with_p_to_w}: {tr:#?}");
+        if with_p_to_w {
+            let by_p = under(root, &p, &w).expect("W under P");
+            assert!(!has_call(by_p), "{tr:#?}");
+            assert!(by_p.token_jtis.is_empty(), "{tr:#?}");
+        }
+    }
+}
+
+/// An approval's line quotes a resource that is not plain, as a tool
+/// call's does: `acme, tier read, by alice@corp` cannot read as the
+/// approval of a read by alice.
+#[test]
+fn a_wordy_resource_is_quoted_on_an_approval_line() {
+    let t = task(6);
+    let render = |resource: &str| {
+        let mut e = AuditEvent::new(EventKind::ApprovalRequested, 1_700_000_100, t.clone());
+        e.actor = Some(id("/agents/researcher"));
+        e.tool = Some("payments.transfer".into());
+        e.resource = Some(resource.into());
+        e.risk = Some(RiskTier::Purchase);
+        let mut events = task_events(&t, 1_700_000_000);
+        events.push(e);
+        let log = AuditLog::in_memory(AuditKeys::generate().unwrap()).unwrap();
+        for e in &events {
+            log.append(e).unwrap();
+        }
+        trace(&log.events_for_task(&t).unwrap()).render_text()
+    };
+    let forged = "acme, tier read, by alice@corp";
+    let text = render(forged);
+    assert!(
+        text.contains(&format!(", on \"{forged}\", tier purchase")),
+        "{text}"
+    );
+    // Control: a plain resource is shown as it is.
+    let text = render("dataset:crm/acme-1");
+    assert!(
+        text.contains(", on dataset:crm/acme-1, tier purchase"),
+        "{text}"
+    );
+}
+
 /// Records what an [`AppendObserver`] is told.
 #[derive(Default)]
 struct Seen(std::sync::Mutex<Vec<Vec<std::time::Duration>>>);
@@ -1542,6 +1659,31 @@ fn an_event_whose_batch_checkpoint_was_deleted_is_caught() {
             log_size: 16
         }
     );
+}
+
+/// The head a running log gives out (to be witnessed: `baton audit
+/// checkpoint`) is its own tree's, checked against the file: newer
+/// checkpoint rows deleted under it do not make it give out an older,
+/// genuinely signed head that a log cut back to it would then match.
+#[test]
+fn a_running_log_never_gives_out_a_head_older_than_its_tree() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _pk, _) = filled_file(dir.path(), 1);
+    let log = reopen(dir.path(), &path).unwrap();
+    log.append_batch(&task_events(&task(4), 50)).unwrap();
+    // Control: the head is the tree's.
+    let head = log.latest_checkpoint().unwrap().unwrap();
+    assert_eq!(head.size, 16);
+    Connection::open(&path)
+        .unwrap()
+        .execute("DELETE FROM checkpoints WHERE size = 16", [])
+        .unwrap();
+    let err = log.latest_checkpoint().unwrap_err();
+    assert!(
+        err.to_string().contains("not the head of the 16 events"),
+        "{err}"
+    );
+    assert!(log.receipt(0).is_err());
 }
 
 #[test]

@@ -219,6 +219,12 @@ struct NodeB {
     agent: Option<SpiffeId>,
     jtis: Vec<String>,
     items: Vec<(TraceItem, Option<usize>)>,
+    /// For a granted hop's target: the delegator's token the hop was made
+    /// with, so that its redeem (which names that token) lands on this
+    /// node and not on another hop to the same agent.
+    delegated_by: Option<String>,
+    /// A redeem has been placed on this node.
+    redeemed: bool,
 }
 
 /// The causal rank of an event within one second (see [`trace`]): the
@@ -269,6 +275,8 @@ pub fn trace(records: &[AuditRecord]) -> Trace {
             agent,
             jtis: Vec::new(),
             items: Vec::new(),
+            delegated_by: None,
+            redeemed: false,
         });
         nodes.len() - 1
     };
@@ -343,8 +351,11 @@ pub fn trace(records: &[AuditRecord]) -> Trace {
                 );
                 let child = if granted {
                     let c = new_node(&mut nodes, e.target.clone());
-                    if let (Some(node), Some(j)) = (nodes.get_mut(c), &e.token_jti) {
-                        node.jtis.push(j.clone());
+                    if let Some(node) = nodes.get_mut(c) {
+                        if let Some(j) = &e.token_jti {
+                            node.jtis.push(j.clone());
+                        }
+                        node.delegated_by.clone_from(&e.parent_jti);
                     }
                     Some(c)
                 } else {
@@ -372,12 +383,25 @@ pub fn trace(records: &[AuditRecord]) -> Trace {
                 }
             }
             EventKind::Redeemed => {
-                // The redeemer is the hop's target: find it by agent first.
-                let i = match e
-                    .actor
-                    .as_ref()
-                    .and_then(|a| nodes.iter().rposition(|n| n.agent.as_ref() == Some(a)))
-                {
+                // The redeemer is the hop's target: the hop to this agent
+                // made with the token the redeem names (the first such
+                // not yet redeemed), else the agent's newest node. By
+                // agent alone, a redeem of Q's grant to W would land on a
+                // later hop of P to W, and every call made with it too.
+                let of_hop = e.actor.as_ref().and_then(|a| {
+                    let to = |n: &NodeB| n.agent.as_ref() == Some(a);
+                    let by = |n: &NodeB| to(n) && n.delegated_by == e.parent_jti;
+                    e.parent_jti
+                        .as_ref()
+                        .and_then(|_| {
+                            nodes
+                                .iter()
+                                .position(|n| by(n) && !n.redeemed)
+                                .or_else(|| nodes.iter().rposition(by))
+                        })
+                        .or_else(|| nodes.iter().rposition(to))
+                });
+                let i = match of_hop {
                     Some(i) => i,
                     None => owner(
                         &mut nodes,
@@ -391,6 +415,7 @@ pub fn trace(records: &[AuditRecord]) -> Trace {
                     if let Some(j) = e.token_jti.as_ref().filter(|j| !node.jtis.contains(j)) {
                         node.jtis.push(j.clone());
                     }
+                    node.redeemed |= e.token_jti.is_some();
                     node.items.push((
                         TraceItem::Redeemed {
                             index: r.index,
@@ -846,12 +871,17 @@ impl Trace {
                     reason,
                     ..
                 } => {
+                    // Tool and resource are the caller's words (an MCP
+                    // argument, a path segment): quoted unless plain, as
+                    // on a tool call's line.
                     let mut text = format!(
                         "approval {step}: {} for {}",
-                        tool.as_deref().unwrap_or("?"),
+                        quoted_if_wordy(tool.as_deref().unwrap_or("?")),
                         agent_name(actor)
                     );
-                    text.push_str(&opt("on", resource));
+                    if let Some(r) = resource {
+                        text.push_str(&format!(", on {}", quoted_if_wordy(r)));
+                    }
                     text.push_str(&opt("tier", risk));
                     text.push_str(&sensitive("by", approver, approver_hmac));
                     if let Some(r) = reason {

@@ -94,6 +94,9 @@ impl Broker {
         cfg.rate_limits.delegate = unlimited;
         cfg.rate_limits.node_mint = unlimited;
         cfg.rate_limits.approvals = unlimited;
+        // The issuance bench signs far more than a node re-signing its
+        // entries.
+        cfg.rate_limits.x509_svid = unlimited;
         configure(&mut cfg, dir.path());
         let (ready_tx, ready_rx) = oneshot::channel();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();

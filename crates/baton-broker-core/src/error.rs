@@ -30,6 +30,10 @@ pub enum BrokerError {
     Ca(#[from] baton_ca::CaError),
     #[error("issuance refused because it could not be recorded: {0}")]
     Hook(String),
+    /// A batch counted in items went over its caller's rate limit once its
+    /// size was known (the guard before the body charged one).
+    #[error("{0}")]
+    RateLimited(crate::limits::RateLimited),
 }
 
 impl BrokerError {
@@ -48,6 +52,7 @@ impl BrokerError {
             BrokerError::Forbidden { code, .. } => code,
             BrokerError::NotFound(_) => "not_found",
             BrokerError::Conflict(_) => "conflict",
+            BrokerError::RateLimited(_) => "rate_limited",
             BrokerError::Store(_) | BrokerError::Ca(_) | BrokerError::Hook(_) => "unavailable",
         }
     }

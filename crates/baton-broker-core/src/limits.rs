@@ -47,6 +47,11 @@ pub enum RateLimitError {
     UnknownLimit(String),
     #[error("--rate-limit {0:?}: expected NAME=COUNT/PERIOD, e.g. task-start=30/1m")]
     Assignment(String),
+    #[error(
+        "rate limit x509-svid {0}: COUNT must be at least {max} (the largest sign-x509 batch), or a node's full batch would never be signed",
+        max = crate::service::MAX_SIGN_BATCH
+    )]
+    BurstBelowBatch(RateLimit),
 }
 
 impl RateLimit {
@@ -112,6 +117,12 @@ pub enum Limited {
     ToolCallReports,
     /// `POST /v1/node/sign-jwt`, per node.
     JwtSvid,
+    /// `POST /v1/node/sign-x509` and `POST /v1/node/renew`, per node,
+    /// counted in certificates signed: a batch of N CSRs takes N tokens
+    /// (one at the guard, the rest once the batch is read), so a stolen
+    /// agent SVID cannot spend the broker's signing CPU or grow the
+    /// credential registry at line rate.
+    X509Svid,
     /// `POST /v1/secrets/lease`, per agent.
     SecretLease,
     /// `POST /v1/delegate`, per agent (its task SVID's SPIFFE ID): each
@@ -133,11 +144,12 @@ pub enum Limited {
 }
 
 impl Limited {
-    pub const ALL: [Limited; 9] = [
+    pub const ALL: [Limited; 10] = [
         Limited::Attest,
         Limited::TaskStart,
         Limited::ToolCallReports,
         Limited::JwtSvid,
+        Limited::X509Svid,
         Limited::SecretLease,
         Limited::Delegate,
         Limited::NodeMint,
@@ -152,6 +164,7 @@ impl Limited {
             Limited::TaskStart => "task-start",
             Limited::ToolCallReports => "tool-call-reports",
             Limited::JwtSvid => "jwt-svid",
+            Limited::X509Svid => "x509-svid",
             Limited::SecretLease => "secret-lease",
             Limited::Delegate => "delegate",
             Limited::NodeMint => "node-mint",
@@ -179,6 +192,7 @@ impl Limited {
             "/v1/tasks" => Limited::TaskStart,
             "/v1/audit/tool-calls" => Limited::ToolCallReports,
             "/v1/node/sign-jwt" => Limited::JwtSvid,
+            "/v1/node/sign-x509" | "/v1/node/renew" => Limited::X509Svid,
             "/v1/secrets/lease" => Limited::SecretLease,
             "/v1/delegate" => Limited::Delegate,
             "/v1/node/redeem" | "/v1/node/renew-task" => Limited::NodeMint,
@@ -206,6 +220,7 @@ pub struct RateLimits {
     pub task_start: RateLimit,
     pub tool_call_reports: RateLimit,
     pub jwt_svid: RateLimit,
+    pub x509_svid: RateLimit,
     pub secret_lease: RateLimit,
     pub delegate: RateLimit,
     pub node_mint: RateLimit,
@@ -232,6 +247,10 @@ impl Default for RateLimits {
             task_start: limit(60, 60),
             tool_call_reports: limit(600, 60),
             jwt_svid: limit(600, 60),
+            // Ten full batches at once (a node re-signing every entry
+            // after a taint), then 10,000 a minute: about a sixth of one
+            // core's signing, per node.
+            x509_svid: limit(10_000, 60),
             secret_lease: limit(120, 60),
             // A planner fanning a task out to hundreds of sub-agents stays
             // far below it; a compromised agent cannot turn the broker's
@@ -258,6 +277,7 @@ impl RateLimits {
             Limited::TaskStart => self.task_start,
             Limited::ToolCallReports => self.tool_call_reports,
             Limited::JwtSvid => self.jwt_svid,
+            Limited::X509Svid => self.x509_svid,
             Limited::SecretLease => self.secret_lease,
             Limited::Delegate => self.delegate,
             Limited::NodeMint => self.node_mint,
@@ -272,6 +292,7 @@ impl RateLimits {
             Limited::TaskStart => self.task_start = limit,
             Limited::ToolCallReports => self.tool_call_reports = limit,
             Limited::JwtSvid => self.jwt_svid = limit,
+            Limited::X509Svid => self.x509_svid = limit,
             Limited::SecretLease => self.secret_lease = limit,
             Limited::Delegate => self.delegate = limit,
             Limited::NodeMint => self.node_mint = limit,
@@ -286,7 +307,14 @@ impl RateLimits {
             .split_once('=')
             .ok_or_else(|| RateLimitError::Assignment(assignment.to_owned()))?;
         let what: Limited = name.trim().parse()?;
-        self.set(what, value.trim().parse()?);
+        let limit: RateLimit = value.trim().parse()?;
+        if what == Limited::X509Svid
+            && usize::try_from(limit.burst.get()).unwrap_or(usize::MAX)
+                < crate::service::MAX_SIGN_BATCH
+        {
+            return Err(RateLimitError::BurstBelowBatch(limit));
+        }
+        self.set(what, limit);
         Ok(())
     }
 }
@@ -377,6 +405,17 @@ impl KeyedBuckets {
     /// Takes one token for `caller` at `now`, or says how long until one
     /// is there.
     pub fn check(&self, caller: &Caller, now: Instant) -> Result<(), Duration> {
+        self.take(caller, 1, now)
+    }
+
+    /// Takes `n` tokens for `caller` at `now`, all or none, or says how
+    /// long until `n` are there (never, past the burst: then the time to
+    /// refill the whole burst, and the caller must send less at once).
+    pub fn take(&self, caller: &Caller, n: u32, now: Instant) -> Result<(), Duration> {
+        if n == 0 {
+            return Ok(());
+        }
+        let wanted = f64::from(n);
         let limit = self.limit;
         let burst = f64::from(limit.burst.get());
         let refill =
@@ -401,12 +440,16 @@ impl KeyedBuckets {
         });
         let tokens = refill(bucket);
         bucket.at = now.max(bucket.at);
-        if tokens >= 1.0 {
-            bucket.tokens = tokens - 1.0;
+        if tokens >= wanted {
+            bucket.tokens = tokens - wanted;
             Ok(())
         } else {
             bucket.tokens = tokens;
-            Err(limit.time_for(1.0 - tokens))
+            Err(if wanted > burst {
+                limit.per
+            } else {
+                limit.time_for(wanted - tokens)
+            })
         }
     }
 }
@@ -464,11 +507,23 @@ impl RateLimiters {
 
     /// Charges `caller` one `what` at `now`.
     pub fn check(&self, what: Limited, caller: &Caller, now: Instant) -> Result<(), RateLimited> {
+        self.charge(what, caller, 1, now)
+    }
+
+    /// Charges `caller` `n` of `what` at `now`, all or none: a batch
+    /// counted in items, once its size is known.
+    pub fn charge(
+        &self,
+        what: Limited,
+        caller: &Caller,
+        n: u32,
+        now: Instant,
+    ) -> Result<(), RateLimited> {
         let Some(buckets) = self.buckets.get(&what) else {
             return Ok(());
         };
         buckets
-            .check(caller, now)
+            .take(caller, n, now)
             .map_err(|retry_after| RateLimited {
                 what,
                 limit: buckets.limit(),
@@ -515,6 +570,25 @@ mod tests {
             assert!(b.check(&a, later).is_ok());
         }
         assert!(b.check(&a, later).is_err());
+    }
+
+    #[test]
+    fn a_batch_takes_a_token_per_item_all_or_none() {
+        let b = KeyedBuckets::new(every(1000, 60), 10);
+        let t0 = Instant::now();
+        let node = ip("10.0.0.1");
+        assert!(b.take(&node, 600, t0).is_ok());
+        // 400 left: a batch of 500 takes nothing and waits for 100 more.
+        let wait = b.take(&node, 500, t0).unwrap_err();
+        assert_eq!(wait.as_millis(), 6_000);
+        assert!(b.take(&node, 400, t0).is_ok());
+        assert!(b.check(&node, t0).is_err());
+        // More than the burst never fits: the wait is a whole refill.
+        let later = t0 + Duration::from_secs(3600);
+        let wait = b.take(&node, 1001, later).unwrap_err();
+        assert_eq!(wait, Duration::from_secs(60));
+        assert!(b.take(&node, 1000, later).is_ok());
+        assert!(b.take(&node, 0, later).is_ok());
     }
 
     #[test]
@@ -581,6 +655,12 @@ mod tests {
         let err = limits.apply("tasks=2/1h").unwrap_err().to_string();
         assert!(err.contains("task-start"), "{err}");
         assert!(limits.apply("task-start").is_err());
+        // A node's largest batch must fit in the X509-SVID burst.
+        let err = limits.apply("x509-svid=999/1m").unwrap_err().to_string();
+        assert!(err.contains("at least 1000"), "{err}");
+        assert_eq!(limits.x509_svid, RateLimits::default().x509_svid);
+        limits.apply("x509-svid=1000/1h").unwrap();
+        assert_eq!(limits.x509_svid.burst.get(), 1000);
     }
 
     #[test]
@@ -605,6 +685,9 @@ mod tests {
             Limited::of_route("POST", "/v1/secrets/lease"),
             Some(Limited::SecretLease)
         );
+        for signing in ["/v1/node/sign-x509", "/v1/node/renew"] {
+            assert_eq!(Limited::of_route("POST", signing), Some(Limited::X509Svid));
+        }
         // The HTTP shell routes a trailing slash to the same handler.
         assert_eq!(
             Limited::of_route("POST", "/v1/tasks/"),

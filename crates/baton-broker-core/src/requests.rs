@@ -58,10 +58,14 @@ pub fn node(
     leaf_der: Option<&[u8]>,
     now: SystemTime,
 ) -> Result<AuthenticatedNode, BrokerError> {
-    let now = unix(now);
-    broker.authenticate_node_svid(peer, leaf_der, |serial| {
-        revoker.durably_revoked(serial, now)
-    })
+    let at = unix(now);
+    broker.authenticate_node_svid(
+        peer,
+        leaf_der,
+        now,
+        |serial| revoker.durably_revoked(serial, at),
+        |renewed_away| revoker.supersede_blocking(renewed_away, "renewed", at),
+    )
 }
 
 /// Hands out what `issued` holds: registers its records (fail closed),

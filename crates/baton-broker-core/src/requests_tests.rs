@@ -442,6 +442,45 @@ fn a_grant_gives_one_credential_to_its_target_before_it_expires() {
     assert_eq!(e.code(), "grant_used", "{e}");
 }
 
+/// A renewed agent SVID replaces the old one everywhere: once the node has
+/// presented the new one, the old one is revoked (refused wherever
+/// revocation is checked, not only at node routes). Until then both work,
+/// so a renewal whose answer was lost is not a dead node.
+#[test]
+fn an_agent_svid_renewed_away_is_revoked_once_its_successor_is_used() {
+    let w = World::new();
+    let node_id = w.node_svid.spiffe_id.clone();
+    let old_leaf = w.node_leaf().unwrap().to_vec();
+    let old_serial = baton_ca::leaf_info(std::slice::from_ref(&old_leaf))
+        .unwrap()
+        .serial_hex;
+    let node = w.node_as(&node_id, Some(&old_leaf)).unwrap();
+    let key = WorkloadKey::generate().unwrap();
+    let renewed = super::renew_agent_svid(
+        w.d.broker(),
+        w.d.revoker(),
+        &node,
+        &key.csr_der(&node_id).unwrap(),
+        w.t0,
+    )
+    .unwrap();
+    let new_leaf = renewed.cert_chain_der[0].clone();
+    let revoked = |serial: &str| w.d.revoker().durably_revoked(serial, unix(w.t0)).unwrap();
+    // The answer may not have arrived: the old SVID still authenticates
+    // and is not revoked.
+    w.node_as(&node_id, Some(&old_leaf)).unwrap();
+    assert!(!revoked(&old_serial));
+    // The node presents its new SVID: the old one is revoked and refused.
+    w.node_as(&node_id, Some(&new_leaf)).unwrap();
+    assert!(revoked(&old_serial), "the renewed-away SVID is revoked");
+    let e = w.node_as(&node_id, Some(&old_leaf)).unwrap_err();
+    assert_eq!(e.code(), "agent_svid_revoked", "{e}");
+    // The control: the new one keeps working, and is not revoked.
+    w.node_as(&node_id, Some(&new_leaf)).unwrap();
+    let new_serial = baton_ca::leaf_info(&[new_leaf]).unwrap().serial_hex;
+    assert!(!revoked(&new_serial));
+}
+
 #[test]
 fn a_node_whose_svid_is_not_its_current_one_is_refused() {
     let w = World::new();

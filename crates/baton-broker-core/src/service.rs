@@ -573,7 +573,9 @@ impl Broker {
         &self,
         peer: Option<&SpiffeId>,
         leaf_der: Option<&[u8]>,
+        now: SystemTime,
         revoked: impl FnOnce(&str) -> Result<bool, StoreError>,
+        retire: impl FnOnce(&[baton_revocation::Revoked]) -> Result<(), BrokerError>,
     ) -> Result<AuthenticatedNode, BrokerError> {
         let Some(peer) = peer else {
             return Err(BrokerError::Unauthenticated(
@@ -598,7 +600,7 @@ impl Broker {
             return Err(BrokerError::Forbidden {
                 code: "agent_svid_revoked",
                 message: format!(
-                    "the agent SVID (serial {serial}) of node {peer} is revoked; the node must attest again with a new join token"
+                    "the agent SVID (serial {serial}) of node {peer} is revoked; use the node's newest agent SVID, or attest again with a new join token"
                 ),
             });
         }
@@ -606,7 +608,21 @@ impl Broker {
         // until the current one is presented once), not any certificate
         // that carries its name: a replaced SVID, or one from before an
         // eviction and a new attestation, is refused.
-        if serial == record.serial_hex && record.prev_serial_hex.is_some() {
+        if serial == record.serial_hex
+            && let Some(prev) = &record.prev_serial_hex
+        {
+            // The node holds its renewed SVID: the one it replaced is
+            // revoked (before it stops being accepted here, so a failure
+            // leaves both as they were and the next request retries),
+            // then forgotten. Revoked, it is refused wherever revocation
+            // is checked, not only at this route. It expired no later
+            // than its successor's lifetime from now.
+            let ttl = self.policy.agent_svid_ttl.as_secs();
+            retire(&[baton_revocation::Revoked {
+                id: prev.clone(),
+                kind: CredKind::X509Svid,
+                expires_at: record.svid_not_after.max(unix(now).saturating_add(ttl)),
+            }])?;
             self.store.settle_node_svid(peer, &serial)?;
         } else if serial != record.serial_hex && record.prev_serial_hex.as_deref() != Some(&serial)
         {

@@ -106,12 +106,11 @@ pub fn https_routes(
 + Sync
 + 'static {
     crate::http_limits::guarded(
-        limiters,
-        peer_still_trusted(broker.clone()).and(
-            crate::http_secrets::routes(secrets, delegation.clone())
-                .or(node_routes(broker, delegation))
-                .unify(),
-        ),
+        peer_still_trusted(broker.clone()),
+        limiters.clone(),
+        crate::http_secrets::routes(secrets, delegation.clone())
+            .or(node_routes(broker, delegation, limiters))
+            .unify(),
     )
     .with(crate::http_ops::count_requests())
 }
@@ -151,6 +150,7 @@ fn peer_still_trusted(
 fn node_routes(
     broker: Arc<Broker>,
     delegation: Arc<crate::delegation::Delegation>,
+    limiters: Arc<crate::limits::RateLimiters>,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone + Send + Sync + 'static {
     let b = || with_broker(broker.clone());
     let revoker = delegation.revoker().clone();
@@ -232,7 +232,10 @@ fn node_routes(
         revoker.clone(),
         "sign-x509",
         MAX_BATCH_BODY,
-        |b, r, node, req: SignX509Request, now| crate::requests::sign_x509(b, r, node, &req, now),
+        move |b, r, node, req: SignX509Request, now| {
+            charge_batch(&limiters, node, req.items.len())?;
+            crate::requests::sign_x509(b, r, node, &req, now)
+        },
     );
     let sign_jwt = node_post(
         broker.clone(),
@@ -265,6 +268,32 @@ fn node_routes(
             delegation,
         ))
         .unify()
+}
+
+/// Charges a node the rest of a `sign-x509` batch (the rate-limit guard
+/// charged one certificate before the body was read), all or none, once
+/// the node is authenticated and the batch's size is known. A batch over
+/// the largest one signed is left to the core to refuse as malformed.
+fn charge_batch(
+    limiters: &crate::limits::RateLimiters,
+    node: &AuthenticatedNode,
+    items: usize,
+) -> Result<(), BrokerError> {
+    if items > crate::service::MAX_SIGN_BATCH {
+        return Ok(());
+    }
+    let rest = u32::try_from(items.saturating_sub(1)).unwrap_or(u32::MAX);
+    limiters
+        .charge(
+            crate::limits::Limited::X509Svid,
+            &crate::limits::Caller::Spiffe(node.id().clone()),
+            rest,
+            std::time::Instant::now(),
+        )
+        .map_err(|refused| {
+            tracing::info!(limit = refused.what.name(), caller = %refused.caller, items, "sign-x509 batch refused by a rate limit");
+            BrokerError::RateLimited(refused)
+        })
 }
 
 /// Who may use the admin socket: peer uids allowed in addition to the

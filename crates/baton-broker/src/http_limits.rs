@@ -57,16 +57,72 @@ fn guard(
         .untuple_one()
 }
 
-/// `routes` behind the rate-limit guard, every rejection answered as JSON.
-pub fn guarded<R>(
+/// `routes` behind `admitted` (a check of the connection that costs no
+/// body read or datastore row: whether its client certificate is still
+/// trusted), then the rate-limit guard, every rejection answered as JSON.
+/// A certificate that expired or whose authority left is refused before it
+/// is charged, so it cannot spend its SPIFFE ID's bucket for the live
+/// holder.
+pub fn guarded<A, R>(
+    admitted: A,
     limiters: Arc<RateLimiters>,
     routes: R,
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static
 where
+    A: Filter<Extract = (), Error = Rejection> + Clone + Send + Sync + 'static,
     R: Filter<Extract = (Response,), Error = Rejection> + Clone + Send + Sync + 'static,
 {
-    guard(limiters)
+    admitted
+        .and(guard(limiters))
         .and(routes)
         .recover(crate::http_reply::recover)
         .unify()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limits::RateLimits;
+    use warp::Reply as _;
+
+    /// A connection the admission check refuses (its certificate expired,
+    /// its authority gone) spends nothing of its SPIFFE ID's bucket: the
+    /// live holder of that ID is still served. The control: an admitted
+    /// caller spends the bucket and is then refused 429.
+    #[tokio::test]
+    async fn a_refused_connection_spends_nothing_of_its_ids_budget() {
+        let mut limits = RateLimits::default();
+        limits.apply("jwt-svid=1/1h").unwrap();
+        let limiters = Arc::new(RateLimiters::new(&limits));
+        let node = baton_core::SpiffeId::parse("spiffe://example.org/baton/node/n1").unwrap();
+        let routes = guarded(
+            warp::header::optional::<String>("x-stale")
+                .and_then(|stale: Option<String>| async move {
+                    match stale {
+                        Some(_) => Err(warp::reject::custom(crate::http_reply::Denied(
+                            "stale certificate".into(),
+                        ))),
+                        None => Ok(()),
+                    }
+                })
+                .untuple_one(),
+            limiters,
+            warp::post().map(|| warp::reply().into_response()),
+        );
+        let send = |stale: bool| {
+            let mut req = warp::test::request()
+                .method("POST")
+                .path("/v1/node/sign-jwt")
+                .extension(PeerIdentity(Some(node.clone())));
+            if stale {
+                req = req.header("x-stale", "1");
+            }
+            req.reply(&routes)
+        };
+        for _ in 0..3 {
+            assert_eq!(send(true).await.status(), 403);
+        }
+        assert_eq!(send(false).await.status(), 200);
+        assert_eq!(send(false).await.status(), 429);
+    }
 }

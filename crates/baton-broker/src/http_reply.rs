@@ -161,6 +161,9 @@ impl ErrorReply for BrokerError {
             BrokerError::Forbidden { code, .. } => refusal(StatusCode::FORBIDDEN, code, None),
             BrokerError::NotFound(_) => refusal(StatusCode::NOT_FOUND, "not_found", None),
             BrokerError::Conflict(_) => refusal(StatusCode::CONFLICT, "conflict", None),
+            BrokerError::RateLimited(_) => {
+                refusal(StatusCode::TOO_MANY_REQUESTS, "rate_limited", None)
+            }
             // The shared database is unreachable or refusing (a failover,
             // a restart): the request did nothing and may be retried.
             BrokerError::Store(crate::store::StoreError::Postgres(_)) => internal(
@@ -189,8 +192,18 @@ impl ErrorReply for BrokerError {
     }
 
     fn into_response(self) -> Response {
+        let retry_after = match &self {
+            BrokerError::RateLimited(refused) => Some(refused.retry_after_secs()),
+            _ => None,
+        };
         let (status, body) = self.reply_parts();
-        warp::reply::with_status(warp::reply::json(&body), status).into_response()
+        let mut reply = warp::reply::with_status(warp::reply::json(&body), status).into_response();
+        if let Some(v) =
+            retry_after.and_then(|secs| http::HeaderValue::from_str(&secs.to_string()).ok())
+        {
+            reply.headers_mut().insert(http::header::RETRY_AFTER, v);
+        }
+        reply
     }
 }
 

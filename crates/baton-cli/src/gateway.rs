@@ -2,6 +2,7 @@
 //! `baton-gateway` crate.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Result;
 use clap::Args;
@@ -53,21 +54,38 @@ pub async fn gateway(args: GatewayArgs) -> Result<()> {
         ));
         return Ok(());
     }
-    let (policy, hup) = crate::example::reloadable_policy(config.policies.as_deref())?;
-    // SIGHUP also re-reads the file: routes, MCP endpoints and upstreams
-    // change without dropping a connection; a file that does not load, or
-    // changes what needs a restart, leaves the running one in force.
+    let policy: Arc<dyn baton_verify::CallPolicy> =
+        Arc::new(crate::example::load_policies(config.policies.as_deref())?);
+    // SIGHUP re-reads the file and the policies it names, and applies both
+    // together or neither: routes, MCP endpoints, upstreams and policies
+    // change without dropping a connection; a file or a policy set that
+    // does not load, or a file that changes what needs a restart, leaves
+    // the running pair in force. (Applied apart, a route that newly asks
+    // for approval with a policy that no longer does, one loaded and the
+    // other refused, would let calls through unapproved.)
     let (reload_tx, reload_rx) = tokio::sync::mpsc::unbounded_channel();
     let file = args.config.clone();
-    let config_hup = crate::daemons::on_hangup(move || match baton_gateway::Config::load(&file) {
-        Ok(mut new) => {
-            // The feed is a process setting: it stays as started.
-            new.redis.clone_from(&redis);
-            let _ = reload_tx.send(new);
+    let hup = crate::daemons::on_hangup(move || {
+        let read = baton_gateway::Config::load(&file)
+            .map_err(|e| e.to_string())
+            .and_then(|mut new| {
+                // The feed is a process setting: it stays as started.
+                new.redis.clone_from(&redis);
+                let policy = crate::example::load_policies(new.policies.as_deref())
+                    .map_err(|e| format!("the policies: {e}"))?;
+                Ok(baton_gateway::Reload {
+                    config: new,
+                    policy: Arc::new(policy),
+                })
+            });
+        match read {
+            Ok(reload) => {
+                let _ = reload_tx.send(reload);
+            }
+            Err(e) => tracing::error!(
+                "SIGHUP: cannot reload the gateway's configuration and policies (the previous ones stay in force, both): {e}"
+            ),
         }
-        Err(e) => tracing::error!(
-            "SIGHUP: cannot reload the gateway's configuration (the previous one stays in force): {e}"
-        ),
     })?;
     let ops = crate::ops::start(&args.ops).await?;
     let endpoint = format!(
@@ -88,6 +106,5 @@ pub async fn gateway(args: GatewayArgs) -> Result<()> {
     )
     .await;
     hup.abort();
-    config_hup.abort();
     result.map_err(crate::example::enforcer_exit)
 }

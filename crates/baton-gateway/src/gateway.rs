@@ -64,10 +64,27 @@ pub struct RunOptions {
     /// Written with the bound address once the gateway serves.
     pub ready_file: Option<PathBuf>,
     pub shutdown_grace: Duration,
-    /// New configurations to apply while serving (e.g. read on SIGHUP):
-    /// routes, MCP endpoints and upstreams change without dropping a
-    /// connection; a configuration that changes anything else is refused.
-    pub reload: Option<tokio::sync::mpsc::UnboundedReceiver<Config>>,
+    /// New configurations and policies to apply while serving (e.g. read
+    /// on SIGHUP): routes, MCP endpoints, upstreams and the call policy
+    /// change together without dropping a connection; a configuration that
+    /// changes anything else is refused, and its policy with it.
+    pub reload: Option<tokio::sync::mpsc::UnboundedReceiver<Reload>>,
+}
+
+/// A configuration and the call policy read with it, applied together or
+/// not at all: a request is decided by one routing and the policy read
+/// with it, never by new routes and old policies (or the reverse).
+pub struct Reload {
+    pub config: Config,
+    pub policy: Arc<dyn baton_verify::CallPolicy>,
+}
+
+impl std::fmt::Debug for Reload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reload")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for RunOptions {
@@ -130,12 +147,19 @@ pub(crate) struct Routing {
     specs: Vec<ToolSpec>,
     upstreams: BTreeMap<String, reqwest::Client>,
     metadata: serde_json::Value,
+    /// The call policy read with this configuration: every decision of a
+    /// request routed by it is this policy's ([`crate::policy`]).
+    policy: Arc<dyn baton_verify::CallPolicy>,
 }
 
 impl Routing {
     /// The routing of `c`; mTLS upstreams use the gateway's SVID and
     /// bundles from `live` (rotations apply to new connections).
-    fn build(c: Config, live: &crate::live::LiveTls) -> Result<Self, GatewayError> {
+    fn build(
+        c: Config,
+        policy: Arc<dyn baton_verify::CallPolicy>,
+        live: &crate::live::LiveTls,
+    ) -> Result<Self, GatewayError> {
         let specs = c
             .routes
             .iter()
@@ -198,6 +222,7 @@ impl Routing {
             specs,
             upstreams,
             metadata,
+            policy,
         })
     }
 
@@ -276,7 +301,8 @@ pub async fn run(
             read_allows_stale: c.read_allows_stale,
             dangerously_skip_revocation: false,
         },
-        policy: &o.policy,
+        // Decided by the policy of each request's routing.
+        policy: &(Arc::new(crate::policy::InForce) as Arc<dyn baton_verify::CallPolicy>),
         ops: o.ops.as_ref(),
         digest_key: Some(&digest_key),
     })
@@ -297,7 +323,7 @@ pub async fn run(
             }
         });
     }
-    let routing = Routing::build(o.config.clone(), &enforcer.live)?;
+    let routing = Routing::build(o.config.clone(), o.policy.clone(), &enforcer.live)?;
     let server_config = enforcer.server_config()?;
     let listen = c.listen;
     let gw = Arc::new(Gateway {
@@ -448,7 +474,11 @@ impl Gateway {
     /// change at once for new requests; what the running gateway was
     /// built with (listener, identity, broker, spool, feed) needs a
     /// restart, and a file that changes it is refused whole.
-    fn reload(&self, new: Config) -> Result<String, String> {
+    fn reload(&self, reload: Reload) -> Result<String, String> {
+        let Reload {
+            config: new,
+            policy,
+        } = reload;
         let old = self.routing.load();
         let o = &old.config;
         let fixed = [
@@ -500,17 +530,28 @@ impl Gateway {
             new.mcp.len(),
             new.upstreams.len()
         );
-        let routing = Routing::build(new, &self.enforcer.live).map_err(|e| e.to_string())?;
+        let routing =
+            Routing::build(new, policy, &self.enforcer.live).map_err(|e| e.to_string())?;
         self.routing.store(Arc::new(routing));
         Ok(summary)
     }
 
+    /// Answers `req` by the routing in force when it arrived, decided by
+    /// that routing's policy ([`crate::policy`]) however long it runs.
     async fn handle<S, B>(&self, req: Incoming, body: S) -> Response
     where
         S: Stream<Item = Result<B, warp::Error>>,
         B: bytes::Buf,
     {
         let rt = self.routing.load_full();
+        crate::policy::under(rt.policy.clone(), self.handle_routed(rt, req, body)).await
+    }
+
+    async fn handle_routed<S, B>(&self, rt: Arc<Routing>, req: Incoming, body: S) -> Response
+    where
+        S: Stream<Item = Result<B, warp::Error>>,
+        B: bytes::Buf,
+    {
         if req.path == METADATA_PATH && req.method == Method::GET {
             return warp::reply::json(&rt.metadata).into_response();
         }

@@ -23,6 +23,7 @@ mod error;
 mod gateway;
 pub mod live;
 mod mcp;
+mod policy;
 mod record;
 
 pub use config::{
@@ -30,8 +31,8 @@ pub use config::{
 };
 pub use error::{ConfigError, GatewayError};
 pub use gateway::{
-    HEADER_ACTOR, HEADER_CHAIN, HEADER_TASK, MAX_BODY, METADATA_PATH, RunOptions, error_chain, run,
-    upstream_headers,
+    HEADER_ACTOR, HEADER_CHAIN, HEADER_TASK, MAX_BODY, METADATA_PATH, Reload, RunOptions,
+    error_chain, run, upstream_headers,
 };
 pub use mcp::{APPROVAL_PENDING as MCP_APPROVAL_PENDING, REFUSED as MCP_REFUSED};
 pub use record::{MAX_FIELD_CHARS, REDACTED, Recording};

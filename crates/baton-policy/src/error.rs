@@ -83,6 +83,13 @@ pub enum PolicyError {
     Template { file: String, id: String },
     #[error("no policies in {what}: every request would be denied")]
     NoPolicies { what: String },
+    /// Anyone could add or change a policy: the directory, the schema or
+    /// a policy file is writable by every user.
+    #[error(
+        "{} is writable by every user (mode {mode:o}), so anyone could add or change a policy; run `chmod o-w` on it",
+        path.display()
+    )]
+    WritableByAll { path: PathBuf, mode: u32 },
 }
 
 fn lines(errors: &[SourceError]) -> String {

@@ -583,9 +583,32 @@ fn evaluate(
 /// [(policy file name, source)]).
 type PolicySources = (String, String, Vec<(String, String)>);
 
-/// Reads `<dir>/schema.cedarschema` and every `<dir>/*.cedar` (sorted).
+/// Refuses `path` (followed if a symbolic link) when every user may write
+/// to it: whoever can write a policy file or add one to the directory
+/// decides every call.
+fn not_writable_by_all(path: &Path) -> Result<(), PolicyError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(path)
+        .map_err(|source| PolicyError::Read {
+            path: path.to_owned(),
+            source,
+        })?
+        .permissions()
+        .mode();
+    if mode & 0o002 != 0 {
+        return Err(PolicyError::WritableByAll {
+            path: path.to_owned(),
+            mode: mode & 0o7777,
+        });
+    }
+    Ok(())
+}
+
+/// Reads `<dir>/schema.cedarschema` and every `<dir>/*.cedar` (sorted),
+/// refusing a directory or file every user may write.
 fn read_policy_dir(dir: &Path) -> Result<PolicySources, PolicyError> {
     let read = |path: &Path| {
+        not_writable_by_all(path)?;
         std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
             path: path.to_owned(),
             source,
@@ -593,6 +616,7 @@ fn read_policy_dir(dir: &Path) -> Result<PolicySources, PolicyError> {
     };
     let schema_path = dir.join(SCHEMA_FILE);
     let schema = read(&schema_path)?;
+    not_writable_by_all(dir)?;
     let listing = std::fs::read_dir(dir).map_err(|source| PolicyError::Read {
         path: dir.to_owned(),
         source,

@@ -479,6 +479,60 @@ fn a_missing_directory_or_an_empty_one_is_refused() {
     assert!(matches!(err, PolicyError::NoPolicies { .. }), "{err:?}");
 }
 
+/// Whoever can write a policy file, or add one to the directory, decides
+/// every call: a directory or file every user may write is refused, at
+/// start and at each reload. The control: the same files with `o-w` load.
+#[test]
+fn a_policy_directory_or_file_every_user_may_write_is_refused() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("writable-policies-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(policy_dir()).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_file() {
+            std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let chmod = |p: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    chmod(&dir, 0o755);
+    let control = Engine::load_dir(&dir).unwrap();
+    assert!(!control.policy_ids().is_empty());
+
+    chmod(&dir, 0o777);
+    let err = Engine::load_dir(&dir).unwrap_err();
+    assert!(matches!(err, PolicyError::WritableByAll { .. }), "{err:?}");
+    assert!(err.to_string().contains("mode 777"), "{err}");
+    chmod(&dir, 0o1777);
+    assert!(
+        Engine::load_dir(&dir).is_err(),
+        "sticky still lets anyone add a file"
+    );
+    chmod(&dir, 0o755);
+
+    let one = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "cedar"))
+        .unwrap();
+    chmod(&one, 0o666);
+    let err = Engine::load_dir(&dir).unwrap_err();
+    assert!(
+        err.to_string().contains(&one.display().to_string()),
+        "{err}"
+    );
+    chmod(&one, 0o644);
+    chmod(&dir.join("schema.cedarschema"), 0o646);
+    let err = Engine::load_dir(&dir).unwrap_err();
+    assert!(err.to_string().contains("schema.cedarschema"), "{err}");
+    chmod(&dir.join("schema.cedarschema"), 0o644);
+    Engine::load_dir(&dir).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn decisions_serialize_for_the_audit_log() {
     let d = Decision {
