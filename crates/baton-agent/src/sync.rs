@@ -174,11 +174,11 @@ impl Syncer {
         let (fresh, failure) = if to_sign.is_empty() {
             (Vec::new(), None)
         } else {
-            match self.sign(&to_sign, now).await {
-                Ok(fresh) => (fresh, None),
-                // Entries and bundle are still worth publishing.
-                Err(e) => (Vec::new(), Some(e)),
-            }
+            // Entries, bundle and the batches signed before a failure
+            // (a rate limit met part way) are still worth publishing.
+            let mut fresh = Vec::new();
+            let failure = self.sign(&to_sign, now, &mut fresh).await.err();
+            (fresh, failure)
         };
         let signed = fresh.len();
         let sequence = view.trust.sequence;
@@ -201,8 +201,15 @@ impl Syncer {
     /// names its entry's SPIFFE ID, chains to the trust bundle in force and
     /// certifies the key generated for it (a broker's answer is not served
     /// to workloads on its word alone).
-    async fn sign(&self, entries: &[Entry], now: u64) -> Result<Vec<CachedSvid>, SyncError> {
-        let mut fresh = Vec::with_capacity(entries.len());
+    /// Each batch's SVIDs are pushed onto `fresh` once checked, so those
+    /// signed before a failure are kept.
+    async fn sign(
+        &self,
+        entries: &[Entry],
+        now: u64,
+        fresh: &mut Vec<CachedSvid>,
+    ) -> Result<(), SyncError> {
+        fresh.reserve(entries.len());
         for chunk in entries.chunks(SIGN_BATCH) {
             let mut keys = Vec::with_capacity(chunk.len());
             let mut items = Vec::with_capacity(chunk.len());
@@ -258,7 +265,7 @@ impl Syncer {
                 });
             }
         }
-        Ok(fresh)
+        Ok(())
     }
 
     /// Runs until `stop` changes or its sender is dropped. Dropping the
