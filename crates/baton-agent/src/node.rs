@@ -6,7 +6,9 @@
 //! - `agent-key.pk8`: its PKCS#8 key (mode 0600, written to a temporary
 //!   file and renamed so a crash never leaves half a key);
 //! - `bundle.json`: the last SPIFFE bundle received, so that a restarted
-//!   agent still trusts a broker whose CA has rotated since bootstrap.
+//!   agent still trusts a broker whose CA has rotated since bootstrap, and
+//!   only it: once this file exists the bootstrap PEM is ignored (see
+//!   [`initial_authorities`]).
 
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -270,29 +272,49 @@ fn chain_pem(chain: &[Vec<u8>]) -> String {
     out
 }
 
-/// The trust anchors to start with: the stored bundle (it follows CA
-/// rotations) and the operator's bootstrap PEM, merged.
+/// The trust anchors to start with: the stored bundle when there is one,
+/// else the operator's bootstrap PEM.
+///
+/// The stored bundle alone, never merged with the bootstrap PEM: it
+/// follows the broker's CA rotations, while the bootstrap PEM stays in the
+/// daemon's configuration for good and may still hold an authority the
+/// operator has since rotated out and revoked. Merged, a restarted node
+/// would trust that authority again until its first sync, and a broker
+/// impersonated with it could answer that sync with a higher sequence and
+/// have its bundle installed and stored. To bootstrap again from the PEM
+/// (after restoring the CA on purpose, say), remove the stored bundle file
+/// and restart.
 pub fn initial_authorities(
     store: &NodeStore,
     td: &TrustDomain,
     bootstrap_pem: Option<&str>,
 ) -> Result<Vec<Vec<u8>>, NodeError> {
-    let mut out: Vec<Vec<u8>> = Vec::new();
-    if let Some(b) = store.load_bundle(td)? {
-        out.extend(b.x509_authorities);
-    }
-    if let Some(pem) = bootstrap_pem {
-        let b = TrustBundle::from_pem(td, pem).map_err(NodeError::BadBootstrap)?;
-        for der in b.x509_authorities {
-            if !out.contains(&der) {
-                out.push(der);
-            }
+    if let Some(stored) = store.load_bundle(td)? {
+        let path = store.path(BUNDLE_FILE);
+        if stored.x509_authorities.is_empty() {
+            // Falling back to the bootstrap PEM here would reopen the
+            // hole above; an operator decides.
+            return Err(NodeError::Damaged {
+                path,
+                reason: "it holds no X.509 authority; remove it and restart with --trust-bundle to bootstrap again".into(),
+            });
         }
+        if bootstrap_pem.is_some() {
+            tracing::warn!(
+                stored = %path.display(),
+                "ignoring --trust-bundle: this node trusts only its stored bundle, which follows the broker's CA rotations; to bootstrap again from --trust-bundle, remove the stored bundle file and restart"
+            );
+        }
+        return Ok(stored.x509_authorities);
     }
-    if out.is_empty() {
+    let Some(pem) = bootstrap_pem else {
+        return Err(NodeError::NoBootstrapBundle);
+    };
+    let b = TrustBundle::from_pem(td, pem).map_err(NodeError::BadBootstrap)?;
+    if b.x509_authorities.is_empty() {
         return Err(NodeError::NoBootstrapBundle);
     }
-    Ok(out)
+    Ok(b.x509_authorities)
 }
 
 /// Loads the stored node SVID or attests with the join token, installs the
@@ -497,6 +519,43 @@ mod tests {
             initial_authorities(&store, &td, Some("not pem")),
             Err(NodeError::BadBootstrap(_)) | Err(NodeError::NoBootstrapBundle)
         ));
+    }
+
+    fn ca_bundle(td: &TrustDomain) -> TrustBundle {
+        baton_ca::Ca::load_or_create(baton_ca::CaConfig::new(td.clone()), SystemTime::now())
+            .unwrap()
+            .bundle()
+    }
+
+    /// The operator rotated CA1 out (and revoked it) for CA2; the node
+    /// stored {CA2}, but its configuration still names the bootstrap PEM
+    /// of CA1. A restart trusts CA2 only: a broker impersonated with CA1
+    /// is not trusted for the first sync. Control: with no stored bundle,
+    /// the bootstrap PEM is what the node trusts.
+    #[test]
+    fn a_stored_bundle_replaces_the_bootstrap_pem() {
+        let td = TrustDomain::new("example.org").unwrap();
+        let (ca1, ca2) = (ca_bundle(&td), ca_bundle(&td));
+        let bootstrap = ca1.to_pem();
+
+        let fresh = tempfile::tempdir().unwrap();
+        let store = NodeStore::open(fresh.path()).unwrap();
+        assert_eq!(
+            initial_authorities(&store, &td, Some(&bootstrap)).unwrap(),
+            ca1.x509_authorities
+        );
+
+        let rotated = tempfile::tempdir().unwrap();
+        let store = NodeStore::open(rotated.path()).unwrap();
+        store.save_bundle(&ca2.to_spiffe_json()).unwrap();
+        let trusted = initial_authorities(&store, &td, Some(&bootstrap)).unwrap();
+        assert_eq!(trusted, ca2.x509_authorities);
+        assert!(ca1.x509_authorities.iter().all(|a| !trusted.contains(a)));
+        // Without the flag, the same.
+        assert_eq!(
+            initial_authorities(&store, &td, None).unwrap(),
+            ca2.x509_authorities
+        );
     }
 
     #[test]
