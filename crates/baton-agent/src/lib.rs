@@ -286,6 +286,7 @@ pub async fn run(
         node_svid,
         config.rotate_fraction,
         tainted_rx.clone(),
+        cache_rx.clone(),
         stop_rx,
     ));
 

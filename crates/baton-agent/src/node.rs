@@ -425,16 +425,29 @@ const RENEW_RETRY_CAP: Duration = Duration::from_secs(60);
 
 /// Renews the node SVID after `fraction` of its life, retrying with a
 /// capped backoff, until `stop` changes or its sender is dropped.
+///
+/// Renews at once when the SVID's authority is tainted, or when it no
+/// longer verifies against the anchors in force (its authority left the
+/// bundle: a broker holding that bundle would refuse it). `snapshot`
+/// changes whenever a sync installs a bundle, so each new bundle is
+/// checked. A renewed SVID that still does not verify is kept and not
+/// renewed at once again until the anchors change, so a broker signing
+/// under an authority the bundle lacks cannot make this loop spin.
 pub async fn renew_loop(
     store: NodeStore,
     client: std::sync::Arc<BrokerClient>,
     mut svid: NodeSvid,
     fraction: f64,
     mut tainted: tokio::sync::watch::Receiver<crate::cache::Tainted>,
+    mut snapshot: tokio::sync::watch::Receiver<std::sync::Arc<crate::cache::Snapshot>>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut failures: u32 = 0;
     let mut follow_taints = true;
+    let mut follow_bundles = true;
+    // The anchors (or their absence) a renewed SVID already failed to
+    // verify against.
+    let mut gave_up_on: Option<Option<Anchors>> = None;
     loop {
         let signer = svid
             .chain_der
@@ -443,10 +456,18 @@ pub async fn renew_loop(
         let is_tainted = signer
             .as_ref()
             .is_some_and(|s| tainted.borrow().contains(s));
+        let anchors = client.bundles().get(svid.spiffe_id.trust_domain());
+        let gave_up = gave_up_on
+            .as_ref()
+            .is_some_and(|g| same_anchors(g.as_ref(), anchors.as_ref()));
+        let orphaned = !gave_up && orphan_reason(&client, &svid, unix_now()).is_some();
         let wait = if failures > 0 {
             backoff(failures - 1, RENEW_RETRY_CAP)
         } else if is_tainted {
             tracing::warn!(node = %svid.spiffe_id, "the node SVID's authority is tainted: renewing now");
+            Duration::ZERO
+        } else if orphaned {
+            tracing::warn!(node = %svid.spiffe_id, "the node SVID no longer verifies against the trust bundle (its authority left it): renewing now");
             Duration::ZERO
         } else {
             until(svid.renew_at(fraction), SystemTime::now())
@@ -460,6 +481,11 @@ pub async fn renew_loop(
                 follow_taints = r.is_ok();
                 continue;
             }
+            r = snapshot.changed(), if follow_bundles => {
+                // The same, with the anchors a sync may have installed.
+                follow_bundles = r.is_ok();
+                continue;
+            }
             () = tokio::time::sleep(wait) => {}
         }
         match renew(&store, &client, &svid).await {
@@ -468,6 +494,11 @@ pub async fn renew_loop(
                 baton_ops::metrics().agent_node_svid(new.not_after);
                 svid = new;
                 failures = 0;
+                gave_up_on = None;
+                if let Some(reason) = orphan_reason(&client, &svid, unix_now()) {
+                    tracing::warn!(node = %svid.spiffe_id, %reason, "the renewed node SVID does not verify against this node's trust bundle either; renewing again once the bundle changes");
+                    gave_up_on = Some(anchors);
+                }
             }
             Err(e) => {
                 failures = failures.saturating_add(1);
@@ -483,6 +514,24 @@ pub async fn renew_loop(
             }
         }
     }
+}
+
+/// The anchors of one trust domain as the client's bundle store holds
+/// them; each installed bundle is a new allocation.
+type Anchors = std::sync::Arc<Vec<CertificateDer<'static>>>;
+
+fn same_anchors(a: Option<&Anchors>, b: Option<&Anchors>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => std::sync::Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
+    }
+}
+
+/// Why the node SVID does not verify against the client's anchors at
+/// `now`, if it does not.
+fn orphan_reason(client: &BrokerClient, svid: &NodeSvid, now: u64) -> Option<String> {
+    crate::cache::verify_chain(&svid.chain_der, &svid.spiffe_id, client.bundles(), now).err()
 }
 
 #[cfg(test)]
