@@ -10,9 +10,10 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use baton_core::selector::entry_matches;
-use baton_core::{Entry, EntryId, Secret, TrustDomain};
+use baton_core::{Entry, EntryId, Secret, SpiffeId, TrustDomain};
 
 use crate::attest::AttestedWorkload;
 
@@ -165,14 +166,70 @@ impl Snapshot {
     }
 }
 
+/// Whether `chain_der` (leaf first) is an X509-SVID for `id` that chains
+/// to the anchors of `bundles` and is valid at `now`; why not otherwise.
+///
+/// A full chain verification, not a comparison of authority key ids:
+/// under an upstream CA the leaf names the broker's intermediate while
+/// the bundle holds the upstream root.
+pub fn verify_chain(
+    chain_der: &[Vec<u8>],
+    id: &SpiffeId,
+    bundles: &baton_tls::BundleStore,
+    now: u64,
+) -> Result<(), String> {
+    let chain: Vec<baton_tls::CertificateDer<'_>> = chain_der
+        .iter()
+        .map(|c| baton_tls::CertificateDer::from(c.as_slice()))
+        .collect();
+    let (leaf, intermediates) = chain
+        .split_first()
+        .ok_or_else(|| "its certificate chain is empty".to_owned())?;
+    baton_tls::verify_svid(
+        leaf,
+        intermediates,
+        bundles,
+        &baton_tls::PeerPolicy::Exact(vec![id.clone()]),
+        baton_tls::UnixTime::since_unix_epoch(Duration::from_secs(now)),
+    )
+    .map(|_| ())
+    .map_err(|e| format!("it does not verify against the trust bundle: {e}"))
+}
+
+/// The entries whose cached SVID no longer verifies against `bundles` at
+/// `now` ([`verify_chain`]): its authority left the bundle (rotated out,
+/// revoked), so relying parties holding that bundle refuse it. The sync
+/// loop re-signs them ([`entries_to_sign`]) and stops serving them
+/// ([`next_snapshot`]).
+pub fn unverified(
+    current: &Snapshot,
+    bundles: &baton_tls::BundleStore,
+    now: u64,
+) -> BTreeSet<EntryId> {
+    current
+        .svids
+        .values()
+        .filter_map(|s| match verify_chain(&s.chain_der, &s.entry.spiffe_id, bundles, now) {
+            Ok(()) => None,
+            Err(reason) => {
+                tracing::warn!(entry = %s.entry.id, spiffe_id = %s.entry.spiffe_id, %reason, "a cached SVID no longer verifies against the trust bundle: no longer served, re-signing it");
+                Some(s.entry.id.clone())
+            }
+        })
+        .collect()
+}
+
 /// The entries of `entries` whose SVID is missing, was issued for a
-/// different version of the entry, or is due for rotation at `now`.
+/// different version of the entry, is due for rotation at `now`, was
+/// signed by a tainted authority, or is in `unverified` (see
+/// [`unverified`]).
 pub fn entries_to_sign<'a>(
     entries: &'a [Entry],
     current: &Snapshot,
     now: u64,
     fraction: f64,
     tainted: &[String],
+    unverified: &BTreeSet<EntryId>,
 ) -> Vec<&'a Entry> {
     entries
         .iter()
@@ -183,27 +240,36 @@ pub fn entries_to_sign<'a>(
                     || now >= s.rotate_at(fraction)
                     || now >= s.not_after
                     || s.authority_id.as_ref().is_some_and(|a| tainted.contains(a))
+                    || unverified.contains(&e.id)
             }
         })
         .collect()
 }
 
 /// Builds the next snapshot: the new entries and bundle, the SVIDs of
-/// `current` that still belong to a live, unchanged entry and have not
-/// expired at `now`, then `fresh`. SVIDs of deleted entries are dropped here.
+/// `current` that still belong to a live, unchanged entry, have not
+/// expired at `now` and are not in `unverified`, then `fresh`. SVIDs of
+/// deleted entries are dropped here, and so are those that no longer
+/// verify against the bundle even when no new one could be signed this
+/// round: the workload gets none rather than one its peers refuse.
 pub fn next_snapshot(
     current: &Snapshot,
     entries: Vec<Entry>,
     bundle: Option<BundleView>,
     fresh: Vec<CachedSvid>,
     now: u64,
+    unverified: &BTreeSet<EntryId>,
 ) -> Snapshot {
     let mut next = Snapshot::new(entries, bundle);
     let live: HashMap<&EntryId, &Entry> = next.entries.iter().map(|e| (&e.id, e)).collect();
     let kept: Vec<Arc<CachedSvid>> = current
         .svids
         .values()
-        .filter(|s| now < s.not_after && live.get(&s.entry.id).is_some_and(|e| **e == s.entry))
+        .filter(|s| {
+            now < s.not_after
+                && !unverified.contains(&s.entry.id)
+                && live.get(&s.entry.id).is_some_and(|e| **e == s.entry)
+        })
         .cloned()
         .collect();
     for s in kept {
@@ -335,7 +401,11 @@ impl JwtCache {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use baton_core::{Selector, SpiffeId};
+    use baton_core::Selector;
+
+    fn none() -> BTreeSet<EntryId> {
+        BTreeSet::new()
+    }
 
     pub(crate) fn entry(path: &str, uid: u32) -> Entry {
         Entry {
@@ -369,18 +439,20 @@ pub(crate) mod tests {
         assert_eq!(s.rotate_at(0.8), 1082);
         assert_eq!(s.rotate_at(7.0), 1100);
         let snap = Snapshot::new(vec![e.clone()], None).with_svid(s);
-        assert!(entries_to_sign(snap.entries(), &snap, 1054, 0.5, &[]).is_empty());
+        assert!(entries_to_sign(snap.entries(), &snap, 1054, 0.5, &[], &none()).is_empty());
         assert_eq!(
-            entries_to_sign(snap.entries(), &snap, 1055, 0.5, &[]),
+            entries_to_sign(snap.entries(), &snap, 1055, 0.5, &[], &none()),
             vec![&e]
         );
         // An SVID of a tainted authority is re-signed at once.
         let mut tainted_svid = svid(&e, 1000, 1100, 1);
         tainted_svid.authority_id = Some("aa".into());
         let snap2 = Snapshot::new(vec![e.clone()], None).with_svid(tainted_svid);
-        assert!(entries_to_sign(snap2.entries(), &snap2, 1001, 0.5, &["bb".into()]).is_empty());
+        assert!(
+            entries_to_sign(snap2.entries(), &snap2, 1001, 0.5, &["bb".into()], &none()).is_empty()
+        );
         assert_eq!(
-            entries_to_sign(snap2.entries(), &snap2, 1001, 0.5, &["aa".into()]),
+            entries_to_sign(snap2.entries(), &snap2, 1001, 0.5, &["aa".into()], &none()),
             vec![&e]
         );
         assert_eq!(snap.next_rotation(0.5), Some(1055));
@@ -398,7 +470,10 @@ pub(crate) mod tests {
         let mut a2 = a.clone();
         a2.dns_names = vec!["a.internal".into()];
         let wanted = vec![a2.clone(), b.clone()];
-        assert_eq!(entries_to_sign(&wanted, &snap, 1, 0.5, &[]), vec![&a2, &b]);
+        assert_eq!(
+            entries_to_sign(&wanted, &snap, 1, 0.5, &[], &none()),
+            vec![&a2, &b]
+        );
     }
 
     #[test]
@@ -409,18 +484,108 @@ pub(crate) mod tests {
             .with_svid(svid(&a, 0, 100, 1))
             .with_svid(svid(&b, 0, 100, 2));
         // b is deleted; a is kept as is.
-        let next = next_snapshot(&snap, vec![a.clone()], None, vec![], 10);
+        let next = next_snapshot(&snap, vec![a.clone()], None, vec![], 10, &none());
         assert!(next.svid(&a.id).is_some());
         assert!(next.svid(&b.id).is_none());
         // An expired SVID is not served even if its entry lives on.
-        let next = next_snapshot(&snap, vec![a.clone()], None, vec![], 100);
+        let next = next_snapshot(&snap, vec![a.clone()], None, vec![], 100, &none());
         assert!(next.svid(&a.id).is_none());
         // A fresh SVID replaces the old one.
-        let next = next_snapshot(&snap, vec![a.clone()], None, vec![svid(&a, 50, 150, 3)], 10);
+        let next = next_snapshot(
+            &snap,
+            vec![a.clone()],
+            None,
+            vec![svid(&a, 50, 150, 3)],
+            10,
+            &none(),
+        );
         assert_eq!(next.svid(&a.id).unwrap().not_before, 50);
         // A fresh SVID for an entry deleted meanwhile is not kept.
-        let next = next_snapshot(&snap, vec![], None, vec![svid(&a, 50, 150, 3)], 10);
+        let next = next_snapshot(&snap, vec![], None, vec![svid(&a, 50, 150, 3)], 10, &none());
         assert!(next.svids().next().is_none());
+    }
+
+    /// An X509-SVID of `entry` signed by `ca` at `now` (Unix seconds), as
+    /// the sync loop caches it.
+    fn signed_by(ca: &baton_ca::Ca, entry: &Entry, now: u64) -> CachedSvid {
+        let at = std::time::UNIX_EPOCH + Duration::from_secs(now);
+        let key = baton_ca::WorkloadKey::generate().unwrap();
+        let csr = key.csr_der(&entry.spiffe_id).unwrap();
+        let issued = ca
+            .sign_x509_svid(&csr, &entry.spiffe_id, Duration::from_secs(100), &[], at)
+            .unwrap();
+        let info = baton_ca::leaf_info(&issued.cert_chain_der).unwrap();
+        CachedSvid {
+            entry: entry.clone(),
+            chain_der: issued.cert_chain_der,
+            key: KeyDer::new(key.pkcs8_der().to_vec()),
+            not_before: crate::node::unix_secs(info.not_before),
+            not_after: crate::node::unix_secs(info.not_after),
+            authority_id: Some(issued.authority_id),
+        }
+    }
+
+    /// The operator rotated CA1 out of the bundle: the node's SVID signed
+    /// by CA1, not yet due for rotation, not expired, its authority not
+    /// tainted, is re-signed at once and no longer served even before a
+    /// new one arrives. Control: while the bundle still holds CA1 (next
+    /// to CA2), it is kept and not re-signed.
+    #[test]
+    fn an_svid_whose_authority_left_the_bundle_is_dropped_and_re_signed() {
+        baton_tls::install_crypto_provider();
+        baton_ca::init();
+        let td = TrustDomain::new("example.org").unwrap();
+        let now = crate::node::unix_now();
+        let at = std::time::UNIX_EPOCH + Duration::from_secs(now);
+        let ca1 = baton_ca::Ca::load_or_create(baton_ca::CaConfig::new(td.clone()), at).unwrap();
+        let ca2 = baton_ca::Ca::load_or_create(baton_ca::CaConfig::new(td.clone()), at).unwrap();
+        let a = entry("a", 1);
+        let snap = Snapshot::new(vec![a.clone()], None).with_svid(signed_by(&ca1, &a, now));
+        let later = now + 5;
+        let anchors = |cas: &[&baton_ca::Ca]| {
+            let store = baton_tls::BundleStore::new();
+            let ders = cas
+                .iter()
+                .flat_map(|c| c.bundle().x509_authorities)
+                .collect();
+            store.set(td.clone(), ders);
+            store
+        };
+
+        // Untampered: {CA1, CA2} still vouches for it.
+        let both = anchors(&[&ca1, &ca2]);
+        let stale = unverified(&snap, &both, later);
+        assert!(stale.is_empty(), "{stale:?}");
+        assert!(entries_to_sign(snap.entries(), &snap, later, 0.5, &[], &stale).is_empty());
+        let next = next_snapshot(&snap, vec![a.clone()], None, vec![], later, &stale);
+        assert_eq!(next.svid(&a.id), snap.svid(&a.id));
+
+        // CA1 is gone from the bundle: {CA2}.
+        let rotated = anchors(&[&ca2]);
+        let stale = unverified(&snap, &rotated, later);
+        assert_eq!(stale, BTreeSet::from([a.id.clone()]));
+        assert_eq!(
+            entries_to_sign(snap.entries(), &snap, later, 0.5, &[], &stale),
+            vec![&a]
+        );
+        // Re-signing failed this round: nothing is served for `a`.
+        let next = next_snapshot(&snap, vec![a.clone()], None, vec![], later, &stale);
+        assert!(next.svid(&a.id).is_none());
+        // Re-signed by CA2: the new SVID is served, and it verifies.
+        let renewed = signed_by(&ca2, &a, later);
+        let next = next_snapshot(
+            &snap,
+            vec![a.clone()],
+            None,
+            vec![renewed.clone()],
+            later,
+            &stale,
+        );
+        assert_eq!(
+            next.svid(&a.id).map(|s| s.chain_der.clone()),
+            Some(renewed.chain_der)
+        );
+        assert!(unverified(&next, &rotated, later).is_empty());
     }
 
     #[test]

@@ -478,7 +478,6 @@ mod tests {
     use baton_core::delegation::TaskId;
     use baton_core::{EntryId, TrustDomain};
     use baton_proto::delegation::delegation_client::DelegationClient;
-    use baton_proto::delegation::delegation_server::DelegationServer;
     use tokio::net::UnixListener;
     use tokio_stream::wrappers::UnixListenerStream;
     use tonic::transport::{Channel, Endpoint};
@@ -629,8 +628,8 @@ mod tests {
         let path = dir.path().join("agent.sock");
         let listener = UnixListener::bind(&path).unwrap();
         tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(DelegationServer::new(service))
+            crate::socket_server()
+                .add_service(crate::delegation_api(service))
                 .serve_with_incoming(UnixListenerStream::new(listener)),
         );
         let channel = Endpoint::from_shared(format!("unix:{}", path.display()))
@@ -954,5 +953,45 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, ClientError::Unreachable { .. }), "{err:?}");
         assert_eq!(redeem_status(&err).code(), Code::Unavailable);
+    }
+
+    /// A renewal request longer than the socket's bound is refused from
+    /// its length prefix, before the handler attests the caller or reads
+    /// a field. Control: the largest legitimate renewal (a 16 KiB token,
+    /// a 4 KiB leaf, a proof) passes the bound and reaches the broker.
+    #[tokio::test]
+    async fn oversized_renewals_are_refused_before_the_handler() {
+        let mine = entry("agents/summariser", my_uid());
+        let mut h = harness(vec![mine.clone()], true).await;
+        let renew = |token: String| {
+            let mut r = Request::new(RenewTaskCredentialRequest {
+                token,
+                x509_svid_leaf: vec![0x30; 4096],
+                spiffe_id: mine.spiffe_id.to_string(),
+                proof: vec![0x30; 72],
+                proof_iat: 1,
+            });
+            r.metadata_mut()
+                .insert(SECURITY_HEADER, "true".parse().unwrap());
+            r
+        };
+
+        let err = h
+            .client
+            .renew(renew("t".repeat(1 << 20)))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+        assert!(err.message().contains("too large"), "{}", err.message());
+
+        // Untampered: the fake broker's answer to a renewal is the only
+        // refusal.
+        let err = h
+            .client
+            .renew(renew("t".repeat(16 * 1024)))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Internal, "{err:?}");
+        assert!(err.message().contains("not exercised"), "{}", err.message());
     }
 }

@@ -37,8 +37,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use baton_core::{Secret, SpiffeId, TrustDomain};
-use baton_proto::delegation::delegation_server::DelegationServer;
-use baton_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
+use baton_proto::delegation::delegation_server::{Delegation, DelegationServer};
+use baton_proto::workload::spiffe_workload_api_server::{
+    SpiffeWorkloadApi, SpiffeWorkloadApiServer,
+};
 use tokio::sync::{oneshot, watch};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
@@ -284,6 +286,7 @@ pub async fn run(
         node_svid,
         config.rotate_fraction,
         tainted_rx.clone(),
+        cache_rx.clone(),
         stop_rx,
     ));
 
@@ -390,6 +393,60 @@ fn install_ops(ops: &baton_ops::Ops, cache: watch::Receiver<Arc<Snapshot>>, inte
 /// workload needs a few: its SVID and bundle streams, a call).
 const MAX_STREAMS_PER_CONNECTION: u32 = 64;
 
+/// Largest request message either service on the socket decodes; a longer
+/// one is refused with `OutOfRange` from its 5-byte length prefix, before
+/// a byte of it is buffered and before the caller is attested.
+///
+/// tonic's default (4 MiB) is reserved and read whole before the handler
+/// runs, so any local user (the socket is world-connectable) could make
+/// the daemon hold 4 MiB per stream: 64 GiB with
+/// [`conn_limit::MAX_CONNECTIONS_PER_UID`] connections of
+/// [`MAX_STREAMS_PER_CONNECTION`] streams each. At 32 KiB that is at most
+/// 512 MiB per uid.
+///
+/// The largest legitimate requests:
+/// - `Delegation.Renew`: a token the handler bounds to 16 KiB, a leaf
+///   certificate (well under 4 KiB with a SPIFFE ID of the 2 KiB most),
+///   a SPIFFE ID (2 KiB at most), an ECDSA signature and a timestamp,
+///   about 22 KiB in all;
+/// - `ValidateJWTSVID`: a JWT-SVID (the broker's are an ES256 signature,
+///   a SPIFFE ID and the audiences, a few hundred bytes) and one audience;
+///   `FetchJWTSVID`: a SPIFFE ID and the audiences. Everything else is
+///   empty.
+pub(crate) const MAX_REQUEST_BYTES: usize = 32 * 1024;
+/// HTTP/2 flow-control windows of the socket's server: what a peer may
+/// send on a stream, and on a connection, before the daemon reads it
+/// (hyper's default is 1 MiB each). Twice [`MAX_REQUEST_BYTES`] per
+/// stream, so a legitimate request is never held up by its window.
+const STREAM_WINDOW_BYTES: u32 = 64 * 1024;
+/// See [`STREAM_WINDOW_BYTES`].
+const CONNECTION_WINDOW_BYTES: u32 = 256 * 1024;
+
+/// The HTTP/2 server of the node socket, with its per-connection bounds:
+/// streams at once, flow-control windows, and a peer that stops answering
+/// HTTP/2 pings (a socket held open and silent) is dropped. Tests serve
+/// through it too, so they exercise these settings.
+pub(crate) fn socket_server() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
+        .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+}
+
+/// The Workload API as the socket serves it: requests bounded by
+/// [`MAX_REQUEST_BYTES`].
+pub(crate) fn workload_api<T: SpiffeWorkloadApi>(service: T) -> SpiffeWorkloadApiServer<T> {
+    SpiffeWorkloadApiServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES)
+}
+
+/// The `Delegation` service as the socket serves it: requests bounded by
+/// [`MAX_REQUEST_BYTES`].
+pub(crate) fn delegation_api<T: Delegation>(service: T) -> DelegationServer<T> {
+    DelegationServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES)
+}
+
 async fn serve(
     config: &AgentConfig,
     node_id: &SpiffeId,
@@ -427,15 +484,10 @@ async fn serve(
         });
     }
     let limit = conn_limit::ConnectionLimit::new(conn_limit::MAX_CONNECTIONS_PER_UID);
-    tonic::transport::Server::builder()
-        // Bounds per connection: streams at once, and a peer that stops
-        // answering HTTP/2 pings (a socket held open and silent) is dropped.
-        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+    socket_server()
         .layer(rpc_metrics::CountRpcsLayer)
-        .add_service(SpiffeWorkloadApiServer::new(workload))
-        .add_service(DelegationServer::new(delegation))
+        .add_service(workload_api(workload))
+        .add_service(delegation_api(delegation))
         .serve_with_incoming_shutdown(
             // Standard gRPC clients send an `:authority` the HTTP/2 server
             // would refuse; see `authority`. Each user holds at most

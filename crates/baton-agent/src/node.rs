@@ -6,7 +6,9 @@
 //! - `agent-key.pk8`: its PKCS#8 key (mode 0600, written to a temporary
 //!   file and renamed so a crash never leaves half a key);
 //! - `bundle.json`: the last SPIFFE bundle received, so that a restarted
-//!   agent still trusts a broker whose CA has rotated since bootstrap.
+//!   agent still trusts a broker whose CA has rotated since bootstrap, and
+//!   only it: once this file exists the bootstrap PEM is ignored (see
+//!   [`initial_authorities`]).
 
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -270,29 +272,49 @@ fn chain_pem(chain: &[Vec<u8>]) -> String {
     out
 }
 
-/// The trust anchors to start with: the stored bundle (it follows CA
-/// rotations) and the operator's bootstrap PEM, merged.
+/// The trust anchors to start with: the stored bundle when there is one,
+/// else the operator's bootstrap PEM.
+///
+/// The stored bundle alone, never merged with the bootstrap PEM: it
+/// follows the broker's CA rotations, while the bootstrap PEM stays in the
+/// daemon's configuration for good and may still hold an authority the
+/// operator has since rotated out and revoked. Merged, a restarted node
+/// would trust that authority again until its first sync, and a broker
+/// impersonated with it could answer that sync with a higher sequence and
+/// have its bundle installed and stored. To bootstrap again from the PEM
+/// (after restoring the CA on purpose, say), remove the stored bundle file
+/// and restart.
 pub fn initial_authorities(
     store: &NodeStore,
     td: &TrustDomain,
     bootstrap_pem: Option<&str>,
 ) -> Result<Vec<Vec<u8>>, NodeError> {
-    let mut out: Vec<Vec<u8>> = Vec::new();
-    if let Some(b) = store.load_bundle(td)? {
-        out.extend(b.x509_authorities);
-    }
-    if let Some(pem) = bootstrap_pem {
-        let b = TrustBundle::from_pem(td, pem).map_err(NodeError::BadBootstrap)?;
-        for der in b.x509_authorities {
-            if !out.contains(&der) {
-                out.push(der);
-            }
+    if let Some(stored) = store.load_bundle(td)? {
+        let path = store.path(BUNDLE_FILE);
+        if stored.x509_authorities.is_empty() {
+            // Falling back to the bootstrap PEM here would reopen the
+            // hole above; an operator decides.
+            return Err(NodeError::Damaged {
+                path,
+                reason: "it holds no X.509 authority; remove it and restart with --trust-bundle to bootstrap again".into(),
+            });
         }
+        if bootstrap_pem.is_some() {
+            tracing::warn!(
+                stored = %path.display(),
+                "ignoring --trust-bundle: this node trusts only its stored bundle, which follows the broker's CA rotations; to bootstrap again from --trust-bundle, remove the stored bundle file and restart"
+            );
+        }
+        return Ok(stored.x509_authorities);
     }
-    if out.is_empty() {
+    let Some(pem) = bootstrap_pem else {
+        return Err(NodeError::NoBootstrapBundle);
+    };
+    let b = TrustBundle::from_pem(td, pem).map_err(NodeError::BadBootstrap)?;
+    if b.x509_authorities.is_empty() {
         return Err(NodeError::NoBootstrapBundle);
     }
-    Ok(out)
+    Ok(b.x509_authorities)
 }
 
 /// Loads the stored node SVID or attests with the join token, installs the
@@ -403,16 +425,29 @@ const RENEW_RETRY_CAP: Duration = Duration::from_secs(60);
 
 /// Renews the node SVID after `fraction` of its life, retrying with a
 /// capped backoff, until `stop` changes or its sender is dropped.
+///
+/// Renews at once when the SVID's authority is tainted, or when it no
+/// longer verifies against the anchors in force (its authority left the
+/// bundle: a broker holding that bundle would refuse it). `snapshot`
+/// changes whenever a sync installs a bundle, so each new bundle is
+/// checked. A renewed SVID that still does not verify is kept and not
+/// renewed at once again until the anchors change, so a broker signing
+/// under an authority the bundle lacks cannot make this loop spin.
 pub async fn renew_loop(
     store: NodeStore,
     client: std::sync::Arc<BrokerClient>,
     mut svid: NodeSvid,
     fraction: f64,
     mut tainted: tokio::sync::watch::Receiver<crate::cache::Tainted>,
+    mut snapshot: tokio::sync::watch::Receiver<std::sync::Arc<crate::cache::Snapshot>>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut failures: u32 = 0;
     let mut follow_taints = true;
+    let mut follow_bundles = true;
+    // The anchors (or their absence) a renewed SVID already failed to
+    // verify against.
+    let mut gave_up_on: Option<Option<Anchors>> = None;
     loop {
         let signer = svid
             .chain_der
@@ -421,10 +456,18 @@ pub async fn renew_loop(
         let is_tainted = signer
             .as_ref()
             .is_some_and(|s| tainted.borrow().contains(s));
+        let anchors = client.bundles().get(svid.spiffe_id.trust_domain());
+        let gave_up = gave_up_on
+            .as_ref()
+            .is_some_and(|g| same_anchors(g.as_ref(), anchors.as_ref()));
+        let orphaned = !gave_up && orphan_reason(&client, &svid, unix_now()).is_some();
         let wait = if failures > 0 {
             backoff(failures - 1, RENEW_RETRY_CAP)
         } else if is_tainted {
             tracing::warn!(node = %svid.spiffe_id, "the node SVID's authority is tainted: renewing now");
+            Duration::ZERO
+        } else if orphaned {
+            tracing::warn!(node = %svid.spiffe_id, "the node SVID no longer verifies against the trust bundle (its authority left it): renewing now");
             Duration::ZERO
         } else {
             until(svid.renew_at(fraction), SystemTime::now())
@@ -438,6 +481,11 @@ pub async fn renew_loop(
                 follow_taints = r.is_ok();
                 continue;
             }
+            r = snapshot.changed(), if follow_bundles => {
+                // The same, with the anchors a sync may have installed.
+                follow_bundles = r.is_ok();
+                continue;
+            }
             () = tokio::time::sleep(wait) => {}
         }
         match renew(&store, &client, &svid).await {
@@ -446,6 +494,11 @@ pub async fn renew_loop(
                 baton_ops::metrics().agent_node_svid(new.not_after);
                 svid = new;
                 failures = 0;
+                gave_up_on = None;
+                if let Some(reason) = orphan_reason(&client, &svid, unix_now()) {
+                    tracing::warn!(node = %svid.spiffe_id, %reason, "the renewed node SVID does not verify against this node's trust bundle either; renewing again once the bundle changes");
+                    gave_up_on = Some(anchors);
+                }
             }
             Err(e) => {
                 failures = failures.saturating_add(1);
@@ -461,6 +514,24 @@ pub async fn renew_loop(
             }
         }
     }
+}
+
+/// The anchors of one trust domain as the client's bundle store holds
+/// them; each installed bundle is a new allocation.
+type Anchors = std::sync::Arc<Vec<CertificateDer<'static>>>;
+
+fn same_anchors(a: Option<&Anchors>, b: Option<&Anchors>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => std::sync::Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
+    }
+}
+
+/// Why the node SVID does not verify against the client's anchors at
+/// `now`, if it does not.
+fn orphan_reason(client: &BrokerClient, svid: &NodeSvid, now: u64) -> Option<String> {
+    crate::cache::verify_chain(&svid.chain_der, &svid.spiffe_id, client.bundles(), now).err()
 }
 
 #[cfg(test)]
@@ -497,6 +568,43 @@ mod tests {
             initial_authorities(&store, &td, Some("not pem")),
             Err(NodeError::BadBootstrap(_)) | Err(NodeError::NoBootstrapBundle)
         ));
+    }
+
+    fn ca_bundle(td: &TrustDomain) -> TrustBundle {
+        baton_ca::Ca::load_or_create(baton_ca::CaConfig::new(td.clone()), SystemTime::now())
+            .unwrap()
+            .bundle()
+    }
+
+    /// The operator rotated CA1 out (and revoked it) for CA2; the node
+    /// stored {CA2}, but its configuration still names the bootstrap PEM
+    /// of CA1. A restart trusts CA2 only: a broker impersonated with CA1
+    /// is not trusted for the first sync. Control: with no stored bundle,
+    /// the bootstrap PEM is what the node trusts.
+    #[test]
+    fn a_stored_bundle_replaces_the_bootstrap_pem() {
+        let td = TrustDomain::new("example.org").unwrap();
+        let (ca1, ca2) = (ca_bundle(&td), ca_bundle(&td));
+        let bootstrap = ca1.to_pem();
+
+        let fresh = tempfile::tempdir().unwrap();
+        let store = NodeStore::open(fresh.path()).unwrap();
+        assert_eq!(
+            initial_authorities(&store, &td, Some(&bootstrap)).unwrap(),
+            ca1.x509_authorities
+        );
+
+        let rotated = tempfile::tempdir().unwrap();
+        let store = NodeStore::open(rotated.path()).unwrap();
+        store.save_bundle(&ca2.to_spiffe_json()).unwrap();
+        let trusted = initial_authorities(&store, &td, Some(&bootstrap)).unwrap();
+        assert_eq!(trusted, ca2.x509_authorities);
+        assert!(ca1.x509_authorities.iter().all(|a| !trusted.contains(a)));
+        // Without the flag, the same.
+        assert_eq!(
+            initial_authorities(&store, &td, None).unwrap(),
+            ca2.x509_authorities
+        );
     }
 
     #[test]

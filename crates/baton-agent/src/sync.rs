@@ -2,15 +2,18 @@
 //!
 //! Every `sync_interval`, and also exactly when the next workload SVID is
 //! due for rotation, it fetches `/v1/node/sync`, signs every missing,
-//! changed or ageing SVID in one batched `sign-x509` call (with keys it
+//! changed or ageing SVID, and every one that no longer verifies against a
+//! newly installed bundle, in one batched `sign-x509` call (with keys it
 //! generates here, so private keys never leave the node), drops SVIDs of
-//! deleted entries and publishes a new snapshot if anything changed. When
+//! deleted entries and unverifiable ones, and publishes a new snapshot if
+//! anything changed. When
 //! the broker is unreachable the last snapshot keeps being served and the
 //! loop retries with a capped backoff. When the broker refuses the node
 //! itself (evicted, banned, its agent SVID revoked), nothing is served any
 //! more: the snapshot is emptied and the loop keeps retrying, logging what
 //! the operator must do.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -20,7 +23,7 @@ use baton_core::{Entry, TrustDomain};
 use tokio::sync::watch;
 
 use crate::cache::{
-    BundleView, CachedSvid, KeyDer, Snapshot, Tainted, entries_to_sign, next_snapshot,
+    self, BundleView, CachedSvid, KeyDer, Snapshot, Tainted, entries_to_sign, next_snapshot,
 };
 use crate::client::{BrokerClient, ClientError};
 use crate::node::{NodeStore, backoff, unix_now, unix_secs, until};
@@ -147,6 +150,23 @@ impl Syncer {
             self.last_bundle = Some(resp.bundle.clone());
             self.installed = Some(bundle.sequence);
         }
+        // SVIDs that no longer chain to the anchors in force (their
+        // authority left the bundle) are re-signed and, failing that, not
+        // served. Checked when the bundle's X.509 authorities differ from
+        // those of the snapshot being replaced: every SVID of that
+        // snapshot was checked against those (when they came in, or when
+        // signed), so an unchanged set needs no new check.
+        let current = Arc::clone(&self.tx.borrow());
+        let anchors_changed = current
+            .bundle()
+            .is_none_or(|have| have.trust.x509_authorities != bundle.x509_authorities);
+        let unverified = if anchors_changed {
+            // The client's anchors: the bundle's, just installed above
+            // (unless it had none), which `sign` checks new SVIDs against.
+            cache::unverified(&current, self.client.bundles(), now)
+        } else {
+            BTreeSet::new()
+        };
         let view = BundleView {
             trust_domain: td,
             x509_der: bundle.x509_authorities_concat_der(),
@@ -160,13 +180,13 @@ impl Syncer {
             }
             self.tainted.send_replace(Arc::new(resp.tainted.clone()));
         }
-        let current = Arc::clone(&self.tx.borrow());
         let to_sign: Vec<Entry> = entries_to_sign(
             &resp.entries,
             &current,
             now,
             self.settings.rotate_fraction,
             &resp.tainted,
+            &unverified,
         )
         .into_iter()
         .cloned()
@@ -182,7 +202,7 @@ impl Syncer {
         };
         let signed = fresh.len();
         let sequence = view.trust.sequence;
-        let next = next_snapshot(&current, resp.entries, Some(view), fresh, now);
+        let next = next_snapshot(&current, resp.entries, Some(view), fresh, now, &unverified);
         if next != *current {
             tracing::debug!(
                 entries = next.entries().len(),
@@ -236,22 +256,13 @@ impl Syncer {
                         info.spiffe_id, entry.spiffe_id
                     )));
                 }
-                let chain: Vec<baton_tls::CertificateDer<'_>> = svid
-                    .cert_chain_der
-                    .iter()
-                    .map(|c| baton_tls::CertificateDer::from(c.as_slice()))
-                    .collect();
-                let (leaf, intermediates) = chain
-                    .split_first()
-                    .ok_or_else(|| bad("its certificate chain is empty".into()))?;
-                baton_tls::verify_svid(
-                    leaf,
-                    intermediates,
+                cache::verify_chain(
+                    &svid.cert_chain_der,
+                    &entry.spiffe_id,
                     self.client.bundles(),
-                    &baton_tls::PeerPolicy::Exact(vec![entry.spiffe_id.clone()]),
-                    baton_tls::UnixTime::since_unix_epoch(Duration::from_secs(now)),
+                    now,
                 )
-                .map_err(|e| bad(format!("it does not verify against the trust bundle: {e}")))?;
+                .map_err(bad)?;
                 baton_tls::ClientIdentity::new(svid.cert_chain_der.clone(), key.pkcs8_der())
                     .map_err(|e| bad(format!("it does not certify the key sent: {e}")))?;
                 tracing::info!(entry = %entry.id, spiffe_id = %entry.spiffe_id, serial = %info.serial_hex, "workload SVID issued");

@@ -439,7 +439,6 @@ mod tests {
 
     use baton_core::TrustDomain;
     use baton_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
-    use baton_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
     use tokio::net::UnixListener;
     use tokio_stream::wrappers::UnixListenerStream;
     use tonic::Code;
@@ -520,8 +519,8 @@ mod tests {
         let (tx, rx) = watch::channel(Arc::new(initial));
         let service = WorkloadService::new(rx, Arc::new(Attestor::new()), Arc::new(FakeJwt));
         tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(SpiffeWorkloadApiServer::new(service))
+            crate::socket_server()
+                .add_service(crate::workload_api(service))
                 .serve_with_incoming(UnixListenerStream::new(listener)),
         );
         let channel = Endpoint::from_shared(format!("unix:{}", path.display()))
@@ -767,5 +766,52 @@ mod tests {
         let claims = ok.claims.unwrap();
         assert!(claims.fields.contains_key("aud"));
         assert!(claims.fields.contains_key("exp"));
+    }
+
+    /// A request longer than the socket's bound is refused from its length
+    /// prefix, before the handler (and before anything is attested): a
+    /// local user cannot make the daemon buffer megabytes per stream.
+    /// Control: a malformed token larger than any JWT-SVID the broker
+    /// mints, sent the same way, reaches the handler, which refuses it.
+    #[tokio::test]
+    async fn oversized_requests_are_refused_before_the_handler() {
+        let mut h = harness(Snapshot::new(vec![], Some(bundle(1)))).await;
+        let validate = |svid: String| {
+            with_header(ValidateJwtsvidRequest {
+                audience: "svc".into(),
+                svid,
+            })
+        };
+
+        let err = h
+            .client
+            .validate_jwtsvid(validate("x".repeat(1 << 20)))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+        assert!(err.message().contains("too large"), "{}", err.message());
+        let err = h
+            .client
+            .validate_jwtsvid(validate("x".repeat(crate::MAX_REQUEST_BYTES)))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+
+        // Untampered: the same call, 16 KiB, is the handler's to refuse.
+        let err = h
+            .client
+            .validate_jwtsvid(validate("x".repeat(16 * 1024)))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains("signature"), "{}", err.message());
+        // The connection is still usable after a refused request.
+        let ok = h
+            .client
+            .validate_jwtsvid(validate("good".into()))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(ok.spiffe_id, "spiffe://example.org/a");
     }
 }
