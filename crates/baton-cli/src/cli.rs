@@ -609,7 +609,7 @@ pub struct AgentArgs {
     /// Workload API socket path.
     #[arg(long)]
     pub socket: PathBuf,
-    /// PEM of the broker's CA, to trust it on first contact (the broker writes <data-dir>/bundle.pem).
+    /// PEM of the broker's CA, to trust it on first contact (the broker writes <data-dir>/bundle.pem). Once the daemon has stored a bundle it trusts only that one (this flag is then ignored with a warning: a CA rotated out stays out); remove the stored bundle file to bootstrap again.
     #[arg(long)]
     pub trust_bundle: Option<PathBuf>,
     /// Single-use join token (from `baton token generate`); only needed until the node has an identity.
