@@ -137,7 +137,8 @@ fn copy_identity(from: &Path, to: &Path) {
 }
 
 /// A stolen agent SVID cannot be kept alive by renewing it: the previous
-/// SVID is accepted only until its successor is presented once, and a
+/// SVID is accepted only until its successor is presented once (then it
+/// is revoked), and a
 /// renewal from the previous one drops the unseen successor, so two
 /// holders of one node's SVID cannot both go on renewing (the loser is
 /// refused, which shows the theft).
@@ -155,15 +156,16 @@ async fn an_agent_svid_renewed_away_is_dead_once_its_successor_is_used() {
     sync_with(&c, &thief)
         .await
         .expect("A refused before its successor was ever presented");
-    // B presented: A is refused, for a sync and for a renewal.
+    // B presented: A is revoked, and refused for a sync and for a
+    // renewal (and wherever else revocation is checked).
     sync_with(&c, &node).await.unwrap();
     assert_eq!(
         refusal_code(sync_with(&c, &thief).await),
-        "agent_svid_superseded"
+        "agent_svid_revoked"
     );
     assert_eq!(
         refusal_code(renew_from(&c, &thief).await),
-        "agent_svid_superseded"
+        "agent_svid_revoked"
     );
     // The untampered control: the node goes on renewing.
     let before = c.path("node-b");
@@ -189,7 +191,7 @@ async fn an_agent_svid_renewed_away_is_dead_once_its_successor_is_used() {
     sync_with(&c, &stolen).await.unwrap();
     assert_eq!(
         refusal_code(sync_with(&c, &before).await),
-        "agent_svid_superseded"
+        "agent_svid_revoked"
     );
 }
 
