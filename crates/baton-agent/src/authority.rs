@@ -47,8 +47,16 @@ const FLAG_PRIORITY: u8 = 0x20;
 /// The smallest SETTINGS_MAX_FRAME_SIZE a peer may have; re-encoded header
 /// blocks are split into frames no larger, so any server accepts them.
 const OUT_FRAME_MAX: usize = 16_384;
-/// Largest compressed header block (all its frames) accepted.
-const MAX_BLOCK: usize = 1 << 20;
+/// Largest compressed header block (all its frames) accepted: the largest
+/// decoded list ([`MAX_HEADER_LIST`]), which a block of literals cannot
+/// undercut by much, so nothing the server would take is refused while a
+/// connection holds at most this of a block being gathered.
+const MAX_BLOCK: usize = MAX_HEADER_LIST;
+/// Largest HEADERS or CONTINUATION frame: the server never raises
+/// SETTINGS_MAX_FRAME_SIZE above the protocol's 16 KiB, so a client may not
+/// send a larger one; refused from its length, before its payload is
+/// gathered.
+const IN_FRAME_MAX: usize = 16_384;
 /// Largest decoded header list (RFC 7541 sizes: name + value + 32 each):
 /// 4 times what the server's HTTP/2 layer accepts (16 KiB), so nothing it
 /// would take is refused here, while a block of indexed references (one
@@ -293,7 +301,7 @@ impl Rewriter {
                         self.phase = Phase::Payload(len);
                         continue;
                     }
-                    if len > MAX_BLOCK {
+                    if len > IN_FRAME_MAX {
                         return Err(RewriteError::Framing("header frame too large"));
                     }
                     let Some(payload) = rest.get(FRAME_HEADER_LEN..FRAME_HEADER_LEN + len) else {
@@ -1088,7 +1096,21 @@ pub(crate) mod tests {
         block.push(0x00);
         encode_string(b"x-big", &mut block);
         encode_string(&vec![b'v'; 40_000], &mut block);
-        input.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &block));
+        // Sent as a client must: frames of at most 16 KiB.
+        let chunks: Vec<&[u8]> = block.chunks(IN_FRAME_MAX).collect();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let kind = if i == 0 {
+                TYPE_HEADERS
+            } else {
+                TYPE_CONTINUATION
+            };
+            let end = if i + 1 == chunks.len() {
+                FLAG_END_HEADERS
+            } else {
+                0
+            };
+            input.extend(frame(kind, end, 1, chunk));
+        }
         let mut out = Vec::new();
         Rewriter::new().process(&input, &mut out).unwrap();
         let mut rest = &out[PREFACE_LEN..];
@@ -1137,6 +1159,44 @@ pub(crate) mod tests {
     /// block over the header-list limit is refused (the connection closes),
     /// and blocks under it are handed out at most `OUT_PENDING_MAX` at a
     /// time, however many arrive in one read.
+    /// A header frame longer than the 16 KiB the server allows is refused
+    /// from its frame header, before its payload is gathered, and a block
+    /// gathered from CONTINUATION frames past [`MAX_BLOCK`] is refused: a
+    /// connection cannot make the rewriter hold megabytes of an unfinished
+    /// block. The control: a 16 KiB frame, then a block just under the
+    /// bound, are gathered.
+    #[test]
+    fn a_header_block_is_gathered_only_within_its_bounds() {
+        let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        // A HEADERS frame announcing 1 MiB, with none of its payload yet.
+        let mut attack = preface.clone();
+        attack.extend_from_slice(&frame(TYPE_HEADERS, 0, 1, &[])[..FRAME_HEADER_LEN]);
+        attack[PREFACE_LEN..PREFACE_LEN + 3].copy_from_slice(&[0x10, 0x00, 0x00]);
+        let mut out = Vec::new();
+        assert_eq!(
+            Rewriter::new().process(&attack, &mut out),
+            Err(RewriteError::Framing("header frame too large"))
+        );
+        // Control: a frame of exactly 16 KiB without END_HEADERS, then
+        // CONTINUATION frames up to the block bound, are taken whole.
+        let mut r = Rewriter::new();
+        let mut input = preface.clone();
+        input.extend(frame(TYPE_HEADERS, 0, 1, &[0x00; IN_FRAME_MAX]));
+        let mut gathered = IN_FRAME_MAX;
+        while gathered + IN_FRAME_MAX <= MAX_BLOCK {
+            input.extend(frame(TYPE_CONTINUATION, 0, 1, &[0x00; IN_FRAME_MAX]));
+            gathered += IN_FRAME_MAX;
+        }
+        let mut out = Vec::new();
+        assert_eq!(r.process(&input, &mut out), Ok(input.len()));
+        // One more CONTINUATION past the bound: refused.
+        let more = frame(TYPE_CONTINUATION, 0, 1, &[0x00; IN_FRAME_MAX]);
+        assert_eq!(
+            r.process(&more, &mut out),
+            Err(RewriteError::Framing("header block too large"))
+        );
+    }
+
     #[test]
     fn indexed_references_are_not_expanded_without_bound() {
         let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
