@@ -160,6 +160,18 @@ tier = "write"
 }
 
 impl Gw {
+    /// Sends the gateway SIGHUP (re-read its file and policies).
+    pub(crate) fn hup(&self) {
+        let pid = self.gateway.child.id().to_string();
+        assert!(
+            std::process::Command::new("kill")
+                .args(["-HUP", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+
     fn start() -> Self {
         Self::start_with(|_| (String::new(), Vec::new()))
     }
@@ -865,16 +877,7 @@ fn sighup_reloads_routes_without_failing_a_request_and_refuses_a_bad_file() {
     };
     let file = g.w.c.path("gateway.toml");
     let good = std::fs::read_to_string(&file).unwrap();
-    let hup = || {
-        let pid = g.gateway.child.id().to_string();
-        assert!(
-            std::process::Command::new("kill")
-                .args(["-HUP", &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
-    };
+    let hup = || g.hup();
     let with_notes = good.clone()
         + r#"
 [[routes]]

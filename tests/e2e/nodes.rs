@@ -138,8 +138,8 @@ fn copy_identity(from: &Path, to: &Path) {
 
 /// A stolen agent SVID cannot be kept alive by renewing it: the previous
 /// SVID is accepted only until its successor is presented once (then it
-/// is revoked), and a
-/// renewal from the previous one drops the unseen successor, so two
+/// is revoked), and a renewal from the previous one drops the unseen
+/// successor, so two
 /// holders of one node's SVID cannot both go on renewing (the loser is
 /// refused, which shows the theft).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

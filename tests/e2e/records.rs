@@ -259,16 +259,7 @@ fn routes_and_policies_are_reloaded_together_so_an_approval_never_falls_between_
         "resource = \"dataset:vip\"\npermission = \"tool:crm.update:write\"\ntier = \"write\"";
     assert!(by_policy.contains(VIP), "{by_policy}");
     let by_route = by_policy.replace(VIP, &format!("{VIP}\napproval = true"));
-    let hup = || {
-        let pid = g.gateway.child.id().to_string();
-        assert!(
-            std::process::Command::new("kill")
-                .args(["-HUP", &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
-    };
+    let hup = || g.hup();
     let logged = |what: &str| g.gateway.log_text().matches(what).count();
     let held = |case: u32| {
         pending_id(&put(
