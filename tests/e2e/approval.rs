@@ -794,3 +794,41 @@ fn an_approved_read_is_recorded_as_approved() {
         assert!(trace.contains(&format!("approved in {id}")), "{trace}");
     }
 }
+
+/// One agent asking for approvals in a loop (a held call with other
+/// arguments each time) spends its own share of the gateway's approval
+/// requests, not the broker's limit for the whole gateway: past its share
+/// it is answered 429 `approval_rate_limited` with `Retry-After`, and
+/// another agent's approved call still goes through. Before, the flood
+/// spent the gateway's `approvals` budget at the broker and every other
+/// agent's held call was refused 503, the approved ones too.
+#[test]
+fn an_agent_asking_for_approvals_in_a_loop_spends_only_its_own_share() {
+    let g = Gw::start_with(|_| (ROUTES.to_owned(), Vec::new()));
+    let (_flood_task, flooder) = writer(&g.w);
+    let (_task, honest) = writer(&g.w);
+    let body = r#"{"status":"closed"}"#;
+    let id = pending_id(&put(&g, &honest, "/crm/cases/42", body));
+    g.w.ok(&["approve", &id, "--user", "alice@example.com"]);
+
+    // The share is 30 at once, then one a second: the loop outruns it.
+    let mut limited = None;
+    for i in 0..400 {
+        let a = put(&g, &flooder, &format!("/crm/cases/{i}"), body);
+        if a.status == 429 {
+            limited = Some((i, a));
+            break;
+        }
+        assert_eq!(a.body["code"], "approval_pending", "{a:?}");
+    }
+    let (asked, a) = limited.expect("never limited");
+    assert!(asked >= 30, "limited after {asked} asks: {a:?}");
+    assert_eq!(a.body["code"], "approval_rate_limited", "{a:?}");
+    assert!(a.retry_after.is_some(), "{a:?}");
+
+    // Control: the other agent's approved call is forwarded, once.
+    let before = g.upstream_count();
+    let a = put(&g, &honest, "/crm/cases/42", body);
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(g.upstream_count(), before + 1);
+}

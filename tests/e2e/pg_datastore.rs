@@ -307,6 +307,10 @@ fn the_broker_reaches_postgresql_only_over_verified_tls() {
     let write = |name: &str, pem: &str| {
         let p = dir.path().join(name);
         std::fs::write(&p, pem).unwrap();
+        if name.ends_with(".key") {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
         p
     };
     let ca = TestCa::new("baton test db CA");
@@ -358,6 +362,13 @@ fn the_broker_reaches_postgresql_only_over_verified_tls() {
     assert!(err.contains("certificate"), "{err}");
     let err = refused_start(&conn, &[&ca_file, &xcert, &xkey]);
     assert!(err.contains("cannot connect to PostgreSQL at"), "{err}");
+
+    // Attack: a client key every user can read is no secret; refused
+    // before any connection, naming the flag.
+    let loose = write("loose-client.pem", &std::fs::read_to_string(&ckey).unwrap());
+    let err = refused_start(&conn, &[&ca_file, &ccert, &loose]);
+    assert!(err.contains("--datastore-client-key"), "{err}");
+    assert!(err.contains("every user can read"), "{err}");
 
     // Control: the named CA and the client certificate. The whole flow
     // runs on it, and PostgreSQL sees the broker's sessions encrypted.

@@ -90,7 +90,7 @@ pub struct DelegationService<R> {
     bundles: BundleStore,
     /// Redeems and renewals per identity ([`CALLS_PER_ID_BURST`], then
     /// [`CALLS_PER_ID_PER_SEC`] a second).
-    budget: std::sync::Mutex<crate::budget::Budget<SpiffeId>>,
+    budget: std::sync::Mutex<baton_core::budget::Budget<SpiffeId>>,
 }
 
 /// Redeems and task renewals one identity (SPIFFE ID) may ask of the
@@ -116,7 +116,7 @@ impl<R> DelegationService<R> {
             attestor,
             broker,
             bundles,
-            crate::budget::Budget::new(CALLS_PER_ID_BURST, CALLS_PER_ID_PER_SEC),
+            baton_core::budget::Budget::new(CALLS_PER_ID_BURST, CALLS_PER_ID_PER_SEC),
         )
     }
 
@@ -126,7 +126,7 @@ impl<R> DelegationService<R> {
         attestor: Arc<Attestor>,
         broker: Arc<R>,
         bundles: BundleStore,
-        budget: crate::budget::Budget<SpiffeId>,
+        budget: baton_core::budget::Budget<SpiffeId>,
     ) -> Self {
         Self {
             cache,
@@ -586,7 +586,7 @@ mod tests {
     /// The service over a real Unix socket, with `entries` and the fake CA's
     /// bundle (none if `with_bundle` is false) in the snapshot.
     async fn harness(entries: Vec<baton_core::Entry>, with_bundle: bool) -> Harness {
-        let budget = crate::budget::Budget::new(CALLS_PER_ID_BURST, CALLS_PER_ID_PER_SEC);
+        let budget = baton_core::budget::Budget::new(CALLS_PER_ID_BURST, CALLS_PER_ID_PER_SEC);
         harness_with(entries, with_bundle, budget).await
     }
 
@@ -594,7 +594,7 @@ mod tests {
     async fn harness_with(
         entries: Vec<baton_core::Entry>,
         with_bundle: bool,
-        budget: crate::budget::Budget<SpiffeId>,
+        budget: baton_core::budget::Budget<SpiffeId>,
     ) -> Harness {
         baton_tls::install_crypto_provider();
         baton_ca::init();
@@ -704,7 +704,7 @@ mod tests {
         let mut h = harness_with(
             vec![mine.clone(), other.clone()],
             true,
-            crate::budget::Budget::new(3, 1),
+            baton_core::budget::Budget::new(3, 1),
         )
         .await;
         let since = std::time::Instant::now();

@@ -26,7 +26,7 @@ pub struct BrokerJwt {
     cache: Mutex<JwtCache>,
     /// New JWT-SVIDs per entry ([`MINTS_PER_ENTRY_BURST`], then one a
     /// second).
-    budget: Mutex<crate::budget::Budget<baton_core::EntryId>>,
+    budget: Mutex<baton_core::budget::Budget<baton_core::EntryId>>,
     tainted: tokio::sync::watch::Receiver<crate::cache::Tainted>,
     snapshot: tokio::sync::watch::Receiver<Arc<Snapshot>>,
 }
@@ -42,7 +42,7 @@ impl BrokerJwt {
         Self {
             client,
             cache: Mutex::new(JwtCache::default()),
-            budget: Mutex::new(crate::budget::Budget::new(MINTS_PER_ENTRY_BURST, 1)),
+            budget: Mutex::new(baton_core::budget::Budget::new(MINTS_PER_ENTRY_BURST, 1)),
             tainted,
             snapshot,
         }

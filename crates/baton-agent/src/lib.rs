@@ -17,7 +17,6 @@
 
 pub mod attest;
 pub mod authority;
-pub mod budget;
 pub mod cache;
 pub mod client;
 pub mod conn_limit;

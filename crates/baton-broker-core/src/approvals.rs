@@ -19,6 +19,7 @@ use baton_core::api::{ApprovalDecision, ApprovalRequest, ApprovalState};
 
 use super::{Delegation, bad, refuse};
 use crate::error::{BrokerError, random_hex};
+use crate::records::TokenRecord;
 
 /// The longest an approval may wait.
 pub const MAX_APPROVAL_TTL_SECS: u64 = 24 * 3600;
@@ -93,13 +94,6 @@ impl Delegation {
                 ),
             ));
         }
-        let task = self.task(&req.task_id)?;
-        if task.ended_at.is_some() || now >= task.expires_at {
-            return Err(refuse(
-                "task_ended",
-                format!("task {} has ended", req.task_id),
-            ));
-        }
         let Some(token) = self.tasks.get_token(&req.token_jti)? else {
             return Err(refuse(
                 "not_entitled",
@@ -127,6 +121,15 @@ impl Delegation {
                 ),
             ));
         }
+        // The task only now: a server that is not entitled to the token
+        // learns nothing of its task either (whether it exists, or ended).
+        let task = self.task(&req.task_id)?;
+        if task.ended_at.is_some() || now >= task.expires_at {
+            return Err(refuse(
+                "task_ended",
+                format!("task {} has ended", req.task_id),
+            ));
+        }
         // An approval is asked for, and used up, only by a live credential:
         // one revoked since (itself, its chain or its task) or expired
         // neither asks nor spends what a human approved for it.
@@ -143,24 +146,74 @@ impl Delegation {
             ));
         }
         let bind = binding(req, server, task.purpose_epoch);
-        if let Some(mut a) = self.tasks.latest_approval(&bind)? {
-            let live = now < a.expires_at;
-            match a.status.as_str() {
-                "pending" if live => return Ok(a),
-                "denied" if live => return Ok(a),
-                "approved" if live => {
-                    // Used up by this answer: one call per approval.
-                    let mut used = a.clone();
-                    used.status = "used".into();
-                    if self.tasks.transition_approval(&a.id, "approved", &used)? {
-                        a.status = "approved".into();
-                        return Ok(a);
+        // One approval per binding at a time: two identical calls asked at
+        // once (at one broker or two) get the same one, never two that two
+        // approvers could decide apart (one denying, the other approving).
+        for _ in 0..4 {
+            let latest = self.tasks.latest_approval(&bind)?;
+            if let Some(mut a) = latest.clone() {
+                let live = now < a.expires_at;
+                match a.status.as_str() {
+                    "pending" if live => return Ok(a),
+                    "denied" if live => return Ok(a),
+                    "approved" if live => {
+                        // Used up by this answer: one call per approval.
+                        let mut used = a.clone();
+                        used.status = "used".into();
+                        if self.tasks.transition_approval(&a.id, "approved", &used)? {
+                            a.status = "approved".into();
+                            return Ok(a);
+                        }
                     }
+                    _ => {}
                 }
-                _ => {}
             }
+            let a = self.new_approval(req, server, &token, now)?;
+            if !self
+                .tasks
+                .insert_approval(&bind, &a, latest.as_ref().map(|l| l.id.as_str()))?
+            {
+                // Another request inserted one first: answer with it.
+                continue;
+            }
+            let mut ev = self.event(EventKind::ApprovalRequested, &a.task_id, now);
+            ev.actor = Some(a.agent.clone());
+            ev.target = Some(server.clone());
+            ev.token_jti = Some(req.token_jti.clone());
+            ev.tool = Some(a.tool.clone());
+            ev.resource = Some(a.resource.clone());
+            ev.risk = Some(a.risk);
+            ev.input_digest = Some(a.input_digest.clone());
+            ev.reason = Some(match &a.target {
+                Some(t) => format!("approval {} of {t} pending until {}", a.id, a.expires_at),
+                None => format!("approval {} pending until {}", a.id, a.expires_at),
+            });
+            // Its record before its id leaves this request: one whose
+            // record could not be kept is voided (nobody can decide it).
+            if let Err(e) = self.append(&ev) {
+                let mut void = a.clone();
+                void.status = "void".into();
+                if let Err(undo) = self.tasks.transition_approval(&a.id, "pending", &void) {
+                    tracing::error!(approval = %a.id, error = %undo, "cannot void an approval whose record failed");
+                }
+                return Err(e);
+            }
+            return Ok(a);
         }
-        let a = ApprovalState {
+        Err(BrokerError::Conflict(
+            "the approval of this call changed under every attempt; ask again".into(),
+        ))
+    }
+
+    /// A new pending approval of `req`, asked by `server` with `token`.
+    fn new_approval(
+        &self,
+        req: &ApprovalRequest,
+        server: &SpiffeId,
+        token: &TokenRecord,
+        now: u64,
+    ) -> Result<ApprovalState, BrokerError> {
+        Ok(ApprovalState {
             id: format!("ap_{}", random_hex::<12>()?),
             status: "pending".into(),
             task_id: req.task_id.clone(),
@@ -179,24 +232,7 @@ impl Delegation {
             decided_by: None,
             reason: None,
             reported_in: None,
-        };
-        let mut ev = self.event(EventKind::ApprovalRequested, &a.task_id, now);
-        ev.actor = Some(a.agent.clone());
-        ev.target = Some(server.clone());
-        ev.token_jti = Some(req.token_jti.clone());
-        ev.tool = Some(a.tool.clone());
-        ev.resource = Some(a.resource.clone());
-        ev.risk = Some(a.risk);
-        ev.input_digest = Some(a.input_digest.clone());
-        ev.reason = Some(match &a.target {
-            Some(t) => format!("approval {} of {t} pending until {}", a.id, a.expires_at),
-            None => format!("approval {} pending until {}", a.id, a.expires_at),
-        });
-        // The record first: an approval nobody can see in the log is never
-        // handed out.
-        self.append(&ev)?;
-        self.tasks.insert_approval(&bind, &a)?;
-        Ok(a)
+        })
     }
 
     /// Whether `token`, or a token it was delegated from, is revoked

@@ -1848,7 +1848,6 @@ impl Delegation {
             ));
         }
         check_report_text(r)?;
-        let _ = self.task(&r.task_id)?;
         let Some(token) = self.tasks.get_token(&r.token_jti)? else {
             return Err(refuse(
                 "report_refused",
@@ -1879,6 +1878,8 @@ impl Delegation {
                 ),
             ));
         }
+        // The task only once the reporter is entitled to the token.
+        let _ = self.task(&r.task_id)?;
         let approval = if r.decision == "allow" {
             check_allowed_by(r, &token)?;
             self.check_named_approval(reporter, r)?

@@ -141,10 +141,14 @@ pub enum Limited {
     /// revocation it is woken for, so the default is far above one busy
     /// follower's rate.
     Feed,
+    /// `POST /v1/secrets/introspect`, per tool server: any live SVID may
+    /// ask, and each answer reads the datastore and takes the API-key
+    /// engine's lock that leases and revocations need too.
+    Introspect,
 }
 
 impl Limited {
-    pub const ALL: [Limited; 10] = [
+    pub const ALL: [Limited; 11] = [
         Limited::Attest,
         Limited::TaskStart,
         Limited::ToolCallReports,
@@ -155,6 +159,7 @@ impl Limited {
         Limited::NodeMint,
         Limited::Approvals,
         Limited::Feed,
+        Limited::Introspect,
     ];
 
     /// The name in flags (`--rate-limit NAME=...`) and refusals.
@@ -170,6 +175,7 @@ impl Limited {
             Limited::NodeMint => "node-mint",
             Limited::Approvals => "approvals",
             Limited::Feed => "feed",
+            Limited::Introspect => "introspect",
         }
     }
 
@@ -197,6 +203,7 @@ impl Limited {
             "/v1/delegate" => Limited::Delegate,
             "/v1/node/redeem" | "/v1/node/renew-task" => Limited::NodeMint,
             "/v1/approvals" => Limited::Approvals,
+            "/v1/secrets/introspect" => Limited::Introspect,
             _ => return None,
         })
     }
@@ -226,6 +233,7 @@ pub struct RateLimits {
     pub node_mint: RateLimit,
     pub approvals: RateLimit,
     pub feed: RateLimit,
+    pub introspect: RateLimit,
 }
 
 const fn limit(burst: u32, per_secs: u64) -> RateLimit {
@@ -266,6 +274,9 @@ impl Default for RateLimits {
             // 100 pages a second per follower: a follower is woken once
             // per revocation (or batch of them), never more.
             feed: limit(6000, 60),
+            // A tool server that introspects every API-key call it serves:
+            // 500 a second, sustained.
+            introspect: limit(30_000, 60),
         }
     }
 }
@@ -283,6 +294,7 @@ impl RateLimits {
             Limited::NodeMint => self.node_mint,
             Limited::Approvals => self.approvals,
             Limited::Feed => self.feed,
+            Limited::Introspect => self.introspect,
         }
     }
 
@@ -298,6 +310,7 @@ impl RateLimits {
             Limited::NodeMint => self.node_mint = limit,
             Limited::Approvals => self.approvals = limit,
             Limited::Feed => self.feed = limit,
+            Limited::Introspect => self.introspect = limit,
         }
     }
 
@@ -698,6 +711,10 @@ mod tests {
             Some(Limited::Feed)
         );
         assert_eq!(Limited::of_route("POST", "/v1/revocations/feed"), None);
+        assert_eq!(
+            Limited::of_route("POST", "/v1/secrets/introspect"),
+            Some(Limited::Introspect)
+        );
         assert_eq!(Limited::of_route("GET", "/v1/node/attest"), None);
         assert_eq!(Limited::of_route("POST", "/v1/node/sync"), None);
     }

@@ -207,7 +207,7 @@ const MIGRATIONS: &[&str] = &[
 
 /// Advisory lock keys ("baton" in ASCII, then a number).
 const MIGRATION_LOCK: i64 = 0x6261_746f_6e01;
-const REVOCATION_LOCK: i64 = 0x6261_746f_6e02;
+pub(crate) const REVOCATION_LOCK: i64 = 0x6261_746f_6e02;
 const CA_LOCK: i64 = 0x6261_746f_6e03;
 
 /// How long a connection attempt may take.
@@ -242,12 +242,20 @@ impl std::fmt::Debug for PgSettings {
 /// `password` key, spaced or quoted, or a URL query parameter) is not
 /// shown at all.
 pub fn redact(conn: &str) -> String {
-    let shown = if conn.starts_with("postgres://") || conn.starts_with("postgresql://") {
+    let url = conn.starts_with("postgres://") || conn.starts_with("postgresql://");
+    let shown = if url {
         baton_revocation::redact_url(conn)
+    } else if conn.contains('@') || conn.contains(":/") {
+        // A URL spelt otherwise (`postgresql:/u:p@db`, `Postgres://`),
+        // whose user info the URL form above would not find: it may hold
+        // a password, so none of it is shown.
+        return "(a connection string that may hold a password, not shown)".to_owned();
     } else {
         conn.to_owned()
     };
-    if shown.to_ascii_lowercase().contains("password") {
+    let lower = shown.to_ascii_lowercase();
+    // A percent-encoded key (`?pass%77ord=`) is decoded by the driver.
+    if lower.contains("password") || (url && lower.contains('?') && lower.contains('%')) {
         return "(a connection string with a password, not shown)".to_owned();
     }
     shown
@@ -463,6 +471,12 @@ impl PgStore {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
+        // A peer that stops answering (a frozen or cut-off broker, a dead
+        // server) is noticed in about a minute, not the kernel's 2 hours.
+        if config.get_tcp_user_timeout().is_none() {
+            config.tcp_user_timeout(Duration::from_secs(60));
+        }
+        config.keepalives_idle(Duration::from_secs(30));
         config.application_name("baton-broker");
         let tls = crate::pg_tls::connector(&mut config, &settings.tls)?;
         let endpoint = describe(&config);
@@ -526,6 +540,13 @@ impl PgStore {
                     client
                 }
             };
+            // No broker stalls the others: a session left idle inside a
+            // transaction (a frozen or paused broker holding the revocation
+            // lock that every issuance shares) is ended by the server, and
+            // no lock is waited for without end (a waiter for the exclusive
+            // lock would queue every later shared one behind it). Set once
+            // per session, not per transaction.
+            client.batch_execute(SESSION_LIMITS).await?;
             // A revocation's working set: one per session, emptied per use.
             client
                 .batch_execute(
@@ -589,11 +610,16 @@ impl PgStore {
 
     fn migrate(&self) -> Result<(), StoreError> {
         on_conn!(self, |c| {
+            // Another broker's migration may take longer than the session's
+            // lock wait; a frozen one is ended by the server (its session is
+            // idle inside a migration's transaction), which frees the lock.
+            c.batch_execute("SET lock_timeout = '120s'").await?;
             c.execute(
                 &c.stmt("SELECT pg_advisory_lock($1)").await?,
                 &[&MIGRATION_LOCK],
             )
             .await?;
+            c.batch_execute(SESSION_LIMITS).await?;
             let r = migrate_locked(c).await;
             let unlock = c
                 .execute(
@@ -1228,6 +1254,10 @@ async fn register_in(
     }
     Ok(Ok(()))
 }
+
+/// The limits of every session of a broker: see [`PgStore::connect`].
+pub(crate) const SESSION_LIMITS: &str = "SET idle_in_transaction_session_timeout = '30s'; \
+                              SET lock_timeout = '10s'";
 
 async fn lock_shared(tx: &tokio_postgres::Transaction<'_>) -> Result<(), StoreError> {
     tx.execute(
@@ -2253,26 +2283,45 @@ impl TaskStore for PgStore {
         )
     }
 
-    fn insert_approval(&self, binding: &str, a: &ApprovalState) -> Result<(), StoreError> {
+    fn insert_approval(
+        &self,
+        binding: &str,
+        a: &ApprovalState,
+        latest: Option<&str>,
+    ) -> Result<bool, StoreError> {
         let record = enc("approvals", a)?;
         on_conn!(self, |c| {
-            c.execute(
-                &c.stmt(
-                    "INSERT INTO approvals (id, binding, task, status, expires_at, record)
-                 VALUES ($1, $2, $3, $4, $5, $6)",
-                )
-                .await?,
-                &[
-                    &a.id,
-                    &binding,
-                    &a.task_id.to_string(),
-                    &a.status,
-                    &to_i64(a.expires_at),
-                    &record,
-                ],
+            let tx = c.transaction().await?;
+            // Requests for one binding, at any broker, take turns: the
+            // latest is read and the new one inserted under one lock.
+            tx.execute(
+                &tx.stmt("SELECT pg_advisory_xact_lock(hashtextextended($1, 7))")
+                    .await?,
+                &[&binding],
             )
             .await?;
-            Ok(())
+            let n = tx
+                .execute(
+                    &tx.stmt(
+                        "INSERT INTO approvals (id, binding, task, status, expires_at, record)
+                         SELECT $1::TEXT, $2::TEXT, $3::TEXT, $4::TEXT, $5::BIGINT, $6::TEXT
+                         WHERE (SELECT id FROM approvals WHERE binding = $2::TEXT
+                                ORDER BY n DESC LIMIT 1) IS NOT DISTINCT FROM $7::TEXT",
+                    )
+                    .await?,
+                    &[
+                        &a.id,
+                        &binding,
+                        &a.task_id.to_string(),
+                        &a.status,
+                        &to_i64(a.expires_at),
+                        &record,
+                        &latest,
+                    ],
+                )
+                .await?;
+            tx.commit().await?;
+            Ok(n == 1)
         })
     }
 

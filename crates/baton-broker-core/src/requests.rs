@@ -37,7 +37,7 @@ use baton_core::api::{
 };
 use baton_core::trace_context::TraceParent;
 use baton_core::{Purpose, SpiffeId};
-use baton_revocation::Target;
+use baton_revocation::{Revoked, Target};
 use baton_verify::PeerCert;
 use serde::Serialize;
 
@@ -64,7 +64,11 @@ pub fn node(
         leaf_der,
         now,
         |serial| revoker.durably_revoked(serial, at),
-        |renewed_away| revoker.supersede_blocking(renewed_away, "renewed", at),
+        |renewed_away| {
+            revoker
+                .supersede_blocking(renewed_away, "renewed", at)
+                .map(|_| ())
+        },
     )
 }
 
@@ -172,6 +176,20 @@ fn hand_out_minted(
     now: SystemTime,
 ) -> Result<TaskCredential, BrokerError> {
     let superseded = minted.superseded;
+    // What this renewal makes, to revoke if the old one was revoked under it.
+    let successors: Vec<Revoked> = if superseded.is_empty() {
+        Vec::new()
+    } else {
+        minted
+            .records
+            .iter()
+            .map(|r| Revoked {
+                id: r.id.clone(),
+                kind: r.kind,
+                expires_at: r.expires_at,
+            })
+            .collect()
+    };
     hand_out(
         d.broker(),
         d.revoker(),
@@ -183,8 +201,24 @@ fn hand_out_minted(
         now,
         |b, node, cred| {
             b.authenticate_node(Some(node.id()))?;
-            d.revoker()
-                .supersede_blocking(&superseded, "renewed", unix(now))?;
+            let now = unix(now);
+            let live = superseded.iter().filter(|r| r.expires_at > now).count();
+            let revoked = d
+                .revoker()
+                .supersede_blocking(&superseded, "renewed", now)?;
+            if revoked < live {
+                // Revoked by someone else (an operator's `revoke
+                // credential <serial>`) since this renewal checked it: its
+                // successor dies with it, and the token stays bound to a
+                // revoked certificate.
+                d.revoker()
+                    .supersede_blocking(&successors, "certificate_revoked", now)?;
+                return Err(BrokerError::Forbidden {
+                    code: "certificate_revoked",
+                    message: "the certificate being renewed was revoked while it was renewed"
+                        .into(),
+                });
+            }
             Ok(cred)
         },
     )

@@ -1582,7 +1582,12 @@ fn flaky_world(tune: impl FnOnce(&mut DelegationSettings)) -> (World, Faults) {
 /// Which of a [`FlakyLedger`]'s writes fail (a database that went away
 /// mid-request).
 #[derive(Debug, Clone, Default)]
-struct Faults(Arc<std::sync::atomic::AtomicU8>);
+struct Faults(
+    Arc<std::sync::atomic::AtomicU8>,
+    /// A credential an operator revokes just before the next registration
+    /// (a revocation landing in the middle of a request).
+    Arc<std::sync::Mutex<Option<String>>>,
+);
 
 impl Faults {
     const REVOCATIONS: u8 = 1;
@@ -1595,6 +1600,9 @@ impl Faults {
     fn registrations_fail(&self) {
         self.0
             .store(Self::REGISTRATIONS, std::sync::atomic::Ordering::SeqCst);
+    }
+    fn revoke_before_next_registration(&self, id: &str) {
+        *self.1.lock().unwrap() = Some(id.to_owned());
     }
     fn heal(&self) {
         self.0.store(0, std::sync::atomic::Ordering::SeqCst);
@@ -1651,6 +1659,14 @@ impl crate::ledger::Ledger for FlakyLedger {
         now: u64,
     ) -> Result<Result<(), String>, crate::store::StoreError> {
         self.faults.check(Faults::REGISTRATIONS)?;
+        if let Some(id) = self.faults.1.lock().unwrap().take() {
+            self.inner.revoke(
+                &baton_revocation::Target::Credential(id),
+                &[],
+                "operator",
+                now,
+            )?;
+        }
         self.inner.register(records, now)
     }
     fn revoke(
@@ -1933,4 +1949,211 @@ async fn a_join_token_row_naming_no_node_makes_no_certificate() {
         svid.spiffe_id.as_str(),
         "spiffe://example.org/baton/node/n9"
     );
+}
+
+/// A server that does not serve a token's audience learns nothing of the
+/// task it names from an approval request or a report: not whether the
+/// task exists, nor whether it ended (before, the task was looked up
+/// first: 404 for a task nobody started, `task_ended` for an ended one,
+/// `not_entitled` for a live one). The control: the entitled server is
+/// told the task ended.
+#[tokio::test]
+async fn a_server_not_entitled_to_a_token_learns_nothing_of_its_task() {
+    let w = World::new();
+    let live = w.start(&["crm"], &["tool:crm.search:read"]);
+    let live_root = w.redeem_as(&live.grant, PLANNER, w.t0).unwrap();
+    let ended = w.start(&["crm"], &["tool:crm.search:read"]);
+    let ended_root = w.redeem_as(&ended.grant, PLANNER, w.t0).unwrap();
+    end_task(&w.d, ended.task_id.as_str(), secs(w.t0, 1))
+        .await
+        .unwrap();
+    let t = unix_of(w.t0) + 2;
+    let clock = || secs(w.t0, 2);
+    let outsider = id("spiffe://example.org/tools/elsewhere");
+    let nobody = baton_core::TaskId::from_random([9; 16]);
+    for (task, token) in [
+        (&live.task_id, &live_root),
+        (&ended.task_id, &ended_root),
+        (&nobody, &live_root),
+    ] {
+        let ask = approval_ask(task, token, PLANNER, "ab", 600);
+        let e = w.d.request_approval(&outsider, &ask, t).unwrap_err();
+        assert_eq!(e.code(), "not_entitled", "{task}: {e}");
+        let r = report(task, &jti_of(&token.token), PLANNER, "probe");
+        let e = record_reports(&w.d, &outsider, &[r], true, None, &clock).unwrap_err();
+        assert_eq!(e.code(), "not_entitled", "{task}: {e}");
+    }
+    let ask = approval_ask(&ended.task_id, &ended_root, PLANNER, "ab", 600);
+    let e = w.d.request_approval(&id(CRM), &ask, t).unwrap_err();
+    assert_eq!(e.code(), "task_ended", "control: {e}");
+}
+
+/// A lease issued while its holder's certificate is revoked by serial (the
+/// revocation reads the certificate's leases once, before the engine's
+/// lease is registered) is caught once it is registered: revoked too, and
+/// refused `certificate_revoked`, never handed out. Before, it stayed live
+/// until its token expired. The control: a certificate nobody revoked.
+#[tokio::test]
+async fn a_lease_registered_after_its_certificate_was_revoked_is_revoked_and_never_leaves() {
+    let w = World::new();
+    let started = w.start(&["crm"], &["tool:crm.search:read"]);
+    let planner = w.redeem_as(&started.grant, PLANNER, w.t0).unwrap();
+    let peer = PeerCert::from_verified_leaf(planner.cert_chain_der[0].clone()).unwrap();
+    let now = unix_of(w.t0) + 1;
+    let lease = |n: u8| baton_secrets::Lease {
+        id: format!("lease-{}", hex::encode([n; 16])),
+        engine: "apikey".into(),
+        task: started.task_id.clone(),
+        agent: id(PLANNER),
+        expires_at: now + 60,
+        secret: baton_secrets::SecretMaterial::ApiKey {
+            key: baton_core::Secret::new("k"),
+        },
+    };
+    let record = |l: &baton_secrets::Lease| baton_revocation::CredentialRecord {
+        id: l.id.clone(),
+        kind: baton_revocation::CredKind::SecretLease,
+        task: Some(started.task_id.clone()),
+        agent: Some(id(PLANNER)),
+        node: None,
+        parent: Some(jti_of(&planner.token)),
+        expires_at: l.expires_at,
+    };
+    let kept = lease(1);
+    w.d.revoker().register(&[record(&kept)], now).await.unwrap();
+    crate::secrets::certificate_revoked_since(&w.d, &peer, &kept, now)
+        .await
+        .unwrap();
+    assert!(
+        !w.d.revoker().durably_revoked(&kept.id, now).unwrap(),
+        "control"
+    );
+
+    let serial: RevokeTarget =
+        serde_json::from_value(json!({ "credential": peer.serial_hex() })).unwrap();
+    revoke(&w.d, &serial, "stolen", None, secs(w.t0, 1))
+        .await
+        .unwrap();
+    let late = lease(2);
+    // Registered after the revocation read the certificate's leases.
+    w.d.revoker().register(&[record(&late)], now).await.unwrap();
+    let e = crate::secrets::certificate_revoked_since(&w.d, &peer, &late, now)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), "certificate_revoked", "{e}");
+    assert!(w.d.revoker().durably_revoked(&late.id, now).unwrap());
+}
+
+/// Two identical held calls asked at the same moment get one approval,
+/// never two that two approvers could decide apart (one denied, the other
+/// approved, and the call let through past a live denial). The control:
+/// asked one after the other, the same approval too; and a denial holds
+/// for the call asked again.
+#[test]
+fn one_call_asked_twice_at_once_gets_one_approval() {
+    let w = World::new();
+    let started = w.start(&["crm"], &["tool:crm.search:read"]);
+    let planner = w.redeem_as(&started.grant, PLANNER, w.t0).unwrap();
+    let t = unix_of(w.t0);
+    for round in 0..20u8 {
+        let digest = format!("{round:02x}");
+        let ask = approval_ask(&started.task_id, &planner, PLANNER, &digest, 600);
+        let barrier = std::sync::Barrier::new(2);
+        let ids: Vec<String> = std::thread::scope(|sc| {
+            let hs: Vec<_> = (0..2)
+                .map(|_| {
+                    sc.spawn(|| {
+                        barrier.wait();
+                        w.d.request_approval(&id(CRM), &ask, t).unwrap().id
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(ids[0], ids[1], "round {round}: two approvals for one call");
+        let again = w.d.request_approval(&id(CRM), &ask, t + 1).unwrap();
+        assert_eq!(again.id, ids[0], "control, round {round}");
+    }
+    // Denied: the same call asked again is still denied.
+    let ask = approval_ask(&started.task_id, &planner, PLANNER, "ee", 600);
+    let held = w.d.request_approval(&id(CRM), &ask, t).unwrap();
+    let decision: baton_core::api::ApprovalDecision = serde_json::from_value(json!({
+        "id_token": w.dev.mint_with_groups("alice@example.com", &[], 600, t).unwrap(),
+        "approve": false,
+    }))
+    .unwrap();
+    w.d.decide_approval(&held.id, &decision, t + 1).unwrap();
+    let after = w.d.request_approval(&id(CRM), &ask, t + 2).unwrap();
+    assert_eq!(
+        (after.id.as_str(), after.status.as_str()),
+        (held.id.as_str(), "denied")
+    );
+}
+
+/// An operator's revocation of a task certificate by serial that lands
+/// while its holder's renewal runs (after the renewal checked the old
+/// certificate, before it revoked it as renewed) is not lost: the renewal
+/// finds the old certificate revoked by someone else, revokes the new one
+/// and is refused `certificate_revoked`, so the token is left bound to a
+/// revoked certificate. Before, the renewal's own revocation of the old
+/// serial found it already revoked, and the new certificate left with the
+/// token alive. The control: another holder's renewal goes through.
+#[test]
+fn a_certificate_revoked_while_it_is_renewed_does_not_live_on_in_its_successor() {
+    let (w, faults) = flaky_world(|_| {});
+    let at = secs(w.t0, 10);
+    let holder = |w: &World| {
+        let started = w.start(&["crm"], &["tool:crm.search:read"]);
+        let key = WorkloadKey::generate().unwrap();
+        let cred = w.redeem_with(&started.grant, PLANNER, &key, w.t0).unwrap();
+        (started, key, cred)
+    };
+    let (started, key, planner) = holder(&w);
+    let serial = PeerCert::from_verified_leaf(planner.cert_chain_der[0].clone())
+        .unwrap()
+        .serial_hex()
+        .to_owned();
+    faults.revoke_before_next_registration(&serial);
+    let e = renew(
+        &w.d,
+        &w.node,
+        &renewal_of(&planner, &key, &WorkloadKey::generate().unwrap(), at),
+        at,
+    )
+    .unwrap_err();
+    assert_eq!(e.code(), "certificate_revoked", "{e}");
+    let creds = w.d.task_credentials(started.task_id.as_str()).unwrap();
+    let live: Vec<_> = creds
+        .iter()
+        .filter(|c| !matches!(c.kind.as_str(), "token" | "grant") && !c.revoked)
+        .collect();
+    assert!(
+        live.is_empty(),
+        "a certificate of the task lives on: {live:?}"
+    );
+    assert!(
+        w.hop(
+            &planner,
+            &["crm"],
+            &["tool:crm.search:read"],
+            secs(w.t0, 11)
+        )
+        .is_err()
+    );
+
+    let (_other, key, planner) = holder(&w);
+    let renewed = renew(
+        &w.d,
+        &w.node,
+        &renewal_of(&planner, &key, &WorkloadKey::generate().unwrap(), at),
+        at,
+    )
+    .unwrap();
+    w.hop(
+        &renewed,
+        &["crm"],
+        &["tool:crm.search:read"],
+        secs(w.t0, 11),
+    )
+    .unwrap();
 }

@@ -530,23 +530,25 @@ impl Revoker {
         old: &[Revoked],
         reason: &str,
         now: u64,
-    ) -> Result<(), BrokerError> {
+    ) -> Result<usize, BrokerError> {
         self.supersede_blocking(old, reason, now)
     }
 
-    /// [`Revoker::supersede`] for a caller already off the async workers.
+    /// [`Revoker::supersede`] for a caller already off the async workers:
+    /// how many of `old` this call revoked (the others were revoked
+    /// already, or have expired).
     pub fn supersede_blocking(
         &self,
         old: &[Revoked],
         reason: &str,
         now: u64,
-    ) -> Result<(), BrokerError> {
+    ) -> Result<usize, BrokerError> {
         if old.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
-        self.durable.mark(old, reason, now)?;
+        let n = self.durable.mark(old, reason, now)?;
         self.changed.notify_waiters();
-        Ok(())
+        Ok(n)
     }
 
     /// Waits up to `wait` for the relay to publish everything recorded so

@@ -406,7 +406,10 @@ impl Secrets {
         ev.decision = Some("allow".into());
         ev.reason = Some(format!("lease {} until {}", lease.id, lease.expires_at));
         let kept = match d.revoker().register(&[record], now).await {
-            Ok(()) => d.append_event(&ev).map(|_| ()),
+            Ok(()) => match certificate_revoked_since(d, peer, &lease, now).await {
+                Err(e) => Err(e),
+                Ok(()) => d.append_event(&ev).map(|_| ()),
+            },
             Err(e) => Err(e),
         };
         if let Err(e) = kept {
@@ -494,4 +497,43 @@ fn count_store_error(e: &SecretError) {
         SecretError::Sqlite(_) => baton_ops::metrics().store_error("sqlite"),
         _ => {}
     }
+}
+
+/// The holder's certificate may have been revoked (`baton revoke
+/// credential <serial>`) while the engine issued: that revocation reads
+/// the certificate's leases once, before this one was registered, so it
+/// would never reach it. Checked again once the lease is registered (the
+/// revocation commits the serial before it reads the leases): if it is
+/// revoked now, the lease is revoked too and never leaves. Fails closed.
+pub(crate) async fn certificate_revoked_since(
+    d: &Delegation,
+    peer: &PeerCert,
+    lease: &baton_secrets::Lease,
+    now: u64,
+) -> Result<(), BrokerError> {
+    if !d
+        .revoker()
+        .durably_revoked(peer.serial_hex(), now)
+        .unwrap_or(true)
+    {
+        return Ok(());
+    }
+    d.revoker()
+        .supersede(
+            &[Revoked {
+                id: lease.id.clone(),
+                kind: CredKind::SecretLease,
+                expires_at: lease.expires_at,
+            }],
+            "certificate_revoked",
+            now,
+        )
+        .await?;
+    Err(BrokerError::Forbidden {
+        code: "certificate_revoked",
+        message: format!(
+            "the task certificate (serial {}) was revoked while the lease was issued",
+            peer.serial_hex()
+        ),
+    })
 }

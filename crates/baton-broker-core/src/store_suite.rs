@@ -469,10 +469,15 @@ fn tasks_grants_and_tokens(s: &dyn Store) {
         expires_at: 100,
         ..approval_template()
     };
-    s.insert_approval("bind-1", &a).unwrap();
+    assert!(s.insert_approval("bind-1", &a, None).unwrap());
     let mut later = a.clone();
     later.id = "ap2".into();
-    s.insert_approval("bind-1", &later).unwrap();
+    // Inserted only while the latest is still the one read: a request that
+    // read none (or an older one) lost to the one that inserted first.
+    assert!(!s.insert_approval("bind-1", &later, None).unwrap());
+    assert!(!s.insert_approval("bind-1", &later, Some("ap0")).unwrap());
+    assert!(s.insert_approval("bind-1", &later, Some("ap1")).unwrap());
+    assert!(!s.insert_approval("bind-1", &a, Some("ap1")).unwrap());
     assert_eq!(
         s.latest_approval("bind-1").unwrap().map(|a| a.id),
         Some("ap2".into())
@@ -815,6 +820,72 @@ fn postgres_passes_the_datastore_suite_and_its_steps_are_atomic_across_brokers()
     ));
 }
 
+/// A broker frozen inside a transaction (SIGSTOP, a paused container or
+/// VM, a partition: its socket stays open) stalls no other broker: every
+/// issuance holds the revocation lock shared, and a revocation waiting for
+/// it exclusively would queue every later issuance behind it, at every
+/// broker, for as long as the frozen one holds it. Now a lock is waited
+/// for 10 s at most (the waiter fails, and nothing of it is stored), and
+/// the server ends a broker's session left idle in a transaction after
+/// 30 s, which frees its locks. The control: the same revocation once the
+/// frozen session is gone goes through.
+#[test]
+fn postgres_a_broker_frozen_in_a_transaction_stalls_no_other() {
+    use std::time::{Duration, Instant};
+
+    let cluster = Cluster::start();
+    let settings = cluster.database("frozen");
+    let store = PgStore::open(&settings).unwrap();
+    let t = task(4);
+    store.insert_task(&t).unwrap();
+    assert_eq!(store.register(&creds(&t, "f1", None), 100).unwrap(), Ok(()));
+    let frozen = cluster.rt.block_on(async {
+        let c = cluster.pg.admin("frozen").await;
+        // As a broker's session is set up, then frozen mid-issuance.
+        c.batch_execute(crate::pg::SESSION_LIMITS).await.unwrap();
+        c.batch_execute(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock_shared({})",
+            crate::pg::REVOCATION_LOCK
+        ))
+        .await
+        .unwrap();
+        c
+    });
+    let started = Instant::now();
+    let stuck = store.revoke(&Target::Credential("f1".into()), &[], "frozen", 100);
+    assert!(stuck.is_err(), "waited past the frozen session: {stuck:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "a lock waited for {:?}",
+        started.elapsed()
+    );
+    assert!(
+        !store.durably_revoked("f1", 100).unwrap(),
+        "a failed revocation stored"
+    );
+    // The server ends the frozen session (30 s idle in its transaction),
+    // and the same revocation then goes through.
+    let deadline = Instant::now() + Duration::from_secs(150);
+    let done = loop {
+        match store.revoke(&Target::Credential("f1".into()), &[], "after", 100) {
+            Ok(done) => break done,
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "the frozen session was never ended: {e}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(
+        frozen.is_closed() || {
+            std::thread::sleep(Duration::from_secs(1));
+            frozen.is_closed()
+        }
+    );
+    assert!(done.iter().any(|r| r.id == "f1"), "{done:?}");
+    assert!(store.durably_revoked("f1", 100).unwrap());
+}
+
 #[test]
 fn postgres_errors_say_what_was_wrong_and_keep_no_password() {
     let bad = PgSettings {
@@ -836,6 +907,26 @@ fn postgres_errors_say_what_was_wrong_and_keep_no_password() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("is not valid"), "{e}");
+    // Misspelt URLs the driver does not read as URLs: the error never
+    // echoes their user info.
+    for conn in [
+        "postgresql:/baton:hunter2@db/baton",
+        "postgres//baton:hunter2@db/baton",
+        "Postgres://baton:hunter2@db/baton",
+    ] {
+        let e = PgStore::open(&PgSettings {
+            conn: conn.into(),
+            password: None,
+            pool: 1,
+            tls: Default::default(),
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(!e.contains("hunter2"), "{conn}: {e}");
+    }
+    // A percent-encoded password key is decoded by the driver.
+    let shown = crate::pg::redact("postgres://baton@db/baton?pass%77ord=hunter2");
+    assert!(!shown.contains("hunter2"), "{shown}");
 }
 
 /// The CA shared on PostgreSQL: brokers starting at once on an empty

@@ -265,7 +265,16 @@ pub trait TaskStore: Send + Sync + std::fmt::Debug {
     }
     /// The latest approval that binds `binding`, if any.
     fn latest_approval(&self, binding: &str) -> Result<Option<ApprovalState>, StoreError>;
-    fn insert_approval(&self, binding: &str, a: &ApprovalState) -> Result<(), StoreError>;
+    /// Inserts `a` for `binding` only while the binding's latest approval
+    /// is still `latest` (its id; `None`: the binding has none yet), in
+    /// one step; false when another request (at this broker or another)
+    /// inserted one first, which is then the one to answer with.
+    fn insert_approval(
+        &self,
+        binding: &str,
+        a: &ApprovalState,
+        latest: Option<&str>,
+    ) -> Result<bool, StoreError>;
     fn get_approval(&self, id: &str) -> Result<Option<ApprovalState>, StoreError>;
     /// Moves approval `id` from status `from` to `to.status` (writing
     /// `to` whole) in one step; false when it was not in `from` any more
@@ -574,22 +583,33 @@ impl TaskStore for SqliteStore {
         row.map(|s| dec("approvals", &s)).transpose()
     }
 
-    fn insert_approval(&self, binding: &str, a: &ApprovalState) -> Result<(), StoreError> {
+    fn insert_approval(
+        &self,
+        binding: &str,
+        a: &ApprovalState,
+        latest: Option<&str>,
+    ) -> Result<bool, StoreError> {
         let record = enc("approvals", a)?;
         self.with(|c| {
-            c.prepare_cached(
-                "INSERT INTO approvals (id, binding, task, status, expires_at, record)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?
-            .execute(params![
-                a.id,
-                binding,
-                a.task_id.to_string(),
-                a.status,
-                to_i64(a.expires_at),
-                record
-            ])?;
-            Ok(())
+            // One statement: SQLite's single writer makes the check and the
+            // insert one step.
+            let n = c
+                .prepare_cached(
+                    "INSERT INTO approvals (id, binding, task, status, expires_at, record)
+                     SELECT ?1, ?2, ?3, ?4, ?5, ?6
+                     WHERE (SELECT id FROM approvals WHERE binding = ?2
+                            ORDER BY rowid DESC LIMIT 1) IS ?7",
+                )?
+                .execute(params![
+                    a.id,
+                    binding,
+                    a.task_id.to_string(),
+                    a.status,
+                    to_i64(a.expires_at),
+                    record,
+                    latest
+                ])?;
+            Ok(n == 1)
         })
     }
 

@@ -707,9 +707,12 @@ pub async fn run(
     };
     let bundle_file = cfg.data_dir.as_ref().map(|d| d.join("bundle.pem"));
     if let Some(path) = &bundle_file {
-        std::fs::write(path, &bundle_pem).map_err(|source| StartError::DataDir {
-            path: path.clone(),
-            source,
+        // Whole or not at all: a co-located daemon may bootstrap from it.
+        baton_ca::write_public_file(path, bundle_pem.as_bytes()).map_err(|e| {
+            StartError::DataDir {
+                path: path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            }
         })?;
     }
 
@@ -821,7 +824,7 @@ pub async fn run(
                 listener_bundles.set(td.clone(), bundle.x509_authorities.clone());
                 jwt_bundles.set(&bundle);
                 if let Some(path) = &bundle_file
-                    && let Err(e) = std::fs::write(path, bundle.to_pem())
+                    && let Err(e) = baton_ca::write_public_file(path, bundle.to_pem().as_bytes())
                 {
                     tracing::warn!(error = %e, path = %path.display(), "cannot rewrite bundle.pem");
                 }

@@ -602,7 +602,10 @@ impl Ca {
                 AuthorityKind::Jwt,
                 AuthorityState::Active,
                 t,
-                unix_secs(now + self.ca_ttl),
+                unix_secs(
+                    now.checked_add(self.ca_ttl)
+                        .ok_or(CaError::TimeOutOfRange(now))?,
+                ),
                 false,
                 t,
             );
@@ -790,7 +793,10 @@ impl Ca {
                     kind,
                     state,
                     t,
-                    unix_secs(now + self.ca_ttl),
+                    unix_secs(
+                        now.checked_add(self.ca_ttl)
+                            .ok_or(CaError::TimeOutOfRange(now))?,
+                    ),
                     false,
                     t,
                 );
@@ -893,6 +899,13 @@ impl Ca {
     ) -> Result<T, CaError> {
         let j = self.journal.load();
         let slot = j.active_jwt().ok_or(CaError::Crypto("no active JWT key"))?;
+        // A key past its end signs nothing: verifiers cannot tell from the
+        // bundle, and pruning removes an ended key without a usage check.
+        if now >= slot.status.not_after {
+            return Err(CaError::AuthorityExpired {
+                not_after: UNIX_EPOCH + Duration::from_secs(slot.status.not_after),
+            });
+        }
         slot.signed(exp);
         let out = f(&slot.key)?;
         let mut usage = self.usage_ledger();
@@ -1137,8 +1150,15 @@ impl Ca {
         kinds: &[AuthorityKind],
         now: SystemTime,
     ) -> Result<Vec<RotationEvent>, CaError> {
+        // One of each kind at most: `[x509, x509]` prepares one.
+        let kinds = kinds.iter().fold(Vec::new(), |mut once, k| {
+            if !once.contains(k) {
+                once.push(*k);
+            }
+            once
+        });
         self.mutate(|j| {
-            for &kind in kinds {
+            for &kind in &kinds {
                 if let Some(p) = statuses(j, kind).find(|s| s.state == AuthorityState::Prepared) {
                     return Err(CaError::RotationRefused(format!(
                         "{kind} authority {} is already prepared; activate it (`baton ca activate {}`) or revoke it before preparing another",
@@ -1147,7 +1167,7 @@ impl Ca {
                 }
             }
             let mut events = Vec::new();
-            for &kind in kinds {
+            for &kind in &kinds {
                 let authority = self.create_key(j, kind, AuthorityState::Prepared, now)?;
                 events.push(RotationEvent {
                     action: RotationAction::Prepared,

@@ -155,6 +155,34 @@ mod tests {
         ));
     }
 
+    /// The active JWT key signs no delegation token past its own end (as
+    /// it signs no JWT-SVID): verifiers cannot tell from the bundle, and
+    /// an ended key is pruned without a usage check, which would end every
+    /// token it signed at once. The control: the same key just before.
+    #[test]
+    fn an_active_jwt_key_past_its_end_signs_nothing() {
+        let t0 = 1_700_000_000;
+        let td: TrustDomain = "example.org".parse().unwrap();
+        let mut cfg = CaConfig::new(td.clone());
+        cfg.ca_ttl = Duration::from_secs(1000);
+        let ca = Ca::load_or_create(cfg, UNIX_EPOCH + Duration::from_secs(t0)).unwrap();
+        ca.sign_delegation_token(&claims(t0 + 990)).unwrap();
+        assert!(matches!(
+            ca.sign_delegation_token(&claims(t0 + 1000)),
+            Err(CaError::AuthorityExpired { .. })
+        ));
+        let w = td.id("/w").unwrap();
+        assert!(
+            ca.sign_jwt_svid(
+                &w,
+                &["a".into()],
+                Duration::from_secs(60),
+                UNIX_EPOCH + Duration::from_secs(t0 + 1001)
+            )
+            .is_err()
+        );
+    }
+
     #[test]
     fn refuses_empty_audience_and_lifetime() {
         let td: TrustDomain = "example.org".parse().unwrap();

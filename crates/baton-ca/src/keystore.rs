@@ -92,7 +92,10 @@ pub(crate) fn write_key(path: &Path, bytes: &[u8]) -> Result<(), CaError> {
     write_atomic(path, bytes, KEY_MODE)
 }
 
-pub(crate) fn write_public(path: &Path, bytes: &[u8]) -> Result<(), CaError> {
+/// Writes a public file (mode 0644) through a fresh temporary file, synced
+/// and renamed over `path`: a reader sees the old contents or the new, never
+/// a file cut off half-way.
+pub fn write_public(path: &Path, bytes: &[u8]) -> Result<(), CaError> {
     write_atomic(path, bytes, CERT_MODE)
 }
 

@@ -21,6 +21,7 @@ mod error;
 mod journal;
 pub mod jwt;
 mod keystore;
+pub use keystore::write_public as write_public_file;
 pub mod possession;
 mod shared;
 mod time_util;

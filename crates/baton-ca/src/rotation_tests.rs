@@ -131,10 +131,12 @@ fn unsafe_steps_are_refused_and_change_nothing() {
     ));
     assert_eq!(ca.authorities(), before);
 
-    let p = ca.prepare(&[AuthorityKind::X509], t0()).unwrap()[0]
-        .authority
-        .id
-        .clone();
+    // A kind named twice is prepared once.
+    let twice = ca
+        .prepare(&[AuthorityKind::X509, AuthorityKind::X509], t0())
+        .unwrap();
+    assert_eq!(twice.len(), 1, "{twice:?}");
+    let p = twice[0].authority.id.clone();
     refused(ca.prepare(&[AuthorityKind::X509], t0()), "already prepared");
     refused(ca.taint(&p, t0()), "revoke it instead");
     refused(

@@ -297,11 +297,12 @@ pub struct LimitArgs {
     /// task-start, tool-call-reports, jwt-svid, x509-svid (a node's
     /// X509-SVIDs and agent-SVID renewals, counted in certificates; COUNT at
     /// least 1000, the largest batch), secret-lease, delegate, node-mint (a
-    /// node's redeems and task renewals), approvals or feed (the revocation
-    /// feed's pages) (per SPIFFE ID, else IP). Defaults: attest=30/1m,
-    /// task-start=60/1m, tool-call-reports=600/1m, jwt-svid=600/1m,
-    /// x509-svid=10000/1m, secret-lease=120/1m, delegate=3000/1m,
-    /// node-mint=6000/1m, approvals=6000/1m, feed=6000/1m.
+    /// node's redeems and task renewals), approvals, feed (the revocation
+    /// feed's pages) or introspect (API-key introspection) (per SPIFFE ID,
+    /// else IP). Defaults: attest=30/1m, task-start=60/1m,
+    /// tool-call-reports=600/1m, jwt-svid=600/1m, x509-svid=10000/1m,
+    /// secret-lease=120/1m, delegate=3000/1m, node-mint=6000/1m,
+    /// approvals=6000/1m, feed=6000/1m, introspect=30000/1m.
     #[arg(long = "rate-limit", value_name = "NAME=COUNT/PERIOD")]
     pub rate_limits: Vec<String>,
     #[command(flatten)]

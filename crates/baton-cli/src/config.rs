@@ -641,9 +641,16 @@ fn holds_password(s: &str) -> bool {
             .rsplit_once('@')
             .is_some_and(|(user, _)| user.split_once(':').is_some_and(|(_, pw)| !pw.is_empty()))
     });
-    let kv_password = s
-        .split_whitespace()
-        .any(|w| w.to_ascii_lowercase().starts_with("password="));
+    // A `password` key: libpq's key/value form, where spaces may surround
+    // the `=` (`password = p`), or a URL's query (`?password=p`).
+    let lower = s.to_ascii_lowercase();
+    let kv_password = lower.match_indices("password").any(|(at, key)| {
+        let starts_key = lower[..at]
+            .chars()
+            .next_back()
+            .is_none_or(|c| c.is_whitespace() || matches!(c, '?' | '&'));
+        starts_key && lower[at + key.len()..].trim_start().starts_with('=')
+    });
     url_password || kv_password
 }
 
@@ -1227,6 +1234,10 @@ log = "debug"
             "postgresql://admin:p@db/crm",
             "host=db password=p",
             "host=db PASSWORD=p",
+            "host=db password = p",
+            "host=db password ='p'",
+            "password=p host=db",
+            "postgresql://admin@db/crm?sslmode=require&password=p",
         ] {
             assert!(holds_password(s), "{s}");
         }
@@ -1238,6 +1249,8 @@ log = "debug"
             "host=db user=admin",
             "/run/credentials/x/password",
             "u:p@h",
+            "host=db passwordless=1",
+            "host=db user=nopassword",
         ] {
             assert!(!holds_password(s), "{s}");
         }

@@ -207,6 +207,9 @@ pub async fn broker(args: BrokerArgs) -> Result<()> {
             Some(path) => Some(read_secret_line("--datastore-password-file", path)?),
             None => None,
         };
+        if let Some(key) = &args.datastore_client_key {
+            crate::creds::refuse_shared_secret_file("--datastore-client-key", key)?;
+        }
         cfg.datastore = Some(baton_broker::pg::PgSettings {
             conn: conn.clone(),
             password,

@@ -136,6 +136,11 @@ impl RedisArgs {
                 ));
             }
         };
+        // A client key every user can read is no secret (as a password
+        // file is not).
+        if let Some(key) = &self.redis_client_key {
+            crate::creds::refuse_shared_secret_file("--redis-client-key", key)?;
+        }
         let password = self
             .redis_password_file
             .as_deref()

@@ -5,6 +5,7 @@
 //! selector never travels inward.
 
 pub mod api;
+pub mod budget;
 pub mod delegation;
 pub mod entry;
 pub mod report_bounds;

@@ -83,6 +83,27 @@ pub fn check_resource(resource: &str) -> Result<(), OutOfBounds> {
     Ok(())
 }
 
+/// Longest policy id a record keeps (see [`recordable_policy_ids`]).
+pub const MAX_POLICY_ID: usize = 256;
+
+/// `ids` as a record may list them: at most [`MAX_LIST`] (past it, the
+/// last entry says how many more decided), each within
+/// [`MAX_POLICY_ID`] bytes without control characters (else only its
+/// size). A call's deciding policies are the operator's, not a caller's,
+/// but a record the log refuses would leave the call unrecorded.
+pub fn recordable_policy_ids(ids: &mut Vec<String>) {
+    for id in ids.iter_mut() {
+        if id.len() > MAX_POLICY_ID || id.chars().any(char::is_control) {
+            *id = format!("(unrecordable policy id: {} bytes)", id.len());
+        }
+    }
+    if ids.len() > MAX_LIST {
+        let more = ids.len() - (MAX_LIST - 1);
+        ids.truncate(MAX_LIST - 1);
+        ids.push(format!("(and {more} more policies)"));
+    }
+}
+
 /// `resource` as a record may name it: itself when within bounds, else
 /// only its size (a refusal's record keeps no text the log would refuse).
 pub fn recordable_resource(resource: &str) -> String {
@@ -134,7 +155,7 @@ impl ToolCallReport {
         )?;
         prose("reason", self.reason.as_deref().unwrap_or_default(), 4096)?;
         list("scope_used", &self.scope_used, 256)?;
-        list("policy_ids", &self.policy_ids, 256)?;
+        list("policy_ids", &self.policy_ids, MAX_POLICY_ID)?;
         check_recorded("recorded", &self.recorded)
     }
 }

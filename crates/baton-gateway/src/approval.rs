@@ -16,6 +16,8 @@
 use std::collections::BTreeMap;
 
 use baton_core::api::{ApprovalRequest, ApprovalState};
+use baton_core::budget::Budget;
+use baton_core::{SpiffeId, TaskId};
 use baton_verify::{CallDenied, ToolSpec, VerifiedDelegation};
 use http::HeaderMap;
 
@@ -111,6 +113,56 @@ pub(crate) enum Held {
     /// the gate's check, expired, or its task ended): the call is refused
     /// as with an invalid token, not as a passing outage to retry.
     TokenRefused { code: String, message: String },
+    /// The caller asked for approvals faster than its share (or the
+    /// broker's limit for this gateway is spent): 429, retry after
+    /// `retry_after` seconds.
+    Busy { retry_after: u64, why: String },
+}
+
+/// Approval requests one agent of one task may send through the gateway at
+/// once, then [`APPROVAL_ASKS_PER_SEC`] a second. The broker limits the
+/// gateway as a whole (`approvals`); without a share per agent, one agent
+/// repeating a held call (the same, or with other arguments each time)
+/// would spend it for every other agent's approvals, the approved ones
+/// too. An agent retrying its held call once a second, as the waiting
+/// message asks, stays within its share.
+pub(crate) const APPROVAL_ASKS_BURST: u32 = 30;
+/// See [`APPROVAL_ASKS_BURST`].
+pub(crate) const APPROVAL_ASKS_PER_SEC: u32 = 1;
+
+/// Each (task, agent)'s share of approval requests.
+pub(crate) struct AskBudget(std::sync::Mutex<Budget<(TaskId, SpiffeId)>>);
+
+impl Default for AskBudget {
+    fn default() -> Self {
+        Self(std::sync::Mutex::new(Budget::new(
+            APPROVAL_ASKS_BURST,
+            APPROVAL_ASKS_PER_SEC,
+        )))
+    }
+}
+
+impl AskBudget {
+    /// Takes one request of `d`'s agent in its task at `now`, or says in
+    /// how many seconds there is one.
+    fn take(&self, d: &VerifiedDelegation, now: u64) -> Result<(), u64> {
+        let mut b = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        b.take(&(d.task_id().clone(), d.agent().clone()), now)
+    }
+}
+
+/// The refusal of an agent past its share of approval requests.
+fn over_share(d: &VerifiedDelegation, retry_after: u64) -> Held {
+    Held::Busy {
+        retry_after,
+        why: format!(
+            "agent {} asked for approvals in task {} faster than its share \
+             ({APPROVAL_ASKS_BURST} at once, then {APPROVAL_ASKS_PER_SEC} a second); \
+             send the call again later",
+            d.agent(),
+            d.task_id(),
+        ),
+    }
 }
 
 impl Gateway {
@@ -188,6 +240,9 @@ impl Gateway {
             target,
             shown: shown(),
         };
+        self.approval_asks
+            .take(d, now)
+            .map_err(|wait| over_share(d, wait))?;
         let resp = self
             .enforcer
             .post_once("/v1/approvals", &req)
@@ -196,6 +251,21 @@ impl Gateway {
                 Held::Unavailable(format!("the broker did not answer: {}", error_chain(&e)))
             })?;
         let status = resp.status();
+        if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+            let retry_after = resp
+                .headers()
+                .get(http::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(1)
+                .clamp(1, 3600);
+            return Err(Held::Busy {
+                retry_after,
+                why: "the broker's limit on this gateway's approval requests is spent; \
+                      send the call again later"
+                    .into(),
+            });
+        }
         let body = resp
             .text()
             .await

@@ -516,11 +516,54 @@ fn spool_ops(ops: &baton_ops::Ops, reporter: &Reporter) {
 
 /// The broker feed's set, without its staleness: the gate decides per tier
 /// what a stale feed means, and the token check looks only at revocations.
+/// But only once there is a set: a follower that never caught up with the
+/// broker (started while the feed did not answer) knows of no revocation
+/// at all, and refuses everything, as a Redis follower that never synced.
 struct StaleTolerant(baton_verify::BrokerFeed);
 
 impl baton_verify::RevocationCheck for StaleTolerant {
     fn is_revoked(&self, id: &str, task: &baton_core::TaskId) -> bool {
         let now = baton_revocation::system_now();
-        baton_revocation::is_denied(|e| self.0.contains(e, now), id, task)
+        !self.0.ever_caught_up()
+            || baton_revocation::is_denied(|e| self.0.contains(e, now), id, task)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use baton_verify::RevocationCheck;
+
+    /// A gateway whose broker feed never answered (the feed route down at
+    /// its start, its bundle route up) holds the empty set it started
+    /// with: a reader that tolerates a stale feed (`read-allows-stale`)
+    /// must not take that for "nothing is revoked". Before, MCP methods
+    /// the gate does not see (`initialize`, `tools/list`, a resource read)
+    /// were forwarded for a revoked token. The control, once caught up, is
+    /// `gateway::the_gateway_refuses_every_call_once_the_brokers_feed_goes_silent`
+    /// (calls allowed before the feed goes silent).
+    #[tokio::test]
+    async fn a_stale_tolerant_reader_refuses_until_the_feed_has_answered_once() {
+        baton_tls::install_crypto_provider();
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let identity = baton_tls::ClientIdentity::new(
+            vec![cert.cert.der().to_vec()],
+            &cert.signing_key.serialize_der(),
+        )
+        .unwrap();
+        // Nothing listens on port 9 of the loopback: the feed never answers.
+        let feed = baton_verify::BrokerFeed::spawn(
+            "https://127.0.0.1:9",
+            identity,
+            baton_tls::BundleStore::new(),
+            "spiffe://example.org/broker".parse().unwrap(),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        let tolerant = StaleTolerant(feed.clone());
+        let task = baton_core::TaskId::from_random([7; 16]);
+        assert!(!feed.ever_caught_up());
+        assert!(tolerant.is_revoked("jti-never-revoked", &task));
     }
 }

@@ -108,6 +108,10 @@ pub(crate) struct Gateway {
     /// Request-body bytes in flight, out of [`BODY_BUDGET`] (a parsed
     /// MCP message holds a share for its values too).
     pub(crate) bodies: Arc<tokio::sync::Semaphore>,
+    /// Each agent's share of the approval requests the gateway sends the
+    /// broker, which limits the gateway as a whole
+    /// ([`crate::approval::APPROVAL_ASKS_BURST`]).
+    pub(crate) approval_asks: crate::approval::AskBudget,
 }
 
 /// Most peer certificates [`PeerCache`] holds; when full it starts over.
@@ -332,6 +336,7 @@ pub async fn run(
         sessions: crate::mcp::Sessions::default(),
         peers: PeerCache::default(),
         bodies: Arc::new(tokio::sync::Semaphore::new(BODY_BUDGET)),
+        approval_asks: crate::approval::AskBudget::default(),
     });
     let reloads = o.reload.map(|mut rx| {
         let gw = gw.clone();
@@ -1831,6 +1836,12 @@ fn held_response(held: &Held) -> Response {
         )
         .into_response(),
         Held::TokenRefused { code, message } => invalid_token(code, message),
+        Held::Busy { retry_after, why } => {
+            let mut resp = plain(StatusCode::TOO_MANY_REQUESTS, "approval_rate_limited", why);
+            resp.headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from(*retry_after));
+            resp
+        }
         Held::Unavailable(why) => {
             tracing::warn!(error = %why, "approval unavailable; call refused");
             plain(

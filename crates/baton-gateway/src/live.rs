@@ -190,8 +190,14 @@ pub fn follow_jwt_bundles(endpoint: &str, td: TrustDomain, target: baton_verify:
     tokio::spawn(async move {
         let mut failures: u32 = 0;
         loop {
-            if let Err(e) = stream_jwt_bundles(&endpoint, &td, &target).await {
+            let mut received = false;
+            if let Err(e) = stream_jwt_bundles(&endpoint, &td, &target, &mut received).await {
                 tracing::warn!(error = %e, "JWT bundle stream from the Workload API ended; reconnecting");
+            }
+            // A stream that delivered starts the backoff over: a key
+            // revoked after a few reconnects is still picked up at once.
+            if received {
+                failures = 0;
             }
             failures = failures.saturating_add(1);
             let wait = Duration::from_millis(200u64 << failures.min(6));
@@ -204,6 +210,7 @@ async fn stream_jwt_bundles(
     endpoint: &str,
     td: &TrustDomain,
     target: &baton_verify::JwtBundles,
+    received: &mut bool,
 ) -> Result<()> {
     use futures::StreamExt as _;
     let client = spiffe::WorkloadApiClient::connect_to(endpoint)
@@ -216,6 +223,7 @@ async fn stream_jwt_bundles(
     let sp_td = spiffe::TrustDomain::new(td.as_str()).map_err(GatewayError::refused)?;
     while let Some(set) = stream.next().await {
         let set = set.map_err(GatewayError::refused)?;
+        *received = true;
         let Some(bundle) = set.get(&sp_td) else {
             continue;
         };

@@ -196,6 +196,20 @@ fn held_error(id: Option<&Value>, tool: &str, held: &Held) -> Response {
         ),
         // Transport level, as any other refused token.
         Held::TokenRefused { code, message } => crate::gateway::invalid_token(code, message),
+        Held::Busy { retry_after, why } => {
+            let mut resp = rpc_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                id,
+                REFUSED,
+                &format!("{tool}: {why}"),
+                json!({"code": "approval_rate_limited", "retry_after": retry_after}),
+            );
+            resp.headers_mut().insert(
+                http::header::RETRY_AFTER,
+                http::HeaderValue::from(*retry_after),
+            );
+            resp
+        }
         Held::Unavailable(why) => {
             tracing::warn!(error = %why, "approval unavailable; call refused");
             rpc_error(

@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use baton_core::TaskId;
 use baton_verify::RevocationCheck;
@@ -73,6 +73,28 @@ pub enum FeedStatus {
     },
 }
 
+/// A moment the follower heard something, on the clock it was given (unix
+/// seconds) and on the monotonic clock: it is old when either says so, so
+/// a wall clock stepped back does not keep a silent feed fresh.
+#[derive(Debug, Clone, Copy)]
+struct Heard {
+    unix: u64,
+    at: Instant,
+}
+
+impl Heard {
+    fn at(unix: u64) -> Self {
+        Self {
+            unix,
+            at: Instant::now(),
+        }
+    }
+
+    fn older_than(&self, now: u64, secs: u64) -> bool {
+        now.saturating_sub(self.unix) > secs || self.at.elapsed() > Duration::from_secs(secs)
+    }
+}
+
 #[derive(Debug)]
 struct State {
     /// id -> expiry
@@ -82,12 +104,15 @@ struct State {
     /// A resync has ever completed: `revoked` is a set Redis served, not
     /// the empty one the follower started with.
     ever_synced: bool,
-    last_seen: u64,
+    last_seen: Heard,
     /// The last entry a publisher wrote (anything but a heartbeat of the
     /// revocation service), or the start of the feed.
-    last_publisher: u64,
+    last_publisher: Heard,
     epoch: Option<String>,
     resyncs: u64,
+    /// Whether this follower's Redis user may write (probed once, at the
+    /// first connection): see [`FeedHandle::can_write`].
+    writable: Option<bool>,
 }
 
 #[derive(Debug)]
@@ -154,10 +179,11 @@ impl RevocationFeed {
                 revoked: HashMap::new(),
                 synced: false,
                 ever_synced: false,
-                last_seen: now,
-                last_publisher: now,
+                last_seen: Heard::at(now),
+                last_publisher: Heard::at(now),
                 epoch: None,
                 resyncs: 0,
+                writable: None,
             }),
             stale_after: options.stale_after.as_secs(),
             allow_stale: options.allow_stale,
@@ -182,13 +208,18 @@ impl RevocationFeed {
 impl FeedHandle {
     pub fn status(&self, now: u64) -> FeedStatus {
         let s = self.shared.read();
-        if !s.synced || now.saturating_sub(s.last_seen) > self.shared.stale_after {
-            FeedStatus::Stale { since: s.last_seen }
-        } else if now.saturating_sub(s.last_publisher) > self.shared.publisher_grace {
+        if !s.synced || s.last_seen.older_than(now, self.shared.stale_after) {
+            FeedStatus::Stale {
+                since: s.last_seen.unix,
+            }
+        } else if s
+            .last_publisher
+            .older_than(now, self.shared.publisher_grace)
+        {
             // Only the revocation service's heartbeats: no publisher has
             // been heard, so revocations may be recorded and not published.
             FeedStatus::Stale {
-                since: s.last_publisher,
+                since: s.last_publisher.unix,
             }
         } else {
             FeedStatus::Fresh
@@ -212,6 +243,13 @@ impl FeedHandle {
     /// How many full resyncs the follower has done.
     pub fn resyncs(&self) -> u64 {
         self.shared.read().resyncs
+    }
+
+    /// Whether the follower's Redis user may write (`None` until its first
+    /// connection has been probed). A verifier should follow with a
+    /// read-only user; a follower that may write is warned about once.
+    pub fn can_write(&self) -> Option<bool> {
+        self.shared.read().writable
     }
 
     /// The epoch the follower trusts, if any.
@@ -277,6 +315,9 @@ impl Follower {
                         .arg("baton-revocation-feed")
                         .query_async(&mut conn)
                         .await;
+                    if self.shared.read().writable.is_none() {
+                        self.probe_write(&mut conn).await;
+                    }
                     if let Err(e) = self.follow(&mut conn).await {
                         tracing::warn!(error = %e, "revocation feed: connection lost, reconnecting");
                     }
@@ -288,6 +329,39 @@ impl Follower {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }
+    }
+
+    /// Whether this follower's Redis user may write. A verifier needs to
+    /// read only; one that may write (the brokers' own user, as the shared
+    /// `--redis*` flags make easy) can remove revoked ids from the index
+    /// and forge the stream's entries for every follower, so a
+    /// compromised tool server could un-revoke credentials at the others.
+    /// Said loudly, once; the harmless probe key expires at once.
+    async fn probe_write(&self, conn: &mut Conn) {
+        let probe: Result<Value, redis::RedisError> = redis::cmd("SET")
+            .arg(self.key("follower-write-probe"))
+            .arg("1")
+            .arg("PX")
+            .arg(1)
+            .query_async(conn)
+            .await;
+        let writable = match probe {
+            Ok(_) => true,
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm) => false,
+            Err(e) if e.to_string().contains("NOPERM") => false,
+            Err(e) => {
+                tracing::debug!(error = %e, "revocation feed: write probe failed");
+                return;
+            }
+        };
+        if writable {
+            tracing::warn!(
+                "revocation feed: this verifier's Redis user may write; whoever controls this \
+                 process can then remove revocations for every verifier. Give verifiers a \
+                 read-only ACL user (see the deployment guide, \"ACL user\")"
+            );
+        }
+        self.shared.write().writable = Some(writable);
     }
 
     /// Reads until the connection fails.
@@ -424,10 +498,18 @@ impl Follower {
             }
         };
         let mut s = self.shared.write();
-        s.revoked = entries.into_iter().collect();
+        // Merged, never replaced: what was refused once stays refused until
+        // it expires, also when the index read now lost it (a failover to a
+        // replica that missed writes, a restart that lost its last second,
+        // an id removed by someone with write access).
+        for (id, exp) in entries {
+            let held = s.revoked.entry(id).or_insert(exp);
+            *held = (*held).max(exp);
+        }
+        s.revoked.retain(|_, e| *e > now);
         s.synced = true;
         s.ever_synced = true;
-        s.last_seen = now;
+        s.last_seen = Heard::at(now);
         s.epoch = Some(epoch);
         s.resyncs += 1;
         tracing::info!(revoked = s.revoked.len(), from = %last_id, "revocation feed: resynced");
@@ -466,14 +548,14 @@ impl Follower {
                 Some("seed") if get("epoch") != Some(epoch) => {
                     // A different epoch was seeded: reload everything.
                     self.last_id = None;
-                    s.last_seen = now;
+                    s.last_seen = Heard::at(now);
                     return;
                 }
                 _ => {}
             }
-            s.last_seen = now;
+            s.last_seen = Heard::at(now);
             if !(get("t") == Some("hb") && get("src") == Some(SERVICE_SOURCE)) {
-                s.last_publisher = now;
+                s.last_publisher = Heard::at(now);
             }
             self.last_id = Some(id);
         }
@@ -572,5 +654,36 @@ impl Heartbeat {
         Self {
             _task: AbortOnDrop(task),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the follower heard is old when either clock says so: a wall
+    /// clock stepped back (so that the last entry still reads as recent)
+    /// does not keep a feed that has heard nothing fresh. The control: a
+    /// moment recent on both clocks.
+    #[test]
+    fn a_wall_clock_stepped_back_does_not_keep_a_silent_feed_fresh() {
+        let now = system_now();
+        let heard = Heard::at(now);
+        assert!(!heard.older_than(now, 30), "control");
+        assert!(heard.older_than(now + 31, 30), "wall clock past the window");
+        let long_ago = Heard {
+            unix: now,
+            at: Instant::now()
+                .checked_sub(Duration::from_secs(31))
+                .expect("a machine up for more than 31 s"),
+        };
+        assert!(
+            long_ago.older_than(now, 30),
+            "monotonic clock past the window"
+        );
+        assert!(
+            long_ago.older_than(now.saturating_sub(3600), 30),
+            "wall clock stepped back an hour"
+        );
     }
 }

@@ -357,3 +357,170 @@ async fn service_heartbeats_alone_keep_a_feed_fresh_only_for_the_grace() {
     })
     .await;
 }
+
+/// A resync merges what the index holds into what the follower already
+/// refuses; it never replaces it. A Redis that lost a revocation (a
+/// failover to a replica that missed the last writes, a restart that lost
+/// its last second, an id removed by someone with write access) keeps the
+/// epoch, so the follower resyncs from an index without the id: before,
+/// the id was accepted again while the feed said fresh. The control: an id
+/// revoked while the follower was away arrives with the resync, and one
+/// never revoked is still accepted.
+#[tokio::test]
+async fn a_resync_from_an_index_that_lost_an_id_keeps_it_refused() {
+    let srv = RedisServer::start();
+    let store = RedisStore::connect(&srv.url(), "bt").await.unwrap();
+    store.seed(&[], system_now()).await.unwrap();
+    acl(
+        &store,
+        &["SETUSER", "feeder", "on", ">s3cret", "~*", "+@all"],
+    )
+    .await;
+    let url = format!("redis://feeder:s3cret@127.0.0.1:{}/", srv.port);
+    let feed = RevocationFeed::spawn(&url, "bt", opts()).unwrap();
+    let now = system_now();
+    for (id, t) in [("lost", 1), ("away", 2), ("live", 3)] {
+        store
+            .register(&rec(id, Some(task(t)), "agent/a", None, now + 600), now)
+            .await
+            .unwrap();
+    }
+    store
+        .revoke(&Target::Credential("lost".into()), "test", now)
+        .await
+        .unwrap();
+    eventually("the revocation followed", 10, || {
+        feed.status(system_now()) == FeedStatus::Fresh && feed.contains("lost", system_now())
+    })
+    .await;
+    let resyncs = feed.resyncs();
+
+    acl(&store, &["SETUSER", "feeder", "off"]).await;
+    store
+        .raw(redis::cmd("CLIENT").arg("KILL").arg("USER").arg("feeder"))
+        .await
+        .unwrap();
+    // Redis loses "lost" (index and stream) but keeps its epoch, while
+    // "away" is revoked and kept.
+    store
+        .raw(redis::cmd("ZREM").arg("{bt}:revoked-index").arg("lost"))
+        .await
+        .unwrap();
+    store
+        .revoke(&Target::Credential("away".into()), "test", now)
+        .await
+        .unwrap();
+    store
+        .raw(
+            redis::cmd("XTRIM")
+                .arg("{bt}:revocations:v2")
+                .arg("MAXLEN")
+                .arg(0),
+        )
+        .await
+        .unwrap();
+    store.heartbeat(now, "relay").await.unwrap();
+    acl(&store, &["SETUSER", "feeder", "on"]).await;
+
+    eventually("resynced", 10, || feed.resyncs() > resyncs).await;
+    eventually("fresh after the resync", 10, || {
+        feed.status(system_now()) == FeedStatus::Fresh
+    })
+    .await;
+    assert!(
+        feed.contains("away", system_now()),
+        "control: the index's ids arrive"
+    );
+    assert!(
+        !RevocationCheck::is_revoked(&feed, "live", &task(3)),
+        "control: never revoked"
+    );
+    assert!(
+        RevocationCheck::is_revoked(&feed, "lost", &task(1)),
+        "an id the index lost came back"
+    );
+}
+
+/// A verifier follows Redis with the read-only ACL user the deployment
+/// guide documents: it resyncs, follows revocations and the gap check, and
+/// cannot remove an id from the index nor forge a stream entry. A
+/// follower whose user may write (the brokers' `+@all` user) says so
+/// (`can_write`), warned about once at its start: whoever controls such a
+/// verifier could un-revoke credentials for the others.
+#[tokio::test]
+async fn a_verifier_follows_with_a_read_only_user_that_cannot_un_revoke() {
+    let srv = RedisServer::start();
+    let store = RedisStore::connect(&srv.url(), "bt").await.unwrap();
+    store.seed(&[], system_now()).await.unwrap();
+    // As deploy/README.md's "ACL user" documents it for verifiers.
+    acl(
+        &store,
+        &[
+            "SETUSER",
+            "verifier",
+            "on",
+            ">r3ad",
+            "~{bt}:*",
+            "resetchannels",
+            "-@all",
+            "+get",
+            "+exists",
+            "+xread",
+            "+xrange",
+            "+xrevrange",
+            "+xinfo|stream",
+            "+zrangebyscore",
+            "+multi",
+            "+exec",
+            "+client|setname",
+            "+ping",
+            "+hello",
+        ],
+    )
+    .await;
+    acl(
+        &store,
+        &["SETUSER", "writer", "on", ">wr1te", "~{bt}:*", "+@all"],
+    )
+    .await;
+    let url = |user: &str, pw: &str| format!("redis://{user}:{pw}@127.0.0.1:{}/", srv.port);
+    let feed = RevocationFeed::spawn(&url("verifier", "r3ad"), "bt", opts()).unwrap();
+    let loose = RevocationFeed::spawn(&url("writer", "wr1te"), "bt", opts()).unwrap();
+    let now = system_now();
+    store
+        .register(&rec("gone", Some(task(1)), "agent/a", None, now + 600), now)
+        .await
+        .unwrap();
+    store
+        .revoke(&Target::Credential("gone".into()), "test", now)
+        .await
+        .unwrap();
+    eventually("both follow the revocation", 10, || {
+        [&feed, &loose].iter().all(|f| {
+            f.status(system_now()) == FeedStatus::Fresh && f.contains("gone", system_now())
+        })
+    })
+    .await;
+    assert_eq!(feed.can_write(), Some(false));
+    assert_eq!(loose.can_write(), Some(true), "a writable user is seen");
+    // The read-only user cannot take the id out nor forge an entry.
+    let ro = RedisStore::connect(&url("verifier", "r3ad"), "bt")
+        .await
+        .unwrap();
+    for cmd in [
+        redis::cmd("ZREM")
+            .arg("{bt}:revoked-index")
+            .arg("gone")
+            .clone(),
+        redis::cmd("XADD")
+            .arg("{bt}:revocations:v2")
+            .arg("*")
+            .arg("t")
+            .arg("hb")
+            .clone(),
+    ] {
+        let e = ro.raw(&cmd).await.unwrap_err();
+        assert!(e.to_string().to_lowercase().contains("noperm"), "{e}");
+    }
+    assert!(RevocationCheck::is_revoked(&feed, "gone", &task(1)));
+}

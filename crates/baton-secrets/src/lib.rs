@@ -29,7 +29,7 @@ mod postgres;
 pub mod testing;
 
 pub use apikey::{ApiKeyEngine, Introspection};
-pub use postgres::{PgTemplate, PostgresEngine};
+pub use postgres::{PgTemplate, PostgresEngine, SWEEP_RETRY_FIRST, SWEEP_RETRY_MAX};
 
 /// What a task asks an engine for.
 #[derive(Debug, Clone, PartialEq, Eq)]

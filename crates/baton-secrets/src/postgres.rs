@@ -64,7 +64,19 @@ pub struct PostgresEngine {
     config: Config,
     endpoint: (String, u16),
     client: Mutex<Option<Client>>,
+    /// Leases the sweep could not drop, with how many times in a row and
+    /// when to try again: see [`SWEEP_RETRY_FIRST`].
+    retries: std::sync::Mutex<std::collections::HashMap<String, (u32, u64)>>,
 }
+
+/// The sweep's first retry of a lease it could not drop, doubled at each
+/// further failure up to [`SWEEP_RETRY_MAX`]. A role that cannot be dropped
+/// (it owns objects in another database) is otherwise retried at every
+/// sweep, each a handful of round trips under the engine's lock, so that
+/// thousands of them would hold up every lease and every revocation.
+pub const SWEEP_RETRY_FIRST: u64 = 30;
+/// See [`SWEEP_RETRY_FIRST`].
+pub const SWEEP_RETRY_MAX: u64 = 3600;
 
 impl std::fmt::Debug for PostgresEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -177,6 +189,7 @@ impl PostgresEngine {
             config,
             endpoint: (host, port),
             client: Mutex::new(Some(client)),
+            retries: Default::default(),
         })
     }
 
@@ -416,28 +429,53 @@ impl SecretEngine for PostgresEngine {
     }
 
     async fn sweep(&self, now: u64) -> Result<Vec<String>, SecretError> {
-        let now = i64::try_from(now).unwrap_or(i64::MAX);
-        let mut slot = self.client.lock().await;
-        let client = self.client(&mut slot).await?;
-        let due: Vec<String> = client
-            .query(
-                &format!(
-                    "SELECT lease_id FROM {LEASES}
-                     WHERE revoked_at IS NULL AND expires_at <= $1 ORDER BY expires_at"
-                ),
-                &[&now],
-            )
-            .await?
-            .iter()
-            .map(|r| r.try_get(0))
-            .collect::<Result<_, _>>()?;
+        let at = i64::try_from(now).unwrap_or(i64::MAX);
+        let due: Vec<String> = {
+            let mut slot = self.client.lock().await;
+            let client = self.client(&mut slot).await?;
+            client
+                .query(
+                    &format!(
+                        "SELECT lease_id FROM {LEASES}
+                         WHERE revoked_at IS NULL AND expires_at <= $1 ORDER BY expires_at"
+                    ),
+                    &[&at],
+                )
+                .await?
+                .iter()
+                .map(|r| r.try_get(0))
+                .collect::<Result<_, _>>()?
+        };
+        let retries = || self.retries.lock().unwrap_or_else(|e| e.into_inner());
+        retries().retain(|id, _| due.contains(id));
         let mut reaped = Vec::new();
         let mut failed = Vec::new();
         for id in due {
-            match revoke_lease(client, &id).await {
-                Ok(()) => reaped.push(id),
+            if retries().get(&id).is_some_and(|(_, next)| *next > now) {
+                continue;
+            }
+            // The lock per lease, not per sweep: leases and revocations go
+            // on between them.
+            let revoked = {
+                let mut slot = self.client.lock().await;
+                match self.client(&mut slot).await {
+                    Ok(client) => revoke_lease(client, &id).await,
+                    Err(e) => Err(e),
+                }
+            };
+            match revoked {
+                Ok(()) => {
+                    retries().remove(&id);
+                    reaped.push(id);
+                }
                 Err(e) => {
-                    tracing::warn!(lease = %id, error = %e, "baton-secrets: sweep could not revoke a lease");
+                    let mut r = retries();
+                    let entry = r.entry(id.clone()).or_insert((0, now));
+                    let wait = SWEEP_RETRY_FIRST
+                        .saturating_mul(1 << entry.0.min(20))
+                        .min(SWEEP_RETRY_MAX);
+                    *entry = (entry.0.saturating_add(1), now.saturating_add(wait));
+                    tracing::warn!(lease = %id, error = %e, retry_in_secs = wait, "baton-secrets: sweep could not revoke a lease");
                     failed.push((id, e.to_string()));
                 }
             }

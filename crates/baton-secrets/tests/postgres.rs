@@ -407,3 +407,69 @@ async fn a_failing_grant_leaves_no_role_behind() {
     // The engine recovers: its connection is still usable.
     assert!(engine.sweep(now).await.unwrap().is_empty());
 }
+
+/// A lease whose role cannot be dropped (it owns an object in another
+/// database, which any login may make: a large object needs no privilege)
+/// is retried with a growing wait, not at every sweep: each retry is a
+/// handful of round trips under the engine's one lock, so thousands of
+/// them would hold up every lease and every revocation. The control: an
+/// expired lease beside it is reaped at the first sweep, and the stuck one
+/// is tried again once its wait is over.
+#[tokio::test]
+async fn a_lease_that_cannot_be_dropped_is_retried_with_a_growing_wait() {
+    let pg = Pg::start().await;
+    let engine = setup(&pg).await;
+    let now = wall();
+    let stuck = engine
+        .issue(&request(&["dataset:crm:read"], now + 60), now)
+        .await
+        .unwrap();
+    let plain = engine
+        .issue(&request(&["dataset:crm:read"], now + 60), now)
+        .await
+        .unwrap();
+    let elsewhere = connect(&lease_conn(&stuck).replace("dbname=crm", "dbname=postgres"))
+        .await
+        .unwrap();
+    elsewhere
+        .batch_execute("SELECT lo_create(0)")
+        .await
+        .unwrap();
+    drop(elsewhere);
+
+    let after = now + 61;
+    let Err(SecretError::Sweep { reaped, failed }) = engine.sweep(after).await else {
+        panic!("the stuck lease was dropped");
+    };
+    assert_eq!(reaped, vec![plain.id.clone()], "control");
+    assert_eq!(
+        failed.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(),
+        [stuck.id.as_str()]
+    );
+    // Not retried by the next sweeps within its wait.
+    assert_eq!(engine.sweep(after).await.unwrap(), Vec::<String>::new());
+    assert_eq!(
+        engine
+            .sweep(after + baton_secrets::SWEEP_RETRY_FIRST - 1)
+            .await
+            .unwrap(),
+        Vec::<String>::new()
+    );
+    // Once the wait is over it is tried again (and still cannot be dropped:
+    // it waits twice as long next time).
+    let Err(SecretError::Sweep { failed, .. }) =
+        engine.sweep(after + baton_secrets::SWEEP_RETRY_FIRST).await
+    else {
+        panic!("not retried after its wait");
+    };
+    assert_eq!(failed.len(), 1);
+    assert_eq!(
+        engine
+            .sweep(after + 2 * baton_secrets::SWEEP_RETRY_FIRST)
+            .await
+            .unwrap(),
+        Vec::<String>::new()
+    );
+    let admin = pg.admin("crm").await;
+    assert!(!role_exists(&admin, &role_of(&plain)).await);
+}

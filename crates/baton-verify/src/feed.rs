@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use baton_core::{SpiffeId, TaskId};
 use baton_tls::{BundleStore, ClientIdentity, PeerPolicy};
@@ -48,6 +48,22 @@ struct State {
     seq: u64,
     /// Unix seconds of the last answer from the broker.
     last_ok: Option<u64>,
+    /// The same moment on the monotonic clock: freshness needs both, so
+    /// a wall clock stepped back does not keep a silent feed fresh.
+    last_ok_at: Option<Instant>,
+    /// The follower has caught up with the broker's log at least once: its
+    /// set is one the broker served, not the empty one it started with.
+    ever_caught_up: bool,
+}
+
+impl State {
+    fn is_fresh(&self, now: u64, stale_after: u64) -> bool {
+        self.last_ok
+            .is_some_and(|t| now.saturating_sub(t) <= stale_after)
+            && self
+                .last_ok_at
+                .is_some_and(|at| at.elapsed() <= Duration::from_secs(stale_after))
+    }
 }
 
 #[derive(Debug)]
@@ -142,11 +158,10 @@ impl BrokerFeed {
         self.read().revoked.get(id).is_some_and(|exp| *exp > now)
     }
 
-    /// Whether the broker answered within the staleness window.
+    /// Whether the broker answered within the staleness window, both by
+    /// `now` (unix seconds) and by the monotonic clock.
     pub fn is_fresh_at(&self, now: u64) -> bool {
-        self.read()
-            .last_ok
-            .is_some_and(|t| now.saturating_sub(t) <= self.shared.stale_after)
+        self.read().is_fresh(now, self.shared.stale_after)
     }
 
     /// Waits (up to `timeout`) for the first complete answer of the
@@ -162,6 +177,13 @@ impl BrokerFeed {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Whether the follower has ever caught up with the broker's log: until
+    /// then its set is the empty one it started with, which a reader that
+    /// tolerates staleness must not answer from.
+    pub fn ever_caught_up(&self) -> bool {
+        self.read().ever_caught_up
     }
 
     /// Unix seconds of the broker's last answer, if it ever answered.
@@ -248,6 +270,7 @@ fn apply(shared: &Shared, page: Page) -> bool {
             // Entries of another log: re-read this one from the start
             // before trusting it.
             s.last_ok = None;
+            s.last_ok_at = None;
             return true;
         }
     }
@@ -263,6 +286,8 @@ fn apply(shared: &Shared, page: Page) -> bool {
         return true;
     }
     s.last_ok = Some(t);
+    s.last_ok_at = Some(Instant::now());
+    s.ever_caught_up = true;
     false
 }
 
@@ -321,5 +346,37 @@ mod tests {
         assert!(!apply(&shared, page("e2", 2, &["a", "c"])));
         assert!(held("a") && held("b") && held("c"));
         assert_eq!(shared.state.read().unwrap().seq, 2);
+    }
+
+    /// Freshness is judged on the monotonic clock too: a wall clock
+    /// stepped back (or a `now` that says the answer was recent) does not
+    /// keep a feed fresh that has not heard from the broker for longer
+    /// than its window. The control: a recent answer on both clocks.
+    #[test]
+    fn a_wall_clock_stepped_back_does_not_keep_a_silent_feed_fresh() {
+        let shared = Shared {
+            state: RwLock::new(State::default()),
+            stale_after: 60,
+        };
+        assert!(
+            !shared.state.read().unwrap().is_fresh(now(), 60),
+            "fresh before any answer"
+        );
+        assert!(!apply(&shared, page("e1", 1, &["a"])));
+        assert!(shared.state.read().unwrap().is_fresh(now(), 60), "control");
+        assert!(
+            !shared.state.read().unwrap().is_fresh(now() + 61, 60),
+            "wall clock past the window"
+        );
+        // The answer came 61 s ago by the monotonic clock, while the wall
+        // clock was stepped back so that it still reads as just now.
+        let long_ago = Instant::now()
+            .checked_sub(Duration::from_secs(61))
+            .expect("a machine up for more than a minute");
+        shared.state.write().unwrap().last_ok_at = Some(long_ago);
+        assert!(
+            !shared.state.read().unwrap().is_fresh(now(), 60),
+            "monotonic clock past the window"
+        );
     }
 }

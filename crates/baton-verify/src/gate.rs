@@ -448,12 +448,14 @@ impl ToolGate {
         });
         if let Ok(c) = &decision {
             report.policy_ids.clone_from(&c.policy_ids);
+            report_bounds::recordable_policy_ids(&mut report.policy_ids);
         }
         if let Err(denied) = decision {
             if let CallDenied::PolicyDenied { policy_ids }
             | CallDenied::ApprovalRequired { policy_ids } = &denied
             {
                 report.policy_ids.clone_from(policy_ids);
+                report_bounds::recordable_policy_ids(&mut report.policy_ids);
             }
             report.decision = "deny".to_owned();
             report.reason = Some(format!("{}: {denied}", denied.code()));

@@ -222,10 +222,17 @@ impl HttpSender {
                 }
             })?;
         let status = resp.status();
-        let body = resp.text().await.unwrap_or_default();
         if status.is_success() {
-            return Ok(refusals(&body));
+            // An answer that broke off, or is not JSON, may have held
+            // refusals: the batch is sent again (the broker answers what it
+            // already has as duplicates, and repeats its refusals).
+            let body = resp.text().await.map_err(|e| {
+                SendError::Unreachable(format!("the broker's answer broke off: {e}"))
+            })?;
+            return refusals(&body)
+                .ok_or_else(|| SendError::Unreachable("the broker's answer is not JSON".into()));
         }
+        let body = resp.text().await.unwrap_or_default();
         Err(SendError::Status {
             status: status.as_u16(),
             body: body.chars().take(200).collect(),
@@ -235,42 +242,57 @@ impl HttpSender {
 
 impl ReportSender for HttpSender {
     fn send<'a>(&'a self, batch: &'a ReportBatch) -> SendFuture<'a> {
-        use std::sync::atomic::Ordering;
         Box::pin(async move {
-            let n = self.urls.len();
-            let first = self.current.load(Ordering::Relaxed) % n.max(1);
-            let mut last = SendError::Unreachable("no broker URL".into());
-            for i in 0..n {
-                let at = (first + i) % n;
-                let Some(url) = self.urls.get(at) else {
-                    break;
-                };
-                match self.send_to(url, batch).await {
-                    Ok(delivered) => {
-                        self.current.store(at, Ordering::Relaxed);
-                        return Ok(delivered);
-                    }
-                    // Only a broker that was never reached is skipped: a
-                    // batch that may have arrived (a timeout, an error
-                    // answer) is retried at the same broker, so that no
-                    // record is written by two brokers.
-                    Err(SendError::Unreachable(e)) if e.starts_with(NOT_CONNECTED) => {
-                        if n > 1 {
-                            tracing::warn!(broker = %url, error = %e, "tool-call reports: trying the next broker");
-                        }
-                        last = SendError::Unreachable(e);
-                    }
-                    Err(e) => return Err(e),
+            send_in_turn(&self.current, self.urls.len(), |at| async move {
+                match self.urls.get(at) {
+                    Some(url) => self.send_to(url, batch).await,
+                    None => Err(SendError::Unreachable("no broker URL".into())),
                 }
-            }
-            Err(last)
+            })
+            .await
         })
     }
 }
 
+/// Sends to the brokers in turn from `current`, moving on only from one
+/// that was never reached. The broker a batch may have reached (it timed
+/// out, broke off or answered an error) becomes `current`, so the retry
+/// goes there too and no record is written by two brokers; so does the
+/// broker that took it.
+async fn send_in_turn<F, Fut>(
+    current: &std::sync::atomic::AtomicUsize,
+    n: usize,
+    mut send_at: F,
+) -> Result<Delivered, SendError>
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<Delivered, SendError>>,
+{
+    use std::sync::atomic::Ordering;
+    let first = current.load(Ordering::Relaxed) % n.max(1);
+    let mut last = SendError::Unreachable("no broker URL".into());
+    for i in 0..n {
+        let at = (first + i) % n;
+        match send_at(at).await {
+            Err(SendError::Unreachable(e)) if e.starts_with(NOT_CONNECTED) => {
+                if n > 1 {
+                    tracing::warn!(broker = at, error = %e, "tool-call reports: trying the next broker");
+                }
+                last = SendError::Unreachable(e);
+            }
+            other => {
+                current.store(at, Ordering::Relaxed);
+                return other;
+            }
+        }
+    }
+    Err(last)
+}
+
 /// The receipts of a batch the broker answered 2xx that say `refused`.
-/// (An answer without receipts, an older broker's, refuses nothing.)
-fn refusals(body: &str) -> Delivered {
+/// (An answer without receipts, an older broker's, refuses nothing; one
+/// that is not JSON is `None`.)
+fn refusals(body: &str) -> Option<Delivered> {
     // Only the refusals are built: the receipts' checkpoints and proofs
     // (most of a large answer) are skipped.
     #[derive(Deserialize)]
@@ -304,14 +326,16 @@ fn refusals(body: &str) -> Delivered {
         // An answer of another shape (an element that is not an object, a
         // key twice) is read whole, so no refusal in it is missed.
         Err(_) => serde_json::from_str::<serde_json::Value>(body)
-            .ok()
-            .and_then(|v| v.get("receipts").and_then(|r| r.as_array()).cloned())
+            .ok()?
+            .get("receipts")
+            .and_then(|r| r.as_array())
+            .cloned()
             .unwrap_or_default()
             .iter()
             .filter_map(|r| Some(refusal(r.get("report_id"), r.get("refused")?)))
             .collect(),
     };
-    Delivered { refused }
+    Some(Delivered { refused })
 }
 
 /// One record, durable in segment `segment`, not yet delivered; `bytes`
@@ -1450,6 +1474,7 @@ mod answer_tests {
     fn every_refusal_of_an_answer_is_read_whatever_else_it_holds() {
         let ids = |body: &str| {
             super::refusals(body)
+                .unwrap()
                 .refused
                 .into_iter()
                 .map(|r| format!("{}:{}", r.report_id, r.code))
@@ -1469,6 +1494,53 @@ mod answer_tests {
             r#"{"receipts":[{"report_id":"r-0","report_id":"r-3","refused":{"code":"c"}}]}"#;
         assert_eq!(ids(twice), ["r-3:c"]);
         assert!(ids(r#"{"receipts":[]}"#).is_empty());
+        // An answer that is not JSON (cut off) is not taken for one that
+        // refuses nothing: the batch is sent again.
+        assert!(super::refusals(r#"{"receipts":[{"report_id":"r-2","refu"#).is_none());
+        assert!(
+            ids("{}").is_empty(),
+            "an older broker's answer refuses nothing"
+        );
+    }
+
+    /// A batch that may have reached a broker (it timed out or answered
+    /// an error) is retried at that broker, not at the one that refused
+    /// the connection before it, so that no record is written by two
+    /// brokers; a broker never reached is skipped. The control: a batch
+    /// taken stays with the broker that took it.
+    #[tokio::test]
+    async fn a_batch_that_may_have_arrived_is_retried_where_it_went() {
+        use std::sync::Mutex;
+        use std::sync::atomic::AtomicUsize;
+
+        use super::{Delivered, NOT_CONNECTED, SendError, send_in_turn};
+        let current = AtomicUsize::new(0);
+        let tried = Mutex::new(Vec::new());
+        // Broker 0 refuses the connection, broker 1 answers 500.
+        let first = send_in_turn(&current, 2, |at| {
+            tried.lock().unwrap().push(at);
+            async move {
+                if at == 0 {
+                    Err(SendError::Unreachable(format!("{NOT_CONNECTED}: refused")))
+                } else {
+                    Err(SendError::Status {
+                        status: 500,
+                        body: String::new(),
+                    })
+                }
+            }
+        })
+        .await;
+        assert!(matches!(first, Err(SendError::Status { .. })), "{first:?}");
+        // Broker 0 is back: the retry still goes to broker 1 first.
+        let again = send_in_turn(&current, 2, |at| {
+            tried.lock().unwrap().push(at);
+            async move { Ok(Delivered::default()) }
+        })
+        .await;
+        assert!(again.is_ok());
+        assert_eq!(*tried.lock().unwrap(), [0, 1, 1]);
+        assert_eq!(current.load(std::sync::atomic::Ordering::Relaxed), 1);
     }
 }
 

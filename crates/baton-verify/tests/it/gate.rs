@@ -675,3 +675,53 @@ fn a_call_the_policy_allows_only_with_approval_needs_one_named() {
     assert!(!gate.check(&d, &update, NOW).unwrap().needs_approval);
     assert!(gate.authorize(&d, &update, b"u", NOW).is_ok());
 }
+
+/// Allows with whatever policy ids it is given.
+struct ManyIds(Vec<String>);
+
+impl CallPolicy for ManyIds {
+    fn decide(&self, _req: &CallContext<'_>) -> PolicyDecision {
+        PolicyDecision {
+            allowed: true,
+            policy_ids: self.0.clone(),
+            errors: vec![],
+            approval: false,
+        }
+    }
+}
+
+/// A call's record lists its deciding policies within the log's bounds
+/// whatever the operator named them or however many matched: 65 permits,
+/// or one `@id` of 300 bytes or with a newline, are recorded as at most 64
+/// ids (the last saying how many more), each within bounds. Before, the
+/// ids were added after the record's bounds were checked: a read call
+/// then ran with no record (the broker would refuse it), a sensitive one
+/// was refused as if the audit log were down. The control: 64 short ids
+/// are recorded as they are.
+#[test]
+fn a_calls_deciding_policies_are_recorded_within_bounds() {
+    let f = Fixture::new();
+    let d = delegation(&f);
+    let read = tool("crm.search", RiskTier::Read, "tool:crm.search:read");
+    let write = tool("crm.update", RiskTier::Write, "tool:crm.update:write");
+    let many: Vec<String> = (0..65).map(|i| format!("permit-{i}")).collect();
+    let odd = vec!["p".repeat(300), "line\nbreak".to_owned()];
+    let fits: Vec<String> = (0..64).map(|i| format!("permit-{i}")).collect();
+    for (ids, expect_len) in [(many, 64), (odd, 2), (fits.clone(), 64)] {
+        let (gate, reporter, _dir) = gate_with_spool(Arc::new(ManyIds(ids.clone())));
+        let call = gate.authorize(&d, &write, b"{}", NOW).unwrap();
+        let spooled = reporter.pending_reports();
+        let r = spooled.last().unwrap();
+        assert!(r.check_bounds().is_ok(), "{:?}", r.policy_ids);
+        assert_eq!(r.policy_ids.len(), expect_len);
+        call.finish(b"ok").unwrap();
+        let call = gate.authorize(&d, &read, b"{}", NOW).unwrap();
+        call.finish(b"ok").unwrap();
+        let spooled = reporter.pending_reports();
+        assert!(spooled.iter().all(|r| r.check_bounds().is_ok()));
+        assert_eq!(spooled.len(), 3, "every call recorded");
+        if ids == fits {
+            assert_eq!(spooled[2].policy_ids, fits, "control");
+        }
+    }
+}

@@ -1,7 +1,8 @@
-//! Shares of what the node daemon asks of the broker on its workloads'
-//! behalf. The broker limits a node as a whole (its JWT-SVIDs, its
-//! redeems and task renewals); without a share per workload, one workload
-//! could spend its node's allowance for every other workload on it.
+//! Shares of an allowance one process spends on its callers' behalf. The
+//! broker limits a caller as a whole (a node daemon's redeems and task
+//! renewals, a gateway's approval requests); without a share per workload
+//! or agent behind it, one of them could spend the whole allowance for
+//! every other.
 
 use std::collections::HashMap;
 use std::hash::Hash;
