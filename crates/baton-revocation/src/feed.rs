@@ -336,13 +336,11 @@ impl Follower {
     /// `--redis*` flags make easy) can remove revoked ids from the index
     /// and forge the stream's entries for every follower, so a
     /// compromised tool server could un-revoke credentials at the others.
-    /// Said loudly, once; the harmless probe key expires at once.
+    /// Said loudly, once. The probe is a `DEL` of a key nobody writes: a
+    /// write command that changes nothing.
     async fn probe_write(&self, conn: &mut Conn) {
-        let probe: Result<Value, redis::RedisError> = redis::cmd("SET")
+        let probe: Result<Value, redis::RedisError> = redis::cmd("DEL")
             .arg(self.key("follower-write-probe"))
-            .arg("1")
-            .arg("PX")
-            .arg(1)
             .query_async(conn)
             .await;
         let writable = match probe {
