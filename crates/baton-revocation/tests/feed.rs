@@ -99,13 +99,12 @@ async fn acl(store: &RedisStore, args: &[&str]) {
     store.raw(redis::cmd("ACL").arg(args)).await.unwrap();
 }
 
-#[tokio::test]
-async fn follower_resyncs_after_the_stream_was_trimmed() {
+/// A Redis, its store and a follower logged in as its own ACL user, so
+/// that a test can keep it out ([`keep_away`]) while the store goes on.
+async fn away_able_follower() -> (RedisServer, RedisStore, FeedHandle) {
     let srv = RedisServer::start();
     let store = RedisStore::connect(&srv.url(), "bt").await.unwrap();
     store.seed(&[], system_now()).await.unwrap();
-    // The follower logs in as its own ACL user, so the test can keep it out
-    // while the store goes on.
     acl(
         &store,
         &["SETUSER", "feeder", "on", ">s3cret", "~*", "+@all"],
@@ -113,6 +112,40 @@ async fn follower_resyncs_after_the_stream_was_trimmed() {
     .await;
     let url = format!("redis://feeder:s3cret@127.0.0.1:{}/", srv.port);
     let feed = RevocationFeed::spawn(&url, "bt", opts()).unwrap();
+    (srv, store, feed)
+}
+
+/// Keeps the follower of [`away_able_follower`] out (its user off and its
+/// connection killed), or lets it back in.
+async fn keep_away(store: &RedisStore, away: bool) {
+    if !away {
+        acl(store, &["SETUSER", "feeder", "on"]).await;
+        return;
+    }
+    acl(store, &["SETUSER", "feeder", "off"]).await;
+    store
+        .raw(redis::cmd("CLIENT").arg("KILL").arg("USER").arg("feeder"))
+        .await
+        .unwrap();
+}
+
+/// Trims the feed's stream to nothing (an outage longer than its
+/// retention).
+async fn trim_stream(store: &RedisStore) {
+    store
+        .raw(
+            redis::cmd("XTRIM")
+                .arg("{bt}:revocations:v2")
+                .arg("MAXLEN")
+                .arg(0),
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn follower_resyncs_after_the_stream_was_trimmed() {
+    let (_srv, store, feed) = away_able_follower().await;
     eventually("first resync", 10, || {
         feed.status(system_now()) == FeedStatus::Fresh
     })
@@ -133,29 +166,17 @@ async fn follower_resyncs_after_the_stream_was_trimmed() {
     .await;
     let resyncs = feed.resyncs();
 
-    acl(&store, &["SETUSER", "feeder", "off"]).await;
-    store
-        .raw(redis::cmd("CLIENT").arg("KILL").arg("USER").arg("feeder"))
-        .await
-        .unwrap();
+    keep_away(&store, true).await;
     // While it is away a revocation happens and the stream is trimmed past
     // it (an outage longer than the retention window).
     store
         .revoke(&Target::Credential("p1".into()), "test", now)
         .await
         .unwrap();
-    store
-        .raw(
-            redis::cmd("XTRIM")
-                .arg("{bt}:revocations:v2")
-                .arg("MAXLEN")
-                .arg(0),
-        )
-        .await
-        .unwrap();
+    trim_stream(&store).await;
     store.heartbeat(now, "relay").await.unwrap();
     assert!(!feed.contains("p1", system_now()));
-    acl(&store, &["SETUSER", "feeder", "on"]).await;
+    keep_away(&store, false).await;
 
     eventually("p1 known after a resync", 10, || {
         feed.contains("p1", system_now())
@@ -368,16 +389,7 @@ async fn service_heartbeats_alone_keep_a_feed_fresh_only_for_the_grace() {
 /// never revoked is still accepted.
 #[tokio::test]
 async fn a_resync_from_an_index_that_lost_an_id_keeps_it_refused() {
-    let srv = RedisServer::start();
-    let store = RedisStore::connect(&srv.url(), "bt").await.unwrap();
-    store.seed(&[], system_now()).await.unwrap();
-    acl(
-        &store,
-        &["SETUSER", "feeder", "on", ">s3cret", "~*", "+@all"],
-    )
-    .await;
-    let url = format!("redis://feeder:s3cret@127.0.0.1:{}/", srv.port);
-    let feed = RevocationFeed::spawn(&url, "bt", opts()).unwrap();
+    let (_srv, store, feed) = away_able_follower().await;
     let now = system_now();
     for (id, t) in [("lost", 1), ("away", 2), ("live", 3)] {
         store
@@ -395,11 +407,7 @@ async fn a_resync_from_an_index_that_lost_an_id_keeps_it_refused() {
     .await;
     let resyncs = feed.resyncs();
 
-    acl(&store, &["SETUSER", "feeder", "off"]).await;
-    store
-        .raw(redis::cmd("CLIENT").arg("KILL").arg("USER").arg("feeder"))
-        .await
-        .unwrap();
+    keep_away(&store, true).await;
     // Redis loses "lost" (index and stream) but keeps its epoch, while
     // "away" is revoked and kept.
     store
@@ -410,17 +418,9 @@ async fn a_resync_from_an_index_that_lost_an_id_keeps_it_refused() {
         .revoke(&Target::Credential("away".into()), "test", now)
         .await
         .unwrap();
-    store
-        .raw(
-            redis::cmd("XTRIM")
-                .arg("{bt}:revocations:v2")
-                .arg("MAXLEN")
-                .arg(0),
-        )
-        .await
-        .unwrap();
+    trim_stream(&store).await;
     store.heartbeat(now, "relay").await.unwrap();
-    acl(&store, &["SETUSER", "feeder", "on"]).await;
+    keep_away(&store, false).await;
 
     eventually("resynced", 10, || feed.resyncs() > resyncs).await;
     eventually("fresh after the resync", 10, || {
