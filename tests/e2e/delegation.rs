@@ -380,6 +380,13 @@ fn example_flow_chain_in_token_matches_audit_trace() {
     assert!(String::from_utf8_lossy(&ok.stdout).contains("Acme Corp"));
     let denied = w.call(&researcher, "crm.update");
     assert_eq!(denied.status.code(), Some(2));
+    // A tool the server does not serve, and one whose name no record can
+    // keep: refused, and recorded (the long one by its size).
+    let long = "x".repeat(300);
+    for unknown in ["crm.drop", long.as_str()] {
+        let out = w.call(&researcher, unknown);
+        assert_eq!(out.status.code(), Some(2), "{unknown}");
+    }
 
     w.ok(&["task", "end", &task]);
     // Once ended, no more hops.
@@ -393,8 +400,13 @@ fn example_flow_chain_in_token_matches_audit_trace() {
     let trace = wait_for("tool calls in the trace", Duration::from_secs(30), || {
         let t = w.json(&["audit", "trace", &task, "--json"]);
         let s = t.to_string();
-        (s.contains("crm.search") && s.contains("crm.update")).then_some(t)
+        (s.contains("crm.search")
+            && s.contains("crm.update")
+            && s.contains("unrecordable tool name: 300 bytes"))
+        .then_some(t)
     });
+    let s = trace.to_string();
+    assert!(s.contains("crm.drop") && s.contains("unknown_tool"), "{s}");
     let text = w.ok(&["audit", "trace", &task]);
     eprintln!("{text}");
     let s = trace.to_string();

@@ -604,8 +604,14 @@ fn the_gateway_forwards_allowed_calls_and_refuses_each_attack() {
         Duration::from_secs(30),
         || {
             let t = g.w.json(&["audit", "trace", &task, "--json"]).to_string();
-            (t.contains("crm.search") && t.contains("out_of_scope")).then_some(t)
+            (t.contains("crm.search") && t.contains("out_of_scope") && t.contains("no_route"))
+                .then_some(t)
         },
+    );
+    // A request on no route is recorded as refused, with its request line.
+    assert!(
+        trace.contains("no_route: no route for GET /crm/secrets"),
+        "{trace}"
     );
     assert!(trace.contains(RESEARCHER), "{trace}");
     let text = g.w.ok(&["audit", "trace", &task]);
@@ -1571,7 +1577,7 @@ fn paths_are_read_as_the_upstream_reads_them_and_no_header_poses_as_the_caller()
     let g = Gw::start_with(|w| {
         let dir = policies_with(
             w,
-            "@id(\"records.not-42\")\nforbid (principal, action, resource == Resource::\"dataset:crm/42\");\n",
+            "@id(\"records.not-42\")\nforbid (principal, action, resource == Resource::\"dataset:crm/42\");\n@id(\"records.not-acme\")\nforbid (principal, action, resource == Resource::\"dataset:crm/acme\");\n",
         );
         (
             format!("policies = \"{}\"\n{SHADOWED}{RECORDS}", dir.display()),
@@ -1878,4 +1884,185 @@ fn paths_are_read_as_the_upstream_reads_them_and_no_header_poses_as_the_caller()
     );
     assert_eq!(a.status, 200, "{a:?}");
     assert_eq!(g.upstream_count(), before + 2);
+
+    // A format suffix on a text id: Rails (`/:id(.:format)`) reads
+    // `acme.json` as record `acme`, format `json`, while the policy would
+    // see `dataset:crm/acme.json` and the `forbid` on `dataset:crm/acme`
+    // would not apply. Matches no route. Control: `acme` itself is
+    // decided as ever (by that `forbid`).
+    let before = g.upstream_count();
+    let a = send(
+        &researcher,
+        "GET",
+        &url("/crm/records/acme"),
+        Some(&token),
+        &[],
+    );
+    assert_eq!(a.status, 403, "{a:?}");
+    assert_eq!(a.body["code"], "policy_denied", "{a:?}");
+    for path in [
+        "/crm/records/acme.json",
+        "/crm/records/acme.XML",
+        "/crm/records/acme%2Ejson",
+    ] {
+        let a = send(&researcher, "GET", &url(path), Some(&token), &[]);
+        assert_eq!(a.status, 404, "{path}: {a:?}");
+        assert_eq!(a.body["code"], "no_route", "{path}: {a:?}");
+    }
+    assert_eq!(
+        g.upstream_count(),
+        before,
+        "an id with a format suffix was forwarded"
+    );
+
+    // A parameter that makes the upstream run another route whatever the
+    // path (WordPress's `rest_route`, read from the query or a form
+    // body) is refused, never forwarded; an ordinary parameter goes on.
+    for (path, extra, body) in [
+        (
+            "/crm/ledger/acme?rest_route=/wp/v2/users/1",
+            &json[..],
+            "{\"q\":\"acme\"}",
+        ),
+        ("/crm/ledger/acme?per_page=5&REST_ROUTE=/x", &json[..], ""),
+        ("/crm/ledger/acme?rest%5Froute=/x", &json[..], ""),
+        (
+            "/crm/ledger/acme",
+            &form[..],
+            "per_page=5&rest_route=%2Fwp%2Fv2%2Fusers%2F1",
+        ),
+    ] {
+        let a = send_body(&researcher, "GET", &url(path), Some(&token), extra, body);
+        assert_eq!(a.status, 400, "{path} {body}: {a:?}");
+        assert_eq!(a.body["code"], "invalid_request", "{path} {body}: {a:?}");
+        assert!(
+            a.body["error"].as_str().unwrap().contains("`rest_route`"),
+            "{path} {body}: {a:?}"
+        );
+    }
+    assert_eq!(
+        g.upstream_count(),
+        before,
+        "a route-selecting parameter was forwarded"
+    );
+    let a = send(
+        &researcher,
+        "GET",
+        &url("/crm/ledger/acme?per_page=5"),
+        Some(&token),
+        &[],
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(g.upstream_count(), before + 1);
+}
+
+/// A route that records the amount of its JSON body.
+const PAYMENTS: &str = r#"
+[[routes]]
+method = "POST"
+path = "/crm/payments"
+upstream = "crm"
+tool = "crm.update"
+resource = "dataset:crm"
+permission = "tool:crm.update:write"
+tier = "write"
+record-input = ["/amount"]
+"#;
+
+/// Rails merges query parameters over the JSON body's (the query wins):
+/// `POST /payments?amount=1000000` with `{"amount":10}` is amount 1000000
+/// to it, while the record (and an approver) would show 10. A query or
+/// form body naming a recorded input field is refused, never forwarded;
+/// the untampered call is forwarded, and its record holds its query.
+#[test]
+fn a_query_over_a_recorded_field_is_refused_and_the_query_is_recorded() {
+    let g = Gw::start_with(|_| (PAYMENTS.to_owned(), Vec::new()));
+    let (task, cred) = crate::approval::writer(&g.w);
+    let token = token_of(&cred);
+    let url = |p: &str| format!("{}{p}", g.url);
+    let json = [("content-type", "application/json")];
+    let body = "{\"amount\":10}";
+    // Control: the payment with an unrelated query parameter.
+    let ok = wait_for("the payment forwarded", Duration::from_secs(60), || {
+        let a = send_body(
+            &cred,
+            "POST",
+            &url("/crm/payments?ref=x"),
+            Some(&token),
+            &json,
+            body,
+        );
+        (a.status == 200).then_some(a)
+    });
+    assert_eq!(ok.body["path"], "/crm/payments", "{ok:?}");
+    let before = g.upstream_count();
+    for query in [
+        "amount=1000000",
+        "ref=x&Amount=1000000",
+        "amount[]=1000000",
+        "%61mount=1000000",
+    ] {
+        let a = send_body(
+            &cred,
+            "POST",
+            &url(&format!("/crm/payments?{query}")),
+            Some(&token),
+            &json,
+            body,
+        );
+        assert_eq!(a.status, 400, "{query}: {a:?}");
+        assert_eq!(a.body["code"], "invalid_request", "{query}: {a:?}");
+        let why = a.body["error"].as_str().unwrap();
+        assert!(
+            why.contains("`amount`") && why.contains("record-input /amount"),
+            "{query}: {a:?}"
+        );
+    }
+    // A form body that names it: refused as well.
+    let a = send_body(
+        &cred,
+        "POST",
+        &url("/crm/payments"),
+        Some(&token),
+        &[("content-type", "application/x-www-form-urlencoded")],
+        "amount=1000000",
+    );
+    assert_eq!(a.status, 400, "{a:?}");
+    assert!(
+        a.body["error"].as_str().unwrap().contains("`amount`"),
+        "{a:?}"
+    );
+    assert_eq!(
+        g.upstream_count(),
+        before,
+        "a query over a recorded field was forwarded"
+    );
+
+    // The control's record holds its query's keyed digest beside the
+    // recorded amount; no record holds the refused calls' amount.
+    let key = std::fs::read(g.w.c.path("gw-spool").join("digest.key")).unwrap();
+    let query_digest = hex::encode(aws_lc_rs::hmac::sign(
+        &aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &key),
+        b"ref=x",
+    ));
+    let calls = wait_for("the payment's record", Duration::from_secs(30), || {
+        let t = g.w.json(&["audit", "trace", &task, "--json"]);
+        let mut calls = Vec::new();
+        crate::mcp::collect_calls(&t, "dataset:crm", &mut calls);
+        calls
+            .iter()
+            .any(|c| c["recorded"]["request:query-digest"] == query_digest.as_str())
+            .then_some(calls)
+    });
+    let call = calls
+        .iter()
+        .find(|c| c["recorded"]["request:query-digest"] == query_digest.as_str())
+        .unwrap();
+    assert_eq!(call["recorded"]["input:/amount"], "10", "{call}");
+    assert!(
+        !calls
+            .iter()
+            .any(|c| c["recorded"].to_string().contains("1000000")),
+        "a refused call was recorded: {calls:#?}"
+    );
 }

@@ -811,6 +811,7 @@ fn mcp_through_the_gateway_lists_calls_streams_and_refuses_as_mcp_clients_see_it
             && t.contains("docs.summarize")
             && t.contains("out_of_scope")
             && t.contains("policy_denied")
+            && t.contains("unknown_tool")
             && t.contains("\"upstream_status\":200")
             // The call to the server that was down is the last one made; its
             // record may come in a later delivery than the others.
@@ -819,6 +820,13 @@ fn mcp_through_the_gateway_lists_calls_streams_and_refuses_as_mcp_clients_see_it
     });
     assert!(trace.contains(RESEARCHER), "{trace}");
     assert!(trace.contains("\"latency_ms\""), "{trace}");
+    // The call of a tool the gateway does not serve is recorded as refused,
+    // under the name the caller gave.
+    assert!(
+        trace.contains("admin.shutdown")
+            && trace.contains("unknown_tool: the gateway serves no tool"),
+        "{trace}"
+    );
     // The call to the server that was down: allowed, then failed, with no
     // output digest.
     let v: serde_json::Value = serde_json::from_str(&trace).unwrap();

@@ -62,6 +62,28 @@ fn svid_write_refuses_a_planted_link_and_tightens_an_existing_key() {
     assert_eq!(mode(&scratch.join("key.pem")), 0o600);
     assert_eq!(mode(&scratch.join("svid.pem")), 0o644);
 
+    // The node daemon's socket reached through a symbolic link (one
+    // another user could have planted in its place) is refused before
+    // anything is asked or written.
+    let linked = c.path("linked.sock");
+    std::os::unix::fs::symlink(c.agent_socket(), &linked).unwrap();
+    let elsewhere = c.path("through-link");
+    let out = run(
+        &c,
+        &[
+            "svid",
+            "fetch",
+            "--socket",
+            linked.to_str().unwrap(),
+            "--write",
+            elsewhere.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("symbolic link"), "{}", stderr(&out));
+    assert!(!elsewhere.join("key.pem").exists());
+
     // A key.pem already there with 0644 ends up 0600, with the new key.
     let existing = c.path("existing");
     std::fs::create_dir_all(&existing).unwrap();

@@ -437,3 +437,65 @@ async fn postgres_failures_of_the_secret_engine_are_counted_and_leave_nothing_be
     let after = value(&scrape(&ops), SERIES);
     assert!(after >= 1.0, "{after}");
 }
+
+/// The secret engine's admin password can be kept in a file
+/// (`--pg-admin-password-file`), out of the process list and the
+/// configuration: the broker logs in with it (the cluster wants SCRAM from
+/// every role but `postgres`), leases work, and the password is in neither
+/// the broker's command line nor its log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_password_of_the_secret_engine_is_read_from_a_file() {
+    const PASSWORD: &str = "adm1n-pw-from-a-file";
+    let pg = Pg::start().await;
+    let postgres = pg.admin("postgres").await;
+    // One statement each: CREATE DATABASE cannot run in the implicit
+    // transaction of a multi-statement batch.
+    postgres.batch_execute("CREATE DATABASE crm").await.unwrap();
+    postgres
+        .batch_execute(&format!(
+            "CREATE ROLE secadmin LOGIN SUPERUSER PASSWORD '{PASSWORD}'"
+        ))
+        .await
+        .unwrap();
+    pg.admin("crm")
+        .await
+        .batch_execute("CREATE TABLE customers (id int PRIMARY KEY, name text)")
+        .await
+        .unwrap();
+    // Control: the role cannot log in without its password.
+    let secadmin = format!(
+        "host={} port={} user=secadmin dbname=crm",
+        pg.sock(),
+        pg.port
+    );
+    assert!(connect(&secadmin).await.is_err(), "SCRAM is required");
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pg-admin-password");
+    std::fs::write(&file, format!("{PASSWORD}\n")).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let mut args = crm_engine_args(&pg);
+    args[1] = secadmin;
+    args.extend([
+        "--pg-admin-password-file".into(),
+        file.to_str().unwrap().into(),
+    ]);
+    let w = world_with_broker_args(args);
+    let (_task, cred) = task_with(&w, &["dataset:crm:read"], "10m", "reader");
+    let l = lease(&w, &cred, "postgres.crm");
+    let session = connect(&login_conn(&l)).await.expect("leased login works");
+    session
+        .query("SELECT name FROM customers", &[])
+        .await
+        .unwrap();
+
+    let broker = w.c.broker.as_ref().unwrap();
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", broker.child.id())).unwrap();
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    assert!(cmdline.contains("--pg-admin-password-file"), "{cmdline}");
+    assert!(!cmdline.contains(PASSWORD), "{cmdline}");
+    assert!(!broker.log_text().contains(PASSWORD));
+}

@@ -333,18 +333,41 @@ impl UsableKeys {
     }
 }
 
-/// JWT-SVIDs keyed by entry and audience set (order and duplicates of the
-/// requested audience do not matter).
+/// Most JWT-SVIDs cached for one entry (distinct audience sets). A
+/// workload picks its audiences, so without a bound one process could make
+/// the daemon hold a token per set it ever asked for, until half their
+/// life: past the bound a token is still minted (within the entry's mint
+/// budget) and served, but not cached. The bound is per entry so that one
+/// entry's churn never displaces another entry's tokens; and tokens already
+/// cached are kept rather than evicted, so the churning workload cannot
+/// push out the sets its own entry really uses either.
+pub const MAX_JWTS_PER_ENTRY: usize = 64;
+
+/// JWT-SVIDs keyed by entry, then by audience set (order and duplicates of
+/// the requested audience do not matter).
 #[derive(Debug, Default)]
 pub struct JwtCache {
-    tokens: HashMap<(EntryId, BTreeSet<String>), CachedJwt>,
+    /// Per entry so that the bound ([`MAX_JWTS_PER_ENTRY`]) is checked
+    /// without counting the whole cache. An entry with no token has no map.
+    tokens: HashMap<EntryId, HashMap<BTreeSet<String>, CachedJwt>>,
     /// The keys the cache was last swept against.
     swept: UsableKeys,
 }
 
 impl JwtCache {
-    pub fn key(entry: &EntryId, audience: &[String]) -> (EntryId, BTreeSet<String>) {
-        (entry.clone(), audience.iter().cloned().collect())
+    fn audience_set(audience: &[String]) -> BTreeSet<String> {
+        audience.iter().cloned().collect()
+    }
+
+    /// Keeps the tokens `keep` holds for and forgets the maps left empty;
+    /// returns how many tokens were dropped.
+    fn retain_tokens(&mut self, mut keep: impl FnMut(&CachedJwt) -> bool) -> usize {
+        let before = self.len();
+        for tokens in self.tokens.values_mut() {
+            tokens.retain(|_, t| keep(t));
+        }
+        self.tokens.retain(|_, tokens| !tokens.is_empty());
+        before - self.len()
     }
 
     /// A cached token that is fresh and signed by a key in `keys`. When the
@@ -358,9 +381,7 @@ impl JwtCache {
         keys: &UsableKeys,
     ) -> Option<Secret> {
         if !self.swept.same_as(keys) {
-            let before = self.tokens.len();
-            self.tokens.retain(|_, t| keys.allow(t.kid.as_deref()));
-            let dropped = before - self.tokens.len();
+            let dropped = self.retain_tokens(|t| keys.allow(t.kid.as_deref()));
             if dropped > 0 {
                 tracing::info!(
                     dropped,
@@ -370,31 +391,59 @@ impl JwtCache {
             self.swept = keys.clone();
         }
         self.tokens
-            .get(&Self::key(entry, audience))
+            .get(entry)?
+            .get(&Self::audience_set(audience))
             .filter(|t| t.fresh_at(now))
             .filter(|t| keys.allow(t.kid.as_deref()))
             .map(|t| t.token.clone())
     }
 
     /// Stores a token and forgets every stale one, which bounds the map by
-    /// the number of live (entry, audience) pairs in use.
-    pub fn insert(&mut self, entry: &EntryId, audience: &[String], jwt: CachedJwt, now: u64) {
-        self.tokens.retain(|_, t| t.fresh_at(now));
-        self.tokens.insert(Self::key(entry, audience), jwt);
+    /// the number of live (entry, audience set) pairs in use. Returns
+    /// whether the token was stored: not when its entry already holds
+    /// [`MAX_JWTS_PER_ENTRY`] fresh tokens for other audience sets (a
+    /// token for a set already cached always replaces it).
+    pub fn insert(
+        &mut self,
+        entry: &EntryId,
+        audience: &[String],
+        jwt: CachedJwt,
+        now: u64,
+    ) -> bool {
+        // Stale tokens go first, so that they do not count against the bound.
+        self.retain_tokens(|t| t.fresh_at(now));
+        let set = Self::audience_set(audience);
+        let full = self
+            .tokens
+            .get(entry)
+            .is_some_and(|tokens| tokens.len() >= MAX_JWTS_PER_ENTRY && !tokens.contains_key(&set));
+        if full {
+            return false;
+        }
+        self.tokens
+            .entry(entry.clone())
+            .or_default()
+            .insert(set, jwt);
+        true
     }
 
     /// Drops tokens of entries that no longer exist.
     pub fn retain_entries(&mut self, live: &BTreeSet<EntryId>) {
-        self.tokens.retain(|(id, _), _| live.contains(id));
+        self.tokens.retain(|id, _| live.contains(id));
     }
 
     /// How many tokens are cached.
     pub fn len(&self) -> usize {
-        self.tokens.len()
+        self.tokens.values().map(HashMap::len).sum()
+    }
+
+    /// How many tokens are cached for `entry`.
+    pub fn len_of(&self, entry: &EntryId) -> usize {
+        self.tokens.get(entry).map_or(0, HashMap::len)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.tokens.is_empty()
+        self.tokens.values().all(HashMap::is_empty)
     }
 }
 
@@ -694,6 +743,64 @@ pub(crate) mod tests {
         anon.kid = None;
         c.insert(&a, &aud, anon, 111);
         assert!(c.get(&a, &aud, 112, &revoked).is_none());
+    }
+
+    /// One workload asks for a new audience set on every call: its entry
+    /// keeps at most [`MAX_JWTS_PER_ENTRY`] tokens, the first ones it
+    /// cached stay served, and another entry's token (cached before the
+    /// churn or during it) is neither evicted nor refused a place.
+    #[test]
+    fn jwt_cache_holds_at_most_a_bound_of_audience_sets_per_entry() {
+        let a = EntryId::random();
+        let b = EntryId::random();
+        let keys = UsableKeys::default();
+        let aud = |i: usize| vec![format!("aud-{i}")];
+        let mut c = JwtCache::default();
+        c.insert(&b, &aud(0), jwt("kb"), 100);
+
+        let churn = 10 * MAX_JWTS_PER_ENTRY;
+        let mut cached = 0;
+        for i in 0..churn {
+            if c.insert(&a, &aud(i), jwt("ka"), 100) {
+                cached += 1;
+            }
+            assert!(c.len_of(&a) <= MAX_JWTS_PER_ENTRY, "{i}: {}", c.len_of(&a));
+            if i == churn / 2 {
+                // Another entry still gets its token cached mid-churn.
+                assert!(c.insert(&b, &aud(1), jwt("kb"), 110));
+            }
+        }
+        assert_eq!(cached, MAX_JWTS_PER_ENTRY);
+        assert_eq!(c.len_of(&a), MAX_JWTS_PER_ENTRY);
+        assert_eq!(c.len_of(&b), 2);
+        assert_eq!(c.len(), MAX_JWTS_PER_ENTRY + 2);
+        // B's tokens are served, A's first sets too, A's later ones are not
+        // cached (they were served when minted).
+        assert_eq!(c.get(&b, &aud(0), 120, &keys).unwrap().expose(), "t-kb");
+        assert!(c.get(&b, &aud(1), 120, &keys).is_some());
+        assert!(c.get(&a, &aud(0), 120, &keys).is_some());
+        assert!(
+            c.get(&a, &aud(MAX_JWTS_PER_ENTRY - 1), 120, &keys)
+                .is_some()
+        );
+        assert!(c.get(&a, &aud(MAX_JWTS_PER_ENTRY), 120, &keys).is_none());
+        assert!(c.get(&a, &aud(churn - 1), 120, &keys).is_none());
+
+        // A set already cached is still refreshed at the bound.
+        let mut refreshed = jwt("ka");
+        refreshed.token = Secret::new("t-new");
+        assert!(c.insert(&a, &aud(3), refreshed, 120));
+        assert_eq!(c.get(&a, &aud(3), 121, &keys).unwrap().expose(), "t-new");
+        assert_eq!(c.len_of(&a), MAX_JWTS_PER_ENTRY);
+
+        // Once A's tokens are past half their life they no longer count:
+        // a new set is cached again.
+        let mut later = jwt("ka");
+        later.issued_at = 150;
+        later.expires_at = 250;
+        assert!(c.insert(&a, &aud(churn), later, 150));
+        assert_eq!(c.len_of(&a), 1);
+        assert!(c.get(&a, &aud(churn), 151, &keys).is_some());
     }
 
     #[test]

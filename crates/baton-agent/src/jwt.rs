@@ -1,6 +1,7 @@
 //! JWT-SVIDs for the Workload API: minted by the broker on request, cached
-//! per (entry, audience set) until half their life, and validated locally
-//! against the node's copy of the trust bundle.
+//! per (entry, audience set) until half their life (at most
+//! [`MAX_JWTS_PER_ENTRY`] sets per entry), and validated locally against
+//! the node's copy of the trust bundle.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, UNIX_EPOCH};
@@ -8,7 +9,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use baton_core::{Entry, Secret};
 use tonic::Status;
 
-use crate::cache::{BundleView, CachedJwt, JwtCache, Snapshot, UsableKeys};
+use crate::cache::{BundleView, CachedJwt, JwtCache, MAX_JWTS_PER_ENTRY, Snapshot, UsableKeys};
 use crate::client::{BrokerClient, ClientError};
 use crate::workload::{JwtAuthority, JwtClaims};
 
@@ -80,6 +81,10 @@ impl JwtAuthority for BrokerJwt {
         audience: &[String],
         now: u64,
     ) -> Result<Secret, Status> {
+        // The Workload API checks this already; checked again here because
+        // the cache is keyed on the audience set and must stay bounded
+        // whoever asks.
+        crate::workload::check_jwt_audience(audience)?;
         let keys = self.keys();
         if let Some(token) = self.cache().get(&entry.id, audience, now, &keys) {
             return Ok(token);
@@ -114,7 +119,7 @@ impl JwtAuthority for BrokerJwt {
                 "the broker signed the JWT-SVID with a key that is tainted or not in this node's trust bundle; retry once the node has synced",
             ));
         }
-        self.cache().insert(
+        let cached = self.cache().insert(
             &entry.id,
             audience,
             CachedJwt {
@@ -125,6 +130,11 @@ impl JwtAuthority for BrokerJwt {
             },
             now,
         );
+        if !cached {
+            // Logged at most once per mint, and mints are budgeted per
+            // entry: this cannot flood the log.
+            tracing::warn!(entry = %entry.id, max = MAX_JWTS_PER_ENTRY, "JWT-SVID served but not cached: the entry already has the most audience sets cached");
+        }
         Ok(resp.token)
     }
 

@@ -33,6 +33,53 @@ pub const SECURITY_HEADER: &str = "workload.spiffe.io";
 /// from other failures.
 pub const NO_IDENTITY: &str = "no identity issued";
 
+/// Most audiences a FetchJWTSVID request may name. The node caches a
+/// token per (entry, audience set) and every audience is signed into the
+/// token, so a caller choosing many would make each cached token large;
+/// real workloads name one or a few.
+pub const MAX_JWT_AUDIENCES: usize = 16;
+/// Longest audience a FetchJWTSVID request may name, in bytes (a URL or
+/// service name; the broker bounds task audiences the same way).
+pub const MAX_JWT_AUDIENCE_BYTES: usize = 256;
+
+/// Refuses an audience list the node would not mint for: none, more than
+/// [`MAX_JWT_AUDIENCES`] values, or a value that is blank, longer than
+/// [`MAX_JWT_AUDIENCE_BYTES`] or holds a control or invisible character
+/// (it is signed into the token and shown by whoever inspects it). The
+/// count is of the values sent, duplicates included: it is checked before
+/// anything else looks at them.
+pub(crate) fn check_jwt_audience(audience: &[String]) -> Result<(), Status> {
+    if audience.is_empty() {
+        return Err(Status::invalid_argument("audience must be specified"));
+    }
+    if audience.len() > MAX_JWT_AUDIENCES {
+        return Err(Status::invalid_argument(format!(
+            "audience must list at most {MAX_JWT_AUDIENCES} values, not {}",
+            audience.len()
+        )));
+    }
+    for (i, a) in audience.iter().enumerate() {
+        if a.trim().is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "audience[{i}] must not be empty or blank"
+            )));
+        }
+        if a.len() > MAX_JWT_AUDIENCE_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "audience[{i}] must be at most {MAX_JWT_AUDIENCE_BYTES} bytes, not {}",
+                a.len()
+            )));
+        }
+        if a.chars().any(baton_core::text::is_unsafe_to_show) {
+            return Err(Status::invalid_argument(format!(
+                "audience[{i}] must not hold a control or invisible character: {}",
+                baton_core::text::controls_escaped(a)
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// A validated JWT-SVID.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JwtClaims {
@@ -335,14 +382,7 @@ impl<J: JwtAuthority> SpiffeWorkloadApi for WorkloadService<J> {
     ) -> Result<Response<JwtsvidResponse>, Status> {
         let who = self.attest(&request).await?;
         let req = request.into_inner();
-        if req.audience.is_empty() {
-            return Err(Status::invalid_argument("audience must be specified"));
-        }
-        if req.audience.iter().any(String::is_empty) {
-            return Err(Status::invalid_argument(
-                "audience must not contain empty values",
-            ));
-        }
+        check_jwt_audience(&req.audience)?;
         let wanted = if req.spiffe_id.is_empty() {
             None
         } else {
@@ -484,6 +524,71 @@ mod tests {
         }
     }
 
+    /// Mints a distinct token on every call and caches it in the node's
+    /// [`crate::cache::JwtCache`] as the daemon does, so that a test sees
+    /// which requests reached the minting step and which were served from
+    /// the cache.
+    #[derive(Debug, Default)]
+    struct CachingFakeJwt {
+        cache: std::sync::Mutex<crate::cache::JwtCache>,
+        minted: std::sync::atomic::AtomicUsize,
+    }
+
+    impl CachingFakeJwt {
+        fn minted(&self) -> usize {
+            self.minted.load(std::sync::atomic::Ordering::SeqCst)
+        }
+
+        fn cached(&self) -> usize {
+            self.cache.lock().unwrap().len()
+        }
+    }
+
+    impl JwtAuthority for CachingFakeJwt {
+        async fn fetch_jwt(
+            &self,
+            entry: &Entry,
+            audience: &[String],
+            now: u64,
+        ) -> Result<Secret, Status> {
+            let keys = crate::cache::UsableKeys::default();
+            if let Some(t) = self
+                .cache
+                .lock()
+                .unwrap()
+                .get(&entry.id, audience, now, &keys)
+            {
+                return Ok(t);
+            }
+            let n = self
+                .minted
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let token = Secret::new(format!("jwt-{n}:{}", audience.join(",")));
+            self.cache.lock().unwrap().insert(
+                &entry.id,
+                audience,
+                crate::cache::CachedJwt {
+                    token: token.clone(),
+                    issued_at: now,
+                    expires_at: now + 300,
+                    kid: Some("k1".into()),
+                },
+                now,
+            );
+            Ok(token)
+        }
+
+        fn validate_jwt(
+            &self,
+            _token: &str,
+            _audience: &str,
+            _bundle: &BundleView,
+            _now: u64,
+        ) -> Result<JwtClaims, String> {
+            Err("not used".into())
+        }
+    }
+
     struct Harness {
         _dir: tempfile::TempDir,
         tx: watch::Sender<Arc<Snapshot>>,
@@ -513,11 +618,15 @@ mod tests {
     }
 
     async fn harness(initial: Snapshot) -> Harness {
+        harness_with(initial, Arc::new(FakeJwt)).await
+    }
+
+    async fn harness_with<J: JwtAuthority>(initial: Snapshot, jwt: Arc<J>) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.sock");
         let listener = UnixListener::bind(&path).unwrap();
         let (tx, rx) = watch::channel(Arc::new(initial));
-        let service = WorkloadService::new(rx, Arc::new(Attestor::new()), Arc::new(FakeJwt));
+        let service = WorkloadService::new(rx, Arc::new(Attestor::new()), jwt);
         tokio::spawn(
             crate::socket_server()
                 .add_service(crate::workload_api(service))
@@ -725,6 +834,76 @@ mod tests {
             .into_inner();
         assert_eq!(one.svids.len(), 1);
         assert_eq!(one.svids[0].spiffe_id, "spiffe://example.org/b");
+    }
+
+    /// The attack: a workload names many audiences, or huge ones, so that
+    /// every token the node mints and caches for it is large. Refused with
+    /// InvalidArgument naming the field and the bound, before anything is
+    /// minted or cached. Control: a few audiences (and the bounds
+    /// themselves) are served, and the same set asked again, in another
+    /// order and with a duplicate, is served from the cache.
+    #[tokio::test]
+    async fn jwt_svid_audience_is_bounded() {
+        let mine = entry("mine", my_uid());
+        let jwt = Arc::new(CachingFakeJwt::default());
+        let mut h =
+            harness_with(Snapshot::new(vec![mine], Some(bundle(1))), Arc::clone(&jwt)).await;
+        let ask = |audience: Vec<String>| {
+            with_header(JwtsvidRequest {
+                audience,
+                spiffe_id: String::new(),
+            })
+        };
+        let many = |n: usize| (0..n).map(|i| format!("a{i}")).collect::<Vec<_>>();
+
+        let refused: [(Vec<String>, &str); 8] = [
+            (
+                many(MAX_JWT_AUDIENCES + 1),
+                "audience must list at most 16 values, not 17",
+            ),
+            (
+                vec!["svc".into(), "x".repeat(MAX_JWT_AUDIENCE_BYTES + 1)],
+                "audience[1] must be at most 256 bytes, not 257",
+            ),
+            (
+                vec!["svc".into(), String::new()],
+                "audience[1] must not be empty",
+            ),
+            (vec!["   ".into()], "audience[0] must not be empty or blank"),
+            (
+                vec!["svc".into(), " \t ".into()],
+                "audience[1] must not be empty or blank",
+            ),
+            (vec!["a\nb".into()], r"control or invisible character: a\nb"),
+            (vec!["a\u{1b}[2Jb".into()], r"a\u{1b}[2Jb"),
+            (vec!["a\u{202e}b".into()], r"a\u{202e}b"),
+        ];
+        for (audience, why) in refused {
+            let err = h.client.fetch_jwtsvid(ask(audience)).await.unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+            assert!(err.message().contains("audience"), "{}", err.message());
+            assert!(err.message().contains(why), "{}", err.message());
+            assert!(!err.message().contains('\n'), "{}", err.message());
+        }
+        assert_eq!(jwt.minted(), 0);
+        assert_eq!(jwt.cached(), 0);
+
+        // Untampered: three audiences are minted once, then served from
+        // the cache.
+        let three = vec!["svc".to_owned(), "db".into(), "queue".into()];
+        let first = h.client.fetch_jwtsvid(ask(three)).await.unwrap();
+        let first = &first.into_inner().svids[0].svid;
+        assert_eq!(first, "jwt-0:svc,db,queue");
+        let again = vec!["queue".to_owned(), "svc".into(), "db".into(), "svc".into()];
+        let again = h.client.fetch_jwtsvid(ask(again)).await.unwrap();
+        assert_eq!(&again.into_inner().svids[0].svid, first);
+        assert_eq!((jwt.minted(), jwt.cached()), (1, 1));
+
+        // The bounds themselves are allowed.
+        let mut widest = many(MAX_JWT_AUDIENCES - 1);
+        widest.push("x".repeat(MAX_JWT_AUDIENCE_BYTES));
+        h.client.fetch_jwtsvid(ask(widest)).await.unwrap();
+        assert_eq!((jwt.minted(), jwt.cached()), (2, 2));
     }
 
     #[tokio::test]

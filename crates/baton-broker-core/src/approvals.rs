@@ -295,6 +295,21 @@ impl Delegation {
             .load()
             .verify(d.id_token.expose(), now)
             .map_err(|e| BrokerError::Unauthenticated(format!("deciding identity refused: {e}")))?;
+        // The token is spent before anything else is checked: a decision
+        // refused (an unknown id, a closed approval, a human not entitled,
+        // a bad reason) must not leave a valid, unspent ID token with
+        // whoever saw it on its way, who could start a task with it.
+        if !self
+            .tasks
+            .use_id_token(&human.replay_key, human.replay_until(), now)?
+        {
+            return Err(BrokerError::Unauthenticated(
+                "deciding identity refused: this ID token was used already (ID tokens are single use)".into(),
+            ));
+        }
+        if let Some(reason) = &d.reason {
+            check_reason(reason)?;
+        }
         let a = self.get_approval(id, now)?;
         let task = self.task(&a.task_id)?;
         let initiator = human.sub == task.initiator && human.iss == task.initiator_iss;
@@ -329,14 +344,6 @@ impl Delegation {
                 format!("approval {id} is {}, not pending", a.status),
             ));
         }
-        if !self
-            .tasks
-            .use_id_token(&human.replay_key, human.replay_until(), now)?
-        {
-            return Err(BrokerError::Unauthenticated(
-                "deciding identity refused: this ID token was used already (ID tokens are single use)".into(),
-            ));
-        }
         let mut decided = a.clone();
         decided.status = if d.approve { "approved" } else { "denied" }.into();
         decided.decided_by = Some(human.sub.clone());
@@ -364,4 +371,35 @@ impl Delegation {
         }
         Ok(decided)
     }
+}
+
+/// The longest reason a human may give with a decision.
+const MAX_DECISION_REASON: usize = 1024;
+
+/// A decision's reason goes into the audit log and before other
+/// operators: bounded, and plain text (no control characters, which a
+/// terminal would act on, nor bidi overrides or zero-width characters).
+fn check_reason(reason: &str) -> Result<(), BrokerError> {
+    if reason.len() > MAX_DECISION_REASON {
+        return Err(BrokerError::bad(
+            "reason",
+            format!(
+                "reason is {} bytes, over the limit of {MAX_DECISION_REASON}",
+                reason.len()
+            ),
+        ));
+    }
+    if let Some(c) = reason
+        .chars()
+        .find(|c| baton_core::text::is_unsafe_to_show(*c))
+    {
+        return Err(BrokerError::bad(
+            "reason",
+            format!(
+                "reason holds the character U+{:04X}: only printable text is kept",
+                u32::from(c)
+            ),
+        ));
+    }
+    Ok(())
 }

@@ -61,6 +61,9 @@ pub struct Minted {
 pub struct Rebound {
     before: TokenRecord,
     to_serial: String,
+    /// The JWT key that signed the copy the holder keeps, and its expiry.
+    signed_by: String,
+    signed_exp: u64,
 }
 
 /// How long after a grant was used the very request that used it may get
@@ -86,7 +89,9 @@ pub struct DelegationSettings {
     pub max_depth: u32,
     /// How long a grant may wait to be redeemed (a queue may sit between).
     pub grant_ttl: Duration,
-    /// Default lifetime of a minted token when the hop asks for none.
+    /// Lifetime of a hop's token when the hop asks for none (never longer
+    /// than its parent's or the task's): a sub-agent's credential is
+    /// short-lived unless its delegator asks for more.
     pub token_ttl: Duration,
     /// The declared purpose catalogue.
     pub purposes: BTreeSet<Purpose>,
@@ -632,10 +637,8 @@ impl Delegation {
             }),
             parent_act: Some(claims.act.clone()),
             justification: Some(req.justification.clone()),
-            exp_cap: match req.ttl_secs {
-                Some(ttl) => exp_cap.min(now.saturating_add(ttl)),
-                None => exp_cap,
-            },
+            exp_cap: exp_cap
+                .min(now.saturating_add(req.ttl_secs.unwrap_or(self.settings.token_ttl.as_secs()))),
             expires_at: (now + self.settings.grant_ttl.as_secs()).min(exp_cap),
             created_by: Some(peer.spiffe_id().clone()),
         };
@@ -1458,6 +1461,8 @@ impl Delegation {
         let rebound = Rebound {
             before,
             to_serial: issued.serial_hex.clone(),
+            signed_by: held.kid().to_owned(),
+            signed_exp: held.claims().exp,
         };
         // Not handed out: the token goes back to the certificate its
         // holder still has.
@@ -1465,7 +1470,7 @@ impl Delegation {
             .append(&ev)
             .and_then(|_| self.record_task_svid(node, &req.spiffe_id, &issued.serial_hex, exp));
         if let Err(e) = logged {
-            self.undo_rebind(&rebound);
+            self.undo_rebind(&rebound, now);
             return Err(e);
         }
         self.broker
@@ -1525,9 +1530,16 @@ impl Delegation {
 
     /// Puts a renewed token back on the certificate it held, when the new
     /// one was not handed out (best effort: logged if it fails).
-    pub fn undo_rebind(&self, r: &Rebound) {
+    pub fn undo_rebind(&self, r: &Rebound, now: SystemTime) {
         match self.tasks.rebind_token(&r.before, &r.to_serial) {
-            Ok(true) => {}
+            // The JWT key ledger counts the copy the holder keeps again,
+            // so its key is not revoked (without `--force`) under it.
+            Ok(true) => self.broker.ca().restore_delegation_token(
+                &r.signed_by,
+                &r.before.jti,
+                r.signed_exp,
+                now,
+            ),
             Ok(false) => {
                 tracing::warn!(jti = %r.before.jti, "a renewed token was rebound again meanwhile; left as it is");
             }

@@ -27,6 +27,14 @@ pub enum OidcError {
     Expired,
     #[error("id_token audience does not include \"{}\"", .0.escape_debug())]
     Audience(String),
+    #[error(
+        "id_token is not valid before {nbf} (now {now}, {NBF_LEEWAY_SECS} s of clock leeway allowed)"
+    )]
+    NotYetValid { nbf: u64, now: u64 },
+    #[error("id_token header typ \"{}\" names another kind of token; an ID token has typ JWT or none", .0.escape_debug())]
+    Type(String),
+    #[error("id_token authorized party (azp) {}; it must be \"{}\"", .found, .expected.escape_debug())]
+    AuthorizedParty { found: String, expected: String },
     #[error("cannot load the issuer's JWKS: {0}")]
     Jwks(String),
 }
@@ -36,6 +44,10 @@ pub enum OidcError {
 /// clock stepped back), so that no broker forgets a token another one
 /// still accepts.
 pub const REPLAY_MARGIN_SECS: u64 = 600;
+
+/// How far ahead of ours an IdP's clock may be: an ID token whose `nbf` is
+/// at most this far in the future is accepted.
+pub const NBF_LEEWAY_SECS: u64 = 60;
 
 impl Initiator {
     /// Until when the token's use must be remembered (unix seconds).
@@ -73,6 +85,11 @@ struct IdClaims {
     sub: String,
     exp: u64,
     aud: Audience,
+    #[serde(default)]
+    nbf: Option<u64>,
+    /// The authorized party: the client the token was issued to.
+    #[serde(default)]
+    azp: Option<String>,
     #[serde(default)]
     email: Option<String>,
     /// A boolean, or (as some IdPs send it) the string "true"/"false".
@@ -242,6 +259,13 @@ impl OidcVerifier {
                 .unwrap_or_else(|| "unknown".to_owned());
             return Err(OidcError::Algorithm(name));
         }
+        // An access token, a logout token or a security event signed by
+        // the same IdP key is not an ID token (RFC 8725 section 3.11).
+        if let Some(typ) = &header.typ
+            && !["jwt", "application/jwt"].contains(&typ.to_ascii_lowercase().as_str())
+        {
+            return Err(OidcError::Type(typ.clone()));
+        }
         // Read the issuer before verifying, only to pick the right JWKS.
         let payload = token
             .split('.')
@@ -272,12 +296,37 @@ impl OidcVerifier {
         if now >= claims.exp {
             return Err(OidcError::Expired);
         }
+        if let Some(nbf) = claims.nbf
+            && nbf > now.saturating_add(NBF_LEEWAY_SECS)
+        {
+            return Err(OidcError::NotYetValid { nbf, now });
+        }
         let aud_ok = match &claims.aud {
             Audience::One(a) => a == &issuer.audience,
             Audience::Many(v) => v.iter().any(|a| a == &issuer.audience),
         };
         if !aud_ok {
             return Err(OidcError::Audience(issuer.audience.clone()));
+        }
+        // OpenID Connect Core 3.1.3.7: a token for several audiences must
+        // name us as its authorized party, and one that names a party
+        // names us; else it was issued to another client, which may
+        // replay it here.
+        let several = matches!(&claims.aud, Audience::Many(v) if v.len() > 1);
+        match &claims.azp {
+            Some(azp) if azp != &issuer.audience => {
+                return Err(OidcError::AuthorizedParty {
+                    found: format!("is \"{}\"", azp.escape_debug()),
+                    expected: issuer.audience.clone(),
+                });
+            }
+            None if several => {
+                return Err(OidcError::AuthorizedParty {
+                    found: "is missing from a token for several audiences".into(),
+                    expected: issuer.audience.clone(),
+                });
+            }
+            _ => {}
         }
         if claims.sub.is_empty() {
             return Err(OidcError::Invalid("empty sub".into()));
@@ -413,6 +462,93 @@ pub fn unix_now() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl DevIssuer {
+        /// A token of the dev key with these header `typ` and claims.
+        fn sign(&self, typ: Option<&str>, claims: &serde_json::Value) -> String {
+            let mut header = Header::new(Algorithm::ES256);
+            header.kid = Some(DEV_KID.into());
+            header.typ = typ.map(str::to_owned);
+            jsonwebtoken::encode(&header, claims, &self.key).unwrap()
+        }
+    }
+
+    /// An ID token's claims that verify at `now` 1000, with `extra` set
+    /// (a null removes a claim).
+    fn claims_with(extra: serde_json::Value) -> serde_json::Value {
+        let mut v = serde_json::json!({
+            "iss": DEV_ISSUER, "sub": "alice", "aud": DEV_AUDIENCE, "iat": 1000, "exp": 1060,
+        });
+        for (k, x) in extra.as_object().unwrap() {
+            if x.is_null() {
+                v.as_object_mut().unwrap().remove(k);
+            } else {
+                v[k] = x.clone();
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn a_token_not_yet_valid_is_refused_past_the_leeway() {
+        let dev = DevIssuer::generate().unwrap();
+        let v = OidcVerifier::new(vec![dev.issuer().unwrap()]);
+        let at = |nbf: u64| dev.sign(Some("JWT"), &claims_with(serde_json::json!({"nbf": nbf})));
+        // Control: valid now, and within the leeway of an IdP clock ahead.
+        assert!(v.verify(&at(1000), 1000).is_ok());
+        assert!(v.verify(&at(1000 + NBF_LEEWAY_SECS), 1000).is_ok());
+        assert_eq!(
+            v.verify(&at(1001 + NBF_LEEWAY_SECS), 1000),
+            Err(OidcError::NotYetValid {
+                nbf: 1001 + NBF_LEEWAY_SECS,
+                now: 1000
+            })
+        );
+    }
+
+    #[test]
+    fn a_token_of_another_kind_signed_by_the_idp_is_refused() {
+        let dev = DevIssuer::generate().unwrap();
+        let v = OidcVerifier::new(vec![dev.issuer().unwrap()]);
+        let claims = claims_with(serde_json::json!({}));
+        for ok in [None, Some("JWT"), Some("jwt"), Some("application/jwt")] {
+            assert!(v.verify(&dev.sign(ok, &claims), 1000).is_ok(), "{ok:?}");
+        }
+        for kind in ["at+jwt", "application/at+JWT", "logout+jwt", "secevent+jwt"] {
+            assert_eq!(
+                v.verify(&dev.sign(Some(kind), &claims), 1000),
+                Err(OidcError::Type(kind.to_owned()))
+            );
+        }
+    }
+
+    #[test]
+    fn a_token_issued_to_another_client_is_refused() {
+        let dev = DevIssuer::generate().unwrap();
+        let v = OidcVerifier::new(vec![dev.issuer().unwrap()]);
+        let verify = |extra| v.verify(&dev.sign(None, &claims_with(extra)), 1000);
+        // Controls: one audience with or without azp; several with azp us.
+        assert!(verify(serde_json::json!({})).is_ok());
+        assert!(verify(serde_json::json!({"azp": DEV_AUDIENCE})).is_ok());
+        assert!(verify(serde_json::json!({"aud": [DEV_AUDIENCE]})).is_ok());
+        assert!(
+            verify(serde_json::json!({"aud": [DEV_AUDIENCE, "other-app"], "azp": DEV_AUDIENCE}))
+                .is_ok()
+        );
+        // Attacks: a token another client was issued, naming us as well.
+        assert!(matches!(
+            verify(serde_json::json!({"aud": ["other-app", DEV_AUDIENCE], "azp": "other-app"})),
+            Err(OidcError::AuthorizedParty { found, .. }) if found.contains("other-app")
+        ));
+        assert!(matches!(
+            verify(serde_json::json!({"aud": ["other-app", DEV_AUDIENCE]})),
+            Err(OidcError::AuthorizedParty { found, .. }) if found.contains("missing")
+        ));
+        assert!(matches!(
+            verify(serde_json::json!({"azp": "other-app"})),
+            Err(OidcError::AuthorizedParty { .. })
+        ));
+    }
 
     #[test]
     fn dev_tokens_verify_and_fail_properly() {

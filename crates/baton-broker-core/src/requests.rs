@@ -251,7 +251,7 @@ pub fn renew(
         // registration or the node's re-check failed): the holder's retry
         // with its old certificate must not be refused as raced.
         if let Some(r) = &rebound {
-            d.undo_rebind(r);
+            d.undo_rebind(r, now);
         }
     })
 }

@@ -334,17 +334,21 @@ impl World {
     }
 }
 
-/// The `jti` claim of a token (read, not verified: the test's own token).
-fn jti_of(token: &Secret) -> String {
+/// The claims of a token (read, not verified: the test's own token).
+fn claims_of(token: &Secret) -> serde_json::Value {
     use base64::Engine as _;
     let payload = token.expose().split('.').nth(1).unwrap();
-    let claims: serde_json::Value = serde_json::from_slice(
+    serde_json::from_slice(
         &base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(payload)
             .unwrap(),
     )
-    .unwrap();
-    claims["jti"].as_str().unwrap().to_owned()
+    .unwrap()
+}
+
+/// The `jti` claim of a token.
+fn jti_of(token: &Secret) -> String {
+    claims_of(token)["jti"].as_str().unwrap().to_owned()
 }
 
 #[test]
@@ -1190,6 +1194,102 @@ fn an_approver_group_counts_only_as_asserted_by_its_own_issuer() {
     assert_eq!(decided.decided_by.as_deref(), Some("bob@example.com"));
 }
 
+/// A decision refused for any reason (not entitled, an unknown id, a bad
+/// reason, a closed approval) spends its ID token all the same: a token
+/// the broker did not act on cannot be taken from the deciding human's
+/// command line and used to start a task as them. A fresh token of the
+/// same human starting the task is the control.
+#[test]
+fn a_refused_decision_spends_its_id_token() {
+    let w = World::new();
+    let started = w.start(&["crm"], &["tool:crm.search:read"]);
+    let planner = w.redeem_as(&started.grant, PLANNER, w.t0).unwrap();
+    let ask = approval_ask(&started.task_id, &planner, PLANNER, "cd", 60);
+    let pending = w.d.request_approval(&id(CRM), &ask, unix_of(w.t0)).unwrap();
+    let t = unix_of(w.t0) + 1;
+    let token_of = |user: &str| w.dev.mint_with_groups(user, &[], 600, t).unwrap();
+    let decision = |token: &str, reason: Option<String>| -> baton_core::api::ApprovalDecision {
+        serde_json::from_value(json!({"id_token": token, "approve": true, "reason": reason}))
+            .unwrap()
+    };
+    let start_with = |token: &str| {
+        let req: StartTaskRequest = serde_json::from_value(json!({
+            "id_token": token,
+            "root_agent": PLANNER,
+            "purpose": PURPOSE,
+            "scope": ["tool:crm.search:read"],
+            "risk_ceiling": "read",
+            "ttl_secs": 600,
+            "max_depth": 3,
+            "audience": ["crm"],
+        }))
+        .unwrap();
+        start_task(&w.d, &req, w.t0)
+    };
+    let spent = |token: &str| {
+        let e = start_with(token).unwrap_err();
+        assert!(e.to_string().contains("single use"), "{e}");
+    };
+
+    let bob = token_of("bob@example.com");
+    let e =
+        w.d.decide_approval(&pending.id, &decision(&bob, None), t)
+            .unwrap_err();
+    assert_eq!(e.code(), "not_entitled", "{e}");
+    spent(&bob);
+
+    let alice = token_of("alice@example.com");
+    let e =
+        w.d.decide_approval("ap_unknown", &decision(&alice, None), t)
+            .unwrap_err();
+    assert_eq!(e.code(), "not_found", "{e}");
+    spent(&alice);
+
+    for reason in [
+        "x".repeat(1025),
+        "ok\u{1b}[2J".to_owned(),
+        "paid\u{202e}dias".to_owned(),
+    ] {
+        let alice = token_of("alice@example.com");
+        let e =
+            w.d.decide_approval(&pending.id, &decision(&alice, Some(reason.clone())), t)
+                .unwrap_err();
+        assert_eq!(e.code(), "invalid_argument", "{reason:?}: {e}");
+        assert!(e.to_string().contains("reason"), "{e}");
+        spent(&alice);
+    }
+    assert_eq!(w.d.get_approval(&pending.id, t).unwrap().status, "pending");
+
+    // The initiator decides, with a plain reason; a second decision is
+    // refused as closed, and its token is spent too.
+    let decided =
+        w.d.decide_approval(
+            &pending.id,
+            &decision(
+                &token_of("alice@example.com"),
+                Some("checked with finance".into()),
+            ),
+            t,
+        )
+        .unwrap();
+    assert_eq!(decided.status, "approved");
+    assert_eq!(decided.reason.as_deref(), Some("checked with finance"));
+    let late = token_of("alice@example.com");
+    let e =
+        w.d.decide_approval(&pending.id, &decision(&late, None), t)
+            .unwrap_err();
+    assert_eq!(e.code(), "approval_closed", "{e}");
+    spent(&late);
+
+    // Control: a fresh token of the same human (in the group the
+    // admission policy asks for) starts a task.
+    let fresh = w
+        .dev
+        .mint_with_groups("alice@example.com", &["engineering".to_owned()], 600, t)
+        .unwrap();
+    start_with(&fresh).unwrap();
+}
+
 /// A renewal of `held`'s certificate with a CSR for `new_key`, its proof
 /// of possession signed with `proof_key` at `at`.
 fn renewal_of(
@@ -1835,6 +1935,58 @@ fn a_renewal_that_was_not_handed_out_can_be_retried() {
     .unwrap();
 }
 
+/// A renewal under a newer JWT key that is not handed out leaves its
+/// holder with the copy of the token the older key signed: the key usage
+/// ledger counts it against the older key again, so `ca revoke` of that
+/// key without `--force` is refused rather than ending a token in use.
+/// Before, the ledger moved the token to the new key at signing and
+/// never back. The control: once a renewal is handed out, the old key
+/// counts nothing.
+#[test]
+fn a_renewal_not_handed_out_keeps_its_token_counted_against_the_old_key() {
+    let (w, failing) = flaky_world(|_| {});
+    let started = w.start(&["crm"], &["tool:crm.search:read"]);
+    let old_key = WorkloadKey::generate().unwrap();
+    let planner = w
+        .redeem_with(&started.grant, PLANNER, &old_key, w.t0)
+        .unwrap();
+    let ca = w.d.broker().ca();
+    let old_kid = ca
+        .authorities()
+        .into_iter()
+        .find(|a| {
+            a.kind == baton_ca::AuthorityKind::Jwt && a.state == baton_ca::AuthorityState::Active
+        })
+        .unwrap()
+        .id;
+    ca.prepare(&[baton_ca::AuthorityKind::Jwt], secs(w.t0, 1))
+        .unwrap();
+    ca.activate(None, secs(w.t0, 2)).unwrap();
+    let tokens_of = |kid: &str| ca.jwt_key_usage(kid, secs(w.t0, 12)).delegation_tokens;
+    assert_eq!(tokens_of(&old_kid), 1, "control: the redeemed token");
+
+    let at = secs(w.t0, 10);
+    let renewal = |new_key: &WorkloadKey| renewal_of(&planner, &old_key, new_key, at);
+    failing.revocations_fail();
+    renew(
+        &w.d,
+        &w.node,
+        &renewal(&WorkloadKey::generate().unwrap()),
+        at,
+    )
+    .unwrap_err();
+    assert_eq!(tokens_of(&old_kid), 1, "the copy the holder keeps");
+    failing.heal();
+    renew(
+        &w.d,
+        &w.node,
+        &renewal(&WorkloadKey::generate().unwrap()),
+        at,
+    )
+    .unwrap();
+    assert_eq!(tokens_of(&old_kid), 0, "control: renewed and handed out");
+}
+
 /// A renewal whose new certificate cannot be registered (or whose node
 /// fails its re-check) never revoked the old one: the old certificate is
 /// revoked last, just before the new one leaves. So the holder keeps
@@ -2035,13 +2187,20 @@ async fn a_lease_registered_after_its_certificate_was_revoked_is_revoked_and_nev
         .await
         .unwrap();
     let late = lease(2);
-    // Registered after the revocation read the certificate's leases.
-    w.d.revoker().register(&[record(&late)], now).await.unwrap();
+    // Registered after the revocation: the certificate's revocation took
+    // its token (and all it handed on) with it, so the registry refuses a
+    // lease minted from that token; the check after registration is the
+    // second net, and refuses too.
+    let e =
+        w.d.revoker()
+            .register(&[record(&late)], now)
+            .await
+            .unwrap_err();
+    assert_eq!(e.code(), "revoked", "{e}");
     let e = crate::secrets::certificate_revoked_since(&w.d, &peer, &late, now)
         .await
         .unwrap_err();
     assert_eq!(e.code(), "certificate_revoked", "{e}");
-    assert!(w.d.revoker().durably_revoked(&late.id, now).unwrap());
 }
 
 /// Two identical held calls asked at the same moment get one approval,
@@ -2156,4 +2315,222 @@ fn a_certificate_revoked_while_it_is_renewed_does_not_live_on_in_its_successor()
         secs(w.t0, 11),
     )
     .unwrap();
+}
+
+/// A verified holder refused a secret because its task ended (the task's
+/// end recorded, its revocation not yet seen: a broker that died between
+/// the two, or a feed behind) is in the audit log as a denied lease, with
+/// who asked and why: before, only the log file said so. The control: the
+/// same holder's lease while the task is live is recorded as allowed.
+#[tokio::test]
+async fn a_lease_refused_for_an_ended_task_is_audited() {
+    let w = World::new();
+    let secrets = crate::secrets::Secrets::build(
+        &crate::secrets::SecretEngineSettings {
+            apikey_permission: "tool:crm.search:read".into(),
+            ..Default::default()
+        },
+        None,
+    )
+    .await
+    .unwrap();
+    let started = w.start(&["crm"], &["tool:crm.search:read"]);
+    let planner = w.redeem_as(&started.grant, PLANNER, w.t0).unwrap();
+    let peer = PeerCert::from_verified_leaf(planner.cert_chain_der[0].clone()).unwrap();
+    let body = crate::secrets::LeaseBody {
+        token: planner.token.clone(),
+        engine: crate::secrets::APIKEY_ENGINE.into(),
+    };
+    let leases = |decision: &str| {
+        w.d.audit()
+            .events_for_task(&started.task_id)
+            .unwrap()
+            .into_iter()
+            .filter(|r| {
+                r.event.tool.as_deref() == Some(crate::secrets::LEASE_TOOL)
+                    && r.event.decision.as_deref() == Some(decision)
+            })
+            .map(|r| r.event)
+            .collect::<Vec<_>>()
+    };
+    let now = unix_of(w.t0) + 1;
+    secrets.lease(&w.d, &peer, &body, now).await.unwrap();
+    assert_eq!(leases("allow").len(), 1, "control");
+    assert!(leases("deny").is_empty(), "control");
+
+    // The task's end is recorded; its credentials are not revoked yet.
+    w.d.end_task(started.task_id.as_str(), secs(w.t0, 2))
+        .unwrap();
+    let e = secrets
+        .lease(&w.d, &peer, &body, now + 2)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), "task_ended", "{e}");
+    let denied = leases("deny");
+    assert_eq!(denied.len(), 1, "{denied:?}");
+    assert_eq!(denied[0].actor.as_ref(), Some(&id(PLANNER)));
+    assert_eq!(
+        denied[0].token_jti.as_deref(),
+        Some(jti_of(&planner.token).as_str())
+    );
+    assert!(
+        denied[0]
+            .reason
+            .as_deref()
+            .unwrap()
+            .starts_with("task_ended"),
+        "{denied:?}"
+    );
+    assert_eq!(leases("allow").len(), 1, "nothing issued");
+}
+
+/// A hop that asks for no lifetime gets the broker's hop token lifetime
+/// (`--hop-token-ttl`), not its parent's: a sub-agent's credential is
+/// short-lived unless its delegator asks for more. Before, the setting
+/// was never read, and a hop's token and certificate lived as long as the
+/// task. The controls: a hop asking for less gets less, one asking for
+/// more than its parent has gets its parent's expiry.
+#[test]
+fn a_hop_that_asks_for_no_lifetime_gets_the_short_default() {
+    let w = World::with_settings(|s| s.token_ttl = Duration::from_secs(60));
+    let started = w.start(&["crm"], &["tool:crm.search:read"]);
+    let planner = w.redeem_as(&started.grant, PLANNER, w.t0).unwrap();
+    let t = unix_of(w.t0);
+    assert_eq!(
+        planner.expires_at,
+        t + 600,
+        "control: the root lives as the task"
+    );
+    let hop_with = |ttl: Option<u64>| {
+        let peer = PeerCert::from_verified_leaf(planner.cert_chain_der[0].clone()).unwrap();
+        let mut req = json!({
+            "token": planner.token.expose(),
+            "target": SEARCHER,
+            "scope": ["tool:crm.search:read"],
+            "purpose": PURPOSE,
+            "audience": ["crm"],
+            "justification": "look the case up",
+        });
+        if let Some(ttl) = ttl {
+            req["ttl_secs"] = json!(ttl);
+        }
+        let req: DelegateRequest = serde_json::from_value(req).unwrap();
+        let grant = delegate(&w.d, &peer, &req, secs(w.t0, 1))?;
+        w.redeem_as(&grant, SEARCHER, secs(w.t0, 2))
+    };
+    let searcher = hop_with(None).unwrap();
+    assert_eq!(searcher.expires_at, t + 1 + 60);
+    assert_eq!(claims_of(&searcher.token)["exp"], json!(t + 1 + 60));
+    assert_eq!(hop_with(Some(30)).unwrap().expires_at, t + 1 + 30);
+    // Longer than the default, up to the parent's end: asked, given.
+    assert_eq!(hop_with(Some(599)).unwrap().expires_at, t + 600);
+    let e = hop_with(Some(600)).unwrap_err();
+    assert_eq!(e.code(), "outlives_parent", "{e}");
+}
+
+/// Revoking a task certificate by serial ends what its token handed on:
+/// a grant not yet redeemed is refused, and a sub-agent that redeemed
+/// one can hop no further. Before, only the token's secret leases went
+/// with the certificate, and the delegator's line of delegation lived on
+/// until the task ended. The control: the same grants without the
+/// revocation are redeemed and used.
+#[tokio::test]
+async fn revoking_a_holders_certificate_ends_what_its_token_handed_on() {
+    let w = World::new();
+    let run = |revoked: bool| {
+        let w = &w;
+        async move {
+            let started = w.start(&["crm"], &["tool:crm.search:read"]);
+            let planner = w.redeem_as(&started.grant, PLANNER, w.t0).unwrap();
+            let redeemed = w
+                .hop(&planner, &["crm"], &["tool:crm.search:read"], secs(w.t0, 1))
+                .unwrap();
+            let searcher = w.redeem_as(&redeemed, SEARCHER, secs(w.t0, 1)).unwrap();
+            let pending = w
+                .hop(&planner, &["crm"], &["tool:crm.search:read"], secs(w.t0, 1))
+                .unwrap();
+            if revoked {
+                let peer = PeerCert::from_verified_leaf(planner.cert_chain_der[0].clone()).unwrap();
+                let serial: RevokeTarget =
+                    serde_json::from_value(json!({ "credential": peer.serial_hex() })).unwrap();
+                revoke(&w.d, &serial, "stolen", None, secs(w.t0, 2))
+                    .await
+                    .unwrap();
+            }
+            let redeem = w.redeem_as(&pending, SEARCHER, secs(w.t0, 3));
+            // The sub-agent's token, minted from the revoked one's grant.
+            let dead =
+                w.d.revoker()
+                    .durably_revoked(&jti_of(&searcher.token), unix_of(w.t0) + 3)
+                    .unwrap();
+            (redeem.map(|_| ()), dead)
+        }
+    };
+    let (redeem, dead) = run(false).await;
+    assert!(redeem.is_ok() && !dead, "control: {redeem:?} {dead}");
+    let (redeem, dead) = run(true).await;
+    let e = redeem.unwrap_err();
+    assert!(e.code().contains("revoked"), "{e}");
+    assert!(dead, "the sub-agent's token lives on");
+}
+
+/// One token holds at most `MAX_LEASES_PER_TOKEN` unexpired secret leases:
+/// a holder looping on `lease` (within its rate limit) no longer fills an
+/// engine with live logins until its token expires. The refusal is
+/// audited. The control: another token of the same task still leases.
+#[tokio::test]
+async fn a_token_holds_a_bounded_number_of_secret_leases() {
+    use crate::secrets::{
+        APIKEY_ENGINE, LeaseBody, MAX_LEASES_PER_TOKEN, SecretEngineSettings, Secrets,
+    };
+    let w = World::new();
+    let secrets = Secrets::build(
+        &SecretEngineSettings {
+            apikey_permission: "tool:crm.search:read".into(),
+            ..Default::default()
+        },
+        None,
+    )
+    .await
+    .unwrap();
+    let started = w.start(&["crm"], &["tool:crm.search:read"]);
+    let planner = w.redeem_as(&started.grant, PLANNER, w.t0).unwrap();
+    let lease_as = |holder: &TaskCredential| {
+        let peer = PeerCert::from_verified_leaf(holder.cert_chain_der[0].clone()).unwrap();
+        let body = LeaseBody {
+            token: holder.token.clone(),
+            engine: APIKEY_ENGINE.into(),
+        };
+        (peer, body)
+    };
+    let now = unix_of(w.t0) + 1;
+    let (peer, body) = lease_as(&planner);
+    for n in 0..MAX_LEASES_PER_TOKEN {
+        secrets
+            .lease(&w.d, &peer, &body, now)
+            .await
+            .unwrap_or_else(|e| panic!("lease {n}: {e}"));
+    }
+    let e = secrets.lease(&w.d, &peer, &body, now).await.unwrap_err();
+    assert_eq!(e.code(), "lease_limit", "{e}");
+    let refused =
+        w.d.audit()
+            .events_for_task(&started.task_id)
+            .unwrap()
+            .into_iter()
+            .filter(|r| {
+                r.event
+                    .reason
+                    .as_deref()
+                    .is_some_and(|m| m.starts_with("lease_limit"))
+            })
+            .count();
+    assert_eq!(refused, 1);
+
+    let grant = w
+        .hop(&planner, &["crm"], &["tool:crm.search:read"], secs(w.t0, 1))
+        .unwrap();
+    let searcher = w.redeem_as(&grant, SEARCHER, secs(w.t0, 1)).unwrap();
+    let (peer, body) = lease_as(&searcher);
+    secrets.lease(&w.d, &peer, &body, now).await.unwrap();
 }

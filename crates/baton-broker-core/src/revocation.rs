@@ -445,7 +445,13 @@ impl Revoker {
         }
         let mut all = self.durable.revoke(target, &known, reason, now)?;
         if let Target::Credential(id) | Target::Subtree(id) = target {
-            all.extend(self.leases_of_certificate(id, tasks, reason, now)?);
+            let seen: std::collections::HashSet<String> =
+                all.iter().map(|r| r.id.clone()).collect();
+            all.extend(
+                self.subtree_of_certificate(id, tasks, reason, now)?
+                    .into_iter()
+                    .filter(|r| !seen.contains(&r.id)),
+            );
         }
         self.changed.notify_waiters();
         if let Target::Task(task) = target {
@@ -474,30 +480,35 @@ impl Revoker {
     }
 
     /// A task certificate revoked by serial leaves its token unusable (the
-    /// token is bound to it, and a renewal needs it live), so the secret
-    /// leases taken with that token are revoked with it. Only for the
-    /// token's current certificate: the token of one renewed away lives on
-    /// under its new certificate, with its leases.
-    fn leases_of_certificate(
+    /// token is bound to it, and a renewal needs it live), so what was
+    /// minted from that token goes with it: the token, the grants it
+    /// handed on (redeemed or not), the tokens minted from them, and the
+    /// secret leases. Revoking a holder's certificate ends its line of
+    /// delegation, as the operator means. Only for the token's current
+    /// certificate: the token of one renewed away lives on under its new
+    /// certificate.
+    fn subtree_of_certificate(
         &self,
         serial: &str,
         tasks: &dyn TaskStore,
         reason: &str,
         now: u64,
     ) -> Result<Vec<Revoked>, BrokerError> {
-        let Some((jti, leases)) = self.durable.certificate_leases(serial, now)? else {
+        let Some((jti, _leases)) = self.durable.certificate_leases(serial, now)? else {
             return Ok(Vec::new());
         };
         // The token's current certificate, or nothing to do.
         let current = tasks
             .get_token(&jti)?
             .is_some_and(|t| t.cert_serial == serial);
-        if leases.is_empty() || !current {
+        if !current {
             return Ok(Vec::new());
         }
-        self.durable.mark(&leases, reason, now)?;
-        tracing::info!(serial, jti = %jti, count = leases.len(), "revoked the secret leases of a revoked task certificate's token");
-        Ok(leases)
+        let below = self
+            .durable
+            .revoke(&Target::Subtree(jti.clone()), &[], reason, now)?;
+        tracing::info!(serial, jti = %jti, count = below.len(), "revoked what a revoked task certificate's token handed on");
+        Ok(below)
     }
 
     /// Revokes every credential issued so far in a task but not the task
@@ -775,6 +786,17 @@ impl Revoker {
     /// ended task).
     pub fn prune(&self, now: u64) -> Result<(), StoreError> {
         self.durable.prune(now.saturating_sub(PRUNE_GRACE_SECS))
+    }
+
+    /// The token task certificate `serial` is bound to, and the unexpired
+    /// secret leases taken with that token (revoked or not); `None` for a
+    /// serial that is no task certificate.
+    pub fn certificate_leases(
+        &self,
+        serial: &str,
+        now: u64,
+    ) -> Result<Option<(String, Vec<Revoked>)>, StoreError> {
+        self.durable.certificate_leases(serial, now)
     }
 
     /// Whether the durable table holds `id` as revoked (the broker's own

@@ -51,6 +51,9 @@ pub const LEASE_TOOL: &str = "secret.lease";
 pub struct PostgresSettings {
     /// Admin connection string (libpq key/value or URL); may hold a password.
     pub admin_url: Secret,
+    /// The admin role's password, read from a file; it replaces one the
+    /// connection string may hold.
+    pub admin_password: Option<Secret>,
     pub database: String,
     /// SQL run per lease, each with a `{role}` placeholder.
     pub grants: Vec<String>,
@@ -101,6 +104,38 @@ pub struct Secrets {
     /// Leases revoked in the store whose kill in the engine failed; retried
     /// by every sweep.
     pending: Mutex<BTreeSet<String>>,
+    /// Leases being issued at this broker, per token `jti`: counted with
+    /// the registered ones against [`MAX_LEASES_PER_TOKEN`].
+    issuing: Mutex<std::collections::HashMap<String, usize>>,
+}
+
+/// The most unexpired secret leases one token may hold (each is a login
+/// or key kept live in its engine until the token expires): a holder
+/// looping on `lease` within its rate limit fills no database with roles.
+/// Counted at each broker with what the registry holds, so several
+/// brokers asked at the same instant may together issue a few more.
+pub const MAX_LEASES_PER_TOKEN: usize = 32;
+
+/// A token's place among the leases being issued; given back when dropped.
+struct Issuing<'a> {
+    secrets: &'a Secrets,
+    jti: String,
+}
+
+impl Drop for Issuing<'_> {
+    fn drop(&mut self) {
+        let mut m = self
+            .secrets
+            .issuing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = m.get_mut(&self.jti) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.jti);
+            }
+        }
+    }
 }
 
 impl crate::revocation::LeaseReaper for Secrets {
@@ -141,8 +176,16 @@ impl Secrets {
                 .clone()
                 .unwrap_or_else(|| format!("dataset:{}:read", pg.database));
             let required = Permission::parse(&raw).map_err(|e| config_error("pg_permission", e))?;
-            let mut engine = PostgresEngine::new(
-                pg.admin_url.expose(),
+            let mut admin: tokio_postgres::Config = pg
+                .admin_url
+                .expose()
+                .parse()
+                .map_err(|e| config_error("pg_admin_url", e))?;
+            if let Some(password) = &pg.admin_password {
+                admin.password(password.expose());
+            }
+            let mut engine = PostgresEngine::from_config(
+                admin,
                 PgTemplate {
                     database: pg.database.clone(),
                     grants: pg.grants.clone(),
@@ -176,6 +219,7 @@ impl Secrets {
             engines,
             apikey,
             pending: Mutex::new(BTreeSet::new()),
+            issuing: Mutex::new(std::collections::HashMap::new()),
         })
     }
 
@@ -285,23 +329,6 @@ impl Secrets {
         let held = d.verify_holder(peer, &req.token, now)?;
         let claims = held.claims();
         let task = d.get_task(claims.task.id.as_str())?;
-        if let Some(why) = task.unusable(now) {
-            return Err(BrokerError::Forbidden {
-                code: "task_ended",
-                message: why.to_owned(),
-            });
-        }
-        // A token minted for the task's earlier purpose (one that escaped
-        // the purpose change's revocation) leases nothing.
-        if claims.task.purpose != task.purpose {
-            return Err(BrokerError::Forbidden {
-                code: "purpose_changed",
-                message: format!(
-                    "the token was minted for purpose {}; task {} is now for {}",
-                    claims.task.purpose, task.id, task.purpose
-                ),
-            });
-        }
         let engine = self
             .engine(&req.engine)
             .ok_or_else(|| BrokerError::BadRequest {
@@ -318,8 +345,29 @@ impl Secrets {
         ev.tool = Some(LEASE_TOOL.into());
         ev.resource = Some(engine.name().to_owned());
         ev.scope = Some(claims.scope.clone());
-        ev.purpose = Some(task.purpose.clone());
+        ev.purpose = Some(claims.task.purpose.clone());
         ev.depth = Some(claims.depth);
+        // A refusal of a verified holder is recorded: who asked for a
+        // secret of a task that ended, or under a purpose it no longer has.
+        let refuse = |ev: &mut AuditEvent, code: &'static str, message: String| {
+            ev.decision = Some("deny".into());
+            ev.reason = Some(format!("{code}: {message}"));
+            d.append_event(ev)?;
+            tracing::warn!(task = %task.id, agent = %peer.spiffe_id(), engine = engine.name(), code, "secret lease refused");
+            Err(BrokerError::Forbidden { code, message })
+        };
+        if let Some(why) = task.unusable(now) {
+            return refuse(&mut ev, "task_ended", why.to_owned());
+        }
+        // A token minted for the task's earlier purpose (one that escaped
+        // the purpose change's revocation) leases nothing.
+        if claims.task.purpose != task.purpose {
+            let message = format!(
+                "the token was minted for purpose {}; task {} is now for {}",
+                claims.task.purpose, task.id, task.purpose
+            );
+            return refuse(&mut ev, "purpose_changed", message);
+        }
         let required = engine.required();
         if !claims.scope.allows(required) {
             let message = format!(
@@ -335,6 +383,31 @@ impl Secrets {
                 message,
             });
         }
+        // At most so many leases per token: the registry's, plus those
+        // being issued here right now.
+        let held_now = d
+            .revoker()
+            .certificate_leases(peer.serial_hex(), now)?
+            .map_or(0, |(_, leases)| leases.len());
+        let _issuing = {
+            let mut m = self
+                .issuing
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let in_flight = m.entry(claims.jti.clone()).or_insert(0);
+            if held_now.saturating_add(*in_flight) >= MAX_LEASES_PER_TOKEN {
+                drop(m);
+                let message = format!(
+                    "the token already holds {MAX_LEASES_PER_TOKEN} unexpired secret leases, the most one token may hold; reuse one, or hand the work on with a new token"
+                );
+                return refuse(&mut ev, "lease_limit", message);
+            }
+            *in_flight += 1;
+            Issuing {
+                secrets: self,
+                jti: claims.jti.clone(),
+            }
+        };
         let expires_at = claims.exp.min(task.expires_at);
         // Cedar decides too; the lease is issued for what it admitted.
         let admitted = match d.admission().admit_lease(SecretLease {

@@ -761,13 +761,14 @@ impl Broker {
             }
             signable
         });
-        let resp = SyncResponse {
-            entries,
-            bundle: self.ca.bundle().to_spiffe_json(),
-            tainted: self.ca.tainted_ids(),
-        };
+        let (bundle, tainted) = self.ca.bundle_with_taint();
         // A node cannot claim a bundle newer than any this CA has made.
         let applied = applied.map(|a| a.min(self.ca.sequence()));
+        let resp = SyncResponse {
+            entries,
+            bundle: bundle.to_spiffe_json(),
+            tainted,
+        };
         if self.rotation.synced(&node.id, unix(now), applied)
             && let Err(e) = self.store.record_node_sync(&node.id, unix(now), applied)
         {

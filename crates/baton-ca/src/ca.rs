@@ -874,13 +874,7 @@ impl Ca {
     /// Ids of the tainted authorities (X.509 ids and JWT kids) still in
     /// the bundle: agents re-issue what they signed.
     pub fn tainted_ids(&self) -> Vec<String> {
-        self.journal
-            .load()
-            .statuses()
-            .into_iter()
-            .filter(|s| s.tainted && s.state != AuthorityState::Revoked)
-            .map(|s| s.id)
-            .collect()
+        Self::tainted_of(&self.journal.load())
     }
 
     /// The bundle's sequence number: it changes whenever the bundle does.
@@ -916,6 +910,14 @@ impl Ca {
             }
         }
         Ok(out)
+    }
+
+    /// A renewal that re-signed delegation token `jti` was not handed
+    /// out: the copy its holder still presents, signed by `kid` until
+    /// `exp`, counts against `kid` again (see [`Ca::jwt_key_usage`]).
+    pub fn restore_delegation_token(&self, kid: &str, jti: &str, exp: u64, now: SystemTime) {
+        self.usage_ledger()
+            .restore_delegation_token(kid, jti, exp, unix_secs(now));
     }
 
     fn usage_ledger(&self) -> std::sync::MutexGuard<'_, UsageLedger> {
@@ -1091,7 +1093,26 @@ impl Ca {
     /// active and old X.509 authority (an upstream root once for all its
     /// intermediates) and every such JWT key.
     pub fn bundle(&self) -> TrustBundle {
+        self.bundle_of(&self.journal.load())
+    }
+
+    /// The bundle and the ids of its tainted authorities (see
+    /// [`Ca::tainted_ids`]) of one state of the journal: a rotation step
+    /// between two reads would pair a bundle with the taint of another.
+    pub fn bundle_with_taint(&self) -> (TrustBundle, Vec<String>) {
         let j = self.journal.load();
+        (self.bundle_of(&j), Self::tainted_of(&j))
+    }
+
+    fn tainted_of(j: &Journal) -> Vec<String> {
+        j.statuses()
+            .into_iter()
+            .filter(|s| s.tainted && s.state != AuthorityState::Revoked)
+            .map(|s| s.id)
+            .collect()
+    }
+
+    fn bundle_of(&self, j: &Journal) -> TrustBundle {
         let mut x509_authorities: Vec<Vec<u8>> = Vec::new();
         for s in &j.x509 {
             let anchor = s.key.trust_anchor();

@@ -52,6 +52,12 @@ pub(crate) struct UsageLedger {
     svids: HashMap<String, BTreeMap<u64, u64>>,
     /// jti -> (kid, expiry) of the newest signature of that delegation token.
     delegation: HashMap<String, (String, u64)>,
+    /// jti -> (kid, expiry) of an earlier signature that is live again: a
+    /// renewal re-signed the token but was not handed out, so its holder
+    /// still presents the earlier copy. Cleared by the token's next
+    /// signature (a renewal handed out revokes the earlier copy's
+    /// certificate).
+    restored: HashMap<String, (String, u64)>,
     /// kid -> persisted watermark of what it signed before this process.
     untracked: HashMap<String, u64>,
     sweep_at: usize,
@@ -82,10 +88,35 @@ impl UsageLedger {
     pub(crate) fn delegation_token(&mut self, kid: &str, jti: &str, exp: u64, now: u64) {
         if self.delegation.len() >= self.sweep_at.max(MIN_SWEEP) {
             self.delegation.retain(|_, (_, e)| *e > now);
+            self.restored.retain(|_, (_, e)| *e > now);
             self.sweep_at = self.delegation.len().saturating_mul(2);
         }
+        self.restored.remove(jti);
         self.delegation
             .insert(jti.to_owned(), (kid.to_owned(), exp));
+    }
+
+    /// Records that the copy of delegation token `jti` signed by `kid`,
+    /// live until `exp`, is in use again: the renewal that re-signed it
+    /// was not handed out. The newer signature stays counted too (nothing
+    /// says it never left), so both keys count the token.
+    pub(crate) fn restore_delegation_token(&mut self, kid: &str, jti: &str, exp: u64, now: u64) {
+        if exp <= now {
+            return;
+        }
+        match self.delegation.get(jti) {
+            Some((k, e)) if k == kid => {
+                let e = (*e).max(exp);
+                self.delegation.insert(jti.to_owned(), (kid.to_owned(), e));
+            }
+            Some(_) => {
+                self.restored.insert(jti.to_owned(), (kid.to_owned(), exp));
+            }
+            None => {
+                self.delegation
+                    .insert(jti.to_owned(), (kid.to_owned(), exp));
+            }
+        }
     }
 
     /// Records that `kid` signed, before this process started, tokens that
@@ -104,7 +135,7 @@ impl UsageLedger {
                 u.live_until = u.live_until.max(*exp);
             }
         }
-        for (k, exp) in self.delegation.values() {
+        for (k, exp) in self.delegation.values().chain(self.restored.values()) {
             if k == kid && *exp > now {
                 u.delegation_tokens += 1;
                 u.live_until = u.live_until.max(*exp);
@@ -124,6 +155,7 @@ impl UsageLedger {
         self.svids.remove(kid);
         self.untracked.remove(kid);
         self.delegation.retain(|_, (k, _)| k != kid);
+        self.restored.retain(|_, (k, _)| k != kid);
     }
 }
 
@@ -159,6 +191,33 @@ mod tests {
         l.delegation_token("k2", "j1", 200, 110);
         assert_eq!(l.usage("k1", 120).delegation_tokens, 1);
         assert_eq!(l.usage("k2", 120).delegation_tokens, 1);
+    }
+
+    /// A renewal under a new key that was not handed out leaves the holder
+    /// with the copy the old key signed: restored, it counts against the
+    /// old key again (so revoking that key without `--force` is refused),
+    /// until a renewal that is handed out re-signs the token.
+    #[test]
+    fn a_renewal_not_handed_out_counts_the_earlier_copy_again() {
+        let mut l = UsageLedger::default();
+        l.delegation_token("k1", "j1", 200, 100);
+        l.delegation_token("k2", "j1", 190, 110);
+        assert_eq!(l.usage("k1", 120).delegation_tokens, 0, "control");
+        l.restore_delegation_token("k1", "j1", 200, 111);
+        assert_eq!(l.usage("k1", 120).delegation_tokens, 1);
+        assert_eq!(l.usage("k1", 120).live_until, 200);
+        assert_eq!(l.usage("k2", 120).delegation_tokens, 1);
+        // The retry, handed out this time: the old copy is dead again.
+        l.delegation_token("k2", "j1", 190, 130);
+        assert_eq!(l.usage("k1", 140).delegation_tokens, 0);
+        assert_eq!(l.usage("k2", 140).delegation_tokens, 1);
+        // Restored under the key that signed it last: one token, not two.
+        l.restore_delegation_token("k2", "j1", 190, 141);
+        assert_eq!(l.usage("k2", 150).delegation_tokens, 1);
+        // Forgetting a key forgets its restored copies.
+        l.restore_delegation_token("k1", "j1", 200, 142);
+        l.forget("k1");
+        assert_eq!(l.usage("k1", 150).delegation_tokens, 0);
     }
 
     #[test]

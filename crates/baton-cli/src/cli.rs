@@ -185,6 +185,15 @@ pub enum ConfigCmd {
 
 /// An SVID lifetime: a duration of whole seconds, at least one (an SVID
 /// valid for 0 s would be expired when issued).
+/// A duration of at least one second.
+pub fn positive_duration(raw: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(raw).map_err(|e| e.to_string())?;
+    if d.as_secs() == 0 {
+        return Err("must be at least 1s".into());
+    }
+    Ok(d)
+}
+
 pub fn svid_ttl(raw: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(raw).map_err(|e| e.to_string())?;
     if d.as_secs() == 0 {
@@ -393,6 +402,10 @@ pub struct BrokerArgs {
     /// Upper bound on any workload SVID lifetime.
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     pub max_svid_ttl: Duration,
+    /// Lifetime of a hop's credential when the delegator asks for none
+    /// (`baton delegate --ttl`); never past its parent's or the task's.
+    #[arg(long, default_value = "15m", value_parser = positive_duration)]
+    pub hop_token_ttl: Duration,
     #[command(flatten)]
     pub rotation: RotationArgs,
     #[command(flatten)]
@@ -498,6 +511,11 @@ pub struct BrokerArgs {
         hide_env_values = true
     )]
     pub pg_admin_url: Option<String>,
+    /// The admin role's password, in FILE (its first line; mode 0600), so it
+    /// stays out of the process list and the configuration file. It replaces
+    /// a password the connection string holds.
+    #[arg(long, value_name = "FILE", requires = "pg_admin_url")]
+    pub pg_admin_password_file: Option<std::path::PathBuf>,
     /// The database leased logins are for (engine name: postgres.<db>).
     #[arg(long, requires = "pg_admin_url")]
     pub pg_database: Option<String>,
@@ -1136,6 +1154,10 @@ pub struct DelegateArgs {
     pub audience: Vec<String>,
     #[arg(long)]
     pub justification: String,
+    /// How long the hop's credential lives (never past yours or the
+    /// task's). Default: the broker's `--hop-token-ttl` (15 minutes).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub ttl: Option<Duration>,
     #[arg(long, short = 'o', value_enum, default_value_t)]
     pub output: OutputFormat,
 }

@@ -613,10 +613,12 @@ fn inline_secret(
         _ => Vec::new(),
     };
     if strings.iter().any(|s| holds_password(s)) {
-        // `redis` -> `redis-password-file`; `pg-admin-url` -> `pg-password-file`.
+        // `redis` -> `redis-password-file`; `redis-cluster` ->
+        // `redis-password-file`; `pg-admin-url` -> `pg-admin-password-file`.
         let stem = key.split('-').next().unwrap_or(key);
         let hint = [
             format!("{key}-password-file"),
+            format!("{}-password-file", key.trim_end_matches("-url")),
             format!("{stem}-password-file"),
         ]
         .into_iter()
@@ -1205,6 +1207,7 @@ log = "debug"
             lines[1].contains(":5:16: `pg-admin-url`: holds a password"),
             "{all}"
         );
+        assert!(lines[1].contains("`pg-admin-password-file`"), "{all}");
         assert!(lines[1].contains("BATON_PG_ADMIN_URL"), "{all}");
         assert!(!all.contains("s3cret"), "{all}");
 

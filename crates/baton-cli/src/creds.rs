@@ -244,6 +244,16 @@ pub fn socket_path(socket: &str) -> PathBuf {
     std::env::current_dir().map_or(path.clone(), |cwd| cwd.join(&path))
 }
 
+/// [`socket_path`], refused where another user could have planted the
+/// socket (a symbolic link, or a directory in one every user can write
+/// that is neither this user's nor root's): a client of the node daemon
+/// sends it grants and takes its keys, SVIDs and trust bundle from it.
+pub fn trusted_socket(socket: &str) -> Result<PathBuf> {
+    let path = socket_path(socket);
+    crate::admin::trusted_socket_path(&path, "--socket")?;
+    Ok(path)
+}
+
 /// Why a request to the broker got no answer. A certificate the
 /// credential's bundle does not trust (a bundle gone stale after a CA
 /// rotation) is a TLS trust error, not an unreachable broker.
@@ -316,7 +326,7 @@ pub async fn redeem(
 
 /// The node daemon's delegation service on `socket`.
 async fn delegation_client(socket: &str) -> Result<DelegationClient<tonic::transport::Channel>> {
-    let path = socket_path(socket);
+    let path = trusted_socket(socket)?;
     let channel = Endpoint::from_static("http://localhost")
         .connect_with_connector(tower::service_fn(move |_| {
             let path = path.clone();
@@ -510,7 +520,7 @@ pub async fn delegate(args: DelegateArgs) -> Result<()> {
         purpose,
         audience: args.audience.clone(),
         justification: args.justification.clone(),
-        ttl_secs: None,
+        ttl_secs: args.ttl.map(|t| t.as_secs().max(1)),
     };
     let traceparent = crate::telemetry::outgoing_traceparent();
     // A hop spends nothing, so one whose answer was lost (the broker died

@@ -183,6 +183,7 @@ pub async fn broker(args: BrokerArgs) -> Result<()> {
         &args.tool_servers,
     )?;
     cfg.delegation.approver_groups = approver_groups(&args)?;
+    cfg.delegation.token_ttl = args.hop_token_ttl;
     if args.dev_issuer && args.oidc_issuer.is_some() {
         // Anyone on the admin socket mints dev-issuer ID tokens for any
         // user and group: beside a real issuer they would start tasks and
@@ -226,6 +227,10 @@ pub async fn broker(args: BrokerArgs) -> Result<()> {
         postgres: match (&args.pg_admin_url, &args.pg_database) {
             (Some(url), Some(db)) => Some(baton_broker::secrets::PostgresSettings {
                 admin_url: Secret::new(url.clone()),
+                admin_password: match &args.pg_admin_password_file {
+                    Some(path) => Some(read_secret_line("--pg-admin-password-file", path)?),
+                    None => None,
+                },
                 database: db.clone(),
                 grants: args.pg_grants.clone(),
                 permission: args.pg_permission.clone(),

@@ -151,6 +151,14 @@ impl ToolServer {
             }
         };
         let Some(tool) = self.tools.iter().find(|t| t.name == name) else {
+            self.enforcer.gate.record_unserved(
+                &delegation,
+                name,
+                body,
+                now,
+                "unknown_tool",
+                "the tool server serves no tool of that name",
+            );
             return json_reply(
                 StatusCode::NOT_FOUND,
                 &serde_json::json!({"error": format!("no tool {name}")}),
@@ -254,7 +262,7 @@ async fn tool_server(
 ) -> Result<()> {
     let stop = crate::daemons::terminate_signal();
     let (policy, hup) = reloadable_policy(policies)?;
-    let endpoint = format!("unix:{}", crate::creds::socket_path(socket).display());
+    let endpoint = format!("unix:{}", crate::creds::trusted_socket(socket)?.display());
     let enforcer = Enforcer::start(EnforcerOptions {
         endpoint: &endpoint,
         spiffe_id,

@@ -90,7 +90,7 @@ pub async fn gateway(args: GatewayArgs) -> Result<()> {
     let ops = crate::ops::start(&args.ops).await?;
     let endpoint = format!(
         "unix:{}",
-        crate::creds::socket_path(&args.socket.socket).display()
+        crate::creds::trusted_socket(&args.socket.socket)?.display()
     );
     let result = baton_gateway::run(
         baton_gateway::RunOptions {

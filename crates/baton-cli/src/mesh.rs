@@ -21,11 +21,11 @@ use serde::Serialize;
 use warp::Filter as _;
 
 use crate::cli::{EXIT_REFUSED, exit};
-use crate::creds::socket_path;
+use crate::creds::trusted_socket;
 
 /// Follows the Workload API at `socket` (a path or `unix:` URL).
 pub async fn follow(socket: &str, spiffe_id: Option<&str>) -> Result<Arc<LiveTls>> {
-    let endpoint = format!("unix:{}", socket_path(socket).display());
+    let endpoint = format!("unix:{}", trusted_socket(socket)?.display());
     LiveTls::follow(&endpoint, spiffe_id)
         .await
         .map_err(crate::example::enforcer_exit)

@@ -492,7 +492,7 @@ pub async fn show_approval(id: &str, admin: crate::cli::AdminArgs) -> Result<()>
             output::line(&format!("Agent:         {}", a.agent));
             output::line(&format!(
                 "Tool:          {} on {} ({})",
-                a.tool,
+                controls_escaped(&a.tool),
                 controls_escaped(&a.resource),
                 a.risk
             ));
@@ -505,10 +505,10 @@ pub async fn show_approval(id: &str, admin: crate::cli::AdminArgs) -> Result<()>
             output::line(&format!("Asked at:      {}", output::when(a.created_at)));
             output::line(&format!("Expires:       {}", output::when(a.expires_at)));
             if let Some(who) = &a.decided_by {
-                output::line(&format!("Decided by:    {who}"));
+                output::line(&format!("Decided by:    {}", controls_escaped(who)));
             }
             if let Some(why) = &a.reason {
-                output::line(&format!("Reason:        {why}"));
+                output::line(&format!("Reason:        {}", controls_escaped(why)));
             }
         }
     }

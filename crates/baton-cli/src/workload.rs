@@ -19,7 +19,7 @@ use crate::output;
 fn endpoint(socket: &str) -> Result<String> {
     Ok(format!(
         "unix://{}",
-        crate::creds::socket_path(socket).display()
+        crate::creds::trusted_socket(socket)?.display()
     ))
 }
 

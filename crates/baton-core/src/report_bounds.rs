@@ -113,6 +113,20 @@ pub fn recordable_resource(resource: &str) -> String {
     }
 }
 
+/// A tool name as a record may carry it: itself when within
+/// [`MAX_TOOL`] bytes without control characters, else only its size.
+pub fn recordable_tool(tool: &str) -> String {
+    if tool.len() > MAX_TOOL || tool.chars().any(char::is_control) {
+        format!("(unrecordable tool name: {} bytes)", tool.len())
+    } else {
+        tool.to_owned()
+    }
+}
+
+/// Longest reason a record keeps of a refusal's own text (a request
+/// line, a tool name) before it is cut.
+pub const MAX_REFUSAL_REASON: usize = 1024;
+
 impl ToolCallReport {
     /// Every caller-chosen text of the report within its bounds: a
     /// reporter cannot make the audit log a copy of its traffic through

@@ -707,7 +707,9 @@ impl Config {
     /// Paths that an upstream could read differently from the gateway
     /// (dot segments, empty segments, segments that decode to a slash, a
     /// dot segment, a backslash, a control character or a `;`, invalid
-    /// escapes) match no route. Where several routes match, the most
+    /// escapes) match no route, nor does a value the resource is taken
+    /// from that ends in a format suffix (`acme.json`, but for a rest
+    /// capture: a file's path). Where several routes match, the most
     /// specific wins, segment by segment from the left: a literal over a
     /// capture over the rest (so `/accounts/export` is never taken by
     /// `/accounts/{id}`, whatever their order in the file).
@@ -758,12 +760,40 @@ impl Config {
         }) {
             return None;
         }
+        // A one-segment capture the resource names, ending in a format
+        // suffix (`acme.json`), is another record to an upstream that
+        // takes the suffix for a format (Rails' `/:id(.:format)` reads id
+        // `acme`, format `json`; Django REST framework's format suffixes,
+        // Spring's suffix match), while the policy would see
+        // `dataset:crm/acme.json`: a `forbid` on `dataset:crm/acme` would
+        // not apply. A rest capture is a file's path, whose extension is
+        // part of its name, so it is not refused for one.
+        let suffixed = |name: &str| {
+            captures
+                .iter()
+                .any(|(n, v)| *n == name && format_suffixed(v))
+        };
+        if route.segments.iter().any(|s| {
+            matches!(s, Segment::Capture(n)
+                if route.resource.contains(&format!("{{{n}}}")) && suffixed(n))
+        }) {
+            return None;
+        }
         Some(Matched {
             route,
             resource: fill(&route.resource, &captures),
             path: canonical_path(&route.segments, &segments),
         })
     }
+}
+
+/// Whether `value` ends in what frameworks read as a format suffix: a
+/// `.` then 1 to 10 ASCII letters or digits (`.json`, `.XML`, `.csv`,
+/// `.v2`).
+fn format_suffixed(value: &str) -> bool {
+    value.rsplit_once('.').is_some_and(|(_, suffix)| {
+        (1..=10).contains(&suffix.len()) && suffix.bytes().all(|b| b.is_ascii_alphanumeric())
+    })
 }
 
 /// Whether `value` names its resource one way only, since an upstream
@@ -780,7 +810,9 @@ impl Config {
 ///   whole is that canonical spelling (`42.json`: Rails reads id 42,
 ///   format json; `042.x`).
 ///
-/// Other text passes: `acme`, `acct-042`, `v1.2`, `2024-05-01`, a UUID.
+/// Other text passes: `acme`, `acct-042`, `v1.2`, `2024-05-01`, a UUID
+/// (an MCP argument is JSON, with no format suffix to read; a path
+/// capture is also refused one: see [`Config::route`]).
 pub(crate) fn one_spelling(value: &str) -> bool {
     if value.trim() != value {
         return false;
@@ -1394,9 +1426,7 @@ tier = "write"
             "-7",
             "0",
             "acme",
-            "acme.json",
             "report-42",
-            "v1.2",
             "2024-05-01",
             "3fa85f64-5717-4562-b3fc-2c963f66afa6",
             "123e4567-e89b-12d3-a456-426614174000",
@@ -1427,6 +1457,64 @@ tier = "write"
             .route(&http::Method::POST, "/files/reports/q1.json")
             .unwrap();
         assert_eq!(m.resource, "files:reports/q1.json");
+    }
+
+    /// A format suffix on a capture the resource is taken from names, to
+    /// the policy, another resource than the record Rails (`/:id(.:format)`)
+    /// or a format-suffix router serves: `acme.json` is record `acme` there,
+    /// so a `forbid` on `dataset:crm/acme` would be passed. Refused as any
+    /// other spelling an upstream reads otherwise; a rest capture (a file's
+    /// path) and a capture the resource does not take keep their suffix.
+    #[test]
+    fn a_format_suffix_on_a_captured_resource_matches_no_route() {
+        let c = parse(GOOD).unwrap();
+        let get = http::Method::GET;
+        // Control: the record itself.
+        let m = c.route(&get, "/accounts/acme").unwrap();
+        assert_eq!(m.resource, "dataset:crm/acme");
+        for p in [
+            "/accounts/acme.json",
+            "/accounts/acme.JSON",
+            "/accounts/acme.xml",
+            "/accounts/acme.csv",
+            "/accounts/acme.v2",
+            "/accounts/acme.tar.gz",
+            "/accounts/v1.2",
+            "/accounts/acme.abcdefghij",
+            // Escaped, the dot or the suffix is decoded first.
+            "/accounts/acme%2Ejson",
+            "/accounts/acme.%6Ason",
+        ] {
+            assert!(c.route(&get, p).is_none(), "{p}");
+        }
+        // Controls: ids without a suffix, one with nothing after its dot.
+        for (p, resource) in [
+            ("/accounts/acme-co", "dataset:crm/acme-co"),
+            ("/accounts/2024-05-01", "dataset:crm/2024-05-01"),
+            ("/accounts/acme.", "dataset:crm/acme."),
+        ] {
+            let m = c
+                .route(&get, p)
+                .unwrap_or_else(|| panic!("{p} matches no route"));
+            assert_eq!(m.resource, resource, "{p}");
+        }
+        // A rest capture is a file's path: its extension stays.
+        let m = c
+            .route(&http::Method::POST, "/files/reports/acme.json")
+            .unwrap();
+        assert_eq!(m.resource, "files:reports/acme.json");
+        // A capture the resource does not take keeps its suffix.
+        let docs = parse(&GOOD.replace(
+            "path = \"/accounts/{account}\"\ntool = \"crm.read\"\nresource = \"dataset:crm/{account}\"",
+            "path = \"/accounts/{account}/docs/{doc}\"\ntool = \"crm.read\"\nresource = \"doc:{account}\"",
+        ))
+        .unwrap();
+        let m = docs.route(&get, "/accounts/acme/docs/q1.pdf").unwrap();
+        assert_eq!(m.resource, "doc:acme");
+        assert!(
+            docs.route(&get, "/accounts/acme.json/docs/q1.pdf")
+                .is_none()
+        );
     }
 
     #[test]
@@ -1535,8 +1623,21 @@ tier = "write"
             .route(&http::Method::GET, "/accounts/%C5%BFetup")
             .unwrap();
         assert_eq!(m.route.tool, "crm.read");
-        let m = c.route(&http::Method::GET, "/accounts/acme.json").unwrap();
+        // A suffix on another id is not the literal (control), on a route
+        // whose resource does not take the capture (where it does, a
+        // format suffix matches no route at all).
+        let c4 = parse(&format!(
+            "{}\n[[routes]]\nmethod = \"GET\"\npath = \"/accounts/export\"\ntool = \"crm.export\"\nresource = \"dataset:crm\"\npermission = \"tool:crm.export:export\"\ntier = \"export\"\n",
+            GOOD.replace("resource = \"dataset:crm/{account}\"", "resource = \"dataset:crm\"")
+        ))
+        .unwrap();
+        let m = c4.route(&http::Method::GET, "/accounts/acme.json").unwrap();
         assert_eq!(m.route.tool, "crm.read");
+        assert!(
+            c4.route(&http::Method::GET, "/accounts/export.json")
+                .is_none()
+        );
+        assert!(c.route(&http::Method::GET, "/accounts/acme.json").is_none());
         // A decoded value is not a template: `{doc}` stays as sent.
         let c2 = parse(&GOOD.replace(
             "path = \"/accounts/{account}\"\ntool = \"crm.read\"\nresource = \"dataset:crm/{account}\"",

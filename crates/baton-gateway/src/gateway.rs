@@ -657,6 +657,11 @@ impl Gateway {
             Err(e) => return invalid_token(e.code(), &e.to_string()),
         };
         if let Some(ep) = mcp {
+            // An MCP server behind WordPress's REST API (its MCP adapter)
+            // would run the route a `rest_route` names, not the endpoint.
+            if let Some(why) = route_selector(&req, &input) {
+                return plain(StatusCode::BAD_REQUEST, "invalid_request", &why);
+            }
             // An upstream resuming a stream (`Last-Event-ID`) replays its
             // events as it first sent them, before the gateway filtered
             // them (`tools/list`): streams are not resumed through the
@@ -673,11 +678,16 @@ impl Gateway {
                 path = %req.path,
                 "request on no route refused"
             );
-            return plain(
-                StatusCode::NOT_FOUND,
+            let message = format!("no route for {} {}", req.method, req.path);
+            self.enforcer.gate.record_unserved(
+                &delegation,
+                "(no route)",
+                &input,
+                now,
                 "no_route",
-                &format!("no route for {} {}", req.method, req.path),
+                &message,
             );
+            return plain(StatusCode::NOT_FOUND, "no_route", &message);
         };
         if let Some(why) = method_override(&req, &input) {
             return plain(StatusCode::BAD_REQUEST, "invalid_request", &why);
@@ -691,6 +701,12 @@ impl Gateway {
                     m.resource
                 ),
             );
+        }
+        if let Some(why) = route_selector(&req, &input) {
+            return plain(StatusCode::BAD_REQUEST, "invalid_request", &why);
+        }
+        if let Some(why) = recorded_field_override(&req, &input, &m.route.record) {
+            return plain(StatusCode::BAD_REQUEST, "invalid_request", &why);
         }
         let index = rt
             .config
@@ -729,7 +745,11 @@ impl Gateway {
                     }),
                     ttl: m.route.approval_ttl.unwrap_or(rt.config.approval_ttl),
                     configured: m.route.approval,
-                    shown: &|| recorded_request(&m.route.record, &req, &input),
+                    shown: &|| {
+                        recorded_request(&m.route.record, &req, &input, &|b| {
+                            self.enforcer.gate.digest(b)
+                        })
+                    },
                 },
             )
             .await
@@ -747,7 +767,9 @@ impl Gateway {
                 now,
                 baton_verify::CallNotes {
                     approval,
-                    recorded: recorded_request(&m.route.record, &req, &input),
+                    recorded: recorded_request(&m.route.record, &req, &input, &|b| {
+                        self.enforcer.gate.digest(b)
+                    }),
                     traceparent: traceparent(&req.headers),
                 },
             )
@@ -860,16 +882,23 @@ impl Gateway {
 /// approver): its headers as the upstream gets them, so a header the
 /// request's `Connection` drops (`Connection: x-amount`) is neither
 /// recorded nor shown, as it is neither forwarded nor bound by an
-/// approval.
+/// approval; and the keyed digest (`digest`) of its query, whatever the
+/// route names, since frameworks merge query parameters with the body's.
 fn recorded_request(
     record: &crate::record::Recording,
     req: &Incoming,
     body: &[u8],
+    digest: &dyn Fn(&[u8]) -> String,
 ) -> BTreeMap<String, String> {
-    if record.headers.is_empty() {
-        return record.request_fields(&HeaderMap::new(), body);
+    let mut fields = if record.headers.is_empty() {
+        record.request_fields(&HeaderMap::new(), body)
+    } else {
+        record.request_fields(&forwarded_headers(&req.headers), body)
+    };
+    if let Some(q) = req.query.as_deref().filter(|q| !q.is_empty()) {
+        fields.insert(crate::record::QUERY_FIELD.to_owned(), digest(q.as_bytes()));
     }
-    record.request_fields(&forwarded_headers(&req.headers), body)
+    fields
 }
 
 /// The caller's W3C trace context, when the request carries exactly one
@@ -1322,27 +1351,33 @@ fn is_method_key(raw: &[u8]) -> bool {
     is_param_key(raw, b"_method")
 }
 
-/// Whether a parameter name is `name` (lower case: letters, digits, `_`)
-/// as a framework reads it: in any case, and the way PHP rewrites names
-/// (leading spaces dropped, cut at a NUL, `.`, space and `[` read as `_`,
-/// `name[..]` the array `name`).
-fn is_param_key(raw: &[u8], name: &[u8]) -> bool {
+/// A parameter's name as PHP reads it, ASCII lower-cased: leading spaces
+/// dropped, cut at a NUL, `name[..]` the array `name`, `.`, space and `[`
+/// read as `_`.
+fn param_name(raw: &[u8]) -> Vec<u8> {
     let mut key = raw.split(|b| *b == 0).next().unwrap_or_default();
     while let [b' ', rest @ ..] = key {
         key = rest;
     }
     if let Some(open) = key.iter().position(|b| *b == b'[')
-        && key[open..].contains(&b']')
+        && key.get(open..).is_some_and(|k| k.contains(&b']'))
     {
-        key = &key[..open];
+        key = key.get(..open).unwrap_or_default();
     }
-    let rewritten: Vec<u8> = key
-        .iter()
+    key.iter()
         .map(|b| match b {
             b'.' | b' ' | b'[' => b'_',
             other => other.to_ascii_lowercase(),
         })
-        .collect();
+        .collect()
+}
+
+/// Whether a parameter name is `name` (lower case: letters, digits, `_`)
+/// as a framework reads it: in any case, and the way PHP rewrites names
+/// (leading spaces dropped, cut at a NUL, `.`, space and `[` read as `_`,
+/// `name[..]` the array `name`).
+fn is_param_key(raw: &[u8], name: &[u8]) -> bool {
+    let rewritten = param_name(raw);
     if rewritten.is_ascii() {
         return rewritten == name;
     }
@@ -1546,18 +1581,88 @@ fn capture_override<'n>(
     body: &[u8],
     captures: &[&'n str],
 ) -> Option<(&'static str, &'n str)> {
-    if captures.is_empty() {
+    param_named(req, body, captures, true)
+}
+
+/// Parameters that choose which of the upstream's routes runs, whatever
+/// the request's path: WordPress dispatches its REST API on `rest_route`
+/// from the query or a form body (`POST /wp-json/wp/v2/posts?rest_route=
+/// /wp/v2/users/1` is a call of the users route), so the call would run
+/// another route than the one it was decided on.
+const ROUTE_SELECTORS: &[&str] = &["rest_route"];
+
+/// Why a request that names a [`ROUTE_SELECTORS`] parameter in its query
+/// or a form body (a multipart part's name, or a body without a
+/// Content-Type: PHP fills `$_POST` from multipart bodies, Rack reads an
+/// untyped body as a form) is refused, each name read as the `_method`
+/// check reads it ([`is_param_key`]); None when it names none. A JSON
+/// body's keys are not read: WordPress takes the route from the query
+/// and `$_POST` only.
+fn route_selector(req: &Incoming, body: &[u8]) -> Option<String> {
+    param_named(req, body, ROUTE_SELECTORS, false).map(|(place, name)| {
+        format!(
+            "{place} carries `{name}`, which some upstreams (WordPress's REST API) read as the route to run whatever the path, so the upstream could run another route than the one the call was decided on ({} {}): send the route in the path only",
+            req.method, req.path
+        )
+    })
+}
+
+/// Why a request that names a member its route records of the JSON body
+/// (the first segment of a `record-input` pointer: `amount` of `/amount`,
+/// `payment` of `/payment/amount`) again in its query or a form body is
+/// refused; None when it does not. Rails merges query parameters over the
+/// JSON body's (`POST /payments?amount=1000000` with `{"amount":10}` is
+/// amount 1000000 to it), Laravel and ASP.NET Core bind either, so the
+/// upstream could act on a value other than the one recorded and shown
+/// to an approver. Names are read as the `_method` check reads them
+/// ([`is_param_key`]: `Amount`, `amount[]`, `%61mount`); the JSON body's
+/// own keys are the recorded field itself, checked by
+/// [`crate::record::Recording::check_input`].
+fn recorded_field_override(
+    req: &Incoming,
+    body: &[u8],
+    record: &crate::record::Recording,
+) -> Option<String> {
+    let roots = record.input_roots();
+    let names: Vec<&str> = roots.iter().map(String::as_str).collect();
+    let (place, name) = param_named(req, body, &names, false)?;
+    let pointers: Vec<&str> = record
+        .input
+        .iter()
+        .filter(|p| crate::record::input_root(p) == name)
+        .map(String::as_str)
+        .collect();
+    Some(format!(
+        "{place} carries `{name}`, a field of the JSON body this route records (record-input {}); some frameworks merge query and form parameters with the JSON body's (in Rails the query's value wins), so the upstream could act on a value other than the one recorded and shown to an approver: send it in the JSON body only",
+        pointers.join(", ")
+    ))
+}
+
+/// Where a request names one of `names` as a parameter where a framework
+/// may read it: the query, a form body (or a body without a
+/// Content-Type, which Rack reads as a form), a multipart part's name,
+/// and, with `json_keys`, a JSON body's top-level keys (when the
+/// Content-Type has `/json` or `+json`). Each name is matched as the
+/// request's names are read ([`param_name`], [`is_param_key`]). Returns
+/// where, and which name; a request whose Content-Type does not read one
+/// way was refused before ([`method_override`]).
+fn param_named<'n>(
+    req: &Incoming,
+    body: &[u8],
+    names: &[&'n str],
+    json_keys: bool,
+) -> Option<(&'static str, &'n str)> {
+    if names.is_empty() {
         return None;
     }
-    let lower: Vec<Vec<u8>> = captures
-        .iter()
-        .map(|c| c.as_bytes().to_ascii_lowercase())
-        .collect();
+    // Each name as a request's names are read (`case.id` is `case_id` to
+    // PHP, so a name with a dot is matched by both spellings).
+    let lower: Vec<Vec<u8>> = names.iter().map(|c| param_name(c.as_bytes())).collect();
     let which = |key: &[u8]| {
         lower
             .iter()
-            .position(|n| is_param_key(key, n))
-            .and_then(|i| captures.get(i).copied())
+            .position(|n| !n.is_empty() && is_param_key(key, n))
+            .and_then(|i| names.get(i).copied())
     };
     let in_form = |form: &[u8]| form_names(form).find_map(|k| which(&k));
     if let Some(c) = req.query.as_deref().and_then(|q| in_form(q.as_bytes())) {
@@ -1579,15 +1684,15 @@ fn capture_override<'n>(
     if parsed.media.starts_with("multipart/") {
         let body_lower = body.to_ascii_lowercase();
         // Names past the budget were refused by [`method_override`]
-        // already; here they would count as naming the capture.
-        let Some(names) = multipart_part_names(parsed.boundary.as_deref(), &body_lower) else {
-            return captures.first().map(|c| ("the multipart body", *c));
+        // already; here they count as naming one of `names`.
+        let Some(parts) = multipart_part_names(parsed.boundary.as_deref(), &body_lower) else {
+            return names.first().map(|c| ("the multipart body", *c));
         };
-        if let Some(c) = names.iter().find_map(|n| which(n)) {
+        if let Some(c) = parts.iter().find_map(|n| which(n)) {
             return Some(("the multipart body", c));
         }
     }
-    if content_type.contains("/json") || content_type.contains("+json") {
+    if json_keys && (content_type.contains("/json") || content_type.contains("+json")) {
         let found = std::cell::Cell::new(None);
         let read = top_level_key_matches(body, &|k: &[u8]| {
             let c = which(k);
@@ -1600,11 +1705,11 @@ fn capture_override<'n>(
             return found.get().map(|c| ("the JSON body", c));
         }
         // A body this parser cannot read (see `method_override`): refused
-        // if it mentions a capture's name or has a `\u` escape, or holds
-        // any non-ASCII text (a key Go folds into a capture's name, as
-        // `caſe_id`, which searching bytes would not find).
+        // if it mentions one of the names or has a `\u` escape, or holds
+        // any non-ASCII text (a key Go folds into a name, as `caſe_id`,
+        // which searching bytes would not find).
         if !body.is_ascii() {
-            return captures
+            return names
                 .first()
                 .map(|c| ("the JSON body (which the gateway cannot read whole)", *c));
         }
@@ -1613,7 +1718,7 @@ fn capture_override<'n>(
         return lower
             .iter()
             .position(|n| escaped || find(&body_lower, n).is_some())
-            .and_then(|i| captures.get(i).copied())
+            .and_then(|i| names.get(i).copied())
             .map(|c| ("the JSON body (which the gateway cannot read whole)", c));
     }
     None
@@ -1960,7 +2065,7 @@ mod tests {
             req
         };
         let consistent = |req: &Incoming| {
-            let fields = recorded_request(&record, req, b"");
+            let fields = recorded_request(&record, req, b"", &|_| String::new());
             let upstream = forwarded_headers(&req.headers);
             for (field, value) in &fields {
                 let name = field.strip_prefix("header:").unwrap();
@@ -2100,6 +2205,168 @@ mod tests {
             capture_override(&incoming(Some("account=42"), "text/plain"), b"", &[]),
             None
         );
+    }
+
+    /// WordPress runs the REST route `rest_route` names (from the query or
+    /// `$_POST`) whatever the path: `POST /wp-json/wp/v2/posts?rest_route=
+    /// /wp/v2/users/1` is a call of the users route. Refused in every
+    /// spelling the `_method` check reads, in the query and form bodies;
+    /// the name only as a value, a longer name, or a JSON body's key (not
+    /// read by WordPress) are the controls.
+    #[test]
+    fn a_parameter_that_selects_the_upstreams_route_is_refused_where_it_is_read() {
+        for q in [
+            "rest_route=/wp/v2/users/1",
+            "REST_ROUTE=/x",
+            "rest%5Froute=/x",
+            "%72est_route=/x",
+            "rest.route=/x",
+            "rest+route=/x",
+            "rest_route[]=/x",
+            "rest_route[a]=/x",
+            "per_page=5&rest_route=/x",
+            "per_page=5;rest_route=/x",
+            "rest_route",
+        ] {
+            let why = route_selector(&incoming(Some(q), "text/plain"), b"").unwrap_or_default();
+            assert!(
+                why.starts_with("the query carries `rest_route`") && why.contains("WordPress"),
+                "{q}: {why}"
+            );
+            assert!(why.contains("POST /crm/cases/7"), "{q}: {why}");
+        }
+        let form = incoming(None, "application/x-www-form-urlencoded");
+        let why = route_selector(&form, b"title=x&rest_route=%2Fwp%2Fv2%2Fusers%2F1");
+        assert!(
+            why.is_some_and(|w| w.starts_with("the form body carries `rest_route`")),
+            "form"
+        );
+        let mut untyped = incoming(None, "text/plain");
+        untyped.headers.remove(http::header::CONTENT_TYPE);
+        assert!(route_selector(&untyped, b"rest_route=/x").is_some());
+        let multipart = incoming(None, MULTIPART);
+        let body = "--XyZ\r\nContent-Disposition: form-data; name=\"rest_route\"\r\n\r\n/wp/v2/users/1\r\n--XyZ--\r\n";
+        assert!(
+            route_selector(&multipart, body.as_bytes())
+                .is_some_and(|w| w.starts_with("the multipart body carries `rest_route`"))
+        );
+        // Controls.
+        for q in [
+            "per_page=5",
+            "q=rest_route",
+            "rest_routes=1",
+            "my_rest_route=1",
+        ] {
+            assert_eq!(
+                route_selector(&incoming(Some(q), "text/plain"), b""),
+                None,
+                "{q}"
+            );
+        }
+        assert_eq!(route_selector(&form, b"title=rest_route&per_page=5"), None);
+        let json = incoming(None, "application/json");
+        assert_eq!(route_selector(&json, br#"{"rest_route":"/x"}"#), None);
+    }
+
+    /// Rails merges query parameters over the JSON body's (the query
+    /// wins): `POST /payments?amount=1000000` with `{"amount":10}` would be
+    /// recorded, and shown to an approver, as amount 10. A request naming
+    /// a `record-input` field's top-level member again in its query or a
+    /// form body is refused, in every spelling the `_method` check reads;
+    /// the JSON body's own member is the control.
+    #[test]
+    fn a_recorded_input_field_named_again_outside_the_json_body_is_refused() {
+        let record = crate::record::Recording {
+            input: vec!["/amount".into(), "/payment/to".into(), "/a~1b".into()],
+            ..Default::default()
+        };
+        let json = |q: Option<&str>| incoming(q, "application/json");
+        let body = br#"{"amount":10,"payment":{"to":"vendor"}}"#;
+        for (q, name, pointer) in [
+            ("amount=1000000", "amount", "/amount"),
+            ("AMOUNT=1000000", "amount", "/amount"),
+            ("%61mount=1000000", "amount", "/amount"),
+            ("amount[]=1000000", "amount", "/amount"),
+            ("ref=x&amount=1000000", "amount", "/amount"),
+            ("payment[to]=mallory", "payment", "/payment/to"),
+            ("PAYMENT[to][x]=1", "payment", "/payment/to"),
+            ("a%2Fb=1", "a/b", "/a~1b"),
+        ] {
+            let why = recorded_field_override(&json(Some(q)), body, &record).unwrap_or_default();
+            assert!(
+                why.starts_with(&format!("the query carries `{name}`"))
+                    && why.contains(&format!("record-input {pointer}"))
+                    && why.contains("Rails"),
+                "{q}: {why}"
+            );
+        }
+        let form = incoming(None, "application/x-www-form-urlencoded");
+        assert!(
+            recorded_field_override(&form, b"amount=1000000", &record)
+                .is_some_and(|w| w.starts_with("the form body carries `amount`"))
+        );
+        // Controls: the JSON body's own members (the recorded fields), an
+        // unrelated query, the name only as a value or nested, a route
+        // that records no input.
+        assert_eq!(recorded_field_override(&json(None), body, &record), None);
+        for q in ["ref=x", "q=amount", "amounts=1", "to=x", "b=1"] {
+            assert_eq!(
+                recorded_field_override(&json(Some(q)), body, &record),
+                None,
+                "{q}"
+            );
+        }
+        assert_eq!(
+            recorded_field_override(
+                &json(Some("amount=1000000")),
+                body,
+                &crate::record::Recording::default()
+            ),
+            None
+        );
+    }
+
+    /// A call's record holds its query's keyed digest, whatever the route
+    /// names: the parameters a framework merges with the body's are bound
+    /// to the record; a request without a query records none.
+    #[test]
+    fn the_query_is_recorded_beside_the_recorded_fields() {
+        let digest = |b: &[u8]| format!("hmac-of-{}-bytes", b.len());
+        let plain = crate::record::Recording::default();
+        let req = incoming(Some("ref=x&per_page=5"), "application/json");
+        let fields = recorded_request(&plain, &req, br#"{"amount":10}"#, &digest);
+        assert_eq!(
+            fields,
+            BTreeMap::from([(
+                crate::record::QUERY_FIELD.to_owned(),
+                "hmac-of-16-bytes".to_owned()
+            )])
+        );
+        let record = crate::record::Recording {
+            input: vec!["/amount".into()],
+            ..Default::default()
+        };
+        let fields = recorded_request(&record, &req, br#"{"amount":10}"#, &digest);
+        assert_eq!(fields["input:/amount"], "10");
+        assert_eq!(fields["request:query-digest"], "hmac-of-16-bytes");
+        // A long one: its digest, within the record's bounds.
+        let long = format!("ref=x&pad={}", "p".repeat(5000));
+        let fields = recorded_request(&plain, &incoming(Some(&long), ""), b"", &digest);
+        assert_eq!(
+            fields["request:query-digest"],
+            format!("hmac-of-{}-bytes", long.len())
+        );
+        assert!(baton_core::report_bounds::check_recorded("recorded", &fields).is_ok());
+        // Controls: no query, no field.
+        let fields = recorded_request(&plain, &incoming(None, ""), b"", &digest);
+        assert!(fields.is_empty(), "{fields:?}");
+        let fields = recorded_request(
+            &record,
+            &incoming(None, "application/json"),
+            br#"{"amount":10}"#,
+            &digest,
+        );
+        assert!(!fields.contains_key("request:query-digest"), "{fields:?}");
     }
 
     const MULTIPART: &str = "multipart/form-data; boundary=XyZ";

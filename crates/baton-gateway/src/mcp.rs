@@ -761,6 +761,14 @@ impl Gateway {
             }
             m => {
                 tracing::warn!(task = %d.task_id(), agent = %d.agent(), method = m, "MCP method refused");
+                self.enforcer.gate.record_unserved(
+                    d,
+                    m,
+                    &body,
+                    now,
+                    "method_not_allowed",
+                    "the MCP method is not allowed through the gateway",
+                );
                 rpc_error(
                     if id.is_some() {
                         StatusCode::OK
@@ -798,6 +806,14 @@ impl Gateway {
         }
         let Some(tool) = ep.tools.iter().find(|t| t.name == name) else {
             tracing::warn!(task = %d.task_id(), agent = %d.agent(), tool = name, "MCP call of a tool the gateway does not serve refused");
+            self.enforcer.gate.record_unserved(
+                d,
+                name,
+                &body,
+                now,
+                "unknown_tool",
+                "the gateway serves no tool of that name at this endpoint",
+            );
             return bad(format!("tool {name:?} is not served through this gateway"));
         };
         let empty = Map::new();

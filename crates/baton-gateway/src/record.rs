@@ -12,6 +12,13 @@
 //!   wherever they fall inside a recorded field (in the input or the
 //!   output).
 //!
+//! Whatever the route names, the keyed digest of a request's query string
+//! is recorded (`request:query-digest`): frameworks merge query parameters
+//! with the body's, so what the upstream acts on is not the body alone,
+//! and a query claimed later can be checked against the record. Like the
+//! input's, it is a digest by default: a query may carry what the route
+//! does not name for clear text.
+//!
 //! Whatever the configuration says, values that look like credentials are
 //! redacted too: object members named like secrets (`password`, `token`,
 //! `api_key`, `authorization`, ...) and strings shaped like one (a JWT, a
@@ -185,6 +192,22 @@ impl Recording {
         out
     }
 
+    /// The distinct top-level members of the request body that
+    /// `record-input` names (`amount` of `/amount`, `payment` of
+    /// `/payment/amount`), unescaped: a request must not name them again
+    /// as query or form parameters, which some frameworks merge with the
+    /// body's (see `recorded_field_override` in the gateway).
+    pub fn input_roots(&self) -> Vec<String> {
+        let mut roots: Vec<String> = Vec::new();
+        for p in &self.input {
+            let root = input_root(p);
+            if !root.is_empty() && !roots.contains(&root) {
+                roots.push(root);
+            }
+        }
+        roots
+    }
+
     /// The recorded input fields of an already parsed document (an MCP
     /// call's arguments).
     pub fn input_fields(&self, doc: &Value) -> BTreeMap<String, String> {
@@ -257,6 +280,17 @@ impl Recording {
         }
     }
 }
+
+/// The top-level member a JSON Pointer starts at, unescaped (RFC 6901:
+/// `~1` is `/`, `~0` is `~`): `payment` of `/payment/amount`.
+pub(crate) fn input_root(pointer: &str) -> String {
+    let first = pointer.split('/').nth(1).unwrap_or_default();
+    first.replace("~1", "/").replace("~0", "~")
+}
+
+/// The recorded field that holds the keyed digest of a request's query
+/// string, kept for every call that has one.
+pub const QUERY_FIELD: &str = "request:query-digest";
 
 /// Most JSON values a request body the gateway parses may hold. A parsed
 /// value takes some 70–100 bytes, so an 8 MiB body of `[0,0,…]` would
@@ -634,6 +668,26 @@ mod tests {
                 .check_input(false, br#"{"status":"open","status":"closed"}"#)
                 .is_ok()
         );
+    }
+
+    /// A request's query is recorded raw, but for the values of secrets
+    /// (by name or by shape); one longer than a field's bound is cut, with
+    /// the keyed digest of the whole, so its record stays within what the
+    /// log keeps.
+    #[test]
+    fn input_roots_are_the_top_level_members_recorded() {
+        let r = rec(
+            &[
+                "/amount",
+                "/payment/to",
+                "/payment/from",
+                "/a~1b",
+                "/c~0d/e",
+            ],
+            &[],
+        );
+        assert_eq!(r.input_roots(), vec!["amount", "payment", "a/b", "c~d"]);
+        assert!(rec(&[], &[]).input_roots().is_empty());
     }
 
     #[test]

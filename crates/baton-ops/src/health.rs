@@ -36,6 +36,10 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 /// a load on the datastore or Redis.
 const READY_REUSE: Duration = Duration::from_secs(1);
 
+/// Serialises scrapes: the metrics they refresh are the process's own
+/// (`metrics()`), shared by every `Ops`.
+static SCRAPE: Mutex<()> = Mutex::new(());
+
 #[derive(Default)]
 struct Inner {
     roles: Mutex<BTreeSet<Role>>,
@@ -188,6 +192,12 @@ impl Ops {
     /// The Prometheus text exposition (version 0.0.4) of this process's
     /// roles, after refreshing the scrape-time gauges.
     pub fn render_metrics(&self) -> Result<String, OpsError> {
+        // One scrape at a time in this process: a refresher rebuilds a
+        // gauge family (cleared, then counted), and two scrapes at once
+        // would interleave those steps or encode between them, so a
+        // concurrent scrape (anyone who reaches the port) could hide a
+        // tainted authority from the one an alert reads.
+        let _one_at_a_time = lock(&SCRAPE);
         let refreshers: Vec<RefreshFn> = lock(&self.inner.refreshers).clone();
         for r in refreshers {
             r();
@@ -221,6 +231,47 @@ mod tests {
         assert_eq!(r.failing(), vec!["redis"]);
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(json["checks"][2]["error"], "connection refused");
+    }
+
+    /// A refresher that rebuilds a gauge family (cleared, then counted)
+    /// is never seen half done, nor run twice over, by scrapes at once.
+    #[test]
+    fn concurrent_scrapes_see_each_refresh_whole() {
+        use crate::metrics::AuthorityStateLabels;
+        const AUTHORITIES: i64 = 3;
+        let ops = Ops::new();
+        ops.add_role(Role::Broker);
+        ops.on_scrape(|| {
+            let m = metrics();
+            m.authorities.clear();
+            for state in ["active", "prepared", "tainted"] {
+                m.authorities
+                    .get_or_create(&AuthorityStateLabels {
+                        kind: "x509",
+                        state,
+                    })
+                    .inc();
+                std::thread::yield_now();
+            }
+        });
+        let total = |text: &str| -> i64 {
+            text.lines()
+                .filter(|l| l.starts_with("baton_ca_authorities{"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<i64>().ok())
+                .sum()
+        };
+        // Control: one scrape alone counts each authority once.
+        assert_eq!(total(&ops.render_metrics().unwrap()), AUTHORITIES);
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    for _ in 0..200 {
+                        let text = ops.render_metrics().unwrap();
+                        assert_eq!(total(&text), AUTHORITIES, "{text}");
+                    }
+                });
+            }
+        });
     }
 
     #[tokio::test]

@@ -1,9 +1,10 @@
 //! The ops listener: plain HTTP/1.1, three GET routes, bounded.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,11 +18,19 @@ use tokio::sync::Semaphore;
 
 use crate::{Ops, OpsError};
 
-/// At most this many scrapers and probes at once; more wait in the
-/// kernel's accept queue.
+/// At most this many scrapers and probes at once; a connection past it is
+/// closed as soon as it is accepted.
 const MAX_CONNECTIONS: usize = 64;
+/// At most this many at once from one address: a scraper and the
+/// kubelet's probes need a few; one peer holding idle connections must not
+/// take the slots the liveness probe needs (a probe that times out gets
+/// the process restarted).
+const MAX_CONNECTIONS_PER_PEER: usize = 4;
 /// A client that has not sent its request head by then is dropped.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// A whole connection (head, answer, and a client slow to read it) ends
+/// by then.
+const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
 /// The largest request head read (request line and headers): a probe's is
 /// a few hundred bytes. Larger heads are refused by hyper (431).
 const MAX_HEAD_BYTES: usize = 8 * 1024;
@@ -44,16 +53,13 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), OpsError> {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let peers: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
     tokio::pin!(shutdown);
     loop {
-        let permit = tokio::select! {
-            () = &mut shutdown => return Ok(()),
-            p = Arc::clone(&slots).acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return Ok(()),
-            },
-        };
-        let (stream, _) = tokio::select! {
+        // Accept first, then decide: a full listener closes the newcomer
+        // at once rather than leaving every later client (the liveness
+        // probe among them) waiting in the kernel's queue.
+        let (stream, peer) = tokio::select! {
             () = &mut shutdown => return Ok(()),
             r = listener.accept() => match r {
                 Ok(s) => s,
@@ -66,6 +72,14 @@ pub async fn serve(
                 }
             },
         };
+        let Some(peer_slot) = PeerSlot::take(&peers, peer.ip()) else {
+            tracing::debug!(%peer, "ops listener: too many connections from this address");
+            continue;
+        };
+        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+            tracing::debug!(%peer, "ops listener: every connection slot is taken");
+            continue;
+        };
         let ops = ops.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| answer(ops.clone(), req));
@@ -75,11 +89,54 @@ pub async fn serve(
                 .max_buf_size(MAX_HEAD_BYTES)
                 .keep_alive(false)
                 .serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "ops listener: connection ended with an error");
+            match tokio::time::timeout(CONNECTION_DEADLINE, conn).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "ops listener: connection ended with an error");
+                }
+                Err(_) => tracing::debug!(%peer, "ops listener: connection cut at its deadline"),
             }
             drop(permit);
+            drop(peer_slot);
         });
+    }
+}
+
+/// One of a peer address's connections; given back on drop.
+struct PeerSlot {
+    peers: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl PeerSlot {
+    fn take(peers: &Arc<Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr) -> Option<Self> {
+        let mut held = peers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = held.entry(ip).or_insert(0);
+        if *n >= MAX_CONNECTIONS_PER_PEER {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            peers: Arc::clone(peers),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut held = self
+            .peers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = held.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                held.remove(&self.ip);
+            }
+        }
     }
 }
 
@@ -237,6 +294,42 @@ mod tests {
         assert_eq!(get("/nope").await.unwrap().0, 404);
         let _ = stop.send(());
         server.await.unwrap().unwrap();
+    }
+
+    /// One address holding idle connections (which the old listener kept
+    /// until their head timeout, with later clients queued behind them)
+    /// does not keep the liveness probe of another from its answer; its
+    /// connections past the per-address cap are closed at once.
+    #[tokio::test]
+    async fn one_peer_cannot_starve_the_probes() {
+        use tokio::io::AsyncReadExt;
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let ops = Ops::new();
+        let server = tokio::spawn(serve(listener, ops, std::future::pending()));
+        let target = addr.to_string();
+        let probe_livez = || probe(&target, "/livez", Duration::from_secs(3));
+        // Control: the probe answered before the attack.
+        assert_eq!(probe_livez().await.unwrap().0, 200);
+
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS + 8 {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+            idle.push(socket.connect(addr).await.unwrap());
+        }
+        // Those past the cap are closed without an answer (EOF or reset),
+        // well before the head timeout.
+        let mut last = idle.pop().unwrap();
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(HEADER_TIMEOUT / 2, last.read(&mut buf))
+            .await
+            .expect("a connection past the per-address cap was kept open");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        // The probe from another address is answered while they are held.
+        assert_eq!(probe_livez().await.unwrap().0, 200);
+        drop(idle);
+        server.abort();
     }
 
     /// Sends `raw` as is and returns the status code answered.

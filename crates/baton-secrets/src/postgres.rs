@@ -154,9 +154,18 @@ impl PostgresEngine {
         template: PgTemplate,
         required: Permission,
     ) -> Result<Self, SecretError> {
+        Self::from_config(admin_conn_string.parse()?, template, required).await
+    }
+
+    /// As [`PostgresEngine::new`], with the admin connection already parsed
+    /// (a password read from a file set on it, say).
+    pub async fn from_config(
+        mut config: Config,
+        template: PgTemplate,
+        required: Permission,
+    ) -> Result<Self, SecretError> {
         validate_template(&template)?;
         check_required(&required)?;
-        let mut config: Config = admin_conn_string.parse()?;
         config.dbname(&template.database);
         let host = match config.get_hosts().first() {
             Some(Host::Tcp(h)) => h.clone(),

@@ -64,6 +64,22 @@ pub enum SocketFileError {
         path.display()
     )]
     NotASocket { path: std::path::PathBuf },
+    #[error(
+        "{}: {why}; it serialises the daemons that bind this socket, so only this process's user may hold it",
+        path.display()
+    )]
+    LockFile {
+        path: std::path::PathBuf,
+        why: String,
+    },
+    #[error(
+        "{}: still locked after {waited_secs} s by another process starting on the same socket path",
+        path.display()
+    )]
+    LockBusy {
+        path: std::path::PathBuf,
+        waited_secs: u64,
+    },
     #[error("cannot {action} {}: {source}", path.display())]
     Io {
         action: &'static str,

@@ -58,6 +58,82 @@ impl Drop for BoundSocket {
     }
 }
 
+/// How long a start waits for another process binding the same socket.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The lock file of socket `path`: `<path>.lock`.
+fn lock_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".lock");
+    path.with_file_name(name)
+}
+
+/// Takes the lock file beside socket `path`, waiting up to `wait` for
+/// another process that holds it. The file is made if missing (mode 0600,
+/// never through a symbolic link) and must be a regular file of this
+/// process's user that no one else may write: a lock file another user
+/// made (in a directory it may write) is refused, not trusted.
+fn lock_beside(path: &Path, wait: std::time::Duration) -> Result<std::fs::File, SocketFileError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let at = lock_path(path);
+    let io_err = |action: &'static str| {
+        let at = at.clone();
+        move |source: io::Error| SocketFileError::Io {
+            action,
+            path: at,
+            source,
+        }
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&at)
+        .map_err(io_err("open the lock file"))?;
+    let meta = file.metadata().map_err(io_err("inspect the lock file"))?;
+    // The effective uid of this process: the owner of its /proc entry.
+    let me = std::fs::metadata("/proc/self")
+        .map_err(io_err("read this process's user for the lock file"))?
+        .uid();
+    let refused = |why: String| SocketFileError::LockFile {
+        path: at.clone(),
+        why,
+    };
+    if !meta.is_file() {
+        return Err(refused("the lock file is not a regular file".into()));
+    }
+    if meta.uid() != me {
+        return Err(refused(format!(
+            "the lock file belongs to uid {}, not to this process's uid {me}",
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(refused(format!(
+            "the lock file is writable by others (mode {:o})",
+            meta.mode() & 0o777
+        )));
+    }
+    let start = std::time::Instant::now();
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) if start.elapsed() < wait => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(SocketFileError::LockBusy {
+                    path: at,
+                    waited_secs: wait.as_secs(),
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io_err("lock")(e)),
+        }
+    }
+}
+
 /// Binds a listening Unix socket at `path` with file mode `mode`, making
 /// its directory if needed. A socket file already there is removed only
 /// when no process accepts connections on it; a live one, or a path
@@ -81,21 +157,11 @@ pub fn bind_unix_socket(
     }
     // Two daemons starting at once must not both take the socket for
     // stale, the second removing the first's live one: the probe, the
-    // removal and the bind run under a lock on the directory (released
-    // when `_dir_lock` drops). A directory this process may not read
-    // (mode 0300) cannot be locked; the race is then left open.
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let _dir_lock = match std::fs::File::open(dir) {
-        Ok(d) => {
-            d.lock().map_err(io_err("lock the directory of"))?;
-            Some(d)
-        }
-        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => None,
-        Err(e) => return Err(io_err("open the directory of")(e)),
-    };
+    // removal and the bind run under a lock (released when `_lock`
+    // drops). Not a lock on the directory, which any user who can read it
+    // could hold forever, keeping the daemon from ever binding: a file of
+    // this process's user, mode 0600, that nobody else can open.
+    let _lock = lock_beside(path, LOCK_WAIT)?;
     match std::fs::symlink_metadata(path) {
         Ok(meta) if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => {
             if is_served(path).map_err(io_err("probe the socket already at"))? {
@@ -228,6 +294,53 @@ mod tests {
         let (_l, f) = bind_unix_socket(&path, 0o600).unwrap();
         drop(f);
         assert!(!path.exists());
+    }
+
+    /// Any user who can read the socket's directory could lock it (a
+    /// shared `flock`), and the daemon's start used to wait on that lock
+    /// forever. The lock is now a file only this user may open: a lock held
+    /// on the directory changes nothing. The control: a start that finds
+    /// the lock file held waits, then fails naming it, and another user's
+    /// or a shared lock file is refused, never trusted.
+    #[tokio::test]
+    async fn a_lock_on_the_directory_does_not_keep_the_socket_from_binding() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let held = std::fs::File::open(dir.path()).unwrap();
+        held.lock_shared().unwrap();
+        let (listener, _file) = bind_unix_socket(&path, 0o666).unwrap();
+        reaches(&listener, &path).await;
+        let lock = lock_path(&path);
+        let mode = std::fs::symlink_metadata(&lock)
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        // Control: the lock file itself held (another daemon starting).
+        let other = dir.path().join("other.sock");
+        let theirs = lock_beside(&other, std::time::Duration::ZERO).unwrap();
+        let err = lock_beside(&other, std::time::Duration::from_millis(100)).unwrap_err();
+        assert!(matches!(err, SocketFileError::LockBusy { .. }), "{err}");
+        assert!(err.to_string().contains("other.sock.lock"), "{err}");
+        drop(theirs);
+        lock_beside(&other, std::time::Duration::ZERO).unwrap();
+
+        // A lock file others may write, or a link to one, is refused.
+        let shared = dir.path().join("shared.sock");
+        std::fs::write(lock_path(&shared), b"").unwrap();
+        std::fs::set_permissions(lock_path(&shared), std::fs::Permissions::from_mode(0o666))
+            .unwrap();
+        let err = bind_unix_socket(&shared, 0o600).unwrap_err();
+        assert!(
+            matches!(&err, SocketFileError::LockFile { why, .. } if why.contains("writable by others")),
+            "{err}"
+        );
+        let linked = dir.path().join("linked.sock");
+        std::os::unix::fs::symlink(lock_path(&other), lock_path(&linked)).unwrap();
+        let err = bind_unix_socket(&linked, 0o600).unwrap_err();
+        assert!(matches!(err, SocketFileError::Io { .. }), "{err}");
+        assert!(!linked.exists() && !shared.exists());
     }
 
     #[tokio::test]

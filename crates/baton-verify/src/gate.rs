@@ -516,6 +516,60 @@ impl ToolGate {
         }
     }
 
+    /// Records the refusal of a call that no tool or route of the server
+    /// matches (`code`: `unknown_tool`, `no_route`), so that a holder
+    /// probing for tools outside what it was given shows in the audit log
+    /// and not only in the server's own. `tool` is what the caller named
+    /// (kept only by its size when it is out of a record's bounds), the
+    /// reason is cut at [`report_bounds::MAX_REFUSAL_REASON`]. Best
+    /// effort, as every denial's record: the call is refused either way.
+    pub fn record_unserved(
+        &self,
+        d: &VerifiedDelegation,
+        tool: &str,
+        input: &[u8],
+        now: u64,
+        code: &str,
+        message: &str,
+    ) {
+        let Some(reporter) = &self.reporter else {
+            return;
+        };
+        let mut reason = format!("{code}: {message}");
+        if reason.len() > report_bounds::MAX_REFUSAL_REASON {
+            let mut cut = report_bounds::MAX_REFUSAL_REASON;
+            while !reason.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            reason.truncate(cut);
+            reason.push_str("...");
+        }
+        let report = ToolCallReport {
+            report_id: new_report_id(),
+            task_id: d.task_id().clone(),
+            token_jti: d.jti().to_owned(),
+            agent: d.agent().clone(),
+            tool: report_bounds::recordable_tool(tool),
+            resource: String::new(),
+            risk: RiskTier::Read,
+            scope_used: Vec::new(),
+            input_digest: self.digest(input),
+            output_digest: None,
+            justification: d.justification().map(str::to_owned),
+            decision: "deny".to_owned(),
+            policy_ids: Vec::new(),
+            reason: Some(reason),
+            at: now,
+            latency_ms: None,
+            upstream_status: None,
+            recorded: BTreeMap::new(),
+            traceparent: None,
+        };
+        if let Err(e) = reporter.enqueue(report) {
+            tracing::warn!(error = %e, code, "could not spool the report of a refused call");
+        }
+    }
+
     /// Whether `tool` would be allowed for the holder of `d` now, without
     /// reporting anything: for listing what a caller may call (MCP
     /// `tools/list`), never for letting a call through.

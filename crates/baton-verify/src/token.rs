@@ -151,6 +151,10 @@ impl VerifiedDelegation {
     pub fn peer_serial(&self) -> &str {
         &self.peer_serial
     }
+    /// The `kid` of the JWT key that signed the token.
+    pub fn kid(&self) -> &str {
+        &self.inner.key.kid
+    }
     /// The token's claims, as signed.
     pub fn claims(&self) -> &DelegationClaims {
         &self.inner.claims
