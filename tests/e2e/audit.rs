@@ -109,23 +109,7 @@ fn hex_hash(s: &str) -> [u8; 32] {
 
 fn admin_get(w: &World, path: &str) -> serde_json::Value {
     baton_tls::install_crypto_provider();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        reqwest::Client::builder()
-            .unix_socket(w.c.admin_socket())
-            .build()
-            .unwrap()
-            .get(format!("http://admin{path}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    })
+    get_from(&w.c.admin_socket(), path)
 }
 
 fn stderr(out: &Output) -> String {
@@ -183,6 +167,135 @@ fn broker_refuses_to_start(w: &World) -> String {
     assert!(!status.success(), "broker started: {}", p.log_text());
     assert!(!ready.exists());
     p.log_text()
+}
+
+/// Serves `answer(path)` on a Unix socket at `path`, one HTTP/1.1
+/// request per connection, as a broker's admin socket would, until the
+/// process ends.
+fn fake_admin_socket(path: &Path, answer: impl Fn(&str) -> serde_json::Value + Send + 'static) {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut line = String::new();
+            if reader.read_line(&mut line).is_err() {
+                continue;
+            }
+            let target = line.split_whitespace().nth(1).unwrap_or("/").to_owned();
+            // The rest of the head.
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                    break;
+                }
+            }
+            let body = answer(&target).to_string();
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+}
+
+/// `audit verify --since W --update` moves the witness only to a tree head
+/// it proved extends W, never to the head the broker's verify report
+/// names: a broker (or whoever holds its log and key) answering the proof
+/// honestly but naming another head in its report (a fork's) cannot have
+/// the witness follow the fork from then on. The same command against the
+/// honest broker, which moves the witness, is the control.
+#[test]
+fn a_witness_moves_only_to_a_head_proven_to_extend_it() {
+    let w = World::start();
+    let (_task, grant) = w.start_task(&["tool:crm.search:read"], "2", "10m", "read");
+    let witness = w.c.path("witness.json");
+    let witness_s = witness.to_str().unwrap();
+    w.ok(&["audit", "checkpoint", "--out", witness_s]);
+    let kept = std::fs::read_to_string(&witness).unwrap();
+    let witnessed: serde_json::Value = serde_json::from_str(&kept).unwrap();
+    w.redeem(&grant, PLANNER, "planner");
+    let honest = admin_get(&w, "/v1/admin/audit/verify");
+    let size = honest["report"]["head"]["size"].as_u64().unwrap();
+    assert!(size > witnessed["checkpoint"]["size"].as_u64().unwrap());
+
+    // The broker's report names a larger head, and then one of the same
+    // size over another root; the consistency proof and the key are the
+    // broker's own, honest answers.
+    for (name, forge) in [
+        ("larger", serde_json::json!({ "size": size + 1000 })),
+        (
+            "another root",
+            serde_json::json!({ "root_hash": "00".repeat(32) }),
+        ),
+    ] {
+        let mut forged = honest.clone();
+        for (k, v) in forge.as_object().unwrap() {
+            forged["report"]["head"][k] = v.clone();
+        }
+        let real = w.c.admin_socket();
+        let socket =
+            w.c.path(&format!("forking-{}.sock", name.replace(' ', "-")));
+        let answers = forged.clone();
+        let real_socket = real.clone();
+        fake_admin_socket(&socket, move |path| {
+            if path == "/v1/admin/audit/verify" {
+                answers.clone()
+            } else {
+                get_from(&real_socket, path)
+            }
+        });
+        std::fs::write(&witness, &kept).unwrap();
+        let out = w.run(&[
+            "audit",
+            "verify",
+            "--since",
+            witness_s,
+            "--update",
+            "--admin-socket",
+            socket.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{name}: {}", stderr(&out));
+        let moved: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&witness).unwrap()).unwrap();
+        assert_eq!(
+            moved["checkpoint"], honest["report"]["head"],
+            "{name}: the witness moved to a head it did not prove"
+        );
+        assert_ne!(moved["checkpoint"], forged["report"]["head"], "{name}");
+    }
+
+    // Control: against the broker itself the witness moves to its head,
+    // and checks out from there.
+    std::fs::write(&witness, &kept).unwrap();
+    w.ok(&["audit", "verify", "--since", witness_s, "--update"]);
+    let moved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&witness).unwrap()).unwrap();
+    assert_eq!(moved["checkpoint"]["size"].as_u64(), Some(size));
+    w.ok(&["audit", "verify", "--since", witness_s]);
+}
+
+/// `GET path` on the admin socket at `socket`.
+fn get_from(socket: &Path, path: &str) -> serde_json::Value {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        reqwest::Client::builder()
+            .unix_socket(socket)
+            .build()
+            .unwrap()
+            .get(format!("http://admin{path}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    })
 }
 
 #[test]

@@ -89,8 +89,16 @@ impl Source {
                     });
                 }
                 let mut report = v["report"].clone();
-                let mut head: Option<SignedCheckpoint> =
-                    serde_json::from_value(report["head"].clone()).ok();
+                // With heads kept, the head a witness may move to is one
+                // proven here to extend them, never the one the broker's
+                // report names: a broker (or whoever holds its key) could
+                // name a forked log's head there and have the witness
+                // follow the fork from then on.
+                let mut head: Option<SignedCheckpoint> = if kept.is_empty() {
+                    serde_json::from_value(report["head"].clone()).ok()
+                } else {
+                    None
+                };
                 // ...then each kept head checked here against a signed head
                 // and a consistency proof from it.
                 for k in kept {
@@ -207,6 +215,13 @@ fn check_witness(witness: &Witness, path: &Path, key: &[u8]) -> Result<()> {
 fn write_witness(path: &Path, key: &[u8], head: &SignedCheckpoint) -> Result<()> {
     let witness = Witness::new(key, head.clone())
         .map_err(|e| exit(EXIT_REFUSED, format!("the log's key: {e}")))?;
+    // Never keep a head the witness's own key did not sign.
+    witness.verify(key).map_err(|e| {
+        exit(
+            EXIT_VERIFY_FAILED,
+            format!("the tree head to move the witness to does not verify: {e}"),
+        )
+    })?;
     baton_audit::write_witness(path, &witness).map_err(|e| exit(EXIT_REFUSED, e.to_string()))
 }
 
