@@ -427,7 +427,15 @@ fn a_revoked_task_certificate_gets_nothing_more_from_the_broker() {
     // Revoke the certificate by its serial: being the token's current
     // one, its token (and what the token handed on) goes with it.
     let serial = serial_of(&planner);
-    let revoked = w.json(&["revoke", "credential", &serial, "-o", "json"]);
+    let revoked = w.json(&[
+        "revoke",
+        "credential",
+        &serial,
+        "--reason",
+        "stolen",
+        "-o",
+        "json",
+    ]);
     assert!(revoked.to_string().contains(&serial), "{revoked}");
 
     let out = w.delegate(&planner, RESEARCHER, &["tool:crm.search:read"], &[]);
@@ -450,6 +458,20 @@ fn a_revoked_task_certificate_gets_nothing_more_from_the_broker() {
     // The refused hop is audited under the task its token names.
     let t = trace(&w, &task);
     assert!(t.contains("revoked"), "{t}");
+    // And the operator's revocation itself.
+    let trail: serde_json::Value = serde_json::from_str(&t).unwrap();
+    let by_operator: Vec<&serde_json::Value> = trail["task_events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "revoked")
+        .collect();
+    assert_eq!(by_operator.len(), 1, "{t}");
+    let why = by_operator[0]["reason"].as_str().unwrap();
+    assert!(
+        why.starts_with("credential ") && why.ends_with("(stolen)"),
+        "{t}"
+    );
 }
 
 // ------------------------------------------------------- grants / renew

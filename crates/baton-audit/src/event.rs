@@ -58,6 +58,9 @@ pub enum EventKind {
     /// A human approved or denied it (`decision`; the approver in
     /// `initiator`, an HMAC in the tree).
     ApprovalDecided,
+    /// An operator revoked credentials of the task (`reason`: what was
+    /// revoked, and why). Recorded before the revocation is carried out.
+    Revoked,
 }
 
 impl EventKind {
@@ -73,6 +76,7 @@ impl EventKind {
             EventKind::TaskEnded => "task_ended",
             EventKind::ApprovalRequested => "approval_requested",
             EventKind::ApprovalDecided => "approval_decided",
+            EventKind::Revoked => "revoked",
         }
     }
 }

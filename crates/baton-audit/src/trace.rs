@@ -170,6 +170,16 @@ pub enum TaskEvent {
         #[serde(skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
     },
+    /// An operator's revocation of some of the task's credentials.
+    Revoked {
+        index: u64,
+        /// The log it is in, when several brokers' logs are traced together.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        log: Option<String>,
+        at: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
     /// A call held for a human's approval, and the decision.
     Approval {
         index: u64,
@@ -241,7 +251,8 @@ fn causal_rank(e: &crate::event::AuditEvent) -> u64 {
         EventKind::ApprovalDecided => LATER + 3,
         EventKind::ToolCall => LATER + 4,
         EventKind::PurposeChanged => LATER + 5,
-        EventKind::TaskEnded => LATER + 6,
+        EventKind::Revoked => LATER + 6,
+        EventKind::TaskEnded => LATER + 7,
     }
 }
 
@@ -488,6 +499,12 @@ pub fn trace(records: &[AuditRecord]) -> Trace {
                     policy_ids: e.policy_ids.clone(),
                 });
             }
+            EventKind::Revoked => t.task_events.push(TaskEvent::Revoked {
+                index: r.index,
+                log: r.log.clone(),
+                at: e.at,
+                reason: e.reason.clone(),
+            }),
             EventKind::TaskEnded => t.task_events.push(TaskEvent::Ended {
                 index: r.index,
                 log: r.log.clone(),
@@ -856,6 +873,16 @@ impl Trace {
                     "task ended{}{} {}",
                     opt("by", actor),
                     opt("reason", reason),
+                    mark(*index, log)
+                ),
+                TaskEvent::Revoked {
+                    index, log, reason, ..
+                } => format!(
+                    "revoked by an operator{} {}",
+                    reason
+                        .as_ref()
+                        .map(|r| format!(": {r}"))
+                        .unwrap_or_default(),
                     mark(*index, log)
                 ),
                 TaskEvent::Approval {

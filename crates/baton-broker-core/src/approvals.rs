@@ -373,13 +373,14 @@ impl Delegation {
     }
 }
 
-/// The longest reason a human may give with a decision.
+/// The longest reason a human may give with a decision (or an operator
+/// with a revocation).
 const MAX_DECISION_REASON: usize = 1024;
 
 /// A decision's reason goes into the audit log and before other
 /// operators: bounded, and plain text (no control characters, which a
 /// terminal would act on, nor bidi overrides or zero-width characters).
-fn check_reason(reason: &str) -> Result<(), BrokerError> {
+pub(crate) fn check_reason(reason: &str) -> Result<(), BrokerError> {
     if reason.len() > MAX_DECISION_REASON {
         return Err(BrokerError::bad(
             "reason",

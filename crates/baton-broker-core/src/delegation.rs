@@ -160,6 +160,7 @@ pub struct Delegation {
 
 #[path = "approvals.rs"]
 mod approvals;
+pub(crate) use approvals::check_reason;
 
 fn refuse(code: &'static str, message: impl Into<String>) -> BrokerError {
     BrokerError::Forbidden {
@@ -1741,6 +1742,20 @@ impl Delegation {
 
     pub fn task_store(&self) -> &dyn TaskStore {
         self.tasks.as_ref()
+    }
+
+    /// Appends an operator's revocation of `what` (of `task`'s
+    /// credentials) to the audit log; an error if it cannot be kept.
+    pub(crate) fn record_revocation(
+        &self,
+        task: &TaskId,
+        what: &str,
+        reason: &str,
+        now: u64,
+    ) -> Result<(), BrokerError> {
+        let mut ev = self.event(EventKind::Revoked, task, now);
+        ev.reason = Some(format!("{what} ({reason})"));
+        self.append(&ev).map(drop)
     }
 
     /// Ends a task. Idempotent: ending an ended task returns it again

@@ -528,9 +528,15 @@ pub async fn revoke(
 ) -> Result<Revocation, BrokerError> {
     let now = unix(now);
     let target = d.revoker().parse_target(target, d.trust_domain())?;
+    crate::delegation::check_reason(reason)?;
     if let Target::Task(t) = &target {
         // A task of this broker, or a clear not-found.
         let _ = d.get_task(t.as_str())?;
+    }
+    // The record first, under the task the revocation reaches: no
+    // operator's revocation of a task's credentials takes effect unlogged.
+    if let Some(task) = d.revoker().task_of(&target, d.task_store(), now)? {
+        d.record_revocation(&task, &target.to_string(), reason, now)?;
     }
     let blocked = match &target {
         Target::Agent(id) => Some(d.block_agent(id, until, reason, now)?),

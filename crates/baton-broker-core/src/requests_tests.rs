@@ -2474,6 +2474,74 @@ async fn revoking_a_holders_certificate_ends_what_its_token_handed_on() {
     assert!(dead, "the sub-agent's token lives on");
 }
 
+/// An operator's revocation of a task's credentials is in the task's audit
+/// trace, recorded before it takes effect, whether it names a certificate
+/// by serial or the whole task; a reason that would draw on an auditor's
+/// terminal is refused with nothing revoked or recorded. The hops recorded
+/// before, and the task's trace without any revocation, are the controls.
+#[tokio::test]
+async fn an_operators_revocation_is_in_the_tasks_audit_trace() {
+    let w = World::new();
+    let started = w.start(&["crm"], &["tool:crm.search:read"]);
+    let planner = w.redeem_as(&started.grant, PLANNER, w.t0).unwrap();
+    let records = || w.d.audit().events_for_task(&started.task_id).unwrap();
+    let revocations = || {
+        records()
+            .into_iter()
+            .filter(|r| r.event.kind == baton_audit::EventKind::Revoked)
+            .map(|r| r.event.reason.unwrap_or_default())
+            .collect::<Vec<_>>()
+    };
+    assert!(revocations().is_empty(), "control: nothing revoked yet");
+    let recorded_before = records().len();
+    assert!(recorded_before >= 2, "control: the start and the redeem");
+
+    let peer = PeerCert::from_verified_leaf(planner.cert_chain_der[0].clone()).unwrap();
+    let serial: RevokeTarget =
+        serde_json::from_value(json!({ "credential": peer.serial_hex() })).unwrap();
+    let task: RevokeTarget =
+        serde_json::from_value(json!({ "task": started.task_id.as_str() })).unwrap();
+
+    let e = revoke(&w.d, &serial, "stolen\u{1b}[2J", None, secs(w.t0, 1))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), "invalid_argument", "{e}");
+    assert!(e.to_string().contains("reason"), "{e}");
+    assert_eq!(
+        records().len(),
+        recorded_before,
+        "a refused revocation was recorded"
+    );
+    assert!(
+        !w.d.revoker()
+            .durably_revoked(&jti_of(&planner.token), unix_of(w.t0) + 1)
+            .unwrap(),
+        "a refused revocation revoked"
+    );
+
+    revoke(&w.d, &serial, "stolen laptop", None, secs(w.t0, 2))
+        .await
+        .unwrap();
+    revoke(&w.d, &task, "incident 42", None, secs(w.t0, 3))
+        .await
+        .unwrap();
+    let got = revocations();
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert!(
+        got[0].contains(peer.serial_hex()) && got[0].contains("stolen laptop"),
+        "{got:?}"
+    );
+    assert!(
+        got[1].contains(started.task_id.as_str()) && got[1].contains("incident 42"),
+        "{got:?}"
+    );
+    let text = baton_audit::trace::trace(&records()).render_text();
+    assert!(
+        text.contains("revoked by an operator: credential"),
+        "{text}"
+    );
+}
+
 /// One token holds at most `MAX_LEASES_PER_TOKEN` unexpired secret leases:
 /// a holder looping on `lease` (within its rate limit) no longer fills an
 /// engine with live logins until its token expires. The refusal is

@@ -799,6 +799,31 @@ impl Revoker {
         self.durable.certificate_leases(serial, now)
     }
 
+    /// The task whose credentials `target` names, where one task holds
+    /// them all: the task itself, or the task of the token a credential
+    /// or subtree id names (a token's jti, or its certificate's serial).
+    /// `None` for an agent or a node, and for an id no token of this
+    /// store is known by.
+    pub fn task_of(
+        &self,
+        target: &Target,
+        tasks: &dyn TaskStore,
+        now: u64,
+    ) -> Result<Option<TaskId>, StoreError> {
+        let id = match target {
+            Target::Task(t) => return Ok(Some(t.clone())),
+            Target::Credential(id) | Target::Subtree(id) => id,
+            _ => return Ok(None),
+        };
+        if let Some(t) = tasks.get_token(id)? {
+            return Ok(Some(t.task_id));
+        }
+        match self.durable.certificate_leases(id, now)? {
+            Some((jti, _)) => Ok(tasks.get_token(&jti)?.map(|t| t.task_id)),
+            None => Ok(None),
+        }
+    }
+
     /// Whether the durable table holds `id` as revoked (the broker's own
     /// check, independent of the store).
     pub fn durably_revoked(&self, id: &str, now: u64) -> Result<bool, StoreError> {
