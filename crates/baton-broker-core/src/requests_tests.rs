@@ -2317,6 +2317,19 @@ fn a_certificate_revoked_while_it_is_renewed_does_not_live_on_in_its_successor()
     .unwrap();
 }
 
+/// The API-key engine alone, leasing to holders of `tool:crm.search:read`.
+async fn apikey_secrets() -> crate::secrets::Secrets {
+    crate::secrets::Secrets::build(
+        &crate::secrets::SecretEngineSettings {
+            apikey_permission: "tool:crm.search:read".into(),
+            ..Default::default()
+        },
+        None,
+    )
+    .await
+    .unwrap()
+}
+
 /// A verified holder refused a secret because its task ended (the task's
 /// end recorded, its revocation not yet seen: a broker that died between
 /// the two, or a feed behind) is in the audit log as a denied lease, with
@@ -2325,15 +2338,7 @@ fn a_certificate_revoked_while_it_is_renewed_does_not_live_on_in_its_successor()
 #[tokio::test]
 async fn a_lease_refused_for_an_ended_task_is_audited() {
     let w = World::new();
-    let secrets = crate::secrets::Secrets::build(
-        &crate::secrets::SecretEngineSettings {
-            apikey_permission: "tool:crm.search:read".into(),
-            ..Default::default()
-        },
-        None,
-    )
-    .await
-    .unwrap();
+    let secrets = apikey_secrets().await;
     let started = w.start(&["crm"], &["tool:crm.search:read"]);
     let planner = w.redeem_as(&started.grant, PLANNER, w.t0).unwrap();
     let peer = PeerCert::from_verified_leaf(planner.cert_chain_der[0].clone()).unwrap();
@@ -2548,19 +2553,9 @@ async fn an_operators_revocation_is_in_the_tasks_audit_trace() {
 /// audited. The control: another token of the same task still leases.
 #[tokio::test]
 async fn a_token_holds_a_bounded_number_of_secret_leases() {
-    use crate::secrets::{
-        APIKEY_ENGINE, LeaseBody, MAX_LEASES_PER_TOKEN, SecretEngineSettings, Secrets,
-    };
+    use crate::secrets::{APIKEY_ENGINE, LeaseBody, MAX_LEASES_PER_TOKEN};
     let w = World::new();
-    let secrets = Secrets::build(
-        &SecretEngineSettings {
-            apikey_permission: "tool:crm.search:read".into(),
-            ..Default::default()
-        },
-        None,
-    )
-    .await
-    .unwrap();
+    let secrets = apikey_secrets().await;
     let started = w.start(&["crm"], &["tool:crm.search:read"]);
     let planner = w.redeem_as(&started.grant, PLANNER, w.t0).unwrap();
     let lease_as = |holder: &TaskCredential| {
